@@ -1,0 +1,213 @@
+"""The ``ossfuse`` command: mount, umount, keygen, quickstart.
+
+Exit status: 0 success; 1 a one-line error on stderr (bad config, missing key file, mount point
+busy, …); 75 unmounted but uploads are still journaled (they finish on the next mount).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from . import config as config_mod
+from .daemon import EXIT_PENDING, MountError, read_registry, run
+from .keyring import generate_rsa_cmk
+
+log = logging.getLogger("ossfuse")
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _die(msg: str) -> int:
+    print(f"ossfuse: {msg}", file=sys.stderr)
+    return 1
+
+
+def cmd_mount(args) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        return _die(str(e))
+    options = [o for opt in args.o or [] for o in opt.split(",") if o]
+    if not args.foreground:
+        return _spawn_daemon(args, cfg)
+    level = getattr(logging, args.log_level.upper())
+    if args.ready_fd is not None:  # daemon child: log to a file in the cache dir
+        os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
+        logging.basicConfig(filename=os.path.join(cfg.cache.dir, "ossfuse.log"), level=level, format=_LOG_FORMAT)
+    else:
+        logging.basicConfig(stream=sys.stderr, level=level, format=_LOG_FORMAT)
+
+    def on_ready():
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+
+    try:
+        return run(cfg, args.mountpoint, options, on_ready)
+    except MountError as e:
+        log.error("%s", e)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"{e}\n".encode())
+            return 1
+        return _die(str(e))
+
+
+def _spawn_daemon(args, cfg) -> int:
+    """Start the daemon in its own session and wait until it reports the mount usable."""
+    r, w = os.pipe()
+    os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
+    cmd = [sys.executable, "-m", "ossfuse", "mount", "-f", "--ready-fd", str(w), "-c", cfg.path,
+           "--log-level", args.log_level, args.mountpoint]
+    for o in args.o or []:
+        cmd += ["-o", o]
+    with open(os.path.join(cfg.cache.dir, "ossfuse.log"), "ab") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ready":
+        return 0
+    proc.wait()
+    return _die(message or f"the daemon exited with status {proc.returncode}; see "
+                f"{os.path.join(cfg.cache.dir, 'ossfuse.log')}")
+
+
+def cmd_umount(args) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    reg = read_registry(mp)
+    if not os.path.ismount(mp):
+        return _die(f"{mp} is not mounted")
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode != 0:
+        return _die((r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", ""))
+    if reg is None or reg.get("exited"):
+        return 0
+    pid = reg["pid"]
+    deadline = time.monotonic() + args.timeout
+    while _alive(pid):  # the daemon finishes pending uploads after the unmount, then exits
+        if time.monotonic() > deadline:
+            return _die(f"unmounted, but the daemon (pid {pid}) is still uploading after "
+                        f"{args.timeout:.0f}s; it goes on in the background")
+        time.sleep(0.05)
+    reg = read_registry(mp) or {}
+    if reg.get("status") == EXIT_PENDING:
+        print("ossfuse: unmounted; some uploads failed and stay journaled until the next mount "
+              "(see the log in the cache dir)", file=sys.stderr)
+        return EXIT_PENDING
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive: it exited and waits to be reaped by its parent
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_keygen(args) -> int:
+    try:
+        generate_rsa_cmk(args.path, args.bits)
+    except FileExistsError as e:
+        return _die(f"{e.filename}: already exists; not overwriting a CMK")
+    except OSError as e:
+        return _die(f"{args.path}: {e.strerror}")
+    print(f"wrote CMK {args.path} (private, mode 0600) and {args.path}.pub")
+    return 0
+
+
+QUICKSTART_CONFIG = """\
+# ossfuse mount of the embedded local-directory bucket (written by `ossfuse quickstart`).
+[store]
+url = "local://{bucket}"
+prefix = ""
+
+[encryption]
+encrypt_with = "default"
+
+[[encryption.cmk]]
+id = "default"
+type = "rsa"
+private_key = "{key}"
+
+[cache]
+dir = "{cache}"
+"""
+
+
+def cmd_quickstart(args) -> int:
+    """Create (once) a CMK, a config and a local bucket, then mount it."""
+    root = os.geteuid() == 0
+    etc = args.etc or ("/etc/ossfuse" if root else os.path.expanduser("~/.config/ossfuse"))
+    var = args.var or ("/var/lib/ossfuse" if root else os.path.expanduser("~/.local/share/ossfuse"))
+    cache = args.cache or ("/var/cache/ossfuse/default" if root else os.path.expanduser("~/.cache/ossfuse/default"))
+    mp = os.path.abspath(args.mountpoint or ("/mnt/ossfuse" if root else os.path.expanduser("~/ossfuse")))
+    bucket = os.path.join(var, "bucket")
+    key = os.path.join(etc, "default.pem")
+    conf = os.path.join(etc, "default.toml")
+    os.makedirs(etc, mode=0o700, exist_ok=True)
+    os.makedirs(bucket, mode=0o700, exist_ok=True)
+    os.makedirs(mp, exist_ok=True)
+    if not os.path.exists(key):
+        generate_rsa_cmk(key)
+        print(f"created CMK {key} (keep a copy: without it the files cannot be decrypted)")
+    if not os.path.exists(conf):
+        with open(conf, "w") as f:
+            f.write(QUICKSTART_CONFIG.format(bucket=bucket, key=key, cache=cache))
+        print(f"created config {conf}")
+    if os.path.ismount(mp):
+        print(f"already mounted: {mp}")
+    else:
+        ns = argparse.Namespace(config=conf, mountpoint=mp, foreground=False, o=None, log_level="info",
+                                ready_fd=None)
+        status = cmd_mount(ns)
+        if status:
+            return status
+    print(f"folder: {mp}\nbucket directory: {bucket}\nconfig: {conf}\n"
+          f"unmount with: ossfuse umount {mp}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ossfuse", description="Mount an OSS bucket prefix with "
+                                "client-side encryption compatible with the OSS SDKs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mount", help="mount a bucket prefix")
+    m.add_argument("-c", "--config", required=True, help="TOML config file")
+    m.add_argument("mountpoint")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize; log to stderr")
+    m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="FUSE mount options (e.g. allow_other,ro)")
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(fn=cmd_mount)
+
+    u = sub.add_parser("umount", help="wait for pending uploads, then unmount")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for uploads (default 3600)")
+    u.set_defaults(fn=cmd_umount)
+
+    k = sub.add_parser("keygen", help="write a new RSA CMK (PATH and PATH.pub)")
+    k.add_argument("path")
+    k.add_argument("--bits", type=int, default=3072)
+    k.set_defaults(fn=cmd_keygen)
+
+    q = sub.add_parser("quickstart", help="create a CMK, a config and a local bucket, and mount it")
+    q.add_argument("mountpoint", nargs="?")
+    q.add_argument("--etc", help=argparse.SUPPRESS)
+    q.add_argument("--var", help=argparse.SUPPRESS)
+    q.add_argument("--cache", help=argparse.SUPPRESS)
+    q.set_defaults(fn=cmd_quickstart)
+
+    args = p.parse_args(argv)
+    return args.fn(args)

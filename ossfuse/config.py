@@ -1,0 +1,191 @@
+"""The per-mount configuration file (TOML), loaded and checked.
+
+Every error is a ConfigError whose message names the file, the key and why, e.g.
+``/etc/ossfuse/team.toml: encryption.cmk[0].private_key: no such file '/etc/ossfuse/x.pem'``.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or invalid (message names file, key, reason)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str  # "local:///path" or "oss://bucket"
+    prefix: str = ""  # "" or ending in "/"
+    endpoint: str | None = None
+    region: str | None = None
+    signature: str = "v4"
+
+
+@dataclass(frozen=True)
+class CmkConfig:
+    id: str
+    type: str
+    private_key: str | None = None
+    matdesc: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    prefix: str
+    encrypt_with: str
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    encrypt_with: str
+    cmks: tuple[CmkConfig, ...]
+    rules: tuple[RuleConfig, ...] = ()
+    plaintext_objects: str = "show"  # objects without an envelope: "show" as they are, or "hide"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str
+    block_size: int = 1 << 20  # bytes fetched per cache block
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    attr_timeout: float = 1.0  # seconds the kernel may cache attributes
+    entry_timeout: float = 1.0  # seconds the kernel may cache name lookups
+    multipart_threshold: int = 32 << 20  # bytes; larger objects use a multipart upload
+    part_size: int = 8 << 20  # bytes; multiple of 16, grown to keep ≤ 10,000 parts
+    upload_workers: int = 4  # objects uploaded at once
+    part_workers: int = 4  # parts of one object uploaded at once
+    upload_retries: int = 5  # attempts per upload before fsync/unmount report failure
+    uid: int | None = None  # owner of objects without x-oss-meta-uid (default: the mounter)
+    gid: int | None = None
+    umask: int = 0o022
+    allow_other: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    store: StoreConfig
+    encryption: EncryptionConfig
+    cache: CacheConfig
+    mount: MountConfig = field(default_factory=MountConfig)
+
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "store": {"url": str, "prefix": str, "endpoint": str, "region": str, "signature": str},
+    "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
+    "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict},
+    "encryption.rule": {"prefix": str, "encrypt_with": str},
+    "cache": {"dir": str, "block_size": int},
+    "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
+              "multipart_threshold": int, "part_size": int, "upload_workers": int,
+              "part_workers": int, "upload_retries": int, "uid": int, "gid": int,
+              "umask": int, "allow_other": bool},
+}
+_REQUIRED = {"store": ("url",), "encryption": ("encrypt_with", "cmk"), "encryption.cmk": ("id", "type"),
+             "encryption.rule": ("prefix", "encrypt_with"), "cache": ("dir",)}
+
+
+def _check_table(path: str, section: str, where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {where}: must be a table")
+    schema = _SCHEMA[section]
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigError(f"{path}: {where}.{key}: unknown key (known: {', '.join(sorted(schema))})")
+        want = schema[key]
+        # bool is an int subclass in Python: refuse true/false where a number is wanted
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+            names = want.__name__ if isinstance(want, type) else " or ".join(t.__name__ for t in want)
+            raise ConfigError(f"{path}: {where}.{key}: must be {names}, not {type(value).__name__}")
+    for key in _REQUIRED.get(section, ()):
+        if key not in table:
+            raise ConfigError(f"{path}: {where}.{key}: required key missing")
+    return table
+
+
+def load(path: str) -> Config:
+    """Read and check the TOML file at ``path``; raises ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for key in raw:
+        if key not in ("store", "encryption", "cache", "mount"):
+            raise ConfigError(f"{path}: {key}: unknown section (known: cache, encryption, mount, store)")
+    for section in ("store", "encryption", "cache"):
+        if section not in raw:
+            raise ConfigError(f"{path}: [{section}]: required section missing")
+
+    st = _check_table(path, "store", "store", raw["store"])
+    url = st["url"]
+    if not (url.startswith("local://") or url.startswith("oss://")):
+        raise ConfigError(f"{path}: store.url: must start with local:// or oss://, got {url!r}")
+    if url.startswith("oss://"):
+        raise ConfigError(f"{path}: store.url: the oss:// store is not available in this build yet")
+    prefix = st.get("prefix", "").lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if st.get("signature", "v4") not in ("v1", "v4"):
+        raise ConfigError(f"{path}: store.signature: must be \"v1\" or \"v4\"")
+    store = StoreConfig(url=url, prefix=prefix, endpoint=st.get("endpoint"), region=st.get("region"),
+                        signature=st.get("signature", "v4"))
+
+    en = _check_table(path, "encryption", "encryption", raw["encryption"])
+    cmks = []
+    for i, c in enumerate(en["cmk"]):
+        where = f"encryption.cmk[{i}]"
+        c = _check_table(path, "encryption.cmk", where, c)
+        if c["type"] != "rsa":
+            raise ConfigError(f"{path}: {where}.type: unknown CMK type {c['type']!r} (known: rsa)")
+        if "private_key" not in c:
+            raise ConfigError(f"{path}: {where}.private_key: required for type \"rsa\"")
+        key_path = os.path.join(os.path.dirname(os.path.abspath(path)), c["private_key"])
+        if not os.path.isfile(key_path):
+            raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
+        if not os.access(key_path, os.R_OK):
+            raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
+        md = c.get("matdesc")
+        if md is not None and not all(isinstance(v, str) for v in md.values()):
+            raise ConfigError(f"{path}: {where}.matdesc: values must be strings")
+        cmks.append(CmkConfig(id=c["id"], type=c["type"], private_key=key_path, matdesc=md))
+    ids = [c.id for c in cmks]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{path}: encryption.cmk: duplicate id")
+    if en["encrypt_with"] not in ids:
+        raise ConfigError(f"{path}: encryption.encrypt_with: no CMK with id {en['encrypt_with']!r}")
+    rules = []
+    for i, r in enumerate(en.get("rule", [])):
+        r = _check_table(path, "encryption.rule", f"encryption.rule[{i}]", r)
+        if r["encrypt_with"] not in ids:
+            raise ConfigError(f"{path}: encryption.rule[{i}].encrypt_with: no CMK with id {r['encrypt_with']!r}")
+        rules.append(RuleConfig(prefix=r["prefix"].lstrip("/"), encrypt_with=r["encrypt_with"]))
+    if en.get("plaintext_objects", "show") not in ("show", "hide"):
+        raise ConfigError(f"{path}: encryption.plaintext_objects: must be \"show\" or \"hide\"")
+    encryption = EncryptionConfig(encrypt_with=en["encrypt_with"], cmks=tuple(cmks), rules=tuple(rules),
+                                  plaintext_objects=en.get("plaintext_objects", "show"))
+
+    ca = _check_table(path, "cache", "cache", raw["cache"])
+    bs = ca.get("block_size", 1 << 20)
+    if bs < 4096 or bs % 4096:
+        raise ConfigError(f"{path}: cache.block_size: must be a multiple of 4096 bytes")
+    cache = CacheConfig(dir=os.path.join(os.path.dirname(os.path.abspath(path)), ca["dir"]), block_size=bs)
+
+    mo = _check_table(path, "mount", "mount", raw.get("mount", {}))
+    mount = MountConfig(**mo)
+    if mount.part_size % 16 or mount.part_size < 100 * 1024:
+        raise ConfigError(f"{path}: mount.part_size: must be a multiple of 16 and at least 102400 bytes")
+    for k in ("upload_workers", "part_workers", "upload_retries"):
+        if getattr(mount, k) < 1:
+            raise ConfigError(f"{path}: mount.{k}: must be at least 1")
+    return Config(path=os.path.abspath(path), store=store, encryption=encryption, cache=cache, mount=mount)

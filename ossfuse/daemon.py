@@ -1,0 +1,202 @@
+"""Running a mount: wire store, keyring and filesystem; serve FUSE under trio; shut down cleanly.
+
+Lifecycle: lock the cache dir → adopt the journal (uploads queued) → mount → answer ``stat``
+→ report ready (parent process, registry file) → serve → on unmount or SIGTERM/SIGINT: stop
+serving, unmount, finish every pending upload, exit. Exit status 0 means every closed file is in
+the bucket; 75 (EX_TEMPFAIL) means some are still journaled and upload on the next mount.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+
+import pyfuse3
+import trio
+
+from .config import Config
+from .core import Filesystem
+from .fuse_ops import Operations
+from .keyring import Keyring
+from .store.base import ObjectStore
+from .store.local import LocalStore
+
+log = logging.getLogger(__name__)
+
+EXIT_PENDING = 75  # EX_TEMPFAIL: unmounted, but uploads remain in the journal
+
+
+class MountError(Exception):
+    """The mount could not start (message is the one-line reason)."""
+
+
+def runtime_dir() -> str:
+    """Where mounts register themselves: /run/ossfuse as root, else $XDG_RUNTIME_DIR/ossfuse."""
+    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    return os.path.join(base, "ossfuse")
+
+
+def registry_path(mountpoint: str) -> str:
+    real = os.path.realpath(mountpoint)
+    return os.path.join(runtime_dir(), hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+
+
+def write_registry(mountpoint: str, record: dict) -> None:
+    os.makedirs(runtime_dir(), exist_ok=True)
+    path = registry_path(mountpoint)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
+def read_registry(mountpoint: str) -> dict | None:
+    try:
+        with open(registry_path(mountpoint)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def open_store(cfg: Config) -> ObjectStore:
+    if cfg.store.url.startswith("local://"):
+        return LocalStore.from_url(cfg.store.url)
+    raise MountError(f"unsupported store url {cfg.store.url!r}")
+
+
+def lock_cache_dir(path: str) -> int:
+    """Hold an exclusive lock on the cache dir for the daemon's life (two mounts sharing one
+    would upload each other's journal)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"cache dir {path} is in use by another ossfuse mount") from None
+    return fd
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a missing or busy mount point; clean a stale one left by a killed daemon."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # "Transport endpoint is not connected": a dead FUSE mount
+            log.warning("mount point %s is a stale FUSE mount; unmounting it", mountpoint)
+            subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
+        else:
+            raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"mount point {mountpoint} is busy (something is already mounted there)")
+
+
+def fuse_options(cfg: Config, extra: list[str]) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts |= {"fsname=ossfuse", "subtype=ossfuse"}
+    if cfg.mount.allow_other:
+        opts.add("allow_other")
+    for o in extra:
+        if o:
+            opts.add(o)
+    return opts
+
+
+def notify_systemd(message: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    import socket
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)
+            s.sendall(message.encode())
+        except OSError as e:
+            log.warning("sd_notify %r failed: %s", message, e)
+
+
+def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
+    """Mount and serve until unmounted; returns the exit status (0, or EXIT_PENDING).
+    ``on_ready()`` is called once the mount answers ``stat``. Raises MountError before mounting."""
+    mountpoint = os.path.abspath(mountpoint)
+    check_mountpoint(mountpoint)
+    lock_fd = lock_cache_dir(cfg.cache.dir)
+    try:
+        try:
+            keyring = Keyring(cfg.encryption)
+        except (OSError, ValueError) as e:
+            raise MountError(f"cannot load CMK: {e}") from None
+        store = open_store(cfg)
+        fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
+        return trio.run(_serve, cfg, fs, mountpoint, options, on_ready)
+    finally:
+        os.close(lock_fd)
+
+
+async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], on_ready) -> int:
+    recovered = fs.recover()
+    if recovered:
+        log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)
+    ops = Operations(fs)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options(cfg, options))
+    except RuntimeError as e:
+        raise MountError(f"cannot mount at {mountpoint}: {e}") from None
+    mounted = True
+    status = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            for _ in range(cfg.mount.upload_workers):
+                nursery.start_soon(fs.upload_worker)
+            nursery.start_soon(_on_signals)
+            nursery.start_soon(_announce, cfg, mountpoint, on_ready)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            # The kernel side is gone (fusermount -u) or a signal asked us to stop.
+            notify_systemd("STOPPING=1")
+            pyfuse3.close(unmount=True)
+            mounted = False
+            log.info("unmounted %s; finishing pending uploads", mountpoint)
+            with trio.move_on_after(24 * 3600):
+                await fs.wait_uploads_idle()
+            pending = await fs.drain()
+            if pending:
+                log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "
+                          "on the next mount", pending, fs.staging.dir)
+                status = EXIT_PENDING
+            nursery.cancel_scope.cancel()
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+        fs.close()
+        await fs.store.aclose()
+        write_registry(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
+                                    "exited": True, "status": status})
+    return status
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting after pending uploads", signal.Signals(signum).name)
+            pyfuse3.terminate()
+
+
+async def _announce(cfg: Config, mountpoint: str, on_ready) -> None:
+    """Report ready only once the mount answers: stat in a thread is served by our own loop."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    write_registry(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
+                                "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False})
+    log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
+    notify_systemd("READY=1")
+    on_ready()

@@ -1,0 +1,165 @@
+"""The OSS client-side-encryption envelope: data key + IV, AES-256-CTR, metadata headers.
+
+Format facts come from ../shared/spec/oss-cse-format.md (cited as §N), itself read from the SDKs:
+- a fresh 32-byte data key and a 16-byte IV whose bytes 8–11 are zero (§3.3, oss2 utils.py
+  ``random_iv``) per object version;
+- content is AES-256-CTR with a 128-bit big-endian counter starting at the IV (§3.1, §3.5);
+  byte offset ``o`` is encrypted with counter ``IV + o // 16`` (§3.6, oss2's full 128-bit add),
+  which lets any byte range be decrypted on its own (oss2 CryptoBucket's ranged GET, §7);
+- data key and IV are each wrapped by the CMK and stored base64 in
+  ``x-oss-meta-client-side-encryption-key`` / ``-start`` with ``-cek-alg``, ``-wrap-alg`` and an
+  optional flat-JSON ``-matdesc`` (§2, writer checklist §11).
+
+This module does no I/O and knows nothing of CMK types: wrapping is the keyring's job.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+CEK_ALG = "AES/CTR/NoPadding"
+DATA_KEY_SIZE = 32  # bytes, AES-256
+IV_SIZE = 16  # bytes, one AES block
+BLOCK = 16  # AES block size: counter advances once per 16 bytes
+
+# User-metadata names (without the "x-oss-meta-" prefix), §2.
+H_KEY = "client-side-encryption-key"
+H_START = "client-side-encryption-start"
+H_CEK_ALG = "client-side-encryption-cek-alg"
+H_WRAP_ALG = "client-side-encryption-wrap-alg"
+H_MATDESC = "client-side-encryption-matdesc"
+H_PLAIN_LEN = "client-side-encryption-unencrypted-content-length"
+H_DATA_SIZE = "client-side-encryption-data-size"
+H_PART_SIZE = "client-side-encryption-part-size"
+CSE_PREFIX = "client-side-encryption-"
+_MARKERS = (H_KEY, H_START, H_CEK_ALG, H_WRAP_ALG)
+
+
+class EnvelopeError(Exception):
+    """The object's envelope is missing a header, corrupt, or of an unsupported algorithm."""
+
+
+def new_data_key() -> bytes:
+    """32 random bytes from the OS CSPRNG."""
+    return os.urandom(DATA_KEY_SIZE)
+
+
+def new_iv() -> bytes:
+    """16 random bytes with bytes 8–11 zero, as every SDK writes it (§3.3): keeps the low-64-bit
+    counter seek of the Go/C++/Java SDKs equal to the 128-bit add for any object size."""
+    iv = bytearray(os.urandom(IV_SIZE))
+    iv[8:12] = b"\0\0\0\0"
+    return bytes(iv)
+
+
+def counter_at(iv: bytes, offset: int) -> bytes:
+    """The counter block that encrypts byte ``offset`` (rounded down to its 16-byte block):
+    IV + offset // 16 as a 128-bit big-endian integer, wrapping modulo 2**128 (§3.5, §3.6)."""
+    value = (int.from_bytes(iv, "big") + offset // BLOCK) % (1 << 128)
+    return value.to_bytes(IV_SIZE, "big")
+
+
+def ctr_crypt(data_key: bytes, iv: bytes, offset: int, data: bytes | memoryview) -> bytes:
+    """Encrypt or decrypt (CTR is symmetric) ``data`` that starts at byte ``offset`` of the
+    object; ``offset`` need not be block-aligned."""
+    skip = offset % BLOCK
+    ctx = Cipher(algorithms.AES(data_key), modes.CTR(counter_at(iv, offset))).encryptor()
+    if skip:
+        ctx.update(bytes(skip))  # advance the keystream to the unaligned start
+    return ctx.update(data) + ctx.finalize()
+
+
+@dataclass(frozen=True)
+class WrappedEnvelope:
+    """The envelope as an object carries it: wrapped (not usable) data key and IV.
+
+    ``wrapped_key``/``wrapped_iv`` are the base64-decoded header values; ``matdesc`` is the
+    parsed JSON map (None when absent) and ``matdesc_raw`` the header text as stored.
+    """
+
+    wrapped_key: bytes
+    wrapped_iv: bytes
+    wrap_alg: str
+    matdesc: dict[str, str] | None
+    matdesc_raw: str | None
+
+    def headers(self) -> dict[str, str]:
+        """The ``client-side-encryption-*`` user metadata, exactly as oss2 writes it (§2)."""
+        h = {
+            H_KEY: base64.b64encode(self.wrapped_key).decode(),
+            H_START: base64.b64encode(self.wrapped_iv).decode(),
+            H_CEK_ALG: CEK_ALG,
+            H_WRAP_ALG: self.wrap_alg,
+        }
+        if self.matdesc_raw is not None:
+            h[H_MATDESC] = self.matdesc_raw
+        return h
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An unwrapped envelope: the data key and IV of one object version, plus how they are
+    stored (``wrapped``). ``cmk_id`` names the keyring entry that wraps them."""
+
+    data_key: bytes
+    iv: bytes
+    wrapped: WrappedEnvelope
+    cmk_id: str
+
+    def crypt(self, offset: int, data: bytes | memoryview) -> bytes:
+        """AES-256-CTR of ``data`` located at byte ``offset`` of the object."""
+        return ctr_crypt(self.data_key, self.iv, offset, data)
+
+
+def encode_matdesc(matdesc: dict[str, str] | None) -> str | None:
+    """matdesc header text: ``json.dumps`` with default separators, as oss2 and the V2 SDK write
+    it (§5); None when there is no description (the header is then omitted)."""
+    return json.dumps(matdesc) if matdesc else None
+
+
+def is_encrypted(metadata: dict[str, str]) -> bool:
+    """True if any envelope header is present (oss2's rule, oss2 models.py:135-139, §2)."""
+    return any(name in metadata for name in _MARKERS)
+
+
+def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
+    """Read the envelope from user metadata (names lower-case, without ``x-oss-meta-``).
+
+    Raises EnvelopeError for a missing required header, bad base64, an unknown cek-alg, or a
+    matdesc that is not a flat JSON object of strings (§2 reader rules, §11 reader checklist).
+    """
+    missing = [name for name in _MARKERS if not metadata.get(name)]
+    if missing:
+        raise EnvelopeError("envelope header missing: x-oss-meta-" + ", x-oss-meta-".join(missing))
+    cek_alg = metadata[H_CEK_ALG]
+    if cek_alg != CEK_ALG:
+        raise EnvelopeError(f"unsupported cek-alg {cek_alg!r} (only {CEK_ALG})")
+    try:
+        wrapped_key = base64.b64decode(metadata[H_KEY], validate=True)
+        wrapped_iv = base64.b64decode(metadata[H_START], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise EnvelopeError(f"envelope key/start header is not base64: {e}") from None
+    raw = metadata.get(H_MATDESC) or None
+    matdesc = None
+    if raw is not None:
+        try:
+            matdesc = json.loads(raw)
+        except ValueError:
+            raise EnvelopeError(f"matdesc is not JSON: {raw!r}") from None
+        if not isinstance(matdesc, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in matdesc.items()
+        ):
+            raise EnvelopeError(f"matdesc is not a flat string map: {raw!r}")
+    return WrappedEnvelope(wrapped_key, wrapped_iv, metadata[H_WRAP_ALG], matdesc, raw)
+
+
+def check_unwrapped(data_key: bytes, iv: bytes) -> None:
+    """Raise EnvelopeError unless the unwrapped data key is 32 bytes and the IV 16 (§11)."""
+    if len(data_key) != DATA_KEY_SIZE or len(iv) != IV_SIZE:
+        raise EnvelopeError(
+            f"unwrapped data key/IV have {len(data_key)}/{len(iv)} bytes, expected 32/16")

@@ -1,0 +1,206 @@
+"""The FUSE adapter: pyfuse3 calls → :class:`ossfuse.core.Filesystem`, errors → errnos.
+
+Only translation lives here (names to str, nodes to EntryAttributes, FsError to FUSEError);
+every decision is in ``core``. An unexpected exception is logged with its traceback and turned
+into EIO, so a bug fails one call, never the mount.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from .core import DirHandle, FileHandle, Filesystem, FsError, Node
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 4096
+
+
+def _fs_errors(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations over one Filesystem."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem):
+        super().__init__()
+        self.fs = fs
+        self.attr_timeout = fs.cfg.mount.attr_timeout
+        self.entry_timeout = fs.cfg.mount.entry_timeout
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.st_mode = node.mode
+        a.st_nlink = 2 if node.is_dir else 1
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_size = node.current_size
+        a.st_blksize = _BLOCK
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        a.st_atime_ns = node.mtime_ns
+        a.attr_timeout = self.attr_timeout
+        a.entry_timeout = self.entry_timeout
+        return a
+
+    def _file(self, fh: int) -> FileHandle:
+        h = self.fs.handles.get(fh)
+        if not isinstance(h, FileHandle):
+            raise FsError(errno.EBADF)
+        return h
+
+    @_fs_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._attr(await self.fs.lookup(self.fs.get(parent_inode), _name(name)))
+
+    @_fs_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self.fs.get(inode))
+
+    @_fs_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self.fs.get(inode)
+        mtime = None
+        if fields.update_mtime:
+            mtime = attr.st_mtime_ns
+        await self.fs.setattr(
+            node,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mtime_ns=mtime)
+        return self._attr(node)
+
+    def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.fs.forget(ino, n)
+
+    @_fs_errors
+    async def readlink(self, inode, ctx):
+        return os.fsencode(await self.fs.readlink(self.fs.get(inode)))
+
+    @_fs_errors
+    async def opendir(self, inode, ctx):
+        return self.fs.opendir(self.fs.get(inode)).fh
+
+    @_fs_errors
+    async def readdir(self, fh, start_id, token):
+        h = self.fs.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise FsError(errno.EBADF)
+        while True:
+            entries = await self.fs.readdir_entries(h, start_id)
+            if not entries:
+                return
+            for next_id, name, node in entries:
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), next_id):
+                    return
+                node.lookups += 1
+                start_id = next_id
+
+    @_fs_errors
+    async def releasedir(self, fh):
+        self.fs.releasedir(fh)
+
+    @_fs_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        node = await self.fs.mkdir(self.fs.get(parent_inode), _name(name), mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return self._attr(node)
+
+    @_fs_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.rmdir(self.fs.get(parent_inode), _name(name))
+
+    @_fs_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node, h = await self.fs.create(self.fs.get(parent_inode), _name(name), mode & ~ctx.umask, flags,
+                                       ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=h.fh), self._attr(node)
+
+    @_fs_errors
+    async def open(self, inode, flags, ctx):
+        h = await self.fs.open(self.fs.get(inode), flags)
+        return pyfuse3.FileInfo(fh=h.fh)
+
+    @_fs_errors
+    async def read(self, fh, off, size):
+        return await self.fs.read(self._file(fh), off, size)
+
+    @_fs_errors
+    async def write(self, fh, off, buf):
+        return await self.fs.write(self._file(fh), off, buf)
+
+    @_fs_errors
+    async def flush(self, fh):
+        await self.fs.flush(self._file(fh))
+
+    @_fs_errors
+    async def release(self, fh):
+        await self.fs.release(self._file(fh))
+
+    @_fs_errors
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(self._file(fh))
+
+    @_fs_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(self.fs.get(parent_inode), _name(name))
+
+    @_fs_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        await self.fs.rename(self.fs.get(parent_inode_old), _name(name_old), self.fs.get(parent_inode_new),
+                             _name(name_new), 1 if flags & pyfuse3.RENAME_NOREPLACE else 0)
+
+    @_fs_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        node = await self.fs.symlink(self.fs.get(parent_inode), _name(name), os.fsdecode(target), ctx.uid, ctx.gid)
+        return self._attr(node)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)  # objects cannot share content: no hard links
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)  # only regular files, directories and symlinks
+
+    @_fs_errors
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = _BLOCK
+        s.f_blocks = s.f_bfree = s.f_bavail = (1 << 50) // _BLOCK  # a bucket has no fixed size
+        s.f_files = s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    @_fs_errors
+    async def access(self, inode, mode, ctx):
+        return True  # with default_permissions the kernel checks modes itself

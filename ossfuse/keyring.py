@@ -1,0 +1,156 @@
+"""Per-mount CMKs: which one wraps the data key of a new object, which one unwraps an object's.
+
+A CMK (customer master key) wraps and unwraps data keys and IVs; it never leaves this process.
+Selection rules (docs/semantics.md, "Keys"):
+- new objects: the first ``[[encryption.rule]]`` whose ``prefix`` starts the object's path, else
+  ``encryption.encrypt_with``;
+- reading: a CMK whose wrap algorithm equals the object's ``wrap-alg`` and whose matdesc equals the
+  object's matdesc compared as parsed JSON maps (SDKs serialise it differently, §5); an object
+  with no matdesc is read with a CMK that has none, else with the ``encrypt_with`` CMK.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import threading
+from collections import OrderedDict
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from . import envelope as env
+from .config import CmkConfig, EncryptionConfig
+
+log = logging.getLogger(__name__)
+
+WRAP_RSA = "RSA/NONE/PKCS1Padding"  # §4.1, exact case as written by all SDKs
+
+
+class KeyMissing(Exception):
+    """No CMK in this mount's keyring matches the object (wrap-alg and matdesc)."""
+
+
+class Cmk(abc.ABC):
+    """One customer master key: wraps/unwraps small secrets (data key, IV)."""
+
+    def __init__(self, cfg: CmkConfig):
+        self.id = cfg.id
+        self.matdesc = dict(cfg.matdesc) if cfg.matdesc else None
+        self.matdesc_raw = env.encode_matdesc(self.matdesc)
+
+    wrap_alg: str
+
+    @abc.abstractmethod
+    def wrap(self, secret: bytes) -> bytes:
+        """The wrapped form of ``secret`` as stored (base64-decoded) in the header."""
+
+    @abc.abstractmethod
+    def unwrap(self, blob: bytes) -> bytes:
+        """Inverse of wrap; raises EnvelopeError if ``blob`` was not wrapped by this CMK."""
+
+
+class RsaCmk(Cmk):
+    """RSA CMK, ``RSA/NONE/PKCS1Padding`` (PKCS#1 v1.5 type 2, §4.1), from a PKCS#1 or PKCS#8
+    private-key PEM file (the public half is derived)."""
+
+    wrap_alg = WRAP_RSA
+
+    def __init__(self, cfg: CmkConfig):
+        super().__init__(cfg)
+        with open(cfg.private_key, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{cfg.private_key}: not an RSA private key")
+        self._private = key
+        self._public = key.public_key()
+
+    def wrap(self, secret: bytes) -> bytes:
+        return self._public.encrypt(secret, padding.PKCS1v15())
+
+    def unwrap(self, blob: bytes) -> bytes:
+        try:
+            return self._private.decrypt(blob, padding.PKCS1v15())
+        except ValueError:
+            raise env.EnvelopeError(f"CMK {self.id!r} cannot unwrap the data key "
+                                    "(wrong CMK or corrupt key header)") from None
+
+
+def generate_rsa_cmk(path: str, bits: int = 3072) -> None:
+    """Write a new RSA CMK: ``path`` (PKCS#8 PEM private key, mode 0600) and ``path.pub``
+    (SubjectPublicKeyInfo PEM). Refuses to overwrite an existing file (FileExistsError)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    with open(path + ".pub", "xb") as f:
+        f.write(pub)
+
+
+_CMK_TYPES: dict[str, type[Cmk]] = {"rsa": RsaCmk}
+
+
+class Keyring:
+    """The mount's CMKs and the rules that pick them. Thread-safe (no mutable shared state
+    except a small cache of unwrapped envelopes)."""
+
+    _CACHE_SIZE = 4096
+
+    def __init__(self, cfg: EncryptionConfig):
+        self.cmks: dict[str, Cmk] = {c.id: _CMK_TYPES[c.type](c) for c in cfg.cmks}
+        self.default = self.cmks[cfg.encrypt_with]
+        self.rules = [(r.prefix, self.cmks[r.encrypt_with]) for r in cfg.rules]
+        self._unwrapped: OrderedDict[tuple[bytes, bytes], env.Envelope] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cmk_for_new(self, path: str) -> Cmk:
+        """The CMK that wraps new objects at ``path`` (relative to the mount)."""
+        for prefix, cmk in self.rules:
+            if path.startswith(prefix):
+                return cmk
+        return self.default
+
+    def new_envelope(self, path: str) -> env.Envelope:
+        """A fresh data key and IV for a new object version at ``path``, wrapped by its CMK."""
+        cmk = self.cmk_for_new(path)
+        key, iv = env.new_data_key(), env.new_iv()
+        wrapped = env.WrappedEnvelope(cmk.wrap(key), cmk.wrap(iv), cmk.wrap_alg,
+                                      cmk.matdesc, cmk.matdesc_raw)
+        return env.Envelope(key, iv, wrapped, cmk.id)
+
+    def cmk_for(self, wrapped: env.WrappedEnvelope) -> Cmk:
+        """The CMK that reads ``wrapped``; raises KeyMissing when none matches."""
+        candidates = [c for c in self.cmks.values() if c.wrap_alg.lower() == wrapped.wrap_alg.lower()]
+        if wrapped.matdesc is None:
+            plain = [c for c in candidates if c.matdesc is None]
+            if plain:
+                return plain[0]
+            if self.default in candidates:
+                return self.default
+        else:
+            for c in candidates:
+                if c.matdesc == wrapped.matdesc:
+                    return c
+        raise KeyMissing(f"no CMK for wrap-alg {wrapped.wrap_alg!r} and matdesc "
+                         f"{wrapped.matdesc_raw or '(none)'}")
+
+    def open_envelope(self, wrapped: env.WrappedEnvelope) -> env.Envelope:
+        """Unwrap data key and IV. Raises KeyMissing, or EnvelopeError when unwrapping fails."""
+        cache_key = (wrapped.wrapped_key, wrapped.wrapped_iv)
+        with self._lock:
+            hit = self._unwrapped.get(cache_key)
+        if hit is not None:
+            return hit
+        cmk = self.cmk_for(wrapped)
+        data_key, iv = cmk.unwrap(wrapped.wrapped_key), cmk.unwrap(wrapped.wrapped_iv)
+        env.check_unwrapped(data_key, iv)
+        result = env.Envelope(data_key, iv, wrapped, cmk.id)
+        with self._lock:
+            self._unwrapped[cache_key] = result
+            if len(self._unwrapped) > self._CACHE_SIZE:
+                self._unwrapped.popitem(last=False)
+        return result

@@ -1,0 +1,1 @@
+"""Object stores: a small async interface (``base``) and its implementations."""

@@ -1,0 +1,119 @@
+"""The object-store interface every backend implements.
+
+A store knows nothing of encryption or FUSE: it moves opaque bytes (ciphertext) and user
+metadata. All methods are trio-async. Keys are OSS object keys (str, 1–1023 UTF-8 bytes).
+User metadata is a ``dict[str, str]`` whose names are lower-case and carry no
+``x-oss-meta-`` prefix (OSS lower-cases user-metadata names, oss-rest-api.md §3.17).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+class StoreError(Exception):
+    """Any failure of a store request; ``request_id`` names the server request when known."""
+
+    def __init__(self, message: str, *, key: str | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.request_id = request_id
+
+
+class NoSuchKey(StoreError):
+    """The object (or upload) does not exist (OSS 404 NoSuchKey / NoSuchUpload)."""
+
+
+class PreconditionFailed(StoreError):
+    """An If-Match condition failed: the object was replaced (OSS 412)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or kept failing (5xx, resets, timeouts) after retries."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as HEAD or a listing reports it.
+
+    ``size`` in bytes (ciphertext size == plaintext size for CSE objects), ``mtime`` is the
+    store's Last-Modified in seconds since the epoch; ``metadata`` is empty in listings.
+    """
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of ``list``: objects and common prefixes, both sorted by key;
+    ``next_marker`` is None on the last page."""
+
+    objects: list[ObjectInfo]
+    prefixes: list[str]
+    next_marker: str | None
+
+
+class ObjectStore(abc.ABC):
+    """Async access to one bucket. Every error is a :class:`StoreError` subclass."""
+
+    #: Smallest part a multipart upload accepts, except the last (bytes).
+    min_part_size: int = 100 * 1024
+    #: Most parts one multipart upload may have.
+    max_parts: int = 10_000
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size, ETag, mtime and user metadata of ``key``; None if it does not exist."""
+
+    @abc.abstractmethod
+    async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``key`` (fewer only if the object is shorter).
+
+        Raises NoSuchKey, PreconditionFailed when ``if_match`` is not the current ETag.
+        """
+
+    @abc.abstractmethod
+    async def put_file(self, key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Upload the whole file at ``path`` as ``key`` with ``metadata``; returns the new object."""
+
+    @abc.abstractmethod
+    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+        """Upload ``data`` as ``key`` with ``metadata``; returns the new object."""
+
+    @abc.abstractmethod
+    async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        """Start a multipart upload; returns its upload id."""
+
+    @abc.abstractmethod
+    async def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes,
+                          metadata: dict[str, str]) -> str:
+        """Upload part ``part_number`` (1-based); ``metadata`` is re-sent with every part
+        (the OSS CSE rule, oss-cse-format.md §6). Returns the part's ETag."""
+
+    @abc.abstractmethod
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
+        """Assemble ``parts`` [(number, etag)] into the object; returns it."""
+
+    @abc.abstractmethod
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished upload and its parts (no error if it is already gone)."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str, *, delimiter: str | None = "/", marker: str | None = None,
+                   max_keys: int = 1000) -> ListPage:
+        """One page of keys under ``prefix`` after ``marker``, grouped at ``delimiter``."""
+
+    @abc.abstractmethod
+    async def copy(self, src: str, dst: str, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        """Server-side copy; ``metadata`` None keeps the source's (COPY), else replaces it (REPLACE)."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error (as on OSS)."""
+
+    async def aclose(self) -> None:
+        """Release connections and files."""
