@@ -61,6 +61,7 @@ class MountConfig:
     upload_workers: int = 4  # objects uploaded at once
     part_workers: int = 4  # parts of one object uploaded at once
     upload_retries: int = 5  # attempts per upload before fsync/unmount report failure
+    upload_delay: float = 0.0  # seconds a closed file waits before its upload starts (coalesces save bursts)
     uid: int | None = None  # owner of objects without x-oss-meta-uid (default: the mounter)
     gid: int | None = None
     umask: int = 0o022
@@ -84,7 +85,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "cache": {"dir": str, "block_size": int},
     "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
               "multipart_threshold": int, "part_size": int, "upload_workers": int,
-              "part_workers": int, "upload_retries": int, "uid": int, "gid": int,
+              "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "uid": int, "gid": int,
               "umask": int, "allow_other": bool},
 }
 _REQUIRED = {"store": ("url",), "encryption": ("encrypt_with", "cmk"), "encryption.cmk": ("id", "type"),

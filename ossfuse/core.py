@@ -95,6 +95,7 @@ class Node:
     staged: StagedFile | None = None  # present ⇔ the file has changes not yet in the bucket
     unlinked: bool = False
     upload_queued: bool = False
+    queued_at: float = 0.0  # trio clock when the upload was queued
     upload_error: str | None = None
     checked_at: float = 0.0  # monotonic seconds when attributes were last read from the store
     symlink_target: str | None = None
@@ -162,8 +163,6 @@ class Filesystem:
         self._next_fh = 1
         self._ns_lock = trio.Lock()
         self._upload_send, self._upload_recv = trio.open_memory_channel[Node](float("inf"))
-        self._uploads_idle = trio.Event()
-        self._uploading = 0
         self._nursery: trio.Nursery | None = None
         self.stats = {"uploaded": 0, "upload_failures": 0, "recovered": 0}
 
@@ -632,24 +631,17 @@ class Filesystem:
     def schedule_upload(self, node: Node) -> None:
         if not node.upload_queued:
             node.upload_queued = True
-            self._uploads_idle = trio.Event() if self._uploads_idle.is_set() else self._uploads_idle
+            node.queued_at = trio.current_time()
             self._upload_send.send_nowait(node)
 
     async def upload_worker(self) -> None:
+        """Background uploads of released files, in queue order (several workers run)."""
         async for node in self._upload_recv:
-            self._uploading += 1
-            try:
-                node.upload_queued = False
-                ok = await self.upload_node(node)
-                if not ok and node.staged is not None and not node.unlinked and self._nursery is not None:
-                    self._nursery.start_soon(self._retry_later, node)
-            finally:
-                self._uploading -= 1
-                if self._uploading == 0 and not self._pending_queue():
-                    self._uploads_idle.set()
-
-    def _pending_queue(self) -> bool:
-        return self._upload_send.statistics().current_buffer_used > 0
+            await trio.sleep_until(node.queued_at + self.cfg.mount.upload_delay)
+            node.upload_queued = False
+            ok = await self.upload_node(node)
+            if not ok and node.staged is not None and not node.unlinked and self._nursery is not None:
+                self._nursery.start_soon(self._retry_later, node)
 
     async def _retry_later(self, node: Node) -> None:
         await trio.sleep(_RETRY_LATER)
@@ -699,11 +691,6 @@ class Filesystem:
         node.checked_at = time.monotonic()
         for hd in node.handles:
             hd.version = version
-
-    async def wait_uploads_idle(self) -> None:
-        """Wait until no upload is queued or running."""
-        while self._uploading or self._pending_queue():
-            await self._uploads_idle.wait()
 
     async def drain(self) -> int:
         """Upload everything still staged (unmount); returns how many files remain pending."""

@@ -167,8 +167,6 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             pyfuse3.close(unmount=True)
             mounted = False
             log.info("unmounted %s; finishing pending uploads", mountpoint)
-            with trio.move_on_after(24 * 3600):
-                await fs.wait_uploads_idle()
             pending = await fs.drain()
             if pending:
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "

@@ -16,6 +16,8 @@ import os
 import threading
 from collections import OrderedDict
 
+from Crypto.Cipher import PKCS1_v1_5
+from Crypto.PublicKey import RSA
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -52,7 +54,14 @@ class Cmk(abc.ABC):
 
 class RsaCmk(Cmk):
     """RSA CMK, ``RSA/NONE/PKCS1Padding`` (PKCS#1 v1.5 type 2, §4.1), from a PKCS#1 or PKCS#8
-    private-key PEM file (the public half is derived)."""
+    private-key PEM file (the public half is derived).
+
+    Unwrapping rejects bad padding explicitly, as every SDK does (oss2 passes a sentinel to
+    pycryptodome, Go's DecryptPKCS1v15 returns an error): the envelope carries no other check of
+    the data key, so the implicit rejection of current `cryptography` (a pseudo-random "key" for
+    a wrong CMK) would turn a wrong CMK into garbage plaintext. The price, shared with the SDKs,
+    is a padding oracle to whoever can both write objects and watch this mount's errors.
+    """
 
     wrap_alg = WRAP_RSA
 
@@ -62,18 +71,24 @@ class RsaCmk(Cmk):
             key = serialization.load_pem_private_key(f.read(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError(f"{cfg.private_key}: not an RSA private key")
-        self._private = key
         self._public = key.public_key()
+        der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        self._unwrapper = PKCS1_v1_5.new(RSA.import_key(der))
 
     def wrap(self, secret: bytes) -> bytes:
         return self._public.encrypt(secret, padding.PKCS1v15())
 
     def unwrap(self, blob: bytes) -> bytes:
+        sentinel = object()
         try:
-            return self._private.decrypt(blob, padding.PKCS1v15())
-        except ValueError:
+            result = self._unwrapper.decrypt(blob, sentinel)
+        except (ValueError, TypeError):
+            result = sentinel
+        if result is sentinel:
             raise env.EnvelopeError(f"CMK {self.id!r} cannot unwrap the data key "
-                                    "(wrong CMK or corrupt key header)") from None
+                                    "(wrong CMK or corrupt key header)")
+        return result
 
 
 def generate_rsa_cmk(path: str, bits: int = 3072) -> None:

@@ -75,7 +75,13 @@ DEVIATIONS = """
 * CopyObject REPLACE on a CSE source is allowed when the CSE headers in the request are
   identical to the source's (the project brief asks for that); any change/drop -> 400.
 * No versioning, ACL, tagging, symlink, append, callbacks, SSE, x-oss-process, lifecycle.
-* Bucket-level: PutBucket/DeleteBucket/ListBuckets/GetBucketInfo/GetBucketLocation minimal.
+* Bucket-level: PutBucket/DeleteBucket/ListBuckets/GetBucketInfo/GetBucketLocation minimal;
+  bucket names are not validated; no owner/ACL checks (any configured key pair may do anything).
+* UploadPart with CSE headers but on an upload initiated without them -> EC 0005-00000418; the
+  ECs for key/cek-alg/wrap-alg mismatch (-412/-414/-415) and cek-alg missing (-403) are inferred
+  from the numbering of the documented ones.
+* CopyObject keeps the source ETag/CRC/object type; the copy-source-if-none-match and
+  -if-modified-since failures answer 304 (like GET), the other two 412.
 """
 
 # --------------------------------------------------------------------------------------
@@ -1814,6 +1820,10 @@ class OssTestServer:
             self._get_upload(b, ctx)
         body = ctx.h._read_body_bytes()
         self._check_md5(ctx, hashlib.md5(body).digest())
+        cse = self._cse_headers(ctx)
+        for name, ec in ((CSE_DATA_SIZE, "0005-00000408"), (CSE_PART_SIZE, "0005-00000409")):
+            if name in cse and not cse[name].strip().isdigit():  # EC -408/-409 also cover Complete (CSE §6)
+                raise self._cse_err(ec, f"Header {name} must be an integer.")
         complete_all = (ctx.hdr("x-oss-complete-all") or "").lower() == "yes"
         malformed = OssError(400, "MalformedXML", "The XML you provided was not well-formed or did not validate "
                              "against our published schema.", ec="0042-00000202")

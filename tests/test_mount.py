@@ -1,0 +1,330 @@
+"""Real FUSE mounts (the daemon in its own process, driven through the ossfuse CLI) on the
+local-directory store: every operation checked by value, after a remount with an emptied cache
+where it matters."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import time
+
+import pytest
+
+from ossfuse import envelope as env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def write(path: str, data: bytes, mode: str = "wb") -> None:
+    with open(path, mode) as f:
+        f.write(data)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_files_round_trip_encrypted_through_remount(mount):
+    payloads = {"small.txt": b"hello world\n", "empty": b"", "big.bin": os.urandom(3 * 1024 * 1024 + 7)}
+    for name, data in payloads.items():
+        write(mount.path(name), data)
+    os.mkdir(mount.path("sub"))
+    write(mount.path("sub", "inner"), b"inner data")
+    mount.remount()
+    for name, data in payloads.items():
+        assert read(mount.path(name)) == data
+    assert read(mount.path("sub", "inner")) == b"inner data"
+    assert sorted(os.listdir(mount.mnt)) == ["big.bin", "empty", "small.txt", "sub"]
+    # the bucket holds ciphertext with the SDK envelope, and the attributes ossfs/s3fs use
+    info = mount.head("small.txt")
+    assert info.metadata[env.H_CEK_ALG] == "AES/CTR/NoPadding"
+    assert info.metadata[env.H_WRAP_ALG] == "RSA/NONE/PKCS1Padding"
+    assert info.metadata[env.H_PLAIN_LEN] == "12"
+    assert stat.S_ISREG(int(info.metadata["mode"]))
+    assert mount.get("small.txt") != b"hello world\n" and len(mount.get("small.txt")) == 12
+    assert mount.head("sub/") is not None  # mkdir writes a directory marker
+
+
+def test_no_plaintext_on_local_disk(mount):
+    marker = b"PLAINTEXT-MARKER-" + os.urandom(8).hex().encode()
+    write(mount.path("secret.txt"), marker * 1000)
+    with open(mount.path("open.txt"), "wb") as f:  # staged but not yet closed
+        f.write(marker)
+        f.flush()
+        r = subprocess.run(["grep", "-rl", marker, mount.bucket_dir, mount.cache], capture_output=True)
+        assert r.returncode == 1, r.stdout
+    assert read(mount.path("secret.txt")) == marker * 1000
+    mount.remount()
+    assert read(mount.path("secret.txt")) == marker * 1000
+    r = subprocess.run(["grep", "-rl", marker, mount.bucket_dir, mount.cache], capture_output=True)
+    assert r.returncode == 1, r.stdout
+
+
+def test_sparse_writes_and_holes_read_as_zeros(mount):
+    p = mount.path("sparse")
+    with open(p, "wb") as f:
+        f.seek(1_000_000)
+        f.write(b"end")
+        f.seek(10)
+        f.write(b"x")
+    expected = bytearray(1_000_003)
+    expected[10:11] = b"x"
+    expected[1_000_000:] = b"end"
+    assert os.stat(p).st_size == 1_000_003
+    assert read(p) == expected
+    mount.remount()
+    assert read(p) == expected
+    with open(p, "r+b") as f:  # write past EOF of a committed file
+        f.seek(2_000_000)
+        f.write(b"!")
+    expected += bytes(2_000_000 - len(expected)) + b"!"
+    mount.remount()
+    assert read(p) == expected
+
+
+def test_truncate_up_and_down(mount):
+    p = mount.path("t")
+    data = os.urandom(300_000)
+    write(p, data)
+    mount.remount()
+    os.truncate(p, 1000)
+    assert os.stat(p).st_size == 1000 and read(p) == data[:1000]
+    os.truncate(p, 5000)
+    assert read(p) == data[:1000] + bytes(4000)
+    with open(p, "r+b") as f:
+        f.truncate(10)
+        f.seek(20)
+        f.write(b"z")
+    mount.remount()
+    assert read(p) == data[:10] + bytes(10) + b"z"
+    with open(p, "wb"):  # O_TRUNC
+        pass
+    assert os.stat(p).st_size == 0
+    mount.remount()
+    assert read(p) == b""
+
+
+def test_overwrite_in_the_middle_keeps_the_rest(mount):
+    p = mount.path("mid")
+    data = bytearray(os.urandom(2_500_000))
+    write(p, bytes(data))
+    mount.remount()
+    with open(p, "r+b") as f:
+        f.seek(1_234_567)
+        f.write(b"PATCH")
+    data[1_234_567:1_234_572] = b"PATCH"
+    assert read(p) == data
+    mount.remount()
+    assert read(p) == data
+    # a new version gets a fresh data key and IV
+    assert mount.head("mid").metadata[env.H_KEY]
+
+
+def test_append_and_exclusive_create(mount):
+    p = mount.path("log")
+    write(p, b"one\n")
+    for line in (b"two\n", b"three\n"):
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+        os.lseek(fd, 0, os.SEEK_SET)  # O_APPEND ignores the offset
+        os.write(fd, line)
+        os.close(fd)
+    subprocess.run(f"echo four >> {p}", shell=True, check=True)
+    assert read(p) == b"one\ntwo\nthree\nfour\n"
+    with pytest.raises(FileExistsError):
+        os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(mount.path("new"), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o640)
+    os.write(fd, b"abc")
+    os.lseek(fd, 0, os.SEEK_SET)
+    assert os.read(fd, 10) == b"abc"  # read back on the same fd before close
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(mount.path("new")).st_mode) == 0o640
+    mount.remount()
+    assert read(p) == b"one\ntwo\nthree\nfour\n"
+
+
+def test_attributes_persist_and_cp_p_keeps_mtime(mount, tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"content")
+    os.utime(src, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    subprocess.run(["cp", "-p", str(src), mount.path("copy.txt")], check=True)
+    p = mount.path("f")
+    write(p, b"x")
+    os.chmod(p, 0o600)
+    os.chown(p, 1234, 5678)
+    os.utime(p, ns=(1_000_000_000, 1_111_111_111_000_000_001))
+    os.mkdir(mount.path("d"), 0o750)
+    os.chmod(mount.path("d"), 0o705)
+    mount.remount()
+    st = os.stat(mount.path("copy.txt"))
+    assert st.st_mtime_ns == 1_500_000_000_987_654_321
+    st = os.stat(p)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+    assert st.st_mtime_ns == 1_111_111_111_000_000_001
+    assert stat.S_IMODE(os.stat(mount.path("d")).st_mode) == 0o705
+    assert mount.head("f").metadata["mtime"] == "1111111111.000000001"
+    assert read(p) == b"x"  # the attribute copies kept the envelope intact
+
+
+def test_readdir_markers_implicit_prefixes_and_foreign_keys(mount):
+    from conftest import run_sync
+    s = mount.store
+    run_sync(s.put_bytes, "implicit/deep/file", b"plain", {})  # no markers, no envelope
+    run_sync(s.put_bytes, "marked/", b"", {"mode": str(stat.S_IFDIR | 0o700)})
+    run_sync(s.put_bytes, "weird//double", b"x", {})
+    run_sync(s.put_bytes, "plain.txt", b"not encrypted", {})
+    time.sleep(0.6)  # entry/attr timeout of the test config
+    assert sorted(os.listdir(mount.mnt)) == ["implicit", "marked", "plain.txt", "weird"]
+    assert os.listdir(mount.path("implicit")) == ["deep"]
+    assert read(mount.path("implicit", "deep", "file")) == b"plain"
+    assert stat.S_IMODE(os.stat(mount.path("marked")).st_mode) == 0o700
+    assert os.listdir(mount.path("weird")) == []  # "weird//double" has an empty name: skipped
+    assert read(mount.path("plain.txt")) == b"not encrypted"
+    assert "not a valid file name" in mount.log()
+    # readdir offsets stay stable across many entries
+    os.mkdir(mount.path("many"))
+    names = {f"f{i:04d}" for i in range(600)}
+    for n in names:
+        write(mount.path("many", n), b"")
+    assert set(os.listdir(mount.path("many"))) == names
+    mount.remount()
+    assert set(os.listdir(mount.path("many"))) == names
+
+
+def test_mkdir_rmdir_and_enotempty(mount):
+    os.mkdir(mount.path("a"))
+    write(mount.path("a", "f"), b"1")
+    with pytest.raises(OSError) as e:
+        os.rmdir(mount.path("a"))
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileExistsError):
+        os.mkdir(mount.path("a"))
+    os.unlink(mount.path("a", "f"))
+    os.rmdir(mount.path("a"))
+    assert not os.path.exists(mount.path("a"))
+    assert mount.keys() == []
+
+
+def test_unlink_and_open_unlinked_file_stays_readable(mount):
+    p = mount.path("gone")
+    data = os.urandom(200_000)
+    write(p, data)
+    mount.remount()
+    with open(p, "rb") as f:
+        f.read(10)
+        os.unlink(p)
+        assert not os.path.exists(p)
+        f.seek(0)
+        assert f.read() == data
+    assert "gone" not in mount.keys()
+
+
+def test_rename_files_and_over_an_open_file(mount):
+    a, b = mount.path("a"), mount.path("b")
+    write(a, b"new content")
+    write(b, b"old content")
+    mount.remount()
+    with open(b, "rb") as reader:
+        os.rename(a, b)
+        assert reader.read() == b"old content"  # the open handle keeps its version
+    assert read(b) == b"new content"
+    assert not os.path.exists(a)
+    # rename of a file that is still staged (written, not yet closed)
+    with open(mount.path("w"), "wb") as f:
+        f.write(b"staged")
+        os.rename(mount.path("w"), mount.path("w2"))
+        f.write(b" more")
+    mount.remount()
+    assert read(b) == b"new content" and read(mount.path("w2")) == b"staged more"
+    assert sorted(mount.keys()) == ["b", "w2"]
+
+
+def test_rename_noreplace_and_directory_rules(mount):
+    write(mount.path("x"), b"x")
+    write(mount.path("y"), b"y")
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE = -100, 1
+    rc = libc.renameat2(AT_FDCWD, mount.path("x").encode(), AT_FDCWD, mount.path("y").encode(), RENAME_NOREPLACE)
+    assert rc == -1 and ctypes.get_errno() == errno.EEXIST
+    assert read(mount.path("y")) == b"y"
+    os.mkdir(mount.path("d"))
+    with pytest.raises(IsADirectoryError):
+        os.rename(mount.path("x"), mount.path("d"))
+    with pytest.raises(NotADirectoryError):
+        os.rename(mount.path("d"), mount.path("x"))
+
+
+def test_rename_directory_tree(mount):
+    os.makedirs(mount.path("src", "deep"))
+    write(mount.path("src", "f1"), b"one")
+    write(mount.path("src", "deep", "f2"), b"two" * 50000)
+    os.symlink("f1", mount.path("src", "link"))
+    os.rename(mount.path("src"), mount.path("dst"))
+    assert not os.path.exists(mount.path("src"))
+    assert read(mount.path("dst", "deep", "f2")) == b"two" * 50000
+    mount.remount()
+    assert sorted(os.listdir(mount.path("dst"))) == ["deep", "f1", "link"]
+    assert read(mount.path("dst", "f1")) == b"one"
+    assert os.readlink(mount.path("dst", "link")) == "f1"
+    assert read(mount.path("dst", "link")) == b"one"
+    assert not any(k.startswith("src") for k in mount.keys())
+
+
+def test_symlink_readlink_link_statfs(mount):
+    os.symlink("../some/where with spaces", mount.path("l"))
+    assert os.readlink(mount.path("l")) == "../some/where with spaces"
+    assert stat.S_ISLNK(os.lstat(mount.path("l")).st_mode)
+    write(mount.path("f"), b"f")
+    with pytest.raises(PermissionError):
+        os.link(mount.path("f"), mount.path("hard"))
+    mount.remount()
+    assert os.readlink(mount.path("l")) == "../some/where with spaces"
+    assert mount.get("l") != b"../some/where with spaces"  # the target is encrypted too
+    sv = os.statvfs(mount.mnt)
+    assert sv.f_bavail > 0 and sv.f_namemax == 255
+
+
+def test_fsync_puts_the_bytes_in_the_bucket(mount):
+    with open(mount.path("durable"), "wb") as f:
+        f.write(b"first")
+        f.flush()
+        os.fsync(f.fileno())
+        info = mount.head("durable")
+        assert info is not None and info.size == 5
+        f.write(b" second")
+        f.flush()
+        os.fsync(f.fileno())
+        assert mount.head("durable").size == 12
+        assert mount.head("durable").metadata[env.H_KEY] != info.metadata[env.H_KEY]  # fresh data key
+
+
+def test_multipart_upload_parts_are_16_byte_multiples(make_mount):
+    m = make_mount("multipart_threshold = 300000\npart_size = 102400")
+    data = os.urandom(1_048_576 + 5)
+    write(m.path("big"), data)
+    assert m.stop() == 0
+    info = m.head("big")
+    assert info.metadata[env.H_DATA_SIZE] == str(len(data))
+    assert int(info.metadata[env.H_PART_SIZE]) == 102400
+    assert m.store.pending_uploads() == []
+    m.start()
+    assert read(m.path("big")) == data
+    with open(m.path("big"), "rb") as f:
+        f.seek(102400 * 3 - 7)
+        assert f.read(100) == data[102400 * 3 - 7:102400 * 3 + 93]
+
+
+def test_cp_a_tree_and_diff_after_remount(mount):
+    src = os.path.dirname(os.__file__) + "/json"
+    subprocess.run(["cp", "-a", src, mount.path("json")], check=True)
+    mount.remount()
+    r = subprocess.run(["diff", "-r", src, mount.path("json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    for name in os.listdir(src):
+        a, b = os.lstat(os.path.join(src, name)), os.lstat(mount.path("json", name))
+        assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns), name
+        if stat.S_ISREG(a.st_mode):
+            assert a.st_size == b.st_size, name
