@@ -329,6 +329,8 @@ class Filesystem:
     async def _list_entries(self, node: Node) -> list[tuple[str, Node | None, ObjectInfo | None, bool]]:
         """Snapshot of a directory: (name, known node, listing info, is_dir), sorted by name."""
         dkey = self.dir_key(node.path)
+        # Taken before listing: a file whose upload finishes while we list is in one or the other.
+        local = [d for d in self.dirty if not d.unlinked and self.parent_of(d.path) == node.path]
         files: dict[str, ObjectInfo] = {}
         dirs: set[str] = set()
         marker = None
@@ -354,7 +356,7 @@ class Filesystem:
             if name in dirs:
                 log.warning("%r is both an object and a prefix; showing the object", dkey + name)
             entries[name] = (name, None, o, False)
-        for d in self.dirty:  # files not uploaded yet
+        for d in local:  # files not uploaded yet
             if not d.unlinked and self.parent_of(d.path) == node.path:
                 name = d.path.rpartition("/")[2]
                 entries[name] = (name, d, None, d.is_dir)
