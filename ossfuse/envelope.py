@@ -37,6 +37,8 @@ H_PLAIN_LEN = "client-side-encryption-unencrypted-content-length"
 H_DATA_SIZE = "client-side-encryption-data-size"
 H_PART_SIZE = "client-side-encryption-part-size"
 CSE_PREFIX = "client-side-encryption-"
+# Wrap algorithms the SDKs write (§4): RSA PKCS#1 v1.5, Alibaba Cloud KMS, oss2 LocalRsaProvider.
+KNOWN_WRAP_ALGS = ("RSA/NONE/PKCS1Padding", "KMS/ALICLOUD", "RSA/NONE/OAEPWithSHA-1AndMGF1Padding")
 _MARKERS = (H_KEY, H_START, H_CEK_ALG, H_WRAP_ALG)
 
 
@@ -130,7 +132,8 @@ def is_encrypted(metadata: dict[str, str]) -> bool:
 def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
     """Read the envelope from user metadata (names lower-case, without ``x-oss-meta-``).
 
-    Raises EnvelopeError for a missing required header, bad base64, an unknown cek-alg, or a
+    Raises EnvelopeError for a missing required header, bad base64, an unknown cek-alg or
+    wrap-alg, or a
     matdesc that is not a flat JSON object of strings (§2 reader rules, §11 reader checklist).
     """
     missing = [name for name in _MARKERS if not metadata.get(name)]
@@ -139,6 +142,9 @@ def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
     cek_alg = metadata[H_CEK_ALG]
     if cek_alg != CEK_ALG:
         raise EnvelopeError(f"unsupported cek-alg {cek_alg!r} (only {CEK_ALG})")
+    wrap_alg = metadata[H_WRAP_ALG]
+    if wrap_alg.lower() not in (a.lower() for a in KNOWN_WRAP_ALGS):
+        raise EnvelopeError(f"unknown wrap-alg {wrap_alg!r}")
     try:
         wrapped_key = base64.b64decode(metadata[H_KEY], validate=True)
         wrapped_iv = base64.b64decode(metadata[H_START], validate=True)
@@ -155,7 +161,7 @@ def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
             isinstance(k, str) and isinstance(v, str) for k, v in matdesc.items()
         ):
             raise EnvelopeError(f"matdesc is not a flat string map: {raw!r}")
-    return WrappedEnvelope(wrapped_key, wrapped_iv, metadata[H_WRAP_ALG], matdesc, raw)
+    return WrappedEnvelope(wrapped_key, wrapped_iv, wrap_alg, matdesc, raw)
 
 
 def check_unwrapped(data_key: bytes, iv: bytes) -> None:

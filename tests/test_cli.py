@@ -1,0 +1,135 @@
+"""The ossfuse command as a user runs it: keygen, mount errors with one-line reasons, umount,
+and the config checks (file, key and reason named)."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import textwrap
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from ossfuse import config as config_mod
+
+from conftest import OSSFUSE
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def ossfuse(*args, **kw):
+    return subprocess.run(OSSFUSE + list(args), capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_keygen_writes_private_0600_and_public(tmp_path):
+    path = str(tmp_path / "k.pem")
+    r = ossfuse("keygen", path)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path, "rb") as f:
+        pem = f.read()
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    key = serialization.load_pem_private_key(pem, None)
+    assert key.key_size == 3072
+    with open(path + ".pub", "rb") as f:
+        pub = serialization.load_pem_public_key(f.read())
+    assert pub.public_numbers() == key.public_key().public_numbers()
+    r = ossfuse("keygen", path)
+    assert r.returncode == 1 and "already exists" in r.stderr
+
+
+def _config(tmp_path, body: str) -> str:
+    p = tmp_path / "c.toml"
+    p.write_text(textwrap.dedent(body))
+    return str(p)
+
+
+BASE = """\
+[store]
+url = "local://{root}/bucket"
+[encryption]
+encrypt_with = "k"
+[[encryption.cmk]]
+id = "k"
+type = "rsa"
+private_key = "{key}"
+[cache]
+dir = "{root}/cache"
+"""
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s + "[mount]\nbogus = 1\n", "mount.bogus: unknown key"),
+    (lambda s: s.replace('encrypt_with = "k"', "encrypt_with = 3"), "encryption.encrypt_with: must be str"),
+    (lambda s: s.replace('encrypt_with = "k"', 'encrypt_with = "nope"'), "no CMK with id 'nope'"),
+    (lambda s: s.replace('private_key = "', 'private_key = "/missing'), "encryption.cmk[0].private_key: no such file"),
+    (lambda s: s.replace("[cache]", "[cachex]"), "cachex: unknown section"),
+    (lambda s: s + "[mount]\npart_size = 1000\n", "mount.part_size"),
+    (lambda s: s.replace('url = "local', 'url = "ftp'), "store.url"),
+    (lambda s: s + "[mount]\nupload_workers = true\n", "mount.upload_workers: must be int, not bool"),
+    (lambda s: s.replace("[store]", "[store"), "not valid TOML"),
+])
+def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message):
+    path = _config(tmp_path, edit(BASE.format(root=tmp_path, key=cmk_path)))
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(path)
+    assert str(e.value).startswith(path + ": ")
+    assert message in str(e.value)
+    os.makedirs(tmp_path / "mnt", exist_ok=True)
+    r = ossfuse("mount", "-c", path, str(tmp_path / "mnt"))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and message in r.stderr
+
+
+def test_config_defaults_and_relative_paths(tmp_path, cmk_path):
+    """Paths in the config are relative to the config file's directory; the prefix gets a '/'."""
+    os.symlink(cmk_path, tmp_path / "rel.pem")
+    body = BASE.format(root=tmp_path, key="rel.pem").replace(f'dir = "{tmp_path}/cache"', 'dir = "cache"')
+    body = body.replace("[encryption]", 'prefix = "/team"\n[encryption]')
+    cfg = config_mod.load(_config(tmp_path, body))
+    assert cfg.encryption.cmks[0].private_key == str(tmp_path / "rel.pem")
+    assert cfg.cache.dir == str(tmp_path / "cache")
+    assert cfg.store.prefix == "team/"
+    assert cfg.mount.part_size % 16 == 0 and cfg.mount.upload_delay == 0.0
+
+
+def test_mount_errors_are_one_line(mount, tmp_path):
+    # busy mount point
+    r = ossfuse("mount", "-c", mount.config, mount.mnt)
+    assert r.returncode == 1 and "busy" in r.stderr and r.stderr.count("\n") == 1
+    # the cache dir is locked by the running mount
+    other = tmp_path / "mnt2"
+    other.mkdir()
+    r = ossfuse("mount", "-c", mount.config, str(other))
+    assert r.returncode == 1 and "in use by another ossfuse mount" in r.stderr
+    # missing mount point
+    r = ossfuse("mount", "-c", mount.config, str(tmp_path / "nope"))
+    assert r.returncode == 1 and "No such file or directory" in r.stderr
+    assert not os.path.ismount(other)
+
+
+def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
+    r = ossfuse("umount", str(tmp_path))
+    assert r.returncode == 1 and "is not mounted" in r.stderr
+
+
+def test_foreground_mount_stops_on_sigterm(make_mount):
+    m = make_mount(start=False)
+    proc = subprocess.Popen(OSSFUSE + ["mount", "-f", "-c", m.config, m.mnt], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if os.path.ismount(m.mnt):
+                break
+            proc.wait(0.05) if proc.poll() is not None else __import__("time").sleep(0.05)
+        assert os.path.ismount(m.mnt)
+        with open(m.path("f"), "wb") as f:
+            f.write(b"data")
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.ismount(m.mnt)
+    assert m.head("f").size == 4
+    assert "mounted" in proc.stderr.read()

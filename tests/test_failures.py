@@ -1,0 +1,126 @@
+"""Bad input fails loudly and narrowly (design.md promise 5), and closed files survive a
+crash (promise 3): real mounts, real daemon processes, SIGKILL."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from ossfuse import envelope as env
+from ossfuse.config import CmkConfig, EncryptionConfig
+from ossfuse.keyring import Keyring
+
+from conftest import run_sync
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _errno_of_read(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            f.read()
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def _put_raw(mount, key: str, data: bytes, meta: dict[str, str]) -> None:
+    run_sync(mount.store.put_bytes, key, data, meta)
+
+
+@pytest.fixture
+def damaged(mount, other_cmk_path):
+    """A mount whose bucket holds one good file and several damaged objects."""
+    with open(mount.path("good"), "wb") as f:
+        f.write(b"good data")
+    with open(mount.path("victim"), "wb") as f:
+        f.write(b"victim data" * 100)
+    mount.remount()
+    good_meta = mount.head("victim").metadata
+    body = mount.get("victim")
+    cases = {}
+
+    def add(name, data, meta, expect):
+        _put_raw(mount, name, data, meta)
+        cases[name] = expect
+
+    add("corrupt-key", body, {**good_meta, env.H_KEY: "!!!notbase64!!!"}, (errno.EIO, "not base64"))
+    add("missing-start", body, {k: v for k, v in good_meta.items() if k != env.H_START},
+        (errno.EIO, "x-oss-meta-client-side-encryption-start"))
+    add("bad-cek-alg", body, {**good_meta, env.H_CEK_ALG: "AES/GCM/NoPadding"}, (errno.EIO, "cek-alg"))
+    add("bad-wrap-alg", body, {**good_meta, env.H_WRAP_ALG: "ROT13"}, (errno.EIO, "wrap-alg"))
+    add("truncated", body[:500], good_meta, (errno.EIO, "truncated"))
+    other = Keyring(EncryptionConfig("o", (CmkConfig("o", "rsa", other_cmk_path),))).new_envelope("x")
+    add("wrong-cmk", other.crypt(0, b"secret"), {**other.wrapped.headers(), env.H_PLAIN_LEN: "6"},
+        (errno.EIO, "cannot unwrap"))
+    add("unknown-matdesc", body, {**good_meta, env.H_MATDESC: '{"team": "nobody"}'},
+        (errno.EACCES, "no CMK"))
+    return mount, cases
+
+
+def test_damaged_objects_give_errno_and_one_log_line_each(damaged):
+    mount, cases = damaged
+    for name, (want, reason) in cases.items():
+        assert _errno_of_read(mount.path(name)) == want, name
+        lines = [l for l in mount.log().splitlines() if repr(name) in l and "ERROR" in l]
+        assert lines, f"no log line names {name!r}"
+        assert reason in lines[0], lines[0]
+    # the rest of the mount keeps working
+    assert open(mount.path("good"), "rb").read() == b"good data"
+    assert sorted(os.listdir(mount.mnt)) == sorted(["good", "victim", *cases])
+    with open(mount.path("after"), "wb") as f:
+        f.write(b"still writable")
+    assert open(mount.path("after"), "rb").read() == b"still writable"
+
+
+def test_replaced_object_gives_estale_to_open_handle_and_new_version_to_next_open(mount):
+    data = os.urandom(3 << 20)  # larger than one cache block, so the handle reads the store again
+    with open(mount.path("f"), "wb") as f:
+        f.write(data)
+    mount.remount()
+    with open(mount.path("f"), "rb") as f:
+        assert f.read(100) == data[:100]
+        # another client replaces the object (same envelope headers, other ciphertext)
+        info = mount.head("f")
+        _put_raw(mount, "f", os.urandom(len(data)), info.metadata)
+        f.seek(2 << 20)
+        with pytest.raises(OSError) as e:
+            f.read(100)
+        assert e.value.errno == errno.ESTALE
+    assert "replaced by another client" in mount.log()
+
+
+def test_sigkill_after_close_loses_nothing(make_mount):
+    m = make_mount("upload_delay = 60")  # uploads wait: the files are only in the journal
+    files = {f"dir{i % 3}/file{i}": os.urandom(1000 * i + 1) for i in range(20)}
+    for d in ("dir0", "dir1", "dir2"):
+        os.mkdir(m.path(d))
+    for name, data in files.items():
+        with open(m.path(name), "wb") as f:
+            f.write(data)
+    assert not any(k.startswith("dir0/file") for k in m.keys())  # nothing uploaded yet
+    m.kill9()
+    m.write_config()  # no upload delay from now on
+    m.start()
+    for name, data in files.items():
+        assert open(m.path(name), "rb").read() == data, name
+    assert m.stop() == 0
+    for name, data in files.items():  # in the bucket, byte-exact, with a valid envelope
+        info = m.head(name)
+        assert info is not None and info.size == len(data), name
+        e = Keyring(EncryptionConfig("k", (CmkConfig("k", "rsa", m.cmk),))).open_envelope(
+            env.parse_envelope(info.metadata))
+        assert e.crypt(0, m.get(name)) == data
+    assert "journaled file(s) from an earlier run" in m.log()
+    assert os.listdir(os.path.join(m.cache, "staging")) == []
+
+
+def test_unmount_waits_for_pending_uploads(make_mount):
+    m = make_mount("upload_delay = 5")
+    data = os.urandom(5 << 20)
+    with open(m.path("late"), "wb") as f:
+        f.write(data)
+    assert m.head("late") is None
+    assert m.stop() == 0  # returns only once the upload is in the bucket
+    assert m.head("late").size == len(data)
