@@ -6,6 +6,7 @@ busy, …); 75 unmounted but uploads are still journaled (they finish on the nex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -26,12 +27,42 @@ def _die(msg: str) -> int:
     return 1
 
 
+# fstab/mount(8) options that mean nothing to a FUSE daemon: accepted and ignored.
+_IGNORED_OPTIONS = ("_netdev", "nofail", "auto", "noauto", "user", "users", "defaults", "rw")
+_IGNORED_PREFIXES = ("x-systemd.", "x-gvfs-", "comment=")
+
+
+def split_mount_options(cfg, options: list[str]):
+    """``-o`` options → (config with uid/gid/umask applied, FUSE options). Raises ValueError
+    naming a malformed option."""
+    fuse, mount = [], {}
+    for opt in options:
+        name, _, value = opt.partition("=")
+        if opt in _IGNORED_OPTIONS or opt.startswith(_IGNORED_PREFIXES):
+            continue
+        if name in ("uid", "gid", "umask"):
+            try:
+                mount[name] = int(value, 8 if name == "umask" else 10)
+            except ValueError:
+                raise ValueError(f"-o {opt}: {name} needs a number") from None
+        elif name == "allow_other":
+            mount["allow_other"] = True  # default_permissions is always on, so modes are enforced
+        else:
+            fuse.append(opt)
+    if mount:
+        cfg = dataclasses.replace(cfg, mount=dataclasses.replace(cfg.mount, **mount))
+    return cfg, fuse
+
+
 def cmd_mount(args) -> int:
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
         return _die(str(e))
-    options = [o for opt in args.o or [] for o in opt.split(",") if o]
+    try:
+        cfg, options = split_mount_options(cfg, [o for opt in args.o or [] for o in opt.split(",") if o])
+    except ValueError as e:
+        return _die(str(e))
     if not args.foreground:
         return _spawn_daemon(args, cfg)
     level = getattr(logging, args.log_level.upper())

@@ -210,6 +210,9 @@ class Filesystem:
         except (KeyError, ValueError):
             mode = 0
         if is_dir:
+            if info is not None and info.size:
+                log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
+                            "data is not shown", info.key, info.size)
             mode = stat.S_IFDIR | (stat.S_IMODE(mode) if mode else 0o777 & ~self.umask)
         elif stat.S_ISLNK(mode):
             mode = stat.S_IFLNK | 0o777
@@ -421,7 +424,7 @@ class Filesystem:
 
     async def mkdir(self, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
         async with self._ns_lock:
-            await self._check_absent(parent, name)
+            await self._check_absent(parent, name, is_dir=True)
             path = self.join(parent.path, name)
             now = time.time_ns()
             node = self._new_node(path, stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
@@ -780,8 +783,20 @@ class Filesystem:
         self._set_local_version(node, Version(v.key, info.etag, v.size, meta, v.wrapped, v.envelope))
 
     # -- namespace --------------------------------------------------------------------------
-    async def _check_absent(self, parent: Node, name: str) -> None:
+    def _check_new_path(self, path: str, is_dir: bool = False) -> None:
+        """A new name must make a valid OSS key: UTF-8 (EINVAL) of at most 1023 bytes,
+        counting the prefix and a directory's trailing '/', with names of at most 255 bytes
+        (ENAMETOOLONG; the kernel does not check FUSE names itself)."""
+        try:
+            size = len((self.dir_key(path) if is_dir else self.key(path)).encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FsError(errno.EINVAL, "names must be valid UTF-8 to be OSS keys") from None
+        if size > 1023 or len(path.rpartition("/")[2].encode("utf-8")) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+
+    async def _check_absent(self, parent: Node, name: str, is_dir: bool = False) -> None:
         path = self.join(parent.path, name)
+        self._check_new_path(path, is_dir)
         node = self.by_path.get(path)
         if node is not None and not node.unlinked and (node.staged is not None or self._fresh(node)):
             raise FsError(errno.EEXIST)
@@ -890,6 +905,7 @@ class Filesystem:
         async with self._ns_lock:
             src = await self._existing(parent, name)
             dst_path = self.join(new_parent.path, new_name)
+            self._check_new_path(dst_path, src.is_dir)
             if dst_path == src.path:
                 return
             if src.is_dir and (dst_path + "/").startswith(src.path + "/"):
