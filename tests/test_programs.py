@@ -37,7 +37,7 @@ def test_vim_save_patterns_leave_only_the_file(mount, settings):
         f.write("line one\n")
     os.chmod(p, 0o640)
     # swap file, 4913 probe, backup file and rename-or-copy write, as vim does by default
-    cmd = ["vim", "-N", "-u", "NONE", "-i", "NONE", "-n" if not settings else "-N", "-Es",
+    cmd = ["vim", "-N", "-u", "NONE", "-i", "NONE", "-Es",
            "-c", "set swapfile directory=.", "-c", settings or "set nobackup",
            "-c", "normal Goline two", "-c", "wq", p]
     r = subprocess.run(cmd, cwd=mount.mnt, capture_output=True, text=True, timeout=60)

@@ -1,0 +1,388 @@
+"""One set of assertions every ObjectStore must pass, run against LocalStore (a directory) and
+OssStore (oss2 over real HTTP to tests/oss_server.py, signature V1 and V4).
+
+The expected behaviour is OSS's (shared/spec/oss-rest-api.md): keys are opaque strings of
+1-1023 UTF-8 bytes (``a`` and ``a/`` are different objects), ranges past the end are short,
+If-Match failures are PreconditionFailed, deleting a missing key is fine, listings are in key
+order with CommonPrefixes counted against max_keys and a marker that continues exactly after
+the last entry of the previous page."""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+import time
+
+import pytest
+import trio
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from oss_server import OssTestServer  # noqa: E402
+
+from ossfuse.store.base import NoSuchKey, ObjectStore, PreconditionFailed, StoreError  # noqa: E402
+from ossfuse.store.credentials import StaticCredentialsProvider  # noqa: E402
+from ossfuse.store.local import LocalStore  # noqa: E402
+from ossfuse.store.oss import OssStore  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+AK, SK, REGION = "contract-ak", "contract-sk", "cn-hangzhou"
+_bucket_seq = itertools.count()
+
+
+def trio_test(fn):
+    """Run an async test function under trio.run (fixtures resolved by pytest as usual)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return trio.run(functools.partial(fn, *args, **kwargs))
+    return wrapper
+
+
+class Harness:
+    """A store plus the backend-specific view a test needs (pending multipart uploads)."""
+
+    def __init__(self, store: ObjectStore, pending):
+        self.store = store
+        self.pending_uploads = pending
+
+
+@pytest.fixture(scope="module")
+def oss_server():
+    srv = OssTestServer(access_key_id=AK, access_key_secret=SK, buckets=(), region=REGION, seed=7)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(params=["local", "oss-v1", "oss-v4"])
+def h(request, tmp_path):
+    if request.param == "local":
+        store = LocalStore(str(tmp_path / "bucket"))
+        yield Harness(store, store.pending_uploads)
+        trio.run(store.aclose)
+        return
+    srv = request.getfixturevalue("oss_server")
+    name = f"contract-{next(_bucket_seq)}"
+    srv.create_bucket(name)
+    store = OssStore(name, srv.endpoint, region=REGION, signature=request.param[4:],
+                     credentials=StaticCredentialsProvider(AK, SK), threads=8, retries=2, backoff=0.01)
+
+    def pending():
+        with srv.lock:
+            return sorted(srv.buckets[name].uploads)
+
+    try:
+        yield Harness(store, pending)
+    finally:
+        trio.run(store.aclose)
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    """n deterministic, non-repeating-looking bytes."""
+    out = bytearray()
+    i = seed
+    while len(out) < n:
+        out += i.to_bytes(8, "little") * 4 + (i * 2654435761 % (1 << 32)).to_bytes(4, "big")
+        i += 1
+    return bytes(out[:n])
+
+
+async def list_all(store: ObjectStore, prefix: str, delimiter, max_keys: int):
+    """Follow next_marker to the end; returns (pages, objects, prefixes)."""
+    pages, marker = [], None
+    for _ in range(1000):
+        page = await store.list(prefix, delimiter=delimiter, marker=marker, max_keys=max_keys)
+        pages.append(page)
+        assert len(page.objects) + len(page.prefixes) <= max_keys
+        if page.next_marker is None:
+            break
+        marker = page.next_marker
+    else:
+        pytest.fail("listing never ended")
+    objs = [o.key for p in pages for o in p.objects]
+    prefs = [x for p in pages for x in p.prefixes]
+    return pages, objs, prefs
+
+
+# ------------------------------------------------------------------------------------ basics
+@trio_test
+async def test_put_head_get_roundtrip(h):
+    s = h.store
+    meta = {"client-side-encryption-key": "a2V5LWJ5dGVz+/==", "x-mode": "0644", "empty": ""}
+    t0 = time.time()
+    info = await s.put_bytes("obj", b"hello world", meta)
+    assert (info.key, info.size, info.metadata) == ("obj", 11, meta)
+    assert info.etag
+    got = await s.head("obj")
+    assert got is not None
+    assert (got.key, got.size, got.etag, got.metadata) == ("obj", 11, info.etag, meta)
+    assert t0 - 2 <= got.mtime <= time.time() + 2
+    assert abs(got.mtime - info.mtime) <= 2
+    assert await s.get_range("obj", 0, 11) == b"hello world"
+    # overwrite: new content, new metadata (not merged), new ETag
+    info2 = await s.put_bytes("obj", b"HELLO", {"other": "1"})
+    got2 = await s.head("obj")
+    assert (got2.size, got2.metadata, got2.etag) == (5, {"other": "1"}, info2.etag)
+    assert info2.etag != info.etag
+    assert await s.get_range("obj", 0, 100) == b"HELLO"
+
+
+@trio_test
+async def test_empty_object(h):
+    s = h.store
+    info = await s.put_bytes("empty", b"", {})
+    assert info.size == 0
+    got = await s.head("empty")
+    assert (got.size, got.metadata) == (0, {})
+    assert await s.get_range("empty", 0, 10) == b""
+
+
+@trio_test
+async def test_head_missing_and_delete(h):
+    s = h.store
+    assert await s.head("missing") is None
+    await s.delete("missing")  # deleting a missing key is fine (OSS: 204)
+    await s.put_bytes("k", b"x", {})
+    await s.delete("k")
+    assert await s.head("k") is None
+    await s.delete("k")
+    with pytest.raises(NoSuchKey):
+        await s.get_range("k", 0, 1)
+
+
+KEYS = [
+    "a", "a/", "a//b", "a/b", "/a" [1:] + "x",  # "ax"
+    "dir/ünïcødé 空間 🚀.txt", "with space", "per%cent%2F%20", "plus+sign+", "q?uery#frag&amp=1",
+    "tab\tand~tilde*star", "x" * 1023, "é" * 511 + "a",  # 1023 bytes, ASCII and multi-byte
+]
+
+
+@trio_test
+async def test_key_shapes_side_by_side(h):
+    s = h.store
+    assert len(KEYS[-1].encode()) == 1023 and len(KEYS[-2].encode()) == 1023
+    for i, k in enumerate(KEYS):
+        await s.put_bytes(k, f"body {i}".encode(), {"n": str(i)})
+    for i, k in enumerate(KEYS):
+        info = await s.head(k)
+        assert info is not None, k
+        assert (info.key, info.size, info.metadata) == (k, len(f"body {i}"), {"n": str(i)})
+        assert await s.get_range(k, 0, 100) == f"body {i}".encode(), k
+    _, objs, prefs = await list_all(s, "", None, 1000)
+    assert objs == sorted(KEYS, key=lambda k: k.encode()) and prefs == []
+    # "a/" listed under prefix "a/" is an object of its own next to "a//b" and "a/b"
+    page = await s.list("a/", delimiter="/")
+    assert [o.key for o in page.objects] == ["a/", "a/b"] and page.prefixes == ["a//"]
+    await s.delete("a/")
+    assert await s.head("a") is not None and await s.head("a//b") is not None
+
+
+@trio_test
+async def test_key_too_long_is_refused(h):
+    with pytest.raises(StoreError):
+        await h.store.put_bytes("y" * 1024, b"x", {})
+    with pytest.raises(StoreError):
+        await h.store.put_bytes("é" * 512, b"x", {})
+
+
+# ------------------------------------------------------------------------------------ ranges
+@trio_test
+async def test_ranges(h):
+    s = h.store
+    data = blob(1000, 3)
+    await s.put_bytes("r", data, {})
+    cases = [(0, 10), (10, 20), (0, 1000), (999, 1000), (990, 1010), (995, 5000), (500, 1000), (0, 1),
+             (1000, 1100), (2000, 3000), (7, 7)]
+    for a, b in cases:
+        assert await s.get_range("r", a, b) == data[a:b], (a, b)
+
+
+@trio_test
+async def test_if_match(h):
+    s = h.store
+    info = await s.put_bytes("c", b"0123456789", {})
+    assert await s.get_range("c", 2, 4, if_match=info.etag) == b"23"
+    with pytest.raises(PreconditionFailed):
+        await s.get_range("c", 2, 4, if_match="0" * 32)
+    await s.put_bytes("c", b"abcdefghij", {})
+    with pytest.raises(PreconditionFailed):
+        await s.get_range("c", 0, 4, if_match=info.etag)
+    with pytest.raises(NoSuchKey):
+        await s.get_range("nope", 0, 4, if_match=info.etag)
+
+
+# ----------------------------------------------------------------------------------- listing
+LIST_KEYS = ["d/a", "d/b", "d/c/1", "d/c/2", "d/c/sub/3", "d/d", "d/e/x", "d/f", "d/g/", "d0", "e", "c"]
+
+
+@trio_test
+async def test_list_delimiter(h):
+    s = h.store
+    for k in LIST_KEYS:
+        await s.put_bytes(k, k.encode(), {"m": "1"})
+    page = await s.list("d/", delimiter="/")
+    assert [o.key for o in page.objects] == ["d/a", "d/b", "d/d", "d/f"]
+    assert page.prefixes == ["d/c/", "d/e/", "d/g/"]
+    assert page.next_marker is None
+    assert all(o.size == len(o.key) and o.etag for o in page.objects)
+    page = await s.list("d", delimiter="/")
+    assert ([o.key for o in page.objects], page.prefixes) == (["d0"], ["d/"])
+    page = await s.list("", delimiter="/")
+    assert ([o.key for o in page.objects], page.prefixes) == (["c", "d0", "e"], ["d/"])
+    page = await s.list("d/", delimiter=None)
+    assert [o.key for o in page.objects] == sorted(k for k in LIST_KEYS if k.startswith("d/"))
+    page = await s.list("nothing/", delimiter="/")
+    assert (page.objects, page.prefixes, page.next_marker) == ([], [], None)
+    # a marker continues strictly after it
+    page = await s.list("d/", delimiter="/", marker="d/b")
+    assert ([o.key for o in page.objects], page.prefixes) == (["d/d", "d/f"], ["d/c/", "d/e/", "d/g/"])
+    page = await s.list("d/", delimiter="/", marker="d/c/")  # a common prefix as marker: skip its keys
+    assert ([o.key for o in page.objects], page.prefixes) == (["d/d", "d/f"], ["d/e/", "d/g/"])
+
+
+@pytest.mark.parametrize("max_keys", [1, 2, 3, 4])
+@trio_test
+async def test_list_paging_exactly_once(h, max_keys):
+    s = h.store
+    for k in LIST_KEYS:
+        await s.put_bytes(k, b"", {})
+    full = await s.list("d/", delimiter="/")
+    pages, objs, prefs = await list_all(s, "d/", "/", max_keys)
+    assert objs == [o.key for o in full.objects]
+    assert prefs == full.prefixes
+    assert len(pages) == -(-7 // max_keys)  # 4 objects + 3 prefixes, pages filled up
+    # every page but the last is full and its marker is its last entry (key or prefix)
+    for p in pages[:-1]:
+        assert len(p.objects) + len(p.prefixes) == max_keys
+        assert p.next_marker == max([o.key for o in p.objects] + p.prefixes)
+    # flat listing of everything, paged
+    _, flat, fp = await list_all(s, "", None, max_keys)
+    assert flat == sorted(LIST_KEYS) and fp == []
+
+
+@trio_test
+async def test_list_page_boundary_on_common_prefix(h):
+    s = h.store
+    for k in LIST_KEYS:
+        await s.put_bytes(k, b"", {})
+    # d/a, d/b, d/c/ : the first page of three ends on the common prefix d/c/
+    p1 = await s.list("d/", delimiter="/", max_keys=3)
+    assert ([o.key for o in p1.objects], p1.prefixes, p1.next_marker) == (["d/a", "d/b"], ["d/c/"], "d/c/")
+    p2 = await s.list("d/", delimiter="/", max_keys=3, marker=p1.next_marker)
+    assert ([o.key for o in p2.objects], p2.prefixes) == (["d/d"], ["d/e/"])  # nothing under d/c/ again
+    assert p2.next_marker == "d/e/"
+    p3 = await s.list("d/", delimiter="/", max_keys=3, marker=p2.next_marker)
+    assert ([o.key for o in p3.objects], p3.prefixes, p3.next_marker) == (["d/f"], ["d/g/"], None)
+
+
+# -------------------------------------------------------------------------------------- copy
+@trio_test
+async def test_copy_keeps_metadata(h):
+    s = h.store
+    src = await s.put_bytes("src", blob(3000, 1), {"a": "1", "b": "two"})
+    info = await s.copy("src", "dst/copy")
+    assert (info.key, info.size, info.metadata) == ("dst/copy", 3000, {"a": "1", "b": "two"})
+    got = await s.head("dst/copy")
+    assert (got.size, got.metadata, got.etag) == (3000, {"a": "1", "b": "two"}, info.etag)
+    assert await s.get_range("dst/copy", 0, 5000) == blob(3000, 1)
+    assert (await s.head("src")).etag == src.etag  # the source is untouched
+
+
+@trio_test
+async def test_copy_replace_metadata(h):
+    s = h.store
+    await s.put_bytes("src", b"payload", {"a": "1", "b": "2"})
+    info = await s.copy("src", "dst", metadata={"c": "3"})
+    assert info.metadata == {"c": "3"}
+    got = await s.head("dst")
+    assert (got.size, got.metadata) == (7, {"c": "3"})
+    assert await s.get_range("dst", 0, 7) == b"payload"
+    # onto itself (how a metadata-only change is made): content unchanged, metadata replaced
+    await s.copy("src", "src", metadata={"a": "9"})
+    got = await s.head("src")
+    assert (got.metadata, await s.get_range("src", 0, 100)) == ({"a": "9"}, b"payload")
+    with pytest.raises(NoSuchKey):
+        await s.copy("missing", "dst2")
+    assert await s.head("dst2") is None
+
+
+# --------------------------------------------------------------------------------- multipart
+@trio_test
+async def test_multipart(h):
+    s = h.store
+    meta = {"client-side-encryption-data-size": str(2 * s.min_part_size + 10), "x": "y"}
+    uid = await s.create_multipart("big/object", meta)
+    assert h.pending_uploads() != []
+    p1, p2, p3 = blob(s.min_part_size, 11), blob(s.min_part_size, 12), blob(10, 13)
+    e2 = await s.upload_part("big/object", uid, 2, b"wrong" * 30000, meta)
+    e2 = await s.upload_part("big/object", uid, 2, p2, meta)  # re-upload replaces the part
+    e1 = await s.upload_part("big/object", uid, 1, p1, meta)
+    e3 = await s.upload_part("big/object", uid, 3, p3, meta)
+    assert await s.head("big/object") is None  # nothing visible before Complete
+    info = await s.complete_multipart("big/object", uid, [(1, e1), (2, e2), (3, e3)])
+    assert (info.key, info.size) == ("big/object", 2 * s.min_part_size + 10)
+    got = await s.head("big/object")
+    assert (got.size, got.metadata, got.etag) == (info.size, meta, info.etag)
+    assert await s.get_range("big/object", 0, info.size) == p1 + p2 + p3
+    assert await s.get_range("big/object", s.min_part_size - 3, s.min_part_size + 3) == p1[-3:] + p2[:3]
+    assert h.pending_uploads() == []
+
+
+@trio_test
+async def test_multipart_abort_and_errors(h):
+    s = h.store
+    uid = await s.create_multipart("m", {})
+    await s.upload_part("m", uid, 1, blob(1000), {})
+    await s.abort_multipart("m", uid)
+    assert h.pending_uploads() == []
+    await s.abort_multipart("m", uid)  # already gone: fine
+    with pytest.raises(NoSuchKey):
+        await s.upload_part("m", uid, 2, b"x", {})
+    assert await s.head("m") is None
+    # a part smaller than min_part_size that is not the last one: EntityTooSmall
+    uid = await s.create_multipart("m", {})
+    e1 = await s.upload_part("m", uid, 1, b"small", {})
+    e2 = await s.upload_part("m", uid, 2, b"last", {})
+    with pytest.raises(StoreError) as ei:
+        await s.complete_multipart("m", uid, [(1, e1), (2, e2)])
+    assert not isinstance(ei.value, NoSuchKey)
+    # a part that was never uploaded: InvalidPart
+    with pytest.raises(StoreError):
+        await s.complete_multipart("m", uid, [(1, e1), (5, e2)])
+    await s.abort_multipart("m", uid)
+    assert h.pending_uploads() == [] and await s.head("m") is None
+
+
+# ---------------------------------------------------------------------------------- put_file
+@trio_test
+async def test_put_file_multi_mib(h, tmp_path):
+    s = h.store
+    path = tmp_path / "upload.bin"
+    data = blob(6 * 1024 * 1024 + 123, 5)
+    path.write_bytes(data)
+    info = await s.put_file("files/six.bin", str(path), {"k": "v"})
+    assert (info.key, info.size, info.metadata) == ("files/six.bin", len(data), {"k": "v"})
+    got = await s.head("files/six.bin")
+    assert (got.size, got.etag, got.metadata) == (len(data), info.etag, {"k": "v"})
+    assert await s.get_range("files/six.bin", 0, len(data)) == data
+    assert await s.get_range("files/six.bin", 4_000_000, 4_000_100) == data[4_000_000:4_000_100]
+
+
+@trio_test
+async def test_concurrent_requests(h):
+    """Many requests at once through the store's bounded thread pool."""
+    s = h.store
+
+    async def one(i):
+        await s.put_bytes(f"par/{i:03d}", blob(5000 + i, i), {"i": str(i)})
+        assert await s.get_range(f"par/{i:03d}", 0, 10_000) == blob(5000 + i, i)
+
+    async with trio.open_nursery() as n:
+        for i in range(40):
+            n.start_soon(one, i)
+    _, objs, _ = await list_all(s, "par/", "/", 7)
+    assert objs == [f"par/{i:03d}" for i in range(40)]
