@@ -1,4 +1,4 @@
-"""The ``ossfuse`` command: mount, umount, keygen, quickstart.
+"""The ``ossfuse`` command: mount, umount, status, keygen, quickstart; and the mount(8) helper.
 
 Exit status: 0 success; 1 a one-line error on stderr (bad config, missing key file, mount point
 busy, …); 75 unmounted but uploads are still journaled (they finish on the next mount).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -20,6 +21,15 @@ from .keyring import generate_rsa_cmk
 log = logging.getLogger("ossfuse")
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _JournalFormatter(logging.Formatter):
+    """sd-daemon(3) priority prefixes, so journald keeps each line's level."""
+
+    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self._PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
 
 
 def _die(msg: str) -> int:
@@ -69,6 +79,10 @@ def cmd_mount(args) -> int:
     if args.ready_fd is not None:  # daemon child: log to a file in the cache dir
         os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
         logging.basicConfig(filename=os.path.join(cfg.cache.dir, "ossfuse.log"), level=level, format=_LOG_FORMAT)
+    elif os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads "<N>" as the priority
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JournalFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
     else:
         logging.basicConfig(stream=sys.stderr, level=level, format=_LOG_FORMAT)
 
@@ -144,6 +158,34 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def cmd_status(args) -> int:
+    from . import status
+    from .daemon import registry_path
+    mp = os.path.abspath(args.mountpoint)
+    try:
+        doc = status.query(registry_path(mp, ".sock"))
+    except OSError:
+        return _die(f"no ossfuse daemon answers for {mp} (not mounted, or mounted by another user)")
+    doc["mountpoint"] = mp
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    return 0
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """``mount.fuse.ossfuse CONFIG MOUNTPOINT [-o opts] [-n] [-s] [-v]``, as mount(8) and
+    fstab call it for type ``fuse.ossfuse``: the config file stands where a device would."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="mount.fuse.ossfuse")
+    p.add_argument("config")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", action="append")
+    for flag in ("-n", "-s", "-v", "-f"):  # mount(8)'s no-mtab, sloppy, verbose, fake
+        p.add_argument(flag, action="store_true")
+    p.add_argument("-t", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    return main(["mount", "-c", args.config, args.mountpoint] + [x for o in args.o or [] for x in ("-o", o)])
 
 
 def cmd_keygen(args) -> int:
@@ -227,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for uploads (default 3600)")
     u.set_defaults(fn=cmd_umount)
+
+    st = sub.add_parser("status", help="pending uploads, cache use, recent errors, CMKs of a mount")
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(fn=cmd_status)
 
     k = sub.add_parser("keygen", help="write a new RSA CMK (PATH and PATH.pub)")
     k.add_argument("path")

@@ -22,6 +22,9 @@ class StoreConfig:
     endpoint: str | None = None
     region: str | None = None
     signature: str = "v4"
+    credentials_file: str | None = None  # TOML with access_key_id/secret (mode 0600); else env, RAM role
+    ram_role: str | None = None  # ECS RAM role name (default: the instance's role)
+    metadata_url: str = "http://100.100.100.200"  # ECS instance metadata service
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,11 @@ class MountConfig:
     upload_workers: int = 4  # objects uploaded at once
     part_workers: int = 4  # parts of one object uploaded at once
     upload_retries: int = 5  # attempts per upload before fsync/unmount report failure
+    startup_timeout: float = 60.0  # seconds to keep retrying an unreachable store at mount
     upload_delay: float = 0.0  # seconds a closed file waits before its upload starts (coalesces save bursts)
     uid: int | None = None  # owner of objects without x-oss-meta-uid (default: the mounter)
     gid: int | None = None
-    umask: int = 0o022
+    umask: int | None = None  # set: masks every mode (objects without one, new files, dirs); unset: 022 for the former
     allow_other: bool = False
 
 
@@ -78,14 +82,15 @@ class Config:
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "store": {"url": str, "prefix": str, "endpoint": str, "region": str, "signature": str},
+    "store": {"url": str, "prefix": str, "endpoint": str, "region": str, "signature": str,
+              "credentials_file": str, "ram_role": str, "metadata_url": str},
     "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
     "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict},
     "encryption.rule": {"prefix": str, "encrypt_with": str},
     "cache": {"dir": str, "block_size": int},
     "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
               "multipart_threshold": int, "part_size": int, "upload_workers": int,
-              "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "uid": int, "gid": int,
+              "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "startup_timeout": (int, float), "uid": int, "gid": int,
               "umask": int, "allow_other": bool},
 }
 _REQUIRED = {"store": ("url",), "encryption": ("encrypt_with", "cmk"), "encryption.cmk": ("id", "type"),
@@ -133,14 +138,24 @@ def load(path: str) -> Config:
     if not (url.startswith("local://") or url.startswith("oss://")):
         raise ConfigError(f"{path}: store.url: must start with local:// or oss://, got {url!r}")
     if url.startswith("oss://"):
-        raise ConfigError(f"{path}: store.url: the oss:// store is not available in this build yet")
+        if not url[len("oss://"):].strip("/"):
+            raise ConfigError(f"{path}: store.url: oss:// needs a bucket name")
+        if "endpoint" not in st:
+            raise ConfigError(f"{path}: store.endpoint: required for an oss:// store "
+                              "(e.g. \"https://oss-cn-hangzhou.aliyuncs.com\")")
+    creds = st.get("credentials_file")
+    if creds is not None:
+        creds = os.path.join(os.path.dirname(os.path.abspath(path)), creds)
+        if not os.path.isfile(creds):
+            raise ConfigError(f"{path}: store.credentials_file: no such file {creds!r}")
     prefix = st.get("prefix", "").lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     if st.get("signature", "v4") not in ("v1", "v4"):
         raise ConfigError(f"{path}: store.signature: must be \"v1\" or \"v4\"")
     store = StoreConfig(url=url, prefix=prefix, endpoint=st.get("endpoint"), region=st.get("region"),
-                        signature=st.get("signature", "v4"))
+                        signature=st.get("signature", "v4"), credentials_file=creds,
+                        ram_role=st.get("ram_role"), metadata_url=st.get("metadata_url", "http://100.100.100.200"))
 
     en = _check_table(path, "encryption", "encryption", raw["encryption"])
     cmks = []

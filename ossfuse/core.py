@@ -96,6 +96,7 @@ class Node:
     unlinked: bool = False
     upload_queued: bool = False
     queued_at: float = 0.0  # trio clock when the upload was queued
+    dirty_since: float = 0.0  # wall-clock seconds when the staged version was made
     upload_error: str | None = None
     checked_at: float = 0.0  # monotonic seconds when attributes were last read from the store
     symlink_target: str | None = None
@@ -151,7 +152,8 @@ class Filesystem:
                                  part_workers=m.part_workers, retries=m.upload_retries)
         self.default_uid = m.uid if m.uid is not None else uid
         self.default_gid = m.gid if m.gid is not None else gid
-        self.umask = m.umask
+        self.umask = m.umask if m.umask is not None else 0o022  # for objects without a mode
+        self.create_umask = m.umask or 0  # a configured umask also masks new files and dirs
         now = time.time_ns()
         root = Node(ROOT_INO, "", stat.S_IFDIR | (0o777 & ~self.umask), self.default_uid,
                     self.default_gid, now, now, lookups=1)
@@ -427,7 +429,7 @@ class Filesystem:
             await self._check_absent(parent, name, is_dir=True)
             path = self.join(parent.path, name)
             now = time.time_ns()
-            node = self._new_node(path, stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
+            node = self._new_node(path, stat.S_IFDIR | (mode & 0o7777 & ~self.create_umask), uid, gid, now)
             try:
                 await self.store.put_bytes(self.dir_key(path), b"", self._attr_meta(node))
             except StoreError as e:
@@ -459,9 +461,9 @@ class Filesystem:
         async with self._ns_lock:
             await self._check_absent(parent, name)
             path = self.join(parent.path, name)
-            node = self._new_node(path, stat.S_IFREG | (mode & 0o7777), uid, gid, time.time_ns())
+            node = self._new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid, time.time_ns())
             node.staged = self.staging.new(self.keyring.new_envelope(path))
-            self.dirty.add(node)
+            self._mark_dirty(node)
             node.lookups += 1
             self._touch(parent)
             return node, self._open_handle(node, flags)
@@ -584,7 +586,7 @@ class Filesystem:
             staged.discard()
             raise
         node.staged = staged
-        self.dirty.add(node)
+        self._mark_dirty(node)
 
     async def _truncate_locked(self, node: Node, size: int) -> None:
         await self._ensure_staged(node, size)
@@ -688,6 +690,11 @@ class Filesystem:
         self._maybe_drop(node)
         return True
 
+    def _mark_dirty(self, node: Node) -> None:
+        if node not in self.dirty:
+            node.dirty_since = time.time()
+            self.dirty.add(node)
+
     def _set_local_version(self, node: Node, version: Version) -> None:
         """A version this mount made (upload, rename, attribute copy): open handles follow it,
         since its content is what they already saw."""
@@ -733,7 +740,7 @@ class Filesystem:
             node = self._node_from_info(path, ObjectInfo(entry.key, entry.staged.size, "", time.time(), meta), False)
             node.version = None
             node.staged = entry.staged
-            self.dirty.add(node)
+            self._mark_dirty(node)
             self.schedule_upload(node)
             log.info("recovered %r (%d bytes) from the journal; uploading", entry.key, entry.staged.size)
         self.stats["recovered"] = len(entries)

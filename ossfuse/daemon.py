@@ -24,7 +24,9 @@ from .config import Config
 from .core import Filesystem
 from .fuse_ops import Operations
 from .keyring import Keyring
-from .store.base import ObjectStore
+from . import status as status_mod
+from .status import RecentErrors
+from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -42,14 +44,17 @@ def runtime_dir() -> str:
     return os.path.join(base, "ossfuse")
 
 
-def registry_path(mountpoint: str) -> str:
+def registry_path(mountpoint: str, suffix: str = ".json") -> str:
+    """Per-mount file in the runtime dir: ``.json`` (pid, config, exit status) or ``.sock``
+    (the status socket)."""
     real = os.path.realpath(mountpoint)
-    return os.path.join(runtime_dir(), hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+    return os.path.join(runtime_dir(), hashlib.sha256(real.encode()).hexdigest()[:32] + suffix)
 
 
-def write_registry(mountpoint: str, record: dict) -> None:
+def write_registry(path: str, record: dict) -> None:
+    """Write the registry record at ``path`` (from registry_path(), computed before mounting:
+    resolving the mount point from the daemon's own thread once it is mounted would deadlock)."""
     os.makedirs(runtime_dir(), exist_ok=True)
-    path = registry_path(mountpoint)
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)
     os.replace(path + ".tmp", path)
@@ -64,9 +69,24 @@ def read_registry(mountpoint: str) -> dict | None:
 
 
 def open_store(cfg: Config) -> ObjectStore:
-    if cfg.store.url.startswith("local://"):
-        return LocalStore.from_url(cfg.store.url)
-    raise MountError(f"unsupported store url {cfg.store.url!r}")
+    """The store of ``cfg``. OSS credentials come from ``store.credentials_file``, else a
+    systemd credential named ``oss`` (LoadCredential=oss:FILE), else OSS_ACCESS_KEY_ID /
+    OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN, else the ECS RAM role; never from argv."""
+    st = cfg.store
+    if st.url.startswith("local://"):
+        return LocalStore.from_url(st.url)
+    from .store.credentials import CredentialChain
+    from .store.oss import OssStore
+    cred_file = st.credentials_file
+    systemd_cred = os.path.join(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent"), "oss")
+    if cred_file is None and os.path.isfile(systemd_cred):
+        cred_file = systemd_cred
+    chain = CredentialChain(cred_file, role=st.ram_role, imds_url=st.metadata_url)
+    try:
+        return OssStore.from_url(st.url, endpoint=st.endpoint, region=st.region, signature=st.signature,
+                                 credentials=chain)
+    except ValueError as e:
+        raise MountError(f"{cfg.path}: store: {e}") from None
 
 
 def lock_cache_dir(path: str) -> int:
@@ -127,10 +147,13 @@ def notify_systemd(message: str) -> None:
 
 def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
     """Mount and serve until unmounted; returns the exit status (0, or EXIT_PENDING).
-    ``on_ready()`` is called once the mount answers ``stat``. Raises MountError before mounting."""
+    ``on_ready()`` is called once the mount answers ``stat``. Raises MountError before mounting
+    (bad CMK, busy mount point, store unreachable for ``mount.startup_timeout`` seconds)."""
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint)
     lock_fd = lock_cache_dir(cfg.cache.dir)
+    errors = RecentErrors()
+    logging.getLogger().addHandler(errors)
     try:
         try:
             keyring = Keyring(cfg.encryption)
@@ -138,12 +161,37 @@ def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
             raise MountError(f"cannot load CMK: {e}") from None
         store = open_store(cfg)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
-        return trio.run(_serve, cfg, fs, mountpoint, options, on_ready)
+        return trio.run(_serve, cfg, fs, mountpoint, options, on_ready, errors)
     finally:
+        logging.getLogger().removeHandler(errors)
         os.close(lock_fd)
 
 
-async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], on_ready) -> int:
+async def _wait_for_store(cfg: Config, store: ObjectStore) -> None:
+    """Retry listing the prefix with backoff until it answers or ``startup_timeout`` passes
+    (a server mounting at boot may start before the network); raises MountError then."""
+    deadline = trio.current_time() + cfg.mount.startup_timeout
+    delay = 0.5
+    while True:
+        try:
+            await store.list(cfg.store.prefix, max_keys=1)
+            return
+        except StoreError as e:
+            if trio.current_time() + delay > deadline:
+                raise MountError(f"store {cfg.store.url} not reachable after "
+                                 f"{cfg.mount.startup_timeout:.0f}s: {e}") from None
+            log.warning("store %s not reachable yet (%s); retrying in %.1fs", cfg.store.url, e, delay)
+            notify_systemd(f"STATUS=waiting for the store: {e}")
+            await trio.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], on_ready,
+                 errors: RecentErrors) -> int:
+    # Never touch the mount point from this thread once mounted: the kernel would wait for
+    # this very thread to answer. Paths derived from it are computed now.
+    registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
+    await _wait_for_store(cfg, fs.store)
     recovered = fs.recover()
     if recovered:
         log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)
@@ -160,7 +208,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             for _ in range(cfg.mount.upload_workers):
                 nursery.start_soon(fs.upload_worker)
             nursery.start_soon(_on_signals)
-            nursery.start_soon(_announce, cfg, mountpoint, on_ready)
+            nursery.start_soon(_announce, cfg, mountpoint, registry, on_ready)
+            nursery.start_soon(status_mod.serve, status_socket, fs, errors, time.time())
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             # The kernel side is gone (fusermount -u) or a signal asked us to stop.
             notify_systemd("STOPPING=1")
@@ -178,8 +227,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             pyfuse3.close(unmount=True)
         fs.close()
         await fs.store.aclose()
-        write_registry(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                                    "exited": True, "status": status})
+        write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
+                                  "exited": True, "status": status})
     return status
 
 
@@ -190,11 +239,11 @@ async def _on_signals() -> None:
             pyfuse3.terminate()
 
 
-async def _announce(cfg: Config, mountpoint: str, on_ready) -> None:
+async def _announce(cfg: Config, mountpoint: str, registry: str, on_ready) -> None:
     """Report ready only once the mount answers: stat in a thread is served by our own loop."""
     await trio.to_thread.run_sync(os.stat, mountpoint)
-    write_registry(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
+    write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
                                 "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False})
     log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
-    notify_systemd("READY=1")
+    notify_systemd(f"READY=1\nSTATUS=mounted at {mountpoint}")
     on_ready()

@@ -34,9 +34,10 @@ _ORPHAN_AGE = 3600.0  # seconds before an unreferenced blob (crash leftover) is 
 
 
 def _validate_key(key: str) -> None:
+    """OSS InvalidObjectName rules: 1–1023 UTF-8 bytes, not starting with '/' or '\\'."""
     n = len(key.encode("utf-8"))
-    if not 1 <= n <= 1023:
-        raise StoreError(f"invalid object name: {n} bytes (must be 1-1023)", key=key)
+    if not 1 <= n <= 1023 or key[0] in "/\\":
+        raise StoreError(f"invalid object name {key[:40]!r}: 1-1023 bytes, not starting with / or \\", key=key)
 
 
 class LocalStore(ObjectStore):
@@ -72,7 +73,10 @@ class LocalStore(ObjectStore):
         return db
 
     async def _run(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except (OSError, sqlite3.Error) as e:  # a full or failing disk is a store failure
+            raise StoreError(f"local store {self.root}: {e}") from e
 
     def _blob_path(self, blob: str) -> str:
         return os.path.join(self.root, "blobs", blob[:2], blob)
@@ -95,7 +99,8 @@ class LocalStore(ObjectStore):
         dest = self._blob_path(blob)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.rename(tmp, dest)
-        info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), dict(meta))
+        meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
+        info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -207,6 +212,10 @@ class LocalStore(ObjectStore):
                 m = json.load(f)
         except FileNotFoundError:
             raise NoSuchKey("no such upload", key=key) from None
+        if m["key"] != key:
+            raise NoSuchKey("no such upload for this key", key=key)
+        if not parts:
+            raise StoreError("MalformedXML: no parts to complete", key=key)
         files = [os.path.join(d, f"{n}.{etag}") for n, etag in parts]
         for i, p in enumerate(files):
             if not os.path.exists(p):
@@ -229,13 +238,15 @@ class LocalStore(ObjectStore):
         return await self._run(self._complete, key, upload_id, parts)
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
-        await self._run(shutil.rmtree, self._upload_dir(upload_id), True)
+        if upload_id.isalnum():
+            await self._run(shutil.rmtree, self._upload_dir(upload_id), True)
 
     def pending_uploads(self) -> list[str]:
         """Ids of unfinished multipart uploads (tests check none is left behind)."""
         return sorted(os.listdir(os.path.join(self.root, "uploads")))
 
     def _list(self, prefix: str, delimiter: str | None, marker: str | None, max_keys: int) -> ListPage:
+        max_keys = min(1000, max(1, max_keys))  # OSS's range for max-keys
         db = self._db()
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
@@ -279,12 +290,17 @@ class LocalStore(ObjectStore):
         return await self._run(self._list, prefix, delimiter, marker, max_keys)
 
     def _copy(self, src: str, dst: str, meta: dict[str, str] | None) -> ObjectInfo:
-        row = self._row(src)
-        if row is None:
-            raise NoSuchKey("copy source does not exist", key=src)
-        tmp = self._new_tmp()
-        os.link(self._blob_path(row[5]), tmp)  # blobs are immutable: a link is a copy
-        return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta)
+        for _ in range(5):  # the source may be replaced between reading its row and linking it
+            row = self._row(src)
+            if row is None:
+                raise NoSuchKey("copy source does not exist", key=src)
+            tmp = self._new_tmp()
+            try:
+                os.link(self._blob_path(row[5]), tmp)  # blobs are immutable: a link is a copy
+            except FileNotFoundError:
+                continue
+            return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta)
+        raise StoreError("copy source kept changing", key=src)
 
     async def copy(self, src: str, dst: str, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
         return await self._run(self._copy, src, dst, metadata)

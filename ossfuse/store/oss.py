@@ -20,9 +20,12 @@ Errors and retries:
 * 4xx are never retried: 404 NoSuchKey / NoSuchUpload → :class:`NoSuchKey` (``head`` returns
   None), 412 → :class:`PreconditionFailed`, anything else (403 SignatureDoesNotMatch, 400 ...)
   → :class:`StoreError`. NoSuchBucket is a StoreError, not a missing key.
-* every failure that reaches the caller is logged once (WARNING; NoSuchKey at DEBUG) with the
-  OSS request id (``x-oss-request-id``, §2.2), which is also in ``StoreError.request_id``.
-  Each retried attempt is logged at INFO with its own request id.
+* every failure that reaches the caller is logged once (WARNING; NoSuchKey at DEBUG,
+  PreconditionFailed at INFO) with the OSS request id (``x-oss-request-id``, §2.2), which is
+  also in ``StoreError.request_id``. Each retried attempt is logged at INFO with its own id.
+  oss2's own logger is set to WARNING (if unset): it would log every error response again.
+* cancellation waits for the request in flight (a blocked thread cannot be interrupted);
+  ``read_timeout`` bounds that.
 
 Integrity: uploads keep oss2's CRC-64 check (``enable_crc``, §5.2) - PutObject and UploadPart
 compare the client CRC with ``x-oss-hash-crc64ecma``, and CompleteMultipartUpload compares the
@@ -125,6 +128,10 @@ class OssStore(ObjectStore):
         self.backoff = backoff
         self.backoff_max = backoff_max
         self._limiter = trio.CapacityLimiter(threads)
+        # oss2 logs every error response at INFO itself; this store logs each failure once.
+        oss2_log = logging.getLogger("oss2")
+        if oss2_log.level == logging.NOTSET:
+            oss2_log.setLevel(logging.WARNING)
         provider = Oss2CredentialsProvider(credentials)
         auth = oss2.ProviderAuthV4(provider) if signature == "v4" else oss2.ProviderAuth(provider)
         self._session = oss2.Session(pool_size=threads)
@@ -175,8 +182,8 @@ class OssStore(ObjectStore):
         what = f"OSS {op} {key!r}" if key is not None else f"OSS {op}"
         if isinstance(e, StoreError):
             return e
-        if isinstance(e, oe.OssError) and e.status > 0 and e.status < 500:
-            code = e.code
+        if self._classify(e) == "permanent":  # 4xx, or an oss2 ClientError (status -1)
+            code = getattr(e, "code", "")
             if e.status == 404 and code in ("NoSuchKey", "NoSuchUpload", ""):
                 return NoSuchKey(f"{what}: {code or 'not found'}", key=key, request_id=rid)
             if e.status == 412:
@@ -204,15 +211,16 @@ class OssStore(ObjectStore):
                 rid = getattr(e, "request_id", "") or None
                 if kind == "transient" and attempt <= self.retries:
                     delay = min(self.backoff_max, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                    log.info("OSS %s %r: attempt %d/%d failed: %s [request id %s]; retrying in %.2fs", op, key,
-                             attempt, self.retries + 1, self._describe(e), rid, delay)
+                    log.info("OSS %s %r: attempt %d/%d failed: %s%s; retrying in %.2fs", op, key, attempt,
+                             self.retries + 1, self._describe(e), f" [request id {rid}]" if rid else "", delay)
                     if transient_seen is not None:
                         transient_seen.append(e)
                     await trio.sleep(delay)
                     continue
                 err = self._to_store_error(op, key, e, attempt)
-                level = logging.DEBUG if isinstance(err, NoSuchKey) else logging.WARNING
-                log.log(level, "%s [request id %s]", err, err.request_id)
+                level = (logging.DEBUG if isinstance(err, NoSuchKey) else
+                         logging.INFO if isinstance(err, PreconditionFailed) else logging.WARNING)
+                log.log(level, "%s%s", err, f" [request id {err.request_id}]" if err.request_id else "")
                 raise err from (None if isinstance(e, StoreError) else e)
 
     @staticmethod

@@ -1,0 +1,132 @@
+"""``ossfuse status``: what a running mount is doing, over a unix socket the daemon serves.
+
+The daemon listens on ``<runtime dir>/<mount hash>.sock`` (mode 0600); a client connects, the
+daemon writes one JSON document and closes. Fields: pending uploads (count, bytes, age of the
+oldest in seconds), cache use in bytes, recent errors (last 20 log records at ERROR), CMKs in
+use, and counters (uploaded, upload_failures, recovered).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import time
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last ``size`` ERROR-or-worse log records for ``status``."""
+
+    def __init__(self, size: int = 20):
+        super().__init__(level=logging.ERROR)
+        self.records: collections.deque[dict] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append({"time": record.created, "level": record.levelname, "message": record.getMessage()})
+
+
+def _disk_usage(path: str) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def collect(fs, errors: RecentErrors, started: float) -> dict:
+    """The status document of a mount (see the module doc)."""
+    now = time.time()
+    pending = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
+    keyring = fs.keyring
+    return {
+        "store": fs.cfg.store.url,
+        "prefix": fs.cfg.store.prefix,
+        "uptime_seconds": round(now - started, 1),
+        "pending_uploads": {
+            "count": len(pending),
+            "bytes": sum(n.staged.size for n in pending),
+            "oldest_seconds": round(now - min(n.dirty_since for n in pending), 1) if pending else 0,
+            "failing": sorted(fs.key(n.path) for n in pending if n.upload_error),
+        },
+        "cache": {"dir": fs.cfg.cache.dir, "bytes": _disk_usage(fs.cache.dir),
+                  "staging_bytes": _disk_usage(fs.staging.dir)},
+        "cmks": [{"id": c.id, "type": type(c).__name__, "wrap_alg": c.wrap_alg, "matdesc": c.matdesc,
+                  "encrypts_new_objects": c is keyring.default} for c in keyring.cmks.values()],
+        "rules": [{"prefix": p, "cmk": c.id} for p, c in keyring.rules],
+        "counters": dict(fs.stats),
+        "recent_errors": list(errors.records),
+    }
+
+
+async def serve(path: str, fs, errors: RecentErrors, started: float) -> None:
+    """Answer status requests on the unix socket ``path`` until cancelled."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+    try:
+        async with listener:
+            while True:
+                conn = await listener.accept()
+                async with conn:
+                    try:
+                        await conn.send_all(json.dumps(collect(fs, errors, started)).encode() + b"\n")
+                    except trio.BrokenResourceError:
+                        pass
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def query(path: str, timeout: float = 10.0) -> dict:
+    """Fetch the status document from the daemon's socket; raises OSError if none answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
+
+
+def render(doc: dict) -> str:
+    """The status document as plain lines for people."""
+    p = doc["pending_uploads"]
+    lines = [
+        f"store:            {doc['store']} (prefix {doc['prefix'] or '/'})",
+        f"uptime:           {doc['uptime_seconds']:.0f} s",
+        f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes, oldest {p['oldest_seconds']:.0f} s",
+    ]
+    if p["failing"]:
+        lines.append(f"failing uploads:  {', '.join(p['failing'])}")
+    c = doc["cache"]
+    lines.append(f"cache:            {c['bytes']} bytes in blocks, {c['staging_bytes']} bytes staged ({c['dir']})")
+    for k in doc["cmks"]:
+        lines.append(f"CMK:              {k['id']} ({k['wrap_alg']}{', matdesc ' + json.dumps(k['matdesc']) if k['matdesc'] else ''})"
+                     f"{'  <- new objects' if k['encrypts_new_objects'] else ''}")
+    for r in doc["rules"]:
+        lines.append(f"rule:             {r['prefix']}* -> {r['cmk']}")
+    ctr = doc["counters"]
+    lines.append(f"uploaded:         {ctr['uploaded']} (failures {ctr['upload_failures']}, recovered {ctr['recovered']})")
+    if doc["recent_errors"]:
+        lines.append("recent errors:")
+        for e in doc["recent_errors"]:
+            lines.append(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['time']))} {e['message']}")
+    else:
+        lines.append("recent errors:    none")
+    return "\n".join(lines)

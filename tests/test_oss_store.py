@@ -1,0 +1,593 @@
+"""OssStore specifics, against tests/oss_server.py over real HTTP (oss2 is not mocked): retries
+and what is not retried, request ids in errors, the headers each operation sends, CRC checks,
+and the credential sources (environment, 0600 file, ECS RAM role from a local stand-in for the
+instance metadata service)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import threading
+import time
+import tracemalloc
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import trio
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import oss_server  # noqa: E402
+from oss_server import OssTestServer  # noqa: E402
+
+import ossfuse.store.oss as oss_mod  # noqa: E402
+from ossfuse.store.base import NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable  # noqa: E402
+from ossfuse.store.credentials import (CredentialChain, CredentialsError, EcsRamRoleCredentialsProvider,  # noqa: E402
+                                       EnvCredentialsProvider, FileCredentialsProvider,
+                                       StaticCredentialsProvider)
+from ossfuse.store.oss import OssStore, region_from_endpoint  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+AK, SK, REGION, BUCKET = "oss-ak", "oss-sk", "cn-hangzhou", "store-bucket"
+
+
+def trio_test(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return trio.run(functools.partial(fn, *args, **kwargs))
+    return wrapper
+
+
+def data(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 131 + seed * 7 + (i >> 8)) & 0xFF for i in range(n))
+
+
+@pytest.fixture
+def server():
+    srv = OssTestServer(access_key_id=AK, access_key_secret=SK, buckets=(BUCKET,), region=REGION, seed=42,
+                        credentials={"role-ak-1": "role-sk-1", "role-ak-2": "role-sk-2"})
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def make_store(server, *, signature="v4", ak=AK, sk=SK, token=None, credentials=None, **kw):
+    kw.setdefault("retries", 5)
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("backoff_max", 0.05)
+    kw.setdefault("threads", 4)
+    creds = credentials or StaticCredentialsProvider(ak, sk, token)
+    return OssStore(BUCKET, server.endpoint, region=REGION, signature=signature, credentials=creds, **kw)
+
+
+@pytest.fixture(params=["v1", "v4"])
+def store(request, server):
+    s = make_store(server, signature=request.param)
+    try:
+        yield s
+    finally:
+        trio.run(s.aclose)
+
+
+def key_requests(server, method, key, query=None):
+    return server.requests_for(method, key=key, query=query)
+
+
+# ---------------------------------------------------------------------------------- retries
+@trio_test
+async def test_retries_503_on_put_then_byte_exact(server, store):
+    body = data(300_000, 1)
+    server.faults.add(status=503, count=3, methods=("PUT",))
+    info = await store.put_bytes("r/put", body, {"a": "1"})
+    assert server.get_object_bytes(BUCKET, "r/put") == body
+    assert info.size == len(body)
+    puts = key_requests(server, "PUT", "r/put")
+    assert [r.status for r in puts] == [503, 503, 503, 200]
+
+
+@trio_test
+async def test_retries_connection_resets(server, store, tmp_path):
+    body = data(2 * 1024 * 1024, 2)
+    path = tmp_path / "f.bin"
+    path.write_bytes(body)
+    # reset while the server reads the request body, twice
+    server.faults.add_reset(count=2, where="request", methods=("PUT",))
+    await store.put_file("r/file", str(path), {})
+    assert server.get_object_bytes(BUCKET, "r/file") == body
+    assert len(key_requests(server, "PUT", "r/file")) == 3
+    # reset in the middle of a GET's body, twice
+    server.faults.add_reset(count=2, where="response", methods=("GET",))
+    assert await store.get_range("r/file", 1000, 1_500_000) == body[1000:1_500_000]
+    assert len(key_requests(server, "GET", "r/file")) == 3
+    # multipart: resets and 5xx on parts and on Complete
+    uid = await store.create_multipart("r/mp", {})
+    server.faults.add_reset(count=1, where="request", methods=("PUT",), query="partNumber")
+    server.faults.add(status=500, count=1, methods=("PUT",), query="partNumber")
+    p1, p2 = data(200_000, 3), data(5000, 4)
+    e1 = await store.upload_part("r/mp", uid, 1, p1, {})
+    e2 = await store.upload_part("r/mp", uid, 2, p2, {})
+    server.faults.add(status=502, count=1, methods=("POST",), query="uploadId")
+    info = await store.complete_multipart("r/mp", uid, [(1, e1), (2, e2)])
+    assert info.size == len(p1 + p2)
+    assert server.get_object_bytes(BUCKET, "r/mp") == p1 + p2
+    assert len([f for f in server.faults.injected if f[0].startswith(("reset", "error"))]) == 7
+
+
+@trio_test
+async def test_random_resets_everything_byte_exact(server):
+    store = make_store(server, retries=10)
+    server.faults.reset_rate(0.3, max_count=15)
+    bodies = {f"rr/{i}": data(50_000 + 997 * i, i) for i in range(12)}
+
+    async def one(k, b):
+        await store.put_bytes(k, b, {"k": k[-2:].strip("/")})
+        assert await store.get_range(k, 0, len(b)) == b
+        assert await store.get_range(k, 10, 20_000) == b[10:20_000]
+
+    async with trio.open_nursery() as n:
+        for k, b in bodies.items():
+            n.start_soon(one, k, b)
+    for k, b in bodies.items():
+        assert server.get_object_bytes(BUCKET, k) == b
+    assert any(f[0].startswith("reset") for f in server.faults.injected)
+    await store.aclose()
+
+
+@trio_test
+async def test_complete_lost_response_is_recognised(server, store, monkeypatch):
+    """Complete succeeds on the server but the connection drops before the answer: the retry
+    meets NoSuchUpload and the store accepts the object because its ETag says it has the right
+    number of parts."""
+    real_complete = OssTestServer._complete_upload
+    dropped = []
+
+    def complete_then_drop(self, ctx):
+        resp = real_complete(self, ctx)
+        if not dropped:
+            dropped.append(ctx.key)
+            raise oss_server._Abort()  # the server resets the connection: no response at all
+        return resp
+
+    monkeypatch.setattr(OssTestServer, "_complete_upload", complete_then_drop)
+    uid = await store.create_multipart("r/lost", {"m": "1"})
+    p1, p2 = data(150_000, 5), data(10, 6)
+    e1 = await store.upload_part("r/lost", uid, 1, p1, {"m": "1"})
+    e2 = await store.upload_part("r/lost", uid, 2, p2, {"m": "1"})
+    info = await store.complete_multipart("r/lost", uid, [(1, e1), (2, e2)])
+    assert dropped == ["r/lost"]
+    assert (info.size, info.metadata) == (len(p1) + len(p2), {"m": "1"})
+    assert info.etag.endswith("-2")
+    assert server.get_object_bytes(BUCKET, "r/lost") == p1 + p2
+    completes = key_requests(server, "POST", "r/lost", query="uploadId")
+    assert [r.status for r in completes] == [None, 404]  # no answer, then NoSuchUpload
+
+
+# ------------------------------------------------------------------------- errors, not retried
+@trio_test
+async def test_403_wrong_secret_not_retried(server):
+    bad = make_store(server, sk="wrong-secret")
+    server.clear_requests()
+    with pytest.raises(StoreError) as ei:
+        await bad.put_bytes("x/403", b"data", {})
+    e = ei.value
+    assert not isinstance(e, (StoreUnavailable, NoSuchKey))
+    assert len(server.requests) == 1  # no retry
+    assert e.request_id and e.request_id == server.requests[0].request_id
+    assert "403" in str(e) and "SignatureDoesNotMatch" in str(e) and e.key == "x/403"
+    # HEAD of anything with a bad key is an error too, not "missing"
+    with pytest.raises(StoreError) as ei:
+        await bad.head("x/403")
+    assert not isinstance(ei.value, NoSuchKey)
+    assert ei.value.request_id == server.requests[-1].request_id
+    await bad.aclose()
+
+
+@trio_test
+async def test_404_412_not_retried(server, store):
+    await store.put_bytes("x/k", b"0123456789", {})
+    server.clear_requests()
+    with pytest.raises(NoSuchKey) as ei:
+        await store.get_range("x/missing", 0, 10)
+    assert ei.value.request_id == server.requests[-1].request_id
+    with pytest.raises(PreconditionFailed) as ei:
+        await store.get_range("x/k", 0, 10, if_match="0" * 32)
+    assert ei.value.request_id == server.requests[-1].request_id
+    assert len(server.requests) == 2
+
+
+@trio_test
+async def test_persistent_503_gives_store_unavailable(server):
+    store = make_store(server, retries=2)
+    server.faults.add(status=503, count=None, methods=("GET",))
+    server.clear_requests()
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.get_range("any", 0, 10)
+    assert len(server.requests) == 3
+    assert ei.value.request_id == server.requests[-1].request_id
+    assert "503" in str(ei.value) and "3 attempts" in str(ei.value)
+    await store.aclose()
+
+
+@trio_test
+async def test_server_stopped_gives_store_unavailable(server):
+    store = make_store(server, retries=2, connect_timeout=1.0, read_timeout=2.0)
+    await store.put_bytes("s/k", b"x", {})
+    server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.head("s/k")
+    assert time.monotonic() - t0 < 5
+    assert ei.value.request_id is None and "connection" in str(ei.value).lower()
+    server.start()  # same port, same data
+    assert (await store.head("s/k")).size == 1
+    await store.aclose()
+
+
+@trio_test
+async def test_missing_bucket_is_not_missing_key(server):
+    store = OssStore("no-such-bucket", server.endpoint, region=REGION, signature="v4",
+                     credentials=StaticCredentialsProvider(AK, SK), retries=0)
+    with pytest.raises(StoreError) as ei:
+        await store.head("k")
+    assert not isinstance(ei.value, NoSuchKey) and "NoSuchBucket" in str(ei.value)
+    await store.aclose()
+
+
+# --------------------------------------------------------------------------- wire behaviour
+@trio_test
+async def test_get_range_headers(server, store):
+    info = await store.put_bytes("w/r", data(1000), {})
+    server.clear_requests()
+    await store.get_range("w/r", 100, 200, if_match=info.etag)
+    (r,) = key_requests(server, "GET", "w/r")
+    assert r.headers["range"] == "bytes=100-199"
+    assert r.headers["x-oss-range-behavior"] == "standard"
+    assert r.headers["if-match"] == info.etag
+
+
+@trio_test
+async def test_server_ignoring_range_is_sliced(server, store, monkeypatch):
+    body = data(5000, 9)
+    await store.put_bytes("w/ign", body, {})
+    # a server that ignores Range (200 + whole body, the legacy behaviour of API §3.2)
+    monkeypatch.setattr(OssTestServer, "_parse_range", staticmethod(lambda value, size, standard: None))
+    assert await store.get_range("w/ign", 1234, 2345) == body[1234:2345]
+    # one that answers a 206 starting earlier than asked
+    monkeypatch.setattr(OssTestServer, "_parse_range", staticmethod(lambda value, size, standard: (0, size - 1)))
+    assert await store.get_range("w/ign", 100, 300) == body[100:300]
+    # one that starts later than asked: unusable, never returned as data
+    monkeypatch.setattr(OssTestServer, "_parse_range", staticmethod(lambda value, size, standard: (10, size - 1)))
+    with pytest.raises(StoreUnavailable):
+        await store.get_range("w/ign", 5, 100)
+
+
+@trio_test
+async def test_crc_mismatch_detected(server, store):
+    body = data(20_000, 3)
+    await store.put_bytes("w/crc", body, {})
+    server.crc_tamper = 1
+    try:
+        # whole-object read: CRC checked, retried, then reported
+        with pytest.raises(StoreError) as ei:
+            await store.get_range("w/crc", 0, len(body))
+        assert "CRC" in str(ei.value) and not isinstance(ei.value, StoreUnavailable)
+        # ranged read: not checkable (API §5.3), data is fine
+        assert await store.get_range("w/crc", 10, 100) == body[10:100]
+        # upload: oss2 compares the CRC of what it sent with the server's
+        with pytest.raises(StoreError) as ei:
+            await store.put_bytes("w/crc2", b"abc", {})
+        assert "CRC" in str(ei.value)
+    finally:
+        server.crc_tamper = 0
+
+
+@trio_test
+async def test_multipart_sends_metadata_on_every_part(server, store):
+    """CSE headers go on Initiate and on every UploadPart: the test server enforces the OSS
+    client-side-encryption checks on each part (oss-cse-format.md §6)."""
+    cse = {"client-side-encryption-key": "a2V5", "client-side-encryption-start": "aXY=",
+           "client-side-encryption-cek-alg": "AES/CTR/NoPadding", "client-side-encryption-wrap-alg": "RSA/NONE/PKCS1Padding",
+           "client-side-encryption-magic-number-hmac": "bWFnaWM=",
+           "client-side-encryption-data-size": str(102400 + 16), "client-side-encryption-part-size": "102400"}
+    uid = await store.create_multipart("w/cse", cse)
+    e1 = await store.upload_part("w/cse", uid, 1, data(102400), cse)
+    e2 = await store.upload_part("w/cse", uid, 2, data(16, 1), cse)
+    info = await store.complete_multipart("w/cse", uid, [(1, e1), (2, e2)])
+    assert info.metadata == cse
+    init = key_requests(server, "POST", "w/cse", query="uploads")
+    parts = key_requests(server, "PUT", "w/cse", query="partNumber")
+    assert len(init) == 1 and len(parts) == 2
+    for r in init + parts:
+        assert {k[len("x-oss-meta-"):]: v for k, v in r.headers.items() if k.startswith("x-oss-meta-")} == cse
+    # a part without the CSE headers is refused by the server (and not retried)
+    uid = await store.create_multipart("w/cse2", cse)
+    bad = dict(cse)
+    del bad["client-side-encryption-start"]
+    with pytest.raises(StoreError):
+        await store.upload_part("w/cse2", uid, 1, data(102400), bad)
+    await store.abort_multipart("w/cse2", uid)
+
+
+@trio_test
+async def test_copy_directives(server, store, monkeypatch):
+    await store.put_bytes("w/src", b"payload", {"a": "1"})
+    server.clear_requests()
+    await store.copy("w/src", "w/dst1")
+    await store.copy("w/src", "w/dst2", metadata={"b": "2"})
+    c1, c2 = (key_requests(server, "PUT", k)[0] for k in ("w/dst1", "w/dst2"))
+    assert c1.headers["x-oss-metadata-directive"] == "COPY"
+    assert c2.headers["x-oss-metadata-directive"] == "REPLACE"
+    assert c2.headers["x-oss-meta-b"] == "2" and "x-oss-meta-a" not in c2.headers
+    assert c2.headers["content-type"] == "application/octet-stream"
+    assert server.object_meta(BUCKET, "w/dst2") == {"x-oss-meta-b": "2"}
+    # above the CopyObject limit: a clear error, nothing sent
+    monkeypatch.setattr(oss_mod, "COPY_LIMIT", 5)
+    server.clear_requests()
+    with pytest.raises(StoreError, match="above 1 GB cannot be copied"):
+        await store.copy("w/src", "w/dst3")
+    assert key_requests(server, "PUT", "w/dst3") == []
+
+
+@trio_test
+async def test_put_file_streams(server, tmp_path):
+    """A 24 MiB put_file does not hold the file in memory (the test server stores to disk)."""
+    srv = OssTestServer(access_key_id=AK, access_key_secret=SK, buckets=(BUCKET,), root_dir=str(tmp_path / "srv"))
+    srv.start()
+    try:
+        store = make_store(srv)
+        path = tmp_path / "big.bin"
+        chunk = data(1 << 20, 7)
+        with open(path, "wb") as f:
+            for _ in range(24):
+                f.write(chunk)
+        tracemalloc.start()
+        try:
+            info = await store.put_file("w/big", str(path), {})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert info.size == 24 << 20
+        assert peak < 8 << 20, f"peak {peak} bytes"
+        assert (await store.head("w/big")).size == 24 << 20
+        await store.aclose()
+    finally:
+        srv.stop()
+
+
+def test_constructor_checks():
+    creds = StaticCredentialsProvider("a", "b")
+    with pytest.raises(ValueError, match="region"):
+        OssStore("bucket-x", "http://127.0.0.1:1", signature="v4", credentials=creds)
+    with pytest.raises(ValueError):
+        OssStore("bucket-x", "http://127.0.0.1:1", signature="v2", credentials=creds)
+    s = OssStore("bucket-x", "oss-cn-shanghai.aliyuncs.com", signature="v4", credentials=creds)
+    assert (s.region, s.endpoint) == ("cn-shanghai", "https://oss-cn-shanghai.aliyuncs.com")
+    assert region_from_endpoint("https://oss-cn-beijing-internal.aliyuncs.com") == "cn-beijing"
+    assert region_from_endpoint("http://127.0.0.1:9000") is None
+    s = OssStore.from_url("oss://bucket-y", endpoint="http://127.0.0.1:1", region=None, signature="v1",
+                          credentials=creds, threads=3)
+    assert s.bucket_name == "bucket-y" and s._limiter.total_tokens == 3
+
+
+# ------------------------------------------------------------------------------ credentials
+@trio_test
+async def test_credentials_from_environment(server, monkeypatch):
+    env = {"OSS_ACCESS_KEY_ID": AK, "OSS_ACCESS_KEY_SECRET": SK}
+    store = make_store(server, credentials=CredentialChain(environ=env, ram_role=False))
+    await store.put_bytes("c/env", b"x", {})
+    assert store.credentials.describe().startswith("environment")
+    # os.environ itself, with an STS token that the server checks
+    server.security_tokens = {"sts-token-1"}
+    monkeypatch.setenv("OSS_ACCESS_KEY_ID", AK)
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", SK)
+    monkeypatch.setenv("OSS_SESSION_TOKEN", "sts-token-1")
+    store = make_store(server, credentials=EnvCredentialsProvider())
+    await store.put_bytes("c/env2", b"y", {})
+    assert key_requests(server, "PUT", "c/env2")[0].headers["x-oss-security-token"] == "sts-token-1"
+    monkeypatch.setenv("OSS_SESSION_TOKEN", "forged")
+    with pytest.raises(StoreError):
+        await make_store(server, credentials=EnvCredentialsProvider()).put_bytes("c/env3", b"z", {})
+    with pytest.raises(CredentialsError, match="OSS_ACCESS_KEY_SECRET"):
+        EnvCredentialsProvider({"OSS_ACCESS_KEY_ID": "x"})
+
+
+def write_creds(path, mode, ak=AK, sk=SK, token=None):
+    text = f'access_key_id = "{ak}"\naccess_key_secret = "{sk}"\n'
+    if token:
+        text += f'security_token = "{token}"\n'
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+@trio_test
+async def test_credentials_file(server, tmp_path):
+    good = write_creds(tmp_path / "creds.toml", 0o600)
+    store = make_store(server, credentials=CredentialChain(good, environ={}))
+    await store.put_bytes("c/file", b"x", {})
+    assert "creds.toml" in store.credentials.describe()
+    for mode in (0o644, 0o640, 0o604):
+        bad = write_creds(tmp_path / f"bad{mode:o}.toml", mode)
+        with pytest.raises(CredentialsError) as ei:
+            FileCredentialsProvider(bad)
+        msg = str(ei.value)
+        assert f"{mode:04o}" in msg and "0600" in msg and "chmod 600" in msg
+    # an explicit file that is refused is an error, even with usable environment credentials
+    chain = CredentialChain(str(tmp_path / "bad644.toml"), environ={"OSS_ACCESS_KEY_ID": AK,
+                                                                    "OSS_ACCESS_KEY_SECRET": SK})
+    with pytest.raises(CredentialsError, match="0644"):
+        chain.get_credentials()
+    (tmp_path / "broken.toml").write_text("access_key_id = \n")
+    os.chmod(tmp_path / "broken.toml", 0o600)
+    with pytest.raises(CredentialsError, match="TOML"):
+        FileCredentialsProvider(str(tmp_path / "broken.toml"))
+
+
+def test_credentials_file_rotation(tmp_path):
+    path = write_creds(tmp_path / "c.toml", 0o600, ak="one")
+    prov = FileCredentialsProvider(path, recheck_interval=0)
+    assert prov.get_credentials().access_key_id == "one"
+    write_creds(tmp_path / "c.toml", 0o600, ak="two-longer")
+    assert prov.get_credentials().access_key_id == "two-longer"
+    os.chmod(path, 0o644)  # a re-read that fails keeps the last good credentials
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert prov.get_credentials().access_key_id == "two-longer"
+
+
+# -------------------------------------------------------------------- ECS RAM role (IMDS)
+class FakeImds:
+    """Stand-in for the ECS instance metadata service (hardened mode: token required)."""
+
+    ROLE = "ossfuse-role"
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict]] = []
+        self.tokens: set[str] = set()
+        self.creds: list[dict] = []  # served in order; the last one repeats
+        self.fail = False
+        imds = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, status, body: str):
+                b = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(b)))
+                self.end_headers()
+                self.wfile.write(b)
+
+            def do_PUT(self):
+                imds.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                ttl = self.headers.get("X-aliyun-ecs-metadata-token-ttl-seconds")
+                if self.path != "/latest/api/token" or not ttl:
+                    return self._reply(400, "bad token request")
+                tok = f"token-{len(imds.tokens)}"
+                imds.tokens.add(tok)
+                self._reply(200, tok)
+
+            def do_GET(self):
+                imds.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                if self.headers.get("X-aliyun-ecs-metadata-token") not in imds.tokens:
+                    return self._reply(401, "token required")
+                if imds.fail:
+                    return self._reply(500, "internal error")
+                base = "/latest/meta-data/ram/security-credentials/"
+                if self.path == base:
+                    return self._reply(200, FakeImds.ROLE)
+                if self.path == base + FakeImds.ROLE:
+                    c = imds.creds.pop(0) if len(imds.creds) > 1 else imds.creds[0]
+                    return self._reply(200, json.dumps(c))
+                self._reply(404, "not found")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    @staticmethod
+    def cred(n: int, expires_in: float) -> dict:
+        exp = datetime.fromtimestamp(time.time() + expires_in, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"Code": "Success", "AccessKeyId": f"role-ak-{n}", "AccessKeySecret": f"role-sk-{n}",
+                "SecurityToken": f"sts-{n}", "Expiration": exp, "LastUpdated": "2024-01-01T00:00:00Z"}
+
+
+@pytest.fixture
+def imds():
+    f = FakeImds().start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+@trio_test
+async def test_ram_role_token_first_and_refresh(server, imds):
+    server.security_tokens = {"sts-1", "sts-2"}
+    imds.creds = [FakeImds.cred(1, 2.5), FakeImds.cred(2, 3600)]
+    prov = EcsRamRoleCredentialsProvider(base_url=imds.url, timeout=2)
+    store = make_store(server, credentials=prov)
+    await store.put_bytes("role/a", b"1", {})
+    # token first, then role name and credentials, both carrying the token
+    assert [(m, p) for m, p, _ in imds.requests] == [
+        ("PUT", "/latest/api/token"), ("GET", "/latest/meta-data/ram/security-credentials/"),
+        ("GET", "/latest/meta-data/ram/security-credentials/" + FakeImds.ROLE)]
+    assert imds.requests[0][2]["x-aliyun-ecs-metadata-token-ttl-seconds"]
+    assert all(h["x-aliyun-ecs-metadata-token"] == "token-0" for _, _, h in imds.requests[1:])
+    first = prov.get_credentials()
+    assert (first.access_key_id, first.security_token, prov.fetch_count) == ("role-ak-1", "sts-1", 1)
+    await store.put_bytes("role/b", b"2", {})
+    assert prov.fetch_count == 1  # cached
+    # wait for the refresh point, which lies before the expiration
+    deadline = time.time() + 5
+    while time.time() < prov._refresh_at and time.time() < deadline:
+        await trio.sleep(0.05)
+    assert time.time() < first.expiration
+    await store.put_bytes("role/c", b"3", {})  # same store and Bucket, new credentials
+    assert prov.fetch_count == 2
+    r = key_requests(server, "PUT", "role/c")[0]
+    assert "role-ak-2" in r.headers["authorization"] and r.headers["x-oss-security-token"] == "sts-2"
+    assert "role-ak-1" in key_requests(server, "PUT", "role/a")[0].headers["authorization"]
+    assert len([1 for m, p, _ in imds.requests if m == "PUT"]) == 1  # the metadata token was reused
+    await store.aclose()
+
+
+def test_ram_role_refresh_failure_keeps_valid_credentials(imds):
+    imds.creds = [FakeImds.cred(1, 600)]
+    prov = EcsRamRoleCredentialsProvider(base_url=imds.url, timeout=1, attempts=1)
+    assert prov.get_credentials().access_key_id == "role-ak-1"
+    imds.fail = True
+    prov._refresh_at = 0  # due for a refresh
+    assert prov.get_credentials().access_key_id == "role-ak-1"  # still valid: kept
+    assert prov.fetch_count == 1
+    # expired and the service fails: an error
+    prov._creds = dataclasses.replace(prov._creds, expiration=time.time() - 1)
+    prov._next_try = 0
+    with pytest.raises(CredentialsError, match="HTTP 500"):
+        prov.get_credentials()
+
+
+def test_ram_role_chain_and_unreachable(imds):
+    imds.creds = [FakeImds.cred(7, 3600)]
+    chain = CredentialChain(environ={}, imds_url=imds.url)
+    assert chain.get_credentials().access_key_id == "role-ak-7"
+    assert "RAM role" in chain.describe()
+    # environment wins over the RAM role
+    chain = CredentialChain(environ={"OSS_ACCESS_KEY_ID": "e", "OSS_ACCESS_KEY_SECRET": "s"}, imds_url=imds.url)
+    assert chain.get_credentials().access_key_id == "e"
+    imds.stop()
+    chain = CredentialChain(environ={}, imds_url=imds.url, imds_timeout=0.5)
+    with pytest.raises(CredentialsError, match="no OSS credentials.*RAM role failed"):
+        chain.get_credentials()
+
+
+@trio_test
+async def test_client_side_errors_are_store_errors(server, store):
+    """Invalid input is refused before anything is sent, as a plain StoreError."""
+    server.clear_requests()
+    for meta in ({"under_score": "v"}, {"k": "non-ascii é"}, {"k": "two\nlines"}):
+        with pytest.raises(StoreError) as ei:
+            await store.put_bytes("x/meta", b"1", meta)
+        assert type(ei.value) is StoreError
+    with pytest.raises(StoreError):
+        await store.put_bytes("/abs", b"1", {})
+    with pytest.raises(StoreError) as ei:
+        await store.put_file("x/f", "/nonexistent/dir/file", {})
+    assert type(ei.value) is StoreError and "cannot read" in str(ei.value)
+    assert server.requests == []
