@@ -160,6 +160,7 @@ class Filesystem:
         self.nodes: dict[int, Node] = {ROOT_INO: root}
         self.by_path: dict[str, Node] = {"": root}
         self.dirty: set[Node] = set()  # nodes with a staged version
+        self._absent: dict[str, float] = {}  # negative lookup cache: path → monotonic expiry
         self.handles: dict[int, FileHandle | DirHandle] = {}
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
@@ -199,6 +200,7 @@ class Filesystem:
         self._next_ino += 1
         self.nodes[node.ino] = node
         self.by_path[path] = node  # a node it replaces lives on for its lookups and handles
+        self._absent.pop(path, None)
         return node
 
     def _node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
@@ -274,7 +276,20 @@ class Filesystem:
         node.lookups += 1
         return node
 
+    def _known_absent(self, path: str) -> bool:
+        expiry = self._absent.get(path)
+        if expiry is None:
+            return False
+        if expiry < time.monotonic():
+            del self._absent[path]
+            return False
+        return True
+
     async def _resolve(self, path: str, known: Node | None) -> Node | None:
+        """What is at ``path`` now, from the store (or the negative cache, for
+        ``entry_timeout`` seconds after the store said nothing is there)."""
+        if known is None and self._known_absent(path):
+            return None
         try:
             found = await self._probe(path)
         except StoreError as e:
@@ -286,6 +301,9 @@ class Filesystem:
         if found is None:
             if known is not None and self.by_path.get(path) is known and known.staged is None:
                 del self.by_path[path]
+            if len(self._absent) > 100_000:
+                self._absent.clear()
+            self._absent[path] = time.monotonic() + self.cfg.mount.entry_timeout
             return None
         info, is_dir = found
         if known is not None and known.is_dir == is_dir and not known.is_link:
@@ -440,17 +458,25 @@ class Filesystem:
             self._touch(parent)
             return node
 
+    async def _has_children(self, path: str) -> bool:
+        """Whether directory ``path`` holds anything: staged files of this mount, or keys
+        under its prefix other than its own marker."""
+        # Checked before listing: a file whose upload finishes meanwhile is in one or the other.
+        if any(self.parent_of(d.path) == path and not d.unlinked for d in self.dirty):
+            return True
+        dkey = self.dir_key(path)
+        page = await self._store(self.store.list(dkey, delimiter=None, max_keys=2), dkey)
+        return any(o.key != dkey for o in page.objects)
+
     async def rmdir(self, parent: Node, name: str) -> None:
         async with self._ns_lock:
             path = self.join(parent.path, name)
             node = await self._existing(parent, name)
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
-            dkey = self.dir_key(path)
-            page = await self._store(self.store.list(dkey, delimiter=None, max_keys=2), dkey)
-            if any(o.key != dkey for o in page.objects) or any(
-                    self.parent_of(d.path) == path and not d.unlinked for d in self.dirty):
+            if await self._has_children(path):
                 raise FsError(errno.ENOTEMPTY)
+            dkey = self.dir_key(path)
             await self._store(self.store.delete(dkey), dkey)
             node.unlinked = True
             self._unlink_path(node)
@@ -832,6 +858,7 @@ class Filesystem:
     def _unlink_path(self, node: Node) -> None:
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
+        self._absent[node.path] = time.monotonic() + self.cfg.mount.entry_timeout
 
     def _drop_staged(self, node: Node) -> None:
         if node.staged is not None:
@@ -928,12 +955,8 @@ class Filesystem:
                     raise FsError(errno.ENOTDIR)
                 if dst.is_dir and not src.is_dir:
                     raise FsError(errno.EISDIR)
-                if dst.is_dir:
-                    dkey = self.dir_key(dst_path)
-                    page = await self._store(self.store.list(dkey, delimiter=None, max_keys=2), dkey)
-                    if any(o.key != dkey for o in page.objects) or any(
-                            self.parent_of(d.path) == dst_path and not d.unlinked for d in self.dirty):
-                        raise FsError(errno.ENOTEMPTY)
+                if dst.is_dir and await self._has_children(dst_path):
+                    raise FsError(errno.ENOTEMPTY)
             if src.is_dir:
                 await self._rename_dir(src, dst_path, dst)
             else:
@@ -998,6 +1021,8 @@ class Filesystem:
     def _move_node(self, node: Node, old: str, new: str) -> None:
         if self.by_path.get(old) is node:
             del self.by_path[old]
+            self._absent[old] = time.monotonic() + self.cfg.mount.entry_timeout
+        self._absent.pop(new, None)
         node.path = new
         node.ctime_ns = time.time_ns()
         self.by_path[new] = node

@@ -78,7 +78,16 @@ class Operations(pyfuse3.Operations):
 
     @_fs_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._attr(await self.fs.lookup(self.fs.get(parent_inode), _name(name)))
+        try:
+            return self._attr(await self.fs.lookup(self.fs.get(parent_inode), _name(name)))
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # a negative entry (inode 0): the kernel remembers the absence for entry_timeout
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = self.entry_timeout
+            return a
 
     @_fs_errors
     async def getattr(self, inode, ctx=None):

@@ -1,5 +1,6 @@
 """Shared fixtures: CMKs, configs, and real FUSE mounts run by the ossfuse daemon in a
-separate process. Every mount fixture unmounts (and kills its daemon) even when a test fails."""
+separate process, on the local-directory store and on the OSS test server over HTTP. Every
+mount fixture unmounts (and kills its daemon) even when a test fails."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -16,10 +16,12 @@ import trio
 sys.path.insert(0, os.path.dirname(__file__))
 
 from ossfuse.keyring import generate_rsa_cmk  # noqa: E402
+from ossfuse.store.base import ObjectStore  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 
 OSSFUSE = [sys.executable, "-m", "ossfuse"]
 DATA = os.path.join(os.path.dirname(__file__), "data")
+AK, SK, BUCKET, REGION = "test-ak", "test-sk-secret", "test-bucket", "cn-hangzhou"
 
 
 def run_sync(coro_fn, *args):
@@ -54,44 +56,63 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class Mount:
-    """One ossfuse mount of a local-directory bucket, driven through the real CLI."""
+def oss_client_store(server) -> ObjectStore:
+    """An OssStore of this test process talking to ``server`` (to inspect the bucket)."""
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+    return OssStore(BUCKET, server.endpoint, region=REGION, signature="v4",
+                    credentials=StaticCredentialsProvider(AK, SK), retries=1)
 
-    def __init__(self, root: str, cmk: str, mount_options: str = "", extra: str = ""):
+
+class Mount:
+    """One ossfuse mount driven through the real CLI: of a local-directory bucket
+    (``server`` None), or of a bucket on the OSS test server over HTTP."""
+
+    def __init__(self, root: str, cmk: str, mount_options: str = "", extra: str = "", server=None):
         self.root = root
+        self.server = server
         self.mnt = os.path.join(root, "mnt")
-        self.bucket_dir = os.path.join(root, "bucket")
+        self.bucket_dir = server.root_dir if server else os.path.join(root, "bucket")
         self.cache = os.path.join(root, "cache")
         self.config = os.path.join(root, "ossfuse.toml")
         self.cmk = cmk
         os.makedirs(self.mnt, exist_ok=True)
         self.write_config(mount_options, extra)
         self.pid: int | None = None
-        self._store: LocalStore | None = None
-
-    def write_config(self, mount_options: str = "", extra: str = "", prefix: str = "") -> None:
-        with open(self.config, "w") as f:
-            f.write(textwrap.dedent(f"""\
-                [store]
-                url = "local://{self.bucket_dir}"
-                prefix = "{prefix}"
-                [encryption]
-                encrypt_with = "main"
-                [[encryption.cmk]]
-                id = "main"
-                type = "rsa"
-                private_key = "{self.cmk}"
-                [cache]
-                dir = "{self.cache}"
-                [mount]
-                attr_timeout = 0.5
-                entry_timeout = 0.5
-                """) + mount_options + "\n" + extra)
+        self._store: ObjectStore | None = None
 
     @property
-    def store(self) -> LocalStore:
+    def kind(self) -> str:
+        return "oss" if self.server else "local"
+
+    def write_config(self, mount_options: str = "", extra: str = "", prefix: str = "") -> None:
+        if self.server is None:
+            store = f'url = "local://{self.bucket_dir}"'
+        else:
+            store = (f'url = "oss://{BUCKET}"\nendpoint = "{self.server.endpoint}"\n'
+                     f'region = "{REGION}"\nsignature = "v4"')
+        lines = [
+            "[store]", store, f'prefix = "{prefix}"',
+            "[encryption]", 'encrypt_with = "main"',
+            "[[encryption.cmk]]", 'id = "main"', 'type = "rsa"', f'private_key = "{self.cmk}"',
+            "[cache]", f'dir = "{self.cache}"',
+            "[mount]", "attr_timeout = 0.5", "entry_timeout = 0.5", mount_options,
+            extra,
+        ]
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.server:
+            env.update(OSS_ACCESS_KEY_ID=AK, OSS_ACCESS_KEY_SECRET=SK)
+        return env
+
+    @property
+    def store(self) -> ObjectStore:
         if self._store is None:
-            self._store = LocalStore(self.bucket_dir)
+            self._store = oss_client_store(self.server) if self.server else LocalStore(self.bucket_dir)
         return self._store
 
     def path(self, *parts: str) -> str:
@@ -99,7 +120,7 @@ class Mount:
 
     def start(self) -> None:
         r = subprocess.run(OSSFUSE + ["mount", "-c", self.config, self.mnt], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=90, env=self.env)
         assert r.returncode == 0, f"mount failed: {r.stderr}"
         from ossfuse.daemon import read_registry
         self.pid = read_registry(self.mnt)["pid"]
@@ -146,7 +167,19 @@ class Mount:
         return run_sync(self.store.get_range, key, 0, info.size)
 
     def keys(self) -> list[str]:
-        return [o.key for o in run_sync(lambda: self.store.list("", delimiter=None, max_keys=1000)).objects]
+        keys, marker = [], None
+        while True:
+            page = run_sync(lambda: self.store.list("", delimiter=None, marker=marker))
+            keys += [o.key for o in page.objects]
+            if page.next_marker is None:
+                return keys
+            marker = page.next_marker
+
+    def pending_uploads(self) -> int:
+        """Unfinished multipart uploads in the bucket."""
+        if self.server:
+            return sum(len(b.uploads) for b in self.server.buckets.values())
+        return len(self.store.pending_uploads())
 
     def cleanup(self) -> None:
         if os.path.ismount(self.mnt):
@@ -159,13 +192,33 @@ class Mount:
 
 
 @pytest.fixture
-def make_mount(tmp_path, cmk_path):
-    """Factory: ``make_mount(mount_options="upload_delay = 30", start=True)``; all are
-    unmounted at teardown, whatever the test did."""
+def oss_server(tmp_path):
+    """The OSS test server on a free port, bodies on disk; always stopped."""
+    from oss_server import OssTestServer
+    server = OssTestServer(access_key_id=AK, access_key_secret=SK, buckets=(BUCKET,),
+                           root_dir=str(tmp_path / "oss-data"), region=REGION)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "oss"])
+def store_kind(request) -> str:
+    """Runs a test once per store: the local directory, and the OSS test server over HTTP."""
+    return request.param
+
+
+@pytest.fixture
+def make_mount(tmp_path, cmk_path, store_kind, request):
+    """Factory: ``make_mount(mount_options="upload_delay = 30", start=True)`` on the store of
+    ``store_kind``; all mounts are unmounted at teardown, whatever the test did."""
     mounts: list[Mount] = []
+    server = request.getfixturevalue("oss_server") if store_kind == "oss" else None
 
     def factory(mount_options: str = "", extra: str = "", start: bool = True, name: str = "m") -> Mount:
-        m = Mount(str(tmp_path / name), cmk_path, mount_options, extra)
+        m = Mount(str(tmp_path / name), cmk_path, mount_options, extra, server=server)
         mounts.append(m)
         if start:
             m.start()
