@@ -23,7 +23,7 @@ class StoreConfig:
     region: str | None = None
     signature: str = "v4"
     credentials_file: str | None = None  # TOML with access_key_id/secret (mode 0600); else env, RAM role
-    ram_role: str | None = None  # ECS RAM role name (default: the instance's role)
+    ram_role: str | None = None  # ECS RAM role name, or "auto" for the instance's role; unset: not used
     metadata_url: str = "http://100.100.100.200"  # ECS instance metadata service
 
 

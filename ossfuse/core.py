@@ -269,6 +269,8 @@ class Filesystem:
         Raises FsError(ENOENT), FsError(EIO) when the store fails."""
         path = self.join(parent.path, name)
         node = self.by_path.get(path)
+        if node is None:
+            self._check_new_path(path)  # a name that cannot be a key cannot exist: no request
         if node is None or not self._fresh(node):
             node = await self._resolve(path, node)
         if node is None:

@@ -71,7 +71,8 @@ def read_registry(mountpoint: str) -> dict | None:
 def open_store(cfg: Config) -> ObjectStore:
     """The store of ``cfg``. OSS credentials come from ``store.credentials_file``, else a
     systemd credential named ``oss`` (LoadCredential=oss:FILE), else OSS_ACCESS_KEY_ID /
-    OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN, else the ECS RAM role; never from argv."""
+    OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN, else the ECS RAM role when ``store.ram_role``
+    names one (or is "auto"); never from argv."""
     st = cfg.store
     if st.url.startswith("local://"):
         return LocalStore.from_url(st.url)
@@ -81,7 +82,8 @@ def open_store(cfg: Config) -> ObjectStore:
     systemd_cred = os.path.join(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent"), "oss")
     if cred_file is None and os.path.isfile(systemd_cred):
         cred_file = systemd_cred
-    chain = CredentialChain(cred_file, role=st.ram_role, imds_url=st.metadata_url)
+    chain = CredentialChain(cred_file, ram_role=st.ram_role is not None,
+                            role=None if st.ram_role in (None, "auto") else st.ram_role, imds_url=st.metadata_url)
     try:
         return OssStore.from_url(st.url, endpoint=st.endpoint, region=st.region, signature=st.signature,
                                  credentials=chain)

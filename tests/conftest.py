@@ -68,8 +68,10 @@ class Mount:
     """One ossfuse mount driven through the real CLI: of a local-directory bucket
     (``server`` None), or of a bucket on the OSS test server over HTTP."""
 
-    def __init__(self, root: str, cmk: str, mount_options: str = "", extra: str = "", server=None):
+    def __init__(self, root: str, cmk: str, mount_options: str = "", extra: str = "", server=None,
+                 matdesc: dict[str, str] | None = None):
         self.root = root
+        self.matdesc = matdesc
         self.server = server
         self.mnt = os.path.join(root, "mnt")
         self.bucket_dir = server.root_dir if server else os.path.join(root, "bucket")
@@ -95,6 +97,8 @@ class Mount:
             "[store]", store, f'prefix = "{prefix}"',
             "[encryption]", 'encrypt_with = "main"',
             "[[encryption.cmk]]", 'id = "main"', 'type = "rsa"', f'private_key = "{self.cmk}"',
+            ("matdesc = { " + ", ".join(f'"{k}" = "{v}"' for k, v in self.matdesc.items()) + " }"
+             if self.matdesc else ""),
             "[cache]", f'dir = "{self.cache}"',
             "[mount]", "attr_timeout = 0.5", "entry_timeout = 0.5", mount_options,
             extra,
@@ -178,7 +182,7 @@ class Mount:
     def pending_uploads(self) -> int:
         """Unfinished multipart uploads in the bucket."""
         if self.server:
-            return sum(len(b.uploads) for b in self.server.buckets.values())
+            return self.server.pending_uploads()
         return len(self.store.pending_uploads())
 
     def cleanup(self) -> None:
@@ -193,15 +197,15 @@ class Mount:
 
 @pytest.fixture
 def oss_server(tmp_path):
-    """The OSS test server on a free port, bodies on disk; always stopped."""
-    from oss_server import OssTestServer
-    server = OssTestServer(access_key_id=AK, access_key_secret=SK, buckets=(BUCKET,),
-                           root_dir=str(tmp_path / "oss-data"), region=REGION)
-    server.start()
+    """The OSS test server in its own process (see tests/oss_remote.py for why), on a free
+    port, bodies on disk; always ended."""
+    from oss_remote import RemoteOssServer
+    server = RemoteOssServer(access_key_id=AK, access_key_secret=SK, bucket=BUCKET, region=REGION,
+                             root_dir=str(tmp_path / "oss"))
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture(params=["local", "oss"])

@@ -1048,6 +1048,11 @@ class OssTestServer:
         with self._req_lock:
             self.requests.clear()
 
+    def pending_upload_count(self) -> int:
+        """Unfinished multipart uploads in all buckets (tests check none is left behind)."""
+        with self.lock:
+            return sum(len(b.uploads) for b in self.buckets.values())
+
     def requests_for(self, method: Optional[str] = None, key: Optional[str] = None,
                      query: Optional[str] = None) -> List[RequestRecord]:
         with self._req_lock:
@@ -2169,6 +2174,37 @@ class OssTestServer:
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
+def serve_control(server: "OssTestServer", path: str) -> None:
+    """Remote control for a server running as its own process: each connection sends
+    ``(dotted_attribute, args, kwargs)`` tuples over ``multiprocessing.connection`` and gets
+    ``("ok", result)`` or ``("error", exception)`` back, e.g. ``("faults.add", (), {"status": 503})``
+    or ``("stop", (), {})``. Tests use it through ``tests/oss_remote.py``; a process of its own
+    keeps the server off the test process, whose threads may be blocked on the FUSE mount."""
+    from multiprocessing.connection import Listener
+
+    with Listener(path, family="AF_UNIX", authkey=b"ossfuse-test") as listener:
+        while True:
+            conn = listener.accept()
+            threading.Thread(target=_control_conn, args=(server, conn), daemon=True).start()
+
+
+def _control_conn(server: "OssTestServer", conn) -> None:
+    with conn:
+        while True:
+            try:
+                name, args, kwargs = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                target = server
+                for part in name.split("."):
+                    target = getattr(target, part)
+                result = target(*args, **kwargs) if callable(target) else target
+                conn.send(("ok", None if result is server else result))
+            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+                conn.send(("error", e))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Local OSS test server (see module docstring).")
     ap.add_argument("--host", default="127.0.0.1")
@@ -2180,12 +2216,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--region", default="cn-hangzhou")
     ap.add_argument("--no-skew-check", action="store_true")
     ap.add_argument("--debug", action="store_true")
+    ap.add_argument("--control", default=None,
+                    help="unix socket path for remote control by tests (see serve_control)")
     args = ap.parse_args(argv)
     server = OssTestServer(access_key_id=args.access_key_id, access_key_secret=args.access_key_secret,
                            buckets=args.bucket or ["test-bucket"], port=args.port, host=args.host,
                            root_dir=args.root_dir, region=args.region,
                            max_skew=None if args.no_skew_check else CLOCK_SKEW, debug=args.debug)
     server.start()
+    if args.control:
+        threading.Thread(target=serve_control, args=(server, args.control), daemon=True).start()
     print(server.endpoint, flush=True)
     stop = threading.Event()
 

@@ -115,7 +115,8 @@ def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
 
 def test_foreground_mount_stops_on_sigterm(make_mount):
     m = make_mount(start=False)
-    proc = subprocess.Popen(OSSFUSE + ["mount", "-f", "-c", m.config, m.mnt], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(OSSFUSE + ["mount", "-f", "-c", m.config, m.mnt], stderr=subprocess.PIPE, text=True,
+                            env=m.env)
     try:
         for _ in range(200):
             if os.path.ismount(m.mnt):

@@ -11,7 +11,11 @@ from ossfuse import envelope as env
 from ossfuse.config import CmkConfig, EncryptionConfig
 from ossfuse.keyring import Keyring
 
+from ossfuse.store.base import StoreError
+
 from conftest import run_sync
+
+OSS_REFUSES = {"missing-start", "bad-cek-alg", "bad-wrap-alg"}  # oss-cse-format.md §6: 0005-000004xx
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,7 +46,13 @@ def damaged(mount, other_cmk_path):
     cases = {}
 
     def add(name, data, meta, expect):
-        _put_raw(mount, name, data, meta)
+        try:
+            _put_raw(mount, name, data, meta)
+        except StoreError:
+            # OSS itself refuses some damaged envelopes on PUT (CSE header rules); such an
+            # object cannot exist there, so there is nothing to read back.
+            assert mount.kind == "oss" and name in OSS_REFUSES, name
+            return
         cases[name] = expect
 
     add("corrupt-key", body, {**good_meta, env.H_KEY: "!!!notbase64!!!"}, (errno.EIO, "not base64"))
@@ -56,6 +66,7 @@ def damaged(mount, other_cmk_path):
         (errno.EIO, "cannot unwrap"))
     add("unknown-matdesc", body, {**good_meta, env.H_MATDESC: '{"team": "nobody"}'},
         (errno.EACCES, "no CMK"))
+    assert {"corrupt-key", "truncated", "wrong-cmk", "unknown-matdesc"} <= set(cases)
     return mount, cases
 
 
