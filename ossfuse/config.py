@@ -25,6 +25,8 @@ class StoreConfig:
     credentials_file: str | None = None  # TOML with access_key_id/secret (mode 0600); else env, RAM role
     ram_role: str | None = None  # ECS RAM role name, or "auto" for the instance's role; unset: not used
     metadata_url: str = "http://100.100.100.200"  # ECS instance metadata service
+    max_copy_size: int | None = None  # bytes CopyObject may copy (OSS: 1 GiB); larger objects stream
+    retries: int = 5  # extra tries of one failed OSS request (5xx, resets, timeouts), with backoff
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class MountConfig:
     part_workers: int = 4  # parts of one object uploaded at once
     upload_retries: int = 5  # attempts per upload before fsync/unmount report failure
     startup_timeout: float = 60.0  # seconds to keep retrying an unreachable store at mount
+    close_waits_for_upload: bool = False  # true: close() returns once the object is in the bucket
+    retry_interval: float = 30.0  # seconds between background retries of a failed upload
     upload_delay: float = 0.0  # seconds a closed file waits before its upload starts (coalesces save bursts)
     uid: int | None = None  # owner of objects without x-oss-meta-uid (default: the mounter)
     gid: int | None = None
@@ -83,14 +87,16 @@ class Config:
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "store": {"url": str, "prefix": str, "endpoint": str, "region": str, "signature": str,
-              "credentials_file": str, "ram_role": str, "metadata_url": str},
+              "credentials_file": str, "ram_role": str, "metadata_url": str, "max_copy_size": int,
+              "retries": int},
     "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
     "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict},
     "encryption.rule": {"prefix": str, "encrypt_with": str},
     "cache": {"dir": str, "block_size": int},
     "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
               "multipart_threshold": int, "part_size": int, "upload_workers": int,
-              "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "startup_timeout": (int, float), "uid": int, "gid": int,
+              "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "startup_timeout": (int, float),
+              "close_waits_for_upload": bool, "retry_interval": (int, float), "uid": int, "gid": int,
               "umask": int, "allow_other": bool},
 }
 _REQUIRED = {"store": ("url",), "encryption": ("encrypt_with", "cmk"), "encryption.cmk": ("id", "type"),
@@ -155,7 +161,8 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: store.signature: must be \"v1\" or \"v4\"")
     store = StoreConfig(url=url, prefix=prefix, endpoint=st.get("endpoint"), region=st.get("region"),
                         signature=st.get("signature", "v4"), credentials_file=creds,
-                        ram_role=st.get("ram_role"), metadata_url=st.get("metadata_url", "http://100.100.100.200"))
+                        ram_role=st.get("ram_role"), metadata_url=st.get("metadata_url", "http://100.100.100.200"),
+                        max_copy_size=st.get("max_copy_size"), retries=st.get("retries", 5))
 
     en = _check_table(path, "encryption", "encryption", raw["encryption"])
     cmks = []

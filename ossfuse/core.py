@@ -38,7 +38,6 @@ _POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first m
 _READAHEAD_MAX = 16 << 20  # bytes: largest sequential read-ahead window
 _HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
 _READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
-_RETRY_LATER = 30.0  # seconds before a failed background upload is tried again
 
 
 class FsError(Exception):
@@ -627,8 +626,12 @@ class Filesystem:
 
     async def flush(self, h: FileHandle) -> None:
         """Make what was written through ``h`` durable locally (the journal): after this a
-        crash cannot lose it. Raises FsError(ENOSPC/EIO) if the cache disk fails."""
+        crash cannot lose it; with ``close_waits_for_upload``, upload it too. Raises
+        FsError(ENOSPC/EIO) if the cache disk fails, FsError(EIO) if that upload fails."""
         node = h.node
+        if self.cfg.mount.close_waits_for_upload:
+            await self.upload_node(node, raise_errors=True)  # journals first, then uploads
+            return
         async with node.lock:
             self._journal(node)
 
@@ -679,7 +682,7 @@ class Filesystem:
                 self._nursery.start_soon(self._retry_later, node)
 
     async def _retry_later(self, node: Node) -> None:
-        await trio.sleep(_RETRY_LATER)
+        await trio.sleep(self.cfg.mount.retry_interval)
         if node.staged is not None and not node.unlinked:
             self.schedule_upload(node)
 
@@ -813,7 +816,7 @@ class Filesystem:
             return
         meta = dict(v.metadata)
         meta.update(self._attr_meta(node))
-        info = await self._store(self.store.copy(v.key, v.key, metadata=meta), v.key)
+        info = await self._copy_object(ObjectInfo(v.key, v.size, v.etag, 0, v.metadata), v.key, meta)
         self.cache.rekey(v.key, v.etag, v.key, info.etag)
         self._set_local_version(node, Version(v.key, info.etag, v.size, meta, v.wrapped, v.envelope))
 
@@ -846,6 +849,18 @@ class Filesystem:
         if node is None:
             raise FsError(errno.ENOENT)
         return node
+
+    async def _copy_object(self, src: ObjectInfo, dst: str, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        """Copy ``src`` to ``dst`` (CopyObject, or streaming above the store's copy limit).
+        Raises FsError(EIO) with a log line on failure."""
+        limit = self.store.max_copy_size
+        if metadata is None and limit is not None and src.size > limit and not src.metadata:
+            head = await self._store(self.store.head(src.key), src.key)  # listings carry no metadata
+            if head is None:
+                log.error("copy of %r failed: it disappeared", src.key)
+                raise FsError(errno.EIO)
+            src = head
+        return await self._store(self.uploader.copy(src, dst, metadata), src.key)
 
     async def _store(self, awaitable, what: str):
         try:
@@ -975,7 +990,7 @@ class Filesystem:
             if src.version is not None:
                 v = src.version
                 new_key = self.key(dst_path)
-                info = await self._store(self.store.copy(v.key, new_key), v.key)
+                info = await self._copy_object(ObjectInfo(v.key, v.size, v.etag, 0, v.metadata), new_key)
                 await self._store(self.store.delete(v.key), v.key)
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
                 self._set_local_version(src, Version(new_key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
@@ -993,20 +1008,20 @@ class Filesystem:
                 dst.unlinked = True
                 self._unlink_path(dst)
             old_dkey, new_dkey = self.dir_key(old_path), self.dir_key(dst_path)
-            keys: list[str] = []
+            keys: dict[str, ObjectInfo] = {}
             marker = None
             while True:
                 page = await self._store(self.store.list(old_dkey, delimiter=None, marker=marker), old_dkey)
-                keys.extend(o.key for o in page.objects)
+                keys.update((o.key, o) for o in page.objects)
                 if page.next_marker is None:
                     break
                 marker = page.next_marker
-            if old_dkey not in keys:
-                keys.insert(0, old_dkey)
-                await self._store(self.store.put_bytes(old_dkey, b"", self._attr_meta(src)), old_dkey)
+            if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
+                keys[old_dkey] = await self._store(self.store.put_bytes(old_dkey, b"", self._attr_meta(src)),
+                                                   old_dkey)
             copies: dict[str, ObjectInfo] = {}
-            for k in keys:  # copy all first, then delete: an interruption leaves both, never neither
-                copies[k] = await self._store(self.store.copy(k, new_dkey + k[len(old_dkey):]), k)
+            for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
+                copies[k] = await self._copy_object(o, new_dkey + k[len(old_dkey):])
             for k in keys:
                 await self._store(self.store.delete(k), k)
             for n in affected:

@@ -75,7 +75,7 @@ def open_store(cfg: Config) -> ObjectStore:
     names one (or is "auto"); never from argv."""
     st = cfg.store
     if st.url.startswith("local://"):
-        return LocalStore.from_url(st.url)
+        return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
     from .store.credentials import CredentialChain
     from .store.oss import OssStore
     cred_file = st.credentials_file
@@ -85,8 +85,9 @@ def open_store(cfg: Config) -> ObjectStore:
     chain = CredentialChain(cred_file, ram_role=st.ram_role is not None,
                             role=None if st.ram_role in (None, "auto") else st.ram_role, imds_url=st.metadata_url)
     try:
+        extra = {"max_copy_size": st.max_copy_size} if st.max_copy_size else {}
         return OssStore.from_url(st.url, endpoint=st.endpoint, region=st.region, signature=st.signature,
-                                 credentials=chain)
+                                 credentials=chain, retries=st.retries, **extra)
     except ValueError as e:
         raise MountError(f"{cfg.path}: store: {e}") from None
 

@@ -2188,6 +2188,22 @@ def serve_control(server: "OssTestServer", path: str) -> None:
             threading.Thread(target=_control_conn, args=(server, conn), daemon=True).start()
 
 
+def _plain(value):
+    """A value the test process can unpickle without this module as ``__main__``: plain types,
+    dataclass records as SimpleNamespace, anything else (the server, fault rules) as None."""
+    import dataclasses
+    import types
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return types.SimpleNamespace(**{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)})
+    return None
+
+
 def _control_conn(server: "OssTestServer", conn) -> None:
     with conn:
         while True:
@@ -2200,7 +2216,7 @@ def _control_conn(server: "OssTestServer", conn) -> None:
                 for part in name.split("."):
                     target = getattr(target, part)
                 result = target(*args, **kwargs) if callable(target) else target
-                conn.send(("ok", None if result is server else result))
+                conn.send(("ok", _plain(result)))
             except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
                 conn.send(("error", e))
 

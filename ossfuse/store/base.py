@@ -64,6 +64,10 @@ class ObjectStore(abc.ABC):
     min_part_size: int = 100 * 1024
     #: Most parts one multipart upload may have.
     max_parts: int = 10_000
+    #: Largest object ``copy`` handles, in bytes (None: any size). Larger ones are copied by
+    #: streaming their bytes through the client (OSS CopyObject stops at 1 GB, and
+    #: UploadPartCopy is refused for client-side-encrypted sources: oss-cse-format.md §9).
+    max_copy_size: int | None = None
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

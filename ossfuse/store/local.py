@@ -43,8 +43,9 @@ def _validate_key(key: str) -> None:
 class LocalStore(ObjectStore):
     """Bucket in a local directory; see the module doc for its layout and guarantees."""
 
-    def __init__(self, root: str, *, threads: int = 8):
+    def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None):
         self.root = os.path.abspath(root)
+        self.max_copy_size = max_copy_size  # None: copies are hard links, of any size
         for sub in ("blobs", "uploads", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self._db_path = os.path.join(self.root, "index.sqlite")
@@ -57,10 +58,10 @@ class LocalStore(ObjectStore):
         db.commit()
 
     @classmethod
-    def from_url(cls, url: str) -> "LocalStore":
-        """``local:///abs/path`` → LocalStore at /abs/path."""
+    def from_url(cls, url: str, **kw) -> "LocalStore":
+        """``local:///abs/path`` → LocalStore at /abs/path (``kw`` as for the constructor)."""
         parsed = urlparse(url)
-        return cls(parsed.netloc + parsed.path if parsed.netloc else parsed.path)
+        return cls(parsed.netloc + parsed.path if parsed.netloc else parsed.path, **kw)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -290,6 +291,9 @@ class LocalStore(ObjectStore):
         return await self._run(self._list, prefix, delimiter, marker, max_keys)
 
     def _copy(self, src: str, dst: str, meta: dict[str, str] | None) -> ObjectInfo:
+        row = self._row(src)
+        if row is not None and self.max_copy_size is not None and row[1] > self.max_copy_size:
+            raise StoreError(f"cannot copy {src!r} ({row[1]} bytes): above max_copy_size", key=src)
         for _ in range(5):  # the source may be replaced between reading its row and linking it
             row = self._row(src)
             if row is None:

@@ -111,7 +111,9 @@ class OssStore(ObjectStore):
 
     def __init__(self, bucket: str, endpoint: str, *, region: str | None = None, signature: str = "v4",
                  credentials: CredentialsProvider, threads: int = 16, connect_timeout: float = 10.0,
-                 read_timeout: float = 60.0, retries: int = 5, backoff: float = 0.25, backoff_max: float = 8.0):
+                 read_timeout: float = 60.0, retries: int = 5, backoff: float = 0.25, backoff_max: float = 8.0,
+                 max_copy_size: int = COPY_LIMIT):
+        self.max_copy_size = min(max_copy_size, COPY_LIMIT)
         if signature not in ("v1", "v4"):
             raise ValueError(f"signature must be 'v1' or 'v4', not {signature!r}")
         if "://" not in endpoint:
@@ -505,7 +507,7 @@ class OssStore(ObjectStore):
             if h is None:
                 raise NoSuchKey("copy source does not exist", key=src)
             info, content_type = h
-            if info.size > COPY_LIMIT:
+            if info.size > self.max_copy_size:
                 raise StoreError(f"cannot copy {src!r} ({info.size} bytes): objects above 1 GB cannot be copied "
                                  "with CopyObject", key=src)
             headers = {"x-oss-copy-source-if-match": info.etag}

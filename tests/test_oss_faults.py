@@ -1,0 +1,133 @@
+"""The mount against a failing OSS: injected resets and 503s, a server that goes down and
+comes back, and objects above the CopyObject limit."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+
+import oss2
+import pytest
+
+from conftest import AK, BUCKET, REGION, SK, Mount
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_cp_of_100_mib_survives_resets_and_503s(tmp_path, cmk_path, oss_server):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for i in range(100):
+            f.write(hashlib.sha256(str(i).encode()).digest() * 32768)
+    m = Mount(str(tmp_path / "m"), cmk_path, "part_size = 4194304\nupload_retries = 8", server=oss_server)
+    m.start()
+    try:
+        oss_server.faults.reset_rate(0.05, max_count=15)
+        oss_server.faults.add(status=503, count=6, methods=("PUT",))
+        subprocess.run(["cp", str(src), m.path("big.bin")], check=True)
+        assert m.stop() == 0
+        m.start()
+        oss_server.faults.reset_rate(0.05, max_count=10)
+        assert sha(m.path("big.bin")) == sha(str(src))
+        assert m.pending_uploads() == 0
+    finally:
+        m.cleanup()
+    log = m.log()
+    assert "attempt" in log  # the faults were seen and retried
+
+
+def _few_retries(m: Mount) -> None:
+    with open(m.config) as f:
+        cfg = f.read().replace('signature = "v4"', 'signature = "v4"\nretries = 1')
+    with open(m.config, "w") as f:
+        f.write(cfg)
+
+
+def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path,
+              "upload_retries = 2\nretry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400",
+              server=oss_server)
+    _few_retries(m)
+    m.start()
+    try:
+        data = os.urandom(1_000_000)  # multipart: nothing may be left half-done
+        f = open(m.path("kept"), "wb")  # opened while the server answers (a new name needs a lookup)
+        oss_server.stop()
+        f.write(data)
+        f.flush()
+        with pytest.raises(OSError) as e:
+            os.fsync(f.fileno())
+        assert e.value.errno == errno.EIO
+        f.close()  # close only journals by default: it succeeds, the data is safe locally
+        assert os.listdir(os.path.join(m.cache, "staging"))
+        assert open(m.path("kept"), "rb").read() == data  # still readable from the staging area
+        assert "upload of 'kept' failed" in m.log()
+        oss_server.start()
+        assert m.stop() == 0  # unmount uploads what is pending
+        assert m.head("kept").size == len(data)
+        assert m.pending_uploads() == 0
+        m.start()
+        assert open(m.path("kept"), "rb").read() == data
+    finally:
+        m.cleanup()
+
+
+def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path, "upload_retries = 1\nretry_interval = 0.5\nclose_waits_for_upload = true",
+              server=oss_server)
+    _few_retries(m)
+    m.start()
+    try:
+        with open(m.path("ok"), "wb") as f:
+            f.write(b"uploaded before close returns")
+        assert m.head("ok").size == 29
+        f = open(m.path("later"), "wb")
+        oss_server.stop()
+        f.write(b"x" * 1000)
+        with pytest.raises(OSError) as e:
+            f.close()
+        assert e.value.errno == errno.EIO
+        oss_server.start()
+        for _ in range(100):  # the background retry uploads it once the server is back
+            if m.head("later") is not None:
+                break
+            __import__("time").sleep(0.1)
+        assert m.head("later").size == 1000
+    finally:
+        m.cleanup()
+
+
+def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path, "multipart_threshold = 300000\npart_size = 102400", server=oss_server)
+    with open(m.config) as f:
+        cfg = f.read().replace('signature = "v4"', 'signature = "v4"\nmax_copy_size = 500000')
+    with open(m.config, "w") as f:
+        f.write(cfg)
+    m.start()
+    try:
+        data = os.urandom(1_234_567)
+        with open(m.path("large"), "wb") as f:
+            f.write(data)
+        os.rename(m.path("large"), m.path("renamed"))
+        os.chmod(m.path("renamed"), 0o600)
+        assert m.stop() == 0
+        copies = oss_server.requests_for(method="PUT", key="renamed")
+        assert not any("x-oss-copy-source" in r.headers for r in copies)  # no CopyObject was sent
+        assert m.pending_uploads() == 0
+        priv, pub = open(m.cmk).read(), open(m.cmk + ".pub").read()
+        cb = oss2.CryptoBucket(oss2.AuthV4(AK, SK), oss_server.endpoint, BUCKET, region=REGION,
+                               crypto_provider=oss2.crypto.RsaProvider({"private_key": priv, "public_key": pub}))
+        assert cb.get_object("renamed").read() == data
+        assert m.head("renamed").metadata["mode"] == str(0o100600)
+        assert m.head("large") is None
+    finally:
+        m.cleanup()
