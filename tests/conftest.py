@@ -87,14 +87,14 @@ class Mount:
     def kind(self) -> str:
         return "oss" if self.server else "local"
 
-    def write_config(self, mount_options: str = "", extra: str = "", prefix: str = "") -> None:
+    def write_config(self, mount_options: str = "", extra: str = "", prefix: str = "", store_options: str = "") -> None:
         if self.server is None:
             store = f'url = "local://{self.bucket_dir}"'
         else:
             store = (f'url = "oss://{BUCKET}"\nendpoint = "{self.server.endpoint}"\n'
                      f'region = "{REGION}"\nsignature = "v4"')
         lines = [
-            "[store]", store, f'prefix = "{prefix}"',
+            "[store]", store, f'prefix = "{prefix}"', store_options,
             "[encryption]", 'encrypt_with = "main"',
             "[[encryption.cmk]]", 'id = "main"', 'type = "rsa"', f'private_key = "{self.cmk}"',
             ("matdesc = { " + ", ".join(f'"{k}" = "{v}"' for k, v in self.matdesc.items()) + " }"

@@ -45,18 +45,13 @@ def test_cp_of_100_mib_survives_resets_and_503s(tmp_path, cmk_path, oss_server):
     assert "attempt" in log  # the faults were seen and retried
 
 
-def _few_retries(m: Mount) -> None:
-    with open(m.config) as f:
-        cfg = f.read().replace('signature = "v4"', 'signature = "v4"\nretries = 1')
-    with open(m.config, "w") as f:
-        f.write(cfg)
+def _few_retries(m: Mount, mount_options: str) -> None:
+    m.write_config(mount_options, store_options="retries = 1")
 
 
 def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cmk_path, oss_server):
-    m = Mount(str(tmp_path / "m"), cmk_path,
-              "upload_retries = 2\nretry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400",
-              server=oss_server)
-    _few_retries(m)
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    _few_retries(m, "upload_retries = 2\nretry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400")
     m.start()
     try:
         data = os.urandom(1_000_000)  # multipart: nothing may be left half-done
@@ -82,9 +77,8 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
 
 
 def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
-    m = Mount(str(tmp_path / "m"), cmk_path, "upload_retries = 1\nretry_interval = 0.5\nclose_waits_for_upload = true",
-              server=oss_server)
-    _few_retries(m)
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    _few_retries(m, "upload_retries = 1\nretry_interval = 0.5\nclose_waits_for_upload = true")
     m.start()
     try:
         with open(m.path("ok"), "wb") as f:
@@ -107,11 +101,8 @@ def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
 
 
 def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, cmk_path, oss_server):
-    m = Mount(str(tmp_path / "m"), cmk_path, "multipart_threshold = 300000\npart_size = 102400", server=oss_server)
-    with open(m.config) as f:
-        cfg = f.read().replace('signature = "v4"', 'signature = "v4"\nmax_copy_size = 500000')
-    with open(m.config, "w") as f:
-        f.write(cfg)
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("multipart_threshold = 300000\npart_size = 102400", store_options="max_copy_size = 500000")
     m.start()
     try:
         data = os.urandom(1_234_567)

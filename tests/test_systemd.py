@@ -1,0 +1,186 @@
+"""Server-grade mounts: systemd units, the notify protocol, mount(8) with fstab options,
+SIGTERM during an upload, status, start-up while the store is down, stale mount points."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import OSSFUSE, Mount, run_sync
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_systemd_analyze_verify_accepts_the_units(tmp_path):
+    if shutil.which("systemd-analyze") is None:  # .ci/install installs systemd; a dev box may not
+        subprocess.run(["apt-get", "install", "-y", "-qq", "systemd"], check=True, capture_output=True)
+    for name in ("ossfuse@.service", "srv-team.mount"):
+        shutil.copy(os.path.join(REPO, "systemd", name), tmp_path / name)
+    for unit in ("ossfuse@team.service", "srv-team.mount"):
+        r = subprocess.run(["systemd-analyze", "verify", "--man=no", f"./{unit}"], cwd=tmp_path,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "ignoring" not in r.stderr and "Unknown" not in r.stderr, r.stderr
+    unit = open(os.path.join(REPO, "systemd", "ossfuse@.service")).read()
+    assert "Type=notify" in unit and "network-online.target" in unit and "LoadCredential=" in unit
+    assert "ACCESS_KEY" not in unit.split("[Service]")[1].replace("OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET", "")
+
+
+def test_notify_ready_only_after_the_mount_answers_and_stopping_on_sigterm(make_mount, tmp_path):
+    m = make_mount(start=False)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    env = dict(m.env, NOTIFY_SOCKET=sock_path)
+    proc = subprocess.Popen(OSSFUSE + ["mount", "-f", "-c", m.config, m.mnt], env=env,
+                            stderr=subprocess.DEVNULL)
+    try:
+        messages = []
+        while not any(msg.startswith("READY=1") for msg in messages):
+            messages.append(sock.recv(4096).decode())
+            if not messages[-1].startswith("READY=1"):
+                continue
+            # at the moment READY=1 arrives the mount is there and answers
+            assert os.path.ismount(m.mnt)
+            assert stat.S_ISDIR(os.stat(m.mnt).st_mode)
+        assert "STATUS=mounted at" in messages[-1]
+        with open(m.path("f"), "wb") as f:
+            f.write(b"x" * 1000)
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode().startswith("STOPPING=1")
+        assert proc.wait(60) == 0
+        assert m.head("f").size == 1000
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_mount_t_fuse_ossfuse_with_fstab_options(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    run_sync(m.store.put_bytes, "foreign", b"no attributes", {})
+    opts = "_netdev,nofail,x-systemd.requires=network-online.target,uid=1234,gid=5678,umask=027"
+    r = subprocess.run(["mount", "-t", "fuse.ossfuse", m.config, m.mnt, "-o", opts], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        st = os.stat(m.path("foreign"))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
+        assert stat.S_IMODE(os.stat(m.mnt).st_mode) == 0o750
+        fd = os.open(m.path("new"), os.O_CREAT | os.O_WRONLY, 0o666)
+        os.close(fd)
+        assert stat.S_IMODE(os.stat(m.path("new")).st_mode) == 0o640  # umask=027 masks new files too
+        os.mkdir(m.path("d"), 0o777)
+        assert stat.S_IMODE(os.stat(m.path("d")).st_mode) == 0o750
+    finally:
+        assert subprocess.run(OSSFUSE + ["umount", m.mnt]).returncode == 0
+    # the same through an fstab line
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{m.config} {m.mnt} fuse.ossfuse {opts},ro 0 0\n")
+    r = subprocess.run(["mount", "--fstab", str(fstab), m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert open(m.path("foreign"), "rb").read() == b"no attributes"
+        with pytest.raises(OSError) as e:
+            open(m.path("other"), "wb")
+        assert e.value.errno == 30  # EROFS
+        assert "ro," in [l for l in open("/proc/mounts") if m.mnt in l][0].split()[3] + ","
+    finally:
+        subprocess.run(OSSFUSE + ["umount", m.mnt])
+    m.cleanup()
+
+
+def test_sigterm_during_a_200_mib_upload_finishes_it(make_mount, tmp_path):
+    m = make_mount()
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        for i in range(200):
+            f.write(os.urandom(1 << 16) * 16)
+    subprocess.run(["cp", str(src), m.path("big")], check=True)
+    os.kill(m.pid, signal.SIGTERM)  # the upload has just started (or is queued)
+    for _ in range(1200):
+        if not os.path.ismount(m.mnt) and not os.path.exists(f"/proc/{m.pid}"):
+            break
+        time.sleep(0.1)
+    info = m.head("big")
+    assert info is not None and info.size == 200 << 20
+    m.pid = None
+    m.start()
+    import hashlib
+    assert hashlib.sha256(open(m.path("big"), "rb").read()).digest() == \
+        hashlib.sha256(open(src, "rb").read()).digest()
+
+
+def test_status_reports_pending_uploads_cmks_and_errors(make_mount):
+    m = make_mount("upload_delay = 60")
+    with open(m.path("pending"), "wb") as f:
+        f.write(b"z" * 12345)
+    run_sync(m.store.put_bytes, "broken", b"abc", {"client-side-encryption-key": "!!",
+                                                   "client-side-encryption-start": "!!",
+                                                   "client-side-encryption-cek-alg": "AES/CTR/NoPadding",
+                                                   "client-side-encryption-wrap-alg": "RSA/NONE/PKCS1Padding"})
+    time.sleep(0.6)
+    with pytest.raises(OSError):
+        open(m.path("broken"), "rb").read()
+    r = subprocess.run(OSSFUSE + ["status", "--json", m.mnt], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["pending_uploads"]["count"] == 1 and doc["pending_uploads"]["bytes"] == 12345
+    assert doc["pending_uploads"]["oldest_seconds"] >= 0
+    assert doc["cmks"][0]["id"] == "main" and doc["cmks"][0]["encrypts_new_objects"]
+    assert any("broken" in e["message"] for e in doc["recent_errors"])
+    assert doc["cache"]["staging_bytes"] >= 12345
+    text = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True).stdout
+    assert "pending uploads:  1 file(s), 12345 bytes" in text and "CMK:              main" in text
+    assert m.stop() == 0
+    r = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True)
+    assert r.returncode == 1 and "no ossfuse daemon answers" in r.stderr
+
+
+def test_start_while_the_store_is_down_retries_then_fails_clearly(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("startup_timeout = 2", store_options="retries = 0")
+    oss_server.stop()
+    t0 = time.monotonic()
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, env=m.env,
+                       timeout=60)
+    assert r.returncode == 1 and "not reachable after 2s" in r.stderr, r.stderr
+    assert 1.5 < time.monotonic() - t0 < 20
+    assert "not reachable yet" in m.log()
+    # the server comes up while the mount is retrying: the mount succeeds
+    m.write_config("startup_timeout = 60", store_options="retries = 0")
+    threading.Timer(2.0, oss_server.start).start()
+    m.start()
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"ok")
+        assert m.stop() == 0
+        assert m.head("f").size == 2
+    finally:
+        m.cleanup()
+
+
+def test_stale_mount_point_is_cleaned_on_mount(make_mount):
+    m = make_mount()
+    with open(m.path("f"), "wb") as f:
+        f.write(b"before")
+    os.kill(m.pid, signal.SIGKILL)  # leaves "Transport endpoint is not connected"
+    time.sleep(0.5)
+    with pytest.raises(OSError) as e:
+        os.stat(m.mnt)
+    assert e.value.errno == 107  # ENOTCONN
+    m.start()
+    assert open(m.path("f"), "rb").read() == b"before"
+    assert "stale FUSE mount" in m.log()
