@@ -38,7 +38,16 @@ H_DATA_SIZE = "client-side-encryption-data-size"
 H_PART_SIZE = "client-side-encryption-part-size"
 CSE_PREFIX = "client-side-encryption-"
 # Wrap algorithms the SDKs write (§4): RSA PKCS#1 v1.5, Alibaba Cloud KMS, oss2 LocalRsaProvider.
-KNOWN_WRAP_ALGS = ("RSA/NONE/PKCS1Padding", "KMS/ALICLOUD", "RSA/NONE/OAEPWithSHA-1AndMGF1Padding")
+WRAP_RSA_OAEP = "RSA/NONE/OAEPWithSHA-1AndMGF1Padding"
+KNOWN_WRAP_ALGS = ("RSA/NONE/PKCS1Padding", "KMS/ALICLOUD", WRAP_RSA_OAEP)
+
+# The oss2 2.5–2.10 header set (§4.5): other names, wrap-alg "rsa" (OAEP) or "kms", the data
+# mislabelled AES/GCM although it is AES-CTR, and a "start" that is a decimal counter value.
+LEGACY_KEY = "oss-crypto-key"
+LEGACY_START = "oss-crypto-start"
+LEGACY_CEK_ALG = "oss-cek-alg"
+LEGACY_WRAP_ALG = "oss-wrap-alg"
+_LEGACY_WRAP = {"rsa": WRAP_RSA_OAEP, "kms": "KMS/ALICLOUD"}
 _MARKERS = (H_KEY, H_START, H_CEK_ALG, H_WRAP_ALG)
 
 
@@ -89,6 +98,7 @@ class WrappedEnvelope:
     wrap_alg: str
     matdesc: dict[str, str] | None
     matdesc_raw: str | None
+    legacy: bool = False  # oss2 2.5–2.10 format: the unwrapped "start" is a decimal counter
 
     def headers(self) -> dict[str, str]:
         """The ``client-side-encryption-*`` user metadata, exactly as oss2 writes it (§2)."""
@@ -125,8 +135,44 @@ def encode_matdesc(matdesc: dict[str, str] | None) -> str | None:
 
 
 def is_encrypted(metadata: dict[str, str]) -> bool:
-    """True if any envelope header is present (oss2's rule, oss2 models.py:135-139, §2)."""
-    return any(name in metadata for name in _MARKERS)
+    """True if any envelope header is present, current or legacy (oss2's rule, oss2
+    models.py:84-105,135-139, §2, §4.5)."""
+    return any(name in metadata for name in _MARKERS) or LEGACY_KEY in metadata
+
+
+def _parse_legacy(metadata: dict[str, str]) -> WrappedEnvelope:
+    """oss2 2.5–2.10 headers (§4.5), read as oss2 ≥ 2.11 does (oss2 models.py:84-105): "rsa"
+    means RSA-OAEP with base64 key/start; "kms" means the headers are KMS CiphertextBlob strings."""
+    missing = [n for n in (LEGACY_KEY, LEGACY_START, LEGACY_WRAP_ALG) if not metadata.get(n)]
+    if missing:
+        raise EnvelopeError("legacy envelope header missing: x-oss-meta-" + ", x-oss-meta-".join(missing))
+    cek_alg = metadata.get(LEGACY_CEK_ALG, "AES/GCM/NoPadding")
+    if cek_alg not in ("AES/GCM/NoPadding", CEK_ALG):  # GCM was a mislabel for CTR
+        raise EnvelopeError(f"unsupported legacy cek-alg {cek_alg!r}")
+    wrap = metadata[LEGACY_WRAP_ALG]
+    if wrap not in _LEGACY_WRAP:
+        raise EnvelopeError(f"unknown legacy wrap-alg {wrap!r}")
+    if wrap == "kms":
+        key, start = metadata[LEGACY_KEY].encode(), metadata[LEGACY_START].encode()
+    else:
+        try:
+            key = base64.b64decode(metadata[LEGACY_KEY], validate=True)
+            start = base64.b64decode(metadata[LEGACY_START], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise EnvelopeError(f"legacy key/start header is not base64: {e}") from None
+    return WrappedEnvelope(key, start, _LEGACY_WRAP[wrap], None, None, legacy=True)
+
+
+def legacy_counter_iv(start: bytes) -> bytes:
+    """The 16-byte counter block of a legacy object from its unwrapped "start": a decimal
+    integer that is the whole initial counter (§4.5; oss2 parses it with int())."""
+    try:
+        value = int(start.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise EnvelopeError("legacy start counter is not a decimal number") from None
+    if not 0 <= value < 1 << 128:
+        raise EnvelopeError("legacy start counter out of range")
+    return value.to_bytes(IV_SIZE, "big")
 
 
 def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
@@ -136,6 +182,8 @@ def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
     wrap-alg, or a
     matdesc that is not a flat JSON object of strings (§2 reader rules, §11 reader checklist).
     """
+    if LEGACY_KEY in metadata and not any(name in metadata for name in _MARKERS):
+        return _parse_legacy(metadata)
     missing = [name for name in _MARKERS if not metadata.get(name)]
     if missing:
         raise EnvelopeError("envelope header missing: x-oss-meta-" + ", x-oss-meta-".join(missing))

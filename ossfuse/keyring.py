@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from Crypto.Cipher import PKCS1_v1_5
 from Crypto.PublicKey import RSA
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from . import envelope as env
@@ -41,15 +41,20 @@ class Cmk(abc.ABC):
         self.matdesc = dict(cfg.matdesc) if cfg.matdesc else None
         self.matdesc_raw = env.encode_matdesc(self.matdesc)
 
-    wrap_alg: str
+    wrap_alg: str  # what this CMK writes
+    reads_wrap_algs: tuple[str, ...] = ()  # what it reads (defaults to (wrap_alg,))
+
+    def reads(self, wrap_alg: str) -> bool:
+        return wrap_alg.lower() in (a.lower() for a in (self.reads_wrap_algs or (self.wrap_alg,)))
 
     @abc.abstractmethod
     def wrap(self, secret: bytes) -> bytes:
         """The wrapped form of ``secret`` as stored (base64-decoded) in the header."""
 
     @abc.abstractmethod
-    def unwrap(self, blob: bytes) -> bytes:
-        """Inverse of wrap; raises EnvelopeError if ``blob`` was not wrapped by this CMK."""
+    def unwrap(self, blob: bytes, wrap_alg: str) -> bytes:
+        """Inverse of wrap for an object of ``wrap_alg``; raises EnvelopeError if ``blob`` was
+        not wrapped by this CMK."""
 
 
 class RsaCmk(Cmk):
@@ -71,6 +76,7 @@ class RsaCmk(Cmk):
             key = serialization.load_pem_private_key(f.read(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError(f"{cfg.private_key}: not an RSA private key")
+        self._private = key
         self._public = key.public_key()
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -79,7 +85,16 @@ class RsaCmk(Cmk):
     def wrap(self, secret: bytes) -> bytes:
         return self._public.encrypt(secret, padding.PKCS1v15())
 
-    def unwrap(self, blob: bytes) -> bytes:
+    #: also reads what oss2's LocalRsaProvider wraps with the same key pair (RSA-OAEP, §4.3)
+    reads_wrap_algs = (WRAP_RSA, env.WRAP_RSA_OAEP)
+
+    def unwrap(self, blob: bytes, wrap_alg: str = WRAP_RSA) -> bytes:
+        if wrap_alg.lower() == env.WRAP_RSA_OAEP.lower():
+            try:  # OAEP with SHA-1 and MGF1-SHA-1: pycryptodome PKCS1_OAEP defaults, as oss2 uses
+                return self._private.decrypt(blob, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+            except ValueError:
+                raise env.EnvelopeError(f"CMK {self.id!r} cannot unwrap the data key "
+                                        "(wrong CMK or corrupt key header)") from None
         sentinel = object()
         try:
             result = self._unwrapper.decrypt(blob, sentinel)
@@ -139,7 +154,7 @@ class Keyring:
 
     def cmk_for(self, wrapped: env.WrappedEnvelope) -> Cmk:
         """The CMK that reads ``wrapped``; raises KeyMissing when none matches."""
-        candidates = [c for c in self.cmks.values() if c.wrap_alg.lower() == wrapped.wrap_alg.lower()]
+        candidates = [c for c in self.cmks.values() if c.reads(wrapped.wrap_alg)]
         if wrapped.matdesc is None:
             plain = [c for c in candidates if c.matdesc is None]
             if plain:
@@ -161,7 +176,10 @@ class Keyring:
         if hit is not None:
             return hit
         cmk = self.cmk_for(wrapped)
-        data_key, iv = cmk.unwrap(wrapped.wrapped_key), cmk.unwrap(wrapped.wrapped_iv)
+        data_key = cmk.unwrap(wrapped.wrapped_key, wrapped.wrap_alg)
+        iv = cmk.unwrap(wrapped.wrapped_iv, wrapped.wrap_alg)
+        if wrapped.legacy:
+            iv = env.legacy_counter_iv(iv)
         env.check_unwrapped(data_key, iv)
         result = env.Envelope(data_key, iv, wrapped, cmk.id)
         with self._lock:

@@ -183,3 +183,32 @@ def test_wrong_cmk_and_corrupt_headers_are_envelope_errors(cmk_path, other_cmk_p
     meta[env.H_KEY] = base64.b64encode(os.urandom(256)).decode()
     with pytest.raises(env.EnvelopeError):
         keyring_for(cmk_path).open_envelope(env.parse_envelope(meta))
+
+
+def test_legacy_oss2_rsa_objects_decrypt():
+    """oss2 2.5–2.10 objects (x-oss-meta-oss-crypto-*, RSA-OAEP, decimal start counter,
+    mislabelled AES/GCM) read as oss2 ≥ 2.11 reads them (oss-cse-format.md §4.5)."""
+    with open(os.path.join(VEC, "oss2-deprecated_encrypted_1MB_a_meta_rsa.json")) as f:
+        meta = {k[len("x-oss-meta-"):]: v for k, v in json.load(f).items()}
+    assert env.is_encrypted(meta)
+    wrapped = env.parse_envelope(meta)
+    assert wrapped.legacy and wrapped.wrap_alg == env.WRAP_RSA_OAEP
+    e = keyring_for(os.path.join(VEC, "sdk-test-rsa1024.pem")).open_envelope(wrapped)
+    assert e.iv == (8).to_bytes(16, "big")
+    with open(os.path.join(VEC, "oss2-deprecated_encrypted_1MB_a_rsa"), "rb") as f:
+        ct = f.read()
+    assert e.crypt(0, ct) == b"a" * (1 << 20)
+    assert e.crypt(777_777, ct[777_777:800_001]) == b"a" * (800_001 - 777_777)
+
+
+def test_legacy_kms_vector_decrypts_with_its_published_plain_key():
+    """The legacy KMS vector carries its plain data key and start (§4.5): the counter rule and
+    the AES-CTR body check out without KMS."""
+    with open(os.path.join(VEC, "oss2-deprecated_encrypted_1MB_a_meta_kms.json")) as f:
+        meta = json.load(f)
+    wrapped = env.parse_envelope({k[len("x-oss-meta-"):]: v for k, v in meta.items() if k.startswith("x-oss-meta-")})
+    assert wrapped.legacy and wrapped.wrap_alg == "KMS/ALICLOUD"
+    key, iv = base64.b64decode(meta["base64-plain-key"]), env.legacy_counter_iv(meta["plain-start"].encode())
+    with open(os.path.join(VEC, "oss2-deprecated_encrypted_1MB_a_kms"), "rb") as f:
+        ct = f.read()
+    assert env.ctr_crypt(key, iv, 0, ct) == b"a" * (1 << 20)

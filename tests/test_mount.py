@@ -328,3 +328,31 @@ def test_cp_a_tree_and_diff_after_remount(mount):
         assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns), name
         if stat.S_ISREG(a.st_mode):
             assert a.st_size == b.st_size, name
+
+
+def test_objects_written_by_other_sdks_read_through_the_mount(make_mount):
+    """The published vectors of the C++, Go and oss2 SDKs, and a legacy oss2 2.5–2.10 object
+    (RSA-OAEP), stored with their headers and read through the mount with the SDKs' test key."""
+    import json
+    from conftest import DATA, run_sync
+    vec = os.path.join(DATA, "vectors")
+    m = make_mount(start=False)
+    m.cmk = os.path.join(vec, "sdk-test-rsa1024.pem")  # a PKCS#1 PEM, as the SDK tests ship it
+    m.write_config()
+    with open(os.path.join(vec, "headers.json")) as f:
+        headers = json.load(f)
+    src = read(os.path.join(vec, "test-client-encryption-src.jpg"))
+    for name, (key_h, start_h) in headers.items():
+        run_sync(m.store.put_bytes, f"sdk/{name}", read(os.path.join(vec, name)), {
+            env.H_KEY: key_h, env.H_START: start_h, env.H_CEK_ALG: "AES/CTR/NoPadding",
+            env.H_WRAP_ALG: "RSA/NONE/PKCS1Padding"})
+    with open(os.path.join(vec, "oss2-deprecated_encrypted_1MB_a_meta_rsa.json")) as f:
+        legacy = {k[len("x-oss-meta-"):]: v for k, v in json.load(f).items()}
+    run_sync(m.store.put_bytes, "sdk/legacy", read(os.path.join(vec, "oss2-deprecated_encrypted_1MB_a_rsa")), legacy)
+    m.start()
+    for name in headers:
+        assert read(m.path("sdk", name)) == src, name
+        with open(m.path("sdk", name), "rb") as f:
+            f.seek(10_001)
+            assert f.read(333) == src[10_001:10_334]
+    assert read(m.path("sdk", "legacy")) == b"a" * (1 << 20)
