@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -86,6 +87,23 @@ def proc_status(pid: int, field: str) -> int | None:
     return None
 
 
+def proc_cpu(pid: int | None) -> float | None:
+    """utime + stime of all threads of PID, in seconds, or None if it is gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> tuple[float, float]:
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -108,6 +126,8 @@ class Bench:
         self._phase = "write"
         self._sampler_stop = threading.Event()
         self.problems: list[str] = []
+        self.daemon_cpu: dict[int, float] = {}   # pid -> last sampled CPU seconds
+        self.cpu: dict[str, list[tuple[float, float]]] = {}  # measure -> [(client s, server s)]
         self.profiles: list[str] = []
 
     # ---- processes -------------------------------------------------------------------------
@@ -191,9 +211,12 @@ class Bench:
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
     def _sample_rss(self) -> None:
-        while not self._sampler_stop.wait(0.1):
+        while not self._sampler_stop.wait(0.05):
             pid = self.pid
             if pid:
+                c = proc_cpu(pid)
+                if c is not None:
+                    self.daemon_cpu[pid] = c
                 v = proc_status(pid, "VmHWM")
                 if v:
                     self.hwm[self._phase] = max(self.hwm.get(self._phase, 0), v)
@@ -238,17 +261,39 @@ class Bench:
 
     # ---- measurements ----------------------------------------------------------------------
 
+    def measured(self, name: str, fn) -> float:
+        """Run fn() -> seconds; record the CPU seconds it cost: client side (this process, its
+        children such as dd, and the ossfuse daemons alive meanwhile) and the server."""
+        base = dict(self.daemon_cpu)
+        if self.pid:
+            base[self.pid] = proc_cpu(self.pid) or 0.0
+            self.daemon_cpu[self.pid] = base[self.pid]
+        me0, ch0 = self_cpu()
+        srv0 = proc_cpu(self.server.pid) or 0.0
+        dt = fn()
+        time.sleep(0.06)  # one more sampler tick
+        me1, ch1 = self_cpu()
+        srv1 = proc_cpu(self.server.pid) or 0.0
+        daemons = sum(c - base.get(p, 0.0) for p, c in self.daemon_cpu.items())
+        self.cpu.setdefault(name, []).append((me1 - me0 + ch1 - ch0 + daemons, srv1 - srv0))
+        return dt
+
     def time_cmd(self, cmd: list[str]) -> float:
         t = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         return time.perf_counter() - t
 
-    def mount_write(self, name: str) -> float:
+    def mount_write(self, name: str, measure: str | None = None) -> float:
         """dd into the mount + umount; the mount itself happens before the clock starts."""
         self.mount()
         target = os.path.join(self.mnt, name)
         if os.path.exists(target):      # every round creates the file afresh (untimed)
             os.unlink(target)
+        if measure:
+            return self.measured(measure, lambda: self._dd_umount(name))
+        return self._dd_umount(name)
+
+    def _dd_umount(self, name: str) -> float:
         t = time.perf_counter()
         subprocess.run(["dd", f"if={self.src}", f"of={self.mnt}/{name}", "bs=1M"], check=True,
                        capture_output=True)
@@ -279,11 +324,6 @@ class Bench:
         self.clear_cache()
         drop_caches()
         self.mount()
-
-    def mount_read(self, name: str) -> float:
-        self.prepare_cold_mount()
-        dt = self.time_cmd(["dd", f"if={self.mnt}/{name}", "of=/dev/null", "bs=1M"])
-        return dt
 
     def sdk_get(self, bucket, key: str) -> float:
         drop_caches()
@@ -383,11 +423,11 @@ class Bench:
             order = ["mount", "put", "multi"] if rnd % 2 == 0 else ["multi", "put", "mount"]
             for side in order:
                 if side == "mount":
-                    dt = self.mount_write(name)
+                    dt = self.mount_write(name, "w_mount")
                 elif side == "put":
-                    dt = self.sdk_put(bucket, "sdk-put.bin")
+                    dt = self.measured("w_put", lambda: self.sdk_put(bucket, "sdk-put.bin"))
                 else:
-                    dt = self.sdk_multi(bucket, "sdk-multi.bin")
+                    dt = self.measured("w_multi", lambda: self.sdk_multi(bucket, "sdk-multi.bin"))
                 res["w_" + side].append(dt)
                 log(f"  {side:6s} write {self.size / dt / 1e6:8.1f} MB/s ({dt:.2f}s)")
             log(f"round {rnd + 1}/{a.rounds}: cold read")
@@ -395,13 +435,15 @@ class Bench:
             order = ["mount", "get", "rdl"] if rnd % 2 == 0 else ["rdl", "get", "mount"]
             for side in order:
                 if side == "mount":
-                    dt = self.mount_read(name)
+                    self.prepare_cold_mount()
+                    dt = self.measured("r_mount", lambda: self.time_cmd(
+                        ["dd", f"if={self.mnt}/{name}", "of=/dev/null", "bs=1M"]))
                     self.umount()
                     self.save_log("read")
                 elif side == "get":
-                    dt = self.sdk_get(bucket, "sdk-multi.bin")
+                    dt = self.measured("r_get", lambda: self.sdk_get(bucket, "sdk-multi.bin"))
                 else:
-                    dt = self.sdk_rdl(bucket, "sdk-multi.bin")
+                    dt = self.measured("r_rdl", lambda: self.sdk_rdl(bucket, "sdk-multi.bin"))
                 res["r_" + side].append(dt)
                 log(f"  {side:6s} read  {self.size / dt / 1e6:8.1f} MB/s ({dt:.2f}s)")
 
@@ -434,14 +476,14 @@ class Bench:
                 ["dd", f"if={self.mnt}/{name}", "of=/dev/null", "bs=1M"]))[1])
             self.umount()
 
-        return {"times": res, "sha_ok": sha_ok}
+        return {"times": res, "sha_ok": sha_ok, "cpu": self.cpu}
 
 
 def summarize(size: int, res: dict[str, list[float]]) -> dict[str, float]:
     return {k: size / statistics.median(v) / 1e6 for k, v in res.items() if v}
 
 
-def table(size_mib: int, rounds: int, mbps: dict[str, float], res: dict) -> str:
+def table(size_mib: int, rounds: int, mbps: dict[str, float], res: dict, cpu: dict) -> str:
     rows = [
         ("write", "dd + umount", "w_mount", "put_object_from_file", "w_put"),
         ("write", "dd + umount", "w_mount", "resumable_upload (multipart, 4 thr)", "w_multi"),
@@ -454,6 +496,21 @@ def table(size_mib: int, rounds: int, mbps: dict[str, float], res: dict) -> str:
            "|---|---:|---|---:|---:|"]
     for op, _, mk, desc, sk in rows:
         out.append(f"| {op} | {mbps[mk]:.1f} | {desc} | {mbps[sk]:.1f} | {mbps[mk] / mbps[sk]:.2f} |")
+    out.append("")
+    out.append("CPU seconds per GiB (median over rounds; client = ossfuse daemon + dd + CLI, or the"
+               " SDK process; server = tests/oss_server.py), 2 cores are shared by all:")
+    out.append("")
+    out.append("| measure | MB/s | client CPU s/GiB | server CPU s/GiB |")
+    out.append("|---|---:|---:|---:|")
+    labels = {"w_mount": "write mount (dd + umount)", "w_put": "write SDK put_object_from_file",
+              "w_multi": "write SDK resumable_upload", "r_mount": "cold read mount (dd)",
+              "r_get": "cold read SDK get_object", "r_rdl": "cold read SDK resumable_download"}
+    gib = size_mib / 1024
+    for k, label in labels.items():
+        if cpu.get(k):
+            c = statistics.median(x[0] for x in cpu[k]) / gib
+            sv = statistics.median(x[1] for x in cpu[k]) / gib
+            out.append(f"| {label} | {mbps[k]:.1f} | {c:.2f} | {sv:.2f} |")
     out.append("")
     out.append("per-round seconds: " + ", ".join(
         f"{k}=[{' '.join(f'{x:.2f}' for x in v)}]" for k, v in res.items()))
@@ -492,7 +549,7 @@ def main() -> int:
         b.cleanup()
     size = args.size_mib * MiB
     mbps = summarize(size, out["times"])
-    text = table(args.size_mib, args.rounds, mbps, out["times"])
+    text = table(args.size_mib, args.rounds, mbps, out["times"], out["cpu"])
     hwm = ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in b.hwm.items())
     text += f"\n\ndaemon peak RSS (VmHWM): {hwm or 'n/a'}"
     text += f"\nsha256 check (mount read-back == source; SDK reads the mount's object): " \

@@ -6,12 +6,22 @@ Keying by ETag pins a version: a replaced object gets a new entry, and every ran
 ``If-Match`` so a block can never mix versions (design.md promise 4). Only ciphertext is
 written, exactly as the bucket holds it (promise 2); decryption happens in memory.
 
+Limits: the bytes of present blocks stay under ``max_size``, and the cache disk keeps
+``min_free`` bytes free; past either, the least recently used blocks are dropped by punching
+holes in their files. Blocks being fetched are not yet counted and never dropped; entries
+``pin``-ned (a deleted file still open) are never dropped. At most ``_MAX_OPEN_FDS`` cache files
+are open at once (least recently used closed first).
+
 State that may change across an ``await``: ``CacheEntry.present`` (a block is marked present
 only after its bytes are written) and ``CacheEntry.inflight`` (an Event per block being fetched,
 so concurrent readers of one block wait for one GET instead of issuing their own).
 """
 from __future__ import annotations
 
+import collections
+import ctypes
+import ctypes.util
+import errno
 import functools
 import hashlib
 import logging
@@ -27,6 +37,19 @@ log = logging.getLogger(__name__)
 
 _FETCH_CHUNK = 8 << 20  # bytes per ranged GET when filling a run of missing blocks
 _FETCH_PARALLEL = 4  # ranged GETs at once per read
+_MAX_OPEN_FDS = 256  # cache files kept open at once
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the disk blocks of ``[offset, offset+length)`` of a file, keeping its size
+    (fallocate(2) FALLOC_FL_PUNCH_HOLE; Python's os has no binding for it)."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                       ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class TruncatedObject(Exception):
@@ -36,36 +59,54 @@ class TruncatedObject(Exception):
 class CacheEntry:
     """One cached object version; see the module doc."""
 
-    def __init__(self, path: str, size: int, block_size: int):
+    def __init__(self, cache: "BlockCache", key: tuple[str, str], path: str, size: int):
+        self.cache = cache
+        self.key = key
         self.path = path
         self.size = size
-        self.block_size = block_size
-        self.nblocks = (size + block_size - 1) // block_size
+        self.block_size = cache.block_size
+        self.nblocks = (size + self.block_size - 1) // self.block_size
         self.present = bytearray(self.nblocks)  # 1 per block whose ciphertext is on disk
         self.inflight: dict[int, trio.Event] = {}
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.fd = fd
+        self.pinned = False  # never evicted (its object is gone but a handle still reads it)
+        self._fd = -1
 
-    def complete(self) -> bool:
-        return all(self.present)
+    @property
+    def fd(self) -> int:
+        """The open cache file (opened on demand; the cache bounds how many stay open)."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.cache._touch_fd(self)
+        return self._fd
+
+    def block_len(self, b: int) -> int:
+        return min(self.block_size, self.size - b * self.block_size)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class BlockCache:
-    """Ciphertext block cache in ``dir/objects``; one instance per mount."""
+    """Ciphertext block cache in ``dir/objects``; one instance per mount. ``max_size`` and
+    ``min_free`` in bytes."""
 
-    def __init__(self, dir: str, store: ObjectStore, block_size: int):
+    def __init__(self, dir: str, store: ObjectStore, block_size: int, *, max_size: int = 10 << 30,
+                 min_free: int = 512 << 20):
         self.dir = os.path.join(dir, "objects")
         self.store = store
         self.block_size = block_size
+        self.max_size = max_size
+        self.min_free = min_free
         # Entries from an earlier run are dropped: which blocks they hold was kept in memory.
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir, mode=0o700)
         self._entries: dict[tuple[str, str], CacheEntry] = {}
+        self._lru: collections.OrderedDict[tuple[tuple[str, str], int], None] = collections.OrderedDict()
+        self._open: collections.OrderedDict[tuple[str, str], CacheEntry] = collections.OrderedDict()
+        self.used = 0  # bytes of present blocks
+        self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0}
 
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest())
@@ -74,34 +115,106 @@ class BlockCache:
         """The entry of version (key, etag), created empty if new."""
         e = self._entries.get((key, etag))
         if e is None:
-            e = self._entries[(key, etag)] = CacheEntry(self._path(key, etag), size, self.block_size)
+            e = self._entries[(key, etag)] = CacheEntry(self, (key, etag), self._path(key, etag), size)
         return e
 
+    # -- accounting ---------------------------------------------------------------------
+    def _touch_fd(self, e: CacheEntry) -> None:
+        self._open[e.key] = e
+        self._open.move_to_end(e.key)
+        while len(self._open) > _MAX_OPEN_FDS:
+            _, old = self._open.popitem(last=False)
+            old.close()
+
+    def _mark_present(self, e: CacheEntry, b: int) -> None:
+        if not e.present[b]:
+            e.present[b] = 1
+            self.used += e.block_len(b)
+        self._lru[(e.key, b)] = None
+        self._lru.move_to_end((e.key, b))
+
+    def _forget_blocks(self, e: CacheEntry) -> None:
+        for b in range(e.nblocks):
+            if e.present[b]:
+                e.present[b] = 0
+                self.used -= e.block_len(b)
+                self._lru.pop((e.key, b), None)
+
+    def _free_space(self) -> int:
+        st = os.statvfs(self.dir)
+        return st.f_bavail * st.f_frsize
+
+    def evict(self, need: int = 0) -> int:
+        """Drop least recently used blocks until the limits hold (and ``need`` more bytes fit);
+        returns the bytes freed. Called after every fill, and by writers on ENOSPC."""
+        freed = 0
+        skipped = []
+        while self._lru and (self.used + need > self.max_size or self._free_space() < self.min_free + need):
+            (ekey, b), _ = self._lru.popitem(last=False)
+            e = self._entries.get(ekey)
+            if e is None or not e.present[b]:
+                continue
+            if e.pinned:
+                skipped.append((ekey, b))
+                continue
+            try:
+                punch_hole(e.fd, b * self.block_size, e.block_len(b))
+            except OSError as err:
+                log.warning("cannot drop a cache block of %r: %s", ekey[0], err)
+                skipped.append((ekey, b))
+                continue
+            e.present[b] = 0
+            self.used -= e.block_len(b)
+            freed += e.block_len(b)
+        for k in skipped:
+            self._lru[k] = None
+            self._lru.move_to_end(k, last=False)
+        self.stats["evicted_bytes"] += freed
+        return freed
+
+    # -- entries ------------------------------------------------------------------------
     def adopt(self, key: str, etag: str, size: int, path: str) -> None:
         """Take over ``path``, which holds the full ciphertext of version (key, etag) (a staged
         file just uploaded), so reading it back needs no GET."""
         dest = self._path(key, etag)
-        os.replace(path, dest)
         self.drop(key, etag)
-        e = self._entries[(key, etag)] = CacheEntry(dest, size, self.block_size)
-        e.present[:] = b"\1" * e.nblocks
+        os.replace(path, dest)
+        e = self._entries[(key, etag)] = CacheEntry(self, (key, etag), dest, size)
+        for b in range(e.nblocks):
+            self._mark_present(e, b)
+        self.evict()
 
     def rekey(self, key: str, etag: str, new_key: str, new_etag: str) -> None:
         """Version (key, etag) was copied to (new_key, new_etag) with the same ciphertext
         (rename, attribute change): its cached blocks now serve the copy."""
         e = self._entries.pop((key, etag), None)
-        if e is None:
+        if e is None or (key, etag) == (new_key, new_etag):
+            if e is not None:
+                self._entries[(key, etag)] = e
             return
         self.drop(new_key, new_etag)
+        present = [b for b in range(e.nblocks) if e.present[b]]
+        self._forget_blocks(e)
+        self._open.pop(e.key, None)
         dest = self._path(new_key, new_etag)
         os.replace(e.path, dest)
-        e.path = dest
-        self._entries[(new_key, new_etag)] = e
+        e.path, e.key = dest, (new_key, new_etag)
+        self._entries[e.key] = e
+        for b in present:
+            self._mark_present(e, b)
+
+    def pin(self, key: str, etag: str) -> None:
+        """Never evict version (key, etag): it is about to vanish from the store."""
+        e = self._entries.get((key, etag))
+        if e is not None:
+            e.pinned = True
 
     def drop(self, key: str, etag: str) -> None:
         """Forget version (key, etag) and delete its file."""
         e = self._entries.pop((key, etag), None)
         if e is not None:
+            self._forget_blocks(e)
+            self._open.pop(e.key, None)
             e.close()
             try:
                 os.unlink(e.path)
@@ -120,34 +233,53 @@ class BlockCache:
         if end <= offset:
             return b""
         e = self.entry(key, etag, size)
-        await self._ensure(key, etag, e, offset, max(end, min(size, fetch_until or 0)))
+        bs = self.block_size
+        ahead = min(size, fetch_until or 0, offset + self.max_size // 4)  # read-ahead within the limit
+        await self._ensure(key, etag, e, offset, max(end, ahead))
+        blocks = range(offset // bs, (end - 1) // bs + 1)
+        if not all(e.present[b] for b in blocks):
+            # The limits evicted what was just fetched (a read larger than max_size, a full
+            # disk), or another task's fetch failed: serve this read straight from the store.
+            data = await self.store.get_range(key, offset, end, if_match=etag)
+            if len(data) != end - offset:
+                raise TruncatedObject(f"object is truncated: asked bytes {offset}-{end - 1} of {size}, "
+                                      f"got {len(data)}")
+            return data
+        for b in blocks:
+            self._lru.move_to_end((e.key, b))
         return os.pread(e.fd, end - offset, offset)
 
     async def fetch_all(self, key: str, etag: str, size: int) -> None:
-        """Bring the whole version into the cache (an open file is about to be deleted)."""
+        """Bring the whole version into the cache and pin it (an open file is about to be
+        deleted, and its handles must go on reading it)."""
         if size:
-            await self._ensure(key, etag, self.entry(key, etag, size), 0, size)
+            e = self.entry(key, etag, size)
+            e.pinned = True
+            await self._ensure(key, etag, e, 0, size)
 
     async def _ensure(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:
+        """Fetch the missing blocks of ``[start, end)`` and wait for those other tasks are
+        fetching. One pass: the caller checks what is present (limits may evict at once)."""
         bs = self.block_size
         first, last = start // bs, (end - 1) // bs
-        while True:
-            waits = [e.inflight[b] for b in range(first, last + 1) if not e.present[b] and b in e.inflight]
-            missing = [b for b in range(first, last + 1) if not e.present[b] and b not in e.inflight]
-            if not missing and not waits:
-                return
-            if missing:
-                events = {b: trio.Event() for b in missing}
-                e.inflight.update(events)
-                try:
-                    await self._fetch_blocks(key, etag, e, missing)
-                finally:
-                    for b, ev in events.items():
-                        del e.inflight[b]
-                        ev.set()
-            for ev in waits:
-                await ev.wait()
-            # loop: a block another task was fetching may have failed and still be missing
+        waits = [e.inflight[b] for b in range(first, last + 1) if not e.present[b] and b in e.inflight]
+        missing = [b for b in range(first, last + 1) if not e.present[b] and b not in e.inflight]
+        if not missing and not waits:
+            self.stats["hits"] += 1
+            return
+        if missing:
+            self.stats["misses"] += 1
+            events = {b: trio.Event() for b in missing}
+            e.inflight.update(events)
+            try:
+                await self._fetch_blocks(key, etag, e, missing)
+            finally:
+                for b, ev in events.items():
+                    del e.inflight[b]
+                    ev.set()
+            self.evict()
+        for ev in waits:
+            await ev.wait()
 
     async def _fetch_blocks(self, key: str, etag: str, e: CacheEntry, blocks: list[int]) -> None:
         bs = self.block_size
@@ -164,9 +296,14 @@ class BlockCache:
             if len(data) != hi - lo:
                 raise TruncatedObject(f"object is truncated: asked bytes {lo}-{hi - 1} of "
                                       f"{e.size}, got {len(data)}")
-            os.pwrite(e.fd, data, lo)
+            try:
+                os.pwrite(e.fd, data, lo)
+            except OSError as err:
+                if err.errno != errno.ENOSPC or not self.evict(need=len(data)):
+                    raise
+                os.pwrite(e.fd, data, lo)  # room was made by dropping old blocks
             for b in range(lo // bs, (hi - 1) // bs + 1):
-                e.present[b] = 1
+                self._mark_present(e, b)
 
         await run_all([functools.partial(fetch, lo, hi) for lo, hi in ranges], _FETCH_PARALLEL)
 
@@ -174,3 +311,4 @@ class BlockCache:
         for e in self._entries.values():
             e.close()
         self._entries.clear()
+        self._open.clear()

@@ -55,6 +55,8 @@ class EncryptionConfig:
 class CacheConfig:
     dir: str
     block_size: int = 1 << 20  # bytes fetched per cache block
+    max_size: int = 10 << 30  # bytes of cached ciphertext at most (staged files come on top)
+    min_free: int = 512 << 20  # bytes kept free on the cache disk (least recently used blocks go first)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
     "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict},
     "encryption.rule": {"prefix": str, "encrypt_with": str},
-    "cache": {"dir": str, "block_size": int},
+    "cache": {"dir": str, "block_size": int, "max_size": int, "min_free": int},
     "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
               "multipart_threshold": int, "part_size": int, "upload_workers": int,
               "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "startup_timeout": (int, float),
@@ -202,7 +204,8 @@ def load(path: str) -> Config:
     bs = ca.get("block_size", 1 << 20)
     if bs < 4096 or bs % 4096:
         raise ConfigError(f"{path}: cache.block_size: must be a multiple of 4096 bytes")
-    cache = CacheConfig(dir=os.path.join(os.path.dirname(os.path.abspath(path)), ca["dir"]), block_size=bs)
+    cache = CacheConfig(dir=os.path.join(os.path.dirname(os.path.abspath(path)), ca["dir"]), block_size=bs,
+                        max_size=ca.get("max_size", 10 << 30), min_free=ca.get("min_free", 512 << 20))
 
     mo = _check_table(path, "mount", "mount", raw.get("mount", {}))
     mount = MountConfig(**mo)

@@ -144,7 +144,8 @@ class Filesystem:
         self.store = store
         self.keyring = keyring
         self.prefix = cfg.store.prefix
-        self.cache = BlockCache(cfg.cache.dir, store, cfg.cache.block_size)
+        self.cache = BlockCache(cfg.cache.dir, store, cfg.cache.block_size, max_size=cfg.cache.max_size,
+                                min_free=cfg.cache.min_free)
         self.staging = Staging(cfg.cache.dir)
         m = cfg.mount
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
@@ -590,7 +591,12 @@ class Filesystem:
             if h.append:
                 offset = node.staged.size
             try:
-                node.staged.write(offset, data)
+                try:
+                    node.staged.write(offset, data)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
+                        raise
+                    node.staged.write(offset, data)  # cached blocks made room
             except OSError as e:
                 log.error("staging a write to %r failed: %s", self.key(node.path), e)
                 raise FsError(e.errno or errno.EIO) from None

@@ -356,3 +356,26 @@ def test_objects_written_by_other_sdks_read_through_the_mount(make_mount):
             f.seek(10_001)
             assert f.read(333) == src[10_001:10_334]
     assert read(m.path("sdk", "legacy")) == b"a" * (1 << 20)
+
+
+def test_cache_stays_within_max_size(make_mount):
+    """A read of more than cache.max_size leaves at most max_size of blocks on disk, and the
+    data is still right (evicted blocks are fetched again)."""
+    m = make_mount(extra="[cache]\n") if False else make_mount(start=False)
+    with open(m.config) as f:
+        cfg = f.read().replace("[cache]\n", "[cache]\nmax_size = 2097152\nblock_size = 262144\n")
+    with open(m.config, "w") as f:
+        f.write(cfg)
+    m.start()
+    data = os.urandom(6 << 20)
+    with open(m.path("big"), "wb") as f:
+        f.write(data)
+    m.remount()
+    assert read(m.path("big")) == data
+    used = sum(os.stat(os.path.join(dp, n)).st_blocks * 512
+               for dp, _, ns in os.walk(os.path.join(m.cache, "objects")) for n in ns)
+    assert used <= 2 * 1048576 + 262144, used
+    with open(m.path("big"), "rb") as f:  # random reads after eviction
+        for off in (5 << 20, 17, 3 << 20, 1 << 20):
+            f.seek(off)
+            assert f.read(1000) == data[off:off + 1000]
