@@ -32,9 +32,16 @@ class StoreConfig:
 @dataclass(frozen=True)
 class CmkConfig:
     id: str
-    type: str
-    private_key: str | None = None
+    type: str  # "rsa" or "kms"
+    private_key: str | None = None  # rsa: PKCS#1 or PKCS#8 PEM file
     matdesc: dict[str, str] | None = None
+    default_for_no_matdesc: bool = False  # reads objects that carry no matdesc
+    key_id: str | None = None  # kms: the KMS key id or alias
+    region: str | None = None  # kms
+    endpoint: str | None = None  # kms: default https://kms.<region>.aliyuncs.com
+    encoding: str = "oss2"  # kms: header encoding written, "oss2" (oss2 ≥ 2.11) or "raw" (Go, Java)
+    passphrase: str | None = None  # kms: oss2's EncryptionContext {"x-passphrase": ...}
+    credentials_file: str | None = None  # kms: own credentials (TOML, 0600); default: the mount's
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
               "credentials_file": str, "ram_role": str, "metadata_url": str, "max_copy_size": int,
               "retries": int},
     "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
-    "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict},
+    "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict,
+                       "default_for_no_matdesc": bool, "key_id": str, "region": str, "endpoint": str,
+                       "encoding": str, "passphrase": str, "credentials_file": str},
     "encryption.rule": {"prefix": str, "encrypt_with": str},
     "cache": {"dir": str, "block_size": int, "max_size": int, "min_free": int},
     "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
@@ -171,19 +180,37 @@ def load(path: str) -> Config:
     for i, c in enumerate(en["cmk"]):
         where = f"encryption.cmk[{i}]"
         c = _check_table(path, "encryption.cmk", where, c)
-        if c["type"] != "rsa":
-            raise ConfigError(f"{path}: {where}.type: unknown CMK type {c['type']!r} (known: rsa)")
-        if "private_key" not in c:
-            raise ConfigError(f"{path}: {where}.private_key: required for type \"rsa\"")
-        key_path = os.path.join(os.path.dirname(os.path.abspath(path)), c["private_key"])
-        if not os.path.isfile(key_path):
-            raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
-        if not os.access(key_path, os.R_OK):
-            raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
+        base = os.path.dirname(os.path.abspath(path))
         md = c.get("matdesc")
         if md is not None and not all(isinstance(v, str) for v in md.values()):
             raise ConfigError(f"{path}: {where}.matdesc: values must be strings")
-        cmks.append(CmkConfig(id=c["id"], type=c["type"], private_key=key_path, matdesc=md))
+        common = dict(id=c["id"], type=c["type"], matdesc=md,
+                      default_for_no_matdesc=c.get("default_for_no_matdesc", False))
+        if c["type"] == "rsa":
+            if "private_key" not in c:
+                raise ConfigError(f"{path}: {where}.private_key: required for type \"rsa\"")
+            key_path = os.path.join(base, c["private_key"])
+            if not os.path.isfile(key_path):
+                raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
+            if not os.access(key_path, os.R_OK):
+                raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
+            cmks.append(CmkConfig(private_key=key_path, **common))
+        elif c["type"] == "kms":
+            for k in ("key_id", "region"):
+                if k not in c:
+                    raise ConfigError(f"{path}: {where}.{k}: required for type \"kms\"")
+            if c.get("encoding", "oss2") not in ("oss2", "raw"):
+                raise ConfigError(f"{path}: {where}.encoding: must be \"oss2\" or \"raw\"")
+            creds = c.get("credentials_file")
+            if creds is not None:
+                creds = os.path.join(base, creds)
+                if not os.path.isfile(creds):
+                    raise ConfigError(f"{path}: {where}.credentials_file: no such file {creds!r}")
+            cmks.append(CmkConfig(key_id=c["key_id"], region=c["region"], endpoint=c.get("endpoint"),
+                                  encoding=c.get("encoding", "oss2"), passphrase=c.get("passphrase"),
+                                  credentials_file=creds, **common))
+        else:
+            raise ConfigError(f"{path}: {where}.type: unknown CMK type {c['type']!r} (known: kms, rsa)")
     ids = [c.id for c in cmks]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{path}: encryption.cmk: duplicate id")

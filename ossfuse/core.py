@@ -26,7 +26,7 @@ import trio
 from . import envelope as env
 from .cache import BlockCache, TruncatedObject
 from .config import Config
-from .keyring import KeyMissing, Keyring
+from .keyring import CmkUnavailable, KeyMissing, Keyring
 from .staging import StagedFile, Staging
 from .store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from .upload import Uploader
@@ -489,8 +489,9 @@ class Filesystem:
         async with self._ns_lock:
             await self._check_absent(parent, name)
             path = self.join(parent.path, name)
+            envelope = await self._new_envelope(path)
             node = self._new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid, time.time_ns())
-            node.staged = self.staging.new(self.keyring.new_envelope(path))
+            node.staged = self.staging.new(envelope)
             self._mark_dirty(node)
             node.lookups += 1
             self._touch(parent)
@@ -545,7 +546,7 @@ class Filesystem:
         except KeyMissing as e:
             log.error("cannot open %r: %s", v.key, e)
             raise FsError(errno.EACCES) from None
-        except (env.EnvelopeError, TruncatedObject) as e:
+        except (env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
             log.error("cannot open %r: %s", v.key, e)
             raise FsError(errno.EIO) from None
 
@@ -603,12 +604,21 @@ class Filesystem:
             node.mtime_ns = node.ctime_ns = time.time_ns()
         return len(data)
 
+    async def _new_envelope(self, path: str) -> env.Envelope:
+        """A fresh data key and IV for a new version of ``path`` (in a thread: a KMS CMK makes
+        a network call). FsError(EIO) with a log line when the CMK's service is unreachable."""
+        try:
+            return await trio.to_thread.run_sync(self.keyring.new_envelope, path)
+        except (CmkUnavailable, env.EnvelopeError) as e:
+            log.error("cannot write %r: no data key: %s", self.key(path), e)
+            raise FsError(errno.EIO) from None
+
     async def _ensure_staged(self, node: Node, keep: int) -> None:
         """Give ``node`` a staged version holding its first ``keep`` bytes (node.lock held):
         a fresh data key and IV, and the current content re-encrypted under them."""
         if node.staged is not None:
             return
-        staged = self.staging.new(self.keyring.new_envelope(node.path))
+        staged = self.staging.new(await self._new_envelope(node.path))
         try:
             v = node.version
             if v is not None:
@@ -771,7 +781,7 @@ class Filesystem:
                 continue
             try:
                 entry.staged.envelope = self.keyring.open_envelope(wrapped)
-            except (env.EnvelopeError, KeyMissing) as e:
+            except (env.EnvelopeError, KeyMissing, CmkUnavailable) as e:
                 log.error("journaled %r cannot be decrypted here (%s); it is uploaded as it is", entry.key, e)
                 entry.staged.envelope = _OpaqueEnvelope(wrapped)
             node = self._node_from_info(path, ObjectInfo(entry.key, entry.staged.size, "", time.time(), meta), False)
@@ -924,8 +934,8 @@ class Filesystem:
         async with self._ns_lock:
             await self._check_absent(parent, name)
             path = self.join(parent.path, name)
+            envelope = await self._new_envelope(path)
             node = self._new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
-            envelope = self.keyring.new_envelope(path)
             data = target.encode("utf-8", "surrogateescape")
             meta = self._file_metadata(node, envelope.wrapped, len(data))
             try:

@@ -68,7 +68,20 @@ def read_registry(mountpoint: str) -> dict | None:
         return None
 
 
-def open_store(cfg: Config) -> ObjectStore:
+def credentials_for(cfg: Config):
+    """The mount's credentials provider (OSS and KMS CMKs without their own): the chain of
+    open_store's docstring; resolved on first use, so a local store without KMS needs none."""
+    from .store.credentials import CredentialChain
+    st = cfg.store
+    cred_file = st.credentials_file
+    systemd_cred = os.path.join(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent"), "oss")
+    if cred_file is None and os.path.isfile(systemd_cred):
+        cred_file = systemd_cred
+    return CredentialChain(cred_file, ram_role=st.ram_role is not None,
+                           role=None if st.ram_role in (None, "auto") else st.ram_role, imds_url=st.metadata_url)
+
+
+def open_store(cfg: Config, credentials=None) -> ObjectStore:
     """The store of ``cfg``. OSS credentials come from ``store.credentials_file``, else a
     systemd credential named ``oss`` (LoadCredential=oss:FILE), else OSS_ACCESS_KEY_ID /
     OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN, else the ECS RAM role when ``store.ram_role``
@@ -76,14 +89,8 @@ def open_store(cfg: Config) -> ObjectStore:
     st = cfg.store
     if st.url.startswith("local://"):
         return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
-    from .store.credentials import CredentialChain
     from .store.oss import OssStore
-    cred_file = st.credentials_file
-    systemd_cred = os.path.join(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent"), "oss")
-    if cred_file is None and os.path.isfile(systemd_cred):
-        cred_file = systemd_cred
-    chain = CredentialChain(cred_file, ram_role=st.ram_role is not None,
-                            role=None if st.ram_role in (None, "auto") else st.ram_role, imds_url=st.metadata_url)
+    chain = credentials or credentials_for(cfg)
     try:
         extra = {"max_copy_size": st.max_copy_size} if st.max_copy_size else {}
         return OssStore.from_url(st.url, endpoint=st.endpoint, region=st.region, signature=st.signature,
@@ -158,11 +165,12 @@ def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
     try:
+        credentials = credentials_for(cfg)
         try:
-            keyring = Keyring(cfg.encryption)
+            keyring = Keyring(cfg.encryption, credentials)
         except (OSError, ValueError) as e:
             raise MountError(f"cannot load CMK: {e}") from None
-        store = open_store(cfg)
+        store = open_store(cfg, credentials)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
         return trio.run(_serve, cfg, fs, mountpoint, options, on_ready, errors)
     finally:

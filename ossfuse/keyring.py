@@ -4,9 +4,10 @@ A CMK (customer master key) wraps and unwraps data keys and IVs; it never leaves
 Selection rules (docs/semantics.md, "Keys"):
 - new objects: the first ``[[encryption.rule]]`` whose ``prefix`` starts the object's path, else
   ``encryption.encrypt_with``;
-- reading: a CMK whose wrap algorithm equals the object's ``wrap-alg`` and whose matdesc equals the
-  object's matdesc compared as parsed JSON maps (SDKs serialise it differently, §5); an object
-  with no matdesc is read with a CMK that has none, else with the ``encrypt_with`` CMK.
+- reading: a CMK that reads the object's ``wrap-alg`` and whose matdesc equals the object's
+  matdesc compared as parsed JSON maps (SDKs serialise it differently, §5); an object with no
+  matdesc is read with the CMK marked ``default_for_no_matdesc``, else one that has no matdesc,
+  else the ``encrypt_with`` CMK (each only if it reads the object's wrap-alg).
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from .config import CmkConfig, EncryptionConfig
 log = logging.getLogger(__name__)
 
 WRAP_RSA = "RSA/NONE/PKCS1Padding"  # §4.1, exact case as written by all SDKs
+
+
+class CmkUnavailable(Exception):
+    """The CMK's service (KMS) cannot be reached right now; the operation may work later."""
 
 
 class KeyMissing(Exception):
@@ -121,7 +126,15 @@ def generate_rsa_cmk(path: str, bits: int = 3072) -> None:
         f.write(pub)
 
 
-_CMK_TYPES: dict[str, type[Cmk]] = {"rsa": RsaCmk}
+def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:
+    if cfg.type == "kms":
+        from .kms import KmsCmk  # kms imports this module
+        own = None
+        if cfg.credentials_file:
+            from .store.credentials import FileCredentialsProvider
+            own = FileCredentialsProvider(cfg.credentials_file)
+        return KmsCmk(cfg, own or credentials)
+    return RsaCmk(cfg)
 
 
 class Keyring:
@@ -130,8 +143,10 @@ class Keyring:
 
     _CACHE_SIZE = 4096
 
-    def __init__(self, cfg: EncryptionConfig):
-        self.cmks: dict[str, Cmk] = {c.id: _CMK_TYPES[c.type](c) for c in cfg.cmks}
+    def __init__(self, cfg: EncryptionConfig, credentials=None):
+        """``credentials``: the mount's credentials provider, used by KMS CMKs that name none."""
+        self.cmks: dict[str, Cmk] = {c.id: _make_cmk(c, credentials) for c in cfg.cmks}
+        self.no_matdesc = [self.cmks[c.id] for c in cfg.cmks if c.default_for_no_matdesc]
         self.default = self.cmks[cfg.encrypt_with]
         self.rules = [(r.prefix, self.cmks[r.encrypt_with]) for r in cfg.rules]
         self._unwrapped: OrderedDict[tuple[bytes, bytes], env.Envelope] = OrderedDict()
@@ -147,20 +162,22 @@ class Keyring:
     def new_envelope(self, path: str) -> env.Envelope:
         """A fresh data key and IV for a new object version at ``path``, wrapped by its CMK."""
         cmk = self.cmk_for_new(path)
-        key, iv = env.new_data_key(), env.new_iv()
-        wrapped = env.WrappedEnvelope(cmk.wrap(key), cmk.wrap(iv), cmk.wrap_alg,
-                                      cmk.matdesc, cmk.matdesc_raw)
+        iv = env.new_iv()
+        if hasattr(cmk, "new_data_key"):  # KMS makes the data key itself (GenerateDataKey, §4.2b)
+            key, wrapped_key = cmk.new_data_key()
+        else:
+            key = env.new_data_key()
+            wrapped_key = cmk.wrap(key)
+        wrapped = env.WrappedEnvelope(wrapped_key, cmk.wrap(iv), cmk.wrap_alg, cmk.matdesc, cmk.matdesc_raw)
         return env.Envelope(key, iv, wrapped, cmk.id)
 
     def cmk_for(self, wrapped: env.WrappedEnvelope) -> Cmk:
         """The CMK that reads ``wrapped``; raises KeyMissing when none matches."""
         candidates = [c for c in self.cmks.values() if c.reads(wrapped.wrap_alg)]
         if wrapped.matdesc is None:
-            plain = [c for c in candidates if c.matdesc is None]
-            if plain:
-                return plain[0]
-            if self.default in candidates:
-                return self.default
+            for c in self.no_matdesc + [c for c in candidates if c.matdesc is None] + [self.default]:
+                if c in candidates:
+                    return c
         else:
             for c in candidates:
                 if c.matdesc == wrapped.matdesc:

@@ -69,7 +69,7 @@ from aliyunsdkcore.client import AcsClient
 from aliyunsdkkms.request.v20160120 import DecryptRequest, EncryptRequest, GenerateDataKeyRequest
 
 from . import envelope as env
-from .keyring import Cmk
+from .keyring import Cmk, CmkUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ _RETRY_CODES = ("Throttling", "ServiceUnavailable", "InternalFailure", "Internal
                 "Rejected.Throttling")
 
 
-class KmsUnavailable(Exception):
+class KmsUnavailable(CmkUnavailable):
     """KMS could not be reached or kept answering 5xx/throttling after the configured retries.
     ``endpoint`` names the KMS endpoint, ``reason`` the last failure."""
 

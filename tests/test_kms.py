@@ -433,21 +433,23 @@ def test_legacy_envelope_made_by_local_kms(kms, key_id):
 
 
 # ----------------------------------------------------------------------------- keyring
-def test_with_the_current_keyring(kms, key_id, monkeypatch):
-    """Keyring as it is today (random data key + cmk.wrap, open_envelope) with a KmsCmk."""
-    monkeypatch.setitem(keyring._CMK_TYPES, "kms", KmsCmk)
+def test_with_the_keyring(kms, key_id):
+    """The keyring with a KMS CMK: GenerateDataKey makes the data key, oss2 reads it."""
     creds = StaticCredentialsProvider(AK, SK)
     cmk_cfg = SimpleNamespace(id="k", type="kms", key_id=key_id, region=REGION, endpoint=kms.endpoint,
-                              matdesc={"kms": "team"}, credentials=creds, encoding=None, passphrase="p")
+                              matdesc={"kms": "team"}, credentials_file=None, encoding="oss2", passphrase="p",
+                              default_for_no_matdesc=False)
     enc = SimpleNamespace(cmks=(cmk_cfg,), encrypt_with="k", rules=())
-    ring = keyring.Keyring(enc)
+    ring = keyring.Keyring(enc, creds)
+    kms.reset_counts()
     envl = ring.new_envelope("a/file")
+    assert kms.counts.get("GenerateDataKey") == 1
     headers = envl.wrapped.headers()
     assert headers[env.H_WRAP_ALG] == "KMS/ALICLOUD" and headers[env.H_MATDESC] == '{"kms": "team"}'
     # readable by oss2 (Encrypt(base64(key)) decrypts like a GenerateDataKey blob)
     prov = make_provider(kms, key_id, "p")
     assert prov.decrypt_encrypted_key(base64.b64decode(headers[env.H_KEY])) == envl.data_key
-    opened = keyring.Keyring(enc).open_envelope(env.parse_envelope(headers))
+    opened = keyring.Keyring(enc, creds).open_envelope(env.parse_envelope(headers))
     assert (opened.data_key, opened.iv) == (envl.data_key, envl.iv)
 
 

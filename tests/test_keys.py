@@ -1,0 +1,141 @@
+"""CMK selection per mount, through real mounts on the OSS test server with a local KMS:
+several CMKs (RSA with matdescs, KMS), rules by prefix, oss2 CryptoBucket + AliKMSProvider
+interop, and the errors of a missing key, an unknown matdesc and an unreachable KMS."""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import oss2
+import pytest
+from oss2.crypto import AliKMSProvider
+
+from conftest import AK, BUCKET, REGION, SK, Mount, run_sync
+from kms_server import KmsTestServer
+from ossfuse import envelope as env
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def kms():
+    with KmsTestServer({AK: SK}) as server:
+        yield server
+
+
+def rsa_provider(pem_path: str, matdesc=None):
+    with open(pem_path) as f, open(pem_path + ".pub") as g:
+        return oss2.crypto.RsaProvider(key_pair={"private_key": f.read(), "public_key": g.read()}, mat_desc=matdesc)
+
+
+def kms_provider(kms, key_id: str):
+    prov = AliKMSProvider(AK, SK, REGION, key_id)
+    prov.kms_client.add_endpoint(REGION, "Kms", kms.endpoint)
+    prov.kms_client.set_auto_retry(False)
+    return prov
+
+
+def keyring_config(cmk_path: str, other_cmk_path: str, kms, key_id: str) -> str:
+    return f"""
+[[encryption.cmk]]
+id = "hr-rsa"
+type = "rsa"
+private_key = "{other_cmk_path}"
+matdesc = {{ dept = "hr" }}
+
+[[encryption.cmk]]
+id = "fin-kms"
+type = "kms"
+key_id = "{key_id}"
+region = "{REGION}"
+endpoint = "{kms.endpoint}"
+
+[[encryption.rule]]
+prefix = "hr/"
+encrypt_with = "hr-rsa"
+
+[[encryption.rule]]
+prefix = "finance/"
+encrypt_with = "fin-kms"
+"""
+
+
+@pytest.fixture
+def keyed(tmp_path, cmk_path, other_cmk_path, oss_server, kms):
+    key_id = kms.create_key()
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server,
+              extra=keyring_config(cmk_path, other_cmk_path, kms, key_id))
+    m.start()
+    try:
+        yield m, key_id
+    finally:
+        m.cleanup()
+
+
+def crypto_bucket(m: Mount, provider):
+    return oss2.CryptoBucket(oss2.AuthV4(AK, SK), m.server.endpoint, BUCKET, crypto_provider=provider, region=REGION)
+
+
+def test_three_cmks_and_two_rules_pick_the_right_key(keyed, cmk_path, other_cmk_path, kms):
+    m, key_id = keyed
+    for d in ("hr", "finance", "misc"):
+        os.mkdir(m.path(d))
+        with open(m.path(d, "doc"), "wb") as f:
+            f.write(d.encode() * 1000)
+    assert m.stop() == 0
+    meta = {d: m.head(f"{d}/doc").metadata for d in ("hr", "finance", "misc")}
+    assert meta["hr"][env.H_WRAP_ALG] == "RSA/NONE/PKCS1Padding"
+    assert meta["hr"][env.H_MATDESC] == '{"dept": "hr"}'
+    assert meta["finance"][env.H_WRAP_ALG] == "KMS/ALICLOUD"
+    assert meta["misc"][env.H_WRAP_ALG] == "RSA/NONE/PKCS1Padding" and env.H_MATDESC not in meta["misc"]
+    # each readable by oss2 with only its own CMK
+    assert crypto_bucket(m, rsa_provider(other_cmk_path, {"dept": "hr"})).get_object("hr/doc").read() == b"hr" * 1000
+    assert crypto_bucket(m, kms_provider(kms, key_id)).get_object("finance/doc").read() == b"finance" * 1000
+    assert crypto_bucket(m, rsa_provider(cmk_path)).get_object("misc/doc").read() == b"misc" * 1000
+    # objects written by oss2 under each CMK read through the mount
+    crypto_bucket(m, kms_provider(kms, key_id)).put_object("finance/by-oss2", b"kms object from oss2")
+    crypto_bucket(m, rsa_provider(other_cmk_path, {"dept": "hr"})).put_object("misc/hr-key", b"hr key elsewhere")
+    m.start()
+    for d in ("hr", "finance", "misc"):
+        assert open(m.path(d, "doc"), "rb").read() == d.encode() * 1000
+    assert open(m.path("finance", "by-oss2"), "rb").read() == b"kms object from oss2"
+    assert open(m.path("misc", "hr-key"), "rb").read() == b"hr key elsewhere"
+    kms.reset_counts()
+    for _ in range(3):  # unwrapped data keys are cached: reopening does not call KMS again
+        assert open(m.path("finance", "by-oss2"), "rb").read() == b"kms object from oss2"
+    assert kms.counts.get("Decrypt", 0) == 0
+
+
+def test_missing_key_unknown_matdesc_and_unreachable_kms(keyed, tmp_path, kms):
+    m, key_id = keyed
+    from ossfuse.keyring import generate_rsa_cmk
+    stranger = str(tmp_path / "stranger.pem")
+    generate_rsa_cmk(stranger, bits=2048)
+    crypto_bucket(m, rsa_provider(stranger, {"dept": "unknown"})).put_object("misc/unknown-matdesc", b"x")
+    crypto_bucket(m, rsa_provider(stranger)).put_object("misc/missing-key", b"y")
+    with open(m.path("misc", "fine"), "wb") as f:
+        f.write(b"fine")
+    time.sleep(0.6)
+    for name, want in (("unknown-matdesc", errno.EACCES), ("missing-key", errno.EIO)):
+        with pytest.raises(OSError) as e:
+            open(m.path("misc", name), "rb").read()
+        assert e.value.errno == want, name
+    log = m.log()
+    assert "'misc/unknown-matdesc'" in log and '{"dept": "unknown"}' in log
+    assert "'misc/missing-key'" in log and "cannot unwrap" in log
+    os.mkdir(m.path("finance"))
+    kms.stop()
+    with pytest.raises(OSError) as e:  # new writes under the KMS rule fail clearly
+        with open(m.path("finance", "new"), "wb") as f:
+            f.write(b"z")
+    assert e.value.errno == errno.EIO
+    assert "no data key" in m.log() and "unavailable" in m.log()
+    assert open(m.path("misc", "fine"), "rb").read() == b"fine"  # RSA objects go on
+    with open(m.path("misc", "more"), "wb") as f:
+        f.write(b"rsa writes go on")
+    kms.start()
+    with open(m.path("finance", "new"), "wb") as f:
+        f.write(b"z")
+    assert m.stop() == 0
+    assert m.head("finance/new").metadata[env.H_WRAP_ALG] == "KMS/ALICLOUD"
