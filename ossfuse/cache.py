@@ -35,8 +35,9 @@ from .store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
-_FETCH_CHUNK = 8 << 20  # bytes per ranged GET when filling a run of missing blocks
+_FETCH_CHUNK = 4 << 20  # bytes per ranged GET when filling a run of missing blocks
 _FETCH_PARALLEL = 4  # ranged GETs at once per read
+_PREFETCH_PARALLEL = 8  # read-ahead GETs at once, all files together (≤ 32 MiB in memory)
 _MAX_OPEN_FDS = 256  # cache files kept open at once
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -69,6 +70,7 @@ class CacheEntry:
         self.present = bytearray(self.nblocks)  # 1 per block whose ciphertext is on disk
         self.inflight: dict[int, trio.Event] = {}
         self.pinned = False  # never evicted (its object is gone but a handle still reads it)
+        self.dropped = False  # forgotten by the cache: late fetches must not recreate its file
         self._fd = -1
 
     @property
@@ -106,7 +108,13 @@ class BlockCache:
         self._lru: collections.OrderedDict[tuple[tuple[str, str], int], None] = collections.OrderedDict()
         self._open: collections.OrderedDict[tuple[str, str], CacheEntry] = collections.OrderedDict()
         self.used = 0  # bytes of present blocks
-        self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0}
+        self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0}
+        self._nursery: trio.Nursery | None = None
+        self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Allow background read-ahead, run in ``nursery`` (without one, read-ahead is off)."""
+        self._nursery = nursery
 
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest())
@@ -213,6 +221,7 @@ class BlockCache:
         """Forget version (key, etag) and delete its file."""
         e = self._entries.pop((key, etag), None)
         if e is not None:
+            e.dropped = True
             self._forget_blocks(e)
             self._open.pop(e.key, None)
             e.close()
@@ -234,8 +243,10 @@ class BlockCache:
             return b""
         e = self.entry(key, etag, size)
         bs = self.block_size
-        ahead = min(size, fetch_until or 0, offset + self.max_size // 4)  # read-ahead within the limit
-        await self._ensure(key, etag, e, offset, max(end, ahead))
+        await self._ensure(key, etag, e, offset, end)
+        ahead = min(size, fetch_until or 0, end + self.max_size // 4)  # read-ahead within the limit
+        if ahead > end:
+            self._prefetch(key, etag, e, end, ahead)
         blocks = range(offset // bs, (end - 1) // bs + 1)
         if not all(e.present[b] for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
@@ -256,6 +267,33 @@ class BlockCache:
             e = self.entry(key, etag, size)
             e.pinned = True
             await self._ensure(key, etag, e, 0, size)
+
+    def _prefetch(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:
+        """Fetch the missing blocks of ``[start, end)`` in the background, in parallel ranged
+        GETs; a reader that needs one of them waits for its fetch instead of issuing another."""
+        if self._nursery is None:
+            return
+        bs = self.block_size
+        missing = [b for b in range(start // bs, (end - 1) // bs + 1) if not e.present[b] and b not in e.inflight]
+        chunk = max(1, _FETCH_CHUNK // bs)
+        for i in range(0, len(missing), chunk):
+            blocks = missing[i:i + chunk]
+            events = {b: trio.Event() for b in blocks}
+            e.inflight.update(events)
+            self._nursery.start_soon(self._prefetch_blocks, key, etag, e, blocks, events)
+
+    async def _prefetch_blocks(self, key, etag, e: CacheEntry, blocks: list[int], events) -> None:
+        try:
+            async with self._prefetch_limiter:
+                await self._fetch_blocks(key, etag, e, blocks)
+            self.stats["prefetched_bytes"] += sum(e.block_len(b) for b in blocks)
+            self.evict()
+        except Exception as err:  # noqa: BLE001 - read-ahead is best effort; the reader refetches
+            log.debug("read-ahead of %r failed: %s", key, err)
+        finally:
+            for b, ev in events.items():
+                e.inflight.pop(b, None)
+                ev.set()
 
     async def _ensure(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:
         """Fetch the missing blocks of ``[start, end)`` and wait for those other tasks are
@@ -296,6 +334,8 @@ class BlockCache:
             if len(data) != hi - lo:
                 raise TruncatedObject(f"object is truncated: asked bytes {lo}-{hi - 1} of "
                                       f"{e.size}, got {len(data)}")
+            if e.dropped:
+                return
             try:
                 os.pwrite(e.fd, data, lo)
             except OSError as err:

@@ -1,4 +1,5 @@
-"""The ``ossfuse`` command: mount, umount, status, keygen, quickstart; and the mount(8) helper.
+"""The ``ossfuse`` command: mount, umount, status, rekey, check, keygen, quickstart; and the
+mount(8) helper.
 
 Exit status: 0 success; 1 a one-line error on stderr (bad config, missing key file, mount point
 busy, …); 75 unmounted but uploads are still journaled (they finish on the next mount).
@@ -188,6 +189,56 @@ def mount_helper(argv: list[str] | None = None) -> int:
     return main(["mount", "-c", args.config, args.mountpoint] + [x for o in args.o or [] for x in ("-o", o)])
 
 
+def _tool_setup(args):
+    """Config, keyring and store for the commands that work on the store directly."""
+    from .daemon import credentials_for, open_store
+    from .keyring import Keyring
+    cfg = config_mod.load(args.config)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="ossfuse: %(message)s")
+    credentials = credentials_for(cfg)
+    return cfg, Keyring(cfg.encryption, credentials), open_store(cfg, credentials)
+
+
+def cmd_rekey(args) -> int:
+    import trio
+    from . import rekey
+    try:
+        cfg, keyring, store = _tool_setup(args)
+    except (config_mod.ConfigError, MountError, OSError, ValueError) as e:
+        return _die(str(e))
+    for name in (args.from_id, args.to_id):
+        if name is not None and name not in keyring.cmks:
+            return _die(f"{cfg.path}: no CMK with id {name!r}")
+
+    async def run():
+        total = 0
+        if not args.dry_run:  # size the progress bar with a first, cheap listing pass
+            async for o in rekey._all_objects(store, cfg.store.prefix + args.path.strip("/")):
+                total += o.size
+        update, close = rekey.progress_bar(total)
+        try:
+            return await rekey.rekey(cfg, store, keyring, path=args.path, from_id=args.from_id, to_id=args.to_id,
+                                     dry_run=args.dry_run, progress=update)
+        finally:
+            close()
+
+    summary = trio.run(run)
+    print(summary.render(args.dry_run))
+    return 1 if summary.failed else 0
+
+
+def cmd_check(args) -> int:
+    from . import rekey
+    try:
+        cfg, keyring, store = _tool_setup(args)
+    except (config_mod.ConfigError, MountError, OSError, ValueError) as e:
+        return _die(str(e))
+    results = rekey.check(cfg, keyring, store)
+    for ok, line in results:
+        print(("ok    " if ok else "FAIL  ") + line)
+    return 0 if all(ok for ok, _ in results) else 1
+
+
 def cmd_keygen(args) -> int:
     try:
         generate_rsa_cmk(args.path, args.bits)
@@ -274,6 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("mountpoint")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("rekey", help="re-wrap objects' data keys to another CMK (content untouched)")
+    r.add_argument("-c", "--config", required=True)
+    r.add_argument("--from", dest="from_id", metavar="ID", help="only objects wrapped by this CMK")
+    r.add_argument("--to", dest="to_id", metavar="ID", help="target CMK (default: what the rules pick)")
+    r.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    r.add_argument("path", nargs="?", default="", help="directory under the mount's prefix (default: all)")
+    r.set_defaults(fn=cmd_rekey)
+
+    ch = sub.add_parser("check", help="prove every CMK wraps and unwraps, and the store answers")
+    ch.add_argument("-c", "--config", required=True)
+    ch.set_defaults(fn=cmd_check)
 
     k = sub.add_parser("keygen", help="write a new RSA CMK (PATH and PATH.pub)")
     k.add_argument("path")

@@ -216,6 +216,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     try:
         async with trio.open_nursery() as nursery:
             fs._nursery = nursery
+            fs.cache.start(nursery)
             for _ in range(cfg.mount.upload_workers):
                 nursery.start_soon(fs.upload_worker)
             nursery.start_soon(_on_signals)

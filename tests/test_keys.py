@@ -139,3 +139,59 @@ def test_missing_key_unknown_matdesc_and_unreachable_kms(keyed, tmp_path, kms):
         f.write(b"z")
     assert m.stop() == 0
     assert m.head("finance/new").metadata[env.H_WRAP_ALG] == "KMS/ALICLOUD"
+
+
+def test_rekey_200_objects_from_rsa_to_kms_then_nothing(tmp_path, cmk_path, other_cmk_path, oss_server, kms):
+    import subprocess
+    from conftest import OSSFUSE
+    key_id = kms.create_key()
+    m = Mount(str(tmp_path / "m"), cmk_path, "multipart_threshold = 300000\npart_size = 102400", server=oss_server,
+              extra=keyring_config(cmk_path, other_cmk_path, kms, key_id))
+    rsa_cb = crypto_bucket(m, rsa_provider(cmk_path))
+    payloads = {f"tree/d{i % 7}/f{i:03d}": os.urandom(i * 37) for i in range(199)}
+    for key, data in payloads.items():
+        rsa_cb.put_object(key, data)
+    m.start()
+    big = os.urandom(700_001)  # a multipart object written by the mount
+    with open(m.path("tree", "big"), "wb") as f:
+        f.write(big)
+    assert m.stop() == 0
+    payloads["tree/big"] = big
+    assert m.head("tree/big").metadata[env.H_PART_SIZE] == "102400"
+
+    def rekey(*extra):
+        return subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--from", "main", "--to", "fin-kms", *extra, "tree"],
+                              capture_output=True, text=True, env=m.env, timeout=120)
+
+    r = rekey("--dry-run")
+    assert r.returncode == 0 and "would change: 200 object(s)" in r.stdout, r.stdout + r.stderr
+    assert m.head("tree/big").metadata[env.H_WRAP_ALG] == "RSA/NONE/PKCS1Padding"
+    r = rekey()
+    assert r.returncode == 0 and "changed: 200 object(s)" in r.stdout, r.stdout + r.stderr
+    kms_cb = crypto_bucket(m, kms_provider(kms, key_id))  # only the new CMK
+    for key, data in payloads.items():
+        assert kms_cb.get_object(key).read() == data, key
+        assert m.head(key).metadata[env.H_WRAP_ALG] == "KMS/ALICLOUD"
+    assert kms_cb.get_object("tree/big", byte_range=(102395, 102420)).read() == big[102395:102421]
+    r = rekey()  # a second run finds nothing left on the old CMK
+    assert "changed: 0 object(s)" in r.stdout and "skipped, other CMK: 200" in r.stdout, r.stdout
+    r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "fin-kms", "tree"], capture_output=True,
+                       text=True, env=m.env, timeout=120)
+    assert "changed: 0 object(s)" in r.stdout and "already on the target CMK: 200" in r.stdout, r.stdout
+    assert oss_server.pending_uploads() == 0
+
+
+def test_check_reports_each_cmk_and_the_store(tmp_path, cmk_path, other_cmk_path, oss_server, kms):
+    import subprocess
+    from conftest import OSSFUSE
+    key_id = kms.create_key()
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server,
+              extra=keyring_config(cmk_path, other_cmk_path, kms, key_id))
+    r = subprocess.run(OSSFUSE + ["check", "-c", m.config], capture_output=True, text=True, env=m.env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok    ") == 4 and "CMK 'fin-kms' (KMS/ALICLOUD): wraps and unwraps" in r.stdout
+    kms.stop()
+    r = subprocess.run(OSSFUSE + ["check", "-c", m.config], capture_output=True, text=True, env=m.env, timeout=60)
+    assert r.returncode == 1
+    assert "FAIL  CMK 'fin-kms' (KMS/ALICLOUD): its service cannot be reached" in r.stdout
+    assert "ok    store" in r.stdout

@@ -327,9 +327,9 @@ async def test_copy_directives(server, store, monkeypatch):
     assert c2.headers["content-type"] == "application/octet-stream"
     assert server.object_meta(BUCKET, "w/dst2") == {"x-oss-meta-b": "2"}
     # above the CopyObject limit: a clear error, nothing sent
-    monkeypatch.setattr(oss_mod, "COPY_LIMIT", 5)
+    monkeypatch.setattr(store, "max_copy_size", 5)
     server.clear_requests()
-    with pytest.raises(StoreError, match="above 1 GB cannot be copied"):
+    with pytest.raises(StoreError, match="cannot be copied with CopyObject"):
         await store.copy("w/src", "w/dst3")
     assert key_requests(server, "PUT", "w/dst3") == []
 
