@@ -135,7 +135,7 @@ def cmd_umount(args) -> int:
         return 0
     pid = reg["pid"]
     deadline = time.monotonic() + args.timeout
-    while _alive(pid):  # the daemon finishes pending uploads after the unmount, then exits
+    while process_alive(pid):  # the daemon finishes pending uploads after the unmount, then exits
         if time.monotonic() > deadline:
             return _die(f"unmounted, but the daemon (pid {pid}) is still uploading after "
                         f"{args.timeout:.0f}s; it goes on in the background")
@@ -148,7 +148,8 @@ def cmd_umount(args) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped, does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -203,16 +203,14 @@ class Filesystem:
         self._absent.pop(path, None)
         return node
 
-    def _node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
-        """A node for ``path`` from a HEAD of its object (or dir marker; None: implicit dir)."""
+    def _attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
+        """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from
+        its x-oss-meta-mode/uid/gid/mtime, with the mount's defaults where they are absent."""
         meta = info.metadata if info else {}
         mtime = _parse_mtime(meta.get("mtime"))
         if mtime is None:
             mtime = int((info.mtime if info else time.time()) * 1e9)
-        try:
-            mode = int(meta["mode"])
-        except (KeyError, ValueError):
-            mode = 0
+        mode = _int_or(meta.get("mode"), 0)
         if is_dir:
             if info is not None and info.size:
                 log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
@@ -222,8 +220,13 @@ class Filesystem:
             mode = stat.S_IFLNK | 0o777
         else:
             mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
-        uid = _int_or(meta.get("uid"), self.default_uid)
-        gid = _int_or(meta.get("gid"), self.default_gid)
+        if not stat.S_ISLNK(mode):
+            mode &= ~self.create_umask  # a configured umask masks every mode
+        return mode, _int_or(meta.get("uid"), self.default_uid), _int_or(meta.get("gid"), self.default_gid), mtime
+
+    def _node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
+        """A node for ``path`` from a HEAD of its object (or dir marker; None: implicit dir)."""
+        mode, uid, gid, mtime = self._attrs_from_info(info, is_dir)
         node = self._new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0)
         if info is not None and not is_dir:
             self._set_version_from_info(node, info)
@@ -308,21 +311,25 @@ class Filesystem:
             self._absent[path] = time.monotonic() + self.cfg.mount.entry_timeout
             return None
         info, is_dir = found
-        if known is not None and known.is_dir == is_dir and not known.is_link:
-            if not is_dir and info is not None and (known.version is None or known.version.etag != info.etag):
-                self._set_version_from_info(known, info)
-                self._apply_attr_meta(known, info)
-            known.checked_at = time.monotonic()
+        if known is not None and stat.S_IFMT(known.mode) == stat.S_IFMT(self._attrs_from_info(info, is_dir)[0]):
+            self._refresh(known, info)
             return known
         if known is not None and self.by_path.get(path) is known:
             del self.by_path[path]
         return self._node_from_info(path, info, is_dir)
 
     def _apply_attr_meta(self, node: Node, info: ObjectInfo) -> None:
-        fresh = self._node_from_info("\0tmp", info, node.is_dir)
-        del self.nodes[fresh.ino]
-        self.by_path.pop("\0tmp", None)
-        node.mode, node.uid, node.gid, node.mtime_ns = fresh.mode, fresh.uid, fresh.gid, fresh.mtime_ns
+        node.mode, node.uid, node.gid, node.mtime_ns = self._attrs_from_info(info, node.is_dir)
+
+    def _refresh(self, node: Node, info: ObjectInfo | None) -> None:
+        """Take what the store now says of a clean node: a new version if the ETag changed, and
+        the attributes always (on OSS a metadata-only CopyObject keeps the ETag)."""
+        if node.staged is None and node.opens == 0 and info is not None:
+            if not node.is_dir and (node.version is None or node.version.etag != info.etag):
+                self._set_version_from_info(node, info)
+                node.symlink_target = None
+            self._apply_attr_meta(node, info)
+        node.checked_at = time.monotonic()
 
     def get(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -417,10 +424,8 @@ class Filesystem:
                 return  # deleted since the listing
             node = self.by_path.get(path)
             if node is not None and (node.is_dir == is_dir):
-                if info is not None and not is_dir and (node.version is None or node.version.etag != info.etag) \
-                        and node.staged is None and node.opens == 0:
-                    self._set_version_from_info(node, info)
-                    self._apply_attr_meta(node, info)
+                if not is_dir:
+                    self._refresh(node, info)
                 resolved[i] = node
             else:
                 if info is not None and not is_dir and self._hidden(info):
@@ -527,10 +532,7 @@ class Filesystem:
             raise FsError(errno.EIO) from None
         if info is None:
             raise FsError(errno.ENOENT)
-        if node.version is None or info.etag != node.version.etag:
-            self._set_version_from_info(node, info)
-            self._apply_attr_meta(node, info)
-        node.checked_at = time.monotonic()
+        self._refresh(node, info)
 
     async def _open_version(self, v: Version) -> None:
         """Unwrap the data key of ``v`` (once) and check the object is whole."""

@@ -15,6 +15,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from ossfuse.cli import process_alive  # noqa: E402
 from ossfuse.keyring import generate_rsa_cmk  # noqa: E402
 from ossfuse.store.base import ObjectStore  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
@@ -42,18 +43,6 @@ def other_cmk_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("keys2") / "other.pem")
     generate_rsa_cmk(path, bits=2048)
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def oss_client_store(server) -> ObjectStore:
@@ -138,10 +127,10 @@ class Mount:
 
     def kill9(self) -> None:
         """SIGKILL the daemon and clear its dead mount."""
-        if self.pid and _alive(self.pid):
+        if self.pid and process_alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
             for _ in range(200):
-                if not _alive(self.pid):
+                if not process_alive(self.pid):
                     break
                 time.sleep(0.01)
         subprocess.run(["fusermount3", "-uz", self.mnt], capture_output=True)
@@ -191,7 +180,7 @@ class Mount:
                 self.stop()
             except subprocess.TimeoutExpired:
                 pass
-        if os.path.ismount(self.mnt) or (self.pid and _alive(self.pid)):
+        if os.path.ismount(self.mnt) or (self.pid and process_alive(self.pid)):
             self.kill9()
 
 

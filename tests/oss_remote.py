@@ -39,11 +39,15 @@ class RemoteOssServer:
         if not self.endpoint.startswith("http"):
             self.close()
             raise RuntimeError("the OSS test server did not start")
-        for _ in range(100):
-            if os.path.exists(self._control):
+        for attempt in range(250):  # the socket file appears at bind(), before listen()
+            try:
+                self._conn = Client(self._control, family="AF_UNIX", authkey=b"ossfuse-test")
                 break
-            time.sleep(0.02)
-        self._conn = Client(self._control, family="AF_UNIX", authkey=b"ossfuse-test")
+            except (FileNotFoundError, ConnectionRefusedError):
+                if attempt == 249:
+                    self.close()
+                    raise
+                time.sleep(0.02)
         self.faults = _Proxy(self, "faults")
 
     def call(self, name: str, *args, **kwargs):

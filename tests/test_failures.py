@@ -135,3 +135,31 @@ def test_unmount_waits_for_pending_uploads(make_mount):
     assert m.head("late") is None
     assert m.stop() == 0  # returns only once the upload is in the bucket
     assert m.head("late").size == len(data)
+
+
+def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_path):
+    import subprocess
+    m = make_mount(start=False)
+    os.makedirs(m.cache, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", m.cache], check=True)
+    try:
+        with open(m.config) as f:
+            cfg = f.read().replace("[cache]\n", "[cache]\nmin_free = 0\n")
+        with open(m.config, "w") as f:
+            f.write(cfg)
+        m.start()
+        with open(m.path("small"), "wb") as f:
+            f.write(b"closed before the disk filled")
+        with pytest.raises(OSError) as e:
+            with open(m.path("huge"), "wb") as f:
+                for _ in range(8):
+                    f.write(os.urandom(1 << 20))
+        assert e.value.errno == errno.ENOSPC
+        assert "staging a write to 'huge' failed" in m.log() or "journaling 'huge' failed" in m.log()
+        assert open(m.path("small"), "rb").read() == b"closed before the disk filled"  # still alive
+        os.unlink(m.path("huge"))
+        assert m.stop() == 0
+        assert m.head("small").size == len(b"closed before the disk filled")
+    finally:
+        m.cleanup()
+        subprocess.run(["umount", "-l", m.cache], capture_output=True)

@@ -361,7 +361,7 @@ def test_objects_written_by_other_sdks_read_through_the_mount(make_mount):
 def test_cache_stays_within_max_size(make_mount):
     """A read of more than cache.max_size leaves at most max_size of blocks on disk, and the
     data is still right (evicted blocks are fetched again)."""
-    m = make_mount(extra="[cache]\n") if False else make_mount(start=False)
+    m = make_mount(start=False)
     with open(m.config) as f:
         cfg = f.read().replace("[cache]\n", "[cache]\nmax_size = 2097152\nblock_size = 262144\n")
     with open(m.config, "w") as f:
