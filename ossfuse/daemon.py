@@ -23,7 +23,8 @@ import trio
 from .config import Config
 from .core import Filesystem
 from .fuse_ops import Operations
-from .keyring import Keyring
+from .envelope import EnvelopeError
+from .keyring import CmkUnavailable, Keyring
 from . import status as status_mod
 from .status import RecentErrors
 from .store.base import ObjectStore, StoreError
@@ -178,23 +179,35 @@ def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
         os.close(lock_fd)
 
 
-async def _wait_for_store(cfg: Config, store: ObjectStore) -> None:
-    """Retry listing the prefix with backoff until it answers or ``startup_timeout`` passes
-    (a server mounting at boot may start before the network); raises MountError then."""
+async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> None:
+    """Retry, with backoff, until the store lists the prefix and every KMS CMK makes a data
+    key, or ``startup_timeout`` passes (a server mounting at boot may start before the network);
+    then raise MountError naming what is unreachable. A KMS that answers but refuses the CMK
+    (unknown key, bad credentials) fails at once."""
     deadline = trio.current_time() + cfg.mount.startup_timeout
     delay = 0.5
+    services = [c for c in keyring.cmks.values() if hasattr(c, "new_data_key")]
     while True:
+        problems = []
         try:
             await store.list(cfg.store.prefix, max_keys=1)
-            return
         except StoreError as e:
-            if trio.current_time() + delay > deadline:
-                raise MountError(f"store {cfg.store.url} not reachable after "
-                                 f"{cfg.mount.startup_timeout:.0f}s: {e}") from None
-            log.warning("store %s not reachable yet (%s); retrying in %.1fs", cfg.store.url, e, delay)
-            notify_systemd(f"STATUS=waiting for the store: {e}")
-            await trio.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            problems.append(f"store {cfg.store.url}: {e}")
+        for cmk in services:
+            try:
+                await trio.to_thread.run_sync(cmk.new_data_key)
+            except CmkUnavailable as e:
+                problems.append(f"CMK {cmk.id!r}: {e}")
+            except EnvelopeError as e:
+                raise MountError(f"CMK {cmk.id!r} is refused by KMS: {e}") from None
+        if not problems:
+            return
+        if trio.current_time() + delay > deadline:
+            raise MountError(f"not reachable after {cfg.mount.startup_timeout:.0f}s: " + "; ".join(problems))
+        log.warning("not reachable yet (%s); retrying in %.1fs", "; ".join(problems), delay)
+        notify_systemd(f"STATUS=waiting: {'; '.join(problems)}")
+        await trio.sleep(delay)
+        delay = min(delay * 2, 15.0)
 
 
 async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], on_ready,
@@ -202,7 +215,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     # Never touch the mount point from this thread once mounted: the kernel would wait for
     # this very thread to answer. Paths derived from it are computed now.
     registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
-    await _wait_for_store(cfg, fs.store)
+    await _wait_for_services(cfg, fs.store, fs.keyring)
     recovered = fs.recover()
     if recovered:
         log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)

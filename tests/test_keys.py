@@ -195,3 +195,50 @@ def test_check_reports_each_cmk_and_the_store(tmp_path, cmk_path, other_cmk_path
     assert r.returncode == 1
     assert "FAIL  CMK 'fin-kms' (KMS/ALICLOUD): its service cannot be reached" in r.stdout
     assert "ok    store" in r.stdout
+
+
+def test_oss2_with_rsa_keys_registered_under_several_matdescs(keyed, cmk_path, other_cmk_path):
+    """oss2 reads what the mount wrote under two RSA CMKs with one CryptoBucket whose provider
+    has the second key registered with add_encryption_materials; and the mount reads what
+    that bucket writes under either matdesc."""
+    m, _ = keyed
+    os.mkdir(m.path("hr"))
+    with open(m.path("hr", "pay"), "wb") as f:
+        f.write(b"salaries")
+    with open(m.path("plain-rule"), "wb") as f:
+        f.write(b"default key")
+    assert m.stop() == 0
+    provider = rsa_provider(cmk_path)  # the default CMK, no matdesc
+    with open(other_cmk_path) as f, open(other_cmk_path + ".pub") as g:
+        provider.add_encryption_materials(oss2.crypto.EncryptionMaterials(
+            {"dept": "hr"}, key_pair={"private_key": f.read(), "public_key": g.read()}))
+    cb = crypto_bucket(m, provider)
+    assert cb.get_object("hr/pay").read() == b"salaries"
+    assert cb.get_object("plain-rule").read() == b"default key"
+    cb.put_object("hr/by-oss2", b"written with the default provider")
+    hr_cb = crypto_bucket(m, rsa_provider(other_cmk_path, {"dept": "hr"}))
+    hr_cb.put_object("hr/by-oss2-hr", b"written under the hr matdesc")
+    m.start()
+    assert open(m.path("hr", "by-oss2"), "rb").read() == b"written with the default provider"
+    assert open(m.path("hr", "by-oss2-hr"), "rb").read() == b"written under the hr matdesc"
+
+
+def test_mount_waits_for_kms_at_start_then_fails_or_goes_on(tmp_path, cmk_path, other_cmk_path, oss_server, kms):
+    import subprocess
+    import threading
+    from conftest import OSSFUSE
+    key_id = kms.create_key()
+    m = Mount(str(tmp_path / "m"), cmk_path, "startup_timeout = 2", server=oss_server,
+              extra=keyring_config(cmk_path, other_cmk_path, kms, key_id))
+    kms.stop()
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, env=m.env,
+                       timeout=60)
+    assert r.returncode == 1 and "not reachable after 2s" in r.stderr and "CMK 'fin-kms'" in r.stderr, r.stderr
+    m.write_config("startup_timeout = 60", extra=keyring_config(cmk_path, other_cmk_path, kms, key_id))
+    threading.Timer(2.0, kms.start).start()
+    m.start()  # retried until KMS answered
+    try:
+        assert "not reachable yet" in m.log()
+        assert os.path.ismount(m.mnt)
+    finally:
+        m.cleanup()
