@@ -169,7 +169,9 @@ def cmd_status(args) -> int:
     try:
         doc = status.query(registry_path(mp, ".sock"))
     except OSError:
-        return _die(f"no ossfuse daemon answers for {mp} (not mounted, or mounted by another user)")
+        if not os.path.ismount(mp):
+            return _die(f"{mp} is not a mount point")
+        return _die(f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)")
     doc["mountpoint"] = mp
     print(json.dumps(doc, indent=2) if args.json else status.render(doc))
     return 0
@@ -205,7 +207,7 @@ def cmd_rekey(args) -> int:
     from . import rekey
     try:
         cfg, keyring, store = _tool_setup(args)
-    except (config_mod.ConfigError, MountError, OSError, ValueError) as e:
+    except (config_mod.ConfigError, MountError, OSError, ValueError, TypeError) as e:
         return _die(str(e))
     for name in (args.from_id, args.to_id):
         if name is not None and name not in keyring.cmks:
@@ -232,7 +234,7 @@ def cmd_check(args) -> int:
     from . import rekey
     try:
         cfg, keyring, store = _tool_setup(args)
-    except (config_mod.ConfigError, MountError, OSError, ValueError) as e:
+    except (config_mod.ConfigError, MountError, OSError, ValueError, TypeError) as e:
         return _die(str(e))
     results = rekey.check(cfg, keyring, store)
     for ok, line in results:
@@ -241,6 +243,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_keygen(args) -> int:
+    if args.bits < 2048:
+        return _die(f"--bits {args.bits}: an RSA CMK needs at least 2048 bits")
     try:
         generate_rsa_cmk(args.path, args.bits)
     except FileExistsError as e:
@@ -291,6 +295,10 @@ def cmd_quickstart(args) -> int:
             f.write(QUICKSTART_CONFIG.format(bucket=bucket, key=key, cache=cache))
         print(f"created config {conf}")
     if os.path.ismount(mp):
+        with open("/proc/self/mounts") as f:
+            fstype = next((line.split()[2] for line in f if line.split()[1] == mp), "")
+        if fstype != "fuse.ossfuse":
+            return _die(f"{mp}: something else ({fstype or 'unknown'}) is mounted there; pass another mount point")
         print(f"already mounted: {mp}")
     else:
         ns = argparse.Namespace(config=conf, mountpoint=mp, foreground=False, o=None, log_level="info",
@@ -299,13 +307,15 @@ def cmd_quickstart(args) -> int:
         if status:
             return status
     print(f"folder: {mp}\nbucket directory: {bucket}\nconfig: {conf}\n"
-          f"unmount with: ossfuse umount {mp}")
+          f"unmount with: ossfuse umount {mp}\nmount again with: ossfuse mount -c {conf} {mp}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ossfuse", description="Mount an OSS bucket prefix with "
                                 "client-side encryption compatible with the OSS SDKs.")
+    from importlib.metadata import version
+    p.add_argument("--version", action="version", version=f"ossfuse {version('ossfuse')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mount", help="mount a bucket prefix")
@@ -317,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
 
-    u = sub.add_parser("umount", help="wait for pending uploads, then unmount")
+    u = sub.add_parser("umount", help="unmount, then wait until every pending upload is in the bucket")
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for uploads (default 3600)")
     u.set_defaults(fn=cmd_umount)
@@ -352,4 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(fn=cmd_quickstart)
 
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BrokenPipeError:  # e.g. `ossfuse status MNT | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

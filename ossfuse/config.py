@@ -154,6 +154,8 @@ def load(path: str) -> Config:
     url = st["url"]
     if not (url.startswith("local://") or url.startswith("oss://")):
         raise ConfigError(f"{path}: store.url: must start with local:// or oss://, got {url!r}")
+    if url.startswith("local://"):  # like every path here, relative to the config file
+        url = "local://" + os.path.join(os.path.dirname(os.path.abspath(path)), url[len("local://"):])
     if url.startswith("oss://"):
         if not url[len("oss://"):].strip("/"):
             raise ConfigError(f"{path}: store.url: oss:// needs a bucket name")
@@ -194,6 +196,12 @@ def load(path: str) -> Config:
                 raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
             if not os.access(key_path, os.R_OK):
                 raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
+            if os.stat(key_path).st_mode & 0o077:
+                raise ConfigError(f"{path}: {where}.private_key: {key_path!r} is readable by group or others; "
+                                  f"chmod 600 it (a CMK must stay private)")
+            if "passphrase" in c:
+                raise ConfigError(f"{path}: {where}.passphrase: applies to type \"kms\" only "
+                                  "(RSA private keys must be unencrypted PEM files, mode 0600)")
             cmks.append(CmkConfig(private_key=key_path, **common))
         elif c["type"] == "kms":
             for k in ("key_id", "region"):
@@ -233,9 +241,15 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cache.block_size: must be a multiple of 4096 bytes")
     cache = CacheConfig(dir=os.path.join(os.path.dirname(os.path.abspath(path)), ca["dir"]), block_size=bs,
                         max_size=ca.get("max_size", 10 << 30), min_free=ca.get("min_free", 512 << 20))
+    if cache.max_size < 4 * bs or cache.min_free < 0:
+        raise ConfigError(f"{path}: cache.max_size: must be at least 4 blocks ({4 * bs} bytes); "
+                          "cache.min_free must not be negative")
 
     mo = _check_table(path, "mount", "mount", raw.get("mount", {}))
     mount = MountConfig(**mo)
+    for k in ("attr_timeout", "entry_timeout", "upload_delay", "startup_timeout", "retry_interval"):
+        if getattr(mount, k) < 0:
+            raise ConfigError(f"{path}: mount.{k}: must not be negative")
     if mount.part_size % 16 or mount.part_size < 100 * 1024:
         raise ConfigError(f"{path}: mount.part_size: must be a multiple of 16 and at least 102400 bytes")
     for k in ("upload_workers", "part_workers", "upload_retries"):

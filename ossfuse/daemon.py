@@ -123,15 +123,27 @@ def check_mountpoint(mountpoint: str) -> None:
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:
             raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
+    if os.path.ismount(mountpoint):
+        reg = read_registry(mountpoint)
+        if reg and not reg.get("exited") and not _process_alive(reg["pid"]):
+            # its daemon is dead (killed) but the kernel still answers stat from its caches
+            log.warning("mount point %s is the mount of a dead ossfuse daemon (pid %d); unmounting it",
+                        mountpoint, reg["pid"])
+            subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
+        else:
+            raise MountError(f"mount point {mountpoint} is busy (something is already mounted there)")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"mount point {mountpoint} is busy (something is already mounted there)")
+
+
+def _process_alive(pid: int) -> bool:
+    from .cli import process_alive
+    return process_alive(pid)
 
 
 def fuse_options(cfg: Config, extra: list[str]) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    opts |= {"fsname=ossfuse", "subtype=ossfuse"}
+    opts |= {"fsname=ossfuse:" + os.path.basename(cfg.path).rsplit(".", 1)[0], "subtype=ossfuse"}
     if cfg.mount.allow_other:
         opts.add("allow_other")
     for o in extra:
@@ -170,7 +182,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
         try:
             keyring = Keyring(cfg.encryption, credentials)
         except (OSError, ValueError) as e:
-            raise MountError(f"cannot load CMK: {e}") from None
+            raise MountError(f"{cfg.path}: cannot load CMK: {e}") from None
         store = open_store(cfg, credentials)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
         return trio.run(_serve, cfg, fs, mountpoint, options, on_ready, errors)
@@ -223,7 +235,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(cfg, options))
     except RuntimeError as e:
-        raise MountError(f"cannot mount at {mountpoint}: {e}") from None
+        extra = f" (check the -o options: {', '.join(options)})" if options else ""
+        raise MountError(f"cannot mount at {mountpoint}: {e}{extra}") from None
     mounted = True
     status = 0
     try:
@@ -242,6 +255,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             mounted = False
             log.info("unmounted %s; finishing pending uploads", mountpoint)
             pending = await fs.drain()
+            if not pending:
+                log.info("all uploads are in the bucket")
             if pending:
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "
                           "on the next mount", pending, fs.staging.dir)

@@ -77,10 +77,17 @@ class RsaCmk(Cmk):
 
     def __init__(self, cfg: CmkConfig):
         super().__init__(cfg)
-        with open(cfg.private_key, "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), password=None)
+        try:
+            with open(cfg.private_key, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+        except TypeError:  # cryptography: "Password was not given but private key is encrypted"
+            raise ValueError(f"CMK {cfg.id!r}: {cfg.private_key} is a passphrase-protected key; "
+                             "store it unencrypted with mode 0600") from None
+        except ValueError:
+            raise ValueError(f"CMK {cfg.id!r}: {cfg.private_key} is not a PEM RSA private key "
+                             "(PKCS#1 or PKCS#8)") from None
         if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"{cfg.private_key}: not an RSA private key")
+            raise ValueError(f"CMK {cfg.id!r}: {cfg.private_key} is not an RSA private key")
         self._private = key
         self._public = key.public_key()
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,

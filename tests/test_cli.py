@@ -67,6 +67,8 @@ dir = "{root}/cache"
     (lambda s: s + "[mount]\npart_size = 1000\n", "mount.part_size"),
     (lambda s: s.replace('url = "local', 'url = "ftp'), "store.url"),
     (lambda s: s + "[mount]\nupload_workers = true\n", "mount.upload_workers: must be int, not bool"),
+    (lambda s: s + "[mount]\nattr_timeout = -1\n", "mount.attr_timeout: must not be negative"),
+    (lambda s: s.replace('type = "rsa"', 'type = "rsa"\npassphrase = "x"'), "passphrase: applies to type"),
     (lambda s: s.replace("[store]", "[store"), "not valid TOML"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message):
@@ -79,6 +81,27 @@ def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, messag
     r = ossfuse("mount", "-c", path, str(tmp_path / "mnt"))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and message in r.stderr
+
+
+def test_key_file_problems_are_one_line_naming_the_file(tmp_path, cmk_path):
+    os.makedirs(tmp_path / "mnt")
+    for name, content, mode, message in [
+            ("open.pem", open(cmk_path).read(), 0o644, "readable by group or others; chmod 600"),
+            ("junk.pem", "not a key\n", 0o600, "is not a PEM RSA private key"),
+            ("pub.pem", open(cmk_path + ".pub").read(), 0o600, "is not a PEM RSA private key")]:
+        key = tmp_path / name
+        key.write_text(content)
+        os.chmod(key, mode)
+        path = _config(tmp_path, BASE.format(root=tmp_path, key=key))
+        r = ossfuse("mount", "-c", path, str(tmp_path / "mnt"))
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert message in r.stderr and name in r.stderr, r.stderr
+
+
+def test_relative_local_url_is_relative_to_the_config(tmp_path, cmk_path):
+    body = BASE.format(root=tmp_path, key=cmk_path).replace(f'url = "local://{tmp_path}/bucket"', 'url = "local://bkt"')
+    cfg = config_mod.load(_config(tmp_path, body))
+    assert cfg.store.url == f"local://{tmp_path}/bkt"
 
 
 def test_config_defaults_and_relative_paths(tmp_path, cmk_path):

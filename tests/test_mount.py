@@ -337,7 +337,9 @@ def test_objects_written_by_other_sdks_read_through_the_mount(make_mount):
     from conftest import DATA, run_sync
     vec = os.path.join(DATA, "vectors")
     m = make_mount(start=False)
-    m.cmk = os.path.join(vec, "sdk-test-rsa1024.pem")  # a PKCS#1 PEM, as the SDK tests ship it
+    m.cmk = os.path.join(m.root, "sdk-test-rsa1024.pem")  # a PKCS#1 PEM, as the SDK tests ship it
+    shutil.copy(os.path.join(vec, "sdk-test-rsa1024.pem"), m.cmk)
+    os.chmod(m.cmk, 0o600)  # git keeps no 0600: a CMK readable by others is refused
     m.write_config()
     with open(os.path.join(vec, "headers.json")) as f:
         headers = json.load(f)
