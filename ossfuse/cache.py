@@ -6,6 +6,12 @@ Keying by ETag pins a version: a replaced object gets a new entry, and every ran
 ``If-Match`` so a block can never mix versions (design.md promise 4). Only ciphertext is
 written, exactly as the bucket holds it (promise 2); decryption happens in memory.
 
+Across mounts: a clean unmount writes ``<file>.idx`` beside each cache file (key, ETag, size,
+present blocks and a CRC-32 per fetched block); the next mount adopts those entries, so a file
+whose ETag is unchanged is not downloaded again. The index is removed as it is loaded, so after
+a crash the cache starts empty. A block from an earlier mount is checked against its CRC on
+first use, and fetched again if the cache file was damaged.
+
 Limits: the bytes of present blocks stay under ``max_size``, and the cache disk keeps
 ``min_free`` bytes free; past either, the least recently used blocks are dropped by punching
 holes in their files. Blocks being fetched are not yet counted and never dropped; entries
@@ -23,10 +29,12 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import base64
 import hashlib
+import json
 import logging
 import os
-import shutil
+import zlib
 
 import trio
 
@@ -69,6 +77,8 @@ class CacheEntry:
         self.nblocks = (size + self.block_size - 1) // self.block_size
         self.present = bytearray(self.nblocks)  # 1 per block whose ciphertext is on disk
         self.inflight: dict[int, trio.Event] = {}
+        self.crc: list[int | None] = [None] * self.nblocks  # CRC-32 of each fetched block
+        self.verified = bytearray(b"\1" * self.nblocks)  # 0: from an earlier mount, check first
         self.pinned = False  # never evicted (its object is gone but a handle still reads it)
         self.dropped = False  # forgotten by the cache: late fetches must not recreate its file
         self._fd = -1
@@ -101,9 +111,7 @@ class BlockCache:
         self.block_size = block_size
         self.max_size = max_size
         self.min_free = min_free
-        # Entries from an earlier run are dropped: which blocks they hold was kept in memory.
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.dir, mode=0o700)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._entries: dict[tuple[str, str], CacheEntry] = {}
         self._lru: collections.OrderedDict[tuple[tuple[str, str], int], None] = collections.OrderedDict()
         self._open: collections.OrderedDict[tuple[str, str], CacheEntry] = collections.OrderedDict()
@@ -111,6 +119,41 @@ class BlockCache:
         self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0}
         self._nursery: trio.Nursery | None = None
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
+        self._load_index()
+
+    def _load_index(self) -> None:
+        """Adopt the entries a clean unmount indexed; delete every other file (see module doc)."""
+        keep = set()
+        for name in os.listdir(self.dir):
+            if not name.endswith(".idx"):
+                continue
+            idx = os.path.join(self.dir, name)
+            try:
+                with open(idx) as f:
+                    rec = json.load(f)
+                os.unlink(idx)
+                path = idx[:-4]
+                if rec["block_size"] != self.block_size or not os.path.exists(path):
+                    continue
+                e = CacheEntry(self, (rec["key"], rec["etag"]), path, rec["size"])
+                present = base64.b64decode(rec["present"])
+                if len(present) != e.nblocks or len(rec["crc"]) != e.nblocks:
+                    continue
+                e.crc = rec["crc"]
+                e.verified = bytearray(e.nblocks)
+                self._entries[e.key] = e
+                for b in range(e.nblocks):
+                    if present[b] and e.crc[b] is not None:  # no CRC (an uploaded file): not trusted
+                        self._mark_present(e, b)
+                keep.add(os.path.basename(path))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("cache index %s unusable, ignored: %s", idx, err)
+        for name in os.listdir(self.dir):
+            if name not in keep:
+                os.unlink(os.path.join(self.dir, name))
+        if self._entries:
+            log.info("cache: %d object version(s), %d bytes kept from the last mount", len(self._entries), self.used)
+        self.evict()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Allow background read-ahead, run in ``nursery`` (without one, read-ahead is off)."""
@@ -258,7 +301,23 @@ class BlockCache:
             return data
         for b in blocks:
             self._lru.move_to_end((e.key, b))
+            if not e.verified[b]:
+                self._verify(e, b)
+        if not all(e.present[b] for b in blocks):  # a damaged block was dropped: fetch it again
+            await self._ensure(key, etag, e, offset, end)
+            if not all(e.present[b] for b in blocks):
+                return await self.read(key, etag, size, offset, length)
         return os.pread(e.fd, end - offset, offset)
+
+    def _verify(self, e: CacheEntry, b: int) -> None:
+        """Check a block kept from an earlier mount against its CRC-32; drop it if damaged."""
+        e.verified[b] = 1
+        data = os.pread(e.fd, e.block_len(b), b * self.block_size)
+        if zlib.crc32(data) != e.crc[b]:
+            log.warning("cache file of %r is damaged (block %d); fetching it again", e.key[0], b)
+            e.present[b] = 0
+            self.used -= e.block_len(b)
+            self._lru.pop((e.key, b), None)
 
     async def fetch_all(self, key: str, etag: str, size: int) -> None:
         """Bring the whole version into the cache and pin it (an open file is about to be
@@ -343,12 +402,24 @@ class BlockCache:
                     raise
                 os.pwrite(e.fd, data, lo)  # room was made by dropping old blocks
             for b in range(lo // bs, (hi - 1) // bs + 1):
+                e.crc[b] = zlib.crc32(memoryview(data)[b * bs - lo:min(hi, (b + 1) * bs) - lo])
                 self._mark_present(e, b)
 
         await run_all([functools.partial(fetch, lo, hi) for lo, hi in ranges], _FETCH_PARALLEL)
 
     def close(self) -> None:
-        for e in self._entries.values():
+        """Close every file and index the entries for the next mount (clean unmount)."""
+        for e in list(self._entries.values()):
             e.close()
+            if e.pinned or not any(e.present):
+                self.drop(*e.key)  # pinned: its object is gone from the store
+                continue
+            try:
+                with open(e.path + ".idx", "w") as f:
+                    json.dump({"key": e.key[0], "etag": e.key[1], "size": e.size, "block_size": self.block_size,
+                               "present": base64.b64encode(bytes(e.present)).decode(), "crc": e.crc}, f)
+            except OSError as err:
+                log.warning("cannot index the cache for the next mount: %s", err)
+                break
         self._entries.clear()
         self._open.clear()

@@ -122,3 +122,32 @@ def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, c
         assert m.head("large") is None
     finally:
         m.cleanup()
+
+
+def test_cache_is_reused_after_remount_and_a_damaged_cache_file_is_refetched(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.start()
+    try:
+        data = os.urandom(3_000_000)
+        with open(m.path("f"), "wb") as f:
+            f.write(data)
+        m.remount()  # emptied cache: the next read fetches (and indexes) the blocks
+        assert open(m.path("f"), "rb").read() == data
+        assert m.stop() == 0
+        oss_server.clear_requests()
+        m.start()
+        assert open(m.path("f"), "rb").read() == data
+        assert oss_server.requests_for(method="GET", key="f") == []  # served from the kept cache
+        assert m.stop() == 0
+        objects = os.path.join(m.cache, "objects")
+        name = next(n for n in os.listdir(objects) if not n.endswith(".idx"))
+        with open(os.path.join(objects, name), "r+b") as f:  # damage the cached ciphertext
+            f.seek(1_500_000)
+            f.write(b"\0" * 100)
+        oss_server.clear_requests()
+        m.start()
+        assert open(m.path("f"), "rb").read() == data
+        assert len(oss_server.requests_for(method="GET", key="f")) >= 1
+        assert "is damaged" in m.log()
+    finally:
+        m.cleanup()
