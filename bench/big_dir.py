@@ -70,7 +70,7 @@ def main() -> int:
             capture_output=True, text=True, check=True).stdout.strip()))["pid"]
         results = []
         for name, cmd, check in [
-            ("ls -f (names)", f"ls -f {mnt}/big | wc -l", args.n),
+            ("ls -f (names)", f"ls -f {mnt}/big | wc -l", args.n + 2),
             ("ls -l (cold)", f"ls -l {mnt}/big | wc -l", args.n + 1),
             ("ls -l (warm)", f"ls -l {mnt}/big | wc -l", args.n + 1),
             ("find", f"find {mnt}/big | wc -l", args.n + 1),

@@ -400,11 +400,12 @@ class Filesystem:
             result.append(entries[name])
         return result
 
-    async def readdir_entries(self, h: DirHandle, start: int):
-        """Entries of the snapshot from index ``start`` on, as (index+1, name, node) with the
+    async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False):
+        """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
+        on, as (index+1, name, node) with the
         node resolved (attributes fetched, at most _HEAD_PARALLEL at once). The caller raises
         the lookup count of each node it hands to the kernel."""
-        if h.entries is None or start == 0:
+        if h.entries is None or relist:
             h.entries = await self._list_entries(h.node)
         batch = h.entries[start:start + _READDIR_BATCH]
         resolved: dict[int, Node] = {}

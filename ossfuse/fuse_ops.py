@@ -125,15 +125,25 @@ class Operations(pyfuse3.Operations):
         h = self.fs.handles.get(fh)
         if not isinstance(h, DirHandle):
             raise FsError(errno.EBADF)
+        # Offsets: 1 after ".", 2 after "..", then 2 + the index of the core's entries.
+        # "." and ".." do not raise lookup counts (pyfuse3's readdir contract).
+        if start_id == 0 and not pyfuse3.readdir_reply(token, b".", self._attr(h.node), 1):
+            return
+        if start_id <= 1:
+            parent = self.fs.by_path.get(self.fs.parent_of(h.node.path)) or self.fs.get(pyfuse3.ROOT_INODE)
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
+                return
+        start, relist = max(0, start_id - 2), start_id == 0
         while True:
-            entries = await self.fs.readdir_entries(h, start_id)
+            entries = await self.fs.readdir_entries(h, start, relist)
+            relist = False
             if not entries:
                 return
             for next_id, name, node in entries:
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), next_id):
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), next_id + 2):
                     return
                 node.lookups += 1
-                start_id = next_id
+                start = next_id
 
     @_fs_errors
     async def releasedir(self, fh):
