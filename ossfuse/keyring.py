@@ -15,6 +15,7 @@ import abc
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 
 from Crypto.Cipher import PKCS1_v1_5
@@ -146,9 +147,10 @@ def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:
 
 class Keyring:
     """The mount's CMKs and the rules that pick them. Thread-safe (no mutable shared state
-    except a small cache of unwrapped envelopes)."""
+    except a cache of unwrapped envelopes, bounded in size and time)."""
 
-    _CACHE_SIZE = 4096
+    _CACHE_SIZE = 4096  # unwrapped envelopes kept at most
+    _CACHE_SECONDS = 300.0  # and for at most this long, so reopening a file does not unwrap again
 
     def __init__(self, cfg: EncryptionConfig, credentials=None):
         """``credentials``: the mount's credentials provider, used by KMS CMKs that name none."""
@@ -156,7 +158,7 @@ class Keyring:
         self.no_matdesc = [self.cmks[c.id] for c in cfg.cmks if c.default_for_no_matdesc]
         self.default = self.cmks[cfg.encrypt_with]
         self.rules = [(r.prefix, self.cmks[r.encrypt_with]) for r in cfg.rules]
-        self._unwrapped: OrderedDict[tuple[bytes, bytes], env.Envelope] = OrderedDict()
+        self._unwrapped: OrderedDict[tuple[bytes, bytes], tuple[float, env.Envelope]] = OrderedDict()
         self._lock = threading.Lock()
 
     def cmk_for_new(self, path: str) -> Cmk:
@@ -197,8 +199,10 @@ class Keyring:
         cache_key = (wrapped.wrapped_key, wrapped.wrapped_iv)
         with self._lock:
             hit = self._unwrapped.get(cache_key)
-        if hit is not None:
-            return hit
+            if hit is not None:
+                if hit[0] > time.monotonic():
+                    return hit[1]
+                del self._unwrapped[cache_key]
         cmk = self.cmk_for(wrapped)
         data_key = cmk.unwrap(wrapped.wrapped_key, wrapped.wrap_alg)
         iv = cmk.unwrap(wrapped.wrapped_iv, wrapped.wrap_alg)
@@ -207,7 +211,7 @@ class Keyring:
         env.check_unwrapped(data_key, iv)
         result = env.Envelope(data_key, iv, wrapped, cmk.id)
         with self._lock:
-            self._unwrapped[cache_key] = result
+            self._unwrapped[cache_key] = (time.monotonic() + self._CACHE_SECONDS, result)
             if len(self._unwrapped) > self._CACHE_SIZE:
                 self._unwrapped.popitem(last=False)
         return result
