@@ -44,7 +44,6 @@ import random
 import secrets
 import signal
 import socket
-import socketserver
 import struct
 import sys
 import tempfile

@@ -11,7 +11,7 @@ import oss2
 import pytest
 from oss2.crypto import AliKMSProvider
 
-from conftest import AK, BUCKET, REGION, SK, Mount, run_sync
+from conftest import AK, BUCKET, REGION, SK, Mount
 from kms_server import KmsTestServer
 from ossfuse import envelope as env
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
-import io
 import os
 import re
 import subprocess

@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import oss_server  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
 
-import ossfuse.store.oss as oss_mod  # noqa: E402
 from ossfuse.store.base import NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable  # noqa: E402
 from ossfuse.store.credentials import (CredentialChain, CredentialsError, EcsRamRoleCredentialsProvider,  # noqa: E402
                                        EnvCredentialsProvider, FileCredentialsProvider,
