@@ -234,6 +234,26 @@ class BlockCache:
         for b in range(e.nblocks):
             self._mark_present(e, b)
         self.evict()
+        if self._nursery is not None:  # CRCs let the blocks be trusted after a remount
+            self._nursery.start_soon(self._checksum, e)
+
+    async def _checksum(self, e: CacheEntry) -> None:
+        """Compute the CRC-32 of an adopted entry's blocks (in a thread; the file was just
+        written, so it reads from the page cache)."""
+        def crcs() -> list[int | None]:
+            out: list[int | None] = []
+            with open(e.path, "rb") as f:
+                for b in range(e.nblocks):
+                    out.append(zlib.crc32(os.pread(f.fileno(), e.block_len(b), b * self.block_size)) if e.present[b]
+                               else None)
+            return out
+        try:
+            result = await trio.to_thread.run_sync(crcs)
+        except OSError:
+            return  # dropped or evicted meanwhile: those blocks stay untrusted
+        for b, crc in enumerate(result):
+            if e.present[b] and e.crc[b] is None:
+                e.crc[b] = crc
 
     def rekey(self, key: str, etag: str, new_key: str, new_etag: str) -> None:
         """Version (key, etag) was copied to (new_key, new_etag) with the same ciphertext

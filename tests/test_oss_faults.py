@@ -151,3 +151,19 @@ def test_cache_is_reused_after_remount_and_a_damaged_cache_file_is_refetched(tmp
         assert "is damaged" in m.log()
     finally:
         m.cleanup()
+
+
+def test_a_written_file_is_not_downloaded_after_a_clean_remount(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.start()
+    try:
+        data = os.urandom(2_500_000)
+        with open(m.path("w"), "wb") as f:
+            f.write(data)
+        assert m.stop() == 0
+        oss_server.clear_requests()
+        m.start()
+        assert open(m.path("w"), "rb").read() == data
+        assert oss_server.requests_for(method="GET", key="w") == []
+    finally:
+        m.cleanup()
