@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -86,20 +87,27 @@ def test_damaged_objects_give_errno_and_one_log_line_each(damaged):
 
 
 def test_replaced_object_gives_estale_to_open_handle_and_new_version_to_next_open(mount):
-    data = os.urandom(3 << 20)  # larger than one cache block, so the handle reads the store again
+    data = os.urandom(24 << 20)  # far beyond what read-ahead fetches after one small read
     with open(mount.path("f"), "wb") as f:
         f.write(data)
     mount.remount()
     with open(mount.path("f"), "rb") as f:
         assert f.read(100) == data[:100]
-        # another client replaces the object (same envelope headers, other ciphertext)
+        # another client replaces the object: new content under the same envelope headers
         info = mount.head("f")
-        _put_raw(mount, "f", os.urandom(len(data)), info.metadata)
-        f.seek(2 << 20)
+        envelope = Keyring(EncryptionConfig("k", (CmkConfig("k", "rsa", mount.cmk),))).open_envelope(
+            env.parse_envelope(info.metadata))
+        new = os.urandom(len(data))
+        _put_raw(mount, "f", envelope.crypt(0, new), info.metadata)
+        f.seek(20 << 20)
         with pytest.raises(OSError) as e:
             f.read(100)
         assert e.value.errno == errno.ESTALE
     assert "replaced by another client" in mount.log()
+    time.sleep(0.6)  # attr_timeout of the test config: the next open revalidates
+    with open(mount.path("f"), "rb") as f:
+        f.seek(20 << 20)
+        assert f.read(100) == new[20 << 20:(20 << 20) + 100]
 
 
 def test_sigkill_after_close_loses_nothing(make_mount):
