@@ -101,6 +101,22 @@ class RsaCmk(Cmk):
     #: also reads what oss2's LocalRsaProvider wraps with the same key pair (RSA-OAEP, §4.3)
     reads_wrap_algs = (WRAP_RSA, env.WRAP_RSA_OAEP)
 
+    def unwrap_pair(self, key_blob: bytes, iv_blob: bytes) -> tuple[bytes, bytes]:
+        """Data key and IV of a ``RSA/NONE/PKCS1Padding`` envelope, fast: OpenSSL (through
+        `cryptography`) decrypts both, with implicit rejection, and the result is taken only if
+        it has the shape every SDK writes — a 32-byte key and a 16-byte IV whose bytes 8–11 are
+        zero (§3.3); a wrong CMK passes that by chance with probability about 2^-48. Anything
+        else goes through the explicit check of ``unwrap`` (pycryptodome, many times slower),
+        which accepts any valid envelope and raises EnvelopeError for a wrong CMK."""
+        try:
+            key = self._private.decrypt(key_blob, padding.PKCS1v15())
+            iv = self._private.decrypt(iv_blob, padding.PKCS1v15())
+            if len(key) == env.DATA_KEY_SIZE and len(iv) == env.IV_SIZE and iv[8:12] == b"\0\0\0\0":
+                return key, iv
+        except ValueError:
+            pass
+        return self.unwrap(key_blob), self.unwrap(iv_blob)
+
     def unwrap(self, blob: bytes, wrap_alg: str = WRAP_RSA) -> bytes:
         if wrap_alg.lower() == env.WRAP_RSA_OAEP.lower():
             try:  # OAEP with SHA-1 and MGF1-SHA-1: pycryptodome PKCS1_OAEP defaults, as oss2 uses
@@ -204,8 +220,11 @@ class Keyring:
                     return hit[1]
                 del self._unwrapped[cache_key]
         cmk = self.cmk_for(wrapped)
-        data_key = cmk.unwrap(wrapped.wrapped_key, wrapped.wrap_alg)
-        iv = cmk.unwrap(wrapped.wrapped_iv, wrapped.wrap_alg)
+        if isinstance(cmk, RsaCmk) and wrapped.wrap_alg.lower() == WRAP_RSA.lower():
+            data_key, iv = cmk.unwrap_pair(wrapped.wrapped_key, wrapped.wrapped_iv)
+        else:
+            data_key = cmk.unwrap(wrapped.wrapped_key, wrapped.wrap_alg)
+            iv = cmk.unwrap(wrapped.wrapped_iv, wrapped.wrap_alg)
         if wrapped.legacy:
             iv = env.legacy_counter_iv(iv)
         env.check_unwrapped(data_key, iv)
