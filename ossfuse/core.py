@@ -654,12 +654,16 @@ class Filesystem:
         async with node.lock:
             self._journal(node)
 
-    def _journal(self, node: Node) -> None:
+    def _journal(self, node: Node) -> dict[str, str] | None:
+        """Record ``node``'s staged version durably; returns the object metadata recorded
+        (None when there is nothing staged). Raises FsError(ENOSPC/EIO)."""
         st = node.staged
         if st is None or node.unlinked:
-            return
+            return None
+        meta = self._file_metadata(node, st.envelope.wrapped, st.size)
         try:
-            st.journal(self.key(node.path), self._file_metadata(node, st.envelope.wrapped, st.size))
+            st.journal(self.key(node.path), meta)
+            return meta
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.key(node.path), e)
             raise FsError(e.errno or errno.EIO) from None
@@ -713,8 +717,7 @@ class Filesystem:
                 return True
             key = self.key(node.path)
             try:
-                self._journal(node)
-                meta = self._file_metadata(node, st.envelope.wrapped, st.size)
+                meta = self._journal(node)
                 info = await self.uploader.upload(st, key, meta)
             except (StoreError, FsError) as e:
                 node.upload_error = str(e)

@@ -45,6 +45,7 @@ class StagedFile:
         self.size = size
         self.generation = 0
         self.journaled_generation = -1
+        self._journaled: dict | None = None  # the record last made durable
         self.data_path = os.path.join(staging.dir, sid + ".data")
         self.journal_path = os.path.join(staging.dir, sid + ".json")
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -82,9 +83,12 @@ class StagedFile:
     # -- durability -----------------------------------------------------------------------
     def journal(self, key: str, metadata: dict[str, str]) -> None:
         """fsync the ciphertext, then atomically record (key, size, metadata). Raises OSError
-        (ENOSPC, EIO) when the cache disk fails; the previous journal is then still valid."""
-        os.fsync(self.fd)
+        (ENOSPC, EIO) when the cache disk fails; the previous journal is then still valid.
+        Recording what is already recorded does nothing (a close followed by its upload)."""
         record = {"key": key, "size": self.size, "metadata": metadata, "generation": self.generation}
+        if record == self._journaled:
+            return
+        os.fsync(self.fd)
         tmp = self.journal_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(record, f)
@@ -93,6 +97,7 @@ class StagedFile:
         os.replace(tmp, self.journal_path)
         _fsync_dir(self.staging.dir)
         self.journaled_generation = self.generation
+        self._journaled = record
 
     def close(self) -> None:
         if self.fd >= 0:
