@@ -54,17 +54,11 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-VENV = os.path.join(REPO, ".venv")
-PY = os.path.join(VENV, "bin", "python")
-OSSFUSE = os.path.join(VENV, "bin", "ossfuse")
-PYSPY = os.path.join(VENV, "bin", "py-spy")
-SERVER = os.path.join(REPO, "tests", "oss_server.py")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (AK, BUCKET, HERE, OSSFUSE, PYSPY, REGION, REPO, SK, MiB,  # noqa: E402
+                    OssServerProcess, drop_caches, log)
 SYSPY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-AK, SK, BUCKET, REGION = "AK", "SK", "test-bucket", "cn-hangzhou"
-MiB = 1 << 20
 ALL = ["native", "gocryptfs", "rclone-crypt", "ossfuse-local", "ossfuse-oss"]
 WORKLOADS = ["seqwrite", "seqread", "randread", "small", "tar"]
 
@@ -96,14 +90,6 @@ print(dt)
 """
 
 
-def log(*a) -> None:
-    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def vmhwm(pid: int | None) -> int | None:
@@ -428,7 +414,7 @@ class Bench:
         self.bucket_root = os.path.join(self.work, "oss-server-root")
         os.makedirs(self.logs)
         os.makedirs(self.bucket_root)
-        self.server: subprocess.Popen | None = None
+        self.server: OssServerProcess | None = None
         self.endpoint = ""
         self.cands: list[Candidate] = []
         self.res: dict[str, dict[str, list[float]]] = {}   # cand -> metric -> values
@@ -442,25 +428,13 @@ class Bench:
     # ---- infrastructure ----
 
     def start_server(self) -> None:
-        cmd = [PY, SERVER, "--port", "0", "--access-key-id", AK, "--access-key-secret", SK,
-               "--bucket", BUCKET, "--region", REGION, "--root-dir", self.bucket_root]
-        self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                       stderr=open(os.path.join(self.logs, "server.log"), "ab"),
-                                       text=True, start_new_session=True)
-        line = self.server.stdout.readline().strip()
-        if not line.startswith("http"):
-            raise RuntimeError(f"server did not start: {line!r}")
-        self.endpoint = line
+        self.server = OssServerProcess(self.bucket_root, os.path.join(self.logs, "server.log"))
+        self.endpoint = self.server.endpoint
         log("oss test server", self.endpoint, "pid", self.server.pid)
 
     def stop_server(self) -> None:
-        if self.server and self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(20)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        if self.server:
+            self.server.stop()
         self.server = None
 
     def sampler(self) -> None:

@@ -1,0 +1,56 @@
+"""What the benchmarks share: paths, the test credentials, logging, dropping the page cache,
+and the OSS test server (tests/oss_server.py) as a process of its own."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+VENV = os.path.join(REPO, ".venv")
+PY = os.path.join(VENV, "bin", "python")
+OSSFUSE = os.path.join(VENV, "bin", "ossfuse")
+PYSPY = os.path.join(VENV, "bin", "py-spy")
+SERVER = os.path.join(REPO, "tests", "oss_server.py")
+
+AK, SK, BUCKET, REGION = "AK", "SK", "test-bucket", "cn-hangzhou"
+MiB = 1 << 20
+
+
+def log(*a) -> None:
+    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+def drop_caches() -> None:
+    """Flush and drop the page cache (root only), for cold-cache reads."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+class OssServerProcess:
+    """tests/oss_server.py on a free port, bodies under ``root``, its log in ``log_path``."""
+
+    def __init__(self, root: str, log_path: str):
+        cmd = [PY, SERVER, "--port", "0", "--access-key-id", AK, "--access-key-secret", SK,
+               "--bucket", BUCKET, "--region", REGION, "--root-dir", root]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "ab"),
+                                     text=True, start_new_session=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("http"):
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.endpoint = line
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
