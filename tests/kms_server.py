@@ -69,6 +69,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
+from http_service import ThreadedService  # tests/ is on sys.path (conftest, or run as a script)
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Iterable, List, Optional
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -229,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-class KmsTestServer:
+class KmsTestServer(ThreadedService):
     """In-process KMS stand-in on 127.0.0.1 (module docstring for the protocol).
 
     :param credentials: access key id → secret accepted; default ``{"test-ak": "test-sk"}``.
@@ -264,51 +265,11 @@ class KmsTestServer:
         self._thread: Optional[threading.Thread] = None
 
     # ---- lifecycle ----------------------------------------------------------------------
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    thread_name = "kms-test-server"
 
-    @property
-    def running(self) -> bool:
-        return self._httpd is not None
+    def _new_httpd(self):
+        return _HTTPServer((self.host, self.port), _Handler, self)
 
-    def start(self) -> "KmsTestServer":
-        """Listen (again, on the same port after a stop) and serve in a daemon thread."""
-        if self._httpd is not None:
-            return self
-        last: Optional[OSError] = None
-        for _ in range(50):
-            try:
-                self._httpd = _HTTPServer((self.host, self.port), _Handler, self)
-                break
-            except OSError as e:  # the port of a previous run still busy for a moment
-                last = e
-                time.sleep(0.05)
-        else:
-            raise last  # type: ignore[misc]
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="kms-test-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and drop open connections: clients then get 'connection refused'."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        httpd.drop_all()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> "KmsTestServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # ---- keys and counters --------------------------------------------------------------
     def create_key(self, alias: Optional[str] = None, key_id: Optional[str] = None) -> str:

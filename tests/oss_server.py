@@ -52,6 +52,7 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from http_service import ThreadedService  # tests/ is on sys.path (conftest, or run as a script)
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape as _xml_escape
@@ -935,7 +936,7 @@ class _Ctx:
 # --------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------
-class OssTestServer:
+class OssTestServer(ThreadedService):
     """In-process OSS server on 127.0.0.1.
 
     :param access_key_id/access_key_secret: the key pair that signs requests; more pairs via
@@ -983,46 +984,10 @@ class OssTestServer:
         self._thread: Optional[threading.Thread] = None
 
     # ---- lifecycle ----------------------------------------------------------------
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    thread_name = "oss-test-server"
 
-    @property
-    def running(self) -> bool:
-        return self._httpd is not None
-
-    def start(self) -> "OssTestServer":
-        """Listen (again) and serve in a daemon thread. A restart keeps data and port."""
-        if self._httpd is not None:
-            return self
-        last = None
-        for _ in range(50):
-            try:
-                self._httpd = _HTTPServer((self.host, self.port), _Handler, self)
-                break
-            except OSError as e:  # port of a previous run still busy for a moment
-                last = e
-                time.sleep(0.05)
-        else:
-            raise last
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="oss-test-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and drop open connections (clients see the server go down)."""
-        httpd = self._httpd
-        if httpd is None:
-            return
-        self._httpd = None
-        httpd.shutdown()
-        httpd.server_close()
-        httpd.drop_all()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+    def _new_httpd(self):
+        return _HTTPServer((self.host, self.port), _Handler, self)
 
     def serve_forever(self) -> None:
         self.start()
@@ -1032,11 +997,6 @@ class OssTestServer:
         finally:
             self.stop()
 
-    def __enter__(self) -> "OssTestServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # ---- helpers for tests ----------------------------------------------------------
     def create_bucket(self, name: str) -> None:
