@@ -53,6 +53,25 @@ def oss_client_store(server) -> ObjectStore:
                     credentials=StaticCredentialsProvider(AK, SK), retries=1)
 
 
+def key_pair(cmk_path: str) -> tuple[str, str]:
+    """(private PEM, public PEM) of a CMK made by ``generate_rsa_cmk`` (PATH and PATH.pub)."""
+    with open(cmk_path) as f, open(cmk_path + ".pub") as g:
+        return f.read(), g.read()
+
+
+def rsa_provider(cmk_path: str, matdesc=None):
+    """oss2's RsaProvider for a CMK, optionally with a material description."""
+    import oss2
+    priv, pub = key_pair(cmk_path)
+    return oss2.crypto.RsaProvider(key_pair={"private_key": priv, "public_key": pub}, mat_desc=matdesc)
+
+
+def crypto_bucket(endpoint: str, provider):
+    """A real oss2.CryptoBucket on the test bucket at ``endpoint`` (signature V4)."""
+    import oss2
+    return oss2.CryptoBucket(oss2.AuthV4(AK, SK), endpoint, BUCKET, crypto_provider=provider, region=REGION)
+
+
 class Mount:
     """One ossfuse mount driven through the real CLI: of a local-directory bucket
     (``server`` None), or of a bucket on the OSS test server over HTTP."""

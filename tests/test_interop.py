@@ -12,7 +12,8 @@ import oss2
 import pytest
 from alibabacloud_oss_v2.crypto import MasterRsaCipher
 
-from conftest import AK, BUCKET, REGION, SK, Mount
+import conftest
+from conftest import AK, BUCKET, REGION, SK, Mount, key_pair, rsa_provider
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,11 +35,6 @@ def read_at(path: str, offset: int, n: int) -> bytes:
         return f.read(n)
 
 
-def key_pair(cmk_path: str) -> tuple[str, str]:
-    with open(cmk_path) as f, open(cmk_path + ".pub") as g:
-        return f.read(), g.read()
-
-
 @pytest.fixture(params=[None, {"team": "alpha", "path": "a/b"}], ids=["no-matdesc", "matdesc"])
 def setup(request, tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, f"multipart_threshold = {4 * PART}\npart_size = {PART}",
@@ -51,10 +47,7 @@ def setup(request, tmp_path, cmk_path, oss_server):
 
 
 def crypto_bucket(m: Mount, matdesc):
-    priv, pub = key_pair(m.cmk)
-    provider = oss2.crypto.RsaProvider(key_pair={"private_key": priv, "public_key": pub}, mat_desc=matdesc)
-    return oss2.CryptoBucket(oss2.AuthV4(AK, SK), m.server.endpoint, BUCKET, crypto_provider=provider,
-                             region=REGION)
+    return conftest.crypto_bucket(m.server.endpoint, rsa_provider(m.cmk, matdesc))
 
 
 def v2_client(m: Mount, matdesc):

@@ -11,7 +11,8 @@ import oss2
 import pytest
 from oss2.crypto import AliKMSProvider
 
-from conftest import AK, BUCKET, REGION, SK, Mount
+import conftest
+from conftest import AK, REGION, SK, Mount, rsa_provider
 from kms_server import KmsTestServer
 from ossfuse import envelope as env
 
@@ -22,11 +23,6 @@ pytestmark = pytest.mark.timeout(180)
 def kms():
     with KmsTestServer({AK: SK}) as server:
         yield server
-
-
-def rsa_provider(pem_path: str, matdesc=None):
-    with open(pem_path) as f, open(pem_path + ".pub") as g:
-        return oss2.crypto.RsaProvider(key_pair={"private_key": f.read(), "public_key": g.read()}, mat_desc=matdesc)
 
 
 def kms_provider(kms, key_id: str):
@@ -74,7 +70,7 @@ def keyed(tmp_path, cmk_path, other_cmk_path, oss_server, kms):
 
 
 def crypto_bucket(m: Mount, provider):
-    return oss2.CryptoBucket(oss2.AuthV4(AK, SK), m.server.endpoint, BUCKET, crypto_provider=provider, region=REGION)
+    return conftest.crypto_bucket(m.server.endpoint, provider)
 
 
 def test_three_cmks_and_two_rules_pick_the_right_key(keyed, cmk_path, other_cmk_path, kms):

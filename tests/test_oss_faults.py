@@ -7,10 +7,9 @@ import hashlib
 import os
 import subprocess
 
-import oss2
 import pytest
 
-from conftest import AK, BUCKET, REGION, SK, Mount
+from conftest import Mount, crypto_bucket, rsa_provider
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -114,9 +113,7 @@ def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, c
         copies = oss_server.requests_for(method="PUT", key="renamed")
         assert not any("x-oss-copy-source" in r.headers for r in copies)  # no CopyObject was sent
         assert m.pending_uploads() == 0
-        priv, pub = open(m.cmk).read(), open(m.cmk + ".pub").read()
-        cb = oss2.CryptoBucket(oss2.AuthV4(AK, SK), oss_server.endpoint, BUCKET, region=REGION,
-                               crypto_provider=oss2.crypto.RsaProvider({"private_key": priv, "public_key": pub}))
+        cb = crypto_bucket(oss_server.endpoint, rsa_provider(m.cmk))
         assert cb.get_object("renamed").read() == data
         assert m.head("renamed").metadata["mode"] == str(0o100600)
         assert m.head("large") is None
