@@ -184,12 +184,16 @@ class BlockCache:
         self._lru[(e.key, b)] = None
         self._lru.move_to_end((e.key, b))
 
+    def _unmark(self, e: CacheEntry, b: int) -> None:
+        """Block ``b`` of ``e`` is no longer present (its bytes may stay on disk)."""
+        if e.present[b]:
+            e.present[b] = 0
+            self.used -= e.block_len(b)
+        self._lru.pop((e.key, b), None)
+
     def _forget_blocks(self, e: CacheEntry) -> None:
         for b in range(e.nblocks):
-            if e.present[b]:
-                e.present[b] = 0
-                self.used -= e.block_len(b)
-                self._lru.pop((e.key, b), None)
+            self._unmark(e, b)
 
     def _free_space(self) -> int:
         st = os.statvfs(self.dir)
@@ -214,8 +218,7 @@ class BlockCache:
                 log.warning("cannot drop a cache block of %r: %s", ekey[0], err)
                 skipped.append((ekey, b))
                 continue
-            e.present[b] = 0
-            self.used -= e.block_len(b)
+            self._unmark(e, b)
             freed += e.block_len(b)
         for k in skipped:
             self._lru[k] = None
@@ -335,9 +338,7 @@ class BlockCache:
         data = os.pread(e.fd, e.block_len(b), b * self.block_size)
         if zlib.crc32(data) != e.crc[b]:
             log.warning("cache file of %r is damaged (block %d); fetching it again", e.key[0], b)
-            e.present[b] = 0
-            self.used -= e.block_len(b)
-            self._lru.pop((e.key, b), None)
+            self._unmark(e, b)
 
     async def fetch_all(self, key: str, etag: str, size: int) -> None:
         """Bring the whole version into the cache and pin it (an open file is about to be

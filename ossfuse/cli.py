@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import config as config_mod
-from .daemon import EXIT_PENDING, MountError, read_registry, run
+from .daemon import EXIT_PENDING, MountError, process_alive, read_registry, run
 from .keyring import generate_rsa_cmk
 
 log = logging.getLogger("ossfuse")
@@ -146,20 +146,6 @@ def cmd_umount(args) -> int:
               "(see the log in the cache dir)", file=sys.stderr)
         return EXIT_PENDING
     return 0
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not reaped, does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not alive: it exited and waits to be reaped by its parent
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def cmd_status(args) -> int:

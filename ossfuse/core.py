@@ -15,6 +15,7 @@ Concurrency (trio tasks, one thread):
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import envelope as env
+from .aio import run_all
 from .cache import BlockCache, TruncatedObject
 from .config import Config
 from .keyring import CmkUnavailable, KeyMissing, Keyring
@@ -433,18 +435,13 @@ class Filesystem:
                     return
                 resolved[i] = self._node_from_info(path, info, is_dir)
 
-        limiter = trio.CapacityLimiter(_HEAD_PARALLEL)
-
-        async def bounded(i, name, is_dir):
-            async with limiter:
-                await resolve(i, name, is_dir)
-
-        async with trio.open_nursery() as n:
-            for i, (name, known, _info, is_dir) in enumerate(batch):
-                if known is not None:
-                    resolved[i] = known
-                else:
-                    n.start_soon(bounded, i, name, is_dir)
+        jobs = []
+        for i, (name, known, _info, is_dir) in enumerate(batch):
+            if known is not None:
+                resolved[i] = known
+            else:
+                jobs.append(functools.partial(resolve, i, name, is_dir))
+        await run_all(jobs, _HEAD_PARALLEL)
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
 
     def releasedir(self, fh: int) -> None:

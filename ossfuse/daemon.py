@@ -125,7 +125,7 @@ def check_mountpoint(mountpoint: str) -> None:
             raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
     if os.path.ismount(mountpoint):
         reg = read_registry(mountpoint)
-        if reg and not reg.get("exited") and not _process_alive(reg["pid"]):
+        if reg and not reg.get("exited") and not process_alive(reg["pid"]):
             # its daemon is dead (killed) but the kernel still answers stat from its caches
             log.warning("mount point %s is the mount of a dead ossfuse daemon (pid %d); unmounting it",
                         mountpoint, reg["pid"])
@@ -136,9 +136,18 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
 
 
-def _process_alive(pid: int) -> bool:
-    from .cli import process_alive
-    return process_alive(pid)
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive: it exited and waits to be reaped by its parent
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def fuse_options(cfg: Config, extra: list[str]) -> set[str]:
