@@ -3,9 +3,49 @@ daemon thread on 127.0.0.1, stop it (dropping open connections, as a server goin
 and start it again on the same port with its data kept."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from http.server import ThreadingHTTPServer
 from typing import Optional
+
+
+class TrackingHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server that knows its open connections, so ``drop_all()`` can cut them
+    as a server going down would. ``service`` is the test service the handlers serve."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr, handler, service):
+        self.service = service
+        self._conns: set = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address):
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):  # keep test output quiet unless debugging
+        if getattr(self.service, "debug", False):
+            super().handle_error(request, client_address)
+
+    def drop_all(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class ThreadedService:

@@ -69,8 +69,8 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from http_service import ThreadedService  # tests/ is on sys.path (conftest, or run as a script)
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http_service import ThreadedService, TrackingHTTPServer  # tests/ is on sys.path (conftest, or run as a script)
+from http.server import BaseHTTPRequestHandler
 from typing import Dict, Iterable, List, Optional
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -125,34 +125,10 @@ class _Key:
         self.version = str(uuid.uuid4())
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, addr, handler, kms: "KmsTestServer"):
-        self.kms = kms
-        self._conns: set = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def process_request_thread(self, request, client_address):
-        with self._conns_lock:
-            self._conns.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._conns_lock:
-                self._conns.discard(request)
-
-    def drop_all(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+class _HTTPServer(TrackingHTTPServer):
+    @property
+    def kms(self) -> "KmsTestServer":
+        return self.service
 
 
 class _Reset(Exception):

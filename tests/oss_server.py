@@ -52,8 +52,8 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from http_service import ThreadedService  # tests/ is on sys.path (conftest, or run as a script)
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http_service import ThreadedService, TrackingHTTPServer  # tests/ is on sys.path (conftest, or run as a script)
+from http.server import BaseHTTPRequestHandler
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape as _xml_escape
 
@@ -621,39 +621,10 @@ class Faults:
 # --------------------------------------------------------------------------------------
 # HTTP layer
 # --------------------------------------------------------------------------------------
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, addr, handler, oss: "OssTestServer"):
-        self.oss = oss
-        self.active: set = set()
-        self.active_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def process_request(self, request, client_address):
-        with self.active_lock:
-            self.active.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self.active_lock:
-            self.active.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):  # keep test output quiet
-        if self.oss.debug:
-            super().handle_error(request, client_address)
-
-    def drop_all(self) -> None:
-        with self.active_lock:
-            socks = list(self.active)
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+class _HTTPServer(TrackingHTTPServer):
+    @property
+    def oss(self) -> "OssTestServer":
+        return self.service
 
 
 class _Response:
