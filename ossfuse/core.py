@@ -404,25 +404,28 @@ class Filesystem:
 
     async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False):
         """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
-        on, as (index+1, name, node) with the
-        node resolved (attributes fetched, at most _HEAD_PARALLEL at once). The caller raises
-        the lookup count of each node it hands to the kernel."""
+        on, as (index+1, name, node) with the node resolved: attributes from the listing when
+        the store's listing carries metadata, else from HEADs, at most _HEAD_PARALLEL at once.
+        The caller raises the lookup count of each node it hands to the kernel."""
         if h.entries is None or relist:
             h.entries = await self._list_entries(h.node)
         batch = h.entries[start:start + _READDIR_BATCH]
         resolved: dict[int, Node] = {}
 
-        async def resolve(i: int, name: str, is_dir: bool) -> None:
+        async def resolve(i: int, name: str, is_dir: bool, listed: ObjectInfo | None) -> None:
             path = self.join(h.node.path, name)
             node = self.by_path.get(path)
             if node is not None and (self._fresh(node) or is_dir):
                 resolved[i] = node
                 return
-            try:
-                info = await self.store.head(self.dir_key(path) if is_dir else self.key(path))
-            except StoreError as e:
-                log.error("HEAD %r failed while listing: %s", path, e)
-                return
+            if listed is not None and self.store.listing_has_metadata:
+                info = listed  # the listing said all a HEAD would
+            else:
+                try:
+                    info = await self.store.head(self.dir_key(path) if is_dir else self.key(path))
+                except StoreError as e:
+                    log.error("HEAD %r failed while listing: %s", path, e)
+                    return
             if not is_dir and info is None:
                 return  # deleted since the listing
             node = self.by_path.get(path)
@@ -436,11 +439,13 @@ class Filesystem:
                 resolved[i] = self._node_from_info(path, info, is_dir)
 
         jobs = []
-        for i, (name, known, _info, is_dir) in enumerate(batch):
+        for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
+            elif listed is not None and self.store.listing_has_metadata:
+                await resolve(i, name, is_dir, listed)  # no request: no task needed
             else:
-                jobs.append(functools.partial(resolve, i, name, is_dir))
+                jobs.append(functools.partial(resolve, i, name, is_dir, listed))
         await run_all(jobs, _HEAD_PARALLEL)
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
 
@@ -728,7 +733,8 @@ class Filesystem:
             version = Version(key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
             self._set_local_version(node, version)
             st.close()
-            self.cache.adopt(key, info.etag, st.size, st.data_path)
+            if not self.store.links_put_files:  # a linked file is the store's now: hands off
+                self.cache.adopt(key, info.etag, st.size, st.data_path)
             st.discard()
             node.staged = None
             node.upload_error = None

@@ -51,9 +51,10 @@ class Uploader:
         ``retries`` times with exponential backoff and jitter, then raises the last StoreError."""
         for attempt in range(1, self.retries + 1):
             try:
-                if staged.size > self.multipart_threshold:
+                if staged.size > self.multipart_threshold and self.store.multipart_helps:
                     return await self._multipart(staged, key, metadata)
-                return await self.store.put_file(key, staged.data_path, metadata)
+                # the staged file is final once uploaded (a new write makes a new version)
+                return await self.store.put_file(key, staged.data_path, metadata, may_link=True)
             except (NoSuchKey, PreconditionFailed):
                 raise
             except StoreError as e:

@@ -381,6 +381,24 @@ async def test_put_file_multi_mib(h, tmp_path):
 
 
 @trio_test
+async def test_put_file_may_link_keeps_the_content(h, tmp_path):
+    """``may_link``: the object has the file's bytes even after the file's name is gone (a
+    linking store keeps the file itself); without it, a later change to the file never shows."""
+    s = h.store
+    linked, copied = tmp_path / "linked.bin", tmp_path / "copied.bin"
+    data = blob(300_000, 9)
+    linked.write_bytes(data)
+    copied.write_bytes(data)
+    await s.put_file("pf/linked", str(linked), {}, may_link=True)
+    await s.put_file("pf/copied", str(copied), {})
+    os.unlink(linked)
+    with open(copied, "r+b") as f:
+        f.write(b"changed")
+    assert await s.get_range("pf/linked", 0, len(data)) == data
+    assert await s.get_range("pf/copied", 0, len(data)) == data
+
+
+@trio_test
 async def test_concurrent_requests(h):
     """Many requests at once through the store's bounded thread pool."""
     s = h.store

@@ -37,7 +37,8 @@ class ObjectInfo:
     """One object as HEAD or a listing reports it.
 
     ``size`` in bytes (ciphertext size == plaintext size for CSE objects), ``mtime`` is the
-    store's Last-Modified in seconds since the epoch; ``metadata`` is empty in listings.
+    store's Last-Modified in seconds since the epoch; ``metadata`` is empty in listings (unless
+    the store's ``listing_has_metadata``).
     """
 
     key: str
@@ -68,6 +69,15 @@ class ObjectStore(abc.ABC):
     #: streaming their bytes through the client (OSS CopyObject stops at 1 GB, and
     #: UploadPartCopy is refused for client-side-encrypted sources: oss-cse-format.md §9).
     max_copy_size: int | None = None
+    #: Whether a multipart upload with parallel parts beats one PUT of the same file (False for
+    #: a bucket on local disk, where parts only write every byte twice more).
+    multipart_helps: bool = True
+    #: Whether ``put_file(..., may_link=True)`` may keep the file itself (a hard link on the
+    #: same disk) rather than a copy: the caller must then never change that file again.
+    links_put_files: bool = False
+    #: Whether ``list`` gives each object's user metadata, as HEAD would (an OSS listing does
+    #: not: it has key, size, ETag and Last-Modified only).
+    listing_has_metadata: bool = False
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
@@ -81,8 +91,11 @@ class ObjectStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def put_file(self, key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
-        """Upload the whole file at ``path`` as ``key`` with ``metadata``; returns the new object."""
+    async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
+                       may_link: bool = False) -> ObjectInfo:
+        """Upload the whole file at ``path`` as ``key`` with ``metadata``; returns the new object.
+        ``may_link``: the file will not change again, so a store with ``links_put_files`` may
+        keep it instead of copying it."""
 
     @abc.abstractmethod
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:

@@ -382,7 +382,8 @@ class OssStore(ObjectStore):
             # oss2 streams a file object (SizedFileAdapter + CRC adapter), no full read into memory
             return size, self._bucket.put_object(key, f, headers=dict(headers))
 
-    async def put_file(self, key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
+                       may_link: bool = False) -> ObjectInfo:
         """PutObject streaming the file at ``path`` (reopened for every attempt); as put_bytes."""
         self._check_key(key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
