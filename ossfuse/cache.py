@@ -119,6 +119,7 @@ class BlockCache:
         self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0}
         self._nursery: trio.Nursery | None = None
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
+        self._write_failing = False  # the last block write failed (full disk): warned once
         self._load_index()
 
     def _load_index(self) -> None:
@@ -417,11 +418,20 @@ class BlockCache:
             if e.dropped:
                 return
             try:
-                os.pwrite(e.fd, data, lo)
+                try:
+                    os.pwrite(e.fd, data, lo)
+                except OSError as err:
+                    if err.errno != errno.ENOSPC or not self.evict(need=len(data)):
+                        raise
+                    os.pwrite(e.fd, data, lo)  # room was made by dropping old blocks
             except OSError as err:
-                if err.errno != errno.ENOSPC or not self.evict(need=len(data)):
-                    raise
-                os.pwrite(e.fd, data, lo)  # room was made by dropping old blocks
+                # Not cached: the reader finds the blocks missing and reads from the store.
+                if not self._write_failing:
+                    log.warning("cache disk cannot take more blocks (%s); reading %r and others "
+                                "without caching until it can", err, key)
+                self._write_failing = True
+                return
+            self._write_failing = False
             for b in range(lo // bs, (hi - 1) // bs + 1):
                 e.crc[b] = zlib.crc32(memoryview(data)[b * bs - lo:min(hi, (b + 1) * bs) - lo])
                 self._mark_present(e, b)

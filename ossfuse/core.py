@@ -40,6 +40,7 @@ _POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first m
 _READAHEAD_MAX = 16 << 20  # bytes: largest sequential read-ahead window
 _HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
 _READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
+_UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
 
 
 class FsError(Exception):
@@ -646,15 +647,27 @@ class Filesystem:
         node.mtime_ns = node.ctime_ns = time.time_ns()
 
     async def flush(self, h: FileHandle) -> None:
-        """Make what was written through ``h`` durable locally (the journal): after this a
-        crash cannot lose it; with ``close_waits_for_upload``, upload it too. Raises
-        FsError(ENOSPC/EIO) if the cache disk fails, FsError(EIO) if that upload fails."""
+        """Make what was written through ``h`` durable: journal it locally (a crash cannot lose
+        it after this), or upload a small file at once where a PUT is as cheap (the journal is
+        then the fallback when that upload fails); with ``close_waits_for_upload``, journal
+        and upload. Raises FsError(ENOSPC/EIO) if the cache disk fails, FsError(EIO) if an
+        upload close() must wait for fails."""
         node = h.node
         if self.cfg.mount.close_waits_for_upload:
             await self.upload_node(node, raise_errors=True)  # journals first, then uploads
             return
+        if self._upload_at_close(node) and await self.upload_node(node, journal=False):
+            return  # in the bucket already: nothing to journal
         async with node.lock:
             self._journal(node)
+
+    def _upload_at_close(self, node: Node) -> bool:
+        """Whether closing ``node`` should upload it at once instead of journaling it: a small
+        file, closed by its last handle, on a store whose PUT is as cheap as a journal record
+        (and no upload_delay asked to coalesce saves)."""
+        st = node.staged
+        return (self.store.cheap_puts and st is not None and st.size <= _UPLOAD_AT_CLOSE_MAX
+                and node.opens == 1 and not node.unlinked and self.cfg.mount.upload_delay == 0)
 
     def _journal(self, node: Node) -> dict[str, str] | None:
         """Record ``node``'s staged version durably; returns the object metadata recorded
@@ -711,20 +724,23 @@ class Filesystem:
         if node.staged is not None and not node.unlinked:
             self.schedule_upload(node)
 
-    async def upload_node(self, node: Node, *, raise_errors: bool = False) -> bool:
-        """Upload ``node``'s staged version if it has one; True when nothing is pending after."""
+    async def upload_node(self, node: Node, *, raise_errors: bool = False, journal: bool = True) -> bool:
+        """Upload ``node``'s staged version if it has one; True when nothing is pending after.
+        ``journal``: record it durably first, so a crash during the upload loses nothing (False
+        only from close(), which then journals if the upload failed)."""
         async with node.lock:
             st = node.staged
             if st is None or node.unlinked:
                 return True
             key = self.key(node.path)
             try:
-                meta = self._journal(node)
-                info = await self.uploader.upload(st, key, meta)
+                meta = self._journal(node) if journal else self._file_metadata(node, st.envelope.wrapped, st.size)
+                # close() does not wait out retries: it journals instead, the worker retries
+                info = await self.uploader.upload(st, key, meta, attempts=None if journal else 1)
             except (StoreError, FsError) as e:
                 node.upload_error = str(e)
                 self.stats["upload_failures"] += 1
-                log.error("upload of %r failed; the data stays journaled and will be retried: %s%s",
+                log.error("upload of %r failed; the data stays staged and will be retried: %s%s",
                           key, e, f" [request id {e.request_id}]" if getattr(e, "request_id", None) else "")
                 if raise_errors:
                     raise FsError(errno.EIO) from None

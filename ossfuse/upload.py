@@ -46,10 +46,13 @@ class Uploader:
         self.part_workers = part_workers
         self.retries = retries
 
-    async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
-        """Put ``staged``'s ciphertext at ``key`` with ``metadata``; retries transient failures
-        ``retries`` times with exponential backoff and jitter, then raises the last StoreError."""
-        for attempt in range(1, self.retries + 1):
+    async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str], *,
+                     attempts: int | None = None) -> ObjectInfo:
+        """Put ``staged``'s ciphertext at ``key`` with ``metadata``; makes up to ``attempts``
+        (default ``retries``) with exponential backoff and jitter between them, then raises
+        the last StoreError."""
+        attempts = attempts or self.retries
+        for attempt in range(1, attempts + 1):
             try:
                 if staged.size > self.multipart_threshold and self.store.multipart_helps:
                     return await self._multipart(staged, key, metadata)
@@ -58,11 +61,11 @@ class Uploader:
             except (NoSuchKey, PreconditionFailed):
                 raise
             except StoreError as e:
-                if attempt == self.retries:
+                if attempt == attempts:
                     raise
                 delay = min(_RETRY_MAX, _RETRY_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
                 log.warning("upload of %r failed (attempt %d of %d, retrying in %.1fs): %s%s", key,
-                            attempt, self.retries, delay, e,
+                            attempt, attempts, delay, e,
                             f" [request id {e.request_id}]" if e.request_id else "")
                 await trio.sleep(delay)
         raise AssertionError("unreachable")

@@ -171,3 +171,40 @@ def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_p
     finally:
         m.cleanup()
         subprocess.run(["umount", "-l", m.cache], capture_output=True)
+
+
+def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_path, cmk_path):
+    """On a local-directory bucket a closed small file is already in the bucket (one PUT, no
+    journal record); when that PUT fails, close() still succeeds because the file is journaled,
+    and the background upload delivers it once the bucket takes writes again."""
+    import subprocess
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path, "retry_interval = 1\nupload_retries = 1")
+    m.start()
+    tmp_dir = os.path.join(m.bucket_dir, "tmp")
+    try:
+        with open(m.path("at-close"), "wb") as f:
+            f.write(b"in the bucket when close returns")
+        assert m.head("at-close").size == 32  # no wait: close() put it there
+        assert os.listdir(os.path.join(m.cache, "staging")) == []
+        subprocess.run(["chattr", "+i", tmp_dir], check=True)  # even root cannot add files now
+        try:
+            with open(m.path("fallback"), "wb") as f:
+                f.write(b"journaled instead")
+            assert m.head("fallback") is None
+            journal = [n for n in os.listdir(os.path.join(m.cache, "staging")) if n.endswith(".json")]
+            assert len(journal) == 1
+            assert open(m.path("fallback"), "rb").read() == b"journaled instead"
+        finally:
+            subprocess.run(["chattr", "-i", tmp_dir], check=True)
+        deadline = time.monotonic() + 30
+        while m.head("fallback") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert m.head("fallback").size == len(b"journaled instead")
+        assert m.stop() == 0
+        assert "upload of 'fallback' failed" in m.log()
+        m.start()
+        assert open(m.path("fallback"), "rb").read() == b"journaled instead"
+    finally:
+        subprocess.run(["chattr", "-i", tmp_dir], capture_output=True)
+        m.cleanup()

@@ -78,6 +78,9 @@ class ObjectStore(abc.ABC):
     #: Whether ``list`` gives each object's user metadata, as HEAD would (an OSS listing does
     #: not: it has key, size, ETag and Last-Modified only).
     listing_has_metadata: bool = False
+    #: Whether a PUT costs no more than journaling the file locally first (a bucket on local
+    #: disk): then a small file is uploaded when it is closed, without a journal record.
+    cheap_puts: bool = False
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

@@ -49,6 +49,7 @@ class LocalStore(ObjectStore):
         self.multipart_helps = False  # one file, one copy (or link): parts would copy twice more
         self.links_put_files = True
         self.listing_has_metadata = True  # the index row holds it: no HEAD per entry for ls -l
+        self.cheap_puts = True  # a PUT is two fsyncs, journaling is three
         for sub in ("blobs", "uploads", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self._db_path = os.path.join(self.root, "index.sqlite")
