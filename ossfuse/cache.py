@@ -349,6 +349,13 @@ class BlockCache:
             e.pinned = True
             await self._ensure(key, etag, e, 0, size)
 
+    def read_ahead(self, key: str, etag: str, size: int, start: int, end: int) -> None:
+        """Start fetching the missing blocks of ``[start, end)`` (clipped to ``size`` bytes) of
+        version (key, etag) in the background; returns at once."""
+        end = min(end, size)
+        if end > start:
+            self._prefetch(key, etag, self.entry(key, etag, size), start, end)
+
     def _prefetch(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:
         """Fetch the missing blocks of ``[start, end)`` in the background, in parallel ranged
         GETs; a reader that needs one of them waits for its fetch instead of issuing another."""

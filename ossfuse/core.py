@@ -518,7 +518,10 @@ class Filesystem:
             async with node.lock:
                 await self._truncate_locked(node, 0)
         elif node.staged is None and node.version is not None:
-            await self._open_version(node.version)
+            v = node.version
+            if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps
+                self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
+            await self._open_version(v)
         return self._open_handle(node, flags)
 
     def _open_handle(self, node: Node, flags: int) -> FileHandle:
