@@ -67,7 +67,7 @@ def _parse_mtime(value: str | None) -> int | None:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Version:
     """A committed object version in the bucket (what a clean file reads from)."""
 
@@ -75,13 +75,13 @@ class Version:
     etag: str
     size: int
     metadata: dict[str, str]
-    wrapped: env.WrappedEnvelope | None  # None: a plaintext object
+    wrapped: env.WrappedEnvelope | env.EnvelopeError | None  # None: a plaintext object
     envelope: env.Envelope | None = None  # unwrapped on first open
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
-    """An inode."""
+    """An inode (slots and a lazy lock: a big directory holds many)."""
 
     ino: int
     path: str
@@ -103,7 +103,14 @@ class Node:
     checked_at: float = 0.0  # monotonic seconds when attributes were last read from the store
     symlink_target: str | None = None
     handles: set = field(default_factory=set)
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    _lock: trio.Lock | None = None
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Serialises this file's content changes (made on first use)."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
     @property
     def is_dir(self) -> bool:
@@ -242,7 +249,7 @@ class Filesystem:
                 wrapped = env.parse_envelope(info.metadata)
             except env.EnvelopeError as e:
                 wrapped = e  # reported when the file is opened
-        node.version = Version(info.key, info.etag, info.size, dict(info.metadata), wrapped)
+        node.version = Version(info.key, info.etag, info.size, info.metadata, wrapped)
         node.size = info.size
         node.checked_at = time.monotonic()
 
