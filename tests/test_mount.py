@@ -169,6 +169,26 @@ def test_attributes_persist_and_cp_p_keeps_mtime(mount, tmp_path):
     assert read(p) == b"x"  # the attribute copies kept the envelope intact
 
 
+def test_ls_l_after_remount_shows_the_stored_modes_sizes_and_mtimes(mount):
+    """A listing's attributes (from the listing itself on a local bucket, from HEADs on OSS)
+    are the ones chmod and utime stored, not the upload time."""
+    os.mkdir(mount.path("d"))
+    want = {}
+    for i in range(40):
+        p = mount.path("d", f"f{i:02d}")
+        with open(p, "wb") as f:
+            f.write(b"x" * i)
+        os.chmod(p, 0o600 + i % 8)
+        os.utime(p, ns=(1_500_000_000_123_456_789 + i, 1_500_000_000_123_456_789 + i))
+        want[f"f{i:02d}"] = (0o600 + i % 8, i, 1_500_000_000_123_456_789 + i)
+    mount.remount()
+    r = subprocess.run(["ls", "-l", "--time-style=+%s", mount.path("d")], capture_output=True, text=True, check=True)
+    assert len(r.stdout.splitlines()) == 41  # "total" and 40 files
+    got = {e.name: (stat.S_IMODE(e.stat(follow_symlinks=False).st_mode), e.stat(follow_symlinks=False).st_size,
+                    e.stat(follow_symlinks=False).st_mtime_ns) for e in os.scandir(mount.path("d"))}
+    assert got == want
+
+
 def test_readdir_markers_implicit_prefixes_and_foreign_keys(mount):
     from conftest import run_sync
     s = mount.store
