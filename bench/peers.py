@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """ossfuse next to its peers, in one run on this machine: ossfuse over a local-directory bucket,
 ossfuse over the OSS test server (tests/oss_server.py, its own process), ``rclone mount`` over a
-``crypt`` remote on a local directory (``--vfs-cache-mode writes``), ``gocryptfs``, and the
-native disk (a plain directory on the same file system as the work dir).
+``crypt`` remote on a local directory (``--vfs-cache-mode writes``), ``gocryptfs``, the
+native disk (a plain directory on the same file system as the work dir), and, not a mount, the
+raw oss2 SDK with client-side encryption (``oss2.CryptoBucket`` + ``RsaProvider``, same CMK)
+against the same test server as ossfuse-oss, under the key prefix ``sdk/`` ("sdk-oss").
 
     sudo .venv/bin/python bench/peers.py [--quick] [--size-mib 1024] [--files 2000] [--reads 2000]
 
@@ -27,6 +29,15 @@ next, and from one round to the next):
 5. tar         ``tar -xf SRC.tar -C MNT/tree`` of a tarball of Python stdlib packages, timed until
                in the backing store as in 4 (seconds).
 
+sdk-oss does the same from this process with sequential calls, each timed until it returns
+(the data is then in the bucket): 1. ``put_object_from_file(SRC)``; 2. ``drop_caches``,
+``get_object`` read in 1 MiB chunks; 3. ``drop_caches``, the same N offsets as ranged
+``get_object`` of 4 KiB (checked likewise); 4. N ``put_object`` of the same contents (create and
+create+flush are one figure), ``drop_caches`` then "ls -l" = list the prefix
+(``ObjectIterator``) + ``head_object`` of each, ``get_object().read()`` of each,
+``delete_object`` of each; 5. ``put_object`` of each regular file of the tarball (read with
+``tarfile``). It has no daemon: no RSS.
+
 The FUSE daemons' peak RSS (VmHWM) is sampled every 50 ms; every step mounts a fresh daemon, so
 the figure per workload is that daemon's peak. MB/s are 10^6 B/s. Ratios are speed ratios:
 > 1 means faster (or, for seconds, quicker) than the reference.
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -50,6 +62,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -59,7 +72,7 @@ from common import (AK, BUCKET, HERE, OSSFUSE, PYSPY, REGION, REPO, SK, MiB,  # 
                     OssServerProcess, drop_caches, log)
 SYSPY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-ALL = ["native", "gocryptfs", "rclone-crypt", "ossfuse-local", "ossfuse-oss"]
+ALL = ["native", "gocryptfs", "rclone-crypt", "ossfuse-local", "ossfuse-oss", "sdk-oss"]
 WORKLOADS = ["seqwrite", "seqread", "randread", "small", "tar"]
 
 CREATE_PROG = r"""
@@ -130,6 +143,12 @@ def count_files(d: str) -> int:
     for _, _, files in os.walk(d):
         n += len(files)
     return n
+
+
+def rand_offsets(size: int, n: int, bs: int) -> list[int]:
+    """The random reads' offsets: the same seed and formula as RANDREAD_PROG."""
+    rng = random.Random(42)
+    return [rng.randrange(size // bs) * bs for _ in range(n)]
 
 
 def free_port() -> int:
@@ -396,7 +415,36 @@ class OssfuseOss(Ossfuse):
     oss = True
 
 
-CLASSES = {c.name: c for c in (Native, Gocryptfs, RcloneCrypt, OssfuseLocal, OssfuseOss)}
+class SdkOss(Candidate):
+    """No mount: the raw oss2 SDK with client-side encryption (``oss2.CryptoBucket`` +
+    ``RsaProvider``, the bench's CMK) against the same test server as ossfuse-oss, under its own
+    key prefix. Bench runs its own versions of the workloads (Bench.sdk_*): sequential,
+    single-threaded calls from this process, each timed until the call returns."""
+    name = "sdk-oss"
+    fuse = False
+    prefix = "sdk/"   # never collides with what ossfuse-oss writes
+
+    def setup(self):
+        import oss2
+        import oss2.crypto
+        with open(self.b.cmk) as f:
+            priv = f.read()
+        with open(self.b.cmk + ".pub") as f:
+            pub = f.read()
+        provider = oss2.crypto.RsaProvider(key_pair={"private_key": priv, "public_key": pub})
+        # V4 signatures like the ossfuse-oss config, so both sides pay the same per request
+        self.bucket = oss2.CryptoBucket(oss2.AuthV4(AK, SK), self.b.endpoint, BUCKET,
+                                        crypto_provider=provider, region=REGION)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def keys(self, sub: str) -> list[str]:
+        import oss2
+        return [o.key for o in oss2.ObjectIterator(self.bucket, prefix=self.key(sub))]
+
+
+CLASSES = {c.name: c for c in (Native, Gocryptfs, RcloneCrypt, OssfuseLocal, OssfuseOss, SdkOss)}
 
 
 # ---- the bench -------------------------------------------------------------------------------
@@ -527,18 +575,20 @@ class Bench:
             [SYSPY, "-c", RANDREAD_PROG, os.path.join(c.mnt, "big"), str(n), str(bs), out])))
         c.unmount()
         dt = float(holder["r"].stdout.strip() or dt_wall)
-        # check the bytes against the source (untimed)
-        rng = random.Random(42)
-        offs = [rng.randrange(self.size // bs) * bs for _ in range(n)]
-        with open(self.src, "rb") as s, open(out, "rb") as o:
-            for off in offs:
-                s.seek(off)
-                if s.read(bs) != o.read(bs):
-                    self.problems.append(f"{c.name}: random read at {off} differs from source")
-                    break
+        with open(out, "rb") as o:
+            self.check_reads(c, rand_offsets(self.size, n, bs), bs, (o.read(bs) for _ in range(n)))
         os.unlink(out)
         self.record(c, "randread", n / dt)
         log(f"  {c.name:14s} random 4K {n / dt:8.1f} reads/s ({dt:.2f}s)")
+
+    def check_reads(self, c: Candidate, offs: list[int], bs: int, bufs) -> None:
+        """The random reads (bufs, in the order of offs) against the source (untimed)."""
+        with open(self.src, "rb") as s:
+            for off, buf in zip(offs, bufs):
+                s.seek(off)
+                if s.read(bs) != buf:
+                    self.problems.append(f"{c.name}: random read at {off} differs from source")
+                    break
 
     def w_small(self, c: Candidate) -> None:
         n, size = self.args.files, self.args.file_kib * 1024
@@ -585,6 +635,108 @@ class Bench:
         self.record(c, "tar", dt)
         log(f"  {c.name:14s} tar -xf {dt:.2f}s ({self.tar_files / dt:.1f} files/s)")
 
+    # ---- the same workloads through the SDK (no mount, no daemon, no RSS) ----
+
+    def sdk_seqwrite(self, c: SdkOss) -> None:
+        key = c.key("big")
+        c.bucket.delete_object(key)   # a fresh object every round, as the mounts unlink first
+        dt = self.timed(c, "seqwrite", lambda: c.bucket.put_object_from_file(key, self.src))
+        self.record(c, "seqwrite", self.size / dt / 1e6)
+        log(f"  {c.name:14s} seq write {self.size / dt / 1e6:8.1f} MB/s ({dt:.2f}s)")
+
+    def sdk_seqread(self, c: SdkOss) -> None:
+        got = {}
+
+        def go():
+            r = c.bucket.get_object(c.key("big"))
+            n = 0
+            while b := r.read(MiB):
+                n += len(b)
+            got["n"] = n
+        drop_caches()   # the server's page cache, as for the mounts' cold reads
+        dt = self.timed(c, "seqread", go)
+        if got["n"] != self.size:
+            self.problems.append(f"{c.name}: get_object returned {got['n']} bytes, expected {self.size}")
+        self.record(c, "seqread", self.size / dt / 1e6)
+        log(f"  {c.name:14s} cold read {self.size / dt / 1e6:8.1f} MB/s ({dt:.2f}s)")
+
+    def sdk_randread(self, c: SdkOss) -> None:
+        n, bs = self.args.reads, 4096
+        offs = rand_offsets(self.size, n, bs)
+        key = c.key("big")
+        bufs = []
+        drop_caches()
+        dt = self.timed(c, "randread", lambda: bufs.extend(
+            c.bucket.get_object(key, byte_range=(o, o + bs - 1)).read() for o in offs))
+        self.check_reads(c, offs, bs, bufs)
+        self.record(c, "randread", n / dt)
+        log(f"  {c.name:14s} random 4K {n / dt:8.1f} reads/s ({dt:.2f}s)")
+
+    def sdk_small(self, c: SdkOss) -> None:
+        import oss2
+        n, size = self.args.files, self.args.file_kib * 1024
+        keys = [c.key(f"small/f{i:05d}") for i in range(n)]
+
+        def create():
+            rng = random.Random(7)   # the contents CREATE_PROG writes
+            for k in keys:
+                c.bucket.put_object(k, rng.randbytes(size))
+        t_create = self.timed(c, "small-create", create)
+        # in the bucket once put_object returns: create and create+flush are the same figure
+        self.record(c, "create", n / t_create)
+        self.record(c, "create+flush", n / t_create)
+        listed = []
+
+        def ls_l():
+            # names from the listing, then a HEAD each for the mtime and size ls -l shows
+            for o in oss2.ObjectIterator(c.bucket, prefix=c.key("small/")):
+                c.bucket.head_object(o.key)
+                listed.append(o.key)
+        drop_caches()   # cold, as the mounts' ls -l after a remount
+        t_ls = self.timed(c, "small-ls", ls_l)
+        if len(listed) != n:
+            self.problems.append(f"{c.name}: {len(listed)} small objects listed, expected {n}")
+        got = []
+        t_cat = self.timed(c, "small-cat", lambda: got.extend(
+            len(c.bucket.get_object(k).read()) for k in keys))
+        if sum(got) != n * size:
+            self.problems.append(f"{c.name}: read back {sum(got)} bytes, expected {n * size}")
+        # one DELETE per object, as rm -r unlinks file by file
+        t_rm = self.timed(c, "small-rm", lambda: [c.bucket.delete_object(k) for k in keys])
+        left = c.keys("small/")
+        if left:
+            self.problems.append(f"{c.name}: {len(left)} small objects left after delete")
+        self.record(c, "ls-l", t_ls)
+        self.record(c, "cat", n / t_cat)
+        self.record(c, "rm", n / t_rm)
+        log(f"  {c.name:14s} small: create {n / t_create:7.1f} f/s, "
+            f"create+flush {n / t_create:7.1f} f/s, ls -l {t_ls:.3f}s, cat {n / t_cat:7.1f} f/s, "
+            f"rm {n / t_rm:7.1f} f/s")
+
+    def sdk_tar(self, c: SdkOss, rnd: int) -> None:
+        done = []
+
+        def go():
+            # reading the tarball is part of it, as for tar -xf; directories need no object
+            with tarfile.open(self.tar) as tf:
+                for m in tf:
+                    if m.isreg():
+                        c.bucket.put_object(c.key(f"tree{rnd}/{m.name}"), tf.extractfile(m).read())
+                        done.append(m.name)
+        dt = self.timed(c, "tar", go)
+        if len(done) != self.tar_files:
+            self.problems.append(f"{c.name}: put {len(done)} tar members, expected {self.tar_files}")
+        self.record(c, "tar", dt)
+        log(f"  {c.name:14s} tar -xf {dt:.2f}s ({self.tar_files / dt:.1f} files/s)")
+
+    def workload(self, c: Candidate, wl: str, rnd: int) -> None:
+        """Run workload wl on candidate c: the mount version (w_*), or the SDK's own (sdk_*)."""
+        fn = getattr(self, ("sdk_" if isinstance(c, SdkOss) else "w_") + wl)
+        if wl == "tar":
+            fn(c, rnd)
+        else:
+            fn(c)
+
     # ---- main ----
 
     def run(self) -> None:
@@ -600,7 +752,7 @@ class Bench:
                              if x.startswith("-"))
         self.tar_bytes = os.path.getsize(self.tar)
         run([OSSFUSE, "keygen", self.cmk])
-        if "ossfuse-oss" in a.candidates:
+        if {"ossfuse-oss", "sdk-oss"} & set(a.candidates):
             self.start_server()
         for name in a.candidates:
             c = CLASSES[name](self)
@@ -618,10 +770,7 @@ class Bench:
                 for c in order:
                     self.cur = (c, wl)
                     try:
-                        if wl == "tar":
-                            self.w_tar(c, rnd)
-                        else:
-                            getattr(self, "w_" + wl)(c)
+                        self.workload(c, wl, rnd)
                     finally:
                         time.sleep(0.06)
                         self.cur = None
@@ -699,6 +848,11 @@ def table(b: Bench) -> tuple[str, list[str]]:
             verdicts.append(f"- {'met   ' if stream <= 256 * 1024 else 'MISSED'} {cand} daemon RSS "
                             f"while streaming: {stream / 1024:.0f} MiB (target ≤ 256 MiB); "
                             + ", ".join(f"{k} {v / 1024:.0f}" for k, v in d.items()) + " MiB")
+    # the mount over the server next to the raw CryptoBucket on the same server (for information)
+    sdk = med.get("sdk-oss", {})
+    for m, what in (("seqwrite", "seq write"), ("seqread", "cold seq read"),
+                    ("create", "small files create"), ("cat", "small files cat")):
+        check(f"ossfuse-oss {what} vs sdk-oss", "ossfuse-oss", m, sdk, 0.8)
     return "\n".join(out), verdicts
 
 
@@ -710,9 +864,13 @@ def machine() -> str:
             return "n/a"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     ossv = ver([OSSFUSE, "--version"])
+    try:
+        oss2v = importlib.metadata.version("oss2")
+    except importlib.metadata.PackageNotFoundError:
+        oss2v = "n/a"
     return (f"nproc {os.cpu_count()}, {mem:.1f} GiB RAM, kernel {platform.release()}, "
             f"Python {platform.python_version()}; {ver(['rclone', 'version'])}; "
-            f"{ver(['gocryptfs', '-version'])}; ossfuse {ossv}")
+            f"{ver(['gocryptfs', '-version'])}; ossfuse {ossv}; oss2 {oss2v}")
 
 
 def main() -> int:
@@ -786,7 +944,8 @@ def main() -> int:
                    f"`--vfs-cache-mode writes --vfs-write-back {args.rclone_write_back}`; "
                    "write/tar/create timed until `vfs/stats` shows no upload and the unmount "
                    "returned. gocryptfs/native: `dd conv=fsync`, `sync -f`. ossfuse: until "
-                   "`ossfuse umount` returns.", "", text, ""]
+                   "`ossfuse umount` returns. sdk-oss: `oss2.CryptoBucket` calls, one at a time, "
+                   "until each returns.", "", text, ""]
         with open(args.results, "a") as f:
             f.write("\n".join(section) + "\n")
     return 0 if not b.problems else 1
