@@ -163,6 +163,10 @@ class BlockCache:
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest())
 
+    def has(self, key: str, etag: str) -> bool:
+        """Whether version (key, etag) has an entry (some blocks may still be missing)."""
+        return (key, etag) in self._entries
+
     def entry(self, key: str, etag: str, size: int) -> CacheEntry:
         """The entry of version (key, etag), created empty if new."""
         e = self._entries.get((key, etag))

@@ -81,6 +81,9 @@ class ObjectStore(abc.ABC):
     #: Whether a PUT costs no more than journaling the file locally first (a bucket on local
     #: disk): then a small file is uploaded when it is closed, without a journal record.
     cheap_puts: bool = False
+    #: Whether reading a range costs no more than reading it from the block cache would (a
+    #: bucket on local disk): then reads skip the cache instead of copying the bucket into it.
+    cheap_reads: bool = False
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
