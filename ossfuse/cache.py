@@ -242,23 +242,35 @@ class BlockCache:
         for b in range(e.nblocks):
             self._mark_present(e, b)
         self.evict()
-        if self._nursery is not None:  # CRCs let the blocks be trusted after a remount
+        # CRCs let the blocks be trusted after a remount; one block is summed at once (cheaper
+        # than a thread hand-off), more in the background
+        if e.nblocks <= 1:
+            try:
+                self._set_crcs(e, self._block_crcs(e))
+            except OSError:
+                pass  # unreadable: the block stays untrusted after a remount
+        elif self._nursery is not None:
             self._nursery.start_soon(self._checksum, e)
+
+    def _block_crcs(self, e: CacheEntry) -> list[int | None]:
+        """CRC-32 of each present block of ``e``, read from its file (None: block missing)."""
+        out: list[int | None] = []
+        with open(e.path, "rb") as f:
+            for b in range(e.nblocks):
+                out.append(zlib.crc32(os.pread(f.fileno(), e.block_len(b), b * self.block_size)) if e.present[b]
+                           else None)
+        return out
 
     async def _checksum(self, e: CacheEntry) -> None:
         """Compute the CRC-32 of an adopted entry's blocks (in a thread; the file was just
         written, so it reads from the page cache)."""
-        def crcs() -> list[int | None]:
-            out: list[int | None] = []
-            with open(e.path, "rb") as f:
-                for b in range(e.nblocks):
-                    out.append(zlib.crc32(os.pread(f.fileno(), e.block_len(b), b * self.block_size)) if e.present[b]
-                               else None)
-            return out
         try:
-            result = await trio.to_thread.run_sync(crcs)
+            result = await trio.to_thread.run_sync(self._block_crcs, e)
         except OSError:
             return  # dropped or evicted meanwhile: those blocks stay untrusted
+        self._set_crcs(e, result)
+
+    def _set_crcs(self, e: CacheEntry, result: list[int | None]) -> None:
         for b, crc in enumerate(result):
             if e.present[b] and e.crc[b] is None:
                 e.crc[b] = crc

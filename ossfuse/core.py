@@ -41,6 +41,7 @@ _READAHEAD_MAX = 16 << 20  # bytes: largest sequential read-ahead window
 _HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
 _READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
 _UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
+_RELIST_MAX = 1000  # entries: a directory this small is listed again (one page) to answer lookups
 
 
 class FsError(Exception):
@@ -102,6 +103,10 @@ class Node:
     upload_error: str | None = None
     checked_at: float = 0.0  # monotonic seconds when attributes were last read from the store
     symlink_target: str | None = None
+    # a directory's child names as of a complete listing (or its mkdir), kept current by this
+    # mount's own changes; trusted until children_until (monotonic s) to answer "no such name"
+    children: set[str] | None = None
+    children_until: float = 0.0
     handles: set = field(default_factory=set)
     _lock: trio.Lock | None = None
 
@@ -211,7 +216,47 @@ class Filesystem:
         self.nodes[node.ino] = node
         self.by_path[path] = node  # a node it replaces lives on for its lookups and handles
         self._absent.pop(path, None)
+        self._child_added(path)
         return node
+
+    def _child_added(self, path: str) -> None:
+        parent = self.by_path.get(self.parent_of(path))
+        if parent is not None and parent.children is not None:
+            parent.children.add(path.rpartition("/")[2])
+
+    def _child_removed(self, path: str) -> None:
+        parent = self.by_path.get(self.parent_of(path))
+        if parent is not None and parent.children is not None:
+            parent.children.discard(path.rpartition("/")[2])
+
+    def _set_children(self, dirnode: Node, names) -> None:
+        dirnode.children = set(names)
+        dirnode.children_until = time.monotonic() + self.cfg.mount.entry_timeout
+
+    async def _listed_absent(self, path: str) -> bool:
+        """Whether the parent's listing says ``path`` does not exist: the listing is at most
+        entry_timeout old, or is taken again now (one page) for a small directory. No request
+        for a name created in a directory this mount made or listed a moment ago."""
+        parent = self.by_path.get(self.parent_of(path))
+        if parent is None or parent.children is None:
+            return False
+        if parent.children_until < time.monotonic():
+            if len(parent.children) >= _RELIST_MAX:
+                parent.children = None  # big: single probes cost less than listing it all
+                return False
+            dkey = self.dir_key(parent.path)
+            try:
+                page = await self.store.list(dkey, delimiter="/", max_keys=_RELIST_MAX)
+            except StoreError:
+                return False  # the probe will report it
+            if page.next_marker is not None:
+                parent.children = None
+                return False
+            names = [o.key[len(dkey):] for o in page.objects] + [p[len(dkey):-1] for p in page.prefixes]
+            local = [d.path.rpartition("/")[2] for d in self.dirty
+                     if not d.unlinked and self.parent_of(d.path) == parent.path]
+            self._set_children(parent, [n for n in names if n] + local)
+        return path.rpartition("/")[2] not in parent.children
 
     def _attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
         """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from
@@ -303,8 +348,8 @@ class Filesystem:
     async def _resolve(self, path: str, known: Node | None) -> Node | None:
         """What is at ``path`` now, from the store (or the negative cache, for
         ``entry_timeout`` seconds after the store said nothing is there)."""
-        if known is None and self._known_absent(path):
-            return None
+        if known is None and (self._known_absent(path) or await self._listed_absent(path)):
+            return self.by_path.get(path)  # None, unless a task created it meanwhile
         try:
             found = await self._probe(path)
         except StoreError as e:
@@ -402,6 +447,7 @@ class Filesystem:
             if not d.unlinked and self.parent_of(d.path) == node.path:
                 name = d.path.rpartition("/")[2]
                 entries[name] = (name, d, None, d.is_dir)
+        self._set_children(node, entries)
         result = []
         for name in sorted(entries):
             if not name or name in (".", "..") or "\0" in name or len(name.encode()) > 255:
@@ -472,6 +518,7 @@ class Filesystem:
                 self._discard_node(node)
                 log.error("mkdir %r failed: %s", self.dir_key(path), e)
                 raise FsError(errno.EIO) from None
+            self._set_children(node, ())  # new and empty: lookups in it need no request
             node.lookups += 1
             self._touch(parent)
             return node
@@ -940,6 +987,7 @@ class Filesystem:
         dirnode.mtime_ns = dirnode.ctime_ns = time.time_ns()
 
     def _unlink_path(self, node: Node) -> None:
+        self._child_removed(node.path)
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
         self._absent[node.path] = time.monotonic() + self.cfg.mount.entry_timeout
@@ -1101,15 +1149,19 @@ class Filesystem:
                 self._move_node(n, n.path, new)
                 if n.staged is not None and n.staged.journaled_generation >= 0:
                     self._journal(n)
+            for n in affected:  # their names moved one by one: list them anew when asked
+                n.children = None
 
     def _move_node(self, node: Node, old: str, new: str) -> None:
         if self.by_path.get(old) is node:
             del self.by_path[old]
             self._absent[old] = time.monotonic() + self.cfg.mount.entry_timeout
+            self._child_removed(old)
         self._absent.pop(new, None)
         node.path = new
         node.ctime_ns = time.time_ns()
         self.by_path[new] = node
+        self._child_added(new)
 
     # -- misc -------------------------------------------------------------------------------
     def _alloc_fh(self) -> int:

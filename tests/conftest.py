@@ -108,7 +108,8 @@ class Mount:
             ("matdesc = { " + ", ".join(f'"{k}" = "{v}"' for k, v in self.matdesc.items()) + " }"
              if self.matdesc else ""),
             "[cache]", f'dir = "{self.cache}"',
-            "[mount]", "attr_timeout = 0.5", "entry_timeout = 0.5", mount_options,
+            "[mount]", *(f"{k} = 0.5" for k in ("attr_timeout", "entry_timeout") if k not in mount_options),
+            mount_options,
             extra,
         ]
         with open(self.config, "w") as f:

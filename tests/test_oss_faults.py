@@ -6,10 +6,11 @@ import errno
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 
-from conftest import Mount, crypto_bucket, rsa_provider
+from conftest import Mount, crypto_bucket, rsa_provider, run_sync
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -162,5 +163,30 @@ def test_a_written_file_is_not_downloaded_after_a_clean_remount(tmp_path, cmk_pa
         m.start()
         assert open(m.path("w"), "rb").read() == data
         assert oss_server.requests_for(method="GET", key="w") == []
+    finally:
+        m.cleanup()
+
+
+def test_names_created_in_a_listed_directory_need_no_lookup_requests(tmp_path, cmk_path, oss_server):
+    """Creating files in a directory this mount made (or listed) sends no HEAD/LIST per new name:
+    the directory's listing answers "no such name" for entry_timeout; a name another client
+    adds shows up once that listing is older than entry_timeout."""
+    m = Mount(str(tmp_path / "m"), cmk_path, "entry_timeout = 2", server=oss_server)
+    m.start()
+    try:
+        os.mkdir(m.path("new"))
+        oss_server.clear_requests()
+        for i in range(20):
+            with open(m.path("new", f"f{i}"), "wb") as f:
+                f.write(b"x" * i)
+        heads = [r for r in oss_server.requests_for(method="HEAD") if r.key.startswith("new/")]
+        lists = [r for r in oss_server.requests_for(method="GET") if "prefix=" in r.query]
+        assert heads == [] and len(lists) <= 2, (heads, lists)  # ≤ 1 re-list per entry_timeout
+        assert sorted(os.listdir(m.path("new"))) == sorted(f"f{i}" for i in range(20))
+        run_sync(m.store.put_bytes, "new/from-elsewhere", b"plain", {})
+        time.sleep(2.2)  # the listing is older than entry_timeout now
+        assert os.path.exists(m.path("new", "from-elsewhere"))
+        assert m.stop() == 0
+        assert all(m.head(f"new/f{i}").size == i for i in range(20))
     finally:
         m.cleanup()
