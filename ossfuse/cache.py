@@ -469,6 +469,8 @@ class BlockCache:
                 self.drop(*e.key)  # pinned: its object is gone from the store
                 continue
             try:
+                if any(e.present[b] and e.crc[b] is None for b in range(e.nblocks)):
+                    self._set_crcs(e, self._block_crcs(e))  # uploaded at unmount: not summed yet
                 with open(e.path + ".idx", "w") as f:
                     json.dump({"key": e.key[0], "etag": e.key[1], "size": e.size, "block_size": self.block_size,
                                "present": base64.b64encode(bytes(e.present)).decode(), "crc": e.crc}, f)

@@ -78,7 +78,9 @@ class MountConfig:
     startup_timeout: float = 60.0  # seconds to keep retrying an unreachable store at mount
     close_waits_for_upload: bool = False  # true: close() returns once the object is in the bucket
     retry_interval: float = 30.0  # seconds between background retries of a failed upload
-    upload_delay: float = 0.0  # seconds a closed file waits before its upload starts (coalesces save bursts)
+    # seconds a closed file waits before its upload starts, so the chmod/utime/rename that cp -p,
+    # tar and rsync do after close go into that one upload; None: 1 s, 0 on a local-directory bucket
+    upload_delay: float | None = None
     uid: int | None = None  # owner of objects without x-oss-meta-uid (default: the mounter)
     gid: int | None = None
     umask: int | None = None  # set: masks every mode (objects without one, new files, dirs); unset: 022 for the former
@@ -248,7 +250,7 @@ def load(path: str) -> Config:
     mo = _check_table(path, "mount", "mount", raw.get("mount", {}))
     mount = MountConfig(**mo)
     for k in ("attr_timeout", "entry_timeout", "upload_delay", "startup_timeout", "retry_interval"):
-        if getattr(mount, k) < 0:
+        if getattr(mount, k) is not None and getattr(mount, k) < 0:
             raise ConfigError(f"{path}: mount.{k}: must not be negative")
     if mount.part_size % 16 or mount.part_size < 100 * 1024:
         raise ConfigError(f"{path}: mount.part_size: must be a multiple of 16 and at least 102400 bytes")

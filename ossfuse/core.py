@@ -163,6 +163,9 @@ class Filesystem:
                                 min_free=cfg.cache.min_free)
         self.staging = Staging(cfg.cache.dir)
         m = cfg.mount
+        # A local bucket takes a closed small file at once (cheaper than journaling it); on OSS
+        # a short wait folds the attribute changes and renames that follow a close into one PUT.
+        self.upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.cheap_puts else 1.0)
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
                                  part_workers=m.part_workers, retries=m.upload_retries)
         self.default_uid = m.uid if m.uid is not None else uid
@@ -737,10 +740,10 @@ class Filesystem:
     def _upload_at_close(self, node: Node) -> bool:
         """Whether closing ``node`` should upload it at once instead of journaling it: a small
         file, closed by its last handle, on a store whose PUT is as cheap as a journal record
-        (and no upload_delay asked to coalesce saves)."""
+        (and no upload_delay to fold later changes into the upload)."""
         st = node.staged
         return (self.store.cheap_puts and st is not None and st.size <= _UPLOAD_AT_CLOSE_MAX
-                and node.opens == 1 and not node.unlinked and self.cfg.mount.upload_delay == 0)
+                and node.opens == 1 and not node.unlinked and self.upload_delay == 0)
 
     def _journal(self, node: Node) -> dict[str, str] | None:
         """Record ``node``'s staged version durably; returns the object metadata recorded
@@ -786,7 +789,7 @@ class Filesystem:
     async def upload_worker(self) -> None:
         """Background uploads of released files, in queue order (several workers run)."""
         async for node in self._upload_recv:
-            await trio.sleep_until(node.queued_at + self.cfg.mount.upload_delay)
+            await trio.sleep_until(node.queued_at + self.upload_delay)
             node.upload_queued = False
             ok = await self.upload_node(node)
             if not ok and node.staged is not None and not node.unlinked and self._nursery is not None:

@@ -113,7 +113,7 @@ def test_config_defaults_and_relative_paths(tmp_path, cmk_path):
     assert cfg.encryption.cmks[0].private_key == str(tmp_path / "rel.pem")
     assert cfg.cache.dir == str(tmp_path / "cache")
     assert cfg.store.prefix == "team/"
-    assert cfg.mount.part_size % 16 == 0 and cfg.mount.upload_delay == 0.0
+    assert cfg.mount.part_size % 16 == 0 and cfg.mount.upload_delay is None
 
 
 def test_mount_errors_are_one_line(mount, tmp_path):

@@ -190,3 +190,28 @@ def test_names_created_in_a_listed_directory_need_no_lookup_requests(tmp_path, c
         assert all(m.head(f"new/f{i}").size == i for i in range(20))
     finally:
         m.cleanup()
+
+
+def test_attributes_and_rename_after_close_join_the_one_upload(tmp_path, cmk_path, oss_server):
+    """What cp -p, tar and rsync do after close (chmod, utime, rename of a temp file) lands in
+    the file's one PUT on OSS within the default upload_delay: no CopyObject, no DELETE."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.start()
+    try:
+        oss_server.clear_requests()
+        with open(m.path(".f.tmp"), "wb") as f:
+            f.write(b"rsync-like")
+        os.chmod(m.path(".f.tmp"), 0o640)
+        os.utime(m.path(".f.tmp"), ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        os.rename(m.path(".f.tmp"), m.path("f"))
+        deadline = time.monotonic() + 10
+        while m.head("f") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        info = m.head("f")
+        assert info.metadata["mode"] == str(0o100640) and info.metadata["mtime"] == "1600000000"
+        puts = oss_server.requests_for(method="PUT")
+        assert [r.key for r in puts] == ["f"] and "x-oss-copy-source" not in puts[0].headers
+        assert oss_server.requests_for(method="DELETE") == []
+        assert m.head(".f.tmp") is None
+    finally:
+        m.cleanup()
