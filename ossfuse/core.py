@@ -853,10 +853,10 @@ class Filesystem:
             hd.version = version
 
     async def drain(self) -> int:
-        """Upload everything still staged (unmount); returns how many files remain pending."""
-        for node in list(self.dirty):
-            if node.staged is not None and not node.unlinked:
-                await self.upload_node(node)
+        """Upload everything still staged (unmount), ``upload_workers`` at once; returns how
+        many files remain pending."""
+        await run_all([functools.partial(self.upload_node, n) for n in list(self.dirty)
+                       if n.staged is not None and not n.unlinked], self.cfg.mount.upload_workers)
         return sum(1 for n in self.dirty if n.staged is not None and not n.unlinked)
 
     def recover(self) -> int:
@@ -922,9 +922,7 @@ class Filesystem:
         if node.unlinked or node.ino == ROOT_INO:
             return
         if node.staged is not None:
-            if node.staged.journaled_generation >= 0:
-                self._journal(node)  # keep the journal's attributes current
-            return
+            return  # the upload carries them (as on a local disk, they are durable after fsync)
         if node.is_dir:
             await self._store(self.store.put_bytes(self.dir_key(node.path), b"", self._attr_meta(node)), node.path)
             return
