@@ -165,7 +165,7 @@ class LocalStore(ObjectStore):
                     buf = bytearray(max(0, end - start))
                     try:
                         n = os.preadv(f.fileno(), [buf], start, os.RWF_NOWAIT)
-                    except BlockingIOError:
+                    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no NOWAIT on this disk
                         return None
                     return bytes(buf[:n]) if n == len(buf) or start + n >= row[1] else None
             except FileNotFoundError:
