@@ -267,7 +267,7 @@ async def test_server_ignoring_range_is_sliced(server, store, monkeypatch):
 
 
 @trio_test
-async def test_crc_mismatch_detected(server, store):
+async def test_crc_mismatch_detected(server, store, tmp_path):
     body = data(20_000, 3)
     await store.put_bytes("w/crc", body, {})
     server.crc_tamper = 1
@@ -278,12 +278,26 @@ async def test_crc_mismatch_detected(server, store):
         assert "CRC" in str(ei.value) and not isinstance(ei.value, StoreUnavailable)
         # ranged read: not checkable (API §5.3), data is fine
         assert await store.get_range("w/crc", 10, 100) == body[10:100]
-        # upload: oss2 compares the CRC of what it sent with the server's
+        # uploads: the CRC-64 of what was sent is compared with the server's (PUT of bytes and
+        # of a file, UploadPart)
         with pytest.raises(StoreError) as ei:
             await store.put_bytes("w/crc2", b"abc", {})
         assert "CRC" in str(ei.value)
+        path = tmp_path / "f"
+        path.write_bytes(body)
+        with pytest.raises(StoreError) as ei:
+            await store.put_file("w/crc3", str(path), {})
+        assert "CRC" in str(ei.value)
+        uid = await store.create_multipart("w/crc4", {})
+        with pytest.raises(StoreError) as ei:
+            await store.upload_part("w/crc4", uid, 1, body, {})
+        assert "CRC" in str(ei.value)
+        await store.abort_multipart("w/crc4", uid)
     finally:
         server.crc_tamper = 0
+    path.write_bytes(body)  # and without tampering, the same uploads pass their checks
+    assert (await store.put_file("w/crc3", str(path), {})).size == len(body)
+    assert await store.get_range("w/crc3", 0, len(body)) == body
 
 
 @trio_test
