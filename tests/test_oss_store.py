@@ -293,11 +293,25 @@ async def test_crc_mismatch_detected(server, store, tmp_path):
             await store.upload_part("w/crc4", uid, 1, body, {})
         assert "CRC" in str(ei.value)
         await store.abort_multipart("w/crc4", uid)
+        # Complete: the object's CRC-64, combined from the parts this process sent
+        server.crc_tamper = 0
+        uid = await store.create_multipart("w/crc5", {})
+        parts = [(1, await store.upload_part("w/crc5", uid, 1, body * 6, {})),
+                 (2, await store.upload_part("w/crc5", uid, 2, body[:777], {}))]
+        server.crc_tamper = 1
+        with pytest.raises(StoreError) as ei:
+            await store.complete_multipart("w/crc5", uid, parts)
+        assert "CRC-64" in str(ei.value)
     finally:
         server.crc_tamper = 0
     path.write_bytes(body)  # and without tampering, the same uploads pass their checks
     assert (await store.put_file("w/crc3", str(path), {})).size == len(body)
     assert await store.get_range("w/crc3", 0, len(body)) == body
+    uid = await store.create_multipart("w/crc6", {})
+    parts = [(1, await store.upload_part("w/crc6", uid, 1, body * 6, {})),
+             (2, await store.upload_part("w/crc6", uid, 2, body[:777], {}))]
+    assert (await store.complete_multipart("w/crc6", uid, parts)).size == 6 * len(body) + 777
+    assert await store.get_range("w/crc6", 0, 7 * len(body)) == body * 6 + body[:777]
 
 
 @trio_test

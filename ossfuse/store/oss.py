@@ -81,6 +81,14 @@ def _check_crc(op: str, key: str, ours: int, result) -> None:
         raise oe.InconsistentError(f"{op} {key}: CRC-64 of the body {ours} != OSS's {theirs}", result.request_id)
 
 
+def _crc64_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC-64 of A followed by B from the CRC-64s of both: the CRC is affine in its input, so
+    crc(A‖B) = crc(zeros(|B|), from crc(A)) ^ crc(zeros(|B|)) ^ crc(B) (what oss2's pure-Python
+    crc64_combine computes, at memory speed)."""
+    zeros = bytes(len_b)
+    return fastcrc.crc64.xz(zeros, initial=crc_a) ^ fastcrc.crc64.xz(zeros) ^ crc_b
+
+
 class _BadResponse(Exception):
     """The server answered something unusable (wrong Content-Range, short body): retried."""
 
@@ -152,16 +160,13 @@ class OssStore(ObjectStore):
         auth = oss2.ProviderAuthV4(provider) if signature == "v4" else oss2.ProviderAuth(provider)
         self._session = oss2.Session(pool_size=threads)
         try:
+            # oss2's CRC-64 (crcmod, ~0.5 GB/s) was a third of a cold read's CPU and a quarter of
+            # an upload's, and its combine at Complete is pure Python: oss2's is off, and this
+            # store checks the CRC-64 itself with fastcrc (§5.2): every PUT, part and Complete,
+            # whole-object GETs (ranged ones cannot be checked, §5.3).
             self._bucket = oss2.Bucket(auth, endpoint, bucket, session=self._session,
                                        connect_timeout=(connect_timeout, read_timeout), app_name="ossfuse",
-                                       enable_crc=True, region=region)
-            # oss2's CRC-64 (crcmod, ~0.5 GB/s) was a third of a cold read's CPU and a quarter of
-            # an upload's: bodies go through a CRC-less Bucket and this store checks the CRC-64
-            # itself with fastcrc (§5.2): every PUT and part, whole-object GETs (ranged ones
-            # cannot be, §5.3). Complete still goes through oss2, which combines the parts' CRCs.
-            self._data_bucket = oss2.Bucket(auth, endpoint, bucket, session=self._session,
-                                             connect_timeout=(connect_timeout, read_timeout), app_name="ossfuse",
-                                             enable_crc=False, region=region)
+                                       enable_crc=False, region=region)
         except oe.ClientError as e:  # invalid bucket name or endpoint
             raise ValueError(f"OSS bucket {bucket!r} at {endpoint!r}: {e.body}") from None
         # part number -> (size, crc64) per upload id, for the whole-object CRC check at Complete
@@ -314,7 +319,7 @@ class OssStore(ObjectStore):
         if if_match is not None:
             headers["If-Match"] = if_match
         try:
-            res = self._data_bucket.get_object(key, headers=headers)
+            res = self._bucket.get_object(key, headers=headers)
         except oe.ServerError as e:
             if e.status == 416:  # start >= size under standard range behaviour (§3.2)
                 return b""
@@ -366,7 +371,7 @@ class OssStore(ObjectStore):
 
     # -- put --------------------------------------------------------------------------------
     def _put_bytes_sync(self, key: str, data: bytes, headers: dict[str, str]):
-        r = self._data_bucket.put_object(key, data, headers=dict(headers))
+        r = self._bucket.put_object(key, data, headers=dict(headers))
         _check_crc("PUT", key, fastcrc.crc64.xz(data), r)
         return r
 
@@ -397,7 +402,7 @@ class OssStore(ObjectStore):
             while chunk := f.read(_CRC_CHUNK):
                 crc = fastcrc.crc64.xz(chunk, initial=crc)
             f.seek(0)
-            r = self._data_bucket.put_object(key, f, headers=dict(headers))
+            r = self._bucket.put_object(key, f, headers=dict(headers))
             _check_crc("PUT", key, crc, r)
             return size, r
 
@@ -423,7 +428,7 @@ class OssStore(ObjectStore):
         return upload_id
 
     def _part_sync(self, key: str, upload_id: str, n: int, data: bytes, headers: dict[str, str]):
-        r = self._data_bucket.upload_part(key, upload_id, n, data, headers=dict(headers))
+        r = self._bucket.upload_part(key, upload_id, n, data, headers=dict(headers))
         _check_crc("UploadPart", key, fastcrc.crc64.xz(data), r)  # then r.crc (OSS's) is ours
         return r
 
@@ -444,9 +449,12 @@ class OssStore(ObjectStore):
                     parts.pop(part_number, None)  # Complete then skips the combined CRC check
         return r.etag
 
-    def _complete_sync(self, key: str, upload_id: str, parts: list[oss2.models.PartInfo]):
+    def _complete_sync(self, key: str, upload_id: str, parts: list[oss2.models.PartInfo], crc: int | None):
         try:
-            return self._bucket.complete_multipart_upload(key, upload_id, parts)
+            r = self._bucket.complete_multipart_upload(key, upload_id, parts)
+            if crc is not None:
+                _check_crc("CompleteMultipartUpload", key, crc, r)
+            return r
         except oe.InconsistentError as e:
             # The upload is complete but its CRC-64 differs from the parts we sent: not retryable
             # (the upload id is gone); the caller must upload again.
@@ -456,22 +464,22 @@ class OssStore(ObjectStore):
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
         """CompleteMultipartUpload (§3.13) of ``parts`` [(number, etag)], then HeadObject for the
-        size, mtime and metadata. When this process uploaded every listed part, oss2 also checks
-        the combined CRC-64 against OSS's. If an attempt failed in transit and the retry meets
+        size, mtime and metadata. When this process uploaded every listed part, the object's
+        CRC-64 (combined from the parts') is checked against OSS's. If an attempt failed in transit and the retry meets
         NoSuchUpload, the first attempt may have succeeded: the object is accepted when its ETag
         says it has ``len(parts)`` parts. Raises NoSuchKey (no such upload), StoreError (400
         InvalidPart, EntityTooSmall ...)."""
         with self._parts_lock:
             known = self._parts.get(upload_id) or {}
-        infos = []
-        for n, etag in sorted(parts):
-            size, crc = known.get(n, (None, None))
-            infos.append(oss2.models.PartInfo(n, etag, size=size, part_crc=crc))
-        if any(p.size is None for p in infos):
-            infos = [oss2.models.PartInfo(n, etag) for n, etag in sorted(parts)]
+        infos = [oss2.models.PartInfo(n, etag) for n, etag in sorted(parts)]
+        crc: int | None = None  # the object's CRC-64, when this process sent every part
+        if all(n in known for n, _ in parts):
+            crc = 0
+            for n, _ in sorted(parts):
+                crc = _crc64_combine(crc, known[n][1], known[n][0])
         seen: list = []
         try:
-            r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos,
+            r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos, crc,
                                  transient_seen=seen)
             etag = r.etag
         except NoSuchKey:
