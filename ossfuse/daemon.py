@@ -231,6 +231,17 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
         delay = min(delay * 2, 15.0)
 
 
+async def _remove_orphans(store: LocalStore) -> None:
+    """Clear what crashes left in a local-directory bucket (in the background)."""
+    try:
+        n = await trio.to_thread.run_sync(store.remove_orphans)
+    except Exception as e:  # noqa: BLE001 - housekeeping must never stop the mount
+        log.warning("cleaning up the local bucket %s failed: %s", store.root, e)
+        return
+    if n:
+        log.info("removed %d unreferenced blob(s) from the local bucket %s", n, store.root)
+
+
 async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], on_ready,
                  errors: RecentErrors) -> int:
     # Never touch the mount point from this thread once mounted: the kernel would wait for
@@ -257,6 +268,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             nursery.start_soon(_on_signals)
             nursery.start_soon(_announce, cfg, mountpoint, registry, on_ready)
             nursery.start_soon(status_mod.serve, status_socket, fs, errors, time.time())
+            if isinstance(fs.store, LocalStore):
+                nursery.start_soon(_remove_orphans, fs.store)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             # The kernel side is gone (fusermount -u) or a signal asked us to stop.
             notify_systemd("STOPPING=1")

@@ -442,3 +442,24 @@ async def test_complete_checks_the_key(h, request):
         await h.store.complete_multipart("other", uid, [(1, e1)])
     assert await h.store.head("k1") is None and await h.store.head("other") is None
     await h.store.abort_multipart("k1", uid)
+
+
+@trio_test
+async def test_local_store_removes_only_unreferenced_blobs(tmp_path, monkeypatch):
+    """remove_orphans deletes blobs and tmp files no object points at (once their inode is older
+    than _ORPHAN_AGE, zero here), and keeps every blob an object uses."""
+    import ossfuse.store.local as local_mod
+    s = LocalStore(str(tmp_path / "bucket"))
+    await s.put_bytes("kept", b"kept bytes", {})
+    await s.copy("kept", "copy")  # a hard link: two rows, one inode
+    orphan_dir = tmp_path / "bucket" / "blobs" / "zz"
+    orphan_dir.mkdir(parents=True, exist_ok=True)
+    (orphan_dir / "zz-orphan").write_bytes(b"left by a crash")
+    (tmp_path / "bucket" / "tmp" / "half-written").write_bytes(b"x")
+    assert s.remove_orphans() == 0  # young: a put may be using them
+    monkeypatch.setattr(local_mod, "_ORPHAN_AGE", -1.0)
+    assert s.remove_orphans() == 2
+    assert not (orphan_dir / "zz-orphan").exists()
+    assert os.listdir(tmp_path / "bucket" / "tmp") == []
+    assert await s.get_range("kept", 0, 100) == b"kept bytes" and await s.get_range("copy", 0, 100) == b"kept bytes"
+    await s.aclose()

@@ -18,6 +18,7 @@ process use one bucket at once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -29,6 +30,8 @@ from urllib.parse import urlparse
 import trio
 
 from .base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+
+log = logging.getLogger(__name__)
 
 _ORPHAN_AGE = 3600.0  # seconds before an unreferenced blob (crash leftover) is removed
 
@@ -131,10 +134,16 @@ class LocalStore(ObjectStore):
         return info
 
     def _unlink_blob(self, blob: str) -> None:
+        """Remove a blob no row points at any more. Never fails: the change that dropped it is
+        committed (and a put may have linked its caller's file in), so a blob that cannot be
+        removed now is left to ``remove_orphans``."""
         try:
             os.unlink(self._blob_path(blob))
         except FileNotFoundError:
             pass
+        except OSError as e:
+            log.warning("local store %s: cannot remove unused blob %s (%s); left for remove_orphans",
+                        self.root, blob, e)
 
     @staticmethod
     def _write_fsync(path: str, data: bytes) -> None:
@@ -363,15 +372,23 @@ class LocalStore(ObjectStore):
         await self._run(self._delete, key)
 
     def remove_orphans(self) -> int:
-        """Delete blobs no row points at (left by a crash between rename and commit) that are
-        older than an hour; returns how many were removed."""
-        live = {r[0] for r in self._db().execute("SELECT blob FROM objects")}
+        """Delete blobs no row points at (left by a crash between rename and commit, or an
+        unlink that failed) whose inode has not changed for an hour (ctime: a link or rename by
+        a put in progress makes it new); returns how many were removed. Safe beside puts."""
+        db = self._db()
+        live = {r[0] for r in db.execute("SELECT blob FROM objects")}
         removed, now = 0, time.time()
         for sub in ("blobs", "tmp"):
             for dirpath, _, names in os.walk(os.path.join(self.root, sub)):
                 for name in names:
                     p = os.path.join(dirpath, name)
-                    if name not in live and now - os.path.getmtime(p) > _ORPHAN_AGE:
+                    try:
+                        if name in live or now - os.stat(p).st_ctime <= _ORPHAN_AGE:
+                            continue
+                        if db.execute("SELECT 1 FROM objects WHERE blob=?", (name,)).fetchone():
+                            continue  # committed since the snapshot of live blobs
                         os.unlink(p)
                         removed += 1
+                    except FileNotFoundError:
+                        continue
         return removed
