@@ -414,6 +414,10 @@ class OssfuseOss(Ossfuse):
     name = "ossfuse-oss"
     oss = True
 
+    def setup(self):
+        super().setup()
+        self.backing = self.b.bucket_root  # its objects are the test server's files
+
 
 class SdkOss(Candidate):
     """No mount: the raw oss2 SDK with client-side encryption (``oss2.CryptoBucket`` +

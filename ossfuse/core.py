@@ -107,6 +107,7 @@ class Node:
     # mount's own changes; trusted until children_until (monotonic s) to answer "no such name"
     children: set[str] | None = None
     children_until: float = 0.0
+    kernel_etag: str | None = None  # version whose pages the kernel may cache (see _open_handle)
     handles: set = field(default_factory=set)
     _lock: trio.Lock | None = None
 
@@ -137,8 +138,8 @@ class FileHandle:
     fh: int
     node: Node
     version: Version | None
-    append: bool
     last_end: int = -1
+    keep_cache: bool = True  # the kernel's cached pages of this file are of this version
     window: int = 0
 
 
@@ -322,7 +323,7 @@ class Filesystem:
                 and not env.is_encrypted(info.metadata) and "mode" not in info.metadata)
 
     def _fresh(self, node: Node) -> bool:
-        return (node.staged is not None or node.opens > 0 or node.ino == ROOT_INO
+        return (node.staged is not None or node.ino == ROOT_INO
                 or time.monotonic() - node.checked_at < self.cfg.mount.attr_timeout)
 
     async def lookup(self, parent: Node, name: str) -> Node:
@@ -382,7 +383,7 @@ class Filesystem:
     def _refresh(self, node: Node, info: ObjectInfo | None) -> None:
         """Take what the store now says of a clean node: a new version if the ETag changed, and
         the attributes always (on OSS a metadata-only CopyObject keeps the ETag)."""
-        if node.staged is None and node.opens == 0 and info is not None:
+        if node.staged is None and info is not None:  # open handles keep their own version
             if not node.is_dir and (node.version is None or node.version.etag != info.etag):
                 self._set_version_from_info(node, info)
                 node.symlink_target = None
@@ -568,7 +569,7 @@ class Filesystem:
         envelope or a truncated object (one log line each), EISDIR for a directory."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        if node.staged is None and node.opens == 0 and not self._fresh(node):
+        if not self._fresh(node):
             await self._revalidate(node)
         truncating = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
         if truncating:
@@ -583,7 +584,12 @@ class Filesystem:
         return self._open_handle(node, flags)
 
     def _open_handle(self, node: Node, flags: int) -> FileHandle:
-        h = FileHandle(self._alloc_fh(), node, node.version, bool(flags & os.O_APPEND))
+        # The kernel keeps a file's pages across opens (pyfuse3's keep_cache): only while the
+        # version is the one it cached them from.
+        etag = node.version.etag if node.staged is None and node.version is not None else None
+        h = FileHandle(self._alloc_fh(), node, node.version,
+                       keep_cache=etag is not None and etag == node.kernel_etag)
+        node.kernel_etag = etag
         self.handles[h.fh] = h
         node.opens += 1
         node.handles.add(h)
@@ -670,9 +676,9 @@ class Filesystem:
     async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
         node = h.node
         async with node.lock:
+            # The kernel already puts O_APPEND writes at the end; it also writes mmap pages back
+            # through any writable handle, at their own offsets: the offset is always its.
             await self._ensure_staged(node, node.current_size)
-            if h.append:
-                offset = node.staged.size
             try:
                 try:
                     node.staged.write(offset, data)
@@ -849,6 +855,7 @@ class Filesystem:
         node.version = version
         node.size = version.size
         node.checked_at = time.monotonic()
+        node.kernel_etag = version.etag  # same bytes as the kernel saw through this mount
         for hd in node.handles:
             hd.version = version
 
@@ -922,7 +929,9 @@ class Filesystem:
         if node.unlinked or node.ino == ROOT_INO:
             return
         if node.staged is not None:
-            return  # the upload carries them (as on a local disk, they are durable after fsync)
+            if node.staged.journaled_generation >= 0:
+                self._journal(node)  # a crashed daemon's next mount uploads them too
+            return
         if node.is_dir:
             await self._store(self.store.put_bytes(self.dir_key(node.path), b"", self._attr_meta(node)), node.path)
             return

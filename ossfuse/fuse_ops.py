@@ -162,12 +162,12 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         node, h = await self.fs.create(self.fs.get(parent_inode), _name(name), mode & ~ctx.umask, flags,
                                        ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=h.fh), self._attr(node)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache), self._attr(node)
 
     @_fs_errors
     async def open(self, inode, flags, ctx):
         h = await self.fs.open(self.fs.get(inode), flags)
-        return pyfuse3.FileInfo(fh=h.fh)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache)
 
     @_fs_errors
     async def read(self, fh, off, size):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat as stat_mod
 import time
 
 import pytest
@@ -212,3 +213,61 @@ def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_
                 os.unlink(tmp_dir)
             os.rename(tmp_dir + ".away", tmp_dir)
         m.cleanup()
+
+
+def test_replacement_while_open_reaches_the_next_open_whole(mount):
+    """Another client replaces a file this mount holds open: the open handle gets ESTALE once it
+    reads again, and an open after attr_timeout reads the new version whole, also the pages the
+    kernel had cached from the old one."""
+    data = os.urandom(3 << 20)
+    with open(mount.path("f"), "wb") as f:
+        f.write(data)
+    mount.remount()
+    new = os.urandom(len(data))
+    with open(mount.path("f"), "rb") as hold:
+        assert hold.read(100) == data[:100]  # the kernel now caches the first pages
+        info = mount.head("f")
+        envelope = Keyring(EncryptionConfig("k", (CmkConfig("k", "rsa", mount.cmk),))).open_envelope(
+            env.parse_envelope(info.metadata))
+        _put_raw(mount, "f", envelope.crypt(0, new), info.metadata)
+        hold.seek(2 << 20)
+        with pytest.raises(OSError) as e:
+            hold.read(100)
+        assert e.value.errno == errno.ESTALE
+        time.sleep(0.6)  # attr_timeout of the test config
+        with open(mount.path("f"), "rb") as later:  # while the old handle is still open
+            assert later.read() == new
+    with open(mount.path("f"), "rb") as again:
+        assert again.read() == new
+
+
+def test_mmap_write_through_an_append_handle_lands_in_place(mount):
+    """The kernel writes mmap pages back through any writable handle, an O_APPEND one too, at
+    the pages' own offsets (a local disk gives b"Q123456789")."""
+    import mmap
+    fd = os.open(mount.path("m"), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, b"0123456789")
+        m = mmap.mmap(fd, 10)
+        m[0:1] = b"Q"
+        m.flush()
+        m.close()
+        os.write(fd, b"+tail")  # a plain append still goes to the end
+    finally:
+        os.close(fd)
+    assert open(mount.path("m"), "rb").read() == b"Q123456789+tail"
+    mount.remount()
+    assert open(mount.path("m"), "rb").read() == b"Q123456789+tail"
+
+
+def test_attributes_changed_after_close_survive_a_killed_daemon(make_mount):
+    m = make_mount()
+    with open(m.path("f"), "wb") as f:
+        f.write(b"data")
+    os.chmod(m.path("f"), 0o600)
+    os.utime(m.path("f"), ns=(1_100_000_000_000_000_000, 1_100_000_000_000_000_000))
+    m.kill9()
+    m.start()
+    st = os.stat(m.path("f"))
+    assert (stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, 1_100_000_000_000_000_000)
+    assert open(m.path("f"), "rb").read() == b"data"
