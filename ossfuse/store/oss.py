@@ -465,10 +465,10 @@ class OssStore(ObjectStore):
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
         """CompleteMultipartUpload (§3.13) of ``parts`` [(number, etag)], then HeadObject for the
         size, mtime and metadata. When this process uploaded every listed part, the object's
-        CRC-64 (combined from the parts') is checked against OSS's. If an attempt failed in transit and the retry meets
-        NoSuchUpload, the first attempt may have succeeded: the object is accepted when its ETag
-        says it has ``len(parts)`` parts. Raises NoSuchKey (no such upload), StoreError (400
-        InvalidPart, EntityTooSmall ...)."""
+        CRC-64 (combined from the parts') is checked against OSS's. If an attempt failed in
+        transit and the retry meets NoSuchUpload, the first attempt may have succeeded: the
+        object is accepted when its ETag says it has ``len(parts)`` parts. Raises NoSuchKey (no
+        such upload), StoreError (400 InvalidPart, EntityTooSmall ...)."""
         with self._parts_lock:
             known = self._parts.get(upload_id) or {}
         infos = [oss2.models.PartInfo(n, etag) for n, etag in sorted(parts)]
