@@ -607,8 +607,6 @@ class Bench:
             sub["create"] = time.perf_counter() - t
             c.flush_unmount()
         t_create = self.timed(c, "small-create", create)
-        self.record(c, "create", n / sub["create"])
-        self.record(c, "create+flush", n / t_create)
         c.cold_mount()
         t_ls = self.timed(c, "small-ls", lambda: run(["ls", "-l", d]))
         got = len(os.listdir(d))
@@ -620,12 +618,17 @@ class Bench:
         after = count_files(c.backing)
         if after > before + 2:
             self.problems.append(f"{c.name}: backing store holds {after - before} more files after rm -r")
-        self.record(c, "ls-l", t_ls)
-        self.record(c, "cat", n / t_cat)
-        self.record(c, "rm", n / t_rm)
-        log(f"  {c.name:14s} small: create {self.res[c.name]['create'][-1]:7.1f} f/s, "
-            f"create+flush {n / t_create:7.1f} f/s, ls -l {t_ls:.3f}s, cat {n / t_cat:7.1f} f/s, "
-            f"rm {n / t_rm:7.1f} f/s")
+        self.record_small(c, n, sub["create"], t_create, t_ls, t_cat, t_rm)
+
+    def record_small(self, c: Candidate, n: int, t_create: float, t_flushed: float, t_ls: float,
+                     t_cat: float, t_rm: float) -> None:
+        """Record and log one small-files round: seconds for N creates (and until they were in
+        the store), ls -l, cat and rm."""
+        for metric, value in (("create", n / t_create), ("create+flush", n / t_flushed), ("ls-l", t_ls),
+                              ("cat", n / t_cat), ("rm", n / t_rm)):
+            self.record(c, metric, value)
+        log(f"  {c.name:14s} small: create {n / t_create:7.1f} f/s, create+flush {n / t_flushed:7.1f} f/s, "
+            f"ls -l {t_ls:.3f}s, cat {n / t_cat:7.1f} f/s, rm {n / t_rm:7.1f} f/s")
 
     def w_tar(self, c: Candidate, rnd: int) -> None:
         dest = os.path.join(c.mnt, f"tree{rnd}")
@@ -685,10 +688,7 @@ class Bench:
             rng = random.Random(7)   # the contents CREATE_PROG writes
             for k in keys:
                 c.bucket.put_object(k, rng.randbytes(size))
-        t_create = self.timed(c, "small-create", create)
-        # in the bucket once put_object returns: create and create+flush are the same figure
-        self.record(c, "create", n / t_create)
-        self.record(c, "create+flush", n / t_create)
+        t_create = self.timed(c, "small-create", create)  # in the bucket once put_object returns
         listed = []
 
         def ls_l():
@@ -710,12 +710,7 @@ class Bench:
         left = c.keys("small/")
         if left:
             self.problems.append(f"{c.name}: {len(left)} small objects left after delete")
-        self.record(c, "ls-l", t_ls)
-        self.record(c, "cat", n / t_cat)
-        self.record(c, "rm", n / t_rm)
-        log(f"  {c.name:14s} small: create {n / t_create:7.1f} f/s, "
-            f"create+flush {n / t_create:7.1f} f/s, ls -l {t_ls:.3f}s, cat {n / t_cat:7.1f} f/s, "
-            f"rm {n / t_rm:7.1f} f/s")
+        self.record_small(c, n, t_create, t_create, t_ls, t_cat, t_rm)
 
     def sdk_tar(self, c: SdkOss, rnd: int) -> None:
         done = []

@@ -163,10 +163,6 @@ class BlockCache:
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest())
 
-    def has(self, key: str, etag: str) -> bool:
-        """Whether version (key, etag) has an entry (some blocks may still be missing)."""
-        return (key, etag) in self._entries
-
     def entry(self, key: str, etag: str, size: int) -> CacheEntry:
         """The entry of version (key, etag), created empty if new."""
         e = self._entries.get((key, etag))
@@ -234,7 +230,10 @@ class BlockCache:
     # -- entries ------------------------------------------------------------------------
     def adopt(self, key: str, etag: str, size: int, path: str) -> None:
         """Take over ``path``, which holds the full ciphertext of version (key, etag) (a staged
-        file just uploaded), so reading it back needs no GET."""
+        file just uploaded), so reading it back needs no GET. Not from a local-disk store: it
+        may own that very file now (a hard link), and its reads are not cached."""
+        if self.store.local_disk:
+            return
         dest = self._path(key, etag)
         self.drop(key, etag)
         os.replace(path, dest)
@@ -324,6 +323,8 @@ class BlockCache:
         end = min(size, offset + length)
         if end <= offset:
             return b""
+        if self.store.local_disk and (key, etag) not in self._entries:
+            return await self._read_through(key, etag, size, offset, end)  # caching would copy the bucket
         e = self.entry(key, etag, size)
         bs = self.block_size
         await self._ensure(key, etag, e, offset, end)
@@ -334,11 +335,7 @@ class BlockCache:
         if not all(e.present[b] for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
             # disk), or another task's fetch failed: serve this read straight from the store.
-            data = await self.store.get_range(key, offset, end, if_match=etag)
-            if len(data) != end - offset:
-                raise TruncatedObject(f"object is truncated: asked bytes {offset}-{end - 1} of {size}, "
-                                      f"got {len(data)}")
-            return data
+            return await self._read_through(key, etag, size, offset, end)
         for b in blocks:
             self._lru.move_to_end((e.key, b))
             if not e.verified[b]:
@@ -348,6 +345,14 @@ class BlockCache:
             if not all(e.present[b] for b in blocks):
                 return await self.read(key, etag, size, offset, length)
         return os.pread(e.fd, end - offset, offset)
+
+    async def _read_through(self, key: str, etag: str, size: int, offset: int, end: int) -> bytes:
+        """Bytes [offset, end) straight from the store, not cached; TruncatedObject if short."""
+        data = await self.store.get_range(key, offset, end, if_match=etag)
+        if len(data) != end - offset:
+            raise TruncatedObject(f"object is truncated: asked bytes {offset}-{end - 1} of {size}, "
+                                  f"got {len(data)}")
+        return data
 
     def _verify(self, e: CacheEntry, b: int) -> None:
         """Check a block kept from an earlier mount against its CRC-32; drop it if damaged."""
@@ -367,9 +372,10 @@ class BlockCache:
 
     def read_ahead(self, key: str, etag: str, size: int, start: int, end: int) -> None:
         """Start fetching the missing blocks of ``[start, end)`` (clipped to ``size`` bytes) of
-        version (key, etag) in the background; returns at once."""
+        version (key, etag) in the background; returns at once. Nothing for a local-disk store,
+        whose reads are not cached."""
         end = min(end, size)
-        if end > start:
+        if end > start and not self.store.local_disk:
             self._prefetch(key, etag, self.entry(key, etag, size), start, end)
 
     def _prefetch(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:

@@ -166,7 +166,7 @@ class Filesystem:
         m = cfg.mount
         # A local bucket takes a closed small file at once (cheaper than journaling it); on OSS
         # a short wait folds the attribute changes and renames that follow a close into one PUT.
-        self.upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.cheap_puts else 1.0)
+        self.upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.local_disk else 1.0)
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
                                  part_workers=m.part_workers, retries=m.upload_retries)
         self.default_uid = m.uid if m.uid is not None else uid
@@ -577,8 +577,7 @@ class Filesystem:
                 await self._truncate_locked(node, 0)
         elif node.staged is None and node.version is not None:
             v = node.version
-            if (flags & os.O_ACCMODE) != os.O_WRONLY and not self.store.cheap_reads:
-                # fetch the first block while the CMK unwraps the data key
+            if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps
                 self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
             await self._open_version(v)
         return self._open_handle(node, flags)
@@ -642,10 +641,7 @@ class Filesystem:
     async def _read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0) -> bytes:
         await self._open_version(v)
         try:
-            if self.store.cheap_reads and not self.cache.has(v.key, v.etag):
-                data = await self._read_store(v, offset, length)  # a cache would only copy the bucket
-            else:
-                data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until)
+            data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until)
         except PreconditionFailed:
             log.error("%r was replaced by another client while open (ETag %s); reopen to read "
                       "the new version", v.key, v.etag)
@@ -660,18 +656,6 @@ class Filesystem:
             log.error("reading %r failed: %s", v.key, e)
             raise FsError(errno.EIO) from None
         return v.envelope.crypt(offset, data) if v.envelope is not None else data
-
-    async def _read_store(self, v: Version, offset: int, length: int) -> bytes:
-        """Ciphertext [offset, offset+length) of ``v`` straight from the store (If-Match its
-        ETag). Raises TruncatedObject if the store has fewer bytes than ``v.size`` promises."""
-        end = min(v.size, offset + length)
-        if end <= offset:
-            return b""
-        data = await self.store.get_range(v.key, offset, end, if_match=v.etag)
-        if len(data) != end - offset:
-            raise TruncatedObject(f"object is truncated: asked bytes {offset}-{end - 1} of {v.size}, "
-                                  f"got {len(data)}")
-        return data
 
     async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
         node = h.node
@@ -748,7 +732,7 @@ class Filesystem:
         file, closed by its last handle, on a store whose PUT is as cheap as a journal record
         (and no upload_delay to fold later changes into the upload)."""
         st = node.staged
-        return (self.store.cheap_puts and st is not None and st.size <= _UPLOAD_AT_CLOSE_MAX
+        return (self.store.local_disk and st is not None and st.size <= _UPLOAD_AT_CLOSE_MAX
                 and node.opens == 1 and not node.unlinked and self.upload_delay == 0)
 
     def _journal(self, node: Node) -> dict[str, str] | None:
@@ -831,8 +815,7 @@ class Filesystem:
             version = Version(key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
             self._set_local_version(node, version)
             st.close()
-            if not self.store.links_put_files:  # a linked file is the store's now: hands off
-                self.cache.adopt(key, info.etag, st.size, st.data_path)
+            self.cache.adopt(key, info.etag, st.size, st.data_path)
             st.discard()
             node.staged = None
             node.upload_error = None

@@ -54,7 +54,7 @@ class Uploader:
         attempts = attempts or self.retries
         for attempt in range(1, attempts + 1):
             try:
-                if staged.size > self.multipart_threshold and self.store.multipart_helps:
+                if staged.size > self.multipart_threshold and not self.store.local_disk:
                     return await self._multipart(staged, key, metadata)
                 # the staged file is final once uploaded (a new write makes a new version)
                 return await self.store.put_file(key, staged.data_path, metadata, may_link=True)

@@ -69,21 +69,14 @@ class ObjectStore(abc.ABC):
     #: streaming their bytes through the client (OSS CopyObject stops at 1 GB, and
     #: UploadPartCopy is refused for client-side-encrypted sources: oss-cse-format.md §9).
     max_copy_size: int | None = None
-    #: Whether a multipart upload with parallel parts beats one PUT of the same file (False for
-    #: a bucket on local disk, where parts only write every byte twice more).
-    multipart_helps: bool = True
-    #: Whether ``put_file(..., may_link=True)`` may keep the file itself (a hard link on the
-    #: same disk) rather than a copy: the caller must then never change that file again.
-    links_put_files: bool = False
     #: Whether ``list`` gives each object's user metadata, as HEAD would (an OSS listing does
     #: not: it has key, size, ETag and Last-Modified only).
     listing_has_metadata: bool = False
-    #: Whether a PUT costs no more than journaling the file locally first (a bucket on local
-    #: disk): then a small file is uploaded when it is closed, without a journal record.
-    cheap_puts: bool = False
-    #: Whether reading a range costs no more than reading it from the block cache would (a
-    #: bucket on local disk): then reads skip the cache instead of copying the bucket into it.
-    cheap_reads: bool = False
+    #: The bucket is a directory on this machine's disk. Then a PUT is a local fsync (cheaper
+    #: than journaling first: small files go up at close), a read is a local pread (the block
+    #: cache would only copy the bucket), multipart parts would only copy every byte twice
+    #: more, and ``put_file(..., may_link=True)`` may keep the file itself (a hard link).
+    local_disk: bool = False
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
@@ -100,8 +93,8 @@ class ObjectStore(abc.ABC):
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
                        may_link: bool = False) -> ObjectInfo:
         """Upload the whole file at ``path`` as ``key`` with ``metadata``; returns the new object.
-        ``may_link``: the file will not change again, so a store with ``links_put_files`` may
-        keep it instead of copying it."""
+        ``may_link``: the file will not change again, so a ``local_disk`` store may keep it
+        instead of copying it."""
 
     @abc.abstractmethod
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:

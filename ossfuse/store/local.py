@@ -46,14 +46,12 @@ def _validate_key(key: str) -> None:
 class LocalStore(ObjectStore):
     """Bucket in a local directory; see the module doc for its layout and guarantees."""
 
+    listing_has_metadata = True  # the index row holds it: no HEAD per entry for ls -l
+    local_disk = True
+
     def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None):
         self.root = os.path.abspath(root)
         self.max_copy_size = max_copy_size  # None: copies are hard links, of any size
-        self.multipart_helps = False  # one file, one copy (or link): parts would copy twice more
-        self.links_put_files = True
-        self.listing_has_metadata = True  # the index row holds it: no HEAD per entry for ls -l
-        self.cheap_puts = True  # a PUT is two fsyncs, journaling is three
-        self.cheap_reads = True  # a blob read is a local pread
         for sub in ("blobs", "uploads", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self._db_path = os.path.join(self.root, "index.sqlite")
