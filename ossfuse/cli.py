@@ -10,13 +10,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import logging.handlers
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
 import time
 
 from . import config as config_mod
-from .daemon import EXIT_PENDING, MountError, process_alive, read_registry, run
+from .daemon import EXIT_PENDING, MountError, Readiness, run
+from .registry import holders, mounted_device, process_alive, read_registry, registry_path
 from .keyring import generate_rsa_cmk
 
 log = logging.getLogger("ossfuse")
@@ -65,6 +70,44 @@ def split_mount_options(cfg, options: list[str]):
     return cfg, fuse
 
 
+class _ReadyPipe(Readiness):
+    """The daemonized child's side of ``ossfuse mount``: one line on the pipe, "ready" or the
+    reason it failed, whichever comes first."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def _send(self, line: str) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, line.encode() + b"\n")
+                os.close(self.fd)
+            except OSError:
+                pass  # the parent gave up waiting
+            self.fd = None
+
+    def ready(self) -> None:
+        self._send("ready")
+
+    def failed(self, reason: str) -> None:
+        self._send(reason)
+
+
+def _setup_daemon_logging(args, cfg) -> None:
+    level = getattr(logging, args.log_level.upper())
+    if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads "<N>" as the priority
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JournalFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    elif args.ready_fd is not None:  # daemon child: log to a file in the cache dir
+        # reopened by itself when logrotate moves it (SIGHUP is not needed, and is ignored)
+        handler = logging.handlers.WatchedFileHandler(os.path.join(cfg.cache.dir, "ossfuse.log"))
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(stream=sys.stderr, level=level, format=_LOG_FORMAT)
+
+
 def cmd_mount(args) -> int:
     try:
         cfg = config_mod.load(args.config)
@@ -76,81 +119,140 @@ def cmd_mount(args) -> int:
         return _die(str(e))
     if not args.foreground:
         return _spawn_daemon(args, cfg)
-    level = getattr(logging, args.log_level.upper())
-    if args.ready_fd is not None:  # daemon child: log to a file in the cache dir
-        os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
-        logging.basicConfig(filename=os.path.join(cfg.cache.dir, "ossfuse.log"), level=level, format=_LOG_FORMAT)
-    elif os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads "<N>" as the priority
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JournalFormatter())
-        logging.basicConfig(level=level, handlers=[handler])
-    else:
-        logging.basicConfig(stream=sys.stderr, level=level, format=_LOG_FORMAT)
-
-    def on_ready():
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ready\n")
-            os.close(args.ready_fd)
-
+    _setup_daemon_logging(args, cfg)
+    readiness = _ReadyPipe(args.ready_fd) if args.ready_fd is not None else Readiness()
     try:
-        return run(cfg, args.mountpoint, options, on_ready)
+        return run(cfg, args.mountpoint, options, readiness)
     except MountError as e:
-        log.error("%s", e)
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, f"{e}\n".encode())
-            return 1
-        return _die(str(e))
+        log.error("%s", e)  # with -f this is the one line on stderr (or in the journal)
+        readiness.failed(str(e))
+        return 1
+
+
+def _ready_margin() -> float:
+    """Seconds ``ossfuse mount`` waits past the config's startup_timeout for the daemon to say
+    ready (key loading, journal adoption, the mount itself): 30, or $OSSFUSE_READY_MARGIN."""
+    return float(os.environ.get("OSSFUSE_READY_MARGIN", "30"))
 
 
 def _spawn_daemon(args, cfg) -> int:
-    """Start the daemon in its own session and wait until it reports the mount usable."""
+    """Start the daemon in its own session and wait until it reports the mount usable, it
+    fails, or ``startup_timeout`` + a margin passes (then it is killed, any mount it left is
+    removed, and the reason printed)."""
     r, w = os.pipe()
-    os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return _die(f"cache dir {cfg.cache.dir}: {e.strerror}")
     cmd = [sys.executable, "-m", "ossfuse", "mount", "-f", "--ready-fd", str(w), "-c", cfg.path,
            "--log-level", args.log_level, args.mountpoint]
     for o in args.o or []:
         cmd += ["-o", o]
-    with open(os.path.join(cfg.cache.dir, "ossfuse.log"), "ab") as logf:
+    log_path = os.path.join(cfg.cache.dir, "ossfuse.log")
+    with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True)
     os.close(w)
+    margin = _ready_margin()
+    limit = cfg.mount.startup_timeout + margin
     with os.fdopen(r, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
+        readable, _, _ = select.select([pipe], [], [], limit)
+        message = pipe.readline().decode(errors="replace").strip() if readable else None
     if message == "ready":
         return 0
-    proc.wait()
-    return _die(message or f"the daemon exited with status {proc.returncode}; see "
-                f"{os.path.join(cfg.cache.dir, 'ossfuse.log')}")
+    if message is None:
+        _stop_daemon(proc, os.path.abspath(args.mountpoint))
+        return _die(f"the mount did not become ready within {limit:.0f}s (startup_timeout "
+                    f"{cfg.mount.startup_timeout:.0f}s + {margin:.0f}s); stopped the daemon. "
+                    f"See {log_path}")
+    try:
+        proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        _stop_daemon(proc, os.path.abspath(args.mountpoint))
+    return _die(message or f"the daemon exited with status {proc.returncode}; see {log_path}")
+
+
+def _stop_daemon(proc: subprocess.Popen, mountpoint: str) -> None:
+    """End a daemon that never became ready: SIGTERM, SIGKILL after 10 s, and remove a mount
+    it may have left (lazily: nobody answers it any more)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if mounted_device(mountpoint) is not None:
+        subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
 
 
 def cmd_umount(args) -> int:
+    """Unmount, then wait for the daemon to finish pending uploads (progress every few
+    seconds). When another mount namespace still holds a copy of the mount, the daemon would
+    serve that copy instead of finishing: say who holds it and stop the daemon, so the uploads
+    finish and the copy ends (its users get ENOTCONN)."""
     mp = os.path.abspath(args.mountpoint)
     reg = read_registry(mp)
-    if not os.path.ismount(mp):
+    device = mounted_device(mp)
+    if device is None and not os.path.ismount(mp):
         return _die(f"{mp} is not mounted")
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
-        return _die((r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", ""))
+        msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
+        if "busy" in msg:
+            msg += f" (files are open there: fuser -vm {mp} shows by whom)"
+        return _die(msg)
     if reg is None or reg.get("exited"):
         return 0
     pid = reg["pid"]
+    sock = registry_path(mp, ".sock")
     deadline = time.monotonic() + args.timeout
+    unmounted_at = time.monotonic()
+    said_at = 0.0
+    stopped = False
     while process_alive(pid):  # the daemon finishes pending uploads after the unmount, then exits
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             return _die(f"unmounted, but the daemon (pid {pid}) is still uploading after "
-                        f"{args.timeout:.0f}s; it goes on in the background")
-        time.sleep(0.05)
+                        f"{args.timeout:.0f}s; it goes on in the background (ossfuse status {mp} "
+                        f"no longer works: see its log)")
+        doc = _status_or_none(sock)
+        if (doc is not None and doc.get("state") == "serving" and not stopped and device
+                and now - unmounted_at > 1 and (held := holders(device))):
+            who = ", ".join(f"pid {p} ({c})" for p, c in held[:5])
+            print(f"ossfuse: {mp} is unmounted here, but still mounted in another mount namespace "
+                  f"(held by {who}); stopping the daemon so pending uploads finish", file=sys.stderr)
+            os.kill(pid, signal.SIGTERM)
+            stopped = True
+        elif doc is not None and doc.get("state") == "draining" and now - said_at >= 5:
+            p = doc["pending_uploads"]
+            if p["count"]:
+                print(f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes",
+                      file=sys.stderr)
+            said_at = now
+        time.sleep(0.1)
     reg = read_registry(mp) or {}
+    if not reg.get("exited"):
+        return _die(f"the daemon (pid {pid}) ended without finishing (crashed or killed); files not yet "
+                    f"uploaded stay journaled in its cache dir and upload on the next mount")
     if reg.get("status") == EXIT_PENDING:
         print("ossfuse: unmounted; some uploads failed and stay journaled until the next mount "
               "(see the log in the cache dir)", file=sys.stderr)
         return EXIT_PENDING
+    if reg.get("status"):
+        return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}")
     return 0
+
+
+def _status_or_none(sock: str) -> dict | None:
+    from . import status
+    try:
+        return status.query(sock, timeout=2.0)
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_status(args) -> int:
     from . import status
-    from .daemon import registry_path
     mp = os.path.abspath(args.mountpoint)
     try:
         doc = status.query(registry_path(mp, ".sock"))
@@ -165,17 +267,64 @@ def cmd_status(args) -> int:
 
 def mount_helper(argv: list[str] | None = None) -> int:
     """``mount.fuse.ossfuse CONFIG MOUNTPOINT [-o opts] [-n] [-s] [-v]``, as mount(8) and
-    fstab call it for type ``fuse.ossfuse``: the config file stands where a device would."""
+    fstab call it for type ``fuse.ossfuse``: the config file stands where a device would.
+
+    Run by a systemd ``.mount`` unit (fstab at boot, ``systemctl start srv-team.mount``), the
+    daemon is started as a transient service (:func:`systemd_run_command`) instead of a child of
+    mount(8): a mount unit's stop returns once the kernel mount is gone and leaves stray
+    processes to die with the system, so the uploads still pending at unmount would run
+    outside any unit, unwaited-for at shutdown and logging nowhere systemd sees. The service
+    is stopped after them (After=network-online.target), waits for them (TimeoutStopSec) and
+    logs to the journal."""
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="mount.fuse.ossfuse")
-    p.add_argument("config")
-    p.add_argument("mountpoint")
-    p.add_argument("-o", action="append")
-    for flag in ("-n", "-s", "-v", "-f"):  # mount(8)'s no-mtab, sloppy, verbose, fake
-        p.add_argument(flag, action="store_true")
+    p = argparse.ArgumentParser(prog="mount.fuse.ossfuse", description="mount(8) helper for type "
+                                "fuse.ossfuse: mount the bucket prefix of CONFIG at MOUNTPOINT.")
+    p.add_argument("config", help="ossfuse TOML config file (stands where mount(8) has a device)")
+    p.add_argument("mountpoint", help="an empty directory")
+    p.add_argument("-o", action="append", help="mount options, comma-separated (see ossfuse mount)")
+    for flag, what in (("-n", "no mtab"), ("-s", "sloppy"), ("-v", "verbose"), ("-f", "fake")):
+        p.add_argument(flag, action="store_true", help=f"mount(8)'s {what} flag; ignored")
     p.add_argument("-t", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    return main(["mount", "-c", args.config, args.mountpoint] + [x for o in args.o or [] for x in ("-o", o)])
+    options = [x for o in args.o or [] for x in ("-o", o)]
+    unit = systemd_mount_unit()
+    if unit is not None and shutil.which("systemd-run"):
+        cmd = systemd_run_command(os.path.abspath(args.config), os.path.abspath(args.mountpoint), options)
+        return subprocess.run(cmd).returncode
+    return main(["mount", "-c", args.config, args.mountpoint] + options)
+
+
+def systemd_mount_unit(cgroup_file: str = "/proc/self/cgroup") -> str | None:
+    """The systemd ``.mount`` unit this process runs in (mount(8) started by systemd), or None."""
+    if not os.environ.get("INVOCATION_ID") or not os.path.isdir("/run/systemd/system"):
+        return None
+    try:
+        with open(cgroup_file) as f:
+            last = f.read().strip().splitlines()[-1].rsplit("/", 1)[-1]
+    except (OSError, IndexError):
+        return None
+    return last if last.endswith(".mount") else None
+
+
+# Environment a .mount unit may pass to the daemon (values go over D-Bus, not on a command line).
+_PASSED_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN", "CREDENTIALS_DIRECTORY",
+               "OSSFUSE_RUNTIME_DIR")
+
+
+def systemd_run_command(config: str, mountpoint: str, options: list[str]) -> list[str]:
+    """``systemd-run`` starting the daemon for ``mountpoint`` as the transient service
+    ``ossfuse-mount-<escaped path>.service`` (Type=notify: it returns once the mount answers,
+    or fails with the daemon's reason in the journal)."""
+    escaped = subprocess.run(["systemd-escape", "--path", mountpoint], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    cmd = ["systemd-run", f"--unit=ossfuse-mount-{escaped}", f"--description=ossfuse mount at {mountpoint}",
+           "--service-type=notify", "--collect", "--quiet",
+           "--property=After=network-online.target", "--property=Wants=network-online.target",
+           "--property=KillMode=mixed", "--property=TimeoutStartSec=5min", "--property=TimeoutStopSec=15min",
+           "--property=SuccessExitStatus=75", "--property=RuntimeDirectory=ossfuse",
+           "--property=RuntimeDirectoryPreserve=yes", "--property=RuntimeDirectoryMode=0700"]
+    cmd += [f"--setenv={name}" for name in _PASSED_ENV if name in os.environ]
+    return cmd + ["--", sys.executable, "-m", "ossfuse", "mount", "-f", "-c", config, mountpoint, *options]
 
 
 def _tool_setup(args):
@@ -232,6 +381,9 @@ def cmd_keygen(args) -> int:
     if args.bits < 2048:
         return _die(f"--bits {args.bits}: an RSA CMK needs at least 2048 bits")
     try:
+        parent = os.path.dirname(os.path.abspath(args.path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)  # e.g. /etc/ossfuse on a new server
         generate_rsa_cmk(args.path, args.bits)
     except FileExistsError as e:
         return _die(f"{e.filename}: already exists; not overwriting a CMK")
@@ -306,25 +458,26 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("mount", help="mount a bucket prefix")
     m.add_argument("-c", "--config", required=True, help="TOML config file")
-    m.add_argument("mountpoint")
+    m.add_argument("mountpoint", help="an empty directory to mount at")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize; log to stderr")
-    m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="FUSE mount options (e.g. allow_other,ro)")
+    m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="mount options: allow_other, ro, uid=, gid=, umask=, nonempty "
+                   "(mount over a non-empty directory), other FUSE options")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount, then wait until every pending upload is in the bucket")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", help="where the bucket is mounted")
     u.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for uploads (default 3600)")
     u.set_defaults(fn=cmd_umount)
 
     st = sub.add_parser("status", help="pending uploads, cache use, recent errors, CMKs of a mount")
-    st.add_argument("mountpoint")
+    st.add_argument("mountpoint", help="where the bucket is mounted")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=cmd_status)
 
     r = sub.add_parser("rekey", help="re-wrap objects' data keys to another CMK (content untouched)")
-    r.add_argument("-c", "--config", required=True)
+    r.add_argument("-c", "--config", required=True, help="TOML config file of the mount (store and CMKs)")
     r.add_argument("--from", dest="from_id", metavar="ID", help="only objects wrapped by this CMK")
     r.add_argument("--to", dest="to_id", metavar="ID", help="target CMK (default: what the rules pick)")
     r.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
@@ -332,19 +485,22 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=cmd_rekey)
 
     ch = sub.add_parser("check", help="prove every CMK wraps and unwraps, and the store answers")
-    ch.add_argument("-c", "--config", required=True)
+    ch.add_argument("-c", "--config", required=True, help="TOML config file to check")
     ch.set_defaults(fn=cmd_check)
 
     k = sub.add_parser("keygen", help="write a new RSA CMK (PATH and PATH.pub)")
-    k.add_argument("path")
-    k.add_argument("--bits", type=int, default=3072)
+    k.add_argument("path", help="where to write the private key (PKCS#8 PEM, 0600); the public key goes to PATH.pub")
+    k.add_argument("--bits", type=int, default=3072, help="RSA modulus size in bits (default 3072, at least 2048)")
     k.set_defaults(fn=cmd_keygen)
 
     q = sub.add_parser("quickstart", help="create a CMK, a config and a local bucket, and mount it")
-    q.add_argument("mountpoint", nargs="?")
-    q.add_argument("--etc", help=argparse.SUPPRESS)
-    q.add_argument("--var", help=argparse.SUPPRESS)
-    q.add_argument("--cache", help=argparse.SUPPRESS)
+    q.add_argument("mountpoint", nargs="?", help="where to mount (default /mnt/ossfuse as root, ~/ossfuse otherwise)")
+    q.add_argument("--etc", metavar="DIR", help="where the CMK and config go (default /etc/ossfuse as root, "
+                   "~/.config/ossfuse otherwise)")
+    q.add_argument("--var", metavar="DIR", help="where the local bucket goes, as DIR/bucket (default "
+                   "/var/lib/ossfuse as root, ~/.local/share/ossfuse otherwise)")
+    q.add_argument("--cache", metavar="DIR", help="the cache dir (default /var/cache/ossfuse/default as root, "
+                   "~/.cache/ossfuse/default otherwise)")
     q.set_defaults(fn=cmd_quickstart)
 
     args = p.parse_args(argv)

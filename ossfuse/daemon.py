@@ -1,25 +1,32 @@
 """Running a mount: wire store, keyring and filesystem; serve FUSE under trio; shut down cleanly.
 
-Lifecycle: lock the cache dir → adopt the journal (uploads queued) → mount → answer ``stat``
-→ report ready (parent process, registry file) → serve → on unmount or SIGTERM/SIGINT: stop
-serving, unmount, finish every pending upload, exit. Exit status 0 means every closed file is in
-the bucket; 75 (EX_TEMPFAIL) means some are still journaled and upload on the next mount.
+Lifecycle: make the runtime dir → lock the cache dir → wait for store and KMS → adopt the
+journal (uploads queued) → mount → answer ``stat`` → report ready (parent process, registry
+file, sd_notify READY=1) → serve → on unmount, SIGTERM/SIGINT or a failed background task: stop
+serving, unmount, finish every pending upload, exit. Every background task runs supervised
+(:class:`ossfuse.aio.Supervisor`): one that fails is logged in one line, and the daemon unmounts,
+drains and exits 1; none can leave the daemon hanging.
+
+Exit status: 0 every closed file is in the bucket; 1 a background task failed (the log says
+which; uploads were still drained); 75 (EX_TEMPFAIL) some files are still journaled and upload
+on the next mount.
 """
 from __future__ import annotations
 
 import errno
+import faulthandler
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import time
 
 import pyfuse3
 import trio
 
+from .aio import Supervisor
 from .config import Config
 from .core import Filesystem
 from .fuse_ops import Operations
@@ -29,44 +36,17 @@ from . import status as status_mod
 from .status import RecentErrors
 from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
+from .registry import (RuntimeDirError, ensure_runtime_dir, mounted_device, process_alive, read_registry,
+                       registry_path, write_registry)
 
 log = logging.getLogger(__name__)
 
+EXIT_FAILED = 1  # a background task failed: logged, unmounted, uploads drained
 EXIT_PENDING = 75  # EX_TEMPFAIL: unmounted, but uploads remain in the journal
 
 
 class MountError(Exception):
     """The mount could not start (message is the one-line reason)."""
-
-
-def runtime_dir() -> str:
-    """Where mounts register themselves: /run/ossfuse as root, else $XDG_RUNTIME_DIR/ossfuse."""
-    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    return os.path.join(base, "ossfuse")
-
-
-def registry_path(mountpoint: str, suffix: str = ".json") -> str:
-    """Per-mount file in the runtime dir: ``.json`` (pid, config, exit status) or ``.sock``
-    (the status socket)."""
-    real = os.path.realpath(mountpoint)
-    return os.path.join(runtime_dir(), hashlib.sha256(real.encode()).hexdigest()[:32] + suffix)
-
-
-def write_registry(path: str, record: dict) -> None:
-    """Write the registry record at ``path`` (from registry_path(), computed before mounting:
-    resolving the mount point from the daemon's own thread once it is mounted would deadlock)."""
-    os.makedirs(runtime_dir(), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
-
-
-def read_registry(mountpoint: str) -> dict | None:
-    try:
-        with open(registry_path(mountpoint)) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def credentials_for(cfg: Config):
@@ -101,10 +81,15 @@ def open_store(cfg: Config, credentials=None) -> ObjectStore:
 
 
 def lock_cache_dir(path: str) -> int:
-    """Hold an exclusive lock on the cache dir for the daemon's life (two mounts sharing one
-    would upload each other's journal)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Check the cache dir is safe (see :func:`check_private_dir`) and hold an exclusive lock
+    on it for the daemon's life (two mounts sharing one would upload each other's journal).
+    Returns the lock's fd; raises MountError."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise MountError(f"cache dir {path}: {e.strerror}") from None
+    check_private_dir(path, "cache dir")
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -113,8 +98,24 @@ def lock_cache_dir(path: str) -> int:
     return fd
 
 
-def check_mountpoint(mountpoint: str) -> None:
-    """Refuse a missing or busy mount point; clean a stale one left by a killed daemon."""
+def check_private_dir(path: str, what: str) -> None:
+    """Refuse a directory that is a symlink, belongs to another user, or that group or others
+    may write: they could plant symlinks there that the daemon (often root) would write
+    through, or read names, sizes and wrapped keys. Raises MountError with the fix."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise MountError(f"{what} {path} belongs to uid {st.st_uid}, not to the mounting user (uid "
+                         f"{os.geteuid()}); use a directory of your own")
+    if st.st_mode & 0o022:
+        raise MountError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                         f"run: chmod 700 {path}")
+
+
+def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
+    """Refuse a missing, busy or (unless ``nonempty``) non-empty mount point; clean a stale
+    one left by a killed daemon. Raises MountError."""
     try:
         os.stat(mountpoint)
     except OSError as e:
@@ -134,20 +135,12 @@ def check_mountpoint(mountpoint: str) -> None:
             raise MountError(f"mount point {mountpoint} is busy (something is already mounted there)")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not reaped, does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not alive: it exited and waits to be reaped by its parent
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    if not nonempty:
+        entries = os.listdir(mountpoint)
+        if entries:
+            raise MountError(f"mount point {mountpoint} is not empty ({len(entries)} entries, e.g. "
+                             f"{sorted(entries)[0]!r}): the mount would hide them; use an empty directory, "
+                             f"or mount over it anyway with -o nonempty")
 
 
 def fuse_options(cfg: Config, extra: list[str]) -> set[str]:
@@ -177,15 +170,35 @@ def notify_systemd(message: str) -> None:
             log.warning("sd_notify %r failed: %s", message, e)
 
 
-def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
-    """Mount and serve until unmounted; returns the exit status (0, or EXIT_PENDING).
-    ``on_ready()`` is called once the mount answers ``stat``. Raises MountError before mounting
-    (bad CMK, busy mount point, store unreachable for ``mount.startup_timeout`` seconds)."""
+class Readiness:
+    """How the daemon tells whoever started it that the mount is usable, or why it is not:
+    ``ready()`` once it answers, ``failed(reason)`` when it ends before that. Subclassed by
+    the CLI (ready pipe of a daemonizing ``ossfuse mount``); the base does nothing."""
+
+    def ready(self) -> None:
+        pass
+
+    def failed(self, reason: str) -> None:
+        pass
+
+
+def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) -> int:
+    """Mount and serve until unmounted; returns the exit status: 0, EXIT_PENDING (uploads left
+    in the journal) or EXIT_FAILED (a background task failed: logged, unmounted, drained).
+    Raises MountError before mounting (bad CMK, busy or non-empty mount point, unsafe cache or
+    runtime dir, store unreachable for ``mount.startup_timeout`` seconds)."""
     mountpoint = os.path.abspath(mountpoint)
-    check_mountpoint(mountpoint)
+    nonempty = "nonempty" in options  # ours to check: libfuse 3 has no such option
+    options = [o for o in options if o != "nonempty"]
+    try:
+        ensure_runtime_dir()
+    except RuntimeDirError as e:
+        raise MountError(str(e)) from None
+    check_mountpoint(mountpoint, nonempty)
     lock_fd = lock_cache_dir(cfg.cache.dir)
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every stack to the log's stderr
     try:
         credentials = credentials_for(cfg)
         try:
@@ -194,7 +207,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], on_ready) -> int:
             raise MountError(f"{cfg.path}: cannot load CMK: {e}") from None
         store = open_store(cfg, credentials)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
-        return trio.run(_serve, cfg, fs, mountpoint, options, on_ready, errors)
+        return trio.run(_serve, cfg, fs, mountpoint, options, readiness, errors)
     finally:
         logging.getLogger().removeHandler(errors)
         os.close(lock_fd)
@@ -242,7 +255,39 @@ async def _remove_orphans(store: LocalStore) -> None:
         log.info("removed %d unreferenced blob(s) from the local bucket %s", n, store.root)
 
 
-async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], on_ready,
+class _Lifecycle:
+    """The state the serving tasks share: where the daemon is in its life, whether the FUSE
+    session is open, and the first failure of a background task.
+
+    States: ``serving`` (pyfuse3.main runs) → ``draining`` (unmounted, pending uploads finish)
+    → exit. ``stop()`` ends serving; it may be called from any task, any number of times, and
+    never touches a closed session (pyfuse3.terminate() after close() dereferences NULL)."""
+
+    def __init__(self, mountpoint: str):
+        self.mountpoint = mountpoint
+        self.state = "serving"
+        self.session_open = False
+        self.failure: str | None = None
+
+    def stop(self) -> None:
+        if self.session_open and self.state == "serving":
+            pyfuse3.terminate()
+
+    def task_failed(self, name: str, exc: BaseException) -> None:
+        """A supervised background task died (already logged): unmount and exit non-zero."""
+        if self.failure is None:
+            self.failure = f"{name} failed: {type(exc).__name__}: {exc}"
+        self.stop()
+
+    def close_session(self) -> None:
+        """Close the FUSE session, unmounting only if it is still mounted here (after
+        fusermount -u, unmounting again only makes libfuse log "Invalid argument")."""
+        if self.session_open:
+            self.session_open = False
+            pyfuse3.close(unmount=mounted_device(self.mountpoint) is not None)
+
+
+async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], readiness: Readiness,
                  errors: RecentErrors) -> int:
     # Never touch the mount point from this thread once mounted: the kernel would wait for
     # this very thread to answer. Paths derived from it are computed now.
@@ -251,61 +296,105 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     recovered = fs.recover()
     if recovered:
         log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)
-    ops = Operations(fs)
+    life = _Lifecycle(mountpoint)
     try:
-        pyfuse3.init(ops, mountpoint, fuse_options(cfg, options))
+        pyfuse3.init(Operations(fs), mountpoint, fuse_options(cfg, options))
     except RuntimeError as e:
         extra = f" (check the -o options: {', '.join(options)})" if options else ""
         raise MountError(f"cannot mount at {mountpoint}: {e}{extra}") from None
-    mounted = True
+    life.session_open = True
     status = 0
     try:
         async with trio.open_nursery() as nursery:
-            fs._nursery = nursery
-            fs.cache.start(nursery)
-            for _ in range(cfg.mount.upload_workers):
-                nursery.start_soon(fs.upload_worker)
-            nursery.start_soon(_on_signals)
-            nursery.start_soon(_announce, cfg, mountpoint, registry, on_ready)
-            nursery.start_soon(status_mod.serve, status_socket, fs, errors, time.time())
+            # Every background task is supervised: one that fails is logged, then the mount
+            # unmounts, drains and exits non-zero (nothing can die silently or hang start-up).
+            tasks = Supervisor(nursery, life.task_failed)
+            fs._nursery = tasks
+            fs.cache.start(tasks)
+            for i in range(cfg.mount.upload_workers):
+                tasks.start_soon(fs.upload_worker, name=f"upload worker {i + 1}")
+            tasks.start_soon(_on_signals, life, fs, name="signal handler")
+            tasks.start_soon(_announce, cfg, mountpoint, registry, readiness, life, name="readiness check")
+            tasks.start_soon(status_mod.serve, status_socket, fs, errors, time.time(), life,
+                             name=f"status socket {status_socket}")
             if isinstance(fs.store, LocalStore):
-                nursery.start_soon(_remove_orphans, fs.store)
+                tasks.start_soon(_remove_orphans, fs.store, name="local bucket cleanup")
             await pyfuse3.main(min_tasks=4, max_tasks=64)
-            # The kernel side is gone (fusermount -u) or a signal asked us to stop.
+            # The kernel side is gone (fusermount -u), a signal asked us to stop, or a task failed.
+            life.state = "draining"
             notify_systemd("STOPPING=1")
-            pyfuse3.close(unmount=True)
-            mounted = False
+            life.close_session()
+            if life.failure:
+                readiness.failed(life.failure)
             log.info("unmounted %s; finishing pending uploads", mountpoint)
+            tasks.start_soon(_report_drain, fs, name="drain progress")
             pending = await fs.drain()
-            if not pending:
-                log.info("all uploads are in the bucket")
             if pending:
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "
                           "on the next mount", pending, fs.staging.dir)
                 status = EXIT_PENDING
+            else:
+                log.info("all uploads are in the bucket")
             nursery.cancel_scope.cancel()
     finally:
-        if mounted:
-            pyfuse3.close(unmount=True)
+        life.close_session()
         fs.close()
         await fs.store.aclose()
+        if life.failure:
+            log.error("exiting after a failure: %s", life.failure)
+            status = EXIT_FAILED
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                                  "exited": True, "status": status})
+                                  "exited": True, "status": status, "failure": life.failure})
     return status
 
 
-async def _on_signals() -> None:
+def _pending(fs: Filesystem) -> tuple[int, int]:
+    """(files, bytes) closed or open but not yet in the bucket."""
+    nodes = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
+    return len(nodes), sum(n.staged.size for n in nodes)
+
+
+async def _report_drain(fs: Filesystem, every: float = 5.0) -> None:
+    """While uploads drain after the unmount, say every ``every`` seconds how much is left (in
+    the log, the journal and systemd's STATUS=)."""
+    while True:
+        await trio.sleep(every)
+        files, size = _pending(fs)
+        if files:
+            log.info("still uploading %d file(s), %d bytes", files, size)
+            notify_systemd(f"STATUS=unmounted; uploading {files} file(s), {size} bytes")
+
+
+async def _on_signals(life: _Lifecycle, fs: Filesystem) -> None:
+    """SIGTERM/SIGINT: unmount, then finish pending uploads. Once unmounted, more of them are
+    logged and ignored (the uploads go on; kill -9 leaves them journaled for the next mount).
+    SIGHUP never stops the mount (logrotate's convention: the log file reopens by itself)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("signal %s: unmounting after pending uploads", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("signal SIGHUP: nothing to do (the log file reopens when rotated)")
+            elif life.state == "serving":
+                log.info("signal %s: unmounting after pending uploads", name)
+                life.stop()
+            else:
+                files, size = _pending(fs)
+                log.info("signal %s: already unmounted; still finishing %d upload(s), %d bytes "
+                         "(kill -9 leaves them journaled for the next mount)", name, files, size)
 
 
-async def _announce(cfg: Config, mountpoint: str, registry: str, on_ready) -> None:
-    """Report ready only once the mount answers: stat in a thread is served by our own loop."""
-    await trio.to_thread.run_sync(os.stat, mountpoint)
+async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Readiness, life: _Lifecycle) -> None:
+    """Report ready only once the mount answers: stat in a thread is served by our own loop.
+    The thread is abandoned on cancellation, so a stat the kernel can no longer answer never
+    holds up shutdown."""
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError:
+        if life.state != "serving":
+            return  # the mount stopped before it answered: the stop's cause is logged already
+        raise
     write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                                "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False})
+                              "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False})
     log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
     notify_systemd(f"READY=1\nSTATUS=mounted at {mountpoint}")
-    on_ready()
+    readiness.ready()

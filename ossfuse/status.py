@@ -1,7 +1,8 @@
 """``ossfuse status``: what a running mount is doing, over a unix socket the daemon serves.
 
 The daemon listens on ``<runtime dir>/<mount hash>.sock`` (mode 0600); a client connects, the
-daemon writes one JSON document and closes. Fields: pending uploads (count, bytes, age of the
+daemon writes one JSON document and closes. Fields: state (``serving``, or ``draining`` once
+unmounted while pending uploads finish), pending uploads (count, bytes, age of the
 oldest in seconds), cache use in bytes, recent errors (last 20 log records at ERROR), CMKs in
 use, and counters (uploaded, upload_failures, recovered).
 """
@@ -30,23 +31,14 @@ class RecentErrors(logging.Handler):
         self.records.append({"time": record.created, "level": record.levelname, "message": record.getMessage()})
 
 
-def _disk_usage(path: str) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        for n in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total
-
-
-def collect(fs, errors: RecentErrors, started: float) -> dict:
-    """The status document of a mount (see the module doc)."""
+def collect(fs, errors: RecentErrors, started: float, state: str = "serving") -> dict:
+    """The status document of a mount (see the module doc). Made from counters the mount
+    keeps, with no file-system walk: it runs on the thread that serves FUSE."""
     now = time.time()
     pending = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
     keyring = fs.keyring
     return {
+        "state": state,
         "store": fs.cfg.store.url,
         "prefix": fs.cfg.store.prefix,
         "uptime_seconds": round(now - started, 1),
@@ -56,8 +48,8 @@ def collect(fs, errors: RecentErrors, started: float) -> dict:
             "oldest_seconds": round(now - min(n.dirty_since for n in pending), 1) if pending else 0,
             "failing": sorted(fs.key(n.path) for n in pending if n.upload_error),
         },
-        "cache": {"dir": fs.cfg.cache.dir, "bytes": _disk_usage(fs.cache.dir),
-                  "staging_bytes": _disk_usage(fs.staging.dir)},
+        "cache": {"dir": fs.cfg.cache.dir, "bytes": fs.cache.used,
+                  "staging_bytes": sum(n.staged.size for n in fs.dirty if n.staged is not None)},
         "cmks": [{"id": c.id, "type": type(c).__name__, "wrap_alg": c.wrap_alg, "matdesc": c.matdesc,
                   "encrypts_new_objects": c is keyring.default} for c in keyring.cmks.values()],
         "rules": [{"prefix": p, "cmk": c.id} for p, c in keyring.rules],
@@ -66,8 +58,10 @@ def collect(fs, errors: RecentErrors, started: float) -> dict:
     }
 
 
-async def serve(path: str, fs, errors: RecentErrors, started: float) -> None:
-    """Answer status requests on the unix socket ``path`` until cancelled."""
+async def serve(path: str, fs, errors: RecentErrors, started: float, life) -> None:
+    """Answer status requests on the unix socket ``path`` (mode 0600) until cancelled; serves
+    during the drain after the unmount too (``life.state`` says which). Raises OSError when the
+    socket cannot be made (the daemon's supervisor then stops the mount)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -80,10 +74,16 @@ async def serve(path: str, fs, errors: RecentErrors, started: float) -> None:
     try:
         async with listener:
             while True:
-                conn = await listener.accept()
+                try:
+                    conn = await listener.accept()
+                except OSError as e:  # EMFILE and the like: this client goes unanswered, not the mount
+                    log.warning("status socket: accept failed: %s", e)
+                    await trio.sleep(0.5)
+                    continue
                 async with conn:
                     try:
-                        await conn.send_all(json.dumps(collect(fs, errors, started)).encode() + b"\n")
+                        doc = collect(fs, errors, started, life.state)
+                        await conn.send_all(json.dumps(doc).encode() + b"\n")
                     except trio.BrokenResourceError:
                         pass
     finally:
@@ -112,6 +112,8 @@ def render(doc: dict) -> str:
         f"uptime:           {doc['uptime_seconds']:.0f} s",
         f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes, oldest {p['oldest_seconds']:.0f} s",
     ]
+    if doc.get("state", "serving") != "serving":
+        lines.insert(0, f"state:            {doc['state']} (unmounted; finishing pending uploads)")
     if p["failing"]:
         lines.append(f"failing uploads:  {', '.join(p['failing'])}")
     c = doc["cache"]

@@ -150,7 +150,7 @@ def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_p
     import subprocess
     m = make_mount(start=False)
     os.makedirs(m.cache, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", m.cache], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", m.cache], check=True)
     try:
         with open(m.config) as f:
             cfg = f.read().replace("[cache]\n", "[cache]\nmin_free = 0\n")

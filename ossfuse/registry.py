@@ -1,0 +1,147 @@
+"""Where running mounts are found, and what holds a mount.
+
+The runtime directory holds, per mount point (named by a hash of its real path), a registry
+record ``<hash>.json`` (pid, config, exit status once the daemon ends) and the status socket
+``<hash>.sock``. It is ``$OSSFUSE_RUNTIME_DIR`` when set; else ``/run/ossfuse`` as root;
+else ``$XDG_RUNTIME_DIR/ossfuse``; else ``/tmp/ossfuse-<uid>`` (the tmux/ssh-agent habit: per
+user, never one shared world-writable directory). After a reboot ``/run`` is empty, so
+:func:`ensure_runtime_dir` makes it (mode 0700) before anything binds or writes there, and
+refuses one that another user owns or others may write (they could plant records, sockets or
+symlinks). Under systemd, the unit declares it (``RuntimeDirectory=ossfuse``).
+
+Mount state is read from ``/proc/self/mountinfo``, never by ``stat`` of the mount point: a
+daemon that stats its own mount point waits for itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+
+ENV_RUNTIME_DIR = "OSSFUSE_RUNTIME_DIR"
+
+
+class RuntimeDirError(Exception):
+    """The runtime directory cannot be made or is unsafe (message names path and reason)."""
+
+
+def runtime_dir() -> str:
+    """The runtime directory's path (see the module doc); not created here."""
+    if os.environ.get(ENV_RUNTIME_DIR):
+        return os.environ[ENV_RUNTIME_DIR]
+    if os.geteuid() == 0:
+        return "/run/ossfuse"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "ossfuse") if xdg else f"/tmp/ossfuse-{os.geteuid()}"
+
+
+def ensure_runtime_dir() -> str:
+    """Make the runtime directory (0700, parents as needed) if missing and check it is a real
+    directory owned by this user that no one else may write. Returns its path; raises
+    RuntimeDirError naming the path and the reason."""
+    path = runtime_dir()
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise RuntimeDirError(f"runtime directory {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeDirError(f"runtime directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise RuntimeDirError(f"runtime directory {path} belongs to uid {st.st_uid}, not to this user "
+                              f"(uid {os.geteuid()}); remove it or set {ENV_RUNTIME_DIR}")
+    if st.st_mode & 0o022:
+        raise RuntimeDirError(f"runtime directory {path} is writable by other users (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}); chmod 700 it")
+    return path
+
+
+def registry_path(mountpoint: str, suffix: str = ".json") -> str:
+    """Per-mount file in the runtime dir: ``.json`` (the registry record) or ``.sock`` (the
+    status socket). Resolves ``mountpoint``: call it before mounting, never from the daemon
+    once mounted."""
+    real = os.path.realpath(mountpoint)
+    return os.path.join(runtime_dir(), hashlib.sha256(real.encode()).hexdigest()[:32] + suffix)
+
+
+def write_registry(path: str, record: dict) -> None:
+    """Atomically write the registry record at ``path`` (from registry_path())."""
+    ensure_runtime_dir()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def read_registry(mountpoint: str) -> dict | None:
+    """The registry record of ``mountpoint``, or None if there is none (or it is unreadable)."""
+    try:
+        with open(registry_path(mountpoint)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 …)."""
+    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+    """(device "major:minor", mount point, fstype) of each line of a mountinfo file."""
+    out = []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append((fields[2], _unescape(fields[4]), fields[sep + 1]))
+    return out
+
+
+def mounted_device(mountpoint: str, fstype: str = "fuse.ossfuse") -> str | None:
+    """The device ("major:minor") of the ``fstype`` mount at ``mountpoint`` in this process's
+    mount namespace (the topmost one), or None when nothing of that type is mounted there."""
+    found = None
+    for dev, mp, fs in _mounts():
+        if mp == mountpoint:
+            found = dev if fs == fstype else None
+    return found
+
+
+def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]:
+    """Processes (pid, command name) of other mount namespaces in which the filesystem
+    ``device`` is still mounted: one per namespace, the first found. Containers, ``unshare -m``
+    and ``ip netns exec`` keep copies of mounts that outlive an unmount here."""
+    seen = {exclude_ns or os.readlink("/proc/self/ns/mnt")}
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{name}/ns/mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            if any(dev == device for dev, _, _ in _mounts(f"/proc/{name}/mountinfo")):
+                with open(f"/proc/{name}/comm") as f:
+                    found.append((int(name), f.read().strip()))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return found

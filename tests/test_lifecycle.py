@@ -1,0 +1,281 @@
+"""The daemon's life under real conditions: the first mount after a reboot (empty /run), a
+background task that fails, signals during the drain, a daemon that never gets ready, copies of
+the mount in other namespaces, and a mount point that is not empty (issue 11)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import OSSFUSE, Mount
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _in_fresh_run_namespace(script: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """Run a bash ``script`` in a private mount namespace whose /run is an empty tmpfs, as
+    /run is on a machine that has just booted; its mounts vanish with the namespace."""
+    body = "set -u\nmount -t tmpfs tmpfs /run || exit 3\n" + textwrap.dedent(script)
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", body],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _no_daemon_for(config: str) -> bool:
+    r = subprocess.run(["pgrep", "-f", f"ossfuse mount .*-c {config}"], capture_output=True)
+    return r.returncode == 1
+
+
+def test_first_mount_after_a_reboot_comes_up_serves_and_unmounts(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    cli = " ".join(OSSFUSE)
+    r = _in_fresh_run_namespace(f"""
+        timeout -s KILL 30 {cli} mount -c {m.config} {m.mnt}; echo "mount=$?"
+        echo hello > {m.mnt}/f && echo "read=$(cat {m.mnt}/f)"
+        echo "rundir=$(stat -c %a /run/ossfuse)"
+        timeout -s KILL 30 {cli} umount {m.mnt}; echo "umount=$?"
+        grep -c ' {m.mnt} ' /proc/self/mounts || true
+    """)
+    out = r.stdout.split()
+    assert ["mount=0", "read=hello", "rundir=700", "umount=0", "0"] == out, r.stdout + r.stderr
+    assert m.get("f") != b"hello\n" and len(m.get("f")) == 6  # in the bucket, encrypted
+    assert _no_daemon_for(m.config)
+
+
+def test_notify_after_a_reboot_ready_then_stopping_and_exit_0(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    cli = " ".join(OSSFUSE)
+    # the daemon runs in the foreground, as systemd starts it; the script stops it on READY=1
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "bash", "-c",
+         f"mount -t tmpfs tmpfs /run && NOTIFY_SOCKET={sock_path} exec {cli} mount -f -c {m.config} {m.mnt}"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        first = sock.recv(4096).decode()
+        assert first.startswith("READY=1") and f"STATUS=mounted at {m.mnt}" in first
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode().startswith("STOPPING=1")
+        assert proc.wait(60) == 0
+        assert "background task" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_a_background_task_that_fails_at_start_unmounts_and_exits_1(tmp_path, cmk_path):
+    """The status socket cannot be made (its path is longer than AF_UNIX allows): the daemon
+    says so in one line, unmounts and exits 1; ``ossfuse mount`` reports it; nothing hangs."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    rundir = tmp_path / ("r" * 110)
+    rundir.mkdir(mode=0o700)
+    t0 = time.monotonic()
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, OSSFUSE_RUNTIME_DIR=str(rundir)))
+    assert r.returncode == 1
+    assert "status socket" in r.stderr and "AF_UNIX path too long" in r.stderr and r.stderr.count("\n") == 1
+    assert time.monotonic() - t0 < 30
+    assert not os.path.ismount(m.mnt)
+    log = m.log()
+    assert "background task status socket" in log and "exiting after a failure" in log
+    assert "readiness check failed" not in log  # a consequence, not a second cause
+    for _ in range(100):
+        if _no_daemon_for(m.config):
+            break
+        time.sleep(0.1)
+    assert _no_daemon_for(m.config)
+
+
+def test_unsafe_runtime_dir_is_refused_before_mounting(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    rundir = tmp_path / "shared-run"
+    rundir.mkdir()
+    os.chmod(rundir, 0o777)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, OSSFUSE_RUNTIME_DIR=str(rundir)))
+    assert r.returncode == 1 and "writable by other users" in r.stderr and "chmod 700" in r.stderr
+    assert not os.path.ismount(m.mnt)
+
+
+def test_unsafe_cache_dir_is_refused(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    os.makedirs(m.cache)
+    os.chmod(m.cache, 0o777)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"cache dir {m.cache} is writable by other users" in r.stderr
+    os.chmod(m.cache, 0o700)
+    os.chown(m.cache, 12345, 12345)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "belongs to uid 12345" in r.stderr
+    assert not os.path.ismount(m.mnt)
+
+
+def _many_pending(m: Mount, n: int) -> None:
+    for i in range(n):
+        with open(m.path(f"f{i:04d}"), "wb") as f:
+            f.write(os.urandom(2048) + b"%d" % i)
+
+
+def test_signals_during_the_drain_do_not_crash_and_umount_tells_the_truth(make_mount):
+    """SIGTERM and SIGINT while pending uploads drain after the unmount: logged and ignored;
+    every file reaches the bucket and ``ossfuse umount`` exits 0 (review finding A2)."""
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 600)
+    umount = subprocess.Popen(OSSFUSE + ["umount", m.mnt], stderr=subprocess.PIPE, text=True)
+    while os.path.ismount(m.mnt):
+        time.sleep(0.01)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        os.kill(m.pid, sig)
+        time.sleep(0.05)
+    assert umount.wait(120) == 0, umount.stderr.read()
+    keys = m.keys()
+    assert len([k for k in keys if k.startswith("f")]) == 600
+    assert "already unmounted; still finishing" in m.log()
+    m.pid = None
+    m.start()
+    assert open(m.path("f0599"), "rb").read().endswith(b"599")
+
+
+def test_umount_reports_a_daemon_that_died_during_the_drain(make_mount):
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 300)
+    umount = subprocess.Popen(OSSFUSE + ["umount", m.mnt], stderr=subprocess.PIPE, text=True)
+    while os.path.ismount(m.mnt):
+        time.sleep(0.01)
+    os.kill(m.pid, signal.SIGKILL)
+    assert umount.wait(60) == 1
+    err = umount.stderr.read()
+    assert "ended without finishing" in err and "journaled" in err
+    m.pid = None
+    m.start()  # the journal brings every file back
+    assert len(os.listdir(m.mnt)) == 300
+    assert open(m.path("f0299"), "rb").read().endswith(b"299")
+
+
+def test_umount_with_a_copy_of_the_mount_in_another_namespace(make_mount):
+    """``unshare -m`` (containers, ip netns exec) copies the mount: after the unmount here the
+    daemon would serve the copy forever. umount names the holder, stops the daemon, and the
+    pending uploads finish, promptly."""
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 20)
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "120"])
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < 15
+        assert "still mounted in another mount namespace" in r.stderr and f"pid {holder.pid} (sleep)" in r.stderr
+        assert len([k for k in m.keys() if k.startswith("f")]) == 20
+        m.pid = None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_non_empty_mount_point_is_refused_unless_nonempty(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    with open(os.path.join(m.mnt, "hidden.txt"), "w") as f:
+        f.write("would be hidden")
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not empty" in r.stderr and "-o nonempty" in r.stderr
+    assert not os.path.ismount(m.mnt)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt, "-o", "nonempty"], capture_output=True,
+                       text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert os.listdir(m.mnt) == []
+    finally:
+        m.pid = None
+        m.cleanup()
+    assert os.listdir(m.mnt) == ["hidden.txt"]
+
+
+def test_mount_gives_up_when_the_daemon_never_gets_ready(tmp_path, cmk_path):
+    """A store that accepts connections and never answers: ``ossfuse mount`` waits
+    startup_timeout + the margin, then stops the daemon, says why, exits 1, leaves no mount."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    with open(m.config) as f:
+        cfg = f.read()
+    cfg = cfg.replace(f'url = "local://{m.bucket_dir}"',
+                      f'url = "oss://silent-bucket"\nendpoint = "http://127.0.0.1:{port}"\nregion = "cn-hangzhou"')
+    with open(m.config, "w") as f:
+        f.write(cfg.replace("[mount]\n", "[mount]\nstartup_timeout = 1\n"))
+    env = dict(os.environ, OSS_ACCESS_KEY_ID="ak", OSS_ACCESS_KEY_SECRET="sk", OSSFUSE_READY_MARGIN="3")
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True,
+                           timeout=60, env=env)
+    finally:
+        silent.close()
+    assert r.returncode == 1 and "did not become ready within 4s" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert not os.path.ismount(m.mnt)
+    for _ in range(50):
+        if _no_daemon_for(m.config):
+            break
+        time.sleep(0.1)
+    assert _no_daemon_for(m.config)
+
+
+def test_keygen_makes_the_missing_config_directory_private(tmp_path):
+    path = tmp_path / "etc" / "ossfuse" / "team.pem"
+    r = subprocess.run(OSSFUSE + ["keygen", "--bits", "2048", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_mount_helper_under_a_systemd_mount_unit_starts_a_transient_service(tmp_path, monkeypatch):
+    from ossfuse import cli
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text("0::/system.slice/srv-team.mount\n")
+    monkeypatch.setenv("INVOCATION_ID", "0123")
+    monkeypatch.setattr(cli.os.path, "isdir", lambda p: p == "/run/systemd/system" or os.path.isdir(p))
+    assert cli.systemd_mount_unit(str(cgroup)) == "srv-team.mount"
+    cgroup.write_text("0::/user.slice/session-1.scope\n")
+    assert cli.systemd_mount_unit(str(cgroup)) is None
+    monkeypatch.delenv("INVOCATION_ID")
+    cgroup.write_text("0::/system.slice/srv-team.mount\n")
+    assert cli.systemd_mount_unit(str(cgroup)) is None  # mount(8) run by hand
+    if subprocess.run(["which", "systemd-escape"], capture_output=True).returncode != 0:
+        pytest.fail("systemd-escape missing: .ci/install installs systemd")
+    monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "s3cret")
+    cmd = cli.systemd_run_command("/etc/ossfuse/team.toml", "/srv/team-a", ["-o", "ro"])
+    assert cmd[:2] == ["systemd-run", "--unit=ossfuse-mount-srv-team\\x2da"]
+    assert "--service-type=notify" in cmd and "--property=After=network-online.target" in cmd
+    assert "--property=TimeoutStopSec=15min" in cmd and "--setenv=OSS_ACCESS_KEY_SECRET" in cmd
+    assert "s3cret" not in " ".join(cmd)  # secrets travel over D-Bus, never on a command line
+    assert cmd[cmd.index("--") + 1:] == [sys.executable, "-m", "ossfuse", "mount", "-f", "-c",
+                                         "/etc/ossfuse/team.toml", "/srv/team-a", "-o", "ro"]
+
+
+def test_sighup_keeps_the_mount_and_sigusr1_dumps_the_stacks(tmp_path, cmk_path):
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        os.kill(m.pid, signal.SIGHUP)  # logrotate's "reopen your logs", never "stop"
+        os.kill(m.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert os.path.ismount(m.mnt) and os.listdir(m.mnt) == []
+        log = m.log()
+        assert "signal SIGHUP: nothing to do" in log
+        assert "most recent call first" in log and "trio" in log  # faulthandler's dump of every thread
+        assert m.stop() == 0
+    finally:
+        m.cleanup()
