@@ -129,19 +129,20 @@ def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]
     """Processes (pid, command name) of other mount namespaces in which the filesystem
     ``device`` is still mounted: one per namespace, the first found. Containers, ``unshare -m``
     and ``ip netns exec`` keep copies of mounts that outlive an unmount here."""
-    seen = {exclude_ns or os.readlink("/proc/self/ns/mnt")}
+    done = {exclude_ns or os.readlink("/proc/self/ns/mnt")}
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             ns = os.readlink(f"/proc/{name}/ns/mnt")
-            if ns in seen:
+            # every process is asked, not one per namespace: a chrooted one sees only the
+            # mounts below its root
+            if ns in done or not any(dev == device for dev, _, _ in _mounts(f"/proc/{name}/mountinfo")):
                 continue
-            seen.add(ns)
-            if any(dev == device for dev, _, _ in _mounts(f"/proc/{name}/mountinfo")):
-                with open(f"/proc/{name}/comm") as f:
-                    found.append((int(name), f.read().strip()))
+            done.add(ns)
+            with open(f"/proc/{name}/comm") as f:
+                found.append((int(name), f.read().strip()))
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
     return found

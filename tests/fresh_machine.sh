@@ -60,6 +60,9 @@ STEPS
 
 unshare -m --propagation private bash -c '
     r=$1
+    # this namespace got a copy of every mount, FUSE mounts of running daemons too: release
+    # them, or their owners wait for this run to end before they can unmount
+    awk '"'"'$3 ~ /^fuse/ {print $2}'"'"' /proc/self/mounts | while read -r m; do umount -l "$m"; done
     mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" &&
     mount -t tmpfs tmpfs "$r/run" && mount -t tmpfs tmpfs "$r/tmp" || exit 3
     chroot "$r" /bin/bash /root/steps.sh

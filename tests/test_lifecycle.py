@@ -19,10 +19,16 @@ from conftest import OSSFUSE, Mount
 pytestmark = pytest.mark.timeout(180)
 
 
+# A new mount namespace copies every mount, other daemons' FUSE mounts too, and would keep
+# them alive after their owners unmount them: release the copies first (keeping $KEEP).
+_RELEASE_COPIES = ("awk '$3 ~ /^fuse/ {print $2}' /proc/self/mounts | "
+                   "while read -r m; do [ \"$m\" = \"${KEEP:-}\" ] || umount -l \"$m\"; done")
+
+
 def _in_fresh_run_namespace(script: str, timeout: float = 90) -> subprocess.CompletedProcess:
     """Run a bash ``script`` in a private mount namespace whose /run is an empty tmpfs, as
     /run is on a machine that has just booted; its mounts vanish with the namespace."""
-    body = "set -u\nmount -t tmpfs tmpfs /run || exit 3\n" + textwrap.dedent(script)
+    body = f"set -u\n{_RELEASE_COPIES}\nmount -t tmpfs tmpfs /run || exit 3\n" + textwrap.dedent(script)
     return subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", body],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -58,7 +64,8 @@ def test_notify_after_a_reboot_ready_then_stopping_and_exit_0(tmp_path, cmk_path
     # the daemon runs in the foreground, as systemd starts it; the script stops it on READY=1
     proc = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "bash", "-c",
-         f"mount -t tmpfs tmpfs /run && NOTIFY_SOCKET={sock_path} exec {cli} mount -f -c {m.config} {m.mnt}"],
+         f"{_RELEASE_COPIES}; mount -t tmpfs tmpfs /run && NOTIFY_SOCKET={sock_path} "
+         f"exec {cli} mount -f -c {m.config} {m.mnt}"],
         stderr=subprocess.PIPE, text=True)
     try:
         first = sock.recv(4096).decode()
@@ -169,7 +176,8 @@ def test_umount_with_a_copy_of_the_mount_in_another_namespace(make_mount):
     pending uploads finish, promptly."""
     m = make_mount("upload_delay = 600")
     _many_pending(m, 20)
-    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "120"])
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                               f"{_RELEASE_COPIES}; exec sleep 120"], env=dict(os.environ, KEEP=m.mnt))
     try:
         time.sleep(0.3)
         t0 = time.monotonic()
