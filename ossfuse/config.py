@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .envelope import EnvelopeError, parse_matdesc  # the format layer: no I/O, imports nothing of ours
+
 
 class ConfigError(Exception):
     """The configuration file is unreadable or invalid (message names file, key, reason)."""
@@ -35,6 +37,8 @@ class CmkConfig:
     type: str  # "rsa" or "kms"
     private_key: str | None = None  # rsa: PKCS#1 or PKCS#8 PEM file
     matdesc: dict[str, str] | None = None
+    # exact matdesc header text to write (parses to ``matdesc``); None: Go's json.Marshal form
+    matdesc_text: str | None = None
     default_for_no_matdesc: bool = False  # reads objects that carry no matdesc
     key_id: str | None = None  # kms: the KMS key id or alias
     region: str | None = None  # kms
@@ -101,7 +105,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
               "credentials_file": str, "ram_role": str, "metadata_url": str, "max_copy_size": int,
               "retries": int},
     "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
-    "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict,
+    "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict, "matdesc_text": str,
                        "default_for_no_matdesc": bool, "key_id": str, "region": str, "endpoint": str,
                        "encoding": str, "passphrase": str, "credentials_file": str},
     "encryption.rule": {"prefix": str, "encrypt_with": str},
@@ -132,6 +136,27 @@ def _check_table(path: str, section: str, where: str, table: Any) -> dict[str, A
         if key not in table:
             raise ConfigError(f"{path}: {where}.{key}: required key missing")
     return table
+
+
+def _check_matdesc_text(path: str, where: str, text: str, matdesc: dict[str, str] | None) -> dict[str, str]:
+    """The matdesc map that ``matdesc_text`` (the exact header text to write) stands for. It must
+    be a flat JSON object of strings, fit an HTTP header (printable ASCII: escape others as
+    ``\\uXXXX``) and, when ``matdesc`` is given too, parse to the same map. Raises ConfigError."""
+    key = f"{path}: {where}.matdesc_text"
+    try:
+        parsed = parse_matdesc(text)
+    except EnvelopeError:
+        raise ConfigError(f"{key}: must be a JSON object of string values, e.g. '{{\"team\": \"alpha\"}}', "
+                          f"got {text!r}") from None
+    if not parsed:
+        raise ConfigError(f"{key}: an empty description is written as no header; remove the key")
+    if not all(" " <= ch <= "~" for ch in text):
+        raise ConfigError(f"{key}: must be printable ASCII (an OSS metadata header); "
+                          "write other characters as \\uXXXX escapes")
+    if matdesc is not None and parsed != matdesc:
+        raise ConfigError(f"{key}: describes {parsed} but matdesc is {matdesc}; give one of them, "
+                          "or make them equal")
+    return parsed
 
 
 def load(path: str) -> Config:
@@ -188,7 +213,10 @@ def load(path: str) -> Config:
         md = c.get("matdesc")
         if md is not None and not all(isinstance(v, str) for v in md.values()):
             raise ConfigError(f"{path}: {where}.matdesc: values must be strings")
-        common = dict(id=c["id"], type=c["type"], matdesc=md,
+        md_text = c.get("matdesc_text")
+        if md_text is not None:
+            md = _check_matdesc_text(path, where, md_text, md)
+        common = dict(id=c["id"], type=c["type"], matdesc=md, matdesc_text=md_text,
                       default_for_no_matdesc=c.get("default_for_no_matdesc", False))
         if c["type"] == "rsa":
             if "private_key" not in c:

@@ -128,10 +128,63 @@ class Envelope:
         return ctr_crypt(self.data_key, self.iv, offset, data)
 
 
+def _go_json_string(text: str) -> str:
+    r"""``text`` as a JSON string literal the way Go's ``encoding/json`` (Go ≤ 1.21, the Go 1.19
+    of the SDK clients in ../shared/tools) writes it with its default HTML escaping: ``"``, ``\``,
+    ``\n``, ``\r``, ``\t`` as short escapes; other control characters, ``<``, ``>``, ``&`` as
+    ``\u00XX`` with lower-case hex (Go 1.22+ writes ``\b``/``\f`` short; a matdesc with those
+    is not worth a second form). Checked byte for byte against the Go V1 and V2 SDKs'
+    own headers (tests/test_interop_sdk.py). Where Go would send raw bytes that an HTTP header
+    cannot carry (DEL, non-ASCII: Go's SDKs fail with a signature mismatch or "invalid header
+    field value"), this writes ``\uXXXX`` (UTF-16 surrogate pairs above U+FFFF, as JSON does)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif code < 0x20 or code == 0x7F or ch in "<>&":
+            out.append(f"\\u{code:04x}")
+        elif code < 0x80:
+            out.append(ch)
+        elif 0xD800 <= code < 0xE000:  # a lone surrogate: Go replaces invalid UTF-8 by U+FFFD
+            out.append("\\ufffd")
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    out.append('"')
+    return "".join(out)
+
+
 def encode_matdesc(matdesc: dict[str, str] | None) -> str | None:
-    """matdesc header text: ``json.dumps`` with default separators, as oss2 and the V2 SDK write
-    it (§5); None when there is no description (the header is then omitted)."""
-    return json.dumps(matdesc) if matdesc else None
+    r"""matdesc header text in the form of Go's ``json.Marshal`` of a ``map[string]string``:
+    keys sorted (byte order of their UTF-8, which is code-point order), no spaces, Go's string
+    escaping (``_go_json_string``); None when there is no description (the header is then
+    omitted). This is the form both Go SDKs write (the C++ SDK's too, unless a value holds
+    ``<>&`` or non-ASCII; §5) and the one Go V1 and Go V2 match by text (Go V1 compares the header with its own ``json.Marshal`` output, V2 looks its
+    extra master ciphers up by it; issue 15). oss2, Java and C++ parse the JSON and read any form.
+    Example: ``{"team": "a<b", "env": "x"}`` → ``{"env":"x","team":"a\u003cb"}``."""
+    if not matdesc:
+        return None
+    items = sorted(matdesc.items())
+    return "{" + ",".join(_go_json_string(k) + ":" + _go_json_string(v) for k, v in items) + "}"
+
+
+def parse_matdesc(raw: str) -> dict[str, str]:
+    """The flat string map of matdesc text ``raw``; raises EnvelopeError if it is not JSON or not
+    an object of string values (§5: a nested or non-string value breaks Go V1)."""
+    try:
+        matdesc = json.loads(raw)
+    except ValueError:
+        raise EnvelopeError(f"matdesc is not JSON: {raw!r}") from None
+    if not isinstance(matdesc, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in matdesc.items()
+    ):
+        raise EnvelopeError(f"matdesc is not a flat string map: {raw!r}")
+    return matdesc
 
 
 def is_encrypted(metadata: dict[str, str]) -> bool:
@@ -199,16 +252,7 @@ def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
     except (binascii.Error, ValueError) as e:
         raise EnvelopeError(f"envelope key/start header is not base64: {e}") from None
     raw = metadata.get(H_MATDESC) or None
-    matdesc = None
-    if raw is not None:
-        try:
-            matdesc = json.loads(raw)
-        except ValueError:
-            raise EnvelopeError(f"matdesc is not JSON: {raw!r}") from None
-        if not isinstance(matdesc, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in matdesc.items()
-        ):
-            raise EnvelopeError(f"matdesc is not a flat string map: {raw!r}")
+    matdesc = parse_matdesc(raw) if raw is not None else None
     return WrappedEnvelope(wrapped_key, wrapped_iv, wrap_alg, matdesc, raw)
 
 

@@ -46,7 +46,9 @@ class Cmk(abc.ABC):
     def __init__(self, cfg: CmkConfig):
         self.id = cfg.id
         self.matdesc = dict(cfg.matdesc) if cfg.matdesc else None
-        self.matdesc_raw = env.encode_matdesc(self.matdesc)
+        # the header text written: the config's exact text, else Go's form (readers that match
+        # by text, Go V1 and V2, find it; issue 15)
+        self.matdesc_raw = getattr(cfg, "matdesc_text", None) or env.encode_matdesc(self.matdesc)
 
     wrap_alg: str  # what this CMK writes
     reads_wrap_algs: tuple[str, ...] = ()  # what it reads (defaults to (wrap_alg,))

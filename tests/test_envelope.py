@@ -108,7 +108,7 @@ def test_ossfuse_envelope_decrypts_with_oss2_rsa_provider(cmk_path):
     pt = os.urandom(5000)
     ct = e.crypt(0, pt)
     headers = e.wrapped.headers()
-    assert headers[env.H_MATDESC] == '{"team": "alpha"}'  # oss2's json.dumps spelling
+    assert headers[env.H_MATDESC] == '{"team":"alpha"}'  # Go's json.Marshal spelling (issue 15)
     provider = oss2_provider(cmk_path, mat_desc={"team": "alpha"})
     material = oss2_models.ContentCryptoMaterial(provider.cipher, provider.wrap_alg)
     material.from_object_meta({"x-oss-meta-" + k: v for k, v in headers.items()})  # checks algs
@@ -156,6 +156,47 @@ def test_matdesc_matches_as_parsed_map(cmk_path, other_cmk_path):
         kr.cmk_for(unknown)
     with pytest.raises(KeyMissing):
         kr.cmk_for(env.WrappedEnvelope(b"", b"", "KMS/ALICLOUD", None, None))
+
+
+# matdesc header texts the Go SDKs wrote (cseclient-go1 and -gov2, Go 1.19, to the OSS test
+# server; tests/test_interop_sdk.py checks the same live): sorted keys, no spaces, <>& escaped.
+GO_MATDESC = [
+    ({"team": "alpha"}, '{"team":"alpha"}'),
+    ({"z": "1", "a<b>&": 'x"\\/\t\b\f\x01\n', "m": "y", "B": "2"},
+     '{"B":"2","a\\u003cb\\u003e\\u0026":"x\\"\\\\/\\t\\u0008\\u000c\\u0001\\n","m":"y","z":"1"}'),
+    ({"z": "\u2028"}, '{"z":"\\u2028"}'),
+]
+
+
+@pytest.mark.parametrize("matdesc,text", GO_MATDESC)
+def test_matdesc_is_written_as_go_json_marshal_writes_it(cmk_path, matdesc, text):
+    assert env.encode_matdesc(matdesc) == text
+    assert json.loads(text) == matdesc
+    w = keyring_for(cmk_path, matdesc=matdesc).new_envelope("f").wrapped
+    assert w.headers()[env.H_MATDESC] == text
+    assert env.parse_envelope(w.headers()).matdesc == matdesc
+
+
+def test_matdesc_outside_what_a_header_carries_is_escaped():
+    """Non-ASCII and DEL: Go would send raw bytes (its SDKs then fail: "invalid header field
+    value", or a signature mismatch); ossfuse writes JSON escapes, still parsed back equal."""
+    md = {"k": "é\U0001F600\x7f"}
+    text = env.encode_matdesc(md)
+    assert text == '{"k":"\\u00e9\\ud83d\\ude00\\u007f"}' and text.isascii()
+    assert json.loads(text) == md
+    assert env.encode_matdesc(None) is None and env.encode_matdesc({}) is None
+
+
+def test_matdesc_text_from_the_config_is_written_verbatim(cmk_path):
+    text = '{"team": "alpha", "env": "x"}'  # Python V2's json.dumps form, insertion order
+    kr = Keyring(EncryptionConfig(encrypt_with="k", cmks=(
+        CmkConfig("k", "rsa", cmk_path, {"team": "alpha", "env": "x"}, matdesc_text=text),)))
+    w = kr.new_envelope("f").wrapped
+    assert w.headers()[env.H_MATDESC] == text
+    assert kr.cmk_for(env.parse_envelope(w.headers())).id == "k"
+    # and an object of the same description in Go's form still reads with it
+    go = env.WrappedEnvelope(b"", b"", w.wrap_alg, {"env": "x", "team": "alpha"}, '{"env":"x","team":"alpha"}')
+    assert kr.cmk_for(go).id == "k"
 
 
 def test_wrong_cmk_and_corrupt_headers_are_envelope_errors(cmk_path, other_cmk_path):

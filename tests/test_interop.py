@@ -102,7 +102,7 @@ def test_files_written_through_the_mount_read_with_oss2(setup):
     assert meta["client-side-encryption-part-size"] == str(PART)
     assert meta["client-side-encryption-data-size"] == str(BIG)
     if matdesc:
-        assert meta["client-side-encryption-matdesc"] == '{"team": "alpha", "path": "a/b"}'
+        assert meta["client-side-encryption-matdesc"] == '{"path":"a/b","team":"alpha"}'
     cb = crypto_bucket(m, matdesc)
     assert cb.get_object("single").read() == small
     assert cb.get_object("multi").read() == big

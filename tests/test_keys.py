@@ -82,7 +82,7 @@ def test_three_cmks_and_two_rules_pick_the_right_key(keyed, cmk_path, other_cmk_
     assert m.stop() == 0
     meta = {d: m.head(f"{d}/doc").metadata for d in ("hr", "finance", "misc")}
     assert meta["hr"][env.H_WRAP_ALG] == "RSA/NONE/PKCS1Padding"
-    assert meta["hr"][env.H_MATDESC] == '{"dept": "hr"}'
+    assert meta["hr"][env.H_MATDESC] == '{"dept":"hr"}'
     assert meta["finance"][env.H_WRAP_ALG] == "KMS/ALICLOUD"
     assert meta["misc"][env.H_WRAP_ALG] == "RSA/NONE/PKCS1Padding" and env.H_MATDESC not in meta["misc"]
     # each readable by oss2 with only its own CMK
@@ -238,3 +238,42 @@ def test_mount_waits_for_kms_at_start_then_fails_or_goes_on(tmp_path, cmk_path, 
         assert os.path.ismount(m.mnt)
     finally:
         m.cleanup()
+
+
+def _config_with_cmk(tmp_path, cmk_path, cmk_lines: str) -> str:
+    path = tmp_path / "matdesc.toml"
+    path.write_text(f'[store]\nurl = "local://{tmp_path}/b"\n[encryption]\nencrypt_with = "k"\n'
+                    f'[[encryption.cmk]]\nid = "k"\ntype = "rsa"\nprivate_key = "{cmk_path}"\n{cmk_lines}\n'
+                    f'[cache]\ndir = "{tmp_path}/c"\n')
+    return str(path)
+
+
+def test_matdesc_text_in_the_config(tmp_path, cmk_path):
+    """``matdesc_text`` is the exact header text (for readers that match by text in another form);
+    it must parse to ``matdesc`` when both are given, and fit an HTTP header."""
+    from ossfuse import config as config_mod
+    from ossfuse.keyring import Keyring
+    ok = [("matdesc_text = '{\"team\": \"alpha\", \"env\": \"x\"}'", {"team": "alpha", "env": "x"}),
+          ("matdesc = { env = \"x\", team = \"alpha\" }\nmatdesc_text = '{\"team\": \"alpha\", \"env\": \"x\"}'",
+           {"team": "alpha", "env": "x"}),
+          ("matdesc_text = '{\"k\": \"\\u00e9\"}'", {"k": "é"})]
+    for lines, want in ok:
+        cfg = config_mod.load(_config_with_cmk(tmp_path, cmk_path, lines))
+        cmk = cfg.encryption.cmks[0]
+        assert cmk.matdesc == want, lines
+        written = Keyring(cfg.encryption).new_envelope("f").wrapped.headers()[env.H_MATDESC]
+        assert written == cmk.matdesc_text and env.parse_matdesc(written) == want
+    # without matdesc_text: Go's form
+    cfg = config_mod.load(_config_with_cmk(tmp_path, cmk_path, 'matdesc = { team = "a<b", env = "x" }'))
+    assert Keyring(cfg.encryption).default.matdesc_raw == '{"env":"x","team":"a\\u003cb"}'
+    bad = [("matdesc = { team = \"alpha\" }\nmatdesc_text = '{\"team\": \"beta\"}'", "matdesc_text: describes"),
+           ("matdesc_text = 'team=alpha'", "matdesc_text: must be a JSON object of string values"),
+           ("matdesc_text = '{\"n\": 1}'", "matdesc_text: must be a JSON object of string values"),
+           ("matdesc_text = '{}'", "matdesc_text: an empty description"),
+           ("matdesc_text = '{\"k\": \"é\"}'", "matdesc_text: must be printable ASCII"),
+           ("matdesc_text = 3", "matdesc_text: must be str")]
+    for lines, message in bad:
+        path = _config_with_cmk(tmp_path, cmk_path, lines)
+        with pytest.raises(config_mod.ConfigError) as e:
+            config_mod.load(path)
+        assert str(e.value).startswith(f"{path}: encryption.cmk[0].") and message in str(e.value), (lines, e.value)

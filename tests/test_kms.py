@@ -313,7 +313,7 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match="credentials"):
         KmsCmk(SimpleNamespace(**base))
     cmk = KmsCmk(SimpleNamespace(**dict(base, endpoint=None, matdesc={"team": "a"})), creds)
-    assert cmk.endpoint == "kms.cn-hangzhou.aliyuncs.com" and cmk.matdesc_raw == '{"team": "a"}'
+    assert cmk.endpoint == "kms.cn-hangzhou.aliyuncs.com" and cmk.matdesc_raw == '{"team":"a"}'
     assert cmk.wrap_alg == "KMS/ALICLOUD" and cmk.encoding == "oss2"
 
 
