@@ -347,6 +347,8 @@ def cmd_rekey(args) -> int:
     for name in (args.from_id, args.to_id):
         if name is not None and name not in keyring.cmks:
             return _die(f"{cfg.path}: no CMK with id {name!r}")
+    if reason := rekey.refusal(keyring, args.to_id):  # objects this config could not read: stop first
+        return _die(f"{cfg.path}: {reason}")
 
     async def run():
         total = 0

@@ -219,8 +219,32 @@ class Keyring:
         raise KeyMissing(f"no CMK for wrap-alg {wrapped.wrap_alg!r} and matdesc "
                          f"{wrapped.matdesc_raw or '(none)'}")
 
-    def open_envelope(self, wrapped: env.WrappedEnvelope) -> env.Envelope:
-        """Unwrap data key and IV. Raises KeyMissing, or EnvelopeError when unwrapping fails."""
+    def reader_of(self, cmk: Cmk) -> Cmk | None:
+        """The CMK this keyring picks to read the objects that ``cmk`` wraps (the pick looks only
+        at wrap-alg and matdesc, which are the same for all of them); None when none matches."""
+        try:
+            return self.cmk_for(env.WrappedEnvelope(b"", b"", cmk.wrap_alg, cmk.matdesc, cmk.matdesc_raw))
+        except KeyMissing:
+            return None
+
+    def unreadable_reason(self, cmk: Cmk) -> str | None:
+        """None if the objects ``cmk`` wraps are read with ``cmk`` itself; else why not, with
+        the configuration change that fixes it (one sentence)."""
+        reader = self.reader_of(cmk)
+        if reader is cmk:
+            return None
+        if cmk.matdesc is None:
+            return (f"objects CMK {cmk.id!r} wraps carry no matdesc, and this configuration reads such "
+                    f"objects with CMK {reader.id if reader else None!r}: give CMK {cmk.id!r} a matdesc of "
+                    f"its own (e.g. matdesc = {{ cmk = \"{cmk.id}\" }}), or set default_for_no_matdesc = true "
+                    f"on it if every object without matdesc is to be wrapped by it")
+        return (f"objects CMK {cmk.id!r} wraps carry matdesc {cmk.matdesc_raw}, which this configuration "
+                f"reads with CMK {reader.id if reader else None!r} (listed first with that matdesc): give CMK "
+                f"{cmk.id!r} a matdesc no other CMK has")
+
+    def open_envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None = None) -> env.Envelope:
+        """Unwrap data key and IV with ``cmk`` (default: the one ``cmk_for`` picks). Raises
+        KeyMissing, or EnvelopeError when unwrapping fails."""
         cache_key = (wrapped.wrapped_key, wrapped.wrapped_iv)
         with self._lock:
             hit = self._unwrapped.get(cache_key)
@@ -228,7 +252,7 @@ class Keyring:
                 if hit[0] > time.monotonic():
                     return hit[1]
                 del self._unwrapped[cache_key]
-        cmk = self.cmk_for(wrapped)
+        cmk = cmk or self.cmk_for(wrapped)
         if isinstance(cmk, RsaCmk) and wrapped.wrap_alg.lower() == WRAP_RSA.lower():
             data_key, iv = cmk.unwrap_pair(wrapped.wrapped_key, wrapped.wrapped_iv)
         else:

@@ -164,3 +164,33 @@ def test_plain_objects_and_foreign_keys_under_the_prefix(tmp_path, cmk_path, oss
         assert crypto_bucket(m, None).get_object("team/new").read() == b"encrypted"
     finally:
         m.cleanup()
+
+
+def test_matdesc_text_lets_python_v2_find_its_extra_cipher_by_text(oss_server, cmk_path, other_cmk_path):
+    """The Python V2 SDK looks extra master ciphers up by matdesc *text* in its own json.dumps
+    form (``{"desc": "x"}``): objects in Go's default form fall to its default cipher (another
+    key: a decryption error); with ``matdesc_text`` set to the json.dumps form it reads them."""
+    from ossfuse import envelope as env
+    from ossfuse.config import CmkConfig, EncryptionConfig
+    from ossfuse.keyring import Keyring
+    priv, pub = key_pair(cmk_path)
+    other_priv, other_pub = key_pair(other_cmk_path)
+    cfg = oss.config.load_default()
+    cfg.credentials_provider = oss.credentials.StaticCredentialsProvider(AK, SK)
+    cfg.region, cfg.endpoint = REGION, oss_server.endpoint
+    ec = oss.EncryptionClient(oss.Client(cfg), MasterRsaCipher(public_key=other_pub, private_key=other_priv),
+                              decrypt_master_ciphers=[MasterRsaCipher(mat_desc={"desc": "x"}, public_key=pub,
+                                                                      private_key=priv)])
+    bucket = oss2.Bucket(oss2.AuthV4(AK, SK), oss_server.endpoint, BUCKET, region=REGION)
+    plain = payload(50_001, 7)
+    for name, text in (("go-form", None), ("json-dumps-form", '{"desc": "x"}')):
+        kr = Keyring(EncryptionConfig(encrypt_with="k", cmks=(
+            CmkConfig("k", "rsa", cmk_path, {"desc": "x"}, matdesc_text=text),)))
+        e = kr.new_envelope(name)
+        headers = {"x-oss-meta-" + k: v for k, v in e.wrapped.headers().items()}
+        bucket.put_object(name, e.crypt(0, plain), headers=headers)
+        assert bucket.head_object(name).headers["x-oss-meta-" + env.H_MATDESC] == (text or '{"desc":"x"}')
+    with pytest.raises(Exception, match="(?i)decrypt"):
+        ec.get_object(oss.GetObjectRequest(bucket=BUCKET, key="go-form")).body.read()
+    got = ec.get_object(oss.GetObjectRequest(bucket=BUCKET, key="json-dumps-form")).body.read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(plain).digest()

@@ -277,3 +277,120 @@ def test_matdesc_text_in_the_config(tmp_path, cmk_path):
         with pytest.raises(config_mod.ConfigError) as e:
             config_mod.load(path)
         assert str(e.value).startswith(f"{path}: encryption.cmk[0].") and message in str(e.value), (lines, e.value)
+
+
+def _two_rsa_cmks(other_cmk_path: str, b_matdesc: str = "") -> str:
+    """Config lines adding CMK "b" (RSA, ``other_cmk_path``) beside the Mount's "main"."""
+    return f'[[encryption.cmk]]\nid = "b"\ntype = "rsa"\nprivate_key = "{other_cmk_path}"\n{b_matdesc}\n'
+
+
+def test_rekey_refuses_a_cmk_that_would_not_read_its_objects_and_round_trips(
+        tmp_path, cmk_path, other_cmk_path, oss_server):
+    """Issue 16: with two RSA CMKs without matdesc (the README's minimal form), rekey --to b
+    used to make every object unreadable (the config reads objects without matdesc with
+    "main"). It is refused, naming the fix; with the fix (b gets a matdesc) main → b → main
+    keeps every object readable through the mount and through oss2 with only the right key."""
+    import subprocess
+    from conftest import OSSFUSE
+    m = Mount(str(tmp_path / "m"), cmk_path, "multipart_threshold = 204800\npart_size = 102400",
+              server=oss_server, extra=_two_rsa_cmks(other_cmk_path))
+    m.start()
+    files = {"tree/small": os.urandom(1001), "tree/big": os.urandom(300_007), "tree/sub/empty": b""}
+    try:
+        os.makedirs(m.path("tree", "sub"))
+        for name, data in files.items():
+            with open(m.path(name), "wb") as f:
+                f.write(data)
+    finally:
+        assert m.stop() == 0
+    keys_before = {k: m.head(k).metadata[env.H_KEY] for k in files}
+
+    def rekey(*args):
+        return subprocess.run(OSSFUSE + ["rekey", "-c", m.config, *args], capture_output=True, text=True,
+                              env=m.env, timeout=120)
+
+    def readable(provider_key: str, matdesc):
+        m.start()
+        try:
+            for name, data in files.items():
+                with open(m.path(name), "rb") as f:
+                    assert f.read() == data, name
+        finally:
+            assert m.stop() == 0
+        cb = crypto_bucket(m, rsa_provider(provider_key, matdesc))
+        for name, data in files.items():
+            assert cb.get_object(name).read() == data, name
+        assert cb.get_object("tree/big", byte_range=(102395, 102420)).read() == files["tree/big"][102395:102421]
+
+    for dry in ((), ("--dry-run",)):
+        r = rekey("--to", "b", *dry)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stdout + r.stderr
+        assert "refusing to rekey to CMK 'b'" in r.stderr and "with CMK 'main'" in r.stderr
+        assert 'matdesc = { cmk = "b" }' in r.stderr and "default_for_no_matdesc" in r.stderr
+    assert {k: m.head(k).metadata[env.H_KEY] for k in files} == keys_before  # nothing touched
+    # the fix the message names
+    m.write_config("multipart_threshold = 204800\npart_size = 102400",
+                   extra=_two_rsa_cmks(other_cmk_path, 'matdesc = { cmk = "b" }'))
+    r = rekey("--to", "b", "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "would change: 3 object(s)" in r.stdout
+    assert "would be read with CMK 'b': 3 object(s): tree/big, tree/small, tree/sub/empty" in r.stdout
+    assert {k: m.head(k).metadata[env.H_KEY] for k in files} == keys_before
+    r = rekey("--to", "b")
+    assert r.returncode == 0 and "changed: 3 object(s)" in r.stdout, r.stdout + r.stderr
+    assert "now read with CMK 'b': 3 object(s)" in r.stdout
+    assert all(m.head(k).metadata[env.H_MATDESC] == '{"cmk":"b"}' for k in files)
+    readable(other_cmk_path, {"cmk": "b"})
+    r = rekey("--to", "main")
+    assert r.returncode == 0 and "changed: 3 object(s)" in r.stdout, r.stdout + r.stderr
+    assert all(env.H_MATDESC not in m.head(k).metadata for k in files)
+    readable(cmk_path, None)
+    r = rekey("--to", "main")
+    assert "changed: 0 object(s)" in r.stdout and "already on the target CMK: 3" in r.stdout, r.stdout
+    assert oss_server.pending_uploads() == 0
+
+
+def test_rekey_repairs_objects_an_older_rekey_left_unreadable(tmp_path, cmk_path, other_cmk_path, oss_server):
+    """An object wrapped by CMK "b" without matdesc, in a config that reads such objects with
+    "main" (what rekey --to b did before issue 16): rekey --to main says it cannot be unwrapped
+    and how to fix it (not "already on the target CMK"); rekey --from b --to main rewraps it."""
+    import subprocess
+    from conftest import OSSFUSE
+    from ossfuse.config import CmkConfig, EncryptionConfig
+    from ossfuse.keyring import Keyring
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server,
+              extra=_two_rsa_cmks(other_cmk_path, 'matdesc = { cmk = "b" }'))
+    only_b = Keyring(EncryptionConfig(encrypt_with="b", cmks=(CmkConfig("b", "rsa", other_cmk_path),)))
+    e = only_b.new_envelope("locked")
+    plain = os.urandom(5000)
+    meta = {**e.wrapped.headers(), env.H_PLAIN_LEN: str(len(plain))}
+    conftest.run_sync(m.store.put_bytes, "locked", e.crypt(0, plain), meta)
+
+    def rekey(*args):
+        return subprocess.run(OSSFUSE + ["rekey", "-c", m.config, *args], capture_output=True, text=True,
+                              env=m.env, timeout=120)
+
+    r = rekey("--to", "main")
+    assert r.returncode == 1 and "already on the target CMK: 0" in r.stdout, r.stdout
+    assert "failed: 1" in r.stdout and "CMK 'main', which cannot unwrap it" in r.stdout
+    assert "ossfuse rekey --from THAT-ID --to main" in r.stdout
+    r = rekey("--from", "b", "--to", "main")
+    assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
+    m.start()
+    try:
+        assert open(m.path("locked"), "rb").read() == plain
+    finally:
+        m.cleanup()
+    assert crypto_bucket(m, rsa_provider(cmk_path)).get_object("locked").read() == plain
+
+
+def test_check_names_a_cmk_whose_new_files_this_config_would_not_read(tmp_path, cmk_path, other_cmk_path):
+    import subprocess
+    from conftest import OSSFUSE
+    m = Mount(str(tmp_path / "m"), cmk_path, extra=_two_rsa_cmks(other_cmk_path) +
+              '[[encryption.rule]]\nprefix = "b/"\nencrypt_with = "b"\n')
+    r = subprocess.run(OSSFUSE + ["check", "-c", m.config], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "FAIL  CMK 'b': new files it encrypts would not be readable: objects CMK 'b' wraps carry no " \
+           "matdesc, and this configuration reads such objects with CMK 'main'" in r.stdout, r.stdout
+    assert "FAIL  CMK 'main'" not in r.stdout
