@@ -7,7 +7,11 @@ Selection rules (docs/semantics.md, "Keys"):
 - reading: a CMK that reads the object's ``wrap-alg`` and whose matdesc equals the object's
   matdesc compared as parsed JSON maps (SDKs serialise it differently, §5); an object with no
   matdesc is read with the CMK marked ``default_for_no_matdesc``, else one that has no matdesc,
-  else the ``encrypt_with`` CMK (each only if it reads the object's wrap-alg).
+  else the ``encrypt_with`` CMK (each only if it reads the object's wrap-alg);
+- the matdesc text written: the CMK's ``matdesc_text``, else Go's ``json.Marshal`` form
+  (``envelope.encode_matdesc``), which the Go SDKs match by text (issue 15).
+A CMK whose objects this selection reads with another CMK makes unreadable objects:
+``unreadable_reason`` says so, and rekey and check use it (issue 16).
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ lookup of extra ciphers is by ``json.dumps`` text, which the default form does n
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -83,13 +84,14 @@ class ClientError(Exception):
 
 
 def _run(args: list[str]) -> None:
+    """Run an SDK client; raises ClientError with the last line it printed when it fails."""
     r = subprocess.run(args, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise ClientError((r.stderr.strip() or r.stdout.strip()).splitlines()[-1][:300] if (r.stderr or r.stdout)
-                          else f"exit status {r.returncode}")
+        said = (r.stderr.strip() or r.stdout.strip()).splitlines()
+        raise ClientError(said[-1][:300] if said else f"exit status {r.returncode}")
 
 
-class Client:
+class Client(abc.ABC):
     """A writer/reader. ``supports(case)``: whether it can take part in that case at all."""
 
     name = ""
@@ -98,11 +100,13 @@ class Client:
     def supports(self, case: Case) -> bool:
         return not case.kms
 
+    @abc.abstractmethod
     def put(self, key: str, data: bytes, case: Case) -> None:
-        raise NotImplementedError
+        """Write ``data`` as object ``key`` the way ``case`` says."""
 
+    @abc.abstractmethod
     def get(self, key: str, case: Case, rng: tuple[int, int] | None = None) -> bytes:
-        raise NotImplementedError
+        """Object ``key`` decrypted, whole or bytes ``rng`` (first, last: inclusive)."""
 
 
 class _BinaryClient(Client):
@@ -131,8 +135,9 @@ class _BinaryClient(Client):
         with open(out, "rb") as f:
             return f.read()
 
+    @abc.abstractmethod
     def _command(self, case: Case, reading: bool, verb: list[str]) -> list[str]:
-        raise NotImplementedError
+        """The client's argument list for ``verb`` (put/mput/get KEY FILE ...)."""
 
 
 class CppClient(_BinaryClient):

@@ -445,7 +445,7 @@ def test_with_the_keyring(kms, key_id):
     envl = ring.new_envelope("a/file")
     assert kms.counts.get("GenerateDataKey") == 1
     headers = envl.wrapped.headers()
-    assert headers[env.H_WRAP_ALG] == "KMS/ALICLOUD" and headers[env.H_MATDESC] == '{"kms": "team"}'
+    assert headers[env.H_WRAP_ALG] == "KMS/ALICLOUD" and headers[env.H_MATDESC] == '{"kms":"team"}'
     # readable by oss2 (Encrypt(base64(key)) decrypts like a GenerateDataKey blob)
     prov = make_provider(kms, key_id, "p")
     assert prov.decrypt_encrypted_key(base64.b64decode(headers[env.H_KEY])) == envl.data_key
