@@ -15,7 +15,6 @@ A CMK whose objects this selection reads with another CMK makes unreadable objec
 """
 from __future__ import annotations
 
-import abc
 import logging
 import os
 import threading
@@ -29,45 +28,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from . import envelope as env
+from .cmk import Cmk, CmkUnavailable, KeyMissing  # noqa: F401  (re-exported: callers import them from here)
 from .config import CmkConfig, EncryptionConfig
 
 log = logging.getLogger(__name__)
 
 WRAP_RSA = "RSA/NONE/PKCS1Padding"  # §4.1, exact case as written by all SDKs
-
-
-class CmkUnavailable(Exception):
-    """The CMK's service (KMS) cannot be reached right now; the operation may work later."""
-
-
-class KeyMissing(Exception):
-    """No CMK in this mount's keyring matches the object (wrap-alg and matdesc)."""
-
-
-class Cmk(abc.ABC):
-    """One customer master key: wraps/unwraps small secrets (data key, IV)."""
-
-    def __init__(self, cfg: CmkConfig):
-        self.id = cfg.id
-        self.matdesc = dict(cfg.matdesc) if cfg.matdesc else None
-        # the header text written: the config's exact text, else Go's form (readers that match
-        # by text, Go V1 and V2, find it; issue 15)
-        self.matdesc_raw = getattr(cfg, "matdesc_text", None) or env.encode_matdesc(self.matdesc)
-
-    wrap_alg: str  # what this CMK writes
-    reads_wrap_algs: tuple[str, ...] = ()  # what it reads (defaults to (wrap_alg,))
-
-    def reads(self, wrap_alg: str) -> bool:
-        return wrap_alg.lower() in (a.lower() for a in (self.reads_wrap_algs or (self.wrap_alg,)))
-
-    @abc.abstractmethod
-    def wrap(self, secret: bytes) -> bytes:
-        """The wrapped form of ``secret`` as stored (base64-decoded) in the header."""
-
-    @abc.abstractmethod
-    def unwrap(self, blob: bytes, wrap_alg: str) -> bytes:
-        """Inverse of wrap for an object of ``wrap_alg``; raises EnvelopeError if ``blob`` was
-        not wrapped by this CMK."""
 
 
 _UNWRAP_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rsa-unwrap")
@@ -165,7 +131,7 @@ def generate_rsa_cmk(path: str, bits: int = 3072) -> None:
 
 def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:
     if cfg.type == "kms":
-        from .kms import KmsCmk  # kms imports this module
+        from .kms import KmsCmk  # imported on use: only KMS mounts load the Alibaba Cloud SDK
         own = None
         if cfg.credentials_file:
             from .store.credentials import FileCredentialsProvider

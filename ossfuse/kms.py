@@ -69,7 +69,7 @@ from aliyunsdkcore.client import AcsClient
 from aliyunsdkkms.request.v20160120 import DecryptRequest, EncryptRequest, GenerateDataKeyRequest
 
 from . import envelope as env
-from .keyring import Cmk, CmkUnavailable
+from .cmk import Cmk, CmkUnavailable
 
 log = logging.getLogger(__name__)
 
