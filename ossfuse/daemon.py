@@ -28,7 +28,7 @@ import trio
 
 from .aio import Supervisor
 from .config import Config
-from .core import Filesystem
+from .fs import Filesystem
 from .fuse_ops import Operations
 from .envelope import EnvelopeError
 from .keyring import CmkUnavailable, Keyring

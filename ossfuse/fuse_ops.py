@@ -1,7 +1,7 @@
-"""The FUSE adapter: pyfuse3 calls → :class:`ossfuse.core.Filesystem`, errors → errnos.
+"""The FUSE adapter: pyfuse3 calls → :class:`ossfuse.fs.Filesystem`, errors → errnos.
 
 Only translation lives here (names to str, nodes to EntryAttributes, FsError to FUSEError);
-every decision is in ``core``. An unexpected exception is logged with its traceback and turned
+every decision is in ``ossfuse.fs``. An unexpected exception is logged with its traceback and turned
 into EIO, so a bug fails one call, never the mount.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 import pyfuse3
 
-from .core import DirHandle, FileHandle, Filesystem, FsError, Node
+from .fs import DirHandle, FileHandle, Filesystem, FsError, Node
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,12 @@ class Operations(pyfuse3.Operations):
         h = self.fs.handles.get(fh)
         if not isinstance(h, DirHandle):
             raise FsError(errno.EBADF)
-        # Offsets: 1 after ".", 2 after "..", then 2 + the index of the core's entries.
+        # Offsets: 1 after ".", 2 after "..", then 2 + the index of the filesystem's entries.
         # "." and ".." do not raise lookup counts (pyfuse3's readdir contract).
         if start_id == 0 and not pyfuse3.readdir_reply(token, b".", self._attr(h.node), 1):
             return
         if start_id <= 1:
-            parent = self.fs.by_path.get(self.fs.parent_of(h.node.path)) or self.fs.get(pyfuse3.ROOT_INODE)
+            parent = self.fs.inodes.parent(h.node.path) or self.fs.get(pyfuse3.ROOT_INODE)
             if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
                 return
         start, relist = max(0, start_id - 2), start_id == 0
@@ -142,7 +142,7 @@ class Operations(pyfuse3.Operations):
             for next_id, name, node in entries:
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), next_id + 2):
                     return
-                node.lookups += 1
+                self.fs.remember(node)
                 start = next_id
 
     @_fs_errors

@@ -1,6 +1,6 @@
 """Part sizes of multipart uploads (oss-cse-format.md §6: a multiple of 16, ≥ 100 KiB,
 ≤ 10,000 parts)."""
-from ossfuse.upload import part_size_for
+from ossfuse.writeback.upload import part_size_for
 
 
 def test_part_size_is_kept_when_it_fits_and_grown_to_stay_within_10000_parts():

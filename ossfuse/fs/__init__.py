@@ -1,0 +1,206 @@
+"""The filesystem: what the mount knows and does, FUSE-agnostic. The adapter in ``fuse_ops``
+turns kernel requests into these methods and :class:`FsError` into errnos.
+
+:class:`Filesystem` only wires the parts, one job each (docs/design.md has the map and the
+invariants): ``naming`` (paths ↔ keys), ``inodes`` (inode table, lookup counts, handles),
+``names`` (negative cache, directory child sets), ``resolver`` (lookups against the store),
+``directories`` (readdir), ``namespace`` (mkdir … rename), ``files`` (open … fsync),
+``attributes`` (setattr), ``commit`` (journal and upload of one file) over the write-back
+``scheduler`` (when uploads happen), the block ``cache`` and the ``staging`` area.
+"""
+from __future__ import annotations
+
+import stat
+import time
+
+import trio
+
+from ..cache import BlockCache
+from ..config import Config
+from ..keyring import Keyring
+from ..store.base import ObjectStore
+from ..writeback.scheduler import UploadScheduler
+from ..writeback.staging import Staging
+from ..writeback.upload import Uploader
+from .attrs import Attributes
+from .commit import Commit
+from .errors import FsError
+from .files import Files
+from .inodes import InodeTable
+from .model import ROOT_INO, DirHandle, FileHandle, Node, Version
+from .namecache import NameCache
+from .namespace import Namespace
+from .naming import Naming, join, parent_of
+from .objmeta import AttrDefaults
+from .readdir import DirectoryReader
+from .resolve import Resolver
+
+__all__ = ["Filesystem", "FsError", "Node", "Version", "FileHandle", "DirHandle", "ROOT_INO"]
+
+
+class Filesystem:
+    """One mount's filesystem over ``store``, encrypting with ``keyring``; ``uid``/``gid``
+    own objects that carry no owner (unless the config names them)."""
+
+    join = staticmethod(join)
+    parent_of = staticmethod(parent_of)
+
+    def __init__(self, cfg: Config, store: ObjectStore, keyring: Keyring, *, uid: int, gid: int):
+        self.cfg = cfg
+        self.store = store
+        self.keyring = keyring
+        m = cfg.mount
+        self.naming = Naming(cfg.store.prefix)
+        self.cache = BlockCache(cfg.cache.dir, store, cfg.cache.block_size, max_size=cfg.cache.max_size,
+                                min_free=cfg.cache.min_free)
+        self.staging = Staging(cfg.cache.dir)
+        self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
+                                 part_workers=m.part_workers, retries=m.upload_retries)
+        # A local bucket takes a closed small file at once (cheaper than journaling it); on OSS
+        # a short wait folds the attribute changes and renames that follow a close into one PUT.
+        upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.local_disk else 1.0)
+        self.scheduler = UploadScheduler(self._upload_queued, delay=upload_delay,
+                                         retry_interval=m.retry_interval, workers=m.upload_workers)
+        umask = m.umask if m.umask is not None else 0o022  # for objects without a mode
+        self.defaults = AttrDefaults(uid=m.uid if m.uid is not None else uid,
+                                     gid=m.gid if m.gid is not None else gid,
+                                     umask=umask, create_umask=m.umask or 0)
+        now = time.time_ns()
+        root = Node(ROOT_INO, "", stat.S_IFDIR | (0o777 & ~umask), self.defaults.uid, self.defaults.gid,
+                    now, now, lookups=1)
+        self.names = NameCache(store, self.naming, m.entry_timeout,
+                               lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
+        self.inodes = InodeTable(root, self.names)
+        self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
+                                 attr_timeout=m.attr_timeout,
+                                 plaintext_objects=cfg.encryption.plaintext_objects)
+        self.commit = Commit(self.naming, self.inodes, self.resolver, self.scheduler, self.uploader,
+                             self.cache, keyring, self.staging)
+        self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,
+                           keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
+                           upload_at_close=store.local_disk and upload_delay == 0)
+        self.attributes = Attributes(store, self.uploader, self.naming, self.files, self.commit, self.cache)
+        self.namespace = Namespace(store, self.uploader, self.naming, self.inodes, self.names, self.resolver,
+                                   self.files, self.commit, self.cache, create_umask=self.defaults.create_umask)
+        self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
+                                           self.commit.staged_in)
+
+    async def _upload_queued(self, node: Node) -> bool:
+        return await self.commit.upload_node(node)
+
+    # -- what the daemon and ``ossfuse status`` read ----------------------------------------
+    @property
+    def dirty(self) -> set[Node]:
+        """Nodes with a staged version (uploaded or not yet)."""
+        return self.scheduler.dirty
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: uploaded, upload_failures, recovered."""
+        return self.scheduler.stats
+
+    @property
+    def _nursery(self) -> trio.Nursery | None:
+        return self.scheduler.nursery
+
+    @_nursery.setter
+    def _nursery(self, nursery: trio.Nursery | None) -> None:
+        self.scheduler.nursery = nursery  # the daemon's: where upload retries run
+
+    @property
+    def handles(self) -> dict[int, FileHandle | DirHandle]:
+        return self.inodes.handles
+
+    @property
+    def by_path(self) -> dict[str, Node]:
+        return self.inodes.by_path
+
+    def key(self, path: str) -> str:
+        return self.naming.key(path)
+
+    def dir_key(self, path: str) -> str:
+        return self.naming.dir_key(path)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Adopt the journal of an earlier run (before serving); returns how many files."""
+        return self.commit.recover()
+
+    async def upload_worker(self) -> None:
+        """One background upload worker (the daemon starts ``upload_workers`` of them)."""
+        await self.scheduler.worker()
+
+    async def drain(self) -> int:
+        """Upload everything still staged (unmount); returns how many files remain pending."""
+        return await self.scheduler.drain()
+
+    def close(self) -> None:
+        for node in self.dirty:
+            if node.staged is not None:
+                node.staged.close()
+        self.cache.close()
+
+    # -- FUSE operations (each documented where it lives) -----------------------------------
+    def get(self, ino: int) -> Node:
+        return self.inodes.get(ino)
+
+    def forget(self, ino: int, n: int) -> None:
+        self.inodes.forget(ino, n)
+
+    def remember(self, node: Node) -> Node:
+        return self.inodes.remember(node)
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        return await self.resolver.lookup(parent, name)
+
+    async def setattr(self, node: Node, **changes) -> Node:
+        return await self.attributes.setattr(node, **changes)
+
+    async def readlink(self, node: Node) -> str:
+        return await self.files.readlink(node)
+
+    def opendir(self, node: Node) -> DirHandle:
+        return self.directories.opendir(node)
+
+    async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False):
+        return await self.directories.readdir_entries(h, start, relist)
+
+    def releasedir(self, fh: int) -> None:
+        self.directories.releasedir(fh)
+
+    async def mkdir(self, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
+        return await self.namespace.mkdir(parent, name, mode, uid, gid)
+
+    async def rmdir(self, parent: Node, name: str) -> None:
+        await self.namespace.rmdir(parent, name)
+
+    async def create(self, parent: Node, name: str, mode: int, flags: int, uid: int,
+                     gid: int) -> tuple[Node, FileHandle]:
+        return await self.namespace.create(parent, name, mode, flags, uid, gid)
+
+    async def symlink(self, parent: Node, name: str, target: str, uid: int, gid: int) -> Node:
+        return await self.namespace.symlink(parent, name, target, uid, gid)
+
+    async def unlink(self, parent: Node, name: str) -> None:
+        await self.namespace.unlink(parent, name)
+
+    async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, flags: int) -> None:
+        await self.namespace.rename(parent, name, new_parent, new_name, flags)
+
+    async def open(self, node: Node, flags: int) -> FileHandle:
+        return await self.files.open(node, flags)
+
+    async def read(self, h: FileHandle, offset: int, length: int) -> bytes:
+        return await self.files.read(h, offset, length)
+
+    async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
+        return await self.files.write(h, offset, data)
+
+    async def flush(self, h: FileHandle) -> None:
+        await self.files.flush(h)
+
+    async def release(self, h: FileHandle) -> None:
+        await self.files.release(h)
+
+    async def fsync(self, h: FileHandle) -> None:
+        await self.files.fsync(h)

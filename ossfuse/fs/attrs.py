@@ -1,0 +1,80 @@
+"""chmod, chown, utimens and truncate: a clean object's attributes are rewritten with a
+CopyObject onto itself (envelope headers unchanged); a staged one's travel with its upload."""
+from __future__ import annotations
+
+import errno
+import stat
+import time
+
+from ..cache import BlockCache
+from ..store.base import ObjectInfo, ObjectStore
+from ..writeback.upload import Uploader
+from .commit import Commit
+from .copying import copy_object
+from .errors import FsError, store_request
+from .files import Files
+from .model import ROOT_INO, FileHandle, Node, Version, set_local_version
+from .naming import Naming
+from .objmeta import attr_meta
+
+_UNCHANGED_ID = 0xFFFFFFFF  # chown's "leave as is" (uid_t -1)
+
+
+class Attributes:
+    """setattr of one mount."""
+
+    def __init__(self, store: ObjectStore, uploader: Uploader, naming: Naming, files: Files, commit: Commit,
+                 cache: BlockCache):
+        self.store = store
+        self.uploader = uploader
+        self.naming = naming
+        self.files = files
+        self.commit = commit
+        self.cache = cache
+
+    async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
+                      uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
+                      fh: FileHandle | None = None) -> Node:
+        """chmod/chown/utimens/truncate (None: unchanged; sizes in bytes, times in ns).
+        Raises FsError(EISDIR) to truncate a directory, EIO/ENOSPC as writes and copies do.
+        Holds node.lock across the copy (TODO(rebuild): no lock across network I/O, A4)."""
+        async with node.lock:
+            if size is not None:
+                if node.is_dir:
+                    raise FsError(errno.EISDIR)
+                await self.files.truncate_locked(node, size)
+            if mode is not None:
+                node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            if uid is not None and uid != _UNCHANGED_ID:
+                node.uid = uid
+            if gid is not None and gid != _UNCHANGED_ID:
+                node.gid = gid
+            if mtime_ns is not None:
+                node.mtime_ns = mtime_ns
+            node.ctime_ns = time.time_ns()
+            if size is None and (mode, uid, gid, mtime_ns) != (None, None, None, None):
+                await self.store_attrs(node)
+        return node
+
+    async def store_attrs(self, node: Node) -> None:
+        """Write ``node``'s attributes to the bucket (node.lock held): a directory's marker is
+        rewritten, a clean file's object copied onto itself with new metadata, a staged file's
+        journal record updated (its upload carries them)."""
+        if node.unlinked or node.ino == ROOT_INO:
+            return
+        if node.staged is not None:
+            self.commit.rejournal(node)  # a crashed daemon's next mount uploads them too
+            return
+        if node.is_dir:
+            await store_request(self.store.put_bytes(self.naming.dir_key(node.path), b"", attr_meta(node)),
+                                node.path)
+            return
+        v = node.version
+        if v is None:
+            return
+        meta = dict(v.metadata)
+        meta.update(attr_meta(node))
+        info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, v.metadata),
+                                 v.key, meta)
+        self.cache.rekey(v.key, v.etag, v.key, info.etag)
+        set_local_version(node, Version(v.key, info.etag, v.size, meta, v.wrapped, v.envelope))

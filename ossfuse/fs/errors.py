@@ -1,0 +1,65 @@
+"""Errors of the filesystem layer and the one table that turns lower layers' errors into the
+errno a FUSE caller sees.
+
+The adapter (``fuse_ops``) turns :class:`FsError` into ``FUSEError(errno)``; every other
+exception there is a bug (logged with a traceback, EIO)."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from ..cache import TruncatedObject
+from ..cmk import CmkUnavailable, KeyMissing
+from ..envelope import EnvelopeError
+from ..store.base import NoSuchKey, PreconditionFailed, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class FsError(Exception):
+    """A filesystem-level failure with the errno the caller should see."""
+
+    def __init__(self, err: int, message: str = ""):
+        super().__init__(message or os.strerror(err))
+        self.errno = err
+
+
+# Checked in order: the first class the exception is an instance of gives the errno.
+_ERRNO_OF: tuple[tuple[type[BaseException], int], ...] = (
+    # the object changed or vanished under an open handle (another client replaced or deleted it)
+    (PreconditionFailed, errno.ESTALE),
+    (NoSuchKey, errno.ESTALE),
+    # no CMK of this mount matches the object's wrap-alg and matdesc: a permission matter
+    (KeyMissing, errno.EACCES),
+    # a KMS that cannot be reached, a corrupt envelope, an object shorter than its envelope
+    # says, any other store failure: the data cannot be had right now
+    (CmkUnavailable, errno.EIO),
+    (EnvelopeError, errno.EIO),
+    (TruncatedObject, errno.EIO),
+    (StoreError, errno.EIO),
+)
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno for ``exc`` as the caller of a filesystem operation should see it: from the
+    table above, an OSError's own errno (ENOSPC of the cache disk stays ENOSPC), else EIO."""
+    if isinstance(exc, FsError):
+        return exc.errno
+    for cls, err in _ERRNO_OF:
+        if isinstance(exc, cls):
+            return err
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+async def store_request(awaitable, what: str):
+    """Await a store request about ``what`` (a key or path, for the log line); a StoreError
+    becomes FsError with its errno from the table (EIO, or ESTALE when the object vanished or
+    changed) and one log line."""
+    try:
+        return await awaitable
+    except StoreError as e:
+        log.error("store request for %r failed: %s", what, e)
+        raise FsError(errno_of(e)) from None

@@ -1,0 +1,256 @@
+"""File contents: open, read, write, truncate, flush, release and fsync; unwrapping an
+object's data key on open; staging a file's first change (a fresh data key, the current
+content re-encrypted under it); the kernel page-cache policy (``keep_cache``)."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import trio
+
+from .. import envelope as env
+from ..cache import BlockCache, TruncatedObject
+from ..cmk import CmkUnavailable, KeyMissing
+from ..keyring import Keyring
+from ..store.base import NoSuchKey, PreconditionFailed, StoreError
+from ..writeback.scheduler import UploadScheduler
+from ..writeback.staging import Staging
+from .commit import Commit
+from .errors import FsError, errno_of
+from .inodes import InodeTable
+from .model import FileHandle, Node, Version
+from .naming import Naming
+from .readahead import fetch_until
+from .resolve import Resolver
+
+log = logging.getLogger(__name__)
+
+POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first modified
+UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
+
+
+class Files:
+    """Content operations of one mount.
+
+    ``close_waits_for_upload``: close() returns only once the file is in the bucket;
+    ``upload_at_close``: the store's PUT is as cheap as a journal record (a local bucket with
+    no upload delay), so a small file closed by its last handle is uploaded at once."""
+
+    def __init__(self, naming: Naming, inodes: InodeTable, resolver: Resolver, commit: Commit,
+                 scheduler: UploadScheduler, cache: BlockCache, keyring: Keyring, staging: Staging, *,
+                 close_waits_for_upload: bool, upload_at_close: bool):
+        self.naming = naming
+        self.inodes = inodes
+        self.resolver = resolver
+        self.commit = commit
+        self.scheduler = scheduler
+        self.cache = cache
+        self.keyring = keyring
+        self.staging = staging
+        self.close_waits_for_upload = close_waits_for_upload
+        self.upload_at_close = upload_at_close
+
+    # -- open -------------------------------------------------------------------------------
+    async def open(self, node: Node, flags: int) -> FileHandle:
+        """Open a file. Raises FsError: EACCES when no CMK matches the object, EIO for a corrupt
+        envelope or a truncated object (one log line each), EISDIR for a directory."""
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if not self.resolver.attrs_fresh(node):
+            await self.resolver.revalidate(node)
+        truncating = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
+        if truncating:
+            async with node.lock:
+                await self.truncate_locked(node, 0)
+        elif node.staged is None and node.version is not None:
+            v = node.version
+            if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps
+                self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
+            await self.open_version(v)
+        return self.open_handle(node, flags)
+
+    def open_handle(self, node: Node, flags: int) -> FileHandle:
+        """A new handle on ``node`` reading its current version."""
+        # The kernel keeps a file's pages across opens (pyfuse3's keep_cache): only while the
+        # version is the one it cached them from.
+        etag = node.version.etag if node.staged is None and node.version is not None else None
+        h = self.inodes.add_handle(lambda fh: FileHandle(fh, node, node.version,
+                                                         keep_cache=etag is not None and etag == node.kernel_etag))
+        node.kernel_etag = etag
+        node.opens += 1
+        node.handles.add(h)
+        return h
+
+    async def open_version(self, v: Version) -> None:
+        """Unwrap the data key of ``v`` (once) and check the object is whole. Raises
+        FsError(EACCES) when no CMK matches, FsError(EIO) for a corrupt envelope, a truncated
+        object or an unreachable KMS."""
+        if v.wrapped is None or v.envelope is not None:
+            return
+        try:
+            if isinstance(v.wrapped, env.EnvelopeError):
+                raise v.wrapped
+            plain_len = v.metadata.get(env.H_PLAIN_LEN)
+            if plain_len is not None and plain_len.isdigit() and int(plain_len) != v.size:
+                raise TruncatedObject(f"object has {v.size} bytes, its envelope says {plain_len}")
+            v.envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped)
+        except (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
+            log.error("cannot open %r: %s", v.key, e)
+            raise FsError(errno_of(e)) from None
+
+    # -- read -------------------------------------------------------------------------------
+    async def read(self, h: FileHandle, offset: int, length: int) -> bytes:
+        """Plaintext bytes at ``offset``. FsError(ESTALE) if the object was replaced by another
+        client since open, EIO if it is truncated or the store fails."""
+        node = h.node
+        if node.staged is not None:
+            return node.staged.read(offset, length)
+        v = h.version
+        if v is None or offset >= v.size:
+            return b""
+        return await self.read_version(v, offset, length,
+                                       fetch_until=fetch_until(h, offset, length, self.cache.block_size))
+
+    async def read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0) -> bytes:
+        """Plaintext ``[offset, offset+length)`` of committed version ``v`` through the block
+        cache (fetching ahead to ``fetch_until``). Raises FsError as :meth:`read`."""
+        await self.open_version(v)
+        try:
+            data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until)
+        except PreconditionFailed as e:
+            log.error("%r was replaced by another client while open (ETag %s); reopen to read "
+                      "the new version", v.key, v.etag)
+            raise FsError(errno_of(e)) from None
+        except NoSuchKey as e:
+            log.error("%r was deleted by another client while open", v.key)
+            raise FsError(errno_of(e)) from None
+        except TruncatedObject as e:
+            log.error("cannot read %r: %s", v.key, e)
+            raise FsError(errno_of(e)) from None
+        except StoreError as e:
+            log.error("reading %r failed: %s", v.key, e)
+            raise FsError(errno_of(e)) from None
+        return v.envelope.crypt(offset, data) if v.envelope is not None else data
+
+    async def readlink(self, node: Node) -> str:
+        """The target of symlink ``node`` (read from its object once). FsError(EINVAL) for
+        anything else, EIO when it cannot be read."""
+        if not node.is_link:
+            raise FsError(errno.EINVAL)
+        if node.symlink_target is None:
+            v = node.version
+            if v is None:
+                raise FsError(errno.EIO)
+            await self.open_version(v)
+            data = await self.read_version(v, 0, v.size)
+            node.symlink_target = data.decode("utf-8", "surrogateescape")
+        return node.symlink_target
+
+    # -- write ------------------------------------------------------------------------------
+    async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` into the file's staged version; returns len(data).
+        Raises FsError(ENOSPC/EIO) when the cache disk fails (after evicting cached blocks
+        once to make room)."""
+        node = h.node
+        async with node.lock:
+            # The kernel already puts O_APPEND writes at the end; it also writes mmap pages back
+            # through any writable handle, at their own offsets: the offset is always its.
+            await self.ensure_staged(node, node.current_size)
+            try:
+                try:
+                    node.staged.write(offset, data)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
+                        raise
+                    node.staged.write(offset, data)  # cached blocks made room
+            except OSError as e:
+                log.error("staging a write to %r failed: %s", self.naming.key(node.path), e)
+                raise FsError(errno_of(e)) from None
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+        return len(data)
+
+    async def new_envelope(self, path: str) -> env.Envelope:
+        """A fresh data key and IV for a new version of ``path`` (in a thread: a KMS CMK makes
+        a network call). FsError(EIO) with a log line when the CMK's service is unreachable."""
+        try:
+            return await trio.to_thread.run_sync(self.keyring.new_envelope, path)
+        except (CmkUnavailable, env.EnvelopeError) as e:
+            log.error("cannot write %r: no data key: %s", self.naming.key(path), e)
+            raise FsError(errno_of(e)) from None
+
+    async def ensure_staged(self, node: Node, keep: int) -> None:
+        """Give ``node`` a staged version holding its first ``keep`` bytes (node.lock held):
+        a fresh data key and IV, and the current content re-encrypted under them."""
+        if node.staged is not None:
+            return
+        staged = self.staging.new(await self.new_envelope(node.path))
+        try:
+            v = node.version
+            if v is not None:
+                for off in range(0, min(keep, v.size), POPULATE_CHUNK):
+                    n = min(POPULATE_CHUNK, keep - off, v.size - off)
+                    staged.write(off, await self.read_version(v, off, n, fetch_until=off + 4 * POPULATE_CHUNK))
+        except BaseException:
+            staged.discard()
+            raise
+        node.staged = staged
+        self.commit.mark_staged(node)
+
+    async def truncate_locked(self, node: Node, size: int) -> None:
+        """Cut or extend ``node``'s content to ``size`` bytes (node.lock held). Raises
+        FsError(ENOSPC/EIO) when the cache disk fails."""
+        await self.ensure_staged(node, size)
+        try:
+            node.staged.truncate(size)
+        except OSError as e:
+            log.error("truncating staged %r failed: %s", self.naming.key(node.path), e)
+            raise FsError(errno_of(e)) from None
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    # -- close ------------------------------------------------------------------------------
+    async def flush(self, h: FileHandle) -> None:
+        """Make what was written through ``h`` durable: journal it locally (a crash cannot lose
+        it after this), or upload a small file at once where a PUT is as cheap (the journal is
+        then the fallback when that upload fails); with ``close_waits_for_upload``, journal
+        and upload. Raises FsError(ENOSPC/EIO) if the cache disk fails, FsError(EIO) if an
+        upload close() must wait for fails."""
+        node = h.node
+        if self.close_waits_for_upload:
+            await self.commit.upload_node(node, raise_errors=True)  # journals first, then uploads
+            return
+        if self._upload_now(node) and await self.commit.upload_node(node, journal_first=False):
+            return  # in the bucket already: nothing to journal
+        async with node.lock:
+            self.commit.journal_node(node)
+
+    def _upload_now(self, node: Node) -> bool:
+        """Whether closing ``node`` should upload it at once instead of journaling it: a small
+        file, closed by its last handle, on a store whose PUT is as cheap as a journal record
+        (and no upload_delay to fold later changes into the upload)."""
+        st = node.staged
+        return (self.upload_at_close and st is not None and st.size <= UPLOAD_AT_CLOSE_MAX
+                and node.opens == 1 and not node.unlinked)
+
+    async def release(self, h: FileHandle) -> None:
+        """The last close of handle ``h``: queue its staged version for upload, or drop it if
+        the file was unlinked and this was its last handle."""
+        self.inodes.drop_handle(h.fh)
+        node = h.node
+        node.opens -= 1
+        node.handles.discard(h)
+        if node.staged is not None:
+            if node.unlinked:
+                if node.opens == 0:
+                    self.commit.drop_staged(node)
+            else:
+                self.scheduler.schedule(node)
+        if node.unlinked and node.opens == 0 and node.version is not None:
+            self.cache.drop(node.version.key, node.version.etag)
+        self.inodes.maybe_drop(node)
+
+    async def fsync(self, h: FileHandle) -> None:
+        """Return only when the file's content and attributes are in the bucket.
+        Raises FsError(EIO) when the upload failed (the data stays staged and journaled)."""
+        await self.commit.upload_node(h.node, raise_errors=True)

@@ -1,0 +1,107 @@
+"""The inode table: inode numbers, the path → node map, the kernel's lookup counts (FUSE's
+lookup/forget protocol) and open handle numbers.
+
+A node lives while the kernel holds a lookup on it, a handle is open on it, or it has a staged
+version; the node a path maps to may be replaced (rename over it, another client's new object)
+while the old one lives on for its lookups and handles."""
+from __future__ import annotations
+
+import errno
+import time
+
+from .errors import FsError
+from .model import ROOT_INO, DirHandle, FileHandle, Node
+from .namecache import NameCache
+from .naming import parent_of
+
+
+class InodeTable:
+    """Nodes by inode number and by path, and open handles by number."""
+
+    def __init__(self, root: Node, names: NameCache):
+        self.names = names
+        self.nodes: dict[int, Node] = {ROOT_INO: root}
+        self.by_path: dict[str, Node] = {"": root}
+        self.handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_ino = ROOT_INO + 1
+        self._next_fh = 1
+
+    def get(self, ino: int) -> Node:
+        """The node of inode ``ino``; FsError(ENOENT) when it is not (or no longer) known."""
+        node = self.nodes.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def parent(self, path: str) -> Node | None:
+        """The node of the directory holding ``path``, if known."""
+        return self.by_path.get(parent_of(path))
+
+    def new_node(self, path: str, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0) -> Node:
+        """A new inode at ``path`` (lookup count 0: see :meth:`remember`)."""
+        node = Node(self._next_ino, path, mode, uid, gid, mtime_ns, mtime_ns, size=size,
+                    checked_at=time.monotonic())
+        self._next_ino += 1
+        self.nodes[node.ino] = node
+        self.by_path[path] = node  # a node it replaces lives on for its lookups and handles
+        self.names.note_present(path)
+        self.names.child_added(self.parent(path), path)
+        return node
+
+    # -- lookup counts ----------------------------------------------------------------------
+    @staticmethod
+    def remember(node: Node) -> Node:
+        """The kernel was handed ``node`` (lookup, create, readdir entry): one more lookup."""
+        node.lookups += 1
+        return node
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped ``n`` lookups of ``ino``."""
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups -= n
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        """Drop ``node`` if nothing holds it any more (no lookups, opens or staged data)."""
+        if node.lookups <= 0 and node.opens <= 0 and node.staged is None and node.ino != ROOT_INO:
+            del self.nodes[node.ino]
+            if self.by_path.get(node.path) is node:
+                del self.by_path[node.path]
+
+    # -- names ------------------------------------------------------------------------------
+    def remove_name(self, node: Node) -> None:
+        """``node``'s path no longer names it (unlinked or replaced); the path is absent."""
+        self.names.child_removed(self.parent(node.path), node.path)
+        if self.by_path.get(node.path) is node:
+            del self.by_path[node.path]
+        self.names.note_absent(node.path)
+
+    def discard(self, node: Node) -> None:
+        """Forget a node that was never handed out (its creation failed)."""
+        self.remove_name(node)
+        self.nodes.pop(node.ino, None)
+
+    def move(self, node: Node, old: str, new: str) -> None:
+        """``node`` is now at path ``new`` (rename); ``old`` is absent."""
+        if self.by_path.get(old) is node:
+            del self.by_path[old]
+            self.names.note_absent(old)
+            self.names.child_removed(self.parent(old), old)
+        self.names.note_present(new)
+        node.path = new
+        node.ctime_ns = time.time_ns()
+        self.by_path[new] = node
+        self.names.child_added(self.parent(new), new)
+
+    # -- handles ----------------------------------------------------------------------------
+    def add_handle(self, make):
+        """Register the handle ``make(fh)`` under a new handle number; returns it."""
+        h = make(self._next_fh)
+        self._next_fh += 1
+        self.handles[h.fh] = h
+        return h
+
+    def drop_handle(self, fh: int) -> None:
+        self.handles.pop(fh, None)

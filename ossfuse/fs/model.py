@@ -1,0 +1,138 @@
+"""The filesystem's data: inodes (:class:`Node`), committed object versions (:class:`Version`)
+and open handles. Plain data with no I/O; see docs/design.md for which fields may change while
+a task awaits."""
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import envelope as env
+from ..store.base import ObjectInfo
+from ..writeback.staging import StagedFile
+from .errors import FsError
+
+ROOT_INO = 1
+
+
+@dataclass(slots=True)
+class Version:
+    """A committed object version in the bucket (what a clean file reads from)."""
+
+    key: str
+    etag: str
+    size: int
+    metadata: dict[str, str]
+    wrapped: env.WrappedEnvelope | env.EnvelopeError | None  # None: a plaintext object
+    envelope: env.Envelope | None = None  # unwrapped on first open
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """An inode (slots and a lazy lock: a big directory holds many)."""
+
+    ino: int
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int = 0
+    lookups: int = 0  # the kernel's lookup count (FUSE forget protocol)
+    opens: int = 0
+    version: Version | None = None
+    staged: StagedFile | None = None  # present ⇔ the file has changes not yet in the bucket
+    unlinked: bool = False
+    upload_queued: bool = False
+    queued_at: float = 0.0  # trio clock when the upload was queued
+    dirty_since: float = 0.0  # wall-clock seconds when the staged version was made
+    upload_error: str | None = None
+    checked_at: float = 0.0  # monotonic seconds when attributes were last read from the store
+    symlink_target: str | None = None
+    # a directory's child names as of a complete listing (or its mkdir), kept current by this
+    # mount's own changes; trusted until children_until (monotonic s) to answer "no such name"
+    children: set[str] | None = None
+    children_until: float = 0.0
+    kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
+    handles: set = field(default_factory=set)
+    _lock: trio.Lock | None = None
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Serialises this file's content changes (made on first use)."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def current_size(self) -> int:
+        return self.staged.size if self.staged is not None else self.size
+
+    @property
+    def name(self) -> str:
+        """The last component of the path ("" for the root)."""
+        return self.path.rpartition("/")[2]
+
+
+@dataclass(eq=False)
+class FileHandle:
+    """An open file: the version it reads (pinned by ETag) and its read-ahead state."""
+
+    fh: int
+    node: Node
+    version: Version | None
+    last_end: int = -1  # byte offset where the previous read ended (-1: none yet)
+    keep_cache: bool = True  # the kernel's cached pages of this file are of this version
+    window: int = 0  # bytes: current read-ahead window
+
+
+# One entry of a directory snapshot: (name, node known locally, listing info, is_dir).
+DirEntry = tuple[str, Node | None, ObjectInfo | None, bool]
+
+
+@dataclass(eq=False)
+class DirHandle:
+    """An open directory: a snapshot of its entries, so readdir offsets stay stable."""
+
+    fh: int
+    node: Node
+    entries: list[DirEntry] | None = None
+
+
+def set_local_version(node: Node, version: Version) -> None:
+    """A version this mount made (upload, rename, attribute copy): open handles follow it,
+    since its content is what they already saw."""
+    node.version = version
+    node.size = version.size
+    node.checked_at = time.monotonic()
+    node.kernel_etag = version.etag  # same bytes as the kernel saw through this mount
+    for hd in node.handles:
+        hd.version = version
+
+
+def touch(dirnode: Node) -> None:
+    """A directory's entries changed: its mtime and ctime become now."""
+    dirnode.mtime_ns = dirnode.ctime_ns = time.time_ns()
+
+
+class OpaqueEnvelope:
+    """Stand-in for a journaled envelope this mount cannot unwrap: uploads work (they need only
+    the wrapped headers), reads and writes fail with EIO."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def crypt(self, offset, data):
+        raise FsError(errno.EIO, "the data key of this staged file cannot be unwrapped here")

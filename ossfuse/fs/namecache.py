@@ -1,0 +1,88 @@
+"""What this mount knows about names without asking the store: the negative cache (paths the
+store said are absent, for ``entry_timeout`` seconds) and each directory's child names as of
+a complete listing, kept current by this mount's own changes."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..store.base import ObjectStore, StoreError
+from .model import Node
+from .naming import Naming, base_name
+
+RELIST_MAX = 1000  # entries: a directory this small is listed again (one page) to answer lookups
+_ABSENT_MAX = 100_000  # paths: the negative cache is emptied when it grows past this
+
+
+class NameCache:
+    """Negative cache and directory child sets of one mount.
+
+    ``staged_in(dir_path)``: this mount's not-yet-uploaded nodes directly in ``dir_path``
+    (a listing of the store does not show them)."""
+
+    def __init__(self, store: ObjectStore, naming: Naming, entry_timeout: float,
+                 staged_in: Callable[[str], list[Node]]):
+        self.store = store
+        self.naming = naming
+        self.entry_timeout = entry_timeout
+        self.staged_in = staged_in
+        self._absent: dict[str, float] = {}  # path → monotonic expiry
+
+    # -- negative cache ---------------------------------------------------------------------
+    def known_absent(self, path: str) -> bool:
+        """Whether the store said nothing is at ``path`` less than entry_timeout ago."""
+        expiry = self._absent.get(path)
+        if expiry is None:
+            return False
+        if expiry < time.monotonic():
+            del self._absent[path]
+            return False
+        return True
+
+    def note_absent(self, path: str) -> None:
+        if len(self._absent) > _ABSENT_MAX:
+            self._absent.clear()
+        self._absent[path] = time.monotonic() + self.entry_timeout
+
+    def note_present(self, path: str) -> None:
+        self._absent.pop(path, None)
+
+    # -- directory child sets ---------------------------------------------------------------
+    def set_children(self, dirnode: Node, names) -> None:
+        """``dirnode`` holds exactly ``names`` now (a complete listing, or a new directory)."""
+        dirnode.children = set(names)
+        dirnode.children_until = time.monotonic() + self.entry_timeout
+
+    @staticmethod
+    def child_added(parent: Node | None, path: str) -> None:
+        if parent is not None and parent.children is not None:
+            parent.children.add(base_name(path))
+
+    @staticmethod
+    def child_removed(parent: Node | None, path: str) -> None:
+        if parent is not None and parent.children is not None:
+            parent.children.discard(base_name(path))
+
+    async def absent_from_listing(self, parent: Node | None, path: str) -> bool:
+        """Whether the listing of ``parent`` (the directory holding ``path``) says ``path``
+        does not exist: the listing is at most entry_timeout old, or is taken again now (one
+        page) for a small directory. No request for a name created in a directory this mount
+        made or listed a moment ago. False (cannot tell) when the store fails."""
+        if parent is None or parent.children is None:
+            return False
+        if parent.children_until < time.monotonic():
+            if len(parent.children) >= RELIST_MAX:
+                parent.children = None  # big: single probes cost less than listing it all
+                return False
+            dkey = self.naming.dir_key(parent.path)
+            try:
+                page = await self.store.list(dkey, delimiter="/", max_keys=RELIST_MAX)
+            except StoreError:
+                return False  # the probe will report it
+            if page.next_marker is not None:
+                parent.children = None
+                return False
+            names = [o.key[len(dkey):] for o in page.objects] + [p[len(dkey):-1] for p in page.prefixes]
+            local = [d.name for d in self.staged_in(parent.path)]
+            self.set_children(parent, [n for n in names if n] + local)
+        return base_name(path) not in parent.children

@@ -1,0 +1,64 @@
+"""Paths of the mount and the object keys they map to.
+
+Paths are relative to the mount ("" is the root, "a/b" a file); the object key of a path is
+``prefix + path``, and a directory may have a marker object ``prefix + path + "/"``.
+(The stores check keys again with their own rules: ``store/local.py`` and ``store/oss.py``.)
+"""
+from __future__ import annotations
+
+import errno
+
+from .errors import FsError
+
+MAX_KEY_BYTES = 1023  # OSS object key limit, UTF-8 bytes
+MAX_NAME_BYTES = 255  # one path component (the kernel does not check FUSE names itself)
+
+
+def join(parent: str, name: str) -> str:
+    """The path of ``name`` inside directory ``parent``."""
+    return f"{parent}/{name}" if parent else name
+
+
+def parent_of(path: str) -> str:
+    """The directory path holding ``path`` ("" for a name in the root)."""
+    return path.rpartition("/")[0]
+
+
+def base_name(path: str) -> str:
+    """The last component of ``path``."""
+    return path.rpartition("/")[2]
+
+
+def valid_listed_name(name: str) -> bool:
+    """Whether a name found in a listing can be shown as a directory entry."""
+    return bool(name) and name not in (".", "..") and "\0" not in name and len(name.encode()) <= MAX_NAME_BYTES
+
+
+class Naming:
+    """Path ↔ key mapping of one mount (its bucket ``prefix``)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def key(self, path: str) -> str:
+        """The object key of file ``path``."""
+        return self.prefix + path
+
+    def dir_key(self, path: str) -> str:
+        """The key prefix of directory ``path`` (also its marker object's key)."""
+        return self.prefix + path + "/" if path else self.prefix
+
+    def path_of(self, key: str) -> str | None:
+        """The path of object ``key``, None if it is outside this mount's prefix."""
+        return key[len(self.prefix):] if key.startswith(self.prefix) else None
+
+    def check_new_path(self, path: str, is_dir: bool = False) -> None:
+        """A new name must make a valid OSS key: UTF-8 (EINVAL) of at most 1023 bytes,
+        counting the prefix and a directory's trailing '/', with names of at most 255 bytes
+        (ENAMETOOLONG). Raises FsError."""
+        try:
+            size = len((self.dir_key(path) if is_dir else self.key(path)).encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FsError(errno.EINVAL, "names must be valid UTF-8 to be OSS keys") from None
+        if size > MAX_KEY_BYTES or len(base_name(path).encode("utf-8")) > MAX_NAME_BYTES:
+            raise FsError(errno.ENAMETOOLONG)

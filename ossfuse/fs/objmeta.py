@@ -1,0 +1,106 @@
+"""The ``x-oss-meta-*`` attribute codec: mode, uid, gid and mtime of a file or directory as
+user metadata (the names and formats ossfs/s3fs use), with the mount's defaults for objects
+that carry none. Pure functions, no I/O."""
+from __future__ import annotations
+
+import logging
+import stat
+import time
+from dataclasses import dataclass
+
+from .. import envelope as env
+from ..store.base import ObjectInfo
+from .model import Node, Version
+
+log = logging.getLogger(__name__)
+
+
+def fmt_mtime(ns: int) -> str:
+    """Nanoseconds → x-oss-meta-mtime ``sec[.nnnnnnnnn]``."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return f"{sec}.{nsec:09d}" if nsec else str(sec)
+
+
+def parse_mtime(value: str | None) -> int | None:
+    """x-oss-meta-mtime ``sec[.frac]`` (ossfs/s3fs) → nanoseconds; None if absent or bad."""
+    if not value:
+        return None
+    sec, _, frac = value.strip().partition(".")
+    try:
+        return int(sec) * 1_000_000_000 + (int((frac + "000000000")[:9]) if frac else 0)
+    except ValueError:
+        return None
+
+
+def int_or(value: str | None, default: int) -> int:
+    """``value`` as an int, ``default`` when absent or not a number."""
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def attr_meta(node: Node) -> dict[str, str]:
+    """The x-oss-meta attributes of ``node`` (mode, uid, gid, mtime)."""
+    return {"mode": str(node.mode), "uid": str(node.uid), "gid": str(node.gid),
+            "mtime": fmt_mtime(node.mtime_ns)}
+
+
+def file_metadata(node: Node, wrapped: env.WrappedEnvelope, size: int) -> dict[str, str]:
+    """All user metadata of a new version of ``node``: the envelope headers, its plaintext
+    length in bytes, and the attributes."""
+    meta = wrapped.headers()
+    meta[env.H_PLAIN_LEN] = str(size)
+    meta.update(attr_meta(node))
+    return meta
+
+
+def version_from_info(info: ObjectInfo) -> Version:
+    """The committed version described by a HEAD or listing of an object; a corrupt envelope
+    is kept as the error, reported when the file is opened."""
+    wrapped = None
+    if env.is_encrypted(info.metadata):
+        try:
+            wrapped = env.parse_envelope(info.metadata)
+        except env.EnvelopeError as e:
+            wrapped = e
+    return Version(info.key, info.etag, info.size, info.metadata, wrapped)
+
+
+def is_hidden(info: ObjectInfo, plaintext_objects: str) -> bool:
+    """Whether an object is not shown: a plaintext object made by something else than a
+    file-system client (no x-oss-meta-mode) when ``encryption.plaintext_objects = "hide"``."""
+    return bool(plaintext_objects == "hide" and info.metadata
+                and not env.is_encrypted(info.metadata) and "mode" not in info.metadata)
+
+
+@dataclass(frozen=True)
+class AttrDefaults:
+    """What an object without attributes shows: ``uid``/``gid``, modes 0777/0666 masked by
+    ``umask``; ``create_umask`` (a configured umask) masks every mode, new files' too."""
+
+    uid: int
+    gid: int
+    umask: int
+    create_umask: int
+
+    def attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
+        """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from
+        its x-oss-meta-mode/uid/gid/mtime, with these defaults where they are absent."""
+        meta = info.metadata if info else {}
+        mtime = parse_mtime(meta.get("mtime"))
+        if mtime is None:
+            mtime = int((info.mtime if info else time.time()) * 1e9)
+        mode = int_or(meta.get("mode"), 0)
+        if is_dir:
+            if info is not None and info.size:
+                log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
+                            "data is not shown", info.key, info.size)
+            mode = stat.S_IFDIR | (stat.S_IMODE(mode) if mode else 0o777 & ~self.umask)
+        elif stat.S_ISLNK(mode):
+            mode = stat.S_IFLNK | 0o777
+        else:
+            mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
+        if not stat.S_ISLNK(mode):
+            mode &= ~self.create_umask  # a configured umask masks every mode
+        return mode, int_or(meta.get("uid"), self.uid), int_or(meta.get("gid"), self.gid), mtime

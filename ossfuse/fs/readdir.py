@@ -1,0 +1,138 @@
+"""Directory listings: a snapshot of a directory's entries per open handle (so readdir offsets
+stay stable), resolved into nodes a batch at a time with parallel HEADs when the store's
+listing carries no metadata (mountpoint-s3 does the same: ``superblock/readdir.rs``)."""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from typing import Callable
+
+from ..aio import run_all
+from ..store.base import ObjectInfo, ObjectStore, StoreError
+from .errors import FsError, errno_of
+from .inodes import InodeTable
+from .model import DirEntry, DirHandle, Node
+from .namecache import NameCache
+from .naming import Naming, join, parent_of, valid_listed_name
+from .resolve import Resolver
+
+log = logging.getLogger(__name__)
+
+HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
+READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
+
+
+class DirectoryReader:
+    """opendir/readdir/releasedir of one mount. ``staged_in(dir_path)``: this mount's
+    not-yet-uploaded nodes directly in ``dir_path``."""
+
+    def __init__(self, store: ObjectStore, naming: Naming, inodes: InodeTable, names: NameCache,
+                 resolver: Resolver, staged_in: Callable[[str], list[Node]]):
+        self.store = store
+        self.naming = naming
+        self.inodes = inodes
+        self.names = names
+        self.resolver = resolver
+        self.staged_in = staged_in
+
+    def opendir(self, node: Node) -> DirHandle:
+        """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return self.inodes.add_handle(lambda fh: DirHandle(fh, node))
+
+    def releasedir(self, fh: int) -> None:
+        self.inodes.drop_handle(fh)
+
+    async def list_entries(self, node: Node) -> list[DirEntry]:
+        """Snapshot of a directory: (name, known node, listing info, is_dir), sorted by name.
+        Raises FsError(EIO) when a listing request fails."""
+        dkey = self.naming.dir_key(node.path)
+        # Taken before listing: a file whose upload finishes while we list is in one or the other.
+        local = self.staged_in(node.path)
+        files: dict[str, ObjectInfo] = {}
+        dirs: set[str] = set()
+        marker = None
+        while True:
+            try:
+                page = await self.store.list(dkey, delimiter="/", marker=marker)
+            except StoreError as e:
+                log.error("listing %r failed: %s", dkey, e)
+                raise FsError(errno_of(e)) from None
+            for o in page.objects:
+                name = o.key[len(dkey):]
+                if name:  # "" is the directory's own marker
+                    files[name] = o
+            for p in page.prefixes:
+                dirs.add(p[len(dkey):-1])
+            if page.next_marker is None:
+                break
+            marker = page.next_marker
+        entries: dict[str, DirEntry] = {}
+        for name in dirs:
+            entries[name] = (name, None, None, True)
+        for name, o in files.items():
+            if name in dirs:
+                log.warning("%r is both an object and a prefix; showing the object", dkey + name)
+            entries[name] = (name, None, o, False)
+        for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
+            if not d.unlinked and parent_of(d.path) == node.path:
+                entries[d.name] = (d.name, d, None, d.is_dir)
+        self.names.set_children(node, entries)
+        result = []
+        for name in sorted(entries):
+            if not valid_listed_name(name):
+                log.warning("skipping key %r: not a valid file name", dkey + name)
+                continue
+            result.append(entries[name])
+        return result
+
+    async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False) -> list[tuple[int, str, Node]]:
+        """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
+        on, as (index+1, name, node) with the node resolved: attributes from the listing when
+        the store's listing carries metadata, else from HEADs, at most HEAD_PARALLEL at once.
+        The caller raises the lookup count of each node it hands to the kernel."""
+        if h.entries is None or relist:
+            h.entries = await self.list_entries(h.node)
+        batch = h.entries[start:start + READDIR_BATCH]
+        resolved: dict[int, Node] = {}
+        by_path = self.inodes.by_path
+        resolver = self.resolver
+
+        async def resolve(i: int, name: str, is_dir: bool, listed: ObjectInfo | None) -> None:
+            path = join(h.node.path, name)
+            node = by_path.get(path)
+            if node is not None and (resolver.attrs_fresh(node) or is_dir):
+                resolved[i] = node
+                return
+            if listed is not None and self.store.listing_has_metadata:
+                info = listed  # the listing said all a HEAD would
+            else:
+                try:
+                    info = await self.store.head(self.naming.dir_key(path) if is_dir else self.naming.key(path))
+                except StoreError as e:
+                    log.error("HEAD %r failed while listing: %s", path, e)
+                    return
+            if not is_dir and info is None:
+                return  # deleted since the listing
+            node = by_path.get(path)
+            if node is not None and (node.is_dir == is_dir):
+                if not is_dir:
+                    resolver.refresh(node, info)
+                resolved[i] = node
+            else:
+                if info is not None and not is_dir and resolver.hidden(info):
+                    return
+                resolved[i] = resolver.node_from_info(path, info, is_dir)
+
+        jobs = []
+        for i, (name, known, listed, is_dir) in enumerate(batch):
+            if known is not None:
+                resolved[i] = known
+            elif listed is not None and self.store.listing_has_metadata:
+                await resolve(i, name, is_dir, listed)  # no request: no task needed
+            else:
+                jobs.append(functools.partial(resolve, i, name, is_dir, listed))
+        await run_all(jobs, HEAD_PARALLEL)
+        return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]

@@ -1,0 +1,87 @@
+"""When staged versions are uploaded: the dirty set, the upload queue with its delay, retries
+after a failure, the drain at unmount, and the counters ``ossfuse status`` shows.
+
+What one upload does (journal, PUT, adopt the new version) is the filesystem's part
+(``ossfuse.fs.commit``), handed in as ``upload``; this module only decides when. Items are the
+filesystem's inodes, used through these fields: ``staged`` (None once uploaded), ``unlinked``,
+``upload_queued``, ``queued_at`` (trio clock seconds), ``dirty_since`` (wall-clock seconds).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from ..aio import run_all
+
+
+def _pending(node: Any) -> bool:
+    return node.staged is not None and not node.unlinked
+
+
+class UploadScheduler:
+    """The write-back queue of one mount.
+
+    ``upload(node) -> bool`` uploads one node (True: nothing pending after); ``delay`` seconds
+    pass between a node's queueing and its upload (folding the renames and attribute changes
+    that follow a close into one PUT); ``retry_interval`` seconds before a failed one is queued
+    again; ``workers`` uploads at once when draining."""
+
+    def __init__(self, upload: Callable[[Any], Awaitable[bool]], *, delay: float, retry_interval: float,
+                 workers: int):
+        self.upload = upload
+        self.delay = delay
+        self.retry_interval = retry_interval
+        self.workers = workers
+        self.dirty: set = set()  # nodes with a staged version
+        self.stats = {"uploaded": 0, "upload_failures": 0, "recovered": 0}
+        self.nursery: trio.Nursery | None = None  # set by the daemon: where retries run
+        self._send, self._recv = trio.open_memory_channel(float("inf"))
+
+    # -- the dirty set ----------------------------------------------------------------------
+    def mark_dirty(self, node) -> None:
+        """``node`` has a staged version now (noted with the wall-clock time it got one)."""
+        if node not in self.dirty:
+            node.dirty_since = time.time()
+            self.dirty.add(node)
+
+    def mark_clean(self, node) -> None:
+        self.dirty.discard(node)
+
+    def staged_in(self, dir_path: str, parent_of: Callable[[str], str]) -> list:
+        """Dirty nodes still linked directly under directory ``dir_path``."""
+        return [d for d in self.dirty if not d.unlinked and parent_of(d.path) == dir_path]
+
+    def pending(self) -> list:
+        """Dirty nodes whose staged version is still to be uploaded."""
+        return [n for n in self.dirty if _pending(n)]
+
+    # -- the queue --------------------------------------------------------------------------
+    def schedule(self, node) -> None:
+        """Queue ``node`` for upload after ``delay`` (once: queueing it again does nothing)."""
+        if not node.upload_queued:
+            node.upload_queued = True
+            node.queued_at = trio.current_time()
+            self._send.send_nowait(node)
+
+    async def worker(self) -> None:
+        """Background uploads of released files, in queue order (several workers run)."""
+        async for node in self._recv:
+            await trio.sleep_until(node.queued_at + self.delay)
+            node.upload_queued = False
+            ok = await self.upload(node)
+            if not ok and _pending(node) and self.nursery is not None:
+                self.nursery.start_soon(self._retry_later, node)
+
+    async def _retry_later(self, node) -> None:
+        await trio.sleep(self.retry_interval)
+        if _pending(node):
+            self.schedule(node)
+
+    async def drain(self) -> int:
+        """Upload everything still staged (unmount), ``workers`` at once; returns how many
+        files remain pending."""
+        await run_all([functools.partial(self.upload, n) for n in self.pending()], self.workers)
+        return len(self.pending())

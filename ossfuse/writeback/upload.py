@@ -1,0 +1,129 @@
+"""Uploading a staged version: one PUT, or a multipart upload with parallel parts.
+
+The staged file already holds the final ciphertext, encrypted as one continuous CTR stream
+from the IV, so part N (1-based) of part size P is simply bytes [(N-1)·P, N·P) of it and is
+encrypted from counter IV + (N-1)·P/16, exactly what the SDKs do (oss-cse-format.md §6).
+P is a multiple of 16, at least 100 KiB, and grown so no object needs more than 10,000 parts.
+Every part re-sends the full envelope plus data-size and part-size, as oss2 does (§6, the OSS
+server checks them on every part). A failed multipart upload is aborted: no orphaned parts.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+
+import trio
+
+from .. import envelope as env
+from ..aio import run_all
+from .staging import StagedFile
+from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+
+log = logging.getLogger(__name__)
+
+_RETRY_BASE = 0.5  # seconds before the first retry; doubles, with jitter
+_RETRY_MAX = 8.0
+
+
+def part_size_for(size: int, preferred: int, max_parts: int = 10_000) -> int:
+    """Part size in bytes for an object of ``size`` bytes: ``preferred`` (a multiple of 16,
+    ≥ 100 KiB), grown to a multiple of 16 when ``size`` would need more than ``max_parts``."""
+    need = -(-size // max_parts)
+    p = max(preferred, need)
+    return -(-p // 16) * 16
+
+
+class Uploader:
+    """Uploads staged versions to ``store``; see the module doc."""
+
+    def __init__(self, store: ObjectStore, *, multipart_threshold: int, part_size: int,
+                 part_workers: int, retries: int):
+        self.store = store
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.part_workers = part_workers
+        self.retries = retries
+
+    async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str], *,
+                     attempts: int | None = None) -> ObjectInfo:
+        """Put ``staged``'s ciphertext at ``key`` with ``metadata``; makes up to ``attempts``
+        (default ``retries``) with exponential backoff and jitter between them, then raises
+        the last StoreError."""
+        attempts = attempts or self.retries
+        for attempt in range(1, attempts + 1):
+            try:
+                if staged.size > self.multipart_threshold and not self.store.local_disk:
+                    return await self._multipart(staged, key, metadata)
+                # the staged file is final once uploaded (a new write makes a new version)
+                return await self.store.put_file(key, staged.data_path, metadata, may_link=True)
+            except (NoSuchKey, PreconditionFailed):
+                raise
+            except StoreError as e:
+                if attempt == attempts:
+                    raise
+                delay = min(_RETRY_MAX, _RETRY_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
+                log.warning("upload of %r failed (attempt %d of %d, retrying in %.1fs): %s%s", key,
+                            attempt, attempts, delay, e,
+                            f" [request id {e.request_id}]" if e.request_id else "")
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed
+        try:
+            return await self._parts(key, staged.size, metadata,
+                                     lambda off, n: trio.to_thread.run_sync(os.pread, fd, n, off))
+        finally:
+            os.close(fd)
+
+    async def _parts(self, key: str, size: int, metadata: dict[str, str], read) -> ObjectInfo:
+        """Multipart upload of ``size`` bytes got by ``await read(offset, length)``; aborted on
+        any failure or cancellation."""
+        psize = part_size_for(size, self.part_size, self.store.max_parts)
+        meta = dict(metadata)
+        if env.is_encrypted(meta):
+            meta[env.H_DATA_SIZE] = str(size)
+            meta[env.H_PART_SIZE] = str(psize)
+        upload_id = await self.store.create_multipart(key, meta)
+        etags: dict[int, str] = {}
+
+        async def part(n: int) -> None:
+            off = (n - 1) * psize
+            data = await read(off, min(psize, size - off))
+            etags[n] = await self.store.upload_part(key, upload_id, n, data, meta)
+
+        try:
+            await run_all([functools.partial(part, n) for n in range(1, -(-size // psize) + 1)], self.part_workers)
+            return await self.store.complete_multipart(key, upload_id, sorted(etags.items()))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.abort_multipart(key, upload_id)
+                except StoreError as e:
+                    log.error("abort of multipart upload %s of %r failed: %s", upload_id, key, e)
+            raise
+
+    async def copy(self, src: ObjectInfo, dst: str, metadata: dict[str, str] | None = None, *,
+                   stream: bool = False) -> ObjectInfo:
+        """Copy object ``src`` (its key, size, ETag and metadata) to ``dst``, with ``metadata``
+        replacing the source's if given. CopyObject when the store allows the size; above it the
+        ciphertext is streamed through this client unchanged, as a multipart upload whose part
+        N is bytes [(N-1)·P, N·P) of the source, so the envelope headers stay valid (§6). The
+        source is read with If-Match: PreconditionFailed if it changes meanwhile. ``stream``
+        forces streaming (new envelope headers, which CopyObject may not change: §9)."""
+        limit = self.store.max_copy_size
+        if not stream and (limit is None or src.size <= limit):
+            return await self.store.copy(src.key, dst, metadata=metadata)
+        meta = dict(src.metadata if metadata is None else metadata)
+        for name in (env.H_DATA_SIZE, env.H_PART_SIZE):
+            meta.pop(name, None)  # the new upload has its own part layout
+        log.info("copying %r to %r by streaming its %d bytes", src.key, dst, src.size)
+        if src.size <= self.multipart_threshold:
+            data = await self.store.get_range(src.key, 0, src.size, if_match=src.etag)
+            if len(data) != src.size:
+                raise StoreError(f"source is truncated: {len(data)} of {src.size} bytes", key=src.key)
+            return await self.store.put_bytes(dst, data, meta)
+        return await self._parts(dst, src.size, meta,
+                                 lambda off, n: self.store.get_range(src.key, off, off + n, if_match=src.etag))
