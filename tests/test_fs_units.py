@@ -1,0 +1,195 @@
+"""The split-out parts of the filesystem driven directly, without a kernel: the pure codecs,
+the errno table, the journal, and a Filesystem round trip over a local-directory bucket."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+import trio
+
+from ossfuse import envelope as env
+from ossfuse.cache import TruncatedObject
+from ossfuse.cmk import CmkUnavailable, KeyMissing
+from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.fs import Filesystem, FsError
+from ossfuse.fs.errors import errno_of
+from ossfuse.fs.model import FileHandle, Node
+from ossfuse.fs.naming import Naming
+from ossfuse.fs.objmeta import AttrDefaults, fmt_mtime, parse_mtime
+from ossfuse.fs.readahead import READAHEAD_MAX, fetch_until
+from ossfuse.keyring import Keyring
+from ossfuse.store.base import NoSuchKey, ObjectInfo, PreconditionFailed, StoreError
+from ossfuse.store.local import LocalStore
+from ossfuse.writeback import journal
+from ossfuse.writeback.staging import Staging
+
+
+def test_mtime_codec():
+    assert fmt_mtime(1_700_000_000_000_000_000) == "1700000000"
+    assert fmt_mtime(1_700_000_000_000_000_005) == "1700000000.000000005"
+    assert parse_mtime("1700000000.5") == 1_700_000_000_500_000_000
+    assert parse_mtime(" 12 ") == 12_000_000_000
+    assert parse_mtime("x") is None and parse_mtime(None) is None and parse_mtime("") is None
+
+
+def test_attrs_from_info_defaults_and_umask():
+    d = AttrDefaults(uid=1000, gid=100, umask=0o022, create_umask=0)
+    info = ObjectInfo("p/f", 3, "E", 1.5, {})
+    assert d.attrs_from_info(info, False) == (stat.S_IFREG | 0o644, 1000, 100, 1_500_000_000)
+    info = ObjectInfo("p/f", 3, "E", 1.5, {"mode": str(stat.S_IFREG | 0o600), "uid": "7", "gid": "bad",
+                                           "mtime": "2"})
+    assert d.attrs_from_info(info, False) == (stat.S_IFREG | 0o600, 7, 100, 2_000_000_000)
+    assert d.attrs_from_info(None, True)[0] == stat.S_IFDIR | 0o755
+    masked = AttrDefaults(uid=0, gid=0, umask=0o077, create_umask=0o077)
+    assert masked.attrs_from_info(ObjectInfo("k", 0, "E", 0, {"mode": str(stat.S_IFREG | 0o666)}), False)[0] \
+        == stat.S_IFREG | 0o600
+
+
+def test_new_names_must_make_oss_keys():
+    n = Naming("pre/")
+    assert (n.key("a/b"), n.dir_key("a"), n.dir_key(""), n.path_of("pre/x"), n.path_of("other")) == \
+        ("pre/a/b", "pre/a/", "pre/", "x", None)
+    n.check_new_path("a/" + "x" * 255)
+    with pytest.raises(FsError) as e:
+        n.check_new_path("x" * 256)
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(FsError) as e:
+        n.check_new_path("d/" * 510 + "f")  # names short, key over 1023 bytes
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(FsError) as e:
+        n.check_new_path("bad\udcff")
+    assert e.value.errno == errno.EINVAL
+
+
+def test_errno_table():
+    assert errno_of(PreconditionFailed("x")) == errno.ESTALE
+    assert errno_of(NoSuchKey("x")) == errno.ESTALE
+    assert errno_of(KeyMissing("x")) == errno.EACCES
+    assert errno_of(CmkUnavailable("x")) == errno.EIO
+    assert errno_of(env.EnvelopeError("x")) == errno.EIO
+    assert errno_of(TruncatedObject("x")) == errno.EIO
+    assert errno_of(StoreError("x")) == errno.EIO
+    assert errno_of(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
+    assert errno_of(OSError("no errno")) == errno.EIO
+    assert errno_of(FsError(errno.EEXIST)) == errno.EEXIST
+    assert errno_of(ValueError()) == errno.EIO
+
+
+def test_readahead_window_grows_on_sequential_reads_and_resets_on_seek():
+    h = FileHandle(1, Node(2, "f", stat.S_IFREG, 0, 0, 0, 0), None)
+    block = 1 << 20
+    assert fetch_until(h, 0, 4096, block) == 4096  # first read: no window yet
+    assert fetch_until(h, 4096, 4096, block) == 8192 + block
+    assert fetch_until(h, 8192, 4096, block) == 12288 + 2 * block
+    for _ in range(10):
+        fetch_until(h, h.last_end, 4096, block)
+    assert h.window == READAHEAD_MAX
+    assert fetch_until(h, 0, 4096, block) == 4096 and h.window == 0
+
+
+class _Xor:
+    """A stand-in envelope: crypt() is its own inverse, so ciphertext on disk differs from the
+    plaintext and reads give it back."""
+
+    def crypt(self, offset, data):
+        return bytes(b ^ 0x5A for b in data)
+
+
+def test_journal_record_and_read_back(tmp_path):
+    staging = Staging(str(tmp_path))
+    st = staging.new(_Xor())
+    st.write(0, b"hello")
+    unjournaled = staging.new(_Xor())
+    unjournaled.write(0, b"lost")
+    assert not st.was_journaled
+    journal.record(st, "pre/f", {"k": "v"})
+    assert st.was_journaled and st.journaled_generation == st.generation
+    mtime = os.path.getmtime(st.journal_path)
+    journal.record(st, "pre/f", {"k": "v"})  # the same record again: nothing written
+    assert os.path.getmtime(st.journal_path) == mtime
+    st.close()
+    unjournaled.close()
+    entries = journal.read_journal(staging)
+    assert [(e.key, e.metadata, e.staged.size) for e in entries] == [("pre/f", {"k": "v"}, 5)]
+    entries[0].staged.envelope = _Xor()
+    assert entries[0].staged.read(0, 5) == b"hello"
+    assert not os.path.exists(unjournaled.data_path)  # never journaled: deleted at recovery
+
+
+def _config(tmp_path, cmk_path) -> Config:
+    return Config(path=str(tmp_path / "ossfuse.toml"),
+                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                  cache=CacheConfig(dir=str(tmp_path / "cache")),
+                  mount=MountConfig(upload_delay=0.0))
+
+
+def _filesystem(tmp_path, cmk_path) -> Filesystem:
+    cfg = _config(tmp_path, cmk_path)
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    return Filesystem(cfg, LocalStore(str(tmp_path / "bucket")), Keyring(cfg.encryption), uid=1, gid=2)
+
+
+def test_filesystem_round_trip_without_a_kernel(tmp_path, cmk_path):
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        node, h = await fs.create(d, "f", 0o644, os.O_WRONLY, 1, 2)
+        assert node.lookups == 1 and node in fs.dirty
+        assert await fs.write(h, 0, b"secret data") == 11
+        await fs.flush(h)  # small file on a local bucket: uploaded by close itself
+        await fs.release(h)
+        assert fs.dirty == set() and fs.stats["uploaded"] == 1
+        info = await fs.store.head("pre/d/f")
+        assert info.size == 11 and env.is_encrypted(info.metadata)
+        assert await fs.store.get_range("pre/d/f", 0, 11) != b"secret data"  # ciphertext in the bucket
+        await fs.rename(d, "f", root, "g", 0)
+        assert await fs.store.head("pre/d/f") is None
+        g = await fs.lookup(root, "g")
+        assert g is node and g.lookups == 2
+        h = await fs.open(g, os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"secret data"
+        await fs.release(h)
+        await fs.unlink(root, "g")
+        with pytest.raises(FsError) as e:
+            await fs.lookup(root, "g")
+        assert e.value.errno == errno.ENOENT
+        fs.forget(node.ino, 2)
+        assert node.ino not in fs.inodes.nodes
+        await fs.store.aclose()
+        fs.close()
+
+    trio.run(main)
+
+
+def test_journaled_file_is_uploaded_by_the_next_mount(tmp_path, cmk_path):
+    async def crash_after_close():
+        fs = _filesystem(tmp_path, cmk_path)
+        fs.scheduler.delay = 3600  # nothing uploads before the "crash"
+        node, h = await fs.create(fs.get(1), "f", 0o600, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"x" * 3_000_000)  # over the upload-at-close size: journaled
+        await fs.flush(h)
+        await fs.release(h)
+        assert node.staged.was_journaled and fs.stats["uploaded"] == 0
+        fs.close()
+        await fs.store.aclose()
+
+    async def next_mount():
+        fs = _filesystem(tmp_path, cmk_path)
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        assert fs.stats == {"uploaded": 1, "upload_failures": 0, "recovered": 1}
+        node = await fs.lookup(fs.get(1), "f")
+        assert stat.S_IMODE(node.mode) == 0o600
+        h = await fs.open(node, os.O_RDONLY)
+        assert await fs.read(h, 2_999_990, 100) == b"x" * 10
+        await fs.release(h)
+        assert os.listdir(fs.staging.dir) == []
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(crash_after_close)
+    trio.run(next_mount)
