@@ -17,19 +17,22 @@ import ossfuse
 PACKAGE_DIR = os.path.dirname(ossfuse.__file__)
 
 # Layer of each module (higher calls lower). A module may import its own layer or any below,
-# never one above. "leaf" modules import nothing of the package and are usable by all.
+# never one above. "leaf" modules import only leaves and are usable by all.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # commands and the daemon around the mount; rekey is a command (``ossfuse rekey``) that
     # copies objects with new envelopes through the uploader, so it sits with the tools
-    ("tools", ("ossfuse.__main__", "ossfuse.cli", "ossfuse.daemon", "ossfuse.status", "ossfuse.rekey")),
+    ("tools", ("ossfuse.__main__", "ossfuse.cli", "ossfuse.daemon", "ossfuse.registry", "ossfuse.status",
+               "ossfuse.rekey")),
     ("adapter", ("ossfuse.fuse_ops",)),
     ("fs", ("ossfuse.fs",)),
     # ``ossfuse.upload`` is a compatibility name for writeback.upload (rekey imports it)
     ("writeback", ("ossfuse.writeback", "ossfuse.cache", "ossfuse.upload")),
-    ("crypto", ("ossfuse.keyring", "ossfuse.kms", "ossfuse.cmk", "ossfuse.envelope")),
+    ("crypto", ("ossfuse.keyring", "ossfuse.kms", "ossfuse.cmk")),
     ("store", ("ossfuse.store",)),
-    ("leaf", ("ossfuse", "ossfuse.config", "ossfuse.aio")),
+    # the envelope format (pure: parsing, AES-CTR), configuration, trio helpers
+    ("leaf", ("ossfuse", "ossfuse.envelope", "ossfuse.config", "ossfuse.aio")),
 ]
+PACKAGE = "ossfuse"  # as an entry above: the package's own __init__ only, not its submodules
 MAX_SHARE = 0.15  # of the package's lines, per file
 ADAPTER_MAX_LINES = 400
 
@@ -111,7 +114,7 @@ def layer_of(module: str) -> int:
     best, best_len = -1, -1
     for i, (_name, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+            if (module == p or (p != PACKAGE and module.startswith(p + "."))) and len(p) > best_len:
                 best, best_len = i, len(p)
     return best
 
@@ -148,6 +151,7 @@ def test_analysis_finds_a_cycle_and_an_upward_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer_of("ossfuse.fs.files") < layer_of("ossfuse.writeback.staging") < layer_of("ossfuse.store.oss")
+    assert layer_of("ossfuse.not_placed") == -1  # the package entry does not cover new modules
 
 
 def test_no_import_cycle():
@@ -165,9 +169,9 @@ def test_no_upward_import(module):
     assert upward == [], f"{module} ({LAYERS[mine][0]}) imports a layer above it: {upward}"
 
 
-def test_leaves_import_nothing_of_the_package():
-    leaves = [m for m in MODS if LAYERS[layer_of(m)][0] == "leaf"]
-    assert {m: sorted(GRAPH[m]) for m in leaves if GRAPH[m]} == {}
+def test_leaves_import_only_leaves():
+    leaves = {m for m in MODS if LAYERS[layer_of(m)][0] == "leaf"}
+    assert {m: sorted(GRAPH[m] - leaves) for m in leaves if GRAPH[m] - leaves} == {}
 
 
 def test_no_file_over_15_percent_of_the_package():

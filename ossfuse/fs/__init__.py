@@ -13,8 +13,6 @@ from __future__ import annotations
 import stat
 import time
 
-import trio
-
 from ..cache import BlockCache
 from ..config import Config
 from ..keyring import Keyring
@@ -100,12 +98,13 @@ class Filesystem:
         return self.scheduler.stats
 
     @property
-    def _nursery(self) -> trio.Nursery | None:
+    def _nursery(self):
         return self.scheduler.nursery
 
     @_nursery.setter
-    def _nursery(self, nursery: trio.Nursery | None) -> None:
-        self.scheduler.nursery = nursery  # the daemon's: where upload retries run
+    def _nursery(self, nursery) -> None:
+        """Where upload retries run: the daemon's task ``Supervisor`` (anything with ``start_soon``)."""
+        self.scheduler.nursery = nursery
 
     @property
     def handles(self) -> dict[int, FileHandle | DirHandle]:
