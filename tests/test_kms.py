@@ -302,6 +302,19 @@ def test_read_timeout_is_unavailable(kms, key_id):
     assert time.monotonic() - t0 < 2.0
 
 
+def test_kms_that_never_answers_is_bounded_by_the_deadline(kms, key_id):
+    """5 attempts × 10 s read timeout would be 50 s: the deadline (1.2 s) cuts each attempt's
+    timeout to what is left, so the call fails within it."""
+    cmk = make_cmk(kms, key_id, attempts=5, backoff=0.01, read_timeout=10.0, deadline=1.2)
+    kms.delay = 3.0
+    t0 = time.monotonic()
+    with pytest.raises(KmsUnavailable) as ei:
+        cmk.wrap(b"x" * 16)
+    assert time.monotonic() - t0 < 2.0
+    assert ei.value.attempts <= 2 and ei.value.temporary
+    kms.delay = 0.0
+
+
 def test_bad_configuration():
     creds = StaticCredentialsProvider(AK, SK)
     base = dict(id="k", type="kms", key_id="kid", region=REGION, endpoint="http://127.0.0.1:9", matdesc=None)

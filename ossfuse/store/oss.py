@@ -350,9 +350,8 @@ class OssStore(ObjectStore):
             return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
         if isinstance(e, oe.OssError):  # an answer from the server (or an oss2 ClientError, status -1)
             status, code = e.status, getattr(e, "code", "") or ""
-            if status < 0:
-                return StoreError(f"{what}: {e.details.get('details', '') if isinstance(e.details, dict) else e}",
-                                  key=key, code="ClientError")
+            if status < 0:  # oss2 refused the request before sending it (body: "ClientError: …")
+                return StoreError(f"{what}: {e.body}", key=key, code="ClientError")
             text = f"{what}: HTTP {status} {code}: {e.message or ''}".rstrip(": ")
             if status == 404 and code in ("NoSuchKey", "NoSuchUpload", ""):
                 return NoSuchKey(f"{what}: {code or 'not found'}", key=key, request_id=rid, code=code or "NoSuchKey")
