@@ -872,3 +872,36 @@ def test_crc64_combine_multi_gib_lengths():
         assert _crc64_combine(_crc64_combine(a, b, la), c, lb) == \
             _crc64_combine(a, _crc64_combine(b, c, lb), la + lb)
     assert time.perf_counter() - t0 < 0.5
+
+
+def test_network_failure_texts():
+    """What each failure below HTTP reads as (built like requests/urllib3 build them)."""
+    import errno as errno_mod
+
+    import requests
+    import urllib3
+
+    from ossfuse.store.oss import _network_failure
+
+    def wrapped(inner, outer=requests.exceptions.ConnectionError):
+        nce = urllib3.exceptions.NewConnectionError(None, f"Failed to establish a new connection: {inner}")
+        nce.__cause__ = inner
+        return outer(urllib3.exceptions.MaxRetryError(None, "/b/k", nce))
+
+    ep = "http://h:1"
+    assert _network_failure(ep, wrapped(ConnectionRefusedError(errno_mod.ECONNREFUSED, "Connection refused")),
+                            None) == ("ConnectionRefused", f"cannot connect to {ep}: connection refused", True)
+    assert _network_failure(ep, wrapped(OSError(errno_mod.EHOSTUNREACH, "No route to host")), None) == \
+        ("ConnectionError", f"cannot connect to {ep}: No route to host", True)
+    timeout = requests.exceptions.ConnectTimeout(urllib3.exceptions.MaxRetryError(
+        None, "/b/k", urllib3.exceptions.ConnectTimeoutError(None, "timed out")))
+    assert _network_failure(ep, timeout, (3.0, 9.0)) == ("Timeout", f"cannot connect to {ep}: no connection within 3.0s",
+                                                         True)
+    assert _network_failure(ep, requests.exceptions.ReadTimeout("read timed out"), (3.0, 9.0)) == \
+        ("Timeout", f"no answer from {ep} within 9.0s", True)
+    broken = requests.exceptions.ChunkedEncodingError(
+        urllib3.exceptions.ProtocolError("Connection broken", ConnectionResetError(errno_mod.ECONNRESET, "reset")))
+    assert _network_failure(ep, broken, None) == ("ConnectionReset", f"the connection to {ep} was lost", True)
+    ssl_err = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    code, text, temporary = _network_failure(ep, ssl_err, None)
+    assert (code, temporary) == ("TlsError", False) and "certificate cannot be verified" in text

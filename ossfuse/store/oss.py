@@ -40,6 +40,7 @@ sends the whole object's CRC on a 206, §5.3); a GET that returns the whole obje
 from __future__ import annotations
 
 import email.utils
+import errno
 import functools
 import http.client
 import logging
@@ -206,6 +207,11 @@ def _network_failure(endpoint: str, exc: BaseException,
         return "NameResolution", f"cannot resolve the host of {endpoint}: {g.strerror or g}", True
     if has(ConnectionRefusedError):
         return "ConnectionRefused", f"cannot connect to {endpoint}: connection refused", True
+    unreachable = next((c for c in chain if isinstance(c, OSError) and not isinstance(c, TimeoutError)
+                        and c.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+                                        errno.EADDRNOTAVAIL)), None)
+    if unreachable is not None:  # (urllib3's NewConnectionError is a ConnectTimeoutError: check first)
+        return "ConnectionError", f"cannot connect to {endpoint}: {unreachable.strerror}", True
     if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
         t = f" within {timeouts[0]:.1f}s" if timeouts else ""
         return "Timeout", f"cannot connect to {endpoint}: no connection{t}", True
