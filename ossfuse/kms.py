@@ -70,6 +70,7 @@ from aliyunsdkkms.request.v20160120 import DecryptRequest, EncryptRequest, Gener
 
 from . import envelope as env
 from .cmk import Cmk, CmkUnavailable
+from .retry import Budget, RetryPolicy, retry_sync
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class KmsUnavailable(CmkUnavailable):
     """KMS could not be reached or kept answering 5xx/throttling after the configured retries.
     ``endpoint`` names the KMS endpoint, ``reason`` the last failure."""
 
+    temporary = True  # ossfuse.retry.is_temporary: a caller may try again later
+
     def __init__(self, endpoint: str, reason: str, attempts: int):
         super().__init__(f"KMS at {endpoint} unavailable after {attempts} attempt(s): {reason}")
         self.endpoint, self.reason, self.attempts = endpoint, reason, attempts
@@ -97,7 +100,9 @@ class KmsUnavailable(CmkUnavailable):
 class KmsRefused(env.EnvelopeError):
     """KMS answered with an error: ``code`` (e.g. ``Forbidden.KeyNotFound``, ``InvalidCiphertext``,
     ``InvalidAccessKeySecret``), ``status`` (HTTP status, None for client-side errors),
-    ``request_id``."""
+    ``request_id``. Never retried (``temporary`` is False)."""
+
+    temporary = False
 
     def __init__(self, message: str, code: str | None = None, status: int | None = None,
                  request_id: str | None = None):
@@ -161,7 +166,7 @@ class KmsCmk(Cmk):
         ``passphrase`` (optional, oss2's ``x-passphrase`` EncryptionContext). Optional tuning
         fields read from ``cfg`` when present (keyword arguments override them): ``cache_seconds``,
         ``cache_size``, ``attempts``, ``backoff``, ``backoff_max``, ``connect_timeout``,
-        ``read_timeout``, and ``credentials``.
+        ``read_timeout``, ``deadline`` and ``credentials``.
     :param credentials: an ``ossfuse.store.credentials.CredentialsProvider`` (or any object with
         ``get_credentials()`` returning ``.access_key_id``/``.access_key_secret``/
         ``.security_token``), a callable returning such an object, or the object itself. Asked
@@ -172,7 +177,11 @@ class KmsCmk(Cmk):
     :param attempts: tries per KMS call when KMS is unreachable/5xx/throttling (≥ 1).
     :param backoff: seconds before the 2nd try, doubled each time up to ``backoff_max``
         (defaults 4 tries, 0.1/0.2/0.4 s: < 1 s of sleeping in total).
-    :param connect_timeout, read_timeout: seconds per HTTP request.
+    :param connect_timeout, read_timeout: seconds per HTTP request (cut to what is left of
+        ``deadline`` for a late attempt).
+    :param deadline: seconds one KMS operation (all its attempts and sleeps) may take before
+        KmsUnavailable (default 20: a KMS that accepts and never answers costs 20 s, not
+        ``attempts × read_timeout``).
 
     Raises ValueError for a missing ``key_id``/``region`` or an unknown ``encoding``.
     """
@@ -182,7 +191,7 @@ class KmsCmk(Cmk):
     def __init__(self, cfg: Any, credentials: Any = None, *, cache_seconds: float | None = None,
                  cache_size: int | None = None, attempts: int | None = None, backoff: float | None = None,
                  backoff_max: float | None = None, connect_timeout: float | None = None,
-                 read_timeout: float | None = None):
+                 read_timeout: float | None = None, deadline: float | None = None):
         super().__init__(cfg)
         self.key_id: str = getattr(cfg, "key_id", None) or ""
         if not self.key_id:
@@ -211,6 +220,10 @@ class KmsCmk(Cmk):
         self.backoff_max = float(_pick(backoff_max, cfg, "backoff_max", 1.0))
         self.connect_timeout = float(_pick(connect_timeout, cfg, "connect_timeout", 3.0))
         self.read_timeout = float(_pick(read_timeout, cfg, "read_timeout", 10.0))
+        self.deadline = float(_pick(deadline, cfg, "deadline", 20.0))
+        #: the retry policy of every KMS call (``ossfuse.retry``)
+        self.policy = RetryPolicy(attempts=self.attempts, deadline=self.deadline, backoff=self.backoff,
+                                  backoff_max=self.backoff_max, min_attempt=min(0.5, self.deadline / 4))
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], AcsClient] = {}
         self._cache: OrderedDict[tuple[str, str | None], tuple[float, str]] = OrderedDict()
@@ -401,41 +414,61 @@ class KmsCmk(Cmk):
         return req
 
     def _call(self, action: str, params: dict[str, str]) -> dict:
-        """One KMS action with retries; returns the parsed JSON answer."""
-        t0 = time.monotonic()
-        delay = self.backoff
-        reason = "no attempt made"
-        for attempt in range(1, self.attempts + 1):
+        """One KMS action under the shared retry policy (``ossfuse.retry``: ``attempts``,
+        backoff from ``backoff`` to ``backoff_max`` with jitter, all within ``deadline``
+        seconds; each attempt's timeouts are cut to what is left). Returns the parsed JSON
+        answer. Raises KmsRefused at the first refusal, KmsUnavailable when the policy gives up.
+
+        Runs in the caller's worker thread (the keyring calls CMKs from threads), so the
+        backoff sleeps there too."""
+        budgets: list[Budget] = []
+
+        def attempt(budget: Budget) -> dict:
+            if not budgets:
+                budgets.append(budget)
             with self._lock:
                 self.calls[action] = self.calls.get(action, 0) + 1
             try:
                 creds = self._get_creds()
                 client = self._client(creds.access_key_id, creds.access_key_secret)
                 req = self._request(action, params, getattr(creds, "security_token", None) or None)
+                req.set_connect_timeout(budget.timeout(self.connect_timeout))
+                req.set_read_timeout(budget.timeout(self.read_timeout))
                 body = client.do_action_with_exception(req)
-                try:
-                    return json.loads(body)
-                except (ValueError, TypeError):
-                    raise KmsRefused(f"KMS {self.endpoint}: {action} answer is not JSON") from None
             except ServerException as e:
                 status, code = e.get_http_status(), e.get_error_code() or ""
-                if (status is not None and status >= 500) or code.startswith(_RETRY_CODES):
-                    reason = f"HTTP {status} {code}: {e.get_error_msg()}"
-                else:
-                    raise KmsRefused(f"KMS {self.endpoint} refused {action} for CMK {self.id!r} (key "
-                                     f"{self.key_id}): {code}: {e.get_error_msg()}", code, status,
-                                     e.get_request_id()) from None
+                if (status is not None and status >= 500) or status == 429 or code.startswith(_RETRY_CODES):
+                    raise _KmsTemporary(f"HTTP {status} {code}: {e.get_error_msg()}") from None
+                raise KmsRefused(f"KMS {self.endpoint} refused {action} for CMK {self.id!r} (key "
+                                 f"{self.key_id}): {code}: {e.get_error_msg()}", code, status,
+                                 e.get_request_id()) from None
             except ClientException as e:
                 if e.get_error_code() != _sdk_error_code.SDK_HTTP_ERROR:
                     raise KmsRefused(f"KMS client error for CMK {self.id!r}: {e.get_error_code()}: "
                                      f"{e.get_error_msg()}", e.get_error_code()) from None
-                reason = _short(e.get_error_msg())
-            if attempt < self.attempts:
-                time.sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
-        log.error("KMS %s unavailable: %s failed %d time(s) in %.1f s, last: %s", self.endpoint, action,
-                  self.attempts, time.monotonic() - t0, reason)
-        raise KmsUnavailable(self.endpoint, f"{action}: {reason}", self.attempts)
+                raise _KmsTemporary(_short(e.get_error_msg())) from None
+            try:
+                return json.loads(body)
+            except (ValueError, TypeError):
+                raise KmsRefused(f"KMS {self.endpoint}: {action} answer is not JSON") from None
+
+        def on_retry(err: BaseException, n: int, delay: float) -> None:
+            log.info("KMS %s %s: attempt %d/%d failed: %s; retrying in %.2fs", self.endpoint, action, n,
+                     self.policy.attempts, err, delay)
+
+        try:
+            return retry_sync(self.policy, attempt, on_retry=on_retry)
+        except _KmsTemporary as e:
+            budget = budgets[0]
+            log.error("KMS %s unavailable: %s failed %d time(s) in %.1f s, last: %s", self.endpoint, action,
+                      budget.attempt, budget.elapsed(), e)
+            raise KmsUnavailable(self.endpoint, f"{action}: {e}", budget.attempt) from None
+
+
+class _KmsTemporary(Exception):
+    """One KMS attempt failed in a way a retry may fix (unreachable, 5xx, throttling)."""
+
+    temporary = True
 
 
 def _pick(explicit: Any, cfg: Any, name: str, default: Any) -> Any:

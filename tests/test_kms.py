@@ -266,7 +266,8 @@ def test_server_down_raises_kms_unavailable_after_bounded_retries(kms, key_id, c
     with pytest.raises(KmsUnavailable) as ei:
         cmk.unwrap(wrapped)
     elapsed = time.monotonic() - t0
-    assert 0.15 <= elapsed < 3.0  # slept 0.05 + 0.1 between three refused connections
+    # slept 0.05 + 0.1 between three refused connections, each times a jitter factor in [0.5, 1]
+    assert 0.075 <= elapsed < 3.0
     assert ei.value.endpoint == kms.endpoint and ei.value.attempts == 3
     assert kms.endpoint in str(ei.value) and "Decrypt" in str(ei.value)
     assert not isinstance(ei.value, env.EnvelopeError)
@@ -299,6 +300,19 @@ def test_read_timeout_is_unavailable(kms, key_id):
     with pytest.raises(KmsUnavailable):
         cmk.wrap(b"x" * 16)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_kms_that_never_answers_is_bounded_by_the_deadline(kms, key_id):
+    """5 attempts × 10 s read timeout would be 50 s: the deadline (1.2 s) cuts each attempt's
+    timeout to what is left, so the call fails within it."""
+    cmk = make_cmk(kms, key_id, attempts=5, backoff=0.01, read_timeout=10.0, deadline=1.2)
+    kms.delay = 3.0
+    t0 = time.monotonic()
+    with pytest.raises(KmsUnavailable) as ei:
+        cmk.wrap(b"x" * 16)
+    assert time.monotonic() - t0 < 2.0
+    assert ei.value.attempts <= 2 and ei.value.temporary
+    kms.delay = 0.0
 
 
 def test_bad_configuration():

@@ -618,3 +618,290 @@ async def test_client_side_errors_are_store_errors(server, store):
         await store.put_file("x/f", "/nonexistent/dir/file", {})
     assert type(ei.value) is StoreError and "cannot read" in str(ei.value)
     assert server.requests == []
+
+
+# ----------------------------------------------- fail fast on what retrying cannot fix (issue 16)
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    assert "\n" not in text and "HTTPConnectionPool" not in text and "Max retries" not in text, text
+    return text
+
+
+@trio_test
+async def test_wrong_credentials_fail_at_once_with_the_server_code(server):
+    """Wrong secret, unknown key id, AccessDenied: permanent at the first answer (a policy
+    that would retry 10 times with 1 s backoffs does not), one plain line with the code, the
+    server's message and the request id."""
+    cases = [({"sk": "wrong-secret"}, "SignatureDoesNotMatch"), ({"ak": "no-such-ak"}, "InvalidAccessKeyId")]
+    for kw, code in cases:
+        bad = make_store(server, retries=10, backoff=1.0, backoff_max=1.0, **kw)
+        server.clear_requests()
+        t0 = time.monotonic()
+        with pytest.raises(StoreError) as ei:
+            await bad.put_bytes("x/creds", b"data", {})
+        assert time.monotonic() - t0 < 1.5
+        e = ei.value
+        assert (e.temporary, e.code, len(server.requests)) == (False, code, 1)
+        text = _one_line(e)
+        assert code in text and "HTTP 403" in text and f"[request id {server.requests[0].request_id}]" in text
+        with pytest.raises(StoreError) as ei:  # a listing (what the daemon probes at mount) too
+            await bad.list("", max_keys=1)
+        assert ei.value.code == code and not ei.value.temporary and len(server.requests) == 2
+        await bad.aclose()
+    store = make_store(server, retries=10, backoff=1.0)
+    server.faults.add(status=403, count=None, code="AccessDenied", message="You have no right to access this object.")
+    server.clear_requests()
+    with pytest.raises(StoreError) as ei:
+        await store.head("x/denied")
+    assert (ei.value.code, ei.value.temporary, len(server.requests)) == ("AccessDenied", False, 1)
+    server.faults.clear()
+    await store.aclose()
+
+
+@trio_test
+async def test_missing_bucket_fails_at_once(server):
+    store = OssStore("no-such-bucket", server.endpoint, region=REGION, signature="v4",
+                     credentials=StaticCredentialsProvider(AK, SK), retries=10, backoff=1.0)
+    server.clear_requests()
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as ei:
+        await store.list("", max_keys=1)
+    assert time.monotonic() - t0 < 1.5 and len(server.requests) == 1
+    assert (ei.value.code, ei.value.temporary) == ("NoSuchBucket", False)
+    assert "NoSuchBucket" in _one_line(ei.value) and "does not exist" in str(ei.value)
+    await store.aclose()
+
+
+@trio_test
+async def test_no_credentials_fail_at_once(server):
+    store = make_store(server, credentials=CredentialChain(environ={}, ram_role=False), retries=10, backoff=1.0)
+    server.clear_requests()
+    with pytest.raises(CredentialsError) as ei:
+        await store.list("", max_keys=1)
+    assert (ei.value.code, ei.value.temporary) == ("NoCredentials", False)
+    assert "OSS_ACCESS_KEY_ID" in _one_line(ei.value) and server.requests == []
+    await store.aclose()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@trio_test
+async def test_closed_port_is_temporary_and_plain():
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    store = OssStore(BUCKET, endpoint, region=REGION, signature="v4", credentials=StaticCredentialsProvider(AK, SK),
+                     retries=2, backoff=0.01, backoff_max=0.02)
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.list("", max_keys=1)
+    e = ei.value
+    assert (e.temporary, e.code, e.request_id) == (True, "ConnectionRefused", None)
+    assert _one_line(e).startswith(f"OSS ListObjects '': cannot connect to {endpoint}: connection refused "
+                                   "(gave up after 3 attempts in ")
+    await store.aclose()
+
+
+@trio_test
+async def test_dns_failure_is_temporary_and_plain(monkeypatch):
+    import socket
+
+    def no_dns(host, *a, **kw):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    store = OssStore(BUCKET, "http://oss.example.invalid", region=REGION, signature="v4",
+                     credentials=StaticCredentialsProvider(AK, SK), retries=1, backoff=0.01)
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.head("k")
+    assert ei.value.code == "NameResolution"
+    assert "cannot resolve the host of http://oss.example.invalid: Name or service not known" in _one_line(ei.value)
+    await store.aclose()
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections, reads what comes, and never answers."""
+    import socket
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    conns, stop = [], threading.Event()
+
+    def serve():
+        lsock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                c, _ = lsock.accept()
+                conns.append(c)
+            except OSError:
+                continue
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{lsock.getsockname()[1]}", conns
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    lsock.close()
+
+
+@trio_test
+async def test_server_that_never_answers_is_bounded_by_the_deadline(silent_server):
+    """read timeout 30 s × 6 attempts would be 3 minutes; the deadline (1.5 s) bounds the
+    call: the attempt's read timeout is cut to what is left."""
+    endpoint, conns = silent_server
+    store = OssStore(BUCKET, endpoint, region=REGION, signature="v4", credentials=StaticCredentialsProvider(AK, SK),
+                     retries=5, backoff=0.01, read_timeout=30.0, deadline=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.put_bytes("k", b"data", {})
+    elapsed = time.monotonic() - t0
+    assert 1.0 <= elapsed < 2.5, elapsed
+    assert ei.value.code == "Timeout" and f"no answer from {endpoint} within" in _one_line(ei.value)
+    assert 1 <= len(conns) <= 2
+    await store.aclose()
+
+
+@trio_test
+async def test_persistent_503_is_bounded_by_attempts_and_deadline(server):
+    """Every PUT answered 503: one store call fails after its attempts (6) in well under the
+    deadline with the defaults' shape; with long backoffs the deadline cuts it short."""
+    server.faults.add(status=503, count=None, methods=("PUT",))
+    store = make_store(server, retries=5, backoff=0.01, backoff_max=0.05)
+    server.clear_requests()
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.put_bytes("r/503", b"x", {})
+    assert len(server.requests) == 6 and ei.value.code == "ServiceUnavailable" and ei.value.temporary
+    assert "gave up after 6 attempts" in str(ei.value)
+    slow = make_store(server, retries=100, backoff=0.4, backoff_max=0.4, deadline=1.2)
+    server.clear_requests()
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await slow.put_bytes("r/503", b"x", {})
+    assert time.monotonic() - t0 < 1.2
+    assert 2 <= len(server.requests) <= 5
+    server.faults.clear()
+    await store.aclose()
+    await slow.aclose()
+
+
+@trio_test
+async def test_throttling_429_is_retried(server, store):
+    server.faults.add(status=429, count=2, methods=("PUT",))
+    await store.put_bytes("r/429", b"ok", {})
+    assert [r.status for r in key_requests(server, "PUT", "r/429")] == [429, 429, 200]
+
+
+def test_default_policy():
+    """The documented defaults: 6 attempts, 60 s deadline per store call."""
+    s = OssStore("bucket-x", "http://127.0.0.1:1", region=REGION, credentials=StaticCredentialsProvider("a", "b"))
+    assert (s.policy.attempts, s.policy.deadline) == (6, 60.0)
+
+
+# --------------------------------------------------------------- copies say which version (A1)
+@trio_test
+async def test_copy_if_match_sends_the_callers_etag(server, store):
+    v1 = await store.put_bytes("w/cv", b"one", {"a": "1"})
+    server.clear_requests()
+    await store.copy("w/cv", "w/cv", {"a": "2"}, if_match=v1.etag)
+    (c,) = key_requests(server, "PUT", "w/cv")
+    assert c.headers["x-oss-copy-source-if-match"] == v1.etag
+
+
+@trio_test
+async def test_copy_if_match_source_replaced_after_head(server, store, monkeypatch):
+    """Another writer replaces the source between the store's HEAD and its CopyObject: OSS
+    answers 412 and the copy fails (no second HEAD that would copy the new version)."""
+    v1 = await store.put_bytes("w/race", b"mine", {"m": "0644"})
+    other = make_store(server)
+    real_head = store._head
+
+    async def head_then_other_writer(key):
+        r = await real_head(key)
+        await other.put_bytes("w/race", b"theirs, newer", {"m": "0600"})
+        return r
+
+    monkeypatch.setattr(store, "_head", head_then_other_writer)
+    with pytest.raises(PreconditionFailed):
+        await store.copy("w/race", "w/race", {"m": "0755"}, if_match=v1.etag)
+    assert server.get_object_bytes(BUCKET, "w/race") == b"theirs, newer"
+    assert server.object_meta(BUCKET, "w/race") == {"x-oss-meta-m": "0600"}
+    await other.aclose()
+
+
+# ------------------------------------------------------------------ CRC-64 combine (A7)
+def test_crc64_combine_matches_fastcrc_on_random_splits():
+    import random
+
+    import fastcrc
+
+    from ossfuse.store.oss import _crc64_combine
+    rng = random.Random(5)
+    body = rng.randbytes(200_000)
+    for _ in range(60):
+        cuts = sorted(rng.randrange(0, len(body) + 1) for _ in range(rng.randrange(0, 8)))
+        bounds = [0, *cuts, len(body)]
+        parts = [body[a:b] for a, b in zip(bounds, bounds[1:])]  # some empty
+        crc = 0
+        for p in parts:
+            crc = _crc64_combine(crc, fastcrc.crc64.xz(p), len(p))
+        assert crc == fastcrc.crc64.xz(body)
+    assert _crc64_combine(0, 0, 0) == 0 and _crc64_combine(123, 0, 0) == 123
+
+
+def test_crc64_combine_multi_gib_lengths():
+    """Lengths of several GiB, checked without the bytes: runs of zeros built by doubling agree
+    with fastcrc up to 16 MiB, shifting is associative across 2^32 and 2^62 bytes, and the
+    whole thing takes milliseconds (the old combine CRCed 2 × len zero bytes)."""
+    import fastcrc
+
+    from ossfuse.store.oss import _crc64_combine
+    z = fastcrc.crc64.xz(bytes(1 << 20))
+    n = 1 << 20
+    while n < 16 << 20:
+        z, n = _crc64_combine(z, z, n), 2 * n
+    assert z == fastcrc.crc64.xz(bytes(16 << 20))
+    t0 = time.perf_counter()
+    a, b, c = 0x0123456789ABCDEF, 0xFEDCBA9876543210, 0x0F1E2D3C4B5A6978
+    for la, lb in ((5 << 30, 3 << 30), ((1 << 32) - 1, (1 << 32) + 17), (1 << 62, (1 << 62) + 3), (7, 1 << 40)):
+        assert _crc64_combine(_crc64_combine(a, b, la), c, lb) == \
+            _crc64_combine(a, _crc64_combine(b, c, lb), la + lb)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_network_failure_texts():
+    """What each failure below HTTP reads as (built like requests/urllib3 build them)."""
+    import errno as errno_mod
+
+    import requests
+    import urllib3
+
+    from ossfuse.store.oss import _network_failure
+
+    def wrapped(inner, outer=requests.exceptions.ConnectionError):
+        nce = urllib3.exceptions.NewConnectionError(None, f"Failed to establish a new connection: {inner}")
+        nce.__cause__ = inner
+        return outer(urllib3.exceptions.MaxRetryError(None, "/b/k", nce))
+
+    ep = "http://h:1"
+    assert _network_failure(ep, wrapped(ConnectionRefusedError(errno_mod.ECONNREFUSED, "Connection refused")),
+                            None) == ("ConnectionRefused", f"cannot connect to {ep}: connection refused", True)
+    assert _network_failure(ep, wrapped(OSError(errno_mod.EHOSTUNREACH, "No route to host")), None) == \
+        ("ConnectionError", f"cannot connect to {ep}: No route to host", True)
+    timeout = requests.exceptions.ConnectTimeout(urllib3.exceptions.MaxRetryError(
+        None, "/b/k", urllib3.exceptions.ConnectTimeoutError(None, "timed out")))
+    assert _network_failure(ep, timeout, (3.0, 9.0)) == ("Timeout", f"cannot connect to {ep}: no connection within 3.0s",
+                                                         True)
+    assert _network_failure(ep, requests.exceptions.ReadTimeout("read timed out"), (3.0, 9.0)) == \
+        ("Timeout", f"no answer from {ep} within 9.0s", True)
+    broken = requests.exceptions.ChunkedEncodingError(
+        urllib3.exceptions.ProtocolError("Connection broken", ConnectionResetError(errno_mod.ECONNRESET, "reset")))
+    assert _network_failure(ep, broken, None) == ("ConnectionReset", f"the connection to {ep} was lost", True)
+    ssl_err = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    code, text, temporary = _network_failure(ep, ssl_err, None)
+    assert (code, temporary) == ("TlsError", False) and "certificate cannot be verified" in text

@@ -1,5 +1,6 @@
-"""One set of assertions every ObjectStore must pass, run against LocalStore (a directory) and
-OssStore (oss2 over real HTTP to tests/oss_server.py, signature V1 and V4).
+"""One set of assertions every ObjectStore must pass, run against LocalStore (a directory),
+OssStore (oss2 over real HTTP to tests/oss_server.py, signature V1 and V4) and the in-process
+FaultStore (tests/fakes/fault_store.py) around a LocalStore with no fault armed.
 
 The expected behaviour is OSS's (shared/spec/oss-rest-api.md): keys are opaque strings of
 1-1023 UTF-8 bytes (``a`` and ``a/`` are different objects), ranges past the end are short,
@@ -19,6 +20,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from fakes.fault_store import FaultStore  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
 
 from ossfuse.store.base import NoSuchKey, ObjectStore, PreconditionFailed, StoreError  # noqa: E402
@@ -59,11 +61,12 @@ def oss_server():
         srv.stop()
 
 
-@pytest.fixture(params=["local", "oss-v1", "oss-v4"])
+@pytest.fixture(params=["local", "oss-v1", "oss-v4", "fault"])
 def h(request, tmp_path):
-    if request.param == "local":
-        store = LocalStore(str(tmp_path / "bucket"))
-        yield Harness("local", store, store.pending_uploads)
+    if request.param in ("local", "fault"):
+        local = LocalStore(str(tmp_path / "bucket"))
+        store = local if request.param == "local" else FaultStore(local)
+        yield Harness(request.param, store, local.pending_uploads)
         trio.run(store.aclose)
         return
     srv = request.getfixturevalue("oss_server")
@@ -316,6 +319,53 @@ async def test_copy_replace_metadata(h):
     with pytest.raises(NoSuchKey):
         await s.copy("missing", "dst2")
     assert await s.head("dst2") is None
+
+
+@trio_test
+async def test_copy_if_match(h):
+    """A copy conditional on the source version the caller knows: the right ETag copies that
+    version (COPY and REPLACE), a stale one raises PreconditionFailed and writes nothing."""
+    s = h.store
+    v1 = await s.put_bytes("cm/src", b"version one", {"v": "1"})
+    info = await s.copy("cm/src", "cm/dst", if_match=v1.etag)
+    assert (info.size, info.metadata) == (11, {"v": "1"})
+    assert await s.get_range("cm/dst", 0, 100) == b"version one"
+    info = await s.copy("cm/src", "cm/src", {"v": "1", "mode": "0600"}, if_match=v1.etag.lower())
+    assert (await s.head("cm/src")).metadata == {"v": "1", "mode": "0600"} == info.metadata
+    v2 = await s.put_bytes("cm/src", b"version two, another writer", {"v": "2"})
+    for meta in (None, {"mode": "0644"}):
+        with pytest.raises(PreconditionFailed):
+            await s.copy("cm/src", "cm/other", meta, if_match=v1.etag)
+        with pytest.raises(PreconditionFailed):  # onto itself: the other writer's object stays
+            await s.copy("cm/src", "cm/src", meta, if_match=info.etag)
+    assert await s.head("cm/other") is None
+    got = await s.head("cm/src")
+    assert (got.etag, got.metadata) == (v2.etag, {"v": "2"})
+    assert await s.get_range("cm/src", 0, 100) == b"version two, another writer"
+    with pytest.raises(NoSuchKey):
+        await s.copy("cm/missing", "cm/x", if_match=v1.etag)
+
+
+@trio_test
+async def test_list_multipart_uploads(h):
+    """Unfinished uploads are listed (key, id, initiation time) under a prefix until completed
+    or aborted: what recovery needs to abort orphans."""
+    s = h.store
+    t0 = time.time()
+    assert await s.list_multipart_uploads("lu/") == []
+    u1 = await s.create_multipart("lu/a", {"m": "1"})
+    u2 = await s.create_multipart("lu/b/c", {})
+    u3 = await s.create_multipart("other/x", {})
+    ups = await s.list_multipart_uploads("lu/")
+    assert [(k, u) for k, u, _ in ups] == [("lu/a", u1), ("lu/b/c", u2)]
+    assert all(t0 - 2 <= t <= time.time() + 2 for _, _, t in ups)
+    assert {u for _, u, _ in await s.list_multipart_uploads()} >= {u1, u2, u3}
+    e1 = await s.upload_part("lu/a", u1, 1, b"only part", {"m": "1"})
+    await s.complete_multipart("lu/a", u1, [(1, e1)])
+    await s.abort_multipart("lu/b/c", u2)
+    assert await s.list_multipart_uploads("lu/") == []
+    assert [u for _, u, _ in await s.list_multipart_uploads("other/")] == [u3]
+    await s.abort_multipart("other/x", u3)
 
 
 # --------------------------------------------------------------------------------- multipart

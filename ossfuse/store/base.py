@@ -12,12 +12,40 @@ from dataclasses import dataclass, field
 
 
 class StoreError(Exception):
-    """Any failure of a store request; ``request_id`` names the server request when known."""
+    """Any failure of a store request.
 
-    def __init__(self, message: str, *, key: str | None = None, request_id: str | None = None):
+    ``str(e)`` is one plain line: what was asked, the server's error code and message (or the
+    network failure in words, e.g. ``cannot connect to http://127.0.0.1:9000: connection
+    refused``) and ``[request id …]`` when the server named the request. Attributes:
+
+    * ``temporary`` (bool): retrying later may succeed (connection refused/reset, timeouts, DNS
+      failures, HTTP 5xx, 429/throttling). The store has already retried it under its policy
+      (``ossfuse.retry``) until its attempts or deadline ran out, so a caller should not loop
+      on it again at once. False: retrying cannot fix it (wrong credentials 403
+      SignatureDoesNotMatch/InvalidAccessKeyId/AccessDenied, 404 NoSuchBucket, no credentials,
+      a bad request, a full local disk); the store failed at the first answer.
+    * ``code`` (str | None): the server's error code (``SignatureDoesNotMatch``,
+      ``NoSuchBucket``, ``ServiceUnavailable``…) or a local one (``ConnectionRefused``,
+      ``Timeout``, ``NameResolution``, ``ConnectionReset``, ``CrcMismatch``, ``NoCredentials``).
+    * ``key``: the object key (or listing prefix) asked for; ``request_id``: the server's
+      ``x-oss-request-id`` when known.
+    """
+
+    #: class default; StoreUnavailable is temporary, everything else is not unless said
+    temporary: bool = False
+
+    def __init__(self, message: str, *, key: str | None = None, request_id: str | None = None,
+                 code: str | None = None, temporary: bool | None = None):
         super().__init__(message)
+        self.message = " ".join(message.split())  # one line, whatever the server sent
         self.key = key
         self.request_id = request_id
+        self.code = code
+        if temporary is not None:
+            self.temporary = temporary
+
+    def __str__(self) -> str:
+        return self.message + (f" [request id {self.request_id}]" if self.request_id else "")
 
 
 class NoSuchKey(StoreError):
@@ -29,7 +57,10 @@ class PreconditionFailed(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The store could not be reached or kept failing (5xx, resets, timeouts) after retries."""
+    """The store could not be reached or kept failing (5xx, throttling, resets, timeouts) until
+    the retry policy gave up. Always ``temporary``."""
+
+    temporary = True
 
 
 @dataclass(frozen=True)
@@ -124,8 +155,26 @@ class ObjectStore(abc.ABC):
         """One page of keys under ``prefix`` after ``marker``, grouped at ``delimiter``."""
 
     @abc.abstractmethod
-    async def copy(self, src: str, dst: str, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
-        """Server-side copy; ``metadata`` None keeps the source's (COPY), else replaces it (REPLACE)."""
+    async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
+                   if_match: str | None = None) -> ObjectInfo:
+        """Server-side copy of ``src`` to ``dst``; ``metadata`` None keeps the source's (COPY),
+        else replaces it (REPLACE). Returns the new object.
+
+        ``if_match``: the source ETag the caller knows; the copy happens only if the source is
+        still that version (OSS ``x-oss-copy-source-if-match``), checked atomically with the
+        copy, else PreconditionFailed and nothing is written. Every caller that copies a version
+        it has seen should pass it. None copies whatever version is there now (the returned
+        size/metadata still describe the version that was copied).
+
+        Raises NoSuchKey (source missing), PreconditionFailed, StoreError (e.g. source above
+        ``max_copy_size``)."""
+
+    @abc.abstractmethod
+    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+        """Unfinished multipart uploads whose key starts with ``prefix``, as
+        ``[(key, upload_id, initiated)]`` sorted by key then initiation, ``initiated`` in
+        seconds since the epoch (OSS ListMultipartUploads, oss-rest-api.md §3.16, all pages).
+        Recovery aborts those it does not resume: OSS bills their parts until then."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

@@ -49,6 +49,7 @@ from typing import Mapping
 
 import oss2.credentials
 
+from ..retry import Budget, RetryPolicy, retry_sync
 from .base import StoreError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,13 @@ DEFAULT_IMDS_URL = "http://100.100.100.200"
 
 class CredentialsError(StoreError):
     """No usable credentials: missing, malformed, a credentials file with unsafe permissions,
-    or the metadata service failed and no unexpired credential is left."""
+    or the metadata service failed and no unexpired credential is left. Permanent (retrying
+    cannot fix a missing or unsafe file) unless made with ``temporary=True`` (the metadata
+    service was unreachable or answered 5xx). ``code`` is ``NoCredentials``."""
+
+    def __init__(self, message: str, *, temporary: bool | None = None, **kw):
+        kw.setdefault("code", "NoCredentials")
+        super().__init__(message, temporary=temporary, **kw)
 
 
 @dataclass(frozen=True)
@@ -249,49 +256,53 @@ class EcsRamRoleCredentialsProvider(CredentialsProvider):
         self.fetch_count = 0
 
     # -- HTTP -------------------------------------------------------------------------------
-    def _http(self, method: str, path: str, headers: dict[str, str]) -> str:
+    def _http(self, method: str, path: str, headers: dict[str, str], timeout: float | None = None) -> str:
         req = urllib.request.Request(self.base_url + path, method=method, headers=headers,
                                      data=b"" if method == "PUT" else None)
         # the metadata service is link-local: never go through an HTTP proxy from the environment
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(req, timeout=self.timeout) as resp:
+        with opener.open(req, timeout=timeout or self.timeout) as resp:
             return resp.read().decode("utf-8")
 
-    def _get_token(self) -> str | None:
+    def _get_token(self, timeout: float | None = None) -> str | None:
         now = time.time()
         if self._token and now < self._token_until:
             return self._token
         try:
             tok = self._http("PUT", self._TOKEN_PATH,
-                             {"X-aliyun-ecs-metadata-token-ttl-seconds": str(self.token_ttl)}).strip()
+                             {"X-aliyun-ecs-metadata-token-ttl-seconds": str(self.token_ttl)}, timeout).strip()
         except (urllib.error.URLError, OSError) as e:
             if self.imds_v1_fallback:
                 log.warning("ECS metadata token request failed (%s); continuing without a token", e)
                 return None
-            raise CredentialsError(f"ECS metadata service {self.base_url}: token request failed: {e}") from None
+            raise CredentialsError(f"ECS metadata service {self.base_url}: token request failed: {e}",
+                                   temporary=True) from None
         self._token = tok
         self._token_until = now + self.token_ttl * 0.8
         return tok
 
-    def _fetch_once(self) -> Credentials:
-        token = self._get_token()
+    def _fetch_once(self, timeout: float | None = None) -> Credentials:
+        """One try; CredentialsError says whether another may help (``temporary``)."""
+        token = self._get_token(timeout)
         headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
         try:
             role = self.role
             if not role:
-                lines = self._http("GET", self._CREDS_PATH, headers).split()
+                lines = self._http("GET", self._CREDS_PATH, headers, timeout).split()
                 if not lines:
                     raise CredentialsError("no RAM role is attached to this ECS instance")
                 role = lines[0].strip()
-            body = self._http("GET", self._CREDS_PATH + urllib.request.quote(role, safe=""), headers)
+            body = self._http("GET", self._CREDS_PATH + urllib.request.quote(role, safe=""), headers, timeout)
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
                 self._token = None  # an expired or rejected token: ask for a new one next time
-            raise CredentialsError(f"ECS metadata service {self.base_url}: HTTP {e.code} {e.reason}") from None
+            raise CredentialsError(f"ECS metadata service {self.base_url}: HTTP {e.code} {e.reason}",
+                                   temporary=e.code in (401, 403, 429) or e.code >= 500) from None
         try:
             doc = json.loads(body)
             if doc.get("Code", "Success") != "Success":
-                raise CredentialsError(f"ECS metadata service: role {role}: Code={doc.get('Code')}")
+                raise CredentialsError(f"ECS metadata service: role {role}: Code={doc.get('Code')}",
+                                       temporary=True)
             creds = Credentials(doc["AccessKeyId"], doc["AccessKeySecret"], doc.get("SecurityToken") or None,
                                 _parse_expiration(doc["Expiration"]) if doc.get("Expiration") else None)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -301,17 +312,21 @@ class EcsRamRoleCredentialsProvider(CredentialsProvider):
         return creds
 
     def _fetch(self) -> Credentials:
-        last: Exception | None = None
-        for i in range(self.attempts):
+        """One credential fetch under the shared retry policy (``ossfuse.retry``): ``attempts``
+        tries, 0.1 s backoff doubling to 1 s with jitter, within ``attempts × (timeout + 1)``
+        seconds. An unreachable service, a timeout, a 5xx or a rejected token (401/403: a new
+        one is asked for) are retried; a missing role or malformed answer fails at once."""
+        policy = RetryPolicy(attempts=self.attempts, deadline=self.attempts * (self.timeout + 1.0),
+                             backoff=0.1, backoff_max=1.0)
+
+        def attempt(budget: Budget) -> Credentials:
             try:
-                return self._fetch_once()
-            except (CredentialsError, urllib.error.URLError, OSError) as e:
-                last = e
-                if i + 1 < self.attempts:
-                    time.sleep(min(1.0, 0.1 * 2 ** i))
-        if isinstance(last, CredentialsError):
-            raise last
-        raise CredentialsError(f"ECS metadata service {self.base_url} unreachable: {last}")
+                return self._fetch_once(budget.timeout(self.timeout))
+            except (urllib.error.URLError, OSError) as e:
+                raise CredentialsError(f"ECS metadata service {self.base_url} unreachable: "
+                                       f"{getattr(e, 'reason', None) or e}", temporary=True) from None
+
+        return retry_sync(policy, attempt)
 
     # -- provider ---------------------------------------------------------------------------
     def get_credentials(self) -> Credentials:
@@ -398,7 +413,7 @@ class CredentialChain(CredentialsProvider):
             prov.get_credentials()
         except CredentialsError as e:
             raise CredentialsError("no OSS credentials: no credentials file configured, OSS_ACCESS_KEY_ID is "
-                                   f"not set, and the ECS RAM role failed: {e}") from None
+                                   f"not set, and the ECS RAM role failed: {e}", temporary=e.temporary) from None
         return prov
 
     def get_credentials(self) -> Credentials:

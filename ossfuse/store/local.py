@@ -14,6 +14,16 @@ path, so no key can escape the directory. A write lands in ``tmp/``, is fsynced,
 the old object or the new one, never half of one. ETags are random per write (OSS only promises
 that an ETag changes when the content does). SQLite in WAL mode lets the daemon and a test
 process use one bucket at once.
+
+Durability: a body is fsynced before its rename, and the directory it is renamed into
+(``blobs/XX/``, an upload's directory) is fsynced after it, so a committed index row never
+points at a name the disk forgot.
+
+Safety (the directory holds names, sizes and wrapped data keys): it is created 0700 with its
+files 0600, whatever the umask; an existing one must be a directory owned by the user opening it
+and not writable by group or others (else ValueError naming the path and the fix), a root dir
+readable by others is tightened to 0700 (one INFO line); its entries are never symlinks (files are
+opened with ``O_NOFOLLOW``).
 """
 from __future__ import annotations
 
@@ -22,9 +32,11 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
+from typing import Callable
 from urllib.parse import urlparse
 
 import trio
@@ -34,6 +46,65 @@ from .base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFail
 log = logging.getLogger(__name__)
 
 _ORPHAN_AGE = 3600.0  # seconds before an unreferenced blob (crash leftover) is removed
+_SUBDIRS = ("blobs", "uploads", "tmp")
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_new(path: str) -> int:
+    """Create ``path`` (0600, must not exist, never through a symlink) for writing; an fd."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+
+
+def _open_read(path: str) -> int:
+    """Open ``path`` read-only, refusing a symlink (ELOOP); an fd."""
+    return os.open(path, os.O_RDONLY | _NOFOLLOW)
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync a directory, so a rename or create in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir_private(path: str) -> bool:
+    """Create directory ``path`` 0700 (umask ignored); False if it existed (then it must be a
+    real directory, not a symlink: else ValueError)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"local store: {path} is not a directory (a symlink or file was put there); "
+                             "remove it") from None
+        return False
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+    return True
+
+
+def check_private_dir(path: str, what: str = "local store") -> None:
+    """Refuse a directory another user could change: ValueError naming ``path`` and the fix
+    when it is not owned by this process's effective user or is writable by group or others."""
+    st = os.stat(path)
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise ValueError(f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {uid}); "
+                         f"another user could change its contents: use a directory of your own "
+                         f"(or run: chown {uid} {path})")
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise ValueError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: group or others may write "
+                         f"to it; run: chmod 700 {path}")
+
+
+class _SourceChanged(Exception):
+    """A copy's source row changed between linking its blob and committing the copy."""
+
+
+def _etag_norm(etag: str) -> str:
+    """ETags compare without quotes and case, as on OSS."""
+    return etag.strip().strip('"').upper()
 
 
 def _validate_key(key: str) -> None:
@@ -52,9 +123,36 @@ class LocalStore(ObjectStore):
     def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None):
         self.root = os.path.abspath(root)
         self.max_copy_size = max_copy_size  # None: copies are hard links, of any size
-        for sub in ("blobs", "uploads", "tmp"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        parent = os.path.dirname(self.root)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(self.root, 0o700)
+            os.chmod(self.root, 0o700)  # mkdir's mode is masked by the umask
+        except FileExistsError:
+            pass  # the root itself may be a symlink to a directory: the user named it
+        check_private_dir(self.root)
+        mode = stat.S_IMODE(os.stat(self.root).st_mode)
+        if mode & 0o077:
+            os.chmod(self.root, 0o700)
+            log.info("local store %s: mode %04o tightened to 0700 (it holds names and wrapped keys)", self.root, mode)
+        for sub in _SUBDIRS:
+            _mkdir_private(os.path.join(self.root, sub))
         self._db_path = os.path.join(self.root, "index.sqlite")
+        # created 0600 before SQLite opens it (SQLite gives its -wal and -shm files the same
+        # mode); an existing one of an older version is tightened
+        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+            path = os.path.join(self.root, name)
+            try:
+                fd = os.open(path, os.O_RDWR | _NOFOLLOW | (os.O_CREAT if name == "index.sqlite" else 0), 0o600)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise ValueError(f"local store {path}: cannot open: {e.strerror} (a symlink there is refused)") from None
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
         self._local = threading.local()
         self._limiter = trio.CapacityLimiter(threads)
         db = self._db()
@@ -107,18 +205,26 @@ class LocalStore(ObjectStore):
     def _new_tmp(self) -> str:
         return os.path.join(self.root, "tmp", uuid.uuid4().hex)
 
-    def _commit(self, key: str, tmp: str, size: int, meta: dict[str, str]) -> ObjectInfo:
-        """Move a complete, fsynced body into blobs/ and point ``key`` at it, atomically."""
+    def _commit(self, key: str, tmp: str, size: int, meta: dict[str, str],
+                check: Callable[[sqlite3.Connection], None] | None = None) -> ObjectInfo:
+        """Move a complete, fsynced body into blobs/ (and fsync that directory) and point
+        ``key`` at it, atomically. ``check(db)`` runs inside the index transaction before the
+        row is written (a copy's source condition); whatever it raises undoes everything."""
         _validate_key(key)
         blob = uuid.uuid4().hex
         dest = self._blob_path(blob)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        subdir = os.path.dirname(dest)
+        if _mkdir_private(subdir):
+            _fsync_dir(os.path.dirname(subdir))
         os.rename(tmp, dest)
+        _fsync_dir(subdir)  # the new name must be on disk before the index points at it
         meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
         info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
+            if check is not None:
+                check(db)
             old = db.execute("SELECT blob FROM objects WHERE key=?", (key,)).fetchone()
             db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?)",
                        (key, size, info.etag, info.mtime, json.dumps(meta), blob))
@@ -145,7 +251,8 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     def _write_fsync(path: str, data: bytes) -> None:
-        with open(path, "wb") as f:
+        """Create ``path`` (0600, not through a symlink) with ``data``, fsynced."""
+        with open(_open_new(path), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -163,10 +270,10 @@ class LocalStore(ObjectStore):
             row = self._row(key)
             if row is None:
                 raise NoSuchKey("no such key", key=key)
-            if if_match is not None and row[2] != if_match:
-                raise PreconditionFailed(f"ETag is {row[2]}, not {if_match}", key=key)
+            if if_match is not None and _etag_norm(row[2]) != _etag_norm(if_match):
+                raise PreconditionFailed(f"ETag is {row[2]}, not {if_match}", key=key, code="PreconditionFailed")
             try:
-                with open(self._blob_path(row[5]), "rb") as f:
+                with open(_open_read(self._blob_path(row[5])), "rb") as f:
                     if not nowait:
                         return os.pread(f.fileno(), max(0, end - start), start)
                     buf = bytearray(max(0, end - start))
@@ -195,8 +302,9 @@ class LocalStore(ObjectStore):
             except OSError:
                 pass  # another disk (EXDEV): copy
         if not linked:
-            shutil.copyfile(path, tmp)
-        with open(tmp, "rb+") as f:
+            with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        with open(os.open(tmp, os.O_RDWR | _NOFOLLOW), "rb+") as f:
             os.fsync(f.fileno())  # nothing to write back when the caller already fsynced it
             size = os.fstat(f.fileno()).st_size
         return self._commit(key, tmp, size, meta)
@@ -222,8 +330,11 @@ class LocalStore(ObjectStore):
         _validate_key(key)
         upload_id = uuid.uuid4().hex.upper()
         d = self._upload_dir(upload_id)
-        os.makedirs(d)
-        self._write_fsync(os.path.join(d, "meta.json"), json.dumps({"key": key, "meta": meta}).encode())
+        _mkdir_private(d)
+        self._write_fsync(os.path.join(d, "meta.json"),
+                          json.dumps({"key": key, "meta": meta, "initiated": time.time()}).encode())
+        _fsync_dir(d)
+        _fsync_dir(os.path.dirname(d))
         return upload_id
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
@@ -237,8 +348,13 @@ class LocalStore(ObjectStore):
             raise StoreError(f"part number {n} out of range", key=key)
         etag = uuid.uuid4().hex.upper()
         tmp = os.path.join(d, f".{n}.tmp")
+        try:
+            os.unlink(tmp)  # left by an attempt that died
+        except FileNotFoundError:
+            pass
         self._write_fsync(tmp, data)
         os.rename(tmp, os.path.join(d, f"{n}.{etag}"))
+        _fsync_dir(d)
         for name in os.listdir(d):  # a re-uploaded part replaces the earlier one
             if name.startswith(f"{n}.") and name != f"{n}.{etag}" and not name.endswith(".tmp"):
                 os.unlink(os.path.join(d, name))
@@ -251,7 +367,7 @@ class LocalStore(ObjectStore):
     def _complete(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
         d = self._upload_dir(upload_id)
         try:
-            with open(os.path.join(d, "meta.json")) as f:
+            with open(_open_read(os.path.join(d, "meta.json")), "rb") as f:
                 m = json.load(f)
         except FileNotFoundError:
             raise NoSuchKey("no such upload", key=key) from None
@@ -266,9 +382,9 @@ class LocalStore(ObjectStore):
             if i < len(files) - 1 and os.path.getsize(p) < self.min_part_size:
                 raise StoreError(f"EntityTooSmall: part {parts[i][0]}", key=key)
         tmp = self._new_tmp()
-        with open(tmp, "wb") as out:
+        with open(_open_new(tmp), "wb") as out:
             for p in files:
-                with open(p, "rb") as src:
+                with open(_open_read(p), "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
@@ -334,24 +450,64 @@ class LocalStore(ObjectStore):
             return self._run_inline(self._list, prefix, delimiter, marker, max_keys)
         return await self._run(self._list, prefix, delimiter, marker, max_keys)
 
-    def _copy(self, src: str, dst: str, meta: dict[str, str] | None) -> ObjectInfo:
-        row = self._row(src)
-        if row is not None and self.max_copy_size is not None and row[1] > self.max_copy_size:
-            raise StoreError(f"cannot copy {src!r} ({row[1]} bytes): above max_copy_size", key=src)
-        for _ in range(5):  # the source may be replaced between reading its row and linking it
+    def _copy(self, src: str, dst: str, meta: dict[str, str] | None, if_match: str | None) -> ObjectInfo:
+        """Link the source's blob (immutable: a link is a copy) and commit ``dst`` in an index
+        transaction that first checks the source row still names that blob (and, with
+        ``if_match``, that ETag): the copy is exactly the version checked, atomically."""
+        for _ in range(5):  # without if_match: the source may be replaced while we link it
             row = self._row(src)
             if row is None:
                 raise NoSuchKey("copy source does not exist", key=src)
+            if if_match is not None and _etag_norm(row[2]) != _etag_norm(if_match):
+                raise PreconditionFailed(f"copy source is version {row[2]}, not {if_match}", key=src,
+                                         code="PreconditionFailed")
+            if self.max_copy_size is not None and row[1] > self.max_copy_size:
+                raise StoreError(f"cannot copy {src!r} ({row[1]} bytes): above max_copy_size", key=src)
             tmp = self._new_tmp()
             try:
-                os.link(self._blob_path(row[5]), tmp)  # blobs are immutable: a link is a copy
+                os.link(self._blob_path(row[5]), tmp)
             except FileNotFoundError:
+                if if_match is not None:
+                    raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed") from None
                 continue
-            return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta)
+
+            def source_unchanged(db: sqlite3.Connection, blob=row[5]) -> None:
+                now = db.execute("SELECT blob FROM objects WHERE key=?", (src,)).fetchone()
+                if now is None or now[0] != blob:
+                    raise _SourceChanged()
+
+            try:
+                return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta,
+                                    check=source_unchanged)
+            except _SourceChanged:
+                if if_match is not None:
+                    raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed") from None
         raise StoreError("copy source kept changing", key=src)
 
-    async def copy(self, src: str, dst: str, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
-        return await self._run(self._copy, src, dst, metadata)
+    async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
+                   if_match: str | None = None) -> ObjectInfo:
+        return await self._run(self._copy, src, dst, metadata, if_match)
+
+    def _list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        out = []
+        base = os.path.join(self.root, "uploads")
+        for upload_id in os.listdir(base):
+            path = os.path.join(base, upload_id, "meta.json")
+            try:
+                with open(_open_read(path), "rb") as f:
+                    m = json.load(f)
+                    initiated = float(m.get("initiated") or os.fstat(f.fileno()).st_mtime)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # being created or aborted right now
+            except ValueError:
+                log.info("local store %s: upload %s has an unreadable meta.json", self.root, upload_id)
+                continue
+            if m["key"].startswith(prefix):
+                out.append((m["key"], upload_id, initiated))
+        return sorted(out, key=lambda u: (u[0], u[2]))
+
+    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+        return await self._run(self._list_uploads, prefix)
 
     def _delete(self, key: str) -> None:
         db = self._db()

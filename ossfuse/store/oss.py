@@ -11,21 +11,26 @@ needs the region) over an :class:`~ossfuse.store.credentials.CredentialsProvider
 request, so rotated or refreshed STS credentials are used at once (the security token goes out
 as ``x-oss-security-token``, §6.1).
 
-Errors and retries:
+Errors and retries (one policy, ``ossfuse.retry``; see ``StoreError`` in ``base.py``):
 
-* transient: HTTP status >= 500, connection refused/reset, timeouts, truncated bodies, and CRC-64
-  mismatches (§5.2) are retried ``retries`` times with exponential backoff and jitter
-  (``backoff * 2**n``, capped at ``backoff_max``, times a random factor in [0.5, 1]); then
-  :class:`StoreUnavailable` (a CRC mismatch that persists: :class:`StoreError`).
-* 4xx are never retried: 404 NoSuchKey / NoSuchUpload → :class:`NoSuchKey` (``head`` returns
-  None), 412 → :class:`PreconditionFailed`, anything else (403 SignatureDoesNotMatch, 400 ...)
-  → :class:`StoreError`. NoSuchBucket is a StoreError, not a missing key.
+* temporary (``StoreError.temporary``): HTTP 5xx, 429 and throttling codes, connection
+  refused/reset, timeouts, DNS failures, truncated or unusable bodies and CRC-64 mismatches
+  (§5.2) are retried: at most ``retries + 1`` attempts, exponential backoff with jitter
+  (``backoff * 2**n`` capped at ``backoff_max``, times a random factor in [0.5, 1]), and all
+  within ``deadline`` seconds per call: no attempt starts or waits past it (each attempt's
+  connect/read timeout is cut to what is left). Then :class:`StoreUnavailable` (a CRC mismatch
+  that persists: :class:`StoreError`), whose message says how many attempts in how long.
+* permanent, at the first answer: 404 NoSuchKey / NoSuchUpload → :class:`NoSuchKey` (``head``
+  returns None), 412 → :class:`PreconditionFailed`, anything else (403 SignatureDoesNotMatch,
+  InvalidAccessKeyId, AccessDenied, 404 NoSuchBucket, 400 ...) → :class:`StoreError` with the
+  server's code and message; missing credentials → ``CredentialsError``. A failure below HTTP
+  reads as one plain line (``cannot connect to http://host:port: connection refused``).
 * every failure that reaches the caller is logged once (WARNING; NoSuchKey at DEBUG,
   PreconditionFailed at INFO) with the OSS request id (``x-oss-request-id``, §2.2), which is
-  also in ``StoreError.request_id``. Each retried attempt is logged at INFO with its own id.
+  also in ``StoreError.request_id`` and ``str()``. Each retried attempt is logged at INFO.
   oss2's own logger is set to WARNING (if unset): it would log every error response again.
-* cancellation waits for the request in flight (a blocked thread cannot be interrupted);
-  ``read_timeout`` bounds that.
+* cancellation waits for the request in flight (a blocked thread cannot be interrupted); the
+  attempt's timeouts bound that.
 
 Integrity: uploads keep oss2's CRC-64 check (``enable_crc``, §5.2) - PutObject and UploadPart
 compare the client CRC with ``x-oss-hash-crc64ecma``, and CompleteMultipartUpload compares the
@@ -35,11 +40,14 @@ sends the whole object's CRC on a 206, §5.3); a GET that returns the whole obje
 from __future__ import annotations
 
 import email.utils
+import errno
+import functools
 import http.client
 import logging
 import os
-import random
 import re
+import socket
+import ssl
 import threading
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -51,6 +59,7 @@ import requests
 import trio
 import urllib3
 
+from ..retry import Budget, RetryPolicy, retry_async
 from .base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, StoreUnavailable
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 
@@ -81,12 +90,58 @@ def _check_crc(op: str, key: str, ours: int, result) -> None:
         raise oe.InconsistentError(f"{op} {key}: CRC-64 of the body {ours} != OSS's {theirs}", result.request_id)
 
 
+# CRC-64/XZ (ECMA-182 polynomial, reflected; init and xorout all ones): the CRC OSS sends as
+# x-oss-hash-crc64ecma (§5.2) and fastcrc.crc64.xz computes.
+_CRC64_POLY = 0xC96C5795D7870F42  # reflected 0x42F0E1EBA9EA3693
+_CRC64_TOP = 1 << 63  # x^0 in the reflected bit order
+
+
+def _gf2_mulmod(a: int, b: int) -> int:
+    """a·b modulo the CRC polynomial, both 64-bit reflected polynomials (zlib's multmodp)."""
+    m, p = _CRC64_TOP, 0
+    while a:
+        if a & m:
+            p ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _CRC64_POLY if b & 1 else b >> 1
+    return p
+
+
+def _x_pow_2k_table() -> list[int]:
+    """[x^(2^k) mod P for k in 0..66]: enough for shifts by any length below 2^64 bytes."""
+    table = [_CRC64_TOP >> 1]  # x^1
+    for _ in range(66):
+        table.append(_gf2_mulmod(table[-1], table[-1]))
+    return table
+
+
+_X2K = _x_pow_2k_table()
+
+
+@functools.lru_cache(maxsize=64)
+def _x_pow_8n(n: int) -> int:
+    """x^(8n) mod P: the operator that appends n zero bytes to a CRC register, in O(log n)
+    multiplications (cached: every part but the last of an upload has the same length)."""
+    p, k = _CRC64_TOP, 3  # x^0; bit i of n stands for 2^(i+3) bits
+    while n:
+        if n & 1:
+            p = _gf2_mulmod(_X2K[k], p)
+        n >>= 1
+        k += 1
+    return p
+
+
 def _crc64_combine(crc_a: int, crc_b: int, len_b: int) -> int:
-    """CRC-64 of A followed by B from the CRC-64s of both: the CRC is affine in its input, so
-    crc(A‖B) = crc(zeros(|B|), from crc(A)) ^ crc(zeros(|B|)) ^ crc(B) (what oss2's pure-Python
-    crc64_combine computes, at memory speed)."""
-    zeros = bytes(len_b)
-    return fastcrc.crc64.xz(zeros, initial=crc_a) ^ fastcrc.crc64.xz(zeros) ^ crc_b
+    """CRC-64/XZ of A‖B from crc(A), crc(B) and len(B) in bytes, in O(log len_b) (zlib's
+    ``crc32_combine`` shape): with init = xorout the CRC is affine in the message, so
+    crc(A‖B) = crc(A)·x^(8·len_b) mod P ^ crc(B). Pure arithmetic, ~10 µs with a cached
+    length: it may run on the event loop."""
+    if len_b < 0:
+        raise ValueError("negative length")
+    if len_b == 0:
+        return crc_a ^ crc_b  # crc(B) of nothing is 0
+    return _gf2_mulmod(_x_pow_8n(len_b), crc_a) ^ crc_b
 
 
 class _BadResponse(Exception):
@@ -95,6 +150,96 @@ class _BadResponse(Exception):
     def __init__(self, message: str, request_id: str = ""):
         super().__init__(message)
         self.request_id = request_id
+
+
+#: 4xx codes that mean "slow down", not "refused" (retried like a 503)
+_THROTTLE_CODES = ("TooManyRequests", "Throttling", "SlowDown", "RequestTimeout", "QpsLimitExceeded")
+
+_thread_timeouts = threading.local()
+
+
+def _with_timeouts(timeouts: tuple[float, float], fn: Callable[..., Any], *args) -> Any:
+    """Run ``fn(*args)`` in this worker thread with requests' (connect, read) timeouts set to
+    ``timeouts`` seconds (:class:`_DeadlineSession` reads them)."""
+    _thread_timeouts.value = timeouts
+    try:
+        return fn(*args)
+    finally:
+        _thread_timeouts.value = None
+
+
+class _DeadlineSession(oss2.Session):
+    """oss2's Session with the per-attempt timeouts of the retry policy: oss2 passes the
+    Bucket's fixed (connect, read) pair; an attempt that has less time left before its
+    deadline (``ossfuse.retry.Budget.timeout``) uses the shorter one."""
+
+    def do_request(self, req, timeout):
+        override = getattr(_thread_timeouts, "value", None)
+        return super().do_request(req, timeout=override or timeout)
+
+
+def _causes(exc: BaseException):
+    """``exc`` and what it wraps: ``MaxRetryError.reason``, ``__cause__``/``__context__`` and an
+    exception passed as the first argument (requests wraps urllib3's errors that way)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.extend([getattr(e, "reason", None) if isinstance(getattr(e, "reason", None), BaseException) else None,
+                     e.__cause__, e.__context__,
+                     e.args[0] if e.args and isinstance(e.args[0], BaseException) else None])
+
+
+def _network_failure(endpoint: str, exc: BaseException,
+                     timeouts: tuple[float, float] | None) -> tuple[str, str, bool]:
+    """``(code, plain text, temporary)`` for a failure below HTTP, instead of urllib3's
+    ``HTTPConnectionPool(host=…) Max retries exceeded …`` dump."""
+    chain = list(_causes(exc))
+
+    def has(*types) -> BaseException | None:
+        return next((c for c in chain if isinstance(c, types)), None)
+
+    if g := has(socket.gaierror):
+        return "NameResolution", f"cannot resolve the host of {endpoint}: {g.strerror or g}", True
+    if has(ConnectionRefusedError):
+        return "ConnectionRefused", f"cannot connect to {endpoint}: connection refused", True
+    unreachable = next((c for c in chain if isinstance(c, OSError) and not isinstance(c, TimeoutError)
+                        and c.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+                                        errno.EADDRNOTAVAIL)), None)
+    if unreachable is not None:  # (urllib3's NewConnectionError is a ConnectTimeoutError: check first)
+        return "ConnectionError", f"cannot connect to {endpoint}: {unreachable.strerror}", True
+    if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
+        t = f" within {timeouts[0]:.1f}s" if timeouts else ""
+        return "Timeout", f"cannot connect to {endpoint}: no connection{t}", True
+    if has(requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
+        t = f" within {timeouts[1]:.1f}s" if timeouts else ""
+        return "Timeout", f"no answer from {endpoint}{t}", True
+    if s := has(requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError):
+        if "CERTIFICATE_VERIFY_FAILED" in str(s) or has(ssl.SSLCertVerificationError):
+            return "TlsError", f"TLS with {endpoint} failed: the server's certificate cannot be verified", False
+        return "TlsError", f"TLS with {endpoint} failed: {_first_line(s)}", True
+    if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected,
+           http.client.IncompleteRead, urllib3.exceptions.ProtocolError,
+           requests.exceptions.ChunkedEncodingError):
+        return "ConnectionReset", f"the connection to {endpoint} was lost", True
+    o = has(OSError)
+    if o is not None and o.errno is not None:
+        return "ConnectionError", f"connection to {endpoint} failed: {o.strerror or o}", True
+    return "ConnectionError", f"connection to {endpoint} failed: {_first_line(chain[-1])}", True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _etag_norm(etag: str) -> str:
+    """ETags compare without quotes and case (OSS sends upper-case hex in quotes)."""
+    return etag.strip().strip('"').upper()
 
 
 def region_from_endpoint(endpoint: str) -> str | None:
@@ -124,15 +269,22 @@ class OssStore(ObjectStore):
     :param signature: ``"v1"`` or ``"v4"``.
     :param credentials: where the access key comes from (``store.credentials``).
     :param threads: concurrent requests (the limiter's and the connection pool's size).
-    :param connect_timeout/read_timeout: seconds (requests' (connect, read) timeout pair).
-    :param retries: extra attempts for transient failures; ``backoff``/``backoff_max`` seconds.
-    :raises ValueError: bad signature, V4 without a region, invalid bucket name or endpoint.
+    :param connect_timeout/read_timeout: seconds (requests' (connect, read) timeout pair), each
+        shortened to what is left of ``deadline`` for an attempt.
+    :param retries: extra attempts for temporary failures; ``backoff``/``backoff_max`` seconds.
+    :param deadline: seconds one store call (all its attempts and backoff sleeps) may take
+        before it fails (config ``store.request_deadline``; default 60). With the defaults a
+        store answering 503 to everything fails a call after 6 attempts in ~4-8 s; a server that
+        accepts and never answers fails it after 60 s (one attempt, its read timeout cut to the
+        deadline), never 6 × 60 s.
+    :raises ValueError: bad signature, V4 without a region, invalid bucket name or endpoint,
+        deadline ≤ 0.
     """
 
     def __init__(self, bucket: str, endpoint: str, *, region: str | None = None, signature: str = "v4",
                  credentials: CredentialsProvider, threads: int = 16, connect_timeout: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 5, backoff: float = 0.25, backoff_max: float = 8.0,
-                 max_copy_size: int = COPY_LIMIT):
+                 deadline: float = 60.0, max_copy_size: int = COPY_LIMIT):
         self.max_copy_size = min(max_copy_size, COPY_LIMIT)
         if signature not in ("v1", "v4"):
             raise ValueError(f"signature must be 'v1' or 'v4', not {signature!r}")
@@ -147,8 +299,11 @@ class OssStore(ObjectStore):
         self.signature = signature
         self.credentials = credentials
         self.retries = max(0, int(retries))
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self.connect_timeout = float(connect_timeout)
+        self.read_timeout = float(read_timeout)
+        #: the retry policy of every request (``ossfuse.retry``)
+        self.policy = RetryPolicy(attempts=self.retries + 1, deadline=deadline, backoff=backoff,
+                                  backoff_max=backoff_max)
         self._limiter = trio.CapacityLimiter(threads)
         # oss2 logs every error response at INFO itself; this store logs each failure once.
         oss2_log = logging.getLogger("oss2")
@@ -158,7 +313,7 @@ class OssStore(ObjectStore):
         logging.getLogger("oss2.models").setLevel(logging.ERROR)
         provider = Oss2CredentialsProvider(credentials)
         auth = oss2.ProviderAuthV4(provider) if signature == "v4" else oss2.ProviderAuth(provider)
-        self._session = oss2.Session(pool_size=threads)
+        self._session = _DeadlineSession(pool_size=threads)
         try:
             # oss2's CRC-64 (crcmod, ~0.5 GB/s) was a third of a cold read's CPU and a quarter of
             # an upload's, and its combine at Complete is pure Python: oss2's is off, and this
@@ -182,74 +337,80 @@ class OssStore(ObjectStore):
         return cls(p.netloc, **kw)
 
     # -- plumbing ---------------------------------------------------------------------------
-    @staticmethod
-    def _classify(e: BaseException) -> str | None:
-        """"transient", "permanent", or None (not a request failure: a bug, re-raised)."""
-        if isinstance(e, (oe.RequestError, oe.InconsistentError, _BadResponse)):
-            return "transient"
-        if isinstance(e, oe.OssError):
-            return "transient" if e.status >= 500 else "permanent"
-        if isinstance(e, StoreError):
-            return "permanent"
-        if isinstance(e, _TRANSPORT_ERRORS):
-            return "transient"
-        return None
-
-    @staticmethod
-    def _describe(e: BaseException) -> str:
-        if isinstance(e, oe.RequestError):
-            return f"connection error: {e.exception}"
-        if isinstance(e, oe.InconsistentError):
-            return "CRC-64 mismatch between client and OSS"
-        if isinstance(e, oe.OssError):
-            return f"HTTP {e.status} {e.code or ''}: {e.message or ''}".rstrip(": ")
-        return f"{type(e).__name__}: {e}"
-
-    def _to_store_error(self, op: str, key: str | None, e: BaseException, attempts: int) -> StoreError:
-        rid = getattr(e, "request_id", "") or None
+    def _to_store_error(self, op: str, key: str | None, e: BaseException,
+                        timeouts: tuple[float, float] | None = None) -> StoreError | None:
+        """The StoreError one failed attempt means (``temporary`` set: retry or not), or None
+        for an exception that is no request failure (a bug: re-raised as itself)."""
         what = f"OSS {op} {key!r}" if key is not None else f"OSS {op}"
-        if isinstance(e, StoreError):
+        rid = getattr(e, "request_id", "") or None
+        if isinstance(e, StoreError):  # raised by our own code in the worker (bad file, no credentials)
             return e
-        if self._classify(e) == "permanent":  # 4xx, or an oss2 ClientError (status -1)
-            code = getattr(e, "code", "")
-            if e.status == 404 and code in ("NoSuchKey", "NoSuchUpload", ""):
-                return NoSuchKey(f"{what}: {code or 'not found'}", key=key, request_id=rid)
-            if e.status == 412:
-                return PreconditionFailed(f"{what}: the object changed (412 PreconditionFailed)",
-                                          key=key, request_id=rid)
-            return StoreError(f"{what}: {self._describe(e)}", key=key, request_id=rid)
-        msg = f"{what}: {self._describe(e)}" + (f" (after {attempts} attempts)" if attempts > 1 else "")
         if isinstance(e, oe.InconsistentError):
-            return StoreError(msg, key=key, request_id=rid)
-        return StoreUnavailable(msg, key=key, request_id=rid)
+            return StoreError(f"{what}: CRC-64 mismatch between client and OSS (data damaged in transit)",
+                              key=key, request_id=rid, code="CrcMismatch", temporary=True)
+        if isinstance(e, _BadResponse):
+            return StoreUnavailable(f"{what}: unusable answer: {e}", key=key, request_id=rid, code="BadResponse")
+        if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
+            code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts)
+            cls = StoreUnavailable if temporary else StoreError
+            return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
+        if isinstance(e, oe.OssError):  # an answer from the server (or an oss2 ClientError, status -1)
+            status, code = e.status, getattr(e, "code", "") or ""
+            if status < 0:  # oss2 refused the request before sending it (body: "ClientError: …")
+                return StoreError(f"{what}: {e.body}", key=key, code="ClientError")
+            text = f"{what}: HTTP {status} {code}: {e.message or ''}".rstrip(": ")
+            if status == 404 and code in ("NoSuchKey", "NoSuchUpload", ""):
+                return NoSuchKey(f"{what}: {code or 'not found'}", key=key, request_id=rid, code=code or "NoSuchKey")
+            if status == 412:
+                return PreconditionFailed(f"{what}: the object changed (412 PreconditionFailed)",
+                                          key=key, request_id=rid, code=code or "PreconditionFailed")
+            if status >= 500 or status == 429 or code in _THROTTLE_CODES:
+                return StoreUnavailable(text, key=key, request_id=rid, code=code)
+            return StoreError(text, key=key, request_id=rid, code=code)
+        if isinstance(e, _TRANSPORT_ERRORS):  # raised while a streamed body was read
+            code, text, temporary = _network_failure(self.endpoint, e, timeouts)
+            cls = StoreUnavailable if temporary else StoreError
+            return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
+        return None
 
     async def _call(self, op: str, key: str | None, fn: Callable[..., Any], *args,
                     transient_seen: list | None = None) -> Any:
-        """Run ``fn(*args)`` in a worker thread with the retry policy of the module docstring.
-        ``transient_seen`` (a list) gets an entry for every failed attempt that was retried."""
-        attempt = 0
-        while True:
-            attempt += 1
+        """Run ``fn(*args)`` in a worker thread under the store's retry policy (module
+        docstring): each attempt's connect and read timeouts are shortened to what is left of
+        the deadline. ``transient_seen`` (a list) gets the error of every failed attempt that
+        was retried. Raises the last attempt's StoreError, logged once."""
+        budget_seen: list[Budget] = []
+
+        async def attempt(budget: Budget) -> Any:
+            if not budget_seen:
+                budget_seen.append(budget)
+            timeouts = (budget.timeout(self.connect_timeout), budget.timeout(self.read_timeout))
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-            except Exception as e:  # noqa: BLE001 - classified below
-                kind = self._classify(e)
-                if kind is None:
+                return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter)
+            except Exception as e:  # noqa: BLE001 - classified here
+                err = self._to_store_error(op, key, e, timeouts)
+                if err is None:
                     raise
-                rid = getattr(e, "request_id", "") or None
-                if kind == "transient" and attempt <= self.retries:
-                    delay = min(self.backoff_max, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                    log.info("OSS %s %r: attempt %d/%d failed: %s%s; retrying in %.2fs", op, key, attempt,
-                             self.retries + 1, self._describe(e), f" [request id {rid}]" if rid else "", delay)
-                    if transient_seen is not None:
-                        transient_seen.append(e)
-                    await trio.sleep(delay)
-                    continue
-                err = self._to_store_error(op, key, e, attempt)
-                level = (logging.DEBUG if isinstance(err, NoSuchKey) else
-                         logging.INFO if isinstance(err, PreconditionFailed) else logging.WARNING)
-                log.log(level, "%s%s", err, f" [request id {err.request_id}]" if err.request_id else "")
-                raise err from (None if isinstance(e, StoreError) else e)
+                if err is e:
+                    raise
+                raise err from e
+
+        def on_retry(err: BaseException, n: int, delay: float) -> None:
+            log.info("OSS %s %r: attempt %d/%d failed: %s; retrying in %.2fs", op, key, n, self.policy.attempts,
+                     err, delay)
+            if transient_seen is not None:
+                transient_seen.append(err)
+
+        try:
+            return await retry_async(self.policy, attempt, on_retry=on_retry)
+        except StoreError as err:
+            budget = budget_seen[0] if budget_seen else None
+            if err.temporary and budget is not None and budget.attempt > 1:
+                err.message += f" (gave up after {budget.attempt} attempts in {budget.elapsed():.1f}s)"
+            level = (logging.DEBUG if isinstance(err, NoSuchKey) else
+                     logging.INFO if isinstance(err, PreconditionFailed) else logging.WARNING)
+            log.log(level, "%s", err)
+            raise
 
     @staticmethod
     def _meta_headers(key: str, metadata: dict[str, str] | None) -> dict[str, str]:
@@ -364,7 +525,7 @@ class OssStore(ObjectStore):
             info = await self.head(key)
             if info is None:
                 raise NoSuchKey("no such key", key=key)
-            if if_match is not None and info.etag.strip('"').upper() != if_match.strip('"').upper():
+            if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
                 raise PreconditionFailed(f"ETag is {info.etag}, not {if_match}", key=key)
             return b""
         return await self._call("GET", key, self._get_range_sync, key, start, end, if_match)
@@ -534,23 +695,33 @@ class OssStore(ObjectStore):
     def _copy_sync(self, src: str, dst: str, headers: dict[str, str]):
         return self._bucket.copy_object(self.bucket_name, src, dst, headers=dict(headers))
 
-    async def copy(self, src: str, dst: str, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
+    async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
+                   if_match: str | None = None) -> ObjectInfo:
         """CopyObject within the bucket (§3.9): ``x-oss-metadata-directive: COPY`` when
         ``metadata`` is None, else ``REPLACE`` with the given ``x-oss-meta-*`` and the source's
-        Content-Type. The source is HEADed first (its size and type) and the copy is made
-        conditional on that ETag (``x-oss-copy-source-if-match``; a source replaced in between is
-        HEADed again). Raises NoSuchKey (source missing), StoreError for a source above 1 GB
-        (CopyObject cannot do it; it needs UploadPartCopy or a streamed copy)."""
+        Content-Type. The source is HEADed first (its size, type and metadata for the result).
+
+        ``if_match``: the copy is conditional on that source ETag (``x-oss-copy-source-if-match``,
+        §3.9): a source that is another version (at the HEAD already, or replaced between the
+        HEAD and the copy: OSS answers 412) raises PreconditionFailed and nothing is copied.
+        Without it, the copy is conditional on the ETag the HEAD saw, so the result describes
+        the version copied (a source replaced in between is HEADed again, at most 3 times).
+
+        Raises NoSuchKey (source missing), PreconditionFailed, StoreError for a source above
+        ``max_copy_size`` (CopyObject cannot do it; it needs a streamed copy)."""
         self._check_key(dst)
-        for _ in range(3):
+        for _ in range(1 if if_match is not None else 3):
             h = await self._head(src)
             if h is None:
                 raise NoSuchKey("copy source does not exist", key=src)
             info, content_type = h
+            if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
+                raise PreconditionFailed(f"OSS CopyObject {src!r}: the source is version {info.etag}, "
+                                         f"not {if_match}", key=src, code="PreconditionFailed")
             if info.size > self.max_copy_size:
                 raise StoreError(f"cannot copy {src!r} ({info.size} bytes): objects above "
                                  f"{self.max_copy_size} bytes cannot be copied with CopyObject", key=src)
-            headers = {"x-oss-copy-source-if-match": info.etag}
+            headers = {"x-oss-copy-source-if-match": if_match if if_match is not None else info.etag}
             if metadata is None:
                 headers["x-oss-metadata-directive"] = "COPY"
                 meta = dict(info.metadata)
@@ -562,9 +733,31 @@ class OssStore(ObjectStore):
             try:
                 r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers)
             except PreconditionFailed:
+                if if_match is not None:
+                    raise
                 continue
             return ObjectInfo(dst, info.size, r.etag or info.etag, _http_time(r.headers) or 0.0, meta)
         raise StoreError(f"copy source {src!r} kept changing", key=src)
+
+    # -- multipart uploads in progress --------------------------------------------------------
+    def _list_uploads_sync(self, prefix: str, key_marker: str, upload_id_marker: str):
+        return self._bucket.list_multipart_uploads(prefix=prefix, key_marker=key_marker,
+                                                   upload_id_marker=upload_id_marker, max_uploads=1000)
+
+    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+        """ListMultipartUploads (§3.16), following NextKeyMarker/NextUploadIdMarker to the end:
+        ``[(key, upload_id, initiated)]``, ``initiated`` in epoch seconds."""
+        out: list[tuple[str, str, float]] = []
+        key_marker = upload_id_marker = ""
+        while True:
+            r = await self._call("ListMultipartUploads", prefix, self._list_uploads_sync, prefix, key_marker,
+                                 upload_id_marker)
+            out.extend((u.key, u.upload_id, float(u.initiation_date or 0)) for u in r.upload_list)
+            if not r.is_truncated or not (r.next_key_marker or r.next_upload_id_marker):
+                break
+            key_marker, upload_id_marker = r.next_key_marker, r.next_upload_id_marker
+        out.sort(key=lambda u: (u[0], u[2]))
+        return out
 
     def _delete_sync(self, key: str) -> None:
         self._bucket.delete_object(key)

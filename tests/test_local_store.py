@@ -1,0 +1,184 @@
+"""LocalStore specifics: private modes, refusal of directories others could change, no
+symlinks followed, directory fsyncs after renames, and a copy conditional on the source
+version checked atomically with the commit."""
+from __future__ import annotations
+
+import functools
+import os
+import stat
+
+import pytest
+import trio
+
+import ossfuse.store.local as local_mod
+from ossfuse.store.base import PreconditionFailed, StoreError
+from ossfuse.store.local import LocalStore
+
+
+def trio_test(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return trio.run(functools.partial(fn, *args, **kwargs))
+    return wrapper
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@trio_test
+async def test_created_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        root = tmp_path / "bucket"
+        s = LocalStore(str(root))
+        await s.put_bytes("a", b"x", {})
+        uid = await s.create_multipart("m", {})
+        await s.upload_part("m", uid, 1, b"part", {})
+        await s.copy("a", "b")
+    finally:
+        os.umask(old)
+    assert mode(root) == 0o700
+    for sub in ("blobs", "uploads", "tmp"):
+        assert mode(root / sub) == 0o700
+    assert mode(root / "index.sqlite") == 0o600
+    assert mode(root / "index.sqlite-wal") == 0o600
+    blob_dirs = [root / "blobs" / d for d in os.listdir(root / "blobs")]
+    assert blob_dirs and all(mode(d) == 0o700 for d in blob_dirs)
+    blobs = [d / f for d in blob_dirs for f in os.listdir(d)]
+    assert blobs and all(mode(b) == 0o600 for b in blobs)
+    updir = root / "uploads" / uid
+    assert mode(updir) == 0o700 and all(mode(updir / f) == 0o600 for f in os.listdir(updir))
+    await s.aclose()
+
+
+def test_older_loose_modes_are_tightened(tmp_path):
+    root = tmp_path / "bucket"
+    LocalStore(str(root))
+    os.chmod(root, 0o755)
+    os.chmod(root / "index.sqlite", 0o644)
+    LocalStore(str(root))
+    assert (mode(root), mode(root / "index.sqlite")) == (0o700, 0o600)
+
+
+def test_refuses_a_directory_others_can_write(tmp_path):
+    root = tmp_path / "bucket"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    with pytest.raises(ValueError) as ei:
+        LocalStore(str(root))
+    msg = str(ei.value)
+    assert str(root) in msg and "0777" in msg and f"chmod 700 {root}" in msg
+    os.chmod(root, 0o770)
+    with pytest.raises(ValueError, match="group or others may write"):
+        LocalStore(str(root))
+    assert not (root / "index.sqlite").exists()  # nothing created in it
+
+
+def test_refuses_a_directory_of_another_user(tmp_path, monkeypatch):
+    root = tmp_path / "bucket"
+    root.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(root, 65534, 65534)
+        owner, me = 65534, 0
+    else:
+        owner, me = os.geteuid(), os.geteuid() + 1
+        monkeypatch.setattr(local_mod.os, "geteuid", lambda: me)
+    with pytest.raises(ValueError) as ei:
+        LocalStore(str(root))
+    msg = str(ei.value)
+    assert str(root) in msg and f"owned by uid {owner}" in msg and f"uid {me}" in msg
+
+
+def test_symlinks_inside_are_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root-only file")
+    os.chmod(victim, 0o600)
+    root = tmp_path / "bucket"
+    root.mkdir(mode=0o700)
+    (root / "index.sqlite").symlink_to(victim)
+    with pytest.raises(ValueError, match="symlink"):
+        LocalStore(str(root))
+    assert victim.read_bytes() == b"root-only file" and mode(victim) == 0o600
+    os.unlink(root / "index.sqlite")
+    os.rmdir(root / "tmp")
+    (root / "tmp").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="not a directory"):
+        LocalStore(str(root))
+
+
+@trio_test
+async def test_planted_symlink_blob_is_refused(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"secret")
+    s = LocalStore(str(tmp_path / "bucket"))
+    await s.put_bytes("k", b"mine", {})
+    row = s._row("k")
+    path = s._blob_path(row[5])
+    os.unlink(path)
+    os.symlink(victim, path)
+    with pytest.raises(StoreError):
+        await s.get_range("k", 0, 10)
+    await s.aclose()
+
+
+@trio_test
+async def test_rename_into_blobs_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    """After tmp/X is renamed to blobs/XX/Y, blobs/XX itself is fsynced (else a crash can
+    lose the name while the index row pointing at it survives); the same for a part."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    s = LocalStore(str(tmp_path / "bucket"))
+    monkeypatch.setattr(local_mod.os, "fsync", recording_fsync)
+    info = await s.put_bytes("k", b"data", {})
+    blob_dir = os.path.dirname(s._blob_path(s._row("k")[5]))
+    assert blob_dir in synced
+    # the directory is fsynced after the body (the body first, then the rename's directory)
+    assert synced.index(blob_dir) > 0
+    synced.clear()
+    await s.copy("k", "k2", if_match=info.etag)
+    assert os.path.dirname(s._blob_path(s._row("k2")[5])) in synced
+    synced.clear()
+    uid = await s.create_multipart("m", {})
+    await s.upload_part("m", uid, 1, b"p", {})
+    assert os.path.join(s.root, "uploads", uid) in synced
+    await s.aclose()
+
+
+@trio_test
+async def test_copy_condition_is_checked_in_the_commit_transaction(tmp_path, monkeypatch):
+    """The source is replaced after its blob was linked for the copy but before the copy is
+    committed: the copy fails (if_match) and writes nothing; without if_match it copies the
+    version it then finds, never a mix."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    v1 = await s.put_bytes("src", b"version one", {"v": "1"})
+    real_commit = LocalStore._commit
+    armed = [True]
+
+    def commit_after_foreign_write(self, key, tmp, size, meta, check=None):
+        if armed and key == "dst":
+            armed.clear()
+            real_commit(self, "src", self._new_tmp_with(b"version two"), 11, {"v": "2"})
+        return real_commit(self, key, tmp, size, meta, check)
+
+    def new_tmp_with(self, data):
+        tmp = self._new_tmp()
+        self._write_fsync(tmp, data)
+        return tmp
+
+    monkeypatch.setattr(LocalStore, "_commit", commit_after_foreign_write)
+    monkeypatch.setattr(LocalStore, "_new_tmp_with", new_tmp_with, raising=False)
+    with pytest.raises(PreconditionFailed):
+        await s.copy("src", "dst", if_match=v1.etag)
+    assert s._row("dst") is None
+    assert os.listdir(os.path.join(s.root, "tmp")) == []
+    # no condition: the copy retries and copies the version now there, consistently
+    armed.append(True)
+    info = await s.copy("src", "dst")
+    assert info.metadata == {"v": "2"} and await s.get_range("dst", 0, 99) == b"version two"
+    await s.aclose()

@@ -1,0 +1,155 @@
+"""The one retry policy (ossfuse/retry.py): attempts, backoff with jitter, an overall deadline
+that bounds sleeps and attempts, the temporary/permanent classifier, trio and thread flavours."""
+from __future__ import annotations
+
+import errno
+import socket
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from ossfuse.retry import Budget, RetryPolicy, is_temporary, retry_async, retry_sync
+from ossfuse.store.base import NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable
+
+
+class Temp(Exception):
+    temporary = True
+
+
+class Perm(Exception):
+    temporary = False
+
+
+def test_classifier():
+    assert is_temporary(StoreUnavailable("x"))
+    assert is_temporary(StoreError("x", temporary=True))
+    for e in (StoreError("x"), NoSuchKey("x"), PreconditionFailed("x"), ValueError("bug"), KeyError("k"),
+              FileNotFoundError(errno.ENOENT, "no"), Perm()):
+        assert not is_temporary(e), e
+    for e in (ConnectionRefusedError(), ConnectionResetError(), TimeoutError(), socket.gaierror(-2, "dns"),
+              OSError(errno.ENETUNREACH, "unreachable"), Temp()):
+        assert is_temporary(e), e
+    assert not is_temporary(trio.Cancelled.__new__(trio.Cancelled))
+    assert not is_temporary(KeyboardInterrupt())
+
+
+def test_attempts_then_the_last_error():
+    calls = []
+    retried = []
+
+    def attempt(budget: Budget):
+        calls.append(budget.attempt)
+        raise Temp(f"try {budget.attempt}")
+
+    policy = RetryPolicy(attempts=4, deadline=10, backoff=0.01, backoff_max=0.02)
+    with pytest.raises(Temp, match="try 4"):
+        retry_sync(policy, attempt, on_retry=lambda e, n, d: retried.append((str(e), n, d)))
+    assert calls == [1, 2, 3, 4]
+    assert [(m, n) for m, n, _ in retried] == [("try 1", 1), ("try 2", 2), ("try 3", 3)]
+    assert all(0.005 <= d <= 0.02 for _, _, d in retried)  # backoff × jitter in [0.5, 1], capped
+
+
+def test_permanent_fails_at_once():
+    calls = []
+
+    def attempt(budget):
+        calls.append(1)
+        raise StoreError("403 SignatureDoesNotMatch")
+
+    with pytest.raises(StoreError):
+        retry_sync(RetryPolicy(attempts=10, backoff=5.0), attempt)
+    assert calls == [1]
+
+
+def test_success_after_failures_returns_the_value():
+    def attempt(budget):
+        if budget.attempt < 3:
+            raise ConnectionResetError()
+        return "ok"
+
+    assert retry_sync(RetryPolicy(attempts=3, backoff=0.001), attempt) == "ok"
+
+
+def test_backoff_grows_and_is_jittered():
+    p = RetryPolicy(backoff=0.25, backoff_max=8.0)
+    for n, nominal in ((1, 0.25), (2, 0.5), (3, 1.0), (6, 8.0), (30, 8.0)):
+        ds = [p.delay(n) for _ in range(200)]
+        assert all(nominal * 0.5 <= d <= nominal for d in ds)
+        assert max(ds) - min(ds) > nominal * 0.2  # jittered, not constant
+
+
+def test_deadline_stops_before_a_sleep_that_would_pass_it():
+    """Fast temporary failures with long backoffs: no sleep ends past the deadline, so the
+    operation fails within it even with attempts to spare."""
+    calls = []
+
+    def attempt(budget):
+        calls.append(time.monotonic())
+        raise Temp()
+
+    policy = RetryPolicy(attempts=100, deadline=1.0, backoff=0.4, backoff_max=0.4, min_attempt=0.1)
+    t0 = time.monotonic()
+    with pytest.raises(Temp):
+        retry_sync(policy, attempt)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0
+    assert 2 <= len(calls) <= 5
+
+
+def test_budget_cuts_each_attempt_timeout_to_the_deadline():
+    """A server that accepts and never answers: every attempt waits its (cut) timeout, so
+    attempts × read timeout never exceeds the deadline (10 s timeouts, 1.2 s deadline)."""
+    waits = []
+
+    def attempt(budget):
+        t = budget.timeout(10.0)
+        waits.append(t)
+        time.sleep(t)  # the request that never gets an answer
+        raise TimeoutError()
+
+    policy = RetryPolicy(attempts=6, deadline=1.2, backoff=0.01, backoff_max=0.01, min_attempt=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        retry_sync(policy, attempt)
+    assert time.monotonic() - t0 < 1.2 + 0.3
+    assert waits[0] == pytest.approx(1.2, abs=0.05) and len(waits) == 1
+
+
+def test_budget_without_deadline_and_min_attempt():
+    b = Budget(RetryPolicy(deadline=None))
+    assert b.remaining() is None and b.timeout(7.0) == 7.0
+    b = Budget(RetryPolicy(deadline=0.001, min_attempt=0.5))
+    time.sleep(0.01)
+    assert b.remaining() < 0 and b.timeout(7.0) == 0.5
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ValueError):
+        RetryPolicy(deadline=0)
+
+
+def test_async_flavour_sleeps_in_trio_and_is_cancellable():
+    async def main():
+        calls = []
+
+        async def attempt(budget):
+            calls.append(budget.attempt)
+            if budget.attempt < 3:
+                raise StoreUnavailable("503")
+            return budget.attempt
+
+        t0 = trio.current_time()
+        assert await retry_async(RetryPolicy(attempts=5, backoff=1.0, backoff_max=1.0), attempt) == 3
+        assert calls == [1, 2, 3]
+        assert 1.0 <= trio.current_time() - t0 <= 2.0  # two sleeps of [0.5, 1] s, in trio time
+
+        # cancellation during a backoff sleep ends the retrying, it is not retried
+        async def always(budget):
+            raise StoreUnavailable("503")
+
+        with trio.move_on_after(3) as scope:
+            await retry_async(RetryPolicy(attempts=1000, deadline=None, backoff=1.0, backoff_max=1.0), always)
+        assert scope.cancelled_caught
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
