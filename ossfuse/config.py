@@ -29,6 +29,7 @@ class StoreConfig:
     metadata_url: str = "http://100.100.100.200"  # ECS instance metadata service
     max_copy_size: int | None = None  # bytes CopyObject may copy (OSS: 1 GiB); larger objects stream
     retries: int = 5  # extra tries of one failed OSS request (5xx, resets, timeouts), with backoff
+    request_deadline: float = 60.0  # seconds one OSS request may take with all its retries
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class Config:
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "store": {"url": str, "prefix": str, "endpoint": str, "region": str, "signature": str,
               "credentials_file": str, "ram_role": str, "metadata_url": str, "max_copy_size": int,
-              "retries": int},
+              "retries": int, "request_deadline": (int, float)},
     "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
     "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict, "matdesc_text": str,
                        "default_for_no_matdesc": bool, "key_id": str, "region": str, "endpoint": str,
@@ -202,7 +203,8 @@ def load(path: str) -> Config:
     store = StoreConfig(url=url, prefix=prefix, endpoint=st.get("endpoint"), region=st.get("region"),
                         signature=st.get("signature", "v4"), credentials_file=creds,
                         ram_role=st.get("ram_role"), metadata_url=st.get("metadata_url", "http://100.100.100.200"),
-                        max_copy_size=st.get("max_copy_size"), retries=st.get("retries", 5))
+                        max_copy_size=st.get("max_copy_size"), retries=st.get("retries", 5),
+                        request_deadline=float(st.get("request_deadline", 60.0)))
 
     en = _check_table(path, "encryption", "encryption", raw["encryption"])
     cmks = []

@@ -68,15 +68,15 @@ def open_store(cfg: Config, credentials=None) -> ObjectStore:
     OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN, else the ECS RAM role when ``store.ram_role``
     names one (or is "auto"); never from argv."""
     st = cfg.store
-    if st.url.startswith("local://"):
-        return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
-    from .store.oss import OssStore
-    chain = credentials or credentials_for(cfg)
     try:
+        if st.url.startswith("local://"):
+            return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
+        from .store.oss import OssStore
+        chain = credentials or credentials_for(cfg)
         extra = {"max_copy_size": st.max_copy_size} if st.max_copy_size else {}
         return OssStore.from_url(st.url, endpoint=st.endpoint, region=st.region, signature=st.signature,
-                                 credentials=chain, retries=st.retries, **extra)
-    except ValueError as e:
+                                 credentials=chain, retries=st.retries, deadline=st.request_deadline, **extra)
+    except ValueError as e:  # a malformed url, an unsafe local bucket dir
         raise MountError(f"{cfg.path}: store: {e}") from None
 
 
@@ -205,6 +205,10 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
             keyring = Keyring(cfg.encryption, credentials)
         except (OSError, ValueError) as e:
             raise MountError(f"{cfg.path}: cannot load CMK: {e}") from None
+        for cmk in dict.fromkeys([keyring.default] + [c for _, c in keyring.rules]):
+            reason = keyring.unreadable_reason(cmk)  # it would write files this config cannot read
+            if reason:
+                raise MountError(f"{cfg.path}: new files would be unreadable: {reason}")
         store = open_store(cfg, credentials)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
         return trio.run(_serve, cfg, fs, mountpoint, options, readiness, errors)
@@ -226,6 +230,8 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
         try:
             await store.list(cfg.store.prefix, max_keys=1)
         except StoreError as e:
+            if not e.temporary:  # wrong credentials, no such bucket: waiting cannot fix it
+                raise MountError(f"store {cfg.store.url}: {e}") from None
             problems.append(f"store {cfg.store.url}: {e}")
         for cmk in services:
             try:

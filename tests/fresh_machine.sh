@@ -63,6 +63,8 @@ unshare -m --propagation private bash -c '
     # this namespace got a copy of every mount, FUSE mounts of running daemons too: release
     # them, or their owners wait for this run to end before they can unmount
     awk '"'"'$3 ~ /^fuse/ {print $2}'"'"' /proc/self/mounts | while read -r m; do umount -l "$m"; done
+    # the root a mount point of its own, as / is on a real machine (unshare --propagation needs it)
+    mount --bind "$r" "$r" &&
     mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" &&
     mount -t tmpfs tmpfs "$r/run" && mount -t tmpfs tmpfs "$r/tmp" || exit 3
     chroot "$r" /bin/bash /root/steps.sh

@@ -34,8 +34,16 @@ def _in_fresh_run_namespace(script: str, timeout: float = 90) -> subprocess.Comp
 
 
 def _no_daemon_for(config: str) -> bool:
-    r = subprocess.run(["pgrep", "-f", f"ossfuse mount .*-c {config}"], capture_output=True)
-    return r.returncode == 1
+    """Whether no ossfuse daemon of ``config`` runs (read from /proc: a minimal Debian has no pgrep)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"ossfuse" in argv and b"mount" in argv and config.encode() in argv:
+            return False
+    return True
 
 
 def test_first_mount_after_a_reboot_comes_up_serves_and_unmounts(tmp_path, cmk_path):
@@ -287,3 +295,30 @@ def test_sighup_keeps_the_mount_and_sigusr1_dumps_the_stacks(tmp_path, cmk_path)
         assert m.stop() == 0
     finally:
         m.cleanup()
+
+
+def test_wrong_credentials_fail_the_mount_at_once_with_the_servers_code(tmp_path, cmk_path, oss_server):
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    env = dict(m.env, OSS_ACCESS_KEY_SECRET="not-the-secret")
+    t0 = time.monotonic()
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 1 and "SignatureDoesNotMatch" in r.stderr, r.stderr
+    assert "not reachable" not in r.stderr and r.stderr.count("\n") == 1
+    assert time.monotonic() - t0 < 10  # not startup_timeout's 60 s of retries
+    assert not os.path.ismount(m.mnt)
+
+
+def test_a_config_whose_new_files_would_be_unreadable_is_refused(tmp_path, cmk_path, other_cmk_path):
+    """Two CMKs without matdesc, the second one encrypting: files it writes would be read with
+    the first (the one for objects without matdesc) and fail. Refused at mount, with the fix."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    with open(m.config) as f:
+        cfg = f.read().replace('encrypt_with = "main"', 'encrypt_with = "other"')
+    cfg = cfg.replace("[cache]", f'[[encryption.cmk]]\nid = "other"\ntype = "rsa"\nprivate_key = "{other_cmk_path}"\n'
+                                 "[cache]")
+    with open(m.config, "w") as f:
+        f.write(cfg)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "new files would be unreadable" in r.stderr and "matdesc" in r.stderr, r.stderr
+    assert not os.path.ismount(m.mnt)

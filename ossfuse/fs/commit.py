@@ -98,8 +98,7 @@ class Commit:
             except (StoreError, FsError) as e:
                 node.upload_error = str(e)
                 stats["upload_failures"] += 1
-                log.error("upload of %r failed; the data stays staged and will be retried: %s%s",
-                          key, e, f" [request id {e.request_id}]" if getattr(e, "request_id", None) else "")
+                log.error("upload of %r failed; the data stays staged and will be retried: %s", key, e)
                 if raise_errors:
                     raise FsError(errno.EIO) from None
                 return False

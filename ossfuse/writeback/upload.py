@@ -64,9 +64,8 @@ class Uploader:
                 if attempt == attempts:
                     raise
                 delay = min(_RETRY_MAX, _RETRY_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
-                log.warning("upload of %r failed (attempt %d of %d, retrying in %.1fs): %s%s", key,
-                            attempt, attempts, delay, e,
-                            f" [request id {e.request_id}]" if e.request_id else "")
+                log.warning("upload of %r failed (attempt %d of %d, retrying in %.1fs): %s", key,
+                            attempt, attempts, delay, e)
                 await trio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -115,7 +114,7 @@ class Uploader:
         forces streaming (new envelope headers, which CopyObject may not change: §9)."""
         limit = self.store.max_copy_size
         if not stream and (limit is None or src.size <= limit):
-            return await self.store.copy(src.key, dst, metadata=metadata)
+            return await self.store.copy(src.key, dst, metadata=metadata, if_match=src.etag)
         meta = dict(src.metadata if metadata is None else metadata)
         for name in (env.H_DATA_SIZE, env.H_PART_SIZE):
             meta.pop(name, None)  # the new upload has its own part layout
