@@ -19,7 +19,6 @@ import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 import time
 
@@ -36,7 +35,7 @@ from . import status as status_mod
 from .status import RecentErrors
 from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
-from .registry import (RuntimeDirError, ensure_runtime_dir, mounted_device, process_alive, read_registry,
+from .registry import (UnsafeDirError, check_private_dir, ensure_runtime_dir, mounted_device, process_alive, read_registry,
                        registry_path, write_registry)
 
 log = logging.getLogger(__name__)
@@ -81,14 +80,17 @@ def open_store(cfg: Config, credentials=None) -> ObjectStore:
 
 
 def lock_cache_dir(path: str) -> int:
-    """Check the cache dir is safe (see :func:`check_private_dir`) and hold an exclusive lock
+    """Check the cache dir is safe (:func:`ossfuse.registry.check_private_dir`) and hold an exclusive lock
     on it for the daemon's life (two mounts sharing one would upload each other's journal).
     Returns the lock's fd; raises MountError."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
         raise MountError(f"cache dir {path}: {e.strerror}") from None
-    check_private_dir(path, "cache dir")
+    try:
+        check_private_dir(path, "cache dir")
+    except UnsafeDirError as e:
+        raise MountError(str(e)) from None
     fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,21 +98,6 @@ def lock_cache_dir(path: str) -> int:
         os.close(fd)
         raise MountError(f"cache dir {path} is in use by another ossfuse mount") from None
     return fd
-
-
-def check_private_dir(path: str, what: str) -> None:
-    """Refuse a directory that is a symlink, belongs to another user, or that group or others
-    may write: they could plant symlinks there that the daemon (often root) would write
-    through, or read names, sizes and wrapped keys. Raises MountError with the fix."""
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise MountError(f"{what} {path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise MountError(f"{what} {path} belongs to uid {st.st_uid}, not to the mounting user (uid "
-                         f"{os.geteuid()}); use a directory of your own")
-    if st.st_mode & 0o022:
-        raise MountError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-                         f"run: chmod 700 {path}")
 
 
 def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
@@ -192,7 +179,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     options = [o for o in options if o != "nonempty"]
     try:
         ensure_runtime_dir()
-    except RuntimeDirError as e:
+    except UnsafeDirError as e:
         raise MountError(str(e)) from None
     check_mountpoint(mountpoint, nonempty)
     lock_fd = lock_cache_dir(cfg.cache.dir)

@@ -22,8 +22,27 @@ import stat
 ENV_RUNTIME_DIR = "OSSFUSE_RUNTIME_DIR"
 
 
-class RuntimeDirError(Exception):
-    """The runtime directory cannot be made or is unsafe (message names path and reason)."""
+class UnsafeDirError(Exception):
+    """A directory the daemon keeps state in cannot be made or is unsafe (message names the
+    path, the reason and the fix)."""
+
+
+def check_private_dir(path: str, what: str) -> None:
+    """Refuse a directory that is a symlink or not a directory, belongs to another user, or
+    that group or others may write: they could plant records, sockets or symlinks there that
+    the daemon (often root) would use or write through. Raises UnsafeDirError."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise UnsafeDirError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid "
+                             f"{os.geteuid()}); use a directory of your own")
+    if st.st_mode & 0o022:
+        raise UnsafeDirError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                             f"run: chmod 700 {path}")
 
 
 def runtime_dir() -> str:
@@ -37,23 +56,14 @@ def runtime_dir() -> str:
 
 
 def ensure_runtime_dir() -> str:
-    """Make the runtime directory (0700, parents as needed) if missing and check it is a real
-    directory owned by this user that no one else may write. Returns its path; raises
-    RuntimeDirError naming the path and the reason."""
+    """Make the runtime directory (0700, parents as needed) if missing and check it is safe
+    (:func:`check_private_dir`). Returns its path; raises UnsafeDirError."""
     path = runtime_dir()
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
     except OSError as e:
-        raise RuntimeDirError(f"runtime directory {path}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise RuntimeDirError(f"runtime directory {path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise RuntimeDirError(f"runtime directory {path} belongs to uid {st.st_uid}, not to this user "
-                              f"(uid {os.geteuid()}); remove it or set {ENV_RUNTIME_DIR}")
-    if st.st_mode & 0o022:
-        raise RuntimeDirError(f"runtime directory {path} is writable by other users (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}); chmod 700 it")
+        raise UnsafeDirError(f"runtime directory {path}: {e.strerror}") from None
+    check_private_dir(path, "runtime directory")
     return path
 
 
