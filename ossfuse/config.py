@@ -79,7 +79,6 @@ class MountConfig:
     part_size: int = 8 << 20  # bytes; multiple of 16, grown to keep ≤ 10,000 parts
     upload_workers: int = 4  # objects uploaded at once
     part_workers: int = 4  # parts of one object uploaded at once
-    upload_retries: int = 5  # attempts per upload before fsync/unmount report failure
     startup_timeout: float = 60.0  # seconds to keep retrying an unreachable store at mount
     close_waits_for_upload: bool = False  # true: close() returns once the object is in the bucket
     retry_interval: float = 30.0  # seconds between background retries of a failed upload
@@ -113,10 +112,14 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "cache": {"dir": str, "block_size": int, "max_size": int, "min_free": int},
     "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
               "multipart_threshold": int, "part_size": int, "upload_workers": int,
-              "part_workers": int, "upload_retries": int, "upload_delay": (int, float), "startup_timeout": (int, float),
+              "part_workers": int, "upload_delay": (int, float), "startup_timeout": (int, float),
               "close_waits_for_upload": bool, "retry_interval": (int, float), "uid": int, "gid": int,
               "umask": int, "allow_other": bool},
 }
+# options that were removed, and what replaced them (the message names the replacement)
+_REPLACED = {"mount": {"upload_retries": "each store request is retried within store.request_deadline, "
+                                         "and a failed upload again every mount.retry_interval seconds; "
+                                         "remove the line"}}
 _REQUIRED = {"store": ("url",), "encryption": ("encrypt_with", "cmk"), "encryption.cmk": ("id", "type"),
              "encryption.rule": ("prefix", "encrypt_with"), "cache": ("dir",)}
 
@@ -126,6 +129,8 @@ def _check_table(path: str, section: str, where: str, table: Any) -> dict[str, A
         raise ConfigError(f"{path}: {where}: must be a table")
     schema = _SCHEMA[section]
     for key, value in table.items():
+        if key in _REPLACED.get(section, {}):
+            raise ConfigError(f"{path}: {where}.{key}: no longer an option: {_REPLACED[section][key]}")
         if key not in schema:
             raise ConfigError(f"{path}: {where}.{key}: unknown key (known: {', '.join(sorted(schema))})")
         want = schema[key]
@@ -284,7 +289,7 @@ def load(path: str) -> Config:
             raise ConfigError(f"{path}: mount.{k}: must not be negative")
     if mount.part_size % 16 or mount.part_size < 100 * 1024:
         raise ConfigError(f"{path}: mount.part_size: must be a multiple of 16 and at least 102400 bytes")
-    for k in ("upload_workers", "part_workers", "upload_retries"):
+    for k in ("upload_workers", "part_workers"):
         if getattr(mount, k) < 1:
             raise ConfigError(f"{path}: mount.{k}: must be at least 1")
     return Config(path=os.path.abspath(path), store=store, encryption=encryption, cache=cache, mount=mount)

@@ -287,6 +287,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
     await _wait_for_services(cfg, fs.store, fs.keyring)
     recovered = fs.recover()
+    await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if recovered:
         log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)
     life = _Lifecycle(mountpoint)

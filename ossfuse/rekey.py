@@ -98,7 +98,7 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
         raise RekeyRefused(reason)
     m = cfg.mount
     uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
-                        part_workers=m.part_workers, retries=m.upload_retries)
+                        part_workers=m.part_workers)
     summary = RekeySummary()
     prefix = cfg.store.prefix + path.strip("/") + ("/" if path.strip("/") else "")
     async for listed in _all_objects(store, prefix):

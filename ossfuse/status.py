@@ -4,7 +4,7 @@ The daemon listens on ``<runtime dir>/<mount hash>.sock`` (mode 0600); a client 
 daemon writes one JSON document and closes. Fields: state (``serving``, or ``draining`` once
 unmounted while pending uploads finish), pending uploads (count, bytes, age of the
 oldest in seconds), cache use in bytes, recent errors (last 20 log records at ERROR), CMKs in
-use, and counters (uploaded, upload_failures, recovered).
+use, and counters (uploaded, upload_failures, recovered, quarantined).
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def render(doc: dict) -> str:
     for r in doc["rules"]:
         lines.append(f"rule:             {r['prefix']}* -> {r['cmk']}")
     ctr = doc["counters"]
-    lines.append(f"uploaded:         {ctr['uploaded']} (failures {ctr['upload_failures']}, recovered {ctr['recovered']})")
+    lines.append(f"uploaded:         {ctr['uploaded']} (failures {ctr['upload_failures']}, recovered {ctr['recovered']}, "
+                 f"quarantined {ctr.get('quarantined', 0)})")
     if doc["recent_errors"]:
         lines.append("recent errors:")
         for e in doc["recent_errors"]:

@@ -179,7 +179,7 @@ def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_
     journal record); when that PUT fails, close() still succeeds because the file is journaled,
     and the background upload delivers it once the bucket takes writes again."""
     from conftest import Mount
-    m = Mount(str(tmp_path / "m"), cmk_path, "retry_interval = 1\nupload_retries = 1")
+    m = Mount(str(tmp_path / "m"), cmk_path, "retry_interval = 1")
     m.start()
     tmp_dir = os.path.join(m.bucket_dir, "tmp")
     try:

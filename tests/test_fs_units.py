@@ -104,18 +104,23 @@ def test_journal_record_and_read_back(tmp_path):
     unjournaled = staging.new(_Xor())
     unjournaled.write(0, b"lost")
     assert not st.was_journaled
+    with pytest.raises(ValueError):
+        journal.record(st, "pre/f", {"k": "v"})  # only a sealed version is journaled
+    st.seal()
     journal.record(st, "pre/f", {"k": "v"})
-    assert st.was_journaled and st.journaled_generation == st.generation
+    assert st.was_journaled and st.journaled_record["generation"] == st.generation
     mtime = os.path.getmtime(st.journal_path)
     journal.record(st, "pre/f", {"k": "v"})  # the same record again: nothing written
     assert os.path.getmtime(st.journal_path) == mtime
     st.close()
     unjournaled.close()
-    entries = journal.read_journal(staging)
+    entries, quarantined = journal.read_journal(staging)
+    assert quarantined == 0
     assert [(e.key, e.metadata, e.staged.size) for e in entries] == [("pre/f", {"k": "v"}, 5)]
     entries[0].staged.envelope = _Xor()
     assert entries[0].staged.read(0, 5) == b"hello"
-    assert not os.path.exists(unjournaled.data_path)  # never journaled: deleted at recovery
+    assert not os.path.exists(unjournaled.work_path)  # never journaled: deleted at recovery
+    assert sorted(os.listdir(staging.dir)) == [st.id + ".data", st.id + ".json"]
 
 
 def _config(tmp_path, cmk_path) -> Config:
@@ -181,7 +186,8 @@ def test_journaled_file_is_uploaded_by_the_next_mount(tmp_path, cmk_path):
         fs = _filesystem(tmp_path, cmk_path)
         assert fs.recover() == 1
         assert await fs.drain() == 0
-        assert fs.stats == {"uploaded": 1, "upload_failures": 0, "recovered": 1}
+        assert fs.stats == {"uploaded": 1, "upload_failures": 0, "recovered": 1, "quarantined": 0,
+                            "aborted_uploads": 0}
         node = await fs.lookup(fs.get(1), "f")
         assert stat.S_IMODE(node.mode) == 0o600
         h = await fs.open(node, os.O_RDONLY)

@@ -28,7 +28,8 @@ def test_cp_of_100_mib_survives_resets_and_503s(tmp_path, cmk_path, oss_server):
     with open(src, "wb") as f:
         for i in range(100):
             f.write(hashlib.sha256(str(i).encode()).digest() * 32768)
-    m = Mount(str(tmp_path / "m"), cmk_path, "part_size = 4194304\nupload_retries = 8", server=oss_server)
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("part_size = 4194304", store_options="retries = 8")  # the store's retries absorb them
     m.start()
     try:
         oss_server.faults.reset_rate(0.05, max_count=15)
@@ -51,7 +52,7 @@ def _few_retries(m: Mount, mount_options: str) -> None:
 
 def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
-    _few_retries(m, "upload_retries = 2\nretry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400")
+    _few_retries(m, "retry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400")
     m.start()
     try:
         data = os.urandom(1_000_000)  # multipart: nothing may be left half-done
@@ -78,7 +79,7 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
 
 def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
-    _few_retries(m, "upload_retries = 1\nretry_interval = 0.5\nclose_waits_for_upload = true")
+    _few_retries(m, "retry_interval = 0.5\nclose_waits_for_upload = true")
     m.start()
     try:
         with open(m.path("ok"), "wb") as f:

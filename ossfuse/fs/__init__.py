@@ -45,6 +45,7 @@ class Filesystem:
 
     def __init__(self, cfg: Config, store: ObjectStore, keyring: Keyring, *, uid: int, gid: int):
         self.cfg = cfg
+        self.started = time.time()  # wall-clock seconds
         self.store = store
         self.keyring = keyring
         m = cfg.mount
@@ -53,7 +54,7 @@ class Filesystem:
                                 min_free=cfg.cache.min_free)
         self.staging = Staging(cfg.cache.dir)
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
-                                 part_workers=m.part_workers, retries=m.upload_retries)
+                                 part_workers=m.part_workers)
         # A local bucket takes a closed small file at once (cheaper than journaling it); on OSS
         # a short wait folds the attribute changes and renames that follow a close into one PUT.
         upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.local_disk else 1.0)
@@ -94,7 +95,8 @@ class Filesystem:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: uploaded, upload_failures, recovered."""
+        """Counters: uploaded, upload_failures, recovered, quarantined (damaged journal
+        entries moved to staging/quarantine), aborted_uploads (orphaned multipart uploads)."""
         return self.scheduler.stats
 
     @property
@@ -124,6 +126,11 @@ class Filesystem:
     def recover(self) -> int:
         """Adopt the journal of an earlier run (before serving); returns how many files."""
         return self.commit.recover()
+
+    async def abort_orphaned_uploads(self) -> int:
+        """Abort the unfinished multipart uploads under the prefix begun before this mount
+        started (left by a crash; see ``Commit.abort_orphaned_uploads``); returns how many."""
+        return await self.commit.abort_orphaned_uploads(self.started)
 
     async def upload_worker(self) -> None:
         """One background upload worker (the daemon starts ``upload_workers`` of them)."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
+
+import trio
 
 from .. import envelope as env
 from ..cache import BlockCache
@@ -14,9 +17,9 @@ from ..keyring import Keyring
 from ..store.base import ObjectInfo, StoreError
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
-from ..writeback.staging import Staging
+from ..writeback.staging import StagedFile, Staging
 from ..writeback.upload import Uploader
-from .errors import FsError
+from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, set_local_version
 from .naming import Naming, parent_of
@@ -39,50 +42,132 @@ class Commit:
         self.cache = cache
         self.keyring = keyring
         self.staging = staging
+        self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
 
     def staged_in(self, dir_path: str) -> list[Node]:
         """This mount's not-yet-uploaded nodes still linked directly in directory ``dir_path``
         (a listing of the store does not show them)."""
         return self.scheduler.staged_in(dir_path, parent_of)
 
-    def journal_node(self, node: Node) -> dict[str, str] | None:
-        """Record ``node``'s staged version durably; returns the object metadata recorded
-        (None when there is nothing staged or the node is unlinked). Raises FsError(ENOSPC/EIO)."""
+    async def seal(self, node: Node) -> None:
+        """Seal ``node``'s staged version (node.lock held): its final ciphertext is written
+        once, in a worker thread, and never changes again. Raises FsError with the errno of an
+        earlier failed write (an incomplete version never replaces the last good one) or of
+        the staging disk (ENOSPC, EIO)."""
+        st = node.staged
+        if st is None or st.sealed:
+            return
+        key = self.naming.key(node.path)
+        if st.write_error is not None:
+            log.error("%r is not saved: an earlier write to it failed (%s)", key, os.strerror(st.write_error))
+            raise FsError(st.write_error)
+        try:
+            await trio.to_thread.run_sync(st.seal_data)
+        except OSError as e:
+            log.error("staging %r failed, the data is not safe yet: %s", key, e)
+            raise FsError(errno_of(e)) from None
+        st.finish_seal()
+
+    async def journal_node(self, node: Node) -> dict[str, str] | None:
+        """Seal and durably record ``node``'s staged version (node.lock held); returns the
+        object metadata recorded (None when nothing is staged or the node is unlinked). Once
+        recorded, the version it was derived from is superseded: its record and data go.
+        Raises FsError(ENOSPC/EIO)."""
         st = node.staged
         if st is None or node.unlinked:
             return None
+        await self.seal(node)
         meta = file_metadata(node, st.envelope.wrapped, st.size)
+        self._record(node, st, meta)
+        return meta
+
+    def _record(self, node: Node, st: StagedFile, meta: dict[str, str]) -> None:
         try:
             journal.record(st, self.naming.key(node.path), meta)
-            return meta
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
-            raise FsError(e.errno or errno.EIO) from None
+            raise FsError(errno_of(e)) from None
+        if st.base is not None:  # superseded by this journaled version
+            st.base.discard()
+            st.base = None
 
     def rejournal(self, node: Node) -> None:
-        """``node``'s name or attributes changed: if its staged version was journaled, record
-        it again so a crashed daemon's next mount uploads it with them."""
-        if node.staged is not None and node.staged.was_journaled:
-            self.journal_node(node)
+        """``node``'s name or attributes changed: if its staged version is journaled, record
+        it again (same sealed data, new key/metadata) so a crashed daemon's next mount uploads
+        it with them. Raises FsError(ENOSPC/EIO)."""
+        st = node.staged
+        if st is not None and st.was_journaled and not node.unlinked:
+            self._record(node, st, file_metadata(node, st.envelope.wrapped, st.size))
+
+    def forget_journal(self, node: Node) -> None:
+        """``node`` was unlinked while open: its staged versions must not come back after a
+        crash (records removed durably; the data stays for the open handles)."""
+        st = node.staged
+        while st is not None:
+            st.forget_record()
+            st = st.base
 
     def drop_staged(self, node: Node) -> None:
-        """Forget ``node``'s staged version (unlinked): its data and journal record go."""
-        if node.staged is not None:
-            node.staged.discard()
-            node.staged = None
+        """Forget ``node``'s staged version and what it was derived from (unlinked): data and
+        journal records go."""
+        st = node.staged
+        while st is not None:
+            st.discard()
+            st, st.base = st.base, None
+        node.staged = None
         self.scheduler.mark_clean(node)
+
+    def revert_failed(self, node: Node) -> None:
+        """``node``'s open staged version had a failed write: drop it and go back to the last
+        good version (the sealed one it was derived from, or the committed one)."""
+        st = node.staged
+        if st is None or st.write_error is None:
+            return
+        base, st.base = st.base, None
+        st.discard()
+        if base is not None and not base.committed:
+            node.staged = base
+        else:
+            if base is not None:
+                base.discard()
+            node.staged = None
+            self.scheduler.mark_clean(node)
+            if node.version is not None:
+                node.size = node.version.size
+        log.error("%r: the changes since its last good version are discarded after a failed write",
+                  self.naming.key(node.path))
 
     def mark_staged(self, node: Node) -> None:
         """``node`` has just been given a staged version."""
         self.scheduler.mark_dirty(node)
 
     async def upload_node(self, node: Node, *, raise_errors: bool = False, journal_first: bool = True) -> bool:
-        """Upload ``node``'s staged version if it has one; True when nothing is pending after.
-        ``journal_first``: record it durably first, so a crash during the upload loses nothing
-        (False only from close(), which then journals if the upload failed). Raises
-        FsError(EIO) on failure when ``raise_errors``, else logs it and returns False.
-        Holds node.lock across the upload (TODO(rebuild): upload a snapshot, issue 12 A4)."""
-        stats = self.scheduler.stats
+        """Upload ``node``'s staged version if it has one; True when it is in the bucket (or
+        nothing was staged). The version is sealed (and journaled when ``journal_first``; False
+        only from close(), which journals if the upload failed) under node.lock; the network
+        call runs without it, on that immutable snapshot, so writers never wait for it (a
+        write meanwhile makes a new staged version). One upload per node at a time. Raises
+        FsError(EIO, or the staging disk's errno) on failure when ``raise_errors``, else logs
+        it and returns False."""
+        lock = self._upload_locks.get(node)
+        if lock is None:
+            lock = self._upload_locks[node] = trio.Lock()
+        try:
+            async with lock:
+                return await self._upload(node, raise_errors, journal_first)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._upload_locks.pop(node, None)
+
+    def _failed(self, node: Node, key: str, e: Exception, raise_errors: bool) -> bool:
+        node.upload_error = str(e)
+        self.scheduler.stats["upload_failures"] += 1
+        log.error("upload of %r failed; the data stays staged and will be retried: %s", key, e)
+        if raise_errors:
+            raise FsError(e.errno if isinstance(e, FsError) else errno.EIO) from None
+        return False
+
+    async def _upload(self, node: Node, raise_errors: bool, journal_first: bool) -> bool:
         async with node.lock:
             st = node.staged
             if st is None or node.unlinked:
@@ -90,55 +175,93 @@ class Commit:
             key = self.naming.key(node.path)
             try:
                 if journal_first:
-                    meta = self.journal_node(node)
+                    meta = await self.journal_node(node)
                 else:
+                    await self.seal(node)
                     meta = file_metadata(node, st.envelope.wrapped, st.size)
-                # close() does not wait out retries: it journals instead, the worker retries
-                info = await self.uploader.upload(st, key, meta, attempts=None if journal_first else 1)
-            except (StoreError, FsError) as e:
-                node.upload_error = str(e)
-                stats["upload_failures"] += 1
-                log.error("upload of %r failed; the data stays staged and will be retried: %s", key, e)
-                if raise_errors:
-                    raise FsError(errno.EIO) from None
-                return False
-            old = node.version
+            except FsError as e:
+                return self._failed(node, key, e, raise_errors)
+            st.uploading = True
+        try:
+            info = await self.uploader.upload(st, key, meta)
+        except StoreError as e:
+            return self._failed(node, key, e, raise_errors)
+        finally:
+            st.uploading = False
+            if st.superseded:
+                st.discard()  # a newer version was journaled meanwhile
+        async with node.lock:
+            st.committed = True
+            stray = node.unlinked or self.naming.key(node.path) != key
+            if stray and not node.unlinked and node.staged is st:
+                self.scheduler.schedule(node)  # renamed while it uploaded: again, at the new name
+        if stray:  # unlinked or renamed while it uploaded: that object is nobody's now
+            await self._delete_stray(node, key)
+            return True
+        async with node.lock:
             version = Version(key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
-            set_local_version(node, version)
-            st.close()
-            self.cache.adopt(key, info.etag, st.size, st.data_path)
-            st.discard()
-            node.staged = None
+            old = node.version
+            if node.staged is st and file_metadata(node, st.envelope.wrapped, st.size) == meta:
+                set_local_version(node, version)
+                st.forget_record()  # the bucket has it: a crash must not upload it again
+                self.cache.adopt(key, info.etag, st.size, st.data_path)
+                st.discard()
+                node.staged = None
+                self.scheduler.mark_clean(node)
+            else:
+                # changed while it uploaded (a newer staged version, or new attributes): the
+                # bucket has this one; the newer one stays dirty and is queued
+                node.version = version
+                if node.staged is st:
+                    self.scheduler.schedule(node)
+                else:
+                    st.forget_record()
+                    if not st.superseded and node.staged is not None and node.staged.base is not st:
+                        st.discard()
             node.upload_error = None
-            self.scheduler.mark_clean(node)
-            if old is not None and not any(hd.version is old for hd in node.handles):
+            if old is not None and old is not node.version and not any(hd.version is old for hd in node.handles):
                 self.cache.drop(old.key, old.etag)
-            stats["uploaded"] += 1
+            self.scheduler.stats["uploaded"] += 1
             log.debug("uploaded %r (%d bytes, ETag %s)", key, st.size, info.etag)
         self.inodes.maybe_drop(node)
         return True
 
+    async def _delete_stray(self, node: Node, key: str) -> None:
+        """The object just uploaded at ``key`` belongs to no name any more (its node was
+        unlinked or renamed during the upload): delete it unless another node holds that path."""
+        path = self.naming.path_of(key)
+        if path is not None and self.inodes.by_path.get(path) not in (None, node):
+            return
+        try:
+            await self.uploader.store.delete(key)
+            log.info("%r changed name while it uploaded; the uploaded object is deleted", key)
+        except StoreError as e:
+            log.error("%r was unlinked while it uploaded, and deleting it failed: %s", key, e)
+
     def recover(self) -> int:
         """Adopt the journal of an earlier run: each journaled version becomes a dirty node and
-        is queued for upload. Returns how many were found."""
-        entries = journal.read_journal(self.staging)
+        is queued for upload; a damaged entry (also: outside this mount's prefix, or an envelope
+        that cannot be parsed) is quarantined and counted in ``stats["quarantined"]``. Returns
+        how many were adopted."""
+        entries, quarantined = journal.read_journal(self.staging)
+        adopted = 0
         for entry in entries:
             path = self.naming.path_of(entry.key)
             meta = entry.metadata
             if path is None:
-                log.error("journal entry for %r is outside this mount's prefix %r; kept, not uploaded",
-                          entry.key, self.naming.prefix)
-                entry.staged.close()
+                self.staging.quarantine(entry.staged.id, f"outside this mount's prefix {self.naming.prefix!r}",
+                                        repr(entry.key))
+                quarantined += 1
+                continue
+            try:
+                wrapped = env.parse_envelope(meta)
+            except env.EnvelopeError as e:
+                self.staging.quarantine(entry.staged.id, f"its envelope cannot be parsed: {e}", repr(entry.key))
+                quarantined += 1
                 continue
             old = self.inodes.by_path.get(path)
             if old is not None and old.staged is not None:
                 self.drop_staged(old)  # a newer journal entry for the same key wins
-            try:
-                wrapped = env.parse_envelope(meta)
-            except env.EnvelopeError as e:
-                log.error("journal entry for %r has a corrupt envelope (%s); kept, not uploaded", entry.key, e)
-                entry.staged.close()
-                continue
             try:
                 entry.staged.envelope = self.keyring.open_envelope(wrapped)
             except (env.EnvelopeError, KeyMissing, CmkUnavailable) as e:
@@ -150,6 +273,35 @@ class Commit:
             node.staged = entry.staged
             self.scheduler.mark_dirty(node)
             self.scheduler.schedule(node)
+            adopted += 1
             log.info("recovered %r (%d bytes) from the journal; uploading", entry.key, entry.staged.size)
-        self.scheduler.stats["recovered"] = len(entries)
-        return len(entries)
+        self.scheduler.stats["recovered"] = adopted
+        self.scheduler.stats["quarantined"] += quarantined
+        return adopted
+
+    async def abort_orphaned_uploads(self, started_before: float) -> int:
+        """Abort the multipart uploads under this mount's prefix begun before
+        ``started_before`` (wall-clock seconds: this mount's start). This mount resumes none,
+        and only one mount may use a cache dir and prefix at a time (daemon lock), so an
+        unfinished one from before was left by a crash of this mount's daemon (or of another
+        client writing under the same prefix before this mount started; its parts are lost
+        either way, as OSS bills them until aborted). Returns how many were aborted; a failure
+        is logged and skipped."""
+        store = self.uploader.store
+        try:
+            uploads = await store.list_multipart_uploads(self.naming.prefix)
+        except StoreError as e:
+            log.error("cannot list unfinished multipart uploads under %r: %s", self.naming.prefix, e)
+            return 0
+        aborted = 0
+        for key, upload_id, initiated in uploads:
+            if initiated >= started_before:
+                continue
+            try:
+                await store.abort_multipart(key, upload_id)
+                aborted += 1
+                log.warning("aborted unfinished multipart upload %s of %r left by an earlier run", upload_id, key)
+            except StoreError as e:
+                log.error("abort of unfinished multipart upload %s of %r failed: %s", upload_id, key, e)
+        self.scheduler.stats["aborted_uploads"] = self.scheduler.stats.get("aborted_uploads", 0) + aborted
+        return aborted

@@ -16,7 +16,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError
 from ..writeback.scheduler import UploadScheduler
-from ..writeback.staging import Staging
+from ..writeback.staging import MAX_OBJECT_SIZE, Staging
 from .commit import Commit
 from .errors import FsError, errno_of
 from .inodes import InodeTable
@@ -63,7 +63,7 @@ class Files:
         truncating = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
         if truncating:
             async with node.lock:
-                await self.truncate_locked(node, 0)
+                await self.truncate_locked(node, 0, journal=False)  # the close journals it
         elif node.staged is None and node.version is not None:
             v = node.version
             if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps
@@ -79,6 +79,7 @@ class Files:
         h = self.inodes.add_handle(lambda fh: FileHandle(fh, node, node.version,
                                                          keep_cache=etag is not None and etag == node.kernel_etag))
         node.kernel_etag = etag
+        h.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         node.opens += 1
         node.handles.add(h)
         return h
@@ -106,7 +107,11 @@ class Files:
         client since open, EIO if it is truncated or the store fails."""
         node = h.node
         if node.staged is not None:
-            return node.staged.read(offset, length)
+            try:
+                return node.staged.read(offset, length)
+            except OSError as e:
+                log.error("reading staged %r failed: %s", self.naming.key(node.path), e)
+                raise FsError(errno_of(e)) from None
         v = h.version
         if v is None or offset >= v.size:
             return b""
@@ -150,22 +155,29 @@ class Files:
 
     # -- write ------------------------------------------------------------------------------
     async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
-        """Write ``data`` at ``offset`` into the file's staged version; returns len(data).
-        Raises FsError(ENOSPC/EIO) when the cache disk fails (after evicting cached blocks
-        once to make room)."""
+        """Write ``data`` at ``offset`` into the file's open staged version; returns len(data).
+        Raises FsError(EFBIG) past the store's largest object; FsError(ENOSPC/EIO) when the
+        cache disk fails (after evicting cached blocks once to make room): the version is then
+        marked failed, and close() reports the error and keeps the last good version."""
         node = h.node
+        # a new data key before taking the lock: a KMS CMK makes a network call
+        envelope = await self.new_envelope(node.path) if node.staged is None or node.staged.sealed else None
         async with node.lock:
             # The kernel already puts O_APPEND writes at the end; it also writes mmap pages back
             # through any writable handle, at their own offsets: the offset is always its.
-            await self.ensure_staged(node, node.current_size)
+            await self.ensure_staged(node, node.current_size, envelope)
+            st = node.staged
+            if offset + len(data) > MAX_OBJECT_SIZE:
+                raise FsError(errno.EFBIG)
             try:
                 try:
-                    node.staged.write(offset, data)
+                    st.write(offset, data)
                 except OSError as e:
                     if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
                         raise
-                    node.staged.write(offset, data)  # cached blocks made room
+                    st.write(offset, data)  # cached blocks made room
             except OSError as e:
+                st.write_error = e.errno or errno.EIO
                 log.error("staging a write to %r failed: %s", self.naming.key(node.path), e)
                 raise FsError(errno_of(e)) from None
             node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -180,50 +192,81 @@ class Files:
             log.error("cannot write %r: no data key: %s", self.naming.key(path), e)
             raise FsError(errno_of(e)) from None
 
-    async def ensure_staged(self, node: Node, keep: int) -> None:
-        """Give ``node`` a staged version holding its first ``keep`` bytes (node.lock held):
-        a fresh data key and IV, and the current content re-encrypted under them."""
-        if node.staged is not None:
+    async def ensure_staged(self, node: Node, keep: int, envelope: env.Envelope | None = None) -> None:
+        """Give ``node`` an open (writable) staged version holding its first ``keep`` bytes
+        (node.lock held), under a fresh data key and IV (``envelope``, or a new one). A sealed
+        staged version (journaled, or being uploaded) is never changed: the new version is
+        derived from it (copy-on-write, nothing copied). From a committed version, its content
+        is re-encrypted under the new key. Raises FsError (EIO, ENOSPC, as read and write)."""
+        st = node.staged
+        if st is not None and not st.sealed:
             return
-        staged = self.staging.new(await self.new_envelope(node.path))
+        envelope = envelope or await self.new_envelope(node.path)
+        if st is not None:
+            node.staged = self.staging.derive(st, envelope)
+            return
+        staged = self.staging.new(envelope)
         try:
             v = node.version
             if v is not None:
                 for off in range(0, min(keep, v.size), POPULATE_CHUNK):
                     n = min(POPULATE_CHUNK, keep - off, v.size - off)
                     staged.write(off, await self.read_version(v, off, n, fetch_until=off + 4 * POPULATE_CHUNK))
+        except OSError as e:
+            staged.discard()
+            log.error("staging %r failed: %s", self.naming.key(node.path), e)
+            raise FsError(errno_of(e)) from None
         except BaseException:
             staged.discard()
             raise
         node.staged = staged
         self.commit.mark_staged(node)
 
-    async def truncate_locked(self, node: Node, size: int) -> None:
-        """Cut or extend ``node``'s content to ``size`` bytes (node.lock held). Raises
-        FsError(ENOSPC/EIO) when the cache disk fails."""
+    async def truncate_locked(self, node: Node, size: int, *, journal: bool = True) -> None:
+        """Cut or extend ``node``'s content to ``size`` bytes (node.lock held). Extending
+        writes nothing (a hole). With ``journal`` and no handle open (truncate(2) by path), the
+        result is journaled and queued for upload as a close would. Raises FsError(EFBIG) past
+        the store's largest object, FsError(ENOSPC/EIO) when the cache disk fails."""
+        if size > MAX_OBJECT_SIZE:
+            raise FsError(errno.EFBIG)
         await self.ensure_staged(node, size)
         try:
             node.staged.truncate(size)
         except OSError as e:
+            node.staged.write_error = e.errno or errno.EIO
             log.error("truncating staged %r failed: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
         node.mtime_ns = node.ctime_ns = time.time_ns()
+        if journal and node.opens == 0 and not node.unlinked:
+            await self.commit.journal_node(node)
+            self.scheduler.schedule(node)
 
     # -- close ------------------------------------------------------------------------------
     async def flush(self, h: FileHandle) -> None:
         """Make what was written through ``h`` durable: journal it locally (a crash cannot lose
         it after this), or upload a small file at once where a PUT is as cheap (the journal is
         then the fallback when that upload fails); with ``close_waits_for_upload``, journal
-        and upload. Raises FsError(ENOSPC/EIO) if the cache disk fails, FsError(EIO) if an
-        upload close() must wait for fails."""
+        and upload. A read-only handle does nothing (it never waits for an upload). Raises
+        FsError(ENOSPC/EIO) if the cache disk fails or a write through the file failed (its
+        changes are then dropped: the last good version stays), FsError(EIO) if an upload
+        close() must wait for fails."""
         node = h.node
+        if not h.writable:
+            return
+        st = node.staged
+        if st is not None and st.write_error is not None and not st.sealed:
+            async with node.lock:
+                failed = node.staged.write_error if node.staged is st else None
+                self.commit.revert_failed(node)
+            if failed is not None:
+                raise FsError(failed)
         if self.close_waits_for_upload:
             await self.commit.upload_node(node, raise_errors=True)  # journals first, then uploads
             return
         if self._upload_now(node) and await self.commit.upload_node(node, journal_first=False):
             return  # in the bucket already: nothing to journal
         async with node.lock:
-            self.commit.journal_node(node)
+            await self.commit.journal_node(node)
 
     def _upload_now(self, node: Node) -> bool:
         """Whether closing ``node`` should upload it at once instead of journaling it: a small
@@ -244,7 +287,7 @@ class Files:
             if node.unlinked:
                 if node.opens == 0:
                     self.commit.drop_staged(node)
-            else:
+            elif h.writable or node.opens == 0:
                 self.scheduler.schedule(node)
         if node.unlinked and node.opens == 0 and node.version is not None:
             self.cache.drop(node.version.key, node.version.etag)

@@ -95,6 +95,7 @@ class FileHandle:
     version: Version | None
     last_end: int = -1  # byte offset where the previous read ended (-1: none yet)
     keep_cache: bool = True  # the kernel's cached pages of this file are of this version
+    writable: bool = True  # opened for writing (a read-only handle's close() journals nothing)
     window: int = 0  # bytes: current read-ahead window
 
 

@@ -181,8 +181,11 @@ class Namespace:
                 await self.cache.fetch_all(v.key, v.etag, v.size)
             except (FsError, StoreError, TruncatedObject) as e:
                 log.warning("%r is open but could not be kept readable after removal: %s", v.key, e)
-        if node.staged is not None and node.opens == 0:
-            self.commit.drop_staged(node)
+        if node.staged is not None:
+            if node.opens == 0:
+                self.commit.drop_staged(node)
+            else:  # kept for its open handles, but a crash must not bring it back
+                self.commit.forget_journal(node)
         self.inodes.remove_name(node)
 
     # -- rename -----------------------------------------------------------------------------

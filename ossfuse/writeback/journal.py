@@ -1,15 +1,16 @@
-"""The write-back journal: a staged version made durable, and found again after a crash.
+"""The write-back journal: a sealed staged version made durable, and found again after a crash.
 
-``record()`` fsyncs the staged ciphertext, then writes ``staging/<id>.json`` (object key, size,
-full user metadata including the *wrapped* data key, generation) atomically. That JSON plus the
-data file is everything an upload needs, without the CMK, so a mount started after a crash
-uploads what the journal holds (design.md promise 3). ``read_journal()`` finds those records at
+``record()`` writes ``staging/<id>.json`` (object key, size, full user metadata including the
+*wrapped* data key, generation) atomically next to the version's sealed, fsynced ciphertext
+``staging/<id>.data``. That pair is everything an upload needs, without the CMK, so a mount
+started after a crash uploads what the journal holds. ``read_journal()`` finds the records at
 mount time; turning them into inodes is the filesystem's part (``ossfuse.fs.commit``).
 
-Journal states of one staged version (docs/design.md): written but not journaled (lost by a
-crash, its data file deleted at the next mount) → journaled (uploaded by the next mount) →
-uploaded (data and record deleted). A record is rewritten in place when the same staged version
-changes again (TODO(rebuild): journaled versions become immutable, issue 12 A5).
+States of one staged version (docs/design.md "Write-back and the journal"): open → sealed →
+journaled → uploading → committed (record and data gone), or superseded (a newer version of the
+file was journaled: this one's record goes), or quarantined (damaged: moved to
+``staging/quarantine/``, never deleted). The data of a journaled version never changes; only its
+record is rewritten when the file's name or attributes change.
 """
 from __future__ import annotations
 
@@ -23,30 +24,31 @@ from .staging import StagedFile, Staging
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
-    """fsync ``staged``'s ciphertext, then atomically record (key, size, metadata). Raises
-    OSError (ENOSPC, EIO) when the cache disk fails; the previous record is then still valid.
-    Recording what is already recorded does nothing (a close followed by its upload)."""
+    """Atomically record (key, size, metadata) for sealed ``staged`` and fsync the directory.
+    Raises OSError (ENOSPC, EIO) when the cache disk fails (the previous record, if any, is
+    then still valid), ValueError for a version not sealed. Recording what is already recorded
+    does nothing (a close followed by its upload)."""
+    if not staged.sealed:
+        raise ValueError(f"staged version {staged.id} is not sealed")
     rec = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
     if rec == staged.journaled_record:
         return
-    os.fsync(staged.fd)
     tmp = staged.journal_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, staged.journal_path)
-    _fsync_dir(staged.staging.dir)
-    staged.journaled_generation = staged.generation
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, staged.journal_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    staged.staging.sync()
     staged.journaled_record = rec
 
 
@@ -59,36 +61,73 @@ class JournalEntry:
     metadata: dict[str, str]
 
 
-def read_journal(staging: Staging) -> list[JournalEntry]:
-    """Journaled versions left by an earlier run (crash or failed uploads), oldest first.
-    Data files without a journal were never closed and are deleted. A data file shorter than
-    its journal says is reported and skipped, never uploaded."""
+def _check(rec: object) -> str | None:
+    """Why ``rec`` is not a usable record (None: it is)."""
+    if not isinstance(rec, dict):
+        return "record is not a JSON object"
+    if not isinstance(rec.get("key"), str):
+        return "record has no object key"
+    if not isinstance(rec.get("size"), int) or rec["size"] < 0:
+        return "record has no valid size"
+    meta = rec.get("metadata")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        return "record has no valid metadata"
+    return None
+
+
+def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
+    """Journaled versions left by an earlier run (crash or failed uploads), oldest first, and
+    how many entries were quarantined. Work files and data files without a record were never
+    journaled (or were uploaded) and are deleted. A record that cannot be read or parsed, or
+    whose data file is missing or not exactly as long as it says, is quarantined
+    (``Staging.quarantine``: one ERROR line). Data files are only stat'ed, never created."""
     entries = []
-    names = sorted(os.listdir(staging.dir), key=lambda n: os.path.getmtime(os.path.join(staging.dir, n)))
+    quarantined = 0
+
+    def mtime(n: str) -> float:
+        try:
+            return os.lstat(os.path.join(staging.dir, n)).st_mtime
+        except FileNotFoundError:
+            return 0.0
+    names = sorted((n for n in os.listdir(staging.dir) if n != "quarantine"), key=mtime)
     journaled = set()
     for name in names:
         if not name.endswith(".json"):
             continue
         sid = name[:-5]
         path = os.path.join(staging.dir, name)
+        journaled.add(sid)
         try:
             with open(path) as f:
                 rec = json.load(f)
-            st = StagedFile(staging, sid, None, rec["size"])
-            actual = os.fstat(st.fd).st_size
-            if actual < rec["size"]:
-                log.error("journal %s: staged data for %r has %d of %d bytes; not uploading",
-                          sid, rec["key"], actual, rec["size"])
-                st.close()
-                continue
-            st.journaled_generation = st.generation
-            entries.append(JournalEntry(st, rec["key"], rec["metadata"]))
-            journaled.add(sid)
-        except (OSError, ValueError, KeyError) as e:
-            log.error("journal %s unreadable, kept for inspection: %s", path, e)
-            journaled.add(sid)
+        except (OSError, ValueError) as e:
+            staging.quarantine(sid, f"unreadable record: {e}", path)
+            quarantined += 1
+            continue
+        why = _check(rec)
+        what = rec["key"] if isinstance(rec, dict) and isinstance(rec.get("key"), str) else path
+        if why is None:
+            try:
+                actual = os.lstat(os.path.join(staging.dir, sid + ".data")).st_size
+            except FileNotFoundError:
+                actual = None
+            if actual is None:
+                why = "its data file is missing"
+            elif actual != rec["size"]:
+                why = f"its data file has {actual} bytes, the record says {rec['size']}"
+        if why is not None:
+            staging.quarantine(sid, why, repr(what))
+            quarantined += 1
+            continue
+        st = StagedFile(staging, sid, None, rec["size"], sealed=True)
+        st.generation = rec.get("generation", 0) if isinstance(rec.get("generation"), int) else 0
+        st.journaled_record = rec
+        entries.append(JournalEntry(st, rec["key"], rec["metadata"]))
     for name in names:
         sid = name.split(".")[0]
         if sid not in journaled:
-            os.unlink(os.path.join(staging.dir, name))
-    return entries
+            try:
+                os.unlink(os.path.join(staging.dir, name))
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+    return entries, quarantined

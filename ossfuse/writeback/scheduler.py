@@ -36,7 +36,7 @@ class UploadScheduler:
         self.retry_interval = retry_interval
         self.workers = workers
         self.dirty: set = set()  # nodes with a staged version
-        self.stats = {"uploaded": 0, "upload_failures": 0, "recovered": 0}
+        self.stats = {"uploaded": 0, "upload_failures": 0, "recovered": 0, "quarantined": 0, "aborted_uploads": 0}
         self.nursery = None  # set by the daemon: anything with start_soon(fn, *args) (its Supervisor); retries run there
         self._send, self._recv = trio.open_memory_channel(float("inf"))
 

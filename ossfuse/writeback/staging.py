@@ -1,98 +1,312 @@
-"""Write-back staging: dirty file contents as ciphertext on local disk.
+"""Write-back staging: dirty file contents on local disk, never as plaintext, never with a
+keystream position used twice (issue 12 A5/A8; docs/design.md "Write-back and the journal").
 
-A file being written gets a *staged version*: a fresh data key and IV (a new object version,
-oss-cse-format.md §11) and a file ``staging/<id>.data`` holding the ciphertext the object will
-have, byte for byte, so the upload streams it without another crypto pass and no plaintext ever
-reaches the disk (design.md promise 2). Holes are written as encrypted zeros, because a hole in
-the ciphertext would decrypt to keystream, not zeros.
+A file being changed gets a *staged version* (:class:`StagedFile`). It lives in two forms:
 
-Making a staged version durable (its journal record ``staging/<id>.json``) and finding the
-records after a crash is :mod:`ossfuse.writeback.journal`.
+- **open** (mutable): the content written so far, in ``staging/<id>.work``, in slots of
+  ``16 + BLOCK`` bytes: slot *i* holds a random 16-byte nonce and block *i* (``BLOCK`` bytes of
+  plaintext) AES-256-CTR-encrypted under a key that exists only in memory (``_work_key``) with
+  that nonce as the initial counter. Every write of a block draws a new nonce, so rewriting a
+  block never reuses keystream; a crash loses the key, and an open version is lost by a crash
+  anyway (it has no journal record). A nonce of all zeros marks a block never written: it reads
+  from the ``base`` version (below ``base_len``) or as zeros — so extending a file (``truncate``
+  upwards) costs nothing and a reopen for write copies nothing.
+- **sealed** (immutable): ``staging/<id>.data`` holds the exact ciphertext of the object under
+  the version's own envelope (fresh data key and IV: a new object version,
+  oss-cse-format.md §11), written once, start to end, by :meth:`StagedFile.seal_data` (in a
+  worker thread, a ``SEAL_CHUNK`` at a time) and fsynced; the upload streams it as it is.
+  Only a sealed version is journaled (``journal.record``) or uploaded, and it never changes
+  again: the next change makes a new open version on top of it (:meth:`Staging.derive`).
+
+No file descriptor is held between calls: each read or write opens the file it needs
+(a thousand pending files must not need a thousand descriptors).
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 import uuid
 
-from ..envelope import Envelope
+from ..envelope import Envelope, ctr_crypt
 
-_ZERO_CHUNK = 1 << 20  # bytes of encrypted zeros written at a time when filling holes
+log = logging.getLogger(__name__)
+
+BLOCK = 4096  # bytes of plaintext per slot of a work file
+_NONCE = 16
+_SLOT = _NONCE + BLOCK
+_HOLE = bytes(_NONCE)
+SEAL_CHUNK = 1 << 20  # bytes encrypted and written at a time while sealing (a multiple of BLOCK)
+# OSS's largest object: 48.8 TiB (oss-rest-api.md, PutObject/multipart limits); bigger gives EFBIG.
+MAX_OBJECT_SIZE = 10_000 * (5 << 30)
+
+
+class Sealed(Exception):
+    """A sealed staged version was about to be changed (a bug: derive a new one first)."""
+
+
+def _open(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
 class StagedFile:
-    """One staged object version. ``size`` in bytes; ``generation`` counts changes, so an
-    upload knows whether the data changed while it ran. ``journaled_generation`` is the
-    generation last recorded in the journal (-1: never), ``journaled_record`` that record."""
+    """One staged object version (see the module doc). ``size`` in bytes; ``generation``
+    counts changes; ``sealed``: the ciphertext in ``data_path`` is final; ``journaled_record``:
+    the journal record last made durable (None: none). ``base``: the sealed version this one
+    was derived from (its first ``base_len`` bytes show through blocks not written here).
+    ``write_error``: errno of a failed write (the version is then incomplete and must never
+    replace the last good one)."""
 
-    def __init__(self, staging: "Staging", sid: str, envelope: Envelope | None, size: int = 0):
+    def __init__(self, staging: "Staging", sid: str, envelope: Envelope | None, size: int = 0, *,
+                 sealed: bool = False, base: "StagedFile | None" = None):
         self.staging = staging
         self.id = sid
         self.envelope = envelope
         self.size = size
         self.generation = 0
-        self.journaled_generation = -1
-        self.journaled_record: dict | None = None  # the record last made durable
+        self.sealed = sealed
+        self.base = base
+        self.base_len = base.size if base is not None else 0
+        self.journaled_record: dict | None = None
+        self.write_error: int | None = None
+        self.uploading = False  # an upload reads data_path now: discard waits for it
+        self.superseded = False  # discard once the upload reading it is done
+        self.committed = False  # uploaded: the bucket holds this version
+        self._work_key = os.urandom(32)
+        self.work_path = os.path.join(staging.dir, sid + ".work")
         self.data_path = os.path.join(staging.dir, sid + ".data")
         self.journal_path = os.path.join(staging.dir, sid + ".json")
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     @property
     def was_journaled(self) -> bool:
-        """Whether some generation of this version has a journal record (a crash keeps it)."""
-        return self.journaled_generation >= 0
+        """Whether this version has a journal record (a crash keeps it)."""
+        return self.journaled_record is not None
 
     # -- content --------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write plaintext ``data`` at ``offset``; a gap past the old end reads as zeros."""
-        if offset > self.size:
-            self._fill_zeros(self.size, offset)
-        os.pwrite(self.fd, self.envelope.crypt(offset, data), offset)
-        self.size = max(self.size, offset + len(data))
+        """Write plaintext ``data`` at ``offset``; a gap past the old end reads as zeros.
+        Raises Sealed on a sealed version, OSError (ENOSPC, EFBIG, …) from the cache disk."""
+        if self.sealed:
+            raise Sealed(self.id)
+        end = offset + len(data)
+        if end > MAX_OBJECT_SIZE:
+            raise OSError(errno.EFBIG, "larger than the store's largest object")
+        if not data:
+            return
+        data = memoryview(data)
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        fd = _open(self.work_path, os.O_RDWR | os.O_CREAT)
+        try:
+            partial = {}  # block number -> its current plaintext, for blocks written in part
+            if offset % BLOCK:
+                partial[first] = self._block(fd, first)
+            if end % BLOCK and last not in partial:
+                partial[last] = self._block(fd, last)
+            out = bytearray()
+            for b in range(first, last + 1):
+                start = b * BLOCK
+                if b in partial:
+                    plain = bytearray(partial[b])
+                    lo, hi = max(start, offset), min(start + BLOCK, end)
+                    plain[lo - start:hi - start] = data[lo - offset:hi - offset]
+                else:
+                    plain = data[start - offset:start + BLOCK - offset]
+                nonce = os.urandom(_NONCE)
+                out += nonce + ctr_crypt(self._work_key, nonce, 0, plain)
+            self._pwrite(fd, bytes(out), first * _SLOT)
+        finally:
+            os.close(fd)
+        self.size = max(self.size, end)
         self.generation += 1
 
+    def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
+    def _block(self, fd: int, b: int) -> bytes:
+        """Plaintext of block ``b`` (BLOCK bytes, zeros past the end)."""
+        return self._blocks(fd, b, b)
+
+    def _blocks(self, fd: int, first: int, last: int) -> bytes:
+        """Plaintext of blocks ``first..last`` (zeros past the end and in holes)."""
+        raw = os.pread(fd, (last - first + 1) * _SLOT, first * _SLOT) if fd >= 0 else b""
+        out = bytearray()
+        run = 0  # bytes of the base pending, read at once (one open of its data file per run)
+        for i, b in enumerate(range(first, last + 1)):
+            slot = raw[i * _SLOT:(i + 1) * _SLOT]
+            from_base = b * BLOCK < self.base_len and not (len(slot) == _SLOT and slot[:_NONCE] != _HOLE)
+            if from_base:
+                run += BLOCK
+                continue
+            if run:
+                out += self._base_run(first * BLOCK + len(out), run)
+                run = 0
+            if len(slot) == _SLOT and slot[:_NONCE] != _HOLE:
+                out += ctr_crypt(self._work_key, slot[:_NONCE], 0, slot[_NONCE:])
+            else:
+                out += bytes(BLOCK)
+        if run:
+            out += self._base_run(first * BLOCK + len(out), run)
+        return bytes(out)
+
+    def _base_run(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` from the base (zeros past ``base_len``)."""
+        part = self.base.read(offset, min(length, self.base_len - offset))
+        return part + bytes(length - len(part))
+
     def read(self, offset: int, length: int) -> bytes:
-        """Plaintext ``[offset, offset+length)``, clipped to the size."""
+        """Plaintext ``[offset, offset+length)``, clipped to the size. OSError when the staging
+        disk fails."""
         length = max(0, min(length, self.size - offset))
         if not length:
             return b""
-        return self.envelope.crypt(offset, os.pread(self.fd, length, offset))
+        if self.sealed:
+            fd = _open(self.data_path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+            if len(data) != length:
+                raise OSError(errno.EIO, f"staged data {self.data_path} is short")
+            return self.envelope.crypt(offset, data)
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        try:
+            fd = _open(self.work_path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1  # nothing written here yet: all from the base, or zeros
+        try:
+            data = self._blocks(fd, first, last)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        skip = offset - first * BLOCK
+        return data[skip:skip + length]
 
     def truncate(self, size: int) -> None:
-        """Cut or extend (with zeros) to ``size`` bytes."""
-        if size > self.size:
-            self._fill_zeros(self.size, size)
-        else:
-            os.ftruncate(self.fd, size)
+        """Cut or extend (a hole that reads as zeros: nothing is written) to ``size`` bytes.
+        Raises Sealed, OSError(EFBIG) above the store's largest object."""
+        if self.sealed:
+            raise Sealed(self.id)
+        if size > MAX_OBJECT_SIZE:
+            raise OSError(errno.EFBIG, "larger than the store's largest object")
+        if size < self.size:
+            # what lies past the new end must read as zeros if the file grows again
+            self.base_len = min(self.base_len, size)
+            nblocks = -(-size // BLOCK)
+            if os.path.exists(self.work_path):
+                if size % BLOCK:
+                    keep = self.read(size - size % BLOCK, size % BLOCK)
+                fd = _open(self.work_path, os.O_RDWR)
+                try:
+                    os.ftruncate(fd, min(os.fstat(fd).st_size, nblocks * _SLOT))
+                finally:
+                    os.close(fd)
+                if size % BLOCK:
+                    self.size = size  # the block's tail becomes zeros, under a new nonce
+                    self.write(size - size % BLOCK, keep + bytes(BLOCK - len(keep)))
         self.size = size
         self.generation += 1
 
-    def _fill_zeros(self, start: int, end: int) -> None:
-        for off in range(start, end, _ZERO_CHUNK):
-            n = min(_ZERO_CHUNK, end - off)
-            os.pwrite(self.fd, self.envelope.crypt(off, bytes(n)), off)
+    # -- sealing --------------------------------------------------------------------------
+    def seal_data(self) -> None:
+        """Write the final ciphertext of this version to ``data_path`` and fsync it (blocking:
+        run it in a worker thread; reads meanwhile still use the work file). OSError when the
+        staging disk fails (ENOSPC): the version stays open and nothing is half-sealed."""
+        tmp = self.data_path + ".tmp"
+        fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            for off in range(0, self.size, SEAL_CHUNK):
+                plain = self.read(off, SEAL_CHUNK)
+                self._pwrite(fd, self.envelope.crypt(off, plain), off)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.data_path)
 
+    def finish_seal(self) -> None:
+        """After :meth:`seal_data`: the version is sealed; its work file goes. Its ``base`` is
+        no longer read; the caller discards it once this version is journaled."""
+        self.sealed = True
+        _unlink(self.work_path)
+        self.base_len = 0
+
+    def seal(self) -> None:
+        """Seal in this thread and discard the base (tests, tools)."""
+        if not self.sealed:
+            self.seal_data()
+            self.finish_seal()
+        if self.base is not None:
+            self.base.discard()
+            self.base = None
+
+    # -- removal --------------------------------------------------------------------------
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Nothing to close (no descriptor is held); kept for the daemon's shutdown."""
+
+    def forget_record(self) -> None:
+        """Remove the journal record (durably): a crash will not bring this version back."""
+        if self.journaled_record is not None or os.path.exists(self.journal_path):
+            _unlink(self.journal_path)
+            self.staging.sync()
+        self.journaled_record = None
 
     def discard(self) -> None:
-        """Delete data and journal (the file was unlinked, or its upload is done)."""
-        self.close()
-        for p in (self.data_path, self.journal_path):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        """Delete record, data and work file (unlinked, superseded, or uploaded). The record
+        goes first, so a crash in between never leaves a record without its data. While an
+        upload reads the data, only the record goes; the data follows when it is done."""
+        self.forget_record()
+        if self.uploading:
+            self.superseded = True
+            return
+        for p in (self.data_path, self.work_path):
+            _unlink(p)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class Staging:
-    """The staging directory ``<cache dir>/staging``."""
+    """The staging directory ``<cache dir>/staging`` and its ``quarantine/``."""
 
     def __init__(self, cache_dir: str):
         self.dir = os.path.join(cache_dir, "staging")
+        self.quarantine_dir = os.path.join(self.dir, "quarantine")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
 
     def new(self, envelope: Envelope) -> StagedFile:
-        """An empty staged version encrypted under ``envelope``."""
+        """An empty open version encrypted under ``envelope`` (no disk I/O yet)."""
         return StagedFile(self, uuid.uuid4().hex, envelope)
+
+    def derive(self, base: StagedFile, envelope: Envelope) -> StagedFile:
+        """A new open version with ``base``'s content (nothing copied: unwritten blocks read
+        through to it) under a fresh ``envelope``; ``base`` stays as it is."""
+        return StagedFile(self, uuid.uuid4().hex, envelope, base.size, base=base)
+
+    def sync(self) -> None:
+        """fsync the staging directory (a record's creation or removal is durable)."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def quarantine(self, sid: str, reason: str, what: str) -> None:
+        """Move the record and data of staged version ``sid`` to ``quarantine/`` (never
+        deleted: someone may recover them by hand) with one ERROR line naming ``what`` (the
+        object key, or the record file) and ``reason``."""
+        os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+        for ext in (".json", ".data"):
+            src = os.path.join(self.dir, sid + ext)
+            if os.path.lexists(src):
+                shutil.move(src, os.path.join(self.quarantine_dir, sid + ext))
+        self.sync()
+        log.error("journal entry %s for %s quarantined in %s: %s", sid, what, self.quarantine_dir, reason)

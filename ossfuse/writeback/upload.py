@@ -12,19 +12,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 
 import trio
 
 from .. import envelope as env
 from ..aio import run_all
 from .staging import StagedFile
-from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+from ..store.base import ObjectInfo, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
-
-_RETRY_BASE = 0.5  # seconds before the first retry; doubles, with jitter
-_RETRY_MAX = 8.0
 
 
 def part_size_for(size: int, preferred: int, max_parts: int = 10_000) -> int:
@@ -39,35 +35,20 @@ class Uploader:
     """Uploads staged versions to ``store``; see the module doc."""
 
     def __init__(self, store: ObjectStore, *, multipart_threshold: int, part_size: int,
-                 part_workers: int, retries: int):
+                 part_workers: int):
         self.store = store
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.part_workers = part_workers
-        self.retries = retries
 
-    async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str], *,
-                     attempts: int | None = None) -> ObjectInfo:
-        """Put ``staged``'s ciphertext at ``key`` with ``metadata``; makes up to ``attempts``
-        (default ``retries``) with exponential backoff and jitter between them, then raises
-        the last StoreError."""
-        attempts = attempts or self.retries
-        for attempt in range(1, attempts + 1):
-            try:
-                if staged.size > self.multipart_threshold and not self.store.local_disk:
-                    return await self._multipart(staged, key, metadata)
-                # the staged file is final once uploaded (a new write makes a new version)
-                return await self.store.put_file(key, staged.data_path, metadata, may_link=True)
-            except (NoSuchKey, PreconditionFailed):
-                raise
-            except StoreError as e:
-                if attempt == attempts:
-                    raise
-                delay = min(_RETRY_MAX, _RETRY_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
-                log.warning("upload of %r failed (attempt %d of %d, retrying in %.1fs): %s", key,
-                            attempt, attempts, delay, e)
-                await trio.sleep(delay)
-        raise AssertionError("unreachable")
+    async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Put sealed ``staged``'s ciphertext at ``key`` with ``metadata``: one attempt (the
+        store retries each request within its deadline, ``ossfuse/retry.py``; retrying a
+        failed upload later is the scheduler's job). Raises StoreError."""
+        if staged.size > self.multipart_threshold and not self.store.local_disk:
+            return await self._multipart(staged, key, metadata)
+        # a sealed staged file never changes again: the store may link it
+        return await self.store.put_file(key, staged.data_path, metadata, may_link=True)
 
     async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
         fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed

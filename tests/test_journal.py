@@ -1,0 +1,487 @@
+"""The write-back journal and staging driven in-process (no kernel), issue 12: a journaled
+version is immutable until it is in the bucket (A5), damaged entries are quarantined, no
+keystream position is used twice (A8), unlink/truncate/close/ENOSPC/fd findings from
+break-testing, cheap sparse extension (issue 13), one retry policy (A6), orphaned multipart
+uploads aborted at mount, and uploads of a snapshot that writers never wait for (A4)."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import time
+
+import pytest
+import trio
+
+from fakes.fault_store import FaultStore
+from ossfuse import envelope as env
+from ossfuse.config import (CacheConfig, CmkConfig, Config, ConfigError, EncryptionConfig, MountConfig,
+                            StoreConfig, load)
+from ossfuse.fs import Filesystem, FsError
+from ossfuse.keyring import Keyring
+from ossfuse.store.local import LocalStore
+from ossfuse.writeback import staging as staging_mod
+
+DATA = b"closed, journaled version\n" * 1000  # 26,000 bytes
+
+
+def _config(tmp_path, cmk_path, **mount) -> Config:
+    mount.setdefault("upload_delay", 3600.0)  # nothing uploads unless a test asks
+    return Config(path=str(tmp_path / "ossfuse.toml"),
+                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                  cache=CacheConfig(dir=str(tmp_path / "cache")),
+                  mount=MountConfig(**mount))
+
+
+def _fs(tmp_path, cmk_path, **mount) -> Filesystem:
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    cfg = _config(tmp_path, cmk_path, **mount)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+
+
+async def _crash(fs: Filesystem) -> None:
+    """The daemon dies: nothing is flushed or uploaded; the journal stays as it is on disk."""
+    fs.close()
+    await fs.store.aclose()
+
+
+async def _write_file(fs: Filesystem, name: str, data: bytes):
+    node, h = await fs.create(fs.get(1), name, 0o644, os.O_WRONLY, 1, 2)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    return node
+
+
+async def _read_file(fs: Filesystem, name: str) -> bytes:
+    node = await fs.lookup(fs.get(1), name)
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, 1 << 30)
+    finally:
+        await fs.release(h)
+
+
+def _records(fs: Filesystem) -> list[str]:
+    return sorted(n for n in os.listdir(fs.staging.dir) if n.endswith(".json"))
+
+
+# -- A5: a journaled version is immutable ----------------------------------------------------
+def test_reopen_with_o_trunc_after_close_keeps_the_journaled_version_through_a_crash(tmp_path, cmk_path):
+    async def crash_during_rewrite():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "report.txt", DATA)
+        assert node.staged.was_journaled and _records(fs) == [node.staged.id + ".json"]
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(h, 0, b"new")
+        assert await fs.read(h, 0, 100) == b"new"  # the open version is what reads see
+        await _crash(fs)  # before the second close
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 1 and fs.stats["quarantined"] == 0
+        assert await fs.drain() == 0
+        assert await _read_file(fs, "report.txt") == DATA  # the last closed version
+        await _crash(fs)
+
+    trio.run(crash_during_rewrite)
+    trio.run(next_mount)
+
+
+def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", DATA)
+        first = node.staged
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 5, b"XX")  # a change after the close: a new staged version
+        second = node.staged
+        assert second is not first and first.sealed and not second.sealed
+        assert second.envelope.data_key != first.envelope.data_key  # fresh key and IV (A8)
+        assert second.envelope.iv != first.envelope.iv
+        assert _records(fs) == [first.id + ".json"]  # the journaled one is still there, intact
+        assert first.read(0, len(DATA)) == DATA
+        await fs.flush(h)
+        await fs.release(h)
+        assert _records(fs) == [second.id + ".json"]  # superseded: its record and data went
+        assert not os.path.exists(first.data_path)
+        assert await fs.drain() == 0
+        assert await _read_file(fs, "f") == DATA[:5] + b"XX" + DATA[7:]
+        assert os.listdir(fs.staging.dir) == []
+        await _crash(fs)
+
+    trio.run(main)
+
+
+# -- quarantine, never delete ------------------------------------------------------------------
+def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path, caplog):
+    async def crash_with_three():
+        fs = _fs(tmp_path, cmk_path)
+        short = await _write_file(fs, "short", DATA)
+        garbled = await _write_file(fs, "garbled", DATA)
+        bad_env = await _write_file(fs, "bad-envelope", DATA)
+        good = await _write_file(fs, "good", b"fine")
+        ids = {n: node.staged.id for n, node in
+               (("short", short), ("garbled", garbled), ("bad-envelope", bad_env), ("good", good))}
+        await _crash(fs)
+        return ids
+
+    ids = trio.run(crash_with_three)
+    d = tmp_path / "cache" / "staging"
+    os.truncate(d / (ids["short"] + ".data"), 3)
+    (d / (ids["garbled"] + ".json")).write_text("{not json")
+    rec = json.loads((d / (ids["bad-envelope"] + ".json")).read_text())
+    rec["metadata"]["client-side-encryption-key"] = "!!not base64!!"
+    (d / (ids["bad-envelope"] + ".json")).write_text(json.dumps(rec))
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        with caplog.at_level(logging.ERROR):
+            assert fs.recover() == 1
+        assert fs.stats["quarantined"] == 3
+        q = sorted(os.listdir(d / "quarantine"))
+        assert q == sorted(ids[n] + ext for n in ("short", "garbled", "bad-envelope") for ext in (".data", ".json"))
+        assert os.path.getsize(d / "quarantine" / (ids["short"] + ".data")) == 3  # kept as it was
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "quarantined" in r.getMessage()]
+        assert len(lines) == 3
+        assert any("'pre/short'" in m and "3 bytes, the record says 26000" in m for m in lines)
+        assert any(ids["garbled"] in m and "unreadable record" in m for m in lines)
+        assert any("'pre/bad-envelope'" in m and "envelope" in m for m in lines)
+        assert await fs.drain() == 0
+        assert await _read_file(fs, "good") == b"fine"
+        await _crash(fs)
+
+    trio.run(next_mount)
+
+
+def test_recovery_never_creates_a_data_file(tmp_path, cmk_path, caplog):
+    """A record whose data file is missing is quarantined as such (no empty file is created
+    and reported as '0 of N bytes': review A15)."""
+    async def crash():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", DATA)
+        sid = node.staged.id
+        await _crash(fs)
+        return sid
+
+    sid = trio.run(crash)
+    d = tmp_path / "cache" / "staging"
+    os.unlink(d / (sid + ".data"))
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        with caplog.at_level(logging.ERROR):
+            assert fs.recover() == 0
+        assert fs.stats["quarantined"] == 1
+        assert not os.path.exists(d / (sid + ".data")) and os.listdir(d / "quarantine") == [sid + ".json"]
+        assert any("data file is missing" in r.getMessage() for r in caplog.records)
+        await _crash(fs)
+
+    trio.run(next_mount)
+
+
+# -- A8: no keystream position used for two plaintexts ----------------------------------------
+def _disk_bytes(directory: str) -> bytes:
+    out = b""
+    for root, _dirs, files in os.walk(directory):
+        for n in files:
+            with open(os.path.join(root, n), "rb") as f:
+                out += f.read() + b"\0" * 64
+    return out
+
+
+def test_overwriting_a_staged_range_never_reuses_keystream(tmp_path, cmk_path):
+    a, b = os.urandom(8192), os.urandom(8192)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node, h = await fs.create(fs.get(1), "db", 0o644, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, a)
+        envelope = node.staged.envelope
+        work1 = _disk_bytes(fs.staging.dir)
+        await fs.write(h, 0, b)
+        work2 = _disk_bytes(fs.staging.dir)
+        # the object's key+IV encrypts nothing until the version is sealed: no ciphertext of
+        # either plaintext under it is on disk while the range may still change
+        for snapshot in (work1, work2):
+            assert envelope.crypt(0, a)[:64] not in snapshot
+            assert envelope.crypt(0, b)[:64] not in snapshot
+        # the two writes of block 0 used different keystreams: their ciphertexts do not XOR
+        # to the XOR of the plaintexts
+        with open(node.staged.work_path, "rb") as f:
+            slot0 = f.read(16 + 4096)
+        assert slot0[:16] not in work1  # a fresh nonce
+        assert await fs.read(h, 0, 8192) == b
+        await fs.flush(h)  # sealed: the final ciphertext is written once
+        sealed = _disk_bytes(fs.staging.dir)
+        assert envelope.crypt(0, b)[:64] in sealed and envelope.crypt(0, a)[:64] not in sealed
+        await fs.release(h)
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def test_staged_file_reads_back_what_was_written_through_seals_and_truncates(tmp_path):
+    """A reference model for the block file: random writes, truncates (down and up) and
+    copy-on-write derivations always read back as a plain bytearray would."""
+    import random
+
+    class Xor:
+        def crypt(self, off, data):
+            return bytes(x ^ 0x5A for x in data)
+
+    st_dir = staging_mod.Staging(str(tmp_path))
+    st = st_dir.new(Xor())
+    ref = bytearray()
+    rnd = random.Random(7)
+    for i in range(250):
+        op = rnd.random()
+        if op < 0.65:
+            off, data = rnd.randrange(0, 40000), os.urandom(rnd.randrange(0, 9000))
+            if off > len(ref):
+                ref += bytes(off - len(ref))
+            ref[off:off + len(data)] = data
+            st.write(off, data)
+        elif op < 0.85:
+            n = rnd.randrange(0, 50000)
+            ref = ref[:n] + bytes(max(0, n - len(ref)))
+            st.truncate(n)
+        else:
+            st.seal()
+            assert st.read(0, 1 << 20) == bytes(ref)
+            with pytest.raises(staging_mod.Sealed):
+                st.write(0, b"x")
+            st = st_dir.derive(st, Xor())
+        assert st.size == len(ref)
+        assert st.read(0, 1 << 20) == bytes(ref), i
+        off = rnd.randrange(0, 50000)
+        assert st.read(off, 5000) == bytes(ref[off:off + 5000])
+
+
+# -- break-testing findings ---------------------------------------------------------------------
+def test_a_pending_file_unlinked_while_open_does_not_come_back_after_a_crash(tmp_path, cmk_path):
+    async def crash():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "gone", DATA)
+        h = await fs.open(node, os.O_RDONLY)
+        await fs.unlink(fs.get(1), "gone")
+        assert _records(fs) == []  # neutralised at unlink, durably
+        assert await fs.read(h, 0, 10) == DATA[:10]  # still readable through the open handle
+        await _crash(fs)
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 0
+        with pytest.raises(FsError) as e:
+            await fs.lookup(fs.get(1), "gone")
+        assert e.value.errno == errno.ENOENT
+        assert await fs.store.inner.head("pre/gone") is None
+        await _crash(fs)
+
+    trio.run(crash)
+    trio.run(next_mount)
+
+
+def test_truncate_by_path_is_journaled_and_uploaded(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "t", DATA)
+        assert await fs.drain() == 0 and node.staged is None
+        await fs.setattr(node, size=10)  # truncate(path, 10): no handle
+        assert _records(fs) == [node.staged.id + ".json"]
+        assert node.upload_queued
+        await _crash(fs)
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        assert (await fs.store.inner.head("pre/t")).size == 10
+        assert await _read_file(fs, "t") == DATA[:10]
+        await _crash(fs)
+
+    trio.run(main)
+    trio.run(next_mount)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_pending_files_hold_no_descriptors(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        await _write_file(fs, "warmup", b"x")
+        before = _open_fds()
+        for i in range(100):
+            await _write_file(fs, f"f{i}", DATA)
+        assert len(fs.scheduler.pending()) == 101
+        assert _open_fds() - before <= 2
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def _fail_pwrite(monkeypatch, err: int = errno.ENOSPC):
+    def pwrite(fd, data, offset):
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(staging_mod.os, "pwrite", pwrite)
+
+
+def test_enospc_never_replaces_the_last_good_version(tmp_path, cmk_path, monkeypatch):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "doc", DATA)
+        assert await fs.drain() == 0
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        with monkeypatch.context() as m:
+            _fail_pwrite(m)
+            with pytest.raises(FsError) as e:
+                await fs.write(h, 0, b"new content")
+        assert e.value.errno == errno.ENOSPC  # not "internal error" EIO (A12)
+        with pytest.raises(FsError) as e:
+            await fs.flush(h)  # close() reports it; nothing is journaled or uploaded
+        assert e.value.errno == errno.ENOSPC
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert (await fs.store.inner.head("pre/doc")).size == len(DATA)
+        assert await _read_file(fs, "doc") == DATA
+        assert _records(fs) == [] and fs.store.counts["put_file"] == 1
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def test_enospc_at_the_first_change_is_enospc(tmp_path, cmk_path, monkeypatch):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "doc", DATA)
+        assert await fs.drain() == 0
+        h = await fs.open(node, os.O_WRONLY)
+        with monkeypatch.context() as m:
+            _fail_pwrite(m)
+            with pytest.raises(FsError) as e:
+                await fs.write(h, 100, b"x")  # the first change copies the content: fails
+        assert e.value.errno == errno.ENOSPC
+        await fs.release(h)
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def test_read_only_close_and_writes_do_not_wait_for_an_upload(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "slow", DATA)
+        fs.store.delay("put_file", 3.0)
+        async with trio.open_nursery() as n:
+            n.start_soon(fs.drain)
+            await trio.sleep(0.2)  # the upload is under way
+            t0 = trio.current_time()
+            h = await fs.open(node, os.O_RDONLY)
+            assert await fs.read(h, 0, 26) == DATA[:26]
+            await fs.flush(h)
+            await fs.release(h)
+            w = await fs.open(node, os.O_WRONLY)
+            await fs.write(w, 0, b"NEW")  # goes to a new staged version
+            await fs.flush(w)
+            await fs.release(w)
+            assert trio.current_time() - t0 < 1.0
+        # the upload that was running put the old snapshot; the new version is pending
+        assert node.version is not None and node.staged is not None and node in fs.dirty
+        fs.store.clear()
+        assert await fs.drain() == 0
+        assert await _read_file(fs, "slow") == b"NEW" + DATA[3:]
+        assert os.listdir(fs.staging.dir) == []
+        await _crash(fs)
+
+    trio.run(main)
+
+
+# -- issue 13: cheap sparse extension, EFBIG -----------------------------------------------------
+def test_extending_a_file_is_cheap_and_past_the_largest_object_is_efbig(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node, h = await fs.create(fs.get(1), "sparse", 0o644, os.O_RDWR, 1, 2)
+        t0 = time.monotonic()
+        await fs.setattr(node, size=1 << 30)  # truncate -s 1G
+        assert time.monotonic() - t0 < 0.5
+        assert node.current_size == 1 << 30
+        used = sum(os.stat(os.path.join(fs.staging.dir, n)).st_blocks * 512 for n in os.listdir(fs.staging.dir))
+        assert used < 1 << 20
+        assert await fs.read(h, (1 << 30) - 10, 100) == bytes(10)
+        await fs.write(h, 1 << 29, b"mid")
+        assert await fs.read(h, (1 << 29) - 1, 5) == b"\0mid\0"
+        with pytest.raises(FsError) as e:
+            await fs.setattr(node, size=999_999_999_999_999)
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(FsError) as e:
+            await fs.write(h, staging_mod.MAX_OBJECT_SIZE, b"x")
+        assert e.value.errno == errno.EFBIG
+        assert node.current_size == 1 << 30
+        await fs.release(h)
+        await _crash(fs)
+
+    trio.run(main)
+
+
+# -- A6: one retry policy --------------------------------------------------------------------------
+def test_an_upload_is_one_attempt_the_scheduler_retries(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node, h = await fs.create(fs.get(1), "r", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, DATA)
+        fs.store.fail("put_file", count=5)
+        t0 = trio.current_time()
+        with pytest.raises(FsError) as e:
+            await fs.fsync(h)
+        assert e.value.errno == errno.EIO
+        assert fs.store.counts["put_file"] == 1 and trio.current_time() - t0 < 1.0
+        await fs.release(h)
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def test_a_config_with_upload_retries_says_what_replaced_it(tmp_path, cmk_path):
+    p = tmp_path / "c.toml"
+    p.write_text(f'[store]\nurl = "local://{tmp_path}/b"\n[encryption]\nencrypt_with = "k"\n'
+                 f'[[encryption.cmk]]\nid = "k"\ntype = "rsa"\nprivate_key = "{cmk_path}"\n'
+                 f'[cache]\ndir = "{tmp_path}/c"\n[mount]\nupload_retries = 5\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(p))
+    assert "mount.upload_retries: no longer an option" in str(e.value)
+    assert "store.request_deadline" in str(e.value) and "retry_interval" in str(e.value)
+
+
+# -- orphaned multipart uploads ------------------------------------------------------------------
+def test_mount_aborts_multipart_uploads_left_by_a_crash(tmp_path, cmk_path, oss_server):
+    from conftest import AK, BUCKET, REGION, SK
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    async def main():
+        store = OssStore(BUCKET, oss_server.endpoint, region=REGION, credentials=StaticCredentialsProvider(AK, SK),
+                         retries=1, backoff=0.01, backoff_max=0.05)
+        try:
+            ours = await store.create_multipart("pre/big", {})
+            await store.upload_part("pre/big", ours, 1, b"x" * 200_000, {})
+            other = await store.create_multipart("elsewhere/big", {})
+            await trio.sleep(1.1)  # OSS initiation times are in seconds
+            cfg = _config(tmp_path, cmk_path)
+            fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+            fs.started = time.time()
+            await trio.sleep(1.1)
+            newer = await store.create_multipart("pre/new", {})  # begun by this mount: kept
+            assert await fs.abort_orphaned_uploads() == 1
+            left = {(k, u) for k, u, _t in await store.list_multipart_uploads("")}
+            assert left == {("elsewhere/big", other), ("pre/new", newer)}
+            assert fs.stats["aborted_uploads"] == 1
+            fs.close()
+        finally:
+            await store.aclose()
+
+    trio.run(main)
