@@ -285,6 +285,23 @@ def test_a_pending_file_unlinked_while_open_does_not_come_back_after_a_crash(tmp
     trio.run(next_mount)
 
 
+def test_unlinking_a_pending_file_drops_every_staged_version(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", DATA)
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"v2")  # an open version on top of the journaled one
+        await fs.release(h)  # no flush: the open version stays, derived from the journaled one
+        assert node.staged.base is not None
+        await fs.unlink(fs.get(1), "f")
+        assert node.staged is None and node not in fs.dirty
+        assert os.listdir(fs.staging.dir) == []
+        assert await fs.drain() == 0 and fs.store.counts["put_file"] == 0
+        await _crash(fs)
+
+    trio.run(main)
+
+
 def test_truncate_by_path_is_journaled_and_uploaded(tmp_path, cmk_path):
     async def main():
         fs = _fs(tmp_path, cmk_path)

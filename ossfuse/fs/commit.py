@@ -113,7 +113,8 @@ class Commit:
         st = node.staged
         while st is not None:
             st.discard()
-            st, st.base = st.base, None
+            below, st.base = st.base, None
+            st = below
         node.staged = None
         self.scheduler.mark_clean(node)
 
