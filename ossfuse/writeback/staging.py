@@ -18,8 +18,8 @@ A file being changed gets a *staged version* (:class:`StagedFile`). It lives in 
   Only a sealed version is journaled (``journal.record``) or uploaded, and it never changes
   again: the next change makes a new open version on top of it (:meth:`Staging.derive`).
 
-No file descriptor is held between calls: each read or write opens the file it needs
-(a thousand pending files must not need a thousand descriptors).
+Only an open version (one with a writer) holds a descriptor, of its work file; a sealed one
+opens its data file for each read, so a thousand pending files need no descriptors.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ import os
 import shutil
 import uuid
 
-from ..envelope import Envelope, ctr_crypt
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from ..envelope import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ class StagedFile:
         self.uploading = False  # an upload reads data_path now: discard waits for it
         self.superseded = False  # discard once the upload reading it is done
         self.committed = False  # uploaded: the bucket holds this version
-        self._work_key = os.urandom(32)
+        self._work_aes = algorithms.AES(os.urandom(32))  # the work file's key: memory only
+        self._work_fd = -1  # open while the version is open (it has a writer); closed at seal
         self.work_path = os.path.join(staging.dir, sid + ".work")
         self.data_path = os.path.join(staging.dir, sid + ".data")
         self.journal_path = os.path.join(staging.dir, sid + ".json")
@@ -96,29 +99,40 @@ class StagedFile:
             return
         data = memoryview(data)
         first, last = offset // BLOCK, (end - 1) // BLOCK
-        fd = _open(self.work_path, os.O_RDWR | os.O_CREAT)
-        try:
-            partial = {}  # block number -> its current plaintext, for blocks written in part
-            if offset % BLOCK:
-                partial[first] = self._block(fd, first)
-            if end % BLOCK and last not in partial:
-                partial[last] = self._block(fd, last)
-            out = bytearray()
-            for b in range(first, last + 1):
-                start = b * BLOCK
-                if b in partial:
-                    plain = bytearray(partial[b])
-                    lo, hi = max(start, offset), min(start + BLOCK, end)
-                    plain[lo - start:hi - start] = data[lo - offset:hi - offset]
-                else:
-                    plain = data[start - offset:start + BLOCK - offset]
-                nonce = os.urandom(_NONCE)
-                out += nonce + ctr_crypt(self._work_key, nonce, 0, plain)
-            self._pwrite(fd, bytes(out), first * _SLOT)
-        finally:
-            os.close(fd)
+        fd = self._work(create=True)
+        partial = {}  # block number -> its current plaintext, for blocks written in part
+        if offset % BLOCK:
+            partial[first] = self._block(fd, first)
+        if end % BLOCK and last not in partial:
+            partial[last] = self._block(fd, last)
+        out = bytearray()
+        for b in range(first, last + 1):
+            start = b * BLOCK
+            if b in partial:
+                plain = bytearray(partial[b])
+                lo, hi = max(start, offset), min(start + BLOCK, end)
+                plain[lo - start:hi - start] = data[lo - offset:hi - offset]
+            else:
+                plain = data[start - offset:start + BLOCK - offset]
+            nonce = os.urandom(_NONCE)
+            out += nonce + self._ctr(nonce, plain)
+        self._pwrite(fd, bytes(out), first * _SLOT)
         self.size = max(self.size, end)
         self.generation += 1
+
+    def _work(self, create: bool = False) -> int:
+        """The work file's descriptor (-1: no work file yet and not ``create``)."""
+        if self._work_fd < 0:
+            try:
+                self._work_fd = _open(self.work_path, os.O_RDWR | (os.O_CREAT if create else 0))
+            except FileNotFoundError:
+                return -1
+        return self._work_fd
+
+    def _ctr(self, nonce: bytes, data: bytes | memoryview) -> bytes:
+        """AES-256-CTR under the work key from counter ``nonce``."""
+        ctx = Cipher(self._work_aes, modes.CTR(nonce)).encryptor()
+        return ctx.update(data) + ctx.finalize()
 
     def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
         done = 0
@@ -144,7 +158,7 @@ class StagedFile:
                 out += self._base_run(first * BLOCK + len(out), run)
                 run = 0
             if len(slot) == _SLOT and slot[:_NONCE] != _HOLE:
-                out += ctr_crypt(self._work_key, slot[:_NONCE], 0, slot[_NONCE:])
+                out += self._ctr(slot[:_NONCE], slot[_NONCE:])
             else:
                 out += bytes(BLOCK)
         if run:
@@ -172,15 +186,7 @@ class StagedFile:
                 raise OSError(errno.EIO, f"staged data {self.data_path} is short")
             return self.envelope.crypt(offset, data)
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
-        try:
-            fd = _open(self.work_path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = -1  # nothing written here yet: all from the base, or zeros
-        try:
-            data = self._blocks(fd, first, last)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        data = self._blocks(self._work(), first, last)  # no work file yet: base or zeros
         skip = offset - first * BLOCK
         return data[skip:skip + length]
 
@@ -195,14 +201,11 @@ class StagedFile:
             # what lies past the new end must read as zeros if the file grows again
             self.base_len = min(self.base_len, size)
             nblocks = -(-size // BLOCK)
-            if os.path.exists(self.work_path):
+            fd = self._work()
+            if fd >= 0:
                 if size % BLOCK:
                     keep = self.read(size - size % BLOCK, size % BLOCK)
-                fd = _open(self.work_path, os.O_RDWR)
-                try:
-                    os.ftruncate(fd, min(os.fstat(fd).st_size, nblocks * _SLOT))
-                finally:
-                    os.close(fd)
+                os.ftruncate(fd, min(os.fstat(fd).st_size, nblocks * _SLOT))
                 if size % BLOCK:
                     self.size = size  # the block's tail becomes zeros, under a new nonce
                     self.write(size - size % BLOCK, keep + bytes(BLOCK - len(keep)))
@@ -232,6 +235,7 @@ class StagedFile:
         """After :meth:`seal_data`: the version is sealed; its work file goes. Its ``base`` is
         no longer read; the caller discards it once this version is journaled."""
         self.sealed = True
+        self.close()
         _unlink(self.work_path)
         self.base_len = 0
 
@@ -246,7 +250,10 @@ class StagedFile:
 
     # -- removal --------------------------------------------------------------------------
     def close(self) -> None:
-        """Nothing to close (no descriptor is held); kept for the daemon's shutdown."""
+        """Close the work file's descriptor (reopened on the next use)."""
+        if self._work_fd >= 0:
+            os.close(self._work_fd)
+            self._work_fd = -1
 
     def forget_record(self) -> None:
         """Remove the journal record (durably): a crash will not bring this version back."""
@@ -263,6 +270,7 @@ class StagedFile:
         if self.uploading:
             self.superseded = True
             return
+        self.close()
         for p in (self.data_path, self.work_path):
             _unlink(p)
 
