@@ -116,6 +116,31 @@ def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_pa
     trio.run(main)
 
 
+def test_an_upload_at_close_supersedes_the_journaled_version_below_it(tmp_path, cmk_path):
+    """On a local bucket a small file closed by its last handle goes up at close; the version
+    journaled by an earlier close (of another handle) must go with it, or a crash would bring
+    the older content back over the newer."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path, upload_delay=0.0)
+        node, h1 = await fs.create(fs.get(1), "f", 0o644, os.O_WRONLY, 1, 2)
+        h2 = await fs.open(node, os.O_WRONLY)
+        await fs.write(h1, 0, b"old")
+        await fs.flush(h1)  # not the last handle: journaled
+        await fs.release(h1)
+        assert len(_records(fs)) == 1
+        await fs.write(h2, 0, b"new")
+        await fs.flush(h2)  # the last handle, small, local bucket: uploaded by close
+        await fs.release(h2)
+        assert node.staged is None and os.listdir(fs.staging.dir) == []
+        await _crash(fs)
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 0
+        assert await _read_file(fs, "f") == b"new"
+        await _crash(fs)
+
+    trio.run(main)
+
+
 # -- quarantine, never delete ------------------------------------------------------------------
 def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path, caplog):
     async def crash_with_three():

@@ -87,9 +87,16 @@ class Commit:
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
-        if st.base is not None:  # superseded by this journaled version
-            st.base.discard()
-            st.base = None
+        self._drop_bases(st)  # superseded by this journaled version
+
+    @staticmethod
+    def _drop_bases(st: StagedFile) -> None:
+        """Discard the versions ``st`` was derived from (each derived from the next)."""
+        base, st.base = st.base, None
+        while base is not None:
+            base.discard()
+            below, base.base = base.base, None
+            base = below
 
     def rejournal(self, node: Node) -> None:
         """``node``'s name or attributes changed: if its staged version is journaled, record
@@ -110,11 +117,9 @@ class Commit:
     def drop_staged(self, node: Node) -> None:
         """Forget ``node``'s staged version and what it was derived from (unlinked): data and
         journal records go."""
-        st = node.staged
-        while st is not None:
-            st.discard()
-            below, st.base = st.base, None
-            st = below
+        if node.staged is not None:
+            node.staged.discard()
+            self._drop_bases(node.staged)
         node.staged = None
         self.scheduler.mark_clean(node)
 
@@ -128,6 +133,8 @@ class Commit:
         st.discard()
         if base is not None and not base.committed:
             node.staged = base
+        elif base is None and node.version is None:
+            node.staged = self.staging.new(st.envelope)  # a new file: its last good version is empty
         else:
             if base is not None:
                 base.discard()
@@ -193,6 +200,7 @@ class Commit:
                 st.discard()  # a newer version was journaled meanwhile
         async with node.lock:
             st.committed = True
+            self._drop_bases(st)  # older than what the bucket has now
             stray = node.unlinked or self.naming.key(node.path) != key
             if stray and not node.unlinked and node.staged is st:
                 self.scheduler.schedule(node)  # renamed while it uploaded: again, at the new name

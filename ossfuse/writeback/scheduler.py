@@ -9,12 +9,15 @@ filesystem's inodes, used through these fields: ``staged`` (None once uploaded),
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from ..aio import run_all
+
+log = logging.getLogger(__name__)
 
 
 def _pending(node: Any) -> bool:
@@ -71,7 +74,11 @@ class UploadScheduler:
         async for node in self._recv:
             await trio.sleep_until(node.queued_at + self.delay)
             node.upload_queued = False
-            ok = await self.upload(node)
+            try:
+                ok = await self.upload(node)
+            except Exception:  # a bug in one upload must not take the mount down (review A9)
+                log.exception("upload of %r failed unexpectedly; retrying later", getattr(node, "path", node))
+                ok = False
             if not ok and _pending(node) and self.nursery is not None:
                 self.nursery.start_soon(self._retry_later, node)
 
