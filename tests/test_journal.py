@@ -15,7 +15,6 @@ import pytest
 import trio
 
 from fakes.fault_store import FaultStore
-from ossfuse import envelope as env
 from ossfuse.config import (CacheConfig, CmkConfig, Config, ConfigError, EncryptionConfig, MountConfig,
                             StoreConfig, load)
 from ossfuse.fs import Filesystem, FsError
