@@ -248,6 +248,30 @@ def test_overwriting_a_staged_range_never_reuses_keystream(tmp_path, cmk_path):
     trio.run(main)
 
 
+def test_a_failed_seal_then_more_writes_seals_under_a_new_key(tmp_path, cmk_path, monkeypatch):
+    """A seal that failed half-way (ENOSPC) left ciphertext under the version's key on disk;
+    sealing different content later must not use that key again."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node, h = await fs.create(fs.get(1), "f", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"a" * 5000)
+        first_key = node.staged.envelope.data_key
+        with monkeypatch.context() as m:
+            _fail_pwrite(m)
+            with pytest.raises(FsError) as e:
+                await fs.fsync(h)
+        assert e.value.errno == errno.ENOSPC
+        await fs.write(h, 0, b"b" * 5000)
+        await fs.flush(h)
+        assert node.staged.sealed and node.staged.envelope.data_key != first_key
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await _read_file(fs, "f") == b"b" * 5000
+        await _crash(fs)
+
+    trio.run(main)
+
+
 def test_staged_file_reads_back_what_was_written_through_seals_and_truncates(tmp_path):
     """A reference model for the block file: random writes, truncates (down and up) and
     copy-on-write derivations always read back as a plain bytearray would."""

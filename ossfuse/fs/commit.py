@@ -61,6 +61,14 @@ class Commit:
         if st.write_error is not None:
             log.error("%r is not saved: an earlier write to it failed (%s)", key, os.strerror(st.write_error))
             raise FsError(st.write_error)
+        if st.seal_attempt is not None and st.seal_attempt != st.generation:
+            # a failed seal may have left other bytes under this key on disk: a new key and IV
+            try:
+                st.envelope = await trio.to_thread.run_sync(self.keyring.new_envelope, node.path)
+            except (CmkUnavailable, env.EnvelopeError) as e:
+                log.error("cannot save %r: no data key: %s", key, e)
+                raise FsError(errno_of(e)) from None
+        st.seal_attempt = st.generation
         try:
             await trio.to_thread.run_sync(st.seal_data)
         except OSError as e:
