@@ -466,6 +466,31 @@ def test_read_only_close_and_writes_do_not_wait_for_an_upload(tmp_path, cmk_path
     trio.run(main)
 
 
+def test_the_first_change_reads_the_committed_content_without_holding_the_node_lock(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "c", DATA)
+        assert await fs.drain() == 0 and node.staged is None
+        h1 = await fs.open(node, os.O_WRONLY)
+        h2 = await fs.open(node, os.O_WRONLY)
+        fs.store.delay("get_range", 2.0)  # the committed content comes slowly
+        async with trio.open_nursery() as n:
+            n.start_soon(fs.write, h1, 0, b"W")
+            await trio.sleep(0.2)
+            t0 = trio.current_time()
+            await fs.flush(h2)  # takes node.lock: must not wait for that GET
+            assert trio.current_time() - t0 < 0.5
+        fs.store.clear()
+        await fs.flush(h1)
+        for h in (h1, h2):
+            await fs.release(h)
+        assert await fs.drain() == 0
+        assert await _read_file(fs, "c") == b"W" + DATA[1:]
+        await _crash(fs)
+
+    trio.run(main)
+
+
 # -- issue 13: cheap sparse extension, EFBIG -----------------------------------------------------
 def test_extending_a_file_is_cheap_and_past_the_largest_object_is_efbig(tmp_path, cmk_path):
     async def main():

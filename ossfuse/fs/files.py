@@ -16,7 +16,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError
 from ..writeback.scheduler import UploadScheduler
-from ..writeback.staging import MAX_OBJECT_SIZE, Staging
+from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
 from .errors import FsError, errno_of
 from .inodes import InodeTable
@@ -162,7 +162,19 @@ class Files:
         node = h.node
         # a new data key before taking the lock: a KMS CMK makes a network call
         envelope = await self.new_envelope(node.path) if node.staged is None or node.staged.sealed else None
+        copied = None
+        if node.staged is None and node.version is not None:
+            # the first change of a committed file: its content is read (from the store, maybe)
+            # and re-encrypted before taking the lock, so no lock waits for the network
+            v, keep = node.version, node.current_size
+            copied = await self.copy_committed(node, v, keep, envelope)
         async with node.lock:
+            if copied is not None:
+                if node.staged is None and node.version is v and node.current_size == keep:
+                    node.staged = copied
+                    self.commit.mark_staged(node)
+                else:  # changed meanwhile: the staged version made there wins
+                    copied.discard()
             # The kernel already puts O_APPEND writes at the end; it also writes mmap pages back
             # through any writable handle, at their own offsets: the offset is always its.
             await self.ensure_staged(node, node.current_size, envelope)
@@ -205,9 +217,16 @@ class Files:
         if st is not None:
             node.staged = self.staging.derive(st, envelope)
             return
+        node.staged = await self.copy_committed(node, node.version, keep, envelope)
+        self.commit.mark_staged(node)
+
+    async def copy_committed(self, node: Node, v: Version | None, keep: int,
+                             envelope: env.Envelope) -> StagedFile:
+        """A new open staged version (encrypted under ``envelope`` when sealed) holding the
+        first ``keep`` bytes of committed version ``v`` (None: empty). Needs no lock: it
+        changes no shared state. Raises FsError (EIO, ESTALE as read; ENOSPC as write)."""
         staged = self.staging.new(envelope)
         try:
-            v = node.version
             if v is not None:
                 for off in range(0, min(keep, v.size), POPULATE_CHUNK):
                     n = min(POPULATE_CHUNK, keep - off, v.size - off)
@@ -219,8 +238,7 @@ class Files:
         except BaseException:
             staged.discard()
             raise
-        node.staged = staged
-        self.commit.mark_staged(node)
+        return staged
 
     async def truncate_locked(self, node: Node, size: int, *, journal: bool = True) -> None:
         """Cut or extend ``node``'s content to ``size`` bytes (node.lock held). Extending
