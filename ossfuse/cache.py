@@ -15,7 +15,8 @@ first use, and fetched again if the cache file was damaged.
 Limits: the bytes of present blocks stay under ``max_size``, and the cache disk keeps
 ``min_free`` bytes free; past either, the least recently used blocks are dropped by punching
 holes in their files. Blocks being fetched are not yet counted and never dropped; entries
-``pin``-ned (a deleted file still open) are never dropped. At most ``_MAX_OPEN_FDS`` cache files
+``keep``-pinned (a file renamed over while open) are never dropped, and are only pinned while
+pinned versions together stay within half of ``max_size``. At most ``_MAX_OPEN_FDS`` cache files
 are open at once (least recently used closed first).
 
 State that may change across an ``await``: ``CacheEntry.present`` (a block is marked present
@@ -39,7 +40,7 @@ import zlib
 import trio
 
 from .aio import run_all
-from .store.base import ObjectStore
+from .store.base import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class BlockCache:
         self._lru: collections.OrderedDict[tuple[tuple[str, str], int], None] = collections.OrderedDict()
         self._open: collections.OrderedDict[tuple[str, str], CacheEntry] = collections.OrderedDict()
         self.used = 0  # bytes of present blocks
+        self.pinned_bytes = 0  # bytes of pinned versions (see keep)
         self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0}
         self._nursery: trio.Nursery | None = None
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
@@ -265,9 +267,12 @@ class BlockCache:
         written, so it reads from the page cache)."""
         try:
             result = await trio.to_thread.run_sync(self._block_crcs, e)
+            self._set_crcs(e, result)
         except OSError:
             return  # dropped or evicted meanwhile: those blocks stay untrusted
-        self._set_crcs(e, result)
+        except Exception as err:  # noqa: BLE001 - a background task: one entry's failure is logged, never fatal
+            log.warning("checksumming the cached copy of %r failed (its blocks stay untrusted after a "
+                        "remount): %s: %s", e.key[0], type(err).__name__, err)
 
     def _set_crcs(self, e: CacheEntry, result: list[int | None]) -> None:
         for b, crc in enumerate(result):
@@ -293,17 +298,12 @@ class BlockCache:
         for b in present:
             self._mark_present(e, b)
 
-    def pin(self, key: str, etag: str) -> None:
-        """Never evict version (key, etag): it is about to vanish from the store."""
-        e = self._entries.get((key, etag))
-        if e is not None:
-            e.pinned = True
-
     def drop(self, key: str, etag: str) -> None:
         """Forget version (key, etag) and delete its file."""
         e = self._entries.pop((key, etag), None)
         if e is not None:
             e.dropped = True
+            self.unpin(e)
             self._forget_blocks(e)
             self._open.pop(e.key, None)
             e.close()
@@ -362,13 +362,36 @@ class BlockCache:
             log.warning("cache file of %r is damaged (block %d); fetching it again", e.key[0], b)
             self._unmark(e, b)
 
-    async def fetch_all(self, key: str, etag: str, size: int) -> None:
-        """Bring the whole version into the cache and pin it (an open file is about to be
-        deleted, and its handles must go on reading it)."""
-        if size:
-            e = self.entry(key, etag, size)
-            e.pinned = True
+    async def keep(self, key: str, etag: str, size: int) -> bool:
+        """Bring the whole version (key, etag) of ``size`` bytes into the cache and pin it (it is
+        about to be replaced in the store while a handle still reads it), if it fits: pinned
+        versions together stay within half of ``max_size``, and the disk keeps ``min_free``.
+        Returns False, pinning nothing, when it does not fit. Raises what :meth:`read` raises."""
+        if not size:
+            return True
+        e = self._entries.get((key, etag))
+        if e is not None and e.pinned:
+            return True
+        missing = size if e is None else sum(e.block_len(b) for b in range(e.nblocks) if not e.present[b])
+        if self.pinned_bytes + size > self.max_size // 2 or self._free_space() - missing < self.min_free:
+            return False
+        e = self.entry(key, etag, size)
+        e.pinned = True
+        self.pinned_bytes += size
+        try:
             await self._ensure(key, etag, e, 0, size)
+        except BaseException:
+            self.unpin(e)
+            raise
+        if not all(e.present):  # the disk filled meanwhile
+            self.unpin(e)
+            return False
+        return True
+
+    def unpin(self, e: CacheEntry) -> None:
+        if e.pinned:
+            e.pinned = False
+            self.pinned_bytes -= e.size
 
     def read_ahead(self, key: str, etag: str, size: int, start: int, end: int) -> None:
         """Start fetching the missing blocks of ``[start, end)`` (clipped to ``size`` bytes) of
@@ -398,8 +421,10 @@ class BlockCache:
                 await self._fetch_blocks(key, etag, e, blocks)
             self.stats["prefetched_bytes"] += sum(e.block_len(b) for b in blocks)
             self.evict()
-        except Exception as err:  # noqa: BLE001 - read-ahead is best effort; the reader refetches
+        except StoreError as err:  # read-ahead is best effort: the reader fetches what it needs
             log.debug("read-ahead of %r failed: %s", key, err)
+        except Exception as err:  # noqa: BLE001 - a background task: logged, never fatal to the mount
+            log.warning("read-ahead of %r failed: %s: %s", key, type(err).__name__, err)
         finally:
             for b, ev in events.items():
                 e.inflight.pop(b, None)

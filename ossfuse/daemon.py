@@ -288,6 +288,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     await _wait_for_services(cfg, fs.store, fs.keyring)
     recovered = fs.recover()
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
+    if await fs.finish_unlinks():
+        log.warning("some files unlinked while open in an earlier run could not be deleted yet; "
+                    "tried again at the next mount")
     if recovered:
         log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)
     life = _Lifecycle(mountpoint)

@@ -153,7 +153,7 @@ class Keyring:
         self.no_matdesc = [self.cmks[c.id] for c in cfg.cmks if c.default_for_no_matdesc]
         self.default = self.cmks[cfg.encrypt_with]
         self.rules = [(r.prefix, self.cmks[r.encrypt_with]) for r in cfg.rules]
-        self._unwrapped: OrderedDict[tuple[bytes, bytes], tuple[float, env.Envelope]] = OrderedDict()
+        self._unwrapped: OrderedDict[tuple, tuple[float, env.Envelope]] = OrderedDict()  # see open_envelope
         self._lock = threading.Lock()
 
     def cmk_for_new(self, path: str) -> Cmk:
@@ -215,14 +215,17 @@ class Keyring:
     def open_envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None = None) -> env.Envelope:
         """Unwrap data key and IV with ``cmk`` (default: the one ``cmk_for`` picks). Raises
         KeyMissing, or EnvelopeError when unwrapping fails."""
-        cache_key = (wrapped.wrapped_key, wrapped.wrapped_iv)
+        cmk = cmk or self.cmk_for(wrapped)
+        # Keyed by the CMK chosen too (and what changes how it unwraps): an object whose matdesc
+        # matches no CMK must fail above even when another object carries the same wrapped key.
+        cache_key = (cmk.id, wrapped.wrap_alg, wrapped.legacy, wrapped.wrapped_key, wrapped.wrapped_iv)
         with self._lock:
             hit = self._unwrapped.get(cache_key)
             if hit is not None:
                 if hit[0] > time.monotonic():
-                    return hit[1]
+                    return hit[1] if hit[1].wrapped == wrapped else env.Envelope(hit[1].data_key, hit[1].iv,
+                                                                                wrapped, cmk.id)
                 del self._unwrapped[cache_key]
-        cmk = cmk or self.cmk_for(wrapped)
         if isinstance(cmk, RsaCmk) and wrapped.wrap_alg.lower() == WRAP_RSA.lower():
             data_key, iv = cmk.unwrap_pair(wrapped.wrapped_key, wrapped.wrapped_iv)
         else:

@@ -32,6 +32,7 @@ from .naming import Naming, join, parent_of
 from .objmeta import AttrDefaults
 from .readdir import DirectoryReader
 from .resolve import Resolver
+from .unlinked import DeferredDeletes
 
 __all__ = ["Filesystem", "FsError", "Node", "Version", "FileHandle", "DirHandle", "ROOT_INO"]
 
@@ -79,8 +80,11 @@ class Filesystem:
                            keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
                            upload_at_close=store.local_disk and upload_delay == 0)
         self.attributes = Attributes(store, self.uploader, self.naming, self.files, self.commit, self.cache)
+        self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
         self.namespace = Namespace(store, self.uploader, self.naming, self.inodes, self.names, self.resolver,
-                                   self.files, self.commit, self.cache, create_umask=self.defaults.create_umask)
+                                   self.files, self.commit, self.cache, create_umask=self.defaults.create_umask,
+                                   deferred=self.deferred_deletes)
+        self.files.on_last_close = self.namespace.last_close  # deletes an unlinked file's object
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
 
@@ -131,6 +135,11 @@ class Filesystem:
         """Abort the unfinished multipart uploads under the prefix begun before this mount
         started (left by a crash; see ``Commit.abort_orphaned_uploads``); returns how many."""
         return await self.commit.abort_orphaned_uploads(self.started)
+
+    async def finish_unlinks(self) -> int:
+        """Delete the objects of files an earlier run unlinked while they were open (before
+        serving); returns how many are still pending because the store failed."""
+        return await self.deferred_deletes.finish_recorded()
 
     async def upload_worker(self) -> None:
         """One background upload worker (the daemon starts ``upload_workers`` of them)."""

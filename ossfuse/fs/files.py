@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import time
+from typing import Awaitable, Callable
 
 import trio
 
@@ -51,6 +52,8 @@ class Files:
         self.staging = staging
         self.close_waits_for_upload = close_waits_for_upload
         self.upload_at_close = upload_at_close
+        # set by Filesystem: Namespace.last_close, the deferred delete of an unlinked open file
+        self.on_last_close: Callable[[Node], Awaitable[None]] | None = None
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
@@ -310,6 +313,8 @@ class Files:
         if node.unlinked and node.opens == 0 and node.version is not None:
             self.cache.drop(node.version.key, node.version.etag)
         self.inodes.maybe_drop(node)
+        if node.unlinked and node.opens == 0 and self.on_last_close is not None:
+            await self.on_last_close(node)
 
     async def fsync(self, h: FileHandle) -> None:
         """Return only when the file's content and attributes are in the bucket.

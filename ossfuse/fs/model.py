@@ -57,6 +57,7 @@ class Node:
     # mount's own changes; trusted until children_until (monotonic s) to answer "no such name"
     children: set[str] | None = None
     children_until: float = 0.0
+    implicit: bool = False  # a directory with no marker object ("dir/"): it exists as a key prefix only
     kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
     handles: set = field(default_factory=set)
     _lock: trio.Lock | None = None

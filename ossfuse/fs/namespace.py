@@ -1,16 +1,22 @@
 """Namespace changes: mkdir, rmdir, create, unlink, symlink and rename.
 
-Locking (docs/design.md): one mount-wide namespace lock serialises these operations, then node
-locks are taken in ascending inode order. TODO(rebuild): per-name locks with no network I/O
-under them (issue 12 A4)."""
+Locking (docs/design.md, "Locks and what they protect"): each operation locks the names it
+changes (:class:`~ossfuse.fs.locks.NameLocks`), never the mount. The pattern is probe → lock →
+re-check → commit: what the store says (HEAD, LIST) and a new data key (KMS) are fetched with
+no lock held; under the lock the operation re-checks what may have changed meanwhile, from
+local state only, and commits. The only store calls made under a name lock are the ones that
+commit the change (mkdir's and symlink's PUT, unlink's and rmdir's DELETE, a rename's copies
+and deletes, rmdir's final emptiness LIST): a lock covers only the names involved, so the only
+operations that wait for that call are ones on the same names, which must be ordered after it
+anyway. Node locks are taken after name locks, in ascending inode order."""
 from __future__ import annotations
 
 import errno
 import logging
 import stat
 import time
-
-import trio
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
@@ -20,15 +26,18 @@ from .copying import copy_object
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
+from .locks import NameLocks
 from .model import FileHandle, Node, Version, set_local_version, touch
 from .namecache import NameCache
 from .naming import Naming, join
 from .objmeta import attr_meta, file_metadata
 from .resolve import Resolver
+from .unlinked import DeferredDeletes
 
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
+_RECHECKS = 3  # probes of a name that keeps changing before one is made under its lock
 
 
 class NodeLocks:
@@ -53,11 +62,12 @@ def _by_ino(nodes) -> list[Node]:
 
 class Namespace:
     """Namespace operations of one mount. ``create_umask``: a configured umask, applied to the
-    mode of every new file and directory."""
+    mode of every new file and directory; ``deferred``: where deletes of unlinked open files
+    wait for their last close."""
 
     def __init__(self, store: ObjectStore, uploader: Uploader, naming: Naming, inodes: InodeTable,
                  names: NameCache, resolver: Resolver, files: Files, commit: Commit, cache: BlockCache, *,
-                 create_umask: int):
+                 create_umask: int, deferred: DeferredDeletes):
         self.store = store
         self.uploader = uploader
         self.naming = naming
@@ -68,18 +78,71 @@ class Namespace:
         self.commit = commit
         self.cache = cache
         self.create_umask = create_umask
-        self.lock = trio.Lock()  # the namespace lock (see the module doc)
+        self.deferred = deferred
+        self.locks = NameLocks()
+        self._unlinked_open: dict[Node, tuple[str, str]] = {}  # node → (key, ETag) deleted at its last close
+
+    # -- probe → lock → re-check ------------------------------------------------------------
+    def _linked(self, node: Node, path: str) -> bool:
+        """Whether ``node`` is still what ``path`` names (nothing changed it while we waited)."""
+        return not node.unlinked and node.path == path and self.inodes.by_path.get(path) is node
+
+    @asynccontextmanager
+    async def _existing_locked(self, parent: Node, name: str, *, tree: bool = False) -> AsyncIterator[Node]:
+        """The child ``name`` of ``parent``, with its name (``tree``: its subtree) locked.
+        Probed with no lock held, then re-checked under the lock; if it changed meanwhile,
+        probed again (after _RECHECKS tries, probed under the lock). FsError ENOENT/EIO."""
+        for attempt in range(_RECHECKS + 1):
+            if attempt < _RECHECKS:
+                node = await self.resolver.existing(parent, name)
+                path = node.path
+            else:
+                path = join(parent.path, name)
+            async with self.locks.hold(trees=[path]) if tree else self.locks.hold(names=[path]):
+                if attempt == _RECHECKS:  # the name keeps changing: ask once more, now under its lock
+                    node = await self.resolver.existing(parent, name)
+                if self._linked(node, path) and not parent.unlinked:
+                    yield node
+                    return
+        raise FsError(errno.ENOENT)
+
+    @asynccontextmanager
+    async def _new_name_locked(self, parent: Node, name: str, is_dir: bool = False) -> AsyncIterator[str]:
+        """The path of a new entry ``name`` in ``parent``, locked, once nothing is there: probed
+        with no lock held, re-checked under the lock. FsError EEXIST, ENOENT (the parent was
+        removed meanwhile), EINVAL/ENAMETOOLONG, EIO."""
+        for _ in range(_RECHECKS):
+            path = join(parent.path, name)
+            await self.resolver.check_absent(parent, name, is_dir)
+            async with self.locks.hold(names=[path]):
+                if parent.unlinked:
+                    raise FsError(errno.ENOENT)
+                if join(parent.path, name) != path:
+                    continue  # the parent was renamed meanwhile: probe the new path
+                current = self.inodes.by_path.get(path)
+                if current is not None and not current.unlinked:
+                    raise FsError(errno.EEXIST)  # another task made it meanwhile
+                yield path
+                return
+        raise FsError(errno.EIO, "the parent directory kept moving")
+
+    async def _keep_parent(self, parent: Node) -> None:
+        """A child of ``parent`` is about to be deleted from the store: if ``parent`` exists only
+        as a key prefix (an implicit directory), write its marker ``dir/`` first, so it does not
+        vanish with its last child (what ossfs/s3fs do). Raises FsError(EIO)."""
+        if parent.implicit and not parent.unlinked and parent.path:
+            dkey = self.naming.dir_key(parent.path)
+            await store_request(self.store.put_bytes(dkey, b"", attr_meta(parent)), dkey)
+            parent.implicit = False
 
     # -- directories ------------------------------------------------------------------------
     async def mkdir(self, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
         """A new directory (its marker object ``path/``), lookup count one. Raises FsError
-        EEXIST, EINVAL/ENAMETOOLONG for a name that cannot be a key, EIO."""
-        async with self.lock:
-            await self.resolver.check_absent(parent, name, is_dir=True)
-            path = join(parent.path, name)
+        EEXIST, EINVAL/ENAMETOOLONG for a name that cannot be a key, ENOENT, EIO."""
+        async with self._new_name_locked(parent, name, is_dir=True) as path:
             now = time.time_ns()
             node = self.inodes.new_node(path, stat.S_IFDIR | (mode & 0o7777 & ~self.create_umask), uid, gid, now)
-            try:
+            try:  # the commit, under the new name's lock only
                 await self.store.put_bytes(self.naming.dir_key(path), b"", attr_meta(node))
             except StoreError as e:
                 self.inodes.discard(node)
@@ -102,14 +165,20 @@ class Namespace:
 
     async def rmdir(self, parent: Node, name: str) -> None:
         """Remove an empty directory. Raises FsError ENOENT, ENOTDIR, ENOTEMPTY, EIO."""
-        async with self.lock:
-            path = join(parent.path, name)
-            node = await self.resolver.existing(parent, name)
+        node = await self.resolver.existing(parent, name)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if await self.has_children(node.path):  # with no lock held: the common refusal costs no wait
+            raise FsError(errno.ENOTEMPTY)
+        await self._keep_parent(parent)
+        async with self._existing_locked(parent, name, tree=True) as node:
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
-            if await self.has_children(path):
+            # Again under the tree lock (only operations inside this directory wait for it): a
+            # child made by this mount since the first check would otherwise be orphaned.
+            if await self.has_children(node.path):
                 raise FsError(errno.ENOTEMPTY)
-            dkey = self.naming.dir_key(path)
+            dkey = self.naming.dir_key(node.path)
             await store_request(self.store.delete(dkey), dkey)
             node.unlinked = True
             self.inodes.remove_name(node)
@@ -119,11 +188,10 @@ class Namespace:
     async def create(self, parent: Node, name: str, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[Node, FileHandle]:
         """A new empty file, staged (in the bucket at its upload), lookup count one, and an
-        open handle on it. Raises FsError EEXIST, EINVAL/ENAMETOOLONG, EIO."""
-        async with self.lock:
-            await self.resolver.check_absent(parent, name)
-            path = join(parent.path, name)
-            envelope = await self.files.new_envelope(path)
+        open handle on it. Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
+        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
+        async with self._new_name_locked(parent, name) as path:  # no await below: nothing waits on it
             node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
                                         time.time_ns())
             node.staged = self.files.staging.new(envelope)
@@ -134,15 +202,14 @@ class Namespace:
 
     async def symlink(self, parent: Node, name: str, target: str, uid: int, gid: int) -> Node:
         """A symlink: an encrypted object holding ``target``, mode S_IFLNK in its metadata.
-        Raises FsError EEXIST, EINVAL/ENAMETOOLONG, EIO."""
-        async with self.lock:
-            await self.resolver.check_absent(parent, name)
-            path = join(parent.path, name)
-            envelope = await self.files.new_envelope(path)
+        Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
+        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
+        async with self._new_name_locked(parent, name) as path:
             node = self.inodes.new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
             data = target.encode("utf-8", "surrogateescape")
             meta = file_metadata(node, envelope.wrapped, len(data))
-            try:
+            try:  # the commit, under the new name's lock only
                 info = await self.store.put_bytes(self.naming.key(path), envelope.crypt(0, data), meta)
             except StoreError as e:
                 self.inodes.discard(node)
@@ -156,31 +223,37 @@ class Namespace:
             return node
 
     async def unlink(self, parent: Node, name: str) -> None:
-        """Remove a file or symlink; open handles keep reading it. Raises FsError ENOENT,
-        EISDIR, EIO."""
-        async with self.lock:
-            node = await self.resolver.existing(parent, name)
+        """Remove a file or symlink. Open handles keep reading it: the name goes at once, the
+        object stays in the bucket until the last handle closes (:mod:`ossfuse.fs.unlinked`;
+        nothing is downloaded). Raises FsError ENOENT, EISDIR, EIO (ENOSPC: the cache disk
+        cannot record the pending delete)."""
+        node = await self.resolver.existing(parent, name)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if node.version is not None:
+            await self._keep_parent(parent)
+        async with self._existing_locked(parent, name) as node:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
             async with node.lock:
-                committed = node.version is not None
-                await self._unlink_keep_open(node)
-                if committed:
-                    await store_request(self.store.delete(self.naming.key(node.path)), node.path)
+                v = node.version
+                key = self.naming.key(node.path)
+                if v is not None and node.opens > 0 and node.staged is None:
+                    try:
+                        self.deferred.record(key, v.etag)
+                    except OSError as e:
+                        log.error("cannot record the pending delete of open %r: %s", key, e)
+                        raise FsError(errno_of(e)) from None
+                    self._unlinked_open[node] = (key, v.etag)
+                elif v is not None:
+                    await store_request(self.store.delete(key), key)  # the commit
+                self._take_name(node)
             touch(parent)
 
-    async def _unlink_keep_open(self, node: Node) -> None:
-        """``node``'s object is about to be deleted or replaced: keep it readable for its open
-        handles (its ciphertext is fetched into the cache), drop a staged version no handle
-        needs (no upload), and take its name away."""
+    def _take_name(self, node: Node) -> None:
+        """``node``'s name is gone (unlinked, or replaced by a rename): a staged version no
+        handle needs is dropped (no upload), and lookups no longer find it."""
         node.unlinked = True
-        if node.opens > 0 and node.staged is None and node.version is not None:
-            v = node.version
-            try:
-                await self.files.open_version(v)
-                await self.cache.fetch_all(v.key, v.etag, v.size)
-            except (FsError, StoreError, TruncatedObject) as e:
-                log.warning("%r is open but could not be kept readable after removal: %s", v.key, e)
         if node.staged is not None:
             if node.opens == 0:
                 self.commit.drop_staged(node)
@@ -188,46 +261,91 @@ class Namespace:
                 self.commit.forget_journal(node)
         self.inodes.remove_name(node)
 
+    async def last_close(self, node: Node) -> None:
+        """The last handle of unlinked ``node`` closed: delete its object if the unlink left it
+        for the readers (logged, never raised: the caller is a release)."""
+        pending = self._unlinked_open.pop(node, None)
+        if pending is not None:
+            await self.deferred.delete(*pending)
+
+    async def _keep_replaced_readable(self, node: Node) -> None:
+        """``node``'s object is about to be overwritten (a rename over it) while handles read
+        it: keep its bytes in the cache, within the cache's limits; beyond them, warn that its
+        readers will get ESTALE. Holds only the two names of the rename."""
+        if node.opens > 0 and node.staged is None and node.version is not None:
+            v = node.version
+            try:
+                await self.files.open_version(v)
+                if not await self.cache.keep(v.key, v.etag, v.size):
+                    log.warning("%r (%d bytes) is open and was renamed over; it does not fit the cache "
+                                "limits, so its readers get ESTALE for what they have not read yet", v.key, v.size)
+            except (FsError, StoreError, TruncatedObject) as e:
+                log.warning("%r is open but could not be kept readable after being renamed over: %s", v.key, e)
+
     # -- rename -----------------------------------------------------------------------------
     async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, flags: int) -> None:
         """rename(2) with RENAME_NOREPLACE (flag 1); RENAME_EXCHANGE gives EINVAL. Files move
         with CopyObject + DeleteObject (envelope headers travel unchanged); a directory moves
-        object by object (not atomic: docs/semantics.md). Raises FsError ENOENT, EEXIST,
-        ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EIO."""
+        object by object (not atomic: docs/semantics.md). Locks: the two names for a file, the
+        two subtrees for a directory (probed first with no lock held, then re-checked).
+        Raises FsError ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EIO."""
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL)
-        async with self.lock:
+        for _ in range(_RECHECKS):
             src = await self.resolver.existing(parent, name)
-            dst_path = join(new_parent.path, new_name)
+            src_path, dst_path = src.path, join(new_parent.path, new_name)
             self.naming.check_new_path(dst_path, src.is_dir)
-            if dst_path == src.path:
+            if dst_path == src_path:
                 return
-            if src.is_dir and (dst_path + "/").startswith(src.path + "/"):
+            if src.is_dir and (dst_path + "/").startswith(src_path + "/"):
                 raise FsError(errno.EINVAL)
             try:
                 dst = await self.resolver.existing(new_parent, new_name)
-            except FsError:
-                dst = None  # TODO(rebuild): "cannot tell" is not "absent" (issue 12 A11)
-            if dst is not None:
-                if flags & RENAME_NOREPLACE:
-                    raise FsError(errno.EEXIST)
-                if src.is_dir and not dst.is_dir:
-                    raise FsError(errno.ENOTDIR)
-                if dst.is_dir and not src.is_dir:
-                    raise FsError(errno.EISDIR)
-                if dst.is_dir and await self.has_children(dst_path):
-                    raise FsError(errno.ENOTEMPTY)
-            if src.is_dir:
-                await self._rename_dir(src, dst_path, dst)
-            else:
-                await self._rename_file(src, dst_path, dst)
-            touch(parent)
-            touch(new_parent)
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise  # cannot tell whether it exists: not the same as absent (review A11)
+                dst = None
+            self._check_replace(src, dst, flags)
+            if src.version is not None or src.is_dir:
+                await self._keep_parent(parent)
+            paths = [src_path, dst_path]
+            async with self.locks.hold(trees=paths) if src.is_dir else self.locks.hold(names=paths):
+                if not (self._linked(src, src_path) and join(new_parent.path, new_name) == dst_path
+                        and not new_parent.unlinked):
+                    continue  # something moved while we probed: again
+                current = self.inodes.by_path.get(dst_path)
+                if current is not None and current.unlinked:
+                    current = None
+                if current is not dst:
+                    continue
+                if dst is not None and dst.is_dir and await self.has_children(dst_path):
+                    raise FsError(errno.ENOTEMPTY)  # checked under the tree lock: only dst's subtree waits
+                if src.is_dir:
+                    await self._rename_dir(src, dst_path, dst)
+                else:
+                    await self._rename_file(src, dst_path, dst)
+                touch(parent)
+                touch(new_parent)
+                return
+        raise FsError(errno.EIO, "the names kept changing")
+
+    @staticmethod
+    def _check_replace(src: Node, dst: Node | None, flags: int) -> None:
+        if dst is None:
+            return
+        if flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if src.is_dir and not dst.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if dst.is_dir and not src.is_dir:
+            raise FsError(errno.EISDIR)
 
     async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> None:
+        if dst is not None:
+            await self._keep_replaced_readable(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
             if dst is not None:
-                await self._unlink_keep_open(dst)
+                self._take_name(dst)
             old_path = src.path
             if src.version is not None:
                 v = src.version
@@ -260,6 +378,7 @@ class Namespace:
                 marker = page.next_marker
             if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
+                src.implicit = False
             copies: dict[str, ObjectInfo] = {}
             for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
                 copies[k] = await copy_object(self.store, self.uploader, o, new_dkey + k[len(old_dkey):])

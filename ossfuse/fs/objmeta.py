@@ -14,6 +14,25 @@ from .model import Node, Version
 
 log = logging.getLogger(__name__)
 
+_ID_MAX = 2**32 - 2  # uid_t/gid_t: 32 bits unsigned, (uid_t)-1 means "unchanged" to chown(2)
+_MODE_MAX = 0o177777  # st_mode: file type and permission bits
+_MTIME_NS_MAX = 2**63 - 1  # st_mtime_ns is a signed 64-bit count of nanoseconds
+_WARNED_MAX = 10_000
+_warned: set[tuple[str, str]] = set()  # (key, attribute) already reported out of range
+
+
+def _in_range(key: str, attr: str, value: int | None, lo: int, hi: int) -> int | None:
+    """``value`` if within [lo, hi], else None with one WARNING per (object, attribute)."""
+    if value is None or lo <= value <= hi:
+        return value
+    if (key, attr) not in _warned:
+        if len(_warned) > _WARNED_MAX:
+            _warned.clear()
+        _warned.add((key, attr))
+        log.warning("%r has x-oss-meta-%s %s, out of range; shown with the default instead", key, attr,
+                    value if abs(value) < 10**30 else f"of {len(str(abs(value)))} digits")
+    return None
+
 
 def fmt_mtime(ns: int) -> str:
     """Nanoseconds → x-oss-meta-mtime ``sec[.nnnnnnnnn]``."""
@@ -86,12 +105,14 @@ class AttrDefaults:
 
     def attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
         """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from
-        its x-oss-meta-mode/uid/gid/mtime, with these defaults where they are absent."""
+        its x-oss-meta-mode/uid/gid/mtime, with these defaults where they are absent or out of
+        range (uid -5, a mode of 2^64: one WARNING naming the object, and it stays listable)."""
         meta = info.metadata if info else {}
-        mtime = parse_mtime(meta.get("mtime"))
+        key = info.key if info else ""
+        mtime = _in_range(key, "mtime", parse_mtime(meta.get("mtime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
         if mtime is None:
             mtime = int((info.mtime if info else time.time()) * 1e9)
-        mode = int_or(meta.get("mode"), 0)
+        mode = _in_range(key, "mode", int_or(meta.get("mode"), 0), 0, _MODE_MAX) or 0
         if is_dir:
             if info is not None and info.size:
                 log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
@@ -103,4 +124,6 @@ class AttrDefaults:
             mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
         if not stat.S_ISLNK(mode):
             mode &= ~self.create_umask  # a configured umask masks every mode
-        return mode, int_or(meta.get("uid"), self.uid), int_or(meta.get("gid"), self.gid), mtime
+        uid = _in_range(key, "uid", int_or(meta.get("uid"), self.uid), 0, _ID_MAX)
+        gid = _in_range(key, "gid", int_or(meta.get("gid"), self.gid), 0, _ID_MAX)
+        return mode, self.uid if uid is None else uid, self.gid if gid is None else gid, mtime

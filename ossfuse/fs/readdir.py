@@ -1,6 +1,14 @@
 """Directory listings: a snapshot of a directory's entries per open handle (so readdir offsets
 stay stable), resolved into nodes a batch at a time with parallel HEADs when the store's
-listing carries no metadata (mountpoint-s3 does the same: ``superblock/readdir.rs``)."""
+listing carries no metadata (mountpoint-s3 does the same: ``superblock/readdir.rs``).
+
+A listing lists every name or fails: a HEAD that fails for one entry fails that readdir call
+with EIO (review A3: leaving the name out made ``ls`` exit 0 and ``rsync --delete`` delete a
+backup's copy). Only a name whose object is gone by the time of its HEAD is left out.
+
+Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
+256 resolved) are dropped at the handle's next readdir call or its release, unless something
+else holds them by then (review A15)."""
 from __future__ import annotations
 
 import errno
@@ -35,6 +43,7 @@ class DirectoryReader:
         self.names = names
         self.resolver = resolver
         self.staged_in = staged_in
+        self._made: dict[int, list[Node]] = {}  # handle → nodes its last batch made
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -44,6 +53,12 @@ class DirectoryReader:
 
     def releasedir(self, fh: int) -> None:
         self.inodes.drop_handle(fh)
+        self._drop_untaken(fh)
+
+    def _drop_untaken(self, fh: int) -> None:
+        """Drop the nodes the last batch of handle ``fh`` made that the kernel did not take."""
+        for node in self._made.pop(fh, ()):
+            self.inodes.maybe_drop(node)
 
     async def list_entries(self, node: Node) -> list[DirEntry]:
         """Snapshot of a directory: (name, known node, listing info, is_dir), sorted by name.
@@ -92,7 +107,9 @@ class DirectoryReader:
         """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
         on, as (index+1, name, node) with the node resolved: attributes from the listing when
         the store's listing carries metadata, else from HEADs, at most HEAD_PARALLEL at once.
-        The caller raises the lookup count of each node it hands to the kernel."""
+        The caller raises the lookup count of each node it hands to the kernel. Raises
+        FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
+        self._drop_untaken(h.fh)
         if h.entries is None or relist:
             h.entries = await self.list_entries(h.node)
         batch = h.entries[start:start + READDIR_BATCH]
@@ -109,11 +126,12 @@ class DirectoryReader:
             if listed is not None and self.store.listing_has_metadata:
                 info = listed  # the listing said all a HEAD would
             else:
+                key = self.naming.dir_key(path) if is_dir else self.naming.key(path)
                 try:
-                    info = await self.store.head(self.naming.dir_key(path) if is_dir else self.naming.key(path))
+                    info = await self.store.head(key)
                 except StoreError as e:
-                    log.error("HEAD %r failed while listing: %s", path, e)
-                    return
+                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(h.node.path), key, e)
+                    raise FsError(errno_of(e)) from None
             if not is_dir and info is None:
                 return  # deleted since the listing
             node = by_path.get(path)
@@ -124,7 +142,8 @@ class DirectoryReader:
             else:
                 if info is not None and not is_dir and resolver.hidden(info):
                     return
-                resolved[i] = resolver.node_from_info(path, info, is_dir)
+                resolved[i] = made = resolver.node_from_info(path, info, is_dir)
+                self._made.setdefault(h.fh, []).append(made)
 
         jobs = []
         for i, (name, known, listed, is_dir) in enumerate(batch):

@@ -125,6 +125,7 @@ class Resolver:
         """A new node for ``path`` from a HEAD of its object (or dir marker; None: implicit dir)."""
         mode, uid, gid, mtime = self.defaults.attrs_from_info(info, is_dir)
         node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0)
+        node.implicit = is_dir and info is None
         if info is not None and not is_dir:
             self.set_version_from_info(node, info)
         return node
@@ -137,7 +138,10 @@ class Resolver:
 
     def refresh(self, node: Node, info: ObjectInfo | None) -> None:
         """Take what the store now says of a clean node: a new version if the ETag changed, and
-        the attributes always (on OSS a metadata-only CopyObject keeps the ETag)."""
+        the attributes always (on OSS a metadata-only CopyObject keeps the ETag). A directory
+        refreshed with no marker (``info`` None) is implicit."""
+        if node.is_dir:
+            node.implicit = info is None
         if node.staged is None and info is not None:  # open handles keep their own version
             if not node.is_dir and (node.version is None or node.version.etag != info.etag):
                 self.set_version_from_info(node, info)

@@ -1,0 +1,95 @@
+"""Objects whose name is gone but that an open handle still reads (unlink of an open file).
+
+The name disappears at once (locally: lookups, listings and creates no longer see it), but the
+object stays in the bucket until the last handle closes, so the readers go on reading it by
+ETag with no download at unlink time (review A10). Then it is deleted — only if the object at
+that key is still the version that was unlinked (a HEAD compares ETags: a newer object written
+there since, by this mount or another client, is left alone).
+
+Each pending delete is recorded on the cache disk first (``<cache dir>/unlinked/<sha256>.json``
+holding ``{"key": …, "etag": …}``, written atomically and fsynced), so a crash before the last
+close does not bring the file back: the next mount finishes the delete before it serves
+(:meth:`DeferredDeletes.finish_recorded`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from ..store.base import ObjectStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class DeferredDeletes:
+    """Pending deletes of one mount, recorded in ``<cache_dir>/unlinked``."""
+
+    def __init__(self, cache_dir: str, store: ObjectStore):
+        self.dir = os.path.join(cache_dir, "unlinked")
+        self.store = store
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+
+    def _path(self, key: str, etag: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest() + ".json")
+
+    def record(self, key: str, etag: str) -> None:
+        """Make the pending delete of version (key, etag) durable. Raises OSError (cache disk)."""
+        path = self._path(key, etag)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps({"key": key, "etag": etag}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def recorded(self) -> list[tuple[str, str]]:
+        """The (key, etag) of every recorded pending delete (unreadable records: logged, kept)."""
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            if not name.endswith(".json"):
+                continue
+            try:
+                fd = os.open(os.path.join(self.dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with os.fdopen(fd) as f:
+                    rec = json.load(f)
+                out.append((str(rec["key"]), str(rec["etag"])))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("pending-delete record %s is unreadable, kept for inspection: %s", name, e)
+        return out
+
+    async def delete(self, key: str, etag: str) -> bool:
+        """Delete ``key`` if it still holds version ``etag``, then forget the record. True when
+        done (or nothing to do); False when the store failed (logged; the record stays, the
+        next mount tries again)."""
+        try:
+            info = await self.store.head(key)
+            if info is not None and info.etag == etag:
+                await self.store.delete(key)
+            elif info is not None:
+                log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
+                         key, etag, info.etag)
+        except StoreError as e:
+            log.error("deleting unlinked %r (ETag %s) failed; tried again at the next mount: %s", key, etag, e)
+            return False
+        try:
+            os.unlink(self._path(key, etag))
+        except FileNotFoundError:
+            pass
+        return True
+
+    async def finish_recorded(self) -> int:
+        """Finish the deletes an earlier run recorded (before serving); returns how many are
+        still pending because the store failed."""
+        left = 0
+        for key, etag in self.recorded():
+            if not await self.delete(key, etag):
+                left += 1
+        return left

@@ -1,0 +1,459 @@
+"""Liveness and completeness of the namespace, driven in-process (no kernel) over the
+fault-injecting store: no mount-wide lock across network I/O (review A4), unlink of an open
+file keeps the object until the last close and downloads nothing (A10), a listing lists every
+name or fails (A3), implicit directories survive their last child (A14), out-of-range
+attributes (break-testing), background cache tasks (A9), readdir node leaks (A15) and the
+unwrapped-key cache keyed by CMK.
+
+Latency tests run under trio's MockClock: a FaultStore ``delay`` is a trio sleep, so virtual
+time adds up the store round trips on the critical path (250 ms each). The clock jumps only
+after 0.1 s of real idleness, so the local store's worker threads (real time) finish before
+it jumps past them."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import sys
+
+import pytest
+import trio
+import trio.testing
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fakes.fault_store import FaultStore  # noqa: E402
+from ossfuse import envelope as env  # noqa: E402
+from ossfuse.cmk import KeyMissing  # noqa: E402
+from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
+from ossfuse.fs import Filesystem, FsError  # noqa: E402
+from ossfuse.keyring import Keyring  # noqa: E402
+from ossfuse.store.local import LocalStore  # noqa: E402
+
+class _CopyingLocalStore(LocalStore):
+    """A local bucket that always copies uploaded files (as a remote store does): with
+    ``local_disk`` off, the block cache takes over uploaded staging files and punches holes in
+    them, which must not reach the bucket through a hard link."""
+
+    async def put_file(self, key, path, metadata, *, may_link=False):
+        return await super().put_file(key, path, metadata, may_link=False)
+
+
+RTT = 0.25  # seconds per store request in the latency tests (repro 07's server latency)
+
+
+def _fs(tmp_path, cmk_path, *, oss_like=True, max_size=10 << 30, **mount) -> Filesystem:
+    """A Filesystem over FaultStore(LocalStore) in ``tmp_path``. ``oss_like``: the store's
+    listing carries no metadata (one HEAD per entry, as on OSS) and is not a local disk."""
+    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                 cache=CacheConfig(dir=str(tmp_path / "cache"), max_size=max_size, min_free=0),
+                 mount=MountConfig(**{"upload_delay": 0.0, **mount}))
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore((_CopyingLocalStore if oss_like else LocalStore)(str(tmp_path / "bucket")))
+    if oss_like:
+        store.listing_has_metadata = False
+        store.local_disk = False
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+
+
+async def _write_file(fs: Filesystem, parent, name: str, data: bytes):
+    node, h = await fs.create(parent, name, 0o644, os.O_WRONLY, 1, 2)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    await fs.commit.upload_node(node)
+    assert node.staged is None and node.version is not None
+    return node
+
+
+def _run_mock(fn):
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0.1))
+
+
+# -- A4: per-name locks, nothing mount-wide across the network ------------------------------
+
+def test_creates_of_different_names_do_not_queue_behind_each_other(tmp_path, cmk_path):
+    """80 creates with 250 ms per store request: each probes (HEAD + LIST) with no lock held,
+    so together they take about one probe, not 80 (main: one mount-wide lock, 40 s)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        await _write_file(fs, root, "other.txt", b"hello")
+        fs.inodes.by_path.pop("other.txt")  # not looked up yet: the lookup must ask the store
+        fs.store.delay("*", RTT)
+        done = []
+
+        async def create(i):
+            node, h = await fs.create(root, f"n{i}", 0o644, os.O_WRONLY, 1, 2)
+            done.append(node)
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(80):
+                n.start_soon(create, i)
+            await trio.sleep(0.1)
+            t1 = trio.current_time()
+            other = await fs.lookup(root, "other.txt")
+            stat_took = trio.current_time() - t1
+        took = trio.current_time() - t0
+        assert len(done) == 80 and len({d.ino for d in done}) == 80
+        assert other.size == 5
+        assert took < 4 * RTT, f"80 creates took {took:.2f} s of store time"
+        assert stat_took <= 2 * RTT + 0.01, stat_took  # one HEAD (and nothing queued before it)
+        assert fs.namespace.locks.held() == set()
+
+    _run_mock(main)
+
+
+def test_a_slow_commit_holds_only_its_own_name(tmp_path, cmk_path):
+    """A symlink whose PUT takes 30 s: mkdir, create and unlink of other names finish in store
+    round trips meanwhile (main: 30 s behind the mount-wide lock); a create of the same name
+    sees it (EEXIST)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        victim = await _write_file(fs, root, "victim", b"x")
+        fs.store.delay("put_bytes", 30, key="pre/slow")
+        fs.store.delay("*", RTT)
+        results = {}
+
+        async def slow():
+            await fs.symlink(root, "slow", "target", 1, 2)
+            results["slow"] = trio.current_time()
+
+        async def slow_holds_its_name():
+            while "slow" not in fs.namespace.locks.held():
+                await trio.sleep(0.01)
+
+        async def same_name():
+            await slow_holds_its_name()
+            with pytest.raises(FsError) as e:
+                await fs.create(root, "slow", 0o644, os.O_WRONLY, 1, 2)
+            results["same"] = (e.value.errno, trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            n.start_soon(slow)
+            n.start_soon(same_name)
+            await slow_holds_its_name()
+            t1 = trio.current_time()
+            await fs.mkdir(root, "d", 0o755, 1, 2)
+            await fs.create(root, "f", 0o644, os.O_WRONLY, 1, 2)
+            await fs.unlink(root, "victim")
+            others = trio.current_time() - t1
+            assert fs.namespace.locks.held() == {"slow"}
+        assert others < 10 * RTT, others
+        assert victim.unlinked and await fs.store.inner.head("pre/victim") is None
+        assert results["slow"] - t0 >= 30
+        # the symlink's node is there from the start of its PUT (removed if the PUT fails)
+        assert results["same"][0] == errno.EEXIST
+
+    _run_mock(main)
+
+
+def test_rename_locks_its_names_and_recheck_sees_a_new_destination(tmp_path, cmk_path):
+    """While rename a→b copies (slow), a create of b waits for the rename and gets EEXIST,
+    and a create of c does not wait."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        await _write_file(fs, root, "a", b"content of a")
+        fs.store.delay("copy", 20)
+        got = {}
+
+        async def create(name):
+            await trio.sleep(1)
+            try:
+                await fs.create(root, name, 0o644, os.O_WRONLY, 1, 2)
+                got[name] = ("ok", trio.current_time())
+            except FsError as e:
+                got[name] = (e.errno, trio.current_time())
+
+        async with trio.open_nursery() as n:
+            n.start_soon(fs.rename, root, "a", root, "b", 0)
+            n.start_soon(create, "b")
+            n.start_soon(create, "c")
+        assert got["c"][0] == "ok" and got["c"][1] < 5
+        assert got["b"][0] == errno.EEXIST and got["b"][1] >= 20
+        assert await fs.store.inner.head("pre/a") is None and await fs.store.inner.head("pre/b") is not None
+
+    _run_mock(main)
+
+
+def test_rename_fails_when_it_cannot_tell_whether_the_destination_exists(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        await _write_file(fs, root, "a", b"1")
+        fs.store.fail("head", key="pre/b", count=None)
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "a", root, "b", 0)
+        assert e.value.errno == errno.EIO
+        assert await fs.store.inner.head("pre/a") is not None
+
+    trio.run(main)
+
+
+def test_name_locks_conflicts():
+    from ossfuse.fs.locks import NameLocks
+
+    async def main():
+        locks = NameLocks()
+        order = []
+
+        async def take(tag, names, trees=(), hold=1.0):
+            async with locks.hold(names=names, trees=trees):
+                order.append((tag, "in", trio.current_time()))
+                await trio.sleep(hold)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(take, "tree d", (), ["d"], 5.0)
+            await trio.sleep(0.1)
+            n.start_soon(take, "d/x", ["d/x"])     # under the tree: waits
+            n.start_soon(take, "dx", ["dx"])       # a sibling whose name starts alike: does not
+            n.start_soon(take, "e+d/y", ["e", "d/y"])  # all at once: e is not taken while d/y waits
+            n.start_soon(take, "e", ["e"], (), 0.0)
+        t = {tag: when for tag, _, when in order}
+        assert t["dx"] < 1 and t["e"] < 1
+        assert t["d/x"] >= 5 and t["e+d/y"] >= 5
+        assert locks.held() == set()
+
+    _run_mock(main)
+
+
+# -- A10: unlink of an open file -------------------------------------------------------------
+
+def test_unlink_of_an_open_file_downloads_nothing_and_deletes_at_last_close(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path, max_size=1 << 20)
+        root = fs.get(1)
+        data = os.urandom(3 << 20)  # 3 MiB: three times the cache limit
+        node = await _write_file(fs, root, "big", data)
+        fs.cache.drop(node.version.key, node.version.etag)  # as after a remount: nothing cached
+        h = await fs.open(node, os.O_RDONLY)
+        assert await fs.read(h, 0, 10) == data[:10]
+        h2 = await fs.open(node, os.O_RDONLY)
+        fs.store.reset_counts()
+        await fs.unlink(root, "big")
+        assert fs.store.counts["get_range"] == 0 and fs.store.counts["delete"] == 0
+        assert fs.cache.pinned_bytes == 0
+        with pytest.raises(FsError) as e:
+            await fs.lookup(root, "big")
+        assert e.value.errno == errno.ENOENT
+        assert await fs.store.inner.head("pre/big") is not None
+        assert len(os.listdir(tmp_path / "cache" / "unlinked")) == 1  # recorded for a crash
+        got = b"".join([await fs.read(h, off, 1 << 18) for off in range(0, len(data), 1 << 18)])
+        assert got == data
+        await fs.release(h)
+        assert await fs.store.inner.head("pre/big") is not None  # h2 still reads it
+        assert await fs.read(h2, len(data) - 5, 5) == data[-5:]
+        await fs.release(h2)
+        assert await fs.store.inner.head("pre/big") is None
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
+
+    trio.run(main)
+
+
+def test_deferred_delete_spares_a_newer_object_at_the_name(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"old")
+        h = await fs.open(node, os.O_RDONLY)
+        await fs.unlink(root, "f")
+        new = await _write_file(fs, root, "f", b"new content")
+        assert await fs.read(h, 0, 10) == b"old"
+        await fs.release(h)
+        info = await fs.store.inner.head("pre/f")
+        assert info is not None and info.etag == new.version.etag
+
+    trio.run(main)
+
+
+def test_a_crash_before_the_last_close_still_deletes_the_unlinked_object(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"data")
+        await fs.open(node, os.O_RDONLY)
+        await fs.unlink(root, "f")
+        assert await fs.store.inner.head("pre/f") is not None
+        # crash: no release, no close; the next mount finishes the delete before serving
+        fs2 = _fs(tmp_path, cmk_path)
+        assert await fs2.finish_unlinks() == 0
+        assert await fs2.store.inner.head("pre/f") is None
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
+
+    trio.run(main)
+
+
+def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_path, cmk_path, caplog):
+    async def main():
+        fs = _fs(tmp_path, cmk_path, max_size=4 << 20)
+        root = fs.get(1)
+        small = os.urandom(100_000)
+        big = os.urandom(3 << 20)  # more than half the cache: not pinned
+        for name, data in (("small", small), ("big", big)):
+            node = await _write_file(fs, root, name, data)
+            fs.cache.drop(node.version.key, node.version.etag)
+        await _write_file(fs, root, "src1", b"one")
+        await _write_file(fs, root, "src2", b"two")
+        hs = await fs.open(fs.by_path["small"], os.O_RDONLY)
+        hb = await fs.open(fs.by_path["big"], os.O_RDONLY)
+        await fs.rename(root, "src1", root, "small", 0)
+        await fs.rename(root, "src2", root, "big", 0)
+        assert fs.cache.pinned_bytes == len(small)
+        assert await fs.read(hs, 0, len(small)) == small
+        with pytest.raises(FsError) as e:
+            await fs.read(hb, 0, 10)
+        assert e.value.errno == errno.ESTALE
+        await fs.release(hs)
+        await fs.release(hb)
+        assert fs.cache.pinned_bytes == 0
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    warned = [r.getMessage() for r in caplog.records if "renamed over" in r.getMessage()]
+    assert len(warned) == 1 and "'pre/big'" in warned[0]
+
+
+# -- A3: a listing lists every name or fails ----------------------------------------------------
+
+def test_readdir_fails_with_eio_when_one_entry_cannot_be_read(tmp_path, cmk_path, caplog):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        for n in ("a.txt", "victim.txt", "z.txt"):
+            await _write_file(fs, d, n, n.encode())
+        fs2 = _fs(tmp_path, cmk_path)  # a fresh mount: nothing known, every entry needs a HEAD
+        d2 = await fs2.lookup(fs2.get(1), "d")
+        fs2.store.fail("head", key="pre/d/victim*", count=None)
+        h = fs2.opendir(d2)
+        with pytest.raises(FsError) as e:
+            await fs2.readdir_entries(h, 0)
+        assert e.value.errno == errno.EIO
+        fs2.store.clear()
+        names = [name for _, name, _ in await fs2.readdir_entries(h, 0, relist=True)]
+        assert names == ["a.txt", "victim.txt", "z.txt"]
+
+    with caplog.at_level(logging.ERROR):
+        trio.run(main)
+    assert any("pre/d/victim.txt" in r.getMessage() for r in caplog.records)
+
+
+# -- A14: implicit directories -----------------------------------------------------------------
+
+def test_implicit_directory_survives_its_last_child(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        await fs.store.inner.put_bytes("pre/photos/2024/a.jpg", b"x", {})
+        root = fs.get(1)
+        photos = await fs.lookup(root, "photos")
+        year = await fs.lookup(photos, "2024")
+        await fs.lookup(year, "a.jpg")
+        await fs.unlink(year, "a.jpg")
+        assert await fs.store.inner.head("pre/photos/2024/") is not None
+        assert await fs.store.inner.head("pre/photos/2024/a.jpg") is None
+        fs2 = _fs(tmp_path, cmk_path)  # later, as another mount sees it
+        photos2 = await fs2.lookup(fs2.get(1), "photos")
+        await fs2.lookup(photos2, "2024")
+        await fs2.rmdir(photos2, "2024")
+        assert await fs2.store.inner.head("pre/photos/2024/") is None
+        assert await fs2.store.inner.head("pre/photos/") is not None  # its parent was implicit too
+
+    trio.run(main)
+
+
+# -- break-testing: out-of-range attributes ----------------------------------------------------
+
+def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_path, cmk_path, caplog):
+    from ossfuse.fuse_ops import Operations
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        inner = fs.store.inner
+        await inner.put_bytes("pre/d/a", b"a", {"mode": str(stat.S_IFREG | 0o600), "uid": "7"})
+        await inner.put_bytes("pre/d/bad", b"b", {"uid": "-5", "gid": str(2**40), "mode": str(2**64),
+                                                  "mtime": "9" * 40})
+        await inner.put_bytes("pre/d/z", b"z", {})
+        d = await fs.lookup(fs.get(1), "d")
+        ops = Operations(fs)
+        for _ in range(2):  # listed twice: still one warning per attribute
+            h = fs.opendir(d)
+            entries = await fs.readdir_entries(h, 0, relist=True)
+            attrs = {name: ops._attr(node) for _, name, node in entries}
+            fs.releasedir(h.fh)
+            for node in fs.inodes.nodes.values():
+                node.checked_at = 0  # not fresh: read again
+        assert sorted(attrs) == ["a", "bad", "z"]
+        bad = attrs["bad"]
+        assert (bad.st_mode, bad.st_uid, bad.st_gid) == (stat.S_IFREG | 0o644, 1, 2)
+        assert attrs["a"].st_uid == 7 and attrs["a"].st_mode == stat.S_IFREG | 0o600
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    warned = [r.getMessage() for r in caplog.records if "out of range" in r.getMessage()]
+    assert len(warned) == 4 and all("'pre/d/bad'" in w for w in warned)
+
+
+# -- the unwrapped-key cache is keyed by the CMK chosen ---------------------------------------
+
+def test_unwrapped_key_cache_does_not_bypass_matdesc(tmp_path, cmk_path):
+    cfg = EncryptionConfig(encrypt_with="hr", cmks=(CmkConfig("hr", "rsa", cmk_path, matdesc={"dept": "hr"}),))
+    keyring = Keyring(cfg)
+    mine = keyring.new_envelope("x").wrapped
+    stranger = env.WrappedEnvelope(mine.wrapped_key, mine.wrapped_iv, mine.wrap_alg, {"dept": "unknown"},
+                                   '{"dept":"unknown"}')
+    opened = keyring.open_envelope(mine)
+    assert opened.wrapped == mine
+    with pytest.raises(KeyMissing):
+        keyring.open_envelope(stranger)
+    again = keyring.open_envelope(mine)
+    assert again.data_key == opened.data_key
+
+
+# -- A9: background cache tasks ----------------------------------------------------------------
+
+def test_checksum_task_failure_is_logged_not_raised(tmp_path, cmk_path, caplog, monkeypatch):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        e = fs.cache.entry("pre/f", "E1", 10)
+
+        def broken(entry):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(fs.cache, "_block_crcs", broken)
+        await fs.cache._checksum(e)  # a background task: must not raise
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    assert any("'pre/f'" in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
+
+
+# -- A15: nodes of readdir batches the kernel did not take -------------------------------------
+
+def test_readdir_drops_nodes_the_kernel_did_not_take(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path, oss_like=False)
+        for i in range(300):
+            await fs.store.inner.put_bytes(f"pre/big/f{i:03d}", b"", {})
+        d = await fs.lookup(fs.get(1), "big")
+        base = len(fs.inodes.nodes)
+        h = fs.opendir(d)
+        entries = await fs.readdir_entries(h, 0)
+        assert len(entries) == 256
+        for _, _, node in entries[:25]:  # one reply's worth handed to the kernel
+            fs.remember(node)
+        entries = await fs.readdir_entries(h, 25)
+        assert entries[0][1] == "f025"
+        assert len(fs.inodes.nodes) <= base + 25 + 256
+        fs.releasedir(h.fh)
+        assert len(fs.inodes.nodes) == base + 25
+        assert all(fs.by_path[f"big/f{i:03d}"].lookups == 1 for i in range(25))
+        assert "big/f100" not in fs.by_path
+
+    trio.run(main)
