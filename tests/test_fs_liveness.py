@@ -108,6 +108,37 @@ def test_creates_of_different_names_do_not_queue_behind_each_other(tmp_path, cmk
     _run_mock(main)
 
 
+def test_creates_serialised_by_the_kernel_cost_no_request_each(tmp_path, cmk_path):
+    """The kernel runs a create's lookup and the create under its directory's lock, so 80
+    creates in one directory run one after another and a stat in that directory waits for
+    them (repro 07: 42 s on main). The first lookup miss lists the (small) directory once;
+    the misses that follow are answered from that listing with no request."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        await _write_file(fs, root, "other.txt", b"hello")
+        fs = _fs(tmp_path, cmk_path)  # a fresh mount: nothing known
+        root = fs.get(1)
+        fs.store.delay("*", RTT)
+        fs.store.reset_counts()
+        t0 = trio.current_time()
+        for i in range(80):  # as the kernel does them: lookup (ENOENT), then create
+            with pytest.raises(FsError) as e:
+                await fs.lookup(root, f"n{i}")
+            assert e.value.errno == errno.ENOENT
+            await fs.create(root, f"n{i}", 0o644, os.O_WRONLY, 1, 2)
+        creates = trio.current_time() - t0
+        t1 = trio.current_time()
+        other = await fs.lookup(root, "other.txt")
+        stat_took = trio.current_time() - t1
+        assert other.size == 5
+        assert creates <= 2 * RTT + 0.01, creates  # one listing (main: 80 x (HEAD + LIST) = 40 s)
+        assert stat_took <= RTT + 0.01, stat_took  # one HEAD
+        assert fs.store.counts["list"] == 1 and fs.store.counts["head"] == 1
+
+    _run_mock(main)
+
+
 def test_a_slow_commit_holds_only_its_own_name(tmp_path, cmk_path):
     """A symlink whose PUT takes 30 s: mkdir, create and unlink of other names finish in store
     round trips meanwhile (main: 30 s behind the mount-wide lock); a create of the same name
@@ -188,7 +219,11 @@ def test_rename_fails_when_it_cannot_tell_whether_the_destination_exists(tmp_pat
         fs = _fs(tmp_path, cmk_path)
         root = fs.get(1)
         await _write_file(fs, root, "a", b"1")
+        fs = _fs(tmp_path, cmk_path)  # another mount: it knows no listing of the root
+        root = fs.get(1)
         fs.store.fail("head", key="pre/b", count=None)
+        fs.store.fail("list", key="pre/", count=None)  # the root's listing cannot answer either
+        await fs.lookup(root, "a")
         with pytest.raises(FsError) as e:
             await fs.rename(root, "a", root, "b", 0)
         assert e.value.errno == errno.EIO

@@ -11,6 +11,7 @@ from .model import Node
 from .naming import Naming, base_name
 
 RELIST_MAX = 1000  # entries: a directory this small is listed again (one page) to answer lookups
+_BIG_RECHECK = 60.0  # seconds a directory found too big to list in one page is not listed for lookups
 _ABSENT_MAX = 100_000  # paths: the negative cache is emptied when it grows past this
 
 
@@ -65,24 +66,37 @@ class NameCache:
 
     async def absent_from_listing(self, parent: Node | None, path: str) -> bool:
         """Whether the listing of ``parent`` (the directory holding ``path``) says ``path``
-        does not exist: the listing is at most entry_timeout old, or is taken again now (one
-        page) for a small directory. No request for a name created in a directory this mount
-        made or listed a moment ago. False (cannot tell) when the store fails."""
-        if parent is None or parent.children is None:
+        does not exist: the listing is at most entry_timeout old, or is taken now (one page)
+        for a small directory — also when none was taken yet, so the creates that follow a
+        first lookup miss in a directory need no request each (the kernel runs a create's
+        lookup under its directory's lock: each request there delays every other lookup in
+        that directory). A directory found too big for one page is probed name by name for
+        _BIG_RECHECK seconds. False (cannot tell) when the store fails."""
+        if parent is None or not parent.is_dir or self.entry_timeout <= 0:
             return False
-        if parent.children_until < time.monotonic():
-            if len(parent.children) >= RELIST_MAX:
-                parent.children = None  # big: single probes cost less than listing it all
-                return False
-            dkey = self.naming.dir_key(parent.path)
-            try:
-                page = await self.store.list(dkey, delimiter="/", max_keys=RELIST_MAX)
-            except StoreError:
-                return False  # the probe will report it
-            if page.next_marker is not None:
-                parent.children = None
-                return False
-            names = [o.key[len(dkey):] for o in page.objects] + [p[len(dkey):-1] for p in page.prefixes]
-            local = [d.name for d in self.staged_in(parent.path)]
-            self.set_children(parent, [n for n in names if n] + local)
+        now = time.monotonic()
+        if parent.children is None:
+            if parent.children_until > now:
+                return False  # too big lately: single probes cost less than listing it all
+        elif parent.children_until >= now:
+            return base_name(path) not in parent.children
+        elif len(parent.children) >= RELIST_MAX:
+            self._too_big(parent, now)
+            return False
+        dkey = self.naming.dir_key(parent.path)
+        try:
+            page = await self.store.list(dkey, delimiter="/", max_keys=RELIST_MAX)
+        except StoreError:
+            return False  # the probe will report it
+        if page.next_marker is not None:
+            self._too_big(parent, time.monotonic())
+            return False
+        names = [o.key[len(dkey):] for o in page.objects] + [p[len(dkey):-1] for p in page.prefixes]
+        local = [d.name for d in self.staged_in(parent.path)]
+        self.set_children(parent, [n for n in names if n] + local)
         return base_name(path) not in parent.children
+
+    @staticmethod
+    def _too_big(parent: Node, now: float) -> None:
+        parent.children = None
+        parent.children_until = now + _BIG_RECHECK
