@@ -239,6 +239,11 @@ def test_unlink_and_open_unlinked_file_stays_readable(mount):
         assert not os.path.exists(p)
         f.seek(0)
         assert f.read() == data
+        assert "gone" in mount.keys()  # kept in the bucket for the open handle, nothing downloaded
+    # deleted at the last close (the kernel sends the release after close(2) returns)
+    deadline = time.monotonic() + 10
+    while "gone" in mount.keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "gone" not in mount.keys()
 
 
