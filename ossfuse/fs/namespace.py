@@ -168,14 +168,12 @@ class Namespace:
         node = await self.resolver.existing(parent, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
-        if await self.has_children(node.path):  # with no lock held: the common refusal costs no wait
-            raise FsError(errno.ENOTEMPTY)
         await self._keep_parent(parent)
         async with self._existing_locked(parent, name, tree=True) as node:
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
-            # Again under the tree lock (only operations inside this directory wait for it): a
-            # child made by this mount since the first check would otherwise be orphaned.
+            # Listed under the tree lock (only operations inside this directory wait for it):
+            # a child this mount made after an earlier check would otherwise be orphaned.
             if await self.has_children(node.path):
                 raise FsError(errno.ENOTEMPTY)
             dkey = self.naming.dir_key(node.path)
