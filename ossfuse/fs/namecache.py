@@ -8,10 +8,11 @@ from typing import Callable
 
 from ..store.base import ObjectStore, StoreError
 from .model import Node
-from .naming import Naming, base_name
+from .naming import Naming, base_name, parent_of
 
 RELIST_MAX = 1000  # entries: a directory this small is listed again (one page) to answer lookups
 _BIG_RECHECK = 60.0  # seconds a directory found too big to list in one page is not listed for lookups
+_MISS_BURST = 2  # lookup misses in one directory within entry_timeout that make a lookup list it
 _ABSENT_MAX = 100_000  # paths: the negative cache is emptied when it grows past this
 
 
@@ -28,6 +29,7 @@ class NameCache:
         self.entry_timeout = entry_timeout
         self.staged_in = staged_in
         self._absent: dict[str, float] = {}  # path → monotonic expiry
+        self._misses: dict[str, tuple[int, float]] = {}  # dir path → (lookup misses, monotonic expiry)
 
     # -- negative cache ---------------------------------------------------------------------
     def known_absent(self, path: str) -> bool:
@@ -44,6 +46,21 @@ class NameCache:
         if len(self._absent) > _ABSENT_MAX:
             self._absent.clear()
         self._absent[path] = time.monotonic() + self.entry_timeout
+
+    def note_miss(self, path: str) -> None:
+        """A lookup asked the store for ``path`` and found nothing (counted per directory: a
+        burst of misses is a burst of creates, answered from a listing, see below)."""
+        parent, now = parent_of(path), time.monotonic()
+        count, until = self._misses.get(parent, (0, 0.0))
+        if until < now:
+            count = 0
+        if len(self._misses) > _ABSENT_MAX:
+            self._misses.clear()
+        self._misses[parent] = (count + 1, now + self.entry_timeout)
+
+    def _miss_burst(self, dir_path: str) -> bool:
+        count, until = self._misses.get(dir_path, (0, 0.0))
+        return count >= _MISS_BURST and until >= time.monotonic()
 
     def note_present(self, path: str) -> None:
         self._absent.pop(path, None)
@@ -67,17 +84,19 @@ class NameCache:
     async def absent_from_listing(self, parent: Node | None, path: str) -> bool:
         """Whether the listing of ``parent`` (the directory holding ``path``) says ``path``
         does not exist: the listing is at most entry_timeout old, or is taken now (one page)
-        for a small directory — also when none was taken yet, so the creates that follow a
-        first lookup miss in a directory need no request each (the kernel runs a create's
-        lookup under its directory's lock: each request there delays every other lookup in
-        that directory). A directory found too big for one page is probed name by name for
-        _BIG_RECHECK seconds. False (cannot tell) when the store fails."""
+        for a small directory — also when none was taken yet but lookups there just missed
+        _MISS_BURST times within entry_timeout, so a burst of creates needs no request each
+        (the kernel runs a create's lookup under its directory's lock: each request there
+        delays every other lookup in that directory). Lookups of names that exist never cause
+        a listing, so another client's new object is seen at once there. A directory found
+        too big for one page is probed name by name for _BIG_RECHECK seconds. False (cannot
+        tell) when the store fails."""
         if parent is None or not parent.is_dir or self.entry_timeout <= 0:
             return False
         now = time.monotonic()
         if parent.children is None:
-            if parent.children_until > now:
-                return False  # too big lately: single probes cost less than listing it all
+            if parent.children_until > now or not self._miss_burst(parent.path):
+                return False  # too big lately (single probes cost less than listing it all), or no burst
         elif parent.children_until >= now:
             return base_name(path) not in parent.children
         elif len(parent.children) >= RELIST_MAX:

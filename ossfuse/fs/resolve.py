@@ -112,6 +112,7 @@ class Resolver:
             if known is not None and by_path.get(path) is known and known.staged is None:
                 del by_path[path]
             self.names.note_absent(path)
+            self.names.note_miss(path)
             return None
         info, is_dir = found
         if known is not None and stat.S_IFMT(known.mode) == stat.S_IFMT(self.defaults.attrs_from_info(info, is_dir)[0]):
