@@ -325,6 +325,20 @@ def test_deferred_delete_spares_a_newer_object_at_the_name(tmp_path, cmk_path):
         await fs.release(h)
         info = await fs.store.inner.head("pre/f")
         assert info is not None and info.etag == new.version.etag
+        # a new file at the name whose upload is still pending: no DELETE may race that upload
+        h = await fs.open(new, os.O_RDONLY)
+        await fs.unlink(root, "f")
+        newer, hw = await fs.create(root, "f", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(hw, 0, b"newest")
+        fs.store.reset_counts()
+        await fs.release(h)
+        assert fs.store.counts["delete"] == 0
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
+        await fs.flush(hw)
+        await fs.release(hw)
+        await fs.commit.upload_node(newer)
+        info = await fs.store.inner.head("pre/f")
+        assert info is not None and info.etag == newer.version.etag and info.size == 6
 
     trio.run(main)
 

@@ -263,7 +263,15 @@ class Namespace:
         """The last handle of unlinked ``node`` closed: delete its object if the unlink left it
         for the readers (logged, never raised: the caller is a release)."""
         pending = self._unlinked_open.pop(node, None)
-        if pending is not None:
+        if pending is None:
+            return
+        async with self.locks.hold(names=[node.path]):  # no create or unlink of that name meanwhile
+            current = self.inodes.by_path.get(node.path)
+            if current is not None and current is not node and not current.unlinked:
+                # This mount made a new file at that name: its upload replaces the object (a
+                # DELETE now could race that upload and delete the new version).
+                self.deferred.forget(*pending)
+                return
             await self.deferred.delete(*pending)
 
     async def _keep_replaced_readable(self, node: Node) -> None:

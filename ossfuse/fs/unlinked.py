@@ -79,11 +79,16 @@ class DeferredDeletes:
         except StoreError as e:
             log.error("deleting unlinked %r (ETag %s) failed; tried again at the next mount: %s", key, etag, e)
             return False
+        self.forget(key, etag)
+        return True
+
+    def forget(self, key: str, etag: str) -> None:
+        """Drop the record of a pending delete that is no longer wanted (the name holds a new
+        file of this mount, whose upload replaces the object)."""
         try:
             os.unlink(self._path(key, etag))
         except FileNotFoundError:
             pass
-        return True
 
     async def finish_recorded(self) -> int:
         """Finish the deletes an earlier run recorded (before serving); returns how many are
