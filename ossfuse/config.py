@@ -5,8 +5,11 @@ Every error is a ConfigError whose message names the file, the key and why, e.g.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +61,8 @@ class RuleConfig:
 @dataclass(frozen=True)
 class EncryptionConfig:
     encrypt_with: str
-    cmks: tuple[CmkConfig, ...]
-    rules: tuple[RuleConfig, ...] = ()
+    cmks: tuple[CmkConfig, ...] = field(metadata={"toml": "cmk"})  # [[encryption.cmk]] tables
+    rules: tuple[RuleConfig, ...] = field(default=(), metadata={"toml": "rule"})
     plaintext_objects: str = "show"  # objects without an envelope: "show" as they are, or "hide"
 
 
@@ -100,34 +103,53 @@ class Config:
     mount: MountConfig = field(default_factory=MountConfig)
 
 
-_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "store": {"url": str, "prefix": str, "endpoint": str, "region": str, "signature": str,
-              "credentials_file": str, "ram_role": str, "metadata_url": str, "max_copy_size": int,
-              "retries": int, "request_deadline": (int, float)},
-    "encryption": {"encrypt_with": str, "cmk": list, "rule": list, "plaintext_objects": str},
-    "encryption.cmk": {"id": str, "type": str, "private_key": str, "matdesc": dict, "matdesc_text": str,
-                       "default_for_no_matdesc": bool, "key_id": str, "region": str, "endpoint": str,
-                       "encoding": str, "passphrase": str, "credentials_file": str},
-    "encryption.rule": {"prefix": str, "encrypt_with": str},
-    "cache": {"dir": str, "block_size": int, "max_size": int, "min_free": int},
-    "mount": {"attr_timeout": (int, float), "entry_timeout": (int, float),
-              "multipart_threshold": int, "part_size": int, "upload_workers": int,
-              "part_workers": int, "upload_delay": (int, float), "startup_timeout": (int, float),
-              "close_waits_for_upload": bool, "retry_interval": (int, float), "uid": int, "gid": int,
-              "umask": int, "allow_other": bool},
-}
+def _toml_types(hint: Any) -> tuple[type, ...]:
+    """The TOML value types a field of type ``hint`` accepts: ``X | None`` → those of X (None
+    is the key left out), float → int or float (TOML ``1`` for ``1.0``), a tuple → an array,
+    a dict → a table."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return tuple(t for a in typing.get_args(hint) if a is not type(None) for t in _toml_types(a))
+    if hint is float:
+        return (int, float)
+    if origin is tuple or hint is tuple:
+        return (list,)
+    if origin is dict or hint is dict:
+        return (dict,)
+    if hint in (str, int, bool):
+        return (hint,)
+    raise TypeError(f"no TOML type for {hint!r}")  # a new field of a new kind: teach this function
+
+
+def _schema(cls: type) -> tuple[dict[str, tuple[type, ...]], tuple[str, ...]]:
+    """A table's keys → accepted TOML types, and its required keys, derived from dataclass
+    ``cls`` (a field's TOML key is its name, or its ``metadata["toml"]``)."""
+    hints = typing.get_type_hints(cls)
+    keys, required = {}, []
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("toml", f.name)
+        keys[key] = _toml_types(hints[f.name])
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(key)
+    return keys, tuple(required)
+
+
+#: section → (key → accepted TOML types, required keys), from the dataclasses above.
+_SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], tuple[str, ...]]] = {
+    section: _schema(cls) for section, cls in (
+        ("store", StoreConfig), ("encryption", EncryptionConfig), ("encryption.cmk", CmkConfig),
+        ("encryption.rule", RuleConfig), ("cache", CacheConfig), ("mount", MountConfig))}
+
 # options that were removed, and what replaced them (the message names the replacement)
 _REPLACED = {"mount": {"upload_retries": "each store request is retried within store.request_deadline, "
                                          "and a failed upload again every mount.retry_interval seconds; "
                                          "remove the line"}}
-_REQUIRED = {"store": ("url",), "encryption": ("encrypt_with", "cmk"), "encryption.cmk": ("id", "type"),
-             "encryption.rule": ("prefix", "encrypt_with"), "cache": ("dir",)}
 
 
 def _check_table(path: str, section: str, where: str, table: Any) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: {where}: must be a table")
-    schema = _SCHEMA[section]
+    schema, required = _SCHEMA[section]
     for key, value in table.items():
         if key in _REPLACED.get(section, {}):
             raise ConfigError(f"{path}: {where}.{key}: no longer an option: {_REPLACED[section][key]}")
@@ -135,10 +157,10 @@ def _check_table(path: str, section: str, where: str, table: Any) -> dict[str, A
             raise ConfigError(f"{path}: {where}.{key}: unknown key (known: {', '.join(sorted(schema))})")
         want = schema[key]
         # bool is an int subclass in Python: refuse true/false where a number is wanted
-        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
-            names = want.__name__ if isinstance(want, type) else " or ".join(t.__name__ for t in want)
+        if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+            names = " or ".join(t.__name__ for t in want)
             raise ConfigError(f"{path}: {where}.{key}: must be {names}, not {type(value).__name__}")
-    for key in _REQUIRED.get(section, ()):
+    for key in required:
         if key not in table:
             raise ConfigError(f"{path}: {where}.{key}: required key missing")
     return table

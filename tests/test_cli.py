@@ -83,6 +83,45 @@ def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, messag
     assert r.stderr.count("\n") == 1 and message in r.stderr
 
 
+def test_schema_is_derived_from_the_dataclasses(tmp_path, cmk_path):
+    """Every field of every config dataclass is a key of its table, checked against the
+    field's type: a wrong-typed value of each is one line naming file, key and the accepted
+    types; a field added to a dataclass is accepted without a schema edit."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe:
+        name: str
+        ratio: float = 1.0
+        count: int | None = None
+        tags: tuple[str, ...] = ()
+        on: bool = False
+
+    keys, required = config_mod._schema(Probe)
+    assert keys == {"name": (str,), "ratio": (int, float), "count": (int,), "tags": (list,), "on": (bool,)}
+    assert required == ("name",)
+    base = BASE.format(root=tmp_path, key=cmk_path)
+    tables = {"store": config_mod.StoreConfig, "cache": config_mod.CacheConfig, "mount": config_mod.MountConfig,
+              "encryption.cmk[0]": config_mod.CmkConfig}
+    checked = 0
+    for where, cls in tables.items():
+        header = {"encryption.cmk[0]": "[[encryption.cmk]]"}.get(where, f"[{where}]")
+        for f in dataclasses.fields(cls):
+            wrong = '"text"' if "str" not in str(f.type) else "[1]"
+            if where == "mount":
+                body = base + f"[mount]\n{f.name} = {wrong}\n"
+            else:
+                lines = [ln for ln in base.splitlines() if not ln.startswith(f.name + " =")]
+                body = "\n".join(lines).replace(header, f"{header}\n{f.name} = {wrong}", 1) + "\n"
+            path = _config(tmp_path, body)
+            with pytest.raises(config_mod.ConfigError) as e:
+                config_mod.load(path)
+            msg = str(e.value)
+            assert msg.startswith(f"{path}: {where}.{f.name}: must be ") and "\n" not in msg, msg
+            checked += 1
+    assert checked == sum(len(dataclasses.fields(c)) for c in tables.values())
+
+
 def test_key_file_problems_are_one_line_naming_the_file(tmp_path, cmk_path):
     os.makedirs(tmp_path / "mnt")
     for name, content, mode, message in [

@@ -4,7 +4,6 @@ and the credential sources (environment, 0600 file, ECS RAM role from a local st
 instance metadata service)."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -502,6 +501,8 @@ class FakeImds:
 
             def do_GET(self):
                 imds.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                if self.path == "/uri-creds":  # a credentials URI (no metadata token)
+                    return self._reply(200, json.dumps(imds.creds[0]))
                 if self.headers.get("X-aliyun-ecs-metadata-token") not in imds.tokens:
                     return self._reply(401, "token required")
                 if imds.fail:
@@ -546,48 +547,51 @@ def imds():
 
 @trio_test
 async def test_ram_role_token_first_and_refresh(server, imds):
+    """alibabacloud-credentials behind EcsRamRoleCredentialsProvider: hardened mode (token
+    first, every GET carries it), store.metadata_url honoured, a credential that expires within
+    the library's 15 min margin is fetched again on the next request, and the same store signs
+    with the new key and STS token."""
     server.security_tokens = {"sts-1", "sts-2"}
-    imds.creds = [FakeImds.cred(1, 2.5), FakeImds.cred(2, 3600)]
+    imds.creds = [FakeImds.cred(1, 60), FakeImds.cred(2, 3600)]
     prov = EcsRamRoleCredentialsProvider(base_url=imds.url, timeout=2)
     store = make_store(server, credentials=prov)
     await store.put_bytes("role/a", b"1", {})
-    # token first, then role name and credentials, both carrying the token
-    assert [(m, p) for m, p, _ in imds.requests] == [
-        ("PUT", "/latest/api/token"), ("GET", "/latest/meta-data/ram/security-credentials/"),
-        ("GET", "/latest/meta-data/ram/security-credentials/" + FakeImds.ROLE)]
-    assert imds.requests[0][2]["x-aliyun-ecs-metadata-token-ttl-seconds"]
-    assert all(h["x-aliyun-ecs-metadata-token"] == "token-0" for _, _, h in imds.requests[1:])
-    first = prov.get_credentials()
-    assert (first.access_key_id, first.security_token, prov.fetch_count) == ("role-ak-1", "sts-1", 1)
+    paths = [(m, p) for m, p, _ in imds.requests]
+    assert paths[0] == ("PUT", "/latest/api/token")
+    assert paths[1:] == [("GET", "/latest/meta-data/ram/security-credentials/"), ("PUT", "/latest/api/token"),
+                         ("GET", "/latest/meta-data/ram/security-credentials/" + FakeImds.ROLE)]
+    assert imds.requests[0][2]["x-aliyun-ecs-metadata-token-ttl-seconds"] == "21600"
+    assert all(h["x-aliyun-ecs-metadata-token"].startswith("token-") for m, _, h in imds.requests if m == "GET")
+    # 60 s left is inside the refresh margin: the next request asks again and gets role-ak-2
     await store.put_bytes("role/b", b"2", {})
-    assert prov.fetch_count == 1  # cached
-    # wait for the refresh point, which lies before the expiration
-    deadline = time.time() + 5
-    while time.time() < prov._refresh_at and time.time() < deadline:
-        await trio.sleep(0.05)
-    assert time.time() < first.expiration
-    await store.put_bytes("role/c", b"3", {})  # same store and Bucket, new credentials
-    assert prov.fetch_count == 2
-    r = key_requests(server, "PUT", "role/c")[0]
+    r = key_requests(server, "PUT", "role/b")[0]
     assert "role-ak-2" in r.headers["authorization"] and r.headers["x-oss-security-token"] == "sts-2"
     assert "role-ak-1" in key_requests(server, "PUT", "role/a")[0].headers["authorization"]
-    assert len([1 for m, p, _ in imds.requests if m == "PUT"]) == 1  # the metadata token was reused
+    c = prov.get_credentials()
+    assert (c.access_key_id, c.security_token) == ("role-ak-2", "sts-2")
+    assert abs(c.expiration - (time.time() + 3600)) < 5
+    # a fresh credential is cached: no more metadata requests
+    n = len(imds.requests)
+    await store.put_bytes("role/c", b"3", {})
+    assert len(imds.requests) == n
+    assert "RAM role" in prov.describe() and imds.url in prov.describe()
     await store.aclose()
 
 
 def test_ram_role_refresh_failure_keeps_valid_credentials(imds):
-    imds.creds = [FakeImds.cred(1, 600)]
-    prov = EcsRamRoleCredentialsProvider(base_url=imds.url, timeout=1, attempts=1)
+    """A failed refresh keeps a credential that has not expired; with none, the error names
+    the metadata service's answer."""
+    imds.creds = [FakeImds.cred(1, 600)]  # inside the refresh margin: every call asks again
+    prov = EcsRamRoleCredentialsProvider(base_url=imds.url, timeout=1)
     assert prov.get_credentials().access_key_id == "role-ak-1"
     imds.fail = True
-    prov._refresh_at = 0  # due for a refresh
+    n = len(imds.requests)
     assert prov.get_credentials().access_key_id == "role-ak-1"  # still valid: kept
-    assert prov.fetch_count == 1
-    # expired and the service fails: an error
-    prov._creds = dataclasses.replace(prov._creds, expiration=time.time() - 1)
-    prov._next_try = 0
-    with pytest.raises(CredentialsError, match="HTTP 500"):
-        prov.get_credentials()
+    assert len(imds.requests) > n  # a refresh was tried and failed
+    fresh = EcsRamRoleCredentialsProvider(base_url=imds.url, timeout=1)
+    with pytest.raises(CredentialsError, match="HttpCode=500") as ei:
+        fresh.get_credentials()
+    assert ei.value.temporary and "\n" not in str(ei.value)
 
 
 def test_ram_role_chain_and_unreachable(imds):
@@ -598,10 +602,39 @@ def test_ram_role_chain_and_unreachable(imds):
     # environment wins over the RAM role
     chain = CredentialChain(environ={"OSS_ACCESS_KEY_ID": "e", "OSS_ACCESS_KEY_SECRET": "s"}, imds_url=imds.url)
     assert chain.get_credentials().access_key_id == "e"
+    # and so do the names of Alibaba Cloud's other SDKs
+    chain = CredentialChain(environ={"ALIBABA_CLOUD_ACCESS_KEY_ID": "a", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "s",
+                                     "ALIBABA_CLOUD_SECURITY_TOKEN": "t"}, imds_url=imds.url)
+    c = chain.get_credentials()
+    assert (c.access_key_id, c.security_token) == ("a", "t") and "ALIBABA_CLOUD" in chain.describe()
     imds.stop()
     chain = CredentialChain(environ={}, imds_url=imds.url, imds_timeout=0.5)
-    with pytest.raises(CredentialsError, match="no OSS credentials.*RAM role failed"):
+    t0 = time.monotonic()
+    with pytest.raises(CredentialsError, match="no OSS credentials.*RAM role.*failed") as ei:
         chain.get_credentials()
+    assert time.monotonic() - t0 < 5 and "\n" not in str(ei.value)
+    with pytest.raises(CredentialsError, match="http://HOST"):
+        EcsRamRoleCredentialsProvider(base_url="https://x/y")
+
+
+def test_ram_role_missing_role_is_permanent(imds):
+    """A role name the metadata service does not know (404) cannot heal: not temporary."""
+    imds.creds = [FakeImds.cred(1, 3600)]
+    prov = EcsRamRoleCredentialsProvider("no-such-role", base_url=imds.url, timeout=1)
+    with pytest.raises(CredentialsError, match="HttpCode=404") as ei:
+        prov.get_credentials()
+    assert ei.value.temporary is False
+
+
+def test_credentials_uri(imds):
+    """ALIBABA_CLOUD_CREDENTIALS_URI (alibabacloud-credentials' URL provider) comes after the
+    environment and before the RAM role."""
+    imds.creds = [FakeImds.cred(3, 3600)]
+    uri = imds.url + "/uri-creds"
+    chain = CredentialChain(environ={"ALIBABA_CLOUD_CREDENTIALS_URI": uri}, imds_url=imds.url + "0")
+    c = chain.get_credentials()
+    assert (c.access_key_id, c.access_key_secret, c.security_token) == ("role-ak-3", "role-sk-3", "sts-3")
+    assert chain.describe() == f"credentials URI {uri}"
 
 
 @trio_test

@@ -17,14 +17,12 @@ credentials from its worker threads on every request it signs):
 
   The file is re-read when its mtime or size changes (checked at most every
   ``recheck_interval`` seconds), so a rotated key is picked up without a restart.
-* :class:`EcsRamRoleCredentialsProvider`: the RAM role attached to the ECS instance, from the
-  instance metadata service in hardened (token) mode: ``PUT /latest/api/token`` with
-  ``X-aliyun-ecs-metadata-token-ttl-seconds``, then, carrying ``X-aliyun-ecs-metadata-token``,
-  ``GET /latest/meta-data/ram/security-credentials/`` (the role name) and
-  ``GET /latest/meta-data/ram/security-credentials/<role>`` (JSON ``Code``, ``AccessKeyId``,
-  ``AccessKeySecret``, ``SecurityToken``, ``Expiration`` as ``YYYY-MM-DDTHH:MM:SSZ`` UTC).
-  The STS credential is refreshed before it expires (see the class).
-* :class:`CredentialChain`: explicit file → environment → RAM role, chosen on first use.
+* :class:`EcsRamRoleCredentialsProvider` (the ECS instance's RAM role over the hardened metadata
+  service, STS credential refreshed before it expires) and :class:`UriCredentialsProvider`
+  (``ALIBABA_CLOUD_CREDENTIALS_URI``): thin adapters over the official ``alibabacloud-credentials``
+  library, which does the fetching, caching and refreshing.
+* :class:`CredentialChain`: explicit file → environment → credentials URI → RAM role, chosen on
+  first use.
 
 :class:`Oss2CredentialsProvider` adapts any of them to oss2's provider interface so that
 ``oss2.ProviderAuth`` / ``oss2.ProviderAuthV4`` sign every request with the *current*
@@ -34,22 +32,19 @@ token becomes the ``x-oss-security-token`` header (oss-rest-api.md §6.1).
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
 import tomllib
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Mapping
 
 import oss2.credentials
 
-from ..retry import Budget, RetryPolicy, retry_sync
 from .base import StoreError
 
 log = logging.getLogger(__name__)
@@ -111,30 +106,38 @@ class StaticCredentialsProvider(CredentialsProvider):
         return f"static key {self._creds.access_key_id}"
 
 
-class EnvCredentialsProvider(CredentialsProvider):
-    """``OSS_ACCESS_KEY_ID`` / ``OSS_ACCESS_KEY_SECRET`` / ``OSS_SESSION_TOKEN`` (optional), read once
-    at construction from ``environ`` (default ``os.environ``). Raises CredentialsError when the id
-    or the secret is missing or empty."""
+#: The variable names of oss2 (``EnvironmentVariableCredentialsProvider``): id, secret, STS token.
+OSS_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
+#: The names of Alibaba Cloud's other SDKs, CLI and alibabacloud-credentials.
+ALIBABA_CLOUD_ENV = ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
 
-    def __init__(self, environ: Mapping[str, str] | None = None):
+
+class EnvCredentialsProvider(CredentialsProvider):
+    """An access key from environment variables ``names`` (id, secret, optional STS token;
+    default :data:`OSS_ENV`), read once at construction from ``environ`` (default ``os.environ``).
+    Raises CredentialsError when the id or the secret is missing or empty."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None, names: tuple[str, str, str] = OSS_ENV):
         env = os.environ if environ is None else environ
-        ak, sk = env.get("OSS_ACCESS_KEY_ID", "").strip(), env.get("OSS_ACCESS_KEY_SECRET", "").strip()
+        id_name, secret_name, token_name = names
+        ak, sk = env.get(id_name, "").strip(), env.get(secret_name, "").strip()
         if not ak or not sk:
-            missing = [n for n, v in (("OSS_ACCESS_KEY_ID", ak), ("OSS_ACCESS_KEY_SECRET", sk)) if not v]
+            missing = [n for n, v in ((id_name, ak), (secret_name, sk)) if not v]
             raise CredentialsError("environment credentials incomplete: " + ", ".join(missing) + " not set")
-        self._creds = Credentials(ak, sk, env.get("OSS_SESSION_TOKEN", "").strip() or None)
+        self._creds = Credentials(ak, sk, env.get(token_name, "").strip() or None)
+        self._names = names
 
     @staticmethod
-    def available(environ: Mapping[str, str] | None = None) -> bool:
-        """True when ``OSS_ACCESS_KEY_ID`` is set (the chain then commits to the environment)."""
+    def available(environ: Mapping[str, str] | None = None, names: tuple[str, str, str] = OSS_ENV) -> bool:
+        """True when the id variable of ``names`` is set (the chain then commits to it)."""
         env = os.environ if environ is None else environ
-        return bool(env.get("OSS_ACCESS_KEY_ID", "").strip())
+        return bool(env.get(names[0], "").strip())
 
     def get_credentials(self) -> Credentials:
         return self._creds
 
     def describe(self) -> str:
-        return f"environment (key {self._creds.access_key_id})"
+        return f"environment {self._names[0]} (key {self._creds.access_key_id})"
 
 
 class FileCredentialsProvider(CredentialsProvider):
@@ -203,175 +206,113 @@ class FileCredentialsProvider(CredentialsProvider):
         return f"file {self.path} (key {self._creds.access_key_id})"
 
 
-def _parse_expiration(value: str) -> float:
-    """``2017-11-01T05:20:01Z`` (the ECS metadata format; fractional seconds tolerated) → epoch s."""
-    v = value.strip()
-    if v.endswith("Z"):
-        v = v[:-1] + "+00:00"
-    dt = datetime.fromisoformat(v)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+def _http_code(message: str) -> int | None:
+    """The HTTP status in an alibabacloud-credentials error text (``... HttpCode=404``), else None."""
+    m = re.search(r"HttpCode=(\d{3})", message)
+    return int(m.group(1)) if m else None
 
 
-class EcsRamRoleCredentialsProvider(CredentialsProvider):
-    """STS credentials of the ECS instance's RAM role (module docstring for the protocol).
+class LibraryCredentialsProvider(CredentialsProvider):
+    """Adapter: a provider of ``alibabacloud-credentials`` (the official Alibaba Cloud credentials
+    library: ECS RAM role, credentials URI, …, each with its own cache and refresh before expiry)
+    as an ossfuse :class:`CredentialsProvider`.
 
-    :param role: the role name; None asks the metadata service (or ``ALIBABA_CLOUD_ECS_METADATA``).
-    :param base_url: metadata service root (tests point it at a local stand-in).
-    :param token_ttl: seconds the metadata token is requested for (1..21600).
-    :param timeout: seconds per metadata HTTP request; ``attempts`` tries per fetch.
-    :param refresh_margin: refresh when ``expiration - now`` falls below
-        ``min(refresh_margin, 0.2 * lifetime)`` seconds, lifetime being the expiration minus the
-        fetch time (so a 6 h credential is renewed 15 min early, a 10 s one 2 s early).
-    :param retry_interval: after a failed refresh, wait this long before asking again; meanwhile
-        the still-valid old credential is used.
-    :param imds_v1_fallback: if the token PUT fails, go on without a token (normal mode).
-        Off by default: hardened mode only.
+    ``get_credentials`` raises CredentialsError when the library raises: temporary unless the
+    error names an HTTP 4xx status other than 401/403/429 (a role that does not exist, a
+    malformed request: asking again cannot help)."""
 
-    Raises CredentialsError when no credential can be fetched and none is still valid.
-    """
+    def __init__(self, provider, what: str):
+        self.provider = provider  # an alibabacloud_credentials_api.ICredentialsProvider
+        self.what = what
+        self._last_id: str | None = None
 
-    _TOKEN_PATH = "/latest/api/token"
-    _CREDS_PATH = "/latest/meta-data/ram/security-credentials/"
-
-    def __init__(self, role: str | None = None, *, base_url: str = DEFAULT_IMDS_URL, token_ttl: int = 21600,
-                 timeout: float = 2.0, attempts: int = 3, refresh_margin: float = 900.0,
-                 retry_interval: float = 10.0, imds_v1_fallback: bool = False):
-        self.role = role or os.environ.get("ALIBABA_CLOUD_ECS_METADATA") or None
-        self.base_url = base_url.rstrip("/")
-        self.token_ttl = max(1, min(int(token_ttl), 21600))
-        self.timeout = timeout
-        self.attempts = max(1, attempts)
-        self.refresh_margin = refresh_margin
-        self.retry_interval = retry_interval
-        self.imds_v1_fallback = imds_v1_fallback
-        self._lock = threading.Lock()
-        self._creds: Credentials | None = None
-        self._refresh_at = 0.0       # wall-clock seconds
-        self._next_try = 0.0         # after a failed refresh
-        self._token: str | None = None
-        self._token_until = 0.0
-        #: number of successful credential fetches (tests observe refreshes through it)
-        self.fetch_count = 0
-
-    # -- HTTP -------------------------------------------------------------------------------
-    def _http(self, method: str, path: str, headers: dict[str, str], timeout: float | None = None) -> str:
-        req = urllib.request.Request(self.base_url + path, method=method, headers=headers,
-                                     data=b"" if method == "PUT" else None)
-        # the metadata service is link-local: never go through an HTTP proxy from the environment
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(req, timeout=timeout or self.timeout) as resp:
-            return resp.read().decode("utf-8")
-
-    def _get_token(self, timeout: float | None = None) -> str | None:
-        now = time.time()
-        if self._token and now < self._token_until:
-            return self._token
+    def get_credentials(self) -> Credentials:
         try:
-            tok = self._http("PUT", self._TOKEN_PATH,
-                             {"X-aliyun-ecs-metadata-token-ttl-seconds": str(self.token_ttl)}, timeout).strip()
-        except (urllib.error.URLError, OSError) as e:
-            if self.imds_v1_fallback:
-                log.warning("ECS metadata token request failed (%s); continuing without a token", e)
-                return None
-            raise CredentialsError(f"ECS metadata service {self.base_url}: token request failed: {e}",
-                                   temporary=True) from None
-        self._token = tok
-        self._token_until = now + self.token_ttl * 0.8
-        return tok
-
-    def _fetch_once(self, timeout: float | None = None) -> Credentials:
-        """One try; CredentialsError says whether another may help (``temporary``)."""
-        token = self._get_token(timeout)
-        headers = {"X-aliyun-ecs-metadata-token": token} if token else {}
-        try:
-            role = self.role
-            if not role:
-                lines = self._http("GET", self._CREDS_PATH, headers, timeout).split()
-                if not lines:
-                    raise CredentialsError("no RAM role is attached to this ECS instance")
-                role = lines[0].strip()
-            body = self._http("GET", self._CREDS_PATH + urllib.request.quote(role, safe=""), headers, timeout)
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                self._token = None  # an expired or rejected token: ask for a new one next time
-            raise CredentialsError(f"ECS metadata service {self.base_url}: HTTP {e.code} {e.reason}",
-                                   temporary=e.code in (401, 403, 429) or e.code >= 500) from None
-        try:
-            doc = json.loads(body)
-            if doc.get("Code", "Success") != "Success":
-                raise CredentialsError(f"ECS metadata service: role {role}: Code={doc.get('Code')}",
-                                       temporary=True)
-            creds = Credentials(doc["AccessKeyId"], doc["AccessKeySecret"], doc.get("SecurityToken") or None,
-                                _parse_expiration(doc["Expiration"]) if doc.get("Expiration") else None)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CredentialsError(f"ECS metadata service: role {role}: malformed credentials: {e!r}") from None
-        if not self.role:
-            self.role = role
+            c = self.provider.get_credentials()
+        except Exception as e:  # the library raises CredentialException, requests' and ValueError
+            text = " ".join(str(getattr(e, "message", None) or e).split()) or type(e).__name__
+            code = _http_code(text)
+            permanent = code is not None and 400 <= code < 500 and code not in (401, 403, 429)
+            raise CredentialsError(f"{self.what}: {text}", temporary=not permanent) from None
+        creds = Credentials(c.get_access_key_id(), c.get_access_key_secret(), c.get_security_token() or None,
+                            float(c.get_expiration()) if c.get_expiration() else None)
+        if creds.access_key_id != self._last_id:
+            self._last_id = creds.access_key_id
+            log.info("%s: credentials %s, valid until %s", self.what, creds.access_key_id, creds.expiration)
         return creds
 
-    def _fetch(self) -> Credentials:
-        """One credential fetch under the shared retry policy (``ossfuse.retry``): ``attempts``
-        tries, 0.1 s backoff doubling to 1 s with jitter, within ``attempts × (timeout + 1)``
-        seconds. An unreachable service, a timeout, a 5xx or a rejected token (401/403: a new
-        one is asked for) are retried; a missing role or malformed answer fails at once."""
-        policy = RetryPolicy(attempts=self.attempts, deadline=self.attempts * (self.timeout + 1.0),
-                             backoff=0.1, backoff_max=1.0)
-
-        def attempt(budget: Budget) -> Credentials:
-            try:
-                return self._fetch_once(budget.timeout(self.timeout))
-            except (urllib.error.URLError, OSError) as e:
-                raise CredentialsError(f"ECS metadata service {self.base_url} unreachable: "
-                                       f"{getattr(e, 'reason', None) or e}", temporary=True) from None
-
-        return retry_sync(policy, attempt)
-
-    # -- provider ---------------------------------------------------------------------------
-    def get_credentials(self) -> Credentials:
-        now = time.time()
-        creds = self._creds
-        if creds is not None and now < self._refresh_at:
-            return creds
-        with self._lock:
-            now = time.time()
-            creds = self._creds
-            if creds is not None and now < self._refresh_at:
-                return creds
-            if creds is not None and now < self._next_try and (creds.expiration is None or now < creds.expiration):
-                return creds  # a refresh failed a moment ago: use the old one until it expires
-            try:
-                new = self._fetch()
-            except CredentialsError as e:
-                if creds is not None and (creds.expiration is None or now < creds.expiration):
-                    self._next_try = now + self.retry_interval
-                    log.warning("RAM role credential refresh failed, using the current one until %s: %s",
-                                creds.expiration, e)
-                    return creds
-                raise
-            self.fetch_count += 1
-            if new.expiration is None:
-                self._refresh_at = now + 3600.0
-            else:
-                lifetime = max(0.0, new.expiration - now)
-                self._refresh_at = new.expiration - min(self.refresh_margin, 0.2 * lifetime)
-            self._creds = new
-            log.info("RAM role %s: credentials %s fetched, valid until %s", self.role, new.access_key_id,
-                     new.expiration)
-            return new
-
     def describe(self) -> str:
-        return f"ECS RAM role {self.role or '(auto)'} via {self.base_url}"
+        return self.what
+
+
+def _quiet_library_logger() -> None:
+    """alibabacloud-credentials adds a stderr handler to its ``credentials`` logger on import:
+    drop it, so its warnings go through ossfuse's own logging (journald) once, not twice."""
+    logging.getLogger("credentials").handlers.clear()
+
+
+class EcsRamRoleCredentialsProvider(LibraryCredentialsProvider):
+    """STS credentials of the ECS instance's RAM role, from alibabacloud-credentials'
+    ``EcsRamRoleCredentialsProvider`` in hardened mode (IMDSv2: ``PUT /latest/api/token``, then
+    the role name and its credentials with ``X-aliyun-ecs-metadata-token``; no fall-back to
+    token-less requests). The library caches the credential and fetches a new one from 15 min
+    before its ``Expiration`` (at once for a shorter-lived one); a failed refresh keeps a
+    credential that has not expired.
+
+    :param role: the role name; None asks the metadata service (or ``ALIBABA_CLOUD_ECS_METADATA``).
+    :param base_url: metadata service root, ``http://HOST[:PORT]`` (tests point it at a local
+        stand-in).
+    :param timeout: connect and read timeout of each metadata request, seconds.
+    """
+
+    def __init__(self, role: str | None = None, *, base_url: str = DEFAULT_IMDS_URL, timeout: float = 2.0):
+        from alibabacloud_credentials.http import HttpOptions
+        from alibabacloud_credentials.provider.ecs_ram_role import EcsRamRoleCredentialsProvider as LibEcs
+        _quiet_library_logger()
+        url = urllib.parse.urlsplit(base_url)
+        if url.scheme != "http" or not url.netloc or url.path.strip("/"):
+            raise CredentialsError(f"metadata_url {base_url!r}: must be http://HOST[:PORT]")
+        ms = max(1, int(timeout * 1000))
+        # async_update_enabled=False: no APScheduler thread per provider; the caller that finds the
+        # credential due for a refresh fetches it (bounded by the timeouts above).
+        lib = LibEcs(role_name=role or None, disable_imds_v1=True, async_update_enabled=False,
+                     http_options=HttpOptions(connect_timeout=ms, read_timeout=ms))
+        # The library has no option for the metadata host (always 100.100.100.200): set its
+        # private attribute so store.metadata_url is honoured. test_ram_role_* fail if it moves.
+        attr = "_EcsRamRoleCredentialsProvider__metadata_service_host"
+        if not hasattr(lib, attr):
+            raise CredentialsError("alibabacloud-credentials changed: cannot set the metadata service host")
+        setattr(lib, attr, url.netloc)
+        self.role = role
+        self.base_url = base_url
+        super().__init__(lib, f"ECS RAM role {role or '(auto)'} via {base_url}")
+
+
+class UriCredentialsProvider(LibraryCredentialsProvider):
+    """Credentials served over HTTP at ``uri`` (``ALIBABA_CLOUD_CREDENTIALS_URI``: a JSON object
+    with ``Code``, ``AccessKeyId``, ``AccessKeySecret``, ``SecurityToken``, ``Expiration``), from
+    alibabacloud-credentials' ``URLCredentialsProvider`` (cached, refreshed before expiry)."""
+
+    def __init__(self, uri: str, *, timeout: float = 5.0):
+        from alibabacloud_credentials.http import HttpOptions
+        from alibabacloud_credentials.provider.uri import URLCredentialsProvider
+        _quiet_library_logger()
+        ms = max(1, int(timeout * 1000))
+        lib = URLCredentialsProvider(uri=uri, http_options=HttpOptions(connect_timeout=ms, read_timeout=ms))
+        super().__init__(lib, f"credentials URI {uri}")
 
 
 class CredentialChain(CredentialsProvider):
-    """Explicit file → environment → ECS RAM role, decided on the first ``get_credentials`` (or
-    ``resolve()``) and then fixed:
+    """The mount's credential sources in this order, decided on the first ``get_credentials``
+    (or ``resolve()``) and then fixed:
 
     * ``file`` given: only that file. An unusable file (wrong mode, missing keys) is an error,
       never a silent fall-through to another source.
-    * else, ``OSS_ACCESS_KEY_ID`` set in ``environ``: the environment (incomplete → error).
+    * else, ``OSS_ACCESS_KEY_ID`` set in ``environ`` (default ``os.environ``): the environment
+      (oss2's names; incomplete → error); else ``ALIBABA_CLOUD_ACCESS_KEY_ID`` (the names of
+      Alibaba Cloud's other SDKs and CLI, with ``ALIBABA_CLOUD_ACCESS_KEY_SECRET`` /
+      ``ALIBABA_CLOUD_SECURITY_TOKEN``).
+    * else ``ALIBABA_CLOUD_CREDENTIALS_URI``: :class:`UriCredentialsProvider`.
     * else, if ``ram_role`` is true: the instance's RAM role (``role``, ``imds_url``,
       ``imds_timeout`` as in :class:`EcsRamRoleCredentialsProvider`).
 
@@ -401,19 +342,26 @@ class CredentialChain(CredentialsProvider):
             return self._provider
 
     def _pick(self) -> CredentialsProvider:
+        env = os.environ if self.environ is None else self.environ
         if self.file:
             return FileCredentialsProvider(self.file)
-        if EnvCredentialsProvider.available(self.environ):
-            return EnvCredentialsProvider(self.environ)
-        if not self.ram_role:
+        if EnvCredentialsProvider.available(env):
+            return EnvCredentialsProvider(env)
+        if EnvCredentialsProvider.available(env, ALIBABA_CLOUD_ENV):
+            return EnvCredentialsProvider(env, ALIBABA_CLOUD_ENV)
+        uri = env.get("ALIBABA_CLOUD_CREDENTIALS_URI", "").strip()
+        if uri:
+            prov: CredentialsProvider = UriCredentialsProvider(uri)
+        elif not self.ram_role:
             raise CredentialsError("no OSS credentials: no credentials file configured and OSS_ACCESS_KEY_ID "
                                    "is not set (the ECS RAM role is disabled)")
-        prov = EcsRamRoleCredentialsProvider(self.role, base_url=self.imds_url, timeout=self.imds_timeout)
+        else:
+            prov = EcsRamRoleCredentialsProvider(self.role, base_url=self.imds_url, timeout=self.imds_timeout)
         try:
             prov.get_credentials()
         except CredentialsError as e:
             raise CredentialsError("no OSS credentials: no credentials file configured, OSS_ACCESS_KEY_ID is "
-                                   f"not set, and the ECS RAM role failed: {e}", temporary=e.temporary) from None
+                                   f"not set, and the {prov.describe()} failed: {e}", temporary=e.temporary) from None
         return prov
 
     def get_credentials(self) -> Credentials:
