@@ -261,7 +261,10 @@ def cmd_status(args) -> int:
             return _die(f"{mp} is not a mount point")
         return _die(f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)")
     doc["mountpoint"] = mp
-    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    if args.prometheus:
+        sys.stdout.write(status.prometheus(doc))
+    else:
+        print(json.dumps(doc, indent=2) if args.json else status.render(doc))
     return 0
 
 
@@ -351,16 +354,19 @@ def cmd_rekey(args) -> int:
         return _die(f"{cfg.path}: {reason}")
 
     async def run():
-        total = 0
-        if not args.dry_run:  # size the progress bar with a first, cheap listing pass
-            async for o in rekey._all_objects(store, cfg.store.prefix + args.path.strip("/")):
+        objects = total = None
+        if not args.dry_run:  # size the progress with a first, cheap listing pass
+            objects = total = 0
+            sub = args.path.strip("/")
+            async for o in rekey._all_objects(store, cfg.store.prefix + sub + ("/" if sub else "")):
+                objects += 1
                 total += o.size
-        update, close = rekey.progress_bar(total)
+        progress = rekey.RekeyProgress(objects, total)
         try:
             return await rekey.rekey(cfg, store, keyring, path=args.path, from_id=args.from_id, to_id=args.to_id,
-                                     dry_run=args.dry_run, progress=update)
+                                     dry_run=args.dry_run, progress=progress.update)
         finally:
-            close()
+            progress.close()
 
     summary = trio.run(run)
     print(summary.render(args.dry_run))
@@ -373,7 +379,13 @@ def cmd_check(args) -> int:
         cfg, keyring, store = _tool_setup(args)
     except (config_mod.ConfigError, MountError, OSError, ValueError, TypeError) as e:
         return _die(str(e))
-    results = rekey.check(cfg, keyring, store)
+    # Every failure is one of the lines printed below: the store's and CMKs' own log records
+    # of it would only say it again (issue 16), so none are emitted while the checks run.
+    logging.disable(logging.CRITICAL)
+    try:
+        results = rekey.check(cfg, keyring, store)
+    finally:
+        logging.disable(logging.NOTSET)
     for ok, line in results:
         print(("ok    " if ok else "FAIL  ") + line)
     return 0 if all(ok for ok, _ in results) else 1
@@ -475,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
 
     st = sub.add_parser("status", help="pending uploads, cache use, recent errors, CMKs of a mount")
     st.add_argument("mountpoint", help="where the bucket is mounted")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = st.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="Prometheus text exposition format (e.g. for node_exporter's textfile collector)")
     st.set_defaults(fn=cmd_status)
 
     r = sub.add_parser("rekey", help="re-wrap objects' data keys to another CMK (content untouched)")

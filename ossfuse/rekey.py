@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -36,7 +37,8 @@ class RekeySummary:
     changed_bytes: int = 0
     already: int = 0  # wrapped by the target CMK already
     other_cmk: int = 0  # skipped: not wrapped by --from
-    plaintext: int = 0  # no envelope
+    plaintext: int = 0  # no envelope (directory markers not counted)
+    dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to rekey
     failed: list[str] = field(default_factory=list)
     # CMK id -> keys of the encrypted objects it reads once the run is done (all, in listing order)
     readers_after: dict[str, list[str]] = field(default_factory=dict)
@@ -49,6 +51,7 @@ class RekeySummary:
                  f"already on the target CMK: {self.already}",
                  f"skipped, other CMK: {self.other_cmk}",
                  f"skipped, not encrypted: {self.plaintext}",
+                 f"skipped, directory markers: {self.dir_markers}",
                  f"failed: {len(self.failed)}"]
         lines += [f"  {f}" for f in self.failed]
         for cmk_id, keys in sorted(self.readers_after.items()):
@@ -114,6 +117,9 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
 
 async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyring: Keyring, uploader: Uploader,
                      from_id, to_id, dry_run: bool, summary: RekeySummary) -> None:
+    if listed.key.endswith("/") and listed.size == 0:
+        summary.dir_markers += 1
+        return
     info = await store.head(listed.key)
     if info is None:
         return  # deleted meanwhile
@@ -185,7 +191,8 @@ async def _wrapping_cmk(keyring: Keyring, wrapped: env.WrappedEnvelope, picked: 
 def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool, str]]:
     """Prove each CMK can wrap and unwrap (a KMS CMK reaches KMS), that each CMK that encrypts
     new files is the one this configuration reads them with, and that the store answers a
-    listing of the prefix. Returns (ok, plain-words line) pairs."""
+    listing of the prefix. Returns (ok, plain-words line) pairs; every failure is one of them
+    (never raised)."""
     results = []
     for cmk in keyring.cmks.values():
         secret = os.urandom(env.DATA_KEY_SIZE)
@@ -216,12 +223,65 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
         results.append((True, f"store {cfg.store.url} answers (prefix {cfg.store.prefix or '/'!r})"))
     except StoreError as e:
         results.append((False, f"store {cfg.store.url} does not answer: {e}"))
+    except Exception as e:  # noqa: BLE001 - every failure is reported in plain words, on one line
+        results.append((False, f"store {cfg.store.url} does not answer: {type(e).__name__}: {e}"))
     return results
 
 
-def progress_bar(total: int):
-    """A tqdm progress bar on stderr counting bytes; returns (update, close)."""
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="rekey", leave=True,
-               disable=not sys.stderr.isatty() and os.environ.get("OSSFUSE_PROGRESS") != "1")
-    return bar.update, bar.close
+def _human_bytes(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``3.0 KiB``, ``1.2 MiB`` … (binary units)."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+class RekeyProgress:
+    """How far a rekey run is: objects and bytes done of the totals (None: not counted, as in
+    a dry run). On a terminal (or with ``OSSFUSE_PROGRESS=1``) a tqdm bar on ``stream``; else,
+    for journald and redirected runs, one line on ``stream`` every ``interval`` seconds and a
+    last one at :meth:`close`, e.g. ``rekey: 120 of 200 objects, 1.2 MiB of 2.0 MiB (60%)``."""
+
+    def __init__(self, total_objects: int | None, total_bytes: int | None, *, stream=None,
+                 interval: float = 5.0, tty: bool | None = None, clock=time.monotonic):
+        self.stream = stream or sys.stderr
+        self.total_objects, self.total_bytes = total_objects, total_bytes
+        self.objects = self.bytes = 0
+        self.interval, self.clock = interval, clock
+        self._last = clock()
+        if tty is None:
+            tty = self.stream.isatty() or os.environ.get("OSSFUSE_PROGRESS") == "1"
+        self._bar = None
+        if tty:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, file=self.stream, desc="rekey", leave=True)
+
+    def update(self, n_bytes: int) -> None:
+        """One more object of ``n_bytes`` bytes is done (changed, skipped or failed)."""
+        self.objects += 1
+        self.bytes += n_bytes
+        if self._bar is not None:
+            self._bar.update(n_bytes)
+        elif self.clock() - self._last >= self.interval:
+            self._line()
+
+    def line(self) -> str:
+        """The progress line (objects and bytes done, of the totals when known)."""
+        size = _human_bytes
+        if self.total_objects is None:
+            return f"rekey: {self.objects} objects, {size(self.bytes)} done"
+        pct = 100 * self.bytes / self.total_bytes if self.total_bytes else 100.0
+        return (f"rekey: {self.objects} of {self.total_objects} objects, {size(self.bytes)} of "
+                f"{size(self.total_bytes or 0)} ({pct:.0f}%)")
+
+    def _line(self) -> None:
+        self._last = self.clock()
+        print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            self._line()

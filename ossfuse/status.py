@@ -3,8 +3,14 @@
 The daemon listens on ``<runtime dir>/<mount hash>.sock`` (mode 0600); a client connects, the
 daemon writes one JSON document and closes. Fields: state (``serving``, or ``draining`` once
 unmounted while pending uploads finish), pending uploads (count, bytes, age of the
-oldest in seconds), cache use in bytes, recent errors (last 20 log records at ERROR), CMKs in
-use, and counters (uploaded, upload_failures, recovered, quarantined).
+oldest in seconds, and per upload running now the bytes already in the store), cache use in
+bytes with its hit and miss counts, store operations (calls, errors by kind, retries, bytes
+sent and received), recent errors (last 20 log records at ERROR), CMKs in use, and counters
+(uploaded, upload_failures, recovered, quarantined).
+
+:func:`prometheus` turns that document into the Prometheus text exposition format (version
+0.0.4, https://prometheus.io/docs/instrumenting/exposition_formats/) for
+``ossfuse status --prometheus``, e.g. into node_exporter's textfile collector.
 """
 from __future__ import annotations
 
@@ -37,6 +43,10 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
     now = time.time()
     pending = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
     keyring = fs.keyring
+    uploading = sorted(fs.uploader.in_progress, key=lambda p: p.started)
+    store = fs.store.counters
+    cache_stats = fs.cache.stats
+    lookups = cache_stats["hits"] + cache_stats["misses"]
     return {
         "state": state,
         "store": fs.cfg.store.url,
@@ -47,9 +57,17 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
             "bytes": sum(n.staged.size for n in pending),
             "oldest_seconds": round(now - min(n.dirty_since for n in pending), 1) if pending else 0,
             "failing": sorted(fs.key(n.path) for n in pending if n.upload_error),
+            # uploads running now: bytes of each already in the store (per part or PUT)
+            "uploading": [{"key": p.key, "bytes_done": p.done, "bytes_total": p.total} for p in uploading],
+            "bytes_uploaded": sum(p.done for p in uploading),
         },
-        "cache": {"dir": fs.cfg.cache.dir, "bytes": fs.cache.used,
-                  "staging_bytes": sum(n.staged.size for n in fs.dirty if n.staged is not None)},
+        "cache": {"dir": fs.cfg.cache.dir, "bytes": fs.cache.used, "max_bytes": fs.cache.max_size,
+                  "staging_bytes": sum(n.staged.size for n in fs.dirty if n.staged is not None),
+                  "hits": cache_stats["hits"], "misses": cache_stats["misses"],
+                  "hit_ratio": round(cache_stats["hits"] / lookups, 4) if lookups else None},
+        "store_ops": {"calls": dict(store.calls), "retries": dict(store.retries),
+                      "errors": [{"op": op, "kind": kind, "count": n} for (op, kind), n in sorted(store.errors.items())],
+                      "bytes_sent": store.bytes_sent, "bytes_received": store.bytes_received},
         "cmks": [{"id": c.id, "type": type(c).__name__, "wrap_alg": c.wrap_alg, "matdesc": c.matdesc,
                   "encrypts_new_objects": c is keyring.default} for c in keyring.cmks.values()],
         "rules": [{"prefix": p, "cmk": c.id} for p, c in keyring.rules],
@@ -114,10 +132,20 @@ def render(doc: dict) -> str:
     ]
     if doc.get("state", "serving") != "serving":
         lines.insert(0, f"state:            {doc['state']} (unmounted; finishing pending uploads)")
+    for u in p.get("uploading", []):
+        pct = 100 * u["bytes_done"] / u["bytes_total"] if u["bytes_total"] else 100
+        lines.append(f"uploading:        {u['key']}: {u['bytes_done']} of {u['bytes_total']} bytes ({pct:.0f}%)")
     if p["failing"]:
         lines.append(f"failing uploads:  {', '.join(p['failing'])}")
     c = doc["cache"]
-    lines.append(f"cache:            {c['bytes']} bytes in blocks, {c['staging_bytes']} bytes staged ({c['dir']})")
+    ratio = f", hit rate {100 * c['hit_ratio']:.0f}%" if c.get("hit_ratio") is not None else ""
+    lines.append(f"cache:            {c['bytes']} bytes in blocks{ratio}, {c['staging_bytes']} bytes staged "
+                 f"({c['dir']})")
+    ops = doc.get("store_ops")
+    if ops:
+        lines.append(f"store:            {sum(ops['calls'].values())} operations, {ops['bytes_sent']} bytes sent, "
+                     f"{ops['bytes_received']} received, {sum(e['count'] for e in ops['errors'])} errors, "
+                     f"{sum(ops['retries'].values())} retries")
     for k in doc["cmks"]:
         lines.append(f"CMK:              {k['id']} ({k['wrap_alg']}{', matdesc ' + json.dumps(k['matdesc']) if k['matdesc'] else ''})"
                      f"{'  <- new objects' if k['encrypts_new_objects'] else ''}")
@@ -133,3 +161,63 @@ def render(doc: dict) -> str:
     else:
         lines.append("recent errors:    none")
     return "\n".join(lines)
+
+
+def _label(value: str) -> str:
+    """A label value in the text format: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(doc: dict) -> str:
+    """The status document ``doc`` (with its ``mountpoint``) as Prometheus text exposition
+    format 0.0.4: one ``# HELP``/``# TYPE`` pair per metric family, every sample labelled
+    ``mountpoint``; sizes in bytes, ages in seconds (Prometheus base units). Ends with a newline."""
+    mp = _label(doc["mountpoint"])
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            text = ",".join([f'mountpoint="{mp}"'] + [f'{k}="{_label(str(v))}"' for k, v in labels.items()])
+            out.append(f"{name}{{{text}}} {float(value)!r}" if isinstance(value, float) else f"{name}{{{text}}} {value}")
+
+    p, c, ctr = doc["pending_uploads"], doc["cache"], doc["counters"]
+    ops = doc.get("store_ops") or {"calls": {}, "retries": {}, "errors": [], "bytes_sent": 0, "bytes_received": 0}
+    family("ossfuse_up", "gauge", "1: the daemon answered.", [({}, 1)])
+    family("ossfuse_draining", "gauge", "1 once unmounted while pending uploads finish, else 0.",
+           [({}, 0 if doc.get("state", "serving") == "serving" else 1)])
+    family("ossfuse_uptime_seconds", "gauge", "Seconds since the mount started.", [({}, doc["uptime_seconds"])])
+    family("ossfuse_pending_uploads", "gauge", "Closed files not yet in the store.", [({}, p["count"])])
+    family("ossfuse_pending_upload_bytes", "gauge", "Bytes of the files not yet in the store.", [({}, p["bytes"])])
+    family("ossfuse_pending_upload_oldest_seconds", "gauge", "Age of the oldest file not yet in the store.",
+           [({}, p["oldest_seconds"])])
+    family("ossfuse_pending_uploads_failing", "gauge", "Pending uploads whose last attempt failed.",
+           [({}, len(p["failing"]))])
+    family("ossfuse_uploading_bytes_done", "gauge", "Bytes of the uploads running now that are in the store.",
+           [({}, p.get("bytes_uploaded", 0))])
+    family("ossfuse_uploads_total", "counter", "Files uploaded since the mount started.", [({}, ctr["uploaded"])])
+    family("ossfuse_upload_failures_total", "counter", "Failed upload attempts.", [({}, ctr["upload_failures"])])
+    family("ossfuse_store_sent_bytes_total", "counter", "Object bytes uploaded to the store.",
+           [({}, ops["bytes_sent"])])
+    family("ossfuse_store_received_bytes_total", "counter", "Object bytes downloaded from the store.",
+           [({}, ops["bytes_received"])])
+    family("ossfuse_store_operations_total", "counter", "Store operations by kind (head, get_range, put_file...).",
+           [({"op": op}, n) for op, n in sorted(ops["calls"].items())])
+    family("ossfuse_store_errors_total", "counter", "Store operations that failed, by kind of error.",
+           [({"op": e["op"], "kind": e["kind"]}, e["count"]) for e in ops["errors"]])
+    family("ossfuse_store_retries_total", "counter", "Extra request attempts the store client made.",
+           [({"op": op}, n) for op, n in sorted(ops["retries"].items())])
+    family("ossfuse_cache_bytes", "gauge", "Bytes of cached blocks.", [({}, c["bytes"])])
+    family("ossfuse_cache_max_bytes", "gauge", "Configured cache size limit.", [({}, c.get("max_bytes", 0))])
+    family("ossfuse_cache_staging_bytes", "gauge", "Bytes of staged (written, not yet uploaded) files.",
+           [({}, c["staging_bytes"])])
+    family("ossfuse_cache_hits_total", "counter", "Block reads served from the cache.", [({}, c.get("hits", 0))])
+    family("ossfuse_cache_misses_total", "counter", "Block reads fetched from the store.",
+           [({}, c.get("misses", 0))])
+    if c.get("hit_ratio") is not None:
+        family("ossfuse_cache_hit_ratio", "gauge", "Cache hits / (hits + misses) since the mount started.",
+               [({}, float(c["hit_ratio"]))])
+    family("ossfuse_recent_errors", "gauge", "Errors logged recently (the last 20 are kept).",
+           [({}, len(doc["recent_errors"]))])
+    return "\n".join(out) + "\n"

@@ -8,6 +8,9 @@ User metadata is a ``dict[str, str]`` whose names are lower-case and carry no
 from __future__ import annotations
 
 import abc
+import collections
+import contextvars
+import functools
 from dataclasses import dataclass, field
 
 
@@ -89,6 +92,66 @@ class ListPage:
     next_marker: str | None
 
 
+class StoreCounters:
+    """What one store was asked to do, for ``ossfuse status`` and its Prometheus metrics.
+
+    ``calls[op]``: calls of the store operation ``op`` (``head``, ``get_range``, ``put_file``,
+    ``upload_part``, …); ``errors[(op, kind)]``: calls that raised, ``kind`` being the store's
+    error code (``NoSuchBucket``, ``AccessDenied``…) or the StoreError class name;
+    ``retries[op]``: extra attempts a store made inside calls (OSS request retries);
+    ``bytes_sent`` / ``bytes_received``: object bytes uploaded (PUT bodies, parts) and
+    downloaded (GET bodies). Counted by :class:`ObjectStore` around each public operation
+    (a call made from inside another, e.g. the HEAD of an empty ranged GET, is not counted)."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.retries: collections.Counter[str] = collections.Counter()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+
+#: Set while a store operation runs in this task, so nested operations are not counted twice.
+_IN_STORE_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("_IN_STORE_CALL", default=False)
+
+#: The counted operations and how many object bytes each moves: (sent, received) from
+#: (positional args after self, keyword args, result).
+_COUNTED_OPS = {
+    "head": None, "get_range": lambda a, kw, r: (0, len(r)),
+    "put_file": lambda a, kw, r: (r.size, 0), "put_bytes": lambda a, kw, r: (len(kw.get("data") or a[1]), 0),
+    "create_multipart": None, "upload_part": lambda a, kw, r: (len(kw.get("data") or a[3]), 0),
+    "complete_multipart": None,
+    "abort_multipart": None, "list": None, "copy": None, "list_multipart_uploads": None, "delete": None,
+}
+
+
+def _counted(op: str, fn):
+    sizes = _COUNTED_OPS[op]
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        if _IN_STORE_CALL.get():
+            return await fn(self, *args, **kwargs)
+        counters = self.counters
+        token = _IN_STORE_CALL.set(True)
+        try:
+            counters.calls[op] += 1
+            result = await fn(self, *args, **kwargs)
+        except StoreError as e:
+            counters.errors[(op, e.code or type(e).__name__)] += 1
+            raise
+        finally:
+            _IN_STORE_CALL.reset(token)
+        if sizes is not None:
+            sent, received = sizes(args, kwargs, result)
+            counters.bytes_sent += sent
+            counters.bytes_received += received
+        return result
+
+    wrapper._counted = True
+    return wrapper
+
+
 class ObjectStore(abc.ABC):
     """Async access to one bucket. Every error is a :class:`StoreError` subclass."""
 
@@ -108,6 +171,22 @@ class ObjectStore(abc.ABC):
     #: cache would only copy the bucket), multipart parts would only copy every byte twice
     #: more, and ``put_file(..., may_link=True)`` may keep the file itself (a hard link).
     local_disk: bool = False
+
+    def __init_subclass__(cls, **kw):
+        """Wrap each store operation a subclass defines so that it is counted in ``counters``."""
+        super().__init_subclass__(**kw)
+        for op in _COUNTED_OPS:
+            fn = cls.__dict__.get(op)
+            if fn is not None and not getattr(fn, "_counted", False) and not getattr(fn, "__isabstractmethod__", False):
+                setattr(cls, op, _counted(op, fn))
+
+    @property
+    def counters(self) -> StoreCounters:
+        """This store's :class:`StoreCounters` (made on first use)."""
+        c = self.__dict__.get("_counters")
+        if c is None:
+            c = self.__dict__["_counters"] = StoreCounters()
+        return c
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

@@ -396,6 +396,7 @@ class OssStore(ObjectStore):
                 raise err from e
 
         def on_retry(err: BaseException, n: int, delay: float) -> None:
+            self.counters.retries[op] += 1  # for status/metrics
             log.info("OSS %s %r: attempt %d/%d failed: %s; retrying in %.2fs", op, key, n, self.policy.attempts,
                      err, delay)
             if transient_seen is not None:

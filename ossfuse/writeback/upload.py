@@ -31,8 +31,19 @@ def part_size_for(size: int, preferred: int, max_parts: int = 10_000) -> int:
     return -(-p // 16) * 16
 
 
+class UploadProgress:
+    """One upload in progress, for ``ossfuse status``: ``done`` of ``total`` bytes are in the
+    store (grows per part of a multipart upload; a single PUT goes from 0 to done at once)."""
+
+    __slots__ = ("key", "total", "done", "started")
+
+    def __init__(self, key: str, total: int):
+        self.key, self.total, self.done, self.started = key, total, 0, trio.current_time()
+
+
 class Uploader:
-    """Uploads staged versions to ``store``; see the module doc."""
+    """Uploads staged versions to ``store``; see the module doc. ``in_progress`` holds an
+    :class:`UploadProgress` per running upload (status reads it; nothing else depends on it)."""
 
     def __init__(self, store: ObjectStore, *, multipart_threshold: int, part_size: int,
                  part_workers: int):
@@ -40,27 +51,38 @@ class Uploader:
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.part_workers = part_workers
+        self.in_progress: set[UploadProgress] = set()
 
     async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
         """Put sealed ``staged``'s ciphertext at ``key`` with ``metadata``: one attempt (the
         store retries each request within its deadline, ``ossfuse/retry.py``; retrying a
-        failed upload later is the scheduler's job). Raises StoreError."""
-        if staged.size > self.multipart_threshold and not self.store.local_disk:
-            return await self._multipart(staged, key, metadata)
-        # a sealed staged file never changes again: the store may link it
-        return await self.store.put_file(key, staged.data_path, metadata, may_link=True)
+        failed upload later is the scheduler's job). Raises StoreError. While it runs,
+        ``in_progress`` holds its :class:`UploadProgress`."""
+        progress = UploadProgress(key, staged.size)
+        self.in_progress.add(progress)
+        try:
+            if staged.size > self.multipart_threshold and not self.store.local_disk:
+                return await self._multipart(staged, key, metadata, progress)
+            # a sealed staged file never changes again: the store may link it
+            info = await self.store.put_file(key, staged.data_path, metadata, may_link=True)
+            progress.done = staged.size
+            return info
+        finally:
+            self.in_progress.discard(progress)
 
-    async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
+    async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str],
+                         progress: UploadProgress | None = None) -> ObjectInfo:
         fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed
         try:
             return await self._parts(key, staged.size, metadata,
-                                     lambda off, n: trio.to_thread.run_sync(os.pread, fd, n, off))
+                                     lambda off, n: trio.to_thread.run_sync(os.pread, fd, n, off), progress)
         finally:
             os.close(fd)
 
-    async def _parts(self, key: str, size: int, metadata: dict[str, str], read) -> ObjectInfo:
+    async def _parts(self, key: str, size: int, metadata: dict[str, str], read,
+                     progress: UploadProgress | None = None) -> ObjectInfo:
         """Multipart upload of ``size`` bytes got by ``await read(offset, length)``; aborted on
-        any failure or cancellation."""
+        any failure or cancellation. ``progress.done`` grows by each part uploaded."""
         psize = part_size_for(size, self.part_size, self.store.max_parts)
         meta = dict(metadata)
         if env.is_encrypted(meta):
@@ -73,6 +95,8 @@ class Uploader:
             off = (n - 1) * psize
             data = await read(off, min(psize, size - off))
             etags[n] = await self.store.upload_part(key, upload_id, n, data, meta)
+            if progress is not None:
+                progress.done += len(data)
 
         try:
             await run_all([functools.partial(part, n) for n in range(1, -(-size // psize) + 1)], self.part_workers)

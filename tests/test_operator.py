@@ -1,0 +1,320 @@
+"""What an operator sees (issue 16): byte progress of uploads in ``ossfuse status``, the
+Prometheus metrics of ``status --prometheus`` (parsed with prometheus_client's own parser), the
+store's operation counters, rekey's progress lines when stderr is no terminal, and
+``ossfuse check`` printing each failure once."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from ossfuse import status
+from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.fs import Filesystem
+from ossfuse.keyring import Keyring
+from ossfuse.store.local import LocalStore
+
+from conftest import OSSFUSE
+from fakes.fault_store import FaultStore
+
+PART = 100 * 1024  # the smallest part size a multipart upload takes (bytes)
+
+
+def _filesystem(tmp_path, cmk_path, store) -> Filesystem:
+    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                 cache=CacheConfig(dir=str(tmp_path / "cache")),
+                 mount=MountConfig(upload_delay=0.0, multipart_threshold=PART, part_size=PART, part_workers=1))
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+
+
+def _slow_multipart_store(tmp_path) -> FaultStore:
+    os.makedirs(tmp_path / "bucket", mode=0o700, exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+    store.local_disk = False  # take the multipart path of an OSS bucket
+    store.delay("upload_part", 0.3)
+    return store
+
+
+def test_status_shows_bytes_uploaded_of_a_slowed_upload(tmp_path, cmk_path):
+    """A 5-part upload with 0.3 s per part: status shows its bytes in the store growing part by
+    part, then the upload gone and the counters of what the store was asked."""
+    size = 5 * PART
+
+    async def main():
+        store = _slow_multipart_store(tmp_path)
+        fs = _filesystem(tmp_path, cmk_path, store)
+        errors = status.RecentErrors()
+        seen: list[int] = []
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            root = fs.get(1)
+            node, h = await fs.create(root, "big", 0o644, os.O_WRONLY, 1, 2)
+            await fs.write(h, 0, os.urandom(size))
+            await fs.flush(h)
+            await fs.release(h)
+            with trio.fail_after(20):
+                while fs.stats["uploaded"] == 0:
+                    doc = status.collect(fs, errors, started=0.0)
+                    for u in doc["pending_uploads"]["uploading"]:
+                        assert u["key"] == "pre/big" and u["bytes_total"] >= size
+                        assert doc["pending_uploads"]["bytes_uploaded"] == u["bytes_done"]
+                        seen.append(u["bytes_done"])
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        # seen: 0, then whole parts, growing, never past the total
+        assert seen == sorted(seen) and seen[0] == 0
+        done = sorted(set(seen))
+        assert len(done) >= 4 and all(d % PART == 0 for d in done[:-1]), done
+        doc = status.collect(fs, errors, started=0.0)
+        assert doc["pending_uploads"]["uploading"] == [] and doc["pending_uploads"]["bytes_uploaded"] == 0
+        ops = doc["store_ops"]
+        assert ops["calls"]["upload_part"] == 5 and ops["calls"]["create_multipart"] == 1
+        assert ops["calls"]["complete_multipart"] == 1
+        assert size <= ops["bytes_sent"] < size + 16 * 5  # the ciphertext (plus nothing else)
+        text = status.render(dict(doc, mountpoint="/m"))
+        assert f"{sum(ops['calls'].values())} operations, {ops['bytes_sent']} bytes sent" in text
+        fs.close()
+
+    trio.run(main)
+
+
+def test_render_shows_upload_progress():
+    doc = {"store": "local:///b", "prefix": "", "uptime_seconds": 3, "state": "serving",
+           "pending_uploads": {"count": 1, "bytes": 400, "oldest_seconds": 2, "failing": [],
+                               "uploading": [{"key": "pre/big", "bytes_done": 100, "bytes_total": 400}],
+                               "bytes_uploaded": 100},
+           "cache": {"dir": "/c", "bytes": 0, "max_bytes": 10, "staging_bytes": 400, "hits": 3, "misses": 1,
+                     "hit_ratio": 0.75},
+           "store_ops": {"calls": {"put_file": 2}, "retries": {}, "errors": [], "bytes_sent": 9,
+                         "bytes_received": 0},
+           "cmks": [], "rules": [], "counters": {"uploaded": 1, "upload_failures": 0, "recovered": 0},
+           "recent_errors": []}
+    text = status.render(doc)
+    assert "pre/big: 100 of 400 bytes (25%)" in text
+    assert "hit rate 75%" in text
+    assert "2 operations, 9 bytes sent, 0 received, 0 errors, 0 retries" in text
+
+
+def _metrics(text: str) -> dict[str, dict[tuple, float]]:
+    """family name → {(sorted label items): value} from the text format, via prometheus_client."""
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_prometheus_text_parses_and_carries_the_status(tmp_path, cmk_path):
+    """The exposition text of a real status document, read back with prometheus_client's parser:
+    every value the document has, each sample labelled with the mount point (quotes and
+    backslashes in it escaped), errors by operation and kind."""
+    from ossfuse.store.base import StoreError
+
+    async def main():
+        store = _slow_multipart_store(tmp_path)
+        store.fail("head", key="pre/nope", error="permanent")
+        fs = _filesystem(tmp_path, cmk_path, store)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            root = fs.get(1)
+            node, h = await fs.create(root, "small", 0o644, os.O_WRONLY, 1, 2)
+            await fs.write(h, 0, b"x" * 1000)
+            await fs.flush(h)
+            await fs.release(h)
+            with trio.fail_after(10):
+                while fs.stats["uploaded"] == 0:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        with pytest.raises(StoreError):
+            await fs.store.head("pre/nope")
+        h = await fs.open(node, os.O_RDONLY)
+        assert await fs.read(h, 0, 1000) == b"x" * 1000
+        await fs.release(h)
+        doc = status.collect(fs, status.RecentErrors(), started=0.0)
+        fs.close()
+        return doc
+
+    doc = trio.run(main)
+    mp = '/mnt/we"ird\\dir'
+    doc["mountpoint"] = mp
+    text = status.prometheus(doc)
+    m = _metrics(text)
+    lab = (("mountpoint", mp),)
+    assert m["ossfuse_up"][lab] == 1 and m["ossfuse_draining"][lab] == 0
+    assert m["ossfuse_pending_uploads"][lab] == 0 and m["ossfuse_pending_upload_bytes"][lab] == 0
+    assert m["ossfuse_uploads_total"][lab] == 1
+    assert m["ossfuse_store_sent_bytes_total"][lab] == doc["store_ops"]["bytes_sent"] >= 1000
+    assert m["ossfuse_store_received_bytes_total"][lab] == doc["store_ops"]["bytes_received"]
+    assert m["ossfuse_store_operations_total"][(("mountpoint", mp), ("op", "put_file"))] == 1
+    assert m["ossfuse_store_errors_total"][(("kind", "InjectedPermanent"), ("mountpoint", mp), ("op", "head"))] == 1
+    c = doc["cache"]
+    assert m["ossfuse_cache_bytes"][lab] == c["bytes"] and m["ossfuse_cache_max_bytes"][lab] == c["max_bytes"]
+    assert m["ossfuse_cache_hits_total"][lab] + m["ossfuse_cache_misses_total"][lab] == c["hits"] + c["misses"] > 0
+    assert m["ossfuse_cache_hit_ratio"][lab] == c["hit_ratio"]
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert text.endswith("\n") and text.count("# TYPE ") == len(families) >= 20
+    assert families["ossfuse_store_retries"] == "counter" and families["ossfuse_pending_uploads"] == "gauge"
+
+
+def test_status_prometheus_flag_of_the_command(tmp_path):
+    r = subprocess.run(OSSFUSE + ["status", "--json", "--prometheus", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not allowed with" in r.stderr
+    r = subprocess.run(OSSFUSE + ["status", "--help"], capture_output=True, text=True)
+    assert "--prometheus" in r.stdout and "textfile" in r.stdout
+
+
+# --------------------------------------------------------------------------------- rekey
+REKEY_CONFIG = """\
+[store]
+url = "local://{root}/bucket"
+[encryption]
+encrypt_with = "k"
+[[encryption.cmk]]
+id = "k"
+type = "rsa"
+private_key = "{k}"
+[[encryption.cmk]]
+id = "k2"
+type = "rsa"
+private_key = "{k2}"
+matdesc = {{ who = "k2" }}
+[cache]
+dir = "{root}/cache"
+"""
+
+
+def test_rekey_progress_lines_and_directory_markers(tmp_path, cmk_path, other_cmk_path):
+    """Without a terminal, rekey writes progress lines (here only the last, the run is short)
+    with objects and bytes of the totals; a directory marker is counted apart from objects
+    that are not encrypted."""
+    from ossfuse import config as config_mod
+    os.makedirs(tmp_path / "bucket", mode=0o700)
+    path = tmp_path / "c.toml"
+    path.write_text(REKEY_CONFIG.format(root=tmp_path, k=cmk_path, k2=other_cmk_path))
+    cfg = config_mod.load(str(path))
+    sizes = {"a": 1000, "b": 20_000}
+
+    async def write():
+        store = LocalStore(str(tmp_path / "bucket"))
+        fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        for name, n in sizes.items():
+            node, h = await fs.create(d, name, 0o644, os.O_WRONLY, 1, 2)
+            await fs.write(h, 0, b"z" * n)
+            await fs.flush(h)
+            await fs.release(h)
+        await store.put_bytes("d/plain", b"not encrypted", {})
+        assert fs.dirty == set()
+        fs.close()
+
+    trio.run(write)
+    r = subprocess.run(OSSFUSE + ["rekey", "-c", str(path), "--to", "k2", "d"], capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "OSSFUSE_PROGRESS"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "changed: 2 object(s)" in r.stdout
+    assert "skipped, not encrypted: 1" in r.stdout and "skipped, directory markers: 1" in r.stdout, r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("rekey: ")]
+    assert lines and lines[-1].startswith("rekey: 4 of 4 objects, ") and lines[-1].endswith("(100%)"), r.stderr
+    assert "\r" not in r.stderr  # no progress bar redraws in a log
+
+
+def test_rekey_progress_writes_a_line_every_interval():
+    import io
+    now = [0.0]
+    out = io.StringIO()
+    p = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(
+        10, 10 << 20, stream=out, interval=5.0, tty=False, clock=lambda: now[0])
+    for _ in range(4):
+        now[0] += 2.0
+        p.update(1 << 20)
+    p.close()
+    assert out.getvalue().splitlines() == ["rekey: 3 of 10 objects, 3.0 MiB of 10.0 MiB (30%)",
+                                          "rekey: 4 of 10 objects, 4.0 MiB of 10.0 MiB (40%)"]
+    dry = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(None, None, stream=out, tty=False)
+    dry.update(5)
+    assert dry.line() == "rekey: 1 objects, 5 B done"
+
+
+# --------------------------------------------------------------------------------- check
+def test_check_prints_each_failure_once(tmp_path, cmk_path):
+    """A store that refuses connections: one FAIL line naming it, nothing else on stderr."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[store]\nurl = "oss://bkt"\nendpoint = "http://127.0.0.1:1"\nregion = "cn-hangzhou"\n'
+                    f'retries = 0\n[encryption]\nencrypt_with = "k"\n[[encryption.cmk]]\nid = "k"\ntype = "rsa"\n'
+                    f'private_key = "{cmk_path}"\n[cache]\ndir = "{tmp_path}/cache"\n')
+    env = dict(os.environ, OSS_ACCESS_KEY_ID="id", OSS_ACCESS_KEY_SECRET="secret")
+    r = subprocess.run(OSSFUSE + ["check", "-c", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1
+    assert r.stderr == ""
+    fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
+    assert fails == ["FAIL  store oss://bkt does not answer: OSS ListObjects '': cannot connect to "
+                     "http://127.0.0.1:1: connection refused"], r.stdout
+    assert r.stdout.count("connection refused") == 1
+
+
+# ------------------------------------------------------------------ errno of a wrong CMK
+def test_wrong_cmk_is_eio_and_no_cmk_is_eacces_as_documented(tmp_path, cmk_path, other_cmk_path, caplog):
+    """No CMK of this configuration matches the object (wrap-alg, matdesc): EACCES. The CMK that
+    matches cannot unwrap the data key (a wrong key, or a damaged key header: an RSA CMK cannot
+    tell them apart): EIO. Each with one log line naming the object; README and
+    docs/semantics.md say the same."""
+    import errno
+
+    from ossfuse.fs import FsError
+    os.makedirs(tmp_path / "bucket", mode=0o700)
+
+    def cfg_with(cmk: CmkConfig) -> Config:
+        return Config(path=str(tmp_path / "c.toml"), store=StoreConfig(url=f"local://{tmp_path / 'bucket'}"),
+                      encryption=EncryptionConfig(encrypt_with=cmk.id, cmks=(cmk,)),
+                      cache=CacheConfig(dir=str(tmp_path / f"cache-{cmk.id}")), mount=MountConfig(upload_delay=0.0))
+
+    async def write(cfg: Config, name: str):
+        fs = Filesystem(cfg, LocalStore(str(tmp_path / "bucket")), Keyring(cfg.encryption), uid=1, gid=2)
+        node, h = await fs.create(fs.get(1), name, 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"secret")
+        await fs.flush(h)
+        await fs.release(h)
+        fs.close()
+
+    async def read_errno(fs: Filesystem, name: str) -> int:
+        try:
+            node = await fs.lookup(fs.get(1), name)
+            h = await fs.open(node, os.O_RDONLY)
+            await fs.read(h, 0, 100)
+        except FsError as e:
+            return e.errno
+        raise AssertionError(f"{name} was read")
+
+    async def main():
+        await write(cfg_with(CmkConfig("stranger", "rsa", other_cmk_path)), "wrong-key")
+        await write(cfg_with(CmkConfig("dept", "rsa", other_cmk_path, matdesc={"dept": "unknown"})), "no-cmk")
+        reader = cfg_with(CmkConfig("k", "rsa", cmk_path))
+        fs = Filesystem(reader, LocalStore(str(tmp_path / "bucket")), Keyring(reader.encryption), uid=1, gid=2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert await read_errno(fs, "wrong-key") == errno.EIO
+            assert await read_errno(fs, "no-cmk") == errno.EACCES
+        fs.close()
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    messages = trio.run(main)
+    wrong = [m for m in messages if "'wrong-key'" in m]
+    nocmk = [m for m in messages if "'no-cmk'" in m]
+    assert len(wrong) == 1 and "cannot unwrap" in wrong[0], messages
+    assert len(nocmk) == 1 and '{"dept":"unknown"}' in nocmk[0], messages
+    assert "CMK 'k'" in wrong[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = " ".join(open(os.path.join(root, "README.md")).read().split())
+    semantics = " ".join(open(os.path.join(root, "docs", "semantics.md")).read().split())
+    assert "No match: `EACCES`" in readme and "cannot unwrap the data key" in readme
+    assert "(a wrong CMK, or a damaged key header): `EIO`" in readme
+    assert "Unknown matdesc: `EACCES`; a CMK that cannot unwrap: `EIO`" in semantics
