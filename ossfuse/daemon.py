@@ -64,8 +64,9 @@ def credentials_for(cfg: Config):
 def open_store(cfg: Config, credentials=None) -> ObjectStore:
     """The store of ``cfg``. OSS credentials come from ``store.credentials_file``, else a
     systemd credential named ``oss`` (LoadCredential=oss:FILE), else OSS_ACCESS_KEY_ID /
-    OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN, else the ECS RAM role when ``store.ram_role``
-    names one (or is "auto"); never from argv."""
+    OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN (or the ALIBABA_CLOUD_* names), else
+    ALIBABA_CLOUD_CREDENTIALS_URI, else the ECS RAM role when ``store.ram_role`` names one (or
+    is "auto"); never from argv (``store.credentials.CredentialChain``)."""
     st = cfg.store
     try:
         if st.url.startswith("local://"):

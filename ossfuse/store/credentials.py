@@ -263,6 +263,9 @@ class EcsRamRoleCredentialsProvider(LibraryCredentialsProvider):
     :param base_url: metadata service root, ``http://HOST[:PORT]`` (tests point it at a local
         stand-in).
     :param timeout: connect and read timeout of each metadata request, seconds.
+
+    Unlike the hand-written client it replaced, the library sends metadata requests through
+    ``HTTP_PROXY`` when that is set in the environment (it has no way to bypass it).
     """
 
     def __init__(self, role: str | None = None, *, base_url: str = DEFAULT_IMDS_URL, timeout: float = 2.0):
