@@ -143,7 +143,7 @@ def render(doc: dict) -> str:
                  f"({c['dir']})")
     ops = doc.get("store_ops")
     if ops:
-        lines.append(f"store:            {sum(ops['calls'].values())} operations, {ops['bytes_sent']} bytes sent, "
+        lines.append(f"store requests:   {sum(ops['calls'].values())} operations, {ops['bytes_sent']} bytes sent, "
                      f"{ops['bytes_received']} received, {sum(e['count'] for e in ops['errors'])} errors, "
                      f"{sum(ops['retries'].values())} retries")
     for k in doc["cmks"]:
