@@ -280,3 +280,38 @@ def test_conflict_name_keeps_the_extension_and_fits():
     assert conflict_name(".bashrc", "pc1", t, 2) == ".bashrc.conflict-pc1-20261202-130501-2"
     long = conflict_name("x" * 250 + ".txt", "pc1", t)
     assert len(long.encode()) <= 255 and long.endswith("-130501.txt")
+
+
+def test_staged_file_renamed_over_a_known_file_replaces_it_without_a_conflict(tmp_path, cmk_path):
+    """An editor's save: write a temp file, rename it over the document, then close."""
+    async def body(fs, store):
+        root = fs.get(1)
+        await _write_file(fs, root, "doc", b"old")
+        tmp, h = await fs.create(root, "doc.tmp", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"new text")
+        await fs.rename(root, "doc.tmp", root, "doc", 0)  # staged, not uploaded yet
+        await fs.flush(h)
+        await fs.release(h)
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/doc"]
+        assert await _read(fs, await fs.lookup(root, "doc")) == b"new text"
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_an_upload_whose_answer_was_lost_is_not_a_conflict_with_itself(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"1")
+        fs.scheduler.delay = 3600
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"2" * 3_000_000)  # over the upload-at-close size: journaled
+        await fs.flush(h)
+        await fs.release(h)
+        store.lose_response("put_file", key="pre/f")  # the PUT happens, its answer is lost
+        assert not await fs.commit.upload_node(node, journal_first=False)  # one attempt
+        assert await fs.commit.upload_node(node)  # tried again: finds its own first PUT
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
+
+    _run(tmp_path, cmk_path, body)

@@ -7,7 +7,9 @@ client's version stays at the name, ours is uploaded as a *conflict copy* next t
 :func:`conflict_name`), with one WARNING naming both ETags, and counted for ``ossfuse status``.
 
 What is not a conflict: the object is gone (deleted by someone else: ours is put back, nothing
-is lost), or the ETag is the one this mount knows. A version recovered from the journal after a
+is lost), the ETag is the one this mount knows, the object is an earlier PUT of this same
+version whose answer was lost (same wrapped data key), or this mount renamed a new file over a
+file it knew (:meth:`Conflicts.replaces`). A version recovered from the journal after a
 crash does not record what it was based on, so it is uploaded without the check (as before).
 The check and the PUT are two requests: a foreign write landing between them is still replaced
 (the remaining window, docs/semantics.md)."""
@@ -18,6 +20,7 @@ import logging
 import socket
 import time
 
+from .. import envelope as env
 from ..store.base import ObjectInfo, ObjectStore
 from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RECENT_MAX = 5  # conflict copies listed by `ossfuse status`
 _NAME_MAX = 255  # bytes of one path component
+_UNKNOWN = "\0unknown"  # a base that is no ETag: not checked
 
 
 def _norm(etag: str | None) -> str | None:
@@ -48,6 +52,13 @@ def conflict_name(name: str, host: str, when: float, n: int = 0) -> str:
     return stem + tag + ext
 
 
+def _same_version(current: ObjectInfo, metadata: dict[str, str]) -> bool:
+    """Whether ``current`` is an earlier upload of this very staged version (a PUT whose answer
+    was lost): it carries the same wrapped data key, which is new for every version made."""
+    ours = metadata.get(env.H_KEY)
+    return ours is not None and current.metadata.get(env.H_KEY) == ours
+
+
 class Conflicts:
     """The upload-time check of one mount (see the module doc). ``count``: conflict copies made;
     ``recent``: the last RECENT_MAX of their paths."""
@@ -59,11 +70,19 @@ class Conflicts:
         self.host = host or socket.gethostname().split(".")[0] or "host"
         self.count = 0
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_MAX)
-        self._base_unknown: set[int] = set()  # inodes recovered from the journal
+        # inode → the ETag its next upload may replace, when that is not node.version's:
+        # _UNKNOWN for a version recovered from the journal (not checked)
+        self._base: dict[int, str | None] = {}
 
     def base_unknown(self, node: Node) -> None:
         """``node``'s staged version came from the journal: what it was based on is unknown."""
-        self._base_unknown.add(node.ino)
+        self._base[node.ino] = _UNKNOWN
+
+    def replaces(self, node: Node, etag: str | None) -> None:
+        """``node`` (staged, not in the bucket yet) was renamed over a file whose version
+        ``etag`` this mount knew: its upload replaces that version knowingly (an editor's
+        write-temp-then-rename), not as a conflict."""
+        self._base[node.ino] = etag
 
     async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str], *,
                      attempts: int | None = None) -> ObjectInfo:
@@ -71,14 +90,16 @@ class Conflicts:
         version this mount started from (or nothing), else to a conflict copy next to it.
         Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
         the upload failed: the caller keeps the data staged and retries)."""
-        if node.ino in self._base_unknown:
+        base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
+        if base is _UNKNOWN:
             info = await self.uploader.upload(staged, key, metadata, attempts=attempts)
-            self._base_unknown.discard(node.ino)
+            self._base.pop(node.ino, None)
             return info
         current = await self.store.head(key)
-        base = node.version.etag if node.version is not None else None
-        if current is None or _norm(current.etag) == _norm(base):
-            return await self.uploader.upload(staged, key, metadata, attempts=attempts)
+        if current is None or _norm(current.etag) == _norm(base) or _same_version(current, metadata):
+            info = await self.uploader.upload(staged, key, metadata, attempts=attempts)
+            self._base.pop(node.ino, None)
+            return info
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""
         for n in range(100):
@@ -86,6 +107,7 @@ class Conflicts:
             if await self.store.head(ckey) is None:
                 break
         info = await self.uploader.upload(staged, ckey, metadata, attempts=attempts)
+        self._base.pop(node.ino, None)
         self.count += 1
         path = self.naming.path_of(ckey)
         self.recent.append(path if path is not None else ckey)

@@ -351,6 +351,8 @@ class Namespace:
             await self._keep_replaced_readable(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
             if dst is not None:
+                if src.version is None and dst.version is not None:
+                    self.commit.conflicts.replaces(src, dst.version.etag)  # replaced knowingly
                 self._take_name(dst)
             old_path = src.path
             if src.version is not None:
