@@ -24,6 +24,7 @@ from .. import envelope as env
 from ..store.base import ObjectInfo, ObjectStore
 from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
+from .copying import same_etag
 from .model import Node
 from .naming import Naming
 
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 RECENT_MAX = 5  # conflict copies listed by `ossfuse status`
 _NAME_MAX = 255  # bytes of one path component
 _UNKNOWN = "\0unknown"  # a base that is no ETag: not checked
-
-
-def _norm(etag: str | None) -> str | None:
-    return etag.strip('"').upper() if etag else None
 
 
 def conflict_name(name: str, host: str, when: float, n: int = 0) -> str:
@@ -96,7 +93,7 @@ class Conflicts:
             self._base.pop(node.ino, None)
             return info
         current = await self.store.head(key)
-        if current is None or _norm(current.etag) == _norm(base) or _same_version(current, metadata):
+        if current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata):
             info = await self.uploader.upload(staged, key, metadata, attempts=attempts)
             self._base.pop(node.ino, None)
             return info

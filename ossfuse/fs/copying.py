@@ -28,7 +28,7 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
     limit = store.max_copy_size
     if metadata is None and limit is not None and src.size > limit and not src.metadata:
         head = await store_request(store.head(src.key), src.key)  # listings carry no metadata
-        if head is None or head.etag != src.etag:
+        if head is None or not same_etag(head.etag, src.etag):
             _log_stale("copy", src, head)
             raise FsError(errno.ESTALE)
         src = head
@@ -51,10 +51,15 @@ async def delete_version(store: ObjectStore, key: str, etag: str) -> None:
     head = await store_request(store.head(key), key)
     if head is None:
         return
-    if head.etag != etag:
+    if not same_etag(head.etag, etag):
         log.error("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
         raise FsError(errno.ESTALE)
     await store_request(store.delete(key), key)
+
+
+def same_etag(a: str | None, b: str | None) -> bool:
+    """ETags compared as OSS means them: quotes and letter case do not count."""
+    return (a or "").strip('"').upper() == (b or "").strip('"').upper()
 
 
 async def _current(store: ObjectStore, key: str) -> ObjectInfo | None:
