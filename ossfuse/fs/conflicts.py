@@ -81,20 +81,19 @@ class Conflicts:
         write-temp-then-rename), not as a conflict."""
         self._base[node.ino] = etag
 
-    async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str], *,
-                     attempts: int | None = None) -> ObjectInfo:
+    async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
         """Upload ``staged`` for ``node`` (node.lock held) to ``key`` if the bucket still has the
         version this mount started from (or nothing), else to a conflict copy next to it.
         Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
         the upload failed: the caller keeps the data staged and retries)."""
         base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
         if base is _UNKNOWN:
-            info = await self.uploader.upload(staged, key, metadata, attempts=attempts)
+            info = await self.uploader.upload(staged, key, metadata)
             self._base.pop(node.ino, None)
             return info
         current = await self.store.head(key)
         if current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata):
-            info = await self.uploader.upload(staged, key, metadata, attempts=attempts)
+            info = await self.uploader.upload(staged, key, metadata)
             self._base.pop(node.ino, None)
             return info
         dkey, _, name = key.rpartition("/")
@@ -103,7 +102,7 @@ class Conflicts:
             ckey = prefix + conflict_name(name, self.host, time.time(), n)
             if await self.store.head(ckey) is None:
                 break
-        info = await self.uploader.upload(staged, ckey, metadata, attempts=attempts)
+        info = await self.uploader.upload(staged, ckey, metadata)
         self._base.pop(node.ino, None)
         self.count += 1
         path = self.naming.path_of(ckey)
