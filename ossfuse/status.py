@@ -72,6 +72,7 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
                   "encrypts_new_objects": c is keyring.default} for c in keyring.cmks.values()],
         "rules": [{"prefix": p, "cmk": c.id} for p, c in keyring.rules],
         "counters": dict(fs.stats),
+        "conflicts": fs.commit.conflicts.status(),  # {"count", "recent": [conflict copy paths]}
         "recent_errors": list(errors.records),
     }
 
@@ -154,6 +155,8 @@ def render(doc: dict) -> str:
     ctr = doc["counters"]
     lines.append(f"uploaded:         {ctr['uploaded']} (failures {ctr['upload_failures']}, recovered {ctr['recovered']}, "
                  f"quarantined {ctr.get('quarantined', 0)})")
+    cf = doc.get("conflicts") or {"count": 0, "recent": []}
+    lines.append(f"conflict copies:  {cf['count']}" + (f" (latest: {', '.join(cf['recent'])})" if cf["recent"] else ""))
     if doc["recent_errors"]:
         lines.append("recent errors:")
         for e in doc["recent_errors"]:

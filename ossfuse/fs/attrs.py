@@ -36,13 +36,16 @@ class Attributes:
                       uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
                       fh: FileHandle | None = None) -> Node:
         """chmod/chown/utimens/truncate (None: unchanged; sizes in bytes, times in ns).
-        Raises FsError(EISDIR) to truncate a directory, EIO/ENOSPC as writes and copies do.
+        Raises FsError(EISDIR) to truncate a directory, EIO/ENOSPC as writes and copies do,
+        ESTALE when another client replaced the object since this mount read it (the attribute
+        change is not made, and the node is re-read from the store at its next lookup).
         Holds node.lock across the copy (TODO(rebuild): no lock across network I/O, A4)."""
         async with node.lock:
             if size is not None:
                 if node.is_dir:
                     raise FsError(errno.EISDIR)
                 await self.files.truncate_locked(node, size)
+            before = (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns)
             if mode is not None:
                 node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             if uid is not None and uid != _UNCHANGED_ID:
@@ -53,13 +56,21 @@ class Attributes:
                 node.mtime_ns = mtime_ns
             node.ctime_ns = time.time_ns()
             if size is None and (mode, uid, gid, mtime_ns) != (None, None, None, None):
-                await self.store_attrs(node)
+                try:
+                    await self.store_attrs(node)
+                except FsError as e:
+                    # not made: the node keeps what the bucket has; a foreign version is re-read
+                    node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns = before
+                    if e.errno == errno.ESTALE:
+                        node.checked_at = 0.0
+                    raise
         return node
 
     async def store_attrs(self, node: Node) -> None:
         """Write ``node``'s attributes to the bucket (node.lock held): a directory's marker is
         rewritten, a clean file's object copied onto itself with new metadata, a staged file's
-        journal record updated (its upload carries them)."""
+        journal record updated (its upload carries them). The copy is conditional on the
+        version this mount knows (FsError(ESTALE) if another client replaced it: A1)."""
         if node.unlinked or node.ino == ROOT_INO:
             return
         if node.staged is not None:
@@ -76,5 +87,5 @@ class Attributes:
         meta.update(attr_meta(node))
         info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, v.metadata),
                                  v.key, meta)
-        self.cache.rekey(v.key, v.etag, v.key, info.etag)
+        self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v (if_match)
         set_local_version(node, Version(v.key, info.etag, v.size, meta, v.wrapped, v.envelope))

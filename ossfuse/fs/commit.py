@@ -19,6 +19,7 @@ from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import StagedFile, Staging
 from ..writeback.upload import Uploader
+from .conflicts import Conflicts
 from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, set_local_version
@@ -43,6 +44,7 @@ class Commit:
         self.keyring = keyring
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
+        self.conflicts = Conflicts(uploader.store, naming, uploader)  # foreign edits kept (issue 12)
 
     def staged_in(self, dir_path: str) -> list[Node]:
         """This mount's not-yet-uploaded nodes still linked directly in directory ``dir_path``
@@ -199,7 +201,7 @@ class Commit:
                 return self._failed(node, key, e, raise_errors)
             st.uploading = True
         try:
-            info = await self.uploader.upload(st, key, meta)
+            info = await self.conflicts.upload(node, st, key, meta)  # info.key: a conflict copy's
         except StoreError as e:
             return self._failed(node, key, e, raise_errors)
         finally:
@@ -216,12 +218,14 @@ class Commit:
             await self._delete_stray(node, key)
             return True
         async with node.lock:
-            version = Version(key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
+            version = Version(info.key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
             old = node.version
             if node.staged is st and file_metadata(node, st.envelope.wrapped, st.size) == meta:
-                set_local_version(node, version)
+                set_local_version(node, version)  # open handles read ours, also from a conflict copy
+                if info.key != key:
+                    node.checked_at = 0.0  # the name holds another client's version: read it anew
                 st.forget_record()  # the bucket has it: a crash must not upload it again
-                self.cache.adopt(key, info.etag, st.size, st.data_path)
+                self.cache.adopt(info.key, info.etag, st.size, st.data_path)
                 st.discard()
                 node.staged = None
                 self.scheduler.mark_clean(node)
@@ -288,6 +292,7 @@ class Commit:
                                                 False)
             node.version = None
             node.staged = entry.staged
+            self.conflicts.base_unknown(node)
             self.scheduler.mark_dirty(node)
             self.scheduler.schedule(node)
             adopted += 1

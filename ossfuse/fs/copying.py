@@ -1,26 +1,76 @@
-"""Copying an object for a rename or an attribute change, with the FsError a caller sees."""
+"""Copying an object for a rename or an attribute change, and deleting a rename's source, each
+conditional on the version (ETag) this mount knows (issue 12 A1), with the FsError a caller sees.
+
+A copy names its source version: ``store.copy(..., if_match=etag)`` (OSS
+``x-oss-copy-source-if-match``; streaming copies GET with ``If-Match``), so the copy is that
+version or nothing. OSS has no conditional DELETE: :func:`delete_version` HEADs the key right
+before deleting it and refuses when the ETag differs; a foreign write landing between that HEAD
+and the DELETE is still deleted (the remaining window, docs/semantics.md)."""
 from __future__ import annotations
 
 import errno
 import logging
 
-from ..store.base import ObjectInfo, ObjectStore
+from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from ..writeback.upload import Uploader
-from .errors import FsError, store_request
+from .errors import FsError, errno_of, store_request
 
 log = logging.getLogger(__name__)
 
 
 async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, dst: str,
                       metadata: dict[str, str] | None = None) -> ObjectInfo:
-    """Copy ``src`` to ``dst`` (CopyObject, or streaming above the store's copy limit), with
-    ``metadata`` replacing the source's if given. Raises FsError (EIO; ESTALE when the source
-    vanished) with a log line on failure. TODO(rebuild): conditional on src.etag (issue 12 A1)."""
+    """Copy version ``src`` (its key and ETag) to ``dst`` (CopyObject, or streaming above the
+    store's copy limit), with ``metadata`` replacing the source's if given. The copy is
+    conditional on ``src.etag``: the returned object is a copy of exactly that version.
+    Raises FsError(ESTALE) when ``src.key`` is now another version or gone (one log line naming
+    the key and both versions; nothing is written), FsError(EIO) on other failures."""
     limit = store.max_copy_size
     if metadata is None and limit is not None and src.size > limit and not src.metadata:
         head = await store_request(store.head(src.key), src.key)  # listings carry no metadata
-        if head is None:
-            log.error("copy of %r failed: it disappeared", src.key)
-            raise FsError(errno.EIO)
+        if head is None or not same_etag(head.etag, src.etag):
+            _log_stale("copy", src, head)
+            raise FsError(errno.ESTALE)
         src = head
-    return await store_request(uploader.copy(src, dst, metadata), src.key)
+    try:
+        return await uploader.copy(src, dst, metadata)
+    except (PreconditionFailed, NoSuchKey):
+        now = await _current(store, src.key)
+        _log_stale("copy", src, now)
+        raise FsError(errno.ESTALE) from None
+    except StoreError as e:
+        log.error("copy of %r (version %s) to %r failed: %s", src.key, src.etag, dst, e)
+        raise FsError(errno_of(e)) from None
+
+
+async def delete_version(store: ObjectStore, key: str, etag: str) -> None:
+    """Delete ``key`` if it is still version ``etag`` (HEAD, compare, DELETE: OSS has no
+    conditional DELETE; see the module doc for the window left). Already gone: nothing to do.
+    Raises FsError(ESTALE) when another version is there (kept, one log line), EIO on a store
+    failure."""
+    head = await store_request(store.head(key), key)
+    if head is None:
+        return
+    if not same_etag(head.etag, etag):
+        log.error("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
+        raise FsError(errno.ESTALE)
+    await store_request(store.delete(key), key)
+
+
+def same_etag(a: str | None, b: str | None) -> bool:
+    """ETags compared as OSS means them: quotes and letter case do not count."""
+    return (a or "").strip('"').upper() == (b or "").strip('"').upper()
+
+
+async def _current(store: ObjectStore, key: str) -> ObjectInfo | None:
+    """What is at ``key`` now, for a log line (None when gone or the HEAD failed)."""
+    try:
+        return await store.head(key)
+    except StoreError:
+        return None
+
+
+def _log_stale(what: str, src: ObjectInfo, now: ObjectInfo | None) -> None:
+    log.error("%s of %r refused: this mount knows version %s, the bucket has %s (another client "
+              "changed it); nothing was written", what, src.key, src.etag,
+              "no object" if now is None else f"version {now.etag}")

@@ -22,7 +22,7 @@ from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object
+from .copying import copy_object, delete_version
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
@@ -351,14 +351,21 @@ class Namespace:
             await self._keep_replaced_readable(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
             if dst is not None:
+                if src.version is None and dst.version is not None:
+                    self.commit.conflicts.replaces(src, dst.version.etag)  # replaced knowingly
                 self._take_name(dst)
             old_path = src.path
             if src.version is not None:
                 v = src.version
                 new_key = self.naming.key(dst_path)
-                info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, v.metadata),
-                                         new_key)
-                await store_request(self.store.delete(v.key), v.key)
+                try:  # conditional on v.etag: the copy is exactly v (A1)
+                    info = await copy_object(self.store, self.uploader,
+                                             ObjectInfo(v.key, v.size, v.etag, 0, v.metadata), new_key)
+                except FsError as e:
+                    if e.errno == errno.ESTALE:
+                        src.checked_at = 0.0  # another client's version: re-read at next lookup
+                    raise
+                await delete_version(self.store, v.key, v.etag)
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
                 set_local_version(src, Version(new_key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
             self.inodes.move(src, old_path, dst_path)
@@ -388,15 +395,23 @@ class Namespace:
             copies: dict[str, ObjectInfo] = {}
             for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
                 copies[k] = await copy_object(self.store, self.uploader, o, new_dkey + k[len(old_dkey):])
-            for k in keys:
-                await store_request(self.store.delete(k), k)
+            for k, o in keys.items():  # only the versions copied: a newer foreign one stays
+                try:
+                    await delete_version(self.store, k, o.etag)
+                except FsError as e:
+                    if e.errno != errno.ESTALE:
+                        raise
+                    # logged; that newer version stays at the old name, the copy at the new
             for n in affected:
                 new = dst_path + n.path[len(old_path):]
                 v = n.version
-                if v is not None and v.key in copies:
+                # the copy is of the listed version: only then may v's cached blocks serve it
+                if v is not None and v.key in copies and keys[v.key].etag == v.etag:
                     info = copies[v.key]
                     self.cache.rekey(v.key, v.etag, info.key, info.etag)
                     set_local_version(n, Version(info.key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
+                elif v is not None:
+                    n.checked_at = 0.0  # another client's version was listed and moved: re-read it
                 self.inodes.move(n, n.path, new)
                 self.commit.rejournal(n)
             for n in affected:  # their names moved one by one: list them anew when asked

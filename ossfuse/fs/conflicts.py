@@ -1,0 +1,120 @@
+"""Foreign edits are never silently overwritten at upload (issue 12, "from the field").
+
+Before an upload replaces an object, :meth:`Conflicts.upload` HEADs the key and compares its
+ETag with the version this mount started from (the node's committed version; none for a file
+this mount created). If another client wrote the name meanwhile, both are kept: the other
+client's version stays at the name, ours is uploaded as a *conflict copy* next to it (see
+:func:`conflict_name`), with one WARNING naming both ETags, and counted for ``ossfuse status``.
+
+What is not a conflict: the object is gone (deleted by someone else: ours is put back, nothing
+is lost), the ETag is the one this mount knows, the object is an earlier PUT of this same
+version whose answer was lost (same wrapped data key), or this mount renamed a new file over a
+file it knew (:meth:`Conflicts.replaces`). A version recovered from the journal after a
+crash does not record what it was based on, so it is uploaded without the check (as before).
+The check and the PUT are two requests: a foreign write landing between them is still replaced
+(the remaining window, docs/semantics.md)."""
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import time
+
+from .. import envelope as env
+from ..store.base import ObjectInfo, ObjectStore
+from ..writeback.staging import StagedFile
+from ..writeback.upload import Uploader
+from .copying import same_etag
+from .model import Node
+from .naming import Naming
+
+log = logging.getLogger(__name__)
+
+RECENT_MAX = 5  # conflict copies listed by `ossfuse status`
+_NAME_MAX = 255  # bytes of one path component
+_UNKNOWN = "\0unknown"  # a base that is no ETag: not checked
+
+
+def conflict_name(name: str, host: str, when: float, n: int = 0) -> str:
+    """The conflict copy's name for file ``name``: ``stem.conflict-HOST-YYYYMMDD-HHMMSS[-N].ext``
+    (UTC; the extension stays last so programs still recognise the file; a name starting with
+    a dot, or with no dot, gets the suffix at its end). The stem is shortened so the result
+    fits 255 bytes. E.g. ``report.docx`` → ``report.conflict-pc1-20261202-130501.docx``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
+    tag = f".conflict-{host.replace('/', '_')[:40]}-{stamp}" + (f"-{n}" if n else "")
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    room = _NAME_MAX - len((tag + ext).encode("utf-8", "surrogateescape"))
+    stem = stem.encode("utf-8", "surrogateescape")[:max(room, 1)].decode("utf-8", "ignore")
+    return stem + tag + ext
+
+
+def _same_version(current: ObjectInfo, metadata: dict[str, str]) -> bool:
+    """Whether ``current`` is an earlier upload of this very staged version (a PUT whose answer
+    was lost): it carries the same wrapped data key, which is new for every version made."""
+    ours = metadata.get(env.H_KEY)
+    return ours is not None and current.metadata.get(env.H_KEY) == ours
+
+
+class Conflicts:
+    """The upload-time check of one mount (see the module doc). ``count``: conflict copies made;
+    ``recent``: the last RECENT_MAX of their paths."""
+
+    def __init__(self, store: ObjectStore, naming: Naming, uploader: Uploader, host: str | None = None):
+        self.store = store
+        self.naming = naming
+        self.uploader = uploader
+        self.host = host or socket.gethostname().split(".")[0] or "host"
+        self.count = 0
+        self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_MAX)
+        # inode → the ETag its next upload may replace, when that is not node.version's:
+        # _UNKNOWN for a version recovered from the journal (not checked)
+        self._base: dict[int, str | None] = {}
+
+    def base_unknown(self, node: Node) -> None:
+        """``node``'s staged version came from the journal: what it was based on is unknown."""
+        self._base[node.ino] = _UNKNOWN
+
+    def replaces(self, node: Node, etag: str | None) -> None:
+        """``node`` (staged, not in the bucket yet) was renamed over a file whose version
+        ``etag`` this mount knew: its upload replaces that version knowingly (an editor's
+        write-temp-then-rename), not as a conflict."""
+        self._base[node.ino] = etag
+
+    async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Upload ``staged`` for ``node`` (node.lock held) to ``key`` if the bucket still has the
+        version this mount started from (or nothing), else to a conflict copy next to it.
+        Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
+        the upload failed: the caller keeps the data staged and retries)."""
+        base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
+        if base is _UNKNOWN:
+            info = await self.uploader.upload(staged, key, metadata)
+            self._base.pop(node.ino, None)
+            return info
+        current = await self.store.head(key)
+        if current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata):
+            info = await self.uploader.upload(staged, key, metadata)
+            self._base.pop(node.ino, None)
+            return info
+        dkey, _, name = key.rpartition("/")
+        prefix = dkey + "/" if dkey else ""
+        for n in range(100):
+            ckey = prefix + conflict_name(name, self.host, time.time(), n)
+            if await self.store.head(ckey) is None:
+                break
+        info = await self.uploader.upload(staged, ckey, metadata)
+        self._base.pop(node.ino, None)
+        self.count += 1
+        path = self.naming.path_of(ckey)
+        self.recent.append(path if path is not None else ckey)
+        log.warning("%r was changed by another client (this mount started from version %s, the bucket "
+                    "has %s): kept theirs, ours is uploaded as %r (version %s)", key,
+                    base or "none (a new file)", current.etag, ckey, info.etag)
+        return info
+
+    def status(self) -> dict:
+        """For ``ossfuse status``: {"count": int, "recent": [paths]}."""
+        return {"count": self.count, "recent": list(self.recent)}
+
+
+__all__ = ["Conflicts", "conflict_name", "RECENT_MAX"]

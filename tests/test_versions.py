@@ -1,0 +1,317 @@
+"""Every copy, rename and overwrite acts on the version (ETag) this mount knows (issue 12 A1,
+A11, "from the field"): the Filesystem driven in-process over a local-directory bucket wrapped
+in the fault store, whose foreign writer replaces an object between two calls."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pytest
+import trio
+
+from fakes.fault_store import FaultStore
+from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.fs import Filesystem, FsError
+from ossfuse.fs.conflicts import conflict_name
+from ossfuse.keyring import Keyring
+from ossfuse.store.local import LocalStore
+
+
+def _filesystem(tmp_path, cmk_path, store: FaultStore) -> Filesystem:
+    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                 cache=CacheConfig(dir=str(tmp_path / "cache")),
+                 mount=MountConfig(upload_delay=0.0))
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+
+
+def _run(tmp_path, cmk_path, body):
+    """Run ``await body(fs, store)`` with a fresh Filesystem over a FaultStore(LocalStore)."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        try:
+            await body(fs, store)
+        finally:
+            fs.close()
+            await store.aclose()
+
+    trio.run(main)
+
+
+async def _write_file(fs, parent, name, data: bytes):
+    node, h = await fs.create(parent, name, 0o644, os.O_WRONLY, 1, 2)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    assert node.staged is None  # small file, local bucket: uploaded at close
+    return node
+
+
+async def _read(fs, node) -> bytes:
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, 1 << 20)
+    finally:
+        await fs.release(h)
+
+
+@pytest.fixture
+def other(tmp_path, cmk_path):
+    """A factory of a second mount's Filesystem on the same bucket (its own cache dir)."""
+
+    def make(store) -> Filesystem:
+        return _filesystem(tmp_path / "other", cmk_path, FaultStore(store.inner))
+
+    os.makedirs(tmp_path / "other", exist_ok=True)
+    return make
+
+
+async def _other_writes(other_fs: Filesystem, name: str, data: bytes) -> str:
+    """The other mount writes ``data`` over (or as) file ``name`` of its root; its ETag."""
+    return await _other_writes_in(other_fs, other_fs.get(1), name, data)
+
+
+async def _other_writes_in(other_fs: Filesystem, root, name: str, data: bytes) -> str:
+    try:
+        node = await other_fs.lookup(root, name)
+        h = await other_fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await other_fs.setattr(node, size=0, fh=h)
+        await other_fs.write(h, 0, data)
+        await other_fs.flush(h)
+        await other_fs.release(h)
+    except FsError as e:
+        assert e.errno == errno.ENOENT
+        node = await _write_file(other_fs, root, name, data)
+    return node.version.etag
+
+
+# -- A1: attribute copies are conditional on the known version ---------------------------------
+def test_chmod_of_a_file_another_client_replaced_fails_estale_and_keeps_their_content(tmp_path, cmk_path, other,
+                                                                                         caplog):
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"version 1 from A")
+        h = await fs.open(node, os.O_RDONLY)  # A holds it open (fchmod)
+        ofs = other(store)
+        their_etag = await _other_writes(ofs, "f", b"version 2 from B, longer")
+        assert their_etag != node.version.etag
+        mode_before = node.mode
+        with caplog.at_level(logging.ERROR, "ossfuse.fs.copying"):
+            with pytest.raises(FsError) as e:
+                await fs.setattr(node, mode=0o600, fh=h)
+        assert e.value.errno == errno.ESTALE
+        assert node.mode == mode_before  # not made
+        line = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(line) == 1 and "'pre/f'" in line[0] and their_etag in line[0] and node.version.etag in line[0]
+        await fs.release(h)
+        # B's object is untouched: B (and anyone) still reads B's content
+        info = await store.inner.head("pre/f")
+        assert info.etag == their_etag and stat.S_IMODE(int(info.metadata["mode"])) == 0o644
+        onode = await ofs.lookup(ofs.get(1), "f")
+        assert await _read(ofs, onode) == b"version 2 from B, longer"
+        # A revalidates: the next lookup sees B's version and reads B's content
+        again = await fs.lookup(root, "f")
+        assert again is node and node.version.etag == their_etag
+        assert await _read(fs, node) == b"version 2 from B, longer"
+        await fs.setattr(node, mode=0o600)  # now it is the known version: done
+        assert stat.S_IMODE(int((await store.inner.head("pre/f")).metadata["mode"])) == 0o600
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
+
+
+# -- A1 for rename: the copy and the delete act on the known version -----------------------------
+def test_rename_of_a_file_another_client_replaced_fails_estale_and_moves_nothing(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "a", b"ours")
+        store.replace("pre/a", b"theirs", before="copy")  # written just before our copy
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "a", root, "b", 0)
+        assert e.value.errno == errno.ESTALE
+        assert await store.inner.head("pre/b") is None
+        theirs = await store.inner.head("pre/a")
+        assert await store.inner.get_range("pre/a", 0, 100) == b"theirs"
+        assert (await fs.lookup(root, "a")).version.etag == theirs.etag  # revalidated
+        assert node.path == "a"
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_rename_does_not_delete_a_source_rewritten_after_the_copy(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        await _write_file(fs, root, "a", b"ours")
+        store.replace("pre/a", b"theirs", before="delete")  # written between our copy and delete
+        store.replace("pre/a", b"theirs", before="head")  # (the HEAD-compare sees it)
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "a", root, "b", 0)
+        assert e.value.errno == errno.ESTALE
+        assert await store.inner.get_range("pre/a", 0, 100) == b"theirs"  # their version survives
+        assert store.counts["delete"] == 0
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_directory_rename_does_not_relabel_cached_blocks_of_an_older_version(tmp_path, cmk_path, other):
+    async def body(fs, store):
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        x = await _write_file(fs, d, "x", b"ours x")
+        assert await _read(fs, x) == b"ours x"  # x's blocks of our version may be cached
+        ofs = other(store)
+        od = await ofs.lookup(ofs.get(1), "d")
+        theirs = await _other_writes_in(ofs, od, "x", b"their x, longer")
+        await fs.rename(root, "d", root, "e", 0)  # lists (and copies) their version of d/x
+        assert (await store.inner.head("pre/e/x")).etag != x.version.etag or x.version.key == "pre/e/x"
+        e = await fs.lookup(root, "e")
+        ex = await fs.lookup(e, "x")
+        assert ex is x
+        assert await _read(fs, ex) == b"their x, longer"  # not our old bytes, not garbage
+        assert theirs
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_directory_rename_keeps_a_file_rewritten_between_copy_and_delete(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        await _write_file(fs, d, "x", b"ours x")
+        y = await _write_file(fs, d, "y", b"ours y")
+        store.replace("pre/d/x", b"theirs x", before="head")  # lands after our copy, before our delete
+        await fs.rename(root, "d", root, "e", 0)
+        assert await store.inner.get_range("pre/d/x", 0, 100) == b"theirs x"  # kept at the old name
+        assert await store.inner.head("pre/e/x") is not None  # ours moved
+        assert await store.inner.head("pre/d/y") is None and await store.inner.head("pre/e/y") is not None
+        e = await fs.lookup(root, "e")
+        assert (await fs.lookup(e, "y")) is y and await _read(fs, y) == b"ours y"
+
+    _run(tmp_path, cmk_path, body)
+
+
+# -- A11: "cannot tell" is not "absent" ---------------------------------------------------------
+def test_rename_fails_eio_when_the_destination_cannot_be_checked(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        await _write_file(fs, root, "a", b"a")
+        await _write_file(fs, root, "b", b"b")
+        fs.inodes.by_path["b"].checked_at = 0.0  # its attributes are stale: the rename asks
+        before = {k: (await store.inner.head(k)).etag for k in ("pre/a", "pre/b")}
+        store.fail("head", key="pre/b", error="temporary")
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "a", root, "b", 0)
+        assert e.value.errno == errno.EIO
+        assert {k: (await store.inner.head(k)).etag for k in ("pre/a", "pre/b")} == before  # nothing moved
+
+    _run(tmp_path, cmk_path, body)
+
+
+# -- foreign edits survive an upload: conflict copies -------------------------------------------
+def test_upload_over_a_foreign_edit_keeps_both(tmp_path, cmk_path, other, caplog):
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "notes.txt", b"v1")
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"ours!")
+        ofs = other(store)
+        theirs = await _other_writes(ofs, "notes.txt", b"theirs")
+        with caplog.at_level(logging.WARNING, "ossfuse.fs.conflicts"):
+            await fs.flush(h)
+            await fs.release(h)
+        assert await store.inner.get_range("pre/notes.txt", 0, 100) != b""  # theirs, encrypted
+        assert (await store.inner.head("pre/notes.txt")).etag == theirs
+        copies = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects if "conflict" in o.key]
+        assert len(copies) == 1 and copies[0].startswith("pre/notes.conflict-") and copies[0].endswith(".txt")
+        warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warn) == 1 and theirs in warn[0] and copies[0] in warn[0]
+        assert fs.commit.conflicts.status() == {"count": 1, "recent": [copies[0][len("pre/"):]]}
+        # both readable: the name has theirs, the conflict copy ours
+        assert await _read(fs, await fs.lookup(root, "notes.txt")) == b"theirs"
+        cnode = await fs.lookup(root, copies[0][len("pre/"):])
+        assert await _read(fs, cnode) == b"ours!"
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_new_file_created_elsewhere_meanwhile_is_not_overwritten(tmp_path, cmk_path, other):
+    async def body(fs, store):
+        root = fs.get(1)
+        node, h = await fs.create(root, "new", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"ours")
+        ofs = other(store)
+        theirs = await _other_writes(ofs, "new", b"theirs")
+        await fs.flush(h)
+        await fs.release(h)
+        assert (await store.inner.head("pre/new")).etag == theirs
+        assert fs.commit.conflicts.count == 1 and fs.commit.conflicts.recent[0].startswith("new.conflict-")
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_upload_of_the_known_version_is_no_conflict(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"1")
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"2")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await _read(fs, node) == b"2" and fs.commit.conflicts.count == 0
+        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        assert keys == ["pre/f"]
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_conflict_name_keeps_the_extension_and_fits():
+    t = 1_796_216_701  # 2026-12-02 13:05:01 UTC
+    assert conflict_name("report.docx", "pc1", t) == "report.conflict-pc1-20261202-130501.docx"
+    assert conflict_name("Makefile", "pc1", t) == "Makefile.conflict-pc1-20261202-130501"
+    assert conflict_name(".bashrc", "pc1", t, 2) == ".bashrc.conflict-pc1-20261202-130501-2"
+    long = conflict_name("x" * 250 + ".txt", "pc1", t)
+    assert len(long.encode()) <= 255 and long.endswith("-130501.txt")
+
+
+def test_staged_file_renamed_over_a_known_file_replaces_it_without_a_conflict(tmp_path, cmk_path):
+    """An editor's save: write a temp file, rename it over the document, then close."""
+    async def body(fs, store):
+        root = fs.get(1)
+        await _write_file(fs, root, "doc", b"old")
+        tmp, h = await fs.create(root, "doc.tmp", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"new text")
+        await fs.rename(root, "doc.tmp", root, "doc", 0)  # staged, not uploaded yet
+        await fs.flush(h)
+        await fs.release(h)
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/doc"]
+        assert await _read(fs, await fs.lookup(root, "doc")) == b"new text"
+
+    _run(tmp_path, cmk_path, body)
+
+
+def test_an_upload_whose_answer_was_lost_is_not_a_conflict_with_itself(tmp_path, cmk_path):
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"1")
+        fs.scheduler.delay = 3600
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"2" * 3_000_000)  # over the upload-at-close size: journaled
+        await fs.flush(h)
+        await fs.release(h)
+        store.lose_response("put_file", key="pre/f")  # the PUT happens, its answer is lost
+        assert not await fs.commit.upload_node(node, journal_first=False)  # one attempt
+        assert await fs.commit.upload_node(node)  # tried again: finds its own first PUT
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
+
+    _run(tmp_path, cmk_path, body)
