@@ -348,7 +348,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
 def _pending(fs: Filesystem) -> tuple[int, int]:
     """(files, bytes) closed or open but not yet in the bucket."""
     nodes = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
-    return len(nodes), sum(n.staged.size for n in nodes)
+    return len(nodes), sum(n.staged.size for n in nodes if n.staged is not None)
 
 
 async def _report_drain(fs: Filesystem, every: float = 5.0) -> None:

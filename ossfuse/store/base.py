@@ -89,6 +89,10 @@ class ListPage:
     next_marker: str | None
 
 
+# ``[(key, upload_id, initiated)]`` (a name: inside ObjectStore, ``list`` is its method)
+MultipartUploads = list[tuple[str, str, float]]
+
+
 class ObjectStore(abc.ABC):
     """Async access to one bucket. Every error is a :class:`StoreError` subclass."""
 
@@ -170,7 +174,7 @@ class ObjectStore(abc.ABC):
         ``max_copy_size``)."""
 
     @abc.abstractmethod
-    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+    async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:
         """Unfinished multipart uploads whose key starts with ``prefix``, as
         ``[(key, upload_id, initiated)]`` sorted by key then initiation, ``initiated`` in
         seconds since the epoch (OSS ListMultipartUploads, oss-rest-api.md §3.16, all pages).

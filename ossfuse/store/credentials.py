@@ -42,6 +42,7 @@ import threading
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -176,6 +177,7 @@ class FileCredentialsProvider(CredentialsProvider):
         for name, v in (("access_key_id", ak), ("access_key_secret", sk)):
             if not isinstance(v, str) or not v.strip():
                 raise CredentialsError(f"credentials file {self.path}: {name} missing or empty")
+        assert isinstance(ak, str) and isinstance(sk, str)  # checked just above (for the type checker)
         if tok is not None and not isinstance(tok, str):
             raise CredentialsError(f"credentials file {self.path}: security_token must be a string")
         self._stamp = (st.st_mtime_ns, st.st_size)
@@ -292,7 +294,7 @@ class EcsRamRoleCredentialsProvider(CredentialsProvider):
                 if not lines:
                     raise CredentialsError("no RAM role is attached to this ECS instance")
                 role = lines[0].strip()
-            body = self._http("GET", self._CREDS_PATH + urllib.request.quote(role, safe=""), headers, timeout)
+            body = self._http("GET", self._CREDS_PATH + urllib.parse.quote(role, safe=""), headers, timeout)
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
                 self._token = None  # an expired or rejected token: ask for a new one next time
