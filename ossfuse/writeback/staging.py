@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import uuid
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -64,7 +65,9 @@ class StagedFile:
                  sealed: bool = False, base: "StagedFile | None" = None):
         self.staging = staging
         self.id = sid
-        self.envelope = envelope
+        # an Envelope; a journaled version this mount cannot unwrap gets fs.model.OpaqueEnvelope
+        # (same crypt/wrapped); None only between read_journal and recovery setting it
+        self.envelope: Any = envelope
         self.size = size
         self.generation = 0
         self.sealed = sealed
