@@ -53,3 +53,77 @@ def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
         await store.aclose()
 
     trio.run(main)
+
+
+async def _committed_file(fs: Filesystem, name: str, data: bytes):
+    """A file ``name`` in the root, closed and uploaded; returns its node."""
+    node, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    assert await fs.drain() == 0
+    return node
+
+
+async def _names(fs: Filesystem) -> list[str]:
+    h = fs.opendir(fs.get(1))
+    try:
+        return sorted(name for _, name, _ in await fs.readdir_entries(h, 0))
+    finally:
+        fs.releasedir(h.fh)
+
+
+async def _exists(fs: Filesystem, name: str) -> bool:
+    try:
+        await fs.lookup(fs.get(1), name)
+        return True
+    except FsError as e:
+        assert e.errno == errno.ENOENT
+        return False
+
+
+@pytest.mark.expect_log(r"injected fault: delete")
+def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
+    """unlink whose DeleteObject fails answers EIO; the file must still be there, by lookup
+    and by listing, as it is in the bucket (found by the model test)."""
+    os.makedirs(tmp_path / "bucket")
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _committed_file(fs, "a", b"data")
+        store.fail("delete", key="pre/a")
+        with pytest.raises(FsError) as e:
+            await fs.unlink(fs.get(1), "a")
+        assert e.value.errno == errno.EIO
+        assert await store.inner.head("pre/a") is not None  # still in the bucket ...
+        assert await _names(fs) == ["a"]
+        assert await _exists(fs, "a")  # ... so still in the mount (today: ENOENT)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"injected fault: delete")
+def test_rename_whose_delete_fails_is_consistent(tmp_path, cmk_path):
+    """rename a → c where the copy succeeds and the delete of a fails: EIO, and both names
+    exist (copies first, then deletes: never neither). Lookup and readdir must agree on it."""
+    os.makedirs(tmp_path / "bucket")
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
+        assert await fs.drain() == 0 and await store.inner.head("pre/a") is not None
+        store.fail("delete", key="pre/a")
+        with pytest.raises(FsError) as e:
+            await fs.rename(fs.get(1), "a", fs.get(1), "c", 0)
+        assert e.value.errno == errno.EIO
+        listed = await _names(fs)
+        assert "a" in listed and await _exists(fs, "a")
+        assert ("c" in listed) == await _exists(fs, "c"), f"readdir lists {listed}, lookup of c disagrees"
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
