@@ -613,9 +613,9 @@ class FaultyFsMachine(FsMachine):
     upload_delay = 0.0
     faults = True
 
-    # Not "delete": failed DeleteObjects (unlink, rename) lead to states this model does not
-    # describe yet (names listed but not found, ESTALE on a later chmod): see the report of
-    # this test's introduction; tests/test_fs_regressions.py has the cases minimised so far.
+    # Not "delete" yet: a failed DeleteObject in unlink or rename leaves the mount inconsistent
+    # (KNOWN BUGS: test_fs_regressions.py::test_failed_unlink_removes_nothing and
+    # ::test_rename_whose_delete_fails_is_consistent); add it here once they pass.
     @rule(op=st.sampled_from(("head", "get_range", "put_file", "put_bytes", "copy", "list")))
     def arm_fault(self, op):
         self.store.clear()

@@ -83,22 +83,28 @@ async def _exists(fs: Filesystem, name: str) -> bool:
 
 
 @pytest.mark.expect_log(r"injected fault: delete")
+@pytest.mark.xfail(strict=True, reason="fs/namespace.py unlink of an open file takes the name away (and marks "
+                                       "it unlinked) before its DeleteObject and keeps it so when the delete fails:"
+                                       " EIO, yet the file is gone until a remount (owner: namespace work)")
 def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
-    """unlink whose DeleteObject fails answers EIO; the file must still be there, by lookup
-    and by listing, as it is in the bucket (found by the model test)."""
+    """unlink of an open file whose DeleteObject fails answers EIO; the file must still be
+    there, by lookup and by listing, as it is in the bucket (found by the model test: create,
+    upload while open, delete fails, unlink)."""
     os.makedirs(tmp_path / "bucket")
     store = FaultStore(LocalStore(str(tmp_path / "bucket")))
 
     async def main():
         fs = _filesystem(tmp_path, cmk_path, store)
-        await _committed_file(fs, "a", b"data")
+        _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
+        assert await fs.drain() == 0 and await store.inner.head("pre/a") is not None
         store.fail("delete", key="pre/a")
         with pytest.raises(FsError) as e:
             await fs.unlink(fs.get(1), "a")
         assert e.value.errno == errno.EIO
         assert await store.inner.head("pre/a") is not None  # still in the bucket ...
-        assert await _names(fs) == ["a"]
         assert await _exists(fs, "a")  # ... so still in the mount (today: ENOENT)
+        assert await _names(fs) == ["a"]
+        await fs.release(h)
         fs.close()
         await store.aclose()
 
@@ -106,9 +112,13 @@ def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
 
 
 @pytest.mark.expect_log(r"injected fault: delete")
+@pytest.mark.xfail(strict=True, reason="fs/namespace.py rename: when DeleteObject of the source fails after "
+                                       "the copy, the copy at the new name is listed by readdir while lookup "
+                                       "answers ENOENT from the negative cache (owner: namespace work)")
 def test_rename_whose_delete_fails_is_consistent(tmp_path, cmk_path):
-    """rename a → c where the copy succeeds and the delete of a fails: EIO, and both names
-    exist (copies first, then deletes: never neither). Lookup and readdir must agree on it."""
+    """rename a → c (a open) where the copy succeeds and the delete of a fails: EIO, and both
+    names exist (copies first, then deletes: never neither). Lookup and readdir must agree on
+    it (found by the model test: create, upload while open, delete fails, rename)."""
     os.makedirs(tmp_path / "bucket")
     store = FaultStore(LocalStore(str(tmp_path / "bucket")))
 
@@ -120,9 +130,11 @@ def test_rename_whose_delete_fails_is_consistent(tmp_path, cmk_path):
         with pytest.raises(FsError) as e:
             await fs.rename(fs.get(1), "a", fs.get(1), "c", 0)
         assert e.value.errno == errno.EIO
+        c_found = await _exists(fs, "c")  # (looked up before a listing makes its node)
         listed = await _names(fs)
         assert "a" in listed and await _exists(fs, "a")
-        assert ("c" in listed) == await _exists(fs, "c"), f"readdir lists {listed}, lookup of c disagrees"
+        assert ("c" in listed) == c_found, f"readdir lists {listed}, lookup of c says {c_found}"
+        await fs.release(h)
         fs.close()
         await store.aclose()
 
