@@ -142,8 +142,7 @@ def _config(root: str, cmk_path: str, *, upload_delay: float) -> Config:
                   store=StoreConfig(url=f"local://{root}/bucket", prefix="pre/"),
                   encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
                   cache=CacheConfig(dir=os.path.join(root, "cache")),
-                  # upload_retries 1: a failed PUT is not retried with back-off sleeps in a step
-                  mount=MountConfig(upload_delay=upload_delay, upload_retries=1))
+                  mount=MountConfig(upload_delay=upload_delay))
 
 
 class FsMachine(RuleBasedStateMachine):

@@ -21,7 +21,7 @@ def _filesystem(tmp_path, cmk_path, store) -> Filesystem:
                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
                  cache=CacheConfig(dir=str(tmp_path / "cache")),
-                 mount=MountConfig(upload_delay=0.0, upload_retries=1))
+                 mount=MountConfig(upload_delay=0.0))
     return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
 
 
