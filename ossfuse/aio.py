@@ -16,7 +16,7 @@ def first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def run_all(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) -> None:
+async def run_all(jobs: Iterable[Callable[[], Awaitable[object]]], limit: int) -> None:
     """Run ``jobs`` concurrently, at most ``limit`` at once; the first failure cancels the rest
     and is raised as itself (not wrapped in an ExceptionGroup)."""
     limiter = trio.CapacityLimiter(limit)
@@ -44,7 +44,7 @@ class Supervisor:
         self.on_failure = on_failure
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None) -> None:
-        label = name or getattr(fn, "__qualname__", repr(fn))
+        label = str(name or getattr(fn, "__qualname__", repr(fn)))
 
         async def supervised() -> None:
             try:

@@ -39,7 +39,7 @@ import zlib
 
 import trio
 
-from .aio import run_all
+from .aio import Supervisor, run_all
 from .store.base import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class BlockCache:
         self.used = 0  # bytes of present blocks
         self.pinned_bytes = 0  # bytes of pinned versions (see keep)
         self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0}
-        self._nursery: trio.Nursery | None = None
+        self._nursery: trio.Nursery | Supervisor | None = None
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
         self._write_failing = False  # the last block write failed (full disk): warned once
         self._load_index()
@@ -158,7 +158,7 @@ class BlockCache:
             log.info("cache: %d object version(s), %d bytes kept from the last mount", len(self._entries), self.used)
         self.evict()
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: trio.Nursery | Supervisor) -> None:
         """Allow background read-ahead, run in ``nursery`` (without one, read-ahead is off)."""
         self._nursery = nursery
 

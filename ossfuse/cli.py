@@ -95,6 +95,7 @@ class _ReadyPipe(Readiness):
 
 def _setup_daemon_logging(args, cfg) -> None:
     level = getattr(logging, args.log_level.upper())
+    handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads "<N>" as the priority
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_JournalFormatter())

@@ -262,6 +262,7 @@ class _Lifecycle:
         self.state = "serving"
         self.session_open = False
         self.failure: str | None = None
+        self.status_up = trio.Event()  # the status socket listens (part of being ready)
 
     def stop(self) -> None:
         if self.session_open and self.state == "serving":
@@ -349,7 +350,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
 def _pending(fs: Filesystem) -> tuple[int, int]:
     """(files, bytes) closed or open but not yet in the bucket."""
     nodes = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
-    return len(nodes), sum(n.staged.size for n in nodes)
+    return len(nodes), sum(n.staged.size for n in nodes if n.staged is not None)
 
 
 async def _report_drain(fs: Filesystem, every: float = 5.0) -> None:
@@ -382,9 +383,11 @@ async def _on_signals(life: _Lifecycle, fs: Filesystem) -> None:
 
 
 async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Readiness, life: _Lifecycle) -> None:
-    """Report ready only once the mount answers: stat in a thread is served by our own loop.
+    """Report ready only once the status socket listens and the mount answers: stat in a
+    thread is served by our own loop.
     The thread is abandoned on cancellation, so a stat the kernel can no longer answer never
     holds up shutdown."""
+    await life.status_up.wait()  # a start-up task that fails first keeps us from saying ready
     try:
         await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
     except OSError:

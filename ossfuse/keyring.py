@@ -55,6 +55,7 @@ class RsaCmk(Cmk):
     def __init__(self, cfg: CmkConfig):
         super().__init__(cfg)
         try:
+            assert cfg.private_key is not None  # config validation requires it for an rsa CMK
             with open(cfg.private_key, "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), password=None)
         except TypeError:  # cryptography: "Password was not given but private key is encrypted"
@@ -111,6 +112,7 @@ class RsaCmk(Cmk):
         if result is sentinel:
             raise env.EnvelopeError(f"CMK {self.id!r} cannot unwrap the data key "
                                     "(wrong CMK or corrupt key header)")
+        assert isinstance(result, bytes)
         return result
 
 

@@ -243,7 +243,7 @@ class KmsCmk(Cmk):
         Raises KmsUnavailable or KmsRefused."""
         params = {"KeyId": self.key_id, "KeySpec": "AES_256", "NumberOfBytes": "32"}
         resp = self._call("GenerateDataKey", params)
-        plain_b64, blob = resp.get("Plaintext"), resp.get("CiphertextBlob")
+        plain_b64, blob = resp.get("Plaintext") or "", resp.get("CiphertextBlob")
         try:
             key = base64.b64decode(plain_b64, validate=True)
         except (binascii.Error, ValueError, TypeError):
@@ -365,6 +365,7 @@ class KmsCmk(Cmk):
             leader = flight is None
             if leader:
                 flight = self._inflight[ck] = _Flight()
+        assert flight is not None
         if not leader:
             # another thread is decrypting this blob: share its answer, success or failure
             flight.done.wait()

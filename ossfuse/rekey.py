@@ -150,6 +150,7 @@ async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyrin
         summary.readers_after.setdefault(target.id, []).append(info.key)
         return
     envelope = opened or await trio.to_thread.run_sync(keyring.open_envelope, wrapped, current)
+    assert envelope is not None
     iv = envelope.iv
     new = env.WrappedEnvelope(await trio.to_thread.run_sync(target.wrap, envelope.data_key),
                               await trio.to_thread.run_sync(target.wrap, iv), target.wrap_alg,

@@ -125,14 +125,15 @@ OnRetry = Callable[[BaseException, int, float], None]
 
 def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[BaseException], bool],
                      on_retry: OnRetry | None) -> dict:
-    stop = tenacity.stop_after_attempt(policy.attempts)
+    stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(policy.attempts)
     if policy.deadline is not None:
         # no sleep that ends with less than min_attempt seconds left before the deadline
         stop = stop | tenacity.stop_before_delay(max(0.0, policy.deadline - policy.min_attempt))
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
-        if on_retry is not None and state.outcome is not None:
-            on_retry(state.outcome.exception(), state.attempt_number, state.upcoming_sleep)
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if on_retry is not None and exc is not None:
+            on_retry(exc, state.attempt_number, state.upcoming_sleep)
 
     return dict(stop=stop, wait=lambda state: policy.delay(state.attempt_number),
                 retry=tenacity.retry_if_exception(classify), reraise=True, before_sleep=before_sleep)

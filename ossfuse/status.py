@@ -89,6 +89,7 @@ async def serve(path: str, fs, errors: RecentErrors, started: float, life) -> No
     await sock.bind(path)
     os.chmod(path, 0o600)
     sock.listen(8)
+    life.status_up.set()  # the mount reports ready only once this answers
     listener = trio.SocketListener(sock)
     try:
         async with listener:

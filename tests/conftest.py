@@ -20,6 +20,8 @@ from ossfuse.keyring import generate_rsa_cmk  # noqa: E402
 from ossfuse.store.base import ObjectStore  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 
+pytest_plugins = ["checklogs"]  # a test fails on an undeclared WARNING/ERROR line (tests/checklogs.py)
+
 OSSFUSE = [sys.executable, "-m", "ossfuse"]
 DATA = os.path.join(os.path.dirname(__file__), "data")
 AK, SK, BUCKET, REGION = "test-ak", "test-sk-secret", "test-bucket", "cn-hangzhou"
@@ -159,6 +161,7 @@ class Mount:
     def remount(self, *, clear_cache: bool = True) -> None:
         assert self.stop() == 0
         if clear_cache:
+            self.check_log()  # the log goes with the cache
             for name in os.listdir(self.cache):
                 if name not in ("staging",):
                     p = os.path.join(self.cache, name)
@@ -194,6 +197,11 @@ class Mount:
             return self.server.pending_uploads()
         return len(self.store.pending_uploads())
 
+    def check_log(self) -> None:
+        """Hand the daemon's log to the log checker (undeclared warnings fail the test)."""
+        import checklogs  # the plugin (pytest_plugins above), loaded by now
+        checklogs.daemon_log(self.log(), os.path.join(self.cache, "ossfuse.log"))
+
     def cleanup(self) -> None:
         if os.path.ismount(self.mnt):
             try:
@@ -202,6 +210,7 @@ class Mount:
                 pass
         if os.path.ismount(self.mnt) or (self.pid and process_alive(self.pid)):
             self.kill9()
+        self.check_log()
 
 
 @pytest.fixture

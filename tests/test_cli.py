@@ -155,6 +155,7 @@ def test_config_defaults_and_relative_paths(tmp_path, cmk_path):
     assert cfg.mount.part_size % 16 == 0 and cfg.mount.upload_delay is None
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse: (cache dir .* is in use|mount point .* (is busy|No such file))")
 def test_mount_errors_are_one_line(mount, tmp_path):
     # busy mount point
     r = ossfuse("mount", "-c", mount.config, mount.mnt)

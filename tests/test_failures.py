@@ -72,6 +72,7 @@ def damaged(mount, other_cmk_path):
     return mount, cases
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: cannot open|WARNING ossfuse\.store\.oss: OSS PUT .missing-start.: HTTP 400")
 def test_damaged_objects_give_errno_and_one_log_line_each(damaged):
     mount, cases = damaged
     for name, (want, reason) in cases.items():
@@ -87,6 +88,7 @@ def test_damaged_objects_give_errno_and_one_log_line_each(damaged):
     assert open(mount.path("after"), "rb").read() == b"still writable"
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: .* was replaced by another client while open")
 def test_replaced_object_gives_estale_to_open_handle_and_new_version_to_next_open(mount):
     data = os.urandom(24 << 20)  # far beyond what read-ahead fetches after one small read
     with open(mount.path("f"), "wb") as f:
@@ -111,6 +113,7 @@ def test_replaced_object_gives_estale_to_open_handle_and_new_version_to_next_ope
         assert f.read(100) == new[20 << 20:(20 << 20) + 100]
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: found \d+ journaled file")
 def test_sigkill_after_close_loses_nothing(make_mount):
     m = make_mount("upload_delay = 60")  # uploads wait: the files are only in the journal
     files = {f"dir{i % 3}/file{i}": os.urandom(1000 * i + 1) for i in range(20)}
@@ -146,6 +149,7 @@ def test_unmount_waits_for_pending_uploads(make_mount):
     assert m.head("late").size == len(data)
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.(commit|files): .*(journaling|upload of|staging a write to) 'huge' failed")
 def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_path):
     import subprocess
     m = make_mount(start=False)
@@ -174,6 +178,7 @@ def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_p
         subprocess.run(["umount", "-l", m.cache], capture_output=True)
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'fallback' failed")
 def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_path, cmk_path):
     """On a local-directory bucket a closed small file is already in the bucket (one PUT, no
     journal record); when that PUT fails, close() still succeeds because the file is journaled,
@@ -215,6 +220,7 @@ def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: .* was replaced by another client while open")
 def test_replacement_while_open_reaches_the_next_open_whole(mount):
     """Another client replaces a file this mount holds open: the open handle gets ESTALE once it
     reads again, and an open after attr_timeout reads the new version whole, also the pages the
@@ -260,6 +266,7 @@ def test_mmap_write_through_an_append_handle_lands_in_place(mount):
     assert open(mount.path("m"), "rb").read() == b"Q123456789+tail"
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: found \d+ journaled file")
 def test_attributes_changed_after_close_survive_a_killed_daemon(make_mount):
     m = make_mount()
     with open(m.path("f"), "wb") as f:

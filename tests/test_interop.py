@@ -142,6 +142,7 @@ def test_v2_encryption_client_both_ways(setup):
     assert r.body.read() == big[1048569:1048701]
 
 
+@pytest.mark.expect_log(r"WARNING oss2\.models: Using Bucket to get an encrypted object|WARNING ossfuse\.fs\.objmeta: .* is a directory marker holding")
 def test_plain_objects_and_foreign_keys_under_the_prefix(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     m.write_config(prefix="team/")

@@ -103,6 +103,7 @@ def test_three_cmks_and_two_rules_pick_the_right_key(keyed, cmk_path, other_cmk_
     assert kms.counts.get("Decrypt", 0) == 0
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: cannot (open|write)|ERROR ossfuse\.kms: KMS .* unavailable")
 def test_missing_key_unknown_matdesc_and_unreachable_kms(keyed, tmp_path, kms):
     m, key_id = keyed
     from ossfuse.keyring import generate_rsa_cmk
@@ -219,6 +220,7 @@ def test_oss2_with_rsa_keys_registered_under_several_matdescs(keyed, cmk_path, o
     assert open(m.path("hr", "by-oss2-hr"), "rb").read() == b"written under the hr matdesc"
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.kms: KMS .* unavailable|ERROR ossfuse: not reachable after|WARNING ossfuse\.daemon: not reachable yet")
 def test_mount_waits_for_kms_at_start_then_fails_or_goes_on(tmp_path, cmk_path, other_cmk_path, oss_server, kms):
     import subprocess
     import threading

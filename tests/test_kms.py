@@ -257,6 +257,7 @@ def test_concurrent_unwraps_share_one_decrypt(kms, key_id):
 
 
 # ----------------------------------------------------------------------------- unavailable KMS
+@pytest.mark.expect_log(r"ERROR ossfuse\.kms: KMS .* unavailable")
 def test_server_down_raises_kms_unavailable_after_bounded_retries(kms, key_id, caplog):
     key, wrapped = make_cmk(kms, key_id).new_data_key()
     cmk = make_cmk(kms, key_id, attempts=3, backoff=0.05)
@@ -280,6 +281,7 @@ def test_server_down_raises_kms_unavailable_after_bounded_retries(kms, key_id, c
     assert cmk.unwrap(wrapped) == key
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.kms: KMS .* unavailable")
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_503_and_reset_are_retried_then_unavailable(kms, key_id, mode):
     cmk = make_cmk(kms, key_id, attempts=3, backoff=0.01)
@@ -293,6 +295,7 @@ def test_503_and_reset_are_retried_then_unavailable(kms, key_id, mode):
     assert len(cmk.new_data_key()[0]) == 32
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.kms: KMS .* unavailable")
 def test_read_timeout_is_unavailable(kms, key_id):
     cmk = make_cmk(kms, key_id, attempts=2, backoff=0.01, read_timeout=0.2)
     kms.delay = 0.6
@@ -302,6 +305,7 @@ def test_read_timeout_is_unavailable(kms, key_id):
     assert time.monotonic() - t0 < 2.0
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.kms: KMS .* unavailable")
 def test_kms_that_never_answers_is_bounded_by_the_deadline(kms, key_id):
     """5 attempts × 10 s read timeout would be 50 s: the deadline (1.2 s) cuts each attempt's
     timeout to what is left, so the call fails within it."""
@@ -485,6 +489,7 @@ def test_kms_server_as_separate_process():
         assert proc.wait(10) == 0
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.kms: KMS .* unavailable")
 def test_concurrent_unwraps_share_one_failure(kms, key_id):
     _, wrapped = make_cmk(kms, key_id).new_data_key()
     reader = make_cmk(kms, key_id, attempts=2, backoff=0.3)

@@ -162,6 +162,7 @@ def test_signals_during_the_drain_do_not_crash_and_umount_tells_the_truth(make_m
     assert open(m.path("f0599"), "rb").read().endswith(b"599")
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: found \d+ journaled file")
 def test_umount_reports_a_daemon_that_died_during_the_drain(make_mount):
     m = make_mount("upload_delay = 600")
     _many_pending(m, 300)
@@ -200,6 +201,7 @@ def test_umount_with_a_copy_of_the_mount_in_another_namespace(make_mount):
         holder.wait()
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse: mount point .* is not empty")
 def test_a_non_empty_mount_point_is_refused_unless_nonempty(tmp_path, cmk_path):
     m = Mount(str(tmp_path / "m"), cmk_path)
     with open(os.path.join(m.mnt, "hidden.txt"), "w") as f:

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 sys.path.insert(0, os.path.dirname(__file__))
 from oss_server import OssTestServer, crc64, crc64_combine  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+# Store failure tests: the OSS store logs each failed or retried request (checklogs).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.expect_log(r"(WARNING|ERROR) ossfuse\.store\.(oss|credentials): ")]
 
 AK, SK = "test-ak-id", "test-ak-secret"
 BUCKET = "test-bucket"
@@ -297,6 +298,7 @@ def test_metadata_rules_and_forbid_overwrite(bucket):
     assert bucket.get_object("m").read() == b"x"
 
 
+@pytest.mark.expect_log(r"ERROR oss2\.utils: Exception: .*InconsistentError")
 def test_wrong_crc_is_detected_by_clients(bucket, server, v2):
     bucket.put_object("crc", b"payload")
     server.crc_tamper = 1

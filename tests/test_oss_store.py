@@ -28,7 +28,8 @@ from ossfuse.store.credentials import (CredentialChain, CredentialsError, EcsRam
                                        StaticCredentialsProvider)
 from ossfuse.store.oss import OssStore, region_from_endpoint  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+# Store failure tests: the OSS store logs each failed or retried request (checklogs).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.expect_log(r"(WARNING|ERROR) ossfuse\.store\.(oss|credentials): ")]
 
 AK, SK, REGION, BUCKET = "oss-ak", "oss-sk", "cn-hangzhou", "store-bucket"
 

@@ -194,6 +194,7 @@ class Commit:
             try:
                 if journal_first:
                     meta = await self.journal_node(node)
+                    assert meta is not None  # staged and linked: checked above
                 else:
                     await self.seal(node)
                     meta = file_metadata(node, st.envelope.wrapped, st.size)

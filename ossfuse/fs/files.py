@@ -170,6 +170,7 @@ class Files:
             # the first change of a committed file: its content is read (from the store, maybe)
             # and re-encrypted before taking the lock, so no lock waits for the network
             v, keep = node.version, node.current_size
+            assert envelope is not None  # nothing staged: a new data key was made above
             copied = await self.copy_committed(node, v, keep, envelope)
         async with node.lock:
             if copied is not None:
@@ -182,6 +183,7 @@ class Files:
             # through any writable handle, at their own offsets: the offset is always its.
             await self.ensure_staged(node, node.current_size, envelope)
             st = node.staged
+            assert st is not None  # ensure_staged made one
             if offset + len(data) > MAX_OBJECT_SIZE:
                 raise FsError(errno.EFBIG)
             try:
@@ -251,6 +253,7 @@ class Files:
         if size > MAX_OBJECT_SIZE:
             raise FsError(errno.EFBIG)
         await self.ensure_staged(node, size)
+        assert node.staged is not None  # ensure_staged made one
         try:
             node.staged.truncate(size)
         except OSError as e:

@@ -113,6 +113,7 @@ class NameCache:
         names = [o.key[len(dkey):] for o in page.objects] + [p[len(dkey):-1] for p in page.prefixes]
         local = [d.name for d in self.staged_in(parent.path)]
         self.set_children(parent, [n for n in names if n] + local)
+        assert parent.children is not None  # set just above
         return base_name(path) not in parent.children
 
     @staticmethod

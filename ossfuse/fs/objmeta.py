@@ -77,7 +77,7 @@ def file_metadata(node: Node, wrapped: env.WrappedEnvelope, size: int) -> dict[s
 def version_from_info(info: ObjectInfo) -> Version:
     """The committed version described by a HEAD or listing of an object; a corrupt envelope
     is kept as the error, reported when the file is opened."""
-    wrapped = None
+    wrapped: env.WrappedEnvelope | env.EnvelopeError | None = None
     if env.is_encrypted(info.metadata):
         try:
             wrapped = env.parse_envelope(info.metadata)

@@ -123,6 +123,7 @@ class DirectoryReader:
             if node is not None and (resolver.attrs_fresh(node) or is_dir):
                 resolved[i] = node
                 return
+            info: ObjectInfo | None
             if listed is not None and self.store.listing_has_metadata:
                 info = listed  # the listing said all a HEAD would
             else:

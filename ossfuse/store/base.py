@@ -148,8 +148,12 @@ def _counted(op: str, fn):
             counters.bytes_received += received
         return result
 
-    wrapper._counted = True
+    wrapper._counted = True  # type: ignore[attr-defined]  # marks a wrapped op (no double wrap)
     return wrapper
+
+
+# ``[(key, upload_id, initiated)]`` (a name: inside ObjectStore, ``list`` is its method)
+MultipartUploads = list[tuple[str, str, float]]
 
 
 class ObjectStore(abc.ABC):
@@ -249,7 +253,7 @@ class ObjectStore(abc.ABC):
         ``max_copy_size``)."""
 
     @abc.abstractmethod
-    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+    async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:
         """Unfinished multipart uploads whose key starts with ``prefix``, as
         ``[(key, upload_id, initiated)]`` sorted by key then initiation, ``initiated`` in
         seconds since the epoch (OSS ListMultipartUploads, oss-rest-api.md §3.16, all pages).

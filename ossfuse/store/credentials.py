@@ -183,6 +183,7 @@ class FileCredentialsProvider(CredentialsProvider):
             raise CredentialsError(f"credentials file {self.path}: security_token must be a string")
         self._stamp = (st.st_mtime_ns, st.st_size)
         self._checked = time.monotonic()
+        assert isinstance(ak, str) and isinstance(sk, str)  # checked above
         return Credentials(ak.strip(), sk.strip(), (tok or "").strip() or None)
 
     def get_credentials(self) -> Credentials:

@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 import trio
 
-from .base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+from .base import ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ class LocalStore(ObjectStore):
                 if len(objects) + len(prefixes) >= max_keys:
                     return ListPage(objects, prefixes, last)
                 cut = key.find(delimiter, len(prefix)) if delimiter else -1
-                if cut >= 0:
+                if cut >= 0 and delimiter:
                     common = key[: cut + len(delimiter)]
                     prefixes.append(common)
                     last = common
@@ -488,7 +488,7 @@ class LocalStore(ObjectStore):
                    if_match: str | None = None) -> ObjectInfo:
         return await self._run(self._copy, src, dst, metadata, if_match)
 
-    def _list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+    def _list_uploads(self, prefix: str) -> MultipartUploads:
         out = []
         base = os.path.join(self.root, "uploads")
         for upload_id in os.listdir(base):
@@ -506,7 +506,7 @@ class LocalStore(ObjectStore):
                 out.append((m["key"], upload_id, initiated))
         return sorted(out, key=lambda u: (u[0], u[2]))
 
-    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+    async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:
         return await self._run(self._list_uploads, prefix)
 
     def _delete(self, key: str) -> None:

@@ -60,7 +60,8 @@ import trio
 import urllib3
 
 from ..retry import Budget, RetryPolicy, retry_async
-from .base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, StoreUnavailable
+from .base import (ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
+                   StoreUnavailable)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _causes(exc: BaseException):
     """``exc`` and what it wraps: ``MaxRetryError.reason``, ``__cause__``/``__context__`` and an
     exception passed as the first argument (requests wraps urllib3's errors that way)."""
     seen: set[int] = set()
-    todo = [exc]
+    todo: list[BaseException | None] = [exc]
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:
@@ -200,7 +201,7 @@ def _network_failure(endpoint: str, exc: BaseException,
     ``HTTPConnectionPool(host=…) Max retries exceeded …`` dump."""
     chain = list(_causes(exc))
 
-    def has(*types) -> BaseException | None:
+    def has(*types: type) -> Any:  # Any: the matched type (socket.gaierror, OSError, ...) or None
         return next((c for c in chain if isinstance(c, types)), None)
 
     if g := has(socket.gaierror):
@@ -469,7 +470,7 @@ class OssStore(ObjectStore):
 
     @staticmethod
     def _read_all(res) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             b = res.read(1 << 20)
             if not b:
@@ -745,7 +746,7 @@ class OssStore(ObjectStore):
         return self._bucket.list_multipart_uploads(prefix=prefix, key_marker=key_marker,
                                                    upload_id_marker=upload_id_marker, max_uploads=1000)
 
-    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
+    async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:
         """ListMultipartUploads (§3.16), following NextKeyMarker/NextUploadIdMarker to the end:
         ``[(key, upload_id, initiated)]``, ``initiated`` in epoch seconds."""
         out: list[tuple[str, str, float]] = []

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import uuid
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -64,7 +65,9 @@ class StagedFile:
                  sealed: bool = False, base: "StagedFile | None" = None):
         self.staging = staging
         self.id = sid
-        self.envelope = envelope
+        # an Envelope; a journaled version this mount cannot unwrap gets fs.model.OpaqueEnvelope
+        # (same crypt/wrapped); None only between read_journal and recovery setting it
+        self.envelope: Any = envelope
         self.size = size
         self.generation = 0
         self.sealed = sealed
@@ -107,6 +110,7 @@ class StagedFile:
         if end % BLOCK and last not in partial:
             partial[last] = self._block(fd, last)
         out = bytearray()
+        plain: bytes | bytearray | memoryview
         for b in range(first, last + 1):
             start = b * BLOCK
             if b in partial:
@@ -130,7 +134,7 @@ class StagedFile:
                 return -1
         return self._work_fd
 
-    def _ctr(self, nonce: bytes, data: bytes | memoryview) -> bytes:
+    def _ctr(self, nonce: bytes, data: bytes | bytearray | memoryview) -> bytes:
         """AES-256-CTR under the work key from counter ``nonce``."""
         ctx = Cipher(self._work_aes, modes.CTR(nonce)).encryptor()
         return ctx.update(data) + ctx.finalize()
@@ -168,6 +172,7 @@ class StagedFile:
 
     def _base_run(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` from the base (zeros past ``base_len``)."""
+        assert self.base is not None  # only called when there is a base
         part = self.base.read(offset, min(length, self.base_len - offset))
         return part + bytes(length - len(part))
 
