@@ -25,9 +25,6 @@ def _filesystem(tmp_path, cmk_path, store) -> Filesystem:
     return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
 
 
-@pytest.mark.xfail(strict=True, reason="fs/attrs.py sets node.mode before its CopyObject and keeps it when the "
-                                       "copy fails: the mount shows a mode the bucket never got (owner: attrs/"
-                                       "conditional-copy work of issue 12)")
 @pytest.mark.expect_log(r"injected fault: copy")
 def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
     """chmod of a file in the bucket whose CopyObject fails answers EIO and must leave the mode
