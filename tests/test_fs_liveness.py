@@ -235,6 +235,7 @@ def test_rename_locks_its_names_and_recheck_sees_a_new_destination(tmp_path, cmk
     _run_mock(main)
 
 
+@pytest.mark.expect_log(r"lookup of '.*' failed: injected fault")
 def test_rename_fails_when_it_cannot_tell_whether_the_destination_exists(tmp_path, cmk_path):
     async def main():
         fs = _fs(tmp_path, cmk_path)
@@ -360,6 +361,7 @@ def test_a_crash_before_the_last_close_still_deletes_the_unlinked_object(tmp_pat
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"(was replaced by another client while open|is open and was renamed over)")
 def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_path, cmk_path, caplog):
     async def main():
         fs = _fs(tmp_path, cmk_path, max_size=4 << 20)
@@ -392,6 +394,7 @@ def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_
 
 # -- A3: a listing lists every name or fails ----------------------------------------------------
 
+@pytest.mark.expect_log(r"listing '.*' fails: HEAD")
 def test_readdir_fails_with_eio_when_one_entry_cannot_be_read(tmp_path, cmk_path, caplog):
     async def main():
         fs = _fs(tmp_path, cmk_path)
@@ -440,6 +443,7 @@ def test_implicit_directory_survives_its_last_child(tmp_path, cmk_path):
 
 # -- break-testing: out-of-range attributes ----------------------------------------------------
 
+@pytest.mark.expect_log(r"out of range; shown with the default")
 def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_path, cmk_path, caplog):
     from ossfuse.fuse_ops import Operations
 
@@ -488,6 +492,7 @@ def test_unwrapped_key_cache_does_not_bypass_matdesc(tmp_path, cmk_path):
 
 # -- A9: background cache tasks ----------------------------------------------------------------
 
+@pytest.mark.expect_log(r"checksumming the cached copy of '.*' failed")
 def test_checksum_task_failure_is_logged_not_raised(tmp_path, cmk_path, caplog, monkeypatch):
     async def main():
         fs = _fs(tmp_path, cmk_path)

@@ -141,6 +141,7 @@ def test_an_upload_at_close_supersedes_the_journaled_version_below_it(tmp_path, 
 
 
 # -- quarantine, never delete ------------------------------------------------------------------
+@pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
 def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path, caplog):
     async def crash_with_three():
         fs = _fs(tmp_path, cmk_path)
@@ -181,6 +182,7 @@ def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path,
     trio.run(next_mount)
 
 
+@pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
 def test_recovery_never_creates_a_data_file(tmp_path, cmk_path, caplog):
     """A record whose data file is missing is quarantined as such (no empty file is created
     and reported as '0 of N bytes': review A15)."""
@@ -248,6 +250,7 @@ def test_overwriting_a_staged_range_never_reuses_keystream(tmp_path, cmk_path):
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: staging", r"ossfuse\.fs\.commit: upload of")
 def test_a_failed_seal_then_more_writes_seals_under_a_new_key(tmp_path, cmk_path, monkeypatch):
     """A seal that failed half-way (ENOSPC) left ciphertext under the version's key on disk;
     sealing different content later must not use that key again."""
@@ -396,6 +399,7 @@ def _fail_pwrite(monkeypatch, err: int = errno.ENOSPC):
     monkeypatch.setattr(staging_mod.os, "pwrite", pwrite)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit:", r"ossfuse\.fs\.files: staging a write to")
 def test_enospc_never_replaces_the_last_good_version(tmp_path, cmk_path, monkeypatch):
     async def main():
         fs = _fs(tmp_path, cmk_path)
@@ -420,6 +424,7 @@ def test_enospc_never_replaces_the_last_good_version(tmp_path, cmk_path, monkeyp
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.files: staging")
 def test_enospc_at_the_first_change_is_enospc(tmp_path, cmk_path, monkeypatch):
     async def main():
         fs = _fs(tmp_path, cmk_path)
@@ -519,6 +524,7 @@ def test_extending_a_file_is_cheap_and_past_the_largest_object_is_efbig(tmp_path
 
 
 # -- A6: one retry policy --------------------------------------------------------------------------
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of")
 def test_an_upload_is_one_attempt_the_scheduler_retries(tmp_path, cmk_path):
     async def main():
         fs = _fs(tmp_path, cmk_path)
@@ -548,6 +554,7 @@ def test_a_config_with_upload_retries_says_what_replaced_it(tmp_path, cmk_path):
 
 
 # -- orphaned multipart uploads ------------------------------------------------------------------
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: aborted unfinished multipart upload")
 def test_mount_aborts_multipart_uploads_left_by_a_crash(tmp_path, cmk_path, oss_server):
     from conftest import AK, BUCKET, REGION, SK
     from ossfuse.store.credentials import StaticCredentialsProvider

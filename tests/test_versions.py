@@ -92,6 +92,7 @@ async def _other_writes_in(other_fs: Filesystem, root, name: str, data: bytes) -
 
 
 # -- A1: attribute copies are conditional on the known version ---------------------------------
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying: copy of")
 def test_chmod_of_a_file_another_client_replaced_fails_estale_and_keeps_their_content(tmp_path, cmk_path, other,
                                                                                          caplog):
     async def body(fs, store):
@@ -127,6 +128,7 @@ def test_chmod_of_a_file_another_client_replaced_fails_estale_and_keeps_their_co
 
 
 # -- A1 for rename: the copy and the delete act on the known version -----------------------------
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying: copy of")
 def test_rename_of_a_file_another_client_replaced_fails_estale_and_moves_nothing(tmp_path, cmk_path):
     async def body(fs, store):
         root = fs.get(1)
@@ -144,6 +146,7 @@ def test_rename_of_a_file_another_client_replaced_fails_estale_and_moves_nothing
     _run(tmp_path, cmk_path, body)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying:")
 def test_rename_does_not_delete_a_source_rewritten_after_the_copy(tmp_path, cmk_path):
     async def body(fs, store):
         root = fs.get(1)
@@ -180,6 +183,7 @@ def test_directory_rename_does_not_relabel_cached_blocks_of_an_older_version(tmp
     _run(tmp_path, cmk_path, body)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying:")
 def test_directory_rename_keeps_a_file_rewritten_between_copy_and_delete(tmp_path, cmk_path):
     async def body(fs, store):
         root = fs.get(1)
@@ -198,6 +202,7 @@ def test_directory_rename_keeps_a_file_rewritten_between_copy_and_delete(tmp_pat
 
 
 # -- A11: "cannot tell" is not "absent" ---------------------------------------------------------
+@pytest.mark.expect_log(r"ossfuse\.fs\.resolve: lookup of")
 def test_rename_fails_eio_when_the_destination_cannot_be_checked(tmp_path, cmk_path):
     async def body(fs, store):
         root = fs.get(1)
@@ -215,6 +220,7 @@ def test_rename_fails_eio_when_the_destination_cannot_be_checked(tmp_path, cmk_p
 
 
 # -- foreign edits survive an upload: conflict copies -------------------------------------------
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts:")
 def test_upload_over_a_foreign_edit_keeps_both(tmp_path, cmk_path, other, caplog):
     async def body(fs, store):
         root = fs.get(1)
@@ -242,6 +248,7 @@ def test_upload_over_a_foreign_edit_keeps_both(tmp_path, cmk_path, other, caplog
     _run(tmp_path, cmk_path, body)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts:")
 def test_new_file_created_elsewhere_meanwhile_is_not_overwritten(tmp_path, cmk_path, other):
     async def body(fs, store):
         root = fs.get(1)
@@ -299,6 +306,7 @@ def test_staged_file_renamed_over_a_known_file_replaces_it_without_a_conflict(tm
     _run(tmp_path, cmk_path, body)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of")
 def test_an_upload_whose_answer_was_lost_is_not_a_conflict_with_itself(tmp_path, cmk_path):
     async def body(fs, store):
         root = fs.get(1)
@@ -315,3 +323,49 @@ def test_an_upload_whose_answer_was_lost_is_not_a_conflict_with_itself(tmp_path,
         assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
 
     _run(tmp_path, cmk_path, body)
+
+
+def test_new_file_renamed_over_a_known_file_then_unlinked_leaves_no_old_object(tmp_path, cmk_path):
+    """git: ``master.lock`` closed, renamed over ``master``, then ``pack-refs`` unlinks
+    ``master`` before the upload (1 s upload_delay on OSS). The old ``master`` object must go
+    with the name (it came back after a remount, and git saw the old commit); likewise when the
+    new file moves on to another name before its upload."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                 cache=CacheConfig(dir=str(tmp_path / "cache")), mount=MountConfig(upload_delay=600.0))
+
+    async def write(fs, root, name, data, *, fsync):
+        node, h = await fs.create(root, name, 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, data)
+        if fsync:
+            await fs.fsync(h)
+        await fs.flush(h)
+        await fs.release(h)
+        return node
+
+    async def keys():
+        return [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+
+    async def main():
+        fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+        try:
+            root = fs.get(1)
+            for name in ("ref", "ref2"):
+                assert (await write(fs, root, name, b"first", fsync=True)).staged is None
+                assert (await write(fs, root, name + ".lock", b"second", fsync=False)).staged is not None
+                await fs.rename(root, name + ".lock", root, name, 0)
+            assert await keys() == ["pre/ref", "pre/ref2"]  # the old objects, still
+            await fs.unlink(root, "ref")
+            await fs.rename(root, "ref2", root, "moved", 0)
+            assert await keys() == []
+            await fs.drain()
+            assert await keys() == ["pre/moved"]
+            assert await _read(fs, await fs.lookup(root, "moved")) == b"second"
+        finally:
+            fs.close()
+            await store.aclose()
+
+    trio.run(main)

@@ -81,6 +81,12 @@ class Conflicts:
         write-temp-then-rename), not as a conflict."""
         self._base[node.ino] = etag
 
+    def replaced(self, node: Node) -> str | None:
+        """The ETag of the object ``node`` (staged, never uploaded) replaced by a rename, which
+        is still in the bucket at its name until ``node``'s upload overwrites it; else None."""
+        base = self._base.get(node.ino)
+        return None if base is _UNKNOWN else base
+
     async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
         """Upload ``staged`` for ``node`` (node.lock held) to ``key`` if the bucket still has the
         version this mount started from (or nothing), else to a conflict copy next to it.

@@ -193,6 +193,10 @@ class Namespace:
             node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
                                         time.time_ns())
             node.staged = self.files.staging.new(envelope)
+            key = self.naming.key(path)
+            for key_, etag in self._unlinked_open.values():
+                if key_ == key:  # the object of a file unlinked while open: ours replaces it knowingly
+                    self.commit.conflicts.replaces(node, etag)
             self.commit.mark_staged(node)
             self.inodes.remember(node)
             touch(parent)
@@ -245,8 +249,26 @@ class Namespace:
                     self._unlinked_open[node] = (key, v.etag)
                 elif v is not None:
                     await store_request(self.store.delete(key), key)  # the commit
+                else:
+                    await self._delete_replaced(node, key)
                 self._take_name(node)
             touch(parent)
+
+    async def _delete_replaced(self, node: Node, key: str) -> None:
+        """``node`` is a new file renamed over a committed one and not uploaded yet: the old
+        object still sits at ``key``. Its name is going away (unlink, rename elsewhere), so the
+        old object goes too (if it is still the version replaced), or it would come back once
+        ``node``'s staged version is dropped or moved (git's ``master.lock`` → ``master``, then
+        ``pack-refs`` unlinking ``master``). Raises FsError(EIO) on a store failure."""
+        etag = self.commit.conflicts.replaced(node)
+        if etag is None:
+            return
+        try:
+            await delete_version(self.store, key, etag)
+        except FsError as e:
+            if e.errno != errno.ESTALE:
+                raise  # ESTALE: another client wrote that name since; theirs stays (logged)
+        self.commit.conflicts.replaces(node, None)
 
     def _take_name(self, node: Node) -> None:
         """``node``'s name is gone (unlinked, or replaced by a rename): a staged version no
@@ -350,6 +372,8 @@ class Namespace:
         if dst is not None:
             await self._keep_replaced_readable(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
+            if src.version is None:  # a replaced object at the old name must not stay behind
+                await self._delete_replaced(src, self.naming.key(src.path))
             if dst is not None:
                 if src.version is None and dst.version is not None:
                     self.commit.conflicts.replaces(src, dst.version.etag)  # replaced knowingly
