@@ -262,6 +262,7 @@ def test_check_prints_each_failure_once(tmp_path, cmk_path):
 
 
 # ------------------------------------------------------------------ errno of a wrong CMK
+@pytest.mark.expect_log(r"ossfuse\.fs\.files: cannot open")
 def test_wrong_cmk_is_eio_and_no_cmk_is_eacces_as_documented(tmp_path, cmk_path, other_cmk_path, caplog):
     """No CMK of this configuration matches the object (wrap-alg, matdesc): EACCES. The CMK that
     matches cannot unwrap the data key (a wrong key, or a damaged key header: an RSA CMK cannot

@@ -391,6 +391,7 @@ async def test_multipart(h):
 
 
 @trio_test
+@pytest.mark.expect_log(r"ossfuse\.store\.oss: OSS CompleteMultipartUpload")
 async def test_multipart_abort_and_errors(h):
     s = h.store
     uid = await s.create_multipart("m", {})
@@ -479,6 +480,7 @@ async def test_metadata_names_fold_to_lower_case(h, request):
 
 
 @trio_test
+@pytest.mark.expect_log(r"ossfuse\.store\.oss: cannot read")
 async def test_put_file_unreadable_is_store_error(h, request, tmp_path):
     with pytest.raises(StoreError):
         await h.store.put_file("pf", str(tmp_path / "does-not-exist"), {})
