@@ -150,6 +150,7 @@ def test_unmount_waits_for_pending_uploads(make_mount):
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.(commit|files): .*(journaling|upload of|staging a write to) 'huge' failed")
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit:")
 def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_path):
     import subprocess
     m = make_mount(start=False)

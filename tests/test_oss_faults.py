@@ -50,6 +50,7 @@ def _few_retries(m: Mount, mount_options: str) -> None:
     m.write_config(mount_options, store_options="retries = 1")
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD")
 def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "retry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400")
@@ -77,6 +78,7 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD")
 def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "retry_interval = 0.5\nclose_waits_for_upload = true")
@@ -123,6 +125,7 @@ def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, c
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"ossfuse\.cache: cache file of")
 def test_cache_is_reused_after_remount_and_a_damaged_cache_file_is_refetched(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     m.start()

@@ -547,6 +547,7 @@ def imds():
 
 
 @trio_test
+@pytest.mark.expect_log(r"credentials: Retrieved value stale time is in the past")
 async def test_ram_role_token_first_and_refresh(server, imds):
     """alibabacloud-credentials behind EcsRamRoleCredentialsProvider: hardened mode (token
     first, every GET carries it), store.metadata_url honoured, a credential that expires within
@@ -579,6 +580,7 @@ async def test_ram_role_token_first_and_refresh(server, imds):
     await store.aclose()
 
 
+@pytest.mark.expect_log(r"credentials: Cached value expiration has been extended to", r"credentials: Failed to get RAM session credentials from ECS metadata serv", r"credentials: Refresh credentials failed, cached value is <alibabacloud_cr", r"credentials: Refresh credentials failed, cached value is None, error: Fai", r"credentials: Retrieved value stale time is in the past")
 def test_ram_role_refresh_failure_keeps_valid_credentials(imds):
     """A failed refresh keeps a credential that has not expired; with none, the error names
     the metadata service's answer."""
@@ -595,6 +597,7 @@ def test_ram_role_refresh_failure_keeps_valid_credentials(imds):
     assert ei.value.temporary and "\n" not in str(ei.value)
 
 
+@pytest.mark.expect_log(r"credentials: HTTPConnectionPool", r"credentials: Refresh credentials failed, cached value is None, error: HTT")
 def test_ram_role_chain_and_unreachable(imds):
     imds.creds = [FakeImds.cred(7, 3600)]
     chain = CredentialChain(environ={}, imds_url=imds.url)
@@ -618,6 +621,7 @@ def test_ram_role_chain_and_unreachable(imds):
         EcsRamRoleCredentialsProvider(base_url="https://x/y")
 
 
+@pytest.mark.expect_log(r"credentials: Failed to get RAM session credentials from ECS metadata serv", r"credentials: Refresh credentials failed, cached value is None, error: Fai")
 def test_ram_role_missing_role_is_permanent(imds):
     """A role name the metadata service does not know (404) cannot heal: not temporary."""
     imds.creds = [FakeImds.cred(1, 3600)]

@@ -123,6 +123,7 @@ def test_sigterm_during_a_200_mib_upload_finishes_it(make_mount, tmp_path):
         hashlib.sha256(open(src, "rb").read()).digest()
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.files: cannot open")
 def test_status_reports_pending_uploads_cmks_and_errors(make_mount):
     m = make_mount("upload_delay = 60")
     with open(m.path("pending"), "wb") as f:
@@ -149,6 +150,7 @@ def test_status_reports_pending_uploads_cmks_and_errors(make_mount):
     assert r.returncode == 1 and "is not a mount point" in r.stderr
 
 
+@pytest.mark.expect_log(r"ossfuse: not reachable after", r"ossfuse\.daemon: not reachable yet", r"ossfuse\.store\.oss: OSS ListObjects")
 def test_start_while_the_store_is_down_retries_then_fails_clearly(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     m.write_config("startup_timeout = 2", store_options="retries = 0")
@@ -172,6 +174,7 @@ def test_start_while_the_store_is_down_retries_then_fails_clearly(tmp_path, cmk_
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"ossfuse\.daemon:", r"ossfuse\.daemon: mount point")
 def test_stale_mount_point_is_cleaned_on_mount(make_mount):
     m = make_mount()
     with open(m.path("f"), "wb") as f:
@@ -186,6 +189,7 @@ def test_stale_mount_point_is_cleaned_on_mount(make_mount):
     assert "stale FUSE mount" in m.log()
 
 
+@pytest.mark.expect_log(r"ossfuse\.daemon:", r"ossfuse\.daemon: mount point")
 def test_remount_right_after_sigkill_of_a_busy_daemon(make_mount, tmp_path):
     """Straight after SIGKILL the kernel may still answer stat from its caches: the dead
     daemon's mount is recognised from the registry and cleared, not reported busy."""

@@ -58,6 +58,7 @@ def _write(path: str, data: bytes) -> None:
         os.fsync(f.fileno())  # in the bucket now (OSS: no waiting for upload_delay)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying: copy of")
 def test_fchmod_after_another_mount_replaced_the_file_fails_estale_and_keeps_its_content(make_mount):
     """Review repro 02 (A1): A's fchmod used to stamp A's old envelope onto B's new content."""
     a, b = _two_mounts(make_mount)
@@ -79,6 +80,7 @@ def test_fchmod_after_another_mount_replaced_the_file_fails_estale_and_keeps_its
     assert "refused: this mount knows version" in a.log()
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts:")
 def test_closing_a_file_another_mount_changed_keeps_both_versions(make_mount):
     a, b = _two_mounts(make_mount)
     _write(a.path("doc.txt"), b"original")
