@@ -70,6 +70,10 @@ class Conflicts:
         # inode → the ETag its next upload may replace, when that is not node.version's:
         # _UNKNOWN for a version recovered from the journal (not checked)
         self._base: dict[int, str | None] = {}
+        # key → ETags this mount's own uploads put there lately: a node renamed over another
+        # whose upload was still in flight finds that upload's object, which is ours, not a
+        # foreign edit (git's config.lock → config right after config was first written)
+        self._ours: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
 
     def base_unknown(self, node: Node) -> None:
         """``node``'s staged version came from the journal: what it was based on is unknown."""
@@ -87,6 +91,13 @@ class Conflicts:
         base = self._base.get(node.ino)
         return None if base is _UNKNOWN else base
 
+    def _remember(self, key: str, etag: str, keys_max: int = 4096) -> None:
+        """Note that this mount's upload put ``etag`` at ``key`` (bounded: the oldest keys go)."""
+        self._ours.setdefault(key, set()).add(etag.strip('"').upper())
+        self._ours.move_to_end(key)
+        while len(self._ours) > keys_max:
+            self._ours.popitem(last=False)
+
     async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
         """Upload ``staged`` for ``node`` (node.lock held) to ``key`` if the bucket still has the
         version this mount started from (or nothing), else to a conflict copy next to it.
@@ -96,11 +107,14 @@ class Conflicts:
         if base is _UNKNOWN:
             info = await self.uploader.upload(staged, key, metadata)
             self._base.pop(node.ino, None)
+            self._remember(key, info.etag)
             return info
         current = await self.store.head(key)
-        if current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata):
+        if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
+                or current.etag.strip('"').upper() in self._ours.get(key, ())):
             info = await self.uploader.upload(staged, key, metadata)
             self._base.pop(node.ino, None)
+            self._remember(key, info.etag)
             return info
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""
