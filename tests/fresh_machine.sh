@@ -38,19 +38,19 @@ export PIP_CERT=/root/host-ca.crt REQUESTS_CA_BUNDLE=/root/host-ca.crt SSL_CERT_
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 cd /root/work/ossfuse
 t0=$(date +%s)
-bash .ci/install > /tmp/cmd1.log 2>&1 && .venv/bin/ossfuse quickstart >> /tmp/cmd1.log 2>&1
+bash .ci/install > /root/cmd1.log 2>&1 && .venv/bin/ossfuse quickstart >> /root/cmd1.log 2>&1
 rc1=$?
 echo "== command 1 (bash .ci/install && .venv/bin/ossfuse quickstart): exit $rc1 in $(( $(date +%s) - t0 )) s"
-tail -8 /tmp/cmd1.log
+tail -8 /root/cmd1.log
 if [ $rc1 = 0 ]; then
     echo "== the mount: $(grep ' /mnt/ossfuse ' /proc/self/mounts | cut -d' ' -f1-3)"
     echo "hello from a fresh machine" > /mnt/ossfuse/hello.txt && echo "read back: $(cat /mnt/ossfuse/hello.txt)"
 fi
 t0=$(date +%s)
-.venv/bin/python -m pytest -q > /tmp/cmd2.log 2>&1
+.venv/bin/python -m pytest -q > /root/cmd2.log 2>&1
 rc2=$?
 echo "== command 2 (.venv/bin/python -m pytest -q): exit $rc2 in $(( $(date +%s) - t0 )) s"
-tail -12 /tmp/cmd2.log
+tail -12 /root/cmd2.log
 if grep -q ' /mnt/ossfuse ' /proc/self/mounts; then
     .venv/bin/ossfuse umount /mnt/ossfuse; echo "== umount /mnt/ossfuse: exit $?"
 fi
