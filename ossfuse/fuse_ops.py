@@ -14,6 +14,7 @@ import os
 import pyfuse3
 
 from .fs import DirHandle, FileHandle, Filesystem, FsError, Node
+from .fs.objmeta import rdev_of
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Operations(pyfuse3.Operations):
         a.st_nlink = 2 if node.is_dir else 1
         a.st_uid = node.uid
         a.st_gid = node.gid
+        a.st_rdev = rdev_of(node)  # the kernel opens device nodes with it (mount option "dev")
         a.st_size = node.current_size
         a.st_blksize = _BLOCK
         a.st_blocks = (a.st_size + 511) // 512
@@ -206,10 +208,16 @@ class Operations(pyfuse3.Operations):
         return self._attr(node)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)  # objects cannot share content: no hard links
+        # Objects cannot share content: no hard links. EPERM is what Linux's VFS answers for a
+        # filesystem without link (link(2): "does not support the creation of hard links").
+        raise pyfuse3.FUSEError(errno.EPERM)
 
+    @_fs_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)  # only regular files, directories and symlinks
+        # FIFOs, sockets (bind(2) of a unix socket) and device nodes; the kernel opens them itself
+        node = await self.fs.mknod(self.fs.get(parent_inode), _name(name), mode & ~ctx.umask, rdev,
+                                   ctx.uid, ctx.gid)
+        return self._attr(node)
 
     @_fs_errors
     async def statfs(self, ctx):

@@ -196,6 +196,9 @@ class Filesystem:
     async def symlink(self, parent: Node, name: str, target: str, uid: int, gid: int) -> Node:
         return await self.namespace.symlink(parent, name, target, uid, gid)
 
+    async def mknod(self, parent: Node, name: str, mode: int, rdev: int, uid: int, gid: int) -> Node:
+        return await self.namespace.mknod(parent, name, mode, rdev, uid, gid)
+
     async def unlink(self, parent: Node, name: str) -> None:
         await self.namespace.unlink(parent, name)
 

@@ -17,6 +17,12 @@ from .errors import FsError
 
 ROOT_INO = 1
 
+# File types stored as zero-length objects whose x-oss-meta-mode carries the type bits (as
+# ossfs 1.x / s3fs store them: ossfs-1.91.10 src/s3fs.cpp s3fs_mknod → create_file_object).
+# The kernel opens them itself (a FIFO is a pipe, a socket a socket); the daemon never sees
+# their opens, reads or writes.
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
+
 
 @dataclass(slots=True)
 class Version:
@@ -76,6 +82,11 @@ class Node:
     @property
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node (a zero-length object, opened by the kernel only)."""
+        return stat.S_IFMT(self.mode) in SPECIAL_TYPES
 
     @property
     def current_size(self) -> int:

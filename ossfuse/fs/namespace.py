@@ -1,4 +1,4 @@
-"""Namespace changes: mkdir, rmdir, create, unlink, symlink and rename.
+"""Namespace changes: mkdir, rmdir, create, mknod, unlink, symlink and rename.
 
 Locking (docs/design.md, "Locks and what they protect"): each operation locks the names it
 changes (:class:`~ossfuse.fs.locks.NameLocks`), never the mount. The pattern is probe → lock →
@@ -27,10 +27,10 @@ from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
 from .locks import NameLocks
-from .model import FileHandle, Node, Version, set_local_version, touch
+from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, touch
 from .namecache import NameCache
 from .naming import Naming, join
-from .objmeta import attr_meta, file_metadata
+from .objmeta import attr_meta, file_metadata, special_metadata
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -220,6 +220,36 @@ class Namespace:
             node.version = Version(info.key, info.etag, len(data), meta, envelope.wrapped, envelope)
             node.size = len(data)
             node.symlink_target = target
+            self.inodes.remember(node)
+            touch(parent)
+            return node
+
+    async def mknod(self, parent: Node, name: str, mode: int, rdev: int, uid: int, gid: int) -> Node:
+        """mknod(2): ``mode`` is st_mode (type and permission bits), ``rdev`` st_rdev (devices
+        only). A FIFO, socket (bind(2) of a unix socket) or device node becomes a plain
+        zero-length object, its type in x-oss-meta-mode and a device's number in
+        x-oss-meta-rdev, as ossfs/s3fs store them (ossfs-1.91.10 ``src/s3fs.cpp`` s3fs_mknod):
+        no content, so no envelope (docs/semantics.md, "Special files"). S_IFREG makes an empty
+        encrypted file, committed at once. Raises FsError EINVAL (another type), EEXIST,
+        ENOENT, EINVAL/ENAMETOOLONG, EIO."""
+        kind = stat.S_IFMT(mode)
+        if kind not in SPECIAL_TYPES and kind != stat.S_IFREG:
+            raise FsError(errno.EINVAL)
+        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        envelope = await self.files.new_envelope(join(parent.path, name)) if kind == stat.S_IFREG else None
+        async with self._new_name_locked(parent, name) as path:
+            node = self.inodes.new_node(path, kind | (mode & 0o7777 & ~self.create_umask), uid, gid, time.time_ns())
+            if envelope is not None:
+                meta = file_metadata(node, envelope.wrapped, 0)
+            else:
+                meta = special_metadata(node, rdev)
+            try:  # the commit, under the new name's lock only
+                info = await self.store.put_bytes(self.naming.key(path), b"", meta)
+            except StoreError as e:
+                self.inodes.discard(node)
+                log.error("mknod %r failed: %s", self.naming.key(path), e)
+                raise FsError(errno_of(e)) from None
+            node.version = Version(info.key, info.etag, 0, meta, envelope.wrapped if envelope else None, envelope)
             self.inodes.remember(node)
             touch(parent)
             return node

@@ -1,6 +1,13 @@
 """The ``x-oss-meta-*`` attribute codec: mode, uid, gid and mtime of a file or directory as
-user metadata (the names and formats ossfs/s3fs use), with the mount's defaults for objects
-that carry none. Pure functions, no I/O."""
+user metadata (the names and formats ossfs/s3fs use), the device number of a device node, with
+the mount's defaults for objects that carry none. Pure functions, no I/O.
+
+Formats (ossfs-1.91.10: ``src/s3fs.cpp`` create_file_object/s3fs_mknod writes, ``src/metaheader.cpp``
+get_mode reads): ``x-oss-meta-mode`` is st_mode in decimal, file type bits included, so a FIFO,
+socket or device node is an object whose mode has S_IFIFO/S_IFSOCK/S_IFCHR/S_IFBLK (get_mode
+returns such a mode unchanged). ossfs stores no device number (its st_rdev is always 0);
+ossfuse adds ``x-oss-meta-rdev``, the st_rdev of a device node in decimal (glibc's
+``makedev(major, minor)``, which ossfs ignores)."""
 from __future__ import annotations
 
 import logging
@@ -10,12 +17,13 @@ from dataclasses import dataclass
 
 from .. import envelope as env
 from ..store.base import ObjectInfo
-from .model import Node, Version
+from .model import SPECIAL_TYPES, Node, Version
 
 log = logging.getLogger(__name__)
 
 _ID_MAX = 2**32 - 2  # uid_t/gid_t: 32 bits unsigned, (uid_t)-1 means "unchanged" to chown(2)
 _MODE_MAX = 0o177777  # st_mode: file type and permission bits
+_RDEV_MAX = 2**32 - 1  # the FUSE protocol's rdev is 32 bits (fuse_attr.rdev, fuse_mknod_in.rdev)
 _MTIME_NS_MAX = 2**63 - 1  # st_mtime_ns is a signed 64-bit count of nanoseconds
 _WARNED_MAX = 10_000
 _warned: set[tuple[str, str]] = set()  # (key, attribute) already reported out of range
@@ -63,6 +71,24 @@ def attr_meta(node: Node) -> dict[str, str]:
     """The x-oss-meta attributes of ``node`` (mode, uid, gid, mtime)."""
     return {"mode": str(node.mode), "uid": str(node.uid), "gid": str(node.gid),
             "mtime": fmt_mtime(node.mtime_ns)}
+
+
+def special_metadata(node: Node, rdev: int) -> dict[str, str]:
+    """User metadata of a FIFO, socket or device node ``node``: its attributes, and for a
+    character or block device ``rdev`` (st_rdev) as ``x-oss-meta-rdev``."""
+    meta = attr_meta(node)
+    if stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
+        meta["rdev"] = str(rdev)
+    return meta
+
+
+def rdev_of(node: Node) -> int:
+    """st_rdev of ``node``: a device node's ``x-oss-meta-rdev`` (0 when absent, as ossfs
+    writes them; out of range [0, 2^32): 0, one WARNING naming the object), else 0."""
+    if not (stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode)) or node.version is None:
+        return 0
+    v = node.version
+    return _in_range(v.key, "rdev", int_or(v.metadata.get("rdev"), 0), 0, _RDEV_MAX) or 0
 
 
 def file_metadata(node: Node, wrapped: env.WrappedEnvelope, size: int) -> dict[str, str]:
@@ -120,6 +146,8 @@ class AttrDefaults:
             mode = stat.S_IFDIR | (stat.S_IMODE(mode) if mode else 0o777 & ~self.umask)
         elif stat.S_ISLNK(mode):
             mode = stat.S_IFLNK | 0o777
+        elif stat.S_IFMT(mode) in SPECIAL_TYPES:
+            mode = stat.S_IFMT(mode) | stat.S_IMODE(mode)  # a FIFO, socket or device node
         else:
             mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
         if not stat.S_ISLNK(mode):
