@@ -334,3 +334,47 @@ def test_hard_links_stay_refused_with_eperm(mount):
         assert e.value.errno == errno.EPERM
     assert sorted(os.listdir(mount.mnt)) == ["f", "p"]
     assert not [k for k in mount.keys() if k.endswith(".hard")]  # the refusals made no object
+
+
+@pytestmark_mount
+@pytest.mark.parametrize("store_kind", ["oss"], indirect=True)
+def test_sdk_encryption_clients_read_a_special_file_as_empty(mount, tmp_path, other_cmk_path):
+    """A special file is a plain zero-length object: each official SDK's encryption client
+    (C++, Go V1, Go V2, oss2, Python V2) reads it as 0 bytes, no error (they pass objects
+    without an envelope through)."""
+    from interop_clients import CLIENTS, Case, Env, missing_tools
+    why = missing_tools()
+    if why:
+        if "CI" in os.environ:
+            pytest.fail(f"CI must prove interop with the SDKs, but {why}", pytrace=False)
+        pytest.skip(why)
+    os.mkfifo(mount.path("p"))
+    os.mknod(mount.path("c"), stat.S_IFCHR | 0o600, os.makedev(5, 1))
+    e = Env(mount.server.endpoint, mount.cmk, other_cmk_path, mount)
+    for name in ("cpp", "go1", "gov2", "oss2", "pyv2"):
+        for key in ("p", "c"):
+            assert CLIENTS[name](e, str(tmp_path / "work")).get(key, Case("special", 0)) == b"", (name, key)
+
+
+@pytestmark_mount
+@pytest.mark.parametrize("store_kind", ["local"], indirect=True)
+def test_device_node_opens_as_the_device_with_o_dev_only(mount):
+    """A character device made in the mount is the kernel's device (here /dev/null's 1,3): on a
+    mount with ``-o dev`` writes vanish and reads give EOF, nothing reaches the daemon or the
+    bucket; on a default (nodev) mount opening it is refused with EACCES."""
+    from conftest import OSSFUSE
+    from ossfuse.daemon import read_registry
+    os.mknod(mount.path("null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with pytest.raises(PermissionError):
+        open(mount.path("null"), "wb")
+    assert mount.stop() == 0
+    r = subprocess.run(OSSFUSE + ["mount", "-c", mount.config, "-o", "dev", mount.mnt], capture_output=True,
+                       text=True, timeout=90, env=mount.env)
+    assert r.returncode == 0, r.stderr
+    mount.pid = read_registry(mount.mnt)["pid"]
+    with open(mount.path("null"), "wb") as f:
+        f.write(b"x" * 100_000)
+    with open(mount.path("null"), "rb") as f:
+        assert f.read() == b""
+    assert os.lstat(mount.path("null")).st_rdev == os.makedev(1, 3)
+    assert mount.head("null").size == 0
