@@ -40,7 +40,10 @@ import zlib
 import trio
 
 from .aio import Supervisor, run_all
-from .store.base import ObjectStore, StoreError
+from .integrity import BlockTags, IntegrityError, TagSpec, nblocks
+from .integrity import TAG as _TAG
+from .integrity import parse as parse_tags
+from .store.base import NoSuchKey, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ _FETCH_CHUNK = 4 << 20  # bytes per ranged GET when filling a run of missing blo
 _FETCH_PARALLEL = 4  # ranged GETs at once per read
 _PREFETCH_PARALLEL = 8  # read-ahead GETs at once, all files together (≤ 32 MiB in memory)
 _MAX_OPEN_FDS = 256  # cache files kept open at once
+_MAX_TAG_LISTS = 256  # object versions whose tag lists are kept in memory
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -80,6 +84,9 @@ class CacheEntry:
         self.inflight: dict[int, trio.Event] = {}
         self.crc: list[int | None] = [None] * self.nblocks  # CRC-32 of each fetched block
         self.verified = bytearray(b"\1" * self.nblocks)  # 0: from an earlier mount, check first
+        # 1 per present block checked against the object's integrity tags (docs/integrity.md)
+        self.authed = bytearray(self.nblocks)
+        self.tags: BlockTags | None = None  # the version's tags, once a reader supplied them
         self.pinned = False  # never evicted (its object is gone but a handle still reads it)
         self.dropped = False  # forgotten by the cache: late fetches must not recreate its file
         self._fd = -1
@@ -118,7 +125,12 @@ class BlockCache:
         self._open: collections.OrderedDict[tuple[str, str], CacheEntry] = collections.OrderedDict()
         self.used = 0  # bytes of present blocks
         self.pinned_bytes = 0  # bytes of pinned versions (see keep)
-        self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0}
+        self.stats = {"hits": 0, "misses": 0, "evicted_bytes": 0, "prefetched_bytes": 0,
+                      # bytes returned by read(): checked against integrity tags, or of objects
+                      # without tags; blocks that failed their tag (after one refetch), refetches
+                      "verified_bytes": 0, "unverified_bytes": 0, "integrity_failures": 0,
+                      "integrity_refetches": 0}
+        self._tag_lists: collections.OrderedDict[tuple[str, str], BlockTags] = collections.OrderedDict()
         self._nursery: trio.Nursery | Supervisor | None = None
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
         self._write_failing = False  # the last block write failed (full disk): warned once
@@ -192,6 +204,7 @@ class BlockCache:
         if e.present[b]:
             e.present[b] = 0
             self.used -= e.block_len(b)
+        e.authed[b] = 0
         self._lru.pop((e.key, b), None)
 
     def _forget_blocks(self, e: CacheEntry) -> None:
@@ -242,6 +255,7 @@ class BlockCache:
         e = self._entries[(key, etag)] = CacheEntry(self, (key, etag), dest, size)
         for b in range(e.nblocks):
             self._mark_present(e, b)
+        e.authed[:] = b"\1" * e.nblocks  # the tags were computed from this very file
         self.evict()
         # CRCs let the blocks be trusted after a remount; one block is summed at once (cheaper
         # than a thread hand-off), more in the background
@@ -288,7 +302,11 @@ class BlockCache:
                 self._entries[(key, etag)] = e
             return
         self.drop(new_key, new_etag)
+        tags = self._tag_lists.pop((key, etag), None)
+        if tags is not None:  # the copy has the same data key, IV and size: the same tags
+            self._tag_lists[(new_key, new_etag)] = tags
         present = [b for b in range(e.nblocks) if e.present[b]]
+        authed = bytes(e.authed)
         self._forget_blocks(e)
         self._open.pop(e.key, None)
         dest = self._path(new_key, new_etag)
@@ -297,6 +315,7 @@ class BlockCache:
         self._entries[e.key] = e
         for b in present:
             self._mark_present(e, b)
+        e.authed[:] = authed
 
     def drop(self, key: str, etag: str) -> None:
         """Forget version (key, etag) and delete its file."""
@@ -313,19 +332,31 @@ class BlockCache:
                 pass
 
     async def read(self, key: str, etag: str, size: int, offset: int, length: int,
-                   *, fetch_until: int | None = None) -> bytes:
+                   *, fetch_until: int | None = None, tags: BlockTags | None = None) -> bytes:
         """Ciphertext bytes ``[offset, offset+length)`` of version (key, etag), clipped to ``size``.
 
         Missing blocks are fetched with ranged GETs carrying If-Match (``fetch_until`` widens the
-        fetch for read-ahead). Raises PreconditionFailed if the object was replaced,
-        NoSuchKey if it was deleted, TruncatedObject if the store returns short data.
+        fetch for read-ahead). With ``tags`` (the version's, from :meth:`tags_for`), every byte
+        returned was checked against them: fetches cover whole tagged blocks, a block that fails
+        is fetched once more, and blocks cached without a check are checked first. Raises
+        PreconditionFailed if the object was replaced, NoSuchKey if it was deleted,
+        TruncatedObject if the store returns short data, IntegrityError if a block fails its
+        tag twice (nothing of it is cached).
         """
         end = min(size, offset + length)
         if end <= offset:
             return b""
+        data = await self._read(key, etag, size, offset, end, fetch_until, tags)
+        self.stats["verified_bytes" if tags is not None else "unverified_bytes"] += len(data)
+        return data
+
+    async def _read(self, key: str, etag: str, size: int, offset: int, end: int, fetch_until: int | None,
+                    tags: BlockTags | None) -> bytes:
         if self.store.local_disk and (key, etag) not in self._entries:
-            return await self._read_through(key, etag, size, offset, end)  # caching would copy the bucket
+            return await self._read_through(key, etag, size, offset, end, tags)  # caching would copy the bucket
         e = self.entry(key, etag, size)
+        if tags is not None:
+            e.tags = tags
         bs = self.block_size
         await self._ensure(key, etag, e, offset, end)
         ahead = min(size, fetch_until or 0, end + self.max_size // 4)  # read-ahead within the limit
@@ -335,24 +366,105 @@ class BlockCache:
         if not all(e.present[b] for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
             # disk), or another task's fetch failed: serve this read straight from the store.
-            return await self._read_through(key, etag, size, offset, end)
+            return await self._read_through(key, etag, size, offset, end, tags)
         for b in blocks:
             self._lru.move_to_end((e.key, b))
             if not e.verified[b]:
                 self._verify(e, b)
+        if tags is not None and not all(e.authed[b] for b in blocks if e.present[b]):
+            self._check_cached(e, tags, [b for b in blocks if e.present[b] and not e.authed[b]])
         if not all(e.present[b] for b in blocks):  # a damaged block was dropped: fetch it again
             await self._ensure(key, etag, e, offset, end)
             if not all(e.present[b] for b in blocks):
-                return await self.read(key, etag, size, offset, length)
+                return await self._read(key, etag, size, offset, end, None, tags)
         return os.pread(e.fd, end - offset, offset)
 
-    async def _read_through(self, key: str, etag: str, size: int, offset: int, end: int) -> bytes:
-        """Bytes [offset, end) straight from the store, not cached; TruncatedObject if short."""
-        data = await self.store.get_range(key, offset, end, if_match=etag)
-        if len(data) != end - offset:
-            raise TruncatedObject(f"object is truncated: asked bytes {offset}-{end - 1} of {size}, "
+    async def _read_through(self, key: str, etag: str, size: int, offset: int, end: int,
+                            tags: BlockTags | None = None) -> bytes:
+        """Bytes [offset, end) straight from the store, not cached (checked against ``tags``
+        when given: whole tagged blocks are fetched). TruncatedObject if short, IntegrityError
+        if a block fails its tag twice."""
+        if tags is None:
+            return await self._get(key, etag, size, offset, end)
+        lo, hi = tags.span(offset, end)
+        data = await self._get_checked(key, etag, tags, lo, hi)
+        return data[offset - lo:end - lo]
+
+    async def _get(self, key: str, etag: str, size: int, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of version (key, etag) by one ranged GET; TruncatedObject if short."""
+        data = await self.store.get_range(key, lo, hi, if_match=etag)
+        if len(data) != hi - lo:
+            raise TruncatedObject(f"object is truncated: asked bytes {lo}-{hi - 1} of {size}, "
                                   f"got {len(data)}")
         return data
+
+    async def _get_checked(self, key: str, etag: str, tags: BlockTags, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) (whole tagged blocks) checked against ``tags``; a block that fails is
+        fetched once more (a damaged response), and if it fails again IntegrityError names the
+        object, the block and the ETag (the reader logs it: one line)."""
+        data = await self._get(key, etag, tags.size, lo, hi)
+        bad = await trio.to_thread.run_sync(tags.bad_blocks, lo, data)
+        if not bad:
+            return data
+        buf = bytearray(data)
+        for i in bad:
+            self.stats["integrity_refetches"] += 1
+            log.info("block %d of %r (ETag %s) fails its integrity tag; fetching it again", i, key, etag)
+            blo, bhi = tags.span(i * tags.block, i * tags.block + 1)
+            again = await self._get(key, etag, tags.size, blo, bhi)
+            if await trio.to_thread.run_sync(tags.bad_blocks, blo, again):
+                self.stats["integrity_failures"] += 1
+                raise IntegrityError(f"block {i} (bytes {blo}-{bhi - 1}) of version ETag {etag} fails its "
+                                     f"integrity tag (fetched twice): the stored object is damaged")
+            buf[blo - lo:bhi - lo] = again
+        return bytes(buf)
+
+    def _check_cached(self, e: CacheEntry, tags: BlockTags, blocks: list[int]) -> None:
+        """Check present cache blocks ``blocks`` of ``e`` that were cached without a check (read
+        ahead before the data key was unwrapped, or kept from an earlier mount) against
+        ``tags``, reading whole tagged blocks from the cache file; a block that fails, or whose
+        tagged block is not all cached, is dropped (the caller fetches it again)."""
+        bs = self.block_size
+        for b in blocks:
+            if not e.present[b] or e.authed[b]:
+                continue
+            lo, hi = tags.span(b * bs, b * bs + e.block_len(b))
+            cover = range(lo // bs, (hi - 1) // bs + 1)
+            if all(e.present[c] for c in cover) and not tags.bad_blocks(lo, os.pread(e.fd, hi - lo, lo)):
+                for c in cover:
+                    if lo <= c * bs and c * bs + e.block_len(c) <= hi:
+                        e.authed[c] = 1
+            if not e.authed[b]:
+                self._unmark(e, b)
+
+    async def tags_for(self, key: str, etag: str, size: int, metadata: dict[str, str],
+                       data_key: bytes, iv: bytes) -> BlockTags | None:
+        """The integrity tags of version (key, etag) of ``size`` bytes with ``metadata`` and
+        data key/IV (None: it has none, e.g. written by an SDK). A tag list kept beside the
+        object is fetched once and kept in memory. Raises IntegrityError when the header or
+        the list is damaged or the list is missing, StoreError when the list cannot be read."""
+        got = self._tag_lists.get((key, etag))
+        if got is not None:
+            self._tag_lists.move_to_end((key, etag))
+            return got
+        spec: TagSpec | None = parse_tags(metadata)
+        if spec is None:
+            return None
+        body = None
+        if spec.list_key is not None:
+            want = nblocks(size, spec.block) * _TAG
+            try:
+                body = await self.store.get_range(spec.list_key, 0, want) if want else b""
+            except NoSuchKey:
+                raise IntegrityError(f"version ETag {etag}: its tag list {spec.list_key!r} is missing") from None
+        try:
+            tags = BlockTags.from_spec(spec, data_key, iv, size, body)
+        except IntegrityError as e:
+            raise IntegrityError(f"version ETag {etag}: {e}") from None
+        self._tag_lists[(key, etag)] = tags
+        while len(self._tag_lists) > _MAX_TAG_LISTS:
+            self._tag_lists.popitem(last=False)
+        return tags
 
     def _verify(self, e: CacheEntry, b: int) -> None:
         """Check a block kept from an earlier mount against its CRC-32; drop it if damaged."""
@@ -380,6 +492,10 @@ class BlockCache:
         self.pinned_bytes += size
         try:
             await self._ensure(key, etag, e, 0, size)
+        except IntegrityError as err:  # a damaged block is not kept: its handles get EIO for it
+            log.info("not keeping %r: %s", key, err)
+            self.unpin(e)
+            return False
         except BaseException:
             self.unpin(e)
             raise
@@ -421,7 +537,7 @@ class BlockCache:
                 await self._fetch_blocks(key, etag, e, blocks)
             self.stats["prefetched_bytes"] += sum(e.block_len(b) for b in blocks)
             self.evict()
-        except StoreError as err:  # read-ahead is best effort: the reader fetches what it needs
+        except (StoreError, IntegrityError) as err:  # best effort: the reader fetches (and reports) what it needs
             log.debug("read-ahead of %r failed: %s", key, err)
         except Exception as err:  # noqa: BLE001 - a background task: logged, never fatal to the mount
             log.warning("read-ahead of %r failed: %s: %s", key, type(err).__name__, err)
@@ -465,10 +581,12 @@ class BlockCache:
                 ranges.append((lo, hi))
 
         async def fetch(lo: int, hi: int) -> None:
-            data = await self.store.get_range(key, lo, hi, if_match=etag)
-            if len(data) != hi - lo:
-                raise TruncatedObject(f"object is truncated: asked bytes {lo}-{hi - 1} of "
-                                      f"{e.size}, got {len(data)}")
+            tags = e.tags
+            if tags is not None:  # whole tagged blocks, checked before anything is cached
+                lo, hi = tags.span(lo, hi)
+                data = await self._get_checked(key, etag, tags, lo, hi)
+            else:
+                data = await self._get(key, etag, e.size, lo, hi)
             if e.dropped:
                 return
             try:
@@ -486,9 +604,12 @@ class BlockCache:
                 self._write_failing = True
                 return
             self._write_failing = False
-            for b in range(lo // bs, (hi - 1) // bs + 1):
+            for b in range(-(-lo // bs), (hi - 1) // bs + 1):
+                if (b + 1) * bs > hi and hi != e.size:
+                    break  # only part of this cache block was fetched (tagged blocks smaller)
                 e.crc[b] = zlib.crc32(memoryview(data)[b * bs - lo:min(hi, (b + 1) * bs) - lo])
                 self._mark_present(e, b)
+                e.authed[b] = tags is not None
 
         await run_all([functools.partial(fetch, lo, hi) for lo, hi in ranges], _FETCH_PARALLEL)
 

@@ -72,6 +72,11 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
                   "encrypts_new_objects": c is keyring.default} for c in keyring.cmks.values()],
         "rules": [{"prefix": p, "cmk": c.id} for p, c in keyring.rules],
         "counters": dict(fs.stats),
+        # bytes read (returned to readers) checked against integrity tags, and of objects that
+        # have none (written by the SDKs); blocks that failed their tag twice (docs/integrity.md)
+        "integrity": {"verified_bytes": cache_stats["verified_bytes"],
+                      "unverified_bytes": cache_stats["unverified_bytes"],
+                      "failures": cache_stats["integrity_failures"]},
         "conflicts": fs.commit.conflicts.status(),  # {"count", "recent": [conflict copy paths]}
         "recent_errors": list(errors.records),
     }
@@ -156,6 +161,10 @@ def render(doc: dict) -> str:
     ctr = doc["counters"]
     lines.append(f"uploaded:         {ctr['uploaded']} (failures {ctr['upload_failures']}, recovered {ctr['recovered']}, "
                  f"quarantined {ctr.get('quarantined', 0)})")
+    ig = doc.get("integrity")
+    if ig:
+        lines.append(f"bytes read:       {ig['verified_bytes']} verified, {ig['unverified_bytes']} without tags "
+                     f"(integrity failures {ig['failures']})")
     cf = doc.get("conflicts") or {"count": 0, "recent": []}
     lines.append(f"conflict copies:  {cf['count']}" + (f" (latest: {', '.join(cf['recent'])})" if cf["recent"] else ""))
     if doc["recent_errors"]:
@@ -222,6 +231,11 @@ def prometheus(doc: dict) -> str:
     if c.get("hit_ratio") is not None:
         family("ossfuse_cache_hit_ratio", "gauge", "Cache hits / (hits + misses) since the mount started.",
                [({}, float(c["hit_ratio"]))])
+    ig = doc.get("integrity") or {"verified_bytes": 0, "unverified_bytes": 0, "failures": 0}
+    family("ossfuse_read_bytes_total", "counter", "Bytes read, by whether integrity tags checked them.",
+           [({"verified": "true"}, ig["verified_bytes"]), ({"verified": "false"}, ig["unverified_bytes"])])
+    family("ossfuse_integrity_failures_total", "counter", "Blocks that failed their integrity tag twice.",
+           [({}, ig["failures"])])
     family("ossfuse_recent_errors", "gauge", "Errors logged recently (the last 20 are kept).",
            [({}, len(doc["recent_errors"]))])
     return "\n".join(out) + "\n"

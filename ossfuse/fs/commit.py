@@ -11,6 +11,7 @@ import time
 import trio
 
 from .. import envelope as env
+from .. import integrity
 from ..cache import BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
@@ -73,10 +74,25 @@ class Commit:
         st.seal_attempt = st.generation
         try:
             await trio.to_thread.run_sync(st.seal_data)
+            # the integrity tags of the final ciphertext (docs/integrity.md), read back from
+            # the page cache; they depend only on the data key, IV and bytes, never the name
+            other = file_metadata(node, st.envelope.wrapped, st.size)
+            st.tags = await trio.to_thread.run_sync(
+                integrity.seal, st.data_path, st.envelope.data_key, st.envelope.iv, st.size, other,
+                self.naming.prefix)
         except OSError as e:
             log.error("staging %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None
         st.finish_seal()
+
+    @staticmethod
+    def metadata(node: Node, st: StagedFile) -> dict[str, str]:
+        """All user metadata of sealed ``st`` as ``node``'s object: envelope, attributes and
+        the integrity tag header."""
+        meta = file_metadata(node, st.envelope.wrapped, st.size)
+        if st.tags is not None:
+            meta.update(st.tags.headers)
+        return meta
 
     async def journal_node(self, node: Node) -> dict[str, str] | None:
         """Seal and durably record ``node``'s staged version (node.lock held); returns the
@@ -87,7 +103,7 @@ class Commit:
         if st is None or node.unlinked:
             return None
         await self.seal(node)
-        meta = file_metadata(node, st.envelope.wrapped, st.size)
+        meta = self.metadata(node, st)
         self._record(node, st, meta)
         return meta
 
@@ -114,7 +130,7 @@ class Commit:
         it with them. Raises FsError(ENOSPC/EIO)."""
         st = node.staged
         if st is not None and st.was_journaled and not node.unlinked:
-            self._record(node, st, file_metadata(node, st.envelope.wrapped, st.size))
+            self._record(node, st, self.metadata(node, st))
 
     def forget_journal(self, node: Node) -> None:
         """``node`` was unlinked while open: its staged versions must not come back after a
@@ -197,7 +213,7 @@ class Commit:
                     assert meta is not None  # staged and linked: checked above
                 else:
                     await self.seal(node)
-                    meta = file_metadata(node, st.envelope.wrapped, st.size)
+                    meta = self.metadata(node, st)
             except FsError as e:
                 return self._failed(node, key, e, raise_errors)
             st.uploading = True
@@ -221,7 +237,7 @@ class Commit:
         async with node.lock:
             version = Version(info.key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
             old = node.version
-            if node.staged is st and file_metadata(node, st.envelope.wrapped, st.size) == meta:
+            if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy
                 if info.key != key:
                     node.checked_at = 0.0  # the name holds another client's version: read it anew
@@ -293,6 +309,9 @@ class Commit:
                                                 False)
             node.version = None
             node.staged = entry.staged
+            if integrity.HEADER in meta:  # the tags sealed by the earlier run (a list's body is recomputed)
+                spec_key = integrity.list_key_of(meta)
+                entry.staged.tags = integrity.SealedTags({integrity.HEADER: meta[integrity.HEADER]}, spec_key)
             self.conflicts.base_unknown(node)
             self.scheduler.mark_dirty(node)
             self.scheduler.schedule(node)

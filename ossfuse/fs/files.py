@@ -14,6 +14,7 @@ import trio
 from .. import envelope as env
 from ..cache import BlockCache, TruncatedObject
 from ..cmk import CmkUnavailable, KeyMissing
+from ..integrity import IntegrityError
 from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError
 from ..writeback.scheduler import UploadScheduler
@@ -123,10 +124,15 @@ class Files:
 
     async def read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0) -> bytes:
         """Plaintext ``[offset, offset+length)`` of committed version ``v`` through the block
-        cache (fetching ahead to ``fetch_until``). Raises FsError as :meth:`read`."""
+        cache (fetching ahead to ``fetch_until``), checked against the version's integrity tags
+        when it has them (docs/integrity.md). Raises FsError as :meth:`read`; EIO when a
+        block fails its tag (one log line naming the object, the block and the ETag)."""
         await self.open_version(v)
         try:
-            data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until)
+            tags = (await self.cache.tags_for(v.key, v.etag, v.size, v.metadata, v.envelope.data_key, v.envelope.iv)
+                    if v.envelope is not None else None)
+            data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until,
+                                         tags=tags)
         except PreconditionFailed as e:
             log.error("%r was replaced by another client while open (ETag %s); reopen to read "
                       "the new version", v.key, v.etag)
@@ -137,6 +143,9 @@ class Files:
         except TruncatedObject as e:
             log.error("cannot read %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
+        except IntegrityError as e:
+            log.error("cannot read %r: %s", v.key, e)
+            raise FsError(errno.EIO) from None
         except StoreError as e:
             log.error("reading %r failed: %s", v.key, e)
             raise FsError(errno_of(e)) from None

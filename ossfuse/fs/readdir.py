@@ -17,6 +17,7 @@ import logging
 from typing import Callable
 
 from ..aio import run_all
+from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from .errors import FsError, errno_of
 from .inodes import InodeTable
@@ -80,7 +81,8 @@ class DirectoryReader:
                 if name:  # "" is the directory's own marker
                     files[name] = o
             for p in page.prefixes:
-                dirs.add(p[len(dkey):-1])
+                if p[len(dkey):-1] != LIST_DIR:  # integrity tag lists (docs/integrity.md): not shown
+                    dirs.add(p[len(dkey):-1])
             if page.next_marker is None:
                 break
             marker = page.next_marker

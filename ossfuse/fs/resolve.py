@@ -7,12 +7,13 @@ import logging
 import stat
 import time
 
+from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import ROOT_INO, Node
 from .namecache import NameCache
-from .naming import Naming, join
+from .naming import Naming, base_name, join
 from .objmeta import AttrDefaults, is_hidden, version_from_info
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Resolver:
             if self.hidden(info):
                 return None
             return info, False
+        if base_name(path) == LIST_DIR:
+            return None  # integrity tag lists (docs/integrity.md): not a directory of the mount
         dkey = self.naming.dir_key(path)
         page = await self.store.list(dkey, delimiter="/", max_keys=1)
         if page.objects or page.prefixes:

@@ -79,6 +79,7 @@ class StagedFile:
         self.superseded = False  # discard once the upload reading it is done
         self.committed = False  # uploaded: the bucket holds this version
         self.seal_attempt: int | None = None  # generation last sealed (or tried to): see Commit.seal
+        self.tags: Any = None  # integrity.SealedTags of the sealed data (None: untagged)
         self._work_aes = algorithms.AES(os.urandom(32))  # the work file's key: memory only
         self._work_fd = -1  # open while the version is open (it has a writer); closed at seal
         self.work_path = os.path.join(staging.dir, sid + ".work")

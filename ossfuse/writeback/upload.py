@@ -16,6 +16,7 @@ import os
 import trio
 
 from .. import envelope as env
+from .. import integrity
 from ..aio import run_all
 from .staging import StagedFile
 from ..store.base import ObjectInfo, ObjectStore, StoreError
@@ -61,6 +62,7 @@ class Uploader:
         progress = UploadProgress(key, staged.size)
         self.in_progress.add(progress)
         try:
+            metadata = await self._put_tag_list(staged, key, metadata)
             if staged.size > self.multipart_threshold and not self.store.local_disk:
                 return await self._multipart(staged, key, metadata, progress)
             # a sealed staged file never changes again: the store may link it
@@ -69,6 +71,29 @@ class Uploader:
             return info
         finally:
             self.in_progress.discard(progress)
+
+    async def _put_tag_list(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> dict[str, str]:
+        """Put the tag list of ``staged`` (list layout, docs/integrity.md) before its object, so
+        no reader finds the object without it; returns the metadata to upload. A version
+        recovered from the journal has its list recomputed from its data; one this mount cannot
+        unwrap is uploaded without tags (one warning). Raises StoreError, OSError."""
+        tags = staged.tags
+        list_key = integrity.list_key_of(metadata)
+        if tags is None or list_key is None:
+            return metadata
+        body = tags.list_body if tags.list_key == list_key else None
+        if body is None:
+            data_key = getattr(staged.envelope, "data_key", None)
+            spec = integrity.parse(metadata)
+            if data_key is None or spec is None:
+                log.warning("%r is uploaded without integrity tags: its tag list cannot be recomputed "
+                            "without its data key", key)
+                return {k: v for k, v in metadata.items() if k != integrity.HEADER}
+            k = integrity.tag_key(data_key, staged.envelope.iv)
+            body = await trio.to_thread.run_sync(integrity.tags_of_file, staged.data_path, k, spec.block,
+                                                 staged.size)
+        await self.store.put_bytes(list_key, body, {})
+        return metadata
 
     async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str],
                          progress: UploadProgress | None = None) -> ObjectInfo:

@@ -1,0 +1,292 @@
+"""Per-block integrity tags (issue 17, docs/integrity.md): the codec, and a Filesystem in-process
+over a local bucket reading objects whose stored bytes were damaged: a flipped bit gives EIO and
+one log line naming the object, block and ETag, for whole and ranged reads, cold and cached; a
+tag list too big for the metadata lives beside the object; objects without tags read as before;
+the status counters count verified and unverified bytes."""
+from __future__ import annotations
+
+import base64
+import errno
+import os
+
+import pytest
+import trio
+
+from fakes.fault_store import FaultStore
+from ossfuse import integrity
+from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.fs import Filesystem, FsError
+from ossfuse.keyring import Keyring
+from ossfuse.store.local import LocalStore
+
+KIB = 1024
+
+
+# -- the codec -------------------------------------------------------------------------------
+def test_block_size_grows_with_the_object_until_the_tags_leave_the_metadata():
+    envelope_meta = 1100  # an RSA-2048 envelope with attributes
+    assert integrity.choose_block(0, envelope_meta) == (integrity.MIN_BLOCK, True)
+    assert integrity.choose_block(10 * KIB, envelope_meta) == (64 * KIB, True)
+    assert integrity.choose_block(16 << 20, envelope_meta) == (64 * KIB, True)  # 256 tags fit
+    assert integrity.choose_block(64 << 20, envelope_meta) == (256 * KIB, True)
+    assert integrity.choose_block(1 << 30, envelope_meta) == (4 << 20, True)
+    assert integrity.choose_block(2 << 30, envelope_meta) == (4 << 20, False)  # 512 tags: beside it
+    assert integrity.choose_block(2 << 40, envelope_meta) == (8 << 20, False)  # ≤ 2^18 tags per list
+    # what fits is what the 8 KB leave: with 4 KB of other metadata, fewer tags fit
+    assert integrity.choose_block(16 << 20, 4096) == (128 * KIB, True)
+
+
+def test_tags_bind_key_iv_size_index_and_bytes():
+    key, iv = bytes(range(32)), bytes(16)
+    data = os.urandom(200 * KIB)
+    k = integrity.tag_key(key, iv)
+    tags = integrity.compute_tags(k, 64 * KIB, len(data), lambda off, n: data[off:off + n])
+    assert len(tags) == 4 * 16
+    spec = integrity.TagSpec(64 * KIB, tags=tags)
+    bt = integrity.BlockTags.from_spec(spec, key, iv, len(data))
+    assert bt.bad_blocks(0, data) == []
+    flipped = bytearray(data)
+    flipped[70 * KIB] ^= 1
+    assert bt.bad_blocks(0, flipped) == [1]
+    assert bt.bad_blocks(64 * KIB, data[64 * KIB:]) == []
+    swapped = data[128 * KIB:192 * KIB] + data[64 * KIB:128 * KIB]
+    assert bt.bad_blocks(64 * KIB, swapped) == [1, 2]  # blocks reordered
+    assert integrity.BlockTags.from_spec(spec, key, bytes(15) + b"\1", len(data)).bad_blocks(0, data) == [0, 1, 2, 3]
+    assert integrity.BlockTags.from_spec(spec, bytes(32), iv, len(data)).bad_blocks(0, data) == [0, 1, 2, 3]
+    with pytest.raises(integrity.IntegrityError, match="size"):  # truncated by a whole block
+        integrity.BlockTags.from_spec(spec, key, iv, 128 * KIB)
+    short = integrity.BlockTags.from_spec(integrity.TagSpec(64 * KIB, tags=tags), key, iv, len(data) - 1)
+    assert short.bad_blocks(192 * KIB, data[192 * KIB:-1]) == [3]  # size is bound too
+    assert bt.span(65 * KIB, 66 * KIB) == (64 * KIB, 128 * KIB) and bt.span(190 * KIB, 300 * KIB) == \
+        (128 * KIB, 200 * KIB)
+
+
+def test_header_parsing():
+    assert integrity.parse({"mode": "33188"}) is None
+    tags = bytes(32)
+    spec = integrity.parse({integrity.HEADER: f"1 65536 m {base64.b64encode(tags).decode()}"})
+    assert spec == integrity.TagSpec(65536, tags=tags)
+    spec = integrity.parse({integrity.HEADER: f"1 4194304 l {base64.b64encode(bytes(16)).decode()} a%20b/.x/y"})
+    assert spec.list_key == "a b/.x/y" and spec.root == bytes(16)
+    for bad in ("2 65536 m AAAA", "1 1000 m AAAA", "1 65536 m !!", "1 65536 m AAAA", "1 65536 q x", "1"):
+        with pytest.raises(integrity.IntegrityError):
+            integrity.parse({integrity.HEADER: bad})
+
+
+# -- a Filesystem over a bucket whose bytes get damaged -----------------------------------------
+def _filesystem(tmp_path, cmk_path, store, block_size=64 * KIB) -> Filesystem:
+    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                 cache=CacheConfig(dir=str(tmp_path / "cache"), block_size=block_size),
+                 mount=MountConfig(upload_delay=0.0))
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+
+
+def _flip(local: LocalStore, key: str, offset: int) -> None:
+    """Flip one bit of ``key``'s stored body in the local bucket (its blob file)."""
+    path = local._blob_path(local._row(key)[5])
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+async def _write(fs: Filesystem, name: str, data: bytes):
+    node, h = await fs.create(fs.get(1), name, 0o644, os.O_WRONLY, 1, 2)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    await fs.drain()
+    return node
+
+
+async def _read(fs: Filesystem, name: str, offset: int, length: int) -> bytes:
+    node = await fs.lookup(fs.get(1), name)
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, offset, length)
+    finally:
+        await fs.release(h)
+
+
+def _bucket(tmp_path, cached: bool):
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    local = LocalStore(str(tmp_path / "bucket"))
+    store = FaultStore(local)
+    store.local_disk = not cached  # False: reads go through the block cache, as on OSS
+    return local, store
+
+
+def _eio(excinfo) -> None:
+    assert excinfo.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["local-read-through", "block-cache"])
+@pytest.mark.expect_log(r"cannot read 'pre/f': block 2 \(bytes 131072-196607\) of version ETag \S+ fails its "
+                        r"integrity tag \(fetched twice\)")
+def test_flipped_bit_gives_eio_whole_and_ranged(tmp_path, cmk_path, cached, caplog):
+    local, store = _bucket(tmp_path, cached)
+    data = os.urandom(300 * KIB)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "f", data)
+        info = await local.head("pre/f")
+        assert integrity.parse(info.metadata).block == 64 * KIB
+        fs.cache.drop("pre/f", info.etag)  # cold: the upload's own copy is not in the cache
+        _flip(local, "pre/f", 150 * KIB)  # block 2
+        with pytest.raises(FsError) as e:  # whole read, cold
+            await _read(fs, "f", 0, len(data))
+        _eio(e)
+        # the damaged block was fetched once more before failing, never kept
+        assert fs.cache.stats["integrity_failures"] == 1 and fs.cache.stats["integrity_refetches"] == 1
+        with pytest.raises(FsError) as e:  # a ranged read inside the damaged block
+            await _read(fs, "f", 140 * KIB, 100)
+        _eio(e)
+        with pytest.raises(FsError) as e:  # a ranged read crossing into it from a good block
+            await _read(fs, "f", 127 * KIB, 2 * KIB)
+        _eio(e)
+        # the blocks around it read fine, and were checked
+        assert await _read(fs, "f", 10, 100 * KIB) == data[10:10 + 100 * KIB]
+        assert await _read(fs, "f", 200 * KIB, 100 * KIB) == data[200 * KIB:]
+        assert fs.cache.stats["integrity_failures"] == 3
+        if cached:  # nothing of the damaged block is in the cache
+            e2 = fs.cache._entries[("pre/f", info.etag)]
+            assert not any(e2.present[b] for b in range(2, 3))
+        _flip(local, "pre/f", 150 * KIB)  # repaired: it reads again, whole
+        assert await _read(fs, "f", 0, len(data)) == data
+        fs.close()
+        await store.aclose()
+
+    with caplog.at_level("INFO"):
+        trio.run(main)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3  # one line per failed read
+    assert all("'pre/f'" in r.getMessage() and "block 2" in r.getMessage() for r in errors)
+
+
+@pytest.mark.expect_log(r"cannot read 'pre/f': block 0 .* fails its integrity tag")
+def test_cached_blocks_stay_good_and_a_damaged_response_is_not_cached(tmp_path, cmk_path):
+    """Blocks checked when cached keep serving after the store's copy is damaged; a response
+    damaged in transit is refetched once and, if good then, served and cached."""
+    local, store = _bucket(tmp_path, cached=True)
+    data = os.urandom(256 * KIB)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "f", data)  # the uploaded data is adopted by the cache
+        fs.cache.drop("pre/f", (await local.head("pre/f")).etag)
+        assert await _read(fs, "f", 0, len(data)) == data  # cached now, checked on the way in
+        _flip(local, "pre/f", 5)
+        assert await _read(fs, "f", 0, len(data)) == data  # served from the checked cache
+        fs.cache.drop("pre/f", (await local.head("pre/f")).etag)
+        _flip(local, "pre/f", 5)  # good in the store again
+
+        flips = {"n": 1}
+        real_get = store.inner.get_range
+
+        async def damaged_once(key, start, end, *, if_match=None):
+            body = await real_get(key, start, end, if_match=if_match)
+            if key == "pre/f" and start == 0 and flips["n"]:
+                flips["n"] -= 1
+                body = bytes([body[0] ^ 1]) + body[1:]
+            return body
+        store.inner.get_range = damaged_once
+        assert await _read(fs, "f", 0, 10) == data[:10]  # refetched once, then good
+        assert fs.cache.stats["integrity_refetches"] == 1 and fs.cache.stats["integrity_failures"] == 0
+        flips["n"] = 2  # damaged twice: EIO, and nothing is cached
+        fs.cache.drop("pre/f", (await local.head("pre/f")).etag)
+        with pytest.raises(FsError) as e:
+            await _read(fs, "f", 0, 10)
+        _eio(e)
+        assert await _read(fs, "f", 0, 10) == data[:10]  # the next read fetches it anew
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_objects_without_tags_read_as_before_and_counters(tmp_path, cmk_path):
+    """An object without the header (as the SDKs write) reads as before, counted unverified;
+    a tagged one counts verified; the status document shows both."""
+    from ossfuse import status
+    local, store = _bucket(tmp_path, cached=True)
+    data = os.urandom(100 * KIB)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "tagged", data)
+        info = await local.head("pre/tagged")  # the same object without the header: as an SDK writes it
+        body = await local.get_range("pre/tagged", 0, info.size)
+        await local.put_bytes("pre/sdk", body, {k: v for k, v in info.metadata.items() if k != integrity.HEADER})
+        assert await _read(fs, "sdk", 0, 1 << 20) == data
+        assert await _read(fs, "tagged", 1000, 5000) == data[1000:6000]
+        assert (fs.cache.stats["verified_bytes"], fs.cache.stats["unverified_bytes"]) == (5000, len(data))
+        doc = status.collect(fs, status.RecentErrors(), 0.0)
+        assert doc["integrity"] == {"verified_bytes": 5000, "unverified_bytes": len(data), "failures": 0}
+        assert f"bytes read:       5000 verified, {len(data)} without tags" in status.render(doc)
+        doc["mountpoint"] = "/m"
+        prom = status.prometheus(doc)
+        assert 'ossfuse_read_bytes_total{mountpoint="/m",verified="true"} 5000' in prom
+        assert f'ossfuse_read_bytes_total{{mountpoint="/m",verified="false"}} {len(data)}' in prom
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["local-read-through", "block-cache"])
+@pytest.mark.expect_log(r"cannot read 'pre/big': (block 3 .* fails its integrity tag|version ETag \S+: tag list "
+                        r"'pre/.ossfuse-integrity/[0-9a-f]+' does not match its root tag|version ETag \S+: its tag "
+                        r"list '\S+' is missing)")
+def test_tag_list_beside_the_object(tmp_path, cmk_path, monkeypatch, cached):
+    """Tags that do not fit the metadata go to a list object under .ossfuse-integrity/ (hidden
+    from listings), authenticated by a root tag in the metadata; damaging the object or the
+    list is caught."""
+    monkeypatch.setattr(integrity, "MAX_META_BLOCK", 64 * KIB)
+    monkeypatch.setattr(integrity, "META_LIMIT", 1500)  # room for a few tags only
+    local, store = _bucket(tmp_path, cached)
+    data = os.urandom(1 << 20)  # 16 blocks of 64 KiB: 16 tags do not fit 1.5 KB with the envelope
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store, block_size=128 * KIB)
+        await _write(fs, "big", data)
+        info = await local.head("pre/big")
+        spec = integrity.parse(info.metadata)
+        assert spec.tags is None and spec.list_key.startswith("pre/.ossfuse-integrity/")
+        lst = await local.head(spec.list_key)
+        assert lst.size == 16 * 16
+        with pytest.raises(FsError) as e:  # probed (no listing known yet): not a directory
+            await fs.lookup(fs.get(1), integrity.LIST_DIR)
+        assert e.value.errno == errno.ENOENT
+        h = fs.opendir(fs.get(1))
+        entries = await fs.readdir_entries(h, 0)
+        fs.releasedir(h.fh)
+        assert [e[1] for e in entries] == ["big"]  # the list directory is hidden
+        assert await _read(fs, "big", 0, len(data)) == data
+        fs.cache.drop("pre/big", info.etag)
+        _flip(local, "pre/big", 3 * 64 * KIB + 7)
+        with pytest.raises(FsError) as e:
+            await _read(fs, "big", 3 * 64 * KIB, 10)
+        _eio(e)
+        _flip(local, "pre/big", 3 * 64 * KIB + 7)
+        fs.close()
+        fs = _filesystem(tmp_path, cmk_path, store, block_size=128 * KIB)  # tag lists are not kept across mounts
+        _flip(local, spec.list_key, 17)  # the list itself damaged: fails its root tag
+        with pytest.raises(FsError) as e:
+            await _read(fs, "big", 0, 10)
+        _eio(e)
+        _flip(local, spec.list_key, 17)
+        assert await _read(fs, "big", 0, len(data)) == data
+        await local.delete(spec.list_key)  # the list gone: no read without it
+        fs.close()
+        fs = _filesystem(tmp_path, cmk_path, store, block_size=128 * KIB)
+        with pytest.raises(FsError) as e:
+            await _read(fs, "big", 0, 10)
+        _eio(e)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
