@@ -14,6 +14,7 @@ from alibabacloud_oss_v2.crypto import MasterRsaCipher
 
 import conftest
 from conftest import AK, BUCKET, REGION, SK, Mount, key_pair, rsa_provider
+from ossfuse import integrity
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -101,6 +102,8 @@ def test_files_written_through_the_mount_read_with_oss2(setup):
     meta = m.head("multi").metadata
     assert meta["client-side-encryption-part-size"] == str(PART)
     assert meta["client-side-encryption-data-size"] == str(BIG)
+    # tagged (docs/integrity.md), in the header the SDKs ignore
+    assert integrity.parse(meta).tags and integrity.parse(m.head("single").metadata).tags
     if matdesc:
         assert meta["client-side-encryption-matdesc"] == '{"path":"a/b","team":"alpha"}'
     cb = crypto_bucket(m, matdesc)
