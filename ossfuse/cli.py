@@ -375,6 +375,7 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_check(args) -> int:
+    import trio
     from . import rekey
     try:
         cfg, keyring, store = _tool_setup(args)
@@ -385,10 +386,16 @@ def cmd_check(args) -> int:
     logging.disable(logging.CRITICAL)
     try:
         results = rekey.check(cfg, keyring, store)
+        summary = trio.run(lambda: rekey.verify(cfg, store, keyring, path=args.verify)) \
+            if args.verify is not None and all(ok for ok, _ in results) else None
     finally:
         logging.disable(logging.NOTSET)
     for ok, line in results:
         print(("ok    " if ok else "FAIL  ") + line)
+    if summary is not None:
+        print(summary.render())
+        if summary.failed:
+            return 1
     return 0 if all(ok for ok, _ in results) else 1
 
 
@@ -504,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ch = sub.add_parser("check", help="prove every CMK wraps and unwraps, and the store answers")
     ch.add_argument("-c", "--config", required=True, help="TOML config file to check")
+    ch.add_argument("--verify", nargs="?", const="", metavar="PATH",
+                    help="also read every object under PATH (a directory under the mount's prefix; default: "
+                         "all) and check its integrity tags; each one that fails is a FAIL line")
     ch.set_defaults(fn=cmd_check)
 
     k = sub.add_parser("keygen", help="write a new RSA CMK (PATH and PATH.pub)")

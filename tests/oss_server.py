@@ -996,6 +996,32 @@ class OssTestServer(ThreadedService):
             obj = self.buckets[bucket].objects[key]
         return b"".join(obj.iter_range(0, obj.size))
 
+    def flip_bit(self, bucket: str, key: str, offset: int, bit: int = 0x10) -> None:
+        """Flip bits ``bit`` of byte ``offset`` of the stored body of ``key`` in place (its
+        blob, shared with copies of it) and recompute the object's CRC-64, so only a check of
+        the content itself notices: damage (or a tamperer) the server cannot see."""
+        with self.lock:
+            obj = self.buckets[bucket].objects[key]
+            pos = 0
+            for seg in obj.segments:
+                if pos <= offset < pos + seg.size:
+                    at = offset - pos
+                    if seg.data is not None:
+                        data = bytearray(seg.data)
+                        data[at] ^= bit
+                        seg.data = bytes(data)
+                    else:
+                        with open(seg.path, "r+b") as f:
+                            f.seek(at)
+                            b = f.read(1)
+                            f.seek(at)
+                            f.write(bytes([b[0] ^ bit]))
+                    break
+                pos += seg.size
+            else:
+                raise ValueError(f"offset {offset} is past the end of {key!r}")
+            obj.crc = crc64(b"".join(obj.iter_range(0, obj.size)))
+
     def object_meta(self, bucket: str, key: str) -> Dict[str, str]:
         with self.lock:
             return dict(self.buckets[bucket].objects[key].user_meta)

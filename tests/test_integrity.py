@@ -175,8 +175,8 @@ def test_flipped_bit_gives_eio_whole_and_ranged(tmp_path, cmk_path, cached, capl
     with caplog.at_level("INFO"):
         trio.run(main)
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 3  # one line per failed read
-    assert all("'pre/f'" in r.getMessage() and "block 2" in r.getMessage() for r in errors)
+    assert len(errors) == 1  # one line for the damaged block, however often it is read
+    assert "'pre/f'" in errors[0].getMessage() and "block 2 " in errors[0].getMessage()
 
 
 @pytest.mark.expect_log(r"cannot read 'pre/f': block 0 .* fails its integrity tag")

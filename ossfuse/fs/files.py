@@ -55,6 +55,7 @@ class Files:
         self.upload_at_close = upload_at_close
         # set by Filesystem: Namespace.last_close, the deferred delete of an unlinked open file
         self.on_last_close: Callable[[Node], Awaitable[None]] | None = None
+        self._integrity_reported: set[tuple[str, str]] = set()  # (key, failure) logged at ERROR
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
@@ -144,7 +145,14 @@ class Files:
             log.error("cannot read %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
         except IntegrityError as e:
-            log.error("cannot read %r: %s", v.key, e)
+            # one ERROR line per damaged block of a version: the kernel retries a failed read
+            # page by page, and a program may read it again and again
+            if len(self._integrity_reported) > 10_000:
+                self._integrity_reported.clear()
+            said = (v.key, str(e))
+            log.log(logging.DEBUG if said in self._integrity_reported else logging.ERROR, "cannot read %r: %s",
+                    v.key, e)
+            self._integrity_reported.add(said)
             raise FsError(errno.EIO) from None
         except StoreError as e:
             log.error("reading %r failed: %s", v.key, e)

@@ -1,0 +1,89 @@
+"""Integrity tags through a real mount (issue 17, docs/integrity.md), on the local bucket and the
+OSS test server: a bit flipped in the stored object gives EIO (whole and ranged reads) with one
+log line naming the object, block and ETag, while the rest of the file reads; ``ossfuse status``
+counts verified bytes; ``ossfuse check --verify`` names the damaged object; rename and rekey
+keep the tags valid."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import BUCKET, OSSFUSE
+from ossfuse import integrity
+
+pytestmark = pytest.mark.timeout(240)
+MIB = 1 << 20
+
+
+def flip(m, key: str, offset: int) -> None:
+    """Flip a bit of the stored body of ``key``: the local bucket's blob file, or the OSS test
+    server's stored bytes (with the CRC recomputed, so only the tags can notice)."""
+    if m.server is not None:
+        m.server.call("flip_bit", BUCKET, key, offset)
+        return
+    store = m.store
+    path = store._blob_path(store._row(key)[5])
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def status(m) -> dict:
+    import json
+    r = subprocess.run(OSSFUSE + ["status", "--json", m.mnt], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def check_verify(m, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(OSSFUSE + ["check", "-c", m.config, "--verify", *extra], capture_output=True,
+                          text=True, timeout=120, env=m.env)
+
+
+@pytest.mark.expect_log(r"cannot read 'f': block 24 \(bytes 1572864-1638399\) of version ETag \S+ fails its "
+                        r"integrity tag \(fetched twice\)")
+def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
+    m = make_mount()
+    data = os.urandom(3 * MIB + 123)
+    with open(m.path("f"), "wb") as f:
+        f.write(data)
+    with open(m.path("g"), "wb") as f:
+        f.write(data[:1000])
+    os.rename(m.path("g"), m.path("h"))  # a rename copies the object: its tags stay valid
+    m.remount()  # cold: nothing cached, nothing in the kernel's page cache
+    spec = integrity.parse(m.head("f").metadata)
+    assert spec.block == 64 << 10 and len(spec.tags) == 16 * 49
+    r = check_verify(m)
+    assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
+    flip(m, "f", 3 * MIB // 2 + 5)  # block 24 of 64 KiB
+    with open(m.path("h"), "rb") as f:
+        assert f.read() == data[:1000]
+    with open(m.path("f"), "rb") as f:
+        assert os.pread(f.fileno(), 4096, 0) == data[:4096]  # blocks before it read
+        assert os.pread(f.fileno(), 4096, 2 * MIB) == data[2 * MIB:2 * MIB + 4096]  # and after it
+        with pytest.raises(OSError) as e:  # ranged, inside the damaged block
+            os.pread(f.fileno(), 100, 3 * MIB // 2)
+        assert e.value.errno == errno.EIO
+    with open(m.path("f"), "rb") as f, pytest.raises(OSError) as e:  # whole
+        f.read()
+    assert e.value.errno == errno.EIO
+    doc = status(m)
+    assert doc["integrity"]["failures"] >= 2 and doc["integrity"]["unverified_bytes"] == 0
+    assert doc["integrity"]["verified_bytes"] >= 1000 + 2 * 4096
+    lines = [ln for ln in m.log().splitlines() if "fails its integrity tag (fetched twice)" in ln]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "'f'" in lines[0] and "block 24 " in lines[0], lines
+    etag = m.head("f").etag
+    r = check_verify(m)
+    assert r.returncode == 1
+    assert re.search(rf"FAIL  f \(ETag {etag}\): block 24 \(bytes 1572864-1638399\) fails its integrity tag",
+                     r.stdout), r.stdout
+    assert "verified: 1 object(s), 1000 bytes" in r.stdout and "failed: 1" in r.stdout
+    flip(m, "f", 3 * MIB // 2 + 5)  # repaired
+    with open(m.path("f"), "rb") as f:
+        assert f.read() == data
