@@ -36,6 +36,22 @@ def test_block_size_grows_with_the_object_until_the_tags_leave_the_metadata():
     assert integrity.choose_block(16 << 20, 4096) == (128 * KIB, True)
 
 
+def test_the_header_always_fits_the_8_kb_with_the_reserve():
+    """Whatever the object's size and the other metadata (an RSA-4096 envelope and a long matdesc
+    included), the meta layout's header plus the rest stays within 8 KB minus the reserve for
+    later attribute and multipart headers; else the list layout's short header is used."""
+    for other in (600, 1100, 2500, 5000, 7000):
+        for size in (0, 1, 65536, 65537, 20 << 20, 100 << 20, 321 << 20, 1 << 30, 5 << 30, 48 << 40):
+            block, in_meta = integrity.choose_block(size, other)
+            n = integrity.nblocks(size, block)
+            if in_meta:
+                value = f"1 {block} m " + "A" * (4 * -(-(n * 16) // 3))
+                assert other + integrity.meta_size({integrity.HEADER: value}) <= 8192 - integrity.RESERVE
+            else:
+                assert block == integrity.MAX_META_BLOCK or n > integrity.MAX_LIST_TAGS // 2
+                assert n <= integrity.MAX_LIST_TAGS
+
+
 def test_tags_bind_key_iv_size_index_and_bytes():
     key, iv = bytes(range(32)), bytes(16)
     data = os.urandom(200 * KIB)
