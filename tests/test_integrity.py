@@ -318,3 +318,39 @@ def test_tag_list_beside_the_object(tmp_path, cmk_path, monkeypatch, cached):
         await store.aclose()
 
     trio.run(main)
+
+
+def test_a_journaled_version_in_the_list_layout_uploads_its_list_after_a_crash(tmp_path, cmk_path, monkeypatch):
+    """A version journaled but not uploaded before a crash keeps its tag header in the journal;
+    the next mount recomputes the list from the sealed data, puts it before the object, and
+    the object reads verified."""
+    monkeypatch.setattr(integrity, "MAX_META_BLOCK", 64 * KIB)
+    monkeypatch.setattr(integrity, "META_LIMIT", 1500)
+    local, store = _bucket(tmp_path, cached=True)
+    data = os.urandom(1 << 20)
+
+    async def crash_after_close():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        fs.scheduler.delay = 3600  # nothing uploads before the "crash"
+        node, h = await fs.create(fs.get(1), "f", 0o600, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, data)
+        await fs.flush(h)
+        await fs.release(h)
+        assert node.staged.was_journaled and node.staged.tags.list_body is not None
+        assert integrity.HEADER in node.staged.journaled_record["metadata"]
+        fs.close()
+
+    async def next_mount():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        spec = integrity.parse((await local.head("pre/f")).metadata)
+        assert spec.list_key is not None and (await local.head(spec.list_key)).size == 16 * 16
+        fs.cache.drop("pre/f", (await local.head("pre/f")).etag)
+        assert await _read(fs, "f", 0, len(data)) == data
+        assert fs.cache.stats["verified_bytes"] == len(data)
+        fs.close()
+        await store.aclose()
+
+    trio.run(crash_after_close)
+    trio.run(next_mount)
