@@ -35,13 +35,13 @@ from . import status as status_mod
 from .status import RecentErrors
 from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
+from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, check_private_dir, ensure_runtime_dir, mounted_device, process_alive, read_registry,
                        registry_path, write_registry)
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED = 1  # a background task failed: logged, unmounted, uploads drained
-EXIT_PENDING = 75  # EX_TEMPFAIL: unmounted, but uploads remain in the journal
 
 
 class MountError(Exception):

@@ -20,6 +20,9 @@ import os
 import stat
 
 ENV_RUNTIME_DIR = "OSSFUSE_RUNTIME_DIR"
+#: The daemon's exit status (also in its record) when it unmounted but uploads remain in the
+#: journal (EX_TEMPFAIL); ``ossfuse umount`` exits with it too.
+EXIT_PENDING = 75
 
 
 class UnsafeDirError(Exception):

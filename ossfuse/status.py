@@ -21,7 +21,6 @@ import os
 import socket
 import time
 
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,7 @@ async def serve(path: str, fs, errors: RecentErrors, started: float, life) -> No
     """Answer status requests on the unix socket ``path`` (mode 0600) until cancelled; serves
     during the drain after the unmount too (``life.state`` says which). Raises OSError when the
     socket cannot be made (the daemon's supervisor then stops the mount)."""
+    import trio  # here: `ossfuse status`/`umount` only query, and start faster without it
     try:
         os.unlink(path)
     except FileNotFoundError:
