@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .model import FileHandle
 
-READAHEAD_MAX = 16 << 20  # bytes: largest sequential read-ahead window
+READAHEAD_MAX = 32 << 20  # bytes: largest sequential read-ahead window (the cache rounds it up to whole 8 MiB chunks)
 
 
 def fetch_until(h: FileHandle, offset: int, length: int, block_size: int) -> int:
