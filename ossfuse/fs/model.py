@@ -34,6 +34,9 @@ class Version:
     metadata: dict[str, str]
     wrapped: env.WrappedEnvelope | env.EnvelopeError | None  # None: a plaintext object
     envelope: env.Envelope | None = None  # unwrapped on first open
+    # the store's Last-Modified (epoch seconds) as a HEAD reported it; 0: not known (a version
+    # this mount made). With the ETag it lets a listing prove the attributes unchanged.
+    modified: float = 0.0
 
 
 @dataclass(eq=False, slots=True)

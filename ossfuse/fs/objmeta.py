@@ -109,7 +109,7 @@ def version_from_info(info: ObjectInfo) -> Version:
             wrapped = env.parse_envelope(info.metadata)
         except env.EnvelopeError as e:
             wrapped = e
-    return Version(info.key, info.etag, info.size, info.metadata, wrapped)
+    return Version(info.key, info.etag, info.size, info.metadata, wrapped, modified=info.mtime)
 
 
 def is_hidden(info: ObjectInfo, plaintext_objects: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from typing import Callable
 
 from ..aio import run_all
@@ -45,6 +46,10 @@ class DirectoryReader:
         self.resolver = resolver
         self.staged_in = staged_in
         self._made: dict[int, list[Node]] = {}  # handle → nodes its last batch made
+        self._listed_at: dict[int, float] = {}  # handle → monotonic start of its snapshot's listing
+        # handle → {snapshot index: what its HEAD said}, for the entries of the last batch the
+        # kernel has not taken yet: their nodes are dropped, the next call needs no new HEAD
+        self._headed: dict[int, dict[int, ObjectInfo | None]] = {}
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -55,6 +60,8 @@ class DirectoryReader:
     def releasedir(self, fh: int) -> None:
         self.inodes.drop_handle(fh)
         self._drop_untaken(fh)
+        self._listed_at.pop(fh, None)
+        self._headed.pop(fh, None)
 
     def _drop_untaken(self, fh: int) -> None:
         """Drop the nodes the last batch of handle ``fh`` made that the kernel did not take."""
@@ -113,7 +120,14 @@ class DirectoryReader:
         FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
         self._drop_untaken(h.fh)
         if h.entries is None or relist:
+            listed_at = time.monotonic()
             h.entries = await self.list_entries(h.node)
+            self._listed_at[h.fh] = listed_at
+            self._headed.pop(h.fh, None)
+        listed_at = self._listed_at.get(h.fh, 0.0)
+        headed = self._headed.setdefault(h.fh, {})
+        for k in [k for k in headed if k < start]:
+            del headed[k]  # taken by the kernel (or skipped over)
         batch = h.entries[start:start + READDIR_BATCH]
         resolved: dict[int, Node] = {}
         by_path = self.inodes.by_path
@@ -125,9 +139,14 @@ class DirectoryReader:
             if node is not None and (resolver.attrs_fresh(node) or is_dir):
                 resolved[i] = node
                 return
+            if node is not None and listed is not None and resolver.note_listed(node, listed, listed_at):
+                resolved[i] = node  # the listing shows the version it holds: no HEAD
+                return
             info: ObjectInfo | None
             if listed is not None and self.store.listing_has_metadata:
                 info = listed  # the listing said all a HEAD would
+            elif start + i in headed:
+                info = headed[start + i]  # HEADed by an earlier call of this listing
             else:
                 key = self.naming.dir_key(path) if is_dir else self.naming.key(path)
                 try:
@@ -135,6 +154,7 @@ class DirectoryReader:
                 except StoreError as e:
                     log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(h.node.path), key, e)
                     raise FsError(errno_of(e)) from None
+                headed[start + i] = info
             if not is_dir and info is None:
                 return  # deleted since the listing
             node = by_path.get(path)
@@ -152,8 +172,11 @@ class DirectoryReader:
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
-            elif listed is not None and self.store.listing_has_metadata:
+            elif (listed is not None and self.store.listing_has_metadata) or start + i in headed:
                 await resolve(i, name, is_dir, listed)  # no request: no task needed
+            elif (listed is not None and (n := by_path.get(join(h.node.path, name))) is not None
+                  and resolver.note_listed(n, listed, listed_at)):
+                resolved[i] = n  # proven by the listing (below): no task needed
             else:
                 jobs.append(functools.partial(resolve, i, name, is_dir, listed))
         await run_all(jobs, HEAD_PARALLEL)

@@ -1,5 +1,14 @@
 """Finding out what is at a path: asking the store (probe), turning the answer into a node,
-and deciding when a node's attributes are fresh enough to answer without asking."""
+and deciding when a node's attributes are fresh enough to answer without asking.
+
+A listing entry proves a known file's attributes current when it shows the version the node
+holds: same ETag, size and Last-Modified second (a metadata-only CopyObject keeps the ETag on
+OSS but not the Last-Modified). So a stale file is revalidated by listing one page of its
+directory from its own name on (:meth:`Resolver.revalidate_from_listing`), which proves the
+names after it too: ``cat *``, ``rm -r``, ``ls -l`` walk a directory in name order and need one
+LIST per page instead of one HEAD per file. What stays: a metadata copy by another client in
+the same second as the write this mount last saw, with the same ETag, is missed until the
+version changes (Last-Modified has one-second resolution)."""
 from __future__ import annotations
 
 import errno
@@ -7,16 +16,21 @@ import logging
 import stat
 import time
 
+import trio
+
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import ROOT_INO, Node
 from .namecache import NameCache
-from .naming import Naming, base_name, join
+from .naming import Naming, base_name, join, parent_of
 from .objmeta import AttrDefaults, is_hidden, version_from_info
 
 log = logging.getLogger(__name__)
+
+RELIST_PAGE = 1000  # names listed to revalidate a stale file and the names after it
 
 
 class Resolver:
@@ -32,6 +46,8 @@ class Resolver:
         self.defaults = defaults
         self.attr_timeout = attr_timeout
         self.plaintext_objects = plaintext_objects
+        # directory key → (listing done, monotonic start) of a revalidating LIST in flight
+        self._relisting: dict[str, tuple[trio.Event, float]] = {}
 
     def hidden(self, info: ObjectInfo) -> bool:
         return is_hidden(info, self.plaintext_objects)
@@ -41,6 +57,60 @@ class Resolver:
         attr_timeout ago, or this mount's own (staged data, the root)."""
         return (node.staged is not None or node.ino == ROOT_INO
                 or time.monotonic() - node.checked_at < self.attr_timeout)
+
+    @staticmethod
+    def listing_proves(node: Node, listed: ObjectInfo) -> bool:
+        """Whether listing entry ``listed`` of ``node``'s key shows the very version whose
+        attributes ``node`` holds (module doc): a clean file whose version a HEAD described,
+        same ETag, size and Last-Modified second."""
+        v = node.version
+        return (v is not None and node.staged is None and not node.is_dir and v.modified > 0
+                and v.size == listed.size and int(v.modified) == int(listed.mtime) and same_etag(v.etag, listed.etag))
+
+    def note_listed(self, node: Node, listed: ObjectInfo, listed_at: float) -> bool:
+        """``node`` was seen in a listing that started at ``listed_at`` (monotonic s): if the
+        entry proves its attributes, they count as read then. Returns whether it did."""
+        if not self.listing_proves(node, listed):
+            return False
+        node.checked_at = max(node.checked_at, listed_at)
+        return True
+
+    async def revalidate_from_listing(self, node: Node) -> bool:
+        """Prove a stale file's attributes current with one LIST page of its directory starting
+        at its name (RELIST_PAGE names: the ones after it are proven too). One revalidating
+        LIST per directory at a time; others wait for it. False when the page does not prove
+        it (another version, gone, a version this mount made and never HEADed, or the LIST
+        failed): the caller HEADs it."""
+        v = node.version
+        if node.is_dir or node.staged is not None or v is None or v.modified <= 0 or not node.path:
+            return False
+        dir_path = parent_of(node.path)
+        dkey, key = self.naming.dir_key(dir_path), self.naming.key(node.path)
+        pending = self._relisting.get(dkey)
+        if pending is not None:
+            await pending[0].wait()
+            if node.checked_at >= pending[1]:
+                return True
+        done, started = trio.Event(), time.monotonic()
+        self._relisting[dkey] = (done, started)
+        try:
+            # keys after key[:-1]: ``key`` and what follows it (plus any names between the two);
+            # a one-letter name lists from the directory's start (a marker ending in the
+            # delimiter would name a common prefix)
+            marker = key[:-1] if len(key) - 1 > len(dkey) else None
+            page = await self.store.list(dkey, delimiter="/", marker=marker, max_keys=RELIST_PAGE)
+        except StoreError:
+            return False  # the HEAD that follows reports the failure
+        finally:
+            if self._relisting.get(dkey) == (done, started):
+                del self._relisting[dkey]
+            done.set()
+        by_path, proven = self.inodes.by_path, False
+        for o in page.objects:
+            n = by_path.get(join(dir_path, o.key[len(dkey):]))
+            if n is not None and self.note_listed(n, o, started) and n is node:
+                proven = True
+        return proven
 
     async def probe(self, path: str) -> tuple[ObjectInfo | None, bool] | None:
         """What is at ``path`` in the store: (object info, False) for a file, (marker info or
@@ -103,6 +173,8 @@ class Resolver:
         if known is None and (self.names.known_absent(path)
                               or await self.names.absent_from_listing(self.inodes.parent(path), path)):
             return by_path.get(path)  # None, unless a task created it meanwhile
+        if known is not None and by_path.get(path) is known and await self.revalidate_from_listing(known):
+            return by_path.get(path)  # known, unless a task replaced or removed it meanwhile
         try:
             found = await self.probe(path)
         except StoreError as e:
@@ -150,12 +222,16 @@ class Resolver:
             if not node.is_dir and (node.version is None or node.version.etag != info.etag):
                 self.set_version_from_info(node, info)
                 node.symlink_target = None
+            elif node.version is not None and not node.is_dir:
+                node.version.modified = info.mtime  # a metadata copy keeps the ETag, not this
             node.mode, node.uid, node.gid, node.mtime_ns = self.defaults.attrs_from_info(info, node.is_dir)
         node.checked_at = time.monotonic()
 
     async def revalidate(self, node: Node) -> None:
-        """Read ``node``'s attributes from the store again (HEAD). Raises FsError(ENOENT) if
-        its object is gone, FsError(EIO) when the store fails."""
+        """Read ``node``'s attributes from the store again (a listing that proves them, else a
+        HEAD). Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
+        if await self.revalidate_from_listing(node):
+            return
         try:
             info = await self.store.head(self.naming.key(node.path))
         except StoreError as e:

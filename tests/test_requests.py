@@ -1,0 +1,182 @@
+"""Request counts of common workloads over an OSS-like store (listings without metadata, not a
+local disk), in-process: ``cat``, ``rm -r`` and ``ls -l`` of N files, and a cold sequential read
+(issue 14). Counts, not timing: the timing comparison is ``bench/vs_ossfs.py``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import trio
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fakes.fault_store import FaultStore  # noqa: E402
+from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
+from ossfuse.fs import Filesystem  # noqa: E402
+from ossfuse.keyring import Keyring  # noqa: E402
+from ossfuse.store.local import LocalStore  # noqa: E402
+
+N = 40
+ATTR = 0.2  # seconds: attr_timeout of these mounts, short so that the tests can outlive it
+
+
+class _RemoteLikeStore(LocalStore):
+    """A local bucket that copies uploads (no hard links) and says it is no local disk and
+    lists no metadata: the request pattern of OSS."""
+
+    listing_has_metadata = False
+    local_disk = False
+
+    async def put_file(self, key, path, metadata, *, may_link=False):
+        return await super().put_file(key, path, metadata, may_link=False)
+
+
+def _mount(tmp_path, cmk_path, name: str) -> Filesystem:
+    """A fresh mount (own cache dir ``name``) of the bucket in ``tmp_path``."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
+                 cache=CacheConfig(dir=str(tmp_path / name), min_free=0),
+                 mount=MountConfig(upload_delay=0.0, attr_timeout=ATTR, entry_timeout=ATTR))
+    store = FaultStore(_RemoteLikeStore(str(tmp_path / "bucket")))
+    store.listing_has_metadata = False
+    store.local_disk = False
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+
+
+async def _fill(tmp_path, cmk_path, names, data=lambda i: b"x%d" % i * 100) -> None:
+    """Files ``d/<name>`` written and uploaded through a first mount."""
+    fs = _mount(tmp_path, cmk_path, "cache-writer")
+    d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
+    for i, name in enumerate(names):
+        node, h = await fs.create(d, name, 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, data(i))
+        await fs.flush(h)
+        await fs.release(h)
+    assert await fs.drain() == 0
+    fs.close()
+
+
+async def _ls_l(fs: Filesystem, d) -> dict[str, object]:
+    """readdir of ``d`` to the end, as the kernel asks it (~25 entries per call)."""
+    h = fs.opendir(d)
+    out, start = {}, 0
+    try:
+        while True:
+            got = await fs.readdir_entries(h, start)
+            if not got:
+                return out
+            for _, name, node in got[:25]:
+                fs.remember(node)
+                out[name] = node
+            start = got[:25][-1][0]
+    finally:
+        fs.releasedir(h.fh)
+
+
+def _names(n=N):
+    return [f"f{i:04d}" for i in range(n)]
+
+
+def test_ls_cat_rm_of_listed_files_need_no_head_per_file(tmp_path, cmk_path):
+    """After a cold ``ls -l`` (N HEADs), ``cat`` of the N files once their attributes expired
+    needs N GETs and a LIST per page, no HEAD (the listing shows the ETag and Last-Modified
+    each node holds); a second ``ls -l`` needs no HEAD; ``rm`` needs N DELETEs and no HEAD."""
+    names = _names()
+
+    async def main():
+        await _fill(tmp_path, cmk_path, names)
+        fs = _mount(tmp_path, cmk_path, "cache")
+        store = fs.store
+        d = await fs.lookup(fs.get(1), "d")
+        store.reset_counts() if hasattr(store, "reset_counts") else store.counts.clear()
+        listed = await _ls_l(fs, d)
+        assert sorted(listed) == names
+        assert store.counts["head"] == N and store.counts["list"] == 1, store.counts  # cold: a HEAD each
+
+        await trio.sleep(ATTR * 1.5)  # every attribute is stale now
+        store.counts.clear()
+        for i, name in enumerate(names):  # cat d/*: lookup, open, read, release
+            node = await fs.lookup(d, name)
+            h = await fs.open(node, os.O_RDONLY)
+            assert await fs.read(h, 0, 1 << 17) == b"x%d" % i * 100
+            await fs.release(h)
+        assert store.counts["head"] == 0, store.counts
+        assert store.counts["get_range"] == N and store.counts["list"] <= 2, store.counts
+
+        await trio.sleep(ATTR * 1.5)
+        store.counts.clear()
+        assert sorted(await _ls_l(fs, d)) == names  # ls -l again: the listing proves them all
+        assert store.counts["head"] == 0 and store.counts["list"] == 1, store.counts
+
+        await trio.sleep(ATTR * 1.5)
+        store.counts.clear()
+        for name in names:  # rm d/*
+            await fs.unlink(d, name)
+        assert store.counts["delete"] == N and store.counts["head"] == 0, store.counts
+        assert store.counts["list"] <= 2, store.counts
+        assert [o.key for o in (await store.inner.list("pre/d/", delimiter="/")).objects] == ["pre/d/"]  # its marker
+        fs.close()
+
+    trio.run(main)
+
+
+def test_listing_does_not_prove_a_file_another_client_changed(tmp_path, cmk_path):
+    """A stale file whose listing entry differs from the version the mount holds is HEADed: a
+    new version (other ETag) is read, and a metadata-only change by another client (same
+    bytes, new metadata: new Last-Modified) is seen too."""
+    names = _names(3)
+
+    async def main():
+        await _fill(tmp_path, cmk_path, names)
+        fs = _mount(tmp_path, cmk_path, "cache")
+        store = fs.store
+        d = await fs.lookup(fs.get(1), "d")
+        nodes = await _ls_l(fs, d)
+        inner = store.inner
+        other = await inner.head("pre/d/f0001")
+        await trio.sleep(1.05)  # Last-Modified has one-second resolution
+        # another client's chmod: OSS's metadata-only CopyObject keeps the ETag and sets a new
+        # Last-Modified (the local bucket would make a new ETag: its index row is edited)
+        db = inner._db()
+        db.execute("UPDATE objects SET meta=?, mtime=? WHERE key=?",
+                   (json.dumps({**other.metadata, "mode": str(0o100600)}), time.time(), "pre/d/f0001"))
+        assert (await inner.head("pre/d/f0001")).etag == other.etag
+        await inner.put_bytes("pre/d/f0002", b"their edit", {})  # another client's new version
+        store.counts.clear()
+        n0, n1, n2 = [await fs.lookup(d, n) for n in names]
+        assert store.counts["head"] == 2, store.counts  # f0000 proven by the listing, not the others
+        assert n0 is nodes["f0000"] and n1.mode == 0o100600 and n2.size == len(b"their edit")
+        fs.close()
+
+    trio.run(main)
+
+
+def test_cold_sequential_read_uses_large_gets(tmp_path, cmk_path):
+    """A cold sequential read of 48 MiB in 128 KiB reads (the kernel's size) fetches whole
+    aligned 8 MiB chunks ahead: about 6 GETs, not one per 1 MiB block (48)."""
+    size = 48 << 20
+    data = os.urandom(1 << 20) * 48
+
+    async def main():
+        await _fill(tmp_path, cmk_path, ["big"], data=lambda i: data)
+        fs = _mount(tmp_path, cmk_path, "cache")
+        async with trio.open_nursery() as nursery:
+            fs.cache.start(nursery)
+            d = await fs.lookup(fs.get(1), "d")
+            node = await fs.lookup(d, "big")
+            fs.store.counts.clear()
+            h = await fs.open(node, os.O_RDONLY)
+            got = []
+            for off in range(0, size, 1 << 17):
+                got.append(await fs.read(h, off, 1 << 17))
+            await fs.release(h)
+            assert b"".join(got) == data
+            gets = fs.store.counts["get_range"]
+            assert gets <= 10, fs.store.counts
+            nursery.cancel_scope.cancel()
+        fs.close()
+
+    trio.run(main)
