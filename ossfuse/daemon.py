@@ -337,8 +337,10 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             nursery.cancel_scope.cancel()
     finally:
         life.close_session()
+        closing = time.monotonic()
         fs.close()
         await fs.store.aclose()
+        log.debug("cache and store closed in %.2f s", time.monotonic() - closing)
         if life.failure:
             log.error("exiting after a failure: %s", life.failure)
             status = EXIT_FAILED
