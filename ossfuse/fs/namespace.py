@@ -279,6 +279,7 @@ class Namespace:
                     self._unlinked_open[node] = (key, v.etag)
                 elif v is not None:
                     await store_request(self.store.delete(key), key)  # the commit
+                    self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
                 else:
                     await self._delete_replaced(node, key)
                 self._take_name(node)
