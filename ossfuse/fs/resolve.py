@@ -30,7 +30,7 @@ from .objmeta import AttrDefaults, is_hidden, version_from_info
 
 log = logging.getLogger(__name__)
 
-RELIST_PAGE = 1000  # names listed to revalidate a stale file and the names after it
+RELIST_PAGE = 256  # names listed to revalidate a stale file and the names after it (a small page: a lone stale file costs little more than its HEAD)
 
 
 class Resolver:
