@@ -76,6 +76,12 @@ async def _ls_l(fs: Filesystem, d) -> dict[str, object]:
         fs.releasedir(h.fh)
 
 
+def _relists(since: float) -> int:
+    """Most revalidating LISTs a walk started at ``since`` may make: one, plus one per
+    attr_timeout it lasted (a loaded machine makes the walk slow), never one per file."""
+    return min(N // 4, 1 + int((time.monotonic() - since) / ATTR))
+
+
 def _names(n=N):
     return [f"f{i:04d}" for i in range(n)]
 
@@ -98,13 +104,14 @@ def test_ls_cat_rm_of_listed_files_need_no_head_per_file(tmp_path, cmk_path):
 
         await trio.sleep(ATTR * 1.5)  # every attribute is stale now
         store.counts.clear()
+        t0 = time.monotonic()
         for i, name in enumerate(names):  # cat d/*: lookup, open, read, release
             node = await fs.lookup(d, name)
             h = await fs.open(node, os.O_RDONLY)
             assert await fs.read(h, 0, 1 << 17) == b"x%d" % i * 100
             await fs.release(h)
         assert store.counts["head"] == 0, store.counts
-        assert store.counts["get_range"] == N and store.counts["list"] <= 2, store.counts
+        assert store.counts["get_range"] == N and store.counts["list"] <= _relists(t0), store.counts
 
         await trio.sleep(ATTR * 1.5)
         store.counts.clear()
@@ -113,10 +120,11 @@ def test_ls_cat_rm_of_listed_files_need_no_head_per_file(tmp_path, cmk_path):
 
         await trio.sleep(ATTR * 1.5)
         store.counts.clear()
+        t0 = time.monotonic()
         for name in names:  # rm d/*
             await fs.unlink(d, name)
         assert store.counts["delete"] == N and store.counts["head"] == 0, store.counts
-        assert store.counts["list"] <= 2, store.counts
+        assert store.counts["list"] <= _relists(t0), store.counts
         assert [o.key for o in (await store.inner.list("pre/d/", delimiter="/")).objects] == ["pre/d/"]  # its marker
         fs.close()
 

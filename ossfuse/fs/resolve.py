@@ -65,7 +65,7 @@ class Resolver:
         same ETag, size and Last-Modified second."""
         v = node.version
         return (v is not None and node.staged is None and not node.is_dir and v.modified > 0
-                and v.size == listed.size and int(v.modified) == int(listed.mtime) and same_etag(v.etag, listed.etag))
+                and v.key == listed.key and v.size == listed.size and int(v.modified) == int(listed.mtime) and same_etag(v.etag, listed.etag))
 
     def note_listed(self, node: Node, listed: ObjectInfo, listed_at: float) -> bool:
         """``node`` was seen in a listing that started at ``listed_at`` (monotonic s): if the
