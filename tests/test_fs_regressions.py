@@ -9,31 +9,17 @@ import stat
 import pytest
 import trio
 
-from fakes.fault_store import FaultStore
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
-from ossfuse.fs import Filesystem, FsError
-from ossfuse.keyring import Keyring
-from ossfuse.store.local import LocalStore
-
-
-def _filesystem(tmp_path, cmk_path, store) -> Filesystem:
-    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                 cache=CacheConfig(dir=str(tmp_path / "cache")),
-                 mount=MountConfig(upload_delay=0.0))
-    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+from fakes.core import committed_file, core_filesystem, exists, listed_names
+from ossfuse.fs import FsError
 
 
 @pytest.mark.expect_log(r"injected fault: copy")
 def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
     """chmod of a file in the bucket whose CopyObject fails answers EIO and must leave the mode
     as it was (found by the model test: create 0600, upload, copy fails, chmod 0644)."""
-    os.makedirs(tmp_path / "bucket")
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-
     async def main():
-        fs = _filesystem(tmp_path, cmk_path, store)
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
         node, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)
         await fs.write(h, 0, b"data")
         await fs.flush(h)
@@ -52,56 +38,55 @@ def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
     trio.run(main)
 
 
-async def _committed_file(fs: Filesystem, name: str, data: bytes):
-    """A file ``name`` in the root, closed and uploaded; returns its node."""
-    node, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)
-    await fs.write(h, 0, data)
-    await fs.flush(h)
-    await fs.release(h)
-    assert await fs.drain() == 0
-    return node
+def test_unlinked_open_file_is_gone_from_listings(tmp_path, cmk_path):
+    """unlink of an open file leaves its object for the readers until the last close, but the
+    name is gone at once: lookup and readdir agree (readdir listed it from the bucket while
+    lookup said ENOENT)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
+        await fs.write(h, 0, b"data")
+        assert await fs.drain() == 0 and await fs.store.inner.head("pre/a") is not None
+        await fs.unlink(fs.get(1), "a")
+        assert await fs.store.inner.head("pre/a") is not None  # kept for the open handle ...
+        assert await fs.read(h, 0, 10) == b"data"
+        assert not await exists(fs, "a")  # ... but the name is gone, for lookup and readdir
+        assert await listed_names(fs) == []
+        await fs.release(h)
+        assert await fs.store.inner.head("pre/a") is None
+        fs.close()
+        await fs.store.aclose()
 
-
-async def _names(fs: Filesystem) -> list[str]:
-    h = fs.opendir(fs.get(1))
-    try:
-        return sorted(name for _, name, _ in await fs.readdir_entries(h, 0))
-    finally:
-        fs.releasedir(h.fh)
-
-
-async def _exists(fs: Filesystem, name: str) -> bool:
-    try:
-        await fs.lookup(fs.get(1), name)
-        return True
-    except FsError as e:
-        assert e.errno == errno.ENOENT
-        return False
+    trio.run(main)
 
 
 @pytest.mark.expect_log(r"injected fault: delete")
-@pytest.mark.xfail(strict=True, reason="fs/namespace.py unlink of an open file takes the name away (and marks "
-                                       "it unlinked) before its DeleteObject and keeps it so when the delete fails:"
-                                       " EIO, yet the file is gone until a remount (owner: namespace work)")
-def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
-    """unlink of an open file whose DeleteObject fails answers EIO; the file must still be
-    there, by lookup and by listing, as it is in the bucket (found by the model test: create,
-    upload while open, delete fails, unlink)."""
-    os.makedirs(tmp_path / "bucket")
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-
+def test_unlinked_open_file_whose_delete_fails_stays_gone(tmp_path, cmk_path):
+    """unlink of an open file succeeds (the object waits for the last close); when the DELETE
+    at the last close fails, the name must not come back: the version stays hidden (lookup,
+    readdir, a remount) and the delete is retried at unmount (drain) and at the next mount,
+    until the object is really gone (found by the model test: create, upload while open,
+    delete fails, unlink, close: the file was back)."""
     async def main():
-        fs = _filesystem(tmp_path, cmk_path, store)
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
         _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
-        assert await fs.drain() == 0 and await store.inner.head("pre/a") is not None
-        store.fail("delete", key="pre/a")
-        with pytest.raises(FsError) as e:
-            await fs.unlink(fs.get(1), "a")
-        assert e.value.errno == errno.EIO
+        await fs.write(h, 0, b"data")
+        assert await fs.drain() == 0
+        await fs.unlink(fs.get(1), "a")
+        store.fail("delete", key="pre/a", count=2)
+        await fs.release(h)  # the DELETE fails (logged)
         assert await store.inner.head("pre/a") is not None  # still in the bucket ...
-        assert await _exists(fs, "a")  # ... so still in the mount (today: ENOENT)
-        assert await _names(fs) == ["a"]
-        await fs.release(h)
+        assert not await exists(fs, "a")  # ... yet not back in the mount
+        assert await listed_names(fs) == []
+        assert await fs.drain() == 0  # unmount: the delete is tried again, and fails again
+        assert await store.inner.head("pre/a") is not None
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # the next mount, before it serves
+        assert not await exists(fs, "a") and await listed_names(fs) == []
+        assert await fs.finish_unlinks() == 0
+        assert await store.inner.head("pre/a") is None  # really gone now
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
         fs.close()
         await store.aclose()
 
@@ -109,28 +94,141 @@ def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
 
 
 @pytest.mark.expect_log(r"injected fault: delete")
-@pytest.mark.xfail(strict=True, reason="fs/namespace.py rename: when DeleteObject of the source fails after "
-                                       "the copy, the copy at the new name is listed by readdir while lookup "
-                                       "answers ENOENT from the negative cache (owner: namespace work)")
-def test_rename_whose_delete_fails_is_consistent(tmp_path, cmk_path):
-    """rename a → c (a open) where the copy succeeds and the delete of a fails: EIO, and both
-    names exist (copies first, then deletes: never neither). Lookup and readdir must agree on
-    it (found by the model test: create, upload while open, delete fails, rename)."""
-    os.makedirs(tmp_path / "bucket")
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-
+def test_failed_deferred_delete_is_retried_in_the_background(tmp_path, cmk_path):
+    """With the daemon's task nursery set, a failed delete of an unlinked open file is tried
+    again every retry_interval seconds until it succeeds."""
     async def main():
-        fs = _filesystem(tmp_path, cmk_path, store)
+        fs = core_filesystem(tmp_path, cmk_path, retry_interval=0.05)
+        store = fs.store
+        _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)
+        assert await fs.drain() == 0
+        await fs.unlink(fs.get(1), "a")
+        store.fail("delete", key="pre/a", count=3)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            await fs.release(h)
+            with trio.fail_after(5):
+                while await store.inner.head("pre/a") is not None:
+                    await trio.sleep(0.02)
+        assert store.counts["delete"] == 4  # one at the close, three retries (two failed)
+        assert fs.deferred_deletes.pending == {} and os.listdir(tmp_path / "cache" / "unlinked") == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"injected fault: delete")
+def test_new_file_at_a_pending_delete_replaces_it_without_conflict(tmp_path, cmk_path):
+    """A file created where an unlinked file's failed delete is pending replaces that object
+    knowingly (no conflict copy), and the retried delete leaves the new object alone."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        await committed_file(fs, "a", b"old")
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # a mount that did not upload it
+        h = await fs.open(await fs.lookup(fs.get(1), "a"), os.O_RDONLY)
+        await fs.unlink(fs.get(1), "a")
+        store.fail("delete", key="pre/a")
+        await fs.release(h)
+        assert await store.inner.head("pre/a") is not None
+        await committed_file(fs, "a", b"new")
+        assert await fs.finish_unlinks() == 0
+        assert await listed_names(fs) == ["a"]
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        node = await fs.lookup(fs.get(1), "a")
+        rh = await fs.open(node, os.O_RDONLY)
+        assert await fs.read(rh, 0, 10) == b"new"
+        await fs.release(rh)
+        assert fs.commit.conflicts.count == 0
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"rename of 'a' to 'c' failed: deleting 'pre/a' failed \(injected fault: delete.*"
+                        r"the copy was deleted again, nothing changed")
+def test_rename_whose_delete_fails_changes_nothing(tmp_path, cmk_path):
+    """rename a → c (a open) where the copy succeeds and the delete of a fails: EIO, the copy
+    is deleted again, and the state is as before: a only, by lookup and by readdir, one log
+    line (found by the model test: readdir listed c while lookup of c said ENOENT)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
         _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
+        await fs.write(h, 0, b"data")
         assert await fs.drain() == 0 and await store.inner.head("pre/a") is not None
+        assert not await exists(fs, "c")  # the negative cache knows c is absent
         store.fail("delete", key="pre/a")
         with pytest.raises(FsError) as e:
             await fs.rename(fs.get(1), "a", fs.get(1), "c", 0)
         assert e.value.errno == errno.EIO
-        c_found = await _exists(fs, "c")  # (looked up before a listing makes its node)
-        listed = await _names(fs)
-        assert "a" in listed and await _exists(fs, "a")
-        assert ("c" in listed) == c_found, f"readdir lists {listed}, lookup of c says {c_found}"
+        assert not await exists(fs, "c") and await exists(fs, "a")
+        assert await listed_names(fs) == ["a"]
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        assert await fs.read(h, 0, 10) == b"data"
+        await fs.release(h)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["over-c", "undo-fails"])
+@pytest.mark.expect_log(r"rename of 'a' to 'c' failed half-way: deleting 'pre/a' failed \(injected fault: delete.*"
+                        r"both names hold the file now")
+def test_rename_whose_delete_fails_shows_both_names(tmp_path, cmk_path, replaced):
+    """rename a → c where the copy succeeds and the delete of a fails, and the copy cannot be
+    taken back (it replaced c, or deleting it fails too): EIO, and both names hold a's file —
+    lookup, readdir and reads agree (copies first, then deletes: never neither). One log line."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        await committed_file(fs, "a", b"from a")
+        if replaced:
+            await committed_file(fs, "c", b"old c")
+        else:
+            assert not await exists(fs, "c")  # the negative cache knows c is absent
+        store.fail("delete", count=1 if replaced else 2)  # the delete of a (and taking the copy back)
+        with pytest.raises(FsError) as e:
+            await fs.rename(fs.get(1), "a", fs.get(1), "c", 0)
+        assert e.value.errno == errno.EIO
+        assert await exists(fs, "c") and await exists(fs, "a")
+        assert await listed_names(fs) == ["a", "c"]
+        for name in ("a", "c"):
+            node = await fs.lookup(fs.get(1), name)
+            h = await fs.open(node, os.O_RDONLY)
+            assert await fs.read(h, 0, 100) == b"from a"
+            await fs.release(h)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_new_file_renamed_over_a_renamed_over_file_is_no_conflict(tmp_path, cmk_path):
+    """x renamed over a (in the bucket), then y renamed over a before x was uploaded: y's
+    upload replaces a's object knowingly — no conflict copy (found by the model test: the
+    second rename lost what the first knew it replaced, and y went to a.conflict-…)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        await committed_file(fs, "a", b"committed a")
+        handles = []
+        for name in ("x", "y"):
+            _, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)  # open: not uploaded
+            await fs.write(h, 0, name.encode())
+            await fs.rename(fs.get(1), name, fs.get(1), "a", 0)
+            handles.append(h)
+        for h in handles:
+            await fs.release(h)
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        h = await fs.open(await fs.lookup(fs.get(1), "a"), os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"y"
         await fs.release(h)
         fs.close()
         await store.aclose()

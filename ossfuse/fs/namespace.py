@@ -18,6 +18,8 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import trio
+
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..writeback.upload import Uploader
@@ -63,11 +65,12 @@ def _by_ino(nodes) -> list[Node]:
 class Namespace:
     """Namespace operations of one mount. ``create_umask``: a configured umask, applied to the
     mode of every new file and directory; ``deferred``: where deletes of unlinked open files
-    wait for their last close."""
+    wait for their last close; ``retry_interval``: seconds between background retries of a
+    failed one (run in ``nursery``, the daemon's task supervisor, once set)."""
 
     def __init__(self, store: ObjectStore, uploader: Uploader, naming: Naming, inodes: InodeTable,
                  names: NameCache, resolver: Resolver, files: Files, commit: Commit, cache: BlockCache, *,
-                 create_umask: int, deferred: DeferredDeletes):
+                 create_umask: int, deferred: DeferredDeletes, retry_interval: float = 30.0):
         self.store = store
         self.uploader = uploader
         self.naming = naming
@@ -81,6 +84,9 @@ class Namespace:
         self.deferred = deferred
         self.locks = NameLocks()
         self._unlinked_open: dict[Node, tuple[str, str]] = {}  # node → (key, ETag) deleted at its last close
+        self.retry_interval = retry_interval
+        self.nursery = None  # anything with start_soon(fn): where failed deferred deletes are retried
+        self._retrying = False
 
     # -- probe → lock → re-check ------------------------------------------------------------
     def _linked(self, node: Node, path: str) -> bool:
@@ -193,10 +199,9 @@ class Namespace:
             node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
                                         time.time_ns())
             node.staged = self.files.staging.new(envelope)
-            key = self.naming.key(path)
-            for key_, etag in self._unlinked_open.values():
-                if key_ == key:  # the object of a file unlinked while open: ours replaces it knowingly
-                    self.commit.conflicts.replaces(node, etag)
+            pending_etag = self.deferred.last_etag(self.naming.key(path))
+            if pending_etag is not None:  # the object of a file unlinked while open: ours replaces it knowingly
+                self.commit.conflicts.replaces(node, pending_etag)
             self.commit.mark_staged(node)
             self.inodes.remember(node)
             touch(parent)
@@ -313,18 +318,49 @@ class Namespace:
 
     async def last_close(self, node: Node) -> None:
         """The last handle of unlinked ``node`` closed: delete its object if the unlink left it
-        for the readers (logged, never raised: the caller is a release)."""
+        for the readers (logged, never raised: the caller is a release; a failed delete is
+        retried, see :meth:`finish_deletes`)."""
         pending = self._unlinked_open.pop(node, None)
-        if pending is None:
-            return
-        async with self.locks.hold(names=[node.path]):  # no create or unlink of that name meanwhile
-            current = self.inodes.by_path.get(node.path)
-            if current is not None and current is not node and not current.unlinked:
+        if pending is not None:
+            await self._finish_delete(node.path, *pending)
+
+    async def _finish_delete(self, path: str | None, key: str, etag: str) -> bool:
+        """Delete version ``etag`` of ``key`` (at ``path``; None: outside the prefix), pending
+        since an unlink. True when done or no longer wanted; False when the store failed (one
+        log line; retried in the background when a nursery is set)."""
+        if path is None:
+            return await self.deferred.delete(key, etag)
+        async with self.locks.hold(names=[path]):  # no create or unlink of that name meanwhile
+            current = self.inodes.by_path.get(path)
+            if current is not None and not current.unlinked and not current.is_dir and current.staged is not None:
                 # This mount made a new file at that name: its upload replaces the object (a
                 # DELETE now could race that upload and delete the new version).
-                self.deferred.forget(*pending)
-                return
-            await self.deferred.delete(*pending)
+                self.deferred.forget(key, etag)
+                return True
+            if await self.deferred.delete(key, etag):
+                return True
+        if self.nursery is not None and not self._retrying:
+            self._retrying = True
+            self.nursery.start_soon(self._retry_deletes)
+        return False
+
+    async def finish_deletes(self) -> int:
+        """Try again every pending delete no open handle waits for (an earlier run's, or one
+        that failed): at mount, at unmount and in the background. Returns how many are left."""
+        left = 0
+        for key, etag in sorted(self.deferred.ready):
+            if not await self._finish_delete(self.naming.path_of(key), key, etag):
+                left += 1
+        return left
+
+    async def _retry_deletes(self) -> None:
+        """Background: every retry_interval seconds, the failed deletes again, until none is left."""
+        try:
+            while self.deferred.ready:
+                await trio.sleep(self.retry_interval)
+                await self.finish_deletes()
+        finally:
+            self._retrying = False
 
     async def _keep_replaced_readable(self, node: Node) -> None:
         """``node``'s object is about to be overwritten (a rename over it) while handles read
@@ -399,17 +435,22 @@ class Namespace:
             raise FsError(errno.EISDIR)
 
     async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> None:
+        """Move file ``src`` to ``dst_path`` (replacing ``dst``). A committed version is copied
+        (conditional on its ETag), then deleted at the old name. If the copy fails nothing
+        changed; if the delete fails, the copy is deleted again when it replaced nothing (the
+        state is as before), else (or if that fails too) both names hold the file. Either way
+        FsError(EIO) and one log line. Raises FsError ESTALE, EIO."""
         if dst is not None:
             await self._keep_replaced_readable(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
-            if src.version is None:  # a replaced object at the old name must not stay behind
-                await self._delete_replaced(src, self.naming.key(src.path))
-            if dst is not None:
-                if src.version is None and dst.version is not None:
-                    self.commit.conflicts.replaces(src, dst.version.etag)  # replaced knowingly
-                self._take_name(dst)
             old_path = src.path
-            if src.version is not None:
+            if src.version is None:  # a replaced object at the old name must not stay behind
+                await self._delete_replaced(src, self.naming.key(old_path))
+                if dst is not None:  # what the bucket has at dst's name: replaced knowingly
+                    replaced = dst.version.etag if dst.version is not None else self.commit.conflicts.replaced(dst)
+                    if replaced is not None:  # (dst may itself be a new file renamed over it)
+                        self.commit.conflicts.replaces(src, replaced)
+            else:
                 v = src.version
                 new_key = self.naming.key(dst_path)
                 try:  # conditional on v.etag: the copy is exactly v (A1)
@@ -418,12 +459,40 @@ class Namespace:
                 except FsError as e:
                     if e.errno == errno.ESTALE:
                         src.checked_at = 0.0  # another client's version: re-read at next lookup
-                    raise
-                await delete_version(self.store, v.key, v.etag)
+                    raise  # nothing was written: dst keeps its name
+                if dst is not None:
+                    self._take_name(dst)  # the copy replaced its object
+                try:
+                    await delete_version(self.store, v.key, v.etag, log_failure=False)
+                except FsError as e:
+                    if e.errno != errno.ESTALE:
+                        await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
+                        raise
+                    # ESTALE: another client's newer version stays at the old name (logged)
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
                 set_local_version(src, Version(new_key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
+            if dst is not None and not dst.unlinked:
+                self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
             self.commit.rejournal(src)
+
+    async def _undo_copy(self, old_path: str, dst_path: str, copy: ObjectInfo, *, replaced: bool,
+                         reason: FsError) -> None:
+        """A file rename copied ``old_path``'s object to ``dst_path`` (``copy``) but could not
+        delete the original: delete the copy again if it replaced nothing (the rename did not
+        happen), else show both names (the copy is at ``dst_path`` now). One log line."""
+        if not replaced:
+            try:
+                await delete_version(self.store, copy.key, copy.etag, log_failure=False)
+                log.error("rename of %r to %r failed: deleting %r failed (%s); the copy was deleted again, "
+                          "nothing changed", old_path, dst_path, self.naming.key(old_path), reason)
+                return
+            except FsError:
+                pass
+        self.names.note_present(dst_path)  # the copy is there: lookup and readdir must both show it
+        self.names.child_added(self.inodes.parent(dst_path), dst_path)
+        log.error("rename of %r to %r failed half-way: deleting %r failed (%s); both names hold the file now",
+                  old_path, dst_path, self.naming.key(old_path), reason)
 
     async def _rename_dir(self, src: Node, dst_path: str, dst: Node | None) -> None:
         old_path = src.path

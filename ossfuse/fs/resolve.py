@@ -6,6 +6,7 @@ import errno
 import logging
 import stat
 import time
+from typing import Callable
 
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
@@ -21,10 +22,13 @@ log = logging.getLogger(__name__)
 
 class Resolver:
     """Lookups of one mount. ``attr_timeout``: seconds a node's attributes read from the store
-    are trusted; ``plaintext_objects``: the ``encryption.plaintext_objects`` setting."""
+    are trusted; ``plaintext_objects``: the ``encryption.plaintext_objects`` setting;
+    ``pending_delete(info)``: whether an object is a version this mount unlinked whose delete
+    is still pending (``DeferredDeletes.hides``): not shown."""
 
     def __init__(self, store: ObjectStore, naming: Naming, inodes: InodeTable, names: NameCache,
-                 defaults: AttrDefaults, *, attr_timeout: float, plaintext_objects: str):
+                 defaults: AttrDefaults, *, attr_timeout: float, plaintext_objects: str,
+                 pending_delete: Callable[[ObjectInfo], bool] = lambda info: False):
         self.store = store
         self.naming = naming
         self.inodes = inodes
@@ -32,9 +36,11 @@ class Resolver:
         self.defaults = defaults
         self.attr_timeout = attr_timeout
         self.plaintext_objects = plaintext_objects
+        self.pending_delete = pending_delete
 
     def hidden(self, info: ObjectInfo) -> bool:
-        return is_hidden(info, self.plaintext_objects)
+        """Whether object ``info`` is not shown (by its metadata, or as an unlinked version)."""
+        return is_hidden(info, self.plaintext_objects) or self.pending_delete(info)
 
     def attrs_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes may be used without asking the store: read less than
