@@ -645,9 +645,6 @@ def test_model_local_store(tmp_path, cmk_path):
     _run(FsMachine, tmp_path, cmk_path, examples=60, steps=40)
 
 
-@pytest.mark.xfail(strict=False, reason="on main e2a364b (journal rebuild) a derandomized run ends with a file where "
-                                        "the model has a directory (e/d/c) after crash/remount/rename steps under "
-                                        "faults; not minimised yet (OSSFUSE_MODEL_NOSHRINK=1 shows the steps)")
 @pytest.mark.expect_log(r"injected fault")
 def test_model_with_store_faults(tmp_path, cmk_path):
-    _run(FaultyFsMachine, tmp_path, cmk_path, examples=60, steps=40, shrink=False)  # no shrinking while xfail
+    _run(FaultyFsMachine, tmp_path, cmk_path, examples=60, steps=40)

@@ -234,3 +234,52 @@ def test_new_file_renamed_over_a_renamed_over_file_is_no_conflict(tmp_path, cmk_
         await store.aclose()
 
     trio.run(main)
+
+
+def test_file_replaced_by_a_rename_does_not_come_back_after_a_crash(tmp_path, cmk_path):
+    """A new file (never closed, so never journaled) renamed over d, which is in the bucket,
+    then a crash: the rename unlinked d's object, so d must not come back with its old content
+    (it may be gone: its new content was never durable). Found by the model test."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "d", b"old d")
+        _, h = await fs.create(fs.get(1), "a", 0o700, os.O_RDWR, 1, 2)
+        await fs.rename(fs.get(1), "a", fs.get(1), "d", 0)
+        for node in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
+            if node.staged is not None:
+                node.staged.close()
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        assert fs.recover() == 0
+        assert not await exists(fs, "d")  # hidden from the start, deleted before serving
+        assert await fs.finish_unlinks() == 0
+        assert (await store.inner.list("pre/", delimiter=None)).objects == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_rename_over_a_committed_file_then_upload_keeps_the_new_file(tmp_path, cmk_path):
+    """The pending delete a rename over d records is moot once the new file is uploaded at d:
+    the unmount (drain) drops it and the new object stays."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "d", b"old d")
+        _, h = await fs.create(fs.get(1), "a", 0o700, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"new d")
+        await fs.rename(fs.get(1), "a", fs.get(1), "d", 0)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert fs.deferred_deletes.pending == {} and os.listdir(tmp_path / "cache" / "unlinked") == []
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/d"]
+        h = await fs.open(await fs.lookup(fs.get(1), "d"), os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"new d"
+        await fs.release(h)
+        assert fs.commit.conflicts.count == 0
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -305,6 +305,22 @@ class Namespace:
                 raise  # ESTALE: another client wrote that name since; theirs stays (logged)
         self.commit.conflicts.replaces(node, None)
 
+    def _record_delete(self, key: str, etag: str) -> None:
+        """Record that version ``etag`` of ``key`` is to be deleted unless this mount's upload
+        replaces it first (:mod:`ossfuse.fs.unlinked`; tried at unmount and at the next mount).
+        Raises FsError (ENOSPC/EIO of the cache disk; one log line)."""
+        try:
+            self.deferred.record(key, etag, ready=True)
+        except OSError as e:
+            log.error("cannot record the pending delete of replaced %r: %s", key, e)
+            raise FsError(errno_of(e)) from None
+
+    def _show_copy(self, dst_path: str) -> None:
+        """A rename's copy is at ``dst_path`` although the rename failed: lookups and listings
+        must both show it (no negative cache entry left from the probe)."""
+        self.names.note_present(dst_path)
+        self.names.child_added(self.inodes.parent(dst_path), dst_path)
+
     def _take_name(self, node: Node) -> None:
         """``node``'s name is gone (unlinked, or replaced by a rename): a staged version no
         handle needs is dropped (no upload), and lookups no longer find it."""
@@ -439,7 +455,10 @@ class Namespace:
         (conditional on its ETag), then deleted at the old name. If the copy fails nothing
         changed; if the delete fails, the copy is deleted again when it replaced nothing (the
         state is as before), else (or if that fails too) both names hold the file. Either way
-        FsError(EIO) and one log line. Raises FsError ESTALE, EIO."""
+        FsError(EIO) and one log line. If another client rewrote the source since the copy,
+        both names show (theirs at the old, ours at the new) and FsError(ESTALE). A new file's
+        rename over a committed one records the replaced object's delete (crash safety).
+        Raises FsError ESTALE, EIO, ENOSPC."""
         if dst is not None:
             await self._keep_replaced_readable(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
@@ -450,6 +469,11 @@ class Namespace:
                     replaced = dst.version.etag if dst.version is not None else self.commit.conflicts.replaced(dst)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
+                    if dst.version is not None:
+                        # src's upload overwrites that object; should a crash come first, the
+                        # next mount deletes it (dst was unlinked by this rename, it must not
+                        # come back) — unless src's journaled version is uploaded there
+                        self._record_delete(self.naming.key(dst_path), dst.version.etag)
             else:
                 v = src.version
                 new_key = self.naming.key(dst_path)
@@ -465,10 +489,12 @@ class Namespace:
                 try:
                     await delete_version(self.store, v.key, v.etag, log_failure=False)
                 except FsError as e:
-                    if e.errno != errno.ESTALE:
+                    if e.errno == errno.ESTALE:  # another client's newer version stays at the old
+                        src.checked_at = 0.0  # name (logged), ours is at the new: both show
+                        self._show_copy(dst_path)
+                    else:
                         await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
-                        raise
-                    # ESTALE: another client's newer version stays at the old name (logged)
+                    raise
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
                 set_local_version(src, Version(new_key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
             if dst is not None and not dst.unlinked:
@@ -489,8 +515,7 @@ class Namespace:
                 return
             except FsError:
                 pass
-        self.names.note_present(dst_path)  # the copy is there: lookup and readdir must both show it
-        self.names.child_added(self.inodes.parent(dst_path), dst_path)
+        self._show_copy(dst_path)
         log.error("rename of %r to %r failed half-way: deleting %r failed (%s); both names hold the file now",
                   old_path, dst_path, self.naming.key(old_path), reason)
 

@@ -65,9 +65,10 @@ class DeferredDeletes:
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest() + ".json")
 
-    def record(self, key: str, etag: str) -> None:
-        """Make the pending delete of version (key, etag) durable, and hide that version.
-        Raises OSError (cache disk): then nothing is recorded."""
+    def record(self, key: str, etag: str, *, ready: bool = False) -> None:
+        """Make the pending delete of version (key, etag) durable, and hide that version;
+        ``ready``: no handle waits for it (it may be tried at any retry). Raises OSError
+        (cache disk): then nothing is recorded."""
         path = self._path(key, etag)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -83,6 +84,8 @@ class DeferredDeletes:
         finally:
             os.close(dfd)
         self._note(key, etag)
+        if ready:
+            self.ready.add((key, etag))
 
     def recorded(self) -> list[tuple[str, str]]:
         """The (key, etag) of every recorded pending delete (unreadable records: logged, kept)."""
