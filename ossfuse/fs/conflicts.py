@@ -91,6 +91,10 @@ class Conflicts:
         base = self._base.get(node.ino)
         return None if base is _UNKNOWN else base
 
+    def base_unknown_for(self, node: Node) -> bool:
+        """Whether ``node``'s staged version came from the journal (what it replaces is unknown)."""
+        return self._base.get(node.ino) is _UNKNOWN
+
     def _remember(self, key: str, etag: str, keys_max: int = 4096) -> None:
         """Note that this mount's upload put ``etag`` at ``key`` (bounded: the oldest keys go)."""
         self._ours.setdefault(key, set()).add(etag.strip('"').upper())

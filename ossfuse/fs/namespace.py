@@ -295,7 +295,7 @@ class Namespace:
         old object goes too (if it is still the version replaced), or it would come back once
         ``node``'s staged version is dropped or moved (git's ``master.lock`` → ``master``, then
         ``pack-refs`` unlinking ``master``). Raises FsError(EIO) on a store failure."""
-        etag = self.commit.conflicts.replaced(node)
+        etag = await self._replaced_etag(node, key)
         if etag is None:
             return
         try:
@@ -314,6 +314,18 @@ class Namespace:
         except OSError as e:
             log.error("cannot record the pending delete of replaced %r: %s", key, e)
             raise FsError(errno_of(e)) from None
+
+    async def _replaced_etag(self, node: Node, key: str) -> str | None:
+        """The ETag of the object at ``key`` that ``node`` (staged, never uploaded) is to
+        replace: the one a rename over it recorded, or — for a version recovered from the
+        journal, whose upload replaces whatever is there (``Conflicts.base_unknown``) — what a
+        HEAD finds now (an older version of the same file, from before the crash). None: no
+        such object. Raises FsError(EIO)."""
+        etag = self.commit.conflicts.replaced(node)
+        if etag is None and node.version is None and self.commit.conflicts.base_unknown_for(node):
+            info = await store_request(self.store.head(key), key)
+            etag = info.etag if info is not None else None
+        return etag
 
     def _show_copy(self, dst_path: str) -> None:
         """A rename's copy is at ``dst_path`` although the rename failed: lookups and listings
@@ -466,7 +478,8 @@ class Namespace:
             if src.version is None:  # a replaced object at the old name must not stay behind
                 await self._delete_replaced(src, self.naming.key(old_path))
                 if dst is not None:  # what the bucket has at dst's name: replaced knowingly
-                    replaced = dst.version.etag if dst.version is not None else self.commit.conflicts.replaced(dst)
+                    replaced = (dst.version.etag if dst.version is not None
+                                else await self._replaced_etag(dst, self.naming.key(dst_path)))
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
                     if dst.version is not None:
