@@ -331,3 +331,43 @@ def test_recovered_file_moved_or_unlinked_takes_its_old_object(tmp_path, cmk_pat
         await store.aclose()
 
     trio.run(main)
+
+
+def test_rename_over_a_file_whose_first_upload_is_in_flight_is_no_conflict(tmp_path, cmk_path):
+    """git's config.lock renamed over config while config's first upload is still in flight:
+    that upload lands at config after the rename, and config.lock's upload then finds it there.
+    It is this mount's own object, not another client's edit: no conflict copy (before
+    fs/conflicts.py remembered the ETags its own uploads put, config.lock went to
+    config.conflict-…)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        in_flight, go_on = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            in_flight.set()
+            await go_on.wait()
+        store.hook(("put_file", "put_bytes"), hold, key="pre/config", count=1)
+        _, h = await fs.create(root, "config", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"first config")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.flush, h)  # uploads at close (a local bucket): held in its PUT
+            await in_flight.wait()
+            _, hl = await fs.create(root, "config.lock", 0o600, os.O_RDWR, 1, 2)
+            await fs.write(hl, 0, b"second config")
+            await fs.rename(root, "config.lock", root, "config", 0)  # open: not uploaded yet
+            go_on.set()
+        await fs.release(h)
+        await fs.flush(hl)
+        await fs.release(hl)
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/config"]
+        fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
+        assert await fs.read(fh, 0, 100) == b"second config"
+        await fs.release(fh)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
