@@ -335,10 +335,10 @@ def test_recovered_file_moved_or_unlinked_takes_its_old_object(tmp_path, cmk_pat
 
 def test_rename_over_a_file_whose_first_upload_is_in_flight_is_no_conflict(tmp_path, cmk_path):
     """git's config.lock renamed over config while config's first upload is still in flight:
-    that upload lands at config after the rename, and config.lock's upload then finds it there.
-    It is this mount's own object, not another client's edit: no conflict copy (before
-    fs/conflicts.py remembered the ETags its own uploads put, config.lock went to
-    config.conflict-…)."""
+    config.lock's upload then finds that upload's object at config. It is this mount's own
+    object, not another client's edit: no conflict copy (config.lock went to config.conflict-…).
+    The rename now waits for the upload in flight, and ``Conflicts`` knows the last ETag its own
+    upload put at each key (test_fs_units.py tests that part alone)."""
     async def main():
         fs = core_filesystem(tmp_path, cmk_path)
         store = fs.store
@@ -356,7 +356,8 @@ def test_rename_over_a_file_whose_first_upload_is_in_flight_is_no_conflict(tmp_p
             await in_flight.wait()
             _, hl = await fs.create(root, "config.lock", 0o600, os.O_RDWR, 1, 2)
             await fs.write(hl, 0, b"second config")
-            await fs.rename(root, "config.lock", root, "config", 0)  # open: not uploaded yet
+            nursery.start_soon(fs.rename, root, "config.lock", root, "config", 0)  # open: not uploaded
+            await trio.sleep(0.2)  # the rename waits for config's upload in flight
             go_on.set()
         await fs.release(h)
         await fs.flush(hl)
@@ -367,6 +368,57 @@ def test_rename_over_a_file_whose_first_upload_is_in_flight_is_no_conflict(tmp_p
         fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
         assert await fs.read(fh, 0, 100) == b"second config"
         await fs.release(fh)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("op", ["rename", "unlink"])
+def test_upload_in_flight_does_not_overwrite_what_replaced_its_file(tmp_path, cmk_path, op):
+    """config's upload is in flight (a slow PUT) when config is replaced — by the rename of an
+    uploaded config.lock over it (its copy), or by unlink and a new file's upload: the late PUT
+    must not overwrite the new object (it did: config read back the old content, ESTALE)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        in_flight, go_on = trio.Event(), trio.Event()
+
+        async def hold(inner, op_, keys):
+            in_flight.set()
+            await go_on.wait()
+        store.hook(("put_file", "put_bytes"), hold, key="pre/config", count=1)
+        _, h = await fs.create(root, "config", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"first config")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.flush, h)  # uploads at close (a local bucket): held in its PUT
+            await in_flight.wait()
+
+            async def new_file(name):  # closed and uploaded at close, no drain
+                _, nh = await fs.create(root, name, 0o600, os.O_RDWR, 1, 2)
+                await fs.write(nh, 0, b"second config")
+                await fs.flush(nh)
+                await fs.release(nh)
+                assert await store.inner.head("pre/" + name) is not None
+
+            async def replace():
+                if op == "rename":
+                    await new_file("config.lock")
+                    await fs.rename(root, "config.lock", root, "config", 0)
+                else:
+                    await fs.unlink(root, "config")
+                    await new_file("config")
+            nursery.start_soon(replace)
+            await trio.sleep(0.2)  # the replacement waits for the upload in flight
+            go_on.set()
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/config"]
+        fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
+        assert await fs.read(fh, 0, 100) == b"second config"
+        await fs.release(fh)
+        assert fs.commit.conflicts.count == 0
         fs.close()
         await store.aclose()
 

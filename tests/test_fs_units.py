@@ -199,3 +199,39 @@ def test_journaled_file_is_uploaded_by_the_next_mount(tmp_path, cmk_path):
 
     trio.run(crash_after_close)
     trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"'pre/config' was changed by another client")
+def test_conflict_check_knows_the_last_object_its_own_upload_put(tmp_path, cmk_path):
+    """Conflicts.upload of a new file (base: nothing) to a key where this mount's own last
+    upload put an object replaces it (no conflict copy: that is no foreign edit; git's
+    config.lock over config while config's first upload was in flight); once another client
+    has written the key, the same upload goes to a conflict copy."""
+    from fakes.core import committed_file, core_filesystem
+    from ossfuse.fs.objmeta import file_metadata
+
+    async def staged_new_file(fs, name: str, data: bytes):
+        node, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, data)
+        async with node.lock:
+            await fs.commit.seal(node)
+        return node, h, file_metadata(node, node.staged.envelope.wrapped, node.staged.size)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "config", b"first")
+        node, h, meta = await staged_new_file(fs, "lock1", b"second")
+        info = await fs.commit.conflicts.upload(node, node.staged, "pre/config", meta)
+        assert info.key == "pre/config" and fs.commit.conflicts.count == 0  # our own object: replaced
+        await store.inner.put_bytes("pre/config", b"theirs", {})  # another client's edit
+        node2, h2, meta2 = await staged_new_file(fs, "lock2", b"third")
+        info2 = await fs.commit.conflicts.upload(node2, node2.staged, "pre/config", meta2)
+        assert info2.key.startswith("pre/config.conflict-") and fs.commit.conflicts.count == 1
+        assert await store.inner.get_range("pre/config", 0, 100) == b"theirs"
+        for handle in (h, h2):
+            await fs.release(handle)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -272,6 +272,7 @@ class Namespace:
         async with self._existing_locked(parent, name) as node:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
+            await self._no_upload_in_flight(node)
             async with node.lock:
                 v = node.version
                 key = self.naming.key(node.path)
@@ -314,6 +315,15 @@ class Namespace:
         except OSError as e:
             log.error("cannot record the pending delete of replaced %r: %s", key, e)
             raise FsError(errno_of(e)) from None
+
+    async def _no_upload_in_flight(self, node: Node) -> None:
+        """Wait for an upload of ``node`` that is in flight (its name is locked by the caller):
+        a PUT landing after ``node``'s name was taken would overwrite whatever this mount put
+        at that key meanwhile (a rename's copy; a new file's upload)."""
+        while node.staged is not None and node.staged.uploading:
+            await self.commit.upload_settled(node)
+            if node.staged is not None and node.staged.uploading:
+                await trio.sleep(0.01)  # a new upload began at once: let it finish too
 
     async def _replaced_etag(self, node: Node, key: str) -> str | None:
         """The ETag of the object at ``key`` that ``node`` (staged, never uploaded) is to
@@ -473,6 +483,7 @@ class Namespace:
         Raises FsError ESTALE, EIO, ENOSPC."""
         if dst is not None:
             await self._keep_replaced_readable(dst)
+            await self._no_upload_in_flight(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
             old_path = src.path
             if src.version is None:  # a replaced object at the old name must not stay behind
