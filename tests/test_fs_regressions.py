@@ -423,3 +423,34 @@ def test_upload_in_flight_does_not_overwrite_what_replaced_its_file(tmp_path, cm
         await store.aclose()
 
     trio.run(main)
+
+
+def test_namespace_probes_leave_no_nodes_behind(tmp_path, cmk_path):
+    """Nodes a namespace operation made only to probe a name (unlink, rmdir, rename over, a
+    create that finds the name taken) are dropped once the operation is done, unless the kernel
+    or a handle holds them (review A15: they stayed in the inode table for the mount's life)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        for name in ("a", "b", "c", "d"):
+            await committed_file(fs, name, name.encode())
+        await fs.mkdir(fs.get(1), "dir", 0o755, 1, 2)
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # a new mount: only the root known
+        root = fs.get(1)
+        assert list(fs.inodes.nodes) == [1]
+        await fs.unlink(root, "a")
+        await fs.rmdir(root, "dir")
+        with pytest.raises(FsError) as e:
+            await fs.mkdir(root, "b", 0o755, 1, 2)
+        assert e.value.errno == errno.EEXIST
+        with pytest.raises(FsError) as e:
+            await fs.create(root, "b", 0o600, os.O_RDWR, 1, 2)
+        assert e.value.errno == errno.EEXIST
+        await fs.rename(root, "c", root, "d", 0)  # c's node moves to d; d's old node goes
+        assert sorted(n.path for n in fs.inodes.nodes.values()) == ["", "d"]
+        assert await listed_names(fs) == ["b", "d"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -235,3 +235,44 @@ def test_conflict_check_knows_the_last_object_its_own_upload_put(tmp_path, cmk_p
         await store.aclose()
 
     trio.run(main)
+
+
+def test_staged_in_reads_only_the_directory_asked_about():
+    """UploadScheduler.staged_in answers from an index of dirty nodes by directory (review A15:
+    it scanned every dirty node of the mount for each readdir, rmdir and lookup listing), and
+    the index follows renames (``moved``)."""
+    from ossfuse.fs.naming import parent_of
+    from ossfuse.writeback.scheduler import UploadScheduler
+
+    class Item:
+        reads = 0
+
+        def __init__(self, path):
+            self._path, self.unlinked, self.staged = path, False, object()
+
+        @property
+        def path(self):
+            Item.reads += 1
+            return self._path
+
+    async def never(node):
+        raise AssertionError("no upload in this test")
+
+    sched = UploadScheduler(never, delay=0, retry_interval=1, workers=1)
+    many = [Item(f"big/f{i}") for i in range(1000)]
+    for n in many:
+        sched.mark_dirty(n)
+    small = Item("small/x")
+    sched.mark_dirty(small)
+    Item.reads = 0
+    assert sched.staged_in("small", parent_of) == [small]
+    assert Item.reads <= 2  # one node looked at, not 1001
+    mover = many[0]
+    mover._path = "small/moved"
+    sched.moved(mover)
+    assert sorted(n.path for n in sched.staged_in("small", parent_of)) == ["small/moved", "small/x"]
+    assert len(sched.staged_in("big", parent_of)) == 999
+    sched.mark_clean(small)
+    assert [n.path for n in sched.staged_in("small", parent_of)] == ["small/moved"]
+    small.unlinked = True
+    assert sched.staged_in("", parent_of) == []

@@ -70,7 +70,7 @@ class Filesystem:
                     now, now, lookups=1)
         self.names = NameCache(store, self.naming, m.entry_timeout,
                                lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
-        self.inodes = InodeTable(root, self.names)
+        self.inodes = InodeTable(root, self.names, on_move=self.scheduler.moved)
         self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,

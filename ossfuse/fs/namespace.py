@@ -112,6 +112,19 @@ class Namespace:
                     return
         raise FsError(errno.ENOENT)
 
+    async def _check_absent(self, parent: Node, name: str, is_dir: bool = False) -> None:
+        """``Resolver.check_absent``, and on EEXIST the node its probe made is dropped again
+        unless something holds it (review A15: such nodes were never forgotten). Raises
+        FsError EEXIST, EINVAL/ENAMETOOLONG, EIO."""
+        try:
+            await self.resolver.check_absent(parent, name, is_dir)
+        except FsError as e:
+            if e.errno == errno.EEXIST:
+                found = self.inodes.by_path.get(join(parent.path, name))
+                if found is not None:
+                    self.inodes.maybe_drop(found)
+            raise
+
     @asynccontextmanager
     async def _new_name_locked(self, parent: Node, name: str, is_dir: bool = False) -> AsyncIterator[str]:
         """The path of a new entry ``name`` in ``parent``, locked, once nothing is there: probed
@@ -119,7 +132,7 @@ class Namespace:
         removed meanwhile), EINVAL/ENAMETOOLONG, EIO."""
         for _ in range(_RECHECKS):
             path = join(parent.path, name)
-            await self.resolver.check_absent(parent, name, is_dir)
+            await self._check_absent(parent, name, is_dir)
             async with self.locks.hold(names=[path]):
                 if parent.unlinked:
                     raise FsError(errno.ENOENT)
@@ -186,6 +199,7 @@ class Namespace:
             await store_request(self.store.delete(dkey), dkey)
             node.unlinked = True
             self.inodes.remove_name(node)
+            self.inodes.maybe_drop(node)  # a node made by the probe alone is not kept (A15)
             touch(parent)
 
     # -- files and symlinks -----------------------------------------------------------------
@@ -193,7 +207,7 @@ class Namespace:
                      gid: int) -> tuple[Node, FileHandle]:
         """A new empty file, staged (in the bucket at its upload), lookup count one, and an
         open handle on it. Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
-        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        await self._check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
         async with self._new_name_locked(parent, name) as path:  # no await below: nothing waits on it
             node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
@@ -210,7 +224,7 @@ class Namespace:
     async def symlink(self, parent: Node, name: str, target: str, uid: int, gid: int) -> Node:
         """A symlink: an encrypted object holding ``target``, mode S_IFLNK in its metadata.
         Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
-        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        await self._check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
         async with self._new_name_locked(parent, name) as path:
             node = self.inodes.new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
@@ -353,6 +367,7 @@ class Namespace:
             else:  # kept for its open handles, but a crash must not bring it back
                 self.commit.forget_journal(node)
         self.inodes.remove_name(node)
+        self.inodes.maybe_drop(node)  # unless the kernel or a handle holds it: a probe's node goes (A15)
 
     async def last_close(self, node: Node) -> None:
         """The last handle of unlinked ``node`` closed: delete its object if the unlink left it
@@ -552,6 +567,7 @@ class Namespace:
                 await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
                 dst.unlinked = True
                 self.inodes.remove_name(dst)
+                self.inodes.maybe_drop(dst)
             old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
             keys: dict[str, ObjectInfo] = {}
             marker = None
