@@ -36,8 +36,9 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from fakes.core import core_config
 from fakes.fault_store import FaultStore
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.config import Config
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.fs.model import FileHandle, Node
 from ossfuse.keyring import Keyring
@@ -138,11 +139,7 @@ def pick(items: list, i: int):
 
 
 def _config(root: str, cmk_path: str, *, upload_delay: float) -> Config:
-    return Config(path=os.path.join(root, "ossfuse.toml"),
-                  store=StoreConfig(url=f"local://{root}/bucket", prefix="pre/"),
-                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                  cache=CacheConfig(dir=os.path.join(root, "cache")),
-                  mount=MountConfig(upload_delay=upload_delay))
+    return core_config(root, cmk_path, upload_delay=upload_delay)
 
 
 class FsMachine(RuleBasedStateMachine):

@@ -9,19 +9,18 @@ import stat
 import pytest
 import trio
 
+from fakes.core import core_config, core_filesystem
 from ossfuse import envelope as env
 from ossfuse.cache import TruncatedObject
 from ossfuse.cmk import CmkUnavailable, KeyMissing
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.config import Config
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.fs.errors import errno_of
 from ossfuse.fs.model import FileHandle, Node
 from ossfuse.fs.naming import Naming
 from ossfuse.fs.objmeta import AttrDefaults, fmt_mtime, parse_mtime
 from ossfuse.fs.readahead import READAHEAD_MAX, fetch_until
-from ossfuse.keyring import Keyring
 from ossfuse.store.base import NoSuchKey, ObjectInfo, PreconditionFailed, StoreError
-from ossfuse.store.local import LocalStore
 from ossfuse.writeback import journal
 from ossfuse.writeback.staging import Staging
 
@@ -124,17 +123,11 @@ def test_journal_record_and_read_back(tmp_path):
 
 
 def _config(tmp_path, cmk_path) -> Config:
-    return Config(path=str(tmp_path / "ossfuse.toml"),
-                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                  cache=CacheConfig(dir=str(tmp_path / "cache")),
-                  mount=MountConfig(upload_delay=0.0))
+    return core_config(tmp_path, cmk_path)
 
 
 def _filesystem(tmp_path, cmk_path) -> Filesystem:
-    cfg = _config(tmp_path, cmk_path)
-    os.makedirs(tmp_path / "bucket", exist_ok=True)
-    return Filesystem(cfg, LocalStore(str(tmp_path / "bucket")), Keyring(cfg.encryption), uid=1, gid=2)
+    return core_filesystem(tmp_path, cmk_path)
 
 
 def test_filesystem_round_trip_without_a_kernel(tmp_path, cmk_path):
