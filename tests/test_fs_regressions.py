@@ -272,7 +272,9 @@ def test_rename_over_a_committed_file_then_upload_keeps_the_new_file(tmp_path, c
         await fs.write(h, 0, b"new d")
         await fs.rename(fs.get(1), "a", fs.get(1), "d", 0)
         await fs.release(h)
+        store.reset_counts()
         assert await fs.drain() == 0
+        assert store.counts["head"] == 1  # the upload's conflict check; the record needs none
         assert fs.deferred_deletes.pending == {} and os.listdir(tmp_path / "cache" / "unlinked") == []
         assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/d"]
         h = await fs.open(await fs.lookup(fs.get(1), "d"), os.O_RDONLY)
@@ -450,6 +452,30 @@ def test_namespace_probes_leave_no_nodes_behind(tmp_path, cmk_path):
         await fs.rename(root, "c", root, "d", 0)  # c's node moves to d; d's old node goes
         assert sorted(n.path for n in fs.inodes.nodes.values()) == ["", "d"]
         assert await listed_names(fs) == ["b", "d"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_directory_made_where_an_unlinked_open_file_waits_is_seen(tmp_path, cmk_path):
+    """A file unlinked while open (its object hidden until the last close), then a directory
+    made at that name: lookups and listings show the directory (the hidden object hid it:
+    lookup said ENOENT once the directory's attributes were to be read again)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0)  # every lookup asks the store
+        store = fs.store
+        root = fs.get(1)
+        await committed_file(fs, "c", b"file c")
+        h = await fs.open(await fs.lookup(root, "c"), os.O_RDONLY)
+        await fs.unlink(root, "c")
+        await fs.mkdir(root, "c", 0o700, 1, 2)
+        fs.inodes.maybe_drop(fs.by_path["c"])  # (as after the kernel's forget)
+        node = await fs.lookup(root, "c")
+        assert node.is_dir and stat.S_IMODE(node.mode) == 0o700
+        assert await listed_names(fs) == ["c"]
+        await fs.release(h)
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/c/"]
         fs.close()
         await store.aclose()
 

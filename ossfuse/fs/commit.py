@@ -194,7 +194,8 @@ class Commit:
                 self._upload_locks.pop(node, None)
 
     async def upload_settled(self, node: Node) -> None:
-        """Wait until no upload of ``node`` is in flight (one started later is not waited for)."""
+        """Wait until the upload of ``node`` in flight, if any, is done (sealing, PUT and
+        adopting the result; one started later is not waited for)."""
         lock = self._upload_locks.get(node)
         if lock is not None:
             async with lock:

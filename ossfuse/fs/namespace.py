@@ -24,7 +24,7 @@ from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object, delete_version
+from .copying import copy_object, delete_version, same_etag
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
@@ -334,10 +334,7 @@ class Namespace:
         """Wait for an upload of ``node`` that is in flight (its name is locked by the caller):
         a PUT landing after ``node``'s name was taken would overwrite whatever this mount put
         at that key meanwhile (a rename's copy; a new file's upload)."""
-        while node.staged is not None and node.staged.uploading:
-            await self.commit.upload_settled(node)
-            if node.staged is not None and node.staged.uploading:
-                await trio.sleep(0.01)  # a new upload began at once: let it finish too
+        await self.commit.upload_settled(node)
 
     async def _replaced_etag(self, node: Node, key: str) -> str | None:
         """The ETag of the object at ``key`` that ``node`` (staged, never uploaded) is to
@@ -385,9 +382,11 @@ class Namespace:
             return await self.deferred.delete(key, etag)
         async with self.locks.hold(names=[path]):  # no create or unlink of that name meanwhile
             current = self.inodes.by_path.get(path)
-            if current is not None and not current.unlinked and not current.is_dir and current.staged is not None:
-                # This mount made a new file at that name: its upload replaces the object (a
-                # DELETE now could race that upload and delete the new version).
+            if current is not None and not current.unlinked and not current.is_dir and (
+                    current.staged is not None  # a new file of this mount: its upload replaces
+                    # the object (a DELETE now could race that upload and delete the new version)
+                    or (current.version is not None and current.version.key == key
+                        and not same_etag(current.version.etag, etag))):  # replaced already
                 self.deferred.forget(key, etag)
                 return True
             if await self.deferred.delete(key, etag):

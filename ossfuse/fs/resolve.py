@@ -53,10 +53,9 @@ class Resolver:
         None, True) for a directory, None for nothing. A file wins over a same-named dir.
         Raises StoreError."""
         info = await self.store.head(self.naming.key(path))
-        if info is not None:
-            if self.hidden(info):
-                return None
+        if info is not None and not self.hidden(info):
             return info, False
+        # nothing (or a hidden object, e.g. an unlinked file's awaiting its delete): a directory?
         if base_name(path) == LIST_DIR:
             return None  # integrity tag lists (docs/integrity.md): not a directory of the mount
         dkey = self.naming.dir_key(path)
