@@ -480,3 +480,32 @@ def test_directory_made_where_an_unlinked_open_file_waits_is_seen(tmp_path, cmk_
         await store.aclose()
 
     trio.run(main)
+
+
+def test_directory_rename_keeps_an_unlinked_open_file_gone(tmp_path, cmk_path):
+    """d/x unlinked while open, then d renamed to e: x must not show up as e/x (its object was
+    copied with the directory as a visible new object, and its node was put back at e/x); the
+    handle still reads it, and after the last close nothing of it is left."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        await committed_file(fs, "x", b"unlinked x", parent=d)
+        await committed_file(fs, "y", b"kept y", parent=d)
+        h = await fs.open(await fs.lookup(d, "x"), os.O_RDONLY)
+        await fs.unlink(d, "x")
+        await fs.rename(root, "d", root, "e", 0)
+        e = await fs.lookup(root, "e")
+        assert await listed_names(fs, e) == ["y"]
+        assert not await exists(fs, "x", parent=e)
+        assert "e/x" not in fs.by_path
+        assert await fs.read(h, 0, 100) == b"unlinked x"
+        await fs.release(h)
+        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        assert keys == ["pre/e/", "pre/e/y"]
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

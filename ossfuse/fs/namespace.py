@@ -348,6 +348,23 @@ class Namespace:
             etag = info.etag if info is not None else None
         return etag
 
+    def _move_pending_delete(self, node: Node, old: Version | None) -> None:
+        """Unlinked open ``node``'s object (``old``) was copied by a directory rename and the
+        node follows the copy: the pending delete (and the hiding) moves to the copy, which
+        would otherwise show up at the new name (logged on a cache-disk failure: the copy
+        then stays visible until a remount)."""
+        pending = self._unlinked_open.get(node)
+        v = node.version
+        if pending is None or v is None or old is None or v is old:
+            return
+        try:
+            self.deferred.record(v.key, v.etag)
+        except OSError as e:
+            log.error("cannot record the pending delete of %r (moved with its directory): %s", v.key, e)
+            return
+        self.deferred.forget(*pending)
+        self._unlinked_open[node] = (v.key, v.etag)
+
     def _show_copy(self, dst_path: str) -> None:
         """A rename's copy is at ``dst_path`` although the rename failed: lookups and listings
         must both show it (no negative cache entry left from the probe)."""
@@ -599,6 +616,10 @@ class Namespace:
                     set_local_version(n, Version(info.key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
                 elif v is not None:
                     n.checked_at = 0.0  # another client's version was listed and moved: re-read it
+                if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden
+                    self._move_pending_delete(n, v)
+                    n.path = new
+                    continue
                 self.inodes.move(n, n.path, new)
                 self.commit.rejournal(n)
             for n in affected:  # their names moved one by one: list them anew when asked
