@@ -1,4 +1,5 @@
-"""Objects whose name is gone but that an open handle still reads (unlink of an open file).
+"""Objects whose name is gone but that are still in the bucket: an unlinked file an open handle
+still reads, and the object a new file renamed over it will overwrite at its upload.
 
 The name disappears at once (locally: lookups, listings and creates no longer see it), but the
 object stays in the bucket until the last handle closes, so the readers go on reading it by
@@ -8,8 +9,8 @@ there since, by this mount or another client, is left alone).
 
 Each pending delete is recorded on the cache disk first (``<cache dir>/unlinked/<sha256>.json``
 holding ``{"key": …, "etag": …}``, written atomically and fsynced), so a crash before the last
-close does not bring the file back: the next mount finishes the delete before it serves
-(:meth:`DeferredDeletes.ready`).
+close does not bring the file back: the next mount loads the records as ``ready`` and finishes
+the deletes before it serves (``Filesystem.finish_unlinks``).
 
 While a delete is pending — waiting for the last close, or failed and waiting for a retry —
 that version is hidden from this mount (:meth:`DeferredDeletes.hides`: lookups and listings
