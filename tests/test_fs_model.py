@@ -370,10 +370,18 @@ class FsMachine(RuleBasedStateMachine):
         try:
             self.expect_errno(code, self._rename, src, dst)
         except _Failed:
-            # Nothing moved, or everything did; or (copies first, then deletes) the object is at both names.
+            # Nothing moved, or everything did; or (copies first, then deletes) the object is at both
+            # names: the new name then holds the file's last uploaded version (approximated by its
+            # durable state), without changes still staged (docs/semantics.md).
             if dst.startswith(src + "/"):
                 raise AssertionError("a rename into itself reached the store") from None
-            self.check_all({src: {before[src], None}, dst: {before[dst], before[src]}})
+            entry = self.model.tree.get(src)
+            uploaded = {("file", *entry.durable)} if isinstance(entry, MFile) and entry.durable is not None else set()
+            old = self.model.tree.get(dst)
+            if isinstance(old, MFile) and self.observe(dst) != before[dst]:
+                old.unlinked = True  # the copy replaced dst's file: a new file is at that name
+                self.model.tree[dst] = MFile()
+            self.check_all({src: {before[src], None}, dst: {before[dst], before[src]} | uploaded})
             assert self.observe(src) is not None or self.model.tree.get(dst) is not None, \
                 f"failed rename {src} -> {dst} lost both"
             return
