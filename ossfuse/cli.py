@@ -121,9 +121,9 @@ def cmd_mount(args) -> int:
         return _die(str(e))
     if not args.foreground:
         return _spawn_daemon(args, cfg)
-    from .daemon import MountError, Readiness, run
+    from .daemon import MountError, NoReadiness, run
     _setup_daemon_logging(args, cfg)
-    readiness = _ReadyPipe(args.ready_fd) if args.ready_fd is not None else Readiness()
+    readiness = _ReadyPipe(args.ready_fd) if args.ready_fd is not None else NoReadiness()
     try:
         status = run(cfg, args.mountpoint, options, readiness)
     except MountError as e:

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Protocol
 
 import pyfuse3
 import trio
@@ -158,10 +159,19 @@ def notify_systemd(message: str) -> None:
             log.warning("sd_notify %r failed: %s", message, e)
 
 
-class Readiness:
+class Readiness(Protocol):
     """How the daemon tells whoever started it that the mount is usable, or why it is not:
-    ``ready()`` once it answers, ``failed(reason)`` when it ends before that. Subclassed by
-    the CLI (ready pipe of a daemonizing ``ossfuse mount``); the base does nothing."""
+    ``ready()`` once it answers, ``failed(reason)`` when it ends before that. Implemented by
+    the CLI's ready pipe of a daemonizing ``ossfuse mount`` (a protocol: the CLI need not
+    import this module to define it) and by NoReadiness."""
+
+    def ready(self) -> None: ...
+
+    def failed(self, reason: str) -> None: ...
+
+
+class NoReadiness:
+    """Readiness for a mount in the foreground: nobody waits, nothing to tell."""
 
     def ready(self) -> None:
         pass

@@ -23,10 +23,11 @@ import trio
 import trio.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
+from fakes.core import core_filesystem  # noqa: E402
 from fakes.fault_store import FaultStore  # noqa: E402
 from ossfuse import envelope as env  # noqa: E402
 from ossfuse.cmk import KeyMissing  # noqa: E402
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
+from ossfuse.config import CmkConfig, EncryptionConfig  # noqa: E402
 from ossfuse.fs import Filesystem, FsError  # noqa: E402
 from ossfuse.keyring import Keyring  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
@@ -46,17 +47,12 @@ RTT = 0.25  # seconds per store request in the latency tests (repro 07's server 
 def _fs(tmp_path, cmk_path, *, oss_like=True, max_size=10 << 30, **mount) -> Filesystem:
     """A Filesystem over FaultStore(LocalStore) in ``tmp_path``. ``oss_like``: the store's
     listing carries no metadata (one HEAD per entry, as on OSS) and is not a local disk."""
-    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                 cache=CacheConfig(dir=str(tmp_path / "cache"), max_size=max_size, min_free=0),
-                 mount=MountConfig(**{"upload_delay": 0.0, **mount}))
     os.makedirs(tmp_path / "bucket", exist_ok=True)
     store = FaultStore((_CopyingLocalStore if oss_like else LocalStore)(str(tmp_path / "bucket")))
     if oss_like:
         store.listing_has_metadata = False
         store.local_disk = False
-    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+    return core_filesystem(tmp_path, cmk_path, store=store, cache={"max_size": max_size, "min_free": 0}, **mount)
 
 
 async def _write_file(fs: Filesystem, parent, name: str, data: bytes):

@@ -9,31 +9,17 @@ import stat
 import pytest
 import trio
 
-from fakes.fault_store import FaultStore
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
-from ossfuse.fs import Filesystem, FsError
-from ossfuse.keyring import Keyring
-from ossfuse.store.local import LocalStore
-
-
-def _filesystem(tmp_path, cmk_path, store) -> Filesystem:
-    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                 cache=CacheConfig(dir=str(tmp_path / "cache")),
-                 mount=MountConfig(upload_delay=0.0))
-    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+from fakes.core import committed_file, core_filesystem, exists, listed_names
+from ossfuse.fs import FsError
 
 
 @pytest.mark.expect_log(r"injected fault: copy")
 def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
     """chmod of a file in the bucket whose CopyObject fails answers EIO and must leave the mode
     as it was (found by the model test: create 0600, upload, copy fails, chmod 0644)."""
-    os.makedirs(tmp_path / "bucket")
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-
     async def main():
-        fs = _filesystem(tmp_path, cmk_path, store)
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
         node, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)
         await fs.write(h, 0, b"data")
         await fs.flush(h)
@@ -52,56 +38,55 @@ def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
     trio.run(main)
 
 
-async def _committed_file(fs: Filesystem, name: str, data: bytes):
-    """A file ``name`` in the root, closed and uploaded; returns its node."""
-    node, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)
-    await fs.write(h, 0, data)
-    await fs.flush(h)
-    await fs.release(h)
-    assert await fs.drain() == 0
-    return node
+def test_unlinked_open_file_is_gone_from_listings(tmp_path, cmk_path):
+    """unlink of an open file leaves its object for the readers until the last close, but the
+    name is gone at once: lookup and readdir agree (readdir listed it from the bucket while
+    lookup said ENOENT)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
+        await fs.write(h, 0, b"data")
+        assert await fs.drain() == 0 and await fs.store.inner.head("pre/a") is not None
+        await fs.unlink(fs.get(1), "a")
+        assert await fs.store.inner.head("pre/a") is not None  # kept for the open handle ...
+        assert await fs.read(h, 0, 10) == b"data"
+        assert not await exists(fs, "a")  # ... but the name is gone, for lookup and readdir
+        assert await listed_names(fs) == []
+        await fs.release(h)
+        assert await fs.store.inner.head("pre/a") is None
+        fs.close()
+        await fs.store.aclose()
 
-
-async def _names(fs: Filesystem) -> list[str]:
-    h = fs.opendir(fs.get(1))
-    try:
-        return sorted(name for _, name, _ in await fs.readdir_entries(h, 0))
-    finally:
-        fs.releasedir(h.fh)
-
-
-async def _exists(fs: Filesystem, name: str) -> bool:
-    try:
-        await fs.lookup(fs.get(1), name)
-        return True
-    except FsError as e:
-        assert e.errno == errno.ENOENT
-        return False
+    trio.run(main)
 
 
 @pytest.mark.expect_log(r"injected fault: delete")
-@pytest.mark.xfail(strict=True, reason="fs/namespace.py unlink of an open file takes the name away (and marks "
-                                       "it unlinked) before its DeleteObject and keeps it so when the delete fails:"
-                                       " EIO, yet the file is gone until a remount (owner: namespace work)")
-def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
-    """unlink of an open file whose DeleteObject fails answers EIO; the file must still be
-    there, by lookup and by listing, as it is in the bucket (found by the model test: create,
-    upload while open, delete fails, unlink)."""
-    os.makedirs(tmp_path / "bucket")
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-
+def test_unlinked_open_file_whose_delete_fails_stays_gone(tmp_path, cmk_path):
+    """unlink of an open file succeeds (the object waits for the last close); when the DELETE
+    at the last close fails, the name must not come back: the version stays hidden (lookup,
+    readdir, a remount) and the delete is retried at unmount (drain) and at the next mount,
+    until the object is really gone (found by the model test: create, upload while open,
+    delete fails, unlink, close: the file was back)."""
     async def main():
-        fs = _filesystem(tmp_path, cmk_path, store)
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
         _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
-        assert await fs.drain() == 0 and await store.inner.head("pre/a") is not None
-        store.fail("delete", key="pre/a")
-        with pytest.raises(FsError) as e:
-            await fs.unlink(fs.get(1), "a")
-        assert e.value.errno == errno.EIO
+        await fs.write(h, 0, b"data")
+        assert await fs.drain() == 0
+        await fs.unlink(fs.get(1), "a")
+        store.fail("delete", key="pre/a", count=2)
+        await fs.release(h)  # the DELETE fails (logged)
         assert await store.inner.head("pre/a") is not None  # still in the bucket ...
-        assert await _exists(fs, "a")  # ... so still in the mount (today: ENOENT)
-        assert await _names(fs) == ["a"]
-        await fs.release(h)
+        assert not await exists(fs, "a")  # ... yet not back in the mount
+        assert await listed_names(fs) == []
+        assert await fs.drain() == 0  # unmount: the delete is tried again, and fails again
+        assert await store.inner.head("pre/a") is not None
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # the next mount, before it serves
+        assert not await exists(fs, "a") and await listed_names(fs) == []
+        assert await fs.finish_unlinks() == 0
+        assert await store.inner.head("pre/a") is None  # really gone now
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
         fs.close()
         await store.aclose()
 
@@ -109,29 +94,417 @@ def test_failed_unlink_removes_nothing(tmp_path, cmk_path):
 
 
 @pytest.mark.expect_log(r"injected fault: delete")
-@pytest.mark.xfail(strict=True, reason="fs/namespace.py rename: when DeleteObject of the source fails after "
-                                       "the copy, the copy at the new name is listed by readdir while lookup "
-                                       "answers ENOENT from the negative cache (owner: namespace work)")
-def test_rename_whose_delete_fails_is_consistent(tmp_path, cmk_path):
-    """rename a → c (a open) where the copy succeeds and the delete of a fails: EIO, and both
-    names exist (copies first, then deletes: never neither). Lookup and readdir must agree on
-    it (found by the model test: create, upload while open, delete fails, rename)."""
-    os.makedirs(tmp_path / "bucket")
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-
+def test_failed_deferred_delete_is_retried_in_the_background(tmp_path, cmk_path):
+    """With the daemon's task nursery set, a failed delete of an unlinked open file is tried
+    again every retry_interval seconds until it succeeds."""
     async def main():
-        fs = _filesystem(tmp_path, cmk_path, store)
+        fs = core_filesystem(tmp_path, cmk_path, retry_interval=0.05)
+        store = fs.store
+        _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)
+        assert await fs.drain() == 0
+        await fs.unlink(fs.get(1), "a")
+        store.fail("delete", key="pre/a", count=3)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            await fs.release(h)
+            with trio.fail_after(5):
+                while await store.inner.head("pre/a") is not None:
+                    await trio.sleep(0.02)
+        assert store.counts["delete"] == 4  # one at the close, three retries (two failed)
+        assert fs.deferred_deletes.pending == {} and os.listdir(tmp_path / "cache" / "unlinked") == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"injected fault: delete")
+def test_new_file_at_a_pending_delete_replaces_it_without_conflict(tmp_path, cmk_path):
+    """A file created where an unlinked file's failed delete is pending replaces that object
+    knowingly (no conflict copy), and the retried delete leaves the new object alone."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        await committed_file(fs, "a", b"old")
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # a mount that did not upload it
+        h = await fs.open(await fs.lookup(fs.get(1), "a"), os.O_RDONLY)
+        await fs.unlink(fs.get(1), "a")
+        store.fail("delete", key="pre/a")
+        await fs.release(h)
+        assert await store.inner.head("pre/a") is not None
+        await committed_file(fs, "a", b"new")
+        assert await fs.finish_unlinks() == 0
+        assert await listed_names(fs) == ["a"]
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        node = await fs.lookup(fs.get(1), "a")
+        rh = await fs.open(node, os.O_RDONLY)
+        assert await fs.read(rh, 0, 10) == b"new"
+        await fs.release(rh)
+        assert fs.commit.conflicts.count == 0
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"rename of 'a' to 'c' failed: deleting 'pre/a' failed \(injected fault: delete.*"
+                        r"the copy was deleted again, nothing changed")
+def test_rename_whose_delete_fails_changes_nothing(tmp_path, cmk_path):
+    """rename a → c (a open) where the copy succeeds and the delete of a fails: EIO, the copy
+    is deleted again, and the state is as before: a only, by lookup and by readdir, one log
+    line (found by the model test: readdir listed c while lookup of c said ENOENT)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
         _, h = await fs.create(fs.get(1), "a", 0o600, os.O_RDWR, 1, 2)  # stays open
+        await fs.write(h, 0, b"data")
         assert await fs.drain() == 0 and await store.inner.head("pre/a") is not None
+        assert not await exists(fs, "c")  # the negative cache knows c is absent
         store.fail("delete", key="pre/a")
         with pytest.raises(FsError) as e:
             await fs.rename(fs.get(1), "a", fs.get(1), "c", 0)
         assert e.value.errno == errno.EIO
-        c_found = await _exists(fs, "c")  # (looked up before a listing makes its node)
-        listed = await _names(fs)
-        assert "a" in listed and await _exists(fs, "a")
-        assert ("c" in listed) == c_found, f"readdir lists {listed}, lookup of c says {c_found}"
+        assert not await exists(fs, "c") and await exists(fs, "a")
+        assert await listed_names(fs) == ["a"]
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        assert await fs.read(h, 0, 10) == b"data"
         await fs.release(h)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["over-c", "undo-fails"])
+@pytest.mark.expect_log(r"rename of 'a' to 'c' failed half-way: deleting 'pre/a' failed \(injected fault: delete.*"
+                        r"both names hold the file now")
+def test_rename_whose_delete_fails_shows_both_names(tmp_path, cmk_path, replaced):
+    """rename a → c where the copy succeeds and the delete of a fails, and the copy cannot be
+    taken back (it replaced c, or deleting it fails too): EIO, and both names hold a's file —
+    lookup, readdir and reads agree (copies first, then deletes: never neither). One log line."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        await committed_file(fs, "a", b"from a")
+        if replaced:
+            await committed_file(fs, "c", b"old c")
+        else:
+            assert not await exists(fs, "c")  # the negative cache knows c is absent
+        store.fail("delete", count=1 if replaced else 2)  # the delete of a (and taking the copy back)
+        with pytest.raises(FsError) as e:
+            await fs.rename(fs.get(1), "a", fs.get(1), "c", 0)
+        assert e.value.errno == errno.EIO
+        assert await exists(fs, "c") and await exists(fs, "a")
+        assert await listed_names(fs) == ["a", "c"]
+        for name in ("a", "c"):
+            node = await fs.lookup(fs.get(1), name)
+            h = await fs.open(node, os.O_RDONLY)
+            assert await fs.read(h, 0, 100) == b"from a"
+            await fs.release(h)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_new_file_renamed_over_a_renamed_over_file_is_no_conflict(tmp_path, cmk_path):
+    """x renamed over a (in the bucket), then y renamed over a before x was uploaded: y's
+    upload replaces a's object knowingly — no conflict copy (found by the model test: the
+    second rename lost what the first knew it replaced, and y went to a.conflict-…)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        await committed_file(fs, "a", b"committed a")
+        handles = []
+        for name in ("x", "y"):
+            _, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)  # open: not uploaded
+            await fs.write(h, 0, name.encode())
+            await fs.rename(fs.get(1), name, fs.get(1), "a", 0)
+            handles.append(h)
+        for h in handles:
+            await fs.release(h)
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        h = await fs.open(await fs.lookup(fs.get(1), "a"), os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"y"
+        await fs.release(h)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_file_replaced_by_a_rename_does_not_come_back_after_a_crash(tmp_path, cmk_path):
+    """A new file (never closed, so never journaled) renamed over d, which is in the bucket,
+    then a crash: the rename unlinked d's object, so d must not come back with its old content
+    (it may be gone: its new content was never durable). Found by the model test."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "d", b"old d")
+        _, h = await fs.create(fs.get(1), "a", 0o700, os.O_RDWR, 1, 2)
+        await fs.rename(fs.get(1), "a", fs.get(1), "d", 0)
+        for node in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
+            if node.staged is not None:
+                node.staged.close()
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        assert fs.recover() == 0
+        assert not await exists(fs, "d")  # hidden from the start, deleted before serving
+        assert await fs.finish_unlinks() == 0
+        assert (await store.inner.list("pre/", delimiter=None)).objects == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_rename_over_a_committed_file_then_upload_keeps_the_new_file(tmp_path, cmk_path):
+    """The pending delete a rename over d records is moot once the new file is uploaded at d:
+    the unmount (drain) drops it and the new object stays."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "d", b"old d")
+        _, h = await fs.create(fs.get(1), "a", 0o700, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"new d")
+        await fs.rename(fs.get(1), "a", fs.get(1), "d", 0)
+        await fs.release(h)
+        store.reset_counts()
+        assert await fs.drain() == 0
+        assert store.counts["head"] == 1  # the upload's conflict check; the record needs none
+        assert fs.deferred_deletes.pending == {} and os.listdir(tmp_path / "cache" / "unlinked") == []
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/d"]
+        h = await fs.open(await fs.lookup(fs.get(1), "d"), os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"new d"
+        await fs.release(h)
+        assert fs.commit.conflicts.count == 0
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+async def _crash_with_journaled_change(tmp_path, cmk_path, name: str):
+    """``name`` in the bucket, then changed (truncated, journaled, not uploaded) and the daemon
+    dies; returns the next mount's Filesystem, with ``name`` recovered from the journal."""
+    fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+    store = fs.store
+    await committed_file(fs, name, b"committed version")
+    await fs.setattr(await fs.lookup(fs.get(1), name), size=4)  # journaled, not uploaded
+    for node in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
+        if node.staged is not None:
+            node.staged.close()
+    fs.close()
+    fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+    assert fs.recover() == 1
+    return fs
+
+
+@pytest.mark.parametrize("op", ["rename", "unlink"])
+def test_recovered_file_moved_or_unlinked_takes_its_old_object(tmp_path, cmk_path, op):
+    """A file recovered from the journal (its staged version replaces the older object still at
+    its name) renamed away or unlinked before its upload: the older object must go too, or it
+    comes back at the old name (found by the model test: after a crash, rename e/d/c → e/d/a and
+    mkdir e/d/c left the file e/d/c in the bucket, hiding the new directory)."""
+    async def main():
+        fs = await _crash_with_journaled_change(tmp_path, cmk_path, "c")
+        store = fs.store
+        if op == "rename":
+            await fs.rename(fs.get(1), "c", fs.get(1), "a", 0)
+            await fs.mkdir(fs.get(1), "c", 0o700, 1, 2)
+        else:
+            await fs.unlink(fs.get(1), "c")
+        assert await fs.drain() == 0
+        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        assert keys == (["pre/a", "pre/c/"] if op == "rename" else [])
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)
+        if op == "rename":
+            assert (await fs.lookup(fs.get(1), "c")).is_dir
+            h = await fs.open(await fs.lookup(fs.get(1), "a"), os.O_RDONLY)
+            assert await fs.read(h, 0, 100) == b"comm"
+            await fs.release(h)
+        else:
+            assert await listed_names(fs) == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_rename_over_a_file_whose_first_upload_is_in_flight_is_no_conflict(tmp_path, cmk_path):
+    """git's config.lock renamed over config while config's first upload is still in flight:
+    config.lock's upload then finds that upload's object at config. It is this mount's own
+    object, not another client's edit: no conflict copy (config.lock went to config.conflict-…).
+    The rename now waits for the upload in flight, and ``Conflicts`` knows the last ETag its own
+    upload put at each key (test_fs_units.py tests that part alone)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        in_flight, go_on = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            in_flight.set()
+            await go_on.wait()
+        store.hook(("put_file", "put_bytes"), hold, key="pre/config", count=1)
+        _, h = await fs.create(root, "config", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"first config")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.flush, h)  # uploads at close (a local bucket): held in its PUT
+            await in_flight.wait()
+            _, hl = await fs.create(root, "config.lock", 0o600, os.O_RDWR, 1, 2)
+            await fs.write(hl, 0, b"second config")
+            nursery.start_soon(fs.rename, root, "config.lock", root, "config", 0)  # open: not uploaded
+            await trio.sleep(0.2)  # the rename waits for config's upload in flight
+            go_on.set()
+        await fs.release(h)
+        await fs.flush(hl)
+        await fs.release(hl)
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/config"]
+        fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
+        assert await fs.read(fh, 0, 100) == b"second config"
+        await fs.release(fh)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("op", ["rename", "unlink"])
+def test_upload_in_flight_does_not_overwrite_what_replaced_its_file(tmp_path, cmk_path, op):
+    """config's upload is in flight (a slow PUT) when config is replaced — by the rename of an
+    uploaded config.lock over it (its copy), or by unlink and a new file's upload: the late PUT
+    must not overwrite the new object (it did: config read back the old content, ESTALE)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        in_flight, go_on = trio.Event(), trio.Event()
+
+        async def hold(inner, op_, keys):
+            in_flight.set()
+            await go_on.wait()
+        store.hook(("put_file", "put_bytes"), hold, key="pre/config", count=1)
+        _, h = await fs.create(root, "config", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"first config")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.flush, h)  # uploads at close (a local bucket): held in its PUT
+            await in_flight.wait()
+
+            async def new_file(name):  # closed and uploaded at close, no drain
+                _, nh = await fs.create(root, name, 0o600, os.O_RDWR, 1, 2)
+                await fs.write(nh, 0, b"second config")
+                await fs.flush(nh)
+                await fs.release(nh)
+                assert await store.inner.head("pre/" + name) is not None
+
+            async def replace():
+                if op == "rename":
+                    await new_file("config.lock")
+                    await fs.rename(root, "config.lock", root, "config", 0)
+                else:
+                    await fs.unlink(root, "config")
+                    await new_file("config")
+            nursery.start_soon(replace)
+            await trio.sleep(0.2)  # the replacement waits for the upload in flight
+            go_on.set()
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/config"]
+        fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
+        assert await fs.read(fh, 0, 100) == b"second config"
+        await fs.release(fh)
+        assert fs.commit.conflicts.count == 0
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_namespace_probes_leave_no_nodes_behind(tmp_path, cmk_path):
+    """Nodes a namespace operation made only to probe a name (unlink, rmdir, rename over, a
+    create that finds the name taken) are dropped once the operation is done, unless the kernel
+    or a handle holds them (review A15: they stayed in the inode table for the mount's life)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        for name in ("a", "b", "c", "d"):
+            await committed_file(fs, name, name.encode())
+        await fs.mkdir(fs.get(1), "dir", 0o755, 1, 2)
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # a new mount: only the root known
+        root = fs.get(1)
+        assert list(fs.inodes.nodes) == [1]
+        await fs.unlink(root, "a")
+        await fs.rmdir(root, "dir")
+        with pytest.raises(FsError) as e:
+            await fs.mkdir(root, "b", 0o755, 1, 2)
+        assert e.value.errno == errno.EEXIST
+        with pytest.raises(FsError) as e:
+            await fs.create(root, "b", 0o600, os.O_RDWR, 1, 2)
+        assert e.value.errno == errno.EEXIST
+        await fs.rename(root, "c", root, "d", 0)  # c's node moves to d; d's old node goes
+        assert sorted(n.path for n in fs.inodes.nodes.values()) == ["", "d"]
+        assert await listed_names(fs) == ["b", "d"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_directory_made_where_an_unlinked_open_file_waits_is_seen(tmp_path, cmk_path):
+    """A file unlinked while open (its object hidden until the last close), then a directory
+    made at that name: lookups and listings show the directory (the hidden object hid it:
+    lookup said ENOENT once the directory's attributes were to be read again)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0)  # every lookup asks the store
+        store = fs.store
+        root = fs.get(1)
+        await committed_file(fs, "c", b"file c")
+        h = await fs.open(await fs.lookup(root, "c"), os.O_RDONLY)
+        await fs.unlink(root, "c")
+        await fs.mkdir(root, "c", 0o700, 1, 2)
+        fs.inodes.maybe_drop(fs.by_path["c"])  # (as after the kernel's forget)
+        node = await fs.lookup(root, "c")
+        assert node.is_dir and stat.S_IMODE(node.mode) == 0o700
+        assert await listed_names(fs) == ["c"]
+        await fs.release(h)
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/c/"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_directory_rename_keeps_an_unlinked_open_file_gone(tmp_path, cmk_path):
+    """d/x unlinked while open, then d renamed to e: x must not show up as e/x (its object was
+    copied with the directory as a visible new object, and its node was put back at e/x); the
+    handle still reads it, and after the last close nothing of it is left."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        await committed_file(fs, "x", b"unlinked x", parent=d)
+        await committed_file(fs, "y", b"kept y", parent=d)
+        h = await fs.open(await fs.lookup(d, "x"), os.O_RDONLY)
+        await fs.unlink(d, "x")
+        await fs.rename(root, "d", root, "e", 0)
+        e = await fs.lookup(root, "e")
+        assert await listed_names(fs, e) == ["y"]
+        assert not await exists(fs, "x", parent=e)
+        assert "e/x" not in fs.by_path
+        assert await fs.read(h, 0, 100) == b"unlinked x"
+        await fs.release(h)
+        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        assert keys == ["pre/e/", "pre/e/y"]
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
         fs.close()
         await store.aclose()
 

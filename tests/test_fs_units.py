@@ -9,19 +9,18 @@ import stat
 import pytest
 import trio
 
+from fakes.core import core_config, core_filesystem
 from ossfuse import envelope as env
 from ossfuse.cache import TruncatedObject
 from ossfuse.cmk import CmkUnavailable, KeyMissing
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+from ossfuse.config import Config
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.fs.errors import errno_of
 from ossfuse.fs.model import FileHandle, Node
 from ossfuse.fs.naming import Naming
 from ossfuse.fs.objmeta import AttrDefaults, fmt_mtime, parse_mtime
 from ossfuse.fs.readahead import READAHEAD_MAX, fetch_until
-from ossfuse.keyring import Keyring
 from ossfuse.store.base import NoSuchKey, ObjectInfo, PreconditionFailed, StoreError
-from ossfuse.store.local import LocalStore
 from ossfuse.writeback import journal
 from ossfuse.writeback.staging import Staging
 
@@ -124,17 +123,11 @@ def test_journal_record_and_read_back(tmp_path):
 
 
 def _config(tmp_path, cmk_path) -> Config:
-    return Config(path=str(tmp_path / "ossfuse.toml"),
-                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                  cache=CacheConfig(dir=str(tmp_path / "cache")),
-                  mount=MountConfig(upload_delay=0.0))
+    return core_config(tmp_path, cmk_path)
 
 
 def _filesystem(tmp_path, cmk_path) -> Filesystem:
-    cfg = _config(tmp_path, cmk_path)
-    os.makedirs(tmp_path / "bucket", exist_ok=True)
-    return Filesystem(cfg, LocalStore(str(tmp_path / "bucket")), Keyring(cfg.encryption), uid=1, gid=2)
+    return core_filesystem(tmp_path, cmk_path)
 
 
 def test_filesystem_round_trip_without_a_kernel(tmp_path, cmk_path):
@@ -199,3 +192,80 @@ def test_journaled_file_is_uploaded_by_the_next_mount(tmp_path, cmk_path):
 
     trio.run(crash_after_close)
     trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"'pre/config' was changed by another client")
+def test_conflict_check_knows_the_last_object_its_own_upload_put(tmp_path, cmk_path):
+    """Conflicts.upload of a new file (base: nothing) to a key where this mount's own last
+    upload put an object replaces it (no conflict copy: that is no foreign edit; git's
+    config.lock over config while config's first upload was in flight); once another client
+    has written the key, the same upload goes to a conflict copy."""
+    from fakes.core import committed_file, core_filesystem
+    from ossfuse.fs.objmeta import file_metadata
+
+    async def staged_new_file(fs, name: str, data: bytes):
+        node, h = await fs.create(fs.get(1), name, 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, data)
+        async with node.lock:
+            await fs.commit.seal(node)
+        return node, h, file_metadata(node, node.staged.envelope.wrapped, node.staged.size)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "config", b"first")
+        node, h, meta = await staged_new_file(fs, "lock1", b"second")
+        info = await fs.commit.conflicts.upload(node, node.staged, "pre/config", meta)
+        assert info.key == "pre/config" and fs.commit.conflicts.count == 0  # our own object: replaced
+        await store.inner.put_bytes("pre/config", b"theirs", {})  # another client's edit
+        node2, h2, meta2 = await staged_new_file(fs, "lock2", b"third")
+        info2 = await fs.commit.conflicts.upload(node2, node2.staged, "pre/config", meta2)
+        assert info2.key.startswith("pre/config.conflict-") and fs.commit.conflicts.count == 1
+        assert await store.inner.get_range("pre/config", 0, 100) == b"theirs"
+        for handle in (h, h2):
+            await fs.release(handle)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_staged_in_reads_only_the_directory_asked_about():
+    """UploadScheduler.staged_in answers from an index of dirty nodes by directory (review A15:
+    it scanned every dirty node of the mount for each readdir, rmdir and lookup listing), and
+    the index follows renames (``moved``)."""
+    from ossfuse.fs.naming import parent_of
+    from ossfuse.writeback.scheduler import UploadScheduler
+
+    class Item:
+        reads = 0
+
+        def __init__(self, path):
+            self._path, self.unlinked, self.staged = path, False, object()
+
+        @property
+        def path(self):
+            Item.reads += 1
+            return self._path
+
+    async def never(node):
+        raise AssertionError("no upload in this test")
+
+    sched = UploadScheduler(never, delay=0, retry_interval=1, workers=1)
+    many = [Item(f"big/f{i}") for i in range(1000)]
+    for n in many:
+        sched.mark_dirty(n)
+    small = Item("small/x")
+    sched.mark_dirty(small)
+    Item.reads = 0
+    assert sched.staged_in("small", parent_of) == [small]
+    assert Item.reads <= 2  # one node looked at, not 1001
+    mover = many[0]
+    mover._path = "small/moved"
+    sched.moved(mover)
+    assert sorted(n.path for n in sched.staged_in("small", parent_of)) == ["small/moved", "small/x"]
+    assert len(sched.staged_in("big", parent_of)) == 999
+    sched.mark_clean(small)
+    assert [n.path for n in sched.staged_in("small", parent_of)] == ["small/moved"]
+    small.unlinked = True
+    assert sched.staged_in("", parent_of) == []

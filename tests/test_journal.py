@@ -14,12 +14,10 @@ import time
 import pytest
 import trio
 
-from fakes.fault_store import FaultStore
-from ossfuse.config import (CacheConfig, CmkConfig, Config, ConfigError, EncryptionConfig, MountConfig,
-                            StoreConfig, load)
+from fakes.core import core_config, core_filesystem
+from ossfuse.config import (Config, ConfigError, load)
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.keyring import Keyring
-from ossfuse.store.local import LocalStore
 from ossfuse.writeback import staging as staging_mod
 
 DATA = b"closed, journaled version\n" * 1000  # 26,000 bytes
@@ -27,18 +25,12 @@ DATA = b"closed, journaled version\n" * 1000  # 26,000 bytes
 
 def _config(tmp_path, cmk_path, **mount) -> Config:
     mount.setdefault("upload_delay", 3600.0)  # nothing uploads unless a test asks
-    return Config(path=str(tmp_path / "ossfuse.toml"),
-                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                  cache=CacheConfig(dir=str(tmp_path / "cache")),
-                  mount=MountConfig(**mount))
+    return core_config(tmp_path, cmk_path, **mount)
 
 
 def _fs(tmp_path, cmk_path, **mount) -> Filesystem:
-    os.makedirs(tmp_path / "bucket", exist_ok=True)
-    cfg = _config(tmp_path, cmk_path, **mount)
-    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
-    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+    mount.setdefault("upload_delay", 3600.0)
+    return core_filesystem(tmp_path, cmk_path, **mount)
 
 
 async def _crash(fs: Filesystem) -> None:

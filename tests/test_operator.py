@@ -19,18 +19,14 @@ from ossfuse.keyring import Keyring
 from ossfuse.store.local import LocalStore
 
 from conftest import OSSFUSE
+from fakes.core import core_filesystem
 from fakes.fault_store import FaultStore
 
 PART = 100 * 1024  # the smallest part size a multipart upload takes (bytes)
 
 
 def _filesystem(tmp_path, cmk_path, store) -> Filesystem:
-    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                 cache=CacheConfig(dir=str(tmp_path / "cache")),
-                 mount=MountConfig(upload_delay=0.0, multipart_threshold=PART, part_size=PART, part_workers=1))
-    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+    return core_filesystem(tmp_path, cmk_path, store=store, multipart_threshold=PART, part_size=PART, part_workers=1)
 
 
 def _slow_multipart_store(tmp_path) -> FaultStore:

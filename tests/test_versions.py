@@ -11,6 +11,7 @@ import stat
 import pytest
 import trio
 
+from fakes.core import core_filesystem
 from fakes.fault_store import FaultStore
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
 from ossfuse.fs import Filesystem, FsError
@@ -20,12 +21,7 @@ from ossfuse.store.local import LocalStore
 
 
 def _filesystem(tmp_path, cmk_path, store: FaultStore) -> Filesystem:
-    cfg = Config(path=str(tmp_path / "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                 cache=CacheConfig(dir=str(tmp_path / "cache")),
-                 mount=MountConfig(upload_delay=0.0))
-    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+    return core_filesystem(tmp_path, cmk_path, store=store)
 
 
 def _run(tmp_path, cmk_path, body):

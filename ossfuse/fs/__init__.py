@@ -70,20 +70,21 @@ class Filesystem:
                     now, now, lookups=1)
         self.names = NameCache(store, self.naming, m.entry_timeout,
                                lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
-        self.inodes = InodeTable(root, self.names)
+        self.inodes = InodeTable(root, self.names, on_move=self.scheduler.moved)
+        self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,
-                                 plaintext_objects=cfg.encryption.plaintext_objects)
+                                 plaintext_objects=cfg.encryption.plaintext_objects,
+                                 pending_delete=self.deferred_deletes.hides)
         self.commit = Commit(self.naming, self.inodes, self.resolver, self.scheduler, self.uploader,
                              self.cache, keyring, self.staging)
         self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,
                            keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
                            upload_at_close=store.local_disk and upload_delay == 0)
         self.attributes = Attributes(store, self.uploader, self.naming, self.files, self.commit, self.cache)
-        self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
         self.namespace = Namespace(store, self.uploader, self.naming, self.inodes, self.names, self.resolver,
                                    self.files, self.commit, self.cache, create_umask=self.defaults.create_umask,
-                                   deferred=self.deferred_deletes)
+                                   deferred=self.deferred_deletes, retry_interval=m.retry_interval)
         self.files.on_last_close = self.namespace.last_close  # deletes an unlinked file's object
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
@@ -109,8 +110,9 @@ class Filesystem:
 
     @_nursery.setter
     def _nursery(self, nursery) -> None:
-        """Where upload retries run: the daemon's task ``Supervisor`` (anything with ``start_soon``)."""
+        """Where upload and delete retries run: the daemon's task ``Supervisor`` (anything with ``start_soon``)."""
         self.scheduler.nursery = nursery
+        self.namespace.nursery = nursery
 
     @property
     def handles(self) -> dict[int, FileHandle | DirHandle]:
@@ -138,16 +140,20 @@ class Filesystem:
 
     async def finish_unlinks(self) -> int:
         """Delete the objects of files an earlier run unlinked while they were open (before
-        serving); returns how many are still pending because the store failed."""
-        return await self.deferred_deletes.finish_recorded()
+        serving); returns how many are still pending because the store failed (they stay
+        hidden and are tried again)."""
+        return await self.namespace.finish_deletes()
 
     async def upload_worker(self) -> None:
         """One background upload worker (the daemon starts ``upload_workers`` of them)."""
         await self.scheduler.worker()
 
     async def drain(self) -> int:
-        """Upload everything still staged (unmount); returns how many files remain pending."""
-        return await self.scheduler.drain()
+        """Upload everything still staged and retry failed deletes of unlinked files (unmount);
+        returns how many files remain pending upload (deletes left are logged)."""
+        left = await self.scheduler.drain()
+        await self.namespace.finish_deletes()
+        return left
 
     def close(self) -> None:
         for node in self.dirty:

@@ -193,6 +193,14 @@ class Commit:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._upload_locks.pop(node, None)
 
+    async def upload_settled(self, node: Node) -> None:
+        """Wait until the upload of ``node`` in flight, if any, is done (sealing, PUT and
+        adopting the result; one started later is not waited for)."""
+        lock = self._upload_locks.get(node)
+        if lock is not None:
+            async with lock:
+                pass
+
     def _failed(self, node: Node, key: str, e: Exception, raise_errors: bool) -> bool:
         node.upload_error = str(e)
         self.scheduler.stats["upload_failures"] += 1

@@ -8,8 +8,9 @@ client's version stays at the name, ours is uploaded as a *conflict copy* next t
 
 What is not a conflict: the object is gone (deleted by someone else: ours is put back, nothing
 is lost), the ETag is the one this mount knows, the object is an earlier PUT of this same
-version whose answer was lost (same wrapped data key), or this mount renamed a new file over a
-file it knew (:meth:`Conflicts.replaces`). A version recovered from the journal after a
+version whose answer was lost (same wrapped data key), the object is the last one this mount's
+own upload put at that key (a file renamed over another whose upload was in flight), or this
+mount renamed a new file over a file it knew (:meth:`Conflicts.replaces`). A version recovered from the journal after a
 crash does not record what it was based on, so it is uploaded without the check (as before).
 The check and the PUT are two requests: a foreign write landing between them is still replaced
 (the remaining window, docs/semantics.md)."""
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 RECENT_MAX = 5  # conflict copies listed by `ossfuse status`
 _NAME_MAX = 255  # bytes of one path component
 _UNKNOWN = "\0unknown"  # a base that is no ETag: not checked
+_OURS_MAX = 4096  # keys whose last own upload is remembered
 
 
 def conflict_name(name: str, host: str, when: float, n: int = 0) -> str:
@@ -70,10 +72,11 @@ class Conflicts:
         # inode → the ETag its next upload may replace, when that is not node.version's:
         # _UNKNOWN for a version recovered from the journal (not checked)
         self._base: dict[int, str | None] = {}
-        # key → ETags this mount's own uploads put there lately: a node renamed over another
-        # whose upload was still in flight finds that upload's object, which is ours, not a
-        # foreign edit (git's config.lock → config right after config was first written)
-        self._ours: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
+        # key → the ETag this mount's last upload put there (normalised), for the last
+        # _OURS_MAX keys: a node renamed over another whose upload was still in flight finds
+        # that upload's object, which is ours, not a foreign edit (git's config.lock → config
+        # right after config was first written)
+        self._ours: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def base_unknown(self, node: Node) -> None:
         """``node``'s staged version came from the journal: what it was based on is unknown."""
@@ -91,11 +94,15 @@ class Conflicts:
         base = self._base.get(node.ino)
         return None if base is _UNKNOWN else base
 
-    def _remember(self, key: str, etag: str, keys_max: int = 4096) -> None:
+    def base_unknown_for(self, node: Node) -> bool:
+        """Whether ``node``'s staged version came from the journal (what it replaces is unknown)."""
+        return self._base.get(node.ino) is _UNKNOWN
+
+    def _remember(self, key: str, etag: str) -> None:
         """Note that this mount's upload put ``etag`` at ``key`` (bounded: the oldest keys go)."""
-        self._ours.setdefault(key, set()).add(etag.strip('"').upper())
+        self._ours[key] = etag.strip('"').upper()
         self._ours.move_to_end(key)
-        while len(self._ours) > keys_max:
+        while len(self._ours) > _OURS_MAX:
             self._ours.popitem(last=False)
 
     async def upload(self, node: Node, staged: StagedFile, key: str, metadata: dict[str, str]) -> ObjectInfo:
@@ -111,7 +118,7 @@ class Conflicts:
             return info
         current = await self.store.head(key)
         if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
-                or current.etag.strip('"').upper() in self._ours.get(key, ())):
+                or same_etag(current.etag, self._ours.get(key))):
             info = await self.uploader.upload(staged, key, metadata)
             self._base.pop(node.ino, None)
             self._remember(key, info.etag)

@@ -43,18 +43,23 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
         raise FsError(errno_of(e)) from None
 
 
-async def delete_version(store: ObjectStore, key: str, etag: str) -> None:
+async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure: bool = True) -> None:
     """Delete ``key`` if it is still version ``etag`` (HEAD, compare, DELETE: OSS has no
     conditional DELETE; see the module doc for the window left). Already gone: nothing to do.
     Raises FsError(ESTALE) when another version is there (kept, one log line), EIO on a store
-    failure."""
-    head = await store_request(store.head(key), key)
-    if head is None:
-        return
-    if not same_etag(head.etag, etag):
-        log.error("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
-        raise FsError(errno.ESTALE)
-    await store_request(store.delete(key), key)
+    failure (one log line, unless ``log_failure`` is False: the caller writes it)."""
+    try:
+        head = await store.head(key)
+        if head is None:
+            return
+        if not same_etag(head.etag, etag):
+            log.error("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
+            raise FsError(errno.ESTALE)
+        await store.delete(key)
+    except StoreError as e:
+        if log_failure:
+            log.error("deleting %r (version %s) failed: %s", key, etag, e)
+        raise FsError(errno_of(e), str(e)) from None
 
 
 def same_etag(a: str | None, b: str | None) -> bool:

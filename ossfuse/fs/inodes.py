@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import time
+from typing import Callable
 
 from .errors import FsError
 from .model import ROOT_INO, DirHandle, FileHandle, Node
@@ -16,10 +17,12 @@ from .naming import parent_of
 
 
 class InodeTable:
-    """Nodes by inode number and by path, and open handles by number."""
+    """Nodes by inode number and by path, and open handles by number. ``on_move(node)``: called
+    after a node's path changed (the write-back index of dirty nodes by directory follows)."""
 
-    def __init__(self, root: Node, names: NameCache):
+    def __init__(self, root: Node, names: NameCache, on_move: Callable[[Node], None] = lambda node: None):
         self.names = names
+        self.on_move = on_move
         self.nodes: dict[int, Node] = {ROOT_INO: root}
         self.by_path: dict[str, Node] = {"": root}
         self.handles: dict[int, FileHandle | DirHandle] = {}
@@ -94,6 +97,7 @@ class InodeTable:
         node.ctime_ns = time.time_ns()
         self.by_path[new] = node
         self.names.child_added(self.parent(new), new)
+        self.on_move(node)
 
     # -- handles ----------------------------------------------------------------------------
     def add_handle(self, make):

@@ -18,11 +18,13 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import trio
+
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object, delete_version
+from .copying import copy_object, delete_version, same_etag
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
@@ -63,11 +65,12 @@ def _by_ino(nodes) -> list[Node]:
 class Namespace:
     """Namespace operations of one mount. ``create_umask``: a configured umask, applied to the
     mode of every new file and directory; ``deferred``: where deletes of unlinked open files
-    wait for their last close."""
+    wait for their last close; ``retry_interval``: seconds between background retries of a
+    failed one (run in ``nursery``, the daemon's task supervisor, once set)."""
 
     def __init__(self, store: ObjectStore, uploader: Uploader, naming: Naming, inodes: InodeTable,
                  names: NameCache, resolver: Resolver, files: Files, commit: Commit, cache: BlockCache, *,
-                 create_umask: int, deferred: DeferredDeletes):
+                 create_umask: int, deferred: DeferredDeletes, retry_interval: float = 30.0):
         self.store = store
         self.uploader = uploader
         self.naming = naming
@@ -81,6 +84,9 @@ class Namespace:
         self.deferred = deferred
         self.locks = NameLocks()
         self._unlinked_open: dict[Node, tuple[str, str]] = {}  # node → (key, ETag) deleted at its last close
+        self.retry_interval = retry_interval
+        self.nursery = None  # anything with start_soon(fn): where failed deferred deletes are retried
+        self._retrying = False
 
     # -- probe → lock → re-check ------------------------------------------------------------
     def _linked(self, node: Node, path: str) -> bool:
@@ -106,6 +112,19 @@ class Namespace:
                     return
         raise FsError(errno.ENOENT)
 
+    async def _check_absent(self, parent: Node, name: str, is_dir: bool = False) -> None:
+        """``Resolver.check_absent``, and on EEXIST the node its probe made is dropped again
+        unless something holds it (review A15: such nodes were never forgotten). Raises
+        FsError EEXIST, EINVAL/ENAMETOOLONG, EIO."""
+        try:
+            await self.resolver.check_absent(parent, name, is_dir)
+        except FsError as e:
+            if e.errno == errno.EEXIST:
+                found = self.inodes.by_path.get(join(parent.path, name))
+                if found is not None:
+                    self.inodes.maybe_drop(found)
+            raise
+
     @asynccontextmanager
     async def _new_name_locked(self, parent: Node, name: str, is_dir: bool = False) -> AsyncIterator[str]:
         """The path of a new entry ``name`` in ``parent``, locked, once nothing is there: probed
@@ -113,7 +132,7 @@ class Namespace:
         removed meanwhile), EINVAL/ENAMETOOLONG, EIO."""
         for _ in range(_RECHECKS):
             path = join(parent.path, name)
-            await self.resolver.check_absent(parent, name, is_dir)
+            await self._check_absent(parent, name, is_dir)
             async with self.locks.hold(names=[path]):
                 if parent.unlinked:
                     raise FsError(errno.ENOENT)
@@ -180,6 +199,7 @@ class Namespace:
             await store_request(self.store.delete(dkey), dkey)
             node.unlinked = True
             self.inodes.remove_name(node)
+            self.inodes.maybe_drop(node)  # a node made by the probe alone is not kept (A15)
             touch(parent)
 
     # -- files and symlinks -----------------------------------------------------------------
@@ -187,16 +207,15 @@ class Namespace:
                      gid: int) -> tuple[Node, FileHandle]:
         """A new empty file, staged (in the bucket at its upload), lookup count one, and an
         open handle on it. Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
-        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        await self._check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
         async with self._new_name_locked(parent, name) as path:  # no await below: nothing waits on it
             node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
                                         time.time_ns())
             node.staged = self.files.staging.new(envelope)
-            key = self.naming.key(path)
-            for key_, etag in self._unlinked_open.values():
-                if key_ == key:  # the object of a file unlinked while open: ours replaces it knowingly
-                    self.commit.conflicts.replaces(node, etag)
+            pending_etag = self.deferred.last_etag(self.naming.key(path))
+            if pending_etag is not None:  # the object of a file unlinked while open: ours replaces it knowingly
+                self.commit.conflicts.replaces(node, pending_etag)
             self.commit.mark_staged(node)
             self.inodes.remember(node)
             touch(parent)
@@ -205,7 +224,7 @@ class Namespace:
     async def symlink(self, parent: Node, name: str, target: str, uid: int, gid: int) -> Node:
         """A symlink: an encrypted object holding ``target``, mode S_IFLNK in its metadata.
         Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
-        await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
+        await self._check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
         async with self._new_name_locked(parent, name) as path:
             node = self.inodes.new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
@@ -267,6 +286,7 @@ class Namespace:
         async with self._existing_locked(parent, name) as node:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
+            await self._no_upload_in_flight(node)
             async with node.lock:
                 v = node.version
                 key = self.naming.key(node.path)
@@ -291,7 +311,7 @@ class Namespace:
         old object goes too (if it is still the version replaced), or it would come back once
         ``node``'s staged version is dropped or moved (git's ``master.lock`` → ``master``, then
         ``pack-refs`` unlinking ``master``). Raises FsError(EIO) on a store failure."""
-        etag = self.commit.conflicts.replaced(node)
+        etag = await self._replaced_etag(node, key)
         if etag is None:
             return
         try:
@@ -300,6 +320,57 @@ class Namespace:
             if e.errno != errno.ESTALE:
                 raise  # ESTALE: another client wrote that name since; theirs stays (logged)
         self.commit.conflicts.replaces(node, None)
+
+    def _record_delete(self, key: str, etag: str) -> None:
+        """Record that version ``etag`` of ``key`` is to be deleted unless this mount's upload
+        replaces it first (:mod:`ossfuse.fs.unlinked`; tried at unmount and at the next mount).
+        Raises FsError (ENOSPC/EIO of the cache disk; one log line)."""
+        try:
+            self.deferred.record(key, etag, ready=True)
+        except OSError as e:
+            log.error("cannot record the pending delete of replaced %r: %s", key, e)
+            raise FsError(errno_of(e)) from None
+
+    async def _no_upload_in_flight(self, node: Node) -> None:
+        """Wait for an upload of ``node`` that is in flight (its name is locked by the caller):
+        a PUT landing after ``node``'s name was taken would overwrite whatever this mount put
+        at that key meanwhile (a rename's copy; a new file's upload)."""
+        await self.commit.upload_settled(node)
+
+    async def _replaced_etag(self, node: Node, key: str) -> str | None:
+        """The ETag of the object at ``key`` that ``node`` (staged, never uploaded) is to
+        replace: the one a rename over it recorded, or — for a version recovered from the
+        journal, whose upload replaces whatever is there (``Conflicts.base_unknown``) — what a
+        HEAD finds now (an older version of the same file, from before the crash). None: no
+        such object. Raises FsError(EIO)."""
+        etag = self.commit.conflicts.replaced(node)
+        if etag is None and node.version is None and self.commit.conflicts.base_unknown_for(node):
+            info = await store_request(self.store.head(key), key)
+            etag = info.etag if info is not None else None
+        return etag
+
+    def _move_pending_delete(self, node: Node, old: Version | None) -> None:
+        """Unlinked open ``node``'s object (``old``) was copied by a directory rename and the
+        node follows the copy: the pending delete (and the hiding) moves to the copy, which
+        would otherwise show up at the new name (logged on a cache-disk failure: the copy
+        then stays visible until a remount)."""
+        pending = self._unlinked_open.get(node)
+        v = node.version
+        if pending is None or v is None or old is None or v is old:
+            return
+        try:
+            self.deferred.record(v.key, v.etag)
+        except OSError as e:
+            log.error("cannot record the pending delete of %r (moved with its directory): %s", v.key, e)
+            return
+        self.deferred.forget(*pending)
+        self._unlinked_open[node] = (v.key, v.etag)
+
+    def _show_copy(self, dst_path: str) -> None:
+        """A rename's copy is at ``dst_path`` although the rename failed: lookups and listings
+        must both show it (no negative cache entry left from the probe)."""
+        self.names.note_present(dst_path)
+        self.names.child_added(self.inodes.parent(dst_path), dst_path)
 
     def _take_name(self, node: Node) -> None:
         """``node``'s name is gone (unlinked, or replaced by a rename): a staged version no
@@ -311,21 +382,55 @@ class Namespace:
             else:  # kept for its open handles, but a crash must not bring it back
                 self.commit.forget_journal(node)
         self.inodes.remove_name(node)
+        self.inodes.maybe_drop(node)  # unless the kernel or a handle holds it: a probe's node goes (A15)
 
     async def last_close(self, node: Node) -> None:
         """The last handle of unlinked ``node`` closed: delete its object if the unlink left it
-        for the readers (logged, never raised: the caller is a release)."""
+        for the readers (logged, never raised: the caller is a release; a failed delete is
+        retried, see :meth:`finish_deletes`)."""
         pending = self._unlinked_open.pop(node, None)
-        if pending is None:
-            return
-        async with self.locks.hold(names=[node.path]):  # no create or unlink of that name meanwhile
-            current = self.inodes.by_path.get(node.path)
-            if current is not None and current is not node and not current.unlinked:
-                # This mount made a new file at that name: its upload replaces the object (a
-                # DELETE now could race that upload and delete the new version).
-                self.deferred.forget(*pending)
-                return
-            await self.deferred.delete(*pending)
+        if pending is not None:
+            await self._finish_delete(node.path, *pending)
+
+    async def _finish_delete(self, path: str | None, key: str, etag: str) -> bool:
+        """Delete version ``etag`` of ``key`` (at ``path``; None: outside the prefix), pending
+        since an unlink. True when done or no longer wanted; False when the store failed (one
+        log line; retried in the background when a nursery is set)."""
+        if path is None:
+            return await self.deferred.delete(key, etag)
+        async with self.locks.hold(names=[path]):  # no create or unlink of that name meanwhile
+            current = self.inodes.by_path.get(path)
+            if current is not None and not current.unlinked and not current.is_dir and (
+                    current.staged is not None  # a new file of this mount: its upload replaces
+                    # the object (a DELETE now could race that upload and delete the new version)
+                    or (current.version is not None and current.version.key == key
+                        and not same_etag(current.version.etag, etag))):  # replaced already
+                self.deferred.forget(key, etag)
+                return True
+            if await self.deferred.delete(key, etag):
+                return True
+        if self.nursery is not None and not self._retrying:
+            self._retrying = True
+            self.nursery.start_soon(self._retry_deletes)
+        return False
+
+    async def finish_deletes(self) -> int:
+        """Try again every pending delete no open handle waits for (an earlier run's, or one
+        that failed): at mount, at unmount and in the background. Returns how many are left."""
+        left = 0
+        for key, etag in sorted(self.deferred.ready):
+            if not await self._finish_delete(self.naming.path_of(key), key, etag):
+                left += 1
+        return left
+
+    async def _retry_deletes(self) -> None:
+        """Background: every retry_interval seconds, the failed deletes again, until none is left."""
+        try:
+            while self.deferred.ready:
+                await trio.sleep(self.retry_interval)
+                await self.finish_deletes()
+        finally:
+            self._retrying = False
 
     async def _keep_replaced_readable(self, node: Node) -> None:
         """``node``'s object is about to be overwritten (a rename over it) while handles read
@@ -400,17 +505,32 @@ class Namespace:
             raise FsError(errno.EISDIR)
 
     async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> None:
+        """Move file ``src`` to ``dst_path`` (replacing ``dst``). A committed version is copied
+        (conditional on its ETag), then deleted at the old name. If the copy fails nothing
+        changed; if the delete fails, the copy is deleted again when it replaced nothing (the
+        state is as before), else (or if that fails too) both names hold the file. Either way
+        FsError(EIO) and one log line. If another client rewrote the source since the copy,
+        both names show (theirs at the old, ours at the new) and FsError(ESTALE). A new file's
+        rename over a committed one records the replaced object's delete (crash safety).
+        Raises FsError ESTALE, EIO, ENOSPC."""
         if dst is not None:
             await self._keep_replaced_readable(dst)
+            await self._no_upload_in_flight(dst)
         async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
-            if src.version is None:  # a replaced object at the old name must not stay behind
-                await self._delete_replaced(src, self.naming.key(src.path))
-            if dst is not None:
-                if src.version is None and dst.version is not None:
-                    self.commit.conflicts.replaces(src, dst.version.etag)  # replaced knowingly
-                self._take_name(dst)
             old_path = src.path
-            if src.version is not None:
+            if src.version is None:  # a replaced object at the old name must not stay behind
+                await self._delete_replaced(src, self.naming.key(old_path))
+                if dst is not None:  # what the bucket has at dst's name: replaced knowingly
+                    replaced = (dst.version.etag if dst.version is not None
+                                else await self._replaced_etag(dst, self.naming.key(dst_path)))
+                    if replaced is not None:  # (dst may itself be a new file renamed over it)
+                        self.commit.conflicts.replaces(src, replaced)
+                    if dst.version is not None:
+                        # src's upload overwrites that object; should a crash come first, the
+                        # next mount deletes it (dst was unlinked by this rename, it must not
+                        # come back) — unless src's journaled version is uploaded there
+                        self._record_delete(self.naming.key(dst_path), dst.version.etag)
+            else:
                 v = src.version
                 new_key = self.naming.key(dst_path)
                 try:  # conditional on v.etag: the copy is exactly v (A1)
@@ -419,12 +539,41 @@ class Namespace:
                 except FsError as e:
                     if e.errno == errno.ESTALE:
                         src.checked_at = 0.0  # another client's version: re-read at next lookup
+                    raise  # nothing was written: dst keeps its name
+                if dst is not None:
+                    self._take_name(dst)  # the copy replaced its object
+                try:
+                    await delete_version(self.store, v.key, v.etag, log_failure=False)
+                except FsError as e:
+                    if e.errno == errno.ESTALE:  # another client's newer version stays at the old
+                        src.checked_at = 0.0  # name (logged), ours is at the new: both show
+                        self._show_copy(dst_path)
+                    else:
+                        await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
                     raise
-                await delete_version(self.store, v.key, v.etag)
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
                 set_local_version(src, Version(new_key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
+            if dst is not None and not dst.unlinked:
+                self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
             self.commit.rejournal(src)
+
+    async def _undo_copy(self, old_path: str, dst_path: str, copy: ObjectInfo, *, replaced: bool,
+                         reason: FsError) -> None:
+        """A file rename copied ``old_path``'s object to ``dst_path`` (``copy``) but could not
+        delete the original: delete the copy again if it replaced nothing (the rename did not
+        happen), else show both names (the copy is at ``dst_path`` now). One log line."""
+        if not replaced:
+            try:
+                await delete_version(self.store, copy.key, copy.etag, log_failure=False)
+                log.error("rename of %r to %r failed: deleting %r failed (%s); the copy was deleted again, "
+                          "nothing changed", old_path, dst_path, self.naming.key(old_path), reason)
+                return
+            except FsError:
+                pass
+        self._show_copy(dst_path)
+        log.error("rename of %r to %r failed half-way: deleting %r failed (%s); both names hold the file now",
+                  old_path, dst_path, self.naming.key(old_path), reason)
 
     async def _rename_dir(self, src: Node, dst_path: str, dst: Node | None) -> None:
         old_path = src.path
@@ -435,6 +584,7 @@ class Namespace:
                 await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
                 dst.unlinked = True
                 self.inodes.remove_name(dst)
+                self.inodes.maybe_drop(dst)
             old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
             keys: dict[str, ObjectInfo] = {}
             marker = None
@@ -467,6 +617,10 @@ class Namespace:
                     set_local_version(n, Version(info.key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
                 elif v is not None:
                     n.checked_at = 0.0  # another client's version was listed and moved: re-read it
+                if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden
+                    self._move_pending_delete(n, v)
+                    n.path = new
+                    continue
                 self.inodes.move(n, n.path, new)
                 self.commit.rejournal(n)
             for n in affected:  # their names moved one by one: list them anew when asked

@@ -97,6 +97,8 @@ class DirectoryReader:
         for name in dirs:
             entries[name] = (name, None, None, True)
         for name, o in files.items():
+            if self.resolver.pending_delete(o):
+                continue  # an unlinked file's object awaiting its delete (a directory may share its name)
             if name in dirs:
                 log.warning("%r is both an object and a prefix; showing the object", dkey + name)
             entries[name] = (name, None, o, False)

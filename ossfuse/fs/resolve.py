@@ -15,6 +15,7 @@ import errno
 import logging
 import stat
 import time
+from typing import Callable
 
 import trio
 
@@ -35,10 +36,13 @@ RELIST_PAGE = 256  # names listed to revalidate a stale file and the names after
 
 class Resolver:
     """Lookups of one mount. ``attr_timeout``: seconds a node's attributes read from the store
-    are trusted; ``plaintext_objects``: the ``encryption.plaintext_objects`` setting."""
+    are trusted; ``plaintext_objects``: the ``encryption.plaintext_objects`` setting;
+    ``pending_delete(info)``: whether an object is a version this mount unlinked whose delete
+    is still pending (``DeferredDeletes.hides``): not shown."""
 
     def __init__(self, store: ObjectStore, naming: Naming, inodes: InodeTable, names: NameCache,
-                 defaults: AttrDefaults, *, attr_timeout: float, plaintext_objects: str):
+                 defaults: AttrDefaults, *, attr_timeout: float, plaintext_objects: str,
+                 pending_delete: Callable[[ObjectInfo], bool] = lambda info: False):
         self.store = store
         self.naming = naming
         self.inodes = inodes
@@ -48,9 +52,11 @@ class Resolver:
         self.plaintext_objects = plaintext_objects
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
         self._relisting: dict[str, tuple[trio.Event, float]] = {}
+        self.pending_delete = pending_delete
 
     def hidden(self, info: ObjectInfo) -> bool:
-        return is_hidden(info, self.plaintext_objects)
+        """Whether object ``info`` is not shown (by its metadata, or as an unlinked version)."""
+        return is_hidden(info, self.plaintext_objects) or self.pending_delete(info)
 
     def attrs_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes may be used without asking the store: read less than
@@ -117,10 +123,9 @@ class Resolver:
         None, True) for a directory, None for nothing. A file wins over a same-named dir.
         Raises StoreError."""
         info = await self.store.head(self.naming.key(path))
-        if info is not None:
-            if self.hidden(info):
-                return None
+        if info is not None and not self.hidden(info):
             return info, False
+        # nothing (or a hidden object, e.g. an unlinked file's awaiting its delete): a directory?
         if base_name(path) == LIST_DIR:
             return None  # integrity tag lists (docs/integrity.md): not a directory of the mount
         dkey = self.naming.dir_key(path)

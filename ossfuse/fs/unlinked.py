@@ -1,4 +1,5 @@
-"""Objects whose name is gone but that an open handle still reads (unlink of an open file).
+"""Objects whose name is gone but that are still in the bucket: an unlinked file an open handle
+still reads, and the object a new file renamed over it will overwrite at its upload.
 
 The name disappears at once (locally: lookups, listings and creates no longer see it), but the
 object stays in the bucket until the last handle closes, so the readers go on reading it by
@@ -8,8 +9,16 @@ there since, by this mount or another client, is left alone).
 
 Each pending delete is recorded on the cache disk first (``<cache dir>/unlinked/<sha256>.json``
 holding ``{"key": …, "etag": …}``, written atomically and fsynced), so a crash before the last
-close does not bring the file back: the next mount finishes the delete before it serves
-(:meth:`DeferredDeletes.finish_recorded`)."""
+close does not bring the file back: the next mount loads the records as ``ready`` and finishes
+the deletes before it serves (``Filesystem.finish_unlinks``).
+
+While a delete is pending — waiting for the last close, or failed and waiting for a retry —
+that version is hidden from this mount (:meth:`DeferredDeletes.hides`: lookups and listings
+skip an object whose key and ETag are a pending delete's), so an unlinked name never shows
+again, not even when its DELETE fails: the delete is retried (``Namespace.finish_deletes``:
+every ``retry_interval`` seconds in the background, at unmount, and at the next mount), as a
+POSIX filesystem frees an unlinked inode's blocks after the fact. A newer object at that key
+(another ETag) is not hidden."""
 from __future__ import annotations
 
 import hashlib
@@ -17,24 +26,50 @@ import json
 import logging
 import os
 
-from ..store.base import ObjectStore, StoreError
+from ..store.base import ObjectInfo, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
 
 
 class DeferredDeletes:
-    """Pending deletes of one mount, recorded in ``<cache_dir>/unlinked``."""
+    """Pending deletes of one mount, recorded in ``<cache_dir>/unlinked``.
+
+    ``pending``: key → ETags (normalised: no quotes, upper case) of every recorded delete not
+    done yet, in the order recorded; ``ready``: the (key, ETag) among them no open handle
+    waits for (an earlier run's, and those whose delete failed), to be tried again."""
 
     def __init__(self, cache_dir: str, store: ObjectStore):
         self.dir = os.path.join(cache_dir, "unlinked")
         self.store = store
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.pending: dict[str, list[str]] = {}
+        self.ready: set[tuple[str, str]] = set()
+        for key, etag in self.recorded():  # an earlier run's: no handle of this run reads them
+            self._note(key, etag)
+            self.ready.add((key, etag))
+
+    def _note(self, key: str, etag: str) -> None:
+        etags = self.pending.setdefault(key, [])
+        if _norm(etag) not in etags:
+            etags.append(_norm(etag))
+
+    def hides(self, info: ObjectInfo) -> bool:
+        """Whether object ``info`` is a version whose delete is pending (not to be shown)."""
+        etags = self.pending.get(info.key)
+        return etags is not None and _norm(info.etag) in etags
+
+    def last_etag(self, key: str) -> str | None:
+        """The ETag of the latest pending delete at ``key`` (the one that may still be there), or None."""
+        etags = self.pending.get(key)
+        return etags[-1] if etags else None
 
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest() + ".json")
 
-    def record(self, key: str, etag: str) -> None:
-        """Make the pending delete of version (key, etag) durable. Raises OSError (cache disk)."""
+    def record(self, key: str, etag: str, *, ready: bool = False) -> None:
+        """Make the pending delete of version (key, etag) durable, and hide that version;
+        ``ready``: no handle waits for it (it may be tried at any retry). Raises OSError
+        (cache disk): then nothing is recorded."""
         path = self._path(key, etag)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -49,6 +84,9 @@ class DeferredDeletes:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        self._note(key, etag)
+        if ready:
+            self.ready.add((key, etag))
 
     def recorded(self) -> list[tuple[str, str]]:
         """The (key, etag) of every recorded pending delete (unreadable records: logged, kept)."""
@@ -67,17 +105,18 @@ class DeferredDeletes:
 
     async def delete(self, key: str, etag: str) -> bool:
         """Delete ``key`` if it still holds version ``etag``, then forget the record. True when
-        done (or nothing to do); False when the store failed (logged; the record stays, the
-        next mount tries again)."""
+        done (or nothing to do); False when the store failed (one log line; the record stays,
+        the version stays hidden and is in ``ready``, to be tried again)."""
         try:
             info = await self.store.head(key)
-            if info is not None and info.etag == etag:
+            if info is not None and _norm(info.etag) == _norm(etag):
                 await self.store.delete(key)
             elif info is not None:
                 log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
                          key, etag, info.etag)
         except StoreError as e:
-            log.error("deleting unlinked %r (ETag %s) failed; tried again at the next mount: %s", key, etag, e)
+            log.error("deleting unlinked %r (ETag %s) failed; it stays hidden and is tried again: %s", key, etag, e)
+            self.ready.add((key, etag))
             return False
         self.forget(key, etag)
         return True
@@ -89,12 +128,14 @@ class DeferredDeletes:
             os.unlink(self._path(key, etag))
         except FileNotFoundError:
             pass
+        self.ready.discard((key, etag))
+        etags = self.pending.get(key)
+        if etags is not None and _norm(etag) in etags:
+            etags.remove(_norm(etag))
+            if not etags:
+                del self.pending[key]
 
-    async def finish_recorded(self) -> int:
-        """Finish the deletes an earlier run recorded (before serving); returns how many are
-        still pending because the store failed."""
-        left = 0
-        for key, etag in self.recorded():
-            if not await self.delete(key, etag):
-                left += 1
-        return left
+
+def _norm(etag: str) -> str:
+    """An ETag as OSS means it: quotes and letter case do not count."""
+    return etag.strip('"').upper()

@@ -3,8 +3,10 @@ after a failure, the drain at unmount, and the counters ``ossfuse status`` shows
 
 What one upload does (journal, PUT, adopt the new version) is the filesystem's part
 (``ossfuse.fs.commit``), handed in as ``upload``; this module only decides when. Items are the
-filesystem's inodes, used through these fields: ``staged`` (None once uploaded), ``unlinked``,
-``upload_queued``, ``queued_at`` (trio clock seconds), ``dirty_since`` (wall-clock seconds).
+filesystem's inodes, used through these fields: ``path`` (for the per-directory index; the
+filesystem calls :meth:`UploadScheduler.moved` when it changes), ``staged`` (None once
+uploaded), ``unlinked``, ``upload_queued``, ``queued_at`` (trio clock seconds), ``dirty_since``
+(wall-clock seconds).
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ def _pending(node: Any) -> bool:
     return node.staged is not None and not node.unlinked
 
 
+def _dir_of(node: Any) -> str:
+    """The directory path holding ``node`` ("" for the root's entries)."""
+    return node.path.rpartition("/")[0]
+
+
 class UploadScheduler:
     """The write-back queue of one mount.
 
@@ -39,6 +46,8 @@ class UploadScheduler:
         self.retry_interval = retry_interval
         self.workers = workers
         self.dirty: set = set()  # nodes with a staged version
+        self._dirty_in: dict[str, set] = {}  # directory path → its dirty nodes (index of ``dirty``)
+        self._indexed_in: dict[Any, str] = {}  # dirty node → the directory it is indexed under
         self.stats = {"uploaded": 0, "upload_failures": 0, "recovered": 0, "quarantined": 0, "aborted_uploads": 0}
         self.nursery = None  # set by the daemon: anything with start_soon(fn, *args) (its Supervisor); retries run there
         self._send, self._recv = trio.open_memory_channel(float("inf"))
@@ -49,13 +58,35 @@ class UploadScheduler:
         if node not in self.dirty:
             node.dirty_since = time.time()
             self.dirty.add(node)
+            self._index(node)
 
     def mark_clean(self, node) -> None:
         self.dirty.discard(node)
+        self._unindex(node)
+
+    def moved(self, node) -> None:
+        """``node``'s path changed (a rename): index it under its new directory."""
+        if node in self.dirty:
+            self._unindex(node)
+            self._index(node)
+
+    def _index(self, node) -> None:
+        d = _dir_of(node)
+        self._dirty_in.setdefault(d, set()).add(node)
+        self._indexed_in[node] = d
+
+    def _unindex(self, node) -> None:
+        d = self._indexed_in.pop(node, None)
+        if d is not None:
+            members = self._dirty_in[d]
+            members.discard(node)
+            if not members:
+                del self._dirty_in[d]
 
     def staged_in(self, dir_path: str, parent_of: Callable[[str], str]) -> list:
-        """Dirty nodes still linked directly under directory ``dir_path``."""
-        return [d for d in self.dirty if not d.unlinked and parent_of(d.path) == dir_path]
+        """Dirty nodes still linked directly under directory ``dir_path`` (from the index: its
+        size, not the number of dirty nodes in the mount, is the cost)."""
+        return [d for d in self._dirty_in.get(dir_path, ()) if not d.unlinked and parent_of(d.path) == dir_path]
 
     def pending(self) -> list:
         """Dirty nodes whose staged version is still to be uploaded."""

@@ -90,8 +90,9 @@ class Uploader:
                             "without its data key", key)
                 return {k: v for k, v in metadata.items() if k != integrity.HEADER}
             k = integrity.tag_key(data_key, staged.envelope.iv)
-            body = await trio.to_thread.run_sync(integrity.tags_of_file, staged.data_path, k, spec.block,
-                                                 staged.size)
+            computed: bytes = await trio.to_thread.run_sync(integrity.tags_of_file, staged.data_path, k,
+                                                            spec.block, staged.size)
+            body = computed
         await self.store.put_bytes(list_key, body, {})
         return metadata
 
