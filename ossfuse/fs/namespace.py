@@ -56,6 +56,12 @@ class NodeLocks:
             n.lock.release()
 
 
+def _count_subdirs(dirnode: Node, delta: int) -> None:
+    """A subdirectory of ``dirnode`` was made (+1) or removed (-1) by this mount (st_nlink)."""
+    if dirnode.subdirs is not None:
+        dirnode.subdirs = max(0, dirnode.subdirs + delta)
+
+
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
 
@@ -149,6 +155,8 @@ class Namespace:
                 log.error("mkdir %r failed: %s", self.naming.dir_key(path), e)
                 raise FsError(errno_of(e)) from None
             self.names.set_children(node, ())  # new and empty: lookups in it need no request
+            node.subdirs = 0
+            _count_subdirs(parent, +1)
             self.inodes.remember(node)
             touch(parent)
             return node
@@ -180,6 +188,7 @@ class Namespace:
             await store_request(self.store.delete(dkey), dkey)
             node.unlinked = True
             self.inodes.remove_name(node)
+            _count_subdirs(parent, -1)
             touch(parent)
 
     # -- files and symlinks -----------------------------------------------------------------
@@ -283,6 +292,7 @@ class Namespace:
                     await self._delete_replaced(node, key)
                 self._take_name(node)
             touch(parent)
+        await self.commit.upload_settled(node)  # an upload in flight deletes what it put
 
     async def _delete_replaced(self, node: Node, key: str) -> None:
         """``node`` is a new file renamed over a committed one and not uploaded yet: the old
@@ -380,11 +390,16 @@ class Namespace:
                     raise FsError(errno.ENOTEMPTY)  # checked under the tree lock: only dst's subtree waits
                 if src.is_dir:
                     await self._rename_dir(src, dst_path, dst)
+                    _count_subdirs(parent, -1)
+                    if dst is None:  # a directory replaced there leaves new_parent's count as it was
+                        _count_subdirs(new_parent, +1)
                 else:
                     await self._rename_file(src, dst_path, dst)
                 touch(parent)
                 touch(new_parent)
-                return
+            if not src.is_dir:
+                await self.commit.upload_settled(src)  # one in flight deletes its object at the old name
+            return
         raise FsError(errno.EIO, "the names kept changing")
 
     @staticmethod

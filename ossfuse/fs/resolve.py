@@ -14,7 +14,7 @@ from .inodes import InodeTable
 from .model import ROOT_INO, Node
 from .namecache import NameCache
 from .naming import Naming, base_name, join
-from .objmeta import AttrDefaults, is_hidden, version_from_info
+from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class Resolver:
         mode, uid, gid, mtime = self.defaults.attrs_from_info(info, is_dir)
         node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0)
         node.implicit = is_dir and info is None
+        node.ctime_ns, node.atime_ns = times_from_info(info, mtime)
         if info is not None and not is_dir:
             self.set_version_from_info(node, info)
         return node
@@ -151,6 +152,8 @@ class Resolver:
                 self.set_version_from_info(node, info)
                 node.symlink_target = None
             node.mode, node.uid, node.gid, node.mtime_ns = self.defaults.attrs_from_info(info, node.is_dir)
+            ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
+            node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
 
     async def revalidate(self, node: Node) -> None:
