@@ -478,3 +478,24 @@ def test_inode_numbers_stay_when_the_kernel_forgets_a_node(tmp_path, cmk_path):
         fs.close()
 
     trio.run(main)
+
+
+def test_rename_of_a_file_whose_new_version_is_uploading_moves_that_version(mount):
+    """A rename of a committed file while its next version uploads (over 1 MiB: close leaves
+    it to the background upload) waits for that upload: a copy naming the old version was
+    refused with an ERROR line saying another client had changed the file (pjdfstest
+    rename/09.t, 10.t; the log checker fails the test on it)."""
+    data = os.urandom(2 << 20)
+    for i in range(6):
+        p, q = mount.path("x"), mount.path("y")
+        with open(p, "wb") as f:
+            f.write(b"v1")
+        with open(p, "r+b") as f:
+            f.write(data[:-1] + bytes([i]))
+        os.rename(p, q)
+        os.rename(q, p)
+        with open(p, "rb") as f:
+            assert f.read() == data[:-1] + bytes([i])
+    mount.remount()
+    with open(mount.path("x"), "rb") as f:
+        assert f.read() == data[:-1] + bytes([5])

@@ -374,8 +374,10 @@ class Namespace:
                     raise  # cannot tell whether it exists: not the same as absent (review A11)
                 dst = None
             self._check_replace(src, dst, flags)
-            if dst is not None:  # its upload in flight would land over what this rename copies there
-                await self.commit.upload_settled(dst)
+            # An upload in flight of either would race the rename's copy: dst's landing over the
+            # copy, src's replacing the version the copy names (a false ESTALE)
+            for n in (src, dst) if dst is not None else (src,):
+                await self.commit.upload_settled(n)
             if src.version is not None or src.is_dir:
                 await self._keep_parent(parent)
             paths = [src_path, dst_path]
@@ -386,7 +388,8 @@ class Namespace:
                 current = self.inodes.by_path.get(dst_path)
                 if current is not None and current.unlinked:
                     current = None
-                if current is not dst or (dst is not None and dst.staged is not None and dst.staged.uploading):
+                if current is not dst or any(n is not None and n.staged is not None and n.staged.uploading
+                                             for n in (src, dst)):
                     continue
                 if dst is not None and dst.is_dir and await self.has_children(dst_path):
                     raise FsError(errno.ENOTEMPTY)  # checked under the tree lock: only dst's subtree waits
