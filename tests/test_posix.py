@@ -87,6 +87,8 @@ EXPECTED_FAILURES: dict[str, list[tuple[str, str, bool]]] = {
     'link/10.t': [('8-19', _LINK, True)],
     'mkdir/01.t': [('5-16', _SPECIAL, False)],
     'mkdir/03.t': [('1-2', _KEY_LENGTH, True)],
+    'mkfifo/03.t': [('1-3', _KEY_LENGTH, True)],
+    'mknod/03.t': [('1-3, 5-7, 9-11', _KEY_LENGTH, True)],
     'mkdir/10.t': [('7-10, 12-13, 15-16, 18-19, 21', _SPECIAL, False)],
     'open/01.t': [('6-21', _SPECIAL, False)],
     'open/03.t': [('1-3', _KEY_LENGTH, True)],
@@ -211,11 +213,10 @@ EXPECTED_FAILURES: dict[str, list[tuple[str, str, bool]]] = {
 }
 
 # pytest runs a selection; .ci/run runs all of
-# pjdfstest after the suite with OSSFUSE_POSIX_FULL=1 (about 5 minutes), except mknod/ and mkfifo/
-# until special files land.
+# pjdfstest after the suite with OSSFUSE_POSIX_FULL=1 (about 5 minutes).
 FULL = bool(os.environ.get("OSSFUSE_POSIX_FULL"))
-_ALL_DIRS = ["chflags", "chmod", "chown", "ftruncate", "granular", "link", "mkdir", "open", "posix_fallocate",
-             "rename", "rmdir", "symlink", "truncate", "unlink", "utimensat"]
+_ALL_DIRS = ["chflags", "chmod", "chown", "ftruncate", "granular", "link", "mkdir", "mkfifo", "mknod", "open",
+             "posix_fallocate", "rename", "rmdir", "symlink", "truncate", "unlink", "utimensat"]
 PJDFSTEST_GROUPS = ({d: [d] for d in _ALL_DIRS} if FULL else {
     # the directories of the fixes of issue 13 (ctime, atime, st_nlink, unlink and rename while
     # uploads run): about 2.5 minutes on a busy 2-core machine. rename/09.t and 10.t (4,450
