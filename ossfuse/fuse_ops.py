@@ -36,6 +36,17 @@ def _fs_errors(fn):
     return wrapper
 
 
+def _nlink(node: Node) -> int:
+    """st_nlink: 0 once unlinked (an open file's fstat), 1 for a file (no hard links); for a
+    directory 2 + its subdirectories when known, else 1 (what btrfs shows: "not counted", which
+    turns off find's leaf optimisation, where 2 would make it skip subdirectories)."""
+    if node.unlinked:
+        return 0
+    if not node.is_dir:
+        return 1
+    return 2 + node.subdirs if node.subdirs is not None else 1
+
+
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
@@ -58,7 +69,7 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.ino
         a.generation = 0
         a.st_mode = node.mode
-        a.st_nlink = 2 if node.is_dir else 1
+        a.st_nlink = _nlink(node)
         a.st_uid = node.uid
         a.st_gid = node.gid
         a.st_rdev = rdev_of(node)  # the kernel opens device nodes with it (mount option "dev")
@@ -67,7 +78,7 @@ class Operations(pyfuse3.Operations):
         a.st_blocks = (a.st_size + 511) // 512
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns
-        a.st_atime_ns = node.mtime_ns
+        a.st_atime_ns = node.mtime_ns if node.atime_ns is None else node.atime_ns
         a.attr_timeout = self.attr_timeout
         a.entry_timeout = self.entry_timeout
         return a
@@ -98,16 +109,14 @@ class Operations(pyfuse3.Operations):
     @_fs_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self.fs.get(inode)
-        mtime = None
-        if fields.update_mtime:
-            mtime = attr.st_mtime_ns
         await self.fs.setattr(
             node,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            mtime_ns=mtime)
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None)
         return self._attr(node)
 
     def forget(self, inode_list):

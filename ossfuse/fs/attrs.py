@@ -34,8 +34,9 @@ class Attributes:
 
     async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
                       uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
-                      fh: FileHandle | None = None) -> Node:
-        """chmod/chown/utimens/truncate (None: unchanged; sizes in bytes, times in ns).
+                      atime_ns: int | None = None, fh: FileHandle | None = None) -> Node:
+        """chmod/chown/utimens/truncate (None: unchanged; sizes in bytes, times in ns). ctime
+        becomes now for every change but chown(-1, -1) (POSIX: "need not be updated").
         Raises FsError(EISDIR) to truncate a directory, EIO/ENOSPC as writes and copies do,
         ESTALE when another client replaced the object since this mount read it (the attribute
         change is not made, and the node is re-read from the store at its next lookup).
@@ -45,7 +46,7 @@ class Attributes:
                 if node.is_dir:
                     raise FsError(errno.EISDIR)
                 await self.files.truncate_locked(node, size)
-            before = (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns)
+            before = (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns)
             if mode is not None:
                 node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             if uid is not None and uid != _UNCHANGED_ID:
@@ -54,13 +55,18 @@ class Attributes:
                 node.gid = gid
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
-            node.ctime_ns = time.time_ns()
-            if size is None and (mode, uid, gid, mtime_ns) != (None, None, None, None):
+            if atime_ns is not None:
+                node.atime_ns = atime_ns
+            changed = (mode, mtime_ns, atime_ns) != (None, None, None) or any(
+                i is not None and i != _UNCHANGED_ID for i in (uid, gid))
+            if changed:
+                node.ctime_ns = time.time_ns()
+            if size is None and changed:
                 try:
                     await self.store_attrs(node)
                 except FsError as e:
                     # not made: the node keeps what the bucket has; a foreign version is re-read
-                    node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns = before
+                    node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns = before
                     if e.errno == errno.ESTALE:
                         node.checked_at = 0.0
                     raise

@@ -194,12 +194,15 @@ class Commit:
                 self._upload_locks.pop(node, None)
 
     async def upload_settled(self, node: Node) -> None:
-        """Wait until the upload of ``node`` in flight, if any, is done (sealing, PUT and
-        adopting the result; one started later is not waited for)."""
+        """Return once no upload of ``node`` is in flight (no lock held while waiting): an
+        upload that ends after its name went deletes its stray object, and an unlink or rename
+        must not return before that (rmdir of the directory would see the object: ENOTEMPTY)."""
         lock = self._upload_locks.get(node)
         if lock is not None:
             async with lock:
                 pass
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._upload_locks.pop(node, None)
 
     def _failed(self, node: Node, key: str, e: Exception, raise_errors: bool) -> bool:
         node.upload_error = str(e)

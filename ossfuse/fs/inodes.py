@@ -7,6 +7,7 @@ while the old one lives on for its lookups and handles."""
 from __future__ import annotations
 
 import errno
+import stat
 import time
 from typing import Callable
 
@@ -14,6 +15,9 @@ from .errors import FsError
 from .model import ROOT_INO, DirHandle, FileHandle, Node
 from .namecache import NameCache
 from .naming import parent_of
+
+
+_DROPPED_MAX = 100_000  # remembered numbers of dropped nodes; forgotten all at once past this
 
 
 class InodeTable:
@@ -28,6 +32,10 @@ class InodeTable:
         self.handles: dict[int, FileHandle | DirHandle] = {}
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
+        # path → (inode number, file type) of nodes dropped while that path still named them:
+        # the kernel forgets an inode whenever it evicts it (a symlink just made, often), and the
+        # node found there again gets the same number back, as on a disk filesystem
+        self._dropped: dict[str, tuple[int, int]] = {}
 
     def get(self, ino: int) -> Node:
         """The node of inode ``ino``; FsError(ENOENT) when it is not (or no longer) known."""
@@ -40,11 +48,18 @@ class InodeTable:
         """The node of the directory holding ``path``, if known."""
         return self.by_path.get(parent_of(path))
 
-    def new_node(self, path: str, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0) -> Node:
-        """A new inode at ``path`` (lookup count 0: see :meth:`remember`)."""
-        node = Node(self._next_ino, path, mode, uid, gid, mtime_ns, mtime_ns, size=size,
-                    checked_at=time.monotonic())
-        self._next_ino += 1
+    def new_node(self, path: str, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0, *,
+                 found: bool = False) -> Node:
+        """A new inode at ``path`` (lookup count 0: see :meth:`remember`). ``found``: a node for
+        what the store has at ``path`` (not a new file): it gets back the number of the node
+        of the same type dropped at that path, if any (unlink and rename forget the number)."""
+        again = self._dropped.pop(path, None) if found else None
+        if again is not None and again[1] == stat.S_IFMT(mode) and again[0] not in self.nodes:
+            ino = again[0]
+        else:
+            ino = self._next_ino
+            self._next_ino += 1
+        node = Node(ino, path, mode, uid, gid, mtime_ns, mtime_ns, size=size, checked_at=time.monotonic())
         self.nodes[node.ino] = node
         self.by_path[path] = node  # a node it replaces lives on for its lookups and handles
         self.names.note_present(path)
@@ -72,6 +87,10 @@ class InodeTable:
             del self.nodes[node.ino]
             if self.by_path.get(node.path) is node:
                 del self.by_path[node.path]
+                if not node.unlinked:
+                    if len(self._dropped) > _DROPPED_MAX:
+                        self._dropped.clear()
+                    self._dropped[node.path] = (node.ino, stat.S_IFMT(node.mode))
 
     # -- names ------------------------------------------------------------------------------
     def remove_name(self, node: Node) -> None:
@@ -79,6 +98,7 @@ class InodeTable:
         self.names.child_removed(self.parent(node.path), node.path)
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
+        self._dropped.pop(node.path, None)
         self.names.note_absent(node.path)
 
     def discard(self, node: Node) -> None:
@@ -93,6 +113,8 @@ class InodeTable:
             self.names.note_absent(old)
             self.names.child_removed(self.parent(old), old)
         self.names.note_present(new)
+        self._dropped.pop(old, None)
+        self._dropped.pop(new, None)
         node.path = new
         node.ctime_ns = time.time_ns()
         self.by_path[new] = node

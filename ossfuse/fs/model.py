@@ -69,6 +69,8 @@ class Node:
     implicit: bool = False  # a directory with no marker object ("dir/"): it exists as a key prefix only
     kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
     handles: set = field(default_factory=set)
+    atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime
+    subdirs: int | None = None  # a directory's subdirectories as of a listing or its mkdir; None: unknown
     _lock: trio.Lock | None = None
 
     @property

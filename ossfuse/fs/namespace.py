@@ -58,6 +58,12 @@ class NodeLocks:
             n.lock.release()
 
 
+def _count_subdirs(dirnode: Node, delta: int) -> None:
+    """A subdirectory of ``dirnode`` was made (+1) or removed (-1) by this mount (st_nlink)."""
+    if dirnode.subdirs is not None:
+        dirnode.subdirs = max(0, dirnode.subdirs + delta)
+
+
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
 
@@ -168,6 +174,8 @@ class Namespace:
                 log.error("mkdir %r failed: %s", self.naming.dir_key(path), e)
                 raise FsError(errno_of(e)) from None
             self.names.set_children(node, ())  # new and empty: lookups in it need no request
+            node.subdirs = 0
+            _count_subdirs(parent, +1)
             self.inodes.remember(node)
             touch(parent)
             return node
@@ -199,6 +207,7 @@ class Namespace:
             await store_request(self.store.delete(dkey), dkey)
             node.unlinked = True
             self.inodes.remove_name(node)
+            _count_subdirs(parent, -1)
             self.inodes.maybe_drop(node)  # a node made by the probe alone is not kept (A15)
             touch(parent)
 
@@ -304,6 +313,7 @@ class Namespace:
                     await self._delete_replaced(node, key)
                 self._take_name(node)
             touch(parent)
+        await self.commit.upload_settled(node)  # an upload in flight deletes what it put
 
     async def _delete_replaced(self, node: Node, key: str) -> None:
         """``node`` is a new file renamed over a committed one and not uploaded yet: the old
@@ -470,6 +480,10 @@ class Namespace:
                     raise  # cannot tell whether it exists: not the same as absent (review A11)
                 dst = None
             self._check_replace(src, dst, flags)
+            # An upload in flight of either would race the rename's copy: dst's landing over the
+            # copy, src's replacing the version the copy names (a false ESTALE)
+            for n in (src, dst) if dst is not None else (src,):
+                await self.commit.upload_settled(n)
             if src.version is not None or src.is_dir:
                 await self._keep_parent(parent)
             paths = [src_path, dst_path]
@@ -480,17 +494,23 @@ class Namespace:
                 current = self.inodes.by_path.get(dst_path)
                 if current is not None and current.unlinked:
                     current = None
-                if current is not dst:
+                if current is not dst or any(n is not None and n.staged is not None and n.staged.uploading
+                                             for n in (src, dst)):
                     continue
                 if dst is not None and dst.is_dir and await self.has_children(dst_path):
                     raise FsError(errno.ENOTEMPTY)  # checked under the tree lock: only dst's subtree waits
                 if src.is_dir:
                     await self._rename_dir(src, dst_path, dst)
+                    _count_subdirs(parent, -1)
+                    if dst is None:  # a directory replaced there leaves new_parent's count as it was
+                        _count_subdirs(new_parent, +1)
                 else:
                     await self._rename_file(src, dst_path, dst)
                 touch(parent)
                 touch(new_parent)
-                return
+            if not src.is_dir:
+                await self.commit.upload_settled(src)  # one in flight deletes its object at the old name
+            return
         raise FsError(errno.EIO, "the names kept changing")
 
     @staticmethod

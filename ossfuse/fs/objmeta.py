@@ -68,9 +68,23 @@ def int_or(value: str | None, default: int) -> int:
 
 
 def attr_meta(node: Node) -> dict[str, str]:
-    """The x-oss-meta attributes of ``node`` (mode, uid, gid, mtime)."""
-    return {"mode": str(node.mode), "uid": str(node.uid), "gid": str(node.gid),
-            "mtime": fmt_mtime(node.mtime_ns)}
+    """The x-oss-meta attributes of ``node``: mode, uid, gid, mtime, ctime, and atime when set
+    apart from mtime (the names and ``sec[.nnnnnnnnn]`` format of ossfs 1.91's metaheader.cpp)."""
+    meta = {"mode": str(node.mode), "uid": str(node.uid), "gid": str(node.gid),
+            "mtime": fmt_mtime(node.mtime_ns), "ctime": fmt_mtime(node.ctime_ns)}
+    if node.atime_ns is not None:
+        meta["atime"] = fmt_mtime(node.atime_ns)
+    return meta
+
+
+def times_from_info(info: ObjectInfo | None, mtime_ns: int) -> tuple[int, int | None]:
+    """(ctime_ns, atime_ns or None) from x-oss-meta-ctime/atime, ctime defaulting to
+    ``mtime_ns`` (what a node shows when the object carries none; out of range: same)."""
+    meta = info.metadata if info else {}
+    key = info.key if info else ""
+    ctime = _in_range(key, "ctime", parse_mtime(meta.get("ctime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
+    atime = _in_range(key, "atime", parse_mtime(meta.get("atime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
+    return (mtime_ns if ctime is None else ctime), atime
 
 
 def special_metadata(node: Node, rdev: int) -> dict[str, str]:

@@ -106,6 +106,7 @@ class DirectoryReader:
             if not d.unlinked and parent_of(d.path) == node.path:
                 entries[d.name] = (d.name, d, None, d.is_dir)
         self.names.set_children(node, entries)
+        node.subdirs = sum(1 for e in entries.values() if e[3])  # st_nlink = 2 + subdirectories
         result = []
         for name in sorted(entries):
             if not valid_listed_name(name):

@@ -27,7 +27,7 @@ from .inodes import InodeTable
 from .model import ROOT_INO, Node
 from .namecache import NameCache
 from .naming import Naming, base_name, join, parent_of
-from .objmeta import AttrDefaults, is_hidden, version_from_info
+from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,9 @@ class Resolver:
     def node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
         """A new node for ``path`` from a HEAD of its object (or dir marker; None: implicit dir)."""
         mode, uid, gid, mtime = self.defaults.attrs_from_info(info, is_dir)
-        node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0)
+        node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0, found=True)
         node.implicit = is_dir and info is None
+        node.ctime_ns, node.atime_ns = times_from_info(info, mtime)
         if info is not None and not is_dir:
             self.set_version_from_info(node, info)
         return node
@@ -230,6 +231,8 @@ class Resolver:
             elif node.version is not None and not node.is_dir:
                 node.version.modified = info.mtime  # a metadata copy keeps the ETag, not this
             node.mode, node.uid, node.gid, node.mtime_ns = self.defaults.attrs_from_info(info, node.is_dir)
+            ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
+            node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
 
     async def revalidate(self, node: Node) -> None:
