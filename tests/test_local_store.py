@@ -182,3 +182,48 @@ async def test_copy_condition_is_checked_in_the_commit_transaction(tmp_path, mon
     info = await s.copy("src", "dst")
     assert info.metadata == {"v": "2"} and await s.get_range("dst", 0, 99) == b"version two"
     await s.aclose()
+
+
+def _fill(store: LocalStore, keys: list[str]) -> None:
+    """Index rows without bodies (listing reads only the index)."""
+    db = store._db()
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO objects VALUES (?,0,'E',0,'{}','none')", [(k,) for k in keys])
+    db.execute("COMMIT")
+
+
+def _list_work(store: LocalStore, prefix: str) -> tuple[int, list[str], list[str]]:
+    """(SQLite VM steps/100, object keys, common prefixes) of a full delimited listing."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+    db = store._db()
+    db.set_progress_handler(tick, 100)
+    objects, prefixes, marker = [], [], None
+    try:
+        while True:
+            page = store._list(prefix, "/", marker, 1000)
+            objects += [o.key for o in page.objects]
+            prefixes += page.prefixes
+            marker = page.next_marker
+            if not marker:
+                return steps[0], objects, prefixes
+    finally:
+        db.set_progress_handler(None, 100)
+
+
+def test_listing_subdirectories_does_not_read_their_contents(tmp_path):
+    """Issue 14: each common prefix re-read up to 1,001 rows under it (``rsync`` of a tree
+    spent minutes in ``_list``). A directory of 300 subdirectories of 200 entries each must
+    cost about what 300 plain files cost, and list exactly the 300 prefixes and 5 files."""
+    s = LocalStore(str(tmp_path / "b"))
+    _fill(s, [f"d/sub{i:03d}/f{j:03d}" for i in range(300) for j in range(200)]
+          + [f"d/file{i}" for i in range(5)] + [f"e/f{i:03d}" for i in range(305)] + ["d0", "dz/x"])
+    deep, objects, prefixes = _list_work(s, "d/")
+    assert prefixes == [f"d/sub{i:03d}/" for i in range(300)]
+    assert objects == [f"d/file{i}" for i in range(5)]
+    flat, flat_objects, _ = _list_work(s, "e/")
+    assert len(flat_objects) == 305
+    assert deep < 5 * flat + 50, (deep, flat)

@@ -405,44 +405,43 @@ class LocalStore(ObjectStore):
         return sorted(os.listdir(os.path.join(self.root, "uploads")))
 
     def _list(self, prefix: str, delimiter: str | None, marker: str | None, max_keys: int) -> ListPage:
+        """One page of ListObjects: rows are stepped one at a time from an index seek, and a
+        common prefix costs one new seek past it (not a batch of rows under it: a directory of
+        887 subdirectories read ~900,000 rows before, issue 14)."""
         max_keys = min(1000, max(1, max_keys))  # OSS's range for max-keys
         db = self._db()
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
-        cursor, inclusive = prefix, True
+        cursor, op = prefix, ">="
         if marker and marker >= prefix:
-            cursor, inclusive = marker, False
+            cursor, op = marker, ">"
             if delimiter and marker.endswith(delimiter) and marker.startswith(prefix):
                 cursor = marker + "\U0010ffff"  # marker is a common prefix: skip what it covers
         last = None
-        while len(objects) + len(prefixes) < max_keys:
-            op = ">=" if inclusive else ">"
+        while True:
             rows = db.execute(f"SELECT key, size, etag, mtime, meta, blob FROM objects WHERE key {op} ? "
-                              "ORDER BY key LIMIT ?", (cursor, max_keys + 1)).fetchall()
-            if not rows:
-                return ListPage(objects, prefixes, None)
-            inclusive = False
-            for row in rows:
-                key = row[0]
-                if not key.startswith(prefix):
+                              "ORDER BY key", (cursor,))
+            try:
+                for row in rows:
+                    key = row[0]
+                    if not key.startswith(prefix):
+                        return ListPage(objects, prefixes, None)
+                    if len(objects) + len(prefixes) >= max_keys:
+                        return ListPage(objects, prefixes, last)  # this row is on the next page
+                    cut = key.find(delimiter, len(prefix)) if delimiter else -1
+                    if cut >= 0 and delimiter:
+                        common = key[: cut + len(delimiter)]
+                        prefixes.append(common)
+                        last = common
+                        # skip every key under this common prefix: seek after its last possible key
+                        cursor, op = common + "\U0010ffff", ">"
+                        break
+                    objects.append(self._info(row))
+                    last = key
+                else:
                     return ListPage(objects, prefixes, None)
-                if len(objects) + len(prefixes) >= max_keys:
-                    return ListPage(objects, prefixes, last)
-                cut = key.find(delimiter, len(prefix)) if delimiter else -1
-                if cut >= 0 and delimiter:
-                    common = key[: cut + len(delimiter)]
-                    prefixes.append(common)
-                    last = common
-                    # skip every key under this common prefix: continue after its last possible key
-                    cursor = common + "\U0010ffff"
-                    break
-                objects.append(self._info(row))
-                last = cursor = key
-            else:
-                if len(rows) <= max_keys:
-                    return ListPage(objects, prefixes, None)
-        more = db.execute("SELECT key FROM objects WHERE key > ? ORDER BY key LIMIT 1", (cursor,)).fetchone()
-        return ListPage(objects, prefixes, last if more and more[0].startswith(prefix) else None)
+            finally:
+                rows.close()  # ends the statement's read snapshot at once
 
     async def list(self, prefix: str, *, delimiter: str | None = "/", marker: str | None = None,
                    max_keys: int = 1000) -> ListPage:
