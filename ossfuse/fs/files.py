@@ -86,7 +86,7 @@ class Files:
         node.kernel_etag = etag
         h.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         node.opens += 1
-        node.handles.add(h)
+        node.add_handle(h)
         return h
 
     async def open_version(self, v: Version) -> None:
@@ -323,7 +323,7 @@ class Files:
         self.inodes.drop_handle(h.fh)
         node = h.node
         node.opens -= 1
-        node.handles.discard(h)
+        node.drop_handle(h)
         if node.staged is not None:
             if node.unlinked:
                 if node.opens == 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -24,19 +24,62 @@ ROOT_INO = 1
 SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 
 
-@dataclass(slots=True)
-class Version:
-    """A committed object version in the bucket (what a clean file reads from)."""
+_UNPARSED = object()  # Version.wrapped not parsed from the metadata yet
 
-    key: str
-    etag: str
-    size: int
-    metadata: dict[str, str]
-    wrapped: env.WrappedEnvelope | env.EnvelopeError | None  # None: a plaintext object
-    envelope: env.Envelope | None = None  # unwrapped on first open
-    # the store's Last-Modified (epoch seconds) as a HEAD reported it; 0: not known (a version
-    # this mount made). With the ETag it lets a listing prove the attributes unchanged.
-    modified: float = 0.0
+
+class Version:
+    """A committed object version in the bucket (what a clean file reads from).
+
+    ``wrapped``: the envelope's wrapped key material (None: a plaintext object; an
+    EnvelopeError: a corrupt envelope, raised at open). Passed as ``UNPARSED`` it is parsed from
+    ``metadata`` on first use, so the ~1 KiB of decoded wrapped key and IV is held only for
+    files that were opened, not for every listed one (issue 14: bytes per cached inode)."""
+
+    __slots__ = ("key", "etag", "size", "metadata", "_wrapped", "envelope", "modified")
+
+    def __init__(self, key: str, etag: str, size: int, metadata: dict[str, str],
+                 wrapped: env.WrappedEnvelope | env.EnvelopeError | None | object,
+                 envelope: env.Envelope | None = None, modified: float = 0.0):
+        self.key = key
+        self.etag = etag
+        self.size = size
+        self.metadata = metadata
+        self._wrapped = wrapped
+        self.envelope = envelope  # unwrapped on first open
+        # the store's Last-Modified (epoch seconds) as a HEAD reported it; 0: not known (a version
+        # this mount made). With the ETag it lets a listing prove the attributes unchanged.
+        self.modified = modified
+
+    @property
+    def wrapped(self) -> env.WrappedEnvelope | env.EnvelopeError | None:
+        if self._wrapped is _UNPARSED:
+            self._wrapped = parse_wrapped(self.metadata)
+        return self._wrapped  # type: ignore[return-value]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Version):
+            return NotImplemented
+        return (self.key, self.etag, self.size, self.metadata, self.wrapped, self.envelope, self.modified) == \
+            (other.key, other.etag, other.size, other.metadata, other.wrapped, other.envelope, other.modified)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return f"Version(key={self.key!r}, etag={self.etag!r}, size={self.size})"
+
+
+UNPARSED = _UNPARSED
+
+
+def parse_wrapped(metadata: dict[str, str]) -> env.WrappedEnvelope | env.EnvelopeError | None:
+    """The wrapped envelope an object's user metadata carries; None for a plaintext object, the
+    EnvelopeError for a corrupt one (reported when the file is opened)."""
+    if not env.is_encrypted(metadata):
+        return None
+    try:
+        return env.parse_envelope(metadata)
+    except env.EnvelopeError as e:
+        return e
 
 
 @dataclass(eq=False, slots=True)
@@ -68,10 +111,21 @@ class Node:
     children_until: float = 0.0
     implicit: bool = False  # a directory with no marker object ("dir/"): it exists as a key prefix only
     kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
-    handles: set = field(default_factory=set)
+    handles: set | frozenset = frozenset()  # open FileHandles; a set from the first open (an empty set is 216 B)
     atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime
     subdirs: int | None = None  # a directory's subdirectories as of a listing or its mkdir; None: unknown
     _lock: trio.Lock | None = None
+
+    def add_handle(self, handle: "FileHandle") -> None:
+        if not self.handles:
+            self.handles = set()
+        self.handles.add(handle)
+
+    def drop_handle(self, handle: "FileHandle") -> None:
+        if handle in self.handles:
+            self.handles.discard(handle)
+            if not self.handles:
+                self.handles = frozenset()
 
     @property
     def lock(self) -> trio.Lock:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .. import envelope as env
 from ..store.base import ObjectInfo
-from .model import SPECIAL_TYPES, Node, Version
+from .model import SPECIAL_TYPES, UNPARSED, Node, Version
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,9 @@ def file_metadata(node: Node, wrapped: env.WrappedEnvelope, size: int) -> dict[s
 
 
 def version_from_info(info: ObjectInfo) -> Version:
-    """The committed version described by a HEAD or listing of an object; a corrupt envelope
-    is kept as the error, reported when the file is opened."""
-    wrapped: env.WrappedEnvelope | env.EnvelopeError | None = None
-    if env.is_encrypted(info.metadata):
-        try:
-            wrapped = env.parse_envelope(info.metadata)
-        except env.EnvelopeError as e:
-            wrapped = e
-    return Version(info.key, info.etag, info.size, info.metadata, wrapped, modified=info.mtime)
+    """The committed version described by a HEAD or listing of an object; its envelope is
+    parsed on first use (a corrupt one is kept as the error, reported when the file is opened)."""
+    return Version(info.key, info.etag, info.size, info.metadata, UNPARSED, modified=info.mtime)
 
 
 def is_hidden(info: ObjectInfo, plaintext_objects: str) -> bool:

@@ -33,6 +33,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -200,7 +201,11 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     def _info(row) -> ObjectInfo:
-        return ObjectInfo(row[0], row[1], row[2], row[3], json.loads(row[4]))
+        # metadata names (and short values: algorithms, mode, uid) are the same in most rows:
+        # one shared string each, not a copy per cached version (issue 14: bytes per inode)
+        return ObjectInfo(row[0], row[1], row[2], row[3],
+                          {sys.intern(k): sys.intern(v) if len(v) <= 32 else v
+                           for k, v in json.loads(row[4]).items()})
 
     def _new_tmp(self) -> str:
         return os.path.join(self.root, "tmp", uuid.uuid4().hex)
