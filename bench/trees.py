@@ -39,6 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HERE, OSSFUSE, PYSPY, REPO, drop_caches, log  # noqa: E402
+import peers  # noqa: E402
 from peers import Native, OssfuseLocal, RcloneCrypt, machine, run  # noqa: E402
 
 Native.name = "native"
@@ -81,7 +82,7 @@ class Trees:
         run(["git", "-C", self.repo, "add", "-A"], env=env)
         run(["git", "-C", self.repo, "commit", "-q", "-m", "bench"], env=env)
         self.repo_files = len(run(["git", "-C", self.repo, "ls-files"]).stdout.splitlines())
-        run([OSSFUSE, "keygen", self.cmk])
+        run([self.args.ossfuse, "keygen", self.cmk])
         classes = {"ext4": Ext4, "ossfuse-local": OssfuseLocal, "rclone-crypt": RcloneCrypt}
         for name in a.candidates:
             c = classes[name](self)
@@ -200,7 +201,10 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-dir", default="/tmp/ossfuse-trees-profile")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--ossfuse", default=OSSFUSE,
+                    help="the ossfuse command (e.g. a wrapper running another checkout, for a before/after)")
     args = ap.parse_args()
+    peers.OSSFUSE = args.ossfuse
     if args.src is None:
         import sysconfig
         args.src = sysconfig.get_paths()["purelib"]
@@ -224,7 +228,7 @@ def main() -> int:
     finally:
         b.cleanup()
     text = (f"tarball {b.entries} entries ({args.src}), rsync of {args.doc}, git repo of "
-            f"{b.repo_files} files; wall {(time.monotonic() - t0) / 60:.1f} min"
+            f"{b.repo_files} files; ossfuse `{args.ossfuse}`; wall {(time.monotonic() - t0) / 60:.1f} min"
             f"{'; PROFILED' if args.profile else ''}\n\n{b.table()}\n\ncheck: "
             + ("".join(f"failed: {x}\n" for x in b.failed))
             + ("ok (find counts agree, git status clean, rm left nothing)" if not b.problems

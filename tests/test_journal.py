@@ -574,3 +574,45 @@ def test_mount_aborts_multipart_uploads_left_by_a_crash(tmp_path, cmk_path, oss_
             await store.aclose()
 
     trio.run(main)
+
+
+def test_record_fsyncs_the_sealed_data_first_and_only_once(tmp_path, monkeypatch):
+    """Issue 14: sealing no longer fsyncs (a small file uploaded at close paid two fsyncs);
+    the journal record then must: the data file's fsync comes before the record is renamed
+    into place, and a rewritten record (a rename, new attributes) does not fsync it again."""
+    from ossfuse.writeback import journal
+    from ossfuse.writeback.staging import Staging
+
+    class Xor:
+        def crypt(self, offset, data):
+            return bytes(b ^ 0x5A for b in data)
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(str(dst))))
+        real_replace(src, dst)
+    staging = Staging(str(tmp_path))
+    st = staging.new(Xor())
+    st.write(0, b"hello")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    st.seal()
+    assert events == [("replace", st.id + ".data")]  # sealed, not fsynced
+    events.clear()
+    journal.record(st, "pre/f", {"k": "v"})
+    assert events[:3] == [("fsync", st.id + ".data"), ("fsync", st.id + ".json.tmp"),
+                          ("replace", st.id + ".json")]
+    events.clear()
+    journal.record(st, "pre/g", {"k": "v"})  # renamed: a new record, the same data
+    assert ("fsync", st.id + ".data") not in events and ("replace", st.id + ".json") in events
+    monkeypatch.undo()
+    entries, quarantined = journal.read_journal(staging)
+    assert quarantined == 0 and [(e.key, e.staged.data_synced) for e in entries] == [("pre/g", True)]
+    entries[0].staged.envelope = Xor()
+    assert entries[0].staged.read(0, 5) == b"hello"

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
-    """Atomically record (key, size, metadata) for sealed ``staged`` and fsync the directory.
+    """Atomically record (key, size, metadata) for sealed ``staged`` (its data fsynced first,
+    if the seal did not) and fsync the directory.
     Raises OSError (ENOSPC, EIO) when the cache disk fails (the previous record, if any, is
     then still valid), ValueError for a version not sealed. Recording what is already recorded
     does nothing (a close followed by its upload)."""
@@ -34,6 +35,7 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
     rec = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
     if rec == staged.journaled_record:
         return
+    staged.sync_data()  # the record may only point at durable bytes
     tmp = staged.journal_path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:

@@ -80,6 +80,7 @@ class StagedFile:
         self.committed = False  # uploaded: the bucket holds this version
         self.seal_attempt: int | None = None  # generation last sealed (or tried to): see Commit.seal
         self.tags: Any = None  # integrity.SealedTags of the sealed data (None: untagged)
+        self.data_synced = sealed  # data_path fsynced (a version read from the journal was)
         self._work_aes = algorithms.AES(os.urandom(32))  # the work file's key: memory only
         self._work_fd = -1  # open while the version is open (it has a writer); closed at seal
         self.work_path = os.path.join(staging.dir, sid + ".work")
@@ -221,8 +222,11 @@ class StagedFile:
 
     # -- sealing --------------------------------------------------------------------------
     def seal_data(self) -> None:
-        """Write the final ciphertext of this version to ``data_path`` and fsync it (blocking:
-        run it in a worker thread; reads meanwhile still use the work file). OSError when the
+        """Write the final ciphertext of this version to ``data_path`` (blocking: run it in a
+        worker thread; reads meanwhile still use the work file). Not fsynced here: whatever
+        needs it durable does that once (:meth:`sync_data` before a journal record; a local
+        store's put fsyncs the inode it links; an upload to OSS needs no local fsync), so a
+        small file uploaded at close pays one fsync, not two (issue 14). OSError when the
         staging disk fails (ENOSPC): the version stays open and nothing is half-sealed."""
         tmp = self.data_path + ".tmp"
         fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -230,13 +234,25 @@ class StagedFile:
             for off in range(0, self.size, SEAL_CHUNK):
                 plain = self.read(off, SEAL_CHUNK)
                 self._pwrite(fd, self.envelope.crypt(off, plain), off)
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
         os.replace(tmp, self.data_path)
+        self.data_synced = False
+
+    def sync_data(self) -> None:
+        """fsync the sealed data file, once (a journal record must never point at bytes the
+        disk may still lose). OSError (EIO) when the disk fails."""
+        if self.data_synced:
+            return
+        fd = _open(self.data_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.data_synced = True
 
     def finish_seal(self) -> None:
         """After :meth:`seal_data`: the version is sealed; its work file goes. Its ``base`` is
