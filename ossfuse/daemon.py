@@ -201,6 +201,8 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
         credentials = credentials_for(cfg)
         try:
             keyring = Keyring(cfg.encryption, credentials)
+            # data keys of files read or written here before: no RSA work to open them again
+            keyring.attach_key_cache(os.path.join(cfg.cache.dir, "datakeys.sqlite"))
         except (OSError, ValueError) as e:
             raise MountError(f"{cfg.path}: cannot load CMK: {e}") from None
         for cmk in dict.fromkeys([keyring.default] + [c for _, c in keyring.rules]):

@@ -15,8 +15,12 @@ A CMK whose objects this selection reads with another CMK makes unreadable objec
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import sqlite3
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from Crypto.Cipher import PKCS1_v1_5
 from Crypto.PublicKey import RSA
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import envelope as env
 from .cmk import Cmk, CmkUnavailable, KeyMissing  # noqa: F401  (re-exported: callers import them from here)
@@ -37,6 +44,106 @@ WRAP_RSA = "RSA/NONE/PKCS1Padding"  # §4.1, exact case as written by all SDKs
 
 
 _UNWRAP_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rsa-unwrap")
+
+
+class KeyCache:
+    """Data keys and IVs of envelopes this machine made or unwrapped before, in a SQLite file
+    (0600, in the mount's cache dir), so opening such a file again, in this mount or a later
+    one, costs no RSA private-key work (issue 14: two RSA-3072 decryptions per open).
+
+    Only CMKs with a ``cache_secret`` (RSA: derived from the private key, which never leaves
+    this process) take part. Per CMK, HKDF gives two keys: one names a row,
+    ``id = HMAC-SHA256(k_id, wrap-alg ‖ legacy ‖ len(wrapped key) ‖ wrapped key ‖ wrapped IV)``
+    (the file shows no wrapped key), one seals it, ``AES-256-GCM(k_seal, nonce, key ‖ iv,
+    aad=id)``. A row is found only through the exact wrapped headers an object carries now: a
+    changed object (new envelope, new ETag) misses and is unwrapped with the CMK; another CMK
+    (a different private key) derives other ids and finds nothing. A row that does not
+    authenticate is dropped (one INFO line) and the CMK unwraps as if it were absent. The
+    file is a cache: at most ``max_rows`` rows (oldest dropped), commits are not fsynced, and an
+    unreadable file is replaced."""
+
+    def __init__(self, path: str, max_rows: int = 200_000):
+        self.path = path
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._puts = 0
+        self._keys: dict[bytes, tuple[bytes, AESGCM]] = {}  # cache_secret -> (k_id, sealer)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:
+            log.info("data-key cache %s is unreadable (%s): starting a new one", path, e)
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(path + suffix)
+                except FileNotFoundError:
+                    pass
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost row costs one unwrap
+        db.execute("CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, nonce BLOB NOT NULL,"
+                   " sealed BLOB NOT NULL)")
+        return db
+
+    def _keys_for(self, secret: bytes) -> tuple[bytes, AESGCM]:
+        keys = self._keys.get(secret)
+        if keys is None:
+            k_id = HKDF(hashes.SHA256(), 32, salt=None, info=b"ossfuse key-cache id").derive(secret)
+            k_seal = HKDF(hashes.SHA256(), 32, salt=None, info=b"ossfuse key-cache seal").derive(secret)
+            keys = self._keys[secret] = (k_id, AESGCM(k_seal))
+        return keys
+
+    @staticmethod
+    def _id(k_id: bytes, wrapped: env.WrappedEnvelope) -> bytes:
+        h = hmac.new(k_id, digestmod=hashlib.sha256)
+        for part in (wrapped.wrap_alg.lower().encode(), b"L" if wrapped.legacy else b"-",
+                     len(wrapped.wrapped_key).to_bytes(4, "big"), wrapped.wrapped_key, wrapped.wrapped_iv):
+            h.update(part)
+        return h.digest()
+
+    def get(self, secret: bytes, wrapped: env.WrappedEnvelope) -> tuple[bytes, bytes] | None:
+        """(data key, IV) cached for ``wrapped`` under the CMK of ``secret``; None if absent."""
+        k_id, sealer = self._keys_for(secret)
+        rid = self._id(k_id, wrapped)
+        with self._lock:
+            row = self._db.execute("SELECT nonce, sealed FROM keys WHERE id=?", (rid,)).fetchone()
+        if row is None:
+            return None
+        try:
+            plain = sealer.decrypt(row[0], row[1], rid)
+        except InvalidTag:
+            plain = b""
+        if len(plain) != env.DATA_KEY_SIZE + env.IV_SIZE:
+            log.info("data-key cache %s: a row does not authenticate; dropped (the CMK unwraps it)", self.path)
+            with self._lock:
+                self._db.execute("DELETE FROM keys WHERE id=?", (rid,))
+            return None
+        return plain[:env.DATA_KEY_SIZE], plain[env.DATA_KEY_SIZE:]
+
+    def put(self, secret: bytes, wrapped: env.WrappedEnvelope, data_key: bytes, iv: bytes) -> None:
+        """Remember (data key, IV) of ``wrapped`` under the CMK of ``secret``."""
+        k_id, sealer = self._keys_for(secret)
+        rid = self._id(k_id, wrapped)
+        nonce = os.urandom(12)
+        sealed = sealer.encrypt(nonce, data_key + iv, rid)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO keys VALUES (?,?,?)", (rid, nonce, sealed))
+            self._puts += 1
+            if self._puts % 1024 == 0:
+                self._db.execute("DELETE FROM keys WHERE rowid <= (SELECT max(rowid) FROM keys) - ?",
+                                 (self.max_rows,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 class RsaCmk(Cmk):
@@ -71,6 +178,10 @@ class RsaCmk(Cmk):
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
         self._unwrapper = PKCS1_v1_5.new(RSA.import_key(der))
+        # the local data-key cache's secret (KeyCache): only whoever holds this private key
+        # derives it; HKDF-SHA256 (RFC 5869) over the key's PKCS#8 DER
+        self.cache_secret: bytes | None = HKDF(hashes.SHA256(), 32, salt=b"ossfuse data-key cache",
+                                               info=b"v1").derive(der)
 
     def wrap(self, secret: bytes) -> bytes:
         return self._public.encrypt(secret, padding.PKCS1v15())
@@ -157,6 +268,21 @@ class Keyring:
         self.rules = [(r.prefix, self.cmks[r.encrypt_with]) for r in cfg.rules]
         self._unwrapped: OrderedDict[tuple, tuple[float, env.Envelope]] = OrderedDict()  # see open_envelope
         self._lock = threading.Lock()
+        self.key_cache: KeyCache | None = None  # see attach_key_cache
+
+    def attach_key_cache(self, path: str) -> None:
+        """Keep the data keys this keyring makes and unwraps in the local cache file ``path``
+        (:class:`KeyCache`), so a later open of the same object needs no RSA work. A cache
+        that cannot be opened is only logged (one WARNING): every open then unwraps."""
+        try:
+            self.key_cache = KeyCache(path)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("data-key cache %s cannot be opened (%s): every open unwraps with the CMK", path, e)
+
+    def close(self) -> None:
+        if self.key_cache is not None:
+            self.key_cache.close()
+            self.key_cache = None
 
     def cmk_for_new(self, path: str) -> Cmk:
         """The CMK that wraps new objects at ``path`` (relative to the mount)."""
@@ -175,7 +301,16 @@ class Keyring:
             key = env.new_data_key()
             wrapped_key = cmk.wrap(key)
         wrapped = env.WrappedEnvelope(wrapped_key, cmk.wrap(iv), cmk.wrap_alg, cmk.matdesc, cmk.matdesc_raw)
+        secret = getattr(cmk, "cache_secret", None)
+        if self.key_cache is not None and secret is not None:
+            self._cache_put(secret, wrapped, key, iv)  # reading back what we wrote: no RSA
         return env.Envelope(key, iv, wrapped, cmk.id)
+
+    def _cache_put(self, secret: bytes, wrapped: env.WrappedEnvelope, key: bytes, iv: bytes) -> None:
+        try:
+            self.key_cache.put(secret, wrapped, key, iv)
+        except sqlite3.Error as e:  # a cache: the open that needs it unwraps with the CMK
+            log.info("data-key cache %s: cannot store a key: %s", self.key_cache.path, e)
 
     def cmk_for(self, wrapped: env.WrappedEnvelope) -> Cmk:
         """The CMK that reads ``wrapped``; raises KeyMissing when none matches."""
@@ -228,14 +363,26 @@ class Keyring:
                     return hit[1] if hit[1].wrapped == wrapped else env.Envelope(hit[1].data_key, hit[1].iv,
                                                                                 wrapped, cmk.id)
                 del self._unwrapped[cache_key]
-        if isinstance(cmk, RsaCmk) and wrapped.wrap_alg.lower() == WRAP_RSA.lower():
-            data_key, iv = cmk.unwrap_pair(wrapped.wrapped_key, wrapped.wrapped_iv)
+        secret = getattr(cmk, "cache_secret", None) if self.key_cache is not None else None
+        found = None
+        if secret is not None:
+            try:
+                found = self.key_cache.get(secret, wrapped)
+            except sqlite3.Error as e:
+                log.info("data-key cache %s: cannot read: %s", self.key_cache.path, e)
+        if found is not None:
+            data_key, iv = found
         else:
-            data_key = cmk.unwrap(wrapped.wrapped_key, wrapped.wrap_alg)
-            iv = cmk.unwrap(wrapped.wrapped_iv, wrapped.wrap_alg)
-        if wrapped.legacy:
-            iv = env.legacy_counter_iv(iv)
+            if isinstance(cmk, RsaCmk) and wrapped.wrap_alg.lower() == WRAP_RSA.lower():
+                data_key, iv = cmk.unwrap_pair(wrapped.wrapped_key, wrapped.wrapped_iv)
+            else:
+                data_key = cmk.unwrap(wrapped.wrapped_key, wrapped.wrap_alg)
+                iv = cmk.unwrap(wrapped.wrapped_iv, wrapped.wrap_alg)
+            if wrapped.legacy:
+                iv = env.legacy_counter_iv(iv)
         env.check_unwrapped(data_key, iv)
+        if secret is not None and found is None:
+            self._cache_put(secret, wrapped, data_key, iv)
         result = env.Envelope(data_key, iv, wrapped, cmk.id)
         with self._lock:
             self._unwrapped[cache_key] = (time.monotonic() + self._CACHE_SECONDS, result)
