@@ -16,7 +16,7 @@ next, and from one round to the next):
                until its VFS reports no upload queued or in progress (``rclone rc vfs/stats``)
                and ``fusermount3 -u`` has returned and rclone exited; gocryptfs and native with
                ``conv=fsync``.
-2. cold read   cache emptied (ossfuse: cache dir but staging/; rclone: its cache dir), remount,
+2. cold read   cache emptied (ossfuse: cache dir but staging/ and its data-key cache; rclone: its cache dir), remount,
                ``drop_caches``, ``dd if=MNT/big of=/dev/null bs=1M``.
 3. random read cold as above, then one Python reader does N ``pread`` of 4 KiB at random
                4 KiB-aligned offsets of MNT/big (fixed seed); reads/s. The bytes are checked
@@ -380,7 +380,9 @@ class Ossfuse(Candidate):
         if not os.path.isdir(self.cache):
             return
         for name in os.listdir(self.cache):
-            if name == "staging":
+            # staging: data not uploaded yet; datakeys.sqlite*: keys of files this machine made
+            # or read (like a keyring, kept across mounts: a cold mount still has them)
+            if name == "staging" or name.startswith("datakeys.sqlite"):
                 continue
             p = os.path.join(self.cache, name)
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
