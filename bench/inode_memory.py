@@ -63,7 +63,7 @@ async def measure(work: str, n: int) -> tuple[float, int]:
         batch = await fs.readdir_entries(dh, start)
         if not batch:
             break
-        for idx, _name, nd in batch:
+        for _idx, _name, nd in batch:
             fs.remember(nd)  # the kernel took it (as readdirplus does)
             seen += 1
         start = batch[-1][0]

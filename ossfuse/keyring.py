@@ -307,10 +307,13 @@ class Keyring:
         return env.Envelope(key, iv, wrapped, cmk.id)
 
     def _cache_put(self, secret: bytes, wrapped: env.WrappedEnvelope, key: bytes, iv: bytes) -> None:
+        cache = self.key_cache
+        if cache is None:
+            return
         try:
-            self.key_cache.put(secret, wrapped, key, iv)
+            cache.put(secret, wrapped, key, iv)
         except sqlite3.Error as e:  # a cache: the open that needs it unwraps with the CMK
-            log.info("data-key cache %s: cannot store a key: %s", self.key_cache.path, e)
+            log.info("data-key cache %s: cannot store a key: %s", cache.path, e)
 
     def cmk_for(self, wrapped: env.WrappedEnvelope) -> Cmk:
         """The CMK that reads ``wrapped``; raises KeyMissing when none matches."""
@@ -363,13 +366,14 @@ class Keyring:
                     return hit[1] if hit[1].wrapped == wrapped else env.Envelope(hit[1].data_key, hit[1].iv,
                                                                                 wrapped, cmk.id)
                 del self._unwrapped[cache_key]
-        secret = getattr(cmk, "cache_secret", None) if self.key_cache is not None else None
+        cache = self.key_cache
+        secret = getattr(cmk, "cache_secret", None) if cache is not None else None
         found = None
-        if secret is not None:
+        if cache is not None and secret is not None:
             try:
-                found = self.key_cache.get(secret, wrapped)
+                found = cache.get(secret, wrapped)
             except sqlite3.Error as e:
-                log.info("data-key cache %s: cannot read: %s", self.key_cache.path, e)
+                log.info("data-key cache %s: cannot read: %s", cache.path, e)
         if found is not None:
             data_key, iv = found
         else:

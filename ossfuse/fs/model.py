@@ -117,12 +117,13 @@ class Node:
     _lock: trio.Lock | None = None
 
     def add_handle(self, handle: "FileHandle") -> None:
-        if not self.handles:
-            self.handles = set()
-        self.handles.add(handle)
+        handles = self.handles
+        if not isinstance(handles, set):
+            handles = self.handles = set()
+        handles.add(handle)
 
     def drop_handle(self, handle: "FileHandle") -> None:
-        if handle in self.handles:
+        if isinstance(self.handles, set):
             self.handles.discard(handle)
             if not self.handles:
                 self.handles = frozenset()
