@@ -352,9 +352,20 @@ class Keyring:
                 f"reads with CMK {reader.id if reader else None!r} (listed first with that matdesc): give CMK "
                 f"{cmk.id!r} a matdesc no other CMK has")
 
+    def cached_envelope(self, wrapped: env.WrappedEnvelope) -> env.Envelope | None:
+        """The envelope of ``wrapped`` if this keyring or its data-key cache has it (no CMK
+        work: microseconds, fit for the event loop), else None. Raises KeyMissing as
+        :meth:`open_envelope` does (the CMK is picked first, so matdesc is still checked)."""
+        return self._envelope(wrapped, None, cached_only=True)
+
     def open_envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None = None) -> env.Envelope:
         """Unwrap data key and IV with ``cmk`` (default: the one ``cmk_for`` picks). Raises
         KeyMissing, or EnvelopeError when unwrapping fails."""
+        result = self._envelope(wrapped, cmk, cached_only=False)
+        assert result is not None
+        return result
+
+    def _envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None, cached_only: bool) -> env.Envelope | None:
         cmk = cmk or self.cmk_for(wrapped)
         # Keyed by the CMK chosen too (and what changes how it unwraps): an object whose matdesc
         # matches no CMK must fail above even when another object carries the same wrapped key.
@@ -376,6 +387,8 @@ class Keyring:
                 log.info("data-key cache %s: cannot read: %s", cache.path, e)
         if found is not None:
             data_key, iv = found
+        elif cached_only:
+            return None  # only what a cache holds (cached_envelope)
         else:
             if isinstance(cmk, RsaCmk) and wrapped.wrap_alg.lower() == WRAP_RSA.lower():
                 data_key, iv = cmk.unwrap_pair(wrapped.wrapped_key, wrapped.wrapped_iv)

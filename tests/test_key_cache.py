@@ -150,3 +150,25 @@ def test_a_changed_object_is_not_opened_with_a_stale_key(tmp_path, cmk_path):
         await fs.store.aclose()
 
     trio.run(main)
+
+
+def test_cached_envelope_never_unwraps_and_still_checks_the_cmk(tmp_path, cmk_path, no_rsa):
+    """Files.open_version asks cached_envelope on the event loop first: it must never do CMK
+    work (None when nothing is cached) and must still refuse an object no CMK matches."""
+    from ossfuse.keyring import KeyMissing
+    cache = str(tmp_path / "datakeys.sqlite")
+    elsewhere = _keyring(cmk_path, None).new_envelope("g")
+    k = _keyring(cmk_path, cache)
+    no_rsa["forbid"] = True
+    assert k.cached_envelope(elsewhere.wrapped) is None
+    no_rsa["forbid"] = False
+    k.open_envelope(elsewhere.wrapped)
+    no_rsa["forbid"] = True
+    k.close()
+    k = _keyring(cmk_path, cache)  # disk cache only
+    assert k.cached_envelope(elsewhere.wrapped).data_key == elsewhere.data_key
+    foreign = env.WrappedEnvelope(elsewhere.wrapped.wrapped_key, elsewhere.wrapped.wrapped_iv,
+                                  elsewhere.wrapped.wrap_alg, {"owner": "someone else"}, '{"owner":"someone else"}')
+    with pytest.raises(KeyMissing):
+        k.cached_envelope(foreign)
+    k.close()
