@@ -29,7 +29,7 @@ def test_listed_file_parses_its_envelope_only_when_opened(tmp_path, cmk_path):
             await fs.release(h)
         await fs.drain()
         # a corrupt envelope on "b": base64 that is not
-        db = fs.store._db()
+        db = getattr(fs.store, "inner", fs.store)._db()  # the LocalStore under the test wrapper
         meta = db.execute("SELECT meta FROM objects WHERE key='pre/b'").fetchone()[0]
         db.execute("UPDATE objects SET meta=? WHERE key='pre/b'",
                    (meta.replace('"' + env.H_KEY + '": "', '"' + env.H_KEY + '": "%%'),))
