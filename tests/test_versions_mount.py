@@ -29,7 +29,13 @@ def test_rename_of_a_directory_of_more_than_two_listing_pages(mount):
     assert os.listdir(mount.path("foo", "sub")) == ["inner"]
     os.rename(mount.path("foo"), mount.path("bar"))
     assert os.path.isdir(mount.path("bar", "sub"))
-    assert os.listdir(mount.path("bar", "sub")) == ["inner"]
+    try:
+        listed = os.listdir(mount.path("bar", "sub"))
+    except OSError as e:  # seen twice under load (not reproduced at will): keep what tells why
+        st = os.stat(mount.path("bar", "sub"))
+        raise AssertionError(f"listdir(bar/sub): {e!r}; stat: ino {st.st_ino} mode {st.st_mode:o}; "
+                             f"daemon log tail:\n{mount.log()[-3000:]}") from e
+    assert listed == ["inner"]
     names = os.listdir(mount.path("bar"))
     assert len(names) == 2003 and "sub" in names and "zz" in names
     assert not os.path.exists(mount.path("foo"))
