@@ -20,7 +20,8 @@ import sys
 import time
 
 from . import config as config_mod
-from .registry import EXIT_PENDING, holders, mounted_device, process_alive, read_registry, registry_path
+from .registry import (EXIT_PENDING, holders, mounted_device, mounted_type, process_alive, read_registry,
+                       registry_path)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine) is
 # imported only by the commands that run it: `ossfuse umount` and `status` return in tens of ms.
@@ -203,8 +204,13 @@ def cmd_umount(args) -> int:
     mp = os.path.abspath(args.mountpoint)
     reg = read_registry(mp)
     device = mounted_device(mp)
-    if device is None and not os.path.ismount(mp):
-        return _die(f"{mp} is not mounted")
+    if device is None:
+        # fusermount3 -u, run as root, unmounts whatever is there: never another filesystem
+        fstype = mounted_type(mp)
+        if fstype is not None:
+            return _die(f"{mp} is not an ossfuse mount (it is {fstype}): not unmounting it")
+        if not os.path.ismount(mp):
+            return _die(f"{mp} is not mounted")
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")

@@ -138,6 +138,16 @@ def mounted_device(mountpoint: str, fstype: str = "fuse.ossfuse") -> str | None:
     return found
 
 
+def mounted_type(mountpoint: str) -> str | None:
+    """The filesystem type of the topmost mount at ``mountpoint`` in this process's mount
+    namespace ("fuse.ossfuse", "tmpfs", ...), or None when nothing is mounted there."""
+    found = None
+    for _dev, mp, fs in _mounts():
+        if mp == mountpoint:
+            found = fs
+    return found
+
+
 def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]:
     """Processes (pid, command name) of other mount namespaces in which the filesystem
     ``device`` is still mounted: one per namespace, the first found. Containers, ``unshare -m``

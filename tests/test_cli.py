@@ -176,6 +176,21 @@ def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
     assert r.returncode == 1 and "is not mounted" in r.stderr
 
 
+def test_umount_refuses_a_mount_of_another_type(tmp_path):
+    """fusermount3 -u, run as root, unmounts any filesystem: `ossfuse umount` of a tmpfs must
+    not (a new user's `ossfuse umount /tmp` took the tmpfs and its files with it)."""
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], check=True)
+    try:
+        (target / "precious").write_text("keep me")
+        r = ossfuse("umount", str(target))
+        assert r.returncode == 1 and "is not an ossfuse mount (it is tmpfs)" in r.stderr
+        assert os.path.ismount(target) and (target / "precious").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
 def test_foreground_mount_stops_on_sigterm(make_mount):
     m = make_mount(start=False)
     proc = subprocess.Popen(OSSFUSE + ["mount", "-f", "-c", m.config, m.mnt], stderr=subprocess.PIPE, text=True,

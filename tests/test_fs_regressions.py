@@ -509,3 +509,29 @@ def test_directory_rename_keeps_an_unlinked_open_file_gone(tmp_path, cmk_path):
         await store.aclose()
 
     trio.run(main)
+
+
+def test_directory_rename_past_the_key_limit_copies_nothing(tmp_path, cmk_path):
+    """A directory rename whose new keys would pass OSS's 1,023-byte limit gives ENAMETOOLONG
+    before anything is copied (a new user's `mv` of a deep tree copied part of it, then EIO),
+    and an empty directory it would replace stays."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        deep = d
+        for i in range(9):  # keys of about 915 bytes: fine where they are
+            deep = await fs.mkdir(deep, f"{i}" * 100, 0o755, 1, 2)
+        await committed_file(fs, "f", b"deep data", parent=deep)
+        await fs.mkdir(root, "L" * 250, 0o755, 1, 2)  # an empty directory the rename would replace
+        before = sorted(o.key for o in (await store.inner.list("", delimiter=None)).objects)
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "d", root, "L" * 250, 0)
+        assert e.value.errno == errno.ENAMETOOLONG
+        assert sorted(o.key for o in (await store.inner.list("", delimiter=None)).objects) == before
+        assert await listed_names(fs) == sorted(["d", "L" * 250])
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -31,7 +31,7 @@ from .inodes import InodeTable
 from .locks import NameLocks
 from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, touch
 from .namecache import NameCache
-from .naming import Naming, join
+from .naming import MAX_KEY_BYTES, Naming, join
 from .objmeta import attr_meta, file_metadata, special_metadata
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
@@ -600,11 +600,6 @@ class Namespace:
         affected = _by_ino(n for n in self.inodes.nodes.values()
                            if n.path == old_path or n.path.startswith(old_path + "/"))
         async with NodeLocks(affected):
-            if dst is not None:
-                await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
-                dst.unlinked = True
-                self.inodes.remove_name(dst)
-                self.inodes.maybe_drop(dst)
             old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
             keys: dict[str, ObjectInfo] = {}
             marker = None
@@ -614,6 +609,17 @@ class Namespace:
                 if page.next_marker is None:
                     break
                 marker = page.next_marker
+            # Every key under the new name must fit OSS's limit: checked before anything is copied
+            # (a copy failing half-way left a partial tree at the new name and EIO)
+            moved_keys = [new_dkey + k[len(old_dkey):] for k in keys]
+            moved_keys += [self.naming.key(dst_path + n.path[len(old_path):]) for n in affected if n.staged]
+            if any(len(k.encode("utf-8")) > MAX_KEY_BYTES for k in moved_keys):
+                raise FsError(errno.ENAMETOOLONG)
+            if dst is not None:
+                await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
+                dst.unlinked = True
+                self.inodes.remove_name(dst)
+                self.inodes.maybe_drop(dst)
             if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
                 src.implicit = False
