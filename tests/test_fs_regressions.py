@@ -535,3 +535,34 @@ def test_directory_rename_past_the_key_limit_copies_nothing(tmp_path, cmk_path):
         await store.aclose()
 
     trio.run(main)
+
+
+def test_node_forgotten_while_a_rename_awaits_the_store_is_not_brought_back(tmp_path, cmk_path):
+    """The kernel forgets bar/sub's inode while the rename of its parent copies objects (a
+    FORGET arrives at any await): the rename must not put that dropped node back at the new
+    name, or the next lookup hands the kernel an inode the table no longer knows (opendir,
+    getattr: ENOENT — the field report of bar/sub missing after `mv foo bar`)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        for i in range(3):
+            await store.inner.put_bytes(f"pre/foo/f{i}", b"x", {"mode": "33188"})
+        await store.inner.put_bytes("pre/foo/sub/", b"", {"mode": "16877"})
+        await store.inner.put_bytes("pre/foo/sub/inner", b"y", {"mode": "33188"})
+        root = fs.get(1)
+        foo = await fs.lookup(root, "foo")
+        sub = await fs.lookup(foo, "sub")
+        assert await listed_names(fs, sub) == ["inner"]
+
+        async def forget_sub(inner, op, keys):
+            fs.forget(sub.ino, sub.lookups)  # the kernel evicts it meanwhile
+        store.hook("copy", forget_sub, count=1)
+        await fs.rename(root, "foo", root, "bar", 0)
+        again = await fs.lookup(fs.get(1), "bar")
+        found = await fs.lookup(again, "sub")
+        assert fs.get(found.ino) is found  # the inode handed out is one the table knows
+        assert await listed_names(fs, found) == ["inner"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -11,17 +11,11 @@ import pytest
 from conftest import run_sync
 
 
-_EVICTION_BUG = ("open bug (issue 12): once the kernel evicts the dentries of a renamed tree (memory "
-                 "pressure; drop_caches), it sends FORGET for an inode whose node the daemon never moved "
-                 "(still at the old path) and then uses that inode again: opendir answers ENOENT. "
-                 "test_lookup_after_the_kernel_evicts_a_renamed_tree shows it about one run in two")
-
-
-@pytest.mark.xfail(strict=False, reason=_EVICTION_BUG)
 @pytest.mark.parametrize("store_kind", ["local"], indirect=True)  # OSS: the same in 140 s
 def test_rename_of_a_directory_of_more_than_two_listing_pages(mount):
     """Field report: after `mv foo bar` of a 2,001-file directory, bar/sub was missing until a
-    remount (not reproduced: this passes on the OSS test server too, with pages of 1,000)."""
+    remount (the kernel forgot bar/sub's inode while the rename copied: see
+    test_lookup_after_the_kernel_evicts_a_renamed_tree)."""
     store = mount.store
 
     async def fill():
@@ -112,11 +106,13 @@ def test_closing_a_file_another_mount_changed_keeps_both_versions(make_mount):
     assert "was changed by another client" in a.log()
 
 
-@pytest.mark.xfail(strict=False, reason=_EVICTION_BUG)
 @pytest.mark.parametrize("store_kind", ["local"], indirect=True)
 def test_lookup_after_the_kernel_evicts_a_renamed_tree(mount):
     """mv foo bar, stat bar/sub, then the kernel drops its dentries (drop_caches stands for memory
-    pressure): bar/sub must still list (it gave ENOENT: the field report of bar/sub missing)."""
+    pressure): bar/sub must still list. It gave ENOENT about one run in two: a node the kernel
+    forgot while the rename awaited the store was put back at the new name, and the next lookup
+    handed out its inode, which the table no longer knew (test_fs_regressions.py has the core
+    test)."""
     store = mount.store
 
     async def fill():

@@ -117,7 +117,11 @@ class InodeTable:
         self._dropped.pop(new, None)
         node.path = new
         node.ctime_ns = time.time_ns()
-        self.by_path[new] = node
+        # A node dropped while the caller awaited the store (the kernel forgot it) is not put
+        # back at ``new``: the next lookup would hand the kernel an inode this table no longer
+        # knows (opendir, getattr: ENOENT). The name itself exists all the same.
+        if self.nodes.get(node.ino) is node:
+            self.by_path[new] = node
         self.names.child_added(self.parent(new), new)
         self.on_move(node)
 
