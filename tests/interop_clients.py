@@ -60,6 +60,18 @@ def missing_tools() -> str | None:
     return None
 
 
+def require_tools() -> None:
+    """Skip the calling test where the SDK client binaries cannot run (a developer's machine
+    installed with OSSFUSE_NO_TEST_TOOLS, or without ../shared beside the clone); under CI
+    (``$CI`` set) fail instead: CI must prove interop with the SDKs."""
+    import pytest
+    why = missing_tools()
+    if why and "CI" in os.environ:
+        pytest.fail(f"CI must prove interop with the SDKs, but {why}", pytrace=False)
+    if why:
+        pytest.skip(f"the official SDKs' encryption clients cannot run here: {why}")
+
+
 @dataclass(frozen=True)
 class Case:
     """One object: ``size`` bytes, one PUT or multipart, with MATDESC or not, RSA or KMS CMK."""
