@@ -225,6 +225,10 @@ def cmd_umount(args) -> int:
     unmounted_at = time.monotonic()
     said_at = 0.0
     stopped = False
+    pidfd = _pidfd_or_none(pid)
+    # With nothing to upload the daemon exits within tens of ms: wait for that before asking it
+    # anything (a status query of a daemon that is closing waits for its exit anyway).
+    _wait_for_exit(pidfd, 0.3)
     while process_alive(pid):  # the daemon finishes pending uploads after the unmount, then exits
         now = time.monotonic()
         if now > deadline:
@@ -245,7 +249,9 @@ def cmd_umount(args) -> int:
                 print(f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes",
                       file=sys.stderr)
             said_at = now
-        time.sleep(0.1)
+        _wait_for_exit(pidfd, 0.1)
+    if pidfd is not None:
+        os.close(pidfd)
     reg = read_registry(mp) or {}
     if not reg.get("exited"):
         return _die(f"the daemon (pid {pid}) ended without finishing (crashed or killed); files not yet "
@@ -257,6 +263,23 @@ def cmd_umount(args) -> int:
     if reg.get("status"):
         return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}")
     return 0
+
+
+def _pidfd_or_none(pid: int) -> int | None:
+    """A pidfd of ``pid`` (readable once it exits: Linux ≥ 5.3), None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # an old kernel, or the process is gone already
+        return None
+
+
+def _wait_for_exit(pidfd: int | None, timeout: float) -> None:
+    """Return when the process of ``pidfd`` exits or after ``timeout`` seconds (a plain sleep
+    without a pidfd). The caller checks which."""
+    if pidfd is None:
+        time.sleep(timeout)
+    else:
+        select.select([pidfd], [], [], timeout)
 
 
 def _status_or_none(sock: str) -> dict | None:
