@@ -943,3 +943,23 @@ def test_network_failure_texts():
     ssl_err = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     code, text, temporary = _network_failure(ep, ssl_err, None)
     assert (code, temporary) == ("TlsError", False) and "certificate cannot be verified" in text
+
+
+def test_proxy_and_ca_settings_are_read_once_from_the_environment(monkeypatch):
+    """requests re-read the environment (and ~/.netrc) on every request; the store reads it
+    once at construction, for its bucket's URL: a proxy applies unless NO_PROXY names the host,
+    and a CA bundle from the environment is used."""
+    creds = StaticCredentialsProvider(AK, SK)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    s = OssStore("bucket-x", "http://oss-cn-hangzhou.aliyuncs.com", region=REGION, credentials=creds)
+    http = s._session.session
+    assert http.trust_env is False  # nothing re-read per request
+    assert http.proxies == {"http": "http://proxy.example:3128"}
+    assert http.verify == "/etc/ssl/certs/ca-certificates.crt"
+    monkeypatch.setenv("NO_PROXY", ".aliyuncs.com")
+    s = OssStore("bucket-x", "http://oss-cn-hangzhou.aliyuncs.com", region=REGION, credentials=creds)
+    assert s._session.session.proxies == {}
