@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-from . import config as config_mod
 from .registry import (EXIT_PENDING, holders, mounted_device, mounted_type, process_alive, read_registry,
                        registry_path)
 
@@ -112,6 +111,7 @@ def _setup_daemon_logging(args, cfg) -> None:
 
 
 def cmd_mount(args) -> int:
+    from . import config as config_mod  # here, not at the top: `ossfuse umount` needs no crypto imports
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
@@ -373,6 +373,7 @@ def _tool_setup(args):
     """Config, keyring and store for the commands that work on the store directly."""
     from .daemon import credentials_for, open_store
     from .keyring import Keyring
+    from . import config as config_mod
     cfg = config_mod.load(args.config)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="ossfuse: %(message)s")
     credentials = credentials_for(cfg)
@@ -380,6 +381,7 @@ def _tool_setup(args):
 
 
 def cmd_rekey(args) -> int:
+    from . import config as config_mod
     import trio
     from . import rekey
     from .daemon import MountError
@@ -414,6 +416,7 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from . import config as config_mod
     import trio
     from . import rekey
     from .daemon import MountError
