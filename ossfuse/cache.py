@@ -642,7 +642,7 @@ class BlockCache:
             if e.dropped:
                 return
             self._write_failing = False
-            for b, crc in zip(whole, crcs):
+            for b, crc in zip(whole, crcs, strict=True):
                 e.crc[b] = crc
                 self._mark_present(e, b)
                 e.authed[b] = tags is not None
