@@ -179,9 +179,12 @@ class Files:
     async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` into the file's open staged version; returns len(data).
         Raises FsError(EFBIG) past the store's largest object; FsError(ENOSPC/EIO) when the
-        cache disk fails (after evicting cached blocks once to make room): the version is then
-        marked failed, and close() reports the error and keeps the last good version."""
+        cache disk fails (after evicting cached blocks once to make room): the version and the
+        handle are then marked failed, every later write, fsync and close through ``h`` (and
+        every write to that version through any handle) fails with that errno at once, and
+        close() keeps the last good version."""
         node = h.node
+        self._refuse_after_lost_write(h)
         # a new data key before taking the lock: a KMS CMK makes a network call
         envelope = await self.new_envelope(node.path) if node.staged is None or node.staged.sealed else None
         copied = None
@@ -205,6 +208,9 @@ class Files:
             assert st is not None  # ensure_staged made one
             if offset + len(data) > MAX_OBJECT_SIZE:
                 raise FsError(errno.EFBIG)
+            if st.write_error is not None:  # a write to this version was lost via another handle
+                h.write_error = st.write_error
+                raise FsError(st.write_error)
             try:
                 try:
                     st.write(offset, data)
@@ -213,11 +219,20 @@ class Files:
                         raise
                     st.write(offset, data)  # cached blocks made room
             except OSError as e:
-                st.write_error = e.errno or errno.EIO
-                log.error("staging a write to %r failed: %s", self.naming.key(node.path), e)
+                st.write_error = h.write_error = e.errno or errno.EIO
+                log.error("staging a write to %r failed; this open file's changes since its last good "
+                          "version will be discarded at close: %s", self.naming.key(node.path), e)
                 raise FsError(errno_of(e)) from None
             node.mtime_ns = node.ctime_ns = time.time_ns()
         return len(data)
+
+    @staticmethod
+    def _refuse_after_lost_write(h: FileHandle) -> None:
+        """FsError with the errno of a write lost through ``h`` earlier, if one was: the
+        program must not believe later writes, fsync or close succeeded (nothing logged again:
+        the lost write was)."""
+        if h.write_error is not None:
+            raise FsError(h.write_error)
 
     async def new_envelope(self, path: str) -> env.Envelope:
         """A fresh data key and IV for a new version of ``path`` (in a thread: a KMS CMK makes
@@ -303,6 +318,7 @@ class Files:
                 self.commit.revert_failed(node)
             if failed is not None:
                 raise FsError(failed)
+        self._refuse_after_lost_write(h)  # its version was already dropped by an earlier close
         if self.close_waits_for_upload:
             await self.commit.upload_node(node, raise_errors=True)  # journals first, then uploads
             return
@@ -340,5 +356,8 @@ class Files:
 
     async def fsync(self, h: FileHandle) -> None:
         """Return only when the file's content and attributes are in the bucket.
-        Raises FsError(EIO) when the upload failed (the data stays staged and journaled)."""
+        Raises FsError(EIO) when the upload failed (the data stays staged and journaled),
+        FsError(ENOSPC) when the store's disk is full, and the errno of a write lost through
+        ``h`` (at once: the file's changes since its last good version are not saved)."""
+        self._refuse_after_lost_write(h)
         await self.commit.upload_node(h.node, raise_errors=True)

@@ -169,6 +169,9 @@ class FileHandle:
     keep_cache: bool = True  # the kernel's cached pages of this file are of this version
     writable: bool = True  # opened for writing (a read-only handle's close() journals nothing)
     window: int = 0  # bytes: current read-ahead window
+    # errno of a write through this handle that was lost (ENOSPC…): every later write, fsync
+    # and close on it fails with it at once (docs/semantics.md "Durability"); None: none lost
+    write_error: int | None = None
 
 
 # One entry of a directory snapshot: (name, node known locally, listing info, is_dir).
