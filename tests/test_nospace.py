@@ -107,3 +107,79 @@ def test_a_lost_write_fails_the_other_handles_writes_to_that_version(tmp_path, c
         await _stop(fs)
 
     trio.run(main)
+
+
+# -- a full bucket disk (local-directory store) ------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``make(name, size)``: a tmpfs of ``size`` bytes mounted at ``tmp_path/name`` (mode 0700),
+    unmounted at teardown even when the test failed. Skips unless root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def make(name: str, size: int) -> str:
+        path = str(tmp_path / name)
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], check=True)
+        mounted.append(path)
+        return path
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def _full_disk_error(op: str, key: str) -> BaseException:
+    """What LocalStore raises on a full disk: a StoreError caused by OSError(ENOSPC)."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError as cause:
+        err = StoreError(f"local store /bucket: {cause}", key=key)
+        err.__cause__ = cause
+        return err
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'pre/big' failed.*No space left")
+def test_a_full_bucket_disk_gives_enospc_and_one_error_line_per_reason(tmp_path, cmk_path, caplog):
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        fs.store.fail(("put_file", "create_multipart", "upload_part"), error=_full_disk_error, count=None)
+        node, h = await fs.create(fs.get(1), "big", 0o600, os.O_RDWR, UID, GID)
+        await fs.write(h, 0, DATA)
+        for _ in range(3):  # fsync, retried by the program: ENOSPC each time, not EIO
+            with pytest.raises(FsError) as e:
+                await fs.fsync(h)
+            assert e.value.errno == errno.ENOSPC
+        await fs.flush(h)  # journaled in the cache dir, which has room
+        await fs.release(h)
+        assert await fs.drain() == 1  # still pending, journaled
+        errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        fails = [r for r in caplog.records if "upload of 'pre/big' failed" in r.getMessage()]
+        assert len(fails) == 4  # one line per failed attempt: 3 fsyncs and the drain
+        fs.store.clear()
+        assert await fs.drain() == 0
+        assert await _read(fs, "big") == DATA
+        await _stop(fs)
+
+    with caplog.at_level(logging.INFO, logger="ossfuse"):
+        trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'pre/big' failed.*No space left")
+def test_fsync_on_a_really_full_bucket_disk_is_enospc(tmp_path, cmk_path, tmpfs):
+    async def main():
+        bucket = tmpfs("bucket", 1 << 20)
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)  # core_store uses tmp_path/bucket
+        node, h = await fs.create(fs.get(1), "big", 0o600, os.O_RDWR, UID, GID)
+        payload = os.urandom(2 << 20)
+        await fs.write(h, 0, payload)
+        with pytest.raises(FsError) as e:
+            await fs.fsync(h)
+        assert e.value.errno == errno.ENOSPC
+        await fs.flush(h)
+        await fs.release(h)
+        await _stop(fs)
+        assert os.path.ismount(bucket)
+
+    trio.run(main)

@@ -205,11 +205,22 @@ class Commit:
                 self._upload_locks.pop(node, None)
 
     def _failed(self, node: Node, key: str, e: Exception, raise_errors: bool) -> bool:
-        node.upload_error = str(e)
+        """One failed upload attempt of ``node`` (object ``key``): counted and logged in one
+        line, an ERROR the first time and whenever the reason changes, INFO for a retry failing
+        the same way (a full or unreachable bucket must not flood the log every retry
+        interval). Raises FsError(errno_of(e): EIO, ENOSPC when the bucket's disk is full or
+        the error came from the staging disk) when ``raise_errors``, else returns False."""
+        reason = str(e) or os.strerror(errno_of(e))
+        again = node.upload_error == reason
+        node.upload_error = reason
         self.scheduler.stats["upload_failures"] += 1
-        log.error("upload of %r failed; the data stays staged and will be retried: %s", key, e)
+        if isinstance(e, FsError):  # sealing/journaling: logged where it failed, with the cause
+            level = logging.INFO
+        else:
+            level = logging.INFO if again else logging.ERROR
+        log.log(level, "upload of %r failed; the data stays staged and will be retried: %s", key, reason)
         if raise_errors:
-            raise FsError(e.errno if isinstance(e, FsError) else errno.EIO) from None
+            raise FsError(errno_of(e)) from None
         return False
 
     async def _upload(self, node: Node, raise_errors: bool, journal_first: bool) -> bool:

@@ -37,15 +37,35 @@ _ERRNO_OF: tuple[tuple[type[BaseException], int], ...] = (
     (CmkUnavailable, errno.EIO),
     (EnvelopeError, errno.EIO),
     (TruncatedObject, errno.EIO),
-    (StoreError, errno.EIO),
+    (StoreError, errno.EIO),  # but ENOSPC when a local bucket's disk is full (_disk_full)
 )
+
+_SQLITE_FULL = 13  # SQLite's result code "database or disk is full" (sqlite.org/rescode.html)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether store error ``exc`` was caused by a full disk (a local-directory bucket: an
+    OSError ENOSPC/EDQUOT of its blob files, or SQLITE_FULL of its index), following
+    ``__cause__``: the store wraps them in StoreError."""
+    seen = 0
+    cause = exc.__cause__
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(cause, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        cause, seen = cause.__cause__, seen + 1
+    return False
 
 
 def errno_of(exc: BaseException) -> int:
     """The errno for ``exc`` as the caller of a filesystem operation should see it: from the
-    table above, an OSError's own errno (ENOSPC of the cache disk stays ENOSPC), else EIO."""
+    table above, an OSError's own errno (ENOSPC of the cache disk stays ENOSPC), ENOSPC for
+    a store error caused by a full bucket disk (a local-directory bucket), else EIO."""
     if isinstance(exc, FsError):
         return exc.errno
+    if isinstance(exc, StoreError) and not isinstance(exc, (PreconditionFailed, NoSuchKey)) and _disk_full(exc):
+        return errno.ENOSPC
     for cls, err in _ERRNO_OF:
         if isinstance(exc, cls):
             return err
