@@ -183,3 +183,21 @@ def test_fsync_on_a_really_full_bucket_disk_is_enospc(tmp_path, cmk_path, tmpfs)
         assert os.path.ismount(bucket)
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.staging: cache dir .*/cache: its disk has")
+def test_mount_warns_once_when_the_cache_disk_is_small_for_min_free(tmp_path, cmk_path, tmpfs, caplog):
+    cache = tmpfs("cache", 8 << 20)
+    fs = core_filesystem(tmp_path, cmk_path)  # cache.min_free: the default 512 MiB
+    assert fs.recover() == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"cache dir {cache}: its disk has ")
+    assert "below cache.min_free (512.0 MiB (536870912 bytes))" in lines[0]
+    assert "of 8.0 MiB (8388608 bytes)" in lines[0]
+    caplog.clear()
+    fs2 = core_filesystem(tmp_path, cmk_path, cache={"min_free": 1 << 20})  # fits: no warning
+    assert fs2.recover() == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    fs.close()
+    fs2.close()

@@ -130,7 +130,9 @@ class Filesystem:
 
     # -- lifecycle --------------------------------------------------------------------------
     def recover(self) -> int:
-        """Adopt the journal of an earlier run (before serving); returns how many files."""
+        """Adopt the journal of an earlier run (before serving); returns how many files. Also
+        warns once when the cache disk is small for ``cache.min_free``."""
+        self.staging.check_space(self.cfg.cache.min_free)
         return self.commit.recover()
 
     async def abort_orphaned_uploads(self) -> int:

@@ -298,6 +298,14 @@ class StagedFile:
             _unlink(p)
 
 
+def _size(n: int) -> str:
+    """``n`` bytes in words: "12.0 MiB (12582912 bytes)"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -321,6 +329,27 @@ class Staging:
         """A new open version with ``base``'s content (nothing copied: unwritten blocks read
         through to it) under a fresh ``envelope``; ``base`` stays as it is."""
         return StagedFile(self, uuid.uuid4().hex, envelope, base.size, base=base)
+
+    def check_space(self, min_free: int) -> None:
+        """At mount: one WARNING naming the cache dir, its disk's free and total space and
+        ``min_free`` (bytes, ``cache.min_free``) when the disk is small for it: free space below
+        twice ``min_free``. The block cache drops cached blocks to keep ``min_free`` free, so
+        on such a disk it caches little or nothing (every read goes to the store), and staged
+        writes get ENOSPC once the rest is used."""
+        if min_free <= 0:
+            return
+        try:
+            st = os.statvfs(self.dir)
+        except OSError as e:
+            log.warning("cache dir %s: cannot tell its free space: %s", os.path.dirname(self.dir), e)
+            return
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        if free < 2 * min_free:
+            log.warning("cache dir %s: its disk has %s free of %s, %s cache.min_free (%s): the block "
+                        "cache keeps that much free, so it caches little or nothing, and writes get "
+                        "ENOSPC when staging fills the disk; use a bigger disk or lower cache.min_free",
+                        os.path.dirname(self.dir), _size(free), _size(total),
+                        "below" if free < min_free else "near", _size(min_free))
 
     def sync(self) -> None:
         """fsync the staging directory (a record's creation or removal is durable)."""
