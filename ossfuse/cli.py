@@ -2,7 +2,8 @@
 mount(8) helper.
 
 Exit status: 0 success; 1 a one-line error on stderr (bad config, missing key file, mount point
-busy, …); 75 unmounted but uploads are still journaled (they finish on the next mount).
+busy, …; ``umount``: the last changes of the files it names could not be saved and are lost);
+75 unmounted but uploads are still journaled (they finish on the next mount).
 """
 from __future__ import annotations
 
@@ -256,6 +257,12 @@ def cmd_umount(args) -> int:
     if not reg.get("exited"):
         return _die(f"the daemon (pid {pid}) ended without finishing (crashed or killed); files not yet "
                     f"uploaded stay journaled in its cache dir and upload on the next mount")
+    if reg.get("unsaved"):
+        lost = reg["unsaved"]
+        shown = ", ".join(mp.rstrip("/") + "/" + p for p in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+        print(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
+              f"cache dir (full?) and are lost: {shown} (see the log in the cache dir)", file=sys.stderr)
+        return 1
     if reg.get("status") == EXIT_PENDING:
         print("ossfuse: unmounted; some uploads failed and stay journaled until the next mount "
               "(see the log in the cache dir)", file=sys.stderr)

@@ -8,8 +8,10 @@ serving, unmount, finish every pending upload, exit. Every background task runs 
 drains and exits 1; none can leave the daemon hanging.
 
 Exit status: 0 every closed file is in the bucket; 1 a background task failed (the log says
-which; uploads were still drained); 75 (EX_TEMPFAIL) some files are still journaled and upload
-on the next mount.
+which; uploads were still drained), or the last changes of some files could not be saved in
+the cache dir (a full disk at close: each named in an ERROR line and in the registry's
+``unsaved``; they are lost); 75 (EX_TEMPFAIL) some files are still journaled and upload on the
+next mount.
 """
 from __future__ import annotations
 
@@ -315,6 +317,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
         raise MountError(f"cannot mount at {mountpoint}: {e}{extra}") from None
     life.session_open = True
     status = 0
+    unsaved: list[str] = []  # paths whose last changes could not be saved (lost at exit)
     try:
         async with trio.open_nursery() as nursery:
             # Every background task is supervised: one that fails is logged, then the mount
@@ -340,11 +343,15 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             log.info("unmounted %s; finishing pending uploads", mountpoint)
             tasks.start_soon(_report_drain, fs, name="drain progress")
             pending = await fs.drain()
-            if pending:
+            # never claim journaled what is not: changes whose seal failed are named (ERROR each)
+            journaled, unsaved = fs.pending_report()
+            if journaled or (pending and not unsaved):
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "
-                          "on the next mount", pending, fs.staging.dir)
+                          "on the next mount", journaled or pending, fs.staging.dir)
                 status = EXIT_PENDING
-            else:
+            if unsaved:
+                status = EXIT_FAILED
+            if not pending:
                 log.info("all uploads are in the bucket")
             nursery.cancel_scope.cancel()
     finally:
@@ -357,7 +364,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             log.error("exiting after a failure: %s", life.failure)
             status = EXIT_FAILED
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                                  "exited": True, "status": status, "failure": life.failure})
+                                  "exited": True, "status": status, "failure": life.failure,
+                                  "unsaved": unsaved})
     return status
 
 

@@ -61,6 +61,7 @@ def _records(fs: Filesystem) -> list[str]:
 
 
 # -- A5: a journaled version is immutable ----------------------------------------------------
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/report\.txt' \(work file ")
 def test_reopen_with_o_trunc_after_close_keeps_the_journaled_version_through_a_crash(tmp_path, cmk_path):
     async def crash_during_rewrite():
         fs = _fs(tmp_path, cmk_path)

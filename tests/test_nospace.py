@@ -195,9 +195,87 @@ def test_mount_warns_once_when_the_cache_disk_is_small_for_min_free(tmp_path, cm
     assert lines[0].startswith(f"cache dir {cache}: its disk has ")
     assert "below cache.min_free (512.0 MiB (536870912 bytes))" in lines[0]
     assert "of 8.0 MiB (8388608 bytes)" in lines[0]
-    caplog.clear()
+    seen = len(caplog.records)
     fs2 = core_filesystem(tmp_path, cmk_path, cache={"min_free": 1 << 20})  # fits: no warning
     assert fs2.recover() == 0
-    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [r for r in caplog.records[seen:] if r.levelno >= logging.WARNING] == []
     fs.close()
     fs2.close()
+
+
+# -- ENOSPC when close() seals: never claimed journaled, never deleted silently ----------------
+def _fail_seal(monkeypatch) -> None:
+    def seal_data(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(staging_mod.StagedFile, "seal_data", seal_data)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'pre/doc' failed",
+                        r"ERROR ossfuse\.fs\.commit: 'pre/doc': its last changes \(2200 bytes\) could not be saved",
+                        r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/doc' \(work file ")
+def test_changes_that_could_not_be_sealed_are_named_as_lost_and_the_next_mount_says_so(tmp_path, cmk_path,
+                                                                                        monkeypatch, caplog):
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        node, h = await fs.create(fs.get(1), "doc", 0o600, os.O_RDWR, UID, GID)
+        await fs.write(h, 0, DATA)
+        with monkeypatch.context() as m:
+            _fail_seal(m)
+            with pytest.raises(FsError) as e:
+                await fs.flush(h)
+            assert e.value.errno == errno.ENOSPC
+            await fs.release(h)
+            assert await fs.drain() == 1
+        journaled, lost = fs.pending_report()
+        assert (journaled, lost) == (0, ["doc"])  # not claimed journaled
+        line = [r.getMessage() for r in caplog.records if "could not be saved" in r.getMessage()]
+        assert line == ["'pre/doc': its last changes (2200 bytes) could not be saved in the cache dir "
+                        "(No space left on device) and are lost when this daemon exits; the bucket has "
+                        "no version of it"]
+        work = [n for n in os.listdir(fs.staging.dir) if n.endswith(".work")]
+        assert len(work) == 1 and not [n for n in os.listdir(fs.staging.dir) if n.endswith(".json")]
+        await _stop(fs)  # the daemon exits
+        seen = len(caplog.records)
+        fs2 = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        assert fs2.recover() == 0
+        warnings = [r.getMessage() for r in caplog.records[seen:] if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert warnings[0].startswith(f"unsaved changes of 'pre/doc' (work file {fs.staging.dir}/{work[0]}, ")
+        assert "are deleted" in warnings[0]
+        assert os.listdir(fs2.staging.dir) == []
+        await _stop(fs2)
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'pre/doc' failed",
+                        r"ERROR ossfuse\.fs\.commit: 'pre/doc': its last changes .* stays journaled",
+                        r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/doc'",
+                        r"WARNING ossfuse\.fs\.conflicts:")
+def test_a_failed_seal_over_a_journaled_version_keeps_that_version_for_the_next_mount(tmp_path, cmk_path,
+                                                                                      monkeypatch, caplog):
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        fs.store.fail(("put_file", "create_multipart"), error="temporary", count=None)  # the bucket is away
+        node, h = await fs.create(fs.get(1), "doc", 0o600, os.O_RDWR, UID, GID)
+        await fs.write(h, 0, DATA)
+        await fs.flush(h)  # journaled
+        await fs.write(h, 0, b"CHANGED")
+        with monkeypatch.context() as m:
+            _fail_seal(m)
+            with pytest.raises(FsError) as e:
+                await fs.flush(h)
+            assert e.value.errno == errno.ENOSPC
+            await fs.release(h)
+            assert await fs.drain() == 1
+        assert fs.pending_report() == (1, ["doc"])
+        assert any(f"its last saved version ({len(DATA)} bytes) stays journaled" in r.getMessage()
+                   for r in caplog.records)
+        await _stop(fs)
+        fs2 = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        assert fs2.recover() == 1
+        assert await fs2.drain() == 0
+        assert await _read(fs2, "doc") == DATA
+        await _stop(fs2)
+
+    trio.run(main)

@@ -157,6 +157,12 @@ class Filesystem:
         await self.namespace.finish_deletes()
         return left
 
+    def pending_report(self) -> tuple[int, list[str]]:
+        """After :meth:`drain` at unmount: how many pending files have a journaled version, and
+        the paths of those whose newest changes were never journaled (lost at exit; one ERROR
+        line each). See ``Commit.pending_report``."""
+        return self.commit.pending_report()
+
     def close(self) -> None:
         for node in self.dirty:
             if node.staged is not None:

@@ -171,6 +171,36 @@ class Commit:
         log.error("%r: the changes since its last good version are discarded after a failed write",
                   self.naming.key(node.path))
 
+    def pending_report(self) -> tuple[int, list[str]]:
+        """After the drain at unmount: how many pending files have a journaled version (the
+        next mount uploads it), and the paths (mount-relative) of pending files whose newest
+        changes have no journal record (their seal failed: a full cache disk), each with one
+        ERROR line naming the object, the reason and what is kept. Those changes die with this
+        process (the work file's key is in memory only; the next mount deletes the work file
+        with a warning)."""
+        journaled, lost = 0, []
+        for node in sorted(self.scheduler.pending(), key=lambda n: n.path):
+            st = node.staged
+            if st is None or node.unlinked:
+                continue
+            saved = st
+            while saved is not None and not saved.was_journaled:
+                saved = saved.base
+            journaled += saved is not None
+            if saved is st:
+                continue
+            if saved is not None:
+                kept = f"its last saved version ({saved.size} bytes) stays journaled and uploads at the next mount"
+            elif node.version is not None:
+                kept = f"the bucket keeps its last version ({node.version.size} bytes)"
+            else:
+                kept = "the bucket has no version of it"
+            log.error("%r: its last changes (%d bytes) could not be saved in the cache dir (%s) and are lost "
+                      "when this daemon exits; %s", self.naming.key(node.path), st.size,
+                      node.upload_error or "not sealed", kept)
+            lost.append(node.path)
+        return journaled, lost
+
     def mark_staged(self, node: Node) -> None:
         """``node`` has just been given a staged version."""
         self.scheduler.mark_dirty(node)

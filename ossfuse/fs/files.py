@@ -211,6 +211,7 @@ class Files:
             if st.write_error is not None:  # a write to this version was lost via another handle
                 h.write_error = st.write_error
                 raise FsError(st.write_error)
+            st.label = self.naming.key(node.path)  # named in the work file (recovery messages)
             try:
                 try:
                     st.write(offset, data)
@@ -265,6 +266,7 @@ class Files:
         first ``keep`` bytes of committed version ``v`` (None: empty). Needs no lock: it
         changes no shared state. Raises FsError (EIO, ESTALE as read; ENOSPC as write)."""
         staged = self.staging.new(envelope)
+        staged.label = self.naming.key(node.path)
         try:
             if v is not None:
                 for off in range(0, min(keep, v.size), POPULATE_CHUNK):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
-from .staging import StagedFile, Staging
+from .staging import LABEL_XATTR, StagedFile, Staging
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def _check(rec: object) -> str | None:
 def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     """Journaled versions left by an earlier run (crash or failed uploads), oldest first, and
     how many entries were quarantined. Work files and data files without a record were never
-    journaled (or were uploaded) and are deleted. A record that cannot be read or parsed, or
+    journaled (or were uploaded) and are deleted; each work file with one WARNING naming the
+    object it belonged to (unsaved changes lost by a crash or a failed seal). A record that cannot be read or parsed, or
     whose data file is missing or not exactly as long as it says, is quarantined
     (``Staging.quarantine``: one ERROR line). Data files are only stat'ed, never created."""
     entries = []
@@ -128,8 +130,31 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     for name in names:
         sid = name.split(".")[0]
         if sid not in journaled:
+            path = os.path.join(staging.dir, name)
+            if name.endswith(".work"):
+                _warn_lost_work(path)
             try:
-                os.unlink(os.path.join(staging.dir, name))
+                os.unlink(path)
             except (FileNotFoundError, IsADirectoryError):
                 pass
     return entries, quarantined
+
+
+def _warn_lost_work(path: str) -> None:
+    """One WARNING for work file ``path`` about to be deleted at mount: the unsaved changes of
+    a file (named from the work file's LABEL_XATTR when it has one) that an earlier run could
+    not seal and journal (it crashed, was killed, or the cache disk was full at close). Its
+    blocks are encrypted under a key that died with that run, so nothing can be recovered."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    try:
+        label = repr(os.getxattr(path, LABEL_XATTR, follow_symlinks=False).decode("utf-8", "surrogateescape"))
+    except OSError:
+        label = "a file whose name was not recorded"
+    written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
+    log.warning("unsaved changes of %s (work file %s, %d bytes, last written %s) left by an earlier run "
+                "that crashed or could not save them (a full cache disk at close?) are deleted: they "
+                "were never journaled and their key died with that run; the file keeps its last "
+                "saved version", label, path, st.st_size, written)

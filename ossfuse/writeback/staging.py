@@ -43,6 +43,9 @@ _HOLE = bytes(_NONCE)
 SEAL_CHUNK = 1 << 20  # bytes encrypted and written at a time while sealing (a multiple of BLOCK)
 # OSS's largest object: 48.8 TiB (oss-rest-api.md, PutObject/multipart limits); bigger gives EFBIG.
 MAX_OBJECT_SIZE = 10_000 * (5 << 30)
+# xattr of a work file: the object key it belongs to (plain, as in a journal record), so the
+# next mount names the file whose unsaved changes it deletes (journal.read_journal)
+LABEL_XATTR = "user.ossfuse.key"
 
 
 class Sealed(Exception):
@@ -80,6 +83,9 @@ class StagedFile:
         self.committed = False  # uploaded: the bucket holds this version
         self.seal_attempt: int | None = None  # generation last sealed (or tried to): see Commit.seal
         self.tags: Any = None  # integrity.SealedTags of the sealed data (None: untagged)
+        # the object key the file had when its work file was made, kept in that file's xattr
+        # LABEL_XATTR so the next mount can name what a lost work file held (read_journal)
+        self.label: str | None = None
         self.data_synced = sealed  # data_path fsynced (a version read from the journal was)
         self._work_aes = algorithms.AES(os.urandom(32))  # the work file's key: memory only
         self._work_fd = -1  # open while the version is open (it has a writer); closed at seal
@@ -134,6 +140,11 @@ class StagedFile:
                 self._work_fd = _open(self.work_path, os.O_RDWR | (os.O_CREAT if create else 0))
             except FileNotFoundError:
                 return -1
+            if create and self.label is not None:
+                try:  # best effort: only a recovery message reads it (no xattrs: it names the file only)
+                    os.setxattr(self._work_fd, LABEL_XATTR, self.label.encode("utf-8", "surrogateescape"))
+                except OSError:
+                    pass
         return self._work_fd
 
     def _ctr(self, nonce: bytes, data: bytes | bytearray | memoryview) -> bytes:
