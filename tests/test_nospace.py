@@ -11,7 +11,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import subprocess
+import threading
+import time
 
 import pytest
 import trio
@@ -277,5 +280,113 @@ def test_a_failed_seal_over_a_journaled_version_keeps_that_version_for_the_next_
         assert await fs2.drain() == 0
         assert await _read(fs2, "doc") == DATA
         await _stop(fs2)
+
+    trio.run(main)
+
+
+# -- sealing needs no second copy of the file -------------------------------------------------
+class _PositionalXor:
+    """A stand-in envelope whose keystream depends on the byte position (a misplaced byte
+    decrypts wrong), like AES-CTR."""
+
+    def crypt(self, offset: int, data) -> bytes:
+        return bytes(b ^ ((offset + i) * 7 & 0xFF) for i, b in enumerate(bytes(data)))
+
+
+def _staged(tmp_path, data: bytes):
+    st = staging_mod.Staging(str(tmp_path)).new(_PositionalXor())
+    st.write(0, data)
+    st.truncate(len(data) + 3 * staging_mod.BLOCK + 5)  # a hole at the end: zeros
+    return st, data + bytes(3 * staging_mod.BLOCK + 5)
+
+
+def test_sealing_converts_the_work_file_in_place_and_reads_meanwhile_are_right(tmp_path, monkeypatch):
+    monkeypatch.setattr(staging_mod, "SEAL_CHUNK", 2 * staging_mod.BLOCK)  # many steps to race with
+    st, expected = _staged(tmp_path, os.urandom(40 * staging_mod.BLOCK + 123))
+    work_inode = os.stat(st.work_path).st_ino
+    real_pwrite = st._pwrite
+
+    def slow_pwrite(fd, data, offset):  # widen the window between the chunks
+        real_pwrite(fd, data, offset)
+        time.sleep(0.002)
+    st._pwrite = slow_pwrite
+    thread = threading.Thread(target=st.seal_data)
+    thread.start()
+    checked = 0
+    rng = random.Random(5)
+    while thread.is_alive() or not checked:
+        off = rng.randrange(0, st.size)
+        n = rng.randrange(1, 3 * staging_mod.BLOCK)
+        assert st.read(off, n) == expected[off:off + n]
+        checked += 1
+    thread.join()
+    assert checked > 10
+    # the work file itself became the sealed data file: no second copy was written
+    assert not os.path.exists(st.work_path) and os.stat(st.data_path).st_ino == work_inode
+    assert os.path.getsize(st.data_path) == st.size
+    st.finish_seal()
+    with open(st.data_path, "rb") as f:
+        assert _PositionalXor().crypt(0, f.read()) == expected
+    assert st.read(0, st.size) == expected
+
+
+def test_a_seal_that_cannot_reserve_its_space_changes_nothing(tmp_path, monkeypatch):
+    st, expected = _staged(tmp_path, os.urandom(5 * staging_mod.BLOCK))
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        m.setattr(staging_mod.os, "posix_fallocate", no_space)
+        with pytest.raises(OSError) as e:
+            st.seal_data()
+        assert e.value.errno == errno.ENOSPC
+    assert st.write_error is None and not st.converted and os.path.exists(st.work_path)
+    assert st.read(0, st.size) == expected
+    st.write(0, b"still writable")  # room again: the version goes on
+    expected = b"still writable" + expected[14:]
+    st.seal()
+    assert st.read(0, st.size) == expected
+
+
+def test_a_seal_failing_half_way_marks_the_version_lost_and_reads_stay_right(tmp_path, monkeypatch):
+    monkeypatch.setattr(staging_mod, "SEAL_CHUNK", staging_mod.BLOCK)
+    st, expected = _staged(tmp_path, os.urandom(6 * staging_mod.BLOCK))
+    real_pwrite, calls = st._pwrite, []
+
+    def failing_pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_pwrite(fd, data, offset)
+    st._pwrite = failing_pwrite
+    with pytest.raises(OSError):
+        st.seal_data()
+    assert st.write_error == errno.EIO and st.converted
+    assert st.read(0, st.size) == expected  # two blocks converted, the rest still in slots
+    with pytest.raises(OSError) as e:
+        st.write(0, b"x")
+    assert e.value.errno == errno.EIO
+    st.discard()
+    assert os.listdir(st.staging.dir) == []
+
+
+def test_close_of_a_file_as_big_as_half_the_cache_disk_succeeds(tmp_path, cmk_path, tmpfs):
+    """The break test: closing a 14 MiB file on a 24 MiB cache disk gave ENOSPC (the seal wrote
+    a second copy next to the work file)."""
+    tmpfs("cache", 24 << 20)
+    payload = os.urandom(14 << 20)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0, cache={"min_free": 0})
+        node, h = await fs.create(fs.get(1), "big", 0o600, os.O_RDWR, UID, GID)
+        for off in range(0, len(payload), 1 << 20):
+            await fs.write(h, off, payload[off:off + (1 << 20)])
+        await fs.flush(h)  # sealed and journaled
+        await fs.release(h)
+        assert node.staged.sealed and node.staged.was_journaled
+        assert os.path.getsize(node.staged.data_path) == len(payload)
+        assert await fs.drain() == 0
+        assert await _read(fs, "big") == payload
+        await _stop(fs)
 
     trio.run(main)

@@ -14,7 +14,8 @@ A file being changed gets a *staged version* (:class:`StagedFile`). It lives in 
 - **sealed** (immutable): ``staging/<id>.data`` holds the exact ciphertext of the object under
   the version's own envelope (fresh data key and IV: a new object version,
   oss-cse-format.md §11), written once, start to end, by :meth:`StagedFile.seal_data` (in a
-  worker thread, a ``SEAL_CHUNK`` at a time) and fsynced; the upload streams it as it is.
+  worker thread, a ``SEAL_CHUNK`` at a time, converting the work file in place: no second
+  copy on the cache disk); the upload streams it as it is.
   Only a sealed version is journaled (``journal.record``) or uploaded, and it never changes
   again: the next change makes a new open version on top of it (:meth:`Staging.derive`).
 
@@ -27,6 +28,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import uuid
 from typing import Any
 
@@ -87,6 +89,13 @@ class StagedFile:
         # LABEL_XATTR so the next mount can name what a lost work file held (read_journal)
         self.label: str | None = None
         self.data_synced = sealed  # data_path fsynced (a version read from the journal was)
+        # While seal_data converts the work file in place: its first ``_packed`` bytes already
+        # hold the final ciphertext (contiguous), the slots after them are intact. The lock
+        # makes each converted chunk and the new ``_packed`` appear at once to readers (the
+        # event loop reads while a worker thread seals). 0: not converting.
+        self._seal_lock = threading.Lock()
+        self._packed = 0
+        self._renamed = False  # the converted work file is data_path now (its fd still open)
         self._work_aes = algorithms.AES(os.urandom(32))  # the work file's key: memory only
         self._work_fd = -1  # open while the version is open (it has a writer); closed at seal
         self.work_path = os.path.join(staging.dir, sid + ".work")
@@ -104,6 +113,7 @@ class StagedFile:
         Raises Sealed on a sealed version, OSError (ENOSPC, EFBIG, …) from the cache disk."""
         if self.sealed:
             raise Sealed(self.id)
+        self._check_not_converted()
         end = offset + len(data)
         if end > MAX_OBJECT_SIZE:
             raise OSError(errno.EFBIG, "larger than the store's largest object")
@@ -133,11 +143,18 @@ class StagedFile:
         self.size = max(self.size, end)
         self.generation += 1
 
+    def _check_not_converted(self) -> None:
+        """OSError (the errno that stopped its seal, else EIO) for a version whose work file
+        was converted in place (a seal that failed after that: the version is lost)."""
+        if self._packed:
+            raise OSError(self.write_error or errno.EIO, f"staged version {self.id} is half sealed")
+
     def _work(self, create: bool = False) -> int:
         """The work file's descriptor (-1: no work file yet and not ``create``)."""
         if self._work_fd < 0:
+            path = self.data_path if self._renamed else self.work_path  # converted in place: renamed
             try:
-                self._work_fd = _open(self.work_path, os.O_RDWR | (os.O_CREAT if create else 0))
+                self._work_fd = _open(path, os.O_RDWR | (os.O_CREAT if create and not self._renamed else 0))
             except FileNotFoundError:
                 return -1
             if create and self.label is not None:
@@ -204,16 +221,28 @@ class StagedFile:
             if len(data) != length:
                 raise OSError(errno.EIO, f"staged data {self.data_path} is short")
             return self.envelope.crypt(offset, data)
-        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
-        data = self._blocks(self._work(), first, last)  # no work file yet: base or zeros
+        with self._seal_lock:
+            packed = min(self._packed, offset + length)
+            head = b""
+            if packed > offset:  # converted in place already: final ciphertext there
+                head = os.pread(self._work(), packed - offset, offset)
+                if len(head) != packed - offset:
+                    raise OSError(errno.EIO, f"work file {self.work_path} is short")
+                head = self.envelope.crypt(offset, head)
+                offset, length = packed, length - len(head)
+                if not length:
+                    return head
+            first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+            data = self._blocks(self._work(), first, last)  # no work file yet: base or zeros
         skip = offset - first * BLOCK
-        return data[skip:skip + length]
+        return head + data[skip:skip + length]
 
     def truncate(self, size: int) -> None:
         """Cut or extend (a hole that reads as zeros: nothing is written) to ``size`` bytes.
         Raises Sealed, OSError(EFBIG) above the store's largest object."""
         if self.sealed:
             raise Sealed(self.id)
+        self._check_not_converted()
         if size > MAX_OBJECT_SIZE:
             raise OSError(errno.EFBIG, "larger than the store's largest object")
         if size < self.size:
@@ -234,11 +263,59 @@ class StagedFile:
     # -- sealing --------------------------------------------------------------------------
     def seal_data(self) -> None:
         """Write the final ciphertext of this version to ``data_path`` (blocking: run it in a
-        worker thread; reads meanwhile still use the work file). Not fsynced here: whatever
+        worker thread; reads meanwhile are served, see ``_packed``). Not fsynced here: whatever
         needs it durable does that once (:meth:`sync_data` before a journal record; a local
         store's put fsyncs the inode it links; an upload to OSS needs no local fsync), so a
-        small file uploaded at close pays one fsync, not two (issue 14). OSError when the
-        staging disk fails (ENOSPC): the version stays open and nothing is half-sealed."""
+        small file uploaded at close pays one fsync, not two (issue 14).
+
+        The work file is converted in place (:meth:`_seal_in_place`), so sealing needs no
+        second copy of the file on the cache disk; a version with no work file yet, or on a
+        disk that cannot reserve space (no fallocate), is written to a new file instead.
+        Raises OSError: ENOSPC when the disk cannot hold the sealed file (checked before
+        anything changes: the version stays open, retried at the next seal); any error half-way
+        through an in-place conversion also sets ``write_error`` (the version is then lost like
+        a failed write: never sealed, dropped at close; its reads stay correct until then)."""
+        if self._renamed:
+            return  # converted already (what failed after it, e.g. the tags, was not the conversion)
+        if self.write_error is None and self._work() >= 0:
+            try:
+                os.posix_fallocate(self._work_fd, 0, max(self.size, 1))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise  # ENOSPC: the sealed file would not fit; nothing changed
+            else:
+                self._seal_in_place()
+                return
+        self._seal_copy()
+
+    def _seal_in_place(self) -> None:
+        """Turn the work file into the sealed data file, front to back, a SEAL_CHUNK at a
+        time: block *i*'s ciphertext goes to ``i*BLOCK``, never past the slot of block *i*
+        (which starts at ``i*(16+BLOCK)``), so no slot is overwritten before it was read. The
+        space was reserved by the caller's fallocate (overwriting allocated blocks takes none on
+        ext4/xfs/tmpfs). Then cut to ``size`` and renamed to ``data_path``."""
+        fd = self._work_fd
+        try:
+            for off in range(0, self.size, SEAL_CHUNK):
+                plain = self.read(off, SEAL_CHUNK)
+                cipher = self.envelope.crypt(off, plain)
+                with self._seal_lock:
+                    self._pwrite(fd, cipher, off)
+                    self._packed = off + len(cipher)
+            with self._seal_lock:
+                self._packed = max(self._packed, 1)  # also for an empty file: no more slots
+                os.ftruncate(fd, self.size)
+                os.replace(self.work_path, self.data_path)
+                self._renamed = True
+        except OSError as e:
+            if self._packed:  # half converted: the slots of the start are gone (the caller logs it)
+                self.write_error = e.errno or errno.EIO
+            raise
+        self.data_synced = False
+
+    def _seal_copy(self) -> None:
+        """Write the sealed data to a new file next to the work file (the fallback of
+        :meth:`seal_data`: needs room for both)."""
         tmp = self.data_path + ".tmp"
         fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
@@ -271,7 +348,15 @@ class StagedFile:
         self.sealed = True
         self.close()
         _unlink(self.work_path)
+        self._packed = 0
+        self._renamed = False
         self.base_len = 0
+
+    @property
+    def converted(self) -> bool:
+        """Whether seal_data began converting the work file in place (its slots are going):
+        the version can no longer be written, only sealed or dropped."""
+        return self._packed > 0 and not self.sealed
 
     def seal(self) -> None:
         """Seal in this thread and discard the base (tests, tools)."""
