@@ -390,3 +390,44 @@ def test_close_of_a_file_as_big_as_half_the_cache_disk_succeeds(tmp_path, cmk_pa
         await _stop(fs)
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'pre/doc' failed",
+                        r"ERROR ossfuse\.fs\.commit: 'pre/doc': the changes since its last good version are discarded")
+def test_close_whose_in_place_seal_fails_half_way_keeps_the_last_good_version(tmp_path, cmk_path, monkeypatch):
+    monkeypatch.setattr(staging_mod, "SEAL_CHUNK", staging_mod.BLOCK)
+    real = staging_mod.StagedFile._seal_in_place
+
+    def failing_seal(self):
+        real_pwrite, calls = self._pwrite, []
+
+        def pwrite(fd, data, offset):
+            calls.append(offset)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_pwrite(fd, data, offset)
+        self._pwrite = pwrite
+        real(self)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        node = await committed_file(fs, "doc", DATA)
+        h = await fs.open(node, os.O_RDWR)
+        await fs.write(h, 0, b"X" * 3 * staging_mod.BLOCK)
+        with monkeypatch.context() as m:
+            m.setattr(staging_mod.StagedFile, "_seal_in_place", failing_seal)
+            with pytest.raises(FsError) as e:
+                await fs.flush(h)
+            assert e.value.errno == errno.EIO
+        assert node.staged is None  # back to the committed version at once
+        for op in (lambda: fs.write(h, 0, b"y"), lambda: fs.flush(h)):
+            with pytest.raises(FsError) as e:
+                await op()
+            assert e.value.errno == errno.EIO
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await _read(fs, "doc") == DATA
+        assert os.listdir(fs.staging.dir) == []
+        await _stop(fs)
+
+    trio.run(main)

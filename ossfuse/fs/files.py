@@ -313,21 +313,33 @@ class Files:
         node = h.node
         if not h.writable:
             return
+        await self._drop_if_lost(h)
+        self._refuse_after_lost_write(h)  # its version was already dropped by an earlier close
+        try:
+            if self.close_waits_for_upload:
+                await self.commit.upload_node(node, raise_errors=True)  # journals first, then uploads
+                return
+            if self._upload_now(node) and await self.commit.upload_node(node, journal_first=False):
+                return  # in the bucket already: nothing to journal
+            async with node.lock:
+                await self.commit.journal_node(node)
+        except FsError:
+            await self._drop_if_lost(h)  # a seal that failed half-way lost the version
+            raise
+
+    async def _drop_if_lost(self, h: FileHandle) -> None:
+        """If the open staged version of ``h``'s file lost a write (or its in-place seal failed
+        half-way): go back to the last good version and raise FsError with that errno; ``h``
+        then refuses every later write, fsync and close with it."""
+        node = h.node
         st = node.staged
         if st is not None and st.write_error is not None and not st.sealed:
             async with node.lock:
                 failed = node.staged.write_error if node.staged is st else None
                 self.commit.revert_failed(node)
             if failed is not None:
+                h.write_error = failed
                 raise FsError(failed)
-        self._refuse_after_lost_write(h)  # its version was already dropped by an earlier close
-        if self.close_waits_for_upload:
-            await self.commit.upload_node(node, raise_errors=True)  # journals first, then uploads
-            return
-        if self._upload_now(node) and await self.commit.upload_node(node, journal_first=False):
-            return  # in the bucket already: nothing to journal
-        async with node.lock:
-            await self.commit.journal_node(node)
 
     def _upload_now(self, node: Node) -> bool:
         """Whether closing ``node`` should upload it at once instead of journaling it: a small
