@@ -431,3 +431,42 @@ def test_close_whose_in_place_seal_fails_half_way_keeps_the_last_good_version(tm
         await _stop(fs)
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'holey' failed.*No space left",
+                        r"ERROR ossfuse\.fs\.commit: 'holey': its last changes \(33554432 bytes\) could not be saved",
+                        r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'holey' \(work file ",
+                        r"WARNING ossfuse\.writeback\.staging: cache dir")
+def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mount_warns(tmp_path, cmk_path):
+    """The break test: ENOSPC at close, then ``ossfuse umount`` said the file "stays journaled"
+    (exit 75) although only a work file existed, and the next mount deleted it silently."""
+    from conftest import OSSFUSE, Mount
+    m = Mount(str(tmp_path / "m"), cmk_path, "retry_interval = 3600", "")
+    os.makedirs(m.cache, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", m.cache], check=True)
+    try:
+        with open(m.config) as f:
+            cfg = f.read().replace("[cache]\n", "[cache]\nmin_free = 0\n")
+        with open(m.config, "w") as f:
+            f.write(cfg)
+        m.start()
+        with pytest.raises(OSError) as e:
+            with open(m.path("holey"), "wb") as f:
+                f.truncate(32 << 20)  # a hole: no space until it is sealed
+                f.write(b"x")
+        assert e.value.errno == errno.ENOSPC  # close(): the sealed file cannot fit
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=120)
+        m.pid = None
+        assert r.returncode == 1, r.stderr
+        assert "stays journaled" not in r.stderr and "stay journaled" not in r.stderr
+        assert f"are lost: {m.mnt}/holey" in r.stderr
+        assert "stay journaled" not in m.log()
+        m.start()  # the next mount names what it deletes
+        assert "unsaved changes of 'holey' (work file " in m.log()
+        assert not os.path.exists(m.path("holey"))  # never saved: it never existed in the bucket
+        assert m.stop() == 0
+    finally:
+        m.cleanup()
+        subprocess.run(["umount", "-l", m.cache], capture_output=True)
