@@ -10,7 +10,8 @@ import os
 import pytest
 import trio
 
-from fakes.core import GID, UID, core_filesystem, exists
+from fakes.core import GID, UID, core_filesystem, core_store, exists
+from fakes.fault_store import FaultStore
 from ossfuse.fs import FsError
 
 SLOW = 1.5  # seconds: the slowed PUT of the file under test
@@ -171,6 +172,86 @@ def test_shutdown_names_each_file_open_for_writing_once(tmp_path, cmk_path, capl
         for h in (hw, hv, hc, hr):
             await fs.release(h)
         fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+async def _write_closed(fs, name: str, data: bytes, node=None):
+    """Write ``data`` as the whole of file ``name`` in ``fs``'s root, close it and upload it."""
+    if node is None:
+        node, h = await fs.create(fs.get(1), name, 0o644, os.O_RDWR, UID, GID)
+    else:
+        h = await fs.open(node, os.O_RDWR)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    assert await fs.drain() == 0
+    return node
+
+
+async def _read_all(fs, node) -> bytes:
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, 1 << 20)
+    finally:
+        await fs.release(h)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/f' was replaced by another client while open")
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/g' was changed by another client")
+def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, cmk_path):
+    """Two mounts of one bucket. A handle of mount A opened before mount B's commit writes to a
+    version B replaced: that write is never merged onto B's content. When A no longer has the
+    bytes of the version it opened (a local bucket is never cached), its first write fails ESTALE
+    (one ERROR line: the write starts a new version from the whole old content), nothing of it is
+    stored, and B's version stays, as a read would; A's next open sees B's version and writes to
+    it. A handle that wrote before B's commit goes on writing its own version, and its upload
+    keeps both (B's at the name, A's in a conflict copy). Nothing written is lost silently."""
+    async def main():
+        store = core_store(tmp_path)
+        a = core_filesystem(tmp_path, cmk_path, store=store)
+        os.makedirs(tmp_path / "other")
+        b = core_filesystem(tmp_path / "other", cmk_path, store=FaultStore(store.inner))
+        # f: written by B, opened (not read) by A, then replaced by B
+        fb = await _write_closed(b, "f", b"version 1 by B")
+        fa = await a.lookup(a.get(1), "f")
+        h = await a.open(fa, os.O_RDWR)
+        await _write_closed(b, "f", b"VERSION 2 by B", fb)
+        with pytest.raises(FsError) as e:
+            await a.write(h, 0, b"A")
+        assert e.value.errno == errno.ESTALE
+        await a.flush(h)
+        await a.release(h)
+        assert await a.drain() == 0
+        assert fa.staged is None  # nothing of the failed write is kept or uploaded
+        assert await _read_all(b, fb) == b"VERSION 2 by B"
+        fa.checked_at = 0.0  # past attr_timeout: the next open sees B's version
+        fa = await a.lookup(a.get(1), "f")
+        assert await _read_all(a, fa) == b"VERSION 2 by B"
+        await _write_closed(a, "f", b"A", fa)  # the version A knows now: the write goes on
+        fb.checked_at = 0.0
+        fb = await b.lookup(b.get(1), "f")
+        assert await _read_all(b, fb) == b"AERSION 2 by B"  # A's write to B's version, as B sees it
+        # g: A's handle wrote before B's commit (staged) and writes again after it
+        ga = await _write_closed(a, "g", b"version 1 by A")
+        gb = await b.lookup(b.get(1), "g")
+        h = await a.open(ga, os.O_RDWR)
+        await a.write(h, 0, b"A's")
+        await _write_closed(b, "g", b"VERSION 2 by B", gb)
+        await a.write(h, 3, b" edit")  # its own staged version: no need of the replaced bytes
+        await a.flush(h)
+        await a.release(h)
+        assert await a.drain() == 0
+        keys = sorted(o.key for o in (await store.inner.list("pre/", delimiter=None)).objects)
+        copies = [k for k in keys if k.startswith("pre/g.conflict-")]
+        assert len(copies) == 1 and keys == sorted(["pre/f", "pre/g", copies[0]])
+        gb.checked_at = 0.0
+        assert await _read_all(b, await b.lookup(b.get(1), "g")) == b"VERSION 2 by B"
+        copy = await b.lookup(b.get(1), copies[0][len("pre/"):])
+        assert await _read_all(b, copy) == b"A's edit1 by A"  # A's writes over the version A opened
+        for fs in (a, b):
+            fs.close()
         await store.aclose()
 
     trio.run(main)
