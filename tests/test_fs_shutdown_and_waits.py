@@ -10,7 +10,7 @@ import os
 import pytest
 import trio
 
-from fakes.core import GID, UID, core_filesystem, core_store, exists
+from fakes.core import GID, UID, core_filesystem, core_store, exists, listed_names
 from fakes.fault_store import FaultStore
 from ossfuse.fs import FsError
 
@@ -252,6 +252,49 @@ def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, c
         assert await _read_all(b, copy) == b"A's edit1 by A"  # A's writes over the version A opened
         for fs in (a, b):
             fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_rmdir_of_a_directory_whose_only_entry_is_an_unlinked_open_file(tmp_path, cmk_path):
+    """POSIX and a local disk: an unlinked file is gone from the namespace even while open, so
+    rmdir of its directory succeeds (it gave ENOTEMPTY: the object, kept in the bucket for the
+    open handle, was counted). Afterwards the directory is gone for lookups and listings (the
+    object left below it does not make it show again as an implicit directory), the handle
+    still reads the file, the object goes at the last close, and the name can be made again.
+    Nested: the same through two levels of removed directories."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, entry_timeout=0.0)  # lookups ask the store
+        store = fs.store
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, UID, GID)
+        e = await fs.mkdir(d, "e", 0o755, UID, GID)
+        f, h = await fs.create(d, "f", 0o644, os.O_RDWR, UID, GID)
+        await fs.write(h, 0, b"still readable")
+        await fs.flush(h)
+        g, hg = await fs.create(e, "g", 0o644, os.O_RDWR, UID, GID)
+        await fs.write(hg, 0, b"nested")
+        await fs.flush(hg)
+        assert await fs.drain() == 0
+        await fs.unlink(d, "f")
+        await fs.unlink(e, "g")
+        assert await store.inner.head("pre/d/f") is not None  # kept for the open handle
+        await fs.rmdir(d, "e")
+        await fs.rmdir(root, "d")
+        assert not await exists(fs, "d")
+        assert await listed_names(fs) == []
+        assert sorted(o.key for o in (await store.inner.list("pre/", delimiter=None)).objects) == [
+            "pre/d/e/g", "pre/d/f"]
+        assert await fs.read(h, 0, 100) == b"still readable"
+        assert await fs.read(hg, 0, 100) == b"nested"
+        d2 = await fs.mkdir(root, "d", 0o700, UID, GID)  # the name is free
+        assert await listed_names(fs) == ["d"] and await listed_names(fs, d2) == []
+        await fs.release(h)
+        await fs.release(hg)
+        assert sorted(o.key for o in (await store.inner.list("pre/", delimiter=None)).objects) == ["pre/d/"]
+        assert fs.deferred_deletes.removed_dirs == set()
+        fs.close()
         await store.aclose()
 
     trio.run(main)

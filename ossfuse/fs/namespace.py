@@ -182,13 +182,13 @@ class Namespace:
 
     async def has_children(self, path: str) -> bool:
         """Whether directory ``path`` holds anything: staged files of this mount, or keys
-        under its prefix other than its own marker. Raises FsError(EIO)."""
+        under its prefix other than its own marker and the objects of unlinked files still
+        open (gone from the namespace: rmdir succeeds, as on a local disk). Raises FsError(EIO)."""
         # Checked before listing: a file whose upload finishes meanwhile is in one or the other.
         if self.commit.staged_in(path):
             return True
         dkey = self.naming.dir_key(path)
-        page = await store_request(self.store.list(dkey, delimiter=None, max_keys=2), dkey)
-        return any(o.key != dkey for o in page.objects)
+        return await store_request(self.deferred.visible_under(dkey), dkey)
 
     async def rmdir(self, parent: Node, name: str) -> None:
         """Remove an empty directory. Raises FsError ENOENT, ENOTDIR, ENOTEMPTY, EIO."""
@@ -205,6 +205,7 @@ class Namespace:
                 raise FsError(errno.ENOTEMPTY)
             dkey = self.naming.dir_key(node.path)
             await store_request(self.store.delete(dkey), dkey)
+            self.deferred.note_removed_dir(dkey)  # an unlinked open file's object may stay below it
             node.unlinked = True
             self.inodes.remove_name(node)
             _count_subdirs(parent, -1)
