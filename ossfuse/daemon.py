@@ -372,10 +372,12 @@ def _pending(fs: Filesystem) -> tuple[int, int]:
 
 def _open_writers(fs: Filesystem) -> list[tuple[Node, str, int]]:
     """(node, object key, bytes) of each file a process still holds open for writing with
-    changes not yet in the bucket, at the moment the mount stops serving: its writer never
-    closed it, so what the drain stores is the data written so far, not a completed file."""
+    changes since its last close or fsync (an open, unsealed staged version), at the moment the
+    mount stops serving: no close completed them, so what the drain stores is the data written
+    so far. A version sealed by a close and waiting for its upload is complete: not listed."""
     return [(n, fs.key(n.path), n.staged.size) for n in fs.dirty
-            if n.staged is not None and not n.unlinked and any(h.writable for h in n.handles)]
+            if n.staged is not None and not n.staged.sealed and not n.unlinked
+            and any(h.writable for h in n.handles)]
 
 
 def _warn_open_writers(fs: Filesystem, writers: list[tuple[Node, str, int]]) -> None:

@@ -139,18 +139,24 @@ def test_rename_over_a_file_whose_upload_is_slow_waits_without_locks(tmp_path, c
 def test_shutdown_names_each_file_open_for_writing_once(tmp_path, cmk_path, caplog):
     """The daemon's drain (SIGTERM, unmount) names each file still open for writing with
     changes, once: stored in the bucket, or (its upload failed) journaled for the next mount.
-    A file open for writing without changes, or only for reading, is not named."""
+    A file open for writing without changes (also one whose closed version waits for its
+    upload), or only for reading, is not named."""
     from ossfuse.daemon import _open_writers, _warn_open_writers
 
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path)
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=5.0)  # close journals; the drain uploads
         store = fs.store
         root = fs.get(1)
+        j, hj = await fs.create(root, "journaled", 0o644, os.O_RDWR, UID, GID)
+        await fs.write(hj, 0, b"closed, upload pending")
+        await fs.flush(hj)
+        await fs.release(hj)
+        hj = await fs.open(j, os.O_RDWR)  # open for writing, nothing written since the close
+        assert j.staged is not None and j.staged.sealed
         c, hc = await fs.create(root, "clean", 0o644, os.O_RDWR, UID, GID)
         await fs.write(hc, 0, b"closed")
         await fs.flush(hc)
         await fs.release(hc)
-        assert await fs.drain() == 0
         hc = await fs.open(c, os.O_RDWR)  # open for writing, nothing written: not named
         hr = await fs.open(c, os.O_RDONLY)
         w, hw = await fs.create(root, "w", 0o644, os.O_RDWR, UID, GID)
@@ -169,7 +175,8 @@ def test_shutdown_names_each_file_open_for_writing_once(tmp_path, cmk_path, capl
                          "'pre/w' was open for writing at shutdown: the 7 bytes written so far stay journaled "
                          "(upload failed) and upload at the next mount; its writer never closed it"]
         assert await store.inner.head("pre/v") is not None and await store.inner.head("pre/w") is None
-        for h in (hw, hv, hc, hr):
+        assert await store.inner.head("pre/journaled") is not None
+        for h in (hw, hv, hc, hr, hj):
             await fs.release(h)
         fs.close()
         await store.aclose()
