@@ -45,6 +45,7 @@ class Commit:
         self.keyring = keyring
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
+        self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
         self.conflicts = Conflicts(uploader.store, naming, uploader)  # foreign edits kept (issue 12)
 
     def staged_in(self, dir_path: str) -> list[Node]:
@@ -186,10 +187,14 @@ class Commit:
         lock = self._upload_locks.get(node)
         if lock is None:
             lock = self._upload_locks[node] = trio.Lock()
+        self._uploads[node] = self._uploads.get(node, 0) + 1
         try:
             async with lock:
                 return await self._upload(node, raise_errors, journal_first)
         finally:
+            self._uploads[node] -= 1
+            if not self._uploads[node]:
+                del self._uploads[node]
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._upload_locks.pop(node, None)
 
@@ -198,8 +203,7 @@ class Commit:
         adopted the result). Checked by unlink and rename under ``node.lock``: an upload that
         starts after that check finds the node unlinked or renamed when it takes the lock to
         seal, and puts nothing at the old name."""
-        lock = self._upload_locks.get(node)
-        return lock is not None and lock.locked()
+        return node in self._uploads
 
     async def upload_settled(self, node: Node) -> None:
         """Return once no upload of ``node`` is in flight. The caller holds no lock (no name
