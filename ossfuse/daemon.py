@@ -31,6 +31,7 @@ import trio
 from .aio import Supervisor
 from .config import Config
 from .fs import Filesystem
+from .fs.model import Node
 from .fuse_ops import Operations
 from .envelope import EnvelopeError
 from .keyring import CmkUnavailable, Keyring
@@ -342,7 +343,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                 readiness.failed(life.failure)
             log.info("unmounted %s; finishing pending uploads", mountpoint)
             tasks.start_soon(_report_drain, fs, name="drain progress")
+            writers = _open_writers(fs)
             pending = await fs.drain()
+            _warn_open_writers(fs, writers)
             # never claim journaled what is not: changes whose seal failed are named (ERROR each)
             journaled, unsaved = fs.pending_report()
             if journaled or (pending and not unsaved):
@@ -373,6 +376,29 @@ def _pending(fs: Filesystem) -> tuple[int, int]:
     """(files, bytes) closed or open but not yet in the bucket."""
     nodes = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
     return len(nodes), sum(n.staged.size for n in nodes if n.staged is not None)
+
+
+def _open_writers(fs: Filesystem) -> list[tuple[Node, str, int]]:
+    """(node, object key, bytes) of each file a process still holds open for writing with
+    changes since its last close or fsync (an open, unsealed staged version), at the moment the
+    mount stops serving: no close completed them, so what the drain stores is the data written
+    so far. A version sealed by a close and waiting for its upload is complete: not listed."""
+    return [(n, fs.key(n.path), n.staged.size) for n in fs.dirty
+            if n.staged is not None and not n.staged.sealed and not n.unlinked
+            and any(h.writable for h in n.handles)]
+
+
+def _warn_open_writers(fs: Filesystem, writers: list[tuple[Node, str, int]]) -> None:
+    """One WARNING per file that was open for writing at shutdown (docs/semantics.md,
+    "Lifecycle"): its data written so far is kept (uploaded by the drain, or journaled for the
+    next mount when that failed), but no close completed it."""
+    for node, key, size in writers:
+        if node in fs.dirty and node.staged is not None and not node.unlinked:
+            log.warning("%r was open for writing at shutdown: the %d bytes written so far stay journaled "
+                        "(upload failed) and upload at the next mount; its writer never closed it", key, size)
+        else:
+            log.warning("%r was open for writing at shutdown: stored the %d bytes written so far; its writer "
+                        "never closed it", key, size)
 
 
 async def _report_drain(fs: Filesystem, every: float = 5.0) -> None:

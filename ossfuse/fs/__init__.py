@@ -75,7 +75,8 @@ class Filesystem:
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,
                                  plaintext_objects=cfg.encryption.plaintext_objects,
-                                 pending_delete=self.deferred_deletes.hides)
+                                 pending_delete=self.deferred_deletes.hides,
+                                 removed_dir=self.deferred_deletes.hides_dir)
         self.commit = Commit(self.naming, self.inodes, self.resolver, self.scheduler, self.uploader,
                              self.cache, keyring, self.staging)
         self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,

@@ -45,6 +45,7 @@ class Commit:
         self.keyring = keyring
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
+        self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
         self.conflicts = Conflicts(uploader.store, naming, uploader)  # foreign edits kept (issue 12)
 
     def staged_in(self, dir_path: str) -> list[Node]:
@@ -216,17 +217,28 @@ class Commit:
         lock = self._upload_locks.get(node)
         if lock is None:
             lock = self._upload_locks[node] = trio.Lock()
+        self._uploads[node] = self._uploads.get(node, 0) + 1
         try:
             async with lock:
                 return await self._upload(node, raise_errors, journal_first)
         finally:
+            self._uploads[node] -= 1
+            if not self._uploads[node]:
+                del self._uploads[node]
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._upload_locks.pop(node, None)
 
+    def upload_running(self, node: Node) -> bool:
+        """Whether an upload of ``node`` runs or waits to run now (from its start until it has
+        adopted the result). Checked by unlink and rename under ``node.lock``: an upload that
+        starts after that check finds the node unlinked or renamed when it takes the lock to
+        seal, and puts nothing at the old name."""
+        return node in self._uploads
+
     async def upload_settled(self, node: Node) -> None:
-        """Return once no upload of ``node`` is in flight (no lock held while waiting): an
-        upload that ends after its name went deletes its stray object, and an unlink or rename
-        must not return before that (rmdir of the directory would see the object: ENOTEMPTY)."""
+        """Return once no upload of ``node`` is in flight. The caller holds no lock (no name
+        lock, no node lock): unlink and rename wait here, then lock and check
+        :meth:`upload_running` again (docs/design.md, "Locks and what they protect")."""
         lock = self._upload_locks.get(node)
         if lock is not None:
             async with lock:

@@ -182,13 +182,13 @@ class Namespace:
 
     async def has_children(self, path: str) -> bool:
         """Whether directory ``path`` holds anything: staged files of this mount, or keys
-        under its prefix other than its own marker. Raises FsError(EIO)."""
+        under its prefix other than its own marker and the objects of unlinked files still
+        open (gone from the namespace: rmdir succeeds, as on a local disk). Raises FsError(EIO)."""
         # Checked before listing: a file whose upload finishes meanwhile is in one or the other.
         if self.commit.staged_in(path):
             return True
         dkey = self.naming.dir_key(path)
-        page = await store_request(self.store.list(dkey, delimiter=None, max_keys=2), dkey)
-        return any(o.key != dkey for o in page.objects)
+        return await store_request(self.deferred.visible_under(dkey), dkey)
 
     async def rmdir(self, parent: Node, name: str) -> None:
         """Remove an empty directory. Raises FsError ENOENT, ENOTDIR, ENOTEMPTY, EIO."""
@@ -205,6 +205,7 @@ class Namespace:
                 raise FsError(errno.ENOTEMPTY)
             dkey = self.naming.dir_key(node.path)
             await store_request(self.store.delete(dkey), dkey)
+            self.deferred.note_removed_dir(dkey)  # an unlinked open file's object may stay below it
             node.unlinked = True
             self.inodes.remove_name(node)
             _count_subdirs(parent, -1)
@@ -285,35 +286,41 @@ class Namespace:
     async def unlink(self, parent: Node, name: str) -> None:
         """Remove a file or symlink. Open handles keep reading it: the name goes at once, the
         object stays in the bucket until the last handle closes (:mod:`ossfuse.fs.unlinked`;
-        nothing is downloaded). Raises FsError ENOENT, EISDIR, EIO (ENOSPC: the cache disk
+        nothing is downloaded). An upload of the file in flight is waited for first, with no
+        lock held (its PUT landing after the name went would put the object back); the check
+        is repeated under the locks. Raises FsError ENOENT, EISDIR, EIO (ENOSPC: the cache disk
         cannot record the pending delete)."""
         node = await self.resolver.existing(parent, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         if node.version is not None:
             await self._keep_parent(parent)
-        async with self._existing_locked(parent, name) as node:
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
-            await self._no_upload_in_flight(node)
-            async with node.lock:
-                v = node.version
-                key = self.naming.key(node.path)
-                if v is not None and node.opens > 0 and node.staged is None:
-                    try:
-                        self.deferred.record(key, v.etag)
-                    except OSError as e:
-                        log.error("cannot record the pending delete of open %r: %s", key, e)
-                        raise FsError(errno_of(e)) from None
-                    self._unlinked_open[node] = (key, v.etag)
-                elif v is not None:
-                    await store_request(self.store.delete(key), key)  # the commit
-                    self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
-                else:
-                    await self._delete_replaced(node, key)
-                self._take_name(node)
-            touch(parent)
-        await self.commit.upload_settled(node)  # an upload in flight deletes what it put
+        while True:
+            await self.commit.upload_settled(node)  # no lock held while the upload runs
+            async with self._existing_locked(parent, name) as node:
+                if node.is_dir:
+                    raise FsError(errno.EISDIR)
+                async with node.lock:
+                    # under node.lock: an upload starting from here on finds the node unlinked
+                    if self.commit.upload_running(node):
+                        continue  # one started meanwhile: wait for it, with the locks released
+                    v = node.version
+                    key = self.naming.key(node.path)
+                    if v is not None and node.opens > 0 and node.staged is None:
+                        try:
+                            self.deferred.record(key, v.etag)
+                        except OSError as e:
+                            log.error("cannot record the pending delete of open %r: %s", key, e)
+                            raise FsError(errno_of(e)) from None
+                        self._unlinked_open[node] = (key, v.etag)
+                    elif v is not None:
+                        await store_request(self.store.delete(key), key)  # the commit
+                        self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
+                    else:
+                        await self._delete_replaced(node, key)
+                    self._take_name(node)
+                touch(parent)
+                return
 
     async def _delete_replaced(self, node: Node, key: str) -> None:
         """``node`` is a new file renamed over a committed one and not uploaded yet: the old
@@ -340,12 +347,6 @@ class Namespace:
         except OSError as e:
             log.error("cannot record the pending delete of replaced %r: %s", key, e)
             raise FsError(errno_of(e)) from None
-
-    async def _no_upload_in_flight(self, node: Node) -> None:
-        """Wait for an upload of ``node`` that is in flight (its name is locked by the caller):
-        a PUT landing after ``node``'s name was taken would overwrite whatever this mount put
-        at that key meanwhile (a rename's copy; a new file's upload)."""
-        await self.commit.upload_settled(node)
 
     async def _replaced_etag(self, node: Node, key: str) -> str | None:
         """The ETag of the object at ``key`` that ``node`` (staged, never uploaded) is to
@@ -465,7 +466,8 @@ class Namespace:
         Raises FsError ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EIO."""
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL)
-        for _ in range(_RECHECKS):
+        moved = 0  # tries that found a name changed (an upload that started meanwhile does not count)
+        while moved < _RECHECKS:
             src = await self.resolver.existing(parent, name)
             src_path, dst_path = src.path, join(new_parent.path, new_name)
             self.naming.check_new_path(dst_path, src.is_dir)
@@ -481,7 +483,8 @@ class Namespace:
                 dst = None
             self._check_replace(src, dst, flags)
             # An upload in flight of either would race the rename's copy: dst's landing over the
-            # copy, src's replacing the version the copy names (a false ESTALE)
+            # copy, src's replacing the version the copy names (a false ESTALE). Waited for with
+            # no lock held; _rename_file checks again under the node locks.
             for n in (src, dst) if dst is not None else (src,):
                 await self.commit.upload_settled(n)
             if src.version is not None or src.is_dir:
@@ -490,12 +493,13 @@ class Namespace:
             async with self.locks.hold(trees=paths) if src.is_dir else self.locks.hold(names=paths):
                 if not (self._linked(src, src_path) and join(new_parent.path, new_name) == dst_path
                         and not new_parent.unlinked):
+                    moved += 1
                     continue  # something moved while we probed: again
                 current = self.inodes.by_path.get(dst_path)
                 if current is not None and current.unlinked:
                     current = None
-                if current is not dst or any(n is not None and n.staged is not None and n.staged.uploading
-                                             for n in (src, dst)):
+                if current is not dst:
+                    moved += 1
                     continue
                 if dst is not None and dst.is_dir and await self.has_children(dst_path):
                     raise FsError(errno.ENOTEMPTY)  # checked under the tree lock: only dst's subtree waits
@@ -504,12 +508,10 @@ class Namespace:
                     _count_subdirs(parent, -1)
                     if dst is None:  # a directory replaced there leaves new_parent's count as it was
                         _count_subdirs(new_parent, +1)
-                else:
-                    await self._rename_file(src, dst_path, dst)
+                elif not await self._rename_file(src, dst_path, dst):
+                    continue  # an upload started meanwhile: wait for it with the locks released
                 touch(parent)
                 touch(new_parent)
-            if not src.is_dir:
-                await self.commit.upload_settled(src)  # one in flight deletes its object at the old name
             return
         raise FsError(errno.EIO, "the names kept changing")
 
@@ -532,11 +534,19 @@ class Namespace:
         FsError(EIO) and one log line. If another client rewrote the source since the copy,
         both names show (theirs at the old, ours at the new) and FsError(ESTALE). A new file's
         rename over a committed one records the replaced object's delete (crash safety).
+        Returns False, having changed nothing, when an upload of ``src`` or ``dst`` runs (the
+        caller waits for it with no lock held and tries again); True when done.
         Raises FsError ESTALE, EIO, ENOSPC."""
+        nodes = _by_ino(n for n in (src, dst) if n is not None)
+        if any(self.commit.upload_running(n) for n in nodes):
+            return False
         if dst is not None:
             await self._keep_replaced_readable(dst)
-            await self._no_upload_in_flight(dst)
-        async with NodeLocks(_by_ino(n for n in (src, dst) if n is not None)):
+        async with NodeLocks(nodes):
+            # under the node locks: an upload starting from here on sees the new name (or dst
+            # unlinked) when it takes its node's lock to seal
+            if any(self.commit.upload_running(n) for n in nodes):
+                return False
             old_path = src.path
             if src.version is None:  # a replaced object at the old name must not stay behind
                 await self._delete_replaced(src, self.naming.key(old_path))
@@ -577,6 +587,7 @@ class Namespace:
                 self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
             self.commit.rejournal(src)
+        return True
 
     async def _undo_copy(self, old_path: str, dst_path: str, copy: ObjectInfo, *, replaced: bool,
                          reason: FsError) -> None:

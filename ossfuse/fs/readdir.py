@@ -20,7 +20,7 @@ from typing import Callable
 from ..aio import run_all
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
-from .errors import FsError, errno_of
+from .errors import FsError, errno_of, store_request
 from .inodes import InodeTable
 from .model import DirEntry, DirHandle, Node
 from .namecache import NameCache
@@ -88,8 +88,11 @@ class DirectoryReader:
                 if name:  # "" is the directory's own marker
                     files[name] = o
             for p in page.prefixes:
-                if p[len(dkey):-1] != LIST_DIR:  # integrity tag lists (docs/integrity.md): not shown
-                    dirs.add(p[len(dkey):-1])
+                if p[len(dkey):-1] == LIST_DIR:  # integrity tag lists (docs/integrity.md): not shown
+                    continue
+                if self.resolver.removed_dir is not None and await store_request(self.resolver.removed_dir(p), p):
+                    continue  # rmdir'ed here; only unlinked open files' objects are left below it
+                dirs.add(p[len(dkey):-1])
             if page.next_marker is None:
                 break
             marker = page.next_marker

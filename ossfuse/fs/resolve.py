@@ -15,7 +15,7 @@ import errno
 import logging
 import stat
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -42,7 +42,8 @@ class Resolver:
 
     def __init__(self, store: ObjectStore, naming: Naming, inodes: InodeTable, names: NameCache,
                  defaults: AttrDefaults, *, attr_timeout: float, plaintext_objects: str,
-                 pending_delete: Callable[[ObjectInfo], bool] = lambda info: False):
+                 pending_delete: Callable[[ObjectInfo], bool] = lambda info: False,
+                 removed_dir: Callable[[str], Awaitable[bool]] | None = None):
         self.store = store
         self.naming = naming
         self.inodes = inodes
@@ -53,6 +54,8 @@ class Resolver:
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
         self._relisting: dict[str, tuple[trio.Event, float]] = {}
         self.pending_delete = pending_delete
+        # removed_dir(dkey): a prefix left only by pending deletes of a directory this mount removed
+        self.removed_dir = removed_dir
 
     def hidden(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is not shown (by its metadata, or as an unlinked version)."""
@@ -131,6 +134,8 @@ class Resolver:
         dkey = self.naming.dir_key(path)
         page = await self.store.list(dkey, delimiter="/", max_keys=1)
         if page.objects or page.prefixes:
+            if self.removed_dir is not None and await self.removed_dir(dkey):
+                return None  # rmdir'ed here; only unlinked open files' objects are left below it
             marker = await self.store.head(dkey) if page.objects and page.objects[0].key == dkey else None
             return marker, True
         return None

@@ -44,6 +44,8 @@ class DeferredDeletes:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.pending: dict[str, list[str]] = {}
         self.ready: set[tuple[str, str]] = set()
+        # directory keys ("d/") this mount's rmdir removed while pending deletes were under them
+        self.removed_dirs: set[str] = set()
         for key, etag in self.recorded():  # an earlier run's: no handle of this run reads them
             self._note(key, etag)
             self.ready.add((key, etag))
@@ -57,6 +59,40 @@ class DeferredDeletes:
         """Whether object ``info`` is a version whose delete is pending (not to be shown)."""
         etags = self.pending.get(info.key)
         return etags is not None and _norm(info.etag) in etags
+
+    def pending_under(self, dkey: str) -> int:
+        """How many keys below directory key ``dkey`` (ending in "/") have a pending delete:
+        at most that many objects there are hidden."""
+        return sum(1 for k in self.pending if k.startswith(dkey))
+
+    async def visible_under(self, dkey: str, *, own_marker: bool = False) -> bool:
+        """Whether the store holds an object below directory key ``dkey`` that this mount
+        shows: not a version whose delete is pending, nor (``own_marker`` False) ``dkey``'s own
+        marker. Lists page by page until one is found (a page holds every hidden object plus
+        one more, so usually one request). Raises StoreError."""
+        marker = None
+        size = min(1000, self.pending_under(dkey) + 2)
+        while True:
+            page = await self.store.list(dkey, delimiter=None, marker=marker, max_keys=size)
+            if any((own_marker or o.key != dkey) and not self.hides(o) for o in page.objects):
+                return True
+            if page.next_marker is None:
+                return False
+            marker = page.next_marker
+
+    def note_removed_dir(self, dkey: str) -> None:
+        """This mount removed directory ``dkey`` while objects of unlinked open files below it
+        await their deletes: :meth:`hides_dir` keeps the prefix they leave from showing it."""
+        if self.pending_under(dkey):
+            self.removed_dirs.add(dkey)
+
+    async def hides_dir(self, dkey: str) -> bool:
+        """Whether the key prefix ``dkey`` ("d/") is a directory this mount removed whose only
+        objects left are pending deletes (so lookups and listings do not show it as an
+        implicit directory); False at once for any other prefix. Raises StoreError."""
+        if dkey not in self.removed_dirs:
+            return False
+        return not await self.visible_under(dkey, own_marker=True)
 
     def last_etag(self, key: str) -> str | None:
         """The ETag of the latest pending delete at ``key`` (the one that may still be there), or None."""
@@ -134,6 +170,7 @@ class DeferredDeletes:
             etags.remove(_norm(etag))
             if not etags:
                 del self.pending[key]
+                self.removed_dirs = {d for d in self.removed_dirs if self.pending_under(d)}
 
 
 def _norm(etag: str) -> str:
