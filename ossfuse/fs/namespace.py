@@ -526,7 +526,7 @@ class Namespace:
         if dst.is_dir and not src.is_dir:
             raise FsError(errno.EISDIR)
 
-    async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> None:
+    async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> bool:
         """Move file ``src`` to ``dst_path`` (replacing ``dst``). A committed version is copied
         (conditional on its ETag), then deleted at the old name. If the copy fails nothing
         changed; if the delete fails, the copy is deleted again when it replaced nothing (the
