@@ -27,6 +27,29 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 AK, SK, BUCKET, REGION = "test-ak", "test-sk-secret", "test-bucket", "cn-hangzhou"
 
 
+def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """Run ``ossfuse ARGS...`` as a user would (text output captured, ``timeout`` seconds)."""
+    return subprocess.run(OSSFUSE + list(args), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def local_config(tmp_path, cmks: dict[str, str], encrypt_with: str | None = None, *,
+                 matdesc: dict[str, dict[str, str]] | None = None, extra: str = "") -> str:
+    """Write ``tmp_path/c.toml``: a local store at ``tmp_path/bucket``, the RSA CMKs ``cmks``
+    (id -> private key path; ``matdesc`` per id), ``encrypt_with`` (default: the first id), the
+    cache at ``tmp_path/cache``, then ``extra``. Returns its path."""
+    lines = ["[store]", f'url = "local://{tmp_path}/bucket"', "[encryption]",
+             f'encrypt_with = "{encrypt_with or next(iter(cmks))}"']
+    for cmk_id, key in cmks.items():
+        lines += ["[[encryption.cmk]]", f'id = "{cmk_id}"', 'type = "rsa"', f'private_key = "{key}"']
+        if matdesc and cmk_id in matdesc:
+            lines.append("matdesc = { " + ", ".join(f'{k} = "{v}"' for k, v in matdesc[cmk_id].items()) + " }")
+    lines += ["[cache]", f'dir = "{tmp_path}/cache"']
+    path = os.path.join(str(tmp_path), "c.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + extra)
+    return path
+
+
 def run_sync(coro_fn, *args):
     """Run one async store call from a synchronous test."""
     return trio.run(coro_fn, *args)

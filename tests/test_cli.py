@@ -12,13 +12,12 @@ from cryptography.hazmat.primitives import serialization
 
 from ossfuse import config as config_mod
 
-from conftest import OSSFUSE
+from conftest import OSSFUSE, local_config, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def ossfuse(*args, **kw):
-    return subprocess.run(OSSFUSE + list(args), capture_output=True, text=True, timeout=60, **kw)
+ossfuse = run_cli
 
 
 def test_keygen_writes_private_0600_and_public(tmp_path):
@@ -44,18 +43,10 @@ def _config(tmp_path, body: str) -> str:
     return str(p)
 
 
-BASE = """\
-[store]
-url = "local://{root}/bucket"
-[encryption]
-encrypt_with = "k"
-[[encryption.cmk]]
-id = "k"
-type = "rsa"
-private_key = "{key}"
-[cache]
-dir = "{root}/cache"
-"""
+def _base(root, key) -> str:
+    """The config text of these tests: one RSA CMK ``k`` (``key``), store and cache below ``root``."""
+    with open(local_config(root, {"k": str(key)})) as f:
+        return f.read()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -72,7 +63,7 @@ dir = "{root}/cache"
     (lambda s: s.replace("[store]", "[store"), "not valid TOML"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message):
-    path = _config(tmp_path, edit(BASE.format(root=tmp_path, key=cmk_path)))
+    path = _config(tmp_path, edit(_base(tmp_path, cmk_path)))
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(path)
     assert str(e.value).startswith(path + ": ")
@@ -100,7 +91,7 @@ def test_schema_is_derived_from_the_dataclasses(tmp_path, cmk_path):
     keys, required = config_mod._schema(Probe)
     assert keys == {"name": (str,), "ratio": (int, float), "count": (int,), "tags": (list,), "on": (bool,)}
     assert required == ("name",)
-    base = BASE.format(root=tmp_path, key=cmk_path)
+    base = _base(tmp_path, cmk_path)
     tables = {"store": config_mod.StoreConfig, "cache": config_mod.CacheConfig, "mount": config_mod.MountConfig,
               "encryption.cmk[0]": config_mod.CmkConfig}
     checked = 0
@@ -131,14 +122,14 @@ def test_key_file_problems_are_one_line_naming_the_file(tmp_path, cmk_path):
         key = tmp_path / name
         key.write_text(content)
         os.chmod(key, mode)
-        path = _config(tmp_path, BASE.format(root=tmp_path, key=key))
+        path = _config(tmp_path, _base(tmp_path, key))
         r = ossfuse("mount", "-c", path, str(tmp_path / "mnt"))
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert message in r.stderr and name in r.stderr, r.stderr
 
 
 def test_relative_local_url_is_relative_to_the_config(tmp_path, cmk_path):
-    body = BASE.format(root=tmp_path, key=cmk_path).replace(f'url = "local://{tmp_path}/bucket"', 'url = "local://bkt"')
+    body = _base(tmp_path, cmk_path).replace(f'url = "local://{tmp_path}/bucket"', 'url = "local://bkt"')
     cfg = config_mod.load(_config(tmp_path, body))
     assert cfg.store.url == f"local://{tmp_path}/bkt"
 
@@ -146,7 +137,7 @@ def test_relative_local_url_is_relative_to_the_config(tmp_path, cmk_path):
 def test_config_defaults_and_relative_paths(tmp_path, cmk_path):
     """Paths in the config are relative to the config file's directory; the prefix gets a '/'."""
     os.symlink(cmk_path, tmp_path / "rel.pem")
-    body = BASE.format(root=tmp_path, key="rel.pem").replace(f'dir = "{tmp_path}/cache"', 'dir = "cache"')
+    body = _base(tmp_path, "rel.pem").replace(f'dir = "{tmp_path}/cache"', 'dir = "cache"')
     body = body.replace("[encryption]", 'prefix = "/team"\n[encryption]')
     cfg = config_mod.load(_config(tmp_path, body))
     assert cfg.encryption.cmks[0].private_key == str(tmp_path / "rel.pem")

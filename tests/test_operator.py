@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 
 import pytest
 import trio
@@ -18,7 +17,7 @@ from ossfuse.fs import Filesystem
 from ossfuse.keyring import Keyring
 from ossfuse.store.local import LocalStore
 
-from conftest import OSSFUSE
+from conftest import local_config, run_cli
 from fakes.core import core_filesystem
 from fakes.fault_store import FaultStore
 
@@ -161,30 +160,13 @@ def test_prometheus_text_parses_and_carries_the_status(tmp_path, cmk_path):
 
 
 def test_status_prometheus_flag_of_the_command(tmp_path):
-    r = subprocess.run(OSSFUSE + ["status", "--json", "--prometheus", str(tmp_path)], capture_output=True, text=True)
+    r = run_cli("status", "--json", "--prometheus", str(tmp_path))
     assert r.returncode == 2 and "not allowed with" in r.stderr
-    r = subprocess.run(OSSFUSE + ["status", "--help"], capture_output=True, text=True)
+    r = run_cli("status", "--help")
     assert "--prometheus" in r.stdout and "textfile" in r.stdout
 
 
 # --------------------------------------------------------------------------------- rekey
-REKEY_CONFIG = """\
-[store]
-url = "local://{root}/bucket"
-[encryption]
-encrypt_with = "k"
-[[encryption.cmk]]
-id = "k"
-type = "rsa"
-private_key = "{k}"
-[[encryption.cmk]]
-id = "k2"
-type = "rsa"
-private_key = "{k2}"
-matdesc = {{ who = "k2" }}
-[cache]
-dir = "{root}/cache"
-"""
 
 
 def test_rekey_progress_lines_and_directory_markers(tmp_path, cmk_path, other_cmk_path):
@@ -193,9 +175,8 @@ def test_rekey_progress_lines_and_directory_markers(tmp_path, cmk_path, other_cm
     that are not encrypted."""
     from ossfuse import config as config_mod
     os.makedirs(tmp_path / "bucket", mode=0o700)
-    path = tmp_path / "c.toml"
-    path.write_text(REKEY_CONFIG.format(root=tmp_path, k=cmk_path, k2=other_cmk_path))
-    cfg = config_mod.load(str(path))
+    path = local_config(tmp_path, {"k": cmk_path, "k2": other_cmk_path}, matdesc={"k2": {"who": "k2"}})
+    cfg = config_mod.load(path)
     sizes = {"a": 1000, "b": 20_000}
 
     async def write():
@@ -213,8 +194,8 @@ def test_rekey_progress_lines_and_directory_markers(tmp_path, cmk_path, other_cm
         fs.close()
 
     trio.run(write)
-    r = subprocess.run(OSSFUSE + ["rekey", "-c", str(path), "--to", "k2", "d"], capture_output=True, text=True,
-                       timeout=120, env={k: v for k, v in os.environ.items() if k != "OSSFUSE_PROGRESS"})
+    r = run_cli("rekey", "-c", path, "--to", "k2", "d", timeout=120,
+                env={k: v for k, v in os.environ.items() if k != "OSSFUSE_PROGRESS"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "changed: 2 object(s)" in r.stdout
     assert "skipped, not encrypted: 1" in r.stdout and "skipped, directory markers: 1" in r.stdout, r.stdout
@@ -248,7 +229,7 @@ def test_check_prints_each_failure_once(tmp_path, cmk_path):
                     f'retries = 0\n[encryption]\nencrypt_with = "k"\n[[encryption.cmk]]\nid = "k"\ntype = "rsa"\n'
                     f'private_key = "{cmk_path}"\n[cache]\ndir = "{tmp_path}/cache"\n')
     env = dict(os.environ, OSS_ACCESS_KEY_ID="id", OSS_ACCESS_KEY_SECRET="secret")
-    r = subprocess.run(OSSFUSE + ["check", "-c", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    r = run_cli("check", "-c", str(path), env=env)
     assert r.returncode == 1
     assert r.stderr == ""
     fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
