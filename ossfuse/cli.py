@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 
-from .registry import (EXIT_PENDING, holders, mounted_device, mounted_type, process_alive, read_registry,
-                       registry_path)
+from .registry import (EXIT_PENDING, daemon_gone, holders, mounted_device, mounted_type, process_alive,
+                       read_registry, registry_path, users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine) is
 # imported only by the commands that run it: `ossfuse umount` and `status` return in tens of ms.
@@ -212,11 +212,25 @@ def cmd_umount(args) -> int:
             return _die(f"{mp} is not an ossfuse mount (it is {fstype}): not unmounting it")
         if not os.path.ismount(mp):
             return _die(f"{mp} is not mounted")
+    dead = daemon_gone(mp)
+    if dead is not None:
+        # nobody serves it: nothing can be pending in a daemon, and nothing can be open in it
+        # that a lazy unmount would strand (every access already fails with ENOTCONN)
+        r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if r.returncode != 0:
+            r = subprocess.run(["fusermount3", "-uz", mp], capture_output=True, text=True)
+        if r.returncode != 0:
+            return _die(f"{mp}: its daemon is gone, and unmounting failed: {r.stderr.strip()}")
+        return _die(f"{mp}: the daemon{f' (pid {dead})' if dead else ''} had died; unmounted its dead mount; "
+                    f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
         if "busy" in msg:
-            msg += f" (files are open there: fuser -vm {mp} shows by whom)"
+            users = users_of(mp)
+            msg += (f" (in use by {', '.join(f'pid {p} ({c})' for p, c in users[:5])}"
+                    f"{f' and {len(users) - 5} more' if len(users) > 5 else ''})" if users
+                    else " (files are open there, by processes this user cannot see)")
         return _die(msg)
     if reg is None or reg.get("exited"):
         return 0
@@ -303,6 +317,9 @@ def cmd_status(args) -> int:
     try:
         doc = status.query(registry_path(mp, ".sock"))
     except OSError:
+        if daemon_gone(mp) is not None:
+            return _die(f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
+                        f"(or fusermount3 -u {mp})")
         if not os.path.ismount(mp):
             return _die(f"{mp} is not a mount point")
         return _die(f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)")

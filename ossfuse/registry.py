@@ -14,6 +14,7 @@ daemon that stats its own mount point waits for itself.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -168,4 +169,53 @@ def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]
                 found.append((int(name), f.read().strip()))
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def daemon_gone(mountpoint: str) -> int | None:
+    """When an ossfuse mount is at ``mountpoint`` but its daemon is dead (the kernel then
+    answers every access with ENOTCONN, "transport endpoint is not connected"): the dead
+    daemon's pid, 0 when there is no registry record to name it. None otherwise (nothing
+    mounted, or the daemon runs). Reads mountinfo and the registry only; the mount point is
+    stat'ed only without a record, and a dead mount answers that at once."""
+    if mounted_device(mountpoint) is None:
+        return None
+    record = read_registry(mountpoint)
+    if record is not None and record.get("pid"):
+        return None if process_alive(record["pid"]) else record["pid"]
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            return 0
+    return None
+
+
+def users_of(mountpoint: str) -> list[tuple[int, str]]:
+    """Processes (pid, command name) with a file open, or their working or root directory,
+    at or below ``mountpoint``: what keeps an unmount busy (what ``fuser -vm`` shows, without
+    psmisc). Reads /proc/PID/fd/* and cwd/root links, which name paths without touching the
+    mount; processes of other users are seen only as root."""
+    below = mountpoint.rstrip("/") + "/"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        base = f"/proc/{name}"
+        try:
+            links = [f"{base}/cwd", f"{base}/root"] + [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == mountpoint or target.startswith(below):
+                try:
+                    with open(f"{base}/comm") as f:
+                        found.append((int(name), f.read().strip()))
+                except OSError:
+                    pass
+                break
     return found

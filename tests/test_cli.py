@@ -203,3 +203,48 @@ def test_foreground_mount_stops_on_sigterm(make_mount):
     assert not os.path.ismount(m.mnt)
     assert m.head("f").size == 4
     assert "mounted" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("store_kind", ["local"])
+def test_status_and_umount_of_a_mount_whose_daemon_died(mount):
+    """A daemon killed under its mount leaves a mount that answers ENOTCONN: `status` says so
+    and how to clear it (not "not a mount point"); `umount` clears it, saying the daemon was
+    gone, and the mount point is an empty directory again."""
+    import signal
+    import time
+    os.kill(mount.pid, signal.SIGKILL)
+    for _ in range(200):
+        if not os.path.exists(f"/proc/{mount.pid}"):
+            break
+        time.sleep(0.01)
+    with pytest.raises(OSError) as e:
+        os.stat(mount.mnt)
+    assert e.value.errno == __import__("errno").ENOTCONN
+    r = ossfuse("status", mount.mnt)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert (f"{mount.mnt}: the daemon is gone (transport endpoint not connected); run `ossfuse umount "
+            f"{mount.mnt}` (or fusermount3 -u {mount.mnt})") in r.stderr, r.stderr
+    r = ossfuse("umount", mount.mnt)
+    assert r.returncode == 1, r.stderr
+    assert f"{mount.mnt}: the daemon (pid {mount.pid}) had died; unmounted its dead mount" in r.stderr, r.stderr
+    assert not os.path.ismount(mount.mnt) and os.listdir(mount.mnt) == []
+    mount.pid = None
+
+
+@pytest.mark.parametrize("store_kind", ["local"])
+def test_busy_umount_names_the_processes_without_fuser(mount):
+    """A file open in the mount (and a shell whose working directory is there) keeps it busy:
+    `umount` refuses, naming each process, from /proc (no psmisc `fuser` on a bare Debian)."""
+    with open(mount.path("f"), "w") as f:
+        f.write("x")
+    sleeper = subprocess.Popen(["sleep", "60"], cwd=mount.mnt)
+    try:
+        with open(mount.path("f")) as held:
+            r = ossfuse("umount", mount.mnt)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert "busy" in r.stderr and "fuser" not in r.stderr, r.stderr
+            assert f"pid {os.getpid()} (" in r.stderr and f"pid {sleeper.pid} (sleep)" in r.stderr, r.stderr
+            assert held.read() == "x"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
