@@ -357,6 +357,30 @@ def test_find_du_ls_over_a_deep_tree(mount, tmp_path):
     assert du >= sum(1000 + k for k in range(5)) * 6
 
 
+def test_fallocate_is_eopnotsupp_and_posix_fallocate_falls_back(mount):
+    """fallocate(2) (any mode) is refused with EOPNOTSUPP, the file untouched; glibc's
+    posix_fallocate then writes the range itself, so the file grows to the asked length and
+    the bytes it added read as zeros."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    p = mount.path("alloc")
+    with open(p, "wb") as f:
+        f.write(b"abc")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        for mode in (0, 1):  # 0: allocate and extend; 1: FALLOC_FL_KEEP_SIZE
+            assert libc.fallocate(fd, mode, 0, 8192) == -1
+            assert ctypes.get_errno() == errno.EOPNOTSUPP
+        assert os.fstat(fd).st_size == 3
+        os.posix_fallocate(fd, 0, 5000)
+        assert os.fstat(fd).st_size == 5000
+    finally:
+        os.close(fd)
+    with open(p, "rb") as f:
+        assert f.read() == b"abc" + bytes(4997)
+
+
 def test_xattrs_are_refused_with_enotsup_consistently(mount):
     p = mount.path("x")
     with open(p, "wb") as f:
