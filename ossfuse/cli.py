@@ -418,6 +418,8 @@ def cmd_rekey(args) -> int:
             return _die(f"{cfg.path}: no CMK with id {name!r}")
     if reason := rekey.refusal(keyring, args.to_id):  # objects this config could not read: stop first
         return _die(f"{cfg.path}: {reason}")
+    for line in rekey.mounts_without(cfg, keyring, args.to_id):  # mounts that could not read them
+        print(f"ossfuse: warning: {line}", file=sys.stderr)
 
     async def run():
         objects = total = None
@@ -436,7 +438,7 @@ def cmd_rekey(args) -> int:
 
     summary = trio.run(run)
     print(summary.render(args.dry_run))
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.damaged else 0
 
 
 def cmd_check(args) -> int:

@@ -219,3 +219,24 @@ def users_of(mountpoint: str) -> list[tuple[int, str]]:
                     pass
                 break
     return found
+
+
+def running_mounts() -> list[dict]:
+    """The registry records of this user's mounts whose daemon runs (each with ``mountpoint``
+    and ``config``, the config file's path), from the runtime directory."""
+    try:
+        names = sorted(os.listdir(runtime_dir()))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(runtime_dir(), name)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and not record.get("exited") and record.get("pid") and process_alive(record["pid"]):
+            found.append(record)
+    return found

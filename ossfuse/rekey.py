@@ -17,6 +17,7 @@ same time: their write could be overwritten by the re-uploaded older content.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ import trio
 
 from . import envelope as env
 from . import integrity
-from .config import Config
+from .config import CmkConfig, Config
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
 from .store.base import ObjectInfo, ObjectStore, StoreError
 from .upload import Uploader
@@ -46,6 +47,9 @@ class RekeySummary:
     plaintext: int = 0  # no envelope (directory markers not counted)
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to rekey
     failed: list[str] = field(default_factory=list)
+    # "key (ETag E): why" of objects failing their integrity tags: left as they are, never
+    # re-saved under the new CMK (that would launder the damage into a fresh, valid-looking copy)
+    damaged: list[str] = field(default_factory=list)
     # CMK id -> keys of the encrypted objects it reads once the run is done (all, in listing order)
     readers_after: dict[str, list[str]] = field(default_factory=dict)
 
@@ -60,6 +64,8 @@ class RekeySummary:
                  f"skipped, directory markers: {self.dir_markers}",
                  f"failed: {len(self.failed)}"]
         lines += [f"  {f}" for f in self.failed]
+        lines.append(f"skipped, damaged (failing integrity tags, not rekeyed): {len(self.damaged)}")
+        lines += [f"  DAMAGED {d}" for d in self.damaged]
         for cmk_id, keys in sorted(self.readers_after.items()):
             shown = ", ".join(keys[:self.SHOWN_KEYS]) + (", …" if len(keys) > self.SHOWN_KEYS else "")
             lines.append(f"{'would be' if dry_run else 'now'} read with CMK {cmk_id!r}: {len(keys)} object(s): {shown}")
@@ -80,6 +86,51 @@ def refusal(keyring: Keyring, to_id: str | None) -> str | None:
         if reason:
             return f"refusing to rekey to CMK {target.id!r}: {reason}"
     return None
+
+
+def _same_cmk(a: CmkConfig, b: CmkConfig) -> bool:
+    """Whether two configs' CMK entries are one key with the same matdesc: an object wrapped
+    by ``a`` is read with ``b`` (RSA: the same private key file or bytes; KMS: the same key id)."""
+    if a.type != b.type or (a.matdesc or None) != (b.matdesc or None):
+        return False
+    if a.type == "kms":
+        return a.key_id == b.key_id
+    try:
+        with open(a.private_key, "rb") as fa, open(b.private_key, "rb") as fb:
+            return os.path.realpath(a.private_key) == os.path.realpath(b.private_key) or fa.read() == fb.read()
+    except OSError:
+        return False
+
+
+def mounts_without(cfg: Config, keyring: Keyring, to_id: str | None) -> list[str]:
+    """One line per running mount of the same store whose configuration lacks a CMK this
+    rekey wraps objects with: its reads of them would fail with EACCES (no CMK of its keyring
+    matches) until that CMK is added to its config and it is mounted again. Mounts whose
+    config cannot be read are named too."""
+    from . import config as config_mod
+    from .registry import running_mounts
+    targets = [keyring.cmks[to_id]] if to_id else [keyring.default] + [cmk for _, cmk in keyring.rules]
+    by_id = {c.id: c for c in cfg.encryption.cmks}
+    lines = []
+    for record in running_mounts():
+        path = record.get("config")
+        if not path or os.path.realpath(path) == os.path.realpath(cfg.path):
+            continue
+        try:
+            other = config_mod.load(path)
+        except (config_mod.ConfigError, OSError) as e:
+            lines.append(f"mount {record.get('mountpoint')}: cannot read its config to check its CMKs: {e}")
+            continue
+        if other.store.url != cfg.store.url or not (other.store.prefix.startswith(cfg.store.prefix)
+                                                    or cfg.store.prefix.startswith(other.store.prefix)):
+            continue
+        for target in dict.fromkeys(targets):
+            if not any(_same_cmk(by_id[target.id], c) for c in other.encryption.cmks):
+                lines.append(f"mount {record['mountpoint']} (config {path}) has no CMK {target.id!r} "
+                             f"(matdesc {json.dumps(target.matdesc) if target.matdesc else 'none'}): its reads of "
+                             f"the rekeyed objects will fail with EACCES until that CMK is in its config "
+                             f"and it is mounted again")
+    return lines
 
 
 async def _all_objects(store: ObjectStore, prefix: str):
@@ -113,6 +164,9 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
     async for listed in _all_objects(store, prefix):
         try:
             await _rekey_one(listed, cfg, store, keyring, uploader, from_id, to_id, dry_run, summary)
+        except integrity.IntegrityError as e:
+            log.error("rekey of %r (ETag %s) skipped: it fails its integrity tags: %s", listed.key, listed.etag, e)
+            summary.damaged.append(f"{listed.key} (ETag {listed.etag}): {e}")
         except (StoreError, env.EnvelopeError, KeyMissing, CmkUnavailable) as e:
             log.error("rekey of %r failed: %s", listed.key, e)
             summary.failed.append(f"{listed.key}: {e}")
@@ -126,11 +180,8 @@ async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyrin
     if listed.key.endswith("/") and listed.size == 0:
         summary.dir_markers += 1
         return
-    info = await store.head(listed.key)
+    info = await _head_encrypted(listed, store, summary)
     if info is None:
-        return  # deleted meanwhile
-    if not env.is_encrypted(info.metadata):
-        summary.plaintext += 1
         return
     wrapped = env.parse_envelope(info.metadata)
     path = info.key[len(cfg.store.prefix):]
@@ -157,6 +208,9 @@ async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyrin
         return
     envelope = opened or await trio.to_thread.run_sync(keyring.open_envelope, wrapped, current)
     assert envelope is not None
+    spec = integrity.parse(info.metadata)
+    if spec is not None:  # raises IntegrityError: the caller reports it and leaves the object be
+        await _check_tags(info, store, envelope, spec)
     iv = envelope.iv
     new = env.WrappedEnvelope(await trio.to_thread.run_sync(target.wrap, envelope.data_key),
                               await trio.to_thread.run_sync(target.wrap, iv), target.wrap_alg,
@@ -273,12 +327,22 @@ async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str
     return summary
 
 
-async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:
+async def _head_encrypted(listed: ObjectInfo, store: ObjectStore, summary: RekeySummary | VerifySummary
+                          ) -> ObjectInfo | None:
+    """The HEAD of a listed object when it is encrypted; None when it was deleted meanwhile, or
+    has no envelope (then counted in ``summary.plaintext``)."""
     info = await store.head(listed.key)
     if info is None:
-        return  # deleted meanwhile
+        return None
     if not env.is_encrypted(info.metadata):
         summary.plaintext += 1
+        return None
+    return info
+
+
+async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:
+    info = await _head_encrypted(listed, store, summary)
+    if info is None:
         return
     spec = integrity.parse(info.metadata)
     if spec is None:
@@ -286,6 +350,15 @@ async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, 
         summary.untagged_bytes += info.size
         return
     envelope = await trio.to_thread.run_sync(keyring.open_envelope, env.parse_envelope(info.metadata))
+    await _check_tags(info, store, envelope, spec)
+    summary.verified += 1
+    summary.verified_bytes += info.size
+
+
+async def _check_tags(info: ObjectInfo, store: ObjectStore, envelope: env.Envelope, spec: integrity.TagSpec) -> None:
+    """Read the object ``info`` (that ETag: If-Match) in whole blocks and check each against its
+    tags. Raises IntegrityError naming the first bad block and its bytes (or a truncated
+    read, or a damaged tag list), StoreError when it cannot be read."""
     body = None
     if spec.list_key is not None:
         want = integrity.nblocks(info.size, spec.block) * integrity.TAG
@@ -302,8 +375,6 @@ async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, 
             raise integrity.IntegrityError(f"block {bad[0]} (bytes {bad[0] * spec.block}-"
                                            f"{min(info.size, (bad[0] + 1) * spec.block) - 1}) fails its integrity tag"
                                            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    summary.verified += 1
-    summary.verified_bytes += info.size
 
 
 def _human_bytes(n: int) -> str:

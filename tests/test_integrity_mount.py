@@ -129,3 +129,64 @@ def test_multipart_uploads_and_rekey_keep_valid_tags(tmp_path, cmk_path, other_c
     finally:
         assert m.stop() == 0
     m.check_log()
+
+
+B_CMK = '[[encryption.cmk]]\nid = "b"\ntype = "rsa"\nprivate_key = "{}"\nmatdesc = {{ cmk = "b" }}\n'
+
+
+@pytest.mark.expect_log(r"rekey of 'bad' \(ETag \S+\) skipped: it fails its integrity tags")
+def test_rekey_skips_and_reports_a_damaged_object(tmp_path, cmk_path, other_cmk_path):
+    """A damaged object is never re-saved under the new CMK (that would give it fresh, valid
+    tags over bad bytes): rekey checks the tags, leaves it as it is, names it on one line and
+    exits 1; the good objects are rekeyed."""
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path, extra=B_CMK.format(other_cmk_path))
+    m.start()
+    try:
+        for name in ("bad", "good"):
+            with open(m.path(name), "wb") as f:
+                f.write(os.urandom(200_000))
+    finally:
+        assert m.stop() == 0
+    flip(m, "bad", 70_000)
+    before = m.head("bad")
+    r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b"], capture_output=True, text=True,
+                       env=m.env, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "changed: 1 object(s)" in r.stdout, r.stdout
+    damaged = [ln for ln in r.stdout.splitlines() if ln.startswith("  DAMAGED ")]
+    assert damaged == [f"  DAMAGED bad (ETag {before.etag}): block 1 (bytes 65536-131071) fails its integrity tag"], r.stdout
+    after = m.head("bad")
+    assert after.etag == before.etag and after.metadata == before.metadata  # left as it was
+    assert m.head("good").metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
+
+
+@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}")
+def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matdesc(tmp_path, cmk_path,
+                                                                                   other_cmk_path):
+    """A mount whose config has only the old CMK, and a rekey (with another config) to a CMK
+    it lacks: rekey warns, naming that mount; the mount's read is EACCES with one log line
+    naming the object and the matdesc it has no CMK for."""
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"data")
+        wider = tmp_path / "wider.toml"
+        with open(m.config) as f:
+            wider.write_text(f.read().replace("[cache]", B_CMK.format(other_cmk_path) + "[cache]")
+                             .replace(m.cache, str(tmp_path / "cache2")))
+        r = subprocess.run(OSSFUSE + ["rekey", "-c", str(wider), "--to", "b"], capture_output=True, text=True,
+                           env=m.env, timeout=120)
+        assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
+        assert (f"ossfuse: warning: mount {m.mnt} (config {m.config}) has no CMK 'b' (matdesc "
+                '{"cmk": "b"}): its reads of the rekeyed objects will fail with EACCES') in r.stderr, r.stderr
+        m.remount()  # forget the old envelope the mount knew
+        with pytest.raises(OSError) as e:
+            open(m.path("f"), "rb").read()
+        assert e.value.errno == errno.EACCES
+        lines = [ln for ln in m.log().splitlines() if "no CMK for" in ln]
+        assert len(lines) == 1 and "'f'" in lines[0], lines
+    finally:
+        m.stop()
