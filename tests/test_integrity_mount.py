@@ -190,3 +190,46 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         assert len(lines) == 1 and "'f'" in lines[0], lines
     finally:
         m.stop()
+
+
+@pytest.mark.expect_log(r"reading 'f' failed: .*the stored body of this object is missing \(blob file \S+ is gone\)")
+def test_a_lost_body_in_the_local_store_is_eio_saying_it_is_missing(tmp_path, cmk_path):
+    """The local bucket's blob of an object deleted behind its back: EIO with one line saying
+    the body is missing (not "the object kept changing", which points at another writer)."""
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"data" * 1000)
+        m.remount()
+        os.unlink(m.store._blob_path(m.store._row("f")[5]))
+        with pytest.raises(OSError) as e:
+            open(m.path("f"), "rb").read()
+        assert e.value.errno == errno.EIO
+        lines = [ln for ln in m.log().splitlines() if "'f'" in ln and "ERROR" in ln]
+        assert len(lines) == 1 and "is missing" in lines[0] and "kept changing" not in lines[0], lines
+    finally:
+        m.stop()
+
+
+@pytest.mark.expect_log(r"'f' was deleted by another client while open")
+def test_an_object_deleted_by_another_client_after_open_is_estale_saying_so(tmp_path, cmk_path):
+    """Another client deletes the object between the mount's HEAD (open) and its GET (read):
+    ESTALE and one line saying it was deleted."""
+    from conftest import Mount, run_sync
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"data" * 1000)
+        m.remount()
+        with open(m.path("f"), "rb") as f:
+            run_sync(m.store.delete, "f")
+            with pytest.raises(OSError) as e:
+                f.read()
+        assert e.value.errno == errno.ESTALE
+        lines = [ln for ln in m.log().splitlines() if "'f'" in ln and "ERROR" in ln]
+        assert len(lines) == 1 and "deleted by another client" in lines[0], lines
+    finally:
+        m.stop()

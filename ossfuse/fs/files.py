@@ -55,7 +55,7 @@ class Files:
         self.upload_at_close = upload_at_close
         # set by Filesystem: Namespace.last_close, the deferred delete of an unlinked open file
         self.on_last_close: Callable[[Node], Awaitable[None]] | None = None
-        self._integrity_reported: set[tuple[str, str]] = set()  # (key, failure) logged at ERROR
+        self._errors_reported: set[tuple[str, ...]] = set()  # (key, format, args) logged at ERROR
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
@@ -137,29 +137,32 @@ class Files:
             data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until,
                                          tags=tags)
         except PreconditionFailed as e:
-            log.error("%r was replaced by another client while open (ETag %s); reopen to read "
-                      "the new version", v.key, v.etag)
+            self._error_once("%r was replaced by another client while open (ETag %s); reopen to read "
+                             "the new version", v.key, v.etag)
             raise FsError(errno_of(e)) from None
         except NoSuchKey as e:
-            log.error("%r was deleted by another client while open", v.key)
+            self._error_once("%r was deleted by another client while open", v.key)
             raise FsError(errno_of(e)) from None
         except TruncatedObject as e:
             log.error("cannot read %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
         except IntegrityError as e:
-            # one ERROR line per damaged block of a version: the kernel retries a failed read
-            # page by page, and a program may read it again and again
-            if len(self._integrity_reported) > 10_000:
-                self._integrity_reported.clear()
-            said = (v.key, str(e))
-            log.log(logging.DEBUG if said in self._integrity_reported else logging.ERROR, "cannot read %r: %s",
-                    v.key, e)
-            self._integrity_reported.add(said)
+            self._error_once("cannot read %r: %s", v.key, e)
             raise FsError(errno.EIO) from None
         except StoreError as e:
-            log.error("reading %r failed: %s", v.key, e)
+            self._error_once("reading %r failed: %s", v.key, e)
             raise FsError(errno_of(e)) from None
         return v.envelope.crypt(offset, data) if v.envelope is not None else data
+
+    def _error_once(self, fmt: str, key: str, *args) -> None:
+        """Log ``fmt % (key, *args)`` at ERROR the first time, at DEBUG after: one ERROR line per
+        damaged block or lost object, since the kernel retries a failed read page by page and
+        a program may read it again and again."""
+        if len(self._errors_reported) > 10_000:
+            self._errors_reported.clear()
+        said = (key, fmt, *map(str, args))
+        log.log(logging.DEBUG if said in self._errors_reported else logging.ERROR, fmt, key, *args)
+        self._errors_reported.add(said)
 
     async def readlink(self, node: Node) -> str:
         """The target of symlink ``node`` (read from its object once). FsError(EINVAL) for

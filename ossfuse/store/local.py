@@ -288,7 +288,13 @@ class LocalStore(ObjectStore):
                         return None
                     return bytes(buf[:n]) if n == len(buf) or start + n >= row[1] else None
             except FileNotFoundError:
-                continue
+                again = self._row(key)
+                if again is not None and again[5] == row[5]:
+                    # the row still names this body: not replaced meanwhile, but lost (someone
+                    # deleted the blob file); saying "kept changing" would send one hunting a writer
+                    raise StoreError(f"the stored body of this object is missing (blob file "
+                                     f"{self._blob_path(row[5])} is gone)", key=key) from None
+                continue  # replaced or deleted meanwhile: read the row again
         raise StoreError("object kept changing while being read", key=key)
 
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
