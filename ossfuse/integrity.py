@@ -164,13 +164,29 @@ def seal(path: str, data_key: bytes, iv: bytes, size: int, other_meta: dict[str,
     k = tag_key(data_key, iv)
     tags = tags_of_file(path, k, block, size)
     if in_meta:
-        # an empty object has no tags: no empty last field (a trailing space in a header value
-        # is stripped in transit and breaks the request signature, OSS 403 SignatureDoesNotMatch)
-        return SealedTags({HEADER: f"1 {block} m {base64.b64encode(tags).decode()}".rstrip(" ")})
+        return SealedTags(_meta_header(block, tags))
     root = list_root(k, block, size, tags)
     list_key = f"{list_prefix}{LIST_DIR}/{root.hex()}"
     value = f"1 {block} l {base64.b64encode(root).decode()} {urllib.parse.quote(list_key, safe='/')}"
     return SealedTags({HEADER: value}, list_key, tags)
+
+
+def _meta_header(block: int, tags: bytes) -> dict[str, str]:
+    """The header of the meta layout. An empty object has no tags: no empty last field (a
+    trailing space in a header value is stripped in transit and breaks the request signature,
+    OSS 403 SignatureDoesNotMatch)."""
+    return {HEADER: f"1 {block} m {base64.b64encode(tags).decode()}".rstrip(" ")}
+
+
+def tag_small(ciphertext: bytes, data_key: bytes, iv: bytes, other_meta: dict[str, str]) -> dict[str, str]:
+    """The tag header (meta layout) of a small object held in memory, e.g. a symlink's stored
+    target (at most PATH_MAX = 4096 bytes: one block), under (``data_key``, ``iv``) with
+    ``other_meta`` beside it. Raises ValueError for an object too large for the meta layout."""
+    block, in_meta = choose_block(len(ciphertext), meta_size(other_meta))
+    if not in_meta:
+        raise ValueError(f"{len(ciphertext)} bytes do not fit the meta layout: use seal()")
+    k = tag_key(data_key, iv)
+    return _meta_header(block, compute_tags(k, block, len(ciphertext), lambda off, n: ciphertext[off:off + n]))
 
 
 @dataclass(frozen=True)

@@ -354,3 +354,44 @@ def test_a_journaled_version_in_the_list_layout_uploads_its_list_after_a_crash(t
 
     trio.run(crash_after_close)
     trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"cannot read 'pre/ln': block 0 \(bytes 0-\d+\) of version ETag \S+ fails its integrity tag")
+def test_a_symlink_target_is_tagged_and_a_flipped_bit_is_eio(tmp_path, cmk_path, caplog):
+    """A symlink's target is its encrypted body: it carries tags like a file's, so a flipped bit
+    in the stored target is EIO with one log line (never a wrong target), and `check --verify`
+    names it; an intact one verifies. Directory markers have no body to tag (docs/integrity.md)."""
+    from ossfuse import rekey
+    local, store = _bucket(tmp_path, cached=True)
+    target = "../some/where/else-" + "x" * 100
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        root = fs.get(1)
+        await fs.symlink(root, "ln", target, 1, 2)
+        await fs.symlink(root, "ok", target, 1, 2)
+        await fs.mkdir(root, "d", 0o755, 1, 2)
+        spec = integrity.parse((await local.head("pre/ln")).metadata)
+        assert spec is not None and len(spec.tags) == 16
+        fs.close()
+        _flip(local, "pre/ln", 7)
+        fs = _filesystem(tmp_path, cmk_path, store)  # cold: the target is read from the store
+        with pytest.raises(FsError) as e:
+            await fs.readlink(await fs.lookup(fs.get(1), "ln"))
+        _eio(e)
+        with pytest.raises(FsError) as e:  # again: the same errno, no second ERROR line
+            await fs.readlink(await fs.lookup(fs.get(1), "ln"))
+        _eio(e)
+        assert await fs.readlink(await fs.lookup(fs.get(1), "ok")) == target
+        summary = await rekey.verify(fs.cfg, local, fs.keyring)
+        fs.close()
+        await store.aclose()
+        return summary
+
+    with caplog.at_level("INFO"):
+        summary = trio.run(main)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "'pre/ln'" in errors[0], errors
+    assert summary.verified == 1 and summary.untagged == 0, summary
+    assert len(summary.failed) == 1 and summary.failed[0].startswith("pre/ln (ETag ") and \
+        "block 0 (bytes 0-" in summary.failed[0], summary.failed

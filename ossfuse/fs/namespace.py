@@ -20,6 +20,7 @@ from typing import AsyncIterator
 
 import trio
 
+from .. import integrity
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..writeback.upload import Uploader
@@ -240,8 +241,10 @@ class Namespace:
             node = self.inodes.new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
             data = target.encode("utf-8", "surrogateescape")
             meta = file_metadata(node, envelope.wrapped, len(data))
+            body = envelope.crypt(0, data)
+            meta.update(integrity.tag_small(body, envelope.data_key, envelope.iv, meta))  # read checks it
             try:  # the commit, under the new name's lock only
-                info = await self.store.put_bytes(self.naming.key(path), envelope.crypt(0, data), meta)
+                info = await self.store.put_bytes(self.naming.key(path), body, meta)
             except StoreError as e:
                 self.inodes.discard(node)
                 log.error("symlink %r failed: %s", self.naming.key(path), e)
