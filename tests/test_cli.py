@@ -248,3 +248,24 @@ def test_busy_umount_names_the_processes_without_fuser(mount):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_installed_command_runs_a_copy_not_this_checkout():
+    """/usr/local/bin/ossfuse (what the systemd unit, fstab's mount helper and people run)
+    resolves into a virtualenv holding a copy of the package, not into a checkout: moving or
+    deleting the checkout must not break a boot-time mount. Checked where .ci/install ran as
+    root (CI: a clean clone); skipped, with the reason, on a helper's OSSFUSE_NO_LINK install."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cmd in ("/usr/local/bin/ossfuse", "/sbin/mount.fuse.ossfuse"):
+        if not os.path.exists(cmd):
+            if "CI" in os.environ:
+                pytest.fail(f"CI runs .ci/install as root, but {cmd} is missing", pytrace=False)
+            pytest.skip(f"{cmd} is not installed here (.ci/install with OSSFUSE_NO_LINK=1)")
+        real = os.path.realpath(cmd)
+        assert not real.startswith(repo + os.sep), f"{cmd} -> {real} is inside the checkout {repo}"
+        python = os.path.join(os.path.dirname(real), "python")
+        r = subprocess.run([python, "-c", "import ossfuse, os; print(os.path.realpath(ossfuse.__file__))"],
+                           cwd="/", capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and not r.stdout.strip().startswith(repo + os.sep), r.stdout + r.stderr
+    r = subprocess.run(["/usr/local/bin/ossfuse", "--help"], cwd="/", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "umount" in r.stdout, r.stderr
