@@ -95,6 +95,8 @@ def _same_cmk(a: CmkConfig, b: CmkConfig) -> bool:
         return False
     if a.type == "kms":
         return a.key_id == b.key_id
+    if a.private_key is None or b.private_key is None:
+        return False
     try:
         with open(a.private_key, "rb") as fa, open(b.private_key, "rb") as fb:
             return os.path.realpath(a.private_key) == os.path.realpath(b.private_key) or fa.read() == fb.read()

@@ -192,10 +192,8 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         m.stop()
 
 
-@pytest.mark.expect_log(r"reading 'f' failed: .*the stored body of this object is missing \(blob file \S+ is gone\)")
-def test_a_lost_body_in_the_local_store_is_eio_saying_it_is_missing(tmp_path, cmk_path):
-    """The local bucket's blob of an object deleted behind its back: EIO with one line saying
-    the body is missing (not "the object kept changing", which points at another writer)."""
+def _mounted_with_f(tmp_path, cmk_path):
+    """A started mount on a local bucket holding file ``f`` (4000 bytes), remounted: cold."""
     from conftest import Mount
     m = Mount(str(tmp_path / "m"), cmk_path)
     m.start()
@@ -203,6 +201,18 @@ def test_a_lost_body_in_the_local_store_is_eio_saying_it_is_missing(tmp_path, cm
         with open(m.path("f"), "wb") as f:
             f.write(b"data" * 1000)
         m.remount()
+    except BaseException:
+        m.cleanup()
+        raise
+    return m
+
+
+@pytest.mark.expect_log(r"reading 'f' failed: .*the stored body of this object is missing \(blob file \S+ is gone\)")
+def test_a_lost_body_in_the_local_store_is_eio_saying_it_is_missing(tmp_path, cmk_path):
+    """The local bucket's blob of an object deleted behind its back: EIO with one line saying
+    the body is missing (not "the object kept changing", which points at another writer)."""
+    m = _mounted_with_f(tmp_path, cmk_path)
+    try:
         os.unlink(m.store._blob_path(m.store._row("f")[5]))
         with pytest.raises(OSError) as e:
             open(m.path("f"), "rb").read()
@@ -217,13 +227,9 @@ def test_a_lost_body_in_the_local_store_is_eio_saying_it_is_missing(tmp_path, cm
 def test_an_object_deleted_by_another_client_after_open_is_estale_saying_so(tmp_path, cmk_path):
     """Another client deletes the object between the mount's HEAD (open) and its GET (read):
     ESTALE and one line saying it was deleted."""
-    from conftest import Mount, run_sync
-    m = Mount(str(tmp_path / "m"), cmk_path)
-    m.start()
+    from conftest import run_sync
+    m = _mounted_with_f(tmp_path, cmk_path)
     try:
-        with open(m.path("f"), "wb") as f:
-            f.write(b"data" * 1000)
-        m.remount()
         with open(m.path("f"), "rb") as f:
             run_sync(m.store.delete, "f")
             with pytest.raises(OSError) as e:
