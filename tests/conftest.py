@@ -225,13 +225,19 @@ class Mount:
         import checklogs  # the plugin (pytest_plugins above), loaded by now
         checklogs.daemon_log(self.log(), os.path.join(self.cache, "ossfuse.log"))
 
+    def in_mount_table(self) -> bool:
+        """The mount point is in the mount table — also a dead daemon's mount, where
+        os.path.ismount is False (stat gives ENOTCONN)."""
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == os.path.realpath(self.mnt) for line in f)
+
     def cleanup(self) -> None:
         if os.path.ismount(self.mnt):
             try:
                 self.stop()
             except subprocess.TimeoutExpired:
                 pass
-        if os.path.ismount(self.mnt) or (self.pid and process_alive(self.pid)):
+        if self.in_mount_table() or (self.pid and process_alive(self.pid)):
             self.kill9()
         self.check_log()
 

@@ -324,3 +324,16 @@ def test_a_config_whose_new_files_would_be_unreadable_is_refused(tmp_path, cmk_p
     r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "new files would be unreadable" in r.stderr and "matdesc" in r.stderr, r.stderr
     assert not os.path.ismount(m.mnt)
+
+
+def test_the_test_fixture_clears_a_dead_daemons_mount(tmp_path, cmk_path):
+    """Tests never leave a mount behind, also when the daemon died: os.path.ismount is False on
+    such a mount (ENOTCONN), so the fixture's cleanup reads the mount table."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    os.kill(m.pid, signal.SIGKILL)
+    while os.path.ismount(m.mnt):
+        time.sleep(0.01)
+    assert m.in_mount_table()  # dead, still mounted
+    m.cleanup()
+    assert not m.in_mount_table()
