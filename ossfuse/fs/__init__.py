@@ -10,6 +10,7 @@ invariants): ``naming`` (paths ↔ keys), ``inodes`` (inode table, lookup counts
 """
 from __future__ import annotations
 
+import errno
 import stat
 import time
 
@@ -182,6 +183,16 @@ class Filesystem:
 
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self.resolver.lookup(parent, name)
+
+    async def getattr(self, node: Node) -> Node:
+        """``node``, its attributes read from the store first (a HEAD) when they were only
+        guessed from a listing (``Node.listed_only``). FsError(ENOENT) if its object is gone or
+        of another type now, EIO when the store fails."""
+        if node.listed_only and await self.resolver.resolve(node.path, node) is not node:
+            # gone, or of another type than guessed (a symlink): this inode is stale, and the
+            # lookup that follows hands the kernel the right one
+            raise FsError(errno.ENOENT)
+        return node
 
     async def setattr(self, node: Node, **changes) -> Node:
         return await self.attributes.setattr(node, **changes)

@@ -114,6 +114,9 @@ class Node:
     handles: set | frozenset = frozenset()  # open FileHandles; a set from the first open (an empty set is 216 B)
     atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime
     subdirs: int | None = None  # a directory's subdirectories as of a listing or its mkdir; None: unknown
+    # attributes guessed from a listing entry, which carries no metadata (a big directory over
+    # OSS, fs/readdir.py): shown with zero timeouts; a lookup, getattr or open HEADs the object
+    listed_only: bool = False
     _lock: trio.Lock | None = None
 
     def add_handle(self, handle: "FileHandle") -> None:

@@ -6,6 +6,16 @@ A listing lists every name or fails: a HEAD that fails for one entry fails that 
 with EIO (review A3: leaving the name out made ``ls`` exit 0 and ``rsync --delete`` delete a
 backup's copy). Only a name whose object is gone by the time of its HEAD is left out.
 
+A big directory over a store whose listing carries no metadata (OSS: key, size, ETag,
+Last-Modified) would cost a HEAD per entry (100,000 entries: minutes); past LISTED_ATTRS_ABOVE
+entries its unknown names are served from the listing alone (``Node.listed_only``: default
+mode, uid and gid, Last-Modified as mtime, the listed size, zero attribute and entry timeouts),
+so ``ls -f`` and ``find`` make no HEAD; what is stat'ed is looked up, and a lookup, getattr or
+open HEADs it. The price: until then an object of another type (a symlink, a FIFO, written with
+x-oss-meta-mode) shows as a regular file in the entry's d_type. A directory of at most
+LISTED_ATTRS_ABOVE entries keeps full attributes from parallel HEADs (``ls -l`` of it costs no
+request per file after the listing).
+
 Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
 256 resolved) are dropped at the handle's next readdir call or its release, unless something
 else holds them by then (review A15)."""
@@ -31,6 +41,10 @@ log = logging.getLogger(__name__)
 
 HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
 READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
+# entries past which a directory's unknown names get listing attributes instead of HEADs (a
+# directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
+LISTED_ATTRS_ABOVE = 4096
+LISTED_BATCH = 64  # entries per readdir step from the listing alone (a reply holds ~25-30)
 
 
 class DirectoryReader:
@@ -134,7 +148,9 @@ class DirectoryReader:
         headed = self._headed.setdefault(h.fh, {})
         for k in [k for k in headed if k < start]:
             del headed[k]  # taken by the kernel (or skipped over)
-        batch = h.entries[start:start + READDIR_BATCH]
+        from_listing = (not self.store.listing_has_metadata and len(h.entries) > LISTED_ATTRS_ABOVE
+                        and self.resolver.plaintext_objects != "hide")  # hiding needs each object's metadata
+        batch = h.entries[start:start + (LISTED_BATCH if from_listing else READDIR_BATCH)]
         resolved: dict[int, Node] = {}
         by_path = self.inodes.by_path
         resolver = self.resolver
@@ -178,6 +194,9 @@ class DirectoryReader:
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
+            elif from_listing and start + i not in headed and (
+                    (n := by_path.get(join(h.node.path, name))) is None or n.listed_only):
+                resolved[i] = self._from_listing(h.fh, join(h.node.path, name), n, listed, is_dir)
             elif (listed is not None and self.store.listing_has_metadata) or start + i in headed:
                 await resolve(i, name, is_dir, listed)  # no request: no task needed
             elif (listed is not None and (n := by_path.get(join(h.node.path, name))) is not None
@@ -187,3 +206,17 @@ class DirectoryReader:
                 jobs.append(functools.partial(resolve, i, name, is_dir, listed))
         await run_all(jobs, HEAD_PARALLEL)
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
+
+    def _from_listing(self, fh: int, path: str, node: Node | None, listed: ObjectInfo | None,
+                      is_dir: bool) -> Node:
+        """The node for listing entry ``path`` without a HEAD (module doc): ``node`` when it is a
+        ``listed_only`` node of the same kind (its size and mtime taken from this listing), else
+        a new ``listed_only`` node, dropped at handle ``fh``'s next call unless the kernel took it."""
+        if node is not None and node.is_dir == is_dir:
+            if listed is not None and node.staged is None:
+                node.size = listed.size
+                node.mtime_ns = node.ctime_ns = int(listed.mtime * 1e9)
+            return node
+        made = self.resolver.node_from_listing(path, listed, is_dir)
+        self._made.setdefault(fh, []).append(made)
+        return made

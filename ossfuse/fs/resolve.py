@@ -63,7 +63,10 @@ class Resolver:
 
     def attrs_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes may be used without asking the store: read less than
-        attr_timeout ago, or this mount's own (staged data, the root)."""
+        attr_timeout ago, or this mount's own (staged data, the root); never when guessed from a
+        listing (``listed_only``)."""
+        if node.listed_only:
+            return False
         return (node.staged is not None or node.ino == ROOT_INO
                 or time.monotonic() - node.checked_at < self.attr_timeout)
 
@@ -217,6 +220,20 @@ class Resolver:
             self.set_version_from_info(node, info)
         return node
 
+    def node_from_listing(self, path: str, listed: ObjectInfo | None, is_dir: bool) -> Node:
+        """A ``listed_only`` node for a listing entry (``listed``: the object's entry; None for a
+        common prefix, a directory), without a HEAD: mode, uid and gid are the defaults, mtime
+        the Last-Modified, size the listed size (the plaintext size: AES-CTR without padding,
+        ciphertext length = plaintext length, shared/spec/oss-cse-format.md §1); no version, so
+        nothing reads or copies it before a HEAD fills it in (:meth:`refresh`)."""
+        bare = None if listed is None else ObjectInfo(listed.key, listed.size, listed.etag, listed.mtime)
+        mode, uid, gid, mtime = self.defaults.attrs_from_info(bare, is_dir)  # metadata: none relied on
+        size = listed.size if listed is not None and not is_dir else 0
+        node = self.inodes.new_node(path, mode, uid, gid, mtime, size, found=True)
+        node.listed_only = True
+        node.checked_at = 0.0
+        return node
+
     @staticmethod
     def set_version_from_info(node: Node, info: ObjectInfo) -> None:
         node.version = version_from_info(info)
@@ -239,6 +256,7 @@ class Resolver:
             ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
             node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
+        node.listed_only = False
 
     async def revalidate(self, node: Node) -> None:
         """Read ``node``'s attributes from the store again (a listing that proves them, else a

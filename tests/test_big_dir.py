@@ -1,0 +1,158 @@
+"""A big directory over a store whose listing carries no metadata (OSS; issue 14): its entries
+come from the listing alone (``Node.listed_only``: no HEAD per entry), and what is stat'ed,
+looked up or opened is read from the store first. In-process over the OSS-like store of
+tests/test_requests.py, with the size threshold lowered so that a dozen entries count as big."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+import trio
+
+from ossfuse.fs import FsError, readdir
+
+from test_requests import _mount
+
+N_FILES = 12
+
+
+@pytest.fixture
+def small_threshold(monkeypatch):
+    monkeypatch.setattr(readdir, "LISTED_ATTRS_ABOVE", 4)
+    monkeypatch.setattr(readdir, "LISTED_BATCH", 5)  # several readdir steps per listing
+
+
+async def _fill(tmp_path, cmk_path) -> dict[str, int]:
+    """``d/`` holding N_FILES files f00.. (mode 0600, mtime 1.5e9 + i), a symlink ``link`` and a
+    subdirectory ``sub``, written through a first mount; returns {file name: size}."""
+    fs = _mount(tmp_path, cmk_path, "cache-writer")
+    d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
+    sizes = {}
+    for i in range(N_FILES):
+        name = f"f{i:02d}"
+        node, h = await fs.create(d, name, 0o600, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"%d" % i * (100 + i))
+        await fs.release(h)
+        await fs.setattr(node, mtime_ns=(1_500_000_000 + i) * 10**9)
+        sizes[name] = len(b"%d" % i) * (100 + i)
+    await fs.symlink(d, "link", "f00", 1, 2)
+    await fs.mkdir(d, "sub", 0o700, 1, 2)
+    assert await fs.drain() == 0
+    fs.close()
+    await fs.store.aclose()
+    return sizes
+
+
+async def _readdir_all(fs, d, take=3, between=None) -> list[tuple[int, str, object]]:
+    """readdir of ``d`` to the end, the kernel taking ``take`` entries per call (each
+    remembered); ``between()`` runs after each call."""
+    h = fs.opendir(d)
+    out, start = [], 0
+    try:
+        while True:
+            got = await fs.readdir_entries(h, start)
+            if not got:
+                return out
+            for entry in got[:take]:
+                fs.remember(entry[2])
+                out.append(entry)
+            start = got[:take][-1][0]
+            if between is not None:
+                await between()
+    finally:
+        fs.releasedir(h.fh)
+
+
+def test_big_directory_lists_without_head_and_stat_reads_the_store(tmp_path, cmk_path, small_threshold):
+    async def main():
+        sizes = await _fill(tmp_path, cmk_path)
+        fs = _mount(tmp_path, cmk_path, "cache-reader")
+        d = await fs.lookup(fs.get(1), "d")
+        fs.store.reset_counts()
+        listed = {name: node for _, name, node in await _readdir_all(fs, d)}
+        assert sorted(listed) == sorted(sizes) + ["link", "sub"]
+        assert fs.store.counts["head"] == 0 and fs.store.counts["list"] == 1, fs.store.counts
+        f3 = listed["f03"]
+        assert f3.listed_only and f3.version is None
+        assert stat.S_ISREG(f3.mode) and stat.S_ISDIR(listed["sub"].mode)
+        assert all(listed[n].size == s for n, s in sizes.items())  # listed size = plaintext size
+        # a second listing (the kernel still holds the nodes) reuses them, still without HEAD
+        again = {name: node for _, name, node in await _readdir_all(fs, d)}
+        assert all(again[n] is listed[n] for n in listed) and fs.store.counts["head"] == 0
+
+        # stat: one HEAD, then the stored attributes
+        assert await fs.getattr(f3) is f3
+        assert fs.store.counts["head"] == 1
+        assert not f3.listed_only and f3.mode == stat.S_IFREG | 0o600 and (f3.uid, f3.gid) == (1, 2)
+        assert f3.mtime_ns == 1_500_000_003 * 10**9 and f3.size == sizes["f03"]
+        # a lookup of a listed-only name reads it too (the kernel looks up what it stats)
+        f4 = await fs.lookup(d, "f04")
+        assert f4 is listed["f04"] and not f4.listed_only and f4.mtime_ns == 1_500_000_004 * 10**9
+        sub = await fs.lookup(d, "sub")
+        assert sub is listed["sub"] and not sub.listed_only and sub.mode == stat.S_IFDIR | 0o700
+        # the guess was wrong for the symlink: getattr of the guessed inode says it is stale,
+        # the lookup that follows hands out the symlink
+        with pytest.raises(FsError) as e:
+            await fs.getattr(listed["link"])
+        assert e.value.errno == errno.ENOENT
+        link = await fs.lookup(d, "link")
+        assert link is not listed["link"] and stat.S_ISLNK(link.mode) and await fs.readlink(link) == "f00"
+        # open of a listed-only file without a stat first reads it (and its content) right
+        f7 = listed["f07"]
+        assert f7.listed_only
+        h = await fs.open(f7, os.O_RDONLY)
+        assert not f7.listed_only and await fs.read(h, 0, 1000) == b"7" * 107
+        await fs.release(h)
+        # gone since the listing: ENOENT, never attributes of nothing
+        await fs.store.delete(fs.key("d/f08"))
+        with pytest.raises(FsError) as e:
+            await fs.getattr(listed["f08"])
+        assert e.value.errno == errno.ENOENT
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+def test_big_directory_offsets_stay_stable_with_concurrent_creates(tmp_path, cmk_path, small_threshold):
+    """Names created between readdir calls neither shift nor repeat the listed ones."""
+    async def main():
+        sizes = await _fill(tmp_path, cmk_path)
+        fs = _mount(tmp_path, cmk_path, "cache-reader")
+        d = await fs.lookup(fs.get(1), "d")
+        made = []
+
+        async def create_one():
+            name = f"e{len(made):02d}"  # sorts before every listed name
+            node, h = await fs.create(d, name, 0o644, os.O_WRONLY, 1, 2)
+            await fs.release(h)
+            made.append(name)
+
+        entries = await _readdir_all(fs, d, take=2, between=create_one)
+        names = [name for _, name, _ in entries]
+        assert names == sorted(sizes) + ["link", "sub"]  # the snapshot: each once, in order
+        assert [i for i, _, _ in entries] == list(range(1, len(names) + 1))
+        assert made and all(n not in names for n in made)
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+def test_small_directory_keeps_full_attributes(tmp_path, cmk_path):
+    """At most LISTED_ATTRS_ABOVE entries: full attributes from HEADs, nothing guessed."""
+    async def main():
+        await _fill(tmp_path, cmk_path)
+        fs = _mount(tmp_path, cmk_path, "cache-reader")
+        d = await fs.lookup(fs.get(1), "d")
+        fs.store.reset_counts()
+        listed = {name: node for _, name, node in await _readdir_all(fs, d)}
+        assert not any(n.listed_only for n in listed.values())
+        assert stat.S_ISLNK(listed["link"].mode) and listed["f05"].mode == stat.S_IFREG | 0o600
+        assert fs.store.counts["head"] == N_FILES + 2, fs.store.counts  # files, link, sub's marker
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
