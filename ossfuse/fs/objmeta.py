@@ -84,7 +84,8 @@ def times_from_info(info: ObjectInfo | None, mtime_ns: int) -> tuple[int, int | 
     key = info.key if info else ""
     ctime = _in_range(key, "ctime", parse_mtime(meta.get("ctime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
     atime = _in_range(key, "atime", parse_mtime(meta.get("atime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
-    return (mtime_ns if ctime is None else ctime), atime
+    # the same int object as mtime when equal (most objects): 32 bytes less per cached inode
+    return (mtime_ns if ctime is None or ctime == mtime_ns else ctime), atime
 
 
 def special_metadata(node: Node, rdev: int) -> dict[str, str]:
