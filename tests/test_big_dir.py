@@ -105,6 +105,10 @@ def test_big_directory_lists_without_head_and_stat_reads_the_store(tmp_path, cmk
         h = await fs.open(f7, os.O_RDONLY)
         assert not f7.listed_only and await fs.read(h, 0, 1000) == b"7" * 107
         await fs.release(h)
+        # chmod of a listed-only inode changes the stored attributes, never the guessed ones
+        f9 = listed["f09"]
+        await fs.setattr(f9, mode=stat.S_IFREG | 0o640)
+        assert not f9.listed_only and f9.mode == stat.S_IFREG | 0o640 and f9.mtime_ns == 1_500_000_009 * 10**9
         # gone since the listing: ENOENT, never attributes of nothing
         await fs.store.delete(fs.key("d/f08"))
         with pytest.raises(FsError) as e:

@@ -195,6 +195,7 @@ class Filesystem:
         return node
 
     async def setattr(self, node: Node, **changes) -> Node:
+        await self.getattr(node)  # a change applies to the stored attributes, never to guessed ones
         return await self.attributes.setattr(node, **changes)
 
     async def readlink(self, node: Node) -> str:
