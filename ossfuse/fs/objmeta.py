@@ -138,6 +138,12 @@ class AttrDefaults:
     umask: int
     create_umask: int
 
+    def default_attrs(self, is_dir: bool) -> tuple[int, int, int]:
+        """(st_mode, uid, gid) of an object or directory that carries no attributes (what
+        :meth:`attrs_from_info` gives for empty metadata, without parsing any)."""
+        mode = stat.S_IFDIR | (0o777 & ~self.umask) if is_dir else stat.S_IFREG | (0o666 & ~self.umask)
+        return mode & ~self.create_umask, self.uid, self.gid
+
     def attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
         """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from
         its x-oss-meta-mode/uid/gid/mtime, with these defaults where they are absent or out of

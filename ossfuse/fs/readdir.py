@@ -44,7 +44,7 @@ READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
 # entries past which a directory's unknown names get listing attributes instead of HEADs (a
 # directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
 LISTED_ATTRS_ABOVE = 4096
-LISTED_BATCH = 64  # entries per readdir step from the listing alone (a reply holds ~25-30)
+LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB reply holds ~25-30)
 
 
 class DirectoryReader:
@@ -138,7 +138,9 @@ class DirectoryReader:
         the store's listing carries metadata, else from HEADs, at most HEAD_PARALLEL at once.
         The caller raises the lookup count of each node it hands to the kernel. Raises
         FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
-        self._drop_untaken(h.fh)
+        # the last batch's nodes the kernel did not take: reused if this batch has them (the
+        # kernel's next call starts where its reply buffer ran full), else dropped (below)
+        untaken = [n for n in self._made.pop(h.fh, ()) if n.lookups <= 0]
         if h.entries is None or relist:
             listed_at = time.monotonic()
             h.entries = await self.list_entries(h.node)
@@ -204,7 +206,16 @@ class DirectoryReader:
                 resolved[i] = n  # proven by the listing (below): no task needed
             else:
                 jobs.append(functools.partial(resolve, i, name, is_dir, listed))
-        await run_all(jobs, HEAD_PARALLEL)
+        try:
+            if jobs:
+                await run_all(jobs, HEAD_PARALLEL)
+        finally:
+            reused = {id(n) for n in resolved.values()}
+            for n in untaken:
+                if id(n) in reused:
+                    self._made.setdefault(h.fh, []).append(n)
+                else:
+                    self.inodes.maybe_drop(n)
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
 
     def _from_listing(self, fh: int, path: str, node: Node | None, listed: ObjectInfo | None,

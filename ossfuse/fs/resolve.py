@@ -226,8 +226,8 @@ class Resolver:
         the Last-Modified, size the listed size (the plaintext size: AES-CTR without padding,
         ciphertext length = plaintext length, shared/spec/oss-cse-format.md §1); no version, so
         nothing reads or copies it before a HEAD fills it in (:meth:`refresh`)."""
-        bare = None if listed is None else ObjectInfo(listed.key, listed.size, listed.etag, listed.mtime)
-        mode, uid, gid, mtime = self.defaults.attrs_from_info(bare, is_dir)  # metadata: none relied on
+        mode, uid, gid = self.defaults.default_attrs(is_dir)  # the listing's metadata (if any): not relied on
+        mtime = int(listed.mtime * 1e9) if listed is not None else time.time_ns()
         size = listed.size if listed is not None and not is_dir else 0
         node = self.inodes.new_node(path, mode, uid, gid, mtime, size, found=True)
         node.listed_only = True
