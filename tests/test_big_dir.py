@@ -160,3 +160,23 @@ def test_small_directory_keeps_full_attributes(tmp_path, cmk_path):
         await fs.store.aclose()
 
     trio.run(main)
+
+
+def test_big_directory_makes_each_node_once(tmp_path, cmk_path, small_threshold, monkeypatch):
+    """The entries of a batch the kernel did not take are handed out by its next call without
+    being dropped and made again (each made twice on average was most of a 100k listing's time)."""
+    async def main():
+        sizes = await _fill(tmp_path, cmk_path)
+        fs = _mount(tmp_path, cmk_path, "cache-reader")
+        d = await fs.lookup(fs.get(1), "d")
+        made = []
+        real = fs.resolver.node_from_listing
+        monkeypatch.setattr(fs.resolver, "node_from_listing", lambda *a: made.append(a[0]) or real(*a))
+        entries = await _readdir_all(fs, d, take=2)
+        assert len(entries) == len(sizes) + 2
+        assert sorted(made) == sorted(f"d/{name}" for _, name, _ in entries)  # once each
+        assert all(node.lookups == 1 for _, _, node in entries)
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

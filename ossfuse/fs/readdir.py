@@ -18,7 +18,7 @@ request per file after the listing).
 
 Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
 256 resolved) are dropped at the handle's next readdir call or its release, unless something
-else holds them by then (review A15)."""
+else holds them by then (review A15) or that next call's batch hands them out again."""
 from __future__ import annotations
 
 import errno
