@@ -180,3 +180,50 @@ def test_big_directory_makes_each_node_once(tmp_path, cmk_path, small_threshold,
         await fs.store.aclose()
 
     trio.run(main)
+
+
+def test_ls_l_of_a_big_directory_heads_each_batch_together(tmp_path, cmk_path, small_threshold):
+    """``ls -l`` stats each entry after its readdir batch: from the second lookup of a batch on,
+    the batch's other listed-only entries are HEADed together; each name is HEADed once, and
+    every lookup shows the stored attributes. A lone lookup HEADs only its own name."""
+    async def main():
+        sizes = await _fill(tmp_path, cmk_path)
+        fs = _mount(tmp_path, cmk_path, "cache-reader")
+        d = await fs.lookup(fs.get(1), "d")
+        fs.store.reset_counts()
+        h = fs.opendir(d)
+        start, looked, ahead = 0, {}, 0
+        while True:
+            got = await fs.readdir_entries(h, start)
+            if not got:
+                break
+            for k, (_, name, node) in enumerate(got[:3]):  # the kernel takes 3: ls stats them
+                fs.remember(node)
+                looked[name] = await fs.lookup(d, name)
+                if k == 1 and len(got) > 2:
+                    ahead += not got[2][2].listed_only  # HEADed with the second, before its own lookup
+            start = got[:3][-1][0]
+        fs.releasedir(h.fh)
+        assert sorted(looked) == sorted(sizes) + ["link", "sub"]
+        assert all(looked[n].mode == stat.S_IFREG | 0o600 and looked[n].size == s for n, s in sizes.items())
+        assert stat.S_ISLNK(looked["link"].mode) and looked["sub"].mode == stat.S_IFDIR | 0o700
+        heads = [keys[0] for op, keys in fs.store.calls if op == "head"]
+        assert len(heads) == len(set(heads)), heads  # each key once
+        assert len(heads) == len(sizes) + 1 + 2, heads  # files, link, sub (its file key and marker)
+        assert ahead >= 2, ahead  # batches were read ahead
+
+        fs.store.reset_counts()  # a lone stat in a fresh listing: one HEAD
+        fs2 = _mount(tmp_path, cmk_path, "cache-reader-2")
+        d2 = await fs2.lookup(fs2.get(1), "d")
+        h = fs2.opendir(d2)
+        for _, _, node in await fs2.readdir_entries(h, 0):
+            fs2.remember(node)
+        fs2.store.reset_counts()
+        node = await fs2.lookup(d2, "f01")
+        assert node.mode == stat.S_IFREG | 0o600 and fs2.store.counts["head"] == 1, fs2.store.counts
+        fs2.releasedir(h.fh)
+        for f in (fs, fs2):
+            f.close()
+            await f.store.aclose()
+
+    trio.run(main)

@@ -90,6 +90,7 @@ class Filesystem:
         self.files.on_last_close = self.namespace.last_close  # deletes an unlinked file's object
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
+        self.resolver.stat_ahead = self.directories.stat_ahead
 
     async def _upload_queued(self, node: Node) -> bool:
         return await self.commit.upload_node(node)

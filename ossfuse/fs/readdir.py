@@ -14,7 +14,10 @@ so ``ls -f`` and ``find`` make no HEAD; what is stat'ed is looked up, and a look
 open HEADs it. The price: until then an object of another type (a symlink, a FIFO, written with
 x-oss-meta-mode) shows as a regular file in the entry's d_type. A directory of at most
 LISTED_ATTRS_ABOVE entries keeps full attributes from parallel HEADs (``ls -l`` of it costs no
-request per file after the listing).
+request per file after the listing). ``ls -l`` of a big directory stats each entry after its
+readdir batch came back: once a second listed-only node of one batch is looked up, the batch's
+other listed-only nodes are HEADed together (HEAD_PARALLEL at once, :meth:`stat_ahead`), so it
+costs a HEAD per entry, mostly in parallel; a lone ``stat`` HEADs only its own name.
 
 Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
 256 resolved) are dropped at the handle's next readdir call or its release, unless something
@@ -64,6 +67,9 @@ class DirectoryReader:
         # handle → {snapshot index: what its HEAD said}, for the entries of the last batch the
         # kernel has not taken yet: their nodes are dropped, the next call needs no new HEAD
         self._headed: dict[int, dict[int, ObjectInfo | None]] = {}
+        # directory path → (handle, listed-only nodes of its last batch, inode numbers of them
+        # looked up since): what stat_ahead HEADs together
+        self._listed_batch: dict[str, tuple[int, list[Node], set[int]]] = {}
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -76,6 +82,29 @@ class DirectoryReader:
         self._drop_untaken(fh)
         self._listed_at.pop(fh, None)
         self._headed.pop(fh, None)
+        for path in [p for p, (owner, _, _) in self._listed_batch.items() if owner == fh]:
+            del self._listed_batch[path]
+
+    async def stat_ahead(self, node: Node) -> None:
+        """``node`` (listed-only) is about to be looked up: when it is the second of its
+        directory's last readdir batch to be, HEAD that batch's listed-only nodes together
+        (once per batch). A HEAD that fails here is left to the lookup of that name."""
+        entry = self._listed_batch.get(parent_of(node.path))
+        if entry is None or not any(n is node for n in entry[1]):
+            return
+        entry[2].add(node.ino)
+        if len(entry[2]) < 2:
+            return  # a lone stat so far: its own HEAD only
+        del self._listed_batch[parent_of(node.path)]
+
+        async def read(n: Node) -> None:
+            try:
+                await self.resolver.resolve(n.path, n)
+            except FsError:
+                pass  # logged; the lookup of that name asks again and reports it
+        by_path = self.inodes.by_path  # a node replaced since (another type found) is not read again
+        await run_all([functools.partial(read, n) for n in entry[1] if n.listed_only and by_path.get(n.path) is n],
+                      HEAD_PARALLEL)
 
     def _drop_untaken(self, fh: int) -> None:
         """Drop the nodes the last batch of handle ``fh`` made that the kernel did not take."""
@@ -216,6 +245,8 @@ class DirectoryReader:
                     self._made.setdefault(h.fh, []).append(n)
                 else:
                     self.inodes.maybe_drop(n)
+        if from_listing:
+            self._listed_batch[h.node.path] = (h.fh, [n for n in resolved.values() if n.listed_only], set())
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
 
     def _from_listing(self, fh: int, path: str, node: Node | None, listed: ObjectInfo | None,

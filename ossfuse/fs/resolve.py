@@ -56,6 +56,9 @@ class Resolver:
         self.pending_delete = pending_delete
         # removed_dir(dkey): a prefix left only by pending deletes of a directory this mount removed
         self.removed_dir = removed_dir
+        # set by Filesystem: DirectoryReader.stat_ahead, called before a listed-only node is
+        # looked up (HEADs its readdir batch together once a second one of it is looked up)
+        self.stat_ahead: Callable[[Node], Awaitable[None]] | None = None
 
     def hidden(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is not shown (by its metadata, or as an unlinked version)."""
@@ -150,6 +153,9 @@ class Resolver:
         node = self.inodes.by_path.get(path)
         if node is None:
             self.naming.check_new_path(path)  # a name that cannot be a key cannot exist: no request
+        elif node.listed_only and self.stat_ahead is not None:
+            await self.stat_ahead(node)
+            node = self.inodes.by_path.get(path)
         if node is None or not self.attrs_fresh(node):
             node = await self.resolve(path, node)
         if node is None:
