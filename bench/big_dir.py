@@ -78,8 +78,10 @@ def fill_oss(endpoint: str, n: int) -> None:
 
 def timed(cmd: str) -> tuple[float, str]:
     t = time.monotonic()
-    out = subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
-    return time.monotonic() - t, out
+    proc = subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True)
+    if proc.stderr:
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return time.monotonic() - t, proc.stdout
 
 
 def daemon_pid(mnt: str) -> int:

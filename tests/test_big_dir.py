@@ -227,3 +227,30 @@ def test_ls_l_of_a_big_directory_heads_each_batch_together(tmp_path, cmk_path, s
             await f.store.aclose()
 
     trio.run(main)
+
+
+def test_a_batch_node_the_kernel_took_and_forgot_is_not_dropped_twice(tmp_path, cmk_path, small_threshold):
+    """A node of a readdir batch that the kernel took, forgot (dropped from the table) and
+    looked up again (a new node, the same inode number) stays in the table across the next
+    readdir call: dropping the forgotten one again took the new one's number out of the table
+    (the kernel's next getattr: ENOENT; a KeyError failed that readdir with EIO)."""
+    async def main():
+        await _fill(tmp_path, cmk_path)
+        fs = _mount(tmp_path, cmk_path, "cache-reader")
+        d = await fs.lookup(fs.get(1), "d")
+        h = fs.opendir(d)
+        got = await fs.readdir_entries(h, 0)
+        first = got[0][2]
+        fs.remember(first)  # the kernel takes one entry ...
+        fs.forget(first.ino, 1)  # ... and forgets it (memory pressure): dropped
+        assert fs.inodes.nodes.get(first.ino) is None
+        again = await fs.lookup(d, got[0][1])  # looked up anew: same number, another node
+        assert again is not first and again.ino == first.ino
+        await fs.readdir_entries(h, 1)  # the next call: first was made by the last batch
+        assert fs.get(again.ino) is again
+        fs.releasedir(h.fh)
+        assert fs.get(again.ino) is again
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

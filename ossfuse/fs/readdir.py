@@ -169,7 +169,8 @@ class DirectoryReader:
         FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
         # the last batch's nodes the kernel did not take: reused if this batch has them (the
         # kernel's next call starts where its reply buffer ran full), else dropped (below)
-        untaken = [n for n in self._made.pop(h.fh, ()) if n.lookups <= 0]
+        nodes = self.inodes.nodes  # (a node the kernel took and forgot since is gone from it)
+        untaken = [n for n in self._made.pop(h.fh, ()) if n.lookups <= 0 and nodes.get(n.ino) is n]
         if h.entries is None or relist:
             listed_at = time.monotonic()
             h.entries = await self.list_entries(h.node)
