@@ -14,10 +14,11 @@ so ``ls -f`` and ``find`` make no HEAD; what is stat'ed is looked up, and a look
 open HEADs it. The price: until then an object of another type (a symlink, a FIFO, written with
 x-oss-meta-mode) shows as a regular file in the entry's d_type. A directory of at most
 LISTED_ATTRS_ABOVE entries keeps full attributes from parallel HEADs (``ls -l`` of it costs no
-request per file after the listing). ``ls -l`` of a big directory stats each entry after its
-readdir batch came back: once a second listed-only node of one batch is looked up, the batch's
-other listed-only nodes are HEADed together (HEAD_PARALLEL at once, :meth:`stat_ahead`), so it
-costs a HEAD per entry, mostly in parallel; a lone ``stat`` HEADs only its own name.
+request per file after the listing). ``ls -l`` of a big directory stats the entries of each
+getdents call (~200: several readdir batches) after it: once a second of the listed-only nodes
+handed out since is looked up, the rest of them (at most STAT_AHEAD) are HEADed together
+(HEAD_PARALLEL at once, :meth:`stat_ahead`), so it costs a HEAD per entry, mostly in parallel;
+a lone ``stat`` HEADs only its own name.
 
 Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
 256 resolved) are dropped at the handle's next readdir call or its release, unless something
@@ -48,6 +49,7 @@ READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
 # directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
 LISTED_ATTRS_ABOVE = 4096
 LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB reply holds ~25-30)
+STAT_AHEAD = 256  # listed-only nodes handed out (per directory) that a second lookup HEADs together
 
 
 class DirectoryReader:
@@ -67,9 +69,9 @@ class DirectoryReader:
         # handle → {snapshot index: what its HEAD said}, for the entries of the last batch the
         # kernel has not taken yet: their nodes are dropped, the next call needs no new HEAD
         self._headed: dict[int, dict[int, ObjectInfo | None]] = {}
-        # directory path → (handle, listed-only nodes of its last batch, inode numbers of them
-        # looked up since): what stat_ahead HEADs together
-        self._listed_batch: dict[str, tuple[int, list[Node], set[int]]] = {}
+        # directory path → (handle, the last STAT_AHEAD listed-only nodes handed out by id, inode
+        # numbers of them looked up since): what stat_ahead HEADs together
+        self._listed_batch: dict[str, tuple[int, dict[int, Node], set[int]]] = {}
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -86,11 +88,11 @@ class DirectoryReader:
             del self._listed_batch[path]
 
     async def stat_ahead(self, node: Node) -> None:
-        """``node`` (listed-only) is about to be looked up: when it is the second of its
-        directory's last readdir batch to be, HEAD that batch's listed-only nodes together
-        (once per batch). A HEAD that fails here is left to the lookup of that name."""
+        """``node`` (listed-only) is about to be looked up: when it is the second of the
+        listed-only nodes its directory's readdir handed out since the last time to be, HEAD
+        them together. A HEAD that fails here is left to the lookup of that name."""
         entry = self._listed_batch.get(parent_of(node.path))
-        if entry is None or not any(n is node for n in entry[1]):
+        if entry is None or entry[1].get(id(node)) is not node:
             return
         entry[2].add(node.ino)
         if len(entry[2]) < 2:
@@ -103,8 +105,8 @@ class DirectoryReader:
             except FsError:
                 pass  # logged; the lookup of that name asks again and reports it
         by_path = self.inodes.by_path  # a node replaced since (another type found) is not read again
-        await run_all([functools.partial(read, n) for n in entry[1] if n.listed_only and by_path.get(n.path) is n],
-                      HEAD_PARALLEL)
+        await run_all([functools.partial(read, n) for n in entry[1].values()
+                       if n.listed_only and by_path.get(n.path) is n], HEAD_PARALLEL)
 
     def _drop_untaken(self, fh: int) -> None:
         """Drop the nodes the last batch of handle ``fh`` made that the kernel did not take."""
@@ -247,7 +249,15 @@ class DirectoryReader:
                 else:
                     self.inodes.maybe_drop(n)
         if from_listing:
-            self._listed_batch[h.node.path] = (h.fh, [n for n in resolved.values() if n.listed_only], set())
+            entry = self._listed_batch.get(h.node.path)
+            if entry is None or entry[0] != h.fh:
+                entry = self._listed_batch[h.node.path] = (h.fh, {}, set())
+            handed = entry[1]
+            for n in resolved.values():
+                if n.listed_only:
+                    handed[id(n)] = n
+            while len(handed) > STAT_AHEAD:
+                del handed[next(iter(handed))]  # the oldest: ls stats as it reads
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
 
     def _from_listing(self, fh: int, path: str, node: Node | None, listed: ObjectInfo | None,
