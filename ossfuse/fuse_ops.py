@@ -79,8 +79,11 @@ class Operations(pyfuse3.Operations):
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns
         a.st_atime_ns = node.mtime_ns if node.atime_ns is None else node.atime_ns
-        a.attr_timeout = self.attr_timeout
-        a.entry_timeout = self.entry_timeout
+        if node.listed_only:  # guessed from a listing: the kernel asks again before using them
+            a.attr_timeout = a.entry_timeout = 0
+        else:
+            a.attr_timeout = self.attr_timeout
+            a.entry_timeout = self.entry_timeout
         return a
 
     def _file(self, fh: int) -> FileHandle:
@@ -104,7 +107,7 @@ class Operations(pyfuse3.Operations):
 
     @_fs_errors
     async def getattr(self, inode, ctx=None):
-        return self._attr(self.fs.get(inode))
+        return self._attr(await self.fs.getattr(self.fs.get(inode)))
 
     @_fs_errors
     async def setattr(self, inode, attr, fields, fh, ctx):

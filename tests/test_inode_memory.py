@@ -61,3 +61,30 @@ def test_listed_file_parses_its_envelope_only_when_opened(tmp_path, cmk_path):
         await fs.store.aclose()
 
     trio.run(main)
+
+
+def test_version_metadata_is_held_packed_and_read_back_exactly():
+    """Base64 values (the wrapped key and IV) are held as their bytes, short values interned,
+    names shared across versions; reading gives back every string exactly, in order, also
+    base64 that is not canonical (no padding, a line break) and values that only look like it."""
+    import base64
+
+    from ossfuse.fs.model import Version
+
+    wrapped_key = base64.b64encode(os.urandom(384)).decode()
+    meta = {env.H_KEY: wrapped_key, env.H_START: base64.b64encode(os.urandom(384)).decode(),
+            "mode": "33188", "mtime": "1700000000.123456789",
+            "odd": base64.b64encode(os.urandom(48)).decode().rstrip("=") + "\n" + "A" * 60,
+            "unpadded": base64.b64encode(os.urandom(50)).decode().rstrip("="),
+            "matdesc": '{"a": "' + "b" * 80 + '"}'}
+    v1 = Version("k1", "e1", 10, dict(meta), UNPARSED)
+    v2 = Version("k2", "e2", 10, dict(meta, mtime="1700000001"), UNPARSED)
+    assert v1.metadata == meta and list(v1.metadata) == list(meta)
+    assert isinstance(v1._values[0], bytes) and len(v1._values[0]) == 384  # not 512 characters
+    assert all(isinstance(x, str) for x in v1._values[2:])
+    assert v1._names is v2._names  # one tuple of names for both
+    got = v1.metadata
+    got["mode"] = "0"
+    assert v1.metadata["mode"] == "33188"  # a copy
+    v1.metadata = {"mode": "16877"}
+    assert v1.metadata == {"mode": "16877"}

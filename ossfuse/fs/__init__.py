@@ -10,6 +10,7 @@ invariants): ``naming`` (paths ↔ keys), ``inodes`` (inode table, lookup counts
 """
 from __future__ import annotations
 
+import errno
 import stat
 import time
 
@@ -89,6 +90,7 @@ class Filesystem:
         self.files.on_last_close = self.namespace.last_close  # deletes an unlinked file's object
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
+        self.resolver.stat_ahead = self.directories.stat_ahead
 
     async def _upload_queued(self, node: Node) -> bool:
         return await self.commit.upload_node(node)
@@ -183,7 +185,18 @@ class Filesystem:
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self.resolver.lookup(parent, name)
 
+    async def getattr(self, node: Node) -> Node:
+        """``node``, its attributes read from the store first (a HEAD) when they were only
+        guessed from a listing (``Node.listed_only``). FsError(ENOENT) if its object is gone or
+        of another type now, EIO when the store fails."""
+        if node.listed_only and await self.resolver.resolve(node.path, node) is not node:
+            # gone, or of another type than guessed (a symlink): this inode is stale, and the
+            # lookup that follows hands the kernel the right one
+            raise FsError(errno.ENOENT)
+        return node
+
     async def setattr(self, node: Node, **changes) -> Node:
+        await self.getattr(node)  # a change applies to the stored attributes, never to guessed ones
         return await self.attributes.setattr(node, **changes)
 
     async def readlink(self, node: Node) -> str:

@@ -82,8 +82,10 @@ class InodeTable:
         self.maybe_drop(node)
 
     def maybe_drop(self, node: Node) -> None:
-        """Drop ``node`` if nothing holds it any more (no lookups, opens or staged data)."""
-        if node.lookups <= 0 and node.opens <= 0 and node.staged is None and node.ino != ROOT_INO:
+        """Drop ``node`` if nothing holds it any more (no lookups, opens or staged data). A node
+        dropped already is left alone: its inode number may be another node's by now."""
+        if (node.lookups <= 0 and node.opens <= 0 and node.staged is None and node.ino != ROOT_INO
+                and self.nodes.get(node.ino) is node):
             del self.nodes[node.ino]
             if self.by_path.get(node.path) is node:
                 del self.by_path[node.path]

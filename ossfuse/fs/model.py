@@ -3,8 +3,11 @@ and open handles. Plain data with no I/O; see docs/design.md for which fields ma
 a task awaits."""
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import stat
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,15 +30,39 @@ SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFB
 _UNPARSED = object()  # Version.wrapped not parsed from the metadata yet
 
 
+_SHARED_NAMES_MAX = 4096  # distinct metadata name sets kept shared (most buckets have a handful)
+_shared_names: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _pack_value(value: str) -> str | bytes:
+    """A metadata value as held in memory: a short one interned (algorithms, modes, lengths
+    repeat across objects), a long one that is canonical base64 (the wrapped data key and IV,
+    512 characters each for RSA-3072) as its decoded bytes (384), else as it is. Unpacking
+    gives back the very string (only a value that re-encodes to itself is decoded)."""
+    if len(value) <= 32:
+        return sys.intern(value)
+    if len(value) >= 64 and len(value) % 4 == 0:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            return value
+        if base64.b64encode(raw).decode("ascii") == value:
+            return raw
+    return value
+
+
 class Version:
     """A committed object version in the bucket (what a clean file reads from).
 
+    ``metadata``: the object's user metadata, held packed (issue 14: bytes per cached inode):
+    one shared tuple of names per set of names, the values in a tuple, base64 ones as bytes;
+    reading it builds a new dict each time (a copy: changing it changes nothing here).
     ``wrapped``: the envelope's wrapped key material (None: a plaintext object; an
     EnvelopeError: a corrupt envelope, raised at open). Passed as ``UNPARSED`` it is parsed from
-    ``metadata`` on first use, so the ~1 KiB of decoded wrapped key and IV is held only for
-    files that were opened, not for every listed one (issue 14: bytes per cached inode)."""
+    ``metadata`` on first use, so the decoded wrapped key and IV are held only for files that
+    were opened, not for every listed one."""
 
-    __slots__ = ("key", "etag", "size", "metadata", "_wrapped", "envelope", "modified")
+    __slots__ = ("key", "etag", "size", "_names", "_values", "_wrapped", "envelope", "modified")
 
     def __init__(self, key: str, etag: str, size: int, metadata: dict[str, str],
                  wrapped: env.WrappedEnvelope | env.EnvelopeError | None | object,
@@ -49,6 +76,20 @@ class Version:
         # the store's Last-Modified (epoch seconds) as a HEAD reported it; 0: not known (a version
         # this mount made). With the ETag it lets a listing prove the attributes unchanged.
         self.modified = modified
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {name: base64.b64encode(value).decode("ascii") if type(value) is bytes else value
+                for name, value in zip(self._names, self._values)}
+
+    @metadata.setter
+    def metadata(self, metadata: dict[str, str]) -> None:
+        names = tuple(sys.intern(k) for k in metadata)
+        shared = _shared_names.get(names)
+        if shared is None and len(_shared_names) < _SHARED_NAMES_MAX:
+            shared = _shared_names[names] = names
+        self._names = shared or names
+        self._values = tuple(_pack_value(v) for v in metadata.values())
 
     @property
     def wrapped(self) -> env.WrappedEnvelope | env.EnvelopeError | None:
@@ -114,6 +155,9 @@ class Node:
     handles: set | frozenset = frozenset()  # open FileHandles; a set from the first open (an empty set is 216 B)
     atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime
     subdirs: int | None = None  # a directory's subdirectories as of a listing or its mkdir; None: unknown
+    # attributes guessed from a listing entry, which carries no metadata (a big directory over
+    # OSS, fs/readdir.py): shown with zero timeouts; a lookup, getattr or open HEADs the object
+    listed_only: bool = False
     _lock: trio.Lock | None = None
 
     def add_handle(self, handle: "FileHandle") -> None:

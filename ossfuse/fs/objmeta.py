@@ -84,7 +84,8 @@ def times_from_info(info: ObjectInfo | None, mtime_ns: int) -> tuple[int, int | 
     key = info.key if info else ""
     ctime = _in_range(key, "ctime", parse_mtime(meta.get("ctime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
     atime = _in_range(key, "atime", parse_mtime(meta.get("atime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
-    return (mtime_ns if ctime is None else ctime), atime
+    # the same int object as mtime when equal (most objects): 32 bytes less per cached inode
+    return (mtime_ns if ctime is None or ctime == mtime_ns else ctime), atime
 
 
 def special_metadata(node: Node, rdev: int) -> dict[str, str]:
@@ -136,6 +137,12 @@ class AttrDefaults:
     gid: int
     umask: int
     create_umask: int
+
+    def default_attrs(self, is_dir: bool) -> tuple[int, int, int]:
+        """(st_mode, uid, gid) of an object or directory that carries no attributes (what
+        :meth:`attrs_from_info` gives for empty metadata, without parsing any)."""
+        mode = stat.S_IFDIR | (0o777 & ~self.umask) if is_dir else stat.S_IFREG | (0o666 & ~self.umask)
+        return mode & ~self.create_umask, self.uid, self.gid
 
     def attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
         """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from

@@ -6,9 +6,23 @@ A listing lists every name or fails: a HEAD that fails for one entry fails that 
 with EIO (review A3: leaving the name out made ``ls`` exit 0 and ``rsync --delete`` delete a
 backup's copy). Only a name whose object is gone by the time of its HEAD is left out.
 
+A big directory over a store whose listing carries no metadata (OSS: key, size, ETag,
+Last-Modified) would cost a HEAD per entry (100,000 entries: minutes); past LISTED_ATTRS_ABOVE
+entries its unknown names are served from the listing alone (``Node.listed_only``: default
+mode, uid and gid, Last-Modified as mtime, the listed size, zero attribute and entry timeouts),
+so ``ls -f`` and ``find`` make no HEAD; what is stat'ed is looked up, and a lookup, getattr or
+open HEADs it. The price: until then an object of another type (a symlink, a FIFO, written with
+x-oss-meta-mode) shows as a regular file in the entry's d_type. A directory of at most
+LISTED_ATTRS_ABOVE entries keeps full attributes from parallel HEADs (``ls -l`` of it costs no
+request per file after the listing). ``ls -l`` of a big directory stats the entries of each
+getdents call (~200: several readdir batches) after it: once a second of the listed-only nodes
+handed out since is looked up, the rest of them (at most STAT_AHEAD) are HEADed together
+(HEAD_PARALLEL at once, :meth:`stat_ahead`), so it costs a HEAD per entry, mostly in parallel;
+a lone ``stat`` HEADs only its own name.
+
 Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
 256 resolved) are dropped at the handle's next readdir call or its release, unless something
-else holds them by then (review A15)."""
+else holds them by then (review A15) or that next call's batch hands them out again."""
 from __future__ import annotations
 
 import errno
@@ -31,6 +45,11 @@ log = logging.getLogger(__name__)
 
 HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
 READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
+# entries past which a directory's unknown names get listing attributes instead of HEADs (a
+# directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
+LISTED_ATTRS_ABOVE = 4096
+LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB reply holds ~25-30)
+STAT_AHEAD = 256  # listed-only nodes handed out (per directory) that a second lookup HEADs together
 
 
 class DirectoryReader:
@@ -50,6 +69,9 @@ class DirectoryReader:
         # handle → {snapshot index: what its HEAD said}, for the entries of the last batch the
         # kernel has not taken yet: their nodes are dropped, the next call needs no new HEAD
         self._headed: dict[int, dict[int, ObjectInfo | None]] = {}
+        # directory path → (handle, the last STAT_AHEAD listed-only nodes handed out by id, inode
+        # numbers of them looked up since): what stat_ahead HEADs together
+        self._listed_batch: dict[str, tuple[int, dict[int, Node], set[int]]] = {}
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -62,6 +84,29 @@ class DirectoryReader:
         self._drop_untaken(fh)
         self._listed_at.pop(fh, None)
         self._headed.pop(fh, None)
+        for path in [p for p, (owner, _, _) in self._listed_batch.items() if owner == fh]:
+            del self._listed_batch[path]
+
+    async def stat_ahead(self, node: Node) -> None:
+        """``node`` (listed-only) is about to be looked up: when it is the second of the
+        listed-only nodes its directory's readdir handed out since the last time to be, HEAD
+        them together. A HEAD that fails here is left to the lookup of that name."""
+        entry = self._listed_batch.get(parent_of(node.path))
+        if entry is None or entry[1].get(id(node)) is not node:
+            return
+        entry[2].add(node.ino)
+        if len(entry[2]) < 2:
+            return  # a lone stat so far: its own HEAD only
+        del self._listed_batch[parent_of(node.path)]
+
+        async def read(n: Node) -> None:
+            try:
+                await self.resolver.resolve(n.path, n)
+            except FsError:
+                pass  # logged; the lookup of that name asks again and reports it
+        by_path = self.inodes.by_path  # a node replaced since (another type found) is not read again
+        await run_all([functools.partial(read, n) for n in entry[1].values()
+                       if n.listed_only and by_path.get(n.path) is n], HEAD_PARALLEL)
 
     def _drop_untaken(self, fh: int) -> None:
         """Drop the nodes the last batch of handle ``fh`` made that the kernel did not take."""
@@ -124,7 +169,10 @@ class DirectoryReader:
         the store's listing carries metadata, else from HEADs, at most HEAD_PARALLEL at once.
         The caller raises the lookup count of each node it hands to the kernel. Raises
         FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
-        self._drop_untaken(h.fh)
+        # the last batch's nodes the kernel did not take: reused if this batch has them (the
+        # kernel's next call starts where its reply buffer ran full), else dropped (below)
+        nodes = self.inodes.nodes  # (a node the kernel took and forgot since is gone from it)
+        untaken = [n for n in self._made.pop(h.fh, ()) if n.lookups <= 0 and nodes.get(n.ino) is n]
         if h.entries is None or relist:
             listed_at = time.monotonic()
             h.entries = await self.list_entries(h.node)
@@ -134,7 +182,9 @@ class DirectoryReader:
         headed = self._headed.setdefault(h.fh, {})
         for k in [k for k in headed if k < start]:
             del headed[k]  # taken by the kernel (or skipped over)
-        batch = h.entries[start:start + READDIR_BATCH]
+        from_listing = (not self.store.listing_has_metadata and len(h.entries) > LISTED_ATTRS_ABOVE
+                        and self.resolver.plaintext_objects != "hide")  # hiding needs each object's metadata
+        batch = h.entries[start:start + (LISTED_BATCH if from_listing else READDIR_BATCH)]
         resolved: dict[int, Node] = {}
         by_path = self.inodes.by_path
         resolver = self.resolver
@@ -178,6 +228,9 @@ class DirectoryReader:
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
+            elif from_listing and start + i not in headed and (
+                    (n := by_path.get(join(h.node.path, name))) is None or n.listed_only):
+                resolved[i] = self._from_listing(h.fh, join(h.node.path, name), n, listed, is_dir)
             elif (listed is not None and self.store.listing_has_metadata) or start + i in headed:
                 await resolve(i, name, is_dir, listed)  # no request: no task needed
             elif (listed is not None and (n := by_path.get(join(h.node.path, name))) is not None
@@ -185,5 +238,38 @@ class DirectoryReader:
                 resolved[i] = n  # proven by the listing (below): no task needed
             else:
                 jobs.append(functools.partial(resolve, i, name, is_dir, listed))
-        await run_all(jobs, HEAD_PARALLEL)
+        try:
+            if jobs:
+                await run_all(jobs, HEAD_PARALLEL)
+        finally:
+            reused = {id(n) for n in resolved.values()}
+            for n in untaken:
+                if id(n) in reused:
+                    self._made.setdefault(h.fh, []).append(n)
+                else:
+                    self.inodes.maybe_drop(n)
+        if from_listing:
+            entry = self._listed_batch.get(h.node.path)
+            if entry is None or entry[0] != h.fh:
+                entry = self._listed_batch[h.node.path] = (h.fh, {}, set())
+            handed = entry[1]
+            for n in resolved.values():
+                if n.listed_only:
+                    handed[id(n)] = n
+            while len(handed) > STAT_AHEAD:
+                del handed[next(iter(handed))]  # the oldest: ls stats as it reads
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
+
+    def _from_listing(self, fh: int, path: str, node: Node | None, listed: ObjectInfo | None,
+                      is_dir: bool) -> Node:
+        """The node for listing entry ``path`` without a HEAD (module doc): ``node`` when it is a
+        ``listed_only`` node of the same kind (its size and mtime taken from this listing), else
+        a new ``listed_only`` node, dropped at handle ``fh``'s next call unless the kernel took it."""
+        if node is not None and node.is_dir == is_dir:
+            if listed is not None and node.staged is None:
+                node.size = listed.size
+                node.mtime_ns = node.ctime_ns = int(listed.mtime * 1e9)
+            return node
+        made = self.resolver.node_from_listing(path, listed, is_dir)
+        self._made.setdefault(fh, []).append(made)
+        return made

@@ -56,6 +56,9 @@ class Resolver:
         self.pending_delete = pending_delete
         # removed_dir(dkey): a prefix left only by pending deletes of a directory this mount removed
         self.removed_dir = removed_dir
+        # set by Filesystem: DirectoryReader.stat_ahead, called before a listed-only node is
+        # looked up (HEADs its readdir batch together once a second one of it is looked up)
+        self.stat_ahead: Callable[[Node], Awaitable[None]] | None = None
 
     def hidden(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is not shown (by its metadata, or as an unlinked version)."""
@@ -63,7 +66,10 @@ class Resolver:
 
     def attrs_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes may be used without asking the store: read less than
-        attr_timeout ago, or this mount's own (staged data, the root)."""
+        attr_timeout ago, or this mount's own (staged data, the root); never when guessed from a
+        listing (``listed_only``)."""
+        if node.listed_only:
+            return False
         return (node.staged is not None or node.ino == ROOT_INO
                 or time.monotonic() - node.checked_at < self.attr_timeout)
 
@@ -147,6 +153,9 @@ class Resolver:
         node = self.inodes.by_path.get(path)
         if node is None:
             self.naming.check_new_path(path)  # a name that cannot be a key cannot exist: no request
+        elif node.listed_only and self.stat_ahead is not None:
+            await self.stat_ahead(node)
+            node = self.inodes.by_path.get(path)
         if node is None or not self.attrs_fresh(node):
             node = await self.resolve(path, node)
         if node is None:
@@ -217,6 +226,20 @@ class Resolver:
             self.set_version_from_info(node, info)
         return node
 
+    def node_from_listing(self, path: str, listed: ObjectInfo | None, is_dir: bool) -> Node:
+        """A ``listed_only`` node for a listing entry (``listed``: the object's entry; None for a
+        common prefix, a directory), without a HEAD: mode, uid and gid are the defaults, mtime
+        the Last-Modified, size the listed size (the plaintext size: AES-CTR without padding,
+        ciphertext length = plaintext length, shared/spec/oss-cse-format.md §1); no version, so
+        nothing reads or copies it before a HEAD fills it in (:meth:`refresh`)."""
+        mode, uid, gid = self.defaults.default_attrs(is_dir)  # the listing's metadata (if any): not relied on
+        mtime = int(listed.mtime * 1e9) if listed is not None else time.time_ns()
+        size = listed.size if listed is not None and not is_dir else 0
+        node = self.inodes.new_node(path, mode, uid, gid, mtime, size, found=True)
+        node.listed_only = True
+        node.checked_at = 0.0
+        return node
+
     @staticmethod
     def set_version_from_info(node: Node, info: ObjectInfo) -> None:
         node.version = version_from_info(info)
@@ -239,6 +262,7 @@ class Resolver:
             ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
             node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
+        node.listed_only = False
 
     async def revalidate(self, node: Node) -> None:
         """Read ``node``'s attributes from the store again (a listing that proves them, else a
