@@ -80,7 +80,7 @@ class Version:
     @property
     def metadata(self) -> dict[str, str]:
         return {name: base64.b64encode(value).decode("ascii") if type(value) is bytes else value
-                for name, value in zip(self._names, self._values)}
+                for name, value in zip(self._names, self._values, strict=True)}
 
     @metadata.setter
     def metadata(self, metadata: dict[str, str]) -> None:
