@@ -79,7 +79,7 @@ class Version:
 
     @property
     def metadata(self) -> dict[str, str]:
-        return {name: base64.b64encode(value).decode("ascii") if type(value) is bytes else value
+        return {name: base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
                 for name, value in zip(self._names, self._values, strict=True)}
 
     @metadata.setter
