@@ -3,6 +3,7 @@ symlinks followed, directory fsyncs after renames, and a copy conditional on the
 version checked atomically with the commit."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -123,9 +124,11 @@ async def test_planted_symlink_blob_is_refused(tmp_path):
 
 
 @trio_test
-async def test_rename_into_blobs_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
-    """After tmp/X is renamed to blobs/XX/Y, blobs/XX itself is fsynced (else a crash can
-    lose the name while the index row pointing at it survives); the same for a part."""
+async def test_writes_fsync_nothing_and_sync_is_a_syncfs_of_the_store(tmp_path, monkeypatch):
+    """Issue 14, the durability contract of a local disk (docs/design.md "Durability"): put,
+    copy and delete fsync nothing (each put paid a body, a directory and a WAL fsync) and the
+    index commits with synchronous=NORMAL; ``sync()`` is one syncfs of the store's filesystem,
+    and a reopened store (a crash of the process) has every change."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -133,20 +136,46 @@ async def test_rename_into_blobs_is_followed_by_a_directory_fsync(tmp_path, monk
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
+    syncfs: list[str] = []
+    real_syncfs = local_mod._libc_syncfs
+
+    def recording_syncfs(fd):
+        syncfs.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_syncfs(fd)
+
     s = LocalStore(str(tmp_path / "bucket"))
     monkeypatch.setattr(local_mod.os, "fsync", recording_fsync)
+    monkeypatch.setattr(local_mod, "_libc_syncfs", recording_syncfs)
     info = await s.put_bytes("k", b"data", {})
-    blob_dir = os.path.dirname(s._blob_path(s._row("k")[5]))
-    assert blob_dir in synced
-    # the directory is fsynced after the body (the body first, then the rename's directory)
-    assert synced.index(blob_dir) > 0
-    synced.clear()
+    src = tmp_path / "f"
+    src.write_bytes(b"file body")
+    await s.put_file("f", str(src), {}, may_link=True)
     await s.copy("k", "k2", if_match=info.etag)
-    assert os.path.dirname(s._blob_path(s._row("k2")[5])) in synced
-    synced.clear()
-    uid = await s.create_multipart("m", {})
-    await s.upload_part("m", uid, 1, b"p", {})
-    assert os.path.join(s.root, "uploads", uid) in synced
+    await s.delete("k")
+    assert synced == [] and syncfs == []
+    assert s._db().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    await s.sync()
+    assert synced == [] and syncfs == [os.path.realpath(s.root)]
+    await s.aclose()
+    again = LocalStore(str(tmp_path / "bucket"))
+    assert await again.head("k") is None
+    assert await again.get_range("k2", 0, 10) == b"data"
+    assert await again.get_range("f", 0, 20) == b"file body"
+    await again.aclose()
+
+
+@trio_test
+async def test_sync_reports_a_failing_disk(tmp_path, monkeypatch):
+    """A syncfs error (EIO: the disk lost writes) is a StoreError naming the store."""
+    s = LocalStore(str(tmp_path / "bucket"))
+
+    def failing_syncfs(fd):
+        local_mod.ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(local_mod, "_libc_syncfs", failing_syncfs)
+    with pytest.raises(StoreError, match="syncfs"):
+        await s.sync()
     await s.aclose()
 
 
