@@ -659,3 +659,35 @@ def test_seal_and_record_write_the_data_before_the_record_and_fsync_nothing(tmp_
     assert quarantined == 0 and [e.key for e in entries] == ["pre/g"]
     entries[0].staged.envelope = Xor()
     assert entries[0].staged.read(0, 5) == b"hello"
+
+
+def test_fsync_and_unmount_end_with_the_store_barrier_and_close_does_not(tmp_path, cmk_path, monkeypatch):
+    """The durability contract: a close (journaled, or put at close on a local bucket) calls
+    no store barrier; fsync() calls ObjectStore.sync after the object is in the bucket, and
+    the unmount drain calls it once after the last upload."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        events = []
+        real_put = fs.store.put_file
+
+        async def put_file(key, *a, **kw):
+            events.append(("put", key))
+            return await real_put(key, *a, **kw)
+
+        async def sync():
+            events.append(("sync",))
+        monkeypatch.setattr(fs.store, "put_file", put_file)
+        monkeypatch.setattr(fs.store, "sync", sync)
+        await _write_file(fs, "closed", b"one")
+        assert events == []
+        node, h = await fs.create(fs.get(1), "synced", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"two")
+        await fs.fsync(h)
+        assert events == [("put", "pre/synced"), ("sync",)]
+        await fs.release(h)
+        events.clear()
+        assert await fs.drain() == 0
+        assert events == [("put", "pre/closed"), ("sync",)]
+        await _crash(fs)
+
+    trio.run(main)
