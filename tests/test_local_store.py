@@ -256,3 +256,46 @@ def test_listing_subdirectories_does_not_read_their_contents(tmp_path):
     flat, flat_objects, _ = _list_work(s, "e/")
     assert len(flat_objects) == 305
     assert deep < 5 * flat + 50, (deep, flat)
+
+
+@trio_test
+async def test_small_writes_run_on_the_loop_and_wait_in_a_thread_for_a_locked_index(tmp_path, monkeypatch):
+    """Issue 14: a small put, copy or delete (nothing fsynced) runs on the event loop, with
+    no thread hand-off; while another process holds the index's write lock it does not wait
+    on the loop but is done again in a worker thread, and the attempt leaves no blob behind."""
+    import sqlite3
+    s = LocalStore(str(tmp_path / "bucket"))
+    threads = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(fn, *a, **kw):
+        threads.append(getattr(fn, "__name__", fn))
+        return await real_run_sync(fn, *a, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    src = tmp_path / "f"
+    src.write_bytes(b"file body")
+    a = await s.put_bytes("a", b"1", {})
+    await s.put_file("f", str(src), {}, may_link=True)
+    await s.copy("a", "a2", if_match=a.etag)
+    await s.delete("a2")
+    assert threads == []
+
+    other = sqlite3.connect(os.path.join(s.root, "index.sqlite"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = []
+
+    async def release_later():  # the loop keeps running while the writes wait
+        for _ in range(5):
+            ticks.append(trio.current_time())
+            await trio.sleep(0.05)
+        other.execute("COMMIT")
+    async with trio.open_nursery() as n:
+        n.start_soon(release_later)
+        n.start_soon(s.put_bytes, "b", b"2", {})
+        n.start_soon(s.delete, "a")
+    other.close()
+    assert len(ticks) == 5 and sorted(threads) == ["_delete", "_put_bytes"]
+    assert await s.head("a") is None and await s.get_range("b", 0, 1) == b"2"
+    blobs = [n for _, _, names in os.walk(os.path.join(s.root, "blobs")) for n in names]
+    assert len(blobs) == 2  # f and b: the attempts that found the index locked left none
+    await s.aclose()

@@ -29,6 +29,8 @@ from .resolve import Resolver
 
 log = logging.getLogger(__name__)
 
+INLINE_SEAL_MAX = 64 << 10  # bytes: a version this small is sealed on the event loop (issue 14)
+
 
 def _torn(st: StagedFile, meta: dict[str, str]) -> str | None:
     """Why journaled ``st`` (envelope unwrapped) does not hold the ciphertext its record's
@@ -93,14 +95,19 @@ class Commit:
                 log.error("cannot save %r: no data key: %s", key, e)
                 raise FsError(errno_of(e)) from None
         st.seal_attempt = st.generation
-        try:
-            await trio.to_thread.run_sync(st.seal_data)
+        other = file_metadata(node, st.envelope.wrapped, st.size)
+        envelope, prefix = st.envelope, self.naming.prefix
+
+        def seal_and_tag() -> integrity.SealedTags:
+            st.seal_data()
             # the integrity tags of the final ciphertext (docs/integrity.md), read back from
             # the page cache; they depend only on the data key, IV and bytes, never the name
-            other = file_metadata(node, st.envelope.wrapped, st.size)
-            st.tags = await trio.to_thread.run_sync(
-                integrity.seal, st.data_path, st.envelope.data_key, st.envelope.iv, st.size, other,
-                self.naming.prefix)
+            return integrity.seal(st.data_path, envelope.data_key, envelope.iv, st.size, other, prefix)
+        try:
+            if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
+                st.tags = seal_and_tag()
+            else:
+                st.tags = await trio.to_thread.run_sync(seal_and_tag)
         except OSError as e:
             log.error("staging %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None

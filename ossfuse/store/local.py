@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _ORPHAN_AGE = 3600.0  # seconds before an unreferenced blob (crash leftover) is removed
 _SUBDIRS = ("blobs", "uploads", "tmp")
+_INLINE_WRITE_MAX = 1 << 20  # bytes: a put this small (a link, or a copy if on another disk) runs on the event loop
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -201,6 +202,26 @@ class LocalStore(ObjectStore):
         except (OSError, sqlite3.Error) as e:  # a full or failing disk is a store failure
             raise StoreError(f"local store {self.root}: {e}") from e
 
+    async def _run_write(self, fn, *args):
+        """Run a small write (``fn(*args)``: a few metadata calls and one index transaction,
+        nothing fsynced, see the module doc) on the event loop: two thread hand-offs cost more
+        than the write itself (issue 14: create, rm and rename of small files). Only while the
+        index's write lock is free: if another process holds it (SQLITE_BUSY at once, no
+        waiting on the loop), the write is done again in a worker thread, which waits for it
+        (``fn`` leaves nothing behind when its transaction cannot begin)."""
+        db = self._db()
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StoreError(f"local store {self.root}: {e}") from e
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"local store {self.root}: {e}") from e
+        finally:
+            db.execute("PRAGMA busy_timeout=30000")
+        return await self._run(fn, *args)
+
     def _run_inline(self, fn, *args):
         """Run a point read of the index on the event loop: a WAL-mode SQLite read never waits
         for writers and takes microseconds, less than handing it to a thread would."""
@@ -241,7 +262,11 @@ class LocalStore(ObjectStore):
         meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
         info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            os.unlink(dest)  # not committed: the blob must not stay (a retry links a new one)
+            raise
         try:
             if check is not None:
                 check(db)
@@ -335,7 +360,12 @@ class LocalStore(ObjectStore):
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
                        may_link: bool = False) -> ObjectInfo:
-        return await self._run(self._put_file, key, path, metadata, may_link)
+        try:
+            small = os.lstat(path).st_size <= _INLINE_WRITE_MAX
+        except OSError as e:
+            raise StoreError(f"local store {self.root}: {e}") from e
+        run = self._run_write if small else self._run
+        return await run(self._put_file, key, path, metadata, may_link)
 
     def _put_bytes(self, key: str, data: bytes, meta: dict[str, str]) -> ObjectInfo:
         tmp = self._new_tmp()
@@ -343,7 +373,8 @@ class LocalStore(ObjectStore):
         return self._commit(key, tmp, len(data), meta)
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
-        return await self._run(self._put_bytes, key, data, metadata)
+        run = self._run_write if len(data) <= _INLINE_WRITE_MAX else self._run
+        return await run(self._put_bytes, key, data, metadata)
 
     def _sync(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -524,7 +555,7 @@ class LocalStore(ObjectStore):
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
                    if_match: str | None = None) -> ObjectInfo:
-        return await self._run(self._copy, src, dst, metadata, if_match)
+        return await self._run_write(self._copy, src, dst, metadata, if_match)  # a link: no byte copied
 
     def _list_uploads(self, prefix: str) -> MultipartUploads:
         out = []
@@ -561,7 +592,7 @@ class LocalStore(ObjectStore):
             self._unlink_blob(row[0])
 
     async def delete(self, key: str) -> None:
-        await self._run(self._delete, key)
+        await self._run_write(self._delete, key)
 
     def remove_orphans(self) -> int:
         """Delete blobs no row points at (left by a crash between rename and commit, or an
