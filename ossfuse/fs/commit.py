@@ -3,6 +3,7 @@ taking the uploaded version as the node's committed one, and turning the journal
 run into dirty nodes at mount time. When uploads happen is ``writeback.scheduler``'s part."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
