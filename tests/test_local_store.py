@@ -3,6 +3,7 @@ symlinks followed, directory fsyncs after renames, and a copy conditional on the
 version checked atomically with the commit."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -123,9 +124,11 @@ async def test_planted_symlink_blob_is_refused(tmp_path):
 
 
 @trio_test
-async def test_rename_into_blobs_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
-    """After tmp/X is renamed to blobs/XX/Y, blobs/XX itself is fsynced (else a crash can
-    lose the name while the index row pointing at it survives); the same for a part."""
+async def test_writes_fsync_nothing_and_sync_is_a_syncfs_of_the_store(tmp_path, monkeypatch):
+    """Issue 14, the durability contract of a local disk (docs/design.md "Durability"): put,
+    copy and delete fsync nothing (each put paid a body, a directory and a WAL fsync) and the
+    index commits with synchronous=NORMAL; ``sync()`` is one syncfs of the store's filesystem,
+    and a reopened store (a crash of the process) has every change."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -133,20 +136,46 @@ async def test_rename_into_blobs_is_followed_by_a_directory_fsync(tmp_path, monk
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
+    syncfs: list[str] = []
+    real_syncfs = local_mod._libc_syncfs
+
+    def recording_syncfs(fd):
+        syncfs.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_syncfs(fd)
+
     s = LocalStore(str(tmp_path / "bucket"))
     monkeypatch.setattr(local_mod.os, "fsync", recording_fsync)
+    monkeypatch.setattr(local_mod, "_libc_syncfs", recording_syncfs)
     info = await s.put_bytes("k", b"data", {})
-    blob_dir = os.path.dirname(s._blob_path(s._row("k")[5]))
-    assert blob_dir in synced
-    # the directory is fsynced after the body (the body first, then the rename's directory)
-    assert synced.index(blob_dir) > 0
-    synced.clear()
+    src = tmp_path / "f"
+    src.write_bytes(b"file body")
+    await s.put_file("f", str(src), {}, may_link=True)
     await s.copy("k", "k2", if_match=info.etag)
-    assert os.path.dirname(s._blob_path(s._row("k2")[5])) in synced
-    synced.clear()
-    uid = await s.create_multipart("m", {})
-    await s.upload_part("m", uid, 1, b"p", {})
-    assert os.path.join(s.root, "uploads", uid) in synced
+    await s.delete("k")
+    assert synced == [] and syncfs == []
+    assert s._db().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    await s.sync()
+    assert synced == [] and syncfs == [os.path.realpath(s.root)]
+    await s.aclose()
+    again = LocalStore(str(tmp_path / "bucket"))
+    assert await again.head("k") is None
+    assert await again.get_range("k2", 0, 10) == b"data"
+    assert await again.get_range("f", 0, 20) == b"file body"
+    await again.aclose()
+
+
+@trio_test
+async def test_sync_reports_a_failing_disk(tmp_path, monkeypatch):
+    """A syncfs error (EIO: the disk lost writes) is a StoreError naming the store."""
+    s = LocalStore(str(tmp_path / "bucket"))
+
+    def failing_syncfs(fd):
+        local_mod.ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(local_mod, "_libc_syncfs", failing_syncfs)
+    with pytest.raises(StoreError, match="syncfs"):
+        await s.sync()
     await s.aclose()
 
 
@@ -227,3 +256,46 @@ def test_listing_subdirectories_does_not_read_their_contents(tmp_path):
     flat, flat_objects, _ = _list_work(s, "e/")
     assert len(flat_objects) == 305
     assert deep < 5 * flat + 50, (deep, flat)
+
+
+@trio_test
+async def test_small_writes_run_on_the_loop_and_wait_in_a_thread_for_a_locked_index(tmp_path, monkeypatch):
+    """Issue 14: a small put, copy or delete (nothing fsynced) runs on the event loop, with
+    no thread hand-off; while another process holds the index's write lock it does not wait
+    on the loop but is done again in a worker thread, and the attempt leaves no blob behind."""
+    import sqlite3
+    s = LocalStore(str(tmp_path / "bucket"))
+    threads = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(fn, *a, **kw):
+        threads.append(getattr(fn, "__name__", fn))
+        return await real_run_sync(fn, *a, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    src = tmp_path / "f"
+    src.write_bytes(b"file body")
+    a = await s.put_bytes("a", b"1", {})
+    await s.put_file("f", str(src), {}, may_link=True)
+    await s.copy("a", "a2", if_match=a.etag)
+    await s.delete("a2")
+    assert threads == []
+
+    other = sqlite3.connect(os.path.join(s.root, "index.sqlite"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = []
+
+    async def release_later():  # the loop keeps running while the writes wait
+        for _ in range(5):
+            ticks.append(trio.current_time())
+            await trio.sleep(0.05)
+        other.execute("COMMIT")
+    async with trio.open_nursery() as n:
+        n.start_soon(release_later)
+        n.start_soon(s.put_bytes, "b", b"2", {})
+        n.start_soon(s.delete, "a")
+    other.close()
+    assert len(ticks) == 5 and sorted(threads) == ["_delete", "_put_bytes"]
+    assert await s.head("a") is None and await s.get_range("b", 0, 1) == b"2"
+    blobs = [n for _, _, names in os.walk(os.path.join(s.root, "blobs")) for n in names]
+    assert len(blobs) == 2  # f and b: the attempts that found the index locked left none
+    await s.aclose()

@@ -158,6 +158,7 @@ class Filesystem:
         returns how many files remain pending upload (deletes left are logged)."""
         left = await self.scheduler.drain()
         await self.namespace.finish_deletes()
+        await self.commit.sync_store()  # unmount: what is in the bucket survives a power loss
         return left
 
     def pending_report(self) -> tuple[int, list[str]]:

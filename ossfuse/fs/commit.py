@@ -3,6 +3,7 @@ taking the uploaded version as the node's committed one, and turning the journal
 run into dirty nodes at mount time. When uploads happen is ``writeback.scheduler``'s part."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -28,6 +29,29 @@ from .objmeta import file_metadata
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
+
+INLINE_SEAL_MAX = 64 << 10  # bytes: a version this small is sealed on the event loop (issue 14)
+
+
+def _torn(st: StagedFile, meta: dict[str, str]) -> str | None:
+    """Why journaled ``st`` (envelope unwrapped) does not hold the ciphertext its record's
+    integrity tags were sealed over (None: it does, or it has no tags to check). Journal
+    records are not fsynced (docs/design.md "Durability"): after a power loss a record may
+    survive while its data file's blocks read as zeros. Blocking: reads the whole data file."""
+    try:
+        spec = integrity.parse(meta)
+    except integrity.IntegrityError as e:
+        return str(e)
+    if spec is None:
+        return None
+    k = integrity.tag_key(st.envelope.data_key, st.envelope.iv)
+    try:
+        tags = integrity.tags_of_file(st.data_path, k, spec.block, st.size)
+    except OSError as e:
+        return f"its data file cannot be read: {e}"
+    good = (tags == spec.tags if spec.tags is not None
+            else integrity.list_root(k, spec.block, st.size, tags) == spec.root)
+    return None if good else "its data does not match the integrity tags it was journaled with (lost in a power loss?)"
 
 
 class Commit:
@@ -72,14 +96,19 @@ class Commit:
                 log.error("cannot save %r: no data key: %s", key, e)
                 raise FsError(errno_of(e)) from None
         st.seal_attempt = st.generation
-        try:
-            await trio.to_thread.run_sync(st.seal_data)
+        other = file_metadata(node, st.envelope.wrapped, st.size)
+        envelope, prefix = st.envelope, self.naming.prefix
+
+        def seal_and_tag() -> integrity.SealedTags:
+            st.seal_data()
             # the integrity tags of the final ciphertext (docs/integrity.md), read back from
             # the page cache; they depend only on the data key, IV and bytes, never the name
-            other = file_metadata(node, st.envelope.wrapped, st.size)
-            st.tags = await trio.to_thread.run_sync(
-                integrity.seal, st.data_path, st.envelope.data_key, st.envelope.iv, st.size, other,
-                self.naming.prefix)
+            return integrity.seal(st.data_path, envelope.data_key, envelope.iv, st.size, other, prefix)
+        try:
+            if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
+                st.tags = seal_and_tag()
+            else:
+                st.tags = await trio.to_thread.run_sync(seal_and_tag)
         except OSError as e:
             log.error("staging %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None
@@ -219,13 +248,28 @@ class Commit:
         self._uploads[node] = self._uploads.get(node, 0) + 1
         try:
             async with lock:
-                return await self._upload(node, raise_errors, journal_first)
+                ok = await self._upload(node, raise_errors, journal_first)
         finally:
             self._uploads[node] -= 1
             if not self._uploads[node]:
                 del self._uploads[node]
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._upload_locks.pop(node, None)
+        if raise_errors:  # fsync(), or a close that waits: in the bucket means durable there
+            await self.sync_store(raise_errors=True)
+        return ok
+
+    async def sync_store(self, *, raise_errors: bool = False) -> bool:
+        """The store's durability barrier (``ObjectStore.sync``: a local store's syncfs; nothing
+        on OSS). False (logged) when it fails; FsError(EIO) then with ``raise_errors``."""
+        try:
+            await self.uploader.store.sync()
+            return True
+        except StoreError as e:
+            log.error("making the store durable failed: %s", e)
+            if raise_errors:
+                raise FsError(errno.EIO) from None
+            return False
 
     def upload_running(self, node: Node) -> bool:
         """Whether an upload of ``node`` runs or waits to run now (from its start until it has
@@ -368,6 +412,12 @@ class Commit:
             except (env.EnvelopeError, KeyMissing, CmkUnavailable) as e:
                 log.error("journaled %r cannot be decrypted here (%s); it is uploaded as it is", entry.key, e)
                 entry.staged.envelope = OpaqueEnvelope(wrapped)
+            else:
+                torn = _torn(entry.staged, meta)
+                if torn is not None:  # a power loss kept the record but not all of its data
+                    self.staging.quarantine(entry.staged.id, torn, repr(entry.key))
+                    quarantined += 1
+                    continue
             node = self.resolver.node_from_info(path, ObjectInfo(entry.key, entry.staged.size, "", time.time(), meta),
                                                 False)
             node.version = None

@@ -263,5 +263,11 @@ class ObjectStore(abc.ABC):
     async def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error (as on OSS)."""
 
+    async def sync(self) -> None:
+        """Durability barrier: return once every change this store acknowledged before the
+        call survives a power loss. Nothing to do on OSS (a 200 answer means stored); a store
+        that acknowledges changes written only to the kernel (``LocalStore``) flushes them
+        here. Raises StoreError."""
+
     async def aclose(self) -> None:
         """Release connections and files."""

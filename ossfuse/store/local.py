@@ -9,15 +9,21 @@ Layout under the root directory::
     tmp/                bodies being written
 
 Any OSS key (1–1023 UTF-8 bytes, ``a`` and ``a/`` side by side, ``a//b``) is a row, never a
-path, so no key can escape the directory. A write lands in ``tmp/``, is fsynced, renamed into
+path, so no key can escape the directory. A write lands in ``tmp/``, is renamed into
 ``blobs/`` and only then committed to the index in one SQLite transaction: a crash leaves either
 the old object or the new one, never half of one. ETags are random per write (OSS only promises
 that an ETag changes when the content does). SQLite in WAL mode lets the daemon and a test
 process use one bucket at once.
 
-Durability: a body is fsynced before its rename, and the directory it is renamed into
-(``blobs/XX/``, an upload's directory) is fsynced after it, so a committed index row never
-points at a name the disk forgot.
+Durability (docs/design.md "Durability"), like a local disk's: every change is in the kernel
+(written, renamed, committed to the SQLite WAL) before its call returns, so it survives a crash
+of the process; none is fsynced on its own (SQLite ``synchronous=NORMAL`` in WAL mode, bodies
+and directories not fsynced). :meth:`LocalStore.sync` is the barrier: ``syncfs(2)`` of the
+store's filesystem makes every change acknowledged before it survive a power loss (the daemon
+calls it before ``fsync()`` and unmount return). A power loss before it may lose the latest
+changes: SQLite rolls back to a consistent index, and a row whose body the disk lost reads as
+``EIO`` through the integrity tags, never as other bytes. Multipart parts (large files, rare
+here) are still fsynced one by one.
 
 Safety (the directory holds names, sizes and wrapped data keys): it is created 0700 with its
 files 0600, whatever the umask; an existing one must be a directory owned by the user opening it
@@ -27,6 +33,7 @@ opened with ``O_NOFOLLOW``).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _ORPHAN_AGE = 3600.0  # seconds before an unreferenced blob (crash leftover) is removed
 _SUBDIRS = ("blobs", "uploads", "tmp")
+_INLINE_WRITE_MAX = 1 << 20  # bytes: a put this small (a link, or a copy if on another disk) runs on the event loop
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -59,6 +67,14 @@ def _open_new(path: str) -> int:
 def _open_read(path: str) -> int:
     """Open ``path`` read-only, refusing a symlink (ELOOP); an fd."""
     return os.open(path, os.O_RDONLY | _NOFOLLOW)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _libc_syncfs(fd: int) -> int:
+    """syncfs(2) (Linux; the os module has only sync()): 0, or -1 with errno set."""
+    return _LIBC.syncfs(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -174,7 +190,9 @@ class LocalStore(ObjectStore):
         if db is None:
             db = sqlite3.connect(self._db_path, timeout=30, isolation_level=None)
             db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA synchronous=FULL")
+            # WAL commits reach the kernel, not the disk: a crash of the process loses nothing,
+            # a power loss at most the commits since the last sync() (the index stays consistent)
+            db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
 
@@ -183,6 +201,26 @@ class LocalStore(ObjectStore):
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except (OSError, sqlite3.Error) as e:  # a full or failing disk is a store failure
             raise StoreError(f"local store {self.root}: {e}") from e
+
+    async def _run_write(self, fn, *args):
+        """Run a small write (``fn(*args)``: a few metadata calls and one index transaction,
+        nothing fsynced, see the module doc) on the event loop: two thread hand-offs cost more
+        than the write itself (issue 14: create, rm and rename of small files). Only while the
+        index's write lock is free: if another process holds it (SQLITE_BUSY at once, no
+        waiting on the loop), the write is done again in a worker thread, which waits for it
+        (``fn`` leaves nothing behind when its transaction cannot begin)."""
+        db = self._db()
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StoreError(f"local store {self.root}: {e}") from e
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"local store {self.root}: {e}") from e
+        finally:
+            db.execute("PRAGMA busy_timeout=30000")
+        return await self._run(fn, *args)
 
     def _run_inline(self, fn, *args):
         """Run a point read of the index on the event loop: a WAL-mode SQLite read never waits
@@ -212,21 +250,23 @@ class LocalStore(ObjectStore):
 
     def _commit(self, key: str, tmp: str, size: int, meta: dict[str, str],
                 check: Callable[[sqlite3.Connection], None] | None = None) -> ObjectInfo:
-        """Move a complete, fsynced body into blobs/ (and fsync that directory) and point
-        ``key`` at it, atomically. ``check(db)`` runs inside the index transaction before the
-        row is written (a copy's source condition); whatever it raises undoes everything."""
+        """Move a complete body into blobs/ and point ``key`` at it, atomically (nothing
+        fsynced: :meth:`sync` is the barrier). ``check(db)`` runs inside the index transaction
+        before the row is written (a copy's source condition); whatever it raises undoes
+        everything."""
         _validate_key(key)
         blob = uuid.uuid4().hex
         dest = self._blob_path(blob)
-        subdir = os.path.dirname(dest)
-        if _mkdir_private(subdir):
-            _fsync_dir(os.path.dirname(subdir))
+        _mkdir_private(os.path.dirname(dest))
         os.rename(tmp, dest)
-        _fsync_dir(subdir)  # the new name must be on disk before the index points at it
         meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
         info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            os.unlink(dest)  # not committed: the blob must not stay (a retry links a new one)
+            raise
         try:
             if check is not None:
                 check(db)
@@ -253,6 +293,12 @@ class LocalStore(ObjectStore):
         except OSError as e:
             log.warning("local store %s: cannot remove unused blob %s (%s); left for remove_orphans",
                         self.root, blob, e)
+
+    @staticmethod
+    def _write(path: str, data: bytes) -> None:
+        """Create ``path`` (0600, not through a symlink) with ``data`` (not fsynced)."""
+        with open(_open_new(path), "wb") as f:
+            f.write(data)
 
     @staticmethod
     def _write_fsync(path: str, data: bytes) -> None:
@@ -315,22 +361,41 @@ class LocalStore(ObjectStore):
         if not linked:
             with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-        with open(os.open(tmp, os.O_RDWR | _NOFOLLOW), "rb+") as f:
-            os.fsync(f.fileno())  # nothing to write back when the caller already fsynced it
-            size = os.fstat(f.fileno()).st_size
+        size = os.lstat(tmp).st_size
         return self._commit(key, tmp, size, meta)
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
                        may_link: bool = False) -> ObjectInfo:
-        return await self._run(self._put_file, key, path, metadata, may_link)
+        try:
+            small = os.lstat(path).st_size <= _INLINE_WRITE_MAX
+        except OSError as e:
+            raise StoreError(f"local store {self.root}: {e}") from e
+        run = self._run_write if small else self._run
+        return await run(self._put_file, key, path, metadata, may_link)
 
     def _put_bytes(self, key: str, data: bytes, meta: dict[str, str]) -> ObjectInfo:
         tmp = self._new_tmp()
-        self._write_fsync(tmp, data)
+        self._write(tmp, data)
         return self._commit(key, tmp, len(data), meta)
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
-        return await self._run(self._put_bytes, key, data, metadata)
+        run = self._run_write if len(data) <= _INLINE_WRITE_MAX else self._run
+        return await run(self._put_bytes, key, data, metadata)
+
+    def _sync(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _libc_syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+    async def sync(self) -> None:
+        """The durability barrier: ``syncfs(2)`` of the filesystem holding the store, so every
+        put, copy and delete that returned before survives a power loss (bodies, directory
+        entries and the SQLite WAL alike). StoreError when the disk reports a write error."""
+        await self._run(self._sync)
 
     def _upload_dir(self, upload_id: str) -> str:
         if not upload_id.isalnum():
@@ -496,7 +561,7 @@ class LocalStore(ObjectStore):
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
                    if_match: str | None = None) -> ObjectInfo:
-        return await self._run(self._copy, src, dst, metadata, if_match)
+        return await self._run_write(self._copy, src, dst, metadata, if_match)  # a link: no byte copied
 
     def _list_uploads(self, prefix: str) -> MultipartUploads:
         out = []
@@ -533,7 +598,7 @@ class LocalStore(ObjectStore):
             self._unlink_blob(row[0])
 
     async def delete(self, key: str) -> None:
-        await self._run(self._delete, key)
+        await self._run_write(self._delete, key)
 
     def remove_orphans(self) -> int:
         """Delete blobs no row points at (left by a crash between rename and commit, or an

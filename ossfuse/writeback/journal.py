@@ -1,8 +1,12 @@
 """The write-back journal: a sealed staged version made durable, and found again after a crash.
 
 ``record()`` writes ``staging/<id>.json`` (object key, size, full user metadata including the
-*wrapped* data key, generation) atomically next to the version's sealed, fsynced ciphertext
-``staging/<id>.data``. That pair is everything an upload needs, without the CMK, so a mount
+*wrapped* data key, generation) atomically next to the version's sealed ciphertext
+``staging/<id>.data``. Nothing is fsynced (docs/design.md "Durability"): the data and then the
+record are in the kernel when ``record()`` returns, so a crash of the daemon loses no closed
+file, but a power loss may lose records written since the last ``fsync()`` (which uploads) or
+leave a record whose data the disk lost: recovery checks the data against the integrity tags
+the record holds and quarantines it then, so a torn version never replaces a good object. That pair is everything an upload needs, without the CMK, so a mount
 started after a crash uploads what the journal holds. ``read_journal()`` finds the records at
 mount time; turning them into inodes is the filesystem's part (``ossfuse.fs.commit``).
 
@@ -26,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
-    """Atomically record (key, size, metadata) for sealed ``staged`` (its data fsynced first,
-    if the seal did not) and fsync the directory.
+    """Atomically record (key, size, metadata) for sealed ``staged``: written to a temporary
+    file and renamed over the record, after the sealed data (not fsynced: the module doc).
     Raises OSError (ENOSPC, EIO) when the cache disk fails (the previous record, if any, is
     then still valid), ValueError for a version not sealed. Recording what is already recorded
     does nothing (a close followed by its upload)."""
@@ -36,14 +40,11 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
     rec = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
     if rec == staged.journaled_record:
         return
-    staged.sync_data()  # the record may only point at durable bytes
     tmp = staged.journal_path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(rec, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, staged.journal_path)
     except BaseException:
         try:
@@ -51,7 +52,6 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
         except FileNotFoundError:
             pass
         raise
-    staged.staging.sync()
     staged.journaled_record = rec
 
 

@@ -88,7 +88,6 @@ class StagedFile:
         # the object key the file had when its work file was made, kept in that file's xattr
         # LABEL_XATTR so the next mount can name what a lost work file held (read_journal)
         self.label: str | None = None
-        self.data_synced = sealed  # data_path fsynced (a version read from the journal was)
         # While seal_data converts the work file in place: its first ``_packed`` bytes already
         # hold the final ciphertext (contiguous), the slots after them are intact. The lock
         # makes each converted chunk and the new ``_packed`` appear at once to readers (the
@@ -263,10 +262,9 @@ class StagedFile:
     # -- sealing --------------------------------------------------------------------------
     def seal_data(self) -> None:
         """Write the final ciphertext of this version to ``data_path`` (blocking: run it in a
-        worker thread; reads meanwhile are served, see ``_packed``). Not fsynced here: whatever
-        needs it durable does that once (:meth:`sync_data` before a journal record; a local
-        store's put fsyncs the inode it links; an upload to OSS needs no local fsync), so a
-        small file uploaded at close pays one fsync, not two (issue 14).
+        worker thread; reads meanwhile are served, see ``_packed``). Never fsynced: the journal
+        promises survival of a daemon crash, not of a power loss (``fsync()`` uploads; a local
+        store's ``sync`` flushes the inode it links), issue 14.
 
         The work file is converted in place (:meth:`_seal_in_place`), so sealing needs no
         second copy of the file on the cache disk; a version with no work file yet, or on a
@@ -311,7 +309,6 @@ class StagedFile:
             if self._packed:  # half converted: the slots of the start are gone (the caller logs it)
                 self.write_error = e.errno or errno.EIO
             raise
-        self.data_synced = False
 
     def _seal_copy(self) -> None:
         """Write the sealed data to a new file next to the work file (the fallback of
@@ -328,19 +325,6 @@ class StagedFile:
             raise
         os.close(fd)
         os.replace(tmp, self.data_path)
-        self.data_synced = False
-
-    def sync_data(self) -> None:
-        """fsync the sealed data file, once (a journal record must never point at bytes the
-        disk may still lose). OSError (EIO) when the disk fails."""
-        if self.data_synced:
-            return
-        fd = _open(self.data_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.data_synced = True
 
     def finish_seal(self) -> None:
         """After :meth:`seal_data`: the version is sealed; its work file goes. Its ``base`` is
@@ -375,10 +359,11 @@ class StagedFile:
             self._work_fd = -1
 
     def forget_record(self) -> None:
-        """Remove the journal record (durably): a crash will not bring this version back."""
+        """Remove the journal record: a crash of the daemon will not bring this version back
+        (not fsynced: after a power loss it may, and is then uploaded again, as after a crash
+        between an upload and this removal)."""
         if self.journaled_record is not None or os.path.exists(self.journal_path):
             _unlink(self.journal_path)
-            self.staging.sync()
         self.journaled_record = None
 
     def discard(self) -> None:

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""The daemon's own cost per small-file operation, without FUSE: N × (create + write 4 KiB +
+close) then N × unlink through ``Filesystem`` over a ``LocalStore`` bucket (upload at close,
+as a mount of a local bucket), RSA-3072 CMK. Prints milliseconds per file.
+
+    .venv/bin/python bench/small_ops.py [N]
+    PYTHONPATH=/path/to/other/checkout .venv/bin/python bench/small_ops.py   # before/after
+
+(run from outside the repo for PYTHONPATH to win over the current directory: cd /tmp first).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import trio
+
+import ossfuse
+from ossfuse.keyring import generate_rsa_cmk
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.fakes
+from tests.fakes.core import core_filesystem  # noqa: E402
+
+
+async def run(root: str, cmk: str, n: int) -> tuple[float, float]:
+    fs = core_filesystem(root, cmk)
+    data = os.urandom(4096)
+    t = time.perf_counter()
+    for i in range(n):
+        _, h = await fs.create(fs.get(1), f"f{i}", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, data)
+        await fs.flush(h)
+        await fs.release(h)
+    t_create = (time.perf_counter() - t) / n * 1000
+    t = time.perf_counter()
+    for i in range(n):
+        await fs.unlink(fs.get(1), f"f{i}")
+    t_unlink = (time.perf_counter() - t) / n * 1000
+    fs.close()
+    await fs.store.aclose()
+    return t_create, t_unlink
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    root = tempfile.mkdtemp(prefix="ossfuse-small-ops-")
+    try:
+        cmk = os.path.join(root, "cmk.pem")
+        generate_rsa_cmk(cmk, bits=3072)
+        t_create, t_unlink = trio.run(run, root, cmk, n)
+        print(f"{os.path.dirname(ossfuse.__file__)}: create+write 4 KiB+close {t_create:.2f} ms/file, "
+              f"unlink {t_unlink:.2f} ms/file ({n} files)")
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
