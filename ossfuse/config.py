@@ -33,6 +33,14 @@ class StoreConfig:
     max_copy_size: int | None = None  # bytes CopyObject may copy (OSS: 1 GiB); larger objects stream
     retries: int = 5  # extra tries of one failed OSS request (5xx, resets, timeouts), with backoff
     request_deadline: float = 60.0  # seconds one OSS request may take with all its retries
+    offline_timeout: float = 5.0  # seconds an unreachable store is retried before a request gets EIO
+
+
+def _number(path: str, name: str, value) -> float:
+    """``value`` as positive seconds, else ConfigError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{path}: {name}: must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -231,7 +239,8 @@ def load(path: str) -> Config:
                         signature=st.get("signature", "v4"), credentials_file=creds,
                         ram_role=st.get("ram_role"), metadata_url=st.get("metadata_url", "http://100.100.100.200"),
                         max_copy_size=st.get("max_copy_size"), retries=st.get("retries", 5),
-                        request_deadline=float(st.get("request_deadline", 60.0)))
+                        request_deadline=float(st.get("request_deadline", 60.0)),
+                        offline_timeout=_number(path, "store.offline_timeout", st.get("offline_timeout", 5.0)))
 
     en = _check_table(path, "encryption", "encryption", raw["encryption"])
     cmks = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ from . import status as status_mod
 from .status import RecentErrors
 from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
+from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, check_private_dir, ensure_runtime_dir, mounted_device, process_alive, read_registry,
                        registry_path, write_registry)
@@ -303,6 +305,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     # this very thread to answer. Paths derived from it are computed now.
     registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
     await _wait_for_services(cfg, fs.store, fs.keyring)
+    health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
+    fs.track_store_health(health)
     recovered = fs.recover()
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():
@@ -332,6 +336,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             tasks.start_soon(_announce, cfg, mountpoint, registry, readiness, life, name="readiness check")
             tasks.start_soon(status_mod.serve, status_socket, fs, errors, time.time(), life,
                              name=f"status socket {status_socket}")
+            tasks.start_soon(health.watch, functools.partial(fs.store.list, cfg.store.prefix, max_keys=1),
+                             name="store reachability probe")
             if isinstance(fs.store, LocalStore):
                 tasks.start_soon(_remove_orphans, fs.store, name="local bucket cleanup")
             await pyfuse3.main(min_tasks=4, max_tasks=64)

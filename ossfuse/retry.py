@@ -29,7 +29,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 import tenacity
 
@@ -123,12 +123,21 @@ class Budget:
 OnRetry = Callable[[BaseException, int, float], None]
 
 
+class Health(Protocol):
+    """What the retry loop asks of a store's online/offline tracker (``store.health``)."""
+
+    def give_up(self, failing_for: float, upcoming_sleep: float) -> bool: ...
+
+
 def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[BaseException], bool],
-                     on_retry: OnRetry | None) -> dict:
+                     on_retry: OnRetry | None, health: Health | None = None) -> dict:
     stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(policy.attempts)
     if policy.deadline is not None:
         # no sleep that ends with less than min_attempt seconds left before the deadline
         stop = stop | tenacity.stop_before_delay(max(0.0, policy.deadline - policy.min_attempt))
+    if health is not None:
+        # an unreachable store: EIO after the offline timeout, not the whole deadline
+        stop = stop | (lambda state: health.give_up(state.seconds_since_start, state.upcoming_sleep or 0.0))
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -141,19 +150,21 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
 
 async def retry_async(policy: RetryPolicy, attempt: Callable[[Budget], Awaitable[T]], *,
                       classify: Callable[[BaseException], bool] = is_temporary,
-                      on_retry: OnRetry | None = None) -> T:
+                      on_retry: OnRetry | None = None, health: Health | None = None) -> T:
     """``await attempt(budget)`` until it returns, raises what ``classify`` calls permanent, or
     the policy's attempts or deadline run out; then the last exception is raised as itself.
     ``on_retry(exc, attempt_number, delay_seconds)`` is called before each backoff sleep (to log
     it). ``attempt`` should bound its own waiting with ``budget.timeout(...)``. Sleeps with
-    ``trio.sleep`` under trio; cancellation is never retried."""
+    ``trio.sleep`` under trio; cancellation is never retried. ``health`` (a store's
+    ``store.health.StoreHealth``): no retry once ``health.give_up(seconds failing, next
+    sleep)`` says so (the store is offline, or the sleep would end past its offline timeout)."""
     budget = Budget(policy)
 
     async def one() -> T:
         budget.attempt += 1
         return await attempt(budget)
 
-    retrying = tenacity.AsyncRetrying(**_tenacity_kwargs(policy, budget, classify, on_retry))
+    retrying = tenacity.AsyncRetrying(**_tenacity_kwargs(policy, budget, classify, on_retry, health))
     return await retrying(one)
 
 

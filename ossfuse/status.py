@@ -78,6 +78,9 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
                       "failures": cache_stats["integrity_failures"]},
         "conflicts": fs.commit.conflicts.status(),  # {"count", "recent": [conflict copy paths]}
         "recent_errors": list(errors.records),
+        # {"online", "offline_since" (epoch seconds or None), "reason"}: store/health.py
+        "store_health": (fs.store.health.status() if fs.store.health is not None
+                         else {"online": True, "offline_since": None, "reason": None}),
     }
 
 
@@ -137,6 +140,10 @@ def render(doc: dict) -> str:
         f"uptime:           {doc['uptime_seconds']:.0f} s",
         f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes, oldest {p['oldest_seconds']:.0f} s",
     ]
+    health = doc.get("store_health") or {}
+    if health.get("offline_since") is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(health["offline_since"]))
+        lines.insert(0, f"store:            OFFLINE since {since} ({health['reason']}); serving from the cache")
     if doc.get("state", "serving") != "serving":
         lines.insert(0, f"state:            {doc['state']} (unmounted; finishing pending uploads)")
     for u in p.get("uploading", []):

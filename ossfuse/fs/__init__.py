@@ -92,6 +92,14 @@ class Filesystem:
                                            self.commit.staged_in)
         self.resolver.stat_ahead = self.directories.stat_ahead
 
+    def track_store_health(self, health) -> None:
+        """Attach ``health`` (``store.health.StoreHealth``) to the store: from now on an
+        unreachable store makes calls fail fast with StoreOffline, which the file system answers
+        from its caches (docs/design.md "Offline"), and pending uploads start again as soon as
+        the store answers."""
+        self.store.health = health
+        health.on_online.append(self.scheduler.resume)
+
     async def _upload_queued(self, node: Node) -> bool:
         return await self.commit.upload_node(node)
 

@@ -16,6 +16,7 @@ from ..cache import BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import ObjectInfo, StoreError
+from ..store.health import StoreOffline
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import StagedFile, Staging
@@ -299,7 +300,9 @@ class Commit:
         again = node.upload_error == reason
         node.upload_error = reason
         self.scheduler.stats["upload_failures"] += 1
-        if isinstance(e, FsError):  # sealing/journaling: logged where it failed, with the cause
+        if isinstance(e, (FsError, StoreOffline)):
+            # sealing/journaling: logged where it failed, with the cause; offline: the outage
+            # has its one WARNING (store/health.py), not one ERROR per retry
             level = logging.INFO
         else:
             level = logging.INFO if again else logging.ERROR

@@ -17,6 +17,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..integrity import IntegrityError
 from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError
+from ..store.health import StoreOffline
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
@@ -149,6 +150,9 @@ class Files:
         except IntegrityError as e:
             self._error_once("cannot read %r: %s", v.key, e)
             raise FsError(errno.EIO) from None
+        except StoreOffline as e:  # the outage has its one WARNING (store/health.py)
+            log.info("reading %r failed: %s", v.key, e)
+            raise FsError(errno_of(e)) from None
         except StoreError as e:
             self._error_once("reading %r failed: %s", v.key, e)
             raise FsError(errno_of(e)) from None

@@ -34,11 +34,13 @@ from typing import Callable
 from ..aio import run_all
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.health import StoreOffline
 from .errors import FsError, errno_of, store_request
 from .inodes import InodeTable
 from .model import DirEntry, DirHandle, Node
 from .namecache import NameCache
 from .naming import Naming, join, parent_of, valid_listed_name
+from .offline import offline_entries
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,8 @@ class DirectoryReader:
         while True:
             try:
                 page = await self.store.list(dkey, delimiter="/", marker=marker)
+            except StoreOffline:
+                return offline_entries(node, self.inodes.by_path, self.naming)
             except StoreError as e:
                 log.error("listing %r failed: %s", dkey, e)
                 raise FsError(errno_of(e)) from None

@@ -21,6 +21,7 @@ import trio
 
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.health import StoreOffline
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
@@ -196,6 +197,8 @@ class Resolver:
             return by_path.get(path)  # known, unless a task replaced or removed it meanwhile
         try:
             found = await self.probe(path)
+        except StoreOffline:
+            return self.offline_answer(path, known)
         except StoreError as e:
             log.error("lookup of %r failed: %s", self.naming.key(path), e)
             raise FsError(errno_of(e)) from None
@@ -215,6 +218,21 @@ class Resolver:
         if known is not None and by_path.get(path) is known:
             del by_path[path]
         return self.node_from_info(path, info, is_dir)
+
+    def offline_answer(self, path: str, known: Node | None) -> Node | None:
+        """What is at ``path`` while the store is offline (docs/design.md "Offline"): the node
+        this mount has for it (attributes as last known), else None when the parent's last
+        complete listing, kept current by this mount's own changes, lacks the name. Raises
+        FsError(EIO) when neither tells."""
+        current = self.inodes.by_path.get(path)
+        if current is not None and not current.unlinked:
+            return current
+        parent = self.inodes.by_path.get(parent_of(path))
+        if known is None and parent is not None and parent.children is not None \
+                and base_name(path) not in parent.children:
+            return None
+        log.info("lookup of %r: the store is offline and this mount has not seen it", self.naming.key(path))
+        raise FsError(errno.EIO)
 
     def node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
         """A new node for ``path`` from a HEAD of its object (or dir marker; None: implicit dir)."""
@@ -271,6 +289,8 @@ class Resolver:
             return
         try:
             info = await self.store.head(self.naming.key(node.path))
+        except StoreOffline:
+            return  # offline: the attributes as last known (docs/design.md "Offline")
         except StoreError as e:
             log.error("HEAD %r failed: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None

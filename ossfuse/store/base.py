@@ -132,16 +132,22 @@ def _counted(op: str, fn):
     async def wrapper(self, *args, **kwargs):
         if _IN_STORE_CALL.get():
             return await fn(self, *args, **kwargs)
-        counters = self.counters
+        counters, health = self.counters, self.health
         token = _IN_STORE_CALL.set(True)
         try:
             counters.calls[op] += 1
+            if health is not None:  # offline: fail fast (store/health.py)
+                health.admit(op, str(args[0]) if args else "")
             result = await fn(self, *args, **kwargs)
         except StoreError as e:
             counters.errors[(op, e.code or type(e).__name__)] += 1
+            if health is not None:
+                raise health.failed(e)
             raise
         finally:
             _IN_STORE_CALL.reset(token)
+        if health is not None:
+            health.succeeded()
         if sizes is not None:
             sent, received = sizes(args, kwargs, result)
             counters.bytes_sent += sent
@@ -175,6 +181,8 @@ class ObjectStore(abc.ABC):
     #: cache would only copy the bucket), multipart parts would only copy every byte twice
     #: more, and ``put_file(..., may_link=True)`` may keep the file itself (a hard link).
     local_disk: bool = False
+    #: Online/offline tracking (``store.health.StoreHealth``), set by the daemon; None: none.
+    health = None
 
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""

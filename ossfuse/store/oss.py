@@ -404,7 +404,8 @@ class OssStore(ObjectStore):
         async def attempt(budget: Budget) -> Any:
             if not budget_seen:
                 budget_seen.append(budget)
-            timeouts = (budget.timeout(self.connect_timeout), budget.timeout(self.read_timeout))
+            connect = self.connect_timeout if self.health is None else min(self.connect_timeout, self.health.timeout)
+            timeouts = (budget.timeout(connect), budget.timeout(self.read_timeout))
             try:
                 return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter)
             except Exception as e:  # noqa: BLE001 - classified here
@@ -423,13 +424,15 @@ class OssStore(ObjectStore):
                 transient_seen.append(err)
 
         try:
-            return await retry_async(self.policy, attempt, on_retry=on_retry)
+            return await retry_async(self.policy, attempt, on_retry=on_retry, health=self.health)
         except StoreError as err:
             budget = budget_seen[0] if budget_seen else None
             if err.temporary and budget is not None and budget.attempt > 1:
                 err.message += f" (gave up after {budget.attempt} attempts in {budget.elapsed():.1f}s)"
             level = (logging.DEBUG if isinstance(err, NoSuchKey) else
-                     logging.INFO if isinstance(err, PreconditionFailed) else logging.WARNING)
+                     logging.INFO if isinstance(err, PreconditionFailed)
+                     # an unreachable store: store/health.py logs one WARNING for the outage
+                     or (err.temporary and self.health is not None) else logging.WARNING)
             log.log(level, "%s", err)
             raise
 

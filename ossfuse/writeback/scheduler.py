@@ -118,6 +118,12 @@ class UploadScheduler:
         if _pending(node):
             self.schedule(node)
 
+    def resume(self) -> None:
+        """The store answers again (``store.health`` back online): queue every pending upload
+        now instead of after the ``retry_interval`` of its last failure."""
+        for node in self.pending():
+            self.schedule(node)
+
     async def drain(self) -> int:
         """Upload everything still staged (unmount), ``workers`` at once; returns how many
         files remain pending."""

@@ -1,0 +1,38 @@
+"""Directory listings while the store is offline (issue 17; docs/design.md "Offline").
+
+A directory this mount has listed completely keeps its child names (``Node.children``, kept
+current by the mount's own creates, renames and unlinks: ``namecache``), and the inode table
+keeps a node, with its attributes, for every name the kernel still holds. Offline, a listing
+is answered from those two; it is never guessed: a name whose node is gone (the kernel forgot
+it) has no attributes to show, so the listing fails with EIO rather than show wrong ones or
+drop the name.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+
+from .errors import FsError
+from .model import DirEntry, Node
+from .naming import Naming, join
+
+log = logging.getLogger(__name__)
+
+
+def offline_entries(directory: Node, by_path: dict[str, Node], naming: Naming) -> list[DirEntry]:
+    """The entries of ``directory`` as this mount last knew them: ``[(name, node, None,
+    is_dir)]`` sorted by name (``readdir.list_entries``'s shape). Raises FsError(EIO), with one
+    INFO line (the store's outage has its WARNING), when the directory was never listed
+    completely or a child's node is no longer known."""
+    dkey = naming.dir_key(directory.path)
+    if directory.children is None:
+        log.info("listing %r: the store is offline and this mount has not listed it", dkey)
+        raise FsError(errno.EIO)
+    entries: list[DirEntry] = []
+    for name in sorted(directory.children):
+        node = by_path.get(join(directory.path, name))
+        if node is None or node.unlinked:
+            log.info("listing %r: the store is offline and %r is no longer cached", dkey, name)
+            raise FsError(errno.EIO)
+        entries.append((name, node, None, node.is_dir))
+    return entries

@@ -1,0 +1,140 @@
+"""Whether the store answers: one mount's online/offline state (issue 17, docs/design.md
+"Offline").
+
+A :class:`StoreHealth` is attached to a store as ``store.health`` (the daemon does it; a store
+without one behaves as before). ``ObjectStore``'s per-operation wrapper (``store/base.py``)
+reports every outermost store call to it, and the OSS retry loop (``ossfuse.retry``) asks it
+how long to keep retrying. States:
+
+* **online** (``offline_since`` None): calls go through. A call that ends in a *temporary*
+  failure (``StoreUnavailable``: refused/reset connections, timeouts, 5xx after the store's
+  own retries, which stop after ``timeout`` seconds of failing) takes the mount offline: one
+  WARNING line, ``offline_since`` = that wall-clock time, and the call raises
+  :class:`StoreOffline` (a ``StoreUnavailable``) so the file system can answer from what it
+  has cached.
+* **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
+  every ``probe_interval`` seconds that is let through as a probe (any operation; the daemon's
+  :meth:`StoreHealth.watch` task makes one when nothing else does). The first call that
+  succeeds takes the mount online again: one INFO line and every ``on_online`` callback runs
+  (the write-back scheduler queues its pending uploads at once instead of after
+  ``mount.retry_interval``).
+
+Non-temporary failures (403, 404, a precondition) prove the store answers: they count as
+success. Everything runs on the trio thread; no lock, no await inside the state changes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Awaitable, Callable
+
+from .base import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0  # seconds: config store.offline_timeout
+
+
+class StoreOffline(StoreUnavailable):
+    """The store is taken to be unreachable (``StoreHealth`` is offline): raised at once, or by
+    the call that found it unreachable. ``temporary`` like every StoreUnavailable."""
+
+
+class StoreHealth:
+    """Online/offline state of one store (see the module doc).
+
+    :param timeout: seconds a store call may keep retrying an unreachable store before it fails
+        (and the mount goes offline); also the longest connect timeout of one attempt.
+    :param probe_interval: seconds between the calls let through while offline (default: a
+        fifth of ``timeout``, at least 0.2 s and at most 2 s).
+    """
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, probe_interval: float | None = None):
+        if timeout <= 0:
+            raise ValueError(f"offline timeout must be positive seconds, not {timeout}")
+        self.timeout = float(timeout)
+        self.probe_interval = probe_interval if probe_interval is not None else min(2.0, max(0.2, timeout / 5))
+        self.offline_since: float | None = None  # wall-clock seconds; None: online
+        self.last_error: str | None = None  # why the store went offline (one line)
+        self.on_online: list[Callable[[], None]] = []
+        self._next_probe = 0.0  # monotonic time from which one call is let through while offline
+
+    @property
+    def offline(self) -> bool:
+        return self.offline_since is not None
+
+    def admit(self, op: str, key: str) -> None:
+        """Before a store call: raises StoreOffline while offline, unless this call is the
+        next probe (one per ``probe_interval``)."""
+        if self.offline_since is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + self.probe_interval
+            return
+        raise StoreOffline(f"store offline since {_when(self.offline_since)} ({self.last_error}): "
+                           f"{op} {key!r} not tried", key=key, code="Offline")
+
+    def succeeded(self) -> None:
+        """A store call got an answer: back online if offline (one INFO line, callbacks)."""
+        if self.offline_since is None:
+            return
+        gone = time.time() - self.offline_since
+        self.offline_since = None
+        log.info("store is back online after %.1f s offline", gone)
+        for callback in list(self.on_online):
+            try:
+                callback()
+            except Exception:  # a listener's bug must not fail the call that succeeded
+                log.exception("back-online callback %r failed", callback)
+
+    def failed(self, exc: StoreError) -> StoreError:
+        """A store call raised ``exc``; returns what the caller should raise: a StoreOffline
+        (same message) for a temporary failure, which takes the mount offline if it was
+        online (one WARNING line); ``exc`` itself otherwise (the store answered)."""
+        if not exc.temporary:
+            self.succeeded()
+            return exc
+        if isinstance(exc, StoreOffline):
+            return exc
+        if self.offline_since is None:
+            self.offline_since = time.time()
+            self.last_error = str(exc)
+            self._next_probe = time.monotonic() + self.probe_interval
+            log.warning("store unreachable, working offline from the cache: %s", exc)
+        err = StoreOffline(exc.message, key=exc.key, request_id=exc.request_id, code=exc.code)
+        err.__cause__ = exc
+        return err
+
+    def give_up(self, failing_for: float, upcoming_sleep: float) -> bool:
+        """For a retry loop: stop retrying one call that has failed for ``failing_for`` seconds
+        and would sleep ``upcoming_sleep`` more (the mount went offline meanwhile, or the
+        sleep would end past ``timeout``)."""
+        return self.offline or failing_for + upcoming_sleep > self.timeout
+
+    async def watch(self, probe: Callable[[], Awaitable[object]]) -> None:
+        """Run forever (a daemon task): while offline, ``await probe()`` (a cheap store call,
+        e.g. a one-key listing) every ``probe_interval`` seconds so the mount comes back
+        online, and its uploads resume, without waiting for a file-system request. The
+        probe's errors are the store's to report (they are expected while offline)."""
+        import trio
+        while True:
+            await trio.sleep(self.probe_interval)
+            if self.offline_since is not None and time.monotonic() >= self._next_probe:
+                try:
+                    await probe()
+                except StoreError:
+                    pass
+
+    def status(self) -> dict:
+        """For ``ossfuse status``: {"online": bool, "offline_since": wall-clock seconds or None,
+        "reason": the failure that took it offline or None}."""
+        return {"online": self.offline_since is None, "offline_since": self.offline_since,
+                "reason": self.last_error if self.offline_since is not None else None}
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+__all__ = ["StoreHealth", "StoreOffline", "DEFAULT_TIMEOUT"]

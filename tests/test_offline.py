@@ -1,0 +1,188 @@
+"""Offline (issue 17): with the store unreachable, what the mount has cached stays usable and
+what needs the store fails fast with EIO (docs/design.md "Offline", docs/semantics.md).
+
+Core tests run the Filesystem with no kernel over ``FaultStore`` (tests/fakes) whose every call
+raises a temporary failure while "down", with a ``StoreHealth`` attached as the daemon does;
+one test drives a real ``OssStore`` against a closed port to check the retry loop's bound.
+The mount test (stop the OSS test server while mounted) is in test_offline_mount.py.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+
+import pytest
+import trio
+
+from fakes.core import committed_file, core_filesystem, core_store, exists, listed_names
+from ossfuse.fs import FsError
+from ossfuse.store.health import StoreHealth, StoreOffline
+
+OFFLINE = r"store unreachable, working offline from the cache"
+
+
+def _remote_store(root):
+    """A FaultStore over a local bucket that the mount treats as remote (reads go through the
+    block cache, uploads through the write-back queue), as on OSS."""
+    store = core_store(root)
+    store.local_disk = False
+    return store
+
+
+async def _read_all(fs, node, size: int) -> bytes:
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, size)
+    finally:
+        await fs.release(h)
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_cached_listing_and_read_work_offline_and_uncached_ones_fail_fast(tmp_path, cmk_path, caplog):
+    caplog.set_level(logging.INFO, logger="ossfuse.store.health")
+
+    async def main():
+        # attr/entry timeouts far shorter than the outage: every answer below is from the cache
+        fs = core_filesystem(tmp_path, cmk_path, _remote_store(tmp_path), entry_timeout=0.05, attr_timeout=0.05,
+                             cache={"block_size": 4096})
+        health = StoreHealth(timeout=2.0, probe_interval=60.0)  # no probe gets through in this test
+        fs.track_store_health(health)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            root = fs.get(1)
+            d = await fs.mkdir(root, "d", 0o750, 1, 2)
+            a = await committed_file(fs, "a", b"alpha" * 2000, d)  # 10000 bytes: 3 blocks
+            await committed_file(fs, "b", b"bravo" * 10, d)
+            big = await committed_file(fs, "big", os.urandom(24 << 20), d)  # 24 MiB
+            # another client's directory: this mount looks it up but never lists it
+            writer = core_filesystem(tmp_path / "writer", cmk_path, fs.store.inner, keyring=fs.keyring)
+            await committed_file(writer, "x", b"x", await writer.mkdir(writer.get(1), "other", 0o755, 1, 2))
+            writer.close()
+            other = await fs.lookup(root, "other")
+            assert await listed_names(fs, d) == ["a", "b", "big"]
+            assert await _read_all(fs, a, 20000) == b"alpha" * 2000  # every block of a cached
+            fs.cache.drop(big.version.key, big.version.etag)  # as if another client wrote it
+            h = await fs.open(big, os.O_RDONLY)
+            first = await fs.read(h, 0, 4096)  # only big's first blocks get cached
+            await fs.release(h)
+
+            fs.store.fail("*", count=None)  # the store is down: every call is refused
+            await trio.sleep(0.1)  # every attribute and name is stale now
+            t0 = time.monotonic()
+            assert await listed_names(fs, d) == ["a", "b", "big"]
+            assert health.offline and health.offline_since is not None
+            assert (await fs.lookup(d, "a")) is a and a.size == 10000
+            assert not await exists(fs, "nothing", d)  # the listing proves the name absent
+            assert await _read_all(fs, a, 20000) == b"alpha" * 2000
+            h = await fs.open(big, os.O_RDONLY)
+            assert await fs.read(h, 0, 4096) == first
+            with pytest.raises(FsError) as ei:  # an uncached block needs the store
+                await fs.read(h, (24 << 20) - 4096, 4096)  # far past any read-ahead of the first read
+            assert ei.value.errno == errno.EIO
+            await fs.release(h)
+            for unknown in (lambda: listed_names(fs, other), lambda: fs.lookup(other, "x")):
+                with pytest.raises(FsError) as ei:  # never listed: nothing to answer from
+                    await unknown()
+                assert ei.value.errno == errno.EIO
+            assert time.monotonic() - t0 < 1.0  # no call waited for the store
+            calls = fs.store.counts["head"] + fs.store.counts["list"] + fs.store.counts["get_range"]
+            await listed_names(fs, d)
+            await fs.lookup(d, "b")
+            # failing fast: the store is not even asked while offline (no probe is due)
+            assert fs.store.counts["head"] + fs.store.counts["list"] + fs.store.counts["get_range"] == calls
+            nursery.cancel_scope.cancel()
+        fs.close()
+
+    trio.run(main)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "ossfuse.store.health"]
+    assert len(warnings) == 1  # one line for the outage, not one per request
+
+
+@pytest.mark.expect_log(OFFLINE)
+@pytest.mark.expect_log(r"copy of 'pre/d/old' .* failed: store offline since")  # the rename's one line
+@pytest.mark.expect_log(r"mkdir 'pre/d/sub/' failed: store offline since")
+def test_writes_while_offline_are_journaled_and_uploaded_as_soon_as_the_store_answers(tmp_path, cmk_path, caplog):
+    caplog.set_level(logging.INFO, logger="ossfuse.store.health")
+
+    async def main():
+        # retry_interval 600 s: only the back-online resume can upload within this test
+        fs = core_filesystem(tmp_path, cmk_path, _remote_store(tmp_path), entry_timeout=0.05, attr_timeout=0.05,
+                             retry_interval=600.0)
+        health = StoreHealth(timeout=2.0, probe_interval=0.2)
+        fs.track_store_health(health)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            nursery.start_soon(health.watch, lambda: fs.store.list("pre/", max_keys=1))
+            root = fs.get(1)
+            d = await fs.mkdir(root, "d", 0o755, 1, 2)
+            await committed_file(fs, "old", b"old", d)
+            assert await listed_names(fs, d) == ["old"]
+            down = fs.store.fail("*", count=None)
+            await trio.sleep(0.1)
+            node, h = await fs.create(d, "new", 0o640, os.O_RDWR, 1, 2)
+            assert await fs.write(h, 0, b"written offline") == 15
+            await fs.flush(h)
+            await fs.release(h)
+            await trio.sleep(0.3)  # its upload was tried and failed
+            assert health.offline
+            assert await fs.store.inner.head("pre/d/new") is None
+            assert node.staged is not None  # journaled, pending
+            assert await listed_names(fs, d) == ["new", "old"]
+            assert await _read_all(fs, node, 100) == b"written offline"
+            with pytest.raises(FsError) as ei:  # a rename of a committed object needs the store now
+                await fs.rename(d, "old", d, "older", 0)
+            assert ei.value.errno == errno.EIO
+            with pytest.raises(FsError) as ei:  # a directory is a marker object put at once
+                await fs.mkdir(d, "sub", 0o755, 1, 2)
+            assert ei.value.errno == errno.EIO
+            down.active = False  # the store is back
+            t0 = trio.current_time()
+            while await fs.store.inner.head("pre/d/new") is None:
+                assert trio.current_time() - t0 < 5.0, "the upload did not resume when the store came back"
+                await trio.sleep(0.05)
+            assert not health.offline
+            nursery.cancel_scope.cancel()
+        fs.close()
+        # a fresh mount over the same bucket reads what was written offline
+        fresh = core_filesystem(tmp_path / "fresh", cmk_path, store=fs.store.inner, keyring=fs.keyring)
+        d2 = await fresh.lookup(fresh.get(1), "d")
+        assert await listed_names(fresh, d2) == ["new", "old"]
+        assert await _read_all(fresh, await fresh.lookup(d2, "new"), 100) == b"written offline"
+        fresh.close()
+
+    trio.run(main)
+    assert [r.getMessage() for r in caplog.records if r.name == "ossfuse.store.health"
+            and r.levelno == logging.INFO and "back online" in r.getMessage()], "no back-online line"
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_oss_retries_of_an_unreachable_store_stop_at_the_offline_timeout():
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main():
+        store = OssStore("bucket-x", f"http://127.0.0.1:{port}", region="cn-hangzhou", signature="v4",
+                         credentials=StaticCredentialsProvider("a", "b"), retries=50, backoff=0.1,
+                         backoff_max=0.2, deadline=60.0)
+        store.health = StoreHealth(timeout=1.5, probe_interval=60.0)
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline):
+            await store.head("k")
+        took = time.monotonic() - t0
+        assert 0.5 < took < 3.0, took  # retried, then gave up at the offline timeout, not at 60 s
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="not tried"):
+            await store.get_range("k", 0, 10)
+        assert time.monotonic() - t0 < 0.1  # offline: fails fast
+        await store.aclose()
+
+    trio.run(main)
