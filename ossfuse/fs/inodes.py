@@ -6,6 +6,7 @@ version; the node a path maps to may be replaced (rename over it, another client
 while the old one lives on for its lookups and handles."""
 from __future__ import annotations
 
+import collections
 import errno
 import stat
 import time
@@ -18,6 +19,7 @@ from .naming import parent_of
 
 
 _DROPPED_MAX = 100_000  # remembered numbers of dropped nodes; forgotten all at once past this
+_ATTIC_MAX = 10_000  # dropped nodes kept whole for offline answers (the least recently dropped go first)
 
 
 class InodeTable:
@@ -36,6 +38,9 @@ class InodeTable:
         # the kernel forgets an inode whenever it evicts it (a symlink just made, often), and the
         # node found there again gets the same number back, as on a disk filesystem
         self._dropped: dict[str, tuple[int, int]] = {}
+        # the last dropped nodes themselves (path → node, oldest first), for answering offline
+        # from what this mount last knew (``restore``; docs/design.md "Offline")
+        self._attic: collections.OrderedDict[str, Node] = collections.OrderedDict()
 
     def get(self, ino: int) -> Node:
         """The node of inode ``ino``; FsError(ENOENT) when it is not (or no longer) known."""
@@ -93,6 +98,23 @@ class InodeTable:
                     if len(self._dropped) > _DROPPED_MAX:
                         self._dropped.clear()
                     self._dropped[node.path] = (node.ino, stat.S_IFMT(node.mode))
+                    self._attic[node.path] = node
+                    self._attic.move_to_end(node.path)
+                    if len(self._attic) > _ATTIC_MAX:
+                        self._attic.popitem(last=False)
+
+    def restore(self, path: str) -> Node | None:
+        """The node last dropped at ``path``, put back with its number and attributes as last
+        known (offline, when the store cannot tell), or None when the path was unlinked, renamed
+        or found again since, or the node is no longer kept."""
+        node = self._attic.pop(path, None)
+        if node is None or path in self.by_path or node.ino in self.nodes \
+                or self._dropped.get(path) != (node.ino, stat.S_IFMT(node.mode)):
+            return None
+        del self._dropped[path]
+        self.nodes[node.ino] = node
+        self.by_path[path] = node
+        return node
 
     # -- names ------------------------------------------------------------------------------
     def remove_name(self, node: Node) -> None:

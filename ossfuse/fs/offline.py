@@ -2,10 +2,10 @@
 
 A directory this mount has listed completely keeps its child names (``Node.children``, kept
 current by the mount's own creates, renames and unlinks: ``namecache``), and the inode table
-keeps a node, with its attributes, for every name the kernel still holds. Offline, a listing
-is answered from those two; it is never guessed: a name whose node is gone (the kernel forgot
-it) has no attributes to show, so the listing fails with EIO rather than show wrong ones or
-drop the name.
+keeps a node, with its attributes, for every name the kernel still holds, and the last
+dropped ones (``InodeTable.restore``). Offline, a listing is answered from those; it is never
+guessed: a name whose node is no longer kept has no attributes to show, so the listing fails
+with EIO rather than show wrong ones or drop the name.
 """
 from __future__ import annotations
 
@@ -13,24 +13,26 @@ import errno
 import logging
 
 from .errors import FsError
+from .inodes import InodeTable
 from .model import DirEntry, Node
 from .naming import Naming, join
 
 log = logging.getLogger(__name__)
 
 
-def offline_entries(directory: Node, by_path: dict[str, Node], naming: Naming) -> list[DirEntry]:
+def offline_entries(directory: Node, inodes: InodeTable, naming: Naming) -> list[DirEntry]:
     """The entries of ``directory`` as this mount last knew them: ``[(name, node, None,
     is_dir)]`` sorted by name (``readdir.list_entries``'s shape). Raises FsError(EIO), with one
     INFO line (the store's outage has its WARNING), when the directory was never listed
     completely or a child's node is no longer known."""
-    dkey = naming.dir_key(directory.path)
+    dkey, by_path = naming.dir_key(directory.path), inodes.by_path
     if directory.children is None:
         log.info("listing %r: the store is offline and this mount has not listed it", dkey)
         raise FsError(errno.EIO)
     entries: list[DirEntry] = []
     for name in sorted(directory.children):
-        node = by_path.get(join(directory.path, name))
+        path = join(directory.path, name)
+        node = by_path.get(path) or inodes.restore(path)
         if node is None or node.unlinked:
             log.info("listing %r: the store is offline and %r is no longer cached", dkey, name)
             raise FsError(errno.EIO)

@@ -128,7 +128,7 @@ class DirectoryReader:
             try:
                 page = await self.store.list(dkey, delimiter="/", marker=marker)
             except StoreOffline:
-                return offline_entries(node, self.inodes.by_path, self.naming)
+                return offline_entries(node, self.inodes, self.naming)
             except StoreError as e:
                 log.error("listing %r failed: %s", dkey, e)
                 raise FsError(errno_of(e)) from None

@@ -221,10 +221,10 @@ class Resolver:
 
     def offline_answer(self, path: str, known: Node | None) -> Node | None:
         """What is at ``path`` while the store is offline (docs/design.md "Offline"): the node
-        this mount has for it (attributes as last known), else None when the parent's last
-        complete listing, kept current by this mount's own changes, lacks the name. Raises
-        FsError(EIO) when neither tells."""
-        current = self.inodes.by_path.get(path)
+        this mount has (or last dropped) for it, attributes as last known, else None when the
+        parent's last complete listing, kept current by this mount's own changes, lacks the
+        name. Raises FsError(EIO) when neither tells."""
+        current = self.inodes.by_path.get(path) or self.inodes.restore(path)
         if current is not None and not current.unlinked:
             return current
         parent = self.inodes.by_path.get(parent_of(path))
