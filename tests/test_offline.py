@@ -105,6 +105,7 @@ def test_cached_listing_and_read_work_offline_and_uncached_ones_fail_fast(tmp_pa
 @pytest.mark.expect_log(OFFLINE)
 @pytest.mark.expect_log(r"copy of 'pre/d/old' .* failed: store offline since")  # the rename's one line
 @pytest.mark.expect_log(r"mkdir 'pre/d/sub/' failed: store offline since")
+@pytest.mark.expect_log(r"'pre/d/old'.*store offline since.*delete 'pre/d/old' not tried")
 def test_writes_while_offline_are_journaled_and_uploaded_as_soon_as_the_store_answers(tmp_path, cmk_path, caplog):
     caplog.set_level(logging.INFO, logger="ossfuse.store.health")
 
@@ -137,9 +138,13 @@ def test_writes_while_offline_are_journaled_and_uploaded_as_soon_as_the_store_an
             with pytest.raises(FsError) as ei:  # a rename of a committed object needs the store now
                 await fs.rename(d, "old", d, "older", 0)
             assert ei.value.errno == errno.EIO
+            with pytest.raises(FsError) as ei:  # so does an unlink of a committed object
+                await fs.unlink(d, "old")
+            assert ei.value.errno == errno.EIO
             with pytest.raises(FsError) as ei:  # a directory is a marker object put at once
                 await fs.mkdir(d, "sub", 0o755, 1, 2)
             assert ei.value.errno == errno.EIO
+            assert await listed_names(fs, d) == ["new", "old"]  # nothing of the failed ones shows
             down.active = False  # the store is back
             t0 = trio.current_time()
             while await fs.store.inner.head("pre/d/new") is None:
