@@ -350,6 +350,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             log.info("unmounted %s; finishing pending uploads", mountpoint)
             tasks.start_soon(_report_drain, fs, name="drain progress")
             writers = _open_writers(fs)
+            health.probe_next()  # offline: the drain's first request asks the store again at once
             pending = await fs.drain()
             _warn_open_writers(fs, writers)
             # never claim journaled what is not: changes whose seal failed are named (ERROR each)

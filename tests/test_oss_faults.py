@@ -50,7 +50,8 @@ def _few_retries(m: Mount, mount_options: str) -> None:
     m.write_config(mount_options, store_options="retries = 1")
 
 
-@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD")
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD",
+                        r"ossfuse\.store\.health: store unreachable")  # the outage (test_offline*.py)
 def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "retry_interval = 1\nmultipart_threshold = 300000\npart_size = 102400")
@@ -78,7 +79,8 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
         m.cleanup()
 
 
-@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD")
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD",
+                        r"ossfuse\.store\.health: store unreachable")  # the outage (test_offline*.py)
 def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "retry_interval = 0.5\nclose_waits_for_upload = true")

@@ -134,20 +134,23 @@ def _counted(op: str, fn):
             return await fn(self, *args, **kwargs)
         counters, health = self.counters, self.health
         token = _IN_STORE_CALL.set(True)
+        probe = False
         try:
             counters.calls[op] += 1
-            if health is not None:  # offline: fail fast (store/health.py)
-                health.admit(op, str(args[0]) if args else "")
+            if health is not None:  # offline: fail fast or probe (store/health.py)
+                probe = await health.admit(op, str(args[0]) if args else "")
             result = await fn(self, *args, **kwargs)
+            if health is not None:
+                health.succeeded()
         except StoreError as e:
             counters.errors[(op, e.code or type(e).__name__)] += 1
             if health is not None:
                 raise health.failed(e)
             raise
         finally:
+            if probe:
+                health.probe_done()
             _IN_STORE_CALL.reset(token)
-        if health is not None:
-            health.succeeded()
         if sizes is not None:
             sent, received = sizes(args, kwargs, result)
             counters.bytes_sent += sent

@@ -14,7 +14,8 @@ how long to keep retrying. States:
   has cached.
 * **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
   every ``probe_interval`` seconds that is let through as a probe (any operation; the daemon's
-  :meth:`StoreHealth.watch` task makes one when nothing else does). The first call that
+  :meth:`StoreHealth.watch` task makes one when nothing else does); calls made while a probe
+  runs wait for its outcome (at most ``timeout`` seconds). The first call that
   succeeds takes the mount online again: one INFO line and every ``on_online`` callback runs
   (the write-back scheduler queues its pending uploads at once instead of after
   ``mount.retry_interval``).
@@ -58,22 +59,44 @@ class StoreHealth:
         self.last_error: str | None = None  # why the store went offline (one line)
         self.on_online: list[Callable[[], None]] = []
         self._next_probe = 0.0  # monotonic time from which one call is let through while offline
+        self._probe = None  # trio.Event of the probe call running now, if any
 
     @property
     def offline(self) -> bool:
         return self.offline_since is not None
 
-    def admit(self, op: str, key: str) -> None:
-        """Before a store call: raises StoreOffline while offline, unless this call is the
-        next probe (one per ``probe_interval``)."""
+    async def admit(self, op: str, key: str) -> bool:
+        """Before a store call. Online: returns False (go ahead). Offline: the call becomes the
+        probe (returns True: the caller must call :meth:`probe_done` when it ends) if none is
+        running and ``probe_interval`` has passed since the last; while a probe runs, waits
+        for it (at most ``timeout`` seconds) and goes ahead if it brought the store back;
+        otherwise raises StoreOffline at once."""
         if self.offline_since is None:
-            return
-        now = time.monotonic()
-        if now >= self._next_probe:
-            self._next_probe = now + self.probe_interval
-            return
+            return False
+        if self._probe is not None:
+            import trio
+            with trio.move_on_after(self.timeout):
+                await self._probe.wait()
+            if self.offline_since is None:
+                return False
+        elif time.monotonic() >= self._next_probe:
+            import trio
+            self._probe = trio.Event()
+            self._next_probe = time.monotonic() + self.probe_interval
+            return True
         raise StoreOffline(f"store offline since {_when(self.offline_since)} ({self.last_error}): "
                            f"{op} {key!r} not tried", key=key, code="Offline")
+
+    def probe_done(self) -> None:
+        """The probe call ended (answered, failed or cancelled): wake the calls waiting for it."""
+        if self._probe is not None:
+            self._probe.set()
+            self._probe = None
+
+    def probe_next(self) -> None:
+        """Let the next call through as a probe whenever the last was (the unmount's drain
+        tries the store before it gives up on pending uploads)."""
+        self._next_probe = 0.0
 
     def succeeded(self) -> None:
         """A store call got an answer: back online if offline (one INFO line, callbacks)."""
