@@ -191,3 +191,38 @@ def test_oss_retries_of_an_unreachable_store_stop_at_the_offline_timeout():
         await store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_calls_during_a_probe_wait_for_it_and_go_ahead_when_it_succeeds(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ossfuse.store.health")
+
+    async def main():
+        store = core_store(tmp_path)
+        await store.put_bytes("k", b"value", {})
+        health = StoreHealth(timeout=2.0, probe_interval=0.3)
+        store.health = health
+        down = store.fail("*", count=None)
+        with pytest.raises(StoreOffline):  # the call that finds the store down
+            await store.head("k")
+        assert health.offline
+        with pytest.raises(StoreOffline, match="not tried"):  # no probe due yet: at once
+            await store.head("k")
+        down.active = False
+        store.delay("head", 0.5, count=1)  # the probe takes a while to answer
+        await trio.sleep(0.3)
+        results = []
+
+        async def get():
+            results.append(await store.get_range("k", 0, 5))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.head, "k")  # the probe
+            await trio.sleep(0.1)
+            for _ in range(3):  # made while it runs: they wait for it, then go ahead
+                nursery.start_soon(get)
+        assert results == [b"value"] * 3 and not health.offline
+
+    trio.run(main)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ossfuse.store.health"]
+    assert [level for level, _ in lines] == ["WARNING", "INFO"], lines
