@@ -136,8 +136,17 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
         # no sleep that ends with less than min_attempt seconds left before the deadline
         stop = stop | tenacity.stop_before_delay(max(0.0, policy.deadline - policy.min_attempt))
     if health is not None:
-        # an unreachable store: EIO after the offline timeout, not the whole deadline
-        stop = stop | (lambda state: health.give_up(state.seconds_since_start, state.upcoming_sleep or 0.0))
+        # an unreachable store: EIO after the offline timeout, not the whole deadline. Counted
+        # from the first failure: a long transfer that is then reset is still retried.
+        first_failure: list[float] = []
+
+        def unreachable(state: tenacity.RetryCallState) -> bool:
+            now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
+            if not first_failure:
+                first_failure.append(now)
+            return health.give_up(now - first_failure[0], state.upcoming_sleep or 0.0)
+
+        stop = stop | unreachable
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

@@ -205,6 +205,8 @@ def prometheus(doc: dict) -> str:
     p, c, ctr = doc["pending_uploads"], doc["cache"], doc["counters"]
     ops = doc.get("store_ops") or {"calls": {}, "retries": {}, "errors": [], "bytes_sent": 0, "bytes_received": 0}
     family("ossfuse_up", "gauge", "1: the daemon answered.", [({}, 1)])
+    family("ossfuse_store_offline", "gauge", "1 while the store is unreachable and the mount works from its cache.",
+           [({}, 0 if (doc.get("store_health") or {}).get("online", True) else 1)])
     family("ossfuse_draining", "gauge", "1 once unmounted while pending uploads finish, else 0.",
            [({}, 0 if doc.get("state", "serving") == "serving" else 1)])
     family("ossfuse_uptime_seconds", "gauge", "Seconds since the mount started.", [({}, doc["uptime_seconds"])])

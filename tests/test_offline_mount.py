@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -84,6 +85,7 @@ def test_server_stops_while_mounted_cache_stays_usable_and_offline_writes_land(t
         assert time.time() - 60 < doc["store_health"]["offline_since"] <= time.time()
         text = status(m).stdout
         assert "OFFLINE since " in text and time.strftime("%Y-%m-%d", time.localtime()) in text
+        assert re.search(r"^ossfuse_store_offline\{[^}]*\} 1$", status(m, "--prometheus").stdout, re.M)
 
         t0 = time.monotonic()
         assert sorted(os.listdir(m.mnt)) == ["cold", "docs", "top.txt"]
@@ -110,6 +112,7 @@ def test_server_stops_while_mounted_cache_stays_usable_and_offline_writes_land(t
                  "uploads once the store is back")
         wait_for(lambda: status_doc(m)["store_health"]["online"], 10, "online in status")
         assert "OFFLINE" not in status(m).stdout
+        assert re.search(r"^ossfuse_store_offline\{[^}]*\} 0$", status(m, "--prometheus").stdout, re.M)
         log = m.log()
         assert log.count("store unreachable, working offline") == 1
         assert "store is back online after" in log
