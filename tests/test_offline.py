@@ -226,3 +226,20 @@ def test_calls_during_a_probe_wait_for_it_and_go_ahead_when_it_succeeds(tmp_path
     trio.run(main)
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ossfuse.store.health"]
     assert [level for level, _ in lines] == ["WARNING", "INFO"], lines
+
+
+def test_offline_timeout_setting(tmp_path, cmk_path):
+    from ossfuse.config import ConfigError, load
+
+    def config(line: str):
+        path = tmp_path / "c.toml"
+        path.write_text(f'[store]\nurl = "local:///tmp/b"\n{line}\n[encryption]\nencrypt_with = "k"\n'
+                        f'[[encryption.cmk]]\nid = "k"\ntype = "rsa"\nprivate_key = "{cmk_path}"\n'
+                        '[cache]\ndir = "cache"\n')
+        return load(str(path))
+
+    assert config("").store.offline_timeout == 5.0
+    assert config("offline_timeout = 1.5").store.offline_timeout == 1.5
+    for bad in ("0", "-1", '"5"', "true"):
+        with pytest.raises(ConfigError, match=r"c\.toml: store\.offline_timeout: must be "):
+            config(f"offline_timeout = {bad}")
