@@ -144,9 +144,10 @@ def _counted(op: str, fn):
                 health.succeeded()
         except StoreError as e:
             counters.errors[(op, e.code or type(e).__name__)] += 1
-            if health is not None:
-                raise health.failed(e)
-            raise
+            replacement = health.failed(e) if health is not None else e
+            if replacement is e:
+                raise
+            raise replacement from e
         finally:
             if probe:
                 health.probe_done()
