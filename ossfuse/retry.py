@@ -139,14 +139,16 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
         # an unreachable store: EIO after the offline timeout, not the whole deadline. Counted
         # from the first failure: a long transfer that is then reset is still retried.
         first_failure: list[float] = []
+        tracker = health
 
-        def unreachable(state: tenacity.RetryCallState) -> bool:
-            now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
-            if not first_failure:
-                first_failure.append(now)
-            return health.give_up(now - first_failure[0], state.upcoming_sleep or 0.0)
+        class Unreachable(tenacity.stop.stop_base):
+            def __call__(self, state: tenacity.RetryCallState) -> bool:
+                now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
+                if not first_failure:
+                    first_failure.append(now)
+                return tracker.give_up(now - first_failure[0], state.upcoming_sleep or 0.0)
 
-        stop = stop | unreachable
+        stop = stop | Unreachable()
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

@@ -29,6 +29,8 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+import trio
+
 from .base import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class StoreHealth:
         self.last_error: str | None = None  # why the store went offline (one line)
         self.on_online: list[Callable[[], None]] = []
         self._next_probe = 0.0  # monotonic time from which one call is let through while offline
-        self._probe = None  # trio.Event of the probe call running now, if any
+        self._probe: trio.Event | None = None  # trio.Event of the probe call running now, if any
 
     @property
     def offline(self) -> bool:
@@ -74,13 +76,11 @@ class StoreHealth:
         if self.offline_since is None:
             return False
         if self._probe is not None:
-            import trio
             with trio.move_on_after(self.timeout):
                 await self._probe.wait()
             if self.offline_since is None:
                 return False
         elif time.monotonic() >= self._next_probe:
-            import trio
             self._probe = trio.Event()
             self._next_probe = time.monotonic() + self.probe_interval
             return True
