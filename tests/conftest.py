@@ -225,6 +225,15 @@ class Mount:
         import checklogs  # the plugin (pytest_plugins above), loaded by now
         checklogs.daemon_log(self.log(), os.path.join(self.cache, "ossfuse.log"))
 
+    def cache_on(self, tmpfs, size: int) -> None:
+        """Put the cache dir on a small tmpfs (the ``tmpfs`` fixture's ``make``) of ``size``
+        bytes, with ``min_free = 0`` so the tiny disk is usable to the last byte."""
+        tmpfs(self.cache, size)
+        with open(self.config) as f:
+            cfg = f.read().replace("[cache]\n", "[cache]\nmin_free = 0\n")
+        with open(self.config, "w") as f:
+            f.write(cfg)
+
     def in_mount_table(self) -> bool:
         """The mount point is in the mount table — also a dead daemon's mount, where
         os.path.ismount is False (stat gives ENOTCONN)."""
@@ -240,6 +249,25 @@ class Mount:
         if self.in_mount_table() or (self.pid and process_alive(self.pid)):
             self.kill9()
         self.check_log()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``make(path, size)``: a tmpfs of ``size`` bytes mounted at ``path`` (relative: under
+    tmp_path; mode 0700), unmounted at teardown even when the test failed. Skips unless root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def make(path: str, size: int) -> str:
+        path = os.path.join(str(tmp_path), path)
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], check=True)
+        mounted.append(path)
+        return path
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", path], check=False)
 
 
 @pytest.fixture

@@ -153,16 +153,10 @@ def test_unmount_waits_for_pending_uploads(make_mount):
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.(commit|files): .*(journaling|upload of|staging a write to) 'huge' failed")
 @pytest.mark.expect_log(r"ossfuse\.fs\.commit:")
-def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_path):
-    import subprocess
+def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmpfs):
     m = make_mount(start=False)
-    os.makedirs(m.cache, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", m.cache], check=True)
+    m.cache_on(tmpfs, 3 << 20)
     try:
-        with open(m.config) as f:
-            cfg = f.read().replace("[cache]\n", "[cache]\nmin_free = 0\n")
-        with open(m.config, "w") as f:
-            f.write(cfg)
         m.start()
         with open(m.path("small"), "wb") as f:
             f.write(b"closed before the disk filled")
@@ -178,7 +172,6 @@ def test_full_cache_disk_gives_enospc_and_loses_nothing_closed(make_mount, tmp_p
         assert m.head("small").size == len(b"closed before the disk filled")
     finally:
         m.cleanup()
-        subprocess.run(["umount", "-l", m.cache], capture_output=True)
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'fallback' failed")

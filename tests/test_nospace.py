@@ -113,25 +113,6 @@ def test_a_lost_write_fails_the_other_handles_writes_to_that_version(tmp_path, c
 
 
 # -- a full bucket disk (local-directory store) ------------------------------------------------
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``make(name, size)``: a tmpfs of ``size`` bytes mounted at ``tmp_path/name`` (mode 0700),
-    unmounted at teardown even when the test failed. Skips unless root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = []
-
-    def make(name: str, size: int) -> str:
-        path = str(tmp_path / name)
-        os.makedirs(path, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], check=True)
-        mounted.append(path)
-        return path
-    yield make
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", path], check=False)
-
-
 def _full_disk_error(op: str, key: str) -> BaseException:
     """What LocalStore raises on a full disk: a StoreError caused by OSError(ENOSPC)."""
     try:
@@ -437,20 +418,13 @@ def test_close_whose_in_place_seal_fails_half_way_keeps_the_last_good_version(tm
                         r"ERROR ossfuse\.fs\.commit: 'holey': its last changes \(33554432 bytes\) could not be saved",
                         r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'holey' \(work file ",
                         r"WARNING ossfuse\.writeback\.staging: cache dir")
-def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mount_warns(tmp_path, cmk_path):
+def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mount_warns(tmp_path, cmk_path, tmpfs):
     """The break test: ENOSPC at close, then ``ossfuse umount`` said the file "stays journaled"
     (exit 75) although only a work file existed, and the next mount deleted it silently."""
     from conftest import OSSFUSE, Mount
     m = Mount(str(tmp_path / "m"), cmk_path, "retry_interval = 3600", "")
-    os.makedirs(m.cache, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", m.cache], check=True)
+    m.cache_on(tmpfs, 8 << 20)
     try:
-        with open(m.config) as f:
-            cfg = f.read().replace("[cache]\n", "[cache]\nmin_free = 0\n")
-        with open(m.config, "w") as f:
-            f.write(cfg)
         m.start()
         with pytest.raises(OSError) as e:
             with open(m.path("holey"), "wb") as f:
@@ -469,4 +443,3 @@ def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mou
         assert m.stop() == 0
     finally:
         m.cleanup()
-        subprocess.run(["umount", "-l", m.cache], capture_output=True)
