@@ -14,7 +14,8 @@ first use, and fetched again if the cache file was damaged.
 
 Limits: the bytes of present blocks stay under ``max_size``, and the cache disk keeps
 ``min_free`` bytes free; past either, the least recently used blocks are dropped by punching
-holes in their files. Blocks being fetched are not yet counted and never dropped; entries
+holes in their files. So every cache file is the cache's alone (one link): ``adopt`` refuses
+an uploaded file the store also links. Blocks being fetched are not yet counted and never dropped; entries
 ``keep``-pinned (a file renamed over while open) are never dropped, and are only pinned while
 pinned versions together stay within half of ``max_size``. At most ``_MAX_OPEN_FDS`` cache files
 are open at once (least recently used closed first).
@@ -259,9 +260,15 @@ class BlockCache:
     # -- entries ------------------------------------------------------------------------
     def adopt(self, key: str, etag: str, size: int, path: str) -> None:
         """Take over ``path``, which holds the full ciphertext of version (key, etag) (a staged
-        file just uploaded), so reading it back needs no GET. Not from a local-disk store: it
-        may own that very file now (a hard link), and its reads are not cached."""
+        file just uploaded), so reading it back needs no GET. Not from a local-disk store (its
+        reads are not cached), and not a file with another link: a store that kept the very
+        file (``put_file(..., may_link=True)``) would have its object zeroed when eviction
+        punches holes in it; that version's blocks are fetched when read instead. Raises
+        OSError if ``path`` cannot be stat'ed or moved."""
         if self.store.local_disk:
+            return
+        if os.stat(path).st_nlink > 1:
+            log.debug("not adopting the upload of %r (ETag %s): its file has another link", key, etag)
             return
         dest = self._path(key, etag)
         self.drop(key, etag)

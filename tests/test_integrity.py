@@ -102,11 +102,12 @@ def test_header_of_an_empty_object_has_no_trailing_space(tmp_path):
 
 
 # -- a Filesystem over a bucket whose bytes get damaged -----------------------------------------
-def _filesystem(tmp_path, cmk_path, store, block_size=64 * KIB) -> Filesystem:
+def _filesystem(tmp_path, cmk_path, store, block_size=64 * KIB, **cache) -> Filesystem:
+    """``cache``: more CacheConfig fields (e.g. ``max_size`` in bytes)."""
     cfg = Config(path=str(tmp_path / "ossfuse.toml"),
                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
                  encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                 cache=CacheConfig(dir=str(tmp_path / "cache"), block_size=block_size),
+                 cache=CacheConfig(dir=str(tmp_path / "cache"), block_size=block_size, **cache),
                  mount=MountConfig(upload_delay=0.0))
     return Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
 
@@ -230,6 +231,46 @@ def test_cached_blocks_stay_good_and_a_damaged_response_is_not_cached(tmp_path, 
             await _read(fs, "f", 0, 10)
         _eio(e)
         assert await _read(fs, "f", 0, 10) == data[:10]  # the next read fetches it anew
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("first_read", ["adopted", "cold-ranged"])
+def test_eviction_never_damages_the_stored_object_and_evicted_blocks_read_back(tmp_path, cmk_path, first_read):
+    """A 10,000-byte file, then a 4 MiB file through a 2 MiB cache of 4 KiB blocks: the first
+    file's blocks are evicted, and reading it again fetches them intact from the store.
+    Regression: the bucket here keeps the uploaded file itself as its object (a hard link, as
+    a LocalStore does for ``may_link``) while the mount treats it as remote, so the cache
+    adopted that very file and eviction punched holes in the stored object (EIO, "fails its
+    integrity tag (fetched twice)"). ``cold-ranged``: the first file's blocks come from a
+    ranged GET into a cache file of the cache's own; the 4 MiB file, adopted and at once
+    evicted before the fix, read back damaged the same way."""
+    local, store = _bucket(tmp_path, cached=True)
+    small = bytes(range(256)) * 39 + b"alpha" * 16  # 10,064 bytes, no block alike
+    small = small[:10_000]
+    big = os.urandom(4 << 20)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store, block_size=4 * KIB, max_size=2 << 20)
+        await _write(fs, "a", small)
+        info = await local.head("pre/a")
+        stored = await local.get_range("pre/a", 0, info.size)
+        if first_read == "cold-ranged":
+            fs.cache.drop("pre/a", info.etag)
+            assert await _read(fs, "a", 4000, 5000) == small[4000:9000]  # a ranged read, cold
+            assert fs.cache._entries[("pre/a", info.etag)].present  # it was cached
+        await _write(fs, "big", big)
+        assert await _read(fs, "big", 0, len(big)) == big  # more than max_size: evicts the first file's blocks
+        entry = fs.cache._entries.get(("pre/a", info.etag))
+        assert entry is None or not any(entry.present)  # evicted (or never cached)
+        assert fs.cache.stats["evicted_bytes"] > 0
+        assert await local.get_range("pre/a", 0, info.size) == stored  # the store's object is intact
+        assert await _read(fs, "a", 0, 20_000) == small
+        assert await _read(fs, "a", 5000, 3000) == small[5000:8000]
+        assert await _read(fs, "big", (3 << 20) + 7, 100_000) == big[(3 << 20) + 7:(3 << 20) + 100_007]
+        assert fs.cache.stats["integrity_failures"] == 0 and fs.cache.stats["integrity_refetches"] == 0
         fs.close()
         await store.aclose()
 
