@@ -139,7 +139,10 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
 
 def fuse_options(cfg: Config, extra: list[str]) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    opts |= {"fsname=ossfuse:" + os.path.basename(cfg.path).rsplit(".", 1)[0], "subtype=ossfuse"}
+    # the source mount(8) shows and compares: the config path, as an fstab line names it, so a
+    # second `mount -a` sees the entry mounted (a comma or backslash is escaped for libfuse)
+    source = cfg.path.replace("\\", "\\\\").replace(",", "\\,")
+    opts |= {"fsname=" + source, "subtype=ossfuse"}
     if cfg.mount.allow_other:
         opts.add("allow_other")
     for o in extra:

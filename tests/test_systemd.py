@@ -97,6 +97,12 @@ def test_mount_t_fuse_ossfuse_with_fstab_options(tmp_path, cmk_path):
             open(m.path("other"), "wb")
         assert e.value.errno == 30  # EROFS
         assert "ro," in [l for l in open("/proc/mounts") if m.mnt in l][0].split()[3] + ","
+        # a second `mount -a` (every boot script, a re-run) sees the entry mounted: the source
+        # mount(8) compares is the config path (it was `ossfuse:NAME`: exit 32, "busy")
+        again = subprocess.run(["mount", "-a", "--fstab", str(fstab), "-t", "fuse.ossfuse"], capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert [l.split()[0] for l in open("/proc/mounts") if f" {m.mnt} " in l] == [m.config]
     finally:
         subprocess.run(OSSFUSE + ["umount", m.mnt])
     m.cleanup()
