@@ -271,3 +271,56 @@ def test_staged_in_reads_only_the_directory_asked_about():
     assert [n.path for n in sched.staged_in("small", parent_of)] == ["small/moved"]
     small.unlinked = True
     assert sched.staged_in("", parent_of) == []
+
+
+@pytest.mark.expect_log(r"refusing to replace 'pre/(f1|f2)': no configured CMK can read it")
+def test_a_mount_whose_cmk_cannot_read_an_object_never_replaces_it(tmp_path, cmk_path, other_cmk_path):
+    """A config whose CMK cannot unwrap an object (`ossfuse quickstart` run again: a new key,
+    same bucket) gets EACCES to open it with O_TRUNC, truncate it or rename a file over it,
+    and the object stays byte for byte; unlink (an explicit delete) is still allowed, and a
+    file this mount wrote itself is replaced as before."""
+    from fakes.core import committed_file, core_filesystem
+
+    async def main():
+        first = core_filesystem(tmp_path / "a", cmk_path)
+        store = first.store
+        for name in ("f1", "f2", "f3"):
+            await committed_file(first, name, b"precious " + name.encode())
+        first.close()
+        before = {k: (await store.inner.get_range(k, 0, 1000), (await store.inner.head(k)).etag)
+                  for k in ("pre/f1", "pre/f2", "pre/f3")}
+
+        fs = core_filesystem(tmp_path / "b", other_cmk_path, store=store)
+        root = fs.get(1)
+        f1 = await fs.lookup(root, "f1")
+        for flags in (os.O_WRONLY | os.O_TRUNC, os.O_RDWR | os.O_TRUNC, os.O_WRONLY):
+            with pytest.raises(FsError) as e:
+                await fs.open(f1, flags)
+            assert e.value.errno == errno.EACCES
+        with pytest.raises(FsError) as e:
+            await fs.setattr(f1, size=0)
+        assert e.value.errno == errno.EACCES
+        await committed_file(fs, "mine", b"new key")
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "mine", root, "f2", 0)
+        assert e.value.errno == errno.EACCES
+        assert await fs.drain() == 0
+        for k, (data, etag) in before.items():
+            assert await store.inner.get_range(k, 0, 1000) == data
+            assert (await store.inner.head(k)).etag == etag
+        await fs.unlink(root, "f3")  # an explicit delete stays allowed
+        assert await fs.drain() == 0
+        assert await store.inner.head("pre/f3") is None
+        mine = await fs.lookup(root, "mine")  # what this mount reads is replaced as before
+        h = await fs.open(mine, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(h, 0, b"v2")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        h = await fs.open(await fs.lookup(root, "mine"), os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"v2"
+        await fs.release(h)
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

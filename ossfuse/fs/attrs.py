@@ -40,7 +40,10 @@ class Attributes:
         Raises FsError(EISDIR) to truncate a directory, EIO/ENOSPC as writes and copies do,
         ESTALE when another client replaced the object since this mount read it (the attribute
         change is not made, and the node is re-read from the store at its next lookup).
-        Holds node.lock across the copy (TODO(rebuild): no lock across network I/O, A4)."""
+        Holds node.lock across the copy (TODO(rebuild): no lock across network I/O, A4).
+        EACCES to truncate an object no configured CMK can read (Files.check_replaceable)."""
+        if size is not None and not node.is_dir:
+            await self.files.check_replaceable(node)
         async with node.lock:
             if size is not None:
                 if node.is_dir:

@@ -60,13 +60,17 @@ class Files:
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
-        """Open a file. Raises FsError: EACCES when no CMK matches the object, EIO for a corrupt
+        """Open a file. Raises FsError: EACCES when no CMK matches the object (or, to write it,
+        none unwraps it: :meth:`check_replaceable`), EIO for a corrupt
         envelope or a truncated object (one log line each), EISDIR for a directory."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
         if not self.resolver.attrs_fresh(node):
             await self.resolver.revalidate(node)
-        truncating = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writing:
+            await self.check_replaceable(node)  # EACCES before a write can replace what we cannot read
+        truncating = flags & os.O_TRUNC and writing
         if truncating:
             async with node.lock:
                 await self.truncate_locked(node, 0, journal=False)  # the close journals it
@@ -107,6 +111,27 @@ class Files:
                           or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped))
         except (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
             log.error("cannot open %r: %s", v.key, e)
+            raise FsError(errno_of(e)) from None
+
+    async def check_replaceable(self, node: Node) -> None:
+        """Refuse to replace a committed object this mount cannot read (O_TRUNC, truncate,
+        rename over it): its data key is unwrapped first (no lock held; cached keys cost no
+        CMK work). Raises FsError(EACCES) when no configured CMK matches or unwraps it (one log
+        line naming the object): a wrong-key config must not overwrite what it cannot read.
+        Plaintext, staged and corrupt-envelope objects pass; FsError(EIO) when a KMS fails."""
+        v = node.version
+        if node.staged is not None or v is None or v.wrapped is None or v.envelope is not None:
+            return
+        if isinstance(v.wrapped, env.EnvelopeError):
+            return  # not a key question: replacing a damaged object repairs it
+        try:
+            v.envelope = (self.keyring.cached_envelope(v.wrapped)
+                          or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped))
+        except (KeyMissing, env.EnvelopeError) as e:
+            log.error("refusing to replace %r: no configured CMK can read it (%s)", v.key, e)
+            raise FsError(errno.EACCES) from None
+        except CmkUnavailable as e:
+            log.error("refusing to replace %r: cannot check its key: %s", v.key, e)
             raise FsError(errno_of(e)) from None
 
     # -- read -------------------------------------------------------------------------------

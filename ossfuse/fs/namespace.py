@@ -466,7 +466,8 @@ class Namespace:
         with CopyObject + DeleteObject (envelope headers travel unchanged); a directory moves
         object by object (not atomic: docs/semantics.md). Locks: the two names for a file, the
         two subtrees for a directory (probed first with no lock held, then re-checked).
-        Raises FsError ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EIO."""
+        Raises FsError ENOENT, EEXIST, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EIO; EACCES when dst
+        is an object no configured CMK can read."""
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL)
         moved = 0  # tries that found a name changed (an upload that started meanwhile does not count)
@@ -485,6 +486,8 @@ class Namespace:
                     raise  # cannot tell whether it exists: not the same as absent (review A11)
                 dst = None
             self._check_replace(src, dst, flags)
+            if dst is not None and not dst.is_dir:
+                await self.files.check_replaceable(dst)  # EACCES: never replace what we cannot read
             # An upload in flight of either would race the rename's copy: dst's landing over the
             # copy, src's replacing the version the copy names (a false ESTALE). Waited for with
             # no lock held; _rename_file checks again under the node locks.
