@@ -280,15 +280,54 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
 
     async def probe():
         await store.list(cfg.store.prefix, max_keys=1)
+        return await unreadable_sample(cfg, keyring, store)
 
     try:
-        trio.run(probe)
+        sampled, unreadable = trio.run(probe)
         results.append((True, f"store {cfg.store.url} answers (prefix {cfg.store.prefix or '/'!r})"))
+        if unreadable:
+            key, why = unreadable[0]
+            results.append((False, f"{len(unreadable)} of {sampled} sampled encrypted objects cannot be read "
+                                   f"with this config's keys: e.g. {key!r} ({why})"))
+        elif sampled:
+            results.append((True, f"{sampled} sampled encrypted objects open with this config's keys"))
     except StoreError as e:
         results.append((False, f"store {cfg.store.url} does not answer: {e}"))
     except Exception as e:  # noqa: BLE001 - every failure is reported in plain words, on one line
         results.append((False, f"store {cfg.store.url} does not answer: {type(e).__name__}: {e}"))
     return results
+
+
+CHECK_SAMPLE = 20  # encrypted objects `ossfuse check` unwraps the data key of (the first listed)
+
+
+async def unreadable_sample(cfg: Config, keyring: Keyring, store: ObjectStore,
+                            limit: int = CHECK_SAMPLE) -> tuple[int, list[tuple[str, str]]]:
+    """HEAD the first objects listed under the prefix until ``limit`` encrypted ones are seen,
+    and unwrap each one's data key with this keyring (a config whose CMK is not the bucket's,
+    e.g. a second ``ossfuse quickstart``, reads nothing). Returns (encrypted objects sampled,
+    [(key, reason)] of those no configured CMK reads: matdesc unmatched or unwrap failing).
+    Raises StoreError when the store fails; a KMS that cannot be reached counts as unreadable."""
+    sampled, unreadable = 0, []
+    async for o in _all_objects(store, cfg.store.prefix):
+        if sampled >= limit:
+            break
+        info = await store.head(o.key)
+        if info is None or not env.is_encrypted(info.metadata):
+            continue
+        try:
+            wrapped = env.parse_envelope(info.metadata)
+        except env.EnvelopeError:
+            continue  # a damaged envelope is not a key question (check --verify reports it)
+        sampled += 1
+        try:
+            await trio.to_thread.run_sync(keyring.open_envelope, wrapped)
+        except KeyMissing as e:
+            unreadable.append((o.key, str(e)))
+        except (env.EnvelopeError, CmkUnavailable) as e:
+            unreadable.append((o.key, f"matdesc {wrapped.matdesc_raw or '(none)'}: no configured CMK unwraps "
+                                      f"its data key: {e}"))
+    return sampled, unreadable
 
 
 @dataclass

@@ -396,3 +396,31 @@ def test_check_names_a_cmk_whose_new_files_this_config_would_not_read(tmp_path, 
     assert "FAIL  CMK 'b': new files it encrypts would not be readable: objects CMK 'b' wraps carry no " \
            "matdesc, and this configuration reads such objects with CMK 'main'" in r.stdout, r.stdout
     assert "FAIL  CMK 'main'" not in r.stdout
+
+
+def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path, cmk_path, other_cmk_path):
+    """`ossfuse check` unwraps the data keys of a sample of the bucket's encrypted objects: a
+    config holding only another RSA key (a second `ossfuse quickstart`) gets exit 1 and a line
+    naming an object it cannot read; the config with the bucket's key gets ok."""
+    import trio
+    from conftest import local_config, run_cli
+    from fakes.core import committed_file, core_filesystem, core_store
+
+    async def write():
+        store = core_store(tmp_path)  # tmp_path/bucket, keys under pre/
+        fs = core_filesystem(tmp_path / "w", cmk_path, store=store)
+        for name in ("f1", "f2"):
+            await committed_file(fs, name, b"data of " + name.encode())
+        fs.close()
+        await store.aclose()
+
+    trio.run(write)
+    wrong = local_config(tmp_path, {"new": other_cmk_path})
+    r = run_cli("check", "-c", wrong)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL  2 of 2 sampled encrypted objects cannot be read with this config's keys: e.g. 'pre/f1' " \
+           "(matdesc (none): no configured CMK unwraps its data key" in r.stdout, r.stdout
+    right = local_config(tmp_path, {"main": cmk_path})
+    r = run_cli("check", "-c", right)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok    2 sampled encrypted objects open with this config's keys" in r.stdout, r.stdout
