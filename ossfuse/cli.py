@@ -504,6 +504,28 @@ dir = "{cache}"
 """
 
 
+def _encrypted_object_in(bucket: str, limit: int = 100) -> str | None:
+    """The key of an encrypted object among the first ``limit`` of local bucket dir
+    ``bucket`` (HEAD of each: the envelope is in its metadata), else None."""
+    import trio
+    from .envelope import is_encrypted
+    from .store.local import LocalStore
+
+    async def find() -> str | None:
+        store = LocalStore(bucket)
+        try:
+            page = await store.list("", delimiter=None, max_keys=limit)
+            for o in page.objects:
+                info = await store.head(o.key)
+                if info is not None and is_encrypted(info.metadata):
+                    return o.key
+            return None
+        finally:
+            await store.aclose()
+
+    return trio.run(find)
+
+
 def cmd_quickstart(args) -> int:
     """Create (once) a CMK, a config and a local bucket, then mount it."""
     root = os.geteuid() == 0
@@ -518,6 +540,10 @@ def cmd_quickstart(args) -> int:
     os.makedirs(bucket, mode=0o700, exist_ok=True)
     os.makedirs(mp, exist_ok=True)
     if not os.path.exists(key):
+        if not args.new_key and (found := _encrypted_object_in(bucket)):
+            return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
+                        f"a new CMK could not read them; pass --etc with the directory of their key, or "
+                        f"--new-key to make a new one anyway")
         from .keyring import generate_rsa_cmk
         generate_rsa_cmk(key)
         print(f"created CMK {key} (keep a copy: without it the files cannot be decrypted)")
@@ -607,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                    "/var/lib/ossfuse as root, ~/.local/share/ossfuse otherwise)")
     q.add_argument("--cache", metavar="DIR", help="the cache dir (default /var/cache/ossfuse/default as root, "
                    "~/.cache/ossfuse/default otherwise)")
+    q.add_argument("--new-key", action="store_true", help="make a new CMK even though the bucket directory "
+                   "already holds encrypted objects (which that key cannot read)")
     q.set_defaults(fn=cmd_quickstart)
 
     args = p.parse_args(argv)

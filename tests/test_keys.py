@@ -424,3 +424,30 @@ def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path
     r = run_cli("check", "-c", right)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok    2 sampled encrypted objects open with this config's keys" in r.stdout, r.stdout
+
+
+def test_quickstart_refuses_a_new_key_for_a_bucket_of_encrypted_objects(tmp_path, cmk_path):
+    """`ossfuse quickstart --etc NEWDIR` over a bucket dir that holds encrypted objects stops
+    with one line (exit 1) instead of making a CMK that cannot read them; nothing is created
+    in NEWDIR and nothing is mounted."""
+    import trio
+    from conftest import run_cli
+    from fakes.core import committed_file, core_filesystem, core_store
+
+    async def write():
+        store = core_store(tmp_path / "var")  # the quickstart layout: VAR/bucket
+        fs = core_filesystem(tmp_path / "w", cmk_path, store=store)
+        await committed_file(fs, "f1", b"precious")
+        fs.close()
+        await store.aclose()
+
+    trio.run(write)
+    etc = tmp_path / "etc2"
+    r = run_cli("quickstart", "--etc", str(etc), "--var", str(tmp_path / "var"), "--cache", str(tmp_path / "c"),
+                str(tmp_path / "mnt"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{tmp_path}/var/bucket already holds encrypted objects (e.g. 'pre/f1') and {etc}/default.pem " \
+           "does not exist: a new CMK could not read them; pass --etc with the directory of their key, or " \
+           "--new-key to make a new one anyway" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (etc / "default.pem").exists() and not os.path.ismount(tmp_path / "mnt")
