@@ -451,3 +451,31 @@ def test_quickstart_refuses_a_new_key_for_a_bucket_of_encrypted_objects(tmp_path
            "--new-key to make a new one anyway" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (etc / "default.pem").exists() and not os.path.ismount(tmp_path / "mnt")
+
+
+@pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it")
+def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_path, cmk_path, other_cmk_path):
+    """Through the kernel: remounted with another CMK (a second quickstart's), `echo x > f1`
+    and `cp new f1` fail with EACCES and f1's object stays byte for byte; rm f1 works."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    try:
+        m.start()
+        with open(m.path("f1"), "wb") as f:
+            f.write(b"precious")
+        with open(m.path("f2"), "wb") as f:
+            f.write(b"also")
+        m.cmk = other_cmk_path
+        m.write_config()
+        m.remount()  # stops (uploads drain) and starts with the other key
+        before = m.get("f1")
+        assert len(before) == len(b"precious")
+        for flags in (os.O_WRONLY | os.O_TRUNC, os.O_WRONLY):
+            with pytest.raises(PermissionError):
+                os.open(m.path("f1"), flags)
+        with pytest.raises(PermissionError):
+            os.truncate(m.path("f1"), 0)
+        assert m.get("f1") == before
+        os.unlink(m.path("f2"))
+        assert "f2" not in os.listdir(m.path())
+    finally:
+        m.cleanup()
