@@ -194,6 +194,42 @@ def test_oss_retries_of_an_unreachable_store_stop_at_the_offline_timeout():
 
 
 @pytest.mark.expect_log(OFFLINE)
+def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_timeout():
+    """A hung store (accepts connections, never answers: e.g. a SIGSTOPped server) fails a
+    metadata request (HEAD, LIST) after the offline timeout, not after read_timeout (60 s),
+    and the mount is offline from then on."""
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel accepts the connections; nobody ever reads or answers
+    port = listener.getsockname()[1]
+
+    async def main():
+        store = OssStore("bucket-x", f"http://127.0.0.1:{port}", region="cn-hangzhou", signature="v4",
+                         credentials=StaticCredentialsProvider("a", "b"), read_timeout=60.0, deadline=60.0)
+        health = StoreHealth(timeout=1.5, probe_interval=60.0)
+        store.health = health
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="within 1.5s"):
+            await store.head("k")
+        took = time.monotonic() - t0
+        assert 1.4 < took < 3.0, took  # the offline bound, not the 60 s read timeout
+        assert health.offline
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="not tried"):
+            await store.list("d/")
+        assert time.monotonic() - t0 < 0.1  # offline: fails at once
+        await store.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        listener.close()
+
+
+@pytest.mark.expect_log(OFFLINE)
 def test_calls_during_a_probe_wait_for_it_and_go_ahead_when_it_succeeds(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ossfuse.store.health")
 
