@@ -130,14 +130,16 @@ class Health(Protocol):
 
 
 def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[BaseException], bool],
-                     on_retry: OnRetry | None, health: Health | None = None) -> dict:
+                     on_retry: OnRetry | None, health: Health | None = None, short: bool = False) -> dict:
     stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(policy.attempts)
     if policy.deadline is not None:
         # no sleep that ends with less than min_attempt seconds left before the deadline
         stop = stop | tenacity.stop_before_delay(max(0.0, policy.deadline - policy.min_attempt))
     if health is not None:
         # an unreachable store: EIO after the offline timeout, not the whole deadline. Counted
-        # from the first failure: a long transfer that is then reset is still retried.
+        # from the first failure: a long transfer that is then reset is still retried. A
+        # ``short`` request (metadata: no long body) counts from its start, so one that waited
+        # out its timeout is not sent again past the offline bound.
         first_failure: list[float] = []
         tracker = health
 
@@ -145,7 +147,7 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
             def __call__(self, state: tenacity.RetryCallState) -> bool:
                 now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
                 if not first_failure:
-                    first_failure.append(now)
+                    first_failure.append(state.start_time if short else now)
                 return tracker.give_up(now - first_failure[0], state.upcoming_sleep or 0.0)
 
         stop = stop | Unreachable()
@@ -161,21 +163,23 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
 
 async def retry_async(policy: RetryPolicy, attempt: Callable[[Budget], Awaitable[T]], *,
                       classify: Callable[[BaseException], bool] = is_temporary,
-                      on_retry: OnRetry | None = None, health: Health | None = None) -> T:
+                      on_retry: OnRetry | None = None, health: Health | None = None, short: bool = False) -> T:
     """``await attempt(budget)`` until it returns, raises what ``classify`` calls permanent, or
     the policy's attempts or deadline run out; then the last exception is raised as itself.
     ``on_retry(exc, attempt_number, delay_seconds)`` is called before each backoff sleep (to log
     it). ``attempt`` should bound its own waiting with ``budget.timeout(...)``. Sleeps with
     ``trio.sleep`` under trio; cancellation is never retried. ``health`` (a store's
     ``store.health.StoreHealth``): no retry once ``health.give_up(seconds failing, next
-    sleep)`` says so (the store is offline, or the sleep would end past its offline timeout)."""
+    sleep)`` says so (the store is offline, or the sleep would end past its offline timeout);
+    seconds failing count from the first failure, or from the start when ``short`` (a request
+    without a long body, whose time waiting for an answer is time the store failed it)."""
     budget = Budget(policy)
 
     async def one() -> T:
         budget.attempt += 1
         return await attempt(budget)
 
-    retrying = tenacity.AsyncRetrying(**_tenacity_kwargs(policy, budget, classify, on_retry, health))
+    retrying = tenacity.AsyncRetrying(**_tenacity_kwargs(policy, budget, classify, on_retry, health, short))
     return await retrying(one)
 
 

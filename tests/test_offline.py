@@ -194,6 +194,42 @@ def test_oss_retries_of_an_unreachable_store_stop_at_the_offline_timeout():
 
 
 @pytest.mark.expect_log(OFFLINE)
+def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_timeout():
+    """A hung store (accepts connections, never answers: e.g. a SIGSTOPped server) fails a
+    metadata request (HEAD, LIST) after the offline timeout, not after read_timeout (60 s),
+    and the mount is offline from then on."""
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel accepts the connections; nobody ever reads or answers
+    port = listener.getsockname()[1]
+
+    async def main():
+        store = OssStore("bucket-x", f"http://127.0.0.1:{port}", region="cn-hangzhou", signature="v4",
+                         credentials=StaticCredentialsProvider("a", "b"), read_timeout=60.0, deadline=60.0)
+        health = StoreHealth(timeout=1.5, probe_interval=60.0)
+        store.health = health
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="within 1.5s"):
+            await store.head("k")
+        took = time.monotonic() - t0
+        assert 1.4 < took < 3.0, took  # the offline bound, not the 60 s read timeout
+        assert health.offline
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="not tried"):
+            await store.list("d/")
+        assert time.monotonic() - t0 < 0.1  # offline: fails at once
+        await store.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        listener.close()
+
+
+@pytest.mark.expect_log(OFFLINE)
 def test_calls_during_a_probe_wait_for_it_and_go_ahead_when_it_succeeds(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ossfuse.store.health")
 
@@ -243,3 +279,36 @@ def test_offline_timeout_setting(tmp_path, cmk_path):
     for bad in ("0", "-1", '"5"', "true"):
         with pytest.raises(ConfigError, match=r"c\.toml: store\.offline_timeout: must be "):
             config(f"offline_timeout = {bad}")
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_a_listed_directory_the_kernel_forgot_and_looked_up_again_online_is_still_listed_offline(tmp_path, cmk_path):
+    """The kernel may forget a directory's inode between two outages (its dentry evicted) and
+    look it up again while the store answers: the node made then must keep the listing the
+    mount had (a new-user test: `ls d` and `echo > d/f` gave EIO in the second outage,
+    "this mount has not listed it")."""
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, _remote_store(tmp_path), entry_timeout=0.05, attr_timeout=0.05)
+        health = StoreHealth(timeout=2.0, probe_interval=60.0)
+        fs.track_store_health(health)
+        root = fs.get(1)
+        d = fs.remember(await fs.mkdir(root, "d", 0o755, 1, 2))
+        await committed_file(fs, "a", b"a", d)
+        assert await listed_names(fs, d) == ["a"]
+        fs.forget(d.ino, d.lookups)  # the kernel drops the directory
+        await trio.sleep(0.1)  # its listing is older than entry_timeout: no longer trusted online
+        again = fs.remember(await fs.lookup(root, "d"))  # looked up again, the store answering
+        assert again.ino == d.ino
+        fs.store.fail("*", count=None)
+        assert await listed_names(fs, again) == ["a"]
+        with pytest.raises(StoreOffline):
+            await fs.store.head("pre/x")
+        assert health.offline
+        assert await listed_names(fs, again) == ["a"]
+        node, h = await fs.create(again, "off", 0o640, os.O_RDWR, 1, 2)
+        await fs.release(h)
+        assert await listed_names(fs, again) == ["a", "off"]
+        fs.close()
+
+    trio.run(main)

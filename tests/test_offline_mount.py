@@ -123,3 +123,54 @@ def test_server_stops_while_mounted_cache_stays_usable_and_offline_writes_land(t
     finally:
         oss_server.start()
         m.cleanup()
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_a_hung_server_makes_the_mount_offline_within_the_offline_timeout(tmp_path, cmk_path, oss_server):
+    """A server that accepts connections and never answers (SIGSTOPped): `ls` of a directory
+    and a `cat` of a cached file in another one each finish within the offline timeout (plus
+    slack), from what the mount knows, not after the 60 s read timeout (new-user test: 60 s)."""
+    import signal
+    import threading
+
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("upload_delay = 0.2", store_options=f"offline_timeout = {OFFLINE_TIMEOUT}")
+    m.start()
+    pid = oss_server._proc.pid
+    try:
+        os.mkdir(m.path("a"))
+        os.mkdir(m.path("b"))
+        with open(m.path("a/x"), "wb") as f:
+            f.write(b"x" * 1000)
+        with open(m.path("b/f"), "wb") as f:
+            f.write(b"cached " * 1000)
+        wait_for(lambda: status_doc(m)["pending_uploads"]["count"] == 0, 60, "uploads before the outage")
+        assert sorted(os.listdir(m.path("a"))) == ["x"]
+        with open(m.path("b/f"), "rb") as f:
+            assert f.read() == b"cached " * 1000
+        time.sleep(1.0)  # names and attributes (timeouts 0.5 s) are stale: the mount asks the store
+        drop_kernel_caches()
+        os.kill(pid, signal.SIGSTOP)
+        took: dict[str, float] = {}
+        got: dict[str, object] = {}
+
+        def ls() -> None:
+            t0 = time.monotonic()
+            got["ls"] = sorted(os.listdir(m.path("a")))
+            took["ls"] = time.monotonic() - t0
+
+        t = threading.Thread(target=ls)
+        t.start()
+        time.sleep(0.2)  # the listing is outstanding
+        t0 = time.monotonic()
+        with open(m.path("b/f"), "rb") as f:
+            assert f.read() == b"cached " * 1000
+        took["cat"] = time.monotonic() - t0
+        t.join(60)
+        assert got["ls"] == ["x"]
+        assert took["ls"] < OFFLINE_TIMEOUT + 3.0, took
+        assert took["cat"] < OFFLINE_TIMEOUT + 3.0, took
+        assert status_doc(m)["store_health"]["online"] is False
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        m.cleanup()

@@ -57,7 +57,8 @@ class InodeTable:
                  found: bool = False) -> Node:
         """A new inode at ``path`` (lookup count 0: see :meth:`remember`). ``found``: a node for
         what the store has at ``path`` (not a new file): it gets back the number of the node
-        of the same type dropped at that path, if any (unlink and rename forget the number)."""
+        of the same type dropped at that path, if any (unlink and rename forget the number), and
+        a directory the child names that node's last listing gave."""
         again = self._dropped.pop(path, None) if found else None
         if again is not None and again[1] == stat.S_IFMT(mode) and again[0] not in self.nodes:
             ino = again[0]
@@ -65,6 +66,12 @@ class InodeTable:
             ino = self._next_ino
             self._next_ino += 1
         node = Node(ino, path, mode, uid, gid, mtime_ns, mtime_ns, size=size, checked_at=time.monotonic())
+        old = self._attic.pop(path, None) if again is not None else None
+        if old is not None and old.ino == ino and old.children is not None:
+            # the directory found again is the one dropped: keep its last complete listing (no
+            # create or rename in it could pass this mount while it was dropped), trusted as
+            # long as before, so an outage later can still list it (fs/offline.py)
+            node.children, node.children_until = set(old.children), old.children_until
         self.nodes[node.ino] = node
         self.by_path[path] = node  # a node it replaces lives on for its lookups and handles
         self.names.note_present(path)

@@ -157,6 +157,9 @@ class _BadResponse(Exception):
 _THROTTLE_CODES = ("TooManyRequests", "Throttling", "SlowDown", "RequestTimeout", "QpsLimitExceeded")
 
 _thread_timeouts = threading.local()
+# bytes: a PUT body or a server-side copy up to this size is a metadata-sized request, held to the
+# offline timeout per socket read (OssStore._call); larger ones keep read_timeout.
+_SMALL_BODY = 1 << 20
 
 
 def _with_timeouts(timeouts: tuple[float, float], fn: Callable[..., Any], *args) -> Any:
@@ -277,7 +280,8 @@ class OssStore(ObjectStore):
         before it fails (config ``store.request_deadline``; default 60). With the defaults a
         store answering 503 to everything fails a call after 6 attempts in ~4-8 s; a server that
         accepts and never answers fails it after 60 s (one attempt, its read timeout cut to the
-        deadline), never 6 × 60 s.
+        deadline), never 6 × 60 s; with a health tracker (``self.health``) a metadata request
+        to such a server fails after the offline timeout (``_call``'s ``bulk``).
     :raises ValueError: bad signature, V4 without a region, invalid bucket name or endpoint,
         deadline ≤ 0.
     """
@@ -394,18 +398,27 @@ class OssStore(ObjectStore):
         return None
 
     async def _call(self, op: str, key: str | None, fn: Callable[..., Any], *args,
-                    transient_seen: list | None = None) -> Any:
+                    transient_seen: list | None = None, bulk: bool = False) -> Any:
         """Run ``fn(*args)`` in a worker thread under the store's retry policy (module
         docstring): each attempt's connect and read timeouts are shortened to what is left of
-        the deadline. ``transient_seen`` (a list) gets the error of every failed attempt that
-        was retried. Raises the last attempt's StoreError, logged once."""
+        the deadline. ``bulk``: the request streams a large body (GET, PUT of a file, part,
+        complete, copy) and keeps ``read_timeout`` per socket read; any other request (HEAD,
+        LIST, DELETE, small PUT) waits at most the offline timeout for each read when the
+        store has a health tracker, so a store that accepts and never answers is found
+        offline within ``store.offline_timeout``, not after ``read_timeout``.
+        ``transient_seen`` (a list) gets the error of every failed attempt that was retried.
+        Raises the last attempt's StoreError, logged once."""
         budget_seen: list[Budget] = []
 
         async def attempt(budget: Budget) -> Any:
             if not budget_seen:
                 budget_seen.append(budget)
-            connect = self.connect_timeout if self.health is None else min(self.connect_timeout, self.health.timeout)
-            timeouts = (budget.timeout(connect), budget.timeout(self.read_timeout))
+            connect, read = self.connect_timeout, self.read_timeout
+            if self.health is not None:
+                connect = min(connect, self.health.timeout)
+                if not bulk:  # a metadata request: no answer within the offline bound is an outage
+                    read = min(read, self.health.timeout)
+            timeouts = (budget.timeout(connect), budget.timeout(read))
             try:
                 return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter)
             except Exception as e:  # noqa: BLE001 - classified here
@@ -424,7 +437,7 @@ class OssStore(ObjectStore):
                 transient_seen.append(err)
 
         try:
-            return await retry_async(self.policy, attempt, on_retry=on_retry, health=self.health)
+            return await retry_async(self.policy, attempt, on_retry=on_retry, health=self.health, short=not bulk)
         except StoreError as err:
             budget = budget_seen[0] if budget_seen else None
             if err.temporary and budget is not None and budget.attempt > 1:
@@ -552,7 +565,7 @@ class OssStore(ObjectStore):
             if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
                 raise PreconditionFailed(f"ETag is {info.etag}, not {if_match}", key=key)
             return b""
-        return await self._call("GET", key, self._get_range_sync, key, start, end, if_match)
+        return await self._call("GET", key, self._get_range_sync, key, start, end, if_match, bulk=True)
 
     # -- put --------------------------------------------------------------------------------
     def _put_bytes_sync(self, key: str, data: bytes, headers: dict[str, str]):
@@ -569,7 +582,7 @@ class OssStore(ObjectStore):
         if len(data) > PUT_LIMIT:
             raise StoreError("object larger than 5 GB: use a multipart upload", key=key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
-        r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers)
+        r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY)
         return ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     def _put_file_sync(self, key: str, path: str, headers: dict[str, str]):
@@ -596,7 +609,7 @@ class OssStore(ObjectStore):
         """PutObject streaming the file at ``path`` (reopened for every attempt); as put_bytes."""
         self._check_key(key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
-        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers)
+        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=True)
         return ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     # -- multipart --------------------------------------------------------------------------
@@ -624,7 +637,8 @@ class OssStore(ObjectStore):
         part ETag. An unknown upload id → NoSuchKey (404 NoSuchUpload)."""
         data = data if isinstance(data, bytes) else bytes(data)
         headers = self._meta_headers(key, metadata)
-        r = await self._call("UploadPart", key, self._part_sync, key, upload_id, part_number, data, headers)
+        r = await self._call("UploadPart", key, self._part_sync, key, upload_id, part_number, data, headers,
+                             bulk=True)
         with self._parts_lock:
             parts = self._parts.get(upload_id)
             if parts is not None:
@@ -665,7 +679,7 @@ class OssStore(ObjectStore):
         seen: list = []
         try:
             r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos, crc,
-                                 transient_seen=seen)
+                                 transient_seen=seen, bulk=True)  # OSS may take long to join the parts
             etag = r.etag
         except NoSuchKey:
             if not seen:
@@ -755,7 +769,8 @@ class OssStore(ObjectStore):
                 headers.update(self._meta_headers(dst, metadata))
                 meta = self._norm_meta(metadata)
             try:
-                r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers)
+                r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers,
+                                     bulk=info.size > _SMALL_BODY)  # server-side copy time grows with size
             except PreconditionFailed:
                 if if_match is not None:
                     raise
