@@ -155,13 +155,21 @@ def _spawn_daemon(args, cfg) -> int:
     try:
         os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
     except OSError as e:
+        os.close(r)
+        os.close(w)
         return _die(f"cache dir {cfg.cache.dir}: {e.strerror}")
     cmd = [sys.executable, "-m", "ossfuse", "mount", "-f", "--ready-fd", str(w), "-c", cfg.path,
            "--log-level", args.log_level, args.mountpoint]
     for o in args.o or []:
         cmd += ["-o", o]
     log_path = os.path.join(cfg.cache.dir, "ossfuse.log")
-    with open(log_path, "ab") as logf:
+    try:
+        logf = open(log_path, "ab")
+    except OSError as e:  # a read-only or full cache disk: one line, not a traceback
+        os.close(r)
+        os.close(w)
+        return _die(f"log file {log_path}: {e.strerror}")
+    with logf:
         proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True)
     os.close(w)

@@ -338,14 +338,15 @@ class VerifySummary:
     verified_bytes: int = 0
     untagged: int = 0  # encrypted objects without tags (written by an SDK)
     untagged_bytes: int = 0
-    plaintext: int = 0  # no envelope (directory markers, tag lists, foreign plaintext)
+    plaintext: int = 0  # no envelope (tag lists, foreign plaintext; directory markers not counted)
+    dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to verify
     failed: list[str] = field(default_factory=list)  # "key (ETag E): why"
 
     def render(self) -> str:
         lines = [f"FAIL  {f}" for f in self.failed]
         lines.append(f"verified: {self.verified} object(s), {self.verified_bytes} bytes; without tags: "
                      f"{self.untagged} object(s), {self.untagged_bytes} bytes; not encrypted: {self.plaintext}; "
-                     f"failed: {len(self.failed)}")
+                     f"directory markers: {self.dir_markers}; failed: {len(self.failed)}")
         return "\n".join(lines)
 
 
@@ -382,6 +383,9 @@ async def _head_encrypted(listed: ObjectInfo, store: ObjectStore, summary: Rekey
 
 
 async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:
+    if listed.key.endswith("/") and listed.size == 0:  # a directory, not a plaintext file
+        summary.dir_markers += 1
+        return
     info = await _head_encrypted(listed, store, summary)
     if info is None:
         return

@@ -162,6 +162,19 @@ def test_mount_errors_are_one_line(mount, tmp_path):
     assert not os.path.ismount(other)
 
 
+def test_mount_with_a_read_only_cache_disk_is_one_line(tmp_path, cmk_path, tmpfs):
+    """The cache dir on a read-only filesystem: exit 1 and one line naming the log file and
+    EROFS (it was a traceback from opening ossfuse.log)."""
+    config = local_config(tmp_path, {"k": cmk_path})
+    cache = tmpfs("cache", 1 << 20)
+    subprocess.run(["mount", "-o", "remount,ro", cache], check=True)
+    (tmp_path / "mnt").mkdir()
+    r = ossfuse("mount", "-c", config, str(tmp_path / "mnt"))
+    assert r.returncode == 1
+    assert r.stderr == f"ossfuse: log file {cache}/ossfuse.log: Read-only file system\n"
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
 def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
     r = ossfuse("umount", str(tmp_path))
     assert r.returncode == 1 and "is not mounted" in r.stderr

@@ -56,11 +56,13 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     with open(m.path("g"), "wb") as f:
         f.write(data[:1000])
     os.rename(m.path("g"), m.path("h"))  # a rename copies the object: its tags stay valid
+    os.mkdir(m.path("d"))  # a directory marker: counted apart, not as a plaintext object
     m.remount()  # cold: nothing cached, nothing in the kernel's page cache
     spec = integrity.parse(m.head("f").metadata)
     assert spec.block == 64 << 10 and len(spec.tags) == 16 * 49
     r = check_verify(m)
     assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
+    assert "not encrypted: 0; directory markers: 1; failed: 0" in r.stdout, r.stdout
     flip(m, "f", 3 * MIB // 2 + 5)  # block 24 of 64 KiB
     with open(m.path("h"), "rb") as f:
         assert f.read() == data[:1000]

@@ -372,6 +372,8 @@ def test_rekey_repairs_objects_an_older_rekey_left_unreadable(tmp_path, cmk_path
         return subprocess.run(OSSFUSE + ["rekey", "-c", m.config, *args], capture_output=True, text=True,
                               env=m.env, timeout=120)
 
+    r = rekey("--to", "main", "--dry-run")  # a dry run that would fail says so in its status too
+    assert r.returncode == 1 and "failed: 1" in r.stdout, r.stdout
     r = rekey("--to", "main")
     assert r.returncode == 1 and "already on the target CMK: 0" in r.stdout, r.stdout
     assert "failed: 1" in r.stdout and "CMK 'main', which cannot unwrap it" in r.stdout

@@ -299,3 +299,39 @@ async def test_small_writes_run_on_the_loop_and_wait_in_a_thread_for_a_locked_in
     blobs = [n for _, _, names in os.walk(os.path.join(s.root, "blobs")) for n in names]
     assert len(blobs) == 2  # f and b: the attempts that found the index locked left none
     await s.aclose()
+
+
+@trio_test
+async def test_failed_writes_on_a_full_disk_leave_no_temporary_body(tmp_path, tmpfs):
+    """A put, a part or a completion that fails with ENOSPC deletes its partial body from
+    tmp/ (left there, it kept the disk full for every later write); a small write then fits."""
+    root = tmpfs("bucket", 2 << 20)
+    s = LocalStore(root)
+    s.min_part_size = 1
+
+    def leftovers() -> list[str]:
+        tmp = os.listdir(os.path.join(root, "tmp"))
+        parts = [n for _, _, names in os.walk(os.path.join(root, "uploads")) for n in names if n.endswith(".tmp")]
+        return tmp + parts
+    big = os.urandom(3 << 20)
+    with pytest.raises(StoreError, match="No space left"):
+        await s.put_bytes("a", big, {})
+    assert leftovers() == []
+    src = tmp_path / "big"
+    src.write_bytes(big)
+    with pytest.raises(StoreError, match="No space left"):
+        await s.put_file("b", str(src), {})  # another disk: copied
+    assert leftovers() == []
+    upload = await s.create_multipart("c", {})
+    with pytest.raises(StoreError, match="No space left"):
+        await s.upload_part("c", upload, 1, big, {})
+    assert leftovers() == []
+    half = big[: 700 << 10]
+    parts = [(n, await s.upload_part("c", upload, n, half, {})) for n in (1, 2)]
+    with pytest.raises(StoreError, match="No space left"):
+        await s.complete_multipart("c", upload, parts)  # the joined body does not fit beside its parts
+    assert leftovers() == []
+    await s.abort_multipart("c", upload)
+    info = await s.put_bytes("d", b"small", {})
+    assert info.size == 5 and await s.get_range("d", 0, 5) == b"small"
+    await s.aclose()

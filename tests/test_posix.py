@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import filecmp
 import os
+import re
 import stat
 import subprocess
+import sys
 import tempfile
 
 import pytest
 
-from posix_tools import Tools, build_tools, parse_prove_summary, parse_ranges
+from posix_tools import Tools, build_tools, parse_prove_summary, parse_ranges, require_sources
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="pjdfstest switches users: it needs root")
 
 
 @pytest.fixture(scope="session")
 def tools() -> Tools:
+    require_sources()
     return build_tools()
 
 
@@ -358,3 +361,18 @@ def test_rename_of_a_file_whose_new_version_is_uploading_moves_that_version(moun
     mount.remount()
     with open(mount.path("x"), "rb") as f:
         assert f.read() == data[:-1] + bytes([5])
+
+
+@pytest.mark.parametrize("ci, outcome", [(False, "skipped"), (True, "errors")])
+def test_checkers_without_their_sources_skip_with_the_reason_or_fail_under_ci(tmp_path, ci, outcome):
+    """A clone without ../shared/tools: the 4 test_fsx cases are skipped naming the
+    missing tarballs (they were errors from the fixture's build), and are errors under $CI."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {"OSSFUSE_TEST_TOOLS": str(tmp_path)}
+    if ci:
+        env["CI"] = "1"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        os.path.abspath(__file__), "-k", "test_fsx"], capture_output=True, text=True,
+                       env=env, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+    summary = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"(\d+ deselected, )?4 {outcome}(, \d+ deselected)? in .*", summary), r.stdout[-2000:]
+    assert "pjdfstest.tar.gz, xfstests-fsx.tar.gz not in " + str(tmp_path) in r.stdout

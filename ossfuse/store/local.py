@@ -33,6 +33,7 @@ opened with ``O_NOFOLLOW``).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -44,7 +45,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import trio
@@ -117,6 +118,23 @@ def check_private_dir(path: str, what: str = "local store") -> None:
 
 class _SourceChanged(Exception):
     """A copy's source row changed between linking its blob and committing the copy."""
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: str) -> Iterator[None]:
+    """Delete the temporary body ``tmp`` if the block fails (ENOSPC mid-write, a failed commit):
+    a partial body left in ``tmp/`` keeps a full disk full, and ``remove_orphans`` only clears
+    hour-old files at mount."""
+    try:
+        yield
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass  # never created, or already renamed into blobs/ (and removed by _commit)
+        except OSError as e:
+            log.warning("local store: cannot remove temporary body %s (%s)", tmp, e)
+        raise
 
 
 def _etag_norm(etag: str) -> str:
@@ -351,18 +369,19 @@ class LocalStore(ObjectStore):
 
     def _put_file(self, key: str, path: str, meta: dict[str, str], may_link: bool) -> ObjectInfo:
         tmp = self._new_tmp()
-        linked = False
-        if may_link:
-            try:
-                os.link(path, tmp)  # same disk: the file becomes the blob, no byte is copied
-                linked = True
-            except OSError:
-                pass  # another disk (EXDEV): copy
-        if not linked:
-            with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        size = os.lstat(tmp).st_size
-        return self._commit(key, tmp, size, meta)
+        with _removed_on_failure(tmp):
+            linked = False
+            if may_link:
+                try:
+                    os.link(path, tmp)  # same disk: the file becomes the blob, no byte is copied
+                    linked = True
+                except OSError:
+                    pass  # another disk (EXDEV): copy
+            if not linked:
+                with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            size = os.lstat(tmp).st_size
+            return self._commit(key, tmp, size, meta)
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
                        may_link: bool = False) -> ObjectInfo:
@@ -375,8 +394,9 @@ class LocalStore(ObjectStore):
 
     def _put_bytes(self, key: str, data: bytes, meta: dict[str, str]) -> ObjectInfo:
         tmp = self._new_tmp()
-        self._write(tmp, data)
-        return self._commit(key, tmp, len(data), meta)
+        with _removed_on_failure(tmp):
+            self._write(tmp, data)
+            return self._commit(key, tmp, len(data), meta)
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
         run = self._run_write if len(data) <= _INLINE_WRITE_MAX else self._run
@@ -428,8 +448,9 @@ class LocalStore(ObjectStore):
             os.unlink(tmp)  # left by an attempt that died
         except FileNotFoundError:
             pass
-        self._write_fsync(tmp, data)
-        os.rename(tmp, os.path.join(d, f"{n}.{etag}"))
+        with _removed_on_failure(tmp):
+            self._write_fsync(tmp, data)
+            os.rename(tmp, os.path.join(d, f"{n}.{etag}"))
         _fsync_dir(d)
         for name in os.listdir(d):  # a re-uploaded part replaces the earlier one
             if name.startswith(f"{n}.") and name != f"{n}.{etag}" and not name.endswith(".tmp"):
@@ -458,14 +479,15 @@ class LocalStore(ObjectStore):
             if i < len(files) - 1 and os.path.getsize(p) < self.min_part_size:
                 raise StoreError(f"EntityTooSmall: part {parts[i][0]}", key=key)
         tmp = self._new_tmp()
-        with open(_open_new(tmp), "wb") as out:
-            for p in files:
-                with open(_open_read(p), "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-            size = out.tell()
-        info = self._commit(m["key"], tmp, size, m["meta"])
+        with _removed_on_failure(tmp):
+            with open(_open_new(tmp), "wb") as out:
+                for p in files:
+                    with open(_open_read(p), "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+                size = out.tell()
+            info = self._commit(m["key"], tmp, size, m["meta"])
         shutil.rmtree(d, ignore_errors=True)
         return info
 
@@ -552,8 +574,9 @@ class LocalStore(ObjectStore):
                     raise _SourceChanged()
 
             try:
-                return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta,
-                                    check=source_unchanged)
+                with _removed_on_failure(tmp):
+                    return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta,
+                                        check=source_unchanged)
             except _SourceChanged:
                 if if_match is not None:
                     raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed") from None
