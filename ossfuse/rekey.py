@@ -174,6 +174,10 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
             summary.failed.append(f"{listed.key}: {e}")
         if progress:
             progress(listed.size)
+    if not dry_run:
+        # the durability barrier fsync() and unmount use (a local-directory store acknowledges
+        # writes made only to the kernel): a finished rekey survives a power loss
+        await store.sync()
     return summary
 
 

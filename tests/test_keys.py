@@ -481,3 +481,46 @@ def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_pa
         assert "f2" not in os.listdir(m.path())
     finally:
         m.cleanup()
+
+
+def test_rekey_ends_with_the_store_durability_barrier(tmp_path, cmk_path, other_cmk_path):
+    """A local-directory store acknowledges writes made only to the kernel (docs/design.md
+    "Durability"): a rekey that re-saved objects must end with ``store.sync()`` as fsync() and
+    unmount do, or a power loss right after it could lose the re-wrapped objects; a dry run
+    writes nothing and needs none."""
+    import dataclasses
+
+    import trio
+
+    from fakes.core import committed_file, core_config, core_filesystem, core_store
+
+    from ossfuse.keyring import Keyring
+    from ossfuse.rekey import rekey
+
+    store = core_store(tmp_path)
+    syncs = []
+    real_sync = store.sync
+
+    async def counting_sync():
+        syncs.append(1)
+        await real_sync()
+    store.sync = counting_sync
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, store)
+        async with trio.open_nursery() as n:
+            fs._nursery = n
+            n.start_soon(fs.upload_worker)
+            await committed_file(fs, "f", b"payload")
+            n.cancel_scope.cancel()
+        cfg = core_config(tmp_path, cmk_path)
+        cmks = (*cfg.encryption.cmks, dataclasses.replace(cfg.encryption.cmks[0], id="b", private_key=other_cmk_path,
+                                                                  matdesc={"cmk": "b"}))
+        cfg = dataclasses.replace(cfg, encryption=dataclasses.replace(cfg.encryption, cmks=cmks))
+        keyring = Keyring(cfg.encryption)
+        del syncs[:]
+        dry = await rekey(cfg, store, keyring, from_id=None, to_id="b", dry_run=True)
+        assert (dry.changed, syncs) == (1, [])
+        done = await rekey(cfg, store, keyring, from_id=None, to_id="b", dry_run=False)
+        assert (done.changed, done.failed, syncs) == (1, [], [1])
+    trio.run(main)
