@@ -130,8 +130,9 @@ def _removed_on_failure(tmp: str) -> Iterator[None]:
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass  # never created, or already renamed into blobs/ (and removed by _commit)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # never created (also: tmp/ itself is gone or not a directory), or already
+            # renamed into blobs/ (and removed by _commit)
         except OSError as e:
             log.warning("local store: cannot remove temporary body %s (%s)", tmp, e)
         raise
