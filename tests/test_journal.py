@@ -14,7 +14,7 @@ import time
 import pytest
 import trio
 
-from fakes.core import core_config, core_filesystem
+from fakes.core import core_config, core_filesystem, read_file
 from ossfuse.config import (Config, ConfigError, load)
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.keyring import Keyring
@@ -47,13 +47,6 @@ async def _write_file(fs: Filesystem, name: str, data: bytes):
     return node
 
 
-async def _read_file(fs: Filesystem, name: str) -> bytes:
-    node = await fs.lookup(fs.get(1), name)
-    h = await fs.open(node, os.O_RDONLY)
-    try:
-        return await fs.read(h, 0, 1 << 30)
-    finally:
-        await fs.release(h)
 
 
 def _records(fs: Filesystem) -> list[str]:
@@ -76,7 +69,7 @@ def test_reopen_with_o_trunc_after_close_keeps_the_journaled_version_through_a_c
         fs = _fs(tmp_path, cmk_path)
         assert fs.recover() == 1 and fs.stats["quarantined"] == 0
         assert await fs.drain() == 0
-        assert await _read_file(fs, "report.txt") == DATA  # the last closed version
+        assert await read_file(fs, "report.txt") == DATA  # the last closed version
         await _crash(fs)
 
     trio.run(crash_during_rewrite)
@@ -101,7 +94,7 @@ def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_pa
         assert _records(fs) == [second.id + ".json"]  # superseded: its record and data went
         assert not os.path.exists(first.data_path)
         assert await fs.drain() == 0
-        assert await _read_file(fs, "f") == DATA[:5] + b"XX" + DATA[7:]
+        assert await read_file(fs, "f") == DATA[:5] + b"XX" + DATA[7:]
         assert os.listdir(fs.staging.dir) == []
         await _crash(fs)
 
@@ -127,7 +120,7 @@ def test_an_upload_at_close_supersedes_the_journaled_version_below_it(tmp_path, 
         await _crash(fs)
         fs = _fs(tmp_path, cmk_path)
         assert fs.recover() == 0
-        assert await _read_file(fs, "f") == b"new"
+        assert await read_file(fs, "f") == b"new"
         await _crash(fs)
 
     trio.run(main)
@@ -169,7 +162,7 @@ def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path,
         assert any(ids["garbled"] in m and "unreadable record" in m for m in lines)
         assert any("'pre/bad-envelope'" in m and "envelope" in m for m in lines)
         assert await fs.drain() == 0
-        assert await _read_file(fs, "good") == b"fine"
+        assert await read_file(fs, "good") == b"fine"
         await _crash(fs)
 
     trio.run(next_mount)
@@ -214,7 +207,7 @@ def test_a_record_whose_data_a_power_loss_tore_is_quarantined_not_uploaded(tmp_p
         lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
         assert len(lines) == 2 and all("does not match the integrity tags" in m for m in lines)
         assert await fs.drain() == 0
-        assert await _read_file(fs, "whole-list") == big
+        assert await read_file(fs, "whole-list") == big
         assert await fs.store.head("pre/torn") is None and await fs.store.head("pre/torn-list") is None
         await _crash(fs)
 
@@ -308,7 +301,7 @@ def test_a_failed_seal_then_more_writes_seals_under_a_new_key(tmp_path, cmk_path
         assert node.staged.sealed and node.staged.envelope.data_key != first_key
         await fs.release(h)
         assert await fs.drain() == 0
-        assert await _read_file(fs, "f") == b"b" * 5000
+        assert await read_file(fs, "f") == b"b" * 5000
         await _crash(fs)
 
     trio.run(main)
@@ -407,7 +400,7 @@ def test_truncate_by_path_is_journaled_and_uploaded(tmp_path, cmk_path):
         assert fs.recover() == 1
         assert await fs.drain() == 0
         assert (await fs.store.inner.head("pre/t")).size == 10
-        assert await _read_file(fs, "t") == DATA[:10]
+        assert await read_file(fs, "t") == DATA[:10]
         await _crash(fs)
 
     trio.run(main)
@@ -456,7 +449,7 @@ def test_enospc_never_replaces_the_last_good_version(tmp_path, cmk_path, monkeyp
         await fs.release(h)
         assert await fs.drain() == 0
         assert (await fs.store.inner.head("pre/doc")).size == len(DATA)
-        assert await _read_file(fs, "doc") == DATA
+        assert await read_file(fs, "doc") == DATA
         assert _records(fs) == [] and fs.store.counts["put_file"] == 1
         await _crash(fs)
 
@@ -503,7 +496,7 @@ def test_read_only_close_and_writes_do_not_wait_for_an_upload(tmp_path, cmk_path
         assert node.version is not None and node.staged is not None and node in fs.dirty
         fs.store.clear()
         assert await fs.drain() == 0
-        assert await _read_file(fs, "slow") == b"NEW" + DATA[3:]
+        assert await read_file(fs, "slow") == b"NEW" + DATA[3:]
         assert os.listdir(fs.staging.dir) == []
         await _crash(fs)
 
@@ -529,7 +522,7 @@ def test_the_first_change_reads_the_committed_content_without_holding_the_node_l
         for h in (h1, h2):
             await fs.release(h)
         assert await fs.drain() == 0
-        assert await _read_file(fs, "c") == b"W" + DATA[1:]
+        assert await read_file(fs, "c") == b"W" + DATA[1:]
         await _crash(fs)
 
     trio.run(main)

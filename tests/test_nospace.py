@@ -19,7 +19,7 @@ import time
 import pytest
 import trio
 
-from fakes.core import UID, GID, committed_file, core_filesystem
+from fakes.core import GID, UID, committed_file, core_filesystem, read_file
 from ossfuse.fs import FsError
 from ossfuse.store.base import StoreError
 from ossfuse.writeback import staging as staging_mod
@@ -33,13 +33,6 @@ def _fail_pwrite(monkeypatch, err: int = errno.ENOSPC) -> None:
     monkeypatch.setattr(staging_mod.os, "pwrite", pwrite)
 
 
-async def _read(fs, name: str) -> bytes:
-    node = await fs.lookup(fs.get(1), name)
-    h = await fs.open(node, os.O_RDONLY)
-    try:
-        return await fs.read(h, 0, 1 << 30)
-    finally:
-        await fs.release(h)
 
 
 async def _stop(fs) -> None:
@@ -70,7 +63,7 @@ def test_after_a_lost_write_every_later_write_fsync_and_close_on_the_handle_fail
             assert e.value.errno == errno.ENOSPC
         await fs.release(h)
         assert await fs.drain() == 0
-        assert await _read(fs, "doc") == DATA  # the last good version, whole
+        assert await read_file(fs, "doc") == DATA  # the last good version, whole
         assert (await fs.store.inner.head("pre/doc")).size == len(DATA)
         # a new handle starts clean
         h2 = await fs.open(node, os.O_RDWR)
@@ -78,7 +71,7 @@ def test_after_a_lost_write_every_later_write_fsync_and_close_on_the_handle_fail
         await fs.flush(h2)
         await fs.release(h2)
         assert await fs.drain() == 0
-        assert await _read(fs, "doc") == b"NEW" + DATA[3:]
+        assert await read_file(fs, "doc") == b"NEW" + DATA[3:]
         await _stop(fs)
 
     trio.run(main)
@@ -106,7 +99,7 @@ def test_a_lost_write_fails_the_other_handles_writes_to_that_version(tmp_path, c
             assert e.value.errno == errno.ENOSPC
             await fs.release(h)
         assert await fs.drain() == 0
-        assert await _read(fs, "doc") == DATA
+        assert await read_file(fs, "doc") == DATA
         await _stop(fs)
 
     trio.run(main)
@@ -143,7 +136,7 @@ def test_a_full_bucket_disk_gives_enospc_and_one_error_line_per_reason(tmp_path,
         assert len(fails) == 4  # one line per failed attempt: 3 fsyncs and the drain
         fs.store.clear()
         assert await fs.drain() == 0
-        assert await _read(fs, "big") == DATA
+        assert await read_file(fs, "big") == DATA
         await _stop(fs)
 
     with caplog.at_level(logging.INFO, logger="ossfuse"):
@@ -259,7 +252,7 @@ def test_a_failed_seal_over_a_journaled_version_keeps_that_version_for_the_next_
         fs2 = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
         assert fs2.recover() == 1
         assert await fs2.drain() == 0
-        assert await _read(fs2, "doc") == DATA
+        assert await read_file(fs2, "doc") == DATA
         await _stop(fs2)
 
     trio.run(main)
@@ -367,7 +360,7 @@ def test_close_of_a_file_as_big_as_half_the_cache_disk_succeeds(tmp_path, cmk_pa
         assert node.staged.sealed and node.staged.was_journaled
         assert os.path.getsize(node.staged.data_path) == len(payload)
         assert await fs.drain() == 0
-        assert await _read(fs, "big") == payload
+        assert await read_file(fs, "big") == payload
         await _stop(fs)
 
     trio.run(main)
@@ -407,7 +400,7 @@ def test_close_whose_in_place_seal_fails_half_way_keeps_the_last_good_version(tm
             assert e.value.errno == errno.EIO
         await fs.release(h)
         assert await fs.drain() == 0
-        assert await _read(fs, "doc") == DATA
+        assert await read_file(fs, "doc") == DATA
         assert os.listdir(fs.staging.dir) == []
         await _stop(fs)
 

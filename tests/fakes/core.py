@@ -96,3 +96,13 @@ async def exists(fs: Filesystem, name: str, parent: Node | None = None) -> bool:
     except FsError as e:
         assert e.errno == errno.ENOENT, e
         return False
+
+
+async def read_file(fs: Filesystem, name: str) -> bytes:
+    """The whole content of ``name`` in the root directory, read through open/read/release."""
+    node = await fs.lookup(fs.get(1), name)
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, 1 << 30)
+    finally:
+        await fs.release(h)
