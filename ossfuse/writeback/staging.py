@@ -42,6 +42,8 @@ BLOCK = 4096  # bytes of plaintext per slot of a work file
 _NONCE = 16
 _SLOT = _NONCE + BLOCK
 _HOLE = bytes(_NONCE)
+_CTR_PER_BLOCK = BLOCK // 16  # AES counter values one block of plaintext uses
+_CTR_MOD = 1 << 128  # the CTR counter is a 128-bit big-endian integer (OpenSSL wraps it)
 SEAL_CHUNK = 1 << 20  # bytes encrypted and written at a time while sealing (a multiple of BLOCK)
 # OSS's largest object: 48.8 TiB (oss-rest-api.md, PutObject/multipart limits); bigger gives EFBIG.
 MAX_OBJECT_SIZE = 10_000 * (5 << 30)
@@ -118,27 +120,18 @@ class StagedFile:
             raise OSError(errno.EFBIG, "larger than the store's largest object")
         if not data:
             return
-        data = memoryview(data)
         first, last = offset // BLOCK, (end - 1) // BLOCK
         fd = self._work(create=True)
-        partial = {}  # block number -> its current plaintext, for blocks written in part
+        # the plaintext of whole blocks first..last: the written bytes over the current
+        # content of a block written only in part
+        plain = bytearray((last - first + 1) * BLOCK)
         if offset % BLOCK:
-            partial[first] = self._block(fd, first)
-        if end % BLOCK and last not in partial:
-            partial[last] = self._block(fd, last)
-        out = bytearray()
-        plain: bytes | bytearray | memoryview
-        for b in range(first, last + 1):
-            start = b * BLOCK
-            if b in partial:
-                plain = bytearray(partial[b])
-                lo, hi = max(start, offset), min(start + BLOCK, end)
-                plain[lo - start:hi - start] = data[lo - offset:hi - offset]
-            else:
-                plain = data[start - offset:start + BLOCK - offset]
-            nonce = os.urandom(_NONCE)
-            out += nonce + self._ctr(nonce, plain)
-        self._pwrite(fd, bytes(out), first * _SLOT)
+            plain[:BLOCK] = self._block(fd, first)
+        if end % BLOCK and (last != first or not offset % BLOCK):
+            plain[-BLOCK:] = self._block(fd, last)
+        plain[offset - first * BLOCK:end - first * BLOCK] = data
+        out = self._encrypt_slots(plain)
+        self._pwrite(fd, out, first * _SLOT)
         self.size = max(self.size, end)
         self.generation += 1
 
@@ -168,6 +161,24 @@ class StagedFile:
         ctx = Cipher(self._work_aes, modes.CTR(nonce)).encryptor()
         return ctx.update(data) + ctx.finalize()
 
+    def _encrypt_slots(self, plain: bytearray) -> bytes:
+        """Slots (nonce + ciphertext) of the whole blocks in ``plain`` (a multiple of BLOCK
+        bytes): one random nonce N for the first block and N + i·BLOCK/16 (mod 2**128) for
+        block i, so the run is one CTR stream under the work key (one cipher context per
+        write, not per 4 KiB block: issue 14). The keystream of each block is still used once:
+        the next write of a block starts from a fresh random nonce, and two runs of n and m
+        counters from random 128-bit starts overlap with probability (n + m) / 2**128 (a 1 GiB
+        write is 2**26 counters)."""
+        nonce = os.urandom(_NONCE)
+        cipher = self._ctr(nonce, plain)
+        n0 = int.from_bytes(nonce, "big")
+        out = bytearray(len(plain) // BLOCK * _SLOT)
+        for i in range(len(plain) // BLOCK):
+            at = i * _SLOT
+            out[at:at + _NONCE] = ((n0 + i * _CTR_PER_BLOCK) % _CTR_MOD).to_bytes(_NONCE, "big")
+            out[at + _NONCE:at + _SLOT] = cipher[i * BLOCK:(i + 1) * BLOCK]
+        return bytes(out)
+
     def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
         done = 0
         while done < len(data):
@@ -179,20 +190,26 @@ class StagedFile:
 
     def _blocks(self, fd: int, first: int, last: int) -> bytes:
         """Plaintext of blocks ``first..last`` (zeros past the end and in holes)."""
-        raw = os.pread(fd, (last - first + 1) * _SLOT, first * _SLOT) if fd >= 0 else b""
+        raw = memoryview(os.pread(fd, (last - first + 1) * _SLOT, first * _SLOT) if fd >= 0 else b"")
         out = bytearray()
         run = 0  # bytes of the base pending, read at once (one open of its data file per run)
+        ctx: Any = None  # the decryptor of the current stream of slots (see _encrypt_slots)
+        expect = -1  # the nonce that continues that stream
         for i, b in enumerate(range(first, last + 1)):
             slot = raw[i * _SLOT:(i + 1) * _SLOT]
-            from_base = b * BLOCK < self.base_len and not (len(slot) == _SLOT and slot[:_NONCE] != _HOLE)
-            if from_base:
+            written = len(slot) == _SLOT and slot[:_NONCE] != _HOLE
+            if not written and b * BLOCK < self.base_len:
                 run += BLOCK
                 continue
             if run:
                 out += self._base_run(first * BLOCK + len(out), run)
                 run = 0
-            if len(slot) == _SLOT and slot[:_NONCE] != _HOLE:
-                out += self._ctr(slot[:_NONCE], slot[_NONCE:])
+            if written:
+                nonce = int.from_bytes(slot[:_NONCE], "big")
+                if ctx is None or nonce != expect:
+                    ctx = Cipher(self._work_aes, modes.CTR(bytes(slot[:_NONCE]))).decryptor()
+                out += ctx.update(slot[_NONCE:])
+                expect = (nonce + _CTR_PER_BLOCK) % _CTR_MOD
             else:
                 out += bytes(BLOCK)
         if run:
