@@ -344,6 +344,51 @@ def test_staged_file_reads_back_what_was_written_through_seals_and_truncates(tmp
         assert st.read(off, 5000) == bytes(ref[off:off + 5000])
 
 
+def test_a_write_is_one_ctr_stream_and_a_rewrite_inside_it_breaks_the_stream(tmp_path, monkeypatch):
+    """Issue 14: the blocks of one write get consecutive counters from one random nonce (one
+    cipher context per write and per run read back, not per 4 KiB block), wrapping modulo
+    2**128; a later write of a block inside the run gets a fresh nonce, and reads split the
+    run there and still return the right bytes."""
+    from cryptography.hazmat.primitives.ciphers import Cipher as RealCipher
+
+    class Xor:
+        def crypt(self, off, data):
+            return bytes(x ^ 0x5A for x in data)
+
+    contexts = []
+
+    def counting_cipher(*a, **kw):
+        contexts.append(a)
+        return RealCipher(*a, **kw)
+    monkeypatch.setattr(staging_mod, "Cipher", counting_cipher)
+    st = staging_mod.Staging(str(tmp_path)).new(Xor())
+    real_urandom = os.urandom
+    nonces = [b"\xff" * 16]  # the first write starts one counter below the 128-bit wrap
+    monkeypatch.setattr(staging_mod.os, "urandom", lambda n: nonces.pop(0) if n == 16 and nonces else real_urandom(n))
+    data = bytearray(os.urandom(64 * 4096))
+    st.write(0, data)
+    assert len(contexts) == 1  # one encryptor for 64 blocks
+    with open(st.work_path, "rb") as f:
+        slots = f.read()
+    block_nonces = [int.from_bytes(slots[i * 4112:i * 4112 + 16], "big") for i in range(64)]
+    assert block_nonces == [((1 << 128) - 1 + 256 * i) % (1 << 128) for i in range(64)]
+    contexts.clear()
+    assert st.read(0, len(data)) == bytes(data)
+    assert len(contexts) == 1  # one decryptor for the run (across the wrap)
+    patch = os.urandom(4096 + 100)
+    st.write(5 * 4096 - 50, patch)  # blocks 4..6, two of them in part
+    data[5 * 4096 - 50:5 * 4096 - 50 + len(patch)] = patch
+    with open(st.work_path, "rb") as f:
+        slots = f.read()
+    assert int.from_bytes(slots[4 * 4112:4 * 4112 + 16], "big") != block_nonces[4]
+    contexts.clear()
+    assert st.read(0, len(data)) == bytes(data)
+    assert len(contexts) == 3  # blocks 0-3, the rewrite 4-6, 7-63
+    assert st.read(5 * 4096 - 60, 4200) == bytes(data[5 * 4096 - 60:5 * 4096 + 4140])
+    st.seal()
+    assert st.read(0, len(data)) == bytes(data)
+
+
 # -- break-testing findings ---------------------------------------------------------------------
 def test_a_pending_file_unlinked_while_open_does_not_come_back_after_a_crash(tmp_path, cmk_path):
     async def crash():

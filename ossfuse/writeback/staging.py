@@ -6,8 +6,10 @@ A file being changed gets a *staged version* (:class:`StagedFile`). It lives in 
 - **open** (mutable): the content written so far, in ``staging/<id>.work``, in slots of
   ``16 + BLOCK`` bytes: slot *i* holds a random 16-byte nonce and block *i* (``BLOCK`` bytes of
   plaintext) AES-256-CTR-encrypted under a key that exists only in memory (``_work_key``) with
-  that nonce as the initial counter. Every write of a block draws a new nonce, so rewriting a
-  block never reuses keystream; a crash loses the key, and an open version is lost by a crash
+  that nonce as the initial counter. Every write draws a new random nonce N, and the blocks it
+  covers get N, N+256, N+512, … (mod 2**128: each block uses 256 counter values), so one write
+  is one CTR stream (one cipher context, not one per block, issue 14) and a rewrite of a block
+  starts a new stream from a fresh nonce: rewriting a block never reuses keystream; a crash loses the key, and an open version is lost by a crash
   anyway (it has no journal record). A nonce of all zeros marks a block never written: it reads
   from the ``base`` version (below ``base_len``) or as zeros — so extending a file (``truncate``
   upwards) costs nothing and a reopen for write copies nothing.
@@ -170,14 +172,13 @@ class StagedFile:
         counters from random 128-bit starts overlap with probability (n + m) / 2**128 (a 1 GiB
         write is 2**26 counters)."""
         nonce = os.urandom(_NONCE)
-        cipher = self._ctr(nonce, plain)
+        cipher = memoryview(self._ctr(nonce, plain))
         n0 = int.from_bytes(nonce, "big")
-        out = bytearray(len(plain) // BLOCK * _SLOT)
+        parts: list[bytes | memoryview] = []
         for i in range(len(plain) // BLOCK):
-            at = i * _SLOT
-            out[at:at + _NONCE] = ((n0 + i * _CTR_PER_BLOCK) % _CTR_MOD).to_bytes(_NONCE, "big")
-            out[at + _NONCE:at + _SLOT] = cipher[i * BLOCK:(i + 1) * BLOCK]
-        return bytes(out)
+            parts.append(((n0 + i * _CTR_PER_BLOCK) % _CTR_MOD).to_bytes(_NONCE, "big"))
+            parts.append(cipher[i * BLOCK:(i + 1) * BLOCK])
+        return b"".join(parts)
 
     def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
         done = 0
@@ -190,30 +191,32 @@ class StagedFile:
 
     def _blocks(self, fd: int, first: int, last: int) -> bytes:
         """Plaintext of blocks ``first..last`` (zeros past the end and in holes)."""
-        raw = memoryview(os.pread(fd, (last - first + 1) * _SLOT, first * _SLOT) if fd >= 0 else b"")
+        n = last - first + 1
+        raw = os.pread(fd, n * _SLOT, first * _SLOT) if fd >= 0 else b""
+        view = memoryview(raw)
+        nonces = [raw[at:at + _NONCE] for at in range(0, len(raw) // _SLOT * _SLOT, _SLOT)]
+        written = [nonce != _HOLE for nonce in nonces] + [False] * (n - len(nonces))
         out = bytearray()
-        run = 0  # bytes of the base pending, read at once (one open of its data file per run)
-        ctx: Any = None  # the decryptor of the current stream of slots (see _encrypt_slots)
-        expect = -1  # the nonce that continues that stream
-        for i, b in enumerate(range(first, last + 1)):
-            slot = raw[i * _SLOT:(i + 1) * _SLOT]
-            written = len(slot) == _SLOT and slot[:_NONCE] != _HOLE
-            if not written and b * BLOCK < self.base_len:
-                run += BLOCK
-                continue
-            if run:
-                out += self._base_run(first * BLOCK + len(out), run)
-                run = 0
-            if written:
-                nonce = int.from_bytes(slot[:_NONCE], "big")
-                if ctx is None or nonce != expect:
-                    ctx = Cipher(self._work_aes, modes.CTR(bytes(slot[:_NONCE]))).decryptor()
-                out += ctx.update(slot[_NONCE:])
-                expect = (nonce + _CTR_PER_BLOCK) % _CTR_MOD
+        i = 0
+        while i < n:
+            j = i + 1
+            if written[i]:
+                # the slots i..j-1 continue one CTR stream (see _encrypt_slots): one decryptor
+                expect = int.from_bytes(nonces[i], "big")
+                while j < n and written[j]:
+                    expect = (expect + _CTR_PER_BLOCK) % _CTR_MOD
+                    if int.from_bytes(nonces[j], "big") != expect:
+                        break
+                    j += 1
+                ctx = Cipher(self._work_aes, modes.CTR(nonces[i])).decryptor()
+                out += ctx.update(b"".join([view[k * _SLOT + _NONCE:(k + 1) * _SLOT] for k in range(i, j)]))
             else:
-                out += bytes(BLOCK)
-        if run:
-            out += self._base_run(first * BLOCK + len(out), run)
+                # never written here: the base's bytes below base_len, zeros above (one read)
+                while j < n and not written[j]:
+                    j += 1
+                lo, length = (first + i) * BLOCK, (j - i) * BLOCK
+                out += self._base_run(lo, length) if lo < self.base_len else bytes(length)
+            i = j
         return bytes(out)
 
     def _base_run(self, offset: int, length: int) -> bytes:
