@@ -196,7 +196,7 @@ class StagedFile:
         view = memoryview(raw)
         nonces = [raw[at:at + _NONCE] for at in range(0, len(raw) // _SLOT * _SLOT, _SLOT)]
         written = [nonce != _HOLE for nonce in nonces] + [False] * (n - len(nonces))
-        out = bytearray()
+        out: list[bytes] = []  # joined once at the end (a seal reads 1 MiB at a time: no regrowing)
         i = 0
         while i < n:
             j = i + 1
@@ -209,15 +209,15 @@ class StagedFile:
                         break
                     j += 1
                 ctx = Cipher(self._work_aes, modes.CTR(nonces[i])).decryptor()
-                out += ctx.update(b"".join([view[k * _SLOT + _NONCE:(k + 1) * _SLOT] for k in range(i, j)]))
+                out.append(ctx.update(b"".join([view[k * _SLOT + _NONCE:(k + 1) * _SLOT] for k in range(i, j)])))
             else:
                 # never written here: the base's bytes below base_len, zeros above (one read)
                 while j < n and not written[j]:
                     j += 1
                 lo, length = (first + i) * BLOCK, (j - i) * BLOCK
-                out += self._base_run(lo, length) if lo < self.base_len else bytes(length)
+                out.append(self._base_run(lo, length) if lo < self.base_len else bytes(length))
             i = j
-        return bytes(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _base_run(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` from the base (zeros past ``base_len``)."""
