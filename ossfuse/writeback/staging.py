@@ -9,8 +9,8 @@ A file being changed gets a *staged version* (:class:`StagedFile`). It lives in 
   that nonce as the initial counter. Every write draws a new random nonce N, and the blocks it
   covers get N, N+256, N+512, … (mod 2**128: each block uses 256 counter values), so one write
   is one CTR stream (one cipher context, not one per block, issue 14) and a rewrite of a block
-  starts a new stream from a fresh nonce: rewriting a block never reuses keystream; a crash loses the key, and an open version is lost by a crash
-  anyway (it has no journal record). A nonce of all zeros marks a block never written: it reads
+  starts a new stream from a fresh nonce: rewriting a block never reuses keystream; a crash
+  loses the key, and an open version is lost by a crash anyway (it has no journal record). A nonce of all zeros marks a block never written: it reads
   from the ``base`` version (below ``base_len``) or as zeros — so extending a file (``truncate``
   upwards) costs nothing and a reopen for write copies nothing.
 - **sealed** (immutable): ``staging/<id>.data`` holds the exact ciphertext of the object under
