@@ -10,9 +10,10 @@ A file being changed gets a *staged version* (:class:`StagedFile`). It lives in 
   covers get N, N+256, N+512, … (mod 2**128: each block uses 256 counter values), so one write
   is one CTR stream (one cipher context, not one per block, issue 14) and a rewrite of a block
   starts a new stream from a fresh nonce: rewriting a block never reuses keystream; a crash
-  loses the key, and an open version is lost by a crash anyway (it has no journal record). A nonce of all zeros marks a block never written: it reads
-  from the ``base`` version (below ``base_len``) or as zeros — so extending a file (``truncate``
-  upwards) costs nothing and a reopen for write copies nothing.
+  loses the key, and an open version is lost by a crash anyway (it has no journal record). A
+  nonce of all zeros marks a block never written: it reads from the ``base`` version (below
+  ``base_len``) or as zeros — so extending a file (``truncate`` upwards) costs nothing and a
+  reopen for write copies nothing.
 - **sealed** (immutable): ``staging/<id>.data`` holds the exact ciphertext of the object under
   the version's own envelope (fresh data key and IV: a new object version,
   oss-cse-format.md §11), written once, start to end, by :meth:`StagedFile.seal_data` (in a
