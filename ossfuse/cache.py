@@ -21,8 +21,15 @@ pinned versions together stay within half of ``max_size``. At most ``_MAX_OPEN_F
 are open at once (least recently used closed first).
 
 State that may change across an ``await``: ``CacheEntry.present`` (a block is marked present
-only after its bytes are written) and ``CacheEntry.inflight`` (an Event per block being fetched,
-so concurrent readers of one block wait for one GET instead of issuing their own).
+only after its bytes are written), ``CacheEntry.inflight`` (an Event per block being fetched,
+so concurrent readers of one block wait for one GET instead of issuing their own) and
+``CacheEntry.pending`` (blocks fetched, checked and being written: readers are answered from
+those bytes in memory instead of waiting for the cache disk).
+
+Memory: fetched ciphertext is held only by the task that fetched it, until it is on disk;
+``pending`` adds references to those same bytes, no copies. So at most
+_PREFETCH_PARALLEL × _PREFETCH_CHUNK (40 MiB) of read-ahead plus _FETCH_PARALLEL × _FETCH_CHUNK
+(16 MiB) per concurrent FUSE read that misses are in memory at once.
 """
 from __future__ import annotations
 
@@ -81,6 +88,27 @@ class TruncatedObject(Exception):
     """The store returned fewer bytes than the object's size promised."""
 
 
+class _Chunk:
+    """Ciphertext bytes ``[lo, lo + len(data))`` of one version, just fetched (and checked
+    against its tags if ``authed``), while they are written to the cache file; ``written`` is
+    set once that is over (written or not)."""
+
+    __slots__ = ("lo", "data", "authed", "written")
+
+    def __init__(self, lo: int, data: bytes, authed: bool):
+        self.lo, self.data, self.authed = lo, data, authed
+        self.written = trio.Event()
+
+
+def _release(e: "CacheEntry", events: dict[int, trio.Event]) -> None:
+    """End a fetch of ``events``' blocks of ``e``: wake their waiters (a fetch may have woken
+    some already, as soon as their bytes were pending)."""
+    for b, ev in events.items():
+        if e.inflight.get(b) is ev:
+            del e.inflight[b]
+        ev.set()
+
+
 class CacheEntry:
     """One cached object version; see the module doc."""
 
@@ -93,6 +121,7 @@ class CacheEntry:
         self.nblocks = (size + self.block_size - 1) // self.block_size
         self.present = bytearray(self.nblocks)  # 1 per block whose ciphertext is on disk
         self.inflight: dict[int, trio.Event] = {}
+        self.pending: dict[int, _Chunk] = {}  # blocks fetched and being written (module doc)
         self.crc: list[int | None] = [None] * self.nblocks  # CRC-32 of each fetched block
         self.verified = bytearray(b"\1" * self.nblocks)  # 0: from an earlier mount, check first
         # 1 per present block checked against the object's integrity tags (docs/integrity.md)
@@ -112,6 +141,10 @@ class CacheEntry:
 
     def block_len(self, b: int) -> int:
         return min(self.block_size, self.size - b * self.block_size)
+
+    def have(self, b: int) -> bool:
+        """Block ``b`` can be read: on disk, or fetched and being written."""
+        return bool(self.present[b]) or b in self.pending
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -384,21 +417,46 @@ class BlockCache:
         if ahead > end:
             self._prefetch(key, etag, e, end, ahead, whole_chunks=True)
         blocks = range(offset // bs, (end - 1) // bs + 1)
-        if not all(e.present[b] for b in blocks):
+        if tags is not None:
+            for b in blocks:  # read ahead before the tags were known: checked once on disk
+                c = e.pending.get(b)
+                if c is not None and not c.authed and not e.present[b]:
+                    await c.written.wait()
+        if not all(e.have(b) for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
             # disk), or another task's fetch failed: serve this read straight from the store.
             return await self._read_through(key, etag, size, offset, end, tags)
         for b in blocks:
-            self._lru.move_to_end((e.key, b))
-            if not e.verified[b]:
-                self._verify(e, b)
+            if e.present[b]:
+                self._lru.move_to_end((e.key, b))
+                if not e.verified[b]:
+                    self._verify(e, b)
         if tags is not None and not all(e.authed[b] for b in blocks if e.present[b]):
             self._check_cached(e, tags, [b for b in blocks if e.present[b] and not e.authed[b]])
-        if not all(e.present[b] for b in blocks):  # a damaged block was dropped: fetch it again
+        if not all(e.have(b) for b in blocks):  # a damaged block was dropped: fetch it again
             await self._ensure(key, etag, e, offset, end)
-            if not all(e.present[b] for b in blocks):
+            if not all(e.have(b) for b in blocks):
                 return await self._read(key, etag, size, offset, end, None, tags)
-        return os.pread(e.fd, end - offset, offset)
+        return self._gather(e, offset, end)
+
+    def _gather(self, e: CacheEntry, offset: int, end: int) -> bytes:
+        """Bytes ``[offset, end)`` of ``e``, whose blocks are all present or pending: runs of
+        present blocks by one pread of the cache file each, pending ones copied from memory."""
+        bs = self.block_size
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            if e.present[pos // bs]:
+                stop = pos
+                while stop < end and e.present[stop // bs]:
+                    stop = min(end, (stop // bs + 1) * bs)
+                parts.append(os.pread(e.fd, stop - pos, pos))
+            else:
+                c = e.pending[pos // bs]  # a chunk holds its blocks whole: it covers pos
+                stop = min(end, c.lo + len(c.data))
+                parts.append(c.data[pos - c.lo:stop - c.lo])
+            pos = stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _read_through(self, key: str, etag: str, size: int, offset: int, end: int,
                             tags: BlockTags | None = None) -> bytes:
@@ -513,6 +571,8 @@ class BlockCache:
         self.pinned_bytes += size
         try:
             await self._ensure(key, etag, e, 0, size)
+            for c in list(e.pending.values()):  # blocks read ahead by others: until on disk
+                await c.written.wait()
         except IntegrityError as err:  # a damaged block is not kept: its handles get EIO for it
             log.info("not keeping %r: %s", key, err)
             self.unpin(e)
@@ -551,7 +611,7 @@ class BlockCache:
         last = (end - 1) // bs
         if whole_chunks:
             last = min(e.nblocks - 1, (last // chunk + 1) * chunk - 1)
-        missing = [b for b in range(start // bs, last + 1) if not e.present[b] and b not in e.inflight]
+        missing = [b for b in range(start // bs, last + 1) if not e.have(b) and b not in e.inflight]
         groups: list[list[int]] = []
         for b in missing:
             if groups and (b // chunk == groups[-1][0] // chunk if whole_chunks else len(groups[-1]) < chunk):
@@ -574,17 +634,15 @@ class BlockCache:
         except Exception as err:  # noqa: BLE001 - a background task: logged, never fatal to the mount
             log.warning("read-ahead of %r failed: %s: %s", key, type(err).__name__, err)
         finally:
-            for b, ev in events.items():
-                e.inflight.pop(b, None)
-                ev.set()
+            _release(e, events)
 
     async def _ensure(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:
         """Fetch the missing blocks of ``[start, end)`` and wait for those other tasks are
         fetching. One pass: the caller checks what is present (limits may evict at once)."""
         bs = self.block_size
         first, last = start // bs, (end - 1) // bs
-        waits = [e.inflight[b] for b in range(first, last + 1) if not e.present[b] and b in e.inflight]
-        missing = [b for b in range(first, last + 1) if not e.present[b] and b not in e.inflight]
+        waits = [e.inflight[b] for b in range(first, last + 1) if not e.have(b) and b in e.inflight]
+        missing = [b for b in range(first, last + 1) if not e.have(b) and b not in e.inflight]
         if not missing and not waits:
             self.stats["hits"] += 1
             return
@@ -595,9 +653,7 @@ class BlockCache:
             try:
                 await self._fetch_blocks(key, etag, e, missing)
             finally:
-                for b, ev in events.items():
-                    del e.inflight[b]
-                    ev.set()
+                _release(e, events)
             self.evict()
         for ev in waits:
             await ev.wait()
@@ -624,6 +680,24 @@ class BlockCache:
                 data = await self._get(key, etag, e.size, lo, hi)
             # the cache blocks wholly inside [lo, hi): only those become present
             whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1) if (b + 1) * bs <= hi or hi == e.size]
+            # Readers waiting for these blocks are answered from ``data`` from now on, while a
+            # thread writes it to the cache file (on a loaded disk, the slow part).
+            chunk = _Chunk(lo, data, tags is not None)
+            for b in whole:
+                e.pending[b] = chunk
+                ev = e.inflight.pop(b, None)
+                if ev is not None:
+                    ev.set()
+            try:
+                await write(chunk, whole)
+            finally:
+                for b in whole:
+                    if e.pending.get(b) is chunk:
+                        del e.pending[b]
+                chunk.written.set()
+
+        async def write(chunk: _Chunk, whole: list[int]) -> None:
+            lo, data = chunk.lo, chunk.data
             crcs: list[int] = []
             for again in (False, True):
                 if e.dropped:
@@ -638,7 +712,7 @@ class BlockCache:
                 except OSError as err:
                     if not again and err.errno == errno.ENOSPC and self.evict(need=len(data)):
                         continue  # room was made by dropping old blocks
-                    # Not cached: the reader finds the blocks missing and reads from the store.
+                    # Not cached: later readers find the blocks missing and read from the store.
                     if not self._write_failing:
                         log.warning("cache disk cannot take more blocks (%s); reading %r and others "
                                     "without caching until it can", err, key)
@@ -652,7 +726,7 @@ class BlockCache:
             for b, crc in zip(whole, crcs, strict=True):
                 e.crc[b] = crc
                 self._mark_present(e, b)
-                e.authed[b] = tags is not None
+                e.authed[b] = chunk.authed
 
         await run_all([functools.partial(fetch, lo, hi) for lo, hi in ranges], _FETCH_PARALLEL)
 
