@@ -65,6 +65,10 @@ _PREFETCH_CHUNK = 8 << 20
 _PREFETCH_PARALLEL = 5  # read-ahead GETs at once, all files together (≤ 40 MiB in flight)
 _MAX_OPEN_FDS = 256  # cache files kept open at once
 _MAX_TAG_LISTS = 256  # object versions whose tag lists are kept in memory
+# bytes of checked tagged blocks read from a local-disk store kept in memory (the last span read
+# of each version, least recently used dropped): a sequential reader's 128 KiB FUSE reads would
+# otherwise read and authenticate the whole tagged block (up to 8 MiB) again for each read
+_CHECKED_MAX = 32 << 20
 _INDEX = "cache.idx"  # in objects/: what a clean unmount kept (JSON list of entries)
 # CRC-32/ISO-HDLC, the very function zlib.crc32 computes (the index keeps its values across
 # versions), ~3x zlib's speed: summing a fetched 8 MiB chunk or an uploaded file is on the
@@ -175,6 +179,9 @@ class BlockCache:
                       "verified_bytes": 0, "unverified_bytes": 0, "integrity_failures": 0,
                       "integrity_refetches": 0}
         self._tag_lists: collections.OrderedDict[tuple[str, str], BlockTags] = collections.OrderedDict()
+        # local-disk store: (key, etag) -> (offset, ciphertext) of the last checked span read
+        self._checked: collections.OrderedDict[tuple[str, str], tuple[int, bytes]] = collections.OrderedDict()
+        self._checked_bytes = 0
         self._nursery: trio.Nursery | Supervisor | None = None
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
         self._write_failing = False  # the last block write failed (full disk): warned once
@@ -350,6 +357,8 @@ class BlockCache:
     def rekey(self, key: str, etag: str, new_key: str, new_etag: str) -> None:
         """Version (key, etag) was copied to (new_key, new_etag) with the same ciphertext
         (rename, attribute change): its cached blocks now serve the copy."""
+        if (key, etag) != (new_key, new_etag):
+            self._forget_checked((key, etag))
         e = self._entries.pop((key, etag), None)
         if e is None or (key, etag) == (new_key, new_etag):
             if e is not None:
@@ -373,6 +382,7 @@ class BlockCache:
 
     def drop(self, key: str, etag: str) -> None:
         """Forget version (key, etag) and delete its file."""
+        self._forget_checked((key, etag))
         e = self._entries.pop((key, etag), None)
         if e is not None:
             e.dropped = True
@@ -465,9 +475,24 @@ class BlockCache:
         if a block fails its tag twice."""
         if tags is None:
             return await self._get(key, etag, size, offset, end)
+        got = self._checked.get((key, etag))
+        if got is not None and got[0] <= offset and end <= got[0] + len(got[1]):
+            self._checked.move_to_end((key, etag))
+            return got[1][offset - got[0]:end - got[0]]
         lo, hi = tags.span(offset, end)
         data = await self._get_checked(key, etag, tags, lo, hi)
+        if self.store.local_disk and len(data) <= _CHECKED_MAX:
+            self._forget_checked((key, etag))
+            self._checked[(key, etag)] = (lo, data)
+            self._checked_bytes += len(data)
+            while self._checked_bytes > _CHECKED_MAX:
+                self._forget_checked(next(iter(self._checked)))
         return data[offset - lo:end - lo]
+
+    def _forget_checked(self, version: tuple[str, str]) -> None:
+        got = self._checked.pop(version, None)
+        if got is not None:
+            self._checked_bytes -= len(got[1])
 
     async def _get(self, key: str, etag: str, size: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of version (key, etag) by one ranged GET; TruncatedObject if short."""

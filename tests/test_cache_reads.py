@@ -1,4 +1,4 @@
-"""The block cache answers readers from fetched bytes while they are written to the cache file
+"""Block cache reads. Over a remote store, the block cache answers readers from fetched bytes while they are written to the cache file
 (ossfuse/cache.py, ``CacheEntry.pending``): a reader waiting for read-ahead gets the right bytes
 before the cache file has them; the blocks become present (with their CRC) once written; a block
 read ahead before the tags were known is checked on disk first; ``keep`` returns only with every
@@ -182,5 +182,54 @@ def test_keep_returns_with_every_block_on_disk(tmp_path, monkeypatch):
             with open(e.path, "rb") as f:
                 assert f.read() == data
             n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# -- a local-disk store: tagged blocks are read and checked once per sequential pass ---------
+def test_sequential_small_reads_on_a_local_store_read_each_tagged_block_once(tmp_path, cmk_path, monkeypatch):
+    """A local bucket is read through (not cached), and a tagged object is checked per tagged
+    block (here 64 KiB): 16 KiB reads in a row read each block once, not once per read; a new
+    version (new ETag) is read afresh; the memory kept is bounded by _CHECKED_MAX bytes."""
+    from fakes.core import committed_file, core_filesystem
+
+    from ossfuse import cache as cache_mod
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        data = os.urandom(2 << 20)  # 2 MiB: 32 tagged blocks of 64 KiB
+        node = await committed_file(fs, "f", data)
+        h = await fs.open(node, os.O_RDONLY)
+        fs.store.reset_counts()
+        got = bytearray()
+        while len(got) < len(data):
+            got += await fs.read(h, len(got), 16 << 10)
+        assert bytes(got) == data
+        assert fs.store.counts["get_range"] == 32  # 128 reads, one GET per tagged block
+        await fs.release(h)
+        # another version of the same name: its own bytes, not the memory of the old one
+        new = os.urandom(len(data))
+        etag = h.version.etag
+        h = await fs.open(node, os.O_RDWR)
+        await fs.write(h, 0, new)
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        h = await fs.open(node, os.O_RDONLY)
+        assert h.version.etag != etag
+        assert await fs.read(h, 0, 16 << 10) == new[:16 << 10]
+        await fs.release(h)
+        # bounded: with room for one block only, reading two files in turn keeps one block
+        monkeypatch.setattr(cache_mod, "_CHECKED_MAX", 64 << 10)
+        other = await committed_file(fs, "g", data)
+        hf, hg = await fs.open(node, os.O_RDONLY), await fs.open(other, os.O_RDONLY)
+        fs.store.reset_counts()
+        for off in (0, 16 << 10):
+            assert await fs.read(hf, off, 16 << 10) == new[off:off + (16 << 10)]
+            assert await fs.read(hg, off, 16 << 10) == data[off:off + (16 << 10)]
+        assert fs.store.counts["get_range"] == 3  # f's block 0 was kept from above; then each evicts the other
+        assert fs.cache._checked_bytes == 64 << 10 and len(fs.cache._checked) == 1
+        await fs.release(hf)
+        await fs.release(hg)
 
     trio.run(main)
