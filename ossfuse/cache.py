@@ -27,9 +27,11 @@ so concurrent readers of one block wait for one GET instead of issuing their own
 those bytes in memory instead of waiting for the cache disk).
 
 Memory: fetched ciphertext is held only by the task that fetched it, until it is on disk;
-``pending`` adds references to those same bytes, no copies. So at most
-_PREFETCH_PARALLEL × _PREFETCH_CHUNK (40 MiB) of read-ahead plus _FETCH_PARALLEL × _FETCH_CHUNK
-(16 MiB) per concurrent FUSE read that misses are in memory at once.
+``pending`` adds references to those same bytes, no copies. A read-ahead task holds one of
+_PREFETCH_BUFFERS places from before its GET until its chunk is written, and one of
+_PREFETCH_PARALLEL GET slots only for the GET and its check (so a slow cache disk does not stall
+the GETs). So at most _PREFETCH_BUFFERS × _PREFETCH_CHUNK (64 MiB) of read-ahead plus
+_FETCH_PARALLEL × _FETCH_CHUNK (16 MiB) per concurrent FUSE read that misses are in memory.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ _FETCH_PARALLEL = 4  # ranged GETs at once per read
 # of 1 MiB for 256 MiB, each paying the round trip; ossfs asks 10 MiB at a time, 5 at once).
 _PREFETCH_CHUNK = 8 << 20
 _PREFETCH_PARALLEL = 5  # read-ahead GETs at once, all files together (≤ 40 MiB in flight)
+_PREFETCH_BUFFERS = 8  # read-ahead chunks fetched or being fetched and not yet on disk, all files
 _MAX_OPEN_FDS = 256  # cache files kept open at once
 _MAX_TAG_LISTS = 256  # object versions whose tag lists are kept in memory
 # bytes of checked tagged blocks read from a local-disk store kept in memory (the last span read
@@ -183,7 +186,8 @@ class BlockCache:
         self._checked: collections.OrderedDict[tuple[str, str], tuple[int, bytes]] = collections.OrderedDict()
         self._checked_bytes = 0
         self._nursery: trio.Nursery | Supervisor | None = None
-        self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
+        self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)  # read-ahead GETs
+        self._prefetch_buffers = trio.CapacityLimiter(_PREFETCH_BUFFERS)  # read-ahead chunks in memory
         self._write_failing = False  # the last block write failed (full disk): warned once
         self._load_index()
 
@@ -650,8 +654,9 @@ class BlockCache:
 
     async def _prefetch_blocks(self, key, etag, e: CacheEntry, blocks: list[int], events) -> None:
         try:
-            async with self._prefetch_limiter:
-                await self._fetch_blocks(key, etag, e, blocks, max_get=_PREFETCH_CHUNK)
+            async with self._prefetch_buffers:
+                await self._fetch_blocks(key, etag, e, blocks, max_get=_PREFETCH_CHUNK,
+                                         get_limiter=self._prefetch_limiter)
             self.stats["prefetched_bytes"] += sum(e.block_len(b) for b in blocks)
             self.evict()
         except (StoreError, IntegrityError) as err:  # best effort: the reader fetches (and reports) what it needs
@@ -684,9 +689,10 @@ class BlockCache:
             await ev.wait()
 
     async def _fetch_blocks(self, key: str, etag: str, e: CacheEntry, blocks: list[int],
-                            max_get: int = _FETCH_CHUNK) -> None:
+                            max_get: int = _FETCH_CHUNK, get_limiter: trio.CapacityLimiter | None = None) -> None:
         """Fetch ``blocks`` of ``e``: runs of adjacent blocks coalesced into ranged GETs of at
-        most ``max_get`` bytes, _FETCH_PARALLEL at once."""
+        most ``max_get`` bytes, _FETCH_PARALLEL at once; ``get_limiter`` (if given) is held
+        for each GET and its check, not while the bytes are written to the cache file."""
         bs = self.block_size
         ranges: list[tuple[int, int]] = []
         for b in blocks:  # coalesce runs of blocks, cut into GETs of at most max_get bytes
@@ -696,13 +702,20 @@ class BlockCache:
             else:
                 ranges.append((lo, hi))
 
+        async def get(lo: int, hi: int, tags: BlockTags | None) -> bytes:
+            if tags is not None:  # whole tagged blocks, checked before anything is cached
+                return await self._get_checked(key, etag, tags, lo, hi)
+            return await self._get(key, etag, e.size, lo, hi)
+
         async def fetch(lo: int, hi: int) -> None:
             tags = e.tags
-            if tags is not None:  # whole tagged blocks, checked before anything is cached
+            if tags is not None:
                 lo, hi = tags.span(lo, hi)
-                data = await self._get_checked(key, etag, tags, lo, hi)
+            if get_limiter is None:
+                data = await get(lo, hi, tags)
             else:
-                data = await self._get(key, etag, e.size, lo, hi)
+                async with get_limiter:
+                    data = await get(lo, hi, tags)
             # the cache blocks wholly inside [lo, hi): only those become present
             whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1) if (b + 1) * bs <= hi or hi == e.size]
             # Readers waiting for these blocks are answered from ``data`` from now on, while a

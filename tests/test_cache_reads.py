@@ -186,6 +186,35 @@ def test_keep_returns_with_every_block_on_disk(tmp_path, monkeypatch):
     trio.run(main)
 
 
+def test_read_ahead_gets_go_on_while_writes_wait_up_to_the_buffer_bound(tmp_path, monkeypatch):
+    """A slow cache disk does not hold the read-ahead GET slots: with every write held back,
+    GETs go on past _PREFETCH_PARALLEL until _PREFETCH_BUFFERS chunks wait in memory, no more;
+    every byte reads back once the writes go through."""
+    from ossfuse import cache as cache_mod
+    monkeypatch.setattr(cache_mod, "_FETCH_CHUNK", 2 * BS)  # read_ahead: one GET per 2 blocks
+    data = os.urandom(40 * BS)
+    store = MemStore(data)
+    c, gate, started = _gated_cache(tmp_path, store, monkeypatch)
+    assert cache_mod._PREFETCH_BUFFERS > cache_mod._PREFETCH_PARALLEL
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            c.read_ahead(KEY, ETAG, len(data), 0, len(data))  # 20 GETs of 2 blocks
+            await until(lambda: len(started) == cache_mod._PREFETCH_BUFFERS)
+            await trio.sleep(0.05)
+            assert len(store.gets) == len(started) == cache_mod._PREFETCH_BUFFERS
+            e = c.entry(KEY, ETAG, len(data))
+            assert len(e.pending) == 2 * cache_mod._PREFETCH_BUFFERS
+            gate.set()
+            await until(lambda: all(e.present))
+            assert len(store.gets) == 20 and not e.pending
+            assert await c.read(KEY, ETAG, len(data), 0, len(data)) == data
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 # -- a local-disk store: tagged blocks are read and checked once per sequential pass ---------
 def test_sequential_small_reads_on_a_local_store_read_each_tagged_block_once(tmp_path, cmk_path, monkeypatch):
     """A local bucket is read through (not cached), and a tagged object is checked per tagged
