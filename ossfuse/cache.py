@@ -600,8 +600,8 @@ class BlockCache:
         self.pinned_bytes += size
         try:
             await self._ensure(key, etag, e, 0, size)
-            for c in list(e.pending.values()):  # blocks read ahead by others: until on disk
-                await c.written.wait()
+            while e.pending:  # blocks read ahead by others: until on disk (or not cached)
+                await next(iter(e.pending.values())).written.wait()
         except IntegrityError as err:  # a damaged block is not kept: its handles get EIO for it
             log.info("not keeping %r: %s", key, err)
             self.unpin(e)
