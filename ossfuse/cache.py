@@ -21,8 +21,17 @@ pinned versions together stay within half of ``max_size``. At most ``_MAX_OPEN_F
 are open at once (least recently used closed first).
 
 State that may change across an ``await``: ``CacheEntry.present`` (a block is marked present
-only after its bytes are written) and ``CacheEntry.inflight`` (an Event per block being fetched,
-so concurrent readers of one block wait for one GET instead of issuing their own).
+only after its bytes are written), ``CacheEntry.inflight`` (an Event per block being fetched,
+so concurrent readers of one block wait for one GET instead of issuing their own) and
+``CacheEntry.pending`` (blocks fetched, checked and being written: readers are answered from
+those bytes in memory instead of waiting for the cache disk).
+
+Memory: fetched ciphertext is held only by the task that fetched it, until it is on disk;
+``pending`` adds references to those same bytes, no copies. A read-ahead task holds one of
+_PREFETCH_BUFFERS places from before its GET until its chunk is written, and one of
+_PREFETCH_PARALLEL GET slots only for the GET and its check (so a slow cache disk does not stall
+the GETs). So at most _PREFETCH_BUFFERS × _PREFETCH_CHUNK (64 MiB) of read-ahead plus
+_FETCH_PARALLEL × _FETCH_CHUNK (16 MiB) per concurrent FUSE read that misses are in memory.
 """
 from __future__ import annotations
 
@@ -56,8 +65,13 @@ _FETCH_PARALLEL = 4  # ranged GETs at once per read
 # of 1 MiB for 256 MiB, each paying the round trip; ossfs asks 10 MiB at a time, 5 at once).
 _PREFETCH_CHUNK = 8 << 20
 _PREFETCH_PARALLEL = 5  # read-ahead GETs at once, all files together (≤ 40 MiB in flight)
+_PREFETCH_BUFFERS = 8  # read-ahead chunks fetched or being fetched and not yet on disk, all files
 _MAX_OPEN_FDS = 256  # cache files kept open at once
 _MAX_TAG_LISTS = 256  # object versions whose tag lists are kept in memory
+# bytes of checked tagged blocks read from a local-disk store kept in memory (the last span read
+# of each version, least recently used dropped): a sequential reader's 128 KiB FUSE reads would
+# otherwise read and authenticate the whole tagged block (up to 8 MiB) again for each read
+_CHECKED_MAX = 32 << 20
 _INDEX = "cache.idx"  # in objects/: what a clean unmount kept (JSON list of entries)
 # CRC-32/ISO-HDLC, the very function zlib.crc32 computes (the index keeps its values across
 # versions), ~3x zlib's speed: summing a fetched 8 MiB chunk or an uploaded file is on the
@@ -81,6 +95,27 @@ class TruncatedObject(Exception):
     """The store returned fewer bytes than the object's size promised."""
 
 
+class _Chunk:
+    """Ciphertext bytes ``[lo, lo + len(data))`` of one version, just fetched (and checked
+    against its tags if ``authed``), while they are written to the cache file; ``written`` is
+    set once that is over (written or not)."""
+
+    __slots__ = ("lo", "data", "authed", "written")
+
+    def __init__(self, lo: int, data: bytes, authed: bool):
+        self.lo, self.data, self.authed = lo, data, authed
+        self.written = trio.Event()
+
+
+def _release(e: "CacheEntry", events: dict[int, trio.Event]) -> None:
+    """End a fetch of ``events``' blocks of ``e``: wake their waiters (a fetch may have woken
+    some already, as soon as their bytes were pending)."""
+    for b, ev in events.items():
+        if e.inflight.get(b) is ev:
+            del e.inflight[b]
+        ev.set()
+
+
 class CacheEntry:
     """One cached object version; see the module doc."""
 
@@ -93,6 +128,7 @@ class CacheEntry:
         self.nblocks = (size + self.block_size - 1) // self.block_size
         self.present = bytearray(self.nblocks)  # 1 per block whose ciphertext is on disk
         self.inflight: dict[int, trio.Event] = {}
+        self.pending: dict[int, _Chunk] = {}  # blocks fetched and being written (module doc)
         self.crc: list[int | None] = [None] * self.nblocks  # CRC-32 of each fetched block
         self.verified = bytearray(b"\1" * self.nblocks)  # 0: from an earlier mount, check first
         # 1 per present block checked against the object's integrity tags (docs/integrity.md)
@@ -112,6 +148,10 @@ class CacheEntry:
 
     def block_len(self, b: int) -> int:
         return min(self.block_size, self.size - b * self.block_size)
+
+    def have(self, b: int) -> bool:
+        """Block ``b`` can be read: on disk, or fetched and being written."""
+        return bool(self.present[b]) or b in self.pending
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -142,8 +182,12 @@ class BlockCache:
                       "verified_bytes": 0, "unverified_bytes": 0, "integrity_failures": 0,
                       "integrity_refetches": 0}
         self._tag_lists: collections.OrderedDict[tuple[str, str], BlockTags] = collections.OrderedDict()
+        # local-disk store: (key, etag) -> (offset, ciphertext) of the last checked span read
+        self._checked: collections.OrderedDict[tuple[str, str], tuple[int, bytes]] = collections.OrderedDict()
+        self._checked_bytes = 0
         self._nursery: trio.Nursery | Supervisor | None = None
-        self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)
+        self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)  # read-ahead GETs
+        self._prefetch_buffers = trio.CapacityLimiter(_PREFETCH_BUFFERS)  # read-ahead chunks in memory
         self._write_failing = False  # the last block write failed (full disk): warned once
         self._load_index()
 
@@ -317,6 +361,8 @@ class BlockCache:
     def rekey(self, key: str, etag: str, new_key: str, new_etag: str) -> None:
         """Version (key, etag) was copied to (new_key, new_etag) with the same ciphertext
         (rename, attribute change): its cached blocks now serve the copy."""
+        if (key, etag) != (new_key, new_etag):
+            self._forget_checked((key, etag))
         e = self._entries.pop((key, etag), None)
         if e is None or (key, etag) == (new_key, new_etag):
             if e is not None:
@@ -340,6 +386,7 @@ class BlockCache:
 
     def drop(self, key: str, etag: str) -> None:
         """Forget version (key, etag) and delete its file."""
+        self._forget_checked((key, etag))
         e = self._entries.pop((key, etag), None)
         if e is not None:
             e.dropped = True
@@ -384,21 +431,46 @@ class BlockCache:
         if ahead > end:
             self._prefetch(key, etag, e, end, ahead, whole_chunks=True)
         blocks = range(offset // bs, (end - 1) // bs + 1)
-        if not all(e.present[b] for b in blocks):
+        if tags is not None:
+            for b in blocks:  # read ahead before the tags were known: checked once on disk
+                c = e.pending.get(b)
+                if c is not None and not c.authed and not e.present[b]:
+                    await c.written.wait()
+        if not all(e.have(b) for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
             # disk), or another task's fetch failed: serve this read straight from the store.
             return await self._read_through(key, etag, size, offset, end, tags)
         for b in blocks:
-            self._lru.move_to_end((e.key, b))
-            if not e.verified[b]:
-                self._verify(e, b)
+            if e.present[b]:
+                self._lru.move_to_end((e.key, b))
+                if not e.verified[b]:
+                    self._verify(e, b)
         if tags is not None and not all(e.authed[b] for b in blocks if e.present[b]):
             self._check_cached(e, tags, [b for b in blocks if e.present[b] and not e.authed[b]])
-        if not all(e.present[b] for b in blocks):  # a damaged block was dropped: fetch it again
+        if not all(e.have(b) for b in blocks):  # a damaged block was dropped: fetch it again
             await self._ensure(key, etag, e, offset, end)
-            if not all(e.present[b] for b in blocks):
+            if not all(e.have(b) for b in blocks):
                 return await self._read(key, etag, size, offset, end, None, tags)
-        return os.pread(e.fd, end - offset, offset)
+        return self._gather(e, offset, end)
+
+    def _gather(self, e: CacheEntry, offset: int, end: int) -> bytes:
+        """Bytes ``[offset, end)`` of ``e``, whose blocks are all present or pending: runs of
+        present blocks by one pread of the cache file each, pending ones copied from memory."""
+        bs = self.block_size
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            if e.present[pos // bs]:
+                stop = pos
+                while stop < end and e.present[stop // bs]:
+                    stop = min(end, (stop // bs + 1) * bs)
+                parts.append(os.pread(e.fd, stop - pos, pos))
+            else:
+                c = e.pending[pos // bs]  # a chunk holds its blocks whole: it covers pos
+                stop = min(end, c.lo + len(c.data))
+                parts.append(c.data[pos - c.lo:stop - c.lo])
+            pos = stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _read_through(self, key: str, etag: str, size: int, offset: int, end: int,
                             tags: BlockTags | None = None) -> bytes:
@@ -407,9 +479,24 @@ class BlockCache:
         if a block fails its tag twice."""
         if tags is None:
             return await self._get(key, etag, size, offset, end)
+        got = self._checked.get((key, etag))
+        if got is not None and got[0] <= offset and end <= got[0] + len(got[1]):
+            self._checked.move_to_end((key, etag))
+            return got[1][offset - got[0]:end - got[0]]
         lo, hi = tags.span(offset, end)
         data = await self._get_checked(key, etag, tags, lo, hi)
+        if self.store.local_disk and len(data) <= _CHECKED_MAX:
+            self._forget_checked((key, etag))
+            self._checked[(key, etag)] = (lo, data)
+            self._checked_bytes += len(data)
+            while self._checked_bytes > _CHECKED_MAX:
+                self._forget_checked(next(iter(self._checked)))
         return data[offset - lo:end - lo]
+
+    def _forget_checked(self, version: tuple[str, str]) -> None:
+        got = self._checked.pop(version, None)
+        if got is not None:
+            self._checked_bytes -= len(got[1])
 
     async def _get(self, key: str, etag: str, size: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of version (key, etag) by one ranged GET; TruncatedObject if short."""
@@ -513,6 +600,8 @@ class BlockCache:
         self.pinned_bytes += size
         try:
             await self._ensure(key, etag, e, 0, size)
+            while e.pending:  # blocks read ahead by others: until on disk (or not cached)
+                await next(iter(e.pending.values())).written.wait()
         except IntegrityError as err:  # a damaged block is not kept: its handles get EIO for it
             log.info("not keeping %r: %s", key, err)
             self.unpin(e)
@@ -551,7 +640,7 @@ class BlockCache:
         last = (end - 1) // bs
         if whole_chunks:
             last = min(e.nblocks - 1, (last // chunk + 1) * chunk - 1)
-        missing = [b for b in range(start // bs, last + 1) if not e.present[b] and b not in e.inflight]
+        missing = [b for b in range(start // bs, last + 1) if not e.have(b) and b not in e.inflight]
         groups: list[list[int]] = []
         for b in missing:
             if groups and (b // chunk == groups[-1][0] // chunk if whole_chunks else len(groups[-1]) < chunk):
@@ -565,8 +654,9 @@ class BlockCache:
 
     async def _prefetch_blocks(self, key, etag, e: CacheEntry, blocks: list[int], events) -> None:
         try:
-            async with self._prefetch_limiter:
-                await self._fetch_blocks(key, etag, e, blocks, max_get=_PREFETCH_CHUNK)
+            async with self._prefetch_buffers:
+                await self._fetch_blocks(key, etag, e, blocks, max_get=_PREFETCH_CHUNK,
+                                         get_limiter=self._prefetch_limiter)
             self.stats["prefetched_bytes"] += sum(e.block_len(b) for b in blocks)
             self.evict()
         except (StoreError, IntegrityError) as err:  # best effort: the reader fetches (and reports) what it needs
@@ -574,17 +664,15 @@ class BlockCache:
         except Exception as err:  # noqa: BLE001 - a background task: logged, never fatal to the mount
             log.warning("read-ahead of %r failed: %s: %s", key, type(err).__name__, err)
         finally:
-            for b, ev in events.items():
-                e.inflight.pop(b, None)
-                ev.set()
+            _release(e, events)
 
     async def _ensure(self, key: str, etag: str, e: CacheEntry, start: int, end: int) -> None:
         """Fetch the missing blocks of ``[start, end)`` and wait for those other tasks are
         fetching. One pass: the caller checks what is present (limits may evict at once)."""
         bs = self.block_size
         first, last = start // bs, (end - 1) // bs
-        waits = [e.inflight[b] for b in range(first, last + 1) if not e.present[b] and b in e.inflight]
-        missing = [b for b in range(first, last + 1) if not e.present[b] and b not in e.inflight]
+        waits = [e.inflight[b] for b in range(first, last + 1) if not e.have(b) and b in e.inflight]
+        missing = [b for b in range(first, last + 1) if not e.have(b) and b not in e.inflight]
         if not missing and not waits:
             self.stats["hits"] += 1
             return
@@ -595,17 +683,16 @@ class BlockCache:
             try:
                 await self._fetch_blocks(key, etag, e, missing)
             finally:
-                for b, ev in events.items():
-                    del e.inflight[b]
-                    ev.set()
+                _release(e, events)
             self.evict()
         for ev in waits:
             await ev.wait()
 
     async def _fetch_blocks(self, key: str, etag: str, e: CacheEntry, blocks: list[int],
-                            max_get: int = _FETCH_CHUNK) -> None:
+                            max_get: int = _FETCH_CHUNK, get_limiter: trio.CapacityLimiter | None = None) -> None:
         """Fetch ``blocks`` of ``e``: runs of adjacent blocks coalesced into ranged GETs of at
-        most ``max_get`` bytes, _FETCH_PARALLEL at once."""
+        most ``max_get`` bytes, _FETCH_PARALLEL at once; ``get_limiter`` (if given) is held
+        for each GET and its check, not while the bytes are written to the cache file."""
         bs = self.block_size
         ranges: list[tuple[int, int]] = []
         for b in blocks:  # coalesce runs of blocks, cut into GETs of at most max_get bytes
@@ -615,15 +702,40 @@ class BlockCache:
             else:
                 ranges.append((lo, hi))
 
+        async def get(lo: int, hi: int, tags: BlockTags | None) -> bytes:
+            if tags is not None:  # whole tagged blocks, checked before anything is cached
+                return await self._get_checked(key, etag, tags, lo, hi)
+            return await self._get(key, etag, e.size, lo, hi)
+
         async def fetch(lo: int, hi: int) -> None:
             tags = e.tags
-            if tags is not None:  # whole tagged blocks, checked before anything is cached
+            if tags is not None:
                 lo, hi = tags.span(lo, hi)
-                data = await self._get_checked(key, etag, tags, lo, hi)
+            if get_limiter is None:
+                data = await get(lo, hi, tags)
             else:
-                data = await self._get(key, etag, e.size, lo, hi)
+                async with get_limiter:
+                    data = await get(lo, hi, tags)
             # the cache blocks wholly inside [lo, hi): only those become present
             whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1) if (b + 1) * bs <= hi or hi == e.size]
+            # Readers waiting for these blocks are answered from ``data`` from now on, while a
+            # thread writes it to the cache file (on a loaded disk, the slow part).
+            chunk = _Chunk(lo, data, tags is not None)
+            for b in whole:
+                e.pending[b] = chunk
+                ev = e.inflight.pop(b, None)
+                if ev is not None:
+                    ev.set()
+            try:
+                await write(chunk, whole)
+            finally:
+                for b in whole:
+                    if e.pending.get(b) is chunk:
+                        del e.pending[b]
+                chunk.written.set()
+
+        async def write(chunk: _Chunk, whole: list[int]) -> None:
+            lo, data = chunk.lo, chunk.data
             crcs: list[int] = []
             for again in (False, True):
                 if e.dropped:
@@ -638,7 +750,7 @@ class BlockCache:
                 except OSError as err:
                     if not again and err.errno == errno.ENOSPC and self.evict(need=len(data)):
                         continue  # room was made by dropping old blocks
-                    # Not cached: the reader finds the blocks missing and reads from the store.
+                    # Not cached: later readers find the blocks missing and read from the store.
                     if not self._write_failing:
                         log.warning("cache disk cannot take more blocks (%s); reading %r and others "
                                     "without caching until it can", err, key)
@@ -652,7 +764,7 @@ class BlockCache:
             for b, crc in zip(whole, crcs, strict=True):
                 e.crc[b] = crc
                 self._mark_present(e, b)
-                e.authed[b] = tags is not None
+                e.authed[b] = chunk.authed
 
         await run_all([functools.partial(fetch, lo, hi) for lo, hi in ranges], _FETCH_PARALLEL)
 

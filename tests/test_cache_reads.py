@@ -1,0 +1,264 @@
+"""Block cache reads. Over a remote store, the block cache answers readers from fetched bytes while they are written to the cache file
+(ossfuse/cache.py, ``CacheEntry.pending``): a reader waiting for read-ahead gets the right bytes
+before the cache file has them; the blocks become present (with their CRC) once written; a block
+read ahead before the tags were known is checked on disk first; ``keep`` returns only with every
+block on disk. In-process, over a store that holds one object in memory; the write to the cache
+file is held back by a gate (a threading.Event) so the order is fixed, not timed."""
+from __future__ import annotations
+
+import os
+import threading
+
+import trio
+import trio.testing
+
+from ossfuse import integrity
+from ossfuse.cache import BlockCache
+from ossfuse.store.base import PreconditionFailed
+
+BS = 64 << 10  # cache block size in these tests (bytes)
+KEY, ETAG = "obj", "etag-1"
+
+
+class MemStore:
+    """An object store of one object in memory (not a local disk: the cache is used); counts GETs."""
+
+    local_disk = False
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.gets: list[tuple[int, int]] = []
+
+    async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        assert key == KEY
+        if if_match is not None and if_match != ETAG:
+            raise PreconditionFailed(key)
+        self.gets.append((start, end))
+        await trio.sleep(0)
+        return self.data[start:end]
+
+
+async def until(cond) -> None:
+    """Wait (up to 10 s) for ``cond()``: a write in a worker thread has no task to wait for."""
+    with trio.fail_after(10):
+        while not cond():
+            await trio.sleep(0.005)
+
+
+def _gated_cache(tmp_path, store, monkeypatch) -> tuple[BlockCache, threading.Event, list[int]]:
+    """A cache whose writes of fetched chunks wait for the returned gate; the list gets the
+    offset of each chunk as its write starts."""
+    c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
+    gate = threading.Event()
+    started: list[int] = []
+    real = BlockCache._store_chunk
+
+    def gated(self, fd, data, lo, blocks):
+        started.append(lo)
+        assert gate.wait(10), "the test never opened the gate"
+        return real(self, fd, data, lo, blocks)
+
+    monkeypatch.setattr(BlockCache, "_store_chunk", gated)
+    return c, gate, started
+
+
+def test_a_reader_gets_read_ahead_bytes_before_they_are_on_disk(tmp_path, monkeypatch):
+    data = os.urandom(40 * BS + 123)
+    store = MemStore(data)
+    c, gate, started = _gated_cache(tmp_path, store, monkeypatch)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            e = c.entry(KEY, ETAG, len(data))
+            c.read_ahead(KEY, ETAG, len(data), 0, 16 * BS)  # one GET (up to 4 MiB)
+            await until(lambda: started)  # the fetched chunk's write has begun
+            assert not any(e.present), "nothing is on disk while the gate is shut"
+            # a read across the read-ahead, not block aligned: answered from memory
+            got = await c.read(KEY, ETAG, len(data), 3 * BS + 5, 5 * BS)
+            assert got == data[3 * BS + 5:8 * BS + 5]
+            assert not any(e.present)
+            gets_before = len(store.gets)
+            gate.set()
+            await until(lambda: not e.pending)
+            assert all(e.present[:16])
+            assert all(crc is not None for crc in e.crc[:16])
+            # from the file now, no new GET
+            assert await c.read(KEY, ETAG, len(data), 3 * BS + 5, 5 * BS) == data[3 * BS + 5:8 * BS + 5]
+            assert len(store.gets) == gets_before
+            # the short last block, fetched by a reader of its own
+            tail = await c.read(KEY, ETAG, len(data), 39 * BS, 2 * BS)
+            assert tail == data[39 * BS:]
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_read_spanning_disk_and_pending_blocks_joins_them(tmp_path, monkeypatch):
+    data = os.urandom(12 * BS)
+    store = MemStore(data)
+    c, gate, started = _gated_cache(tmp_path, store, monkeypatch)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            gate.set()
+            assert await c.read(KEY, ETAG, len(data), 0, 2 * BS) == data[:2 * BS]  # blocks 0-1 on disk
+            e = c.entry(KEY, ETAG, len(data))
+            assert e.present[0] and e.present[1]
+            gate.clear()
+            c.read_ahead(KEY, ETAG, len(data), 2 * BS, 6 * BS)
+            await until(lambda: len(started) == 2)
+            assert e.pending and not e.present[2]
+            got = await c.read(KEY, ETAG, len(data), BS - 7, 3 * BS)  # block 0..3: disk then memory
+            assert got == data[BS - 7:4 * BS - 7]
+            gate.set()
+            await until(lambda: not e.pending)
+            assert all(e.present[:6])
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_read_ahead_without_tags_is_checked_on_disk_before_a_tagged_read(tmp_path, monkeypatch):
+    """Blocks read ahead before the version's tags were known are not served from memory to a
+    reader that has the tags: it waits for them to be on disk and checks them there."""
+    key, iv = os.urandom(32), os.urandom(16)
+    data = os.urandom(8 * BS)
+    k = integrity.tag_key(key, iv)
+    tags = integrity.BlockTags(k, BS, len(data),
+                               integrity.compute_tags(k, BS, len(data), lambda off, n: data[off:off + n]))
+    damaged = bytearray(data)
+    damaged[2 * BS + 10] ^= 1
+    store = MemStore(bytes(damaged))
+    c, gate, started = _gated_cache(tmp_path, store, monkeypatch)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            c.read_ahead(KEY, ETAG, len(data), 0, 8 * BS)  # no tags yet
+            await until(lambda: started)
+            e = c.entry(KEY, ETAG, len(data))
+            assert 2 in e.pending
+            store.data = data  # the refetch after the failed check gets good bytes
+            async with trio.open_nursery() as inner:
+                result: list[bytes] = []
+
+                async def reader():
+                    result.append(await c.read(KEY, ETAG, len(data), 2 * BS, BS, tags=tags))
+                inner.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not result, "a tagged reader must not take unchecked bytes from memory"
+                gate.set()
+            assert result == [data[2 * BS:3 * BS]]
+            assert store.gets[-1] == (2 * BS, 3 * BS)  # the damaged block was fetched again
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_keep_returns_with_every_block_on_disk(tmp_path, monkeypatch):
+    data = os.urandom(10 * BS)
+    store = MemStore(data)
+    c, gate, started = _gated_cache(tmp_path, store, monkeypatch)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            c.read_ahead(KEY, ETAG, len(data), 0, len(data))
+            await until(lambda: started)
+            e = c.entry(KEY, ETAG, len(data))
+            assert e.pending
+            done: list[bool] = []
+
+            async def keeper():
+                done.append(await c.keep(KEY, ETAG, len(data)))
+            n.start_soon(keeper)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done, "keep must wait for the pending write"
+            gate.set()
+            await until(lambda: done)
+            assert done == [True] and all(e.present) and e.pinned
+            with open(e.path, "rb") as f:
+                assert f.read() == data
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_read_ahead_gets_go_on_while_writes_wait_up_to_the_buffer_bound(tmp_path, monkeypatch):
+    """A slow cache disk does not hold the read-ahead GET slots: with every write held back,
+    GETs go on past _PREFETCH_PARALLEL until _PREFETCH_BUFFERS chunks wait in memory, no more;
+    every byte reads back once the writes go through."""
+    from ossfuse import cache as cache_mod
+    monkeypatch.setattr(cache_mod, "_FETCH_CHUNK", 2 * BS)  # read_ahead: one GET per 2 blocks
+    data = os.urandom(40 * BS)
+    store = MemStore(data)
+    c, gate, started = _gated_cache(tmp_path, store, monkeypatch)
+    assert cache_mod._PREFETCH_BUFFERS > cache_mod._PREFETCH_PARALLEL
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            c.read_ahead(KEY, ETAG, len(data), 0, len(data))  # 20 GETs of 2 blocks
+            await until(lambda: len(started) == cache_mod._PREFETCH_BUFFERS)
+            await trio.sleep(0.05)
+            assert len(store.gets) == len(started) == cache_mod._PREFETCH_BUFFERS
+            e = c.entry(KEY, ETAG, len(data))
+            assert len(e.pending) == 2 * cache_mod._PREFETCH_BUFFERS
+            gate.set()
+            await until(lambda: all(e.present))
+            assert len(store.gets) == 20 and not e.pending
+            assert await c.read(KEY, ETAG, len(data), 0, len(data)) == data
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# -- a local-disk store: tagged blocks are read and checked once per sequential pass ---------
+def test_sequential_small_reads_on_a_local_store_read_each_tagged_block_once(tmp_path, cmk_path, monkeypatch):
+    """A local bucket is read through (not cached), and a tagged object is checked per tagged
+    block (here 64 KiB): 16 KiB reads in a row read each block once, not once per read; a new
+    version (new ETag) is read afresh; the memory kept is bounded by _CHECKED_MAX bytes."""
+    from fakes.core import committed_file, core_filesystem
+
+    from ossfuse import cache as cache_mod
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        data = os.urandom(2 << 20)  # 2 MiB: 32 tagged blocks of 64 KiB
+        node = await committed_file(fs, "f", data)
+        h = await fs.open(node, os.O_RDONLY)
+        fs.store.reset_counts()
+        got = bytearray()
+        while len(got) < len(data):
+            got += await fs.read(h, len(got), 16 << 10)
+        assert bytes(got) == data
+        assert fs.store.counts["get_range"] == 32  # 128 reads, one GET per tagged block
+        await fs.release(h)
+        # another version of the same name: its own bytes, not the memory of the old one
+        new = os.urandom(len(data))
+        etag = h.version.etag
+        h = await fs.open(node, os.O_RDWR)
+        await fs.write(h, 0, new)
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        h = await fs.open(node, os.O_RDONLY)
+        assert h.version.etag != etag
+        assert await fs.read(h, 0, 16 << 10) == new[:16 << 10]
+        await fs.release(h)
+        # bounded: with room for one block only, reading two files in turn keeps one block
+        monkeypatch.setattr(cache_mod, "_CHECKED_MAX", 64 << 10)
+        other = await committed_file(fs, "g", data)
+        hf, hg = await fs.open(node, os.O_RDONLY), await fs.open(other, os.O_RDONLY)
+        fs.store.reset_counts()
+        for off in (0, 16 << 10):
+            assert await fs.read(hf, off, 16 << 10) == new[off:off + (16 << 10)]
+            assert await fs.read(hg, off, 16 << 10) == data[off:off + (16 << 10)]
+        assert fs.store.counts["get_range"] == 3  # f's block 0 was kept from above; then each evicts the other
+        assert fs.cache._checked_bytes == 64 << 10 and len(fs.cache._checked) == 1
+        await fs.release(hf)
+        await fs.release(hg)
+
+    trio.run(main)
