@@ -181,7 +181,7 @@ class Files:
             return  # not a key question: replacing a damaged object repairs it
         try:
             v.envelope = (self.keyring.cached_envelope(v.wrapped)
-                          or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped))
+                          or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False))
         except (KeyMissing, env.EnvelopeError) as e:
             log.error("refusing to replace %r: no configured CMK can read it (%s)", v.key, e)
             raise FsError(errno.EACCES) from None
