@@ -270,6 +270,7 @@ class Bench:
     # -- measurement --------------------------------------------------------------------------
     def step(self, d: int, r: int, c: str, name: str, fn) -> None:
         """Time ``fn()``, count the server's requests during it, keep a row."""
+        prof = self.pyspy(d, r, c, name)
         self.server.call("clear_requests")
         t0 = time.monotonic()
         ok = True
@@ -279,6 +280,13 @@ class Bench:
             ok = False
             self.problems.append(f"{d} ms r{r} {c} {name}: {e}")
         secs = time.monotonic() - t0
+        if prof is not None:
+            if prof.poll() is None:
+                prof.send_signal(signal.SIGINT)
+            try:
+                prof.wait(60)
+            except subprocess.TimeoutExpired:
+                prof.kill()
         time.sleep(0.2)
         reqs = self.server.call("requests_for")
         counts: dict[str, int] = {}
@@ -296,6 +304,26 @@ class Bench:
                 w.writeheader()
             w.writerow(row)
         say(f"{d} ms r{r} {c} {name} {secs:.2f} s, {len(reqs)} requests ({bd}){'' if ok else ' FAILED'}")
+
+    def pyspy(self, d: int, r: int, c: str, name: str) -> subprocess.Popen | None:
+        """With ``--profile DIR``: py-spy (raw collapsed stacks, --threads) records the ossfuse
+        daemon during step ``name`` if ``--profile-steps`` lists it, into
+        DIR/{name}-{d}ms-r{r}.txt (``bench/pyspy_summary.py`` summarizes it)."""
+        a = self.args
+        if not a.profile or c != "ossfuse" or name not in a.profile_steps.split(","):
+            return None
+        sys.path.insert(0, a.ossfuse_tree or REPO)
+        from ossfuse.registry import read_registry
+        reg = read_registry(self.mnt(c))
+        if not reg:
+            return None
+        os.makedirs(a.profile, exist_ok=True)
+        out = os.path.join(a.profile, f"{name}-{d}ms-r{r}.txt")
+        prof = subprocess.Popen([os.path.join(os.path.dirname(PY), "py-spy"), "record", "--pid", str(reg["pid"]),
+                                 "--rate", "200", "--format", "raw", "-o", out, "--nonblocking", "--threads"],
+                                stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"))
+        time.sleep(1.0)  # let py-spy attach
+        return prof
 
     def run_cmd(self, cmd: list[str], **kw):
         return lambda: sh(cmd, **kw)
@@ -520,6 +548,9 @@ def main() -> int:
     ap.add_argument("--qnum", type=int, default=7)
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--note", default="", help="a line to put above the table in RESULTS.md")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="py-spy the ossfuse daemon during the --profile-steps steps into DIR (needs py-spy in the venv)")
+    ap.add_argument("--profile-steps", default="cat500", help="comma-separated step names (raw.csv's workload column)")
     args = ap.parse_args()
     args.delays = [int(x) for x in args.delays.split(",")]
     if os.environ.get("OSSFUSE_VS_PRIVATE_NS") != "1":

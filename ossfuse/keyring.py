@@ -358,14 +358,18 @@ class Keyring:
         :meth:`open_envelope` does (the CMK is picked first, so matdesc is still checked)."""
         return self._envelope(wrapped, None, cached_only=True)
 
-    def open_envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None = None) -> env.Envelope:
+    def open_envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None = None,
+                      look_in_key_cache: bool = True) -> env.Envelope:
         """Unwrap data key and IV with ``cmk`` (default: the one ``cmk_for`` picks). Raises
-        KeyMissing, or EnvelopeError when unwrapping fails."""
-        result = self._envelope(wrapped, cmk, cached_only=False)
+        KeyMissing, or EnvelopeError when unwrapping fails. ``look_in_key_cache=False``: the
+        caller has just asked :meth:`cached_envelope` (the data-key cache file is not searched a
+        second time; what is unwrapped is still stored in it)."""
+        result = self._envelope(wrapped, cmk, cached_only=False, look_in_key_cache=look_in_key_cache)
         assert result is not None
         return result
 
-    def _envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None, cached_only: bool) -> env.Envelope | None:
+    def _envelope(self, wrapped: env.WrappedEnvelope, cmk: Cmk | None, cached_only: bool,
+                  look_in_key_cache: bool = True) -> env.Envelope | None:
         cmk = cmk or self.cmk_for(wrapped)
         # Keyed by the CMK chosen too (and what changes how it unwraps): an object whose matdesc
         # matches no CMK must fail above even when another object carries the same wrapped key.
@@ -380,7 +384,7 @@ class Keyring:
         cache = self.key_cache
         secret = getattr(cmk, "cache_secret", None) if cache is not None else None
         found = None
-        if cache is not None and secret is not None:
+        if cache is not None and secret is not None and look_in_key_cache:
             try:
                 found = cache.get(secret, wrapped)
             except sqlite3.Error as e:

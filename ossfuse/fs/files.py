@@ -34,6 +34,18 @@ POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first mo
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
 
 
+class _Unwrap:
+    """A data-key unwrap started by a read-only open and not yet awaited (:meth:`Files.open_version`):
+    ``done`` is set when it ended, ``error`` then holds why it failed (None: the version's
+    envelope is set)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class Files:
     """Content operations of one mount.
 
@@ -57,6 +69,8 @@ class Files:
         # set by Filesystem: Namespace.last_close, the deferred delete of an unlinked open file
         self.on_last_close: Callable[[Node], Awaitable[None]] | None = None
         self._errors_reported: set[tuple[str, ...]] = set()  # (key, format, args) logged at ERROR
+        # (key, ETag) → the unwrap a read-only open started in the background (open_version)
+        self._unwraps: dict[tuple[str, str], _Unwrap] = {}
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
@@ -78,7 +92,8 @@ class Files:
             v = node.version
             if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps
                 self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
-            await self.open_version(v)
+            # read-only: the CMK unwraps while the kernel sends the first read (which waits for it)
+            await self.open_version(v, wait=writing)
         return self.open_handle(node, flags)
 
     def open_handle(self, node: Node, flags: int) -> FileHandle:
@@ -94,12 +109,30 @@ class Files:
         node.add_handle(h)
         return h
 
-    async def open_version(self, v: Version) -> None:
+    async def open_version(self, v: Version, wait: bool = True) -> None:
         """Unwrap the data key of ``v`` (once) and check the object is whole. Raises
         FsError(EACCES) when no CMK matches, FsError(EIO) for a corrupt envelope, a truncated
-        object or an unreachable KMS."""
+        object or an unreachable KMS.
+
+        ``wait=False`` (a read-only open, with the daemon's task supervisor set): what needs no
+        CMK work is checked now (the envelope's headers, the size, which CMK reads it: EACCES
+        and EIO as above), a key this machine had before is taken at once, and a CMK unwrap is
+        started in the background instead of awaited: the kernel's first read arrives
+        meanwhile (and the block the open started to fetch), and that read waits for it here
+        (``wait=True``). A failed background unwrap is reported by the read that waits for it:
+        EIO (EACCES for a missing key), one log line naming the object."""
         if v.wrapped is None or v.envelope is not None:
             return
+        pending = self._unwraps.get((v.key, v.etag))
+        if pending is not None:
+            if not wait:
+                return
+            await pending.done.wait()
+            if pending.error is not None:
+                self._error_once("cannot open %r: %s", v.key, pending.error)
+                raise FsError(errno_of(pending.error))
+            if v.envelope is not None:
+                return  # else another Version object of this (key, ETag) was unwrapped: cached now
         try:
             if isinstance(v.wrapped, env.EnvelopeError):
                 raise v.wrapped
@@ -107,11 +140,33 @@ class Files:
             if plain_len is not None and plain_len.isdigit() and int(plain_len) != v.size:
                 raise TruncatedObject(f"object has {v.size} bytes, its envelope says {plain_len}")
             # a key this machine had before opens on the loop; a CMK unwrap goes to a thread
-            v.envelope = (self.keyring.cached_envelope(v.wrapped)
-                          or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped))
+            envelope = self.keyring.cached_envelope(v.wrapped)
+            if envelope is None:
+                nursery = self.scheduler.nursery
+                if not wait and nursery is not None:
+                    pending = self._unwraps[(v.key, v.etag)] = _Unwrap()
+                    nursery.start_soon(self._unwrap_in_background, v, pending)
+                    return
+                envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False)
+            v.envelope = envelope
         except (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
-            log.error("cannot open %r: %s", v.key, e)
+            self._error_once("cannot open %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
+
+    async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
+        """Unwrap ``v``'s data key with its CMK (in a thread) for :meth:`open_version`; never
+        raises (a background task): a failure is kept in ``pending`` for the read that waits."""
+        try:
+            assert isinstance(v.wrapped, env.WrappedEnvelope)  # open_version checked it
+            v.envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False)
+        except (KeyMissing, env.EnvelopeError, CmkUnavailable) as e:
+            pending.error = e
+        except Exception as e:  # noqa: BLE001 - a background task: reported by the read as EIO
+            pending.error = env.EnvelopeError(f"unwrapping the data key failed: {type(e).__name__}: {e}")
+        finally:
+            if self._unwraps.get((v.key, v.etag)) is pending:
+                del self._unwraps[(v.key, v.etag)]
+            pending.done.set()
 
     async def check_replaceable(self, node: Node) -> None:
         """Refuse to replace a committed object this mount cannot read (O_TRUNC, truncate,
@@ -126,7 +181,7 @@ class Files:
             return  # not a key question: replacing a damaged object repairs it
         try:
             v.envelope = (self.keyring.cached_envelope(v.wrapped)
-                          or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped))
+                          or await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False))
         except (KeyMissing, env.EnvelopeError) as e:
             log.error("refusing to replace %r: no configured CMK can read it (%s)", v.key, e)
             raise FsError(errno.EACCES) from None
