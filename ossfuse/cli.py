@@ -8,13 +8,9 @@ busy, …; ``umount``: the last changes of the files it names could not be saved
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
-import logging.handlers
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,21 +19,25 @@ import time
 from .registry import (EXIT_PENDING, daemon_gone, holders, mounted_device, mounted_type, process_alive,
                        read_registry, registry_path, users_of)
 
-# The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine) is
-# imported only by the commands that run it: `ossfuse umount` and `status` return in tens of ms.
-
-log = logging.getLogger("ossfuse")
+# The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
+# logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
+# them: `ossfuse umount` and `status` pay for Python and argparse alone
+# (tests/test_cli.py::test_umount_imports_no_daemon_modules).
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class _JournalFormatter(logging.Formatter):
-    """sd-daemon(3) priority prefixes, so journald keeps each line's level."""
+def _journal_formatter():
+    """A logging.Formatter with sd-daemon(3) priority prefixes, so journald keeps each
+    line's level."""
+    import logging
 
-    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+    priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{self._PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+    class JournalFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"<{priority.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+    return JournalFormatter()
 
 
 def _die(msg: str) -> int:
@@ -68,6 +68,7 @@ def split_mount_options(cfg, options: list[str]):
         else:
             fuse.append(opt)
     if mount:
+        import dataclasses
         cfg = dataclasses.replace(cfg, mount=dataclasses.replace(cfg.mount, **mount))
     return cfg, fuse
 
@@ -96,11 +97,13 @@ class _ReadyPipe:
 
 
 def _setup_daemon_logging(args, cfg) -> None:
+    import logging
+    import logging.handlers
     level = getattr(logging, args.log_level.upper())
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads "<N>" as the priority
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JournalFormatter())
+        handler.setFormatter(_journal_formatter())
         logging.basicConfig(level=level, handlers=[handler])
     elif args.ready_fd is not None:  # daemon child: log to a file in the cache dir
         # reopened by itself when logrotate moves it (SIGHUP is not needed, and is ignored)
@@ -123,8 +126,10 @@ def cmd_mount(args) -> int:
         return _die(str(e))
     if not args.foreground:
         return _spawn_daemon(args, cfg)
+    import logging
     from .daemon import MountError, NoReadiness, run
     _setup_daemon_logging(args, cfg)
+    log = logging.getLogger("ossfuse")
     readiness = _ReadyPipe(args.ready_fd) if args.ready_fd is not None else NoReadiness()
     try:
         status = run(cfg, args.mountpoint, options, readiness)
@@ -362,6 +367,7 @@ def mount_helper(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     options = [x for o in args.o or [] for x in ("-o", o)]
     unit = systemd_mount_unit()
+    import shutil
     if unit is not None and shutil.which("systemd-run"):
         cmd = systemd_run_command(os.path.abspath(args.config), os.path.abspath(args.mountpoint), options)
         return subprocess.run(cmd).returncode
@@ -403,6 +409,7 @@ def systemd_run_command(config: str, mountpoint: str, options: list[str]) -> lis
 
 def _tool_setup(args):
     """Config, keyring and store for the commands that work on the store directly."""
+    import logging
     from .daemon import credentials_for, open_store
     from .keyring import Keyring
     from . import config as config_mod
@@ -450,6 +457,7 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_check(args) -> int:
+    import logging
     from . import config as config_mod
     import trio
     from . import rekey
