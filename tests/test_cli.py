@@ -334,3 +334,26 @@ def test_umount_imports_no_daemon_modules(mount, tmp_path):
     mount.pid = None
     assert not os.path.ismount(mount.mnt) and mount.head("f").size == 5000  # uploaded before it returned
     assert "ossfuse.registry" in loaded and not _heavy(loaded), (_heavy(loaded), err)
+
+
+@pytest.mark.parametrize("command", ["mount", "umount", "status", "rekey", "check", "keygen", "quickstart"])
+def test_each_command_builds_its_own_arguments_only(command, monkeypatch, capsys):
+    """main builds the arguments of the command it runs only (all of them took ~18 ms of each
+    `ossfuse umount`): that command's help lists its options, and no other command's argument
+    builder runs."""
+    from ossfuse import cli
+    for name, _, _ in cli._COMMANDS:
+        if name != command:
+            monkeypatch.setattr(cli, f"_{name}_args", lambda p, name=name: pytest.fail(f"built {name}'s arguments"))
+    monkeypatch.setattr(cli, "_COMMANDS", tuple((n, h, getattr(cli, f"_{n}_args")) for n, h, _ in cli._COMMANDS))
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: ossfuse {command} [-h]"), out
+    expected = {"mount": "--foreground", "umount": "--timeout", "status": "--prometheus", "rekey": "--dry-run",
+                "check": "--verify", "keygen": "--bits", "quickstart": "--new-key"}[command]
+    assert expected in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])  # the top level lists every command with its help
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"    {n:<20}{h[:20]}" in out for n, h, _ in cli._COMMANDS), out
