@@ -255,7 +255,8 @@ def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:
 
 class Keyring:
     """The mount's CMKs and the rules that pick them. Thread-safe (no mutable shared state
-    except a cache of unwrapped envelopes, bounded in size and time)."""
+    except a cache of unwrapped envelopes, bounded in size and time, and the envelopes made
+    ahead: at most SPARE_ENVELOPES per CMK, each served once)."""
 
     _CACHE_SIZE = 4096  # unwrapped envelopes kept at most
     _CACHE_SECONDS = 300.0  # and for at most this long, so reopening a file does not unwrap again
