@@ -8,13 +8,9 @@ busy, …; ``umount``: the last changes of the files it names could not be saved
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
-import logging.handlers
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,21 +19,25 @@ import time
 from .registry import (EXIT_PENDING, daemon_gone, holders, mounted_device, mounted_type, process_alive,
                        read_registry, registry_path, users_of)
 
-# The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine) is
-# imported only by the commands that run it: `ossfuse umount` and `status` return in tens of ms.
-
-log = logging.getLogger("ossfuse")
+# The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
+# logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
+# them: `ossfuse umount` and `status` pay for Python and argparse alone
+# (tests/test_cli.py::test_umount_imports_no_daemon_modules).
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class _JournalFormatter(logging.Formatter):
-    """sd-daemon(3) priority prefixes, so journald keeps each line's level."""
+def _journal_formatter():
+    """A logging.Formatter with sd-daemon(3) priority prefixes, so journald keeps each
+    line's level."""
+    import logging
 
-    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+    priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{self._PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+    class JournalFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"<{priority.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+    return JournalFormatter()
 
 
 def _die(msg: str) -> int:
@@ -68,6 +68,7 @@ def split_mount_options(cfg, options: list[str]):
         else:
             fuse.append(opt)
     if mount:
+        import dataclasses
         cfg = dataclasses.replace(cfg, mount=dataclasses.replace(cfg.mount, **mount))
     return cfg, fuse
 
@@ -96,11 +97,13 @@ class _ReadyPipe:
 
 
 def _setup_daemon_logging(args, cfg) -> None:
+    import logging
+    import logging.handlers
     level = getattr(logging, args.log_level.upper())
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads "<N>" as the priority
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JournalFormatter())
+        handler.setFormatter(_journal_formatter())
         logging.basicConfig(level=level, handlers=[handler])
     elif args.ready_fd is not None:  # daemon child: log to a file in the cache dir
         # reopened by itself when logrotate moves it (SIGHUP is not needed, and is ignored)
@@ -123,8 +126,10 @@ def cmd_mount(args) -> int:
         return _die(str(e))
     if not args.foreground:
         return _spawn_daemon(args, cfg)
+    import logging
     from .daemon import MountError, NoReadiness, run
     _setup_daemon_logging(args, cfg)
+    log = logging.getLogger("ossfuse")
     readiness = _ReadyPipe(args.ready_fd) if args.ready_fd is not None else NoReadiness()
     try:
         status = run(cfg, args.mountpoint, options, readiness)
@@ -362,6 +367,7 @@ def mount_helper(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     options = [x for o in args.o or [] for x in ("-o", o)]
     unit = systemd_mount_unit()
+    import shutil
     if unit is not None and shutil.which("systemd-run"):
         cmd = systemd_run_command(os.path.abspath(args.config), os.path.abspath(args.mountpoint), options)
         return subprocess.run(cmd).returncode
@@ -403,6 +409,7 @@ def systemd_run_command(config: str, mountpoint: str, options: list[str]) -> lis
 
 def _tool_setup(args):
     """Config, keyring and store for the commands that work on the store directly."""
+    import logging
     from .daemon import credentials_for, open_store
     from .keyring import Keyring
     from . import config as config_mod
@@ -450,6 +457,7 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_check(args) -> int:
+    import logging
     from . import config as config_mod
     import trio
     from . import rekey
@@ -584,13 +592,7 @@ class _VersionAction(argparse.Action):
         parser.exit(message=f"ossfuse {version('ossfuse')}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ossfuse", description="Mount an OSS bucket prefix with "
-                                "client-side encryption compatible with the OSS SDKs.")
-    p.add_argument("--version", action=_VersionAction, nargs=0, help="show the version and exit")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    m = sub.add_parser("mount", help="mount a bucket prefix")
+def _mount_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("-c", "--config", required=True, help="TOML config file")
     m.add_argument("mountpoint", help="an empty directory to mount at")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize; log to stderr")
@@ -600,12 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
 
-    u = sub.add_parser("umount", help="unmount, then wait until every pending upload is in the bucket")
+
+def _umount_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("mountpoint", help="where the bucket is mounted")
     u.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for uploads (default 3600)")
     u.set_defaults(fn=cmd_umount)
 
-    st = sub.add_parser("status", help="pending uploads, cache use, recent errors, CMKs of a mount")
+
+def _status_args(st: argparse.ArgumentParser) -> None:
     st.add_argument("mountpoint", help="where the bucket is mounted")
     fmt = st.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
@@ -613,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="Prometheus text exposition format (e.g. for node_exporter's textfile collector)")
     st.set_defaults(fn=cmd_status)
 
-    r = sub.add_parser("rekey", help="re-wrap objects' data keys to another CMK (content untouched)")
+
+def _rekey_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("-c", "--config", required=True, help="TOML config file of the mount (store and CMKs)")
     r.add_argument("--from", dest="from_id", metavar="ID", help="only objects wrapped by this CMK")
     r.add_argument("--to", dest="to_id", metavar="ID", help="target CMK (default: what the rules pick)")
@@ -621,19 +626,22 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("path", nargs="?", default="", help="directory under the mount's prefix (default: all)")
     r.set_defaults(fn=cmd_rekey)
 
-    ch = sub.add_parser("check", help="prove every CMK wraps and unwraps, and the store answers")
+
+def _check_args(ch: argparse.ArgumentParser) -> None:
     ch.add_argument("-c", "--config", required=True, help="TOML config file to check")
     ch.add_argument("--verify", nargs="?", const="", metavar="PATH",
                     help="also read every object under PATH (a directory under the mount's prefix; default: "
                          "all) and check its integrity tags; each one that fails is a FAIL line")
     ch.set_defaults(fn=cmd_check)
 
-    k = sub.add_parser("keygen", help="write a new RSA CMK (PATH and PATH.pub)")
+
+def _keygen_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("path", help="where to write the private key (PKCS#8 PEM, 0600); the public key goes to PATH.pub")
     k.add_argument("--bits", type=int, default=3072, help="RSA modulus size in bits (default 3072, at least 2048)")
     k.set_defaults(fn=cmd_keygen)
 
-    q = sub.add_parser("quickstart", help="create a CMK, a config and a local bucket, and mount it")
+
+def _quickstart_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("mountpoint", nargs="?", help="where to mount (default /mnt/ossfuse as root, ~/ossfuse otherwise)")
     q.add_argument("--etc", metavar="DIR", help="where the CMK and config go (default /etc/ossfuse as root, "
                    "~/.config/ossfuse otherwise)")
@@ -644,6 +652,35 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--new-key", action="store_true", help="make a new CMK even though the bucket directory "
                    "already holds encrypted objects (which that key cannot read)")
     q.set_defaults(fn=cmd_quickstart)
+
+
+# (command, help, adds its arguments): main builds only the arguments of the command it runs
+_COMMANDS = (
+    ("mount", "mount a bucket prefix", _mount_args),
+    ("umount", "unmount, then wait until every pending upload is in the bucket", _umount_args),
+    ("status", "pending uploads, cache use, recent errors, CMKs of a mount", _status_args),
+    ("rekey", "re-wrap objects' data keys to another CMK (content untouched)", _rekey_args),
+    ("check", "prove every CMK wraps and unwraps, and the store answers", _check_args),
+    ("keygen", "write a new RSA CMK (PATH and PATH.pub)", _keygen_args),
+    ("quickstart", "create a CMK, a config and a local bucket, and mount it", _quickstart_args),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="ossfuse", description="Mount an OSS bucket prefix with "
+                                "client-side encryption compatible with the OSS SDKs.")
+    p.add_argument("--version", action=_VersionAction, nargs=0, help="show the version and exit")
+    sub = p.add_subparsers(dest="command", required=True)
+    # Only the command given gets its arguments: argparse's add_argument builds a help
+    # formatter each time, and all of them took ~18 ms, most of `ossfuse umount`'s own time.
+    # The first word that is not an option is the command (the top level has no option
+    # that takes a value).
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text, add_arguments in _COMMANDS:
+        parser = sub.add_parser(name, help=help_text, add_help=name == wanted)
+        if name == wanted:
+            add_arguments(parser)
 
     args = p.parse_args(argv)
     try:

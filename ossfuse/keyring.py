@@ -23,7 +23,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from Crypto.Cipher import PKCS1_v1_5
@@ -255,7 +255,8 @@ def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:
 
 class Keyring:
     """The mount's CMKs and the rules that pick them. Thread-safe (no mutable shared state
-    except a cache of unwrapped envelopes, bounded in size and time)."""
+    except a cache of unwrapped envelopes, bounded in size and time, and the envelopes made
+    ahead: at most SPARE_ENVELOPES per CMK, each served once)."""
 
     _CACHE_SIZE = 4096  # unwrapped envelopes kept at most
     _CACHE_SECONDS = 300.0  # and for at most this long, so reopening a file does not unwrap again
@@ -269,6 +270,9 @@ class Keyring:
         self._unwrapped: OrderedDict[tuple, tuple[float, env.Envelope]] = OrderedDict()  # see open_envelope
         self._lock = threading.Lock()
         self.key_cache: KeyCache | None = None  # see attach_key_cache
+        # envelopes made ahead, per CMK id (see make_spares); deque: append/popleft are atomic
+        self._spares: dict[str, deque[env.Envelope]] = {}
+        self._making_spares = threading.Lock()
 
     def attach_key_cache(self, path: str) -> None:
         """Keep the data keys this keyring makes and unwraps in the local cache file ``path``
@@ -291,9 +295,53 @@ class Keyring:
                 return cmk
         return self.default
 
-    def new_envelope(self, path: str) -> env.Envelope:
-        """A fresh data key and IV for a new object version at ``path``, wrapped by its CMK."""
+    #: envelopes made ahead per CMK (see make_spares): a burst of creates finds one ready
+    SPARE_ENVELOPES = 16
+
+    def take_spare(self, path: str) -> env.Envelope | None:
+        """An envelope made ahead (:meth:`make_spares`) for a new object version at ``path``,
+        used once: a data key and IV never served before, wrapped by the CMK ``path``'s rules
+        pick. None when none is ready. No I/O and no RSA work: callable on the event loop."""
+        spares = self._spares.get(self.cmk_for_new(path).id)
+        try:
+            return spares.popleft() if spares else None
+        except IndexError:  # another thread took the last one meanwhile
+            return None
+
+    def wants_spares(self, path: str) -> bool:
+        """Whether :meth:`make_spares` would make any for ``path``'s CMK now: fewer than half
+        of SPARE_ENVELOPES are ready, and its data keys are made here (a KMS CMK's come from a
+        network call, which a create makes itself so that its failure fails that create)."""
         cmk = self.cmk_for_new(path)
+        if hasattr(cmk, "new_data_key"):
+            return False
+        return len(self._spares.get(cmk.id, ())) < self.SPARE_ENVELOPES // 2
+
+    def make_spares(self, path: str) -> int:
+        """Make envelopes ahead for ``path``'s CMK, up to SPARE_ENVELOPES ready (blocking:
+        ~0.5 ms each of RSA public-key work and a key-cache row: run it in a thread). Returns
+        how many it made (0 when another thread is making them, or for a KMS CMK). Raises
+        what :meth:`new_envelope` raises."""
+        cmk = self.cmk_for_new(path)
+        if hasattr(cmk, "new_data_key") or not self._making_spares.acquire(blocking=False):
+            return 0
+        try:
+            spares = self._spares.setdefault(cmk.id, deque())
+            made = 0
+            while len(spares) < self.SPARE_ENVELOPES:
+                spares.append(self._make_envelope(cmk))
+                made += 1
+            return made
+        finally:
+            self._making_spares.release()
+
+    def new_envelope(self, path: str) -> env.Envelope:
+        """A fresh data key and IV for a new object version at ``path``, wrapped by its CMK
+        (one made ahead when ready, see :meth:`take_spare`; blocking otherwise: RSA public-key
+        work, or a KMS call)."""
+        return self.take_spare(path) or self._make_envelope(self.cmk_for_new(path))
+
+    def _make_envelope(self, cmk: Cmk) -> env.Envelope:
         iv = env.new_iv()
         if hasattr(cmk, "new_data_key"):  # KMS makes the data key itself (GenerateDataKey, §4.2b)
             key, wrapped_key = cmk.new_data_key()

@@ -71,6 +71,7 @@ class Files:
         self._errors_reported: set[tuple[str, ...]] = set()  # (key, format, args) logged at ERROR
         # (key, ETag) → the unwrap a read-only open started in the background (open_version)
         self._unwraps: dict[tuple[str, str], _Unwrap] = {}
+        self._making_spares = False  # a task refills the keyring's envelopes made ahead (new_envelope)
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
@@ -323,13 +324,35 @@ class Files:
             raise FsError(h.write_error)
 
     async def new_envelope(self, path: str) -> env.Envelope:
-        """A fresh data key and IV for a new version of ``path`` (in a thread: a KMS CMK makes
-        a network call). FsError(EIO) with a log line when the CMK's service is unreachable."""
+        """A fresh data key and IV for a new version of ``path``: one the keyring made ahead
+        (no wait: a create is not held up by RSA work and a thread hand-off), else made now in
+        a thread (a KMS CMK makes a network call). FsError(EIO) with a log line when the CMK's
+        service is unreachable."""
+        envelope = self.keyring.take_spare(path)
+        if envelope is None:
+            try:
+                envelope = await trio.to_thread.run_sync(self.keyring.new_envelope, path)
+            except (CmkUnavailable, env.EnvelopeError) as e:
+                log.error("cannot write %r: no data key: %s", self.naming.key(path), e)
+                raise FsError(errno_of(e)) from None
+        nursery = self.scheduler.nursery
+        if nursery is not None and not self._making_spares and self.keyring.wants_spares(path):
+            self._making_spares = True
+            nursery.start_soon(self._make_spares, path, name="envelopes made ahead")
+        return envelope
+
+    async def _make_spares(self, path: str) -> None:
+        """Refill the keyring's envelopes made ahead for ``path``'s CMK (in a thread). A
+        failure is one WARNING and no more refills in this mount (each create then makes its
+        own envelope and reports its own error): it must not end the mount as a failed
+        background task would."""
         try:
-            return await trio.to_thread.run_sync(self.keyring.new_envelope, path)
-        except (CmkUnavailable, env.EnvelopeError) as e:
-            log.error("cannot write %r: no data key: %s", self.naming.key(path), e)
-            raise FsError(errno_of(e)) from None
+            await trio.to_thread.run_sync(self.keyring.make_spares, path)
+        except (CmkUnavailable, env.EnvelopeError, ValueError, OSError) as e:
+            log.warning("cannot make data keys ahead for %r (no more tries in this mount): %s",
+                        self.naming.key(path), e)
+            return  # _making_spares stays set
+        self._making_spares = False
 
     async def ensure_staged(self, node: Node, keep: int, envelope: env.Envelope | None = None) -> None:
         """Give ``node`` an open (writable) staged version holding its first ``keep`` bytes
