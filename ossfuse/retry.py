@@ -129,6 +129,26 @@ class Health(Protocol):
     def give_up(self, failing_for: float, upcoming_sleep: float) -> bool: ...
 
 
+class _Unreachable(tenacity.stop.stop_base):
+    """Stop retrying an unreachable store: EIO after the offline timeout, not the whole
+    deadline. Counted from the first failure: a long transfer that is then reset is still
+    retried. A ``short`` request (metadata: no long body) counts from its start, so one that
+    waited out its timeout is not sent again past the offline bound. One instance per call
+    (it remembers that call's first failure); a module-level class because defining one per
+    call cost ~10% of the CPU of ``ls -l`` over OSS (a HEAD per entry)."""
+
+    def __init__(self, health: Health, short: bool):
+        self.health = health
+        self.short = short
+        self.first_failure: float | None = None
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
+        if self.first_failure is None:
+            self.first_failure = state.start_time if self.short else now
+        return self.health.give_up(now - self.first_failure, state.upcoming_sleep or 0.0)
+
+
 def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[BaseException], bool],
                      on_retry: OnRetry | None, health: Health | None = None, short: bool = False) -> dict:
     stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(policy.attempts)
@@ -136,21 +156,7 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
         # no sleep that ends with less than min_attempt seconds left before the deadline
         stop = stop | tenacity.stop_before_delay(max(0.0, policy.deadline - policy.min_attempt))
     if health is not None:
-        # an unreachable store: EIO after the offline timeout, not the whole deadline. Counted
-        # from the first failure: a long transfer that is then reset is still retried. A
-        # ``short`` request (metadata: no long body) counts from its start, so one that waited
-        # out its timeout is not sent again past the offline bound.
-        first_failure: list[float] = []
-        tracker = health
-
-        class Unreachable(tenacity.stop.stop_base):
-            def __call__(self, state: tenacity.RetryCallState) -> bool:
-                now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
-                if not first_failure:
-                    first_failure.append(state.start_time if short else now)
-                return tracker.give_up(now - first_failure[0], state.upcoming_sleep or 0.0)
-
-        stop = stop | Unreachable()
+        stop = stop | _Unreachable(health, short)
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
