@@ -557,7 +557,11 @@ class OssStore(ObjectStore):
         except ValueError:  # not the form oss2 reads (oss2 raises): email.utils reads it, else Date
             last_modified = None
         mtime = last_modified if last_modified is not None else (_http_time(h) or 0.0)
-        meta = {k.lower()[len(_META):]: h[k] for k in h if k.lower().startswith(_META)}
+        meta = {}
+        for name in h:  # each name once (HTTPHeaderDict), its values joined
+            lower = name.lower()
+            if lower.startswith(_META):
+                meta[lower[len(_META):]] = h[name]
         etag = h.get("etag")
         return (ObjectInfo(key, int(h.get("content-length") or 0), etag.strip('"') if etag else "", mtime, meta),
                 h.get("content-type"))
