@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -963,3 +964,148 @@ def test_proxy_and_ca_settings_are_read_once_from_the_environment(monkeypatch):
     monkeypatch.setenv("NO_PROXY", ".aliyuncs.com")
     s = OssStore("bucket-x", "http://oss-cn-hangzhou.aliyuncs.com", region=REGION, credentials=creds)
     assert s._session.session.proxies == {}
+
+
+# ------------------------------------------------------------------- the lean HEAD path
+async def _both_heads(store, key):
+    """``store._head(key)`` through the lean urllib3 path and through oss2's head_object: each
+    side's (result, None) or (None, the StoreError's comparable fields)."""
+    out = []
+    lean = store._lean_head
+    for path in (lean, None):
+        store._lean_head = path
+        try:
+            out.append((await store._head(key), None))
+        except StoreError as e:
+            text = re.sub(r" in [0-9.]+s\)", "", str(e).split(" [request id")[0])  # elapsed time differs
+            out.append((None, (type(e), e.code, e.temporary, e.key, bool(e.request_id), text)))
+    store._lean_head = lean
+    return out
+
+
+@trio_test
+@pytest.mark.parametrize("signature", ["v1", "v4"])
+async def test_lean_head_answers_what_oss2_answers(server, signature):
+    """HEADs skip oss2's and requests' per-request objects (``OssStore._head_sync``); for the
+    same object they give the same ObjectInfo and Content-Type as oss2's head_object, non-ASCII
+    metadata included (UTF-8 bytes read as ISO-8859-1 by http.client, as requests gives them),
+    and the same StoreError for a missing key (None), a refusal (403) and a 503 after retries."""
+    import oss2
+    store = make_store(server, signature=signature, retries=1)
+    assert store._lean_head is not None  # a plain endpoint, no proxy: the lean path is on
+    raw = oss2.Bucket(oss2.Auth(AK, SK), server.endpoint, BUCKET)
+    raw.put_object("m/obj", b"x" * 1234, headers={
+        "Content-Type": "text/plain", "x-oss-meta-mode": "33188", "x-oss-meta-Mixed-Case": "Value",
+        # UTF-8 bytes on the wire (http.client sends a str as ISO-8859-1)
+        "x-oss-meta-utf8": "日本語 ünï".encode().decode("latin-1"), "x-oss-meta-latin": "café",
+        "x-oss-meta-long-b64": "QUJD" * 100})
+    (lean, lean_err), (ref, ref_err) = await _both_heads(store, "m/obj")
+    assert lean_err is None and ref_err is None
+    assert lean == ref
+    info, ctype = lean
+    assert (info.key, info.size, ctype) == ("m/obj", 1234, "text/plain")
+    assert info.etag == raw.head_object("m/obj").etag and not info.etag.startswith('"')
+    assert info.metadata["utf8"] == "日本語 ünï".encode().decode("latin-1")  # what requests gives too
+    assert info.metadata["latin"] == "café" and info.metadata["mixed-case"] == "Value"
+    assert info.metadata["long-b64"] == "QUJD" * 100
+    assert abs(info.mtime - time.time()) < 60 and info.mtime == int(info.mtime)
+    # 404: None on both paths, one request each
+    server.clear_requests()
+    assert await _both_heads(store, "m/missing") == [(None, None), (None, None)]
+    assert len(server.requests) == 2
+    # 403 with the code in x-oss-err (§2.3): the same permanent error, no retry
+    server.faults.add(status=403, count=None, methods=("HEAD",), code="AccessDenied", message="No right.")
+    server.clear_requests()
+    (_, lean_err), (_, ref_err) = await _both_heads(store, "m/obj")
+    assert lean_err == ref_err
+    assert lean_err[:4] == (StoreError, "AccessDenied", False, "m/obj") and lean_err[4]
+    assert "HTTP 403 AccessDenied: No right." in lean_err[5]
+    assert len(server.requests) == 2
+    server.faults.clear()
+    # 503 on every attempt: the same StoreUnavailable after the same number of attempts
+    server.faults.add(status=503, count=None, methods=("HEAD",))
+    server.clear_requests()
+    (_, lean_err), (_, ref_err) = await _both_heads(store, "m/obj")
+    assert lean_err[0] is StoreUnavailable and lean_err[:3] == ref_err[:3] == (StoreUnavailable, "ServiceUnavailable",
+                                                                                True)
+    assert len(server.requests) == 4  # 2 attempts each
+    server.faults.clear()
+    await store.aclose()
+
+
+@trio_test
+async def test_lean_head_reuses_the_pools_connections(server):
+    """The lean HEAD takes its connection from requests' pool of ``threads`` connections and
+    gives it back: 64 HEADs, 8 at a time over 4 threads, open at most 4 connections (none is
+    dropped and opened again), and the GETs that follow use the same pool."""
+    store = make_store(server, threads=4)
+    await store.put_bytes("c/k", b"abc", {"mode": "33188"})
+    adapter, host, pool_kwargs = store._lean_head
+    pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+    opened = pool.num_connections
+    sem = trio.Semaphore(8)
+
+    async def one():
+        async with sem:
+            assert (await store.head("c/k")).metadata == {"mode": "33188"}
+    async with trio.open_nursery() as n:
+        for _ in range(64):
+            n.start_soon(one)
+    assert pool.num_connections - opened <= 4
+    assert await store.get_range("c/k", 0, 3) == b"abc"
+    assert pool.num_connections - opened <= 4
+    await store.aclose()
+
+
+@trio_test
+async def test_lean_head_transport_failures_map_as_before(server):
+    """Failures below HTTP on the lean HEAD path map as requests' exceptions did: a server that
+    closes each connection without answering is ConnectionReset, retried, then
+    StoreUnavailable (both paths the same); a stopped server is ConnectionRefused."""
+    import socket
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            c.recv(65536)
+            c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        store = OssStore(BUCKET, f"http://127.0.0.1:{lsock.getsockname()[1]}", region=REGION,
+                         credentials=StaticCredentialsProvider(AK, SK), retries=1, backoff=0.01, backoff_max=0.02)
+        assert store._lean_head is not None
+        (_, lean_err), (_, ref_err) = await _both_heads(store, "t/k")
+        assert lean_err == ref_err
+        assert lean_err[:3] == (StoreUnavailable, "ConnectionReset", True) and "was lost" in lean_err[5]
+        assert store.counters.retries["HEAD"] == 2  # one retry on each path
+        await store.aclose()
+    finally:
+        stop.set()
+        lsock.close()
+    store = make_store(server, retries=1, connect_timeout=1.0, read_timeout=2.0)
+    await store.put_bytes("t/k", b"x", {})
+    assert (await store.head("t/k")).size == 1
+    server.stop()
+    (_, lean_err), (_, ref_err) = await _both_heads(store, "t/k")
+    assert lean_err == ref_err and lean_err[:3] == (StoreUnavailable, "ConnectionRefused", True)
+    server.start()
+    await store.aclose()
+
+
+def test_lean_head_off_behind_a_proxy(monkeypatch):
+    """Behind an HTTP proxy HEADs go through oss2 and requests (which speak to it)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    creds = StaticCredentialsProvider(AK, SK)
+    assert OssStore("bucket-x", "http://127.0.0.1:1", region=REGION, credentials=creds)._lean_head is not None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert OssStore("bucket-x", "http://127.0.0.1:1", region=REGION, credentials=creds)._lean_head is None

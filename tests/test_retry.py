@@ -153,3 +153,65 @@ def test_async_flavour_sleeps_in_trio_and_is_cancellable():
         assert scope.cancelled_caught
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_async_first_attempt_outside_tenacity_keeps_the_policy():
+    """retry_async makes its first attempt before setting tenacity up: the same outcomes as
+    before. A permanent first failure is raised as itself with no retry; a temporary one is
+    retried with on_retry numbering it attempt 1; the deadline counts from the operation's
+    start, so a slow first attempt (0.3 s of a 0.4 s deadline) leaves no room for a
+    backoff; the offline bound (health) of a short request counts from the start too."""
+    async def main():
+        perm = Perm()
+
+        async def permanent(budget):
+            raise perm
+
+        with pytest.raises(Perm) as ei:
+            await retry_async(RetryPolicy(attempts=5), permanent)
+        assert ei.value is perm
+
+        retried = []
+
+        async def flaky(budget):
+            if budget.attempt == 1:
+                raise Temp()
+            return budget.attempt
+
+        assert await retry_async(RetryPolicy(attempts=3, backoff=0.1), flaky,
+                                 on_retry=lambda e, n, d: retried.append((type(e), n))) == 2
+        assert retried == [(Temp, 1)]
+
+        calls = []
+
+        async def slow_then_fail(budget):  # the budget runs on the real monotonic clock
+            calls.append(budget.attempt)
+            if budget.attempt == 1:
+                time.sleep(0.3)
+            raise Temp()
+
+        with pytest.raises(Temp):
+            await retry_async(RetryPolicy(attempts=10, deadline=0.4, backoff=0.2, backoff_max=0.2, min_attempt=0.05),
+                              slow_then_fail)
+        # 0.3 s + a sleep of [0.1, 0.2] s: past 0.4 - 0.05 s from the start whatever the jitter
+        assert calls == [1]
+
+        class Tracker:
+            offline = False
+
+            def __init__(self):
+                self.asked = []
+
+            def give_up(self, failing_for, upcoming_sleep):
+                self.asked.append(failing_for)
+                return failing_for + upcoming_sleep > 5.0
+
+        tracker = Tracker()
+        calls.clear()
+        with pytest.raises(Temp):
+            await retry_async(RetryPolicy(attempts=10, deadline=None, backoff=0.1, backoff_max=0.1), slow_then_fail,
+                              health=tracker, short=True)
+        assert 0.3 <= tracker.asked[0] < 1.0  # failing since the start, the slow attempt included
+        assert len(calls) == 10 and len(tracker.asked) == 9  # (not asked after the last attempt)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

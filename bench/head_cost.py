@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Client CPU and wall time per HeadObject through ``OssStore.head``, without FUSE.
+
+Starts ``tests/oss_server.py`` as its own process (so its CPU is not counted), writes N objects
+with the user metadata a file written through the mount carries (envelope headers with a
+base64 RSA-3072 wrapped key, mode/uid/gid/mtime/ctime), then HEADs all of them from this process
+``--parallel`` at a time (trio tasks, as ``fs/readdir.py`` does) and reports, per round, wall
+seconds and this process's CPU (user+sys, all threads) per HEAD in ms. ``ls -l`` of N files over
+OSS costs ~N HEADs; on 2 cores with the server beside it, that CPU is what bounds it.
+
+    .venv/bin/python bench/head_cost.py [--n 2000] [--parallel 16] [--rounds 3] [--signature v4]
+    PYTHONPATH=/tmp/base .venv/bin/python bench/head_cost.py    # another checkout's ossfuse
+    .venv/bin/python bench/head_cost.py --profile /tmp/heads.txt  # + py-spy (raw, threads)
+
+The ``--profile`` file reads with ``bench/pyspy_summary.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import trio
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER = os.path.join(os.path.dirname(HERE), "tests", "oss_server.py")
+AK, SK, REGION, BUCKET = "head-ak", "head-sk", "cn-hangzhou", "head-bucket"
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def file_meta(i: int) -> dict[str, str]:
+    """x-oss-meta-* of a 4 KiB file written through the mount (shapes of ossfuse.envelope)."""
+    return {
+        "x-oss-meta-client-side-encryption-key": base64.b64encode(os.urandom(384)).decode(),
+        "x-oss-meta-client-side-encryption-start": base64.b64encode(os.urandom(384)).decode(),
+        "x-oss-meta-client-side-encryption-cek-alg": "AES/CTR/NoPadding",
+        "x-oss-meta-client-side-encryption-wrap-alg": "RSA/NONE/PKCS1Padding",
+        "x-oss-meta-client-side-encryption-matdesc": '{"ossfuse-cmk":"main"}',
+        "x-oss-meta-client-side-encryption-unencrypted-content-length": "4096",
+        "x-oss-meta-mode": "33188", "x-oss-meta-uid": "0", "x-oss-meta-gid": "0",
+        "x-oss-meta-mtime": f"17000000{i:02d}.123456789", "x-oss-meta-ctime": f"17000000{i:02d}.123456789",
+    }
+
+
+async def heads(store, keys: list[str], parallel: int) -> None:
+    sem = trio.Semaphore(parallel)
+
+    async def one(k: str) -> None:
+        async with sem:
+            info = await store.head(k)
+            assert info is not None and info.size == 4096, (k, info)
+
+    async with trio.open_nursery() as n:
+        for k in keys:
+            n.start_soon(one, k)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--parallel", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=16, help="OssStore threads (limiter, pool)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--signature", default="v4")
+    ap.add_argument("--profile", default=None, help="write a py-spy raw profile of the HEAD rounds here")
+    args = ap.parse_args()
+
+    import oss2
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    srv = subprocess.Popen([sys.executable, SERVER, "--port", "0", "--access-key-id", AK, "--access-key-secret", SK,
+                            "--bucket", BUCKET, "--region", REGION], stdout=subprocess.PIPE, text=True)
+    spy = None
+    try:
+        endpoint = srv.stdout.readline().strip()
+        b = oss2.Bucket(oss2.Auth(AK, SK), endpoint, BUCKET)
+        keys = [f"d/f{i:05d}" for i in range(args.n)]
+        body = os.urandom(4096)
+        import concurrent.futures as cf
+        with cf.ThreadPoolExecutor(16) as ex:
+            list(ex.map(lambda ik: b.put_object(ik[1], body, headers=file_meta(ik[0] % 100)), enumerate(keys)))
+        store = OssStore(BUCKET, endpoint, region=REGION, signature=args.signature,
+                         credentials=StaticCredentialsProvider(AK, SK), threads=args.threads)
+        if args.profile:
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--threads", "--gil", "-r", "200", "-o",
+                                    args.profile, "--pid", str(os.getpid())], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        walls, cpus = [], []
+        for r in range(args.rounds):
+            c0, t0 = cpu(), time.monotonic()
+            trio.run(heads, store, keys, args.parallel)
+            wall, used = time.monotonic() - t0, cpu() - c0
+            walls.append(wall)
+            cpus.append(used)
+            print(f"round {r + 1}: {args.n} HEADs in {wall:.2f} s ({args.n / wall:.0f}/s), "
+                  f"client CPU {used * 1000 / args.n:.3f} ms per HEAD", flush=True)
+        print(f"median: {statistics.median(walls):.2f} s, client CPU "
+              f"{statistics.median(cpus) * 1000 / args.n:.3f} ms per HEAD (parallel {args.parallel}, "
+              f"threads {args.threads}, {args.signature})")
+        trio.run(store.aclose)
+    finally:
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(30)
+        srv.terminate()
+        srv.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
