@@ -46,6 +46,9 @@ class DeferredDeletes:
         self.ready: set[tuple[str, str]] = set()
         # directory keys ("d/") this mount's rmdir removed while pending deletes were under them
         self.removed_dirs: set[str] = set()
+        # (key, ETag) of unlinks whose DELETE runs in the background (Namespace.unlink), in the
+        # order queued; an entry leaves once its batch was answered (done, or moved to ``ready``)
+        self.queued: dict[tuple[str, str], None] = {}
         for key, etag in self.recorded():  # an earlier run's: no handle of this run reads them
             self._note(key, etag)
             self.ready.add((key, etag))
@@ -102,27 +105,41 @@ class DeferredDeletes:
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest() + ".json")
 
-    def record(self, key: str, etag: str, *, ready: bool = False) -> None:
+    def record(self, key: str, etag: str, *, ready: bool = False, fsync: bool = True) -> None:
         """Make the pending delete of version (key, etag) durable, and hide that version;
-        ``ready``: no handle waits for it (it may be tried at any retry). Raises OSError
-        (cache disk): then nothing is recorded."""
+        ``ready``: no handle waits for it (it may be tried at any retry). ``fsync`` False:
+        written to the kernel only (survives a crash of the daemon, not a power loss: the
+        contract of an unlink whose DELETE runs in the background, docs/design.md
+        "Durability"). Raises OSError (cache disk): then nothing is recorded."""
         path = self._path(key, etag)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, json.dumps({"key": key, "etag": etag}).encode())
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         self._note(key, etag)
         if ready:
             self.ready.add((key, etag))
+
+    def queue(self, key: str, etag: str) -> None:
+        """Record (not fsynced) and queue the background DELETE of version (key, etag): hidden
+        from now on, deleted by ``Namespace``'s delete worker. Raises OSError (cache disk)."""
+        self.record(key, etag, fsync=False)
+        self.queued[(key, etag)] = None
+
+    def queued_under(self, dkey: str) -> bool:
+        """Whether a queued delete (or one in flight) is below directory key ``dkey`` ("" = all)."""
+        return any(k.startswith(dkey) for k, _ in self.queued)
 
     def recorded(self) -> list[tuple[str, str]]:
         """The (key, etag) of every recorded pending delete (unreadable records: logged, kept)."""
@@ -165,6 +182,7 @@ class DeferredDeletes:
         except FileNotFoundError:
             pass
         self.ready.discard((key, etag))
+        self.queued.pop((key, etag), None)
         etags = self.pending.get(key)
         if etags is not None and _norm(etag) in etags:
             etags.remove(_norm(etag))
