@@ -333,7 +333,7 @@ class Namespace:
                             log.error("cannot record the pending delete of open %r: %s", key, e)
                             raise FsError(errno_of(e)) from None
                         self._unlinked_open[node] = (key, v.etag)
-                    elif v is not None and self.background_deletes and self.nursery is not None:
+                    elif v is not None and self._deletes_in_background():
                         try:
                             self.deferred.queue(key, v.etag)  # the commit: hidden from now on
                         except OSError as e:
@@ -464,6 +464,14 @@ class Namespace:
             self.nursery.start_soon(self._retry_deletes)
 
     # -- unlink's DELETEs in the background -------------------------------------------------
+    def _deletes_in_background(self) -> bool:
+        """Whether unlink queues its DELETE: on a remote store, with a nursery to run the
+        worker, and not while the store is offline (then unlink needs the store now and fails
+        fast with EIO, as rename and mkdir do: docs/semantics.md "Offline")."""
+        health = self.store.health
+        return (self.background_deletes and self.nursery is not None
+                and not (health is not None and health.offline))
+
     def _start_deleting(self) -> None:
         """Start the delete worker unless it runs (it stops when nothing is queued)."""
         if not self._deleting and self.nursery is not None:
