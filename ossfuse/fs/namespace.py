@@ -533,8 +533,7 @@ class Namespace:
         for key, etag in wanted:
             if key in failed:
                 self.deferred.ready.add((key, etag))
-            else:
-                self.deferred.forget(key, etag)
+        await self.deferred.forget_many([(k, e) for k, e in wanted if k not in failed])
         if failed:
             if len(failed) < len(keys):
                 log.error("the store did not delete %d of %d unlinked objects (%r…); they stay hidden and are "

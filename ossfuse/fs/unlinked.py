@@ -26,6 +26,8 @@ import json
 import logging
 import os
 
+import trio
+
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,30 @@ class DeferredDeletes:
             os.unlink(self._path(key, etag))
         except FileNotFoundError:
             pass
+        self._unnote(key, etag)
+
+    async def forget_many(self, items: list[tuple[str, str]]) -> None:
+        """:meth:`forget` for the (key, etag) of a batch that is done: no longer pending at
+        once, the record files removed in a worker thread (a metadata write each, which waits
+        behind other writers' fsyncs on a busy disk; a crash before they go only repeats a
+        delete, HEAD-compared, at the next mount). Raises nothing (a removal failing
+        otherwise than FileNotFoundError is logged)."""
+        for key, etag in items:
+            self._unnote(key, etag)
+        paths = [self._path(key, etag) for key, etag in items]
+
+        def remove() -> None:
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.error("cannot remove the pending-delete record %s (its delete is done): %s", p, e)
+
+        await trio.to_thread.run_sync(remove)
+
+    def _unnote(self, key: str, etag: str) -> None:
         self.ready.discard((key, etag))
         self.queued.pop((key, etag), None)
         etags = self.pending.get(key)
