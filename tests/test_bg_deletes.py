@@ -49,7 +49,7 @@ def test_rm_r_returns_before_the_deletes_and_batches_them(tmp_path, cmk_path):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            fs = _background(core_filesystem(tmp_path, cmk_path, attr_timeout=60.0, entry_timeout=60.0), nursery)
             store = fs.store
             d = await _files(fs, n)
             store.reset_counts()
@@ -206,5 +206,45 @@ def test_crash_with_queued_deletes_finishes_them_at_the_next_mount(tmp_path, cmk
         assert await fs2.finish_unlinks() == 0
         assert await _bucket_keys(fs2, "pre/d/") == ["pre/d/", "pre/d/f002"]
         assert await listed_names(fs2, d2) == ["f002"]
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"store unreachable, working offline from the cache",
+                        r"store request for 'pre/d/f001' failed: store offline")
+def test_deletes_queued_before_an_outage_happen_once_the_store_is_back(tmp_path, cmk_path):
+    """The store goes offline while unlinks are queued: their batch fails fast (one INFO line,
+    the outage has its WARNING), the names stay gone, an unlink offline gives EIO at once,
+    and the queued objects are deleted once the store answers again."""
+    from fakes.core import core_store
+    from ossfuse.store.health import StoreHealth
+
+    async def main():
+        store = core_store(tmp_path)
+        store.local_disk = False  # as on OSS: background deletes are on by default
+        fs = core_filesystem(tmp_path, cmk_path, store, retry_interval=0.2)
+        assert fs.namespace.background_deletes
+        health = StoreHealth(timeout=2.0, probe_interval=0.1)
+        fs.track_store_health(health)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(health.watch, lambda: fs.store.list("pre/", max_keys=1))
+            d = await _files(fs, 2)
+            assert await listed_names(fs, d) == ["f000", "f001"]
+            down = store.fail("*", count=None)
+            await fs.unlink(d, "f000")  # online: queued; its batch fails, the mount goes offline
+            await fs.namespace.settle_deletes()
+            assert health.offline
+            assert await store.inner.head("pre/d/f000") is not None
+            assert await listed_names(fs, d) == ["f001"]
+            with pytest.raises(FsError) as e:  # offline: unlink needs the store now
+                await fs.unlink(d, "f001")
+            assert e.value.errno == errno.EIO
+            down.active = False
+            with trio.fail_after(5):
+                while await store.inner.head("pre/d/f000") is not None:
+                    await trio.sleep(0.05)
+            assert await _bucket_keys(fs, "pre/d/") == ["pre/d/", "pre/d/f001"]
+            nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -24,6 +24,7 @@ import trio
 from .. import integrity
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
 from .copying import copy_object, delete_version, same_etag
@@ -527,8 +528,10 @@ class Namespace:
             try:
                 failed = set(await self.store.delete_many(keys))
             except StoreError as e:
-                log.error("deleting %d unlinked objects (%r…) failed; they stay hidden and are tried again: %s",
-                          len(keys), keys[0], e)
+                # offline (StoreOffline): the outage has its one WARNING (store/health.py)
+                log.log(logging.INFO if isinstance(e, StoreOffline) else logging.ERROR,
+                        "deleting %d unlinked objects (%r…) failed; they stay hidden and are tried again: %s",
+                        len(keys), keys[0], e)
                 failed = set(keys)
         for key, etag in wanted:
             if key in failed:

@@ -29,6 +29,7 @@ import os
 import trio
 
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.health import StoreOffline
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,9 @@ class DeferredDeletes:
             elif info is not None:
                 log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
                          key, etag, info.etag)
-        except StoreError as e:
-            log.error("deleting unlinked %r (ETag %s) failed; it stays hidden and is tried again: %s", key, etag, e)
+        except StoreError as e:  # offline: the outage has its one WARNING (store/health.py)
+            log.log(logging.INFO if isinstance(e, StoreOffline) else logging.ERROR,
+                    "deleting unlinked %r (ETag %s) failed; it stays hidden and is tried again: %s", key, etag, e)
             self.ready.add((key, etag))
             return False
         self.forget(key, etag)
