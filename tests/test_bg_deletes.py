@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import pytest
 import trio
@@ -248,3 +249,30 @@ def test_deletes_queued_before_an_outage_happen_once_the_store_is_back(tmp_path,
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@pytest.mark.timeout(120)
+def test_fsync_of_a_directory_and_rm_r_leave_the_deletes_done(mount):
+    """Through the kernel, on both stores: after unlinks, fsync(2) of the directory returns
+    once their objects are gone from the bucket (FUSE fsyncdir); rm -r returns with nothing
+    left under the tree (rmdir waits for its children's DELETEs)."""
+    d = mount.path("d")
+    os.mkdir(d)
+    for i in range(12):
+        with open(os.path.join(d, f"f{i:02d}"), "wb") as f:
+            f.write(b"x%d" % i)
+            f.flush()
+            os.fsync(f.fileno())  # in the bucket
+    assert len([k for k in mount.keys() if k.startswith("d/f")]) == 12
+    for i in range(6):
+        os.unlink(os.path.join(d, f"f{i:02d}"))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert sorted(k for k in mount.keys() if k.startswith("d/")) == ["d/"] + [f"d/f{i:02d}" for i in range(6, 12)]
+    assert sorted(os.listdir(d)) == [f"f{i:02d}" for i in range(6, 12)]
+    shutil.rmtree(d)
+    assert [k for k in mount.keys() if k.startswith("d")] == []
+    assert not os.path.exists(d)
