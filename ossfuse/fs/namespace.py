@@ -5,8 +5,9 @@ changes (:class:`~ossfuse.fs.locks.NameLocks`), never the mount. The pattern is 
 re-check → commit: what the store says (HEAD, LIST) and a new data key (KMS) are fetched with
 no lock held; under the lock the operation re-checks what may have changed meanwhile, from
 local state only, and commits. The only store calls made under a name lock are the ones that
-commit the change (mkdir's and symlink's PUT, unlink's and rmdir's DELETE, a rename's copies
-and deletes, rmdir's final emptiness LIST): a lock covers only the names involved, so the only
+commit the change (mkdir's and symlink's PUT, unlink's and rmdir's DELETE — over OSS the
+background batch of unlinks' DELETEs, holding their names —, a rename's copies and deletes,
+rmdir's final emptiness LIST): a lock covers only the names involved, so the only
 operations that wait for that call are ones on the same names, which must be ordered after it
 anyway. Node locks are taken after name locks, in ascending inode order."""
 from __future__ import annotations
