@@ -1,5 +1,8 @@
 """Objects whose name is gone but that are still in the bucket: an unlinked file an open handle
-still reads, and the object a new file renamed over it will overwrite at its upload.
+still reads, the object a new file renamed over it will overwrite at its upload, and (over a
+remote store) an unlinked file whose DELETE is queued for the background batch
+(:meth:`DeferredDeletes.queue`, run by ``Namespace._delete_queued``; its record is written but
+not fsynced: docs/design.md "Deletes in the background").
 
 The name disappears at once (locally: lookups, listings and creates no longer see it), but the
 object stays in the bucket until the last handle closes, so the readers go on reading it by
