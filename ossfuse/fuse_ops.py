@@ -164,6 +164,13 @@ class Operations(pyfuse3.Operations):
         self.fs.releasedir(fh)
 
     @_fs_errors
+    async def fsyncdir(self, fh, datasync):
+        h = self.fs.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise FsError(errno.EBADF)
+        await self.fs.fsyncdir(h.node)
+
+    @_fs_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
         node = await self.fs.mkdir(self.fs.get(parent_inode), _name(name), mode & ~ctx.umask, ctx.uid, ctx.gid)
         return self._attr(node)

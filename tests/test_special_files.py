@@ -32,6 +32,15 @@ SPECIALS = [
 ]
 
 
+def _fsync_dir(path: str) -> None:
+    """fsync(2) of directory ``path``: returns once the unlinks in it reached the bucket."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _filesystem(tmp_path, cmk_path, store=None, plaintext_objects="show") -> Filesystem:
     cfg = Config(path=str(tmp_path / "ossfuse.toml"),
                  store=StoreConfig(url=f"local://{tmp_path / 'bucket'}", prefix="pre/"),
@@ -278,6 +287,7 @@ def _mknod_each_type_stat_ls_rename_chmod_rm_and_remount(mount):
             (stat.S_IFMT(mode) | 0o604, rdev, 1234, 5678, 1_600_000_000_000_000_000, 0)
         os.unlink(mount.path("d", name + ".moved"))
     assert os.listdir(mount.path("d")) == []
+    _fsync_dir(mount.path("d"))  # over OSS unlink's DELETE runs in the background: done by now
     assert [k for k in mount.keys() if not k.endswith("/")] == []
 
 
@@ -320,6 +330,7 @@ def test_unix_socket_bind_and_connect_in_the_mount(mount):
             s2.close()
     assert e.value.errno == errno.EADDRINUSE
     os.unlink(path)
+    _fsync_dir(mount.mnt)  # over OSS unlink's DELETE runs in the background: done by now
     assert mount.head("s.sock") is None
 
 

@@ -158,6 +158,19 @@ async def test_head_missing_and_delete(h):
         await s.get_range("k", 0, 1)
 
 
+@trio_test
+async def test_delete_many(h):
+    """delete_many: every key given goes (a missing one is no error), others stay, odd key
+    shapes included (OSS DeleteMultipleObjects: raw keys in the XML, URL-encoded answer)."""
+    s = h.store
+    keys = ["m/1", "m/ünï 空 🚀", "m/q?uery#frag&amp=1", "m/per%cent%2F", "m/<lt>&"]
+    for k in keys + ["m/stays"]:
+        await s.put_bytes(k, b"x", {})
+    assert await s.delete_many(keys + ["m/missing"]) == []
+    assert [o.key for o in (await s.list("m/", delimiter=None)).objects] == ["m/stays"]
+    assert s.max_delete_keys == 1000
+
+
 KEYS = [
     "a", "a/", "a//b", "a/b", "ax",
     "dir/ünïcødé 空間 🚀.txt", "with space", "per%cent%2F%20", "plus+sign+", "q?uery#frag&amp=1",

@@ -259,3 +259,11 @@ class Filesystem:
 
     async def fsync(self, h: FileHandle) -> None:
         await self.files.fsync(h)
+
+    async def fsyncdir(self, node: Node) -> None:
+        """fsync(2) of directory ``node``: returns once every unlink below it is in the bucket
+        (its queued DELETE answered) and the store's barrier returned. FsError(EIO) when a
+        DELETE below it failed (it stays pending, hidden, and is retried)."""
+        await self.namespace.settle_deletes(self.naming.dir_key(node.path))
+        self.namespace.check_deleted(self.naming.dir_key(node.path))
+        await self.commit.sync_store(raise_errors=True)

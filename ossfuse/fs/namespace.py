@@ -5,13 +5,15 @@ changes (:class:`~ossfuse.fs.locks.NameLocks`), never the mount. The pattern is 
 re-check → commit: what the store says (HEAD, LIST) and a new data key (KMS) are fetched with
 no lock held; under the lock the operation re-checks what may have changed meanwhile, from
 local state only, and commits. The only store calls made under a name lock are the ones that
-commit the change (mkdir's and symlink's PUT, unlink's and rmdir's DELETE, a rename's copies
-and deletes, rmdir's final emptiness LIST): a lock covers only the names involved, so the only
+commit the change (mkdir's and symlink's PUT, unlink's and rmdir's DELETE — over OSS the
+background batch of unlinks' DELETEs, holding their names —, a rename's copies and deletes,
+rmdir's final emptiness LIST): a lock covers only the names involved, so the only
 operations that wait for that call are ones on the same names, which must be ordered after it
 anyway. Node locks are taken after name locks, in ascending inode order."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import stat
 import time
@@ -23,6 +25,7 @@ import trio
 from .. import integrity
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
 from .copying import copy_object, delete_version, same_etag
@@ -94,6 +97,12 @@ class Namespace:
         self.retry_interval = retry_interval
         self.nursery = None  # anything with start_soon(fn): where failed deferred deletes are retried
         self._retrying = False
+        # unlink's DELETE runs in the background, batched (docs/design.md "Deletes in the
+        # background"), once a nursery is set: on a remote store only (a local bucket's delete
+        # is one local index transaction, cheaper than recording it)
+        self.background_deletes = not store.local_disk
+        self._deleting = False  # the delete worker runs
+        self._batch_done = trio.Event()  # set (and replaced) each time a batch was answered
 
     # -- probe → lock → re-check ------------------------------------------------------------
     def _linked(self, node: Node, path: str) -> bool:
@@ -192,26 +201,33 @@ class Namespace:
         return await store_request(self.deferred.visible_under(dkey), dkey)
 
     async def rmdir(self, parent: Node, name: str) -> None:
-        """Remove an empty directory. Raises FsError ENOENT, ENOTDIR, ENOTEMPTY, EIO."""
+        """Remove an empty directory (children whose DELETE is queued count as gone; the
+        marker's DELETE waits for theirs, with no lock held). Raises FsError ENOENT, ENOTDIR,
+        ENOTEMPTY, EIO."""
         node = await self.resolver.existing(parent, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         await self._keep_parent(parent)
-        async with self._existing_locked(parent, name, tree=True) as node:
-            if not node.is_dir:
-                raise FsError(errno.ENOTDIR)
-            # Listed under the tree lock (only operations inside this directory wait for it):
-            # a child this mount made after an earlier check would otherwise be orphaned.
-            if await self.has_children(node.path):
-                raise FsError(errno.ENOTEMPTY)
-            dkey = self.naming.dir_key(node.path)
-            await store_request(self.store.delete(dkey), dkey)
-            self.deferred.note_removed_dir(dkey)  # an unlinked open file's object may stay below it
-            node.unlinked = True
-            self.inodes.remove_name(node)
-            _count_subdirs(parent, -1)
-            self.inodes.maybe_drop(node)  # a node made by the probe alone is not kept (A15)
-            touch(parent)
+        for attempt in range(_RECHECKS + 1):
+            await self.settle_deletes(self.naming.dir_key(node.path))
+            async with self._existing_locked(parent, name, tree=True) as node:
+                if not node.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                dkey = self.naming.dir_key(node.path)
+                if attempt < _RECHECKS and self.deferred.queued_under(dkey):
+                    continue  # unlinked below it meanwhile: those DELETEs go first, the marker's last
+                # Listed under the tree lock (only operations inside this directory wait for it):
+                # a child this mount made after an earlier check would otherwise be orphaned.
+                if await self.has_children(node.path):
+                    raise FsError(errno.ENOTEMPTY)
+                await store_request(self.store.delete(dkey), dkey)
+                self.deferred.note_removed_dir(dkey)  # an unlinked open file's object may stay below it
+                node.unlinked = True
+                self.inodes.remove_name(node)
+                _count_subdirs(parent, -1)
+                self.inodes.maybe_drop(node)  # a node made by the probe alone is not kept (A15)
+                touch(parent)
+                return
 
     # -- files and symlinks -----------------------------------------------------------------
     async def create(self, parent: Node, name: str, mode: int, flags: int, uid: int,
@@ -289,7 +305,10 @@ class Namespace:
     async def unlink(self, parent: Node, name: str) -> None:
         """Remove a file or symlink. Open handles keep reading it: the name goes at once, the
         object stays in the bucket until the last handle closes (:mod:`ossfuse.fs.unlinked`;
-        nothing is downloaded). An upload of the file in flight is waited for first, with no
+        nothing is downloaded). On a remote store (``background_deletes``) the DELETE of a
+        file no handle reads is queued: unlink returns once the pending delete is recorded on
+        the cache disk (not fsynced: survives a daemon crash), and :meth:`_delete_queued`
+        deletes it in a batch. An upload of the file in flight is waited for first, with no
         lock held (its PUT landing after the name went would put the object back); the check
         is repeated under the locks. Raises FsError ENOENT, EISDIR, EIO (ENOSPC: the cache disk
         cannot record the pending delete)."""
@@ -316,6 +335,14 @@ class Namespace:
                             log.error("cannot record the pending delete of open %r: %s", key, e)
                             raise FsError(errno_of(e)) from None
                         self._unlinked_open[node] = (key, v.etag)
+                    elif v is not None and self._deletes_in_background():
+                        try:
+                            self.deferred.queue(key, v.etag)  # the commit: hidden from now on
+                        except OSError as e:
+                            log.error("cannot record the pending delete of %r: %s", key, e)
+                            raise FsError(errno_of(e)) from None
+                        self.cache.drop(v.key, v.etag)
+                        self._start_deleting()
                     elif v is not None:
                         await store_request(self.store.delete(key), key)  # the commit
                         self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
@@ -413,24 +440,131 @@ class Namespace:
         if path is None:
             return await self.deferred.delete(key, etag)
         async with self.locks.hold(names=[path]):  # no create or unlink of that name meanwhile
-            current = self.inodes.by_path.get(path)
-            if current is not None and not current.unlinked and not current.is_dir and (
-                    current.staged is not None  # a new file of this mount: its upload replaces
-                    # the object (a DELETE now could race that upload and delete the new version)
-                    or (current.version is not None and current.version.key == key
-                        and not same_etag(current.version.etag, etag))):  # replaced already
+            if self._replaced_here(path, key, etag):
                 self.deferred.forget(key, etag)
                 return True
             if await self.deferred.delete(key, etag):
                 return True
+        self._retry_soon()
+        return False
+
+    def _replaced_here(self, path: str, key: str, etag: str) -> bool:
+        """Whether this mount's file at ``path`` replaces version ``etag`` of ``key`` (the
+        caller holds ``path``'s name lock): a new file, whose upload replaces the object (a
+        DELETE now could race that upload and delete the new version), or one whose version
+        is another already. Then the pending delete is no longer wanted."""
+        current = self.inodes.by_path.get(path)
+        return current is not None and not current.unlinked and not current.is_dir and (
+            current.staged is not None
+            or (current.version is not None and current.version.key == key
+                and not same_etag(current.version.etag, etag)))
+
+    def _retry_soon(self) -> None:
+        """Start the background retries of failed deletes (once; needs a nursery)."""
         if self.nursery is not None and not self._retrying:
             self._retrying = True
             self.nursery.start_soon(self._retry_deletes)
-        return False
+
+    # -- unlink's DELETEs in the background -------------------------------------------------
+    def _deletes_in_background(self) -> bool:
+        """Whether unlink queues its DELETE: on a remote store, with a nursery to run the
+        worker, and not while the store is offline (then unlink needs the store now and fails
+        fast with EIO, as rename and mkdir do: docs/semantics.md "Offline")."""
+        health = self.store.health
+        return (self.background_deletes and self.nursery is not None
+                and not (health is not None and health.offline))
+
+    def _start_deleting(self) -> None:
+        """Start the delete worker unless it runs (it stops when nothing is queued)."""
+        if not self._deleting and self.nursery is not None:
+            self._deleting = True
+            self.nursery.start_soon(self._delete_queued)
+
+    async def _delete_queued(self) -> None:
+        """Background: the queued DELETEs, one batch (≤ ``store.max_delete_keys``) per request,
+        one request at a time (what is unlinked while one runs makes the next batch), until
+        none is queued. Never raises on a store failure: a failed batch is logged and goes to
+        the retries (``ready``), so nothing waits on it forever."""
+        try:
+            while self.deferred.queued:
+                batch = list(itertools.islice(self.deferred.queued, self.store.max_delete_keys))
+                try:
+                    await self._delete_batch(batch)
+                finally:
+                    left = [item for item in batch if item in self.deferred.queued]
+                    for item in left:  # answered and not done (forgotten when done): to the retries
+                        del self.deferred.queued[item]
+                        self.deferred.ready.add(item)
+                    if left:
+                        self._retry_soon()
+                    self._batch_done.set()
+                    self._batch_done = trio.Event()
+        finally:
+            self._deleting = False
+
+    async def _delete_batch(self, batch: list[tuple[str, str]]) -> None:
+        """Delete the queued versions ``batch`` [(key, ETag)]: under their names' locks (a
+        create, rename or symlink at one of those names waits for the answer, so no DELETE
+        can hit what it writes), those a file of this mount replaces since are dropped; a key
+        whose newer version an open handle of this mount still reads is deleted with the
+        HEAD-compare (:meth:`DeferredDeletes.delete`); the rest go in one DeleteMultipleObjects,
+        which names no version: see docs/design.md for the window this leaves to another
+        client's write. A failure leaves the versions hidden and in ``ready``."""
+        paths = {key: self.naming.path_of(key) for key, _ in batch}
+        read_by_handles = {k for k, _ in self._unlinked_open.values()}
+        wanted: list[tuple[str, str]] = []
+        async with self.locks.hold(names={p for p in paths.values() if p is not None}):
+            for key, etag in batch:
+                path = paths[key]
+                if path is not None and self._replaced_here(path, key, etag):
+                    self.deferred.forget(key, etag)
+                elif key in read_by_handles:
+                    if not await self.deferred.delete(key, etag):
+                        self._retry_soon()
+                else:
+                    wanted.append((key, etag))
+            keys = list(dict.fromkeys(k for k, _ in wanted))
+            if not keys:
+                return
+            try:
+                failed = set(await self.store.delete_many(keys))
+            except StoreError as e:
+                # offline (StoreOffline): the outage has its one WARNING (store/health.py)
+                log.log(logging.INFO if isinstance(e, StoreOffline) else logging.ERROR,
+                        "deleting %d unlinked objects (%r…) failed; they stay hidden and are tried again: %s",
+                        len(keys), keys[0], e)
+                failed = set(keys)
+        for key, etag in wanted:
+            if key in failed:
+                self.deferred.ready.add((key, etag))
+        await self.deferred.forget_many([(k, e) for k, e in wanted if k not in failed])
+        if failed:
+            if len(failed) < len(keys):
+                log.error("the store did not delete %d of %d unlinked objects (%r…); they stay hidden and are "
+                          "tried again", len(failed), len(keys), sorted(failed)[0])
+            self._retry_soon()
+
+    async def settle_deletes(self, dkey: str = "") -> None:
+        """Return once every DELETE queued below directory key ``dkey`` ("": all) was answered
+        (done, or failed and left to the retries: this never waits for a store outage to
+        end). The caller holds no lock: the worker takes the names' locks."""
+        while self._deleting and self.deferred.queued_under(dkey):
+            await self._batch_done.wait()
+
+    def check_deleted(self, dkey: str) -> None:
+        """After :meth:`settle_deletes`: FsError(EIO) (one log line) when a delete below
+        directory key ``dkey`` failed and waits for its retry (an fsync of the directory)."""
+        failed = sorted(k for k, _ in self.deferred.ready if k.startswith(dkey))
+        if failed:
+            log.error("fsync of %r: %d deletes below it have not reached the bucket yet (%r…)",
+                      dkey, len(failed), failed[0])
+            raise FsError(errno.EIO)
 
     async def finish_deletes(self) -> int:
         """Try again every pending delete no open handle waits for (an earlier run's, or one
-        that failed): at mount, at unmount and in the background. Returns how many are left."""
+        that failed): at mount, at unmount and in the background, after the queued ones were
+        answered. Returns how many are left."""
+        await self.settle_deletes()
         left = 0
         for key, etag in sorted(self.deferred.ready):
             if not await self._finish_delete(self.naming.path_of(key), key, etag):
@@ -495,12 +629,15 @@ class Namespace:
                 await self.commit.upload_settled(n)
             if src.version is not None or src.is_dir:
                 await self._keep_parent(parent)
+            dkeys = [self.naming.dir_key(p) for p in (src_path, dst_path)] if src.is_dir else []
+            for dkey in dkeys:  # a queued DELETE below either must not meet the copies (no lock held)
+                await self.settle_deletes(dkey)
             paths = [src_path, dst_path]
             async with self.locks.hold(trees=paths) if src.is_dir else self.locks.hold(names=paths):
                 if not (self._linked(src, src_path) and join(new_parent.path, new_name) == dst_path
-                        and not new_parent.unlinked):
+                        and not new_parent.unlinked) or any(self.deferred.queued_under(k) for k in dkeys):
                     moved += 1
-                    continue  # something moved while we probed: again
+                    continue  # something moved (or was unlinked below) while we probed: again
                 current = self.inodes.by_path.get(dst_path)
                 if current is not None and current.unlinked:
                     current = None

@@ -1,5 +1,8 @@
 """Objects whose name is gone but that are still in the bucket: an unlinked file an open handle
-still reads, and the object a new file renamed over it will overwrite at its upload.
+still reads, the object a new file renamed over it will overwrite at its upload, and (over a
+remote store) an unlinked file whose DELETE is queued for the background batch
+(:meth:`DeferredDeletes.queue`, run by ``Namespace._delete_queued``; its record is written but
+not fsynced: docs/design.md "Deletes in the background").
 
 The name disappears at once (locally: lookups, listings and creates no longer see it), but the
 object stays in the bucket until the last handle closes, so the readers go on reading it by
@@ -26,7 +29,10 @@ import json
 import logging
 import os
 
+import trio
+
 from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.health import StoreOffline
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,9 @@ class DeferredDeletes:
         self.ready: set[tuple[str, str]] = set()
         # directory keys ("d/") this mount's rmdir removed while pending deletes were under them
         self.removed_dirs: set[str] = set()
+        # (key, ETag) of unlinks whose DELETE runs in the background (Namespace.unlink), in the
+        # order queued; an entry leaves once its batch was answered (done, or moved to ``ready``)
+        self.queued: dict[tuple[str, str], None] = {}
         for key, etag in self.recorded():  # an earlier run's: no handle of this run reads them
             self._note(key, etag)
             self.ready.add((key, etag))
@@ -102,27 +111,41 @@ class DeferredDeletes:
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest() + ".json")
 
-    def record(self, key: str, etag: str, *, ready: bool = False) -> None:
+    def record(self, key: str, etag: str, *, ready: bool = False, fsync: bool = True) -> None:
         """Make the pending delete of version (key, etag) durable, and hide that version;
-        ``ready``: no handle waits for it (it may be tried at any retry). Raises OSError
-        (cache disk): then nothing is recorded."""
+        ``ready``: no handle waits for it (it may be tried at any retry). ``fsync`` False:
+        written to the kernel only (survives a crash of the daemon, not a power loss: the
+        contract of an unlink whose DELETE runs in the background, docs/design.md
+        "Durability"). Raises OSError (cache disk): then nothing is recorded."""
         path = self._path(key, etag)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, json.dumps({"key": key, "etag": etag}).encode())
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         self._note(key, etag)
         if ready:
             self.ready.add((key, etag))
+
+    def queue(self, key: str, etag: str) -> None:
+        """Record (not fsynced) and queue the background DELETE of version (key, etag): hidden
+        from now on, deleted by ``Namespace``'s delete worker. Raises OSError (cache disk)."""
+        self.record(key, etag, fsync=False)
+        self.queued[(key, etag)] = None
+
+    def queued_under(self, dkey: str) -> bool:
+        """Whether a queued delete (or one in flight) is below directory key ``dkey`` ("" = all)."""
+        return any(k.startswith(dkey) for k, _ in self.queued)
 
     def recorded(self) -> list[tuple[str, str]]:
         """The (key, etag) of every recorded pending delete (unreadable records: logged, kept)."""
@@ -150,8 +173,9 @@ class DeferredDeletes:
             elif info is not None:
                 log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
                          key, etag, info.etag)
-        except StoreError as e:
-            log.error("deleting unlinked %r (ETag %s) failed; it stays hidden and is tried again: %s", key, etag, e)
+        except StoreError as e:  # offline: the outage has its one WARNING (store/health.py)
+            log.log(logging.INFO if isinstance(e, StoreOffline) else logging.ERROR,
+                    "deleting unlinked %r (ETag %s) failed; it stays hidden and is tried again: %s", key, etag, e)
             self.ready.add((key, etag))
             return False
         self.forget(key, etag)
@@ -164,7 +188,32 @@ class DeferredDeletes:
             os.unlink(self._path(key, etag))
         except FileNotFoundError:
             pass
+        self._unnote(key, etag)
+
+    async def forget_many(self, items: list[tuple[str, str]]) -> None:
+        """:meth:`forget` for the (key, etag) of a batch that is done: no longer pending at
+        once, the record files removed in a worker thread (a metadata write each, which waits
+        behind other writers' fsyncs on a busy disk; a crash before they go only repeats a
+        delete, HEAD-compared, at the next mount). Raises nothing (a removal failing
+        otherwise than FileNotFoundError is logged)."""
+        for key, etag in items:
+            self._unnote(key, etag)
+        paths = [self._path(key, etag) for key, etag in items]
+
+        def remove() -> None:
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.error("cannot remove the pending-delete record %s (its delete is done): %s", p, e)
+
+        await trio.to_thread.run_sync(remove)
+
+    def _unnote(self, key: str, etag: str) -> None:
         self.ready.discard((key, etag))
+        self.queued.pop((key, etag), None)
         etags = self.pending.get(key)
         if etags is not None and _norm(etag) in etags:
             etags.remove(_norm(etag))

@@ -122,6 +122,7 @@ _COUNTED_OPS = {
     "create_multipart": None, "upload_part": lambda a, kw, r: (len(kw.get("data") or a[3]), 0),
     "complete_multipart": None,
     "abort_multipart": None, "list": None, "copy": None, "list_multipart_uploads": None, "delete": None,
+    "delete_many": None,
 }
 
 
@@ -164,6 +165,8 @@ def _counted(op: str, fn):
 
 # ``[(key, upload_id, initiated)]`` (a name: inside ObjectStore, ``list`` is its method)
 MultipartUploads = list[tuple[str, str, float]]
+# the keys of one ``delete_many`` call, in order (a name, for the same reason)
+KeyList = list[str]
 
 
 class ObjectStore(abc.ABC):
@@ -283,3 +286,15 @@ class ObjectStore(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections and files."""
+
+    #: Most keys one ``delete_many`` call takes (OSS DeleteMultipleObjects: 1000, oss-rest-api.md §3.6).
+    max_delete_keys: int = 1000
+
+    async def delete_many(self, keys: KeyList) -> KeyList:
+        """Delete every key of ``keys`` (1 to ``max_delete_keys``, unconditionally, like
+        :meth:`delete`; a missing key is not an error). Returns the keys the store reported
+        as not deleted (normally none). Raises StoreError when the request failed as a whole
+        (then any subset may be deleted). This default makes one ``delete`` per key."""
+        for key in keys:
+            await self.delete(key)
+        return []

@@ -62,7 +62,7 @@ import trio
 import urllib3
 
 from ..retry import Budget, RetryPolicy, retry_async
-from .base import (ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
+from .base import (KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
                    StoreUnavailable)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 
@@ -893,6 +893,17 @@ class OssStore(ObjectStore):
     async def aclose(self) -> None:
         """Close the pooled connections."""
         self._session.session.close()
+
+    def _delete_many_sync(self, keys: KeyList) -> KeyList:
+        return [str(k) for k in self._bucket.batch_delete_objects(keys).deleted_keys]
+
+    async def delete_many(self, keys: KeyList) -> KeyList:
+        """DeleteMultipleObjects (§3.6): one POST for up to 1000 keys, verbose (oss2 sends
+        Quiet=false): every key given is reported Deleted, also one that did not exist; a key
+        not reported is returned as not deleted. Idempotent, so retried like any request."""
+        deleted = set(await self._call("DeleteMultiple", keys[0] if len(keys) == 1 else None,
+                                       self._delete_many_sync, keys[:]))
+        return [k for k in keys if k not in deleted]
 
 
 __all__ = ["OssStore", "region_from_endpoint", "COPY_LIMIT", "PUT_LIMIT", "CredentialsError"]

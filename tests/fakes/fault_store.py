@@ -72,7 +72,7 @@ from ossfuse.store.base import (ListPage, NoSuchKey, ObjectInfo, ObjectStore, Pr
                                 StoreUnavailable)
 
 OPS = ("head", "get_range", "put_file", "put_bytes", "create_multipart", "upload_part", "complete_multipart",
-       "abort_multipart", "list", "list_multipart_uploads", "copy", "delete")
+       "abort_multipart", "list", "list_multipart_uploads", "copy", "delete", "delete_many")
 
 ErrorSpec = str | type | Callable[[str, str], BaseException]
 Hook = Callable[[ObjectStore, str, tuple[str, ...]], Awaitable[Any]]
@@ -280,6 +280,9 @@ class FaultStore(ObjectStore):
 
     async def delete(self, key: str) -> None:
         return await self._run("delete", (key,), lambda: self.inner.delete(key))
+
+    async def delete_many(self, keys):
+        return await self._run("delete_many", tuple(keys), lambda: self.inner.delete_many(keys[:]))
 
     async def aclose(self) -> None:
         await self.inner.aclose()

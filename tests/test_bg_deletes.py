@@ -1,0 +1,278 @@
+"""unlink's DELETE in the background (issue 14, ``rm -r`` over OSS): unlink returns once the
+pending delete is recorded on the cache disk, and a worker deletes the queued objects in
+batches (``ObjectStore.delete_many``: one DeleteMultipleObjects for up to 1000 keys).
+
+In-process core tests (tests/fakes/core.py) over FaultStore(LocalStore) with
+``background_deletes`` switched on (it is on by default only for a remote store) and a trio
+nursery as the mount's task nursery. Checked: the names are gone at once for lookups,
+listings and rmdir; a directory marker is deleted after its children; a new file at the name
+of a queued delete survives it (uploaded meanwhile, or read by an open handle); a directory
+rename never copies a queued object; a failing batch is logged, retried and cannot hang
+unmount; a crash with queued deletes finishes them at the next mount."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import pytest
+import trio
+
+from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names
+from ossfuse.fs import FsError
+
+
+def _background(fs, nursery, retry_interval: float = 30.0):
+    fs._nursery = nursery
+    fs.namespace.background_deletes = True
+    fs.namespace.retry_interval = retry_interval
+    return fs
+
+
+async def _files(fs, n: int, parent_name: str | None = "d"):
+    """``n`` committed files f000… (content b"data<i>") in a new directory ``parent_name``."""
+    root = fs.get(1)
+    d = await fs.mkdir(root, parent_name, 0o755, UID, GID) if parent_name else root
+    for i in range(n):
+        await committed_file(fs, f"f{i:03d}", b"data%d" % i, d)
+    return d
+
+
+async def _bucket_keys(fs, prefix: str) -> list[str]:
+    return sorted(o.key for o in (await fs.store.inner.list(prefix, delimiter=None)).objects)
+
+
+def test_rm_r_returns_before_the_deletes_and_batches_them(tmp_path, cmk_path):
+    """rm -r d: each unlink returns with the object still in the bucket (its DELETE queued),
+    the name gone for lookup, readdir and rmdir; rmdir waits for the children's DELETE
+    (batched: far fewer requests than files, no HEAD) and deletes the marker last."""
+    n = 30
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path, attr_timeout=60.0, entry_timeout=60.0), nursery)
+            store = fs.store
+            d = await _files(fs, n)
+            store.reset_counts()
+            store.delay("delete_many", 0.2)
+            for i in range(n):
+                await fs.unlink(d, f"f{i:03d}")
+                assert not await exists(fs, f"f{i:03d}", d)
+            # unlink returned before the objects left the bucket (the first batch is in flight)
+            assert len(await _bucket_keys(fs, "pre/d/f")) >= n - 1
+            assert await listed_names(fs, d) == []
+            await fs.rmdir(fs.get(1), "d")
+            assert await _bucket_keys(fs, "pre/d") == []
+            assert store.counts["head"] == 0, store.counts
+            assert 1 <= store.counts["delete_many"] <= 3, store.counts
+            assert store.counts["delete"] == 1, store.counts  # the marker
+            ops = [op for op, _ in store.calls if op in ("delete", "delete_many")]
+            assert ops[-1] == "delete" and store.calls[-1][1] == ("pre/d/",)
+            assert os.listdir(os.path.join(tmp_path, "cache", "unlinked")) == []  # records gone
+            assert not fs.deferred_deletes.pending
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_new_file_at_a_queued_name_is_not_deleted(tmp_path, cmk_path):
+    """unlink f, then create f again and upload it while f's DELETE still waits in the queue
+    (behind a slow batch): the worker finds the new version there and leaves it. Without
+    the check the batch (which names no version) would delete the new file."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            await committed_file(fs, "a", b"a")
+            await committed_file(fs, "f", b"old")
+            fs.store.delay("delete_many", 0.5, key="pre/a")
+            await fs.unlink(root, "a")  # its batch is in flight for 0.5 s
+            await trio.sleep(0.01)
+            await fs.unlink(root, "f")  # queued behind it
+            assert "pre/f" in await _bucket_keys(fs, "pre/")
+            await committed_file(fs, "f", b"new")  # created, uploaded; drain waits for the deletes
+            assert await _bucket_keys(fs, "pre/") == ["pre/f"]
+            node = await fs.lookup(root, "f")
+            h = await fs.open(node, os.O_RDONLY)
+            assert await fs.read(h, 0, 100) == b"new"
+            await fs.release(h)
+            assert not fs.deferred_deletes.pending and not fs.deferred_deletes.queued
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_queued_delete_spares_a_newer_version_an_open_handle_reads(tmp_path, cmk_path):
+    """unlink f (queued behind a slow batch), create f anew, upload, open it, unlink it while
+    open: the queued DELETE of the old version must not delete the new one under its reader
+    (HEAD-compare for that key); the last close deletes it."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            await committed_file(fs, "a", b"a")
+            await committed_file(fs, "f", b"old")
+            fs.store.delay("delete_many", 0.5, key="pre/a")
+            await fs.unlink(root, "a")
+            await trio.sleep(0.01)
+            await fs.unlink(root, "f")
+            node, h = await fs.create(root, "f", 0o600, os.O_RDWR, UID, GID)
+            await fs.write(h, 0, b"new")
+            await fs.flush(h)
+            await fs.release(h)
+            await fs.scheduler.drain()  # uploaded, while f's old DELETE still waits
+            h = await fs.open(await fs.lookup(root, "f"), os.O_RDONLY)
+            await fs.unlink(root, "f")  # open: deleted at the last close
+            await fs.namespace.settle_deletes()
+            assert await _bucket_keys(fs, "pre/") == ["pre/f"]
+            assert await fs.read(h, 0, 100) == b"new"
+            await fs.release(h)
+            assert await _bucket_keys(fs, "pre/") == []
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_directory_rename_waits_for_queued_deletes_below_it(tmp_path, cmk_path):
+    """A directory rename right after unlinks inside it copies only what is still there: the
+    queued objects are deleted first, never copied to the new name."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 3)
+            fs.store.delay("delete_many", 0.3)
+            await fs.unlink(d, "f000")
+            await fs.unlink(d, "f001")
+            await fs.rename(root, "d", root, "e", 0)
+            assert await _bucket_keys(fs, "pre/") == ["pre/e/", "pre/e/f002"]
+            assert await listed_names(fs, await fs.lookup(root, "e")) == ["f002"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again",
+                        r"deleting unlinked 'pre/d/f00[01]' .* failed; it stays hidden and is tried again",
+                        r"fsync of 'pre/d/': 2 deletes below it have not reached the bucket yet")
+def test_failed_batch_is_retried_and_hides_the_names(tmp_path, cmk_path):
+    """A failing DELETE batch: unlink still succeeded, the names stay hidden, fsync of the
+    directory says EIO while they are not deleted, and the retries delete them."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery, retry_interval=0.2)
+            d = await _files(fs, 2)
+            fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
+            await fs.unlink(d, "f000")
+            await fs.unlink(d, "f001")
+            await fs.namespace.settle_deletes()
+            assert await _bucket_keys(fs, "pre/d/f") == ["pre/d/f000", "pre/d/f001"]
+            assert await listed_names(fs, d) == []
+            with pytest.raises(FsError) as e:
+                await fs.fsyncdir(d)
+            assert e.value.errno == errno.EIO
+            fs.store.clear()  # the store is back: the retries delete them
+            with trio.fail_after(5):
+                while fs.deferred_deletes.pending:
+                    await trio.sleep(0.05)
+            assert await _bucket_keys(fs, "pre/d/f") == []
+            await fs.fsyncdir(d)  # nothing left: no error
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_crash_with_queued_deletes_finishes_them_at_the_next_mount(tmp_path, cmk_path):
+    """The daemon dies while deletes are queued (their batch never answered): the next mount
+    hides those names at once and deletes them before it serves (finish_unlinks)."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            d = await _files(fs, 3)
+            fs.store.delay("delete_many", 60)
+            await fs.unlink(d, "f000")
+            await fs.unlink(d, "f001")
+            nursery.cancel_scope.cancel()  # the crash: no drain, the batch never ran
+        store = fs.store
+        store.clear()
+        assert await _bucket_keys(fs, "pre/d/") == ["pre/d/", "pre/d/f000", "pre/d/f001", "pre/d/f002"]
+        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
+        d2 = await fs2.lookup(fs2.get(1), "d")
+        assert await listed_names(fs2, d2) == ["f002"]
+        assert await fs2.finish_unlinks() == 0
+        assert await _bucket_keys(fs2, "pre/d/") == ["pre/d/", "pre/d/f002"]
+        assert await listed_names(fs2, d2) == ["f002"]
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"store unreachable, working offline from the cache",
+                        r"store request for 'pre/d/f001' failed: store offline")
+def test_deletes_queued_before_an_outage_happen_once_the_store_is_back(tmp_path, cmk_path):
+    """The store goes offline while unlinks are queued: their batch fails fast (one INFO line,
+    the outage has its WARNING), the names stay gone, an unlink offline gives EIO at once,
+    and the queued objects are deleted once the store answers again."""
+    from fakes.core import core_store
+    from ossfuse.store.health import StoreHealth
+
+    async def main():
+        store = core_store(tmp_path)
+        store.local_disk = False  # as on OSS: background deletes are on by default
+        fs = core_filesystem(tmp_path, cmk_path, store, retry_interval=0.2)
+        assert fs.namespace.background_deletes
+        health = StoreHealth(timeout=2.0, probe_interval=0.1)
+        fs.track_store_health(health)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(health.watch, lambda: fs.store.list("pre/", max_keys=1))
+            d = await _files(fs, 2)
+            assert await listed_names(fs, d) == ["f000", "f001"]
+            down = store.fail("*", count=None)
+            await fs.unlink(d, "f000")  # online: queued; its batch fails, the mount goes offline
+            await fs.namespace.settle_deletes()
+            assert health.offline
+            assert await store.inner.head("pre/d/f000") is not None
+            assert await listed_names(fs, d) == ["f001"]
+            with pytest.raises(FsError) as e:  # offline: unlink needs the store now
+                await fs.unlink(d, "f001")
+            assert e.value.errno == errno.EIO
+            down.active = False
+            with trio.fail_after(5):
+                while await store.inner.head("pre/d/f000") is not None:
+                    await trio.sleep(0.05)
+            assert await _bucket_keys(fs, "pre/d/") == ["pre/d/", "pre/d/f001"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(120)
+def test_fsync_of_a_directory_and_rm_r_leave_the_deletes_done(mount):
+    """Through the kernel, on both stores: after unlinks, fsync(2) of the directory returns
+    once their objects are gone from the bucket (FUSE fsyncdir); rm -r returns with nothing
+    left under the tree (rmdir waits for its children's DELETEs)."""
+    d = mount.path("d")
+    os.mkdir(d)
+    for i in range(12):
+        with open(os.path.join(d, f"f{i:02d}"), "wb") as f:
+            f.write(b"x%d" % i)
+            f.flush()
+            os.fsync(f.fileno())  # in the bucket
+    assert len([k for k in mount.keys() if k.startswith("d/f")]) == 12
+    for i in range(6):
+        os.unlink(os.path.join(d, f"f{i:02d}"))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert sorted(k for k in mount.keys() if k.startswith("d/")) == ["d/"] + [f"d/f{i:02d}" for i in range(6, 12)]
+    assert sorted(os.listdir(d)) == [f"f{i:02d}" for i in range(6, 12)]
+    shutil.rmtree(d)
+    assert [k for k in mount.keys() if k.startswith("d")] == []
+    assert not os.path.exists(d)
