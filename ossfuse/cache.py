@@ -15,7 +15,9 @@ first use, and fetched again if the cache file was damaged.
 Limits: the bytes of present blocks stay under ``max_size``, and the cache disk keeps
 ``min_free`` bytes free; past either, the least recently used blocks are dropped by punching
 holes in their files. So every cache file is the cache's alone (one link): ``adopt`` refuses
-an uploaded file the store also links. Blocks being fetched are not yet counted and never dropped; entries
+an uploaded file the store also links. Blocks being fetched or written are not yet counted and never
+dropped (readers are answered before the write ends, so the disk can briefly hold the chunks in
+flight past the limit; each fetch evicts once its writes land); entries
 ``keep``-pinned (a file renamed over while open) are never dropped, and are only pinned while
 pinned versions together stay within half of ``max_size``. At most ``_MAX_OPEN_FDS`` cache files
 are open at once (least recently used closed first).

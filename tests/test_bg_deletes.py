@@ -186,6 +186,37 @@ def test_failed_batch_is_retried_and_hides_the_names(tmp_path, cmk_path):
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again",
+                        r"deleting unlinked 'pre/d/f00[01]' .* failed; it stays hidden and is tried again",
+                        r"cannot rename 'pre/d/': 2 objects deleted below it are not deleted from the bucket yet")
+def test_directory_rename_after_a_failed_batch_never_brings_the_files_back(tmp_path, cmk_path):
+    """A batch failed, so the unlinked objects wait hidden for their retry; a rename of their
+    directory then must not copy them to new names (they would come back for good: the
+    pending deletes name the old keys). It deletes them first, or gives EIO while it cannot
+    (the new-user break test of the sixth session found the copies)."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 3)
+            fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
+            await fs.unlink(d, "f000")
+            await fs.unlink(d, "f001")
+            await fs.namespace.settle_deletes()
+            with pytest.raises(FsError) as e:  # still failing: EIO, nothing copied
+                await fs.rename(root, "d", root, "e", 0)
+            assert e.value.errno == errno.EIO
+            assert await _bucket_keys(fs, "pre/e") == []
+            fs.store.clear()
+            await fs.rename(root, "d", root, "e", 0)  # deletes them first, then moves f002
+            assert await _bucket_keys(fs, "pre/") == ["pre/e/", "pre/e/f002"]
+            assert await listed_names(fs, await fs.lookup(root, "e")) == ["f002"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_crash_with_queued_deletes_finishes_them_at_the_next_mount(tmp_path, cmk_path):
     """The daemon dies while deletes are queued (their batch never answered): the next mount
     hides those names at once and deletes them before it serves (finish_unlinks)."""

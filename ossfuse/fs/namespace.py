@@ -551,6 +551,18 @@ class Namespace:
         while self._deleting and self.deferred.queued_under(dkey):
             await self._batch_done.wait()
 
+    async def retry_failed_deletes(self, dkey: str) -> None:
+        """Try again, now, the failed pending deletes below directory key ``dkey`` (no open
+        handle waits for them), so that a directory rename does not copy their hidden objects
+        to names no pending delete covers. Raises FsError(EIO), with one log line, if one
+        still fails. The caller holds no lock (each delete takes its name's lock)."""
+        failed = sorted(item for item in self.deferred.ready if item[0].startswith(dkey))
+        left = [key for key, etag in failed if not await self._finish_delete(self.naming.path_of(key), key, etag)]
+        if left:
+            log.error("cannot rename %r: %d objects deleted below it are not deleted from the bucket yet (%r…); "
+                      "they are tried again", dkey, len(left), left[0])
+            raise FsError(errno.EIO)
+
     def check_deleted(self, dkey: str) -> None:
         """After :meth:`settle_deletes`: FsError(EIO) (one log line) when a delete below
         directory key ``dkey`` failed and waits for its retry (an fsync of the directory)."""
@@ -632,6 +644,7 @@ class Namespace:
             dkeys = [self.naming.dir_key(p) for p in (src_path, dst_path)] if src.is_dir else []
             for dkey in dkeys:  # a queued DELETE below either must not meet the copies (no lock held)
                 await self.settle_deletes(dkey)
+                await self.retry_failed_deletes(dkey)  # the copy would bring a hidden object back
             paths = [src_path, dst_path]
             async with self.locks.hold(trees=paths) if src.is_dir else self.locks.hold(names=paths):
                 if not (self._linked(src, src_path) and join(new_parent.path, new_name) == dst_path
