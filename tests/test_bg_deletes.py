@@ -38,6 +38,15 @@ async def _files(fs, n: int, parent_name: str | None = "d"):
     return d
 
 
+async def _unlink_two_with_deletes_failing(fs, d) -> None:
+    """Unlink f000 and f001 of ``d`` while every DELETE fails; return once their batch was
+    answered (failed: both wait hidden for the retries)."""
+    fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
+    await fs.unlink(d, "f000")
+    await fs.unlink(d, "f001")
+    await fs.namespace.settle_deletes()
+
+
 async def _bucket_keys(fs, prefix: str) -> list[str]:
     return sorted(o.key for o in (await fs.store.inner.list(prefix, delimiter=None)).objects)
 
@@ -166,10 +175,7 @@ def test_failed_batch_is_retried_and_hides_the_names(tmp_path, cmk_path):
         async with trio.open_nursery() as nursery:
             fs = _background(core_filesystem(tmp_path, cmk_path), nursery, retry_interval=0.2)
             d = await _files(fs, 2)
-            fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
-            await fs.unlink(d, "f000")
-            await fs.unlink(d, "f001")
-            await fs.namespace.settle_deletes()
+            await _unlink_two_with_deletes_failing(fs, d)
             assert await _bucket_keys(fs, "pre/d/f") == ["pre/d/f000", "pre/d/f001"]
             assert await listed_names(fs, d) == []
             with pytest.raises(FsError) as e:
@@ -200,10 +206,7 @@ def test_directory_rename_after_a_failed_batch_never_brings_the_files_back(tmp_p
             fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
             root = fs.get(1)
             d = await _files(fs, 3)
-            fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
-            await fs.unlink(d, "f000")
-            await fs.unlink(d, "f001")
-            await fs.namespace.settle_deletes()
+            await _unlink_two_with_deletes_failing(fs, d)
             with pytest.raises(FsError) as e:  # still failing: EIO, nothing copied
                 await fs.rename(root, "d", root, "e", 0)
             assert e.value.errno == errno.EIO

@@ -551,13 +551,17 @@ class Namespace:
         while self._deleting and self.deferred.queued_under(dkey):
             await self._batch_done.wait()
 
+    def _failed_under(self, dkey: str) -> list[tuple[str, str]]:
+        """The failed pending deletes (key, ETag) below directory key ``dkey``, sorted."""
+        return sorted(item for item in self.deferred.ready if item[0].startswith(dkey))
+
     async def retry_failed_deletes(self, dkey: str) -> None:
         """Try again, now, the failed pending deletes below directory key ``dkey`` (no open
         handle waits for them), so that a directory rename does not copy their hidden objects
         to names no pending delete covers. Raises FsError(EIO), with one log line, if one
         still fails. The caller holds no lock (each delete takes its name's lock)."""
-        failed = sorted(item for item in self.deferred.ready if item[0].startswith(dkey))
-        left = [key for key, etag in failed if not await self._finish_delete(self.naming.path_of(key), key, etag)]
+        left = [key for key, etag in self._failed_under(dkey)
+                if not await self._finish_delete(self.naming.path_of(key), key, etag)]
         if left:
             log.error("cannot rename %r: %d objects deleted below it are not deleted from the bucket yet (%r…); "
                       "they are tried again", dkey, len(left), left[0])
@@ -566,7 +570,7 @@ class Namespace:
     def check_deleted(self, dkey: str) -> None:
         """After :meth:`settle_deletes`: FsError(EIO) (one log line) when a delete below
         directory key ``dkey`` failed and waits for its retry (an fsync of the directory)."""
-        failed = sorted(k for k, _ in self.deferred.ready if k.startswith(dkey))
+        failed = [k for k, _ in self._failed_under(dkey)]
         if failed:
             log.error("fsync of %r: %d deletes below it have not reached the bucket yet (%r…)",
                       dkey, len(failed), failed[0])
