@@ -194,7 +194,10 @@ def test_matdesc_text_lets_python_v2_find_its_extra_cipher_by_text(oss_server, c
         headers = {"x-oss-meta-" + k: v for k, v in e.wrapped.headers().items()}
         bucket.put_object(name, e.crypt(0, plain), headers=headers)
         assert bucket.head_object(name).headers["x-oss-meta-" + env.H_MATDESC] == (text or '{"desc":"x"}')
-    with pytest.raises(Exception, match="(?i)decrypt"):
+    # the V2 SDK tries its default (other) RSA key: PKCS#1 v1.5 says "decrypt…" failed, or
+    # "Ciphertext too large" when the wrapped key's integer exceeds that key's modulus (random
+    # keys: about one run in several; last session's note named it a load flake)
+    with pytest.raises(Exception, match="(?i)decrypt|ciphertext too large"):
         ec.get_object(oss.GetObjectRequest(bucket=BUCKET, key="go-form")).body.read()
     got = ec.get_object(oss.GetObjectRequest(bucket=BUCKET, key="json-dumps-form")).body.read()
     assert hashlib.sha256(got).digest() == hashlib.sha256(plain).digest()
