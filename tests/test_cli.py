@@ -60,6 +60,7 @@ def _base(root, key) -> str:
     (lambda s: s.replace('url = "local', 'url = "ftp'), "store.url"),
     (lambda s: s + "[mount]\nupload_workers = true\n", "mount.upload_workers: must be int, not bool"),
     (lambda s: s + "[mount]\nattr_timeout = -1\n", "mount.attr_timeout: must not be negative"),
+    (lambda s: s + "[mount]\nread_ahead_kib = -1\n", "mount.read_ahead_kib: must be 0"),
     (lambda s: s.replace('type = "rsa"', 'type = "rsa"\npassphrase = "x"'), "passphrase: applies to type"),
     (lambda s: s.replace("[store]", "[store"), "not valid TOML"),
 ])

@@ -420,3 +420,26 @@ def test_cache_stays_within_max_size(make_mount):
         for off in (5 << 20, 17, 3 << 20, 1 << 20):
             f.seek(off)
             assert f.read(1000) == data[off:off + 1000]
+
+
+def test_kernel_read_ahead_window_is_the_configured_one(make_mount):
+    """mount.read_ahead_kib sets the mount's bdi read_ahead_kb (FUSE starts at 128 KiB: one read
+    request per 128 KiB); 0 leaves the kernel's default. A sequential read through the larger
+    window still returns every byte."""
+    from ossfuse.registry import mounted_device
+
+    def window(m) -> int:
+        with open(f"/sys/class/bdi/{mounted_device(m.mnt)}/read_ahead_kb") as f:
+            return int(f.read())
+
+    m = make_mount()
+    assert window(m) == 1024
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    write(m.path("big"), data)
+    m.stop()
+    shutil.rmtree(os.path.join(m.cache, "objects"), ignore_errors=True)
+    m.start()
+    assert window(m) == 1024
+    assert read(m.path("big")) == data
+    default = make_mount("read_ahead_kib = 0", name="m2")
+    assert window(default) == 128
