@@ -28,8 +28,8 @@ class _RemoteLikeStore(LocalStore):
     listing_has_metadata = False
     local_disk = False
 
-    async def put_file(self, key, path, metadata, *, may_link=False):
-        return await super().put_file(key, path, metadata, may_link=False)
+    async def put_file(self, key, path, metadata, *, may_link=False, if_absent=False):
+        return await super().put_file(key, path, metadata, may_link=False, if_absent=if_absent)
 
 
 def _mount(tmp_path, cmk_path, name: str) -> Filesystem:

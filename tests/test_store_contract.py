@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fakes.fault_store import FaultStore  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
 
-from ossfuse.store.base import NoSuchKey, ObjectStore, PreconditionFailed, StoreError  # noqa: E402
+from ossfuse.store.base import AlreadyExists, NoSuchKey, ObjectStore, PreconditionFailed, StoreError  # noqa: E402
 from ossfuse.store.credentials import StaticCredentialsProvider  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 from ossfuse.store.oss import OssStore  # noqa: E402
@@ -460,6 +460,46 @@ async def test_put_file_may_link_keeps_the_content(h, tmp_path):
         f.write(b"changed")
     assert await s.get_range("pf/linked", 0, len(data)) == data
     assert await s.get_range("pf/copied", 0, len(data)) == data
+
+
+@trio_test
+async def test_put_file_if_absent_creates_only(h, tmp_path):
+    """``if_absent`` (OSS x-oss-forbid-overwrite): creates a missing key, and on a taken one
+    raises AlreadyExists and leaves the object as it was, for a small and a linked file."""
+    s = h.store
+    path = tmp_path / "new.bin"
+    path.write_bytes(b"new bytes")
+    info = await s.put_file("ia/fresh", str(path), {"v": "1"}, if_absent=True)
+    assert (info.size, (await s.head("ia/fresh")).etag) == (9, info.etag)
+    theirs = await s.put_bytes("ia/taken", b"theirs", {"who": "them"})
+    for may_link in (False, True):
+        with pytest.raises(AlreadyExists):
+            await s.put_file("ia/taken", str(path), {"who": "us"}, may_link=may_link, if_absent=True)
+    got = await s.head("ia/taken")
+    assert (got.etag, got.metadata) == (theirs.etag, {"who": "them"})
+    assert await s.get_range("ia/taken", 0, 100) == b"theirs"
+    assert (await s.head("ia/fresh")).metadata == {"v": "1"}
+
+
+@trio_test
+async def test_complete_multipart_if_absent_creates_only(h):
+    """``if_absent`` on CompleteMultipartUpload: AlreadyExists when the key was taken after the
+    upload started (the other object stays); the upload can still be aborted. Without a
+    taken key it completes as usual."""
+    s = h.store
+    p1, p2 = blob(s.min_part_size, 21), blob(100, 22)
+    uid = await s.create_multipart("ia/big", {})
+    parts = [(1, await s.upload_part("ia/big", uid, 1, p1, {})), (2, await s.upload_part("ia/big", uid, 2, p2, {}))]
+    theirs = await s.put_bytes("ia/big", b"theirs", {})
+    with pytest.raises(AlreadyExists):
+        await s.complete_multipart("ia/big", uid, parts, if_absent=True)
+    assert (await s.head("ia/big")).etag == theirs.etag
+    await s.abort_multipart("ia/big", uid)
+    assert h.pending_uploads() == []
+    uid = await s.create_multipart("ia/big2", {})
+    parts = [(1, await s.upload_part("ia/big2", uid, 1, p1, {})), (2, await s.upload_part("ia/big2", uid, 2, p2, {}))]
+    info = await s.complete_multipart("ia/big2", uid, parts, if_absent=True)
+    assert info.size == len(p1) + len(p2) and await s.get_range("ia/big2", 0, info.size) == p1 + p2
 
 
 @trio_test

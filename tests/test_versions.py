@@ -261,6 +261,69 @@ def test_new_file_created_elsewhere_meanwhile_is_not_overwritten(tmp_path, cmk_p
     _run(tmp_path, cmk_path, body)
 
 
+def test_new_files_upload_create_only_with_no_head(tmp_path, cmk_path):
+    """A file this mount created is uploaded create-only (x-oss-forbid-overwrite): one PUT,
+    no HEAD of its key first (issue 14: one request per new file, not two)."""
+    async def body(fs, store):
+        root = fs.get(1)
+        for i in range(5):
+            node, h = await fs.create(root, f"n{i}", 0o644, os.O_WRONLY, 1, 2)
+            await fs.write(h, 0, b"new %d" % i)
+            store.calls.clear()
+            await fs.flush(h)
+            await fs.release(h)  # local bucket: uploaded at close
+            assert node.staged is None
+            assert [op for op, _ in store.calls] == ["put_file"], store.calls
+        for i in range(5):
+            assert await _read(fs, await fs.lookup(root, f"n{i}")) == b"new %d" % i
+
+    _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts:")
+def test_foreign_file_written_just_before_our_first_put_is_kept(tmp_path, cmk_path, other):
+    """Another client creates the name after any check this mount could make and before its
+    PUT lands (the window a HEAD-then-PUT left open): the create-only PUT is refused, theirs
+    stays at the name and ours becomes a conflict copy."""
+    async def body(fs, store):
+        root = fs.get(1)
+        ofs = other(store)
+        theirs: list[str] = []
+
+        async def foreign(inner, op, keys):
+            theirs.append(await _other_writes(ofs, "race", b"theirs"))
+
+        store.hook("put_file", foreign, key="pre/race", count=1)
+        await _write_file(fs, root, "race", b"ours")
+        assert (await store.inner.head("pre/race")).etag == theirs[0]
+        assert fs.commit.conflicts.count == 1 and fs.commit.conflicts.recent[0].startswith("race.conflict-")
+        copy = await fs.lookup(root, fs.commit.conflicts.recent[0])
+        assert await _read(fs, copy) == b"ours"
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"upload of 'pre/lost' failed; the data stays staged")
+def test_lost_answer_of_a_create_only_put_is_no_conflict(tmp_path, cmk_path):
+    """The first create-only PUT lands but its answer is lost; the retry finds the key taken
+    by that very version (same wrapped data key): no conflict copy, one object."""
+    async def body(fs, store):
+        root = fs.get(1)
+        store.lose_response("put_file", key="pre/lost")
+        node, h = await fs.create(root, "lost", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"ours")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        assert keys == ["pre/lost"], keys
+        assert await _read(fs, await fs.lookup(root, "lost")) == b"ours"
+
+    _run(tmp_path, cmk_path, body)
+
+
 def test_upload_of_the_known_version_is_no_conflict(tmp_path, cmk_path):
     async def body(fs, store):
         root = fs.get(1)

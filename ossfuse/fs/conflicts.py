@@ -1,8 +1,10 @@
 """Foreign edits are never silently overwritten at upload (issue 12, "from the field").
 
-Before an upload replaces an object, :meth:`Conflicts.upload` HEADs the key and compares its
-ETag with the version this mount started from (the node's committed version; none for a file
-this mount created). If another client wrote the name meanwhile, both are kept: the other
+A file this mount created is uploaded create-only (``if_absent``: OSS
+``x-oss-forbid-overwrite``), atomically: no HEAD first, and no window in which a foreign write
+is replaced. Only when the key is taken, and before an upload replaces an object, does
+:meth:`Conflicts.upload` HEAD the key and compare its ETag with the version this mount started
+from (the node's committed version; none for a file this mount created). If another client wrote the name meanwhile, both are kept: the other
 client's version stays at the name, ours is uploaded as a *conflict copy* next to it (see
 :func:`conflict_name`), with one WARNING naming both ETags, and counted for ``ossfuse status``.
 
@@ -12,8 +14,10 @@ version whose answer was lost (same wrapped data key), the object is the last on
 own upload put at that key (a file renamed over another whose upload was in flight), or this
 mount renamed a new file over a file it knew (:meth:`Conflicts.replaces`). A version recovered from the journal after a
 crash does not record what it was based on, so it is uploaded without the check (as before).
-The check and the PUT are two requests: a foreign write landing between them is still replaced
-(the remaining window, docs/semantics.md)."""
+For a replacement the check and the PUT are two requests: a foreign write landing between
+them is still replaced (the remaining window, docs/semantics.md). OSS ignores
+``x-oss-forbid-overwrite`` on a bucket with versioning enabled or suspended: there a new file
+replaces a foreign one written at the same name, which stays as a noncurrent version."""
 from __future__ import annotations
 
 import collections
@@ -22,7 +26,7 @@ import socket
 import time
 
 from .. import envelope as env
-from ..store.base import ObjectInfo, ObjectStore
+from ..store.base import AlreadyExists, ObjectInfo, ObjectStore
 from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
 from .copying import same_etag
@@ -112,24 +116,28 @@ class Conflicts:
         the upload failed: the caller keeps the data staged and retries)."""
         base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
         if base is _UNKNOWN:
-            info = await self.uploader.upload(staged, key, metadata)
-            self._base.pop(node.ino, None)
-            self._remember(key, info.etag)
-            return info
+            return self._uploaded(node, key, await self.uploader.upload(staged, key, metadata))
+        if base is None:
+            # a file this mount created: create only, atomically (no HEAD first, no window)
+            try:
+                return self._uploaded(node, key, await self.uploader.upload(staged, key, metadata, if_absent=True))
+            except AlreadyExists:
+                pass  # taken: by another client, or by an attempt of ours whose answer was lost
         current = await self.store.head(key)
         if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
                 or same_etag(current.etag, self._ours.get(key))):
-            info = await self.uploader.upload(staged, key, metadata)
-            self._base.pop(node.ino, None)
-            self._remember(key, info.etag)
-            return info
+            return self._uploaded(node, key, await self.uploader.upload(staged, key, metadata))
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""
         for n in range(100):
             ckey = prefix + conflict_name(name, self.host, time.time(), n)
-            if await self.store.head(ckey) is None:
+            try:
+                info = await self.uploader.upload(staged, ckey, metadata, if_absent=True)
                 break
-        info = await self.uploader.upload(staged, ckey, metadata)
+            except AlreadyExists:
+                continue
+        else:
+            info = await self.uploader.upload(staged, ckey, metadata)  # 100 names taken: the last one
         self._base.pop(node.ino, None)
         self.count += 1
         path = self.naming.path_of(ckey)
@@ -137,6 +145,12 @@ class Conflicts:
         log.warning("%r was changed by another client (this mount started from version %s, the bucket "
                     "has %s): kept theirs, ours is uploaded as %r (version %s)", key,
                     base or "none (a new file)", current.etag, ckey, info.etag)
+        return info
+
+    def _uploaded(self, node: Node, key: str, info: ObjectInfo) -> ObjectInfo:
+        """Book an upload to ``key`` that went where it was meant to; returns ``info``."""
+        self._base.pop(node.ino, None)
+        self._remember(key, info.etag)
         return info
 
     def status(self) -> dict:

@@ -59,6 +59,11 @@ class PreconditionFailed(StoreError):
     """An If-Match condition failed: the object was replaced (OSS 412)."""
 
 
+class AlreadyExists(StoreError):
+    """A put that was to create ``key`` found it taken, and wrote nothing (``if_absent``: OSS
+    ``x-oss-forbid-overwrite: true`` answers 409 FileAlreadyExists, oss-rest-api.md §3.1/§3.13)."""
+
+
 class StoreUnavailable(StoreError):
     """The store could not be reached or kept failing (5xx, throttling, resets, timeouts) until
     the retry policy gave up. Always ``temporary``."""
@@ -220,10 +225,12 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
-                       may_link: bool = False) -> ObjectInfo:
+                       may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
         """Upload the whole file at ``path`` as ``key`` with ``metadata``; returns the new object.
         ``may_link``: the file will not change again, so a ``local_disk`` store may keep it
-        instead of copying it."""
+        instead of copying it. ``if_absent``: only create ``key``, atomically: raises
+        AlreadyExists (nothing written) when an object is there (OSS ``x-oss-forbid-overwrite``;
+        OSS ignores it on a bucket with versioning enabled or suspended)."""
 
     @abc.abstractmethod
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
@@ -240,8 +247,10 @@ class ObjectStore(abc.ABC):
         (the OSS CSE rule, oss-cse-format.md §6). Returns the part's ETag."""
 
     @abc.abstractmethod
-    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
-        """Assemble ``parts`` [(number, etag)] into the object; returns it."""
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+                                 if_absent: bool = False) -> ObjectInfo:
+        """Assemble ``parts`` [(number, etag)] into the object; returns it. ``if_absent``: as
+        for :meth:`put_file` (AlreadyExists; the upload stays, for the caller to abort)."""
 
     @abc.abstractmethod
     async def abort_multipart(self, key: str, upload_id: str) -> None:

@@ -50,7 +50,8 @@ from urllib.parse import urlparse
 
 import trio
 
-from .base import ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+from .base import (AlreadyExists, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed,
+                   StoreError)
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,8 @@ class LocalStore(ObjectStore):
             data = await self._run(self._get_range, key, start, end, if_match)
         return data
 
-    def _put_file(self, key: str, path: str, meta: dict[str, str], may_link: bool) -> ObjectInfo:
+    def _put_file(self, key: str, path: str, meta: dict[str, str], may_link: bool,
+                  if_absent: bool = False) -> ObjectInfo:
         tmp = self._new_tmp()
         with _removed_on_failure(tmp):
             linked = False
@@ -382,16 +384,25 @@ class LocalStore(ObjectStore):
                 with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             size = os.lstat(tmp).st_size
-            return self._commit(key, tmp, size, meta)
+            return self._commit(key, tmp, size, meta, self._absent(key) if if_absent else None)
+
+    @staticmethod
+    def _absent(key: str) -> Callable[[sqlite3.Connection], None]:
+        """A ``_commit`` check: AlreadyExists when ``key`` has a row (x-oss-forbid-overwrite)."""
+        def check(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM objects WHERE key=?", (key,)).fetchone():
+                raise AlreadyExists("FileAlreadyExists: the object exists and may not be overwritten", key=key,
+                                    code="FileAlreadyExists")
+        return check
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
-                       may_link: bool = False) -> ObjectInfo:
+                       may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
         try:
             small = os.lstat(path).st_size <= _INLINE_WRITE_MAX
         except OSError as e:
             raise StoreError(f"local store {self.root}: {e}") from e
         run = self._run_write if small else self._run
-        return await run(self._put_file, key, path, metadata, may_link)
+        return await run(self._put_file, key, path, metadata, may_link, if_absent)
 
     def _put_bytes(self, key: str, data: bytes, meta: dict[str, str]) -> ObjectInfo:
         tmp = self._new_tmp()
@@ -462,7 +473,7 @@ class LocalStore(ObjectStore):
                           metadata: dict[str, str]) -> str:
         return await self._run(self._upload_part, key, upload_id, part_number, bytes(data))
 
-    def _complete(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
+    def _complete(self, key: str, upload_id: str, parts: list[tuple[int, str]], if_absent: bool) -> ObjectInfo:
         d = self._upload_dir(upload_id)
         try:
             with open(_open_read(os.path.join(d, "meta.json")), "rb") as f:
@@ -488,12 +499,13 @@ class LocalStore(ObjectStore):
                 out.flush()
                 os.fsync(out.fileno())
                 size = out.tell()
-            info = self._commit(m["key"], tmp, size, m["meta"])
+            info = self._commit(m["key"], tmp, size, m["meta"], self._absent(key) if if_absent else None)
         shutil.rmtree(d, ignore_errors=True)
         return info
 
-    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
-        return await self._run(self._complete, key, upload_id, parts)
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+                                 if_absent: bool = False) -> ObjectInfo:
+        return await self._run(self._complete, key, upload_id, parts, if_absent)
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         if upload_id.isalnum():

@@ -62,8 +62,8 @@ import trio
 import urllib3
 
 from ..retry import Budget, RetryPolicy, retry_async
-from .base import (KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
-                   StoreUnavailable)
+from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
+                   PreconditionFailed, StoreError, StoreUnavailable)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class _BadResponse(Exception):
 
 
 #: 4xx codes that mean "slow down", not "refused" (retried like a 503)
+_FORBID_OVERWRITE = "x-oss-forbid-overwrite"  # "true": create only (409 FileAlreadyExists), §3.1
 _THROTTLE_CODES = ("TooManyRequests", "Throttling", "SlowDown", "RequestTimeout", "QpsLimitExceeded")
 
 _thread_timeouts = threading.local()
@@ -404,6 +405,9 @@ class OssStore(ObjectStore):
             if status == 412:
                 return PreconditionFailed(f"{what}: the object changed (412 PreconditionFailed)",
                                           key=key, request_id=rid, code=code or "PreconditionFailed")
+            if status == 409 and code == "FileAlreadyExists":
+                return AlreadyExists(f"{what}: the object exists and may not be overwritten (409 {code})",
+                                     key=key, request_id=rid, code=code)
             if status >= 500 or status == 429 or code in _THROTTLE_CODES:
                 return StoreUnavailable(text, key=key, request_id=rid, code=code)
             return StoreError(text, key=key, request_id=rid, code=code)
@@ -459,7 +463,7 @@ class OssStore(ObjectStore):
             if err.temporary and budget is not None and budget.attempt > 1:
                 err.message += f" (gave up after {budget.attempt} attempts in {budget.elapsed():.1f}s)"
             level = (logging.DEBUG if isinstance(err, NoSuchKey) else
-                     logging.INFO if isinstance(err, PreconditionFailed)
+                     logging.INFO if isinstance(err, (PreconditionFailed, AlreadyExists))  # asked for: the caller decides
                      # an unreachable store: store/health.py logs one WARNING for the outage
                      or (err.temporary and self.health is not None) else logging.WARNING)
             log.log(level, "%s", err)
@@ -687,10 +691,13 @@ class OssStore(ObjectStore):
             return size, r
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
-                       may_link: bool = False) -> ObjectInfo:
-        """PutObject streaming the file at ``path`` (reopened for every attempt); as put_bytes."""
+                       may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
+        """PutObject streaming the file at ``path`` (reopened for every attempt); as put_bytes.
+        ``if_absent``: ``x-oss-forbid-overwrite: true`` (409 FileAlreadyExists → AlreadyExists)."""
         self._check_key(key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
+        if if_absent:
+            headers[_FORBID_OVERWRITE] = "true"
         size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=True)
         return ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
@@ -730,9 +737,10 @@ class OssStore(ObjectStore):
                     parts.pop(part_number, None)  # Complete then skips the combined CRC check
         return r.etag
 
-    def _complete_sync(self, key: str, upload_id: str, parts: list[oss2.models.PartInfo], crc: int | None):
+    def _complete_sync(self, key: str, upload_id: str, parts: list[oss2.models.PartInfo], crc: int | None,
+                       headers: dict[str, str]):
         try:
-            r = self._bucket.complete_multipart_upload(key, upload_id, parts)
+            r = self._bucket.complete_multipart_upload(key, upload_id, parts, headers=dict(headers))
             if crc is not None:
                 _check_crc("CompleteMultipartUpload", key, crc, r)
             return r
@@ -743,13 +751,15 @@ class OssStore(ObjectStore):
                              "match the uploaded parts; upload it again", key=key,
                              request_id=e.request_id or None) from e
 
-    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+                                 if_absent: bool = False) -> ObjectInfo:
         """CompleteMultipartUpload (§3.13) of ``parts`` [(number, etag)], then HeadObject for the
         size, mtime and metadata. When this process uploaded every listed part, the object's
         CRC-64 (combined from the parts') is checked against OSS's. If an attempt failed in
         transit and the retry meets NoSuchUpload, the first attempt may have succeeded: the
         object is accepted when its ETag says it has ``len(parts)`` parts. Raises NoSuchKey (no
-        such upload), StoreError (400 InvalidPart, EntityTooSmall ...)."""
+        such upload), AlreadyExists (``if_absent``: ``x-oss-forbid-overwrite``, checked by OSS at
+        Complete), StoreError (400 InvalidPart, EntityTooSmall ...)."""
         with self._parts_lock:
             known = self._parts.get(upload_id) or {}
         infos = [oss2.models.PartInfo(n, etag) for n, etag in sorted(parts)]
@@ -761,7 +771,7 @@ class OssStore(ObjectStore):
         seen: list = []
         try:
             r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos, crc,
-                                 transient_seen=seen, bulk=True)  # OSS may take long to join the parts
+                                 {_FORBID_OVERWRITE: "true"} if if_absent else {}, transient_seen=seen, bulk=True)  # OSS may take long to join the parts
             etag = r.etag
         except NoSuchKey:
             if not seen:

@@ -244,9 +244,10 @@ class FaultStore(ObjectStore):
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
         return await self._run("get_range", (key,), lambda: self.inner.get_range(key, start, end, if_match=if_match))
 
-    async def put_file(self, key: str, path: str, metadata: dict[str, str], *, may_link: bool = False) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, metadata: dict[str, str], *, may_link: bool = False,
+                       if_absent: bool = False) -> ObjectInfo:
         return await self._run("put_file", (key,),
-                               lambda: self.inner.put_file(key, path, metadata, may_link=may_link))
+                               lambda: self.inner.put_file(key, path, metadata, may_link=may_link, if_absent=if_absent))
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
         return await self._run("put_bytes", (key,), lambda: self.inner.put_bytes(key, data, metadata))
@@ -259,9 +260,10 @@ class FaultStore(ObjectStore):
         return await self._run("upload_part", (key,),
                                lambda: self.inner.upload_part(key, upload_id, part_number, data, metadata))
 
-    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+                                 if_absent: bool = False) -> ObjectInfo:
         return await self._run("complete_multipart", (key,),
-                               lambda: self.inner.complete_multipart(key, upload_id, parts))
+                               lambda: self.inner.complete_multipart(key, upload_id, parts, if_absent=if_absent))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         return await self._run("abort_multipart", (key,), lambda: self.inner.abort_multipart(key, upload_id))
