@@ -113,8 +113,10 @@ def test_budget_cuts_each_attempt_timeout_to_the_deadline():
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         retry_sync(policy, attempt)
-    assert time.monotonic() - t0 < 1.2 + 0.3
+    # the values prove the cut; the clock only that no second 10 s wait followed (slack: a
+    # loaded machine wakes a 1.2 s sleep late)
     assert waits[0] == pytest.approx(1.2, abs=0.05) and len(waits) == 1
+    assert time.monotonic() - t0 < 1.2 + 2.0
 
 
 def test_budget_without_deadline_and_min_attempt():
