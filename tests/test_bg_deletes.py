@@ -310,3 +310,54 @@ def test_fsync_of_a_directory_and_rm_r_leave_the_deletes_done(mount):
     shutil.rmtree(d)
     assert [k for k in mount.keys() if k.startswith("d")] == []
     assert not os.path.exists(d)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.expect_log(r"ossfuse\.store\.oss: OSS (DeleteMultiple|DELETE 'd/f\d').*HTTP 403 AccessDenied",
+                        r"deleting (\d unlinked objects|unlinked 'd/f\d') .* failed; (they stay|it stays) hidden",
+                        r"4 unlinked object\(s\) could not be deleted from the bucket \('d/f0', 'd/f1', 'd/f2' and "
+                        r"1 more\); other clients still see them until the next mount deletes them")
+def test_umount_exits_75_naming_the_objects_it_could_not_delete(tmp_path, cmk_path, oss_server):
+    """Deletes of unlinked files fail until the unmount (the bucket's policy refuses DELETE):
+    ``ossfuse umount`` says how many objects stay and names the first, exits 75 like for
+    failed uploads (not 0: other clients still see the objects); the daemon logs one ERROR line
+    for it and the registry says 75; the next mount deletes them."""
+    import json
+    import subprocess
+
+    from conftest import OSSFUSE, Mount
+    from ossfuse.registry import registry_path
+
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config(store_options="retries = 0")
+    m.start()
+    try:
+        os.mkdir(m.path("d"))
+        for i in range(5):
+            with open(m.path("d", f"f{i}"), "wb") as f:
+                f.write(b"x%d" % i)
+                os.fsync(f.fileno())
+        oss_server.faults.add(status=403, count=None, methods=("POST",), query="delete")
+        oss_server.faults.add(status=403, count=None, methods=("DELETE",))
+        for i in range(4):
+            os.unlink(m.path("d", f"f{i}"))
+        assert sorted(os.listdir(m.path("d"))) == ["f4"]
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 75, r.stderr
+        assert ("4 unlinked object(s) could not be deleted from the bucket ('d/f0', 'd/f1', 'd/f2' and 1 more); "
+                "other clients still see them until the next mount deletes them") in r.stderr, r.stderr
+        assert "uploads failed" not in r.stderr
+        m.pid = None
+        assert {r.key for r in oss_server.requests_for(method="DELETE")} == {"d/f0", "d/f1", "d/f2", "d/f3"}
+        with open(registry_path(m.mnt)) as f:
+            reg = json.load(f)
+        assert (reg["status"], reg["undeleted"], reg["undeleted_keys"]) == (75, 4, ["d/f0", "d/f1", "d/f2", "d/f3"])
+        assert len([line for line in m.log().splitlines() if "could not be deleted from the bucket" in line]) == 1
+        assert sorted(k for k in m.keys() if k.startswith("d/")) == ["d/", "d/f0", "d/f1", "d/f2", "d/f3", "d/f4"]
+        oss_server.faults.clear()
+        m.start()  # deletes them before it serves
+        assert sorted(k for k in m.keys() if k.startswith("d/")) == ["d/", "d/f4"]
+        assert sorted(os.listdir(m.path("d"))) == ["f4"]
+        assert m.stop() == 0
+    finally:
+        m.cleanup()
