@@ -220,6 +220,63 @@ def test_directory_rename_after_a_failed_batch_never_brings_the_files_back(tmp_p
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again")
+def test_rmdir_after_a_failed_batch_deletes_the_children_first_and_succeeds(tmp_path, cmk_path):
+    """A batch failed, the store answers again before its retry (30 s away): rmdir tries the
+    failed deletes below the directory first and succeeds at once, the children's objects
+    leaving the bucket before the marker (the break test got EIO until the retry)."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 2)
+            await _unlink_two_with_deletes_failing(fs, d)
+            fs.store.clear()
+            fs.store.reset_counts()
+            await fs.rmdir(root, "d")
+            assert await _bucket_keys(fs, "pre/") == []
+            assert not await exists(fs, "d", root)
+            deletes = [keys for op, keys in fs.store.calls if op == "delete"]
+            assert deletes == [("pre/d/f000",), ("pre/d/f001",), ("pre/d/",)]  # the marker last
+            assert fs.deferred_deletes.pending == {} and not fs.deferred_deletes.ready
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again",
+                        r"ERROR ossfuse\.fs\.namespace: cannot remove 'pre/d/': 2 objects deleted below it are not "
+                        r"deleted from the bucket yet \('pre/d/f000': injected fault: delete 'pre/d/f000': permanent "
+                        r"failure\); they are tried again")
+def test_rmdir_while_a_failed_delete_below_still_fails_is_eio_and_keeps_the_directory(tmp_path, cmk_path, caplog):
+    """The failed deletes below a directory still fail when rmdir tries them again: EIO with
+    one ERROR line naming the object and the reason; the marker stays (the directory is still
+    there, empty), and once the store deletes them rmdir succeeds."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 2)
+            await _unlink_two_with_deletes_failing(fs, d)
+            fs.store.clear()
+            fs.store.fail(("delete_many", "delete"), key="pre/d/f*", error="permanent", count=None)
+            caplog.clear()
+            with pytest.raises(FsError) as e:
+                await fs.rmdir(root, "d")
+            assert e.value.errno == errno.EIO
+            assert [r.levelname for r in caplog.records if r.levelno >= 30] == ["ERROR"]
+            assert await _bucket_keys(fs, "pre/") == ["pre/d/", "pre/d/f000", "pre/d/f001"]
+            assert (await fs.lookup(root, "d")).is_dir and await listed_names(fs, d) == []
+            fs.store.clear()
+            await fs.rmdir(root, "d")
+            assert await _bucket_keys(fs, "pre/") == []
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_crash_with_queued_deletes_finishes_them_at_the_next_mount(tmp_path, cmk_path):
     """The daemon dies while deletes are queued (their batch never answered): the next mount
     hides those names at once and deletes them before it serves (finish_unlinks)."""
