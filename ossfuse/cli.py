@@ -3,7 +3,8 @@ mount(8) helper.
 
 Exit status: 0 success; 1 a one-line error on stderr (bad config, missing key file, mount point
 busy, …; ``umount``: the last changes of the files it names could not be saved and are lost);
-75 unmounted but uploads are still journaled (they finish on the next mount).
+75 unmounted but uploads are still journaled, or deletes of unlinked objects failed (the next
+mount finishes them).
 """
 from __future__ import annotations
 
@@ -291,8 +292,16 @@ def cmd_umount(args) -> int:
               f"cache dir (full?) and are lost: {shown} (see the log in the cache dir)", file=sys.stderr)
         return 1
     if reg.get("status") == EXIT_PENDING:
-        print("ossfuse: unmounted; some uploads failed and stay journaled until the next mount "
-              "(see the log in the cache dir)", file=sys.stderr)
+        undeleted = reg.get("undeleted") or 0
+        left = []
+        if reg.get("journaled", 0 if undeleted else 1):  # (a registry without the field: uploads)
+            left.append("some uploads failed and stay journaled until the next mount")
+        if undeleted:
+            keys = reg.get("undeleted_keys") or []
+            shown = ", ".join(repr(k) for k in keys[:3]) + (f" and {undeleted - 3} more" if undeleted > 3 else "")
+            left.append(f"{undeleted} unlinked object(s) could not be deleted from the bucket ({shown}); other "
+                        f"clients still see them until the next mount deletes them")
+        print(f"ossfuse: unmounted; {'; '.join(left)} (see the log in the cache dir)", file=sys.stderr)
         return EXIT_PENDING
     if reg.get("status"):
         return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}")

@@ -11,7 +11,8 @@ Exit status: 0 every closed file is in the bucket; 1 a background task failed (t
 which; uploads were still drained), or the last changes of some files could not be saved in
 the cache dir (a full disk at close: each named in an ERROR line and in the registry's
 ``unsaved``; they are lost); 75 (EX_TEMPFAIL) some files are still journaled and upload on the
-next mount.
+next mount, or some unlinked objects could not be deleted (one ERROR line naming the first
+few; registry ``undeleted``/``undeleted_keys``) and are deleted by the next mount.
 """
 from __future__ import annotations
 
@@ -211,7 +212,8 @@ class NoReadiness:
 
 def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) -> int:
     """Mount and serve until unmounted; returns the exit status: 0, EXIT_PENDING (uploads left
-    in the journal) or EXIT_FAILED (a background task failed: logged, unmounted, drained).
+    in the journal, or deletes left for the next mount) or EXIT_FAILED (a background task
+    failed: logged, unmounted, drained).
     Raises MountError before mounting (bad CMK, busy or non-empty mount point, unsafe cache or
     runtime dir, store unreachable for ``mount.startup_timeout`` seconds)."""
     mountpoint = os.path.abspath(mountpoint)
@@ -347,6 +349,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     life.session_open = True
     status = 0
     unsaved: list[str] = []  # paths whose last changes could not be saved (lost at exit)
+    journaled = 0  # files whose upload failed: journaled, uploaded at the next mount
+    undeleted: list[str] = []  # object keys unlinked here whose DELETE failed: done at the next mount
     try:
         async with trio.open_nursery() as nursery:
             # Every background task is supervised: one that fails is logged, then the mount
@@ -380,8 +384,14 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             # never claim journaled what is not: changes whose seal failed are named (ERROR each)
             journaled, unsaved = fs.pending_report()
             if journaled or (pending and not unsaved):
+                journaled = journaled or pending
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "
-                          "on the next mount", journaled or pending, fs.staging.dir)
+                          "on the next mount", journaled, fs.staging.dir)
+                status = EXIT_PENDING
+            undeleted = fs.pending_deletes()
+            if undeleted:  # recorded in the cache dir: the next mount deletes them before serving
+                log.error("%d unlinked object(s) could not be deleted from the bucket (%s); other clients "
+                          "still see them until the next mount deletes them", len(undeleted), _some(undeleted))
                 status = EXIT_PENDING
             if unsaved:
                 status = EXIT_FAILED
@@ -399,8 +409,15 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             status = EXIT_FAILED
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
                                   "exited": True, "status": status, "failure": life.failure,
-                                  "unsaved": unsaved})
+                                  "unsaved": unsaved, "journaled": journaled,
+                                  "undeleted": len(undeleted), "undeleted_keys": undeleted[:10]})
     return status
+
+
+def _some(keys: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``keys`` for one log line: ``'a', 'b', 'c' and 7 more``."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(repr(k) for k in keys[:shown]) + more
 
 
 def _pending(fs: Filesystem) -> tuple[int, int]:

@@ -220,6 +220,63 @@ def test_directory_rename_after_a_failed_batch_never_brings_the_files_back(tmp_p
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again")
+def test_rmdir_after_a_failed_batch_deletes_the_children_first_and_succeeds(tmp_path, cmk_path):
+    """A batch failed, the store answers again before its retry (30 s away): rmdir tries the
+    failed deletes below the directory first and succeeds at once, the children's objects
+    leaving the bucket before the marker (the break test got EIO until the retry)."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 2)
+            await _unlink_two_with_deletes_failing(fs, d)
+            fs.store.clear()
+            fs.store.reset_counts()
+            await fs.rmdir(root, "d")
+            assert await _bucket_keys(fs, "pre/") == []
+            assert not await exists(fs, "d", root)
+            deletes = [keys for op, keys in fs.store.calls if op == "delete"]
+            assert deletes == [("pre/d/f000",), ("pre/d/f001",), ("pre/d/",)]  # the marker last
+            assert fs.deferred_deletes.pending == {} and not fs.deferred_deletes.ready
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again",
+                        r"ERROR ossfuse\.fs\.namespace: cannot remove 'pre/d/': 2 objects deleted below it are not "
+                        r"deleted from the bucket yet \('pre/d/f000': injected fault: delete 'pre/d/f000': permanent "
+                        r"failure\); they are tried again")
+def test_rmdir_while_a_failed_delete_below_still_fails_is_eio_and_keeps_the_directory(tmp_path, cmk_path, caplog):
+    """The failed deletes below a directory still fail when rmdir tries them again: EIO with
+    one ERROR line naming the object and the reason; the marker stays (the directory is still
+    there, empty), and once the store deletes them rmdir succeeds."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 2)
+            await _unlink_two_with_deletes_failing(fs, d)
+            fs.store.clear()
+            fs.store.fail(("delete_many", "delete"), key="pre/d/f*", error="permanent", count=None)
+            caplog.clear()
+            with pytest.raises(FsError) as e:
+                await fs.rmdir(root, "d")
+            assert e.value.errno == errno.EIO
+            assert [r.levelname for r in caplog.records if r.levelno >= 30] == ["ERROR"]
+            assert await _bucket_keys(fs, "pre/") == ["pre/d/", "pre/d/f000", "pre/d/f001"]
+            assert (await fs.lookup(root, "d")).is_dir and await listed_names(fs, d) == []
+            fs.store.clear()
+            await fs.rmdir(root, "d")
+            assert await _bucket_keys(fs, "pre/") == []
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_crash_with_queued_deletes_finishes_them_at_the_next_mount(tmp_path, cmk_path):
     """The daemon dies while deletes are queued (their batch never answered): the next mount
     hides those names at once and deletes them before it serves (finish_unlinks)."""
@@ -310,3 +367,54 @@ def test_fsync_of_a_directory_and_rm_r_leave_the_deletes_done(mount):
     shutil.rmtree(d)
     assert [k for k in mount.keys() if k.startswith("d")] == []
     assert not os.path.exists(d)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.expect_log(r"ossfuse\.store\.oss: OSS (DeleteMultiple|DELETE 'd/f\d').*HTTP 403 AccessDenied",
+                        r"deleting (\d unlinked objects|unlinked 'd/f\d') .* failed; (they stay|it stays) hidden",
+                        r"4 unlinked object\(s\) could not be deleted from the bucket \('d/f0', 'd/f1', 'd/f2' and "
+                        r"1 more\); other clients still see them until the next mount deletes them")
+def test_umount_exits_75_naming_the_objects_it_could_not_delete(tmp_path, cmk_path, oss_server):
+    """Deletes of unlinked files fail until the unmount (the bucket's policy refuses DELETE):
+    ``ossfuse umount`` says how many objects stay and names the first, exits 75 like for
+    failed uploads (not 0: other clients still see the objects); the daemon logs one ERROR line
+    for it and the registry says 75; the next mount deletes them."""
+    import json
+    import subprocess
+
+    from conftest import OSSFUSE, Mount
+    from ossfuse.registry import registry_path
+
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config(store_options="retries = 0")
+    m.start()
+    try:
+        os.mkdir(m.path("d"))
+        for i in range(5):
+            with open(m.path("d", f"f{i}"), "wb") as f:
+                f.write(b"x%d" % i)
+                os.fsync(f.fileno())
+        oss_server.faults.add(status=403, count=None, methods=("POST",), query="delete")
+        oss_server.faults.add(status=403, count=None, methods=("DELETE",))
+        for i in range(4):
+            os.unlink(m.path("d", f"f{i}"))
+        assert sorted(os.listdir(m.path("d"))) == ["f4"]
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 75, r.stderr
+        assert ("4 unlinked object(s) could not be deleted from the bucket ('d/f0', 'd/f1', 'd/f2' and 1 more); "
+                "other clients still see them until the next mount deletes them") in r.stderr, r.stderr
+        assert "uploads failed" not in r.stderr
+        m.pid = None
+        assert {r.key for r in oss_server.requests_for(method="DELETE")} == {"d/f0", "d/f1", "d/f2", "d/f3"}
+        with open(registry_path(m.mnt)) as f:
+            reg = json.load(f)
+        assert (reg["status"], reg["undeleted"], reg["undeleted_keys"]) == (75, 4, ["d/f0", "d/f1", "d/f2", "d/f3"])
+        assert len([line for line in m.log().splitlines() if "could not be deleted from the bucket" in line]) == 1
+        assert sorted(k for k in m.keys() if k.startswith("d/")) == ["d/", "d/f0", "d/f1", "d/f2", "d/f3", "d/f4"]
+        oss_server.faults.clear()
+        m.start()  # deletes them before it serves
+        assert sorted(k for k in m.keys() if k.startswith("d/")) == ["d/", "d/f4"]
+        assert sorted(os.listdir(m.path("d"))) == ["f4"]
+        assert m.stop() == 0
+    finally:
+        m.cleanup()

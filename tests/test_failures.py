@@ -67,14 +67,14 @@ def damaged(mount, other_cmk_path):
     add("truncated", body[:500], good_meta, (errno.EIO, "truncated"))
     other = Keyring(EncryptionConfig("o", (CmkConfig("o", "rsa", other_cmk_path),))).new_envelope("x")
     add("wrong-cmk", other.crypt(0, b"secret"), {**other.wrapped.headers(), env.H_PLAIN_LEN: "6"},
-        (errno.EIO, "cannot unwrap"))
+        (errno.EIO, "cannot read 'wrong-cmk': CMK 'main' cannot unwrap"))  # the open succeeded, the read failed
     add("unknown-matdesc", body, {**good_meta, env.H_MATDESC: '{"team": "nobody"}'},
         (errno.EACCES, "no CMK"))
     assert {"corrupt-key", "truncated", "wrong-cmk", "unknown-matdesc"} <= set(cases)
     return mount, cases
 
 
-@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: cannot open|WARNING ossfuse\.store\.oss: OSS PUT .missing-start.: HTTP 400")
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: cannot (open|read)|WARNING ossfuse\.store\.oss: OSS PUT .missing-start.: HTTP 400")
 def test_damaged_objects_give_errno_and_one_log_line_each(damaged):
     mount, cases = damaged
     for name, (want, reason) in cases.items():

@@ -19,6 +19,7 @@ import trio
 
 from fakes.core import committed_file, core_filesystem, core_store, exists, listed_names
 from ossfuse.fs import FsError
+from ossfuse.store.base import StoreUnavailable
 from ossfuse.store.health import StoreHealth, StoreOffline
 
 OFFLINE = r"store unreachable, working offline from the cache"
@@ -310,5 +311,91 @@ def test_a_listed_directory_the_kernel_forgot_and_looked_up_again_online_is_stil
         await fs.release(h)
         assert await listed_names(fs, again) == ["a", "off"]
         fs.close()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(OFFLINE, r"deleting 1 unlinked objects \('pre/d/f000'…\) failed; they stay hidden and are "
+                                 r"tried again: .*HTTP 503 ServiceUnavailable")
+def test_a_throttling_store_stays_online_and_only_unanswered_failures_take_it_offline(tmp_path, cmk_path):
+    """An HTTP answer proves the store reachable: 503 "Please reduce your request rate" on
+    every call (after the store's retries) fails those calls with the 503 itself, the mount
+    stays online (the background deletes of an ``rm`` met this on OSS and took the mount
+    offline for seconds); a call that gets no answer (refused, timeout) still takes it offline,
+    and a 503 answered to a probe brings it back."""
+
+    async def main():
+        store = _remote_store(tmp_path)
+        fs = core_filesystem(tmp_path, cmk_path, store, retry_interval=60.0)
+        health = StoreHealth(timeout=2.0, probe_interval=0.2)
+        fs.track_store_health(health)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
+            for name in ("f000", "f001"):
+                await committed_file(fs, name, b"data", d)
+            busy = store.fail(("delete_many", "delete"), error="busy", count=None)
+            await fs.unlink(d, "f000")  # its background batch is answered 503
+            await fs.namespace.settle_deletes()
+            assert busy.hits >= 1 and not health.offline
+            assert await store.inner.head("pre/d/f000") is not None  # not deleted: tried again later
+            assert (await fs.lookup(d, "f001")).size == 4
+            store.clear()
+            store.fail("*", error="busy", count=None)
+            for _ in range(5):
+                with pytest.raises(StoreUnavailable) as e:
+                    await store.head("pre/d/f001")
+                assert not isinstance(e.value, StoreOffline) and e.value.code == "ServiceUnavailable"
+            assert not health.offline and health.status()["online"]
+            store.clear()
+            store.fail("*", error="temporary", count=None)  # no answer: an outage
+            with pytest.raises(StoreOffline):
+                await store.head("pre/d/f001")
+            assert health.offline
+            store.clear()
+            store.fail("*", error="busy", count=None)
+            await trio.sleep(0.25)  # the next call is a probe; its 503 is an answer
+            with pytest.raises(StoreUnavailable) as e:
+                await store.head("pre/d/f001")
+            assert not isinstance(e.value, StoreOffline)
+            assert not health.offline
+            nursery.cancel_scope.cancel()
+        fs.close()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(OFFLINE, r"OSS HEAD 'k': HTTP 503 ServiceUnavailable", r"OSS DeleteMultiple: HTTP 503")
+def test_oss_503_answers_leave_the_mount_online_and_a_stopped_server_takes_it_offline(oss_server):
+    """Over the OSS test server: HEAD and DeleteMultipleObjects answered 503 on every attempt
+    raise the 503 (``answered``), not StoreOffline, and the mount stays online; once the server
+    is stopped (connection refused: no answer) the next call takes it offline."""
+    from conftest import AK, BUCKET, REGION, SK
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    async def main():
+        store = OssStore(BUCKET, oss_server.endpoint, region=REGION, signature="v4",
+                         credentials=StaticCredentialsProvider(AK, SK), retries=2, backoff=0.01, backoff_max=0.02)
+        health = StoreHealth(timeout=2.0, probe_interval=60.0)
+        store.health = health
+        await store.put_bytes("k", b"v", {})
+        oss_server.faults.add(status=503, count=None)
+        for call in (lambda: store.head("k"), lambda: store.delete_many(["k", "k2"])):
+            with pytest.raises(StoreUnavailable) as e:
+                await call()
+            assert not isinstance(e.value, StoreOffline) and e.value.answered and e.value.code == "ServiceUnavailable"
+            assert not health.offline
+        oss_server.faults.clear()
+        assert (await store.head("k")).size == 1
+        oss_server.stop()
+        try:
+            with pytest.raises(StoreOffline) as e:
+                await store.head("k")
+            assert isinstance(e.value.__cause__, StoreUnavailable) and not e.value.__cause__.answered
+            assert health.offline
+        finally:
+            oss_server.start()
+        await store.aclose()
 
     trio.run(main)

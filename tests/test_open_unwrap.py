@@ -113,7 +113,7 @@ def test_opens_for_writing_and_without_a_supervisor_still_unwrap_before_returnin
     trio.run(main)
 
 
-@pytest.mark.expect_log(r"ossfuse\.fs\.files: cannot open 'pre/f': CMK 'k' cannot unwrap the data key")
+@pytest.mark.expect_log(r"ossfuse\.fs\.files: cannot read 'pre/f': CMK 'k' cannot unwrap the data key")
 def test_a_background_unwrap_that_fails_is_eio_at_the_read_with_one_log_line(tmp_path, cmk_path, other_cmk_path,
                                                                              caplog):
     from fakes.core import committed_file, core_filesystem
@@ -140,4 +140,4 @@ def test_a_background_unwrap_that_fails_is_eio_at_the_read_with_one_log_line(tmp
         trio.run(main)
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage() for r in lines] == [
-        "cannot open 'pre/f': CMK 'k' cannot unwrap the data key (wrong CMK or corrupt key header)"]
+        "cannot read 'pre/f': CMK 'k' cannot unwrap the data key (wrong CMK or corrupt key header)"]

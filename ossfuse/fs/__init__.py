@@ -163,11 +163,17 @@ class Filesystem:
 
     async def drain(self) -> int:
         """Upload everything still staged and retry failed deletes of unlinked files (unmount);
-        returns how many files remain pending upload (deletes left are logged)."""
+        returns how many files remain pending upload (the deletes left: :meth:`pending_deletes`)."""
         left = await self.scheduler.drain()
         await self.namespace.finish_deletes()
         await self.commit.sync_store()  # unmount: what is in the bucket survives a power loss
         return left
+
+    def pending_deletes(self) -> list[str]:
+        """After :meth:`drain` at unmount: the object keys (sorted) whose delete is still
+        pending, failed or never sent; other clients see those objects until the next mount
+        deletes them (``finish_unlinks``)."""
+        return sorted(self.deferred_deletes.pending)
 
     def pending_report(self) -> tuple[int, list[str]]:
         """After :meth:`drain` at unmount: how many pending files have a journaled version, and

@@ -110,10 +110,12 @@ class Files:
         node.add_handle(h)
         return h
 
-    async def open_version(self, v: Version, wait: bool = True) -> None:
+    async def open_version(self, v: Version, wait: bool = True, doing: str = "open") -> None:
         """Unwrap the data key of ``v`` (once) and check the object is whole. Raises
         FsError(EACCES) when no CMK matches, FsError(EIO) for a corrupt envelope, a truncated
-        object or an unreachable KMS.
+        object or an unreachable KMS; one ERROR line ``cannot <doing> '<key>': <reason>``
+        (``doing``: the operation that needs the key, ``"open"`` or ``"read"``: a read-only
+        open returns before the CMK answers, so a wrong CMK is found by the read).
 
         ``wait=False`` (a read-only open, with the daemon's task supervisor set): what needs no
         CMK work is checked now (the envelope's headers, the size, which CMK reads it: EACCES
@@ -130,7 +132,7 @@ class Files:
                 return
             await pending.done.wait()
             if pending.error is not None:
-                self._error_once("cannot open %r: %s", v.key, pending.error)
+                self._error_once(f"cannot {doing} %r: %s", v.key, pending.error)
                 raise FsError(errno_of(pending.error))
             if v.envelope is not None:
                 return  # else another Version object of this (key, ETag) was unwrapped: cached now
@@ -151,7 +153,7 @@ class Files:
                 envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False)
             v.envelope = envelope
         except (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
-            self._error_once("cannot open %r: %s", v.key, e)
+            self._error_once(f"cannot {doing} %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
 
     async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
@@ -212,7 +214,7 @@ class Files:
         cache (fetching ahead to ``fetch_until``), checked against the version's integrity tags
         when it has them (docs/integrity.md). Raises FsError as :meth:`read`; EIO when a
         block fails its tag (one log line naming the object, the block and the ETag)."""
-        await self.open_version(v)
+        await self.open_version(v, doing="read")  # a read-only open did not wait for the CMK
         try:
             tags = (await self.cache.tags_for(v.key, v.etag, v.size, v.metadata, v.envelope.data_key, v.envelope.iv)
                     if v.envelope is not None else None)
@@ -258,7 +260,7 @@ class Files:
             v = node.version
             if v is None:
                 raise FsError(errno.EIO)
-            await self.open_version(v)
+            await self.open_version(v, doing="read")
             data = await self.read_version(v, 0, v.size)
             node.symlink_target = data.decode("utf-8", "surrogateescape")
         return node.symlink_target

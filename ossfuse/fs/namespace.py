@@ -201,20 +201,23 @@ class Namespace:
         return await store_request(self.deferred.visible_under(dkey), dkey)
 
     async def rmdir(self, parent: Node, name: str) -> None:
-        """Remove an empty directory (children whose DELETE is queued count as gone; the
-        marker's DELETE waits for theirs, with no lock held). Raises FsError ENOENT, ENOTDIR,
-        ENOTEMPTY, EIO."""
+        """Remove an empty directory (children whose DELETE is queued or failed count as gone;
+        the marker's DELETE waits for theirs, with no lock held, and failed ones below it are
+        tried again first). Raises FsError ENOENT, ENOTDIR, ENOTEMPTY, EIO (also when a failed
+        DELETE below it still fails: one ERROR line)."""
         node = await self.resolver.existing(parent, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         await self._keep_parent(parent)
         for attempt in range(_RECHECKS + 1):
-            await self.settle_deletes(self.naming.dir_key(node.path))
+            dkey = self.naming.dir_key(node.path)
+            await self.settle_deletes(dkey)
+            await self.retry_failed_deletes(dkey, "remove")  # the children's objects go before the marker
             async with self._existing_locked(parent, name, tree=True) as node:
                 if not node.is_dir:
                     raise FsError(errno.ENOTDIR)
                 dkey = self.naming.dir_key(node.path)
-                if attempt < _RECHECKS and self.deferred.queued_under(dkey):
+                if attempt < _RECHECKS and (self.deferred.queued_under(dkey) or self._failed_under(dkey)):
                     continue  # unlinked below it meanwhile: those DELETEs go first, the marker's last
                 # Listed under the tree lock (only operations inside this directory wait for it):
                 # a child this mount made after an earlier check would otherwise be orphaned.
@@ -433,17 +436,19 @@ class Namespace:
         if pending is not None:
             await self._finish_delete(node.path, *pending)
 
-    async def _finish_delete(self, path: str | None, key: str, etag: str) -> bool:
+    async def _finish_delete(self, path: str | None, key: str, etag: str, *,
+                             failures: list[str] | None = None) -> bool:
         """Delete version ``etag`` of ``key`` (at ``path``; None: outside the prefix), pending
         since an unlink. True when done or no longer wanted; False when the store failed (one
-        log line; retried in the background when a nursery is set)."""
+        log line, or the error appended to ``failures``: see ``DeferredDeletes.delete``;
+        retried in the background when a nursery is set)."""
         if path is None:
-            return await self.deferred.delete(key, etag)
+            return await self.deferred.delete(key, etag, failures=failures)
         async with self.locks.hold(names=[path]):  # no create or unlink of that name meanwhile
             if self._replaced_here(path, key, etag):
                 self.deferred.forget(key, etag)
                 return True
-            if await self.deferred.delete(key, etag):
+            if await self.deferred.delete(key, etag, failures=failures):
                 return True
         self._retry_soon()
         return False
@@ -555,16 +560,19 @@ class Namespace:
         """The failed pending deletes (key, ETag) below directory key ``dkey``, sorted."""
         return sorted(item for item in self.deferred.ready if item[0].startswith(dkey))
 
-    async def retry_failed_deletes(self, dkey: str) -> None:
+    async def retry_failed_deletes(self, dkey: str, doing: str) -> None:
         """Try again, now, the failed pending deletes below directory key ``dkey`` (no open
-        handle waits for them), so that a directory rename does not copy their hidden objects
-        to names no pending delete covers. Raises FsError(EIO), with one log line, if one
-        still fails. The caller holds no lock (each delete takes its name's lock)."""
+        handle waits for them): a directory rename must not copy their hidden objects to names
+        no pending delete covers, and rmdir deletes the marker only after its children. Raises
+        FsError(EIO) if one still fails, with one ERROR line naming ``doing`` (``"rename"``,
+        ``"remove"``), the first key left and why. The caller holds no lock (each delete takes
+        its name's lock)."""
+        failures: list[str] = []
         left = [key for key, etag in self._failed_under(dkey)
-                if not await self._finish_delete(self.naming.path_of(key), key, etag)]
+                if not await self._finish_delete(self.naming.path_of(key), key, etag, failures=failures)]
         if left:
-            log.error("cannot rename %r: %d objects deleted below it are not deleted from the bucket yet (%r…); "
-                      "they are tried again", dkey, len(left), left[0])
+            log.error("cannot %s %r: %d objects deleted below it are not deleted from the bucket yet (%r: %s); "
+                      "they are tried again", doing, dkey, len(left), left[0], failures[0] if failures else "?")
             raise FsError(errno.EIO)
 
     def check_deleted(self, dkey: str) -> None:
@@ -648,7 +656,7 @@ class Namespace:
             dkeys = [self.naming.dir_key(p) for p in (src_path, dst_path)] if src.is_dir else []
             for dkey in dkeys:  # a queued DELETE below either must not meet the copies (no lock held)
                 await self.settle_deletes(dkey)
-                await self.retry_failed_deletes(dkey)  # the copy would bring a hidden object back
+                await self.retry_failed_deletes(dkey, "rename")  # the copy would bring a hidden object back
             paths = [src_path, dst_path]
             async with self.locks.hold(trees=paths) if src.is_dir else self.locks.hold(names=paths):
                 if not (self._linked(src, src_path) and join(new_parent.path, new_name) == dst_path

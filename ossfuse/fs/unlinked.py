@@ -162,10 +162,12 @@ class DeferredDeletes:
                 log.error("pending-delete record %s is unreadable, kept for inspection: %s", name, e)
         return out
 
-    async def delete(self, key: str, etag: str) -> bool:
+    async def delete(self, key: str, etag: str, *, failures: list[str] | None = None) -> bool:
         """Delete ``key`` if it still holds version ``etag``, then forget the record. True when
-        done (or nothing to do); False when the store failed (one log line; the record stays,
-        the version stays hidden and is in ``ready``, to be tried again)."""
+        done (or nothing to do); False when the store failed (the record stays, the version
+        stays hidden and is in ``ready``, to be tried again): one log line, or, when the caller
+        passes ``failures`` (a list) to report the failure itself, the error appended to it
+        and an INFO line only."""
         try:
             info = await self.store.head(key)
             if info is not None and _norm(info.etag) == _norm(etag):
@@ -174,7 +176,9 @@ class DeferredDeletes:
                 log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
                          key, etag, info.etag)
         except StoreError as e:  # offline: the outage has its one WARNING (store/health.py)
-            log.log(logging.INFO if isinstance(e, StoreOffline) else logging.ERROR,
+            if failures is not None:
+                failures.append(str(e))
+            log.log(logging.INFO if isinstance(e, StoreOffline) or failures is not None else logging.ERROR,
                     "deleting unlinked %r (ETag %s) failed; it stays hidden and is tried again: %s", key, etag, e)
             self.ready.add((key, etag))
             return False

@@ -27,6 +27,12 @@ class StoreError(Exception):
       on it again at once. False: retrying cannot fix it (wrong credentials 403
       SignatureDoesNotMatch/InvalidAccessKeyId/AccessDenied, 404 NoSuchBucket, no credentials,
       a bad request, a full local disk); the store failed at the first answer.
+    * ``answered`` (bool): the store sent an HTTP answer (any status: a 503 "reduce your request
+      rate", a 500, a 403, a body that failed its CRC), so it is reachable; False when no answer
+      came (connection refused/reset, timeouts, DNS failures) or the failure is not the
+      store's. Only a temporary failure without an answer means "the store is unreachable"
+      (``store/health.py``: throttling must not take the mount offline). Default False; the
+      OSS backend sets it from what it got.
     * ``code`` (str | None): the server's error code (``SignatureDoesNotMatch``,
       ``NoSuchBucket``, ``ServiceUnavailable``…) or a local one (``ConnectionRefused``,
       ``Timeout``, ``NameResolution``, ``ConnectionReset``, ``CrcMismatch``, ``NoCredentials``).
@@ -38,14 +44,20 @@ class StoreError(Exception):
     temporary: bool = False
 
     def __init__(self, message: str, *, key: str | None = None, request_id: str | None = None,
-                 code: str | None = None, temporary: bool | None = None):
+                 code: str | None = None, temporary: bool | None = None, answered: bool = False):
         super().__init__(message)
         self.message = " ".join(message.split())  # one line, whatever the server sent
         self.key = key
         self.request_id = request_id
         self.code = code
+        self.answered = answered
         if temporary is not None:
             self.temporary = temporary
+
+    @property
+    def unreachable(self) -> bool:
+        """A temporary failure that got no answer from the store: what takes a mount offline."""
+        return self.temporary and not self.answered
 
     def __str__(self) -> str:
         return self.message + (f" [request id {self.request_id}]" if self.request_id else "")
@@ -66,7 +78,8 @@ class AlreadyExists(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store could not be reached or kept failing (5xx, throttling, resets, timeouts) until
-    the retry policy gave up. Always ``temporary``."""
+    the retry policy gave up. Always ``temporary``; ``answered`` tells a store that answered
+    (5xx, throttling) from one that did not (resets, timeouts, refused connections)."""
 
     temporary = True
 

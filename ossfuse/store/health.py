@@ -6,12 +6,12 @@ without one behaves as before). ``ObjectStore``'s per-operation wrapper (``store
 reports every outermost store call to it, and the OSS retry loop (``ossfuse.retry``) asks it
 how long to keep retrying. States:
 
-* **online** (``offline_since`` None): calls go through. A call that ends in a *temporary*
-  failure (``StoreUnavailable``: refused/reset connections, timeouts, 5xx after the store's
-  own retries, which stop after ``timeout`` seconds of failing) takes the mount offline: one
-  WARNING line, ``offline_since`` = that wall-clock time, and the call raises
-  :class:`StoreOffline` (a ``StoreUnavailable``) so the file system can answer from what it
-  has cached.
+* **online** (``offline_since`` None): calls go through. A call that ends in a temporary
+  failure *without an HTTP answer* (``StoreError.unreachable``: refused/reset connections,
+  timeouts, DNS failures, after the store's own retries, which stop after ``timeout`` seconds
+  of failing) takes the mount offline: one WARNING line, ``offline_since`` = that wall-clock
+  time, and the call raises :class:`StoreOffline` (a ``StoreUnavailable``) so the file system
+  can answer from what it has cached.
 * **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
   every ``probe_interval`` seconds that is let through as a probe (any operation; the daemon's
   :meth:`StoreHealth.watch` task makes one when nothing else does); calls made while a probe
@@ -20,8 +20,12 @@ how long to keep retrying. States:
   (the write-back scheduler queues its pending uploads at once instead of after
   ``mount.retry_interval``).
 
-Non-temporary failures (403, 404, a precondition) prove the store answers: they count as
-success. Everything runs on the trio thread; no lock, no await inside the state changes.
+Every failure that came with an HTTP answer proves the store reachable and counts as success:
+403, 404, a precondition, and also 5xx and throttling (OSS 503 "Please reduce your request
+rate", 429) that outlived the retries: the caller gets that error itself (EIO for the one
+request), and the mount stays online (a busy store is no outage: taking the mount offline
+would fail every other request for seconds, and the background batched deletes alone can be
+throttled). Everything runs on the trio thread; no lock, no await inside the state changes.
 """
 from __future__ import annotations
 
@@ -113,9 +117,10 @@ class StoreHealth:
 
     def failed(self, exc: StoreError) -> StoreError:
         """A store call raised ``exc``; returns what the caller should raise: a StoreOffline
-        (same message) for a temporary failure, which takes the mount offline if it was
-        online (one WARNING line); ``exc`` itself otherwise (the store answered)."""
-        if not exc.temporary:
+        (same message) for a failure without an answer (``exc.unreachable``), which takes the
+        mount offline if it was online (one WARNING line); ``exc`` itself otherwise (the store
+        answered, maybe with a 503: online)."""
+        if not exc.unreachable:
             self.succeeded()
             return exc
         if isinstance(exc, StoreOffline):

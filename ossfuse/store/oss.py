@@ -388,9 +388,10 @@ class OssStore(ObjectStore):
             return e
         if isinstance(e, oe.InconsistentError):
             return StoreError(f"{what}: CRC-64 mismatch between client and OSS (data damaged in transit)",
-                              key=key, request_id=rid, code="CrcMismatch", temporary=True)
+                              key=key, request_id=rid, code="CrcMismatch", temporary=True, answered=True)
         if isinstance(e, _BadResponse):
-            return StoreUnavailable(f"{what}: unusable answer: {e}", key=key, request_id=rid, code="BadResponse")
+            return StoreUnavailable(f"{what}: unusable answer: {e}", key=key, request_id=rid, code="BadResponse",
+                                    answered=True)
         if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
             code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts)
             cls = StoreUnavailable if temporary else StoreError
@@ -401,16 +402,17 @@ class OssStore(ObjectStore):
                 return StoreError(f"{what}: {e.body}", key=key, code="ClientError")
             text = f"{what}: HTTP {status} {code}: {e.message or ''}".rstrip(": ")
             if status == 404 and code in ("NoSuchKey", "NoSuchUpload", ""):
-                return NoSuchKey(f"{what}: {code or 'not found'}", key=key, request_id=rid, code=code or "NoSuchKey")
+                return NoSuchKey(f"{what}: {code or 'not found'}", key=key, request_id=rid, code=code or "NoSuchKey",
+                                 answered=True)
             if status == 412:
                 return PreconditionFailed(f"{what}: the object changed (412 PreconditionFailed)",
-                                          key=key, request_id=rid, code=code or "PreconditionFailed")
+                                          key=key, request_id=rid, code=code or "PreconditionFailed", answered=True)
             if status == 409 and code == "FileAlreadyExists":
                 return AlreadyExists(f"{what}: the object exists and may not be overwritten (409 {code})",
-                                     key=key, request_id=rid, code=code)
-            if status >= 500 or status == 429 or code in _THROTTLE_CODES:
-                return StoreUnavailable(text, key=key, request_id=rid, code=code)
-            return StoreError(text, key=key, request_id=rid, code=code)
+                                     key=key, request_id=rid, code=code, answered=True)
+            if status >= 500 or status == 429 or code in _THROTTLE_CODES:  # answered: busy, not offline
+                return StoreUnavailable(text, key=key, request_id=rid, code=code, answered=True)
+            return StoreError(text, key=key, request_id=rid, code=code, answered=True)
         if isinstance(e, _TRANSPORT_ERRORS):  # raised while a streamed body was read
             code, text, temporary = _network_failure(self.endpoint, e, timeouts)
             cls = StoreUnavailable if temporary else StoreError
@@ -465,7 +467,7 @@ class OssStore(ObjectStore):
             level = (logging.DEBUG if isinstance(err, NoSuchKey) else
                      logging.INFO if isinstance(err, (PreconditionFailed, AlreadyExists))  # asked for: the caller decides
                      # an unreachable store: store/health.py logs one WARNING for the outage
-                     or (err.temporary and self.health is not None) else logging.WARNING)
+                     or (err.unreachable and self.health is not None) else logging.WARNING)
             log.log(level, "%s", err)
             raise
 

@@ -21,7 +21,9 @@ Arming (all return the Rule):
 
 * ``fail(op, key="*", error="temporary", count=1)``: the call raises *before* reaching
   ``inner`` (nothing happens in the bucket). ``error`` is ``"temporary"`` (StoreUnavailable,
-  ``temporary=True``: what a real store raises once its own retries ran out), ``"permanent"``
+  ``temporary=True``, no answer: a refused connection or a timeout once the store's own retries
+  ran out), ``"busy"`` (StoreUnavailable with ``answered``: an HTTP 503 "Please reduce your
+  request rate" that outlived the retries), ``"permanent"``
   (StoreError, ``temporary=False``: e.g. AccessDenied), ``"no_such_key"`` (NoSuchKey),
   ``"precondition"`` (PreconditionFailed), a StoreError subclass, or a callable
   ``(op, key) -> BaseException``.
@@ -111,7 +113,7 @@ def _ops(op: str | Iterable[str]) -> frozenset[str] | None:
     return frozenset(names)
 
 
-_KINDS = ("temporary", "permanent", "no_such_key", "precondition")
+_KINDS = ("temporary", "busy", "permanent", "no_such_key", "precondition")
 
 
 def _check_spec(spec: ErrorSpec) -> ErrorSpec:
@@ -128,6 +130,9 @@ def _make_error(spec: ErrorSpec, op: str, key: str) -> BaseException:
         return spec(what, key=key)
     if spec == "temporary":
         return StoreUnavailable(f"{what}: temporary failure", key=key, code="InjectedTemporary")
+    if spec == "busy":
+        return StoreUnavailable(f"{what}: HTTP 503 ServiceUnavailable: Please reduce your request rate.", key=key,
+                                code="ServiceUnavailable", answered=True)
     if spec == "permanent":
         return StoreError(f"{what}: permanent failure", key=key, code="InjectedPermanent", temporary=False)
     if spec == "no_such_key":
