@@ -351,6 +351,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     unsaved: list[str] = []  # paths whose last changes could not be saved (lost at exit)
     journaled = 0  # files whose upload failed: journaled, uploaded at the next mount
     undeleted: list[str] = []  # object keys unlinked here whose DELETE failed: done at the next mount
+    not_durable: str | None = None  # why the unmount's durability barrier failed
     try:
         async with trio.open_nursery() as nursery:
             # Every background task is supervised: one that fails is logged, then the mount
@@ -395,6 +396,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                 status = EXIT_PENDING
             if unsaved:
                 status = EXIT_FAILED
+            if not fs.store_durable:  # its ERROR line is logged: a finished unmount promises durability
+                status, not_durable = EXIT_FAILED, ("the store's durability barrier failed: the last changes "
+                                                    "may not survive a power loss")
             if not pending:
                 log.info("all uploads are in the bucket")
             nursery.cancel_scope.cancel()
@@ -408,7 +412,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             log.error("exiting after a failure: %s", life.failure)
             status = EXIT_FAILED
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                                  "exited": True, "status": status, "failure": life.failure,
+                                  "exited": True, "status": status, "failure": life.failure or not_durable,
                                   "unsaved": unsaved, "journaled": journaled,
                                   "undeleted": len(undeleted), "undeleted_keys": undeleted[:10]})
     return status

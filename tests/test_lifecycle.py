@@ -337,3 +337,38 @@ def test_the_test_fixture_clears_a_dead_daemons_mount(tmp_path, cmk_path):
     assert m.in_mount_table()  # dead, still mounted
     m.cleanup()
     assert not m.in_mount_table()
+
+
+@pytest.mark.expect_log(r"making the store durable failed: .*syncfs: Input/output error")
+def test_umount_whose_durability_barrier_fails_exits_1_and_says_why(tmp_path, cmk_path):
+    """The local bucket's syncfs fails at the end of the drain (a disk write error): the
+    uploads are in the bucket but may not survive a power loss, which a finished unmount
+    promises, so ``ossfuse umount`` exits 1 naming the cause (not 0); one ERROR line in the log.
+    The fault: a sitecustomize that makes LocalStore._sync raise EIO in the daemon only."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
+        import errno, os
+        if os.environ.get("OSSFUSE_TEST_SYNC_EIO"):
+            from ossfuse.store import local
+
+            def _sync(self):
+                raise OSError(errno.EIO, "syncfs: " + os.strerror(errno.EIO))
+
+            local.LocalStore._sync = _sync
+    """))
+    env = dict(os.environ, PYTHONPATH=str(hook), OSSFUSE_TEST_SYNC_EIO="1")
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=90,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"data")
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stderr
+        assert "durability barrier failed" in r.stderr and "power loss" in r.stderr, r.stderr
+        assert m.log().count("making the store durable failed") == 1
+        assert m.keys() == ["f"]  # the upload itself is in the bucket
+    finally:
+        m.cleanup()

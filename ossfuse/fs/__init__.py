@@ -73,6 +73,7 @@ class Filesystem:
                                lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
         self.inodes = InodeTable(root, self.names, on_move=self.scheduler.moved)
         self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
+        self.store_durable = True  # False once the unmount's durability barrier (drain) failed
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,
                                  plaintext_objects=cfg.encryption.plaintext_objects,
@@ -163,10 +164,12 @@ class Filesystem:
 
     async def drain(self) -> int:
         """Upload everything still staged and retry failed deletes of unlinked files (unmount);
-        returns how many files remain pending upload (the deletes left: :meth:`pending_deletes`)."""
+        returns how many files remain pending upload (the deletes left: :meth:`pending_deletes`;
+        ``store_durable`` False: the store's durability barrier failed, logged)."""
         left = await self.scheduler.drain()
         await self.namespace.finish_deletes()
-        await self.commit.sync_store()  # unmount: what is in the bucket survives a power loss
+        # unmount: what is in the bucket survives a power loss
+        self.store_durable = await self.commit.sync_store()
         return left
 
     def pending_deletes(self) -> list[str]:
