@@ -418,3 +418,42 @@ def test_umount_exits_75_naming_the_objects_it_could_not_delete(tmp_path, cmk_pa
         assert m.stop() == 0
     finally:
         m.cleanup()
+
+
+def test_pending_deletes_of_a_crash_are_replayed_many_at_once(tmp_path, cmk_path):
+    """A crash in the middle of rm -r leaves many pending deletes; the next mount replays them
+    (HEAD against the recorded ETag, then DELETE) several at a time, not one after the other
+    (it serves only once they are done), and deletes every one of them."""
+    n = 40
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            d = await _files(fs, n + 1)
+            fs.store.delay("delete_many", 60)
+            for i in range(n):
+                await fs.unlink(d, f"f{i:03d}")
+            nursery.cancel_scope.cancel()  # the crash: the batch never ran
+        store = fs.store
+        store.clear()
+        in_flight, peak = 0, 0
+
+        async def enter(inner, op, keys):
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await trio.sleep(0.02)  # the HEAD's round trip
+
+        async def leave(inner, op, keys):
+            nonlocal in_flight
+            in_flight -= 1
+
+        store.hook("head", enter, key="pre/d/f*")
+        store.hook("head", leave, key="pre/d/f*", when="after")
+        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
+        assert await fs2.finish_unlinks() == 0
+        assert await _bucket_keys(fs2, "pre/d/") == ["pre/d/", f"pre/d/f{n:03d}"]
+        assert peak >= 8, peak
+        assert store.counts["delete"] == n
+
+    trio.run(main)

@@ -13,6 +13,7 @@ anyway. Node locks are taken after name locks, in ascending inode order."""
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import stat
@@ -23,6 +24,7 @@ from typing import AsyncIterator
 import trio
 
 from .. import integrity
+from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
@@ -43,6 +45,7 @@ from .unlinked import DeferredDeletes
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
+_FINISH_AT_ONCE = 16  # pending deletes replayed at once (a HEAD and a DELETE each)
 _RECHECKS = 3  # probes of a name that keeps changing before one is made under its lock
 
 
@@ -590,9 +593,16 @@ class Namespace:
         answered. Returns how many are left."""
         await self.settle_deletes()
         left = 0
-        for key, etag in sorted(self.deferred.ready):
+
+        async def finish(key: str, etag: str) -> None:
+            nonlocal left
             if not await self._finish_delete(self.naming.path_of(key), key, etag):
                 left += 1
+
+        # HEAD + DELETE each, _FINISH_AT_ONCE at a time (one name lock each): a crash in the
+        # middle of rm -r leaves thousands, and the next mount serves only once they are done
+        await run_all([functools.partial(finish, key, etag) for key, etag in sorted(self.deferred.ready)],
+                      _FINISH_AT_ONCE)
         return left
 
     async def _retry_deletes(self) -> None:
