@@ -41,6 +41,8 @@ sends the whole object's CRC on a 206, §5.3); a GET that returns the whole obje
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import email.utils
 import errno
 import functools
@@ -303,7 +305,7 @@ class OssStore(ObjectStore):
     """
 
     def __init__(self, bucket: str, endpoint: str, *, region: str | None = None, signature: str = "v4",
-                 credentials: CredentialsProvider, threads: int = 16, connect_timeout: float = 10.0,
+                 credentials: CredentialsProvider, threads: int = 32, connect_timeout: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 5, backoff: float = 0.25, backoff_max: float = 8.0,
                  deadline: float = 60.0, max_copy_size: int = COPY_LIMIT):
         self.max_copy_size = min(max_copy_size, COPY_LIMIT)
@@ -347,6 +349,9 @@ class OssStore(ObjectStore):
             raise ValueError(f"OSS bucket {bucket!r} at {endpoint!r}: {e.body}") from None
         self._settle_environment()
         self._lean_head = self._head_pool()
+        # worker threads of head_many's batches (each holds a limiter token while it works)
+        self._head_executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
+                                                                    thread_name_prefix="ossfuse-head")
         # part number -> (size, crc64) per upload id, for the whole-object CRC check at Complete
         self._parts: dict[str, dict[int, tuple[int, int]]] = {}
         self._parts_lock = threading.Lock()
@@ -549,7 +554,10 @@ class OssStore(ObjectStore):
         headers.setdefault("Accept", "*/*")
         connect, read = getattr(_thread_timeouts, "value", None) or (self.connect_timeout, self.read_timeout)
         pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        resp = pool.urlopen("HEAD", urllib3.util.parse_url(req.url).request_uri, headers=headers, body=None,
+        # the path and query of oss2's URL ("scheme://host/path?query", the key already quoted
+        # by _make_url): what urllib3's parse_url(...).request_uri gives, without its parse
+        parts = req.url.split("/", 3)
+        resp = pool.urlopen("HEAD", "/" + parts[3] if len(parts) > 3 else "/", headers=headers, body=None,
                             retries=False, redirect=False, assert_same_host=False, preload_content=False,
                             decode_content=False, timeout=urllib3.Timeout(connect=connect, read=read))
         try:
@@ -590,6 +598,89 @@ class OssStore(ObjectStore):
         StoreError for anything else, e.g. a missing bucket."""
         r = await self._head(key)
         return r[0] if r else None
+
+    def _head_batch_sync(self, keys: list[str], workers: int, timeouts: tuple[float, float],
+                         answers: list[Any], failures: dict[int, BaseException]) -> None:
+        """First attempts of HEADs of ``keys`` in this thread and ``workers - 1`` of the batch
+        executor's, each taking the next key until none is left: ``answers[i]`` gets key i's
+        (ObjectInfo, Content-Type), ``failures[i]`` its exception. After the first failure no
+        new key is started (a store that does not answer would hold each for a timeout); the
+        keys not tried keep ``answers[i]`` None and no failure."""
+        todo = collections.deque(range(len(keys)))
+        stop = threading.Event()
+
+        def work() -> None:
+            _thread_timeouts.value = timeouts
+            try:
+                while not stop.is_set():
+                    try:
+                        i = todo.popleft()
+                    except IndexError:
+                        return
+                    try:
+                        answers[i] = self._head_sync(keys[i])
+                    except Exception as e:  # noqa: BLE001 - classified by the caller
+                        failures[i] = e
+                        if not isinstance(self._to_store_error("HEAD", keys[i], e, timeouts), NoSuchKey):
+                            stop.set()
+            finally:
+                _thread_timeouts.value = None
+
+        helpers = [self._head_executor.submit(work) for _ in range(workers - 1)]
+        work()
+        for f in helpers:
+            f.result()
+
+    async def head_many(self, keys: list[str], parallel: int) -> list[ObjectInfo | None]:
+        """HEADs of ``keys`` (at most ``parallel`` and the store's ``threads`` at once), sent
+        from one thread hand-off per batch instead of one per key: each worker thread takes
+        the next key when its last is answered (``ls -l`` over OSS is a HEAD per entry, and a
+        hand-off cost as much event-loop CPU as the HEAD itself, ``bench/head_cost.py``). The
+        workers hold as many of the store's limiter tokens, so requests in flight never exceed
+        the connection pool. A key that is gone gives None. A key whose first attempt failed
+        otherwise (and the keys not tried after it) is asked again through :meth:`head`: the
+        one retry policy, its log line and error count. Raises that key's StoreError."""
+        if self._lean_head is None or len(keys) < 2 or parallel < 2 or (self.health is not None and self.health.offline):
+            return await super().head_many(keys, parallel)
+        # tokens of the store's limiter, one per worker: the first waits, the others only if free
+        slots: list[object] = [object()]
+        await self._limiter.acquire_on_behalf_of(slots[0])
+        try:
+            while len(slots) < min(parallel, len(keys)):
+                slot = object()
+                try:
+                    self._limiter.acquire_on_behalf_of_nowait(slot)
+                except trio.WouldBlock:
+                    break
+                slots.append(slot)
+            connect, read = self.connect_timeout, self.read_timeout
+            if self.health is not None:  # a metadata request: at most the offline bound (_call)
+                connect, read = min(connect, self.health.timeout), min(read, self.health.timeout)
+            timeouts = (connect, min(read, self.policy.deadline or read))
+            answers: list[Any] = [None] * len(keys)
+            failures: dict[int, BaseException] = {}
+            await trio.to_thread.run_sync(self._head_batch_sync, keys, len(slots), timeouts, answers, failures)
+        finally:
+            for slot in slots:
+                self._limiter.release_on_behalf_of(slot)
+        out: list[ObjectInfo | None] = [a[0] if a is not None else None for a in answers]
+        again: list[int] = []
+        for i, e in failures.items():
+            err = self._to_store_error("HEAD", keys[i], e, timeouts)
+            if isinstance(err, NoSuchKey):
+                continue  # gone: None, as head() answers
+            again.append(i)
+            self.counters.retries["HEAD"] += 1
+            log.info("OSS HEAD %r: attempt failed: %s; asking again", keys[i], err or e)
+        again += [i for i, a in enumerate(answers) if a is None and i not in failures]  # not tried
+        self.counters.calls["head"] += len(keys) - len(again)
+        if len(again) < len(keys) and self.health is not None:
+            self.health.succeeded()
+        if again:
+            redo = await super().head_many([keys[i] for i in again], parallel)
+            for i, info in zip(again, redo, strict=True):
+                out[i] = info
+        return out
 
     @staticmethod
     def _read_all(res) -> bytes:
@@ -903,7 +994,8 @@ class OssStore(ObjectStore):
             pass
 
     async def aclose(self) -> None:
-        """Close the pooled connections."""
+        """Close the pooled connections and head_many's idle threads."""
+        self._head_executor.shutdown(wait=False)
         self._session.session.close()
 
     def _delete_many_sync(self, keys: KeyList) -> KeyList:
