@@ -5,8 +5,10 @@ Section numbers (§) refer to ``shared/spec/oss-rest-api.md``.
 Concurrency: every oss2 call runs in ``trio.to_thread.run_sync`` behind ONE
 ``trio.CapacityLimiter(threads)``; all threads share one ``oss2.Session`` (one requests
 connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject alone
-skips oss2's and requests' request machinery: signed by the Bucket's auth, sent on that same
-urllib3 pool (``OssStore._head_sync``; ``ls -l`` is a HEAD per entry, bound by client CPU).
+skips oss2's and requests' request machinery: signed by the Bucket's auth, sent by http.client
+on a connection of that same urllib3 pool (``OssStore._head_sync``; ``ls -l`` is a HEAD per
+entry, bound by client CPU), and ``head_many`` sends many from one thread hand-off, its worker
+threads holding as many limiter tokens.
 
 Authentication: ``oss2.ProviderAuth`` (signature V1, §6.2) or ``oss2.ProviderAuthV4`` (V4, §6.3;
 needs the region) over an :class:`~ossfuse.store.credentials.CredentialsProvider`, asked on every
@@ -576,14 +578,15 @@ class OssStore(ObjectStore):
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
 
         Signed by oss2's own auth (V1 or V4, the security token included) exactly as
-        ``Bucket.head_object`` signs it, but sent on the shared urllib3 pool directly: oss2's
-        Response/result objects and requests' per-request work (settings merge, cookie jar,
-        hooks, header dict copies) were ~0.4 ms of a HEAD's ~1.1 ms of client CPU
-        (``bench/head_cost.py``), and ``ls -l`` over OSS is one HEAD per entry, bound by that
-        CPU. A failure raises what oss2 would: an ``oss2.exceptions`` error made from the
+        ``Bucket.head_object`` signs it, but sent by http.client on a connection of the shared
+        urllib3 pool (``_head_on_pool``): oss2's Response/result objects and requests'
+        per-request work (settings merge, cookie jar, hooks, header dict copies) were ~0.4 ms
+        of a HEAD's ~1.1 ms of client CPU, urllib3's urlopen and response wrapper ~40% of the
+        rest (``bench/head_cost.py``), and ``ls -l`` over OSS is one HEAD per entry, bound by
+        that CPU. A failure raises what oss2 would: an ``oss2.exceptions`` error made from the
         answer (its code from the ``x-oss-err`` header, §2.3; a 3xx is one too: a signed
-        request is not followed elsewhere), or urllib3's exception for a failure below HTTP
-        (``_to_store_error`` maps both)."""
+        request is not followed elsewhere), or the http.client, urllib3 (connect) or socket
+        exception for a failure below HTTP (``_to_store_error`` maps both)."""
         if self._lean_head is None:
             r = self._bucket.head_object(key)
             mtime = float(r.last_modified) if r.last_modified is not None else (_http_time(r.headers) or 0.0)
