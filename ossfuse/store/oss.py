@@ -286,7 +286,7 @@ def _head_on_pool(pool: urllib3.HTTPConnectionPool, uri: str, headers: dict[str,
     checks at ``_get_conn``) is the pool's, so there are never more than its ``maxsize`` kept.
     Raises http.client's, urllib3's (connect) or socket errors; a connection that failed, or
     that the server closes, is not put back (its slot is)."""
-    conn = pool._get_conn()
+    conn: Any = pool._get_conn()  # urllib3.connection.HTTP(S)Connection: an http.client.HTTPConnection
     try:
         if conn.sock is None:
             conn.timeout = connect
