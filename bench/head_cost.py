@@ -8,7 +8,7 @@ base64 RSA-3072 wrapped key, mode/uid/gid/mtime/ctime), then HEADs all of them f
 seconds and this process's CPU (user+sys, all threads) per HEAD in ms. ``ls -l`` of N files over
 OSS costs ~N HEADs; on 2 cores with the server beside it, that CPU is what bounds it.
 
-    .venv/bin/python bench/head_cost.py [--n 2000] [--parallel 16] [--rounds 3] [--signature v4]
+    .venv/bin/python bench/head_cost.py [--n 2000] [--parallel 16] [--rounds 3] [--signature v4] [--batch 256]
     PYTHONPATH=/tmp/base .venv/bin/python bench/head_cost.py    # another checkout's ossfuse
     .venv/bin/python bench/head_cost.py --profile /tmp/heads.txt  # + py-spy (raw, threads)
 
@@ -51,7 +51,12 @@ def file_meta(i: int) -> dict[str, str]:
     }
 
 
-async def heads(store, keys: list[str], parallel: int) -> None:
+async def heads(store, keys: list[str], parallel: int, batch: int) -> None:
+    if batch:  # as fs/readdir.py asks since head_many: a batch of keys at a time
+        for i in range(0, len(keys), batch):
+            infos = await store.head_many(keys[i:i + batch], parallel)
+            assert all(info is not None and info.size == 4096 for info in infos)
+        return
     sem = trio.Semaphore(parallel)
 
     async def one(k: str) -> None:
@@ -67,8 +72,10 @@ async def heads(store, keys: list[str], parallel: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--parallel", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=16, help="OssStore threads (limiter, pool)")
+    ap.add_argument("--parallel", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=32, help="OssStore threads (limiter, pool)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="HEAD through store.head_many, this many keys per call (readdir: 256); 0: a head() per key")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--signature", default="v4")
     ap.add_argument("--profile", default=None, help="write a py-spy raw profile of the HEAD rounds here")
@@ -99,7 +106,7 @@ def main() -> int:
         walls, cpus = [], []
         for r in range(args.rounds):
             c0, t0 = cpu(), time.monotonic()
-            trio.run(heads, store, keys, args.parallel)
+            trio.run(heads, store, keys, args.parallel, args.batch)
             wall, used = time.monotonic() - t0, cpu() - c0
             walls.append(wall)
             cpus.append(used)
@@ -107,7 +114,7 @@ def main() -> int:
                   f"client CPU {used * 1000 / args.n:.3f} ms per HEAD", flush=True)
         print(f"median: {statistics.median(walls):.2f} s, client CPU "
               f"{statistics.median(cpus) * 1000 / args.n:.3f} ms per HEAD (parallel {args.parallel}, "
-              f"threads {args.threads}, {args.signature})")
+              f"threads {args.threads}, batch {args.batch or 'none'}, {args.signature})")
         trio.run(store.aclose)
     finally:
         if spy is not None:

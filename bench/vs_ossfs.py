@@ -90,6 +90,18 @@ def classify(rec) -> str:
 KINDS = ["HEAD", "GET", "LIST", "PUT", "COPY", "INIT", "PART", "COMPLETE", "POST", "DELETE"]
 
 
+def proc_cpu(pid: int | None) -> float | None:
+    """utime + stime of process ``pid`` in seconds (all its threads), None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Net:
     """Two network namespaces, a veth pair, optional delay (nfqdelay on both receiving ends)."""
 
@@ -268,10 +280,22 @@ class Bench:
         sh(self.net.client([PY, "-c", API, self.endpoint, bucket, *a]))
 
     # -- measurement --------------------------------------------------------------------------
+    def client_pid(self, c: str) -> int | None:
+        """The FUSE daemon's pid of client ``c`` while it is mounted (nsenter execs it)."""
+        if c == "ossfs":
+            return self.ossfs_proc.pid if self.ossfs_proc is not None else None
+        sys.path.insert(0, self.args.ossfuse_tree or REPO)
+        from ossfuse.registry import read_registry
+        reg = read_registry(self.mnt(c))
+        return int(reg["pid"]) if reg else None
+
     def step(self, d: int, r: int, c: str, name: str, fn) -> None:
-        """Time ``fn()``, count the server's requests during it, keep a row."""
+        """Time ``fn()``, count the server's requests during it, and the CPU seconds
+        (utime + stime) the client's daemon and the server spent meanwhile; keep a row."""
         prof = self.pyspy(d, r, c, name)
         self.server.call("clear_requests")
+        pids = {"client_cpu": self.client_pid(c), "server_cpu": self.server.proc.pid}
+        cpu0 = {k: proc_cpu(p) for k, p in pids.items()}
         t0 = time.monotonic()
         ok = True
         try:
@@ -280,6 +304,8 @@ class Bench:
             ok = False
             self.problems.append(f"{d} ms r{r} {c} {name}: {e}")
         secs = time.monotonic() - t0
+        cpu = {k: proc_cpu(p) - cpu0[k] if cpu0[k] is not None and proc_cpu(p) is not None else ""
+               for k, p in pids.items()}
         if prof is not None:
             if prof.poll() is None:
                 prof.send_signal(signal.SIGINT)
@@ -295,7 +321,9 @@ class Bench:
             counts[k] = counts.get(k, 0) + 1
         bd = " ".join(f"{k}:{counts[k]}" for k in KINDS + sorted(set(counts) - set(KINDS)) if counts.get(k))
         row = dict(delay_ms=d, round=r, client=c, workload=name, seconds=round(secs, 3), requests=len(reqs),
-                   breakdown=bd, ok=int(ok), load1=open("/proc/loadavg").read().split()[0])
+                   breakdown=bd, ok=int(ok), load1=open("/proc/loadavg").read().split()[0],
+                   client_cpu=cpu["client_cpu"] if cpu["client_cpu"] == "" else round(cpu["client_cpu"], 3),
+                   server_cpu=cpu["server_cpu"] if cpu["server_cpu"] == "" else round(cpu["server_cpu"], 3))
         self.rows.append(row)
         new = not os.path.exists(self.raw)
         with open(self.raw, "a", newline="") as f:
@@ -303,7 +331,8 @@ class Bench:
             if new:
                 w.writeheader()
             w.writerow(row)
-        say(f"{d} ms r{r} {c} {name} {secs:.2f} s, {len(reqs)} requests ({bd}){'' if ok else ' FAILED'}")
+        say(f"{d} ms r{r} {c} {name} {secs:.2f} s, {len(reqs)} requests ({bd}), CPU s client {row['client_cpu']} "
+            f"server {row['server_cpu']}{'' if ok else ' FAILED'}")
 
     def pyspy(self, d: int, r: int, c: str, name: str) -> subprocess.Popen | None:
         """With ``--profile DIR``: py-spy (raw collapsed stacks, --threads) records the ossfuse
@@ -320,7 +349,8 @@ class Bench:
         os.makedirs(a.profile, exist_ok=True)
         out = os.path.join(a.profile, f"{name}-{d}ms-r{r}.txt")
         prof = subprocess.Popen([os.path.join(os.path.dirname(PY), "py-spy"), "record", "--pid", str(reg["pid"]),
-                                 "--rate", "200", "--format", "raw", "-o", out, "--nonblocking", "--threads"],
+                                 "--rate", "200", "--format", "raw", "-o", out, "--nonblocking", "--threads",
+                                 *(["--gil"] if a.profile_gil else [])],
                                 stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"))
         time.sleep(1.0)  # let py-spy attach
         return prof
@@ -506,7 +536,11 @@ def table(rows: list[dict], args) -> str:
 
     def breakdown(d, c, parts):
         rd = rounds[len(rounds) // 2]
-        return " + ".join(cell[(d, rd, c, p)]["breakdown"] for p in parts if (d, rd, c, p) in cell)
+        def one(row):
+            cpu = "" if row.get("client_cpu") in ("", None) else \
+                f" (CPU s: daemon {float(row['client_cpu']):.2f}, server {float(row['server_cpu'] or 0):.2f})"
+            return row["breakdown"] + cpu
+        return " + ".join(one(cell[(d, rd, c, p)]) for p in parts if (d, rd, c, p) in cell)
 
     head = "| workload |" + "".join(f" ossfs {d} ms | ossfuse {d} ms | ossfuse/ossfs |" for d in delays)
     head += "".join(f" requests ossfs / ossfuse ({d} ms) |" for d in delays)
@@ -551,6 +585,8 @@ def main() -> int:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="py-spy the ossfuse daemon during the --profile-steps steps into DIR (needs py-spy in the venv)")
     ap.add_argument("--profile-steps", default="cat500", help="comma-separated step names (raw.csv's workload column)")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="sample only the thread holding the GIL (where the daemon's CPU goes, not its waits)")
     args = ap.parse_args()
     args.delays = [int(x) for x in args.delays.split(",")]
     if os.environ.get("OSSFUSE_VS_PRIVATE_NS") != "1":

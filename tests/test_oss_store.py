@@ -1034,6 +1034,54 @@ async def test_lean_head_answers_what_oss2_answers(server, signature):
 
 
 @trio_test
+async def test_head_many_stays_within_the_pool_and_asks_a_failed_key_again(server, caplog, monkeypatch):
+    """head_many (fs/readdir.py's HEADs of a listing) from one thread hand-off: asked for 64
+    keys 16 at a time over a store of 4 threads, it opens at most 4 connections (the workers
+    hold limiter tokens) and sends one HEAD per key; a key whose HEAD answered 503 once is
+    asked again (one INFO line, no WARNING) and answered; a key refused for good (403) raises
+    its StoreError naming it."""
+    hand_offs = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):
+        hand_offs.append(getattr(fn, "__name__", fn))
+        return await run_sync(fn, *args, **kw)
+    store = make_store(server, threads=4)
+    keys = [f"hm/k{i:02d}" for i in range(64)]
+    for k in keys[::2]:
+        await store.put_bytes(k, b"abc", {"mode": "33188"})
+    adapter, host, pool_kwargs = store._lean_head
+    pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+    opened = pool.num_connections
+    server.clear_requests()
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    got = await store.head_many(keys, 16)
+    monkeypatch.undo()
+    assert len(hand_offs) == 1, hand_offs  # not one per key
+    assert [g is not None for g in got] == [i % 2 == 0 for i in range(64)]
+    assert all(g.metadata == {"mode": "33188"} and g.key == k for g, k in zip(got[::2], keys[::2], strict=True))
+    assert pool.num_connections - opened <= 4
+    assert len(server.requests_for("HEAD")) == 64 and store.counters.calls["head"] == 64
+
+    server.faults.add(status=503, count=1, methods=("HEAD",), key_prefix="hm/k10")
+    server.clear_requests()
+    with caplog.at_level("INFO", logger="ossfuse.store.oss"):
+        got = await store.head_many(keys, 16)
+    assert [g is not None for g in got] == [i % 2 == 0 for i in range(64)] and got[10].key == "hm/k10"
+    assert len(server.requests_for("HEAD", key="hm/k10")) == 2
+    assert [r.levelname for r in caplog.records if "hm/k10" in r.getMessage()] == ["INFO"]
+    assert store.counters.retries["HEAD"] == 1
+
+    server.faults.add(status=403, count=None, methods=("HEAD",), key_prefix="hm/k20", code="AccessDenied",
+                      message="No right.")
+    with pytest.raises(StoreError) as e:
+        await store.head_many(keys, 16)
+    assert (e.value.key, e.value.code, e.value.temporary) == ("hm/k20", "AccessDenied", False)
+    server.faults.clear()
+    await store.aclose()
+
+
+@trio_test
 async def test_lean_head_reuses_the_pools_connections(server):
     """The lean HEAD takes its connection from requests' pool of ``threads`` connections and
     gives it back: 64 HEADs, 8 at a time over 4 threads, open at most 4 connections (none is

@@ -146,6 +146,29 @@ async def test_empty_object(h):
 
 
 @trio_test
+async def test_head_many_answers_as_head_does_in_key_order(h):
+    """head_many: one answer per key, in the order given, equal to head's (None for a missing
+    key), whatever the parallelism; one HEAD per key."""
+    s = h.store
+    keys = [f"hm/k{i:02d}" for i in range(40)]
+    for i, k in enumerate(keys):
+        if i % 3:
+            await s.put_bytes(k, b"x" * i, {"mode": str(i)})
+    for parallel in (1, 7, 64):
+        got = await s.head_many(keys[::-1], parallel)
+        assert len(got) == len(keys)
+        for k, info in zip(keys[::-1], got, strict=True):
+            want = await s.head(k)
+            if want is None:
+                assert info is None, k
+            else:
+                assert info is not None and (info.key, info.size, info.etag, info.mtime, info.metadata) == \
+                    (k, want.size, want.etag, want.mtime, want.metadata) == (k, int(k[-2:]), want.etag, want.mtime,
+                                                                             {"mode": str(int(k[-2:]))})
+    assert await s.head_many([], 4) == []
+
+
+@trio_test
 async def test_head_missing_and_delete(h):
     s = h.store
     assert await s.head("missing") is None

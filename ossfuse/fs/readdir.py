@@ -45,7 +45,7 @@ from .resolve import Resolver
 
 log = logging.getLogger(__name__)
 
-HEAD_PARALLEL = 16  # HEADs at once when a listing needs attributes
+HEAD_PARALLEL = 32  # HEADs at once when a listing needs attributes (ossfs: 20)
 READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
 # entries past which a directory's unknown names get listing attributes instead of HEADs (a
 # directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
@@ -193,28 +193,8 @@ class DirectoryReader:
         by_path = self.inodes.by_path
         resolver = self.resolver
 
-        async def resolve(i: int, name: str, is_dir: bool, listed: ObjectInfo | None) -> None:
-            path = join(h.node.path, name)
-            node = by_path.get(path)
-            if node is not None and (resolver.attrs_fresh(node) or is_dir):
-                resolved[i] = node
-                return
-            if node is not None and listed is not None and resolver.note_listed(node, listed, listed_at):
-                resolved[i] = node  # the listing shows the version it holds: no HEAD
-                return
-            info: ObjectInfo | None
-            if listed is not None and self.store.listing_has_metadata:
-                info = listed  # the listing said all a HEAD would
-            elif start + i in headed:
-                info = headed[start + i]  # HEADed by an earlier call of this listing
-            else:
-                key = self.naming.dir_key(path) if is_dir else self.naming.key(path)
-                try:
-                    info = await self.store.head(key)
-                except StoreError as e:
-                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(h.node.path), key, e)
-                    raise FsError(errno_of(e)) from None
-                headed[start + i] = info
+        def settle(i: int, path: str, is_dir: bool, info: ObjectInfo | None) -> None:
+            """Entry ``i`` at ``path`` is what ``info`` (listing or HEAD) says: its node."""
             if not is_dir and info is None:
                 return  # deleted since the listing
             node = by_path.get(path)
@@ -228,23 +208,37 @@ class DirectoryReader:
                 resolved[i] = made = resolver.node_from_info(path, info, is_dir)
                 self._made.setdefault(h.fh, []).append(made)
 
-        jobs = []
+        # entries whose attributes need a HEAD: (batch index, path, is_dir, key)
+        to_head: list[tuple[int, str, bool, str]] = []
+        dir_path = h.node.path
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
-            elif from_listing and start + i not in headed and (
-                    (n := by_path.get(join(h.node.path, name))) is None or n.listed_only):
-                resolved[i] = self._from_listing(h.fh, join(h.node.path, name), n, listed, is_dir)
-            elif (listed is not None and self.store.listing_has_metadata) or start + i in headed:
-                await resolve(i, name, is_dir, listed)  # no request: no task needed
-            elif (listed is not None and (n := by_path.get(join(h.node.path, name))) is not None
-                  and resolver.note_listed(n, listed, listed_at)):
-                resolved[i] = n  # proven by the listing (below): no task needed
+                continue
+            path = join(dir_path, name)
+            node = by_path.get(path)
+            if from_listing and start + i not in headed and (node is None or node.listed_only):
+                resolved[i] = self._from_listing(h.fh, path, node, listed, is_dir)
+            elif node is not None and (is_dir or resolver.attrs_fresh(node)):
+                resolved[i] = node
+            elif node is not None and listed is not None and resolver.note_listed(node, listed, listed_at):
+                resolved[i] = node  # the listing shows the version it holds: no HEAD
+            elif listed is not None and self.store.listing_has_metadata:
+                settle(i, path, is_dir, listed)  # the listing said all a HEAD would
+            elif start + i in headed:
+                settle(i, path, is_dir, headed[start + i])  # HEADed by an earlier call of this listing
             else:
-                jobs.append(functools.partial(resolve, i, name, is_dir, listed))
+                to_head.append((i, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
         try:
-            if jobs:
-                await run_all(jobs, HEAD_PARALLEL)
+            if to_head:
+                try:
+                    infos = await self.store.head_many([t[3] for t in to_head], HEAD_PARALLEL)
+                except StoreError as e:
+                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
+                    raise FsError(errno_of(e)) from None
+                for (i, path, is_dir, _key), info in zip(to_head, infos, strict=True):
+                    headed[start + i] = info
+                    settle(i, path, is_dir, info)
         finally:
             reused = {id(n) for n in resolved.values()}
             for n in untaken:

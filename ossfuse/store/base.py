@@ -13,6 +13,8 @@ import contextvars
 import functools
 from dataclasses import dataclass, field
 
+from ..aio import run_all
+
 
 class StoreError(Exception):
     """Any failure of a store request.
@@ -228,6 +230,18 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
         """Size, ETag, mtime and user metadata of ``key``; None if it does not exist."""
+
+    async def head_many(self, keys: KeyList, parallel: int) -> list[ObjectInfo | None]:
+        """:meth:`head` of every key of ``keys``, at most ``parallel`` at once: the answers in
+        the order of ``keys`` (None: no such key). Raises the StoreError of a key whose HEAD
+        failed (its ``key`` names it; the other answers are lost). This default makes one
+        :meth:`head` call per key; a store may send them from fewer thread hand-offs."""
+        out: list[ObjectInfo | None] = [None] * len(keys)
+
+        async def one(i: int) -> None:
+            out[i] = await self.head(keys[i])
+        await run_all([functools.partial(one, i) for i in range(len(keys))], parallel)
+        return out
 
     @abc.abstractmethod
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:

@@ -5,8 +5,10 @@ Section numbers (§) refer to ``shared/spec/oss-rest-api.md``.
 Concurrency: every oss2 call runs in ``trio.to_thread.run_sync`` behind ONE
 ``trio.CapacityLimiter(threads)``; all threads share one ``oss2.Session`` (one requests
 connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject alone
-skips oss2's and requests' request machinery: signed by the Bucket's auth, sent on that same
-urllib3 pool (``OssStore._head_sync``; ``ls -l`` is a HEAD per entry, bound by client CPU).
+skips oss2's and requests' request machinery: signed by the Bucket's auth, sent by http.client
+on a connection of that same urllib3 pool (``OssStore._head_sync``; ``ls -l`` is a HEAD per
+entry, bound by client CPU), and ``head_many`` sends many from one thread hand-off, its worker
+threads holding as many limiter tokens.
 
 Authentication: ``oss2.ProviderAuth`` (signature V1, §6.2) or ``oss2.ProviderAuthV4`` (V4, §6.3;
 needs the region) over an :class:`~ossfuse.store.credentials.CredentialsProvider`, asked on every
@@ -41,6 +43,8 @@ sends the whole object's CRC on a 206, §5.3); a GET that returns the whole obje
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import email.utils
 import errno
 import functools
@@ -269,6 +273,51 @@ def region_from_endpoint(endpoint: str) -> str | None:
     return m.group(1) if m else None
 
 
+# Last-Modified text → epoch seconds, as oss2.utils.http_to_unixtime reads it (a strptime: ~5% of
+# a HEAD's client CPU; the objects of one directory share a few seconds of Last-Modified)
+_LAST_MODIFIED: dict[str, float] = {}
+_OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connection.py's
+
+
+def _head_on_pool(pool: urllib3.HTTPConnectionPool, uri: str, headers: dict[str, str], connect: float,
+                  read: float) -> tuple[int, dict[str, str]]:
+    """Send ``HEAD uri`` on a connection of urllib3's ``pool`` with http.client itself and give
+    the connection back: (status, headers by lower-case name, a repeated one's values joined
+    by ", " as urllib3's HTTPHeaderDict does; ISO-8859-1 as http.client decodes them).
+    urllib3's urlopen and response wrapper were ~40% of a HEAD's client CPU (``ls -l`` is a
+    HEAD per entry); the connection (TLS set up by the pool's own ``connect``, its keep-alive
+    checks at ``_get_conn``) is the pool's, so there are never more than its ``maxsize`` kept.
+    Raises http.client's, urllib3's (connect) or socket errors; a connection that failed, or
+    that the server closes, is not put back (its slot is)."""
+    conn: Any = pool._get_conn()  # urllib3.connection.HTTP(S)Connection: an http.client.HTTPConnection
+    try:
+        if conn.sock is None:
+            conn.timeout = connect
+            conn.connect()
+        conn.sock.settimeout(read)
+        http.client.HTTPConnection.request(conn, "HEAD", uri, headers=headers)
+        resp = http.client.HTTPConnection.getresponse(conn)
+        resp.read()  # b"" for a HEAD: closes the response, the connection stays open
+        h: dict[str, str] = {}
+        for name, value in resp.msg.items():
+            name = name.lower()
+            if "\r\n" in value:  # an obsolete line folding: one space, as urllib3 normalises it
+                value = _OBS_FOLD.sub(" ", value)
+            h[name] = f"{h[name]}, {value}" if name in h else value
+    except BaseException as e:
+        conn.close()
+        pool._put_conn(None)  # the slot: the next _get_conn opens a new connection
+        if isinstance(e, OSError) and not isinstance(e, _TRANSPORT_ERRORS):  # e.g. ENETUNREACH at send
+            raise urllib3.exceptions.ProtocolError(f"HEAD failed: {e}", e) from e
+        raise
+    if resp.will_close:
+        conn.close()
+        pool._put_conn(None)
+    else:
+        pool._put_conn(conn)
+    return resp.status, h
+
+
 def _http_time(headers) -> float | None:
     v = headers.get("last-modified") or headers.get("date")
     if not v:
@@ -303,7 +352,7 @@ class OssStore(ObjectStore):
     """
 
     def __init__(self, bucket: str, endpoint: str, *, region: str | None = None, signature: str = "v4",
-                 credentials: CredentialsProvider, threads: int = 16, connect_timeout: float = 10.0,
+                 credentials: CredentialsProvider, threads: int = 32, connect_timeout: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 5, backoff: float = 0.25, backoff_max: float = 8.0,
                  deadline: float = 60.0, max_copy_size: int = COPY_LIMIT):
         self.max_copy_size = min(max_copy_size, COPY_LIMIT)
@@ -347,6 +396,9 @@ class OssStore(ObjectStore):
             raise ValueError(f"OSS bucket {bucket!r} at {endpoint!r}: {e.body}") from None
         self._settle_environment()
         self._lean_head = self._head_pool()
+        # worker threads of head_many's batches (each holds a limiter token while it works)
+        self._head_executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
+                                                                    thread_name_prefix="ossfuse-head")
         # part number -> (size, crc64) per upload id, for the whole-object CRC check at Complete
         self._parts: dict[str, dict[int, tuple[int, int]]] = {}
         self._parts_lock = threading.Lock()
@@ -517,7 +569,9 @@ class OssStore(ObjectStore):
             adapter = http.get_adapter(url)
             host, pool_kwargs = adapter.build_connection_pool_key_attributes(
                 requests.Request("HEAD", url).prepare(), http.verify, http.cert)
-            adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+            pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+            if not (callable(getattr(pool, "_get_conn", None)) and callable(getattr(pool, "_put_conn", None))):
+                raise TypeError("urllib3's pool has no _get_conn/_put_conn")  # _head_on_pool needs them
         except Exception as e:  # noqa: BLE001 - another requests or oss2: the oss2 path works everywhere
             log.debug("HEAD goes through oss2 and requests: %s", e)
             return None
@@ -527,14 +581,15 @@ class OssStore(ObjectStore):
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
 
         Signed by oss2's own auth (V1 or V4, the security token included) exactly as
-        ``Bucket.head_object`` signs it, but sent on the shared urllib3 pool directly: oss2's
-        Response/result objects and requests' per-request work (settings merge, cookie jar,
-        hooks, header dict copies) were ~0.4 ms of a HEAD's ~1.1 ms of client CPU
-        (``bench/head_cost.py``), and ``ls -l`` over OSS is one HEAD per entry, bound by that
-        CPU. A failure raises what oss2 would: an ``oss2.exceptions`` error made from the
+        ``Bucket.head_object`` signs it, but sent by http.client on a connection of the shared
+        urllib3 pool (``_head_on_pool``): oss2's Response/result objects and requests'
+        per-request work (settings merge, cookie jar, hooks, header dict copies) were ~0.4 ms
+        of a HEAD's ~1.1 ms of client CPU, urllib3's urlopen and response wrapper ~40% of the
+        rest (``bench/head_cost.py``), and ``ls -l`` over OSS is one HEAD per entry, bound by
+        that CPU. A failure raises what oss2 would: an ``oss2.exceptions`` error made from the
         answer (its code from the ``x-oss-err`` header, §2.3; a 3xx is one too: a signed
-        request is not followed elsewhere), or urllib3's exception for a failure below HTTP
-        (``_to_store_error`` maps both)."""
+        request is not followed elsewhere), or the http.client, urllib3 (connect) or socket
+        exception for a failure below HTTP (``_to_store_error`` maps both)."""
         if self._lean_head is None:
             r = self._bucket.head_object(key)
             mtime = float(r.last_modified) if r.last_modified is not None else (_http_time(r.headers) or 0.0)
@@ -549,29 +604,27 @@ class OssStore(ObjectStore):
         headers.setdefault("Accept", "*/*")
         connect, read = getattr(_thread_timeouts, "value", None) or (self.connect_timeout, self.read_timeout)
         pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        resp = pool.urlopen("HEAD", urllib3.util.parse_url(req.url).request_uri, headers=headers, body=None,
-                            retries=False, redirect=False, assert_same_host=False, preload_content=False,
-                            decode_content=False, timeout=urllib3.Timeout(connect=connect, read=read))
-        try:
-            resp.drain_conn()  # a HEAD has no body: the connection goes back to the pool
-        finally:
-            resp.release_conn()
-        h = resp.headers
-        if resp.status // 100 != 2:
-            raise oe.make_exception(_HeadAnswer(resp.status, requests.structures.CaseInsensitiveDict(h)))
+        # the path and query of oss2's URL ("scheme://host/path?query", the key already quoted
+        # by _make_url): what urllib3's parse_url(...).request_uri gives, without its parse
+        parts = req.url.split("/", 3)
+        status, h = _head_on_pool(pool, "/" + parts[3] if len(parts) > 3 else "/", headers, connect, read)
+        if status // 100 != 2:
+            raise oe.make_exception(_HeadAnswer(status, requests.structures.CaseInsensitiveDict(h)))
         # The same values oss2's HeadObjectResult and requests' header dict give (a repeated
         # header joined by ", "; values as http.client decodes them, ISO-8859-1).
         lm = h.get("last-modified")
-        try:
-            last_modified = float(oss2.utils.http_to_unixtime(lm)) if lm is not None else None
-        except ValueError:  # not the form oss2 reads (oss2 raises): email.utils reads it, else Date
-            last_modified = None
+        last_modified = _LAST_MODIFIED.get(lm) if lm is not None else None
+        if last_modified is None and lm is not None:
+            try:
+                last_modified = float(oss2.utils.http_to_unixtime(lm))
+            except ValueError:  # not the form oss2 reads (oss2 raises): email.utils reads it, else Date
+                pass
+            else:
+                if len(_LAST_MODIFIED) >= 4096:
+                    _LAST_MODIFIED.clear()
+                _LAST_MODIFIED[lm] = last_modified
         mtime = last_modified if last_modified is not None else (_http_time(h) or 0.0)
-        meta = {}
-        for name in h:  # each name once (HTTPHeaderDict), its values joined
-            lower = name.lower()
-            if lower.startswith(_META):
-                meta[lower[len(_META):]] = h[name]
+        meta = {name[len(_META):]: value for name, value in h.items() if name.startswith(_META)}
         etag = h.get("etag")
         return (ObjectInfo(key, int(h.get("content-length") or 0), etag.strip('"') if etag else "", mtime, meta),
                 h.get("content-type"))
@@ -590,6 +643,89 @@ class OssStore(ObjectStore):
         StoreError for anything else, e.g. a missing bucket."""
         r = await self._head(key)
         return r[0] if r else None
+
+    def _head_batch_sync(self, keys: list[str], workers: int, timeouts: tuple[float, float],
+                         answers: list[Any], failures: dict[int, BaseException]) -> None:
+        """First attempts of HEADs of ``keys`` in this thread and ``workers - 1`` of the batch
+        executor's, each taking the next key until none is left: ``answers[i]`` gets key i's
+        (ObjectInfo, Content-Type), ``failures[i]`` its exception. After the first failure no
+        new key is started (a store that does not answer would hold each for a timeout); the
+        keys not tried keep ``answers[i]`` None and no failure."""
+        todo = collections.deque(range(len(keys)))
+        stop = threading.Event()
+
+        def work() -> None:
+            _thread_timeouts.value = timeouts
+            try:
+                while not stop.is_set():
+                    try:
+                        i = todo.popleft()
+                    except IndexError:
+                        return
+                    try:
+                        answers[i] = self._head_sync(keys[i])
+                    except Exception as e:  # noqa: BLE001 - classified by the caller
+                        failures[i] = e
+                        if not isinstance(self._to_store_error("HEAD", keys[i], e, timeouts), NoSuchKey):
+                            stop.set()
+            finally:
+                _thread_timeouts.value = None
+
+        helpers = [self._head_executor.submit(work) for _ in range(workers - 1)]
+        work()
+        for f in helpers:
+            f.result()
+
+    async def head_many(self, keys: list[str], parallel: int) -> list[ObjectInfo | None]:
+        """HEADs of ``keys`` (at most ``parallel`` and the store's ``threads`` at once), sent
+        from one thread hand-off per batch instead of one per key: each worker thread takes
+        the next key when its last is answered (``ls -l`` over OSS is a HEAD per entry, and a
+        hand-off cost as much event-loop CPU as the HEAD itself, ``bench/head_cost.py``). The
+        workers hold as many of the store's limiter tokens, so requests in flight never exceed
+        the connection pool. A key that is gone gives None. A key whose first attempt failed
+        otherwise (and the keys not tried after it) is asked again through :meth:`head`: the
+        one retry policy, its log line and error count. Raises that key's StoreError."""
+        if self._lean_head is None or len(keys) < 2 or parallel < 2 or (self.health is not None and self.health.offline):
+            return await super().head_many(keys, parallel)
+        # tokens of the store's limiter, one per worker: the first waits, the others only if free
+        slots: list[object] = [object()]
+        await self._limiter.acquire_on_behalf_of(slots[0])
+        try:
+            while len(slots) < min(parallel, len(keys)):
+                slot = object()
+                try:
+                    self._limiter.acquire_on_behalf_of_nowait(slot)
+                except trio.WouldBlock:
+                    break
+                slots.append(slot)
+            connect, read = self.connect_timeout, self.read_timeout
+            if self.health is not None:  # a metadata request: at most the offline bound (_call)
+                connect, read = min(connect, self.health.timeout), min(read, self.health.timeout)
+            timeouts = (connect, min(read, self.policy.deadline or read))
+            answers: list[Any] = [None] * len(keys)
+            failures: dict[int, BaseException] = {}
+            await trio.to_thread.run_sync(self._head_batch_sync, keys, len(slots), timeouts, answers, failures)
+        finally:
+            for slot in slots:
+                self._limiter.release_on_behalf_of(slot)
+        out: list[ObjectInfo | None] = [a[0] if a is not None else None for a in answers]
+        again: list[int] = []
+        for i, e in failures.items():
+            err = self._to_store_error("HEAD", keys[i], e, timeouts)
+            if isinstance(err, NoSuchKey):
+                continue  # gone: None, as head() answers
+            again.append(i)
+            self.counters.retries["HEAD"] += 1
+            log.info("OSS HEAD %r: attempt failed: %s; asking again", keys[i], err or e)
+        again += [i for i, a in enumerate(answers) if a is None and i not in failures]  # not tried
+        self.counters.calls["head"] += len(keys) - len(again)
+        if len(again) < len(keys) and self.health is not None:
+            self.health.succeeded()
+        if again:
+            redo = await super().head_many([keys[i] for i in again], parallel)
+            for i, info in zip(again, redo, strict=True):
+                out[i] = info
+        return out
 
     @staticmethod
     def _read_all(res) -> bytes:
@@ -903,7 +1039,8 @@ class OssStore(ObjectStore):
             pass
 
     async def aclose(self) -> None:
-        """Close the pooled connections."""
+        """Close the pooled connections and head_many's idle threads."""
+        self._head_executor.shutdown(wait=False)
         self._session.session.close()
 
     def _delete_many_sync(self, keys: KeyList) -> KeyList:
