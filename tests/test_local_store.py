@@ -1,12 +1,14 @@
 """LocalStore specifics: private modes, refusal of directories others could change, no
-symlinks followed, directory fsyncs after renames, and a copy conditional on the source
-version checked atomically with the commit."""
+symlinks followed, the durability contract (nothing fsynced but by sync()), a copy conditional
+on the source version checked atomically with the commit (a copy onto itself touching only the
+index), and freed bodies unlinked by a background thread."""
 from __future__ import annotations
 
 import errno
 import functools
 import os
 import stat
+import threading
 
 import pytest
 import trio
@@ -151,6 +153,7 @@ async def test_writes_fsync_nothing_and_sync_is_a_syncfs_of_the_store(tmp_path, 
     src.write_bytes(b"file body")
     await s.put_file("f", str(src), {}, may_link=True)
     await s.copy("k", "k2", if_match=info.etag)
+    await s.copy("f", "f", {"mode": "644"})  # chmod: new metadata over the same body
     await s.delete("k")
     assert synced == [] and syncfs == []
     assert s._db().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
@@ -161,7 +164,101 @@ async def test_writes_fsync_nothing_and_sync_is_a_syncfs_of_the_store(tmp_path, 
     assert await again.head("k") is None
     assert await again.get_range("k2", 0, 10) == b"data"
     assert await again.get_range("f", 0, 20) == b"file body"
+    assert (await again.head("f")).metadata == {"mode": "644"}
     await again.aclose()
+
+
+def _blob_files(s: LocalStore) -> set[str]:
+    return {n for _, _, names in os.walk(os.path.join(s.root, "blobs")) for n in names}
+
+
+@trio_test
+async def test_copy_onto_itself_changes_only_the_index_row(tmp_path, monkeypatch):
+    """Issue 14 (rsync's and tar's chmod/utimens of a closed file are copies onto itself): the
+    new version keeps the immutable body, no file is linked, renamed or removed; it has a new
+    ETag, the old one no longer matches, and a reopened store (a daemon crash) has it."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    v1 = await s.put_bytes("k", b"body", {"mode": "600"})
+    blob = s._row("k")[5]
+    touched: list[str] = []
+    for name in ("link", "rename", "unlink", "open"):
+        real = getattr(os, name)
+        monkeypatch.setattr(local_mod.os, name, lambda *a, _real=real, _name=name, **kw: (
+            touched.append(_name), _real(*a, **kw))[1])
+    v2 = await s.copy("k", "k", {"mode": "644"}, if_match=v1.etag)
+    assert touched == [] and s._row("k")[5] == blob and s._unused == []
+    assert v2.etag != v1.etag and v2.size == 4 and v2.metadata == {"mode": "644"}
+    with pytest.raises(PreconditionFailed):
+        await s.copy("k", "k", {"mode": "700"}, if_match=v1.etag)
+    with pytest.raises(PreconditionFailed):
+        await s.get_range("k", 0, 4, if_match=v1.etag)
+    monkeypatch.undo()
+    again = LocalStore(s.root)  # no close: as after a crash of the process
+    info = await again.head("k")
+    assert (info.etag, info.metadata) == (v2.etag, {"mode": "644"})
+    assert await again.get_range("k", 0, 99, if_match=v2.etag) == b"body"
+    await s.aclose()
+    await again.aclose()
+
+
+@trio_test
+async def test_copy_onto_itself_of_a_source_replaced_meanwhile(tmp_path, monkeypatch):
+    """The row is replaced between reading it and the metadata transaction: with if_match the
+    copy fails and changes nothing; without, it gives the version now there the new metadata
+    (never the old body's ETag over the new body, nor the reverse)."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    v1 = await s.put_bytes("k", b"one", {"v": "1"})
+    real_replace = LocalStore._replace_metadata
+    armed = [True]
+
+    def replace_after_foreign_write(self, key, blob, size, meta):
+        if armed:
+            armed.clear()
+            self._put_bytes(key, b"two!", {"v": "2"})
+        return real_replace(self, key, blob, size, meta)
+
+    monkeypatch.setattr(LocalStore, "_replace_metadata", replace_after_foreign_write)
+    with pytest.raises(PreconditionFailed):
+        await s.copy("k", "k", {"v": "x"}, if_match=v1.etag)
+    assert (await s.head("k")).metadata == {"v": "2"}
+    armed.append(True)
+    info = await s.copy("k", "k", {"v": "y"})
+    assert info.size == 4 and (await s.head("k")).metadata == {"v": "y"}
+    assert await s.get_range("k", 0, 99) == b"two!"
+    await s.aclose()
+
+
+@trio_test
+async def test_unused_bodies_are_unlinked_by_a_background_thread(tmp_path, monkeypatch):
+    """Issue 14 (rm -rf): a delete or a replacing put commits the index and returns; the body
+    it freed is unlinked by a thread (not on the caller's loop), and aclose() finishes the
+    queue. A copy to another name is a hard link: deleting the source keeps the copy's body."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    on_loop: list[str] = []
+    real_unlink = os.unlink
+    loop_thread = threading.get_ident()
+
+    def recording_unlink(path, *a, **kw):
+        if threading.get_ident() == loop_thread:
+            on_loop.append(path)
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(local_mod.os, "unlink", recording_unlink)
+    for i in range(20):
+        await s.put_bytes(f"k{i}", b"x" * i, {})
+    await s.copy("k1", "c1")
+    await s.put_bytes("k2", b"replaced", {})
+    for i in range(20):
+        await s.delete(f"k{i}")
+    assert on_loop == []
+    for _ in range(500):  # the thread runs by itself
+        if len(_blob_files(s)) == 1:
+            break
+        await trio.sleep(0.01)
+    assert _blob_files(s) == {s._row("c1")[5]} and await s.get_range("c1", 0, 9) == b"x"
+    await s.put_bytes("c1", b"new", {})
+    await s.aclose()  # finishes what is queued
+    assert _blob_files(s) == {s._row("c1")[5]} and on_loop == []
 
 
 @trio_test
@@ -187,25 +284,28 @@ async def test_copy_condition_is_checked_in_the_commit_transaction(tmp_path, mon
     s = LocalStore(str(tmp_path / "bucket"))
     v1 = await s.put_bytes("src", b"version one", {"v": "1"})
     real_commit = LocalStore._commit
+    real_commit_row = LocalStore._commit_row
     armed = [True]
 
-    def commit_after_foreign_write(self, key, tmp, size, meta, check=None):
+    def commit_after_foreign_write(self, key, blob, size, meta, check=None):
         if armed and key == "dst":
             armed.clear()
             real_commit(self, "src", self._new_tmp_with(b"version two"), 11, {"v": "2"})
-        return real_commit(self, key, tmp, size, meta, check)
+        return real_commit_row(self, key, blob, size, meta, check)
 
     def new_tmp_with(self, data):
         tmp = self._new_tmp()
         self._write_fsync(tmp, data)
         return tmp
 
-    monkeypatch.setattr(LocalStore, "_commit", commit_after_foreign_write)
+    monkeypatch.setattr(LocalStore, "_commit_row", commit_after_foreign_write)
     monkeypatch.setattr(LocalStore, "_new_tmp_with", new_tmp_with, raising=False)
     with pytest.raises(PreconditionFailed):
         await s.copy("src", "dst", if_match=v1.etag)
     assert s._row("dst") is None
     assert os.listdir(os.path.join(s.root, "tmp")) == []
+    s.reap_unused_blobs()  # the replaced body of src
+    assert len([n for _, _, names in os.walk(os.path.join(s.root, "blobs")) for n in names]) == 1
     # no condition: the copy retries and copies the version now there, consistently
     armed.append(True)
     info = await s.copy("src", "dst")
@@ -296,6 +396,7 @@ async def test_small_writes_run_on_the_loop_and_wait_in_a_thread_for_a_locked_in
     other.close()
     assert len(ticks) == 5 and sorted(threads) == ["_delete", "_put_bytes"]
     assert await s.head("a") is None and await s.get_range("b", 0, 1) == b"2"
+    s.reap_unused_blobs()  # the unlinks of replaced or deleted bodies, queued for a thread
     blobs = [n for _, _, names in os.walk(os.path.join(s.root, "blobs")) for n in names]
     assert len(blobs) == 2  # f and b: the attempts that found the index locked left none
     await s.aclose()

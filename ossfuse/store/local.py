@@ -4,7 +4,8 @@ test backend.
 Layout under the root directory::
 
     index.sqlite        one row per object: key, size, etag, mtime, user metadata, blob name
-    blobs/XX/<uuid>     object bodies, immutable once written (copies are hard links)
+    blobs/XX/<uuid>     object bodies, immutable once written (a copy to another key is a hard
+                        link; a copy onto itself, a metadata change, keeps the row's blob)
     uploads/<id>/       unfinished multipart uploads: meta.json and one file per part
     tmp/                bodies being written
 
@@ -23,7 +24,10 @@ store's filesystem makes every change acknowledged before it survive a power los
 calls it before ``fsync()`` and unmount return). A power loss before it may lose the latest
 changes: SQLite rolls back to a consistent index, and a row whose body the disk lost reads as
 ``EIO`` through the integrity tags, never as other bytes. Multipart parts (large files, rare
-here) are still fsynced one by one.
+here) are still fsynced one by one. A body no row names any more (deleted or replaced) is
+unlinked by a background thread after the index commit, not by the call (``rm -rf``: freeing a
+file's blocks cost as much as the rest of a delete); a crash before that leaves an unreferenced
+blob, which ``remove_orphans`` deletes at a later mount.
 
 Safety (the directory holds names, sizes and wrapped data keys): it is created 0700 with its
 files 0600, whatever the umask; an existing one must be a directory owned by the user opening it
@@ -191,6 +195,10 @@ class LocalStore(ObjectStore):
             finally:
                 os.close(fd)
         self._local = threading.local()
+        self._unused: list[str] = []  # blobs no row names any more, to unlink (see _unlink_blob)
+        self._unused_lock = threading.Condition()
+        self._reaper: threading.Thread | None = None
+        self._reaping = threading.Lock()
         self._limiter = trio.CapacityLimiter(threads)
         db = self._db()
         db.execute("PRAGMA journal_mode=WAL")
@@ -277,8 +285,19 @@ class LocalStore(ObjectStore):
         _validate_key(key)
         blob = uuid.uuid4().hex
         dest = self._blob_path(blob)
-        _mkdir_private(os.path.dirname(dest))
-        os.rename(tmp, dest)
+        try:
+            os.rename(tmp, dest)
+        except FileNotFoundError:  # the first blob under this two-digit directory
+            _mkdir_private(os.path.dirname(dest))
+            os.rename(tmp, dest)
+        return self._commit_row(key, blob, size, meta, check)
+
+    def _commit_row(self, key: str, blob: str, size: int, meta: dict[str, str],
+                    check: Callable[[sqlite3.Connection], None] | None = None) -> ObjectInfo:
+        """Point ``key`` at ``blob`` (already in blobs/, this row's alone) in one index
+        transaction; the blob is removed when the transaction fails. ``check`` as for
+        :meth:`_commit`."""
+        dest = self._blob_path(blob)
         meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
         info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
         db = self._db()
@@ -303,16 +322,50 @@ class LocalStore(ObjectStore):
         return info
 
     def _unlink_blob(self, blob: str) -> None:
-        """Remove a blob no row points at any more. Never fails: the change that dropped it is
-        committed (and a put may have linked its caller's file in), so a blob that cannot be
-        removed now is left to ``remove_orphans``."""
-        try:
-            os.unlink(self._blob_path(blob))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("local store %s: cannot remove unused blob %s (%s); left for remove_orphans",
-                        self.root, blob, e)
+        """Remove a blob no row points at any more, soon: a background thread unlinks it
+        (freeing a file's blocks costs as much as the rest of a delete, issue 14: ``rm -rf``);
+        :meth:`aclose` and :meth:`reap_unused_blobs` finish the queue. Never fails: the change
+        that dropped it is committed, and a blob left by a crash before its unlink is removed
+        by ``remove_orphans``."""
+        with self._unused_lock:
+            self._unused.append(blob)
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap_loop, name="local-store-unlink", daemon=True)
+                self._reaper.start()
+            else:
+                self._unused_lock.notify()
+
+    def _reap_loop(self) -> None:
+        """The background unlinker: runs while blobs are queued (and 1 s after), then exits."""
+        while True:
+            with self._unused_lock:
+                if not self._unused:
+                    self._unused_lock.wait(1.0)
+                    if not self._unused:
+                        self._reaper = None
+                        return
+            self.reap_unused_blobs()
+
+    def reap_unused_blobs(self) -> int:
+        """Unlink every blob queued by :meth:`_unlink_blob` now (in the calling thread); returns
+        how many were queued. A blob that cannot be removed is logged and left to
+        ``remove_orphans``."""
+        with self._reaping:  # a second caller returns once the first one's batch is gone too
+            with self._unused_lock:
+                blobs, self._unused = self._unused, []
+            for blob in blobs:
+                try:
+                    os.unlink(self._blob_path(blob))
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.warning("local store %s: cannot remove unused blob %s (%s); left for remove_orphans",
+                                self.root, blob, e)
+        return len(blobs)
+
+    async def aclose(self) -> None:
+        """Finish the queued blob unlinks (in a worker thread)."""
+        await trio.to_thread.run_sync(self.reap_unused_blobs)
 
     @staticmethod
     def _write(path: str, data: bytes) -> None:
@@ -371,20 +424,19 @@ class LocalStore(ObjectStore):
 
     def _put_file(self, key: str, path: str, meta: dict[str, str], may_link: bool,
                   if_absent: bool = False) -> ObjectInfo:
+        _validate_key(key)
+        check = self._absent(key) if if_absent else None
+        if may_link:  # same disk: the file becomes the blob, no byte is copied
+            size = os.lstat(path).st_size  # it does not change any more (may_link's promise)
+            blob = self._link_blob(path)
+            if blob is not None:
+                return self._commit_row(key, blob, size, meta, check)
         tmp = self._new_tmp()
         with _removed_on_failure(tmp):
-            linked = False
-            if may_link:
-                try:
-                    os.link(path, tmp)  # same disk: the file becomes the blob, no byte is copied
-                    linked = True
-                except OSError:
-                    pass  # another disk (EXDEV): copy
-            if not linked:
-                with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+            with open(path, "rb") as src, open(_open_new(tmp), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
             size = os.lstat(tmp).st_size
-            return self._commit(key, tmp, size, meta, self._absent(key) if if_absent else None)
+            return self._commit(key, tmp, size, meta, check)
 
     @staticmethod
     def _absent(key: str) -> Callable[[sqlite3.Connection], None]:
@@ -394,6 +446,23 @@ class LocalStore(ObjectStore):
                 raise AlreadyExists("FileAlreadyExists: the object exists and may not be overwritten", key=key,
                                     code="FileAlreadyExists")
         return check
+
+    def _link_blob(self, path: str) -> str | None:
+        """Hard-link file ``path`` into blobs/ under a new blob name; that name, or None when
+        it cannot be linked (another disk: EXDEV; the caller copies instead)."""
+        blob = uuid.uuid4().hex
+        dest = self._blob_path(blob)
+        try:
+            try:
+                os.link(path, dest)
+            except FileNotFoundError:
+                if os.path.isdir(os.path.dirname(dest)):
+                    raise
+                _mkdir_private(os.path.dirname(dest))  # the first blob under this directory
+                os.link(path, dest)
+        except OSError:
+            return None
+        return blob
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
                        may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
@@ -561,9 +630,10 @@ class LocalStore(ObjectStore):
         return await self._run(self._list, prefix, delimiter, marker, max_keys)
 
     def _copy(self, src: str, dst: str, meta: dict[str, str] | None, if_match: str | None) -> ObjectInfo:
-        """Link the source's blob (immutable: a link is a copy) and commit ``dst`` in an index
-        transaction that first checks the source row still names that blob (and, with
-        ``if_match``, that ETag): the copy is exactly the version checked, atomically."""
+        """Copy the source's blob (immutable: a hard link is a copy; onto itself, the row keeps
+        the blob) and commit ``dst`` in an index transaction that first checks the source row
+        still names that blob (and, with ``if_match``, that ETag): the copy is exactly the
+        version checked, atomically."""
         for _ in range(5):  # without if_match: the source may be replaced while we link it
             row = self._row(src)
             if row is None:
@@ -573,27 +643,51 @@ class LocalStore(ObjectStore):
                                          code="PreconditionFailed")
             if self.max_copy_size is not None and row[1] > self.max_copy_size:
                 raise StoreError(f"cannot copy {src!r} ({row[1]} bytes): above max_copy_size", key=src)
-            tmp = self._new_tmp()
-            try:
-                os.link(self._blob_path(row[5]), tmp)
-            except FileNotFoundError:
-                if if_match is not None:
-                    raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed") from None
-                continue
+            new_meta = json.loads(row[4]) if meta is None else meta
+            _validate_key(dst)
+            if dst == src:  # new metadata (chmod, utimens): a new row version over the same body
+                info = self._replace_metadata(src, row[5], row[1], new_meta)
+                if info is not None:
+                    return info
+            else:
+                # a new name in the source blob's directory (it exists): ENOENT is the source
+                blob = row[5][:2] + uuid.uuid4().hex[2:]
+                try:
+                    os.link(self._blob_path(row[5]), self._blob_path(blob))
+                except FileNotFoundError:
+                    blob = ""
 
-            def source_unchanged(db: sqlite3.Connection, blob=row[5]) -> None:
-                now = db.execute("SELECT blob FROM objects WHERE key=?", (src,)).fetchone()
-                if now is None or now[0] != blob:
-                    raise _SourceChanged()
+                def source_unchanged(db: sqlite3.Connection, blob=row[5]) -> None:
+                    now = db.execute("SELECT blob FROM objects WHERE key=?", (src,)).fetchone()
+                    if now is None or now[0] != blob:
+                        raise _SourceChanged()
 
-            try:
-                with _removed_on_failure(tmp):
-                    return self._commit(dst, tmp, row[1], json.loads(row[4]) if meta is None else meta,
-                                        check=source_unchanged)
-            except _SourceChanged:
-                if if_match is not None:
-                    raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed") from None
+                if blob:
+                    try:
+                        return self._commit_row(dst, blob, row[1], new_meta, check=source_unchanged)
+                    except _SourceChanged:
+                        pass
+            if if_match is not None:  # replaced between reading its row and committing
+                raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed")
         raise StoreError("copy source kept changing", key=src)
+
+    def _replace_metadata(self, key: str, blob: str, size: int, meta: dict[str, str]) -> ObjectInfo | None:
+        """Give ``key`` a new version (ETag, mtime) with ``meta`` over its body ``blob``, in
+        one index transaction that changes the row only if it still names ``blob``; None when
+        it does not (replaced meanwhile). No file is touched: the body is immutable."""
+        _validate_key(key)
+        meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
+        info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = db.execute("UPDATE objects SET etag=?, mtime=?, meta=? WHERE key=? AND blob=?",
+                                 (info.etag, info.mtime, json.dumps(meta), key, blob)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return info if changed == 1 else None
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
                    if_match: str | None = None) -> ObjectInfo:
