@@ -20,6 +20,10 @@ write back afterwards, so the bucket fills later):
 6. git status ``git -C MNT/repo status --porcelain`` (must print nothing).
 7. rm -rf    ``rm -rf MNT/tree MNT/doc MNT/repo``.
 
+``--rounds N`` repeats the whole sequence N times (order flipped each round) and reports medians.
+Besides wall seconds, the table gives each FUSE daemon's CPU seconds per step (user + system of
+all its threads, from /proc/PID/stat): steadier than wall time on a shared machine.
+
 Must run as root (FUSE, drop_caches). Everything is unmounted and removed on any exit. The
 table (seconds, and each candidate's time / ext4's) is printed and appended, dated, to
 bench/RESULTS.md (``--results ''`` to skip). ``--profile`` records py-spy (raw, --threads) of the
@@ -32,6 +36,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +54,18 @@ LABEL = {"tar": "tar xzf", "rsync": "rsync -a doc", "clone": "git clone", "find"
 COLD = {"find"}  # remount cold before this step
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads) process ``pid`` has used; None without one."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Ext4(Native):
     name = "ext4"
 
@@ -64,7 +81,8 @@ class Trees:
         self.tgz = os.path.join(self.shm, "src.tgz")
         self.repo = os.path.join(self.work, "repo-src")
         self.cands = []
-        self.res: dict[str, dict[str, float]] = {}
+        self.res: dict[str, dict[str, list[float]]] = {}  # candidate -> step -> seconds per round
+        self.cpu: dict[str, dict[str, list[float]]] = {}  # the same, the FUSE daemon's CPU seconds
         self.outputs: dict[str, dict[str, str]] = {}
         self.problems: list[str] = []
         self.failed: list[str] = []  # steps a candidate cannot do (rclone: git clone)
@@ -115,6 +133,8 @@ class Trees:
                                      "raw", "-o", out, "--nonblocking", "--threads"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+        pid = getattr(c, "pid", None)
+        cpu0 = _cpu_seconds(pid)
         t = time.perf_counter()
         try:
             r = run(cmds[name])
@@ -133,7 +153,10 @@ class Trees:
             if prof:
                 prof.send_signal(signal.SIGINT)
                 prof.wait(60)
-        self.res.setdefault(c.name, {})[name] = dt
+        self.res.setdefault(c.name, {}).setdefault(name, []).append(dt)
+        cpu1 = _cpu_seconds(pid)
+        if cpu0 is not None and cpu1 is not None:
+            self.cpu.setdefault(c.name, {}).setdefault(name, []).append(cpu1 - cpu0)
         out = r.stdout.strip()
         if name == "lsR":
             out = ""  # ls -lR prints mount-specific totals; only find's count must agree
@@ -142,18 +165,21 @@ class Trees:
 
     def run(self) -> None:
         self.prepare()
-        for i, name in enumerate(self.args.steps):
-            order = self.cands if i % 2 == 0 else list(reversed(self.cands))
-            for c in order:
-                self.step(c, name)
-            # rclone skips symlinks (and so one file of find's count): only ossfuse must match ext4
-            outs = {v for k, v in self.outputs[name].items() if k != "rclone-crypt"}
-            if len(outs) > 1:
-                self.problems.append(f"{LABEL[name]}: outputs differ {self.outputs[name]}")
-        for c in self.cands:
-            left = os.listdir(c.mnt)
-            if left:
-                self.problems.append(f"{c.name}: rm -rf left {left[:5]}")
+        for rnd in range(self.args.rounds):
+            for i, name in enumerate(self.args.steps):
+                order = self.cands if (i + rnd) % 2 == 0 else list(reversed(self.cands))
+                for c in order:
+                    self.step(c, name)
+                # rclone skips symlinks (and so one file of find's count): only ossfuse must match ext4
+                outs = {v for k, v in self.outputs[name].items() if k != "rclone-crypt"}
+                if len(outs) > 1:
+                    self.problems.append(f"{LABEL[name]}: outputs differ {self.outputs[name]}")
+            for c in self.cands:
+                left = os.listdir(c.mnt)
+                if left:
+                    self.problems.append(f"{c.name}: rm -rf left {left[:5]}")
+                    for x in left:  # best effort, so that the next round can start
+                        shutil.rmtree(os.path.join(c.mnt, x), ignore_errors=True)
 
     def cleanup(self) -> None:
         for c in self.cands:
@@ -177,13 +203,22 @@ class Trees:
         head = "| workload | " + " | ".join(f"{n} s" for n in names) + " | " + \
             " | ".join(f"{n}/ext4" for n in names if n != "ext4") + " |"
         rows = [head, "|---" * (1 + len(names) + len(names) - ("ext4" in names)) + "|"]
+        med = {n: {s: statistics.median(v) for s, v in self.res.get(n, {}).items()} for n in names}
         for s in self.args.steps:
-            secs = [self.res.get(n, {}).get(s) for n in names]
-            base = self.res.get("ext4", {}).get(s)
-            ratios = [f"{self.res[n][s] / base:.1f}×" if base and s in self.res.get(n, {}) else "-"
+            secs = [med[n].get(s) for n in names]
+            base = med.get("ext4", {}).get(s)
+            ratios = [f"{med[n][s] / base:.1f}×" if base and s in med[n] else "-"
                       for n in names if n != "ext4"]
             rows.append(f"| {LABEL[s]} | " + " | ".join(f"{x:.2f}" if x is not None else "-" for x in secs)
                         + " | " + " | ".join(ratios) + " |")
+        daemons = [n for n in names if self.cpu.get(n)]
+        if daemons:  # CPU is steadier than wall time on a shared machine
+            rows += ["", "FUSE daemon CPU seconds per step (user+system, all threads; median):", "",
+                     "| workload | " + " | ".join(f"{n} CPU s" for n in daemons) + " |",
+                     "|---" * (1 + len(daemons)) + "|"]
+            for s in self.args.steps:
+                rows.append(f"| {LABEL[s]} | " + " | ".join(
+                    f"{statistics.median(self.cpu[n][s]):.2f}" if s in self.cpu[n] else "-" for n in daemons) + " |")
         return "\n".join(rows)
 
 
@@ -198,6 +233,8 @@ def main() -> int:
     ap.add_argument("--rclone-write-back", default="0s")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every step this many times (the table gives medians)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-dir", default="/tmp/ossfuse-trees-profile")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
