@@ -182,14 +182,23 @@ def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_
     from conftest import Mount
     m = Mount(str(tmp_path / "m"), cmk_path, "retry_interval = 1")
     m.start()
-    tmp_dir = os.path.join(m.bucket_dir, "tmp")
+    # where the bucket writes new bodies: tmp/ (copied bodies) and blobs/ (linked ones)
+    body_dirs = [os.path.join(m.bucket_dir, d) for d in ("tmp", "blobs")]
+
+    def restore():
+        for d in body_dirs:
+            if os.path.isdir(d + ".away"):
+                if os.path.isfile(d):
+                    os.unlink(d)
+                os.rename(d + ".away", d)
     try:
         with open(m.path("at-close"), "wb") as f:
             f.write(b"in the bucket when close returns")
         assert m.head("at-close").size == 32  # no wait: close() put it there
         assert os.listdir(os.path.join(m.cache, "staging")) == []
-        os.rename(tmp_dir, tmp_dir + ".away")  # a file where the bucket writes new bodies:
-        open(tmp_dir, "w").close()  # every PUT fails (ENOTDIR), even for root
+        for d in body_dirs:  # a file there: every PUT fails (ENOTDIR), even for root
+            os.rename(d, d + ".away")
+            open(d, "w").close()
         try:
             with open(m.path("fallback"), "wb") as f:
                 f.write(b"journaled instead")
@@ -198,8 +207,7 @@ def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_
             assert len(journal) == 1
             assert open(m.path("fallback"), "rb").read() == b"journaled instead"
         finally:
-            os.unlink(tmp_dir)
-            os.rename(tmp_dir + ".away", tmp_dir)
+            restore()
         deadline = time.monotonic() + 30
         while m.head("fallback") is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -209,10 +217,7 @@ def test_local_bucket_takes_small_files_at_close_and_journals_when_it_fails(tmp_
         m.start()
         assert open(m.path("fallback"), "rb").read() == b"journaled instead"
     finally:
-        if os.path.isdir(tmp_dir + ".away"):
-            if os.path.isfile(tmp_dir):
-                os.unlink(tmp_dir)
-            os.rename(tmp_dir + ".away", tmp_dir)
+        restore()
         m.cleanup()
 
 
