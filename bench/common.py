@@ -24,6 +24,19 @@ def log(*a) -> None:
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
+def proc_cpu(pid: int | None) -> float | None:
+    """utime + stime of process ``pid`` in seconds (all its threads), None without one or when
+    it is gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_caches() -> None:
     """Flush and drop the page cache (root only), for cold-cache reads."""
     os.sync()

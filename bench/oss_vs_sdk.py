@@ -43,7 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (AK, BUCKET, HERE, OSSFUSE, PYSPY, REGION, REPO, SK, MiB,  # noqa: E402
-                    OssServerProcess, drop_caches, log)
+                    OssServerProcess, drop_caches, log, proc_cpu)
 
 CHUNK = MiB
 
@@ -70,18 +70,6 @@ def proc_status(pid: int, field: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def proc_cpu(pid: int | None) -> float | None:
-    """utime + stime of all threads of PID, in seconds, or None if it is gone."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu() -> tuple[float, float]:

@@ -43,7 +43,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, OSSFUSE, PYSPY, REPO, drop_caches, log  # noqa: E402
+from common import HERE, OSSFUSE, PYSPY, REPO, drop_caches, log, proc_cpu  # noqa: E402
 import peers  # noqa: E402
 from peers import Native, OssfuseLocal, RcloneCrypt, machine, run  # noqa: E402
 
@@ -52,18 +52,6 @@ STEPS = ["tar", "rsync", "clone", "find", "lsR", "gitstatus", "rm"]
 LABEL = {"tar": "tar xzf", "rsync": "rsync -a doc", "clone": "git clone", "find": "find -type f",
          "lsR": "ls -lR", "gitstatus": "git status", "rm": "rm -rf"}
 COLD = {"find"}  # remount cold before this step
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    """CPU seconds (user + system, all threads) process ``pid`` has used; None without one."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Ext4(Native):
@@ -134,7 +122,7 @@ class Trees:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         pid = getattr(c, "pid", None)
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = proc_cpu(pid)
         t = time.perf_counter()
         try:
             r = run(cmds[name])
@@ -157,7 +145,7 @@ class Trees:
                 prof.send_signal(signal.SIGINT)
                 prof.wait(60)
         self.res.setdefault(c.name, {}).setdefault(name, []).append(dt)
-        cpu1 = _cpu_seconds(pid)
+        cpu1 = proc_cpu(pid)
         if cpu0 is not None and cpu1 is not None:
             self.cpu.setdefault(c.name, {}).setdefault(name, []).append(cpu1 - cpu0)
         out = r.stdout.strip()

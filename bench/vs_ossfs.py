@@ -50,6 +50,8 @@ AK, SK, REGION = "test-ak", "test-sk", "cn-hangzhou"
 BUCKET = {"ossfs": "bench-ossfs", "ossfuse": "bench-ossfuse"}
 SRVIP, CLIP = "10.200.0.1", "10.200.0.2"
 MiB = 1 << 20
+sys.path.insert(0, HERE)
+from common import drop_caches, proc_cpu  # noqa: E402
 
 
 def say(*a) -> None:
@@ -63,12 +65,6 @@ def sh(cmd, check=True, **kw) -> subprocess.CompletedProcess:
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
     return r
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def classify(rec) -> str:
@@ -88,18 +84,6 @@ def classify(rec) -> str:
 
 
 KINDS = ["HEAD", "GET", "LIST", "PUT", "COPY", "INIT", "PART", "COMPLETE", "POST", "DELETE"]
-
-
-def proc_cpu(pid: int | None) -> float | None:
-    """utime + stime of process ``pid`` in seconds (all its threads), None when it is gone."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Net:

@@ -38,13 +38,17 @@ async def _files(fs, n: int, parent_name: str | None = "d"):
     return d
 
 
-async def _unlink_two_with_deletes_failing(fs, d) -> None:
-    """Unlink f000 and f001 of ``d`` while every DELETE fails; return once their batch was
-    answered (failed: both wait hidden for the retries)."""
+async def _failed_batch(tmp_path, cmk_path, nursery, n: int = 2, retry_interval: float = 30.0):
+    """A background-deleting Filesystem with ``n`` files in directory d, of which f000 and f001
+    were unlinked while every DELETE failed; returns (fs, root, d) once their batch was
+    answered (failed: both wait hidden for the retries; the store still fails deletes)."""
+    fs = _background(core_filesystem(tmp_path, cmk_path), nursery, retry_interval)
+    d = await _files(fs, n)
     fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
     await fs.unlink(d, "f000")
     await fs.unlink(d, "f001")
     await fs.namespace.settle_deletes()
+    return fs, fs.get(1), d
 
 
 async def _bucket_keys(fs, prefix: str) -> list[str]:
@@ -173,9 +177,7 @@ def test_failed_batch_is_retried_and_hides_the_names(tmp_path, cmk_path):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery, retry_interval=0.2)
-            d = await _files(fs, 2)
-            await _unlink_two_with_deletes_failing(fs, d)
+            fs, _, d = await _failed_batch(tmp_path, cmk_path, nursery, retry_interval=0.2)
             assert await _bucket_keys(fs, "pre/d/f") == ["pre/d/f000", "pre/d/f001"]
             assert await listed_names(fs, d) == []
             with pytest.raises(FsError) as e:
@@ -203,10 +205,7 @@ def test_directory_rename_after_a_failed_batch_never_brings_the_files_back(tmp_p
 
     async def main():
         async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
-            root = fs.get(1)
-            d = await _files(fs, 3)
-            await _unlink_two_with_deletes_failing(fs, d)
+            fs, root, d = await _failed_batch(tmp_path, cmk_path, nursery, 3)
             with pytest.raises(FsError) as e:  # still failing: EIO, nothing copied
                 await fs.rename(root, "d", root, "e", 0)
             assert e.value.errno == errno.EIO
@@ -228,10 +227,7 @@ def test_rmdir_after_a_failed_batch_deletes_the_children_first_and_succeeds(tmp_
 
     async def main():
         async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
-            root = fs.get(1)
-            d = await _files(fs, 2)
-            await _unlink_two_with_deletes_failing(fs, d)
+            fs, root, d = await _failed_batch(tmp_path, cmk_path, nursery)
             fs.store.clear()
             fs.store.reset_counts()
             await fs.rmdir(root, "d")
@@ -256,10 +252,7 @@ def test_rmdir_while_a_failed_delete_below_still_fails_is_eio_and_keeps_the_dire
 
     async def main():
         async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
-            root = fs.get(1)
-            d = await _files(fs, 2)
-            await _unlink_two_with_deletes_failing(fs, d)
+            fs, root, d = await _failed_batch(tmp_path, cmk_path, nursery)
             fs.store.clear()
             fs.store.fail(("delete_many", "delete"), key="pre/d/f*", error="permanent", count=None)
             caplog.clear()
