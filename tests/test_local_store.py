@@ -211,11 +211,11 @@ async def test_copy_onto_itself_of_a_source_replaced_meanwhile(tmp_path, monkeyp
     real_replace = LocalStore._replace_metadata
     armed = [True]
 
-    def replace_after_foreign_write(self, key, blob, size, meta):
+    def replace_after_foreign_write(self, key, blob, etag, size, meta):
         if armed:
             armed.clear()
             self._put_bytes(key, b"two!", {"v": "2"})
-        return real_replace(self, key, blob, size, meta)
+        return real_replace(self, key, blob, etag, size, meta)
 
     monkeypatch.setattr(LocalStore, "_replace_metadata", replace_after_foreign_write)
     with pytest.raises(PreconditionFailed):
@@ -225,6 +225,45 @@ async def test_copy_onto_itself_of_a_source_replaced_meanwhile(tmp_path, monkeyp
     info = await s.copy("k", "k", {"v": "y"})
     assert info.size == 4 and (await s.head("k")).metadata == {"v": "y"}
     assert await s.get_range("k", 0, 99) == b"two!"
+    await s.aclose()
+
+
+@trio_test
+async def test_a_copy_names_the_version_even_when_only_its_metadata_changed(tmp_path, monkeypatch):
+    """A metadata change keeps the body (the same blob, a new ETag): another client's chmod
+    landing between reading the source row and committing the copy must still fail a copy
+    with if_match (onto itself and to another key), and never undo that chmod."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    real_replace, real_commit_row = LocalStore._replace_metadata, LocalStore._commit_row
+    armed: list[bool] = []
+
+    def foreign_chmod(self, key):
+        armed.clear()
+        row = self._row(key)
+        assert real_replace(self, key, row[5], row[2], row[1], {"mode": "600"}) is not None
+
+    def replace(self, key, blob, etag, size, meta):
+        if armed:
+            foreign_chmod(self, key)
+        return real_replace(self, key, blob, etag, size, meta)
+
+    def commit_row(self, key, blob, size, meta, check=None):
+        if armed and key == "dst":
+            foreign_chmod(self, "src")
+        return real_commit_row(self, key, blob, size, meta, check)
+
+    monkeypatch.setattr(LocalStore, "_replace_metadata", replace)
+    monkeypatch.setattr(LocalStore, "_commit_row", commit_row)
+    v1 = await s.put_bytes("src", b"body", {"mode": "644"})
+    armed.append(True)
+    with pytest.raises(PreconditionFailed):
+        await s.copy("src", "src", {"mode": "640"}, if_match=v1.etag)  # our chmod, theirs first
+    assert (await s.head("src")).metadata == {"mode": "600"}
+    v2 = await s.head("src")
+    armed.append(True)
+    with pytest.raises(PreconditionFailed):
+        await s.copy("src", "dst", if_match=v2.etag)  # a rename's copy, their chmod first
+    assert await s.head("dst") is None and (await s.head("src")).metadata == {"mode": "600"}
     await s.aclose()
 
 

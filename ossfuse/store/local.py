@@ -646,7 +646,7 @@ class LocalStore(ObjectStore):
             new_meta = json.loads(row[4]) if meta is None else meta
             _validate_key(dst)
             if dst == src:  # new metadata (chmod, utimens): a new row version over the same body
-                info = self._replace_metadata(src, row[5], row[1], new_meta)
+                info = self._replace_metadata(src, row[5], row[2], row[1], new_meta)
                 if info is not None:
                     return info
             else:
@@ -657,9 +657,10 @@ class LocalStore(ObjectStore):
                 except FileNotFoundError:
                     blob = ""
 
-                def source_unchanged(db: sqlite3.Connection, blob=row[5]) -> None:
-                    now = db.execute("SELECT blob FROM objects WHERE key=?", (src,)).fetchone()
-                    if now is None or now[0] != blob:
+                def source_unchanged(db: sqlite3.Connection, blob=row[5], etag=row[2]) -> None:
+                    # the ETag too: a metadata change keeps the blob (_replace_metadata)
+                    now = db.execute("SELECT blob, etag FROM objects WHERE key=?", (src,)).fetchone()
+                    if now is None or now[0] != blob or now[1] != etag:
                         raise _SourceChanged()
 
                 if blob:
@@ -671,18 +672,19 @@ class LocalStore(ObjectStore):
                 raise PreconditionFailed("copy source was replaced", key=src, code="PreconditionFailed")
         raise StoreError("copy source kept changing", key=src)
 
-    def _replace_metadata(self, key: str, blob: str, size: int, meta: dict[str, str]) -> ObjectInfo | None:
+    def _replace_metadata(self, key: str, blob: str, etag: str, size: int, meta: dict[str, str]) -> ObjectInfo | None:
         """Give ``key`` a new version (ETag, mtime) with ``meta`` over its body ``blob``, in
-        one index transaction that changes the row only if it still names ``blob``; None when
-        it does not (replaced meanwhile). No file is touched: the body is immutable."""
+        one index transaction that changes the row only if it is still version ``etag`` of
+        ``blob``; None when not (replaced, or its metadata changed, meanwhile). No file is
+        touched: the body is immutable."""
         _validate_key(key)
         meta = {k.lower(): v for k, v in meta.items()}  # OSS lower-cases user-metadata names
         info = ObjectInfo(key, size, uuid.uuid4().hex.upper(), time.time(), meta)
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            changed = db.execute("UPDATE objects SET etag=?, mtime=?, meta=? WHERE key=? AND blob=?",
-                                 (info.etag, info.mtime, json.dumps(meta), key, blob)).rowcount
+            changed = db.execute("UPDATE objects SET etag=?, mtime=?, meta=? WHERE key=? AND blob=? AND etag=?",
+                                 (info.etag, info.mtime, json.dumps(meta), key, blob, etag)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
