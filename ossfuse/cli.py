@@ -164,8 +164,11 @@ def _spawn_daemon(args, cfg) -> int:
         os.close(r)
         os.close(w)
         return _die(f"cache dir {cfg.cache.dir}: {e.strerror}")
-    cmd = [sys.executable, "-m", "ossfuse", "mount", "-f", "--ready-fd", str(w), "-c", cfg.path,
-           "--log-level", args.log_level, args.mountpoint]
+    # -P: the daemon (root, often) must import this installation's ossfuse, never an ossfuse/
+    # in the caller's working directory, which `python -m` would put first on sys.path; and it
+    # runs in / (it holds no directory of the caller's busy), so the mount point is absolute
+    cmd = [sys.executable, "-P", "-m", "ossfuse", "mount", "-f", "--ready-fd", str(w), "-c", cfg.path,
+           "--log-level", args.log_level, os.path.abspath(args.mountpoint)]
     for o in args.o or []:
         cmd += ["-o", o]
     log_path = os.path.join(cfg.cache.dir, "ossfuse.log")
@@ -177,7 +180,7 @@ def _spawn_daemon(args, cfg) -> int:
         return _die(f"log file {log_path}: {e.strerror}")
     with logf:
         proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
+                                start_new_session=True, cwd="/")
     os.close(w)
     margin = _ready_margin()
     limit = cfg.mount.startup_timeout + margin
@@ -413,7 +416,7 @@ def systemd_run_command(config: str, mountpoint: str, options: list[str]) -> lis
            "--property=SuccessExitStatus=75", "--property=RuntimeDirectory=ossfuse",
            "--property=RuntimeDirectoryPreserve=yes", "--property=RuntimeDirectoryMode=0700"]
     cmd += [f"--setenv={name}" for name in _PASSED_ENV if name in os.environ]
-    return cmd + ["--", sys.executable, "-m", "ossfuse", "mount", "-f", "-c", config, mountpoint, *options]
+    return cmd + ["--", sys.executable, "-P", "-m", "ossfuse", "mount", "-f", "-c", config, mountpoint, *options]
 
 
 def _tool_setup(args):

@@ -358,3 +358,31 @@ def test_each_command_builds_its_own_arguments_only(command, monkeypatch, capsys
         cli.main(["--help"])  # the top level lists every command with its help
     out = capsys.readouterr().out
     assert e.value.code == 0 and all(f"    {n:<20}{h[:20]}" in out for n, h, _ in cli._COMMANDS), out
+
+
+def test_mount_from_a_directory_holding_an_ossfuse_package_runs_the_installed_one(tmp_path, cmk_path):
+    """The daemon (root, often) is started with ``python -P -m ossfuse`` in /: an ``ossfuse/``
+    package in the caller's working directory is never imported (``-m`` alone puts the working
+    directory first on sys.path: the new-user trial ran such a package as root), and a
+    relative mount point still works."""
+    from conftest import Mount
+
+    evil = tmp_path / "evil"
+    (evil / "ossfuse").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (evil / "ossfuse" / "__init__.py").write_text("")
+    (evil / "ossfuse" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    script = os.path.join(os.path.dirname(sys.executable), "ossfuse")  # the console script, as on the PATH
+    r = subprocess.run([script, "mount", "-c", m.config, os.path.relpath(m.mnt, evil)], cwd=evil,
+                       capture_output=True, text=True, timeout=90)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert not marker.exists()
+        with open(m.path("f"), "w") as f:
+            f.write("ok")
+        from ossfuse.registry import read_registry
+        assert os.readlink(f"/proc/{read_registry(m.mnt)['pid']}/cwd") == "/"
+    finally:
+        m.cleanup()
+    assert not marker.exists()

@@ -279,7 +279,7 @@ def test_mount_helper_under_a_systemd_mount_unit_starts_a_transient_service(tmp_
     assert "--service-type=notify" in cmd and "--property=After=network-online.target" in cmd
     assert "--property=TimeoutStopSec=15min" in cmd and "--setenv=OSS_ACCESS_KEY_SECRET" in cmd
     assert "s3cret" not in " ".join(cmd)  # secrets travel over D-Bus, never on a command line
-    assert cmd[cmd.index("--") + 1:] == [sys.executable, "-m", "ossfuse", "mount", "-f", "-c",
+    assert cmd[cmd.index("--") + 1:] == [sys.executable, "-P", "-m", "ossfuse", "mount", "-f", "-c",
                                          "/etc/ossfuse/team.toml", "/srv/team-a", "-o", "ro"]
 
 
