@@ -450,3 +450,65 @@ def test_pending_deletes_of_a_crash_are_replayed_many_at_once(tmp_path, cmk_path
         assert store.counts["delete"] == n
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"deleting unlinked 'pre/d/f0\d\d' .* failed; it stays hidden and is tried again")
+def test_replay_stops_at_a_failing_store_and_retries_once_the_mount_runs(tmp_path, cmk_path):
+    """The store refuses DELETEs while the next mount replays a crash's pending deletes: the
+    replay stops starting new ones at the first failure (each costs a whole retry budget: a
+    503 storm kept a mount from starting), the names stay hidden, and once the mount runs
+    (its nursery set) they are retried every retry_interval until they are gone (they were
+    not retried at all before the next unmount)."""
+    n = 40
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            d = await _files(fs, n + 1)
+            fs.store.delay("delete_many", 60)
+            for i in range(n):
+                await fs.unlink(d, f"f{i:03d}")
+            nursery.cancel_scope.cancel()  # the crash
+        store = fs.store
+        store.clear()
+        store.fail(("delete", "delete_many"), error="permanent", count=None)
+        store.reset_counts()
+        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
+        assert await fs2.finish_unlinks() == n
+        assert store.counts["delete"] <= 16, store.counts  # no new one started after the first failure
+        d2 = await fs2.lookup(fs2.get(1), "d")
+        assert await listed_names(fs2, d2) == [f"f{n:03d}"]  # still hidden
+        store.clear()
+        async with trio.open_nursery() as nursery:
+            _background(fs2, nursery, retry_interval=0.2)
+            with trio.fail_after(20):
+                while await _bucket_keys(fs2, "pre/d/") != ["pre/d/", f"pre/d/f{n:03d}"]:
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"deleting \d unlinked objects .* failed; they stay hidden and are tried again",
+                        r"cannot remove 'pre/d/': 5 objects deleted below it")
+def test_rmdir_tries_failed_deletes_until_the_first_that_still_fails(tmp_path, cmk_path):
+    """rmdir over failed deletes that still fail gives EIO after the first of them (one retry
+    budget), not after trying each (a 503 storm made rm -r hang for minutes)."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+            root = fs.get(1)
+            d = await _files(fs, 5)
+            fs.store.fail(("delete_many", "delete"), error="permanent", count=None)
+            for i in range(5):
+                await fs.unlink(d, f"f{i:03d}")
+            await fs.namespace.settle_deletes()
+            fs.store.reset_counts()
+            with pytest.raises(FsError) as e:
+                await fs.rmdir(root, "d")
+            assert e.value.errno == errno.EIO
+            assert fs.store.counts["delete"] == 1, fs.store.counts
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -125,6 +125,8 @@ class Filesystem:
         """Where upload and delete retries run: the daemon's task ``Supervisor`` (anything with ``start_soon``)."""
         self.scheduler.nursery = nursery
         self.namespace.nursery = nursery
+        if self.deferred_deletes.ready:  # failed before there was a nursery (the replay at mount)
+            self.namespace.retry_failed_deletes_later()
 
     @property
     def handles(self) -> dict[int, FileHandle | DirHandle]:

@@ -467,6 +467,11 @@ class Namespace:
             or (current.version is not None and current.version.key == key
                 and not same_etag(current.version.etag, etag)))
 
+    def retry_failed_deletes_later(self) -> None:
+        """Retry the failed pending deletes in the background every ``retry_interval`` seconds
+        (once a nursery is set: the daemon sets it after the replay at mount)."""
+        self._retry_soon()
+
     def _retry_soon(self) -> None:
         """Start the background retries of failed deletes (once; needs a nursery)."""
         if self.nursery is not None and not self._retrying:
@@ -571,8 +576,11 @@ class Namespace:
         ``"remove"``), the first key left and why. The caller holds no lock (each delete takes
         its name's lock)."""
         failures: list[str] = []
-        left = [key for key, etag in self._failed_under(dkey)
-                if not await self._finish_delete(self.naming.path_of(key), key, etag, failures=failures)]
+        left = []
+        for key, etag in self._failed_under(dkey):
+            # the first that still fails decides (EIO): each failure costs a whole retry budget
+            if failures or not await self._finish_delete(self.naming.path_of(key), key, etag, failures=failures):
+                left.append(key)
         if left:
             log.error("cannot %s %r: %d objects deleted below it are not deleted from the bucket yet (%r: %s); "
                       "they are tried again", doing, dkey, len(left), left[0], failures[0] if failures else "?")
@@ -593,14 +601,21 @@ class Namespace:
         answered. Returns how many are left."""
         await self.settle_deletes()
         left = 0
+        failing = False
 
         async def finish(key: str, etag: str) -> None:
-            nonlocal left
+            nonlocal left, failing
+            if failing:  # the store refuses deletes now: the rest wait for the next round
+                left += 1
+                return
             if not await self._finish_delete(self.naming.path_of(key), key, etag):
                 left += 1
+                failing = True
 
         # HEAD + DELETE each, _FINISH_AT_ONCE at a time (one name lock each): a crash in the
-        # middle of rm -r leaves thousands, and the next mount serves only once they are done
+        # middle of rm -r leaves thousands, and the next mount serves only once they are done.
+        # Once one fails, none more starts: each failure costs a whole retry budget (a 503
+        # storm kept a mount from starting), and the names stay hidden until a later round.
         await run_all([functools.partial(finish, key, etag) for key, etag in sorted(self.deferred.ready)],
                       _FINISH_AT_ONCE)
         return left
