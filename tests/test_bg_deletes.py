@@ -51,6 +51,21 @@ async def _failed_batch(tmp_path, cmk_path, nursery, n: int = 2, retry_interval:
     return fs, fs.get(1), d
 
 
+async def _crash_with_queued_deletes(tmp_path, cmk_path, files: int, unlinked: int):
+    """A mount with ``files`` files f000… in directory d dies after unlinking the first
+    ``unlinked`` while their DELETE batch waits (it never runs); returns its store, faults
+    cleared, for the next mount."""
+    async with trio.open_nursery() as nursery:
+        fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
+        d = await _files(fs, files)
+        fs.store.delay("delete_many", 60)
+        for i in range(unlinked):
+            await fs.unlink(d, f"f{i:03d}")
+        nursery.cancel_scope.cancel()  # the crash: no drain, the batch never ran
+    fs.store.clear()
+    return fs.store
+
+
 async def _bucket_keys(fs, prefix: str) -> list[str]:
     return sorted(o.key for o in (await fs.store.inner.list(prefix, delimiter=None)).objects)
 
@@ -275,16 +290,8 @@ def test_crash_with_queued_deletes_finishes_them_at_the_next_mount(tmp_path, cmk
     hides those names at once and deletes them before it serves (finish_unlinks)."""
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
-            d = await _files(fs, 3)
-            fs.store.delay("delete_many", 60)
-            await fs.unlink(d, "f000")
-            await fs.unlink(d, "f001")
-            nursery.cancel_scope.cancel()  # the crash: no drain, the batch never ran
-        store = fs.store
-        store.clear()
-        assert await _bucket_keys(fs, "pre/d/") == ["pre/d/", "pre/d/f000", "pre/d/f001", "pre/d/f002"]
+        store = await _crash_with_queued_deletes(tmp_path, cmk_path, 3, 2)
+        assert sorted(o.key for o in (await store.inner.list("pre/d/", delimiter=None)).objects) == ["pre/d/", "pre/d/f000", "pre/d/f001", "pre/d/f002"]
         fs2 = core_filesystem(tmp_path, cmk_path, store=store)
         d2 = await fs2.lookup(fs2.get(1), "d")
         assert await listed_names(fs2, d2) == ["f002"]
@@ -420,15 +427,7 @@ def test_pending_deletes_of_a_crash_are_replayed_many_at_once(tmp_path, cmk_path
     n = 40
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
-            d = await _files(fs, n + 1)
-            fs.store.delay("delete_many", 60)
-            for i in range(n):
-                await fs.unlink(d, f"f{i:03d}")
-            nursery.cancel_scope.cancel()  # the crash: the batch never ran
-        store = fs.store
-        store.clear()
+        store = await _crash_with_queued_deletes(tmp_path, cmk_path, n + 1, n)
         in_flight, peak = 0, 0
 
         async def enter(inner, op, keys):
@@ -462,15 +461,7 @@ def test_replay_stops_at_a_failing_store_and_retries_once_the_mount_runs(tmp_pat
     n = 40
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            fs = _background(core_filesystem(tmp_path, cmk_path), nursery)
-            d = await _files(fs, n + 1)
-            fs.store.delay("delete_many", 60)
-            for i in range(n):
-                await fs.unlink(d, f"f{i:03d}")
-            nursery.cancel_scope.cancel()  # the crash
-        store = fs.store
-        store.clear()
+        store = await _crash_with_queued_deletes(tmp_path, cmk_path, n + 1, n)
         store.fail(("delete", "delete_many"), error="permanent", count=None)
         store.reset_counts()
         fs2 = core_filesystem(tmp_path, cmk_path, store=store)

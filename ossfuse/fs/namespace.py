@@ -453,7 +453,7 @@ class Namespace:
                 return True
             if await self.deferred.delete(key, etag, failures=failures):
                 return True
-        self._retry_soon()
+        self.retry_failed_deletes_later()
         return False
 
     def _replaced_here(self, path: str, key: str, etag: str) -> bool:
@@ -468,12 +468,8 @@ class Namespace:
                 and not same_etag(current.version.etag, etag)))
 
     def retry_failed_deletes_later(self) -> None:
-        """Retry the failed pending deletes in the background every ``retry_interval`` seconds
-        (once a nursery is set: the daemon sets it after the replay at mount)."""
-        self._retry_soon()
-
-    def _retry_soon(self) -> None:
-        """Start the background retries of failed deletes (once; needs a nursery)."""
+        """Start the background retries of failed deletes, every ``retry_interval`` seconds
+        (once; needs a nursery: the daemon sets it after the replay at mount)."""
         if self.nursery is not None and not self._retrying:
             self._retrying = True
             self.nursery.start_soon(self._retry_deletes)
@@ -509,7 +505,7 @@ class Namespace:
                         del self.deferred.queued[item]
                         self.deferred.ready.add(item)
                     if left:
-                        self._retry_soon()
+                        self.retry_failed_deletes_later()
                     self._batch_done.set()
                     self._batch_done = trio.Event()
         finally:
@@ -533,7 +529,7 @@ class Namespace:
                     self.deferred.forget(key, etag)
                 elif key in read_by_handles:
                     if not await self.deferred.delete(key, etag):
-                        self._retry_soon()
+                        self.retry_failed_deletes_later()
                 else:
                     wanted.append((key, etag))
             keys = list(dict.fromkeys(k for k, _ in wanted))
@@ -555,7 +551,7 @@ class Namespace:
             if len(failed) < len(keys):
                 log.error("the store did not delete %d of %d unlinked objects (%r…); they stay hidden and are "
                           "tried again", len(failed), len(keys), sorted(failed)[0])
-            self._retry_soon()
+            self.retry_failed_deletes_later()
 
     async def settle_deletes(self, dkey: str = "") -> None:
         """Return once every DELETE queued below directory key ``dkey`` ("": all) was answered

@@ -172,8 +172,8 @@ class _BadResponse(Exception):
         self.request_id = request_id
 
 
-#: 4xx codes that mean "slow down", not "refused" (retried like a 503)
 _FORBID_OVERWRITE = "x-oss-forbid-overwrite"  # "true": create only (409 FileAlreadyExists), §3.1
+#: 4xx codes that mean "slow down", not "refused" (retried like a 503)
 _THROTTLE_CODES = ("TooManyRequests", "Throttling", "SlowDown", "RequestTimeout", "QpsLimitExceeded")
 
 _thread_timeouts = threading.local()
