@@ -279,3 +279,40 @@ def test_attributes_changed_after_close_survive_a_killed_daemon(make_mount):
     st = os.stat(m.path("f"))
     assert (stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, 1_100_000_000_000_000_000)
     assert open(m.path("f"), "rb").read() == b"data"
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.(files|resolve|errors): .*AccessDenied")
+def test_a_refused_request_is_one_log_line_naming_the_object_and_the_request(tmp_path, cmk_path, oss_server):
+    """OSS refuses a GET and a HEAD (403, as a bucket policy would): the read and the stat fail
+    with EIO, and each failure is one log line (ERROR) naming the object, the server's code and
+    the request id — the store's own line about the same failure is INFO, not a second
+    WARNING (the trial of the seventh session found two lines per failure)."""
+    from conftest import Mount
+
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config(store_options="retries = 0")
+    m.start()
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"refused data")
+        run_sync(m.store.put_bytes, "g", b"plain", {})  # another client's object: a HEAD at the stat
+        m.remount()  # an empty block cache: the read needs a GET
+        oss_server.faults.add(status=403, count=None, methods=("GET",), key_prefix="f")
+        oss_server.faults.add(status=403, count=None, methods=("HEAD",), key_prefix="g")
+        oss_server.clear_requests()
+        assert _errno_of_read(m.path("f")) == errno.EIO
+        with pytest.raises(OSError) as ei:
+            os.stat(m.path("g"))
+        assert ei.value.errno == errno.EIO
+        lines = [l for l in m.log().splitlines() if " WARNING " in l or " ERROR " in l]
+        for key, method in (("f", "GET"), ("g", "HEAD")):
+            ids = [r.request_id for r in oss_server.requests_for(method=method) if r.key == key]
+            mine = [l for l in lines if repr(key) in l]
+            assert len(mine) == 1, lines
+            assert "AccessDenied" in mine[0] and ids and any(i in mine[0] for i in ids), (mine, ids)
+        assert len(lines) == 2, lines
+        oss_server.faults.clear()
+        assert open(m.path("f"), "rb").read() == b"refused data"
+        assert m.stop() == 0
+    finally:
+        m.cleanup()

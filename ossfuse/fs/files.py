@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from typing import Awaitable, Callable
 
@@ -29,6 +30,8 @@ from .readahead import fetch_until
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r" \[request id [^\]]*\]")  # in a StoreError's message (store/oss.py)
 
 POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first modified
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
@@ -244,10 +247,11 @@ class Files:
     def _error_once(self, fmt: str, key: str, *args) -> None:
         """Log ``fmt % (key, *args)`` at ERROR the first time, at DEBUG after: one ERROR line per
         damaged block or lost object, since the kernel retries a failed read page by page and
-        a program may read it again and again."""
+        a program may read it again and again. The same failure is the same message without
+        its request id (each retry's answer has its own)."""
         if len(self._errors_reported) > 10_000:
             self._errors_reported.clear()
-        said = (key, fmt, *map(str, args))
+        said = (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
         log.log(logging.DEBUG if said in self._errors_reported else logging.ERROR, fmt, key, *args)
         self._errors_reported.add(said)
 

@@ -516,11 +516,11 @@ class OssStore(ObjectStore):
             budget = budget_seen[0] if budget_seen else None
             if err.temporary and budget is not None and budget.attempt > 1:
                 err.message += f" (gave up after {budget.attempt} attempts in {budget.elapsed():.1f}s)"
-            level = (logging.DEBUG if isinstance(err, NoSuchKey) else
-                     logging.INFO if isinstance(err, (PreconditionFailed, AlreadyExists))  # asked for: the caller decides
-                     # an unreachable store: store/health.py logs one WARNING for the outage
-                     or (err.unreachable and self.health is not None) else logging.WARNING)
-            log.log(level, "%s", err)
+            # INFO, not WARNING: the caller reports the failure in its one line naming the object
+            # and this same message (fs/errors.py store_request, commit, readdir...; the local
+            # store logs nothing either); an unreachable store has the outage's one WARNING
+            # (store/health.py)
+            log.log(logging.DEBUG if isinstance(err, NoSuchKey) else logging.INFO, "%s", err)
             raise
 
     @staticmethod
@@ -797,15 +797,19 @@ class OssStore(ObjectStore):
         _check_crc("PUT", key, fastcrc.crc64.xz(data), r)
         return r
 
-    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
+                        if_absent: bool = False) -> ObjectInfo:
         """PutObject (§3.1) with ``x-oss-meta-*`` and ``Content-Type: application/octet-stream``;
         the CRC-64 of the upload is checked. ``mtime`` of the result is the response's Date
-        (OSS sends no Last-Modified on PUT)."""
+        (OSS sends no Last-Modified on PUT). ``if_absent``: ``x-oss-forbid-overwrite: true``
+        (409 FileAlreadyExists → AlreadyExists)."""
         self._check_key(key)
         data = data if isinstance(data, bytes) else bytes(data)
         if len(data) > PUT_LIMIT:
             raise StoreError("object larger than 5 GB: use a multipart upload", key=key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
+        if if_absent:
+            headers[_FORBID_OVERWRITE] = "true"
         r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY)
         return ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
