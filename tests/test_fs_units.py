@@ -9,7 +9,7 @@ import stat
 import pytest
 import trio
 
-from fakes.core import core_config, core_filesystem
+from fakes.core import core_config, core_filesystem, listed_names
 from ossfuse import envelope as env
 from ossfuse.cache import TruncatedObject
 from ossfuse.cmk import CmkUnavailable, KeyMissing
@@ -324,3 +324,36 @@ def test_a_mount_whose_cmk_cannot_read_an_object_never_replaces_it(tmp_path, cmk
         await store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_symlink_and_mknod_never_overwrite_an_object_created_meanwhile(tmp_path, cmk_path, kind, caplog):
+    """Another client creates the name between our existence check and our PUT: the symlink or
+    mknod fails with EEXIST (create-only PUT, x-oss-forbid-overwrite on OSS), their object stays
+    as it was, and the next lookup finds theirs."""
+    import logging
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        await fs.store.inner.put_bytes(fs.naming.key("other"), b"x", {})  # a listed root: the check is answered locally
+        assert await listed_names(fs, root) == ["other"]
+
+        async def theirs(inner, op, keys):
+            await inner.put_bytes(fs.naming.key("name"), b"their bytes", {"who": "them"})
+        fs.store.hook("put_bytes", theirs, key=fs.naming.key("name"), count=1)
+        with pytest.raises(FsError) as ei:
+            if kind == "symlink":
+                await fs.symlink(root, "name", "target", 0, 0)
+            else:
+                await fs.mknod(root, "name", stat.S_IFIFO | 0o644, 0, 0, 0)
+        assert ei.value.errno == errno.EEXIST
+        got = await fs.store.inner.head(fs.naming.key("name"))
+        assert got.metadata == {"who": "them"}
+        assert await fs.store.inner.get_range(fs.naming.key("name"), 0, 100) == b"their bytes"
+        node = await fs.lookup(root, "name")
+        assert stat.S_ISREG(node.mode) and node.size == len(b"their bytes")
+
+    with caplog.at_level(logging.INFO):
+        trio.run(main)
+    assert "another client created the name first" in caplog.text

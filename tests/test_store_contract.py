@@ -505,6 +505,21 @@ async def test_put_file_if_absent_creates_only(h, tmp_path):
 
 
 @trio_test
+async def test_put_bytes_if_absent_creates_only(h):
+    """``if_absent`` on put_bytes (what symlink and mknod commit with): creates a missing key;
+    on a taken one raises AlreadyExists and leaves the other object's bytes and metadata."""
+    s = h.store
+    info = await s.put_bytes("ib/fresh", b"ours", {"v": "1"}, if_absent=True)
+    assert (await s.head("ib/fresh")).etag == info.etag
+    theirs = await s.put_bytes("ib/taken", b"theirs", {"who": "them"})
+    with pytest.raises(AlreadyExists):
+        await s.put_bytes("ib/taken", b"ours", {"who": "us"}, if_absent=True)
+    got = await s.head("ib/taken")
+    assert (got.etag, got.metadata) == (theirs.etag, {"who": "them"})
+    assert await s.get_range("ib/taken", 0, 100) == b"theirs"
+
+
+@trio_test
 async def test_complete_multipart_if_absent_creates_only(h):
     """``if_absent`` on CompleteMultipartUpload: AlreadyExists when the key was taken after the
     upload started (the other object stays); the upload can still be aborted. Without a

@@ -26,7 +26,7 @@ import trio
 from .. import integrity
 from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
-from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
@@ -254,6 +254,27 @@ class Namespace:
             touch(parent)
             return node, self.files.open_handle(node, flags)
 
+    async def _create_object(self, parent: Node, node: Node, what: str, body: bytes,
+                             meta: dict[str, str]) -> ObjectInfo:
+        """PUT new ``node``'s object create-only (the commit of a symlink or mknod, under the
+        new name's lock only): another client's object that appeared at the name since our
+        check is never overwritten, the call fails with EEXIST instead (x-oss-forbid-overwrite,
+        as file uploads, fs/conflicts.py). ``node`` is discarded on failure. Raises FsError
+        EEXIST, EIO (one ERROR line naming the object)."""
+        key = self.naming.key(node.path)
+        try:
+            return await self.store.put_bytes(key, body, meta, if_absent=True)
+        except AlreadyExists:
+            self.inodes.discard(node)
+            self.names.note_present(node.path)  # the next lookup asks the store
+            self.names.child_added(parent, node.path)
+            log.info("%s %r: another client created the name first; EEXIST", what, key)
+            raise FsError(errno.EEXIST) from None
+        except StoreError as e:
+            self.inodes.discard(node)
+            log.error("%s %r failed: %s", what, key, e)
+            raise FsError(errno_of(e)) from None
+
     async def symlink(self, parent: Node, name: str, target: str, uid: int, gid: int) -> Node:
         """A symlink: an encrypted object holding ``target``, mode S_IFLNK in its metadata.
         Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
@@ -265,12 +286,7 @@ class Namespace:
             meta = file_metadata(node, envelope.wrapped, len(data))
             body = envelope.crypt(0, data)
             meta.update(integrity.tag_small(body, envelope.data_key, envelope.iv, meta))  # read checks it
-            try:  # the commit, under the new name's lock only
-                info = await self.store.put_bytes(self.naming.key(path), body, meta)
-            except StoreError as e:
-                self.inodes.discard(node)
-                log.error("symlink %r failed: %s", self.naming.key(path), e)
-                raise FsError(errno_of(e)) from None
+            info = await self._create_object(parent, node, "symlink", body, meta)
             node.version = Version(info.key, info.etag, len(data), meta, envelope.wrapped, envelope)
             node.size = len(data)
             node.symlink_target = target
@@ -297,12 +313,7 @@ class Namespace:
                 meta = file_metadata(node, envelope.wrapped, 0)
             else:
                 meta = special_metadata(node, rdev)
-            try:  # the commit, under the new name's lock only
-                info = await self.store.put_bytes(self.naming.key(path), b"", meta)
-            except StoreError as e:
-                self.inodes.discard(node)
-                log.error("mknod %r failed: %s", self.naming.key(path), e)
-                raise FsError(errno_of(e)) from None
+            info = await self._create_object(parent, node, "mknod", b"", meta)
             node.version = Version(info.key, info.etag, 0, meta, envelope.wrapped if envelope else None, envelope)
             self.inodes.remember(node)
             touch(parent)

@@ -260,8 +260,10 @@ class ObjectStore(abc.ABC):
         OSS ignores it on a bucket with versioning enabled or suspended)."""
 
     @abc.abstractmethod
-    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
-        """Upload ``data`` as ``key`` with ``metadata``; returns the new object."""
+    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
+                        if_absent: bool = False) -> ObjectInfo:
+        """Upload ``data`` as ``key`` with ``metadata``; returns the new object. ``if_absent``:
+        as :meth:`put_file` (AlreadyExists when an object is there)."""
 
     @abc.abstractmethod
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:

@@ -473,15 +473,17 @@ class LocalStore(ObjectStore):
         run = self._run_write if small else self._run
         return await run(self._put_file, key, path, metadata, may_link, if_absent)
 
-    def _put_bytes(self, key: str, data: bytes, meta: dict[str, str]) -> ObjectInfo:
+    def _put_bytes(self, key: str, data: bytes, meta: dict[str, str], if_absent: bool = False) -> ObjectInfo:
+        check = self._absent(key) if if_absent else None
         tmp = self._new_tmp()
         with _removed_on_failure(tmp):
             self._write(tmp, data)
-            return self._commit(key, tmp, len(data), meta)
+            return self._commit(key, tmp, len(data), meta, check)
 
-    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
+    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
+                        if_absent: bool = False) -> ObjectInfo:
         run = self._run_write if len(data) <= _INLINE_WRITE_MAX else self._run
-        return await run(self._put_bytes, key, data, metadata)
+        return await run(self._put_bytes, key, data, metadata, if_absent)
 
     def _sync(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

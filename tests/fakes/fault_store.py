@@ -254,8 +254,10 @@ class FaultStore(ObjectStore):
         return await self._run("put_file", (key,),
                                lambda: self.inner.put_file(key, path, metadata, may_link=may_link, if_absent=if_absent))
 
-    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str]) -> ObjectInfo:
-        return await self._run("put_bytes", (key,), lambda: self.inner.put_bytes(key, data, metadata))
+    async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
+                        if_absent: bool = False) -> ObjectInfo:
+        return await self._run("put_bytes", (key,), lambda: self.inner.put_bytes(key, data, metadata,
+                                                                                   if_absent=if_absent))
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         return await self._run("create_multipart", (key,), lambda: self.inner.create_multipart(key, metadata))
