@@ -220,6 +220,9 @@ def cmd_umount(args) -> int:
     serve that copy instead of finishing: say who holds it and stop the daemon, so the uploads
     finish and the copy ends (its users get ENOTCONN)."""
     mp = os.path.abspath(args.mountpoint)
+    # our own working directory must not keep the mount busy (`ossfuse umount .` from inside
+    # it), nor be named among its users: fusermount3 inherits it
+    os.chdir("/")
     reg = read_registry(mp)
     device = mounted_device(mp)
     if device is None:
@@ -244,7 +247,7 @@ def cmd_umount(args) -> int:
     if r.returncode != 0:
         msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
         if "busy" in msg:
-            users = users_of(mp)
+            users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
             msg += (f" (in use by {', '.join(f'pid {p} ({c})' for p, c in users[:5])}"
                     f"{f' and {len(users) - 5} more' if len(users) > 5 else ''})" if users
                     else " (files are open there, by processes this user cannot see)")

@@ -265,6 +265,24 @@ def test_busy_umount_names_the_processes_without_fuser(mount):
         sleeper.wait()
 
 
+def test_umount_from_inside_the_mount_names_only_the_other_holders(mount):
+    """`ossfuse umount .` from a shell inside the mount: the command's own working directory
+    neither keeps the mount busy nor is named; the shell (here a sleep in the mount) is, and
+    once it has gone the same command, still run from inside, unmounts."""
+    sleeper = subprocess.Popen(["sleep", "60"], cwd=mount.mnt)
+    try:
+        r = subprocess.run(OSSFUSE + ["umount", "."], cwd=mount.mnt, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "busy" in r.stderr, r.stderr
+        assert f"pid {sleeper.pid} (sleep)" in r.stderr and "python" not in r.stderr, r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    r = subprocess.run(OSSFUSE + ["umount", "."], cwd=mount.mnt, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.ismount(mount.mnt)
+    mount.pid = None
+
+
 def test_the_installed_command_runs_a_copy_not_this_checkout():
     """/usr/local/bin/ossfuse (what the systemd unit, fstab's mount helper and people run)
     resolves into a virtualenv holding a copy of the package, not into a checkout: moving or
