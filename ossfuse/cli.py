@@ -225,13 +225,21 @@ def cmd_umount(args) -> int:
     os.chdir("/")
     reg = read_registry(mp)
     device = mounted_device(mp)
+    unmounted_here = False
     if device is None:
         # fusermount3 -u, run as root, unmounts whatever is there: never another filesystem
         fstype = mounted_type(mp)
         if fstype is not None:
             return _die(f"{mp} is not an ossfuse mount (it is {fstype}): not unmounting it")
         if not os.path.ismount(mp):
-            return _die(f"{mp} is not mounted")
+            if reg is None or not _serves_elsewhere(reg, mp):
+                return _die(f"{mp} is not mounted")
+            # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
+            # namespace holds a copy: the daemon would serve that copy forever
+            print(f"ossfuse: {mp} is not mounted here, but its daemon (pid {reg['pid']}) still serves a copy "
+                  f"in another mount namespace; stopping the daemon so pending uploads finish", file=sys.stderr)
+            os.kill(reg["pid"], signal.SIGTERM)
+            unmounted_here = True
     dead = daemon_gone(mp)
     if dead is not None:
         # nobody serves it: nothing can be pending in a daemon, and nothing can be open in it
@@ -243,15 +251,16 @@ def cmd_umount(args) -> int:
             return _die(f"{mp}: its daemon is gone, and unmounting failed: {r.stderr.strip()}")
         return _die(f"{mp}: the daemon{f' (pid {dead})' if dead else ''} had died; unmounted its dead mount; "
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
-    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
-    if r.returncode != 0:
-        msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
-        if "busy" in msg:
-            users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
-            msg += (f" (in use by {', '.join(f'pid {p} ({c})' for p, c in users[:5])}"
-                    f"{f' and {len(users) - 5} more' if len(users) > 5 else ''})" if users
-                    else " (files are open there, by processes this user cannot see)")
-        return _die(msg)
+    if not unmounted_here:
+        r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
+            if "busy" in msg:
+                users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
+                msg += (f" (in use by {', '.join(f'pid {p} ({c})' for p, c in users[:5])}"
+                        f"{f' and {len(users) - 5} more' if len(users) > 5 else ''})" if users
+                        else " (files are open there, by processes this user cannot see)")
+            return _die(msg)
     if reg is None or reg.get("exited"):
         return 0
     pid = reg["pid"]
@@ -259,7 +268,7 @@ def cmd_umount(args) -> int:
     deadline = time.monotonic() + args.timeout
     unmounted_at = time.monotonic()
     said_at = 0.0
-    stopped = False
+    stopped = unmounted_here
     pidfd = _pidfd_or_none(pid)
     # With nothing to upload the daemon exits within tens of ms: wait for that before asking it
     # anything (a status query of a daemon that is closing waits for its exit anyway).
@@ -312,6 +321,19 @@ def cmd_umount(args) -> int:
     if reg.get("status"):
         return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}")
     return 0
+
+
+def _serves_elsewhere(reg: dict, mp: str) -> bool:
+    """Whether the daemon of the registry record ``reg`` of mount point ``mp`` still runs
+    (not exited), checked on its command line so a reused pid is never signalled."""
+    if reg.get("exited") or not reg.get("pid") or not process_alive(reg["pid"]):
+        return False
+    try:
+        with open(f"/proc/{reg['pid']}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"ossfuse" in b" ".join(argv) and os.fsencode(mp) in argv
 
 
 def _pidfd_or_none(pid: int) -> int | None:

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import OSSFUSE, Mount
+from ossfuse.registry import process_alive
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -196,6 +197,32 @@ def test_umount_with_a_copy_of_the_mount_in_another_namespace(make_mount):
         assert "still mounted in another mount namespace" in r.stderr and f"pid {holder.pid} (sleep)" in r.stderr
         assert len([k for k in m.keys() if k.startswith("f")]) == 20
         m.pid = None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_umount_after_an_unmount_behind_its_back_stops_the_daemon_of_the_copy(make_mount):
+    """The mount was unmounted here by umount(8) or fusermount3 while another namespace holds
+    a copy (the daemon goes on serving that copy): ``ossfuse umount`` does not just say "not
+    mounted" and leave the daemon running forever, it stops it, and the pending uploads
+    finish."""
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 5)
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                               f"{_RELEASE_COPIES}; exec sleep 120"], env=dict(os.environ, KEEP=m.mnt))
+    try:
+        time.sleep(0.3)
+        subprocess.run(["fusermount3", "-u", m.mnt], check=True)
+        assert not os.path.ismount(m.mnt) and process_alive(m.pid)
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"its daemon (pid {m.pid}) still serves a copy in another mount namespace" in r.stderr, r.stderr
+        assert not process_alive(m.pid)
+        assert len([k for k in m.keys() if k.startswith("f")]) == 5
+        m.pid = None
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "is not mounted" in r.stderr, r.stderr
     finally:
         holder.kill()
         holder.wait()
