@@ -590,6 +590,15 @@ def main() -> int:
         # mounts exists would hold a copy of it, and its daemon would never exit.
         os.environ["OSSFUSE_VS_PRIVATE_NS"] = "1"
         os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", sys.executable, *sys.argv])
+    # the copies of other programs' FUSE mounts this namespace took would keep their daemons
+    # alive after their owners unmount them (for as long as the bench runs): let them go here
+    with open("/proc/self/mounts") as f:
+        inherited = [line.split()[1] for line in f if line.split()[2].startswith("fuse")]
+    for mp in inherited:
+        subprocess.run(["umount", "-l", mp.replace("\\040", " ")], check=False, capture_output=True)
+    # byte-compiled as an installed copy is (pip compiles at install): a shell with
+    # PYTHONDONTWRITEBYTECODE would make every ossfuse command compile its modules again
+    subprocess.run([PY, "-m", "compileall", "-q", os.path.join(args.ossfuse_tree or REPO, "ossfuse")], check=False)
     if os.path.exists(os.path.join(args.workdir, "raw.csv")):
         os.unlink(os.path.join(args.workdir, "raw.csv"))
     b = Bench(args)
