@@ -252,31 +252,69 @@ def _disk_bytes(directory: str) -> bytes:
 
 
 def test_overwriting_a_staged_range_never_reuses_keystream(tmp_path, cmk_path):
+    """A new file is written in its final form while it is only appended to (issue 14: the
+    seal is then a rename); the first overwrite turns it into slots under the work key with
+    fresh nonces, and the version is sealed under a new key and IV: the first key's keystream,
+    which encrypted ``a`` on this disk, never encrypts ``b``."""
     a, b = os.urandom(8192), os.urandom(8192)
 
     async def main():
         fs = _fs(tmp_path, cmk_path)
         node, h = await fs.create(fs.get(1), "db", 0o644, os.O_RDWR, 1, 2)
         await fs.write(h, 0, a)
-        envelope = node.staged.envelope
+        first = node.staged.envelope
         work1 = _disk_bytes(fs.staging.dir)
-        await fs.write(h, 0, b)
+        assert first.crypt(0, a)[:64] in work1 and a[:64] not in work1  # direct: final ciphertext
+        await fs.write(h, 0, b)  # not an append: demoted to slots
         work2 = _disk_bytes(fs.staging.dir)
-        # the object's key+IV encrypts nothing until the version is sealed: no ciphertext of
-        # either plaintext under it is on disk while the range may still change
-        for snapshot in (work1, work2):
-            assert envelope.crypt(0, a)[:64] not in snapshot
-            assert envelope.crypt(0, b)[:64] not in snapshot
-        # the two writes of block 0 used different keystreams: their ciphertexts do not XOR
-        # to the XOR of the plaintexts
+        assert node.staged.rekey and not node.staged.direct
+        for text in (a, b):
+            assert first.crypt(0, text)[:64] not in work2 and text[:64] not in work2
         with open(node.staged.work_path, "rb") as f:
             slot0 = f.read(16 + 4096)
         assert slot0[:16] not in work1  # a fresh nonce
         assert await fs.read(h, 0, 8192) == b
-        await fs.flush(h)  # sealed: the final ciphertext is written once
+        await fs.flush(h)  # sealed under a new key and IV: the final ciphertext is written once
+        final = node.staged.envelope
+        assert (final.data_key, final.iv) != (first.data_key, first.iv) and not node.staged.rekey
         sealed = _disk_bytes(fs.staging.dir)
-        assert envelope.crypt(0, b)[:64] in sealed and envelope.crypt(0, a)[:64] not in sealed
+        assert final.crypt(0, b)[:64] in sealed and first.crypt(0, b)[:64] not in sealed
+        assert first.crypt(0, a)[:64] not in sealed
         await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_file(fs, "db") == b
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def test_a_file_only_appended_to_is_sealed_by_a_rename_under_its_first_key(tmp_path, cmk_path):
+    """Issue 14: a new file written front to back (cp, tar, dd) is staged as the final
+    ciphertext under its own envelope, so its seal writes nothing again: the data file is the
+    work file renamed, under the key it was created with, and reads back right, also after
+    an O_TRUNC rewrite of it."""
+    data = os.urandom(300_000)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node, h = await fs.create(fs.get(1), "big", 0o644, os.O_WRONLY, 1, 2)
+        for off in range(0, len(data), 65536):
+            await fs.write(h, off, data[off:off + 65536])
+        st, first = node.staged, node.staged.envelope
+        assert st.direct and os.path.getsize(st.work_path) == len(data)
+        ino = os.stat(st.work_path).st_ino
+        await fs.flush(h)
+        await fs.release(h)
+        assert st.sealed and st.envelope is first and os.stat(st.data_path).st_ino == ino
+        with open(st.data_path, "rb") as f:
+            assert f.read() == first.crypt(0, data)
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)  # a rewrite: a new version, direct again
+        await fs.write(h, 0, data[:1000])
+        assert node.staged.direct and node.staged.envelope is not first
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_file(fs, "big") == data[:1000]
         await _crash(fs)
 
     trio.run(main)
@@ -290,6 +328,9 @@ def test_a_failed_seal_then_more_writes_seals_under_a_new_key(tmp_path, cmk_path
         fs = _fs(tmp_path, cmk_path)
         node, h = await fs.create(fs.get(1), "f", 0o644, os.O_WRONLY, 1, 2)
         await fs.write(h, 0, b"a" * 5000)
+        await fs.flush(h)  # sealed; the next change is a version in slots over it
+        await fs.write(h, 0, b"A" * 5000)
+        assert not node.staged.direct and not node.staged.rekey
         first_key = node.staged.envelope.data_key
         with monkeypatch.context() as m:
             _fail_pwrite(m)
@@ -344,6 +385,49 @@ def test_staged_file_reads_back_what_was_written_through_seals_and_truncates(tmp
         assert st.read(off, 5000) == bytes(ref[off:off + 5000])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_direct_version_reads_back_through_appends_overwrites_truncates_and_seals(tmp_path, seed):
+    """The reference model with writes that are mostly appends (the direct form, issue 14),
+    then an overwrite, a gap or a truncate that demotes it to slots, then more: always reads
+    back as a bytearray would; a seal keeps the bytes; O_TRUNC (truncate to 0) of a version
+    that never held final bytes under its key goes direct again."""
+    import random
+
+    class Xor:
+        def crypt(self, off, data):
+            return bytes(x ^ (0x5A + (off + i) % 7) for i, x in enumerate(data))
+
+    st_dir = staging_mod.Staging(str(tmp_path))
+    st = st_dir.new(Xor())
+    ref = bytearray()
+    rnd = random.Random(seed)
+    seen_direct_sealed = False
+    for i in range(200):
+        op = rnd.random()
+        if op < 0.75:
+            data = os.urandom(rnd.choice((1, 100, 4096, 5000, 65536)))
+            off = len(ref) if rnd.random() < 0.9 else rnd.randrange(0, len(ref) + 9000)
+            if off > len(ref):
+                ref += bytes(off - len(ref))
+            ref[off:off + len(data)] = data
+            st.write(off, data)
+        elif op < 0.85:
+            n = rnd.choice((0, len(ref), rnd.randrange(0, len(ref) + 9000)))
+            ref = ref[:n] + bytes(max(0, n - len(ref)))
+            st.truncate(n)
+        else:
+            seen_direct_sealed |= st.direct
+            st.seal()
+            assert st.read(0, 1 << 22) == bytes(ref)
+            st = st_dir.new(Xor()) if rnd.random() < 0.5 else st_dir.derive(st, Xor())
+            ref = ref if st.base is not None else bytearray()
+        assert st.size == len(ref)
+        assert st.read(0, 1 << 22) == bytes(ref), i
+        off = rnd.randrange(0, len(ref) + 1)
+        assert st.read(off, 5000) == bytes(ref[off:off + 5000])
+    assert seen_direct_sealed
+
+
 def test_a_write_is_one_ctr_stream_and_a_rewrite_inside_it_breaks_the_stream(tmp_path, monkeypatch):
     """Issue 14: the blocks of one write get consecutive counters from one random nonce (one
     cipher context per write and per run read back, not per 4 KiB block), wrapping modulo
@@ -361,7 +445,7 @@ def test_a_write_is_one_ctr_stream_and_a_rewrite_inside_it_breaks_the_stream(tmp
         contexts.append(a)
         return RealCipher(*a, **kw)
     monkeypatch.setattr(staging_mod, "Cipher", counting_cipher)
-    st = staging_mod.Staging(str(tmp_path)).new(Xor())
+    st = staging_mod.Staging(str(tmp_path)).new(Xor(), direct=False)  # the slot form
     real_urandom = os.urandom
     nonces = [b"\xff" * 16]  # the first write starts one counter below the 128-bit wrap
     monkeypatch.setattr(staging_mod.os, "urandom", lambda n: nonces.pop(0) if n == 16 and nonces else real_urandom(n))

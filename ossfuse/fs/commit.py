@@ -89,13 +89,16 @@ class Commit:
         if st.write_error is not None:
             log.error("%r is not saved: an earlier write to it failed (%s)", key, os.strerror(st.write_error))
             raise FsError(st.write_error)
-        if st.seal_attempt is not None and st.seal_attempt != st.generation:
-            # a failed seal may have left other bytes under this key on disk: a new key and IV
+        if st.rekey or (st.seal_attempt is not None and st.seal_attempt != st.generation and not st.direct):
+            # the envelope's keystream encrypted other bytes on this disk (a demoted direct
+            # version, or a seal that failed half-way): a new key and IV. A direct version
+            # whose seal failed keeps its key: it never wrote a position twice
             try:
                 st.envelope = await trio.to_thread.run_sync(self.keyring.new_envelope, node.path)
             except (CmkUnavailable, env.EnvelopeError) as e:
                 log.error("cannot save %r: no data key: %s", key, e)
                 raise FsError(errno_of(e)) from None
+            st.rekey = False
         st.seal_attempt = st.generation
         other = file_metadata(node, st.envelope.wrapped, st.size)
         envelope, prefix = st.envelope, self.naming.prefix
@@ -190,7 +193,10 @@ class Commit:
         if base is not None and not base.committed:
             node.staged = base
         elif base is None and node.version is None:
-            node.staged = self.staging.new(st.envelope)  # a new file: its last good version is empty
+            # a new file: its last good version is empty; in slots, and under a fresh key at its
+            # seal (the failed version may have written final bytes under this one)
+            node.staged = self.staging.new(st.envelope, direct=False)
+            node.staged.rekey = True
         else:
             if base is not None:
                 base.discard()

@@ -381,7 +381,9 @@ class Files:
         """A new open staged version (encrypted under ``envelope`` when sealed) holding the
         first ``keep`` bytes of committed version ``v`` (None: empty). Needs no lock: it
         changes no shared state. Raises FsError (EIO, ESTALE as read; ENOSPC as write)."""
-        staged = self.staging.new(envelope)
+        # direct (final ciphertext as written) when it starts empty; a copy of committed
+        # content stays in slots, as the edit that follows is likely not an append
+        staged = self.staging.new(envelope, direct=v is None or keep == 0)
         staged.label = self.naming.key(node.path)
         try:
             if v is not None:

@@ -14,6 +14,14 @@ A file being changed gets a *staged version* (:class:`StagedFile`). It lives in 
   nonce of all zeros marks a block never written: it reads from the ``base`` version (below
   ``base_len``) or as zeros — so extending a file (``truncate`` upwards) costs nothing and a
   reopen for write copies nothing.
+  A new file, or one cut to nothing (O_TRUNC), starts in **direct** form instead (issue 14):
+  while it is only appended to, each write goes to the work file as the final ciphertext under
+  the version's own envelope (no slots, no work key), so sealing it is a rename, not a second
+  pass over the data. Every byte position is written once and never again, so no keystream
+  position is used twice. The first write that is not an append (an overwrite, a gap) or any
+  truncate that changes the size first re-encrypts the content into slots (:meth:`_demote`) and
+  marks the envelope spent (``rekey``): its keystream already encrypted those bytes on this
+  disk, so the seal takes a fresh data key and IV (Commit.seal).
 - **sealed** (immutable): ``staging/<id>.data`` holds the exact ciphertext of the object under
   the version's own envelope (fresh data key and IV: a new object version,
   oss-cse-format.md §11), written once, start to end, by :meth:`StagedFile.seal_data` (in a
@@ -72,7 +80,7 @@ class StagedFile:
     replace the last good one)."""
 
     def __init__(self, staging: "Staging", sid: str, envelope: Envelope | None, size: int = 0, *,
-                 sealed: bool = False, base: "StagedFile | None" = None):
+                 sealed: bool = False, base: "StagedFile | None" = None, direct: bool = False):
         self.staging = staging
         self.id = sid
         # an Envelope; a journaled version this mount cannot unwrap gets fs.model.OpaqueEnvelope
@@ -89,6 +97,12 @@ class StagedFile:
         self.superseded = False  # discard once the upload reading it is done
         self.committed = False  # uploaded: the bucket holds this version
         self.seal_attempt: int | None = None  # generation last sealed (or tried to): see Commit.seal
+        # direct form (module doc): the work file holds the final ciphertext of [0, size) under
+        # ``envelope``, each position written once; only for a version with no base content
+        self.direct = direct and size == 0 and self.base_len == 0
+        # the envelope's keystream encrypted bytes on this disk that the sealed object will not
+        # hold (a direct version was demoted): the seal must take a fresh data key and IV
+        self.rekey = False
         self.tags: Any = None  # integrity.SealedTags of the sealed data (None: untagged)
         # the object key the file had when its work file was made, kept in that file's xattr
         # LABEL_XATTR so the next mount can name what a lost work file held (read_journal)
@@ -123,6 +137,13 @@ class StagedFile:
             raise OSError(errno.EFBIG, "larger than the store's largest object")
         if not data:
             return
+        if self.direct:
+            if offset == self.size:  # an append: the final ciphertext, written once
+                self._pwrite(self._work(create=True), self.envelope.crypt(offset, data), offset)
+                self.size = end
+                self.generation += 1
+                return
+            self._demote()
         first, last = offset // BLOCK, (end - 1) // BLOCK
         fd = self._work(create=True)
         # the plaintext of whole blocks first..last: the written bytes over the current
@@ -152,12 +173,50 @@ class StagedFile:
                 self._work_fd = _open(path, os.O_RDWR | (os.O_CREAT if create and not self._renamed else 0))
             except FileNotFoundError:
                 return -1
-            if create and self.label is not None:
-                try:  # best effort: only a recovery message reads it (no xattrs: it names the file only)
-                    os.setxattr(self._work_fd, LABEL_XATTR, self.label.encode("utf-8", "surrogateescape"))
-                except OSError:
-                    pass
+            if create:
+                self._label(self._work_fd)
         return self._work_fd
+
+    def _label(self, fd: int) -> None:
+        """Name the file in work file ``fd``'s LABEL_XATTR (best effort: only a recovery
+        message reads it; a disk without xattrs names nothing)."""
+        if self.label is not None:
+            try:
+                os.setxattr(fd, LABEL_XATTR, self.label.encode("utf-8", "surrogateescape"))
+            except OSError:
+                pass
+
+    def _demote(self) -> None:
+        """Leave the direct form: re-encrypt the content into slots under the work key, in a
+        new work file renamed over the old one (a SEAL_CHUNK at a time), and mark the envelope
+        spent (``rekey``). Raises OSError (the version stays direct and unchanged)."""
+        old = self._work()
+        if old < 0 or not self.size:
+            if old >= 0:
+                os.ftruncate(old, 0)
+            self.direct = False
+            return
+        tmp = self.work_path + ".slots"
+        new = _open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            self._label(new)
+            for off in range(0, self.size, SEAL_CHUNK):
+                n = min(SEAL_CHUNK, self.size - off)
+                cipher = os.pread(old, n, off)
+                if len(cipher) != n:
+                    raise OSError(errno.EIO, f"work file {self.work_path} is short")
+                plain = bytearray(-(-n // BLOCK) * BLOCK)  # the last block's tail reads as zeros
+                plain[:n] = self.envelope.crypt(off, cipher)
+                self._pwrite(new, self._encrypt_slots(plain), off // BLOCK * _SLOT)
+            os.replace(tmp, self.work_path)
+        except BaseException:
+            os.close(new)
+            _unlink(tmp)
+            raise
+        os.close(old)
+        self._work_fd = new
+        self.direct = False
+        self.rekey = True
 
     def _ctr(self, nonce: bytes, data: bytes | bytearray | memoryview) -> bytes:
         """AES-256-CTR under the work key from counter ``nonce``."""
@@ -241,6 +300,11 @@ class StagedFile:
             if len(data) != length:
                 raise OSError(errno.EIO, f"staged data {self.data_path} is short")
             return self.envelope.crypt(offset, data)
+        if self.direct:
+            data = os.pread(self._work(), length, offset)
+            if len(data) != length:
+                raise OSError(errno.EIO, f"work file {self.work_path} is short")
+            return self.envelope.crypt(offset, data)
         with self._seal_lock:
             packed = min(self._packed, offset + length)
             head = b""
@@ -265,6 +329,22 @@ class StagedFile:
         self._check_not_converted()
         if size > MAX_OBJECT_SIZE:
             raise OSError(errno.EFBIG, "larger than the store's largest object")
+        if self.direct:
+            if size == self.size:
+                self.generation += 1
+                return
+            self._demote()  # a cut or a hole: positions would be written again
+        elif size == 0 and not self.rekey and self.seal_attempt is None:
+            # cut to nothing (O_TRUNC): no byte of the envelope's keystream is on disk yet (no
+            # seal was tried), so the new content can go straight to its final form
+            fd = self._work()
+            if fd >= 0:
+                os.ftruncate(fd, 0)
+            self.base_len = 0
+            self.size = 0
+            self.generation += 1
+            self.direct = True
+            return
         if size < self.size:
             # what lies past the new end must read as zeros if the file grows again
             self.base_len = min(self.base_len, size)
@@ -296,6 +376,13 @@ class StagedFile:
         a failed write: never sealed, dropped at close; its reads stay correct until then)."""
         if self._renamed:
             return  # converted already (what failed after it, e.g. the tags, was not the conversion)
+        if self.direct and self.write_error is None and self._work() >= 0:
+            with self._seal_lock:  # the work file is the final ciphertext already
+                os.ftruncate(self._work_fd, self.size)  # (a failed write may have left bytes past it)
+                os.replace(self.work_path, self.data_path)
+                self._renamed = True
+                self._packed = max(self.size, 1)
+            return
         if self.write_error is None and self._work() >= 0:
             try:
                 os.posix_fallocate(self._work_fd, 0, max(self.size, 1))
@@ -423,9 +510,10 @@ class Staging:
         self.quarantine_dir = os.path.join(self.dir, "quarantine")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
 
-    def new(self, envelope: Envelope) -> StagedFile:
-        """An empty open version encrypted under ``envelope`` (no disk I/O yet)."""
-        return StagedFile(self, uuid.uuid4().hex, envelope)
+    def new(self, envelope: Envelope, *, direct: bool = True) -> StagedFile:
+        """An empty open version encrypted under ``envelope`` (no disk I/O yet); ``direct``:
+        in the direct form while it is only appended to (module doc)."""
+        return StagedFile(self, uuid.uuid4().hex, envelope, direct=direct)
 
     def derive(self, base: StagedFile, envelope: Envelope) -> StagedFile:
         """A new open version with ``base``'s content (nothing copied: unwritten blocks read
