@@ -385,6 +385,29 @@ def test_staged_file_reads_back_what_was_written_through_seals_and_truncates(tmp
         assert st.read(off, 5000) == bytes(ref[off:off + 5000])
 
 
+def test_a_rewrite_after_a_truncate_by_path_is_direct_too(tmp_path, cmk_path):
+    """``truncate -s 0 f`` (no handle: the empty version is sealed and journaled at once), then
+    an open and appends: the new version is derived from an empty one, so nothing shows
+    through it and it is staged direct (issue 14: dd over an existing file took this path)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", DATA)
+        assert await fs.drain() == 0
+        await fs.setattr(node, size=0)
+        assert node.staged is not None and node.staged.sealed and node.staged.size == 0
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"new ")
+        await fs.write(h, 4, b"content")
+        assert node.staged.direct and node.staged.base is not None
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_file(fs, "f") == b"new content"
+        await _crash(fs)
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_direct_version_reads_back_through_appends_overwrites_truncates_and_seals(tmp_path, seed):
     """The reference model with writes that are mostly appends (the direct form, issue 14),

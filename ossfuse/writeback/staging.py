@@ -517,8 +517,10 @@ class Staging:
 
     def derive(self, base: StagedFile, envelope: Envelope) -> StagedFile:
         """A new open version with ``base``'s content (nothing copied: unwritten blocks read
-        through to it) under a fresh ``envelope``; ``base`` stays as it is."""
-        return StagedFile(self, uuid.uuid4().hex, envelope, base.size, base=base)
+        through to it) under a fresh ``envelope``; ``base`` stays as it is. Direct (module
+        doc) when ``base`` is empty (e.g. the empty version a truncate by path sealed just before
+        an O_TRUNC open's writes)."""
+        return StagedFile(self, uuid.uuid4().hex, envelope, base.size, base=base, direct=True)
 
     def check_space(self, min_free: int) -> None:
         """At mount: one WARNING naming the cache dir, its disk's free and total space and
