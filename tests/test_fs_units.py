@@ -326,7 +326,7 @@ def test_a_mount_whose_cmk_cannot_read_an_object_never_replaces_it(tmp_path, cmk
     trio.run(main)
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dir"])
 def test_symlink_and_mknod_never_overwrite_an_object_created_meanwhile(tmp_path, cmk_path, kind, caplog):
     """Another client creates the name between our existence check and our PUT: the symlink or
     mknod fails with EEXIST (create-only PUT, x-oss-forbid-overwrite on OSS), their object stays
@@ -339,21 +339,29 @@ def test_symlink_and_mknod_never_overwrite_an_object_created_meanwhile(tmp_path,
         await fs.store.inner.put_bytes(fs.naming.key("other"), b"x", {})  # a listed root: the check is answered locally
         assert await listed_names(fs, root) == ["other"]
 
+        key = fs.naming.dir_key("name") if kind == "dir" else fs.naming.key("name")
+        body = b"" if kind == "dir" else b"their bytes"
+
         async def theirs(inner, op, keys):
-            await inner.put_bytes(fs.naming.key("name"), b"their bytes", {"who": "them"})
-        fs.store.hook("put_bytes", theirs, key=fs.naming.key("name"), count=1)
+            await inner.put_bytes(key, body, {"who": "them"})
+        fs.store.hook("put_bytes", theirs, key=key, count=1)
         with pytest.raises(FsError) as ei:
             if kind == "symlink":
                 await fs.symlink(root, "name", "target", 0, 0)
+            elif kind == "dir":
+                await fs.mkdir(root, "name", 0o700, 0, 0)
             else:
                 await fs.mknod(root, "name", stat.S_IFIFO | 0o644, 0, 0, 0)
         assert ei.value.errno == errno.EEXIST
-        got = await fs.store.inner.head(fs.naming.key("name"))
+        got = await fs.store.inner.head(key)
         assert got.metadata == {"who": "them"}
-        assert await fs.store.inner.get_range(fs.naming.key("name"), 0, 100) == b"their bytes"
+        assert await fs.store.inner.get_range(key, 0, 100) == body
         node = await fs.lookup(root, "name")
-        assert stat.S_ISREG(node.mode) and node.size == len(b"their bytes")
+        if kind == "dir":
+            assert stat.S_ISDIR(node.mode)
+        else:
+            assert stat.S_ISREG(node.mode) and node.size == len(body)
 
     with caplog.at_level(logging.INFO):
         trio.run(main)
-    assert "another client created the name first" in caplog.text
+    assert "another client created the " in caplog.text

@@ -180,8 +180,14 @@ class Namespace:
         async with self._new_name_locked(parent, name, is_dir=True) as path:
             now = time.time_ns()
             node = self.inodes.new_node(path, stat.S_IFDIR | (mode & 0o7777 & ~self.create_umask), uid, gid, now)
-            try:  # the commit, under the new name's lock only
-                await self.store.put_bytes(self.naming.dir_key(path), b"", attr_meta(node))
+            try:  # the commit, under the new name's lock only; create-only, as symlink's
+                await self.store.put_bytes(self.naming.dir_key(path), b"", attr_meta(node), if_absent=True)
+            except AlreadyExists:
+                self.inodes.discard(node)
+                self.names.note_present(path)
+                self.names.child_added(parent, path)
+                log.info("mkdir %r: another client created the directory first; EEXIST", self.naming.dir_key(path))
+                raise FsError(errno.EEXIST) from None
             except StoreError as e:
                 self.inodes.discard(node)
                 log.error("mkdir %r failed: %s", self.naming.dir_key(path), e)
