@@ -1157,3 +1157,101 @@ def test_lean_head_off_behind_a_proxy(monkeypatch):
     assert OssStore("bucket-x", "http://127.0.0.1:1", region=REGION, credentials=creds)._lean_head is not None
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     assert OssStore("bucket-x", "http://127.0.0.1:1", region=REGION, credentials=creds)._lean_head is None
+
+
+# keys that exercise the url encoding (%, +, space, non-ASCII, XML specials) and common prefixes
+_LIST_KEYS = ["l/a b", "l/a+b", "l/a%41", "l/ä日本", "l/x&y<z>'\"", "l/d1/f", "l/d1/g", "l/d2/h", "l/plain",
+              "l/sub/", "l/e"]
+
+
+@pytest.mark.parametrize("encoding", ["url", ""])
+def test_list_parser_answers_what_oss2_answers(server, encoding):
+    """``oss_xml.parse_list_objects`` (OssStore's ListObjects reader) gives what oss2's
+    ``xml_utils.parse_list_objects`` gives on the same answers: keys (percent-decoded only
+    under ``encoding-type=url``), sizes, ETags, Last-Modified, common prefixes, IsTruncated and
+    NextMarker, page by page through a listing of 2 keys per page."""
+    import oss2
+    import oss2.models
+    import oss2.xml_utils
+
+    from ossfuse.store.oss_xml import parse_list_objects
+    raw = oss2.Bucket(oss2.Auth(AK, SK), server.endpoint, BUCKET)
+    for i, k in enumerate(_LIST_KEYS):
+        raw.put_object(k, b"y" * i)
+    params = {"prefix": "l/", "delimiter": "/", "max-keys": "2", "encoding-type": encoding}
+    pages = seen = 0
+    marker = ""
+    while True:
+        resp = raw._do("GET", BUCKET, "", params={**params, "marker": marker})
+        body = resp.read()
+        ref = oss2.models.ListObjectsResult(resp)
+        oss2.xml_utils.parse_list_objects(ref, body)
+        objects, prefixes, truncated, next_marker = parse_list_objects(body)
+        assert [(o.key, o.size, o.etag, o.mtime, o.metadata) for o in objects] == \
+            [(o.key, o.size, o.etag, float(o.last_modified), {}) for o in ref.object_list]
+        assert prefixes == ref.prefix_list and truncated == ref.is_truncated and next_marker == ref.next_marker
+        pages += 1
+        seen += len(objects) + len(prefixes)
+        if not truncated:
+            break
+        marker = next_marker  # decoded by both parsers: oss2 sends it encoded again
+    assert pages >= 5 and seen == len(_LIST_KEYS) - 1  # l/d1/f and l/d1/g are one prefix l/d1/
+    names = set()
+    for o in raw.list_objects("l/", "/", max_keys=1000).object_list:
+        names.add(o.key)
+    assert "l/ä日本" in names and "l/x&y<z>'\"" in names  # both parsers saw them (compared above)
+
+
+def test_list_parser_refuses_what_oss2_cannot_read():
+    """Bad answers raise ListAnswerError (OssStore retries it as an unusable answer): not XML,
+    no IsTruncated, a Contents without Size, a Size that is no number, a LastModified oss2
+    cannot read (it takes only ".000Z" fractions);
+    XML entities and a missing NextMarker read as oss2 reads them."""
+    from ossfuse.store.oss_xml import ListAnswerError, parse_list_objects
+
+    def page(contents: str, truncated: str = "<IsTruncated>false</IsTruncated>") -> bytes:
+        return f"<ListBucketResult><EncodingType>url</EncodingType>{truncated}{contents}</ListBucketResult>".encode()
+    ok = "<Contents><Key>a%2Fb</Key><LastModified>2024-01-02T03:04:05.000Z</LastModified>" \
+         "<ETag>&quot;AB&quot;</ETag><Size>7</Size></Contents>"
+    objects, prefixes, truncated, marker = parse_list_objects(page(ok, "<IsTruncated>true</IsTruncated>"))
+    assert [(o.key, o.size, o.etag, o.mtime) for o in objects] == [("a/b", 7, "AB", 1704164645.0)]
+    assert (prefixes, truncated, marker) == ([], True, "")  # no NextMarker: the caller uses the last key
+    for bad in [b"<ListBucketResult", page(ok, ""), page(ok.replace("<Size>7</Size>", "")),
+                page(ok.replace(">7<", ">x<")), page(ok.replace("2024-01-02T", "2024/01/02 ")), page(ok.replace(".000Z", ".678Z")),
+                page(ok, "<IsTruncated>yes</IsTruncated>")]:
+        with pytest.raises(ListAnswerError):
+            parse_list_objects(bad)
+
+
+@trio_test
+async def test_list_reads_pages_and_retries_an_unusable_answer(server, monkeypatch):
+    """OssStore.list pages through a listing with its own reader (same keys and markers as the
+    contract tests expect), and an answer it cannot read is retried as a temporary failure."""
+    import oss2
+    store = make_store(server, signature="v1", retries=2)
+    raw = oss2.Bucket(oss2.Auth(AK, SK), server.endpoint, BUCKET)
+    for k in _LIST_KEYS:
+        raw.put_object(k, b"")
+    got, prefixes, marker, pages = [], [], None, 0
+    while True:
+        p = await store.list("l/", marker=marker, max_keys=3)
+        got += [o.key for o in p.objects]
+        prefixes += p.prefixes
+        pages += 1
+        if p.next_marker is None:
+            break
+        marker = p.next_marker
+    assert got == sorted(k for k in _LIST_KEYS if k.count("/") == 1 and not k.endswith("/"))
+    assert prefixes == ["l/d1/", "l/d2/", "l/sub/"] and pages == 4
+    from ossfuse.store import oss_xml
+    real, calls = oss_xml.parse_list_objects, []
+
+    def flaky(body):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(b"<ListBucketResult><IsTruncated>maybe</IsTruncated></ListBucketResult>")
+        return real(body)
+    monkeypatch.setattr("ossfuse.store.oss.parse_list_objects", flaky)
+    p = await store.list("l/d1/")
+    assert [o.key for o in p.objects] == ["l/d1/f", "l/d1/g"] and len(calls) == 2
+    await store.aclose()
