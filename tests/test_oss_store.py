@@ -1255,3 +1255,99 @@ async def test_list_reads_pages_and_retries_an_unusable_answer(server, monkeypat
     p = await store.list("l/d1/")
     assert [o.key for o in p.objects] == ["l/d1/f", "l/d1/g"] and len(calls) == 2
     await store.aclose()
+
+
+_OLD_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x's, as the http.client path used
+
+
+def _http_client_reads(raw: bytes):
+    """What http.client (+ the former normalisation) read from ``raw``: (status, headers,
+    will_close) or the exception type."""
+    import http.client
+    import socket
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(raw)
+        a.shutdown(socket.SHUT_WR)
+        resp = http.client.HTTPResponse(b, method="HEAD")
+        try:
+            resp.begin()
+        except Exception as e:  # noqa: BLE001 - compared by type
+            return type(e)
+        h: dict[str, str] = {}
+        for name, value in resp.msg.items():
+            name = name.lower()
+            value = _OLD_FOLD.sub(" ", value) if "\r\n" in value else value
+            h[name] = f"{h[name]}, {value}" if name in h else value
+        return resp.status, h, bool(resp.will_close)
+
+
+def _lean_reads(raw: bytes):
+    import socket
+
+    from ossfuse.store.oss import _read_head_answer
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(raw)
+        a.shutdown(socket.SHUT_WR)
+        try:
+            status, h, will_close, extra = _read_head_answer(b)
+        except Exception as e:  # noqa: BLE001 - compared by type
+            return type(e)
+        assert not extra
+        return status, h, will_close
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nETag: \"AB\"\r\nx-oss-meta-a: 1\r\nX-Oss-Meta-A: 2\r\n"
+    b"x-oss-meta-fold: one  \r\n \t two\r\nx-oss-meta-sp:   lead and trail  \r\nx-oss-meta-t:\tx\r\n"
+    b"x-oss-meta-utf8: \xe6\x97\xa5\xc3\xbc\r\nx-oss-meta-empty:\r\nDate: Tue, 02 Jan 2024 03:04:05 GMT\r\n\r\n",
+    b"HTTP/1.1 404 Not Found\r\nx-oss-err: PEVycm9yPg==\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nx-oss-request-id: R1\r\n\r\n",
+    b"HTTP/1.1 200 OK\nContent-Length: 5\nx-oss-meta-lf: yes\n\n",
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: keep-alive, close\r\n\r\n",
+    b"", b"garbage\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n",
+])
+def test_lean_head_reads_answers_as_http_client(raw):
+    """The lean HEAD path reads the answer's head itself (no http.client, no email parser):
+    the same status, headers (repeated ones joined, obsolete folding as one space, latin-1,
+    left-stripped values), close decision and exceptions as http.client gave for the same bytes."""
+    assert _lean_reads(raw) == _http_client_reads(raw)
+
+
+def test_lean_head_refuses_a_cut_answer():
+    """A head cut by the connection's end is IncompleteRead (a lost connection: retried) where
+    http.client took it for a whole answer (here a 200 without Content-Length: an empty file)."""
+    import http.client
+    assert _http_client_reads(b"HTTP/1.1 200 OK\r\nContent-Len") == (200, {}, False)
+    assert _lean_reads(b"HTTP/1.1 200 OK\r\nContent-Len") is http.client.IncompleteRead
+
+
+def test_lean_head_sends_the_bytes_http_client_sends():
+    """The request bytes of the lean HEAD path are http.client's (Host, Accept-Encoding:
+    identity, the headers in order); a header with CR/LF is refused as http.client refuses it."""
+    import http.client
+
+    from ossfuse.store.oss import _head_request
+
+    class Capture:
+        def __init__(self):
+            self.data = b""
+
+        def sendall(self, b):
+            self.data += bytes(b)
+    headers = {"date": "Tue, 02 Jan 2024 03:04:05 GMT", "authorization": "OSS ak:sig", "Accept": "*/*",
+               "x-oss-security-token": "tok", "User-Agent": "ossfuse", "x-oss-meta-latin": "café"}
+    for host, port in [("127.0.0.1", 8080), ("bucket.oss-cn-hangzhou.aliyuncs.com", 80), ("::1", 9000)]:
+        conn = http.client.HTTPConnection(host, port)
+        conn.sock = Capture()
+        conn.request("HEAD", "/b/k%20x?versionId=1", headers=headers)
+        assert _head_request(conn, "/b/k%20x?versionId=1", headers) == conn.sock.data
+    conn = http.client.HTTPConnection("127.0.0.1", 8080)
+    with pytest.raises(ValueError):
+        _head_request(conn, "/k", {"x-oss-security-token": "a\r\nInjected: 1"})
+    with pytest.raises(http.client.InvalidURL):
+        _head_request(conn, "/k x", {})
