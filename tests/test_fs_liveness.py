@@ -29,6 +29,7 @@ from ossfuse import envelope as env  # noqa: E402
 from ossfuse.cmk import KeyMissing  # noqa: E402
 from ossfuse.config import CmkConfig, EncryptionConfig  # noqa: E402
 from ossfuse.fs import Filesystem, FsError  # noqa: E402
+from ossfuse.fs.readdir import SETTLE_BATCH  # noqa: E402
 from ossfuse.keyring import Keyring  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 
@@ -507,6 +508,47 @@ def test_checksum_task_failure_is_logged_not_raised(tmp_path, cmk_path, caplog, 
 
 # -- A15: nodes of readdir batches the kernel did not take -------------------------------------
 
+def test_readdir_steps_resolve_few_nodes_and_head_ahead(tmp_path, cmk_path):
+    """Over an OSS-like store (no metadata in listings) a readdir step resolves SETTLE_BATCH
+    entries into nodes, and its HEADs include the next entries' up to READDIR_BATCH (one
+    parallel batch): reading 300 entries a reply (25) at a time HEADs each file once, in two
+    batches, and never holds more than one step's untaken nodes."""
+    from ossfuse.fs import readdir
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        for i in range(300):
+            await fs.store.inner.put_bytes(f"pre/big/f{i:03d}", b"", {})
+        d = await fs.lookup(fs.get(1), "big")
+        base = len(fs.inodes.nodes)
+        batches: list[list[str]] = []
+        real = fs.store.head_many
+
+        async def counting(keys, parallel):
+            batches.append(list(keys))
+            return await real(keys, parallel)
+        fs.store.head_many = counting
+        h = fs.opendir(d)
+        names, start = [], 0
+        while True:
+            entries = await fs.readdir_entries(h, start)
+            if not entries:
+                break
+            assert len(entries) <= SETTLE_BATCH
+            assert len(fs.inodes.nodes) <= base + len(names) + SETTLE_BATCH
+            for next_id, name, node in entries[:25]:  # one reply's worth taken by the kernel
+                fs.remember(node)
+                names.append(name)
+                start = next_id
+        assert names == [f"f{i:03d}" for i in range(300)]
+        assert [len(b) for b in batches] == [readdir.READDIR_BATCH, 300 - readdir.READDIR_BATCH]
+        assert sorted(k for b in batches for k in b) == [f"pre/big/f{i:03d}" for i in range(300)]
+        fs.releasedir(h.fh)
+        assert len(fs.inodes.nodes) == base + 300
+
+    trio.run(main)
+
+
 def test_readdir_drops_nodes_the_kernel_did_not_take(tmp_path, cmk_path):
     async def main():
         fs = _fs(tmp_path, cmk_path, oss_like=False)
@@ -516,12 +558,12 @@ def test_readdir_drops_nodes_the_kernel_did_not_take(tmp_path, cmk_path):
         base = len(fs.inodes.nodes)
         h = fs.opendir(d)
         entries = await fs.readdir_entries(h, 0)
-        assert len(entries) == 256
+        assert len(entries) == SETTLE_BATCH  # one step's nodes (the next ones' HEADs are done ahead)
         for _, _, node in entries[:25]:  # one reply's worth handed to the kernel
             fs.remember(node)
         entries = await fs.readdir_entries(h, 25)
-        assert entries[0][1] == "f025"
-        assert len(fs.inodes.nodes) <= base + 25 + 256
+        assert entries[0][1] == "f025" and len(entries) == SETTLE_BATCH
+        assert len(fs.inodes.nodes) <= base + 25 + SETTLE_BATCH
         fs.releasedir(h.fh)
         assert len(fs.inodes.nodes) == base + 25
         assert all(fs.by_path[f"big/f{i:03d}"].lookups == 1 for i in range(25))

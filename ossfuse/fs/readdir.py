@@ -20,9 +20,11 @@ handed out since is looked up, the rest of them (at most STAT_AHEAD) are HEADed 
 (HEAD_PARALLEL at once, :meth:`stat_ahead`), so it costs a HEAD per entry, mostly in parallel;
 a lone ``stat`` HEADs only its own name.
 
-Nodes made for a batch that the kernel did not take (a readdir reply holds ~25 entries of the
-256 resolved) are dropped at the handle's next readdir call or its release, unless something
-else holds them by then (review A15) or that next call's batch hands them out again."""
+A readdir step resolves SETTLE_BATCH entries into nodes (a reply holds ~25); when one of them
+needs a HEAD, the entries up to READDIR_BATCH ahead that need one are HEADed with it (one
+parallel batch; the answers wait for the steps that hand those entries out). Nodes made for a
+step that the kernel did not take are dropped at the handle's next readdir call or its release,
+unless something else holds them by then (review A15) or that next call hands them out again."""
 from __future__ import annotations
 
 import errno
@@ -46,7 +48,10 @@ from .resolve import Resolver
 log = logging.getLogger(__name__)
 
 HEAD_PARALLEL = 32  # HEADs at once when a listing needs attributes (ossfs: 20)
-READDIR_BATCH = 256  # entries whose attributes are fetched per readdir step
+READDIR_BATCH = 256  # entries whose attributes are fetched together (HEAD_PARALLEL at once)
+# entries resolved into nodes per readdir step: a reply holds ~25 (4 KiB of readdirplus entries);
+# resolving all READDIR_BATCH per step cost ~10x the daemon CPU of the entries the kernel took
+SETTLE_BATCH = 32
 # entries past which a directory's unknown names get listing attributes instead of HEADs (a
 # directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
 LISTED_ATTRS_ABOVE = 4096
@@ -169,8 +174,10 @@ class DirectoryReader:
 
     async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False) -> list[tuple[int, str, Node]]:
         """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
-        on, as (index+1, name, node) with the node resolved: attributes from the listing when
-        the store's listing carries metadata, else from HEADs, at most HEAD_PARALLEL at once.
+        on (at most SETTLE_BATCH, LISTED_BATCH for a big directory), as (index+1, name, node)
+        with the node resolved: attributes from the listing when the store's listing carries
+        metadata, else from HEADs (with those of the next READDIR_BATCH entries that need one),
+        at most HEAD_PARALLEL at once.
         The caller raises the lookup count of each node it hands to the kernel. Raises
         FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
         # the last batch's nodes the kernel did not take: reused if this batch has them (the
@@ -188,7 +195,7 @@ class DirectoryReader:
             del headed[k]  # taken by the kernel (or skipped over)
         from_listing = (not self.store.listing_has_metadata and len(h.entries) > LISTED_ATTRS_ABOVE
                         and self.resolver.plaintext_objects != "hide")  # hiding needs each object's metadata
-        batch = h.entries[start:start + (LISTED_BATCH if from_listing else READDIR_BATCH)]
+        batch = h.entries[start:start + (LISTED_BATCH if from_listing else SETTLE_BATCH)]
         resolved: dict[int, Node] = {}
         by_path = self.inodes.by_path
         resolver = self.resolver
@@ -229,6 +236,21 @@ class DirectoryReader:
                 settle(i, path, is_dir, headed[start + i])  # HEADed by an earlier call of this listing
             else:
                 to_head.append((i, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
+        if to_head and not from_listing:
+            # HEAD ahead: the entries of the next steps up to READDIR_BATCH that will need one,
+            # in the same parallel batch (their answers wait in ``headed`` for those steps)
+            ahead = h.entries[start + len(batch):start + READDIR_BATCH]
+            for j, (name, known, listed, is_dir) in enumerate(ahead, len(batch)):
+                if known is not None or start + j in headed:
+                    continue
+                path = join(dir_path, name)
+                node = by_path.get(path)
+                if node is not None and (is_dir or resolver.attrs_fresh(node)
+                                         or (listed is not None and resolver.listing_proves(node, listed))):
+                    continue
+                if listed is not None and self.store.listing_has_metadata:
+                    continue
+                to_head.append((j, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
         try:
             if to_head:
                 try:
@@ -238,7 +260,8 @@ class DirectoryReader:
                     raise FsError(errno_of(e)) from None
                 for (i, path, is_dir, _key), info in zip(to_head, infos, strict=True):
                     headed[start + i] = info
-                    settle(i, path, is_dir, info)
+                    if i < len(batch):
+                        settle(i, path, is_dir, info)
         finally:
             reused = {id(n) for n in resolved.values()}
             for n in untaken:
