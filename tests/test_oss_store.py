@@ -1351,3 +1351,24 @@ def test_lean_head_sends_the_bytes_http_client_sends():
         _head_request(conn, "/k", {"x-oss-security-token": "a\r\nInjected: 1"})
     with pytest.raises(http.client.InvalidURL):
         _head_request(conn, "/k x", {})
+
+
+def test_list_parser_decodes_keys_as_unquote():
+    """The listing reader decodes a key's part up to its last %2F once per page: for keys mixing
+    escapes of "/", of UTF-8 sequences cut anywhere, bad escapes and literal characters, every
+    key is what urllib's unquote (oss2's decoder) makes of it."""
+    import random
+    from urllib.parse import quote, unquote
+
+    from ossfuse.store.oss_xml import parse_list_objects
+    rng = random.Random(7)
+    pieces = ["a", "/", "%", "+", " ", "ä", "日", "%01", "~", "%2F", "%E6", "%97", "%ZZ", "%2f", "%C3", "%2", "F"]
+    keys = []
+    for _ in range(3000):
+        k = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+        keys.append(k if rng.random() < 0.5 else quote(k, safe=""))
+    body = ("<ListBucketResult><EncodingType>url</EncodingType><IsTruncated>false</IsTruncated>" + "".join(
+        f"<Contents><Key>{k.replace('&', '&amp;').replace('<', '&lt;')}</Key><LastModified>"
+        "2024-01-02T03:04:05.000Z</LastModified><ETag>x</ETag><Size>1</Size></Contents>" for k in keys)
+        + "</ListBucketResult>")
+    assert [o.key for o in parse_list_objects(body.encode())[0]] == [unquote(k) for k in keys]

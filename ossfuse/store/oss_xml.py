@@ -80,7 +80,19 @@ def parse_list_objects(body: bytes) -> tuple[list[ObjectInfo], list[str], bool, 
         raise ListAnswerError("no IsTruncated")
 
     def dec(s: str) -> str:
-        return unquote(s) if url and "%" in s else s  # unquote of a text without % is itself
+        if not url or "%" not in s:
+            return s  # unquote of a text without % is itself
+        # The keys of a listing share their directories: the part up to the last encoded "/" is
+        # decoded once per page (exact: an ASCII "/" ends any UTF-8 sequence on either side)
+        i = s.rfind("%2F") + 3
+        if i < 3:
+            return unquote(s)
+        head = heads.get(s[:i])
+        if head is None:
+            head = heads[s[:i]] = unquote(s[:i])
+        tail = s[i:]
+        return head + unquote(tail) if "%" in tail else head + tail
+    heads: dict[str, str] = {}
 
     objects = []
     for el in contents:
