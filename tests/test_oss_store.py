@@ -1372,3 +1372,19 @@ def test_list_parser_decodes_keys_as_unquote():
         "2024-01-02T03:04:05.000Z</LastModified><ETag>x</ETag><Size>1</Size></Contents>" for k in keys)
         + "</ListBucketResult>")
     assert [o.key for o in parse_list_objects(body.encode())[0]] == [unquote(k) for k in keys]
+
+
+def test_lean_head_url_is_oss2s():
+    """The lean HEAD path builds a key's URL from a prefix made once; for path-style (an IP
+    endpoint) and virtual-hosted endpoints it is oss2's ``_make_url`` of the key, and the
+    request URI is that URL's path."""
+    from urllib.parse import quote
+    creds = StaticCredentialsProvider(AK, SK)
+    for endpoint in ("http://127.0.0.1:9", "https://oss-cn-hangzhou.aliyuncs.com", "oss-cn-hangzhou-internal.aliyuncs.com"):
+        store = OssStore("bucket-x", endpoint, region=REGION, credentials=creds)
+        assert store._key_url is not None
+        for key in ("a", "d/e f+g%h", "日本/ä?x=1#y", "sp ace/ "):
+            url = store._bucket._make_url("bucket-x", key)
+            assert store._key_url[0] + quote(key, safe="") == url
+            assert store._key_url[1] + quote(key, safe="") == "/" + url.split("/", 3)[3]
+        trio.run(store.aclose)

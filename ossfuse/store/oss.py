@@ -55,6 +55,7 @@ import re
 import socket
 import ssl
 import threading
+import urllib.parse
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -483,6 +484,8 @@ class OssStore(ObjectStore):
             raise ValueError(f"OSS bucket {bucket!r} at {endpoint!r}: {e.body}") from None
         self._settle_environment()
         self._lean_head = self._head_pool()
+        self._head_conn_pool: Any = None  # the urllib3 pool of _lean_head, once asked for
+        self._key_url = self._key_url_prefix()
         # worker threads of head_many's batches (each holds a limiter token while it works)
         self._head_executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
                                                                     thread_name_prefix="ossfuse-head")
@@ -664,6 +667,21 @@ class OssStore(ObjectStore):
             return None
         return adapter, host, pool_kwargs
 
+    def _key_url_prefix(self) -> tuple[str, str] | None:
+        """(URL, request URI) that oss2's ``_make_url(bucket, key)`` starts with for every key,
+        the key following quoted with ``safe=""``; None when this oss2 does not make URLs so
+        (checked on a key with a space, a slash, a plus, a percent and a non-ASCII letter)."""
+        try:
+            base = self._bucket._make_url(self.bucket_name, "")
+            probe = "a b/ä+%"
+            if not base.endswith("/") or self._bucket._make_url(self.bucket_name, probe) != \
+                    base + urllib.parse.quote(probe, safe=""):
+                return None
+        except Exception:  # noqa: BLE001 - an oss2 without the private URL maker: ask it per key
+            return None
+        parts = base.split("/", 3)
+        return (base, "/" + parts[3]) if len(parts) > 3 else None
+
     def _head_sync(self, key: str) -> tuple[ObjectInfo, str | None]:
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
 
@@ -684,17 +702,25 @@ class OssStore(ObjectStore):
                                self._meta_from_headers(r.headers)), r.content_type)
         adapter, host, pool_kwargs = self._lean_head
         b = self._bucket
-        req = oss2.http.Request("HEAD", b._make_url(self.bucket_name, key), app_name=b.app_name, region=b.region,
-                                product=b.product, cloudbox_id=b.cloudbox_id)
+        if self._key_url is not None:  # oss2's _make_url without its per-call endpoint checks
+            quoted = urllib.parse.quote(key, safe="")
+            url, uri = self._key_url[0] + quoted, self._key_url[1] + quoted
+        else:
+            # the path and query of oss2's URL ("scheme://host/path?query", the key already quoted
+            # by _make_url): what urllib3's parse_url(...).request_uri gives, without its parse
+            url = b._make_url(self.bucket_name, key)
+            parts = url.split("/", 3)
+            uri = "/" + parts[3] if len(parts) > 3 else "/"
+        req = oss2.http.Request("HEAD", url, app_name=b.app_name, region=b.region, product=b.product,
+                                cloudbox_id=b.cloudbox_id)
         b.auth._sign_request(req, self.bucket_name, key)
         headers = {k: v for k, v in req.headers.items() if v is not None}  # None: "do not send" to requests
         headers.setdefault("Accept", "*/*")
         connect, read = getattr(_thread_timeouts, "value", None) or (self.connect_timeout, self.read_timeout)
-        pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        # the path and query of oss2's URL ("scheme://host/path?query", the key already quoted
-        # by _make_url): what urllib3's parse_url(...).request_uri gives, without its parse
-        parts = req.url.split("/", 3)
-        status, h = _head_on_pool(pool, "/" + parts[3] if len(parts) > 3 else "/", headers, connect, read)
+        pool = self._head_conn_pool
+        if pool is None or getattr(pool, "pool", None) is None:  # not yet, or closed (evicted, aclose)
+            pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+        status, h = _head_on_pool(pool, uri, headers, connect, read)
         if status // 100 != 2:
             raise oe.make_exception(_HeadAnswer(status, requests.structures.CaseInsensitiveDict(h)))
         # The same values oss2's HeadObjectResult and requests' header dict give (a repeated
