@@ -74,7 +74,7 @@ def test_an_evicted_version_fetches_its_envelope_once_at_open(tmp_path, cmk_path
         nodes = [await fs.lookup(root, f"f{i}") for i in range(4)]
         assert [n.version.held for n in nodes] == [False, False, False, True]
         with pytest.raises(MetadataNotHeld):
-            nodes[0].version.metadata  # never an empty answer
+            _ = nodes[0].version.metadata  # never an empty answer
         assert stat.S_IMODE(nodes[0].mode) == 0o600 and nodes[0].size == len(_content(0))  # attributes stay
 
         store.counts.clear()
@@ -219,6 +219,31 @@ def test_recent_versions_bound_the_held_envelopes(tmp_path, cmk_path):
         nodes = [await fs.lookup(fs.get(1), f"f{i}") for i in range(6)]
         assert [n.version.held for n in nodes] == [False] * 3 + [True] * 3
         assert len(fs.resolver.recent) == 3
+        fs.close()
+
+    trio.run(main)
+
+
+def test_offline_a_slim_version_cannot_be_opened_and_an_opened_one_can(tmp_path, cmk_path):
+    """Offline, a file whose envelope was dropped gives EIO at open (nothing guessed, one INFO
+    line); a file opened before keeps its envelope and reads from the block cache."""
+    from ossfuse.store.health import StoreOffline
+
+    async def main():
+        store = await _bucket(tmp_path, cmk_path, 3)
+        fs = _reader(tmp_path, cmk_path, store)
+        root = fs.get(1)
+        nodes = [await fs.lookup(root, f"f{i}") for i in range(3)]
+        assert await _read_all(fs, nodes[0]) == _content(0)  # held again, opened: pinned, blocks cached
+        for i in (1, 2):
+            await fs.lookup(root, f"f{i}")
+        assert nodes[0].version.held and not nodes[1].version.held
+        store.fail("*", error=lambda op, key: StoreOffline(f"injected: {op} {key!r}", key=key), count=None)
+        with pytest.raises(FsError) as e:
+            await fs.open(nodes[1], os.O_RDONLY)
+        assert e.value.errno == errno.EIO
+        assert await _read_all(fs, nodes[0]) == _content(0)
+        store.clear()
         fs.close()
 
     trio.run(main)

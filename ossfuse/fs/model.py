@@ -101,7 +101,7 @@ class Version:
 
     @property
     def metadata(self) -> dict[str, str]:
-        if self._values is None:
+        if self._values is None or self._names is None:
             raise MetadataNotHeld(f"the metadata of {self.key!r} (version {self.etag}) is not held")
         return {name: base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
                 for name, value in zip(self._names, self._values, strict=True)}
