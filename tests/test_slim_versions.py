@@ -247,3 +247,24 @@ def test_offline_a_slim_version_cannot_be_opened_and_an_opened_one_can(tmp_path,
         fs.close()
 
     trio.run(main)
+
+
+def test_a_streamed_rename_of_a_slim_version_heads_it_for_every_field(tmp_path, cmk_path):
+    """Above the store's copy limit a rename streams the ciphertext through this client (a new
+    PUT): a slim source is HEADed first, for that ETag, so the copy still carries every field."""
+    async def main():
+        store = await _bucket(tmp_path, cmk_path, 2)
+        before = (await store.inner.head("pre/f0")).metadata
+        fs = _reader(tmp_path, cmk_path, store)
+        root = fs.get(1)
+        nodes = [await fs.lookup(root, f"f{i}") for i in range(2)]
+        assert not nodes[0].version.held
+        store.max_copy_size = 1000  # bytes: f0 (2,400) streams
+        store.counts.clear()
+        await fs.rename(root, "f0", root, "g0", 0)
+        assert store.counts["copy"] == 0 and store.counts["put_bytes"] == 1, store.counts
+        assert (await store.inner.head("pre/g0")).metadata == before
+        assert await _read_all(fs, nodes[0]) == _content(0)
+        fs.close()
+
+    trio.run(main)

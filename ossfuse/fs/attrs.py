@@ -13,7 +13,7 @@ from .commit import Commit
 from .copying import copy_object
 from .errors import FsError, store_request
 from .files import Files
-from .model import ROOT_INO, UNPARSED, FileHandle, Node, Version, set_local_version
+from .model import ROOT_INO, FileHandle, Node, set_local_version
 from .naming import Naming
 from .objmeta import attr_meta
 
@@ -103,10 +103,9 @@ class Attributes:
         source_meta = v.metadata
         meta = dict(source_meta)
         meta.update(attr_meta(node))
-        envelope = v.envelope  # v may be slimmed while the copy awaits: nothing more is read from it
         info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, source_meta),
                                  v.key, meta)
         self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v (if_match)
-        copied = Version(v.key, info.etag, v.size, meta, UNPARSED, envelope)  # same envelope headers as v
+        copied = v.rewritten(info.etag, meta)  # (v may be slim again by now: its metadata is not read)
         set_local_version(node, copied)
         self.files.resolver.recent.touch(copied)

@@ -177,6 +177,8 @@ class Files:
         Raises FsError(ESTALE) when the key now holds another version or none (one ERROR line
         with both ETags; the node at that name is re-read at its next lookup), FsError(EIO)
         when the HEAD fails (offline: one INFO line; the outage has its WARNING)."""
+        if v.held:
+            return
         try:
             info = await self.resolver.store.head(v.key)
         except StoreOffline as e:

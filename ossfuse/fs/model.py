@@ -140,6 +140,12 @@ class Version:
             self.metadata = metadata
             self._wrapped = _UNPARSED
 
+    def rewritten(self, etag: str, metadata: dict[str, str]) -> "Version":
+        """This version copied onto its own key with ``metadata`` replacing its own (setattr's
+        CopyObject; the envelope headers unchanged): new ETag, the same parsed envelope if this
+        one was opened (so it stays unslimmable), else parsed from ``metadata`` when used."""
+        return Version(self.key, etag, self.size, metadata, self._wrapped, self.envelope)
+
     def copied_as(self, key: str, etag: str) -> "Version":
         """This version as copied by this mount to ``key`` with the store's metadata directive
         COPY (a rename): same size, metadata (held or not) and envelope, new key and ETag."""
