@@ -268,3 +268,22 @@ def test_a_streamed_rename_of_a_slim_version_heads_it_for_every_field(tmp_path, 
         fs.close()
 
     trio.run(main)
+
+
+def test_cat_after_ls_of_more_files_than_the_recent_ones_heads_only_the_slim_ones(tmp_path, cmk_path):
+    """``cat`` in listing order after ``ls -l`` of more files than ``limit``: the versions it
+    opens take no place among the recent ones (opened: held for good), so the ``limit`` files
+    looked up last open without a HEAD instead of being pushed out one by one."""
+    async def main():
+        store = await _bucket(tmp_path, cmk_path, 6)
+        fs = _reader(tmp_path, cmk_path, store, recent=3)
+        root = fs.get(1)
+        nodes = [await fs.lookup(root, f"f{i}") for i in range(6)]
+        store.counts.clear()
+        for i, n in enumerate(nodes):
+            assert await _read_all(fs, n) == _content(i)
+        assert store.counts["head"] == 3, store.counts
+        assert all(n.version.held for n in nodes)
+        fs.close()
+
+    trio.run(main)

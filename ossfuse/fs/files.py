@@ -88,7 +88,7 @@ class Files:
         if slim or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
             # brings it (same ETag), or the version now there with its own (another client's)
-            await self.resolver.revalidate(node, listing=not slim)
+            await self.resolver.revalidate(node, listing=not slim, opening=True)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writing:
             await self.check_replaceable(node)  # EACCES before a write can replace what we cannot read
@@ -135,8 +135,8 @@ class Files:
         A slim ``v`` (its metadata dropped, model.Version) is HEADed first
         (:meth:`hold_metadata`: ESTALE if the bucket has another version now)."""
         if not v.held:
-            await self.hold_metadata(v, doing)
-        if v.wrapped is None or v.envelope is not None:
+            await self.hold_metadata(v, doing, opening=True)
+        if v.wrapped is None or v.envelope is not None:  # parsed: held for good from here on
             return
         pending = self._unwraps.get((v.key, v.etag))
         if pending is not None:
@@ -168,7 +168,7 @@ class Files:
             self._error_once(f"cannot {doing} %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
 
-    async def hold_metadata(self, v: Version, doing: str = "open") -> None:
+    async def hold_metadata(self, v: Version, doing: str = "open", *, opening: bool = False) -> None:
         """Fetch the user metadata (envelope) of slim version ``v`` with one HEAD of ``v.key``
         and keep it in ``v`` only if the bucket still has this very version (same ETag): the
         metadata of two versions is never mixed. No lock is held across the HEAD; meanwhile
@@ -176,7 +176,8 @@ class Files:
         ``v`` may move on to another version (callers go on with ``v``, which they pinned).
         Raises FsError(ESTALE) when the key now holds another version or none (one ERROR line
         with both ETags; the node at that name is re-read at its next lookup), FsError(EIO)
-        when the HEAD fails (offline: one INFO line; the outage has its WARNING)."""
+        when the HEAD fails (offline: one INFO line; the outage has its WARNING). ``opening``:
+        the caller parses the envelope at once (Resolver.set_version_from_info)."""
         if v.held:
             return
         try:
@@ -199,7 +200,8 @@ class Files:
                 node.checked_at = 0.0
             raise FsError(errno.ESTALE)
         v.fill(info.metadata)
-        self.resolver.recent.touch(v)
+        if not opening:
+            self.resolver.recent.touch(v)
 
     async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
         """Unwrap ``v``'s data key with its CMK (in a thread) for :meth:`open_version`; never
@@ -226,7 +228,7 @@ class Files:
         if node.staged is not None or v is None:
             return
         if not v.held:
-            await self.hold_metadata(v, "replace")
+            await self.hold_metadata(v, "replace", opening=True)
         if v.wrapped is None or v.envelope is not None:
             return
         if isinstance(v.wrapped, env.EnvelopeError):

@@ -263,37 +263,44 @@ class Resolver:
         node.checked_at = 0.0
         return node
 
-    def set_version_from_info(self, node: Node, info: ObjectInfo) -> None:
-        """``node``'s version is the one ``info`` (a HEAD, or a listing with metadata) shows."""
+    def set_version_from_info(self, node: Node, info: ObjectInfo, *, opening: bool = False) -> None:
+        """``node``'s version is the one ``info`` (a HEAD, or a listing with metadata) shows;
+        among the recent versions unless ``opening`` (an open parses its envelope next, which
+        keeps its metadata for good: it needs no place there, and taking one would push out
+        the version a ``cat`` of many files opens next)."""
         node.version = version_from_info(info)
-        self.recent.touch(node.version)
+        if not opening:
+            self.recent.touch(node.version)
         node.size = info.size
         node.checked_at = time.monotonic()
 
-    def refresh(self, node: Node, info: ObjectInfo | None) -> None:
+    def refresh(self, node: Node, info: ObjectInfo | None, *, opening: bool = False) -> None:
         """Take what the store now says of a clean node: a new version if the ETag changed, and
         the attributes always (on OSS a metadata-only CopyObject keeps the ETag). A directory
-        refreshed with no marker (``info`` None) is implicit."""
+        refreshed with no marker (``info`` None) is implicit. ``opening``: as for
+        :meth:`set_version_from_info`."""
         if node.is_dir:
             node.implicit = info is None
         if node.staged is None and info is not None:  # open handles keep their own version
             if not node.is_dir and (node.version is None or node.version.etag != info.etag):
-                self.set_version_from_info(node, info)
+                self.set_version_from_info(node, info, opening=opening)
                 node.symlink_target = None
             elif node.version is not None and not node.is_dir:
                 node.version.modified = info.mtime  # a metadata copy keeps the ETag, not this
                 if not node.version.held and node.version.key == info.key:
                     node.version.fill(info.metadata)  # slim: this very version's metadata (same ETag)
-                self.recent.touch(node.version)
+                if not opening:
+                    self.recent.touch(node.version)
             node.mode, node.uid, node.gid, node.mtime_ns = self.defaults.attrs_from_info(info, node.is_dir)
             ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
             node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
         node.listed_only = False
 
-    async def revalidate(self, node: Node, *, listing: bool = True) -> None:
+    async def revalidate(self, node: Node, *, listing: bool = True, opening: bool = False) -> None:
         """Read ``node``'s attributes from the store again (a listing that proves them, else a
-        HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag).
+        HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag;
+        ``opening``: as for :meth:`set_version_from_info`).
         Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
         if listing and await self.revalidate_from_listing(node):
             return
@@ -306,4 +313,4 @@ class Resolver:
             raise FsError(errno_of(e)) from None
         if info is None:
             raise FsError(errno.ENOENT)
-        self.refresh(node, info)
+        self.refresh(node, info, opening=opening)
