@@ -174,7 +174,8 @@ class RecentVersions:
     ``limit`` of them: they keep their user metadata, so ``cat`` after ``ls -l`` of up to
     ``limit`` files opens each without a second HEAD (tests/test_requests.py). The oldest one
     past the limit is slimmed (:meth:`Version.slim`: only if never opened). Each entry costs
-    ~1.3 KiB while held (RSA-3072 envelope), so ``limit`` bounds what all the others save."""
+    ~1.3 KiB while held (RSA-3072 envelope), so ``limit`` bounds what all the others save.
+    Versions an open fills are not touched here (held for good once parsed)."""
 
     def __init__(self, limit: int):
         self.limit = limit
