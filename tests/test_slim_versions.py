@@ -287,3 +287,35 @@ def test_cat_after_ls_of_more_files_than_the_recent_ones_heads_only_the_slim_one
         fs.close()
 
     trio.run(main)
+
+
+def test_which_versions_slim_and_what_fill_gives_back():
+    """Only an encrypted, never-parsed version without an envelope or rdev is slimmed; fill
+    gives back the very strings; a slim version's copy stays slim, a rewrite of an opened one
+    keeps its parsed envelope."""
+    import base64
+
+    from ossfuse.fs.model import UNPARSED, Version
+
+    def enc(**extra):
+        return {env.H_KEY: base64.b64encode(os.urandom(384)).decode(),
+                env.H_START: base64.b64encode(os.urandom(384)).decode(),
+                env.H_CEK_ALG: "AES/CTR/NoPadding", env.H_WRAP_ALG: "RSA/NONE/PKCS1Padding",
+                "mode": "33188", **FOREIGN, **extra}
+
+    meta = enc()
+    v = Version("k", "E1", 5, meta, UNPARSED)
+    assert v.slim() and not v.held and v.slim() is False
+    with pytest.raises(MetadataNotHeld):
+        _ = v.wrapped
+    moved = v.copied_as("k2", "E2")
+    assert not moved.held and (moved.key, moved.etag, moved.size) == ("k2", "E2", 5)
+    v.fill(meta)
+    assert v.held and v.metadata == meta and list(v.metadata) == list(meta)
+    assert isinstance(v.wrapped, env.WrappedEnvelope) and not v.slim()  # parsed: opened, kept
+    again = v.rewritten("E3", {**meta, "mode": "33152"})
+    assert again.wrapped is v.wrapped and not again.slim()
+
+    assert not Version("p", "E", 1, {"mode": "33188"}, UNPARSED).slim()  # plaintext: nothing big
+    assert not Version("d", "E", 0, enc(rdev="259"), UNPARSED).slim()  # rdev is read at getattr
+    assert not Version("o", "E", 1, enc(), UNPARSED, envelope=object()).slim()  # made or opened here
