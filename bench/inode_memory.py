@@ -8,7 +8,9 @@ local-directory bucket whose index gets N copies of one real encrypted object's 
 
 ``--listing-only``: the store lists no metadata (as OSS), so past 4,096 entries the nodes are
 listed-only (fs/readdir.py: no version held until a HEAD). Reported: bytes per inode (heap
-after listing − heap before, / N), and the daemon-like total
+after listing − heap before, / N; a version keeps its user metadata, the envelope, only while
+among the mount's 2,048 most recently read: docs/design.md "Memory per cached inode"), and the
+daemon-like total
 for N. Target (issue 14): ≤ 1 KiB per cached inode."""
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ async def measure(work: str, n: int, listing_only: bool = False) -> tuple[float,
         print(f"  {st.size / seen:8.1f} B/inode  {st.traceback[0].filename.split('/ossfuse/')[-1]}:"
               f"{st.traceback[0].lineno}", file=sys.stderr)
     assert seen == n + 1, (seen, n)
+    held = sum(1 for nd in fs.inodes.nodes.values() if nd.version is not None and nd.version.held)
+    print(f"  {held} of {seen} nodes hold their version's metadata (envelope): the recent ones "
+          f"(Resolver.recent, at most {fs.resolver.recent.limit})", file=sys.stderr)
     fs.close()
     await store.aclose()
     return (after - before) / seen, after - before

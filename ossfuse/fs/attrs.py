@@ -13,7 +13,7 @@ from .commit import Commit
 from .copying import copy_object
 from .errors import FsError, store_request
 from .files import Files
-from .model import ROOT_INO, FileHandle, Node, Version, set_local_version
+from .model import ROOT_INO, FileHandle, Node, set_local_version
 from .naming import Naming
 from .objmeta import attr_meta
 
@@ -44,6 +44,10 @@ class Attributes:
         EACCES to truncate an object no configured CMK can read (Files.check_replaceable)."""
         if size is not None and not node.is_dir:
             await self.files.check_replaceable(node)
+        v = node.version
+        if size is None and node.staged is None and v is not None and not v.held:
+            # the copy rewrites all metadata: a slim version's is fetched before the lock
+            await self.files.hold_metadata(v, "change the attributes of")
         async with node.lock:
             if size is not None:
                 if node.is_dir:
@@ -92,9 +96,16 @@ class Attributes:
         v = node.version
         if v is None:
             return
-        meta = dict(v.metadata)
+        if not v.held:  # it changed or was slimmed since setattr fetched it: rare, under the lock as the copy
+            await self.files.hold_metadata(v, "change the attributes of")
+        # every x-oss-meta-* field the object carries (a foreign SDK's too) goes into the
+        # copy, ours replaced: OSS's REPLACE directive drops whatever is not sent
+        source_meta = v.metadata
+        meta = dict(source_meta)
         meta.update(attr_meta(node))
-        info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, v.metadata),
+        info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, source_meta),
                                  v.key, meta)
         self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v (if_match)
-        set_local_version(node, Version(v.key, info.etag, v.size, meta, v.wrapped, v.envelope))
+        copied = v.rewritten(info.etag, meta)  # (v may be slim again by now: its metadata is not read)
+        set_local_version(node, copied)
+        self.files.resolver.recent.touch(copied)

@@ -22,6 +22,7 @@ from ..store.health import StoreOffline
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
+from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import FileHandle, Node, Version
@@ -83,8 +84,11 @@ class Files:
         envelope or a truncated object (one log line each), EISDIR for a directory."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        if not self.resolver.attrs_fresh(node):
-            await self.resolver.revalidate(node)
+        slim = node.staged is None and node.version is not None and not node.version.held
+        if slim or not self.resolver.attrs_fresh(node):
+            # a slim version (model.Version) needs its envelope: the HEAD that revalidates
+            # brings it (same ETag), or the version now there with its own (another client's)
+            await self.resolver.revalidate(node, listing=not slim, opening=True)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writing:
             await self.check_replaceable(node)  # EACCES before a write can replace what we cannot read
@@ -126,8 +130,13 @@ class Files:
         started in the background instead of awaited: the kernel's first read arrives
         meanwhile (and the block the open started to fetch), and that read waits for it here
         (``wait=True``). A failed background unwrap is reported by the read that waits for it:
-        EIO (EACCES for a missing key), one log line naming the object."""
-        if v.wrapped is None or v.envelope is not None:
+        EIO (EACCES for a missing key), one log line naming the object.
+
+        A slim ``v`` (its metadata dropped, model.Version) is HEADed first
+        (:meth:`hold_metadata`: ESTALE if the bucket has another version now)."""
+        if not v.held:
+            await self.hold_metadata(v, doing, opening=True)
+        if v.wrapped is None or v.envelope is not None:  # parsed: held for good from here on
             return
         pending = self._unwraps.get((v.key, v.etag))
         if pending is not None:
@@ -159,6 +168,41 @@ class Files:
             self._error_once(f"cannot {doing} %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
 
+    async def hold_metadata(self, v: Version, doing: str = "open", *, opening: bool = False) -> None:
+        """Fetch the user metadata (envelope) of slim version ``v`` with one HEAD of ``v.key``
+        and keep it in ``v`` only if the bucket still has this very version (same ETag): the
+        metadata of two versions is never mixed. No lock is held across the HEAD; meanwhile
+        another task may fill ``v`` too (the same version's metadata), and the node holding
+        ``v`` may move on to another version (callers go on with ``v``, which they pinned).
+        Raises FsError(ESTALE) when the key now holds another version or none (one ERROR line
+        with both ETags; the node at that name is re-read at its next lookup), FsError(EIO)
+        when the HEAD fails (offline: one INFO line; the outage has its WARNING). ``opening``:
+        the caller parses the envelope at once (Resolver.set_version_from_info)."""
+        if v.held:
+            return
+        try:
+            info = await self.resolver.store.head(v.key)
+        except StoreOffline as e:
+            log.info("cannot %s %r: its envelope was not kept and the store is offline: %s", doing, v.key, e)
+            raise FsError(errno_of(e)) from None
+        except StoreError as e:
+            self._error_once(f"cannot {doing} %r: HEAD failed: %s", v.key, e)
+            raise FsError(errno_of(e)) from None
+        if v.held:
+            return  # another task filled it meanwhile
+        if info is None or info.key != v.key or not same_etag(info.etag, v.etag):
+            self._error_once(f"cannot {doing} %r: this mount knows version %s, the bucket has %s (another "
+                             "client changed it); it is read anew at the next lookup", v.key, v.etag,
+                             "no object" if info is None else f"version {info.etag}")
+            path = self.naming.path_of(v.key)
+            node = self.inodes.by_path.get(path) if path is not None else None
+            if node is not None and node.version is v:
+                node.checked_at = 0.0
+            raise FsError(errno.ESTALE)
+        v.fill(info.metadata)
+        if not opening:
+            self.resolver.recent.touch(v)
+
     async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
         """Unwrap ``v``'s data key with its CMK (in a thread) for :meth:`open_version`; never
         raises (a background task): a failure is kept in ``pending`` for the read that waits."""
@@ -181,7 +225,11 @@ class Files:
         line naming the object): a wrong-key config must not overwrite what it cannot read.
         Plaintext, staged and corrupt-envelope objects pass; FsError(EIO) when a KMS fails."""
         v = node.version
-        if node.staged is not None or v is None or v.wrapped is None or v.envelope is not None:
+        if node.staged is not None or v is None:
+            return
+        if not v.held:
+            await self.hold_metadata(v, "replace", opening=True)
+        if v.wrapped is None or v.envelope is not None:
             return
         if isinstance(v.wrapped, env.EnvelopeError):
             return  # not a key question: replacing a damaged object repairs it

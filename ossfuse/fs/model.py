@@ -9,6 +9,7 @@ import errno
 import stat
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
@@ -51,6 +52,12 @@ def _pack_value(value: str) -> str | bytes:
     return value
 
 
+class MetadataNotHeld(RuntimeError):
+    """A slim :class:`Version`'s metadata or wrapped key was read without fetching it first
+    (:meth:`Version.fill`): a programming error, never an empty answer (an empty metadata
+    would read ciphertext as plaintext, or a copy would drop the envelope)."""
+
+
 class Version:
     """A committed object version in the bucket (what a clean file reads from).
 
@@ -60,7 +67,17 @@ class Version:
     ``wrapped``: the envelope's wrapped key material (None: a plaintext object; an
     EnvelopeError: a corrupt envelope, raised at open). Passed as ``UNPARSED`` it is parsed from
     ``metadata`` on first use, so the decoded wrapped key and IV are held only for files that
-    were opened, not for every listed one."""
+    were opened, not for every listed one.
+
+    **Slim** (``held`` False, :meth:`slim`): a listed or HEADed encrypted version that was never
+    opened keeps only key, ETag, size and Last-Modified (the attributes live in the Node); its
+    user metadata (wrapped key and IV: 2 × 384 bytes for RSA-3072, most of an inode's memory)
+    is dropped when it falls out of the mount's :class:`RecentVersions`. Reading ``metadata``
+    or ``wrapped`` of a slim version raises :class:`MetadataNotHeld`: whoever needs them HEADs
+    the key first and fills the version (:meth:`fill`) only when the ETag is this version's
+    (``Files.hold_metadata``, ``Resolver.refresh``). Once ``wrapped`` is parsed (an open, a
+    copy with new metadata) a version is never slimmed: open handles read ``metadata`` (the
+    integrity spec) and ``envelope`` without awaiting anything."""
 
     __slots__ = ("key", "etag", "size", "_names", "_values", "_wrapped", "envelope", "modified")
 
@@ -78,7 +95,14 @@ class Version:
         self.modified = modified
 
     @property
+    def held(self) -> bool:
+        """Whether the user metadata is held (False: slim, see the class doc)."""
+        return self._values is not None
+
+    @property
     def metadata(self) -> dict[str, str]:
+        if self._values is None or self._names is None:
+            raise MetadataNotHeld(f"the metadata of {self.key!r} (version {self.etag}) is not held")
         return {name: base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
                 for name, value in zip(self._names, self._values, strict=True)}
 
@@ -88,8 +112,8 @@ class Version:
         shared = _shared_names.get(names)
         if shared is None and len(_shared_names) < _SHARED_NAMES_MAX:
             shared = _shared_names[names] = names
-        self._names = shared or names
-        self._values = tuple(_pack_value(v) for v in metadata.values())
+        self._names: tuple[str, ...] | None = shared or names
+        self._values: tuple[str | bytes, ...] | None = tuple(_pack_value(v) for v in metadata.values())
 
     @property
     def wrapped(self) -> env.WrappedEnvelope | env.EnvelopeError | None:
@@ -97,9 +121,45 @@ class Version:
             self._wrapped = parse_wrapped(self.metadata)
         return self._wrapped  # type: ignore[return-value]
 
+    def slim(self) -> bool:
+        """Drop the user metadata if this is an encrypted version never opened (``wrapped``
+        not parsed, no envelope) and no device node (``rdev`` is read from it at getattr);
+        True if dropped. The rest of the version stays as it is."""
+        names = self._names
+        if self._wrapped is not _UNPARSED or self.envelope is not None or self._values is None or names is None:
+            return False
+        if (env.H_KEY not in names and env.LEGACY_KEY not in names) or "rdev" in names:
+            return False
+        self._names = self._values = None
+        return True
+
+    def fill(self, metadata: dict[str, str]) -> None:
+        """Hold ``metadata`` again: the user metadata a HEAD just returned for *this* version
+        (the caller checked the ETag: a different one is another version, never filled in)."""
+        if self._values is None:
+            self.metadata = metadata
+            self._wrapped = _UNPARSED
+
+    def rewritten(self, etag: str, metadata: dict[str, str]) -> "Version":
+        """This version copied onto its own key with ``metadata`` replacing its own (setattr's
+        CopyObject; the envelope headers unchanged): new ETag, the same parsed envelope if this
+        one was opened (so it stays unslimmable), else parsed from ``metadata`` when used."""
+        return Version(self.key, etag, self.size, metadata, self._wrapped, self.envelope)
+
+    def copied_as(self, key: str, etag: str) -> "Version":
+        """This version as copied by this mount to ``key`` with the store's metadata directive
+        COPY (a rename): same size, metadata (held or not) and envelope, new key and ETag."""
+        v = Version.__new__(Version)
+        v.key, v.etag, v.size, v.modified = key, etag, self.size, 0.0
+        v._names, v._values, v._wrapped, v.envelope = self._names, self._values, self._wrapped, self.envelope
+        return v
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Version):
             return NotImplemented
+        if not (self.held and other.held):
+            return (self.key, self.etag, self.size, self._names, self._values, self.envelope, self.modified) == \
+                (other.key, other.etag, other.size, other._names, other._values, other.envelope, other.modified)
         return (self.key, self.etag, self.size, self.metadata, self.wrapped, self.envelope, self.modified) == \
             (other.key, other.etag, other.size, other.metadata, other.wrapped, other.envelope, other.modified)
 
@@ -107,6 +167,34 @@ class Version:
 
     def __repr__(self) -> str:
         return f"Version(key={self.key!r}, etag={self.etag!r}, size={self.size})"
+
+
+class RecentVersions:
+    """The versions read from the store most recently (HEAD, listing with metadata), at most
+    ``limit`` of them: they keep their user metadata, so ``cat`` after ``ls -l`` of up to
+    ``limit`` files opens each without a second HEAD (tests/test_requests.py). The oldest one
+    past the limit is slimmed (:meth:`Version.slim`: only if never opened). Each entry costs
+    ~1.3 KiB while held (RSA-3072 envelope), so ``limit`` bounds what all the others save.
+    Versions an open fills are not touched here (held for good once parsed)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lru: OrderedDict[int, Version] = OrderedDict()  # id(version) → version (kept alive here)
+
+    def touch(self, v: Version) -> None:
+        """``v`` holds its metadata and was just used: the last to be slimmed."""
+        if not v.held:
+            return
+        lru = self._lru
+        if id(v) in lru:
+            lru.move_to_end(id(v))
+            return
+        lru[id(v)] = v
+        while len(lru) > self.limit:
+            lru.popitem(last=False)[1].slim()
+
+    def __len__(self) -> int:
+        return len(self._lru)
 
 
 UNPARSED = _UNPARSED

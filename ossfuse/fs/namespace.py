@@ -770,8 +770,11 @@ class Namespace:
                 v = src.version
                 new_key = self.naming.key(dst_path)
                 try:  # conditional on v.etag: the copy is exactly v (A1)
+                    # directive COPY: the store copies every x-oss-meta-* field; a slim v lends
+                    # none, so a streaming copy (above the copy limit) HEADs the source for them
                     info = await copy_object(self.store, self.uploader,
-                                             ObjectInfo(v.key, v.size, v.etag, 0, v.metadata), new_key)
+                                             ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {}),
+                                             new_key)
                 except FsError as e:
                     if e.errno == errno.ESTALE:
                         src.checked_at = 0.0  # another client's version: re-read at next lookup
@@ -788,7 +791,9 @@ class Namespace:
                         await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
                     raise
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
-                set_local_version(src, Version(new_key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
+                moved = v.copied_as(new_key, info.etag)
+                set_local_version(src, moved)
+                self.resolver.recent.touch(moved)
             if dst is not None and not dst.unlinked:
                 self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
@@ -857,7 +862,9 @@ class Namespace:
                 if v is not None and v.key in copies and keys[v.key].etag == v.etag:
                     info = copies[v.key]
                     self.cache.rekey(v.key, v.etag, info.key, info.etag)
-                    set_local_version(n, Version(info.key, info.etag, v.size, v.metadata, v.wrapped, v.envelope))
+                    moved = v.copied_as(info.key, info.etag)
+                    set_local_version(n, moved)
+                    self.resolver.recent.touch(moved)
                 elif v is not None:
                     n.checked_at = 0.0  # another client's version was listed and moved: re-read it
                 if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden

@@ -25,13 +25,16 @@ from ..store.health import StoreOffline
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
-from .model import ROOT_INO, Node
+from .model import ROOT_INO, Node, RecentVersions
 from .namecache import NameCache
 from .naming import Naming, base_name, join, parent_of
 from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
 
 log = logging.getLogger(__name__)
 
+# versions that keep their user metadata (the envelope) after a HEAD: more than an `ls -l` then
+# `cat` of one directory usually touches; each costs ~1.3 KiB (RSA-3072), the rest ~1 KiB less
+RECENT_VERSIONS = 2048
 RELIST_PAGE = 256  # names listed to revalidate a stale file and the names after it (a small page: a lone stale file costs little more than its HEAD)
 
 
@@ -52,6 +55,8 @@ class Resolver:
         self.defaults = defaults
         self.attr_timeout = attr_timeout
         self.plaintext_objects = plaintext_objects
+        # versions read from the store lately keep their metadata; older unopened ones are slim
+        self.recent = RecentVersions(RECENT_VERSIONS)
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
         self._relisting: dict[str, tuple[trio.Event, float]] = {}
         self.pending_delete = pending_delete
@@ -258,34 +263,46 @@ class Resolver:
         node.checked_at = 0.0
         return node
 
-    @staticmethod
-    def set_version_from_info(node: Node, info: ObjectInfo) -> None:
+    def set_version_from_info(self, node: Node, info: ObjectInfo, *, opening: bool = False) -> None:
+        """``node``'s version is the one ``info`` (a HEAD, or a listing with metadata) shows;
+        among the recent versions unless ``opening`` (an open parses its envelope next, which
+        keeps its metadata for good: it needs no place there, and taking one would push out
+        the version a ``cat`` of many files opens next)."""
         node.version = version_from_info(info)
+        if not opening:
+            self.recent.touch(node.version)
         node.size = info.size
         node.checked_at = time.monotonic()
 
-    def refresh(self, node: Node, info: ObjectInfo | None) -> None:
+    def refresh(self, node: Node, info: ObjectInfo | None, *, opening: bool = False) -> None:
         """Take what the store now says of a clean node: a new version if the ETag changed, and
         the attributes always (on OSS a metadata-only CopyObject keeps the ETag). A directory
-        refreshed with no marker (``info`` None) is implicit."""
+        refreshed with no marker (``info`` None) is implicit. ``opening``: as for
+        :meth:`set_version_from_info`."""
         if node.is_dir:
             node.implicit = info is None
         if node.staged is None and info is not None:  # open handles keep their own version
             if not node.is_dir and (node.version is None or node.version.etag != info.etag):
-                self.set_version_from_info(node, info)
+                self.set_version_from_info(node, info, opening=opening)
                 node.symlink_target = None
             elif node.version is not None and not node.is_dir:
                 node.version.modified = info.mtime  # a metadata copy keeps the ETag, not this
+                if not node.version.held and node.version.key == info.key:
+                    node.version.fill(info.metadata)  # slim: this very version's metadata (same ETag)
+                if not opening:
+                    self.recent.touch(node.version)
             node.mode, node.uid, node.gid, node.mtime_ns = self.defaults.attrs_from_info(info, node.is_dir)
             ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
             node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
         node.listed_only = False
 
-    async def revalidate(self, node: Node) -> None:
+    async def revalidate(self, node: Node, *, listing: bool = True, opening: bool = False) -> None:
         """Read ``node``'s attributes from the store again (a listing that proves them, else a
-        HEAD). Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
-        if await self.revalidate_from_listing(node):
+        HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag;
+        ``opening``: as for :meth:`set_version_from_info`).
+        Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
+        if listing and await self.revalidate_from_listing(node):
             return
         try:
             info = await self.store.head(self.naming.key(node.path))
@@ -296,4 +313,4 @@ class Resolver:
             raise FsError(errno_of(e)) from None
         if info is None:
             raise FsError(errno.ENOENT)
-        self.refresh(node, info)
+        self.refresh(node, info, opening=opening)
