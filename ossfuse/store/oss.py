@@ -288,13 +288,10 @@ _MAX_HEAD = 65536 + 100 * 65536  # bytes of an answer's head: http.client's line
 def _host_header(conn: Any) -> bytes:
     """The Host header http.client's ``putrequest`` sends on ``conn`` (port only when not the
     scheme's default; an IPv6 address in brackets)."""
-    try:
-        host = conn.host.encode("ascii")
-    except UnicodeEncodeError:
-        host = conn.host.encode("idna")
-    if b":" in host:
-        host = b"[" + host + b"]"
-    return host if conn.port == conn.default_port else host + f":{conn.port}".encode("ascii")
+    host = conn.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return (host if conn.port == conn.default_port else f"{host}:{conn.port}").encode("idna")
 
 
 def _head_request(conn: Any, uri: str, headers: dict[str, str]) -> bytes:
