@@ -278,132 +278,51 @@ def region_from_endpoint(endpoint: str) -> str | None:
 # Last-Modified text → epoch seconds, as oss2.utils.http_to_unixtime reads it (a strptime: ~5% of
 # a HEAD's client CPU; the objects of one directory share a few seconds of Last-Modified)
 _LAST_MODIFIED: dict[str, float] = {}
-
-
-_BAD_URI = re.compile(r"[\x00-\x20\x7f]")  # http.client's _contains_disallowed_url_pchar_re
-_BAD_HEADER = re.compile(r"[\r\n\x00]")
-_MAX_HEAD = 65536 + 100 * 65536  # bytes of an answer's head: http.client's line length x header count
-
-
-def _host_header(conn: Any) -> bytes:
-    """The Host header http.client's ``putrequest`` sends on ``conn`` (port only when not the
-    scheme's default; an IPv6 address in brackets)."""
-    host = conn.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return (host if conn.port == conn.default_port else f"{host}:{conn.port}").encode("idna")
-
-
-def _head_request(conn: Any, uri: str, headers: dict[str, str]) -> bytes:
-    """The bytes http.client sends for ``HEAD uri`` with ``headers``: the request line, Host,
-    ``Accept-Encoding: identity`` (unless given), the headers in order (latin-1), no body and no
-    Content-Length (none for a HEAD). Raises ValueError where http.client would (a control
-    character in the URI, a CR/LF/NUL in a header, a value that is not latin-1)."""
-    if _BAD_URI.search(uri):
-        raise http.client.InvalidURL(f"URL can't contain control characters. {uri!r}")
-    names = {k.lower() for k in headers}
-    lines = [f"HEAD {uri} HTTP/1.1".encode("ascii")]
-    if "host" not in names:
-        lines.append(b"Host: " + _host_header(conn))
-    if "accept-encoding" not in names:
-        lines.append(b"Accept-Encoding: identity")
-    for name, value in headers.items():
-        value = str(value)
-        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
-            raise ValueError(f"Invalid header {name!r}: {value!r}")
-        lines.append(f"{name}: {value}".encode("latin-1"))
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
-
-
-def _read_head_answer(sock: socket.socket) -> tuple[int, dict[str, str], bool, bool]:
-    """Read the answer to a HEAD from ``sock`` (its timeout set) as http.client reads it:
-    (status, headers by lower-case name, a repeated one's values joined by ", " as urllib3's
-    HTTPHeaderDict does, an obsolete line folding as one space as urllib3 normalises it,
-    values ISO-8859-1 decoded and left-stripped as http.client's email parser gives them;
-    will_close: the server closes the connection (http.client's rules: ``Connection: close``,
-    an HTTP/1.0 answer without keep-alive); extra: bytes followed the head). 1xx answers are
-    skipped. Raises http.client's RemoteDisconnected (closed before any byte), IncompleteRead
-    (closed within the head), BadStatusLine or LineTooLong, or the socket's error.
-    http.client's header parser (the email package) was ~a quarter of a HEAD's client CPU."""
-    buf = b""
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end < 0 and b"\n\n" in buf:  # bare LF line ends, which http.client accepts too
-            end = buf.find(b"\n\n")
-        if end < 0:
-            if len(buf) > _MAX_HEAD:
-                raise http.client.LineTooLong("header")
-            chunk = sock.recv(65536)
-            if not chunk:
-                if not buf:
-                    raise http.client.RemoteDisconnected("Remote end closed connection without response")
-                raise http.client.IncompleteRead(buf)
-            buf += chunk
-            continue
-        head = buf[:end]
-        buf = buf[end + (4 if buf.startswith(b"\r\n\r\n", end) else 2):]
-        lines = head.decode("iso-8859-1").replace("\r\n", "\n").split("\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit() or rest[3:4] not in ("", " "):
-            raise http.client.BadStatusLine(lines[0])
-        status = int(code)
-        if 100 <= status < 200:
-            continue  # an interim answer: the real one follows
-        h: dict[str, str] = {}
-        last = None
-        for line in lines[1:]:
-            if line[:1] in (" ", "\t") and last is not None:  # obsolete line folding
-                h[last] = h[last].rstrip(" \t") + " " + line.lstrip(" \t")
-                continue
-            name, sep, value = line.partition(":")
-            if not sep:
-                continue  # no header line (the email parser counts it as a defect)
-            last = name.lower()
-            value = value.lstrip(" \t")
-            h[last] = f"{h[last]}, {value}" if last in h else value
-        conn_hdr = h.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            will_close = "close" in conn_hdr
-        else:
-            will_close = not ("keep-alive" in h or "keep-alive" in conn_hdr
-                              or "keep-alive" in h.get("proxy-connection", "").lower())
-        return status, h, will_close, bool(buf)
+_OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connection.py's
 
 
 def _head_on_pool(pool: urllib3.HTTPConnectionPool, uri: str, headers: dict[str, str], connect: float,
                   read: float) -> tuple[int, dict[str, str]]:
-    """Send ``HEAD uri`` on a connection of urllib3's ``pool`` and give the connection back:
-    (status, headers by lower-case name as ``_read_head_answer`` gives them). The request's
-    bytes are http.client's (``_head_request``), written to the connection's socket and the
-    answer read from it directly: urllib3's urlopen and response wrapper were ~40% of a HEAD's
-    client CPU, then http.client's send and email-based header parser a quarter of the rest
-    (``ls -l`` is a HEAD per entry). The connection (TLS set up by the pool's own ``connect``,
-    its keep-alive checks at ``_get_conn``) is the pool's, so there are never more than its
-    ``maxsize`` kept; http.client's own state on it stays idle. Raises http.client's,
-    urllib3's (connect) or socket errors; a connection that failed, or that the server closes
-    (or that sent bytes after the head), is not put back (its slot is)."""
+    """Send ``HEAD uri`` on a connection of urllib3's ``pool`` with http.client itself and give
+    the connection back: (status, headers by lower-case name, a repeated one's values joined
+    by ", " as urllib3's HTTPHeaderDict does; ISO-8859-1 as http.client decodes them).
+    urllib3's urlopen and response wrapper were ~40% of a HEAD's client CPU (``ls -l`` is a
+    HEAD per entry); the connection (TLS set up by the pool's own ``connect``, its keep-alive
+    checks at ``_get_conn``) is the pool's, so there are never more than its ``maxsize`` kept.
+    Raises http.client's (IncompleteRead also for a 2xx answer without ETag or Content-Length:
+    a cut head), urllib3's (connect) or socket errors; a connection that failed, or that the
+    server closes, is not put back (its slot is)."""
     conn: Any = pool._get_conn()  # urllib3.connection.HTTP(S)Connection: an http.client.HTTPConnection
     try:
         if conn.sock is None:
             conn.timeout = connect
             conn.connect()
         conn.sock.settimeout(read)
-        conn.sock.sendall(_head_request(conn, uri, headers))
-        status, h, will_close, extra = _read_head_answer(conn.sock)
+        http.client.HTTPConnection.request(conn, "HEAD", uri, headers=headers)
+        resp = http.client.HTTPConnection.getresponse(conn)
+        resp.read()  # b"" for a HEAD: closes the response, the connection stays open
+        h: dict[str, str] = {}
+        for name, value in resp.msg.items():
+            name = name.lower()
+            if "\r\n" in value:  # an obsolete line folding: one space, as urllib3 normalises it
+                value = _OBS_FOLD.sub(" ", value)
+            h[name] = f"{h[name]}, {value}" if name in h else value
+        if resp.status // 100 == 2 and ("etag" not in h or "content-length" not in h):
+            # http.client takes a head cut by the connection's end for a whole answer (a 200
+            # without headers: an empty file); OSS sends both on every HeadObject (§3.3)
+            raise http.client.IncompleteRead(b"", None)
     except BaseException as e:
         conn.close()
         pool._put_conn(None)  # the slot: the next _get_conn opens a new connection
         if isinstance(e, OSError) and not isinstance(e, _TRANSPORT_ERRORS):  # e.g. ENETUNREACH at send
             raise urllib3.exceptions.ProtocolError(f"HEAD failed: {e}", e) from e
         raise
-    if will_close or extra:
+    if resp.will_close:
         conn.close()
         pool._put_conn(None)
     else:
         pool._put_conn(conn)
-    return status, h
+    return resp.status, h
 
 
 def _http_time(headers) -> float | None:
