@@ -516,7 +516,7 @@ class BlockCache:
         fetched once more (a damaged response), and if it fails again IntegrityError names the
         object, the block and the ETag (the reader logs it: one line)."""
         data = await self._get(key, etag, tags.size, lo, hi)
-        bad = await trio.to_thread.run_sync(tags.bad_blocks, lo, data)
+        bad = await self._bad_blocks(tags, lo, data)
         if not bad:
             return data
         buf = bytearray(data)
@@ -525,12 +525,22 @@ class BlockCache:
             log.info("block %d of %r (ETag %s) fails its integrity tag; fetching it again", i, key, etag)
             blo, bhi = tags.span(i * tags.block, i * tags.block + 1)
             again = await self._get(key, etag, tags.size, blo, bhi)
-            if await trio.to_thread.run_sync(tags.bad_blocks, blo, again):
+            if await self._bad_blocks(tags, blo, again):
                 self.stats["integrity_failures"] += 1
                 raise IntegrityError(f"block {i} (bytes {blo}-{bhi - 1}) of version ETag {etag} fails its "
                                      f"integrity tag (fetched twice): the stored object is damaged")
             buf[blo - lo:bhi - lo] = again
         return bytes(buf)
+
+    @staticmethod
+    async def _bad_blocks(tags: BlockTags, lo: int, data: bytes) -> list[int]:
+        """``tags.bad_blocks(lo, data)``: in a worker thread for a large fetch (HMAC-SHA256 at
+        ~1 GB/s: milliseconds the event loop would not serve FUSE), on the event loop up to
+        _INLINE_STORE_MAX bytes (microseconds: less than the thread hand-off, one per small
+        file read)."""
+        if len(data) <= _INLINE_STORE_MAX:
+            return tags.bad_blocks(lo, data)
+        return await trio.to_thread.run_sync(tags.bad_blocks, lo, data)
 
     def _check_cached(self, e: CacheEntry, tags: BlockTags, blocks: list[int]) -> None:
         """Check present cache blocks ``blocks`` of ``e`` that were cached without a check (read

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
 import trio
 import trio.testing
 
@@ -262,3 +263,43 @@ def test_sequential_small_reads_on_a_local_store_read_each_tagged_block_once(tmp
         await fs.release(hg)
 
     trio.run(main)
+
+
+def test_a_small_tagged_fetch_is_checked_without_a_thread_hand_off(tmp_path, monkeypatch):
+    """A fetch of at most _INLINE_STORE_MAX bytes (a small file) is checked against its tags
+    and written on the event loop (a hand-off cost more than the HMAC: one per small file
+    ``cat``), a larger one in a worker thread; either way a damaged block is fetched again and
+    a block damaged twice is an IntegrityError, never data."""
+    from ossfuse import cache as cache_mod
+    hand_offs: list[str] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):
+        hand_offs.append(getattr(fn, "__name__", repr(fn)))
+        return await real_run_sync(fn, *args, **kw)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    key, iv = os.urandom(32), os.urandom(16)
+    for size, threads in ((4096, []), (cache_mod._INLINE_STORE_MAX + 1, ["bad_blocks", "_store_chunk"])):
+        data = os.urandom(size)
+        k = integrity.tag_key(key, iv)
+        tags = integrity.BlockTags(k, 4096, size,
+                                   integrity.compute_tags(k, 4096, size, lambda off, n: data[off:off + n]))
+        store = MemStore(data)
+        c = BlockCache(str(tmp_path / f"cache{size}"), store, BS, max_size=64 << 20, min_free=0)
+
+        async def main():
+            async with trio.open_nursery() as n:
+                c.start(n)
+                hand_offs.clear()
+                assert await c.read(KEY, ETAG, size, 0, size, tags=tags) == data
+                assert sorted(hand_offs) == sorted(threads), (size, hand_offs)
+                c.drop(KEY, ETAG)
+                damaged = bytearray(data)
+                damaged[10] ^= 1
+                store.data = bytes(damaged)
+                with pytest.raises(integrity.IntegrityError):
+                    await c.read(KEY, ETAG, size, 0, size, tags=tags)
+                assert store.gets[-2:] == [(0, size), (0, 4096)]  # the whole fetch, then block 0 again
+                n.cancel_scope.cancel()
+
+        trio.run(main)

@@ -1268,7 +1268,7 @@ def test_a_head_answer_cut_within_its_headers_is_a_lost_connection_not_an_empty_
 
     import urllib3
 
-    from ossfuse.store.oss import _head_on_pool
+    from ossfuse.store.oss import _request_on_pool
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -1288,10 +1288,231 @@ def test_a_head_answer_cut_within_its_headers_is_a_lost_connection_not_an_empty_
     pool = urllib3.HTTPConnectionPool("127.0.0.1", srv.getsockname()[1], maxsize=1)
     try:
         with pytest.raises(http.client.IncompleteRead):
-            _head_on_pool(pool, "/b/k", {}, 5.0, 5.0)
-        status, h = _head_on_pool(pool, "/b/k", {}, 5.0, 5.0)  # the slot was given back
+            _request_on_pool(pool, "HEAD", "/b/k", {}, 5.0, 5.0)
+        status, h, _ = _request_on_pool(pool, "HEAD", "/b/k", {}, 5.0, 5.0)  # the slot was given back
         assert (status, h["etag"], h["content-length"], h["x-oss-meta-k"]) == (200, '"AB"', "7", "v")
     finally:
         t.join(5)
         srv.close()
         pool.close()
+
+
+# -------------------------------------------------------------------- the lean GET path
+async def _both_gets(store, key, start, end, **kw):
+    """``store.get_range`` through the lean path (``_lean_request``) and through oss2's
+    get_object: each side's (bytes, None) or (None, the StoreError's comparable fields)."""
+    out = []
+    lean = store._lean_head
+    for path in (lean, None):
+        store._lean_head = path
+        try:
+            out.append((await store.get_range(key, start, end, **kw), None))
+        except StoreError as e:
+            text = re.sub(r" in [0-9.]+s\)", "", str(e).split(" [request id")[0])  # elapsed time differs
+            out.append((None, (type(e), e.code, e.temporary, e.key, bool(e.request_id), text)))
+    store._lean_head = lean
+    return out
+
+
+@trio_test
+@pytest.mark.parametrize("signature", ["v1", "v4"])
+async def test_lean_get_answers_what_oss2_answers(server, signature):
+    """GETs skip oss2's and requests' per-request objects and read the body in one buffer
+    (``OssStore._get_sync``); for the same object, range and condition they give the same
+    bytes as oss2's get_object, send the same request headers (STS token included), and raise
+    the same StoreError: 404 NoSuchKey, 412 If-Match, 403 (no retry), 503 after the retries, a
+    server that ignores the range or answers an unusable one, a CRC-64 mismatch."""
+    server.security_tokens = {"sts-get"}
+    store = make_store(server, signature=signature, retries=1, token="sts-get")
+    assert store._lean_head is not None  # a plain endpoint, no proxy: the lean path is on
+    body = data(300_000, 5)
+    info = await store.put_bytes("g/obj", body, {"mode": "33188"})
+    cases = [(0, len(body), {}), (1000, 200_000, {}), (0, 1, {}), (len(body) - 10, len(body) + 500, {}),
+             (len(body), len(body) + 10, {}), (len(body) + 5, len(body) + 10, {}),  # 416: b""
+             (10, 20, {"if_match": info.etag}), (10, 20, {"if_match": info.etag.lower()})]
+    for start, end, kw in cases:
+        server.clear_requests()
+        (lean, lean_err), (ref, ref_err) = await _both_gets(store, "g/obj", start, end, **kw)
+        assert lean_err is None and ref_err is None, (start, end)
+        assert lean == ref == body[start:end], (start, end)
+        sent = [r.headers for r in server.requests]
+        assert len(sent) == 2 and sent[0]["range"] == f"bytes={start}-{end - 1}"
+        for h in sent:
+            assert h["x-oss-security-token"] == "sts-get" and h["x-oss-range-behavior"] == "standard"
+            assert h.get("if-match") == kw.get("if_match") and h.get("accept-encoding", "identity") == "identity"
+        same = ("range", "x-oss-range-behavior", "if-match", "user-agent", "accept", "host", "x-oss-security-token",
+                "content-type", "content-md5", "x-oss-content-sha256")
+        assert {k: sent[0].get(k) for k in same} == {k: sent[1].get(k) for k in same}
+        assert sent[0]["authorization"].split()[0] == sent[1]["authorization"].split()[0]
+
+    async def errors(start=0, end=10, key="g/obj", **kw):
+        server.clear_requests()
+        (_, lean_err), (_, ref_err) = await _both_gets(store, key, start, end, **kw)
+        assert lean_err == ref_err and lean_err is not None
+        return lean_err, len(server.requests)
+
+    err, n = await errors(key="g/missing")
+    assert err[:5] == (NoSuchKey, "NoSuchKey", False, "g/missing", True) and n == 2
+    err, n = await errors(if_match="0" * 32)
+    assert err[:5] == (PreconditionFailed, "PreconditionFailed", False, "g/obj", True) and n == 2
+    server.faults.add(status=403, count=None, methods=("GET",), code="AccessDenied", message="No right.")
+    err, n = await errors()
+    assert err[:5] == (StoreError, "AccessDenied", False, "g/obj", True) and n == 2
+    assert "HTTP 403 AccessDenied: No right." in err[5]
+    server.faults.clear()
+    server.faults.add(status=503, count=None, methods=("GET",))
+    err, n = await errors()
+    assert err[:3] == (StoreUnavailable, "ServiceUnavailable", True) and n == 4  # 2 attempts each
+    server.faults.clear()
+    server.crc_tamper = 1
+    try:
+        err, n = await errors(0, len(body))  # a whole-object answer is CRC-64 checked (§5.2)
+        assert err[:3] == (StoreError, "CrcMismatch", True) and n == 4
+    finally:
+        server.crc_tamper = 0
+    await store.aclose()
+
+
+@trio_test
+async def test_lean_get_unusable_ranges_as_oss2(server, monkeypatch):
+    """A server that ignores the range (200, whole body) is sliced; one whose 206 starts earlier
+    is sliced; one that starts later, or sends a Content-Range that does not match its body, is
+    an unusable answer (retried, StoreUnavailable), never data: the same on both paths."""
+    store = make_store(server, retries=1)
+    body = data(5000, 9)
+    await store.put_bytes("w/ign", body, {})
+    for rng, (start, end), want in [(None, (1234, 2345), body[1234:2345]),
+                                    ((0, 4999), (100, 300), body[100:300]),
+                                    ((10, 4999), (5, 100), None)]:
+        monkeypatch.setattr(OssTestServer, "_parse_range", staticmethod(lambda value, size, standard, r=rng: r))
+        (lean, lean_err), (ref, ref_err) = await _both_gets(store, "w/ign", start, end)
+        assert lean == ref == want and lean_err == ref_err
+        if want is None:
+            assert lean_err[:3] == (StoreUnavailable, "BadResponse", True)
+    await store.aclose()
+
+
+def _raw_server(answer):
+    """A listening socket whose thread reads each request and calls ``answer(conn)``; returns
+    (endpoint, stop)."""
+    import socket
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    stopped = threading.Event()
+
+    def serve():
+        while not stopped.is_set():
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=c: (c.recv(65536), answer(c)), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def stop():
+        stopped.set()
+        lsock.close()
+    return f"http://127.0.0.1:{lsock.getsockname()[1]}", stop
+
+
+@trio_test
+@pytest.mark.parametrize("kind", ["short", "reset", "stall"])
+async def test_lean_get_never_returns_a_cut_body(kind):
+    """A 206 whose body ends early (the server closes the connection after 600 of 1000 bytes,
+    or resets it) or stalls mid-body is a lost connection / timeout on both paths, retried and
+    then StoreUnavailable: never short data."""
+    import socket
+    import struct
+
+    def answer(c):
+        c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000\r\nContent-Range: bytes 0-999/5000\r\n"
+                  b"x-oss-request-id: RID1\r\n\r\n" + b"x" * 600)
+        if kind == "stall":
+            time.sleep(1.5)
+        elif kind == "reset":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+    endpoint, stop = _raw_server(answer)
+    try:
+        store = OssStore(BUCKET, endpoint, region=REGION, credentials=StaticCredentialsProvider(AK, SK), retries=1,
+                         backoff=0.01, backoff_max=0.02, read_timeout=0.5)
+        assert store._lean_head is not None
+        (lean, lean_err), (ref, ref_err) = await _both_gets(store, "t/k", 0, 1000)
+        assert lean is None and ref is None
+        assert lean_err == ref_err, (lean_err, ref_err)
+        code = "Timeout" if kind == "stall" else "ConnectionReset"
+        assert lean_err[:3] == (StoreUnavailable, code, True)
+        assert store.counters.retries["GET"] == 2  # one retry on each path
+        await store.aclose()
+    finally:
+        stop()
+
+
+@trio_test
+async def test_lean_get_resets_retried_and_pool_reused(server):
+    """A reset mid-body is retried on the lean path and the next attempt's bytes returned;
+    GETs share requests' pool of ``threads`` connections with HEADs (64 GETs 8 at a time over
+    4 threads open at most 4 connections)."""
+    store = make_store(server, threads=4)
+    body = data(1_500_000, 4)
+    await store.put_bytes("r/k", body, {})
+    server.faults.add_reset(count=2, where="response", methods=("GET",))
+    assert await store.get_range("r/k", 1000, 1_400_000) == body[1000:1_400_000]
+    assert len(key_requests(server, "GET", "r/k")) == 3
+    adapter, host, pool_kwargs = store._lean_head
+    pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+    opened = pool.num_connections
+    sem = trio.Semaphore(8)
+
+    async def one(i):
+        async with sem:
+            assert await store.get_range("r/k", i * 1000, i * 1000 + 5000) == body[i * 1000:i * 1000 + 5000]
+            assert (await store.head("r/k")).size == len(body)
+    async with trio.open_nursery() as n:
+        for i in range(64):
+            n.start_soon(one, i)
+    assert pool.num_connections - opened <= 4
+    await store.aclose()
+
+
+@trio_test
+async def test_lean_get_reads_the_body_into_one_buffer(server):
+    """An 8 MiB GET's peak allocation is about the body once: no per-chunk copies and join
+    (oss2's path held the chunks and their join: twice the body); the bytes returned are the
+    body object itself, not a slice copy."""
+    store = make_store(server)
+    body = os.urandom(8 << 20)
+    await store.put_bytes("m/big", body, {})
+    for path, most in ((store._lean_head, 1.2), (None, 2.5)):
+        store._lean_head = path
+        tracemalloc.start()
+        try:
+            got = store._get_range_sync("m/big", 0, len(body), None)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got == body
+        assert peak < most * len(body), (path is not None, peak / len(body))
+    await store.aclose()
+
+
+@trio_test
+async def test_get_goes_through_oss2_without_what_the_lean_path_uses(server, monkeypatch):
+    """A urllib3 pool without the private ``_get_conn``/``_put_conn`` the lean path uses (seen
+    when the store is made): HEADs and GETs go through oss2 and requests, with the same answers."""
+    import urllib3
+    monkeypatch.setattr(urllib3.HTTPConnectionPool, "_put_conn", None)  # not callable
+    store = make_store(server)
+    monkeypatch.undo()  # requests itself needs them
+    assert store._lean_head is None
+    body = data(70_000, 8)
+    info = await store.put_bytes("f/k", body, {})
+    assert await store.get_range("f/k", 10, 60_000, if_match=info.etag) == body[10:60_000]
+    assert await store.get_range("f/k", 0, 80_000) == body
+    assert await store.get_range("f/k", 70_000, 70_001) == b""
+    with pytest.raises(PreconditionFailed):
+        await store.get_range("f/k", 0, 10, if_match="0" * 32)
+    assert (await store.head("f/k")).size == len(body)
+    await store.aclose()

@@ -4,11 +4,12 @@ Section numbers (§) refer to ``shared/spec/oss-rest-api.md``.
 
 Concurrency: every oss2 call runs in ``trio.to_thread.run_sync`` behind ONE
 ``trio.CapacityLimiter(threads)``; all threads share one ``oss2.Session`` (one requests
-connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject alone
-skips oss2's and requests' request machinery: signed by the Bucket's auth, sent by http.client
-on a connection of that same urllib3 pool (``OssStore._head_sync``; ``ls -l`` is a HEAD per
-entry, bound by client CPU), and ``head_many`` sends many from one thread hand-off, its worker
-threads holding as many limiter tokens.
+connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject and
+GetObject skip oss2's and requests' request machinery: signed by the Bucket's auth, sent by
+http.client on a connection of that same urllib3 pool (``OssStore._lean_request``; ``ls -l`` is
+a HEAD per entry, ``cat`` a GET per file, bound by client CPU; a GET's body is read into one
+buffer), unless a proxy is set; ``head_many`` sends many HEADs from one thread hand-off, its
+worker threads holding as many limiter tokens.
 
 Authentication: ``oss2.ProviderAuth`` (signature V1, §6.2) or ``oss2.ProviderAuthV4`` (V4, §6.3;
 needs the region) over an :class:`~ossfuse.store.credentials.CredentialsProvider`, asked on every
@@ -153,17 +154,21 @@ def _crc64_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     return _gf2_mulmod(_x_pow_8n(len_b), crc_a) ^ crc_b
 
 
-class _HeadAnswer:
-    """An error answer to a HEAD as ``oss2.exceptions.make_exception`` reads one (status,
-    case-insensitive headers, no body)."""
+class _Answer:
+    """An answer of the lean request path (``OssStore._lean_request``) as oss2 code reads one:
+    ``oss2.exceptions.make_exception`` (status, case-insensitive headers, ``read(4096)`` of the
+    error XML; a HEAD has no body, its error is in ``x-oss-err``, §2.3) and ``_check_crc``
+    (headers, request id)."""
 
-    def __init__(self, status: int, headers):
+    def __init__(self, status: int, headers, body: bytes = b""):
         self.status = status
         self.headers = headers
+        self.body = body
         self.request_id = headers.get("x-oss-request-id", "")
 
     def read(self, amt: int | None = None) -> bytes:
-        return b""
+        body, self.body = self.body, b""  # read once, as oss2's Response
+        return body if amt is None else body[:amt]
 
 
 class _BadResponse(Exception):
@@ -281,26 +286,37 @@ _LAST_MODIFIED: dict[str, float] = {}
 _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connection.py's
 
 
-def _head_on_pool(pool: urllib3.HTTPConnectionPool, uri: str, headers: dict[str, str], connect: float,
-                  read: float) -> tuple[int, dict[str, str]]:
-    """Send ``HEAD uri`` on a connection of urllib3's ``pool`` with http.client itself and give
-    the connection back: (status, headers by lower-case name, a repeated one's values joined
-    by ", " as urllib3's HTTPHeaderDict does; ISO-8859-1 as http.client decodes them).
+def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, headers: dict[str, str],
+                     connect: float, read: float) -> tuple[int, dict[str, str], bytes]:
+    """Send ``method uri`` (HEAD or GET, no request body) on a connection of urllib3's ``pool``
+    with http.client itself, read the whole answer and give the connection back: (status,
+    headers by lower-case name, a repeated one's values joined by ", " as urllib3's
+    HTTPHeaderDict does; ISO-8859-1 as http.client decodes them; the body, b"" for a HEAD).
     urllib3's urlopen and response wrapper were ~40% of a HEAD's client CPU (``ls -l`` is a
     HEAD per entry); the connection (TLS set up by the pool's own ``connect``, its keep-alive
     checks at ``_get_conn``) is the pool's, so there are never more than its ``maxsize`` kept.
+
+    The body: with a Content-Length, http.client's ``read()`` is one ``BufferedReader.read(n)``,
+    which allocates the ``bytes`` of n once and ``recv_into``s the socket straight into it (no
+    per-chunk copies or joins, unlike requests' ``iter_content`` under oss2's
+    ``GetObjectResult.read``), and raises ``http.client.IncompleteRead`` when the connection
+    ends before n bytes: a short body never comes back as data. Sent as ``Accept-Encoding:
+    identity`` (http.client's default; oss2 sends no Accept-Encoding), read as is: the bytes
+    stored, which ranges and Content-Length count. ``read`` (seconds) bounds each socket read.
+
     Raises http.client's (IncompleteRead also for a 2xx answer without ETag or Content-Length:
-    a cut head), urllib3's (connect) or socket errors; a connection that failed, or that the
-    server closes, is not put back (its slot is)."""
+    a head cut by the connection's end), urllib3's (connect) or socket errors (a reset mid-body:
+    ConnectionResetError, a stall: TimeoutError); a connection that failed, or that the server closes, is not put
+    back (its slot is)."""
     conn: Any = pool._get_conn()  # urllib3.connection.HTTP(S)Connection: an http.client.HTTPConnection
     try:
         if conn.sock is None:
             conn.timeout = connect
             conn.connect()
         conn.sock.settimeout(read)
-        http.client.HTTPConnection.request(conn, "HEAD", uri, headers=headers)
+        http.client.HTTPConnection.request(conn, method, uri, headers=headers)
         resp = http.client.HTTPConnection.getresponse(conn)
-        resp.read()  # b"" for a HEAD: closes the response, the connection stays open
+        body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
         h: dict[str, str] = {}
         for name, value in resp.msg.items():
             name = name.lower()
@@ -309,20 +325,20 @@ def _head_on_pool(pool: urllib3.HTTPConnectionPool, uri: str, headers: dict[str,
             h[name] = f"{h[name]}, {value}" if name in h else value
         if resp.status // 100 == 2 and ("etag" not in h or "content-length" not in h):
             # http.client takes a head cut by the connection's end for a whole answer (a 200
-            # without headers: an empty file); OSS sends both on every HeadObject (§3.3)
+            # without headers: an empty file); OSS sends both on every HeadObject and GetObject (§3.3)
             raise http.client.IncompleteRead(b"", None)
     except BaseException as e:
         conn.close()
         pool._put_conn(None)  # the slot: the next _get_conn opens a new connection
         if isinstance(e, OSError) and not isinstance(e, _TRANSPORT_ERRORS):  # e.g. ENETUNREACH at send
-            raise urllib3.exceptions.ProtocolError(f"HEAD failed: {e}", e) from e
+            raise urllib3.exceptions.ProtocolError(f"{method} failed: {e}", e) from e
         raise
     if resp.will_close:
         conn.close()
         pool._put_conn(None)
     else:
         pool._put_conn(conn)
-    return resp.status, h
+    return resp.status, h, body
 
 
 def _http_time(headers) -> float | None:
@@ -567,9 +583,10 @@ class OssStore(ObjectStore):
     # -- head / get -------------------------------------------------------------------------
     def _head_pool(self) -> tuple[Any, dict, dict] | None:
         """(requests' HTTPAdapter, urllib3 host parameters, pool kwargs) of this bucket's URL, so
-        a HEAD takes a connection from the very pool oss2's requests would (same TLS settings,
-        ``threads`` connections kept alive, shared with every other request); None when a proxy
-        is configured (HEADs then go through oss2 and requests, which speak to proxies)."""
+        a HEAD or GET (``_lean_request``) takes a connection from the very pool oss2's requests
+        would (same TLS settings, ``threads`` connections kept alive, shared with every other
+        request); None when a proxy is configured or requests/urllib3 lack what the lean path
+        uses (HEADs and GETs then go through oss2 and requests, which speak to proxies)."""
         http = self._session.session
         try:
             url = self._bucket._make_url(self.bucket_name, "x")
@@ -580,9 +597,9 @@ class OssStore(ObjectStore):
                 requests.Request("HEAD", url).prepare(), http.verify, http.cert)
             pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
             if not (callable(getattr(pool, "_get_conn", None)) and callable(getattr(pool, "_put_conn", None))):
-                raise TypeError("urllib3's pool has no _get_conn/_put_conn")  # _head_on_pool needs them
+                raise TypeError("urllib3's pool has no _get_conn/_put_conn")  # _request_on_pool needs them
         except Exception as e:  # noqa: BLE001 - another requests or oss2: the oss2 path works everywhere
-            log.debug("HEAD goes through oss2 and requests: %s", e)
+            log.debug("HEAD and GET go through oss2 and requests: %s", e)
             return None
         return adapter, host, pool_kwargs
 
@@ -601,12 +618,43 @@ class OssStore(ObjectStore):
         parts = base.split("/", 3)
         return (base, "/" + parts[3]) if len(parts) > 3 else None
 
+    def _lean_request(self, method: str, key: str, headers: dict[str, str] | None) -> tuple[int, dict[str, str], bytes]:
+        """One HEAD or GET attempt of object ``key`` (with extra request ``headers``) on the lean
+        path (``self._lean_head`` set): signed by oss2's own auth (V1 or V4, the security token
+        included) exactly as ``Bucket._do`` signs it, sent by :func:`_request_on_pool` on a
+        connection of the shared urllib3 pool with this attempt's (connect, read) timeouts
+        (``_with_timeouts``). Returns (status, headers by lower-case name, body); raises what
+        ``_request_on_pool`` raises."""
+        if self._lean_head is None:
+            raise RuntimeError("no lean request path (behind a proxy)")  # callers check first
+        adapter, host, pool_kwargs = self._lean_head
+        b = self._bucket
+        if self._key_url is not None:  # oss2's _make_url without its per-call endpoint checks
+            quoted = urllib.parse.quote(key, safe="")
+            url, uri = self._key_url[0] + quoted, self._key_url[1] + quoted
+        else:
+            # the path and query of oss2's URL ("scheme://host/path?query", the key already quoted
+            # by _make_url): what urllib3's parse_url(...).request_uri gives, without its parse
+            url = b._make_url(self.bucket_name, key)
+            parts = url.split("/", 3)
+            uri = "/" + parts[3] if len(parts) > 3 else "/"
+        req = oss2.http.Request(method, url, headers=headers, app_name=b.app_name, region=b.region,
+                                product=b.product, cloudbox_id=b.cloudbox_id)
+        b.auth._sign_request(req, self.bucket_name, key)
+        sent = {k: v for k, v in req.headers.items() if v is not None}  # None: "do not send" to requests
+        sent.setdefault("Accept", "*/*")
+        connect, read = getattr(_thread_timeouts, "value", None) or (self.connect_timeout, self.read_timeout)
+        pool = self._head_conn_pool
+        if pool is None or getattr(pool, "pool", None) is None:  # not yet, or closed (evicted, aclose)
+            pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
+        return _request_on_pool(pool, method, uri, sent, connect, read)
+
     def _head_sync(self, key: str) -> tuple[ObjectInfo, str | None]:
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
 
         Signed by oss2's own auth (V1 or V4, the security token included) exactly as
         ``Bucket.head_object`` signs it, but sent by http.client on a connection of the shared
-        urllib3 pool (``_head_on_pool``): oss2's Response/result objects and requests'
+        urllib3 pool (``_lean_request``): oss2's Response/result objects and requests'
         per-request work (settings merge, cookie jar, hooks, header dict copies) were ~0.4 ms
         of a HEAD's ~1.1 ms of client CPU, urllib3's urlopen and response wrapper ~40% of the
         rest (``bench/head_cost.py``), and ``ls -l`` over OSS is one HEAD per entry, bound by
@@ -619,29 +667,9 @@ class OssStore(ObjectStore):
             mtime = float(r.last_modified) if r.last_modified is not None else (_http_time(r.headers) or 0.0)
             return (ObjectInfo(key, int(r.content_length or 0), r.etag or "", mtime,
                                self._meta_from_headers(r.headers)), r.content_type)
-        adapter, host, pool_kwargs = self._lean_head
-        b = self._bucket
-        if self._key_url is not None:  # oss2's _make_url without its per-call endpoint checks
-            quoted = urllib.parse.quote(key, safe="")
-            url, uri = self._key_url[0] + quoted, self._key_url[1] + quoted
-        else:
-            # the path and query of oss2's URL ("scheme://host/path?query", the key already quoted
-            # by _make_url): what urllib3's parse_url(...).request_uri gives, without its parse
-            url = b._make_url(self.bucket_name, key)
-            parts = url.split("/", 3)
-            uri = "/" + parts[3] if len(parts) > 3 else "/"
-        req = oss2.http.Request("HEAD", url, app_name=b.app_name, region=b.region, product=b.product,
-                                cloudbox_id=b.cloudbox_id)
-        b.auth._sign_request(req, self.bucket_name, key)
-        headers = {k: v for k, v in req.headers.items() if v is not None}  # None: "do not send" to requests
-        headers.setdefault("Accept", "*/*")
-        connect, read = getattr(_thread_timeouts, "value", None) or (self.connect_timeout, self.read_timeout)
-        pool = self._head_conn_pool
-        if pool is None or getattr(pool, "pool", None) is None:  # not yet, or closed (evicted, aclose)
-            pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        status, h = _head_on_pool(pool, uri, headers, connect, read)
+        status, h, _ = self._lean_request("HEAD", key, None)
         if status // 100 != 2:
-            raise oe.make_exception(_HeadAnswer(status, requests.structures.CaseInsensitiveDict(h)))
+            raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h)))
         # The same values oss2's HeadObjectResult and requests' header dict give (a repeated
         # header joined by ", "; values as http.client decodes them, ISO-8859-1).
         lm = h.get("last-modified")
@@ -761,6 +789,7 @@ class OssStore(ObjectStore):
 
     @staticmethod
     def _read_all(res) -> bytes:
+        """The whole body of an oss2 GetObjectResult (the oss2 path: behind a proxy)."""
         chunks: list[bytes] = []
         while True:
             b = res.read(1 << 20)
@@ -768,42 +797,67 @@ class OssStore(ObjectStore):
                 return b"".join(chunks)
             chunks.append(b)
 
+    def _get_sync(self, key: str, headers: dict[str, str]) -> tuple[int, Any, bytes] | None:
+        """One GetObject attempt (§3.2) of ``key`` with request ``headers``: (status, response
+        headers (case-insensitive ``get`` by lower-case name), whole body), or None for a 416
+        (a range starting at or past the end, standard range behaviour). On the lean path
+        (``_lean_request``: oss2's request and response objects and requests' ``iter_content``
+        loop were ~26% of a small file's cat CPU and, with the chunk joins, most of a cold
+        read's Python time), else through ``Bucket.get_object``. An error answer raises what
+        oss2 raises (``oss2.exceptions`` from the status and the error XML); a failure below
+        HTTP raises the transport's exception (``_to_store_error`` maps both)."""
+        if self._lean_head is None:
+            try:
+                res = self._bucket.get_object(key, headers=headers)
+            except oe.ServerError as e:
+                if e.status == 416:
+                    return None
+                raise
+            try:
+                data = self._read_all(res)
+            finally:
+                res.close()
+            return res.status, res.headers, data
+        status, h, data = self._lean_request("GET", key, headers)
+        if status == 416:
+            return None
+        if status // 100 != 2:
+            raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h), data))
+        return status, h, data
+
     def _get_range_sync(self, key: str, start: int, end: int, if_match: str | None) -> bytes:
         headers = {"Range": f"bytes={start}-{end - 1}", "x-oss-range-behavior": "standard"}
         if if_match is not None:
             headers["If-Match"] = if_match
-        try:
-            res = self._bucket.get_object(key, headers=headers)
-        except oe.ServerError as e:
-            if e.status == 416:  # start >= size under standard range behaviour (§3.2)
-                return b""
-            raise
-        try:
-            data = self._read_all(res)
-        finally:
-            res.close()
-        rid = res.request_id
-        if res.status == 206:
-            m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", res.content_range or "")
+        got = self._get_sync(key, headers)
+        if got is None:  # start >= size under standard range behaviour (§3.2)
+            return b""
+        status, h, data = got
+        rid = h.get("x-oss-request-id", "")
+        if status == 206:
+            content_range = h.get("content-range")
+            m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range or "")
             if not m:
-                raise _BadResponse(f"206 with unusable Content-Range {res.content_range!r}", rid)
+                raise _BadResponse(f"206 with unusable Content-Range {content_range!r}", rid)
             a, b = int(m.group(1)), int(m.group(2))
             total = int(m.group(3)) if m.group(3) != "*" else None
             if len(data) != b - a + 1:
                 raise _BadResponse(f"206 body is {len(data)} bytes, Content-Range says {b - a + 1}", rid)
             if a > start or b < a:
-                raise _BadResponse(f"asked for bytes {start}-{end - 1}, got {res.content_range!r}", rid)
+                raise _BadResponse(f"asked for bytes {start}-{end - 1}, got {content_range!r}", rid)
             if a != start:
                 log.warning("OSS GET %r: asked for range start %d, server sent %s; slicing [request id %s]",
-                            key, start, res.content_range, rid)
+                            key, start, content_range, rid)
             whole = a == 0 and total is not None and b == total - 1
         else:
             # The range was ignored (legacy behaviour, §3.2): the body is the whole object.
-            if res.content_length is not None and len(data) != res.content_length:
-                raise _BadResponse(f"body is {len(data)} bytes, Content-Length {res.content_length}", rid)
+            length = h.get("content-length")
+            if length is not None and len(data) != int(length):
+                raise _BadResponse(f"body is {len(data)} bytes, Content-Length {length}", rid)
             a, whole = 0, True
         if whole:
-            _check_crc("GET", key, fastcrc.crc64.xz(data), res)
+            _check_crc("GET", key, fastcrc.crc64.xz(data), _Answer(status, h))
+        # the bytes object itself when it is exactly [start, end) (a full slice is no copy)
         return data[start - a:end - a]
 
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
