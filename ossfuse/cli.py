@@ -235,9 +235,11 @@ def cmd_umount(args) -> int:
             if reg is None or not _serves_elsewhere(reg, mp):
                 return _die(f"{mp} is not mounted")
             # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
-            # namespace holds a copy: the daemon would serve that copy forever
-            print(f"ossfuse: {mp} is not mounted here, but its daemon (pid {reg['pid']}) still serves a copy "
-                  f"in another mount namespace; stopping the daemon so pending uploads finish", file=sys.stderr)
+            # namespace holds a copy, or lazily (umount -l) while files are still open: the
+            # daemon would serve them forever
+            print(f"ossfuse: {mp} is not mounted here, but its daemon (pid {reg['pid']}) still serves it (a copy "
+                  f"in another mount namespace, or files still open after a lazy unmount); stopping the daemon "
+                  f"so pending uploads finish", file=sys.stderr)
             os.kill(reg["pid"], signal.SIGTERM)
             unmounted_here = True
     dead = daemon_gone(mp)
