@@ -67,7 +67,8 @@ unshare -m --propagation private bash -c '
     mount --bind "$r" "$r" &&
     mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" &&
     mount -t tmpfs tmpfs "$r/run" && mount -t tmpfs tmpfs "$r/tmp" || exit 3
-    chroot "$r" /bin/bash /root/steps.sh
+    # a clean environment, as a login on the new machine has (none of this shell'"'"'s PIP_* etc.)
+    chroot "$r" /usr/bin/env -i TERM=xterm LANG=C.UTF-8 /bin/bash /root/steps.sh
 ' _ "$root"
 rc=$?
 echo "== fresh machine: $([ $rc = 0 ] && echo PASS || echo "FAIL (exit $rc)")"
