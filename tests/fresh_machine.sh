@@ -67,7 +67,7 @@ unshare -m --propagation private bash -c '
     mount --bind "$r" "$r" &&
     mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" &&
     mount -t tmpfs tmpfs "$r/run" && mount -t tmpfs tmpfs "$r/tmp" || exit 3
-    # a clean environment, as a login on the new machine has (none of this shell'"'"'s PIP_* etc.)
+    # a clean environment, as a login on the new machine has (no PIP_* or other variables of the calling shell)
     chroot "$r" /usr/bin/env -i TERM=xterm LANG=C.UTF-8 /bin/bash /root/steps.sh
 ' _ "$root"
 rc=$?
