@@ -20,6 +20,7 @@ import trio
 
 from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names
 from ossfuse.fs import FsError
+from ossfuse.fs.copying import same_etag
 
 
 def _background(fs, nursery, retry_interval: float = 30.0):
@@ -501,5 +502,79 @@ def test_rmdir_tries_failed_deletes_until_the_first_that_still_fails(tmp_path, c
             assert e.value.errno == errno.EIO
             assert fs.store.counts["delete"] == 1, fs.store.counts
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("how", ["create", "rename"])
+def test_a_new_file_with_the_unlinked_versions_etag_is_not_deleted(tmp_path, cmk_path, oss_server, how):
+    """Over OSS an ETag is the body's MD5: every empty object has the same one. ``rm f; touch f``
+    (or a rename of another empty file onto f) while f's DELETE waits in the queue: the new f,
+    uploaded with the unlinked version's very ETag, must stay; the worker took it for the
+    unlinked version and deleted it (found by the eighth session's trial)."""
+    from conftest import oss_client_store
+
+    from fakes.fault_store import FaultStore
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path, store=FaultStore(oss_client_store(oss_server))),
+                             nursery)
+            root = fs.get(1)
+            await committed_file(fs, "a", b"a")
+            await committed_file(fs, "f", b"")
+            if how == "rename":
+                await committed_file(fs, "g", b"")
+            old = (await fs.store.inner.head("pre/f")).etag
+            fs.store.delay("delete_many", 0.5, key="pre/a")
+            await fs.unlink(root, "a")  # its batch is in flight for 0.5 s
+            await trio.sleep(0.01)
+            await fs.unlink(root, "f")  # queued behind it
+            if how == "create":
+                await committed_file(fs, "f", b"")
+            else:
+                await fs.rename(root, "g", root, "f", 0)
+            await fs.drain()
+            info = await fs.store.inner.head("pre/f")
+            assert info is not None and same_etag(info.etag, old)  # the collision this is about
+            assert await _bucket_keys(fs, "pre/") == ["pre/f"]
+            node = await fs.lookup(root, "f")
+            assert node.size == 0
+            assert not fs.deferred_deletes.pending and not fs.deferred_deletes.queued
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"deleting 1 unlinked objects \('pre/f'…\) failed")
+def test_an_upload_ends_the_pending_delete_of_the_version_it_overwrote(tmp_path, cmk_path, oss_server):
+    """``rm f; touch f`` over OSS while DELETE is refused: the new empty f is uploaded (PUT
+    works) with the unlinked version's very ETag. The upload overwrote that version, so its
+    pending delete goes with it: a crash, then the replay at the next mount (which compares
+    ETags) must not delete the new f."""
+    from conftest import oss_client_store
+
+    from fakes.fault_store import FaultStore
+
+    async def main():
+        store = FaultStore(oss_client_store(oss_server))
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path, store=store), nursery)
+            root = fs.get(1)
+            await committed_file(fs, "f", b"")
+            store.fail(("delete", "delete_many"), error="permanent", count=None)
+            await fs.unlink(root, "f")
+            await fs.namespace.settle_deletes()
+            assert fs.deferred_deletes.pending  # refused: still pending, hidden
+            node, h = await fs.create(root, "f", 0o600, os.O_RDWR, UID, GID)
+            await fs.fsync(h)  # uploaded (no drain: it would retry the delete, see above)
+            await fs.release(h)
+            assert not fs.deferred_deletes.pending and not fs.deferred_deletes.recorded()
+            nursery.cancel_scope.cancel()  # the crash
+        store.clear()
+        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
+        await fs2.finish_unlinks()  # the replay at mount
+        node = await fs2.lookup(fs2.get(1), "f")
+        assert node.size == 0 and await _bucket_keys(fs2, "pre/") == ["pre/f"]
 
     trio.run(main)

@@ -81,6 +81,7 @@ class Filesystem:
                                  removed_dir=self.deferred_deletes.hides_dir)
         self.commit = Commit(self.naming, self.inodes, self.resolver, self.scheduler, self.uploader,
                              self.cache, keyring, self.staging)
+        self.commit.conflicts.deferred = self.deferred_deletes
         self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,
                            keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
                            upload_at_close=store.local_disk and upload_delay == 0)

@@ -32,6 +32,7 @@ from ..writeback.upload import Uploader
 from .copying import same_etag
 from .model import Node
 from .naming import Naming
+from .unlinked import DeferredDeletes
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class Conflicts:
         # that upload's object, which is ours, not a foreign edit (git's config.lock → config
         # right after config was first written)
         self._ours: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # the mount's pending deletes (set by the Filesystem): an upload to a key ends the
+        # pending deletes of that key's older versions (DeferredDeletes.superseded)
+        self.deferred: DeferredDeletes | None = None
 
     def base_unknown(self, node: Node) -> None:
         """``node``'s staged version came from the journal: what it was based on is unknown."""
@@ -115,18 +119,19 @@ class Conflicts:
         Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
         the upload failed: the caller keeps the data staged and retries)."""
         base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
+        mark = self.deferred.mark() if self.deferred is not None else 0
         if base is _UNKNOWN:
-            return self._uploaded(node, key, await self.uploader.upload(staged, key, metadata))
+            return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
         if base is None:
             # a file this mount created: create only, atomically (no HEAD first, no window)
             try:
-                return self._uploaded(node, key, await self.uploader.upload(staged, key, metadata, if_absent=True))
+                return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata, if_absent=True))
             except AlreadyExists:
                 pass  # taken: by another client, or by an attempt of ours whose answer was lost
         current = await self.store.head(key)
         if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
                 or same_etag(current.etag, self._ours.get(key))):
-            return self._uploaded(node, key, await self.uploader.upload(staged, key, metadata))
+            return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""
         for n in range(100):
@@ -147,10 +152,13 @@ class Conflicts:
                     base or "none (a new file)", current.etag, ckey, info.etag)
         return info
 
-    def _uploaded(self, node: Node, key: str, info: ObjectInfo) -> ObjectInfo:
-        """Book an upload to ``key`` that went where it was meant to; returns ``info``."""
+    def _uploaded(self, node: Node, key: str, mark: int, info: ObjectInfo) -> ObjectInfo:
+        """Book an upload to ``key`` that went where it was meant to (started at the pending
+        deletes' ``mark``); returns ``info``."""
         self._base.pop(node.ino, None)
         self._remember(key, info.etag)
+        if self.deferred is not None:
+            self.deferred.superseded(key, mark)
         return info
 
     def status(self) -> dict:

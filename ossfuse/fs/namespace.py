@@ -30,7 +30,7 @@ from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object, delete_version, same_etag
+from .copying import copy_object, delete_version
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
@@ -476,13 +476,16 @@ class Namespace:
     def _replaced_here(self, path: str, key: str, etag: str) -> bool:
         """Whether this mount's file at ``path`` replaces version ``etag`` of ``key`` (the
         caller holds ``path``'s name lock): a new file, whose upload replaces the object (a
-        DELETE now could race that upload and delete the new version), or one whose version
-        is another already. Then the pending delete is no longer wanted."""
+        DELETE now could race that upload and delete the new version), or one whose upload
+        or rename's copy has replaced it already. Then the pending delete is no longer wanted.
+        Any live file node at ``path`` is newer than the unlinked version: the unlink took
+        that one's name, and a lookup never finds a hidden version. Its ETag is no test: an
+        empty object's, or a copy's of the same content, equals the unlinked one's (OSS ETags
+        are the body's MD5), and the DELETE then took the new file (trial of the eighth
+        session). A version uploaded elsewhere (a conflict copy) leaves ``key`` to the delete."""
         current = self.inodes.by_path.get(path)
         return current is not None and not current.unlinked and not current.is_dir and (
-            current.staged is not None
-            or (current.version is not None and current.version.key == key
-                and not same_etag(current.version.etag, etag)))
+            current.staged is not None or (current.version is not None and current.version.key == key))
 
     def retry_failed_deletes_later(self) -> None:
         """Start the background retries of failed deletes, every ``retry_interval`` seconds

@@ -55,6 +55,10 @@ class DeferredDeletes:
         # (key, ETag) of unlinks whose DELETE runs in the background (Namespace.unlink), in the
         # order queued; an entry leaves once its batch was answered (done, or moved to ``ready``)
         self.queued: dict[tuple[str, str], None] = {}
+        # (key, ETag) → when it was noted (a counter): an upload that started after it replaced
+        # that version (:meth:`superseded`)
+        self._noted_at: dict[tuple[str, str], int] = {}
+        self._notes = 0
         for key, etag in self.recorded():  # an earlier run's: no handle of this run reads them
             self._note(key, etag)
             self.ready.add((key, etag))
@@ -63,6 +67,22 @@ class DeferredDeletes:
         etags = self.pending.setdefault(key, [])
         if _norm(etag) not in etags:
             etags.append(_norm(etag))
+        self._notes += 1
+        self._noted_at.setdefault((key, _norm(etag)), self._notes)
+
+    def mark(self) -> int:
+        """Now, for :meth:`superseded` (taken when an upload starts)."""
+        return self._notes
+
+    def superseded(self, key: str, mark: int) -> None:
+        """This mount's upload that started at :meth:`mark` ``mark`` put a new version at
+        ``key``: the versions of ``key`` whose delete was pending before it are gone from the
+        bucket (overwritten), so their records go; a DELETE, or the replay after a crash,
+        would otherwise compare ETags and take the new version when it has the same one (OSS:
+        every empty object's, a body's MD5). Pending deletes noted later stay."""
+        for etag in list(self.pending.get(key, ())):
+            if self._noted_at.get((key, etag), mark + 1) <= mark:
+                self.forget(key, etag)
 
     def hides(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is a version whose delete is pending (not to be shown)."""
@@ -216,6 +236,7 @@ class DeferredDeletes:
         await trio.to_thread.run_sync(remove)
 
     def _unnote(self, key: str, etag: str) -> None:
+        self._noted_at.pop((key, _norm(etag)), None)
         self.ready.discard((key, etag))
         self.queued.pop((key, etag), None)
         etags = self.pending.get(key)
