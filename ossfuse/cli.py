@@ -259,7 +259,8 @@ def cmd_umount(args) -> int:
             msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
             if "busy" in msg:
                 users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
-                msg += (f" (in use by {', '.join(f'pid {p} ({c})' for p, c in users[:5])}"
+                ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
+                msg += (f" (in use by {', '.join(f'pid {p} ({c}' + (', the shell this ran from' if p == ppid else '') + ')' for p, c in users[:5])}"
                         f"{f' and {len(users) - 5} more' if len(users) > 5 else ''})" if users
                         else " (files are open there, by processes this user cannot see)")
             return _die(msg)

@@ -283,6 +283,16 @@ def test_umount_from_inside_the_mount_names_only_the_other_holders(mount):
     mount.pid = None
 
 
+def test_busy_umount_says_when_the_holder_is_the_shell_it_ran_from(mount):
+    """A user types `ossfuse umount /mnt/x` in a shell whose working directory is in the
+    mount: the refusal says that the holder is that very shell."""
+    sh = subprocess.run(["sh", "-c", f'cd "{mount.mnt}" && {" ".join(OSSFUSE)} umount "{mount.mnt}"; echo "shell $$"'],
+                        capture_output=True, text=True, timeout=60)
+    shell_pid = int(sh.stdout.split()[-1])
+    assert "busy" in sh.stderr and f"pid {shell_pid} (sh, the shell this ran from)" in sh.stderr, sh.stderr
+    assert sh.stderr.count("\n") == 1 and os.path.ismount(mount.mnt)
+
+
 def test_the_installed_command_runs_a_copy_not_this_checkout():
     """/usr/local/bin/ossfuse (what the systemd unit, fstab's mount helper and people run)
     resolves into a virtualenv holding a copy of the package, not into a checkout: moving or
