@@ -3,6 +3,7 @@ and the OSS test server (tests/oss_server.py) as a process of its own."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ REPO = os.path.dirname(HERE)
 VENV = os.path.join(REPO, ".venv")
 PY = os.path.join(VENV, "bin", "python")
 OSSFUSE = os.path.join(VENV, "bin", "ossfuse")
-PYSPY = os.path.join(VENV, "bin", "py-spy")
+PYSPY = os.path.join(VENV, "bin", "py-spy") if os.path.exists(os.path.join(VENV, "bin", "py-spy")) else "py-spy"
 SERVER = os.path.join(REPO, "tests", "oss_server.py")
 
 AK, SK, BUCKET, REGION = "AK", "SK", "test-bucket", "cn-hangzhou"
@@ -37,6 +38,29 @@ def proc_cpu(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def self_cpu() -> float:
+    """CPU seconds (user + sys, all threads) this process has used."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def pyspy_start(out: str, pid: int | None = None) -> subprocess.Popen:
+    """py-spy recording process ``pid`` (default: this one) into ``out`` (raw collapsed stacks,
+    per thread, only samples holding the GIL, 200 Hz; ``bench/pyspy_summary.py`` reads it),
+    after 1 s for it to attach. Stop it with :func:`pyspy_stop`."""
+    p = subprocess.Popen([PYSPY, "record", "--format", "raw", "--threads", "--gil", "-r", "200", "-o", out,
+                          "--pid", str(pid or os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return p
+
+
+def pyspy_stop(p: subprocess.Popen | None) -> None:
+    """End a :func:`pyspy_start` recording (SIGINT: py-spy writes its file then)."""
+    if p is not None:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+
+
 def drop_caches() -> None:
     """Flush and drop the page cache (root only), for cold-cache reads."""
     os.sync()
@@ -45,12 +69,13 @@ def drop_caches() -> None:
 
 
 class OssServerProcess:
-    """tests/oss_server.py on a free port, bodies under ``root``, its log in ``log_path``."""
+    """tests/oss_server.py on a free port: bodies under ``root`` (None: in its memory), its log
+    in ``log_path`` (None: this process's stderr)."""
 
-    def __init__(self, root: str, log_path: str):
+    def __init__(self, root: str | None = None, log_path: str | None = None):
         cmd = [PY, SERVER, "--port", "0", "--access-key-id", AK, "--access-key-secret", SK,
-               "--bucket", BUCKET, "--region", REGION, "--root-dir", root]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "ab"),
+               "--bucket", BUCKET, "--region", REGION] + (["--root-dir", root] if root else [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "ab") if log_path else None,
                                      text=True, start_new_session=True)
         line = self.proc.stdout.readline().strip()
         if not line.startswith("http"):

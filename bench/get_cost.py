@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from head_cost import AK, REGION, SERVER, SK, cpu  # noqa: E402
-
-BUCKET = "get-bucket"
-MiB = 1 << 20
+from common import AK, BUCKET, REGION, SK, MiB, OssServerProcess, pyspy_start, pyspy_stop  # noqa: E402
+from common import self_cpu as cpu  # noqa: E402
 
 
 async def read_big(store, size: int, chunk: int, parallel: int) -> None:
@@ -71,25 +68,20 @@ def main() -> int:
     from ossfuse.store.credentials import StaticCredentialsProvider
     from ossfuse.store.oss import OssStore
 
-    srv = subprocess.Popen([sys.executable, SERVER, "--port", "0", "--access-key-id", AK, "--access-key-secret", SK,
-                            "--bucket", BUCKET, "--region", REGION], stdout=subprocess.PIPE, text=True)
+    srv = OssServerProcess()
     spy = None
     try:
-        endpoint = srv.stdout.readline().strip()
-        b = oss2.Bucket(oss2.Auth(AK, SK), endpoint, BUCKET)
+        b = oss2.Bucket(oss2.Auth(AK, SK), srv.endpoint, BUCKET)
         size = args.big_mib * MiB
         b.put_object("big", os.urandom(size))
         keys = [f"s/f{i:05d}" for i in range(args.n)]
         import concurrent.futures as cf
         with cf.ThreadPoolExecutor(16) as ex:
             list(ex.map(lambda k: b.put_object(k, os.urandom(4096)), keys))
-        store = OssStore(BUCKET, endpoint, region=REGION, signature=args.signature,
+        store = OssStore(BUCKET, srv.endpoint, region=REGION, signature=args.signature,
                          credentials=StaticCredentialsProvider(AK, SK), threads=32)
         if args.profile:
-            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--threads", "--gil", "-r", "200", "-o",
-                                    args.profile, "--pid", str(os.getpid())], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
+            spy = pyspy_start(args.profile)
         big, small = [], []
         for r in range(args.rounds):
             c0, t0 = cpu(), time.monotonic()
@@ -107,11 +99,8 @@ def main() -> int:
               f"{statistics.median(small) * 1000 / args.n:.3f} ms per 4 KiB GET ({args.signature})")
         trio.run(store.aclose)
     finally:
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(30)
-        srv.terminate()
-        srv.wait(10)
+        pyspy_stop(spy)
+        srv.stop()
     return 0
 
 

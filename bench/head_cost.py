@@ -19,22 +19,15 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import trio
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SERVER = os.path.join(os.path.dirname(HERE), "tests", "oss_server.py")
-AK, SK, REGION, BUCKET = "head-ak", "head-sk", "cn-hangzhou", "head-bucket"
-
-
-def cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import AK, BUCKET, REGION, SK, OssServerProcess, pyspy_start, pyspy_stop  # noqa: E402
+from common import self_cpu as cpu  # noqa: E402
 
 
 def file_meta(i: int) -> dict[str, str]:
@@ -85,24 +78,19 @@ def main() -> int:
     from ossfuse.store.credentials import StaticCredentialsProvider
     from ossfuse.store.oss import OssStore
 
-    srv = subprocess.Popen([sys.executable, SERVER, "--port", "0", "--access-key-id", AK, "--access-key-secret", SK,
-                            "--bucket", BUCKET, "--region", REGION], stdout=subprocess.PIPE, text=True)
+    srv = OssServerProcess()
     spy = None
     try:
-        endpoint = srv.stdout.readline().strip()
-        b = oss2.Bucket(oss2.Auth(AK, SK), endpoint, BUCKET)
+        b = oss2.Bucket(oss2.Auth(AK, SK), srv.endpoint, BUCKET)
         keys = [f"d/f{i:05d}" for i in range(args.n)]
         body = os.urandom(4096)
         import concurrent.futures as cf
         with cf.ThreadPoolExecutor(16) as ex:
             list(ex.map(lambda ik: b.put_object(ik[1], body, headers=file_meta(ik[0] % 100)), enumerate(keys)))
-        store = OssStore(BUCKET, endpoint, region=REGION, signature=args.signature,
+        store = OssStore(BUCKET, srv.endpoint, region=REGION, signature=args.signature,
                          credentials=StaticCredentialsProvider(AK, SK), threads=args.threads)
         if args.profile:
-            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--threads", "--gil", "-r", "200", "-o",
-                                    args.profile, "--pid", str(os.getpid())], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
+            spy = pyspy_start(args.profile)
         walls, cpus = [], []
         for r in range(args.rounds):
             c0, t0 = cpu(), time.monotonic()
@@ -117,11 +105,8 @@ def main() -> int:
               f"threads {args.threads}, batch {args.batch or 'none'}, {args.signature})")
         trio.run(store.aclose)
     finally:
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait(30)
-        srv.terminate()
-        srv.wait(10)
+        pyspy_stop(spy)
+        srv.stop()
     return 0
 
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import trio
 
-from fakes.core import GID, UID, core_filesystem, core_store, exists, listed_names
+from fakes.core import GID, UID, core_filesystem, core_store, exists, listed_names, read_node
 from fakes.fault_store import FaultStore
 from ossfuse.fs import FsError
 
@@ -197,13 +197,6 @@ async def _write_closed(fs, name: str, data: bytes, node=None):
     return node
 
 
-async def _read_all(fs, node) -> bytes:
-    h = await fs.open(node, os.O_RDONLY)
-    try:
-        return await fs.read(h, 0, 1 << 20)
-    finally:
-        await fs.release(h)
-
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/f' was replaced by another client while open")
 @pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/g' was changed by another client")
@@ -232,14 +225,14 @@ def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, c
         await a.release(h)
         assert await a.drain() == 0
         assert fa.staged is None  # nothing of the failed write is kept or uploaded
-        assert await _read_all(b, fb) == b"VERSION 2 by B"
+        assert await read_node(b, fb) == b"VERSION 2 by B"
         fa.checked_at = 0.0  # past attr_timeout: the next open sees B's version
         fa = await a.lookup(a.get(1), "f")
-        assert await _read_all(a, fa) == b"VERSION 2 by B"
+        assert await read_node(a, fa) == b"VERSION 2 by B"
         await _write_closed(a, "f", b"A", fa)  # the version A knows now: the write goes on
         fb.checked_at = 0.0
         fb = await b.lookup(b.get(1), "f")
-        assert await _read_all(b, fb) == b"AERSION 2 by B"  # A's write to B's version, as B sees it
+        assert await read_node(b, fb) == b"AERSION 2 by B"  # A's write to B's version, as B sees it
         # g: A's handle wrote before B's commit (staged) and writes again after it
         ga = await _write_closed(a, "g", b"version 1 by A")
         gb = await b.lookup(b.get(1), "g")
@@ -254,9 +247,9 @@ def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, c
         copies = [k for k in keys if k.startswith("pre/g.conflict-")]
         assert len(copies) == 1 and keys == sorted(["pre/f", "pre/g", copies[0]])
         gb.checked_at = 0.0
-        assert await _read_all(b, await b.lookup(b.get(1), "g")) == b"VERSION 2 by B"
+        assert await read_node(b, await b.lookup(b.get(1), "g")) == b"VERSION 2 by B"
         copy = await b.lookup(b.get(1), copies[0][len("pre/"):])
-        assert await _read_all(b, copy) == b"A's edit1 by A"  # A's writes over the version A opened
+        assert await read_node(b, copy) == b"A's edit1 by A"  # A's writes over the version A opened
         for fs in (a, b):
             fs.close()
         await store.aclose()

@@ -180,14 +180,20 @@ def test_umount_reports_a_daemon_that_died_during_the_drain(make_mount):
     assert open(m.path("f0299"), "rb").read().endswith(b"299")
 
 
+def _copy_holder(mnt: str) -> subprocess.Popen:
+    """A process in a new mount namespace holding a copy of the mount at ``mnt`` (only: it
+    releases the copies of other mounts), for 120 s."""
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                             f"{_RELEASE_COPIES}; exec sleep 120"], env=dict(os.environ, KEEP=mnt))
+
+
 def test_umount_with_a_copy_of_the_mount_in_another_namespace(make_mount):
     """``unshare -m`` (containers, ip netns exec) copies the mount: after the unmount here the
     daemon would serve the copy forever. umount names the holder, stops the daemon, and the
     pending uploads finish, promptly."""
     m = make_mount("upload_delay = 600")
     _many_pending(m, 20)
-    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
-                               f"{_RELEASE_COPIES}; exec sleep 120"], env=dict(os.environ, KEEP=m.mnt))
+    holder = _copy_holder(m.mnt)
     try:
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -209,8 +215,7 @@ def test_umount_after_an_unmount_behind_its_back_stops_the_daemon_of_the_copy(ma
     finish."""
     m = make_mount("upload_delay = 600")
     _many_pending(m, 5)
-    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
-                               f"{_RELEASE_COPIES}; exec sleep 120"], env=dict(os.environ, KEEP=m.mnt))
+    holder = _copy_holder(m.mnt)
     try:
         time.sleep(0.3)
         subprocess.run(["fusermount3", "-u", m.mnt], check=True)

@@ -17,7 +17,7 @@ import time
 import pytest
 import trio
 
-from fakes.core import committed_file, core_filesystem, core_store, exists, listed_names
+from fakes.core import committed_file, core_filesystem, core_store, exists, listed_names, read_node
 from ossfuse.fs import FsError
 from ossfuse.store.base import StoreUnavailable
 from ossfuse.store.health import StoreHealth, StoreOffline
@@ -32,13 +32,6 @@ def _remote_store(root):
     store.local_disk = False
     return store
 
-
-async def _read_all(fs, node, size: int) -> bytes:
-    h = await fs.open(node, os.O_RDONLY)
-    try:
-        return await fs.read(h, 0, size)
-    finally:
-        await fs.release(h)
 
 
 @pytest.mark.expect_log(OFFLINE)
@@ -65,7 +58,7 @@ def test_cached_listing_and_read_work_offline_and_uncached_ones_fail_fast(tmp_pa
             writer.close()
             other = await fs.lookup(root, "other")
             assert await listed_names(fs, d) == ["a", "b", "big"]
-            assert await _read_all(fs, a, 20000) == b"alpha" * 2000  # every block of a cached
+            assert await read_node(fs, a, 20000) == b"alpha" * 2000  # every block of a cached
             fs.cache.drop(big.version.key, big.version.etag)  # as if another client wrote it
             h = await fs.open(big, os.O_RDONLY)
             first = await fs.read(h, 0, 4096)  # only big's first blocks get cached
@@ -78,7 +71,7 @@ def test_cached_listing_and_read_work_offline_and_uncached_ones_fail_fast(tmp_pa
             assert health.offline and health.offline_since is not None
             assert (await fs.lookup(d, "a")) is a and a.size == 10000
             assert not await exists(fs, "nothing", d)  # the listing proves the name absent
-            assert await _read_all(fs, a, 20000) == b"alpha" * 2000
+            assert await read_node(fs, a, 20000) == b"alpha" * 2000
             h = await fs.open(big, os.O_RDONLY)
             assert await fs.read(h, 0, 4096) == first
             with pytest.raises(FsError) as ei:  # an uncached block needs the store
@@ -135,7 +128,7 @@ def test_writes_while_offline_are_journaled_and_uploaded_as_soon_as_the_store_an
             assert await fs.store.inner.head("pre/d/new") is None
             assert node.staged is not None  # journaled, pending
             assert await listed_names(fs, d) == ["new", "old"]
-            assert await _read_all(fs, node, 100) == b"written offline"
+            assert await read_node(fs, node, 100) == b"written offline"
             with pytest.raises(FsError) as ei:  # a rename of a committed object needs the store now
                 await fs.rename(d, "old", d, "older", 0)
             assert ei.value.errno == errno.EIO
@@ -158,7 +151,7 @@ def test_writes_while_offline_are_journaled_and_uploaded_as_soon_as_the_store_an
         fresh = core_filesystem(tmp_path / "fresh", cmk_path, store=fs.store.inner, keyring=fs.keyring)
         d2 = await fresh.lookup(fresh.get(1), "d")
         assert await listed_names(fresh, d2) == ["new", "old"]
-        assert await _read_all(fresh, await fresh.lookup(d2, "new"), 100) == b"written offline"
+        assert await read_node(fresh, await fresh.lookup(d2, "new"), 100) == b"written offline"
         fresh.close()
 
     trio.run(main)

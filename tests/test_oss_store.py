@@ -967,20 +967,25 @@ def test_proxy_and_ca_settings_are_read_once_from_the_environment(monkeypatch):
 
 
 # ------------------------------------------------------------------- the lean HEAD path
-async def _both_heads(store, key):
-    """``store._head(key)`` through the lean urllib3 path and through oss2's head_object: each
-    side's (result, None) or (None, the StoreError's comparable fields)."""
+async def _both_paths(store, call):
+    """``call()`` (an OssStore request) through the lean path (``_lean_request``) and through
+    oss2's: each side's (result, None) or (None, the StoreError's comparable fields)."""
     out = []
     lean = store._lean_head
     for path in (lean, None):
         store._lean_head = path
         try:
-            out.append((await store._head(key), None))
+            out.append((await call(), None))
         except StoreError as e:
             text = re.sub(r" in [0-9.]+s\)", "", str(e).split(" [request id")[0])  # elapsed time differs
             out.append((None, (type(e), e.code, e.temporary, e.key, bool(e.request_id), text)))
     store._lean_head = lean
     return out
+
+
+async def _both_heads(store, key):
+    """``store._head(key)`` on both paths (:func:`_both_paths`)."""
+    return await _both_paths(store, lambda: store._head(key))
 
 
 @trio_test
@@ -1110,24 +1115,9 @@ async def test_lean_head_transport_failures_map_as_before(server):
     """Failures below HTTP on the lean HEAD path map as requests' exceptions did: a server that
     closes each connection without answering is ConnectionReset, retried, then
     StoreUnavailable (both paths the same); a stopped server is ConnectionRefused."""
-    import socket
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                c, _ = lsock.accept()
-            except OSError:
-                return
-            c.recv(65536)
-            c.close()
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    endpoint, stop = _raw_server(lambda c: c.close())  # reads the request, answers nothing
     try:
-        store = OssStore(BUCKET, f"http://127.0.0.1:{lsock.getsockname()[1]}", region=REGION,
+        store = OssStore(BUCKET, endpoint, region=REGION,
                          credentials=StaticCredentialsProvider(AK, SK), retries=1, backoff=0.01, backoff_max=0.02)
         assert store._lean_head is not None
         (_, lean_err), (_, ref_err) = await _both_heads(store, "t/k")
@@ -1136,8 +1126,7 @@ async def test_lean_head_transport_failures_map_as_before(server):
         assert store.counters.retries["HEAD"] == 2  # one retry on each path
         await store.aclose()
     finally:
-        stop.set()
-        lsock.close()
+        stop()
     store = make_store(server, retries=1, connect_timeout=1.0, read_timeout=2.0)
     await store.put_bytes("t/k", b"x", {})
     assert (await store.head("t/k")).size == 1
@@ -1299,19 +1288,8 @@ def test_a_head_answer_cut_within_its_headers_is_a_lost_connection_not_an_empty_
 
 # -------------------------------------------------------------------- the lean GET path
 async def _both_gets(store, key, start, end, **kw):
-    """``store.get_range`` through the lean path (``_lean_request``) and through oss2's
-    get_object: each side's (bytes, None) or (None, the StoreError's comparable fields)."""
-    out = []
-    lean = store._lean_head
-    for path in (lean, None):
-        store._lean_head = path
-        try:
-            out.append((await store.get_range(key, start, end, **kw), None))
-        except StoreError as e:
-            text = re.sub(r" in [0-9.]+s\)", "", str(e).split(" [request id")[0])  # elapsed time differs
-            out.append((None, (type(e), e.code, e.temporary, e.key, bool(e.request_id), text)))
-    store._lean_head = lean
-    return out
+    """``store.get_range`` on both paths (:func:`_both_paths`)."""
+    return await _both_paths(store, lambda: store.get_range(key, start, end, **kw))
 
 
 @trio_test

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fakes.core import committed_file, core_filesystem, core_store  # noqa: E402
+from fakes.core import committed_file, core_filesystem, core_store, read_node  # noqa: E402
 from ossfuse import envelope as env  # noqa: E402
 from ossfuse.fs import FsError  # noqa: E402
 from ossfuse.fs.model import MetadataNotHeld  # noqa: E402
@@ -58,13 +58,6 @@ async def _replace(tmp_path, cmk_path, store, name: str, data: bytes) -> None:
     other.close()
 
 
-async def _read_all(fs, node) -> bytes:
-    h = await fs.open(node, os.O_RDONLY)
-    try:
-        return await fs.read(h, 0, 1 << 20)
-    finally:
-        await fs.release(h)
-
 
 def test_an_evicted_version_fetches_its_envelope_once_at_open(tmp_path, cmk_path):
     async def main():
@@ -78,16 +71,16 @@ def test_an_evicted_version_fetches_its_envelope_once_at_open(tmp_path, cmk_path
         assert stat.S_IMODE(nodes[0].mode) == 0o600 and nodes[0].size == len(_content(0))  # attributes stay
 
         store.counts.clear()
-        assert await _read_all(fs, nodes[3]) == _content(3)  # still held: no HEAD
+        assert await read_node(fs, nodes[3]) == _content(3)  # still held: no HEAD
         assert store.counts["head"] == 0, store.counts
         slim = nodes[0].version
-        assert await _read_all(fs, nodes[0]) == _content(0)
+        assert await read_node(fs, nodes[0]) == _content(0)
         assert store.counts["head"] == 1, store.counts  # its envelope, once
         assert nodes[0].version is slim and slim.held and slim.envelope is not None
         store.counts.clear()
         for i in (1, 2, 3):  # opened versions keep their envelope: never slimmed again
             await fs.lookup(root, f"f{i}")
-        assert await _read_all(fs, nodes[0]) == _content(0)
+        assert await read_node(fs, nodes[0]) == _content(0)
         assert store.counts["head"] == 0, store.counts
         fs.close()
 
@@ -103,7 +96,7 @@ def test_a_slim_version_fills_from_the_head_that_revalidates_it(tmp_path, cmk_pa
         nodes = [await fs.lookup(fs.get(1), f"f{i}") for i in range(2)]
         assert not nodes[0].version.held
         store.counts.clear()
-        assert await _read_all(fs, nodes[0]) == _content(0)
+        assert await read_node(fs, nodes[0]) == _content(0)
         assert store.counts["head"] == 1, store.counts
         fs.close()
 
@@ -122,7 +115,7 @@ def test_an_object_replaced_after_listing_is_opened_as_the_new_version(tmp_path,
         assert not old.held
         new = b"replaced by another client " * 40
         await _replace(tmp_path, cmk_path, store, "f0", new)
-        assert await _read_all(fs, nodes[0]) == new
+        assert await read_node(fs, nodes[0]) == new
         assert nodes[0].version is not old and nodes[0].version.etag != old.etag
         assert not old.held  # the old version was never filled with the new object's metadata
         fs.close()
@@ -154,7 +147,7 @@ def test_truncate_and_chmod_of_a_replaced_slim_version_fail_stale(tmp_path, cmk_
         assert now.etag == theirs.etag and now.metadata == theirs.metadata  # nothing written
         nodes[0].checked_at = 0.0
         assert await fs.lookup(root, "f0") is nodes[0]
-        assert await _read_all(fs, nodes[0]) == new
+        assert await read_node(fs, nodes[0]) == new
         fs.close()
 
     trio.run(main)
@@ -197,7 +190,7 @@ def test_chmod_and_rename_of_slim_versions_keep_every_foreign_field(tmp_path, cm
             {k: v for k, v in before[1].items() if k in FOREIGN or k.startswith(env.CSE_PREFIX)}
 
         for i, n in enumerate(nodes):  # every one reads its own plaintext
-            assert await _read_all(fs, n) == _content(i), i
+            assert await read_node(fs, n) == _content(i), i
         fs.close()
 
         fresh = core_filesystem(tmp_path / "fresh", cmk_path, store=store)  # and so does another mount
@@ -205,7 +198,7 @@ def test_chmod_and_rename_of_slim_versions_keep_every_foreign_field(tmp_path, cm
             node = fresh.get(1)
             for part in path.split("/"):
                 node = await fresh.lookup(node, part)
-            assert await _read_all(fresh, node) == _content(i), path
+            assert await read_node(fresh, node) == _content(i), path
         fresh.close()
 
     trio.run(main)
@@ -234,7 +227,7 @@ def test_offline_a_slim_version_cannot_be_opened_and_an_opened_one_can(tmp_path,
         fs = _reader(tmp_path, cmk_path, store)
         root = fs.get(1)
         nodes = [await fs.lookup(root, f"f{i}") for i in range(3)]
-        assert await _read_all(fs, nodes[0]) == _content(0)  # held again, opened: pinned, blocks cached
+        assert await read_node(fs, nodes[0]) == _content(0)  # held again, opened: pinned, blocks cached
         for i in (1, 2):
             await fs.lookup(root, f"f{i}")
         assert nodes[0].version.held and not nodes[1].version.held
@@ -242,7 +235,7 @@ def test_offline_a_slim_version_cannot_be_opened_and_an_opened_one_can(tmp_path,
         with pytest.raises(FsError) as e:
             await fs.open(nodes[1], os.O_RDONLY)
         assert e.value.errno == errno.EIO
-        assert await _read_all(fs, nodes[0]) == _content(0)
+        assert await read_node(fs, nodes[0]) == _content(0)
         store.clear()
         fs.close()
 
@@ -264,7 +257,7 @@ def test_a_streamed_rename_of_a_slim_version_heads_it_for_every_field(tmp_path, 
         await fs.rename(root, "f0", root, "g0", 0)
         assert store.counts["copy"] == 0 and store.counts["put_bytes"] == 1, store.counts
         assert (await store.inner.head("pre/g0")).metadata == before
-        assert await _read_all(fs, nodes[0]) == _content(0)
+        assert await read_node(fs, nodes[0]) == _content(0)
         fs.close()
 
     trio.run(main)
@@ -281,7 +274,7 @@ def test_cat_after_ls_of_more_files_than_the_recent_ones_heads_only_the_slim_one
         nodes = [await fs.lookup(root, f"f{i}") for i in range(6)]
         store.counts.clear()
         for i, n in enumerate(nodes):
-            assert await _read_all(fs, n) == _content(i)
+            assert await read_node(fs, n) == _content(i)
         assert store.counts["head"] == 3, store.counts
         assert all(n.version.held for n in nodes)
         fs.close()

@@ -98,11 +98,15 @@ async def exists(fs: Filesystem, name: str, parent: Node | None = None) -> bool:
         return False
 
 
-async def read_file(fs: Filesystem, name: str) -> bytes:
-    """The whole content of ``name`` in the root directory, read through open/read/release."""
-    node = await fs.lookup(fs.get(1), name)
+async def read_node(fs: Filesystem, node: Node, size: int = 1 << 30) -> bytes:
+    """Up to ``size`` bytes of file ``node`` from offset 0, read through open/read/release."""
     h = await fs.open(node, os.O_RDONLY)
     try:
-        return await fs.read(h, 0, 1 << 30)
+        return await fs.read(h, 0, size)
     finally:
         await fs.release(h)
+
+
+async def read_file(fs: Filesystem, name: str) -> bytes:
+    """The whole content of ``name`` in the root directory, read through open/read/release."""
+    return await read_node(fs, await fs.lookup(fs.get(1), name))
