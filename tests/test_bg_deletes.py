@@ -578,3 +578,36 @@ def test_an_upload_ends_the_pending_delete_of_the_version_it_overwrote(tmp_path,
         assert node.size == 0 and await _bucket_keys(fs2, "pre/") == ["pre/f"]
 
     trio.run(main)
+
+
+def test_a_rename_ends_the_pending_delete_of_the_unlinked_open_version_it_overwrote(tmp_path, cmk_path, oss_server):
+    """An empty f held open and unlinked, then ``mv g f`` (g empty too: the same ETag over
+    OSS), then a crash before f's last close: the copy overwrote the unlinked version, so its
+    pending delete goes with it, and the replay at the next mount (which compares ETags) must
+    not delete the new f (trial of the ninth session: f was gone after the remount)."""
+    from conftest import oss_client_store
+
+    from fakes.fault_store import FaultStore
+
+    async def main():
+        store = FaultStore(oss_client_store(oss_server))
+        async with trio.open_nursery() as nursery:
+            fs = _background(core_filesystem(tmp_path, cmk_path, store=store), nursery)
+            root = fs.get(1)
+            await committed_file(fs, "f", b"")
+            await committed_file(fs, "g", b"")
+            h = await fs.open(await fs.lookup(root, "f"), os.O_RDONLY)
+            await fs.unlink(root, "f")
+            assert fs.deferred_deletes.recorded()  # f's delete waits for the last close
+            await fs.rename(root, "g", root, "f", 0)
+            assert await _bucket_keys(fs, "pre/") == ["pre/f"]
+            assert not fs.deferred_deletes.recorded()
+            assert await fs.read(h, 0, 10) == b""
+            nursery.cancel_scope.cancel()  # the crash, f still open
+        store.clear()
+        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
+        await fs2.finish_unlinks()  # the replay at mount
+        node = await fs2.lookup(fs2.get(1), "f")
+        assert node.size == 0 and await _bucket_keys(fs2, "pre/") == ["pre/f"]
+
+    trio.run(main)

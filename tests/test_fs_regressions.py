@@ -9,7 +9,7 @@ import stat
 import pytest
 import trio
 
-from fakes.core import committed_file, core_filesystem, exists, listed_names
+from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_file
 from ossfuse.fs import FsError
 
 
@@ -566,3 +566,88 @@ def test_node_forgotten_while_a_rename_awaits_the_store_is_not_brought_back(tmp_
         await store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("how", ["create", "rename"])
+def test_an_unlinked_open_file_stays_readable_when_a_new_file_takes_its_name(tmp_path, cmk_path, how):
+    """``exec 3<f; rm f; echo new > f; cat <&3`` (a log file replaced while read): the new f
+    overwrites the unlinked version's object, so the handle must be served from the cache —
+    it got ESTALE ("replaced by another client") for what it had not read (trial of the
+    ninth session). Also for ``mv g f`` after the rm."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        old = os.urandom(300_000)
+        await committed_file(fs, "f", old)
+        if how == "rename":
+            await committed_file(fs, "g", b"new")
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # nothing of f cached
+        root = fs.get(1)
+        h = await fs.open(await fs.lookup(root, "f"), os.O_RDONLY)
+        await fs.unlink(root, "f")
+        if how == "create":
+            await committed_file(fs, "f", b"new")
+        else:
+            await fs.rename(root, "g", root, "f", 0)
+        assert await fs.drain() == 0
+        assert await fs.read(h, 0, 1 << 20) == old
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await listed_names(fs) == ["f"] and fs.commit.conflicts.count == 0
+        assert await read_file(fs, "f") == b"new"
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_a_new_file_renamed_where_an_unlinked_open_file_waits_replaces_it(tmp_path, cmk_path):
+    """B (uploaded, open) renamed m1 → m2 and unlinked; A (new, never uploaded) renamed
+    m0 → m2, then both closed: m2 holds A's bytes, with no conflict copy (the rename of a
+    new file replaces the unlinked version knowingly, as a create at that name does). Before,
+    A's create-only upload met B's object, took it for another client's and became a
+    conflict copy, and B's delete at its last close then removed m2 (trial of the ninth
+    session)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store, root = fs.store, fs.get(1)
+        _, hb = await fs.create(root, "m1", 0o600, os.O_RDWR, UID, GID)
+        await fs.write(hb, 0, b"B's content\n")
+        await fs.fsync(hb)
+        _, ha = await fs.create(root, "m0", 0o600, os.O_RDWR, UID, GID)
+        await fs.write(ha, 0, b"A's content\n")
+        await fs.rename(root, "m1", root, "m2", 0)
+        await fs.unlink(root, "m2")
+        await fs.rename(root, "m0", root, "m2", 0)
+        await fs.release(ha)
+        await fs.release(hb)
+        assert await fs.drain() == 0
+        assert await listed_names(fs) == ["m2"] and fs.commit.conflicts.count == 0
+        assert await read_file(fs, "m2") == b"A's content\n"
+        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/m2"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.readdir: 'pre/n' is both an object and a prefix")
+def test_an_object_that_is_also_a_prefix_shows_as_the_file_and_is_said_once(tmp_path, cmk_path, caplog):
+    """Another client's file ``n`` and directory ``n/`` (two keys: a create-only PUT of one does
+    not see the other): listings show the file, and the WARNING naming the key is logged once,
+    not at every listing (62 lines in one log of the ninth session's trial)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        await committed_file(fs, "n", b"file")
+        await fs.store.inner.put_bytes("pre/n/inner", b"x", {"mode": "33188"})
+        for _ in range(3):
+            assert await listed_names(fs) == ["n"]
+        assert await read_file(fs, "n") == b"file"
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+    lines = [r for r in caplog.records if "both an object and a prefix" in r.getMessage()]
+    assert len(lines) == 1

@@ -248,6 +248,7 @@ class Namespace:
         open handle on it. Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
         await self._check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
+        await self._keep_unlinked_readable(self.naming.key(join(parent.path, name)))  # no lock held
         async with self._new_name_locked(parent, name) as path:  # no await below: nothing waits on it
             node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
                                         time.time_ns())
@@ -268,8 +269,14 @@ class Namespace:
         as file uploads, fs/conflicts.py). ``node`` is discarded on failure. Raises FsError
         EEXIST, EIO (one ERROR line naming the object)."""
         key = self.naming.key(node.path)
+        # the object of a file unlinked here (its delete pending) is ours to replace; anything
+        # else at the name is another client's
+        replacing = self.deferred.last_etag(key) is not None
+        mark = self.deferred.mark()
         try:
-            return await self.store.put_bytes(key, body, meta, if_absent=True)
+            info = await self.store.put_bytes(key, body, meta, if_absent=not replacing)
+            self.deferred.superseded(key, mark)
+            return info
         except AlreadyExists:
             self.inodes.discard(node)
             self.names.note_present(node.path)  # the next lookup asks the store
@@ -286,6 +293,7 @@ class Namespace:
         Raises FsError EEXIST, ENOENT, EINVAL/ENAMETOOLONG, EIO."""
         await self._check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
+        await self._keep_unlinked_readable(self.naming.key(join(parent.path, name)))  # no lock held
         async with self._new_name_locked(parent, name) as path:
             node = self.inodes.new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
             data = target.encode("utf-8", "surrogateescape")
@@ -313,6 +321,7 @@ class Namespace:
             raise FsError(errno.EINVAL)
         await self.resolver.check_absent(parent, name)  # before the KMS call: EEXIST costs none
         envelope = await self.files.new_envelope(join(parent.path, name)) if kind == stat.S_IFREG else None
+        await self._keep_unlinked_readable(self.naming.key(join(parent.path, name)))  # no lock held
         async with self._new_name_locked(parent, name) as path:
             node = self.inodes.new_node(path, kind | (mode & 0o7777 & ~self.create_umask), uid, gid, time.time_ns())
             if envelope is not None:
@@ -659,6 +668,14 @@ class Namespace:
             except (FsError, StoreError, TruncatedObject) as e:
                 log.warning("%r is open but could not be kept readable after being renamed over: %s", v.key, e)
 
+    async def _keep_unlinked_readable(self, key: str) -> None:
+        """A new version is about to take ``key`` (a create, or a rename to its name) where a
+        file unlinked while open waits for its last close: its object gets overwritten, so
+        its handles are served from the cache from now on (:meth:`_keep_replaced_readable`)."""
+        for node, (pending_key, _) in list(self._unlinked_open.items()):
+            if pending_key == key:
+                await self._keep_replaced_readable(node)
+
     # -- rename -----------------------------------------------------------------------------
     async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, flags: int) -> None:
         """rename(2) with RENAME_NOREPLACE (flag 1); RENAME_EXCHANGE gives EINVAL. Files move
@@ -751,6 +768,8 @@ class Namespace:
             return False
         if dst is not None:
             await self._keep_replaced_readable(dst)
+        new_key = self.naming.key(dst_path)
+        await self._keep_unlinked_readable(new_key)
         async with NodeLocks(nodes):
             # under the node locks: an upload starting from here on sees the new name (or dst
             # unlinked) when it takes its node's lock to seal
@@ -759,19 +778,23 @@ class Namespace:
             old_path = src.path
             if src.version is None:  # a replaced object at the old name must not stay behind
                 await self._delete_replaced(src, self.naming.key(old_path))
-                if dst is not None:  # what the bucket has at dst's name: replaced knowingly
+                if dst is None:  # an unlinked open file's object waiting there: replaced knowingly
+                    pending = self.deferred.last_etag(new_key)
+                    if pending is not None:  # (as a create at that name does)
+                        self.commit.conflicts.replaces(src, pending)
+                else:  # what the bucket has at dst's name: replaced knowingly
                     replaced = (dst.version.etag if dst.version is not None
-                                else await self._replaced_etag(dst, self.naming.key(dst_path)))
+                                else await self._replaced_etag(dst, new_key))
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
                     if dst.version is not None:
                         # src's upload overwrites that object; should a crash come first, the
                         # next mount deletes it (dst was unlinked by this rename, it must not
                         # come back) — unless src's journaled version is uploaded there
-                        self._record_delete(self.naming.key(dst_path), dst.version.etag)
+                        self._record_delete(new_key, dst.version.etag)
             else:
                 v = src.version
-                new_key = self.naming.key(dst_path)
+                mark = self.deferred.mark()
                 try:  # conditional on v.etag: the copy is exactly v (A1)
                     # directive COPY: the store copies every x-oss-meta-* field; a slim v lends
                     # none, so a streaming copy (above the copy limit) HEADs the source for them
@@ -782,6 +805,10 @@ class Namespace:
                     if e.errno == errno.ESTALE:
                         src.checked_at = 0.0  # another client's version: re-read at next lookup
                     raise  # nothing was written: dst keeps its name
+                # the copy overwrote what was at new_key: the pending deletes of those versions
+                # go (a DELETE or the replay after a crash compares ETags and would take the copy
+                # when it has the same one: every empty object's on OSS)
+                self.deferred.superseded(new_key, mark)
                 if dst is not None:
                     self._take_name(dst)  # the copy replaced its object
                 try:

@@ -79,6 +79,7 @@ class DirectoryReader:
         # directory path → (handle, the last STAT_AHEAD listed-only nodes handed out by id, inode
         # numbers of them looked up since): what stat_ahead HEADs together
         self._listed_batch: dict[str, tuple[int, dict[int, Node], set[int]]] = {}
+        self._shadowed: set[str] = set()  # keys both an object and a prefix, said once each
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -156,8 +157,10 @@ class DirectoryReader:
         for name, o in files.items():
             if self.resolver.pending_delete(o):
                 continue  # an unlinked file's object awaiting its delete (a directory may share its name)
-            if name in dirs:
-                log.warning("%r is both an object and a prefix; showing the object", dkey + name)
+            if name in dirs and dkey + name not in self._shadowed:
+                self._shadowed.add(dkey + name)  # every listing meets it again: one line is enough
+                log.warning("%r is both an object and a prefix; showing the object (what is below the "
+                            "prefix is not reachable through this mount)", dkey + name)
             entries[name] = (name, None, o, False)
         for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
             if not d.unlinked and parent_of(d.path) == node.path:
