@@ -155,6 +155,7 @@ def _warn_lost_work(path: str) -> None:
         label = "a file whose name was not recorded"
     written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
     log.warning("unsaved changes of %s (work file %s, %d bytes, last written %s) left by an earlier run "
-                "that crashed or could not save them (a full cache disk at close?) are deleted: they "
+                "that ended before the file was closed (crashed or killed) or could not save them at its "
+                "close (a full cache disk) are deleted: they "
                 "were never journaled and their key died with that run; the file keeps its last "
                 "saved version", label, path, st.st_size, written)
