@@ -214,12 +214,22 @@ def _stop_daemon(proc: subprocess.Popen, mountpoint: str) -> None:
         subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
 
 
+def _mount_point_arg(path: str) -> str:
+    """The absolute mount point a command was given: a symlink to it is followed, as umount(8)
+    does, but only when ``path`` itself is no mount point (stat of a mount point asks its
+    daemon, which may hang)."""
+    mp = os.path.abspath(path)
+    if mounted_type(mp) is None and os.path.islink(mp):
+        return os.path.realpath(mp)
+    return mp
+
+
 def cmd_umount(args) -> int:
     """Unmount, then wait for the daemon to finish pending uploads (progress every few
     seconds). When another mount namespace still holds a copy of the mount, the daemon would
     serve that copy instead of finishing: say who holds it and stop the daemon, so the uploads
     finish and the copy ends (its users get ENOTCONN)."""
-    mp = os.path.abspath(args.mountpoint)
+    mp = _mount_point_arg(args.mountpoint)
     # our own working directory must not keep the mount busy (`ossfuse umount .` from inside
     # it), nor be named among its users: fusermount3 inherits it
     os.chdir("/")
@@ -366,7 +376,7 @@ def _status_or_none(sock: str) -> dict | None:
 
 def cmd_status(args) -> int:
     from . import status
-    mp = os.path.abspath(args.mountpoint)
+    mp = _mount_point_arg(args.mountpoint)
     try:
         doc = status.query(registry_path(mp, ".sock"))
     except OSError:

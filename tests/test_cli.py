@@ -293,6 +293,19 @@ def test_busy_umount_says_when_the_holder_is_the_shell_it_ran_from(mount):
     assert sh.stderr.count("\n") == 1 and os.path.ismount(mount.mnt)
 
 
+def test_umount_and_status_follow_a_symlink_to_the_mount_point(mount, tmp_path):
+    """``ossfuse umount LINK`` where LINK points at the mount point unmounts it, as umount(8)
+    does (it said "is not mounted"), and ``status LINK`` reports on it."""
+    link = tmp_path / "link-to-mnt"
+    link.symlink_to(mount.mnt)
+    r = ossfuse("status", str(link))
+    assert r.returncode == 0 and "pending uploads" in r.stdout.lower(), (r.stdout, r.stderr)
+    r = ossfuse("umount", str(link))
+    assert r.returncode == 0, r.stderr
+    assert not os.path.ismount(mount.mnt)
+    mount.pid = None
+
+
 def test_the_installed_command_runs_a_copy_not_this_checkout():
     """/usr/local/bin/ossfuse (what the systemd unit, fstab's mount helper and people run)
     resolves into a virtualenv holding a copy of the package, not into a checkout: moving or
