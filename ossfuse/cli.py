@@ -247,11 +247,19 @@ def cmd_umount(args) -> int:
             # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
             # namespace holds a copy, or lazily (umount -l) while files are still open: the
             # daemon would serve them forever
-            print(f"ossfuse: {mp} is not mounted here, but its daemon (pid {reg['pid']}) still serves it (a copy "
-                  f"in another mount namespace, or files still open after a lazy unmount); stopping the daemon "
-                  f"so pending uploads finish", file=sys.stderr)
-            os.kill(reg["pid"], signal.SIGTERM)
-            unmounted_here = True
+            # another unmount that came first (a second `ossfuse umount`) leaves it draining
+            # within moments: a copy elsewhere keeps it serving
+            for _ in range(10):
+                doc = _status_or_none(registry_path(mp, ".sock"))
+                if doc is None or doc.get("state") == "draining":
+                    break
+                time.sleep(0.1)
+            if doc is not None and doc.get("state") != "draining":  # None: it is exiting
+                print(f"ossfuse: {mp} is not mounted here, but its daemon (pid {reg['pid']}) still serves it (a "
+                      f"copy in another mount namespace, or files still open after a lazy unmount); stopping the "
+                      f"daemon so pending uploads finish", file=sys.stderr)
+                os.kill(reg["pid"], signal.SIGTERM)
+            unmounted_here = True  # either way: wait for the daemon to finish, below
     dead = daemon_gone(mp)
     if dead is not None:
         # nobody serves it: nothing can be pending in a daemon, and nothing can be open in it
@@ -265,6 +273,9 @@ def cmd_umount(args) -> int:
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     if not unmounted_here:
         r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        # failed because another unmount (a second `ossfuse umount`) came first: wait as it does
+        if r.returncode != 0 and mounted_device(mp) != device:
+            r = subprocess.CompletedProcess(r.args, 0)
         if r.returncode != 0:
             msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
             if "busy" in msg:

@@ -404,3 +404,18 @@ def test_umount_whose_durability_barrier_fails_exits_1_and_says_why(tmp_path, cm
         assert m.keys() == ["f"]  # the upload itself is in the bucket
     finally:
         m.cleanup()
+
+
+def test_two_umounts_at_once_both_wait_for_the_uploads(make_mount):
+    """Two ``ossfuse umount`` of one mount at once (a user and a shutdown script): the one whose
+    fusermount3 came second neither fails ("Invalid argument") nor takes the drain for a copy
+    in another namespace; both return once every pending upload is in the bucket."""
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 200)
+    ps = [subprocess.Popen(OSSFUSE + ["umount", m.mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in ps]
+    assert [p.returncode for p in ps] == [0, 0], outs
+    assert not any("another mount namespace" in err or "failed" in err for _, err in outs), outs
+    assert len([k for k in m.keys() if k.startswith("f")]) == 200
+    m.pid = None
