@@ -428,3 +428,27 @@ def test_new_file_renamed_over_a_known_file_then_unlinked_leaves_no_old_object(t
             await store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/f' was changed by another client")
+def test_later_versions_of_a_file_diverted_to_a_conflict_copy_go_to_that_copy(tmp_path, cmk_path):
+    """Another client created f after this mount's create: our first upload (a shell
+    redirect's early flush of the empty file) becomes a conflict copy; the writes and close
+    that follow replace that copy, not a second one (two copies, one empty, in the trial of
+    the ninth session). Theirs stays at the name."""
+    async def body(fs, store):
+        root = fs.get(1)
+        node, h = await fs.create(root, "f", 0o644, os.O_WRONLY, 1, 2)
+        await store.inner.put_bytes("pre/f", b"theirs", {})
+        await fs.fsync(h)  # the empty version: a conflict copy
+        await fs.write(h, 0, b"mine")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        keys = sorted(o.key for o in (await store.inner.list("pre/", delimiter=None)).objects)
+        assert len(keys) == 2 and keys[0] == "pre/f" and keys[1].startswith("pre/f.conflict-"), keys
+        assert fs.commit.conflicts.count == 1
+        copy = await fs.lookup(root, keys[1][len("pre/"):])
+        assert await _read(fs, copy) == b"mine"
+
+    _run(tmp_path, cmk_path, body)
