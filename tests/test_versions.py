@@ -442,6 +442,8 @@ def test_later_versions_of_a_file_diverted_to_a_conflict_copy_go_to_that_copy(tm
         await store.inner.put_bytes("pre/f", b"theirs", {})
         await fs.fsync(h)  # the empty version: a conflict copy
         await fs.write(h, 0, b"mine")
+        await fs.fsync(h)  # into that copy
+        await fs.write(h, 4, b", more")
         await fs.flush(h)
         await fs.release(h)
         assert await fs.drain() == 0
@@ -449,6 +451,6 @@ def test_later_versions_of_a_file_diverted_to_a_conflict_copy_go_to_that_copy(tm
         assert len(keys) == 2 and keys[0] == "pre/f" and keys[1].startswith("pre/f.conflict-"), keys
         assert fs.commit.conflicts.count == 1
         copy = await fs.lookup(root, keys[1][len("pre/"):])
-        assert await _read(fs, copy) == b"mine"
+        assert await _read(fs, copy) == b"mine, more"
 
     _run(tmp_path, cmk_path, body)

@@ -122,9 +122,12 @@ class Conflicts:
         Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
         the upload failed: the caller keeps the data staged and retries)."""
         base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
-        diverted = self._diverted.pop(node.ino, None)
-        if diverted is not None and node.version is not None and node.version.key == diverted:
-            key = diverted  # ours lives in its conflict copy now: replace that (checked as usual)
+        diverted = self._diverted.get(node.ino)
+        if diverted is not None:
+            if node.version is not None and node.version.key == diverted:
+                key = diverted  # ours lives in its conflict copy now: replace that (checked as usual)
+            else:
+                del self._diverted[node.ino]  # the node took another version since
         mark = self.deferred.mark() if self.deferred is not None else 0
         if base is _UNKNOWN:
             return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
