@@ -654,19 +654,20 @@ class Namespace:
         finally:
             self._retrying = False
 
-    async def _keep_replaced_readable(self, node: Node) -> None:
-        """``node``'s object is about to be overwritten (a rename over it) while handles read
-        it: keep its bytes in the cache, within the cache's limits; beyond them, warn that its
-        readers will get ESTALE. Holds only the two names of the rename."""
+    async def _keep_replaced_readable(self, node: Node, how: str = "was renamed over") -> None:
+        """``node``'s object is about to be overwritten (a rename over it, or a new file at the
+        name of it, unlinked) while handles read it: keep its bytes in the cache, within the
+        cache's limits; beyond them, warn (``how``: what happened to it) that its readers will
+        get ESTALE. Holds at most the names of the caller (a rename's two)."""
         if node.opens > 0 and node.staged is None and node.version is not None:
             v = node.version
             try:
                 await self.files.open_version(v)
                 if not await self.cache.keep(v.key, v.etag, v.size):
-                    log.warning("%r (%d bytes) is open and was renamed over; it does not fit the cache "
-                                "limits, so its readers get ESTALE for what they have not read yet", v.key, v.size)
+                    log.warning("%r (%d bytes) is open and %s; it does not fit the cache "
+                                "limits, so its readers get ESTALE for what they have not read yet", v.key, v.size, how)
             except (FsError, StoreError, TruncatedObject) as e:
-                log.warning("%r is open but could not be kept readable after being renamed over: %s", v.key, e)
+                log.warning("%r is open and %s, but could not be kept readable: %s", v.key, how, e)
 
     async def _keep_unlinked_readable(self, key: str) -> None:
         """A new version is about to take ``key`` (a create, or a rename to its name) where a
@@ -674,7 +675,7 @@ class Namespace:
         its handles are served from the cache from now on (:meth:`_keep_replaced_readable`)."""
         for node, (pending_key, _) in list(self._unlinked_open.items()):
             if pending_key == key:
-                await self._keep_replaced_readable(node)
+                await self._keep_replaced_readable(node, "was unlinked, and a new file takes its name")
 
     # -- rename -----------------------------------------------------------------------------
     async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, flags: int) -> None:
