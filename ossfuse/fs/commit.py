@@ -355,8 +355,6 @@ class Commit:
             old = node.version
             if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy
-                if info.key != key:
-                    node.checked_at = 0.0  # the name holds another client's version: read it anew
                 st.forget_record()  # the bucket has it: a crash must not upload it again
                 self.cache.adopt(info.key, info.etag, st.size, st.data_path)
                 st.discard()
@@ -373,12 +371,33 @@ class Commit:
                     if not st.superseded and node.staged is not None and node.staged.base is not st:
                         st.discard()
             node.upload_error = None
+            if info.key != key:
+                self._follow_conflict_copy(node, info.key)
             if old is not None and old is not node.version and not any(hd.version is old for hd in node.handles):
                 self.cache.drop(old.key, old.etag)
             self.scheduler.stats["uploaded"] += 1
             log.debug("uploaded %r (%d bytes, ETag %s)", key, st.size, info.etag)
         self.inodes.maybe_drop(node)
         return True
+
+    def _follow_conflict_copy(self, node: Node, ckey: str) -> None:
+        """``node``'s upload went to conflict copy ``ckey`` (node.lock held): another client's
+        version holds its name. The node becomes the copy's file, so what its open handles
+        write next goes there too (one copy per conflict, never onto theirs), and the name is
+        looked up anew: theirs, as a node of its own."""
+        old_path, path = node.path, self.naming.path_of(ckey)
+        if path is None or path in self.inodes.by_path:  # (a name this mount uses: leave it)
+            node.checked_at = 0.0  # the name holds another client's version: read it anew
+            return
+        self.inodes.move(node, old_path, path)
+        names = self.inodes.names
+        names.note_present(old_path)  # theirs is there
+        names.child_added(self.inodes.parent(old_path), old_path)
+        names.child_added(self.inodes.parent(path), path)
+        try:
+            self.rejournal(node)  # a newer staged version: after a crash, to the copy too
+        except FsError as e:
+            log.error("cannot journal %r at its conflict copy %r: %s", self.naming.key(old_path), ckey, e)
 
     async def _delete_stray(self, node: Node, key: str) -> None:
         """The object just uploaded at ``key`` belongs to no name any more (its node was

@@ -85,9 +85,6 @@ class Conflicts:
         # the mount's pending deletes (set by the Filesystem): an upload to a key ends the
         # pending deletes of that key's older versions (DeferredDeletes.superseded)
         self.deferred: DeferredDeletes | None = None
-        # inode → the conflict copy its last upload went to: while the node's version is that
-        # copy (its handles still write), later versions go there too, one copy per conflict
-        self._diverted: dict[int, str] = {}
 
     def base_unknown(self, node: Node) -> None:
         """``node``'s staged version came from the journal: what it was based on is unknown."""
@@ -122,12 +119,6 @@ class Conflicts:
         Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
         the upload failed: the caller keeps the data staged and retries)."""
         base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
-        diverted = self._diverted.get(node.ino)
-        if diverted is not None:
-            if node.version is not None and node.version.key == diverted:
-                key = diverted  # ours lives in its conflict copy now: replace that (checked as usual)
-            else:
-                del self._diverted[node.ino]  # the node took another version since
         mark = self.deferred.mark() if self.deferred is not None else 0
         if base is _UNKNOWN:
             return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
@@ -153,7 +144,6 @@ class Conflicts:
         else:
             info = await self.uploader.upload(staged, ckey, metadata)  # 100 names taken: the last one
         self._base.pop(node.ino, None)
-        self._diverted[node.ino] = ckey
         self.count += 1
         path = self.naming.path_of(ckey)
         self.recent.append(path if path is not None else ckey)
