@@ -9,7 +9,7 @@ import stat
 import pytest
 import trio
 
-from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_file
+from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_file, read_node
 from ossfuse.fs import FsError
 
 
@@ -651,3 +651,38 @@ def test_an_object_that_is_also_a_prefix_shows_as_the_file_and_is_said_once(tmp_
     trio.run(main)
     lines = [r for r in caplog.records if "both an object and a prefix" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_a_directory_renamed_over_an_unlinked_open_files_name_keeps_it_readable(tmp_path, cmk_path):
+    """``exec 3<d/f; rm d/f; rmdir d; mkdir x; echo new > x/f; mv x d; cat <&3``: the directory
+    rename's copy of x/f overwrites the unlinked d/f's object, so the handle must be served
+    from the cache (it got ESTALE, 11/11 on the local bucket, in the ninth session's break
+    test), and d/f shows the new file."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        store = fs.store
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, UID, GID)
+        old = os.urandom(300_000)
+        await committed_file(fs, "f", old, parent=d)
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store)  # nothing of d/f cached
+        root = fs.get(1)
+        d = await fs.lookup(root, "d")
+        h = await fs.open(await fs.lookup(d, "f"), os.O_RDONLY)
+        await fs.unlink(d, "f")
+        await fs.rmdir(root, "d")
+        x = await fs.mkdir(root, "x", 0o755, UID, GID)
+        await committed_file(fs, "f", b"new", parent=x)
+        assert await fs.drain() == 0
+        await fs.rename(root, "x", root, "d", 0)
+        assert await fs.read(h, 0, 1 << 20) == old
+        await fs.release(h)
+        assert await fs.drain() == 0
+        d = await fs.lookup(root, "d")
+        assert await listed_names(fs, d) == ["f"] and await read_node(fs, await fs.lookup(d, "f")) == b"new"
+        assert sorted(o.key for o in (await store.inner.list("pre/", delimiter=None)).objects) == ["pre/d/", "pre/d/f"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

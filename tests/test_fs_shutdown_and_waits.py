@@ -198,7 +198,7 @@ async def _write_closed(fs, name: str, data: bytes, node=None):
 
 
 
-@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/f' was replaced by another client while open")
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/f' was replaced while open")
 @pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/g' was changed by another client")
 def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, cmk_path):
     """Two mounts of one bucket. A handle of mount A opened before mount B's commit writes to a

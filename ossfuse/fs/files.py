@@ -272,8 +272,8 @@ class Files:
             data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until,
                                          tags=tags)
         except PreconditionFailed as e:
-            self._error_once("%r was replaced by another client while open (ETag %s); reopen to read "
-                             "the new version", v.key, v.etag)
+            self._error_once("%r was replaced while open (ETag %s), by another client or by a newer file of "
+                             "this mount at its name; reopen to read the new version", v.key, v.etag)
             raise FsError(errno_of(e)) from None
         except NoSuchKey as e:
             self._error_once("%r was deleted by another client while open", v.key)

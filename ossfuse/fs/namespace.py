@@ -669,12 +669,13 @@ class Namespace:
             except (FsError, StoreError, TruncatedObject) as e:
                 log.warning("%r is open and %s, but could not be kept readable: %s", v.key, how, e)
 
-    async def _keep_unlinked_readable(self, key: str) -> None:
-        """A new version is about to take ``key`` (a create, or a rename to its name) where a
-        file unlinked while open waits for its last close: its object gets overwritten, so
-        its handles are served from the cache from now on (:meth:`_keep_replaced_readable`)."""
+    async def _keep_unlinked_readable(self, key: str, *, prefix: bool = False) -> None:
+        """A new version is about to take ``key`` (a create, or a rename to its name; with
+        ``prefix``, every key below directory key ``key``: a directory rename) where a file
+        unlinked while open waits for its last close: its object gets overwritten, so its
+        handles are served from the cache from now on (:meth:`_keep_replaced_readable`)."""
         for node, (pending_key, _) in list(self._unlinked_open.items()):
-            if pending_key == key:
+            if pending_key == key or (prefix and pending_key.startswith(key)):
                 await self._keep_replaced_readable(node, "was unlinked, and a new file takes its name")
 
     # -- rename -----------------------------------------------------------------------------
@@ -876,9 +877,13 @@ class Namespace:
             if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
                 src.implicit = False
+            # files unlinked while open below the new name: the copies overwrite their objects
+            await self._keep_unlinked_readable(new_dkey, prefix=True)
             copies: dict[str, ObjectInfo] = {}
+            mark = self.deferred.mark()
             for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
                 copies[k] = await copy_object(self.store, self.uploader, o, new_dkey + k[len(old_dkey):])
+                self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
             for k, o in keys.items():  # only the versions copied: a newer foreign one stays
                 try:
                     await delete_version(self.store, k, o.etag)
