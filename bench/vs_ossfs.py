@@ -601,6 +601,10 @@ def main() -> int:
     subprocess.run([PY, "-m", "compileall", "-q", os.path.join(args.ossfuse_tree or REPO, "ossfuse")], check=False)
     if os.path.exists(os.path.join(args.workdir, "raw.csv")):
         os.unlink(os.path.join(args.workdir, "raw.csv"))
+    # the tree measured, and where the table goes, as they are now (the run changes directory,
+    # and the checkout may move on while it runs)
+    commit = sh(["git", "-C", args.ossfuse_tree or REPO, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    results = os.path.abspath(args.results) if args.results else ""
     b = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
@@ -611,9 +615,8 @@ def main() -> int:
     if b.problems:
         text += "\nProblems:\n" + "".join(f"- {p}\n" for p in b.problems)
     print(text)
-    if args.results:
-        commit = sh(["git", "-C", args.ossfuse_tree or REPO, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
-        with open(args.results, "a") as f:
+    if results:
+        with open(results, "a") as f:
             f.write(f"\n## vs_ossfs.py — {time.strftime('%Y-%m-%d %H:%M')} UTC, ossfuse "
                     f"{commit or args.ossfuse_tree}, {os.cpu_count()} cores (shared)\n\n")
             if args.note:
