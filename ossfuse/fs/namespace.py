@@ -669,13 +669,14 @@ class Namespace:
             except (FsError, StoreError, TruncatedObject) as e:
                 log.warning("%r is open and %s, but could not be kept readable: %s", v.key, how, e)
 
-    async def _keep_unlinked_readable(self, key: str, *, prefix: bool = False) -> None:
-        """A new version is about to take ``key`` (a create, or a rename to its name; with
-        ``prefix``, every key below directory key ``key``: a directory rename) where a file
-        unlinked while open waits for its last close: its object gets overwritten, so its
-        handles are served from the cache from now on (:meth:`_keep_replaced_readable`)."""
+    async def _keep_unlinked_readable(self, *keys: str) -> None:
+        """New versions are about to take ``keys`` (a create, a rename to its name, a directory
+        rename's copies) where files unlinked while open wait for their last close: their
+        objects get overwritten, so their handles are served from the cache from now on
+        (:meth:`_keep_replaced_readable`). Others are left alone (no download)."""
+        taken = set(keys)
         for node, (pending_key, _) in list(self._unlinked_open.items()):
-            if pending_key == key or (prefix and pending_key.startswith(key)):
+            if pending_key in taken:
                 await self._keep_replaced_readable(node, "was unlinked, and a new file takes its name")
 
     # -- rename -----------------------------------------------------------------------------
@@ -878,7 +879,7 @@ class Namespace:
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
                 src.implicit = False
             # files unlinked while open below the new name: the copies overwrite their objects
-            await self._keep_unlinked_readable(new_dkey, prefix=True)
+            await self._keep_unlinked_readable(*(new_dkey + k[len(old_dkey):] for k in keys))
             copies: dict[str, ObjectInfo] = {}
             mark = self.deferred.mark()
             for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
