@@ -71,6 +71,16 @@ async def _bucket_keys(fs, prefix: str) -> list[str]:
     return sorted(o.key for o in (await fs.store.inner.list(prefix, delimiter=None)).objects)
 
 
+async def _replay_keeps_the_empty_f(tmp_path, cmk_path, store) -> None:
+    """The next mount after a crash (faults cleared) replays the pending deletes; the new empty
+    ``f``, which has the unlinked version's ETag over OSS, is still there, alone."""
+    store.clear()
+    fs2 = core_filesystem(tmp_path, cmk_path, store=store)
+    await fs2.finish_unlinks()  # the replay at mount
+    node = await fs2.lookup(fs2.get(1), "f")
+    assert node.size == 0 and await _bucket_keys(fs2, "pre/") == ["pre/f"]
+
+
 def test_rm_r_returns_before_the_deletes_and_batches_them(tmp_path, cmk_path):
     """rm -r d: each unlink returns with the object still in the bucket (its DELETE queued),
     the name gone for lookup, readdir and rmdir; rmdir waits for the children's DELETE
@@ -571,11 +581,7 @@ def test_an_upload_ends_the_pending_delete_of_the_version_it_overwrote(tmp_path,
             await fs.release(h)
             assert not fs.deferred_deletes.pending and not fs.deferred_deletes.recorded()
             nursery.cancel_scope.cancel()  # the crash
-        store.clear()
-        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
-        await fs2.finish_unlinks()  # the replay at mount
-        node = await fs2.lookup(fs2.get(1), "f")
-        assert node.size == 0 and await _bucket_keys(fs2, "pre/") == ["pre/f"]
+        await _replay_keeps_the_empty_f(tmp_path, cmk_path, store)
 
     trio.run(main)
 
@@ -604,11 +610,7 @@ def test_a_rename_ends_the_pending_delete_of_the_unlinked_open_version_it_overwr
             assert not fs.deferred_deletes.recorded()
             assert await fs.read(h, 0, 10) == b""
             nursery.cancel_scope.cancel()  # the crash, f still open
-        store.clear()
-        fs2 = core_filesystem(tmp_path, cmk_path, store=store)
-        await fs2.finish_unlinks()  # the replay at mount
-        node = await fs2.lookup(fs2.get(1), "f")
-        assert node.size == 0 and await _bucket_keys(fs2, "pre/") == ["pre/f"]
+        await _replay_keeps_the_empty_f(tmp_path, cmk_path, store)
 
     trio.run(main)
 

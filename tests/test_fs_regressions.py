@@ -38,6 +38,11 @@ def test_failed_chmod_changes_nothing(tmp_path, cmk_path):
     trio.run(main)
 
 
+async def _keys(store) -> list[str]:
+    """Every key below the mount's prefix in the bucket behind fault store ``store``, in order."""
+    return [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+
+
 def test_unlinked_open_file_is_gone_from_listings(tmp_path, cmk_path):
     """unlink of an open file leaves its object for the readers until the last close, but the
     name is gone at once: lookup and readdir agree (readdir listed it from the bucket while
@@ -136,7 +141,7 @@ def test_new_file_at_a_pending_delete_replaces_it_without_conflict(tmp_path, cmk
         await committed_file(fs, "a", b"new")
         assert await fs.finish_unlinks() == 0
         assert await listed_names(fs) == ["a"]
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        assert await _keys(store) == ["pre/a"]
         node = await fs.lookup(fs.get(1), "a")
         rh = await fs.open(node, os.O_RDONLY)
         assert await fs.read(rh, 0, 10) == b"new"
@@ -167,7 +172,7 @@ def test_rename_whose_delete_fails_changes_nothing(tmp_path, cmk_path):
         assert e.value.errno == errno.EIO
         assert not await exists(fs, "c") and await exists(fs, "a")
         assert await listed_names(fs) == ["a"]
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        assert await _keys(store) == ["pre/a"]
         assert await fs.read(h, 0, 10) == b"data"
         await fs.release(h)
         fs.close()
@@ -226,7 +231,7 @@ def test_new_file_renamed_over_a_renamed_over_file_is_no_conflict(tmp_path, cmk_
             await fs.release(h)
         assert await fs.drain() == 0
         assert fs.commit.conflicts.count == 0
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/a"]
+        assert await _keys(store) == ["pre/a"]
         h = await fs.open(await fs.lookup(fs.get(1), "a"), os.O_RDONLY)
         assert await fs.read(h, 0, 100) == b"y"
         await fs.release(h)
@@ -276,7 +281,7 @@ def test_rename_over_a_committed_file_then_upload_keeps_the_new_file(tmp_path, c
         assert await fs.drain() == 0
         assert store.counts["head"] == 1  # the upload's conflict check; the record needs none
         assert fs.deferred_deletes.pending == {} and os.listdir(tmp_path / "cache" / "unlinked") == []
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/d"]
+        assert await _keys(store) == ["pre/d"]
         h = await fs.open(await fs.lookup(fs.get(1), "d"), os.O_RDONLY)
         assert await fs.read(h, 0, 100) == b"new d"
         await fs.release(h)
@@ -318,7 +323,7 @@ def test_recovered_file_moved_or_unlinked_takes_its_old_object(tmp_path, cmk_pat
         else:
             await fs.unlink(fs.get(1), "c")
         assert await fs.drain() == 0
-        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        keys = await _keys(store)
         assert keys == (["pre/a", "pre/c/"] if op == "rename" else [])
         fs.close()
         fs = core_filesystem(tmp_path, cmk_path, store=store)
@@ -366,7 +371,7 @@ def test_rename_over_a_file_whose_first_upload_is_in_flight_is_no_conflict(tmp_p
         await fs.release(hl)
         assert await fs.drain() == 0
         assert fs.commit.conflicts.count == 0
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/config"]
+        assert await _keys(store) == ["pre/config"]
         fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
         assert await fs.read(fh, 0, 100) == b"second config"
         await fs.release(fh)
@@ -416,7 +421,7 @@ def test_upload_in_flight_does_not_overwrite_what_replaced_its_file(tmp_path, cm
             go_on.set()
         await fs.release(h)
         assert await fs.drain() == 0
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/config"]
+        assert await _keys(store) == ["pre/config"]
         fh = await fs.open(await fs.lookup(root, "config"), os.O_RDONLY)
         assert await fs.read(fh, 0, 100) == b"second config"
         await fs.release(fh)
@@ -475,7 +480,7 @@ def test_directory_made_where_an_unlinked_open_file_waits_is_seen(tmp_path, cmk_
         assert node.is_dir and stat.S_IMODE(node.mode) == 0o700
         assert await listed_names(fs) == ["c"]
         await fs.release(h)
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/c/"]
+        assert await _keys(store) == ["pre/c/"]
         fs.close()
         await store.aclose()
 
@@ -502,7 +507,7 @@ def test_directory_rename_keeps_an_unlinked_open_file_gone(tmp_path, cmk_path):
         assert "e/x" not in fs.by_path
         assert await fs.read(h, 0, 100) == b"unlinked x"
         await fs.release(h)
-        keys = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects]
+        keys = await _keys(store)
         assert keys == ["pre/e/", "pre/e/y"]
         assert os.listdir(tmp_path / "cache" / "unlinked") == []
         fs.close()
@@ -596,7 +601,7 @@ def test_an_unlinked_open_file_stays_readable_when_a_new_file_takes_its_name(tmp
         assert await fs.drain() == 0
         assert await listed_names(fs) == ["f"] and fs.commit.conflicts.count == 0
         assert await read_file(fs, "f") == b"new"
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
+        assert await _keys(store) == ["pre/f"]
         fs.close()
         await store.aclose()
 
@@ -626,7 +631,7 @@ def test_a_new_file_renamed_where_an_unlinked_open_file_waits_replaces_it(tmp_pa
         assert await fs.drain() == 0
         assert await listed_names(fs) == ["m2"] and fs.commit.conflicts.count == 0
         assert await read_file(fs, "m2") == b"A's content\n"
-        assert [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects] == ["pre/m2"]
+        assert await _keys(store) == ["pre/m2"]
         fs.close()
         await store.aclose()
 
@@ -681,7 +686,7 @@ def test_a_directory_renamed_over_an_unlinked_open_files_name_keeps_it_readable(
         assert await fs.drain() == 0
         d = await fs.lookup(root, "d")
         assert await listed_names(fs, d) == ["f"] and await read_node(fs, await fs.lookup(d, "f")) == b"new"
-        assert sorted(o.key for o in (await store.inner.list("pre/", delimiter=None)).objects) == ["pre/d/", "pre/d/f"]
+        assert await _keys(store) == ["pre/d/", "pre/d/f"]
         fs.close()
         await store.aclose()
 
