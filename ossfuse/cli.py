@@ -273,10 +273,8 @@ def cmd_umount(args) -> int:
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     if not unmounted_here:
         r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
-        # failed because another unmount (a second `ossfuse umount`) came first: wait as it does
-        if r.returncode != 0 and mounted_device(mp) != device:
-            r = subprocess.CompletedProcess(r.args, 0)
-        if r.returncode != 0:
+        # a failure because another unmount (a second `ossfuse umount`) came first: wait as it does
+        if r.returncode != 0 and mounted_device(mp) == device:
             msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
             if "busy" in msg:
                 users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
