@@ -126,6 +126,96 @@ def test_an_upload_at_close_supersedes_the_journaled_version_below_it(tmp_path, 
     trio.run(main)
 
 
+# -- the upload after a crash checks for foreign edits as any upload does ------------------
+async def _bucket(fs: Filesystem) -> dict[str, str]:
+    """Key → ETag of every object in the bucket below the mount's prefix."""
+    return {o.key: o.etag for o in (await fs.store.inner.list("pre/", delimiter=None)).objects}
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/f' was changed by another client")
+@pytest.mark.parametrize("case", ["new", "changed", "legacy"])
+def test_a_recovered_version_keeps_a_foreign_edit_made_while_the_daemon_was_down(tmp_path, cmk_path, case):
+    """The daemon dies with f journaled, not uploaded: a new file (or one whose create-only
+    PUT was just refused, the crash coming before its conflict copy) or a change of a file in
+    the bucket. Another client writes f before the next mount. The recovered upload must keep
+    theirs at f and put ours in a conflict copy, as the running mount would have (it was
+    uploaded over theirs: the journal did not record the version it replaced). A record of an
+    earlier ossfuse, without that base, still uploads over (``legacy``: the old behaviour)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        if case != "new":
+            await _write_file(fs, "f", b"committed")
+            assert await fs.drain() == 0
+            h = await fs.open(await fs.lookup(fs.get(1), "f"), os.O_WRONLY)
+            await fs.write(h, 0, b"ours, changed")
+            await fs.flush(h)
+            await fs.release(h)
+        else:
+            await _write_file(fs, "f", b"ours, new")
+        ours = b"ours, new" if case == "new" else b"ours, changed"
+        [record] = _records(fs)
+        if case == "legacy":
+            path = os.path.join(fs.staging.dir, record)
+            rec = json.load(open(path))
+            del rec["base"]
+            json.dump(rec, open(path, "w"))
+        await _crash(fs)
+        fs = _fs(tmp_path, cmk_path)
+        theirs = (await fs.store.inner.put_bytes("pre/f", b"their edit", {})).etag
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        bucket = await _bucket(fs)
+        if case == "legacy":
+            assert list(bucket) == ["pre/f"] and bucket["pre/f"] != theirs
+            assert await read_file(fs, "f") == ours
+        else:
+            assert bucket["pre/f"] == theirs and await fs.store.inner.get_range("pre/f", 0, 100) == b"their edit"
+            [copy] = [k for k in bucket if k != "pre/f"]
+            assert copy.startswith("pre/f.conflict-") and fs.commit.conflicts.count == 1
+            assert await read_file(fs, copy[len("pre/"):]) == ours
+        await _crash(fs)
+
+    trio.run(main)
+
+
+def test_a_version_journaled_while_the_one_below_uploads_is_no_conflict_after_a_crash(tmp_path, cmk_path):
+    """v2 of f uploads (a slow PUT) while v3 is written and journaled; v2 lands, the daemon
+    dies before v3's upload. v3's record must name v2 as its base by then: the bucket's v2 is
+    this mount's own, not another client's edit (with v1 still recorded, the recovered upload
+    made a conflict copy of v3)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        store = fs.store
+        node = await _write_file(fs, "f", b"v1")
+        assert await fs.drain() == 0
+        in_flight, go_on = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            in_flight.set()
+            await go_on.wait()
+        store.hook(("put_file", "put_bytes"), hold, key="pre/f", count=1)
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"v2")
+        await fs.flush(h)  # journaled (upload_delay: not uploaded)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.commit.upload_node, node)
+            await in_flight.wait()
+            await fs.write(h, 0, b"v3")
+            await fs.flush(h)  # journaled while v2's PUT is in flight
+            go_on.set()
+        await fs.release(h)
+        assert await store.inner.get_range("pre/f", 0, 0) is not None and len(_records(fs)) == 1
+        await _crash(fs)
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        assert list(await _bucket(fs)) == ["pre/f"] and fs.commit.conflicts.count == 0
+        assert await read_file(fs, "f") == b"v3"
+        await _crash(fs)
+
+    trio.run(main)
+
+
 # -- quarantine, never delete ------------------------------------------------------------------
 @pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
 def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path, caplog):

@@ -142,7 +142,7 @@ class Commit:
 
     def _record(self, node: Node, st: StagedFile, meta: dict[str, str]) -> None:
         try:
-            journal.record(st, self.naming.key(node.path), meta)
+            journal.record(st, self.naming.key(node.path), meta, self.conflicts.base_of(node))
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
@@ -158,9 +158,9 @@ class Commit:
             base = below
 
     def rejournal(self, node: Node) -> None:
-        """``node``'s name or attributes changed: if its staged version is journaled, record
-        it again (same sealed data, new key/metadata) so a crashed daemon's next mount uploads
-        it with them. Raises FsError(ENOSPC/EIO)."""
+        """``node``'s name, attributes or base version changed: if its staged version is
+        journaled, record it again (same sealed data, new key/metadata/base) so a crashed
+        daemon's next mount uploads it with them. Raises FsError(ENOSPC/EIO)."""
         st = node.staged
         if st is not None and st.was_journaled and not node.unlinked:
             self._record(node, st, self.metadata(node, st))
@@ -373,6 +373,11 @@ class Commit:
             node.upload_error = None
             if info.key != key:
                 self._follow_conflict_copy(node, info.key)
+            if node.staged is not None:
+                try:  # a newer staged version's base is now this one: after a crash, not a conflict
+                    self.rejournal(node)
+                except FsError as e:
+                    log.error("cannot journal the newer version of %r: %s", self.naming.key(node.path), e)
             if old is not None and old is not node.version and not any(hd.version is old for hd in node.handles):
                 self.cache.drop(old.key, old.etag)
             self.scheduler.stats["uploaded"] += 1
@@ -394,10 +399,6 @@ class Commit:
         names.note_present(old_path)  # theirs is there
         names.child_added(self.inodes.parent(old_path), old_path)
         names.child_added(self.inodes.parent(path), path)
-        try:
-            self.rejournal(node)  # a newer staged version: after a crash, to the copy too
-        except FsError as e:
-            log.error("cannot journal %r at its conflict copy %r: %s", self.naming.key(old_path), ckey, e)
 
     async def _delete_stray(self, node: Node, key: str) -> None:
         """The object just uploaded at ``key`` belongs to no name any more (its node was
@@ -453,7 +454,7 @@ class Commit:
             if integrity.HEADER in meta:  # the tags sealed by the earlier run (a list's body is recomputed)
                 spec_key = integrity.list_key_of(meta)
                 entry.staged.tags = integrity.SealedTags({integrity.HEADER: meta[integrity.HEADER]}, spec_key)
-            self.conflicts.base_unknown(node)
+            self.conflicts.recovered(node, entry.base)
             self.scheduler.mark_dirty(node)
             self.scheduler.schedule(node)
             adopted += 1

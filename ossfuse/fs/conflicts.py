@@ -12,8 +12,11 @@ What is not a conflict: the object is gone (deleted by someone else: ours is put
 is lost), the ETag is the one this mount knows, the object is an earlier PUT of this same
 version whose answer was lost (same wrapped data key), the object is the last one this mount's
 own upload put at that key (a file renamed over another whose upload was in flight), or this
-mount renamed a new file over a file it knew (:meth:`Conflicts.replaces`). A version recovered from the journal after a
-crash does not record what it was based on, so it is uploaded without the check (as before).
+mount renamed a new file over a file it knew (:meth:`Conflicts.replaces`). A version recovered
+from the journal after a crash is checked the same way: its record holds the base this mount
+had for it (:meth:`Conflicts.base_of`), so a foreign edit made while the daemon was down, or
+between a create-only PUT's refusal and the conflict copy, is kept. Only a record written by
+an earlier ossfuse, which has no base, is uploaded without the check.
 For a replacement the check and the PUT are two requests: a foreign write landing between
 them is still replaced (the remaining window, docs/semantics.md). OSS ignores
 ``x-oss-forbid-overwrite`` on a bucket with versioning enabled or suspended: there a new file
@@ -27,6 +30,7 @@ import time
 
 from .. import envelope as env
 from ..store.base import AlreadyExists, ObjectInfo, ObjectStore
+from ..writeback.journal import BASE_UNKNOWN
 from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
 from .copying import same_etag
@@ -38,7 +42,6 @@ log = logging.getLogger(__name__)
 
 RECENT_MAX = 5  # conflict copies listed by `ossfuse status`
 _NAME_MAX = 255  # bytes of one path component
-_UNKNOWN = "\0unknown"  # a base that is no ETag: not checked
 _OURS_MAX = 4096  # keys whose last own upload is remembered
 
 
@@ -75,7 +78,7 @@ class Conflicts:
         self.count = 0
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_MAX)
         # inode → the ETag its next upload may replace, when that is not node.version's:
-        # _UNKNOWN for a version recovered from the journal (not checked)
+        # BASE_UNKNOWN for a version recovered from a record without one (not checked)
         self._base: dict[int, str | None] = {}
         # key → the ETag this mount's last upload put there (normalised), for the last
         # _OURS_MAX keys: a node renamed over another whose upload was still in flight finds
@@ -86,9 +89,15 @@ class Conflicts:
         # pending deletes of that key's older versions (DeferredDeletes.superseded)
         self.deferred: DeferredDeletes | None = None
 
-    def base_unknown(self, node: Node) -> None:
-        """``node``'s staged version came from the journal: what it was based on is unknown."""
-        self._base[node.ino] = _UNKNOWN
+    def base_of(self, node: Node) -> str | None:
+        """The ETag ``node``'s next upload may replace (None: none, a create-only upload;
+        BASE_UNKNOWN: not checked), as the journal records it."""
+        return self._base.get(node.ino, node.version.etag if node.version is not None else None)
+
+    def recovered(self, node: Node, base: str | None) -> None:
+        """``node``'s staged version came from the journal, whose record gave ``base``
+        (``base_of`` of the run that wrote it; BASE_UNKNOWN for a record without one)."""
+        self._base[node.ino] = base
 
     def replaces(self, node: Node, etag: str | None) -> None:
         """``node`` (staged, not in the bucket yet) was renamed over a file whose version
@@ -100,11 +109,12 @@ class Conflicts:
         """The ETag of the object ``node`` (staged, never uploaded) replaced by a rename, which
         is still in the bucket at its name until ``node``'s upload overwrites it; else None."""
         base = self._base.get(node.ino)
-        return None if base is _UNKNOWN else base
+        return None if base == BASE_UNKNOWN else base
 
     def base_unknown_for(self, node: Node) -> bool:
-        """Whether ``node``'s staged version came from the journal (what it replaces is unknown)."""
-        return self._base.get(node.ino) is _UNKNOWN
+        """Whether ``node``'s staged version came from a journal record without a base (what it
+        replaces is unknown)."""
+        return self._base.get(node.ino) == BASE_UNKNOWN
 
     def _remember(self, key: str, etag: str) -> None:
         """Note that this mount's upload put ``etag`` at ``key`` (bounded: the oldest keys go)."""
@@ -118,9 +128,9 @@ class Conflicts:
         version this mount started from (or nothing), else to a conflict copy next to it.
         Returns the new object: its ``key`` says where it went. Raises StoreError (the HEAD or
         the upload failed: the caller keeps the data staged and retries)."""
-        base = self._base.get(node.ino, node.version.etag if node.version is not None else None)
+        base = self.base_of(node)
         mark = self.deferred.mark() if self.deferred is not None else 0
-        if base is _UNKNOWN:
+        if base == BASE_UNKNOWN:
             return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
         if base is None:
             # a file this mount created: create only, atomically (no HEAD first, no window)

@@ -1,7 +1,8 @@
 """The write-back journal: a sealed staged version made durable, and found again after a crash.
 
 ``record()`` writes ``staging/<id>.json`` (object key, size, full user metadata including the
-*wrapped* data key, generation) atomically next to the version's sealed ciphertext
+*wrapped* data key, generation, and the ETag of the bucket's version it replaces: its *base*,
+null for a new file) atomically next to the version's sealed ciphertext
 ``staging/<id>.data``. Nothing is fsynced (docs/design.md "Durability"): the data and then the
 record are in the kernel when ``record()`` returns, so a crash of the daemon loses no closed
 file, but a power loss may lose records written since the last ``fsync()`` (which uploads) or
@@ -28,16 +29,25 @@ from .staging import LABEL_XATTR, StagedFile, Staging
 
 log = logging.getLogger(__name__)
 
+# the base of a version whose record has none (written by an earlier ossfuse): its upload after
+# a crash cannot check for a foreign edit
+BASE_UNKNOWN = "\0unknown"
 
-def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
-    """Atomically record (key, size, metadata) for sealed ``staged``: written to a temporary
-    file and renamed over the record, after the sealed data (not fsynced: the module doc).
+
+def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | None = BASE_UNKNOWN) -> None:
+    """Atomically record (key, size, metadata, base) for sealed ``staged``: written to a
+    temporary file and renamed over the record, after the sealed data (not fsynced: the module
+    doc). ``base``: the ETag of the version at ``key`` this one replaces (None: a new file, to
+    be created only where nothing is), so the upload after a crash keeps a foreign edit made
+    meanwhile as the mount's own upload does (fs/conflicts.py).
     Raises OSError (ENOSPC, EIO) when the cache disk fails (the previous record, if any, is
     then still valid), ValueError for a version not sealed. Recording what is already recorded
     does nothing (a close followed by its upload)."""
     if not staged.sealed:
         raise ValueError(f"staged version {staged.id} is not sealed")
-    rec = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
+    rec: dict[str, object] = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
+    if base != BASE_UNKNOWN:
+        rec["base"] = base
     if rec == staged.journaled_record:
         return
     tmp = staged.journal_path + ".tmp"
@@ -57,11 +67,13 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str]) -> None:
 
 @dataclass
 class JournalEntry:
-    """A staged version found in the journal at mount time (its envelope not yet unwrapped)."""
+    """A staged version found in the journal at mount time (its envelope not yet unwrapped).
+    ``base``: the ETag it replaces, None for a new file, BASE_UNKNOWN for an older record."""
 
     staged: StagedFile
     key: str
     metadata: dict[str, str]
+    base: str | None = BASE_UNKNOWN
 
 
 def _check(rec: object) -> str | None:
@@ -75,6 +87,8 @@ def _check(rec: object) -> str | None:
     meta = rec.get("metadata")
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         return "record has no valid metadata"
+    if "base" in rec and not (rec["base"] is None or isinstance(rec["base"], str)):
+        return "record has no valid base version"
     return None
 
 
@@ -126,7 +140,7 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
         st = StagedFile(staging, sid, None, rec["size"], sealed=True)
         st.generation = rec.get("generation", 0) if isinstance(rec.get("generation"), int) else 0
         st.journaled_record = rec
-        entries.append(JournalEntry(st, rec["key"], rec["metadata"]))
+        entries.append(JournalEntry(st, rec["key"], rec["metadata"], rec.get("base", BASE_UNKNOWN)))
     for name in names:
         sid = name.split(".")[0]
         if sid not in journaled:
