@@ -63,6 +63,14 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.attr_timeout = fs.cfg.mount.attr_timeout
         self.entry_timeout = fs.cfg.mount.entry_timeout
+        fs.on_entry_moved(self._invalidate_entry)
+
+    @staticmethod
+    def _invalidate_entry(parent_ino: int, name: str) -> None:
+        """Drop the kernel's cached entry ``name`` in directory ``parent_ino`` (queued to
+        pyfuse3's notification thread: a request handler must not wait for the kernel; an
+        entry the kernel does not hold is no error)."""
+        pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()

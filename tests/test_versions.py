@@ -225,9 +225,12 @@ def test_upload_over_a_foreign_edit_keeps_both(tmp_path, cmk_path, other, caplog
         await fs.write(h, 0, b"ours!")
         ofs = other(store)
         theirs = await _other_writes(ofs, "notes.txt", b"theirs")
+        moved: list[tuple[int, str]] = []
+        fs.on_entry_moved(lambda parent_ino, name: moved.append((parent_ino, name)))
         with caplog.at_level(logging.WARNING, "ossfuse.fs.conflicts"):
             await fs.flush(h)
             await fs.release(h)
+        assert moved == [(1, "notes.txt")]  # the kernel's entry for the name goes (fuse_ops)
         assert await store.inner.get_range("pre/notes.txt", 0, 100) != b""  # theirs, encrypted
         assert (await store.inner.head("pre/notes.txt")).etag == theirs
         copies = [o.key for o in (await store.inner.list("pre/", delimiter=None)).objects if "conflict" in o.key]

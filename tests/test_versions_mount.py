@@ -107,6 +107,40 @@ def test_closing_a_file_another_mount_changed_keeps_both_versions(make_mount):
     assert "was changed by another client" in a.log()
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts:")
+def test_after_a_conflict_the_name_leads_to_theirs_at_once(make_mount):
+    """a's new f became a conflict copy (b created f first). The kernel's cached entry for f
+    led to a's node, now the copy, until entry_timeout (60 s here): stat f showed a's inode,
+    reads of f gave a's content, and an append through the name went into the copy. The entry
+    is invalidated when the node moves (break test 3, repro_stale_name.py)."""
+    a = make_mount(name="a", mount_options="entry_timeout = 60\nattr_timeout = 60")
+    b = make_mount(name="b", start=False)
+    if a.server is None:
+        b.bucket_dir = a.bucket_dir
+        b.write_config()
+    b.start()
+    fd = os.open(a.path("f"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, b"ours\n")
+        ino = os.fstat(fd).st_ino
+        _write(b.path("f"), b"theirs\n")
+        os.fsync(fd)  # a's create-only upload is refused: ours goes to a conflict copy
+        deadline = time.monotonic() + 5  # the invalidation is queued to pyfuse3's thread
+        while os.stat(a.path("f")).st_ino == ino and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.stat(a.path("f")).st_ino != ino
+        assert _read(a.path("f")) == b"theirs\n"
+        with open(a.path("f"), "ab") as g:
+            g.write(b"appended through the name\n")
+        os.write(fd, b"more of ours\n")  # the open handle writes into the copy
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    [copy] = [n for n in os.listdir(a.path()) if n.startswith("f.conflict-")]
+    assert _read(a.path("f")) == b"theirs\nappended through the name\n"
+    assert _read(a.path(copy)) == b"ours\nmore of ours\n"
+
+
 @pytest.mark.parametrize("store_kind", ["local"], indirect=True)
 def test_lookup_after_the_kernel_evicts_a_renamed_tree(mount):
     """mv foo bar, stat bar/sub, then the kernel drops its dentries (drop_caches stands for memory

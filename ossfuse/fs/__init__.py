@@ -102,6 +102,12 @@ class Filesystem:
         self.store.health = health
         health.on_online.append(self.scheduler.resume)
 
+    def on_entry_moved(self, fn) -> None:
+        """Call ``fn(parent_ino, name)`` (sync, must not block) when the kernel's cached entry
+        ``name`` in directory ``parent_ino`` stops naming the node it did behind the kernel's
+        back: an upload that became a conflict copy moves its node to the copy's name."""
+        self.commit.entry_moved = fn
+
     async def _upload_queued(self, node: Node) -> bool:
         return await self.commit.upload_node(node)
 

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -25,7 +26,7 @@ from .conflicts import Conflicts
 from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, set_local_version
-from .naming import Naming, parent_of
+from .naming import Naming, base_name, parent_of
 from .objmeta import file_metadata
 from .resolve import Resolver
 
@@ -71,6 +72,9 @@ class Commit:
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
         self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
         self.conflicts = Conflicts(uploader.store, naming, uploader)  # foreign edits kept (issue 12)
+        # (parent inode, name): the kernel's cached entry no longer names the node it did (set
+        # by the FUSE adapter: an entry invalidation; never blocks, never raises)
+        self.entry_moved: Callable[[int, str], None] = lambda parent_ino, name: None
 
     def staged_in(self, dir_path: str) -> list[Node]:
         """This mount's not-yet-uploaded nodes still linked directly in directory ``dir_path``
@@ -389,12 +393,16 @@ class Commit:
         """``node``'s upload went to conflict copy ``ckey`` (node.lock held): another client's
         version holds its name. The node becomes the copy's file, so what its open handles
         write next goes there too (one copy per conflict, never onto theirs), and the name is
-        looked up anew: theirs, as a node of its own."""
+        looked up anew: theirs, as a node of its own. The kernel's entry for the name is
+        invalidated, or it would lead to the copy until entry_timeout."""
         old_path, path = node.path, self.naming.path_of(ckey)
         if path is None or path in self.inodes.by_path:  # (a name this mount uses: leave it)
             node.checked_at = 0.0  # the name holds another client's version: read it anew
             return
         self.inodes.move(node, old_path, path)
+        parent = self.inodes.parent(old_path)
+        if parent is not None:
+            self.entry_moved(parent.ino, base_name(old_path))
         names = self.inodes.names
         names.note_present(old_path)  # theirs is there
         names.child_added(self.inodes.parent(old_path), old_path)
