@@ -106,8 +106,9 @@ class Conflicts:
         self._base[node.ino] = etag
 
     def replaced(self, node: Node) -> str | None:
-        """The ETag of the object ``node`` (staged, never uploaded) replaced by a rename, which
-        is still in the bucket at its name until ``node``'s upload overwrites it; else None."""
+        """The ETag of the object ``node`` (staged, never uploaded) replaces — set by a rename
+        over a known file or by its journal record —, which is still in the bucket at its name
+        until ``node``'s upload overwrites it; else None."""
         base = self._base.get(node.ino)
         return None if base == BASE_UNKNOWN else base
 

@@ -414,8 +414,9 @@ class Namespace:
         """The ETag of the object at ``key`` that ``node`` (staged, never uploaded) is to
         replace: the one a rename over it or its journal record gave (``Conflicts.replaced``),
         or — for a version recovered from a record without a base, whose upload replaces
-        whatever is there (``Conflicts.base_unknown_for``) — what a HEAD finds now (an older version of the same file, from before the crash). None: no
-        such object. Raises FsError(EIO)."""
+        whatever is there (``Conflicts.base_unknown_for``) — what a HEAD finds now (an older
+        version of the same file, from before the crash). None: no such object. Raises
+        FsError(EIO)."""
         etag = self.commit.conflicts.replaced(node)
         if etag is None and node.version is None and self.commit.conflicts.base_unknown_for(node):
             info = await store_request(self.store.head(key), key)
