@@ -55,12 +55,15 @@ UID, GID = 1, 2
 @dataclass(eq=False)
 class MFile:
     """A file of the model: its content and permission bits now, and as a crash must keep them
-    (``durable``: None while no close, fsync or upload made any version durable)."""
+    (``durable``: None while no close, fsync or upload made any version durable). ``durables``:
+    every state ever made durable, one of which is the last uploaded version (each upload
+    journals first, and a failed upload leaves the journaled one durable, not uploaded)."""
 
     data: bytearray = field(default_factory=bytearray)
     mode: int = 0o644
     durable: tuple[bytes, int] | None = None
     unlinked: bool = False
+    durables: set[tuple[bytes, int]] = field(default_factory=set)
 
     @property
     def now(self) -> tuple[bytes, int]:
@@ -73,6 +76,7 @@ class MFile:
     def make_durable(self) -> None:
         if not self.unlinked:
             self.durable = self.now
+            self.durables.add(self.now)
 
 
 @dataclass(eq=False)
@@ -283,6 +287,7 @@ class FsMachine(RuleBasedStateMachine):
             f.data[:] = seen[1]
             f.mode = seen[2]
             f.durable = (seen[1], seen[2])
+            f.durables.add(f.durable)
 
     # -- rules: namespace -------------------------------------------------------------------
     @rule(d=st.integers(0, 20), name=st.sampled_from(NAMES), mode=st.sampled_from(MODES))
@@ -367,19 +372,22 @@ class FsMachine(RuleBasedStateMachine):
         if self.store.rules and isinstance(self.model.tree[src], MDir) and code is None:
             return  # a directory rename interrupted half-way is not modelled (object by object)
         before = {p: self._state(p) for p in (src, dst)}
+        dst_node = self.fs.by_path.get(dst)
         try:
             self.expect_errno(code, self._rename, src, dst)
         except _Failed:
             # Nothing moved, or everything did; or (copies first, then deletes) the object is at both
-            # names: the new name then holds the file's last uploaded version (approximated by its
-            # durable state), without changes still staged (docs/semantics.md).
+            # names: the new name then holds the file's last uploaded version (one of the states
+            # it made durable), without changes still staged (docs/semantics.md).
             if dst.startswith(src + "/"):
                 raise AssertionError("a rename into itself reached the store") from None
             entry = self.model.tree.get(src)
-            uploaded = {("file", *entry.durable)} if isinstance(entry, MFile) and entry.durable is not None else set()
+            uploaded = {("file", *d) for d in entry.durables} if isinstance(entry, MFile) else set()
             old = self.model.tree.get(dst)
-            if isinstance(old, MFile) and self.observe(dst) != before[dst]:
-                old.unlinked = True  # the copy replaced dst's file: a new file is at that name
+            # the copy replaced dst's file (its node is unlinked: the content may look the same)
+            if isinstance(old, MFile) and ((dst_node is not None and dst_node.unlinked)
+                                           or self.observe(dst) != before[dst]):
+                old.unlinked = True  # a new file is at that name
                 self.model.tree[dst] = MFile()
             self.check_all({src: {before[src], None}, dst: {before[dst], before[src]} | uploaded})
             assert self.observe(src) is not None or self.model.tree.get(dst) is not None, \
@@ -440,6 +448,8 @@ class FsMachine(RuleBasedStateMachine):
             self.check_all({path: {self._state(path)}})
             return
         _resize(f.data, size)
+        if not any(hf is f for _, hf in self.handles):
+            f.make_durable()  # truncate(2) of a file no handle has open is journaled (Files.truncate_locked)
 
     @precondition(lambda self: bool(self.handles))
     # size >= 1: the kernel sends no empty writes (and StagedFile.write(off, b"") extends the file to off)
