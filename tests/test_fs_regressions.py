@@ -726,3 +726,74 @@ def test_a_directory_rename_pins_only_the_unlinked_files_its_copies_overwrite(tm
         await store.aclose()
 
     trio.run(main)
+
+
+async def _crash_and_remount(fs, tmp_path, cmk_path):
+    """The daemon dies (its descriptors close, nothing else); the next mount recovers the
+    journal and replays the pending deletes, as the daemon does before it serves, then
+    uploads what it recovered. Returns the new Filesystem."""
+    store = fs.store
+    for node in list(fs.dirty):
+        if node.staged is not None:
+            node.staged.close()
+    fs.close()
+    store.clear()
+    fs = core_filesystem(tmp_path, cmk_path, store=store)
+    fs.recover()
+    assert await fs.finish_unlinks() == 0
+    assert await fs.drain() == 0
+    return fs
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/f'")
+@pytest.mark.parametrize("new_closed", [False, True], ids=["new-open", "new-closed"])
+@pytest.mark.parametrize("delete", ["last-close", "background"])
+def test_an_unlinked_file_whose_name_a_new_file_took_does_not_come_back_after_a_crash(
+        tmp_path, cmk_path, delete, new_closed):
+    """f in the bucket is unlinked (while a handle reads it, the DELETE waiting for its last
+    close; or over a remote store, the DELETE queued for the background batch); a new f takes
+    the name (still open, or closed: journaled); the old f's DELETE comes due, and the daemon
+    dies before the new f's upload. The old f came back at the next mount: its pending delete
+    was dropped because the new f would overwrite it, and that upload never came (found by a
+    longer run of the model test). Now the record stays until the new f's upload lands."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+            fs._nursery = nursery
+            root = fs.get(1)
+            node = await committed_file(fs, "f", b"old f")
+            if delete == "last-close":
+                h = await fs.open(node, os.O_RDONLY)
+            else:  # g's batch in flight holds the worker: f's DELETE makes the next batch
+                fs.namespace.background_deletes = True
+                await committed_file(fs, "g", b"g")
+                go_on = trio.Event()
+
+                async def hold(inner, op, keys):
+                    await go_on.wait()
+                fs.store.hook("delete_many", hold, count=1)
+                await fs.unlink(root, "g")
+                await trio.sleep(0.05)
+            await fs.unlink(root, "f")
+            new, hn = await fs.create(root, "f", 0o600, os.O_RDWR, UID, GID)
+            await fs.write(hn, 0, b"new f")
+            if new_closed:
+                await fs.flush(hn)
+                await fs.release(hn)
+            if delete == "last-close":
+                await fs.release(h)  # the old f's last close
+            else:
+                go_on.set()
+                await fs.namespace.settle_deletes()  # f's batch was answered
+            assert await fs.store.inner.head("pre/f") is not None  # no DELETE raced the new f's upload
+            assert await read_node(fs, new) == b"new f"
+            nursery.cancel_scope.cancel()
+        fs = await _crash_and_remount(fs, tmp_path, cmk_path)
+        if new_closed:
+            assert await _keys(fs.store) == ["pre/f"] and await read_file(fs, "f") == b"new f"
+        else:  # the new f was never durable: gone; the old one must not be back
+            assert await _keys(fs.store) == [] and await listed_names(fs) == []
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
+        fs.close()
+
+    trio.run(main)

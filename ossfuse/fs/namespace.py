@@ -398,6 +398,7 @@ class Namespace:
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise  # ESTALE: another client wrote that name since; theirs stays (logged)
+        self.deferred.forget(key, etag)  # an unlinked open file's version, kept pending until now
         self.commit.conflicts.replaces(node, None)
 
     def _record_delete(self, key: str, etag: str) -> None:
@@ -476,23 +477,35 @@ class Namespace:
             return await self.deferred.delete(key, etag, failures=failures)
         async with self.locks.hold(names=[path]):  # no create or unlink of that name meanwhile
             if self._replaced_here(path, key, etag):
-                self.deferred.forget(key, etag)
+                self._forget_once_overwritten(path, key, etag)
                 return True
             if await self.deferred.delete(key, etag, failures=failures):
                 return True
         self.retry_failed_deletes_later()
         return False
 
+    def _forget_once_overwritten(self, path: str, key: str, etag: str) -> None:
+        """The file at ``path`` replaces version ``etag`` of ``key`` (:meth:`_replaced_here`):
+        forget that pending delete if the file's own version is at ``key`` already (its upload
+        or a rename's copy overwrote the old one). Until then the record stays, hiding the old
+        version, so a crash before the new file's upload does not bring the unlinked version
+        back (the replay at the next mount deletes it, ETag-compared); the upload's
+        ``DeferredDeletes.superseded`` drops it when it lands. It stays in the retries
+        meanwhile, where this comes back to it without a request."""
+        current = self.inodes.by_path[path]
+        if current.version is not None and current.version.key == key:
+            self.deferred.forget(key, etag)
+
     def _replaced_here(self, path: str, key: str, etag: str) -> bool:
         """Whether this mount's file at ``path`` replaces version ``etag`` of ``key`` (the
         caller holds ``path``'s name lock): a new file, whose upload replaces the object (a
         DELETE now could race that upload and delete the new version), or one whose upload
-        or rename's copy has replaced it already. Then the pending delete is no longer wanted.
-        Any live file node at ``path`` is newer than the unlinked version: the unlink took
+        or rename's copy has replaced it already. Any live file node at ``path`` is newer than the unlinked version: the unlink took
         that one's name, and a lookup never finds a hidden version. Its ETag is no test: an
         empty object's, or a copy's of the same content, equals the unlinked one's (OSS ETags
         are the body's MD5), and the DELETE then took the new file (trial of the eighth
-        session). A version uploaded elsewhere (a conflict copy) leaves ``key`` to the delete."""
+        session). A version uploaded elsewhere (a conflict copy) leaves ``key`` to the delete.
+        Then the pending delete is no longer sent (:meth:`_forget_once_overwritten`)."""
         current = self.inodes.by_path.get(path)
         return current is not None and not current.unlinked and not current.is_dir and (
             current.staged is not None or (current.version is not None and current.version.key == key))
@@ -556,7 +569,7 @@ class Namespace:
             for key, etag in batch:
                 path = paths[key]
                 if path is not None and self._replaced_here(path, key, etag):
-                    self.deferred.forget(key, etag)
+                    self._forget_once_overwritten(path, key, etag)
                 elif key in read_by_handles:
                     if not await self.deferred.delete(key, etag):
                         self.retry_failed_deletes_later()
