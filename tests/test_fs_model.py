@@ -448,8 +448,8 @@ class FsMachine(RuleBasedStateMachine):
             self.check_all({path: {self._state(path)}})
             return
         _resize(f.data, size)
-        if not any(hf is f for _, hf in self.handles):
-            f.make_durable()  # truncate(2) of a file no handle has open is journaled (Files.truncate_locked)
+        if not any(hf is f and hh.writable for hh, hf in self.handles):
+            f.make_durable()  # truncate(2) of a file no writable handle has open is journaled (Files.truncate_locked)
 
     @precondition(lambda self: bool(self.handles))
     # size >= 1: the kernel sends no empty writes (and StagedFile.write(off, b"") extends the file to off)
@@ -458,6 +458,9 @@ class FsMachine(RuleBasedStateMachine):
     def write(self, i, offset, size, byte):
         h, f = pick(self.handles, i)
         data = bytes([byte]) * size
+        if not h.writable:  # (the kernel refuses it before; the core refuses it too)
+            self.expect_errno(errno.EBADF, self.fs.write, h, offset, data)
+            return
         try:
             n = self.expect_errno(None, self.fs.write, h, offset, data)
         except _Failed:
@@ -474,6 +477,8 @@ class FsMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 20), size=st.integers(0, 5000))
     def truncate_handle(self, i, size):
         h, f = pick(self.handles, i)
+        if not h.writable:
+            return  # ftruncate(2) needs a writable descriptor (the kernel refuses it: EINVAL)
         try:
             self.expect_errno(None, self.fs.setattr, h.node, size=size, fh=h)
         except _Failed:

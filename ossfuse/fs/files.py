@@ -324,8 +324,11 @@ class Files:
         cache disk fails (after evicting cached blocks once to make room): the version and the
         handle are then marked failed, every later write, fsync and close through ``h`` (and
         every write to that version through any handle) fails with that errno at once, and
-        close() keeps the last good version."""
+        close() keeps the last good version. FsError(EBADF) through a read-only handle (the
+        kernel never sends one: its close would not save the write)."""
         node = h.node
+        if not h.writable:
+            raise FsError(errno.EBADF)
         self._refuse_after_lost_write(h)
         # a new data key before taking the lock: a KMS CMK makes a network call
         envelope = await self.new_envelope(node.path) if node.staged is None or node.staged.sealed else None
@@ -449,8 +452,9 @@ class Files:
 
     async def truncate_locked(self, node: Node, size: int, *, journal: bool = True) -> None:
         """Cut or extend ``node``'s content to ``size`` bytes (node.lock held). Extending
-        writes nothing (a hole). With ``journal`` and no handle open (truncate(2) by path), the
-        result is journaled and queued for upload as a close would. Raises FsError(EFBIG) past
+        writes nothing (a hole). With ``journal`` and no writable handle open (truncate(2) by
+        path; a read-only handle's close saves nothing), the result is journaled and queued for
+        upload as a close would. Raises FsError(EFBIG) past
         the store's largest object, FsError(ENOSPC/EIO) when the cache disk fails."""
         if size > MAX_OBJECT_SIZE:
             raise FsError(errno.EFBIG)
@@ -463,7 +467,7 @@ class Files:
             log.error("truncating staged %r failed: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
         node.mtime_ns = node.ctime_ns = time.time_ns()
-        if journal and node.opens == 0 and not node.unlinked:
+        if journal and not node.unlinked and not any(hd.writable for hd in node.handles):
             await self.commit.journal_node(node)
             self.scheduler.schedule(node)
 
