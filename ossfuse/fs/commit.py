@@ -27,7 +27,7 @@ from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, set_local_version
 from .naming import Naming, base_name, parent_of
-from .objmeta import file_metadata
+from .objmeta import attr_meta, file_metadata
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,27 @@ class Commit:
         journaled, record it again (same sealed data, new key/metadata/base) so a crashed
         daemon's next mount uploads it with them. Raises FsError(ENOSPC/EIO)."""
         st = node.staged
-        if st is not None and st.was_journaled and not node.unlinked:
+        if st is None or node.unlinked:
+            return
+        if st.was_journaled:
             self._record(node, st, self.metadata(node, st))
+            return
+        # an open version above a journaled one (the file reopened after a close): a crash
+        # brings the journaled one back, so its record follows the name and the mode and
+        # owner; its times and size stay its own (the open version's writes are not in it)
+        below = st.base
+        while below is not None and not below.was_journaled:
+            below = below.base
+        if below is None or below.journaled_record is None:
+            return
+        meta = dict(below.journaled_record["metadata"])
+        meta.update((k, v) for k, v in attr_meta(node).items() if k in ("mode", "uid", "gid"))
+        key = self.naming.key(node.path)
+        try:
+            journal.record(below, key, meta, self.conflicts.base_of(node))
+        except OSError as e:
+            log.error("journaling %r failed, the data is not safe yet: %s", key, e)
+            raise FsError(errno_of(e)) from None
 
     def forget_journal(self, node: Node) -> None:
         """``node`` was unlinked while open: its staged versions must not come back after a
