@@ -64,6 +64,7 @@ class MFile:
     durable: tuple[bytes, int] | None = None
     unlinked: bool = False
     durables: set[tuple[bytes, int]] = field(default_factory=set)
+    changing: bool = False  # written or truncated through a handle since it was made durable
 
     @property
     def now(self) -> tuple[bytes, int]:
@@ -71,12 +72,13 @@ class MFile:
 
     @property
     def clean(self) -> bool:
-        return self.durable == self.now
+        return self.durable == self.now and not self.changing
 
     def make_durable(self) -> None:
         if not self.unlinked:
             self.durable = self.now
             self.durables.add(self.now)
+            self.changing = False
 
 
 @dataclass(eq=False)
@@ -282,12 +284,15 @@ class FsMachine(RuleBasedStateMachine):
                     e.unlinked = True
         elif seen[0] == "file":
             f = self.model.tree.get(path)
+            if isinstance(f, MFile) and f.now == (seen[1], seen[2]):
+                return  # as the model has it: what of it is durable did not change
             if not isinstance(f, MFile):
                 f = self.model.tree[path] = MFile()
             f.data[:] = seen[1]
             f.mode = seen[2]
-            f.durable = (seen[1], seen[2])
+            f.durable = (seen[1], seen[2])  # another version at the name: one in the bucket
             f.durables.add(f.durable)
+            f.changing = False
 
     # -- rules: namespace -------------------------------------------------------------------
     @rule(d=st.integers(0, 20), name=st.sampled_from(NAMES), mode=st.sampled_from(MODES))
@@ -450,6 +455,8 @@ class FsMachine(RuleBasedStateMachine):
         _resize(f.data, size)
         if not any(hf is f and hh.writable for hh, hf in self.handles):
             f.make_durable()  # truncate(2) of a file no writable handle has open is journaled (Files.truncate_locked)
+        else:
+            f.changing = True  # joins the writer's changes
 
     @precondition(lambda self: bool(self.handles))
     # size >= 1: the kernel sends no empty writes (and StagedFile.write(off, b"") extends the file to off)
@@ -472,6 +479,7 @@ class FsMachine(RuleBasedStateMachine):
             if len(f.data) < offset:
                 _resize(f.data, offset)
             f.data[offset:offset + size] = data
+            f.changing = True
 
     @precondition(lambda self: bool(self.handles))
     @rule(i=st.integers(0, 20), size=st.integers(0, 5000))
@@ -485,6 +493,7 @@ class FsMachine(RuleBasedStateMachine):
             assert self.call(self.fs.read, h, 0, 1 << 20) == bytes(f.data)
             return
         _resize(f.data, size)
+        f.changing = True
 
     @precondition(lambda self: bool(self.handles))
     @rule(i=st.integers(0, 20))

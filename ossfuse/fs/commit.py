@@ -27,7 +27,7 @@ from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, set_local_version
 from .naming import Naming, base_name, parent_of
-from .objmeta import attr_meta, file_metadata
+from .objmeta import file_metadata
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
@@ -172,18 +172,17 @@ class Commit:
             self._record(node, st, self.metadata(node, st))
             return
         # an open version above a journaled one (the file reopened after a close): a crash
-        # brings the journaled one back, so its record follows the name and the mode and
-        # owner; its times and size stay its own (the open version's writes are not in it)
+        # brings the journaled one back, so its record follows the name; its attributes stay
+        # its own (new ones join the open version's changes, saved at its close, as for a
+        # file whose last saved version is in the bucket)
         below = st.base
         while below is not None and not below.was_journaled:
             below = below.base
         if below is None or below.journaled_record is None:
             return
-        meta = dict(below.journaled_record["metadata"])
-        meta.update((k, v) for k, v in attr_meta(node).items() if k in ("mode", "uid", "gid"))
         key = self.naming.key(node.path)
         try:
-            journal.record(below, key, meta, self.conflicts.base_of(node))
+            journal.record(below, key, below.journaled_record["metadata"], self.conflicts.base_of(node))
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None
