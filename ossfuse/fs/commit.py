@@ -178,14 +178,8 @@ class Commit:
         below = st.base
         while below is not None and not below.was_journaled:
             below = below.base
-        if below is None or below.journaled_record is None:
-            return
-        key = self.naming.key(node.path)
-        try:
-            journal.record(below, key, below.journaled_record["metadata"], self.conflicts.base_of(node))
-        except OSError as e:
-            log.error("journaling %r failed, the data is not safe yet: %s", key, e)
-            raise FsError(errno_of(e)) from None
+        if below is not None and below.journaled_record is not None:
+            self._record(node, below, below.journaled_record["metadata"])
 
     def forget_journal(self, node: Node) -> None:
         """``node`` was unlinked while open: its staged versions must not come back after a
