@@ -616,6 +616,10 @@ class FsMachine(RuleBasedStateMachine):
         for h, f in self.handles:
             assert (h.node.unlinked if f.unlinked else not h.node.unlinked), "a handle's file was unlinked or not"
 
+    @invariant()
+    def no_conflict_without_another_client(self):
+        assert self.fs.commit.conflicts.count == 0, f"a conflict copy, and no other client: {list(self.fs.commit.conflicts.recent)}"
+
 
 class _Failed(Exception):
     """An operation failed with EIO because of an injected store fault."""

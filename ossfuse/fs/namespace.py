@@ -30,7 +30,7 @@ from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object, delete_version
+from .copying import copy_object, delete_version, same_etag
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
@@ -908,6 +908,12 @@ class Namespace:
                     # logged; that newer version stays at the old name, the copy at the new
             for n in affected:
                 new = dst_path + n.path[len(old_path):]
+                old_key = self.naming.key(n.path)
+                replaced = self.commit.conflicts.replaced(n) if n.version is None else None
+                if replaced is not None and old_key in copies and same_etag(keys[old_key].etag, replaced):
+                    # a staged file's upload replaces the object at its name: now the copy (its
+                    # old ETag at the new name looked like another client's edit: a conflict copy)
+                    self.commit.conflicts.replaces(n, copies[old_key].etag)
                 v = n.version
                 # the copy is of the listed version: only then may v's cached blocks serve it
                 if v is not None and v.key in copies and keys[v.key].etag == v.etag:
