@@ -197,6 +197,43 @@ async def _write_closed(fs, name: str, data: bytes, node=None):
     return node
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: write to 'pre/f' refused: this open file reads version")
+def test_write_through_a_stale_handle_after_a_lookup_saw_the_other_version(tmp_path, cmk_path):
+    """As below, but something on mount A looked f up after B's commit (``ls -l``, a stat, an
+    open), so A's node holds B's version while the handle still reads the one it opened. The
+    handle's first write was merged onto B's content, silently (new-user trial of the tenth
+    session). It fails ESTALE, nothing is stored, and B's version stays."""
+    async def main():
+        store = core_store(tmp_path)
+        a = core_filesystem(tmp_path, cmk_path, store=store)
+        os.makedirs(tmp_path / "other")
+        b = core_filesystem(tmp_path / "other", cmk_path, store=FaultStore(store.inner))
+        fb = await _write_closed(b, "f", b"version 1 by B")
+        fa = await a.lookup(a.get(1), "f")
+        h = await a.open(fa, os.O_RDWR)
+        assert await a.read(h, 0, 100) == b"version 1 by B"
+        await _write_closed(b, "f", b"VERSION 2 BY B, LONGER", fb)
+        fa.checked_at = 0.0  # past attr_timeout: a stat on A re-reads f
+        assert (await a.lookup(a.get(1), "f")) is fa and fa.version.size == 22
+        with pytest.raises(FsError) as e:
+            await a.write(h, 0, b"XX")
+        assert e.value.errno == errno.ESTALE
+        await a.flush(h)
+        await a.release(h)
+        assert await a.drain() == 0 and fa.staged is None
+        fb.checked_at = 0.0
+        assert await read_node(b, await b.lookup(b.get(1), "f")) == b"VERSION 2 BY B, LONGER"
+        h = await a.open(fa, os.O_RDWR)  # a new open writes to B's version
+        await a.write(h, 0, b"XX")
+        await a.flush(h)
+        await a.release(h)
+        assert await a.drain() == 0 and a.commit.conflicts.count == 0
+        assert await read_node(a, fa) == b"XXRSION 2 BY B, LONGER"
+        a.close()
+        b.close()
+
+    trio.run(main)
+
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/f' was replaced while open")
 @pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/g' was changed by another client")
