@@ -45,8 +45,10 @@ def check_private_dir(path: str, what: str) -> None:
         raise UnsafeDirError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid "
                              f"{os.geteuid()}); use a directory of your own")
     if st.st_mode & 0o022:
-        raise UnsafeDirError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-                             f"run: chmod 700 {path}")
+        # a shared directory (sticky: /tmp, /var/tmp) must stay shared: a private one inside it
+        fix = (f"use a directory of its own inside it (e.g. {os.path.join(path, 'ossfuse')})"
+               if st.st_mode & stat.S_ISVTX else f"run: chmod 700 {path}")
+        raise UnsafeDirError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); {fix}")
 
 
 def runtime_dir() -> str:

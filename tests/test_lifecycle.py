@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import OSSFUSE, Mount
-from ossfuse.registry import process_alive
+from ossfuse.registry import UnsafeDirError, check_private_dir, process_alive
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -111,6 +111,19 @@ def test_a_background_task_that_fails_at_start_unmounts_and_exits_1(tmp_path, cm
             break
         time.sleep(0.1)
     assert _no_daemon_for(m.config)
+
+
+def test_a_shared_sticky_dir_is_refused_with_advice_that_keeps_it_shared(tmp_path):
+    """A cache dir of /tmp (mode 1777) got "run: chmod 700 /tmp", which would break the
+    machine (new-user trial): a sticky shared directory gets the advice of a private one
+    inside it."""
+    shared = tmp_path / "tmp-like"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(UnsafeDirError) as e:
+        check_private_dir(str(shared), "cache dir")
+    msg = str(e.value)
+    assert "mode 1777" in msg and "chmod" not in msg and os.path.join(str(shared), "ossfuse") in msg
 
 
 def test_unsafe_runtime_dir_is_refused_before_mounting(tmp_path, cmk_path):
