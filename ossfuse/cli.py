@@ -611,8 +611,25 @@ def cmd_quickstart(args) -> int:
     bucket = os.path.join(var, "bucket")
     key = os.path.join(etc, "default.pem")
     conf = os.path.join(etc, "default.toml")
+    if os.path.exists(conf):  # made by an earlier quickstart: it says where the bucket and cache are
+        from . import config as config_mod
+        try:
+            cfg = config_mod.load(conf)
+        except config_mod.ConfigError as e:
+            return _die(str(e))
+        url = cfg.store.url
+        used = url[len("local://"):] if url.startswith("local://") else url
+        differs = [f"{opt} ({given})" for opt, given, same in (
+            ("--var", args.var, os.path.abspath(bucket) == used),
+            ("--cache", args.cache, os.path.abspath(cache) == cfg.cache.dir)) if given and not same]
+        if differs:
+            return _die(f"{conf} exists and uses the bucket {used} and the cache dir {cfg.cache.dir}, not "
+                        f"{' and '.join(differs)} (--var and --cache count only when quickstart creates the "
+                        f"config): pass another --etc, or edit {conf}")
+        bucket = used
     os.makedirs(etc, mode=0o700, exist_ok=True)
-    os.makedirs(bucket, mode=0o700, exist_ok=True)
+    if "://" not in bucket:
+        os.makedirs(bucket, mode=0o700, exist_ok=True)
     os.makedirs(mp, exist_ok=True)
     if not os.path.exists(key):
         if not args.new_key and (found := _encrypted_object_in(bucket)):
@@ -705,9 +722,9 @@ def _quickstart_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--etc", metavar="DIR", help="where the CMK and config go (default /etc/ossfuse as root, "
                    "~/.config/ossfuse otherwise)")
     q.add_argument("--var", metavar="DIR", help="where the local bucket goes, as DIR/bucket (default "
-                   "/var/lib/ossfuse as root, ~/.local/share/ossfuse otherwise)")
+                   "/var/lib/ossfuse as root, ~/.local/share/ossfuse otherwise); only when the config is created")
     q.add_argument("--cache", metavar="DIR", help="the cache dir (default /var/cache/ossfuse/default as root, "
-                   "~/.cache/ossfuse/default otherwise)")
+                   "~/.cache/ossfuse/default otherwise); only when the config is created")
     q.add_argument("--new-key", action="store_true", help="make a new CMK even though the bucket directory "
                    "already holds encrypted objects (which that key cannot read)")
     q.set_defaults(fn=cmd_quickstart)

@@ -456,6 +456,26 @@ def test_quickstart_refuses_a_new_key_for_a_bucket_of_encrypted_objects(tmp_path
     assert not (etc / "default.pem").exists() and not os.path.ismount(tmp_path / "mnt")
 
 
+def test_quickstart_again_with_other_var_or_cache_is_refused(tmp_path, cmk_path):
+    """A second `ossfuse quickstart --etc SAME --var OTHER` mounted the config's bucket while it
+    printed, and created, OTHER/bucket (new-user trial): --var and --cache count only when the
+    config is created; other ones are refused in one line, nothing is created or mounted."""
+    from conftest import run_cli
+    from ossfuse.cli import QUICKSTART_CONFIG
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "default.toml").write_text(QUICKSTART_CONFIG.format(bucket=tmp_path / "var" / "bucket", key=cmk_path,
+                                                                  cache=tmp_path / "cache"))
+    r = run_cli("quickstart", "--etc", str(etc), "--var", str(tmp_path / "other"), "--cache", str(tmp_path / "cache"),
+                str(tmp_path / "mnt"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"ossfuse: {etc}/default.toml exists and uses the bucket {tmp_path}/var/bucket and the cache dir "
+        f"{tmp_path}/cache, not --var ({tmp_path}/other) (--var and --cache count only when quickstart creates "
+        f"the config): pass another --etc, or edit {etc}/default.toml"], r.stderr
+    assert not (tmp_path / "other").exists() and not os.path.ismount(tmp_path / "mnt")
+
+
 @pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it")
 def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_path, cmk_path, other_cmk_path):
     """Through the kernel: remounted with another CMK (a second quickstart's), `echo x > f1`
