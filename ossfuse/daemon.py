@@ -344,7 +344,11 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     try:
         pyfuse3.init(Operations(fs), mountpoint, fuse_options(cfg, options))
     except RuntimeError as e:
-        extra = f" (check the -o options: {', '.join(options)})" if options else ""
+        # libfuse wrote the cause to stderr (the log): the usual ones, said here too
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            extra = " (this user cannot open /dev/fuse: run as root, or get read-write access to /dev/fuse)"
+        else:
+            extra = f" (check the -o options: {', '.join(options)})" if options else ""
         raise MountError(f"cannot mount at {mountpoint}: {e}{extra}") from None
     life.session_open = True
     status = 0
