@@ -197,6 +197,22 @@ async def _write_closed(fs, name: str, data: bytes, node=None):
     return node
 
 
+async def _opened_then_replaced(tmp_path, cmk_path, read: bool, v2: bytes):
+    """Mounts A and B of one bucket: B writes f, A opens it for writing (and reads it, with
+    ``read``), then B replaces it with ``v2``. Returns (store, a, b, A's node, B's node, A's handle)."""
+    store = core_store(tmp_path)
+    a = core_filesystem(tmp_path, cmk_path, store=store)
+    os.makedirs(tmp_path / "other")
+    b = core_filesystem(tmp_path / "other", cmk_path, store=FaultStore(store.inner))
+    fb = await _write_closed(b, "f", b"version 1 by B")
+    fa = await a.lookup(a.get(1), "f")
+    h = await a.open(fa, os.O_RDWR)
+    if read:
+        assert await a.read(h, 0, 100) == b"version 1 by B"
+    await _write_closed(b, "f", v2, fb)
+    return store, a, b, fa, fb, h
+
+
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: write to 'pre/f' refused: this open file reads version")
 def test_write_through_a_stale_handle_after_a_lookup_saw_the_other_version(tmp_path, cmk_path):
     """As below, but something on mount A looked f up after B's commit (``ls -l``, a stat, an
@@ -204,15 +220,7 @@ def test_write_through_a_stale_handle_after_a_lookup_saw_the_other_version(tmp_p
     handle's first write was merged onto B's content, silently (new-user trial of the tenth
     session). It fails ESTALE, nothing is stored, and B's version stays."""
     async def main():
-        store = core_store(tmp_path)
-        a = core_filesystem(tmp_path, cmk_path, store=store)
-        os.makedirs(tmp_path / "other")
-        b = core_filesystem(tmp_path / "other", cmk_path, store=FaultStore(store.inner))
-        fb = await _write_closed(b, "f", b"version 1 by B")
-        fa = await a.lookup(a.get(1), "f")
-        h = await a.open(fa, os.O_RDWR)
-        assert await a.read(h, 0, 100) == b"version 1 by B"
-        await _write_closed(b, "f", b"VERSION 2 BY B, LONGER", fb)
+        _, a, b, fa, fb, h = await _opened_then_replaced(tmp_path, cmk_path, True, b"VERSION 2 BY B, LONGER")
         fa.checked_at = 0.0  # past attr_timeout: a stat on A re-reads f
         assert (await a.lookup(a.get(1), "f")) is fa and fa.version.size == 22
         with pytest.raises(FsError) as e:
@@ -246,15 +254,8 @@ def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, c
     it. A handle that wrote before B's commit goes on writing its own version, and its upload
     keeps both (B's at the name, A's in a conflict copy). Nothing written is lost silently."""
     async def main():
-        store = core_store(tmp_path)
-        a = core_filesystem(tmp_path, cmk_path, store=store)
-        os.makedirs(tmp_path / "other")
-        b = core_filesystem(tmp_path / "other", cmk_path, store=FaultStore(store.inner))
         # f: written by B, opened (not read) by A, then replaced by B
-        fb = await _write_closed(b, "f", b"version 1 by B")
-        fa = await a.lookup(a.get(1), "f")
-        h = await a.open(fa, os.O_RDWR)
-        await _write_closed(b, "f", b"VERSION 2 by B", fb)
+        store, a, b, fa, fb, h = await _opened_then_replaced(tmp_path, cmk_path, False, b"VERSION 2 by B")
         with pytest.raises(FsError) as e:
             await a.write(h, 0, b"A")
         assert e.value.errno == errno.ESTALE
