@@ -681,9 +681,9 @@ _LOST_WORK = r"WARNING ossfuse\.writeback\.journal: unsaved changes of '.*' \(wo
 
 @pytest.mark.expect_log(_LOST_WORK)
 def test_model_local_store(tmp_path, cmk_path):
-    _run(FsMachine, tmp_path, cmk_path, examples=60, steps=40)
+    _run(FsMachine, tmp_path, cmk_path, examples=150, steps=40)
 
 
 @pytest.mark.expect_log(r"injected fault", _LOST_WORK)
 def test_model_with_store_faults(tmp_path, cmk_path):
-    _run(FaultyFsMachine, tmp_path, cmk_path, examples=60, steps=40)
+    _run(FaultyFsMachine, tmp_path, cmk_path, examples=150, steps=40)
