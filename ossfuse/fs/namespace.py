@@ -500,12 +500,13 @@ class Namespace:
         """Whether this mount's file at ``path`` replaces version ``etag`` of ``key`` (the
         caller holds ``path``'s name lock): a new file, whose upload replaces the object (a
         DELETE now could race that upload and delete the new version), or one whose upload
-        or rename's copy has replaced it already. Any live file node at ``path`` is newer than the unlinked version: the unlink took
-        that one's name, and a lookup never finds a hidden version. Its ETag is no test: an
-        empty object's, or a copy's of the same content, equals the unlinked one's (OSS ETags
-        are the body's MD5), and the DELETE then took the new file (trial of the eighth
-        session). A version uploaded elsewhere (a conflict copy) leaves ``key`` to the delete.
-        Then the pending delete is no longer sent (:meth:`_forget_once_overwritten`)."""
+        or rename's copy has replaced it already. Then no DELETE is sent
+        (:meth:`_forget_once_overwritten` says when the record goes). Any live file node at
+        ``path`` is newer than the unlinked version: the unlink took that one's name, and a
+        lookup never finds a hidden version. Its ETag is no test: an empty object's, or a
+        copy's of the same content, equals the unlinked one's (OSS ETags are the body's MD5),
+        and the DELETE then took the new file (trial of the eighth session). A version
+        uploaded elsewhere (a conflict copy) leaves ``key`` to the delete."""
         current = self.inodes.by_path.get(path)
         return current is not None and not current.unlinked and not current.is_dir and (
             current.staged is not None or (current.version is not None and current.version.key == key))
