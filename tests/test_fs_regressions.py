@@ -658,29 +658,37 @@ def test_an_object_that_is_also_a_prefix_shows_as_the_file_and_is_said_once(tmp_
     assert len(lines) == 1
 
 
+async def _unlinked_open_in_d_then_x_renamed_over_d(tmp_path, cmk_path, name: str, x_name: str,
+                                                    x_data: bytes):
+    """d/``name`` (300,000 random bytes) in the bucket; a new mount with nothing of it cached
+    opens it, unlinks it, removes d, makes x holding the committed file ``x_name``
+    (``x_data``) and renames x to d. Returns (fs, store, root, the open handle, d/``name``'s bytes)."""
+    fs = core_filesystem(tmp_path, cmk_path)
+    store = fs.store
+    d = await fs.mkdir(fs.get(1), "d", 0o755, UID, GID)
+    old = os.urandom(300_000)
+    await committed_file(fs, name, old, parent=d)
+    fs.close()
+    fs = core_filesystem(tmp_path, cmk_path, store=store)  # nothing of d/name cached
+    root = fs.get(1)
+    d = await fs.lookup(root, "d")
+    h = await fs.open(await fs.lookup(d, name), os.O_RDONLY)
+    await fs.unlink(d, name)
+    await fs.rmdir(root, "d")
+    x = await fs.mkdir(root, "x", 0o755, UID, GID)
+    await committed_file(fs, x_name, x_data, parent=x)
+    assert await fs.drain() == 0
+    await fs.rename(root, "x", root, "d", 0)
+    return fs, store, root, h, old
+
+
 def test_a_directory_renamed_over_an_unlinked_open_files_name_keeps_it_readable(tmp_path, cmk_path):
     """``exec 3<d/f; rm d/f; rmdir d; mkdir x; echo new > x/f; mv x d; cat <&3``: the directory
     rename's copy of x/f overwrites the unlinked d/f's object, so the handle must be served
     from the cache (it got ESTALE, 11/11 on the local bucket, in the ninth session's break
     test), and d/f shows the new file."""
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path)
-        store = fs.store
-        root = fs.get(1)
-        d = await fs.mkdir(root, "d", 0o755, UID, GID)
-        old = os.urandom(300_000)
-        await committed_file(fs, "f", old, parent=d)
-        fs.close()
-        fs = core_filesystem(tmp_path, cmk_path, store=store)  # nothing of d/f cached
-        root = fs.get(1)
-        d = await fs.lookup(root, "d")
-        h = await fs.open(await fs.lookup(d, "f"), os.O_RDONLY)
-        await fs.unlink(d, "f")
-        await fs.rmdir(root, "d")
-        x = await fs.mkdir(root, "x", 0o755, UID, GID)
-        await committed_file(fs, "f", b"new", parent=x)
-        assert await fs.drain() == 0
-        await fs.rename(root, "x", root, "d", 0)
+        fs, store, root, h, old = await _unlinked_open_in_d_then_x_renamed_over_d(tmp_path, cmk_path, "f", "f", b"new")
         assert await fs.read(h, 0, 1 << 20) == old
         await fs.release(h)
         assert await fs.drain() == 0
@@ -699,23 +707,8 @@ def test_a_directory_rename_pins_only_the_unlinked_files_its_copies_overwrite(tm
     file below d/, and warned about one that did not fit, in the ninth session's third break
     test), and the handle still reads it from the store."""
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path)
-        store = fs.store
-        root = fs.get(1)
-        d = await fs.mkdir(root, "d", 0o755, UID, GID)
-        old = os.urandom(300_000)
-        await committed_file(fs, "big", old, parent=d)
-        fs.close()
-        fs = core_filesystem(tmp_path, cmk_path, store=store)  # nothing cached
-        root = fs.get(1)
-        d = await fs.lookup(root, "d")
-        h = await fs.open(await fs.lookup(d, "big"), os.O_RDONLY)
-        await fs.unlink(d, "big")
-        await fs.rmdir(root, "d")
-        x = await fs.mkdir(root, "x", 0o755, UID, GID)
-        await committed_file(fs, "other", b"other", parent=x)
-        assert await fs.drain() == 0
-        await fs.rename(root, "x", root, "d", 0)
+        fs, store, root, h, old = await _unlinked_open_in_d_then_x_renamed_over_d(
+            tmp_path, cmk_path, "big", "other", b"other")
         assert fs.cache.pinned_bytes == 0
         assert await fs.read(h, 0, 1 << 20) == old
         await fs.release(h)
