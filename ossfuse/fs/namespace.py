@@ -893,12 +893,13 @@ class Namespace:
             if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
                 src.implicit = False
+            target = {k: new_dkey + k[len(old_dkey):] for k in keys}  # old key → its copy's key
             # files unlinked while open below the new name: the copies overwrite their objects
-            await self._keep_unlinked_readable(*(new_dkey + k[len(old_dkey):] for k in keys))
+            await self._keep_unlinked_readable(*target.values())
             copies: dict[str, ObjectInfo] = {}
             mark = self.deferred.mark()
             for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
-                copies[k] = await copy_object(self.store, self.uploader, o, new_dkey + k[len(old_dkey):])
+                copies[k] = await copy_object(self.store, self.uploader, o, target[k])
                 self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
             for k, o in keys.items():  # only the versions copied: a newer foreign one stays
                 try:
