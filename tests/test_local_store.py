@@ -283,6 +283,17 @@ async def test_unused_bodies_are_unlinked_by_a_background_thread(tmp_path, monke
         return real_unlink(path, *a, **kw)
 
     monkeypatch.setattr(local_mod.os, "unlink", recording_unlink)
+    batches: list[int] = []
+    real_reap = s.reap_unused_blobs
+
+    def recording_reap():
+        n = real_reap()
+        if n:
+            batches.append(n)
+        return n
+
+    monkeypatch.setattr(s, "reap_unused_blobs", recording_reap)
+    monkeypatch.setattr(local_mod, "_REAP_BATCH_S", 0.5)  # long enough for the 21 frees below
     for i in range(20):
         await s.put_bytes(f"k{i}", b"x" * i, {})
     await s.copy("k1", "c1")
@@ -295,6 +306,8 @@ async def test_unused_bodies_are_unlinked_by_a_background_thread(tmp_path, monke
             break
         await trio.sleep(0.01)
     assert _blob_files(s) == {s._row("c1")[5]} and await s.get_range("c1", 0, 9) == b"x"
+    # in batches, not a thread wake-up (a GIL hand-off) per freed body
+    assert sum(batches) == 21 and len(batches) <= 2, batches
     await s.put_bytes("c1", b"new", {})
     await s.aclose()  # finishes what is queued
     assert _blob_files(s) == {s._row("c1")[5]} and on_loop == []
