@@ -5,8 +5,8 @@ daemon writes one JSON document and closes. Fields: state (``serving``, or ``dra
 unmounted while pending uploads finish), pending uploads (count, bytes, age of the
 oldest in seconds, and per upload running now the bytes already in the store), cache use in
 bytes with its hit and miss counts, store operations (calls, errors by kind, retries, bytes
-sent and received), recent errors (last 20 log records at ERROR), CMKs in use, and counters
-(uploaded, upload_failures, recovered, quarantined).
+sent and received), recent errors (last 20 log records at ERROR or worse) and warnings (last
+20 at WARNING), CMKs in use, and counters (uploaded, upload_failures, recovered, quarantined).
 
 :func:`prometheus` turns that document into the Prometheus text exposition format (version
 0.0.4, https://prometheus.io/docs/instrumenting/exposition_formats/) for
@@ -26,14 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class RecentErrors(logging.Handler):
-    """Keeps the last ``size`` ERROR-or-worse log records for ``status``."""
+    """Keeps the last ``size`` ERROR-or-worse log records (``records``) and, apart, the last
+    ``size`` WARNING records (``warnings``: a conflict copy, a key skipped as no valid name, the
+    store going offline) for ``status``: warnings must not push errors out."""
 
     def __init__(self, size: int = 20):
-        super().__init__(level=logging.ERROR)
+        super().__init__(level=logging.WARNING)
         self.records: collections.deque[dict] = collections.deque(maxlen=size)
+        self.warnings: collections.deque[dict] = collections.deque(maxlen=size)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append({"time": record.created, "level": record.levelname, "message": record.getMessage()})
+        kept = self.records if record.levelno >= logging.ERROR else self.warnings
+        kept.append({"time": record.created, "level": record.levelname, "message": record.getMessage()})
 
 
 def collect(fs, errors: RecentErrors, started: float, state: str = "serving") -> dict:
@@ -78,6 +82,7 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
                       "failures": cache_stats["integrity_failures"]},
         "conflicts": fs.commit.conflicts.status(),  # {"count", "recent": [conflict copy paths]}
         "recent_errors": list(errors.records),
+        "recent_warnings": list(errors.warnings),
         # {"online", "offline_since" (epoch seconds or None), "reason"}: store/health.py
         "store_health": (fs.store.health.status() if fs.store.health is not None
                          else {"online": True, "offline_since": None, "reason": None}),
@@ -174,12 +179,14 @@ def render(doc: dict) -> str:
                      f"(integrity failures {ig['failures']})")
     cf = doc.get("conflicts") or {"count": 0, "recent": []}
     lines.append(f"conflict copies:  {cf['count']}" + (f" (latest: {', '.join(cf['recent'])})" if cf["recent"] else ""))
-    if doc["recent_errors"]:
-        lines.append("recent errors:")
-        for e in doc["recent_errors"]:
-            lines.append(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['time']))} {e['message']}")
-    else:
-        lines.append("recent errors:    none")
+    for field, title in (("recent_errors", "recent errors:"), ("recent_warnings", "recent warnings:")):
+        records = doc.get(field) or []
+        if records:
+            lines.append(title)
+            for e in records:
+                lines.append(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['time']))} {e['message']}")
+        else:
+            lines.append(f"{title:<18}none")
     return "\n".join(lines)
 
 
@@ -247,4 +254,6 @@ def prometheus(doc: dict) -> str:
            [({}, ig["failures"])])
     family("ossfuse_recent_errors", "gauge", "Errors logged recently (the last 20 are kept).",
            [({}, len(doc["recent_errors"]))])
+    family("ossfuse_recent_warnings", "gauge", "Warnings logged recently (the last 20 are kept).",
+           [({}, len(doc.get("recent_warnings") or []))])
     return "\n".join(out) + "\n"

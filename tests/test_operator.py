@@ -80,6 +80,41 @@ def test_status_shows_bytes_uploaded_of_a_slowed_upload(tmp_path, cmk_path):
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse.fs.readdir: skipping key 'pre/x{300}': not a valid file name",
+                        r"ERROR test: an error after the warning")
+def test_status_keeps_recent_warnings_apart_from_errors(tmp_path, cmk_path):
+    """A name a listing had to skip (a 300-byte key: no valid file name) is one WARNING; status
+    shows it under recent warnings (document, text and Prometheus gauge), not as "recent
+    errors: none" alone, and an ERROR logged afterwards is listed under errors only."""
+    errors = status.RecentErrors()
+    logging.getLogger().addHandler(errors)  # as the daemon does
+    try:
+        async def main():
+            os.makedirs(tmp_path / "bucket", mode=0o700, exist_ok=True)
+            store = LocalStore(str(tmp_path / "bucket"))
+            await store.put_bytes("pre/" + "x" * 300, b"", {})
+            fs = _filesystem(tmp_path, cmk_path, store)
+            h = fs.opendir(fs.get(1))
+            assert [e[1] for e in await fs.readdir_entries(h, 0)] == []
+            doc = status.collect(fs, errors, started=0.0)
+            logging.getLogger("test").error("an error after the warning")
+            doc2 = status.collect(fs, errors, started=0.0)
+            fs.close()
+            return doc, doc2
+
+        doc, doc2 = trio.run(main)
+    finally:
+        logging.getLogger().removeHandler(errors)
+    skipped = f"skipping key 'pre/{'x' * 300}': not a valid file name"
+    assert [w["message"] for w in doc["recent_warnings"]] == [skipped] and doc["recent_errors"] == []
+    text = status.render(dict(doc, mountpoint="/m"))
+    assert "recent errors:    none" in text and "recent warnings:\n  " in text and skipped in text
+    assert _metrics(status.prometheus(dict(doc, mountpoint="/m")))["ossfuse_recent_warnings"] == {
+        (("mountpoint", "/m"),): 1.0}
+    assert [e["message"] for e in doc2["recent_errors"]] == ["an error after the warning"]
+    assert [w["message"] for w in doc2["recent_warnings"]] == [skipped]
+
+
 def test_render_shows_upload_progress():
     doc = {"store": "local:///b", "prefix": "", "uptime_seconds": 3, "state": "serving",
            "pending_uploads": {"count": 1, "bytes": 400, "oldest_seconds": 2, "failing": [],
