@@ -831,3 +831,90 @@ def test_a_directory_rename_before_an_upload_that_replaces_an_object_is_no_confl
         fs.close()
 
     trio.run(main)
+
+
+async def _unlink_during(fs, store, name: str, unlinked: list) -> None:
+    """Arm ``store`` so that the first HEAD of ``name`` (the revalidation of an open: attributes
+    never fresh with attr_timeout 0) is followed, before the open goes on, by ``unlink(name)``
+    in another task; ``unlinked`` gets True once that unlink returned."""
+    async def unlink_now(inner, op, keys):
+        done = trio.Event()
+
+        async def unlink():
+            await fs.unlink(fs.get(1), name)
+            unlinked.append(True)
+            done.set()
+        fs._nursery.start_soon(unlink)
+        with trio.fail_after(10):  # the unlink must not wait for the open
+            await done.wait()
+    store.hook("head", unlink_now, key=f"pre/{name}", when="after", count=1)
+
+
+@pytest.mark.parametrize("mode", [os.O_RDONLY, os.O_RDWR], ids=["read-only", "read-write"])
+def test_a_file_unlinked_while_it_is_being_opened_stays_readable_through_that_open(tmp_path, cmk_path, mode):
+    """An unlink that lands while an open of the same file is under way (its revalidating
+    HEAD done, its handle not made yet) leaves the object for that open, as for any open
+    handle: the reads give the content, and the object goes at the last close. Before, the
+    unlink deleted it at once: the open succeeded and each read failed with ESTALE and an
+    ERROR line blaming "another client" (found by `find -exec cat` alongside `rm -rf`)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            node = await committed_file(fs, "f", b"the content")
+            unlinked: list = []
+            await _unlink_during(fs, fs.store, "f", unlinked)
+            h = await fs.open(node, mode)
+            assert unlinked == [True] and not await exists(fs, "f")
+            assert await fs.read(h, 0, 100) == b"the content"
+            assert await _keys(fs.store) == ["pre/f"]  # kept for the handle
+            await fs.release(h)
+            assert await _keys(fs.store) == [] and fs.pending_deletes() == []
+            nursery.cancel_scope.cancel()
+        fs.close()
+
+    trio.run(main)
+
+
+def test_an_open_that_fails_after_an_unlink_under_way_deletes_the_object(tmp_path, cmk_path, monkeypatch):
+    """The open that held an unlinked file fails (here: its data key cannot be unwrapped): the
+    object it held goes then, as at a last close, instead of staying hidden in the bucket."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            node = await committed_file(fs, "f", b"the content")
+
+            async def failing_open_version(v, wait=True, doing="open"):
+                raise FsError(errno.EIO)
+            monkeypatch.setattr(fs.files, "open_version", failing_open_version)
+            unlinked: list = []
+            await _unlink_during(fs, fs.store, "f", unlinked)
+            with pytest.raises(FsError) as e:
+                await fs.open(node, os.O_RDWR)
+            assert e.value.errno == errno.EIO and unlinked == [True]
+            assert node.opens == 0 and await _keys(fs.store) == [] and fs.pending_deletes() == []
+            nursery.cancel_scope.cancel()
+        fs.close()
+
+    trio.run(main)
+
+
+def test_an_open_of_a_file_unlinked_before_it_arrived_is_enoent(tmp_path, cmk_path):
+    """The kernel looked the file up, then an unlink removed it (no handle held it: the object
+    is deleted) before the OPEN arrived: ENOENT, with no store request and no log line; not a
+    handle whose reads fail with ESTALE."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", b"x")
+        fs.remember(node)  # the kernel's lookup count keeps the node
+        await fs.unlink(fs.get(1), "f")
+        calls = dict(fs.store.counters.calls)
+        for mode in (os.O_RDONLY, os.O_WRONLY | os.O_TRUNC):
+            with pytest.raises(FsError) as e:
+                await fs.open(node, mode)
+            assert e.value.errno == errno.ENOENT
+        assert dict(fs.store.counters.calls) == calls and node.opens == 0
+        fs.close()
+
+    trio.run(main)

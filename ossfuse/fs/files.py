@@ -84,6 +84,25 @@ class Files:
         envelope or a truncated object (one log line each), EISDIR for a directory."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        if node.unlinked and node.opens == 0:
+            # unlinked before this open reached us (the kernel had looked it up): no handle
+            # kept its object, which is deleted or about to be
+            raise FsError(errno.ENOENT)
+        # An open in progress holds the file like a handle: an unlink during the awaits below
+        # leaves the object for it (deleted at its last close), as a local disk keeps an
+        # inode a process is opening; counted as a handle's from open_handle on.
+        node.opens += 1
+        try:
+            await self._prepare_open(node, flags)
+        except BaseException:
+            node.opens -= 1
+            await self._unheld(node)
+            raise
+        node.opens -= 1  # open_handle counts it again, with no await in between
+        return self.open_handle(node, flags)
+
+    async def _prepare_open(self, node: Node, flags: int) -> None:
+        """What :meth:`open` checks and fetches before the handle exists (raises as it)."""
         slim = node.staged is None and node.version is not None and not node.version.held
         if slim or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
@@ -102,7 +121,6 @@ class Files:
                 self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
             # read-only: the CMK unwraps while the kernel sends the first read (which waits for it)
             await self.open_version(v, wait=writing)
-        return self.open_handle(node, flags)
 
     def open_handle(self, node: Node, flags: int) -> FileHandle:
         """A new handle on ``node`` reading its current version."""
@@ -536,14 +554,19 @@ class Files:
         node = h.node
         node.opens -= 1
         node.drop_handle(h)
-        if node.staged is not None:
-            if node.unlinked:
-                if node.opens == 0:
-                    self.commit.drop_staged(node)
-            elif h.writable or node.opens == 0:
-                self.scheduler.schedule(node)
-        if node.unlinked and node.opens == 0 and node.version is not None:
-            self.cache.drop(node.version.key, node.version.etag)
+        if node.staged is not None and not node.unlinked and (h.writable or node.opens == 0):
+            self.scheduler.schedule(node)
+        await self._unheld(node)
+
+    async def _unheld(self, node: Node) -> None:
+        """A handle of ``node`` (or an open in progress) went, ``node.opens`` already lowered:
+        once an unlinked file has none left, its staged version and cached blocks are dropped
+        and its object deleted (``on_last_close``)."""
+        if node.unlinked and node.opens == 0:
+            if node.staged is not None:
+                self.commit.drop_staged(node)
+            if node.version is not None:
+                self.cache.drop(node.version.key, node.version.etag)
         self.inodes.maybe_drop(node)
         if node.unlinked and node.opens == 0 and self.on_last_close is not None:
             await self.on_last_close(node)
