@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 
 ENV_RUNTIME_DIR = "OSSFUSE_RUNTIME_DIR"
@@ -78,7 +79,7 @@ def registry_path(mountpoint: str, suffix: str = ".json") -> str:
     status socket). Resolves ``mountpoint``: call it before mounting, never from the daemon
     once mounted."""
     real = os.path.realpath(mountpoint)
-    return os.path.join(runtime_dir(), hashlib.sha256(real.encode()).hexdigest()[:32] + suffix)
+    return os.path.join(runtime_dir(), hashlib.sha256(os.fsencode(real)).hexdigest()[:32] + suffix)
 
 
 def write_registry(path: str, record: dict) -> None:
@@ -115,19 +116,21 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040 …)."""
-    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+def _unescape(field: bytes) -> str:
+    """A mountinfo path as os.fsdecode gives it: mountinfo escapes space, tab, newline and
+    backslash as octal (\\040 …) and leaves every other byte as the path has it, which need
+    not be UTF-8 (any mount's name, not only ours, is in the file)."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
 def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
     """(device "major:minor", mount point, fstype) of each line of a mountinfo file."""
     out = []
-    with open(mountinfo) as f:
+    with open(mountinfo, "rb") as f:
         for line in f:
             fields = line.split()
-            sep = fields.index("-")
-            out.append((fields[2], _unescape(fields[4]), fields[sep + 1]))
+            sep = fields.index(b"-")
+            out.append((fields[2].decode(), _unescape(fields[4]), os.fsdecode(fields[sep + 1])))
     return out
 
 

@@ -237,8 +237,11 @@ class Mount:
     def in_mount_table(self) -> bool:
         """The mount point is in the mount table — also a dead daemon's mount, where
         os.path.ismount is False (stat gives ENOTCONN)."""
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == os.path.realpath(self.mnt) for line in f)
+        field = os.fsencode(os.path.realpath(self.mnt))  # as mountinfo writes it: bytes, octal escapes
+        for c in b"\\ \t\n":
+            field = field.replace(bytes([c]), b"\\%03o" % c)
+        with open("/proc/self/mountinfo", "rb") as f:  # any mount's name may be no UTF-8
+            return any(line.split()[4] == field for line in f)
 
     def cleanup(self) -> None:
         if os.path.ismount(self.mnt):

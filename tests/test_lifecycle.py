@@ -3,6 +3,7 @@ background task that fails, signals during the drain, a daemon that never gets r
 the mount in other namespaces, and a mount point that is not empty (issue 11)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -369,6 +370,29 @@ def test_a_config_whose_new_files_would_be_unreadable_is_refused(tmp_path, cmk_p
     r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "new files would be unreadable" in r.stderr and "matdesc" in r.stderr, r.stderr
     assert not os.path.ismount(m.mnt)
+
+
+def test_a_mount_point_whose_name_is_no_utf8_mounts_serves_and_unmounts(tmp_path, cmk_path):
+    """A mount point named with bytes that are no UTF-8 (and a space and a backslash, which
+    the mount table escapes): mount, status and umount work, and the daemon's exit unmounts.
+    Before, reading /proc/self/mountinfo as UTF-8 text raised UnicodeDecodeError: the daemon
+    died after the kernel mount (left dead, ENOTCONN), and every ossfuse command of any mount
+    failed with a traceback while such a name was in the table."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.mnt = os.fsdecode(os.fsencode(str(tmp_path)) + b"/m\xff \\x")
+    os.makedirs(m.mnt)
+    try:
+        m.start()
+        with open(m.path("f"), "wb") as f:
+            f.write(b"hello")
+        assert m.in_mount_table() and open(m.path("f"), "rb").read() == b"hello"
+        r = subprocess.run(OSSFUSE + ["status", "--json", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and json.loads(r.stdout)["pending_uploads"]["count"] == 0, r.stderr
+        assert m.stop() == 0
+        assert not m.in_mount_table() and _no_daemon_for(m.config)
+        assert m.get("f") != b"hello" and len(m.get("f")) == 5
+    finally:
+        m.cleanup()
 
 
 def test_the_test_fixture_clears_a_dead_daemons_mount(tmp_path, cmk_path):
