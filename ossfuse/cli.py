@@ -389,6 +389,10 @@ def cmd_status(args) -> int:
     try:
         doc = status.query(registry_path(mp, ".sock"))
     except OSError:
+        if args.prometheus:  # the textfile must say so (ossfuse_up 0), not keep the last answer's 1
+            sys.stdout.write(status.prometheus_down(mp))
+            _die(f"no ossfuse daemon answers for {mp}: reported ossfuse_up 0")
+            return 0
         if daemon_gone(mp) is not None:
             return _die(f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
                         f"(or fusermount3 -u {mp})")

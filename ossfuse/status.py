@@ -195,6 +195,17 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+_UP_HELP = "1: the daemon answered; 0: none answers for the mount point (dead, or not mounted)."
+
+
+def prometheus_down(mountpoint: str) -> str:
+    """The exposition text when no daemon answers for ``mountpoint`` (it died, or nothing is
+    mounted there): ``ossfuse_up`` 0 alone, so a textfile collector stops serving the last
+    answer's 1."""
+    return (f"# HELP ossfuse_up {_UP_HELP}\n# TYPE ossfuse_up gauge\n"
+            f'ossfuse_up{{mountpoint="{_label(mountpoint)}"}} 0\n')
+
+
 def prometheus(doc: dict) -> str:
     """The status document ``doc`` (with its ``mountpoint``) as Prometheus text exposition
     format 0.0.4: one ``# HELP``/``# TYPE`` pair per metric family, every sample labelled
@@ -211,7 +222,7 @@ def prometheus(doc: dict) -> str:
 
     p, c, ctr = doc["pending_uploads"], doc["cache"], doc["counters"]
     ops = doc.get("store_ops") or {"calls": {}, "retries": {}, "errors": [], "bytes_sent": 0, "bytes_received": 0}
-    family("ossfuse_up", "gauge", "1: the daemon answered.", [({}, 1)])
+    family("ossfuse_up", "gauge", _UP_HELP, [({}, 1)])
     family("ossfuse_store_offline", "gauge", "1 while the store is unreachable and the mount works from its cache.",
            [({}, 0 if (doc.get("store_health") or {}).get("online", True) else 1)])
     family("ossfuse_draining", "gauge", "1 once unmounted while pending uploads finish, else 0.",

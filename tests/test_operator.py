@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
 
 import pytest
 import trio
@@ -17,7 +19,7 @@ from ossfuse.fs import Filesystem
 from ossfuse.keyring import Keyring
 from ossfuse.store.local import LocalStore
 
-from conftest import local_config, run_cli
+from conftest import Mount, local_config, run_cli
 from fakes.core import core_filesystem
 from fakes.fault_store import FaultStore
 
@@ -83,9 +85,10 @@ def test_status_shows_bytes_uploaded_of_a_slowed_upload(tmp_path, cmk_path):
 @pytest.mark.expect_log(r"WARNING ossfuse.fs.readdir: skipping key 'pre/x{300}': not a valid file name",
                         r"ERROR test: an error after the warning")
 def test_status_keeps_recent_warnings_apart_from_errors(tmp_path, cmk_path):
-    """A name a listing had to skip (a 300-byte key: no valid file name) is one WARNING; status
-    shows it under recent warnings (document, text and Prometheus gauge), not as "recent
-    errors: none" alone, and an ERROR logged afterwards is listed under errors only."""
+    """A name listings have to skip (a 300-byte key: no valid file name) is one WARNING, not one
+    per listing (they flooded the recent warnings); status shows it under recent warnings
+    (document, text and Prometheus gauge), not as "recent errors: none" alone, and an ERROR
+    logged afterwards is listed under errors only."""
     errors = status.RecentErrors()
     logging.getLogger().addHandler(errors)  # as the daemon does
     try:
@@ -94,8 +97,11 @@ def test_status_keeps_recent_warnings_apart_from_errors(tmp_path, cmk_path):
             store = LocalStore(str(tmp_path / "bucket"))
             await store.put_bytes("pre/" + "x" * 300, b"", {})
             fs = _filesystem(tmp_path, cmk_path, store)
-            h = fs.opendir(fs.get(1))
-            assert [e[1] for e in await fs.readdir_entries(h, 0)] == []
+            for _ in range(3):  # every listing skips it, one line says so
+                h = fs.opendir(fs.get(1))
+                assert [e[1] for e in await fs.readdir_entries(h, 0)] == []
+                fs.releasedir(h.fh)
+            assert store.counters.calls["list"] == 3
             doc = status.collect(fs, errors, started=0.0)
             logging.getLogger("test").error("an error after the warning")
             doc2 = status.collect(fs, errors, started=0.0)
@@ -199,6 +205,30 @@ def test_status_prometheus_flag_of_the_command(tmp_path):
     assert r.returncode == 2 and "not allowed with" in r.stderr
     r = run_cli("status", "--help")
     assert "--prometheus" in r.stdout and "textfile" in r.stdout
+
+
+def test_prometheus_reports_a_dead_or_absent_daemon_as_down(tmp_path, cmk_path):
+    """With a textfile collector the file must change when the daemon dies: ``--prometheus``
+    then prints ``ossfuse_up`` 0 alone (parsed by prometheus_client), says why on stderr and
+    exits 0 (the README's cron line moves the file only on success). Before, it printed
+    nothing and exited 1, so the file kept the last answer's ``ossfuse_up 1`` for ever."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        r = run_cli("status", "--prometheus", m.mnt)
+        assert r.returncode == 0 and _metrics(r.stdout)["ossfuse_up"] == {(("mountpoint", m.mnt),): 1.0}
+        os.kill(m.pid, signal.SIGKILL)
+        while os.path.ismount(m.mnt):
+            time.sleep(0.01)
+        r = run_cli("status", "--prometheus", m.mnt)
+        assert r.returncode == 0 and _metrics(r.stdout) == {"ossfuse_up": {(("mountpoint", m.mnt),): 0.0}}
+        assert "no ossfuse daemon answers" in r.stderr and r.stderr.count("\n") == 1
+    finally:
+        m.cleanup()
+    r = run_cli("status", "--prometheus", str(tmp_path))  # nothing mounted there
+    assert r.returncode == 0 and _metrics(r.stdout) == {"ossfuse_up": {(("mountpoint", str(tmp_path)),): 0.0}}
+    r = run_cli("status", str(tmp_path))  # the other forms still fail
+    assert r.returncode == 1 and "is not a mount point" in r.stderr and r.stdout == ""
 
 
 # --------------------------------------------------------------------------------- rekey

@@ -80,6 +80,7 @@ class DirectoryReader:
         # numbers of them looked up since): what stat_ahead HEADs together
         self._listed_batch: dict[str, tuple[int, dict[int, Node], set[int]]] = {}
         self._shadowed: set[str] = set()  # keys both an object and a prefix, said once each
+        self._skipped: set[str] = set()  # keys no valid file name, said once each
 
     def opendir(self, node: Node) -> DirHandle:
         """A handle on directory ``node``; FsError(ENOTDIR) for anything else."""
@@ -170,7 +171,9 @@ class DirectoryReader:
         result = []
         for name in sorted(entries):
             if not valid_listed_name(name):
-                log.warning("skipping key %r: not a valid file name", dkey + name)
+                if dkey + name not in self._skipped:  # every listing meets it again: one line is enough
+                    self._skipped.add(dkey + name)
+                    log.warning("skipping key %r: not a valid file name", dkey + name)
                 continue
             result.append(entries[name])
         return result
