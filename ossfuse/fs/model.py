@@ -224,7 +224,7 @@ class Node:
     ctime_ns: int
     size: int = 0
     lookups: int = 0  # the kernel's lookup count (FUSE forget protocol)
-    opens: int = 0
+    opens: int = 0  # handles, and opens under way (Files.open counts one from its start)
     version: Version | None = None
     staged: StagedFile | None = None  # present ⇔ the file has changes not yet in the bucket
     unlinked: bool = False
