@@ -850,15 +850,19 @@ async def _unlink_during(fs, store, name: str, unlinked: list) -> None:
     store.hook("head", unlink_now, key=f"pre/{name}", when="after", count=1)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["local-deletes", "background-deletes"])
 @pytest.mark.parametrize("mode", [os.O_RDONLY, os.O_RDWR], ids=["read-only", "read-write"])
-def test_a_file_unlinked_while_it_is_being_opened_stays_readable_through_that_open(tmp_path, cmk_path, mode):
+def test_a_file_unlinked_while_it_is_being_opened_stays_readable_through_that_open(tmp_path, cmk_path, mode,
+                                                                                   background):
     """An unlink that lands while an open of the same file is under way (its revalidating
     HEAD done, its handle not made yet) leaves the object for that open, as for any open
     handle: the reads give the content, and the object goes at the last close. Before, the
     unlink deleted it at once: the open succeeded and each read failed with ESTALE and an
-    ERROR line blaming "another client" (found by `find -exec cat` alongside `rm -rf`)."""
+    ERROR line blaming "another client" (found by `find -exec cat` alongside `rm -rf`).
+    ``background``: as over OSS, where the unlink of a file no handle holds queues its DELETE."""
     async def main():
         fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0)
+        fs.namespace.background_deletes = background
         async with trio.open_nursery() as nursery:
             fs._nursery = nursery
             node = await committed_file(fs, "f", b"the content")
