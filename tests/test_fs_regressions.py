@@ -904,21 +904,34 @@ def test_an_open_that_fails_after_an_unlink_under_way_deletes_the_object(tmp_pat
     trio.run(main)
 
 
-def test_an_open_of_a_file_unlinked_before_it_arrived_is_enoent(tmp_path, cmk_path):
-    """The kernel looked the file up, then an unlink removed it (no handle held it: the object
-    is deleted) before the OPEN arrived: ENOENT, with no store request and no log line; not a
-    handle whose reads fail with ESTALE."""
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_an_open_of_a_file_that_lost_its_name_before_it_arrived_is_estale(tmp_path, cmk_path, how):
+    """The kernel looked the file up, then its name went (an unlink, or another file renamed
+    over it: an editor's atomic save) before the OPEN arrived, and no handle held it: ESTALE,
+    with no store request and no log line, so that the kernel walks the path again once
+    (LOOKUP_REVAL): ENOENT after the unlink, the new file after the rename. Not ENOENT at
+    once (a name that always existed failed to open: this change's first form), and not a
+    handle whose reads fail with ESTALE (before), nor one whose writes go to a file with no
+    name (dropped at close)."""
     async def main():
         fs = core_filesystem(tmp_path, cmk_path)
         node = await committed_file(fs, "f", b"x")
         fs.remember(node)  # the kernel's lookup count keeps the node
-        await fs.unlink(fs.get(1), "f")
+        if how == "unlink":
+            await fs.unlink(fs.get(1), "f")
+        else:
+            await committed_file(fs, "f.tmp", b"new")
+            await fs.rename(fs.get(1), "f.tmp", fs.get(1), "f", 0)
         calls = dict(fs.store.counters.calls)
-        for mode in (os.O_RDONLY, os.O_WRONLY | os.O_TRUNC):
+        for mode in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND, os.O_WRONLY | os.O_TRUNC):
             with pytest.raises(FsError) as e:
                 await fs.open(node, mode)
-            assert e.value.errno == errno.ENOENT
+            assert e.value.errno == errno.ESTALE
         assert dict(fs.store.counters.calls) == calls and node.opens == 0
+        if how == "rename-over":  # what the kernel's second walk finds
+            assert await read_file(fs, "f") == b"new"
+        else:
+            assert not await exists(fs, "f")
         fs.close()
 
     trio.run(main)

@@ -80,14 +80,19 @@ class Files:
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
         """Open a file. Raises FsError: EACCES when no CMK matches the object (or, to write it,
-        none unwraps it: :meth:`check_replaceable`), EIO for a corrupt
-        envelope or a truncated object (one log line each), EISDIR for a directory."""
+        none unwraps it: :meth:`check_replaceable`), EIO for a corrupt envelope or a truncated
+        object (one log line each), EISDIR for a directory, ESTALE when the file lost its name
+        before this open arrived and no handle held it (the kernel then looks the name up
+        again, once). From its start until it returns or fails, the open counts in
+        ``node.opens`` like a handle (an unlink meanwhile keeps the object for it)."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
         if node.unlinked and node.opens == 0:
-            # unlinked before this open reached us (the kernel had looked it up): no handle
-            # kept its object, which is deleted or about to be
-            raise FsError(errno.ENOENT)
+            # its name went before this open reached us (the kernel had looked it up), and no
+            # handle kept its object: ESTALE makes the kernel walk the path again once
+            # (LOOKUP_REVAL), which finds the file now at the name (a rename over it: an
+            # editor's atomic save) or gives ENOENT (an unlink)
+            raise FsError(errno.ESTALE)
         # An open in progress holds the file like a handle: an unlink during the awaits below
         # leaves the object for it (deleted at its last close), as a local disk keeps an
         # inode a process is opening; counted as a handle's from open_handle on.
