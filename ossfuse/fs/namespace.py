@@ -673,16 +673,21 @@ class Namespace:
         """``node``'s object is about to be overwritten (a rename over it, or a new file at the
         name of it, unlinked) while handles read it: keep its bytes in the cache, within the
         cache's limits; beyond them, warn (``how``: what happened to it) that its readers will
-        get ESTALE. Holds at most the names of the caller (a rename's two)."""
+        get ESTALE. Holds at most the names of the caller (a rename's two). No warning when
+        the last handle closed meanwhile (its close drops the blocks, and may delete the
+        object, while they are fetched): no reader is left to get ESTALE."""
         if node.opens > 0 and node.staged is None and node.version is not None:
             v = node.version
             try:
                 await self.files.open_version(v)
-                if not await self.cache.keep(v.key, v.etag, v.size):
-                    log.warning("%r (%d bytes) is open and %s; it does not fit the cache "
-                                "limits, so its readers get ESTALE for what they have not read yet", v.key, v.size, how)
+                kept = await self.cache.keep(v.key, v.etag, v.size)
             except (FsError, StoreError, TruncatedObject) as e:
-                log.warning("%r is open and %s, but could not be kept readable: %s", v.key, how, e)
+                if node.opens > 0:
+                    log.warning("%r is open and %s, but could not be kept readable: %s", v.key, how, e)
+                return
+            if not kept and node.opens > 0:
+                log.warning("%r (%d bytes) is open and %s; it does not fit the cache limits, so its "
+                            "readers get ESTALE for what they have not read yet", v.key, v.size, how)
 
     async def _keep_unlinked_readable(self, *keys: str) -> None:
         """New versions are about to take ``keys`` (a create, a rename to its name, a directory
