@@ -8,6 +8,7 @@ import stat
 
 import pytest
 import trio
+import trio.testing
 
 from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_file, read_node
 from ossfuse.fs import FsError
@@ -961,6 +962,59 @@ def test_no_warning_when_the_last_reader_closes_while_its_unlinked_file_is_being
             await fs.release(h2)
             assert await fs.drain() == 0
             assert await _keys(fs.store) == ["pre/f"] and await read_file(fs, "f") == b"new"
+            nursery.cancel_scope.cancel()
+        fs.close()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("how", ["rename-over", "unlink"])
+def test_an_open_that_starts_while_the_name_goes_waits_and_gets_estale(tmp_path, cmk_path, how):
+    """An open of ``f`` starts while a rename over it (its copy) or its unlink (the local
+    store's DELETE) is under way, after those looked for open handles to keep it for: the
+    open waits for the outcome and gets ESTALE (the kernel then looks the name up again: the
+    new file, or ENOENT), never a handle on an object going away. Before, the open returned
+    a handle and its reads failed with ESTALE and an ERROR blaming another client (a trial's
+    churn of renames over names always present: 200 failed reads, 47 such lines)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            node = await committed_file(fs, "f", b"old")
+            fs.remember(node)  # the kernel looked it up
+            await committed_file(fs, "g", b"new")
+            outcome: list = []
+            name_went = trio.Event()
+
+            async def open_f():
+                try:
+                    h = await fs.open(node, os.O_RDONLY)
+                except FsError as e:
+                    outcome.append(errno.errorcode[e.errno])
+                    return
+                await name_went.wait()  # reads after the rename or unlink returned
+                try:
+                    outcome.append(await fs.read(h, 0, 100))
+                except FsError as e:
+                    outcome.append("read " + errno.errorcode[e.errno])
+                await fs.release(h)
+
+            async def start_an_open(inner, op, keys):
+                nursery.start_soon(open_f)
+                await trio.testing.wait_all_tasks_blocked()  # the open runs as far as it can
+            if how == "rename-over":
+                fs.store.hook("copy", start_an_open, key="pre/g", count=1)
+                await fs.rename(fs.get(1), "g", fs.get(1), "f", 0)
+            else:
+                fs.store.hook("delete", start_an_open, key="pre/f", count=1)
+                await fs.unlink(fs.get(1), "f")
+            name_went.set()
+            with trio.fail_after(10):
+                while not outcome:
+                    await trio.sleep(0.01)
+            assert outcome == ["ESTALE"]
+            if how == "rename-over":  # what the kernel's second walk opens
+                assert await read_file(fs, "f") == b"new"
             nursery.cancel_scope.cancel()
         fs.close()
 

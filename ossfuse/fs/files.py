@@ -83,10 +83,14 @@ class Files:
         none unwraps it: :meth:`check_replaceable`), EIO for a corrupt envelope or a truncated
         object (one log line each), EISDIR for a directory, ESTALE when the file lost its name
         before this open arrived and no handle held it (the kernel then looks the name up
-        again, once). From its start until it returns or fails, the open counts in
-        ``node.opens`` like a handle (an unlink meanwhile keeps the object for it)."""
+        again, once). An open that arrives while a rename over the file or its unlink runs
+        waits for it (``node.name_going``); from then until it returns or fails, the open counts
+        in ``node.opens`` like a handle (an unlink or rename over it keeps the object, or its
+        bytes, for it)."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        while node.name_going is not None:  # a rename over it or its unlink runs: its outcome first
+            await node.name_going.wait()
         if node.unlinked and node.opens == 0:
             # its name went before this open reached us (the kernel had looked it up), and no
             # handle kept its object: ESTALE makes the kernel walk the path again once

@@ -246,6 +246,9 @@ class Node:
     # attributes guessed from a listing entry, which carries no metadata (a big directory over
     # OSS, fs/readdir.py): shown with zero timeouts; a lookup, getattr or open HEADs the object
     listed_only: bool = False
+    # set while a rename over this file or its unlink runs: an open starting then waits for the
+    # outcome (Files.open; fs/namespace.py name_going), so no handle reads an object going away
+    name_going: trio.Event | None = None
     _lock: trio.Lock | None = None
 
     def add_handle(self, handle: "FileHandle") -> None:

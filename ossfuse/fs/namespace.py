@@ -18,8 +18,8 @@ import itertools
 import logging
 import stat
 import time
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import AsyncIterator, Iterator
 
 import trio
 
@@ -73,6 +73,22 @@ def _count_subdirs(dirnode: Node, delta: int) -> None:
 
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
+
+
+@contextmanager
+def name_going(node: Node) -> Iterator[None]:
+    """While a rename over ``node`` or its unlink runs: an open of it that starts meanwhile
+    waits (Files.open), then finds the file still named or gets ESTALE (the kernel then looks
+    the name up again). Opens already under way count in ``node.opens``: the caller checks it
+    after entering, and keeps the object (or its bytes) for them."""
+    done = trio.Event()
+    node.name_going = done
+    try:
+        yield
+    finally:
+        if node.name_going is done:
+            node.name_going = None
+        done.set()
 
 
 class Namespace:
@@ -358,31 +374,36 @@ class Namespace:
                     # under node.lock: an upload starting from here on finds the node unlinked
                     if self.commit.upload_running(node):
                         continue  # one started meanwhile: wait for it, with the locks released
-                    v = node.version
-                    key = self.naming.key(node.path)
-                    if v is not None and node.opens > 0 and node.staged is None:
-                        try:
-                            self.deferred.record(key, v.etag)
-                        except OSError as e:
-                            log.error("cannot record the pending delete of open %r: %s", key, e)
-                            raise FsError(errno_of(e)) from None
-                        self._unlinked_open[node] = (key, v.etag)
-                    elif v is not None and self._deletes_in_background():
-                        try:
-                            self.deferred.queue(key, v.etag)  # the commit: hidden from now on
-                        except OSError as e:
-                            log.error("cannot record the pending delete of %r: %s", key, e)
-                            raise FsError(errno_of(e)) from None
-                        self.cache.drop(v.key, v.etag)
-                        self._start_deleting()
-                    elif v is not None:
-                        await store_request(self.store.delete(key), key)  # the commit
-                        self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
-                    else:
-                        await self._delete_replaced(node, key)
-                    self._take_name(node)
+                    with name_going(node):  # an open starting during the delete waits for it
+                        await self._unlink_locked(node)
                 touch(parent)
                 return
+
+    async def _unlink_locked(self, node: Node) -> None:
+        """The commit of :meth:`unlink` (its name and node locks held, no upload running)."""
+        v = node.version
+        key = self.naming.key(node.path)
+        if v is not None and node.opens > 0 and node.staged is None:
+            try:
+                self.deferred.record(key, v.etag)
+            except OSError as e:
+                log.error("cannot record the pending delete of open %r: %s", key, e)
+                raise FsError(errno_of(e)) from None
+            self._unlinked_open[node] = (key, v.etag)
+        elif v is not None and self._deletes_in_background():
+            try:
+                self.deferred.queue(key, v.etag)  # the commit: hidden from now on
+            except OSError as e:
+                log.error("cannot record the pending delete of %r: %s", key, e)
+                raise FsError(errno_of(e)) from None
+            self.cache.drop(v.key, v.etag)
+            self._start_deleting()
+        elif v is not None:
+            await store_request(self.store.delete(key), key)  # the commit
+            self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
+        else:
+            await self._delete_replaced(node, key)
+        self._take_name(node)
 
     async def _delete_replaced(self, node: Node, key: str) -> None:
         """``node`` is a new file renamed over a committed one and not uploaded yet: the old
@@ -776,6 +797,13 @@ class Namespace:
             raise FsError(errno.EISDIR)
 
     async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> bool:
+        """:meth:`_move_file`; opens of ``dst`` that start meanwhile wait for it (name_going)."""
+        if dst is None:
+            return await self._move_file(src, dst_path, None)
+        with name_going(dst):
+            return await self._move_file(src, dst_path, dst)
+
+    async def _move_file(self, src: Node, dst_path: str, dst: Node | None) -> bool:
         """Move file ``src`` to ``dst_path`` (replacing ``dst``). A committed version is copied
         (conditional on its ETag), then deleted at the old name. If the copy fails nothing
         changed; if the delete fails, the copy is deleted again when it replaced nothing (the
