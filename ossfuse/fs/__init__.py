@@ -216,7 +216,7 @@ class Filesystem:
         """``node``, its attributes read from the store first (a HEAD) when they were only
         guessed from a listing (``Node.listed_only``). FsError(ENOENT) if its object is gone or
         of another type now, EIO when the store fails."""
-        if node.listed_only and await self.resolver.resolve(node.path, node) is not node:
+        if node.listed_only and await self.resolver.reread(node) is not node:
             # gone, or of another type than guessed (a symlink): this inode is stale, and the
             # lookup that follows hands the kernel the right one
             raise FsError(errno.ENOENT)

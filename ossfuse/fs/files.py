@@ -25,7 +25,7 @@ from .commit import Commit
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
-from .model import FileHandle, Node, Version
+from .model import FileHandle, Node, Version, name_settled
 from .naming import Naming
 from .readahead import fetch_until
 from .resolve import Resolver
@@ -89,8 +89,7 @@ class Files:
         bytes, for it)."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        while node.name_going is not None:  # a rename over it or its unlink runs: its outcome first
-            await node.name_going.wait()
+        await name_settled(node)  # a rename of it or over it, or its unlink runs: its outcome first
         if node.unlinked and node.opens == 0:
             # its name went before this open reached us (the kernel had looked it up), and no
             # handle kept its object: ESTALE makes the kernel walk the path again once
@@ -285,25 +284,32 @@ class Files:
         if v is None or offset >= v.size:
             return b""
         return await self.read_version(v, offset, length,
-                                       fetch_until=fetch_until(h, offset, length, self.cache.block_size))
+                                       fetch_until=fetch_until(h, offset, length, self.cache.block_size), handle=h)
 
-    async def read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0) -> bytes:
+    async def read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0,
+                           handle: FileHandle | None = None) -> bytes:
         """Plaintext ``[offset, offset+length)`` of committed version ``v`` through the block
         cache (fetching ahead to ``fetch_until``), checked against the version's integrity tags
         when it has them (docs/integrity.md). Raises FsError as :meth:`read`; EIO when a
-        block fails its tag (one log line naming the object, the block and the ETag)."""
+        block fails its tag (one log line naming the object, the block and the ETag).
+        ``handle``: the handle reading ``v`` (no lock held by the caller); when ``v`` is gone
+        because this mount moved the file (a rename of it or of a directory above it, whose
+        copies and deletes run under the node's lock), the read follows the handle to the
+        version the move made instead of failing."""
         await self.open_version(v, doing="read")  # a read-only open did not wait for the CMK
         try:
             tags = (await self.cache.tags_for(v.key, v.etag, v.size, v.metadata, v.envelope.data_key, v.envelope.iv)
                     if v.envelope is not None else None)
             data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until,
                                          tags=tags)
-        except PreconditionFailed as e:
+        except (PreconditionFailed, NoSuchKey) as e:
+            if handle is not None and await self._moved_here(handle, v):
+                return await self.read(handle, offset, length)
+            if isinstance(e, NoSuchKey):
+                self._error_once("%r was deleted by another client while open", v.key)
+                raise FsError(errno_of(e)) from None
             self._error_once("%r was replaced while open (ETag %s), by another client or by a newer file of "
                              "this mount at its name; reopen to read the new version", v.key, v.etag)
-            raise FsError(errno_of(e)) from None
-        except NoSuchKey as e:
-            self._error_once("%r was deleted by another client while open", v.key)
             raise FsError(errno_of(e)) from None
         except TruncatedObject as e:
             log.error("cannot read %r: %s", v.key, e)
@@ -318,6 +324,15 @@ class Files:
             self._error_once("reading %r failed: %s", v.key, e)
             raise FsError(errno_of(e)) from None
         return v.envelope.crypt(offset, data) if v.envelope is not None else data
+
+    @staticmethod
+    async def _moved_here(h: FileHandle, v: Version) -> bool:
+        """Whether this mount moved ``h``'s file off version ``v`` (its object gone or replaced at
+        that key): a rename in progress holds the node's lock until the handles follow the copy
+        (model.set_local_version), so wait for it; then the handle names another version."""
+        async with h.node.lock:
+            pass
+        return h.version is not v
 
     def _error_once(self, fmt: str, key: str, *args) -> None:
         """Log ``fmt % (key, *args)`` at ERROR the first time, at DEBUG after: one ERROR line per

@@ -246,8 +246,10 @@ class Node:
     # attributes guessed from a listing entry, which carries no metadata (a big directory over
     # OSS, fs/readdir.py): shown with zero timeouts; a lookup, getattr or open HEADs the object
     listed_only: bool = False
-    # set while a rename over this file or its unlink runs: an open starting then waits for the
-    # outcome (Files.open; fs/namespace.py name_going), so no handle reads an object going away
+    # set while its name changes: a rename of it (or of a directory above it), a rename over it,
+    # its unlink. An open or a lookup in it starting then waits for the outcome (name_settled;
+    # fs/namespace.py name_going): no handle reads an object going away, no node is made at a
+    # path that is moving
     name_going: trio.Event | None = None
     _lock: trio.Lock | None = None
 
@@ -320,6 +322,12 @@ class DirHandle:
     fh: int
     node: Node
     entries: list[DirEntry] | None = None
+
+
+async def name_settled(node: Node) -> None:
+    """Wait until no rename or unlink changes ``node``'s name (``Node.name_going``)."""
+    while node.name_going is not None:
+        await node.name_going.wait()
 
 
 def set_local_version(node: Node, version: Version) -> None:

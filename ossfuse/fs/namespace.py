@@ -76,18 +76,23 @@ def _by_ino(nodes) -> list[Node]:
 
 
 @contextmanager
-def name_going(node: Node) -> Iterator[None]:
-    """While a rename over ``node`` or its unlink runs: an open of it that starts meanwhile
-    waits (Files.open), then finds the file still named or gets ESTALE (the kernel then looks
-    the name up again). Opens already under way count in ``node.opens``: the caller checks it
-    after entering, and keeps the object (or its bytes) for them."""
+def name_going(*nodes: Node) -> Iterator[None]:
+    """While a rename of ``nodes`` (a file, or a directory and everything below it), a rename
+    over them or an unlink runs. An open that starts meanwhile waits (Files.open), then finds
+    the file named (at its new name) or gets ESTALE (the kernel then looks the name up again);
+    a lookup or listing in such a directory waits and then works at the new path (a store
+    answer about the old path that arrives meanwhile is asked again: Resolver, PathMoved).
+    Opens already under way count in ``node.opens``: the caller checks it after entering, and
+    keeps the object (or its bytes) for them."""
     done = trio.Event()
-    node.name_going = done
+    for node in nodes:
+        node.name_going = done
     try:
         yield
     finally:
-        if node.name_going is done:
-            node.name_going = None
+        for node in nodes:
+            if node.name_going is done:
+                node.name_going = None
         done.set()
 
 
@@ -753,6 +758,9 @@ class Namespace:
             # no lock held; _rename_file checks again under the node locks.
             for n in (src, dst) if dst is not None else (src,):
                 await self.commit.upload_settled(n)
+            if src.is_dir:  # the same for the files below it (_move_dir checks again under the node locks)
+                for n in self._uploading_below(src_path):
+                    await self.commit.upload_settled(n)
             if src.version is not None or src.is_dir:
                 await self._keep_parent(parent)
             dkeys = [self.naming.dir_key(p) for p in (src_path, dst_path)] if src.is_dir else []
@@ -774,7 +782,8 @@ class Namespace:
                 if dst is not None and dst.is_dir and await self.has_children(dst_path):
                     raise FsError(errno.ENOTEMPTY)  # checked under the tree lock: only dst's subtree waits
                 if src.is_dir:
-                    await self._rename_dir(src, dst_path, dst)
+                    if not await self._rename_dir(src, dst_path, dst):
+                        continue  # an upload below it started meanwhile: wait for it with the locks released
                     _count_subdirs(parent, -1)
                     if dst is None:  # a directory replaced there leaves new_parent's count as it was
                         _count_subdirs(new_parent, +1)
@@ -797,10 +806,9 @@ class Namespace:
             raise FsError(errno.EISDIR)
 
     async def _rename_file(self, src: Node, dst_path: str, dst: Node | None) -> bool:
-        """:meth:`_move_file`; opens of ``dst`` that start meanwhile wait for it (name_going)."""
-        if dst is None:
-            return await self._move_file(src, dst_path, None)
-        with name_going(dst):
+        """:meth:`_move_file`; opens and lookups of ``src`` and ``dst`` that start meanwhile
+        wait for it (name_going)."""
+        with name_going(*(n for n in (src, dst) if n is not None)):
             return await self._move_file(src, dst_path, dst)
 
     async def _move_file(self, src: Node, dst_path: str, dst: Node | None) -> bool:
@@ -898,11 +906,32 @@ class Namespace:
         log.error("rename of %r to %r failed half-way: deleting %r failed (%s); both names hold the file now",
                   old_path, dst_path, self.naming.key(old_path), reason)
 
-    async def _rename_dir(self, src: Node, dst_path: str, dst: Node | None) -> None:
+    def _uploading_below(self, path: str) -> list[Node]:
+        """The nodes below directory ``path`` whose upload runs now (Commit.upload_running)."""
+        return [n for n in self.inodes.nodes.values()
+                if n.path.startswith(path + "/") and self.commit.upload_running(n)]
+
+    async def _rename_dir(self, src: Node, dst_path: str, dst: Node | None) -> bool:
+        """Move directory ``src`` and everything below it to ``dst_path`` (replacing the empty
+        directory ``dst``): :meth:`_move_dir`. Returns False, having changed nothing, when an
+        upload of a file below it runs (the caller waits for it with no lock held and tries
+        again: its PUT would race the copies); True when done."""
         old_path = src.path
         affected = _by_ino(n for n in self.inodes.nodes.values()
                            if n.path == old_path or n.path.startswith(old_path + "/"))
+        # lookups below it wait (a node made there now would keep the old path and version)
+        with name_going(*affected):
+            return await self._move_dir(src, old_path, dst_path, dst, affected)
+
+    async def _move_dir(self, src: Node, old_path: str, dst_path: str, dst: Node | None,
+                        affected: list[Node]) -> bool:
+        """The copies and deletes of :meth:`_rename_dir`, under the node locks of ``affected``
+        (every node at or below ``old_path``). Raises FsError ENAMETOOLONG, EIO, ESTALE."""
         async with NodeLocks(affected):
+            # under the node locks: an upload starting from here on finds the new name when it
+            # takes its node's lock to seal (as for a file: _move_file)
+            if any(self.commit.upload_running(n) for n in affected):
+                return False
             old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
             keys: dict[str, ObjectInfo] = {}
             marker = None
@@ -967,3 +996,4 @@ class Namespace:
                 self.commit.rejournal(n)
             for n in affected:  # their names moved one by one: list them anew when asked
                 n.children = None
+        return True

@@ -39,11 +39,11 @@ from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 from .errors import FsError, errno_of, store_request
 from .inodes import InodeTable
-from .model import DirEntry, DirHandle, Node
+from .model import DirEntry, DirHandle, Node, name_settled
 from .namecache import NameCache
 from .naming import Naming, join, parent_of, valid_listed_name
 from .offline import offline_entries
-from .resolve import Resolver
+from .resolve import MOVE_RETRIES, PathMoved, Resolver
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DirectoryReader:
 
         async def read(n: Node) -> None:
             try:
-                await self.resolver.resolve(n.path, n)
+                await self.resolver.reread(n)
             except FsError:
                 pass  # logged; the lookup of that name asks again and reports it
         by_path = self.inodes.by_path  # a node replaced since (another type found) is not read again
@@ -124,10 +124,22 @@ class DirectoryReader:
 
     async def list_entries(self, node: Node) -> list[DirEntry]:
         """Snapshot of a directory: (name, known node, listing info, is_dir), sorted by name.
-        Raises FsError(EIO) when a listing request fails."""
-        dkey = self.naming.dir_key(node.path)
+        A rename of the directory (or of one above it) running or done while it was listed:
+        listed again at its new path (the old prefix empties page by page as the rename's
+        copies are deleted). Raises FsError(EIO) when a listing request fails."""
+        for _ in range(MOVE_RETRIES):
+            await name_settled(node)
+            try:
+                return await self._list_at(node, node.path)
+            except PathMoved:
+                continue
+        raise FsError(errno.EIO, "the directory kept moving")
+
+    async def _list_at(self, node: Node, path: str) -> list[DirEntry]:
+        """:meth:`list_entries` at ``path``; PathMoved when ``node`` left it meanwhile."""
+        dkey = self.naming.dir_key(path)
         # Taken before listing: a file whose upload finishes while we list is in one or the other.
-        local = self.staged_in(node.path)
+        local = self.staged_in(path)
         files: dict[str, ObjectInfo] = {}
         dirs: set[str] = set()
         marker = None
@@ -149,6 +161,8 @@ class DirectoryReader:
                 if self.resolver.removed_dir is not None and await store_request(self.resolver.removed_dir(p), p):
                     continue  # rmdir'ed here; only unlinked open files' objects are left below it
                 dirs.add(p[len(dkey):-1])
+            if node.name_going is not None or node.path != path:
+                raise PathMoved(path)
             if page.next_marker is None:
                 break
             marker = page.next_marker
@@ -164,7 +178,7 @@ class DirectoryReader:
                             "prefix is not reachable through this mount)", dkey + name)
             entries[name] = (name, None, o, False)
         for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
-            if not d.unlinked and parent_of(d.path) == node.path:
+            if not d.unlinked and parent_of(d.path) == path:
                 entries[d.name] = (d.name, d, None, d.is_dir)
         self.names.set_children(node, entries)
         node.subdirs = sum(1 for e in entries.values() if e[3])  # st_nlink = 2 + subdirectories
@@ -178,14 +192,16 @@ class DirectoryReader:
             result.append(entries[name])
         return result
 
-    async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False) -> list[tuple[int, str, Node]]:
+    async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False,
+                              moves: int = 0) -> list[tuple[int, str, Node]]:
         """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
         on (at most SETTLE_BATCH, LISTED_BATCH for a big directory), as (index+1, name, node)
         with the node resolved: attributes from the listing when the store's listing carries
         metadata, else from HEADs (with those of the next READDIR_BATCH entries that need one),
         at most HEAD_PARALLEL at once.
         The caller raises the lookup count of each node it hands to the kernel. Raises
-        FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it)."""
+        FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it).
+        ``moves``: how many times a rename of the directory made this call start again."""
         # the last batch's nodes the kernel did not take: reused if this batch has them (the
         # kernel's next call starts where its reply buffer ran full), else dropped (below)
         nodes = self.inodes.nodes  # (a node the kernel took and forgot since is gone from it)
@@ -223,7 +239,9 @@ class DirectoryReader:
 
         # entries whose attributes need a HEAD: (batch index, path, is_dir, key)
         to_head: list[tuple[int, str, bool, str]] = []
+        await name_settled(h.node)  # a rename of it runs: the entries' paths are its new ones
         dir_path = h.node.path
+        moved = False
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
@@ -264,7 +282,12 @@ class DirectoryReader:
                 except StoreError as e:
                     log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
                     raise FsError(errno_of(e)) from None
+                # renamed meanwhile: the answers are about keys its names left (nodes made from
+                # them would keep the old paths); asked again at the new ones below
+                moved = h.node.name_going is not None or h.node.path != dir_path
                 for (i, path, is_dir, _key), info in zip(to_head, infos, strict=True):
+                    if moved:
+                        break
                     headed[start + i] = info
                     if i < len(batch):
                         settle(i, path, is_dir, info)
@@ -275,6 +298,11 @@ class DirectoryReader:
                     self._made.setdefault(h.fh, []).append(n)
                 else:
                     self.inodes.maybe_drop(n)
+        if moved:
+            headed.clear()
+            if moves + 1 >= MOVE_RETRIES:
+                raise FsError(errno.EIO, "the directory kept moving")
+            return await self.readdir_entries(h, start, moves=moves + 1)
         if from_listing:
             entry = self._listed_batch.get(h.node.path)
             if entry is None or entry[0] != h.fh:

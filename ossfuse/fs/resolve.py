@@ -25,7 +25,7 @@ from ..store.health import StoreOffline
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
-from .model import ROOT_INO, Node, RecentVersions
+from .model import ROOT_INO, Node, RecentVersions, name_settled
 from .namecache import NameCache
 from .naming import Naming, base_name, join, parent_of
 from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
@@ -35,7 +35,20 @@ log = logging.getLogger(__name__)
 # versions that keep their user metadata (the envelope) after a HEAD: more than an `ls -l` then
 # `cat` of one directory usually touches; each costs ~1.3 KiB (RSA-3072), the rest ~1 KiB less
 RECENT_VERSIONS = 2048
+MOVE_RETRIES = 16  # lookups asked again because a rename moved their path meanwhile, before EIO
 RELIST_PAGE = 256  # names listed to revalidate a stale file and the names after it (a small page: a lone stale file costs little more than its HEAD)
+
+
+class PathMoved(Exception):
+    """A rename moved the path a store answer is about while the answer was awaited (the
+    directory above it, or the node itself): a node made or refreshed from it would keep the
+    old path or a version that has left it. The caller waits for the rename and asks again."""
+
+
+def _moved(path: str, parent: Node | None, known: Node | None) -> bool:
+    """Whether ``path`` (a child of ``parent``, the node ``known`` had it) moves or moved."""
+    return ((parent is not None and (parent.name_going is not None or join(parent.path, base_name(path)) != path))
+            or (known is not None and (known.name_going is not None or known.path != path)))
 
 
 class Resolver:
@@ -155,48 +168,76 @@ class Resolver:
     async def lookup(self, parent: Node, name: str) -> Node:
         """The child ``name`` of ``parent`` with its lookup count raised by one.
         Raises FsError(ENOENT), FsError(EIO) when the store fails."""
-        path = join(parent.path, name)
-        node = self.inodes.by_path.get(path)
-        if node is None:
-            self.naming.check_new_path(path)  # a name that cannot be a key cannot exist: no request
-        elif node.listed_only and self.stat_ahead is not None:
-            await self.stat_ahead(node)
-            node = self.inodes.by_path.get(path)
-        if node is None or not self.attrs_fresh(node):
-            node = await self.resolve(path, node)
-        if node is None:
-            raise FsError(errno.ENOENT)
-        return self.inodes.remember(node)
+        return self.inodes.remember(await self.existing(parent, name, looking_up=True))
 
-    async def existing(self, parent: Node, name: str) -> Node:
-        """The child ``name`` of ``parent`` (no lookup count). Raises FsError(ENOENT/EIO)."""
-        path = join(parent.path, name)
-        node = self.inodes.by_path.get(path)
-        if node is None or not self.attrs_fresh(node):
-            node = await self.resolve(path, node)
-        if node is None:
-            raise FsError(errno.ENOENT)
-        return node
+    async def existing(self, parent: Node, name: str, *, looking_up: bool = False) -> Node:
+        """The child ``name`` of ``parent`` (no lookup count). A rename of ``parent`` (or of a
+        directory above it, or of the child) running or done while the store was asked: asked
+        again at the new path. Raises FsError(ENOENT/EIO)."""
+        for _ in range(MOVE_RETRIES):
+            await name_settled(parent)
+            path = join(parent.path, name)
+            node = self.inodes.by_path.get(path)
+            if looking_up and node is None:
+                self.naming.check_new_path(path)  # a name that cannot be a key cannot exist: no request
+            elif looking_up and node is not None and node.listed_only and self.stat_ahead is not None:
+                await self.stat_ahead(node)
+                node = self.inodes.by_path.get(path)
+            try:
+                if node is None or not self.attrs_fresh(node):
+                    node = await self.resolve(path, node, parent)
+            except PathMoved:
+                if node is not None:
+                    await name_settled(node)
+                continue
+            if node is None:
+                raise FsError(errno.ENOENT)
+            return node
+        raise FsError(errno.EIO, "the directory kept moving")
 
     async def check_absent(self, parent: Node, name: str, is_dir: bool = False) -> None:
         """A new entry ``name`` may be made in ``parent``: FsError(EEXIST) if something is
         there, EINVAL/ENAMETOOLONG if the name cannot be a key, EIO if the store fails."""
-        path = join(parent.path, name)
-        self.naming.check_new_path(path, is_dir)
-        node = self.inodes.by_path.get(path)
-        if node is not None and not node.unlinked and (node.staged is not None or self.attrs_fresh(node)):
-            raise FsError(errno.EEXIST)
-        if await self.resolve(path, node) is not None:
-            raise FsError(errno.EEXIST)
+        for _ in range(MOVE_RETRIES):
+            await name_settled(parent)
+            path = join(parent.path, name)
+            self.naming.check_new_path(path, is_dir)
+            node = self.inodes.by_path.get(path)
+            if node is not None and not node.unlinked and (node.staged is not None or self.attrs_fresh(node)):
+                raise FsError(errno.EEXIST)
+            try:
+                if await self.resolve(path, node, parent) is not None:
+                    raise FsError(errno.EEXIST)
+            except PathMoved:
+                if node is not None:
+                    await name_settled(node)
+                continue
+            return
+        raise FsError(errno.EIO, "the directory kept moving")
 
-    async def resolve(self, path: str, known: Node | None) -> Node | None:
+    async def reread(self, node: Node) -> Node | None:
+        """:meth:`resolve` of ``node``'s path with ``node`` known, asked again at its new path
+        when a rename moves it meanwhile. Raises FsError(EIO) as :meth:`resolve`."""
+        for _ in range(MOVE_RETRIES):
+            await name_settled(node)
+            try:
+                return await self.resolve(node.path, node)
+            except PathMoved:
+                continue
+        raise FsError(errno.EIO, "the file kept moving")
+
+    async def resolve(self, path: str, known: Node | None, parent: Node | None = None) -> Node | None:
         """What is at ``path`` now, from the store (or the negative cache, for
         ``entry_timeout`` seconds after the store said nothing is there). ``known``: the node
-        the caller has for ``path``, refreshed in place when it is still of the same type.
-        Raises FsError(EIO) when the store fails."""
+        the caller has for ``path``, refreshed in place when it is still of the same type;
+        ``parent``: the directory ``path`` is in, when the caller has it.
+        Raises FsError(EIO) when the store fails; PathMoved when a rename of ``parent`` or
+        ``known`` ran while the store was asked (nothing is made or changed from the answer)."""
         by_path = self.inodes.by_path
         if known is None and (self.names.known_absent(path)
                               or await self.names.absent_from_listing(self.inodes.parent(path), path)):
+            if _moved(path, parent, known):
+                raise PathMoved(path)  # absent at the old path: says nothing of the new one
             return by_path.get(path)  # None, unless a task created it meanwhile
         if known is not None and by_path.get(path) is known and await self.revalidate_from_listing(known):
             return by_path.get(path)  # known, unless a task replaced or removed it meanwhile
@@ -207,6 +248,8 @@ class Resolver:
         except StoreError as e:
             log.error("lookup of %r failed: %s", self.naming.key(path), e)
             raise FsError(errno_of(e)) from None
+        if _moved(path, parent, known):
+            raise PathMoved(path)
         current = by_path.get(path)
         if current is not None and current is not known:
             return current  # another task resolved (or created) it while we waited
@@ -302,15 +345,22 @@ class Resolver:
         HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag;
         ``opening``: as for :meth:`set_version_from_info`).
         Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
-        if listing and await self.revalidate_from_listing(node):
+        for _ in range(MOVE_RETRIES):
+            await name_settled(node)  # a rename of it runs: HEAD it at its new name
+            path = node.path
+            if listing and await self.revalidate_from_listing(node):
+                return
+            try:
+                info = await self.store.head(self.naming.key(path))
+            except StoreOffline:
+                return  # offline: the attributes as last known (docs/design.md "Offline")
+            except StoreError as e:
+                log.error("HEAD %r failed: %s", self.naming.key(path), e)
+                raise FsError(errno_of(e)) from None
+            if _moved(path, None, node):
+                continue  # the answer is about the name it left
+            if info is None:
+                raise FsError(errno.ENOENT)
+            self.refresh(node, info, opening=opening)
             return
-        try:
-            info = await self.store.head(self.naming.key(node.path))
-        except StoreOffline:
-            return  # offline: the attributes as last known (docs/design.md "Offline")
-        except StoreError as e:
-            log.error("HEAD %r failed: %s", self.naming.key(node.path), e)
-            raise FsError(errno_of(e)) from None
-        if info is None:
-            raise FsError(errno.ENOENT)
-        self.refresh(node, info, opening=opening)
+        raise FsError(errno.EIO, "the file kept moving")
