@@ -198,27 +198,34 @@ def _label(value: str) -> str:
 _UP_HELP = "1: the daemon answered; 0: none answers for the mount point (dead, or not mounted)."
 
 
+def _family(out: list[str], mountpoint: str, name: str, kind: str, help_text: str,
+            samples: list[tuple[dict[str, str], float]]) -> None:
+    """Append metric family ``name`` (its ``# HELP``/``# TYPE`` pair, then each sample labelled
+    ``mountpoint`` and its own labels) to the exposition lines ``out``."""
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        text = ",".join([f'mountpoint="{_label(mountpoint)}"'] + [f'{k}="{_label(str(v))}"' for k, v in labels.items()])
+        out.append(f"{name}{{{text}}} {float(value)!r}" if isinstance(value, float) else f"{name}{{{text}}} {value}")
+
+
 def prometheus_down(mountpoint: str) -> str:
     """The exposition text when no daemon answers for ``mountpoint`` (it died, or nothing is
     mounted there): ``ossfuse_up`` 0 alone, so a textfile collector stops serving the last
     answer's 1."""
-    return (f"# HELP ossfuse_up {_UP_HELP}\n# TYPE ossfuse_up gauge\n"
-            f'ossfuse_up{{mountpoint="{_label(mountpoint)}"}} 0\n')
+    out: list[str] = []
+    _family(out, mountpoint, "ossfuse_up", "gauge", _UP_HELP, [({}, 0)])
+    return "\n".join(out) + "\n"
 
 
 def prometheus(doc: dict) -> str:
     """The status document ``doc`` (with its ``mountpoint``) as Prometheus text exposition
     format 0.0.4: one ``# HELP``/``# TYPE`` pair per metric family, every sample labelled
     ``mountpoint``; sizes in bytes, ages in seconds (Prometheus base units). Ends with a newline."""
-    mp = _label(doc["mountpoint"])
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            text = ",".join([f'mountpoint="{mp}"'] + [f'{k}="{_label(str(v))}"' for k, v in labels.items()])
-            out.append(f"{name}{{{text}}} {float(value)!r}" if isinstance(value, float) else f"{name}{{{text}}} {value}")
+        _family(out, doc["mountpoint"], name, kind, help_text, samples)
 
     p, c, ctr = doc["pending_uploads"], doc["cache"], doc["counters"]
     ops = doc.get("store_ops") or {"calls": {}, "retries": {}, "errors": [], "bytes_sent": 0, "bytes_received": 0}
