@@ -243,6 +243,33 @@ def test_write_through_a_stale_handle_after_a_lookup_saw_the_other_version(tmp_p
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: write to 'pre/f' refused: this open file reads version")
+def test_write_through_a_stale_handle_into_a_version_a_newer_handle_started(tmp_path, cmk_path):
+    """As above, but a second handle of mount A, opened after the lookup, has already written
+    (a staged version started from B's content): the stale handle's write fails ESTALE too,
+    instead of joining that version (before, only the first change was refused: its ``XX``
+    landed on B's content). The new handle's write is kept."""
+    async def main():
+        _, a, b, fa, fb, h = await _opened_then_replaced(tmp_path, cmk_path, True, b"VERSION 2 BY B, LONGER")
+        fa.checked_at = 0.0  # past attr_timeout: a stat on A re-reads f
+        assert (await a.lookup(a.get(1), "f")) is fa and fa.version.size == 22
+        h2 = await a.open(fa, os.O_RDWR)
+        await a.write(h2, 0, b"YY")
+        with pytest.raises(FsError) as e:
+            await a.write(h, 0, b"XX")
+        assert e.value.errno == errno.ESTALE
+        for hd in (h, h2):
+            await a.flush(hd)
+            await a.release(hd)
+        assert await a.drain() == 0 and a.commit.conflicts.count == 0
+        fb.checked_at = 0.0
+        assert await read_node(b, await b.lookup(b.get(1), "f")) == b"YYRSION 2 BY B, LONGER"
+        a.close()
+        b.close()
+
+    trio.run(main)
+
+
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/f' was replaced while open")
 @pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/g' was changed by another client")
 def test_write_through_a_handle_whose_version_another_mount_replaced(tmp_path, cmk_path):

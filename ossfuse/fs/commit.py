@@ -378,8 +378,12 @@ class Commit:
                 self.scheduler.mark_clean(node)
             else:
                 # changed while it uploaded (a newer staged version, or new attributes): the
-                # bucket has this one; the newer one stays dirty and is queued
+                # bucket has this one; the newer one stays dirty and is queued. Open handles
+                # follow it as they follow every version of this mount's (they read the staged
+                # one meanwhile): a handle still naming an older version is stale (Files.write)
                 node.version = version
+                for hd in node.handles:
+                    hd.version = version
                 if node.staged is st:
                     self.scheduler.schedule(node)
                 else:

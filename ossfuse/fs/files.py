@@ -367,17 +367,20 @@ class Files:
         handle are then marked failed, every later write, fsync and close through ``h`` (and
         every write to that version through any handle) fails with that errno at once, and
         close() keeps the last good version. FsError(EBADF) through a read-only handle (the
-        kernel never sends one: its close would not save the write). FsError(ESTALE) for the
-        first change through a handle whose version another client replaced since it opened
-        (docs/semantics.md: never merged onto their content; one ERROR line)."""
+        kernel never sends one: its close would not save the write). FsError(ESTALE) for a
+        change through a handle whose version another client replaced since it opened
+        (docs/semantics.md: never merged onto their content; one ERROR line), also when a
+        newer handle of this mount already writes a version started from theirs."""
         node = h.node
         if not h.writable:
             raise FsError(errno.EBADF)
         self._refuse_after_lost_write(h)
         v = node.version
-        if node.staged is None and v is not None and h.version is not None and not same_etag(h.version.etag, v.etag):
+        if v is not None and h.version is not None and not same_etag(h.version.etag, v.etag):
             # a lookup since the open took the other client's version as the node's (this
-            # mount's own new versions reach the handles too: model.set_local_version)
+            # mount's own new versions reach the handles too: model.set_local_version, and
+            # Commit's adoption of an upload while a newer version is staged); a staged
+            # version started from a committed one keeps it as node.version
             log.error("write to %r refused: this open file reads version %s, which another client replaced "
                       "with %s; reopen the file to write to that one", self.naming.key(node.path),
                       h.version.etag, v.etag)
