@@ -10,7 +10,7 @@ import os
 import pytest
 import trio
 
-from fakes.core import GID, UID, core_filesystem, core_store, exists, listed_names, read_node
+from fakes.core import GID, UID, committed_file, core_filesystem, core_store, exists, listed_names, read_node
 from fakes.fault_store import FaultStore
 from ossfuse.fs import FsError
 
@@ -361,5 +361,31 @@ def test_rmdir_of_a_directory_whose_only_entry_is_an_unlinked_open_file(tmp_path
         assert fs.deferred_deletes.removed_dirs == set()
         fs.close()
         await store.aclose()
+
+    trio.run(main)
+
+
+def test_a_handle_writing_while_its_earlier_version_uploads_is_not_stale(tmp_path, cmk_path):
+    """A handle writes while the upload of its earlier version is in flight: the
+    upload is adopted as the committed version under the newer staged one, and the handle
+    follows it (this mount's own versions reach its handles), so its later writes are not
+    taken for a stale handle's (ESTALE), and the file ends with every write."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", b"zero")
+        h = await fs.open(node, os.O_RDWR)
+        await fs.write(h, 0, b"one ")
+
+        async def write_meanwhile(inner, op, keys):
+            await fs.write(h, 4, b"two ")
+        fs.store.hook(("put_file", "put_bytes"), write_meanwhile, key="pre/f", count=1)
+        assert await fs.commit.upload_node(node, raise_errors=True)  # one upload, as the scheduler's
+        assert node.staged is not None and node.version is not None and h.version is node.version
+        await fs.write(h, 8, b"three")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_node(fs, node) == b"one two three"
+        fs.close()
 
     trio.run(main)
