@@ -278,6 +278,38 @@ def test_name_locks_conflicts():
     _run_mock(main)
 
 
+def test_a_tree_lock_waits_for_a_tree_held_below_it():
+    """A rename of ``A`` (trees A, A2) waits while ``A/C`` is renamed (trees A/C, B/C) or
+    removed, and the other way round. Before, the parent's tree was taken at once: the two
+    renames ran together, and the parent's moved ``A/C`` under a path computed from the wrong
+    base (a trial: stray ``AC`` directories, ``C`` twice, newest data at the stray name)."""
+    from ossfuse.fs.locks import NameLocks
+
+    async def main():
+        locks = NameLocks()
+        t = {}
+
+        async def take(tag, trees, hold=1.0):
+            async with locks.hold(trees=trees):
+                t[tag] = trio.current_time()
+                await trio.sleep(hold)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(take, "child", ["A/C", "B/C"], 5.0)
+            await trio.sleep(0.1)
+            n.start_soon(take, "parent", ["A", "A2"])
+            n.start_soon(take, "elsewhere", ["AC", "D"])  # a name that only starts alike: no wait
+        assert t["elsewhere"] < 1 and t["parent"] >= 5
+        async with trio.open_nursery() as n:
+            n.start_soon(take, "parent 2", ["A", "A2"], 5.0)
+            await trio.sleep(0.1)
+            n.start_soon(take, "child 2", ["A/C", "B/C"])
+        assert t["child 2"] - t["parent 2"] >= 5
+        assert locks.held() == set()
+
+    _run_mock(main)
+
+
 # -- A10: unlink of an open file -------------------------------------------------------------
 
 def test_unlink_of_an_open_file_downloads_nothing_and_deletes_at_last_close(tmp_path, cmk_path):

@@ -7,8 +7,8 @@ A request names two kinds of lock, taken together:
 * ``names``: the path itself (create, mkdir, symlink, unlink, a file's rename);
 * ``trees``: the path and every path below it (rmdir, a directory's rename).
 
-Two requests conflict when they share a path, or one holds a tree that contains a path of the
-other. :meth:`NameLocks.hold` waits until *all* its paths are free and then takes them in one
+Two requests conflict when they share a path, or one holds a tree that contains a path (a
+name, or a tree's root) of the other. :meth:`NameLocks.hold` waits until *all* its paths are free and then takes them in one
 step (the event loop runs one task at a time, so the check and the take cannot interleave):
 no task ever holds some names while waiting for others, so names cannot deadlock among
 themselves, whatever order the caller lists them in. Node locks (``Node.lock``) come after
@@ -44,8 +44,8 @@ class NameLocks:
         for p in names | trees:
             if p in self._names or any(_within(p, t) for t in self._trees):
                 return False
-        for t in trees:
-            if any(_within(p, t) for p in self._names):
+        for t in trees:  # a held name or tree below a wanted tree (a rename of A waits for A/C's)
+            if any(_within(p, t) for p in self._names) or any(_within(p, t) for p in self._trees):
                 return False
         return True
 
