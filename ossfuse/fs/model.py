@@ -322,6 +322,7 @@ class DirHandle:
     fh: int
     node: Node
     entries: list[DirEntry] | None = None
+    entries_path: str = ""  # the directory's path when ``entries`` was listed (their keys)
 
 
 async def name_settled(node: Node) -> None:

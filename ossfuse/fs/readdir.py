@@ -209,6 +209,7 @@ class DirectoryReader:
         if h.entries is None or relist:
             listed_at = time.monotonic()
             h.entries = await self.list_entries(h.node)
+            h.entries_path = h.node.path  # list_entries returned at once: the path it listed
             self._listed_at[h.fh] = listed_at
             self._headed.pop(h.fh, None)
         listed_at = self._listed_at.get(h.fh, 0.0)
@@ -241,6 +242,13 @@ class DirectoryReader:
         to_head: list[tuple[int, str, bool, str]] = []
         await name_settled(h.node)  # a rename of it runs: the entries' paths are its new ones
         dir_path = h.node.path
+        if h.entries_path != dir_path:
+            # renamed since the snapshot: its names stand (the offsets stay), but what the
+            # listing and the HEADs said is about the keys the names left: asked again
+            h.entries = [(name, known, None, is_dir) for name, known, _listed, is_dir in h.entries]
+            h.entries_path = dir_path
+            headed.clear()
+            batch = h.entries[start:start + len(batch)]
         moved = False
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
