@@ -34,7 +34,6 @@ from .copying import copy_object, delete_version, same_etag
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
-from .locks import NameLocks
 from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, touch
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join
@@ -116,7 +115,7 @@ class Namespace:
         self.cache = cache
         self.create_umask = create_umask
         self.deferred = deferred
-        self.locks = NameLocks()
+        self.locks = resolver.locks  # shared: a lookup whose path keeps moving takes its name's
         self._unlinked_open: dict[Node, tuple[str, str]] = {}  # node → (key, ETag) deleted at its last close
         self.retry_interval = retry_interval
         self.nursery = None  # anything with start_soon(fn): where failed deferred deletes are retried

@@ -43,7 +43,7 @@ from .model import DirEntry, DirHandle, Node, name_settled
 from .namecache import NameCache
 from .naming import Naming, join, parent_of, valid_listed_name
 from .offline import offline_entries
-from .resolve import MOVE_RETRIES, PathMoved, Resolver
+from .resolve import MOVE_RETRIES, UNLOCKED_TRIES, PathMoved, Resolver
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,15 @@ class DirectoryReader:
         A rename of the directory (or of one above it) running or done while it was listed:
         listed again at its new path (the old prefix empties page by page as the rename's
         copies are deleted). Raises FsError(EIO) when a listing request fails."""
-        for _ in range(MOVE_RETRIES):
+        for attempt in range(MOVE_RETRIES):
             await name_settled(node)
+            path = node.path
             try:
-                return await self._list_at(node, node.path)
+                if attempt < UNLOCKED_TRIES:
+                    return await self._list_at(node, path)
+                async with self.resolver.locks.hold(names=[path]):  # renames of it wait: no starving
+                    if node.name_going is None and node.path == path:
+                        return await self._list_at(node, path)
             except PathMoved:
                 continue
         raise FsError(errno.EIO, "the directory kept moving")
@@ -310,7 +315,11 @@ class DirectoryReader:
             headed.clear()
             if moves + 1 >= MOVE_RETRIES:
                 raise FsError(errno.EIO, "the directory kept moving")
-            return await self.readdir_entries(h, start, moves=moves + 1)
+            if moves + 1 < UNLOCKED_TRIES:
+                return await self.readdir_entries(h, start, moves=moves + 1)
+            await name_settled(h.node)
+            async with self.resolver.locks.hold(names=[h.node.path]):  # renames of it wait: no starving
+                return await self.readdir_entries(h, start, moves=moves + 1)
         if from_listing:
             entry = self._listed_batch.get(h.node.path)
             if entry is None or entry[0] != h.fh:

@@ -25,6 +25,7 @@ from ..store.health import StoreOffline
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
+from .locks import NameLocks
 from .model import ROOT_INO, Node, RecentVersions, name_settled
 from .namecache import NameCache
 from .naming import Naming, base_name, join, parent_of
@@ -35,7 +36,11 @@ log = logging.getLogger(__name__)
 # versions that keep their user metadata (the envelope) after a HEAD: more than an `ls -l` then
 # `cat` of one directory usually touches; each costs ~1.3 KiB (RSA-3072), the rest ~1 KiB less
 RECENT_VERSIONS = 2048
-MOVE_RETRIES = 16  # lookups asked again because a rename moved their path meanwhile, before EIO
+# A store answer about a path a rename moved while it was awaited is asked again (PathMoved);
+# after UNLOCKED_TRIES such tries, under the path's name lock, which a rename of the path or of
+# a directory above it cannot take meanwhile: renames back to back cannot starve a lookup
+UNLOCKED_TRIES = 3
+MOVE_RETRIES = 16  # then EIO (only if the path moves again each time its lock is waited for)
 RELIST_PAGE = 256  # names listed to revalidate a stale file and the names after it (a small page: a lone stale file costs little more than its HEAD)
 
 
@@ -64,6 +69,9 @@ class Resolver:
         self.store = store
         self.naming = naming
         self.inodes = inodes
+        # the mount's name and tree locks (fs/locks.py): Namespace's changes take them; a lookup
+        # takes one only when renames keep moving its path (UNLOCKED_TRIES)
+        self.locks = NameLocks()
         self.names = names
         self.defaults = defaults
         self.attr_timeout = attr_timeout
@@ -174,7 +182,7 @@ class Resolver:
         """The child ``name`` of ``parent`` (no lookup count). A rename of ``parent`` (or of a
         directory above it, or of the child) running or done while the store was asked: asked
         again at the new path. Raises FsError(ENOENT/EIO)."""
-        for _ in range(MOVE_RETRIES):
+        for attempt in range(MOVE_RETRIES):
             await name_settled(parent)
             path = join(parent.path, name)
             node = self.inodes.by_path.get(path)
@@ -184,8 +192,15 @@ class Resolver:
                 await self.stat_ahead(node)
                 node = self.inodes.by_path.get(path)
             try:
-                if node is None or not self.attrs_fresh(node):
+                if node is not None and self.attrs_fresh(node):
+                    pass
+                elif attempt < UNLOCKED_TRIES:
                     node = await self.resolve(path, node, parent)
+                else:
+                    async with self.locks.hold(names=[path]):
+                        if _moved(path, parent, None):
+                            continue  # moved while we waited for the lock: at the new path
+                        node = await self.resolve(path, self.inodes.by_path.get(path), parent)
             except PathMoved:
                 if node is not None:
                     await name_settled(node)
@@ -198,7 +213,7 @@ class Resolver:
     async def check_absent(self, parent: Node, name: str, is_dir: bool = False) -> None:
         """A new entry ``name`` may be made in ``parent``: FsError(EEXIST) if something is
         there, EINVAL/ENAMETOOLONG if the name cannot be a key, EIO if the store fails."""
-        for _ in range(MOVE_RETRIES):
+        for attempt in range(MOVE_RETRIES):
             await name_settled(parent)
             path = join(parent.path, name)
             self.naming.check_new_path(path, is_dir)
@@ -206,7 +221,14 @@ class Resolver:
             if node is not None and not node.unlinked and (node.staged is not None or self.attrs_fresh(node)):
                 raise FsError(errno.EEXIST)
             try:
-                if await self.resolve(path, node, parent) is not None:
+                if attempt < UNLOCKED_TRIES:
+                    found = await self.resolve(path, node, parent)
+                else:
+                    async with self.locks.hold(names=[path]):
+                        if _moved(path, parent, None):
+                            continue
+                        found = await self.resolve(path, self.inodes.by_path.get(path), parent)
+                if found is not None:
                     raise FsError(errno.EEXIST)
             except PathMoved:
                 if node is not None:
@@ -218,10 +240,16 @@ class Resolver:
     async def reread(self, node: Node) -> Node | None:
         """:meth:`resolve` of ``node``'s path with ``node`` known, asked again at its new path
         when a rename moves it meanwhile. Raises FsError(EIO) as :meth:`resolve`."""
-        for _ in range(MOVE_RETRIES):
+        for attempt in range(MOVE_RETRIES):
             await name_settled(node)
+            path = node.path
             try:
-                return await self.resolve(node.path, node)
+                if attempt < UNLOCKED_TRIES:
+                    return await self.resolve(path, node)
+                async with self.locks.hold(names=[path]):
+                    if _moved(path, None, node):
+                        continue
+                    return await self.resolve(path, node)
             except PathMoved:
                 continue
         raise FsError(errno.EIO, "the file kept moving")
@@ -345,22 +373,33 @@ class Resolver:
         HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag;
         ``opening``: as for :meth:`set_version_from_info`).
         Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
-        for _ in range(MOVE_RETRIES):
+        for attempt in range(MOVE_RETRIES):
             await name_settled(node)  # a rename of it runs: HEAD it at its new name
             path = node.path
-            if listing and await self.revalidate_from_listing(node):
-                return
-            try:
-                info = await self.store.head(self.naming.key(path))
-            except StoreOffline:
-                return  # offline: the attributes as last known (docs/design.md "Offline")
-            except StoreError as e:
-                log.error("HEAD %r failed: %s", self.naming.key(path), e)
-                raise FsError(errno_of(e)) from None
-            if _moved(path, None, node):
-                continue  # the answer is about the name it left
-            if info is None:
-                raise FsError(errno.ENOENT)
-            self.refresh(node, info, opening=opening)
-            return
+            if attempt < UNLOCKED_TRIES:
+                if await self._revalidate_at(node, path, listing, opening):
+                    return
+                continue
+            async with self.locks.hold(names=[path]):
+                if not _moved(path, None, node) and await self._revalidate_at(node, path, listing, opening):
+                    return
         raise FsError(errno.EIO, "the file kept moving")
+
+    async def _revalidate_at(self, node: Node, path: str, listing: bool, opening: bool) -> bool:
+        """:meth:`revalidate` of ``node`` at ``path``; False (nothing changed) when a rename
+        moved it while the store answered."""
+        if listing and await self.revalidate_from_listing(node):
+            return True
+        try:
+            info = await self.store.head(self.naming.key(path))
+        except StoreOffline:
+            return True  # offline: the attributes as last known (docs/design.md "Offline")
+        except StoreError as e:
+            log.error("HEAD %r failed: %s", self.naming.key(path), e)
+            raise FsError(errno_of(e)) from None
+        if _moved(path, None, node):
+            return False  # the answer is about the name it left
+        if info is None:
+            raise FsError(errno.ENOENT)
+        self.refresh(node, info, opening=opening)
+        return True
