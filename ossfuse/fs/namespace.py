@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 _FINISH_AT_ONCE = 16  # pending deletes replayed at once (a HEAD and a DELETE each)
 _RECHECKS = 3  # probes of a name that keeps changing before one is made under its lock
+RENAME_PARALLEL = 16  # copies (then deletes) of a directory rename at once (ossfs: 20 parallel requests)
 
 
 class NodeLocks:
@@ -959,16 +960,23 @@ class Namespace:
             await self._keep_unlinked_readable(*target.values())
             copies: dict[str, ObjectInfo] = {}
             mark = self.deferred.mark()
-            for k, o in keys.items():  # copy all first, then delete: an interruption leaves both, never neither
+
+            async def copy(k: str, o: ObjectInfo) -> None:
                 copies[k] = await copy_object(self.store, self.uploader, o, target[k])
                 self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
-            for k, o in keys.items():  # only the versions copied: a newer foreign one stays
-                try:
+
+            async def delete(k: str, o: ObjectInfo) -> None:
+                try:  # only the version copied: a newer foreign one stays
                     await delete_version(self.store, k, o.etag)
                 except FsError as e:
                     if e.errno != errno.ESTALE:
                         raise
                     # logged; that newer version stays at the old name, the copy at the new
+
+            # copy all first, then delete: an interruption leaves both, never neither. Several
+            # at once (each is one or two round trips): the names below wait for the rename
+            await run_all([functools.partial(copy, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+            await run_all([functools.partial(delete, k, o) for k, o in keys.items()], RENAME_PARALLEL)
             for n in affected:
                 new = dst_path + n.path[len(old_path):]
                 old_key = self.naming.key(n.path)
