@@ -1217,3 +1217,24 @@ def test_a_directory_rename_copies_and_deletes_several_objects_at_once(tmp_path,
         fs.close()
 
     trio.run(main)
+
+
+def test_a_directory_rename_changes_the_ctime_of_the_directory_only(tmp_path, cmk_path):
+    """As on a local disk, a directory rename changes the renamed directory's ctime, not the
+    ctime of what is below it (before, every node below got a new ctime: ``tar`` of a tree
+    whose parent was renamed said "file changed as we read it")."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        a = await fs.mkdir(root, "A", 0o700, UID, GID)
+        sub = await fs.mkdir(a, "sub", 0o700, UID, GID)
+        f = await committed_file(fs, "f", b"data", parent=sub)
+        before = {n.path: n.ctime_ns for n in (a, sub, f)}
+        await trio.sleep(0.01)
+        await fs.rename(root, "A", root, "B", 0)
+        assert a.ctime_ns > before["A"]
+        assert (sub.path, sub.ctime_ns) == ("B/sub", before["A/sub"])
+        assert (f.path, f.ctime_ns) == ("B/sub/f", before["A/sub/f"])
+        fs.close()
+
+    trio.run(main)

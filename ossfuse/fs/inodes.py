@@ -137,8 +137,10 @@ class InodeTable:
         self.remove_name(node)
         self.nodes.pop(node.ino, None)
 
-    def move(self, node: Node, old: str, new: str) -> None:
-        """``node`` is now at path ``new`` (rename); ``old`` is absent."""
+    def move(self, node: Node, old: str, new: str, *, renamed: bool = True) -> None:
+        """``node`` is now at path ``new`` (rename); ``old`` is absent. ``renamed``: the node
+        itself was renamed (its ctime becomes now); False for what moved with a directory
+        above it (as on a local disk, untouched: tar would say it changed as it read it)."""
         if self.by_path.get(old) is node:
             del self.by_path[old]
             self.names.note_absent(old)
@@ -147,7 +149,8 @@ class InodeTable:
         self._dropped.pop(old, None)
         self._dropped.pop(new, None)
         node.path = new
-        node.ctime_ns = time.time_ns()
+        if renamed:
+            node.ctime_ns = time.time_ns()
         # A node dropped while the caller awaited the store (the kernel forgot it) is not put
         # back at ``new``: the next lookup would hand the kernel an inode this table no longer
         # knows (opendir, getattr: ENOENT). The name itself exists all the same.

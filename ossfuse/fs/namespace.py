@@ -999,7 +999,7 @@ class Namespace:
                     self._move_pending_delete(n, v)
                     n.path = new
                     continue
-                self.inodes.move(n, n.path, new)
+                self.inodes.move(n, n.path, new, renamed=n is src)
                 self.commit.rejournal(n)
             for n in affected:  # their names moved one by one: list them anew when asked
                 n.children = None
