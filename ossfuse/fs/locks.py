@@ -4,14 +4,14 @@ wait; written anew here, with a second kind for whole subtrees).
 
 A request names two kinds of lock, taken together:
 
-* ``names``: the path itself (create, mkdir, symlink, unlink, a file's rename);
+* ``names``: the path itself (create, mkdir, symlink, unlink, a file's rename; a lookup or
+  listing whose path renames keep moving, fs/resolve.py UNLOCKED_TRIES);
 * ``trees``: the path and every path below it (rmdir, a directory's rename).
 
 Two requests conflict when they share a path, or one holds a tree that contains a path (a
 name, or a tree's root) of the other. :meth:`NameLocks.hold` waits until *all* its paths are
 free and then takes them in one step (the event loop runs one task at a time, so the check and
-the take cannot interleave):
-no task ever holds some names while waiting for others, so names cannot deadlock among
+the take cannot interleave): no task ever holds some names while waiting for others, so names cannot deadlock among
 themselves, whatever order the caller lists them in. Node locks (``Node.lock``) come after
 name locks, never before (docs/design.md, "Locks and what they protect").
 """
