@@ -1031,6 +1031,14 @@ async def _dir_with_file(fs, data: bytes):
     return a
 
 
+async def _dir_of_files(fs, n: int):
+    """Directory ``A`` holding committed files ``f00``, ``f01``… (``n``; content ``data <i>``)."""
+    a = await fs.mkdir(fs.get(1), "A", 0o700, UID, GID)
+    for i in range(n):
+        await committed_file(fs, f"f{i:02}", b"data %d" % i, parent=a)
+    return a
+
+
 @pytest.mark.parametrize("how", ["lookup", "readdir"])
 def test_a_lookup_or_listing_during_its_directorys_rename_makes_the_file_at_the_new_name(tmp_path, cmk_path, how):
     """A lookup (or a listing) in directory ``A`` starts while ``A`` is renamed to ``B``, after
@@ -1135,9 +1143,7 @@ def test_a_listing_continued_after_its_directorys_rename_makes_the_files_at_thei
     async def main():
         fs = core_filesystem(tmp_path, cmk_path)
         root = fs.get(1)
-        a = await fs.mkdir(root, "A", 0o700, UID, GID)
-        for i in range(40):
-            await committed_file(fs, f"f{i:02}", b"data %d" % i, parent=a)
+        a = await _dir_of_files(fs, 40)
         for i in range(40):
             fs.forget(fs.inodes.by_path[f"A/f{i:02}"].ino, 1)  # as after a remount: listed anew
         h = fs.opendir(a)
@@ -1197,9 +1203,7 @@ def test_a_directory_rename_copies_and_deletes_several_objects_at_once(tmp_path,
     async def main():
         fs = core_filesystem(tmp_path, cmk_path)
         root = fs.get(1)
-        a = await fs.mkdir(root, "A", 0o700, UID, GID)
-        for i in range(20):
-            await committed_file(fs, f"f{i:02}", b"data %d" % i, parent=a)
+        await _dir_of_files(fs, 20)
         running, most, order = [0], [0], []
 
         async def slow(inner, op, keys):

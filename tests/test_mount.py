@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -447,6 +448,19 @@ def test_kernel_read_ahead_window_is_the_configured_one(make_mount):
     assert window(default) == 128
 
 
+def _run_threads_for(seconds: float, stop: threading.Event, targets) -> None:
+    """Run each of ``targets`` in a thread for ``seconds``, then set ``stop`` and join them."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def test_a_name_replaced_by_renames_over_it_always_opens(mount):
     """An editor's atomic save (write ``cfg.tmp``, rename it over ``cfg``) in a loop, while a
     reader opens and reads ``cfg`` in another: the name always exists, so no open may give
@@ -478,13 +492,7 @@ def test_a_name_replaced_by_renames_over_it_always_opens(mount):
                 continue
             seen["ok" if data == version(int(data[8:14])) else "torn"] += 1
 
-    threads = [threading.Thread(target=saver), threading.Thread(target=reader)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    stop.set()
-    for t in threads:
-        t.join()
+    _run_threads_for(3, stop, [saver, reader])
     assert seen["ok"] > 100 and set(seen) <= {"ok", "ESTALE"}, seen
     assert seen["ESTALE"] <= seen["ok"] // 100, seen
 
@@ -533,13 +541,7 @@ def test_files_stay_readable_while_their_directory_is_renamed_back_and_forth(mou
             except OSError as e:
                 seen["held " + errno.errorcode[e.errno]] += 1
 
-    threads = [threading.Thread(target=mover)] + [threading.Thread(target=reader, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    stop.set()
-    for t in threads:
-        t.join()
+    _run_threads_for(3, stop, [mover] + [functools.partial(reader, k) for k in range(3)])
     held.close()
     assert seen["renamed"] > 20 and seen["ok"] > 100, seen
     assert set(seen) == {"renamed", "ok", "held ok"}, seen

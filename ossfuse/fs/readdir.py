@@ -127,18 +127,7 @@ class DirectoryReader:
         A rename of the directory (or of one above it) running or done while it was listed:
         listed again at its new path (the old prefix empties page by page as the rename's
         copies are deleted). Raises FsError(EIO) when a listing request fails."""
-        for attempt in range(MOVE_RETRIES):
-            await name_settled(node)
-            path = node.path
-            try:
-                if attempt < UNLOCKED_TRIES:
-                    return await self._list_at(node, path)
-                async with self.resolver.locks.hold(names=[path]):  # renames of it wait: no starving
-                    if node.name_going is None and node.path == path:
-                        return await self._list_at(node, path)
-            except PathMoved:
-                continue
-        raise FsError(errno.EIO, "the directory kept moving")
+        return await self.resolver.at_current_path(node, lambda path: self._list_at(node, path))
 
     async def _list_at(self, node: Node, path: str) -> list[DirEntry]:
         """:meth:`list_entries` at ``path``; PathMoved when ``node`` left it meanwhile."""

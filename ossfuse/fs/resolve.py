@@ -15,7 +15,7 @@ import errno
 import logging
 import stat
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import trio
 
@@ -32,6 +32,7 @@ from .naming import Naming, base_name, join, parent_of
 from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # versions that keep their user metadata (the envelope) after a HEAD: more than an `ls -l` then
 # `cat` of one directory usually touches; each costs ~1.3 KiB (RSA-3072), the rest ~1 KiB less
@@ -237,22 +238,28 @@ class Resolver:
             return
         raise FsError(errno.EIO, "the directory kept moving")
 
-    async def reread(self, node: Node) -> Node | None:
-        """:meth:`resolve` of ``node``'s path with ``node`` known, asked again at its new path
-        when a rename moves it meanwhile. Raises FsError(EIO) as :meth:`resolve`."""
+    async def at_current_path(self, node: Node, ask: Callable[[str], Awaitable[T]]) -> T:
+        """``await ask(path)`` at ``node``'s path, once no rename moves it; ``ask`` raises
+        PathMoved when a rename moved ``node`` while the store answered, and is tried again at
+        the new path (the last tries under the path's name lock: module constants). Raises
+        what ``ask`` raises; FsError(EIO) after MOVE_RETRIES."""
         for attempt in range(MOVE_RETRIES):
             await name_settled(node)
             path = node.path
             try:
                 if attempt < UNLOCKED_TRIES:
-                    return await self.resolve(path, node)
+                    return await ask(path)
                 async with self.locks.hold(names=[path]):
-                    if _moved(path, None, node):
-                        continue
-                    return await self.resolve(path, node)
+                    if node.name_going is None and node.path == path:
+                        return await ask(path)
             except PathMoved:
                 continue
-        raise FsError(errno.EIO, "the file kept moving")
+        raise FsError(errno.EIO, "the path kept moving")
+
+    async def reread(self, node: Node) -> Node | None:
+        """:meth:`resolve` of ``node``'s path with ``node`` known, asked again at its new path
+        when a rename moves it meanwhile. Raises FsError(EIO) as :meth:`resolve`."""
+        return await self.at_current_path(node, lambda path: self.resolve(path, node))
 
     async def resolve(self, path: str, known: Node | None, parent: Node | None = None) -> Node | None:
         """What is at ``path`` now, from the store (or the negative cache, for
@@ -373,33 +380,22 @@ class Resolver:
         HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag;
         ``opening``: as for :meth:`set_version_from_info`).
         Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
-        for attempt in range(MOVE_RETRIES):
-            await name_settled(node)  # a rename of it runs: HEAD it at its new name
-            path = node.path
-            if attempt < UNLOCKED_TRIES:
-                if await self._revalidate_at(node, path, listing, opening):
-                    return
-                continue
-            async with self.locks.hold(names=[path]):
-                if not _moved(path, None, node) and await self._revalidate_at(node, path, listing, opening):
-                    return
-        raise FsError(errno.EIO, "the file kept moving")
+        await self.at_current_path(node, lambda path: self._revalidate_at(node, path, listing, opening))
 
-    async def _revalidate_at(self, node: Node, path: str, listing: bool, opening: bool) -> bool:
-        """:meth:`revalidate` of ``node`` at ``path``; False (nothing changed) when a rename
+    async def _revalidate_at(self, node: Node, path: str, listing: bool, opening: bool) -> None:
+        """:meth:`revalidate` of ``node`` at ``path``; PathMoved (nothing changed) when a rename
         moved it while the store answered."""
         if listing and await self.revalidate_from_listing(node):
-            return True
+            return
         try:
             info = await self.store.head(self.naming.key(path))
         except StoreOffline:
-            return True  # offline: the attributes as last known (docs/design.md "Offline")
+            return  # offline: the attributes as last known (docs/design.md "Offline")
         except StoreError as e:
             log.error("HEAD %r failed: %s", self.naming.key(path), e)
             raise FsError(errno_of(e)) from None
         if _moved(path, None, node):
-            return False  # the answer is about the name it left
+            raise PathMoved(path)  # the answer is about the name it left
         if info is None:
             raise FsError(errno.ENOENT)
         self.refresh(node, info, opening=opening)
-        return True
