@@ -65,6 +65,14 @@ class NameCache:
     def note_present(self, path: str) -> None:
         self._absent.pop(path, None)
 
+    def note_present_under(self, path: str) -> None:
+        """A directory was renamed to ``path``: what is below it now is its (names this mount
+        saw leave the same paths earlier, e.g. ``mv current old; mv new current``, exist)."""
+        self._absent.pop(path, None)
+        below = path + "/"
+        for p in [p for p in self._absent if p.startswith(below)]:
+            del self._absent[p]
+
     # -- directory child sets ---------------------------------------------------------------
     def set_children(self, dirnode: Node, names) -> None:
         """``dirnode`` holds exactly ``names`` now (a complete listing, or a new directory)."""

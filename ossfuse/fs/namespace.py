@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 _FINISH_AT_ONCE = 16  # pending deletes replayed at once (a HEAD and a DELETE each)
 _RECHECKS = 3  # probes of a name that keeps changing before one is made under its lock
+# a rename probes and locks its two names anew while a rename of a directory above them keeps
+# moving them (each try waits for that rename: Resolver.existing); then EIO
+_RENAME_RECHECKS = 16
 RENAME_PARALLEL = 16  # copies (then deletes) of a directory rename at once (ossfs: 20 parallel requests)
 
 
@@ -736,7 +739,7 @@ class Namespace:
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL)
         moved = 0  # tries that found a name changed (an upload that started meanwhile does not count)
-        while moved < _RECHECKS:
+        while moved < _RENAME_RECHECKS:
             src = await self.resolver.existing(parent, name)
             src_path, dst_path = src.path, join(new_parent.path, new_name)
             self.naming.check_new_path(dst_path, src.is_dir)
@@ -1003,4 +1006,5 @@ class Namespace:
                 self.commit.rejournal(n)
             for n in affected:  # their names moved one by one: list them anew when asked
                 n.children = None
+            self.names.note_present_under(dst_path)  # moves of nodes noted their old paths absent
         return True
