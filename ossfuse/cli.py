@@ -631,6 +631,7 @@ def cmd_quickstart(args) -> int:
                         f"{' and '.join(differs)} (--var and --cache count only when quickstart creates the "
                         f"config): pass another --etc, or edit {conf}")
         bucket = used
+        print(f"using the existing config {conf} (made by an earlier quickstart)")
     os.makedirs(etc, mode=0o700, exist_ok=True)
     if "://" not in bucket:
         os.makedirs(bucket, mode=0o700, exist_ok=True)
@@ -659,7 +660,9 @@ def cmd_quickstart(args) -> int:
         status = cmd_mount(ns)
         if status:
             return status
-    print(f"folder: {mp}\nbucket directory: {bucket}\nconfig: {conf}\n"
+    layout = (" (the local store's own layout: an index and encrypted blobs, not a file per object; "
+              "read it through the folder)" if "://" not in bucket else "")
+    print(f"folder: {mp}\nbucket directory: {bucket}{layout}\nconfig: {conf}\n"
           f"unmount with: ossfuse umount {mp}\nmount again with: ossfuse mount -c {conf} {mp}")
     return 0
 
