@@ -25,7 +25,7 @@ from ..writeback.upload import Uploader
 from .conflicts import Conflicts
 from .errors import FsError, errno_of
 from .inodes import InodeTable
-from .model import Node, OpaqueEnvelope, Version, set_local_version
+from .model import Node, OpaqueEnvelope, Version, handles_follow, set_local_version
 from .naming import Naming, base_name, parent_of
 from .objmeta import file_metadata
 from .resolve import Resolver
@@ -382,8 +382,7 @@ class Commit:
                 # follow it as they follow every version of this mount's (they read the staged
                 # one meanwhile): a handle still naming an older version is stale (Files.write)
                 node.version = version
-                for hd in node.handles:
-                    hd.version = version
+                handles_follow(node, version)
                 if node.staged is st:
                     self.scheduler.schedule(node)
                 else:

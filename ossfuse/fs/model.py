@@ -338,6 +338,12 @@ def set_local_version(node: Node, version: Version) -> None:
     node.size = version.size
     node.checked_at = time.monotonic()
     node.kernel_etag = version.etag  # same bytes as the kernel saw through this mount
+    handles_follow(node, version)
+
+
+def handles_follow(node: Node, version: Version) -> None:
+    """``node``'s open handles name ``version``, one this mount made (a handle still naming an
+    older version is stale: Files.write refuses it)."""
     for hd in node.handles:
         hd.version = version
 

@@ -182,75 +182,59 @@ class Resolver:
     async def existing(self, parent: Node, name: str, *, looking_up: bool = False) -> Node:
         """The child ``name`` of ``parent`` (no lookup count). A rename of ``parent`` (or of a
         directory above it, or of the child) running or done while the store was asked: asked
-        again at the new path. Raises FsError(ENOENT/EIO)."""
-        for attempt in range(MOVE_RETRIES):
-            await name_settled(parent)
-            path = join(parent.path, name)
+        again at the new path (:meth:`at_current_path`). Raises FsError(ENOENT/EIO)."""
+        async def ask(path: str) -> Node:
             node = self.inodes.by_path.get(path)
             if looking_up and node is None:
                 self.naming.check_new_path(path)  # a name that cannot be a key cannot exist: no request
             elif looking_up and node is not None and node.listed_only and self.stat_ahead is not None:
                 await self.stat_ahead(node)
                 node = self.inodes.by_path.get(path)
-            try:
-                if node is not None and self.attrs_fresh(node):
-                    pass
-                elif attempt < UNLOCKED_TRIES:
-                    node = await self.resolve(path, node, parent)
-                else:
-                    async with self.locks.hold(names=[path]):
-                        if _moved(path, parent, None):
-                            continue  # moved while we waited for the lock: at the new path
-                        node = await self.resolve(path, self.inodes.by_path.get(path), parent)
-            except PathMoved:
-                if node is not None:
-                    await name_settled(node)
-                continue
+            if node is None or not self.attrs_fresh(node):
+                node = await self._resolve_settled(path, node, parent)
             if node is None:
                 raise FsError(errno.ENOENT)
             return node
-        raise FsError(errno.EIO, "the directory kept moving")
+        return await self.at_current_path(parent, ask, name)
 
     async def check_absent(self, parent: Node, name: str, is_dir: bool = False) -> None:
         """A new entry ``name`` may be made in ``parent``: FsError(EEXIST) if something is
         there, EINVAL/ENAMETOOLONG if the name cannot be a key, EIO if the store fails."""
-        for attempt in range(MOVE_RETRIES):
-            await name_settled(parent)
-            path = join(parent.path, name)
+        async def ask(path: str) -> None:
             self.naming.check_new_path(path, is_dir)
             node = self.inodes.by_path.get(path)
             if node is not None and not node.unlinked and (node.staged is not None or self.attrs_fresh(node)):
                 raise FsError(errno.EEXIST)
-            try:
-                if attempt < UNLOCKED_TRIES:
-                    found = await self.resolve(path, node, parent)
-                else:
-                    async with self.locks.hold(names=[path]):
-                        if _moved(path, parent, None):
-                            continue
-                        found = await self.resolve(path, self.inodes.by_path.get(path), parent)
-                if found is not None:
-                    raise FsError(errno.EEXIST)
-            except PathMoved:
-                if node is not None:
-                    await name_settled(node)
-                continue
-            return
-        raise FsError(errno.EIO, "the directory kept moving")
+            if await self._resolve_settled(path, node, parent) is not None:
+                raise FsError(errno.EEXIST)
+        await self.at_current_path(parent, ask, name)
 
-    async def at_current_path(self, node: Node, ask: Callable[[str], Awaitable[T]]) -> T:
-        """``await ask(path)`` at ``node``'s path, once no rename moves it; ``ask`` raises
-        PathMoved when a rename moved ``node`` while the store answered, and is tried again at
-        the new path (the last tries under the path's name lock: module constants). Raises
-        what ``ask`` raises; FsError(EIO) after MOVE_RETRIES."""
+    async def _resolve_settled(self, path: str, known: Node | None, parent: Node) -> Node | None:
+        """:meth:`resolve`; on PathMoved, first waits until ``known``'s own rename or unlink is
+        over (asked again at once, it would find it still going)."""
+        try:
+            return await self.resolve(path, known, parent)
+        except PathMoved:
+            if known is not None:
+                await name_settled(known)
+            raise
+
+    async def at_current_path(self, node: Node, ask: Callable[[str], Awaitable[T]], name: str | None = None) -> T:
+        """``await ask(path)`` at the current path of ``node`` (``name`` given: of its child
+        ``name``), once no rename moves ``node``; ``ask`` raises PathMoved when a rename moved
+        the path while the store answered, and is tried again at the new path (the last tries
+        under the path's name lock: module constants). Raises what ``ask`` raises;
+        FsError(EIO) after MOVE_RETRIES."""
+        def current() -> str:
+            return node.path if name is None else join(node.path, name)
         for attempt in range(MOVE_RETRIES):
             await name_settled(node)
-            path = node.path
+            path = current()
             try:
                 if attempt < UNLOCKED_TRIES:
                     return await ask(path)
                 async with self.locks.hold(names=[path]):
-                    if node.name_going is None and node.path == path:
+                    if node.name_going is None and current() == path:
                         return await ask(path)
             except PathMoved:
                 continue
