@@ -271,18 +271,8 @@ def cmd_umount(args) -> int:
             return _die(f"{mp}: its daemon is gone, and unmounting failed: {r.stderr.strip()}")
         return _die(f"{mp}: the daemon{f' (pid {dead})' if dead else ''} had died; unmounted its dead mount; "
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
-    if not unmounted_here:
-        r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
-        # a failure because another unmount (a second `ossfuse umount`) came first: wait as it does
-        if r.returncode != 0 and mounted_device(mp) == device:
-            msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
-            if "busy" in msg:
-                users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
-                ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
-                msg += (f" (in use by {', '.join(f'pid {p} ({c}' + (', the shell this ran from' if p == ppid else '') + ')' for p, c in users[:5])}"
-                        f"{f' and {len(users) - 5} more' if len(users) > 5 else ''})" if users
-                        else " (files are open there, by processes this user cannot see)")
-            return _die(msg)
+    if not unmounted_here and (failure := _unmount(mp, device)) is not None:
+        return _die(failure)
     if reg is None or reg.get("exited"):
         return 0
     pid = reg["pid"]
@@ -343,6 +333,37 @@ def cmd_umount(args) -> int:
     if reg.get("status"):
         return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}")
     return 0
+
+
+# A lookup or stat below the mount point by any process (a file manager, a shell prompt, the
+# other of two `ossfuse umount` at once) holds the mount for one FUSE round trip; the kernel's
+# umount fails with EBUSY meanwhile. Nobody visibly using the mount: try again for this long.
+_TRANSIENT_BUSY_S = 3.0
+
+
+def _unmount(mp: str, device: str | None) -> str | None:
+    """``fusermount3 -u`` of ``mp`` (a mount of ``device``); None once it is unmounted here, by
+    this call or by another unmount that came first (a second ``ossfuse umount``: the caller
+    then waits for the uploads as that one does), else the reason it is not. EBUSY with no
+    process holding a file, working or root directory there is retried for
+    ``_TRANSIENT_BUSY_S`` seconds; with one, the reason names up to five of them."""
+    give_up = time.monotonic() + _TRANSIENT_BUSY_S
+    while True:
+        r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if r.returncode == 0 or mounted_device(mp) != device:
+            return None
+        msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
+        if "busy" not in msg:
+            return msg
+        users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
+        if not users and time.monotonic() < give_up:
+            time.sleep(0.05)
+            continue
+        if not users:
+            return msg + " (files are open there, by processes this user cannot see)"
+        ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
+        who = ", ".join(f"pid {p} ({c}" + (", the shell this ran from" if p == ppid else "") + ")" for p, c in users[:5])
+        return msg + f" (in use by {who}{f' and {len(users) - 5} more' if len(users) > 5 else ''})"
 
 
 def _serves_elsewhere(reg: dict, mp: str) -> bool:

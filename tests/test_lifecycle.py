@@ -456,3 +456,29 @@ def test_two_umounts_at_once_both_wait_for_the_uploads(make_mount):
     assert not any("another mount namespace" in err or "failed" in err for _, err in outs), outs
     assert len([k for k in m.keys() if k.startswith("f")]) == 200
     m.pid = None
+
+
+def test_umount_goes_through_while_other_processes_look_up_names_in_the_mount(make_mount):
+    """A file manager or shell prompt that looks up names in the mount while ``ossfuse umount``
+    runs holds the mount for one FUSE round trip at a time; the kernel's umount then fails with
+    EBUSY though no file is open there. The unmount tries again for a while instead of reporting
+    "busy" at once (two ``ossfuse umount`` at once failed this way on a slow machine: each one's
+    stat of the mount point)."""
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 20)
+    # each looks up new names (a FUSE round trip each) without pause for 1.5 s: a burst of
+    # activity, as of a file manager refreshing its view
+    poll = ("import os, sys, time\nend = time.monotonic() + 1.5\ni = 0\nwhile time.monotonic() < end:\n"
+            "    i += 1\n    try: os.stat(f'{sys.argv[1]}/absent{i}')\n    except OSError: pass\n")
+    pollers = [subprocess.Popen([sys.executable, "-c", poll, m.mnt]) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=120)
+    finally:
+        for p in pollers:
+            p.kill()
+            p.wait()
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert len([k for k in m.keys() if k.startswith("f")]) == 20
+    m.pid = None
