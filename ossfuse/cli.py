@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-from .registry import (EXIT_PENDING, daemon_gone, holders, mounted_device, mounted_type, process_alive,
-                       read_registry, registry_path, users_of)
+from .registry import (EXIT_PENDING, daemon_gone, holders, mounted_device, mounted_type, mounts, process_alive,
+                       read_registry, registry_path, running_mounts, users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -228,13 +228,32 @@ def cmd_umount(args) -> int:
     """Unmount, then wait for the daemon to finish pending uploads (progress every few
     seconds). When another mount namespace still holds a copy of the mount, the daemon would
     serve that copy instead of finishing: say who holds it and stop the daemon, so the uploads
-    finish and the copy ends (its users get ENOTCONN)."""
+    finish and the copy ends (its users get ENOTCONN). Ctrl-C says in one line where things
+    stand (exit 130)."""
     mp = _mount_point_arg(args.mountpoint)
+    unmounted = [False]  # set once the mount is gone here: what an interrupt leaves behind
+    try:
+        return _umount_and_wait(args, mp, unmounted)
+    except KeyboardInterrupt:
+        if unmounted[0]:
+            print(f"ossfuse: interrupted; {mp} is unmounted, and its daemon goes on finishing pending uploads "
+                  f"in the background (see the log in its cache dir)", file=sys.stderr)
+        else:
+            print(f"ossfuse: interrupted; {mp} is still mounted", file=sys.stderr)
+        return 130
+
+
+def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
+    """The body of :func:`cmd_umount`; sets ``unmounted[0]`` once ``mp`` is unmounted here."""
+    started = _process_started()
     # our own working directory must not keep the mount busy (`ossfuse umount .` from inside
     # it), nor be named among its users: fusermount3 inherits it
     os.chdir("/")
     reg = read_registry(mp)
     device = mounted_device(mp)
+    if reg is None and device is not None:  # a bind mount: the record is its origin's
+        reg = next((r for r in running_mounts() if r.get("device") == device), None)
+    home = reg["mountpoint"] if reg else mp  # the mount point the daemon was started with
     unmounted_here = False
     if device is None:
         # fusermount3 -u, run as root, unmounts whatever is there: never another filesystem
@@ -242,6 +261,11 @@ def cmd_umount(args) -> int:
         if fstype is not None:
             return _die(f"{mp} is not an ossfuse mount (it is {fstype}): not unmounting it")
         if not os.path.ismount(mp):
+            reg = read_registry(mp)  # afresh: its daemon may have ended since the first look
+            if reg is not None and reg.get("exited") and reg.get("exited_at", 0) >= started:
+                # another unmount came first (a second `ossfuse umount` at once) and the
+                # daemon finished after this one started: its outcome is this one's
+                return _exit_outcome(mp, reg)
             if reg is None or not _serves_elsewhere(reg, mp):
                 return _die(f"{mp} is not mounted")
             # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
@@ -271,12 +295,22 @@ def cmd_umount(args) -> int:
             return _die(f"{mp}: its daemon is gone, and unmounting failed: {r.stderr.strip()}")
         return _die(f"{mp}: the daemon{f' (pid {dead})' if dead else ''} had died; unmounted its dead mount; "
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
-    if not unmounted_here and (failure := _unmount(mp, device)) is not None:
-        return _die(failure)
+    if not unmounted_here:
+        # a bind mount of it (or the mount point mounted twice) keeps the daemon serving: unmount
+        # this one only, as umount(8) does, and say where it stays
+        elsewhere = [m for dev, m, fs in mounts() if dev == device and fs == "fuse.ossfuse" and m != mp]
+        if (failure := _unmount(mp, device)) is not None:
+            return _die(failure)
+        if elsewhere:
+            print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {', '.join(elsewhere[:3])}"
+                  f"{' and more' if len(elsewhere) > 3 else ''} (a bind mount): its daemon serves it there, and "
+                  f"pending uploads are finished once that is unmounted (ossfuse umount)", file=sys.stderr)
+            return 0
+    unmounted[0] = True
     if reg is None or reg.get("exited"):
         return 0
     pid = reg["pid"]
-    sock = registry_path(mp, ".sock")
+    sock = registry_path(home, ".sock")
     deadline = time.monotonic() + args.timeout
     unmounted_at = time.monotonic()
     said_at = 0.0
@@ -308,10 +342,17 @@ def cmd_umount(args) -> int:
         _wait_for_exit(pidfd, 0.1)
     if pidfd is not None:
         os.close(pidfd)
-    reg = read_registry(mp) or {}
+    reg = read_registry(home) or {}
     if not reg.get("exited"):
         return _die(f"the daemon (pid {pid}) ended without finishing (crashed or killed); files not yet "
                     f"uploaded stay journaled in its cache dir and upload on the next mount")
+    return _exit_outcome(mp, reg)
+
+
+def _exit_outcome(mp: str, reg: dict) -> int:
+    """What ``ossfuse umount`` says and returns for the exit record ``reg`` of the daemon of
+    ``mp``: 0, 1 (changes lost, the daemon failed) or EXIT_PENDING (uploads or deletes left
+    for the next mount), with one line on stderr unless 0."""
     if reg.get("unsaved"):
         lost = reg["unsaved"]
         shown = ", ".join(mp.rstrip("/") + "/" + p for p in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
@@ -335,6 +376,19 @@ def cmd_umount(args) -> int:
     return 0
 
 
+def _process_started() -> float:
+    """When this process started (its fork), in ``time.time()`` seconds, to 1/CLK_TCK s: the
+    interpreter's own start took tens of ms, in which another unmount may have finished."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 # A lookup or stat below the mount point by any process (a file manager, a shell prompt, the
 # other of two `ossfuse umount` at once) holds the mount for one FUSE round trip; the kernel's
 # umount fails with EBUSY meanwhile. Nobody visibly using the mount: try again for this long.
@@ -344,9 +398,9 @@ _TRANSIENT_BUSY_S = 3.0
 def _unmount(mp: str, device: str | None) -> str | None:
     """``fusermount3 -u`` of ``mp`` (a mount of ``device``); None once it is unmounted here, by
     this call or by another unmount that came first (a second ``ossfuse umount``: the caller
-    then waits for the uploads as that one does), else the reason it is not. EBUSY with no
-    process holding a file, working or root directory there is retried for
-    ``_TRANSIENT_BUSY_S`` seconds; with one, the reason names up to five of them."""
+    then waits for the uploads as that one does), else the reason it is not, in one line:
+    naming up to five processes that hold a file, directory, program or mapping there, or the
+    mounts below it. EBUSY with neither is retried for ``_TRANSIENT_BUSY_S`` seconds."""
     give_up = time.monotonic() + _TRANSIENT_BUSY_S
     while True:
         r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
@@ -355,15 +409,20 @@ def _unmount(mp: str, device: str | None) -> str | None:
         msg = (r.stderr.strip() or f"fusermount3 -u {mp} failed").replace("fusermount3: ", "")
         if "busy" not in msg:
             return msg
+        below = [m for _dev, m, _fs in mounts() if m.startswith(mp.rstrip("/") + "/")]
+        if below:
+            return msg + f" (mounted below it: {', '.join(below[:3])}{' and more' if len(below) > 3 else ''}; unmount that first)"
         users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
-        if not users and time.monotonic() < give_up:
-            time.sleep(0.05)
-            continue
-        if not users:
-            return msg + " (files are open there, by processes this user cannot see)"
-        ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
-        who = ", ".join(f"pid {p} ({c}" + (", the shell this ran from" if p == ppid else "") + ")" for p, c in users[:5])
-        return msg + f" (in use by {who}{f' and {len(users) - 5} more' if len(users) > 5 else ''})"
+        if users:
+            ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
+            who = ", ".join(f"pid {p} ({c}" + (", the shell this ran from" if p == ppid else "") + ")" for p, c in users[:5])
+            return msg + f" (in use by {who}{f' and {len(users) - 5} more' if len(users) > 5 else ''})"
+        if time.monotonic() >= give_up:
+            seen = "" if os.geteuid() == 0 else " this user can see"
+            return (msg + f" for {_TRANSIENT_BUSY_S:.0f} s, though no process{seen} has a file, directory, program "
+                    f"or mapping there: something keeps looking up names in it (a file manager, find), or a process "
+                    f"of another PID namespace uses it")
+        time.sleep(0.05)
 
 
 def _serves_elsewhere(reg: dict, mp: str) -> bool:

@@ -416,7 +416,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             log.error("exiting after a failure: %s", life.failure)
             status = EXIT_FAILED
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                                  "exited": True, "status": status, "failure": life.failure or not_durable,
+                                  "exited": True, "exited_at": time.time(), "status": status, "failure": life.failure or not_durable,
                                   "unsaved": unsaved, "journaled": journaled,
                                   "undeleted": len(undeleted), "undeleted_keys": undeleted[:10]})
     return status
@@ -499,8 +499,10 @@ async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Read
             return  # the mount stopped before it answered: the stop's cause is logged already
         raise
     set_read_ahead(mountpoint, cfg.mount.read_ahead_kib)  # after FUSE_INIT, which resets it
+    # the device: `ossfuse umount` of a bind mount of it finds this record by it
     write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
-                              "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False})
+                              "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False,
+                              "device": mounted_device(mountpoint)})
     log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
     notify_systemd(f"READY=1\nSTATUS=mounted at {mountpoint}")
     readiness.ready()

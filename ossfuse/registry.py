@@ -123,7 +123,7 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
     """(device "major:minor", mount point, fstype) of each line of a mountinfo file."""
     out = []
     with open(mountinfo, "rb") as f:
@@ -138,7 +138,7 @@ def mounted_device(mountpoint: str, fstype: str = "fuse.ossfuse") -> str | None:
     """The device ("major:minor") of the ``fstype`` mount at ``mountpoint`` in this process's
     mount namespace (the topmost one), or None when nothing of that type is mounted there."""
     found = None
-    for dev, mp, fs in _mounts():
+    for dev, mp, fs in mounts():
         if mp == mountpoint:
             found = dev if fs == fstype else None
     return found
@@ -148,7 +148,7 @@ def mounted_type(mountpoint: str) -> str | None:
     """The filesystem type of the topmost mount at ``mountpoint`` in this process's mount
     namespace ("fuse.ossfuse", "tmpfs", ...), or None when nothing is mounted there."""
     found = None
-    for _dev, mp, fs in _mounts():
+    for _dev, mp, fs in mounts():
         if mp == mountpoint:
             found = fs
     return found
@@ -167,7 +167,7 @@ def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]
             ns = os.readlink(f"/proc/{name}/ns/mnt")
             # every process is asked, not one per namespace: a chrooted one sees only the
             # mounts below its root
-            if ns in done or not any(dev == device for dev, _, _ in _mounts(f"/proc/{name}/mountinfo")):
+            if ns in done or not any(dev == device for dev, _, _ in mounts(f"/proc/{name}/mountinfo")):
                 continue
             done.add(ns)
             with open(f"/proc/{name}/comm") as f:
@@ -197,32 +197,47 @@ def daemon_gone(mountpoint: str) -> int | None:
 
 
 def users_of(mountpoint: str) -> list[tuple[int, str]]:
-    """Processes (pid, command name) with a file open, or their working or root directory,
-    at or below ``mountpoint``: what keeps an unmount busy (what ``fuser -vm`` shows, without
-    psmisc). Reads /proc/PID/fd/* and cwd/root links, which name paths without touching the
-    mount; processes of other users are seen only as root."""
+    """Processes (pid, command name) with a file open, their working or root directory, their
+    program or a mapped file (a library, an mmap kept after close) at or below ``mountpoint``:
+    what keeps an unmount busy (what ``fuser -vm`` shows, without psmisc). Reads
+    /proc/PID/{fd/*,cwd,root,exe} links and /proc/PID/maps, which name paths without touching
+    the mount; processes of other users are seen only as root."""
     below = mountpoint.rstrip("/") + "/"
+
+    def inside(path: str) -> bool:
+        path = path.removesuffix(" (deleted)")
+        return path == mountpoint or path.startswith(below)
+
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         base = f"/proc/{name}"
         try:
-            links = [f"{base}/cwd", f"{base}/root"] + [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+            links = [f"{base}/cwd", f"{base}/root", f"{base}/exe"] + [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
         except OSError:
             continue  # gone meanwhile, or not ours to read
+        held = False
         for link in links:
             try:
-                target = os.readlink(link)
+                held = inside(os.readlink(link))
             except OSError:
                 continue
-            if target == mountpoint or target.startswith(below):
-                try:
-                    with open(f"{base}/comm") as f:
-                        found.append((int(name), f.read().strip()))
-                except OSError:
-                    pass
+            if held:
                 break
+        if not held:
+            try:  # "address perms offset dev inode   path": the path is the sixth field, spaces and all
+                with open(f"{base}/maps", "rb") as maps:
+                    held = any(inside(os.fsdecode(parts[5].rstrip(b"\n"))) for line in maps
+                               if len(parts := line.split(maxsplit=5)) == 6)
+            except OSError:
+                continue
+        if held:
+            try:
+                with open(f"{base}/comm") as f:
+                    found.append((int(name), f.read().strip()))
+            except OSError:
+                pass
     return found
 
 
