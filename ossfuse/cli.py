@@ -851,3 +851,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `ossfuse status MNT | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (umount says more itself)
+        print(f"ossfuse {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -427,3 +427,14 @@ def test_mount_from_a_directory_holding_an_ossfuse_package_runs_the_installed_on
     finally:
         m.cleanup()
     assert not marker.exists()
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    """Ctrl-C (KeyboardInterrupt) in a command gives one line and exit 130, not a traceback."""
+    from ossfuse import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_keygen", interrupted)
+    assert cli.main(["keygen", str(tmp_path / "k.pem")]) == 130
+    assert capsys.readouterr().err == "ossfuse keygen: interrupted\n"
