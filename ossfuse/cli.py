@@ -301,6 +301,9 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
         elsewhere = [m for dev, m, fs in mounts() if dev == device and fs == "fuse.ossfuse" and m != mp]
         if (failure := _unmount(mp, device)) is not None:
             return _die(failure)
+        if elsewhere:  # those the unmount did not take with it (a peer of a shared mount goes too)
+            still = {m for dev, m, _fs in mounts() if dev == device}
+            elsewhere = [m for m in elsewhere if m in still]
         if elsewhere:
             print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {', '.join(elsewhere[:3])}"
                   f"{' and more' if len(elsewhere) > 3 else ''} (a bind mount): its daemon serves it there, and "

@@ -606,3 +606,29 @@ def test_ctrl_c_while_umount_waits_for_uploads_says_where_things_stand(make_moun
         time.sleep(0.05)
     assert len([k for k in m.keys() if k.startswith("f")]) == 20
     m.pid = None
+
+
+def test_umount_of_a_mount_propagated_to_a_peer_waits_for_the_uploads(make_mount, tmp_path):
+    """Mounted in a shared subtree, the mount shows at the peer's path too (same device, same
+    namespace); unmounting it takes that copy with it, so ``ossfuse umount`` is an ordinary
+    one: it waits for the uploads and says nothing about a bind mount."""
+    root, peer = str(tmp_path / "m"), str(tmp_path / "peer")
+    os.makedirs(root)
+    os.mkdir(peer)
+    subprocess.run(["mount", "--bind", root, root], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", root], check=True)
+        subprocess.run(["mount", "--bind", root, peer], check=True)  # a peer of root's group
+        m = make_mount("upload_delay = 600", start=False)
+        m.start()
+        assert os.path.ismount(os.path.join(peer, "mnt"))  # propagated
+        _many_pending(m, 5)
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""
+        assert not os.path.ismount(os.path.join(peer, "mnt"))
+        assert len([k for k in m.keys() if k.startswith("f")]) == 5
+        m.pid = None
+    finally:
+        for path in (peer, root):
+            subprocess.run(["umount", "-l", path], capture_output=True)
