@@ -296,17 +296,13 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
         return _die(f"{mp}: the daemon{f' (pid {dead})' if dead else ''} had died; unmounted its dead mount; "
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     if not unmounted_here:
-        # a bind mount of it (or the mount point mounted twice) keeps the daemon serving: unmount
-        # this one only, as umount(8) does, and say where it stays
-        elsewhere = [m for dev, m, fs in mounts() if dev == device and fs == "fuse.ossfuse" and m != mp]
         if (failure := _unmount(mp, device)) is not None:
             return _die(failure)
-        if elsewhere:  # those the unmount did not take with it (a peer of a shared mount goes too)
-            still = {m for dev, m, _fs in mounts() if dev == device}
-            elsewhere = [m for m in elsewhere if m in still]
-        if elsewhere:
-            print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {', '.join(elsewhere[:3])}"
-                  f"{' and more' if len(elsewhere) > 3 else ''} (a bind mount): its daemon serves it there, and "
+        # a copy the unmount did not take with it (a bind mount; a peer of a shared mount goes
+        # too) keeps the daemon serving: only this path is unmounted, as umount(8) does
+        if stays := [m for dev, m, _fs in mounts() if dev == device]:
+            print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {', '.join(stays[:3])}"
+                  f"{' and more' if len(stays) > 3 else ''} (a bind mount): its daemon serves it there, and "
                   f"pending uploads are finished once that is unmounted (ossfuse umount)", file=sys.stderr)
             return 0
     unmounted[0] = True
