@@ -249,10 +249,8 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
     # our own working directory must not keep the mount busy (`ossfuse umount .` from inside
     # it), nor be named among its users: fusermount3 inherits it
     os.chdir("/")
-    reg = read_registry(mp)
     device = mounted_device(mp)
-    if reg is None and device is not None:  # a bind mount: the record is its origin's
-        reg = next((r for r in running_mounts() if r.get("device") == device), None)
+    reg = _record_of(mp, device)
     home = reg["mountpoint"] if reg else mp  # the mount point the daemon was started with
     unmounted_here = False
     if device is None:
@@ -375,6 +373,15 @@ def _exit_outcome(mp: str, reg: dict) -> int:
     return 0
 
 
+def _record_of(mp: str, device: str | None) -> dict | None:
+    """The registry record of the daemon serving ``mp`` (mounted from ``device``): its own, or,
+    for a bind mount of a mount made elsewhere, that mount's (found by the device)."""
+    reg = read_registry(mp)
+    if reg is None and device is not None:
+        reg = next((r for r in running_mounts() if r.get("device") == device), None)
+    return reg
+
+
 def _process_started() -> float:
     """When this process started (its fork), in ``time.time()`` seconds, to 1/CLK_TCK s: the
     interpreter's own start took tens of ms, in which another unmount may have finished."""
@@ -465,8 +472,9 @@ def _status_or_none(sock: str) -> dict | None:
 def cmd_status(args) -> int:
     from . import status
     mp = _mount_point_arg(args.mountpoint)
+    reg = _record_of(mp, mounted_device(mp))
     try:
-        doc = status.query(registry_path(mp, ".sock"))
+        doc = status.query(registry_path(reg["mountpoint"] if reg else mp, ".sock"))
     except OSError:
         if args.prometheus:  # the textfile must say so (ossfuse_up 0), not keep the last answer's 1
             sys.stdout.write(status.prometheus_down(mp))
@@ -623,6 +631,10 @@ def cmd_check(args) -> int:
         print(summary.render())
         if summary.failed:
             return 1
+        if args.verify.strip("/") and not (summary.verified or summary.untagged or summary.plaintext
+                                           or summary.dir_markers):
+            return _die(f"check --verify {args.verify}: no object there (PATH is a directory below the mount's "
+                        f"root, as in MOUNTPOINT/PATH; not the mounted path itself)")
     return 0 if all(ok for ok, _ in results) else 1
 
 
@@ -765,9 +777,20 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
     m.set_defaults(fn=cmd_mount)
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # (also NaN)
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value
+
+
 def _umount_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("mountpoint", help="where the bucket is mounted")
-    u.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for uploads (default 3600)")
+    u.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait for uploads (default 3600)")
     u.set_defaults(fn=cmd_umount)
 
 

@@ -133,7 +133,7 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
     if not nonempty:
         entries = os.listdir(mountpoint)
         if entries:
-            raise MountError(f"mount point {mountpoint} is not empty ({len(entries)} entries, e.g. "
+            raise MountError(f"mount point {mountpoint} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}, e.g. "
                              f"{sorted(entries)[0]!r}): the mount would hide them; use an empty directory, "
                              f"or mount over it anyway with -o nonempty")
 

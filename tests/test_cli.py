@@ -438,3 +438,10 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys, tmp
     monkeypatch.setattr(cli, "cmd_keygen", interrupted)
     assert cli.main(["keygen", str(tmp_path / "k.pem")]) == 130
     assert capsys.readouterr().err == "ossfuse keygen: interrupted\n"
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_umount_timeout_must_be_a_number_of_seconds(value):
+    r = subprocess.run(OSSFUSE + ["umount", "--timeout", value, "/nonexistent"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "--timeout" in r.stderr and repr(value) in r.stderr, r.stderr

@@ -63,6 +63,11 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     r = check_verify(m)
     assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
     assert "not encrypted: 0; directory markers: 1; failed: 0" in r.stdout, r.stdout
+    for where in ("nosuchdir", m.mnt):  # a PATH that matches nothing (the mounted path: a natural guess)
+        r = check_verify(m, where)
+        assert r.returncode == 1 and "verified: 0 object(s)" in r.stdout, r.stdout
+        assert r.stderr == f"ossfuse: check --verify {where}: no object there (PATH is a directory below the " \
+                           f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)\n", r.stderr
     flip(m, "f", 3 * MIB // 2 + 5)  # block 24 of 64 KiB
     with open(m.path("h"), "rb") as f:
         assert f.read() == data[:1000]

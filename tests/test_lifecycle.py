@@ -563,13 +563,20 @@ def test_umount_of_one_of_two_bind_mounts_leaves_the_other_serving(make_mount, t
     bind = str(tmp_path / "bind")
     os.mkdir(bind)
     subprocess.run(["mount", "--bind", m.mnt, bind], check=True)
+
+    def pending_seen_at(path: str) -> int:  # `ossfuse status` of a bind path asks the mount's daemon
+        r = subprocess.run(OSSFUSE + ["status", "--json", path], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["pending_uploads"]["count"]
     try:
+        assert pending_seen_at(bind) == 5
         r = subprocess.run(OSSFUSE + ["umount", "--timeout", "20", m.mnt], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert f"stays mounted at {bind} (a bind mount)" in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not os.path.ismount(m.mnt)
         assert open(os.path.join(bind, "f0004"), "rb").read().endswith(b"4")  # still served there
         assert [k for k in m.keys() if k.startswith("f")] == []  # nothing uploaded yet
+        assert pending_seen_at(bind) == 5
         r = subprocess.run(OSSFUSE + ["umount", "--timeout", "60", bind], capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr
         assert r.stderr == ""
