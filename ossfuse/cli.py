@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-from .registry import (EXIT_PENDING, daemon_gone, holders, mounted_device, mounted_type, mounts, process_alive,
-                       read_registry, registry_path, running_mounts, users_of)
+from .registry import (EXIT_PENDING, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
+                       process_alive, process_started, read_registry, record_of, registry_path, users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -245,12 +245,12 @@ def cmd_umount(args) -> int:
 
 def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
     """The body of :func:`cmd_umount`; sets ``unmounted[0]`` once ``mp`` is unmounted here."""
-    started = _process_started()
+    started = process_started() or time.time()
     # our own working directory must not keep the mount busy (`ossfuse umount .` from inside
     # it), nor be named among its users: fusermount3 inherits it
     os.chdir("/")
     device = mounted_device(mp)
-    reg = _record_of(mp, device)
+    reg = record_of(mp, device)
     home = reg["mountpoint"] if reg else mp  # the mount point the daemon was started with
     unmounted_here = False
     if device is None:
@@ -266,6 +266,9 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                 return _exit_outcome(mp, reg)
             if reg is None or not _serves_elsewhere(reg, mp):
                 return _die(f"{mp} is not mounted")
+            if stays := _paths_of(reg.get("device")):  # unmounted here, but bind-mounted: not ours to stop
+                return _die(f"{mp} is not mounted; the same filesystem stays mounted at {_some_paths(stays)} (a "
+                            f"bind mount): unmount that")
             # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
             # namespace holds a copy, or lazily (umount -l) while files are still open: the
             # daemon would serve them forever
@@ -282,7 +285,7 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                       f"daemon so pending uploads finish", file=sys.stderr)
                 os.kill(reg["pid"], signal.SIGTERM)
             unmounted_here = True  # either way: wait for the daemon to finish, below
-    dead = daemon_gone(mp)
+    dead = daemon_gone(mp, reg)
     if dead is not None:
         # nobody serves it: nothing can be pending in a daemon, and nothing can be open in it
         # that a lazy unmount would strand (every access already fails with ENOTCONN)
@@ -298,10 +301,10 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
             return _die(failure)
         # a copy the unmount did not take with it (a bind mount; a peer of a shared mount goes
         # too) keeps the daemon serving: only this path is unmounted, as umount(8) does
-        if stays := [m for dev, m, _fs in mounts() if dev == device]:
-            print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {', '.join(stays[:3])}"
-                  f"{' and more' if len(stays) > 3 else ''} (a bind mount): its daemon serves it there, and "
-                  f"pending uploads are finished once that is unmounted (ossfuse umount)", file=sys.stderr)
+        if stays := _paths_of(device):
+            print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {_some_paths(stays)} (a bind "
+                  f"mount): its daemon serves it there, and pending uploads are finished once that is unmounted "
+                  f"(ossfuse umount)", file=sys.stderr)
             return 0
     unmounted[0] = True
     if reg is None or reg.get("exited"):
@@ -373,26 +376,13 @@ def _exit_outcome(mp: str, reg: dict) -> int:
     return 0
 
 
-def _record_of(mp: str, device: str | None) -> dict | None:
-    """The registry record of the daemon serving ``mp`` (mounted from ``device``): its own, or,
-    for a bind mount of a mount made elsewhere, that mount's (found by the device)."""
-    reg = read_registry(mp)
-    if reg is None and device is not None:
-        reg = next((r for r in running_mounts() if r.get("device") == device), None)
-    return reg
+def _paths_of(device: str | None) -> list[str]:
+    """The mount points in this mount namespace of the ossfuse filesystem ``device``, each once."""
+    return list(dict.fromkeys(m for dev, m, fs in mounts() if device and dev == device and fs == "fuse.ossfuse"))
 
 
-def _process_started() -> float:
-    """When this process started (its fork), in ``time.time()`` seconds, to 1/CLK_TCK s: the
-    interpreter's own start took tens of ms, in which another unmount may have finished."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
+def _some_paths(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 # A lookup or stat below the mount point by any process (a file manager, a shell prompt, the
@@ -434,7 +424,7 @@ def _unmount(mp: str, device: str | None) -> str | None:
 def _serves_elsewhere(reg: dict, mp: str) -> bool:
     """Whether the daemon of the registry record ``reg`` of mount point ``mp`` still runs
     (not exited), checked on its command line so a reused pid is never signalled."""
-    if reg.get("exited") or not reg.get("pid") or not process_alive(reg["pid"]):
+    if reg.get("exited") or not daemon_alive(reg):
         return False
     try:
         with open(f"/proc/{reg['pid']}/cmdline", "rb") as f:
@@ -472,7 +462,7 @@ def _status_or_none(sock: str) -> dict | None:
 def cmd_status(args) -> int:
     from . import status
     mp = _mount_point_arg(args.mountpoint)
-    reg = _record_of(mp, mounted_device(mp))
+    reg = record_of(mp, mounted_device(mp))
     try:
         doc = status.query(registry_path(reg["mountpoint"] if reg else mp, ".sock"))
     except OSError:
@@ -480,7 +470,7 @@ def cmd_status(args) -> int:
             sys.stdout.write(status.prometheus_down(mp))
             _die(f"no ossfuse daemon answers for {mp}: reported ossfuse_up 0")
             return 0
-        if daemon_gone(mp) is not None:
+        if daemon_gone(mp, reg) is not None:
             return _die(f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
                         f"(or fusermount3 -u {mp})")
         if not os.path.ismount(mp):

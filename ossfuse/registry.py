@@ -20,6 +20,7 @@ import json
 import os
 import re
 import stat
+import time
 
 ENV_RUNTIME_DIR = "OSSFUSE_RUNTIME_DIR"
 #: The daemon's exit status (also in its record) when it unmounted but uploads remain in the
@@ -116,6 +117,41 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def process_started(pid: int | str = "self") -> float | None:
+    """When process ``pid`` started (its fork), in ``time.time()`` seconds, to 1/CLK_TCK s;
+    None when it is gone (or /proc cannot say)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def daemon_alive(record: dict) -> bool:
+    """Whether the daemon of the (not exited) registry ``record`` runs: its pid is alive and
+    started before the record was written, so not a later process that reuses the pid of a
+    daemon that crashed (its record stays, unexited)."""
+    pid = record.get("pid")
+    if not pid or not process_alive(pid):
+        return False
+    started = process_started(pid)
+    return started is None or started <= record.get("started", float("inf")) + 1.0  # (1 s: clock ticks)
+
+
+def record_of(mountpoint: str, device: str | None) -> dict | None:
+    """The registry record of the daemon serving ``mountpoint`` (mounted from ``device``): its
+    own, or for a bind mount of a mount made at another path, that mount's, found by the
+    device (a running daemon's first; else an unexited one's, whose daemon died)."""
+    record = read_registry(mountpoint)
+    if record is not None or device is None:
+        return record
+    same = [r for r in _records() if not r.get("exited") and r.get("device") == device]
+    return next((r for r in same if daemon_alive(r)), same[0] if same else None)
+
+
 def _unescape(field: bytes) -> str:
     """A mountinfo path as os.fsdecode gives it: mountinfo escapes space, tab, newline and
     backslash as octal (\\040 …) and leaves every other byte as the path has it, which need
@@ -177,19 +213,21 @@ def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]
     return found
 
 
-def daemon_gone(mountpoint: str) -> int | None:
+def daemon_gone(mountpoint: str, record: dict | None = None) -> int | None:
     """When an ossfuse mount is at ``mountpoint`` but its daemon is dead (the kernel then
     answers every access with ENOTCONN, "transport endpoint is not connected"): the dead
     daemon's pid, 0 when there is no registry record to name it. None otherwise (nothing
-    mounted, or the daemon runs). Reads mountinfo and the registry only; the mount point is
-    stat'ed only without a record, and a dead mount answers that at once."""
+    mounted, or the daemon runs). ``record``: the daemon's (:func:`record_of`), else the mount
+    point's own. Reads mountinfo and the registry only; without a record it asks the mount for
+    its statfs (never answered from the kernel's caches, unlike a stat), which a dead mount
+    answers at once."""
     if mounted_device(mountpoint) is None:
         return None
-    record = read_registry(mountpoint)
+    record = record or read_registry(mountpoint)
     if record is not None and record.get("pid"):
-        return None if process_alive(record["pid"]) else record["pid"]
+        return None if daemon_alive(record) else record["pid"]
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             return 0
@@ -241,9 +279,8 @@ def users_of(mountpoint: str) -> list[tuple[int, str]]:
     return found
 
 
-def running_mounts() -> list[dict]:
-    """The registry records of this user's mounts whose daemon runs (each with ``mountpoint``
-    and ``config``, the config file's path), from the runtime directory."""
+def _records() -> list[dict]:
+    """Every registry record in the runtime directory (of this user's mounts, past ones too)."""
     try:
         names = sorted(os.listdir(runtime_dir()))
     except OSError:
@@ -257,6 +294,12 @@ def running_mounts() -> list[dict]:
                 record = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and not record.get("exited") and record.get("pid") and process_alive(record["pid"]):
+        if isinstance(record, dict):
             found.append(record)
     return found
+
+
+def running_mounts() -> list[dict]:
+    """The registry records of this user's mounts whose daemon runs (each with ``mountpoint``
+    and ``config``, the config file's path), from the runtime directory."""
+    return [r for r in _records() if not r.get("exited") and r.get("pid") and process_alive(r["pid"])]

@@ -2,6 +2,7 @@
 and the config checks (file, key and reason named)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -445,3 +446,23 @@ def test_umount_timeout_must_be_a_number_of_seconds(value):
     r = subprocess.run(OSSFUSE + ["umount", "--timeout", value, "/nonexistent"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "--timeout" in r.stderr and repr(value) in r.stderr, r.stderr
+
+
+def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(tmp_path, monkeypatch):
+    """A crashed daemon's record stays unexited; its pid may be another process's now. The
+    record of a bind mount's daemon, found by the device, is the one whose process started
+    before its record was written."""
+    from ossfuse import registry
+    monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(tmp_path))
+    me, t0 = os.getpid(), registry.process_started()
+    assert t0 is not None and abs(t0 - registry.process_started(me)) < 0.02
+    stale = {"pid": me, "mountpoint": "/old", "started": t0 - 100, "exited": False, "device": "0:99"}
+    live = {"pid": me, "mountpoint": "/new", "started": t0 + 5, "exited": False, "device": "0:99"}
+    for name, rec in (("a.json", stale), ("b.json", live)):
+        with open(tmp_path / name, "w") as f:
+            json.dump(rec, f)
+    assert not registry.daemon_alive(stale) and registry.daemon_alive(live)
+    assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/new"
+    assert registry.record_of("/elsewhere", "0:98") is None
+    os.unlink(tmp_path / "b.json")
+    assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/old"  # only a dead one: it died

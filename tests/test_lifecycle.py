@@ -577,6 +577,10 @@ def test_umount_of_one_of_two_bind_mounts_leaves_the_other_serving(make_mount, t
         assert open(os.path.join(bind, "f0004"), "rb").read().endswith(b"4")  # still served there
         assert [k for k in m.keys() if k.startswith("f")] == []  # nothing uploaded yet
         assert pending_seen_at(bind) == 5
+        # the original path once more: not mounted, and its daemon, serving the bind, is left alone
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f"is not mounted; the same filesystem stays mounted at {bind}" in r.stderr
+        assert pending_seen_at(bind) == 5
         r = subprocess.run(OSSFUSE + ["umount", "--timeout", "60", bind], capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr
         assert r.stderr == ""
@@ -639,3 +643,31 @@ def test_umount_of_a_mount_propagated_to_a_peer_waits_for_the_uploads(make_mount
     finally:
         for path in (peer, root):
             subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+@pytest.mark.expect_log(r"found 5 journaled file\(s\) from an earlier run")
+def test_umount_of_a_bind_mount_whose_daemon_just_died_says_so(make_mount, tmp_path):
+    """The daemon of a mount that stays only as a bind mount is killed: ``ossfuse umount`` of
+    the bind path at once says it had died (exit 1), not exit 0 as if its uploads were done
+    (a bind path has no registry record of its own; a stat there was answered from the
+    kernel's attribute cache); the next mount uploads the journaled files."""
+    m = make_mount("upload_delay = 600")
+    _many_pending(m, 5)
+    bind = str(tmp_path / "bind")
+    os.mkdir(bind)
+    subprocess.run(["mount", "--bind", m.mnt, bind], check=True)
+    try:
+        os.stat(os.path.join(bind, "f0000"))  # attributes cached in the kernel
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "stays mounted at" in r.stderr, r.stderr
+        os.kill(m.pid, signal.SIGKILL)
+        while process_alive(m.pid):
+            time.sleep(0.01)
+        r = subprocess.run(OSSFUSE + ["umount", bind], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "had died" in r.stderr and "stay journaled" in r.stderr, r.stderr
+        assert not os.path.ismount(bind)
+    finally:
+        subprocess.run(["umount", "-l", bind], capture_output=True)
+    m.pid = None
+    m.start()
+    assert open(m.path("f0004"), "rb").read().endswith(b"4")
