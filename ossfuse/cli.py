@@ -414,6 +414,11 @@ def _unmount(mp: str, device: str | None) -> str | None:
             who = ", ".join(f"pid {p} ({c}" + (", the shell this ran from" if p == ppid else "") + ")" for p, c in users[:5])
             return msg + f" (in use by {who}{f' and {len(users) - 5} more' if len(users) > 5 else ''})"
         if time.monotonic() >= give_up:
+            # a copy of it at another path (a peer of a shared subtree) held there keeps it busy too
+            elsewhere = [f"pid {p} ({c}) at {path}" for path in _paths_of(device) if path != mp
+                         for p, c in users_of(path) if p != os.getpid()]
+            if elsewhere:
+                return msg + f" (in use at another path of the same mount: {', '.join(elsewhere[:5])})"
             seen = "" if os.geteuid() == 0 else " this user can see"
             return (msg + f" for {_TRANSIENT_BUSY_S:.0f} s, though no process{seen} has a file, directory, program "
                     f"or mapping there: something keeps looking up names in it (a file manager, find), or a process "

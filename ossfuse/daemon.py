@@ -43,7 +43,8 @@ from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
-from .registry import (UnsafeDirError, check_private_dir, ensure_runtime_dir, mounted_device, process_alive, read_registry,
+from .registry import (UnsafeDirError, check_private_dir, daemon_alive, ensure_runtime_dir, mounted_device,
+                       process_start_ticks, read_registry,
                        registry_path, write_registry)
 
 log = logging.getLogger(__name__)
@@ -119,15 +120,20 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:
             raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
+    reg = read_registry(mountpoint)
     if os.path.ismount(mountpoint):
-        reg = read_registry(mountpoint)
-        if reg and not reg.get("exited") and not process_alive(reg["pid"]):
+        if reg and not reg.get("exited") and not daemon_alive(reg):
             # its daemon is dead (killed) but the kernel still answers stat from its caches
             log.warning("mount point %s is the mount of a dead ossfuse daemon (pid %d); unmounting it",
                         mountpoint, reg["pid"])
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:
             raise MountError(f"mount point {mountpoint} is busy (something is already mounted there)")
+    elif reg and not reg.get("exited") and daemon_alive(reg):
+        # its record (and status socket) would be replaced while that daemon still serves
+        raise MountError(f"the daemon of the earlier mount at {mountpoint} (pid {reg['pid']}) still runs: it "
+                         f"serves a bind mount of it, or finishes its uploads; unmount that (ossfuse umount) "
+                         f"or wait for it")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
     if not nonempty:
@@ -502,7 +508,7 @@ async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Read
     # the device: `ossfuse umount` of a bind mount of it finds this record by it
     write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
                               "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False,
-                              "device": mounted_device(mountpoint)})
+                              "device": mounted_device(mountpoint), "pid_start": process_start_ticks()})
     log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
     notify_systemd(f"READY=1\nSTATUS=mounted at {mountpoint}")
     readiness.ready()

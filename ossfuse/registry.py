@@ -117,36 +117,54 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def process_start_ticks(pid: int | str = "self") -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22): with
+    the pid, a name of the process no later process shares. None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def process_started(pid: int | str = "self") -> float | None:
     """When process ``pid`` started (its fork), in ``time.time()`` seconds, to 1/CLK_TCK s;
     None when it is gone (or /proc cannot say)."""
+    ticks = process_start_ticks(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    return None if ticks is None else time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def daemon_alive(record: dict) -> bool:
-    """Whether the daemon of the (not exited) registry ``record`` runs: its pid is alive and
-    started before the record was written, so not a later process that reuses the pid of a
+    """Whether the daemon of the (not exited) registry ``record`` runs: its pid is alive and,
+    where the record has it, started at the daemon's ``pid_start`` (clock ticks since boot,
+    immune to a wall-clock step), so it is not a later process that reuses the pid of a
     daemon that crashed (its record stays, unexited)."""
     pid = record.get("pid")
     if not pid or not process_alive(pid):
         return False
-    started = process_started(pid)
-    return started is None or started <= record.get("started", float("inf")) + 1.0  # (1 s: clock ticks)
+    if record.get("pid_start") is not None:
+        return process_start_ticks(pid) == record["pid_start"]
+    try:  # a record written before pid_start: at least an ossfuse process
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ossfuse" in f.read()
+    except OSError:
+        return False
 
 
 def record_of(mountpoint: str, device: str | None) -> dict | None:
     """The registry record of the daemon serving ``mountpoint`` (mounted from ``device``): its
-    own, or for a bind mount of a mount made at another path, that mount's, found by the
-    device (a running daemon's first; else an unexited one's, whose daemon died)."""
+    own if it is of that device; else, for a bind mount of a mount made at another path (or a
+    path whose own record is of an earlier or a covered mount), the record of that device's
+    mount, found by the device (a running daemon's first; else an unexited one's, whose daemon
+    died)."""
     record = read_registry(mountpoint)
-    if record is not None or device is None:
+    if device is None or (record is not None and not record.get("exited")
+                          and record.get("device") in (None, device)):  # (None: written before devices)
         return record
     same = [r for r in _records() if not r.get("exited") and r.get("device") == device]
     return next((r for r in same if daemon_alive(r)), same[0] if same else None)

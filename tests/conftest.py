@@ -15,7 +15,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from ossfuse.daemon import process_alive  # noqa: E402
+from ossfuse.registry import process_alive  # noqa: E402
 from ossfuse.keyring import generate_rsa_cmk  # noqa: E402
 from ossfuse.store.base import ObjectStore  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402

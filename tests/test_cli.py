@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -451,13 +452,14 @@ def test_umount_timeout_must_be_a_number_of_seconds(value):
 def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(tmp_path, monkeypatch):
     """A crashed daemon's record stays unexited; its pid may be another process's now. The
     record of a bind mount's daemon, found by the device, is the one whose process started
-    before its record was written."""
+    at the record's ``pid_start`` (clock ticks since boot: a wall-clock step changes nothing)."""
     from ossfuse import registry
     monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(tmp_path))
-    me, t0 = os.getpid(), registry.process_started()
-    assert t0 is not None and abs(t0 - registry.process_started(me)) < 0.02
-    stale = {"pid": me, "mountpoint": "/old", "started": t0 - 100, "exited": False, "device": "0:99"}
-    live = {"pid": me, "mountpoint": "/new", "started": t0 + 5, "exited": False, "device": "0:99"}
+    me, ticks = os.getpid(), registry.process_start_ticks()
+    assert ticks is not None and ticks == registry.process_start_ticks(me)
+    stale = {"pid": me, "pid_start": ticks - 1, "mountpoint": "/old", "exited": False, "device": "0:99"}
+    live = {"pid": me, "pid_start": ticks, "mountpoint": "/new", "started": time.time() - 1e6,  # a clock step
+            "exited": False, "device": "0:99"}
     for name, rec in (("a.json", stale), ("b.json", live)):
         with open(tmp_path / name, "w") as f:
             json.dump(rec, f)

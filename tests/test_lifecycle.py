@@ -553,6 +553,7 @@ def test_umount_with_a_filesystem_mounted_below_says_so(make_mount, tmpfs):
     m.pid = None
 
 
+@pytest.mark.expect_log(r"the daemon of the earlier mount at .* still runs")
 def test_umount_of_one_of_two_bind_mounts_leaves_the_other_serving(make_mount, tmp_path):
     """``ossfuse umount`` of a mount that is also bind-mounted elsewhere unmounts that one
     path (as umount(8) does) and says where the filesystem stays; unmounting the last path,
@@ -581,6 +582,12 @@ def test_umount_of_one_of_two_bind_mounts_leaves_the_other_serving(make_mount, t
         r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and f"is not mounted; the same filesystem stays mounted at {bind}" in r.stderr
         assert pending_seen_at(bind) == 5
+        # nor may another mount take the path over: its record would hide the bind's daemon
+        other = make_mount(name="o", start=False)
+        r = subprocess.run(OSSFUSE + ["mount", "-c", other.config, m.mnt], capture_output=True, text=True,
+                           timeout=60, env=other.env)
+        assert r.returncode == 1 and f"the daemon of the earlier mount at {m.mnt} (pid {m.pid}) still runs" in r.stderr
+        assert not os.path.ismount(m.mnt) and pending_seen_at(bind) == 5
         r = subprocess.run(OSSFUSE + ["umount", "--timeout", "60", bind], capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr
         assert r.stderr == ""
@@ -634,6 +641,15 @@ def test_umount_of_a_mount_propagated_to_a_peer_waits_for_the_uploads(make_mount
         m.start()
         assert os.path.ismount(os.path.join(peer, "mnt"))  # propagated
         _many_pending(m, 5)
+        # a shell in the peer's copy keeps it busy too: named, with where
+        holder = subprocess.Popen(["sleep", "60"], cwd=os.path.join(peer, "mnt"))
+        try:
+            r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=90)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert r.returncode == 1 and f"in use at another path of the same mount: pid {holder.pid} (sleep) at " \
+            f"{os.path.join(peer, 'mnt')}" in r.stderr, r.stderr
         r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr
         assert r.stderr == ""
@@ -671,3 +687,33 @@ def test_umount_of_a_bind_mount_whose_daemon_just_died_says_so(make_mount, tmp_p
     m.pid = None
     m.start()
     assert open(m.path("f0004"), "rb").read().endswith(b"4")
+
+
+@pytest.mark.parametrize("before", ["unmounted", "covered"])
+def test_a_bind_path_with_a_record_of_its_own_finds_the_bound_mounts_daemon(make_mount, before):
+    """A bind mount at a path that was an ossfuse mount point before (its record says exited)
+    or that covers a live ossfuse mount there (its record is that mount's): ``status`` and
+    ``umount`` of the path answer for the mount bound there, found by the device (they took
+    the path's own record: "the daemon had died", or waited for and stopped the covered one)."""
+    m = make_mount("upload_delay = 600")
+    other = make_mount(name="o")
+    if before == "unmounted":
+        assert subprocess.run(OSSFUSE + ["umount", other.mnt], timeout=60).returncode == 0
+        other.pid = None
+    _many_pending(m, 5)
+    subprocess.run(["mount", "--bind", m.mnt, other.mnt], check=True)
+    try:
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and f"stays mounted at {other.mnt}" in r.stderr, r.stderr
+        r = subprocess.run(OSSFUSE + ["status", "--json", other.mnt], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and json.loads(r.stdout)["pending_uploads"]["count"] == 5, r.stdout + r.stderr
+        r = subprocess.run(OSSFUSE + ["umount", other.mnt], capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert len([k for k in m.keys() if k.startswith("f")]) == 5
+        assert not process_alive(m.pid)
+        if before == "covered":  # the covered mount is there again, and its daemon serves it
+            assert os.path.ismount(other.mnt) and process_alive(other.pid)
+            open(other.path("x"), "wb").close()
+    finally:
+        subprocess.run(["umount", "-l", other.mnt], capture_output=True) if before == "unmounted" else None
+    m.pid = None
