@@ -122,7 +122,9 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
             raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
     reg = read_registry(mountpoint)
     if os.path.ismount(mountpoint):
-        if reg and not reg.get("exited") and not daemon_alive(reg):
+        device = mounted_device(mountpoint)  # None: not an ossfuse mount (a tmpfs, a bind of a dir…)
+        if (reg and not reg.get("exited") and not daemon_alive(reg) and device is not None
+                and reg.get("device") in (None, device)):
             # its daemon is dead (killed) but the kernel still answers stat from its caches
             log.warning("mount point %s is the mount of a dead ossfuse daemon (pid %d); unmounting it",
                         mountpoint, reg["pid"])

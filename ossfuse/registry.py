@@ -163,11 +163,14 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
     mount, found by the device (a running daemon's first; else an unexited one's, whose daemon
     died)."""
     record = read_registry(mountpoint)
-    if device is None or (record is not None and not record.get("exited")
-                          and record.get("device") in (None, device)):  # (None: written before devices)
+    own = (record is not None and not record.get("exited")
+           and record.get("device") in (None, device))  # (None: written before devices)
+    if device is None or (record is not None and own and daemon_alive(record)):
         return record
+    # the path's own record is dead or of another mount: a live daemon of this device (the
+    # number is reused once a mount is gone) comes first, then the dead record that names it
     same = [r for r in _records() if not r.get("exited") and r.get("device") == device]
-    return next((r for r in same if daemon_alive(r)), same[0] if same else None)
+    return next((r for r in same if daemon_alive(r)), record if own else same[0] if same else None)
 
 
 def _unescape(field: bytes) -> str:

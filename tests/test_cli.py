@@ -466,5 +466,10 @@ def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(t
     assert not registry.daemon_alive(stale) and registry.daemon_alive(live)
     assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/new"
     assert registry.record_of("/elsewhere", "0:98") is None
+    # a path with a dead record of its own whose device number a live mount has again
+    registry.write_registry(registry.registry_path("/was"), dict(stale, mountpoint="/was"))
+    assert registry.record_of("/was", "0:99")["mountpoint"] == "/new"
     os.unlink(tmp_path / "b.json")
+    assert registry.record_of("/was", "0:99")["mountpoint"] == "/was"  # only dead ones: its own
+    os.unlink(registry.registry_path("/was"))
     assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/old"  # only a dead one: it died

@@ -717,3 +717,23 @@ def test_a_bind_path_with_a_record_of_its_own_finds_the_bound_mounts_daemon(make
     finally:
         subprocess.run(["umount", "-l", other.mnt], capture_output=True) if before == "unmounted" else None
     m.pid = None
+
+
+@pytest.mark.expect_log(r"mount point .* is busy \(something is already mounted there\)")
+def test_a_mount_never_takes_away_another_filesystem_mounted_where_a_dead_daemon_was(make_mount, tmpfs):
+    """The record of a killed daemon stays (unexited); its mount point, unmounted by hand, then
+    holds a tmpfs: ``ossfuse mount`` there is refused as busy (it took the tmpfs away with
+    ``fusermount3 -uz``, as if it were the dead daemon's mount)."""
+    m = make_mount()
+    os.kill(m.pid, signal.SIGKILL)
+    while process_alive(m.pid):
+        time.sleep(0.01)
+    subprocess.run(["fusermount3", "-u", m.mnt], check=True)
+    m.pid = None
+    tmpfs(os.path.join("m", "mnt"), 1 << 20)
+    with open(m.path("theirs"), "w") as f:
+        f.write("kept")
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60,
+                       env=m.env)
+    assert r.returncode == 1 and "is busy" in r.stderr, r.stderr
+    assert open(m.path("theirs")).read() == "kept"
