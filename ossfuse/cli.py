@@ -264,7 +264,8 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                 # another unmount came first (a second `ossfuse umount` at once) and the
                 # daemon finished after this one started: its outcome is this one's
                 return _exit_outcome(mp, reg)
-            if reg is None or not _serves_elsewhere(reg, mp):
+            # (daemon_alive: a pid another process reuses is never signalled)
+            if reg is None or reg.get("exited") or not daemon_alive(reg):
                 return _die(f"{mp} is not mounted")
             if stays := _paths_of(reg.get("device")):  # unmounted here, but bind-mounted: not ours to stop
                 return _die(f"{mp} is not mounted; the same filesystem stays mounted at {_some_paths(stays)} (a "
@@ -407,7 +408,7 @@ def _unmount(mp: str, device: str | None) -> str | None:
             return msg
         below = [m for _dev, m, _fs in mounts() if m.startswith(mp.rstrip("/") + "/")]
         if below:
-            return msg + f" (mounted below it: {', '.join(below[:3])}{' and more' if len(below) > 3 else ''}; unmount that first)"
+            return msg + f" (mounted below it: {_some_paths(below)}; unmount that first)"
         users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
         if users:
             ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
@@ -424,19 +425,6 @@ def _unmount(mp: str, device: str | None) -> str | None:
                     f"or mapping there: something keeps looking up names in it (a file manager, find), or a process "
                     f"of another PID namespace uses it")
         time.sleep(0.05)
-
-
-def _serves_elsewhere(reg: dict, mp: str) -> bool:
-    """Whether the daemon of the registry record ``reg`` of mount point ``mp`` still runs
-    (not exited), checked on its command line so a reused pid is never signalled."""
-    if reg.get("exited") or not daemon_alive(reg):
-        return False
-    try:
-        with open(f"/proc/{reg['pid']}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"ossfuse" in b" ".join(argv) and os.fsencode(mp) in argv
 
 
 def _pidfd_or_none(pid: int) -> int | None:

@@ -323,4 +323,4 @@ def _records() -> list[dict]:
 def running_mounts() -> list[dict]:
     """The registry records of this user's mounts whose daemon runs (each with ``mountpoint``
     and ``config``, the config file's path), from the runtime directory."""
-    return [r for r in _records() if not r.get("exited") and r.get("pid") and process_alive(r["pid"])]
+    return [r for r in _records() if not r.get("exited") and daemon_alive(r)]
