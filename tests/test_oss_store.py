@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import oss_server  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
 
-from ossfuse.store.base import NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable  # noqa: E402
+from ossfuse.store.base import AlreadyExists, NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable  # noqa: E402
 from ossfuse.store.credentials import (CredentialChain, CredentialsError, EcsRamRoleCredentialsProvider,  # noqa: E402
                                        EnvCredentialsProvider, FileCredentialsProvider,
                                        StaticCredentialsProvider)
@@ -360,6 +360,44 @@ async def test_copy_directives(server, store, monkeypatch):
     with pytest.raises(StoreError, match="cannot be copied with CopyObject"):
         await store.copy("w/src", "w/dst3")
     assert key_requests(server, "PUT", "w/dst3") == []
+
+
+@trio_test
+async def test_small_put_sends_what_oss2s_put_object_sends(server, store, tmp_path):
+    """A PUT of a small body or file goes on the lean path (http.client on the shared pool), a
+    large one through oss2's ``Bucket.put_object``: both send the same request headers (the
+    metadata, Content-Type, x-oss-forbid-overwrite, V1 or V4 signature) and store the same
+    bytes, metadata and ETag; a refused create is AlreadyExists on both."""
+    meta = {"Mode": "33188", "uid": "0", "mtime": "1700000000.5"}
+    small, large = data(4096, 7), data((1 << 20) + 16, 8)
+    path = tmp_path / "small"
+    path.write_bytes(small)
+    infos = {"small": await store.put_bytes("p/small", small, meta),
+             "file": await store.put_file("p/file", str(path), meta),
+             "large": await store.put_bytes("p/large", large, meta, if_absent=True)}
+    with pytest.raises(AlreadyExists):
+        await store.put_bytes("p/small", small, meta, if_absent=True)
+    with pytest.raises(AlreadyExists):
+        await store.put_file("p/file", str(path), meta, if_absent=True)
+    # the volatile headers aside (signature, date, length, connection), one set of names
+    volatile = {"authorization", "date", "x-oss-date", "content-length", "connection", "host",
+                "user-agent", "accept-encoding", "accept", "x-oss-content-sha256"}
+    sent = {}
+    for key in ("p/small", "p/file", "p/large"):
+        reqs = key_requests(server, "PUT", key)
+        assert reqs[0].status == 200
+        sent[key] = [{k.lower(): v for k, v in r.headers.items() if k.lower() not in volatile} for r in reqs]
+    assert sent["p/small"][0] == sent["p/file"][0] == {
+        "content-type": "application/octet-stream", **{"x-oss-meta-" + k.lower(): v for k, v in meta.items()}}
+    assert sent["p/large"][0] == {**sent["p/small"][0], "x-oss-forbid-overwrite": "true"}
+    assert sent["p/small"][1] == sent["p/file"][1] == sent["p/large"][0]  # the refused creates
+    assert [r.status for r in key_requests(server, "PUT", "p/small")] == [200, 409]
+    for key, body, info in (("p/small", small, infos["small"]), ("p/file", small, infos["file"]),
+                            ("p/large", large, infos["large"])):
+        assert server.get_object_bytes(BUCKET, key) == body
+        head = await store.head(key)
+        assert head is not None and head.etag == info.etag and head.size == info.size == len(body)
+        assert head.metadata == {k.lower(): v for k, v in meta.items()} == info.metadata
 
 
 @trio_test

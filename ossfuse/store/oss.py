@@ -170,6 +170,11 @@ class _Answer:
         body, self.body = self.body, b""  # read once, as oss2's Response
         return body if amt is None else body[:amt]
 
+    @property
+    def etag(self) -> str:
+        """The ETag without its quotes, as oss2's ``PutObjectResult.etag``."""
+        return (self.headers.get("etag") or "").strip('"')
+
 
 class _BadResponse(Exception):
     """The server answered something unusable (wrong Content-Range, short body): retried."""
@@ -287,8 +292,9 @@ _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connec
 
 
 def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, headers: dict[str, str],
-                     connect: float, read: float) -> tuple[int, dict[str, str], bytes]:
-    """Send ``method uri`` (HEAD or GET, no request body) on a connection of urllib3's ``pool``
+                     connect: float, read: float, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Send ``method uri`` (HEAD or GET without a request body, or PUT of ``body``: http.client
+    sends its Content-Length) on a connection of urllib3's ``pool``
     with http.client itself, read the whole answer and give the connection back: (status,
     headers by lower-case name, a repeated one's values joined by ", " as urllib3's
     HTTPHeaderDict does; ISO-8859-1 as http.client decodes them; the body, b"" for a HEAD).
@@ -314,7 +320,7 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
             conn.timeout = connect
             conn.connect()
         conn.sock.settimeout(read)
-        http.client.HTTPConnection.request(conn, method, uri, headers=headers)
+        http.client.HTTPConnection.request(conn, method, uri, body=body, headers=headers)
         resp = http.client.HTTPConnection.getresponse(conn)
         body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
         h: dict[str, str] = {}
@@ -325,7 +331,8 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
             h[name] = f"{h[name]}, {value}" if name in h else value
         if resp.status // 100 == 2 and ("etag" not in h or "content-length" not in h):
             # http.client takes a head cut by the connection's end for a whole answer (a 200
-            # without headers: an empty file); OSS sends both on every HeadObject and GetObject (§3.3)
+            # without headers: an empty file); OSS sends both on every HeadObject, GetObject
+            # and PutObject (§3.1, §3.3)
             raise http.client.IncompleteRead(b"", None)
     except BaseException as e:
         conn.close()
@@ -618,8 +625,9 @@ class OssStore(ObjectStore):
         parts = base.split("/", 3)
         return (base, "/" + parts[3]) if len(parts) > 3 else None
 
-    def _lean_request(self, method: str, key: str, headers: dict[str, str] | None) -> tuple[int, dict[str, str], bytes]:
-        """One HEAD or GET attempt of object ``key`` (with extra request ``headers``) on the lean
+    def _lean_request(self, method: str, key: str, headers: dict[str, str] | None,
+                      body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One HEAD, GET or PUT (of ``body``) attempt of object ``key`` (with extra request ``headers``) on the lean
         path (``self._lean_head`` set): signed by oss2's own auth (V1 or V4, the security token
         included) exactly as ``Bucket._do`` signs it, sent by :func:`_request_on_pool` on a
         connection of the shared urllib3 pool with this attempt's (connect, read) timeouts
@@ -647,7 +655,7 @@ class OssStore(ObjectStore):
         pool = self._head_conn_pool
         if pool is None or getattr(pool, "pool", None) is None:  # not yet, or closed (evicted, aclose)
             pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        return _request_on_pool(pool, method, uri, sent, connect, read)
+        return _request_on_pool(pool, method, uri, sent, connect, read, body)
 
     def _head_sync(self, key: str) -> tuple[ObjectInfo, str | None]:
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
@@ -879,8 +887,21 @@ class OssStore(ObjectStore):
 
     # -- put --------------------------------------------------------------------------------
     def _put_bytes_sync(self, key: str, data: bytes, headers: dict[str, str]):
-        r = self._bucket.put_object(key, data, headers=dict(headers))
-        _check_crc("PUT", key, fastcrc.crc64.xz(data), r)
+        """One PutObject attempt (§3.1) of ``data``; its CRC-64 is checked against OSS's.
+        Returns what has ``etag`` (unquoted) and ``headers``. A body up to _SMALL_BODY goes on
+        the lean path (``_lean_request``: oss2's request and result objects and requests'
+        per-request work were ~2/3 of a small file's PUT CPU, ``bench/head_cost.py --op
+        put``; write-back of small files is a PUT each), a larger one, or any behind a
+        proxy, through ``Bucket.put_object``. An error answer raises what oss2 raises."""
+        crc = fastcrc.crc64.xz(data)
+        if self._lean_head is None or len(data) > _SMALL_BODY:
+            r = self._bucket.put_object(key, data, headers=dict(headers))
+        else:
+            status, h, answer = self._lean_request("PUT", key, headers, data)
+            r = _Answer(status, requests.structures.CaseInsensitiveDict(h), answer)
+            if status // 100 != 2:
+                raise oe.make_exception(r)
+        _check_crc("PUT", key, crc, r)
         return r
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
@@ -908,6 +929,11 @@ class OssStore(ObjectStore):
             size = os.fstat(f.fileno()).st_size
             if size > PUT_LIMIT:
                 raise StoreError(f"{path} is larger than 5 GB: use a multipart upload", key=key)
+            if size <= _SMALL_BODY and self._lean_head is not None:  # in memory, on the lean path
+                data = f.read()
+                if len(data) != size:
+                    raise StoreError(f"{path} changed while it was read for its upload", key=key)
+                return size, self._put_bytes_sync(key, data, headers)
             # oss2 streams a file object, no full read into memory; the CRC-64 is of the file
             # as it is now (a staged file does not change while it uploads)
             crc = 0
