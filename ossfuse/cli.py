@@ -157,6 +157,10 @@ def _spawn_daemon(args, cfg) -> int:
     """Start the daemon in its own session and wait until it reports the mount usable, it
     fails, or ``startup_timeout`` + a margin passes (then it is killed, any mount it left is
     removed, and the reason printed)."""
+    from .config import dir_inside_mountpoint
+    inside = dir_inside_mountpoint(cfg, args.mountpoint)
+    if inside:  # before the cache dir is made there
+        return _die(inside)
     r, w = os.pipe()
     try:
         os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)

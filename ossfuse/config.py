@@ -330,3 +330,22 @@ def load(path: str) -> Config:
     if not 0 <= mount.read_ahead_kib <= 1 << 20:
         raise ConfigError(f"{path}: mount.read_ahead_kib: must be 0 (the kernel's default) to 1048576 KiB")
     return Config(path=os.path.abspath(path), store=store, encryption=encryption, cache=cache, mount=mount)
+
+
+def dir_inside_mountpoint(cfg: Config, mountpoint: str) -> str | None:
+    """Why ``cfg`` cannot be mounted at ``mountpoint`` because its cache dir or local bucket
+    directory is at or below it (the daemon would wait on its own mount for them: a lookup
+    through the mount it serves never returns; and the mount point would not be empty), or
+    None. Compares real paths (symlinks resolved as far as the paths exist); call it before
+    mounting, while the mount point is a plain directory."""
+    mp = os.path.realpath(mountpoint)
+    dirs = [("cache dir (cache.dir)", cfg.cache.dir)]
+    if cfg.store.url.startswith("local://"):
+        dirs.append(("bucket directory (store.url)", cfg.store.url[len("local://"):]))
+    for what, d in dirs:
+        real = os.path.realpath(d)
+        if real == mp or real.startswith(mp.rstrip("/") + "/"):
+            where = "is the mount point" if real == mp else "is inside the mount point"
+            return (f"{cfg.path}: the {what} {d} {where} {os.path.abspath(mountpoint)}: the mount would hide it "
+                    f"from ossfuse itself; choose a directory outside it")
+    return None

@@ -31,6 +31,7 @@ import pyfuse3
 import trio
 
 from .aio import Supervisor
+from . import config as config_mod
 from .config import Config
 from .fs import Filesystem
 from .fs.model import Node
@@ -231,6 +232,9 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
         ensure_runtime_dir()
     except UnsafeDirError as e:
         raise MountError(str(e)) from None
+    inside = config_mod.dir_inside_mountpoint(cfg, mountpoint)
+    if inside:
+        raise MountError(inside)
     check_mountpoint(mountpoint, nonempty)
     lock_fd = lock_cache_dir(cfg.cache.dir)
     errors = RecentErrors()

@@ -166,6 +166,31 @@ def test_mount_errors_are_one_line(mount, tmp_path):
     assert not os.path.ismount(other)
 
 
+def test_a_cache_dir_or_bucket_directory_inside_the_mount_point_is_refused(tmp_path, cmk_path):
+    """A cache dir or local bucket directory at or below the mount point (also through a
+    symlink): exit 1 and one line naming the config key, nothing made in the mount point, no
+    mount. Before, the cache dir was made there ("mount point is not empty"), and with -o
+    nonempty the daemon hung in a lookup through its own mount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (tmp_path / "link").symlink_to(mnt)
+    config = local_config(tmp_path, {"k": cmk_path})
+    text = open(config).read()
+    cases = {"cache dir (cache.dir)": (f'dir = "{tmp_path}/cache"', f'dir = "{mnt}/cache"'),
+             "bucket directory (store.url)": (f'url = "local://{tmp_path}/bucket"', f'url = "local://{mnt}"'),
+             "cache dir (cache.dir) ": (f'dir = "{tmp_path}/cache"', f'dir = "{tmp_path}/link/c"')}
+    for what, (old, new) in cases.items():
+        assert old in text
+        with open(config, "w") as f:
+            f.write(text.replace(old, new))
+        for options in ([], ["-o", "nonempty"]):
+            r = ossfuse("mount", "-c", config, str(mnt), *options)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert f"the {what.strip()} " in r.stderr and f"inside the mount point {mnt}" in r.stderr \
+                or f"is the mount point {mnt}" in r.stderr, r.stderr
+            assert os.listdir(mnt) == [] and not os.path.ismount(mnt)
+
+
 def test_mount_with_a_read_only_cache_disk_is_one_line(tmp_path, cmk_path, tmpfs):
     """The cache dir on a read-only filesystem: exit 1 and one line naming the log file and
     EROFS (it was a traceback from opening ossfuse.log)."""
