@@ -470,8 +470,11 @@ def cmd_status(args) -> int:
         if daemon_gone(mp, reg) is not None:
             return _die(f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
                         f"(or fusermount3 -u {mp})")
-        if not os.path.ismount(mp):
+        if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
             return _die(f"{mp} is not a mount point")
+        if reg is not None and not reg.get("exited") and daemon_alive(reg):
+            return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stopped, or "
+                        f"stuck); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")
         return _die(f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)")
     doc["mountpoint"] = mp
     if args.prometheus:
@@ -713,7 +716,8 @@ def cmd_quickstart(args) -> int:
     os.makedirs(etc, mode=0o700, exist_ok=True)
     if "://" not in bucket:
         os.makedirs(bucket, mode=0o700, exist_ok=True)
-    os.makedirs(mp, exist_ok=True)
+    if mounted_type(mp) is None:  # (a mount there, even one whose daemon died, is dealt with below)
+        os.makedirs(mp, exist_ok=True)
     if not os.path.exists(key):
         if not args.new_key and (found := _encrypted_object_in(bucket)):
             return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
@@ -726,13 +730,12 @@ def cmd_quickstart(args) -> int:
         with open(conf, "w") as f:
             f.write(QUICKSTART_CONFIG.format(bucket=bucket, key=key, cache=cache))
         print(f"created config {conf}")
-    if os.path.ismount(mp):
-        with open("/proc/self/mounts") as f:
-            fstype = next((line.split()[2] for line in f if line.split()[1] == mp), "")
-        if fstype != "fuse.ossfuse":
-            return _die(f"{mp}: something else ({fstype or 'unknown'}) is mounted there; pass another mount point")
+    fstype = mounted_type(mp)  # from mountinfo: a stat of a mount whose daemon died fails, one stuck hangs
+    if fstype is not None and fstype != "fuse.ossfuse":
+        return _die(f"{mp}: something else ({fstype}) is mounted there; pass another mount point")
+    if fstype is not None and daemon_gone(mp) is None:
         print(f"already mounted: {mp}")
-    else:
+    else:  # not mounted, or the mount of a daemon that died (the mount replaces it)
         ns = argparse.Namespace(config=conf, mountpoint=mp, foreground=False, o=None, log_level="info",
                                 ready_fd=None)
         status = cmd_mount(ns)

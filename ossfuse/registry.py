@@ -79,8 +79,18 @@ def registry_path(mountpoint: str, suffix: str = ".json") -> str:
     """Per-mount file in the runtime dir: ``.json`` (the registry record) or ``.sock`` (the
     status socket). Resolves ``mountpoint``: call it before mounting, never from the daemon
     once mounted."""
-    real = os.path.realpath(mountpoint)
+    real = real_mountpoint(mountpoint)
     return os.path.join(runtime_dir(), hashlib.sha256(os.fsencode(real)).hexdigest()[:32] + suffix)
+
+
+def real_mountpoint(path: str) -> str:
+    """``os.path.realpath(path)``, without a stat of ``path`` itself when something is mounted
+    there (a mount point is no symlink): that stat asks the mount's daemon, and one that is
+    stopped or stuck never answers, so ``status`` and ``umount`` hung on it. The parent
+    directories are resolved as realpath does."""
+    parent, name = os.path.split(os.path.abspath(path))
+    joined = os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(path)
+    return joined if name and mounted_type(joined) is not None else os.path.realpath(joined)
 
 
 def write_registry(path: str, record: dict) -> None:

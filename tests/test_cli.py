@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ossfuse import config as config_mod
+from ossfuse.registry import mounted_device, process_alive
 
 from conftest import OSSFUSE, local_config, run_cli
 
@@ -270,6 +271,43 @@ def test_status_and_umount_of_a_mount_whose_daemon_died(mount):
     assert r.returncode == 1, r.stderr
     assert f"{mount.mnt}: the daemon (pid {mount.pid}) had died; unmounted its dead mount" in r.stderr, r.stderr
     assert not os.path.ismount(mount.mnt) and os.listdir(mount.mnt) == []
+    mount.pid = None
+
+
+@pytest.mark.parametrize("store_kind", ["local"])
+# the close's RELEASE, queued by the kernel while the daemon was stopped, is answered after the
+# unmount: libfuse cannot deliver that reply (pyfuse3 logs it)
+@pytest.mark.expect_log(r"ERROR pyfuse3: fuse_release\(\): fuse_reply_\* failed with No such file or directory")
+def test_status_and_umount_of_a_daemon_that_does_not_answer(mount):
+    """A daemon stopped (SIGSTOP; a stuck one alike): `status` says so after its socket
+    timeout, `status --prometheus` reports ossfuse_up 0, `umount --timeout 2` unmounts and
+    returns once the 2 s are up. Each hung in a stat of the mount point (resolving its
+    registry path), Ctrl-C ignored. Continued, the daemon uploads what was written."""
+    import signal
+    import time
+    with open(mount.path("f"), "wb") as f:
+        f.write(b"data")
+    os.kill(mount.pid, signal.SIGSTOP)
+    try:
+        r = ossfuse("status", mount.mnt, timeout=40)
+        assert r.returncode == 1 and r.stderr == (
+            f"ossfuse: the ossfuse daemon of {mount.mnt} (pid {mount.pid}) runs but does not answer (stopped, "
+            f"or stuck); its log: {mount.cache}/ossfuse.log\n"), r.stderr
+        r = ossfuse("status", "--prometheus", mount.mnt, timeout=40)
+        assert r.returncode == 0 and f'ossfuse_up{{mountpoint="{mount.mnt}"}} 0' in r.stdout, r.stdout
+        t = time.monotonic()
+        r = ossfuse("umount", mount.mnt, "--timeout", "2", timeout=40)
+        assert r.returncode == 1 and f"still uploading after 2s" in r.stderr, r.stderr
+        assert time.monotonic() - t < 15
+        assert mounted_device(mount.mnt) is None
+    finally:
+        os.kill(mount.pid, signal.SIGCONT)
+    for _ in range(600):
+        if not process_alive(mount.pid):
+            break
+        time.sleep(0.05)
+    assert not process_alive(mount.pid)
+    assert mount.head("f").size == 4
     mount.pid = None
 
 

@@ -476,6 +476,45 @@ def test_quickstart_again_with_other_var_or_cache_is_refused(tmp_path, cmk_path)
     assert not (tmp_path / "other").exists() and not os.path.ismount(tmp_path / "mnt")
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse.daemon: mount point .* (is the mount of a dead ossfuse daemon|is a stale FUSE mount)")
+def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
+    """The README's "run the quickstart again" over the dead mount of a killed daemon mounts
+    anew (it was a traceback: FileExistsError from making the mount point, whose stat gives
+    ENOTCONN), and the files written before the kill are there."""
+    import signal
+    import time
+    from conftest import run_cli
+    from ossfuse.registry import mounted_device, process_alive, read_registry
+    mnt = str(tmp_path / "mnt")
+    args = ("quickstart", "--etc", str(tmp_path / "etc"), "--var", str(tmp_path / "var"), "--cache",
+            str(tmp_path / "cache"), mnt)
+    try:
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(os.path.join(mnt, "f"), "wb") as f:
+            f.write(b"kept")
+            os.fsync(f.fileno())
+        pid = read_registry(mnt)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            if not process_alive(pid):
+                break
+            time.sleep(0.02)
+        assert mounted_device(mnt) is not None
+        r = run_cli(*args)
+        assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
+        assert f"folder: {mnt}" in r.stdout and "already mounted" not in r.stdout, r.stdout
+        assert read_registry(mnt)["pid"] != pid
+        with open(os.path.join(mnt, "f"), "rb") as f:
+            assert f.read() == b"kept"
+        r = run_cli(*args)  # and once more, with its daemon alive: nothing to do
+        assert r.returncode == 0 and f"already mounted: {mnt}" in r.stdout, r.stdout + r.stderr
+    finally:
+        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
+            import subprocess
+            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+
+
 @pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it")
 def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_path, cmk_path, other_cmk_path):
     """Through the kernel: remounted with another CMK (a second quickstart's), `echo x > f1`
