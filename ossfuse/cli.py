@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import select
 import signal
 import subprocess
@@ -621,10 +622,10 @@ def cmd_check(args) -> int:
         print(summary.render())
         if summary.failed:
             return 1
-        if args.verify.strip("/") and not (summary.verified or summary.untagged or summary.plaintext
+        if posixpath.normpath("/" + args.verify) != "/" and not (summary.verified or summary.untagged or summary.plaintext
                                            or summary.dir_markers):
-            return _die(f"check --verify {args.verify}: no object there (PATH is a directory below the mount's "
-                        f"root, as in MOUNTPOINT/PATH; not the mounted path itself)")
+            return _die(f"check --verify {args.verify}: no object there (PATH is a file or directory below the "
+                        f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)")
     return 0 if all(ok for ok, _ in results) else 1
 
 

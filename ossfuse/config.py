@@ -313,9 +313,11 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cache.block_size: must be a multiple of 4096 bytes")
     cache = CacheConfig(dir=os.path.join(os.path.dirname(os.path.abspath(path)), ca["dir"]), block_size=bs,
                         max_size=ca.get("max_size", 10 << 30), min_free=ca.get("min_free", 512 << 20))
-    if cache.max_size < 4 * bs or cache.min_free < 0:
-        raise ConfigError(f"{path}: cache.max_size: must be at least 4 blocks ({4 * bs} bytes); "
-                          "cache.min_free must not be negative")
+    if cache.max_size < 4 * bs:
+        raise ConfigError(f"{path}: cache.max_size: must be at least 4 blocks of cache.block_size "
+                          f"({4 * bs} bytes), got {cache.max_size}")
+    if cache.min_free < 0:
+        raise ConfigError(f"{path}: cache.min_free: must not be negative, got {cache.min_free}")
 
     mo = _check_table(path, "mount", "mount", raw.get("mount", {}))
     mount = MountConfig(**mo)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -358,14 +359,29 @@ VERIFY_CHUNK = 8 << 20  # bytes read per ranged GET (whole tagged blocks)
 
 
 async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str = "") -> VerifySummary:
-    """Read every object under ``path`` (relative to the mount) and check each block against its
-    integrity tags. An object fails when a block does not match, its tag header or list is
-    damaged or missing, its envelope cannot be opened, or it cannot be read; each failure is
-    one entry of ``failed`` naming the object, its ETag and the block. Never raises for one
-    object."""
+    """Read the object at ``path`` (relative to the mount: a file) and every object under it (a
+    directory; "" or "." for all) and check each block against its integrity tags. ``path`` is
+    normalised as a path ("./a//b/" is "a/b"). An object fails when a block does not match, its
+    tag header or list is damaged or missing, its envelope cannot be opened, or it cannot be
+    read; each failure is one entry of ``failed`` naming the object, its ETag and the block.
+    Never raises for one object."""
     summary = VerifySummary()
-    prefix = cfg.store.prefix + path.strip("/") + ("/" if path.strip("/") else "")
-    async for listed in _all_objects(store, prefix):
+    rel = posixpath.normpath("/" + path).strip("/")  # "" for the root
+    prefix = cfg.store.prefix + rel + ("/" if rel else "")
+
+    async def listed_objects():
+        if rel:  # a file at PATH (a name may also be a directory prefix in a bucket: both)
+            try:
+                file = await store.head(cfg.store.prefix + rel)
+            except StoreError as e:
+                summary.failed.append(f"{cfg.store.prefix + rel}: {e}")
+                file = None
+            if file is not None:
+                yield file
+        async for listed in _all_objects(store, prefix):
+            yield listed
+
+    async for listed in listed_objects():
         try:
             await _verify_one(listed, store, keyring, summary)
         except (StoreError, env.EnvelopeError, KeyMissing, CmkUnavailable, integrity.IntegrityError) as e:

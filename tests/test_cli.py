@@ -66,6 +66,10 @@ def _base(root, key) -> str:
     (lambda s: s + "[mount]\nread_ahead_kib = -1\n", "mount.read_ahead_kib: must be 0"),
     (lambda s: s.replace('type = "rsa"', 'type = "rsa"\npassphrase = "x"'), "passphrase: applies to type"),
     (lambda s: s.replace("[store]", "[store"), "not valid TOML"),
+    # each names only the key that is wrong (it was one message naming both)
+    (lambda s: s + "min_free = -1\n", "c.toml: cache.min_free: must not be negative, got -1"),
+    (lambda s: s + "max_size = 1000\n", "c.toml: cache.max_size: must be at least 4 blocks of cache.block_size "
+                                         "(4194304 bytes), got 1000"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message):
     path = _config(tmp_path, edit(_base(tmp_path, cmk_path)))

@@ -66,8 +66,12 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     for where in ("nosuchdir", m.mnt):  # a PATH that matches nothing (the mounted path: a natural guess)
         r = check_verify(m, where)
         assert r.returncode == 1 and "verified: 0 object(s)" in r.stdout, r.stdout
-        assert r.stderr == f"ossfuse: check --verify {where}: no object there (PATH is a directory below the " \
-                           f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)\n", r.stderr
+        assert r.stderr == f"ossfuse: check --verify {where}: no object there (PATH is a file or directory below " \
+                           f"the mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)\n", r.stderr
+    for where, count in (("f", "1 object(s), 3145851 bytes"), ("./h", "1 object(s), 1000 bytes"),
+                         ("d/..//f", "1 object(s), 3145851 bytes"), (".", "2 object(s), 3146851 bytes")):
+        r = check_verify(m, where)  # a file, as a path is written (it said "no object there")
+        assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (where, r.stdout, r.stderr)
     flip(m, "f", 3 * MIB // 2 + 5)  # block 24 of 64 KiB
     with open(m.path("h"), "rb") as f:
         assert f.read() == data[:1000]
@@ -91,6 +95,9 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     assert re.search(rf"FAIL  f \(ETag {etag}\): block 24 \(bytes 1572864-1638399\) fails its integrity tag",
                      r.stdout), r.stdout
     assert "verified: 1 object(s), 1000 bytes" in r.stdout and "failed: 1" in r.stdout
+    r = check_verify(m, "f")
+    assert r.returncode == 1 and "verified: 0 object(s)" in r.stdout and "failed: 1" in r.stdout, r.stdout
+    assert re.search(rf"FAIL  f \(ETag {etag}\): block 24 ", r.stdout), r.stdout
     flip(m, "f", 3 * MIB // 2 + 5)  # repaired
     with open(m.path("f"), "rb") as f:
         assert f.read() == data
