@@ -622,8 +622,8 @@ def cmd_check(args) -> int:
         print(summary.render())
         if summary.failed:
             return 1
-        if posixpath.normpath("/" + args.verify) != "/" and not (summary.verified or summary.untagged or summary.plaintext
-                                           or summary.dir_markers):
+        found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers
+        if posixpath.normpath("/" + args.verify) != "/" and not found:
             return _die(f"check --verify {args.verify}: no object there (PATH is a file or directory below the "
                         f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)")
     return 0 if all(ok for ok, _ in results) else 1

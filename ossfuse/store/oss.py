@@ -4,10 +4,11 @@ Section numbers (§) refer to ``shared/spec/oss-rest-api.md``.
 
 Concurrency: every oss2 call runs in ``trio.to_thread.run_sync`` behind ONE
 ``trio.CapacityLimiter(threads)``; all threads share one ``oss2.Session`` (one requests
-connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject and
-GetObject skip oss2's and requests' request machinery: signed by the Bucket's auth, sent by
-http.client on a connection of that same urllib3 pool (``OssStore._lean_request``; ``ls -l`` is
-a HEAD per entry, ``cat`` a GET per file, bound by client CPU; a GET's body is read into one
+connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject,
+GetObject and PutObject of up to 1 MiB skip oss2's and requests' request machinery: signed by
+the Bucket's auth, sent by http.client on a connection of that same urllib3 pool
+(``OssStore._lean_request``; ``ls -l`` is a HEAD per entry, ``cat`` a GET per file, the
+write-back of small files a PUT each, bound by client CPU; a GET's body is read into one
 buffer), unless a proxy is set; ``head_many`` sends many HEADs from one thread hand-off, its
 worker threads holding as many limiter tokens.
 
@@ -292,9 +293,9 @@ _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connec
 
 
 def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, headers: dict[str, str],
-                     connect: float, read: float, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    """Send ``method uri`` (HEAD or GET without a request body, or PUT of ``body``: http.client
-    sends its Content-Length) on a connection of urllib3's ``pool``
+                     connect: float, read: float, payload: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Send ``method uri`` (HEAD or GET without a request body, or PUT of ``payload``:
+    http.client sends its Content-Length) on a connection of urllib3's ``pool``
     with http.client itself, read the whole answer and give the connection back: (status,
     headers by lower-case name, a repeated one's values joined by ", " as urllib3's
     HTTPHeaderDict does; ISO-8859-1 as http.client decodes them; the body, b"" for a HEAD).
@@ -320,7 +321,7 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
             conn.timeout = connect
             conn.connect()
         conn.sock.settimeout(read)
-        http.client.HTTPConnection.request(conn, method, uri, body=body, headers=headers)
+        http.client.HTTPConnection.request(conn, method, uri, body=payload, headers=headers)
         resp = http.client.HTTPConnection.getresponse(conn)
         body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
         h: dict[str, str] = {}
@@ -626,8 +627,8 @@ class OssStore(ObjectStore):
         return (base, "/" + parts[3]) if len(parts) > 3 else None
 
     def _lean_request(self, method: str, key: str, headers: dict[str, str] | None,
-                      body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-        """One HEAD, GET or PUT (of ``body``) attempt of object ``key`` (with extra request ``headers``) on the lean
+                      payload: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One HEAD, GET or PUT (of ``payload``) attempt of object ``key`` (with extra request ``headers``) on the lean
         path (``self._lean_head`` set): signed by oss2's own auth (V1 or V4, the security token
         included) exactly as ``Bucket._do`` signs it, sent by :func:`_request_on_pool` on a
         connection of the shared urllib3 pool with this attempt's (connect, read) timeouts
@@ -655,7 +656,7 @@ class OssStore(ObjectStore):
         pool = self._head_conn_pool
         if pool is None or getattr(pool, "pool", None) is None:  # not yet, or closed (evicted, aclose)
             pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        return _request_on_pool(pool, method, uri, sent, connect, read, body)
+        return _request_on_pool(pool, method, uri, sent, connect, read, payload)
 
     def _head_sync(self, key: str) -> tuple[ObjectInfo, str | None]:
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
@@ -946,7 +947,8 @@ class OssStore(ObjectStore):
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
                        may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
-        """PutObject streaming the file at ``path`` (reopened for every attempt); as put_bytes.
+        """PutObject of the file at ``path`` (reopened for every attempt; up to 1 MiB read whole and
+        sent as put_bytes sends it, a larger one streamed by oss2); as put_bytes.
         ``if_absent``: ``x-oss-forbid-overwrite: true`` (409 FileAlreadyExists → AlreadyExists)."""
         self._check_key(key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
