@@ -19,7 +19,8 @@ import sys
 import time
 
 from .registry import (EXIT_PENDING, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
-                       process_alive, process_started, read_registry, record_of, registry_path, users_of)
+                       process_alive, process_started, read_registry, real_mountpoint, record_of, registry_path,
+                       users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -225,7 +226,7 @@ def _mount_point_arg(path: str) -> str:
     daemon, which may hang)."""
     mp = os.path.abspath(path)
     if mounted_type(mp) is None and os.path.islink(mp):
-        return os.path.realpath(mp)
+        return real_mountpoint(mp)  # (realpath would stat the mount point it names)
     return mp
 
 
@@ -598,6 +599,9 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_check(args) -> int:
+    if args.verify is not None and posixpath.normpath(args.verify).split("/")[0] == "..":
+        return _die(f"check --verify {args.verify}: PATH is above the mount's root (PATH is a file or directory "
+                    f"below it, as in MOUNTPOINT/PATH)")
     import logging
     from . import config as config_mod
     import trio
@@ -693,7 +697,7 @@ def cmd_quickstart(args) -> int:
     etc = args.etc or ("/etc/ossfuse" if root else os.path.expanduser("~/.config/ossfuse"))
     var = args.var or ("/var/lib/ossfuse" if root else os.path.expanduser("~/.local/share/ossfuse"))
     cache = args.cache or ("/var/cache/ossfuse/default" if root else os.path.expanduser("~/.cache/ossfuse/default"))
-    mp = os.path.abspath(args.mountpoint or ("/mnt/ossfuse" if root else os.path.expanduser("~/ossfuse")))
+    mp = _mount_point_arg(args.mountpoint or ("/mnt/ossfuse" if root else os.path.expanduser("~/ossfuse")))
     bucket = os.path.join(var, "bucket")
     key = os.path.join(etc, "default.pem")
     conf = os.path.join(etc, "default.toml")

@@ -84,13 +84,22 @@ def registry_path(mountpoint: str, suffix: str = ".json") -> str:
 
 
 def real_mountpoint(path: str) -> str:
-    """``os.path.realpath(path)``, without a stat of ``path`` itself when something is mounted
-    there (a mount point is no symlink): that stat asks the mount's daemon, and one that is
-    stopped or stuck never answers, so ``status`` and ``umount`` hung on it. The parent
-    directories are resolved as realpath does."""
-    parent, name = os.path.split(os.path.abspath(path))
-    joined = os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(path)
-    return joined if name and mounted_type(joined) is not None else os.path.realpath(joined)
+    """``os.path.realpath(path)``, without a stat of a mount point on the way (a mount point is
+    no symlink): that stat asks the mount's daemon, and one that is stopped or stuck never
+    answers, so ``status`` and ``umount`` hung on it. The parent directories are resolved as
+    realpath does; a symlink at the end is followed by reading it (a chain of at most 40)."""
+    p = os.path.abspath(path)
+    for _ in range(40):
+        parent, name = os.path.split(p)
+        if not name:
+            break
+        joined = os.path.join(os.path.realpath(parent), name)
+        if mounted_type(joined) is not None:
+            return joined
+        if not os.path.islink(joined):  # (lstat: a path that is no mount point, never followed)
+            return os.path.realpath(joined)
+        p = os.path.normpath(os.path.join(os.path.dirname(joined), os.readlink(joined)))
+    return os.path.realpath(p)
 
 
 def write_registry(path: str, record: dict) -> None:

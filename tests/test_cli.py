@@ -285,22 +285,25 @@ def test_status_and_umount_of_a_mount_whose_daemon_died(mount):
 def test_status_and_umount_of_a_daemon_that_does_not_answer(mount):
     """A daemon stopped (SIGSTOP; a stuck one alike): `status` says so after its socket
     timeout, `status --prometheus` reports ossfuse_up 0, `umount --timeout 2` unmounts and
-    returns once the 2 s are up. Each hung in a stat of the mount point (resolving its
-    registry path), Ctrl-C ignored. Continued, the daemon uploads what was written."""
+    returns once the 2 s are up, also given a symlink to the mount point. Each hung in a stat
+    of the mount point (resolving its registry path), Ctrl-C ignored. Continued, the daemon
+    uploads what was written."""
     import signal
     import time
     with open(mount.path("f"), "wb") as f:
         f.write(b"data")
+    link = os.path.join(mount.root, "link")  # a symlink to the mount point: resolved without a stat of it
+    os.symlink(mount.mnt, link)
     os.kill(mount.pid, signal.SIGSTOP)
     try:
-        r = ossfuse("status", mount.mnt, timeout=40)
+        r = ossfuse("status", link, timeout=40)
         assert r.returncode == 1 and r.stderr == (
             f"ossfuse: the ossfuse daemon of {mount.mnt} (pid {mount.pid}) runs but does not answer (stopped, "
             f"or stuck); its log: {mount.cache}/ossfuse.log\n"), r.stderr
         r = ossfuse("status", "--prometheus", mount.mnt, timeout=40)
         assert r.returncode == 0 and f'ossfuse_up{{mountpoint="{mount.mnt}"}} 0' in r.stdout, r.stdout
         t = time.monotonic()
-        r = ossfuse("umount", mount.mnt, "--timeout", "2", timeout=40)
+        r = ossfuse("umount", link, "--timeout", "2", timeout=40)
         assert r.returncode == 1 and f"still uploading after 2s" in r.stderr, r.stderr
         assert time.monotonic() - t < 15
         assert mounted_device(mount.mnt) is None

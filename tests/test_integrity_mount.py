@@ -68,6 +68,10 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
         assert r.returncode == 1 and "verified: 0 object(s)" in r.stdout, r.stdout
         assert r.stderr == f"ossfuse: check --verify {where}: no object there (PATH is a file or directory below " \
                            f"the mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)\n", r.stderr
+    for where in ("..", "d/../../f"):  # above the root (".." checked the whole bucket)
+        r = check_verify(m, where)
+        assert r.returncode == 1 and r.stderr == f"ossfuse: check --verify {where}: PATH is above the mount's root " \
+            f"(PATH is a file or directory below it, as in MOUNTPOINT/PATH)\n", r.stderr
     for where, count in (("f", "1 object(s), 3145851 bytes"), ("./h", "1 object(s), 1000 bytes"),
                          ("d/..//f", "1 object(s), 3145851 bytes"), (".", "2 object(s), 3146851 bytes")):
         r = check_verify(m, where)  # a file, as a path is written (it said "no object there")

@@ -501,14 +501,17 @@ def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
                 break
             time.sleep(0.02)
         assert mounted_device(mnt) is not None
-        r = run_cli(*args)
+        link = str(tmp_path / "link")  # given through a symlink to the mount point, as directly
+        os.symlink(mnt, link)
+        r = run_cli(*args[:-1], link)
         assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
         assert f"folder: {mnt}" in r.stdout and "already mounted" not in r.stdout, r.stdout
         assert read_registry(mnt)["pid"] != pid
         with open(os.path.join(mnt, "f"), "rb") as f:
             assert f.read() == b"kept"
-        r = run_cli(*args)  # and once more, with its daemon alive: nothing to do
-        assert r.returncode == 0 and f"already mounted: {mnt}" in r.stdout, r.stdout + r.stderr
+        for given in (mnt, link):  # and once more, with its daemon alive: nothing to do
+            r = run_cli(*args[:-1], given)
+            assert r.returncode == 0 and f"already mounted: {mnt}" in r.stdout, r.stdout + r.stderr
     finally:
         if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
             import subprocess
