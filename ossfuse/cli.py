@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import posixpath
 import select
 import signal
 import subprocess
@@ -599,7 +598,8 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_check(args) -> int:
-    if args.verify is not None and posixpath.normpath(args.verify).split("/")[0] == "..":
+    from .rekey import verify_path
+    if args.verify is not None and verify_path(args.verify) is None:
         return _die(f"check --verify {args.verify}: PATH is above the mount's root (PATH is a file or directory "
                     f"below it, as in MOUNTPOINT/PATH)")
     import logging
@@ -627,7 +627,7 @@ def cmd_check(args) -> int:
         if summary.failed:
             return 1
         found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers
-        if posixpath.normpath("/" + args.verify) != "/" and not found:
+        if verify_path(args.verify) and not found:
             return _die(f"check --verify {args.verify}: no object there (PATH is a file or directory below the "
                         f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)")
     return 0 if all(ok for ok, _ in results) else 1

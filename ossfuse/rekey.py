@@ -358,6 +358,15 @@ class VerifySummary:
 VERIFY_CHUNK = 8 << 20  # bytes read per ranged GET (whole tagged blocks)
 
 
+def verify_path(path: str) -> str | None:
+    """``check --verify``'s PATH as a key suffix below the mount's root: normalised as a path
+    ("./a//b/" is "a/b", "" or "." the root: ""); None for a PATH above the root ("..")."""
+    rel = posixpath.normpath(path or ".")
+    if rel.split("/")[0] == "..":
+        return None
+    return "" if rel == "." else rel.strip("/")
+
+
 async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str = "") -> VerifySummary:
     """Read the object at ``path`` (relative to the mount: a file) and every object under it (a
     directory; "" or "." for all) and check each block against its integrity tags. ``path`` is
@@ -366,7 +375,7 @@ async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str
     read; each failure is one entry of ``failed`` naming the object, its ETag and the block.
     Never raises for one object."""
     summary = VerifySummary()
-    rel = posixpath.normpath("/" + path).strip("/")  # "" for the root
+    rel = verify_path(path) or ""
     prefix = cfg.store.prefix + rel + ("/" if rel else "")
 
     async def listed_objects():
