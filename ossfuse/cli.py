@@ -18,7 +18,7 @@ import sys
 import time
 
 from .registry import (EXIT_PENDING, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
-                       process_alive, process_started, read_registry, real_mountpoint, record_of, registry_path,
+                       process_alive, process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path,
                        users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
@@ -328,6 +328,9 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
     while process_alive(pid):  # the daemon finishes pending uploads after the unmount, then exits
         now = time.monotonic()
         if now > deadline:
+            if process_stopped(pid):  # not uploading: it does nothing until continued
+                return _die(f"unmounted, but the daemon (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
+                            f"with pending uploads: `kill -CONT {pid}` lets it finish them (see its log)")
             return _die(f"unmounted, but the daemon (pid {pid}) is still uploading after "
                         f"{args.timeout:.0f}s; it goes on in the background (ossfuse status {mp} "
                         f"no longer works: see its log)")
@@ -344,6 +347,10 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
             if p["count"]:
                 print(f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes",
                       file=sys.stderr)
+            said_at = now
+        elif doc is None and now - said_at >= 5 and process_stopped(pid):
+            print(f"ossfuse: the daemon (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and cannot finish "
+                  f"its uploads until `kill -CONT {pid}`", file=sys.stderr)
             said_at = now
         _wait_for_exit(pidfd, 0.1)
     if pidfd is not None:
@@ -473,6 +480,9 @@ def cmd_status(args) -> int:
                         f"(or fusermount3 -u {mp})")
         if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
             return _die(f"{mp} is not a mount point")
+        if reg is not None and not reg.get("exited") and daemon_alive(reg) and process_stopped(reg["pid"]):
+            return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a debugger): "
+                        f"`kill -CONT {reg['pid']}` lets it answer again")
         if reg is not None and not reg.get("exited") and daemon_alive(reg):
             return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stopped, or "
                         f"stuck); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")

@@ -121,6 +121,16 @@ def read_registry(mountpoint: str) -> dict | None:
         return None
 
 
+def process_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state T: SIGSTOP, Ctrl-Z, or t: a debugger): it does nothing
+    until ``kill -CONT``. False when it runs, is gone, or cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, exited but not reaped, does not count)."""
     try:
