@@ -45,7 +45,7 @@ from .store.local import LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, check_private_dir, daemon_alive, ensure_runtime_dir, mounted_device,
-                       process_start_ticks, read_registry,
+                       process_start_ticks, prune_exited_records, read_registry,
                        registry_path, write_registry)
 
 log = logging.getLogger(__name__)
@@ -515,6 +515,7 @@ async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Read
     write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
                               "cache_dir": cfg.cache.dir, "started": time.time(), "exited": False,
                               "device": mounted_device(mountpoint), "pid_start": process_start_ticks()})
+    prune_exited_records()  # records of mounts that ended long ago: nobody reads them any more
     log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
     notify_systemd(f"READY=1\nSTATUS=mounted at {mountpoint}")
     readiness.ready()

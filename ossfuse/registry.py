@@ -2,7 +2,8 @@
 
 The runtime directory holds, per mount point (named by a hash of its real path), a registry
 record ``<hash>.json`` (pid, config, exit status once the daemon ends) and the status socket
-``<hash>.sock``. It is ``$OSSFUSE_RUNTIME_DIR`` when set; else ``/run/ossfuse`` as root;
+``<hash>.sock``; an exited daemon's record is removed an hour after its exit by the next
+daemon that mounts (:func:`prune_exited_records`). It is ``$OSSFUSE_RUNTIME_DIR`` when set; else ``/run/ossfuse`` as root;
 else ``$XDG_RUNTIME_DIR/ossfuse``; else ``/tmp/ossfuse-<uid>`` (the tmux/ssh-agent habit: per
 user, never one shared world-writable directory). After a reboot ``/run`` is empty, so
 :func:`ensure_runtime_dir` makes it (mode 0700) before anything binds or writes there, and
@@ -347,6 +348,36 @@ def _records() -> list[dict]:
         if isinstance(record, dict):
             found.append(record)
     return found
+
+
+EXITED_RECORD_KEPT = 3600.0  # seconds an exited daemon's record is kept (for the umount that waits on it)
+
+
+def prune_exited_records(older_than: float = EXITED_RECORD_KEPT) -> int:
+    """Remove the records of daemons that exited more than ``older_than`` seconds ago (by
+    their ``exited_at``, wall clock); returns how many. Only ``umount`` reads such a record,
+    within moments of the exit; kept, one per mount point ever used piles up in the runtime
+    dir until the next boot (a test suite mounts hundreds), and :func:`_records` reads them
+    all. Records of daemons that did not exit (running, or crashed: the next mount and
+    ``umount`` need them) stay."""
+    try:
+        names = os.listdir(runtime_dir())
+    except OSError:
+        return 0
+    removed, cutoff = 0, time.time() - older_than
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(runtime_dir(), name)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if isinstance(record, dict) and record.get("exited") and record.get("exited_at", cutoff) < cutoff:
+                os.unlink(path)
+                removed += 1
+        except (OSError, ValueError):
+            continue
+    return removed
 
 
 def running_mounts() -> list[dict]:

@@ -547,3 +547,44 @@ def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(t
     assert registry.record_of("/was", "0:99")["mountpoint"] == "/was"  # only dead ones: its own
     os.unlink(registry.registry_path("/was"))
     assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/old"  # only a dead one: it died
+
+
+def test_records_of_daemons_that_exited_long_ago_are_pruned_others_stay(tmp_path, monkeypatch):
+    """The runtime dir kept one record per mount point ever mounted until the next boot (659
+    after one test suite run, each read by every record search): an exited daemon's record is
+    removed an hour after its exit; a running or crashed (unexited) daemon's record stays, as
+    do recent exits and files that are no records."""
+    from ossfuse import registry
+    monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(tmp_path))
+    now = time.time()
+    records = {"old-exit.json": {"pid": 1, "exited": True, "exited_at": now - 3700},
+               "recent-exit.json": {"pid": 2, "exited": True, "exited_at": now - 100},
+               "crashed.json": {"pid": 3, "exited": False, "started": now - 1e6},
+               "exit-without-time.json": {"pid": 4, "exited": True}}
+    for name, rec in records.items():
+        with open(tmp_path / name, "w") as f:
+            json.dump(rec, f)
+    (tmp_path / "other.sock").write_text("")
+    (tmp_path / "broken.json").write_text("{")
+    assert registry.prune_exited_records() == 1
+    assert sorted(os.listdir(tmp_path)) == ["broken.json", "crashed.json", "exit-without-time.json",
+                                            "other.sock", "recent-exit.json"]
+
+
+def test_a_mount_prunes_the_records_of_daemons_that_exited_long_ago(tmp_path, cmk_path, monkeypatch):
+    """What calls :func:`prune_exited_records`: a daemon once it is mounted."""
+    from conftest import Mount
+    from ossfuse import registry
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(rundir))
+    with open(rundir / "old.json", "w") as f:
+        json.dump({"pid": 1, "exited": True, "exited_at": time.time() - 7200}, f)
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        assert not (rundir / "old.json").exists()
+        assert os.path.exists(registry.registry_path(m.mnt))
+        assert m.stop() == 0
+    finally:
+        m.cleanup()  # checks its log too
