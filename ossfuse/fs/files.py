@@ -27,6 +27,7 @@ from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import FileHandle, Node, Version, name_settled
 from .naming import Naming
+from .openahead import OpenAhead
 from .readahead import fetch_until
 from .resolve import Resolver
 
@@ -48,6 +49,16 @@ class _Unwrap:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: BaseException | None = None
+
+
+def _truncation(v: Version) -> TruncatedObject | None:
+    """Why ``v`` is not whole when its size differs from the plaintext length its envelope
+    states (``client-side-encryption-unencrypted-content-length``, written by every SDK); None
+    when it agrees or states none."""
+    plain_len = v.metadata.get(env.H_PLAIN_LEN)
+    if plain_len is not None and plain_len.isdigit() and int(plain_len) != v.size:
+        return TruncatedObject(f"object has {v.size} bytes, its envelope says {plain_len}")
+    return None
 
 
 class Files:
@@ -76,6 +87,10 @@ class Files:
         # (key, ETag) → the unwrap a read-only open started in the background (open_version)
         self._unwraps: dict[tuple[str, str], _Unwrap] = {}
         self._making_spares = False  # a task refills the keyring's envelopes made ahead (new_envelope)
+        self.open_ahead = OpenAhead(inodes, self.prepare_ahead)  # cat *, cp -r out of the mount
+        # unwraps prepare_ahead starts run one at a time (each takes both cores: key and IV at
+        # once): more at once only made the CMK work of the file being read wait (bench/RESULTS.md)
+        self._ahead_unwraps = trio.CapacityLimiter(1)
 
     # -- open -------------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> FileHandle:
@@ -107,6 +122,8 @@ class Files:
             await self._unheld(node)
             raise
         node.opens -= 1  # open_handle counts it again, with no await in between
+        if (flags & os.O_ACCMODE) == os.O_RDONLY and node.staged is None and node.version is not None:
+            self.open_ahead.opened(node)
         return self.open_handle(node, flags)
 
     async def _prepare_open(self, node: Node, flags: int) -> None:
@@ -177,9 +194,9 @@ class Files:
         try:
             if isinstance(v.wrapped, env.EnvelopeError):
                 raise v.wrapped
-            plain_len = v.metadata.get(env.H_PLAIN_LEN)
-            if plain_len is not None and plain_len.isdigit() and int(plain_len) != v.size:
-                raise TruncatedObject(f"object has {v.size} bytes, its envelope says {plain_len}")
+            truncated = _truncation(v)
+            if truncated is not None:
+                raise truncated
             # a key this machine had before opens on the loop; a CMK unwrap goes to a thread
             envelope = self.keyring.cached_envelope(v.wrapped)
             if envelope is None:
@@ -228,6 +245,34 @@ class Files:
         v.fill(info.metadata)
         if not opening:
             self.resolver.recent.touch(v)
+
+    def prepare_ahead(self, v: Version) -> None:
+        """Get committed version ``v`` ready for an open that is likely soon (:mod:`.openahead`):
+        start the GET of its first block and, when its envelope is not known yet, the unwrap of
+        its data key, both in the background; returns at once. Only for a version whose
+        metadata this mount holds (a slim one would need a HEAD). Never raises and logs nothing:
+        what is wrong with the object (no matching CMK, a corrupt envelope) is found and
+        reported by the open itself, which finds no unwrap pending and unwraps again."""
+        if not v.held:
+            return
+        self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
+        nursery = self.scheduler.nursery
+        if (nursery is None or not isinstance(v.wrapped, env.WrappedEnvelope) or v.envelope is not None
+                or (v.key, v.etag) in self._unwraps or _truncation(v) is not None):
+            return  # (a version with its envelope set, or an unwrap pending, passed open's checks)
+        try:
+            envelope = self.keyring.cached_envelope(v.wrapped)
+        except (KeyMissing, env.EnvelopeError):
+            return
+        if envelope is not None:
+            v.envelope = envelope
+            return
+        pending = self._unwraps[(v.key, v.etag)] = _Unwrap()
+        nursery.start_soon(self._unwrap_ahead, v, pending)
+
+    async def _unwrap_ahead(self, v: Version, pending: _Unwrap) -> None:
+        async with self._ahead_unwraps:
+            await self._unwrap_in_background(v, pending)
 
     async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
         """Unwrap ``v``'s data key with its CMK (in a thread) for :meth:`open_version`; never

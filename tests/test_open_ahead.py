@@ -1,0 +1,170 @@
+"""Open-ahead (ossfuse/fs/openahead.py): files of a directory opened one after another in name
+order get the next OPEN_AHEAD files ready, their first block's GET started and their data key
+unwrapped in the background, each once; another order prepares nothing; what is wrong with a
+file (a truncated object) is never prepared, and the open still reports it. In-process core
+tests over a store that is no local disk (so the block cache is used), with another cache dir
+than the writer's (no data key cached: the CMK unwraps)."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+import trio
+
+from ossfuse.fs import FsError
+from ossfuse.fs.openahead import OPEN_AHEAD
+
+NAMES = [f"f{i:02d}" for i in range(24)]
+
+
+def _counted_unwraps(keyring) -> list[bytes]:
+    """Record the wrapped data key of each CMK unwrap of ``keyring``."""
+    seen: list[bytes] = []
+    real = keyring.open_envelope
+
+    def counted(wrapped, cmk=None, look_in_key_cache=True):
+        seen.append(wrapped.wrapped_key)
+        return real(wrapped, cmk, look_in_key_cache)
+
+    keyring.open_envelope = counted
+    return seen
+
+
+async def _settled(cond) -> None:
+    """Wait (trio time, at most 10 s) for ``cond()``: unwraps run in worker threads."""
+    with trio.fail_after(10):
+        while not cond():
+            await trio.sleep(0.005)
+
+
+def _first_gets(store) -> list[str]:
+    """Keys of the GETs the store was asked for, in order (each file's first block)."""
+    return [keys[0] for op, keys in store.calls if op == "get_range"]
+
+
+async def _written(tmp_path, cmk_path, files: dict[str, bytes]):
+    """A store holding ``files`` (written through a first mount), set to look remote."""
+    from fakes.core import committed_file, core_filesystem
+    first = core_filesystem(tmp_path / "writer", cmk_path)
+    for name, data in files.items():
+        await committed_file(first, name, data)
+    first.close()
+    store = first.store
+    store.local_disk = False  # the block cache is used, as over OSS
+    return store
+
+
+def test_opens_in_name_order_prepare_the_next_files_each_once(tmp_path, cmk_path):
+    from fakes.core import PREFIX, core_filesystem, listed_names, read_file
+    files = {n: os.urandom(3000 + i) for i, n in enumerate(NAMES)}
+
+    async def main():
+        store = await _written(tmp_path, cmk_path, files)
+        fs = core_filesystem(tmp_path / "reader", cmk_path, store=store)
+        unwraps = _counted_unwraps(fs.files.keyring)
+        wrapped = {}
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            fs.cache.start(nursery)  # read-ahead runs there (the daemon's task supervisor)
+            assert await listed_names(fs) == NAMES  # the listing: child names, versions with metadata
+            for n in NAMES:  # taken as readdirplus entries are (the kernel holds each node)
+                wrapped[n] = (await fs.lookup(fs.get(1), n)).version.wrapped.wrapped_key
+            store.calls.clear()
+            # out of order: each open on its own, nothing ahead
+            assert await read_file(fs, "f03") == files["f03"]
+            assert await read_file(fs, "f01") == files["f01"]
+            await trio.sleep(0.2)
+            assert sorted(unwraps) == sorted([wrapped["f03"], wrapped["f01"]])
+            assert set(_first_gets(store)) == {PREFIX + "f03", PREFIX + "f01"}
+            # two in a row in name order: the next OPEN_AHEAD get ready
+            assert await read_file(fs, "f05") == files["f05"]
+            assert await read_file(fs, "f06") == files["f06"]
+            ahead = NAMES[7:7 + OPEN_AHEAD]
+            await _settled(lambda: len(unwraps) == 4 + OPEN_AHEAD)
+            await trio.sleep(0.2)
+            assert sorted(unwraps) == sorted(wrapped[n] for n in ["f03", "f01", "f05", "f06", *ahead])
+            assert set(_first_gets(store)) == {PREFIX + n for n in ["f03", "f01", "f05", "f06", *ahead]}
+            # reading on in order: every file's data right, each key unwrapped and each first
+            # block fetched once, the files past the end of the run not at all
+            for n in NAMES[7:]:
+                assert await read_file(fs, n) == files[n], n
+            await trio.sleep(0.2)
+            assert sorted(unwraps) == sorted(wrapped[n] for n in ["f03", "f01", *NAMES[5:]])
+            gets = _first_gets(store)
+            assert sorted(gets) == sorted(PREFIX + n for n in ["f03", "f01", *NAMES[5:]]), gets
+            nursery.cancel_scope.cancel()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: cannot open 'pre/f02': object has 2999 bytes, its "
+                        r"envelope says 3000")
+def test_a_truncated_file_is_not_prepared_and_its_open_still_fails(tmp_path, cmk_path):
+    """A file whose object is shorter than its envelope says is skipped by open-ahead (no
+    unwrap for it); its own open is EIO with the one log line, as without open-ahead."""
+    from fakes.core import PREFIX, core_filesystem, listed_names, read_file
+    files = {n: os.urandom(3000) for n in NAMES[:6]}
+
+    async def main():
+        store = await _written(tmp_path, cmk_path, files)
+        info = await store.inner.head(PREFIX + "f02")
+        body = await store.inner.get_range(PREFIX + "f02", 0, info.size)
+        await store.inner.put_bytes(PREFIX + "f02", body[:-1], dict(info.metadata))  # cut short
+        fs = core_filesystem(tmp_path / "reader", cmk_path, store=store)
+        unwraps = _counted_unwraps(fs.files.keyring)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            fs.cache.start(nursery)
+            await listed_names(fs)
+            for n in files:
+                await fs.lookup(fs.get(1), n)
+            bad = fs.inodes.by_path["f02"].version.wrapped.wrapped_key
+            assert await read_file(fs, "f00") == files["f00"]
+            assert await read_file(fs, "f01") == files["f01"]  # f02.. are prepared, f02 is not
+            await _settled(lambda: len(unwraps) == 2 + 3)
+            await trio.sleep(0.2)
+            assert bad not in unwraps
+            with pytest.raises(FsError) as ei:
+                await read_file(fs, "f02")
+            assert ei.value.errno == errno.EIO
+            assert await read_file(fs, "f03") == files["f03"]
+            nursery.cancel_scope.cancel()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("store_kind", ["oss"])
+def test_cat_of_a_listed_directory_fetches_the_next_files_while_it_reads(make_mount, oss_server):
+    """Through the kernel, over the OSS test server answering each request after 0.3 s: `cat`
+    of the files of a directory just listed, in name order, gets them right, fetches each
+    file's object once, and its GETs are not one at a time: a burst of them arrives within
+    0.1 s (the files ahead), where a cat without open-ahead sends the next GET only after the
+    last one's answer, 0.3 s later."""
+    m = make_mount()
+    files = {f"d/f{i:02d}": os.urandom(3000 + i) for i in range(20)}
+    os.mkdir(m.path("d"))
+    for name, data in files.items():
+        with open(m.path(name), "wb") as f:
+            f.write(data)
+    m.remount(clear_cache=True)  # cold: no block cached, no data key cached
+    assert sorted(os.listdir(m.path("d"))) == [n[2:] for n in sorted(files)]
+    oss_server.clear_requests()
+    oss_server.faults.latency(0.3)
+    try:
+        r = subprocess.run(["cat", *sorted(files)], cwd=m.mnt, capture_output=True, timeout=120)
+    finally:
+        oss_server.faults.latency(0)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"".join(files[n] for n in sorted(files))
+    gets = [g for g in oss_server.requests_for(method="GET") if g.key]  # not the LISTs
+    keys = [g.key for g in gets]
+    assert sorted(keys) == sorted(files), keys  # each object once
+    times = sorted(g.time for g in gets)
+    burst = max(sum(1 for t in times if t0 <= t < t0 + 0.1) for t0 in times)
+    assert burst >= 4, times
