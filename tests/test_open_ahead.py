@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import trio
+import trio.testing
 
 from ossfuse.fs import FsError
 from ossfuse.fs.openahead import OPEN_AHEAD
@@ -168,3 +169,38 @@ def test_cat_of_a_listed_directory_fetches_the_next_files_while_it_reads(make_mo
     times = sorted(g.time for g in gets)
     burst = max(sum(1 for t in times if t0 <= t < t0 + 0.1) for t0 in times)
     assert burst >= 4, times
+
+
+def test_unwraps_ahead_cancelled_before_their_turn_leave_nothing_pending(tmp_path, cmk_path):
+    """The mount stops (its task nursery is cancelled) while unwraps ahead wait their turn:
+    none stays pending, and the files open and read as before in a new nursery."""
+    from fakes.core import core_filesystem, listed_names, read_file
+    files = {n: os.urandom(2000) for n in NAMES[:8]}
+
+    async def main():
+        store = await _written(tmp_path, cmk_path, files)
+        fs = core_filesystem(tmp_path / "reader", cmk_path, store=store)
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            fs.cache.start(nursery)
+            await listed_names(fs)
+            for n in files:
+                await fs.lookup(fs.get(1), n)
+            await fs.files._ahead_unwraps.acquire()  # every unwrap ahead waits its turn
+            assert await read_file(fs, "f00") == files["f00"]
+            assert await read_file(fs, "f01") == files["f01"]
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(fs.files._unwraps) == 6  # f02..f07, waiting
+            nursery.cancel_scope.cancel()
+        assert fs.files._unwraps == {}
+        fs.files._ahead_unwraps.release()
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            fs.cache.start(nursery)
+            for n in NAMES[2:8]:
+                assert await read_file(fs, n) == files[n]
+            nursery.cancel_scope.cancel()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -271,8 +271,16 @@ class Files:
         nursery.start_soon(self._unwrap_ahead, v, pending)
 
     async def _unwrap_ahead(self, v: Version, pending: _Unwrap) -> None:
-        async with self._ahead_unwraps:
-            await self._unwrap_in_background(v, pending)
+        """:meth:`_unwrap_in_background` when its turn comes; cancelled before (the mount
+        stops), it still ends ``pending``: a reader waiting for it then unwraps itself."""
+        try:
+            async with self._ahead_unwraps:
+                await self._unwrap_in_background(v, pending)
+        finally:
+            if not pending.done.is_set():
+                if self._unwraps.get((v.key, v.etag)) is pending:
+                    del self._unwraps[(v.key, v.etag)]
+                pending.done.set()
 
     async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
         """Unwrap ``v``'s data key with its CMK (in a thread) for :meth:`open_version`; never
