@@ -3,9 +3,9 @@
 The runtime directory holds, per mount point (named by a hash of its real path), a registry
 record ``<hash>.json`` (pid, config, exit status once the daemon ends) and the status socket
 ``<hash>.sock``; an exited daemon's record is removed an hour after its exit by the next
-daemon that mounts (:func:`prune_exited_records`). It is ``$OSSFUSE_RUNTIME_DIR`` when set; else ``/run/ossfuse`` as root;
-else ``$XDG_RUNTIME_DIR/ossfuse``; else ``/tmp/ossfuse-<uid>`` (the tmux/ssh-agent habit: per
-user, never one shared world-writable directory). After a reboot ``/run`` is empty, so
+daemon that mounts (:func:`prune_exited_records`). It is ``$OSSFUSE_RUNTIME_DIR`` when set;
+else ``/run/ossfuse`` as root; else ``$XDG_RUNTIME_DIR/ossfuse``; else ``/tmp/ossfuse-<uid>``
+(the tmux/ssh-agent habit: per user, never one shared world-writable directory). After a reboot ``/run`` is empty, so
 :func:`ensure_runtime_dir` makes it (mode 0700) before anything binds or writes there, and
 refuses one that another user owns or others may write (they could plant records, sockets or
 symlinks). Under systemd, the unit declares it (``RuntimeDirectory=ossfuse``).
@@ -122,14 +122,19 @@ def read_registry(mountpoint: str) -> dict | None:
         return None
 
 
+def _process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` in /proc (R, S, D, T, t, Z, ...); None when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def process_stopped(pid: int) -> bool:
     """Whether ``pid`` is stopped (state T: SIGSTOP, Ctrl-Z, or t: a debugger): it does nothing
     until ``kill -CONT``. False when it runs, is gone, or cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
+    return _process_state(pid) in ("T", "t")
 
 
 def process_alive(pid: int) -> bool:
@@ -140,11 +145,8 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # it exists, owned by someone else
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    state = _process_state(pid)
+    return state is not None and state != "Z"
 
 
 def process_start_ticks(pid: int | str = "self") -> int | None:
@@ -330,8 +332,9 @@ def users_of(mountpoint: str) -> list[tuple[int, str]]:
     return found
 
 
-def _records() -> list[dict]:
-    """Every registry record in the runtime directory (of this user's mounts, past ones too)."""
+def _record_files() -> list[tuple[str, dict]]:
+    """(path, record) of every readable registry record in the runtime directory (of this
+    user's mounts, past ones too), by file name."""
     try:
         names = sorted(os.listdir(runtime_dir()))
     except OSError:
@@ -340,14 +343,20 @@ def _records() -> list[dict]:
     for name in names:
         if not name.endswith(".json"):
             continue
+        path = os.path.join(runtime_dir(), name)
         try:
-            with open(os.path.join(runtime_dir(), name)) as f:
+            with open(path) as f:
                 record = json.load(f)
         except (OSError, ValueError):
             continue
         if isinstance(record, dict):
-            found.append(record)
+            found.append((path, record))
     return found
+
+
+def _records() -> list[dict]:
+    """Every registry record in the runtime directory (of this user's mounts, past ones too)."""
+    return [record for _, record in _record_files()]
 
 
 EXITED_RECORD_KEPT = 3600.0  # seconds an exited daemon's record is kept (for the umount that waits on it)
@@ -360,23 +369,14 @@ def prune_exited_records(older_than: float = EXITED_RECORD_KEPT) -> int:
     dir until the next boot (a test suite mounts hundreds), and :func:`_records` reads them
     all. Records of daemons that did not exit (running, or crashed: the next mount and
     ``umount`` need them) stay."""
-    try:
-        names = os.listdir(runtime_dir())
-    except OSError:
-        return 0
     removed, cutoff = 0, time.time() - older_than
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        path = os.path.join(runtime_dir(), name)
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            if isinstance(record, dict) and record.get("exited") and record.get("exited_at", cutoff) < cutoff:
+    for path, record in _record_files():
+        if record.get("exited") and record.get("exited_at", cutoff) < cutoff:
+            try:
                 os.unlink(path)
                 removed += 1
-        except (OSError, ValueError):
-            continue
+            except OSError:
+                continue
     return removed
 
 
