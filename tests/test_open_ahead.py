@@ -57,8 +57,19 @@ async def _written(tmp_path, cmk_path, files: dict[str, bytes]):
     return store
 
 
+async def _serving_listed(fs, nursery, names) -> None:
+    """Run ``fs``'s background tasks in ``nursery`` (as the daemon's supervisor does) and list
+    its root, taking each of ``names`` as readdirplus entries are (the kernel holds the node)."""
+    from fakes.core import listed_names
+    fs._nursery = nursery
+    fs.cache.start(nursery)  # read-ahead runs there
+    assert await listed_names(fs) == sorted(names)  # the child names, versions with metadata
+    for n in names:
+        await fs.lookup(fs.get(1), n)
+
+
 def test_opens_in_name_order_prepare_the_next_files_each_once(tmp_path, cmk_path):
-    from fakes.core import PREFIX, core_filesystem, listed_names, read_file
+    from fakes.core import PREFIX, core_filesystem, read_file
     files = {n: os.urandom(3000 + i) for i, n in enumerate(NAMES)}
 
     async def main():
@@ -67,11 +78,9 @@ def test_opens_in_name_order_prepare_the_next_files_each_once(tmp_path, cmk_path
         unwraps = _counted_unwraps(fs.files.keyring)
         wrapped = {}
         async with trio.open_nursery() as nursery:
-            fs._nursery = nursery
-            fs.cache.start(nursery)  # read-ahead runs there (the daemon's task supervisor)
-            assert await listed_names(fs) == NAMES  # the listing: child names, versions with metadata
-            for n in NAMES:  # taken as readdirplus entries are (the kernel holds each node)
-                wrapped[n] = (await fs.lookup(fs.get(1), n)).version.wrapped.wrapped_key
+            await _serving_listed(fs, nursery, NAMES)
+            for n in NAMES:
+                wrapped[n] = fs.inodes.by_path[n].version.wrapped.wrapped_key
             store.calls.clear()
             # out of order: each open on its own, nothing ahead
             assert await read_file(fs, "f03") == files["f03"]
@@ -107,7 +116,7 @@ def test_opens_in_name_order_prepare_the_next_files_each_once(tmp_path, cmk_path
 def test_a_truncated_file_is_not_prepared_and_its_open_still_fails(tmp_path, cmk_path):
     """A file whose object is shorter than its envelope says is skipped by open-ahead (no
     unwrap for it); its own open is EIO with the one log line, as without open-ahead."""
-    from fakes.core import PREFIX, core_filesystem, listed_names, read_file
+    from fakes.core import PREFIX, core_filesystem, read_file
     files = {n: os.urandom(3000) for n in NAMES[:6]}
 
     async def main():
@@ -118,11 +127,7 @@ def test_a_truncated_file_is_not_prepared_and_its_open_still_fails(tmp_path, cmk
         fs = core_filesystem(tmp_path / "reader", cmk_path, store=store)
         unwraps = _counted_unwraps(fs.files.keyring)
         async with trio.open_nursery() as nursery:
-            fs._nursery = nursery
-            fs.cache.start(nursery)
-            await listed_names(fs)
-            for n in files:
-                await fs.lookup(fs.get(1), n)
+            await _serving_listed(fs, nursery, files)
             bad = fs.inodes.by_path["f02"].version.wrapped.wrapped_key
             assert await read_file(fs, "f00") == files["f00"]
             assert await read_file(fs, "f01") == files["f01"]  # f02.. are prepared, f02 is not
@@ -174,18 +179,14 @@ def test_cat_of_a_listed_directory_fetches_the_next_files_while_it_reads(make_mo
 def test_unwraps_ahead_cancelled_before_their_turn_leave_nothing_pending(tmp_path, cmk_path):
     """The mount stops (its task nursery is cancelled) while unwraps ahead wait their turn:
     none stays pending, and the files open and read as before in a new nursery."""
-    from fakes.core import core_filesystem, listed_names, read_file
+    from fakes.core import core_filesystem, read_file
     files = {n: os.urandom(2000) for n in NAMES[:8]}
 
     async def main():
         store = await _written(tmp_path, cmk_path, files)
         fs = core_filesystem(tmp_path / "reader", cmk_path, store=store)
         async with trio.open_nursery() as nursery:
-            fs._nursery = nursery
-            fs.cache.start(nursery)
-            await listed_names(fs)
-            for n in files:
-                await fs.lookup(fs.get(1), n)
+            await _serving_listed(fs, nursery, files)
             await fs.files._ahead_unwraps.acquire()  # every unwrap ahead waits its turn
             assert await read_file(fs, "f00") == files["f00"]
             assert await read_file(fs, "f01") == files["f01"]
