@@ -486,6 +486,7 @@ def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_pat
         await inner.put_bytes("pre/d/bad", b"b", {"uid": "-5", "gid": str(2**40), "mode": str(2**64),
                                                   "mtime": "9" * 40})
         await inner.put_bytes("pre/d/z", b"z", {})
+        await inner.put_bytes("pre/d/late", b"l", {"mtime": "10413792000.5"})  # 2300-01-01: in range
         d = await fs.lookup(fs.get(1), "d")
         ops = Operations(fs)
         for _ in range(2):  # listed twice: still one warning per attribute
@@ -495,7 +496,8 @@ def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_pat
             fs.releasedir(h.fh)
             for node in fs.inodes.nodes.values():
                 node.checked_at = 0  # not fresh: read again
-        assert sorted(attrs) == ["a", "bad", "z"]
+        assert sorted(attrs) == ["a", "bad", "late", "z"]
+        assert attrs["late"].st_mtime_ns == 10413792000_500_000_000  # after 2262 (2^63 ns)
         bad = attrs["bad"]
         assert (bad.st_mode, bad.st_uid, bad.st_gid) == (stat.S_IFREG | 0o644, 1, 2)
         assert attrs["a"].st_uid == 7 and attrs["a"].st_mode == stat.S_IFREG | 0o600

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 _ID_MAX = 2**32 - 2  # uid_t/gid_t: 32 bits unsigned, (uid_t)-1 means "unchanged" to chown(2)
 _MODE_MAX = 0o177777  # st_mode: file type and permission bits
 _RDEV_MAX = 2**32 - 1  # the FUSE protocol's rdev is 32 bits (fuse_attr.rdev, fuse_mknod_in.rdev)
-_MTIME_NS_MAX = 2**63 - 1  # st_mtime_ns is a signed 64-bit count of nanoseconds
+# a time's seconds are a signed 64-bit tv_sec (pyfuse3 splits st_mtime_ns into tv_sec and
+# tv_nsec; the kernel's fuse_attr.mtime is 64 bits): not 2^63 ns, which ends in 2262 while a
+# `touch -d 2300-01-01` through the mount is accepted and was lost at the next mount
+_MTIME_NS_MAX = (2**63 - 1) * 1_000_000_000 + 999_999_999
 _WARNED_MAX = 10_000
 _warned: set[tuple[str, str]] = set()  # (key, attribute) already reported out of range
 
