@@ -64,7 +64,12 @@ def split_mount_options(cfg, options: list[str]):
             try:
                 mount[name] = int(value, 8 if name == "umask" else 10)
             except ValueError:
-                raise ValueError(f"-o {opt}: {name} needs a number") from None
+                raise ValueError(f"-o {opt}: {name} needs {'an octal' if name == 'umask' else 'a'} number") from None
+            from .config import id_error
+            why = (id_error(mount[name]) if name != "umask" else
+                   None if 0 <= mount[name] <= 0o777 else "must be 0 to 777 (octal)")
+            if why is not None:
+                raise ValueError(f"-o {opt}: {name} {why}")
         elif name == "allow_other":
             mount["allow_other"] = True  # default_permissions is always on, so modes are enforced
         else:

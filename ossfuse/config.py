@@ -324,6 +324,13 @@ def load(path: str) -> Config:
     for k in ("attr_timeout", "entry_timeout", "upload_delay", "startup_timeout", "retry_interval"):
         if getattr(mount, k) is not None and getattr(mount, k) < 0:
             raise ConfigError(f"{path}: mount.{k}: must not be negative")
+        if getattr(mount, k) is not None and not getattr(mount, k) <= SECONDS_MAX:  # (NaN too)
+            raise ConfigError(f"{path}: mount.{k}: must be at most {SECONDS_MAX} seconds, got {getattr(mount, k)}")
+    for k in ("uid", "gid"):
+        if (why := id_error(getattr(mount, k))) is not None:
+            raise ConfigError(f"{path}: mount.{k}: {why}")
+    if mount.umask is not None and not 0 <= mount.umask <= 0o777:
+        raise ConfigError(f"{path}: mount.umask: must be 0 to 0o777, got {mount.umask:#o}")
     if mount.part_size % 16 or mount.part_size < 100 * 1024:
         raise ConfigError(f"{path}: mount.part_size: must be a multiple of 16 and at least 102400 bytes")
     for k in ("upload_workers", "part_workers"):
@@ -332,6 +339,17 @@ def load(path: str) -> Config:
     if not 0 <= mount.read_ahead_kib <= 1 << 20:
         raise ConfigError(f"{path}: mount.read_ahead_kib: must be 0 (the kernel's default) to 1048576 KiB")
     return Config(path=os.path.abspath(path), store=store, encryption=encryption, cache=cache, mount=mount)
+
+
+SECONDS_MAX = 10**7  # ~115 days: a longer time setting is a typo (and 1e308 overflowed the mount's wait)
+_ID_MAX = 2**32 - 2  # uid_t/gid_t; 2^32 - 1 is (uid_t)-1, "no owner"
+
+
+def id_error(value: int | None) -> str | None:
+    """Why ``value`` is no uid or gid (one phrase), or None (None: not set, fine)."""
+    if value is not None and not 0 <= value <= _ID_MAX:
+        return f"must be 0 to {_ID_MAX}, got {value}"
+    return None
 
 
 def dir_inside_mountpoint(cfg: Config, mountpoint: str) -> str | None:

@@ -64,6 +64,12 @@ def _base(root, key) -> str:
     (lambda s: s + "[mount]\nupload_workers = true\n", "mount.upload_workers: must be int, not bool"),
     (lambda s: s + "[mount]\nattr_timeout = -1\n", "mount.attr_timeout: must not be negative"),
     (lambda s: s + "[mount]\nread_ahead_kib = -1\n", "mount.read_ahead_kib: must be 0"),
+    # a breaker's finds: a traceback (and a mount anyway, seconds later), an EIO at the first getattr
+    (lambda s: s + "[mount]\nstartup_timeout = 1e308\n", "mount.startup_timeout: must be at most 10000000 "
+                                                          "seconds, got 1e+308"),
+    (lambda s: s + "[mount]\nuid = -5\n", "mount.uid: must be 0 to 4294967294, got -5"),
+    (lambda s: s + "[mount]\ngid = 4294967295\n", "mount.gid: must be 0 to 4294967294, got 4294967295"),
+    (lambda s: s + "[mount]\numask = 0o1000\n", "mount.umask: must be 0 to 0o777, got 0o1000"),
     (lambda s: s.replace('type = "rsa"', 'type = "rsa"\npassphrase = "x"'), "passphrase: applies to type"),
     (lambda s: s.replace("[store]", "[store"), "not valid TOML"),
     # each names only the key that is wrong (it was one message naming both)
@@ -71,16 +77,36 @@ def _base(root, key) -> str:
     (lambda s: s + "max_size = 1000\n", "c.toml: cache.max_size: must be at least 4 blocks of cache.block_size "
                                          "(4194304 bytes), got 1000"),
 ])
-def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message):
+def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message, no_mount_left):
     path = _config(tmp_path, edit(_base(tmp_path, cmk_path)))
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(path)
     assert str(e.value).startswith(path + ": ")
     assert message in str(e.value)
     os.makedirs(tmp_path / "mnt", exist_ok=True)
-    r = ossfuse("mount", "-c", path, str(tmp_path / "mnt"))
+    r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and message in r.stderr
+
+
+@pytest.fixture
+def no_mount_left():
+    """``watch(mountpoint, config)`` → mountpoint: at teardown, a daemon of ``config`` still
+    starting is killed and a mount there is cleared, so a test of a refused mount leaves none
+    behind even when the refusal fails (a daemon that mounts seconds later)."""
+    watched: list[tuple[str, str]] = []
+    yield lambda mnt, config: watched.append((mnt, config)) or mnt
+    for mnt, config in watched:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in argv and config.encode() in argv and int(pid) != os.getpid():
+                os.kill(int(pid), 9)
+        if mounted_device(mnt) is not None or os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
 
 
 def test_schema_is_derived_from_the_dataclasses(tmp_path, cmk_path):
@@ -588,3 +614,19 @@ def test_a_mount_prunes_the_records_of_daemons_that_exited_long_ago(tmp_path, cm
         assert m.stop() == 0
     finally:
         m.cleanup()  # checks its log too
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("uid=-5", "-o uid=-5: uid must be 0 to 4294967294, got -5"),
+    ("gid=x", "-o gid=x: gid needs a number"),
+    ("umask=999", "-o umask=999: umask needs an octal number"),
+    ("umask=1000", "-o umask=1000: umask must be 0 to 777 (octal)"),
+])
+def test_bad_uid_gid_umask_options_are_one_line_errors(tmp_path, cmk_path, opt, message, no_mount_left):
+    """-o uid/gid/umask out of range: one line naming the option (uid=-5 mounted, then every
+    getattr failed with EIO and a traceback in the log)."""
+    path = _config(tmp_path, _base(tmp_path, cmk_path))
+    os.makedirs(tmp_path / "mnt", exist_ok=True)
+    r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path), "-o", opt)
+    assert r.returncode != 0 and r.stderr == f"ossfuse: {message}\n", r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
