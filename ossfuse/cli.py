@@ -309,6 +309,10 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     if not unmounted_here:
         if (failure := _unmount(mp, device)) is not None:
+            if reg is not None and not reg.get("exited") and process_stopped(reg["pid"]):
+                # what keeps it busy is most likely a process waiting for the stopped daemon
+                failure += (f"; its daemon (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a debugger), so what "
+                            f"waits on the mount cannot finish: `kill -CONT {reg['pid']}`, then unmount again")
             return _die(failure)
         # a copy the unmount did not take with it (a bind mount; a peer of a shared mount goes
         # too) keeps the daemon serving: only this path is unmounted, as umount(8) does

@@ -348,6 +348,30 @@ def test_status_and_umount_of_a_daemon_that_does_not_answer(mount):
     mount.pid = None
 
 
+def test_umount_of_a_stopped_daemon_that_a_process_waits_on_says_to_continue_it(mount):
+    """A process blocked in the mount of a stopped daemon (a stat waiting for its answer)
+    keeps the mount busy: `umount --timeout` fails naming the stopped daemon and the `kill
+    -CONT` that lets the waiter, and then the unmount, finish (it blamed a file manager or
+    another PID namespace). Continued, the same command unmounts."""
+    import signal
+    os.kill(mount.pid, signal.SIGSTOP)
+    waiter = subprocess.Popen(["stat", mount.path("nonexistent")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # the stat is in the kernel, waiting for the stopped daemon
+        r = ossfuse("umount", mount.mnt, "--timeout", "2", timeout=60)
+        assert r.returncode == 1 and r.stderr.endswith(
+            f"its daemon (pid {mount.pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger), so what waits on the "
+            f"mount cannot finish: `kill -CONT {mount.pid}`, then unmount again\n"), r.stderr
+        assert mounted_device(mount.mnt) is not None
+    finally:
+        os.kill(mount.pid, signal.SIGCONT)
+        waiter.wait(30)
+    r = ossfuse("umount", mount.mnt, timeout=60)
+    assert r.returncode == 0, r.stderr
+    mount.pid = None
+
+
 @pytest.mark.parametrize("store_kind", ["local"])
 def test_busy_umount_names_the_processes_without_fuser(mount):
     """A file open in the mount (and a shell whose working directory is there) keeps it busy:
