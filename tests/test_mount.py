@@ -314,6 +314,12 @@ def test_symlink_readlink_link_statfs(mount):
     assert mount.get("l") != b"../some/where with spaces"  # the target is encrypted too
     sv = os.statvfs(mount.mnt)
     assert sv.f_bavail > 0 and sv.f_namemax == 255
+    if mount.server is None:  # df of a local bucket: its disk's size and free space (was 1 PiB)
+        disk = os.statvfs(mount.bucket_dir)
+        assert sv.f_blocks * sv.f_frsize == pytest.approx(disk.f_blocks * disk.f_frsize, rel=1e-6)
+        assert sv.f_bavail * sv.f_frsize == pytest.approx(disk.f_bavail * disk.f_frsize, abs=64 << 20)
+    else:  # an OSS bucket has no fixed size
+        assert sv.f_blocks * sv.f_frsize == 1 << 50
 
 
 def test_fsync_puts_the_bytes_in_the_bucket(mount):

@@ -316,6 +316,11 @@ class ObjectStore(abc.ABC):
     async def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error (as on OSS)."""
 
+    def capacity(self) -> tuple[int, int] | None:
+        """(size, space available) of the bucket in bytes, for ``df``; None when it has no fixed
+        size (an OSS bucket). A cheap local call: the event loop makes it."""
+        return None
+
     async def sync(self) -> None:
         """Durability barrier: return once every change this store acknowledged before the
         call survives a power loss. Nothing to do on OSS (a 200 answer means stored); a store

@@ -158,6 +158,9 @@ class FaultStore(ObjectStore):
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
 
+    def capacity(self) -> tuple[int, int] | None:
+        return self.inner.capacity()
+
     # -- arming -------------------------------------------------------------------------------
     def _arm(self, rule: Rule) -> Rule:
         self.rules.append(rule)
