@@ -654,3 +654,22 @@ def test_bad_uid_gid_umask_options_are_one_line_errors(tmp_path, cmk_path, opt, 
     r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path), "-o", opt)
     assert r.returncode != 0 and r.stderr == f"ossfuse: {message}\n", r.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_local_bucket_whose_parent_directory_is_missing_is_refused_not_made(tmp_path, cmk_path, no_mount_left):
+    """A local bucket under a directory that does not exist (its disk not mounted, a typo):
+    the mount fails with one line naming it, and nothing is created (the whole path was made,
+    and the writes went to a new empty bucket on the disk below, silently)."""
+    missing = tmp_path / "nodisk"
+    path = _config(tmp_path, _base(tmp_path, cmk_path).replace(f'url = "local://{tmp_path}/bucket"',
+                                                                 f'url = "local://{missing}/deeper/bucket"'))
+    os.makedirs(tmp_path / "mnt")
+    r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"its parent directory {missing}/deeper does not exist (is the disk that holds it mounted?)" in r.stderr
+    assert not missing.exists()
+    (missing / "deeper").mkdir(parents=True)  # the parent there: a new bucket is made in it
+    r = ossfuse("mount", "-c", path, str(tmp_path / "mnt"))
+    assert r.returncode == 0, r.stderr
+    assert ossfuse("umount", str(tmp_path / "mnt")).returncode == 0
+    assert (missing / "deeper" / "bucket" / "index.sqlite").exists()

@@ -166,10 +166,15 @@ class LocalStore(ObjectStore):
         self.root = os.path.abspath(root)
         self.max_copy_size = max_copy_size  # None: copies are hard links, of any size
         parent = os.path.dirname(self.root)
-        os.makedirs(parent, exist_ok=True)
+        if not os.path.isdir(parent):
+            # never made: a missing parent is most likely a disk that is not mounted, and a new
+            # empty bucket on the disk below would take the writes meant for it
+            raise ValueError(f"local store {self.root}: its parent directory {parent} does not exist (is the "
+                             f"disk that holds it mounted?); create it first for a new bucket")
         try:
             os.mkdir(self.root, 0o700)
             os.chmod(self.root, 0o700)  # mkdir's mode is masked by the umask
+            log.info("local store %s: created (a new, empty bucket)", self.root)
         except FileExistsError:
             pass  # the root itself may be a symlink to a directory: the user named it
         check_private_dir(self.root)
