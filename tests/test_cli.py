@@ -625,19 +625,23 @@ def test_a_mount_prunes_the_records_of_daemons_that_exited_long_ago(tmp_path, cm
     """What calls :func:`prune_exited_records`: a daemon once it is mounted."""
     from conftest import Mount
     from ossfuse import registry
-    rundir = tmp_path / "run"
-    rundir.mkdir(mode=0o700)
+    import pathlib
+    import shutil
+    import tempfile
+    # short: the status socket's AF_UNIX path must stay under 108 bytes (tmp_path may be long)
+    rundir = pathlib.Path(tempfile.mkdtemp(prefix="ofr", dir="/tmp"))
     monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(rundir))
     with open(rundir / "old.json", "w") as f:
         json.dump({"pid": 1, "exited": True, "exited_at": time.time() - 7200}, f)
     m = Mount(str(tmp_path / "m"), cmk_path)
-    m.start()
     try:
+        m.start()
         assert not (rundir / "old.json").exists()
         assert os.path.exists(registry.registry_path(m.mnt))
         assert m.stop() == 0
     finally:
         m.cleanup()  # checks its log too
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("opt, message", [
