@@ -489,10 +489,10 @@ def cmd_status(args) -> int:
                         f"(or fusermount3 -u {mp})")
         if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
             return _die(f"{mp} is not a mount point")
-        if reg is not None and not reg.get("exited") and daemon_alive(reg) and process_stopped(reg["pid"]):
-            return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a debugger): "
-                        f"`kill -CONT {reg['pid']}` lets it answer again")
         if reg is not None and not reg.get("exited") and daemon_alive(reg):
+            if process_stopped(reg["pid"]):
+                return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a "
+                            f"debugger): `kill -CONT {reg['pid']}` lets it answer again")
             return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stopped, or "
                         f"stuck); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")
         return _die(f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)")

@@ -97,6 +97,21 @@ def crypto_bucket(endpoint: str, provider):
     return oss2.CryptoBucket(oss2.AuthV4(AK, SK), endpoint, BUCKET, crypto_provider=provider, region=REGION)
 
 
+def daemon_pids(config: str) -> list[int]:
+    """Pids of the ossfuse daemons (and mount commands) of ``config``, read from /proc (a
+    minimal Debian has no pgrep)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and config.encode() in argv and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
 class Mount:
     """One ossfuse mount driven through the real CLI: of a local-directory bucket
     (``server`` None), or of a bucket on the OSS test server over HTTP."""

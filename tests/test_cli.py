@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from ossfuse import config as config_mod
 from ossfuse.registry import mounted_device, process_alive
 
-from conftest import OSSFUSE, local_config, run_cli
+from conftest import OSSFUSE, daemon_pids, local_config, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,14 +97,8 @@ def no_mount_left():
     watched: list[tuple[str, str]] = []
     yield lambda mnt, config: watched.append((mnt, config)) or mnt
     for mnt, config in watched:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"mount" in argv and config.encode() in argv and int(pid) != os.getpid():
-                os.kill(int(pid), 9)
+        for pid in daemon_pids(config):
+            os.kill(pid, 9)
         if mounted_device(mnt) is not None or os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
 

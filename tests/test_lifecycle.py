@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import OSSFUSE, Mount
+from conftest import OSSFUSE, Mount, daemon_pids
 from ossfuse.registry import UnsafeDirError, check_private_dir, process_alive
 
 pytestmark = pytest.mark.timeout(180)
@@ -37,16 +37,8 @@ def _in_fresh_run_namespace(script: str, timeout: float = 90) -> subprocess.Comp
 
 
 def _no_daemon_for(config: str) -> bool:
-    """Whether no ossfuse daemon of ``config`` runs (read from /proc: a minimal Debian has no pgrep)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"ossfuse" in argv and b"mount" in argv and config.encode() in argv:
-            return False
-    return True
+    """Whether no ossfuse daemon of ``config`` runs."""
+    return not daemon_pids(config)
 
 
 def test_first_mount_after_a_reboot_comes_up_serves_and_unmounts(tmp_path, cmk_path):
