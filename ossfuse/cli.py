@@ -477,31 +477,45 @@ def cmd_status(args) -> int:
     from . import status
     mp = _mount_point_arg(args.mountpoint)
     reg = record_of(mp, mounted_device(mp))
+    # a stopped daemon is told apart at once (/proc), not after the socket's 10 s timeout
+    stopped = reg is not None and not reg.get("exited") and daemon_alive(reg) and process_stopped(reg["pid"])
     try:
+        if stopped:
+            raise OSError("stopped")
         doc = status.query(registry_path(reg["mountpoint"] if reg else mp, ".sock"))
     except OSError:
         if args.prometheus:  # the textfile must say so (ossfuse_up 0), not keep the last answer's 1
             sys.stdout.write(status.prometheus_down(mp))
             _die(f"no ossfuse daemon answers for {mp}: reported ossfuse_up 0")
             return 0
-        if daemon_gone(mp, reg) is not None:
-            return _die(f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
-                        f"(or fusermount3 -u {mp})")
-        if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
-            return _die(f"{mp} is not a mount point")
-        if reg is not None and not reg.get("exited") and daemon_alive(reg):
-            if process_stopped(reg["pid"]):
-                return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a "
-                            f"debugger): `kill -CONT {reg['pid']}` lets it answer again")
-            return _die(f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stopped, or "
-                        f"stuck); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")
-        return _die(f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)")
+        reason = _status_down_reason(mp, reg, stopped)
+        if args.json:  # a script reads stdout: it gets a document saying so, not nothing
+            print(json.dumps({"mountpoint": mp, "up": False, "error": reason}, indent=2))
+        return _die(reason)
     doc["mountpoint"] = mp
+    doc["up"] = True
     if args.prometheus:
         sys.stdout.write(status.prometheus(doc))
     else:
         print(json.dumps(doc, indent=2) if args.json else status.render(doc))
     return 0
+
+
+def _status_down_reason(mp: str, reg: dict | None, stopped: bool) -> str:
+    """Why no daemon answered ``ossfuse status`` for ``mp`` (one line, with what to do)."""
+    if stopped:
+        assert reg is not None
+        return (f"the ossfuse daemon of {mp} (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a "
+                f"debugger): `kill -CONT {reg['pid']}` lets it answer again")
+    if daemon_gone(mp, reg) is not None:
+        return (f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
+                f"(or fusermount3 -u {mp})")
+    if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
+        return f"{mp} is not a mount point"
+    if reg is not None and not reg.get("exited") and daemon_alive(reg):
+        return (f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stuck, or stopped "
+                f"meanwhile); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")
+    return f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)"
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

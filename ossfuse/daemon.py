@@ -45,8 +45,8 @@ from .store.local import LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, check_private_dir, daemon_alive, ensure_runtime_dir, mounted_device,
-                       process_start_ticks, prune_exited_records, read_registry,
-                       registry_path, write_registry)
+                       process_start_ticks, prune_exited_records, read_registry, registry_path,
+                       runtime_dir_too_long, write_registry)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,9 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
         ensure_runtime_dir()
     except UnsafeDirError as e:
         raise MountError(str(e)) from None
+    too_long = runtime_dir_too_long()
+    if too_long:
+        raise MountError(too_long)
     inside = config_mod.dir_inside_mountpoint(cfg, mountpoint)
     if inside:
         raise MountError(inside)
@@ -345,7 +348,13 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     await _wait_for_services(cfg, fs.store, fs.keyring)
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)
+    earlier_quarantined = len(fs.staging.quarantined)
     recovered = fs.recover()
+    if earlier_quarantined:  # this mount's own quarantines each logged an ERROR already
+        one = earlier_quarantined == 1
+        log.warning("%d damaged journal entr%s from earlier runs %s kept in %s (never uploaded): recover the "
+                    "files by hand or delete them (docs/design.md, \"Write-back and the journal\")", earlier_quarantined,
+                    "y" if one else "ies", "is" if one else "are", fs.staging.quarantine_dir)
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():
         log.warning("some files unlinked while open in an earlier run could not be deleted yet; "

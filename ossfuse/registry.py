@@ -27,6 +27,7 @@ ENV_RUNTIME_DIR = "OSSFUSE_RUNTIME_DIR"
 #: The daemon's exit status (also in its record) when it unmounted but uploads remain in the
 #: journal (EX_TEMPFAIL); ``ossfuse umount`` exits with it too.
 EXIT_PENDING = 75
+_SUN_PATH_MAX = 107  # Linux sockaddr_un.sun_path (108 bytes) less the terminating NUL
 
 
 class UnsafeDirError(Exception):
@@ -74,6 +75,19 @@ def ensure_runtime_dir() -> str:
         raise UnsafeDirError(f"runtime directory {path}: {e.strerror}") from None
     check_private_dir(path, "runtime directory")
     return path
+
+
+def runtime_dir_too_long() -> str | None:
+    """Why the runtime directory cannot hold a mount's status socket (one line with the fix),
+    or None: its path is too long for the socket's (AF_UNIX: at most 107 bytes, ``sun_path``
+    of Linux's ``sockaddr_un`` less its NUL)."""
+    path = runtime_dir()
+    longest = len(os.fsencode(path)) + 1 + 32 + len(".sock")  # registry_path's socket names
+    if longest <= _SUN_PATH_MAX:
+        return None
+    return (f"runtime directory {path}: too long for the status socket in it ({longest} bytes; a unix "
+            f"socket's path has at most {_SUN_PATH_MAX}): give {ENV_RUNTIME_DIR} a path of at most "
+            f"{_SUN_PATH_MAX - 38} bytes")
 
 
 def registry_path(mountpoint: str, suffix: str = ".json") -> str:

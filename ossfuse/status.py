@@ -2,11 +2,12 @@
 
 The daemon listens on ``<runtime dir>/<mount hash>.sock`` (mode 0600); a client connects, the
 daemon writes one JSON document and closes. Fields: state (``serving``, or ``draining`` once
-unmounted while pending uploads finish), pending uploads (count, bytes, age of the
+unmounted while pending uploads finish), the daemon's pid, pending uploads (count, bytes, age of the
 oldest in seconds, and per upload running now the bytes already in the store), cache use in
 bytes with its hit and miss counts, store operations (calls, errors by kind, retries, bytes
 sent and received), recent errors (last 20 log records at ERROR or worse) and warnings (last
-20 at WARNING), CMKs in use, and counters (uploaded, upload_failures, recovered, quarantined).
+20 at WARNING), CMKs in use, counters (uploaded, upload_failures, recovered, quarantined: by
+this mount), and the damaged journal entries kept in ``staging/quarantine`` (any mount's).
 
 :func:`prometheus` turns that document into the Prometheus text exposition format (version
 0.0.4, https://prometheus.io/docs/instrumenting/exposition_formats/) for
@@ -52,6 +53,7 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
     lookups = cache_stats["hits"] + cache_stats["misses"]
     return {
         "state": state,
+        "pid": os.getpid(),
         "store": fs.cfg.store.url,
         "prefix": fs.cfg.store.prefix,
         "uptime_seconds": round(now - started, 1),
@@ -80,6 +82,8 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
         "integrity": {"verified_bytes": cache_stats["verified_bytes"],
                       "unverified_bytes": cache_stats["unverified_bytes"],
                       "failures": cache_stats["integrity_failures"]},
+        # damaged journal entries kept in staging/quarantine (this mount's and earlier ones')
+        "quarantine": {"dir": fs.staging.quarantine_dir, "entries": len(fs.staging.quarantined)},
         "conflicts": fs.commit.conflicts.status(),  # {"count", "recent": [conflict copy paths]}
         "recent_errors": list(errors.records),
         "recent_warnings": list(errors.warnings),
@@ -142,7 +146,7 @@ def render(doc: dict) -> str:
     p = doc["pending_uploads"]
     lines = [
         f"store:            {doc['store']} (prefix {doc['prefix'] or '/'})",
-        f"uptime:           {doc['uptime_seconds']:.0f} s",
+        f"uptime:           {doc['uptime_seconds']:.0f} s" + (f" (daemon pid {doc['pid']})" if "pid" in doc else ""),
         f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes, oldest {p['oldest_seconds']:.0f} s",
     ]
     health = doc.get("store_health") or {}
@@ -177,6 +181,10 @@ def render(doc: dict) -> str:
     if ig:
         lines.append(f"bytes read:       {ig['verified_bytes']} verified, {ig['unverified_bytes']} without tags "
                      f"(integrity failures {ig['failures']})")
+    q = doc.get("quarantine") or {"entries": 0}
+    if q["entries"]:
+        lines.append(f"quarantine:       {q['entries']} damaged journal entr{'y' if q['entries'] == 1 else 'ies'} "
+                     f"in {q['dir']}, never uploaded: recover by hand or delete")
     cf = doc.get("conflicts") or {"count": 0, "recent": []}
     lines.append(f"conflict copies:  {cf['count']}" + (f" (latest: {', '.join(cf['recent'])})" if cf["recent"] else ""))
     for field, title in (("recent_errors", "recent errors:"), ("recent_warnings", "recent warnings:")):
@@ -270,6 +278,9 @@ def prometheus(doc: dict) -> str:
            [({"verified": "true"}, ig["verified_bytes"]), ({"verified": "false"}, ig["unverified_bytes"])])
     family("ossfuse_integrity_failures_total", "counter", "Blocks that failed their integrity tag twice.",
            [({}, ig["failures"])])
+    family("ossfuse_quarantined_journal_entries", "gauge",
+           "Damaged journal entries kept in staging/quarantine (never uploaded).",
+           [({}, (doc.get("quarantine") or {"entries": 0})["entries"])])
     family("ossfuse_recent_errors", "gauge", "Errors logged recently (the last 20 are kept).",
            [({}, len(doc["recent_errors"]))])
     family("ossfuse_recent_warnings", "gauge", "Warnings logged recently (the last 20 are kept).",

@@ -289,8 +289,11 @@ def test_status_and_umount_of_a_mount_whose_daemon_died(mount):
     assert e.value.errno == __import__("errno").ENOTCONN
     r = ossfuse("status", mount.mnt)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert (f"{mount.mnt}: the daemon is gone (transport endpoint not connected); run `ossfuse umount "
-            f"{mount.mnt}` (or fusermount3 -u {mount.mnt})") in r.stderr, r.stderr
+    said = (f"{mount.mnt}: the daemon is gone (transport endpoint not connected); run `ossfuse umount "
+            f"{mount.mnt}` (or fusermount3 -u {mount.mnt})")
+    assert said in r.stderr, r.stderr
+    r = ossfuse("status", "--json", mount.mnt)
+    assert r.returncode == 1 and json.loads(r.stdout) == {"mountpoint": mount.mnt, "up": False, "error": said}
     r = ossfuse("umount", mount.mnt)
     assert r.returncode == 1, r.stderr
     assert f"{mount.mnt}: the daemon (pid {mount.pid}) had died; unmounted its dead mount" in r.stderr, r.stderr
@@ -317,10 +320,15 @@ def test_status_and_umount_of_a_daemon_that_does_not_answer(mount):
     os.symlink(mount.mnt, link)
     os.kill(mount.pid, signal.SIGSTOP)
     try:
+        t = time.monotonic()
         r = ossfuse("status", link, timeout=40)
-        assert r.returncode == 1 and r.stderr == (
-            f"ossfuse: the ossfuse daemon of {mount.mnt} (pid {mount.pid}) is stopped (SIGSTOP, Ctrl-Z or a "
-            f"debugger): `kill -CONT {mount.pid}` lets it answer again\n"), r.stderr
+        said = (f"the ossfuse daemon of {mount.mnt} (pid {mount.pid}) is stopped (SIGSTOP, Ctrl-Z or a "
+                f"debugger): `kill -CONT {mount.pid}` lets it answer again")
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {said}\n", r.stderr
+        assert time.monotonic() - t < 8  # told from /proc, not after the status socket's 10 s timeout
+        r = ossfuse("status", "--json", mount.mnt, timeout=40)
+        assert r.returncode == 1 and json.loads(r.stdout) == {"mountpoint": mount.mnt, "up": False,
+                                                             "error": said}, r.stdout
         r = ossfuse("status", "--prometheus", mount.mnt, timeout=40)
         assert r.returncode == 0 and f'ossfuse_up{{mountpoint="{mount.mnt}"}} 0' in r.stdout, r.stdout
         t = time.monotonic()

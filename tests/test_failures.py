@@ -141,6 +141,42 @@ def test_sigkill_after_close_loses_nothing(make_mount):
     assert os.listdir(os.path.join(m.cache, "staging")) == []
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.writeback\.staging: journal entry 0+1 for .*quarantined in .*unreadable record",
+                        r"WARNING ossfuse\.daemon: 1 damaged journal entry from earlier runs is kept in ")
+def test_a_quarantined_journal_entry_is_shown_by_every_later_mount(make_mount):
+    """A damaged journal entry is quarantined by the mount that finds it (ERROR line, counted)
+    and stays in staging/quarantine: every later mount says so in one WARNING line and in
+    `ossfuse status` (plain, --json, --prometheus), with the daemon's pid."""
+    import json
+    import subprocess
+    from conftest import OSSFUSE
+
+    def status(*args: str) -> str:
+        r = subprocess.run(OSSFUSE + ["status", *args, m.mnt], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    m = make_mount(start=False)
+    staging = os.path.join(m.cache, "staging")
+    os.makedirs(staging, mode=0o700)
+    sid = "0" * 31 + "1"
+    with open(os.path.join(staging, sid + ".json"), "w") as f:
+        f.write("{not json")  # a record the journal cannot read
+    m.start()
+    doc = json.loads(status("--json"))
+    assert doc["counters"]["quarantined"] == 1 and doc["pid"] == m.pid and doc["up"] is True
+    assert doc["quarantine"] == {"dir": os.path.join(staging, "quarantine"), "entries": 1}
+    assert "from earlier runs" not in m.log()
+    m.remount()
+    doc = json.loads(status("--json"))
+    assert doc["counters"]["quarantined"] == 0 and doc["quarantine"]["entries"] == 1
+    assert m.log().count("1 damaged journal entry from earlier runs is kept in") == 1
+    assert (f"quarantine:       1 damaged journal entry in {staging}/quarantine, never uploaded: recover by hand "
+            "or delete") in status()
+    assert f'ossfuse_quarantined_journal_entries{{mountpoint="{m.mnt}"}} 1' in status("--prometheus")
+    assert os.listdir(os.path.join(staging, "quarantine")) == [sid + ".json"]  # kept, never deleted
+
+
 def test_unmount_waits_for_pending_uploads(make_mount):
     m = make_mount("upload_delay = 5")
     data = os.urandom(5 << 20)

@@ -3,6 +3,7 @@ background task that fails, signals during the drain, a daemon that never gets r
 the mount in other namespaces, and a mount point that is not empty (issue 11)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -85,16 +86,19 @@ def test_notify_after_a_reboot_ready_then_stopping_and_exit_0(tmp_path, cmk_path
 
 
 def test_a_background_task_that_fails_at_start_unmounts_and_exits_1(tmp_path, cmk_path):
-    """The status socket cannot be made (its path is longer than AF_UNIX allows): the daemon
-    says so in one line, unmounts and exits 1; ``ossfuse mount`` reports it; nothing hangs."""
+    """The status socket cannot be made (a directory is in its place): the daemon says so in
+    one line, unmounts and exits 1; ``ossfuse mount`` reports it; nothing hangs."""
     m = Mount(str(tmp_path / "m"), cmk_path)
-    rundir = tmp_path / ("r" * 110)
-    rundir.mkdir(mode=0o700)
+    import pathlib
+    import tempfile
+    rundir = pathlib.Path(tempfile.mkdtemp(prefix="ofr", dir="/tmp"))  # short: tmp_path may be too long
+    in_the_way = rundir / (hashlib.sha256(os.fsencode(os.path.realpath(m.mnt))).hexdigest()[:32] + ".sock")
+    (in_the_way / "keep").mkdir(parents=True)  # registry_path's status socket
     t0 = time.monotonic()
     r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, OSSFUSE_RUNTIME_DIR=str(rundir)))
     assert r.returncode == 1
-    assert "status socket" in r.stderr and "AF_UNIX path too long" in r.stderr and r.stderr.count("\n") == 1
+    assert "status socket" in r.stderr and "Is a directory" in r.stderr and r.stderr.count("\n") == 1
     assert time.monotonic() - t0 < 30
     assert not os.path.ismount(m.mnt)
     log = m.log()
@@ -105,6 +109,7 @@ def test_a_background_task_that_fails_at_start_unmounts_and_exits_1(tmp_path, cm
             break
         time.sleep(0.1)
     assert _no_daemon_for(m.config)
+    shutil.rmtree(rundir)
 
 
 def test_a_shared_sticky_dir_is_refused_with_advice_that_keeps_it_shared(tmp_path):
@@ -118,6 +123,35 @@ def test_a_shared_sticky_dir_is_refused_with_advice_that_keeps_it_shared(tmp_pat
         check_private_dir(str(shared), "cache dir")
     msg = str(e.value)
     assert "mode 1777" in msg and "chmod" not in msg and os.path.join(str(shared), "ossfuse") in msg
+
+
+def test_a_runtime_dir_too_long_for_a_unix_socket_is_refused_before_mounting(tmp_path, cmk_path):
+    """OSSFUSE_RUNTIME_DIR of a path too long for the status socket in it (AF_UNIX: 107 bytes)
+    is refused before anything is mounted, saying how long it may be; the longest allowed one
+    mounts and answers `ossfuse status`."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    base = f"/tmp/ossfuse-run-{os.getpid()}-"  # short: tmp_path may be long
+    short = base + "r" * (69 - len(base))  # the longest allowed: 69 bytes
+    for rundir, ok in ((short + "r", False), (short, True)):
+        env = dict(os.environ, OSSFUSE_RUNTIME_DIR=rundir)
+        r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True,
+                           timeout=60, env=env)
+        if not ok:
+            assert r.returncode == 1 and r.stderr == (
+                f"ossfuse: runtime directory {rundir}: too long for the status socket in it (108 bytes; a unix "
+                f"socket's path has at most 107): give OSSFUSE_RUNTIME_DIR a path of at most 69 bytes\n")
+            assert not os.path.ismount(m.mnt)
+            os.rmdir(rundir)
+            continue
+        try:
+            assert r.returncode == 0, r.stderr
+            s = subprocess.run(OSSFUSE + ["status", "--json", m.mnt], capture_output=True, text=True,
+                               timeout=30, env=env)
+            assert s.returncode == 0 and json.loads(s.stdout)["up"] is True, s.stderr
+            assert subprocess.run(OSSFUSE + ["umount", m.mnt], env=env, timeout=60).returncode == 0
+        finally:
+            subprocess.run(["fusermount3", "-u", "-q", m.mnt])
+            shutil.rmtree(rundir, ignore_errors=True)
 
 
 def test_unsafe_runtime_dir_is_refused_before_mounting(tmp_path, cmk_path):

@@ -503,12 +503,21 @@ def _unlink(path: str) -> None:
 
 
 class Staging:
-    """The staging directory ``<cache dir>/staging`` and its ``quarantine/``."""
+    """The staging directory ``<cache dir>/staging`` and its ``quarantine/``.
+
+    ``quarantined``: ids of the journal entries in ``quarantine/`` (earlier mounts' and this
+    one's): they stay until someone recovers or deletes them, and ``ossfuse status`` shows
+    their count on every mount, not only on the one that quarantined them."""
 
     def __init__(self, cache_dir: str):
         self.dir = os.path.join(cache_dir, "staging")
         self.quarantine_dir = os.path.join(self.dir, "quarantine")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        try:
+            names = os.listdir(self.quarantine_dir)
+        except FileNotFoundError:
+            names = []
+        self.quarantined: set[str] = {n.rsplit(".", 1)[0] for n in names if n.endswith((".json", ".data"))}
 
     def new(self, envelope: Envelope, *, direct: bool = True) -> StagedFile:
         """An empty open version encrypted under ``envelope`` (no disk I/O yet); ``direct``:
@@ -561,4 +570,5 @@ class Staging:
             if os.path.lexists(src):
                 shutil.move(src, os.path.join(self.quarantine_dir, sid + ext))
         self.sync()
+        self.quarantined.add(sid)
         log.error("journal entry %s for %s quarantined in %s: %s", sid, what, self.quarantine_dir, reason)
