@@ -65,7 +65,11 @@ class RekeySummary:
                  f"skipped, directory markers: {self.dir_markers}",
                  f"failed: {len(self.failed)}"]
         lines += [f"  {f}" for f in self.failed]
-        lines.append(f"skipped, damaged (failing integrity tags, not rekeyed): {len(self.damaged)}")
+        if dry_run:  # a dry run reads no object's content: damage shows in the real run
+            lines.append("skipped, damaged: not checked in a dry run (contents are not read; "
+                         "`ossfuse check --verify` reads them)")
+        else:
+            lines.append(f"skipped, damaged (failing integrity tags, not rekeyed): {len(self.damaged)}")
         lines += [f"  DAMAGED {d}" for d in self.damaged]
         for cmk_id, keys in sorted(self.readers_after.items()):
             shown = ", ".join(keys[:self.SHOWN_KEYS]) + (", …" if len(keys) > self.SHOWN_KEYS else "")

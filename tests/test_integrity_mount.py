@@ -168,6 +168,11 @@ def test_rekey_skips_and_reports_a_damaged_object(tmp_path, cmk_path, other_cmk_
         assert m.stop() == 0
     flip(m, "bad", 70_000)
     before = m.head("bad")
+    r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b", "--dry-run"], capture_output=True,
+                       text=True, env=m.env, timeout=120)
+    assert r.returncode == 0 and "would change: 2 object(s)" in r.stdout, r.stdout + r.stderr
+    assert ("skipped, damaged: not checked in a dry run (contents are not read; `ossfuse check --verify` "
+            "reads them)") in r.stdout.splitlines(), r.stdout  # says it cannot tell, not "0"
     r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b"], capture_output=True, text=True,
                        env=m.env, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
