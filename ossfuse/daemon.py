@@ -70,16 +70,53 @@ def credentials_for(cfg: Config):
                            role=None if st.ram_role in (None, "auto") else st.ram_role, imds_url=st.metadata_url)
 
 
-def open_store(cfg: Config, credentials=None) -> ObjectStore:
+# in the cache dir: the local bucket directory a mount of it served (see open_store)
+_LOCAL_BUCKET_MARK = "local-bucket"
+
+
+def _served_before(cfg: Config, root: str) -> bool:
+    """Whether a mount with this cache dir has served the local bucket ``root`` before."""
+    try:
+        with open(os.path.join(cfg.cache.dir, _LOCAL_BUCKET_MARK), encoding="utf-8") as f:
+            return f.read().strip() == root
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _mark_served(cfg: Config, root: str) -> None:
+    """Record ``root`` as the local bucket this cache dir serves (not fsynced: a lost mark
+    only means the next mount would make the bucket directory again if it were missing)."""
+    if _served_before(cfg, root):
+        return
+    path = os.path.join(cfg.cache.dir, _LOCAL_BUCKET_MARK)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(root + "\n")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        log.warning("cache dir %s: cannot record the bucket it serves: %s", cfg.cache.dir, e)
+
+
+def open_store(cfg: Config, credentials=None, *, mounting: bool = False) -> ObjectStore:
     """The store of ``cfg``. OSS credentials come from ``store.credentials_file``, else a
     systemd credential named ``oss`` (LoadCredential=oss:FILE), else OSS_ACCESS_KEY_ID /
     OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN (or the ALIBABA_CLOUD_* names), else
     ALIBABA_CLOUD_CREDENTIALS_URI, else the ECS RAM role when ``store.ram_role`` names one (or
-    is "auto"); never from argv (``store.credentials.CredentialChain``)."""
+    is "auto"); never from argv (``store.credentials.CredentialChain``).
+
+    ``mounting``: a local bucket directory is made only the first time this cache dir serves
+    it; once a mount served it (the cache dir's ``local-bucket`` mark), a missing one is
+    refused: its disk is most likely not mounted, and a new empty bucket on the disk below
+    would take the writes meant for it and be hidden once the disk is mounted again."""
     st = cfg.store
     try:
         if st.url.startswith("local://"):
-            return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
+            if not mounting:
+                return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
+            root = LocalStore.root_of(st.url)
+            store = LocalStore(root, max_copy_size=st.max_copy_size, create=not _served_before(cfg, root))
+            _mark_served(cfg, root)
+            return store
         from .store.oss import OssStore
         chain = credentials or credentials_for(cfg)
         extra = {"max_copy_size": st.max_copy_size} if st.max_copy_size else {}
@@ -255,7 +292,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
             reason = keyring.unreadable_reason(cmk)  # it would write files this config cannot read
             if reason:
                 raise MountError(f"{cfg.path}: new files would be unreadable: {reason}")
-        store = open_store(cfg, credentials)
+        store = open_store(cfg, credentials, mounting=True)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
         return trio.run(_serve, cfg, fs, mountpoint, options, readiness, errors)
     finally:

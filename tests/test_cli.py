@@ -679,3 +679,35 @@ def test_a_local_bucket_whose_parent_directory_is_missing_is_refused_not_made(tm
     assert r.returncode == 0, r.stderr
     assert ossfuse("umount", str(tmp_path / "mnt")).returncode == 0
     assert (missing / "deeper" / "bucket" / "index.sqlite").exists()
+
+
+def test_a_local_bucket_a_mount_served_before_is_not_made_again_when_missing(tmp_path, cmk_path, no_mount_left):
+    """The bucket directory is missing after mounts that used it (its disk not mounted at a
+    mount point directory that stays, or it was moved): the mount is refused with one line
+    saying so and how to start a new bucket, and nothing is created (a new empty bucket on
+    the disk below would take the writes, hidden once the disk is back). Made by hand, it
+    mounts as a new, empty bucket."""
+    path = _config(tmp_path, _base(tmp_path, cmk_path))
+    mnt = no_mount_left(str(tmp_path / "mnt"), path)
+    os.makedirs(mnt)
+    assert ossfuse("mount", "-c", path, mnt).returncode == 0  # the first mount makes the bucket
+    with open(os.path.join(mnt, "f"), "wb") as f:
+        f.write(b"on the disk")
+    assert ossfuse("umount", mnt).returncode == 0
+    os.rename(tmp_path / "bucket", tmp_path / "elsewhere")  # the disk is not mounted now
+    r = ossfuse("mount", "-c", path, mnt)
+    assert r.returncode == 1 and r.stderr == (
+        f"ossfuse: {path}: store: local store {tmp_path}/bucket does not exist, but this mount used it before (is "
+        f"the disk that holds it mounted? was it moved?); to start a new, empty bucket there, create it: "
+        f"mkdir -m 700 {tmp_path}/bucket\n"), r.stderr
+    assert not (tmp_path / "bucket").exists() and not os.path.ismount(mnt)
+    os.rename(tmp_path / "elsewhere", tmp_path / "bucket")  # the disk is back
+    assert ossfuse("mount", "-c", path, mnt).returncode == 0
+    with open(os.path.join(mnt, "f"), "rb") as f:
+        assert f.read() == b"on the disk"
+    assert ossfuse("umount", mnt).returncode == 0
+    os.rename(tmp_path / "bucket", tmp_path / "old")
+    os.mkdir(tmp_path / "bucket", 0o700)  # a new, empty bucket, on purpose
+    assert ossfuse("mount", "-c", path, mnt).returncode == 0
+    assert os.listdir(mnt) == []
+    assert ossfuse("umount", mnt).returncode == 0

@@ -162,7 +162,9 @@ class LocalStore(ObjectStore):
     listing_has_metadata = True  # the index row holds it: no HEAD per entry for ls -l
     local_disk = True
 
-    def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None):
+    def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None, create: bool = True):
+        """``create``: make ``root`` when it is missing (its parent must exist); False: a
+        missing ``root`` is refused (ValueError), for a bucket known to exist already."""
         self.root = os.path.abspath(root)
         self.max_copy_size = max_copy_size  # None: copies are hard links, of any size
         parent = os.path.dirname(self.root)
@@ -171,6 +173,10 @@ class LocalStore(ObjectStore):
             # empty bucket on the disk below would take the writes meant for it
             raise ValueError(f"local store {self.root}: its parent directory {parent} does not exist (is the "
                              f"disk that holds it mounted?); create it first for a new bucket")
+        if not create and not os.path.lexists(self.root):
+            raise ValueError(f"local store {self.root} does not exist, but this mount used it before (is the disk "
+                             f"that holds it mounted? was it moved?); to start a new, empty bucket there, create it: "
+                             f"mkdir -m 700 {self.root}")
         try:
             os.mkdir(self.root, 0o700)
             os.chmod(self.root, 0o700)  # mkdir's mode is masked by the umask
@@ -215,8 +221,13 @@ class LocalStore(ObjectStore):
     @classmethod
     def from_url(cls, url: str, **kw) -> "LocalStore":
         """``local:///abs/path`` → LocalStore at /abs/path (``kw`` as for the constructor)."""
+        return cls(cls.root_of(url), **kw)
+
+    @staticmethod
+    def root_of(url: str) -> str:
+        """The bucket directory (absolute) of ``local:///abs/path``."""
         parsed = urlparse(url)
-        return cls(parsed.netloc + parsed.path if parsed.netloc else parsed.path, **kw)
+        return os.path.abspath(parsed.netloc + parsed.path if parsed.netloc else parsed.path)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
