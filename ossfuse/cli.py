@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 
-from .registry import (EXIT_PENDING, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
+from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
                        process_alive, process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path,
-                       users_of)
+                       runtime_dir, users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -297,6 +297,8 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                 os.kill(reg["pid"], signal.SIGTERM)
             unmounted_here = True  # either way: wait for the daemon to finish, below
     dead = daemon_gone(mp, reg)
+    if dead is None and reg is not None and not reg.get("exited") and not daemon_alive(reg):
+        reg = None  # a stale record (a crashed earlier mount here): the mount answers, so it is served
     if dead is not None:
         # nobody serves it: nothing can be pending in a daemon, and nothing can be open in it
         # that a lazy unmount would strand (every access already fails with ENOTCONN)
@@ -322,7 +324,11 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                   f"(ossfuse umount)", file=sys.stderr)
             return 0
     unmounted[0] = True
-    if reg is None or reg.get("exited"):
+    if reg is None:  # a daemon that runs, with no record here: nothing to wait on
+        return _die(f"unmounted {mp}, but its daemon has no record in {runtime_dir()} (mounted with another "
+                    f"OSSFUSE_RUNTIME_DIR, or by another user?), so its pending uploads were not waited for: "
+                    f"it finishes them in the background (see the log in its cache dir)")
+    if reg.get("exited"):
         return 0
     pid = reg["pid"]
     sock = registry_path(home, ".sock")
@@ -339,7 +345,8 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
         if now > deadline:
             if process_stopped(pid):  # not uploading: it does nothing until continued
                 return _die(f"unmounted, but the daemon (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
-                            f"with pending uploads: `kill -CONT {pid}` lets it finish them (see its log)")
+                            f"before it finished: `kill -CONT {pid}` lets it upload what is pending, if anything, "
+                            f"and exit (see its log)")
             return _die(f"unmounted, but the daemon (pid {pid}) is still uploading after "
                         f"{args.timeout:.0f}s; it goes on in the background (ossfuse status {mp} "
                         f"no longer works: see its log)")
@@ -515,7 +522,8 @@ def _status_down_reason(mp: str, reg: dict | None, stopped: bool) -> str:
     if reg is not None and not reg.get("exited") and daemon_alive(reg):
         return (f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stuck, or stopped "
                 f"meanwhile); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")
-    return f"no ossfuse daemon answers for {mp} (not an ossfuse mount, or mounted by another user)"
+    return (f"no ossfuse daemon answers for {mp} (its status socket is not in {runtime_dir()}: mounted by another "
+            f"user, or with another OSSFUSE_RUNTIME_DIR?)")
 
 
 def mount_helper(argv: list[str] | None = None) -> int:
@@ -896,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
             add_arguments(parser)
 
     args = p.parse_args(argv)
+    if os.environ.get(ENV_RUNTIME_DIR):  # the daemon runs from "/": a relative one would be another dir
+        os.environ[ENV_RUNTIME_DIR] = os.path.abspath(os.environ[ENV_RUNTIME_DIR])
     try:
         return args.fn(args)
     except BrokenPipeError:  # e.g. `ossfuse status MNT | head -1`

@@ -285,20 +285,42 @@ def daemon_gone(mountpoint: str, record: dict | None = None) -> int | None:
     answers every access with ENOTCONN, "transport endpoint is not connected"): the dead
     daemon's pid, 0 when there is no registry record to name it. None otherwise (nothing
     mounted, or the daemon runs). ``record``: the daemon's (:func:`record_of`), else the mount
-    point's own. Reads mountinfo and the registry only; without a record it asks the mount for
-    its statfs (never answered from the kernel's caches, unlike a stat), which a dead mount
-    answers at once."""
+    point's own. Reads mountinfo and the registry; unless the record's daemon runs, it asks
+    the mount itself (:func:`mount_answers_enotconn`): a record whose daemon is dead is not
+    proof, since it may be stale."""
     if mounted_device(mountpoint) is None:
         return None
     record = record or read_registry(mountpoint)
-    if record is not None and record.get("pid"):
-        return None if daemon_alive(record) else record["pid"]
-    try:
-        os.statvfs(mountpoint)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            return 0
-    return None
+    if record is not None and record.get("pid") and daemon_alive(record):
+        return None
+    # No record, or one whose daemon is dead: the record may be stale (a crashed earlier mount
+    # at this path; the live daemon's record in another OSSFUSE_RUNTIME_DIR), so only the
+    # mount itself can say it is dead. A dead one answers ENOTCONN at once; a live one answers,
+    # or (stopped, stuck) does not within the wait: either way something serves it.
+    if not mount_answers_enotconn(mountpoint):
+        return None
+    return record["pid"] if record is not None and record.get("pid") else 0
+
+
+def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
+    """Whether a statfs of ``mountpoint`` fails with ENOTCONN (its FUSE daemon is dead: the
+    kernel answers at once) within ``wait`` seconds. A statfs is never answered from the
+    kernel's caches, unlike a stat; it runs in a daemon thread so that a stopped daemon
+    (which never answers) costs ``wait``, not a hang."""
+    import threading
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+            result.append(False)
+        except OSError as e:
+            result.append(e.errno == errno.ENOTCONN)
+
+    t = threading.Thread(target=probe, name="statfs-probe", daemon=True)
+    t.start()
+    t.join(wait)
+    return bool(result and result[0])
 
 
 def users_of(mountpoint: str) -> list[tuple[int, str]]:

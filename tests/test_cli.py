@@ -335,8 +335,9 @@ def test_status_and_umount_of_a_daemon_that_does_not_answer(mount):
         r = ossfuse("umount", link, "--timeout", "2", timeout=40)
         # not "still uploading": it does nothing until continued
         assert r.returncode == 1 and r.stderr.endswith(
-            f"unmounted, but the daemon (pid {mount.pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) with "
-            f"pending uploads: `kill -CONT {mount.pid}` lets it finish them (see its log)\n"), r.stderr
+            f"unmounted, but the daemon (pid {mount.pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) before it "
+            f"finished: `kill -CONT {mount.pid}` lets it upload what is pending, if anything, and exit (see its "
+            f"log)\n"), r.stderr
         assert time.monotonic() - t < 15
         assert mounted_device(mount.mnt) is None
     finally:

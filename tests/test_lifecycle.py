@@ -125,6 +125,55 @@ def test_a_shared_sticky_dir_is_refused_with_advice_that_keeps_it_shared(tmp_pat
     assert "mode 1777" in msg and "chmod" not in msg and os.path.join(str(shared), "ossfuse") in msg
 
 
+@pytest.mark.parametrize("stale_record", [False, True])
+def test_status_and_umount_of_a_mount_made_with_another_runtime_dir(tmp_path, cmk_path, stale_record):
+    """A mount made with OSSFUSE_RUNTIME_DIR, looked at without it (its record is elsewhere;
+    with ``stale_record`` the path's own record of an earlier, crashed mount is here): `status`
+    says its socket is not in this runtime dir (not "the daemon is gone"); `umount` of it busy
+    is refused naming the holder, never a lazy unmount of a live mount "whose daemon had died";
+    idle, it unmounts and says it could not wait for the uploads (exit 1), which the daemon
+    finishes; a relative OSSFUSE_RUNTIME_DIR means the same directory to the daemon (which runs
+    from /) as to the command."""
+    import tempfile
+    m = Mount(str(tmp_path / "m"), cmk_path, "upload_delay = 1")
+    if stale_record:
+        m.start()
+        m.kill9()  # its record stays, unexited, naming a dead pid
+    rundir = tempfile.mkdtemp(prefix="ofr", dir="/tmp")
+    other = dict(m.env, OSSFUSE_RUNTIME_DIR=os.path.relpath(rundir, "/tmp"))
+    try:
+        r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True,
+                           timeout=90, env=other, cwd="/tmp")
+        assert r.returncode == 0, r.stderr
+        record, = [n for n in os.listdir(rundir) if n.endswith(".json")]  # the daemon's, in the other dir
+        with open(os.path.join(rundir, record)) as f:
+            pid = json.load(f)["pid"]
+        with open(m.path("f"), "wb") as f:
+            f.write(b"written")
+        r = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and r.stderr == (
+            f"ossfuse: no ossfuse daemon answers for {m.mnt} (its status socket is not in /run/ossfuse: mounted "
+            f"by another user, or with another OSSFUSE_RUNTIME_DIR?)\n"), r.stderr
+        with open(m.path("f"), "rb") as held:
+            r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "busy" in r.stderr and "had died" not in r.stderr, r.stderr
+            assert os.path.ismount(m.mnt) and held.read() == b"written"
+        r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr == (
+            f"ossfuse: unmounted {m.mnt}, but its daemon has no record in /run/ossfuse (mounted with another "
+            f"OSSFUSE_RUNTIME_DIR, or by another user?), so its pending uploads were not waited for: it finishes "
+            f"them in the background (see the log in its cache dir)\n"), r.stderr
+        assert not os.path.ismount(m.mnt)
+        for _ in range(300):
+            if not process_alive(pid):
+                break
+            time.sleep(0.1)
+        assert not process_alive(pid) and m.head("f").size == 7  # the daemon drained and exited
+    finally:
+        subprocess.run(["fusermount3", "-u", "-q", m.mnt])
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
 def test_a_runtime_dir_too_long_for_a_unix_socket_is_refused_before_mounting(tmp_path, cmk_path):
     """OSSFUSE_RUNTIME_DIR of a path too long for the status socket in it (AF_UNIX: 107 bytes)
     is refused before anything is mounted, saying how long it may be; the longest allowed one
