@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
+from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
                        process_alive, process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path,
                        runtime_dir, users_of)
 
@@ -167,6 +167,9 @@ def _spawn_daemon(args, cfg) -> int:
     inside = dir_inside_mountpoint(cfg, args.mountpoint)
     if inside:  # before the cache dir is made there
         return _die(inside)
+    user = cache_dir_user(cfg.cache.dir)
+    if user is not None:  # before the daemon writes anything into that mount's log
+        return _die(f"cache dir {cfg.cache.dir} is in use by {user}")
     r, w = os.pipe()
     try:
         os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)

@@ -44,7 +44,7 @@ from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
-from .registry import (UnsafeDirError, check_private_dir, daemon_alive, ensure_runtime_dir, mounted_device,
+from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir, mounted_device,
                        process_start_ticks, prune_exited_records, read_registry, registry_path,
                        runtime_dir_too_long, write_registry)
 
@@ -143,7 +143,7 @@ def lock_cache_dir(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise MountError(f"cache dir {path} is in use by another ossfuse mount") from None
+        raise MountError(f"cache dir {path} is in use by {cache_dir_user(path) or 'another ossfuse mount'}") from None
     return fd
 
 

@@ -395,6 +395,29 @@ def _records() -> list[dict]:
     return [record for _, record in _record_files()]
 
 
+def cache_dir_user(cache_dir: str) -> str | None:
+    """When a running daemon holds the lock of ``cache_dir`` (``<cache dir>/lock``, an
+    exclusive flock for the daemon's life): a short description of it for a message, "the
+    ossfuse mount at MP (pid N)" when its record is found, else "another ossfuse mount".
+    None when nobody holds it (then nothing is created or locked)."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None  # no lock file (a new cache dir) or none we may open: the daemon decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)  # (releases a lock taken just now)
+    for r in _records():
+        if r.get("cache_dir") == cache_dir and not r.get("exited") and daemon_alive(r):
+            return f"the ossfuse mount at {r.get('mountpoint')} (pid {r['pid']})"
+    return "another ossfuse mount"
+
+
 EXITED_RECORD_KEPT = 3600.0  # seconds an exited daemon's record is kept (for the umount that waits on it)
 
 

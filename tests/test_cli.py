@@ -177,16 +177,23 @@ def test_config_defaults_and_relative_paths(tmp_path, cmk_path):
 
 @pytest.mark.expect_log(r"ERROR ossfuse: (cache dir .* is in use|mount point .* (is busy|No such file))")
 def test_mount_errors_are_one_line(mount, tmp_path):
-    # busy mount point
-    r = ossfuse("mount", "-c", mount.config, mount.mnt)
-    assert r.returncode == 1 and "busy" in r.stderr and r.stderr.count("\n") == 1
-    # the cache dir is locked by the running mount
+    # the cache dir is locked by the running mount: said naming that mount, before anything is
+    # written to its log (an ERROR line of the refused attempt landed there)
     other = tmp_path / "mnt2"
     other.mkdir()
-    r = ossfuse("mount", "-c", mount.config, str(other))
-    assert r.returncode == 1 and "in use by another ossfuse mount" in r.stderr
+    log = mount.log()
+    for target in (mount.mnt, str(other)):
+        r = ossfuse("mount", "-c", mount.config, target)
+        assert r.returncode == 1 and r.stderr == (f"ossfuse: cache dir {mount.cache} is in use by the ossfuse mount "
+                                                  f"at {mount.mnt} (pid {mount.pid})\n"), r.stderr
+    assert mount.log() == log
+    with open(mount.config) as f:  # a config of its own cache dir gets as far as the mount point
+        own = _config(tmp_path, f.read().replace(f'dir = "{mount.cache}"', f'dir = "{tmp_path}/cache2"'))
+    # busy mount point
+    r = ossfuse("mount", "-c", own, mount.mnt)
+    assert r.returncode == 1 and "busy" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     # missing mount point
-    r = ossfuse("mount", "-c", mount.config, str(tmp_path / "nope"))
+    r = ossfuse("mount", "-c", own, str(tmp_path / "nope"))
     assert r.returncode == 1 and "No such file or directory" in r.stderr
     assert not os.path.ismount(other)
 
