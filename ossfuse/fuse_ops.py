@@ -253,8 +253,7 @@ class Operations(pyfuse3.Operations):
         s.f_blocks = s.f_bfree = s.f_bavail = (1 << 50) // _BLOCK  # an OSS bucket has no fixed size
         capacity = self.fs.capacity()
         if capacity is not None:  # a local-directory bucket: what its disk holds and has free
-            s.f_blocks = capacity[0] // _BLOCK
-            s.f_bfree = s.f_bavail = capacity[1] // _BLOCK
+            s.f_blocks, s.f_bfree, s.f_bavail = (n // _BLOCK for n in capacity)
         s.f_files = s.f_ffree = s.f_favail = 1 << 32
         s.f_namemax = 255
         return s

@@ -318,6 +318,8 @@ def test_symlink_readlink_link_statfs(mount):
         disk = os.statvfs(mount.bucket_dir)
         assert sv.f_blocks * sv.f_frsize == pytest.approx(disk.f_blocks * disk.f_frsize, rel=1e-6)
         assert sv.f_bavail * sv.f_frsize == pytest.approx(disk.f_bavail * disk.f_frsize, abs=64 << 20)
+        # free counts root's reserved blocks, as the disk's does: df's "Used" is the disk's
+        assert sv.f_bfree * sv.f_frsize == pytest.approx(disk.f_bfree * disk.f_frsize, abs=64 << 20)
     else:  # an OSS bucket has no fixed size
         assert sv.f_blocks * sv.f_frsize == 1 << 50
 

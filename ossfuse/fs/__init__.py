@@ -135,8 +135,9 @@ class Filesystem:
         if self.deferred_deletes.ready:  # failed before there was a nursery (the replay at mount)
             self.namespace.retry_failed_deletes_later()
 
-    def capacity(self) -> tuple[int, int] | None:
-        """(size, bytes available) of the bucket for ``df``, or None (no fixed size: OSS)."""
+    def capacity(self) -> tuple[int, int, int] | None:
+        """(size, free, available) bytes of the bucket for ``df`` (``ObjectStore.capacity``), or
+        None (no fixed size: OSS)."""
         return self.store.capacity()
 
     @property

@@ -316,8 +316,9 @@ class ObjectStore(abc.ABC):
     async def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error (as on OSS)."""
 
-    def capacity(self) -> tuple[int, int] | None:
-        """(size, space available) of the bucket in bytes, for ``df``; None when it has no fixed
+    def capacity(self) -> tuple[int, int, int] | None:
+        """(size, free, available to unprivileged writers) of the bucket in bytes, for ``df``
+        (statvfs's f_blocks, f_bfree, f_bavail); None when it has no fixed
         size (an OSS bucket). A cheap local call: the event loop makes it."""
         return None
 

@@ -755,14 +755,16 @@ class LocalStore(ObjectStore):
     async def delete(self, key: str) -> None:
         await self._run_write(self._delete, key)
 
-    def capacity(self) -> tuple[int, int] | None:
-        """The filesystem holding the bucket directory: its size and the bytes an unprivileged
-        writer may still use (statvfs: f_blocks and f_bavail). None when it cannot be read."""
+    def capacity(self) -> tuple[int, int, int] | None:
+        """The filesystem holding the bucket directory: its size, its free bytes and those an
+        unprivileged writer may still use (statvfs: f_blocks, f_bfree, f_bavail; the
+        difference is the blocks reserved for root, which ``df`` counts as neither used nor
+        available). None when it cannot be read."""
         try:
             st = os.statvfs(self.root)
         except OSError:
             return None
-        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
 
     def remove_orphans(self) -> int:
         """Delete blobs no row points at (left by a crash between rename and commit, or an

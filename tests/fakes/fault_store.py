@@ -158,7 +158,7 @@ class FaultStore(ObjectStore):
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
 
-    def capacity(self) -> tuple[int, int] | None:
+    def capacity(self) -> tuple[int, int, int] | None:
         return self.inner.capacity()
 
     # -- arming -------------------------------------------------------------------------------
