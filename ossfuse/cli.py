@@ -48,17 +48,22 @@ def _die(msg: str) -> int:
 
 
 # fstab/mount(8) options that mean nothing to a FUSE daemon: accepted and ignored.
-_IGNORED_OPTIONS = ("_netdev", "nofail", "auto", "noauto", "user", "users", "defaults", "rw")
+_IGNORED_OPTIONS = ("_netdev", "nofail", "auto", "noauto", "user", "users", "defaults")
 _IGNORED_PREFIXES = ("x-systemd.", "x-gvfs-", "comment=")
 
 
 def split_mount_options(cfg, options: list[str]):
-    """``-o`` options → (config with uid/gid/umask applied, FUSE options). Raises ValueError
-    naming a malformed option."""
+    """``-o`` options → (config with uid/gid/umask applied, FUSE options). Of ``ro`` and
+    ``rw`` the last one given counts, as for mount(8). Raises ValueError naming a malformed
+    option."""
     fuse, mount = [], {}
+    read_only = False
     for opt in options:
         name, _, value = opt.partition("=")
         if opt in _IGNORED_OPTIONS or opt.startswith(_IGNORED_PREFIXES):
+            continue
+        if opt in ("ro", "rw"):
+            read_only = opt == "ro"
             continue
         if name in ("uid", "gid", "umask"):
             try:
@@ -74,6 +79,8 @@ def split_mount_options(cfg, options: list[str]):
             mount["allow_other"] = True  # default_permissions is always on, so modes are enforced
         else:
             fuse.append(opt)
+    if read_only:
+        fuse.append("ro")
     if mount:
         import dataclasses
         cfg = dataclasses.replace(cfg, mount=dataclasses.replace(cfg.mount, **mount))

@@ -670,6 +670,18 @@ def test_bad_uid_gid_umask_options_are_one_line_errors(tmp_path, cmk_path, opt, 
     assert not os.path.ismount(tmp_path / "mnt")
 
 
+@pytest.mark.parametrize("given, read_only", [
+    (["ro"], True), (["rw"], False), (["ro", "rw"], False), (["rw", "ro"], True), (["ro", "nofail", "rw"], False),
+])
+def test_of_ro_and_rw_the_last_one_counts(tmp_path, cmk_path, given, read_only):
+    """As for mount(8): `-o ro,rw` mounts read-write (it mounted read-only)."""
+    from ossfuse import config as config_mod
+    from ossfuse.cli import split_mount_options
+    cfg = config_mod.load(_config(tmp_path, _base(tmp_path, cmk_path)))
+    _, fuse = split_mount_options(cfg, given + ["allow_other"])
+    assert fuse == (["ro"] if read_only else [])
+
+
 def test_a_local_bucket_whose_parent_directory_is_missing_is_refused_not_made(tmp_path, cmk_path, no_mount_left):
     """A local bucket under a directory that does not exist (its disk not mounted, a typo):
     the mount fails with one line naming it, and nothing is created (the whole path was made,
