@@ -625,6 +625,10 @@ def cmd_rekey(args) -> int:
             return _die(f"{cfg.path}: no CMK with id {name!r}")
     if reason := rekey.refusal(keyring, args.to_id):  # objects this config could not read: stop first
         return _die(f"{cfg.path}: {reason}")
+    rel = rekey.path_below_root(args.path)
+    if rel is None:
+        return _die(f"rekey {args.path}: PATH is above the mount's root (PATH is a file or directory below it, "
+                    f"as in MOUNTPOINT/PATH)")
     for line in rekey.mounts_without(cfg, keyring, args.to_id):  # mounts that could not read them
         print(f"ossfuse: warning: {line}", file=sys.stderr)
 
@@ -632,8 +636,7 @@ def cmd_rekey(args) -> int:
         objects = total = None
         if not args.dry_run:  # size the progress with a first, cheap listing pass
             objects = total = 0
-            sub = args.path.strip("/")
-            async for o in rekey._all_objects(store, cfg.store.prefix + sub + ("/" if sub else "")):
+            async for o in rekey.objects_at(cfg, store, rel, lambda key, e: None):  # (the run reports it)
                 objects += 1
                 total += o.size
         progress = rekey.RekeyProgress(objects, total)
@@ -645,12 +648,15 @@ def cmd_rekey(args) -> int:
 
     summary = trio.run(run)
     print(summary.render(args.dry_run))
+    if rel and not summary.found:  # a typo in PATH must not look like a rekey with nothing to do
+        return _die(f"rekey {args.path}: no object there (PATH is a file or directory below the mount's root, as "
+                    f"in MOUNTPOINT/PATH; not the mounted path itself)")
     return 1 if summary.failed or summary.damaged else 0
 
 
 def cmd_check(args) -> int:
-    from .rekey import verify_path
-    if args.verify is not None and verify_path(args.verify) is None:
+    from .rekey import path_below_root
+    if args.verify is not None and path_below_root(args.verify) is None:
         return _die(f"check --verify {args.verify}: PATH is above the mount's root (PATH is a file or directory "
                     f"below it, as in MOUNTPOINT/PATH)")
     import logging
@@ -678,7 +684,7 @@ def cmd_check(args) -> int:
         if summary.failed:
             return 1
         found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers
-        if verify_path(args.verify) and not found:
+        if path_below_root(args.verify) and not found:
             return _die(f"check --verify {args.verify}: no object there (PATH is a file or directory below the "
                         f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)")
     return 0 if all(ok for ok, _ in results) else 1
@@ -854,7 +860,7 @@ def _rekey_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--from", dest="from_id", metavar="ID", help="only objects wrapped by this CMK")
     r.add_argument("--to", dest="to_id", metavar="ID", help="target CMK (default: what the rules pick)")
     r.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
-    r.add_argument("path", nargs="?", default="", help="directory under the mount's prefix (default: all)")
+    r.add_argument("path", nargs="?", default="", help="a file, or a directory whose objects are all rekeyed, as in MOUNTPOINT/PATH (default: all)")
     r.set_defaults(fn=cmd_rekey)
 
 

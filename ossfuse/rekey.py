@@ -56,6 +56,12 @@ class RekeySummary:
 
     SHOWN_KEYS = 10  # keys listed per CMK in the rendering
 
+    @property
+    def found(self) -> int:
+        """Objects the run came across (directory markers and failures included)."""
+        return (self.changed + self.already + self.other_cmk + self.plaintext + self.dir_markers
+                + len(self.failed) + len(self.damaged))
+
     def render(self, dry_run: bool) -> str:
         verb = "would change" if dry_run else "changed"
         lines = [f"{verb}: {self.changed} object(s), {self.changed_bytes} bytes",
@@ -155,7 +161,8 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
                 to_id: str | None, dry_run: bool, progress=None) -> RekeySummary:
     """Re-wrap every encrypted object under ``path`` (relative to the mount) whose CMK is
     ``from_id`` (any, if None) to ``to_id`` (if None: the CMK the rules pick for its path).
-    ``progress(n_bytes)`` is called as objects are done. Raises RekeyRefused (before touching
+    ``path``: a file or a directory, as for :func:`objects_at` (normalised by
+    :func:`path_below_root`). ``progress(n_bytes)`` is called as objects are done. Raises RekeyRefused (before touching
     anything) when the target CMK would not be the one this configuration reads its objects
     with. Never raises for one object: failures are counted, logged and listed in the summary."""
     if to_id is not None and to_id not in keyring.cmks:
@@ -167,8 +174,8 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
     uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
                         part_workers=m.part_workers)
     summary = RekeySummary()
-    prefix = cfg.store.prefix + path.strip("/") + ("/" if path.strip("/") else "")
-    async for listed in _all_objects(store, prefix):
+    rel = path_below_root(path) or ""
+    async for listed in objects_at(cfg, store, rel, lambda key, e: summary.failed.append(f"{key}: {e}")):
         try:
             await _rekey_one(listed, cfg, store, keyring, uploader, from_id, to_id, dry_run, summary)
         except integrity.IntegrityError as e:
@@ -362,13 +369,33 @@ class VerifySummary:
 VERIFY_CHUNK = 8 << 20  # bytes read per ranged GET (whole tagged blocks)
 
 
-def verify_path(path: str) -> str | None:
-    """``check --verify``'s PATH as a key suffix below the mount's root: normalised as a path
-    ("./a//b/" is "a/b", "" or "." the root: ""); None for a PATH above the root ("..")."""
+def path_below_root(path: str) -> str | None:
+    """``check --verify``'s and ``rekey``'s PATH as a key suffix below the mount's root:
+    normalised as a path ("./a//b/" and "/a/b" are "a/b", "" or "." the root: ""); None for a
+    PATH above the root ("..")."""
     rel = posixpath.normpath(path or ".")
     if rel.split("/")[0] == "..":
         return None
     return "" if rel == "." else rel.strip("/")
+
+
+async def objects_at(cfg: Config, store: ObjectStore, rel: str, on_head_error=None):
+    """The objects a PATH names (``rel``, from :func:`path_below_root`): the file at it, if
+    one, then every object below it as a directory (a name may be both in a bucket); all of
+    them for "". ``on_head_error(key, StoreError)`` is called when the HEAD of the file fails
+    (the walk goes on below it); without it the error is raised."""
+    if rel:
+        try:
+            file = await store.head(cfg.store.prefix + rel)
+        except StoreError as e:
+            if on_head_error is None:
+                raise
+            on_head_error(cfg.store.prefix + rel, e)
+            file = None
+        if file is not None:
+            yield file
+    async for listed in _all_objects(store, cfg.store.prefix + rel + ("/" if rel else "")):
+        yield listed
 
 
 async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str = "") -> VerifySummary:
@@ -379,22 +406,8 @@ async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str
     read; each failure is one entry of ``failed`` naming the object, its ETag and the block.
     Never raises for one object."""
     summary = VerifySummary()
-    rel = verify_path(path) or ""
-    prefix = cfg.store.prefix + rel + ("/" if rel else "")
-
-    async def listed_objects():
-        if rel:  # a file at PATH (a name may also be a directory prefix in a bucket: both)
-            try:
-                file = await store.head(cfg.store.prefix + rel)
-            except StoreError as e:
-                summary.failed.append(f"{cfg.store.prefix + rel}: {e}")
-                file = None
-            if file is not None:
-                yield file
-        async for listed in _all_objects(store, prefix):
-            yield listed
-
-    async for listed in listed_objects():
+    rel = path_below_root(path) or ""
+    async for listed in objects_at(cfg, store, rel, lambda key, e: summary.failed.append(f"{key}: {e}")):
         try:
             await _verify_one(listed, store, keyring, summary)
         except (StoreError, env.EnvelopeError, KeyMissing, CmkUnavailable, integrity.IntegrityError) as e:
