@@ -50,6 +50,33 @@ async def _write_file(fs: Filesystem, name: str, data: bytes):
 
 
 
+def test_a_shells_redirect_over_a_file_uploads_once_when_uploads_wait(tmp_path, cmk_path):
+    """`cmd > file`: open with O_TRUNC, the shell's close of its duplicate (a flush) commits the
+    truncated, empty file, the command's writes and close commit its output. With uploads
+    waiting (OSS: upload_delay), the empty version is superseded before its upload: one PUT,
+    of the output; a crash between the two closes keeps the empty file (what close promised)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "out", DATA)
+        assert await fs.drain() == 0
+        fs.store.reset_counts()
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await fs.flush(h)  # the shell closes its fd after dup2 to fd 1: the empty file is journaled
+        empty = node.staged
+        assert empty is not None and empty.sealed and empty.size == 0 and _records(fs) == [empty.id + ".json"]
+        await fs.write(h, 0, b"output\n")
+        await fs.flush(h)
+        await fs.release(h)
+        assert _records(fs) == [node.staged.id + ".json"] and node.staged is not empty  # superseded
+        assert await fs.drain() == 0
+        puts = sum(n for op, n in fs.store.counts.items() if op.startswith("put"))
+        assert puts == 1, dict(fs.store.counts)
+        assert await read_file(fs, "out") == b"output\n"
+        await _crash(fs)
+
+    trio.run(main)
+
+
 def _records(fs: Filesystem) -> list[str]:
     return sorted(n for n in os.listdir(fs.staging.dir) if n.endswith(".json"))
 

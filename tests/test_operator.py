@@ -198,6 +198,11 @@ def test_prometheus_text_parses_and_carries_the_status(tmp_path, cmk_path):
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert text.endswith("\n") and text.count("# TYPE ") == len(families) >= 20
     assert families["ossfuse_store_retries"] == "counter" and families["ossfuse_pending_uploads"] == "gauge"
+    assert m["ossfuse_quarantined_journal_entries"][lab] == 0
+    # the README lists every family by its exposed name (a counter's with its _total)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    exposed = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert sorted(n for n in exposed if f"`{n}`" not in readme and f"`{n}{{" not in readme) == []
 
 
 def test_status_prometheus_flag_of_the_command(tmp_path):

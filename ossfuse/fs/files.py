@@ -362,7 +362,8 @@ class Files:
                 self._error_once("%r was deleted by another client while open", v.key)
                 raise FsError(errno_of(e)) from None
             self._error_once("%r was replaced while open (ETag %s), by another client or by a newer file of "
-                             "this mount at its name; reopen to read the new version", v.key, v.etag)
+                             "this mount at its name; reopen to read the new version (an open within mount.attr_timeout "
+                             "may still get this one)", v.key, v.etag)
             raise FsError(errno_of(e)) from None
         except TruncatedObject as e:
             log.error("cannot read %r: %s", v.key, e)
