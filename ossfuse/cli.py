@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 
-from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders, mounted_device, mounted_type, mounts,
-                       process_alive, process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path,
-                       runtime_dir, users_of)
+from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders,
+                       mounted_device, mounted_type, mounts, process_alive, process_started, process_stopped,
+                       read_registry, real_mountpoint, record_of, registry_path, runtime_dir, users_of)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -496,11 +496,13 @@ def cmd_status(args) -> int:
     reg = record_of(mp, mounted_device(mp))
     # a stopped daemon is told apart at once (/proc), not after the socket's 10 s timeout
     stopped = reg is not None and not reg.get("exited") and daemon_alive(reg) and process_stopped(reg["pid"])
-    try:
-        if stopped:
-            raise OSError("stopped")
-        doc = status.query(registry_path(reg["mountpoint"] if reg else mp, ".sock"))
-    except OSError:
+    doc = None
+    if not stopped:
+        try:
+            doc = status.query(registry_path(reg["mountpoint"] if reg else mp, ".sock"))
+        except OSError:
+            pass
+    if doc is None:
         if args.prometheus:  # the textfile must say so (ossfuse_up 0), not keep the last answer's 1
             sys.stdout.write(status.prometheus_down(mp))
             _die(f"no ossfuse daemon answers for {mp}: reported ossfuse_up 0")

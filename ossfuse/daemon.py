@@ -44,8 +44,8 @@ from .store.base import ObjectStore, StoreError
 from .store.local import LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
-from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir, mounted_device,
-                       process_start_ticks, prune_exited_records, read_registry, registry_path,
+from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
+                       mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
                        runtime_dir_too_long, write_registry)
 
 log = logging.getLogger(__name__)
