@@ -411,7 +411,10 @@ def _exit_outcome(mp: str, reg: dict) -> int:
         print(f"ossfuse: unmounted; {'; '.join(left)} (see the log in the cache dir)", file=sys.stderr)
         return EXIT_PENDING
     if reg.get("status"):
-        return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}")
+        journaled = reg.get("journaled") or 0
+        also = (f"; {journaled} file(s) could not be uploaded: they stay journaled in its cache dir and upload on the "
+                f"next mount" if journaled else "")
+        return _die(f"unmounted, but the daemon failed: {reg.get('failure') or 'see its log'}{also}")
     return 0
 
 

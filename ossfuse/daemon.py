@@ -41,7 +41,7 @@ from .keyring import CmkUnavailable, Keyring
 from . import status as status_mod
 from .status import RecentErrors
 from .store.base import ObjectStore, StoreError
-from .store.local import LocalStore
+from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
@@ -74,24 +74,25 @@ def credentials_for(cfg: Config):
 _LOCAL_BUCKET_MARK = "local-bucket"
 
 
-def _served_before(cfg: Config, root: str) -> bool:
-    """Whether a mount with this cache dir has served the local bucket ``root`` before."""
+def _served(cfg: Config) -> list[str]:
+    """The local bucket directories mounts with this cache dir have served (one per line)."""
     try:
         with open(os.path.join(cfg.cache.dir, _LOCAL_BUCKET_MARK), encoding="utf-8") as f:
-            return f.read().strip() == root
+            return f.read().splitlines()
     except (OSError, UnicodeDecodeError):
-        return False
+        return []
 
 
 def _mark_served(cfg: Config, root: str) -> None:
-    """Record ``root`` as the local bucket this cache dir serves (not fsynced: a lost mark
+    """Add ``root`` to the local buckets this cache dir has served (not fsynced: a lost mark
     only means the next mount would make the bucket directory again if it were missing)."""
-    if _served_before(cfg, root):
+    served = _served(cfg)
+    if root in served:
         return
     path = os.path.join(cfg.cache.dir, _LOCAL_BUCKET_MARK)
     try:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(root + "\n")
+            f.write("".join(line + "\n" for line in served + [root]))
         os.replace(path + ".tmp", path)
     except OSError as e:
         log.warning("cache dir %s: cannot record the bucket it serves: %s", cfg.cache.dir, e)
@@ -104,18 +105,26 @@ def open_store(cfg: Config, credentials=None, *, mounting: bool = False) -> Obje
     ALIBABA_CLOUD_CREDENTIALS_URI, else the ECS RAM role when ``store.ram_role`` names one (or
     is "auto"); never from argv (``store.credentials.CredentialChain``).
 
-    ``mounting``: a local bucket directory is made only the first time this cache dir serves
-    it; once a mount served it (the cache dir's ``local-bucket`` mark), a missing one is
-    refused: its disk is most likely not mounted, and a new empty bucket on the disk below
-    would take the writes meant for it and be hidden once the disk is mounted again."""
+    A local bucket directory is made only while no mount with this cache dir has served it;
+    once one did (``mounting`` adds it to the cache dir's ``local-bucket`` mark), a missing one
+    is refused, also by check and rekey: its disk is most likely not mounted, and a new empty
+    bucket on the disk below would take the writes meant for it and be hidden once the disk
+    is mounted again."""
     st = cfg.store
     try:
         if st.url.startswith("local://"):
-            if not mounting:
-                return LocalStore.from_url(st.url, max_copy_size=st.max_copy_size)
             root = LocalStore.root_of(st.url)
-            store = LocalStore(root, max_copy_size=st.max_copy_size, create=not _served_before(cfg, root))
-            _mark_served(cfg, root)
+            served = root in _served(cfg)
+            try:
+                store = LocalStore(root, max_copy_size=st.max_copy_size, create=not served)
+            except BucketMissing as e:
+                if not os.path.islink(root):  # (a dangling symlink says so itself)
+                    raise ValueError(f"{e}, but a mount with this cache dir used it before (is the disk that holds "
+                                     f"it mounted? was it moved?); to start a new, empty bucket there, create it: "
+                                     f"mkdir -m 700 {root}") from None
+                raise
+            if mounting:
+                _mark_served(cfg, root)
             return store
         from .store.oss import OssStore
         chain = credentials or credentials_for(cfg)

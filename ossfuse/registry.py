@@ -305,22 +305,27 @@ def daemon_gone(mountpoint: str, record: dict | None = None) -> int | None:
 def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
     """Whether a statfs of ``mountpoint`` fails with ENOTCONN (its FUSE daemon is dead: the
     kernel answers at once) within ``wait`` seconds. A statfs is never answered from the
-    kernel's caches, unlike a stat; it runs in a daemon thread so that a stopped daemon
-    (which never answers) costs ``wait``, not a hang."""
-    import threading
-    result: list[bool] = []
-
-    def probe() -> None:
+    kernel's caches, unlike a stat. It runs in a child process, killed after ``wait``: a
+    stopped daemon never answers, and a thread of ours blocked in that statfs would keep the
+    mount busy for the unmount that follows (a killed process lets go of it)."""
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 ENOTCONN, 1 anything else
         try:
             os.statvfs(mountpoint)
-            result.append(False)
+            code = 1
         except OSError as e:
-            result.append(e.errno == errno.ENOTCONN)
-
-    t = threading.Thread(target=probe, name="statfs-probe", daemon=True)
-    t.start()
-    t.join(wait)
-    return bool(result and result[0])
+            code = 0 if e.errno == errno.ENOTCONN else 1
+        os._exit(code)
+    deadline = time.monotonic() + wait
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)  # SIGKILL ends a wait for a FUSE answer
+            os.waitpid(pid, 0)
+            return False
+        time.sleep(0.005)
 
 
 def users_of(mountpoint: str) -> list[tuple[int, str]]:

@@ -3,6 +3,7 @@ and the config checks (file, key and reason named)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 import subprocess
@@ -715,11 +716,15 @@ def test_a_local_bucket_a_mount_served_before_is_not_made_again_when_missing(tmp
         f.write(b"on the disk")
     assert ossfuse("umount", mnt).returncode == 0
     os.rename(tmp_path / "bucket", tmp_path / "elsewhere")  # the disk is not mounted now
+    said = (f"local store {tmp_path}/bucket does not exist, but a mount with this cache dir used it before (is "
+            f"the disk that holds it mounted? was it moved?); to start a new, empty bucket there, create it: "
+            f"mkdir -m 700 {tmp_path}/bucket")
     r = ossfuse("mount", "-c", path, mnt)
-    assert r.returncode == 1 and r.stderr == (
-        f"ossfuse: {path}: store: local store {tmp_path}/bucket does not exist, but this mount used it before (is "
-        f"the disk that holds it mounted? was it moved?); to start a new, empty bucket there, create it: "
-        f"mkdir -m 700 {tmp_path}/bucket\n"), r.stderr
+    assert r.returncode == 1 and r.stderr == f"ossfuse: {path}: store: {said}\n", r.stderr
+    # nor do the other commands make it (check, rekey: the next mount would take it for the bucket)
+    for args in (["check", "-c", path], ["check", "-c", path, "--verify"], ["rekey", "-c", path, "--dry-run"]):
+        r = ossfuse(*args)
+        assert r.returncode == 1 and said in r.stderr, (args, r.stdout, r.stderr)
     assert not (tmp_path / "bucket").exists() and not os.path.ismount(mnt)
     os.rename(tmp_path / "elsewhere", tmp_path / "bucket")  # the disk is back
     assert ossfuse("mount", "-c", path, mnt).returncode == 0
@@ -731,3 +736,50 @@ def test_a_local_bucket_a_mount_served_before_is_not_made_again_when_missing(tmp
     assert ossfuse("mount", "-c", path, mnt).returncode == 0
     assert os.listdir(mnt) == []
     assert ossfuse("umount", mnt).returncode == 0
+
+
+def test_local_buckets_served_by_one_cache_dir_are_all_remembered(tmp_path, cmk_path, no_mount_left):
+    """A config switched to another bucket and back: both are remembered as served, so the first
+    one missing later is refused too (only the last was, and it was made again, empty)."""
+    first = _config(tmp_path, _base(tmp_path, cmk_path))
+    mnt = no_mount_left(str(tmp_path / "mnt"), first)
+    os.makedirs(mnt)
+    for bucket in ("bucket", "bucket2", "bucket"):
+        with open(first) as f:
+            text = f.read()
+        with open(first, "w") as f:
+            f.write(re.sub(r'url = "local://[^"]*"', f'url = "local://{tmp_path}/{bucket}"', text))
+        assert ossfuse("mount", "-c", first, mnt).returncode == 0
+        assert ossfuse("umount", mnt).returncode == 0
+    os.rename(tmp_path / "bucket", tmp_path / "away")
+    os.rename(tmp_path / "bucket2", tmp_path / "away2")
+    for bucket in ("bucket2", "bucket"):
+        with open(first) as f:
+            text = f.read()
+        with open(first, "w") as f:
+            f.write(re.sub(r'url = "local://[^"]*"', f'url = "local://{tmp_path}/{bucket}"', text))
+        r = ossfuse("mount", "-c", first, mnt)
+        assert r.returncode == 1 and "but a mount with this cache dir used it before" in r.stderr, r.stderr
+        assert not (tmp_path / bucket).exists()
+
+
+def test_a_local_bucket_that_is_a_dangling_symlink_or_someones_directory_is_refused(tmp_path, cmk_path,
+                                                                                       no_mount_left):
+    """A bucket path that is a symlink to nothing (its disk not mounted) is one line, not a
+    traceback; a directory of other files is not taken over (index and blobs added, mode 0700)."""
+    path = _config(tmp_path, _base(tmp_path, cmk_path))
+    mnt = no_mount_left(str(tmp_path / "mnt"), path)
+    os.makedirs(mnt)
+    os.symlink(tmp_path / "disk" / "bucket", tmp_path / "bucket")
+    r = ossfuse("mount", "-c", path, mnt)
+    assert r.returncode == 1 and r.stderr == (
+        f"ossfuse: {path}: store: local store {tmp_path}/bucket is a symlink to {tmp_path}/disk/bucket, which does "
+        f"not exist (is the disk that holds it mounted?)\n"), r.stderr
+    os.unlink(tmp_path / "bucket")
+    os.mkdir(tmp_path / "bucket", 0o755)
+    (tmp_path / "bucket" / "file.txt").write_text("precious")
+    r = ossfuse("mount", "-c", path, mnt)
+    assert r.returncode == 1 and r.stderr == (
+        f"ossfuse: {path}: store: local store {tmp_path}/bucket is a directory of other files, not a bucket (it "
+        f"has no index.sqlite): name a new or empty directory\n"), r.stderr
+    assert os.listdir(tmp_path / "bucket") == ["file.txt"] and os.stat(tmp_path / "bucket").st_mode & 0o777 == 0o755

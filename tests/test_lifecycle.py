@@ -174,6 +174,43 @@ def test_status_and_umount_of_a_mount_made_with_another_runtime_dir(tmp_path, cm
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+@pytest.mark.expect_log(r"ERROR pyfuse3: fuse_release\(\): fuse_reply_\* failed")
+def test_umount_of_a_stopped_daemon_mounted_with_another_runtime_dir(tmp_path, cmk_path):
+    """Its record is elsewhere and its daemon stopped: `umount` asks the mount itself whether
+    it is dead (a statfs the stopped daemon never answers) in a child process it kills, so
+    nothing of its own keeps the mount busy (a thread blocked there did: "busy for 3 s");
+    it unmounts, saying the uploads were not waited for; continued, the daemon drains."""
+    import tempfile
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    rundir = tempfile.mkdtemp(prefix="ofr", dir="/tmp")
+    other = dict(m.env, OSSFUSE_RUNTIME_DIR=rundir)
+    pid = None
+    try:
+        r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True,
+                           timeout=90, env=other)
+        assert r.returncode == 0, r.stderr
+        record, = [n for n in os.listdir(rundir) if n.endswith(".json")]
+        with open(os.path.join(rundir, record)) as f:
+            pid = json.load(f)["pid"]
+        with open(m.path("f"), "wb") as f:
+            f.write(b"written")
+        os.kill(pid, signal.SIGSTOP)
+        r = subprocess.run(OSSFUSE + ["umount", "--timeout", "3", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "its daemon has no record in /run/ossfuse" in r.stderr, r.stderr
+        assert not os.path.ismount(m.mnt)
+        os.kill(pid, signal.SIGCONT)
+        for _ in range(300):
+            if not process_alive(pid):
+                break
+            time.sleep(0.1)
+        assert not process_alive(pid) and m.head("f").size == 7
+    finally:
+        if pid is not None and process_alive(pid):
+            os.kill(pid, signal.SIGCONT)
+        subprocess.run(["fusermount3", "-u", "-q", m.mnt])
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
 def test_a_runtime_dir_too_long_for_a_unix_socket_is_refused_before_mounting(tmp_path, cmk_path):
     """OSSFUSE_RUNTIME_DIR of a path too long for the status socket in it (AF_UNIX: 107 bytes)
     is refused before anything is mounted, saying how long it may be; the longest allowed one

@@ -156,6 +156,10 @@ def _validate_key(key: str) -> None:
         raise StoreError(f"invalid object name {key[:40]!r}: 1-1023 bytes, not starting with / or \\", key=key)
 
 
+class BucketMissing(ValueError):
+    """The bucket directory of a LocalStore does not exist and is not to be made."""
+
+
 class LocalStore(ObjectStore):
     """Bucket in a local directory; see the module doc for its layout and guarantees."""
 
@@ -164,7 +168,9 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None, create: bool = True):
         """``create``: make ``root`` when it is missing (its parent must exist); False: a
-        missing ``root`` is refused (ValueError), for a bucket known to exist already."""
+        missing ``root`` raises BucketMissing. Raises ValueError for a missing parent, a
+        symlink to nothing (BucketMissing) and a non-empty directory that is not a bucket
+        (taking it over would mix the index's files into someone's directory)."""
         self.root = os.path.abspath(root)
         self.max_copy_size = max_copy_size  # None: copies are hard links, of any size
         parent = os.path.dirname(self.root)
@@ -173,10 +179,14 @@ class LocalStore(ObjectStore):
             # empty bucket on the disk below would take the writes meant for it
             raise ValueError(f"local store {self.root}: its parent directory {parent} does not exist (is the "
                              f"disk that holds it mounted?); create it first for a new bucket")
-        if not create and not os.path.lexists(self.root):
-            raise ValueError(f"local store {self.root} does not exist, but this mount used it before (is the disk "
-                             f"that holds it mounted? was it moved?); to start a new, empty bucket there, create it: "
-                             f"mkdir -m 700 {self.root}")
+        if os.path.islink(self.root) and not os.path.exists(self.root):
+            raise BucketMissing(f"local store {self.root} is a symlink to {os.readlink(self.root)}, which does not "
+                                f"exist (is the disk that holds it mounted?)")
+        if not create and not os.path.exists(self.root):
+            raise BucketMissing(f"local store {self.root} does not exist")
+        if os.path.isdir(self.root) and not self._is_bucket_or_empty(self.root):
+            raise ValueError(f"local store {self.root} is a directory of other files, not a bucket (it has no "
+                             f"index.sqlite): name a new or empty directory")
         try:
             os.mkdir(self.root, 0o700)
             os.chmod(self.root, 0o700)  # mkdir's mode is masked by the umask
@@ -217,6 +227,15 @@ class LocalStore(ObjectStore):
         db.execute("CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, size INTEGER NOT NULL,"
                    " etag TEXT NOT NULL, mtime REAL NOT NULL, meta TEXT NOT NULL, blob TEXT NOT NULL)")
         db.commit()
+
+    @staticmethod
+    def _is_bucket_or_empty(root: str) -> bool:
+        """Whether ``root`` holds a bucket's index, or nothing but this layout's own names (a
+        new bucket, or one whose making was cut short)."""
+        with os.scandir(root) as entries:
+            names = {e.name for e in entries}
+        own = set(_SUBDIRS) | {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm"}
+        return "index.sqlite" in names or names <= own
 
     @classmethod
     def from_url(cls, url: str, **kw) -> "LocalStore":
