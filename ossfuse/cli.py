@@ -19,7 +19,8 @@ import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders,
                        mounted_device, mounted_type, mounts, process_alive, process_started, process_stopped,
-                       read_registry, real_mountpoint, record_of, registry_path, runtime_dir, users_of)
+                       read_registry, real_mountpoint, record_of, registry_path, runtime_dir, users_of,
+                       write_registry)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -141,14 +142,17 @@ def cmd_mount(args) -> int:
     if not args.foreground:
         return _spawn_daemon(args, cfg)
     import logging
-    from .daemon import MountError, NoReadiness, run
+    from .daemon import CacheDirInUse, MountError, NoReadiness, run
     _setup_daemon_logging(args, cfg)
     log = logging.getLogger("ossfuse")
     readiness = _ReadyPipe(args.ready_fd) if args.ready_fd is not None else NoReadiness()
     try:
         status = run(cfg, args.mountpoint, options, readiness)
     except MountError as e:
-        log.error("%s", e)  # with -f this is the one line on stderr (or in the journal)
+        # with -f this is the one line on stderr (or in the journal); daemonized, the log file is
+        # the cache dir's, which a CacheDirInUse belongs to another mount: `ossfuse mount` says it
+        if not (isinstance(e, CacheDirInUse) and args.ready_fd is not None):
+            log.error("%s", e)
         readiness.failed(str(e))
         return 1
     # Everything is in the bucket or the journal, the registry says how the daemon ended, and
@@ -317,6 +321,9 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
             r = subprocess.run(["fusermount3", "-uz", mp], capture_output=True, text=True)
         if r.returncode != 0:
             return _die(f"{mp}: its daemon is gone, and unmounting failed: {r.stderr.strip()}")
+        if reg is not None and reg.get("pid") == dead:  # its record ends too: a later mount may get the
+            write_registry(registry_path(reg["mountpoint"]),  # same device number, and must not find it
+                           dict(reg, exited=True, exited_at=time.time(), status=1, failure="the daemon died"))
         return _die(f"{mp}: the daemon{f' (pid {dead})' if dead else ''} had died; unmounted its dead mount; "
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     if not unmounted_here:

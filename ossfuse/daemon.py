@@ -57,6 +57,10 @@ class MountError(Exception):
     """The mount could not start (message is the one-line reason)."""
 
 
+class CacheDirInUse(MountError):
+    """Another daemon holds the cache dir: its log there is not this mount's to write to."""
+
+
 def credentials_for(cfg: Config):
     """The mount's credentials provider (OSS and KMS CMKs without their own): the chain of
     open_store's docstring; resolved on first use, so a local store without KMS needs none."""
@@ -152,7 +156,7 @@ def lock_cache_dir(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise MountError(f"cache dir {path} is in use by {cache_dir_user(path) or 'another ossfuse mount'}") from None
+        raise CacheDirInUse(f"cache dir {path} is in use by {cache_dir_user(path) or 'another ossfuse mount'}") from None
     return fd
 
 

@@ -188,6 +188,22 @@ def test_mount_errors_are_one_line(mount, tmp_path):
         assert r.returncode == 1 and r.stderr == (f"ossfuse: cache dir {mount.cache} is in use by the ossfuse mount "
                                                   f"at {mount.mnt} (pid {mount.pid})\n"), r.stderr
     assert mount.log() == log
+    # two mounts of one config at once: the one that loses the race writes nothing into the
+    # winner's log either (the daemon it started found the cache dir locked)
+    m3, m4 = tmp_path / "mnt3", tmp_path / "mnt4"
+    m3.mkdir()
+    m4.mkdir()
+    assert ossfuse("umount", mount.mnt).returncode == 0
+    mount.pid = None
+    log = mount.log()
+    both = [subprocess.Popen(OSSFUSE + ["mount", "-c", mount.config, str(p)], stderr=subprocess.PIPE, text=True,
+                             env=mount.env) for p in (m3, m4)]
+    results = [(p.wait(60), p.stderr.read()) for p in both]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    won = m3 if results[0][0] == 0 else m4
+    assert ossfuse("umount", str(won)).returncode == 0
+    assert "ERROR" not in mount.log()[len(log):], mount.log()[len(log):]
+    mount.start()
     with open(mount.config) as f:  # a config of its own cache dir gets as far as the mount point
         own = _config(tmp_path, f.read().replace(f'dir = "{mount.cache}"', f'dir = "{tmp_path}/cache2"'))
     # busy mount point
@@ -306,6 +322,10 @@ def test_status_and_umount_of_a_mount_whose_daemon_died(mount):
     assert r.returncode == 1, r.stderr
     assert f"{mount.mnt}: the daemon (pid {mount.pid}) had died; unmounted its dead mount" in r.stderr, r.stderr
     assert not os.path.ismount(mount.mnt) and os.listdir(mount.mnt) == []
+    # its record ends too: a later mount elsewhere with the same device number must not be taken
+    # for this dead daemon's ("the daemon (pid of this one) had died")
+    from ossfuse.registry import read_registry
+    assert read_registry(mount.mnt)["exited"] is True
     mount.pid = None
 
 
