@@ -398,7 +398,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     await _wait_for_services(cfg, fs.store, fs.keyring)
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)
-    earlier_quarantined = len(fs.staging.quarantined)
+    earlier_quarantined = fs.staging.quarantined()
     recovered = fs.recover()
     if earlier_quarantined:  # this mount's own quarantines each logged an ERROR already
         one = earlier_quarantined == 1

@@ -43,7 +43,8 @@ class RecentErrors(logging.Handler):
 
 def collect(fs, errors: RecentErrors, started: float, state: str = "serving") -> dict:
     """The status document of a mount (see the module doc). Made from counters the mount
-    keeps, with no file-system walk: it runs on the thread that serves FUSE."""
+    keeps, with no file-system walk (one listing of the small quarantine directory, which the
+    operator empties by hand): it runs on the thread that serves FUSE."""
     now = time.time()
     pending = [n for n in fs.dirty if n.staged is not None and not n.unlinked]
     keyring = fs.keyring
@@ -83,7 +84,7 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
                       "unverified_bytes": cache_stats["unverified_bytes"],
                       "failures": cache_stats["integrity_failures"]},
         # damaged journal entries kept in staging/quarantine (this mount's and earlier ones')
-        "quarantine": {"dir": fs.staging.quarantine_dir, "entries": len(fs.staging.quarantined)},
+        "quarantine": {"dir": fs.staging.quarantine_dir, "entries": fs.staging.quarantined()},
         "conflicts": fs.commit.conflicts.status(),  # {"count", "recent": [conflict copy paths]}
         "recent_errors": list(errors.records),
         "recent_warnings": list(errors.warnings),

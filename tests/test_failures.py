@@ -175,6 +175,10 @@ def test_a_quarantined_journal_entry_is_shown_by_every_later_mount(make_mount):
             "or delete") in status()
     assert f'ossfuse_quarantined_journal_entries{{mountpoint="{m.mnt}"}} 1' in status("--prometheus")
     assert os.listdir(os.path.join(staging, "quarantine")) == [sid + ".json"]  # kept, never deleted
+    os.unlink(os.path.join(staging, "quarantine", sid + ".json"))  # the operator deals with it
+    assert json.loads(status("--json"))["quarantine"]["entries"] == 0
+    assert "quarantine:" not in status()
+    assert f'ossfuse_quarantined_journal_entries{{mountpoint="{m.mnt}"}} 0' in status("--prometheus")
 
 
 def test_unmount_waits_for_pending_uploads(make_mount):

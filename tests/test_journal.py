@@ -322,6 +322,23 @@ def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path,
 
 
 @pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
+def test_a_quarantined_entry_is_never_overwritten_by_one_of_the_same_name(tmp_path, cmk_path):
+    """A record quarantined before, put back by hand under the same name and damaged again: the
+    second quarantine keeps both (the second gets a suffix)."""
+    d = tmp_path / "cache" / "staging"
+    d.mkdir(parents=True)
+    for text in ("{first garbage", "{second garbage"):
+        (d / "bad1.json").write_text(text)
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 0 and fs.stats["quarantined"] == 1
+        fs.close()
+    q = d / "quarantine"
+    assert sorted(os.listdir(q)) == ["bad1-2.json", "bad1.json"]
+    assert (q / "bad1.json").read_text() == "{first garbage" and (q / "bad1-2.json").read_text() == "{second garbage"
+    assert fs.staging.quarantined() == 2
+
+
+@pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
 def test_a_record_whose_data_a_power_loss_tore_is_quarantined_not_uploaded(tmp_path, cmk_path, monkeypatch, caplog):
     """Journal records are not fsynced (issue 14: close survives a daemon crash, not a power
     loss): after a power loss a record may survive while blocks of its data read as zeros.

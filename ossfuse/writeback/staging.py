@@ -505,19 +505,23 @@ def _unlink(path: str) -> None:
 class Staging:
     """The staging directory ``<cache dir>/staging`` and its ``quarantine/``.
 
-    ``quarantined``: ids of the journal entries in ``quarantine/`` (earlier mounts' and this
-    one's): they stay until someone recovers or deletes them, and ``ossfuse status`` shows
-    their count on every mount, not only on the one that quarantined them."""
+    Entries in ``quarantine/`` stay until someone recovers or deletes them; ``ossfuse status``
+    shows their count (:meth:`quarantined`) on every mount, not only on the one that
+    quarantined them."""
 
     def __init__(self, cache_dir: str):
         self.dir = os.path.join(cache_dir, "staging")
         self.quarantine_dir = os.path.join(self.dir, "quarantine")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+
+    def quarantined(self) -> int:
+        """How many journal entries ``quarantine/`` holds now (a listing of that one small
+        directory: the operator may have removed some since)."""
         try:
             names = os.listdir(self.quarantine_dir)
-        except FileNotFoundError:
-            names = []
-        self.quarantined: set[str] = {n.rsplit(".", 1)[0] for n in names if n.endswith((".json", ".data"))}
+        except OSError:
+            return 0
+        return len({n.rsplit(".", 1)[0] for n in names if n.endswith((".json", ".data"))})
 
     def new(self, envelope: Envelope, *, direct: bool = True) -> StagedFile:
         """An empty open version encrypted under ``envelope`` (no disk I/O yet); ``direct``:
@@ -562,13 +566,18 @@ class Staging:
 
     def quarantine(self, sid: str, reason: str, what: str) -> None:
         """Move the record and data of staged version ``sid`` to ``quarantine/`` (never
-        deleted: someone may recover them by hand) with one ERROR line naming ``what`` (the
+        deleted: someone may recover them by hand; an entry of the same name already there is
+        kept too, this one getting a ``-N`` suffix) with one ERROR line naming ``what`` (the
         object key, or the record file) and ``reason``."""
         os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+        kept = sid
+        n = 1
+        while any(os.path.lexists(os.path.join(self.quarantine_dir, kept + ext)) for ext in (".json", ".data")):
+            n += 1  # an entry quarantined before under the same name (put back by hand) stays
+            kept = f"{sid}-{n}"
         for ext in (".json", ".data"):
             src = os.path.join(self.dir, sid + ext)
             if os.path.lexists(src):
-                shutil.move(src, os.path.join(self.quarantine_dir, sid + ext))
+                shutil.move(src, os.path.join(self.quarantine_dir, kept + ext))
         self.sync()
-        self.quarantined.add(sid)
         log.error("journal entry %s for %s quarantined in %s: %s", sid, what, self.quarantine_dir, reason)
