@@ -255,11 +255,17 @@ def cmd_umount(args) -> int:
     finish and the copy ends (its users get ENOTCONN). Ctrl-C says in one line where things
     stand (exit 130)."""
     mp = _mount_point_arg(args.mountpoint)
-    unmounted = [False]  # set once the mount is gone here: what an interrupt leaves behind
+    # [unmounted here, the daemon's pid]: set once the mount is gone here (what an interrupt
+    # leaves behind) and once the daemon is known
+    unmounted: list = [False, None]
     try:
         return _umount_and_wait(args, mp, unmounted)
     except KeyboardInterrupt:
-        if unmounted[0]:
+        pid = unmounted[1]
+        if unmounted[0] and pid is not None and process_stopped(pid):
+            print(f"ossfuse: interrupted; {mp} is unmounted, and its daemon (pid {pid}) is stopped (SIGSTOP, Ctrl-Z "
+                  f"or a debugger): `kill -CONT {pid}` lets it finish what is pending", file=sys.stderr)
+        elif unmounted[0]:
             print(f"ossfuse: interrupted; {mp} is unmounted, and its daemon goes on finishing pending uploads "
                   f"in the background (see the log in its cache dir)", file=sys.stderr)
         else:
@@ -267,8 +273,9 @@ def cmd_umount(args) -> int:
         return 130
 
 
-def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
-    """The body of :func:`cmd_umount`; sets ``unmounted[0]`` once ``mp`` is unmounted here."""
+def _umount_and_wait(args, mp: str, unmounted: list) -> int:
+    """The body of :func:`cmd_umount`; sets ``unmounted[0]`` once ``mp`` is unmounted here and
+    ``unmounted[1]`` to the pid of the daemon it waits for."""
     started = process_started() or time.time()
     # our own working directory must not keep the mount busy (`ossfuse umount .` from inside
     # it), nor be named among its users: fusermount3 inherits it
@@ -311,8 +318,10 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                 os.kill(reg["pid"], signal.SIGTERM)
             unmounted_here = True  # either way: wait for the daemon to finish, below
     dead = daemon_gone(mp, reg)
-    if dead is None and reg is not None and not reg.get("exited") and not daemon_alive(reg):
-        reg = None  # a stale record (a crashed earlier mount here): the mount answers, so it is served
+    if device is not None and dead is None and reg is not None and not reg.get("exited") and not daemon_alive(reg):
+        # mounted here and answering, yet its record names a dead daemon: a stale record (a crashed
+        # earlier mount here; the live daemon's record is in another runtime dir)
+        reg = None
     if dead is not None:
         # nobody serves it: nothing can be pending in a daemon, and nothing can be open in it
         # that a lazy unmount would strand (every access already fails with ENOTCONN)
@@ -328,7 +337,8 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                     f"files not yet uploaded stay journaled in its cache dir and upload on the next mount")
     if not unmounted_here:
         if (failure := _unmount(mp, device)) is not None:
-            if reg is not None and not reg.get("exited") and process_stopped(reg["pid"]):
+            if (reg is not None and not reg.get("exited") and process_stopped(reg["pid"])
+                    and "though no process" in failure):  # (a named holder is what to close instead)
                 # what keeps it busy is most likely a process waiting for the stopped daemon
                 failure += (f"; its daemon (pid {reg['pid']}) is stopped (SIGSTOP, Ctrl-Z or a debugger), so what "
                             f"waits on the mount cannot finish: `kill -CONT {reg['pid']}`, then unmount again")
@@ -347,7 +357,7 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
                     f"it finishes them in the background (see the log in its cache dir)")
     if reg.get("exited"):
         return 0
-    pid = reg["pid"]
+    pid = unmounted[1] = reg["pid"]
     sock = registry_path(home, ".sock")
     deadline = time.monotonic() + args.timeout
     unmounted_at = time.monotonic()
@@ -383,7 +393,7 @@ def _umount_and_wait(args, mp: str, unmounted: list[bool]) -> int:
             said_at = now
         elif doc is None and now - said_at >= 5 and process_stopped(pid):
             print(f"ossfuse: the daemon (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and cannot finish "
-                  f"its uploads until `kill -CONT {pid}`", file=sys.stderr)
+                  f"(its pending uploads, if any) until `kill -CONT {pid}`", file=sys.stderr)
             said_at = now
         _wait_for_exit(pidfd, 0.1)
     if pidfd is not None:
@@ -645,6 +655,11 @@ def cmd_rekey(args) -> int:
         print(f"ossfuse: warning: {line}", file=sys.stderr)
 
     async def run():
+        if rel:  # a typo in PATH must not look like a rekey with nothing to do
+            async for _ in rekey.objects_at(cfg, store, rel):
+                break
+            else:
+                return None
         objects = total = None
         if not args.dry_run:  # size the progress with a first, cheap listing pass
             objects = total = 0
@@ -658,11 +673,15 @@ def cmd_rekey(args) -> int:
         finally:
             progress.close()
 
-    summary = trio.run(run)
-    print(summary.render(args.dry_run))
-    if rel and not summary.found:  # a typo in PATH must not look like a rekey with nothing to do
+    from .store.base import StoreError
+    try:
+        summary = trio.run(run)
+    except StoreError as e:  # the store fails as a whole (listing): one line
+        return _die(f"rekey: {e}")
+    if summary is None:
         return _die(f"rekey {args.path}: no object there (PATH is a file or directory below the mount's root, as "
                     f"in MOUNTPOINT/PATH; not the mounted path itself)")
+    print(summary.render(args.dry_run))
     return 1 if summary.failed or summary.damaged else 0
 
 

@@ -46,7 +46,7 @@ from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
                        mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
-                       runtime_dir_too_long, write_registry)
+                       runtime_dir, runtime_dir_too_long, write_registry)
 
 log = logging.getLogger(__name__)
 
@@ -278,12 +278,14 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     mountpoint = os.path.abspath(mountpoint)
     nonempty = "nonempty" in options  # ours to check: libfuse 3 has no such option
     options = [o for o in options if o != "nonempty"]
+    too_long = runtime_dir_too_long()
+    if too_long and not os.path.isdir(runtime_dir()):  # refused before it is made
+        raise MountError(too_long)
     try:
         ensure_runtime_dir()
     except UnsafeDirError as e:
         raise MountError(str(e)) from None
-    too_long = runtime_dir_too_long()
-    if too_long:
+    if too_long:  # (an existing one: its safety is said first)
         raise MountError(too_long)
     inside = config_mod.dir_inside_mountpoint(cfg, mountpoint)
     if inside:

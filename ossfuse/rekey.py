@@ -56,12 +56,6 @@ class RekeySummary:
 
     SHOWN_KEYS = 10  # keys listed per CMK in the rendering
 
-    @property
-    def found(self) -> int:
-        """Objects the run came across (directory markers and failures included)."""
-        return (self.changed + self.already + self.other_cmk + self.plaintext + self.dir_markers
-                + len(self.failed) + len(self.damaged))
-
     def render(self, dry_run: bool) -> str:
         verb = "would change" if dry_run else "changed"
         lines = [f"{verb}: {self.changed} object(s), {self.changed_bytes} bytes",
