@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import stat
 import time
 
@@ -322,7 +323,7 @@ def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
         if done:
             return os.waitstatus_to_exitcode(status) == 0
         if time.monotonic() > deadline:
-            os.kill(pid, 9)  # SIGKILL ends a wait for a FUSE answer
+            os.kill(pid, signal.SIGKILL)  # (ends a wait for a FUSE answer)
             os.waitpid(pid, 0)
             return False
         time.sleep(0.005)
