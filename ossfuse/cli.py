@@ -807,12 +807,14 @@ def cmd_quickstart(args) -> int:
         bucket = used
         print(f"using the existing config {conf} (made by an earlier quickstart)")
     os.makedirs(etc, mode=0o700, exist_ok=True)
-    if "://" not in bucket:
+    if "://" not in bucket and not os.path.exists(conf):
+        # made with its config; an existing config's bucket is the mount's to make or, once
+        # served and now missing (its disk not mounted), to refuse
         os.makedirs(bucket, mode=0o700, exist_ok=True)
     if mounted_type(mp) is None:  # (a mount there, even one whose daemon died, is dealt with below)
         os.makedirs(mp, exist_ok=True)
     if not os.path.exists(key):
-        if not args.new_key and (found := _encrypted_object_in(bucket)):
+        if not args.new_key and os.path.isdir(bucket) and (found := _encrypted_object_in(bucket)):
             return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
                         f"a new CMK could not read them; pass --etc with the directory of their key, or "
                         f"--new-key to make a new one anyway")

@@ -522,6 +522,14 @@ def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
         for given in (mnt, link):  # and once more, with its daemon alive: nothing to do
             r = run_cli(*args[:-1], given)
             assert r.returncode == 0 and f"already mounted: {mnt}" in r.stdout, r.stdout + r.stderr
+        # its bucket's disk not mounted at the next boot: quickstart again (the README's way to
+        # mount again) refuses, as a mount does, instead of making an empty bucket there
+        assert run_cli("umount", mnt).returncode == 0
+        bucket = tmp_path / "var" / "bucket"
+        os.rename(bucket, tmp_path / "away")
+        r = run_cli(*args)
+        assert r.returncode == 1 and "but a mount with this cache dir used it before" in r.stderr, r.stderr
+        assert not bucket.exists() and mounted_device(mnt) is None
     finally:
         if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
             import subprocess
