@@ -208,7 +208,7 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
     own if it is of that device; else, for a bind mount of a mount made at another path (or a
     path whose own record is of an earlier or a covered mount), the record of that device's
     mount, found by the device (a running daemon's first; else an unexited one's, whose daemon
-    died)."""
+    died, if its mount point still holds that device)."""
     record = read_registry(mountpoint)
     own = (record is not None and not record.get("exited")
            and record.get("device") in (None, device))  # (None: written before devices)
@@ -217,7 +217,13 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
     # the path's own record is dead or of another mount: a live daemon of this device (the
     # number is reused once a mount is gone) comes first, then the dead record that names it
     same = [r for r in _records() if not r.get("exited") and r.get("device") == device]
-    return next((r for r in same if daemon_alive(r)), record if own else same[0] if same else None)
+    live = next((r for r in same if daemon_alive(r)), None)
+    if live is not None or own:
+        return live or record
+    # A dead daemon's record found by the device alone is this mount's only if its own mount
+    # point still holds this device (a bind mount of it): device numbers are reused, and a
+    # crashed mount cleared by hand (fusermount3 -u) leaves an unexited record naming one.
+    return next((r for r in same if mounted_device(r.get("mountpoint", "")) == device), None)
 
 
 def _unescape(field: bytes) -> str:

@@ -627,7 +627,12 @@ def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(t
     os.unlink(tmp_path / "b.json")
     assert registry.record_of("/was", "0:99")["mountpoint"] == "/was"  # only dead ones: its own
     os.unlink(registry.registry_path("/was"))
-    assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/old"  # only a dead one: it died
+    # only a dead one: it is this mount's only while its own mount point holds the device (a
+    # bind mount of a mount whose daemon died); else it is a stale record of a reused number
+    # (a crashed mount cleared by hand), whose pid `umount` named and whose record it ended
+    assert registry.record_of("/elsewhere", "0:99") is None
+    monkeypatch.setattr(registry, "mounted_device", lambda mp, fstype="fuse.ossfuse": "0:99" if mp == "/old" else None)
+    assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/old"
 
 
 def test_records_of_daemons_that_exited_long_ago_are_pruned_others_stay(tmp_path, monkeypatch):
@@ -798,6 +803,15 @@ def test_a_local_bucket_that_is_a_dangling_symlink_or_someones_directory_is_refu
     os.unlink(tmp_path / "bucket")
     os.mkdir(tmp_path / "bucket", 0o755)
     (tmp_path / "bucket" / "file.txt").write_text("precious")
+    os.rename(tmp_path / "bucket" / "file.txt", tmp_path / "file.txt")
+    os.rmdir(tmp_path / "bucket")
+    os.rename(tmp_path / "file.txt", tmp_path / "bucket")  # a regular file where the bucket goes
+    r = ossfuse("mount", "-c", path, mnt)
+    assert r.returncode == 1 and r.stderr == (
+        f"ossfuse: {path}: store: local store {tmp_path}/bucket is not a directory\n"), r.stderr
+    os.rename(tmp_path / "bucket", tmp_path / "file.txt")
+    os.mkdir(tmp_path / "bucket", 0o755)
+    os.rename(tmp_path / "file.txt", tmp_path / "bucket" / "file.txt")
     r = ossfuse("mount", "-c", path, mnt)
     assert r.returncode == 1 and r.stderr == (
         f"ossfuse: {path}: store: local store {tmp_path}/bucket is a directory of other files, not a bucket (it "

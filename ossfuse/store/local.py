@@ -184,6 +184,8 @@ class LocalStore(ObjectStore):
                                 f"exist (is the disk that holds it mounted?)")
         if not create and not os.path.exists(self.root):
             raise BucketMissing(f"local store {self.root} does not exist")
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise ValueError(f"local store {self.root} is not a directory")
         if os.path.isdir(self.root) and not self._is_bucket_or_empty(self.root):
             raise ValueError(f"local store {self.root} is a directory of other files, not a bucket (it has no "
                              f"index.sqlite): name a new or empty directory")
