@@ -239,11 +239,6 @@ class LocalStore(ObjectStore):
         own = set(_SUBDIRS) | {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm"}
         return "index.sqlite" in names or names <= own
 
-    @classmethod
-    def from_url(cls, url: str, **kw) -> "LocalStore":
-        """``local:///abs/path`` → LocalStore at /abs/path (``kw`` as for the constructor)."""
-        return cls(cls.root_of(url), **kw)
-
     @staticmethod
     def root_of(url: str) -> str:
         """The bucket directory (absolute) of ``local:///abs/path``."""
