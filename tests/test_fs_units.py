@@ -165,6 +165,29 @@ def test_filesystem_round_trip_without_a_kernel(tmp_path, cmk_path):
     trio.run(main)
 
 
+def test_setgid_directory_passes_its_group_on_in_the_bucket(tmp_path, cmk_path):
+    """In a set-group-ID directory a new file takes the directory's group and a new directory
+    its S_ISGID bit too (Linux's inode_init_owner()), in the object metadata as on the node."""
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path)
+        d = await fs.mkdir(fs.get(1), "d", 0o2770, 1, 7)
+        assert (d.gid, stat.S_IMODE(d.mode)) == (7, 0o2770)
+        sub = await fs.mkdir(d, "sub", 0o750, 1, 2)
+        node, h = await fs.create(sub, "f", 0o640, os.O_WRONLY, 1, 2)
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        plain = await fs.mkdir(fs.get(1), "plain", 0o750, 1, 2)
+        assert [(n.gid, stat.S_IMODE(n.mode)) for n in (sub, node, plain)] == [(7, 0o2750), (7, 0o640), (2, 0o750)]
+        meta = (await fs.store.head("pre/d/sub/")).metadata
+        assert (meta["gid"], int(meta["mode"]) & 0o7777) == ("7", 0o2750)
+        assert (await fs.store.head("pre/d/sub/f")).metadata["gid"] == "7"
+        await fs.store.aclose()
+        fs.close()
+
+    trio.run(main)
+
+
 def test_journaled_file_is_uploaded_by_the_next_mount(tmp_path, cmk_path):
     async def crash_after_close():
         fs = _filesystem(tmp_path, cmk_path)

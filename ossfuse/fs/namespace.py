@@ -74,6 +74,19 @@ def _count_subdirs(dirnode: Node, delta: int) -> None:
         dirnode.subdirs = max(0, dirnode.subdirs + delta)
 
 
+def owner_in(parent: Node, mode: int, gid: int) -> tuple[int, int]:
+    """(st_mode, gid) of a new name in ``parent`` made with ``mode`` by a caller of group ``gid``:
+    in a set-group-ID directory it takes the directory's group, and a new directory the
+    S_ISGID bit too (Linux's inode_init_owner(), mkdir(2), "BSD group semantics"; FUSE leaves
+    this to the filesystem). The kernel has already dropped S_ISGID from a new file's mode
+    when its creator is not in that group (mode_strip_sgid())."""
+    if parent.mode & stat.S_ISGID:
+        gid = parent.gid
+        if stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
+    return mode, gid
+
+
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
 
@@ -203,7 +216,8 @@ class Namespace:
         EEXIST, EINVAL/ENAMETOOLONG for a name that cannot be a key, ENOENT, EIO."""
         async with self._new_name_locked(parent, name, is_dir=True) as path:
             now = time.time_ns()
-            node = self.inodes.new_node(path, stat.S_IFDIR | (mode & 0o7777 & ~self.create_umask), uid, gid, now)
+            mode, gid = owner_in(parent, stat.S_IFDIR | (mode & 0o7777 & ~self.create_umask), gid)
+            node = self.inodes.new_node(path, mode, uid, gid, now)
             try:  # the commit, under the new name's lock only; create-only, as symlink's
                 await self.store.put_bytes(self.naming.dir_key(path), b"", attr_meta(node), if_absent=True)
             except AlreadyExists:
@@ -274,8 +288,8 @@ class Namespace:
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
         await self._keep_unlinked_readable(self.naming.key(join(parent.path, name)))  # no lock held
         async with self._new_name_locked(parent, name) as path:  # no await below: nothing waits on it
-            node = self.inodes.new_node(path, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), uid, gid,
-                                        time.time_ns())
+            mode, gid = owner_in(parent, stat.S_IFREG | (mode & 0o7777 & ~self.create_umask), gid)
+            node = self.inodes.new_node(path, mode, uid, gid, time.time_ns())
             node.staged = self.files.staging.new(envelope)
             pending_etag = self.deferred.last_etag(self.naming.key(path))
             if pending_etag is not None:  # the object of a file unlinked while open: ours replaces it knowingly
@@ -319,7 +333,8 @@ class Namespace:
         envelope = await self.files.new_envelope(join(parent.path, name))  # KMS: no lock held
         await self._keep_unlinked_readable(self.naming.key(join(parent.path, name)))  # no lock held
         async with self._new_name_locked(parent, name) as path:
-            node = self.inodes.new_node(path, stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
+            mode, gid = owner_in(parent, stat.S_IFLNK | 0o777, gid)
+            node = self.inodes.new_node(path, mode, uid, gid, time.time_ns())
             data = target.encode("utf-8", "surrogateescape")
             meta = file_metadata(node, envelope.wrapped, len(data))
             body = envelope.crypt(0, data)
@@ -347,7 +362,8 @@ class Namespace:
         envelope = await self.files.new_envelope(join(parent.path, name)) if kind == stat.S_IFREG else None
         await self._keep_unlinked_readable(self.naming.key(join(parent.path, name)))  # no lock held
         async with self._new_name_locked(parent, name) as path:
-            node = self.inodes.new_node(path, kind | (mode & 0o7777 & ~self.create_umask), uid, gid, time.time_ns())
+            mode, gid = owner_in(parent, kind | (mode & 0o7777 & ~self.create_umask), gid)
+            node = self.inodes.new_node(path, mode, uid, gid, time.time_ns())
             if envelope is not None:
                 meta = file_metadata(node, envelope.wrapped, 0)
             else:
