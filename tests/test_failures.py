@@ -307,6 +307,38 @@ def test_mmap_write_through_an_append_handle_lands_in_place(mount):
     assert open(mount.path("m"), "rb").read() == b"Q123456789+tail"
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of '[^']*f' \(work file ")
+def test_reopened_file_uploads_its_closed_version_whole_and_a_kill_keeps_it(make_mount):
+    """Found by a trial: a file closed, then reopened for writing before its queued upload ran.
+    That upload sent the writer's half-done content (other clients saw it torn), and after a
+    SIGKILL the closed version was gone. The upload must send the closed version whole, and
+    the next mount must read it."""
+    m = make_mount("upload_delay = 0.2")
+    data = os.urandom(3 << 20)  # journaled at close (above the size uploaded by close itself)
+    with open(m.path("f"), "wb") as f:
+        f.write(data)
+    fd = os.open(m.path("f"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"B" * (1 << 20), 1 << 20)  # never closed before the kill
+        deadline = time.monotonic() + 30
+        while m.head("f") is None:  # the queued upload, upload_delay after the close
+            assert time.monotonic() < deadline, "the closed version was not uploaded"
+            time.sleep(0.05)
+        time.sleep(0.5)  # a second queued upload, if any, would now send the open version
+        info = m.head("f")
+        e = Keyring(EncryptionConfig("k", (CmkConfig("k", "rsa", m.cmk),))).open_envelope(
+            env.parse_envelope(info.metadata))
+        assert info.size == len(data) and e.crypt(0, m.get("f")) == data
+        m.kill9()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # ENOTCONN: its daemon is gone
+    m.start()
+    assert open(m.path("f"), "rb").read() == data
+
+
 @pytest.mark.expect_log(r"WARNING ossfuse\.daemon: found \d+ journaled file")
 def test_attributes_changed_after_close_survive_a_killed_daemon(make_mount):
     m = make_mount()

@@ -273,7 +273,7 @@ def test_staged_in_reads_only_the_directory_asked_about():
             Item.reads += 1
             return self._path
 
-    async def never(node):
+    async def never(node, closed_only):
         raise AssertionError("no upload in this test")
 
     sched = UploadScheduler(never, delay=0, retry_interval=1, workers=1)

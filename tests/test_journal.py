@@ -104,6 +104,62 @@ def test_reopen_with_o_trunc_after_close_keeps_the_journaled_version_through_a_c
     trio.run(next_mount)
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/report\.txt' \(work file ")
+@pytest.mark.parametrize("trunc", [False, True], ids=["in place", "O_TRUNC"])
+def test_a_queued_upload_of_a_reopened_file_sends_the_closed_version_whole(tmp_path, cmk_path, trunc):
+    """Found by a trial: a file closed, then reopened for writing before its queued upload ran
+    (upload_delay). The upload sealed and journaled the writer's half-done version over the
+    closed one: the bucket got torn content (an empty object after O_TRUNC), and a crash lost
+    the closed version. Now the closed version goes up whole and the open one stays the
+    writer's until its close; a crash before that keeps the closed one."""
+    async def reopen_and_crash():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "report.txt", DATA)
+        closed = node.staged
+        h = await fs.open(node, os.O_WRONLY | (os.O_TRUNC if trunc else 0))
+        await fs.write(h, 2, b"half")
+        open_version = node.staged
+        assert await fs.scheduler.upload(node, True)  # the queued upload, upload_delay after the close
+        assert closed.committed and node.staged is open_version and not open_version.sealed
+        assert (await fs.store.head("pre/report.txt")).size == len(DATA)
+        assert _records(fs) == []  # the bucket has the closed version; the open one has no record
+        assert await fs.read(h, 0, 6) == (b"\0\0half" if trunc else DATA[:2] + b"half")
+        await _crash(fs)  # before the writer's close
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 0
+        assert await read_file(fs, "report.txt") == DATA
+        await _crash(fs)
+
+    trio.run(reopen_and_crash)
+    trio.run(next_mount)
+
+
+def test_a_queued_upload_of_a_reopened_file_leaves_the_open_version_to_its_close(tmp_path, cmk_path):
+    """The same without a crash: the writer's close journals and queues its version, which
+    then replaces the closed one in the bucket (conditional on the ETag the first upload got)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", DATA)
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"new ")
+        assert await fs.scheduler.upload(node, True)
+        first = node.version
+        assert first is not None and first.size == len(DATA) and node in fs.dirty
+        await fs.write(h, 4, b"text")
+        await fs.flush(h)
+        await fs.release(h)
+        assert _records(fs) == [node.staged.id + ".json"]
+        assert await fs.scheduler.upload(node, True) and node.staged is None
+        assert node.version.etag != first.etag
+        assert await read_file(fs, "f") == b"new text" + DATA[8:]
+        assert os.listdir(fs.staging.dir) == []
+        await _crash(fs)
+
+    trio.run(main)
+
+
 def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_path, cmk_path):
     async def main():
         fs = _fs(tmp_path, cmk_path)

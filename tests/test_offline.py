@@ -224,6 +224,57 @@ def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_ti
 
 
 @pytest.mark.expect_log(OFFLINE)
+def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once():
+    """Found by a trial: with the server SIGSTOPped (it accepts, never answers), the mount went
+    offline but every file-system request that reached the store waited for the running probe
+    (up to the offline timeout), or became the next probe itself, as soon as one ended: `ls` of
+    cached directories took 5-120 s. While the daemon's watcher runs, only it probes, one
+    probe_interval after the last ended; every other call fails at once (the cache answers)."""
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel accepts the connections; nobody ever reads or answers
+    port = listener.getsockname()[1]
+
+    async def main():
+        store = OssStore("bucket-x", f"http://127.0.0.1:{port}", region="cn-hangzhou", signature="v4",
+                         credentials=StaticCredentialsProvider("a", "b"), read_timeout=60.0, deadline=60.0)
+        health = StoreHealth(timeout=1.0, probe_interval=0.2)
+        store.health = health
+        probes = []
+
+        async def probe():
+            probes.append(time.monotonic())
+            await store.list("", max_keys=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(health.watch, probe)
+            with pytest.raises(StoreOffline):  # the call that finds it unreachable waits the timeout
+                await store.head("k")
+            assert health.offline
+            slowest, t_end = 0.0, time.monotonic() + 3.5  # several probes of 1 s each run meanwhile
+            calls = 0
+            while time.monotonic() < t_end:
+                t0 = time.monotonic()
+                with pytest.raises(StoreOffline):
+                    await store.head(f"k{calls}")
+                slowest = max(slowest, time.monotonic() - t0)
+                calls += 1
+                await trio.sleep(0.02)
+            assert slowest < 0.1, slowest  # never waited for a probe, never was one
+            assert 2 <= len(probes) <= 4, probes  # one at a time, each 1 s, 0.2 s apart
+            assert all(b - a >= 1.1 for a, b in zip(probes, probes[1:], strict=False)), probes
+            nursery.cancel_scope.cancel()
+        await store.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        listener.close()
+
+
+@pytest.mark.expect_log(OFFLINE)
 def test_calls_during_a_probe_wait_for_it_and_go_ahead_when_it_succeeds(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ossfuse.store.health")
 

@@ -108,8 +108,8 @@ class Filesystem:
         back: an upload that became a conflict copy moves its node to the copy's name."""
         self.commit.entry_moved = fn
 
-    async def _upload_queued(self, node: Node) -> bool:
-        return await self.commit.upload_node(node)
+    async def _upload_queued(self, node: Node, closed_only: bool) -> bool:
+        return await self.commit.upload_node(node, closed_only=closed_only)
 
     # -- what the daemon and ``ossfuse status`` read ----------------------------------------
     @property

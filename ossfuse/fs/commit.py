@@ -56,6 +56,19 @@ def _torn(st: StagedFile, meta: dict[str, str]) -> str | None:
     return None if good else "its data does not match the integrity tags it was journaled with (lost in a power loss?)"
 
 
+def _closed_base(st: StagedFile) -> StagedFile | None:
+    """The newest version below open version ``st`` that a close sealed and journaled and that
+    is not in the bucket yet (None: there is none; the bucket has what was closed)."""
+    below = st.base
+    while below is not None:
+        if below.committed:
+            return None
+        if below.sealed and below.was_journaled:
+            return below
+        below = below.base
+    return None
+
+
 class Commit:
     """Journal and upload of staged versions (see the module doc)."""
 
@@ -257,21 +270,24 @@ class Commit:
         """``node`` has just been given a staged version."""
         self.scheduler.mark_dirty(node)
 
-    async def upload_node(self, node: Node, *, raise_errors: bool = False, journal_first: bool = True) -> bool:
+    async def upload_node(self, node: Node, *, raise_errors: bool = False, journal_first: bool = True,
+                          closed_only: bool = False) -> bool:
         """Upload ``node``'s staged version if it has one; True when it is in the bucket (or
         nothing was staged). The version is sealed (and journaled when ``journal_first``; False
         only from close(), which journals if the upload failed) under node.lock; the network
         call runs without it, on that immutable snapshot, so writers never wait for it (a
-        write meanwhile makes a new staged version). One upload per node at a time. Raises
-        FsError(EIO, or the staging disk's errno) on failure when ``raise_errors``, else logs
-        it and returns False."""
+        write meanwhile makes a new staged version). ``closed_only`` (the queued uploads): a
+        version a writer has open again after a close is left to that writer's close, and the
+        closed version beneath it goes up instead (True then means nothing more to do now).
+        One upload per node at a time. Raises FsError(EIO, or the staging disk's errno) on
+        failure when ``raise_errors``, else logs it and returns False."""
         lock = self._upload_locks.get(node)
         if lock is None:
             lock = self._upload_locks[node] = trio.Lock()
         self._uploads[node] = self._uploads.get(node, 0) + 1
         try:
             async with lock:
-                ok = await self._upload(node, raise_errors, journal_first)
+                ok = await self._upload(node, raise_errors, journal_first, closed_only)
         finally:
             self._uploads[node] -= 1
             if not self._uploads[node]:
@@ -333,22 +349,39 @@ class Commit:
             raise FsError(errno_of(e)) from None
         return False
 
-    async def _upload(self, node: Node, raise_errors: bool, journal_first: bool) -> bool:
+    async def _upload(self, node: Node, raise_errors: bool, journal_first: bool, closed_only: bool) -> bool:
         async with node.lock:
             st = node.staged
             if st is None or node.unlinked:
                 return True
             key = self.naming.key(node.path)
-            try:
-                if journal_first:
-                    meta = await self.journal_node(node)
-                    assert meta is not None  # staged and linked: checked above
-                else:
-                    await self.seal(node)
-                    meta = self.metadata(node, st)
-            except FsError as e:
-                return self._failed(node, key, e, raise_errors)
+            if closed_only and not st.sealed and any(h.writable for h in node.handles):
+                # Reopened for writing after its close: sealing now would journal the writer's
+                # half-done changes over the closed version, which a crash must keep
+                # (docs/semantics.md) and other clients must see whole. The closed version
+                # goes up as it was journaled; the open one is queued again at its close.
+                closed = _closed_base(st)
+                if closed is None or closed.journaled_record is None:
+                    return True
+                st, meta = closed, closed.journaled_record["metadata"]
+            else:
+                try:
+                    if journal_first:
+                        journaled = await self.journal_node(node)
+                        assert journaled is not None  # staged and linked: checked above
+                        meta = journaled
+                    else:
+                        await self.seal(node)
+                        meta = self.metadata(node, st)
+                except FsError as e:
+                    return self._failed(node, key, e, raise_errors)
             st.uploading = True
+        return await self._put_and_adopt(node, st, key, meta, raise_errors)
+
+    async def _put_and_adopt(self, node: Node, st: StagedFile, key: str, meta: dict[str, str],
+                             raise_errors: bool) -> bool:
+        """PUT sealed ``st`` (``uploading`` set) as ``key`` with ``meta``, no lock held, then
+        make it ``node``'s committed version (node.lock)."""
         try:
             info = await self.conflicts.upload(node, st, key, meta)  # info.key: a conflict copy's
         except StoreError as e:

@@ -13,12 +13,16 @@ how long to keep retrying. States:
   time, and the call raises :class:`StoreOffline` (a ``StoreUnavailable``) so the file system
   can answer from what it has cached.
 * **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
-  every ``probe_interval`` seconds that is let through as a probe (any operation; the daemon's
-  :meth:`StoreHealth.watch` task makes one when nothing else does); calls made while a probe
-  runs wait for its outcome (at most ``timeout`` seconds). The first call that
-  succeeds takes the mount online again: one INFO line and every ``on_online`` callback runs
-  (the write-back scheduler queues its pending uploads at once instead of after
-  ``mount.retry_interval``).
+  at a time that is let through as a probe, ``probe_interval`` seconds after the last probe
+  ended. While the daemon's :meth:`StoreHealth.watch` task runs, only its own calls probe, and
+  calls made while a probe runs fail at once: a store that accepts connections and never
+  answers holds each probe for ``timeout`` seconds, and a file-system request must not wait
+  that long for an answer its cache has (a trial: `ls` of cached directories took 5-120 s).
+  Without a watcher (and from :meth:`probe_next` on: the unmount's drain) any call may be the
+  probe and the calls made while it runs wait for its outcome (at most ``timeout`` seconds).
+  The first call that succeeds takes the mount online again: one INFO line and every
+  ``on_online`` callback runs (the write-back scheduler queues its pending uploads at once
+  instead of after ``mount.retry_interval``).
 
 Every failure that came with an HTTP answer proves the store reachable and counts as success:
 403, 404, a precondition, and also 5xx and throttling (OSS 503 "Please reduce your request
@@ -29,6 +33,7 @@ throttled). Everything runs on the trio thread; no lock, no await inside the sta
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from typing import Awaitable, Callable
@@ -40,6 +45,9 @@ from .base import StoreError, StoreUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0  # seconds: config store.offline_timeout
+
+# set in the watcher's task around its probe call: that call may be the probe
+_WATCHER_PROBE: contextvars.ContextVar[bool] = contextvars.ContextVar("ossfuse_watcher_probe", default=False)
 
 
 class StoreOffline(StoreUnavailable):
@@ -66,6 +74,7 @@ class StoreHealth:
         self.on_online: list[Callable[[], None]] = []
         self._next_probe = 0.0  # monotonic time from which one call is let through while offline
         self._probe: trio.Event | None = None  # trio.Event of the probe call running now, if any
+        self._watched = False  # watch() runs and probes: other calls never probe nor wait
 
     @property
     def offline(self) -> bool:
@@ -74,17 +83,20 @@ class StoreHealth:
     async def admit(self, op: str, key: str) -> bool:
         """Before a store call. Online: returns False (go ahead). Offline: the call becomes the
         probe (returns True: the caller must call :meth:`probe_done` when it ends) if none is
-        running and ``probe_interval`` has passed since the last; while a probe runs, waits
-        for it (at most ``timeout`` seconds) and goes ahead if it brought the store back;
-        otherwise raises StoreOffline at once."""
+        running, ``probe_interval`` has passed since the last ended and no watcher probes
+        instead (or this is its call); without a watcher, while a probe runs, waits for it (at
+        most ``timeout`` seconds) and goes ahead if it brought the store back; otherwise
+        raises StoreOffline at once."""
         if self.offline_since is None:
             return False
+        watcher_only = self._watched and not _WATCHER_PROBE.get()
         if self._probe is not None:
-            with trio.move_on_after(self.timeout):
-                await self._probe.wait()
-            if self.offline_since is None:
-                return False
-        elif time.monotonic() >= self._next_probe:
+            if not watcher_only:
+                with trio.move_on_after(self.timeout):
+                    await self._probe.wait()
+                if self.offline_since is None:
+                    return False
+        elif time.monotonic() >= self._next_probe and not watcher_only:
             self._probe = trio.Event()
             self._next_probe = time.monotonic() + self.probe_interval
             return True
@@ -92,15 +104,21 @@ class StoreHealth:
                            f"{op} {key!r} not tried", key=key, code="Offline")
 
     def probe_done(self) -> None:
-        """The probe call ended (answered, failed or cancelled): wake the calls waiting for it."""
+        """The probe call ended (answered, failed or cancelled): wake the calls waiting for it;
+        still offline, the next probe is due ``probe_interval`` from now (a probe of a store
+        that never answers lasts ``timeout``: no probe right after another)."""
         if self._probe is not None:
             self._probe.set()
             self._probe = None
+            if self.offline_since is not None:
+                self._next_probe = time.monotonic() + self.probe_interval
 
     def probe_next(self) -> None:
-        """Let the next call through as a probe whenever the last was (the unmount's drain
-        tries the store before it gives up on pending uploads)."""
+        """Let the next call through as a probe at once, and any call probe from now on (the
+        unmount's drain tries the store before it gives up on pending uploads; its uploads
+        wait for that probe's outcome)."""
         self._next_probe = 0.0
+        self._watched = False
 
     def succeeded(self) -> None:
         """A store call got an answer: back online if offline (one INFO line, callbacks)."""
@@ -143,16 +161,21 @@ class StoreHealth:
     async def watch(self, probe: Callable[[], Awaitable[object]]) -> None:
         """Run forever (a daemon task): while offline, ``await probe()`` (a cheap store call,
         e.g. a one-key listing) every ``probe_interval`` seconds so the mount comes back
-        online, and its uploads resume, without waiting for a file-system request. The
-        probe's errors are the store's to report (they are expected while offline)."""
-        import trio
-        while True:
-            await trio.sleep(self.probe_interval)
-            if self.offline_since is not None and time.monotonic() >= self._next_probe:
-                try:
-                    await probe()
-                except StoreError:
-                    pass
+        online, and its uploads resume, without waiting for a file-system request; while it
+        runs, only it probes (see the module doc). The probe's errors are the store's to
+        report (they are expected while offline)."""
+        self._watched = True
+        _WATCHER_PROBE.set(True)  # this task's calls (its probes) may probe
+        try:
+            while True:
+                await trio.sleep(self.probe_interval)
+                if self.offline_since is not None and time.monotonic() >= self._next_probe:
+                    try:
+                        await probe()
+                    except StoreError:
+                        pass
+        finally:
+            self._watched = False
 
     def status(self) -> dict:
         """For ``ossfuse status``: {"online": bool, "offline_since": wall-clock seconds or None,

@@ -34,12 +34,14 @@ def _dir_of(node: Any) -> str:
 class UploadScheduler:
     """The write-back queue of one mount.
 
-    ``upload(node) -> bool`` uploads one node (True: nothing pending after); ``delay`` seconds
-    pass between a node's queueing and its upload (folding the renames and attribute changes
-    that follow a close into one PUT); ``retry_interval`` seconds before a failed one is queued
-    again; ``workers`` uploads at once when draining."""
+    ``upload(node, closed_only) -> bool`` uploads one node (True: nothing pending after, or,
+    with ``closed_only``, nothing to upload before a writer that has it open closes it: queued
+    uploads pass True, the drain at unmount False, as it stores what open writers wrote so far);
+    ``delay`` seconds pass between a node's queueing and its upload (folding the renames and
+    attribute changes that follow a close into one PUT); ``retry_interval`` seconds before a
+    failed one is queued again; ``workers`` uploads at once when draining."""
 
-    def __init__(self, upload: Callable[[Any], Awaitable[bool]], *, delay: float, retry_interval: float,
+    def __init__(self, upload: Callable[[Any, bool], Awaitable[bool]], *, delay: float, retry_interval: float,
                  workers: int):
         self.upload = upload
         self.delay = delay
@@ -106,7 +108,7 @@ class UploadScheduler:
             await trio.sleep_until(node.queued_at + self.delay)
             node.upload_queued = False
             try:
-                ok = await self.upload(node)
+                ok = await self.upload(node, True)
             except Exception:  # a bug in one upload must not take the mount down (review A9)
                 log.exception("upload of %r failed unexpectedly; retrying later", getattr(node, "path", node))
                 ok = False
@@ -127,5 +129,5 @@ class UploadScheduler:
     async def drain(self) -> int:
         """Upload everything still staged (unmount), ``workers`` at once; returns how many
         files remain pending."""
-        await run_all([functools.partial(self.upload, n) for n in self.pending()], self.workers)
+        await run_all([functools.partial(self.upload, n, False) for n in self.pending()], self.workers)
         return len(self.pending())
