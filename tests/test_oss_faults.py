@@ -81,6 +81,41 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
 
 @pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD",
                         r"ossfuse\.store\.health: store unreachable")  # the outage (test_offline*.py)
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'denied' failed; .*403 AccessDenied")
+def test_a_refused_upload_is_one_error_line_however_often_it_is_retried(tmp_path, cmk_path, oss_server):
+    """A bucket policy refuses the PUT (403): fsync gets EIO and the queued upload keeps
+    retrying; the failure is one ERROR line, the retries failing the same way INFO lines (a
+    trial saw an ERROR per attempt: each answer's request id made the reason differ)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    _few_retries(m, "retry_interval = 0.3\nupload_delay = 0.1")
+    m.start()
+    try:
+        oss_server.faults.add(status=403, count=None, methods=("PUT",), key_prefix="denied")
+        fd = os.open(m.path("denied"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"kept")
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 30
+        while len(oss_server.requests_for(method="PUT", key="denied")) < 4:  # fsync's and 3+ retries
+            assert time.monotonic() < deadline, "no retries"
+            time.sleep(0.1)
+        lines = [ln for ln in m.log().splitlines() if "upload of 'denied' failed" in ln]
+        assert [ln.split()[2] for ln in lines].count("ERROR") == 1, lines
+        assert len(lines) >= 3, lines  # the retries: INFO
+        oss_server.faults.clear()
+        deadline = time.monotonic() + 30
+        while m.head("denied") is None:  # allowed again: the next retry uploads it
+            assert time.monotonic() < deadline, "not uploaded once allowed"
+            time.sleep(0.1)
+        assert m.stop() == 0
+    finally:
+        m.cleanup()
+
+
 def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "retry_interval = 0.5\nclose_waits_for_upload = true")
@@ -99,7 +134,7 @@ def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
         for _ in range(100):  # the background retry uploads it once the server is back
             if m.head("later") is not None:
                 break
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
         assert m.head("later").size == 1000
     finally:
         m.cleanup()

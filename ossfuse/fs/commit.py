@@ -56,6 +56,11 @@ def _torn(st: StagedFile, meta: dict[str, str]) -> str | None:
     return None if good else "its data does not match the integrity tags it was journaled with (lost in a power loss?)"
 
 
+def _sans_request_id(reason: str) -> str:
+    """``reason`` (a StoreError's text) without the ``[request id …]`` the server gave it."""
+    return reason.split(" [request id ", 1)[0]
+
+
 def _closed_base(st: StagedFile) -> StagedFile | None:
     """The newest version below open version ``st`` that a close sealed and journaled and that
     is not in the bucket yet (None: there is none; the bucket has what was closed)."""
@@ -131,7 +136,11 @@ class Commit:
             else:
                 st.tags = await trio.to_thread.run_sync(seal_and_tag)
         except OSError as e:
-            log.error("staging %r failed, the data is not safe yet: %s", key, e)
+            if st.write_error is not None:  # converted half-way: the version is lost (revert_failed)
+                log.error("staging %r failed half-way; its changes since its last good version are discarded: %s",
+                          key, e)
+            else:
+                log.error("staging %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None
         st.finish_seal()
 
@@ -233,8 +242,9 @@ class Commit:
             self.scheduler.mark_clean(node)
             if node.version is not None:
                 node.size = node.version.size
-        log.error("%r: the changes since its last good version are discarded after a failed write",
-                  self.naming.key(node.path))
+        # INFO: the failed write, truncate or seal said so in its own ERROR line (one per event)
+        log.info("%r: the changes since its last good version are discarded after a failed write",
+                 self.naming.key(node.path))
 
     def pending_report(self) -> tuple[int, list[str]]:
         """After the drain at unmount: how many pending files have a journaled version (the
@@ -335,7 +345,9 @@ class Commit:
         interval). Raises FsError(errno_of(e): EIO, ENOSPC when the bucket's disk is full or
         the error came from the staging disk) when ``raise_errors``, else returns False."""
         reason = str(e) or os.strerror(errno_of(e))
-        again = node.upload_error == reason
+        # the same failure again: each attempt's answer has its own request id (a trial saw a
+        # 403 logged as two ERROR lines, one from fsync and one from the queued upload)
+        again = node.upload_error is not None and _sans_request_id(node.upload_error) == _sans_request_id(reason)
         node.upload_error = reason
         self.scheduler.stats["upload_failures"] += 1
         if isinstance(e, (FsError, StoreOffline)):

@@ -573,7 +573,8 @@ class Files:
             node.staged.truncate(size)
         except OSError as e:
             node.staged.write_error = e.errno or errno.EIO
-            log.error("truncating staged %r failed: %s", self.naming.key(node.path), e)
+            log.error("truncating staged %r failed; its changes since its last good version will be discarded "
+                      "at close: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
         node.mtime_ns = node.ctime_ns = time.time_ns()
         if journal and not node.unlinked and not any(hd.writable for hd in node.handles):
