@@ -975,7 +975,7 @@ def test_network_failure_texts():
     assert _network_failure(ep, timeout, (3.0, 9.0)) == ("Timeout", f"cannot connect to {ep}: no connection within 3.0s",
                                                          True)
     assert _network_failure(ep, requests.exceptions.ReadTimeout("read timed out"), (3.0, 9.0)) == \
-        ("Timeout", f"no answer from {ep} within 9.0s", True)
+        ("Timeout", f"no answer from {ep} within 9.0s (the request was sent: it may still take effect)", True)
     broken = requests.exceptions.ChunkedEncodingError(
         urllib3.exceptions.ProtocolError("Connection broken", ConnectionResetError(errno_mod.ECONNRESET, "reset")))
     assert _network_failure(ep, broken, None) == ("ConnectionReset", f"the connection to {ep} was lost", True)

@@ -254,7 +254,9 @@ def _network_failure(endpoint: str, exc: BaseException,
         return "Timeout", f"cannot connect to {endpoint}: no connection{t}", True
     if has(requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
         t = f" within {timeouts[1]:.1f}s" if timeouts else ""
-        return "Timeout", f"no answer from {endpoint}{t}", True
+        # the request went out: the store may still carry it out (a trial: a mkdir that failed
+        # so showed its directory once a stopped server went on)
+        return "Timeout", f"no answer from {endpoint}{t} (the request was sent: it may still take effect)", True
     if s := has(requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError):
         if "CERTIFICATE_VERIFY_FAILED" in str(s) or has(ssl.SSLCertVerificationError):
             return "TlsError", f"TLS with {endpoint} failed: the server's certificate cannot be verified", False
