@@ -48,8 +48,11 @@ def test_after_a_lost_write_every_later_write_fsync_and_close_on_the_handle_fail
     async def main():
         fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
         node = await committed_file(fs, "doc", DATA)
+        closed_mtime = node.mtime_ns
         h = await fs.open(node, os.O_RDWR)
+        await trio.sleep(0.01)
         await fs.write(h, 0, b"good write ")
+        assert node.mtime_ns > closed_mtime
         with monkeypatch.context() as m:
             _fail_pwrite(m)
             with pytest.raises(FsError) as e:
@@ -66,6 +69,7 @@ def test_after_a_lost_write_every_later_write_fsync_and_close_on_the_handle_fail
         # (a trial saw a second ERROR line at close saying the changes were discarded)
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "'pre/doc'" in errors[0] and "discarded" in errors[0], errors
+        assert node.mtime_ns == closed_mtime  # the discarded writes' mtime went with them
         assert await fs.drain() == 0
         assert await read_file(fs, "doc") == DATA  # the last good version, whole
         assert (await fs.store.inner.head("pre/doc")).size == len(DATA)

@@ -27,7 +27,7 @@ from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, handles_follow, set_local_version
 from .naming import Naming, base_name, parent_of
-from .objmeta import file_metadata
+from .objmeta import file_metadata, parse_mtime
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
@@ -230,18 +230,25 @@ class Commit:
         st.discard()
         if base is not None and not base.committed:
             node.staged = base
+            good = base.journaled_record["metadata"] if base.journaled_record is not None else {}
         elif base is None and node.version is None:
             # a new file: its last good version is empty; in slots, and under a fresh key at its
             # seal (the failed version may have written final bytes under this one)
             node.staged = self.staging.new(st.envelope, direct=False)
             node.staged.rekey = True
+            good = {}
         else:
             if base is not None:
                 base.discard()
             node.staged = None
             self.scheduler.mark_clean(node)
+            good = node.version.metadata if node.version is not None else {}
             if node.version is not None:
                 node.size = node.version.size
+        # the writes are gone, so is the mtime they set (a trial: old content, new mtime)
+        mtime = parse_mtime(good.get("mtime"))
+        if mtime is not None:
+            node.mtime_ns = mtime
         # INFO: the failed write, truncate or seal said so in its own ERROR line (one per event)
         log.info("%r: the changes since its last good version are discarded after a failed write",
                  self.naming.key(node.path))
