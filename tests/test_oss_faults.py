@@ -79,8 +79,6 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
         m.cleanup()
 
 
-@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD",
-                        r"ossfuse\.store\.health: store unreachable")  # the outage (test_offline*.py)
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'denied' failed; .*403 AccessDenied")
 def test_a_refused_upload_is_one_error_line_however_often_it_is_retried(tmp_path, cmk_path, oss_server):
     """A bucket policy refuses the PUT (403): fsync gets EIO and the queued upload keeps
@@ -116,6 +114,8 @@ def test_a_refused_upload_is_one_error_line_however_often_it_is_retried(tmp_path
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of", r"ossfuse\.store\.oss: OSS HEAD",
+                        r"ossfuse\.store\.health: store unreachable")  # the outage (test_offline*.py)
 def test_close_waits_for_upload_reports_failure(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "retry_interval = 0.5\nclose_waits_for_upload = true")
