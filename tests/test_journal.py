@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from fakes.core import core_config, core_filesystem, read_file
+from ossfuse import envelope as env
 from ossfuse.config import (Config, ConfigError, load)
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.keyring import Keyring
@@ -158,6 +159,55 @@ def test_a_queued_upload_of_a_reopened_file_leaves_the_open_version_to_its_close
         await _crash(fs)
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new file", "file in the bucket"])
+def test_an_upload_that_lands_after_a_crash_is_not_taken_for_another_clients_edit(tmp_path, cmk_path, existing):
+    """Found by a trial: v1 closed and its upload sent, v2 closed meanwhile (journaled with the
+    base the bucket had before v1), the daemon killed, and v1's PUT landed after that. The next
+    mount took v1 for another client's edit and put v2 in a conflict copy ("changed by another
+    client"). v2's record names v1's wrapped key as sent: v2 replaces it at its name."""
+    async def crash_with_an_upload_in_flight():
+        fs = _fs(tmp_path, cmk_path)
+        if existing:
+            node = await _write_file(fs, "f", b"v0")
+            assert await fs.drain() == 0
+            h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+            await fs.write(h, 0, DATA)
+            await fs.flush(h)
+            await fs.release(h)
+        else:
+            node = await _write_file(fs, "f", DATA)
+        v1 = node.staged
+        v1_meta = dict(v1.journaled_record["metadata"])
+        fs.store.delay(("put_file", "create_multipart"), 60, key="pre/f", count=1)  # v1's PUT: no answer yet
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.scheduler.upload, node, True)
+            await trio.sleep(0.1)
+            assert v1.uploading
+            with open(v1.data_path, "rb") as f:
+                v1_body = f.read()
+            h = await fs.open(node, os.O_WRONLY)
+            await fs.write(h, 0, b"v2")
+            await fs.flush(h)  # v2 journaled while v1's upload is out
+            await fs.release(h)
+            with open(node.staged.journal_path) as f:
+                assert json.load(f)["sent"] == [v1_meta[env.H_KEY]]
+            nursery.cancel_scope.cancel()
+        await _crash(fs)
+        await fs.store.inner.put_bytes("pre/f", v1_body, v1_meta)  # v1's PUT lands after the crash
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        assert await read_file(fs, "f") == b"v2" + DATA[2:]
+        assert [o.key for o in (await fs.store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
+        assert fs.commit.conflicts.count == 0
+        await _crash(fs)
+
+    trio.run(crash_with_an_upload_in_flight)
+    trio.run(next_mount)
 
 
 def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_path, cmk_path):

@@ -97,6 +97,29 @@ def test_gui_editor_writes_temp_then_renames_over_the_open_file(mount):
     assert mount.keys() == ["doc.txt"]
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: found \d+ journaled file",
+                        r"WARNING ossfuse\.writeback\.journal: unsaved changes of '[^']*f' \(work file ")
+def test_a_program_started_by_a_writer_commits_the_file_as_a_close_does(make_mount):
+    """A child process inherits the writer's descriptor at fork and closes it at exec (also a
+    close-on-exec one): the kernel sends that close to the filesystem like any close of a
+    duplicate, so what the file holds then is committed, as a close commits it, and survives
+    a crash of the daemon (docs/semantics.md; NFS and ossfs commit at every close too)."""
+    m = make_mount()
+    fd = os.open(m.path("f"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, b"first half ")
+        subprocess.run(["true"], check=True)
+        os.write(fd, b"second half")  # no close after it: not committed
+        m.kill9()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # ENOTCONN: the daemon is gone
+    m.start()
+    assert open(m.path("f"), "rb").read() == b"first half "
+
+
 def test_libreoffice_style_lock_file(mount):
     lock = mount.path(".~lock.report.odt#")
     fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)

@@ -168,7 +168,8 @@ class Commit:
 
     def _record(self, node: Node, st: StagedFile, meta: dict[str, str]) -> None:
         try:
-            journal.record(st, self.naming.key(node.path), meta, self.conflicts.base_of(node))
+            journal.record(st, self.naming.key(node.path), meta, self.conflicts.base_of(node),
+                           self.conflicts.sent(node))
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
@@ -452,7 +453,7 @@ class Commit:
             if old is not None and old is not node.version and not any(hd.version is old for hd in node.handles):
                 self.cache.drop(old.key, old.etag)
             self.scheduler.stats["uploaded"] += 1
-            log.debug("uploaded %r (%d bytes, ETag %s)", key, st.size, info.etag)
+            log.debug("uploaded %r (%d bytes, ETag %s)", info.key, st.size, info.etag)
         self.inodes.maybe_drop(node)
         return True
 
@@ -529,7 +530,7 @@ class Commit:
             if integrity.HEADER in meta:  # the tags sealed by the earlier run (a list's body is recomputed)
                 spec_key = integrity.list_key_of(meta)
                 entry.staged.tags = integrity.SealedTags({integrity.HEADER: meta[integrity.HEADER]}, spec_key)
-            self.conflicts.recovered(node, entry.base)
+            self.conflicts.recovered(node, entry.base, entry.sent)
             self.scheduler.mark_dirty(node)
             self.scheduler.schedule(node)
             adopted += 1

@@ -85,6 +85,9 @@ class Conflicts:
         # that upload's object, which is ours, not a foreign edit (git's config.lock → config
         # right after config was first written)
         self._ours: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # node ino → wrapped data keys of its versions sent since its last upload seen to
+        # succeed (``sent``); journaled with each newer version of it
+        self._sent: dict[int, set[str]] = {}
         # the mount's pending deletes (set by the Filesystem): an upload to a key ends the
         # pending deletes of that key's older versions (DeferredDeletes.superseded)
         self.deferred: DeferredDeletes | None = None
@@ -94,10 +97,20 @@ class Conflicts:
         BASE_UNKNOWN: not checked), as the journal records it."""
         return self._base.get(node.ino, node.version.etag if node.version is not None else None)
 
-    def recovered(self, node: Node, base: str | None) -> None:
+    def recovered(self, node: Node, base: str | None, sent: tuple[str, ...] = ()) -> None:
         """``node``'s staged version came from the journal, whose record gave ``base``
-        (``base_of`` of the run that wrote it; BASE_UNKNOWN for a record without one)."""
+        (``base_of`` of the run that wrote it; BASE_UNKNOWN for a record without one) and
+        ``sent`` (:meth:`sent`)."""
         self._base[node.ino] = base
+        if sent:
+            self._sent[node.ino] = set(sent)
+
+    def sent(self, node: Node) -> tuple[str, ...]:
+        """The wrapped data keys of ``node``'s versions whose upload this mount (or the run whose
+        journal it recovered) sent without having seen it succeed: an object carrying one is
+        ours, however it came there (an answer lost, or a PUT that landed after a crash, found
+        by a trial), not another client's edit."""
+        return tuple(self._sent.get(node.ino, ()))
 
     def replaces(self, node: Node, etag: str | None) -> None:
         """``node`` (staged, not in the bucket yet) was renamed over a file whose version
@@ -131,6 +144,8 @@ class Conflicts:
         the upload failed: the caller keeps the data staged and retries)."""
         base = self.base_of(node)
         mark = self.deferred.mark() if self.deferred is not None else 0
+        if metadata.get(env.H_KEY):
+            self._sent.setdefault(node.ino, set()).add(metadata[env.H_KEY])
         if base == BASE_UNKNOWN:
             return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
         if base is None:
@@ -141,7 +156,7 @@ class Conflicts:
                 pass  # taken: by another client, or by an attempt of ours whose answer was lost
         current = await self.store.head(key)
         if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
-                or same_etag(current.etag, self._ours.get(key))):
+                or same_etag(current.etag, self._ours.get(key)) or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ())):
             return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""
@@ -155,6 +170,7 @@ class Conflicts:
         else:
             info = await self.uploader.upload(staged, ckey, metadata)  # 100 names taken: the last one
         self._base.pop(node.ino, None)
+        self._sent.pop(node.ino, None)
         self.count += 1
         path = self.naming.path_of(ckey)
         self.recent.append(path if path is not None else ckey)
@@ -167,6 +183,7 @@ class Conflicts:
         """Book an upload to ``key`` that went where it was meant to (started at the pending
         deletes' ``mark``); returns ``info``."""
         self._base.pop(node.ino, None)
+        self._sent.pop(node.ino, None)  # the bucket has this one: the next upload's base
         self._remember(key, info.etag)
         if self.deferred is not None:
             self.deferred.superseded(key, mark)

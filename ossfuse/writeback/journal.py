@@ -34,12 +34,16 @@ log = logging.getLogger(__name__)
 BASE_UNKNOWN = "\0unknown"
 
 
-def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | None = BASE_UNKNOWN) -> None:
-    """Atomically record (key, size, metadata, base) for sealed ``staged``: written to a
+def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | None = BASE_UNKNOWN,
+           sent: tuple[str, ...] = ()) -> None:
+    """Atomically record (key, size, metadata, base, sent) for sealed ``staged``: written to a
     temporary file and renamed over the record, after the sealed data (not fsynced: the module
     doc). ``base``: the ETag of the version at ``key`` this one replaces (None: a new file, to
     be created only where nothing is), so the upload after a crash keeps a foreign edit made
-    meanwhile as the mount's own upload does (fs/conflicts.py).
+    meanwhile as the mount's own upload does (fs/conflicts.py). ``sent``: the wrapped data
+    keys (x-oss-meta-client-side-encryption-key) of this mount's earlier versions of the file
+    whose upload went out without an answer yet: one of them may land after a crash, and is
+    this mount's own, not a foreign edit.
     Raises OSError (ENOSPC, EIO) when the cache disk fails (the previous record, if any, is
     then still valid), ValueError for a version not sealed. Recording what is already recorded
     does nothing (a close followed by its upload)."""
@@ -48,6 +52,8 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
     rec: dict[str, object] = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
     if base != BASE_UNKNOWN:
         rec["base"] = base
+    if sent:
+        rec["sent"] = sorted(sent)
     if rec == staged.journaled_record:
         return
     tmp = staged.journal_path + ".tmp"
@@ -68,12 +74,14 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
 @dataclass
 class JournalEntry:
     """A staged version found in the journal at mount time (its envelope not yet unwrapped).
-    ``base``: the ETag it replaces, None for a new file, BASE_UNKNOWN for an older record."""
+    ``base``: the ETag it replaces, None for a new file, BASE_UNKNOWN for an older record;
+    ``sent``: as :func:`record`."""
 
     staged: StagedFile
     key: str
     metadata: dict[str, str]
     base: str | None = BASE_UNKNOWN
+    sent: tuple[str, ...] = ()
 
 
 def _check(rec: object) -> str | None:
@@ -89,6 +97,8 @@ def _check(rec: object) -> str | None:
         return "record has no valid metadata"
     if "base" in rec and not (rec["base"] is None or isinstance(rec["base"], str)):
         return "record has no valid base version"
+    if not (isinstance(rec.get("sent", []), list) and all(isinstance(k, str) for k in rec.get("sent", []))):
+        return "record has no valid list of sent versions"
     return None
 
 
@@ -140,7 +150,8 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
         st = StagedFile(staging, sid, None, rec["size"], sealed=True)
         st.generation = rec.get("generation", 0) if isinstance(rec.get("generation"), int) else 0
         st.journaled_record = rec
-        entries.append(JournalEntry(st, rec["key"], rec["metadata"], rec.get("base", BASE_UNKNOWN)))
+        entries.append(JournalEntry(st, rec["key"], rec["metadata"], rec.get("base", BASE_UNKNOWN),
+                                    tuple(rec.get("sent", ()))))
     for name in names:
         sid = name.split(".")[0]
         if sid not in journaled:
