@@ -156,7 +156,8 @@ class Conflicts:
                 pass  # taken: by another client, or by an attempt of ours whose answer was lost
         current = await self.store.head(key)
         if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
-                or same_etag(current.etag, self._ours.get(key)) or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ())):
+                or same_etag(current.etag, self._ours.get(key))
+                or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ())):
             return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0  # seconds: config store.offline_timeout
 
-# set in the watcher's task around its probe call: that call may be the probe
+# True in the watcher's task (set by watch()): its calls may be the probe
 _WATCHER_PROBE: contextvars.ContextVar[bool] = contextvars.ContextVar("ossfuse_watcher_probe", default=False)
 
 
