@@ -8,11 +8,13 @@ The mount test (stop the OSS test server while mounted) is in test_offline_mount
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
 import time
+from typing import Iterator
 
 import pytest
 import trio
@@ -187,24 +189,38 @@ def test_oss_retries_of_an_unreachable_store_stop_at_the_offline_timeout():
     trio.run(main)
 
 
+@contextlib.contextmanager
+def _hung_server() -> Iterator[str]:
+    """The endpoint of a server that accepts connections and never answers (e.g. a SIGSTOPped
+    one): the kernel accepts them; nobody ever reads or answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def _oss_store(endpoint: str, health: StoreHealth):
+    """An OssStore of ``endpoint`` whose health is ``health`` (a 60 s read timeout and deadline:
+    only the offline timeout may end a request sooner)."""
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+    store = OssStore("bucket-x", endpoint, region="cn-hangzhou", signature="v4",
+                     credentials=StaticCredentialsProvider("a", "b"), read_timeout=60.0, deadline=60.0)
+    store.health = health
+    return store
+
+
 @pytest.mark.expect_log(OFFLINE)
 def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_timeout():
     """A hung store (accepts connections, never answers: e.g. a SIGSTOPped server) fails a
     metadata request (HEAD, LIST) after the offline timeout, not after read_timeout (60 s),
     and the mount is offline from then on."""
-    from ossfuse.store.credentials import StaticCredentialsProvider
-    from ossfuse.store.oss import OssStore
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)  # the kernel accepts the connections; nobody ever reads or answers
-    port = listener.getsockname()[1]
-
-    async def main():
-        store = OssStore("bucket-x", f"http://127.0.0.1:{port}", region="cn-hangzhou", signature="v4",
-                         credentials=StaticCredentialsProvider("a", "b"), read_timeout=60.0, deadline=60.0)
+    async def main(endpoint):
         health = StoreHealth(timeout=1.5, probe_interval=60.0)
-        store.health = health
+        store = _oss_store(endpoint, health)
         t0 = time.monotonic()
         with pytest.raises(StoreOffline, match="within 1.5s"):
             await store.head("k")
@@ -217,10 +233,8 @@ def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_ti
         assert time.monotonic() - t0 < 0.1  # offline: fails at once
         await store.aclose()
 
-    try:
-        trio.run(main)
-    finally:
-        listener.close()
+    with _hung_server() as endpoint:
+        trio.run(main, endpoint)
 
 
 @pytest.mark.expect_log(OFFLINE)
@@ -230,19 +244,9 @@ def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once():
     (up to the offline timeout), or became the next probe itself, as soon as one ended: `ls` of
     cached directories took 5-120 s. While the daemon's watcher runs, only it probes, one
     probe_interval after the last ended; every other call fails at once (the cache answers)."""
-    from ossfuse.store.credentials import StaticCredentialsProvider
-    from ossfuse.store.oss import OssStore
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)  # the kernel accepts the connections; nobody ever reads or answers
-    port = listener.getsockname()[1]
-
-    async def main():
-        store = OssStore("bucket-x", f"http://127.0.0.1:{port}", region="cn-hangzhou", signature="v4",
-                         credentials=StaticCredentialsProvider("a", "b"), read_timeout=60.0, deadline=60.0)
+    async def main(endpoint):
         health = StoreHealth(timeout=1.0, probe_interval=0.2)
-        store.health = health
+        store = _oss_store(endpoint, health)
         probes = []
 
         async def probe():
@@ -268,10 +272,8 @@ def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once():
             nursery.cancel_scope.cancel()
         await store.aclose()
 
-    try:
-        trio.run(main)
-    finally:
-        listener.close()
+    with _hung_server() as endpoint:
+        trio.run(main, endpoint)
 
 
 @pytest.mark.expect_log(OFFLINE)
