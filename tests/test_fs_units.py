@@ -296,6 +296,44 @@ def test_staged_in_reads_only_the_directory_asked_about():
     assert sched.staged_in("", parent_of) == []
 
 
+def test_the_drain_tries_again_what_a_pass_left_while_passes_make_progress():
+    """Unmount's drain: a file whose upload failed early in the pass (the store down) is tried
+    again once a later upload of the same pass succeeded (the store came back); a pass that
+    uploads nothing ends it (a store still down, or a file it refuses)."""
+    from ossfuse.writeback.scheduler import UploadScheduler
+
+    class Item:  # the node fields the scheduler uses (its module doc)
+        def __init__(self, path):
+            self.path, self.staged, self.unlinked = path, object(), False
+            self.upload_queued, self.queued_at, self.dirty_since = False, 0.0, 0.0
+
+    def node(path):
+        return Item(path)
+    attempts: list[str] = []
+    down = {"up": False}
+
+    async def upload(n, closed_only):
+        assert closed_only is False  # the drain stores what open writers wrote so far
+        attempts.append(n.path)
+        if n.path == "refused" or (n.path == "early" and not down["up"]):
+            return False
+        if n.path == "late":
+            down["up"] = True  # the store answers again while this pass runs
+        n.staged = None
+        sched.mark_clean(n)
+        return True
+
+    async def main():
+        for n in (node("early"), node("late"), node("refused")):
+            sched.mark_dirty(n)
+        assert await sched.drain() == 1
+    sched = UploadScheduler(upload, delay=0, retry_interval=1, workers=1)
+    trio.run(main)
+    # pass 1: early fails, late succeeds, refused fails; pass 2: early succeeds, refused fails;
+    # pass 3: refused fails again, no progress: the drain ends with it pending
+    assert sorted(attempts) == ["early", "early", "late", "refused", "refused", "refused"], attempts
+
+
 @pytest.mark.expect_log(r"refusing to replace 'pre/(f1|f2)': no configured CMK can read it")
 def test_a_mount_whose_cmk_cannot_read_an_object_never_replaces_it(tmp_path, cmk_path, other_cmk_path):
     """A config whose CMK cannot unwrap an object (`ossfuse quickstart` run again: a new key,

@@ -214,13 +214,21 @@ def _oss_store(endpoint: str, health: StoreHealth):
 
 
 @pytest.mark.expect_log(OFFLINE)
-def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_timeout():
+def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_timeout(tmp_path):
     """A hung store (accepts connections, never answers: e.g. a SIGSTOPped server) fails a
-    metadata request (HEAD, LIST) after the offline timeout, not after read_timeout (60 s),
-    and the mount is offline from then on."""
+    metadata-sized request (a PUT of a small file, HEAD, LIST) after the offline timeout, not
+    after read_timeout (60 s), and the mount is offline from then on."""
+    small = str(tmp_path / "small")
+    with open(small, "wb") as f:
+        f.write(b"x" * 100)
     async def main(endpoint):
         health = StoreHealth(timeout=1.5, probe_interval=60.0)
         store = _oss_store(endpoint, health)
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="within 1.5s"):
+            await store.put_file("k", small, {})  # a small upload is no bulk transfer (a trial: 60 s)
+        assert time.monotonic() - t0 < 3.0
+        health.succeeded()  # online again, to time a HEAD too
         t0 = time.monotonic()
         with pytest.raises(StoreOffline, match="within 1.5s"):
             await store.head("k")

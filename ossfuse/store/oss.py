@@ -956,7 +956,11 @@ class OssStore(ObjectStore):
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
         if if_absent:
             headers[_FORBID_OVERWRITE] = "true"
-        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=True)
+        try:  # a small file is a metadata-sized request: a store that never answers it is down
+            bulk = os.stat(path).st_size > _SMALL_BODY
+        except OSError:
+            bulk = True  # the attempt reports what is wrong with the file
+        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk)
         return ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     # -- multipart --------------------------------------------------------------------------

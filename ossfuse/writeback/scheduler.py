@@ -128,6 +128,15 @@ class UploadScheduler:
 
     async def drain(self) -> int:
         """Upload everything still staged (unmount), ``workers`` at once; returns how many
-        files remain pending."""
-        await run_all([functools.partial(self.upload, n, False) for n in self.pending()], self.workers)
-        return len(self.pending())
+        files remain pending. A pass that uploaded some but not all is followed by another for
+        the rest: the store may have come back during it (a trial: a file failed early in the
+        outage and stayed journaled, although the store answered before the drain ended). A
+        pass that uploaded nothing ends it."""
+        pending = self.pending()
+        while pending:
+            await run_all([functools.partial(self.upload, n, False) for n in pending], self.workers)
+            left = self.pending()
+            if len(left) >= len(pending):
+                return len(left)
+            pending = left
+        return 0
