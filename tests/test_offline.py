@@ -246,12 +246,14 @@ def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_ti
 
 
 @pytest.mark.expect_log(OFFLINE)
-def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once():
+def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once(caplog):
     """Found by a trial: with the server SIGSTOPped (it accepts, never answers), the mount went
     offline but every file-system request that reached the store waited for the running probe
     (up to the offline timeout), or became the next probe itself, as soon as one ended: `ls` of
     cached directories took 5-120 s. While the daemon's watcher runs, only it probes, one
     probe_interval after the last ended; every other call fails at once (the cache answers)."""
+    caplog.set_level(logging.DEBUG, logger="ossfuse.store.oss")
+
     async def main(endpoint):
         health = StoreHealth(timeout=1.0, probe_interval=0.2)
         store = _oss_store(endpoint, health)
@@ -282,6 +284,9 @@ def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once():
 
     with _hung_server() as endpoint:
         trio.run(main, endpoint)
+    # the probes' failures are DEBUG: an outage of hours must not write a line per probe
+    listed = [(r.levelname, r.getMessage()) for r in caplog.records if "ListObjects" in r.getMessage()]
+    assert listed and {level for level, _ in listed} == {"DEBUG"}, listed
 
 
 @pytest.mark.expect_log(OFFLINE)

@@ -80,6 +80,12 @@ class StoreHealth:
     def offline(self) -> bool:
         return self.offline_since is not None
 
+    @staticmethod
+    def in_watcher() -> bool:
+        """Whether the calling task is :meth:`watch`'s: its failed probes of a store that is
+        down are expected, one per ``probe_interval``, and not worth a log line each."""
+        return _WATCHER_PROBE.get()
+
     async def admit(self, op: str, key: str) -> bool:
         """Before a store call. Online: returns False (go ahead). Offline: the call becomes the
         probe (returns True: the caller must call :meth:`probe_done` when it ends) if none is

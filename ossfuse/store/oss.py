@@ -555,7 +555,9 @@ class OssStore(ObjectStore):
             # and this same message (fs/errors.py store_request, commit, readdir...; the local
             # store logs nothing either); an unreachable store has the outage's one WARNING
             # (store/health.py)
-            log.log(logging.DEBUG if isinstance(err, NoSuchKey) else logging.INFO, "%s", err)
+            # the offline watcher's probes: DEBUG (one per second for as long as an outage lasts)
+            quiet = isinstance(err, NoSuchKey) or (self.health is not None and self.health.in_watcher())
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s", err)
             raise
 
     @staticmethod
