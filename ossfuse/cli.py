@@ -121,8 +121,19 @@ def _setup_daemon_logging(args, cfg) -> None:
         handler.setFormatter(_journal_formatter())
         logging.basicConfig(level=level, handlers=[handler])
     elif args.ready_fd is not None:  # daemon child: log to a file in the cache dir
-        # reopened by itself when logrotate moves it (SIGHUP is not needed, and is ignored)
-        handler = logging.handlers.WatchedFileHandler(os.path.join(cfg.cache.dir, "ossfuse.log"))
+        class LogFile(logging.handlers.WatchedFileHandler):
+            """Reopened by itself when logrotate moves it (SIGHUP is not needed, and is
+            ignored). A failed reopen is a logging error, not an exception out of the log
+            call: Python's emit reopens outside its own error handling, so a cache dir
+            deleted under a running mount made the next log line raise and the daemon die
+            (a trial)."""
+
+            def emit(self, record):
+                try:  # (FileHandler.emit's own reopen of a closed stream raises too)
+                    super().emit(record)
+                except OSError:
+                    self.handleError(record)
+        handler = LogFile(os.path.join(cfg.cache.dir, "ossfuse.log"))
         handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         logging.basicConfig(level=level, handlers=[handler])
     else:
@@ -208,9 +219,16 @@ def _spawn_daemon(args, cfg) -> int:
     os.close(w)
     margin = _ready_margin()
     limit = cfg.mount.startup_timeout + margin
-    with os.fdopen(r, "rb") as pipe:
-        readable, _, _ = select.select([pipe], [], [], limit)
-        message = pipe.readline().decode(errors="replace").strip() if readable else None
+    try:
+        with os.fdopen(r, "rb") as pipe:
+            readable, _, _ = select.select([pipe], [], [], limit)
+            message = pipe.readline().decode(errors="replace").strip() if readable else None
+    except KeyboardInterrupt:
+        # Ctrl-C while the mount is being made: cancel it. The daemon runs in its own session
+        # (Ctrl-C does not reach it) and would otherwise mount later, on its own (a trial).
+        _stop_daemon(proc, os.path.abspath(args.mountpoint))
+        print(f"ossfuse mount: interrupted; {args.mountpoint} is not mounted (its daemon is stopped)", file=sys.stderr)
+        return 130
     if message == "ready":
         return 0
     if message is None:

@@ -3,6 +3,7 @@ background task that fails, signals during the drain, a daemon that never gets r
 the mount in other namespaces, and a mount point that is not empty (issue 11)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -407,6 +408,65 @@ def test_mount_gives_up_when_the_daemon_never_gets_ready(tmp_path, cmk_path):
             break
         time.sleep(0.1)
     assert _no_daemon_for(m.config)
+
+
+def test_ctrl_c_while_the_mount_is_being_made_cancels_it(tmp_path, cmk_path):
+    """Ctrl-C on ``ossfuse mount`` while the daemon waits for the store: exit 130, one line,
+    and the daemon is stopped. It runs in its own session, so the interrupt does not reach it:
+    it went on and mounted on its own once the store answered (a trial)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    with open(m.config) as f:
+        cfg = f.read()
+    cfg = cfg.replace(f'url = "local://{m.bucket_dir}"',
+                      f'url = "oss://silent-bucket"\nendpoint = "http://127.0.0.1:{port}"\nregion = "cn-hangzhou"')
+    with open(m.config, "w") as f:
+        f.write(cfg.replace("[mount]\n", "[mount]\nstartup_timeout = 60\n"))
+    env = dict(os.environ, OSS_ACCESS_KEY_ID="ak", OSS_ACCESS_KEY_SECRET="sk")
+    try:
+        proc = subprocess.Popen(OSSFUSE + ["mount", "-c", m.config, m.mnt], stderr=subprocess.PIPE, text=True,
+                                env=env)
+        for _ in range(100):  # the daemon is up and holds the cache dir
+            if not _no_daemon_for(m.config):
+                break
+            time.sleep(0.05)
+        assert not _no_daemon_for(m.config)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        silent.close()
+    assert proc.returncode == 130 and "interrupted" in err and "is not mounted" in err, err
+    assert "Traceback" not in err
+    for _ in range(50):
+        if _no_daemon_for(m.config):
+            break
+        time.sleep(0.1)
+    assert _no_daemon_for(m.config) and not os.path.ismount(m.mnt)
+
+
+def test_a_cache_dir_deleted_under_a_running_mount_does_not_kill_the_daemon(tmp_path, cmk_path):
+    """`rm -rf` of the cache dir of a running (daemonized) mount: the next log line made
+    Python's WatchedFileHandler raise out of the log call and the daemon died, the mount went
+    away, and later writes landed in plain text in the bare mount-point directory (a trial).
+    Now writes fail with an errno and the mount stays until it is unmounted."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        with open(m.path("before"), "wb") as f:
+            f.write(b"kept")
+        shutil.rmtree(m.cache)
+        with pytest.raises(OSError) as e:  # staging is gone with the cache dir: the write fails
+            with open(m.path("after"), "wb") as f:
+                f.write(b"x" * 100)
+        assert e.value.errno != errno.ENOTCONN
+        assert os.path.ismount(m.mnt) and process_alive(m.pid)
+        assert "before" in os.listdir(m.mnt)
+    finally:
+        m.cleanup()
 
 
 def test_keygen_makes_the_missing_config_directory_private(tmp_path):
