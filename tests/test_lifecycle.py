@@ -3,6 +3,7 @@ background task that fails, signals during the drain, a daemon that never gets r
 the mount in other namespaces, and a mount point that is not empty (issue 11)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from typing import Iterator
 import time
 
 import pytest
@@ -41,6 +43,36 @@ def _in_fresh_run_namespace(script: str, timeout: float = 90) -> subprocess.Comp
 def _no_daemon_for(config: str) -> bool:
     """Whether no ossfuse daemon of ``config`` runs."""
     return not daemon_pids(config)
+
+
+def _daemon_ends(config: str, timeout: float = 5.0) -> bool:
+    """Whether the ossfuse daemon of ``config`` (if any) is gone within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not _no_daemon_for(config):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@contextlib.contextmanager
+def _silent_store_mount(tmp_path, cmk_path, *, startup_timeout: float) -> Iterator[Mount]:
+    """A Mount (not started) whose store is an OSS endpoint that accepts connections and
+    never answers, with ``startup_timeout``; the endpoint closes when the block ends."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        m = Mount(str(tmp_path / "m"), cmk_path)
+        with open(m.config) as f:
+            cfg = f.read()
+        cfg = cfg.replace(f'url = "local://{m.bucket_dir}"', f'url = "oss://silent-bucket"\nendpoint = '
+                          f'"http://127.0.0.1:{silent.getsockname()[1]}"\nregion = "cn-hangzhou"')
+        with open(m.config, "w") as f:
+            f.write(cfg.replace("[mount]\n", f"[mount]\nstartup_timeout = {startup_timeout}\n"))
+        yield m
+    finally:
+        silent.close()
 
 
 def test_first_mount_after_a_reboot_comes_up_serves_and_unmounts(tmp_path, cmk_path):
@@ -382,51 +414,23 @@ def test_a_non_empty_mount_point_is_refused_unless_nonempty(tmp_path, cmk_path):
 def test_mount_gives_up_when_the_daemon_never_gets_ready(tmp_path, cmk_path):
     """A store that accepts connections and never answers: ``ossfuse mount`` waits
     startup_timeout + the margin, then stops the daemon, says why, exits 1, leaves no mount."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    port = silent.getsockname()[1]
-    m = Mount(str(tmp_path / "m"), cmk_path)
-    with open(m.config) as f:
-        cfg = f.read()
-    cfg = cfg.replace(f'url = "local://{m.bucket_dir}"',
-                      f'url = "oss://silent-bucket"\nendpoint = "http://127.0.0.1:{port}"\nregion = "cn-hangzhou"')
-    with open(m.config, "w") as f:
-        f.write(cfg.replace("[mount]\n", "[mount]\nstartup_timeout = 1\n"))
     env = dict(os.environ, OSS_ACCESS_KEY_ID="ak", OSS_ACCESS_KEY_SECRET="sk", OSSFUSE_READY_MARGIN="3")
     t0 = time.monotonic()
-    try:
+    with _silent_store_mount(tmp_path, cmk_path, startup_timeout=1) as m:
         r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True,
                            timeout=60, env=env)
-    finally:
-        silent.close()
     assert r.returncode == 1 and "did not become ready within 4s" in r.stderr, r.stderr
     assert time.monotonic() - t0 < 20
     assert not os.path.ismount(m.mnt)
-    for _ in range(50):
-        if _no_daemon_for(m.config):
-            break
-        time.sleep(0.1)
-    assert _no_daemon_for(m.config)
+    assert _daemon_ends(m.config)
 
 
 def test_ctrl_c_while_the_mount_is_being_made_cancels_it(tmp_path, cmk_path):
     """Ctrl-C on ``ossfuse mount`` while the daemon waits for the store: exit 130, one line,
     and the daemon is stopped. It runs in its own session, so the interrupt does not reach it:
     it went on and mounted on its own once the store answered (a trial)."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    port = silent.getsockname()[1]
-    m = Mount(str(tmp_path / "m"), cmk_path)
-    with open(m.config) as f:
-        cfg = f.read()
-    cfg = cfg.replace(f'url = "local://{m.bucket_dir}"',
-                      f'url = "oss://silent-bucket"\nendpoint = "http://127.0.0.1:{port}"\nregion = "cn-hangzhou"')
-    with open(m.config, "w") as f:
-        f.write(cfg.replace("[mount]\n", "[mount]\nstartup_timeout = 60\n"))
     env = dict(os.environ, OSS_ACCESS_KEY_ID="ak", OSS_ACCESS_KEY_SECRET="sk")
-    try:
+    with _silent_store_mount(tmp_path, cmk_path, startup_timeout=60) as m:
         proc = subprocess.Popen(OSSFUSE + ["mount", "-c", m.config, m.mnt], stderr=subprocess.PIPE, text=True,
                                 env=env)
         for _ in range(100):  # the daemon is up and holds the cache dir
@@ -437,15 +441,9 @@ def test_ctrl_c_while_the_mount_is_being_made_cancels_it(tmp_path, cmk_path):
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        silent.close()
     assert proc.returncode == 130 and "interrupted" in err and "is not mounted" in err, err
     assert "Traceback" not in err
-    for _ in range(50):
-        if _no_daemon_for(m.config):
-            break
-        time.sleep(0.1)
-    assert _no_daemon_for(m.config) and not os.path.ismount(m.mnt)
+    assert _daemon_ends(m.config) and not os.path.ismount(m.mnt)
 
 
 def test_a_cache_dir_deleted_under_a_running_mount_does_not_kill_the_daemon(tmp_path, cmk_path):
