@@ -188,3 +188,57 @@ def test_cold_sequential_read_uses_large_gets(tmp_path, cmk_path):
         fs.close()
 
     trio.run(main)
+
+
+def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_again(tmp_path, cmk_path):
+    """Every request takes longer than attr_timeout: ``ls -l d/e`` (a path walk, a listing,
+    then a stat of each entry by its full path, the kernel asking each component again once
+    its entry timed out) probes each directory once, HEADs each file once, and the stats need
+    no request: what the store showed below a directory proves it, and answers count as read
+    when they arrive (fs/resolve.py). Before, each stat probed d and e again (a HEAD, a LIST
+    and a marker HEAD each) and listed e: seven requests per file."""
+    names = _names(10)
+    slow = ATTR * 1.5
+
+    async def main():
+        fs = _mount(tmp_path, cmk_path, "cache-writer")
+        e = await fs.mkdir(await fs.mkdir(fs.get(1), "d", 0o755, 1, 2), "e", 0o750, 1, 2)
+        for name in names:
+            _node, h = await fs.create(e, name, 0o644, os.O_WRONLY, 1, 2)
+            await fs.write(h, 0, name.encode())
+            await fs.release(h)
+        assert await fs.drain() == 0
+        fs.close()
+
+        fs = _mount(tmp_path, cmk_path, "cache")
+        store = fs.store
+        store.delay("*", slow)
+
+        async def stat(*path: str):
+            node = fs.get(1)
+            for name in path:  # the kernel's walk, every entry timed out
+                node = await fs.lookup(node, name)
+            return await fs.getattr(node)
+
+        with trio.fail_after(30):  # before: ~7 requests per file (about 20 s here)
+            assert (await stat("d", "e")).mode & 0o777 == 0o750
+            listed = await _ls_l(fs, await fs.lookup(await fs.lookup(fs.get(1), "d"), "e"))
+            assert sorted(listed) == names
+            store.counts.clear()
+            sizes = [(await stat("d", "e", name)).size for name in names]
+        assert sizes == [len(n) for n in names]
+        assert sum(store.counts.values()) == 0, store.counts
+
+        # the other side: nothing below e read for attr_timeout, another client's chmod of its
+        # marker is seen at the next lookup (as before)
+        store.clear()
+        inner = store.inner
+        marker = await inner.head("pre/d/e/")
+        db = inner._db()
+        db.execute("UPDATE objects SET meta=? WHERE key=?",
+                   (json.dumps({**marker.metadata, "mode": str(0o40700)}), "pre/d/e/"))
+        await trio.sleep(slow)
+        assert (await stat("d", "e")).mode & 0o777 == 0o700
+        fs.close()
+
+    trio.run(main)

@@ -175,6 +175,8 @@ class DirectoryReader:
             if not d.unlinked and parent_of(d.path) == path:
                 entries[d.name] = (d.name, d, None, d.is_dir)
         self.names.set_children(node, entries)
+        if files or dirs:  # the store shows it now (module doc of fs/resolve.py)
+            self.resolver.seen_below(path, dir_itself=True)
         node.subdirs = sum(1 for e in entries.values() if e[3])  # st_nlink = 2 + subdirectories
         result = []
         for name in sorted(entries):
@@ -221,6 +223,7 @@ class DirectoryReader:
             """Entry ``i`` at ``path`` is what ``info`` (listing or HEAD) says: its node."""
             if not is_dir and info is None:
                 return  # deleted since the listing
+            resolver.seen_below(path)
             node = by_path.get(path)
             if node is not None and (node.is_dir == is_dir):
                 if not is_dir:

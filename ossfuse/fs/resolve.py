@@ -8,7 +8,18 @@ directory from its own name on (:meth:`Resolver.revalidate_from_listing`), which
 names after it too: ``cat *``, ``rm -r``, ``ls -l`` walk a directory in name order and need one
 LIST per page instead of one HEAD per file. What stays: a metadata copy by another client in
 the same second as the write this mount last saw, with the same ETag, is missed until the
-version changes (Last-Modified has one-second resolution)."""
+version changes (Last-Modified has one-second resolution).
+
+Freshness counts from the answer, not from when the question was sent (as the kernel counts
+its own timeouts from our reply): on a store slower than ``attr_timeout`` an answer counted
+from its request would be stale on arrival. And whatever the store shows below a directory
+(an object a HEAD or listing found, a directory's own entries) proves that directory and those
+above it exist as of that answer: their nodes count as read then (:meth:`Resolver.seen_below`).
+Without that, each stat of a path revalidated every directory on it once the walk itself took
+longer than ``attr_timeout``: with 1.5 s per request an ``ls -l`` of 20 files two levels down
+took 7 min 48 s (each directory's probe is a HEAD, a one-key LIST and a marker HEAD). What a
+directory keeps so is its marker's mode, owner and mtime: another client's change of them is
+seen once nothing below the directory was read for ``attr_timeout``."""
 from __future__ import annotations
 
 import errno
@@ -118,10 +129,24 @@ class Resolver:
         node.checked_at = max(node.checked_at, listed_at)
         return True
 
+    def seen_below(self, path: str, dir_itself: bool = False) -> None:
+        """The store just showed something at ``path`` (``dir_itself``: in the directory at
+        ``path``): the directories above it (and that one) exist now, so their nodes count as
+        read now (module doc). A directory known only from a listing (``listed_only``) still
+        needs its own probe (its marker's attributes), and one being renamed is left alone."""
+        now, by_path = time.monotonic(), self.inodes.by_path
+        if not dir_itself:
+            path = parent_of(path)
+        while path:
+            node = by_path.get(path)
+            if node is not None and node.is_dir and not node.listed_only and node.name_going is None:
+                node.checked_at = max(node.checked_at, now)
+            path = parent_of(path)
+
     async def revalidate_from_listing(self, node: Node) -> bool:
         """Prove a stale file's attributes current with one LIST page of its directory starting
-        at its name (RELIST_PAGE names: the ones after it are proven too). One revalidating
-        LIST per directory at a time; others wait for it. False when the page does not prove
+        at its name (RELIST_PAGE names: the ones after it are proven too, as of the answer).
+        One revalidating LIST per directory at a time; others wait for it. False when the page does not prove
         it (another version, gone, a version this mount made and never HEADed, or the LIST
         failed): the caller HEADs it."""
         v = node.version
@@ -136,6 +161,7 @@ class Resolver:
                 return True
         done, started = trio.Event(), time.monotonic()
         self._relisting[dkey] = (done, started)
+        dir_node = self.inodes.by_path.get(dir_path)
         try:
             # keys after key[:-1]: ``key`` and what follows it (plus any names between the two);
             # a one-letter name lists from the directory's start (a marker ending in the
@@ -148,11 +174,13 @@ class Resolver:
             if self._relisting.get(dkey) == (done, started):
                 del self._relisting[dkey]
             done.set()
-        by_path, proven = self.inodes.by_path, False
+        by_path, proven, answered = self.inodes.by_path, False, time.monotonic()
         for o in page.objects:
             n = by_path.get(join(dir_path, o.key[len(dkey):]))
-            if n is not None and self.note_listed(n, o, started) and n is node:
+            if n is not None and self.note_listed(n, o, answered) and n is node:
                 proven = True
+        if page.objects and by_path.get(dir_path) is dir_node:  # (not renamed meanwhile)
+            self.seen_below(dir_path, dir_itself=True)
         return proven
 
     async def probe(self, path: str) -> tuple[ObjectInfo | None, bool] | None:
@@ -279,6 +307,7 @@ class Resolver:
             self.names.note_miss(path)
             return None
         info, is_dir = found
+        self.seen_below(path)
         if known is not None and stat.S_IFMT(known.mode) == stat.S_IFMT(self.defaults.attrs_from_info(info, is_dir)[0]):
             self.refresh(known, info)
             return known
@@ -382,4 +411,5 @@ class Resolver:
             raise PathMoved(path)  # the answer is about the name it left
         if info is None:
             raise FsError(errno.ENOENT)
+        self.seen_below(path)
         self.refresh(node, info, opening=opening)
