@@ -810,9 +810,12 @@ def cmd_quickstart(args) -> int:
     if os.path.exists(conf):  # made by an earlier quickstart: it says where the bucket and cache are
         from . import config as config_mod
         try:
-            cfg = config_mod.load(conf)
+            cfg = config_mod.load(conf, missing_keys=True)  # a missing CMK is dealt with below
         except config_mod.ConfigError as e:
             return _die(str(e))
+        cmk = next(c for c in cfg.encryption.cmks if c.id == cfg.encryption.encrypt_with)
+        if cmk.private_key is not None:
+            key = cmk.private_key  # the CMK new files are written with
         url = cfg.store.url
         used = url[len("local://"):] if url.startswith("local://") else url
         differs = [f"{opt} ({given})" for opt, given, same in (
@@ -836,6 +839,9 @@ def cmd_quickstart(args) -> int:
             return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
                         f"a new CMK could not read them; pass --etc with the directory of their key, or "
                         f"--new-key to make a new one anyway")
+        if os.path.exists(key + ".pub"):  # the public half of the missing CMK: useless, kept aside
+            os.replace(key + ".pub", key + ".pub.old")
+            print(f"moved {key}.pub, the public key of the missing CMK, to {key}.pub.old")
         from .keyring import generate_rsa_cmk
         generate_rsa_cmk(key)
         print(f"created CMK {key} (keep a copy: without it the files cannot be decrypted)")

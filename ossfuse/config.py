@@ -199,8 +199,20 @@ def _check_matdesc_text(path: str, where: str, text: str, matdesc: dict[str, str
     return parsed
 
 
-def load(path: str) -> Config:
-    """Read and check the TOML file at ``path``; raises ConfigError."""
+def _check_key_file(path: str, where: str, key_path: str) -> None:
+    """An RSA CMK's private key file: present, readable, mode 0600 or stricter (ConfigError)."""
+    if not os.path.isfile(key_path):
+        raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
+    if not os.access(key_path, os.R_OK):
+        raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
+    if os.stat(key_path).st_mode & 0o077:
+        raise ConfigError(f"{path}: {where}.private_key: {key_path!r} is readable by group or others; "
+                          f"chmod 600 it (a CMK must stay private)")
+
+
+def load(path: str, *, missing_keys: bool = False) -> Config:
+    """Read and check the TOML file at ``path``; raises ConfigError. ``missing_keys``: an RSA
+    CMK's private key file may be missing (quickstart, which makes it)."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -264,13 +276,8 @@ def load(path: str) -> Config:
             if "private_key" not in c:
                 raise ConfigError(f"{path}: {where}.private_key: required for type \"rsa\"")
             key_path = os.path.join(base, c["private_key"])
-            if not os.path.isfile(key_path):
-                raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
-            if not os.access(key_path, os.R_OK):
-                raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
-            if os.stat(key_path).st_mode & 0o077:
-                raise ConfigError(f"{path}: {where}.private_key: {key_path!r} is readable by group or others; "
-                                  f"chmod 600 it (a CMK must stay private)")
+            if not (missing_keys and not os.path.lexists(key_path)):
+                _check_key_file(path, where, key_path)
             if "passphrase" in c:
                 raise ConfigError(f"{path}: {where}.passphrase: applies to type \"kms\" only "
                                   "(RSA private keys must be unencrypted PEM files, mode 0600)")

@@ -229,17 +229,22 @@ class RsaCmk(Cmk):
 
 def generate_rsa_cmk(path: str, bits: int = 3072) -> None:
     """Write a new RSA CMK: ``path`` (PKCS#8 PEM private key, mode 0600) and ``path.pub``
-    (SubjectPublicKeyInfo PEM). Refuses to overwrite an existing file (FileExistsError)."""
+    (SubjectPublicKeyInfo PEM). Refuses to overwrite an existing file (FileExistsError; then
+    neither is written)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    with open(path + ".pub", "xb") as f:
-        f.write(pub)
+    with open(path + ".pub", "xb") as pub_file:  # first: nothing is written when either exists
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            os.unlink(path + ".pub")
+            raise
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        pub_file.write(pub)
 
 
 def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:

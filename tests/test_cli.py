@@ -40,6 +40,11 @@ def test_keygen_writes_private_0600_and_public(tmp_path):
     assert pub.public_numbers() == key.public_key().public_numbers()
     r = ossfuse("keygen", path)
     assert r.returncode == 1 and "already exists" in r.stderr
+    other = str(tmp_path / "o.pem")
+    open(other + ".pub", "w").close()  # a public key left alone: nothing written, not half a pair
+    r = ossfuse("keygen", other)
+    assert r.returncode == 1 and f"{other}.pub: already exists" in r.stderr, r.stderr
+    assert not os.path.exists(other) and os.path.getsize(other + ".pub") == 0
 
 
 def _config(tmp_path, body: str) -> str:

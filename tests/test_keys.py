@@ -486,6 +486,47 @@ def test_quickstart_again_with_other_var_or_cache_is_refused(tmp_path, cmk_path)
     assert not (tmp_path / "other").exists() and not os.path.ismount(tmp_path / "mnt")
 
 
+def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp_path):
+    """The CMK of an earlier quickstart deleted, its config and public key left (new-user
+    trial): quickstart stopped at the config's "no such file" for both the plain run and
+    ``--new-key``, which was then ignored. Now the plain run refuses in the one line that
+    names the encrypted objects, and ``--new-key`` makes a new CMK (the stale public key moved
+    aside, never half a key pair written) and mounts: old files listed, new ones written."""
+    from conftest import run_cli
+    from ossfuse.registry import mounted_device
+    mnt, etc = str(tmp_path / "mnt"), tmp_path / "etc"
+    args = ("quickstart", "--etc", str(etc), "--var", str(tmp_path / "var"), "--cache", str(tmp_path / "cache"), mnt)
+    try:
+        assert run_cli(*args).returncode == 0
+        with open(os.path.join(mnt, "old"), "wb") as f:
+            f.write(b"under the lost CMK")
+        assert run_cli("umount", mnt).returncode == 0
+        old_pub = (etc / "default.pem.pub").read_bytes()
+        os.unlink(etc / "default.pem")
+        r = run_cli(*args)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"ossfuse: {tmp_path}/var/bucket already holds encrypted objects (e.g. 'old') and {etc}/default.pem "
+            "does not exist: a new CMK could not read them; pass --etc with the directory of their key, or "
+            "--new-key to make a new one anyway"], r.stderr
+        assert not (etc / "default.pem").exists() and mounted_device(mnt) is None
+        r = run_cli(*args, "--new-key")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"moved {etc}/default.pem.pub, the public key of the missing CMK, to {etc}/default.pem.pub.old" \
+            in r.stdout and f"created CMK {etc}/default.pem" in r.stdout, r.stdout
+        assert (etc / "default.pem.pub.old").read_bytes() == old_pub
+        assert (etc / "default.pem.pub").read_bytes() != old_pub
+        assert sorted(os.listdir(mnt)) == ["old"]
+        with open(os.path.join(mnt, "new"), "wb") as f:
+            f.write(b"under the new CMK")
+        with open(os.path.join(mnt, "new"), "rb") as f:
+            assert f.read() == b"under the new CMK"
+    finally:
+        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
+            import subprocess
+            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+
+
 @pytest.mark.expect_log(r"WARNING ossfuse.daemon: mount point .* (is the mount of a dead ossfuse daemon|is a stale FUSE mount)")
 def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
     """The README's "run the quickstart again" over the dead mount of a killed daemon mounts
