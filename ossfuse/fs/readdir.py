@@ -141,7 +141,7 @@ class DirectoryReader:
             try:
                 page = await self.store.list(dkey, delimiter="/", marker=marker)
             except StoreOffline:
-                return offline_entries(node, self.inodes, self.naming)
+                return offline_entries(node, self.inodes, self.naming, self.store)
             except StoreError as e:
                 log.error("listing %r failed: %s", dkey, e)
                 raise FsError(errno_of(e)) from None
@@ -223,7 +223,8 @@ class DirectoryReader:
             """Entry ``i`` at ``path`` is what ``info`` (listing or HEAD) says: its node."""
             if not is_dir and info is None:
                 return  # deleted since the listing
-            resolver.seen_below(path)
+            if is_dir or info is None or not resolver.hidden(info):
+                resolver.seen_below(path)
             node = by_path.get(path)
             if node is not None and (node.is_dir == is_dir):
                 if not is_dir:

@@ -32,7 +32,7 @@ import trio
 
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
-from ..store.health import StoreOffline
+from ..store.health import StoreOffline, first_time_offline
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
@@ -146,9 +146,9 @@ class Resolver:
     async def revalidate_from_listing(self, node: Node) -> bool:
         """Prove a stale file's attributes current with one LIST page of its directory starting
         at its name (RELIST_PAGE names: the ones after it are proven too, as of the answer).
-        One revalidating LIST per directory at a time; others wait for it. False when the page does not prove
-        it (another version, gone, a version this mount made and never HEADed, or the LIST
-        failed): the caller HEADs it."""
+        One revalidating LIST per directory at a time; others wait for it. False when the page
+        does not prove it (another version, gone, a version this mount made and never HEADed,
+        or the LIST failed): the caller HEADs it."""
         v = node.version
         if node.is_dir or node.staged is not None or v is None or v.modified <= 0 or not node.path:
             return False
@@ -327,7 +327,9 @@ class Resolver:
         if known is None and parent is not None and parent.children is not None \
                 and base_name(path) not in parent.children:
             return None
-        log.info("lookup of %r: the store is offline and this mount has not seen it", self.naming.key(path))
+        line = f"lookup of {self.naming.key(path)!r}: the store is offline and this mount has not seen it"
+        if first_time_offline(self.store, line):  # once per outage (it has its WARNING)
+            log.info("%s", line)
         raise FsError(errno.EIO)
 
     def node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
