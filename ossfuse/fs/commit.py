@@ -358,10 +358,12 @@ class Commit:
         again = node.upload_error is not None and _sans_request_id(node.upload_error) == _sans_request_id(reason)
         node.upload_error = reason
         self.scheduler.stats["upload_failures"] += 1
-        if isinstance(e, (FsError, StoreOffline)):
-            # sealing/journaling: logged where it failed, with the cause; offline: the outage
-            # has its one WARNING (store/health.py), not one ERROR per retry
-            level = logging.INFO
+        if isinstance(e, StoreOffline):
+            # the outage has its one WARNING (store/health.py): INFO once, then DEBUG each
+            # retry_interval for as long as it lasts
+            level = logging.DEBUG if again else logging.INFO
+        elif isinstance(e, FsError):
+            level = logging.INFO  # sealing/journaling: logged where it failed, with the cause
         else:
             level = logging.INFO if again else logging.ERROR
         log.log(level, "upload of %r failed; the data stays staged and will be retried: %s", key, reason)

@@ -18,7 +18,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..integrity import IntegrityError
 from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError
-from ..store.health import StoreOffline
+from ..store.health import StoreOffline, first_time_offline
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
@@ -226,7 +226,9 @@ class Files:
         try:
             info = await self.resolver.store.head(v.key)
         except StoreOffline as e:
-            log.info("cannot %s %r: its envelope was not kept and the store is offline: %s", doing, v.key, e)
+            line = f"cannot {doing} {v.key!r}: its envelope was not kept and the store is offline"
+            if first_time_offline(self.resolver.store, line):  # once per outage (it has its WARNING)
+                log.info("%s: %s", line, e)
             raise FsError(errno_of(e)) from None
         except StoreError as e:
             self._error_once(f"cannot {doing} %r: HEAD failed: %s", v.key, e)
@@ -371,8 +373,9 @@ class Files:
         except IntegrityError as e:
             self._error_once("cannot read %r: %s", v.key, e)
             raise FsError(errno.EIO) from None
-        except StoreOffline as e:  # the outage has its one WARNING (store/health.py)
-            log.info("reading %r failed: %s", v.key, e)
+        except StoreOffline as e:  # the outage has its one WARNING (store/health.py): once per outage
+            if first_time_offline(self.resolver.store, f"reading {v.key!r} failed"):
+                log.info("reading %r failed: %s", v.key, e)
             raise FsError(errno_of(e)) from None
         except StoreError as e:
             self._error_once("reading %r failed: %s", v.key, e)

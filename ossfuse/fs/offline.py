@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from ..store.health import first_time_offline
 from .errors import FsError
 from .inodes import InodeTable
 from .model import DirEntry, Node
@@ -20,21 +21,26 @@ from .naming import Naming, join
 log = logging.getLogger(__name__)
 
 
-def offline_entries(directory: Node, inodes: InodeTable, naming: Naming) -> list[DirEntry]:
+def offline_entries(directory: Node, inodes: InodeTable, naming: Naming, store: object) -> list[DirEntry]:
     """The entries of ``directory`` as this mount last knew them: ``[(name, node, None,
     is_dir)]`` sorted by name (``readdir.list_entries``'s shape). Raises FsError(EIO), with one
-    INFO line (the store's outage has its WARNING), when the directory was never listed
-    completely or a child's node is no longer known."""
+    INFO line per directory and outage (the outage has its WARNING), when the directory was
+    never listed completely or a child's node is no longer known."""
     dkey, by_path = naming.dir_key(directory.path), inodes.by_path
     if directory.children is None:
-        log.info("listing %r: the store is offline and this mount has not listed it", dkey)
+        _say(store, f"listing {dkey!r}: the store is offline and this mount has not listed it")
         raise FsError(errno.EIO)
     entries: list[DirEntry] = []
     for name in sorted(directory.children):
         path = join(directory.path, name)
         node = by_path.get(path) or inodes.restore(path)
         if node is None or node.unlinked:
-            log.info("listing %r: the store is offline and %r is no longer cached", dkey, name)
+            _say(store, f"listing {dkey!r}: the store is offline and {name!r} is no longer cached")
             raise FsError(errno.EIO)
         entries.append((name, node, None, node.is_dir))
     return entries
+
+
+def _say(store: object, line: str) -> None:
+    if first_time_offline(store, line):
+        log.info("%s", line)

@@ -45,6 +45,7 @@ from .base import StoreError, StoreUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0  # seconds: config store.offline_timeout
+_SAID_MAX = 10_000  # lines first_time remembers per outage (then each further one is said)
 
 # True in the watcher's task (set by watch()): its calls may be the probe
 _WATCHER_PROBE: contextvars.ContextVar[bool] = contextvars.ContextVar("ossfuse_watcher_probe", default=False)
@@ -75,6 +76,7 @@ class StoreHealth:
         self._next_probe = 0.0  # monotonic time from which one call is let through while offline
         self._probe: trio.Event | None = None  # trio.Event of the probe call running now, if any
         self._watched = False  # watch() runs and probes: other calls never probe nor wait
+        self._said: set[str] = set()  # lines logged in this outage (first_time)
 
     @property
     def offline(self) -> bool:
@@ -109,6 +111,16 @@ class StoreHealth:
         raise StoreOffline(f"store offline since {_when(self.offline_since)} ({self.last_error}): "
                            f"{op} {key!r} not tried", key=key, code="Offline")
 
+    def first_time(self, line: str) -> bool:
+        """Whether ``line`` (a failure the outage explains, e.g. "listing 'k/': not listed
+        here") is said for the first time in this outage: eight ``ls -lR`` at once failing on
+        one directory log one line, not eight (the outage has its WARNING)."""
+        if line in self._said:
+            return False
+        if len(self._said) < _SAID_MAX:
+            self._said.add(line)
+        return True
+
     def probe_done(self) -> None:
         """The probe call ended (answered, failed or cancelled): wake the calls waiting for it;
         still offline, the next probe is due ``probe_interval`` from now (a probe of a store
@@ -132,6 +144,7 @@ class StoreHealth:
             return
         gone = time.time() - self.offline_since
         self.offline_since = None
+        self._said.clear()
         log.info("store is back online after %.1f s offline", gone)
         for callback in list(self.on_online):
             try:
@@ -190,8 +203,14 @@ class StoreHealth:
                 "reason": self.last_error if self.offline_since is not None else None}
 
 
+def first_time_offline(store: object, line: str) -> bool:
+    """:meth:`StoreHealth.first_time` of ``store``'s health; True for a store without one."""
+    health = getattr(store, "health", None)
+    return health is None or health.first_time(line)
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-__all__ = ["StoreHealth", "StoreOffline", "DEFAULT_TIMEOUT"]
+__all__ = ["StoreHealth", "StoreOffline", "DEFAULT_TIMEOUT", "first_time_offline"]
