@@ -291,6 +291,14 @@ def cmd_umount(args) -> int:
         return 130
 
 
+def _why_no_mount_point(mp: str) -> str:
+    """": no such directory" (or ": not a directory") when ``mp`` cannot be a mount point: a
+    typo is told apart from a folder that is simply not mounted now."""
+    if not os.path.lexists(mp):
+        return ": no such directory"
+    return "" if os.path.isdir(mp) else ": not a directory"
+
+
 def _umount_and_wait(args, mp: str, unmounted: list) -> int:
     """The body of :func:`cmd_umount`; sets ``unmounted[0]`` once ``mp`` is unmounted here and
     ``unmounted[1]`` to the pid of the daemon it waits for."""
@@ -315,7 +323,7 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
                 return _exit_outcome(mp, reg)
             # (daemon_alive: a pid another process reuses is never signalled)
             if reg is None or reg.get("exited") or not daemon_alive(reg):
-                return _die(f"{mp} is not mounted")
+                return _die(f"{mp} is not mounted" + _why_no_mount_point(mp))
             if stays := _paths_of(reg.get("device")):  # unmounted here, but bind-mounted: not ours to stop
                 return _die(f"{mp} is not mounted; the same filesystem stays mounted at {_some_paths(stays)} (a "
                             f"bind mount): unmount that")
@@ -568,7 +576,7 @@ def _status_down_reason(mp: str, reg: dict | None, stopped: bool) -> str:
         return (f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
                 f"(or fusermount3 -u {mp})")
     if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
-        return f"{mp} is not a mount point"
+        return f"{mp} is not a mount point" + _why_no_mount_point(mp)
     if reg is not None and not reg.get("exited") and daemon_alive(reg):
         return (f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stuck, or stopped "
                 f"meanwhile); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")

@@ -259,8 +259,16 @@ def test_mount_with_a_read_only_cache_disk_is_one_line(tmp_path, cmk_path, tmpfs
 
 
 def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
+    """An existing folder: "is not mounted"; a typo or a file says so (new-user trial: the same
+    line for all three), and ``status`` likewise."""
     r = ossfuse("umount", str(tmp_path))
-    assert r.returncode == 1 and "is not mounted" in r.stderr
+    assert r.returncode == 1 and r.stderr == f"ossfuse: {tmp_path} is not mounted\n", r.stderr
+    (tmp_path / "file").touch()
+    for name, why in (("typo", "no such directory"), ("file", "not a directory")):
+        r = ossfuse("umount", str(tmp_path / name))
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {tmp_path}/{name} is not mounted: {why}\n", r.stderr
+        r = ossfuse("status", str(tmp_path / name))
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {tmp_path}/{name} is not a mount point: {why}\n", r.stderr
 
 
 def test_umount_refuses_a_mount_of_another_type(tmp_path):
