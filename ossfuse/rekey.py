@@ -32,6 +32,7 @@ from . import integrity
 from .config import CmkConfig, Config
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
 from .store.base import ObjectInfo, ObjectStore, StoreError
+from .store.credentials import CredentialsError
 from .upload import Uploader
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
                                    f"with this config's keys: e.g. {key!r} ({why})"))
         elif sampled:
             results.append((True, f"{sampled} sampled encrypted objects open with this config's keys"))
+    except CredentialsError as e:  # no request was sent: the store was never asked
+        results.append((False, f"store {cfg.store.url}: no usable credentials: {e}"))
     except StoreError as e:
         results.append((False, f"store {cfg.store.url} does not answer: {e}"))
     except Exception as e:  # noqa: BLE001 - every failure is reported in plain words, on one line

@@ -459,7 +459,8 @@ def test_busy_umount_says_when_the_holder_is_the_shell_it_ran_from(mount):
     sh = subprocess.run(["sh", "-c", f'cd "{mount.mnt}" && {" ".join(OSSFUSE)} umount "{mount.mnt}"; echo "shell $$"'],
                         capture_output=True, text=True, timeout=60)
     shell_pid = int(sh.stdout.split()[-1])
-    assert "busy" in sh.stderr and f"pid {shell_pid} (sh, the shell this ran from)" in sh.stderr, sh.stderr
+    assert "busy" in sh.stderr and f"pid {shell_pid} (sh, the shell this ran from: cd out of the mount first)" \
+        in sh.stderr, sh.stderr
     assert sh.stderr.count("\n") == 1 and os.path.ismount(mount.mnt)
 
 

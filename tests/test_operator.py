@@ -307,6 +307,19 @@ def test_check_prints_each_failure_once(tmp_path, cmk_path):
                      "http://127.0.0.1:1: connection refused"], r.stdout
     assert r.stdout.count("connection refused") == 1
 
+    # a credentials file others may read: the store was never asked, and the line says why
+    # (it said "does not answer")
+    creds = tmp_path / "creds.toml"
+    creds.write_text('access_key_id = "id"\naccess_key_secret = "secret"\n')
+    creds.chmod(0o644)
+    path.write_text(path.read_text().replace("retries = 0\n", f'retries = 0\ncredentials_file = "{creds}"\n'))
+    r = run_cli("check", "-c", str(path))
+    assert r.returncode == 1 and r.stderr == "", r.stderr
+    fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
+    assert fails == [f"FAIL  store oss://bkt: no usable credentials: credentials file {creds} has mode 0644: refusing "
+                     f"to use it because group or others may read it; it must be 0600 or stricter (run: chmod 600 "
+                     f"{creds})"], r.stdout
+
 
 # ------------------------------------------------------------------ errno of a wrong CMK
 @pytest.mark.expect_log(r"ossfuse\.fs\.files: cannot open")
