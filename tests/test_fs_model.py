@@ -156,14 +156,20 @@ class FsMachine(RuleBasedStateMachine):
     base_dir: str = ""
     upload_delay = 3600.0  # uploads only by fsync, drain and remount: closes journal
     faults = False
+    remote_like = False  # the store behaves as OSS: listings without metadata, not a local disk
+    attr_timeout = 1.0
 
     def __init__(self) -> None:
         super().__init__()
         self.root = tempfile.mkdtemp(dir=self.base_dir)
         os.makedirs(os.path.join(self.root, "bucket"))
-        self.cfg = _config(self.root, self.cmk_path, upload_delay=self.upload_delay)
+        self.cfg = core_config(self.root, self.cmk_path, upload_delay=self.upload_delay,
+                               attr_timeout=self.attr_timeout, entry_timeout=self.attr_timeout)
         self.inner = LocalStore(os.path.join(self.root, "bucket"))
         self.store = FaultStore(self.inner)
+        if self.remote_like:
+            self.store.listing_has_metadata = False
+            self.store.local_disk = False
         self.fs = self._new_fs()
         self.model = Model()
         self.handles: list[tuple[FileHandle, MFile]] = []
@@ -675,6 +681,15 @@ def _run(machine: type[FsMachine], tmp_path, cmk_path, examples: int, steps: int
             shutil.rmtree(machine.base_dir, ignore_errors=True)
 
 
+class RemoteLikeFsMachine(FsMachine):
+    """Over a store that behaves as OSS (listings without metadata: attributes from HEADs, the
+    attribute cache kept across crashes and remounts, slim versions; reads through the block
+    cache), every attribute stale after 10 ms: lookups revalidate by listing pages."""
+
+    remote_like = True
+    attr_timeout = 0.01
+
+
 # a simulated crash with a file open for writing: the next mount names the unsaved work file it deletes
 _LOST_WORK = r"WARNING ossfuse\.writeback\.journal: unsaved changes of '.*' \(work file "
 
@@ -687,3 +702,8 @@ def test_model_local_store(tmp_path, cmk_path):
 @pytest.mark.expect_log(r"injected fault", _LOST_WORK)
 def test_model_with_store_faults(tmp_path, cmk_path):
     _run(FaultyFsMachine, tmp_path, cmk_path, examples=150, steps=40)
+
+
+@pytest.mark.expect_log(_LOST_WORK)
+def test_model_over_a_store_like_oss(tmp_path, cmk_path):
+    _run(RemoteLikeFsMachine, tmp_path, cmk_path, examples=150, steps=40)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapter", ("ossfuse.fuse_ops",)),
     ("fs", ("ossfuse.fs",)),
     # ``ossfuse.upload`` is a compatibility name for writeback.upload (rekey imports it)
-    ("writeback", ("ossfuse.writeback", "ossfuse.cache", "ossfuse.upload")),
+    ("writeback", ("ossfuse.writeback", "ossfuse.cache", "ossfuse.attrcache", "ossfuse.upload")),
     ("crypto", ("ossfuse.keyring", "ossfuse.kms", "ossfuse.cmk")),
     ("store", ("ossfuse.store",)),
     # the envelope format (pure: parsing, AES-CTR), its integrity tags, configuration, trio helpers

@@ -8,12 +8,13 @@ import os
 import sys
 import time
 
+import pytest
 import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fakes.fault_store import FaultStore  # noqa: E402
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
-from ossfuse.fs import Filesystem  # noqa: E402
+from ossfuse.fs import Filesystem, FsError  # noqa: E402
 from ossfuse.keyring import Keyring  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 
@@ -239,6 +240,71 @@ def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_
                    (json.dumps({**marker.metadata, "mode": str(0o40700)}), "pre/d/e/"))
         await trio.sleep(slow)
         assert (await stat("d", "e")).mode & 0o777 == 0o700
+        fs.close()
+
+    trio.run(main)
+
+
+def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_version(tmp_path, cmk_path):
+    """A mount keeps the attributes its HEADs read in its cache dir (ossfuse/attrcache.py): the
+    next mount with that cache dir answers ``ls -l`` from one LIST where the listing shows the
+    version a kept HEAD described (same ETag, size, Last-Modified second). Another client's
+    new version and its chmod (new Last-Modified) are HEADed; the modes, sizes and content are
+    what the store holds; a file opened from a kept row HEADs its envelope first."""
+    names = _names(20)
+
+    async def main():
+        await _fill(tmp_path, cmk_path, names)
+        fs = _mount(tmp_path, cmk_path, "cache")
+        d = await fs.lookup(fs.get(1), "d")
+        fs.store.counts.clear()
+        assert sorted(await _ls_l(fs, d)) == names
+        assert fs.store.counts["head"] == 20, fs.store.counts  # cold: HEADed once each
+        fs.close()
+
+        inner = fs.store.inner
+        await trio.sleep(1.05)  # Last-Modified has one-second resolution
+        await inner.put_bytes("pre/d/f0003", b"their edit", {})  # another client's new version
+        chmodded = await inner.head("pre/d/f0005")  # another client's chmod: a metadata-only copy
+        inner._db().execute("UPDATE objects SET meta=?, mtime=? WHERE key=?",
+                            (json.dumps({**chmodded.metadata, "mode": str(0o100600)}), time.time(), "pre/d/f0005"))
+
+        fs = _mount(tmp_path, cmk_path, "cache")  # the same cache dir: a remount
+        store = fs.store
+        d = await fs.lookup(fs.get(1), "d")
+        store.counts.clear()
+        listed = await _ls_l(fs, d)
+        assert sorted(listed) == names
+        assert store.counts["list"] == 1 and store.counts["head"] == 2, store.counts  # f0003, f0005
+        assert [listed[n].mode & 0o777 for n in names] == [0o600 if n == "f0005" else 0o644 for n in names]
+        assert [listed[n].size for n in names] == [10 if n == "f0003" else len(b"x%d" % i * 100)
+                                                  for i, n in enumerate(names)]
+        assert not listed["f0001"].version.held  # slim: its envelope is read when it is opened
+        store.counts.clear()
+        h = await fs.open(listed["f0001"], os.O_RDONLY)
+        assert await fs.read(h, 0, 1 << 16) == b"x1" * 100
+        await fs.release(h)
+        assert store.counts["head"] == 1 and store.counts["get_range"] == 1, store.counts
+        fs.close()
+
+        fs = _mount(tmp_path, cmk_path, "cache")  # again: lookups by name, no readdir (rsync, git status)
+        store = fs.store
+        d = await fs.lookup(fs.get(1), "d")
+        store.counts.clear()
+        found = [await fs.lookup(d, n) for n in names]
+        assert [n.size for n in found] == [10 if n == "f0003" else len(b"x%d" % i * 100) for i, n in enumerate(names)]
+        assert found[5].mode & 0o777 == 0o600
+        # one page proves all but f0003, another client's plaintext object (never kept: a HEAD)
+        assert store.counts["list"] == 1 and store.counts["head"] == 1, store.counts
+        with pytest.raises(FsError):
+            await fs.lookup(d, "f9999")  # nothing kept, nothing there
+        fs.close()
+
+        fs = _mount(tmp_path, cmk_path, "cache-elsewhere")  # another machine: nothing kept
+        d = await fs.lookup(fs.get(1), "d")
+        fs.store.counts.clear()
+        assert sorted(await _ls_l(fs, d)) == names
+        assert fs.store.counts["head"] == 20, fs.store.counts
         fs.close()
 
     trio.run(main)

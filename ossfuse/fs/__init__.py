@@ -11,9 +11,11 @@ invariants): ``naming`` (paths ↔ keys), ``inodes`` (inode table, lookup counts
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 
+from ..attrcache import AttrCache
 from ..cache import BlockCache
 from ..config import Config
 from ..keyring import Keyring
@@ -93,6 +95,8 @@ class Filesystem:
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
         self.resolver.stat_ahead = self.directories.stat_ahead
+        if not store.listing_has_metadata:  # (a listing with metadata says all a HEAD would)
+            self.resolver.attr_cache = AttrCache(os.path.join(cfg.cache.dir, "attrs.sqlite"))
 
     def track_store_health(self, health) -> None:
         """Attach ``health`` (``store.health.StoreHealth``) to the store: from now on an
@@ -203,6 +207,8 @@ class Filesystem:
             if node.staged is not None:
                 node.staged.close()
         self.cache.close()
+        if self.resolver.attr_cache is not None:
+            self.resolver.attr_cache.close()
 
     # -- FUSE operations (each documented where it lives) -----------------------------------
     def get(self, ino: int) -> Node:

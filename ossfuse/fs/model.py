@@ -133,6 +133,16 @@ class Version:
         self._names = self._values = None
         return True
 
+    @classmethod
+    def slim_of(cls, key: str, etag: str, size: int, modified: float) -> "Version":
+        """A slim encrypted version known without its metadata (a HEAD an earlier mount kept:
+        ``attrcache``); whoever needs the metadata HEADs it and :meth:`fill`s it."""
+        v = cls.__new__(cls)
+        v.key, v.etag, v.size, v.modified = key, etag, size, modified
+        v._names = v._values = None
+        v._wrapped, v.envelope = _UNPARSED, None
+        return v
+
     def fill(self, metadata: dict[str, str]) -> None:
         """Hold ``metadata`` again: the user metadata a HEAD just returned for *this* version
         (the caller checked the ETag: a different one is another version, never filled in)."""

@@ -35,6 +35,7 @@ from typing import Callable
 
 from ..aio import run_all
 from ..integrity import LIST_DIR
+from ..attrcache import RememberedAttrs
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 from .errors import FsError, errno_of, store_request
@@ -76,6 +77,9 @@ class DirectoryReader:
         # handle → {snapshot index: what its HEAD said}, for the entries of the last batch the
         # kernel has not taken yet: their nodes are dropped, the next call needs no new HEAD
         self._headed: dict[int, dict[int, ObjectInfo | None]] = {}
+        # handle → {snapshot index: the HEAD an earlier mount kept of that entry's key}, and
+        # how far the snapshot was looked up there (attrcache: one query per READDIR_BATCH)
+        self._kept: dict[int, tuple[dict[int, RememberedAttrs], int]] = {}
         # directory path → (handle, the last STAT_AHEAD listed-only nodes handed out by id, inode
         # numbers of them looked up since): what stat_ahead HEADs together
         self._listed_batch: dict[str, tuple[int, dict[int, Node], set[int]]] = {}
@@ -93,6 +97,7 @@ class DirectoryReader:
         self._drop_untaken(fh)
         self._listed_at.pop(fh, None)
         self._headed.pop(fh, None)
+        self._kept.pop(fh, None)
         for path in [p for p, (owner, _, _) in self._listed_batch.items() if owner == fh]:
             del self._listed_batch[path]
 
@@ -208,6 +213,7 @@ class DirectoryReader:
             h.entries_path = h.node.path  # list_entries returned at once: the path it listed
             self._listed_at[h.fh] = listed_at
             self._headed.pop(h.fh, None)
+            self._kept.pop(h.fh, None)
         listed_at = self._listed_at.get(h.fh, 0.0)
         headed = self._headed.setdefault(h.fh, {})
         for k in [k for k in headed if k < start]:
@@ -248,6 +254,7 @@ class DirectoryReader:
             headed.clear()
             batch = h.entries[start:start + len(batch)]
         moved = False
+        kept = self._kept_rows(h, start, dir_path) if not from_listing else {}
         for i, (name, known, listed, is_dir) in enumerate(batch):
             if known is not None:
                 resolved[i] = known
@@ -264,6 +271,9 @@ class DirectoryReader:
                 settle(i, path, is_dir, listed)  # the listing said all a HEAD would
             elif start + i in headed:
                 settle(i, path, is_dir, headed[start + i])  # HEADed by an earlier call of this listing
+            elif node is None and listed is not None and resolver.kept_proves(kept.get(start + i), listed):
+                resolved[i] = made = resolver.node_from_kept(path, listed, kept[start + i], listed_at)
+                self._made.setdefault(h.fh, []).append(made)  # an earlier mount's HEAD of this version
             else:
                 to_head.append((i, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
         if to_head and not from_listing:
@@ -280,6 +290,8 @@ class DirectoryReader:
                     continue
                 if listed is not None and self.store.listing_has_metadata:
                     continue
+                if node is None and listed is not None and resolver.kept_proves(kept.get(start + j), listed):
+                    continue  # its step makes it from the kept HEAD
                 to_head.append((j, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
         try:
             if to_head:
@@ -297,6 +309,9 @@ class DirectoryReader:
                     headed[start + i] = info
                     if i < len(batch):
                         settle(i, path, is_dir, info)
+                if not moved:
+                    resolver.keep([info for (_i, _p, is_dir, _k), info in zip(to_head, infos, strict=True)
+                                   if info is not None and not is_dir])
         finally:
             reused = {id(n) for n in resolved.values()}
             for n in untaken:
@@ -324,6 +339,26 @@ class DirectoryReader:
             while len(handed) > STAT_AHEAD:
                 del handed[next(iter(handed))]  # the oldest: ls stats as it reads
         return [(start + i + 1, name, resolved[i]) for i, (name, *_rest) in enumerate(batch) if i in resolved]
+
+    def _kept_rows(self, h: DirHandle, start: int, dir_path: str) -> dict[int, RememberedAttrs]:
+        """The HEADs an earlier mount kept (``attrcache``) of the files of snapshot ``h``'s
+        entries, by snapshot index, looked up up to READDIR_BATCH entries past ``start``
+        (the entries this call and its HEAD-ahead may need), each entry once per snapshot."""
+        cache = self.resolver.attr_cache
+        if cache is None or h.entries is None:
+            return {}
+        rows, done = self._kept.get(h.fh, ({}, 0))
+        end = min(len(h.entries), start + READDIR_BATCH)
+        if end > done:
+            by_path = self.inodes.by_path
+            wanted = {self.naming.key(join(dir_path, name)): i for i, (name, known, listed, is_dir)
+                      in enumerate(h.entries[max(done, start):end], max(done, start))
+                      if known is None and listed is not None and not is_dir
+                      and by_path.get(join(dir_path, name)) is None}
+            for key, row in cache.get_many(list(wanted)).items():
+                rows[wanted[key]] = row
+            self._kept[h.fh] = (rows, end)
+        return rows
 
     def _from_listing(self, fh: int, path: str, node: Node | None, listed: ObjectInfo | None,
                       is_dir: bool) -> Node:

@@ -30,6 +30,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from ..attrcache import AttrCache, RememberedAttrs
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline, first_time_offline
@@ -37,7 +38,7 @@ from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .locks import NameLocks
-from .model import ROOT_INO, Node, RecentVersions, name_settled
+from .model import ROOT_INO, Node, RecentVersions, Version, name_settled
 from .namecache import NameCache
 from .naming import Naming, base_name, join, parent_of
 from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
@@ -53,6 +54,7 @@ RECENT_VERSIONS = 2048
 # a directory above it cannot take meanwhile: renames back to back cannot starve a lookup
 UNLOCKED_TRIES = 3
 MOVE_RETRIES = 16  # then EIO (only if the path moves again each time its lock is waited for)
+KEPT_LISTED_MAX = 4 * 256  # names _kept_listed holds at most (then emptied: a lookup HEADs)
 RELIST_PAGE = 256  # names listed to revalidate a stale file and the names after it (a small page: a lone stale file costs little more than its HEAD)
 
 
@@ -92,9 +94,15 @@ class Resolver:
         self.recent = RecentVersions(RECENT_VERSIONS)
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
         self._relisting: dict[str, tuple[trio.Event, float]] = {}
+        # path → (listing entry, kept HEAD, monotonic answer time) of names without a node that
+        # a revalidating LIST page proved from the attribute cache, until their lookup
+        self._kept_listed: dict[str, tuple[ObjectInfo, RememberedAttrs, float]] = {}
         self.pending_delete = pending_delete
         # removed_dir(dkey): a prefix left only by pending deletes of a directory this mount removed
         self.removed_dir = removed_dir
+        # attributes HEADs read, kept across mounts (attrcache; set by Filesystem on a store
+        # whose listings carry no metadata): a listing that shows the same version proves them
+        self.attr_cache: AttrCache | None = None
         # set by Filesystem: DirectoryReader.stat_ahead, called before a listed-only node is
         # looked up (HEADs its readdir batch together once a second one of it is looked up)
         self.stat_ahead: Callable[[Node], Awaitable[None]] | None = None
@@ -143,21 +151,78 @@ class Resolver:
                 node.checked_at = max(node.checked_at, now)
             path = parent_of(path)
 
+    def keep(self, infos: list[ObjectInfo]) -> None:
+        """HEAD answers about files: kept across mounts (``attrcache``) when they can be; the
+        rows of the others dropped (a stale row costs a lookup a LIST before its HEAD)."""
+        if self.attr_cache is not None:
+            keepable = [i for i in infos if i.etag and i.mtime > 0 and AttrCache.keepable(i.metadata)]
+            self.attr_cache.put_many([(i.key, i.etag, i.size, i.mtime, i.metadata) for i in keepable])
+            if len(keepable) < len(infos):
+                kept = {id(i) for i in keepable}
+                self.attr_cache.forget([i.key for i in infos if id(i) not in kept])
+
+    def kept_proves(self, kept: RememberedAttrs | None, listed: ObjectInfo) -> bool:
+        """Whether a kept HEAD answer is about the version listing entry ``listed`` shows (the
+        rule of :meth:`listing_proves`: same ETag, size and Last-Modified second)."""
+        return (kept is not None and kept.size == listed.size and int(kept.modified) == int(listed.mtime)
+                and same_etag(kept.etag, listed.etag))
+
+    def node_from_kept(self, path: str, listed: ObjectInfo, kept: RememberedAttrs, listed_at: float) -> Node:
+        """A new node for listing entry ``path`` from the HEAD an earlier mount kept of that
+        version (the caller checked :meth:`kept_proves`): its attributes as that HEAD said
+        (this mount's defaults where it carried none), a slim version (``Version.slim_of``:
+        an open HEADs the envelope), read as of the listing (``listed_at``, monotonic s)."""
+        info = ObjectInfo(listed.key, kept.size, kept.etag, kept.modified, kept.attrs)
+        mode, uid, gid, mtime = self.defaults.attrs_from_info(info, False)
+        node = self.inodes.new_node(path, mode, uid, gid, mtime, kept.size, found=True)
+        node.ctime_ns, node.atime_ns = times_from_info(info, mtime)
+        node.version = Version.slim_of(listed.key, kept.etag, kept.size, kept.modified)
+        node.checked_at = listed_at
+        return node
+
     async def revalidate_from_listing(self, node: Node) -> bool:
         """Prove a stale file's attributes current with one LIST page of its directory starting
-        at its name (RELIST_PAGE names: the ones after it are proven too, as of the answer).
-        One revalidating LIST per directory at a time; others wait for it. False when the page
-        does not prove it (another version, gone, a version this mount made and never HEADed,
-        or the LIST failed): the caller HEADs it."""
+        at its name (:meth:`_list_page_from`). False when the page does not prove it (another
+        version, gone, a version this mount made and never HEADed, or the LIST failed): the
+        caller HEADs it."""
         v = node.version
         if node.is_dir or node.staged is not None or v is None or v.modified <= 0 or not node.path:
             return False
-        dir_path = parent_of(node.path)
-        dkey, key = self.naming.dir_key(dir_path), self.naming.key(node.path)
+        return await self._list_page_from(parent_of(node.path), self.naming.key(node.path),
+                                          lambda started: node.checked_at >= started)
+
+    async def _from_kept(self, path: str) -> tuple[ObjectInfo, RememberedAttrs, float] | None:
+        """For a lookup of ``path``, which has no node: (listing entry, kept HEAD, monotonic
+        time of the listing's answer) when an earlier mount kept a HEAD (``attrcache``) of the
+        version a listing shows there: the one page :meth:`_list_page_from` takes from its
+        name, or one taken by a lookup of a name before it less than attr_timeout ago (``rsync``
+        and ``git status`` stat a tree's files in name order: one LIST per RELIST_PAGE names,
+        not a HEAD each). None: a HEAD is needed."""
+        assert self.attr_cache is not None
+        entry = self._kept_listed.pop(path, None)
+        if entry is not None and time.monotonic() - entry[2] < self.attr_timeout:
+            return entry
+        key = self.naming.key(path)
+        if not self.attr_cache.get_many([key]):
+            return None  # nothing kept: HEAD it
+        if await self._list_page_from(parent_of(path), key,
+                                      lambda started: self._kept_listed.get(path, (None, None, -1.0))[2] >= started):
+            return self._kept_listed.pop(path, None)
+        return None
+
+    async def _list_page_from(self, dir_path: str, key: str, proved: Callable[[float], bool]) -> bool:
+        """One LIST page of directory ``dir_path`` from ``key`` on (RELIST_PAGE names), and what
+        it proves as of its answer: the known files whose version it shows (:meth:`note_listed`)
+        and, for names without a node, the HEADs an earlier mount kept of the versions it shows
+        (``_kept_listed``, for their lookups). One such LIST per directory at a time: a caller
+        that finds one running waits for it and asks ``proved(started)`` (``started``: the
+        monotonic start of that LIST) whether it proved what it needs, else lists itself.
+        Returns ``proved(started)`` of its own LIST (False when the LIST failed)."""
+        dkey = self.naming.dir_key(dir_path)
         pending = self._relisting.get(dkey)
         if pending is not None:
             await pending[0].wait()
-            if node.checked_at >= pending[1]:
+            if proved(pending[1]):
                 return True
         done, started = trio.Event(), time.monotonic()
         self._relisting[dkey] = (done, started)
@@ -173,15 +238,23 @@ class Resolver:
         finally:
             if self._relisting.get(dkey) == (done, started):
                 del self._relisting[dkey]
-            done.set()
-        by_path, proven, answered = self.inodes.by_path, False, time.monotonic()
+            done.set()  # (the waiters run once this task awaits again: after the notes below)
+        by_path, answered = self.inodes.by_path, time.monotonic()
+        unknown = {join(dir_path, o.key[len(dkey):]): o for o in page.objects
+                   if by_path.get(join(dir_path, o.key[len(dkey):])) is None and not self.pending_delete(o)}
+        kept = self.attr_cache.get_many([o.key for o in unknown.values()]) if self.attr_cache and unknown else {}
+        if len(self._kept_listed) > KEPT_LISTED_MAX:
+            self._kept_listed.clear()
         for o in page.objects:
-            n = by_path.get(join(dir_path, o.key[len(dkey):]))
-            if n is not None and self.note_listed(n, o, answered) and n is node:
-                proven = True
+            path = join(dir_path, o.key[len(dkey):])
+            n = by_path.get(path)
+            if n is not None:
+                self.note_listed(n, o, answered)
+            elif path in unknown and self.kept_proves(kept.get(o.key), o):
+                self._kept_listed[path] = (o, kept[o.key], answered)
         if page.objects and by_path.get(dir_path) is dir_node:  # (not renamed meanwhile)
             self.seen_below(dir_path, dir_itself=True)
-        return proven
+        return proved(started)
 
     async def probe(self, path: str) -> tuple[ObjectInfo | None, bool] | None:
         """What is at ``path`` in the store: (object info, False) for a file, (marker info or
@@ -288,6 +361,14 @@ class Resolver:
             return by_path.get(path)  # None, unless a task created it meanwhile
         if known is not None and by_path.get(path) is known and await self.revalidate_from_listing(known):
             return by_path.get(path)  # known, unless a task replaced or removed it meanwhile
+        if known is None and self.attr_cache is not None and (kept := await self._from_kept(path)) is not None:
+            if _moved(path, parent, known):
+                raise PathMoved(path)
+            current = by_path.get(path)
+            if current is not None:
+                return current  # another task resolved (or created) it while we waited
+            self.seen_below(path)
+            return self.node_from_kept(path, *kept)
         try:
             found = await self.probe(path)
         except StoreOffline:
@@ -308,6 +389,8 @@ class Resolver:
             return None
         info, is_dir = found
         self.seen_below(path)
+        if not is_dir and info is not None:
+            self.keep([info])
         if known is not None and stat.S_IFMT(known.mode) == stat.S_IFMT(self.defaults.attrs_from_info(info, is_dir)[0]):
             self.refresh(known, info)
             return known
@@ -414,4 +497,5 @@ class Resolver:
         if info is None:
             raise FsError(errno.ENOENT)
         self.seen_below(path)
+        self.keep([info])
         self.refresh(node, info, opening=opening)

@@ -1,0 +1,149 @@
+"""Attributes of encrypted objects that a HEAD read, kept across mounts in the cache dir, so a
+listing can prove them current without asking again (issue 14: ``ls -l`` of N files, "fewer
+[HEADs] where the listing already proves the attributes are current").
+
+A row is (object key → ETag, size, Last-Modified, the attribute headers ``mode``, ``uid``,
+``gid``, ``mtime``, ``ctime``, ``atime``). It is used only when a listing entry of that key
+shows the same ETag, size and Last-Modified second: the rule by which a listing proves an
+in-memory node current (``fs/resolve.py``). Only encrypted objects without a device number are
+kept: each version of one has its own random data key and IV, so an equal ETag (the MD5 of the
+ciphertext) is the same upload, or a copy of it, which OSS gives a new Last-Modified. What is
+missed is what the in-memory rule misses: another client's metadata-only copy in the same
+second as the HEAD that was kept. The envelope headers are not kept: a file opened from such a
+row HEADs its object first (a slim version, ``fs/model.py``).
+
+It is a cache: SQLite in WAL mode, commits not fsynced (a lost row costs one HEAD), at most
+``max_rows`` rows (the oldest dropped), an unreadable file replaced. Names and attributes are
+what the bucket shows in plaintext anyway; the file is mode 0600 in the private cache dir.
+Used from the trio thread only; each call is a few microseconds of SQLite, no await.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import stat
+from typing import Iterable, NamedTuple
+
+from .envelope import is_encrypted
+
+log = logging.getLogger(__name__)
+
+ATTR_NAMES = ("mode", "uid", "gid", "mtime", "ctime", "atime")  # the x-oss-meta-* kept
+MAX_ROWS = 500_000  # ~100 bytes each: a few tens of MB at most
+_PRUNE_EVERY = 4096  # puts between two checks of the row count
+_SPECIAL = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+_QUERY_CHUNK = 500  # keys per SELECT (SQLite's default limit of host parameters is 999+)
+
+
+class RememberedAttrs(NamedTuple):
+    """What a kept HEAD said of one object: ``etag``, ``size`` (bytes), ``modified`` (its
+    Last-Modified, epoch seconds) and ``attrs`` (the kept ``x-oss-meta-*`` attribute values)."""
+
+    etag: str
+    size: int
+    modified: float
+    attrs: dict[str, str]
+
+
+class AttrCache:
+    """The rows of one mount's cache dir (``path``: ``<cache dir>/attrs.sqlite``)."""
+
+    def __init__(self, path: str, max_rows: int = MAX_ROWS):
+        self.path = path
+        self.max_rows = max_rows
+        self._puts = 0
+        try:
+            self._db: sqlite3.Connection | None = self._open()
+        except sqlite3.DatabaseError as e:
+            log.info("attribute cache %s is unreadable (%s): starting a new one", path, e)
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(path + suffix)
+                except FileNotFoundError:
+                    pass
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")  # a cache: a lost row costs one HEAD
+        db.execute("CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT NOT NULL,"
+                   " size INTEGER NOT NULL, modified REAL NOT NULL, attrs TEXT NOT NULL)")
+        return db
+
+    @staticmethod
+    def keepable(metadata: dict[str, str]) -> bool:
+        """Whether an object with user ``metadata`` is kept: encrypted (an envelope's key
+        header), a regular file, directory marker or symlink by its mode (a device node's
+        number is read from the full metadata)."""
+        if not is_encrypted(metadata) or "rdev" in metadata:
+            return False
+        try:
+            kind = int(metadata.get("mode", "0")) & 0o170000  # (any size: out of range is the reader's)
+        except ValueError:
+            kind = 0
+        return kind not in _SPECIAL
+
+    def put(self, key: str, etag: str, size: int, modified: float, metadata: dict[str, str]) -> None:
+        """Keep what a HEAD of ``key`` said (the caller checked :meth:`keepable`). A failing
+        write is logged at INFO and forgotten: a cache."""
+        self.put_many([(key, etag, size, modified, metadata)])
+
+    def put_many(self, rows: Iterable[tuple[str, str, int, float, dict[str, str]]]) -> None:
+        """:meth:`put` of several rows in one transaction."""
+        if self._db is None:
+            return
+        values = [(key, etag, size, modified, json.dumps({n: metadata[n] for n in ATTR_NAMES if n in metadata},
+                                                           separators=(",", ":")))
+                  for key, etag, size, modified, metadata in rows]
+        if not values:
+            return
+        try:
+            with self._db:  # one transaction
+                self._db.executemany("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)", values)
+            self._puts += len(values)
+            if self._puts >= _PRUNE_EVERY:
+                self._puts = 0
+                self._db.execute("DELETE FROM attrs WHERE rowid <= (SELECT max(rowid) FROM attrs) - ?",
+                                 (self.max_rows,))
+        except sqlite3.Error as e:
+            log.info("attribute cache %s: cannot keep %d rows: %s", self.path, len(values), e)
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop the rows of ``keys`` (their objects now hold versions that are not kept)."""
+        if self._db is None or not keys:
+            return
+        try:
+            with self._db:
+                self._db.executemany("DELETE FROM attrs WHERE key=?", [(k,) for k in keys])
+        except sqlite3.Error as e:
+            log.info("attribute cache %s: cannot drop %d rows: %s", self.path, len(keys), e)
+
+    def get_many(self, keys: list[str]) -> dict[str, RememberedAttrs]:
+        """The rows kept for ``keys`` (absent ones left out; none when the file fails)."""
+        found: dict[str, RememberedAttrs] = {}
+        if self._db is None or not keys:
+            return found
+        try:
+            for i in range(0, len(keys), _QUERY_CHUNK):
+                chunk = keys[i:i + _QUERY_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for key, etag, size, modified, attrs in self._db.execute(
+                        f"SELECT key, etag, size, modified, attrs FROM attrs WHERE key IN ({marks})", chunk):
+                    found[key] = RememberedAttrs(etag, size, modified, json.loads(attrs))
+        except (sqlite3.Error, ValueError) as e:
+            log.info("attribute cache %s: cannot read: %s", self.path, e)
+        return found
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
