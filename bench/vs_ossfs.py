@@ -253,12 +253,13 @@ class Bench:
     def cold(self, c: str, keep_keys: bool = False) -> None:
         """Make the next mount cold: empty the client's own cache, drop the page cache.
         ``keep_keys``: ossfuse keeps its data-key cache (``datakeys.sqlite``: the unwrapped data
-        keys of files this machine wrote or read, sealed under the CMK), as on the machine that
-        wrote the files; without it the mount is as cold as on another machine."""
+        keys of files this machine wrote or read, sealed under the CMK) and its attribute cache
+        (``attrs.sqlite``: what its HEADs read), as on the machine that wrote the files; without
+        them the mount is as cold as on another machine."""
         if c == "ossfuse":
             d = os.path.join(self.work, "cache-ossfuse")
             for n in os.listdir(d):
-                if keep_keys and n.startswith("datakeys.sqlite"):
+                if keep_keys and n.startswith(("datakeys.sqlite", "attrs.sqlite")):
                     continue
                 if n != "staging" and not n.endswith(".log"):
                     p = os.path.join(d, n)
@@ -380,7 +381,12 @@ class Bench:
         if n != self.args.nsmall:
             self.problems.append(f"{c}: small{d} has {n} files")
         # again from a cold mount, but on the machine that wrote (and now read) them: ossfuse's
-        # data-key cache is kept (no RSA per file); ossfs has nothing like it
+        # data-key and attribute caches are kept (no RSA per file, no HEAD per listed file);
+        # ossfs has nothing like them
+        self.umount(c)
+        self.cold(c, keep_keys=True)
+        self.mount(c)
+        self.step(d, r, c, "ls500k", self.run_cmd(["ls", "-l", f"{m}/small{d}"]))
         self.umount(c)
         self.cold(c, keep_keys=True)
         self.mount(c)
@@ -508,6 +514,7 @@ LABELS = [  # label, steps summed per round
     ("cp -r N × 4 KiB, until in bucket", ["create_op", "create_umount"]),
     ("ls -l N files (cold mount)", ["ls500"]),
     ("cat N files", ["cat500"]),
+    ("ls -l N files, cold mount, attributes kept", ["ls500k"]),
     ("cat N files, cold mount, data keys cached", ["cat500k"]),
     ("rm -r N files (the op)", ["rm_op"]),
     ("rm -r N files, until in bucket", ["rm_op", "rm_umount"]),

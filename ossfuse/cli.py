@@ -76,6 +76,9 @@ def split_mount_options(cfg, options: list[str]):
                    None if 0 <= mount[name] <= 0o777 else "must be 0 to 777 (octal)")
             if why is not None:
                 raise ValueError(f"-o {opt}: {name} {why}")
+        elif name == "subtype":
+            raise ValueError(f"-o {opt}: ossfuse mounts have the type fuse.ossfuse (umount and status find "
+                             f"them by it)")
         elif name == "allow_other":
             mount["allow_other"] = True  # default_permissions is always on, so modes are enforced
         else:
@@ -741,12 +744,17 @@ def cmd_check(args) -> int:
     logging.disable(logging.CRITICAL)
     try:
         results = rekey.check(cfg, keyring, store)
+        # objects this config cannot read do not keep the others from being verified (each
+        # one it cannot read is a FAIL line of its own there); a CMK or store failure does
+        blocking = [line for ok, line in results if not ok and rekey.UNREADABLE_SAMPLE not in line]
         summary = trio.run(lambda: rekey.verify(cfg, store, keyring, path=args.verify)) \
-            if args.verify is not None and all(ok for ok, _ in results) else None
+            if args.verify is not None and not blocking else None
     finally:
         logging.disable(logging.NOTSET)
     for ok, line in results:
         print(("ok    " if ok else "FAIL  ") + line)
+    if args.verify is not None and blocking:
+        print("--verify was not run: fix the failures above first")
     if summary is not None:
         print(summary.render())
         if summary.failed:
@@ -816,13 +824,34 @@ def _encrypted_object_in(bucket: str, limit: int = 100) -> str | None:
     return trio.run(find)
 
 
+def _journaled_in(cache_dir: str) -> int:
+    """How many journal records (closed files not uploaded yet) the cache dir holds."""
+    try:
+        return sum(1 for n in os.listdir(os.path.join(cache_dir, "staging")) if n.endswith(".json"))
+    except OSError:
+        return 0
+
+
 def cmd_quickstart(args) -> int:
     """Create (once) a CMK, a config and a local bucket, then mount it."""
     root = os.geteuid() == 0
-    etc = args.etc or ("/etc/ossfuse" if root else os.path.expanduser("~/.config/ossfuse"))
-    var = args.var or ("/var/lib/ossfuse" if root else os.path.expanduser("~/.local/share/ossfuse"))
-    cache = args.cache or ("/var/cache/ossfuse/default" if root else os.path.expanduser("~/.cache/ossfuse/default"))
+    # absolute: the config's paths are relative to the config file, not to where this ran
+    etc = os.path.abspath(args.etc or ("/etc/ossfuse" if root else os.path.expanduser("~/.config/ossfuse")))
+    var = os.path.abspath(args.var or ("/var/lib/ossfuse" if root else os.path.expanduser("~/.local/share/ossfuse")))
+    cache = os.path.abspath(args.cache or ("/var/cache/ossfuse/default" if root
+                                           else os.path.expanduser("~/.cache/ossfuse/default")))
     mp = _mount_point_arg(args.mountpoint or ("/mnt/ossfuse" if root else os.path.expanduser("~/ossfuse")))
+    for what, path in (("--etc", etc), ("--var", var), ("--cache", cache), ("mount point", mp)):
+        if os.path.exists(path) and not os.path.isdir(path) and mounted_type(path) is None:
+            return _die(f"{what} {path} is not a directory")
+    try:
+        return _quickstart(args, etc, var, cache, mp)
+    except OSError as e:  # a directory or key that cannot be made: one line, not a traceback
+        return _die(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+
+
+def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
+    """:func:`cmd_quickstart` with its paths made absolute and checked. Raises OSError."""
     bucket = os.path.join(var, "bucket")
     key = os.path.join(etc, "default.pem")
     conf = os.path.join(etc, "default.toml")
@@ -844,7 +873,7 @@ def cmd_quickstart(args) -> int:
             return _die(f"{conf} exists and uses the bucket {used} and the cache dir {cfg.cache.dir}, not "
                         f"{' and '.join(differs)} (--var and --cache count only when quickstart creates the "
                         f"config): pass another --etc, or edit {conf}")
-        bucket = used
+        bucket, cache = used, cfg.cache.dir
         print(f"using the existing config {conf} (made by an earlier quickstart)")
     os.makedirs(etc, mode=0o700, exist_ok=True)
     if "://" not in bucket and not os.path.exists(conf):
@@ -858,6 +887,11 @@ def cmd_quickstart(args) -> int:
             return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
                         f"a new CMK could not read them; pass --etc with the directory of their key, or "
                         f"--new-key to make a new one anyway")
+        journaled = _journaled_in(cache)
+        if not args.new_key and journaled:
+            return _die(f"the cache dir {cache} holds {journaled} journaled file(s) not uploaded yet and {key} does "
+                        f"not exist: they are encrypted under it; pass --etc with the directory of their key, or "
+                        f"--new-key to make a new one anyway (they would then be uploaded unreadable)")
         if os.path.exists(key + ".pub"):  # the public half of the missing CMK: useless, kept aside
             os.replace(key + ".pub", key + ".pub.old")
             print(f"moved {key}.pub, the public key of the missing CMK, to {key}.pub.old")

@@ -453,6 +453,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             life.close_session()
             if life.failure:
                 readiness.failed(life.failure)
+            else:  # (nothing once ready was said)
+                readiness.failed(f"the mount at {mountpoint} ended before it answered; its log says why"
+                                 + (f" (check the -o options: {', '.join(options)})" if options else ""))
             log.info("unmounted %s; finishing pending uploads", mountpoint)
             tasks.start_soon(_report_drain, fs, name="drain progress")
             writers = _open_writers(fs)
@@ -571,6 +574,10 @@ async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Read
         if life.state != "serving":
             return  # the mount stopped before it answered: the stop's cause is logged already
         raise
+    if life.state != "serving" or mounted_device(mountpoint) is None:
+        # the session ended at once (libfuse refused an option at FUSE_INIT, e.g. max_read):
+        # the stat answered from the bare directory; the end of run() tells the starter
+        return
     set_read_ahead(mountpoint, cfg.mount.read_ahead_kib)  # after FUSE_INIT, which resets it
     # the device: `ossfuse umount` of a bind mount of it finds this record by it
     write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,

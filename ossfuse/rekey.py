@@ -262,6 +262,9 @@ async def _wrapping_cmk(keyring: Keyring, wrapped: env.WrappedEnvelope, picked: 
     return other, await trio.to_thread.run_sync(keyring.open_envelope, wrapped, other)
 
 
+UNREADABLE_SAMPLE = "sampled encrypted objects cannot be read with this config's keys"  # a check line
+
+
 def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool, str]]:
     """Prove each CMK can wrap and unwrap (a KMS CMK reaches KMS), that each CMK that encrypts
     new files is the one this configuration reads them with, and that the store answers a
@@ -298,8 +301,7 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
         results.append((True, f"store {cfg.store.url} answers (prefix {cfg.store.prefix or '/'!r})"))
         if unreadable:
             key, why = unreadable[0]
-            results.append((False, f"{len(unreadable)} of {sampled} sampled encrypted objects cannot be read "
-                                   f"with this config's keys: e.g. {key!r} ({why})"))
+            results.append((False, f"{len(unreadable)} of {sampled} {UNREADABLE_SAMPLE}: e.g. {key!r} ({why})"))
         elif sampled:
             results.append((True, f"{sampled} sampled encrypted objects open with this config's keys"))
     except CredentialsError as e:  # no request was sent: the store was never asked

@@ -699,6 +699,7 @@ def test_a_mount_prunes_the_records_of_daemons_that_exited_long_ago(tmp_path, cm
     ("gid=x", "-o gid=x: gid needs a number"),
     ("umask=999", "-o umask=999: umask needs an octal number"),
     ("umask=1000", "-o umask=1000: umask must be 0 to 777 (octal)"),
+    ("subtype=zz", "-o subtype=zz: ossfuse mounts have the type fuse.ossfuse (umount and status find them by it)"),
 ])
 def test_bad_uid_gid_umask_options_are_one_line_errors(tmp_path, cmk_path, opt, message, no_mount_left):
     """-o uid/gid/umask out of range: one line naming the option (uid=-5 mounted, then every
@@ -708,6 +709,21 @@ def test_bad_uid_gid_umask_options_are_one_line_errors(tmp_path, cmk_path, opt, 
     r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path), "-o", opt)
     assert r.returncode != 0 and r.stderr == f"ossfuse: {message}\n", r.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_an_option_libfuse_refuses_after_mounting_fails_the_mount(tmp_path, cmk_path, no_mount_left):
+    """-o max_read=4096: libfuse ends the session at FUSE_INIT, after the mount was made;
+    `ossfuse mount` exited 0 with nothing mounted (new-user trial: its stat answered from the
+    bare directory). Now it fails in one line and leaves no mount."""
+    path = _config(tmp_path, _base(tmp_path, cmk_path))
+    os.makedirs(tmp_path / "mnt", exist_ok=True)
+    r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path), "-o", "max_read=4096")
+    assert r.returncode == 1 and r.stderr == (f"ossfuse: the mount at {tmp_path}/mnt ended before it answered; its log "
+                                              "says why (check the -o options: max_read=4096)\n"), r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+    with open(tmp_path / "cache" / "ossfuse.log") as f:
+        log = f.read()
+    assert "requested different maximum read size" in log and " mounted " not in log, log
 
 
 @pytest.mark.parametrize("given, read_only", [

@@ -433,6 +433,10 @@ def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL  2 of 2 sampled encrypted objects cannot be read with this config's keys: e.g. 'pre/f1' " \
            "(matdesc (none): no configured CMK unwraps its data key" in r.stdout, r.stdout
+    r = run_cli("check", "-c", wrong, "--verify")  # it was skipped without a word (new-user trial)
+    assert r.returncode == 1, r.stdout + r.stderr
+    fails = [ln.split(" (ETag")[0] for ln in r.stdout.splitlines() if ln.startswith("FAIL  pre/")]
+    assert fails == ["FAIL  pre/f1", "FAIL  pre/f2"] and "failed: 2" in r.stdout, r.stdout
     right = local_config(tmp_path, {"main": cmk_path})
     r = run_cli("check", "-c", right)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -521,6 +525,68 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
             f.write(b"under the new CMK")
         with open(os.path.join(mnt, "new"), "rb") as f:
             assert f.read() == b"under the new CMK"
+    finally:
+        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
+            import subprocess
+            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+
+
+def test_quickstart_with_relative_paths_or_files_where_directories_belong(tmp_path):
+    """New-user trial: relative --etc/--var/--cache went into the config as given, where they
+    count from the config's directory (a config that never worked, then tracebacks); a file
+    given where a directory belongs was a traceback. Now relative paths are made absolute and
+    mount, and a file is refused in one line, nothing made."""
+    from conftest import run_cli
+    from ossfuse.registry import mounted_device
+    (tmp_path / "afile").touch()
+    for args, line in [
+        (("--etc", "afile"), f"--etc {tmp_path}/afile is not a directory"),
+        (("--etc", "e2", "--var", "afile"), f"--var {tmp_path}/afile is not a directory"),
+        (("--etc", "e3", "--cache", "afile"), f"--cache {tmp_path}/afile is not a directory"),
+    ]:
+        r = run_cli("quickstart", "m0", *args, cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {line}\n", r.stderr
+    r = run_cli("quickstart", "afile", "--etc", "e4", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == f"ossfuse: mount point {tmp_path}/afile is not a directory\n", r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+    mnt = str(tmp_path / "mnt")
+    try:
+        r = run_cli("quickstart", "mnt", "--etc", "etc", "--var", "var", "--cache", "cache", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        text = (tmp_path / "etc" / "default.toml").read_text()
+        assert f'url = "local://{tmp_path}/var/bucket"' in text and f'"{tmp_path}/etc/default.pem"' in text, text
+        with open(os.path.join(mnt, "f"), "wb") as f:
+            f.write(b"kept")
+        assert run_cli("umount", mnt).returncode == 0
+        r = run_cli("quickstart", "mnt", "--etc", "etc", cwd=tmp_path)  # the README's "again"
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(os.path.join(mnt, "f"), "rb") as f:
+            assert f.read() == b"kept"
+    finally:
+        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
+            import subprocess
+            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+
+
+def test_quickstart_refuses_a_new_key_while_the_cache_dir_holds_journaled_files(tmp_path):
+    """The CMK gone, the bucket empty, but closed files not uploaded yet in the cache dir's
+    journal (a crash before their upload; new-user trial): quickstart made a new CMK and they
+    were uploaded unreadable, without a word. Now it refuses, as for encrypted objects."""
+    from conftest import run_cli
+    from ossfuse.registry import mounted_device
+    mnt, etc, cache = str(tmp_path / "mnt"), tmp_path / "etc", tmp_path / "cache"
+    args = ("quickstart", "--etc", str(etc), "--var", str(tmp_path / "var"), "--cache", str(cache), mnt)
+    try:
+        assert run_cli(*args).returncode == 0
+        assert run_cli("umount", mnt).returncode == 0
+        os.unlink(etc / "default.pem")
+        (cache / "staging" / "0123abcd.json").write_text("{}")  # what a crash leaves (its content is not read)
+        r = run_cli(*args)
+        assert r.returncode == 1 and r.stderr == (
+            f"ossfuse: the cache dir {cache} holds 1 journaled file(s) not uploaded yet and {etc}/default.pem does not "
+            "exist: they are encrypted under it; pass --etc with the directory of their key, or --new-key to make a "
+            "new one anyway (they would then be uploaded unreadable)\n"), r.stderr
+        assert not (etc / "default.pem").exists() and mounted_device(mnt) is None
     finally:
         if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
             import subprocess

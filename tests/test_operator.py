@@ -306,6 +306,8 @@ def test_check_prints_each_failure_once(tmp_path, cmk_path):
     assert fails == ["FAIL  store oss://bkt does not answer: OSS ListObjects '': cannot connect to "
                      "http://127.0.0.1:1: connection refused"], r.stdout
     assert r.stdout.count("connection refused") == 1
+    r = run_cli("check", "-c", str(path), "--verify", env=env)  # a store that does not answer: said, not run
+    assert r.returncode == 1 and r.stdout.splitlines()[-1] == "--verify was not run: fix the failures above first", r.stdout
 
     # a credentials file others may read: the store was never asked, and the line says why
     # (it said "does not answer")
