@@ -9,6 +9,7 @@ mount finishes them).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -417,7 +418,11 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
         elif doc is not None and doc.get("state") == "draining" and now - said_at >= 5:
             p = doc["pending_uploads"]
             if p["count"]:
-                print(f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes",
+                health = doc.get("store_health") or {}
+                why = "" if health.get("online", True) else (
+                    f"; the store is unreachable since {time.strftime('%H:%M:%S', time.localtime(health['offline_since']))}"
+                    f" ({health.get('reason')}): they go up once it answers")
+                print(f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes{why}",
                       file=sys.stderr)
             said_at = now
         elif doc is None and now - said_at >= 5 and process_stopped(pid):
@@ -589,8 +594,11 @@ def _status_down_reason(mp: str, reg: dict | None, stopped: bool) -> str:
     if daemon_gone(mp, reg) is not None:
         return (f"{mp}: the daemon is gone (transport endpoint not connected); run `ossfuse umount {mp}` "
                 f"(or fusermount3 -u {mp})")
-    if mounted_type(mp) is None:  # from mountinfo: a stat would wait on a stuck daemon
+    fstype = mounted_type(mp)  # from mountinfo: a stat would wait on a stuck daemon
+    if fstype is None:
         return f"{mp} is not a mount point" + _why_no_mount_point(mp)
+    if fstype != "fuse.ossfuse":
+        return f"{mp} is not an ossfuse mount (it is {fstype})"
     if reg is not None and not reg.get("exited") and daemon_alive(reg):
         return (f"the ossfuse daemon of {mp} (pid {reg['pid']}) runs but does not answer (stuck, or stopped "
                 f"meanwhile); its log: {os.path.join(reg.get('cache_dir', '<cache dir>'), 'ossfuse.log')}")
@@ -1037,6 +1045,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `ossfuse status MNT | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or e.filename is not None:
+            raise  # (a failed write to stdout names no file)
+        # `ossfuse status --prometheus MNT > file` on a full disk (the cron recipe): one line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"ossfuse {args.command}: cannot write its output: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (umount says more itself)
         print(f"ossfuse {args.command}: interrupted", file=sys.stderr)
         return 130

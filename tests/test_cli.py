@@ -269,6 +269,8 @@ def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
         assert r.returncode == 1 and r.stderr == f"ossfuse: {tmp_path}/{name} is not mounted: {why}\n", r.stderr
         r = ossfuse("status", str(tmp_path / name))
         assert r.returncode == 1 and r.stderr == f"ossfuse: {tmp_path}/{name} is not a mount point: {why}\n", r.stderr
+    r = ossfuse("status", "/proc")  # another filesystem: named (it said no daemon answers)
+    assert r.returncode == 1 and r.stderr == "ossfuse: /proc is not an ossfuse mount (it is proc)\n", r.stderr
 
 
 def test_umount_refuses_a_mount_of_another_type(tmp_path):
@@ -462,6 +464,17 @@ def test_busy_umount_says_when_the_holder_is_the_shell_it_ran_from(mount):
     assert "busy" in sh.stderr and f"pid {shell_pid} (sh, the shell this ran from: cd out of the mount first)" \
         in sh.stderr, sh.stderr
     assert sh.stderr.count("\n") == 1 and os.path.ismount(mount.mnt)
+
+
+def test_status_to_a_full_disk_is_one_line_not_a_traceback(mount):
+    """`ossfuse status --prometheus MNT > file` (the README's cron recipe) on a full disk: one
+    line and exit 1 (it was a traceback)."""
+    for form in ([], ["--prometheus"], ["--json"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(OSSFUSE + ["status", *form, mount.mnt], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr == "ossfuse status: cannot write its output: No space left on device\n", \
+            r.stderr
 
 
 def test_umount_and_status_follow_a_symlink_to_the_mount_point(mount, tmp_path):
