@@ -303,6 +303,19 @@ def _why_no_mount_point(mp: str) -> str:
     return "" if os.path.isdir(mp) else ": not a directory"
 
 
+def _drain_progress(doc: dict) -> str | None:
+    """The line `ossfuse umount` prints every 5 s while the daemon of status ``doc`` drains:
+    what is left, and why it waits when the store is unreachable; None when nothing is left."""
+    p = doc["pending_uploads"]
+    if not p["count"]:
+        return None
+    health = doc.get("store_health") or {}
+    why = "" if health.get("online", True) else (
+        f"; the store is unreachable since {time.strftime('%H:%M:%S', time.localtime(health['offline_since']))}"
+        f" ({health.get('reason')}): they go up once it answers")
+    return f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes{why}"
+
+
 def _umount_and_wait(args, mp: str, unmounted: list) -> int:
     """The body of :func:`cmd_umount`; sets ``unmounted[0]`` once ``mp`` is unmounted here and
     ``unmounted[1]`` to the pid of the daemon it waits for."""
@@ -416,14 +429,9 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
             os.kill(pid, signal.SIGTERM)
             stopped = True
         elif doc is not None and doc.get("state") == "draining" and now - said_at >= 5:
-            p = doc["pending_uploads"]
-            if p["count"]:
-                health = doc.get("store_health") or {}
-                why = "" if health.get("online", True) else (
-                    f"; the store is unreachable since {time.strftime('%H:%M:%S', time.localtime(health['offline_since']))}"
-                    f" ({health.get('reason')}): they go up once it answers")
-                print(f"ossfuse: waiting for {p['count']} pending upload(s), {p['bytes']} bytes{why}",
-                      file=sys.stderr)
+            line = _drain_progress(doc)
+            if line:
+                print(line, file=sys.stderr)
             said_at = now
         elif doc is None and now - said_at >= 5 and process_stopped(pid):
             print(f"ossfuse: the daemon (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and cannot finish "

@@ -466,6 +466,21 @@ def test_busy_umount_says_when_the_holder_is_the_shell_it_ran_from(mount):
     assert sh.stderr.count("\n") == 1 and os.path.ismount(mount.mnt)
 
 
+def test_umount_progress_says_why_it_waits_when_the_store_is_unreachable():
+    """The line printed every 5 s while the daemon drains (it repeated "waiting for 1 pending
+    upload(s)" with no word of the outage: new-user trial)."""
+    from ossfuse.cli import _drain_progress
+    pending = {"count": 1, "bytes": 5242880}
+    assert _drain_progress({"pending_uploads": {"count": 0, "bytes": 0}}) is None
+    assert _drain_progress({"pending_uploads": pending, "store_health": {"online": True}}) == \
+        "ossfuse: waiting for 1 pending upload(s), 5242880 bytes"
+    since = time.mktime((2026, 12, 4, 22, 21, 54, 0, 0, -1))
+    assert _drain_progress({"pending_uploads": pending, "store_health": {
+        "online": False, "offline_since": since, "reason": "connection refused"}}) == \
+        ("ossfuse: waiting for 1 pending upload(s), 5242880 bytes; the store is unreachable since 22:21:54 "
+         "(connection refused): they go up once it answers")
+
+
 def test_status_to_a_full_disk_is_one_line_not_a_traceback(mount):
     """`ossfuse status --prometheus MNT > file` (the README's cron recipe) on a full disk: one
     line and exit 1 (it was a traceback)."""
