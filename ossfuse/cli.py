@@ -783,8 +783,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    if args.bits < 2048:
-        return _die(f"--bits {args.bits}: an RSA CMK needs at least 2048 bits")
+    if not 2048 <= args.bits <= 16384:  # (65536 bits ran for minutes without a word)
+        return _die(f"--bits {args.bits}: an RSA CMK has 2048 to 16384 bits (3072, the default, is the usual)")
+    if not args.path or args.path.endswith("/") or os.path.isdir(args.path):
+        return _die(f"{args.path!r}: give the private key's file name (PATH.pub is written beside it)")
+    if args.path.endswith(".pub"):
+        return _die(f"{args.path}: that names a public key; give the private key's file name "
+                    f"(PATH.pub is written beside it)")
     try:
         parent = os.path.dirname(os.path.abspath(args.path))
         if not os.path.isdir(parent):
@@ -792,9 +797,11 @@ def cmd_keygen(args) -> int:
         from .keyring import generate_rsa_cmk
         generate_rsa_cmk(args.path, args.bits)
     except FileExistsError as e:
+        if e.filename != args.path and not str(e.filename).endswith(".pub"):
+            return _die(f"{e.filename}: not a directory")  # a file where the key's directory belongs
         return _die(f"{e.filename}: already exists; not overwriting a CMK")
     except OSError as e:
-        return _die(f"{args.path}: {e.strerror}")
+        return _die(f"{e.filename or args.path}: {e.strerror}")
     print(f"wrote CMK {args.path} (private, mode 0600) and {args.path}.pub")
     return 0
 

@@ -45,6 +45,17 @@ def test_keygen_writes_private_0600_and_public(tmp_path):
     r = ossfuse("keygen", other)
     assert r.returncode == 1 and f"{other}.pub: already exists" in r.stderr, r.stderr
     assert not os.path.exists(other) and os.path.getsize(other + ".pub") == 0
+    (tmp_path / "plain").touch()
+    for given, line in [  # new-user trial: "already exists", "ossfuse: : No such file…", a key named .pub
+            (str(tmp_path), f"'{tmp_path}': give the private key's file name (PATH.pub is written beside it)"),
+            ("", "'': give the private key's file name (PATH.pub is written beside it)"),
+            (f"{tmp_path}/plain/k.pem", f"{tmp_path}/plain: not a directory"),
+            (f"{tmp_path}/n.pem.pub", f"{tmp_path}/n.pem.pub: that names a public key; give the private key's file "
+                                      "name (PATH.pub is written beside it)")]:
+        r = ossfuse("keygen", given)
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {line}\n", r.stderr
+    r = ossfuse("keygen", str(tmp_path / "big.pem"), "--bits", "65536")  # ran for minutes without a word
+    assert r.returncode == 1 and "2048 to 16384 bits" in r.stderr and not os.path.exists(tmp_path / "big.pem")
 
 
 def _config(tmp_path, body: str) -> str:
