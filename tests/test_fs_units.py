@@ -425,3 +425,33 @@ def test_symlink_and_mknod_never_overwrite_an_object_created_meanwhile(tmp_path,
     with caplog.at_level(logging.INFO):
         trio.run(main)
     assert "another client created the " in caplog.text
+
+
+def test_the_integrity_tag_list_name_cannot_be_made(tmp_path, cmk_path):
+    """``.ossfuse-integrity`` names the tag lists and no listing shows it: a mkdir of it
+    succeeded, then the name did not exist and its marker stayed in the bucket (new-user
+    trial). Making it, in any directory and by any operation, is EPERM; nothing is stored."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        node, h = await fs.create(d, "f", 0o644, os.O_WRONLY, 1, 2)
+        await fs.release(h)
+        for make in (lambda p: fs.mkdir(p, ".ossfuse-integrity", 0o755, 1, 2),
+                     lambda p: fs.create(p, ".ossfuse-integrity", 0o644, os.O_WRONLY, 1, 2),
+                     lambda p: fs.symlink(p, ".ossfuse-integrity", "t", 1, 2),
+                     lambda p: fs.rename(d, "f", p, ".ossfuse-integrity", 0)):
+            for parent in (root, d):
+                with pytest.raises(FsError) as ei:
+                    await make(parent)
+                assert ei.value.errno == errno.EPERM
+        with pytest.raises(FsError) as ei:  # looked up: nothing there
+            await fs.lookup(d, ".ossfuse-integrity")
+        assert ei.value.errno == errno.ENOENT
+        assert await listed_names(fs, d) == ["f"]
+        await fs.drain()
+        assert sorted(o.key for o in (await fs.store.inner.list("pre/", delimiter=None)).objects) == \
+            ["pre/d/", "pre/d/f"]
+        fs.close()
+
+    trio.run(main)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 
+from ..integrity import LIST_DIR
 from .errors import FsError
 
 MAX_KEY_BYTES = 1023  # OSS object key limit, UTF-8 bytes
@@ -52,10 +53,14 @@ class Naming:
         """The path of object ``key``, None if it is outside this mount's prefix."""
         return key[len(self.prefix):] if key.startswith(self.prefix) else None
 
-    def check_new_path(self, path: str, is_dir: bool = False) -> None:
+    def check_new_path(self, path: str, is_dir: bool = False, *, creating: bool = True) -> None:
         """A new name must make a valid OSS key: UTF-8 (EINVAL) of at most 1023 bytes,
         counting the prefix and a directory's trailing '/', with names of at most 255 bytes
-        (ENAMETOOLONG). Raises FsError."""
+        (ENAMETOOLONG); ``creating``: and not the name of the integrity tag lists, which no
+        listing shows (EPERM: a mkdir of it succeeded, then the name did not exist and its
+        marker stayed in the bucket). Raises FsError."""
+        if creating and base_name(path) == LIST_DIR:
+            raise FsError(errno.EPERM, f"{LIST_DIR} is reserved for integrity tag lists")
         try:
             size = len((self.dir_key(path) if is_dir else self.key(path)).encode("utf-8"))
         except UnicodeEncodeError:

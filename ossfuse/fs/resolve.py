@@ -287,7 +287,7 @@ class Resolver:
         async def ask(path: str) -> Node:
             node = self.inodes.by_path.get(path)
             if looking_up and node is None:
-                self.naming.check_new_path(path)  # a name that cannot be a key cannot exist: no request
+                self.naming.check_new_path(path, creating=False)  # a name that cannot be a key cannot exist: no request
             elif looking_up and node is not None and node.listed_only and self.stat_ahead is not None:
                 await self.stat_ahead(node)
                 node = self.inodes.by_path.get(path)
