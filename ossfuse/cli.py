@@ -898,6 +898,16 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
                         f"config): pass another --etc, or edit {conf}")
         bucket, cache = used, cfg.cache.dir
         print(f"using the existing config {conf} (made by an earlier quickstart)")
+    if not os.path.exists(key) and not args.new_key:  # refused before anything is made
+        if os.path.isdir(bucket) and (found := _encrypted_object_in(bucket)):
+            return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
+                        f"a new CMK could not read them; pass --etc with the directory of their key, or "
+                        f"--new-key to make a new one anyway")
+        journaled = _journaled_in(cache)
+        if journaled:
+            return _die(f"the cache dir {cache} holds {journaled} journaled file(s) not uploaded yet and {key} does "
+                        f"not exist: they are encrypted under it; pass --etc with the directory of their key, or "
+                        f"--new-key to make a new one anyway (they would then be uploaded unreadable)")
     os.makedirs(etc, mode=0o700, exist_ok=True)
     if "://" not in bucket and not os.path.exists(conf):
         # made with its config; an existing config's bucket is the mount's to make or, once
@@ -906,15 +916,6 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
     if mounted_type(mp) is None:  # (a mount there, even one whose daemon died, is dealt with below)
         os.makedirs(mp, exist_ok=True)
     if not os.path.exists(key):
-        if not args.new_key and os.path.isdir(bucket) and (found := _encrypted_object_in(bucket)):
-            return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
-                        f"a new CMK could not read them; pass --etc with the directory of their key, or "
-                        f"--new-key to make a new one anyway")
-        journaled = _journaled_in(cache)
-        if not args.new_key and journaled:
-            return _die(f"the cache dir {cache} holds {journaled} journaled file(s) not uploaded yet and {key} does "
-                        f"not exist: they are encrypted under it; pass --etc with the directory of their key, or "
-                        f"--new-key to make a new one anyway (they would then be uploaded unreadable)")
         if os.path.exists(key + ".pub"):  # the public half of the missing CMK: useless, kept aside
             os.replace(key + ".pub", key + ".pub.old")
             print(f"moved {key}.pub, the public key of the missing CMK, to {key}.pub.old")
