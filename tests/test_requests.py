@@ -231,7 +231,9 @@ def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_
         assert sum(store.counts.values()) == 0, store.counts
 
         # the other side: nothing below e read for attr_timeout, another client's chmod of its
-        # marker is seen at the next lookup (as before)
+        # marker is seen at the next lookup (as before); a known directory is revalidated with
+        # its three requests at once (a HEAD of the name as a file, a one-key LIST, the marker's
+        # HEAD: one round trip, not three in a row)
         store.clear()
         inner = store.inner
         marker = await inner.head("pre/d/e/")
@@ -239,7 +241,20 @@ def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_
         db.execute("UPDATE objects SET meta=? WHERE key=?",
                    (json.dumps({**marker.metadata, "mode": str(0o40700)}), "pre/d/e/"))
         await trio.sleep(slow)
+        flight = {"now": 0, "most": 0}
+
+        async def sent(inner, op, keys):
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+            await trio.sleep(slow)  # the slow store, while the others are in flight too
+
+        async def answered(inner, op, keys):
+            flight["now"] -= 1
+        store.hook(("head", "list"), sent)
+        store.hook(("head", "list"), answered, when="after")
+        store.counts.clear()
         assert (await stat("d", "e")).mode & 0o777 == 0o700
+        assert store.counts == {"head": 4, "list": 2} and flight["most"] == 3, (store.counts, flight)
         fs.close()
 
     trio.run(main)

@@ -30,9 +30,10 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from ..aio import run_all
 from ..attrcache import AttrCache, RememberedAttrs
 from ..integrity import LIST_DIR
-from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.base import ListPage, ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline, first_time_offline
 from .copying import same_etag
 from .errors import FsError, errno_of
@@ -256,22 +257,47 @@ class Resolver:
             self.seen_below(dir_path, dir_itself=True)
         return proved(started)
 
-    async def probe(self, path: str) -> tuple[ObjectInfo | None, bool] | None:
+    async def probe(self, path: str, was_dir: bool = False) -> tuple[ObjectInfo | None, bool] | None:
         """What is at ``path`` in the store: (object info, False) for a file, (marker info or
         None, True) for a directory, None for nothing. A file wins over a same-named dir.
+        ``was_dir``: a directory was there (revalidating its node): the file HEAD, the one-key
+        LIST and the marker HEAD go out together (one round trip instead of three, the same
+        requests); else the file HEAD first, as most names looked up are files.
         Raises StoreError."""
-        info = await self.store.head(self.naming.key(path))
+        key, dkey = self.naming.key(path), self.naming.dir_key(path)
+        info: ObjectInfo | None = None
+        page: ListPage | None = None
+        marker: ObjectInfo | None = None
+        together = was_dir and base_name(path) != LIST_DIR
+
+        async def head_file() -> None:
+            nonlocal info
+            info = await self.store.head(key)
+
+        async def list_dir() -> None:
+            nonlocal page
+            page = await self.store.list(dkey, delimiter="/", max_keys=1)
+
+        async def head_marker() -> None:
+            nonlocal marker
+            marker = await self.store.head(dkey)
+
+        await (run_all([head_file, list_dir, head_marker], 3) if together else head_file())
         if info is not None and not self.hidden(info):
             return info, False
         # nothing (or a hidden object, e.g. an unlinked file's awaiting its delete): a directory?
         if base_name(path) == LIST_DIR:
             return None  # integrity tag lists (docs/integrity.md): not a directory of the mount
-        dkey = self.naming.dir_key(path)
-        page = await self.store.list(dkey, delimiter="/", max_keys=1)
+        if page is None:
+            await list_dir()
+        assert page is not None
         if page.objects or page.prefixes:
             if self.removed_dir is not None and await self.removed_dir(dkey):
                 return None  # rmdir'ed here; only unlinked open files' objects are left below it
-            marker = await self.store.head(dkey) if page.objects and page.objects[0].key == dkey else None
+            if not (page.objects and page.objects[0].key == dkey):
+                return None, True  # implicit: no marker
+            if not together:
+                await head_marker()
             return marker, True
         return None
 
@@ -370,7 +396,7 @@ class Resolver:
             self.seen_below(path)
             return self.node_from_kept(path, *kept)
         try:
-            found = await self.probe(path)
+            found = await self.probe(path, was_dir=known is not None and known.is_dir)
         except StoreOffline:
             return self.offline_answer(path, known)
         except StoreError as e:
