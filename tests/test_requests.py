@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fakes.fault_store import FaultStore  # noqa: E402
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
 from ossfuse.fs import Filesystem, FsError  # noqa: E402
+from ossfuse.fs.namecache import trusted_for  # noqa: E402
 from ossfuse.keyring import Keyring  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 
@@ -230,17 +231,23 @@ def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_
         assert sizes == [len(n) for n in names]
         assert sum(store.counts.values()) == 0, store.counts
 
-        # the other side: nothing below e read for attr_timeout, another client's chmod of its
-        # marker is seen at the next lookup (as before); a known directory is revalidated with
-        # its three requests at once (a HEAD of the name as a file, a one-key LIST, the marker's
-        # HEAD: one round trip, not three in a row)
+        # the other side: nothing below e read for as long as an answer is trusted (attr_timeout,
+        # or 8 round trips of this slow store: trusted_for), another client's chmod of its
+        # marker is seen at the next lookup; a known directory is revalidated with its three
+        # requests at once (a HEAD of the name as a file, a one-key LIST, the marker's HEAD:
+        # one round trip, not three in a row)
         store.clear()
         inner = store.inner
         marker = await inner.head("pre/d/e/")
         db = inner._db()
         db.execute("UPDATE objects SET meta=? WHERE key=?",
                    (json.dumps({**marker.metadata, "mode": str(0o40700)}), "pre/d/e/"))
-        await trio.sleep(slow)
+        window = trusted_for(ATTR, store)
+        assert 8 * slow <= window < 8 * slow + 1.0, window  # each request took `slow` seconds
+        await trio.sleep(ATTR * 1.5)
+        store.counts.clear()
+        assert (await stat("d", "e")).mode & 0o777 == 0o750 and not store.counts  # still trusted
+        await trio.sleep(window)
         flight = {"now": 0, "most": 0}
 
         async def sent(inner, op, keys):

@@ -40,7 +40,7 @@ from .errors import FsError, errno_of
 from .inodes import InodeTable
 from .locks import NameLocks
 from .model import ROOT_INO, Node, RecentVersions, Version, name_settled
-from .namecache import NameCache
+from .namecache import NameCache, trusted_for
 from .naming import Naming, base_name, join, parent_of
 from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
 
@@ -114,12 +114,13 @@ class Resolver:
 
     def attrs_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes may be used without asking the store: read less than
-        attr_timeout ago, or this mount's own (staged data, the root); never when guessed from a
-        listing (``listed_only``)."""
+        attr_timeout ago (longer on a slow store: :func:`namecache.trusted_for`), or this
+        mount's own (staged data, the root); never when guessed from a listing
+        (``listed_only``)."""
         if node.listed_only:
             return False
         return (node.staged is not None or node.ino == ROOT_INO
-                or time.monotonic() - node.checked_at < self.attr_timeout)
+                or time.monotonic() - node.checked_at < trusted_for(self.attr_timeout, self.store))
 
     @staticmethod
     def listing_proves(node: Node, listed: ObjectInfo) -> bool:
@@ -201,7 +202,7 @@ class Resolver:
         not a HEAD each). None: a HEAD is needed."""
         assert self.attr_cache is not None
         entry = self._kept_listed.pop(path, None)
-        if entry is not None and time.monotonic() - entry[2] < self.attr_timeout:
+        if entry is not None and time.monotonic() - entry[2] < trusted_for(self.attr_timeout, self.store):
             return entry
         key = self.naming.key(path)
         if not self.attr_cache.get_many([key]):

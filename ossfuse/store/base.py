@@ -11,6 +11,7 @@ import abc
 import collections
 import contextvars
 import functools
+import time
 from dataclasses import dataclass, field
 
 from ..aio import run_all
@@ -129,6 +130,12 @@ class StoreCounters:
         self.retries: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
+        # seconds a small request (HEAD, LIST page) took lately, answered ones only: a moving
+        # average (0 until the first); how long the file system trusts an answer grows with it
+        self.round_trip = 0.0
+
+    def note_round_trip(self, seconds: float) -> None:
+        self.round_trip = seconds if self.round_trip == 0 else 0.8 * self.round_trip + 0.2 * seconds
 
 
 #: Set while a store operation runs in this task, so nested operations are not counted twice.
@@ -146,6 +153,9 @@ _COUNTED_OPS = {
 }
 
 
+_ROUND_TRIP_OPS = ("head", "list")  # small requests: their time is the store's round trip
+
+
 def _counted(op: str, fn):
     sizes = _COUNTED_OPS[op]
 
@@ -160,7 +170,10 @@ def _counted(op: str, fn):
             counters.calls[op] += 1
             if health is not None:  # offline: fail fast or probe (store/health.py)
                 probe = await health.admit(op, str(args[0]) if args else "")
+            sent = time.monotonic()
             result = await fn(self, *args, **kwargs)
+            if op in _ROUND_TRIP_OPS:
+                counters.note_round_trip(time.monotonic() - sent)
             if health is not None:
                 health.succeeded()
         except StoreError as e:
