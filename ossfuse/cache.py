@@ -382,7 +382,10 @@ class BlockCache:
         self._forget_blocks(e)
         self._open.pop(e.key, None)
         dest = self._path(new_key, new_etag)
-        os.replace(e.path, dest)
+        try:
+            os.replace(e.path, dest)
+        except FileNotFoundError:  # made before its first write (its file opens on demand): nothing to move
+            present, authed = [], bytes(len(authed))
         e.path, e.key = dest, (new_key, new_etag)
         self._entries[e.key] = e
         for b in present:

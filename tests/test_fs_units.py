@@ -455,3 +455,21 @@ def test_the_integrity_tag_list_name_cannot_be_made(tmp_path, cmk_path):
         fs.close()
 
     trio.run(main)
+
+
+def test_an_answer_of_a_slow_store_is_trusted_for_32_of_its_round_trips():
+    """``trusted_for``: the configured timeout on a store answering within timeout/32; 32 round
+    trips (a moving average of its HEADs) on a slower one; 0 (never trusted) stays 0."""
+    from ossfuse.fs.namecache import trusted_for
+    from ossfuse.store.base import StoreCounters
+
+    class Store:
+        counters = StoreCounters()
+    store = Store()
+    assert trusted_for(1.0, store) == 1.0  # no HEAD answered yet
+    store.counters.note_round_trip(0.01)
+    assert trusted_for(1.0, store) == 1.0
+    for _ in range(50):
+        store.counters.note_round_trip(0.3)
+    assert trusted_for(1.0, store) == pytest.approx(9.6, rel=0.01)
+    assert trusted_for(0.0, store) == 0.0

@@ -130,8 +130,8 @@ class StoreCounters:
         self.retries: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
-        # seconds a small request (HEAD, LIST page) took lately, answered ones only: a moving
-        # average (0 until the first); how long the file system trusts an answer grows with it
+        # seconds a HEAD took lately, answered ones only: a moving average (0 until the first);
+        # how long the file system trusts an answer grows with it (fs/namecache.trusted_for)
         self.round_trip = 0.0
 
     def note_round_trip(self, seconds: float) -> None:
@@ -153,7 +153,7 @@ _COUNTED_OPS = {
 }
 
 
-_ROUND_TRIP_OPS = ("head", "list")  # small requests: their time is the store's round trip
+_ROUND_TRIP_OPS = ("head",)  # its time is the store's round trip (a LIST page's grows with its keys)
 
 
 def _counted(op: str, fn):
