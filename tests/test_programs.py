@@ -363,7 +363,8 @@ def test_keys_other_tools_write_never_break_listings(mount):
     assert "not a valid file name" in log and "directory marker holding" in log
     for name in os.listdir(mount.cache):  # cache entries are hashes, never paths from keys
         assert name in ("objects", "staging", "unlinked", "lock", "ossfuse.log", "local-bucket",
-                        "datakeys.sqlite", "datakeys.sqlite-wal", "datakeys.sqlite-shm")
+                        "datakeys.sqlite", "datakeys.sqlite-wal", "datakeys.sqlite-shm",
+                        "attrs.sqlite", "attrs.sqlite-wal", "attrs.sqlite-shm")
 
 
 # -- file managers ---------------------------------------------------------------------------------
