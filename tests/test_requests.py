@@ -332,3 +332,34 @@ def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_versi
         fs.close()
 
     trio.run(main)
+
+
+def test_names_a_listing_proved_from_kept_rows_are_not_used_after_their_directory_moved(tmp_path, cmk_path):
+    """A lookup's LIST page proves the kept rows of the names after it for their own lookups;
+    once that directory is renamed and another client makes one at its path, those names are
+    not there: the new directory's lookups find nothing (not a node from the old listing)."""
+    names = _names(3)
+
+    async def main():
+        await _fill(tmp_path, cmk_path, names)
+        fs = _mount(tmp_path, cmk_path, "cache")
+        d = await fs.lookup(fs.get(1), "d")
+        assert sorted(await _ls_l(fs, d)) == names  # HEADs: rows kept
+        fs.close()
+        fs = _mount(tmp_path, cmk_path, "cache")
+        fs.resolver.attr_timeout = 60.0  # nothing expires during the test
+        root = fs.get(1)
+        d = await fs.lookup(root, "d")
+        await fs.lookup(d, names[0])  # its page proves names[1:] from their rows
+        await fs.rename(root, "d", root, "moved", 0)
+        await fs.store.inner.put_bytes("pre/d/other", b"theirs", {})  # another client's d, then
+        await trio.sleep(ATTR * 1.5)  # this mount's "no d here" since the rename is over
+        d = await fs.lookup(root, "d")
+        for name in names[1:]:
+            with pytest.raises(FsError):
+                await fs.lookup(d, name)
+        moved = await fs.lookup(root, "moved")
+        assert [(await fs.lookup(moved, n)).size for n in names] == [len(b"x%d" % i * 100) for i in range(3)]
+        fs.close()
+
+    trio.run(main)

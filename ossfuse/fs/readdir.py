@@ -34,8 +34,8 @@ import time
 from typing import Callable
 
 from ..aio import run_all
-from ..integrity import LIST_DIR
 from ..attrcache import RememberedAttrs
+from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 from .errors import FsError, errno_of, store_request

@@ -95,9 +95,11 @@ class Resolver:
         self.recent = RecentVersions(RECENT_VERSIONS)
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
         self._relisting: dict[str, tuple[trio.Event, float]] = {}
-        # path → (listing entry, kept HEAD, monotonic answer time) of names without a node that
-        # a revalidating LIST page proved from the attribute cache, until their lookup
-        self._kept_listed: dict[str, tuple[ObjectInfo, RememberedAttrs, float]] = {}
+        # path → (listing entry, kept HEAD, monotonic answer time, the directory's node then) of
+        # names without a node that a revalidating LIST page proved from the attribute cache,
+        # until their lookup (used only while that directory node is still at its path: a
+        # rename or rmdir of it, then a mkdir there, leaves another node)
+        self._kept_listed: dict[str, tuple[ObjectInfo, RememberedAttrs, float, Node | None]] = {}
         self.pending_delete = pending_delete
         # removed_dir(dkey): a prefix left only by pending deletes of a directory this mount removed
         self.removed_dir = removed_dir
@@ -201,15 +203,23 @@ class Resolver:
         and ``git status`` stat a tree's files in name order: one LIST per RELIST_PAGE names,
         not a HEAD each). None: a HEAD is needed."""
         assert self.attr_cache is not None
-        entry = self._kept_listed.pop(path, None)
-        if entry is not None and time.monotonic() - entry[2] < trusted_for(self.attr_timeout, self.store):
-            return entry
+
+        def listed(since: float) -> tuple[ObjectInfo, RememberedAttrs, float] | None:
+            entry = self._kept_listed.get(path)
+            if entry is None or entry[2] < since or self.inodes.by_path.get(parent_of(path)) is not entry[3]:
+                return None
+            return entry[0], entry[1], entry[2]
+        found = listed(time.monotonic() - trusted_for(self.attr_timeout, self.store))
+        self._kept_listed.pop(path, None)
+        if found is not None:
+            return found
         key = self.naming.key(path)
         if not self.attr_cache.get_many([key]):
             return None  # nothing kept: HEAD it
-        if await self._list_page_from(parent_of(path), key,
-                                      lambda started: self._kept_listed.get(path, (None, None, -1.0))[2] >= started):
-            return self._kept_listed.pop(path, None)
+        if await self._list_page_from(parent_of(path), key, lambda started: listed(started) is not None):
+            found = listed(0.0)
+            self._kept_listed.pop(path, None)
+            return found
         return None
 
     async def _list_page_from(self, dir_path: str, key: str, proved: Callable[[float], bool]) -> bool:
@@ -253,7 +263,7 @@ class Resolver:
             if n is not None:
                 self.note_listed(n, o, answered)
             elif path in unknown and self.kept_proves(kept.get(o.key), o):
-                self._kept_listed[path] = (o, kept[o.key], answered)
+                self._kept_listed[path] = (o, kept[o.key], answered, dir_node)
         if page.objects and by_path.get(dir_path) is dir_node:  # (not renamed meanwhile)
             self.seen_below(dir_path, dir_itself=True)
         return proved(started)
