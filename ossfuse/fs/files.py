@@ -86,6 +86,9 @@ class Files:
         self._errors_reported: set[tuple[str, ...]] = set()  # (key, format, args) logged at ERROR
         # (key, ETag) → the unwrap a read-only open started in the background (open_version)
         self._unwraps: dict[tuple[str, str], _Unwrap] = {}
+        # (key, ETag) → set once open-ahead's HEAD of that slim version ended (an open waits
+        # for it instead of sending the same HEAD)
+        self._filling: dict[tuple[str, str], trio.Event] = {}
         self._making_spares = False  # a task refills the keyring's envelopes made ahead (new_envelope)
         self.open_ahead = OpenAhead(inodes, self.prepare_ahead)  # cat *, cp -r out of the mount
         # unwraps prepare_ahead starts run one at a time (each takes both cores: key and IV at
@@ -129,6 +132,9 @@ class Files:
     async def _prepare_open(self, node: Node, flags: int) -> None:
         """What :meth:`open` checks and fetches before the handle exists (raises as it)."""
         slim = node.staged is None and node.version is not None and not node.version.held
+        if slim and node.version is not None and (filling := self._filling.get((node.version.key, node.version.etag))):
+            await filling.wait()  # open-ahead is HEADing it
+            slim = node.staged is None and node.version is not None and not node.version.held
         if slim or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
             # brings it (same ETag), or the version now there with its own (another client's)
@@ -251,11 +257,16 @@ class Files:
     def prepare_ahead(self, v: Version) -> None:
         """Get committed version ``v`` ready for an open that is likely soon (:mod:`.openahead`):
         start the GET of its first block and, when its envelope is not known yet, the unwrap of
-        its data key, both in the background; returns at once. Only for a version whose
-        metadata this mount holds (a slim one would need a HEAD). Never raises and logs nothing:
-        what is wrong with the object (no matching CMK, a corrupt envelope) is found and
-        reported by the open itself, which finds no unwrap pending and unwraps again."""
+        its data key, both in the background; returns at once. A slim version (its metadata
+        not held: made from a kept row, or slimmed) is HEADed first, in the background too.
+        Never raises and logs nothing: what is wrong with the object (no matching CMK, a corrupt
+        envelope, a failed HEAD) is found and reported by the open itself, which finds no unwrap
+        pending and unwraps again."""
         if not v.held:
+            nursery = self.scheduler.nursery
+            if nursery is not None and (v.key, v.etag) not in self._filling:
+                done = self._filling[(v.key, v.etag)] = trio.Event()
+                nursery.start_soon(self._fill_ahead, v, done)
             return
         self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
         nursery = self.scheduler.nursery
@@ -271,6 +282,21 @@ class Files:
             return
         pending = self._unwraps[(v.key, v.etag)] = _Unwrap()
         nursery.start_soon(self._unwrap_ahead, v, pending)
+
+    async def _fill_ahead(self, v: Version, done: trio.Event) -> None:
+        """HEAD slim version ``v`` ahead of its open: its metadata, when the object still holds
+        that version (same ETag), then :meth:`prepare_ahead` as for a held one."""
+        info = None
+        try:
+            info = await self.resolver.store.head(v.key)
+        except StoreError:
+            pass  # the open HEADs again and reports it
+        finally:
+            self._filling.pop((v.key, v.etag), None)
+            done.set()  # (the open waiting for it runs after what follows: no await below)
+        if info is not None and not v.held and v.key == info.key and same_etag(v.etag, info.etag):
+            v.fill(info.metadata)
+            self.prepare_ahead(v)
 
     async def _unwrap_ahead(self, v: Version, pending: _Unwrap) -> None:
         """:meth:`_unwrap_in_background` when its turn comes; cancelled before (the mount

@@ -8,9 +8,10 @@ that never read it, two RSA-3072 private-key operations (issue 14: ``cat`` of 50
 The pattern: two opens in a row in one directory, the second's name after the first's (byte
 order, the order of a listing and of ``ls``/glob in the C locale). Then the OPEN_AHEAD names
 that follow in the directory's known child names (``Node.children``, from a complete listing)
-are prepared, each once, if this mount knows their current version with its metadata (the
-listing's HEADs gave it): nothing is asked of the store but the first block's ranged GET, and
-nothing is logged. A wrong guess costs a GET of at most one block and an unwrap per file, never
+are prepared, each once, if this mount knows their current version: nothing is asked of the
+store but the first block's ranged GET, and a HEAD for a version whose metadata is not held
+(slim: made from a row of the attribute cache, ``attrcache``, or slimmed), and nothing is
+logged. A wrong guess costs a GET of at most one block and an unwrap per file, never
 a wrong answer: the block cache is keyed by (key, ETag) and a version's envelope is its own.
 Everything runs on the event loop; no lock is held, nothing awaits."""
 from __future__ import annotations
