@@ -132,7 +132,8 @@ class Files:
     async def _prepare_open(self, node: Node, flags: int) -> None:
         """What :meth:`open` checks and fetches before the handle exists (raises as it)."""
         slim = node.staged is None and node.version is not None and not node.version.held
-        if slim and node.version is not None and (filling := self._filling.get((node.version.key, node.version.etag))):
+        if slim and node.version is not None and \
+                (filling := self._filling.get((node.version.key, node.version.etag))) is not None:
             await filling.wait()  # open-ahead is HEADing it
             slim = node.staged is None and node.version is not None and not node.version.held
         if slim or not self.resolver.attrs_fresh(node):
