@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import stat
 from typing import Iterable, NamedTuple
 
 from .envelope import is_encrypted
+from .sqlitecache import open_cache_db
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +54,10 @@ class AttrCache:
         self.path = path
         self.max_rows = max_rows
         self._puts = 0
-        try:
-            self._db: sqlite3.Connection | None = self._open()
-        except sqlite3.DatabaseError as e:
-            log.info("attribute cache %s is unreadable (%s): starting a new one", path, e)
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(path + suffix)
-                except FileNotFoundError:
-                    pass
-            self._db = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=OFF")  # a cache: a lost row costs one HEAD
-        db.execute("CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT NOT NULL,"
-                   " size INTEGER NOT NULL, modified REAL NOT NULL, attrs TEXT NOT NULL)")
-        return db
+        self._db: sqlite3.Connection | None = open_cache_db(
+            path, "CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT NOT NULL, size INTEGER"
+            " NOT NULL, modified REAL NOT NULL, attrs TEXT NOT NULL)", "attribute cache",
+            synchronous="OFF")  # a lost row costs one HEAD
 
     @staticmethod
     def keepable(metadata: dict[str, str]) -> bool:

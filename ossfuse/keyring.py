@@ -20,7 +20,6 @@ import hmac
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from . import envelope as env
 from .cmk import Cmk, CmkUnavailable, KeyMissing  # noqa: F401  (re-exported: callers import them from here)
 from .config import CmkConfig, EncryptionConfig
+from .sqlitecache import open_cache_db
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +68,8 @@ class KeyCache:
         self._lock = threading.Lock()
         self._puts = 0
         self._keys: dict[bytes, tuple[bytes, AESGCM]] = {}  # cache_secret -> (k_id, sealer)
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as e:
-            log.info("data-key cache %s is unreadable (%s): starting a new one", path, e)
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(path + suffix)
-                except FileNotFoundError:
-                    pass
-            self._db = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # a cache: a lost row costs one unwrap
-        db.execute("CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, nonce BLOB NOT NULL,"
-                   " sealed BLOB NOT NULL)")
-        return db
+        self._db = open_cache_db(path, "CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, nonce BLOB NOT NULL,"
+                                       " sealed BLOB NOT NULL)", "data-key cache")  # a lost row costs one unwrap
 
     def _keys_for(self, secret: bytes) -> tuple[bytes, AESGCM]:
         keys = self._keys.get(secret)

@@ -243,6 +243,15 @@ def test_mount_waits_for_kms_at_start_then_fails_or_goes_on(tmp_path, cmk_path, 
         m.cleanup()
 
 
+def _unmount_if_mounted(mnt: str) -> None:
+    """A test's cleanup: no mount left at ``mnt`` (``ossfuse umount``, else fusermount3 -uz)."""
+    import subprocess
+    from conftest import run_cli
+    from ossfuse.registry import mounted_device
+    if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
+        subprocess.run(["fusermount3", "-uz", mnt], check=False)
+
+
 def _config_with_cmk(tmp_path, cmk_path, cmk_lines: str) -> str:
     path = tmp_path / "matdesc.toml"
     path.write_text(f'[store]\nurl = "local://{tmp_path}/b"\n[encryption]\nencrypt_with = "k"\n'
@@ -526,9 +535,7 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
         with open(os.path.join(mnt, "new"), "rb") as f:
             assert f.read() == b"under the new CMK"
     finally:
-        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
-            import subprocess
-            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+        _unmount_if_mounted(mnt)
 
 
 def test_quickstart_with_relative_paths_or_files_where_directories_belong(tmp_path):
@@ -537,7 +544,6 @@ def test_quickstart_with_relative_paths_or_files_where_directories_belong(tmp_pa
     given where a directory belongs was a traceback. Now relative paths are made absolute and
     mount, and a file is refused in one line, nothing made."""
     from conftest import run_cli
-    from ossfuse.registry import mounted_device
     (tmp_path / "afile").touch()
     for args, line in [
         (("--etc", "afile"), f"--etc {tmp_path}/afile is not a directory"),
@@ -563,9 +569,7 @@ def test_quickstart_with_relative_paths_or_files_where_directories_belong(tmp_pa
         with open(os.path.join(mnt, "f"), "rb") as f:
             assert f.read() == b"kept"
     finally:
-        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
-            import subprocess
-            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+        _unmount_if_mounted(mnt)
 
 
 def test_quickstart_refuses_a_new_key_while_the_cache_dir_holds_journaled_files(tmp_path):
@@ -588,9 +592,7 @@ def test_quickstart_refuses_a_new_key_while_the_cache_dir_holds_journaled_files(
             "new one anyway (they would then be uploaded unreadable)\n"), r.stderr
         assert not (etc / "default.pem").exists() and mounted_device(mnt) is None
     finally:
-        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
-            import subprocess
-            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+        _unmount_if_mounted(mnt)
 
 
 @pytest.mark.expect_log(r"WARNING ossfuse.daemon: mount point .* (is the mount of a dead ossfuse daemon|is a stale FUSE mount)")
@@ -638,9 +640,7 @@ def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
         assert r.returncode == 1 and "but a mount with this cache dir used it before" in r.stderr, r.stderr
         assert not bucket.exists() and mounted_device(mnt) is None
     finally:
-        if mounted_device(mnt) is not None and run_cli("umount", mnt).returncode != 0:
-            import subprocess
-            subprocess.run(["fusermount3", "-uz", mnt], check=False)
+        _unmount_if_mounted(mnt)
 
 
 @pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it")

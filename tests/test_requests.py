@@ -329,7 +329,8 @@ def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_versi
         # a HEAD for each slim one (not f0001, read above; f0003 and f0005, HEADed by the ls -l),
         # a GET for each but f0001 (its block is cached)
         assert store.counts["head"] == 17 and store.counts["get_range"] == 19, store.counts
-        assert heads_at_open[8] > 8, heads_at_open  # the HEADs ran ahead of the opens
+        # the HEADs ran ahead of the opens (without open-ahead at most one per file opened)
+        assert any(sent >= i + 4 for i, sent in enumerate(heads_at_open)), heads_at_open
         fs.close()
 
         fs = _mount(tmp_path, cmk_path, "cache")  # again: lookups by name, no readdir (rsync, git status)

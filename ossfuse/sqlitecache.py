@@ -1,0 +1,41 @@
+"""The SQLite file of a cache in the cache dir (``datakeys.sqlite``, ``attrs.sqlite``): mode
+0600, WAL, commits not fsynced (a lost row costs the work it saved, never a wrong answer), and
+a file SQLite cannot read replaced by an empty one (one INFO line). Leaf: no ossfuse imports."""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+
+log = logging.getLogger(__name__)
+
+
+def open_cache_db(path: str, schema: str, what: str, *, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A connection to the cache file ``path`` with ``schema`` (CREATE … IF NOT EXISTS)
+    applied; ``what`` names the cache in the log line of a replaced file. Raises OSError or
+    sqlite3.Error when even a new file cannot be made."""
+    try:
+        return _open(path, schema, synchronous)
+    except sqlite3.DatabaseError as e:
+        log.info("%s %s is unreadable (%s): starting a new one", what, path, e)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except FileNotFoundError:
+                pass
+        return _open(path, schema, synchronous)
+
+
+def _open(path: str, schema: str, synchronous: str) -> sqlite3.Connection:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute(schema)
+    return db
