@@ -72,13 +72,10 @@ class AttrCache:
             kind = 0
         return kind not in _SPECIAL
 
-    def put(self, key: str, etag: str, size: int, modified: float, metadata: dict[str, str]) -> None:
-        """Keep what a HEAD of ``key`` said (the caller checked :meth:`keepable`). A failing
-        write is logged at INFO and forgotten: a cache."""
-        self.put_many([(key, etag, size, modified, metadata)])
-
     def put_many(self, rows: Iterable[tuple[str, str, int, float, dict[str, str]]]) -> None:
-        """:meth:`put` of several rows in one transaction."""
+        """Keep what HEADs said: (key, ETag, size, Last-Modified, user metadata) each (the
+        caller checked :meth:`keepable`), in one transaction. A failing write is logged at INFO
+        and forgotten: a cache."""
         if self._db is None:
             return
         values = [(key, etag, size, modified, json.dumps({n: metadata[n] for n in ATTR_NAMES if n in metadata},

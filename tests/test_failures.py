@@ -3,6 +3,7 @@ crash (promise 3): real mounts, real daemon processes, SIGKILL."""
 from __future__ import annotations
 
 import errno
+import contextlib
 import os
 import stat as stat_mod
 import time
@@ -331,10 +332,8 @@ def test_reopened_file_uploads_its_closed_version_whole_and_a_kill_keeps_it(make
         assert info.size == len(data) and e.crypt(0, m.get("f")) == data
         m.kill9()
     finally:
-        try:
+        with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
             os.close(fd)
-        except OSError:
-            pass  # ENOTCONN: its daemon is gone
     m.start()
     assert open(m.path("f"), "rb").read() == data
 

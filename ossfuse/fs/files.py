@@ -18,7 +18,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..integrity import IntegrityError
 from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError
-from ..store.health import StoreOffline, first_time_offline
+from ..store.health import StoreOffline, say_once_offline
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
@@ -233,9 +233,8 @@ class Files:
         try:
             info = await self.resolver.store.head(v.key)
         except StoreOffline as e:
-            line = f"cannot {doing} {v.key!r}: its envelope was not kept and the store is offline"
-            if first_time_offline(self.resolver.store, line):  # once per outage (it has its WARNING)
-                log.info("%s: %s", line, e)
+            say_once_offline(self.resolver.store, log,
+                             f"cannot {doing} {v.key!r}: its envelope was not kept and the store is offline", e)
             raise FsError(errno_of(e)) from None
         except StoreError as e:
             self._error_once(f"cannot {doing} %r: HEAD failed: %s", v.key, e)
@@ -400,9 +399,8 @@ class Files:
         except IntegrityError as e:
             self._error_once("cannot read %r: %s", v.key, e)
             raise FsError(errno.EIO) from None
-        except StoreOffline as e:  # the outage has its one WARNING (store/health.py): once per outage
-            if first_time_offline(self.resolver.store, f"reading {v.key!r} failed"):
-                log.info("reading %r failed: %s", v.key, e)
+        except StoreOffline as e:
+            say_once_offline(self.resolver.store, log, f"reading {v.key!r} failed", e)
             raise FsError(errno_of(e)) from None
         except StoreError as e:
             self._error_once("reading %r failed: %s", v.key, e)

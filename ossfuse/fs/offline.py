@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..store.health import first_time_offline
+from ..store.health import say_once_offline
 from .errors import FsError
 from .inodes import InodeTable
 from .model import DirEntry, Node
@@ -28,19 +28,14 @@ def offline_entries(directory: Node, inodes: InodeTable, naming: Naming, store: 
     never listed completely or a child's node is no longer known."""
     dkey, by_path = naming.dir_key(directory.path), inodes.by_path
     if directory.children is None:
-        _say(store, f"listing {dkey!r}: the store is offline and this mount has not listed it")
+        say_once_offline(store, log, f"listing {dkey!r}: the store is offline and this mount has not listed it")
         raise FsError(errno.EIO)
     entries: list[DirEntry] = []
     for name in sorted(directory.children):
         path = join(directory.path, name)
         node = by_path.get(path) or inodes.restore(path)
         if node is None or node.unlinked:
-            _say(store, f"listing {dkey!r}: the store is offline and {name!r} is no longer cached")
+            say_once_offline(store, log, f"listing {dkey!r}: the store is offline and {name!r} is no longer cached")
             raise FsError(errno.EIO)
         entries.append((name, node, None, node.is_dir))
     return entries
-
-
-def _say(store: object, line: str) -> None:
-    if first_time_offline(store, line):
-        log.info("%s", line)

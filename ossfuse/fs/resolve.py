@@ -34,7 +34,7 @@ from ..aio import run_all
 from ..attrcache import AttrCache, RememberedAttrs
 from ..integrity import LIST_DIR
 from ..store.base import ListPage, ObjectInfo, ObjectStore, StoreError
-from ..store.health import StoreOffline, first_time_offline
+from ..store.health import StoreOffline, say_once_offline
 from .copying import same_etag
 from .errors import FsError, errno_of
 from .inodes import InodeTable
@@ -447,9 +447,8 @@ class Resolver:
         if known is None and parent is not None and parent.children is not None \
                 and base_name(path) not in parent.children:
             return None
-        line = f"lookup of {self.naming.key(path)!r}: the store is offline and this mount has not seen it"
-        if first_time_offline(self.store, line):  # once per outage (it has its WARNING)
-            log.info("%s", line)
+        say_once_offline(self.store, log,
+                         f"lookup of {self.naming.key(path)!r}: the store is offline and this mount has not seen it")
         raise FsError(errno.EIO)
 
     def node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:

@@ -203,14 +203,17 @@ class StoreHealth:
                 "reason": self.last_error if self.offline_since is not None else None}
 
 
-def first_time_offline(store: object, line: str) -> bool:
-    """:meth:`StoreHealth.first_time` of ``store``'s health; True for a store without one."""
+def say_once_offline(store: object, logger: logging.Logger, line: str, detail: object = "") -> None:
+    """Log ``line`` (and ``: detail``) at INFO, once per outage of ``store`` (keyed by
+    ``line``: :meth:`StoreHealth.first_time`; every time for a store without health): what
+    an outage makes fail, which has its own WARNING."""
     health = getattr(store, "health", None)
-    return health is None or health.first_time(line)
+    if health is None or health.first_time(line):
+        logger.info("%s: %s" if detail else "%s%s", line, detail)
 
 
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-__all__ = ["StoreHealth", "StoreOffline", "DEFAULT_TIMEOUT", "first_time_offline"]
+__all__ = ["StoreHealth", "StoreOffline", "DEFAULT_TIMEOUT", "say_once_offline"]
