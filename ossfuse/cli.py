@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -93,23 +94,25 @@ def split_mount_options(cfg, options: list[str]):
 
 
 class _ReadyPipe:
-    """The daemonized child's side of ``ossfuse mount``: one line on the pipe, "ready" or the
-    reason it failed, whichever comes first (a ``daemon.Readiness``)."""
+    """The daemonized child's side of ``ossfuse mount`` (a ``daemon.Readiness``): on the pipe,
+    whichever comes first of "ready N" followed by N lines for the user (start-up's notices),
+    or one line with the reason it failed. Counted, not ended by EOF: a fusermount3 that libfuse
+    started may hold the pipe's write end as long as the mount lasts."""
 
     def __init__(self, fd: int):
         self.fd: int | None = fd
 
-    def _send(self, line: str) -> None:
+    def _send(self, *lines: str) -> None:
         if self.fd is not None:
             try:
-                os.write(self.fd, line.encode() + b"\n")
+                os.write(self.fd, "".join(" ".join(line.split()) + "\n" for line in lines).encode())
                 os.close(self.fd)
             except OSError:
                 pass  # the parent gave up waiting
             self.fd = None
 
-    def ready(self) -> None:
-        self._send("ready")
+    def ready(self, notices: list[str]) -> None:
+        self._send(f"ready {len(notices)}", *notices)
 
     def failed(self, reason: str) -> None:
         self._send(reason)
@@ -227,6 +230,10 @@ def _spawn_daemon(args, cfg) -> int:
         with os.fdopen(r, "rb") as pipe:
             readable, _, _ = select.select([pipe], [], [], limit)
             message = pipe.readline().decode(errors="replace").strip() if readable else None
+            if message is not None and re.fullmatch(r"ready \d+", message):
+                for _ in range(int(message.split()[1])):  # written at once, with the "ready" line
+                    print(f"ossfuse: warning: {pipe.readline().decode(errors='replace').strip()}", file=sys.stderr)
+                message = "ready"
     except KeyboardInterrupt:
         # Ctrl-C while the mount is being made: cancel it. The daemon runs in its own session
         # (Ctrl-C does not reach it) and would otherwise mount later, on its own (a trial).
@@ -297,10 +304,23 @@ def cmd_umount(args) -> int:
 
 def _why_no_mount_point(mp: str) -> str:
     """": no such directory" (or ": not a directory") when ``mp`` cannot be a mount point: a
-    typo is told apart from a folder that is simply not mounted now."""
+    typo is told apart from a folder that is simply not mounted now; and the ossfuse mount
+    ``mp`` is inside, if any (`cd mnt/sub && ossfuse umount .`)."""
+    # first, without a stat: the daemon below a path inside its mount answers that stat, or hangs
+    above = [p for _dev, p, fs in mounts() if fs == "fuse.ossfuse" and mp.startswith(p.rstrip("/") + "/")]
+    if above:
+        return f"; it is inside the ossfuse mount {max(above, key=len)}"
     if not os.path.lexists(mp):
         return ": no such directory"
     return "" if os.path.isdir(mp) else ": not a directory"
+
+
+def _path_arg(text: str) -> str:
+    """argparse type of a path argument: an empty one is refused (``ossfuse umount ""`` would
+    otherwise act on the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
 
 
 def _drain_progress(doc: dict) -> str | None:
@@ -629,7 +649,7 @@ def mount_helper(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mount.fuse.ossfuse", description="mount(8) helper for type "
                                 "fuse.ossfuse: mount the bucket prefix of CONFIG at MOUNTPOINT.")
     p.add_argument("config", help="ossfuse TOML config file (stands where mount(8) has a device)")
-    p.add_argument("mountpoint", help="an empty directory")
+    p.add_argument("mountpoint", type=_path_arg, help="an empty directory")
     p.add_argument("-o", action="append", help="mount options, comma-separated (see ossfuse mount)")
     for flag, what in (("-n", "no mtab"), ("-s", "sloppy"), ("-v", "verbose"), ("-f", "fake")):
         p.add_argument(flag, action="store_true", help=f"mount(8)'s {what} flag; ignored")
@@ -954,7 +974,7 @@ class _VersionAction(argparse.Action):
 
 def _mount_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("-c", "--config", required=True, help="TOML config file")
-    m.add_argument("mountpoint", help="an empty directory to mount at")
+    m.add_argument("mountpoint", type=_path_arg, help="an empty directory to mount at")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize; log to stderr")
     m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="mount options: allow_other, ro, uid=, gid=, umask=, nonempty "
                    "(mount over a non-empty directory), other FUSE options")
@@ -975,13 +995,13 @@ def _seconds(text: str) -> float:
 
 
 def _umount_args(u: argparse.ArgumentParser) -> None:
-    u.add_argument("mountpoint", help="where the bucket is mounted")
+    u.add_argument("mountpoint", type=_path_arg, help="where the bucket is mounted")
     u.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait for uploads (default 3600)")
     u.set_defaults(fn=cmd_umount)
 
 
 def _status_args(st: argparse.ArgumentParser) -> None:
-    st.add_argument("mountpoint", help="where the bucket is mounted")
+    st.add_argument("mountpoint", type=_path_arg, help="where the bucket is mounted")
     fmt = st.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--prometheus", action="store_true",
@@ -1013,7 +1033,7 @@ def _keygen_args(k: argparse.ArgumentParser) -> None:
 
 
 def _quickstart_args(q: argparse.ArgumentParser) -> None:
-    q.add_argument("mountpoint", nargs="?", help="where to mount (default /mnt/ossfuse as root, ~/ossfuse otherwise)")
+    q.add_argument("mountpoint", nargs="?", type=_path_arg, help="where to mount (default /mnt/ossfuse as root, ~/ossfuse otherwise)")
     q.add_argument("--etc", metavar="DIR", help="where the CMK and config go (default /etc/ossfuse as root, "
                    "~/.config/ossfuse otherwise)")
     q.add_argument("--var", metavar="DIR", help="where the local bucket goes, as DIR/bucket (default "

@@ -375,4 +375,10 @@ def dir_inside_mountpoint(cfg: Config, mountpoint: str) -> str | None:
             where = "is the mount point" if real == mp else "is inside the mount point"
             return (f"{cfg.path}: the {what} {d} {where} {os.path.abspath(mountpoint)}: the mount would hide it "
                     f"from ossfuse itself; choose a directory outside it")
+        if mp.startswith(real.rstrip("/") + "/"):
+            # the daemon walks these directories (the local bucket's orphan sweep, the cache's
+            # eviction): into its own mount, where nobody answers it (a new-user trial mounted
+            # a local bucket inside its own directory)
+            return (f"{cfg.path}: the mount point {os.path.abspath(mountpoint)} is inside the {what} {d}, which "
+                    f"ossfuse manages; choose a mount point outside it")
     return None

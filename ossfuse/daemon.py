@@ -254,15 +254,16 @@ class Readiness(Protocol):
     the CLI's ready pipe of a daemonizing ``ossfuse mount`` (a protocol: the CLI need not
     import this module to define it) and by NoReadiness."""
 
-    def ready(self) -> None: ...
+    def ready(self, notices: list[str]) -> None: ...
 
     def failed(self, reason: str) -> None: ...
 
 
 class NoReadiness:
-    """Readiness for a mount in the foreground: nobody waits, nothing to tell."""
+    """Readiness for a mount in the foreground: nobody waits, nothing to tell (the notices
+    are in the log, which is the terminal's or the journal's)."""
 
-    def ready(self) -> None:
+    def ready(self, notices: list[str]) -> None:
         pass
 
     def failed(self, reason: str) -> None:
@@ -400,19 +401,27 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     await _wait_for_services(cfg, fs.store, fs.keyring)
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)
+    # what start-up found that the user should know: logged, and printed by `ossfuse mount`
+    # (a file missing from the folder with only a line in a log file was a trial's finding)
+    notices: list[str] = []
     earlier_quarantined = fs.staging.quarantined()
     recovered = fs.recover()
-    if earlier_quarantined:  # this mount's own quarantines each logged an ERROR already
-        one = earlier_quarantined == 1
-        log.warning("%d damaged journal entr%s from earlier runs %s kept in %s (never uploaded): recover the "
-                    "files by hand or delete them (docs/design.md, \"Write-back and the journal\")", earlier_quarantined,
-                    "y" if one else "ies", "is" if one else "are", fs.staging.quarantine_dir)
+    quarantined = fs.staging.quarantined()
+    if quarantined:  # each entry this start-up quarantined logged its own ERROR already
+        one = quarantined == 1
+        notices.append(f"{quarantined} damaged journal entr{'y' if one else 'ies'} "
+                       f"({quarantined - earlier_quarantined} new) {'is' if one else 'are'} kept in "
+                       f"{fs.staging.quarantine_dir}, never uploaded: {'its file is' if one else 'their files are'} "
+                       "not in the folder; recover by hand or delete them (docs/design.md, \"Write-back and "
+                       "the journal\")")
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():
-        log.warning("some files unlinked while open in an earlier run could not be deleted yet; "
-                    "tried again at the next mount")
+        notices.append("some files unlinked while open in an earlier run could not be deleted yet; "
+                       "tried again at the next mount")
     if recovered:
-        log.warning("found %d journaled file(s) from an earlier run; uploading them", recovered)
+        notices.append(f"found {recovered} journaled file(s) from an earlier run; uploading them")
+    for line in notices:
+        log.warning("%s", line)
     life = _Lifecycle(mountpoint)
     try:
         pyfuse3.init(Operations(fs), mountpoint, fuse_options(cfg, options))
@@ -439,7 +448,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             for i in range(cfg.mount.upload_workers):
                 tasks.start_soon(fs.upload_worker, name=f"upload worker {i + 1}")
             tasks.start_soon(_on_signals, life, fs, name="signal handler")
-            tasks.start_soon(_announce, cfg, mountpoint, registry, readiness, life, name="readiness check")
+            tasks.start_soon(_announce, cfg, mountpoint, registry, readiness, life, notices, name="readiness check")
             tasks.start_soon(status_mod.serve, status_socket, fs, errors, time.time(), life,
                              name=f"status socket {status_socket}")
             tasks.start_soon(health.watch, functools.partial(fs.store.list, cfg.store.prefix, max_keys=1),
@@ -554,7 +563,7 @@ async def _on_signals(life: _Lifecycle, fs: Filesystem) -> None:
             if signum == signal.SIGHUP:
                 log.info("signal SIGHUP: nothing to do (the log file reopens when rotated)")
             elif life.state == "serving":
-                log.info("signal %s: unmounting after pending uploads", name)
+                log.info("signal %s: unmounting, then finishing pending uploads", name)
                 life.stop()
             else:
                 files, size = _pending(fs)
@@ -562,9 +571,10 @@ async def _on_signals(life: _Lifecycle, fs: Filesystem) -> None:
                          "(kill -9 leaves them journaled for the next mount)", name, files, size)
 
 
-async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Readiness, life: _Lifecycle) -> None:
-    """Report ready only once the status socket listens and the mount answers: stat in a
-    thread is served by our own loop.
+async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Readiness, life: _Lifecycle,
+                    notices: list[str]) -> None:
+    """Report ready, with start-up's ``notices`` (lines for the user), only once the status
+    socket listens and the mount answers: stat in a thread is served by our own loop.
     The thread is abandoned on cancellation, so a stat the kernel can no longer answer never
     holds up shutdown."""
     await life.status_up.wait()  # a start-up task that fails first keeps us from saying ready
@@ -586,4 +596,4 @@ async def _announce(cfg: Config, mountpoint: str, registry: str, readiness: Read
     prune_exited_records()  # records of mounts that ended long ago: nobody reads them any more
     log.info("mounted %s at %s", cfg.store.url + "/" + cfg.store.prefix, mountpoint)
     notify_systemd(f"READY=1\nSTATUS=mounted at {mountpoint}")
-    readiness.ready()
+    readiness.ready(notices)

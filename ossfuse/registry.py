@@ -410,8 +410,10 @@ def _records() -> list[dict]:
 def cache_dir_user(cache_dir: str) -> str | None:
     """When a running daemon holds the lock of ``cache_dir`` (``<cache dir>/lock``, an
     exclusive flock for the daemon's life): a short description of it for a message, "the
-    ossfuse mount at MP (pid N)" when its record is found, else "another ossfuse mount".
-    None when nobody holds it (then nothing is created or locked)."""
+    ossfuse mount at MP (pid N): already mounted there" when its record is found and MP is
+    mounted, "the daemon of MP (pid N), unmounted and still uploading …" when it drains,
+    else "another ossfuse mount". None when nobody holds it (then nothing is created or
+    locked)."""
     import fcntl
     try:
         fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -426,7 +428,11 @@ def cache_dir_user(cache_dir: str) -> str | None:
         os.close(fd)  # (releases a lock taken just now)
     for r in _records():
         if r.get("cache_dir") == cache_dir and not r.get("exited") and daemon_alive(r):
-            return f"the ossfuse mount at {r.get('mountpoint')} (pid {r['pid']})"
+            mp = r.get("mountpoint")
+            if isinstance(mp, str) and mounted_device(mp) is None:  # (a trial: "in use by the mount at" a bare dir)
+                return (f"the daemon of {mp} (pid {r['pid']}), unmounted and still finishing its uploads "
+                        f"(`ossfuse umount {mp}` waits for it)")
+            return f"the ossfuse mount at {mp} (pid {r['pid']}): already mounted there"
     return "another ossfuse mount"
 
 

@@ -148,7 +148,8 @@ def render(doc: dict) -> str:
     lines = [
         f"store:            {doc['store']} (prefix {doc['prefix'] or '/'})",
         f"uptime:           {doc['uptime_seconds']:.0f} s" + (f" (daemon pid {doc['pid']})" if "pid" in doc else ""),
-        f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes, oldest {p['oldest_seconds']:.0f} s",
+        f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes"
+        + (f", the oldest first changed {p['oldest_seconds']:.0f} s ago (open files included)" if p["count"] else ""),
     ]
     health = doc.get("store_health") or {}
     if health.get("offline_since") is not None:
@@ -168,7 +169,7 @@ def render(doc: dict) -> str:
     ops = doc.get("store_ops")
     if ops:
         lines.append(f"store requests:   {sum(ops['calls'].values())} operations, {ops['bytes_sent']} bytes sent, "
-                     f"{ops['bytes_received']} received, {sum(e['count'] for e in ops['errors'])} errors, "
+                     f"{ops['bytes_received']} received, {sum(e['count'] for e in ops['errors'])} error(s), "
                      f"{sum(ops['retries'].values())} retries")
     for k in doc["cmks"]:
         lines.append(f"CMK:              {k['id']} ({k['wrap_alg']}{', matdesc ' + json.dumps(k['matdesc']) if k['matdesc'] else ''})"

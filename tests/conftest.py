@@ -175,6 +175,7 @@ class Mount:
         r = subprocess.run(OSSFUSE + ["mount", "-c", self.config, self.mnt], capture_output=True, text=True,
                            timeout=90, env=self.env)
         assert r.returncode == 0, f"mount failed: {r.stderr}"
+        self.mount_stderr = r.stderr  # what `ossfuse mount` told the user
         from ossfuse.daemon import read_registry
         self.pid = read_registry(self.mnt)["pid"]
 

@@ -202,7 +202,7 @@ def test_mount_errors_are_one_line(mount, tmp_path):
     for target in (mount.mnt, str(other)):
         r = ossfuse("mount", "-c", mount.config, target)
         assert r.returncode == 1 and r.stderr == (f"ossfuse: cache dir {mount.cache} is in use by the ossfuse mount "
-                                                  f"at {mount.mnt} (pid {mount.pid})\n"), r.stderr
+                                                  f"at {mount.mnt} (pid {mount.pid}): already mounted there\n"), r.stderr
     assert mount.log() == log
     # two mounts of one config at once: the one that loses the race writes nothing into the
     # winner's log either (the daemon it started found the cache dir locked)
@@ -254,6 +254,18 @@ def test_a_cache_dir_or_bucket_directory_inside_the_mount_point_is_refused(tmp_p
             assert f"the {what.strip()} " in r.stderr and f"inside the mount point {mnt}" in r.stderr \
                 or f"is the mount point {mnt}" in r.stderr, r.stderr
             assert os.listdir(mnt) == [] and not os.path.ismount(mnt)
+    # the other way round: a mount point inside the bucket directory or the cache dir, which
+    # the daemon walks (new-user trial: a local bucket mounted inside its own directory)
+    with open(config, "w") as f:
+        f.write(text)
+    for what, inner in (("bucket directory (store.url)", tmp_path / "bucket" / "mnt"),
+                        ("cache dir (cache.dir)", tmp_path / "cache" / "mnt")):
+        inner.mkdir(parents=True)
+        r = ossfuse("mount", "-c", config, str(inner))
+        assert r.returncode == 1 and r.stderr == (f"ossfuse: {config}: the mount point {inner} is inside the {what} "
+                                                  f"{inner.parent}, which ossfuse manages; choose a mount point "
+                                                  "outside it\n"), r.stderr
+        assert not os.path.ismount(inner)
 
 
 def test_mount_with_a_read_only_cache_disk_is_one_line(tmp_path, cmk_path, tmpfs):
@@ -282,6 +294,21 @@ def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
         assert r.returncode == 1 and r.stderr == f"ossfuse: {tmp_path}/{name} is not a mount point: {why}\n", r.stderr
     r = ossfuse("status", "/proc")  # another filesystem: named (it said no daemon answers)
     assert r.returncode == 1 and r.stderr == "ossfuse: /proc is not an ossfuse mount (it is proc)\n", r.stderr
+    for command in ("umount", "status", "mount"):  # `umount ""` acted on the current directory
+        r = ossfuse(command, "")
+        assert r.returncode == 2 and r.stderr.endswith("argument mountpoint: an empty path\n"), r.stderr
+
+
+def test_umount_of_a_directory_inside_a_mount_names_the_mount(mount):
+    """`cd mnt/sub && ossfuse umount .` said "is not mounted" and nothing more (new-user
+    trial): it names the mount the directory is in, and leaves it mounted."""
+    sub = os.path.join(mount.mnt, "sub")
+    os.mkdir(sub)
+    for command, says in (("umount", "is not mounted"), ("status", "is not a mount point")):
+        r = ossfuse(command, sub)
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {sub} {says}; it is inside the ossfuse mount {mount.mnt}\n", \
+            r.stderr
+    assert os.path.ismount(mount.mnt) and os.path.isdir(sub)
 
 
 def test_umount_refuses_a_mount_of_another_type(tmp_path):
@@ -886,3 +913,36 @@ def test_a_local_bucket_that_is_a_dangling_symlink_or_someones_directory_is_refu
         f"ossfuse: {path}: store: local store {tmp_path}/bucket is a directory of other files, not a bucket (it "
         f"has no index.sqlite): name a new or empty directory\n"), r.stderr
     assert os.listdir(tmp_path / "bucket") == ["file.txt"] and os.stat(tmp_path / "bucket").st_mode & 0o777 == 0o755
+
+
+def test_a_locked_cache_dir_names_its_holder_and_what_it_does(tmp_path, monkeypatch):
+    """A second mount of a config says "already mounted there" while the first serves, and
+    that the daemon still uploads once it is unmounted (new-user trial: both said "in use by
+    the mount at", the second of a bare directory); an unknown holder stays unnamed."""
+    import fcntl
+    from ossfuse.registry import (ENV_RUNTIME_DIR, cache_dir_user, process_start_ticks, registry_path,
+                                  write_registry)
+    monkeypatch.setenv(ENV_RUNTIME_DIR, str(tmp_path / "run"))
+    os.makedirs(tmp_path / "run", mode=0o700)
+    cache = str(tmp_path / "cache")
+    os.makedirs(cache)
+    assert cache_dir_user(cache) is None  # no lock file: nobody
+    fd = os.open(os.path.join(cache, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert cache_dir_user(cache) is None  # unlocked
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert cache_dir_user(cache) == "another ossfuse mount"  # locked, no record of it
+        served = str(tmp_path / "served")  # (an ossfuse mount there, as /proc/self/mountinfo would say)
+        monkeypatch.setattr("ossfuse.registry.mounted_device",
+                            lambda mp, fstype="fuse.ossfuse": "0:99" if mp == served else None)
+        write_registry(registry_path(served), {"pid": os.getpid(), "pid_start": process_start_ticks(),
+                                               "mountpoint": served, "cache_dir": cache, "exited": False})
+        assert cache_dir_user(cache) == f"the ossfuse mount at {served} (pid {os.getpid()}): already mounted there"
+        gone = str(tmp_path / "mnt")
+        os.unlink(registry_path(served))
+        write_registry(registry_path(gone), {"pid": os.getpid(), "pid_start": process_start_ticks(), "mountpoint": gone,
+                                             "cache_dir": cache, "exited": False})
+        assert cache_dir_user(cache) == (f"the daemon of {gone} (pid {os.getpid()}), unmounted and still finishing its "
+                                         f"uploads (`ossfuse umount {gone}` waits for it)")
+    finally:
+        os.close(fd)

@@ -135,7 +135,8 @@ def test_render_shows_upload_progress():
     text = status.render(doc)
     assert "pre/big: 100 of 400 bytes (25%)" in text
     assert "hit rate 75%" in text
-    assert "2 operations, 9 bytes sent, 0 received, 0 errors, 0 retries" in text
+    assert "pending uploads:  1 file(s), 400 bytes, the oldest first changed 2 s ago (open files included)" in text
+    assert "2 operations, 9 bytes sent, 0 received, 0 error(s), 0 retries" in text
 
 
 def _metrics(text: str) -> dict[str, dict[tuple, float]]:
