@@ -17,7 +17,7 @@ LISTED_ATTRS_ABOVE entries keeps full attributes from parallel HEADs (``ls -l`` 
 request per file after the listing). ``ls -l`` of a big directory stats the entries of each
 getdents call (~200: several readdir batches) after it: once a second of the listed-only nodes
 handed out since is looked up, the rest of them (at most STAT_AHEAD) are HEADed together
-(HEAD_PARALLEL at once, :meth:`stat_ahead`), so it costs a HEAD per entry, mostly in parallel;
+(:func:`head_parallel` at once, :meth:`stat_ahead`), so it costs a HEAD per entry, mostly in parallel;
 a lone ``stat`` HEADs only its own name.
 
 A readdir step resolves SETTLE_BATCH entries into nodes (a reply holds ~25); when one of them
@@ -48,8 +48,14 @@ from .resolve import MOVE_RETRIES, UNLOCKED_TRIES, PathMoved, Resolver
 
 log = logging.getLogger(__name__)
 
-HEAD_PARALLEL = 32  # HEADs at once when a listing needs attributes (ossfs: 20)
-READDIR_BATCH = 256  # entries whose attributes are fetched together (HEAD_PARALLEL at once)
+# HEADs at once when a listing needs attributes (ossfs: 20): near the store, HEAD_PARALLEL (the
+# client's CPU bounds the batch, more threads only contend for the GIL: 64 made a 2,000-entry
+# `ls -l` 10-15 % slower at 0 ms added delay); from FAR_ROUND_TRIP on, HEAD_PARALLEL_FAR
+# (latency bounds it: 64 made it 10 % faster at 10 ms). bench/RESULTS.md, nineteenth session.
+HEAD_PARALLEL = 32
+HEAD_PARALLEL_FAR = 64  # at most the OSS store's threads (connections)
+FAR_ROUND_TRIP = 0.005  # seconds a HEAD takes lately (StoreCounters.round_trip)
+READDIR_BATCH = 256  # entries whose attributes are fetched together (head_parallel() at once)
 # entries resolved into nodes per readdir step: a reply holds ~25 (4 KiB of readdirplus entries);
 # resolving all READDIR_BATCH per step cost ~10x the daemon CPU of the entries the kernel took
 SETTLE_BATCH = 32
@@ -58,6 +64,11 @@ SETTLE_BATCH = 32
 LISTED_ATTRS_ABOVE = 4096
 LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB reply holds ~25-30)
 STAT_AHEAD = 256  # listed-only nodes handed out (per directory) that a second lookup HEADs together
+
+
+def head_parallel(store: ObjectStore) -> int:
+    """How many HEADs a listing sends at once for its entries' attributes (see HEAD_PARALLEL)."""
+    return HEAD_PARALLEL_FAR if store.counters.round_trip >= FAR_ROUND_TRIP else HEAD_PARALLEL
 
 
 class DirectoryReader:
@@ -120,7 +131,7 @@ class DirectoryReader:
                 pass  # logged; the lookup of that name asks again and reports it
         by_path = self.inodes.by_path  # a node replaced since (another type found) is not read again
         await run_all([functools.partial(read, n) for n in entry[1].values()
-                       if n.listed_only and by_path.get(n.path) is n], HEAD_PARALLEL)
+                       if n.listed_only and by_path.get(n.path) is n], head_parallel(self.store))
 
     def _drop_untaken(self, fh: int) -> None:
         """Drop the nodes the last batch of handle ``fh`` made that the kernel did not take."""
@@ -296,7 +307,7 @@ class DirectoryReader:
         try:
             if to_head:
                 try:
-                    infos = await self.store.head_many([t[3] for t in to_head], HEAD_PARALLEL)
+                    infos = await self.store.head_many([t[3] for t in to_head], head_parallel(self.store))
                 except StoreError as e:
                     log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
                     raise FsError(errno_of(e)) from None

@@ -385,7 +385,7 @@ class OssStore(ObjectStore):
     """
 
     def __init__(self, bucket: str, endpoint: str, *, region: str | None = None, signature: str = "v4",
-                 credentials: CredentialsProvider, threads: int = 32, connect_timeout: float = 10.0,
+                 credentials: CredentialsProvider, threads: int = 64, connect_timeout: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 5, backoff: float = 0.25, backoff_max: float = 8.0,
                  deadline: float = 60.0, max_copy_size: int = COPY_LIMIT):
         self.max_copy_size = min(max_copy_size, COPY_LIMIT)
