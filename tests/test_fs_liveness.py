@@ -45,18 +45,15 @@ class _CopyingLocalStore(LocalStore):
 RTT = 0.25  # seconds per store request in the latency tests (repro 07's server latency)
 
 
-def _fs(tmp_path, cmk_path, *, oss_like=True, max_size=10 << 30, cache_dir: str = "cache", **mount) -> Filesystem:
+def _fs(tmp_path, cmk_path, *, oss_like=True, max_size=10 << 30, **mount) -> Filesystem:
     """A Filesystem over FaultStore(LocalStore) in ``tmp_path``. ``oss_like``: the store's
-    listing carries no metadata (one HEAD per entry, as on OSS) and is not a local disk.
-    ``cache_dir``: its cache dir's name in ``tmp_path`` (another one: a mount of another
-    machine, which knows nothing of what this one kept)."""
+    listing carries no metadata (one HEAD per entry, as on OSS) and is not a local disk."""
     os.makedirs(tmp_path / "bucket", exist_ok=True)
     store = FaultStore((_CopyingLocalStore if oss_like else LocalStore)(str(tmp_path / "bucket")))
     if oss_like:
         store.listing_has_metadata = False
         store.local_disk = False
-    return core_filesystem(tmp_path, cmk_path, store=store,
-                           cache={"max_size": max_size, "min_free": 0, "dir": str(tmp_path / cache_dir)}, **mount)
+    return core_filesystem(tmp_path, cmk_path, store=store, cache={"max_size": max_size, "min_free": 0}, **mount)
 
 
 async def _write_file(fs: Filesystem, parent, name: str, data: bytes):
@@ -117,7 +114,7 @@ def test_creates_serialised_by_the_kernel_cost_no_request_each(tmp_path, cmk_pat
         fs = _fs(tmp_path, cmk_path)
         root = fs.get(1)
         await _write_file(fs, root, "other.txt", b"hello")
-        fs = _fs(tmp_path, cmk_path, cache_dir="cache2")  # a fresh mount: nothing known
+        fs = _fs(tmp_path, cmk_path)  # a fresh mount: nothing known
         root = fs.get(1)
         fs.store.delay("*", RTT)
         fs.store.reset_counts()
@@ -437,7 +434,7 @@ def test_readdir_fails_with_eio_when_one_entry_cannot_be_read(tmp_path, cmk_path
         d = await fs.mkdir(root, "d", 0o755, 1, 2)
         for n in ("a.txt", "victim.txt", "z.txt"):
             await _write_file(fs, d, n, n.encode())
-        fs2 = _fs(tmp_path, cmk_path, cache_dir="cache2")  # a fresh mount: nothing known, a HEAD per entry
+        fs2 = _fs(tmp_path, cmk_path)  # a fresh mount: nothing known, every entry needs a HEAD
         d2 = await fs2.lookup(fs2.get(1), "d")
         fs2.store.fail("head", key="pre/d/victim*", count=None)
         h = fs2.opendir(d2)

@@ -836,9 +836,8 @@ def test_a_directory_rename_before_an_upload_that_replaces_an_object_is_no_confl
 
 async def _unlink_during(fs, store, name: str, unlinked: list) -> None:
     """Arm ``store`` so that the first HEAD of ``name`` (the revalidation of an open: attributes
-    never fresh with attr_timeout 0, and a HEAD, not a LIST page, for a version whose
-    Last-Modified is not known: the caller zeroes it) is followed, before the open goes on, by
-    ``unlink(name)`` in another task; ``unlinked`` gets True once that unlink returned."""
+    never fresh with attr_timeout 0) is followed, before the open goes on, by ``unlink(name)``
+    in another task; ``unlinked`` gets True once that unlink returned."""
     async def unlink_now(inner, op, keys):
         done = trio.Event()
 
@@ -868,7 +867,6 @@ def test_a_file_unlinked_while_it_is_being_opened_stays_readable_through_that_op
         async with trio.open_nursery() as nursery:
             fs._nursery = nursery
             node = await committed_file(fs, "f", b"the content")
-            node.version.modified = 0.0  # revalidated by a HEAD (_unlink_during)
             unlinked: list = []
             await _unlink_during(fs, fs.store, "f", unlinked)
             h = await fs.open(node, mode)
@@ -891,7 +889,6 @@ def test_an_open_that_fails_after_an_unlink_under_way_deletes_the_object(tmp_pat
         async with trio.open_nursery() as nursery:
             fs._nursery = nursery
             node = await committed_file(fs, "f", b"the content")
-            node.version.modified = 0.0  # revalidated by a HEAD (_unlink_during)
 
             async def failing_open_version(v, wait=True, doing="open"):
                 raise FsError(errno.EIO)

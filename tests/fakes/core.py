@@ -36,13 +36,13 @@ PREFIX = "pre/"
 def core_config(root, cmk_path: str, *, cache: dict | None = None, **mount) -> Config:
     """The Config of a core test under ``root``: ``mount`` overrides MountConfig fields
     (``upload_delay`` defaults to 0: a closed file uploads at once, as on a local bucket),
-    ``cache`` overrides CacheConfig fields (e.g. ``max_size`` in bytes, ``dir``)."""
+    ``cache`` overrides CacheConfig fields (e.g. ``max_size`` in bytes)."""
     root = str(root)
     mount.setdefault("upload_delay", 0.0)
     return Config(path=os.path.join(root, "ossfuse.toml"),
                   store=StoreConfig(url=f"local://{os.path.join(root, 'bucket')}", prefix=PREFIX),
                   encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),)),
-                  cache=CacheConfig(**{"dir": os.path.join(root, "cache"), **(cache or {})}),
+                  cache=CacheConfig(dir=os.path.join(root, "cache"), **(cache or {})),
                   mount=MountConfig(**mount))
 
 
