@@ -1,7 +1,6 @@
-"""Attributes of encrypted objects that a HEAD read, or that this mount wrote, kept across
-mounts in the cache dir, so a listing can prove them current without asking again (issue 14:
-``ls -l`` of N files, "fewer [HEADs] where the listing already proves the attributes are
-current").
+"""Attributes of encrypted objects that a HEAD read, kept across mounts in the cache dir, so a
+listing can prove them current without asking again (issue 14: ``ls -l`` of N files, "fewer
+[HEADs] where the listing already proves the attributes are current").
 
 A row is (object key → ETag, size, Last-Modified, the attribute headers ``mode``, ``uid``,
 ``gid``, ``mtime``, ``ctime``, ``atime``). It is used only when a listing entry of that key

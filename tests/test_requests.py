@@ -270,54 +270,6 @@ def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_
     trio.run(main)
 
 
-def test_files_this_mount_uploaded_are_proven_by_a_listing_then_and_after_a_remount(tmp_path, cmk_path):
-    """A version this mount uploaded (or renamed, or chmodded: a copy) holds the Last-Modified
-    its write's answer gave, and is kept in the cache dir as a HEAD of it would be: ``ls -l``
-    once its attributes expired, and after a remount with that cache dir, is one LIST with no
-    HEAD (both were a HEAD per file: OSS's PUT answer has no Last-Modified). A chmod by
-    another client (a new Last-Modified) is HEADed, and the modes are what the store holds."""
-    names = _names(12)
-
-    async def main():
-        fs = _mount(tmp_path, cmk_path, "cache")
-        d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
-        for name in names[:-2]:
-            _node, h = await fs.create(d, name, 0o640, os.O_WRONLY, 1, 2)
-            await fs.write(h, 0, name.encode())
-            await fs.release(h)
-        assert await fs.drain() == 0
-        await fs.rename(d, names[0], d, names[-2], 0)  # a copy of ours (rename)
-        await fs.setattr(await fs.lookup(d, names[1]), mode=0o600)  # an attribute copy
-        _node, h = await fs.create(d, names[-1], 0o640, os.O_WRONLY, 1, 2)  # an empty file
-        await fs.release(h)
-        assert await fs.drain() == 0
-        want = {n: 0o640 for n in names[2:]} | {names[1]: 0o600}
-        store = fs.store
-        await trio.sleep(ATTR * 1.5)  # every attribute is stale now
-        store.counts.clear()
-        listed = await _ls_l(fs, d)
-        assert {n: (await fs.getattr(node)).mode & 0o777 for n, node in listed.items()} == want
-        assert store.counts["head"] == 0 and store.counts["list"] == 1, store.counts
-        fs.close()
-
-        await trio.sleep(1.05)  # Last-Modified has one-second resolution
-        inner = store.inner
-        chmodded = await inner.head(f"pre/d/{names[3]}")  # another client's chmod: a metadata-only copy
-        inner._db().execute("UPDATE objects SET meta=?, mtime=? WHERE key=?",
-                            (json.dumps({**chmodded.metadata, "mode": str(0o100604)}), time.time(),
-                             f"pre/d/{names[3]}"))
-        fs = _mount(tmp_path, cmk_path, "cache")  # the same cache dir: a remount
-        store = fs.store
-        d = await fs.lookup(fs.get(1), "d")
-        store.counts.clear()
-        listed = await _ls_l(fs, d)
-        assert {n: (await fs.getattr(node)).mode & 0o777 for n, node in listed.items()} == want | {names[3]: 0o604}
-        assert store.counts["head"] == 1 and store.counts["list"] == 1, store.counts  # the chmodded one
-        fs.close()
-
-    trio.run(main)
-
-
 def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_version(tmp_path, cmk_path):
     """A mount keeps the attributes its HEADs read in its cache dir (ossfuse/attrcache.py): the
     next mount with that cache dir answers ``ls -l`` from one LIST where the listing shows the

@@ -106,6 +106,6 @@ class Attributes:
         info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, source_meta),
                                  v.key, meta)
         self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v (if_match)
-        copied = v.rewritten(info.etag, meta, info.mtime)  # (v may be slim again by now: its metadata is not read)
+        copied = v.rewritten(info.etag, meta)  # (v may be slim again by now: its metadata is not read)
         set_local_version(node, copied)
-        self.files.resolver.made(copied)
+        self.files.resolver.recent.touch(copied)

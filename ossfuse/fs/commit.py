@@ -422,9 +422,8 @@ class Commit:
             await self._delete_stray(node, key)
             return True
         async with node.lock:
-            version = Version(info.key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope, info.mtime)
+            version = Version(info.key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
             old = node.version
-            self.resolver.keep_written(version)  # a listing proves it, also after a remount
             if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy
                 st.forget_record()  # the bucket has it: a crash must not upload it again

@@ -90,9 +90,8 @@ class Version:
         self.metadata = metadata
         self._wrapped = wrapped
         self.envelope = envelope  # unwrapped on first open
-        # the store's Last-Modified (epoch seconds) as a HEAD reported it, or as the answer to
-        # this mount's write gave it (ObjectInfo's doc: on OSS the answer's Date); 0: not known.
-        # With the ETag it lets a listing prove the attributes unchanged (fs/resolve.py).
+        # the store's Last-Modified (epoch seconds) as a HEAD reported it; 0: not known (a version
+        # this mount made). With the ETag it lets a listing prove the attributes unchanged.
         self.modified = modified
 
     @property
@@ -151,19 +150,17 @@ class Version:
             self.metadata = metadata
             self._wrapped = _UNPARSED
 
-    def rewritten(self, etag: str, metadata: dict[str, str], modified: float) -> "Version":
+    def rewritten(self, etag: str, metadata: dict[str, str]) -> "Version":
         """This version copied onto its own key with ``metadata`` replacing its own (setattr's
-        CopyObject; the envelope headers unchanged): new ETag and Last-Modified (``modified``,
-        as the copy's answer gives it), the same parsed envelope if this one was opened (so it
-        stays unslimmable), else parsed from ``metadata`` when used."""
-        return Version(self.key, etag, self.size, metadata, self._wrapped, self.envelope, modified)
+        CopyObject; the envelope headers unchanged): new ETag, the same parsed envelope if this
+        one was opened (so it stays unslimmable), else parsed from ``metadata`` when used."""
+        return Version(self.key, etag, self.size, metadata, self._wrapped, self.envelope)
 
-    def copied_as(self, key: str, etag: str, modified: float) -> "Version":
+    def copied_as(self, key: str, etag: str) -> "Version":
         """This version as copied by this mount to ``key`` with the store's metadata directive
-        COPY (a rename): same size, metadata (held or not) and envelope, new key, ETag and
-        Last-Modified (``modified``, as the copy's answer gives it)."""
+        COPY (a rename): same size, metadata (held or not) and envelope, new key and ETag."""
         v = Version.__new__(Version)
-        v.key, v.etag, v.size, v.modified = key, etag, self.size, modified
+        v.key, v.etag, v.size, v.modified = key, etag, self.size, 0.0
         v._names, v._values, v._wrapped, v.envelope = self._names, self._values, self._wrapped, self.envelope
         return v
 

@@ -899,9 +899,9 @@ class Namespace:
                         await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
                     raise
                 self.cache.rekey(v.key, v.etag, new_key, info.etag)
-                moved = v.copied_as(new_key, info.etag, info.mtime)
+                moved = v.copied_as(new_key, info.etag)
                 set_local_version(src, moved)
-                self.resolver.made(moved)
+                self.resolver.recent.touch(moved)
             if dst is not None and not dst.unlinked:
                 self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
@@ -1009,9 +1009,9 @@ class Namespace:
                 if v is not None and v.key in copies and keys[v.key].etag == v.etag:
                     info = copies[v.key]
                     self.cache.rekey(v.key, v.etag, info.key, info.etag)
-                    moved = v.copied_as(info.key, info.etag, info.mtime)
+                    moved = v.copied_as(info.key, info.etag)
                     set_local_version(n, moved)
-                    self.resolver.made(moved)
+                    self.resolver.recent.touch(moved)
                 elif v is not None:
                     n.checked_at = 0.0  # another client's version was listed and moved: re-read it
                 if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden

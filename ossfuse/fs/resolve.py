@@ -165,19 +165,6 @@ class Resolver:
                 kept = {id(i) for i in keepable}
                 self.attr_cache.forget([i.key for i in infos if id(i) not in kept])
 
-    def made(self, v: Version) -> None:
-        """``v`` is a version this mount just wrote (a rename's or an attribute change's copy):
-        one of the recent versions, and kept across mounts as a HEAD of it would be
-        (:meth:`keep`) when its metadata is held and the write's answer gave its Last-Modified."""
-        self.recent.touch(v)
-        self.keep_written(v)
-
-    def keep_written(self, v: Version) -> None:
-        """Keep version ``v``, written by this mount, as :meth:`keep` keeps a HEAD's answer
-        (nothing when its metadata is not held or its Last-Modified is unknown)."""
-        if self.attr_cache is not None and v.held and v.modified > 0:
-            self.keep([ObjectInfo(v.key, v.size, v.etag, v.modified, v.metadata)])
-
     def kept_proves(self, kept: RememberedAttrs | None, listed: ObjectInfo) -> bool:
         """Whether a kept HEAD answer is about the version listing entry ``listed`` shows (the
         rule of :meth:`listing_proves`: same ETag, size and Last-Modified second)."""

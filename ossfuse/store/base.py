@@ -93,10 +93,7 @@ class ObjectInfo:
 
     ``size`` in bytes (ciphertext size == plaintext size for CSE objects), ``mtime`` is the
     store's Last-Modified in seconds since the epoch; ``metadata`` is empty in listings (unless
-    the store's ``listing_has_metadata``). In what a write returns (put, copy) ``mtime`` is
-    the answer's Date on OSS, whose PutObject and CopyObject answers carry no Last-Modified:
-    the object's Last-Modified second unless the write straddled a second, and then a listing
-    shows another second than this and proves nothing (``fs/resolve.py``); 0 when unknown.
+    the store's ``listing_has_metadata``).
     """
 
     key: str
