@@ -270,6 +270,38 @@ def test_a_store_slower_than_attr_timeout_does_not_make_each_stat_walk_the_path_
     trio.run(main)
 
 
+def test_a_chmod_by_another_client_right_after_this_mounts_upload_is_seen(tmp_path, cmk_path):
+    """Another client's metadata-only copy (a chmod: same ETag and size) in the same second as
+    this mount's upload: the listing shows the same ETag, size and Last-Modified second, so it
+    must not prove the attributes this mount wrote; once they expire, the file is HEADed and
+    shows the new mode, also after a remount with the same cache dir. (A trial of the
+    nineteenth session: a version this mount wrote, dated by its PUT answer's Date and kept in
+    attrs.sqlite, showed the old mode for good.)"""
+    async def main():
+        fs = _mount(tmp_path, cmk_path, "cache")
+        d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
+        _node, h = await fs.create(d, "f", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"ours")
+        await fs.release(h)
+        assert await fs.drain() == 0
+        inner = fs.store.inner
+        ours = await inner.head("pre/d/f")
+        inner._db().execute("UPDATE objects SET meta=? WHERE key=?",  # Last-Modified unchanged
+                            (json.dumps({**ours.metadata, "mode": str(0o100600)}), "pre/d/f"))
+        assert (await inner.head("pre/d/f")).mtime == ours.mtime
+        await trio.sleep(ATTR * 1.5)
+        listed = await _ls_l(fs, d)
+        assert (await fs.getattr(listed["f"])).mode & 0o777 == 0o600
+        fs.close()
+        fs = _mount(tmp_path, cmk_path, "cache")  # the same cache dir: a remount
+        d = await fs.lookup(fs.get(1), "d")
+        assert (await fs.getattr(await fs.lookup(d, "f"))).mode & 0o777 == 0o600
+        assert (await fs.getattr((await _ls_l(fs, d))["f"])).mode & 0o777 == 0o600
+        fs.close()
+
+    trio.run(main)
+
+
 def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_version(tmp_path, cmk_path):
     """A mount keeps the attributes its HEADs read in its cache dir (ossfuse/attrcache.py): the
     next mount with that cache dir answers ``ls -l`` from one LIST where the listing shows the
