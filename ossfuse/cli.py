@@ -438,8 +438,8 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
                             f"before it finished: `kill -CONT {pid}` lets it upload what is pending, if anything, "
                             f"and exit (see its log)")
             return _die(f"unmounted, but the daemon (pid {pid}) is still uploading after "
-                        f"{args.timeout:.0f}s; it goes on in the background (ossfuse status {mp} "
-                        f"no longer works: see its log)")
+                        f"{args.timeout:.0f}s; it goes on in the background: `ossfuse status {mp}` shows its "
+                        f"progress and `ossfuse umount {mp}` waits for it again")
         doc = _status_or_none(sock)
         if (doc is not None and doc.get("state") == "serving" and not stopped and device
                 and now - unmounted_at > 1 and (held := holders(device))):

@@ -433,10 +433,12 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     quarantined = fs.staging.quarantined()
     if quarantined:  # each entry this start-up quarantined logged its own ERROR already
         one = quarantined == 1
+        # (the folder shows what the bucket has at such a name: an older version, or nothing)
         notices.append(f"{quarantined} damaged journal entr{'y' if one else 'ies'} "
                        f"({quarantined - earlier_quarantined} new) {'is' if one else 'are'} kept in "
-                       f"{fs.staging.quarantine_dir}, never uploaded: {'its file is' if one else 'their files are'} "
-                       "not in the folder; recover by hand or delete them (docs/design.md, \"Write-back and "
+                       f"{fs.staging.quarantine_dir}, never uploaded: the folder shows what the bucket has "
+                       f"at {'its name' if one else 'their names'} (an older version, or nothing); the log names "
+                       f"{'it' if one else 'them'}; recover by hand or delete (docs/design.md, \"Write-back and "
                        "the journal\")")
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():

@@ -169,8 +169,9 @@ def test_a_quarantined_journal_entry_is_shown_by_every_later_mount(make_mount):
     doc = json.loads(status("--json"))
     assert doc["counters"]["quarantined"] == 1 and doc["pid"] == m.pid and doc["up"] is True
     assert doc["quarantine"] == {"dir": os.path.join(staging, "quarantine"), "entries": 1}
-    said = (f"1 damaged journal entry (1 new) is kept in {staging}/quarantine, never uploaded: its file is not "
-            "in the folder; recover by hand or delete them")
+    said = (f"1 damaged journal entry (1 new) is kept in {staging}/quarantine, never uploaded: the folder shows "
+            "what the bucket has at its name (an older version, or nothing); the log names it; recover by hand "
+            "or delete")
     assert m.log().count(said) == 1
     assert m.mount_stderr.startswith(f"ossfuse: warning: {said}") and m.mount_stderr.count("\n") == 1, \
         m.mount_stderr

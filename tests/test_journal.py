@@ -1027,6 +1027,8 @@ def test_a_config_with_upload_retries_says_what_replaced_it(tmp_path, cmk_path):
 # -- orphaned multipart uploads ------------------------------------------------------------------
 @pytest.mark.expect_log(r"ossfuse\.fs\.commit: aborted unfinished multipart upload")
 def test_mount_aborts_multipart_uploads_left_by_a_crash(tmp_path, cmk_path, oss_server):
+    """At the keys of journaled versions (uploaded again from the start) only: another
+    client's unfinished upload under the prefix, which may still be running, is left alone."""
     from conftest import AK, BUCKET, REGION, SK
     from ossfuse.store.credentials import StaticCredentialsProvider
     from ossfuse.store.oss import OssStore
@@ -1038,15 +1040,17 @@ def test_mount_aborts_multipart_uploads_left_by_a_crash(tmp_path, cmk_path, oss_
             ours = await store.create_multipart("pre/big", {})
             await store.upload_part("pre/big", ours, 1, b"x" * 200_000, {})
             other = await store.create_multipart("elsewhere/big", {})
+            running = await store.create_multipart("pre/theirs", {})  # another client's, under the prefix
             await trio.sleep(1.1)  # OSS initiation times are in seconds
             cfg = _config(tmp_path, cmk_path)
             fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+            await _write_file(fs, "big", b"journaled")  # (upload_delay: stays journaled, as after a crash)
             fs.started = time.time()
             await trio.sleep(1.1)
             newer = await store.create_multipart("pre/new", {})  # begun by this mount: kept
             assert await fs.abort_orphaned_uploads() == 1
             left = {(k, u) for k, u, _t in await store.list_multipart_uploads("")}
-            assert left == {("elsewhere/big", other), ("pre/new", newer)}
+            assert left == {("elsewhere/big", other), ("pre/new", newer), ("pre/theirs", running)}
             assert fs.stats["aborted_uploads"] == 1
             fs.close()
         finally:

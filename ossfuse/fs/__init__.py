@@ -166,9 +166,11 @@ class Filesystem:
         return self.commit.recover()
 
     async def abort_orphaned_uploads(self) -> int:
-        """Abort the unfinished multipart uploads under the prefix begun before this mount
-        started (left by a crash; see ``Commit.abort_orphaned_uploads``); returns how many."""
-        return await self.commit.abort_orphaned_uploads(self.started)
+        """Abort the unfinished multipart uploads begun before this mount started at the keys
+        of the versions its journal holds (left by a crash: call it after :meth:`recover`;
+        see ``Commit.abort_orphaned_uploads``); returns how many."""
+        journaled = {self.naming.key(n.path) for n in self.dirty if n.staged is not None and not n.unlinked}
+        return await self.commit.abort_orphaned_uploads(self.started, journaled)
 
     async def finish_unlinks(self) -> int:
         """Delete the objects of files an earlier run unlinked while they were open (before

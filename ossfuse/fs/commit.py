@@ -541,14 +541,16 @@ class Commit:
         self.scheduler.stats["quarantined"] += quarantined
         return adopted
 
-    async def abort_orphaned_uploads(self, started_before: float) -> int:
+    async def abort_orphaned_uploads(self, started_before: float, journaled: set[str]) -> int:
         """Abort the multipart uploads under this mount's prefix begun before
-        ``started_before`` (wall-clock seconds: this mount's start). This mount resumes none,
-        and only one mount may use a cache dir and prefix at a time (daemon lock), so an
-        unfinished one from before was left by a crash of this mount's daemon (or of another
-        client writing under the same prefix before this mount started; its parts are lost
-        either way, as OSS bills them until aborted). Returns how many were aborted; a failure
-        is logged and skipped."""
+        ``started_before`` (wall-clock seconds: this mount's start) at the keys in
+        ``journaled``: those of the versions this cache dir's journal holds, each uploaded
+        again from the start (this mount resumes none), so an unfinished upload there was
+        left by a crash of this cache dir's daemon, and OSS bills its parts until aborted.
+        Other unfinished uploads under the prefix are left alone and counted in one INFO
+        line: another client's upload that is still running would fail if aborted (a trial
+        of the nineteenth session: a second mount's start aborted the first's upload).
+        Returns how many were aborted; a failure is logged and skipped."""
         store = self.uploader.store
         try:
             uploads = await store.list_multipart_uploads(self.naming.prefix)
@@ -556,8 +558,13 @@ class Commit:
             log.error("cannot list unfinished multipart uploads under %r: %s", self.naming.prefix, e)
             return 0
         aborted = 0
+        others = [key for key, _u, initiated in uploads if initiated < started_before and key not in journaled]
+        if others:
+            log.info("%d unfinished multipart upload(s) under %r not from this cache dir's journal left alone "
+                     "(another client's, or parts nobody will finish: an OSS lifecycle rule can expire them), "
+                     "e.g. %r", len(others), self.naming.prefix, others[0])
         for key, upload_id, initiated in uploads:
-            if initiated >= started_before:
+            if initiated >= started_before or key not in journaled:
                 continue
             try:
                 await store.abort_multipart(key, upload_id)
