@@ -433,19 +433,20 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     quarantined = fs.staging.quarantined()
     if quarantined:  # each entry this start-up quarantined logged its own ERROR already
         one = quarantined == 1
-        # (the folder shows what the bucket has at such a name: an older version, or nothing)
-        notices.append(f"{quarantined} damaged journal entr{'y' if one else 'ies'} "
-                       f"({quarantined - earlier_quarantined} new) {'is' if one else 'are'} kept in "
-                       f"{fs.staging.quarantine_dir}, never uploaded: the folder shows what the bucket has "
-                       f"at {'its name' if one else 'their names'} (an older version, or nothing); the log names "
-                       f"{'it' if one else 'them'}; recover by hand or delete (docs/design.md, \"Write-back and "
-                       "the journal\")")
+        # damaged, or of another prefix (a cache dir mounted with another one): never uploaded;
+        # the bucket keeps what it has at such a name (an older version, or nothing)
+        notices.append(f"{quarantined} journal entr{'y' if one else 'ies'} this mount cannot upload "
+                       f"({quarantined - earlier_quarantined} new; damaged, or of another prefix: the log names "
+                       f"{'it' if one else 'each'} and why) {'is' if one else 'are'} kept in "
+                       f"{fs.staging.quarantine_dir}, never uploaded: the bucket keeps what it has at "
+                       f"{'that name' if one else 'those names'} (an older version, or nothing); recover by hand "
+                       "or delete (docs/design.md, \"Write-back and the journal\")")
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():
         notices.append("some files unlinked while open in an earlier run could not be deleted yet; "
                        "tried again at the next mount")
     if recovered:
-        notices.append(f"found {recovered} journaled file(s) from an earlier run; uploading them")
+        notices.append(f"found {recovered} journaled file(s) from an earlier run; queued for upload")
     for line in notices:
         log.warning("%s", line)
     life = _Lifecycle(mountpoint)

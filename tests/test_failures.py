@@ -139,12 +139,12 @@ def test_sigkill_after_close_loses_nothing(make_mount):
             env.parse_envelope(info.metadata))
         assert e.crypt(0, m.get(name)) == data
     assert "journaled file(s) from an earlier run" in m.log()
-    assert m.mount_stderr == "ossfuse: warning: found 20 journaled file(s) from an earlier run; uploading them\n"
+    assert m.mount_stderr == "ossfuse: warning: found 20 journaled file(s) from an earlier run; queued for upload\n"
     assert os.listdir(os.path.join(m.cache, "staging")) == []
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.writeback\.staging: journal entry 0+1 for .*quarantined in .*unreadable record",
-                        r"WARNING ossfuse\.daemon: 1 damaged journal entry \([01] new\) is kept in ")
+                        r"WARNING ossfuse\.daemon: 1 journal entry this mount cannot upload \([01] new; ")
 def test_a_quarantined_journal_entry_is_shown_by_every_later_mount(make_mount):
     """A damaged journal entry is quarantined by the mount that finds it (ERROR line, counted)
     and stays in staging/quarantine: that mount and every later one say so in one WARNING line,
@@ -169,17 +169,17 @@ def test_a_quarantined_journal_entry_is_shown_by_every_later_mount(make_mount):
     doc = json.loads(status("--json"))
     assert doc["counters"]["quarantined"] == 1 and doc["pid"] == m.pid and doc["up"] is True
     assert doc["quarantine"] == {"dir": os.path.join(staging, "quarantine"), "entries": 1}
-    said = (f"1 damaged journal entry (1 new) is kept in {staging}/quarantine, never uploaded: the folder shows "
-            "what the bucket has at its name (an older version, or nothing); the log names it; recover by hand "
-            "or delete")
+    said = ("1 journal entry this mount cannot upload (1 new; damaged, or of another prefix: the log names it and "
+            f"why) is kept in {staging}/quarantine, never uploaded: the bucket keeps what it has at that name (an "
+            "older version, or nothing); recover by hand or delete")
     assert m.log().count(said) == 1
     assert m.mount_stderr.startswith(f"ossfuse: warning: {said}") and m.mount_stderr.count("\n") == 1, \
         m.mount_stderr
     m.remount()
     doc = json.loads(status("--json"))
     assert doc["counters"]["quarantined"] == 0 and doc["quarantine"]["entries"] == 1
-    assert m.log().count("1 damaged journal entry (0 new) is kept in") == 1
-    assert m.mount_stderr.startswith("ossfuse: warning: 1 damaged journal entry (0 new) is kept in")
+    assert m.log().count("1 journal entry this mount cannot upload (0 new; ") == 1
+    assert m.mount_stderr.startswith("ossfuse: warning: 1 journal entry this mount cannot upload (0 new; ")
     assert (f"quarantine:       1 damaged journal entry in {staging}/quarantine, never uploaded: recover by hand "
             "or delete") in status()
     assert f'ossfuse_quarantined_journal_entries{{mountpoint="{m.mnt}"}} 1' in status("--prometheus")
