@@ -302,6 +302,37 @@ def test_a_chmod_by_another_client_right_after_this_mounts_upload_is_seen(tmp_pa
     trio.run(main)
 
 
+def test_a_listing_sends_more_heads_at_once_when_the_store_is_far(tmp_path, cmk_path):
+    """readdir HEADs its entries 32 at once while a HEAD takes under 5 ms (the client's CPU
+    bounds the batch there), 64 at once from 5 ms on (latency bounds it): bench/RESULTS.md,
+    nineteenth session. The store's recent round trip decides (StoreCounters.round_trip)."""
+    names = _names(100)
+
+    async def main():
+        await _fill(tmp_path, cmk_path, names)
+        for round_trip, at_once in ((0.001, 32), (0.02, 64)):
+            fs = _mount(tmp_path, cmk_path, f"cache-{at_once}")
+            store = fs.store
+            d = await fs.lookup(fs.get(1), "d")
+            flight = {"now": 0, "most": 0}
+
+            async def sent(inner, op, keys, flight=flight):
+                flight["now"] += 1
+                flight["most"] = max(flight["most"], flight["now"])
+                await trio.sleep(0.01)  # the others are sent meanwhile, up to the limit
+
+            async def answered(inner, op, keys, flight=flight):
+                flight["now"] -= 1
+            store.hook("head", sent)
+            store.hook("head", answered, when="after")
+            store.counters.round_trip = round_trip
+            assert sorted(await _ls_l(fs, d)) == names
+            assert flight["most"] == at_once, (round_trip, flight)
+            fs.close()
+
+    trio.run(main)
+
+
 def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_version(tmp_path, cmk_path):
     """A mount keeps the attributes its HEADs read in its cache dir (ossfuse/attrcache.py): the
     next mount with that cache dir answers ``ls -l`` from one LIST where the listing shows the
