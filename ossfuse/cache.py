@@ -736,58 +736,94 @@ class BlockCache:
                     data = await get(lo, hi, tags)
             # the cache blocks wholly inside [lo, hi): only those become present
             whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1) if (b + 1) * bs <= hi or hi == e.size]
-            # Readers waiting for these blocks are answered from ``data`` from now on, while a
-            # thread writes it to the cache file (on a loaded disk, the slow part).
-            chunk = _Chunk(lo, data, tags is not None)
+            chunk = self._hold(e, _Chunk(lo, data, tags is not None), whole)
             for b in whole:
-                e.pending[b] = chunk
                 ev = e.inflight.pop(b, None)
                 if ev is not None:
                     ev.set()
-            try:
-                await write(chunk, whole)
-            finally:
-                for b in whole:
-                    if e.pending.get(b) is chunk:
-                        del e.pending[b]
-                chunk.written.set()
-
-        async def write(chunk: _Chunk, whole: list[int]) -> None:
-            lo, data = chunk.lo, chunk.data
-            crcs: list[int] = []
-            for again in (False, True):
-                if e.dropped:
-                    return
-                # A worker thread writes and sums the chunk (8 MiB: milliseconds the event loop
-                # would not serve FUSE reads), on its own dup of the cache file: the entry's fd may
-                # be closed (open-file limit, drop) and its number reused meanwhile.
-                fd = os.dup(e.fd)
-                try:
-                    if len(data) <= _INLINE_STORE_MAX:
-                        crcs = self._store_chunk(fd, data, lo, whole)
-                    else:
-                        crcs = await trio.to_thread.run_sync(self._store_chunk, fd, data, lo, whole)
-                    break
-                except OSError as err:
-                    if not again and err.errno == errno.ENOSPC and self.evict(need=len(data)):
-                        continue  # room was made by dropping old blocks
-                    # Not cached: later readers find the blocks missing and read from the store.
-                    if not self._write_failing:
-                        log.warning("cache disk cannot take more blocks (%s); reading %r and others "
-                                    "without caching until it can", err, key)
-                    self._write_failing = True
-                    return
-                finally:
-                    os.close(fd)
-            if e.dropped:
-                return
-            self._write_failing = False
-            for b, crc in zip(whole, crcs, strict=True):
-                e.crc[b] = crc
-                self._mark_present(e, b)
-                e.authed[b] = chunk.authed
+            await self._land(e, chunk, whole)
 
         await run_all([functools.partial(fetch, lo, hi) for lo, hi in ranges], _FETCH_PARALLEL)
+
+    @staticmethod
+    def _hold(e: CacheEntry, chunk: _Chunk, whole: list[int]) -> _Chunk:
+        """Make blocks ``whole`` of ``e`` (all inside ``chunk``) pending on ``chunk``: readers
+        are answered from its bytes from now on, while :meth:`_land` writes them to the cache
+        file (on a loaded disk, the slow part)."""
+        for b in whole:
+            e.pending[b] = chunk
+        return chunk
+
+    async def _land(self, e: CacheEntry, chunk: _Chunk, whole: list[int]) -> None:
+        """Write ``chunk`` (made pending by :meth:`_hold`) to ``e``'s cache file and mark its
+        blocks ``whole`` present; whatever happens, they stop being pending and
+        ``chunk.written`` is set. A full cache disk first drops old blocks, then leaves the
+        blocks uncached (one WARNING until the disk takes blocks again)."""
+        try:
+            await self._write_chunk(e, chunk, whole)
+        finally:
+            for b in whole:
+                if e.pending.get(b) is chunk:
+                    del e.pending[b]
+            chunk.written.set()
+
+    async def _write_chunk(self, e: CacheEntry, chunk: _Chunk, whole: list[int]) -> None:
+        lo, data = chunk.lo, chunk.data
+        crcs: list[int] = []
+        for again in (False, True):
+            if e.dropped:
+                return
+            # A worker thread writes and sums the chunk (8 MiB: milliseconds the event loop
+            # would not serve FUSE reads), on its own dup of the cache file: the entry's fd may
+            # be closed (open-file limit, drop) and its number reused meanwhile.
+            fd = os.dup(e.fd)
+            try:
+                if len(data) <= _INLINE_STORE_MAX:
+                    crcs = self._store_chunk(fd, data, lo, whole)
+                else:
+                    crcs = await trio.to_thread.run_sync(self._store_chunk, fd, data, lo, whole)
+                break
+            except OSError as err:
+                if not again and err.errno == errno.ENOSPC and self.evict(need=len(data)):
+                    continue  # room was made by dropping old blocks
+                # Not cached: later readers find the blocks missing and read from the store.
+                if not self._write_failing:
+                    log.warning("cache disk cannot take more blocks (%s); reading %r and others "
+                                "without caching until it can", err, e.key[0])
+                self._write_failing = True
+                return
+            finally:
+                os.close(fd)
+        if e.dropped:
+            return
+        self._write_failing = False
+        for b, crc in zip(whole, crcs, strict=True):
+            e.crc[b] = crc
+            self._mark_present(e, b)
+            e.authed[b] = chunk.authed
+
+    def offer(self, key: str, etag: str, size: int, lo: int, data: bytes) -> None:
+        """Keep ``data``, ciphertext bytes ``[lo, lo + len(data))`` of version (key, etag) of
+        ``size`` bytes that another layer fetched (Files' open-ahead: the GET that also
+        answered for a HEAD), as read-ahead keeps what it fetches: not yet checked against
+        integrity tags (a reader with tags checks them first), written in the background,
+        readable at once. Blocks already cached or being fetched are left alone, and so is
+        all of it on a local-disk store (its reads are not cached) or without a nursery."""
+        if self.store.local_disk or self._nursery is None or not data:
+            return
+        e = self.entry(key, etag, size)
+        bs, hi = self.block_size, lo + len(data)
+        whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1)
+                 if ((b + 1) * bs <= hi or hi == size) and not e.have(b) and b not in e.inflight]
+        if whole:
+            self._nursery.start_soon(self._land_offered, e, self._hold(e, _Chunk(lo, data, False), whole), whole)
+
+    async def _land_offered(self, e: CacheEntry, chunk: _Chunk, whole: list[int]) -> None:
+        try:
+            await self._land(e, chunk, whole)
+            self.evict()
+        except Exception as err:  # noqa: BLE001 - a background task: logged, never fatal to the mount
+            log.warning("caching fetched bytes of %r failed: %s: %s", e.key[0], type(err).__name__, err)
 
     def _store_chunk(self, fd: int, data: bytes, lo: int, blocks: list[int]) -> list[int]:
         """Write ``data`` (the bytes at offset ``lo``) to cache file ``fd``; returns the CRC-32

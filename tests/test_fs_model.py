@@ -652,7 +652,8 @@ class FaultyFsMachine(FsMachine):
     upload_delay = 0.0
     faults = True
 
-    @rule(op=st.sampled_from(("head", "get_range", "put_file", "put_bytes", "copy", "list", "delete")))
+    @rule(op=st.sampled_from(("head", "get_range", "get_range_with_info", "put_file", "put_bytes", "copy", "list",
+                              "delete")))
     def arm_fault(self, op):
         self.store.clear()
         self.store.fail(op, error="temporary", count=1)

@@ -237,6 +237,35 @@ def test_cached_blocks_stay_good_and_a_damaged_response_is_not_cached(tmp_path, 
     trio.run(main)
 
 
+def test_bytes_offered_to_the_cache_are_checked_before_they_are_served(tmp_path, cmk_path):
+    """BlockCache.offer (the first block that open-ahead's GET brought with the metadata) keeps
+    bytes not yet checked against the version's tags: served without another GET when good;
+    when damaged, the read checks them first, drops them and fetches the block again."""
+    local, store = _bucket(tmp_path, cached=True)
+    data = os.urandom(200 * KIB)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        async with trio.open_nursery() as nursery:
+            fs.cache.start(nursery)
+            await _write(fs, "f", data)
+            etag = (await local.head("pre/f")).etag
+            stored = await local.get_range("pre/f", 0, 64 * KIB)
+            for damaged in (False, True):
+                fs.cache.drop("pre/f", etag)
+                fs.cache.offer("pre/f", etag, len(data), 0, bytes([stored[0] ^ 1]) + stored[1:] if damaged else stored)
+                assert fs.cache.entry("pre/f", etag, len(data)).have(0)
+                store.reset_counts()
+                assert await _read(fs, "f", 0, 10) == data[:10]
+                assert store.counts["get_range"] == (1 if damaged else 0), (damaged, store.counts)
+                assert fs.cache.entry("pre/f", etag, len(data)).authed[0] == 1
+            nursery.cancel_scope.cancel()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("first_read", ["adopted", "cold-ranged"])
 def test_eviction_never_damages_the_stored_object_and_evicted_blocks_read_back(tmp_path, cmk_path, first_read):
     """A 10,000-byte file, then a 4 MiB file through a 2 MiB cache of 4 KiB blocks: the first

@@ -255,6 +255,38 @@ async def test_if_match(h):
         await s.get_range("nope", 0, 4, if_match=info.etag)
 
 
+@trio_test
+async def test_get_range_with_info_answers_as_head_and_get_range_do(h):
+    """get_range_with_info: head's answer (size of the whole object, ETag, Last-Modified,
+    metadata) and get_range's bytes, of one version; ranges past the end are short, an empty
+    object and an empty range answer too; If-Match and a missing key fail as get_range does.
+    OSS sends one GET (its answer carries HeadObject's headers)."""
+    s = h.store
+    data = blob(1000, 5)
+    meta = {"wrapped-key": "a2V5LWJ5dGVz+/==", "x-mode": "0600"}
+    await s.put_bytes("gi", data, meta)
+    await s.put_bytes("gi-empty", b"", {"n": "1"})
+    for key, body in (("gi", data), ("gi-empty", b"")):
+        want = await s.head(key)
+        for a, b in ((0, 10), (0, 1000), (990, 5000), (0, 1), (7, 7), (1000, 1100), (2000, 3000)):
+            info, got = await s.get_range_with_info(key, a, b, if_match=want.etag)
+            assert got == body[a:b], (key, a, b)
+            assert (info.key, info.size, info.etag, info.mtime, info.metadata) == \
+                (key, len(body), want.etag, want.mtime, want.metadata), (key, a, b)
+    info = (await s.get_range_with_info("gi", 0, 4))[0]
+    assert info.metadata == meta and info.size == 1000
+    with pytest.raises(PreconditionFailed):
+        await s.get_range_with_info("gi", 0, 4, if_match="0" * 32)
+    with pytest.raises(NoSuchKey):
+        await s.get_range_with_info("nope", 0, 4)
+    if h.kind.startswith("oss"):  # one request: the GET's answer carries the headers, no HEAD is sent
+        def no_head(*a, **kw):
+            raise AssertionError("a HEAD was sent")
+        s._head_sync = no_head
+        info, got = await s.get_range_with_info("gi", 10, 20)
+        assert got == data[10:20] and info.metadata == meta and info.size == 1000
+
+
 # ----------------------------------------------------------------------------------- listing
 LIST_KEYS = ["d/a", "d/b", "d/c/1", "d/c/2", "d/c/sub/3", "d/d", "d/e/x", "d/f", "d/g/", "d0", "e", "c"]
 

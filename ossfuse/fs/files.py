@@ -284,11 +284,19 @@ class Files:
         nursery.start_soon(self._unwrap_ahead, v, pending)
 
     async def _fill_ahead(self, v: Version, done: trio.Event) -> None:
-        """HEAD slim version ``v`` ahead of its open: its metadata, when the object still holds
-        that version (same ETag), then :meth:`prepare_ahead` as for a held one."""
-        info = None
+        """Get slim version ``v``'s metadata ahead of its open, when the object still holds
+        that version (same ETag), then :meth:`prepare_ahead` as for a held one. Where reads
+        are cached, one ranged GET of the first block (If-Match on ``v``'s ETag) answers for
+        the HEAD too, and the block is kept (the open then sends nothing: issue 14, ``cat``
+        of files a kept attribute row describes was a HEAD and a GET each); else a HEAD."""
+        info, first = None, b""
+        store = self.resolver.store
         try:
-            info = await self.resolver.store.head(v.key)
+            if v.size > 0 and not store.local_disk:
+                info, first = await store.get_range_with_info(v.key, 0, min(v.size, self.cache.block_size),
+                                                              if_match=v.etag)
+            else:
+                info = await store.head(v.key)
         except StoreError:
             pass  # the open HEADs again and reports it
         finally:
@@ -296,6 +304,8 @@ class Files:
             done.set()  # (the open waiting for it runs after what follows: no await below)
         if info is not None and not v.held and v.key == info.key and same_etag(v.etag, info.etag):
             v.fill(info.metadata)
+            if info.size == v.size:  # (else the open finds it truncated)
+                self.cache.offer(v.key, v.etag, v.size, 0, first)
             self.prepare_ahead(v)
 
     async def _unwrap_ahead(self, v: Version, pending: _Unwrap) -> None:

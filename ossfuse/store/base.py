@@ -144,7 +144,7 @@ _IN_STORE_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("_IN_STORE
 #: The counted operations and how many object bytes each moves: (sent, received) from
 #: (positional args after self, keyword args, result).
 _COUNTED_OPS = {
-    "head": None, "get_range": lambda a, kw, r: (0, len(r)),
+    "head": None, "get_range": lambda a, kw, r: (0, len(r)), "get_range_with_info": lambda a, kw, r: (0, len(r[1])),
     "put_file": lambda a, kw, r: (r.size, 0), "put_bytes": lambda a, kw, r: (len(kw.get("data") or a[1]), 0),
     "create_multipart": None, "upload_part": lambda a, kw, r: (len(kw.get("data") or a[3]), 0),
     "complete_multipart": None,
@@ -262,6 +262,19 @@ class ObjectStore(abc.ABC):
 
         Raises NoSuchKey, PreconditionFailed when ``if_match`` is not the current ETag.
         """
+
+    async def get_range_with_info(self, key: str, start: int, end: int, *,
+                                  if_match: str | None = None) -> tuple[ObjectInfo, bytes]:
+        """What :meth:`head` answers for ``key`` and its bytes ``[start, end)``, of one version:
+        by one request where the store can (OSS: a GetObject answer carries HeadObject's
+        headers). This default makes a HEAD, then a GET with If-Match on the ETag the HEAD saw.
+        Raises NoSuchKey, PreconditionFailed when ``if_match`` is not the current ETag."""
+        info = await self.head(key)
+        if info is None:
+            raise NoSuchKey("no such key", key=key)
+        if if_match is not None and info.etag.strip('"').upper() != if_match.strip('"').upper():
+            raise PreconditionFailed(f"ETag is {info.etag}, not {if_match}", key=key)
+        return info, await self.get_range(key, start, end, if_match=info.etag)
 
     @abc.abstractmethod
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,

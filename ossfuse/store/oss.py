@@ -683,8 +683,14 @@ class OssStore(ObjectStore):
         status, h, _ = self._lean_request("HEAD", key, None)
         if status // 100 != 2:
             raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h)))
-        # The same values oss2's HeadObjectResult and requests' header dict give (a repeated
-        # header joined by ", "; values as http.client decodes them, ISO-8859-1).
+        return self._info_from_headers(key, h, int(h.get("content-length") or 0)), h.get("content-type")
+
+    @staticmethod
+    def _info_from_headers(key: str, h, size: int) -> ObjectInfo:
+        """The ObjectInfo of a HeadObject or GetObject answer's headers ``h`` (a dict by
+        lower-case name, as the lean path gives them), for an object of ``size`` bytes. The
+        same values oss2's HeadObjectResult and requests' header dict give (a repeated header
+        joined by ", "; values as http.client decodes them, ISO-8859-1)."""
         lm = h.get("last-modified")
         last_modified = _LAST_MODIFIED.get(lm) if lm is not None else None
         if last_modified is None and lm is not None:
@@ -697,10 +703,9 @@ class OssStore(ObjectStore):
                     _LAST_MODIFIED.clear()
                 _LAST_MODIFIED[lm] = last_modified
         mtime = last_modified if last_modified is not None else (_http_time(h) or 0.0)
-        meta = {name[len(_META):]: value for name, value in h.items() if name.startswith(_META)}
         etag = h.get("etag")
-        return (ObjectInfo(key, int(h.get("content-length") or 0), etag.strip('"') if etag else "", mtime, meta),
-                h.get("content-type"))
+        meta = {name[len(_META):]: value for name, value in h.items() if name.startswith(_META)}
+        return ObjectInfo(key, size, etag.strip('"') if etag else "", mtime, meta)
 
     async def _head(self, key: str):  # -> tuple[ObjectInfo, str | None] | None
         """(ObjectInfo, content type) or None. HeadObject (§3.3): size from Content-Length,
@@ -839,12 +844,20 @@ class OssStore(ObjectStore):
         return status, h, data
 
     def _get_range_sync(self, key: str, start: int, end: int, if_match: str | None) -> bytes:
+        got = self._get_range_info_sync(key, start, end, if_match, False)
+        return got[1] if got is not None else b""
+
+    def _get_range_info_sync(self, key: str, start: int, end: int, if_match: str | None,
+                             with_info: bool) -> tuple[ObjectInfo | None, bytes] | None:
+        """One ranged GetObject attempt (§3.2): (the answer's ObjectInfo if ``with_info``, as a
+        HEAD gives it: GetObject's answer carries the same headers, §3.3; bytes [start, end)),
+        or None when start >= size (416 under standard range behaviour)."""
         headers = {"Range": f"bytes={start}-{end - 1}", "x-oss-range-behavior": "standard"}
         if if_match is not None:
             headers["If-Match"] = if_match
         got = self._get_sync(key, headers)
         if got is None:  # start >= size under standard range behaviour (§3.2)
-            return b""
+            return None
         status, h, data = got
         rid = h.get("x-oss-request-id", "")
         if status == 206:
@@ -870,8 +883,16 @@ class OssStore(ObjectStore):
             a, whole = 0, True
         if whole:
             _check_crc("GET", key, fastcrc.crc64.xz(data), _Answer(status, h))
+        info = None
+        if with_info:
+            size = total if status == 206 else len(data)
+            if size is None:
+                raise _BadResponse(f"206 without the object's size: Content-Range {h.get('content-range')!r}", rid)
+            if self._lean_head is None:  # requests' header dict keeps the names' case
+                h = {k.lower(): v for k, v in h.items()}
+            info = self._info_from_headers(key, h, size)
         # the bytes object itself when it is exactly [start, end) (a full slice is no copy)
-        return data[start - a:end - a]
+        return info, data[start - a:end - a]
 
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
         """GetObject with ``Range: bytes=start-(end-1)``, ``x-oss-range-behavior: standard`` and
@@ -889,6 +910,21 @@ class OssStore(ObjectStore):
                 raise PreconditionFailed(f"ETag is {info.etag}, not {if_match}", key=key)
             return b""
         return await self._call("GET", key, self._get_range_sync, key, start, end, if_match, bulk=True)
+
+    async def get_range_with_info(self, key: str, start: int, end: int, *,
+                                  if_match: str | None = None) -> tuple[ObjectInfo, bytes]:
+        """One ranged GetObject (§3.2) answering what :meth:`head` would as well: its answer
+        carries the headers HeadObject's does (size from Content-Range, ETag, Last-Modified,
+        ``x-oss-meta-*``; §3.3). An empty range, or one starting past the end, takes a HEAD
+        and a GET (the base class's way). Raises as :meth:`get_range`."""
+        if start < 0 or end <= start:
+            return await super().get_range_with_info(key, start, end, if_match=if_match)
+        got = await self._call("GET", key, self._get_range_info_sync, key, start, end, if_match, True, bulk=True)
+        if got is None:
+            return await super().get_range_with_info(key, start, end, if_match=if_match)
+        info, data = got
+        assert info is not None
+        return info, data
 
     # -- put --------------------------------------------------------------------------------
     def _put_bytes_sync(self, key: str, data: bytes, headers: dict[str, str]):

@@ -6,7 +6,8 @@ working client whose behaviour a test arms per operation).
 every call to it, unless an armed *rule* matches the call. With nothing armed it behaves exactly
 like ``inner`` (``tests/test_store_contract.py`` runs the store contract against it).
 
-Operations are named after the store methods: ``head``, ``get_range``, ``put_file``,
+Operations are named after the store methods: ``head``, ``get_range``, ``get_range_with_info``
+(one call: OSS answers it with one GET), ``put_file``,
 ``put_bytes``, ``create_multipart``, ``upload_part``, ``complete_multipart``,
 ``abort_multipart``, ``list``, ``list_multipart_uploads``, ``copy``, ``delete``. A rule's
 ``key`` is an ``fnmatch`` pattern (``"*"``: any) matched against the call's key; for ``copy``
@@ -73,7 +74,7 @@ import trio
 from ossfuse.store.base import (ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
                                 StoreUnavailable)
 
-OPS = ("head", "get_range", "put_file", "put_bytes", "create_multipart", "upload_part", "complete_multipart",
+OPS = ("head", "get_range", "get_range_with_info", "put_file", "put_bytes", "create_multipart", "upload_part", "complete_multipart",
        "abort_multipart", "list", "list_multipart_uploads", "copy", "delete", "delete_many")
 
 ErrorSpec = str | type | Callable[[str, str], BaseException]
@@ -251,6 +252,11 @@ class FaultStore(ObjectStore):
 
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
         return await self._run("get_range", (key,), lambda: self.inner.get_range(key, start, end, if_match=if_match))
+
+    async def get_range_with_info(self, key: str, start: int, end: int, *,
+                                  if_match: str | None = None) -> tuple[ObjectInfo, bytes]:
+        return await self._run("get_range_with_info", (key,),
+                               lambda: self.inner.get_range_with_info(key, start, end, if_match=if_match))
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *, may_link: bool = False,
                        if_absent: bool = False) -> ObjectInfo:
