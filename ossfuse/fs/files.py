@@ -138,8 +138,14 @@ class Files:
             slim = node.staged is None and node.version is not None and not node.version.held
         if slim or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
-            # brings it (same ETag), or the version now there with its own (another client's)
-            await self.resolver.revalidate(node, listing=not slim, opening=True)
+            # brings it (same ETag), or the version now there with its own (another client's);
+            # an open that reads asks the first block's GET instead, whose answer brings both
+            reads = (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC
+            first = min(node.version.size, self.cache.block_size) \
+                if slim and reads and node.version is not None and not self.resolver.store.local_disk else 0
+            got = await self.resolver.revalidate(node, listing=not slim, opening=True, first=first)
+            if got is not None:
+                self.cache.offer(got[0].key, got[0].etag, got[0].size, 0, got[1])
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writing:
             await self.check_replaceable(node)  # EACCES before a write can replace what we cannot read

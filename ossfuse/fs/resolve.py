@@ -33,7 +33,7 @@ import trio
 from ..aio import run_all
 from ..attrcache import AttrCache, RememberedAttrs
 from ..integrity import LIST_DIR
-from ..store.base import ListPage, ObjectInfo, ObjectStore, StoreError
+from ..store.base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline, say_once_offline
 from .copying import same_etag
 from .errors import FsError, errno_of
@@ -509,24 +509,37 @@ class Resolver:
         node.checked_at = time.monotonic()
         node.listed_only = False
 
-    async def revalidate(self, node: Node, *, listing: bool = True, opening: bool = False) -> None:
+    async def revalidate(self, node: Node, *, listing: bool = True, opening: bool = False,
+                         first: int = 0) -> tuple[ObjectInfo, bytes] | None:
         """Read ``node``'s attributes from the store again (a listing that proves them, else a
         HEAD; ``listing`` False: a HEAD, whose metadata fills a slim version of the same ETag;
-        ``opening``: as for :meth:`set_version_from_info`).
+        ``opening``: as for :meth:`set_version_from_info`). ``first`` > 0 (an open that is
+        about to read, ``listing`` False): a ranged GET of the object's first ``first`` bytes
+        instead of the HEAD, whose answer carries the same headers; returns (what it said of
+        the version now there, those bytes of it), else None.
         Raises FsError(ENOENT) if its object is gone, FsError(EIO) when the store fails."""
-        await self.at_current_path(node, lambda path: self._revalidate_at(node, path, listing, opening))
+        return await self.at_current_path(node, lambda path: self._revalidate_at(node, path, listing, opening, first))
 
-    async def _revalidate_at(self, node: Node, path: str, listing: bool, opening: bool) -> None:
+    async def _revalidate_at(self, node: Node, path: str, listing: bool, opening: bool,
+                             first: int) -> tuple[ObjectInfo, bytes] | None:
         """:meth:`revalidate` of ``node`` at ``path``; PathMoved (nothing changed) when a rename
         moved it while the store answered."""
         if listing and await self.revalidate_from_listing(node):
-            return
+            return None
+        key = self.naming.key(path)
+        got = None
         try:
-            info = await self.store.head(self.naming.key(path))
+            if first > 0:
+                got = await self.store.get_range_with_info(key, 0, first)
+                info: ObjectInfo | None = got[0]
+            else:
+                info = await self.store.head(key)
         except StoreOffline:
-            return  # offline: the attributes as last known (docs/design.md "Offline")
+            return None  # offline: the attributes as last known (docs/design.md "Offline")
+        except NoSuchKey:
+            info = None
         except StoreError as e:
-            log.error("HEAD %r failed: %s", self.naming.key(path), e)
+            log.error("%s %r failed: %s", "GET" if first > 0 else "HEAD", key, e)
             raise FsError(errno_of(e)) from None
         if _moved(path, None, node):
             raise PathMoved(path)  # the answer is about the name it left
@@ -535,3 +548,4 @@ class Resolver:
         self.seen_below(path)
         self.keep([info])
         self.refresh(node, info, opening=opening)
+        return got
