@@ -802,6 +802,11 @@ class BlockCache:
             self._mark_present(e, b)
             e.authed[b] = chunk.authed
 
+    def has_first_block(self, key: str, etag: str) -> bool:
+        """Block 0 of version (key, etag) is cached, or being fetched or written."""
+        e = self._entries.get((key, etag))
+        return e is not None and e.nblocks > 0 and (e.have(0) or 0 in e.inflight)
+
     def offer(self, key: str, etag: str, size: int, lo: int, data: bytes) -> None:
         """Keep ``data``, ciphertext bytes ``[lo, lo + len(data))`` of version (key, etag) of
         ``size`` bytes that another layer fetched (Files' open-ahead: the GET that also

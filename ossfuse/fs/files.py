@@ -134,15 +134,17 @@ class Files:
         slim = node.staged is None and node.version is not None and not node.version.held
         if slim and node.version is not None and \
                 (filling := self._filling.get((node.version.key, node.version.etag))) is not None:
-            await filling.wait()  # open-ahead is HEADing it
+            await filling.wait()  # open-ahead is fetching its metadata
             slim = node.staged is None and node.version is not None and not node.version.held
         if slim or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
             # brings it (same ETag), or the version now there with its own (another client's);
             # an open that reads asks the first block's GET instead, whose answer brings both
             reads = (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC
-            first = min(node.version.size, self.cache.block_size) \
-                if slim and reads and node.version is not None and not self.resolver.store.local_disk else 0
+            v, first = node.version, 0
+            if slim and reads and v is not None and not self.resolver.store.local_disk and \
+                    not self.cache.has_first_block(v.key, v.etag):
+                first = min(v.size, self.cache.block_size)
             got = await self.resolver.revalidate(node, listing=not slim, opening=True, first=first)
             if got is not None:
                 self.cache.offer(got[0].key, got[0].etag, got[0].size, 0, got[1])
@@ -292,13 +294,13 @@ class Files:
     async def _fill_ahead(self, v: Version, done: trio.Event) -> None:
         """Get slim version ``v``'s metadata ahead of its open, when the object still holds
         that version (same ETag), then :meth:`prepare_ahead` as for a held one. Where reads
-        are cached, one ranged GET of the first block (If-Match on ``v``'s ETag) answers for
-        the HEAD too, and the block is kept (the open then sends nothing: issue 14, ``cat``
+        are cached and the first block is not, one ranged GET of it (If-Match on ``v``'s ETag)
+        answers for the HEAD too, and the block is kept (the open then sends nothing: issue 14, ``cat``
         of files a kept attribute row describes was a HEAD and a GET each); else a HEAD."""
         info, first = None, b""
         store = self.resolver.store
         try:
-            if v.size > 0 and not store.local_disk:
+            if v.size > 0 and not store.local_disk and not self.cache.has_first_block(v.key, v.etag):
                 info, first = await store.get_range_with_info(v.key, 0, min(v.size, self.cache.block_size),
                                                               if_match=v.etag)
             else:
