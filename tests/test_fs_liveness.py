@@ -426,8 +426,12 @@ def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_
 
 # -- A3: a listing lists every name or fails ----------------------------------------------------
 
-@pytest.mark.expect_log(r"listing '.*' fails: HEAD")
-def test_readdir_fails_with_eio_when_one_entry_cannot_be_read(tmp_path, cmk_path, caplog):
+@pytest.mark.expect_log(r"listing '.*': HEAD 'pre/d/victim.txt' failed: .*; 3 name\(s\) are listed without their "
+                        r"attributes", r"lookup of 'pre/d/victim.txt' failed")
+def test_a_name_whose_head_fails_is_listed_and_its_stat_fails(tmp_path, cmk_path, caplog):
+    """A HEAD that fails for one entry never drops its name, nor the directory: the entries of
+    that batch are served from the listing (listed-only: default mode, listed size), a stat of
+    the failing one gives EIO, the others read; once the store answers it stats and reads."""
     async def main():
         fs = _fs(tmp_path, cmk_path)
         root = fs.get(1)
@@ -435,6 +439,48 @@ def test_readdir_fails_with_eio_when_one_entry_cannot_be_read(tmp_path, cmk_path
         for n in ("a.txt", "victim.txt", "z.txt"):
             await _write_file(fs, d, n, n.encode())
         fs2 = _fs(tmp_path, cmk_path)  # a fresh mount: nothing known, every entry needs a HEAD
+        d2 = await fs2.lookup(fs2.get(1), "d")
+        fs2.store.fail("head", key="pre/d/victim*", count=None)
+        h = fs2.opendir(d2)
+        listed = {name: node for _, name, node in await fs2.readdir_entries(h, 0)}
+        fs2.releasedir(h.fh)
+        assert sorted(listed) == ["a.txt", "victim.txt", "z.txt"]
+        assert [listed[n].size for n in sorted(listed)] == [5, 10, 5]
+        assert all(n.listed_only for n in listed.values())
+        with pytest.raises(FsError) as e:
+            await fs2.getattr(listed["victim.txt"])
+        assert e.value.errno == errno.EIO
+        for name in ("a.txt", "z.txt"):
+            node = await fs2.lookup(d2, name)
+            assert not node.listed_only and node.mode & 0o777 == 0o644
+            h2 = await fs2.open(node, os.O_RDONLY)
+            assert await fs2.read(h2, 0, 100) == name.encode()
+            await fs2.release(h2)
+        fs2.store.clear()
+        node = await fs2.lookup(d2, "victim.txt")
+        assert not node.listed_only
+        h2 = await fs2.open(node, os.O_RDONLY)
+        assert await fs2.read(h2, 0, 100) == b"victim.txt"
+        await fs2.release(h2)
+
+    with caplog.at_level(logging.ERROR):
+        trio.run(main)
+    assert any("pre/d/victim.txt" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.expect_log(r"listing '.*' fails: HEAD")
+def test_readdir_fails_with_eio_when_one_entry_cannot_be_read_and_plaintext_objects_are_hidden(tmp_path, cmk_path,
+                                                                                                 caplog):
+    """With plaintext objects hidden, a name whose HEAD failed might be one to hide: that
+    readdir call fails with EIO, never drops the name silently; it lists once the store answers."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        for n in ("a.txt", "victim.txt", "z.txt"):
+            await _write_file(fs, d, n, n.encode())
+        fs2 = _fs(tmp_path, cmk_path)
+        fs2.resolver.plaintext_objects = "hide"
         d2 = await fs2.lookup(fs2.get(1), "d")
         fs2.store.fail("head", key="pre/d/victim*", count=None)
         h = fs2.opendir(d2)

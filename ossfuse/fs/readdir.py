@@ -2,9 +2,14 @@
 stay stable), resolved into nodes a batch at a time with parallel HEADs when the store's
 listing carries no metadata (mountpoint-s3 does the same: ``superblock/readdir.rs``).
 
-A listing lists every name or fails: a HEAD that fails for one entry fails that readdir call
-with EIO (review A3: leaving the name out made ``ls`` exit 0 and ``rsync --delete`` delete a
-backup's copy). Only a name whose object is gone by the time of its HEAD is left out.
+A listing lists every name or fails: a name is never left out because its HEAD failed (review
+A3: leaving it out made ``ls`` exit 0 and ``rsync --delete`` delete a backup's copy). The
+entries of a batch whose HEADs failed are served from the listing alone, as in a big directory
+(``listed_only``, below: one ERROR line naming the key and the reason), so the rest of the
+directory stays readable and a stat or open of such a name asks again (and fails with EIO
+while its HEAD does); when hidden plaintext objects must be told apart (their metadata), the
+readdir call fails with EIO instead. Only a name whose object is gone by the time of its HEAD
+is left out.
 
 A big directory over a store whose listing carries no metadata (OSS: key, size, ETag,
 Last-Modified) would cost a HEAD per entry (100,000 entries: minutes); past LISTED_ATTRS_ABOVE
@@ -212,7 +217,9 @@ class DirectoryReader:
         metadata, else from HEADs (with those of the next READDIR_BATCH entries that need one),
         at most HEAD_PARALLEL at once.
         The caller raises the lookup count of each node it hands to the kernel. Raises
-        FsError(EIO) when the listing or one entry's HEAD fails (one log line naming it).
+        FsError(EIO) when the listing fails, or one entry's HEAD while plaintext objects are
+        hidden (else the batch's entries are served from the listing: module doc); one log
+        line naming it.
         ``moves``: how many times a rename of the directory made this call start again."""
         # the last batch's nodes the kernel did not take: reused if this batch has them (the
         # kernel's next call starts where its reply buffer ran full), else dropped (below)
@@ -305,12 +312,24 @@ class DirectoryReader:
                     continue  # its step makes it from the kept HEAD
                 to_head.append((j, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
         try:
+            infos: list[ObjectInfo | None] | None = None
             if to_head:
                 try:
                     infos = await self.store.head_many([t[3] for t in to_head], head_parallel(self.store))
                 except StoreError as e:
-                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
-                    raise FsError(errno_of(e)) from None
+                    if resolver.plaintext_objects == "hide":  # a name shown might be one to hide
+                        log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
+                        raise FsError(errno_of(e)) from None
+                    moved = h.node.name_going is not None or h.node.path != dir_path  # (asked again below)
+                    missing = [(i, path, is_dir) for i, path, is_dir, _key in to_head if i < len(batch) and not moved]
+                    log.error("listing %r: HEAD %r failed: %s; %d name(s) are listed without their attributes "
+                              "(a stat or open of one asks again)", self.naming.dir_key(dir_path), e.key, e,
+                              len(missing))
+                    for i, path, is_dir in missing:
+                        node = by_path.get(path)
+                        resolved[i] = node if node is not None and node.is_dir == is_dir and not node.listed_only \
+                            else self._from_listing(h.fh, path, node, batch[i][2], is_dir)
+            if infos is not None:
                 # renamed meanwhile: the answers are about keys its names left (nodes made from
                 # them would keep the old paths); asked again at the new ones below
                 moved = h.node.name_going is not None or h.node.path != dir_path
