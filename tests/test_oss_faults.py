@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import subprocess
 import time
 
@@ -254,5 +255,36 @@ def test_attributes_and_rename_after_close_join_the_one_upload(tmp_path, cmk_pat
         assert [r.key for r in puts] == ["f"] and "x-oss-copy-source" not in puts[0].headers
         assert oss_server.requests_for(method="DELETE") == []
         assert m.head(".f.tmp") is None
+    finally:
+        m.cleanup()
+
+
+@pytest.mark.expect_log(r"listing 'd/': HEAD 'd/victim' failed: .*AccessDenied.*listed without their attributes",
+                        r"lookup of 'd/victim' failed: .*AccessDenied")
+def test_ls_of_a_directory_with_a_denied_object_lists_every_name(tmp_path, cmk_path, oss_server):
+    """A bucket policy refuses the HEAD of one object (403): `ls` lists every name (exit 0),
+    `ls -l` shows the others with their stored modes and one error for that name, which reads
+    once allowed (a trial before: the whole `ls` failed with EIO)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    _few_retries(m, "")
+    m.start()
+    try:
+        os.mkdir(m.path("d"))
+        for name, mode in (("a", 0o600), ("victim", 0o644), ("z", 0o640)):
+            with open(m.path(f"d/{name}"), "w") as f:
+                f.write(name)
+            os.chmod(m.path(f"d/{name}"), mode)
+        m.remount()  # nothing known: every entry needs a HEAD
+        oss_server.faults.add(status=403, count=None, methods=("HEAD",), key_prefix="d/victim")
+        r = subprocess.run(["ls", m.path("d")], capture_output=True, text=True)
+        assert (r.returncode, r.stdout.split()) == (0, ["a", "victim", "z"]), r
+        r = subprocess.run(["ls", "-l", m.path("d")], capture_output=True, text=True)
+        modes = {ln.split()[-1]: ln.split()[0] for ln in r.stdout.splitlines()[1:]}
+        assert modes["a"] == "-rw-------" and modes["z"] == "-rw-r-----", r
+        assert r.returncode == 1 and "victim" in r.stderr and "Input/output error" in r.stderr, r
+        oss_server.faults.clear()
+        with open(m.path("d/victim")) as f:
+            assert f.read() == "victim"
+        assert stat.S_IMODE(os.stat(m.path("d/victim")).st_mode) == 0o644
     finally:
         m.cleanup()
