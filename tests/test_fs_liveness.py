@@ -426,6 +426,22 @@ def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_
 
 # -- A3: a listing lists every name or fails ----------------------------------------------------
 
+async def _three_files_one_failing_head(tmp_path, cmk_path, **resolver):
+    """Files d/a.txt, d/victim.txt, d/z.txt written by one mount; a second, fresh mount (nothing
+    known: every entry needs a HEAD) whose HEADs of d/victim.txt fail, and its node of d.
+    ``resolver``: Resolver attributes to set on the second mount."""
+    fs = _fs(tmp_path, cmk_path)
+    d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
+    for n in ("a.txt", "victim.txt", "z.txt"):
+        await _write_file(fs, d, n, n.encode())
+    fs2 = _fs(tmp_path, cmk_path)
+    for k, v in resolver.items():
+        setattr(fs2.resolver, k, v)
+    d2 = await fs2.lookup(fs2.get(1), "d")
+    fs2.store.fail("head", key="pre/d/victim*", count=None)
+    return fs2, d2
+
+
 @pytest.mark.expect_log(r"listing '.*': HEAD 'pre/d/victim.txt' failed: .*; 3 name\(s\) are listed without their "
                         r"attributes", r"lookup of 'pre/d/victim.txt' failed")
 def test_a_name_whose_head_fails_is_listed_and_its_stat_fails(tmp_path, cmk_path, caplog):
@@ -433,14 +449,7 @@ def test_a_name_whose_head_fails_is_listed_and_its_stat_fails(tmp_path, cmk_path
     that batch are served from the listing (listed-only: default mode, listed size), a stat of
     the failing one gives EIO, the others read; once the store answers it stats and reads."""
     async def main():
-        fs = _fs(tmp_path, cmk_path)
-        root = fs.get(1)
-        d = await fs.mkdir(root, "d", 0o755, 1, 2)
-        for n in ("a.txt", "victim.txt", "z.txt"):
-            await _write_file(fs, d, n, n.encode())
-        fs2 = _fs(tmp_path, cmk_path)  # a fresh mount: nothing known, every entry needs a HEAD
-        d2 = await fs2.lookup(fs2.get(1), "d")
-        fs2.store.fail("head", key="pre/d/victim*", count=None)
+        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path)
         h = fs2.opendir(d2)
         listed = {name: node for _, name, node in await fs2.readdir_entries(h, 0)}
         fs2.releasedir(h.fh)
@@ -474,15 +483,7 @@ def test_readdir_fails_with_eio_when_one_entry_cannot_be_read_and_plaintext_obje
     """With plaintext objects hidden, a name whose HEAD failed might be one to hide: that
     readdir call fails with EIO, never drops the name silently; it lists once the store answers."""
     async def main():
-        fs = _fs(tmp_path, cmk_path)
-        root = fs.get(1)
-        d = await fs.mkdir(root, "d", 0o755, 1, 2)
-        for n in ("a.txt", "victim.txt", "z.txt"):
-            await _write_file(fs, d, n, n.encode())
-        fs2 = _fs(tmp_path, cmk_path)
-        fs2.resolver.plaintext_objects = "hide"
-        d2 = await fs2.lookup(fs2.get(1), "d")
-        fs2.store.fail("head", key="pre/d/victim*", count=None)
+        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path, plaintext_objects="hide")
         h = fs2.opendir(d2)
         with pytest.raises(FsError) as e:
             await fs2.readdir_entries(h, 0)
