@@ -7,10 +7,11 @@ A row is (object key → ETag, size, Last-Modified, the attribute headers ``mode
 shows the same ETag, size and Last-Modified second: the rule by which a listing proves an
 in-memory node current (``fs/resolve.py``). Only encrypted objects without a device number are
 kept: each version of one has its own random data key and IV, so an equal ETag (the MD5 of the
-ciphertext) is the same upload, or a copy of it, which OSS gives a new Last-Modified. What is
-missed is what the in-memory rule misses: another client's metadata-only copy in the same
-second as the HEAD that was kept. The envelope headers are not kept: a file opened from such a
-row HEADs its object first (a slim version, ``fs/model.py``).
+ciphertext) is the same upload, or a copy of it, which OSS gives a new Last-Modified. Only a
+HEAD answered in a later second than its Last-Modified is kept (``objmeta.proof_mtime``: a
+metadata-only copy by another client in that same second would look the same). The envelope
+headers are not kept: a file opened from such a row gets them first, from the GET of its first
+block (a slim version, ``fs/model.py``).
 
 It is a cache: SQLite in WAL mode, commits not fsynced (a lost row costs one HEAD), at most
 ``max_rows`` rows (the oldest dropped), an unreadable file replaced. Names and attributes are

@@ -3,6 +3,7 @@ local disk), in-process: ``cat``, ``rm -r`` and ``ls -l`` of N files, and a cold
 (issue 14). Counts, not timing: the timing comparison is ``bench/vs_ossfs.py``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -50,7 +51,9 @@ def _mount(tmp_path, cmk_path, name: str) -> Filesystem:
 
 
 async def _fill(tmp_path, cmk_path, names, data=lambda i: b"x%d" % i * 100) -> None:
-    """Files ``d/<name>`` written and uploaded through a first mount."""
+    """Files ``d/<name>`` written and uploaded through a first mount; returns in a later
+    wall-clock second than their uploads (a HEAD answered in the second of a version's
+    Last-Modified proves nothing: objmeta.proof_mtime)."""
     fs = _mount(tmp_path, cmk_path, "cache-writer")
     d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
     for i, name in enumerate(names):
@@ -60,6 +63,12 @@ async def _fill(tmp_path, cmk_path, names, data=lambda i: b"x%d" % i * 100) -> N
         await fs.release(h)
     assert await fs.drain() == 0
     fs.close()
+    await _next_second()
+
+
+async def _next_second() -> None:
+    """Sleep into the next wall-clock second."""
+    await trio.sleep(int(time.time()) + 1.01 - time.time())
 
 
 async def _ls_l(fs: Filesystem, d) -> dict[str, object]:
@@ -302,6 +311,47 @@ def test_a_chmod_by_another_client_right_after_this_mounts_upload_is_seen(tmp_pa
     trio.run(main)
 
 
+def test_a_head_answered_in_the_second_of_the_versions_change_proves_nothing(tmp_path, cmk_path):
+    """This mount HEADs a file in the second of its version's Last-Modified, then another client
+    chmods it in that same second (a metadata-only copy: same ETag, size and Last-Modified
+    second). No listing may prove what that HEAD read: once the attributes expire the file is
+    HEADed and shows the new mode, and that HEAD is not kept for the next mount (note 19: kept
+    and proved, the old mode showed for good). A HEAD answered a second later proves as before."""
+    async def main():
+        await _fill(tmp_path, cmk_path, ["f", "g"])  # returns a second after the uploads
+        fs = _mount(tmp_path, cmk_path, "cache")
+        inner = fs.store.inner
+        d = await fs.lookup(fs.get(1), "d")
+        real_head = inner.head
+
+        async def head_in_the_second_of_the_change(key):
+            info = await real_head(key)
+            in_that_second = (info.mtime + int(info.mtime) + 1) / 2  # after the change, before its second ends
+            return dataclasses.replace(info, answered=in_that_second) if key == "pre/d/f" else info
+        inner.head = head_in_the_second_of_the_change
+        listed = await _ls_l(fs, d)
+        inner.head = real_head
+        f = await inner.head("pre/d/f")
+        inner._db().execute("UPDATE objects SET meta=? WHERE key=?",  # their chmod; Last-Modified unchanged
+                            (json.dumps({**f.metadata, "mode": str(0o100600)}), "pre/d/f"))
+        assert listed["f"].mode & 0o777 == 0o644 and listed["g"].mode & 0o777 == 0o644
+        await trio.sleep(ATTR * 1.5)
+        fs.store.reset_counts()
+        listed = await _ls_l(fs, d)
+        assert listed["f"].mode & 0o777 == 0o600 and listed["g"].mode & 0o777 == 0o644
+        assert fs.store.calls.count(("head", ("pre/d/f",))) == 1 and fs.store.counts["head"] == 1, fs.store.calls
+        fs.close()
+        fs = _mount(tmp_path, cmk_path, "cache")  # the same cache dir: a remount
+        d = await fs.lookup(fs.get(1), "d")
+        fs.store.reset_counts()
+        listed = await _ls_l(fs, d)
+        assert listed["f"].mode & 0o777 == 0o600 and listed["g"].mode & 0o777 == 0o644
+        assert fs.store.counts["head"] == 0, fs.store.calls  # both HEADs kept were answered a second later
+        fs.close()
+
+    trio.run(main)
+
+
 def test_a_listing_sends_more_heads_at_once_when_the_store_is_far(tmp_path, cmk_path):
     """readdir HEADs its entries 32 at once while a HEAD takes under 5 ms (the client's CPU
     bounds the batch there), 64 at once from 5 ms on (latency bounds it): bench/RESULTS.md,
@@ -356,6 +406,7 @@ def test_ls_l_after_a_remount_needs_no_head_where_the_listing_shows_a_kept_versi
         chmodded = await inner.head("pre/d/f0005")  # another client's chmod: a metadata-only copy
         inner._db().execute("UPDATE objects SET meta=?, mtime=? WHERE key=?",
                             (json.dumps({**chmodded.metadata, "mode": str(0o100600)}), time.time(), "pre/d/f0005"))
+        await _next_second()  # (HEADs in the second of their change would not be kept)
 
         fs = _mount(tmp_path, cmk_path, "cache")  # the same cache dir: a remount
         store = fs.store

@@ -126,6 +126,7 @@ async def test_put_head_get_roundtrip(h):
     assert (got.key, got.size, got.etag, got.metadata) == ("obj", 11, info.etag, meta)
     assert t0 - 2 <= got.mtime <= time.time() + 2
     assert abs(got.mtime - info.mtime) <= 2
+    assert t0 - 2 <= got.answered <= time.time() + 2  # the store's clock at its answer (a HEAD's Date)
     assert await s.get_range("obj", 0, 11) == b"hello world"
     # overwrite: new content, new metadata (not merged), new ETag
     info2 = await s.put_bytes("obj", b"HELLO", {"other": "1"})
@@ -275,6 +276,7 @@ async def test_get_range_with_info_answers_as_head_and_get_range_do(h):
                 (key, len(body), want.etag, want.mtime, want.metadata), (key, a, b)
     info = (await s.get_range_with_info("gi", 0, 4))[0]
     assert info.metadata == meta and info.size == 1000
+    assert abs(info.answered - time.time()) <= 2
     with pytest.raises(PreconditionFailed):
         await s.get_range_with_info("gi", 0, 4, if_match="0" * 32)
     with pytest.raises(NoSuchKey):

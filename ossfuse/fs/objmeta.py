@@ -118,10 +118,19 @@ def file_metadata(node: Node, wrapped: env.WrappedEnvelope, size: int) -> dict[s
     return meta
 
 
+def proof_mtime(info: ObjectInfo) -> float:
+    """The Last-Modified (epoch s) a listing must show, with ``info``'s ETag and size, to prove
+    that the attributes ``info`` gave are still current (Resolver.listing_proves); 0.0 when no
+    listing can: ``info`` was answered within that Last-Modified second (``info.answered``;
+    or when is not known), so another client's metadata-only copy (a chmod: same ETag, same
+    size) may follow in that same second, and its Last-Modified would look the same."""
+    return info.mtime if info.mtime > 0 and info.answered >= int(info.mtime) + 1 else 0.0
+
+
 def version_from_info(info: ObjectInfo) -> Version:
     """The committed version described by a HEAD or listing of an object; its envelope is
     parsed on first use (a corrupt one is kept as the error, reported when the file is opened)."""
-    return Version(info.key, info.etag, info.size, info.metadata, UNPARSED, modified=info.mtime)
+    return Version(info.key, info.etag, info.size, info.metadata, UNPARSED, modified=proof_mtime(info))
 
 
 def is_hidden(info: ObjectInfo, plaintext_objects: str) -> bool:

@@ -6,9 +6,11 @@ holds: same ETag, size and Last-Modified second (a metadata-only CopyObject keep
 OSS but not the Last-Modified). So a stale file is revalidated by listing one page of its
 directory from its own name on (:meth:`Resolver.revalidate_from_listing`), which proves the
 names after it too: ``cat *``, ``rm -r``, ``ls -l`` walk a directory in name order and need one
-LIST per page instead of one HEAD per file. What stays: a metadata copy by another client in
-the same second as the write this mount last saw, with the same ETag, is missed until the
-version changes (Last-Modified has one-second resolution).
+LIST per page instead of one HEAD per file. Only a HEAD answered in a later second than the
+version's Last-Modified (its ``Date``: :func:`objmeta.proof_mtime`) can be proved so: a
+metadata copy by another client in the same second as the version's last change keeps the
+ETag, the size and the Last-Modified second (one-second resolution), so what a HEAD read in
+that second may be outdated by one a listing cannot tell apart; such a file is HEADed again.
 
 Freshness counts from the answer, not from when the question was sent (as the kernel counts
 its own timeouts from our reply): on a store slower than ``attr_timeout`` an answer counted
@@ -42,7 +44,7 @@ from .locks import NameLocks
 from .model import ROOT_INO, Node, RecentVersions, Version, name_settled
 from .namecache import NameCache, trusted_for
 from .naming import Naming, base_name, join, parent_of
-from .objmeta import AttrDefaults, is_hidden, times_from_info, version_from_info
+from .objmeta import AttrDefaults, is_hidden, proof_mtime, times_from_info, version_from_info
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,8 +129,9 @@ class Resolver:
     @staticmethod
     def listing_proves(node: Node, listed: ObjectInfo) -> bool:
         """Whether listing entry ``listed`` of ``node``'s key shows the very version whose
-        attributes ``node`` holds (module doc): a clean file whose version a HEAD described,
-        same ETag, size and Last-Modified second."""
+        attributes ``node`` holds (module doc): a clean file whose version a HEAD described
+        (answered in a later second than its Last-Modified), same ETag, size and Last-Modified
+        second."""
         v = node.version
         return (v is not None and node.staged is None and not node.is_dir and v.modified > 0
                 and v.key == listed.key and v.size == listed.size and int(v.modified) == int(listed.mtime) and same_etag(v.etag, listed.etag))
@@ -159,7 +162,7 @@ class Resolver:
         """HEAD answers about files: kept across mounts (``attrcache``) when they can be; the
         rows of the others dropped (a stale row costs a lookup a LIST before its HEAD)."""
         if self.attr_cache is not None:
-            keepable = [i for i in infos if i.etag and i.mtime > 0 and AttrCache.keepable(i.metadata)]
+            keepable = [i for i in infos if i.etag and proof_mtime(i) > 0 and AttrCache.keepable(i.metadata)]
             self.attr_cache.put_many([(i.key, i.etag, i.size, i.mtime, i.metadata) for i in keepable])
             if len(keepable) < len(infos):
                 kept = {id(i) for i in keepable}
@@ -498,7 +501,7 @@ class Resolver:
                 self.set_version_from_info(node, info, opening=opening)
                 node.symlink_target = None
             elif node.version is not None and not node.is_dir:
-                node.version.modified = info.mtime  # a metadata copy keeps the ETag, not this
+                node.version.modified = proof_mtime(info)  # a metadata copy keeps the ETag, not this
                 if not node.version.held and node.version.key == info.key:
                     node.version.fill(info.metadata)  # slim: this very version's metadata (same ETag)
                 if not opening:

@@ -93,7 +93,9 @@ class ObjectInfo:
 
     ``size`` in bytes (ciphertext size == plaintext size for CSE objects), ``mtime`` is the
     store's Last-Modified in seconds since the epoch; ``metadata`` is empty in listings (unless
-    the store's ``listing_has_metadata``).
+    the store's ``listing_has_metadata``). ``answered``: the store's clock when it answered
+    (a HEAD's or GET's ``Date``; a local store's time of the read), seconds since the epoch, 0
+    when not known (OSS listings); not compared.
     """
 
     key: str
@@ -101,6 +103,7 @@ class ObjectInfo:
     etag: str
     mtime: float
     metadata: dict[str, str] = field(default_factory=dict)
+    answered: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

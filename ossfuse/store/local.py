@@ -304,7 +304,7 @@ class LocalStore(ObjectStore):
         # one shared string each, not a copy per cached version (issue 14: bytes per inode)
         return ObjectInfo(row[0], row[1], row[2], row[3],
                           {sys.intern(k): sys.intern(v) if len(v) <= 32 else v
-                           for k, v in json.loads(row[4]).items()})
+                           for k, v in json.loads(row[4]).items()}, time.time())
 
     def _new_tmp(self) -> str:
         return os.path.join(self.root, "tmp", uuid.uuid4().hex)

@@ -288,9 +288,10 @@ def region_from_endpoint(endpoint: str) -> str | None:
     return m.group(1) if m else None
 
 
-# Last-Modified text → epoch seconds, as oss2.utils.http_to_unixtime reads it (a strptime: ~5% of
-# a HEAD's client CPU; the objects of one directory share a few seconds of Last-Modified)
-_LAST_MODIFIED: dict[str, float] = {}
+# HTTP date text (Last-Modified, Date) → epoch seconds, as oss2.utils.http_to_unixtime reads it
+# (a strptime: ~5% of a HEAD's client CPU; the objects of one directory share a few seconds of
+# Last-Modified, the answers of a listing's HEADs a few of Date)
+_HTTP_DATES: dict[str, float] = {}
 _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connection.py's
 
 
@@ -349,6 +350,24 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
     else:
         pool._put_conn(conn)
     return resp.status, h, body
+
+
+def _http_seconds(value: str | None) -> float | None:
+    """An HTTP date (``Last-Modified``, ``Date``) as epoch seconds, as oss2 reads it; None when
+    absent or not in that form. Parsed once per distinct value (_HTTP_DATES): the answers of
+    a listing's HEADs share a handful of values."""
+    if value is None:
+        return None
+    seconds = _HTTP_DATES.get(value)
+    if seconds is None:
+        try:
+            seconds = float(oss2.utils.http_to_unixtime(value))
+        except ValueError:  # not the form oss2 reads (oss2 raises)
+            return None
+        if len(_HTTP_DATES) >= 4096:
+            _HTTP_DATES.clear()
+        _HTTP_DATES[value] = seconds
+    return seconds
 
 
 def _http_time(headers) -> float | None:
@@ -679,7 +698,8 @@ class OssStore(ObjectStore):
             r = self._bucket.head_object(key)
             mtime = float(r.last_modified) if r.last_modified is not None else (_http_time(r.headers) or 0.0)
             return (ObjectInfo(key, int(r.content_length or 0), r.etag or "", mtime,
-                               self._meta_from_headers(r.headers)), r.content_type)
+                               self._meta_from_headers(r.headers), _http_seconds(r.headers.get("date")) or 0.0),
+                    r.content_type)
         status, h, _ = self._lean_request("HEAD", key, None)
         if status // 100 != 2:
             raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h)))
@@ -691,21 +711,11 @@ class OssStore(ObjectStore):
         lower-case name, as the lean path gives them), for an object of ``size`` bytes. The
         same values oss2's HeadObjectResult and requests' header dict give (a repeated header
         joined by ", "; values as http.client decodes them, ISO-8859-1)."""
-        lm = h.get("last-modified")
-        last_modified = _LAST_MODIFIED.get(lm) if lm is not None else None
-        if last_modified is None and lm is not None:
-            try:
-                last_modified = float(oss2.utils.http_to_unixtime(lm))
-            except ValueError:  # not the form oss2 reads (oss2 raises): email.utils reads it, else Date
-                pass
-            else:
-                if len(_LAST_MODIFIED) >= 4096:
-                    _LAST_MODIFIED.clear()
-                _LAST_MODIFIED[lm] = last_modified
+        last_modified = _http_seconds(h.get("last-modified"))
         mtime = last_modified if last_modified is not None else (_http_time(h) or 0.0)
         etag = h.get("etag")
         meta = {name[len(_META):]: value for name, value in h.items() if name.startswith(_META)}
-        return ObjectInfo(key, size, etag.strip('"') if etag else "", mtime, meta)
+        return ObjectInfo(key, size, etag.strip('"') if etag else "", mtime, meta, _http_seconds(h.get("date")) or 0.0)
 
     async def _head(self, key: str):  # -> tuple[ObjectInfo, str | None] | None
         """(ObjectInfo, content type) or None. HeadObject (§3.3): size from Content-Length,
