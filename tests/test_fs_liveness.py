@@ -426,10 +426,11 @@ def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_
 
 # -- A3: a listing lists every name or fails ----------------------------------------------------
 
-async def _three_files_one_failing_head(tmp_path, cmk_path, **resolver):
+async def _three_files_one_failing_head(tmp_path, cmk_path, error="permanent", **resolver):
     """Files d/a.txt, d/victim.txt, d/z.txt written by one mount; a second, fresh mount (nothing
-    known: every entry needs a HEAD) whose HEADs of d/victim.txt fail, and its node of d.
-    ``resolver``: Resolver attributes to set on the second mount."""
+    known: every entry needs a HEAD) whose HEADs of d/victim.txt fail with ``error`` (a
+    FaultStore error kind), and its node of d. ``resolver``: Resolver attributes to set on the
+    second mount."""
     fs = _fs(tmp_path, cmk_path)
     d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
     for n in ("a.txt", "victim.txt", "z.txt"):
@@ -438,16 +439,17 @@ async def _three_files_one_failing_head(tmp_path, cmk_path, **resolver):
     for k, v in resolver.items():
         setattr(fs2.resolver, k, v)
     d2 = await fs2.lookup(fs2.get(1), "d")
-    fs2.store.fail("head", key="pre/d/victim*", count=None)
+    fs2.store.fail("head", key="pre/d/victim*", error=error, count=None)
     return fs2, d2
 
 
-@pytest.mark.expect_log(r"listing '.*': HEAD 'pre/d/victim.txt' failed: .*; 3 name\(s\) are listed without their "
+@pytest.mark.expect_log(r"listing '.*': HEAD 'pre/d/victim.txt' refused: .*; 1 name\(s\) listed without their "
                         r"attributes", r"lookup of 'pre/d/victim.txt' failed")
-def test_a_name_whose_head_fails_is_listed_and_its_stat_fails(tmp_path, cmk_path, caplog):
-    """A HEAD that fails for one entry never drops its name, nor the directory: the entries of
-    that batch are served from the listing (listed-only: default mode, listed size), a stat of
-    the failing one gives EIO, the others read; once the store answers it stats and reads."""
+def test_a_name_whose_head_is_refused_is_listed_and_its_stat_fails(tmp_path, cmk_path, caplog):
+    """A HEAD refused for good for one entry (AccessDenied) never drops its name, nor the
+    directory: that name is served from the listing (listed-only: default mode, listed size),
+    the others have their stored attributes; a stat of the refused one gives EIO, the others
+    read; once the store answers it stats and reads."""
     async def main():
         fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path)
         h = fs2.opendir(d2)
@@ -455,7 +457,8 @@ def test_a_name_whose_head_fails_is_listed_and_its_stat_fails(tmp_path, cmk_path
         fs2.releasedir(h.fh)
         assert sorted(listed) == ["a.txt", "victim.txt", "z.txt"]
         assert [listed[n].size for n in sorted(listed)] == [5, 10, 5]
-        assert all(n.listed_only for n in listed.values())
+        assert [listed[n].listed_only for n in sorted(listed)] == [False, True, False]
+        assert fs2.store.calls.count(("head", ("pre/d/victim.txt",))) == 1  # its answers were not lost
         with pytest.raises(FsError) as e:
             await fs2.getattr(listed["victim.txt"])
         assert e.value.errno == errno.EIO
@@ -477,13 +480,17 @@ def test_a_name_whose_head_fails_is_listed_and_its_stat_fails(tmp_path, cmk_path
     assert any("pre/d/victim.txt" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("error, plaintext_objects", [("temporary", "show"), ("busy", "show"), ("permanent", "hide")])
 @pytest.mark.expect_log(r"listing '.*' fails: HEAD")
-def test_readdir_fails_with_eio_when_one_entry_cannot_be_read_and_plaintext_objects_are_hidden(tmp_path, cmk_path,
-                                                                                                 caplog):
-    """With plaintext objects hidden, a name whose HEAD failed might be one to hide: that
-    readdir call fails with EIO, never drops the name silently; it lists once the store answers."""
+def test_readdir_fails_with_eio_when_a_head_fails_for_a_temporary_reason_or_plaintext_is_hidden(
+        tmp_path, cmk_path, caplog, error, plaintext_objects):
+    """A HEAD that failed for a temporary reason (the store unreachable, or busy, once its
+    retries ran out) fails that readdir call with EIO at once (listing names of a struggling
+    store would make each stat wait for retries: a trial's ``ls -l`` of 600 names projected to
+    an hour); so does any failure with plaintext objects hidden (a name shown might be one to
+    hide). Never a name dropped silently; it lists once the store answers."""
     async def main():
-        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path, plaintext_objects="hide")
+        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path, error, plaintext_objects=plaintext_objects)
         h = fs2.opendir(d2)
         with pytest.raises(FsError) as e:
             await fs2.readdir_entries(h, 0)
@@ -608,9 +615,9 @@ def test_readdir_steps_resolve_few_nodes_and_head_ahead(tmp_path, cmk_path):
         batches: list[list[str]] = []
         real = fs.store.head_many
 
-        async def counting(keys, parallel):
+        async def counting(keys, parallel, refused=None):
             batches.append(list(keys))
-            return await real(keys, parallel)
+            return await real(keys, parallel, refused)
         fs.store.head_many = counting
         h = fs.opendir(d)
         names, start = [], 0

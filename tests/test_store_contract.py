@@ -169,6 +169,51 @@ async def test_head_many_answers_as_head_does_in_key_order(h):
     assert await s.head_many([], 4) == []
 
 
+@pytest.mark.parametrize("kind", ["fault", "oss-v4"])
+def test_head_many_reports_refused_keys_and_answers_the_others(tmp_path, request, kind):
+    """head_many(..., refused): a key whose HEAD is refused for good (403 AccessDenied) gets its
+    error in ``refused`` and answer None, every other key its answer (none lost, each HEADed
+    once more at most); a temporary failure (503 past the retries) still raises; without
+    ``refused`` a refusal raises as before."""
+    keys = [f"hr/k{i:02d}" for i in range(12)]
+    if kind == "fault":
+        store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+        def refuse(key, status):
+            store.fail("head", key=key, error="permanent" if status == 403 else "busy", count=None)
+        clear = store.clear
+    else:
+        srv = request.getfixturevalue("oss_server")
+        name = f"contract-{next(_bucket_seq)}"
+        srv.create_bucket(name)
+        store = OssStore(name, srv.endpoint, region=REGION, signature="v4",
+                         credentials=StaticCredentialsProvider(AK, SK), threads=8, retries=1, backoff=0.01)
+
+        def refuse(key, status):
+            srv.faults.add(status=status, count=None, methods=("HEAD",), key_prefix=key, bucket=name)
+        clear = srv.faults.clear
+
+    async def main():
+        for k in keys:
+            await store.put_bytes(k, k.encode(), {"n": k[-2:]})
+        refuse("hr/k05", 403)
+        refused: dict = {}
+        got = await store.head_many(keys, 4, refused)
+        assert list(refused) == [5] and refused[5].key == "hr/k05" and not refused[5].temporary, refused
+        assert [i.metadata["n"] if i else None for i in got] == [k[-2:] if k != "hr/k05" else None for k in keys]
+        with pytest.raises(StoreError):
+            await store.head_many(keys, 4)
+        clear()
+        refuse("hr/k07", 503)
+        with pytest.raises(StoreError) as e:
+            await store.head_many(keys, 4, {})
+        assert e.value.temporary
+        clear()
+        await store.aclose()
+
+    trio.run(main)
+
+
 @trio_test
 async def test_head_missing_and_delete(h):
     s = h.store

@@ -3,13 +3,17 @@ stay stable), resolved into nodes a batch at a time with parallel HEADs when the
 listing carries no metadata (mountpoint-s3 does the same: ``superblock/readdir.rs``).
 
 A listing lists every name or fails: a name is never left out because its HEAD failed (review
-A3: leaving it out made ``ls`` exit 0 and ``rsync --delete`` delete a backup's copy). The
-entries of a batch whose HEADs failed are served from the listing alone, as in a big directory
-(``listed_only``, below: one ERROR line naming the key and the reason), so the rest of the
-directory stays readable and a stat or open of such a name asks again (and fails with EIO
-while its HEAD does); when hidden plaintext objects must be told apart (their metadata), the
-readdir call fails with EIO instead. Only a name whose object is gone by the time of its HEAD
-is left out.
+A3: leaving it out made ``ls`` exit 0 and ``rsync --delete`` delete a backup's copy). A HEAD
+that failed for good (a bucket policy refusing one object: AccessDenied) leaves its name served
+from the listing alone, as in a big directory (``listed_only``, below; one ERROR line per
+readdir call naming a key and the reason), so the rest of the directory stays readable and a
+stat or open of that name asks again (EIO while it is refused). A temporary failure (the store
+busy or unreachable once its retries ran out) fails the readdir call with EIO: serving every
+name of a struggling store from the listing would make each stat wait for retries of its own
+(a trial: ``ls -l`` of 600 names with every HEAD answered 503 projected to an hour, against
+2 s to fail). So does any failure when hidden plaintext objects must be told apart (a name
+shown might be one to hide). Only a name whose object is gone by the time of its HEAD is left
+out.
 
 A big directory over a store whose listing carries no metadata (OSS: key, size, ETag,
 Last-Modified) would cost a HEAD per entry (100,000 entries: minutes); past LISTED_ATTRS_ABOVE
@@ -67,6 +71,8 @@ SETTLE_BATCH = 32
 # entries past which a directory's unknown names get listing attributes instead of HEADs (a
 # directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
 LISTED_ATTRS_ABOVE = 4096
+# in a handle's HEAD answers (``_headed``), by identity: that HEAD was refused for good
+_REFUSED = ObjectInfo("", -1, "", 0.0)
 LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB reply holds ~25-30)
 STAT_AHEAD = 256  # listed-only nodes handed out (per directory) that a second lookup HEADs together
 
@@ -217,9 +223,9 @@ class DirectoryReader:
         metadata, else from HEADs (with those of the next READDIR_BATCH entries that need one),
         at most HEAD_PARALLEL at once.
         The caller raises the lookup count of each node it hands to the kernel. Raises
-        FsError(EIO) when the listing fails, or one entry's HEAD while plaintext objects are
-        hidden (else the batch's entries are served from the listing: module doc); one log
-        line naming it.
+        FsError(EIO) when the listing fails, or an entry's HEAD fails for a temporary reason
+        (or any, while plaintext objects are hidden); an entry whose HEAD is refused for good
+        is served from the listing (module doc). One log line naming a key.
         ``moves``: how many times a rename of the directory made this call start again."""
         # the last batch's nodes the kernel did not take: reused if this batch has them (the
         # kernel's next call starts where its reply buffer ran full), else dropped (below)
@@ -260,6 +266,13 @@ class DirectoryReader:
                 resolved[i] = made = resolver.node_from_info(path, info, is_dir)
                 self._made.setdefault(h.fh, []).append(made)
 
+        def refused_entry(path: str, node: Node | None, listed: ObjectInfo | None, is_dir: bool) -> Node:
+            """The node of an entry whose HEAD was refused for good (module doc): a known one as
+            last read, else one from the listing alone."""
+            if node is not None and node.is_dir == is_dir and not node.listed_only:
+                return node
+            return self._from_listing(h.fh, path, node, listed, is_dir)
+
         # entries whose attributes need a HEAD: (batch index, path, is_dir, key)
         to_head: list[tuple[int, str, bool, str]] = []
         await name_settled(h.node)  # a rename of it runs: the entries' paths are its new ones
@@ -287,6 +300,8 @@ class DirectoryReader:
                 resolved[i] = node  # the listing shows the version it holds: no HEAD
             elif listed is not None and self.store.listing_has_metadata:
                 settle(i, path, is_dir, listed)  # the listing said all a HEAD would
+            elif headed.get(start + i) is _REFUSED:
+                resolved[i] = refused_entry(path, node, listed, is_dir)
             elif start + i in headed:
                 settle(i, path, is_dir, headed[start + i])  # HEADed by an earlier call of this listing
             elif node is None and listed is not None and resolver.kept_proves(kept.get(start + i), listed):
@@ -312,30 +327,29 @@ class DirectoryReader:
                     continue  # its step makes it from the kept HEAD
                 to_head.append((j, path, is_dir, self.naming.dir_key(path) if is_dir else self.naming.key(path)))
         try:
-            infos: list[ObjectInfo | None] | None = None
             if to_head:
+                refused: dict[int, StoreError] | None = {} if resolver.plaintext_objects != "hide" else None
                 try:
-                    infos = await self.store.head_many([t[3] for t in to_head], head_parallel(self.store))
+                    infos = await self.store.head_many([t[3] for t in to_head], head_parallel(self.store), refused)
                 except StoreError as e:
-                    if resolver.plaintext_objects == "hide":  # a name shown might be one to hide
-                        log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
-                        raise FsError(errno_of(e)) from None
-                    moved = h.node.name_going is not None or h.node.path != dir_path  # (asked again below)
-                    missing = [(i, path, is_dir) for i, path, is_dir, _key in to_head if i < len(batch) and not moved]
-                    log.error("listing %r: HEAD %r failed: %s; %d name(s) are listed without their attributes "
-                              "(a stat or open of one asks again)", self.naming.dir_key(dir_path), e.key, e,
-                              len(missing))
-                    for i, path, is_dir in missing:
-                        node = by_path.get(path)
-                        resolved[i] = node if node is not None and node.is_dir == is_dir and not node.listed_only \
-                            else self._from_listing(h.fh, path, node, batch[i][2], is_dir)
-            if infos is not None:
+                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
+                    raise FsError(errno_of(e)) from None
                 # renamed meanwhile: the answers are about keys its names left (nodes made from
                 # them would keep the old paths); asked again at the new ones below
                 moved = h.node.name_going is not None or h.node.path != dir_path
-                for (i, path, is_dir, _key), info in zip(to_head, infos, strict=True):
+                if refused and not moved:
+                    first = next(iter(refused.values()))
+                    log.error("listing %r: HEAD %r refused: %s; %d name(s) listed without their attributes "
+                              "(a stat or open of one asks again)", self.naming.dir_key(dir_path), first.key,
+                              first, len(refused))
+                for k, ((i, path, is_dir, _key), info) in enumerate(zip(to_head, infos, strict=True)):
                     if moved:
                         break
+                    if refused and k in refused:
+                        headed[start + i] = _REFUSED
+                        if i < len(batch):
+                            resolved[i] = refused_entry(path, by_path.get(path), batch[i][2], is_dir)
+                        continue
                     headed[start + i] = info
                     if i < len(batch):
                         settle(i, path, is_dir, info)

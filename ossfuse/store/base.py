@@ -247,15 +247,24 @@ class ObjectStore(abc.ABC):
     async def head(self, key: str) -> ObjectInfo | None:
         """Size, ETag, mtime and user metadata of ``key``; None if it does not exist."""
 
-    async def head_many(self, keys: KeyList, parallel: int) -> list[ObjectInfo | None]:
+    async def head_many(self, keys: KeyList, parallel: int,
+                        refused: dict[int, StoreError] | None = None) -> list[ObjectInfo | None]:
         """:meth:`head` of every key of ``keys``, at most ``parallel`` at once: the answers in
         the order of ``keys`` (None: no such key). Raises the StoreError of a key whose HEAD
-        failed (its ``key`` names it; the other answers are lost). This default makes one
-        :meth:`head` call per key; a store may send them from fewer thread hand-offs."""
+        failed (its ``key`` names it; the other answers are lost); with ``refused`` given, a
+        key whose HEAD failed for good (not ``temporary``: AccessDenied, say) gets that error
+        there (its answer None) and the others are answered; a temporary failure still
+        raises. This default makes one :meth:`head` call per key; a store may send them from
+        fewer thread hand-offs."""
         out: list[ObjectInfo | None] = [None] * len(keys)
 
         async def one(i: int) -> None:
-            out[i] = await self.head(keys[i])
+            try:
+                out[i] = await self.head(keys[i])
+            except StoreError as e:
+                if refused is None or e.temporary:
+                    raise
+                refused[i] = e
         await run_all([functools.partial(one, i) for i in range(len(keys))], parallel)
         return out
 

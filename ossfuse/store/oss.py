@@ -764,7 +764,8 @@ class OssStore(ObjectStore):
         for f in helpers:
             f.result()
 
-    async def head_many(self, keys: list[str], parallel: int) -> list[ObjectInfo | None]:
+    async def head_many(self, keys: list[str], parallel: int,
+                        refused: dict[int, StoreError] | None = None) -> list[ObjectInfo | None]:
         """HEADs of ``keys`` (at most ``parallel`` and the store's ``threads`` at once), sent
         from one thread hand-off per batch instead of one per key: each worker thread takes
         the next key when its last is answered (``ls -l`` over OSS is a HEAD per entry, and a
@@ -774,7 +775,7 @@ class OssStore(ObjectStore):
         otherwise (and the keys not tried after it) is asked again through :meth:`head`: the
         one retry policy, its log line and error count. Raises that key's StoreError."""
         if self._lean_head is None or len(keys) < 2 or parallel < 2 or (self.health is not None and self.health.offline):
-            return await super().head_many(keys, parallel)
+            return await super().head_many(keys, parallel, refused)
         # tokens of the store's limiter, one per worker: the first waits, the others only if free
         slots: list[object] = [object()]
         await self._limiter.acquire_on_behalf_of(slots[0])
@@ -810,9 +811,12 @@ class OssStore(ObjectStore):
         if len(again) < len(keys) and self.health is not None:
             self.health.succeeded()
         if again:
-            redo = await super().head_many([keys[i] for i in again], parallel)
+            refused_again: dict[int, StoreError] | None = {} if refused is not None else None
+            redo = await super().head_many([keys[i] for i in again], parallel, refused_again)
             for i, info in zip(again, redo, strict=True):
                 out[i] = info
+            for j, err in (refused_again or {}).items():
+                refused[again[j]] = err  # type: ignore[index]  # (set when refused is)
         return out
 
     @staticmethod
