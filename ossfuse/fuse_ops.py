@@ -12,6 +12,7 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
 from .fs import DirHandle, FileHandle, Filesystem, FsError, Node
 from .fs.objmeta import rdev_of
@@ -195,7 +196,19 @@ class Operations(pyfuse3.Operations):
 
     @_fs_errors
     async def open(self, inode, flags, ctx):
-        h = await self.fs.open(self.fs.get(inode), flags)
+        node = self.fs.get(inode)
+        size = node.current_size
+        h = await self.fs.open(node, flags)
+        if node.current_size != size:
+            # The open found another version (another client's) of another size. The kernel
+            # still holds the size of its last lookup, cuts reads at it and extends nothing
+            # until attr_timeout: a cat got exactly the old length of the new version, with
+            # success. Its attributes are dropped, so a read past that size asks for them
+            # first (FUSE_NOTIFY_INVAL_INODE, attributes only: no page lock, no writeback).
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+            except OSError as e:  # the kernel forgot the inode meanwhile, or cannot (ENOSYS)
+                log.debug("invalidating the attributes of inode %d: %s", inode, e)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache)
 
     @_fs_errors

@@ -299,3 +299,34 @@ def test_ls_of_a_directory_with_a_denied_object_lists_every_name(tmp_path, cmk_p
         assert sorted(os.listdir(m.path("d"))) == ["a", "victim", "z"]
     finally:
         m.cleanup()
+
+
+def test_a_file_another_client_replaced_reads_whole_right_after_a_listing(tmp_path, cmk_path, oss_server):
+    """`ls -l`, then another client (oss2's CryptoBucket) replaces files with longer and shorter
+    versions, then `cat` at once, while the kernel still holds the listed sizes (attr_timeout
+    30 s): each read gives the whole new version (a trial: `cat` exited 0 with the first 5,000
+    bytes of a 2.2 MB new version, the kernel cutting the read at the old size)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("attr_timeout = 30\nentry_timeout = 30")
+    m.start()
+    try:
+        os.mkdir(m.path("d"))
+        for name in ("grows", "shrinks", "same"):
+            with open(m.path(f"d/{name}"), "wb") as f:
+                f.write(b"o" * 5000)
+        m.remount(clear_cache=False)
+        time.sleep(1.1)  # HEADs a second after the uploads are kept for the next mount
+        assert sorted(os.listdir(m.path("d"))) == ["grows", "same", "shrinks"]
+        assert [os.stat(m.path(f"d/{n}")).st_size for n in ("grows", "shrinks")] == [5000, 5000]
+        m.remount(clear_cache=False)  # kept rows: versions without their envelopes (slim)
+        assert [os.stat(m.path(f"d/{n}")).st_size for n in ("grows", "shrinks", "same")] == [5000] * 3
+        cb = crypto_bucket(oss_server.endpoint, rsa_provider(m.cmk))
+        new = {"d/grows": os.urandom(2_200_000), "d/shrinks": b"s" * 3000, "d/same": b"x" * 5000}
+        for key, data in new.items():
+            cb.put_object(key, data)
+        for key, data in new.items():
+            with open(m.path(key), "rb") as f:
+                assert f.read() == data, key
+            assert os.stat(m.path(key)).st_size == len(data), key
+    finally:
+        m.cleanup()
