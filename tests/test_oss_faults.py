@@ -285,6 +285,9 @@ def test_ls_of_a_directory_with_a_denied_object_lists_every_name(tmp_path, cmk_p
         modes = {ln.split()[-1]: ln.split()[0] for ln in r.stdout.splitlines()[1:]}
         assert modes["a"] == "-rw-------" and modes["z"] == "-rw-r-----", r
         assert r.returncode == 1 and "victim" in r.stderr and "Input/output error" in r.stderr, r
+        subprocess.run(["ls", "-l", m.path("d")], capture_output=True)
+        lines = [ln for ln in m.log().splitlines() if "ERROR" in ln and "d/victim" in ln]
+        assert len(lines) == 2, lines  # the listing's and a lookup's: once each, not per ls or stat
         oss_server.faults.clear()
         with open(m.path("d/victim")) as f:
             assert f.read() == "victim"

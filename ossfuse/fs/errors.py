@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 
 from ..cache import TruncatedObject
 from ..cmk import CmkUnavailable, KeyMissing
@@ -72,6 +73,29 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+_REQUEST_ID = re.compile(r" \[request id [^\]]*\]")  # in a StoreError's message (store/oss.py)
+
+
+class ErrorsOnce:
+    """Logs each failure at ERROR the first time, at DEBUG after: one ERROR line per damaged
+    block, lost object or refused key, though the kernel retries a failed read page by page,
+    ``ls -l`` looks a name up more than once and a program may ask again and again. The same
+    failure is the same message without its request id (each answer has its own). At most
+    10,000 remembered (then it starts over)."""
+
+    def __init__(self, logger: logging.Logger):
+        self.log = logger
+        self._said: set[tuple[str, ...]] = set()
+
+    def error(self, fmt: str, key: str, *args) -> None:
+        """Log ``fmt % (key, *args)`` (ERROR once, then DEBUG)."""
+        if len(self._said) > 10_000:
+            self._said.clear()
+        said = (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
+        self.log.log(logging.DEBUG if said in self._said else logging.ERROR, fmt, key, *args)
+        self._said.add(said)
 
 
 async def store_request(awaitable, what: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import time
 from typing import Awaitable, Callable
 
@@ -23,7 +22,7 @@ from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
 from .copying import same_etag
-from .errors import FsError, errno_of
+from .errors import ErrorsOnce, FsError, errno_of
 from .inodes import InodeTable
 from .model import FileHandle, Node, Version, name_settled
 from .naming import Naming
@@ -32,8 +31,6 @@ from .readahead import fetch_until
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
-
-_REQUEST_ID = re.compile(r" \[request id [^\]]*\]")  # in a StoreError's message (store/oss.py)
 
 POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first modified
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
@@ -83,7 +80,7 @@ class Files:
         self.upload_at_close = upload_at_close
         # set by Filesystem: Namespace.last_close, the deferred delete of an unlinked open file
         self.on_last_close: Callable[[Node], Awaitable[None]] | None = None
-        self._errors_reported: set[tuple[str, ...]] = set()  # (key, format, args) logged at ERROR
+        self._errors = ErrorsOnce(log)
         # (key, ETag) → the unwrap a read-only open started in the background (open_version)
         self._unwraps: dict[tuple[str, str], _Unwrap] = {}
         # (key, ETag) → set once open-ahead's HEAD of that slim version ended (an open waits
@@ -435,15 +432,8 @@ class Files:
         return h.version is not v
 
     def _error_once(self, fmt: str, key: str, *args) -> None:
-        """Log ``fmt % (key, *args)`` at ERROR the first time, at DEBUG after: one ERROR line per
-        damaged block or lost object, since the kernel retries a failed read page by page and
-        a program may read it again and again. The same failure is the same message without
-        its request id (each retry's answer has its own)."""
-        if len(self._errors_reported) > 10_000:
-            self._errors_reported.clear()
-        said = (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
-        log.log(logging.DEBUG if said in self._errors_reported else logging.ERROR, fmt, key, *args)
-        self._errors_reported.add(said)
+        """Log ``fmt % (key, *args)`` at ERROR the first time, at DEBUG after (ErrorsOnce)."""
+        self._errors.error(fmt, key, *args)
 
     async def readlink(self, node: Node) -> str:
         """The target of symlink ``node`` (read from its object once). FsError(EINVAL) for

@@ -47,7 +47,7 @@ from ..attrcache import RememberedAttrs
 from ..integrity import LIST_DIR
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
-from .errors import FsError, errno_of, store_request
+from .errors import ErrorsOnce, FsError, errno_of, store_request
 from .inodes import InodeTable
 from .model import DirEntry, DirHandle, Node, name_settled
 from .namecache import NameCache
@@ -91,6 +91,7 @@ class DirectoryReader:
         self.store = store
         self.naming = naming
         self.inodes = inodes
+        self._errors = ErrorsOnce(log)  # refused HEADs: one ERROR line per directory and key
         self.names = names
         self.resolver = resolver
         self.staged_in = staged_in
@@ -339,9 +340,9 @@ class DirectoryReader:
                 moved = h.node.name_going is not None or h.node.path != dir_path
                 if refused and not moved:
                     first = next(iter(refused.values()))
-                    log.error("listing %r: HEAD %r refused: %s; %d name(s) listed without their attributes "
-                              "(a stat or open of one asks again)", self.naming.dir_key(dir_path), first.key,
-                              first, len(refused))
+                    self._errors.error("listing %r: HEAD %r refused: %s; %d name(s) listed without their "
+                                       "attributes (a stat or open of one asks again)", self.naming.dir_key(dir_path),
+                                       first.key, first, len(refused))  # once: ls lists it anew at each run
                 for k, ((i, path, is_dir, _key), info) in enumerate(zip(to_head, infos, strict=True)):
                     if moved:
                         break

@@ -38,7 +38,7 @@ from ..integrity import LIST_DIR
 from ..store.base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline, say_once_offline
 from .copying import same_etag
-from .errors import FsError, errno_of
+from .errors import ErrorsOnce, FsError, errno_of
 from .inodes import InodeTable
 from .locks import NameLocks
 from .model import ROOT_INO, Node, RecentVersions, Version, name_settled
@@ -93,6 +93,7 @@ class Resolver:
         self.defaults = defaults
         self.attr_timeout = attr_timeout
         self.plaintext_objects = plaintext_objects
+        self._errors = ErrorsOnce(log)
         # versions read from the store lately keep their metadata; older unopened ones are slim
         self.recent = RecentVersions(RECENT_VERSIONS)
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
@@ -414,7 +415,7 @@ class Resolver:
         except StoreOffline:
             return self.offline_answer(path, known)
         except StoreError as e:
-            log.error("lookup of %r failed: %s", self.naming.key(path), e)
+            self._errors.error("lookup of %r failed: %s", self.naming.key(path), e)  # ls -l looks up twice
             raise FsError(errno_of(e)) from None
         if _moved(path, parent, known):
             raise PathMoved(path)
