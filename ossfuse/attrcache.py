@@ -56,9 +56,12 @@ class AttrCache:
         self.max_rows = max_rows
         self._puts = 0
         self._db: sqlite3.Connection | None = open_cache_db(
-            path, "CREATE TABLE IF NOT EXISTS attrs (key TEXT PRIMARY KEY, etag TEXT NOT NULL, size INTEGER"
+            path, "CREATE TABLE IF NOT EXISTS kept (key TEXT PRIMARY KEY, etag TEXT NOT NULL, size INTEGER"
             " NOT NULL, modified REAL NOT NULL, attrs TEXT NOT NULL)", "attribute cache",
             synchronous="OFF")  # a lost row costs one HEAD
+        # Rows of an earlier release (table "attrs") may hold HEADs answered within their
+        # version's Last-Modified second, which prove nothing (objmeta.proof_mtime): dropped.
+        self._db.execute("DROP TABLE IF EXISTS attrs")
 
     @staticmethod
     def keepable(metadata: dict[str, str]) -> bool:
@@ -86,11 +89,11 @@ class AttrCache:
             return
         try:
             with self._db:  # one transaction
-                self._db.executemany("INSERT OR REPLACE INTO attrs VALUES (?,?,?,?,?)", values)
+                self._db.executemany("INSERT OR REPLACE INTO kept VALUES (?,?,?,?,?)", values)
             self._puts += len(values)
             if self._puts >= _PRUNE_EVERY:
                 self._puts = 0
-                self._db.execute("DELETE FROM attrs WHERE rowid <= (SELECT max(rowid) FROM attrs) - ?",
+                self._db.execute("DELETE FROM kept WHERE rowid <= (SELECT max(rowid) FROM kept) - ?",
                                  (self.max_rows,))
         except sqlite3.Error as e:
             log.info("attribute cache %s: cannot keep %d rows: %s", self.path, len(values), e)
@@ -101,7 +104,7 @@ class AttrCache:
             return
         try:
             with self._db:
-                self._db.executemany("DELETE FROM attrs WHERE key=?", [(k,) for k in keys])
+                self._db.executemany("DELETE FROM kept WHERE key=?", [(k,) for k in keys])
         except sqlite3.Error as e:
             log.info("attribute cache %s: cannot drop %d rows: %s", self.path, len(keys), e)
 
@@ -115,7 +118,7 @@ class AttrCache:
                 chunk = keys[i:i + _QUERY_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 for key, etag, size, modified, attrs in self._db.execute(
-                        f"SELECT key, etag, size, modified, attrs FROM attrs WHERE key IN ({marks})", chunk):
+                        f"SELECT key, etag, size, modified, attrs FROM kept WHERE key IN ({marks})", chunk):
                     found[key] = RememberedAttrs(etag, size, modified, json.loads(attrs))
         except (sqlite3.Error, ValueError) as e:
             log.info("attribute cache %s: cannot read: %s", self.path, e)

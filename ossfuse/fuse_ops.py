@@ -199,7 +199,7 @@ class Operations(pyfuse3.Operations):
         node = self.fs.get(inode)
         size = node.current_size
         h = await self.fs.open(node, flags)
-        if node.current_size != size:
+        if node.current_size != size and not flags & os.O_TRUNC:  # (a truncating open: the kernel knows)
             # The open found another version (another client's) of another size. The kernel
             # still holds the size of its last lookup, cuts reads at it and extends nothing
             # until attr_timeout: a cat got exactly the old length of the new version, with

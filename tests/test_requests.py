@@ -546,3 +546,29 @@ def test_names_a_listing_proved_from_kept_rows_are_not_used_after_their_director
         fs.close()
 
     trio.run(main)
+
+
+def test_attribute_rows_of_an_earlier_release_are_not_used(tmp_path):
+    """attrs.sqlite rows written before HEADs answered in their version's Last-Modified second
+    were refused (table ``attrs``) may hold such a HEAD, which proves nothing: a daemon of this
+    release drops them (a trial: rows of the earlier daemon kept three stale modes after the
+    upgrade, with no HEAD) and keeps its own."""
+    import sqlite3
+
+    from ossfuse.attrcache import AttrCache
+    path = str(tmp_path / "attrs.sqlite")
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE attrs (key TEXT PRIMARY KEY, etag TEXT NOT NULL, size INTEGER NOT NULL,"
+                " modified REAL NOT NULL, attrs TEXT NOT NULL)")
+    old.execute("INSERT INTO attrs VALUES ('pre/f', 'E1', 3, 1700000000.0, '{\"mode\": \"33188\"}')")
+    old.commit()
+    old.close()
+    cache = AttrCache(path)
+    assert cache.get_many(["pre/f"]) == {}
+    cache.put_many([("pre/g", "E2", 4, 1700000001.0, {"mode": "33152", "client-side-encryption-key": "k"})])
+    cache.close()
+    cache = AttrCache(path)
+    assert list(cache.get_many(["pre/f", "pre/g"])) == ["pre/g"]
+    tables = [r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert tables == ["kept"], tables
+    cache.close()

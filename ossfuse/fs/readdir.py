@@ -6,7 +6,7 @@ A listing lists every name or fails: a name is never left out because its HEAD f
 A3: leaving it out made ``ls`` exit 0 and ``rsync --delete`` delete a backup's copy). A HEAD
 that failed for good (a bucket policy refusing one object: AccessDenied) leaves its name served
 from the listing alone, as in a big directory (``listed_only``, below; one ERROR line per
-readdir call naming a key and the reason), so the rest of the directory stays readable and a
+directory and refused key, naming the reason), so the rest of the directory stays readable and a
 stat or open of that name asks again (EIO while it is refused). A temporary failure (the store
 busy or unreachable once its retries ran out) fails the readdir call with EIO: serving every
 name of a struggling store from the listing would make each stat wait for retries of its own
@@ -71,10 +71,10 @@ SETTLE_BATCH = 32
 # entries past which a directory's unknown names get listing attributes instead of HEADs (a
 # directory the size of a source tree's keeps d_type exact and ls -l one HEAD per file in parallel)
 LISTED_ATTRS_ABOVE = 4096
-# in a handle's HEAD answers (``_headed``), by identity: that HEAD was refused for good
-_REFUSED = ObjectInfo("", -1, "", 0.0)
 LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB reply holds ~25-30)
 STAT_AHEAD = 256  # listed-only nodes handed out (per directory) that a second lookup HEADs together
+# in a handle's HEAD answers (``_headed``), by identity: that HEAD was refused for good
+_REFUSED = ObjectInfo("", -1, "", 0.0)
 
 
 def head_parallel(store: ObjectStore) -> int:
