@@ -209,7 +209,7 @@ class Operations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
             except OSError as e:  # the kernel forgot the inode meanwhile, or cannot (ENOSYS)
                 log.debug("invalidating the attributes of inode %d: %s", inode, e)
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache, direct_io=h.direct_io)
 
     @_fs_errors
     async def read(self, fh, off, size):

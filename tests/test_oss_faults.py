@@ -333,3 +333,37 @@ def test_a_file_another_client_replaced_reads_whole_right_after_a_listing(tmp_pa
             assert os.stat(m.path(key)).st_size == len(data), key
     finally:
         m.cleanup()
+
+
+def test_a_handle_on_the_old_version_never_reads_the_new_ones_pages(tmp_path, cmk_path, oss_server):
+    """A process holds a file open and has read its first half; another client replaces it;
+    another process then opens and reads the new version whole. The holder's further reads
+    give the old version's bytes (or ESTALE), never the new version's pages the kernel cached
+    for the second reader (a trial: the holder got old[:50000] + new[50000:], with success)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.start()
+    try:
+        old = os.urandom(100_000)
+        with open(m.path("f"), "wb") as f:
+            f.write(old)
+        m.remount(clear_cache=False)
+        cb = crypto_bucket(oss_server.endpoint, rsa_provider(m.cmk))
+        for new in (os.urandom(100_000), os.urandom(300_000)):
+            with open(m.path("f"), "rb") as held:
+                first = held.read(50_000)
+                assert first == old[:50_000]
+                cb.put_object("f", new)
+                time.sleep(1.3)  # past attr_timeout: the next open finds the new version
+                r = subprocess.run(["cat", m.path("f")], capture_output=True)
+                assert r.returncode == 0 and r.stdout == new
+                try:
+                    rest = held.read()
+                except OSError as e:
+                    assert e.errno == errno.ESTALE, e
+                else:
+                    assert rest == old[50_000:], (len(rest), rest == new[50_000:len(rest) + 50_000])
+            with open(m.path("f"), "rb") as f:  # the holder gone: the new version, whole
+                assert f.read() == new
+            old = new
+    finally:
+        m.cleanup()

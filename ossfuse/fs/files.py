@@ -164,9 +164,16 @@ class Files:
         # The kernel keeps a file's pages across opens (pyfuse3's keep_cache): only while the
         # version is the one it cached them from.
         etag = node.version.etag if node.staged is None and node.version is not None else None
+        # Other handles still reading another version (another client replaced the object
+        # since they opened): the page cache is the inode's, shared by all of them, so this
+        # handle reads past it (direct I/O), and the pages their reads bring back stay theirs
+        # (kernel_etag unknown: the next open drops them). Else a holder of the old version
+        # read the new one's pages after the first half of its own, with success (a trial).
+        direct = etag is not None and any(o.version is not None and o.version.etag != etag for o in node.handles)
         h = self.inodes.add_handle(lambda fh: FileHandle(fh, node, node.version,
-                                                         keep_cache=etag is not None and etag == node.kernel_etag))
-        node.kernel_etag = etag
+                                                         keep_cache=etag is not None and etag == node.kernel_etag,
+                                                         direct_io=direct))
+        node.kernel_etag = None if direct else etag
         h.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         node.opens += 1
         node.add_handle(h)

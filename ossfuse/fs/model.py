@@ -314,6 +314,7 @@ class FileHandle:
     version: Version | None
     last_end: int = -1  # byte offset where the previous read ended (-1: none yet)
     keep_cache: bool = True  # the kernel's cached pages of this file are of this version
+    direct_io: bool = False  # reads bypass the kernel's page cache (other handles read another version)
     writable: bool = True  # opened for writing (a read-only handle's close() journals nothing)
     window: int = 0  # bytes: current read-ahead window
     # errno of a write through this handle that was lost (ENOSPC…): every later write, fsync
