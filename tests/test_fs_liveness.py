@@ -459,6 +459,17 @@ def test_a_name_whose_head_is_refused_is_listed_and_its_stat_fails(tmp_path, cmk
         assert [listed[n].size for n in sorted(listed)] == [5, 10, 5]
         assert [listed[n].listed_only for n in sorted(listed)] == [False, True, False]
         assert fs2.store.calls.count(("head", ("pre/d/victim.txt",))) == 1  # its answers were not lost
+        for refused in ("pre/d/a.txt", "pre/d/z.txt", "pre/d/[az].txt"):  # ls anew, other keys refused
+            fs2.store.fail("head", key=refused, error="permanent", count=None)
+            for n in listed.values():
+                n.checked_at = 0.0  # stale: HEADed again
+            h = fs2.opendir(d2)
+            assert len(await fs2.readdir_entries(h, 0)) == 3
+            fs2.releasedir(h.fh)
+        # one ERROR line for the directory, whichever keys were refused
+        assert sum("listing" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records) == 1
+        fs2.store.clear()
+        fs2.store.fail("head", key="pre/d/victim*", error="permanent", count=None)
         with pytest.raises(FsError) as e:
             await fs2.getattr(listed["victim.txt"])
         assert e.value.errno == errno.EIO

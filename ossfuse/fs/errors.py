@@ -89,11 +89,12 @@ class ErrorsOnce:
         self.log = logger
         self._said: set[tuple[str, ...]] = set()
 
-    def error(self, fmt: str, key: str, *args) -> None:
-        """Log ``fmt % (key, *args)`` (ERROR once, then DEBUG)."""
+    def error(self, fmt: str, key: str, *args, same: tuple[str, ...] | None = None) -> None:
+        """Log ``fmt % (key, *args)`` (ERROR once, then DEBUG). ``same``: what makes two
+        failures the same one, when not the whole message (a listing's refusals: its directory)."""
         if len(self._said) > 10_000:
             self._said.clear()
-        said = (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
+        said = same if same is not None else (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
         self.log.log(logging.DEBUG if said in self._said else logging.ERROR, fmt, key, *args)
         self._said.add(said)
 

@@ -6,7 +6,7 @@ A listing lists every name or fails: a name is never left out because its HEAD f
 A3: leaving it out made ``ls`` exit 0 and ``rsync --delete`` delete a backup's copy). A HEAD
 that failed for good (a bucket policy refusing one object: AccessDenied) leaves its name served
 from the listing alone, as in a big directory (``listed_only``, below; one ERROR line per
-directory and refused key, naming the reason), so the rest of the directory stays readable and a
+directory, naming a refused key and the reason; a stat of each refused name logs its own), so the rest of the directory stays readable and a
 stat or open of that name asks again (EIO while it is refused). A temporary failure (the store
 busy or unreachable once its retries ran out) fails the readdir call with EIO: serving every
 name of a struggling store from the listing would make each stat wait for retries of its own
@@ -91,7 +91,7 @@ class DirectoryReader:
         self.store = store
         self.naming = naming
         self.inodes = inodes
-        self._errors = ErrorsOnce(log)  # refused HEADs: one ERROR line per directory and key
+        self._errors = ErrorsOnce(log)  # refused HEADs: one ERROR line per directory
         self.names = names
         self.resolver = resolver
         self.staged_in = staged_in
@@ -340,9 +340,10 @@ class DirectoryReader:
                 moved = h.node.name_going is not None or h.node.path != dir_path
                 if refused and not moved:
                     first = next(iter(refused.values()))
+                    dkey = self.naming.dir_key(dir_path)
                     self._errors.error("listing %r: HEAD %r refused: %s; %d name(s) listed without their "
-                                       "attributes (a stat or open of one asks again)", self.naming.dir_key(dir_path),
-                                       first.key, first, len(refused))  # once: ls lists it anew at each run
+                                       "attributes (a stat or open of one asks again)", dkey, first.key, first,
+                                       len(refused), same=("refused", dkey))  # once: ls lists it anew each time
                 for k, ((i, path, is_dir, _key), info) in enumerate(zip(to_head, infos, strict=True)):
                     if moved:
                         break
