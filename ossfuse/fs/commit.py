@@ -558,15 +558,14 @@ class Commit:
             log.error("cannot list unfinished multipart uploads under %r: %s", self.naming.prefix, e)
             return 0
         earlier = [(key, upload_id) for key, upload_id, initiated in uploads if initiated < started_before]
+        ours = [(key, upload_id) for key, upload_id in earlier if key in journaled]
         others = [key for key, _u in earlier if key not in journaled]
         if others:
             log.info("%d unfinished multipart upload(s) under %r not from this cache dir's journal left alone "
                      "(another client's, or parts nobody will finish: an OSS lifecycle rule can expire them), "
                      "e.g. %r", len(others), self.naming.prefix, others[0])
         aborted = 0
-        for key, upload_id in earlier:
-            if key not in journaled:
-                continue
+        for key, upload_id in ours:
             try:
                 await store.abort_multipart(key, upload_id)
                 aborted += 1

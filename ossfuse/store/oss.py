@@ -370,6 +370,12 @@ def _http_seconds(value: str | None) -> float | None:
     return seconds
 
 
+def _lower(headers) -> dict[str, str]:
+    """An oss2 answer's headers (requests' case-insensitive dict, which keeps the names' case)
+    by lower-case name, as the lean path gives them."""
+    return {k.lower(): v for k, v in headers.items()}
+
+
 def _http_time(headers) -> float | None:
     v = headers.get("last-modified") or headers.get("date")
     if not v:
@@ -595,10 +601,6 @@ class OssStore(ObjectStore):
         return h
 
     @staticmethod
-    def _meta_from_headers(headers) -> dict[str, str]:
-        return {k.lower()[len(_META):]: v for k, v in headers.items() if k.lower().startswith(_META)}
-
-    @staticmethod
     def _norm_meta(metadata: dict[str, str]) -> dict[str, str]:
         return {k.lower(): v for k, v in metadata.items()}
 
@@ -696,10 +698,7 @@ class OssStore(ObjectStore):
         exception for a failure below HTTP (``_to_store_error`` maps both)."""
         if self._lean_head is None:
             r = self._bucket.head_object(key)
-            mtime = float(r.last_modified) if r.last_modified is not None else (_http_time(r.headers) or 0.0)
-            return (ObjectInfo(key, int(r.content_length or 0), r.etag or "", mtime,
-                               self._meta_from_headers(r.headers), _http_seconds(r.headers.get("date")) or 0.0),
-                    r.content_type)
+            return self._info_from_headers(key, _lower(r.headers), int(r.content_length or 0)), r.content_type
         status, h, _ = self._lean_request("HEAD", key, None)
         if status // 100 != 2:
             raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h)))
@@ -902,9 +901,7 @@ class OssStore(ObjectStore):
             size = total if status == 206 else len(data)
             if size is None:
                 raise _BadResponse(f"206 without the object's size: Content-Range {h.get('content-range')!r}", rid)
-            if self._lean_head is None:  # requests' header dict keeps the names' case
-                h = {k.lower(): v for k, v in h.items()}
-            info = self._info_from_headers(key, h, size)
+            info = self._info_from_headers(key, h if self._lean_head is not None else _lower(h), size)
         # the bytes object itself when it is exactly [start, end) (a full slice is no copy)
         return info, data[start - a:end - a]
 
