@@ -17,6 +17,7 @@ import trio
 
 from fakes.core import core_config, core_filesystem, read_file
 from ossfuse import envelope as env
+from ossfuse import integrity
 from ossfuse.config import (Config, ConfigError, load)
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.keyring import Keyring
@@ -422,6 +423,47 @@ def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path,
         assert any("'pre/bad-envelope'" in m and "envelope" in m for m in lines)
         assert await fs.drain() == 0
         assert await read_file(fs, "good") == b"fine"
+        await _crash(fs)
+
+    trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
+def test_a_record_whose_key_is_not_a_file_of_the_mount_is_quarantined(tmp_path, cmk_path, caplog):
+    """A record's key is trusted only as a path of this mount: a key with a ``..``, ``.`` or
+    empty component, outside the prefix, or in the tag-list directory (someone edited the
+    root-only cache dir) is quarantined with one ERROR line and never uploaded; the other
+    records are uploaded."""
+    bad_keys = ["pre/../../escape", "pre/a/./b", "pre/a//b", "pre/", "other/x", "pre/" + integrity.LIST_DIR + "/x"]
+
+    async def crash():
+        fs = _fs(tmp_path, cmk_path)
+        nodes = [await _write_file(fs, f"f{i}", DATA) for i in range(len(bad_keys) + 1)]
+        ids = [n.staged.id for n in nodes]
+        await _crash(fs)
+        return ids
+
+    ids = trio.run(crash)
+    d = tmp_path / "cache" / "staging"
+    for sid, key in zip(ids[:-1], bad_keys, strict=True):
+        rec = json.loads((d / (sid + ".json")).read_text())
+        rec["key"] = key
+        (d / (sid + ".json")).write_text(json.dumps(rec))
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        with caplog.at_level(logging.ERROR):
+            assert fs.recover() == 1
+        assert fs.stats["quarantined"] == len(bad_keys)
+        assert sorted(os.listdir(d / "quarantine")) == sorted(s + ext for s in ids[:-1] for ext in (".data", ".json"))
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(lines) == len(bad_keys)
+        for key in bad_keys:
+            assert sum(f"for {key!r} quarantined" in m and "not the key of a file" in m for m in lines) == 1, key
+        assert await fs.drain() == 0
+        page = await fs.store.list("", delimiter=None)
+        assert [o.key for o in page.objects] == [f"pre/f{len(bad_keys)}"]  # nothing else was uploaded
+        assert await read_file(fs, f"f{len(bad_keys)}") == DATA
         await _crash(fs)
 
     trio.run(next_mount)

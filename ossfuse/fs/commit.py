@@ -492,17 +492,18 @@ class Commit:
 
     def recover(self) -> int:
         """Adopt the journal of an earlier run: each journaled version becomes a dirty node and
-        is queued for upload; a damaged entry (also: outside this mount's prefix, or an envelope
-        that cannot be parsed) is quarantined and counted in ``stats["quarantined"]``. Returns
-        how many were adopted."""
+        is queued for upload; a damaged entry (also: a key that is not one of this mount's files
+        (outside its prefix, a ``..`` or empty component), or an envelope that cannot be
+        parsed) is quarantined and counted in ``stats["quarantined"]``. Returns how many were
+        adopted."""
         entries, quarantined = journal.read_journal(self.staging)
         adopted = 0
         for entry in entries:
-            path = self.naming.path_of(entry.key)
+            path = self.naming.file_path_of(entry.key)
             meta = entry.metadata
             if path is None:
-                self.staging.quarantine(entry.staged.id, f"outside this mount's prefix {self.naming.prefix!r}",
-                                        repr(entry.key))
+                self.staging.quarantine(entry.staged.id, f"not the key of a file under this mount's prefix "
+                                        f"{self.naming.prefix!r}", repr(entry.key))
                 quarantined += 1
                 continue
             try:

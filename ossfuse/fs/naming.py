@@ -53,6 +53,18 @@ class Naming:
         """The path of object ``key``, None if it is outside this mount's prefix."""
         return key[len(self.prefix):] if key.startswith(self.prefix) else None
 
+    def file_path_of(self, key: str) -> str | None:
+        """The path of file object ``key`` when it can be one of this mount's files: inside the
+        prefix, every component a name a listing would show (no empty, ``.`` or ``..``
+        component, no NUL, at most 255 bytes), and not a tag list. None otherwise: a journal
+        record whose key was tampered with (``../escape``) is refused, not uploaded."""
+        path = self.path_of(key)
+        if not path or not all(valid_listed_name(c) for c in path.split("/")):
+            return None
+        if LIST_DIR in path.split("/"):
+            return None
+        return path
+
     def check_new_path(self, path: str, is_dir: bool = False, *, creating: bool = True) -> None:
         """A new name must make a valid OSS key: UTF-8 (EINVAL) of at most 1023 bytes,
         counting the prefix and a directory's trailing '/', with names of at most 255 bytes
