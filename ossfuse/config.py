@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -36,10 +37,16 @@ class StoreConfig:
     offline_timeout: float = 5.0  # seconds an unreachable store is retried before a request gets EIO
 
 
+# OSS bucket names (shared/spec/oss-rest-api.md, "bucket name", DOC 185228), the rule of
+# oss2.utils.is_valid_bucket_name (not imported: oss2 costs the CLI ~0.1 s to import)
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+
+
 def _number(path: str, name: str, value) -> float:
     """``value`` as positive seconds, else ConfigError naming the setting."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{path}: {name}: must be a positive number of seconds, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= SECONDS_MAX:
+        raise ConfigError(f"{path}: {name}: must be a positive number of seconds (at most {SECONDS_MAX}), "
+                          f"not {value!r}")
     return float(value)
 
 
@@ -236,8 +243,16 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
     if url.startswith("local://"):  # like every path here, relative to the config file
         url = "local://" + os.path.join(os.path.dirname(os.path.abspath(path)), url[len("local://"):])
     if url.startswith("oss://"):
-        if not url[len("oss://"):].strip("/"):
+        bucket, _, rest = url[len("oss://"):].partition("/")
+        if not bucket:
             raise ConfigError(f"{path}: store.url: oss:// needs a bucket name")
+        if rest:
+            raise ConfigError(f"{path}: store.url: {url!r} names a path after the bucket; write "
+                              f"\"oss://{bucket}\" and put the path in store.prefix")
+        if not _BUCKET_NAME.fullmatch(bucket):  # oss2 refuses it with no reason given
+            raise ConfigError(f"{path}: store.url: {bucket!r} is not a valid OSS bucket name (3 to 63 "
+                              "characters: lower-case letters, digits and '-', starting with a letter or "
+                              "digit and not ending with '-')")
         if "endpoint" not in st:
             raise ConfigError(f"{path}: store.endpoint: required for an oss:// store "
                               "(e.g. \"https://oss-cn-hangzhou.aliyuncs.com\")")
@@ -251,11 +266,13 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
         prefix += "/"
     if st.get("signature", "v4") not in ("v1", "v4"):
         raise ConfigError(f"{path}: store.signature: must be \"v1\" or \"v4\"")
+    if not 0 <= st.get("retries", 5) <= 100:
+        raise ConfigError(f"{path}: store.retries: must be 0 to 100, got {st['retries']}")
     store = StoreConfig(url=url, prefix=prefix, endpoint=st.get("endpoint"), region=st.get("region"),
                         signature=st.get("signature", "v4"), credentials_file=creds,
                         ram_role=st.get("ram_role"), metadata_url=st.get("metadata_url", "http://100.100.100.200"),
                         max_copy_size=st.get("max_copy_size"), retries=st.get("retries", 5),
-                        request_deadline=float(st.get("request_deadline", 60.0)),
+                        request_deadline=_number(path, "store.request_deadline", st.get("request_deadline", 60.0)),
                         offline_timeout=_number(path, "store.offline_timeout", st.get("offline_timeout", 5.0)))
 
     en = _check_table(path, "encryption", "encryption", raw["encryption"])
@@ -325,13 +342,19 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
                           f"({4 * bs} bytes), got {cache.max_size}")
     if cache.min_free < 0:
         raise ConfigError(f"{path}: cache.min_free: must not be negative, got {cache.min_free}")
+    if url.startswith("local://") and (why := _overlap(cache.dir, url[len("local://"):])):
+        raise ConfigError(f"{path}: cache.dir {cache.dir} {why} the bucket directory of store.url; "
+                          "ossfuse manages both (the bucket's sweep would take the cache's files for "
+                          "objects, the cache's eviction the bucket's): give them separate directories")
 
     mo = _check_table(path, "mount", "mount", raw.get("mount", {}))
     mount = MountConfig(**mo)
     for k in ("attr_timeout", "entry_timeout", "upload_delay", "startup_timeout", "retry_interval"):
+        if getattr(mount, k) is not None and getattr(mount, k) != getattr(mount, k):
+            raise ConfigError(f"{path}: mount.{k}: must be a number of seconds, got nan")
         if getattr(mount, k) is not None and getattr(mount, k) < 0:
             raise ConfigError(f"{path}: mount.{k}: must not be negative")
-        if getattr(mount, k) is not None and not getattr(mount, k) <= SECONDS_MAX:  # (NaN too)
+        if getattr(mount, k) is not None and getattr(mount, k) > SECONDS_MAX:
             raise ConfigError(f"{path}: mount.{k}: must be at most {SECONDS_MAX} seconds, got {getattr(mount, k)}")
     for k in ("uid", "gid"):
         if (why := id_error(getattr(mount, k))) is not None:
@@ -356,6 +379,19 @@ def id_error(value: int | None) -> str | None:
     """Why ``value`` is no uid or gid (one phrase), or None (None: not set, fine)."""
     if value is not None and not 0 <= value <= _ID_MAX:
         return f"must be 0 to {_ID_MAX}, got {value}"
+    return None
+
+
+def _overlap(a: str, b: str) -> str | None:
+    """How directory ``a`` overlaps directory ``b`` ("is", "is inside", "holds"), compared as
+    real paths (symlinks resolved as far as they exist); None when neither holds the other."""
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    if ra == rb:
+        return "is"
+    if ra.startswith(rb.rstrip("/") + "/"):
+        return "is inside"
+    if rb.startswith(ra.rstrip("/") + "/"):
+        return "holds"
     return None
 
 

@@ -64,6 +64,11 @@ def _config(tmp_path, body: str) -> str:
     return str(p)
 
 
+def _oss_url(config: str, url: str) -> str:
+    """``config`` with its local store replaced by OSS store ``url`` (an endpoint nobody serves)."""
+    return re.sub(r'url = "local://[^"]*"', f'url = "{url}"\nendpoint = "http://127.0.0.1:9"', config)
+
+
 def _base(root, key) -> str:
     """The config text of these tests: one RSA CMK ``k`` (``key``), store and cache below ``root``."""
     with open(local_config(root, {"k": str(key)})) as f:
@@ -84,6 +89,11 @@ def _base(root, key) -> str:
     # a breaker's finds: a traceback (and a mount anyway, seconds later), an EIO at the first getattr
     (lambda s: s + "[mount]\nstartup_timeout = 1e308\n", "mount.startup_timeout: must be at most 10000000 "
                                                           "seconds, got 1e+308"),
+    (lambda s: s + "[mount]\nupload_delay = nan\n", "mount.upload_delay: must be a number of seconds, got nan"),
+    (lambda s: s.replace("[store]", "[store]\nrequest_deadline = nan"), "store.request_deadline: must be a positive "
+                                                                           "number of seconds (at most 10000000), not nan"),
+    (lambda s: s.replace("[store]", "[store]\nrequest_deadline = -1"), "store.request_deadline: must be a positive"),
+    (lambda s: s.replace("[store]", "[store]\nretries = -1"), "store.retries: must be 0 to 100, got -1"),
     (lambda s: s + "[mount]\nuid = -5\n", "mount.uid: must be 0 to 4294967294, got -5"),
     (lambda s: s + "[mount]\ngid = 4294967295\n", "mount.gid: must be 0 to 4294967294, got 4294967295"),
     (lambda s: s + "[mount]\numask = 0o1000\n", "mount.umask: must be 0 to 0o777, got 0o1000"),
@@ -93,6 +103,15 @@ def _base(root, key) -> str:
     (lambda s: s + "min_free = -1\n", "c.toml: cache.min_free: must not be negative, got -1"),
     (lambda s: s + "max_size = 1000\n", "c.toml: cache.max_size: must be at least 4 blocks of cache.block_size "
                                          "(4194304 bytes), got 1000"),
+    # oss2 refused these at the first request with "The bucket_name is invalid, please check it"
+    (lambda s: _oss_url(s, "oss://ab"), "store.url: 'ab' is not a valid OSS bucket name (3 to 63 characters"),
+    (lambda s: _oss_url(s, "oss://My_Bucket"), "store.url: 'My_Bucket' is not a valid OSS bucket name"),
+    (lambda s: _oss_url(s, "oss://bucket-1/photos"), "store.url: 'oss://bucket-1/photos' names a path after the "
+                                                      "bucket; write \"oss://bucket-1\" and put the path in store.prefix"),
+    # each would sweep or evict the other's files
+    (lambda s: s.replace('/cache"', '/bucket/.cache"'), "/bucket/.cache is inside the bucket directory of store.url"),
+    (lambda s: s.replace('/bucket"', '/cache/b"'), "/cache holds the bucket directory of store.url"),
+    (lambda s: s.replace('/cache"', '/bucket"'), "/bucket is the bucket directory of store.url"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message, no_mount_left):
     path = _config(tmp_path, edit(_base(tmp_path, cmk_path)))
