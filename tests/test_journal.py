@@ -386,6 +386,41 @@ def test_a_rename_of_a_reopened_file_reaches_its_journaled_version(tmp_path, cmk
     trio.run(main)
 
 
+def test_a_recovered_version_keeps_the_time_of_its_first_change(tmp_path, cmk_path):
+    """``status``'s "the oldest first changed N s ago" counts from the change, not from the
+    mount that recovered it (it restarted at 0 after a crash: note 19); a record of an earlier
+    release, without the time, counts from the recovery as before."""
+    async def crash():
+        fs = _fs(tmp_path, cmk_path)
+        a = await _write_file(fs, "a", DATA)
+        b = await _write_file(fs, "b", DATA)
+        first = a.dirty_since
+        await fs.write(h := await fs.open(a, os.O_WRONLY), 0, b"again")  # a later version, same change
+        await fs.flush(h)
+        await fs.release(h)
+        assert a.dirty_since == first and a.staged.journaled_record["changed"] == first
+        ids = {"a": a.staged.id, "b": b.staged.id}
+        await _crash(fs)
+        return first, ids
+
+    first, ids = trio.run(crash)
+    d = tmp_path / "cache" / "staging"
+    rec = json.loads((d / (ids["b"] + ".json")).read_text())
+    del rec["changed"]  # as an earlier release wrote it
+    (d / (ids["b"] + ".json")).write_text(json.dumps(rec))
+    time.sleep(0.05)
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        before = time.time()
+        assert fs.recover() == 2
+        assert fs.by_path["a"].dirty_since == first
+        assert fs.by_path["b"].dirty_since >= before
+        await _crash(fs)
+
+    trio.run(next_mount)
+
+
 # -- quarantine, never delete ------------------------------------------------------------------
 @pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
 def test_damaged_journal_entries_are_quarantined_and_counted(tmp_path, cmk_path, caplog):

@@ -169,7 +169,7 @@ class Commit:
     def _record(self, node: Node, st: StagedFile, meta: dict[str, str]) -> None:
         try:
             journal.record(st, self.naming.key(node.path), meta, self.conflicts.base_of(node),
-                           self.conflicts.sent(node))
+                           self.conflicts.sent(node), node.dirty_since if node in self.scheduler.dirty else None)
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
             raise FsError(errno_of(e)) from None
@@ -535,6 +535,8 @@ class Commit:
                 entry.staged.tags = integrity.SealedTags({integrity.HEADER: meta[integrity.HEADER]}, spec_key)
             self.conflicts.recovered(node, entry.base, entry.sent)
             self.scheduler.mark_dirty(node)
+            if entry.changed is not None:  # the age of the change, not of this mount
+                node.dirty_since = min(node.dirty_since, entry.changed)
             self.scheduler.schedule(node)
             adopted += 1
             log.info("recovered %r (%d bytes) from the journal; uploading", entry.key, entry.staged.size)

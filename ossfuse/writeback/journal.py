@@ -35,7 +35,7 @@ BASE_UNKNOWN = "\0unknown"
 
 
 def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | None = BASE_UNKNOWN,
-           sent: tuple[str, ...] = ()) -> None:
+           sent: tuple[str, ...] = (), changed: float | None = None) -> None:
     """Atomically record (key, size, metadata, base, sent) for sealed ``staged``: written to a
     temporary file and renamed over the record, after the sealed data (not fsynced: the module
     doc). ``base``: the ETag of the version at ``key`` this one replaces (None: a new file, to
@@ -43,7 +43,9 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
     meanwhile as the mount's own upload does (fs/conflicts.py). ``sent``: the wrapped data
     keys (x-oss-meta-client-side-encryption-key) of this mount's earlier versions of the file
     whose upload went out without an answer yet: one of them may land after a crash, and is
-    this mount's own, not a foreign edit.
+    this mount's own, not a foreign edit. ``changed``: when the file was first changed since it
+    was last in the bucket (wall-clock seconds), so ``status`` tells a pending upload's age
+    after a crash too.
     Raises OSError (ENOSPC, EIO) when the cache disk fails (the previous record, if any, is
     then still valid), ValueError for a version not sealed. Recording what is already recorded
     does nothing (a close followed by its upload)."""
@@ -54,6 +56,8 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
         rec["base"] = base
     if sent:
         rec["sent"] = sorted(sent)
+    if changed is not None:
+        rec["changed"] = changed
     if rec == staged.journaled_record:
         return
     tmp = staged.journal_path + ".tmp"
@@ -75,13 +79,14 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
 class JournalEntry:
     """A staged version found in the journal at mount time (its envelope not yet unwrapped).
     ``base``: the ETag it replaces, None for a new file, BASE_UNKNOWN for an older record;
-    ``sent``: as :func:`record`."""
+    ``sent``, ``changed``: as :func:`record` (``changed`` None in an older record)."""
 
     staged: StagedFile
     key: str
     metadata: dict[str, str]
     base: str | None = BASE_UNKNOWN
     sent: tuple[str, ...] = ()
+    changed: float | None = None
 
 
 def _check(rec: object) -> str | None:
@@ -99,6 +104,9 @@ def _check(rec: object) -> str | None:
         return "record has no valid base version"
     if not (isinstance(rec.get("sent", []), list) and all(isinstance(k, str) for k in rec.get("sent", []))):
         return "record has no valid list of sent versions"
+    changed = rec.get("changed", 0.0)
+    if isinstance(changed, bool) or not isinstance(changed, (int, float)) or not changed >= 0:
+        return "record has no valid time of change"
     return None
 
 
@@ -151,7 +159,7 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
         st.generation = rec.get("generation", 0) if isinstance(rec.get("generation"), int) else 0
         st.journaled_record = rec
         entries.append(JournalEntry(st, rec["key"], rec["metadata"], rec.get("base", BASE_UNKNOWN),
-                                    tuple(rec.get("sent", ()))))
+                                    tuple(rec.get("sent", ())), rec.get("changed")))
     for name in names:
         sid = name.split(".")[0]
         if sid not in journaled:
