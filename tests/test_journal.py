@@ -1136,6 +1136,114 @@ def test_mount_aborts_multipart_uploads_left_by_a_crash(tmp_path, cmk_path, oss_
     trio.run(main)
 
 
+def _oss_store(oss_server):
+    from conftest import AK, BUCKET, REGION, SK
+    from ossfuse.store.credentials import StaticCredentialsProvider
+    from ossfuse.store.oss import OssStore
+    return OssStore(BUCKET, oss_server.endpoint, region=REGION, credentials=StaticCredentialsProvider(AK, SK),
+                    retries=1, backoff=0.01, backoff_max=0.05)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: aborted unfinished multipart upload")
+def test_mount_aborts_exactly_the_multipart_uploads_its_cache_dir_began(tmp_path, cmk_path, oss_server):
+    """With the cache dir's multipart ledger, the next mount aborts the uploads an earlier run
+    began and a crash left (a journaled file's, and a streamed copy's at a key the journal does
+    not hold), and leaves another client's upload alone even at a journaled key (the journal's
+    keys aborted it: a restarting mount failed another client's running upload). A ledger
+    record whose upload ended before the crash is forgotten."""
+    async def main():
+        store = _oss_store(oss_server)
+        try:
+            cfg = _config(tmp_path, cmk_path)
+            crashed = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)  # an earlier run
+            ledger = crashed.uploader.ledger
+            await _write_file(crashed, "big", b"journaled")  # (upload_delay: stays journaled)
+            big = await store.create_multipart("pre/big", {})
+            ledger.started("pre/big", big)
+            await store.upload_part("pre/big", big, 1, b"x" * 200_000, {})
+            copy = await store.create_multipart("pre/renamed", {})  # a rename's streamed copy
+            ledger.started("pre/renamed", copy)
+            done = await store.create_multipart("pre/done", {})
+            ledger.started("pre/done", done)
+            await store.abort_multipart("pre/done", done)  # ended; the crash came before its record went
+            crashed.close()
+            theirs_big = await store.create_multipart("pre/big", {})  # another client's, same key
+            theirs = await store.create_multipart("pre/theirs", {})
+            await trio.sleep(1.1)  # OSS initiation times are in seconds
+            fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+            assert fs.uploader.ledger.existed and set(fs.uploader.ledger.left) == {big, copy, done}
+            assert fs.recover() == 1
+            fs.started = time.time()
+            await trio.sleep(1.1)
+            newer = await store.create_multipart("pre/new", {})  # begun after this mount started
+            fs.uploader.ledger.started("pre/new", newer)
+            assert await fs.abort_orphaned_uploads() == 2
+            left = {(k, u) for k, u, _t in await store.list_multipart_uploads("")}
+            assert left == {("pre/big", theirs_big), ("pre/theirs", theirs), ("pre/new", newer)}
+            assert fs.stats["aborted_uploads"] == 2
+            assert fs.uploader.ledger.left == {}
+            assert len(os.listdir(tmp_path / "cache" / "multipart")) == 1  # pre/new's, running
+            fs.close()
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ossfuse\.writeback\.upload: abort of multipart upload",
+                        r"ossfuse\.fs\.commit: upload of 'pre/bad' failed",
+                        r"ossfuse\.fs\.commit: aborted unfinished multipart upload")
+def test_a_multipart_upload_stays_in_the_ledger_until_it_ends(tmp_path, cmk_path, oss_server):
+    """The ledger holds an upload from InitiateMultipartUpload's answer until Complete or
+    Abort has answered: empty after a good upload; after a failed upload whose abort failed
+    too, it keeps the upload, which the next mount aborts."""
+    from ossfuse.store.base import StoreError
+    data = os.urandom(300_000)
+
+    async def main():
+        store = _oss_store(oss_server)
+        try:
+            cfg = _config(tmp_path, cmk_path, multipart_threshold=150_000, part_size=102_400)
+            fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+            ledger_dir = tmp_path / "cache" / "multipart"
+            await _write_file(fs, "good", data)
+            assert await fs.drain() == 0
+            assert os.listdir(ledger_dir) == [] and await store.list_multipart_uploads("") == []
+            assert await read_file(fs, "good") == data
+
+            real_part, real_abort = store.upload_part, store.abort_multipart
+
+            async def failing_part(key, upload_id, n, body, meta):
+                if n == 2:
+                    raise StoreError("injected part failure", key=key)
+                return await real_part(key, upload_id, n, body, meta)
+
+            async def failing_abort(key, upload_id):
+                raise StoreError("injected abort failure", key=key)
+            store.upload_part, store.abort_multipart = failing_part, failing_abort
+            await _write_file(fs, "bad", data)
+            assert await fs.drain() == 1  # the upload failed and stays journaled
+            pending = await store.list_multipart_uploads("")
+            assert [k for k, _u, _t in pending] == ["pre/bad"]
+            assert list(fs.uploader.ledger.left) == [] and len(os.listdir(ledger_dir)) == 1
+            store.upload_part, store.abort_multipart = real_part, real_abort
+            fs.close()
+
+            await trio.sleep(1.1)
+            again = Filesystem(cfg, store, Keyring(cfg.encryption), uid=1, gid=2)
+            assert list(again.uploader.ledger.left) == [pending[0][1]]
+            assert again.recover() == 1
+            assert await again.abort_orphaned_uploads() == 1
+            assert await again.drain() == 0
+            assert await store.list_multipart_uploads("") == [] and os.listdir(ledger_dir) == []
+            assert await read_file(again, "bad") == data
+            again.close()
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
 def test_seal_and_record_write_the_data_before_the_record_and_fsync_nothing(tmp_path, monkeypatch):
     """Issue 14, the durability contract (docs/design.md "Durability"): close() survives a
     crash of the daemon, not a power loss, so sealing and journaling fsync nothing (each

@@ -20,6 +20,7 @@ from ..cache import BlockCache
 from ..config import Config
 from ..keyring import Keyring
 from ..store.base import ObjectStore
+from ..writeback.ledger import MultipartLedger
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import Staging
 from ..writeback.upload import Uploader
@@ -58,7 +59,7 @@ class Filesystem:
                                 min_free=cfg.cache.min_free)
         self.staging = Staging(cfg.cache.dir)
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
-                                 part_workers=m.part_workers)
+                                 part_workers=m.part_workers, ledger=MultipartLedger(cfg.cache.dir))
         # A local bucket takes a closed small file at once (cheaper than journaling it); on OSS
         # a short wait folds the attribute changes and renames that follow a close into one PUT.
         upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.local_disk else 1.0)
@@ -166,9 +167,9 @@ class Filesystem:
         return self.commit.recover()
 
     async def abort_orphaned_uploads(self) -> int:
-        """Abort the unfinished multipart uploads begun before this mount started at the keys
-        of the versions its journal holds (left by a crash: call it after :meth:`recover`;
-        see ``Commit.abort_orphaned_uploads``); returns how many."""
+        """Abort the unfinished multipart uploads an earlier run of this cache dir began (left
+        by a crash: call it after :meth:`recover`; see ``Commit.abort_orphaned_uploads``);
+        returns how many."""
         journaled = {self.naming.key(n.path) for n in self.dirty if n.staged is not None and not n.unlinked}
         return await self.commit.abort_orphaned_uploads(self.started, journaled)
 

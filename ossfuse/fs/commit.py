@@ -16,7 +16,7 @@ from .. import integrity
 from ..cache import BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
-from ..store.base import ObjectInfo, StoreError
+from ..store.base import NoSuchKey, ObjectInfo, StoreError
 from ..store.health import StoreOffline
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
@@ -545,35 +545,52 @@ class Commit:
         return adopted
 
     async def abort_orphaned_uploads(self, started_before: float, journaled: set[str]) -> int:
-        """Abort the multipart uploads under this mount's prefix begun before
-        ``started_before`` (wall-clock seconds: this mount's start) at the keys in
-        ``journaled``: those of the versions this cache dir's journal holds, each uploaded
-        again from the start (this mount resumes none), so an unfinished upload there was
-        left by a crash of this cache dir's daemon, and OSS bills its parts until aborted.
-        Other unfinished uploads under the prefix are left alone and counted in one INFO
-        line: another client's upload that is still running would fail if aborted (a trial
-        of the nineteenth session: a second mount's start aborted the first's upload).
-        Returns how many were aborted; a failure is logged and skipped."""
+        """Abort the unfinished multipart uploads under this mount's prefix that an earlier run
+        of this cache dir began (a crash left them, and OSS bills their parts until aborted):
+        those its multipart ledger records (``writeback/ledger.py``), begun before
+        ``started_before`` (wall-clock seconds: this mount's start). A cache dir of a release
+        without the ledger falls back to the keys in ``journaled`` (its journal's versions,
+        each uploaded again from the start). Every other unfinished upload under the prefix is
+        left alone and counted in one INFO line: another client's upload, even of a key this
+        journal holds, may still be running and would fail if aborted (trials of the
+        nineteenth session). Returns how many were aborted; a failure is logged and skipped
+        (the ledger keeps it for the next mount)."""
         store = self.uploader.store
+        ledger = self.uploader.ledger
         try:
             uploads = await store.list_multipart_uploads(self.naming.prefix)
         except StoreError as e:
             log.error("cannot list unfinished multipart uploads under %r: %s", self.naming.prefix, e)
             return 0
         earlier = [(key, upload_id) for key, upload_id, initiated in uploads if initiated < started_before]
-        ours = [(key, upload_id) for key, upload_id in earlier if key in journaled]
-        others = [key for key, _u in earlier if key not in journaled]
+        if ledger is not None and ledger.existed:
+            left = dict(ledger.left)
+            ours = [(key, upload_id) for key, upload_id in earlier if left.get(upload_id) == key]
+            listed = {upload_id for _k, upload_id, _t in uploads}
+            for upload_id, key in left.items():  # ended in the store before the crash: forget
+                if key.startswith(self.naming.prefix) and upload_id not in listed:
+                    ledger.ended(upload_id)
+        else:
+            ours = [(key, upload_id) for key, upload_id in earlier if key in journaled]
+        mine = set(ours)
+        others = [key for key, upload_id in earlier if (key, upload_id) not in mine]
         if others:
-            log.info("%d unfinished multipart upload(s) under %r not from this cache dir's journal left alone "
+            log.info("%d unfinished multipart upload(s) under %r not begun by this cache dir left alone "
                      "(another client's, or parts nobody will finish: an OSS lifecycle rule can expire them), "
                      "e.g. %r", len(others), self.naming.prefix, others[0])
         aborted = 0
         for key, upload_id in ours:
             try:
                 await store.abort_multipart(key, upload_id)
-                aborted += 1
-                log.warning("aborted unfinished multipart upload %s of %r left by an earlier run", upload_id, key)
+            except NoSuchKey:  # (NoSuchUpload) ended meanwhile
+                pass
             except StoreError as e:
                 log.error("abort of unfinished multipart upload %s of %r failed: %s", upload_id, key, e)
+                continue
+            else:
+                aborted += 1
+                log.warning("aborted unfinished multipart upload %s of %r left by an earlier run", upload_id, key)
+            if ledger is not None:
+                ledger.ended(upload_id)
         self.scheduler.stats["aborted_uploads"] = self.scheduler.stats.get("aborted_uploads", 0) + aborted
         return aborted

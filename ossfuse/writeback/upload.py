@@ -5,7 +5,8 @@ from the IV, so part N (1-based) of part size P is simply bytes [(N-1)·P, N·P)
 encrypted from counter IV + (N-1)·P/16, exactly what the SDKs do (oss-cse-format.md §6).
 P is a multiple of 16, at least 100 KiB, and grown so no object needs more than 10,000 parts.
 Every part re-sends the full envelope plus data-size and part-size, as oss2 does (§6, the OSS
-server checks them on every part). A failed multipart upload is aborted: no orphaned parts.
+server checks them on every part). A failed multipart upload is aborted: no orphaned parts;
+one a crash interrupts is in the cache dir's ledger (``ledger.py``) until the next mount aborts it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import trio
 from .. import envelope as env
 from .. import integrity
 from ..aio import run_all
+from .ledger import MultipartLedger
 from .staging import StagedFile
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 
@@ -47,8 +49,9 @@ class Uploader:
     :class:`UploadProgress` per running upload (status reads it; nothing else depends on it)."""
 
     def __init__(self, store: ObjectStore, *, multipart_threshold: int, part_size: int,
-                 part_workers: int):
+                 part_workers: int, ledger: MultipartLedger | None = None):
         self.store = store
+        self.ledger = ledger  # records each multipart upload until it ends (a crash's are aborted at mount)
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.part_workers = part_workers
@@ -118,6 +121,8 @@ class Uploader:
             meta[env.H_DATA_SIZE] = str(size)
             meta[env.H_PART_SIZE] = str(psize)
         upload_id = await self.store.create_multipart(key, meta)
+        if self.ledger is not None:
+            self.ledger.started(key, upload_id)
         etags: dict[int, str] = {}
 
         async def part(n: int) -> None:
@@ -129,14 +134,22 @@ class Uploader:
 
         try:
             await run_all([functools.partial(part, n) for n in range(1, -(-size // psize) + 1)], self.part_workers)
-            return await self.store.complete_multipart(key, upload_id, sorted(etags.items()), if_absent=if_absent)
+            info = await self.store.complete_multipart(key, upload_id, sorted(etags.items()), if_absent=if_absent)
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
                     await self.store.abort_multipart(key, upload_id)
-                except StoreError as e:
+                except StoreError as e:  # still in the ledger: the next mount aborts it
                     log.error("abort of multipart upload %s of %r failed: %s", upload_id, key, e)
+                else:
+                    self._ended(upload_id)
             raise
+        self._ended(upload_id)
+        return info
+
+    def _ended(self, upload_id: str) -> None:
+        if self.ledger is not None:
+            self.ledger.ended(upload_id)
 
     async def copy(self, src: ObjectInfo, dst: str, metadata: dict[str, str] | None = None, *,
                    stream: bool = False) -> ObjectInfo:
