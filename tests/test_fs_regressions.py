@@ -1266,3 +1266,39 @@ def test_a_directory_renamed_where_another_was_renamed_away_shows_its_files(tmp_
         fs.close()
 
     trio.run(main)
+
+
+def test_a_directorys_mtime_moves_with_its_entries_and_a_revalidation_keeps_it(tmp_path, cmk_path):
+    """A create, rename or unlink in a directory moves its mtime (and ctime) to now, in memory
+    (docs/semantics.md): a revalidation of the directory, which reads its marker's stored mtime,
+    must not put it back (a trial: with attr_timeout 0 the mtime stayed at the mkdir's, so
+    Python's import cache never saw a new module). An explicit utimensat sets it, and is
+    stored; a later entry change moves it again."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0, entry_timeout=0.0)
+        root = fs.get(1)
+
+        async def mtime() -> int:
+            return (await fs.lookup(root, "d")).mtime_ns  # attr_timeout 0: the marker is read again
+
+        d = await fs.mkdir(root, "d", 0o755, UID, GID)
+        made = await mtime()
+        await trio.sleep(0.02)
+        node, h = await fs.create(d, "a", 0o644, os.O_WRONLY, UID, GID)
+        await fs.release(h)
+        created = await mtime()
+        assert created > made and created == d.ctime_ns
+        await trio.sleep(0.02)
+        await fs.rename(d, "a", d, "b", 0)
+        renamed = await mtime()
+        assert renamed > created
+        await fs.setattr(d, mtime_ns=1_500_000_000_123_456_789)
+        assert await mtime() == 1_500_000_000_123_456_789
+        assert await mtime() == 1_500_000_000_123_456_789  # stored in the marker, read back
+        await fs.unlink(d, "b")
+        unlinked = await mtime()
+        assert unlinked > renamed
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

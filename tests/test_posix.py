@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -261,6 +262,35 @@ def test_ctime_follows_changes_and_survives_remount(mount):
     assert (st.st_ctime_ns, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (c1, 1_000_000_000, 0o600)
     os.rename(p, mount.path("g"))
     assert os.stat(mount.path("g")).st_ctime_ns > c1
+
+
+def test_a_directorys_mtime_follows_its_entries_after_the_attributes_expire(mount):
+    """A create, rename or unlink in a directory moves its mtime, and it stays moved once the
+    kernel's attributes expire and the mount reads the directory's marker again (a trial:
+    it went back to the mkdir's mtime, so a Python program could not import a module it had
+    just written: the import system re-reads a directory only when its mtime changes)."""
+    d = mount.path("pkg")
+    os.mkdir(d)
+    made = os.stat(d).st_mtime_ns
+    time.sleep(0.05)
+    prog = ("import importlib, os, sys, time\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "try:\n    import newmod\nexcept ImportError:\n    pass\nelse:\n    sys.exit('found too early')\n"
+            "open(os.path.join(sys.argv[1], 'newmod.py'), 'w').write('X = 42\\n')\n"
+            "time.sleep(1.2)\n"  # past the test config's attr_timeout (0.5 s)
+            "import newmod\nprint(newmod.X)\n")
+    r = subprocess.run([sys.executable, "-c", prog, d], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
+    created = os.stat(d).st_mtime_ns
+    assert created > made
+    for change in (lambda: os.rename(os.path.join(d, "newmod.py"), os.path.join(d, "m.py")),
+                   lambda: os.unlink(os.path.join(d, "m.py"))):
+        time.sleep(0.05)
+        change()
+        now = os.stat(d).st_mtime_ns
+        time.sleep(0.7)  # the attributes expire: the marker is read again
+        assert os.stat(d).st_mtime_ns == now > created
+        created = now
 
 
 def test_new_names_in_a_setgid_directory_take_its_group(mount):

@@ -53,7 +53,8 @@ class Attributes:
                 if node.is_dir:
                     raise FsError(errno.EISDIR)
                 await self.files.truncate_locked(node, size)
-            before = (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns)
+            before = (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns,
+                      node.entries_changed_ns)
             if mode is not None:
                 node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             if uid is not None and uid != _UNCHANGED_ID:
@@ -62,6 +63,7 @@ class Attributes:
                 node.gid = gid
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
+                node.entries_changed_ns = 0  # set explicitly (and stored): no later entry change yet
             if atime_ns is not None:
                 node.atime_ns = atime_ns
             changed = (mode, mtime_ns, atime_ns) != (None, None, None) or any(
@@ -73,7 +75,8 @@ class Attributes:
                     await self.store_attrs(node)
                 except FsError as e:
                     # not made: the node keeps what the bucket has; a foreign version is re-read
-                    node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns = before
+                    (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns,
+                     node.entries_changed_ns) = before
                     if e.errno == errno.ESTALE:
                         node.checked_at = 0.0
                     raise

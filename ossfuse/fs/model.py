@@ -252,6 +252,10 @@ class Node:
     kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
     handles: set | frozenset = frozenset()  # open FileHandles; a set from the first open (an empty set is 216 B)
     atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime
+    # a directory: when this mount last changed its entries (touch). Not stored (a marker PUT
+    # per create), so a revalidation, which reads the marker's mtime, keeps the later of the two;
+    # an explicit utimensat of the directory resets it
+    entries_changed_ns: int = 0
     subdirs: int | None = None  # a directory's subdirectories as of a listing or its mkdir; None: unknown
     # attributes guessed from a listing entry, which carries no metadata (a big directory over
     # OSS, fs/readdir.py): shown with zero timeouts; a lookup, getattr or open HEADs the object
@@ -360,8 +364,9 @@ def handles_follow(node: Node, version: Version) -> None:
 
 
 def touch(dirnode: Node) -> None:
-    """A directory's entries changed: its mtime and ctime become now."""
-    dirnode.mtime_ns = dirnode.ctime_ns = time.time_ns()
+    """A directory's entries changed: its mtime and ctime become now (in memory only:
+    ``Node.entries_changed_ns``)."""
+    dirnode.mtime_ns = dirnode.ctime_ns = dirnode.entries_changed_ns = time.time_ns()
 
 
 class OpaqueEnvelope:
