@@ -367,3 +367,45 @@ def test_a_handle_on_the_old_version_never_reads_the_new_ones_pages(tmp_path, cm
             old = new
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of 'big' failed", r"ossfuse\.store\.oss: OSS",
+                        r"ossfuse\.writeback\.upload: abort of multipart upload",
+                        r"ossfuse\.fs\.commit: aborted unfinished multipart upload",
+                        r"ossfuse\.daemon: found 1 journaled file")
+def test_an_upload_a_crash_left_is_aborted_at_the_next_mount_and_another_clients_is_not(tmp_path, cmk_path,
+                                                                                        oss_server):
+    """A multipart upload that failed and whose abort failed too stays in the cache dir's
+    multipart ledger through a kill -9; the next mount aborts exactly it, not another client's
+    running upload of the same key begun meanwhile (the journal's keys aborted that one too),
+    and uploads the journaled file."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    _few_retries(m, "multipart_threshold = 300000\npart_size = 102400\nupload_delay = 0.1")
+    m.start()
+    try:
+        data = os.urandom(1_000_000)
+        oss_server.faults.add(status=503, count=None, methods=("PUT",), query="uploadId")  # parts
+        oss_server.faults.add(status=503, count=None, methods=("DELETE",), query="uploadId")  # abort
+        with open(m.path("big"), "wb") as f:
+            f.write(data)
+        deadline = time.monotonic() + 60
+        while "abort of multipart upload" not in m.log():
+            assert time.monotonic() < deadline, m.log()
+            time.sleep(0.1)
+        ours = run_sync(m.store.list_multipart_uploads, "")
+        assert [k for k, _u, _t in ours] == ["big"]
+        assert len(os.listdir(os.path.join(m.cache, "multipart"))) == 1
+        m.kill9()
+        oss_server.faults.clear()
+        theirs = run_sync(m.store.create_multipart, "big", {})
+        time.sleep(1.1)  # OSS initiation times are in seconds: theirs began before the next mount
+        m.start()
+        assert m.stop() == 0  # the journaled file uploads
+        left = run_sync(m.store.list_multipart_uploads, "")
+        assert [(k, u) for k, u, _t in left] == [("big", theirs)]
+        assert os.listdir(os.path.join(m.cache, "multipart")) == []
+        assert f"aborted unfinished multipart upload {ours[0][1]} of 'big'" in m.log()
+        m.start()
+        assert sha(m.path("big")) == hashlib.sha256(data).hexdigest()
+    finally:
+        m.cleanup()
