@@ -409,3 +409,40 @@ def test_an_upload_a_crash_left_is_aborted_at_the_next_mount_and_another_clients
         assert sha(m.path("big")) == hashlib.sha256(data).hexdigest()
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ossfuse\.daemon: undid the rename of 'tree' to 'moved'")
+def test_a_directory_rename_a_kill_cuts_off_is_undone_at_the_next_mount(tmp_path, cmk_path, oss_server):
+    """A trial killed the daemon 0.15 s into `mv` of a 300-file directory: both trees stayed,
+    with nothing said. Now the next mount undoes it (the `mv` failed): every file at the old
+    name as it was, nothing at the new one, one WARNING line naming both."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("upload_delay = 0")
+    m.start()
+    try:
+        files = {f"f{i:03d}": os.urandom(100 + i) for i in range(60)}
+        os.mkdir(m.path("tree"))
+        for name, data in files.items():
+            with open(m.path("tree", name), "wb") as f:
+                f.write(data)
+        assert m.stop() == 0
+        m.start()
+        oss_server.faults.latency(0.05)  # each copy takes a while: the kill comes between them
+        mv = subprocess.Popen(["mv", m.path("tree"), m.path("moved")], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not any(k.startswith("moved/") for k in m.keys()):
+            assert time.monotonic() < deadline and mv.poll() is None
+            time.sleep(0.02)
+        m.kill9()
+        mv.wait(timeout=30)
+        oss_server.faults.clear()
+        assert mv.returncode != 0
+        assert any(k.startswith("moved/") for k in m.keys())  # both trees, as the trial saw
+        m.start()
+        assert sorted(os.listdir(m.path("tree"))) == sorted(files) and not os.path.exists(m.path("moved"))
+        for name, data in files.items():
+            assert open(m.path("tree", name), "rb").read() == data
+        assert not any(k.startswith("moved/") for k in m.keys())
+        assert "undid the rename of 'tree' to 'moved' that a crash cut off" in m.log()
+    finally:
+        m.cleanup()

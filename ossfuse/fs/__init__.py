@@ -34,7 +34,9 @@ from .namecache import NameCache
 from .namespace import Namespace
 from .naming import Naming, join, parent_of
 from .objmeta import AttrDefaults
+from . import renames
 from .readdir import DirectoryReader
+from .renames import RenameLogs
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -76,6 +78,7 @@ class Filesystem:
                                lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
         self.inodes = InodeTable(root, self.names, on_move=self.scheduler.moved)
         self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
+        self.rename_logs = RenameLogs(cfg.cache.dir)
         self.store_durable = True  # False once the unmount's durability barrier (drain) failed
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,
@@ -91,7 +94,8 @@ class Filesystem:
         self.attributes = Attributes(store, self.uploader, self.naming, self.files, self.commit, self.cache)
         self.namespace = Namespace(store, self.uploader, self.naming, self.inodes, self.names, self.resolver,
                                    self.files, self.commit, self.cache, create_umask=self.defaults.create_umask,
-                                   deferred=self.deferred_deletes, retry_interval=m.retry_interval)
+                                   deferred=self.deferred_deletes, renames=self.rename_logs,
+                                   retry_interval=m.retry_interval)
         self.files.on_last_close = self.namespace.last_close  # deletes an unlinked file's object
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
@@ -165,6 +169,11 @@ class Filesystem:
         warns once when the cache disk is small for ``cache.min_free``."""
         self.staging.check_space(self.cfg.cache.min_free)
         return self.commit.recover()
+
+    async def settle_renames(self) -> list[str]:
+        """Undo or finish the directory renames a crash of an earlier run cut off (call it
+        after :meth:`recover`, before serving: fs/renames.py); returns a notice per rename."""
+        return await renames.settle(self.rename_logs, self.store, self.naming.dir_key, self.namespace.move_recovered)
 
     async def abort_orphaned_uploads(self) -> int:
         """Abort the unfinished multipart uploads an earlier run of this cache dir began (left

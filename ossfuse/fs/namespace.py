@@ -38,6 +38,7 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join
 from .objmeta import attr_meta, file_metadata, special_metadata
+from .renames import RenameLog, RenameLogs
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -120,7 +121,7 @@ class Namespace:
 
     def __init__(self, store: ObjectStore, uploader: Uploader, naming: Naming, inodes: InodeTable,
                  names: NameCache, resolver: Resolver, files: Files, commit: Commit, cache: BlockCache, *,
-                 create_umask: int, deferred: DeferredDeletes, retry_interval: float = 30.0):
+                 create_umask: int, deferred: DeferredDeletes, renames: RenameLogs, retry_interval: float = 30.0):
         self.store = store
         self.uploader = uploader
         self.naming = naming
@@ -131,6 +132,7 @@ class Namespace:
         self.commit = commit
         self.cache = cache
         self.create_umask = create_umask
+        self.renames = renames  # directory renames in progress (a crash's: Filesystem.settle_renames)
         self.deferred = deferred
         self.locks = resolver.locks  # shared: a lookup whose path keeps moving takes its name's
         self._unlinked_open: dict[Node, tuple[str, str]] = {}  # node → (key, ETag) deleted at its last close
@@ -966,61 +968,102 @@ class Namespace:
             moved_keys += [self.naming.key(dst_path + n.path[len(old_path):]) for n in affected if n.staged]
             if any(len(k.encode("utf-8")) > MAX_KEY_BYTES for k in moved_keys):
                 raise FsError(errno.ENAMETOOLONG)
-            if dst is not None:
-                await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
-                dst.unlinked = True
-                self.inodes.remove_name(dst)
-                self.inodes.maybe_drop(dst)
             if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
                 src.implicit = False
-            target = {k: new_dkey + k[len(old_dkey):] for k in keys}  # old key → its copy's key
-            # files unlinked while open below the new name: the copies overwrite their objects
-            await self._keep_unlinked_readable(*target.values())
-            copies: dict[str, ObjectInfo] = {}
-            mark = self.deferred.mark()
-
-            async def copy(k: str, o: ObjectInfo) -> None:
-                copies[k] = await copy_object(self.store, self.uploader, o, target[k])
-                self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
-
-            async def delete(k: str, o: ObjectInfo) -> None:
-                try:  # only the version copied: a newer foreign one stays
-                    await delete_version(self.store, k, o.etag)
-                except FsError as e:
-                    if e.errno != errno.ESTALE:
-                        raise
-                    # logged; that newer version stays at the old name, the copy at the new
-
-            # copy all first, then delete: an interruption leaves both, never neither. Several
-            # at once (each is one or two round trips): the names below wait for the rename
-            await run_all([functools.partial(copy, k, o) for k, o in keys.items()], RENAME_PARALLEL)
-            await run_all([functools.partial(delete, k, o) for k, o in keys.items()], RENAME_PARALLEL)
-            for n in affected:
-                new = dst_path + n.path[len(old_path):]
-                old_key = self.naming.key(n.path)
-                replaced = self.commit.conflicts.replaced(n) if n.version is None else None
-                if replaced is not None and old_key in copies and same_etag(keys[old_key].etag, replaced):
-                    # a staged file's upload replaces the object at its name: now the copy (its
-                    # old ETag at the new name looked like another client's edit: a conflict copy)
-                    self.commit.conflicts.replaces(n, copies[old_key].etag)
-                v = n.version
-                # the copy is of the listed version: only then may v's cached blocks serve it
-                if v is not None and v.key in copies and keys[v.key].etag == v.etag:
-                    info = copies[v.key]
-                    self.cache.rekey(v.key, v.etag, info.key, info.etag)
-                    moved = v.copied_as(info.key, info.etag)
-                    set_local_version(n, moved)
-                    self.resolver.recent.touch(moved)
-                elif v is not None:
-                    n.checked_at = 0.0  # another client's version was listed and moved: re-read it
-                if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden
-                    self._move_pending_delete(n, v)
-                    n.path = new
-                    continue
-                self.inodes.move(n, n.path, new, renamed=n is src)
-                self.commit.rejournal(n)
-            for n in affected:  # their names moved one by one: list them anew when asked
-                n.children = None
-            self.names.note_present_under(dst_path)  # moves of nodes noted their old paths absent
+            # from here on the next mount undoes or finishes what a crash cuts off (fs/renames.py)
+            rlog = self.renames.begin(old_path, dst_path, {k: o.etag for k, o in keys.items()},
+                                      attr_meta(dst) if dst is not None and not dst.implicit else None)
+            try:
+                await self._copy_and_delete(src, old_path, dst_path, dst, affected, keys, rlog)
+            except BaseException:
+                self.renames.leave(rlog)
+                raise
+            self.renames.end(rlog)
         return True
+
+    def move_recovered(self, rlog: RenameLog) -> None:
+        """The files the journal recovered below ``rlog.source`` move to ``rlog.target``: the
+        rename a crash cut off after its copies is finished (fs/renames.py). As in
+        :meth:`_copy_and_delete`, a recovered version that replaces an object copied there now
+        replaces the copy. Before the mount serves; raises FsError (ENOSPC: the journal)."""
+        old_path, dst_path = rlog.source, rlog.target
+        old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
+        moving = [n for n in self.inodes.by_path.values()
+                  if n.staged is not None and n.path.startswith(old_path + "/")]
+        for n in moving:
+            old_key = self.naming.key(n.path)
+            copy = rlog.copied.get(new_dkey + old_key[len(old_dkey):])
+            replaced = self.commit.conflicts.replaced(n) if n.version is None else None
+            if replaced is not None and copy is not None and same_etag(rlog.objects.get(old_key), replaced):
+                self.commit.conflicts.replaces(n, copy)
+            self.inodes.move(n, n.path, dst_path + n.path[len(old_path):], renamed=False)
+            self.commit.rejournal(n)
+
+    async def _copy_and_delete(self, src: Node, old_path: str, dst_path: str, dst: Node | None,
+                               affected: list[Node], keys: dict[str, ObjectInfo], rlog: RenameLog) -> None:
+        """:meth:`_move_dir` once ``keys`` (every object below ``old_path``) are known and its
+        rename log ``rlog`` is started: replace ``dst``, copy all, delete all, move the nodes."""
+        old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
+        if dst is not None:
+            await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
+            dst.unlinked = True
+            self.inodes.remove_name(dst)
+            self.inodes.maybe_drop(dst)
+        target = {k: new_dkey + k[len(old_dkey):] for k in keys}  # old key → its copy's key
+        # files unlinked while open below the new name: the copies overwrite their objects
+        await self._keep_unlinked_readable(*target.values())
+        copies: dict[str, ObjectInfo] = {}
+        mark = self.deferred.mark()
+
+        async def copy(k: str, o: ObjectInfo) -> None:
+            copies[k] = await copy_object(self.store, self.uploader, o, target[k])
+            rlog.copied_to(copies[k].key, copies[k].etag)
+            self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
+
+        async def delete(k: str, o: ObjectInfo) -> None:
+            try:  # only the version copied: a newer foreign one stays
+                await delete_version(self.store, k, o.etag)
+            except FsError as e:
+                if e.errno != errno.ESTALE:
+                    raise
+                # logged; that newer version stays at the old name, the copy at the new
+
+        # copy all first, then delete: an interruption leaves both, never neither, and the
+        # next mount undoes or finishes what a crash cut off (rlog). Several at once (each is
+        # one or two round trips): the names below wait for the rename
+        await run_all([functools.partial(copy, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+        try:
+            rlog.copies_done()
+        except OSError as e:  # an undo after a crash would take copies whose originals are gone
+            log.error("rename of %r to %r: its rename log cannot be written (%s); the originals are kept",
+                      old_path, dst_path, e)
+            raise FsError(errno_of(e)) from None
+        await run_all([functools.partial(delete, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+        for n in affected:
+            new = dst_path + n.path[len(old_path):]
+            old_key = self.naming.key(n.path)
+            replaced = self.commit.conflicts.replaced(n) if n.version is None else None
+            if replaced is not None and old_key in copies and same_etag(keys[old_key].etag, replaced):
+                # a staged file's upload replaces the object at its name: now the copy (its
+                # old ETag at the new name looked like another client's edit: a conflict copy)
+                self.commit.conflicts.replaces(n, copies[old_key].etag)
+            v = n.version
+            # the copy is of the listed version: only then may v's cached blocks serve it
+            if v is not None and v.key in copies and keys[v.key].etag == v.etag:
+                info = copies[v.key]
+                self.cache.rekey(v.key, v.etag, info.key, info.etag)
+                moved = v.copied_as(info.key, info.etag)
+                set_local_version(n, moved)
+                self.resolver.recent.touch(moved)
+            elif v is not None:
+                n.checked_at = 0.0  # another client's version was listed and moved: re-read it
+            if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden
+                self._move_pending_delete(n, v)
+                n.path = new
+                continue
+            self.inodes.move(n, n.path, new, renamed=n is src)
+            self.commit.rejournal(n)
+        for n in affected:  # their names moved one by one: list them anew when asked
+            n.children = None
+        self.names.note_present_under(dst_path)  # moves of nodes noted their old paths absent
