@@ -25,6 +25,7 @@ way no object is left at neither name.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -32,11 +33,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..aio import run_all
 from ..store.base import ObjectStore, StoreError
 from .copying import delete_version, same_etag
 from .errors import FsError
 
 log = logging.getLogger(__name__)
+
+SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace.RENAME_PARALLEL)
 
 
 @dataclass
@@ -203,19 +207,22 @@ async def settle(logs: RenameLogs, store: ObjectStore, dir_key: Callable[[str], 
 async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> int:
     """Delete each original whose logged copy is still at the new name; returns how many stay."""
     kept = 0
-    for key, etag in entry.objects.items():
-        target = new + key[len(old):]
-        copy = entry.copied.get(target)
-        there = await store.head(target) if copy is not None else None
+
+    async def one(key: str, etag: str) -> None:
+        nonlocal kept
+        copy = entry.copied.get(new + key[len(old):])
+        there = await store.head(new + key[len(old):]) if copy is not None else None
         if there is None or not same_etag(there.etag, copy):
             kept += (await store.head(key)) is not None
-            continue
+            return
         try:
             await delete_version(store, key, etag)
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise
             kept += 1  # a newer version at the old name: kept (logged)
+
+    await run_all([functools.partial(one, k, e) for k, e in entry.objects.items()], SETTLE_PARALLEL)
     return kept
 
 
@@ -224,18 +231,22 @@ async def _undo(store: ObjectStore, entry: RenameLog, old: str, new: str) -> int
     empty directory's marker back; returns how many copies stay."""
     by_target = {new + key[len(old):]: (key, etag) for key, etag in entry.objects.items()}
     kept = 0
-    for target, copy_etag in entry.copied.items():
+
+    async def one(target: str, copy_etag: str) -> None:
+        nonlocal kept
         key, etag = by_target.get(target, (None, None))
         original = await store.head(key) if key is not None else None
         if original is None or not same_etag(original.etag, etag):
             kept += 1
-            continue
+            return
         try:
             await delete_version(store, target, copy_etag)
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise
             kept += 1  # changed at the new name since: kept (logged)
+
+    await run_all([functools.partial(one, t, e) for t, e in entry.copied.items()], SETTLE_PARALLEL)
     if entry.replaced is not None and await store.head(new) is None:
         await store.put_bytes(new, b"", entry.replaced)
     return kept
