@@ -443,6 +443,37 @@ def test_a_directory_rename_a_kill_cuts_off_is_undone_at_the_next_mount(tmp_path
         for name, data in files.items():
             assert open(m.path("tree", name), "rb").read() == data
         assert not any(k.startswith("moved/") for k in m.keys())
-        assert "undid the rename of 'tree' to 'moved' that a crash cut off" in m.log()
+        assert "undid the rename of 'tree' to 'moved' that an earlier run left unfinished" in m.log()
+        assert "stay at the new name" not in m.log()
+    finally:
+        m.cleanup()
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying: copy of 'tree/f01", r"ossfuse\.store\.oss: OSS")
+def test_a_directory_rename_whose_copy_fails_leaves_the_tree_where_it_was(tmp_path, cmk_path, oss_server):
+    """A copy failing for good (503s past the retries) fails `mv`, and the copies made so far
+    are taken back at once: no half-made directory at the new name (a trial: it stayed, and
+    coreutils' `mv`, falling back to moving INTO that directory, then put the tree at
+    moved/tree and exited 0)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    _few_retries(m, "upload_delay = 0")
+    m.start()
+    try:
+        files = {f"f{i:03d}": os.urandom(50 + i) for i in range(40)}
+        os.mkdir(m.path("tree"))
+        for name, data in files.items():
+            with open(m.path("tree", name), "wb") as f:
+                f.write(data)
+        assert m.stop() == 0
+        m.start()
+        oss_server.faults.add(status=503, count=None, methods=("PUT",), key_prefix="moved/f01")
+        r = subprocess.run(["mv", m.path("tree"), m.path("moved")], capture_output=True, text=True, timeout=120)
+        oss_server.faults.clear()
+        assert r.returncode != 0 and "Input/output error" in r.stderr, r.stderr
+        assert os.listdir(m.path()) == ["tree"]
+        assert not any(k.startswith("moved/") for k in m.keys())
+        for name, data in files.items():
+            assert open(m.path("tree", name), "rb").read() == data
+        assert os.listdir(os.path.join(m.cache, "renames")) == []
     finally:
         m.cleanup()

@@ -38,7 +38,7 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join
 from .objmeta import attr_meta, file_metadata, special_metadata
-from .renames import RenameLog, RenameLogs
+from .renames import RenameLog, RenameLogs, undo as undo_rename
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -982,6 +982,21 @@ class Namespace:
             self.renames.end(rlog)
         return True
 
+    async def _take_copies_back(self, rlog: RenameLog) -> None:
+        """A copy of rename ``rlog`` failed (the store, or another client's change): delete the
+        copies made so far, so the failed `mv` moved nothing (a trial: coreutils' `mv` then
+        moved the tree into the half-made directory). If that fails too, the next mount does
+        it (the log stays)."""
+        try:
+            kept = await undo_rename(self.store, rlog, self.naming.dir_key)
+        except (StoreError, FsError) as e:
+            log.error("rename of %r to %r failed, and taking back its copies failed too (%s); the next mount "
+                      "takes them back", rlog.source, rlog.target, e)
+            return
+        self.renames.end(rlog)
+        log.info("rename of %r to %r failed; its copies were taken back%s", rlog.source, rlog.target,
+                 f" but {kept} (changed since)" if kept else "")
+
     def move_recovered(self, rlog: RenameLog) -> None:
         """The files the journal recovered below ``rlog.source`` move to ``rlog.target``: the
         rename a crash cut off after its copies is finished (fs/renames.py). As in
@@ -1003,13 +1018,11 @@ class Namespace:
     async def _copy_and_delete(self, src: Node, old_path: str, dst_path: str, dst: Node | None,
                                affected: list[Node], keys: dict[str, ObjectInfo], rlog: RenameLog) -> None:
         """:meth:`_move_dir` once ``keys`` (every object below ``old_path``) are known and its
-        rename log ``rlog`` is started: replace ``dst``, copy all, delete all, move the nodes."""
+        rename log ``rlog`` is started: copy all (the copy of the directory's marker replaces
+        ``dst``'s), delete all, move the nodes. A failed copy takes the copies back (``rlog``,
+        the next mount if that fails too); a failed delete is left to the pending deletes
+        (hidden, retried): the rename is done once every copy has landed."""
         old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
-        if dst is not None:
-            await store_request(self.store.delete(self.naming.dir_key(dst_path)), dst_path)
-            dst.unlinked = True
-            self.inodes.remove_name(dst)
-            self.inodes.maybe_drop(dst)
         target = {k: new_dkey + k[len(old_dkey):] for k in keys}  # old key → its copy's key
         # files unlinked while open below the new name: the copies overwrite their objects
         await self._keep_unlinked_readable(*target.values())
@@ -1017,29 +1030,54 @@ class Namespace:
         mark = self.deferred.mark()
 
         async def copy(k: str, o: ObjectInfo) -> None:
+            try:
+                rlog.copying(target[k])
+            except OSError as e:  # unlogged, an undo would not look for this copy: not sent
+                log.error("rename of %r to %r: its rename log cannot be written: %s", old_path, dst_path, e)
+                raise FsError(errno_of(e)) from None
             copies[k] = await copy_object(self.store, self.uploader, o, target[k])
             rlog.copied_to(copies[k].key, copies[k].etag)
             self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
 
+        deferred: list[tuple[str, FsError]] = []
+
         async def delete(k: str, o: ObjectInfo) -> None:
             try:  # only the version copied: a newer foreign one stays
-                await delete_version(self.store, k, o.etag)
+                await delete_version(self.store, k, o.etag, log_failure=False)
             except FsError as e:
-                if e.errno != errno.ESTALE:
-                    raise
-                # logged; that newer version stays at the old name, the copy at the new
+                if e.errno == errno.ESTALE:
+                    return  # logged; that newer version stays at the old name, the copy at the new
+                try:  # the rename is done: this original is hidden and deleted later
+                    self.deferred.record(k, o.etag, ready=True, fsync=False)
+                except OSError as err:
+                    log.error("rename of %r to %r: deleting %r failed (%s) and cannot be left for later (%s); "
+                              "the next mount finishes it", old_path, dst_path, k, e, err)
+                    raise e from None
+                deferred.append((k, e))
 
         # copy all first, then delete: an interruption leaves both, never neither, and the
         # next mount undoes or finishes what a crash cut off (rlog). Several at once (each is
         # one or two round trips): the names below wait for the rename
-        await run_all([functools.partial(copy, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+        try:
+            await run_all([functools.partial(copy, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+        except FsError:
+            await self._take_copies_back(rlog)
+            raise
         try:
             rlog.copies_done()
         except OSError as e:  # an undo after a crash would take copies whose originals are gone
             log.error("rename of %r to %r: its rename log cannot be written (%s); the originals are kept",
                       old_path, dst_path, e)
             raise FsError(errno_of(e)) from None
+        if dst is not None:  # (its marker was replaced by the copy of the directory's)
+            dst.unlinked = True
+            self.inodes.remove_name(dst)
+            self.inodes.maybe_drop(dst)
         await run_all([functools.partial(delete, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+        if deferred:
+            self.deferred.note_removed_dir(old_dkey)
+            log.warning("rename of %r to %r: %d original(s) could not be deleted yet (e.g. %r: %s); hidden, "
+                        "they are deleted later", old_path, dst_path, len(deferred), deferred[0][0], deferred[0][1])
         for n in affected:
             new = dst_path + n.path[len(old_path):]
             old_key = self.naming.key(n.path)

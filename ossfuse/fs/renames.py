@@ -9,18 +9,21 @@ fsynced (docs/design.md "Durability": a crash of the daemon keeps it, a power lo
 1. ``{"from": old path, "to": new path, "objects": {key: ETag}, "replaced": {metadata} | null}``
    before the store is changed: every object below the old name and the version of it the
    rename copies; the marker metadata of the empty directory the rename replaces, if any;
-2. ``{"copied": new key, "etag": the copy's ETag}`` as each copy lands;
+2. ``{"copying": new key}`` before each copy is sent, ``{"copied": new key, "etag": the
+   copy's ETag}`` once it has landed (a copy in flight when the daemon dies may land after:
+   a trial found such copies left behind);
 3. ``{"deleting": true}`` once every copy has landed;
 
 and the log goes when the rename is done in memory too. A torn last line is ignored.
 
-The next mount, before it serves (:func:`settle`): a log without line 3 is **undone**: `mv`
-failed, so the copies that landed are deleted (each only while its original is still the
-logged version, and only the logged copy: :func:`~ossfuse.fs.copying.delete_version`), and a
-replaced empty directory's marker is put back. A log with line 3 is **finished**: each
-original is deleted only if its logged copy is still at the new name (else it stays), and the
-files the journal recovered at the old name move to the new one (``move_recovered``). Either
-way no object is left at neither name.
+A log without line 3 is **undone** (:func:`undo`): at once by the rename itself when a copy
+fails, else by the next mount: each copy whose original is still the logged version is
+deleted (a logged copy by its ETag; one sent but not logged only if it is the same object as
+the original: same ETag, or the same wrapped data key), and a replaced empty directory's
+marker is put back. A log with line 3 is **finished** by the next mount: each original is
+deleted only if its logged copy is still at the new name (else it stays), and the files the
+journal recovered at the old name move to the new one (``move_recovered``). The next mount
+does this before it serves (:func:`settle`). Either way no object is left at neither name.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import envelope as env
 from ..aio import run_all
-from ..store.base import ObjectStore, StoreError
+from ..store.base import ObjectInfo, ObjectStore, StoreError
 from .copying import delete_version, same_etag
 from .errors import FsError
 
@@ -47,7 +51,8 @@ SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace
 class RenameLog:
     """One directory rename's log (module doc): ``source`` and ``target`` paths, ``objects``
     (old key → ETag copied), ``replaced`` (marker metadata of the replaced empty directory),
-    ``copied`` (new key → the copy's ETag), ``deleting`` (every copy landed)."""
+    ``started`` (new keys whose copy was sent), ``copied`` (new key → the copy's ETag),
+    ``deleting`` (every copy landed)."""
 
     path: str
     source: str
@@ -55,6 +60,7 @@ class RenameLog:
     objects: dict[str, str]
     replaced: dict[str, str] | None = None
     copied: dict[str, str] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)
     deleting: bool = False
     _file: object = None
     _failing: bool = False
@@ -64,6 +70,12 @@ class RenameLog:
         assert f is not None
         f.write(json.dumps(rec) + "\n")  # type: ignore[attr-defined]
         f.flush()  # type: ignore[attr-defined]
+
+    def copying(self, key: str) -> None:
+        """The copy to ``key`` is about to be sent. Raises OSError (the cache disk): the copy
+        must not be sent then (an undo would not know to look for it)."""
+        self._append({"copying": key})
+        self.started.add(key)
 
     def copied_to(self, key: str, etag: str) -> None:
         """The copy at ``key`` (ETag ``etag``) landed. A cache disk that refuses the line only
@@ -156,8 +168,11 @@ def _read(path: str) -> RenameLog | None:
             rec = json.loads(line)
         except ValueError:
             break  # torn by the crash: nothing after it was written
-        if isinstance(rec, dict) and isinstance(rec.get("copied"), str) and isinstance(rec.get("etag"), str):
+        if isinstance(rec, dict) and isinstance(rec.get("copying"), str):
+            entry.started.add(rec["copying"])
+        elif isinstance(rec, dict) and isinstance(rec.get("copied"), str) and isinstance(rec.get("etag"), str):
             entry.copied[rec["copied"]] = rec["etag"]
+            entry.started.add(rec["copied"])
         elif isinstance(rec, dict) and rec.get("deleting") is True:
             entry.deleting = True
     return entry
@@ -186,17 +201,19 @@ async def settle(logs: RenameLogs, store: ObjectStore, dir_key: Callable[[str], 
             if entry.deleting:
                 kept = await _finish(store, entry, old, new)
                 move_recovered(entry)
-                what = (f"finished the rename of {entry.source!r} to {entry.target!r} that a crash cut off"
+                what = (f"finished the rename of {entry.source!r} to {entry.target!r} that an earlier run left "
+                        "unfinished (a crash)"
                         + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
                            if kept else ""))
             else:
-                kept = await _undo(store, entry, old, new)
-                what = (f"undid the rename of {entry.source!r} to {entry.target!r} that a crash cut off (the `mv` "
-                        "had failed)" + (f"; {kept} object(s) stay at the new name (changed there since, or their original is gone)"
-                                         if kept else ""))
+                kept = await undo(store, entry, dir_key)
+                what = (f"undid the rename of {entry.source!r} to {entry.target!r} that an earlier run left "
+                        "unfinished (a crash, or the store failing; the `mv` had failed)"
+                        + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
+                           "is gone)" if kept else ""))
         except (StoreError, FsError) as e:
-            log.error("the rename of %r to %r that a crash cut off cannot be settled now (%s); tried again at "
-                      "the next mount", entry.source, entry.target, e)
+            log.error("the rename of %r to %r that an earlier run left unfinished cannot be settled now (%s); "
+                      "tried again at the next mount", entry.source, entry.target, e)
             continue
         notices.append(what)
         logs.left.remove(entry)
@@ -226,27 +243,44 @@ async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> i
     return kept
 
 
-async def _undo(store: ObjectStore, entry: RenameLog, old: str, new: str) -> int:
-    """Delete each logged copy whose original is still the logged version, put a replaced
-    empty directory's marker back; returns how many copies stay."""
+async def undo(store: ObjectStore, entry: RenameLog, dir_key: Callable[[str], str]) -> int:
+    """Undo the copies of rename ``entry`` (module doc); returns how many copies stay (changed
+    at the new name since, or their original is gone). Raises StoreError, FsError."""
+    old, new = dir_key(entry.source), dir_key(entry.target)
     by_target = {new + key[len(old):]: (key, etag) for key, etag in entry.objects.items()}
     kept = 0
 
-    async def one(target: str, copy_etag: str) -> None:
+    async def one(target: str) -> None:
         nonlocal kept
         key, etag = by_target.get(target, (None, None))
+        copy_etag = entry.copied.get(target)
+        there = await store.head(target)
+        if there is None:
+            return  # never landed, or gone since
         original = await store.head(key) if key is not None else None
         if original is None or not same_etag(original.etag, etag):
             kept += 1
             return
+        if copy_etag is None and not _same_object(there, original):
+            kept += 1  # sent, not logged, and not a copy of the original: another client's
+            return
         try:
-            await delete_version(store, target, copy_etag)
+            await delete_version(store, target, copy_etag or there.etag)
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise
             kept += 1  # changed at the new name since: kept (logged)
 
-    await run_all([functools.partial(one, t, e) for t, e in entry.copied.items()], SETTLE_PARALLEL)
+    await run_all([functools.partial(one, t) for t in sorted(entry.started)], SETTLE_PARALLEL)
     if entry.replaced is not None and await store.head(new) is None:
         await store.put_bytes(new, b"", entry.replaced)
     return kept
+
+
+def _same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
+    """Whether ``a`` is a copy of ``b``: the same ETag (OSS's CopyObject keeps it), or the same
+    wrapped data key (unique to one encrypted object; a CopyObject keeps the metadata)."""
+    if same_etag(a.etag, b.etag):
+        return True
+    key = a.metadata.get(env.H_KEY)
+    return key is not None and key == b.metadata.get(env.H_KEY)
