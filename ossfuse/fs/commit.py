@@ -502,8 +502,11 @@ class Commit:
             path = self.naming.file_path_of(entry.key)
             meta = entry.metadata
             if path is None:
-                self.staging.quarantine(entry.staged.id, f"not the key of a file under this mount's prefix "
-                                        f"{self.naming.prefix!r}", repr(entry.key))
+                why = (f"outside this mount's prefix {self.naming.prefix!r}"
+                       if self.naming.path_of(entry.key) is None else
+                       "its key is no file path of this mount (a '..', '.' or empty component, or the "
+                       "tag-list directory)")
+                self.staging.quarantine(entry.staged.id, why, repr(entry.key))
                 quarantined += 1
                 continue
             try:

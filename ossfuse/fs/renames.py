@@ -183,8 +183,8 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    except OSError as e:
-        log.info("cannot remove rename log %s: %s", path, e)
+    except OSError as e:  # left, the next mount would settle this rename again
+        log.error("cannot remove rename log %s (%s): remove it by hand before the next mount", path, e)
 
 
 async def settle(logs: RenameLogs, store: ObjectStore, dir_key: Callable[[str], str],
