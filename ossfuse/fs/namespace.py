@@ -1039,7 +1039,7 @@ class Namespace:
             rlog.copied_to(copies[k].key, copies[k].etag)
             self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
 
-        deferred: list[tuple[str, FsError]] = []
+        postponed: list[tuple[str, FsError]] = []  # originals whose DELETE failed: pending deletes now
 
         async def delete(k: str, o: ObjectInfo) -> None:
             try:  # only the version copied: a newer foreign one stays
@@ -1053,7 +1053,7 @@ class Namespace:
                     log.error("rename of %r to %r: deleting %r failed (%s) and cannot be left for later (%s); "
                               "the next mount finishes it", old_path, dst_path, k, e, err)
                     raise e from None
-                deferred.append((k, e))
+                postponed.append((k, e))
 
         # copy all first, then delete: an interruption leaves both, never neither, and the
         # next mount undoes or finishes what a crash cut off (rlog). Several at once (each is
@@ -1074,10 +1074,10 @@ class Namespace:
             self.inodes.remove_name(dst)
             self.inodes.maybe_drop(dst)
         await run_all([functools.partial(delete, k, o) for k, o in keys.items()], RENAME_PARALLEL)
-        if deferred:
+        if postponed:
             self.deferred.note_removed_dir(old_dkey)
             log.warning("rename of %r to %r: %d original(s) could not be deleted yet (e.g. %r: %s); hidden, "
-                        "they are deleted later", old_path, dst_path, len(deferred), deferred[0][0], deferred[0][1])
+                        "they are deleted later", old_path, dst_path, len(postponed), postponed[0][0], postponed[0][1])
         for n in affected:
             new = dst_path + n.path[len(old_path):]
             old_key = self.naming.key(n.path)
