@@ -116,8 +116,9 @@ def name_going(*nodes: Node) -> Iterator[None]:
 class Namespace:
     """Namespace operations of one mount. ``create_umask``: a configured umask, applied to the
     mode of every new file and directory; ``deferred``: where deletes of unlinked open files
-    wait for their last close; ``retry_interval``: seconds between background retries of a
-    failed one (run in ``nursery``, the daemon's task supervisor, once set)."""
+    wait for their last close; ``renames``: the logs of directory renames in progress
+    (fs/renames.py); ``retry_interval``: seconds between background retries of a failed
+    delete (run in ``nursery``, the daemon's task supervisor, once set)."""
 
     def __init__(self, store: ObjectStore, uploader: Uploader, naming: Naming, inodes: InodeTable,
                  names: NameCache, resolver: Resolver, files: Files, commit: Commit, cache: BlockCache, *,
