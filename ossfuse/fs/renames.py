@@ -34,7 +34,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TextIO
 
 from .. import envelope as env
 from ..aio import run_all
@@ -62,14 +62,14 @@ class RenameLog:
     copied: dict[str, str] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)
     deleting: bool = False
-    _file: object = None
+    _file: TextIO | None = None  # open while this run's rename goes on
     _failing: bool = False
 
     def _append(self, rec: dict) -> None:
         f = self._file
         assert f is not None
-        f.write(json.dumps(rec) + "\n")  # type: ignore[attr-defined]
-        f.flush()  # type: ignore[attr-defined]
+        f.write(json.dumps(rec) + "\n")
+        f.flush()  # to the kernel: a crash of the daemon keeps it (not fsynced: module doc)
 
     def copying(self, key: str) -> None:
         """The copy to ``key`` is about to be sent. Raises OSError (the cache disk): the copy
@@ -78,9 +78,9 @@ class RenameLog:
         self.started.add(key)
 
     def copied_to(self, key: str, etag: str) -> None:
-        """The copy at ``key`` (ETag ``etag``) landed. A cache disk that refuses the line only
-        costs the next mount this copy: an undo leaves it, a finish leaves its original (one
-        WARNING)."""
+        """The copy at ``key`` (ETag ``etag``) landed. A cache disk that refuses the line costs
+        little (one WARNING): an undo still finds the copy by its ``copying`` line (taken back
+        if it is its original's copy), a finish leaves that original where it is."""
         self.copied[key] = etag
         try:
             self._append({"copied": key, "etag": etag})
@@ -146,7 +146,7 @@ class RenameLogs:
         """The rename failed (the store): its log stays for the next mount to settle."""
         f = entry._file
         if f is not None:
-            f.close()  # type: ignore[attr-defined]
+            f.close()
             entry._file = None
 
 
