@@ -411,6 +411,20 @@ def test_an_upload_a_crash_left_is_aborted_at_the_next_mount_and_another_clients
         m.cleanup()
 
 
+def _uploaded_tree(m: Mount, n: int) -> dict[str, bytes]:
+    """Start ``m`` with a directory ``tree`` of ``n`` small files in the bucket, remounted (its
+    names and versions read from the store); returns name → content."""
+    m.start()
+    files = {f"f{i:03d}": os.urandom(50 + i) for i in range(n)}
+    os.mkdir(m.path("tree"))
+    for name, data in files.items():
+        with open(m.path("tree", name), "wb") as f:
+            f.write(data)
+    assert m.stop() == 0
+    m.start()
+    return files
+
+
 @pytest.mark.expect_log(r"ossfuse\.daemon: undid the rename of 'tree' to 'moved'")
 def test_a_directory_rename_a_kill_cuts_off_is_undone_at_the_next_mount(tmp_path, cmk_path, oss_server):
     """A trial killed the daemon 0.15 s into `mv` of a 300-file directory: both trees stayed,
@@ -418,15 +432,8 @@ def test_a_directory_rename_a_kill_cuts_off_is_undone_at_the_next_mount(tmp_path
     name as it was, nothing at the new one, one WARNING line naming both."""
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     m.write_config("upload_delay = 0")
-    m.start()
     try:
-        files = {f"f{i:03d}": os.urandom(100 + i) for i in range(60)}
-        os.mkdir(m.path("tree"))
-        for name, data in files.items():
-            with open(m.path("tree", name), "wb") as f:
-                f.write(data)
-        assert m.stop() == 0
-        m.start()
+        files = _uploaded_tree(m, 60)
         oss_server.faults.latency(0.05)  # each copy takes a while: the kill comes between them
         mv = subprocess.Popen(["mv", m.path("tree"), m.path("moved")], stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
@@ -457,15 +464,8 @@ def test_a_directory_rename_whose_copy_fails_leaves_the_tree_where_it_was(tmp_pa
     moved/tree and exited 0)."""
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "upload_delay = 0")
-    m.start()
     try:
-        files = {f"f{i:03d}": os.urandom(50 + i) for i in range(40)}
-        os.mkdir(m.path("tree"))
-        for name, data in files.items():
-            with open(m.path("tree", name), "wb") as f:
-                f.write(data)
-        assert m.stop() == 0
-        m.start()
+        files = _uploaded_tree(m, 40)
         oss_server.faults.add(status=503, count=None, methods=("PUT",), key_prefix="moved/f01")
         r = subprocess.run(["mv", m.path("tree"), m.path("moved")], capture_output=True, text=True, timeout=120)
         oss_server.faults.clear()
