@@ -532,7 +532,7 @@ def _unmount(mp: str, device: str | None) -> str | None:
         users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
         if users:
             ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
-            who = ", ".join(f"pid {p} ({c}" + (_ran_from(c) if p == ppid else "") + ")" for p, c in users[:5])
+            who = ", ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "") + ")" for p, c in users[:5])
             return msg + f" (in use by {who}{f' and {len(users) - 5} more' if len(users) > 5 else ''})"
         if time.monotonic() >= give_up:
             # a copy of it at another path (a peer of a shared subtree) held there keeps it busy too
@@ -550,12 +550,19 @@ def _unmount(mp: str, device: str | None) -> str | None:
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "tcsh", "csh", "busybox"})
 
 
-def _ran_from(comm: str) -> str:
-    """What a busy unmount says of the process it ran from: the usual holder, a shell left
-    in the mount (`cd` out of it), else a script or program whose directory is in it."""
-    if comm in _SHELLS:
+def _ran_from(pid: int, comm: str, mp: str) -> str:
+    """What a busy unmount says of the process ``pid`` it ran from: the usual holder, a shell
+    left in the mount ``mp`` (`cd` out of it) or holding a file there (`exec 7<file`: close
+    it), else a script or program whose directory is in it."""
+    if comm not in _SHELLS:
+        return ", the program this ran from"
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = mp
+    if cwd == mp or cwd.startswith(mp.rstrip("/") + "/"):
         return ", the shell this ran from: cd out of the mount first"
-    return ", the program this ran from"
+    return ", the shell this ran from: it holds a file there; close it (exec N<&-)"
 
 
 def _pidfd_or_none(pid: int) -> int | None:

@@ -521,6 +521,15 @@ def test_busy_umount_says_when_the_holder_is_the_shell_it_ran_from(mount):
     assert "busy" in sh.stderr and f"pid {shell_pid} (sh, the shell this ran from: cd out of the mount first)" \
         in sh.stderr, sh.stderr
     assert sh.stderr.count("\n") == 1 and os.path.ismount(mount.mnt)
+    with open(mount.path("held"), "w"):
+        pass
+    # a shell outside the mount holding a file there (a new-user trial: it was told to cd out)
+    sh = subprocess.run(["sh", "-c", f'cd / && exec 7<"{mount.path("held")}" && {" ".join(OSSFUSE)} umount '
+                         f'"{mount.mnt}"; echo "shell $$"'], capture_output=True, text=True, timeout=60)
+    shell_pid = int(sh.stdout.split()[-1])
+    assert f"pid {shell_pid} (sh, the shell this ran from: it holds a file there; close it (exec N<&-))" \
+        in sh.stderr, sh.stderr
+    assert os.path.ismount(mount.mnt)
 
 
 def test_umount_progress_says_why_it_waits_when_the_store_is_unreachable():
