@@ -401,17 +401,15 @@ def dir_inside_mountpoint(cfg: Config, mountpoint: str) -> str | None:
     through the mount it serves never returns; and the mount point would not be empty), or
     None. Compares real paths (symlinks resolved as far as the paths exist); call it before
     mounting, while the mount point is a plain directory."""
-    mp = os.path.realpath(mountpoint)
     dirs = [("cache dir (cache.dir)", cfg.cache.dir)]
     if cfg.store.url.startswith("local://"):
         dirs.append(("bucket directory (store.url)", cfg.store.url[len("local://"):]))
     for what, d in dirs:
-        real = os.path.realpath(d)
-        if real == mp or real.startswith(mp.rstrip("/") + "/"):
-            where = "is the mount point" if real == mp else "is inside the mount point"
-            return (f"{cfg.path}: the {what} {d} {where} {os.path.abspath(mountpoint)}: the mount would hide it "
-                    f"from ossfuse itself; choose a directory outside it")
-        if mp.startswith(real.rstrip("/") + "/"):
+        how = _overlap(d, mountpoint)
+        if how in ("is", "is inside"):
+            return (f"{cfg.path}: the {what} {d} {how} the mount point {os.path.abspath(mountpoint)}: the mount "
+                    f"would hide it from ossfuse itself; choose a directory outside it")
+        if how == "holds":
             # the daemon walks these directories (the local bucket's orphan sweep, the cache's
             # eviction): into its own mount, where nobody answers it (a new-user trial mounted
             # a local bucket inside its own directory)
