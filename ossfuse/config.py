@@ -212,6 +212,15 @@ def _check_key_file(path: str, where: str, key_path: str) -> None:
         raise ConfigError(f"{path}: {where}.private_key: no such file {key_path!r}")
     if not os.access(key_path, os.R_OK):
         raise ConfigError(f"{path}: {where}.private_key: not readable {key_path!r}")
+    try:
+        with open(key_path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise ConfigError(f"{path}: {where}.private_key: cannot read {key_path!r}: {e.strerror}") from None
+    if b"-----BEGIN PUBLIC KEY-----" in head or b"-----BEGIN RSA PUBLIC KEY-----" in head:
+        # before the mode check: a .pub file is world-readable, and "chmod 600 it" led nowhere
+        raise ConfigError(f"{path}: {where}.private_key: {key_path!r} is a public key; name the private key "
+                          f"(keygen writes it beside the .pub, without that suffix)")
     if os.stat(key_path).st_mode & 0o077:
         raise ConfigError(f"{path}: {where}.private_key: {key_path!r} is readable by group or others; "
                           f"chmod 600 it (a CMK must stay private)")

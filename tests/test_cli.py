@@ -183,7 +183,9 @@ def test_key_file_problems_are_one_line_naming_the_file(tmp_path, cmk_path):
     for name, content, mode, message in [
             ("open.pem", open(cmk_path).read(), 0o644, "readable by group or others; chmod 600"),
             ("junk.pem", "not a key\n", 0o600, "is not a PEM RSA private key"),
-            ("pub.pem", open(cmk_path + ".pub").read(), 0o600, "is not a PEM RSA private key")]:
+            ("pub.pem", open(cmk_path + ".pub").read(), 0o600, "is a public key; name the private key"),
+            # a .pub as made (world-readable): it was told "chmod 600 it", then "not a private key"
+            ("k.pem.pub", open(cmk_path + ".pub").read(), 0o644, "is a public key; name the private key")]:
         key = tmp_path / name
         key.write_text(content)
         os.chmod(key, mode)
