@@ -163,15 +163,22 @@ def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, c
         m.cleanup()
 
 
+def _file_then_remount(m: Mount, size: int, *, clear_cache: bool = True) -> bytes:
+    """Start ``m``, write ``size`` random bytes to file ``f``, remount (the cache emptied unless
+    ``clear_cache`` is False); returns the bytes."""
+    m.start()
+    data = os.urandom(size)
+    with open(m.path("f"), "wb") as f:
+        f.write(data)
+    m.remount(clear_cache=clear_cache)
+    return data
+
+
 @pytest.mark.expect_log(r"ossfuse\.cache: cache file of")
 def test_cache_is_reused_after_remount_and_a_damaged_cache_file_is_refetched(tmp_path, cmk_path, oss_server):
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
-    m.start()
     try:
-        data = os.urandom(3_000_000)
-        with open(m.path("f"), "wb") as f:
-            f.write(data)
-        m.remount()  # emptied cache: the next read fetches (and indexes) the blocks
+        data = _file_then_remount(m, 3_000_000)  # emptied cache: the next read fetches (and indexes) the blocks
         assert open(m.path("f"), "rb").read() == data
         assert m.stop() == 0
         oss_server.clear_requests()
@@ -341,12 +348,8 @@ def test_a_handle_on_the_old_version_never_reads_the_new_ones_pages(tmp_path, cm
     give the old version's bytes (or ESTALE), never the new version's pages the kernel cached
     for the second reader (a trial: the holder got old[:50000] + new[50000:], with success)."""
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
-    m.start()
     try:
-        old = os.urandom(100_000)
-        with open(m.path("f"), "wb") as f:
-            f.write(old)
-        m.remount(clear_cache=False)
+        old = _file_then_remount(m, 100_000, clear_cache=False)
         cb = crypto_bucket(oss_server.endpoint, rsa_provider(m.cmk))
         for new in (os.urandom(100_000), os.urandom(300_000)):
             with open(m.path("f"), "rb") as held:

@@ -36,7 +36,6 @@ from .naming import Naming, join, parent_of
 from .objmeta import AttrDefaults
 from . import renames
 from .readdir import DirectoryReader
-from .renames import RenameLogs
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -78,7 +77,7 @@ class Filesystem:
                                lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
         self.inodes = InodeTable(root, self.names, on_move=self.scheduler.moved)
         self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
-        self.rename_logs = RenameLogs(cfg.cache.dir)
+        self.rename_logs = renames.RenameLogs(cfg.cache.dir)
         self.store_durable = True  # False once the unmount's durability barrier (drain) failed
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,

@@ -121,17 +121,12 @@ class RenameLogs:
         ``objects`` (key → ETag). Raises FsError(ENOSPC, EIO...) when the cache disk refuses it:
         nothing is changed then."""
         path = os.path.join(self.dir, uuid.uuid4().hex + ".log")
+        entry = RenameLog(path, source, target, dict(objects), replaced)
         try:
-            f = open(path, "x", encoding="utf-8")
-        except OSError as e:
-            log.error("cannot rename %r: its rename log %s cannot be written: %s", source, path, e)
-            raise FsError(e.errno or errno.EIO) from None
-        entry = RenameLog(path, source, target, dict(objects), replaced, _file=f)
-        try:
+            entry._file = open(path, "x", encoding="utf-8")
             entry._append({"from": source, "to": target, "objects": objects, "replaced": replaced})
         except OSError as e:
-            f.close()
-            _unlink(path)
+            self.end(entry)  # (closes and removes what was made)
             log.error("cannot rename %r: its rename log %s cannot be written: %s", source, path, e)
             raise FsError(e.errno or errno.EIO) from None
         return entry
