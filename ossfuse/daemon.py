@@ -441,7 +441,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                        f"{fs.staging.quarantine_dir}, never uploaded: the bucket keeps what it has at "
                        f"{'that name' if one else 'those names'} (an older version, or nothing); recover by hand "
                        "or delete (docs/design.md, \"Write-back and the journal\")")
-    notices += await fs.settle_renames()  # directory renames a crash cut off: undone or finished
+    notices += await fs.settle_renames()  # renames a crash cut off: undone or finished
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():
         notices.append("some files unlinked while open in an earlier run could not be deleted yet; "

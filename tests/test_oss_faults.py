@@ -480,3 +480,39 @@ def test_a_directory_rename_whose_copy_fails_leaves_the_tree_where_it_was(tmp_pa
         assert os.listdir(os.path.join(m.cache, "renames")) == []
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ossfuse\.daemon: finished the rename of 'src\.bin' to 'dst\.bin'", r"ossfuse\.store\.oss: OSS")
+def test_a_file_rename_a_kill_cuts_off_after_its_copy_is_finished_at_the_next_mount(tmp_path, cmk_path, oss_server):
+    """A file's rename is a copy, then a DELETE of the original. A kill between the two left
+    the file at both names. Now the next mount finishes it: the original goes, the copy
+    reads back, one WARNING line names both."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("upload_delay = 0")
+    try:
+        m.start()
+        data = os.urandom(70_000)
+        with open(m.path("src.bin"), "wb") as f:
+            f.write(data)
+        assert m.stop() == 0
+        m.start()
+        assert m.keys() == ["src.bin"]
+        oss_server.faults.add(status=503, count=None, methods=("DELETE",), key_prefix="src.bin")
+        mv = subprocess.Popen(["mv", m.path("src.bin"), m.path("dst.bin")], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not oss_server.requests_for(method="DELETE", key="src.bin"):  # the copy landed; the DELETE retries
+            assert time.monotonic() < deadline and mv.poll() is None
+            time.sleep(0.02)
+        m.kill9()
+        mv.wait(timeout=30)
+        oss_server.faults.clear()
+        assert mv.returncode != 0
+        assert m.keys() == ["dst.bin", "src.bin"]  # both names, as before the fix
+        m.start()
+        assert os.listdir(m.path()) == ["dst.bin"]
+        assert open(m.path("dst.bin"), "rb").read() == data
+        assert m.keys() == ["dst.bin"]
+        assert "finished the rename of 'src.bin' to 'dst.bin' that an earlier run left unfinished" in m.log()
+        assert os.listdir(os.path.join(m.cache, "renames")) == []
+    finally:
+        m.cleanup()

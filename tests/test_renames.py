@@ -1,6 +1,7 @@
-"""A directory rename that a crash cuts off (fs/renames.py) is undone or finished by the next
-mount, in-process over the fault-injecting store: a trial killed the daemon 0.15 s into a
-`mv` of 300 files and found both trees, with nothing said."""
+"""A rename that a crash cuts off (fs/renames.py) is undone or finished by the next mount,
+in-process over the fault-injecting store: a trial killed the daemon 0.15 s into a `mv` of
+300 files and found both trees, with nothing said; a file's rename cut off between its copy
+and its delete left the file at both names."""
 from __future__ import annotations
 
 import errno
@@ -46,10 +47,11 @@ def _logs(tmp_path) -> list[str]:
     return os.listdir(tmp_path / "cache" / "renames")
 
 
-async def _cut_off(fs, op: str, key: str, *, lands: bool = False) -> None:
-    """Rename d to e, and stop it (as a crash would) while ``op`` of ``key`` waits: every other
-    copy (or delete) of the rename is done by then. ``lands``: that copy reaches the store
-    first, as one in flight when the daemon dies (the server finishes it, nobody logs it)."""
+async def _cut_off(fs, op: str, key: str, *, lands: bool = False, src: str = "d", dst: str = "e") -> None:
+    """Rename ``src`` to ``dst`` (in the root), and stop it (as a crash would) while ``op`` of
+    ``key`` waits: every other copy (or delete) of the rename is done by then. ``lands``: that
+    copy reaches the store first, as one in flight when the daemon dies (the server finishes
+    it, nobody logs it)."""
     reached = trio.Event()
 
     async def stall(inner, op_, keys):
@@ -60,7 +62,7 @@ async def _cut_off(fs, op: str, key: str, *, lands: bool = False) -> None:
     fs.store.hook(op, stall, key=key)
     with trio.move_on_after(30) as scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(fs.rename, fs.get(1), "d", fs.get(1), "e", 0)
+            nursery.start_soon(fs.rename, fs.get(1), src, fs.get(1), dst, 0)
             await reached.wait()
             await trio.sleep(0.1)  # the others land
             nursery.cancel_scope.cancel()
@@ -224,3 +226,111 @@ def test_a_rename_log_is_read_up_to_a_torn_line_and_a_finished_rename_leaves_non
         await _crash(fs)
 
     trio.run(main)
+
+
+async def _rewrite(fs, name: str, data: bytes) -> None:
+    """``name`` (in the root) rewritten and closed: journaled, its upload not started."""
+    node = await fs.lookup(fs.get(1), name)
+    h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+
+
+def test_a_file_rename_cut_off_before_its_delete_is_finished_at_the_next_mount(tmp_path, cmk_path):
+    """The copy of 'a' over 'b' landed, the daemon died before the original's DELETE: the next
+    mount deletes the original and moves a's journaled changes (closed, not uploaded) to 'b',
+    where they upload (before: both names held the file, and the changes went to 'a')."""
+    old, new, staged = os.urandom(3000), os.urandom(2000), os.urandom(4000)
+
+    async def crash():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        await committed_file(fs, "a", old)
+        await committed_file(fs, "b", new)
+        await _rewrite(fs, "a", staged)
+        await _cut_off(fs, "delete", "pre/a", src="a", dst="b")
+        assert await _keys(fs) == {"pre/a", "pre/b"}
+        assert len(_logs(tmp_path)) == 1
+        await _crash(fs)
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        assert fs.recover() == 1
+        assert await fs.settle_renames() == ["finished the rename of 'a' to 'b' that an earlier run left unfinished "
+                                             "(a crash)"]
+        assert not await exists(fs, "a")
+        assert await _read(fs, "b") == staged  # served from the journal before its upload
+        assert await fs.drain() == 0
+        assert await _keys(fs) == {"pre/b"}
+        assert await _read(fs, "b") == staged
+        assert _logs(tmp_path) == []
+        await _crash(fs)
+
+    trio.run(crash)
+    trio.run(next_mount)
+
+
+def test_a_file_rename_whose_copy_landed_unlogged_is_finished_without_the_replaced_files_changes(tmp_path, cmk_path):
+    """The copy was in flight when the daemon died (the store finished it, nobody logged it),
+    and 'b', the file it replaces, had journaled changes: the next mount finishes the rename
+    and drops b's changes, as the rename would have. Else their upload would replace the copy,
+    and a's contents would be gone from both names."""
+    old, staged_b = os.urandom(3000), os.urandom(2500)
+
+    async def crash():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        await committed_file(fs, "a", old)
+        await committed_file(fs, "b", os.urandom(100))
+        await _rewrite(fs, "b", staged_b)
+        await _cut_off(fs, "copy", "pre/a", lands=True, src="a", dst="b")
+        assert await _keys(fs) == {"pre/a", "pre/b"}
+        await _crash(fs)
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        assert fs.recover() == 1  # b's changes
+        assert await fs.settle_renames() == ["finished the rename of 'a' to 'b' that an earlier run left unfinished "
+                                             "(a crash)"]
+        assert await fs.drain() == 0
+        assert await _keys(fs) == {"pre/b"}
+        assert await _read(fs, "b") == old
+        assert _logs(tmp_path) == []
+        await _crash(fs)
+
+    trio.run(crash)
+    trio.run(next_mount)
+
+
+@pytest.mark.parametrize("copy", ["never landed", "replaced by another client"])
+def test_a_file_rename_whose_copy_is_not_at_the_new_name_is_left_as_it_was(tmp_path, cmk_path, copy):
+    """The daemon died while the copy was sent and it never landed; or it landed (logged) and
+    another client wrote the new name since: the next mount deletes nothing (the original
+    stays, as it was) and drops the log."""
+    a, b = os.urandom(3000), os.urandom(2000)
+
+    async def crash():
+        fs = core_filesystem(tmp_path, cmk_path)
+        await committed_file(fs, "a", a)
+        await committed_file(fs, "b", b)
+        if copy == "never landed":
+            await _cut_off(fs, "copy", "pre/a", src="a", dst="b")
+        else:
+            await _cut_off(fs, "delete", "pre/a", src="a", dst="b")
+            await fs.store.inner.put_bytes("pre/b", b"theirs", {})
+        await _crash(fs)
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path)
+        fs.recover()
+        assert await fs.settle_renames() == ["left the rename of 'a' to 'b' that an earlier run left unfinished "
+                                             "(a crash) as it was: its copy is not at the new name (never landed, "
+                                             "or changed since)"]
+        assert await _keys(fs) == {"pre/a", "pre/b"}
+        assert await _read(fs, "a") == a
+        if copy == "never landed":
+            assert await _read(fs, "b") == b
+        assert _logs(tmp_path) == []
+        await _crash(fs)
+
+    trio.run(crash)
+    trio.run(next_mount)

@@ -170,9 +170,9 @@ class Filesystem:
         return self.commit.recover()
 
     async def settle_renames(self) -> list[str]:
-        """Undo or finish the directory renames a crash of an earlier run cut off (call it
-        after :meth:`recover`, before serving: fs/renames.py); returns a notice per rename."""
-        return await renames.settle(self.rename_logs, self.store, self.naming.dir_key, self.namespace.move_recovered)
+        """Undo or finish the renames a crash of an earlier run cut off (call it after
+        :meth:`recover`, before serving: fs/renames.py); returns a notice per rename."""
+        return await renames.settle(self.rename_logs, self.store, self.naming, self.namespace.move_recovered)
 
     async def abort_orphaned_uploads(self) -> int:
         """Abort the unfinished multipart uploads an earlier run of this cache dir began (left

@@ -857,6 +857,7 @@ class Namespace:
             if any(self.commit.upload_running(n) for n in nodes):
                 return False
             old_path = src.path
+            rlog = None
             if src.version is None:  # a replaced object at the old name must not stay behind
                 await self._delete_replaced(src, self.naming.key(old_path))
                 if dst is None:  # an unlinked open file's object waiting there: replaced knowingly
@@ -874,42 +875,69 @@ class Namespace:
                         # come back) — unless src's journaled version is uploaded there
                         self._record_delete(new_key, dst.version.etag)
             else:
-                v = src.version
-                mark = self.deferred.mark()
-                try:  # conditional on v.etag: the copy is exactly v (A1)
-                    # directive COPY: the store copies every x-oss-meta-* field; a slim v lends
-                    # none, so a streaming copy (above the copy limit) HEADs the source for them
-                    info = await copy_object(self.store, self.uploader,
-                                             ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {}),
-                                             new_key)
-                except FsError as e:
-                    if e.errno == errno.ESTALE:
-                        src.checked_at = 0.0  # another client's version: re-read at next lookup
-                    raise  # nothing was written: dst keeps its name
-                # the copy overwrote what was at new_key: the pending deletes of those versions
-                # go (a DELETE or the replay after a crash compares ETags and would take the copy
-                # when it has the same one: every empty object's on OSS)
-                self.deferred.superseded(new_key, mark)
-                if dst is not None:
-                    self._take_name(dst)  # the copy replaced its object
+                # from here on the next mount finishes what a crash cuts off (fs/renames.py)
+                rlog = self.renames.begin(old_path, dst_path, {src.version.key: src.version.etag}, None, file=True)
                 try:
-                    await delete_version(self.store, v.key, v.etag, log_failure=False)
-                except FsError as e:
-                    if e.errno == errno.ESTALE:  # another client's newer version stays at the old
-                        src.checked_at = 0.0  # name (logged), ours is at the new: both show
-                        self._show_copy(dst_path)
-                    else:
-                        await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
+                    await self._copy_and_delete_file(src, old_path, dst_path, dst, rlog)
+                except FsError:
+                    self.renames.end(rlog)  # settled here: nothing changed, or both names show (logged)
                     raise
-                self.cache.rekey(v.key, v.etag, new_key, info.etag)
-                moved = v.copied_as(new_key, info.etag)
-                set_local_version(src, moved)
-                self.resolver.recent.touch(moved)
+                except BaseException:
+                    self.renames.leave(rlog)  # cancelled mid-way: the next mount settles it
+                    raise
             if dst is not None and not dst.unlinked:
                 self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
             self.commit.rejournal(src)
+            if rlog is not None:  # (after the journal names the new path: module doc of fs/renames.py)
+                self.renames.end(rlog)
         return True
+
+    async def _copy_and_delete_file(self, src: Node, old_path: str, dst_path: str, dst: Node | None,
+                                    rlog: RenameLog) -> None:
+        """:meth:`_move_file` of a committed version, its rename log ``rlog`` started: copy it
+        (conditional on its ETag), drop ``dst``, delete the original. Raises FsError ESTALE,
+        EIO, ENOSPC (the outcome logged: nothing changed, or both names show)."""
+        v = src.version
+        assert v is not None
+        new_key = self.naming.key(dst_path)
+        mark = self.deferred.mark()
+        try:  # conditional on v.etag: the copy is exactly v (A1)
+            try:
+                rlog.copying(new_key)
+            except OSError as e:  # unlogged, the next mount would not know to look for the copy: not sent
+                log.error("rename of %r to %r: its rename log cannot be written: %s", old_path, dst_path, e)
+                raise FsError(errno_of(e)) from None
+            # directive COPY: the store copies every x-oss-meta-* field; a slim v lends
+            # none, so a streaming copy (above the copy limit) HEADs the source for them
+            info = await copy_object(self.store, self.uploader,
+                                     ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {}), new_key)
+        except FsError as e:
+            if e.errno == errno.ESTALE:
+                src.checked_at = 0.0  # another client's version: re-read at next lookup
+            raise  # nothing was written: dst keeps its name
+        # the copy and dst's drop go together: a crash after the copy is logged finishes the
+        # rename, and must not bring dst's journaled version back (fs/renames.py)
+        rlog.copied_to(info.key, info.etag)
+        # the copy overwrote what was at new_key: the pending deletes of those versions
+        # go (a DELETE or the replay after a crash compares ETags and would take the copy
+        # when it has the same one: every empty object's on OSS)
+        self.deferred.superseded(new_key, mark)
+        if dst is not None:
+            self._take_name(dst)  # the copy replaced its object
+        try:
+            await delete_version(self.store, v.key, v.etag, log_failure=False)
+        except FsError as e:
+            if e.errno == errno.ESTALE:  # another client's newer version stays at the old
+                src.checked_at = 0.0  # name (logged), ours is at the new: both show
+                self._show_copy(dst_path)
+            else:
+                await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
+            raise
+        self.cache.rekey(v.key, v.etag, new_key, info.etag)
+        moved = v.copied_as(new_key, info.etag)
+        set_local_version(src, moved)
+        self.resolver.recent.touch(moved)
 
     async def _undo_copy(self, old_path: str, dst_path: str, copy: ObjectInfo, *, replaced: bool,
                          reason: FsError) -> None:
@@ -999,14 +1027,20 @@ class Namespace:
                  f" but {kept} (changed since)" if kept else "")
 
     def move_recovered(self, rlog: RenameLog) -> None:
-        """The files the journal recovered below ``rlog.source`` move to ``rlog.target``: the
-        rename a crash cut off after its copies is finished (fs/renames.py). As in
+        """The files the journal recovered at or below ``rlog.source`` move to ``rlog.target``:
+        the rename a crash cut off after its copies is finished (fs/renames.py). As in
         :meth:`_copy_and_delete`, a recovered version that replaces an object copied there now
         replaces the copy. Before the mount serves; raises FsError (ENOSPC: the journal)."""
         old_path, dst_path = rlog.source, rlog.target
-        old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
+        key_of = self.naming.key if rlog.file else self.naming.dir_key
+        old_dkey, new_dkey = key_of(old_path), key_of(dst_path)
+        if rlog.drop_at_target:  # the replaced file's journaled version: the rename dropped it
+            there = self.inodes.by_path.get(dst_path)
+            if there is not None and there.staged is not None:
+                self._take_name(there)
+                self.names.note_present(dst_path)  # the copy is there: the next lookup asks the store
         moving = [n for n in self.inodes.by_path.values()
-                  if n.staged is not None and n.path.startswith(old_path + "/")]
+                  if n.staged is not None and (n.path == old_path or n.path.startswith(old_path + "/"))]
         for n in moving:
             old_key = self.naming.key(n.path)
             copy = rlog.copied.get(new_dkey + old_key[len(old_dkey):])

@@ -1,4 +1,4 @@
-"""Directory renames in progress, so that the next mount undoes or finishes one a crash cut off.
+"""Renames in progress, so that the next mount undoes or finishes one a crash cut off.
 
 A directory rename copies every object below the old name, then deletes the originals
 (``Namespace._move_dir``: OSS has no rename). A crash in between left both trees, and nothing
@@ -24,6 +24,16 @@ marker is put back. A log with line 3 is **finished** by the next mount: each or
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
 does this before it serves (:func:`settle`). Either way no object is left at neither name.
+
+A **file** rename of a committed version (``Namespace._move_file``: one copy, then one
+delete) keeps the same log, its header marked ``"file": true``, with no line 3: the rename
+is done once its copy has landed. The next mount **finishes** it when the copy is at the new
+name (the logged ETag; an unlogged one if it is the original's copy, as above): the original
+is deleted (if still the logged version) and the journal's version of the file moves to the
+new name; a journaled version of the file the rename replaced goes, as the rename dropped it
+(``drop_at_target``: only when the copy was not logged, since the rename drops it in the
+same step that logs the copy). Else nothing had changed, and the log goes. A trial: a crash
+between the copy and the delete left the file at both names.
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ from ..aio import run_all
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from .copying import delete_version, same_etag
 from .errors import FsError
+from .naming import Naming
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +60,23 @@ SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace
 
 @dataclass
 class RenameLog:
-    """One directory rename's log (module doc): ``source`` and ``target`` paths, ``objects``
-    (old key → ETag copied), ``replaced`` (marker metadata of the replaced empty directory),
-    ``started`` (new keys whose copy was sent), ``copied`` (new key → the copy's ETag),
-    ``deleting`` (every copy landed)."""
+    """One rename's log (module doc): ``source`` and ``target`` paths, ``objects`` (old key →
+    ETag copied), ``replaced`` (marker metadata of the replaced empty directory), ``file`` (a
+    file's rename, not a directory's), ``started`` (new keys whose copy was sent), ``copied``
+    (new key → the copy's ETag), ``deleting`` (every copy landed), ``drop_at_target`` (set by
+    :func:`settle` for ``move_recovered``: a journaled version at the target path is the
+    replaced file's, and goes)."""
 
     path: str
     source: str
     target: str
     objects: dict[str, str]
     replaced: dict[str, str] | None = None
+    file: bool = False
     copied: dict[str, str] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)
     deleting: bool = False
+    drop_at_target: bool = False
     _file: TextIO | None = None  # open while this run's rename goes on
     _failing: bool = False
 
@@ -116,15 +131,18 @@ class RenameLogs:
                 self.left.append(got)
 
     def begin(self, source: str, target: str, objects: dict[str, str],
-              replaced: dict[str, str] | None) -> RenameLog:
-        """Start the log of renaming directory ``source`` to ``target`` (paths) that copies
-        ``objects`` (key → ETag). Raises FsError(ENOSPC, EIO...) when the cache disk refuses it:
-        nothing is changed then."""
+              replaced: dict[str, str] | None, *, file: bool = False) -> RenameLog:
+        """Start the log of renaming directory (``file``: file) ``source`` to ``target``
+        (paths) that copies ``objects`` (key → ETag). Raises FsError(ENOSPC, EIO...) when the
+        cache disk refuses it: nothing is changed then."""
         path = os.path.join(self.dir, uuid.uuid4().hex + ".log")
-        entry = RenameLog(path, source, target, dict(objects), replaced)
+        entry = RenameLog(path, source, target, dict(objects), replaced, file)
+        head: dict[str, object] = {"from": source, "to": target, "objects": objects, "replaced": replaced}
+        if file:
+            head["file"] = True
         try:
             entry._file = open(path, "x", encoding="utf-8")
-            entry._append({"from": source, "to": target, "objects": objects, "replaced": replaced})
+            entry._append(head)
         except OSError as e:
             self.end(entry)  # (closes and removes what was made)
             log.error("cannot rename %r: its rename log %s cannot be written: %s", source, path, e)
@@ -155,7 +173,8 @@ def _read(path: str) -> RenameLog | None:
     try:
         head = json.loads(lines[0])
         entry = RenameLog(path, str(head["from"]), str(head["to"]),
-                          {str(k): str(v) for k, v in dict(head["objects"]).items()}, head.get("replaced"))
+                          {str(k): str(v) for k, v in dict(head["objects"]).items()}, head.get("replaced"),
+                          head.get("file") is True)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     for line in lines[1:]:
@@ -182,18 +201,21 @@ def _unlink(path: str) -> None:
         log.error("cannot remove rename log %s (%s): remove it by hand before the next mount", path, e)
 
 
-async def settle(logs: RenameLogs, store: ObjectStore, dir_key: Callable[[str], str],
+async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming,
                  move_recovered: Callable[[RenameLog], None]) -> list[str]:
     """Undo or finish each rename an earlier run left (module doc), before the mount serves;
-    ``dir_key(path)``: the key prefix of directory ``path``; ``move_recovered(entry)``: move
-    the journal's files below ``entry.source`` to ``entry.target`` (finished renames).
-    Returns one notice per rename settled (the caller logs them: WARNING). A rename the store
-    fails to settle keeps its log (tried again at the next mount), logged."""
+    ``naming``: the mount's path → key mapping; ``move_recovered(entry)``: move the journal's
+    files at or below ``entry.source`` to ``entry.target`` (finished renames). Returns one
+    notice per rename settled (the caller logs them: WARNING). A rename the store fails to
+    settle keeps its log (tried again at the next mount), logged."""
     notices = []
     for entry in list(logs.left):
-        old, new = dir_key(entry.source), dir_key(entry.target)
+        old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
         try:
-            if entry.deleting:
+            if entry.file:
+                what = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target),
+                                          move_recovered)
+            elif entry.deleting:
                 kept = await _finish(store, entry, old, new)
                 move_recovered(entry)
                 what = (f"finished the rename of {entry.source!r} to {entry.target!r} that an earlier run left "
@@ -201,7 +223,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, dir_key: Callable[[str], 
                         + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
                            if kept else ""))
             else:
-                kept = await undo(store, entry, dir_key)
+                kept = await undo(store, entry, naming.dir_key)
                 what = (f"undid the rename of {entry.source!r} to {entry.target!r} that an earlier run left "
                         "unfinished (a crash, or the store failing; the `mv` had failed)"
                         + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
@@ -214,6 +236,33 @@ async def settle(logs: RenameLogs, store: ObjectStore, dir_key: Callable[[str], 
         logs.left.remove(entry)
         logs.end(entry)
     return notices
+
+
+async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
+                       move_recovered: Callable[[RenameLog], None]) -> str:
+    """Finish file rename ``entry`` (``old`` key to ``new``) if its copy landed, else leave
+    it undone (module doc); returns the notice. Raises StoreError, FsError."""
+    what = f"the rename of {entry.source!r} to {entry.target!r} that an earlier run left unfinished (a crash)"
+    there = await store.head(new) if new in entry.started else None
+    logged = entry.copied.get(new)
+    if there is not None and logged is None:  # sent, the answer lost: the rename's if it is the original's copy
+        original = await store.head(old)
+        landed = entry.drop_at_target = original is not None and _same_object(there, original)
+    else:
+        landed = there is not None and same_etag(there.etag, logged)
+    if there is None or not landed:
+        return f"left {what} as it was: its copy is not at the new name (never landed, or changed since)"
+    entry.copied[new] = there.etag
+    entry.deleting = True
+    kept = False
+    try:
+        await delete_version(store, old, entry.objects[old])
+    except FsError as e:
+        if e.errno != errno.ESTALE:
+            raise
+        kept = True  # a newer version at the old name: kept (logged)
+    move_recovered(entry)
+    return f"finished {what}" + ("; a newer version stays at the old name" if kept else "")
 
 
 async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> int:
