@@ -514,5 +514,9 @@ def test_a_file_rename_a_kill_cuts_off_after_its_copy_is_finished_at_the_next_mo
         assert m.keys() == ["dst.bin"]
         assert "finished the rename of 'src.bin' to 'dst.bin' that an earlier run left unfinished" in m.log()
         assert os.listdir(os.path.join(m.cache, "renames")) == []
+        os.rename(m.path("dst.bin"), m.path("again.bin"))  # this run's log of file renames goes at unmount
+        assert len(os.listdir(os.path.join(m.cache, "renames"))) == 1
+        assert m.stop() == 0
+        assert os.listdir(os.path.join(m.cache, "renames")) == [] and m.keys() == ["again.bin"]
     finally:
         m.cleanup()

@@ -13,6 +13,7 @@ import trio
 
 from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_node
 from ossfuse.fs import FsError
+from ossfuse.fs import renames
 from ossfuse.fs.renames import RenameLogs
 from ossfuse.store.base import StoreError
 
@@ -334,3 +335,41 @@ def test_a_file_rename_whose_copy_is_not_at_the_new_name_is_left_as_it_was(tmp_p
 
     trio.run(crash)
     trio.run(next_mount)
+
+
+def test_file_renames_share_one_log_that_keeps_the_unfinished_ones(tmp_path, monkeypatch):
+    """File renames write to one log per run (a file made and removed per rename cost more
+    than the rename on a local bucket): the next run reads back only those not ended, up to a
+    torn last line; the log is emptied once it is large and no rename in it is under way,
+    and removed at unmount."""
+    logs = RenameLogs(str(tmp_path))
+    a = logs.begin("a", "b", {"pre/a": "E1"}, None, file=True)
+    c = logs.begin("c", "d", {"pre/c": "E2"}, None, file=True)
+    a.copying("pre/b")
+    c.copying("pre/d")
+    a.copied_to("pre/b", "C1")
+    logs.end(a)
+    c.copied_to("pre/d", "C2")
+    logs.leave(c)  # cut off: its lines stay
+    logs._shared.write('{"id": "2", "copied": "pre/x", "et')  # torn by the crash
+    logs.close()
+    assert len(os.listdir(tmp_path / "renames")) == 1
+    again = RenameLogs(str(tmp_path))
+    (left,) = again.left
+    assert (left.source, left.target, left.objects, left.started, left.copied, left.file) == \
+        ("c", "d", {"pre/c": "E2"}, {"pre/d"}, {"pre/d": "C2"}, True)
+    again.end(left)  # settled
+    assert os.listdir(tmp_path / "renames") == []
+
+    monkeypatch.setattr(renames, "SHARED_TRUNCATE", 300)
+    logs = RenameLogs(str(tmp_path))
+    for i in range(20):
+        e = logs.begin(f"x{i}", f"y{i}", {f"pre/x{i}": "E"}, None, file=True)
+        e.copying(f"pre/y{i}")
+        e.copied_to(f"pre/y{i}", "C")
+        logs.end(e)
+    (name,) = os.listdir(tmp_path / "renames")
+    assert os.path.getsize(tmp_path / "renames" / name) < 600  # 20 renames' lines are ~3 KB
+    assert renames._read_shared(str(tmp_path / "renames" / name)) == []
+    logs.close()
+    assert os.listdir(tmp_path / "renames") == []

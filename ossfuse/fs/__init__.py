@@ -218,6 +218,7 @@ class Filesystem:
             if node.staged is not None:
                 node.staged.close()
         self.cache.close()
+        self.rename_logs.close()
         if self.resolver.attr_cache is not None:
             self.resolver.attr_cache.close()
 
