@@ -414,6 +414,20 @@ def test_an_upload_a_crash_left_is_aborted_at_the_next_mount_and_another_clients
         m.cleanup()
 
 
+def _kill_during_mv(m: Mount, oss_server, src: str, dst: str, until) -> None:
+    """`mv src dst` in ``m``, and kill -9 its daemon once ``until()`` is true (within 60 s,
+    while `mv` runs); the server's faults are cleared then, and `mv` has failed."""
+    mv = subprocess.Popen(["mv", m.path(src), m.path(dst)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not until():
+        assert time.monotonic() < deadline and mv.poll() is None
+        time.sleep(0.02)
+    m.kill9()
+    mv.wait(timeout=30)
+    oss_server.faults.clear()
+    assert mv.returncode != 0
+
+
 def _uploaded_tree(m: Mount, n: int) -> dict[str, bytes]:
     """Start ``m`` with a directory ``tree`` of ``n`` small files in the bucket, remounted (its
     names and versions read from the store); returns name → content."""
@@ -438,15 +452,7 @@ def test_a_directory_rename_a_kill_cuts_off_is_undone_at_the_next_mount(tmp_path
     try:
         files = _uploaded_tree(m, 60)
         oss_server.faults.latency(0.05)  # each copy takes a while: the kill comes between them
-        mv = subprocess.Popen(["mv", m.path("tree"), m.path("moved")], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not any(k.startswith("moved/") for k in m.keys()):
-            assert time.monotonic() < deadline and mv.poll() is None
-            time.sleep(0.02)
-        m.kill9()
-        mv.wait(timeout=30)
-        oss_server.faults.clear()
-        assert mv.returncode != 0
+        _kill_during_mv(m, oss_server, "tree", "moved", lambda: any(k.startswith("moved/") for k in m.keys()))
         assert any(k.startswith("moved/") for k in m.keys())  # both trees, as the trial saw
         m.start()
         assert sorted(os.listdir(m.path("tree"))) == sorted(files) and not os.path.exists(m.path("moved"))
@@ -498,15 +504,9 @@ def test_a_file_rename_a_kill_cuts_off_after_its_copy_is_finished_at_the_next_mo
         m.start()
         assert m.keys() == ["src.bin"]
         oss_server.faults.add(status=503, count=None, methods=("DELETE",), key_prefix="src.bin")
-        mv = subprocess.Popen(["mv", m.path("src.bin"), m.path("dst.bin")], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not oss_server.requests_for(method="DELETE", key="src.bin"):  # the copy landed; the DELETE retries
-            assert time.monotonic() < deadline and mv.poll() is None
-            time.sleep(0.02)
-        m.kill9()
-        mv.wait(timeout=30)
-        oss_server.faults.clear()
-        assert mv.returncode != 0
+        # killed once the copy landed and the DELETE retries
+        _kill_during_mv(m, oss_server, "src.bin", "dst.bin", lambda: oss_server.requests_for(method="DELETE",
+                                                                                            key="src.bin"))
         assert m.keys() == ["dst.bin", "src.bin"]  # both names, as before the fix
         m.start()
         assert os.listdir(m.path()) == ["dst.bin"]
