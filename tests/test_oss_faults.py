@@ -520,3 +520,39 @@ def test_a_file_rename_a_kill_cuts_off_after_its_copy_is_finished_at_the_next_mo
         assert os.listdir(os.path.join(m.cache, "renames")) == [] and m.keys() == ["again.bin"]
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ossfuse\.daemon: left the rename of 'a' to 'b' that an earlier run left unfinished",
+                        r"ossfuse\.daemon: found 1 journaled file", r"ossfuse\.store\.oss: OSS")
+def test_an_empty_files_rename_whose_copy_never_landed_keeps_the_targets_unsaved_changes(tmp_path, cmk_path,
+                                                                                        oss_server):
+    """Every encrypted empty object has the same ETag on OSS (the MD5 of nothing). A trial
+    renamed empty 'a' over empty 'b', whose new contents were closed but not uploaded, killed
+    the daemon while the copy failed (it never landed), and the next mount took b's old
+    object for a's copy: 'a' deleted, b's contents gone. The wrapped data key tells them
+    apart now: nothing changes."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("upload_delay = 0")
+    try:
+        m.start()
+        for name in ("a", "b"):
+            open(m.path(name), "wb").close()
+        assert m.stop() == 0
+        m.write_config("upload_delay = 3600")
+        m.start()
+        with open(m.path("b"), "wb") as f:
+            f.write(b"PRECIOUS unsaved content of b")
+        # the copy is answered 503 after 2 s: the kill comes while it waits, and it never lands
+        oss_server.faults.add(status=503, count=None, methods=("PUT",), key_prefix="b")
+        oss_server.faults.latency(2.0)
+        oss_server.clear_requests()
+        _kill_during_mv(m, oss_server, "a", "b", lambda: oss_server.requests_for(method="PUT", key="b"))
+        m.start()
+        assert sorted(os.listdir(m.path())) == ["a", "b"]
+        assert open(m.path("a"), "rb").read() == b""
+        assert open(m.path("b"), "rb").read() == b"PRECIOUS unsaved content of b"
+        assert "left the rename of 'a' to 'b' that an earlier run left unfinished (a crash) as it was" in m.log()
+        assert m.stop() == 0
+        assert m.keys() == ["a", "b"]
+    finally:
+        m.cleanup()

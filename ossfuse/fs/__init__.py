@@ -172,7 +172,7 @@ class Filesystem:
     async def settle_renames(self) -> list[str]:
         """Undo or finish the renames a crash of an earlier run cut off (call it after
         :meth:`recover`, before serving: fs/renames.py); returns a notice per rename."""
-        return await renames.settle(self.rename_logs, self.store, self.naming, self.namespace.move_recovered)
+        return await renames.settle(self.rename_logs, self.store, self.naming, self.namespace)
 
     async def abort_orphaned_uploads(self) -> int:
         """Abort the unfinished multipart uploads an earlier run of this cache dir began (left

@@ -1026,11 +1026,25 @@ class Namespace:
         log.info("rename of %r to %r failed; its copies were taken back%s", rlog.source, rlog.target,
                  f" but {kept} (changed since)" if kept else "")
 
-    def move_recovered(self, rlog: RenameLog) -> None:
+    def finish_later(self, rlog: RenameLog, originals: dict[str, str]) -> None:
+        """Finish rename ``rlog`` a crash cut off, whose copies are logged as landed, while the
+        store fails (fs/renames.py): ``originals`` (key → ETag) become pending deletes, as when
+        a rename's DELETEs fail (hidden now, deleted once the store answers; a newer version at
+        such a key is left alone), and the journal's files move (:meth:`move_recovered`).
+        Before the mount serves. Raises OSError (the cache disk), FsError (the journal)."""
+        for key, etag in originals.items():
+            self.deferred.record(key, etag, ready=True, fsync=False)
+        if not rlog.file:
+            self.deferred.note_removed_dir(self.naming.dir_key(rlog.source))
+        rlog.deleting = True
+        self.move_recovered(rlog)
+
+    def move_recovered(self, rlog: RenameLog) -> int:
         """The files the journal recovered at or below ``rlog.source`` move to ``rlog.target``:
-        the rename a crash cut off after its copies is finished (fs/renames.py). As in
-        :meth:`_copy_and_delete`, a recovered version that replaces an object copied there now
-        replaces the copy. Before the mount serves; raises FsError (ENOSPC: the journal)."""
+        the rename a crash cut off after its copies is finished (fs/renames.py); returns how
+        many. As in :meth:`_copy_and_delete`, a recovered version that replaces an object
+        copied there now replaces the copy. Before the mount serves; raises FsError (ENOSPC:
+        the journal)."""
         old_path, dst_path = rlog.source, rlog.target
         key_of = self.naming.key if rlog.file else self.naming.dir_key
         old_dkey, new_dkey = key_of(old_path), key_of(dst_path)
@@ -1049,6 +1063,7 @@ class Namespace:
                 self.commit.conflicts.replaces(n, copy)
             self.inodes.move(n, n.path, dst_path + n.path[len(old_path):], renamed=False)
             self.commit.rejournal(n)
+        return len(moving)
 
     async def _copy_and_delete(self, src: Node, old_path: str, dst_path: str, dst: Node | None,
                                affected: list[Node], keys: dict[str, ObjectInfo], rlog: RenameLog) -> None:

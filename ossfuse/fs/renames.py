@@ -14,16 +14,21 @@ fsynced (docs/design.md "Durability": a crash of the daemon keeps it, a power lo
    a trial found such copies left behind);
 3. ``{"deleting": true}`` once every copy has landed;
 
-and the log goes when the rename is done in memory too. A torn last line is ignored.
+and the log goes when the rename is done in memory too. Each line is written whole by one
+``write(2)`` and starts with its newline, so a line torn by a full disk or a crash stands
+alone: the reader skips it.
 
 A log without line 3 is **undone** (:func:`undo`): at once by the rename itself when a copy
 fails, else by the next mount: each copy whose original is still the logged version is
 deleted (a logged copy by its ETag; one sent but not logged only if it is the same object as
-the original: same ETag, or the same wrapped data key), and a replaced empty directory's
+the original: the same wrapped data key, :func:`_same_object`), and a replaced empty directory's
 marker is put back. A log with line 3 is **finished** by the next mount: each original is
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
 does this before it serves (:func:`settle`). Either way no object is left at neither name.
+When the store fails the next mount, a rename whose copies are all logged is finished
+anyway: its originals become pending deletes (hidden at once, deleted once the store
+answers: ``Namespace.finish_later``); others keep their log for the mount after.
 
 A **file** rename of a committed version (``Namespace._move_file``: one copy, then one
 delete) keeps the same lines, its header marked ``"file": true``, with no line 3: the rename
@@ -31,13 +36,15 @@ is done once its copy has landed. File renames are many and short, and creating 
 a file costs ~0.4 ms on an ext4 cache disk (twice the rename itself on a local bucket), so
 they share one log per run, ``<cache dir>/renames/files-<random>.log``: each line carries
 the rename's ``"id"``, and ``{"id": …, "end": true}`` closes it; the file is emptied when no
-file rename is under way and it has grown past 64 KiB, and removed at unmount. The next mount **finishes** it when the copy is at the new
-name (the logged ETag; an unlogged one if it is the original's copy, as above): the original
-is deleted (if still the logged version) and the journal's version of the file moves to the
-new name; a journaled version of the file the rename replaced goes, as the rename dropped it
-(``drop_at_target``: only when the copy was not logged, since the rename drops it in the
-same step that logs the copy). Else nothing had changed, and the log goes. A trial: a crash
-between the copy and the delete left the file at both names.
+file rename is under way and it has grown past 64 KiB, and removed at unmount. The next
+mount **finishes** a file rename when its copy is at the new name (the logged ETag; an
+unlogged one only if it is the original's copy, as above): the original is deleted if it is
+still the version copied and the same object as the copy (an empty object's ETag is every
+empty object's: a trial lost a file's unsaved changes to that), and the journal's version of
+the file moves to the new name; a journaled version of the file the rename replaced goes,
+as the rename dropped it (``drop_at_target``: only when the copy was not logged, since the
+rename drops it in the same step that logs the copy). Else nothing had changed, and the log
+goes. A trial: a crash between the copy and the delete left the file at both names.
 """
 from __future__ import annotations
 
@@ -49,7 +56,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import Callable, Protocol
 
 from .. import envelope as env
 from ..aio import run_all
@@ -86,16 +93,18 @@ class RenameLog:
     deleting: bool = False
     drop_at_target: bool = False
     id: str | None = None
-    _file: TextIO | None = None  # open while this run's rename goes on (a shared log: not its own)
+    _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
 
     def _append(self, rec: dict) -> None:
-        f = self._file
-        assert f is not None
+        """Write ``rec`` as one line (module doc). Raises OSError, also for a short write."""
+        assert self._fd is not None
         if self.id is not None:
             rec = {"id": self.id, **rec}
-        f.write(json.dumps(rec) + "\n")
-        f.flush()  # to the kernel: a crash of the daemon keeps it (not fsynced: module doc)
+        data = ("\n" + json.dumps(rec)).encode()
+        # to the kernel at once: a crash of the daemon keeps it (not fsynced: module doc)
+        if os.write(self._fd, data) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
 
     def copying(self, key: str) -> None:
         """The copy to ``key`` is about to be sent. Raises OSError (the cache disk): the copy
@@ -132,7 +141,7 @@ class RenameLogs:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.left: list[RenameLog] = []
         self._left_shared: dict[str, set[str]] = {}  # an earlier run's shared log → ids not settled yet
-        self._shared: TextIO | None = None  # this run's shared log, opened at the first file rename
+        self._shared: int | None = None  # fd of this run's shared log, opened at the first file rename
         self._shared_path = ""
         self._ids = itertools.count(1)
         self._open_ids: set[str] = set()  # this run's file renames begun and not ended (or left)
@@ -166,9 +175,9 @@ class RenameLogs:
         if file:
             return self._begin_shared(source, target, objects)
         path = os.path.join(self.dir, uuid.uuid4().hex + ".log")
-        entry = RenameLog(path, source, target, dict(objects), replaced, file)
+        entry = RenameLog(path, source, target, dict(objects), replaced)
         try:
-            entry._file = open(path, "x", encoding="utf-8")
+            entry._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
             entry._append({"from": source, "to": target, "objects": objects, "replaced": replaced})
         except OSError as e:
             self.end(entry)  # (closes and removes what was made)
@@ -181,10 +190,11 @@ class RenameLogs:
         try:
             if self._shared is None:
                 self._shared_path = os.path.join(self.dir, f"{SHARED_PREFIX}{uuid.uuid4().hex}.log")
-                self._shared = open(self._shared_path, "a", encoding="utf-8")
+                self._shared = os.open(self._shared_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                       0o600)
             rid = str(next(self._ids))
             entry = RenameLog(self._shared_path, source, target, dict(objects), None, True, id=rid,
-                              _file=self._shared)
+                              _fd=self._shared)
             entry._append({"from": source, "to": target, "objects": objects, "file": True})
         except OSError as e:
             log.error("cannot rename %r: its rename log %s cannot be written: %s", source, self._shared_path, e)
@@ -204,42 +214,48 @@ class RenameLogs:
             if not pending:
                 del self._left_shared[entry.path]
                 _unlink(entry.path)
-        elif entry._file is not None:
+        elif entry._fd is not None:
             self._open_ids.discard(entry.id)
             try:
                 entry._append({"end": True})
-                if not self._open_ids and os.fstat(entry._file.fileno()).st_size > SHARED_TRUNCATE:
-                    entry._file.truncate(0)  # no rename in it is under way: none is lost
+                if not self._open_ids and os.fstat(entry._fd).st_size > SHARED_TRUNCATE:
+                    os.ftruncate(entry._fd, 0)  # no rename in it is under way: none is lost
             except OSError as e:  # the next mount settles it again (finds it done: nothing to do)
                 log.warning("rename log %s: cannot note the end of the rename of %r (%s)", entry.path,
                             entry.source, e)
-            entry._file = None
+            entry._fd = None
 
     def leave(self, entry: RenameLog) -> None:
         """The rename failed (the store) or was cut off: its log stays for the next mount to
         settle (a shared log's lines too: it is not emptied in this run any more)."""
-        f = entry._file
-        if f is not None:
+        if entry._fd is not None:
             if entry.id is None:
-                f.close()
-            entry._file = None
+                os.close(entry._fd)
+            entry._fd = None
 
     def close(self) -> None:
         """Unmount (or a crash in the tests): this run's shared log goes, unless a rename in
         it was left for the next mount."""
         if self._shared is not None:
-            self._shared.close()
+            os.close(self._shared)
             self._shared = None
             if not self._open_ids:
                 _unlink(self._shared_path)
 
 
-def _read(path: str) -> RenameLog | None:
-    """The log at ``path`` (a torn last line ignored); None when its header cannot be read."""
+def _lines(path: str) -> list[str] | None:
+    """The non-empty lines of the log at ``path``; None when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+            return [line for line in f.read().split("\n") if line]
     except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read(path: str) -> RenameLog | None:
+    """The log at ``path`` (a torn line skipped); None when its header cannot be read."""
+    lines = _lines(path)
+    if not lines:
         return None
     try:
         head = json.loads(lines[0])
@@ -251,7 +267,7 @@ def _read(path: str) -> RenameLog | None:
         try:
             rec = json.loads(line)
         except ValueError:
-            break  # torn by the crash: nothing after it was written
+            continue  # torn (a crash, a full disk): it stands alone
         if isinstance(rec, dict):
             _apply(entry, rec)
     return entry
@@ -270,14 +286,13 @@ def _apply(entry: RenameLog, rec: dict) -> None:
 
 def _read_shared(path: str) -> list[RenameLog] | None:
     """The file renames of shared log ``path`` that were not ended (module doc); None when it
-    cannot be read. A line that does not parse is skipped: each line stands alone (only the
-    last can be torn)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError):
+    cannot be read, or none of its lines is one (a line that does not parse is skipped: each
+    stands alone)."""
+    lines = _lines(path)
+    if lines is None:
         return None
     entries: dict[str, RenameLog] = {}
+    good = 0
     for line in lines:
         try:
             rec = json.loads(line)
@@ -288,16 +303,20 @@ def _read_shared(path: str) -> list[RenameLog] | None:
         rid = rec["id"]
         if "from" in rec:
             try:
-                entries[rid] = RenameLog(path, str(rec["from"]), str(rec["to"]),
-                                         {str(k): str(v) for k, v in dict(rec["objects"]).items()}, None, True,
-                                         id=rid)
+                objects = {str(k): str(v) for k, v in dict(rec["objects"]).items()}
+                if len(objects) != 1:
+                    continue  # a file rename copies one object
+                entries[rid] = RenameLog(path, str(rec["from"]), str(rec["to"]), objects, None, True, id=rid)
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         elif rec.get("end") is True:
             entries.pop(rid, None)
         elif rid in entries:
             _apply(entries[rid], rec)
-    return list(entries.values())
+        else:
+            continue
+        good += 1
+    return list(entries.values()) if good or not lines else None
 
 
 def _unlink(path: str) -> None:
@@ -309,80 +328,134 @@ def _unlink(path: str) -> None:
         log.error("cannot remove rename log %s (%s): remove it by hand before the next mount", path, e)
 
 
-async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming,
-                 move_recovered: Callable[[RenameLog], None]) -> list[str]:
+async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: RecoveredFiles) -> list[str]:
     """Undo or finish each rename an earlier run left (module doc), before the mount serves;
-    ``naming``: the mount's path → key mapping; ``move_recovered(entry)``: move the journal's
-    files at or below ``entry.source`` to ``entry.target`` (finished renames). Returns one
-    notice per rename settled (the caller logs them: WARNING). A rename the store fails to
-    settle keeps its log (tried again at the next mount), logged."""
+    ``naming``: the mount's path → key mapping; ``files``: the journal's files and the pending
+    deletes (``Namespace``). Returns one notice per rename settled (the caller logs them:
+    WARNING). A rename the store fails to settle is finished anyway when its copies are
+    logged (:meth:`RecoveredFiles.finish_later`), else keeps its log (tried again at the next
+    mount), logged; a log that makes no sense is removed, logged."""
     notices = []
     for entry in list(logs.left):
         old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
+        what = f"the rename of {entry.source!r} to {entry.target!r} that an earlier run left unfinished"
+        notice: str | None
         try:
             if entry.file:
-                what = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target),
-                                          move_recovered)
+                notice = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target), files)
             elif entry.deleting:
                 kept = await _finish(store, entry, old, new)
-                move_recovered(entry)
-                what = (f"finished the rename of {entry.source!r} to {entry.target!r} that an earlier run left "
-                        "unfinished (a crash)"
-                        + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
-                           if kept else ""))
+                files.move_recovered(entry)
+                notice = (f"finished {what} (a crash)"
+                          + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
+                             if kept else ""))
             else:
                 kept = await undo(store, entry, naming.dir_key)
-                what = (f"undid the rename of {entry.source!r} to {entry.target!r} that an earlier run left "
-                        "unfinished (a crash, or the store failing; the `mv` had failed)"
-                        + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
-                           "is gone)" if kept else ""))
+                notice = (f"undid {what} (a crash, or the store failing; the `mv` had failed)"
+                          + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
+                             "is gone)" if kept else ""))
         except (StoreError, FsError) as e:
-            log.error("the rename of %r to %r that an earlier run left unfinished cannot be settled now (%s); "
-                      "tried again at the next mount", entry.source, entry.target, e)
-            continue
-        notices.append(what)
+            originals = _logged_originals(entry, naming)
+            if originals is None:
+                log.error("%s cannot be settled now (%s); tried again at the next mount", what, e)
+                continue
+            try:
+                files.finish_later(entry, originals)
+            except (OSError, FsError) as err:
+                log.error("%s cannot be settled now (%s, and the cache disk: %s); tried again at the next mount",
+                          what, e, err)
+                continue
+            notice = (f"finished {what} (a crash); the store failed ({e}): the original(s) are hidden and "
+                      "deleted once it answers")
+        except Exception as e:  # a log no crash can write (edited, or a bug): it would stop every mount
+            log.error("rename log %s makes no sense (%s: %s); removed, %s is left as it is", entry.path,
+                      type(e).__name__, e, what)
+            notice = None
+        if notice is not None:
+            notices.append(notice)
         logs.left.remove(entry)
         logs.end(entry)
     return notices
 
 
+class RecoveredFiles(Protocol):
+    """What :func:`settle` needs of the namespace (``Namespace`` is one)."""
+
+    def move_recovered(self, rlog: RenameLog) -> int:
+        """Move the journal's files at or below ``rlog.source`` to ``rlog.target``; how many."""
+
+    def finish_later(self, rlog: RenameLog, originals: dict[str, str]) -> None:
+        """Finish ``rlog`` with its ``originals`` (key → ETag) as pending deletes."""
+
+
+def _logged_originals(entry: RenameLog, naming: Naming) -> dict[str, str] | None:
+    """The originals a rename the store fails to settle can be finished with (their copies
+    all logged as landed: a file's one copy; a directory's after line 3, those whose copy is
+    logged), or None when it cannot be finished without the store."""
+    if entry.file:
+        old, new = naming.key(entry.source), naming.key(entry.target)
+        return {old: entry.objects[old]} if new in entry.copied and old in entry.objects else None
+    if not entry.deleting:
+        return None
+    old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
+    return {k: e for k, e in entry.objects.items() if new + k[len(old):] in entry.copied}
+
+
 async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
-                       move_recovered: Callable[[RenameLog], None]) -> str:
+                       files: RecoveredFiles) -> str | None:
     """Finish file rename ``entry`` (``old`` key to ``new``) if its copy landed, else leave
-    it undone (module doc); returns the notice. Raises StoreError, FsError."""
+    it as it was (module doc); returns the notice, None when there was nothing to do (the
+    copy was never sent; or the rename was done, its original gone and nothing journaled to
+    move). Raises StoreError, FsError; KeyError for a log whose object is not ``old``."""
+    etag = entry.objects[old]
     what = f"the rename of {entry.source!r} to {entry.target!r} that an earlier run left unfinished (a crash)"
-    there = await store.head(new) if new in entry.started else None
+    if new not in entry.started:
+        return None  # cut off before its copy was sent: nothing changed
+    there, original = await store.head(new), await store.head(old)
     logged = entry.copied.get(new)
-    if there is not None and logged is None:  # sent, the answer lost: the rename's if it is the original's copy
-        original = await store.head(old)
-        landed = entry.drop_at_target = original is not None and _same_object(there, original)
-    else:
-        landed = there is not None and same_etag(there.etag, logged)
-    if there is None or not landed:
-        return f"left {what} as it was: its copy is not at the new name (never landed, or changed since)"
-    entry.copied[new] = there.etag
-    entry.deleting = True
+    left = f"left {what} as it was: its copy is not at the new name (never landed, or changed since)"
+    if there is None or (logged is not None and not same_etag(there.etag, logged)):
+        return left
     kept = False
-    try:
-        await delete_version(store, old, entry.objects[old])
-    except FsError as e:
-        if e.errno != errno.ESTALE:
-            raise
-        kept = True  # a newer version at the old name: kept (logged)
-    move_recovered(entry)
+    if original is None:  # deleted by the crashed run (or another client) after the copy landed
+        if logged is None:
+            return left  # cannot tell whether what is at the new name is its copy
+    elif same_etag(original.etag, etag):
+        if not _same_object(there, original):
+            return left  # what is at the new name is not its copy (an empty object's ETag is every one's)
+        try:
+            await delete_version(store, old, etag)
+        except FsError as e:
+            if e.errno != errno.ESTALE:
+                raise
+            kept = True  # a newer version at the old name since the HEAD: kept (logged)
+    elif logged is None:
+        return left  # the original changed and the copy is not logged: cannot tell it is the copy
+    else:
+        kept = True  # the copy landed, then another client wrote the old name: theirs stays
+    entry.drop_at_target = logged is None
+    entry.deleting = True
+    moved = files.move_recovered(entry)
+    if original is None and not moved:
+        return None  # the rename was done; only its log's end was not noted
     return f"finished {what}" + ("; a newer version stays at the old name" if kept else "")
 
 
 async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> int:
-    """Delete each original whose logged copy is still at the new name; returns how many stay."""
+    """Delete each original whose logged copy is still at the new name (and is its copy:
+    :func:`_same_object`); returns how many stay."""
     kept = 0
 
     async def one(key: str, etag: str) -> None:
         nonlocal kept
         copy = entry.copied.get(new + key[len(old):])
         there = await store.head(new + key[len(old):]) if copy is not None else None
-        if there is None or not same_etag(there.etag, copy):
-            kept += (await store.head(key)) is not None
+        original = await store.head(key)
+        if original is None:
+            return
+        if there is None or not same_etag(there.etag, copy) or (same_etag(original.etag, etag)
+                                                                and not _same_object(there, original)):
+            kept += 1
             return
         try:
             await delete_version(store, key, etag)
@@ -430,9 +503,11 @@ async def undo(store: ObjectStore, entry: RenameLog, dir_key: Callable[[str], st
 
 
 def _same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
-    """Whether ``a`` is a copy of ``b``: the same ETag (OSS's CopyObject keeps it), or the same
-    wrapped data key (unique to one encrypted object; a CopyObject keeps the metadata)."""
-    if same_etag(a.etag, b.etag):
-        return True
-    key = a.metadata.get(env.H_KEY)
-    return key is not None and key == b.metadata.get(env.H_KEY)
+    """Whether ``a`` is a copy of ``b``: the same wrapped data key (unique to one encrypted
+    object; a CopyObject keeps the metadata); for objects with none (not encrypted), the same
+    ETag (OSS's CopyObject keeps it). Not the ETag alone for encrypted objects: every empty
+    object's is the MD5 of nothing (a trial: an empty file was taken for another's copy)."""
+    ka, kb = a.metadata.get(env.H_KEY), b.metadata.get(env.H_KEY)
+    if ka is not None or kb is not None:
+        return ka == kb
+    return same_etag(a.etag, b.etag)
