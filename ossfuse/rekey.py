@@ -33,7 +33,10 @@ from .config import CmkConfig, Config
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
 from .store.base import ObjectInfo, ObjectStore, StoreError
 from .store.credentials import CredentialsError
-from .upload import Uploader
+from .registry import process_alive, process_start_ticks
+from .store.base import NoSuchKey
+from .writeback.ledger import MultipartLedger
+from .writeback.upload import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class RekeySummary:
     other_cmk: int = 0  # skipped: not wrapped by --from
     plaintext: int = 0  # no envelope (directory markers not counted)
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to rekey
+    aborted_uploads: int = 0  # unfinished multipart uploads of an interrupted earlier run, aborted
     failed: list[str] = field(default_factory=list)
     # "key (ETag E): why" of objects failing their integrity tags: left as they are, never
     # re-saved under the new CMK (that would launder the damage into a fresh, valid-looking copy)
@@ -65,6 +69,9 @@ class RekeySummary:
                  f"skipped, not encrypted: {self.plaintext}",
                  f"skipped, directory markers: {self.dir_markers}",
                  f"failed: {len(self.failed)}"]
+        if self.aborted_uploads:
+            lines.insert(0, f"aborted {self.aborted_uploads} unfinished multipart upload(s) an interrupted "
+                            "earlier rekey left")
         lines += [f"  {f}" for f in self.failed]
         if dry_run:  # a dry run reads no object's content: damage shows in the real run
             lines.append("skipped, damaged: not checked in a dry run (contents are not read; "
@@ -166,9 +173,19 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
     if reason:
         raise RekeyRefused(reason)
     m = cfg.mount
-    uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
-                        part_workers=m.part_workers)
     summary = RekeySummary()
+    ledger = None
+    if not dry_run:  # an object streamed as a multipart upload: a kill leaves its parts billed
+        try:
+            ledger = MultipartLedger(cfg.cache.dir, "rekey-multipart", {"pid": os.getpid(),
+                                                                       "start": process_start_ticks()})
+        except OSError as e:
+            log.warning("cannot keep a multipart ledger in %s (%s): if this rekey is killed while it streams "
+                        "an object, its parts stay in the bucket until aborted", cfg.cache.dir, e)
+        else:
+            summary.aborted_uploads = await abort_interrupted_uploads(store, ledger)
+    uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
+                        part_workers=m.part_workers, ledger=ledger)
     rel = path_below_root(path) or ""
     async for listed in objects_at(cfg, store, rel, lambda key, e: summary.failed.append(f"{key}: {e}")):
         try:
@@ -186,6 +203,32 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
         # writes made only to the kernel): a finished rekey survives a power loss
         await store.sync()
     return summary
+
+
+async def abort_interrupted_uploads(store: ObjectStore, ledger: MultipartLedger) -> int:
+    """Abort the multipart uploads an earlier rekey of this cache dir began and never ended
+    (killed while streaming an object: OSS bills the parts until aborted), except those of a
+    rekey still running (its process, by pid and start time). Returns how many; a failure is
+    logged and kept for the next run."""
+    aborted = 0
+    for upload_id, key in list(ledger.left.items()):
+        owner = ledger.owners.get(upload_id, {})
+        pid, start = owner.get("pid"), owner.get("start")
+        if isinstance(pid, int) and process_alive(pid) and process_start_ticks(pid) == start:
+            continue  # another rekey, running now
+        try:
+            await store.abort_multipart(key, upload_id)
+        except NoSuchKey:  # (NoSuchUpload) ended meanwhile
+            pass
+        except StoreError as e:
+            log.error("abort of unfinished multipart upload %s of %r (an interrupted rekey's) failed: %s",
+                      upload_id, key, e)
+            continue
+        else:
+            aborted += 1
+            log.warning("aborted unfinished multipart upload %s of %r left by an interrupted rekey", upload_id, key)
+        ledger.ended(upload_id)
+    return aborted
 
 
 async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyring: Keyring, uploader: Uploader,
@@ -355,6 +398,7 @@ class VerifySummary:
     untagged_bytes: int = 0
     plaintext: int = 0  # no envelope (tag lists, foreign plaintext; directory markers not counted)
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to verify
+    aborted_uploads: int = 0  # unfinished multipart uploads of an interrupted earlier run, aborted
     failed: list[str] = field(default_factory=list)  # "key (ETag E): why"
 
     def render(self) -> str:

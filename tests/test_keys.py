@@ -712,3 +712,82 @@ def test_rekey_ends_with_the_store_durability_barrier(tmp_path, cmk_path, other_
         done = await rekey(cfg, store, keyring, from_id=None, to_id="b", dry_run=False)
         assert (done.changed, done.failed, syncs) == (1, [], [1])
     trio.run(main)
+
+
+def test_a_killed_rekey_leaves_no_multipart_upload_behind(tmp_path, cmk_path, other_cmk_path, oss_server):
+    """Rekey streams an object above the multipart threshold as a multipart upload; a rekey
+    killed before CompleteMultipartUpload left its parts in the bucket, billed, for good. The
+    next rekey run aborts exactly those (its ledger, ``<cache>/rekey-multipart``), says so,
+    and rekeys the object; an upload another process began is left alone."""
+    import subprocess
+    from conftest import OSSFUSE
+    m = Mount(str(tmp_path / "m"), cmk_path, "multipart_threshold = 204800\npart_size = 102400",
+              server=oss_server, extra=_two_rsa_cmks(other_cmk_path, 'matdesc = { cmk = "b" }'))
+    data = os.urandom(300_007)
+    m.start()
+    try:
+        with open(m.path("big"), "wb") as f:
+            f.write(data)
+    finally:
+        assert m.stop() == 0
+    theirs = conftest.run_sync(m.store.create_multipart, "big", {})  # another client's upload of the same key
+    oss_server.faults.add(status=503, count=None, methods=("POST",), query="uploadId")  # no Complete lands
+    oss_server.clear_requests()
+    rekey = subprocess.Popen(OSSFUSE + ["rekey", "-c", m.config, "--to", "b"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=m.env)
+    deadline = time.monotonic() + 60
+    while not [r for r in oss_server.requests_for(method="POST") if "uploadId" in r.query]:
+        assert time.monotonic() < deadline and rekey.poll() is None
+        time.sleep(0.02)
+    rekey.kill()
+    rekey.wait(timeout=30)
+    oss_server.faults.clear()
+    assert oss_server.pending_uploads() == 2
+    r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b"], capture_output=True, text=True, env=m.env,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "aborted 1 unfinished multipart upload(s) an interrupted earlier rekey left" in r.stdout, r.stdout
+    assert "changed: 1 object(s)" in r.stdout, r.stdout
+    left = conftest.run_sync(m.store.list_multipart_uploads, "")
+    assert [(k, u) for k, u, _t in left] == [("big", theirs)]
+    conftest.run_sync(m.store.abort_multipart, "big", theirs)
+    assert os.listdir(os.path.join(m.cache, "rekey-multipart")) == []
+    assert crypto_bucket(m, rsa_provider(other_cmk_path, {"cmk": "b"})).get_object("big").read() == data
+
+
+@pytest.mark.expect_log(r"ossfuse\.rekey: aborted unfinished multipart upload u-(gone|reused) of 'key-u-")
+def test_rekey_aborts_only_the_uploads_of_rekeys_no_longer_running(tmp_path):
+    """A record of a rekey still running (its pid alive with the same start time) is kept; one
+    of a process gone, or of a pid reused by another process since, is aborted and forgotten."""
+    import trio
+
+    from ossfuse.registry import process_start_ticks
+    from ossfuse.rekey import abort_interrupted_uploads
+    from ossfuse.writeback.ledger import MultipartLedger
+
+    gone = subprocess_pid_gone()
+    owners = {"u-running": {"pid": os.getpid(), "start": process_start_ticks()},
+              "u-gone": {"pid": gone, "start": 1},
+              "u-reused": {"pid": os.getpid(), "start": (process_start_ticks() or 0) + 1}}
+    for upload_id, owner in owners.items():
+        MultipartLedger(str(tmp_path), "rekey-multipart", owner).started(f"key-{upload_id}", upload_id)
+
+    class Store:
+        aborted: list[tuple[str, str]] = []
+
+        async def abort_multipart(self, key, upload_id):
+            self.aborted.append((key, upload_id))
+
+    ledger = MultipartLedger(str(tmp_path), "rekey-multipart")
+    store = Store()
+    assert trio.run(abort_interrupted_uploads, store, ledger) == 2
+    assert sorted(store.aborted) == [("key-u-gone", "u-gone"), ("key-u-reused", "u-reused")]
+    assert MultipartLedger(str(tmp_path), "rekey-multipart").left == {"u-running": "key-u-running"}
+
+
+def subprocess_pid_gone() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -25,8 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "ossfuse.rekey")),
     ("adapter", ("ossfuse.fuse_ops",)),
     ("fs", ("ossfuse.fs",)),
-    # ``ossfuse.upload`` is a compatibility name for writeback.upload (rekey imports it)
-    ("writeback", ("ossfuse.writeback", "ossfuse.cache", "ossfuse.attrcache", "ossfuse.upload")),
+    ("writeback", ("ossfuse.writeback", "ossfuse.cache", "ossfuse.attrcache")),
     ("crypto", ("ossfuse.keyring", "ossfuse.kms", "ossfuse.cmk")),
     ("store", ("ossfuse.store",)),
     # the envelope format (pure: parsing, AES-CTR), its integrity tags, configuration, trio helpers
