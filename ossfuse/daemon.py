@@ -444,8 +444,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     notices += await fs.settle_renames()  # renames a crash cut off: undone or finished
     await fs.abort_orphaned_uploads()  # a crash's unfinished multipart uploads: OSS bills their parts
     if await fs.finish_unlinks():
-        notices.append("some files unlinked while open in an earlier run could not be deleted yet; "
-                       "tried again at the next mount")
+        notices.append("some objects whose delete an earlier run left (files unlinked while open, a rename's "
+                       "originals) could not be deleted yet; hidden, and tried again every retry_interval and at "
+                       "the next mount")
     if recovered:
         notices.append(f"found {recovered} journaled file(s) from an earlier run; queued for upload")
     for line in notices:
@@ -488,6 +489,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             life.state = "draining"
             notify_systemd("STOPPING=1")
             life.close_session()
+            # no kernel to tell any more: a conflict copy the drain makes must not notify it
+            # (pyfuse3 logged an ERROR and a traceback per conflict found at unmount: a trial)
+            fs.on_entry_moved(lambda parent_ino, name: None)
             if life.failure:
                 readiness.failed(life.failure)
             else:  # (nothing once ready was said)

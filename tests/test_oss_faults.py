@@ -556,3 +556,22 @@ def test_an_empty_files_rename_whose_copy_never_landed_keeps_the_targets_unsaved
         assert m.keys() == ["a", "b"]
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts: 'e\.bin' was (created|changed) by another client")
+def test_a_conflict_found_at_unmount_logs_one_warning_and_no_error(tmp_path, cmk_path, oss_server):
+    """An upload that finds another client's object at its name during the unmount's drain
+    makes a conflict copy: one WARNING. It also told the kernel, gone by then, that the name
+    moved: pyfuse3 logged an ERROR with a traceback for each (a trial)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("upload_delay = 3600")
+    try:
+        m.start()
+        with open(m.path("e.bin"), "wb") as f:
+            f.write(b"ours")
+        run_sync(m.store.put_bytes, "e.bin", b"theirs", {})
+        assert m.stop() == 0
+        assert sorted(k.split(".conflict-")[0] for k in m.keys()) == ["e", "e.bin"]
+        assert "invalidate_entry" not in m.log() and " ERROR " not in m.log()
+    finally:
+        m.cleanup()

@@ -371,7 +371,7 @@ def test_file_renames_share_one_log_that_keeps_the_unfinished_ones(tmp_path, mon
         logs.end(e)
     (name,) = os.listdir(tmp_path / "renames")
     assert os.path.getsize(tmp_path / "renames" / name) < 600  # 20 renames' lines are ~3 KB
-    assert renames._read_shared(str(tmp_path / "renames" / name)) == []
+    assert renames._read_log(str(tmp_path / "renames" / name)) == []
     logs.close()
     assert os.listdir(tmp_path / "renames") == []
 
@@ -481,3 +481,72 @@ def test_a_full_cache_disk_leaves_no_rename_to_settle_that_did_not_happen(tmp_pa
 
     trio.run(crash)
     trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.copying: copy of 'pre/d/f3' refused")
+def test_a_rename_failed_by_another_clients_rewrite_takes_back_every_copy(tmp_path, cmk_path):
+    """Another client rewrites two files while the directory is renamed: one after its copy
+    landed, one before (its copy is refused: ESTALE). Every copy is taken back, also the stale
+    one of the file rewritten after its copy (a trial: it stayed at the new name, and
+    coreutils' `mv`, retrying, moved the tree into that directory)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        await _tree(fs, "d")
+
+        async def rewrite(inner, op, keys):
+            await trio.sleep(0.1)  # the other copies land, f1's among them
+            for k in ("pre/d/f1", "pre/d/f3"):
+                await inner.put_bytes(k, b"theirs " + k.encode(), {})
+        fs.store.hook("copy", rewrite, key="pre/d/f3")
+        with pytest.raises(FsError) as e:
+            await fs.rename(fs.get(1), "d", fs.get(1), "e", 0)
+        assert e.value.errno == errno.ESTALE
+        assert await _keys(fs) == {"pre/d/", *(f"pre/d/{n}" for n in FILES)}
+        assert _logs(tmp_path) == []
+        assert await fs.store.inner.get_range("pre/d/f1", 0, 100) == b"theirs pre/d/f1"
+        await _crash(fs)
+
+    trio.run(main)
+
+
+NONSENSE = {
+    "nested": "\n" + "[" * 100_000 + "]" * 100_000,  # a RecursionError in json.loads stopped every mount
+    "duplicate id": '\n{"id": "1", "from": "c", "to": "d", "objects": {"pre/c": "E"}, "file": true}',
+    "to null": '\n{"id": "2", "from": "x", "to": null, "objects": {"pre/x": "E"}, "file": true}',
+    "line before its header": '\n{"id": "3", "copying": "pre/z"}',
+    "both kinds": '\n{"copying": "pre/b"}',
+    "unknown line": '\n{"id": "1", "renaming": true}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(NONSENSE))
+@pytest.mark.expect_log(r"ossfuse\.fs\.renames: rename log .* makes no sense")
+def test_a_rename_log_no_run_writes_is_removed_with_one_error_line(tmp_path, case):
+    """A trial edited logs by hand: a nested line stopped every mount (RecursionError), a
+    second header of one id replaced the first and a `"to": null` became the path "None",
+    both silently. Any line of a shape no run writes now makes the whole log one ERROR line,
+    and it goes."""
+    d = tmp_path / "renames"
+    d.mkdir()
+    (d / "files-x.log").write_text('\n{"id": "1", "from": "a", "to": "b", "objects": {"pre/a": "E"}, "file": true}'
+                                   '\n{"id": "1", "copying": "pre/b"}' + NONSENSE[case])
+    logs = RenameLogs(str(tmp_path))
+    assert logs.left == [] and os.listdir(d) == []
+
+
+def test_a_log_is_read_by_its_lines_not_by_its_name(tmp_path):
+    """A directory rename's log under a shared log's name, and a file rename's lines under a
+    directory log's name (a trial renamed them by hand: a whole tree was left at both names)
+    are read for what they are."""
+    d = tmp_path / "renames"
+    d.mkdir()
+    (d / "files-dir.log").write_text('{"from": "d", "to": "e", "objects": {"pre/d/": "E1", "pre/d/x": "E2"}, '
+                                     '"replaced": null}\n{"copying": "pre/e/x"}\n{"deleting": true}\n')
+    (d / "0123.log").write_text('\n{"id": "7", "from": "a", "to": "b", "objects": {"pre/a": "E"}, "file": true}'
+                                '\n{"id": "7", "copied": "pre/b", "etag": "C"}')
+    logs = RenameLogs(str(tmp_path))
+    got = {(e.source, e.target, e.file, e.deleting, tuple(sorted(e.started))) for e in logs.left}
+    assert got == {("d", "e", False, True, ("pre/e/x",)), ("a", "b", True, False, ("pre/b",))}
+    for e in list(logs.left):
+        logs.end(e)
+    assert os.listdir(d) == []

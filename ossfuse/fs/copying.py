@@ -76,6 +76,8 @@ async def _current(store: ObjectStore, key: str) -> ObjectInfo | None:
 
 
 def _log_stale(what: str, src: ObjectInfo, now: ObjectInfo | None) -> None:
-    log.error("%s of %r refused: this mount knows version %s, the bucket has %s (another client "
-              "changed it); nothing was written", what, src.key, src.etag,
-              "no object" if now is None else f"version {now.etag}")
+    # WARNING: another client's change, not a fault; the caller's ESTALE makes the kernel look
+    # the name up again and retry once (a rename then moves the version the bucket has)
+    log.warning("%s of %r refused: this mount knows version %s, the bucket has %s (another client "
+                "changed or deleted it); nothing was written (ESTALE)", what, src.key, src.etag,
+                "no object" if now is None else f"version {now.etag}")

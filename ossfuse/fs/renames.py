@@ -19,9 +19,10 @@ and the log goes when the rename is done in memory too. Each line is written who
 alone: the reader skips it.
 
 A log without line 3 is **undone** (:func:`undo`): at once by the rename itself when a copy
-fails, else by the next mount: each copy whose original is still the logged version is
-deleted (a logged copy by its ETag; one sent but not logged only if it is the same object as
-the original: the same wrapped data key, :func:`_same_object`), and a replaced empty directory's
+fails, else by the next mount: each copy whose original is still there is deleted (a
+logged copy by its ETag, also when another client rewrote the original since; one
+sent but not logged only if the original is still the logged version and the same object:
+the same wrapped data key, :func:`_same_object`), and a replaced empty directory's
 marker is put back. A log with line 3 is **finished** by the next mount: each original is
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
@@ -140,32 +141,25 @@ class RenameLogs:
         self.dir = os.path.join(cache_dir, "renames")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.left: list[RenameLog] = []
-        self._left_shared: dict[str, set[str]] = {}  # an earlier run's shared log → ids not settled yet
+        self._left_paths: dict[str, int] = {}  # an earlier run's log → how many of its renames are not settled
         self._shared: int | None = None  # fd of this run's shared log, opened at the first file rename
         self._shared_path = ""
         self._ids = itertools.count(1)
         self._open_ids: set[str] = set()  # this run's file renames begun and not ended (or left)
         for name in sorted(os.listdir(self.dir)):
             path = os.path.join(self.dir, name)
-            if name.startswith(SHARED_PREFIX):
-                entries = _read_shared(path)
-                if entries is None:
-                    log.warning("rename log %s cannot be read; removed (a file rename a crash cut off may have "
-                                "left the file at both names)", path)
-                    _unlink(path)
-                elif not entries:
-                    _unlink(path)
-                else:
-                    self.left += entries
-                    self._left_shared[path] = {e.id for e in entries if e.id is not None}
-                continue
-            got = _read(path)
-            if got is None:
-                log.warning("rename log %s cannot be read; removed (a directory rename a crash cut off may "
-                            "have left objects at both names)", path)
+            try:
+                entries = _read_log(path)
+            except Exception as e:  # (RecursionError of a nested line, too): it must not stop the mount
+                log.error("rename log %s makes no sense (%s); removed: a rename a crash cut off may have left "
+                          "objects at both names", path, e)
                 _unlink(path)
+                continue
+            if entries:
+                self.left += entries
+                self._left_paths[path] = len(entries)
             else:
-                self.left.append(got)
+                _unlink(path)
 
     def begin(self, source: str, target: str, objects: dict[str, str],
               replaced: dict[str, str] | None, *, file: bool = False) -> RenameLog:
@@ -205,15 +199,14 @@ class RenameLogs:
     def end(self, entry: RenameLog) -> None:
         """The rename is done (or settled): its log goes (a shared log's lines: once every
         rename in it is done)."""
-        if entry.id is None:
+        if entry.path in self._left_paths:  # an earlier run's, settled
+            self._left_paths[entry.path] -= 1
+            if not self._left_paths[entry.path]:
+                del self._left_paths[entry.path]
+                _unlink(entry.path)
+        elif entry.id is None:
             self.leave(entry)
             _unlink(entry.path)
-        elif entry.path in self._left_shared:  # an earlier run's, settled
-            pending = self._left_shared[entry.path]
-            pending.discard(entry.id)
-            if not pending:
-                del self._left_shared[entry.path]
-                _unlink(entry.path)
         elif entry._fd is not None:
             self._open_ids.discard(entry.id)
             try:
@@ -243,38 +236,73 @@ class RenameLogs:
                 _unlink(self._shared_path)
 
 
-def _lines(path: str) -> list[str] | None:
-    """The non-empty lines of the log at ``path``; None when it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line for line in f.read().split("\n") if line]
-    except (OSError, UnicodeDecodeError):
-        return None
+class _Nonsense(ValueError):
+    """A rename log no run writes (edited by hand, or damaged)."""
 
 
-def _read(path: str) -> RenameLog | None:
-    """The log at ``path`` (a torn line skipped); None when its header cannot be read."""
-    lines = _lines(path)
-    if not lines:
-        return None
+def _read_log(path: str) -> list[RenameLog]:
+    """The renames log ``path`` holds that were not ended: one rename's own log (lines without
+    ``"id"``) or a shared log of file renames (each line with its rename's), told apart by
+    their lines, not by the file's name. A line that does not parse is skipped: torn by a
+    crash or a full disk, it stands alone (module doc). Raises _Nonsense for a log no run
+    writes (a line of another shape, two headers of one rename, a line before its header,
+    both kinds of lines), OSError."""
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        head = json.loads(lines[0])
-        entry = RenameLog(path, str(head["from"]), str(head["to"]),
-                          {str(k): str(v) for k, v in dict(head["objects"]).items()}, head.get("replaced"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    for line in lines[1:]:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Nonsense("not UTF-8") from None
+    entries: dict[str | None, RenameLog] = {}
+    ended: set[str] = set()
+    kinds: set[bool] = set()
+    for line in text.split("\n"):
+        if not line:
+            continue
         try:
             rec = json.loads(line)
         except ValueError:
-            continue  # torn (a crash, a full disk): it stands alone
-        if isinstance(rec, dict):
-            _apply(entry, rec)
-    return entry
+            continue  # torn
+        except RecursionError:  # nested past Python's limit: no torn line is
+            raise _Nonsense("a line nested too deep") from None
+        if not isinstance(rec, dict):
+            raise _Nonsense(f"a line is not a JSON object: {line[:80]!r}")
+        rid = rec.get("id")
+        if rid is not None and not isinstance(rid, str):
+            raise _Nonsense(f"an id that is not a string: {rid!r}")
+        kinds.add(rid is None)
+        if len(kinds) > 1:
+            raise _Nonsense("lines with and without a rename's id")
+        if "from" in rec:
+            if rid in entries or rid in ended:
+                raise _Nonsense(f"two headers of rename {rid!r}")
+            entries[rid] = _header(path, rec, rid)
+        elif rid not in entries:
+            raise _Nonsense(f"a line before its rename's header: {line[:80]!r}")
+        elif rid is not None and rec.get("end") is True:
+            del entries[rid]
+            ended.add(rid)
+        else:
+            _apply(entries[rid], rec)
+    return list(entries.values())
+
+
+def _header(path: str, rec: dict, rid: str | None) -> RenameLog:
+    """The rename of header line ``rec`` in log ``path``. Raises _Nonsense."""
+    source, target, objects, replaced = rec.get("from"), rec.get("to"), rec.get("objects"), rec.get("replaced")
+    file = rec.get("file") is True
+    if not (isinstance(source, str) and isinstance(target, str) and isinstance(objects, dict)
+            and _str_dict(objects) and (replaced is None or _str_dict(replaced)) and (not file or len(objects) == 1)):
+        raise _Nonsense(f"a header of another shape: from {source!r}, to {target!r}")
+    return RenameLog(path, source, target, dict(objects), replaced, file, id=rid)
+
+
+def _str_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 def _apply(entry: RenameLog, rec: dict) -> None:
-    """Add line ``rec`` (after the header) to ``entry``."""
+    """Add line ``rec`` (after the header) to ``entry``. Raises _Nonsense."""
     if isinstance(rec.get("copying"), str):
         entry.started.add(rec["copying"])
     elif isinstance(rec.get("copied"), str) and isinstance(rec.get("etag"), str):
@@ -282,41 +310,8 @@ def _apply(entry: RenameLog, rec: dict) -> None:
         entry.started.add(rec["copied"])
     elif rec.get("deleting") is True:
         entry.deleting = True
-
-
-def _read_shared(path: str) -> list[RenameLog] | None:
-    """The file renames of shared log ``path`` that were not ended (module doc); None when it
-    cannot be read, or none of its lines is one (a line that does not parse is skipped: each
-    stands alone)."""
-    lines = _lines(path)
-    if lines is None:
-        return None
-    entries: dict[str, RenameLog] = {}
-    good = 0
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
-            continue
-        rid = rec["id"]
-        if "from" in rec:
-            try:
-                objects = {str(k): str(v) for k, v in dict(rec["objects"]).items()}
-                if len(objects) != 1:
-                    continue  # a file rename copies one object
-                entries[rid] = RenameLog(path, str(rec["from"]), str(rec["to"]), objects, None, True, id=rid)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-        elif rec.get("end") is True:
-            entries.pop(rid, None)
-        elif rid in entries:
-            _apply(entries[rid], rec)
-        else:
-            continue
-        good += 1
-    return list(entries.values()) if good or not lines else None
+    else:
+        raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 
 
 def _unlink(path: str) -> None:
@@ -483,12 +478,15 @@ async def undo(store: ObjectStore, entry: RenameLog, dir_key: Callable[[str], st
         if there is None:
             return  # never landed, or gone since
         original = await store.head(key) if key is not None else None
-        if original is None or not same_etag(original.etag, etag):
-            kept += 1
+        if original is None:
+            kept += 1  # the original is gone: the copy may be its only one
             return
-        if copy_etag is None and not _same_object(there, original):
-            kept += 1  # sent, not logged, and not a copy of the original: another client's
+        if copy_etag is None and not (same_etag(original.etag, etag) and _same_object(there, original)):
+            kept += 1  # sent, not logged, and not shown to be a copy of the original: maybe another client's
             return
+        # a logged copy goes even when another client rewrote its original since: the old
+        # name holds the newer version, and a stale copy left at the new name made coreutils'
+        # `mv`, retrying, move the tree into it (a trial)
         try:
             await delete_version(store, target, copy_etag or there.etag)
         except FsError as e:
