@@ -187,6 +187,17 @@ def parse_matdesc(raw: str) -> dict[str, str]:
     return matdesc
 
 
+def length_mismatch(metadata: dict[str, str], size: int) -> str | None:
+    """Why an object of ``size`` bytes (ciphertext: AES-CTR keeps the length) with user
+    ``metadata`` is not whole: it differs from the plaintext length the envelope states
+    (``client-side-encryption-unencrypted-content-length``, written by every SDK); None when
+    it agrees or states none."""
+    plain_len = metadata.get(H_PLAIN_LEN)
+    if plain_len is not None and plain_len.isdigit() and int(plain_len) != size:
+        return f"object has {size} bytes, its envelope says {plain_len}"
+    return None
+
+
 def is_encrypted(metadata: dict[str, str]) -> bool:
     """True if any envelope header is present, current or legacy (oss2's rule, oss2
     models.py:84-105,135-139, §2, §4.5)."""

@@ -107,6 +107,31 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
         assert f.read() == data
 
 
+@pytest.mark.expect_log(r"cannot open 'g': object has 5000 bytes, its envelope says 4000")
+def test_check_names_an_object_whose_envelope_states_another_length(make_mount):
+    """An object whose envelope states another plaintext length than its size is refused by
+    the mount (EIO): `check --verify` names it too (a trial: it counted it verified, its tags
+    being those of the bytes it has)."""
+    from conftest import run_sync
+    m = make_mount()
+    data = os.urandom(5000)
+    for name in ("f", "g"):
+        with open(m.path(name), "wb") as f:
+            f.write(data)
+    m.remount()  # uploaded
+    info = m.head("g")
+    body = run_sync(m.store.get_range, "g", 0, info.size)
+    run_sync(m.store.put_bytes, "g", body, {**info.metadata, "client-side-encryption-unencrypted-content-length": "4000"})
+    m.remount()
+    with pytest.raises(OSError) as e, open(m.path("g"), "rb") as f:
+        f.read()
+    assert e.value.errno == errno.EIO
+    r = check_verify(m)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"FAIL  g \(ETag \S+\): object has 5000 bytes, its envelope says 4000", r.stdout), r.stdout
+    assert "verified: 1 object(s), 5000 bytes" in r.stdout and "failed: 1" in r.stdout, r.stdout
+
+
 def test_multipart_uploads_and_rekey_keep_valid_tags(tmp_path, cmk_path, other_cmk_path, oss_server):
     """Tags of a multipart upload (computed at seal, before the parts go) are in the metadata
     given at initiate; ``ossfuse rekey`` rewraps the same data key and IV, so the header it

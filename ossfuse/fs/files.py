@@ -49,13 +49,9 @@ class _Unwrap:
 
 
 def _truncation(v: Version) -> TruncatedObject | None:
-    """Why ``v`` is not whole when its size differs from the plaintext length its envelope
-    states (``client-side-encryption-unencrypted-content-length``, written by every SDK); None
-    when it agrees or states none."""
-    plain_len = v.metadata.get(env.H_PLAIN_LEN)
-    if plain_len is not None and plain_len.isdigit() and int(plain_len) != v.size:
-        return TruncatedObject(f"object has {v.size} bytes, its envelope says {plain_len}")
-    return None
+    """Why ``v`` is not whole (:func:`envelope.length_mismatch`); None when it is."""
+    why = env.length_mismatch(v.metadata, v.size)
+    return TruncatedObject(why) if why is not None else None
 
 
 class Files:
