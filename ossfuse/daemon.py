@@ -317,6 +317,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     lock_fd = lock_cache_dir(cfg.cache.dir)
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
+    logging.getLogger("pyfuse3").addFilter(_undelivered_reply_is_info)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every stack to the log's stderr
     if not tune_malloc():
         log.debug("no glibc mallopt: malloc keeps its default thresholds")
@@ -572,6 +573,16 @@ def _warn_open_writers(fs: Filesystem, writers: list[tuple[Node, str, int]]) -> 
         else:
             log.warning("%r was open for writing at shutdown: stored the %d bytes written so far; its writer "
                         "never closed it", key, size)
+
+
+def _undelivered_reply_is_info(record: logging.LogRecord) -> bool:
+    """A logging filter for pyfuse3: its ERROR "fuse_reply_* failed with No such file or
+    directory" means the kernel no longer waited for that reply (the request was interrupted:
+    a reader killed while its read waited for the store, a trial; or the mount was gone): not
+    an error of the mount, so one INFO line."""
+    if record.levelno >= logging.ERROR and "fuse_reply_* failed with No such file or directory" in record.getMessage():
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
 
 
 async def _report_drain(fs: Filesystem, every: float = 5.0) -> None:

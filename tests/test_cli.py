@@ -404,9 +404,8 @@ def test_status_and_umount_of_a_mount_whose_daemon_died(mount):
 
 
 @pytest.mark.parametrize("store_kind", ["local"])
-# the close's RELEASE, queued by the kernel while the daemon was stopped, is answered after the
-# unmount: libfuse cannot deliver that reply (pyfuse3 logs it)
-@pytest.mark.expect_log(r"ERROR pyfuse3: fuse_release\(\): fuse_reply_\* failed with No such file or directory")
+# (the close's RELEASE, queued by the kernel while the daemon was stopped, is answered after the
+# unmount: libfuse cannot deliver that reply, an INFO line: daemon._undelivered_reply_is_info)
 def test_status_and_umount_of_a_daemon_that_does_not_answer(mount):
     """A daemon stopped (SIGSTOP): `status` says so after its socket timeout, and how to
     continue it; `status --prometheus` reports ossfuse_up 0; `umount --timeout 2` unmounts and

@@ -437,6 +437,21 @@ async def test_copy_replace_metadata(h):
 
 
 @trio_test
+async def test_copy_if_absent(h):
+    """A create-only copy (OSS x-oss-forbid-overwrite): to a free name it copies; onto a taken
+    one it raises AlreadyExists and the object there stays."""
+    s = h.store
+    await s.put_bytes("ca/src", b"ours", {"v": "1"})
+    info = await s.copy("ca/src", "ca/new", if_absent=True)
+    assert await s.get_range("ca/new", 0, 100) == b"ours" and info.metadata == {"v": "1"}
+    theirs = await s.put_bytes("ca/taken", b"theirs", {"v": "2"})
+    with pytest.raises(AlreadyExists):
+        await s.copy("ca/src", "ca/taken", if_absent=True)
+    got = await s.head("ca/taken")
+    assert (got.etag, await s.get_range("ca/taken", 0, 100)) == (theirs.etag, b"theirs")
+
+
+@trio_test
 async def test_copy_if_match(h):
     """A copy conditional on the source version the caller knows: the right ETag copies that
     version (COPY and REPLACE), a stale one raises PreconditionFailed and writes nothing."""

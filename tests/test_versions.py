@@ -463,3 +463,45 @@ def test_later_versions_of_a_file_diverted_to_a_conflict_copy_go_to_that_copy(tm
         assert await _read(fs, await fs.lookup(root, "f")) == b"theirs"  # never merged onto theirs
 
     _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts: 'pre/doc\.txt' was changed by another client \(this mount knew "
+                        r"version \S+, the bucket has \S+\) and a rename replaces it: theirs is kept as "
+                        r"'pre/doc\.conflict-",
+                        r"ossfuse\.fs\.conflicts: 'pre/new\.txt' was changed by another client \(this mount knew no "
+                        r"object there")
+def test_a_rename_over_a_name_another_client_rewrote_keeps_theirs_as_a_conflict_copy(tmp_path, cmk_path, other):
+    """An editor's save (write a temporary file, rename it over the document) whose temporary
+    file was already uploaded is a CopyObject onto the document: a trial lost another client's
+    edit of the document made after this mount had looked. Theirs is kept as a conflict copy
+    now (one WARNING), and the save takes the name; so for a name another client created
+    where this mount saw none."""
+    async def body(fs, store):
+        root = fs.get(1)
+        doc = await _write_file(fs, root, "doc.txt", b"base")
+        ofs = other(store)
+        theirs = await _other_writes(ofs, "doc.txt", b"CLIENT EDIT")
+        assert doc.version.etag != theirs  # this mount still knows "base"
+        await _write_file(fs, root, ".doc.txt.tmp", b"EDITOR SAVE")  # uploaded at close
+        await fs.rename(root, ".doc.txt.tmp", root, "doc.txt", 0)
+        assert await _read(fs, await fs.lookup(root, "doc.txt")) == b"EDITOR SAVE"
+        names = await listed_names(fs)
+        (copy,) = [n for n in names if n.startswith("doc.conflict-") and n.endswith(".txt")]
+        assert sorted(names) == sorted(["doc.txt", copy])
+        assert await _read(fs, await fs.lookup(root, copy)) == b"CLIENT EDIT"
+        # a name this mount saw free, created by the other client since: kept too
+        with pytest.raises(FsError):
+            await fs.lookup(root, "new.txt")
+        await _other_writes(ofs, "new.txt", b"THEIR NEW FILE")
+        await _write_file(fs, root, "mine", b"MINE")
+        await fs.rename(root, "mine", root, "new.txt", 0)
+        assert await _read(fs, await fs.lookup(root, "new.txt")) == b"MINE"
+        (copy2,) = [n for n in await listed_names(fs) if n.startswith("new.conflict-")]
+        assert await _read(fs, await fs.lookup(root, copy2)) == b"THEIR NEW FILE"
+        assert fs.commit.conflicts.count == 2
+        # a rename over a version this mount knows makes no copy and no extra object
+        await fs.rename(root, copy2, root, "new.txt", 0)
+        assert sorted(await listed_names(fs)) == sorted(["doc.txt", copy, "new.txt"])
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)

@@ -20,7 +20,15 @@ an earlier ossfuse, which has no base, is uploaded without the check.
 For a replacement the check and the PUT are two requests: a foreign write landing between
 them is still replaced (the remaining window, docs/semantics.md). OSS ignores
 ``x-oss-forbid-overwrite`` on a bucket with versioning enabled or suspended: there a new file
-replaces a foreign one written at the same name, which stays as a noncurrent version."""
+replaces a foreign one written at the same name, which stays as a noncurrent version.
+
+A rename of a committed file is a CopyObject onto the new name, which would replace what is
+there with no upload to check (a trial: an editor's save, write-temp-then-rename, destroyed
+another client's edit made within the attribute cache time). So the rename HEADs a name it
+replaces first, and a rename to a name it believes free copies create-only: an object there
+that this mount does not know is first copied to a conflict copy (:meth:`Conflicts.keep_theirs`,
+one WARNING), and the rename then takes the name, as the application asked (an upload keeps
+theirs at the name instead: there the name is ours only if it was ours before)."""
 from __future__ import annotations
 
 import collections
@@ -129,6 +137,33 @@ class Conflicts:
         """Whether ``node``'s staged version came from a journal record without a base (what it
         replaces is unknown)."""
         return self._base.get(node.ino) == BASE_UNKNOWN
+
+    def ours_at(self, key: str) -> str | None:
+        """The ETag of this mount's last upload to ``key`` (remembered for the last keys), or None."""
+        return self._ours.get(key)
+
+    async def keep_theirs(self, key: str, current: ObjectInfo, known: str | None) -> None:
+        """A rename is about to replace ``current`` at ``key``, another client's object this
+        mount did not know (it knew version ``known``; None: no object): copy it to a conflict
+        name next to it first (kept, one WARNING, counted). Raises StoreError (the copy;
+        PreconditionFailed: it changed again)."""
+        dkey, _, name = key.rpartition("/")
+        prefix = dkey + "/" if dkey else ""
+        for n in range(100):
+            ckey = prefix + conflict_name(name, self.host, time.time(), n)
+            try:
+                info = await self.uploader.copy(current, ckey, if_absent=True)
+                break
+            except AlreadyExists:
+                continue
+        else:
+            info = await self.uploader.copy(current, ckey)  # 100 names taken: the last one
+        self.count += 1
+        path = self.naming.path_of(ckey)
+        self.recent.append(path if path is not None else ckey)
+        log.warning("%r was changed by another client (this mount knew %s, the bucket has %s) and a rename "
+                    "replaces it: theirs is kept as %r (version %s)", key,
+                    f"version {known}" if known else "no object there", current.etag, ckey, info.etag)
 
     def _remember(self, key: str, etag: str) -> None:
         """Note that this mount's upload put ``etag`` at ``key`` (bounded: the oldest keys go)."""

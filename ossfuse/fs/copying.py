@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+from ..store.base import AlreadyExists, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from ..writeback.upload import Uploader
 from .errors import FsError, errno_of, store_request
 
@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 
 
 async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, dst: str,
-                      metadata: dict[str, str] | None = None) -> ObjectInfo:
+                      metadata: dict[str, str] | None = None, *, if_absent: bool = False) -> ObjectInfo:
     """Copy version ``src`` (its key and ETag) to ``dst`` (CopyObject, or streaming above the
     store's copy limit), with ``metadata`` replacing the source's if given. The copy is
     conditional on ``src.etag``: the returned object is a copy of exactly that version.
-    Raises FsError(ESTALE) when ``src.key`` is now another version or gone (one log line naming
-    the key and both versions; nothing is written), FsError(EIO) on other failures."""
+    ``if_absent``: only if nothing is at ``dst``. Raises FsError(ESTALE) when ``src.key`` is now
+    another version or gone (one log line naming the key and both versions; nothing is
+    written), AlreadyExists (``if_absent``, nothing written: no log line), FsError(EIO) on
+    other failures."""
     limit = store.max_copy_size
     if metadata is None and limit is not None and src.size > limit and not src.metadata:
         head = await store_request(store.head(src.key), src.key)  # listings carry no metadata
@@ -33,7 +35,9 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
             raise FsError(errno.ESTALE)
         src = head
     try:
-        return await uploader.copy(src, dst, metadata)
+        return await uploader.copy(src, dst, metadata, if_absent=if_absent)
+    except AlreadyExists:
+        raise
     except (PreconditionFailed, NoSuchKey):
         now = await _current(store, src.key)
         _log_stale("copy", src, now)

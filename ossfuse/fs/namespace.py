@@ -26,7 +26,7 @@ import trio
 from .. import integrity
 from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
-from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, StoreError
+from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
@@ -896,13 +896,23 @@ class Namespace:
     async def _copy_and_delete_file(self, src: Node, old_path: str, dst_path: str, dst: Node | None,
                                     rlog: RenameLog) -> None:
         """:meth:`_move_file` of a committed version, its rename log ``rlog`` started: copy it
-        (conditional on its ETag), drop ``dst``, delete the original. Raises FsError ESTALE,
-        EIO, ENOSPC (the outcome logged: nothing changed, or both names show)."""
+        (conditional on its ETag; what another client put at the new name since this mount
+        looked is kept as a conflict copy first: :meth:`_keep_foreign`), drop ``dst``, delete
+        the original. Raises FsError ESTALE, EIO, ENOSPC (the outcome logged: nothing changed,
+        or both names show)."""
         v = src.version
         assert v is not None
         new_key = self.naming.key(dst_path)
         mark = self.deferred.mark()
+        # what this mount knows at new_key: dst's version (or the one its upload replaces), or
+        # an unlinked file's version whose DELETE is pending; nothing known: a create-only copy
+        known = None if dst is None else dst.version.etag if dst.version is not None \
+            else self.commit.conflicts.replaced(dst)
+        pending = self.deferred.last_etag(new_key)
+        source = ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {})
         try:  # conditional on v.etag: the copy is exactly v (A1)
+            if dst is not None:
+                await self._keep_foreign(new_key, known, pending)
             try:
                 rlog.copying(new_key)
             except OSError as e:  # unlogged, the next mount would not know to look for the copy: not sent
@@ -910,8 +920,12 @@ class Namespace:
                 raise FsError(errno_of(e)) from None
             # directive COPY: the store copies every x-oss-meta-* field; a slim v lends
             # none, so a streaming copy (above the copy limit) HEADs the source for them
-            info = await copy_object(self.store, self.uploader,
-                                     ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {}), new_key)
+            try:
+                info = await copy_object(self.store, self.uploader, source, new_key,
+                                         if_absent=dst is None and pending is None)
+            except AlreadyExists:  # another client made the name since this mount looked
+                await self._keep_foreign(new_key, None, None)
+                info = await copy_object(self.store, self.uploader, source, new_key)
         except FsError as e:
             if e.errno == errno.ESTALE:
                 src.checked_at = 0.0  # another client's version: re-read at next lookup
@@ -938,6 +952,24 @@ class Namespace:
         moved = v.copied_as(new_key, info.etag)
         set_local_version(src, moved)
         self.resolver.recent.touch(moved)
+
+    async def _keep_foreign(self, key: str, *known: str | None) -> None:
+        """Before a rename's copy replaces ``key``: an object there that is none of the
+        versions ``known`` nor this mount's own last upload there is another client's, and is
+        kept as a conflict copy first (``Conflicts.keep_theirs``, one WARNING). Raises FsError
+        EIO (the store), ESTALE (it changed again meanwhile)."""
+        now = await store_request(self.store.head(key), key)
+        if now is None or any(same_etag(now.etag, e) for e in (*known, self.commit.conflicts.ours_at(key)) if e):
+            return
+        try:
+            await self.commit.conflicts.keep_theirs(key, now, known[0])
+        except PreconditionFailed:
+            log.warning("%r changed again while it was kept as a conflict copy; the rename is refused (ESTALE)", key)
+            raise FsError(errno.ESTALE) from None
+        except StoreError as e:
+            log.error("%r: another client's object there cannot be kept as a conflict copy (%s); the rename "
+                      "is refused", key, e)
+            raise FsError(errno_of(e)) from None
 
     async def _undo_copy(self, old_path: str, dst_path: str, copy: ObjectInfo, *, replaced: bool,
                          reason: FsError) -> None:
@@ -1026,18 +1058,20 @@ class Namespace:
         log.info("rename of %r to %r failed; its copies were taken back%s", rlog.source, rlog.target,
                  f" but {kept} (changed since)" if kept else "")
 
-    def finish_later(self, rlog: RenameLog, originals: dict[str, str]) -> None:
-        """Finish rename ``rlog`` a crash cut off, whose copies are logged as landed, while the
-        store fails (fs/renames.py): ``originals`` (key → ETag) become pending deletes, as when
-        a rename's DELETEs fail (hidden now, deleted once the store answers; a newer version at
-        such a key is left alone), and the journal's files move (:meth:`move_recovered`).
-        Before the mount serves. Raises OSError (the cache disk), FsError (the journal)."""
-        for key, etag in originals.items():
+    def settle_later(self, rlog: RenameLog, doomed: dict[str, str], finished: bool) -> None:
+        """Settle rename ``rlog`` a crash cut off while the store fails (fs/renames.py): the
+        objects ``doomed`` (key → ETag: its originals if ``finished``, else its copies) become
+        pending deletes, as when a rename's DELETEs fail (hidden now, deleted once the store
+        answers; a newer version at such a key is left alone); a finished rename's journaled
+        files move (:meth:`move_recovered`). Before the mount serves. Raises OSError (the
+        cache disk), FsError (the journal)."""
+        for key, etag in doomed.items():
             self.deferred.record(key, etag, ready=True, fsync=False)
         if not rlog.file:
-            self.deferred.note_removed_dir(self.naming.dir_key(rlog.source))
-        rlog.deleting = True
-        self.move_recovered(rlog)
+            self.deferred.note_removed_dir(self.naming.dir_key(rlog.source if finished else rlog.target))
+        if finished:
+            rlog.deleting = True
+            self.move_recovered(rlog)
 
     def move_recovered(self, rlog: RenameLog) -> int:
         """The files the journal recovered at or below ``rlog.source`` move to ``rlog.target``:

@@ -27,9 +27,13 @@ marker is put back. A log with line 3 is **finished** by the next mount: each or
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
 does this before it serves (:func:`settle`). Either way no object is left at neither name.
-When the store fails the next mount, a rename whose copies are all logged is finished
-anyway: its originals become pending deletes (hidden at once, deleted once the store
-answers: ``Namespace.finish_later``); others keep their log for the mount after.
+When the store fails the next mount, a rename whose copies are all logged is settled
+anyway: finished with its originals as pending deletes, or (cut off while copying) undone
+with its logged copies as pending deletes (hidden at once, deleted once the store answers:
+``Namespace.settle_later``; a trial: the mount served both trees, and the user's next `mv`
+made the duplicate permanent); its log stays for the mount after if a copy was sent but not
+logged. One that replaced an empty directory (its marker must be put back), or a file's
+whose copy is not logged, keeps its log and waits for the mount after.
 
 A **file** rename of a committed version (``Namespace._move_file``: one copy, then one
 delete) keeps the same lines, its header marked ``"file": true``, with no line 3: the rename
@@ -327,8 +331,8 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
     """Undo or finish each rename an earlier run left (module doc), before the mount serves;
     ``naming``: the mount's path → key mapping; ``files``: the journal's files and the pending
     deletes (``Namespace``). Returns one notice per rename settled (the caller logs them:
-    WARNING). A rename the store fails to settle is finished anyway when its copies are
-    logged (:meth:`RecoveredFiles.finish_later`), else keeps its log (tried again at the next
+    WARNING). A rename the store fails to settle is settled anyway when its copies are
+    logged (:meth:`RecoveredFiles.settle_later`), else keeps its log (tried again at the next
     mount), logged; a log that makes no sense is removed, logged."""
     notices = []
     for entry in list(logs.left):
@@ -350,18 +354,24 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                           + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
                              "is gone)" if kept else ""))
         except (StoreError, FsError) as e:
-            originals = _logged_originals(entry, naming)
-            if originals is None:
+            later = _settle_later(entry, naming)
+            if later is None:
                 log.error("%s cannot be settled now (%s); tried again at the next mount", what, e)
                 continue
+            finished, doomed, unsure = later
             try:
-                files.finish_later(entry, originals)
+                files.settle_later(entry, doomed, finished)
             except (OSError, FsError) as err:
                 log.error("%s cannot be settled now (%s, and the cache disk: %s); tried again at the next mount",
                           what, e, err)
                 continue
-            notice = (f"finished {what} (a crash); the store failed ({e}): the original(s) are hidden and "
-                      "deleted once it answers")
+            hidden = ("the original is" if entry.file else "the originals are") if finished else "its copies are"
+            notice = (f"{'finished' if finished else 'undid'} {what} (a crash); the store failed ({e}): {hidden} "
+                      "hidden and deleted once it answers")
+            if unsure:  # sent, not logged: only the store can tell whether they landed
+                notices.append(notice + f"; {len(unsure)} copy(ies) sent but not logged are looked for at the next "
+                               f"mount (e.g. {sorted(unsure)[0]!r})")
+                continue
         except Exception as e:  # a log no crash can write (edited, or a bug): it would stop every mount
             log.error("rename log %s makes no sense (%s: %s); removed, %s is left as it is", entry.path,
                       type(e).__name__, e, what)
@@ -379,21 +389,26 @@ class RecoveredFiles(Protocol):
     def move_recovered(self, rlog: RenameLog) -> int:
         """Move the journal's files at or below ``rlog.source`` to ``rlog.target``; how many."""
 
-    def finish_later(self, rlog: RenameLog, originals: dict[str, str]) -> None:
-        """Finish ``rlog`` with its ``originals`` (key → ETag) as pending deletes."""
+    def settle_later(self, rlog: RenameLog, doomed: dict[str, str], finished: bool) -> None:
+        """Settle ``rlog`` (``finished``, else undone) with ``doomed`` (key → ETag) as
+        pending deletes."""
 
 
-def _logged_originals(entry: RenameLog, naming: Naming) -> dict[str, str] | None:
-    """The originals a rename the store fails to settle can be finished with (their copies
-    all logged as landed: a file's one copy; a directory's after line 3, those whose copy is
-    logged), or None when it cannot be finished without the store."""
+def _settle_later(entry: RenameLog, naming: Naming) -> tuple[bool, dict[str, str], set[str]] | None:
+    """How a rename the store fails to settle can be settled without it: (True, originals,
+    {}) to finish it (its copies logged as landed: a file's one copy; a directory's after
+    line 3, the originals whose copy is logged), (False, logged copies, copies sent but not
+    logged) to undo it (a directory's cut off while copying that replaced no empty
+    directory); None when it cannot."""
     if entry.file:
         old, new = naming.key(entry.source), naming.key(entry.target)
-        return {old: entry.objects[old]} if new in entry.copied and old in entry.objects else None
-    if not entry.deleting:
-        return None
+        return (True, {old: entry.objects[old]}, set()) if new in entry.copied and old in entry.objects else None
     old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
-    return {k: e for k, e in entry.objects.items() if new + k[len(old):] in entry.copied}
+    if entry.deleting:
+        return True, {k: e for k, e in entry.objects.items() if new + k[len(old):] in entry.copied}, set()
+    if entry.replaced is None:
+        return False, dict(entry.copied), entry.started - set(entry.copied)
+    return None
 
 
 async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,

@@ -330,9 +330,10 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None) -> ObjectInfo:
+                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
         """Server-side copy of ``src`` to ``dst``; ``metadata`` None keeps the source's (COPY),
-        else replaces it (REPLACE). Returns the new object.
+        else replaces it (REPLACE). Returns the new object. ``if_absent``: only if nothing is at
+        ``dst`` (OSS ``x-oss-forbid-overwrite``, checked atomically), else AlreadyExists.
 
         ``if_match``: the source ETag the caller knows; the copy happens only if the source is
         still that version (OSS ``x-oss-copy-source-if-match``), checked atomically with the
@@ -340,8 +341,8 @@ class ObjectStore(abc.ABC):
         it has seen should pass it. None copies whatever version is there now (the returned
         size/metadata still describe the version that was copied).
 
-        Raises NoSuchKey (source missing), PreconditionFailed, StoreError (e.g. source above
-        ``max_copy_size``)."""
+        Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError (e.g.
+        source above ``max_copy_size``)."""
 
     @abc.abstractmethod
     async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:

@@ -668,7 +668,8 @@ class LocalStore(ObjectStore):
             return self._run_inline(self._list, prefix, delimiter, marker, max_keys)
         return await self._run(self._list, prefix, delimiter, marker, max_keys)
 
-    def _copy(self, src: str, dst: str, meta: dict[str, str] | None, if_match: str | None) -> ObjectInfo:
+    def _copy(self, src: str, dst: str, meta: dict[str, str] | None, if_match: str | None,
+              if_absent: bool = False) -> ObjectInfo:
         """Copy the source's blob (immutable: a hard link is a copy; onto itself, the row keeps
         the blob) and commit ``dst`` in an index transaction that first checks the source row
         still names that blob (and, with ``if_match``, that ETag): the copy is exactly the
@@ -701,6 +702,8 @@ class LocalStore(ObjectStore):
                     now = db.execute("SELECT blob, etag FROM objects WHERE key=?", (src,)).fetchone()
                     if now is None or now[0] != blob or now[1] != etag:
                         raise _SourceChanged()
+                    if if_absent:
+                        self._absent(dst)(db)
 
                 if blob:
                     try:
@@ -731,8 +734,8 @@ class LocalStore(ObjectStore):
         return info if changed == 1 else None
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None) -> ObjectInfo:
-        return await self._run_write(self._copy, src, dst, metadata, if_match)  # a link: no byte copied
+                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
+        return await self._run_write(self._copy, src, dst, metadata, if_match, if_absent)  # a link: no byte copied
 
     def _list_uploads(self, prefix: str) -> MultipartUploads:
         out = []

@@ -1156,7 +1156,7 @@ class OssStore(ObjectStore):
         return self._bucket.copy_object(self.bucket_name, src, dst, headers=dict(headers))
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None) -> ObjectInfo:
+                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
         """CopyObject within the bucket (§3.9): ``x-oss-metadata-directive: COPY`` when
         ``metadata`` is None, else ``REPLACE`` with the given ``x-oss-meta-*`` and the source's
         Content-Type. The source is HEADed first (its size, type and metadata for the result).
@@ -1167,8 +1167,10 @@ class OssStore(ObjectStore):
         Without it, the copy is conditional on the ETag the HEAD saw, so the result describes
         the version copied (a source replaced in between is HEADed again, at most 3 times).
 
-        Raises NoSuchKey (source missing), PreconditionFailed, StoreError for a source above
-        ``max_copy_size`` (CopyObject cannot do it; it needs a streamed copy)."""
+        ``if_absent``: ``x-oss-forbid-overwrite: true`` (409 FileAlreadyExists → AlreadyExists).
+
+        Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError for a
+        source above ``max_copy_size`` (CopyObject cannot do it; it needs a streamed copy)."""
         self._check_key(dst)
         for _ in range(1 if if_match is not None else 3):
             h = await self._head(src)
@@ -1182,6 +1184,8 @@ class OssStore(ObjectStore):
                 raise StoreError(f"cannot copy {src!r} ({info.size} bytes): objects above "
                                  f"{self.max_copy_size} bytes cannot be copied with CopyObject", key=src)
             headers = {"x-oss-copy-source-if-match": if_match if if_match is not None else info.etag}
+            if if_absent:
+                headers[_FORBID_OVERWRITE] = "true"
             if metadata is None:
                 headers["x-oss-metadata-directive"] = "COPY"
                 meta = dict(info.metadata)

@@ -152,16 +152,17 @@ class Uploader:
             self.ledger.ended(upload_id)
 
     async def copy(self, src: ObjectInfo, dst: str, metadata: dict[str, str] | None = None, *,
-                   stream: bool = False) -> ObjectInfo:
+                   stream: bool = False, if_absent: bool = False) -> ObjectInfo:
         """Copy object ``src`` (its key, size, ETag and metadata) to ``dst``, with ``metadata``
         replacing the source's if given. CopyObject when the store allows the size; above it the
         ciphertext is streamed through this client unchanged, as a multipart upload whose part
         N is bytes [(N-1)·P, N·P) of the source, so the envelope headers stay valid (§6). The
         source is read with If-Match: PreconditionFailed if it changes meanwhile. ``stream``
-        forces streaming (new envelope headers, which CopyObject may not change: §9)."""
+        forces streaming (new envelope headers, which CopyObject may not change: §9).
+        ``if_absent``: only if nothing is at ``dst`` (AlreadyExists, nothing written)."""
         limit = self.store.max_copy_size
         if not stream and (limit is None or src.size <= limit):
-            return await self.store.copy(src.key, dst, metadata=metadata, if_match=src.etag)
+            return await self.store.copy(src.key, dst, metadata=metadata, if_match=src.etag, if_absent=if_absent)
         meta = dict(src.metadata if metadata is None else metadata)
         for name in (env.H_DATA_SIZE, env.H_PART_SIZE):
             meta.pop(name, None)  # the new upload has its own part layout
@@ -170,6 +171,7 @@ class Uploader:
             data = await self.store.get_range(src.key, 0, src.size, if_match=src.etag)
             if len(data) != src.size:
                 raise StoreError(f"source is truncated: {len(data)} of {src.size} bytes", key=src.key)
-            return await self.store.put_bytes(dst, data, meta)
+            return await self.store.put_bytes(dst, data, meta, if_absent=if_absent)
         return await self._parts(dst, src.size, meta,
-                                 lambda off, n: self.store.get_range(src.key, off, off + n, if_match=src.etag))
+                                 lambda off, n: self.store.get_range(src.key, off, off + n, if_match=src.etag),
+                                 if_absent=if_absent)
