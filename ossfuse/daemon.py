@@ -346,7 +346,8 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
     key, or ``startup_timeout`` passes (a server mounting at boot may start before the network);
     then raise MountError naming what is unreachable. A KMS that answers but refuses the CMK
     (unknown key, bad credentials) fails at once."""
-    deadline = trio.current_time() + cfg.mount.startup_timeout
+    started = trio.current_time()
+    deadline = started + cfg.mount.startup_timeout
     delay = 0.5
     services = [c for c in keyring.cmks.values() if hasattr(c, "new_data_key")]
     while True:
@@ -366,8 +367,9 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
                 raise MountError(f"CMK {cmk.id!r} is refused by KMS: {e}") from None
         if not problems:
             return
-        if trio.current_time() + delay > deadline:
-            raise MountError(f"not reachable after {cfg.mount.startup_timeout:.0f}s: " + "; ".join(problems))
+        if trio.current_time() + delay > deadline:  # (the next try would end past it: the time tried is said)
+            raise MountError(f"not reachable after {trio.current_time() - started:.0f}s of tries (startup_timeout "
+                             f"{cfg.mount.startup_timeout:.0f}s): " + "; ".join(problems))
         log.warning("not reachable yet (%s); retrying in %.1fs", "; ".join(problems), delay)
         notify_systemd(f"STATUS=waiting: {'; '.join(problems)}")
         await trio.sleep(delay)
