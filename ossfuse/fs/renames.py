@@ -27,13 +27,15 @@ marker is put back. A log with line 3 is **finished** by the next mount: each or
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
 does this before it serves (:func:`settle`). Either way no object is left at neither name.
-When the store fails the next mount, a rename whose copies are all logged is settled
-anyway: finished with its originals as pending deletes, or (cut off while copying) undone
-with its logged copies as pending deletes (hidden at once, deleted once the store answers:
-``Namespace.settle_later``; a trial: the mount served both trees, and the user's next `mv`
-made the duplicate permanent); its log stays for the mount after if a copy was sent but not
-logged. One that replaced an empty directory (its marker must be put back), or a file's
-whose copy is not logged, keeps its log and waits for the mount after.
+When the store fails the next mount, a rename is settled anyway from what its log says
+(``Namespace.settle_later``; a trial: the mount served both trees, and the user's next `mv`
+made the duplicate permanent): finished with its originals as pending deletes when its
+copies are logged as landed, or, cut off while copying, undone with its logged copies as
+pending deletes (hidden at once, deleted once the store answers); its log stays for the
+mount after if a copy was sent but not logged. One that replaced an empty directory (its
+marker must be put back), or a file's whose copy is not logged, keeps its log and waits for
+the mount after. A log is read by its lines, not its file name; a line of a shape no run
+writes makes the whole log one ERROR line, and it is removed.
 
 A **file** rename of a committed version (``Namespace._move_file``: one copy, then one
 delete) keeps the same lines, its header marked ``"file": true``, with no line 3: the rename
