@@ -904,15 +904,22 @@ class Namespace:
         assert v is not None
         new_key = self.naming.key(dst_path)
         mark = self.deferred.mark()
-        # what this mount knows at new_key: dst's version (or the one its upload replaces), or
-        # an unlinked file's version whose DELETE is pending; nothing known: a create-only copy
-        known = None if dst is None else dst.version.etag if dst.version is not None \
-            else self.commit.conflicts.replaced(dst)
+        # what this mount knows at new_key: the version of dst its applications last opened
+        # (kernel_etag: a lookup may have taken another client's newer one since, which nobody
+        # here has read: a trial's editor save replaced it), else dst's version, or the one its
+        # upload replaces; or an unlinked file's version whose DELETE is pending. Nothing
+        # known: a create-only copy
+        if dst is None:
+            known = None
+        elif dst.version is None:
+            known = self.commit.conflicts.replaced(dst)
+        else:
+            known = dst.kernel_etag or dst.version.etag
         pending = self.deferred.last_etag(new_key)
         source = ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {})
         try:  # conditional on v.etag: the copy is exactly v (A1)
-            if dst is not None:
-                await self._keep_foreign(new_key, known, pending)
+            if dst is not None or pending is not None:  # what is there may be another client's
+                await self._keep_foreign(new_key, (known, pending), source)
             try:
                 rlog.copying(new_key)
             except OSError as e:  # unlogged, the next mount would not know to look for the copy: not sent
@@ -924,11 +931,13 @@ class Namespace:
                 info = await copy_object(self.store, self.uploader, source, new_key,
                                          if_absent=dst is None and pending is None)
             except AlreadyExists:  # another client made the name since this mount looked
-                await self._keep_foreign(new_key, None, None)
+                await self._keep_foreign(new_key, (), source)
                 info = await copy_object(self.store, self.uploader, source, new_key)
         except FsError as e:
             if e.errno == errno.ESTALE:
                 src.checked_at = 0.0  # another client's version: re-read at next lookup
+                if dst is not None:
+                    dst.checked_at = 0.0  # (so may dst's be)
             raise  # nothing was written: dst keeps its name
         # the copy and dst's drop go together: a crash after the copy is logged finishes the
         # rename, and must not bring dst's journaled version back (fs/renames.py)
@@ -953,16 +962,25 @@ class Namespace:
         set_local_version(src, moved)
         self.resolver.recent.touch(moved)
 
-    async def _keep_foreign(self, key: str, *known: str | None) -> None:
-        """Before a rename's copy replaces ``key``: an object there that is none of the
-        versions ``known`` nor this mount's own last upload there is another client's, and is
-        kept as a conflict copy first (``Conflicts.keep_theirs``, one WARNING). Raises FsError
-        EIO (the store), ESTALE (it changed again meanwhile)."""
+    async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> None:
+        """Before a rename's copy of ``source`` replaces ``key``: an object there that is none
+        of the versions ``known`` (the first: the version this mount knows at ``key``) nor this
+        mount's own last upload there is another client's, and is kept as a conflict copy first
+        (``Conflicts.keep_theirs``, one WARNING), unless the rename will not happen: its source
+        is not that version any more (ESTALE, nothing written: a trial found the copy made, the
+        rename refused, and a second copy at the kernel's retry). Raises FsError EIO (the
+        store), ESTALE."""
         now = await store_request(self.store.head(key), key)
         if now is None or any(same_etag(now.etag, e) for e in (*known, self.commit.conflicts.ours_at(key)) if e):
             return
+        src_now = await store_request(self.store.head(source.key), source.key)
+        if src_now is None or not same_etag(src_now.etag, source.etag):
+            log.warning("rename of %r refused: this mount knows version %s, the bucket has %s, and another client "
+                        "wrote %r too (version %s); nothing was written (ESTALE)", source.key, source.etag,
+                        "no object" if src_now is None else f"version {src_now.etag}", key, now.etag)
+            raise FsError(errno.ESTALE)
         try:
-            await self.commit.conflicts.keep_theirs(key, now, known[0])
+            await self.commit.conflicts.keep_theirs(key, now, known[0] if known else None)
         except PreconditionFailed:
             log.warning("%r changed again while it was kept as a conflict copy; the rename is refused (ESTALE)", key)
             raise FsError(errno.ESTALE) from None
@@ -1119,7 +1137,18 @@ class Namespace:
             except OSError as e:  # unlogged, an undo would not look for this copy: not sent
                 log.error("rename of %r to %r: its rename log cannot be written: %s", old_path, dst_path, e)
                 raise FsError(errno_of(e)) from None
-            copies[k] = await copy_object(self.store, self.uploader, o, target[k])
+            key = target[k]
+            if k == old_dkey:  # the directory's marker: it replaces dst's, or makes the directory
+                copies[k] = await copy_object(self.store, self.uploader, o, key)
+            else:  # below a directory this mount believes empty or absent: another client's file is kept
+                pending = self.deferred.last_etag(key)
+                if pending is not None:
+                    await self._keep_foreign(key, (None, pending), o)
+                try:
+                    copies[k] = await copy_object(self.store, self.uploader, o, key, if_absent=pending is None)
+                except AlreadyExists:  # (a trial: `mv X Y` replaced Y/f that another client had put there)
+                    await self._keep_foreign(key, (), o)
+                    copies[k] = await copy_object(self.store, self.uploader, o, key)
             rlog.copied_to(copies[k].key, copies[k].etag)
             self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
 
