@@ -54,24 +54,34 @@ class InodeTable:
         return self.by_path.get(parent_of(path))
 
     def new_node(self, path: str, mode: int, uid: int, gid: int, mtime_ns: int, size: int = 0, *,
-                 found: bool = False) -> Node:
+                 found: bool = False, ctime_ns: int | None = None) -> Node:
         """A new inode at ``path`` (lookup count 0: see :meth:`remember`). ``found``: a node for
         what the store has at ``path`` (not a new file): it gets back the number of the node
         of the same type dropped at that path, if any (unlink and rename forget the number), and
-        a directory the child names that node's last listing gave."""
+        a directory the child names that node's last listing gave; the times that node had and
+        the store does not keep (a directory's entry changes, a rename's ctime) stay.
+        ``ctime_ns``: the stored ctime (default: ``mtime_ns``)."""
         again = self._dropped.pop(path, None) if found else None
         if again is not None and again[1] == stat.S_IFMT(mode) and again[0] not in self.nodes:
             ino = again[0]
         else:
             ino = self._next_ino
             self._next_ino += 1
-        node = Node(ino, path, mode, uid, gid, mtime_ns, mtime_ns, size=size, checked_at=time.monotonic())
+        node = Node(ino, path, mode, uid, gid, mtime_ns, mtime_ns if ctime_ns is None else ctime_ns, size=size,
+                    checked_at=time.monotonic())
         old = self._attic.pop(path, None) if again is not None else None
-        if old is not None and old.ino == ino and old.children is not None:
-            # the directory found again is the one dropped: keep its last complete listing (no
-            # create or rename in it could pass this mount while it was dropped), trusted as
-            # long as before, so an outage later can still list it (fs/offline.py)
-            node.children, node.children_until = set(old.children), old.children_until
+        if old is not None and old.ino == ino:
+            # what this mount changed and does not store: a directory's entry changes move its
+            # mtime, a rename its ctime (Node.entries_changed_ns); the kernel forgets inodes
+            # under load, and the times went back to the stored ones (CI: pjdfstest rmdir/00.t)
+            node.entries_changed_ns = old.entries_changed_ns
+            node.mtime_ns = max(node.mtime_ns, old.entries_changed_ns)
+            node.ctime_ns = max(node.ctime_ns, old.ctime_ns)
+            if old.children is not None:
+                # the directory found again is the one dropped: keep its last complete listing
+                # (no create or rename in it could pass this mount while it was dropped),
+                # trusted as long as before, so an outage later can still list it (fs/offline.py)
+                node.children, node.children_until = set(old.children), old.children_until
         self.nodes[node.ino] = node
         self.by_path[path] = node  # a node it replaces lives on for its lookups and handles
         self.names.note_present(path)

@@ -458,9 +458,11 @@ class Resolver:
     def node_from_info(self, path: str, info: ObjectInfo | None, is_dir: bool) -> Node:
         """A new node for ``path`` from a HEAD of its object (or dir marker; None: implicit dir)."""
         mode, uid, gid, mtime = self.defaults.attrs_from_info(info, is_dir)
-        node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0, found=True)
+        ctime, atime = times_from_info(info, mtime)
+        node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0, found=True,
+                                    ctime_ns=ctime)
         node.implicit = is_dir and info is None
-        node.ctime_ns, node.atime_ns = times_from_info(info, mtime)
+        node.atime_ns = atime
         if info is not None and not is_dir:
             self.set_version_from_info(node, info)
         return node
