@@ -398,7 +398,6 @@ class VerifySummary:
     untagged_bytes: int = 0
     plaintext: int = 0  # no envelope (tag lists, foreign plaintext; directory markers not counted)
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to verify
-    aborted_uploads: int = 0  # unfinished multipart uploads of an interrupted earlier run, aborted
     failed: list[str] = field(default_factory=list)  # "key (ETag E): why"
 
     def render(self) -> str:

@@ -47,13 +47,16 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
         raise FsError(errno_of(e)) from None
 
 
-async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure: bool = True) -> None:
+async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure: bool = True,
+                         head: ObjectInfo | None = None) -> None:
     """Delete ``key`` if it is still version ``etag`` (HEAD, compare, DELETE: OSS has no
     conditional DELETE; see the module doc for the window left). Already gone: nothing to do.
-    Raises FsError(ESTALE) when another version is there (kept, one log line), EIO on a store
-    failure (one log line, unless ``log_failure`` is False: the caller writes it)."""
+    ``head``: the caller's HEAD of ``key`` just now (not asked again). Raises FsError(ESTALE)
+    when another version is there (kept, one log line), EIO on a store failure (one log line,
+    unless ``log_failure`` is False: the caller writes it)."""
     try:
-        head = await store.head(key)
+        if head is None:
+            head = await store.head(key)
         if head is None:
             return
         if not same_etag(head.etag, etag):

@@ -907,32 +907,19 @@ class Namespace:
         # what this mount knows at new_key: the version of dst its applications last opened
         # (kernel_etag: a lookup may have taken another client's newer one since, which nobody
         # here has read: a trial's editor save replaced it), else dst's version, or the one its
-        # upload replaces; or an unlinked file's version whose DELETE is pending. Nothing
-        # known: a create-only copy
+        # upload replaces (an unlinked file's version whose DELETE is pending counts too:
+        # _copy_keeping_theirs). Nothing known: a create-only copy
         if dst is None:
             known = None
         elif dst.version is None:
             known = self.commit.conflicts.replaced(dst)
         else:
             known = dst.kernel_etag or dst.version.etag
-        pending = self.deferred.last_etag(new_key)
+        # directive COPY: the store copies every x-oss-meta-* field; a slim v lends none, so a
+        # streaming copy (above the copy limit) HEADs the source for them
         source = ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {})
         try:  # conditional on v.etag: the copy is exactly v (A1)
-            if dst is not None or pending is not None:  # what is there may be another client's
-                await self._keep_foreign(new_key, (known, pending), source)
-            try:
-                rlog.copying(new_key)
-            except OSError as e:  # unlogged, the next mount would not know to look for the copy: not sent
-                log.error("rename of %r to %r: its rename log cannot be written: %s", old_path, dst_path, e)
-                raise FsError(errno_of(e)) from None
-            # directive COPY: the store copies every x-oss-meta-* field; a slim v lends
-            # none, so a streaming copy (above the copy limit) HEADs the source for them
-            try:
-                info = await copy_object(self.store, self.uploader, source, new_key,
-                                         if_absent=dst is None and pending is None)
-            except AlreadyExists:  # another client made the name since this mount looked
-                await self._keep_foreign(new_key, (), source)
-                info = await copy_object(self.store, self.uploader, source, new_key)
+            info = await self._copy_keeping_theirs(rlog, source, new_key, known, replacing=dst is not None)
         except FsError as e:
             if e.errno == errno.ESTALE:
                 src.checked_at = 0.0  # another client's version: re-read at next lookup
@@ -961,6 +948,25 @@ class Namespace:
         moved = v.copied_as(new_key, info.etag)
         set_local_version(src, moved)
         self.resolver.recent.touch(moved)
+
+    async def _copy_keeping_theirs(self, rlog: RenameLog, source: ObjectInfo, key: str, known: str | None, *,
+                                   replacing: bool) -> ObjectInfo:
+        """Rename ``rlog``'s copy of ``source`` to ``key`` (logged as sent, then ``copy_object``)
+        that never replaces another client's object unseen: onto a name it replaces
+        (``replacing``; this mount knows version ``known`` there) or where a pending delete
+        waits, what is there is checked first (:meth:`_keep_foreign`); onto a name it believes
+        free, the copy is create-only, and a name taken meanwhile is checked then. Raises
+        FsError ESTALE, EIO, ENOSPC (the log)."""
+        pending = self.deferred.last_etag(key)
+        if replacing or pending is not None:  # what is there may be another client's
+            await self._keep_foreign(key, (known, pending), source)
+        rlog.copying(key)
+        try:
+            return await copy_object(self.store, self.uploader, source, key,
+                                     if_absent=not replacing and pending is None)
+        except AlreadyExists:  # another client made the name since this mount looked
+            await self._keep_foreign(key, (), source)
+            return await copy_object(self.store, self.uploader, source, key)
 
     async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> None:
         """Before a rename's copy of ``source`` replaces ``key``: an object there that is none
@@ -1132,23 +1138,12 @@ class Namespace:
         mark = self.deferred.mark()
 
         async def copy(k: str, o: ObjectInfo) -> None:
-            try:
-                rlog.copying(target[k])
-            except OSError as e:  # unlogged, an undo would not look for this copy: not sent
-                log.error("rename of %r to %r: its rename log cannot be written: %s", old_path, dst_path, e)
-                raise FsError(errno_of(e)) from None
-            key = target[k]
             if k == old_dkey:  # the directory's marker: it replaces dst's, or makes the directory
-                copies[k] = await copy_object(self.store, self.uploader, o, key)
-            else:  # below a directory this mount believes empty or absent: another client's file is kept
-                pending = self.deferred.last_etag(key)
-                if pending is not None:
-                    await self._keep_foreign(key, (None, pending), o)
-                try:
-                    copies[k] = await copy_object(self.store, self.uploader, o, key, if_absent=pending is None)
-                except AlreadyExists:  # (a trial: `mv X Y` replaced Y/f that another client had put there)
-                    await self._keep_foreign(key, (), o)
-                    copies[k] = await copy_object(self.store, self.uploader, o, key)
+                rlog.copying(target[k])
+                copies[k] = await copy_object(self.store, self.uploader, o, target[k])
+            else:  # below a directory this mount believes empty or absent: another client's file is
+                # kept (a trial: `mv X Y` replaced Y/f that another client had put there)
+                copies[k] = await self._copy_keeping_theirs(rlog, o, target[k], None, replacing=False)
             rlog.copied_to(copies[k].key, copies[k].etag)
             self.deferred.superseded(copies[k].key, mark)  # as a file rename's copy (_rename_file)
 

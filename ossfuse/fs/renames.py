@@ -114,9 +114,14 @@ class RenameLog:
             raise OSError(errno.ENOSPC, "short write")
 
     def copying(self, key: str) -> None:
-        """The copy to ``key`` is about to be sent. Raises OSError (the cache disk): the copy
-        must not be sent then (an undo would not know to look for it)."""
-        self._append({"copying": key})
+        """The copy to ``key`` is about to be sent. Raises FsError (the cache disk refuses the
+        line; one ERROR line): the copy must not be sent then (an undo would not know to look
+        for it)."""
+        try:
+            self._append({"copying": key})
+        except OSError as e:
+            log.error("rename of %r to %r: its rename log cannot be written: %s", self.source, self.target, e)
+            raise FsError(e.errno or errno.EIO) from None
         self.started.add(key)
 
     def copied_to(self, key: str, etag: str) -> None:
@@ -343,7 +348,8 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
         notice: str | None
         try:
             if entry.file:
-                notice = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target), files)
+                notice = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target), files,
+                                            what + " (a crash)")
             elif entry.deleting:
                 kept = await _finish(store, entry, old, new)
                 files.move_recovered(entry)
@@ -413,14 +419,14 @@ def _settle_later(entry: RenameLog, naming: Naming) -> tuple[bool, dict[str, str
     return None
 
 
-async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
-                       files: RecoveredFiles) -> str | None:
+async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str, files: RecoveredFiles,
+                       what: str) -> str | None:
     """Finish file rename ``entry`` (``old`` key to ``new``) if its copy landed, else leave
     it as it was (module doc); returns the notice, None when there was nothing to do (the
     copy was never sent; or the rename was done, its original gone and nothing journaled to
-    move). Raises StoreError, FsError; KeyError for a log whose object is not ``old``."""
+    move); ``what``: the rename, for the notice. Raises StoreError, FsError; KeyError for a log
+    whose object is not ``old``."""
     etag = entry.objects[old]
-    what = f"the rename of {entry.source!r} to {entry.target!r} that an earlier run left unfinished (a crash)"
     if new not in entry.started:
         return None  # cut off before its copy was sent: nothing changed
     there, original = await store.head(new), await store.head(old)
@@ -436,7 +442,7 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
         if not _same_object(there, original):
             return left  # what is at the new name is not its copy (an empty object's ETag is every one's)
         try:
-            await delete_version(store, old, etag)
+            await delete_version(store, old, etag, head=original)
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise
@@ -470,7 +476,7 @@ async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> i
             kept += 1
             return
         try:
-            await delete_version(store, key, etag)
+            await delete_version(store, key, etag, head=original)
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise
@@ -505,7 +511,7 @@ async def undo(store: ObjectStore, entry: RenameLog, dir_key: Callable[[str], st
         # name holds the newer version, and a stale copy left at the new name made coreutils'
         # `mv`, retrying, move the tree into it (a trial)
         try:
-            await delete_version(store, target, copy_etag or there.etag)
+            await delete_version(store, target, copy_etag or there.etag, head=there)
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise
