@@ -36,7 +36,7 @@ from . import config as config_mod
 from .config import Config
 from .fs import Filesystem
 from .fs.model import Node
-from .fuse_ops import Operations
+from .fuse_ops import Operations, watch_session_end
 from .envelope import EnvelopeError
 from .keyring import CmkUnavailable, Keyring
 from . import status as status_mod
@@ -455,8 +455,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     for line in notices:
         log.warning("%s", line)
     life = _Lifecycle(mountpoint)
+    ops = Operations(fs)
     try:
-        pyfuse3.init(Operations(fs), mountpoint, fuse_options(cfg, options))
+        pyfuse3.init(ops, mountpoint, fuse_options(cfg, options))
     except RuntimeError as e:
         # libfuse wrote the cause to stderr (the log): the usual ones, said here too
         if not os.access("/dev/fuse", os.R_OK | os.W_OK):
@@ -480,6 +481,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             for i in range(cfg.mount.upload_workers):
                 tasks.start_soon(fs.upload_worker, name=f"upload worker {i + 1}")
             tasks.start_soon(_on_signals, life, fs, name="signal handler")
+            tasks.start_soon(watch_session_end, ops, name="FUSE session end watch")
             tasks.start_soon(_announce, cfg, mountpoint, registry, readiness, life, notices, name="readiness check")
             tasks.start_soon(status_mod.serve, status_socket, fs, errors, time.time(), life,
                              name=f"status socket {status_socket}")

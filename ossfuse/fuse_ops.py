@@ -10,6 +10,8 @@ import errno
 import functools
 import logging
 import os
+import select
+import threading
 
 import pyfuse3
 import trio
@@ -34,6 +36,27 @@ def _fs_errors(fn):
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _answerless_after_session(fn):
+    """For the calls that change nothing (lookups, attributes, reads, listings): once the
+    kernel has ended the FUSE session (the mount is gone and no file is open there any more),
+    nobody can receive their answer, so :meth:`Operations.session_ended` cancels them instead of
+    letting pyfuse3 wait for a store that does not answer (an unmount waited for a killed
+    reader's GET for its read_timeout, 60 s, saying nothing: a trial). Calls that change state
+    (writes, renames, releases) are never cancelled: they finish, and the drain follows."""
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args, **kwargs):
+        with trio.CancelScope() as scope:
+            if self._session_over:
+                scope.cancel()
+            self._answerless.add(scope)
+            try:
+                return await fn(self, *args, **kwargs)
+            finally:
+                self._answerless.discard(scope)
+        raise FsError(errno.EIO)  # cancelled: the kernel is gone, this answer goes nowhere
     return wrapper
 
 
@@ -65,6 +88,18 @@ class Operations(pyfuse3.Operations):
         self.attr_timeout = fs.cfg.mount.attr_timeout
         self.entry_timeout = fs.cfg.mount.entry_timeout
         fs.on_entry_moved(self._invalidate_entry)
+        self._answerless: set[trio.CancelScope] = set()  # running calls that change nothing
+        self._session_over = False
+
+    def session_ended(self) -> None:
+        """The kernel ended the FUSE session: cancel the running calls that change nothing
+        (:func:`_answerless_after_session`); ones that start later are cancelled at once."""
+        self._session_over = True
+        if self._answerless:
+            log.info("the FUSE session ended: %d lookup(s) or read(s) still waiting for the store are "
+                     "dropped (nobody can receive their answers)", len(self._answerless))
+        for scope in self._answerless:
+            scope.cancel()
 
     @staticmethod
     def _invalidate_entry(parent_ino: int, name: str) -> None:
@@ -102,6 +137,7 @@ class Operations(pyfuse3.Operations):
         return h
 
     @_fs_errors
+    @_answerless_after_session
     async def lookup(self, parent_inode, name, ctx=None):
         try:
             return self._attr(await self.fs.lookup(self.fs.get(parent_inode), _name(name)))
@@ -115,6 +151,7 @@ class Operations(pyfuse3.Operations):
             return a
 
     @_fs_errors
+    @_answerless_after_session
     async def getattr(self, inode, ctx=None):
         return self._attr(await self.fs.getattr(self.fs.get(inode)))
 
@@ -136,6 +173,7 @@ class Operations(pyfuse3.Operations):
             self.fs.forget(ino, n)
 
     @_fs_errors
+    @_answerless_after_session
     async def readlink(self, inode, ctx):
         return os.fsencode(await self.fs.readlink(self.fs.get(inode)))
 
@@ -144,6 +182,7 @@ class Operations(pyfuse3.Operations):
         return self.fs.opendir(self.fs.get(inode)).fh
 
     @_fs_errors
+    @_answerless_after_session
     async def readdir(self, fh, start_id, token):
         h = self.fs.handles.get(fh)
         if not isinstance(h, DirHandle):
@@ -212,6 +251,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache, direct_io=h.direct_io)
 
     @_fs_errors
+    @_answerless_after_session
     async def read(self, fh, off, size):
         return await self.fs.read(self._file(fh), off, size)
 
@@ -260,6 +300,7 @@ class Operations(pyfuse3.Operations):
         return self._attr(node)
 
     @_fs_errors
+    @_answerless_after_session
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = _BLOCK
@@ -274,3 +315,49 @@ class Operations(pyfuse3.Operations):
     @_fs_errors
     async def access(self, inode, mode, ctx):
         return True  # with default_permissions the kernel checks modes itself
+
+
+def _fuse_device_fd() -> int | None:
+    """This process's descriptor of /dev/fuse, the FUSE session's (pyfuse3 does not expose
+    it; one session per daemon), or None when there is not exactly one."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+    return found[0] if len(found) == 1 else None
+
+
+async def watch_session_end(ops: Operations) -> None:
+    """Call ``ops.session_ended()`` once the kernel ends the FUSE session: when the last user
+    of the mount is gone (an unmount, a lazy one's last close, an abort through
+    /sys/fs/fuse/connections), the kernel aborts the connection and /dev/fuse polls POLLERR
+    (fs/fuse/dev.c, fuse_dev_poll). A thread polls a duplicate of the descriptor for that
+    alone (no POLLIN: requests are pyfuse3's), waking each second to see whether this task
+    was cancelled; it closes the duplicate itself, so cancelling never waits for it."""
+    fd = _fuse_device_fd()
+    if fd is None:  # never expected; the unmount then waits for such calls, as before
+        log.warning("cannot find this process's /dev/fuse descriptor: an unmount waits for reads "
+                    "still waiting for the store")
+        return
+    dup = os.dup(fd)
+    cancelled = threading.Event()
+
+    def wait() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(dup, 0)  # POLLERR and POLLHUP are always reported
+            while not cancelled.is_set():
+                if poller.poll(1000):
+                    return True
+            return False
+        finally:
+            os.close(dup)
+    try:
+        ended = await trio.to_thread.run_sync(wait, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1))
+    finally:
+        cancelled.set()
+    if ended:
+        ops.session_ended()

@@ -389,3 +389,61 @@ def test_a_handle_writing_while_its_earlier_version_uploads_is_not_stale(tmp_pat
         fs.close()
 
     trio.run(main)
+
+
+def test_the_end_of_the_fuse_session_cancels_calls_that_change_nothing_and_lets_others_finish():
+    """Operations.session_ended (the kernel ended the session: nobody can receive an answer)
+    cancels a getattr waiting for the store at once, with EIO, and any such call started later;
+    a mkdir, which changes the bucket, runs to its own end."""
+    import types
+
+    import pyfuse3
+
+    from ossfuse.fuse_ops import Operations
+
+    finished: list[str] = []
+
+    class StuckFs:
+        cfg = types.SimpleNamespace(mount=types.SimpleNamespace(attr_timeout=1.0, entry_timeout=1.0))
+
+        def on_entry_moved(self, callback) -> None:
+            pass
+
+        def get(self, ino: int) -> object:
+            return object()
+
+        async def getattr(self, node):
+            await trio.sleep_forever()  # a HEAD to a store that does not answer
+
+        async def mkdir(self, parent, name, mode, uid, gid):
+            await trio.sleep(0.3)  # a PUT that takes a while, then fails
+            finished.append(name)
+            raise FsError(errno.EEXIST)
+
+    ops = Operations(StuckFs())  # type: ignore[arg-type]
+    results: dict[str, object] = {}
+
+    async def call(name: str, coro) -> None:
+        try:
+            results[name] = await coro
+        except pyfuse3.FUSEError as e:
+            results[name] = e.errno
+
+    async def main() -> None:
+        ctx = types.SimpleNamespace(umask=0o022, uid=UID, gid=GID)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "getattr", ops.getattr(1))
+                nursery.start_soon(call, "mkdir", ops.mkdir(1, b"d", 0o755, ctx))
+                await trio.sleep(0.05)
+                start = trio.current_time()
+                ops.session_ended()
+                await trio.sleep(0)
+                await trio.sleep(0)
+                assert results == {"getattr": errno.EIO}  # at once, while the mkdir goes on
+                assert trio.current_time() - start < 0.1
+                await call("later getattr", ops.getattr(1))
+        assert results == {"getattr": errno.EIO, "later getattr": errno.EIO, "mkdir": errno.EEXIST}
+        assert finished == ["d"]
+
+    trio.run(main)

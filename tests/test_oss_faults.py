@@ -7,6 +7,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -573,5 +574,54 @@ def test_a_conflict_found_at_unmount_logs_one_warning_and_no_error(tmp_path, cmk
         assert m.stop() == 0
         assert sorted(k.split(".conflict-")[0] for k in m.keys()) == ["e", "e.bin"]
         assert "invalidate_entry" not in m.log() and " ERROR " not in m.log()
+    finally:
+        m.cleanup()
+
+
+
+# Opens the file it is given, says so, and reads 1 MiB from 10 MiB on once told to.
+_READER = ("import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); sys.stdin.readline(); "
+           "f.seek(10 << 20); f.read(1 << 20)")
+
+
+def _unmount_after_a_reader_killed_in_a_hanging_read(m: Mount, oss_server) -> float:
+    """Open file ``f`` of ``m`` (more than 11 MiB, not cached) in a reader process, make the
+    store answer nothing, let the reader read, kill it once its GET is at the server, then
+    ``ossfuse umount``: the seconds the unmount took (it must succeed)."""
+    proc = subprocess.Popen([sys.executable, "-c", _READER, m.path("f")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "open\n"
+        oss_server.clear_requests()
+        oss_server.call("faults.latency", 3600)  # every request from now on waits an hour
+        proc.stdin.write("read\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not oss_server.requests_for(method="GET", key="f"):
+            assert time.monotonic() < deadline, "the read's GET did not reach the server"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    start = time.monotonic()
+    try:
+        assert m.stop() == 0
+    finally:
+        oss_server.call("faults.clear")
+    return time.monotonic() - start
+
+
+def test_umount_does_not_wait_for_a_read_whose_reader_is_gone(tmp_path, cmk_path, oss_server):
+    """A reader killed while its read waited for a store that does not answer, then an unmount:
+    nobody can receive that read's answer, so the unmount does not wait for it (it waited for
+    the GET's read timeout, 58 s with nothing printed: a trial of the twenty-second session)."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    try:
+        _file_then_remount(m, 12 << 20)
+        took = _unmount_after_a_reader_killed_in_a_hanging_read(m, oss_server)
+        assert took < 15, f"the unmount waited {took:.1f} s for a read nobody waits for"
+        log = m.log()
+        assert "FUSE session ended: 1 lookup(s) or read(s) still waiting for the store are dropped" in log
+        assert " ERROR " not in log
     finally:
         m.cleanup()

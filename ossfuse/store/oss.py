@@ -386,6 +386,12 @@ def _http_time(headers) -> float | None:
         return None
 
 
+# Requests that change nothing in the bucket: a caller cancelled while one waits (a read whose
+# reader is gone, at the end of the FUSE session) leaves its thread to finish or time out alone
+# (it keeps its limiter token and connection until then) instead of waiting for it.
+_ABANDONABLE = frozenset({"GET", "HEAD", "ListObjects", "ListMultipartUploads"})
+
+
 class OssStore(ObjectStore):
     """One OSS bucket through oss2.
 
@@ -554,7 +560,8 @@ class OssStore(ObjectStore):
                     read = min(read, self.health.timeout)
             timeouts = (budget.timeout(connect), budget.timeout(read))
             try:
-                return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter)
+                return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter,
+                                                     abandon_on_cancel=op in _ABANDONABLE)
             except Exception as e:  # noqa: BLE001 - classified here
                 err = self._to_store_error(op, key, e, timeouts)
                 if err is None:
