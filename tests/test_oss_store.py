@@ -891,6 +891,18 @@ async def test_copy_if_match_sends_the_callers_etag(server, store):
 
 
 @trio_test
+async def test_copy_of_a_described_version_is_one_request(server, store):
+    """A COPY of a version the caller describes (``source``, a rename's) sends no HEAD of the
+    source first: one CopyObject, conditional on that ETag (a rename cost a HEAD more)."""
+    v1 = await store.put_bytes("w/one", b"one", {"a": "1"})
+    server.clear_requests()
+    info = await store.copy("w/one", "w/two", if_match=v1.etag, source=v1)
+    assert [(r.method, r.key) for r in server.requests] == [("PUT", "w/two")]
+    assert server.requests[0].headers["x-oss-copy-source-if-match"] == v1.etag
+    assert (info.size, info.metadata, info.etag) == (3, {"a": "1"}, v1.etag)
+
+
+@trio_test
 async def test_copy_if_match_source_replaced_after_head(server, store, monkeypatch):
     """Another writer replaces the source between the store's HEAD and its CopyObject: OSS
     answers 412 and the copy fails (no second HEAD that would copy the new version)."""

@@ -477,6 +477,30 @@ async def test_copy_if_match(h):
 
 
 @trio_test
+async def test_copy_of_a_version_the_caller_describes(h):
+    """``source`` (the caller's ObjectInfo of version ``if_match``): the copy is that version,
+    the result takes the size and metadata given; a stale version raises PreconditionFailed,
+    a missing source NoSuchKey, a taken name with ``if_absent`` AlreadyExists; nothing written."""
+    s = h.store
+    v1 = await s.put_bytes("cs/src", b"version one", {"v": "1"})
+    info = await s.copy("cs/src", "cs/dst", if_match=v1.etag, source=v1)
+    assert (info.key, info.size, info.metadata) == ("cs/dst", 11, {"v": "1"})
+    got = await s.head("cs/dst")
+    assert (got.etag, got.size, got.metadata) == (info.etag, 11, {"v": "1"})
+    assert await s.get_range("cs/dst", 0, 100) == b"version one"
+    with pytest.raises(AlreadyExists):
+        await s.copy("cs/src", "cs/dst", if_match=v1.etag, source=v1, if_absent=True)
+    v2 = await s.put_bytes("cs/src", b"version two", {"v": "2"})
+    with pytest.raises(PreconditionFailed):
+        await s.copy("cs/src", "cs/other", if_match=v1.etag, source=v1)
+    await s.delete("cs/src")
+    with pytest.raises(NoSuchKey):
+        await s.copy("cs/src", "cs/other", if_match=v2.etag, source=v2)
+    assert await s.head("cs/other") is None
+    assert (await s.head("cs/dst")).etag == info.etag
+
+
+@trio_test
 async def test_list_multipart_uploads(h):
     """Unfinished uploads are listed (key, id, initiation time) under a prefix until completed
     or aborted: what recovery needs to abort orphans."""

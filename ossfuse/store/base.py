@@ -330,7 +330,8 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
+                   if_match: str | None = None, if_absent: bool = False,
+                   source: ObjectInfo | None = None) -> ObjectInfo:
         """Server-side copy of ``src`` to ``dst``; ``metadata`` None keeps the source's (COPY),
         else replaces it (REPLACE). Returns the new object. ``if_absent``: only if nothing is at
         ``dst`` (OSS ``x-oss-forbid-overwrite``, checked atomically), else AlreadyExists.
@@ -340,6 +341,11 @@ class ObjectStore(abc.ABC):
         copy, else PreconditionFailed and nothing is written. Every caller that copies a version
         it has seen should pass it. None copies whatever version is there now (the returned
         size/metadata still describe the version that was copied).
+
+        ``source``: the caller's description of version ``if_match`` of ``src``. With it, a
+        COPY needs no look at the source first (OSS sent a HEAD for the result's size and
+        metadata: a rename cost a round trip more); the result's size and metadata are then
+        ``source``'s (a caller that holds no metadata of a slim version passes it empty).
 
         Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError (e.g.
         source above ``max_copy_size``)."""

@@ -734,7 +734,9 @@ class LocalStore(ObjectStore):
         return info if changed == 1 else None
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
+                   if_match: str | None = None, if_absent: bool = False,
+                   source: ObjectInfo | None = None) -> ObjectInfo:
+        # (``source`` saves no request here: the index row is read with the copy)
         return await self._run_write(self._copy, src, dst, metadata, if_match, if_absent)  # a link: no byte copied
 
     def _list_uploads(self, prefix: str) -> MultipartUploads:

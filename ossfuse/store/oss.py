@@ -1162,11 +1162,20 @@ class OssStore(ObjectStore):
     def _copy_sync(self, src: str, dst: str, headers: dict[str, str]):
         return self._bucket.copy_object(self.bucket_name, src, dst, headers=dict(headers))
 
+    def _check_copy_size(self, src: str, size: int) -> None:
+        limit = self.max_copy_size
+        if limit is not None and size > limit:
+            raise StoreError(f"cannot copy {src!r} ({size} bytes): objects above {limit} bytes cannot be "
+                             "copied with CopyObject", key=src)
+
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
+                   if_match: str | None = None, if_absent: bool = False,
+                   source: ObjectInfo | None = None) -> ObjectInfo:
         """CopyObject within the bucket (§3.9): ``x-oss-metadata-directive: COPY`` when
         ``metadata`` is None, else ``REPLACE`` with the given ``x-oss-meta-*`` and the source's
-        Content-Type. The source is HEADed first (its size, type and metadata for the result).
+        Content-Type. The source is HEADed first (its size, type and metadata for the result),
+        except for a COPY of version ``if_match`` the caller describes (``source``): its
+        ``x-oss-copy-source-if-match`` checks that version as the HEAD would, in the same request.
 
         ``if_match``: the copy is conditional on that source ETag (``x-oss-copy-source-if-match``,
         §3.9): a source that is another version (at the HEAD already, or replaced between the
@@ -1179,6 +1188,14 @@ class OssStore(ObjectStore):
         Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError for a
         source above ``max_copy_size`` (CopyObject cannot do it; it needs a streamed copy)."""
         self._check_key(dst)
+        if source is not None and if_match is not None and metadata is None:
+            self._check_copy_size(src, source.size)
+            headers = {"x-oss-copy-source-if-match": if_match, "x-oss-metadata-directive": "COPY"}
+            if if_absent:
+                headers[_FORBID_OVERWRITE] = "true"
+            r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers, bulk=source.size > _SMALL_BODY)
+            return ObjectInfo(dst, source.size, r.etag or if_match, _http_time(r.headers) or 0.0,
+                              self._norm_meta(source.metadata))
         for _ in range(1 if if_match is not None else 3):
             h = await self._head(src)
             if h is None:
@@ -1187,9 +1204,7 @@ class OssStore(ObjectStore):
             if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
                 raise PreconditionFailed(f"OSS CopyObject {src!r}: the source is version {info.etag}, "
                                          f"not {if_match}", key=src, code="PreconditionFailed")
-            if info.size > self.max_copy_size:
-                raise StoreError(f"cannot copy {src!r} ({info.size} bytes): objects above "
-                                 f"{self.max_copy_size} bytes cannot be copied with CopyObject", key=src)
+            self._check_copy_size(src, info.size)
             headers = {"x-oss-copy-source-if-match": if_match if if_match is not None else info.etag}
             if if_absent:
                 headers[_FORBID_OVERWRITE] = "true"

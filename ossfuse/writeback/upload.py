@@ -162,7 +162,8 @@ class Uploader:
         ``if_absent``: only if nothing is at ``dst`` (AlreadyExists, nothing written)."""
         limit = self.store.max_copy_size
         if not stream and (limit is None or src.size <= limit):
-            return await self.store.copy(src.key, dst, metadata=metadata, if_match=src.etag, if_absent=if_absent)
+            return await self.store.copy(src.key, dst, metadata=metadata, if_match=src.etag, if_absent=if_absent,
+                                         source=src)
         meta = dict(src.metadata if metadata is None else metadata)
         for name in (env.H_DATA_SIZE, env.H_PART_SIZE):
             meta.pop(name, None)  # the new upload has its own part layout

@@ -293,9 +293,10 @@ class FaultStore(ObjectStore):
         return await self._run("list_multipart_uploads", (prefix,), lambda: self.inner.list_multipart_uploads(prefix))
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False) -> ObjectInfo:
+                   if_match: str | None = None, if_absent: bool = False,
+                   source: ObjectInfo | None = None) -> ObjectInfo:
         return await self._run("copy", (src, dst), lambda: self.inner.copy(src, dst, metadata, if_match=if_match,
-                                                                           if_absent=if_absent))
+                                                                           if_absent=if_absent, source=source))
 
     async def delete(self, key: str) -> None:
         return await self._run("delete", (key,), lambda: self.inner.delete(key))
