@@ -730,10 +730,13 @@ def cmd_rekey(args) -> int:
             return _die(f"{cfg.path}: no CMK with id {name!r}")
     if reason := rekey.refusal(keyring, args.to_id):  # objects this config could not read: stop first
         return _die(f"{cfg.path}: {reason}")
-    rel = rekey.path_below_root(args.path)
+    try:
+        path = _path_in_mount(args.path, args.config, "rekey")
+    except ValueError as e:
+        return _die(str(e))
+    rel = rekey.path_below_root(path)
     if rel is None:
-        return _die(f"rekey {args.path}: PATH is above the mount's root (PATH is a file or directory below it, "
-                    f"as in MOUNTPOINT/PATH)")
+        return _die(f"rekey {args.path}: PATH is above the mount's root ({_PATH_FORMS})")
     for line in rekey.mounts_without(cfg, keyring, args.to_id):  # mounts that could not read them
         print(f"ossfuse: warning: {line}", file=sys.stderr)
 
@@ -751,7 +754,7 @@ def cmd_rekey(args) -> int:
                 total += o.size
         progress = rekey.RekeyProgress(objects, total)
         try:
-            return await rekey.rekey(cfg, store, keyring, path=args.path, from_id=args.from_id, to_id=args.to_id,
+            return await rekey.rekey(cfg, store, keyring, path=path, from_id=args.from_id, to_id=args.to_id,
                                      dry_run=args.dry_run, progress=progress.update)
         finally:
             progress.close()
@@ -762,17 +765,48 @@ def cmd_rekey(args) -> int:
     except StoreError as e:  # the store fails as a whole (listing): one line
         return _die(f"rekey: {e}")
     if summary is None:
-        return _die(f"rekey {args.path}: no object there (PATH is a file or directory below the mount's root, as "
-                    f"in MOUNTPOINT/PATH; not the mounted path itself)")
+        return _die(f"rekey {args.path}: no object there ({_PATH_FORMS})")
     print(summary.render(args.dry_run))
     return 1 if summary.failed or summary.damaged else 0
 
 
+# what `check --verify PATH` and `rekey PATH` accept, said when a PATH names nothing
+_PATH_FORMS = "PATH is a path in the mount, as in /mnt/ossfuse/photos, or one below the mount's root, as in photos"
+
+
+def _path_in_mount(path: str, config: str, command: str) -> str:
+    """``check --verify``'s and ``rekey``'s PATH as a user types it: a path in a running mount
+    of ``config`` (``/mnt/ossfuse/photos``) becomes the path below that mount's root
+    (``photos``; the mount point itself: "."); any other PATH already names one and is
+    returned as given (``/photos`` is ``photos``). Raises ValueError (one line) for a path in
+    an ossfuse mount made with another config, or whose record this runtime dir lacks: which
+    bucket it shows is not known, and a rekey must not guess."""
+    if not os.path.isabs(path):
+        return path
+    real = os.path.realpath(path)
+    inside = [mp for _dev, mp, fstype in mounts() if fstype == "fuse.ossfuse"
+              and (real == mp or real.startswith(mp.rstrip("/") + "/"))]
+    if not inside:
+        return path
+    mp = max(inside, key=len)  # the innermost mount
+    made_with = (read_registry(mp) or {}).get("config")
+    if made_with is None or os.path.realpath(made_with) != os.path.realpath(config):
+        raise ValueError(f"{command} {path}: that is in the ossfuse mount at {mp}, made with "
+                         f"{made_with or 'a config this runtime dir has no record of'}, not with {os.path.abspath(config)}: give "
+                         f"-c that mount's config, or PATH below the mount's root")
+    return os.path.relpath(real, mp)
+
+
 def cmd_check(args) -> int:
     from .rekey import path_below_root
-    if args.verify is not None and path_below_root(args.verify) is None:
-        return _die(f"check --verify {args.verify}: PATH is above the mount's root (PATH is a file or directory "
-                    f"below it, as in MOUNTPOINT/PATH)")
+    verify = args.verify
+    if verify is not None:
+        try:
+            verify = _path_in_mount(verify, args.config, "check --verify")
+        except ValueError as e:
+            return _die(str(e))
+        if path_below_root(verify) is None:
+            return _die(f"check --verify {args.verify}: PATH is above the mount's root ({_PATH_FORMS})")
     import logging
     from . import config as config_mod
     import trio
@@ -790,8 +824,8 @@ def cmd_check(args) -> int:
         # objects this config cannot read do not keep the others from being verified (each
         # one it cannot read is a FAIL line of its own there); a CMK or store failure does
         blocking = [line for ok, line in results if not ok and rekey.UNREADABLE_SAMPLE not in line]
-        summary = trio.run(lambda: rekey.verify(cfg, store, keyring, path=args.verify)) \
-            if args.verify is not None and not blocking else None
+        summary = trio.run(lambda: rekey.verify(cfg, store, keyring, path=verify)) \
+            if verify is not None and not blocking else None
     finally:
         logging.disable(logging.NOTSET)
     for ok, line in results:
@@ -799,13 +833,12 @@ def cmd_check(args) -> int:
     if args.verify is not None and blocking:
         print("--verify was not run: fix the failures above first")
     if summary is not None:
+        found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers or summary.failed
+        if path_below_root(verify) and not found:  # a typo: no summary of nothing verified first
+            return _die(f"check --verify {args.verify}: no object there ({_PATH_FORMS})")
         print(summary.render())
         if summary.failed:
             return 1
-        found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers
-        if path_below_root(args.verify) and not found:
-            return _die(f"check --verify {args.verify}: no object there (PATH is a file or directory below the "
-                        f"mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)")
     return 0 if all(ok for ok, _ in results) else 1
 
 
@@ -1021,15 +1054,17 @@ def _rekey_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--from", dest="from_id", metavar="ID", help="only objects wrapped by this CMK")
     r.add_argument("--to", dest="to_id", metavar="ID", help="target CMK (default: what the rules pick)")
     r.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
-    r.add_argument("path", nargs="?", default="", help="a file, or a directory whose objects are all rekeyed, as in MOUNTPOINT/PATH (default: all)")
+    r.add_argument("path", nargs="?", default="", help="a file, or a directory whose objects are all rekeyed: a path in a mount of this config, "
+                        "or below the mount's root (default: all)")
     r.set_defaults(fn=cmd_rekey)
 
 
 def _check_args(ch: argparse.ArgumentParser) -> None:
     ch.add_argument("-c", "--config", required=True, help="TOML config file to check")
     ch.add_argument("--verify", nargs="?", const="", metavar="PATH",
-                    help="also read every object under PATH (a directory under the mount's prefix; default: "
-                         "all) and check its integrity tags; each one that fails is a FAIL line")
+                    help="also read every object under PATH (a file or directory: a path in a mount of this "
+                         "config, or below the mount's root; default: all) and check its integrity tags; each one "
+                         "that fails is a FAIL line")
     ch.set_defaults(fn=cmd_check)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -63,19 +64,29 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     r = check_verify(m)
     assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
     assert "not encrypted: 0; directory markers: 1; failed: 0" in r.stdout, r.stdout
-    for where in ("nosuchdir", m.mnt):  # a PATH that matches nothing (the mounted path: a natural guess)
+    forms = "PATH is a path in the mount, as in /mnt/ossfuse/photos, or one below the mount's root, as in photos"
+    for where in ("nosuchdir", m.path("nosuchdir")):  # a PATH that matches nothing: no summary of nothing first
         r = check_verify(m, where)
-        assert r.returncode == 1 and "verified: 0 object(s)" in r.stdout, r.stdout
-        assert r.stderr == f"ossfuse: check --verify {where}: no object there (PATH is a file or directory below " \
-                           f"the mount's root, as in MOUNTPOINT/PATH; not the mounted path itself)\n", r.stderr
+        assert r.returncode == 1 and "verified:" not in r.stdout, r.stdout
+        assert r.stderr == f"ossfuse: check --verify {where}: no object there ({forms})\n", r.stderr
     for where in ("..", "d/../../f"):  # above the root (".." checked the whole bucket)
         r = check_verify(m, where)
         assert r.returncode == 1 and r.stderr == f"ossfuse: check --verify {where}: PATH is above the mount's root " \
-            f"(PATH is a file or directory below it, as in MOUNTPOINT/PATH)\n", r.stderr
+            f"({forms})\n", r.stderr
     for where, count in (("f", "1 object(s), 3145851 bytes"), ("./h", "1 object(s), 1000 bytes"),
-                         ("d/..//f", "1 object(s), 3145851 bytes"), (".", "2 object(s), 3146851 bytes")):
+                         ("d/..//f", "1 object(s), 3145851 bytes"), (".", "2 object(s), 3146851 bytes"),
+                         # a path in the mount, as a user types it (it said "no object there": a trial)
+                         (m.mnt, "2 object(s), 3146851 bytes"), (m.path("f"), "1 object(s), 3145851 bytes"),
+                         (m.path("d", "..", "h"), "1 object(s), 1000 bytes")):
         r = check_verify(m, where)  # a file, as a path is written (it said "no object there")
         assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (where, r.stdout, r.stderr)
+    other = m.config + ".copy"  # the same settings, another file: which mount it means is not known
+    shutil.copy(m.config, other)
+    r = subprocess.run(OSSFUSE + ["check", "-c", other, "--verify", m.path("f")], capture_output=True, text=True,
+                       timeout=120, env=m.env)
+    assert r.returncode == 1 and "verified:" not in r.stdout and r.stderr == (
+        f"ossfuse: check --verify {m.path('f')}: that is in the ossfuse mount at {m.mnt}, made with {m.config}, "
+        f"not with {other}: give -c that mount's config, or PATH below the mount's root\n"), r.stdout + r.stderr
     flip(m, "f", 3 * MIB // 2 + 5)  # block 24 of 64 KiB
     with open(m.path("h"), "rb") as f:
         assert f.read() == data[:1000]
