@@ -625,3 +625,46 @@ def test_umount_does_not_wait_for_a_read_whose_reader_is_gone(tmp_path, cmk_path
         assert " ERROR " not in log
     finally:
         m.cleanup()
+
+
+# Opens the file it is given for direct I/O, says so, and reads 1 MiB from 10 MiB on once told to
+# (an mmap is page-aligned, as O_DIRECT wants).
+_DIRECT_READER = ("import mmap, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT); print('open', flush=True); "
+                  "sys.stdin.readline(); os.preadv(fd, [mmap.mmap(-1, 1 << 20)], 10 << 20)")
+
+
+@pytest.mark.expect_log(r"ossfuse\.store\.health: store unreachable, working offline from the cache: OSS GET 'f': "
+                        r"no answer from \S+ within 5\.0s")
+def test_a_killed_direct_io_reader_of_a_hung_store_ends_within_the_offline_timeout(tmp_path, cmk_path, oss_server):
+    """A direct-I/O reader killed while its GET waits for a store that does not answer: the
+    kernel waits for that read's answer (the killed process stays in its read, and the mount
+    busy) until the GET gives up, which it now does after store.offline_timeout (5 s), as any
+    request with no answer; it waited read_timeout, 60 s (a trial). Then the unmount goes."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    try:
+        _file_then_remount(m, 12 << 20)
+        proc = subprocess.Popen([sys.executable, "-c", _DIRECT_READER, m.path("f")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "open\n"
+            oss_server.clear_requests()
+            oss_server.call("faults.latency", 3600)
+            proc.stdin.write("read\n")
+            proc.stdin.flush()
+            deadline = time.monotonic() + 30
+            while not oss_server.requests_for(method="GET", key="f"):
+                assert time.monotonic() < deadline, "the read's GET did not reach the server"
+                time.sleep(0.05)
+            killed = time.monotonic()
+            proc.kill()
+            proc.wait(timeout=30)
+            took = time.monotonic() - killed
+            assert took < 15, f"the killed reader waited {took:.1f} s for its read"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=120)
+            oss_server.call("faults.clear")
+        assert m.stop() == 0
+    finally:
+        m.cleanup()

@@ -542,10 +542,11 @@ class OssStore(ObjectStore):
         """Run ``fn(*args)`` in a worker thread under the store's retry policy (module
         docstring): each attempt's connect and read timeouts are shortened to what is left of
         the deadline. ``bulk``: the request streams a large body (GET, PUT of a file, part,
-        complete, copy) and keeps ``read_timeout`` per socket read; any other request (HEAD,
-        LIST, DELETE, small PUT) waits at most the offline timeout for each read when the
-        store has a health tracker, so a store that accepts and never answers is found
-        offline within ``store.offline_timeout``, not after ``read_timeout``.
+        complete, copy); those that write keep ``read_timeout`` per socket read (the store may
+        work a while before it answers); a GET and any other request (HEAD, LIST, DELETE,
+        small PUT) waits at most the offline timeout for each read when the store has a health
+        tracker, so a store that accepts and never answers is found offline within
+        ``store.offline_timeout``, not after ``read_timeout``.
         ``transient_seen`` (a list) gets the error of every failed attempt that was retried.
         Raises the last attempt's StoreError, logged once."""
         budget_seen: list[Budget] = []
@@ -556,7 +557,10 @@ class OssStore(ObjectStore):
             connect, read = self.connect_timeout, self.read_timeout
             if self.health is not None:
                 connect = min(connect, self.health.timeout)
-                if not bulk:  # a metadata request: no answer within the offline bound is an outage
+                # a metadata request, or a GET (its body flows from its first byte on; only
+                # writes wait for the store's work): no answer within the offline bound is an
+                # outage (a hung GET held a reader, the unmount and SIGTERM for read_timeout)
+                if not bulk or op == "GET":
                     read = min(read, self.health.timeout)
             timeouts = (budget.timeout(connect), budget.timeout(read))
             try:
