@@ -828,6 +828,24 @@ def silent_server():
 
 
 @trio_test
+async def test_a_stalled_upload_names_the_timeout_that_ended_it(silent_server, tmp_path):
+    """A server that takes no more of a large PUT's body: urllib3 sends it under the connect
+    timeout (1 s here), so the attempt ends after that, and its line says so (it said "no
+    answer within 30.0s" after 1 s: a trial)."""
+    endpoint, conns = silent_server
+    store = OssStore(BUCKET, endpoint, region=REGION, signature="v4", credentials=StaticCredentialsProvider(AK, SK),
+                     retries=0, connect_timeout=1.0, read_timeout=30.0, deadline=20.0)
+    path = tmp_path / "big"
+    path.write_bytes(b"\0" * (64 << 20))  # more than the socket buffers hold
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as ei:
+        await store.put_file("k", str(path), {})
+    assert time.monotonic() - t0 < 10
+    assert f"{endpoint} took no more of the request for 1.0s" in _one_line(ei.value), _one_line(ei.value)
+    await store.aclose()
+
+
+@trio_test
 async def test_server_that_never_answers_is_bounded_by_the_deadline(silent_server):
     """read timeout 30 s × 6 attempts would be 3 minutes; the deadline (1.5 s) bounds the
     call: the attempt's read timeout is cut to what is left."""
@@ -987,6 +1005,11 @@ def test_network_failure_texts():
     assert _network_failure(ep, timeout, (3.0, 9.0)) == ("Timeout", f"cannot connect to {ep}: no connection within 3.0s",
                                                          True)
     assert _network_failure(ep, requests.exceptions.ReadTimeout("read timed out"), (3.0, 9.0)) == \
+        ("Timeout", f"no answer from {ep} within 9.0s (the request was sent: it may still take effect)", True)
+    # a timeout sooner than the read timeout fired while sending (urllib3 sends under the connect timeout)
+    assert _network_failure(ep, requests.exceptions.ReadTimeout("timed out"), (3.0, 9.0), waited=3.1) == \
+        ("Timeout", f"{ep} took no more of the request for 3.0s (what was sent may still take effect)", True)
+    assert _network_failure(ep, requests.exceptions.ReadTimeout("timed out"), (3.0, 9.0), waited=9.1) == \
         ("Timeout", f"no answer from {ep} within 9.0s (the request was sent: it may still take effect)", True)
     broken = requests.exceptions.ChunkedEncodingError(
         urllib3.exceptions.ProtocolError("Connection broken", ConnectionResetError(errno_mod.ECONNRESET, "reset")))

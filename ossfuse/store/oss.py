@@ -57,6 +57,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -197,12 +198,25 @@ _SMALL_BODY = 1 << 20
 
 def _with_timeouts(timeouts: tuple[float, float], fn: Callable[..., Any], *args) -> Any:
     """Run ``fn(*args)`` in this worker thread with requests' (connect, read) timeouts set to
-    ``timeouts`` seconds (:class:`_DeadlineSession` reads them)."""
+    ``timeouts`` seconds (:class:`_DeadlineSession` reads them). An exception it raises gets
+    ``_WAITED``, the seconds the attempt ran, so a timeout's line names the one that fired
+    (urllib3 sends a request body under the connect timeout: a stalled upload's line said
+    "no answer within 60.0s" after 5 s, a trial)."""
     _thread_timeouts.value = timeouts
+    started = time.monotonic()
     try:
         return fn(*args)
+    except Exception as e:
+        try:
+            setattr(e, _WAITED, time.monotonic() - started)
+        except AttributeError:  # (an exception type without a __dict__: the line names the timeout)
+            pass
+        raise
     finally:
         _thread_timeouts.value = None
+
+
+_WAITED = "_ossfuse_waited"  # attribute of an attempt's exception: seconds it ran (_with_timeouts)
 
 
 class _DeadlineSession(oss2.Session):
@@ -231,10 +245,11 @@ def _causes(exc: BaseException):
                      e.args[0] if e.args and isinstance(e.args[0], BaseException) else None])
 
 
-def _network_failure(endpoint: str, exc: BaseException,
-                     timeouts: tuple[float, float] | None) -> tuple[str, str, bool]:
+def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, float] | None,
+                     waited: float | None = None) -> tuple[str, str, bool]:
     """``(code, plain text, temporary)`` for a failure below HTTP, instead of urllib3's
-    ``HTTPConnectionPool(host=…) Max retries exceeded …`` dump."""
+    ``HTTPConnectionPool(host=…) Max retries exceeded …`` dump. ``waited``: seconds the attempt
+    ran (a timeout sooner than the read timeout was the sending's)."""
     chain = list(_causes(exc))
 
     def has(*types: type) -> Any:  # Any: the matched type (socket.gaierror, OSError, ...) or None
@@ -253,6 +268,11 @@ def _network_failure(endpoint: str, exc: BaseException,
         t = f" within {timeouts[0]:.1f}s" if timeouts else ""
         return "Timeout", f"cannot connect to {endpoint}: no connection{t}", True
     if has(requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
+        if timeouts and waited is not None and waited + 0.5 < timeouts[1]:
+            # sooner than a read can time out: urllib3 sends a request (its body) under the
+            # connect timeout, and the store took nothing more for that long
+            return "Timeout", (f"{endpoint} took no more of the request for {timeouts[0]:.1f}s (what was sent may "
+                               f"still take effect)"), True
         t = f" within {timeouts[1]:.1f}s" if timeouts else ""
         # the request went out: the store may still carry it out (a trial: a mkdir that failed
         # so showed its directory once a stopped server went on)
@@ -510,8 +530,9 @@ class OssStore(ObjectStore):
         if isinstance(e, _BadResponse):
             return StoreUnavailable(f"{what}: unusable answer: {e}", key=key, request_id=rid, code="BadResponse",
                                     answered=True)
+        waited = getattr(e, _WAITED, None)
         if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
-            code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts)
+            code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
             return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
         if isinstance(e, oe.OssError):  # an answer from the server (or an oss2 ClientError, status -1)
@@ -532,7 +553,7 @@ class OssStore(ObjectStore):
                 return StoreUnavailable(text, key=key, request_id=rid, code=code, answered=True)
             return StoreError(text, key=key, request_id=rid, code=code, answered=True)
         if isinstance(e, _TRANSPORT_ERRORS):  # raised while a streamed body was read
-            code, text, temporary = _network_failure(self.endpoint, e, timeouts)
+            code, text, temporary = _network_failure(self.endpoint, e, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
             return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
         return None
