@@ -149,6 +149,9 @@ def _setup_daemon_logging(args, cfg) -> None:
 
 def cmd_mount(args) -> int:
     from . import config as config_mod  # here, not at the top: `ossfuse umount` needs no crypto imports
+    # the kernel mounts on a symlink's target, and the daemon must look for its mount there
+    # (through a symlink it waited 90 s for a mount it could not see, then left it dead: a trial)
+    args.mountpoint = os.path.realpath(args.mountpoint)
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
@@ -517,8 +520,12 @@ def _unmount(mp: str, device: str | None) -> str | None:
     this call or by another unmount that came first (a second ``ossfuse umount``: the caller
     then waits for the uploads as that one does), else the reason it is not, in one line:
     naming up to five processes that hold a file, directory, program or mapping there, or the
-    mounts below it. EBUSY with neither is retried for ``_TRANSIENT_BUSY_S`` seconds."""
+    mounts below it. EBUSY with neither is retried for ``_TRANSIENT_BUSY_S`` seconds; held by
+    processes that were all killed (SIGKILL pending, still in a request), it is retried until
+    they end, for up to ``_KILLED_HOLDER_S`` seconds (one line on stderr names each)."""
     give_up = time.monotonic() + _TRANSIENT_BUSY_S
+    killed_give_up = time.monotonic() + _KILLED_HOLDER_S
+    said: set[int] = set()
     while True:
         r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
         if r.returncode == 0 or mounted_device(mp) != device:
@@ -530,6 +537,17 @@ def _unmount(mp: str, device: str | None) -> str | None:
         if below:
             return msg + f" (mounted below it: {_some_paths(below)}; unmount that first)"
         users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
+        if users and all(_killed(p) for p, _c in users) and time.monotonic() < killed_give_up:
+            # killed, they end once the request each waits for in the mount returns (at most
+            # the store's offline timeout, 5 s by default, for one that waits for the store)
+            for p, c in users:
+                if p not in said:
+                    said.add(p)
+                    print(f"ossfuse: waiting for pid {p} ({c}), killed, to end: it waits for a request in the mount",
+                          file=sys.stderr)
+            time.sleep(0.1)
+            give_up = time.monotonic() + _TRANSIENT_BUSY_S  # its last requests end after it
+            continue
         if users:
             ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
             who = ", ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "") + ")" for p, c in users[:5])
@@ -545,6 +563,24 @@ def _unmount(mp: str, device: str | None) -> str | None:
                     f"or mapping there: something keeps looking up names in it (a file manager, find), or a process "
                     f"of another PID namespace uses it")
         time.sleep(0.05)
+
+
+# How long a busy unmount waits for holders that were killed (SIGKILL pending) to end.
+_KILLED_HOLDER_S = 30.0
+
+
+def _killed(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGKILL pending (/proc/PID/status ShdPnd or SigPnd): it
+    was killed and ends as soon as it leaves the system call it is in (a FUSE request its
+    reader cannot abandon, a direct-I/O read, waits for the daemon's answer)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) >> (signal.SIGKILL - 1) & 1:
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "tcsh", "csh", "busybox"})
@@ -666,7 +702,7 @@ def mount_helper(argv: list[str] | None = None) -> int:
     unit = systemd_mount_unit()
     import shutil
     if unit is not None and shutil.which("systemd-run"):
-        cmd = systemd_run_command(os.path.abspath(args.config), os.path.abspath(args.mountpoint), options)
+        cmd = systemd_run_command(os.path.abspath(args.config), os.path.realpath(args.mountpoint), options)
         return subprocess.run(cmd).returncode
     return main(["mount", "-c", args.config, args.mountpoint] + options)
 

@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ossfuse import config as config_mod
-from ossfuse.registry import mounted_device, process_alive
+from ossfuse.registry import mounted_device, process_alive, read_registry
 
-from conftest import OSSFUSE, daemon_pids, local_config, run_cli
+from conftest import OSSFUSE, Mount, daemon_pids, local_config, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -570,6 +570,30 @@ def test_umount_and_status_follow_a_symlink_to_the_mount_point(mount, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mount.mnt)
     mount.pid = None
+
+
+def test_mount_through_a_symlink_mounts_its_target(tmp_path, cmk_path):
+    """``ossfuse mount -c C LINK`` where LINK points at an empty directory mounts that
+    directory (the kernel follows the link) and comes up; it waited 90 s for a mount at LINK,
+    failed, and left the target a dead mount (a trial)."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    link = tmp_path / "link to mnt"
+    link.symlink_to(m.mnt)
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, str(link)], capture_output=True, text=True,
+                           timeout=120, env=m.env)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < 30
+        m.pid = read_registry(m.mnt)["pid"]
+        with open(os.path.join(str(link), "f"), "w") as f:
+            f.write("through the link")
+        assert os.path.ismount(m.mnt) and open(m.path("f")).read() == "through the link"
+        assert ossfuse("umount", str(link)).returncode == 0
+        m.pid = None
+        assert not os.path.ismount(m.mnt)
+    finally:
+        m.cleanup()
 
 
 def test_the_installed_command_runs_a_copy_not_this_checkout():
