@@ -132,8 +132,9 @@ class Health(Protocol):
 class _Unreachable(tenacity.stop.stop_base):
     """Stop retrying an unreachable store: EIO after the offline timeout, not the whole
     deadline. Counted from the first failure: a long transfer that is then reset is still
-    retried. A ``short`` request (metadata: no long body) counts from its start, so one that
-    waited out its timeout is not sent again past the offline bound. One instance per call
+    retried; one that timed out counts from when the store went silent (``silent_for``). A
+    ``short`` request (metadata: no long body) counts from its start, so one that waited out
+    its timeout is not sent again past the offline bound. One instance per call
     (it remembers that call's first failure); a module-level class because defining one per
     call cost ~10% of the CPU of ``ls -l`` over OSS (a HEAD per entry)."""
 
@@ -146,7 +147,11 @@ class _Unreachable(tenacity.stop.stop_base):
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
         if self.first_failure is None:
-            self.first_failure = self.start if self.short else now
+            # a timeout: the store has failed since it went silent (StoreError.silent_for), so
+            # a long GET that then got nothing for the offline timeout is not sent again
+            exc = state.outcome.exception() if state.outcome is not None else None
+            silent = getattr(exc, "silent_for", 0.0) or 0.0
+            self.first_failure = self.start if self.short else max(self.start, now - silent)
         return self.health.give_up(now - self.first_failure, state.upcoming_sleep or 0.0)
 
 

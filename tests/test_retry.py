@@ -217,3 +217,41 @@ def test_async_first_attempt_outside_tenacity_keeps_the_policy():
         assert len(calls) == 10 and len(tracker.asked) == 9  # (not asked after the last attempt)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_timeout_counts_the_store_failing_since_it_went_silent():
+    """A long request (not ``short``) counts its failing time from its first failure, so a
+    reset after a long transfer is retried; but a timeout's ``silent_for`` seconds (the store
+    sent nothing that long) count too: a GET that got nothing for the offline timeout is not
+    sent again (it was, and an unreachable store held a read twice the offline timeout: a trial).
+    Each attempt here takes 0.3 s of real time; the offline bound is 0.3 s."""
+    from ossfuse.store.base import StoreUnavailable
+
+    class Tracker:
+        offline = False
+
+        def __init__(self):
+            self.asked: list[float] = []
+
+        def give_up(self, failing_for, upcoming_sleep):
+            self.asked.append(failing_for)
+            return failing_for + upcoming_sleep > 0.3
+
+    async def main():
+        for silent, attempts in ((0.3, 1), (0.0, 2)):
+            calls = []
+
+            async def fails(budget):
+                calls.append(budget.attempt)
+                time.sleep(0.3)  # the budget and tenacity run on the real monotonic clock
+                err = StoreUnavailable("no answer", code="Timeout" if silent else "ConnectionReset")
+                err.silent_for = silent
+                raise err
+
+            tracker = Tracker()
+            with pytest.raises(StoreUnavailable):
+                await retry_async(RetryPolicy(attempts=10, deadline=None, backoff=0.05, backoff_max=0.05), fails,
+                                  health=tracker, short=False)
+            assert len(calls) == attempts, (silent, calls, tracker.asked)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

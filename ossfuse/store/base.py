@@ -41,10 +41,13 @@ class StoreError(Exception):
       ``Timeout``, ``NameResolution``, ``ConnectionReset``, ``CrcMismatch``, ``NoCredentials``).
     * ``key``: the object key (or listing prefix) asked for; ``request_id``: the server's
       ``x-oss-request-id`` when known.
+    * ``silent_for`` (float): seconds the store sent nothing before this failure (a timeout's
+      length; 0 otherwise): the retry loop counts the store failing since then (``ossfuse.retry``).
     """
 
     #: class default; StoreUnavailable is temporary, everything else is not unless said
     temporary: bool = False
+    silent_for: float = 0.0
 
     def __init__(self, message: str, *, key: str | None = None, request_id: str | None = None,
                  code: str | None = None, temporary: bool | None = None, answered: bool = False):

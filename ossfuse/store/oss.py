@@ -291,6 +291,17 @@ def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, f
     return "ConnectionError", f"connection to {endpoint} failed: {_first_line(chain[-1])}", True
 
 
+def _with_silence(err: StoreError, text: str, timeouts: tuple[float, float] | None,
+                  waited: float | None) -> StoreError:
+    """``err`` (whose failure :func:`_network_failure` put as ``text``) with ``silent_for`` set
+    when it is a timeout: the store sent nothing for the timeout that fired, the connect one
+    for a connection or a request body (as that function tells them apart), else the read one."""
+    if err.code == "Timeout" and timeouts:
+        sending = waited is not None and waited + 0.5 < timeouts[1]
+        err.silent_for = timeouts[0] if sending or text.startswith("cannot connect") else timeouts[1]
+    return err
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
@@ -534,7 +545,8 @@ class OssStore(ObjectStore):
         if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
             code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
-            return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
+            return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), text, timeouts,
+                                 waited)
         if isinstance(e, oe.OssError):  # an answer from the server (or an oss2 ClientError, status -1)
             status, code = e.status, getattr(e, "code", "") or ""
             if status < 0:  # oss2 refused the request before sending it (body: "ClientError: …")
@@ -555,7 +567,8 @@ class OssStore(ObjectStore):
         if isinstance(e, _TRANSPORT_ERRORS):  # raised while a streamed body was read
             code, text, temporary = _network_failure(self.endpoint, e, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
-            return cls(f"{what}: {text}", key=key, code=code, temporary=temporary)
+            return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), text, timeouts,
+                                 waited)
         return None
 
     async def _call(self, op: str, key: str | None, fn: Callable[..., Any], *args,
