@@ -64,7 +64,8 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     r = check_verify(m)
     assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
     assert "not encrypted: 0; directory markers: 1; failed: 0" in r.stdout, r.stdout
-    forms = "PATH is a path in the mount, as in /mnt/ossfuse/photos, or one below the mount's root, as in photos"
+    forms = ("PATH is a path in the mount, as in /mnt/ossfuse/photos (or photos typed in /mnt/ossfuse), or one below "
+             "the mount's root, as in photos")
     for where in ("nosuchdir", m.path("nosuchdir")):  # a PATH that matches nothing: no summary of nothing first
         r = check_verify(m, where)
         assert r.returncode == 1 and "verified:" not in r.stdout, r.stdout
@@ -80,6 +81,16 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
                          (m.path("d", "..", "h"), "1 object(s), 1000 bytes")):
         r = check_verify(m, where)  # a file, as a path is written (it said "no object there")
         assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (where, r.stdout, r.stderr)
+    for cwd, where, count in ((m.path("d"), "../h", "1 object(s), 1000 bytes"), (m.mnt, "f", "1 object(s), 3145851 bytes"),
+                              (m.path("d"), "..", "2 object(s), 3146851 bytes")):
+        # typed inside the mount, a relative PATH is from there (from d, "f" named the root's f: a trial)
+        r = subprocess.run(OSSFUSE + ["check", "-c", m.config, "--verify", where], capture_output=True, text=True,
+                           timeout=120, env=m.env, cwd=cwd)
+        assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (cwd, where, r.stdout, r.stderr)
+    r = check_verify(m, m.path(".."))  # a directory of this machine, not in the mount: not read as a bucket path
+    assert r.returncode == 1 and "verified:" not in r.stdout and r.stderr == (
+        f"ossfuse: check --verify {m.path('..')}: that is a path on this machine, not in a running ossfuse mount: "
+        f"give a path in the mount, or one below the mount's root\n"), r.stdout + r.stderr
     other = m.config + ".copy"  # the same settings, another file: which mount it means is not known
     shutil.copy(m.config, other)
     r = subprocess.run(OSSFUSE + ["check", "-c", other, "--verify", m.path("f")], capture_output=True, text=True,
