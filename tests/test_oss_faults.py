@@ -585,6 +585,19 @@ _READER = ("import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); 
            "f.seek(10 << 20); f.read(1 << 20)")
 
 
+def _wait_for_the_reads_get(oss_server, key: str = "f", offset: int = 10 << 20) -> None:
+    """Until a ranged GET of ``key`` covering byte ``offset`` (the reader's) is at the server:
+    a GET of the open's first block, sent late on a loaded machine, is not it (a CI run killed
+    the reader before its read was sent)."""
+    def covers(r) -> bool:
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", r.headers.get("range", ""))
+        return m is not None and int(m.group(1)) <= offset and (not m.group(2) or int(m.group(2)) >= offset)
+    deadline = time.monotonic() + 30
+    while not any(covers(r) for r in oss_server.requests_for(method="GET", key=key)):
+        assert time.monotonic() < deadline, "the read's GET did not reach the server"
+        time.sleep(0.05)
+
+
 def _unmount_after_a_reader_killed_in_a_hanging_read(m: Mount, oss_server) -> float:
     """Open file ``f`` of ``m`` (more than 11 MiB, not cached) in a reader process, make the
     store answer nothing, let the reader read, kill it once its GET is at the server, then
@@ -597,10 +610,7 @@ def _unmount_after_a_reader_killed_in_a_hanging_read(m: Mount, oss_server) -> fl
         oss_server.call("faults.latency", 3600)  # every request from now on waits an hour
         proc.stdin.write("read\n")
         proc.stdin.flush()
-        deadline = time.monotonic() + 30
-        while not oss_server.requests_for(method="GET", key="f"):
-            assert time.monotonic() < deadline, "the read's GET did not reach the server"
-            time.sleep(0.05)
+        _wait_for_the_reads_get(oss_server)
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -653,10 +663,7 @@ def test_a_killed_direct_io_reader_of_a_hung_store_ends_within_the_offline_timeo
             oss_server.call("faults.latency", 3600)
             proc.stdin.write("read\n")
             proc.stdin.flush()
-            deadline = time.monotonic() + 30
-            while not oss_server.requests_for(method="GET", key="f"):
-                assert time.monotonic() < deadline, "the read's GET did not reach the server"
-                time.sleep(0.05)
+            _wait_for_the_reads_get(oss_server)
             killed = time.monotonic()
             proc.kill()
             # at once: the killed reader still holds the mount (it waits for its read's answer),
