@@ -20,9 +20,9 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders,
-                       mounted_device, mounted_type, mounts, process_alive, process_started, process_stopped,
-                       read_registry, real_mountpoint, record_of, registry_path, runtime_dir, users_of,
-                       write_registry)
+                       mounted_device, mounted_type, mounts, path_in_mount, process_alive, process_started,
+                       process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
+                       users_of, write_registry)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -767,7 +767,7 @@ def cmd_rekey(args) -> int:
     if reason := rekey.refusal(keyring, args.to_id):  # objects this config could not read: stop first
         return _die(f"{cfg.path}: {reason}")
     try:
-        path = _path_in_mount(args.path, args.config, "rekey")
+        path = path_in_mount(args.path, args.config, "rekey")
     except ValueError as e:
         return _die(str(e))
     rel = rekey.path_below_root(path)
@@ -811,59 +811,12 @@ _PATH_FORMS = ("PATH is a path in the mount, as in /mnt/ossfuse/photos (or photo
                "below the mount's root, as in photos")
 
 
-def _path_in_mount(path: str, config: str, command: str) -> str:
-    """``check --verify``'s and ``rekey``'s PATH as a user types it, as the path below the
-    mount's root it names (the mount point itself: "."). A path in a running mount of
-    ``config`` (``/mnt/ossfuse/photos``; a relative one typed from inside such a mount, as
-    ``photos`` from ``/mnt/ossfuse`` or ``f.txt`` from ``/mnt/ossfuse/sub``) is taken below
-    that mount's root; any other PATH already names one (``/photos`` and ``photos`` from
-    outside any mount are ``photos``). Raises ValueError (one line) for a path in an ossfuse
-    mount made with another config or whose record this runtime dir lacks (which bucket it
-    shows is not known, and a rekey must not guess), in a mount whose daemon is gone, and for
-    an absolute path that exists on this machine outside any mount (``/tmp/mnt/..``)."""
-    if not os.path.isabs(path):
-        try:
-            here = os.getcwd()
-        except OSError as e:
-            raise ValueError(f"{command} {path}: the current directory is gone ({e.strerror}): give an "
-                             f"absolute PATH") from None
-        if _innermost_mount(here) is None:
-            return path  # below the mount's root
-        path = os.path.join(here, path)
-    real = os.path.realpath(path)
-    mp = _innermost_mount(real)
-    if mp is None:
-        if os.path.lexists(path):
-            raise ValueError(f"{command} {path}: that is a path on this machine, not in a running ossfuse "
-                             f"mount: give a path in the mount, or one below the mount's root")
-        return path
-    try:
-        os.stat(mp)
-    except OSError as e:
-        raise ValueError(f"{command} {path}: the mount at {mp} does not answer ({e.strerror}; its daemon is "
-                         f"gone?): unmount it with `ossfuse umount {mp}`, or give PATH below the mount's root") \
-            from None
-    made_with = (read_registry(mp) or {}).get("config")
-    if made_with is None or os.path.realpath(made_with) != os.path.realpath(config):
-        raise ValueError(f"{command} {path}: that is in the ossfuse mount at {mp}, made with "
-                         f"{made_with or 'a config this runtime dir has no record of'}, not with {os.path.abspath(config)}: give "
-                         f"-c that mount's config, or PATH below the mount's root")
-    return os.path.relpath(real, mp)
-
-
-def _innermost_mount(path: str) -> str | None:
-    """The innermost ossfuse mount point ``path`` (absolute, resolved) is in, or None."""
-    inside = [mp for _dev, mp, fstype in mounts() if fstype == "fuse.ossfuse"
-              and (path == mp or path.startswith(mp.rstrip("/") + "/"))]
-    return max(inside, key=len) if inside else None
-
-
 def cmd_check(args) -> int:
     from .rekey import path_below_root
     verify = args.verify
     if verify is not None:
         try:
-            verify = _path_in_mount(verify, args.config, "check --verify")
+            verify = path_in_mount(verify, args.config, "check --verify")
         except ValueError as e:
             return _die(str(e))
         if path_below_root(verify) is None:

@@ -461,3 +461,52 @@ def running_mounts() -> list[dict]:
     """The registry records of this user's mounts whose daemon runs (each with ``mountpoint``
     and ``config``, the config file's path), from the runtime directory."""
     return [r for r in _records() if not r.get("exited") and daemon_alive(r)]
+
+
+def path_in_mount(path: str, config: str, command: str) -> str:
+    """``check --verify``'s and ``rekey``'s PATH as a user types it, as the path below the
+    mount's root it names (the mount point itself: "."). A path in a running mount of
+    ``config`` (``/mnt/ossfuse/photos``; a relative one typed from inside such a mount, as
+    ``photos`` from ``/mnt/ossfuse`` or ``f.txt`` from ``/mnt/ossfuse/sub``) is taken below
+    that mount's root; any other PATH already names one (``/photos`` and ``photos`` from
+    outside any mount are ``photos``; none, "", is everything, wherever it is typed). Raises ValueError (one line) for a path in an ossfuse
+    mount made with another config or whose record this runtime dir lacks (which bucket it
+    shows is not known, and a rekey must not guess), in a mount whose daemon is gone, and for
+    an absolute path that exists on this machine outside any mount (``/tmp/mnt/..``)."""
+    if not path:
+        return path  # none given: everything
+    if not os.path.isabs(path):
+        try:
+            here = os.getcwd()
+        except OSError as e:
+            raise ValueError(f"{command} {path}: the current directory is gone ({e.strerror}): give an "
+                             f"absolute PATH") from None
+        if innermost_mount(here) is None:
+            return path  # below the mount's root
+        path = os.path.join(here, path)
+    real = os.path.realpath(path)
+    mp = innermost_mount(real)
+    if mp is None:
+        if os.path.lexists(path):
+            raise ValueError(f"{command} {path}: that is a path on this machine, not in a running ossfuse "
+                             f"mount: give a path in the mount, or one below the mount's root")
+        return path
+    try:
+        os.stat(mp)
+    except OSError as e:
+        raise ValueError(f"{command} {path}: the mount at {mp} does not answer ({e.strerror}; its daemon is "
+                         f"gone?): unmount it with `ossfuse umount {mp}`, or give PATH below the mount's root") \
+            from None
+    made_with = (read_registry(mp) or {}).get("config")
+    if made_with is None or os.path.realpath(made_with) != os.path.realpath(config):
+        raise ValueError(f"{command} {path}: that is in the ossfuse mount at {mp}, made with "
+                         f"{made_with or 'a config this runtime dir has no record of'}, not with {os.path.abspath(config)}: give "
+                         f"-c that mount's config, or PATH below the mount's root")
+    return os.path.relpath(real, mp)
+
+
+def innermost_mount(path: str) -> str | None:
+    """The innermost ossfuse mount point ``path`` (absolute, resolved) is in, or None."""
+    inside = [mp for _dev, mp, fstype in mounts() if fstype == "fuse.ossfuse"
+              and (path == mp or path.startswith(mp.rstrip("/") + "/"))]
+    return max(inside, key=len) if inside else None

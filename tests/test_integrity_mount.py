@@ -81,10 +81,12 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
                          (m.path("d", "..", "h"), "1 object(s), 1000 bytes")):
         r = check_verify(m, where)  # a file, as a path is written (it said "no object there")
         assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (where, r.stdout, r.stderr)
-    for cwd, where, count in ((m.path("d"), "../h", "1 object(s), 1000 bytes"), (m.mnt, "f", "1 object(s), 3145851 bytes"),
-                              (m.path("d"), "..", "2 object(s), 3146851 bytes")):
+    for cwd, where, count in ((m.path("d"), ["../h"], "1 object(s), 1000 bytes"),
+                              (m.mnt, ["f"], "1 object(s), 3145851 bytes"),
+                              (m.path("d"), [".."], "2 object(s), 3146851 bytes"),
+                              (m.path("d"), [], "2 object(s), 3146851 bytes")):  # none: all, wherever typed
         # typed inside the mount, a relative PATH is from there (from d, "f" named the root's f: a trial)
-        r = subprocess.run(OSSFUSE + ["check", "-c", m.config, "--verify", where], capture_output=True, text=True,
+        r = subprocess.run(OSSFUSE + ["check", "-c", m.config, "--verify", *where], capture_output=True, text=True,
                            timeout=120, env=m.env, cwd=cwd)
         assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (cwd, where, r.stdout, r.stderr)
     r = check_verify(m, m.path(".."))  # a directory of this machine, not in the mount: not read as a bucket path
