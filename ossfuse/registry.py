@@ -1,4 +1,4 @@
-"""Where running mounts are found, and what holds a mount.
+"""Where running mounts are found, what holds a mount, and which mount a path is in.
 
 The runtime directory holds, per mount point (named by a hash of its real path), a registry
 record ``<hash>.json`` (pid, config, exit status once the daemon ends) and the status socket
@@ -469,10 +469,11 @@ def path_in_mount(path: str, config: str, command: str) -> str:
     ``config`` (``/mnt/ossfuse/photos``; a relative one typed from inside such a mount, as
     ``photos`` from ``/mnt/ossfuse`` or ``f.txt`` from ``/mnt/ossfuse/sub``) is taken below
     that mount's root; any other PATH already names one (``/photos`` and ``photos`` from
-    outside any mount are ``photos``; none, "", is everything, wherever it is typed). Raises ValueError (one line) for a path in an ossfuse
-    mount made with another config or whose record this runtime dir lacks (which bucket it
-    shows is not known, and a rekey must not guess), in a mount whose daemon is gone, and for
-    an absolute path that exists on this machine outside any mount (``/tmp/mnt/..``)."""
+    outside any mount are ``photos``; none, "", is everything, wherever it is typed). Raises
+    ValueError (one line) for a path in an ossfuse mount made with another config or whose
+    record this runtime dir lacks (which bucket it shows is not known, and a rekey must not
+    guess), in a mount whose daemon is gone, and for an absolute path that exists on this
+    machine outside any mount (``/tmp/mnt/..``)."""
     if not path:
         return path  # none given: everything
     if not os.path.isabs(path):
@@ -500,8 +501,8 @@ def path_in_mount(path: str, config: str, command: str) -> str:
     made_with = (read_registry(mp) or {}).get("config")
     if made_with is None or os.path.realpath(made_with) != os.path.realpath(config):
         raise ValueError(f"{command} {path}: that is in the ossfuse mount at {mp}, made with "
-                         f"{made_with or 'a config this runtime dir has no record of'}, not with {os.path.abspath(config)}: give "
-                         f"-c that mount's config, or PATH below the mount's root")
+                         f"{made_with or 'a config this runtime dir has no record of'}, not with "
+                         f"{os.path.abspath(config)}: give -c that mount's config, or PATH below the mount's root")
     return os.path.relpath(real, mp)
 
 
