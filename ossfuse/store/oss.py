@@ -291,14 +291,12 @@ def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, f
     return "ConnectionError", f"connection to {endpoint} failed: {_first_line(chain[-1])}", True
 
 
-def _with_silence(err: StoreError, text: str, timeouts: tuple[float, float] | None,
-                  waited: float | None) -> StoreError:
-    """``err`` (whose failure :func:`_network_failure` put as ``text``) with ``silent_for`` set
-    when it is a timeout: the store sent nothing for the timeout that fired, the connect one
-    for a connection or a request body (as that function tells them apart), else the read one."""
+def _with_silence(err: StoreError, timeouts: tuple[float, float] | None, waited: float | None) -> StoreError:
+    """``err`` with ``silent_for`` set when it is a timeout: the store sent nothing for the
+    timeout that fired, at most the read timeout, and no longer than the attempt ran
+    (``waited``: a connection, or a request body sent under the connect timeout, ends sooner)."""
     if err.code == "Timeout" and timeouts:
-        sending = waited is not None and waited + 0.5 < timeouts[1]
-        err.silent_for = timeouts[0] if sending or text.startswith("cannot connect") else timeouts[1]
+        err.silent_for = timeouts[1] if waited is None else min(waited, timeouts[1])
     return err
 
 
@@ -545,8 +543,7 @@ class OssStore(ObjectStore):
         if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
             code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
-            return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), text, timeouts,
-                                 waited)
+            return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), timeouts, waited)
         if isinstance(e, oe.OssError):  # an answer from the server (or an oss2 ClientError, status -1)
             status, code = e.status, getattr(e, "code", "") or ""
             if status < 0:  # oss2 refused the request before sending it (body: "ClientError: …")
@@ -567,8 +564,7 @@ class OssStore(ObjectStore):
         if isinstance(e, _TRANSPORT_ERRORS):  # raised while a streamed body was read
             code, text, temporary = _network_failure(self.endpoint, e, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
-            return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), text, timeouts,
-                                 waited)
+            return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), timeouts, waited)
         return None
 
     async def _call(self, op: str, key: str | None, fn: Callable[..., Any], *args,
