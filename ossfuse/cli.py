@@ -20,8 +20,8 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders,
-                       mounted_device, mounted_type, mounts, path_in_mount, process_alive, process_started,
-                       process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
+                       killed, killed_in_a_request, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
+                       process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        users_of, write_registry)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
@@ -520,9 +520,10 @@ def _unmount(mp: str, device: str | None) -> str | None:
     this call or by another unmount that came first (a second ``ossfuse umount``: the caller
     then waits for the uploads as that one does), else the reason it is not, in one line:
     naming up to five processes that hold a file, directory, program or mapping there, or the
-    mounts below it. EBUSY with neither is retried for ``_TRANSIENT_BUSY_S`` seconds; held by
-    processes that were all killed (SIGKILL pending, still in a request), it is retried until
-    they end, for up to ``_KILLED_HOLDER_S`` seconds (one line on stderr names each)."""
+    mounts below it. EBUSY with neither is retried for ``_TRANSIENT_BUSY_S`` seconds; while
+    processes that were killed are still in a request (and hold nothing else there), it is
+    retried until they end, for up to ``_KILLED_HOLDER_S`` seconds (one line on stderr names
+    each)."""
     give_up = time.monotonic() + _TRANSIENT_BUSY_S
     killed_give_up = time.monotonic() + _KILLED_HOLDER_S
     said: set[int] = set()
@@ -537,14 +538,17 @@ def _unmount(mp: str, device: str | None) -> str | None:
         if below:
             return msg + f" (mounted below it: {_some_paths(below)}; unmount that first)"
         users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
-        if users and all(_killed(p) for p, _c in users) and time.monotonic() < killed_give_up:
-            # killed, they end once the request each waits for in the mount returns (at most
-            # the store's offline timeout, 5 s by default, for one that waits for the store)
-            for p, c in users:
+        # Processes killed in a request (a direct-I/O read, an open or a lookup the kernel
+        # cannot abandon) hold the mount, with or without a file open there (a killed
+        # thread's process shows none), until the request returns: at most the store's
+        # offline timeout, 5 s by default, for one that waits for the store.
+        dying = [] if users and not all(killed(p) for p, _c in users) else killed_in_a_request()
+        if dying and time.monotonic() < killed_give_up:
+            for p, c in dying:
                 if p not in said:
                     said.add(p)
-                    print(f"ossfuse: waiting for pid {p} ({c}), killed, to end: it waits for a request in the mount",
-                          file=sys.stderr)
+                    print(f"ossfuse: waiting for pid {p} ({c}), killed, to end: it waits for a request"
+                          f"{' in the mount' if (p, c) in users else ''}", file=sys.stderr)
             time.sleep(0.1)
             give_up = time.monotonic() + _TRANSIENT_BUSY_S  # its last requests end after it
             continue
@@ -565,22 +569,8 @@ def _unmount(mp: str, device: str | None) -> str | None:
         time.sleep(0.05)
 
 
-# How long a busy unmount waits for holders that were killed (SIGKILL pending) to end.
+# How long a busy unmount waits for processes that were killed in a request to end.
 _KILLED_HOLDER_S = 30.0
-
-
-def _killed(pid: int) -> bool:
-    """Whether process ``pid`` has a SIGKILL pending (/proc/PID/status ShdPnd or SigPnd): it
-    was killed and ends as soon as it leaves the system call it is in (a FUSE request its
-    reader cannot abandon, a direct-I/O read, waits for the daemon's answer)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) >> (signal.SIGKILL - 1) & 1:
-                    return True
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "tcsh", "csh", "busybox"})

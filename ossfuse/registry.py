@@ -380,6 +380,42 @@ def users_of(mountpoint: str) -> list[tuple[int, str]]:
     return found
 
 
+def killed(pid: int | str) -> bool:
+    """Whether process ``pid`` has a SIGKILL pending (/proc/PID/status ShdPnd or SigPnd): it
+    was killed, and ends as soon as it leaves the system call it is in."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) >> (signal.SIGKILL - 1) & 1:
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def killed_in_a_request() -> list[tuple[int, str]]:
+    """Processes (pid, command name) that were killed (:func:`killed`) with a thread still in
+    uninterruptible sleep (state D): each waits for a request it cannot abandon, a FUSE one
+    among them (a direct-I/O read, an open or a lookup waits for the daemon's answer), and
+    keeps the mount busy until it returns, whether or not it has a file open there (a killed
+    thread's process shows none: its leader is a zombie). Processes of other users are seen
+    only as root."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or not killed(name):
+            continue
+        try:
+            for tid in os.listdir(f"/proc/{name}/task"):
+                with open(f"/proc/{name}/task/{tid}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] == b"D":
+                        with open(f"/proc/{name}/comm") as c:
+                            found.append((int(name), c.read().strip()))
+                        break
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def _record_files() -> list[tuple[str, dict]]:
     """(path, record) of every readable registry record in the runtime directory (of this
     user's mounts, past ones too), by file name."""
