@@ -502,44 +502,55 @@ def running_mounts() -> list[dict]:
 def path_in_mount(path: str, config: str, command: str) -> str:
     """``check --verify``'s and ``rekey``'s PATH as a user types it, as the path below the
     mount's root it names (the mount point itself: "."). A path in a running mount of
-    ``config`` (``/mnt/ossfuse/photos``; a relative one typed from inside such a mount, as
-    ``photos`` from ``/mnt/ossfuse`` or ``f.txt`` from ``/mnt/ossfuse/sub``) is taken below
-    that mount's root; any other PATH already names one (``/photos`` and ``photos`` from
-    outside any mount are ``photos``; none, "", is everything, wherever it is typed). Raises
-    ValueError (one line) for a path in an ossfuse mount made with another config or whose
-    record this runtime dir lacks (which bucket it shows is not known, and a rekey must not
-    guess), in a mount whose daemon is gone, and for an absolute path that exists on this
-    machine outside any mount (``/tmp/mnt/..``)."""
+    ``config`` (``/mnt/ossfuse/photos``, or through a symlink to the mount; a relative one
+    typed from inside such a mount, as ``photos`` from ``/mnt/ossfuse`` or ``f.txt`` from
+    ``/mnt/ossfuse/sub``) is taken below that mount's root, a symlink in the mount naming
+    itself (as it does typed below the root); any other PATH already names one (``/photos`` and
+    ``photos`` from outside any mount are ``photos``; none, "", is everything, wherever it is
+    typed). Raises ValueError (one line) for a PATH typed in or through a mount that ``..``
+    leaves (it would name keys above that mount's root), for a path in an ossfuse mount made
+    with another config or whose record this runtime dir lacks (which bucket it shows is not
+    known, and a rekey must not guess), in a mount whose daemon is gone, and for an absolute
+    path that exists on this machine outside any mount (``/tmp/x``)."""
     if not path:
         return path  # none given: everything
+    typed = path  # for the messages
     if not os.path.isabs(path):
         try:
-            here = os.getcwd()
+            here = os.getcwd()  # (a resolved path)
         except OSError as e:
-            raise ValueError(f"{command} {path}: the current directory is gone ({e.strerror}): give an "
+            raise ValueError(f"{command} {typed}: the current directory is gone ({e.strerror}): give an "
                              f"absolute PATH") from None
-        if innermost_mount(here) is None:
+        typed_in = innermost_mount(here)
+        if typed_in is None:
             return path  # below the mount's root
         path = os.path.join(here, path)
-    real = os.path.realpath(path)
-    mp = innermost_mount(real)
+    else:
+        typed_in = innermost_mount(path)  # as typed, before ".." is applied: "/mnt/ossfuse/../x"
+    full = os.path.abspath(path)  # ".." applied, symlinks kept: a link in the mount names itself
+    mp = innermost_mount(full)
+    if mp is None and typed_in is None:
+        full = os.path.realpath(path)  # a path through a symlink to the mount
+        mp = innermost_mount(full)
+    if typed_in is not None and mp != typed_in:
+        raise ValueError(f"{command} {typed}: that leaves the mount at {typed_in} (PATH is above its root)")
     if mp is None:
         if os.path.lexists(path):
-            raise ValueError(f"{command} {path}: that is a path on this machine, not in a running ossfuse "
+            raise ValueError(f"{command} {typed}: that is a path on this machine, not in a running ossfuse "
                              f"mount: give a path in the mount, or one below the mount's root")
         return path
     try:
         os.stat(mp)
     except OSError as e:
-        raise ValueError(f"{command} {path}: the mount at {mp} does not answer ({e.strerror}; its daemon is "
+        raise ValueError(f"{command} {typed}: the mount at {mp} does not answer ({e.strerror}; its daemon is "
                          f"gone?): unmount it with `ossfuse umount {mp}`, or give PATH below the mount's root") \
             from None
     made_with = (read_registry(mp) or {}).get("config")
     if made_with is None or os.path.realpath(made_with) != os.path.realpath(config):
-        raise ValueError(f"{command} {path}: that is in the ossfuse mount at {mp}, made with "
+        raise ValueError(f"{command} {typed}: that is in the ossfuse mount at {mp}, made with "
                          f"{made_with or 'a config this runtime dir has no record of'}, not with "
                          f"{os.path.abspath(config)}: give -c that mount's config, or PATH below the mount's root")
-    return os.path.relpath(real, mp)
+    return os.path.relpath(full, mp)
 
 
 def innermost_mount(path: str) -> str | None:
