@@ -542,13 +542,18 @@ def _unmount(mp: str, device: str | None) -> str | None:
         # cannot abandon) hold the mount, with or without a file open there (a killed
         # thread's process shows none), until the request returns: at most the store's
         # offline timeout, 5 s by default, for one that waits for the store.
-        dying = [] if users and not all(killed(p) for p, _c in users) else killed_in_a_request()
+        # Which mount such a request is in shows only for a process that holds a file there;
+        # with no holder at all, any killed one may be it (said so).
+        if users:
+            dying = [d for d in killed_in_a_request() if d in users] if all(killed(p) for p, _c in users) else []
+        else:
+            dying = killed_in_a_request()
         if dying and time.monotonic() < killed_give_up:
             for p, c in dying:
                 if p not in said:
                     said.add(p)
                     print(f"ossfuse: waiting for pid {p} ({c}), killed, to end: it waits for a request"
-                          f"{' in the mount' if (p, c) in users else ''}", file=sys.stderr)
+                          f"{' in the mount' if users else ' (perhaps in this mount)'}", file=sys.stderr)
             time.sleep(0.1)
             give_up = time.monotonic() + _TRANSIENT_BUSY_S  # its last requests end after it
             continue

@@ -501,60 +501,87 @@ def running_mounts() -> list[dict]:
 
 def path_in_mount(path: str, config: str, command: str) -> str:
     """``check --verify``'s and ``rekey``'s PATH as a user types it, as the path below the
-    mount's root it names (the mount point itself: "."). A path in a running mount of
-    ``config`` (``/mnt/ossfuse/photos``, or through a symlink to the mount; a relative one
-    typed from inside such a mount, as ``photos`` from ``/mnt/ossfuse`` or ``f.txt`` from
-    ``/mnt/ossfuse/sub``) is taken below that mount's root, a symlink in the mount naming
-    itself (as it does typed below the root); any other PATH already names one (``/photos`` and
-    ``photos`` from outside any mount are ``photos``; none, "", is everything, wherever it is
-    typed). Raises ValueError (one line) for a PATH typed in or through a mount that ``..``
-    leaves (it would name keys above that mount's root), for a path in an ossfuse mount made
-    with another config or whose record this runtime dir lacks (which bucket it shows is not
-    known, and a rekey must not guess), in a mount whose daemon is gone, and for an absolute
-    path that exists on this machine outside any mount (``/tmp/x``)."""
+    mount's root it names ("." for all of it). None, "", is everything.
+
+    - A path on this machine in a running mount of ``config``: an absolute one, or a relative
+      one typed inside a mount or naming something that exists here (``mnt/sub`` from the
+      mount point's parent). It is resolved as the kernel resolves a name: symlinks and ``..``
+      of every component but the last physically (so a path through a symlink to the mount
+      works, and no way of writing ``..`` leaves the mount unseen), the last kept (a symlink
+      in the mount names itself); in a bind mount of a subdirectory, below the bound one.
+    - A relative PATH typed outside any mount that names nothing here (or is ``.``): the path
+      below the mount's root (``photos``); one that names something here outside any mount
+      is refused (which one is meant is not known).
+
+    Raises ValueError (one line naming the PATH as typed) for anything else: an absolute path,
+    or an existing relative one, that is not in a running ossfuse mount (``/tmp/x``,
+    ``mnt/../zzz``: it would name keys above the root), one in a mount of another config or
+    whose daemon's record this runtime dir lacks or shows exited (which bucket it shows is not
+    known, and a rekey must not guess), or in a mount whose daemon is gone."""
     if not path:
         return path  # none given: everything
-    typed = path  # for the messages
+    typed = path
     if not os.path.isabs(path):
         try:
             here = os.getcwd()  # (a resolved path)
         except OSError as e:
             raise ValueError(f"{command} {typed}: the current directory is gone ({e.strerror}): give an "
                              f"absolute PATH") from None
-        typed_in = innermost_mount(here)
-        if typed_in is None:
+        first = os.path.normpath(path).split("/")[0]  # "..": refused by the caller (above the root)
+        local = first not in (".", "..") and os.path.lexists(path)
+        if innermost_mount(here) is None and not local:
             return path  # below the mount's root
         path = os.path.join(here, path)
-    else:
-        typed_in = innermost_mount(path)  # as typed, before ".." is applied: "/mnt/ossfuse/../x"
-    full = os.path.abspath(path)  # ".." applied, symlinks kept: a link in the mount names itself
-    mp = innermost_mount(full)
-    if mp is None and typed_in is None:
-        full = os.path.realpath(path)  # a path through a symlink to the mount
-        mp = innermost_mount(full)
-    if typed_in is not None and mp != typed_in:
-        raise ValueError(f"{command} {typed}: that leaves the mount at {typed_in} (PATH is above its root)")
-    if mp is None:
-        if os.path.lexists(path):
-            raise ValueError(f"{command} {typed}: that is a path on this machine, not in a running ossfuse "
-                             f"mount: give a path in the mount, or one below the mount's root")
-        return path
+        if innermost_mount(here) is None and _ossfuse_mount_of(_resolved(path)) is None:
+            raise ValueError(f"{command} {typed}: that names {path} on this machine, which is not in a running "
+                             f"ossfuse mount; for the path below the mount's root, type it where no such file is "
+                             f"(as after `cd /`), or give the path in the mount")
+    full = _resolved(path)
+    found = _ossfuse_mount_of(full)
+    if found is None:
+        raise ValueError(f"{command} {typed}: that is not in a running ossfuse mount: give a path in the mount "
+                         f"(or, typed outside any mount, one below the mount's root)")
+    mp, device, root = found
     try:
         os.stat(mp)
     except OSError as e:
         raise ValueError(f"{command} {typed}: the mount at {mp} does not answer ({e.strerror}; its daemon is "
                          f"gone?): unmount it with `ossfuse umount {mp}`, or give PATH below the mount's root") \
             from None
-    made_with = (read_registry(mp) or {}).get("config")
+    record = record_of(mp, device)
+    running = record is not None and not record.get("exited") and daemon_alive(record)
+    made_with = record.get("config") if running and record is not None else None
     if made_with is None or os.path.realpath(made_with) != os.path.realpath(config):
         raise ValueError(f"{command} {typed}: that is in the ossfuse mount at {mp}, made with "
-                         f"{made_with or 'a config this runtime dir has no record of'}, not with "
+                         f"{made_with or 'a config this runtime dir has no running daemon of'}, not with "
                          f"{os.path.abspath(config)}: give -c that mount's config, or PATH below the mount's root")
-    return os.path.relpath(full, mp)
+    return os.path.normpath(os.path.join(root.lstrip("/"), os.path.relpath(full, mp)))
+
+
+def _resolved(path: str) -> str:
+    """Absolute ``path`` as the kernel resolves a name: symlinks and ``..`` of every component
+    but the last physically, the last kept (``..`` and ``.`` resolved too)."""
+    head, last = os.path.split(path.rstrip("/") or "/")
+    return os.path.realpath(path) if last in ("", ".", "..") else os.path.join(os.path.realpath(head), last)
 
 
 def innermost_mount(path: str) -> str | None:
     """The innermost ossfuse mount point ``path`` (absolute, resolved) is in, or None."""
-    inside = [mp for _dev, mp, fstype in mounts() if fstype == "fuse.ossfuse"
-              and (path == mp or path.startswith(mp.rstrip("/") + "/"))]
-    return max(inside, key=len) if inside else None
+    found = _ossfuse_mount_of(path)
+    return found[0] if found is not None else None
+
+
+def _ossfuse_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str, str] | None:
+    """(mount point, device, root) of the innermost ossfuse mount ``path`` (absolute, resolved)
+    is in, or None; ``root`` is the directory of the filesystem mounted there (mountinfo's
+    fourth field: "/" for the mount itself, "/sub" for a bind mount of its ``sub``)."""
+    best = None
+    with open(mountinfo, "rb") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index(b"-")
+            mp = _unescape(fields[4])
+            inside = path == mp or path.startswith(mp.rstrip("/") + "/")
+            if inside and os.fsdecode(fields[sep + 1]) == "fuse.ossfuse" and (best is None or len(mp) >= len(best[0])):
+                best = (mp, fields[2].decode(), _unescape(fields[3]))
+    return best
