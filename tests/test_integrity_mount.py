@@ -95,7 +95,16 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
         assert r.returncode == 1 and "verified:" not in r.stdout and r.stderr == (
             f"ossfuse: check --verify {where}: that is not in a running ossfuse mount: give a path in the mount (or, "
             f"typed outside any mount, one below the mount's root)\n"), r.stderr
-    for where in (os.path.dirname(m.mnt), "/d"):  # absolute, not in the mount: never read as a bucket path
+    link = os.path.join(os.path.dirname(m.mnt), "to-mnt")
+    os.symlink(m.mnt, link)
+    os.symlink("h", m.path("hlink"))  # a link in the mount names itself, also through a link to the mount
+    for where, count in ((os.path.join(link, "h"), "1 object(s), 1000 bytes"),
+                         (os.path.join(link, "hlink"), "1 object(s), 1 bytes")):
+        r = check_verify(m, where)
+        assert r.returncode == 0 and f"verified: {count};" in r.stdout, (where, r.stdout, r.stderr)
+    os.unlink(m.path("hlink"))  # (the counts below are of f and h)
+    for where in (os.path.dirname(m.mnt), "/d", os.path.join(link, "d", "..", "..", "d"),
+                  m.mnt.replace("/", "//") + "/../d"):  # absolute, not in the mount: never read as a bucket path
         r = check_verify(m, where)
         assert r.returncode == 1 and "verified:" not in r.stdout and "that is not in a running ossfuse mount" in \
             r.stderr, r.stdout + r.stderr
