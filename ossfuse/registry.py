@@ -503,51 +503,43 @@ def path_in_mount(path: str, config: str, command: str) -> str:
     """``check --verify``'s and ``rekey``'s PATH as a user types it, as the path below the
     mount's root it names ("." for all of it). None, "", is everything.
 
-    - A path on this machine in a running mount of ``config``: an absolute one, or a relative
-      one typed inside a mount or naming something that exists here (``mnt/sub`` from the
-      mount point's parent). It is resolved as the kernel resolves a name: symlinks and ``..``
-      of every component but the last physically (so a path through a symlink to the mount
-      works, and no way of writing ``..`` leaves the mount unseen), the last kept (a symlink
-      in the mount names itself); in a bind mount of a subdirectory, below the bound one.
+    - A path on this machine (an absolute one; a relative one typed inside a mount, or one that
+      names something here): the kernel resolves it (``open(O_PATH | O_NOFOLLOW)``: symlinks
+      and ``..`` as for any system call, a symlink at the end named itself unless a trailing
+      slash follows it; one whose last name does not exist is its directory and that name),
+      and it must be in a running ossfuse mount of ``config`` (its device: a filesystem
+      mounted over part of the mount is not the mount); in a bind mount of a subdirectory, the
+      path is below the bound one.
     - A relative PATH typed outside any mount that names nothing here (or is ``.``): the path
-      below the mount's root (``photos``); one that names something here outside any mount
-      is refused (which one is meant is not known).
+      below the mount's root (``photos``).
 
-    Raises ValueError (one line naming the PATH as typed) for anything else: an absolute path,
-    or an existing relative one, that is not in a running ossfuse mount (``/tmp/x``,
-    ``mnt/../zzz``: it would name keys above the root), one in a mount of another config or
-    whose daemon's record this runtime dir lacks or shows exited (which bucket it shows is not
-    known, and a rekey must not guess), or in a mount whose daemon is gone."""
+    Raises ValueError (one line naming the PATH as typed) for anything else: a path the kernel
+    cannot resolve (ENOENT, ENOTDIR, ELOOP, ...), one not in a running ossfuse mount
+    (``/tmp/x``, ``mnt/..``: it would name keys above the root), one in a mount of another
+    config or whose daemon's record this runtime dir lacks or shows exited (which bucket it
+    shows is not known, and a rekey must not guess), one in a mount whose daemon is gone
+    (ENOTCONN), and a PATH that is not UTF-8 (no object name can be)."""
     if not path:
         return path  # none given: everything
     typed = path
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{command} {typed!r}: not UTF-8, as every object name is") from None
     if not os.path.isabs(path):
         try:
-            here = os.getcwd()  # (a resolved path)
+            here = os.getcwd()
         except OSError as e:
             raise ValueError(f"{command} {typed}: the current directory is gone ({e.strerror}): give an "
                              f"absolute PATH") from None
-        first = os.path.normpath(path).split("/")[0]  # "..": refused by the caller (above the root)
-        local = first not in (".", "..") and os.path.lexists(path)
-        if innermost_mount(here) is None and not local:
+        if innermost_mount(here) is None and (path == "." or not os.path.lexists(path)):
             return path  # below the mount's root
-        path = os.path.join(here, path)
-        if innermost_mount(here) is None and _ossfuse_mount_of(_resolved(path)) is None:
-            raise ValueError(f"{command} {typed}: that names {path} on this machine, which is not in a running "
-                             f"ossfuse mount; for the path below the mount's root, type it where no such file is "
-                             f"(as after `cd /`), or give the path in the mount")
-    full = _resolved(path)
-    found = _ossfuse_mount_of(full)
+    canonical, device = _kernel_path(path, typed, command)
+    found = _ossfuse_mount_of(canonical, device)
     if found is None:
         raise ValueError(f"{command} {typed}: that is not in a running ossfuse mount: give a path in the mount "
                          f"(or, typed outside any mount, one below the mount's root)")
-    mp, device, root = found
-    try:
-        os.stat(mp)
-    except OSError as e:
-        raise ValueError(f"{command} {typed}: the mount at {mp} does not answer ({e.strerror}; its daemon is "
-                         f"gone?): unmount it with `ossfuse umount {mp}`, or give PATH below the mount's root") \
-            from None
+    mp, root = found
     record = record_of(mp, device)
     running = record is not None and not record.get("exited") and daemon_alive(record)
     made_with = record.get("config") if running and record is not None else None
@@ -555,14 +547,40 @@ def path_in_mount(path: str, config: str, command: str) -> str:
         raise ValueError(f"{command} {typed}: that is in the ossfuse mount at {mp}, made with "
                          f"{made_with or 'a config this runtime dir has no running daemon of'}, not with "
                          f"{os.path.abspath(config)}: give -c that mount's config, or PATH below the mount's root")
-    return os.path.normpath(os.path.join(root.lstrip("/"), os.path.relpath(full, mp)))
+    return os.path.normpath(os.path.join(root.lstrip("/"), os.path.relpath(canonical, mp)))
 
 
-def _resolved(path: str) -> str:
-    """Absolute ``path`` as the kernel resolves a name: symlinks and ``..`` of every component
-    but the last physically, the last kept (``..`` and ``.`` resolved too)."""
-    head, last = os.path.split(path.rstrip("/") or "/")
-    return os.path.realpath(path) if last in ("", ".", "..") else os.path.join(os.path.realpath(head), last)
+def _kernel_path(path: str, typed: str, command: str) -> tuple[str, str]:
+    """(canonical absolute path, device "major:minor") of ``path`` as the kernel resolves it
+    (:func:`path_in_mount`); a missing last name is its directory's, joined. Raises ValueError
+    naming ``typed`` when the kernel cannot resolve it."""
+    def opened(p: str, follow: bool = False) -> tuple[str, str]:
+        fd = os.open(p, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+        try:
+            st = os.fstat(fd)
+            return os.readlink(f"/proc/self/fd/{fd}"), f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        finally:
+            os.close(fd)
+    try:
+        return opened(path)
+    except FileNotFoundError:
+        head, last = os.path.split(path)
+        if last in ("", ".", ".."):
+            err: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        else:
+            try:
+                parent, device = opened(head or ".", follow=True)  # (a directory: its symlinks followed)
+                if not stat.S_ISDIR(os.stat(parent).st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+                return os.path.join(parent, last), device
+            except OSError as e:
+                err = e
+    except OSError as e:
+        err = e
+    if err.errno == errno.ENOTCONN:
+        raise ValueError(f"{command} {typed}: that is in a mount whose daemon is gone (transport endpoint not "
+                         f"connected): unmount it with `ossfuse umount`, or give PATH below the mount's root") from None
+    raise ValueError(f"{command} {typed}: {err.strerror or err}") from None
 
 
 def innermost_mount(path: str) -> str | None:
@@ -571,17 +589,19 @@ def innermost_mount(path: str) -> str | None:
     return found[0] if found is not None else None
 
 
-def _ossfuse_mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str, str] | None:
-    """(mount point, device, root) of the innermost ossfuse mount ``path`` (absolute, resolved)
-    is in, or None; ``root`` is the directory of the filesystem mounted there (mountinfo's
-    fourth field: "/" for the mount itself, "/sub" for a bind mount of its ``sub``)."""
-    best = None
+def _ossfuse_mount_of(path: str, device: str | None = None,
+                      mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(mount point, root) of the innermost mount ``path`` (absolute, resolved) is in, if that
+    is an ossfuse mount (of ``device``, when given), else None. ``root`` is the directory of
+    the filesystem mounted there (mountinfo's fourth field: "/" for the mount itself, "/sub"
+    for a bind mount of its ``sub``)."""
+    best: tuple[str, str, bool] | None = None
     with open(mountinfo, "rb") as f:
         for line in f:
             fields = line.split()
             sep = fields.index(b"-")
             mp = _unescape(fields[4])
-            inside = path == mp or path.startswith(mp.rstrip("/") + "/")
-            if inside and os.fsdecode(fields[sep + 1]) == "fuse.ossfuse" and (best is None or len(mp) >= len(best[0])):
-                best = (mp, fields[2].decode(), _unescape(fields[3]))
-    return best
+            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) >= len(best[0])):
+                ours = os.fsdecode(fields[sep + 1]) == "fuse.ossfuse" and device in (None, fields[2].decode())
+                best = (mp, _unescape(fields[3]), ours)
+    return (best[0], best[1]) if best is not None and best[2] else None

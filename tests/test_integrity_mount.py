@@ -70,10 +70,11 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
         r = check_verify(m, where)
         assert r.returncode == 1 and "verified:" not in r.stdout, r.stdout
         assert r.stderr == f"ossfuse: check --verify {where}: no object there ({forms})\n", r.stderr
-    for where in ("..", "d/../../f"):  # above the root (".." checked the whole bucket)
+    for where, why in ((("d/../../f", f"PATH is above the mount's root ({forms})"),  # ("..": the whole bucket)
+                        ("..", "that is not in a running ossfuse mount: give a path in the mount (or, typed outside "
+                               "any mount, one below the mount's root)"))):  # (the parent of the cwd here)
         r = check_verify(m, where)
-        assert r.returncode == 1 and r.stderr == f"ossfuse: check --verify {where}: PATH is above the mount's root " \
-            f"({forms})\n", r.stderr
+        assert r.returncode == 1 and r.stderr == f"ossfuse: check --verify {where}: {why}\n", r.stderr
     for where, count in (("f", "1 object(s), 3145851 bytes"), ("./h", "1 object(s), 1000 bytes"),
                          ("d/..//f", "1 object(s), 3145851 bytes"), (".", "2 object(s), 3146851 bytes"),
                          # a path in the mount, as a user types it (it said "no object there": a trial)
@@ -108,6 +109,25 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
         r = check_verify(m, where)
         assert r.returncode == 1 and "verified:" not in r.stdout and "that is not in a running ossfuse mount" in \
             r.stderr, r.stdout + r.stderr
+    top = os.path.dirname(m.mnt)
+    os.symlink(m.path("d"), os.path.join(top, "to-d"))
+    os.symlink("d", m.path("dl"))
+    for cwd, where, expect in ((top, "to-d/../h", "verified: 1 object(s), 1000 bytes;"),  # the kernel's "..", typed
+                               # outside any mount: a relative path that names something here is that
+                               (top, "mnt/h", "verified: 1 object(s), 1000 bytes;"),
+                               (None, m.path("dl") + "/", "verified: 0 object(s), 0 bytes;")):  # "/": the link's target
+        r = subprocess.run(OSSFUSE + ["check", "-c", m.config, "--verify", where], capture_output=True, text=True,
+                           timeout=120, env=m.env, cwd=cwd)
+        assert r.returncode == 0 and expect in r.stdout, (cwd, where, r.stdout, r.stderr)
+    os.unlink(m.path("dl"))
+    for cwd, where, why in ((top, "mnt/..", "that is not in a running ossfuse mount"),  # it meant the whole bucket
+                            (None, m.path("nonexist", ".."), "No such file or directory"),
+                            (None, m.path("f", "..", "h"), "Not a directory"),
+                            (None, "\udcff", "'\\udcff': not UTF-8, as every object name is")):
+        r = subprocess.run(OSSFUSE + ["check", "-c", m.config, "--verify", where], capture_output=True, text=True,
+                           timeout=120, env=m.env, cwd=cwd)  # (each acted on objects not named: a trial)
+        assert r.returncode == 1 and "verified:" not in r.stdout and why in r.stderr and \
+            r.stderr.count("\n") == 1, (where, r.stdout, r.stderr)
     other = m.config + ".copy"  # the same settings, another file: which mount it means is not known
     shutil.copy(m.config, other)
     r = subprocess.run(OSSFUSE + ["check", "-c", other, "--verify", m.path("f")], capture_output=True, text=True,
