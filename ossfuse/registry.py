@@ -233,15 +233,22 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
-    """(device "major:minor", mount point, fstype) of each line of a mountinfo file."""
+def _mountinfo(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
+    """(device "major:minor", mount point, root, fstype) of each line of a mountinfo file;
+    root: the directory of the filesystem mounted there ("/" for a whole one, "/sub" for a
+    bind mount of its ``sub``)."""
     out = []
     with open(mountinfo, "rb") as f:
         for line in f:
             fields = line.split()
             sep = fields.index(b"-")
-            out.append((fields[2].decode(), _unescape(fields[4]), os.fsdecode(fields[sep + 1])))
+            out.append((fields[2].decode(), _unescape(fields[4]), _unescape(fields[3]), os.fsdecode(fields[sep + 1])))
     return out
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+    """(device "major:minor", mount point, fstype) of each line of a mountinfo file."""
+    return [(dev, mp, fstype) for dev, mp, _root, fstype in _mountinfo(mountinfo)]
 
 
 def mounted_device(mountpoint: str, fstype: str = "fuse.ossfuse") -> str | None:
@@ -596,12 +603,7 @@ def _ossfuse_mount_of(path: str, device: str | None = None,
     the filesystem mounted there (mountinfo's fourth field: "/" for the mount itself, "/sub"
     for a bind mount of its ``sub``)."""
     best: tuple[str, str, bool] | None = None
-    with open(mountinfo, "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            mp = _unescape(fields[4])
-            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) >= len(best[0])):
-                ours = os.fsdecode(fields[sep + 1]) == "fuse.ossfuse" and device in (None, fields[2].decode())
-                best = (mp, _unescape(fields[3]), ours)
+    for dev, mp, root, fstype in _mountinfo(mountinfo):
+        if (path == mp or path.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) >= len(best[0])):
+            best = (mp, root, fstype == "fuse.ossfuse" and device in (None, dev))
     return (best[0], best[1]) if best is not None and best[2] else None

@@ -1222,29 +1222,24 @@ class OssStore(ObjectStore):
         Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError for a
         source above ``max_copy_size`` (CopyObject cannot do it; it needs a streamed copy)."""
         self._check_key(dst)
-        if source is not None and if_match is not None and metadata is None:
-            self._check_copy_size(src, source.size)
-            headers = {"x-oss-copy-source-if-match": if_match, "x-oss-metadata-directive": "COPY"}
-            if if_absent:
-                headers[_FORBID_OVERWRITE] = "true"
-            r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers, bulk=source.size > _SMALL_BODY)
-            return ObjectInfo(dst, source.size, r.etag or if_match, _http_time(r.headers) or 0.0,
-                              self._norm_meta(source.metadata))
         for _ in range(1 if if_match is not None else 3):
-            h = await self._head(src)
-            if h is None:
-                raise NoSuchKey("copy source does not exist", key=src)
-            info, content_type = h
-            if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
-                raise PreconditionFailed(f"OSS CopyObject {src!r}: the source is version {info.etag}, "
-                                         f"not {if_match}", key=src, code="PreconditionFailed")
+            if source is not None and if_match is not None and metadata is None:
+                info, content_type = source, None  # the copy's If-Match checks that version: no HEAD
+            else:
+                h = await self._head(src)
+                if h is None:
+                    raise NoSuchKey("copy source does not exist", key=src)
+                info, content_type = h
+                if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
+                    raise PreconditionFailed(f"OSS CopyObject {src!r}: the source is version {info.etag}, "
+                                             f"not {if_match}", key=src, code="PreconditionFailed")
             self._check_copy_size(src, info.size)
             headers = {"x-oss-copy-source-if-match": if_match if if_match is not None else info.etag}
             if if_absent:
                 headers[_FORBID_OVERWRITE] = "true"
             if metadata is None:
                 headers["x-oss-metadata-directive"] = "COPY"
-                meta = dict(info.metadata)
+                meta = self._norm_meta(info.metadata)
             else:
                 headers["x-oss-metadata-directive"] = "REPLACE"
                 headers["Content-Type"] = content_type or "application/octet-stream"
