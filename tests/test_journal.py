@@ -181,10 +181,12 @@ def test_an_upload_that_lands_after_a_crash_is_not_taken_for_another_clients_edi
             node = await _write_file(fs, "f", DATA)
         v1 = node.staged
         v1_meta = dict(v1.journaled_record["metadata"])
-        fs.store.delay(("put_file", "create_multipart"), 60, key="pre/f", count=1)  # v1's PUT: no answer yet
+        held = fs.store.delay(("put_file", "create_multipart"), 60, key="pre/f", count=1)  # v1's PUT: no answer yet
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fs.scheduler.upload, node, True)
-            await trio.sleep(0.1)
+            with trio.fail_after(30):  # until v1's PUT is out (a fixed 0.1 s failed on a slow CI machine)
+                while not held.hits:
+                    await trio.sleep(0.01)
             assert v1.uploading
             with open(v1.data_path, "rb") as f:
                 v1_body = f.read()
