@@ -22,7 +22,7 @@ import time
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, holders,
                        killed, killed_in_a_request, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
-                       users_of, write_registry)
+                       typed_below_root, users_of, write_registry)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -796,14 +796,23 @@ def cmd_rekey(args) -> int:
     except StoreError as e:  # the store fails as a whole (listing): one line
         return _die(f"rekey: {e}")
     if summary is None:
-        return _die(f"rekey {args.path}: no object there ({_PATH_FORMS})")
+        return _die(f"rekey {args.path}: {_nothing_there(args.path)}")
     print(summary.render(args.dry_run))
     return 1 if summary.failed or summary.damaged else 0
 
 
 # what `check --verify PATH` and `rekey PATH` accept, said when a PATH names nothing
-_PATH_FORMS = ("PATH is a path in the mount, as in /mnt/ossfuse/photos (or photos typed in /mnt/ossfuse), or one "
+_PATH_FORMS = ("PATH is a path in the mount, as in /mnt/ossfuse/photos or photos typed in /mnt/ossfuse, or one "
                "below the mount's root, as in photos")
+
+
+def _nothing_there(typed: str) -> str:
+    """The end of the line for a PATH under which the bucket holds no object: the forms a PATH
+    takes only when it was read as a path below the mount's root (a typo there is likely);
+    one the kernel resolved in the mount is missing there, or not in the bucket (yet)."""
+    if typed_below_root(typed):
+        return f"no object there ({_PATH_FORMS})"
+    return "no such file or directory" if not os.path.lexists(typed) else "the bucket holds no object there"
 
 
 def cmd_check(args) -> int:
@@ -844,7 +853,7 @@ def cmd_check(args) -> int:
     if summary is not None:
         found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers or summary.failed
         if path_below_root(verify) and not found:  # a typo: no summary of nothing verified first
-            return _die(f"check --verify {args.verify}: no object there ({_PATH_FORMS})")
+            return _die(f"check --verify {args.verify}: {_nothing_there(args.verify)}")
         print(summary.render())
         if summary.failed:
             return 1

@@ -535,12 +535,12 @@ def path_in_mount(path: str, config: str, command: str) -> str:
         raise ValueError(f"{command} {typed!r}: not UTF-8, as every object name is") from None
     if not os.path.isabs(path):
         try:
-            here = os.getcwd()
+            os.getcwd()
         except OSError as e:
             raise ValueError(f"{command} {typed}: the current directory is gone ({e.strerror}): give an "
                              f"absolute PATH") from None
-        if innermost_mount(here) is None and (path == "." or not os.path.lexists(path)):
-            return path  # below the mount's root
+        if typed_below_root(path):
+            return path
     canonical, device = _kernel_path(path, typed, command)
     found = _ossfuse_mount_of(canonical, device)
     if found is None:
@@ -555,6 +555,18 @@ def path_in_mount(path: str, config: str, command: str) -> str:
                          f"{made_with or 'a config this runtime dir has no running daemon of'}, not with "
                          f"{os.path.abspath(config)}: give -c that mount's config, or PATH below the mount's root")
     return os.path.normpath(os.path.join(root.lstrip("/"), os.path.relpath(canonical, mp)))
+
+
+def typed_below_root(path: str) -> bool:
+    """Whether :func:`path_in_mount` takes ``path`` as it is typed, as a path below the mount's
+    root: a relative one typed outside any mount that names nothing here, or ``.`` there."""
+    if not path or os.path.isabs(path):
+        return False
+    try:
+        here = os.getcwd()
+    except OSError:
+        return False
+    return innermost_mount(here) is None and (path == "." or not os.path.lexists(path))
 
 
 def _kernel_path(path: str, typed: str, command: str) -> tuple[str, str]:

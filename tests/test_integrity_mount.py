@@ -64,12 +64,13 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     r = check_verify(m)
     assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
     assert "not encrypted: 0; directory markers: 1; failed: 0" in r.stdout, r.stdout
-    forms = ("PATH is a path in the mount, as in /mnt/ossfuse/photos (or photos typed in /mnt/ossfuse), or one below "
+    forms = ("PATH is a path in the mount, as in /mnt/ossfuse/photos or photos typed in /mnt/ossfuse, or one below "
              "the mount's root, as in photos")
-    for where in ("nosuchdir", m.path("nosuchdir")):  # a PATH that matches nothing: no summary of nothing first
-        r = check_verify(m, where)
+    for where, why in (("nosuchdir", f"no object there ({forms})"),  # the forms: only for the typed form
+                       (m.path("nosuchdir"), "no such file or directory")):
+        r = check_verify(m, where)  # a PATH that matches nothing: no summary of nothing first
         assert r.returncode == 1 and "verified:" not in r.stdout, r.stdout
-        assert r.stderr == f"ossfuse: check --verify {where}: no object there ({forms})\n", r.stderr
+        assert r.stderr == f"ossfuse: check --verify {where}: {why}\n", r.stderr
     for where, why in ((("d/../../f", f"PATH is above the mount's root ({forms})"),  # ("..": the whole bucket)
                         ("..", "that is not in a running ossfuse mount: give a path in the mount (or, typed outside "
                                "any mount, one below the mount's root)"))):  # (the parent of the cwd here)

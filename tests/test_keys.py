@@ -353,8 +353,8 @@ def test_rekey_refuses_a_cmk_that_would_not_read_its_objects_and_round_trips(
     for path in ("tree/smal", "nowhere/"):  # a typo: not a rekey with nothing to do
         r = rekey("--to", "b", path)
         assert r.returncode == 1 and r.stdout == "" and r.stderr == (
-            f"ossfuse: rekey {path}: no object there (PATH is a path in the mount, as in /mnt/ossfuse/photos (or "
-            f"photos typed in /mnt/ossfuse), or one below the mount's root, as in photos)\n"), r.stdout + r.stderr
+            f"ossfuse: rekey {path}: no object there (PATH is a path in the mount, as in /mnt/ossfuse/photos or "
+            f"photos typed in /mnt/ossfuse, or one below the mount's root, as in photos)\n"), r.stdout + r.stderr
     r = rekey("--to", "b", "../x")
     assert r.returncode == 1 and "PATH is above the mount's root" in r.stderr
     assert {k: m.head(k).metadata[env.H_KEY] for k in files} == keys_before
