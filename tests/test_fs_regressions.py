@@ -1310,3 +1310,40 @@ def test_a_directorys_mtime_moves_with_its_entries_and_a_revalidation_keeps_it(t
         await fs.store.aclose()
 
     trio.run(main)
+
+
+def test_a_time_before_1970_survives_a_revalidation_and_a_metadata_copy(tmp_path, cmk_path):
+    """Found by a trial: `touch -d 1960-01-01` showed 1960, then 1970 once the attributes were
+    read again (a revalidation took max(mtime, the directory entry-change time 0)), and a
+    chmod after that stored 1970: the time was lost. A file, a directory and a symlink keep a
+    negative mtime through revalidations, a chmod (a metadata copy) and a new mount."""
+    before_1970 = -315_619_200_123_456_789  # 1960-01-01, with nanoseconds
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0, entry_timeout=0.0)
+        root = fs.get(1)
+        f = await committed_file(fs, "f", b"data")
+        d = await fs.mkdir(root, "d", 0o755, UID, GID)
+        ln = await fs.symlink(root, "ln", "f", UID, GID)
+        for node in (f, d, ln):
+            await fs.setattr(node, mtime_ns=before_1970)
+        assert await fs.drain() == 0
+        for name in ("f", "d", "ln"):
+            assert (await fs.lookup(root, name)).mtime_ns == before_1970, name  # read again (attr_timeout 0)
+            node = await fs.lookup(root, name)
+            await fs.setattr(node, mode=stat.S_IFMT(node.mode) | 0o700)  # a metadata copy of its object
+            assert (await fs.lookup(root, name)).mtime_ns == before_1970, name
+        assert await fs.drain() == 0
+        fs.close()
+        await fs.store.aclose()
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path, attr_timeout=0.0, entry_timeout=0.0)
+        root = fs.get(1)
+        for name in ("f", "d", "ln"):
+            assert (await fs.lookup(root, name)).mtime_ns == before_1970, name
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+    trio.run(next_mount)

@@ -75,7 +75,8 @@ class InodeTable:
             # mtime, a rename its ctime (Node.entries_changed_ns); the kernel forgets inodes
             # under load, and the times went back to the stored ones (CI: pjdfstest rmdir/00.t)
             node.entries_changed_ns = old.entries_changed_ns
-            node.mtime_ns = max(node.mtime_ns, old.entries_changed_ns)
+            if old.entries_changed_ns:  # (0: no entry change; an mtime before 1970 stays)
+                node.mtime_ns = max(node.mtime_ns, old.entries_changed_ns)
             node.ctime_ns = max(node.ctime_ns, old.ctime_ns)
             if old.children is not None:
                 # the directory found again is the one dropped: keep its last complete listing

@@ -511,7 +511,8 @@ class Resolver:
                     self.recent.touch(node.version)
             node.mode, node.uid, node.gid, node.mtime_ns = self.defaults.attrs_from_info(info, node.is_dir)
             ctime, node.atime_ns = times_from_info(info, node.mtime_ns)
-            node.mtime_ns = max(node.mtime_ns, node.entries_changed_ns)  # entry changes are not stored
+            if node.entries_changed_ns:  # entry changes are not stored (0: none, or the mtime set since)
+                node.mtime_ns = max(node.mtime_ns, node.entries_changed_ns)  # (an mtime before 1970 stays)
             node.ctime_ns = max(node.ctime_ns, ctime)  # never back: a rename's new ctime may not be stored
         node.checked_at = time.monotonic()
         node.listed_only = False
