@@ -160,6 +160,14 @@ class BucketMissing(ValueError):
     """The bucket directory of a LocalStore does not exist and is not to be made."""
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """End the failed transaction of ``db``, if it is still open: SQLite rolls back by itself on
+    some errors (SQLITE_FULL of a full disk), and a ROLLBACK then raises "no transaction is
+    active", which hid the disk-full cause (EIO, not ENOSPC: a trial)."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 class LocalStore(ObjectStore):
     """Bucket in a local directory; see the module doc for its layout and guarantees."""
 
@@ -347,7 +355,7 @@ class LocalStore(ObjectStore):
                        (key, size, info.etag, info.mtime, json.dumps(meta), blob))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             os.unlink(dest)
             raise
         if old:
@@ -729,7 +737,7 @@ class LocalStore(ObjectStore):
                                  (info.etag, info.mtime, json.dumps(meta), key, blob, etag)).rowcount
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         return info if changed == 1 else None
 
@@ -768,7 +776,7 @@ class LocalStore(ObjectStore):
             db.execute("DELETE FROM objects WHERE key=?", (key,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         if row:
             self._unlink_blob(row[0])
