@@ -108,6 +108,10 @@ def _base(root, key) -> str:
     (lambda s: _oss_url(s, "oss://My_Bucket"), "store.url: 'My_Bucket' is not a valid OSS bucket name"),
     (lambda s: _oss_url(s, "oss://bucket-1/photos"), "store.url: 'oss://bucket-1/photos' names a path after the "
                                                       "bucket; write \"oss://bucket-1\" and put the path in store.prefix"),
+    # a trial: these mounted, and the mount then skipped its own keys ("not a valid file name")
+    (lambda s: s.replace("[store]", '[store]\nprefix = "../x"'), "store.prefix: '../x' has '..' as a directory name"),
+    (lambda s: s.replace("[store]", '[store]\nprefix = "a//b"'), "store.prefix: 'a//b' has '' as a directory name"),
+    (lambda s: s.replace("[store]", '[store]\nprefix = "a/./"'), "store.prefix: 'a/./' has '.' as a directory name"),
     # each would sweep or evict the other's files
     (lambda s: s.replace('/cache"', '/bucket/.cache"'), "/bucket/.cache is inside the bucket directory of store.url"),
     (lambda s: s.replace('/bucket"', '/cache/b"'), "/cache holds the bucket directory of store.url"),
