@@ -1074,6 +1074,48 @@ def test_extending_a_file_is_cheap_and_past_the_largest_object_is_efbig(tmp_path
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: 'pre/big' cannot grow to 2097152 bytes: the cache disk's largest "
+                        r"file holds 1048576 bytes of content \(EFBIG\)")
+def test_a_write_past_the_cache_disks_largest_file_is_efbig_and_loses_nothing(tmp_path, cmk_path):
+    """Found by a trial: on ext4 (16 TiB files) a write past 16 TiB failed in the work file,
+    and the failure discarded every change of the open file at its close (as for a full disk),
+    though a truncate there had succeeded. Such a write or truncate is EFBIG, said once, and
+    changes nothing: the other writes of the handle and its close succeed."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        fs.staging.max_size = 1 << 20  # as a cache disk whose largest file is ~1 MiB would give
+        node, h = await fs.create(fs.get(1), "big", 0o644, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, DATA)
+        for attempt in (lambda: fs.write(h, 1 << 20, b"x" * (1 << 20)), lambda: fs.setattr(node, size=(1 << 20) + 1)):
+            with pytest.raises(FsError) as e:
+                await attempt()
+            assert e.value.errno == errno.EFBIG
+        await fs.write(h, 4, b"more")
+        await fs.setattr(node, size=1 << 20)  # up to the limit: fine
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_file(fs, "big") == DATA[:4] + b"more" + DATA[8:] + bytes((1 << 20) - len(DATA))
+        await _crash(fs)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "tmpfs"])
+def test_the_largest_file_found_is_the_disks(tmp_path, tmpfs, where):
+    """``staging._largest_file``: a file of that size can be made there, one byte more cannot."""
+    directory = tmpfs("small", 1 << 20) if where == "tmpfs" else str(tmp_path)
+    largest = staging_mod._largest_file(directory)
+    assert largest >= 1 << 40
+    with open(os.path.join(directory, "probe"), "wb") as f:
+        os.ftruncate(f.fileno(), largest)
+        if largest < (1 << 63) - 1:
+            with pytest.raises(OSError) as e:
+                os.ftruncate(f.fileno(), largest + 1)
+            assert e.value.errno == errno.EFBIG
+    os.unlink(os.path.join(directory, "probe"))
+
+
 # -- A6: one retry policy --------------------------------------------------------------------------
 @pytest.mark.expect_log(r"ossfuse\.fs\.commit: upload of")
 def test_an_upload_is_one_attempt_the_scheduler_retries(tmp_path, cmk_path):

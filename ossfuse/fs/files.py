@@ -468,6 +468,7 @@ class Files:
         if not h.writable:
             raise FsError(errno.EBADF)
         self._refuse_after_lost_write(h)
+        self._refuse_too_big(node, offset + len(data))  # before anything is staged
         v = node.version
         if v is not None and h.version is not None and not same_etag(h.version.etag, v.etag):
             # a lookup since the open took the other client's version as the node's (this
@@ -499,8 +500,6 @@ class Files:
             await self.ensure_staged(node, node.current_size, envelope)
             st = node.staged
             assert st is not None  # ensure_staged made one
-            if offset + len(data) > MAX_OBJECT_SIZE:
-                raise FsError(errno.EFBIG)
             if st.write_error is not None:  # a write to this version was lost via another handle
                 h.write_error = st.write_error
                 raise FsError(st.write_error)
@@ -519,6 +518,18 @@ class Files:
                 raise FsError(errno_of(e)) from None
             node.mtime_ns = node.ctime_ns = time.time_ns()
         return len(data)
+
+    def _refuse_too_big(self, node: Node, size: int) -> None:
+        """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version
+        can hold: the store's largest object, or less on a cache disk whose largest file is
+        smaller (ext4: 16 TiB; said once per file, since the store would take it)."""
+        if size <= self.staging.max_size:
+            return
+        if size <= MAX_OBJECT_SIZE:
+            key = self.naming.key(node.path)
+            self._errors.error("%r cannot grow to %d bytes: the cache disk's largest file holds %d bytes of "
+                               "content (EFBIG)", key, size, self.staging.max_size, same=("EFBIG", key))
+        raise FsError(errno.EFBIG)
 
     @staticmethod
     def _refuse_after_lost_write(h: FileHandle) -> None:
@@ -604,8 +615,7 @@ class Files:
         path; a read-only handle's close saves nothing), the result is journaled and queued for
         upload as a close would. Raises FsError(EFBIG) past
         the store's largest object, FsError(ENOSPC/EIO) when the cache disk fails."""
-        if size > MAX_OBJECT_SIZE:
-            raise FsError(errno.EFBIG)
+        self._refuse_too_big(node, size)
         await self.ensure_staged(node, size)
         assert node.staged is not None  # ensure_staged made one
         try:

@@ -58,6 +58,7 @@ _CTR_MOD = 1 << 128  # the CTR counter is a 128-bit big-endian integer (OpenSSL 
 SEAL_CHUNK = 1 << 20  # bytes encrypted and written at a time while sealing (a multiple of BLOCK)
 # OSS's largest object: 48.8 TiB (oss-rest-api.md, PutObject/multipart limits); bigger gives EFBIG.
 MAX_OBJECT_SIZE = 10_000 * (5 << 30)
+_TOO_BIG = "larger than the store's largest object or the cache disk's largest file (Staging.max_size)"
 # xattr of a work file: the object key it belongs to (plain, as in a journal record), so the
 # next mount names the file whose unsaved changes it deletes (journal.read_journal)
 LABEL_XATTR = "user.ossfuse.key"
@@ -133,8 +134,8 @@ class StagedFile:
             raise Sealed(self.id)
         self._check_not_converted()
         end = offset + len(data)
-        if end > MAX_OBJECT_SIZE:
-            raise OSError(errno.EFBIG, "larger than the store's largest object")
+        if end > self.staging.max_size:  # nothing written: the version stays as it is
+            raise OSError(errno.EFBIG, _TOO_BIG)
         if not data:
             return
         if self.direct:
@@ -327,8 +328,8 @@ class StagedFile:
         if self.sealed:
             raise Sealed(self.id)
         self._check_not_converted()
-        if size > MAX_OBJECT_SIZE:
-            raise OSError(errno.EFBIG, "larger than the store's largest object")
+        if size > self.staging.max_size:
+            raise OSError(errno.EFBIG, _TOO_BIG)
         if self.direct:
             if size == self.size:
                 self.generation += 1
@@ -502,6 +503,31 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _largest_file(directory: str) -> int:
+    """The largest size, in bytes, a file on ``directory``'s filesystem can have (its
+    s_maxbytes: ext4 16 TiB with 4 KiB blocks, xfs and tmpfs 8 EiB), found by extending an
+    unnamed empty file (ftruncate allocates nothing and fails EFBIG past it). A write that
+    starts past it fails EFBIG having written nothing; one that ends past it writes part."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:  # no O_TMPFILE there: assume the store's limit fits
+        return MAX_OBJECT_SIZE // BLOCK * _SLOT + _SLOT
+    try:
+        low, high = 0, (1 << 63) - 1  # low fits; high is the most any file can have
+        while low < high:
+            mid = (low + high + 1) // 2
+            try:
+                os.ftruncate(fd, mid)
+                low = mid
+            except OSError as e:
+                if e.errno not in (errno.EFBIG, errno.EINVAL):
+                    return MAX_OBJECT_SIZE // BLOCK * _SLOT + _SLOT
+                high = mid - 1
+        return low
+    finally:
+        os.close(fd)
+
+
 class Staging:
     """The staging directory ``<cache dir>/staging`` and its ``quarantine/``.
 
@@ -513,6 +539,9 @@ class Staging:
         self.dir = os.path.join(cache_dir, "staging")
         self.quarantine_dir = os.path.join(self.dir, "quarantine")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        # the largest content one version can have here, in bytes: the store's largest object,
+        # or less when the cache disk's largest file cannot hold its work file (ext4: 16 TiB)
+        self.max_size = min(MAX_OBJECT_SIZE, _largest_file(self.dir) // _SLOT * BLOCK)
 
     def quarantined(self) -> int:
         """How many journal entries ``quarantine/`` holds now (a listing of that one small
