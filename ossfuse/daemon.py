@@ -254,6 +254,22 @@ def tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20) and mallopt(_M_TRIM_THRESHOLD, 8 << 20))
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, as servers do (Go's runtime
+    does it for every program): every file open for writing holds a work file descriptor,
+    and the usual soft limit of 1024 made the 1000th open writer fail with EMFILE (a trial:
+    writes and closes failed by the thousand). Returns (soft, hard) after."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:  # a hard limit above what the kernel allows (nr_open)
+            log.debug("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+    return soft, hard
+
+
 def notify_systemd(message: str) -> None:
     """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -321,6 +337,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every stack to the log's stderr
     if not tune_malloc():
         log.debug("no glibc mallopt: malloc keeps its default thresholds")
+    raise_fd_limit()
     try:
         credentials = credentials_for(cfg)
         try:

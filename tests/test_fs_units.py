@@ -71,6 +71,7 @@ def test_errno_table():
     assert errno_of(TruncatedObject("x")) == errno.EIO
     assert errno_of(StoreError("x")) == errno.EIO
     assert errno_of(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
+    assert errno_of(OSError(errno.EMFILE, "the daemon's")) == errno.ENFILE  # not the caller's own table
     assert errno_of(OSError("no errno")) == errno.EIO
     assert errno_of(FsError(errno.EEXIST)) == errno.EEXIST
     assert errno_of(ValueError()) == errno.EIO
@@ -473,3 +474,22 @@ def test_an_answer_of_a_slow_store_is_trusted_for_32_of_its_round_trips():
         store.counters.note_round_trip(0.3)
     assert trusted_for(1.0, store) == pytest.approx(9.6, rel=0.01)
     assert trusted_for(0.0, store) == 0.0
+
+
+def test_the_daemon_raises_its_open_file_limit_to_the_hard_one():
+    """A trial's 28,000 files open for writing got EMFILE past the daemon's soft limit (each
+    holds a work file): the daemon raises it to the hard limit at start."""
+    import resource
+    import subprocess
+    import sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+
+    def lowered():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    r = subprocess.run([sys.executable, "-c", "import resource; from ossfuse.daemon import raise_fd_limit; "
+                        "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))"],
+                       capture_output=True, text=True, preexec_fn=lowered, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"({hard}, {hard}) ({hard}, {hard})"

@@ -71,7 +71,9 @@ def errno_of(exc: BaseException) -> int:
         if isinstance(exc, cls):
             return err
     if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
+        # the daemon's descriptor table is full, not the caller's: EMFILE would send the
+        # program looking for its own leak (a trial)
+        return errno.ENFILE if exc.errno == errno.EMFILE else exc.errno
     return errno.EIO
 
 
