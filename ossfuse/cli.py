@@ -483,8 +483,14 @@ def _exit_outcome(mp: str, reg: dict) -> int:
     if reg.get("status") == EXIT_PENDING:
         undeleted = reg.get("undeleted") or 0
         left = []
-        if reg.get("journaled", 0 if undeleted else 1):  # (a registry without the field: uploads)
-            left.append("some uploads failed and stay journaled until the next mount")
+        journaled = reg.get("journaled", 0 if undeleted else 1)  # (a registry without the field: uploads)
+        if journaled:
+            paths = [mp.rstrip("/") + "/" + p for p in reg.get("journaled_paths") or []]
+            named = (": " + ", ".join(paths[:3]) + (f" and {journaled - 3} more" if journaled > 3 else "")
+                     if paths else "")
+            why = f" (the last failure: {reg['upload_error']})" if reg.get("upload_error") else ""
+            left.append(f"the upload of {journaled} file(s) failed{why}; they stay journaled and upload on the "
+                        f"next mount{named}")
         if undeleted:
             keys = reg.get("undeleted_keys") or []
             shown = ", ".join(repr(k) for k in keys[:3]) + (f" and {undeleted - 3} more" if undeleted > 3 else "")

@@ -486,6 +486,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     status = 0
     unsaved: list[str] = []  # paths whose last changes could not be saved (lost at exit)
     journaled = 0  # files whose upload failed: journaled, uploaded at the next mount
+    journaled_paths: list[str] = []  # the first of them (mount-relative), for umount's line
+    upload_error: str | None = None  # the first one's last upload failure
     undeleted: list[str] = []  # object keys unlinked here whose DELETE failed: done at the next mount
     not_durable: str | None = None  # why the unmount's durability barrier failed
     try:
@@ -526,9 +528,12 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             pending = await fs.drain()
             _warn_open_writers(fs, writers)
             # never claim journaled what is not: changes whose seal failed are named (ERROR each)
-            journaled, unsaved = fs.pending_report()
-            if journaled or (pending and not unsaved):
-                journaled = journaled or pending
+            still, unsaved = fs.pending_report()
+            if still:  # umount names them (registry "journaled_paths", "upload_error")
+                journaled_paths = [path for path, _why in still[:10]]
+                upload_error = next((why for _path, why in still if why), None)
+            if still or (pending and not unsaved):
+                journaled = len(still) or pending
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "
                           "on the next mount", journaled, fs.staging.dir)
                 status = EXIT_PENDING
@@ -556,7 +561,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             status = EXIT_FAILED
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
                                   "exited": True, "exited_at": time.time(), "status": status, "failure": life.failure or not_durable,
-                                  "unsaved": unsaved, "journaled": journaled,
+                                  "unsaved": unsaved, "journaled": journaled, "journaled_paths": journaled_paths,
+                                  "upload_error": upload_error,
                                   "undeleted": len(undeleted), "undeleted_keys": undeleted[:10]})
     return status
 

@@ -207,9 +207,9 @@ class Filesystem:
         deletes them (``finish_unlinks``)."""
         return sorted(self.deferred_deletes.pending)
 
-    def pending_report(self) -> tuple[int, list[str]]:
-        """After :meth:`drain` at unmount: how many pending files have a journaled version, and
-        the paths of those whose newest changes were never journaled (lost at exit; one ERROR
+    def pending_report(self) -> tuple[list[tuple[str, str | None]], list[str]]:
+        """After :meth:`drain` at unmount: the pending files that have a journaled version (path,
+        last upload failure), and the paths of those whose newest changes were never journaled (lost at exit; one ERROR
         line each). See ``Commit.pending_report``."""
         return self.commit.pending_report()
 

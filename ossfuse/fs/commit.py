@@ -254,14 +254,16 @@ class Commit:
         log.info("%r: the changes since its last good version are discarded after a failed write",
                  self.naming.key(node.path))
 
-    def pending_report(self) -> tuple[int, list[str]]:
-        """After the drain at unmount: how many pending files have a journaled version (the
-        next mount uploads it), and the paths (mount-relative) of pending files whose newest
+    def pending_report(self) -> tuple[list[tuple[str, str | None]], list[str]]:
+        """After the drain at unmount: the pending files that have a journaled version (the
+        next mount uploads it), as (mount-relative path, the last upload failure or None), by
+        path; and the paths (mount-relative) of pending files whose newest
         changes have no journal record (their seal failed: a full cache disk), each with one
         ERROR line naming the object, the reason and what is kept. Those changes die with this
         process (the work file's key is in memory only; the next mount deletes the work file
         with a warning)."""
-        journaled, lost = 0, []
+        journaled: list[tuple[str, str | None]] = []
+        lost: list[str] = []
         for node in sorted(self.scheduler.pending(), key=lambda n: n.path):
             st = node.staged
             if st is None or node.unlinked:
@@ -269,7 +271,8 @@ class Commit:
             saved = st
             while saved is not None and not saved.was_journaled:
                 saved = saved.base
-            journaled += saved is not None
+            if saved is not None:
+                journaled.append((node.path, node.upload_error))
             if saved is st:
                 continue
             if saved is not None:
