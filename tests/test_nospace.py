@@ -252,7 +252,7 @@ def test_a_failed_seal_over_a_journaled_version_keeps_that_version_for_the_next_
             assert e.value.errno == errno.ENOSPC
             await fs.release(h)
             assert await fs.drain() == 1
-        assert fs.pending_report() == (1, ["doc"])
+        assert fs.pending_report() == ([("doc", "No space left on device")], ["doc"])
         assert any(f"its last saved version ({len(DATA)} bytes) stays journaled" in r.getMessage()
                    for r in caplog.records)
         await _stop(fs)
