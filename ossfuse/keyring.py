@@ -251,6 +251,7 @@ class Keyring:
         self.default = self.cmks[cfg.encrypt_with]
         self.rules = [(r.prefix, self.cmks[r.encrypt_with]) for r in cfg.rules]
         self._unwrapped: OrderedDict[tuple, tuple[float, env.Envelope]] = OrderedDict()  # see open_envelope
+        self._cache_put_failing = False  # the data-key cache refused the last key (said once)
         self._lock = threading.Lock()
         self.key_cache: KeyCache | None = None  # see attach_key_cache
         # envelopes made ahead, per CMK id (see make_spares); deque: append/popleft are atomic
@@ -344,7 +345,12 @@ class Keyring:
         try:
             cache.put(secret, wrapped, key, iv)
         except sqlite3.Error as e:  # a cache: the open that needs it unwraps with the CMK
-            log.info("data-key cache %s: cannot store a key: %s", cache.path, e)
+            # one line while it keeps failing (a full cache disk failed every key made ahead)
+            log.log(logging.DEBUG if self._cache_put_failing else logging.INFO,
+                    "data-key cache %s: cannot store a key: %s", cache.path, e)
+            self._cache_put_failing = True
+        else:
+            self._cache_put_failing = False
 
     def cmk_for(self, wrapped: env.WrappedEnvelope) -> Cmk:
         """The CMK that reads ``wrapped``; raises KeyMissing when none matches."""

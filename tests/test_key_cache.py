@@ -172,3 +172,33 @@ def test_cached_envelope_never_unwraps_and_still_checks_the_cmk(tmp_path, cmk_pa
     with pytest.raises(KeyMissing):
         k.cached_envelope(foreign)
     k.close()
+
+
+def test_a_cache_that_cannot_store_keys_says_so_once_until_it_can_again(tmp_path, cmk_path, monkeypatch, caplog):
+    """A trial's full cache disk logged "cannot store a key" six times in one millisecond (the
+    keys made ahead): one INFO line while it keeps failing, again after it stored one."""
+    import logging
+    k = _keyring(cmk_path, str(tmp_path / "keys.sqlite"))
+    real_put = type(k.key_cache).put
+    full = {"on": True}
+
+    def put(self, *a):
+        if full["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_put(self, *a)
+
+    monkeypatch.setattr(type(k.key_cache), "put", put)
+
+    def said() -> int:
+        return sum("cannot store a key" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+
+    with caplog.at_level(logging.INFO, logger="ossfuse"):
+        for _ in range(3):
+            k.new_envelope("f")
+        assert said() == 1
+        full["on"] = False
+        k.new_envelope("f")
+        full["on"] = True
+        k.new_envelope("f")
+        k.new_envelope("f")
+        assert said() == 2
