@@ -316,7 +316,8 @@ def test_mmap_write_through_an_append_handle_lands_in_place(mount):
     assert open(mount.path("m"), "rb").read() == b"Q123456789+tail"
 
 
-@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of '[^']*f' \(work file ")
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of '[^']*f' \(work file ",
+                        r"WARNING ossfuse\.daemon: the unsaved changes of 1 file\(s\) left by an earlier run")
 def test_reopened_file_uploads_its_closed_version_whole_and_a_kill_keeps_it(make_mount):
     """Found by a trial: a file closed, then reopened for writing before its queued upload ran.
     That upload sent the writer's half-done content (other clients saw it torn), and after a

@@ -417,6 +417,7 @@ def test_close_whose_in_place_seal_fails_half_way_keeps_the_last_good_version(tm
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'holey' failed.*No space left",
                         r"ERROR ossfuse\.fs\.commit: 'holey': its last changes \(33554432 bytes\) could not be saved",
                         r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'holey' \(work file ",
+                        r"WARNING ossfuse\.daemon: the unsaved changes of 1 file\(s\) left by an earlier run",
                         r"WARNING ossfuse\.writeback\.staging: cache dir")
 def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mount_warns(tmp_path, cmk_path, tmpfs):
     """The break test: ENOSPC at close, then ``ossfuse umount`` said the file "stays journaled"
@@ -437,8 +438,11 @@ def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mou
         assert "stays journaled" not in r.stderr and "stay journaled" not in r.stderr
         assert f"are lost: {m.mnt}/holey" in r.stderr
         assert "stay journaled" not in m.log()
-        m.start()  # the next mount names what it deletes
+        m.start()  # the next mount names what it deletes, and says it (a trial: in the log only)
         assert "unsaved changes of 'holey' (work file " in m.log()
+        assert ("ossfuse: warning: the unsaved changes of 1 file(s) left by an earlier run (open when it crashed or "
+                "was killed, or not savable at their close) are deleted; each file keeps its last saved version (the "
+                "log names each)\n") in m.mount_stderr, m.mount_stderr
         assert not os.path.exists(m.path("holey"))  # never saved: it never existed in the bucket
         assert m.stop() == 0
     finally:

@@ -166,6 +166,7 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
             path = os.path.join(staging.dir, name)
             if name.endswith(".work"):
                 _warn_lost_work(path)
+                staging.lost_work += 1
             try:
                 os.unlink(path)
             except (FileNotFoundError, IsADirectoryError):
