@@ -99,7 +99,8 @@ def test_gui_editor_writes_temp_then_renames_over_the_open_file(mount):
 
 
 @pytest.mark.expect_log(r"WARNING ossfuse\.daemon: found \d+ journaled file",
-                        r"WARNING ossfuse\.writeback\.journal: unsaved changes of '[^']*f' \(work file ")
+                        r"WARNING ossfuse\.writeback\.journal: unsaved changes of '[^']*f' \(work file ",
+                        r"WARNING ossfuse\.daemon: the unsaved changes of 1 file\(s\) left by an earlier run")
 def test_a_program_started_by_a_writer_commits_the_file_as_a_close_does(make_mount):
     """A child process inherits the writer's descriptor at fork and closes it at exec (also a
     close-on-exec one): the kernel sends that close to the filesystem like any close of a
