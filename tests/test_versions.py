@@ -571,3 +571,54 @@ def test_a_rename_keeps_theirs_only_if_it_happens_also_under_a_pending_delete_an
         ofs.close()
 
     _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/f' was changed by another client \(this mount started "
+                        r"from version \S+, the bucket has \S+\): kept theirs, ours is uploaded as 'pre/f\.conflict-")
+@pytest.mark.parametrize("when", ["first part", "last part"])  # (the Complete's own round trip stays open)
+def test_another_clients_write_during_a_multipart_replacement_is_kept(tmp_path, cmk_path, when):
+    """Found by a trial: the mount replaced a file by a multipart upload (60 MiB over a slow
+    store) and another client's version written while the parts went up was overwritten,
+    silently: the check was one HEAD before the first part. It is checked again before the
+    Complete: theirs stays at the name, ours becomes a conflict copy (one WARNING), and the
+    aborted upload leaves no parts behind."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+    store.local_disk = False  # as on OSS: a big file goes up in parts
+    big = os.urandom(350_000)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, store=store, multipart_threshold=150_000, part_size=102_400,
+                             part_workers=1)
+        root = fs.get(1)
+        node, h = await fs.create(root, "f", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"base")
+        await fs.release(h)
+        assert await fs.drain() == 0
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(h, 0, big)
+        await fs.flush(h)
+        await fs.release(h)
+        # another client writes f while our parts go up: before the first, or after the last
+        parts = 0
+
+        async def theirs(inner, op, keys):
+            nonlocal parts
+            parts += 1
+            if parts == (1 if when == "first part" else 4):  # (350,000 bytes: 4 parts)
+                await inner.put_bytes("pre/f", b"THEIRS", {})
+
+        store.hook("upload_part", theirs, when="before" if when == "first part" else "after")
+        assert await fs.drain() == 0
+        assert store.counts["create_multipart"] == 2 and store.counts["abort_multipart"] == 1
+        assert await store.inner.get_range("pre/f", 0, 100) == b"THEIRS"  # theirs stays at the name
+        names = await listed_names(fs)
+        (copy,) = [n for n in names if n.startswith("f.conflict-")]
+        assert sorted(names) == sorted(["f", copy])
+        assert await _read(fs, await fs.lookup(root, copy)) == big[:1 << 20]
+        assert fs.commit.conflicts.count == 1
+        assert await store.inner.list_multipart_uploads("pre/") == []
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

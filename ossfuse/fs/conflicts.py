@@ -53,6 +53,10 @@ _NAME_MAX = 255  # bytes of one path component
 _OURS_MAX = 4096  # keys whose last own upload is remembered
 
 
+class _ChangedMeanwhile(Exception):
+    """The object at an upload's key changed while its parts went up (Conflicts.upload)."""
+
+
 def conflict_name(name: str, host: str, when: float, n: int = 0) -> str:
     """The conflict copy's name for file ``name``: ``stem.conflict-HOST-YYYYMMDD-HHMMSS[-N].ext``
     (UTC; the extension stays last so programs still recognise the file; a name starting with
@@ -193,7 +197,24 @@ class Conflicts:
         if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
                 or same_etag(current.etag, self._ours.get(key))
                 or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ())):
-            return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata))
+            seen = current
+
+            async def still_seen() -> None:
+                # a multipart upload takes minutes: another client's version written meanwhile
+                # must not be overwritten (a trial: it was, silently); the window left is this
+                # HEAD's round trip, as for a PUT. (Deleted meanwhile: ours goes back, as ever.)
+                nonlocal current
+                now = await self.store.head(key)
+                if now is not None and (seen is None or not same_etag(now.etag, seen.etag)):
+                    current = now
+                    raise _ChangedMeanwhile
+
+            try:
+                return self._uploaded(node, key, mark,
+                                      await self.uploader.upload(staged, key, metadata, before_complete=still_seen))
+            except _ChangedMeanwhile:
+                pass  # theirs stays: ours goes to a conflict copy, as below
+        assert current is not None
         dkey, _, name = key.rpartition("/")
         prefix = dkey + "/" if dkey else ""
         for n in range(100):

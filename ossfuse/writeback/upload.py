@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Awaitable, Callable
 
 import trio
 
@@ -58,18 +59,22 @@ class Uploader:
         self.in_progress: set[UploadProgress] = set()
 
     async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str], *,
-                     if_absent: bool = False) -> ObjectInfo:
+                     if_absent: bool = False, before_complete: Callable[[], Awaitable[None]] | None = None
+                     ) -> ObjectInfo:
         """Put sealed ``staged``'s ciphertext at ``key`` with ``metadata``: one attempt (the
         store retries each request within its deadline, ``ossfuse/retry.py``; retrying a
         failed upload later is the scheduler's job). ``if_absent``: create only (the store
         raises AlreadyExists when ``key`` is taken; a multipart upload is then aborted).
+        ``before_complete``: awaited once every part of a multipart upload is in, right before
+        its Complete (the upload may have taken minutes: the caller checks again what it
+        checked before the upload); what it raises aborts the upload and propagates.
         Raises StoreError. While it runs, ``in_progress`` holds its :class:`UploadProgress`."""
         progress = UploadProgress(key, staged.size)
         self.in_progress.add(progress)
         try:
             metadata = await self._put_tag_list(staged, key, metadata)
             if staged.size > self.multipart_threshold and not self.store.local_disk:
-                return await self._multipart(staged, key, metadata, progress, if_absent)
+                return await self._multipart(staged, key, metadata, progress, if_absent, before_complete)
             # a sealed staged file never changes again: the store may link it
             info = await self.store.put_file(key, staged.data_path, metadata, may_link=True, if_absent=if_absent)
             progress.done = staged.size
@@ -102,19 +107,22 @@ class Uploader:
         return metadata
 
     async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str],
-                         progress: UploadProgress | None = None, if_absent: bool = False) -> ObjectInfo:
+                         progress: UploadProgress | None = None, if_absent: bool = False,
+                         before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
         fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed
         try:
             return await self._parts(key, staged.size, metadata,
                                      lambda off, n: trio.to_thread.run_sync(os.pread, fd, n, off), progress,
-                                     if_absent)
+                                     if_absent, before_complete)
         finally:
             os.close(fd)
 
     async def _parts(self, key: str, size: int, metadata: dict[str, str], read,
-                     progress: UploadProgress | None = None, if_absent: bool = False) -> ObjectInfo:
+                     progress: UploadProgress | None = None, if_absent: bool = False,
+                     before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
         """Multipart upload of ``size`` bytes got by ``await read(offset, length)``; aborted on
-        any failure or cancellation. ``progress.done`` grows by each part uploaded."""
+        any failure or cancellation (also one ``before_complete`` raises: :meth:`upload`).
+        ``progress.done`` grows by each part uploaded."""
         psize = part_size_for(size, self.part_size, self.store.max_parts)
         meta = dict(metadata)
         if env.is_encrypted(meta):
@@ -134,6 +142,8 @@ class Uploader:
 
         try:
             await run_all([functools.partial(part, n) for n in range(1, -(-size // psize) + 1)], self.part_workers)
+            if before_complete is not None:
+                await before_complete()
             info = await self.store.complete_multipart(key, upload_id, sorted(etags.items()), if_absent=if_absent)
         except BaseException:
             with trio.CancelScope(shield=True):
