@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from fakes.fault_store import FaultStore
+from ossfuse import envelope as env
 from ossfuse import integrity
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
 from ossfuse.fs import Filesystem, FsError
@@ -465,3 +466,40 @@ def test_a_symlink_target_is_tagged_and_a_flipped_bit_is_eio(tmp_path, cmk_path,
     assert summary.verified == 1 and summary.untagged == 0, summary
     assert len(summary.failed) == 1 and summary.failed[0].startswith("pre/ln (ETag ") and \
         "block 0 (bytes 0-" in summary.failed[0], summary.failed
+
+
+def test_verify_fails_an_untagged_object_whose_envelope_the_mount_cannot_open(tmp_path, cmk_path):
+    """Found by a trial: objects as the SDKs write them (no integrity tags) with a damaged
+    envelope header — an unsupported cek-alg, a start IV that is not base64, a key the CMK
+    cannot unwrap — gave EIO in the mount, yet `check --verify` counted them "without tags"
+    and exited 0. Their envelope is opened as the mount opens it: each is a FAIL naming why,
+    and an intact untagged object is still counted as such."""
+    from ossfuse import rekey
+    local, store = _bucket(tmp_path, cached=True)
+    damage = {"badalg": (env.H_CEK_ALG, "AES/GCM/NoPadding"),
+              "badstart": (env.H_START, "not base64!"),
+              "badkey": (env.H_KEY, base64.b64encode(os.urandom(384)).decode())}
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        for name in ["intact", *damage]:
+            await _write(fs, name, b"sdk-like object " + name.encode())
+            info = await local.head("pre/" + name)
+            body = await local.get_range("pre/" + name, 0, info.size)
+            meta = {k: v for k, v in info.metadata.items() if k != integrity.HEADER}  # as an SDK writes it
+            if name in damage:
+                header, value = damage[name]
+                meta[header] = value
+            await local.put_bytes("pre/" + name, body, meta)
+        summary = await rekey.verify(fs.cfg, local, fs.keyring)
+        fs.close()
+        await store.aclose()
+        return summary
+
+    summary = trio.run(main)
+    assert summary.untagged == 1 and summary.verified == 0, summary
+    failed = {line.split(" ", 1)[0]: line for line in summary.failed}
+    assert sorted(failed) == ["pre/badalg", "pre/badkey", "pre/badstart"], summary.failed
+    assert "unsupported cek-alg 'AES/GCM/NoPadding'" in failed["pre/badalg"], failed
+    assert "not base64" in failed["pre/badstart"], failed
+    assert "unwrap" in failed["pre/badkey"], failed
