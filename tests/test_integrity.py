@@ -503,3 +503,34 @@ def test_verify_fails_an_untagged_object_whose_envelope_the_mount_cannot_open(tm
     assert "unsupported cek-alg 'AES/GCM/NoPadding'" in failed["pre/badalg"], failed
     assert "not base64" in failed["pre/badstart"], failed
     assert "unwrap" in failed["pre/badkey"], failed
+
+
+def test_checks_sample_heads_a_bounded_number_of_objects(tmp_path, cmk_path):
+    """Found by a trial: `ossfuse check` HEADed listed objects until it had seen 20 encrypted
+    ones; 1,100 plaintext objects first made it 1,100 HEADs (9.5 min at 0.5 s a request,
+    for a --verify of one file). At most CHECK_HEADS now; directory markers and tag lists
+    are not HEADed at all; what was sampled is still unwrapped."""
+    from ossfuse import rekey
+    local, store = _bucket(tmp_path, cached=True)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "zz-encrypted", b"secret")
+        for i in range(rekey.CHECK_HEADS + 50):
+            await local.put_bytes(f"pre/a{i:04d}", b"plain", {})
+        await local.put_bytes("pre/a-dir/", b"", {})
+        store.counts.clear()
+        first = await rekey.unreadable_sample(fs.cfg, fs.keyring, store)
+        heads = store.counts["head"]
+        bounded = heads
+        store.counts.clear()
+        found = await rekey.unreadable_sample(fs.cfg, fs.keyring, store, heads=10_000)
+        every = store.counts["head"]
+        fs.close()
+        await store.aclose()
+        return first, bounded, found, every
+
+    (sampled, unreadable), heads, found, every = trio.run(main)
+    assert (sampled, unreadable, heads) == (0, [], rekey.CHECK_HEADS)
+    assert found == (1, [])  # past the plaintext ones, the encrypted object opens
+    assert every == rekey.CHECK_HEADS + 50 + 1  # the files; not the directory marker
