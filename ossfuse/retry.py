@@ -124,7 +124,10 @@ OnRetry = Callable[[BaseException, int, float], None]
 
 
 class Health(Protocol):
-    """What the retry loop asks of a store's online/offline tracker (``store.health``)."""
+    """What the retry loop asks of a store's online/offline tracker (``store.health``):
+    ``timeout``, the offline bound in seconds, and whether to give up."""
+
+    timeout: float
 
     def give_up(self, failing_for: float, upcoming_sleep: float) -> bool: ...
 
@@ -144,7 +147,8 @@ class _Unreachable(tenacity.stop.stop_base):
         self.start = start  # monotonic start of the operation (Budget.start)
         self.first_failure: float | None = None
 
-    def __call__(self, state: tenacity.RetryCallState) -> bool:
+    def failing_for(self, state: tenacity.RetryCallState) -> float:
+        """Seconds the store has failed this call, as of ``state``'s last outcome."""
         now = state.outcome_timestamp if state.outcome_timestamp is not None else time.monotonic()
         if self.first_failure is None:
             # a timeout: the store has failed since it went silent (StoreError.silent_for), so
@@ -152,7 +156,16 @@ class _Unreachable(tenacity.stop.stop_base):
             exc = state.outcome.exception() if state.outcome is not None else None
             silent = getattr(exc, "silent_for", 0.0) or 0.0
             self.first_failure = self.start if self.short else max(self.start, now - silent)
-        return self.health.give_up(now - self.first_failure, state.upcoming_sleep or 0.0)
+        return now - self.first_failure
+
+    def wait(self, state: tenacity.RetryCallState, delay: float) -> float:
+        """The backoff ``delay``, cut to end at the offline bound: the last attempt is made
+        there (a read gave up 2.7 s into an outage of 3 s with a bound of 5 s, as the next
+        backoff would have ended past it: a trial)."""
+        return max(0.0, min(delay, self.health.timeout - self.failing_for(state)))
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        return self.health.give_up(self.failing_for(state), state.upcoming_sleep or 0.0)
 
 
 class _BeforeDeadline(tenacity.stop.stop_base):
@@ -175,15 +188,20 @@ def _tenacity_kwargs(policy: RetryPolicy, budget: Budget, classify: Callable[[Ba
     if policy.deadline is not None:
         # no sleep that ends with less than min_attempt seconds left before the deadline
         stop = stop | _BeforeDeadline(budget.start, max(0.0, policy.deadline - policy.min_attempt))
-    if health is not None:
-        stop = stop | _Unreachable(health, short, budget.start)
+    unreachable = _Unreachable(health, short, budget.start) if health is not None else None
+    if unreachable is not None:
+        stop = stop | unreachable
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        delay = policy.delay(state.attempt_number)
+        return unreachable.wait(state, delay) if unreachable is not None else delay
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         if on_retry is not None and exc is not None:
             on_retry(exc, state.attempt_number, state.upcoming_sleep)
 
-    return dict(stop=stop, wait=lambda state: policy.delay(state.attempt_number),
+    return dict(stop=stop, wait=wait,
                 retry=tenacity.retry_if_exception(classify), reraise=True, before_sleep=before_sleep)
 
 

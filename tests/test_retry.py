@@ -200,6 +200,7 @@ def test_async_first_attempt_outside_tenacity_keeps_the_policy():
 
         class Tracker:
             offline = False
+            timeout = 5.0
 
             def __init__(self):
                 self.asked = []
@@ -229,6 +230,7 @@ def test_a_timeout_counts_the_store_failing_since_it_went_silent():
 
     class Tracker:
         offline = False
+        timeout = 0.3
 
         def __init__(self):
             self.asked: list[float] = []
@@ -255,3 +257,31 @@ def test_a_timeout_counts_the_store_failing_since_it_went_silent():
             assert len(calls) == attempts, (silent, calls, tracker.asked)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_last_attempt_is_made_at_the_offline_bound():
+    """Found by a trial: with an offline bound of 5 s, a read gave up 2.7 s into an outage of
+    3 s (the next backoff would have ended past the bound) and got EIO, though the README
+    promises the store is retried for the bound. The last sleep is cut to end at the bound,
+    and the attempt made there succeeds. Real time, scaled down: bound 0.5 s, outage 0.3 s,
+    backoffs of 0.29 s (the second would end at 0.58 s: it gave up there)."""
+    import unittest.mock
+
+    from ossfuse.store.health import StoreHealth
+
+    async def main():
+        start = time.monotonic()
+        calls = []
+
+        async def down_for_a_while(budget):
+            calls.append(round(time.monotonic() - start, 2))
+            if time.monotonic() - start < 0.3:
+                raise StoreUnavailable("connection refused", code="ConnectionRefused")
+            return "answered"
+
+        policy = RetryPolicy(attempts=10, deadline=None, backoff=0.29, backoff_max=0.29)
+        with unittest.mock.patch("ossfuse.retry.random.uniform", lambda a, b: b):
+            assert await retry_async(policy, down_for_a_while, health=StoreHealth(0.5), short=True) == "answered"
+        assert len(calls) == 3 and 0.45 <= calls[-1] <= 0.65, calls  # at 0, 0.29 and the bound
+
+    trio.run(main)
