@@ -349,8 +349,8 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
             results.append((True, f"{sampled} sampled encrypted objects open with this config's keys"))
     except CredentialsError as e:  # no request was sent: the store was never asked
         results.append((False, f"store {cfg.store.url}: no usable credentials: {e}"))
-    except StoreError as e:
-        results.append((False, f"store {cfg.store.url} does not answer: {e}"))
+    except StoreError as e:  # an HTTP error answer (a 503, a 403) is an answer: say which it was
+        results.append((False, f"store {cfg.store.url} {'fails' if e.answered else 'does not answer'}: {e}"))
     except Exception as e:  # noqa: BLE001 - every failure is reported in plain words, on one line
         results.append((False, f"store {cfg.store.url} does not answer: {type(e).__name__}: {e}"))
     return results

@@ -324,6 +324,21 @@ def test_check_prints_each_failure_once(tmp_path, cmk_path):
                      f"{creds})"], r.stdout
 
 
+def test_check_of_a_store_that_answers_with_errors_says_it_fails(tmp_path, cmk_path, oss_server):
+    """A trial: a store answering HTTP 503 was "does not answer", though an answer is an
+    answer (it is reachable: docs/semantics.md); it "fails", with the error."""
+    from conftest import AK, BUCKET, REGION, SK
+    path = tmp_path / "c.toml"
+    path.write_text(f'[store]\nurl = "oss://{BUCKET}"\nendpoint = "{oss_server.endpoint}"\nregion = "{REGION}"\n'
+                    f'retries = 0\n[encryption]\nencrypt_with = "k"\n[[encryption.cmk]]\nid = "k"\ntype = "rsa"\n'
+                    f'private_key = "{cmk_path}"\n[cache]\ndir = "{tmp_path}/cache"\n')
+    oss_server.faults.add(status=503, count=None)
+    r = run_cli("check", "-c", str(path), env=dict(os.environ, OSS_ACCESS_KEY_ID=AK, OSS_ACCESS_KEY_SECRET=SK))
+    fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
+    assert r.returncode == 1 and len(fails) == 1, r.stdout
+    assert fails[0].startswith(f"FAIL  store oss://{BUCKET} fails: OSS ListObjects '': HTTP 503"), fails
+
+
 # ------------------------------------------------------------------ errno of a wrong CMK
 @pytest.mark.expect_log(r"ossfuse\.fs\.files: cannot open")
 def test_wrong_cmk_is_eio_and_no_cmk_is_eacces_as_documented(tmp_path, cmk_path, other_cmk_path, caplog):
