@@ -173,9 +173,12 @@ class StoreHealth:
 
     def give_up(self, failing_for: float, upcoming_sleep: float) -> bool:
         """For a retry loop: stop retrying one call that has failed for ``failing_for`` seconds
-        and would sleep ``upcoming_sleep`` more (the mount went offline meanwhile, or the
-        sleep would end past ``timeout``)."""
-        return self.offline or failing_for + upcoming_sleep > self.timeout
+        and would sleep ``upcoming_sleep`` more: the mount went offline meanwhile, the call has
+        failed for ``timeout`` already (a GET silent that long: not sent again), or the sleep
+        would end past it (``retry`` cuts its last sleep to end there: float rounding must not
+        make that one past it, hence the millisecond)."""
+        return (self.offline or failing_for >= self.timeout
+                or failing_for + upcoming_sleep > self.timeout + 0.001)
 
     async def watch(self, probe: Callable[[], Awaitable[object]]) -> None:
         """Run forever (a daemon task): while offline, ``await probe()`` (a cheap store call,
