@@ -1571,3 +1571,32 @@ async def test_get_goes_through_oss2_without_what_the_lean_path_uses(server, mon
         await store.get_range("f/k", 0, 10, if_match="0" * 32)
     assert (await store.head("f/k")).size == len(body)
     await store.aclose()
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.oss: OSS CompleteMultipartUpload 'w/race': another client's object "
+                        r"\(ETag \S+\) replaced the one just completed \(ETag \S+\)")
+@trio_test
+async def test_complete_says_what_it_completed_when_another_object_replaced_it_at_once(server, store):
+    """Found by a trial: another client's PUT between our Complete and its HEAD made Complete
+    return *their* object (ETag, size, envelope); the mount bound its cached blocks of ours to
+    that ETag and read garbage, "verified". Complete describes what it completed: our ETag,
+    size and metadata (one WARNING); the next HEAD shows theirs, as another client's."""
+    meta = {"client-side-encryption-key": "a2V5", "client-side-encryption-start": "aXY=",
+            "client-side-encryption-cek-alg": "AES/CTR/NoPadding", "client-side-encryption-wrap-alg": "RSA/NONE/PKCS1Padding",
+            "client-side-encryption-data-size": str(102400 + 16), "client-side-encryption-part-size": "102400"}
+    uid = await store.create_multipart("w/race", meta)
+    e1 = await store.upload_part("w/race", uid, 1, data(102400), meta)
+    e2 = await store.upload_part("w/race", uid, 2, data(16, 1), meta)
+    real_head = store.head
+
+    async def head_after_their_put(key, *a, **kw):
+        store.head = real_head
+        await store.put_bytes(key, b"theirs", {"who": "them"})  # another client, right after our Complete
+        return await real_head(key, *a, **kw)
+
+    store.head = head_after_their_put
+    info = await store.complete_multipart("w/race", uid, [(1, e1), (2, e2)])
+    theirs = await store.head("w/race")
+    assert (info.size, info.metadata) == (102400 + 16, meta)
+    assert info.etag != theirs.etag and info.etag.endswith("-2")  # a multipart ETag: ours
+    assert (theirs.size, theirs.metadata) == (6, {"who": "them"})

@@ -496,6 +496,8 @@ class OssStore(ObjectStore):
                                                                     thread_name_prefix="ossfuse-head")
         # part number -> (size, crc64) per upload id, for the whole-object CRC check at Complete
         self._parts: dict[str, dict[int, tuple[int, int]]] = {}
+        # the user metadata each upload id was initiated with: what Complete made (see there)
+        self._upload_meta: dict[str, dict[str, str]] = {}
         self._parts_lock = threading.Lock()
 
     def _settle_environment(self) -> None:
@@ -1064,6 +1066,7 @@ class OssStore(ObjectStore):
         upload_id = await self._call("InitiateMultipartUpload", key, self._init_sync, key, headers)
         with self._parts_lock:
             self._parts[upload_id] = {}
+            self._upload_meta[upload_id] = {n[len(_META):]: v for n, v in headers.items() if n.startswith(_META)}
         return upload_id
 
     def _part_sync(self, key: str, upload_id: str, n: int, data: bytes, headers: dict[str, str]):
@@ -1114,6 +1117,7 @@ class OssStore(ObjectStore):
         Complete), StoreError (400 InvalidPart, EntityTooSmall ...)."""
         with self._parts_lock:
             known = self._parts.get(upload_id) or {}
+            initiated = self._upload_meta.get(upload_id)
         infos = [oss2.models.PartInfo(n, etag) for n, etag in sorted(parts)]
         crc: int | None = None  # the object's CRC-64, when this process sent every part
         if all(n in known for n, _ in parts):
@@ -1136,12 +1140,22 @@ class OssStore(ObjectStore):
         finally:
             with self._parts_lock:
                 self._parts.pop(upload_id, None)
+                self._upload_meta.pop(upload_id, None)
         info = await self.head(key)
         if info is None:
             raise NoSuchKey("object vanished right after CompleteMultipartUpload", key=key)
-        if info.etag != etag:  # overwritten in between: report what we completed
-            log.warning("OSS CompleteMultipartUpload %r: object replaced right after completion", key)
-        return info
+        if info.etag == etag:
+            return info
+        # Another client's object replaced ours between the Complete and this HEAD: say what we
+        # completed, not theirs (their ETag with our content and envelope made the mount read
+        # our cached blocks as theirs: garbage; a trial). The caller's next look at the key
+        # finds theirs, as another client's version.
+        log.warning("OSS CompleteMultipartUpload %r: another client's object (ETag %s) replaced the one just "
+                    "completed (ETag %s)", key, info.etag, etag)
+        if initiated is None:  # not initiated by this process: only the ETag is known
+            initiated = {}
+        size = sum(size for size, _crc in known.values()) if all(n in known for n, _ in parts) else info.size
+        return ObjectInfo(key, size, etag, info.mtime, initiated, answered=info.answered)
 
     def _abort_sync(self, key: str, upload_id: str) -> None:
         self._bucket.abort_multipart_upload(key, upload_id)
@@ -1150,6 +1164,7 @@ class OssStore(ObjectStore):
         """AbortMultipartUpload (§3.14); NoSuchUpload (already gone) is not an error."""
         with self._parts_lock:
             self._parts.pop(upload_id, None)
+            self._upload_meta.pop(upload_id, None)
         try:
             await self._call("AbortMultipartUpload", key, self._abort_sync, key, upload_id)
         except NoSuchKey:
