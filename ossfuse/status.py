@@ -111,13 +111,16 @@ async def serve(path: str, fs, errors: RecentErrors, started: float, life) -> No
     listener = trio.SocketListener(sock)
     try:
         async with listener:
+            failing = False  # said once while accept keeps failing (the client waits in the backlog)
             while True:
                 try:
                     conn = await listener.accept()
                 except OSError as e:  # EMFILE and the like: this client goes unanswered, not the mount
-                    log.warning("status socket: accept failed: %s", e)
+                    log.log(logging.DEBUG if failing else logging.WARNING, "status socket: accept failed: %s", e)
+                    failing = True
                     await trio.sleep(0.5)
                     continue
+                failing = False
                 async with conn:
                     try:
                         doc = collect(fs, errors, started, life.state)

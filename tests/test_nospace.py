@@ -447,3 +447,39 @@ def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mou
         assert m.stop() == 0
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'pre/many' failed, the data is not safe yet: \[Errno 24\]")
+def test_a_failed_seal_holds_no_descriptor_and_is_retried(tmp_path, cmk_path, monkeypatch):
+    """Found by a trial: at the daemon's open-file limit, a seal that failed after converting
+    the work file (its tags could not be computed: EMFILE) kept the file's descriptor; with
+    thousands such, every later open failed and the mount stopped answering. A failed seal
+    closes it (reopened when used); the next try seals and uploads the same content."""
+    from ossfuse import integrity
+    from ossfuse.fs import commit as commit_mod
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        node, h = await fs.create(fs.get(1), "many", 0o644, os.O_RDWR, UID, GID)
+        await fs.write(h, 0, DATA)
+        real_seal = integrity.seal
+
+        def no_descriptors(*a, **kw):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(commit_mod.integrity, "seal", no_descriptors)
+        with pytest.raises(FsError) as e:
+            await fs.flush(h)
+        assert e.value.errno == errno.ENFILE  # the daemon's table, not the caller's
+        st = node.staged
+        assert st is not None and not st.sealed and st._work_fd == -1
+        monkeypatch.setattr(commit_mod.integrity, "seal", real_seal)
+        assert await read_file(fs, "many") == DATA  # reopened for the read
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_file(fs, "many") == DATA
+        assert (await fs.store.inner.head("pre/many")).size == len(DATA)
+        await _stop(fs)
+
+    trio.run(main)

@@ -136,6 +136,7 @@ class Commit:
             else:
                 st.tags = await trio.to_thread.run_sync(seal_and_tag)
         except OSError as e:
+            st.close()  # reopened when used: a failed seal holds no descriptor (a trial ran out of them)
             if st.write_error is not None:  # converted half-way: the version is lost (revert_failed)
                 log.error("staging %r failed half-way; its changes since its last good version are discarded: %s",
                           key, e)
