@@ -488,7 +488,7 @@ def _exit_outcome(mp: str, reg: dict) -> int:
             paths = [mp.rstrip("/") + "/" + p for p in reg.get("journaled_paths") or []]
             named = (": " + ", ".join(paths[:3]) + (f" and {journaled - 3} more" if journaled > 3 else "")
                      if paths else "")
-            why = f" (the last failure: {reg['upload_error']})" if reg.get("upload_error") else ""
+            why = f" (e.g. {mp.rstrip('/')}/{reg['upload_error']})" if reg.get("upload_error") else ""
             left.append(f"the upload of {journaled} file(s) failed{why}; they stay journaled and upload on the "
                         f"next mount{named}")
         if undeleted:

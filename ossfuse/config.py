@@ -276,8 +276,8 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
     for name in prefix.split("/")[:-1]:  # each a directory name the mount itself would accept
         if name in ("", ".", "..") or "\0" in name or len(name.encode()) > 255:
             raise ConfigError(f"{path}: store.prefix: {st['prefix']!r} has {name!r} as a directory name: "
-                              "give names separated by single '/', none of them '.' or '..' (the mount "
-                              "would skip such a key in its listings)")
+                              "give names separated by single '/', none of them '.' or '..' nor over 255 "
+                              "bytes (the mount would skip such a key in its listings)")
     if st.get("signature", "v4") not in ("v1", "v4"):
         raise ConfigError(f"{path}: store.signature: must be \"v1\" or \"v4\"")
     if not 0 <= st.get("retries", 5) <= 100:

@@ -491,7 +491,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     unsaved: list[str] = []  # paths whose last changes could not be saved (lost at exit)
     journaled = 0  # files whose upload failed: journaled, uploaded at the next mount
     journaled_paths: list[str] = []  # the first of them (mount-relative), for umount's line
-    upload_error: str | None = None  # the first one's last upload failure
+    upload_error: str | None = None  # "path: reason" of the first of them with a failure recorded
     undeleted: list[str] = []  # object keys unlinked here whose DELETE failed: done at the next mount
     not_durable: str | None = None  # why the unmount's durability barrier failed
     try:
@@ -535,7 +535,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             still, unsaved = fs.pending_report()
             if still:  # umount names them (registry "journaled_paths", "upload_error")
                 journaled_paths = [path for path, _why in still[:10]]
-                upload_error = next((why for _path, why in still if why), None)
+                upload_error = next((f"{path}: {why}" for path, why in still if why), None)
             if still or (pending and not unsaved):
                 journaled = len(still) or pending
                 log.error("%d file(s) could not be uploaded; they stay journaled in %s and upload "

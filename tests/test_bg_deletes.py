@@ -456,7 +456,7 @@ def test_umount_exits_75_naming_the_files_whose_upload_failed(tmp_path, cmk_path
         m.pid = None
         assert r.returncode == 75, r.stderr
         assert r.stderr.startswith(
-            "ossfuse: unmounted; the upload of 2 file(s) failed (the last failure: OSS PUT 'd/a'"), r.stderr
+            f"ossfuse: unmounted; the upload of 2 file(s) failed (e.g. {m.mnt}/d/a: OSS PUT 'd/a'"), r.stderr
         assert "AccessDenied" in r.stderr and r.stderr.endswith(
             f"they stay journaled and upload on the next mount: {m.mnt}/d/a, {m.mnt}/d/b (see the log in the "
             f"cache dir)\n"), r.stderr
