@@ -400,6 +400,21 @@ def killed(pid: int | str) -> bool:
     return False
 
 
+_PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
+
+
+def exiting(pid: int | str) -> bool:
+    """Whether process ``pid`` is on its way out (PF_EXITING in /proc/PID/stat's flags): a
+    killed process that left its request has taken its SIGKILL off the pending set
+    (:func:`killed` is False then) but may hold its files a moment longer."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return bool(int(fields[6]) & _PF_EXITING)  # field 9 of stat(5); fields[0] is field 3
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def killed_in_a_request() -> list[tuple[int, str]]:
     """Processes (pid, command name) that were killed (:func:`killed`) with a thread still in
     uninterruptible sleep (state D): each waits for a request it cannot abandon, a FUSE one

@@ -1003,3 +1003,25 @@ def test_a_locked_cache_dir_names_its_holder_and_what_it_does(tmp_path, monkeypa
                                          f"uploads (`ossfuse umount {gone}` waits for it)")
     finally:
         os.close(fd)
+
+
+def test_a_process_on_its_way_out_is_told_from_a_live_one():
+    """CI: `ossfuse umount` waited for a killed reader, then failed "busy (in use by pid N)" in
+    the moment between its read returning and its files being closed: the SIGKILL had been
+    taken off the pending set (`killed` False), so it looked like a live holder. Such a
+    process is exiting (PF_EXITING), as a zombie is; this process and pid 1 are not."""
+    import time
+
+    from ossfuse.registry import exiting, killed
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not exiting(pid):  # a zombie until reaped: its exit ran
+            assert time.monotonic() < deadline, "the child never showed as exiting"
+            time.sleep(0.01)
+        assert not killed(pid)  # (no SIGKILL was sent: only exiting tells it)
+    finally:
+        os.waitpid(pid, 0)
+    assert not exiting(os.getpid()) and not exiting(1) and not exiting(pid)  # reaped: gone
