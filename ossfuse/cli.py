@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, exiting,
-                       holders, killed, killed_in_a_request, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
+from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, dying,
+                       holders, killed_in_a_request, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        typed_below_root, users_of, write_registry)
 
@@ -553,11 +553,11 @@ def _unmount(mp: str, device: str | None) -> str | None:
         # A killed process that left its request is exiting: its SIGKILL is no longer pending
         # but it holds its files a moment longer (CI: "busy" right after "waiting for pid").
         if users:
-            dying = users if all(killed(p) or exiting(p) for p, _c in users) else []
+            ending = users if all(dying(p) for p, _c in users) else []
         else:
-            dying = killed_in_a_request()
-        if dying and time.monotonic() < killed_give_up:
-            for p, c in dying:
+            ending = killed_in_a_request()
+        if ending and time.monotonic() < killed_give_up:
+            for p, c in ending:
                 if p not in said:
                     said.add(p)
                     print(f"ossfuse: waiting for pid {p} ({c}), killed, to end: it waits for a request"

@@ -415,6 +415,12 @@ def exiting(pid: int | str) -> bool:
         return False
 
 
+def dying(pid: int | str) -> bool:
+    """Whether process ``pid`` was killed and has not ended yet: in a request still
+    (:func:`killed`) or already on its way out (:func:`exiting`)."""
+    return killed(pid) or exiting(pid)
+
+
 def killed_in_a_request() -> list[tuple[int, str]]:
     """Processes (pid, command name) that were killed (:func:`killed`) with a thread still in
     uninterruptible sleep (state D): each waits for a request it cannot abandon, a FUSE one

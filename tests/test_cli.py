@@ -1012,7 +1012,7 @@ def test_a_process_on_its_way_out_is_told_from_a_live_one():
     process is exiting (PF_EXITING), as a zombie is; this process and pid 1 are not."""
     import time
 
-    from ossfuse.registry import exiting, killed
+    from ossfuse.registry import dying, exiting, killed
     pid = os.fork()
     if pid == 0:
         os._exit(0)
@@ -1022,6 +1022,8 @@ def test_a_process_on_its_way_out_is_told_from_a_live_one():
             assert time.monotonic() < deadline, "the child never showed as exiting"
             time.sleep(0.01)
         assert not killed(pid)  # (no SIGKILL was sent: only exiting tells it)
+        assert dying(pid)  # what `ossfuse umount` waits for
     finally:
         os.waitpid(pid, 0)
     assert not exiting(os.getpid()) and not exiting(1) and not exiting(pid)  # reaped: gone
+    assert not dying(os.getpid()) and not dying(1)

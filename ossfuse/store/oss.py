@@ -1154,7 +1154,7 @@ class OssStore(ObjectStore):
                     "completed (ETag %s)", key, info.etag, etag)
         if initiated is None:  # not initiated by this process: only the ETag is known
             initiated = {}
-        size = sum(size for size, _crc in known.values()) if all(n in known for n, _ in parts) else info.size
+        size = sum(part_size for part_size, _crc in known.values()) if all(n in known for n, _ in parts) else info.size
         return ObjectInfo(key, size, etag, info.mtime, initiated, answered=info.answered)
 
     def _abort_sync(self, key: str, upload_id: str) -> None:

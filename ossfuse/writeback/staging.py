@@ -508,10 +508,11 @@ def _largest_file(directory: str) -> int:
     s_maxbytes: ext4 16 TiB with 4 KiB blocks, xfs and tmpfs 8 EiB), found by extending an
     unnamed empty file (ftruncate allocates nothing and fails EFBIG past it). A write that
     starts past it fails EFBIG having written nothing; one that ends past it writes part."""
+    fits_any_object = MAX_OBJECT_SIZE // BLOCK * _SLOT + _SLOT  # when it cannot be probed
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-    except OSError:  # no O_TMPFILE there: assume the store's limit fits
-        return MAX_OBJECT_SIZE // BLOCK * _SLOT + _SLOT
+    except OSError:  # no O_TMPFILE there
+        return fits_any_object
     try:
         low, high = 0, (1 << 63) - 1  # low fits; high is the most any file can have
         while low < high:
@@ -521,7 +522,7 @@ def _largest_file(directory: str) -> int:
                 low = mid
             except OSError as e:
                 if e.errno not in (errno.EFBIG, errno.EINVAL):
-                    return MAX_OBJECT_SIZE // BLOCK * _SLOT + _SLOT
+                    return fits_any_object
                 high = mid - 1
         return low
     finally:
