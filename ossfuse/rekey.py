@@ -347,6 +347,9 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
             results.append((False, f"{len(unreadable)} of {sampled} {UNREADABLE_SAMPLE}: e.g. {key!r} ({why})"))
         elif sampled:
             results.append((True, f"{sampled} sampled encrypted objects open with this config's keys"))
+        else:  # said, so that an ok run does not look as if the bucket's objects were tried
+            results.append((True, f"no encrypted object to sample among the first {CHECK_HEADS} listed under the "
+                                  f"prefix (none, or plaintext only): no object's data key tried"))
     except CredentialsError as e:  # no request was sent: the store was never asked
         results.append((False, f"store {cfg.store.url}: no usable credentials: {e}"))
     except StoreError as e:  # an HTTP error answer (a 503, a 403) is an answer: say which it was

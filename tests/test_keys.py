@@ -187,7 +187,8 @@ def test_check_reports_each_cmk_and_the_store(tmp_path, cmk_path, other_cmk_path
               extra=keyring_config(cmk_path, other_cmk_path, kms, key_id))
     r = subprocess.run(OSSFUSE + ["check", "-c", m.config], capture_output=True, text=True, env=m.env, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("ok    ") == 4 and "CMK 'fin-kms' (KMS/ALICLOUD): wraps and unwraps" in r.stdout
+    assert r.stdout.count("ok    ") == 5 and "ok    no encrypted object to sample" in r.stdout  # an empty bucket
+    assert "CMK 'fin-kms' (KMS/ALICLOUD): wraps and unwraps" in r.stdout
     kms.stop()
     r = subprocess.run(OSSFUSE + ["check", "-c", m.config], capture_output=True, text=True, env=m.env, timeout=60)
     assert r.returncode == 1
@@ -436,6 +437,12 @@ def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path
         fs.close()
         await store.aclose()
 
+    (tmp_path / "e").mkdir()
+    empty = local_config(tmp_path / "e", {"main": cmk_path})  # a bucket with nothing to sample: said so
+    r = run_cli("check", "-c", empty)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok    no encrypted object to sample among the first 200 listed under the prefix (none, or " \
+           "plaintext only): no object's data key tried" in r.stdout, r.stdout
     trio.run(write)
     wrong = local_config(tmp_path, {"new": other_cmk_path})
     r = run_cli("check", "-c", wrong)
