@@ -31,10 +31,9 @@ from . import envelope as env
 from . import integrity
 from .config import CmkConfig, Config
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
-from .store.base import ObjectInfo, ObjectStore, StoreError
+from .store.base import NoSuchKey, ObjectInfo, ObjectStore, StoreError
 from .store.credentials import CredentialsError
 from .registry import process_alive, process_start_ticks
-from .store.base import NoSuchKey
 from .writeback.ledger import MultipartLedger
 from .writeback.upload import Uploader
 
