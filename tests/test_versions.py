@@ -15,7 +15,7 @@ from fakes.core import core_filesystem, listed_names
 from fakes.fault_store import FaultStore
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
 from ossfuse.fs import Filesystem, FsError
-from ossfuse.fs.conflicts import conflict_name
+from ossfuse.fs.conflicts import conflict_key, conflict_name
 from ossfuse.keyring import Keyring
 from ossfuse.store.local import LocalStore
 
@@ -349,6 +349,48 @@ def test_conflict_name_keeps_the_extension_and_fits():
     assert conflict_name(".bashrc", "pc1", t, 2) == ".bashrc.conflict-pc1-20261202-130501-2"
     long = conflict_name("x" * 250 + ".txt", "pc1", t)
     assert len(long.encode()) <= 255 and long.endswith("-130501.txt")
+    # an "extension" too long to stay beside the suffix is shortened with the stem (a trial: the
+    # copy of x.éé… got a 280-byte name, which no listing shows)
+    odd = conflict_name("x." + "é" * 125, "pc1", t)
+    assert len(odd.encode()) <= 255 and odd.startswith("x.éé") and odd.endswith(".conflict-pc1-20261202-130501")
+    # the whole key fits OSS's 1023 bytes: next to the file while its directory leaves room...
+    deep = "pre/" + "/".join("d" * 200 for _ in range(4))  # 807 bytes
+    key = conflict_key(deep + "/" + "f" * 200 + ".txt", "pre/", "pc1", t)
+    assert key.startswith(deep + "/fff") and key.endswith("-130501.txt") and len(key.encode()) == 1023
+    # ...else in the mount's root (a trial: a 1,013-byte key's copy was refused on every retry)
+    deeper = deep + "/" + "e" * 190  # 998 bytes: no conflict suffix fits after it
+    key = conflict_key(deeper + "/f.txt", "pre/", "pc1", t)
+    assert key == "pre/f.conflict-pc1-20261202-130501.txt"
+    with pytest.raises(ValueError):
+        conflict_name("f.txt", "pc1", t, room=20)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts:")
+def test_the_conflict_copy_of_a_file_deep_in_the_tree_fits_the_key_limit(tmp_path, cmk_path, other):
+    """A file whose key is close to OSS's 1023 bytes, edited here and by another client: the
+    copy of ours goes to the mount's root, where it fits, and is uploaded (a trial: its copy's
+    key was 1,041 bytes, refused by the store on every retry and every mount, umount exit 75)."""
+    async def body(fs, store):
+        parent = fs.get(1)
+        for name in ["d" * 200] * 4 + ["e" * 190]:
+            parent = await fs.mkdir(parent, name, 0o755, 1, 2)
+        node = await _write_file(fs, parent, "f.txt", b"v1")
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 0, b"ours!")
+        ofs = other(store)
+        odir = ofs.get(1)
+        for name in ["d" * 200] * 4 + ["e" * 190]:
+            odir = await ofs.lookup(odir, name)
+        await _other_writes_in(ofs, odir, "f.txt", b"theirs")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0  # uploaded: nothing stays journaled
+        copies = [o.key for o in (await store.inner.list("pre/", delimiter="/")).objects if "conflict" in o.key]
+        assert len(copies) == 1 and copies[0].startswith("pre/f.conflict-") and copies[0].endswith(".txt")
+        assert await _read(fs, await fs.lookup(fs.get(1), copies[0][len("pre/"):])) == b"ours!"
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
 
 
 def test_staged_file_renamed_over_a_known_file_replaces_it_without_a_conflict(tmp_path, cmk_path):

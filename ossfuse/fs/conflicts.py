@@ -43,7 +43,7 @@ from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
 from .copying import same_etag
 from .model import Node
-from .naming import Naming
+from .naming import MAX_KEY_BYTES, Naming
 from .unlinked import DeferredDeletes
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,42 @@ class _ChangedMeanwhile(Exception):
     """The object at an upload's key changed while its parts went up (Conflicts.upload)."""
 
 
-def conflict_name(name: str, host: str, when: float, n: int = 0) -> str:
+def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NAME_MAX) -> str:
     """The conflict copy's name for file ``name``: ``stem.conflict-HOST-YYYYMMDD-HHMMSS[-N].ext``
     (UTC; the extension stays last so programs still recognise the file; a name starting with
     a dot, or with no dot, gets the suffix at its end). The stem is shortened so the result
-    fits 255 bytes. E.g. ``report.docx`` → ``report.conflict-pc1-20261202-130501.docx``."""
+    fits ``room`` bytes (at most 255, a name's limit); an extension too long to fit beside the
+    suffix is shortened with the stem instead (a listing hides a name over 255 bytes: a
+    trial's copy of ``x.éé…`` was unreachable). Raises ValueError when not even the suffix and
+    one byte of the name fit. E.g. ``report.docx`` → ``report.conflict-pc1-20261202-130501.docx``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
     tag = f".conflict-{host.replace('/', '_')[:40]}-{stamp}" + (f"-{n}" if n else "")
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
-    room = _NAME_MAX - len((tag + ext).encode("utf-8", "surrogateescape"))
-    stem = stem.encode("utf-8", "surrogateescape")[:max(room, 1)].decode("utf-8", "ignore")
-    return stem + tag + ext
+    if len(_bytes(tag + ext)) >= room:
+        stem, ext = name, ""
+    left = room - len(_bytes(tag + ext))
+    if left < 1:
+        raise ValueError(f"no conflict name for {name!r} fits {room} bytes")
+    return _bytes(stem)[:left].decode("utf-8", "ignore") + tag + ext
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def conflict_key(key: str, root: str, host: str, when: float, n: int = 0) -> str:
+    """The key of the conflict copy of object ``key`` (:func:`conflict_name`): next to it,
+    within OSS's key limit (1023 bytes; a trial's copy of a 1,013-byte key was refused by the
+    store on every retry, forever); when its directory leaves no room for one, in the mount's
+    root ``root`` (its prefix), where the WARNING line and ``ossfuse status`` name it."""
+    dkey, _, name = key.rpartition("/")
+    for where in (dkey + "/" if dkey else "", root):
+        try:
+            return where + conflict_name(name, host, when, n, min(_NAME_MAX, MAX_KEY_BYTES - len(_bytes(where))))
+        except ValueError:
+            continue
+    return root + conflict_name(name[:1], host[:1], when, n)  # a root near the limit: the store says no
 
 
 def _same_version(current: ObjectInfo, metadata: dict[str, str]) -> bool:
@@ -151,10 +175,8 @@ class Conflicts:
         mount did not know (it knew version ``known``; None: no object): copy it to a conflict
         name next to it first (kept, one WARNING, counted). Raises StoreError (the copy;
         PreconditionFailed: it changed again)."""
-        dkey, _, name = key.rpartition("/")
-        prefix = dkey + "/" if dkey else ""
         for n in range(100):
-            ckey = prefix + conflict_name(name, self.host, time.time(), n)
+            ckey = conflict_key(key, self.naming.prefix, self.host, time.time(), n)
             try:
                 info = await self.uploader.copy(current, ckey, if_absent=True)
                 break
@@ -215,10 +237,8 @@ class Conflicts:
             except _ChangedMeanwhile:
                 pass  # theirs stays: ours goes to a conflict copy, as below
         assert current is not None
-        dkey, _, name = key.rpartition("/")
-        prefix = dkey + "/" if dkey else ""
         for n in range(100):
-            ckey = prefix + conflict_name(name, self.host, time.time(), n)
+            ckey = conflict_key(key, self.naming.prefix, self.host, time.time(), n)
             try:
                 info = await self.uploader.upload(staged, ckey, metadata, if_absent=True)
                 break
@@ -251,4 +271,4 @@ class Conflicts:
         return {"count": self.count, "recent": list(self.recent)}
 
 
-__all__ = ["Conflicts", "conflict_name", "RECENT_MAX"]
+__all__ = ["Conflicts", "conflict_key", "conflict_name", "RECENT_MAX"]
