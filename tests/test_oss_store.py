@@ -354,6 +354,15 @@ async def test_copy_directives(server, store, monkeypatch):
     assert c2.headers["x-oss-meta-b"] == "2" and "x-oss-meta-a" not in c2.headers
     assert c2.headers["content-type"] == "application/octet-stream"
     assert server.object_meta(BUCKET, "w/dst2") == {"x-oss-meta-b": "2"}
+    # another client's object keeps how it is served through a REPLACE copy onto itself (chmod,
+    # touch: a trial found Cache-Control and Content-Disposition gone)
+    import oss2
+    served = {"Content-Type": "image/png", "Cache-Control": "no-cache", "Content-Disposition": "attachment",
+              "Content-Encoding": "identity", "Content-Language": "fr", "Expires": "Thu, 01 Dec 2033 16:00:00 GMT"}
+    oss2.Bucket(oss2.Auth(AK, SK), server.endpoint, BUCKET).put_object("w/theirs", b"png", headers=served)
+    await store.copy("w/theirs", "w/theirs", metadata={"mode": "33152"})
+    r = oss2.Bucket(oss2.Auth(AK, SK), server.endpoint, BUCKET).head_object("w/theirs")
+    assert {k: r.headers.get(k) for k in served} == served and r.headers["x-oss-meta-mode"] == "33152"
     # above the CopyObject limit: a clear error, nothing sent
     monkeypatch.setattr(store, "max_copy_size", 5)
     server.clear_requests()

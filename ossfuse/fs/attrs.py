@@ -15,7 +15,7 @@ from .errors import FsError, store_request
 from .files import Files
 from .model import ROOT_INO, FileHandle, Node, set_local_version
 from .naming import Naming
-from .objmeta import attr_meta
+from .objmeta import attr_meta, is_plain_marker
 
 _UNCHANGED_ID = 0xFFFFFFFF  # chown's "leave as is" (uid_t -1)
 
@@ -84,7 +84,8 @@ class Attributes:
 
     async def store_attrs(self, node: Node) -> None:
         """Write ``node``'s attributes to the bucket (node.lock held): a directory's marker is
-        rewritten, a clean file's object copied onto itself with new metadata, a staged file's
+        copied onto itself with them (:meth:`_store_dir_attrs`), a clean file's object copied
+        onto itself with new metadata, a staged file's
         journal record updated (its upload carries them). The copy is conditional on the
         version this mount knows (FsError(ESTALE) if another client replaced it: A1)."""
         if node.unlinked or node.ino == ROOT_INO:
@@ -93,8 +94,7 @@ class Attributes:
             self.commit.rejournal(node)  # a crashed daemon's next mount uploads them too
             return
         if node.is_dir:
-            await store_request(self.store.put_bytes(self.naming.dir_key(node.path), b"", attr_meta(node)),
-                                node.path)
+            await self._store_dir_attrs(node)
             return
         v = node.version
         if v is None:
@@ -112,3 +112,20 @@ class Attributes:
         copied = v.rewritten(info.etag, meta)  # (v may be slim again by now: its metadata is not read)
         set_local_version(node, copied)
         self.files.resolver.recent.touch(copied)
+
+    async def _store_dir_attrs(self, node: Node) -> None:
+        """Directory ``node``'s attributes into its marker object. A marker known to be plain
+        (``node.plain_marker``: empty, attribute fields only) is rewritten with one PUT, as is
+        a missing one (an implicit directory); any other is HEADed and copied onto itself with
+        them, keeping its data and every other field, as a file's object is (another client's
+        marker may hold bytes and metadata of its own: a trial's chmod emptied one with a PUT).
+        Raises FsError (ESTALE: the marker changed between the HEAD and the copy)."""
+        key = self.naming.dir_key(node.path)
+        marker = None if node.plain_marker else await store_request(self.store.head(key), key)
+        if marker is None or is_plain_marker(marker):
+            await store_request(self.store.put_bytes(key, b"", attr_meta(node)), node.path)
+            node.plain_marker = True
+            return
+        meta = dict(marker.metadata)
+        meta.update(attr_meta(node))
+        await copy_object(self.store, self.uploader, marker, key, meta)

@@ -249,6 +249,9 @@ class Node:
     children: set[str] | None = None
     children_until: float = 0.0
     implicit: bool = False  # a directory with no marker object ("dir/"): it exists as a key prefix only
+    # a directory whose marker is known to be empty with only the attribute fields (its mkdir
+    # here, or its last HEAD): an attribute change rewrites it with a PUT (fs/attrs.py)
+    plain_marker: bool = False
     kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
     handles: set | frozenset = frozenset()  # open FileHandles; a set from the first open (an empty set is 216 B)
     atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime

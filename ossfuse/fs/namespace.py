@@ -235,6 +235,7 @@ class Namespace:
                 raise FsError(errno_of(e)) from None
             self.names.set_children(node, ())  # new and empty: lookups in it need no request
             node.subdirs = 0
+            node.plain_marker = True
             _count_subdirs(parent, +1)
             self.inodes.remember(node)
             touch(parent)

@@ -70,6 +70,15 @@ def int_or(value: str | None, default: int) -> int:
         return default
 
 
+ATTR_FIELDS = frozenset(("mode", "uid", "gid", "mtime", "ctime", "atime"))  # what attr_meta writes
+
+
+def is_plain_marker(info: ObjectInfo | None) -> bool:
+    """Whether directory marker ``info`` (a HEAD's) is empty and carries no field but the
+    attributes (:func:`attr_meta`): one this mount may rewrite with a PUT, losing nothing."""
+    return info is not None and info.size == 0 and ATTR_FIELDS.issuperset(info.metadata)
+
+
 def attr_meta(node: Node) -> dict[str, str]:
     """The x-oss-meta attributes of ``node``: mode, uid, gid, mtime, ctime, and atime when set
     apart from mtime (the names and ``sec[.nnnnnnnnn]`` format of ossfs 1.91's metaheader.cpp)."""

@@ -44,7 +44,7 @@ from .locks import NameLocks
 from .model import ROOT_INO, Node, RecentVersions, Version, name_settled
 from .namecache import NameCache, trusted_for
 from .naming import Naming, base_name, join, parent_of
-from .objmeta import AttrDefaults, is_hidden, proof_mtime, times_from_info, version_from_info
+from .objmeta import AttrDefaults, is_hidden, is_plain_marker, proof_mtime, times_from_info, version_from_info
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -462,6 +462,7 @@ class Resolver:
         node = self.inodes.new_node(path, mode, uid, gid, mtime, info.size if info and not is_dir else 0, found=True,
                                     ctime_ns=ctime)
         node.implicit = is_dir and info is None
+        node.plain_marker = is_dir and is_plain_marker(info)
         node.atime_ns = atime
         if info is not None and not is_dir:
             self.set_version_from_info(node, info)
@@ -499,6 +500,7 @@ class Resolver:
         :meth:`set_version_from_info`."""
         if node.is_dir:
             node.implicit = info is None
+            node.plain_marker = is_plain_marker(info)
         if node.staged is None and info is not None:  # open handles keep their own version
             if not node.is_dir and (node.version is None or node.version.etag != info.etag):
                 self.set_version_from_info(node, info, opening=opening)

@@ -399,6 +399,18 @@ def _http_seconds(value: str | None) -> float | None:
     return seconds
 
 
+# Standard headers an object keeps through a metadata-replacing CopyObject only if they are
+# sent again (OSS CopyObject, x-oss-metadata-directive: REPLACE): chmod or touch of another
+# client's object must not change how it is served
+_KEPT_HEADERS = ("Content-Type", "Cache-Control", "Content-Disposition", "Content-Encoding", "Content-Language",
+                 "Expires")
+
+
+def _kept_headers(h: dict[str, str]) -> dict[str, str]:
+    """Of the lower-case headers ``h`` of a HEAD answer, the :data:`_KEPT_HEADERS` it has."""
+    return {name: h[name.lower()] for name in _KEPT_HEADERS if name.lower() in h}
+
+
 def _lower(headers) -> dict[str, str]:
     """An oss2 answer's headers (requests' case-insensitive dict, which keeps the names' case)
     by lower-case name, as the lean path gives them."""
@@ -726,8 +738,9 @@ class OssStore(ObjectStore):
             pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
         return _request_on_pool(pool, method, uri, sent, connect, read, payload)
 
-    def _head_sync(self, key: str) -> tuple[ObjectInfo, str | None]:
-        """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, Content-Type).
+    def _head_sync(self, key: str) -> tuple[ObjectInfo, dict[str, str]]:
+        """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, the headers a
+        metadata-replacing copy keeps: :data:`_KEPT_HEADERS` present, by their canonical name).
 
         Signed by oss2's own auth (V1 or V4, the security token included) exactly as
         ``Bucket.head_object`` signs it, but sent by http.client on a connection of the shared
@@ -741,11 +754,12 @@ class OssStore(ObjectStore):
         exception for a failure below HTTP (``_to_store_error`` maps both)."""
         if self._lean_head is None:
             r = self._bucket.head_object(key)
-            return self._info_from_headers(key, _lower(r.headers), int(r.content_length or 0)), r.content_type
+            h = _lower(r.headers)
+            return self._info_from_headers(key, h, int(r.content_length or 0)), _kept_headers(h)
         status, h, _ = self._lean_request("HEAD", key, None)
         if status // 100 != 2:
             raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h)))
-        return self._info_from_headers(key, h, int(h.get("content-length") or 0)), h.get("content-type")
+        return self._info_from_headers(key, h, int(h.get("content-length") or 0)), _kept_headers(h)
 
     @staticmethod
     def _info_from_headers(key: str, h, size: int) -> ObjectInfo:
@@ -759,8 +773,8 @@ class OssStore(ObjectStore):
         meta = {name[len(_META):]: value for name, value in h.items() if name.startswith(_META)}
         return ObjectInfo(key, size, etag.strip('"') if etag else "", mtime, meta, _http_seconds(h.get("date")) or 0.0)
 
-    async def _head(self, key: str):  # -> tuple[ObjectInfo, str | None] | None
-        """(ObjectInfo, content type) or None. HeadObject (§3.3): size from Content-Length,
+    async def _head(self, key: str):  # -> tuple[ObjectInfo, dict[str, str]] | None
+        """(ObjectInfo, headers a copy keeps: :meth:`_head_sync`) or None. HeadObject (§3.3): size from Content-Length,
         metadata from ``x-oss-meta-*``; the error XML comes base64 in ``x-oss-err`` (§2.3)."""
         try:
             return await self._call("HEAD", key, self._head_sync, key)
@@ -778,7 +792,7 @@ class OssStore(ObjectStore):
                          answers: list[Any], failures: dict[int, BaseException]) -> None:
         """First attempts of HEADs of ``keys`` in this thread and ``workers - 1`` of the batch
         executor's, each taking the next key until none is left: ``answers[i]`` gets key i's
-        (ObjectInfo, Content-Type), ``failures[i]`` its exception. After the first failure no
+        (ObjectInfo, kept headers), ``failures[i]`` its exception. After the first failure no
         new key is started (a store that does not answer would hold each for a timeout); the
         keys not tried keep ``answers[i]`` None and no failure."""
         todo = collections.deque(range(len(keys)))
@@ -1239,12 +1253,12 @@ class OssStore(ObjectStore):
         self._check_key(dst)
         for _ in range(1 if if_match is not None else 3):
             if source is not None and if_match is not None and metadata is None:
-                info, content_type = source, None  # the copy's If-Match checks that version: no HEAD
+                info, kept = source, {}  # the copy's If-Match checks that version: no HEAD
             else:
                 h = await self._head(src)
                 if h is None:
                     raise NoSuchKey("copy source does not exist", key=src)
-                info, content_type = h
+                info, kept = h
                 if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
                     raise PreconditionFailed(f"OSS CopyObject {src!r}: the source is version {info.etag}, "
                                              f"not {if_match}", key=src, code="PreconditionFailed")
@@ -1257,7 +1271,8 @@ class OssStore(ObjectStore):
                 meta = self._norm_meta(info.metadata)
             else:
                 headers["x-oss-metadata-directive"] = "REPLACE"
-                headers["Content-Type"] = content_type or "application/octet-stream"
+                headers.update(kept)  # REPLACE drops them (a trial: chmod lost Cache-Control)
+                headers.setdefault("Content-Type", "application/octet-stream")
                 headers.update(self._meta_headers(dst, metadata))
                 meta = self._norm_meta(metadata)
             try:
