@@ -36,6 +36,15 @@ class StoreConfig:
     request_deadline: float = 60.0  # seconds one OSS request may take with all its retries
     offline_timeout: float = 5.0  # seconds an unreachable store is retried before a request gets EIO
 
+    @property
+    def identity(self) -> str:
+        """Which bucket this is, the same for every config naming it: ``oss://BUCKET`` (bucket
+        names are unique across OSS, whatever the endpoint) or ``local://`` and the bucket
+        directory's resolved path. The write-back journal tags each record with it."""
+        if self.url.startswith("local://"):
+            return "local://" + os.path.realpath(self.url[len("local://"):])
+        return self.url
+
 
 # OSS bucket names (shared/spec/oss-rest-api.md, "bucket name", DOC 185228), the rule of
 # oss2.utils.is_valid_bucket_name (not imported: oss2 costs the CLI ~0.1 s to import)

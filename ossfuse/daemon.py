@@ -457,10 +457,10 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                        f"last saved version (the log names each)")
     if quarantined:  # each entry this start-up quarantined logged its own ERROR already
         one = quarantined == 1
-        # damaged, or of another prefix (a cache dir mounted with another one): never uploaded;
+        # damaged, or of another bucket or prefix (a cache dir mounted with another): never uploaded;
         # the bucket keeps what it has at such a name (an older version, or nothing)
         notices.append(f"{quarantined} journal entr{'y' if one else 'ies'} this mount cannot upload "
-                       f"({quarantined - earlier_quarantined} new; damaged, or of another prefix: the log names "
+                       f"({quarantined - earlier_quarantined} new; damaged, or of another bucket or prefix: the log names "
                        f"{'it' if one else 'each'} and why) {'is' if one else 'are'} kept in "
                        f"{fs.staging.quarantine_dir}, never uploaded: the bucket keeps what it has at "
                        f"{'that name' if one else 'those names'} (an older version, or nothing); recover by hand "

@@ -169,7 +169,7 @@ def test_a_quarantined_journal_entry_is_shown_by_every_later_mount(make_mount):
     doc = json.loads(status("--json"))
     assert doc["counters"]["quarantined"] == 1 and doc["pid"] == m.pid and doc["up"] is True
     assert doc["quarantine"] == {"dir": os.path.join(staging, "quarantine"), "entries": 1}
-    said = ("1 journal entry this mount cannot upload (1 new; damaged, or of another prefix: the log names it and "
+    said = ("1 journal entry this mount cannot upload (1 new; damaged, or of another bucket or prefix: the log names it and "
             f"why) is kept in {staging}/quarantine, never uploaded: the bucket keeps what it has at that name (an "
             "older version, or nothing); recover by hand or delete")
     assert m.log().count(said) == 1

@@ -508,6 +508,45 @@ def test_a_record_whose_key_is_not_a_file_of_the_mount_is_quarantined(tmp_path, 
 
 
 @pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
+def test_a_record_written_for_another_bucket_is_quarantined_not_uploaded(tmp_path, cmk_path, caplog):
+    """The cache dir mounted with another config's bucket (a trial: same cache dir and prefix,
+    store.url changed): the journal's records name the bucket they are for, and one for
+    another is quarantined with one ERROR line naming both, never uploaded to this one."""
+    import dataclasses
+
+    from fakes.core import GID, UID, core_store
+
+    async def crash():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "b1.txt", DATA)
+        rec = json.loads(open(node.staged.journal_path).read())
+        assert rec["store"] == "local://" + os.path.realpath(tmp_path / "bucket")
+        await _crash(fs)
+
+    trio.run(crash)
+    cfg = _config(tmp_path, cmk_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg2 = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, url=f"local://{other}/bucket"))
+    store2 = core_store(other)
+
+    async def next_mount():
+        fs = Filesystem(cfg2, store2, Keyring(cfg2.encryption), uid=UID, gid=GID)
+        with caplog.at_level(logging.ERROR):
+            assert fs.recover() == 0
+        assert fs.stats["quarantined"] == 1
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(lines) == 1 and "'pre/b1.txt'" in lines[0], lines
+        assert f"written for the bucket local://{os.path.realpath(tmp_path / 'bucket')}, not this mount's " \
+               f"local://{os.path.realpath(other / 'bucket')}" in lines[0], lines
+        assert await fs.drain() == 0
+        assert (await store2.list("", delimiter=None)).objects == []  # nothing went to the other bucket
+        await _crash(fs)
+
+    trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"ossfuse\.writeback\.staging: journal entry")
 def test_a_quarantined_entry_is_never_overwritten_by_one_of_the_same_name(tmp_path, cmk_path):
     """A record quarantined before, put back by hand under the same name and damaged again: the
     second quarantine keeps both (the second gets a suffix)."""

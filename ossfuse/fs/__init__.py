@@ -58,7 +58,7 @@ class Filesystem:
         self.naming = Naming(cfg.store.prefix)
         self.cache = BlockCache(cfg.cache.dir, store, cfg.cache.block_size, max_size=cfg.cache.max_size,
                                 min_free=cfg.cache.min_free)
-        self.staging = Staging(cfg.cache.dir)
+        self.staging = Staging(cfg.cache.dir, cfg.store.identity)
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
                                  part_workers=m.part_workers, ledger=MultipartLedger(cfg.cache.dir))
         # A local bucket takes a closed small file at once (cheaper than journaling it); on OSS

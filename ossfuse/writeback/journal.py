@@ -1,7 +1,7 @@
 """The write-back journal: a sealed staged version made durable, and found again after a crash.
 
-``record()`` writes ``staging/<id>.json`` (object key, size, full user metadata including the
-*wrapped* data key, generation, and the ETag of the bucket's version it replaces: its *base*,
+``record()`` writes ``staging/<id>.json`` (the bucket, object key, size, full user metadata
+including the *wrapped* data key, generation, and the ETag of the bucket's version it replaces: its *base*,
 null for a new file) atomically next to the version's sealed ciphertext
 ``staging/<id>.data``. Nothing is fsynced (docs/design.md "Durability"): the data and then the
 record are in the kernel when ``record()`` returns, so a crash of the daemon loses no closed
@@ -52,6 +52,8 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
     if not staged.sealed:
         raise ValueError(f"staged version {staged.id} is not sealed")
     rec: dict[str, object] = {"key": key, "size": staged.size, "metadata": metadata, "generation": staged.generation}
+    if staged.staging.store:
+        rec["store"] = staged.staging.store
     if base != BASE_UNKNOWN:
         rec["base"] = base
     if sent:
@@ -100,6 +102,8 @@ def _check(rec: object) -> str | None:
     meta = rec.get("metadata")
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         return "record has no valid metadata"
+    if not isinstance(rec.get("store", ""), str):
+        return "record has no valid store"
     if "base" in rec and not (rec["base"] is None or isinstance(rec["base"], str)):
         return "record has no valid base version"
     if not (isinstance(rec.get("sent", []), list) and all(isinstance(k, str) for k in rec.get("sent", []))):
@@ -112,7 +116,9 @@ def _check(rec: object) -> str | None:
 
 def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     """Journaled versions left by an earlier run (crash or failed uploads), oldest first, and
-    how many entries were quarantined. Work files and data files without a record were never
+    how many entries were quarantined. A record for another bucket than ``staging.store`` (the
+    cache dir mounted with another config's store: a trial's journal went into the other
+    bucket) is quarantined too, as one for another prefix is (fs/commit.py). Work files and data files without a record were never
     journaled (or were uploaded) and are deleted; each work file with one WARNING naming the
     object it belonged to (unsaved changes lost by a crash or a failed seal). A record that cannot be read or parsed, or
     whose data file is missing or not exactly as long as it says, is quarantined
@@ -142,6 +148,8 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
             continue
         why = _check(rec)
         what = rec["key"] if isinstance(rec, dict) and isinstance(rec.get("key"), str) else path
+        if why is None and staging.store and rec.get("store", staging.store) != staging.store:
+            why = f"written for the bucket {rec['store']}, not this mount's {staging.store}"
         if why is None:
             try:
                 actual = os.lstat(os.path.join(staging.dir, sid + ".data")).st_size

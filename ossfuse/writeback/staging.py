@@ -536,8 +536,11 @@ class Staging:
     shows their count (:meth:`quarantined`) on every mount, not only on the one that
     quarantined them."""
 
-    def __init__(self, cache_dir: str):
+    def __init__(self, cache_dir: str, store: str = ""):
         self.dir = os.path.join(cache_dir, "staging")
+        # the bucket the journal's records are for (StoreConfig.identity; "": not said): a
+        # record for another is quarantined at mount, never uploaded here (journal.read_journal)
+        self.store = store
         self.quarantine_dir = os.path.join(self.dir, "quarantine")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         # the largest content one version can have here, in bytes: the store's largest object,
