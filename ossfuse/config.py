@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .envelope import EnvelopeError, parse_matdesc  # the format layer: no I/O, imports nothing of ours
+from .integrity import LIST_DIR  # (a leaf too: the tag lists' directory name)
 
 
 class ConfigError(Exception):
@@ -240,11 +241,15 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
     CMK's private key file may be missing (quickstart, which makes it)."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            # TOML is UTF-8; a BOM (Windows editors) is taken off (tomllib refused it at column 1)
+            raw = tomllib.loads(f.read().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a Latin-1 comment gave a traceback (a trial)
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): save it as "
+                          "UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for key in raw:
@@ -258,6 +263,8 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
     url = st["url"]
     if not (url.startswith("local://") or url.startswith("oss://")):
         raise ConfigError(f"{path}: store.url: must start with local:// or oss://, got {url!r}")
+    if url == "local://":
+        raise ConfigError(f"{path}: store.url: local:// needs the bucket directory's path")
     if url.startswith("local://"):  # like every path here, relative to the config file
         url = "local://" + os.path.join(os.path.dirname(os.path.abspath(path)), url[len("local://"):])
     if url.startswith("oss://"):
@@ -287,6 +294,9 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
             raise ConfigError(f"{path}: store.prefix: {st['prefix']!r} has {name!r} as a directory name: "
                               "give names separated by single '/', none of them '.' or '..' nor over 255 "
                               "bytes (the mount would skip such a key in its listings)")
+        if name == LIST_DIR:  # its objects are tag lists the mount's files name (a trial deleted one)
+            raise ConfigError(f"{path}: store.prefix: {st['prefix']!r} names {LIST_DIR}, where ossfuse keeps "
+                              "integrity tag lists (docs/integrity.md): no mount may show it")
     if st.get("signature", "v4") not in ("v1", "v4"):
         raise ConfigError(f"{path}: store.signature: must be \"v1\" or \"v4\"")
     if not 0 <= st.get("retries", 5) <= 100:
@@ -355,6 +365,8 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
                                   plaintext_objects=en.get("plaintext_objects", "show"))
 
     ca = _check_table(path, "cache", "cache", raw["cache"])
+    if not ca["dir"]:  # the config file's own directory (/etc/ossfuse, beside the CMKs: a trial)
+        raise ConfigError(f"{path}: cache.dir: must name a directory")
     bs = ca.get("block_size", 1 << 20)
     if bs < 4096 or bs % 4096:
         raise ConfigError(f"{path}: cache.block_size: must be a multiple of 4096 bytes")
@@ -379,6 +391,9 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
             raise ConfigError(f"{path}: mount.{k}: must not be negative")
         if getattr(mount, k) is not None and getattr(mount, k) > SECONDS_MAX:
             raise ConfigError(f"{path}: mount.{k}: must be at most {SECONDS_MAX} seconds, got {getattr(mount, k)}")
+    if mount.retry_interval < RETRY_INTERVAL_MIN:  # 0 retried a failing upload in a busy loop (a trial)
+        raise ConfigError(f"{path}: mount.retry_interval: must be at least {RETRY_INTERVAL_MIN} seconds, got "
+                          f"{mount.retry_interval}")
     for k in ("uid", "gid"):
         if (why := id_error(getattr(mount, k))) is not None:
             raise ConfigError(f"{path}: mount.{k}: {why}")
@@ -394,6 +409,7 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
     return Config(path=os.path.abspath(path), store=store, encryption=encryption, cache=cache, mount=mount)
 
 
+RETRY_INTERVAL_MIN = 0.1  # seconds
 SECONDS_MAX = 10**7  # ~115 days: a longer time setting is a typo (and 1e308 overflowed the mount's wait)
 _ID_MAX = 2**32 - 2  # uid_t/gid_t; 2^32 - 1 is (uid_t)-1, "no owner"
 

@@ -382,6 +382,10 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
                 problems.append(f"CMK {cmk.id!r}: {e}")
             except EnvelopeError as e:
                 raise MountError(f"CMK {cmk.id!r} is refused by KMS: {e}") from None
+            except StoreError as e:  # its credentials (a file of mode 0644, not TOML: a trial's traceback)
+                if not e.temporary:
+                    raise MountError(f"CMK {cmk.id!r}: {e}") from None
+                problems.append(f"CMK {cmk.id!r}: {e}")
         if not problems:
             return
         if trio.current_time() + delay > deadline:  # (the next try would end past it: the time tried is said)

@@ -230,8 +230,11 @@ def _make_cmk(cfg: CmkConfig, credentials) -> Cmk:
         from .kms import KmsCmk  # imported on use: only KMS mounts load the Alibaba Cloud SDK
         own = None
         if cfg.credentials_file:
-            from .store.credentials import FileCredentialsProvider
-            own = FileCredentialsProvider(cfg.credentials_file)
+            from .store.credentials import CredentialsError, FileCredentialsProvider
+            try:
+                own = FileCredentialsProvider(cfg.credentials_file)
+            except CredentialsError as e:  # (a traceback at mount: a trial)
+                raise ValueError(f"CMK {cfg.id!r}: {e}") from None
         return KmsCmk(cfg, own or credentials)
     return RsaCmk(cfg)
 

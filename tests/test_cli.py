@@ -116,6 +116,12 @@ def _base(root, key) -> str:
     (lambda s: s.replace('/cache"', '/bucket/.cache"'), "/bucket/.cache is inside the bucket directory of store.url"),
     (lambda s: s.replace('/bucket"', '/cache/b"'), "/cache holds the bucket directory of store.url"),
     (lambda s: s.replace('/cache"', '/bucket"'), "/bucket is the bucket directory of store.url"),
+    # an operator trial's: a busy retry loop, the cache in /etc/ossfuse, a tag list deleted by hand
+    (lambda s: s + "[mount]\nretry_interval = 0\n", "mount.retry_interval: must be at least 0.1 seconds, got 0"),
+    (lambda s: re.sub(r'dir = "[^"]*"', 'dir = ""', s), "cache.dir: must name a directory"),
+    (lambda s: re.sub(r'url = "local://[^"]*"', 'url = "local://"', s), "store.url: local:// needs the bucket"),
+    (lambda s: s.replace("[store]", '[store]\nprefix = "team/.ossfuse-integrity/"'),
+     "store.prefix: 'team/.ossfuse-integrity/' names .ossfuse-integrity, where ossfuse keeps integrity tag lists"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, message, no_mount_left):
     path = _config(tmp_path, edit(_base(tmp_path, cmk_path)))
@@ -127,6 +133,21 @@ def test_config_errors_name_file_key_and_reason(tmp_path, cmk_path, edit, messag
     r = ossfuse("mount", "-c", path, no_mount_left(str(tmp_path / "mnt"), path))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and message in r.stderr
+
+
+def test_a_config_that_is_not_utf8_is_one_line_and_a_bom_is_taken_off(tmp_path, cmk_path, no_mount_left):
+    """An operator trial: a Latin-1 comment gave `ossfuse mount` a Python traceback and
+    `check` a line naming no file; a UTF-8 BOM (Windows editors) gave "Invalid statement"."""
+    base = _base(tmp_path, cmk_path)
+    latin = tmp_path / "c.toml"
+    latin.write_bytes(b"# caf\xe9\n" + base.encode())
+    os.makedirs(tmp_path / "mnt", exist_ok=True)
+    for cmd in (["mount", "-c", str(latin), no_mount_left(str(tmp_path / "mnt"), str(latin))], ["check", "-c", str(latin)]):
+        r = ossfuse(*cmd)
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {latin}: not UTF-8 text (byte 5 is 0xe9): save it as " \
+                                                 "UTF-8\n", r.stderr
+    latin.write_bytes(b"\xef\xbb\xbf" + base.encode())
+    assert config_mod.load(str(latin)).cache.dir == str(tmp_path / "cache")
 
 
 @pytest.fixture

@@ -1347,3 +1347,29 @@ def test_a_time_before_1970_survives_a_revalidation_and_a_metadata_copy(tmp_path
 
     trio.run(main)
     trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.(commit: staging 'pre/gone' failed|files: staging a write to 'pre/gone' failed)")
+def test_a_write_after_the_staging_directory_was_removed_fails_eio(tmp_path, cmk_path):
+    """An operator trial removed the cache dir's staging/ while mounted: the next file's write
+    went to work-file descriptor -1 and failed EBADF. The work file cannot be made: EIO, and
+    the mount goes on once the directory is back."""
+    import shutil
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        shutil.rmtree(fs.staging.dir)
+        node, h = await fs.create(fs.get(1), "gone", 0o644, os.O_WRONLY, UID, GID)
+        with pytest.raises(FsError) as e:
+            await fs.write(h, 0, b"data")
+        assert e.value.errno == errno.EIO
+        with pytest.raises(FsError):
+            await fs.flush(h)  # (close() reports the lost write)
+        await fs.release(h)
+        os.makedirs(fs.staging.dir)
+        await committed_file(fs, "back", b"saved")
+        assert await read_file(fs, "back") == b"saved"
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

@@ -244,6 +244,44 @@ def test_mount_waits_for_kms_at_start_then_fails_or_goes_on(tmp_path, cmk_path, 
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse: .*(cannot load CMK: )?CMK 'fin-kms': credentials file .* has mode 0644")
+def test_a_kms_cmk_with_unusable_credentials_fails_the_mount_in_one_line(tmp_path, cmk_path, other_cmk_path,
+                                                                         oss_server, kms):
+    """An operator trial: a KMS CMK whose credentials file is readable by others (or not
+    TOML) ended the daemon with a traceback in the log and "the daemon exited with status 1"."""
+    import subprocess
+    from conftest import OSSFUSE
+    creds = tmp_path / "kms.credentials"
+    creds.write_text('access_key_id = "a"\naccess_key_secret = "b"\n')
+    creds.chmod(0o644)
+    key_id = kms.create_key()
+    extra = keyring_config(cmk_path, other_cmk_path, kms, key_id).replace(
+        f'endpoint = "{kms.endpoint}"', f'endpoint = "{kms.endpoint}"\ncredentials_file = "{creds}"')
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server, extra=extra)
+    try:
+        r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, env=m.env,
+                           timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"cannot load CMK: CMK 'fin-kms': credentials file {creds} has mode 0644" in r.stderr, r.stderr
+        assert "Traceback" not in m.log()
+        # a local bucket whose store.credentials_file (mode 0644) the KMS CMK uses: the same one line
+        from conftest import local_config
+        (tmp_path / "l").mkdir()
+        text = open(local_config(tmp_path / "l", {"k": cmk_path}, extra=(
+            f'[[encryption.cmk]]\nid = "fin-kms"\ntype = "kms"\nkey_id = "{key_id}"\nregion = "{REGION}"\n'
+            f'endpoint = "{kms.endpoint}"\n'))).read()
+        cfg = tmp_path / "l" / "c.toml"
+        cfg.write_text(text.replace("[store]", f'[store]\ncredentials_file = "{creds}"'))
+        (tmp_path / "l" / "mnt").mkdir()
+        r = subprocess.run(OSSFUSE + ["mount", "-c", str(cfg), str(tmp_path / "l" / "mnt")], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"CMK 'fin-kms': credentials file {creds} has mode 0644" in r.stderr, r.stderr
+        assert "Traceback" not in open(tmp_path / "l" / "cache" / "ossfuse.log").read()
+    finally:
+        m.cleanup()
+
+
 def _unmount_if_mounted(mnt: str) -> None:
     """A test's cleanup: no mount left at ``mnt`` (``ossfuse umount``, else fusermount3 -uz)."""
     import subprocess

@@ -172,7 +172,10 @@ class StagedFile:
             path = self.data_path if self._renamed else self.work_path  # converted in place: renamed
             try:
                 self._work_fd = _open(path, os.O_RDWR | (os.O_CREAT if create and not self._renamed else 0))
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if create and not self._renamed:  # the staging directory is gone (removed by hand):
+                    # EIO, not a write to descriptor -1 (EBADF, a trial)
+                    raise OSError(errno.EIO, f"cannot create the work file {path}: {e.strerror}") from None
                 return -1
             if create:
                 self._label(self._work_fd)
