@@ -194,6 +194,12 @@ def test_stale_mount_point_is_cleaned_on_mount(make_mount):
     with pytest.raises(OSError) as e:
         os.stat(m.mnt)
     assert e.value.errno == 107  # ENOTCONN
+    # the unit's ExecStartPre fails there: its "-" lets systemd's restart go on to the daemon,
+    # which clears the dead mount (an operator trial: every restart failed in the mkdir)
+    unit = open(os.path.join(REPO, "systemd", "ossfuse@.service")).read()
+    pre = [line for line in unit.splitlines() if line.startswith("ExecStartPre=")]
+    assert pre == ["ExecStartPre=-/bin/mkdir -p ${MOUNTPOINT}"]
+    assert subprocess.run(["/bin/mkdir", "-p", m.mnt], capture_output=True).returncode != 0
     m.start()
     assert open(m.path("f"), "rb").read() == b"before"
     assert "stale FUSE mount" in m.log()
