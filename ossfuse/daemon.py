@@ -161,6 +161,20 @@ def lock_cache_dir(path: str) -> int:
     return fd
 
 
+def lock_mountpoint(mountpoint: str) -> int:
+    """Hold an exclusive lock on ``mountpoint`` (a ``.lock`` file beside its registry record)
+    for the daemon's life: two `ossfuse mount` at once (an fstab line and a unit for the same
+    path at boot) both passed the busy check and stacked two mounts there, the second's record
+    hiding the first's (a trial). Returns the lock's fd; raises MountError."""
+    fd = os.open(registry_path(mountpoint, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"mount point {mountpoint} is busy (another ossfuse is mounting there)") from None
+    return fd
+
+
 def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
     """Refuse a missing, busy or (unless ``nonempty``) non-empty mount point; clean a stale
     one left by a killed daemon. Raises MountError."""
@@ -329,8 +343,13 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     inside = config_mod.dir_inside_mountpoint(cfg, mountpoint)
     if inside:
         raise MountError(inside)
-    check_mountpoint(mountpoint, nonempty)
-    lock_fd = lock_cache_dir(cfg.cache.dir)
+    mountpoint_lock = lock_mountpoint(mountpoint)
+    try:
+        check_mountpoint(mountpoint, nonempty)
+        lock_fd = lock_cache_dir(cfg.cache.dir)
+    except BaseException:
+        os.close(mountpoint_lock)
+        raise
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
     logging.getLogger("pyfuse3").addFilter(_undelivered_reply_is_info)
@@ -356,6 +375,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     finally:
         logging.getLogger().removeHandler(errors)
         os.close(lock_fd)
+        os.close(mountpoint_lock)
 
 
 async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> None:
