@@ -474,28 +474,31 @@ def _exit_outcome(mp: str, reg: dict) -> int:
     """What ``ossfuse umount`` says and returns for the exit record ``reg`` of the daemon of
     ``mp``: 0, 1 (changes lost, the daemon failed) or EXIT_PENDING (uploads or deletes left
     for the next mount), with one line on stderr unless 0."""
+    undeleted = reg.get("undeleted") or 0
+    left = []  # what the next mount finishes
+    journaled = reg.get("journaled", 0 if undeleted else 1)  # (a registry without the field: uploads)
+    if journaled and (reg.get("status") == EXIT_PENDING or reg.get("unsaved")):
+        paths = [mp.rstrip("/") + "/" + p for p in reg.get("journaled_paths") or []]
+        named = (": " + ", ".join(paths[:3]) + (f" and {journaled - 3} more" if journaled > 3 else "")
+                 if paths else "")
+        why = f" (e.g. {mp.rstrip('/')}/{reg['upload_error']})" if reg.get("upload_error") else ""
+        left.append(f"the upload of {journaled} file(s) failed{why}; they stay journaled and upload on the "
+                    f"next mount{named}")
+    if undeleted:
+        keys = reg.get("undeleted_keys") or []
+        shown = ", ".join(repr(k) for k in keys[:3]) + (f" and {undeleted - 3} more" if undeleted > 3 else "")
+        left.append(f"{undeleted} unlinked object(s) could not be deleted from the bucket ({shown}); other "
+                    f"clients still see them until the next mount deletes them")
     if reg.get("unsaved"):
         lost = reg["unsaved"]
         shown = ", ".join(mp.rstrip("/") + "/" + p for p in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+        # what the next mount still uploads is said too (a trial: an earlier saved version of the
+        # lost file stayed journaled, and the operator took it for being in the bucket)
         print(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
-              f"cache dir (full?) and are lost: {shown} (see the log in the cache dir)", file=sys.stderr)
+              f"cache dir (full?) and are lost: {shown}{''.join('; ' + part for part in left)} (see the log in "
+              f"the cache dir)", file=sys.stderr)
         return 1
     if reg.get("status") == EXIT_PENDING:
-        undeleted = reg.get("undeleted") or 0
-        left = []
-        journaled = reg.get("journaled", 0 if undeleted else 1)  # (a registry without the field: uploads)
-        if journaled:
-            paths = [mp.rstrip("/") + "/" + p for p in reg.get("journaled_paths") or []]
-            named = (": " + ", ".join(paths[:3]) + (f" and {journaled - 3} more" if journaled > 3 else "")
-                     if paths else "")
-            why = f" (e.g. {mp.rstrip('/')}/{reg['upload_error']})" if reg.get("upload_error") else ""
-            left.append(f"the upload of {journaled} file(s) failed{why}; they stay journaled and upload on the "
-                        f"next mount{named}")
-        if undeleted:
-            keys = reg.get("undeleted_keys") or []
-            shown = ", ".join(repr(k) for k in keys[:3]) + (f" and {undeleted - 3} more" if undeleted > 3 else "")
-            left.append(f"{undeleted} unlinked object(s) could not be deleted from the bucket ({shown}); other "
-                        f"clients still see them until the next mount deletes them")
         print(f"ossfuse: unmounted; {'; '.join(left)} (see the log in the cache dir)", file=sys.stderr)
         return EXIT_PENDING
     if reg.get("status"):

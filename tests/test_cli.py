@@ -1072,3 +1072,21 @@ def test_a_process_on_its_way_out_is_told_from_a_live_one():
         os.waitpid(pid, 0)
     assert not exiting(os.getpid()) and not exiting(1) and not exiting(pid)  # reaped: gone
     assert not dying(os.getpid()) and not dying(1)
+
+
+def test_umount_says_what_stays_journaled_also_when_changes_were_lost(capsys):
+    """An operator trial: the last changes of a file could not be saved (ENOSPC), and its
+    previous saved version stayed journaled; `ossfuse umount` named only the loss, so the
+    operator took the saved version for being in the bucket. Both are said (exit 1)."""
+    from ossfuse.cli import _exit_outcome
+    reg = {"exited": True, "status": 1, "unsaved": ["twelve"], "journaled": 1, "journaled_paths": ["twelve"],
+           "upload_error": "twelve: local store: No space left on device", "undeleted": 0}
+    assert _exit_outcome("/mnt/x", reg) == 1
+    assert capsys.readouterr().err == (
+        "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir (full?) and are lost: "
+        "/mnt/x/twelve; the upload of 1 file(s) failed (e.g. /mnt/x/twelve: local store: No space left on device); "
+        "they stay journaled and upload on the next mount: /mnt/x/twelve (see the log in the cache dir)\n")
+    assert _exit_outcome("/mnt/x", dict(reg, journaled=0, journaled_paths=[], upload_error=None)) == 1
+    assert capsys.readouterr().err == (
+        "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir (full?) and are lost: "
+        "/mnt/x/twelve (see the log in the cache dir)\n")
