@@ -20,7 +20,7 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, dying,
-                       holders, killed_in_a_request, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
+                       holders, killed_in_a_request, printable, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        typed_below_root, users_of, write_registry)
 
@@ -46,7 +46,7 @@ def _journal_formatter():
 
 
 def _die(msg: str) -> int:
-    print(f"ossfuse: {msg}", file=sys.stderr)
+    print(printable(f"ossfuse: {msg}"), file=sys.stderr)
     return 1
 
 
@@ -494,12 +494,12 @@ def _exit_outcome(mp: str, reg: dict) -> int:
         shown = ", ".join(mp.rstrip("/") + "/" + p for p in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
         # what the next mount still uploads is said too (a trial: an earlier saved version of the
         # lost file stayed journaled, and the operator took it for being in the bucket)
-        print(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
-              f"cache dir (full?) and are lost: {shown}{''.join('; ' + part for part in left)} (see the log in "
-              f"the cache dir)", file=sys.stderr)
+        print(printable(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
+                        f"cache dir (full?) and are lost: {shown}{''.join('; ' + part for part in left)} (see the "
+                        f"log in the cache dir)"), file=sys.stderr)
         return 1
     if reg.get("status") == EXIT_PENDING:
-        print(f"ossfuse: unmounted; {'; '.join(left)} (see the log in the cache dir)", file=sys.stderr)
+        print(printable(f"ossfuse: unmounted; {'; '.join(left)} (see the log in the cache dir)"), file=sys.stderr)
         return EXIT_PENDING
     if reg.get("status"):
         journaled = reg.get("journaled") or 0
@@ -658,7 +658,7 @@ def cmd_status(args) -> int:
     if args.prometheus:
         sys.stdout.write(status.prometheus(doc))
     else:
-        print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+        print(json.dumps(doc, indent=2) if args.json else printable(status.render(doc)))
     return 0
 
 

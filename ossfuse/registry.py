@@ -91,6 +91,17 @@ def runtime_dir_too_long() -> str | None:
             f"{_SUN_PATH_MAX - 38} bytes")
 
 
+# C0 and C1 control characters but newline and tab, as \xNN: object names come from any
+# client of the bucket, and a name holding ESC sequences reached the operator's terminal
+# through `ossfuse umount` and `status` (a trial: "\033[2J" cleared it)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if c not in (0x09, 0x0a)}
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: control characters other than newline and tab as ``\\xNN``."""
+    return text.translate(_CONTROLS)
+
+
 def registry_path(mountpoint: str, suffix: str = ".json") -> str:
     """Per-mount file in the runtime dir: ``.json`` (the registry record) or ``.sock`` (the
     status socket). Resolves ``mountpoint``: call it before mounting, never from the daemon

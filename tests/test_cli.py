@@ -1090,3 +1090,17 @@ def test_umount_says_what_stays_journaled_also_when_changes_were_lost(capsys):
     assert capsys.readouterr().err == (
         "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir (full?) and are lost: "
         "/mnt/x/twelve (see the log in the cache dir)\n")
+
+
+def test_names_from_the_bucket_reach_the_terminal_without_control_characters(capsys):
+    """A trial: `ossfuse umount` printed a file name another client made, "a\\033[2Jb", as it
+    is: escape sequences reached the operator's terminal. Control characters are shown as
+    \\xNN (newline and tab kept); `status` and every error line go the same way."""
+    from ossfuse.cli import _exit_outcome
+    from ossfuse.registry import printable
+    assert printable("a\x1b[2Jb\r\x7f\x9b\tc\nd") == "a\\x1b[2Jb\\x0d\\x7f\\x9b\tc\nd"
+    reg = {"exited": True, "status": 75, "journaled": 1, "journaled_paths": ["esc/a\x1b[2Jb"],
+           "upload_error": None, "undeleted": 0}
+    assert _exit_outcome("/mnt/x", reg) == 75
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "/mnt/x/esc/a\\x1b[2Jb" in err, err

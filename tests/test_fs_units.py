@@ -493,3 +493,17 @@ def test_the_daemon_raises_its_open_file_limit_to_the_hard_one():
                        capture_output=True, text=True, preexec_fn=lowered, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"({hard}, {hard}) ({hard}, {hard})"
+
+
+def test_a_root_name_starting_with_a_backslash_cannot_be_a_key():
+    """OSS refuses keys starting with '\\': at the root of a mount without a prefix, a lookup
+    of such a name is ENOENT with no request (it was a HEAD answered 400: EIO and an ERROR
+    line) and a create is EINVAL (it was EIO); below a prefix or a directory it is a name."""
+    from ossfuse.fs.naming import Naming
+    for creating, code in ((True, errno.EINVAL), (False, errno.ENOENT)):
+        for is_dir in (False, True):
+            with pytest.raises(FsError) as e:
+                Naming("").check_new_path("\\probe", is_dir, creating=creating)
+            assert e.value.errno == code
+    Naming("team/").check_new_path("\\probe")
+    Naming("").check_new_path("d/\\probe")

@@ -66,16 +66,21 @@ class Naming:
         return path
 
     def check_new_path(self, path: str, is_dir: bool = False, *, creating: bool = True) -> None:
-        """A new name must make a valid OSS key: UTF-8 (EINVAL) of at most 1023 bytes,
+        """A new name must make a valid OSS key: UTF-8 (EINVAL), not starting with '\\' (EINVAL;
+        ENOENT when not ``creating``: a lookup), of at most 1023 bytes,
         counting the prefix and a directory's trailing '/', with names of at most 255 bytes
         (ENAMETOOLONG); ``creating``: and not the name of the integrity tag lists, which no
         listing shows (EPERM: a mkdir of it succeeded, then the name did not exist and its
         marker stayed in the bucket). Raises FsError."""
         if creating and base_name(path) == LIST_DIR:
             raise FsError(errno.EPERM, f"{LIST_DIR} is reserved for integrity tag lists")
+        key = self.dir_key(path) if is_dir else self.key(path)
         try:
-            size = len((self.dir_key(path) if is_dir else self.key(path)).encode("utf-8"))
+            size = len(key.encode("utf-8"))
         except UnicodeEncodeError:
             raise FsError(errno.EINVAL, "names must be valid UTF-8 to be OSS keys") from None
+        if key.startswith("\\"):  # OSS refuses it (a name at the root of a mount without a prefix):
+            # no object can have it, and a HEAD of it was an EIO with an ERROR line (a trial)
+            raise FsError(errno.EINVAL if creating else errno.ENOENT, "OSS keys cannot start with '\\'")
         if size > MAX_KEY_BYTES or len(base_name(path).encode("utf-8")) > MAX_NAME_BYTES:
             raise FsError(errno.ENAMETOOLONG)
