@@ -209,9 +209,10 @@ class DirectoryReader:
         result = []
         for name in sorted(entries):
             if not valid_listed_name(name):
-                if dkey + name not in self._skipped:  # every listing meets it again: one line is enough
-                    self._skipped.add(dkey + name)
-                    log.warning("skipping key %r: not a valid file name", dkey + name)
+                key = dkey + name + ("/" if entries[name][3] else "")  # a prefix as listed ("a//": not "a/")
+                if key not in self._skipped:  # every listing meets it again: one line is enough
+                    self._skipped.add(key)
+                    log.warning("skipping key %r: not a valid file name", key)
                 continue
             result.append(entries[name])
         return result
