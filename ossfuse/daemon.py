@@ -499,6 +499,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
         notices.append(f"found {recovered} journaled file(s) from an earlier run; queued for upload")
     for line in notices:
         log.warning("%s", line)
+    if fs.staging.space_warning:  # (logged by check_space) the operator sees it at mount, not only in the log
+        notices.append(fs.staging.space_warning)
     life = _Lifecycle(mountpoint)
     ops = Operations(fs)
     try:

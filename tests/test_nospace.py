@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import random
 import subprocess
 import threading
@@ -483,3 +484,19 @@ def test_a_failed_seal_holds_no_descriptor_and_is_retried(tmp_path, cmk_path, mo
         await _stop(fs)
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.staging: cache dir .*: its disk has")
+def test_mount_prints_that_the_cache_disk_is_small_for_min_free(tmp_path, cmk_path, tmpfs):
+    """An operator trial: the warning was in the log only; `ossfuse mount` says it too."""
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    tmpfs(m.cache, 8 << 20)  # min_free stays the default 512 MiB
+    try:
+        m.start()
+        assert re.search(r"^ossfuse: warning: cache dir \S+: its disk has [\d.]+ MiB \(\d+ bytes\) free of 8\.0 MiB "
+                         r"\(8388608 bytes\), below cache\.min_free", m.mount_stderr, re.M), m.mount_stderr
+        assert m.log().count("its disk has") == 1  # logged once
+        assert m.stop() == 0
+    finally:
+        m.cleanup()

@@ -550,6 +550,7 @@ class Staging:
         # or less when the cache disk's largest file cannot hold its work file (ext4: 16 TiB)
         self.max_size = min(MAX_OBJECT_SIZE, _largest_file(self.dir) // _SLOT * BLOCK)
         self.lost_work = 0  # work files of an earlier run deleted at mount (journal.read_journal)
+        self.space_warning: str | None = None  # check_space's line, for `ossfuse mount` to print too
 
     def quarantined(self) -> int:
         """How many journal entries ``quarantine/`` holds now (a listing of that one small
@@ -575,7 +576,7 @@ class Staging:
     def check_space(self, min_free: int) -> None:
         """At mount: one WARNING naming the cache dir, its disk's free and total space and
         ``min_free`` (bytes, ``cache.min_free``) when the disk is small for it: free space below
-        twice ``min_free``. The block cache drops cached blocks to keep ``min_free`` free, so
+        twice ``min_free`` (kept in ``space_warning``: `ossfuse mount` prints it). The block cache drops cached blocks to keep ``min_free`` free, so
         on such a disk it caches little or nothing (every read goes to the store), and staged
         writes get ENOSPC once the rest is used."""
         if min_free <= 0:
@@ -587,11 +588,12 @@ class Staging:
             return
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         if free < 2 * min_free:
-            log.warning("cache dir %s: its disk has %s free of %s, %s cache.min_free (%s): the block "
-                        "cache keeps that much free, so it caches little or nothing, and writes get "
-                        "ENOSPC when staging fills the disk; use a bigger disk or lower cache.min_free",
-                        os.path.dirname(self.dir), _size(free), _size(total),
-                        "below" if free < min_free else "near", _size(min_free))
+            self.space_warning = (
+                f"cache dir {os.path.dirname(self.dir)}: its disk has {_size(free)} free of {_size(total)}, "
+                f"{'below' if free < min_free else 'near'} cache.min_free ({_size(min_free)}): the block cache "
+                "keeps that much free, so it caches little or nothing, and writes get ENOSPC when staging fills "
+                "the disk; use a bigger disk or lower cache.min_free")
+            log.warning("%s", self.space_warning)
 
     def sync(self) -> None:
         """fsync the staging directory (a record's creation or removal is durable)."""
