@@ -689,3 +689,46 @@ def test_chmod_and_touch_of_a_directory_keep_its_markers_data_and_fields(tmp_pat
         assert int((await store.inner.head("pre/n/")).metadata["mode"]) & 0o7777 == 0o711
 
     _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts: 'pre/doc\.txt' was changed by another client \(this mount knew "
+                        r"version \S+, the bucket has \S+\) and a rename replaces it: theirs is kept as "
+                        r"'pre/doc\.conflict-")
+def test_an_editors_save_of_a_temp_file_not_yet_uploaded_keeps_the_other_clients_edit(tmp_path, cmk_path, other):
+    """A trial (two mounts): an editor on this mount read doc.txt, the other mount rewrote it,
+    and the save (a new temp file, not uploaded yet, renamed over doc.txt) replaced their edit
+    with no conflict copy and no warning: the rename's own lookup had taken their version as
+    the one this mount knew. Theirs is kept as a conflict copy, the save takes the name."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        root = fs.get(1)
+        node, h = await fs.create(root, "doc.txt", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"base")
+        await fs.release(h)
+        assert await fs.drain() == 0
+        doc = await fs.lookup(root, "doc.txt")
+        assert await _read(fs, doc) == b"base"  # the editor reads it
+        ofs = other(store)
+        theirs = await _other_writes(ofs, "doc.txt", b"CLIENT EDIT")
+        doc.checked_at = 0.0  # (the attribute cache time passed)
+        assert (await fs.lookup(root, "doc.txt")).version.etag == theirs  # the save's lookup
+        tmp, h = await fs.create(root, ".doc.txt.tmp", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"EDITOR SAVE")
+        await fs.release(h)
+        assert tmp.staged is not None  # not uploaded yet
+        await fs.rename(root, ".doc.txt.tmp", root, "doc.txt", 0)
+        assert await fs.drain() == 0
+        names = await listed_names(fs)
+        (copy,) = [n for n in names if n.startswith("doc.conflict-") and n.endswith(".txt")]
+        assert sorted(names) == sorted(["doc.txt", copy])
+        assert await _read(fs, await fs.lookup(root, "doc.txt")) == b"EDITOR SAVE"
+        assert await _read(fs, await fs.lookup(root, copy)) == b"CLIENT EDIT"
+        assert fs.commit.conflicts.count == 1
+        ofs.close()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

@@ -866,8 +866,16 @@ class Namespace:
                     if pending is not None:  # (as a create at that name does)
                         self.commit.conflicts.replaces(src, pending)
                 else:  # what the bucket has at dst's name: replaced knowingly
-                    replaced = (dst.version.etag if dst.version is not None
-                                else await self._replaced_etag(dst, new_key))
+                    v = dst.version
+                    if v is not None and dst.kernel_etag and not same_etag(dst.kernel_etag, v.etag):
+                        # the rename's lookup took another client's version, which nobody here
+                        # read (its applications last opened kernel_etag): kept as a conflict copy
+                        # first, as a committed source's rename does (a trial: an editor's save
+                        # of a new temp file over it lost the other mount's edit, no warning)
+                        await self._keep_as_conflict(new_key, ObjectInfo(v.key, v.size, v.etag, 0,
+                                                                         v.metadata if v.held else {}),
+                                                     dst.kernel_etag)
+                    replaced = v.etag if v is not None else await self._replaced_etag(dst, new_key)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
                     if dst.version is not None:
@@ -986,8 +994,14 @@ class Namespace:
                         "wrote %r too (version %s); nothing was written (ESTALE)", source.key, source.etag,
                         "no object" if src_now is None else f"version {src_now.etag}", key, now.etag)
             raise FsError(errno.ESTALE)
+        await self._keep_as_conflict(key, now, known[0] if known else None)
+
+    async def _keep_as_conflict(self, key: str, now: ObjectInfo, known: str | None) -> None:
+        """Copy another client's object ``now`` at ``key`` to a conflict copy next to it before
+        a rename replaces it (this mount knew version ``known`` there). Raises FsError ESTALE
+        (it changed again meanwhile), EIO (the store): the rename is refused."""
         try:
-            await self.commit.conflicts.keep_theirs(key, now, known[0] if known else None)
+            await self.commit.conflicts.keep_theirs(key, now, known)
         except PreconditionFailed:
             log.warning("%r changed again while it was kept as a conflict copy; the rename is refused (ESTALE)", key)
             raise FsError(errno.ESTALE) from None
