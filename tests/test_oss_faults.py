@@ -165,6 +165,36 @@ def test_rename_and_chmod_above_the_copy_limit_stream_the_ciphertext(tmp_path, c
         m.cleanup()
 
 
+def test_chmod_touch_and_rename_of_a_file_this_mount_uploaded_in_parts(tmp_path, cmk_path, oss_server):
+    """A two-mount trial: chmod, touch and chown of a file the mount itself had uploaded in
+    parts were EIO (OSS: "Metadata of a client-side encrypted object cannot be modified by
+    CopyObject"): the metadata copy left out the part layout (data-size, part-size) the upload
+    had added at Initiate. The same after a rename of it, file or directory."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("multipart_threshold = 300000\npart_size = 102400\nclose_waits_for_upload = true")
+    m.start()
+    try:
+        data = os.urandom(1_000_000)
+        os.mkdir(m.path("d"))
+        with open(m.path("d", "big"), "wb") as f:
+            f.write(data)
+        os.chmod(m.path("d", "big"), 0o600)
+        os.utime(m.path("d", "big"), (1_000_000_000, 1_000_000_000))
+        os.chown(m.path("d", "big"), 1000, 1000)
+        os.rename(m.path("d", "big"), m.path("d", "big2"))
+        os.chmod(m.path("d", "big2"), 0o640)
+        os.rename(m.path("d"), m.path("e"))
+        os.chmod(m.path("e", "big2"), 0o604)
+        assert m.stop() == 0
+        meta = m.head("e/big2").metadata
+        assert meta["mode"] == str(0o100604) and meta["uid"] == "1000" and meta["mtime"].startswith("1000000000")
+        assert meta["client-side-encryption-data-size"] == str(len(data))
+        assert meta["client-side-encryption-part-size"] == "102400"
+        assert crypto_bucket(oss_server.endpoint, rsa_provider(m.cmk)).get_object("e/big2").read() == data
+    finally:
+        m.cleanup()
+
+
 def _file_then_remount(m: Mount, size: int, *, clear_cache: bool = True) -> bytes:
     """Start ``m``, write ``size`` random bytes to file ``f``, remount (the cache emptied unless
     ``clear_cache`` is False); returns the bytes."""

@@ -426,7 +426,11 @@ class Commit:
             await self._delete_stray(node, key)
             return True
         async with node.lock:
-            version = Version(info.key, info.etag, st.size, meta, st.envelope.wrapped, st.envelope)
+            # the object's metadata: what was sent, and a multipart upload's part layout, which
+            # the uploader adds at Initiate (a metadata copy must send it back, or OSS refuses it:
+            # a trial's chmod of a file this mount had uploaded in parts was EIO)
+            layout = {h: info.metadata[h] for h in (env.H_DATA_SIZE, env.H_PART_SIZE) if h in info.metadata}
+            version = Version(info.key, info.etag, st.size, {**meta, **layout}, st.envelope.wrapped, st.envelope)
             old = node.version
             if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy
