@@ -180,7 +180,7 @@ def test_a_slow_commit_holds_only_its_own_name(tmp_path, cmk_path):
         async def same_name():
             await slow_holds_its_name()
             with pytest.raises(FsError) as e:
-                await fs.create(root, "slow", 0o644, os.O_WRONLY, 1, 2)
+                await fs.create(root, "slow", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 1, 2)
             results["same"] = (e.value.errno, trio.current_time())
 
         t0 = trio.current_time()
@@ -216,7 +216,7 @@ def test_rename_locks_its_names_and_recheck_sees_a_new_destination(tmp_path, cmk
         async def create(name):
             await trio.sleep(1)
             try:
-                await fs.create(root, name, 0o644, os.O_WRONLY, 1, 2)
+                await fs.create(root, name, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 1, 2)
                 got[name] = ("ok", trio.current_time())
             except FsError as e:
                 got[name] = (e.errno, trio.current_time())

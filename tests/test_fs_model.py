@@ -320,7 +320,7 @@ class FsMachine(RuleBasedStateMachine):
         node = self.fs.get(1)
         for n in parent.split("/") if parent else ():
             node = await self.fs.lookup(node, n)
-        return await self.fs.create(node, name, mode, os.O_RDWR, UID, GID)
+        return await self.fs.create(node, name, mode, os.O_RDWR | os.O_CREAT | os.O_EXCL, UID, GID)  # a new file: EEXIST if taken
 
     @rule(d=st.integers(0, 20), name=st.sampled_from(NAMES + ("d", "e")), mode=st.sampled_from(MODES))
     def mkdir(self, d, name, mode):

@@ -453,7 +453,7 @@ def test_namespace_probes_leave_no_nodes_behind(tmp_path, cmk_path):
             await fs.mkdir(root, "b", 0o755, 1, 2)
         assert e.value.errno == errno.EEXIST
         with pytest.raises(FsError) as e:
-            await fs.create(root, "b", 0o600, os.O_RDWR, 1, 2)
+            await fs.create(root, "b", 0o600, os.O_RDWR | os.O_CREAT | os.O_EXCL, 1, 2)
         assert e.value.errno == errno.EEXIST
         await fs.rename(root, "c", root, "d", 0)  # c's node moves to d; d's old node goes
         assert sorted(n.path for n in fs.inodes.nodes.values()) == ["", "d"]

@@ -732,3 +732,37 @@ def test_an_editors_save_of_a_temp_file_not_yet_uploaded_keeps_the_other_clients
         await store.aclose()
 
     trio.run(main)
+
+
+def test_create_without_o_excl_opens_a_file_another_client_made_meanwhile(tmp_path, cmk_path, other):
+    """A two-mount trial: this mount saw no `f`, the other made it, and `echo >> f` here
+    failed EEXIST (the kernel, trusting its negative entry, sends CREATE; POSIX gives EEXIST
+    only with O_EXCL). Now the existing file is opened, its mode checked for the caller."""
+    async def body(fs, store):
+        root = fs.get(1)
+        with pytest.raises(FsError):
+            await fs.lookup(root, "f")
+        ofs = other(store)
+        await _other_writes(ofs, "f", b"from B\n")
+        await ofs.setattr(await ofs.lookup(ofs.get(1), "f"), mode=0o640)
+        fs.names._absent.clear()  # (the entry time passed: the kernel still trusts its negative entry)
+        node, h = await fs.create(root, "f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 1, 2)
+        assert node.lookups == 1
+        await fs.write(h, node.size, b"from A\n")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await _read(fs, await fs.lookup(root, "f")) == b"from B\nfrom A\n"
+        with pytest.raises(FsError) as e:  # O_EXCL: EEXIST as ever
+            await fs.create(root, "f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 1, 2)
+        assert e.value.errno == errno.EEXIST
+        before = node.lookups
+        with pytest.raises(FsError) as e:  # another user, to whom mode 0640 gives no write
+            await fs.create(root, "f", 0o644, os.O_WRONLY | os.O_CREAT, 5, 5)
+        assert e.value.errno == errno.EACCES and node.lookups == before  # no count left behind
+        node, h = await fs.create(root, "f", 0o644, os.O_RDONLY | os.O_CREAT, 5, 2)  # its group reads
+        assert await fs.read(h, 0, 100) == b"from B\nfrom A\n"
+        await fs.release(h)
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
