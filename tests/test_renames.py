@@ -11,6 +11,7 @@ import stat
 
 import pytest
 import trio
+import trio.testing
 
 from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_node
 from ossfuse.fs import FsError
@@ -594,3 +595,133 @@ def test_a_rename_cut_off_while_copying_is_undone_when_the_store_fails_the_next_
     trio.run(crash)
     trio.run(next_mount)
     trio.run(mount_after)
+
+
+
+def test_a_first_write_while_the_directory_is_renamed_follows_the_copy(tmp_path, cmk_path):
+    """A trial: the first write to an uploaded file failed ESTALE ("deleted by another client
+    while open") when its directory was renamed while the write read the committed content
+    (no lock held for that read). It reads on from the rename's copy, the same content."""
+    from fakes.core import read_file
+
+    async def main():
+        first = core_filesystem(tmp_path, cmk_path)
+        d = await first.mkdir(first.get(1), "P", 0o755, UID, GID)
+        data = os.urandom(3 << 20)
+        await committed_file(first, "f", data, parent=d)
+        first.close()
+        (tmp_path / "later").mkdir()
+        fs = core_filesystem(tmp_path / "later", cmk_path, store=first.store)  # nothing cached: GETs
+        root = fs.get(1)
+        node = await fs.lookup(await fs.lookup(root, "P"), "f")
+        reading, renamed = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            if keys == ("pre/P/f",) and not reading.is_set():
+                reading.set()
+                await renamed.wait()  # the rename runs meanwhile
+
+        fs.store.hook(("get_range", "get_range_with_info"), hold)
+        h = await fs.open(node, os.O_RDWR)
+
+        async def rename():
+            await reading.wait()
+            await fs.rename(root, "P", root, "Q", 0)
+            renamed.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(rename)
+            assert await fs.write(h, 100, b"HELLO") == 5
+        assert reading.is_set()
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert await read_file(fs, "Q/f") == data[:100] + b"HELLO" + data[105:]
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+def test_a_file_unlinked_while_open_stays_gone_when_its_directory_is_renamed(tmp_path, cmk_path):
+    """A trial: files unlinked while open came back (and stayed after a remount) when a
+    directory above them was renamed as they were closed: the rename copied the hidden object,
+    the close deleted the original, and the copy showed. Such objects stay where they are."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        p = await fs.mkdir(root, "P", 0o755, UID, GID)
+        s = await fs.mkdir(p, "S", 0o755, UID, GID)
+        for name in ("f", "g"):
+            await committed_file(fs, name, b"data of " + name.encode(), parent=s)
+        f = await fs.lookup(s, "f")
+        h = await fs.open(f, os.O_RDONLY)
+        await fs.unlink(s, "f")
+        listing, closing = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            if keys == ("pre/P/",) and not listing.is_set():  # the rename's listing, under its locks
+                listing.set()
+                await closing.wait()
+                await trio.testing.wait_all_tasks_blocked()  # the close waits for the rename's names
+
+        fs.store.hook("list", hold)
+
+        async def close():
+            await listing.wait()
+            closing.set()
+            await fs.release(h)  # the last close: the delete of its object, once the rename is done
+
+        async with trio.open_nursery() as n:
+            n.start_soon(close)
+            await fs.rename(root, "P", root, "Q", 0)
+        assert await fs.drain() == 0
+        qs = await fs.lookup(await fs.lookup(root, "Q"), "S")
+        assert await listed_names(fs, qs) == ["g"]
+        assert await listed_names(fs) == ["Q"]
+        keys = sorted(o.key for o in (await fs.store.inner.list("pre/", delimiter=None)).objects)
+        assert keys == ["pre/Q/", "pre/Q/S/", "pre/Q/S/g"], keys
+        fs.close()
+        fs2 = core_filesystem(tmp_path, cmk_path, store=fs.store)  # and after a remount
+        fs2.recover()
+        qs = await fs2.lookup(await fs2.lookup(fs2.get(1), "Q"), "S")
+        assert await listed_names(fs2, qs) == ["g"]
+        fs2.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+def test_a_readlink_while_the_directory_is_renamed_follows_the_copy(tmp_path, cmk_path):
+    """A trial: readlink of a symlink not read since the mount failed ESTALE when its directory
+    was renamed while its object was read. It reads the rename's copy."""
+    async def main():
+        first = core_filesystem(tmp_path, cmk_path)
+        d = await first.mkdir(first.get(1), "P", 0o755, UID, GID)
+        await first.symlink(d, "l", "target-1", UID, GID)
+        assert await first.drain() == 0
+        first.close()
+        (tmp_path / "later").mkdir()
+        fs = core_filesystem(tmp_path / "later", cmk_path, store=first.store)
+        root = fs.get(1)
+        link = await fs.lookup(await fs.lookup(root, "P"), "l")
+        reading, renamed = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            if keys == ("pre/P/l",) and not reading.is_set():
+                reading.set()
+                await renamed.wait()
+
+        fs.store.hook(("get_range", "get_range_with_info"), hold)
+
+        async def rename():
+            await reading.wait()
+            await fs.rename(root, "P", root, "Q", 0)
+            renamed.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(rename)
+            assert await fs.readlink(link) == "target-1"
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

@@ -36,6 +36,11 @@ POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first mo
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
 
 
+class VersionMoved(Exception):
+    """A read of a version this mount moved meanwhile (a rename of the file or of a directory
+    above it: the object is at another key now); the node names the new version."""
+
+
 class _Unwrap:
     """A data-key unwrap started by a read-only open and not yet awaited (:meth:`Files.open_version`):
     ``done`` is set when it ended, ``error`` then holds why it failed (None: the version's
@@ -386,7 +391,7 @@ class Files:
                                        fetch_until=fetch_until(h, offset, length, self.cache.block_size), handle=h)
 
     async def read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0,
-                           handle: FileHandle | None = None) -> bytes:
+                           handle: FileHandle | None = None, moving: Node | None = None) -> bytes:
         """Plaintext ``[offset, offset+length)`` of committed version ``v`` through the block
         cache (fetching ahead to ``fetch_until``), checked against the version's integrity tags
         when it has them (docs/integrity.md). Raises FsError as :meth:`read`; EIO when a
@@ -394,7 +399,9 @@ class Files:
         ``handle``: the handle reading ``v`` (no lock held by the caller); when ``v`` is gone
         because this mount moved the file (a rename of it or of a directory above it, whose
         copies and deletes run under the node's lock), the read follows the handle to the
-        version the move made instead of failing."""
+        version the move made instead of failing. ``moving``: the node of ``v`` (no lock held
+        by the caller), for a read that follows no handle: VersionMoved is raised in that
+        case instead (the caller reads ``moving.version``)."""
         await self.open_version(v, doing="read")  # a read-only open did not wait for the CMK
         try:
             tags = (await self.cache.tags_for(v.key, v.etag, v.size, v.metadata, v.envelope.data_key, v.envelope.iv)
@@ -404,6 +411,8 @@ class Files:
         except (PreconditionFailed, NoSuchKey) as e:
             if handle is not None and await self._moved_here(handle, v):
                 return await self.read(handle, offset, length)
+            if moving is not None and await self._moved_off(moving, v):
+                raise VersionMoved from None
             if isinstance(e, NoSuchKey):
                 self._error_once("%r was deleted by another client while open", v.key)
                 raise FsError(errno_of(e)) from None
@@ -434,6 +443,15 @@ class Files:
             pass
         return h.version is not v
 
+    @staticmethod
+    async def _moved_off(node: Node, v: Version) -> bool:
+        """:meth:`_moved_here` for ``node`` itself: whether, once a rename in progress (holding
+        its lock) is done, it names a copy of ``v`` at another key (Version.is_copy_of)."""
+        async with node.lock:
+            pass
+        now = node.version
+        return now is not None and now is not v and now.is_copy_of(v)
+
     def _error_once(self, fmt: str, key: str, *args) -> None:
         """Log ``fmt % (key, *args)`` at ERROR the first time, at DEBUG after (ErrorsOnce)."""
         self._errors.error(fmt, key, *args)
@@ -443,12 +461,15 @@ class Files:
         anything else, EIO when it cannot be read."""
         if not node.is_link:
             raise FsError(errno.EINVAL)
-        if node.symlink_target is None:
+        while node.symlink_target is None:
             v = node.version
             if v is None:
                 raise FsError(errno.EIO)
             await self.open_version(v, doing="read")
-            data = await self.read_version(v, 0, v.size)
+            try:
+                data = await self.read_version(v, 0, v.size, moving=node)
+            except VersionMoved:  # its directory was renamed meanwhile (ESTALE: a trial)
+                continue
             node.symlink_target = data.decode("utf-8", "surrogateescape")
         return node.symlink_target
 
@@ -485,12 +506,14 @@ class Files:
         if node.staged is None and node.version is not None:
             # the first change of a committed file: its content is read (from the store, maybe)
             # and re-encrypted before taking the lock, so no lock waits for the network
-            v, keep = node.version, node.current_size
+            base, keep = node.version, node.current_size
             assert envelope is not None  # nothing staged: a new data key was made above
-            copied = await self.copy_committed(node, v, keep, envelope)
+            copied = await self.copy_committed(node, base, keep, envelope, follow_moves=True)
         async with node.lock:
             if copied is not None:
-                if node.staged is None and node.version is v and node.current_size == keep:
+                # (node.version may be base as a rename copied it meanwhile: the same content)
+                if (node.staged is None and node.version is not None and node.version.is_copy_of(base)
+                        and node.current_size == keep):
                     node.staged = copied
                     self.commit.mark_staged(node)
                 else:  # changed meanwhile: the staged version made there wins
@@ -587,19 +610,29 @@ class Files:
         self.commit.mark_staged(node)
 
     async def copy_committed(self, node: Node, v: Version | None, keep: int,
-                             envelope: env.Envelope) -> StagedFile:
+                             envelope: env.Envelope, *, follow_moves: bool = False) -> StagedFile:
         """A new open staged version (encrypted under ``envelope`` when sealed) holding the
         first ``keep`` bytes of committed version ``v`` (None: empty). Needs no lock: it
-        changes no shared state. Raises FsError (EIO, ESTALE as read; ENOSPC as write)."""
+        changes no shared state. ``follow_moves`` (node.lock not held): when this mount moves
+        ``v`` meanwhile (a rename of it or of a directory above it), the rest is read from the
+        copy (a trial's first write after a directory rename failed ESTALE). Raises FsError
+        (EIO, ESTALE as read; ENOSPC as write)."""
         # direct (final ciphertext as written) when it starts empty; a copy of committed
         # content stays in slots, as the edit that follows is likely not an append
         staged = self.staging.new(envelope, direct=v is None or keep == 0)
         staged.label = self.naming.key(node.path)
         try:
-            if v is not None:
-                for off in range(0, min(keep, v.size), POPULATE_CHUNK):
-                    n = min(POPULATE_CHUNK, keep - off, v.size - off)
-                    staged.write(off, await self.read_version(v, off, n, fetch_until=off + 4 * POPULATE_CHUNK))
+            off, end = 0, min(keep, v.size) if v is not None else 0
+            while v is not None and off < end:
+                n = min(POPULATE_CHUNK, end - off)
+                try:
+                    data = await self.read_version(v, off, n, fetch_until=off + 4 * POPULATE_CHUNK,
+                                                   moving=node if follow_moves else None)
+                except VersionMoved:
+                    v = node.version  # the same content at its new key: this chunk again from there
+                    continue
+                staged.write(off, data)
+                off += n
         except OSError as e:
             staged.discard()
             log.error("staging %r failed: %s", self.naming.key(node.path), e)

@@ -164,6 +164,11 @@ class Version:
         v._names, v._values, v._wrapped, v.envelope = self._names, self._values, self._wrapped, self.envelope
         return v
 
+    def is_copy_of(self, other: "Version") -> bool:
+        """Whether this is ``other`` or a :meth:`copied_as` of it (the same content at another
+        key): they share the very tuple of metadata values (one with none cannot be told)."""
+        return self is other or (self.size == other.size and bool(self._values) and self._values is other._values)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Version):
             return NotImplemented

@@ -473,23 +473,6 @@ class Namespace:
             etag = info.etag if info is not None else None
         return etag
 
-    def _move_pending_delete(self, node: Node, old: Version | None) -> None:
-        """Unlinked open ``node``'s object (``old``) was copied by a directory rename and the
-        node follows the copy: the pending delete (and the hiding) moves to the copy, which
-        would otherwise show up at the new name (logged on a cache-disk failure: the copy
-        then stays visible until a remount)."""
-        pending = self._unlinked_open.get(node)
-        v = node.version
-        if pending is None or v is None or old is None or v is old:
-            return
-        try:
-            self.deferred.record(v.key, v.etag)
-        except OSError as e:
-            log.error("cannot record the pending delete of %r (moved with its directory): %s", v.key, e)
-            return
-        self.deferred.forget(*pending)
-        self._unlinked_open[node] = (v.key, v.etag)
-
     def _show_copy(self, dst_path: str) -> None:
         """A rename's copy is at ``dst_path`` although the rename failed: lookups and listings
         must both show it (no negative cache entry left from the probe)."""
@@ -1062,6 +1045,13 @@ class Namespace:
                 if page.next_marker is None:
                     break
                 marker = page.next_marker
+            # Objects whose delete is pending (files unlinked while open, replaced versions) stay
+            # where they are, hidden: their delete takes them there, and the old prefix is hidden
+            # as an rmdir'ed directory's is. (Moved, a close during the rename deleted the original
+            # while the copy was made, and the copy showed as a file again: a trial.)
+            left = [k for k, o in keys.items() if self.deferred.hides(o)]
+            for k in left:
+                del keys[k]
             # Every key under the new name must fit OSS's limit: checked before anything is copied
             # (a copy failing half-way left a partial tree at the new name and EIO)
             moved_keys = [new_dkey + k[len(old_dkey):] for k in keys]
@@ -1080,6 +1070,8 @@ class Namespace:
                 self.renames.leave(rlog)
                 raise
             self.renames.end(rlog)
+            if left:
+                self.deferred.note_removed_dir(old_dkey)
         return True
 
     async def _take_copies_back(self, rlog: RenameLog) -> None:
@@ -1219,8 +1211,7 @@ class Namespace:
                 self.resolver.recent.touch(moved)
             elif v is not None:
                 n.checked_at = 0.0  # another client's version was listed and moved: re-read it
-            if n.unlinked:  # a file unlinked while open: it moves, still nameless and hidden
-                self._move_pending_delete(n, v)
+            if n.unlinked:  # a file unlinked while open: nameless, its object hidden where it is
                 n.path = new
                 continue
             self.inodes.move(n, n.path, new, renamed=n is src)
