@@ -455,7 +455,9 @@ def test_namespace_probes_leave_no_nodes_behind(tmp_path, cmk_path):
         with pytest.raises(FsError) as e:
             await fs.create(root, "b", 0o600, os.O_RDWR | os.O_CREAT | os.O_EXCL, 1, 2)
         assert e.value.errno == errno.EEXIST
+        old_d = await fs.lookup(root, "d")  # the kernel looks the name up before its RENAME
         await fs.rename(root, "c", root, "d", 0)  # c's node moves to d; d's old node goes
+        fs.forget(old_d.ino, 1)  # once the kernel forgets it
         assert sorted(n.path for n in fs.inodes.nodes.values()) == ["", "d"]
         assert await listed_names(fs) == ["b", "d"]
         fs.close()

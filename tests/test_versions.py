@@ -766,3 +766,63 @@ def test_create_without_o_excl_opens_a_file_another_client_made_meanwhile(tmp_pa
         ofs.close()
 
     _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts: 'pre/r[12]' was changed by another client \(this mount knew no "
+                        r"object there")
+def test_a_rename_onto_a_name_the_kernel_took_for_free_keeps_what_another_client_made_there(
+        tmp_path, cmk_path, other):
+    """A two-mount trial: this mount saw no r1 (the kernel keeps that negative entry), the
+    other mount created r1, and a rename onto r1 here replaced it silently: only the rename's
+    own probe had found it, so it counted as known. A destination the kernel does not know is
+    another client's: kept as a conflict copy, for an uploaded source and a new one alike."""
+    async def body(fs, store):
+        root = fs.get(1)
+        for name in ("r1", "r2"):
+            with pytest.raises(FsError):
+                await fs.lookup(root, name)
+        ofs = other(store)
+        await _other_writes(ofs, "r1", b"from B 1")
+        await _other_writes(ofs, "r2", b"from B 2")
+        fs.names._absent.clear()  # (this mount's entry time passed; the kernel's negative entry did not)
+        await _write_file(fs, root, "src_uploaded", b"from A 1")
+        await fs.rename(root, "src_uploaded", root, "r1", 0)
+        names = await listed_names(fs)
+        (c1,) = [n for n in names if n.startswith("r1.conflict-")]
+        assert await _read(fs, await fs.lookup(root, "r1")) == b"from A 1"
+        assert await _read(fs, await fs.lookup(root, c1)) == b"from B 1"
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"ossfuse\.fs\.conflicts: 'pre/r2' was changed by another client \(this mount knew no "
+                        r"object there")
+def test_a_new_file_renamed_onto_a_name_the_kernel_took_for_free_keeps_theirs(tmp_path, cmk_path, other):
+    """As above, with a source not uploaded yet (its upload would replace what the rename's
+    probe found, as known): theirs is kept as a conflict copy at the rename."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        root = fs.get(1)
+        with pytest.raises(FsError):
+            await fs.lookup(root, "r2")
+        ofs = other(store)
+        await _other_writes(ofs, "r2", b"from B 2")
+        fs.names._absent.clear()
+        node, h = await fs.create(root, "src", 0o644, os.O_WRONLY | os.O_CREAT, 1, 2)
+        await fs.write(h, 0, b"from A 2")
+        await fs.release(h)
+        await fs.rename(root, "src", root, "r2", 0)
+        assert await fs.drain() == 0
+        names = await listed_names(fs)
+        (c2,) = [n for n in names if n.startswith("r2.conflict-")]
+        assert await _read(fs, await fs.lookup(root, "r2")) == b"from A 2"
+        assert await _read(fs, await fs.lookup(root, c2)) == b"from B 2"
+        ofs.close()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)

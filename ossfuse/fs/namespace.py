@@ -88,6 +88,13 @@ def owner_in(parent: Node, mode: int, gid: int) -> tuple[int, int]:
     return mode, gid
 
 
+def _unseen(dst: Node) -> bool:
+    """Whether a rename's destination ``dst`` is a file the kernel does not know (no lookup
+    count, no handle, nothing staged): the kernel sent the rename trusting its negative entry
+    for the name (the application saw it free), and only the rename's own probe found the
+    object there, another client's since (a two-mount trial: it was replaced silently)."""
+    return dst.lookups == 0 and not dst.handles and dst.staged is None and dst.version is not None
+
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
 
@@ -850,14 +857,15 @@ class Namespace:
                         self.commit.conflicts.replaces(src, pending)
                 else:  # what the bucket has at dst's name: replaced knowingly
                     v = dst.version
-                    if v is not None and dst.kernel_etag and not same_etag(dst.kernel_etag, v.etag):
+                    if v is not None and (_unseen(dst) or (dst.kernel_etag and not same_etag(dst.kernel_etag, v.etag))):
                         # the rename's lookup took another client's version, which nobody here
-                        # read (its applications last opened kernel_etag): kept as a conflict copy
-                        # first, as a committed source's rename does (a trial: an editor's save
-                        # of a new temp file over it lost the other mount's edit, no warning)
+                        # read (its applications last opened kernel_etag, or the kernel took the
+                        # name for free): kept as a conflict copy first, as a committed source's
+                        # rename does (a trial: an editor's save of a new temp file over it lost
+                        # the other mount's edit, no warning)
                         await self._keep_as_conflict(new_key, ObjectInfo(v.key, v.size, v.etag, 0,
                                                                          v.metadata if v.held else {}),
-                                                     dst.kernel_etag)
+                                                     None if _unseen(dst) else dst.kernel_etag)
                     replaced = v.etag if v is not None else await self._replaced_etag(dst, new_key)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
@@ -905,6 +913,8 @@ class Namespace:
             known = None
         elif dst.version is None:
             known = self.commit.conflicts.replaced(dst)
+        elif _unseen(dst):  # the kernel took the name for free: the rename's own probe found theirs
+            known = None
         else:
             known = dst.kernel_etag or dst.version.etag
         # directive COPY: the store copies every x-oss-meta-* field; a slim v lends none, so a
