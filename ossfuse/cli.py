@@ -779,7 +779,7 @@ def cmd_rekey(args) -> int:
     rel = rekey.path_below_root(path)
     if rel is None:
         return _die(f"rekey {args.path}: PATH is above the mount's root ({_PATH_FORMS})")
-    for line in rekey.mounts_without(cfg, keyring, args.to_id):  # mounts that could not read them
+    for line in rekey.mount_warnings(cfg, keyring, args.to_id, dry_run=args.dry_run):
         print(f"ossfuse: warning: {line}", file=sys.stderr)
 
     async def run():

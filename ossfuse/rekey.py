@@ -116,11 +116,15 @@ def _same_cmk(a: CmkConfig, b: CmkConfig) -> bool:
         return False
 
 
-def mounts_without(cfg: Config, keyring: Keyring, to_id: str | None) -> list[str]:
-    """One line per running mount of the same store whose configuration lacks a CMK this
-    rekey wraps objects with: its reads of them would fail with EACCES (no CMK of its keyring
-    matches) until that CMK is added to its config and it is mounted again. Mounts whose
-    config cannot be read are named too."""
+def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run: bool = False) -> list[str]:
+    """Lines about the running mounts of the same store (and an overlapping prefix), this
+    config's own included. Each one's being up (not for a ``dry_run``): a file changed through
+    it while this rewrites its object becomes a conflict copy there (the rewrite is a new
+    version by another client to that mount), and its open readers of a rewritten file get
+    ESTALE until they open it again (an operator trial met both, unwarned). And one whose
+    config lacks a CMK this rekey wraps objects with: its reads of them would fail with
+    EACCES until that CMK is added and it is mounted again. A mount whose config cannot be
+    read is named too."""
     from . import config as config_mod
     from .registry import running_mounts
     targets = [keyring.cmks[to_id]] if to_id else [keyring.default] + [cmk for _, cmk in keyring.rules]
@@ -128,18 +132,22 @@ def mounts_without(cfg: Config, keyring: Keyring, to_id: str | None) -> list[str
     lines = []
     for record in running_mounts():
         path = record.get("config")
-        if not path or os.path.realpath(path) == os.path.realpath(cfg.path):
+        if not path:
             continue
         try:
-            other = config_mod.load(path)
+            other = cfg if os.path.realpath(path) == os.path.realpath(cfg.path) else config_mod.load(path)
         except (config_mod.ConfigError, OSError) as e:
             lines.append(f"mount {record.get('mountpoint')}: cannot read its config to check its CMKs: {e}")
             continue
-        if other.store.url != cfg.store.url or not (other.store.prefix.startswith(cfg.store.prefix)
-                                                    or cfg.store.prefix.startswith(other.store.prefix)):
+        if other.store.identity != cfg.store.identity or not (other.store.prefix.startswith(cfg.store.prefix)
+                                                              or cfg.store.prefix.startswith(other.store.prefix)):
             continue
+        if not dry_run:
+            lines.append(f"mount {record['mountpoint']} of this store is up: a file changed through it while its "
+                         f"object is rewritten becomes a conflict copy there, and its open readers of a rewritten "
+                         f"file get ESTALE until they open it again (unmount it first for a quiet rekey)")
         for target in dict.fromkeys(targets):
-            if not any(_same_cmk(by_id[target.id], c) for c in other.encryption.cmks):
+            if other is not cfg and not any(_same_cmk(by_id[target.id], c) for c in other.encryption.cmks):
                 lines.append(f"mount {record['mountpoint']} (config {path}) has no CMK {target.id!r} "
                              f"(matdesc {json.dumps(target.matdesc) if target.matdesc else 'none'}): its reads of "
                              f"the rekeyed objects will fail with EACCES until that CMK is in its config "

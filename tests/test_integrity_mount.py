@@ -290,6 +290,9 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
         assert (f"ossfuse: warning: mount {m.mnt} (config {m.config}) has no CMK 'b' (matdesc "
                 '{"cmk": "b"}): its reads of the rekeyed objects will fail with EACCES') in r.stderr, r.stderr
+        # that the mount is up is said too: edits through it become conflict copies, readers ESTALE
+        assert (f"ossfuse: warning: mount {m.mnt} of this store is up: a file changed through it while its "
+                "object is rewritten becomes a conflict copy there") in r.stderr, r.stderr
         m.remount()  # forget the old envelope the mount knew
         with pytest.raises(OSError) as e:
             open(m.path("f"), "rb").read()
