@@ -378,11 +378,14 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
         os.close(mountpoint_lock)
 
 
-async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> None:
+async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> list[str]:
     """Retry, with backoff, until the store lists the prefix and every KMS CMK makes a data
     key, or ``startup_timeout`` passes (a server mounting at boot may start before the network);
-    then raise MountError naming what is unreachable. A KMS that answers but refuses the CMK
-    (unknown key, bad credentials) fails at once."""
+    then raise MountError naming what is unreachable — unless only KMS CMKs are: the mount
+    then goes on (what other CMKs encrypt stays readable and writable, as when KMS goes away
+    later; an operator trial found RSA files unreachable for a KMS outage), and the returned
+    notices (one per CMK) say what fails with EIO until KMS answers. A KMS that answers but
+    refuses the CMK (unknown key, bad credentials) fails at once."""
     started = trio.current_time()
     deadline = started + cfg.mount.startup_timeout
     delay = 0.5
@@ -407,8 +410,12 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
                     raise MountError(f"CMK {cmk.id!r}: {e}") from None
                 problems.append(f"CMK {cmk.id!r}: {e}")
         if not problems:
-            return
+            return []
         if trio.current_time() + delay > deadline:  # (the next try would end past it: the time tried is said)
+            if not problems[0].startswith(f"store {cfg.store.url}: "):  # the store answers: KMS alone is down
+                return [f"{p}: unreachable for {trio.current_time() - started:.0f}s (startup_timeout); mounted "
+                        f"anyway: files under that CMK fail with EIO (reads of its objects, and new files it "
+                        f"would encrypt) until it answers, the rest works" for p in problems]
             raise MountError(f"not reachable after {trio.current_time() - started:.0f}s of tries (startup_timeout "
                              f"{cfg.mount.startup_timeout:.0f}s): " + "; ".join(problems))
         log.warning("not reachable yet (%s); retrying in %.1fs", "; ".join(problems), delay)
@@ -466,12 +473,11 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     # Never touch the mount point from this thread once mounted: the kernel would wait for
     # this very thread to answer. Paths derived from it are computed now.
     registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
-    await _wait_for_services(cfg, fs.store, fs.keyring)
-    health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
-    fs.track_store_health(health)
     # what start-up found that the user should know: logged, and printed by `ossfuse mount`
     # (a file missing from the folder with only a line in a log file was a trial's finding)
-    notices: list[str] = []
+    notices: list[str] = await _wait_for_services(cfg, fs.store, fs.keyring)
+    health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
+    fs.track_store_health(health)
     earlier_quarantined = fs.staging.quarantined()
     recovered = fs.recover()
     quarantined = fs.staging.quarantined()
