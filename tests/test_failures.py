@@ -81,7 +81,7 @@ def test_damaged_objects_give_errno_and_one_log_line_each(damaged):
     for name, (want, reason) in cases.items():
         assert _errno_of_read(mount.path(name)) == want, name
         lines = [l for l in mount.log().splitlines() if repr(name) in l and "ERROR" in l]
-        assert lines, f"no log line names {name!r}"
+        assert len(lines) == 1, (name, lines)  # one, not one per read the kernel retries (a trial)
         assert reason in lines[0], lines[0]
     # the rest of the mount keeps working
     assert open(mount.path("good"), "rb").read() == b"good data"

@@ -74,6 +74,7 @@ def test_server_down_close_and_fsync_report_errors_and_data_is_kept(tmp_path, cm
         assert "upload of 'kept' failed" in m.log()
         oss_server.start()
         assert m.stop() == 0  # unmount uploads what is pending
+        assert "upload of 'kept' succeeded after failing" in m.log()  # the ERROR's end is said too
         assert m.head("kept").size == len(data)
         assert m.pending_uploads() == 0
         m.start()

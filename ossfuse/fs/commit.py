@@ -452,7 +452,9 @@ class Commit:
                     st.forget_record()
                     if not st.superseded and node.staged is not None and node.staged.base is not st:
                         st.discard()
-            node.upload_error = None
+            if node.upload_error is not None:  # its failures were logged: say that it is over (a trial)
+                log.info("upload of %r succeeded after failing (%s)", info.key, node.upload_error)
+                node.upload_error = None
             if info.key != key:
                 self._follow_conflict_copy(node, info.key)
             if node.staged is not None:

@@ -420,8 +420,8 @@ class Files:
                              "this mount at its name; reopen to read the new version (an open within mount.attr_timeout "
                              "may still get this one)", v.key, v.etag)
             raise FsError(errno_of(e)) from None
-        except TruncatedObject as e:
-            log.error("cannot read %r: %s", v.key, e)
+        except TruncatedObject as e:  # once: the kernel's page read after its read-ahead met it again (a trial)
+            self._error_once("cannot read %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
         except IntegrityError as e:
             self._error_once("cannot read %r: %s", v.key, e)
