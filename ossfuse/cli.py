@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_user, daemon_alive, daemon_gone, dying,
+from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cache_dir_user, daemon_alive, daemon_gone, dying,
                        holders, killed_in_a_request, printable, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        typed_below_root, users_of, write_registry)
@@ -196,7 +196,7 @@ def _spawn_daemon(args, cfg) -> int:
     fails, or ``startup_timeout`` + a margin passes (then it is killed, any mount it left is
     removed, and the reason printed)."""
     from .config import dir_inside_mountpoint
-    inside = dir_inside_mountpoint(cfg, args.mountpoint)
+    inside = dir_inside_mountpoint(cfg, args.mountpoint) or cache_dir_in_a_mount(cfg.cache.dir)
     if inside:  # before the cache dir is made there
         return _die(inside)
     user = cache_dir_user(cfg.cache.dir)

@@ -46,7 +46,7 @@ from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
-                       mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
+                       cache_dir_in_a_mount, mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
                        runtime_dir, runtime_dir_too_long, write_registry)
 
 log = logging.getLogger(__name__)
@@ -341,6 +341,9 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     if too_long:  # (an existing one: its safety is said first)
         raise MountError(too_long)
     inside = config_mod.dir_inside_mountpoint(cfg, mountpoint)
+    if inside:
+        raise MountError(inside)
+    inside = cache_dir_in_a_mount(cfg.cache.dir)
     if inside:
         raise MountError(inside)
     mountpoint_lock = lock_mountpoint(mountpoint)

@@ -262,6 +262,23 @@ def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]
     return [(dev, mp, fstype) for dev, mp, _root, fstype in _mountinfo(mountinfo)]
 
 
+def ossfuse_mount_holding(path: str) -> str | None:
+    """The ossfuse mount point at or above ``path`` in this mount namespace (the innermost),
+    or None. Compares absolute paths, no stat (a path in a FUSE mount asks its daemon)."""
+    path = os.path.abspath(path) + "/"
+    holding = [m for _dev, m, fs in mounts() if fs == "fuse.ossfuse" and path.startswith(m.rstrip("/") + "/")]
+    return max(holding, key=len) if holding else None
+
+
+def cache_dir_in_a_mount(cache_dir: str) -> str | None:
+    """Why ``cache_dir`` cannot be a cache dir because it is inside an ossfuse mount (its lock,
+    journal and log would become objects of that mount's bucket: an operator trial), or None."""
+    holder = ossfuse_mount_holding(cache_dir)
+    if holder is None:
+        return None
+    return f"cache dir {cache_dir} is inside the ossfuse mount at {holder}: give it a directory on a local disk"
+
+
 def mounted_device(mountpoint: str, fstype: str = "fuse.ossfuse") -> str | None:
     """The device ("major:minor") of the ``fstype`` mount at ``mountpoint`` in this process's
     mount namespace (the topmost one), or None when nothing of that type is mounted there."""

@@ -1104,3 +1104,24 @@ def test_names_from_the_bucket_reach_the_terminal_without_control_characters(cap
     assert _exit_outcome("/mnt/x", reg) == 75
     err = capsys.readouterr().err
     assert "\x1b" not in err and "/mnt/x/esc/a\\x1b[2Jb" in err, err
+
+
+def test_a_cache_dir_inside_an_ossfuse_mount_is_refused(tmp_path, cmk_path, no_mount_left):
+    """An operator trial: a cache dir inside another ossfuse mount was accepted, and its lock,
+    data-key cache and log became objects of that mount's bucket."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        (tmp_path / "b").mkdir()
+        cfg = local_config(tmp_path / "b", {"k": cmk_path})
+        with open(cfg) as f:
+            text = f.read()
+        with open(cfg, "w") as f:
+            f.write(re.sub(r'dir = "[^"]*"', f'dir = "{m.mnt}/cache"', text))
+        (tmp_path / "b" / "mnt").mkdir()
+        r = ossfuse("mount", "-c", cfg, no_mount_left(str(tmp_path / "b" / "mnt"), cfg))
+        assert r.returncode == 1 and r.stderr == (f"ossfuse: cache dir {m.mnt}/cache is inside the ossfuse mount "
+                                                  f"at {m.mnt}: give it a directory on a local disk\n"), r.stderr
+        assert os.listdir(m.mnt) == []  # nothing was made there
+    finally:
+        m.cleanup()
