@@ -346,9 +346,9 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     inside = cache_dir_in_a_mount(cfg.cache.dir)
     if inside:
         raise MountError(inside)
-    mountpoint_lock = lock_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, nonempty)  # (its reasons first: a daemon still serving a bind mount, ...)
+    mountpoint_lock = lock_mountpoint(mountpoint)  # another mount checked at the same time: busy
     try:
-        check_mountpoint(mountpoint, nonempty)
         lock_fd = lock_cache_dir(cfg.cache.dir)
     except BaseException:
         os.close(mountpoint_lock)
