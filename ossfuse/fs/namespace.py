@@ -95,6 +95,7 @@ def _unseen(dst: Node) -> bool:
     object there, another client's since (a two-mount trial: it was replaced silently)."""
     return dst.lookups == 0 and not dst.handles and dst.staged is None and dst.version is not None
 
+
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
 
@@ -862,10 +863,11 @@ class Namespace:
                         # read (its applications last opened kernel_etag, or the kernel took the
                         # name for free): kept as a conflict copy first, as a committed source's
                         # rename does (a trial: an editor's save of a new temp file over it lost
-                        # the other mount's edit, no warning)
-                        await self._keep_as_conflict(new_key, ObjectInfo(v.key, v.size, v.etag, 0,
-                                                                         v.metadata if v.held else {}),
-                                                     None if _unseen(dst) else dst.kernel_etag)
+                        # the other mount's edit, no warning). (Changed again since: src's
+                        # upload finds that and goes to a conflict copy itself.)
+                        now = await store_request(self.store.head(new_key), new_key)
+                        if now is not None and same_etag(now.etag, v.etag):
+                            await self._keep_as_conflict(new_key, now, None if _unseen(dst) else dst.kernel_etag)
                     replaced = v.etag if v is not None else await self._replaced_etag(dst, new_key)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
