@@ -152,12 +152,21 @@ def lock_cache_dir(path: str) -> int:
         check_private_dir(path, "cache dir")
     except UnsafeDirError as e:
         raise MountError(str(e)) from None
-    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = _flocked(os.path.join(path, "lock"))
+    if fd is None:
+        raise CacheDirInUse(f"cache dir {path} is in use by {cache_dir_user(path) or 'another ossfuse mount'}")
+    return fd
+
+
+def _flocked(path: str) -> int | None:
+    """The fd of file ``path`` (made 0600 if missing) with an exclusive flock on it, held until
+    it is closed (or the process ends); None when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CacheDirInUse(f"cache dir {path} is in use by {cache_dir_user(path) or 'another ossfuse mount'}") from None
+        return None
     return fd
 
 
@@ -166,12 +175,9 @@ def lock_mountpoint(mountpoint: str) -> int:
     for the daemon's life: two `ossfuse mount` at once (an fstab line and a unit for the same
     path at boot) both passed the busy check and stacked two mounts there, the second's record
     hiding the first's (a trial). Returns the lock's fd; raises MountError."""
-    fd = os.open(registry_path(mountpoint, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"mount point {mountpoint} is busy (another ossfuse is mounting there)") from None
+    fd = _flocked(registry_path(mountpoint, ".lock"))
+    if fd is None:
+        raise MountError(f"mount point {mountpoint} is busy (another ossfuse is mounting there)")
     return fd
 
 
