@@ -365,7 +365,7 @@ def load(path: str, *, missing_keys: bool = False) -> Config:
                                   plaintext_objects=en.get("plaintext_objects", "show"))
 
     ca = _check_table(path, "cache", "cache", raw["cache"])
-    if not ca["dir"]:  # the config file's own directory (/etc/ossfuse, beside the CMKs: a trial)
+    if not ca["dir"].strip():  # the config file's own directory (/etc/ossfuse, beside the CMKs: a trial)
         raise ConfigError(f"{path}: cache.dir: must name a directory")
     bs = ca.get("block_size", 1 << 20)
     if bs < 4096 or bs % 4096:

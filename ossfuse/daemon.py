@@ -158,6 +158,50 @@ def lock_cache_dir(path: str) -> int:
     return fd
 
 
+_BUCKET_MARK = "bucket"  # the bucket (StoreConfig.identity) the cache dir's pending work is for
+# the cache dir's parts that hold work to finish in its bucket: file name suffixes counted
+_PENDING_WORK = (("staging", ".json", "journaled file(s)"), ("unlinked", ".json", "pending delete(s)"),
+                 ("renames", "", "unfinished rename(s)"), ("multipart", "", "multipart upload(s) to abort"))
+
+
+def check_cache_bucket(cfg: Config) -> None:
+    """Refuse a cache dir (its lock held) whose pending work is for another bucket than
+    ``cfg``'s (its ``bucket`` mark, written at each mount): journaled files, pending deletes,
+    rename logs and multipart uploads are replayed at mount against the store mounted, and a
+    trial's pending deletes of one bucket deleted same-named empty files of another (the ETag
+    check cannot tell: every empty object's is the same). Raises MountError naming both
+    buckets and the way out; a cache dir with nothing pending simply changes bucket."""
+    mark = os.path.join(cfg.cache.dir, _BUCKET_MARK)
+    try:
+        with open(mark, encoding="utf-8") as f:
+            recorded = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        recorded = ""  # none yet (a new cache dir, or one of an earlier ossfuse)
+    here = cfg.store.identity
+    if recorded == here:
+        return
+    if recorded:
+        pending = []
+        for sub, suffix, what in _PENDING_WORK:
+            try:
+                n = sum(1 for name in os.listdir(os.path.join(cfg.cache.dir, sub))
+                        if name.endswith(suffix) and not name.startswith(".") and name != "quarantine")
+            except OSError:
+                n = 0
+            if n:
+                pending.append(f"{n} {what}")
+        if pending:
+            raise MountError(f"cache dir {cfg.cache.dir} holds work for the bucket {recorded} ({', '.join(pending)}), "
+                             f"not this config's {here}: mount it with that bucket's config to finish the work, or "
+                             f"give this config a cache dir of its own")
+    try:
+        with open(mark + ".tmp", "w", encoding="utf-8") as f:
+            f.write(here + "\n")
+        os.replace(mark + ".tmp", mark)
+    except OSError as e:
+        log.warning("cache dir %s: cannot record the bucket it serves: %s", cfg.cache.dir, e)
+
+
 def _flocked(path: str) -> int | None:
     """The fd of file ``path`` (made 0600 if missing) with an exclusive flock on it, held until
     it is closed (or the process ends); None when another process holds it."""
@@ -359,6 +403,12 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     except BaseException:
         os.close(mountpoint_lock)
         raise
+    try:
+        check_cache_bucket(cfg)
+    except BaseException:
+        os.close(lock_fd)
+        os.close(mountpoint_lock)
+        raise
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
     logging.getLogger("pyfuse3").addFilter(_undelivered_reply_is_info)
@@ -387,6 +437,34 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
         os.close(mountpoint_lock)
 
 
+async def _kms_answers(services: list, deadline: float) -> tuple[dict[str, str | None], list[str]]:
+    """Ask each KMS CMK of ``services`` for a data key, all at once and never past
+    ``deadline`` (trio time): one after another, each hung KMS took its own ~20 s of retries,
+    and three failed the mount (a trial). Returns ({CMK id: None when it made a key, else why
+    not; missing: no answer by the deadline}, [why a KMS refused a CMK: permanent])."""
+    answers: dict[str, str | None] = {}
+    refused: list[str] = []
+
+    async def ask(cmk) -> None:
+        try:  # (a KMS that never answers is abandoned at the deadline: its thread ends on its own)
+            await trio.to_thread.run_sync(cmk.new_data_key, abandon_on_cancel=True)
+            answers[cmk.id] = None
+        except CmkUnavailable as e:
+            answers[cmk.id] = f"CMK {cmk.id!r}: {e}"
+        except EnvelopeError as e:
+            refused.append(f"CMK {cmk.id!r} is refused by KMS: {e}")
+        except StoreError as e:  # its credentials (a file of mode 0644, not TOML: a trial's traceback)
+            if not e.temporary:
+                refused.append(f"CMK {cmk.id!r}: {e}")
+            answers[cmk.id] = f"CMK {cmk.id!r}: {e}"
+
+    with trio.move_on_at(deadline):
+        async with trio.open_nursery() as nursery:
+            for cmk in services:
+                nursery.start_soon(ask, cmk)
+    return answers, refused
+
+
 async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> list[str]:
     """Retry, with backoff, until the store lists the prefix and every KMS CMK makes a data
     key, or ``startup_timeout`` passes (a server mounting at boot may start before the network);
@@ -407,17 +485,14 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
             if not e.temporary:  # wrong credentials, no such bucket: waiting cannot fix it
                 raise MountError(f"store {cfg.store.url}: {e}") from None
             problems.append(f"store {cfg.store.url}: {e}")
+        answers, refused = await _kms_answers(services, deadline)
+        if refused:
+            raise MountError(refused[0])
         for cmk in services:
-            try:
-                await trio.to_thread.run_sync(cmk.new_data_key)
-            except CmkUnavailable as e:
-                problems.append(f"CMK {cmk.id!r}: {e}")
-            except EnvelopeError as e:
-                raise MountError(f"CMK {cmk.id!r} is refused by KMS: {e}") from None
-            except StoreError as e:  # its credentials (a file of mode 0644, not TOML: a trial's traceback)
-                if not e.temporary:
-                    raise MountError(f"CMK {cmk.id!r}: {e}") from None
-                problems.append(f"CMK {cmk.id!r}: {e}")
+            if cmk.id not in answers:
+                problems.append(f"CMK {cmk.id!r}: KMS did not answer")
+            elif (why := answers[cmk.id]) is not None:
+                problems.append(why)
         if not problems:
             return []
         if trio.current_time() + delay > deadline:  # (the next try would end past it: the time tried is said)

@@ -119,6 +119,7 @@ def _base(root, key) -> str:
     # an operator trial's: a busy retry loop, the cache in /etc/ossfuse, a tag list deleted by hand
     (lambda s: s + "[mount]\nretry_interval = 0\n", "mount.retry_interval: must be at least 0.1 seconds, got 0"),
     (lambda s: re.sub(r'dir = "[^"]*"', 'dir = ""', s), "cache.dir: must name a directory"),
+    (lambda s: re.sub(r'dir = "[^"]*"', 'dir = " "', s), "cache.dir: must name a directory"),
     (lambda s: re.sub(r'url = "local://[^"]*"', 'url = "local://"', s), "store.url: local:// needs the bucket"),
     (lambda s: s.replace("[store]", '[store]\nprefix = "team/.ossfuse-integrity/"'),
      "store.prefix: 'team/.ossfuse-integrity/' names .ossfuse-integrity, where ossfuse keeps integrity tag lists"),
@@ -1125,3 +1126,42 @@ def test_a_cache_dir_inside_an_ossfuse_mount_is_refused(tmp_path, cmk_path, no_m
         assert os.listdir(m.mnt) == []  # nothing was made there
     finally:
         m.cleanup()
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse: cache dir .* holds work for the bucket",
+                        r"WARNING ossfuse\.daemon: found 1 journaled file")
+def test_a_cache_dir_with_work_for_another_bucket_is_refused(tmp_path, cmk_path, no_mount_left):
+    """A trial: a cache dir mounted with another config's bucket replayed its pending deletes
+    there (same-named empty files of the other bucket were deleted) and uploaded its journal
+    there. Such a mount is refused, naming both buckets; once the work is done (mounted with
+    its own bucket), the cache dir may serve another."""
+    import signal
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    configs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        configs[name] = local_config(tmp_path / name, {"k": cmk_path}, extra="[mount]\nupload_delay = 3600\n")
+        with open(configs[name]) as f:
+            text = f.read()
+        with open(configs[name], "w") as f:  # one cache dir for both
+            f.write(re.sub(r'dir = "[^"]*"', f'dir = "{tmp_path}/cache"', text))
+        no_mount_left(mnt, configs[name])
+    assert ossfuse("mount", "-c", configs["a"], mnt).returncode == 0
+    with open(os.path.join(mnt, "f"), "wb") as f:
+        f.write(b"for bucket a")
+    for pid in daemon_pids(configs["a"]):
+        os.kill(pid, signal.SIGKILL)  # the file stays journaled
+    time.sleep(0.5)
+    ossfuse("umount", mnt)  # clears the dead mount
+    r = ossfuse("mount", "-c", configs["b"], mnt)
+    assert r.returncode == 1 and r.stderr == (
+        f"ossfuse: cache dir {tmp_path}/cache holds work for the bucket local://{tmp_path}/a/bucket (1 journaled "
+        f"file(s)), not this config's local://{tmp_path}/b/bucket: mount it with that bucket's config to finish the "
+        f"work, or give this config a cache dir of its own\n"), r.stderr
+    assert ossfuse("mount", "-c", configs["a"], mnt).returncode == 0  # its own bucket: the work is done
+    assert open(os.path.join(mnt, "f"), "rb").read() == b"for bucket a"
+    assert ossfuse("umount", mnt).returncode == 0
+    assert ossfuse("mount", "-c", configs["b"], mnt).returncode == 0  # nothing pending: it may change bucket
+    assert os.listdir(mnt) == []
+    assert ossfuse("umount", mnt).returncode == 0

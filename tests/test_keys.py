@@ -851,3 +851,40 @@ def subprocess_pid_gone() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: not reachable yet", r"WARNING ossfuse\.daemon: CMK 'h[0-2]': KMS did not "
+                        r"answer: unreachable for \d+s \(startup_timeout\); mounted anyway",
+                        r"ERROR ossfuse\.kms: KMS .* (unavailable|timed out)")
+def test_kms_servers_that_never_answer_hold_the_mount_only_up_to_startup_timeout(tmp_path, cmk_path):
+    """A trial: three KMS CMKs whose endpoint accepts connections and never answers failed
+    the mount after 33 s with startup_timeout 3: each was asked in turn, for its own ~20 s of
+    retries. They are asked at once, and the mount goes on at startup_timeout."""
+    import socket
+    import threading
+    from conftest import Mount
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(64)], daemon=True).start()
+    port = listener.getsockname()[1]
+    cmks = "".join(f'[[encryption.cmk]]\nid = "h{i}"\ntype = "kms"\nkey_id = "k{i}"\nregion = "{REGION}"\n'
+                   f'endpoint = "http://127.0.0.1:{port}"\n' for i in range(3))
+    creds = tmp_path / "creds"
+    creds.write_text('access_key_id = "a"\naccess_key_secret = "b"\n')
+    creds.chmod(0o600)
+    m = Mount(str(tmp_path / "m"), cmk_path, "startup_timeout = 2",
+              extra=cmks.replace('type = "kms"', f'type = "kms"\ncredentials_file = "{creds}"'))
+    try:
+        t0 = time.monotonic()
+        m.start()
+        took = time.monotonic() - t0
+        assert took < 15, took
+        assert m.mount_stderr.count("mounted anyway") == 3, m.mount_stderr
+        with open(m.path("plain"), "wb") as f:  # the RSA CMK encrypts new files: works
+            f.write(b"rsa")
+        assert m.stop() == 0
+    finally:
+        m.cleanup()
+        listener.close()
