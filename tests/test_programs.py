@@ -362,7 +362,7 @@ def test_keys_other_tools_write_never_break_listings(mount):
     log = mount.log()
     assert "not a valid file name" in log and "directory marker holding" in log
     for name in os.listdir(mount.cache):  # cache entries are hashes, never paths from keys
-        assert name in ("objects", "staging", "unlinked", "multipart", "renames", "lock", "ossfuse.log", "local-bucket",
+        assert name in ("objects", "staging", "unlinked", "multipart", "renames", "lock", "ossfuse.log", "local-bucket", "bucket",
                         "datakeys.sqlite", "datakeys.sqlite-wal", "datakeys.sqlite-shm",
                         "attrs.sqlite", "attrs.sqlite-wal", "attrs.sqlite-shm")
 
