@@ -598,6 +598,36 @@ def test_a_rename_cut_off_while_copying_is_undone_when_the_store_fails_the_next_
 
 
 
+async def _renamed_while_read(fs, key: str, body) -> None:
+    """Run ``await body()`` while directory P of ``fs``'s root is renamed to Q: the first GET of
+    object ``key`` is held until the rename is done (no lock is held for that read)."""
+    reading, renamed = trio.Event(), trio.Event()
+
+    async def hold(inner, op, keys):
+        if keys == (key,) and not reading.is_set():
+            reading.set()
+            await renamed.wait()  # the rename runs meanwhile
+
+    fs.store.hook(("get_range", "get_range_with_info"), hold)
+
+    async def rename():
+        await reading.wait()
+        await fs.rename(fs.get(1), "P", fs.get(1), "Q", 0)
+        renamed.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(rename)
+        await body()
+    assert reading.is_set()
+
+
+def _cold_mount(first, tmp_path, cmk_path):
+    """A second mount of ``first``'s store with an empty cache dir (its reads are GETs)."""
+    first.close()
+    (tmp_path / "later").mkdir()
+    return core_filesystem(tmp_path / "later", cmk_path, store=first.store)
+
+
 def test_a_first_write_while_the_directory_is_renamed_follows_the_copy(tmp_path, cmk_path):
     """A trial: the first write to an uploaded file failed ESTALE ("deleted by another client
     while open") when its directory was renamed while the write read the committed content
@@ -609,30 +639,14 @@ def test_a_first_write_while_the_directory_is_renamed_follows_the_copy(tmp_path,
         d = await first.mkdir(first.get(1), "P", 0o755, UID, GID)
         data = os.urandom(3 << 20)
         await committed_file(first, "f", data, parent=d)
-        first.close()
-        (tmp_path / "later").mkdir()
-        fs = core_filesystem(tmp_path / "later", cmk_path, store=first.store)  # nothing cached: GETs
-        root = fs.get(1)
-        node = await fs.lookup(await fs.lookup(root, "P"), "f")
-        reading, renamed = trio.Event(), trio.Event()
-
-        async def hold(inner, op, keys):
-            if keys == ("pre/P/f",) and not reading.is_set():
-                reading.set()
-                await renamed.wait()  # the rename runs meanwhile
-
-        fs.store.hook(("get_range", "get_range_with_info"), hold)
+        fs = _cold_mount(first, tmp_path, cmk_path)
+        node = await fs.lookup(await fs.lookup(fs.get(1), "P"), "f")
         h = await fs.open(node, os.O_RDWR)
 
-        async def rename():
-            await reading.wait()
-            await fs.rename(root, "P", root, "Q", 0)
-            renamed.set()
-
-        async with trio.open_nursery() as n:
-            n.start_soon(rename)
+        async def write():
             assert await fs.write(h, 100, b"HELLO") == 5
-        assert reading.is_set()
+
+        await _renamed_while_read(fs, "pre/P/f", write)
         await fs.release(h)
         assert await fs.drain() == 0
         assert await read_file(fs, "Q/f") == data[:100] + b"HELLO" + data[105:]
@@ -699,28 +713,13 @@ def test_a_readlink_while_the_directory_is_renamed_follows_the_copy(tmp_path, cm
         d = await first.mkdir(first.get(1), "P", 0o755, UID, GID)
         await first.symlink(d, "l", "target-1", UID, GID)
         assert await first.drain() == 0
-        first.close()
-        (tmp_path / "later").mkdir()
-        fs = core_filesystem(tmp_path / "later", cmk_path, store=first.store)
-        root = fs.get(1)
-        link = await fs.lookup(await fs.lookup(root, "P"), "l")
-        reading, renamed = trio.Event(), trio.Event()
+        fs = _cold_mount(first, tmp_path, cmk_path)
+        link = await fs.lookup(await fs.lookup(fs.get(1), "P"), "l")
 
-        async def hold(inner, op, keys):
-            if keys == ("pre/P/l",) and not reading.is_set():
-                reading.set()
-                await renamed.wait()
-
-        fs.store.hook(("get_range", "get_range_with_info"), hold)
-
-        async def rename():
-            await reading.wait()
-            await fs.rename(root, "P", root, "Q", 0)
-            renamed.set()
-
-        async with trio.open_nursery() as n:
-            n.start_soon(rename)
+        async def readlink():
             assert await fs.readlink(link) == "target-1"
+
+        await _renamed_while_read(fs, "pre/P/l", readlink)
         fs.close()
         await fs.store.aclose()
 
