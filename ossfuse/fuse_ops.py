@@ -24,6 +24,19 @@ log = logging.getLogger(__name__)
 _BLOCK = 4096
 
 
+def supplementary_groups(pid: int) -> frozenset[int]:
+    """The supplementary group ids of task ``pid`` (a FUSE request's caller): the ``Groups:``
+    line of /proc/PID/status (proc(5)); empty when the task is gone or the line unreadable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
 def _fs_errors(fn):
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
@@ -230,7 +243,7 @@ class Operations(pyfuse3.Operations):
     @_fs_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         node, h = await self.fs.create(self.fs.get(parent_inode), _name(name), mode & ~ctx.umask, flags,
-                                       ctx.uid, ctx.gid)
+                                       ctx.uid, ctx.gid, functools.partial(supplementary_groups, ctx.pid))
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache), self._attr(node)
 
     @_fs_errors

@@ -14,6 +14,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable, Collection
 
 from ..attrcache import AttrCache
 from ..cache import BlockCache
@@ -268,13 +269,14 @@ class Filesystem:
         await self.namespace.rmdir(parent, name)
 
     async def create(self, parent: Node, name: str, mode: int, flags: int, uid: int,
-                     gid: int) -> tuple[Node, FileHandle]:
+                     gid: int, groups: Callable[[], Collection[int]] = tuple) -> tuple[Node, FileHandle]:
         """A new file and a handle on it (lookup count one). Without O_EXCL, a regular file
         another client made at the name since the kernel took it for free is opened instead,
         as open(2) opens an existing file (a two-mount trial: `echo >> f` failed EEXIST, which
         POSIX never gives without O_EXCL); the kernel checked the directory's permission, not
         the file's, so the file's mode is checked here (its owner and group as the caller's
-        uid and gid; root passes). Raises FsError EEXIST (O_EXCL, or not a regular file),
+        uid and gid, or one of ``groups()``, the caller's supplementary groups, asked only
+        then; root passes). Raises FsError EEXIST (O_EXCL, or not a regular file),
         EACCES, EISDIR, and what create and open raise."""
         try:
             return await self.namespace.create(parent, name, mode, flags, uid, gid)
@@ -287,7 +289,7 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if not stat.S_ISREG(node.mode):
                 raise FsError(errno.EEXIST)
-            _check_access(node, flags, uid, gid)
+            _check_access(node, flags, uid, gid, groups)
             return node, await self.open(node, flags & ~os.O_CREAT)
         except BaseException:
             self.forget(node.ino, 1)  # the lookup's count: the kernel gets no entry
@@ -332,13 +334,14 @@ class Filesystem:
         await self.commit.sync_store(raise_errors=True)
 
 
-def _check_access(node: Node, flags: int, uid: int, gid: int) -> None:
-    """FsError(EACCES) unless ``node``'s mode lets ``uid``/``gid`` open it with ``flags``'
-    access mode (owner, else group, else other bits; uid 0 passes; supplementary groups are
-    not known here)."""
+def _check_access(node: Node, flags: int, uid: int, gid: int,
+                  groups: Callable[[], Collection[int]] = tuple) -> None:
+    """FsError(EACCES) unless ``node``'s mode lets ``uid``/``gid`` (or supplementary groups
+    ``groups()``) open it with ``flags``' access mode: owner, else group, else other bits, as
+    the kernel's generic_permission; uid 0 passes."""
     if uid == 0:
         return
-    shift = 6 if node.uid == uid else 3 if node.gid == gid else 0
+    shift = 6 if node.uid == uid else 3 if node.gid == gid or node.gid in groups() else 0
     bits = (node.mode >> shift) & 0o7
     access = flags & os.O_ACCMODE
     need = (4 if access != os.O_WRONLY else 0) | (2 if access != os.O_RDONLY or flags & os.O_TRUNC else 0)
