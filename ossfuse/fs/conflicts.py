@@ -64,10 +64,13 @@ def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NA
     fits ``room`` bytes (at most 255, a name's limit); an extension too long to fit beside the
     suffix is shortened with the stem instead (a listing hides a name over 255 bytes: a
     trial's copy of ``x.éé…`` was unreachable). Raises ValueError when not even the suffix and
-    one byte of the name fit. E.g. ``report.docx`` → ``report.conflict-pc1-20261202-130501.docx``."""
+    one byte of the name fit. E.g. ``report.docx`` → ``report.conflict-pc1-20261202-130501.docx``,
+    ``src.tar.gz`` → ``src.conflict-pc1-20261202-130501.tar.gz``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
     tag = f".conflict-{host.replace('/', '_')[:40]}-{stamp}" + (f"-{n}" if n else "")
     dot = name.rfind(".")
+    if name[:dot].endswith(".tar") and dot > 4:  # archive.tar.gz: the whole ".tar.gz" stays last
+        dot -= 4
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     if len(_bytes(tag + ext)) >= room:
         stem, ext = name, ""
