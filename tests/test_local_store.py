@@ -55,6 +55,21 @@ async def test_created_private_whatever_the_umask(tmp_path):
     await s.aclose()
 
 
+@trio_test
+async def test_a_delete_of_a_named_version_keeps_another(tmp_path):
+    """``delete(version=)`` checks the version in the delete's own transaction: a key another
+    mount of this bucket wrote since the caller's HEAD keeps its new version (blob and row)."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    v1 = await s.put_bytes("k", b"mine", {})
+    v2 = await s.put_bytes("k", b"theirs", {})
+    await s.delete("k", version=v1.etag)
+    assert (await s.head("k")).etag == v2.etag
+    assert await s.get_range("k", 0, 100) == b"theirs"
+    await s.delete("k", version=v2.etag)
+    assert await s.head("k") is None
+    await s.aclose()
+
+
 def test_older_loose_modes_are_tightened(tmp_path):
     root = tmp_path / "bucket"
     LocalStore(str(root))

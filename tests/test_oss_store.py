@@ -950,6 +950,40 @@ async def test_copy_if_match_source_replaced_after_head(server, store, monkeypat
     await other.aclose()
 
 
+@trio_test
+async def test_a_delete_retried_after_its_answer_was_lost_keeps_another_clients_new_version(server, store,
+                                                                                           monkeypatch):
+    """A DELETE is done but its answer lost (a reset), and another client writes the key
+    before the retry: the retry, knowing the version it meant (``version=``), HEADs first and
+    leaves theirs (a blind retry deleted it: a break-test finding)."""
+    import oss2.exceptions
+    import requests
+    v1 = await store.put_bytes("d/race", b"mine", {})
+    other = make_store(server)
+    real = store._bucket.delete_object
+
+    def delete_then_another_client_writes(key, *args, **kwargs):
+        real(key, *args, **kwargs)
+        other._bucket.put_object(key, b"theirs")
+        raise oss2.exceptions.RequestError(requests.exceptions.ConnectionError("connection reset by peer"))
+
+    monkeypatch.setattr(store._bucket, "delete_object", delete_then_another_client_writes)
+    await store.delete("d/race", version=v1.etag)
+    assert server.get_object_bytes(BUCKET, "d/race") == b"theirs"
+    assert [r.method for r in server.requests if r.key == "d/race"][-2:] == ["PUT", "HEAD"]  # no 2nd DELETE
+
+    def delete_answer_lost(key, *args, **kwargs):
+        real(key, *args, **kwargs)
+        raise oss2.exceptions.RequestError(requests.exceptions.ConnectionError("connection reset by peer"))
+
+    v2 = await store.put_bytes("d/race2", b"mine", {})  # no other writer: the retry finds it gone
+    monkeypatch.setattr(store._bucket, "delete_object", delete_answer_lost)
+    await store.delete("d/race2", version=v2.etag)
+    with pytest.raises(KeyError):
+        server.get_object_bytes(BUCKET, "d/race2")
+    await other.aclose()
+
+
 # ------------------------------------------------------------------ CRC-64 combine (A7)
 def test_crc64_combine_matches_fastcrc_on_random_splits():
     import random

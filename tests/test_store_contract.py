@@ -225,6 +225,10 @@ async def test_head_missing_and_delete(h):
     await s.delete("k")
     with pytest.raises(NoSuchKey):
         await s.get_range("k", 0, 1)
+    v = await s.put_bytes("k", b"y", {})
+    await s.delete("k", version=v.etag.lower())  # the caller's HEAD found this version (case does not count)
+    assert await s.head("k") is None
+    await s.delete("k", version=v.etag)  # gone: fine
 
 
 @trio_test

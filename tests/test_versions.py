@@ -346,6 +346,9 @@ def test_conflict_name_keeps_the_extension_and_fits():
     t = 1_796_216_701  # 2026-12-02 13:05:01 UTC
     assert conflict_name("report.docx", "pc1", t) == "report.conflict-pc1-20261202-130501.docx"
     assert conflict_name("Makefile", "pc1", t) == "Makefile.conflict-pc1-20261202-130501"
+    assert conflict_name("src.tar.gz", "pc1", t) == "src.conflict-pc1-20261202-130501.tar.gz"
+    assert conflict_name(".tar.gz", "pc1", t) == ".tar.conflict-pc1-20261202-130501.gz"
+    assert conflict_name("a.tar", "pc1", t) == "a.conflict-pc1-20261202-130501.tar"
     assert conflict_name(".bashrc", "pc1", t, 2) == ".bashrc.conflict-pc1-20261202-130501-2"
     long = conflict_name("x" * 250 + ".txt", "pc1", t)
     assert len(long.encode()) <= 255 and long.endswith("-130501.txt")
@@ -763,6 +766,12 @@ def test_create_without_o_excl_opens_a_file_another_client_made_meanwhile(tmp_pa
         node, h = await fs.create(root, "f", 0o644, os.O_RDONLY | os.O_CREAT, 5, 2)  # its group reads
         assert await fs.read(h, 0, 100) == b"from B\nfrom A\n"
         await fs.release(h)
+        with pytest.raises(FsError) as e:  # not in group 2: mode 0640 gives nothing
+            await fs.create(root, "f", 0o644, os.O_RDONLY | os.O_CREAT, 5, 5, lambda: {7, 9})
+        assert e.value.errno == errno.EACCES
+        node, h = await fs.create(root, "f", 0o644, os.O_RDONLY | os.O_CREAT, 5, 5, lambda: {7, 2})
+        assert await fs.read(h, 0, 100) == b"from B\nfrom A\n"  # group 2 among its supplementary groups
+        await fs.release(h)
         ofs.close()
 
     _run(tmp_path, cmk_path, body)
@@ -826,3 +835,11 @@ def test_a_new_file_renamed_onto_a_name_the_kernel_took_for_free_keeps_theirs(tm
         await store.aclose()
 
     trio.run(main)
+
+
+def test_the_supplementary_groups_of_a_caller_come_from_proc():
+    """What the FUSE adapter hands ``Filesystem.create`` for the mode check: this process's
+    supplementary groups as os.getgroups() gives them; none for a task that is gone."""
+    from ossfuse.fuse_ops import supplementary_groups
+    assert supplementary_groups(os.getpid()) == frozenset(os.getgroups())
+    assert supplementary_groups(2**22 + 1) == frozenset()  # above pid_max's ceiling: no such task

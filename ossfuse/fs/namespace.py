@@ -435,7 +435,7 @@ class Namespace:
             self.cache.drop(v.key, v.etag)
             self._start_deleting()
         elif v is not None:
-            await store_request(self.store.delete(key), key)  # the commit
+            await store_request(self.store.delete(key, version=v.etag), key)  # the commit
             self.cache.drop(v.key, v.etag)  # its cached blocks can serve nothing now
         else:
             await self._delete_replaced(node, key)

@@ -191,7 +191,7 @@ class DeferredDeletes:
         try:
             info = await self.store.head(key)
             if info is not None and _norm(info.etag) == _norm(etag):
-                await self.store.delete(key)
+                await self.store.delete(key, version=info.etag)
             elif info is not None:
                 log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
                          key, etag, info.etag)

@@ -361,8 +361,12 @@ class ObjectStore(abc.ABC):
         Recovery aborts those it does not resume: OSS bills their parts until then."""
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> None:
-        """Delete ``key``; deleting a missing key is not an error (as on OSS)."""
+    async def delete(self, key: str, *, version: str | None = None) -> None:
+        """Delete ``key``; deleting a missing key is not an error (as on OSS). ``version``:
+        the ETag the caller found there just before (OSS has no conditional DELETE, so the
+        caller's HEAD is the check); a retry of a DELETE whose answer was lost (a 5xx, a reset)
+        HEADs ``key`` again and deletes nothing when it now holds another version: the first
+        attempt may have deleted it, and another client may have written the key since."""
 
     def capacity(self) -> tuple[int, int, int] | None:
         """(size, free, available to unprivileged writers) of the bucket in bytes, for ``df``

@@ -768,12 +768,16 @@ class LocalStore(ObjectStore):
     async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:
         return await self._run(self._list_uploads, prefix)
 
-    def _delete(self, key: str) -> None:
+    def _delete(self, key: str, version: str | None = None) -> None:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT blob FROM objects WHERE key=?", (key,)).fetchone()
-            db.execute("DELETE FROM objects WHERE key=?", (key,))
+            row = db.execute("SELECT blob, etag FROM objects WHERE key=?", (key,)).fetchone()
+            if row is not None and version is not None and _etag_norm(row[1]) != _etag_norm(version):
+                log.info("%r not deleted: it is version %s now, not %s (another client wrote it)", key, row[1], version)
+                row = None  # kept (one transaction, so checked exactly)
+            else:
+                db.execute("DELETE FROM objects WHERE key=?", (key,))
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
@@ -781,8 +785,10 @@ class LocalStore(ObjectStore):
         if row:
             self._unlink_blob(row[0])
 
-    async def delete(self, key: str) -> None:
-        await self._run_write(self._delete, key)
+    async def delete(self, key: str, *, version: str | None = None) -> None:
+        """Delete ``key``; with ``version``, only while it holds that ETag (checked in the
+        delete's own index transaction)."""
+        await self._run_write(self._delete, key, version)
 
     def capacity(self) -> tuple[int, int, int] | None:
         """The filesystem holding the bucket directory: its size, its free bytes and those an

@@ -1305,13 +1305,23 @@ class OssStore(ObjectStore):
         out.sort(key=lambda u: (u[0], u[2]))
         return out
 
-    def _delete_sync(self, key: str) -> None:
+    def _delete_sync(self, key: str, version: str | None, sent: threading.Event) -> None:
+        """One DeleteObject attempt; with ``version``, an attempt after one that was sent
+        (``sent`` set) HEADs first and deletes nothing when another version is there."""
+        if version is not None and sent.is_set():
+            info, _ = self._head_sync(key)  # gone: NoSuchKey, nothing to delete
+            if _etag_norm(info.etag) != _etag_norm(version):
+                log.info("OSS DELETE %r: not retried, it is version %s now, not %s (another client wrote it)",
+                         key, info.etag, version)
+                return
+        sent.set()
         self._bucket.delete_object(key)
 
-    async def delete(self, key: str) -> None:
-        """DeleteObject (§3.5): 204 whether or not the key existed."""
+    async def delete(self, key: str, *, version: str | None = None) -> None:
+        """DeleteObject (§3.5): 204 whether or not the key existed. ``version``: see
+        ObjectStore.delete (a retry HEADs first)."""
         try:
-            await self._call("DELETE", key, self._delete_sync, key)
+            await self._call("DELETE", key, self._delete_sync, key, version, threading.Event())
         except NoSuchKey:
             pass
 

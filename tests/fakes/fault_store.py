@@ -298,8 +298,8 @@ class FaultStore(ObjectStore):
         return await self._run("copy", (src, dst), lambda: self.inner.copy(src, dst, metadata, if_match=if_match,
                                                                            if_absent=if_absent, source=source))
 
-    async def delete(self, key: str) -> None:
-        return await self._run("delete", (key,), lambda: self.inner.delete(key))
+    async def delete(self, key: str, *, version: str | None = None) -> None:
+        return await self._run("delete", (key,), lambda: self.inner.delete(key, version=version))
 
     async def delete_many(self, keys):
         return await self._run("delete_many", tuple(keys), lambda: self.inner.delete_many(keys[:]))
