@@ -858,7 +858,8 @@ class Namespace:
                         self.commit.conflicts.replaces(src, pending)
                 else:  # what the bucket has at dst's name: replaced knowingly
                     v = dst.version
-                    if v is not None and (_unseen(dst) or (dst.kernel_etag and not same_etag(dst.kernel_etag, v.etag))):
+                    unseen = _unseen(dst)  # (before the HEAD's await: a lookup meanwhile changes it)
+                    if v is not None and (unseen or (dst.kernel_etag and not same_etag(dst.kernel_etag, v.etag))):
                         # the rename's lookup took another client's version, which nobody here
                         # read (its applications last opened kernel_etag, or the kernel took the
                         # name for free): kept as a conflict copy first, as a committed source's
@@ -867,7 +868,7 @@ class Namespace:
                         # upload finds that and goes to a conflict copy itself.)
                         now = await store_request(self.store.head(new_key), new_key)
                         if now is not None and same_etag(now.etag, v.etag):
-                            await self._keep_as_conflict(new_key, now, None if _unseen(dst) else dst.kernel_etag)
+                            await self._keep_as_conflict(new_key, now, None if unseen else dst.kernel_etag)
                     replaced = v.etag if v is not None else await self._replaced_etag(dst, new_key)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
