@@ -690,3 +690,10 @@ def test_a_directory_rename_ends_the_pending_delete_of_the_unlinked_open_version
         assert await _bucket_keys(fs2, "pre/") == ["pre/d/", "pre/d/f"]
 
     trio.run(main)
+
+
+def test_a_batch_names_the_version_of_each_key_pending_once():
+    """What a delete batch tells the store to check on a retry: the ETag of each key pending
+    with one version; a key pending with two is deleted unconditionally, as before."""
+    from ossfuse.fs.namespace import _single_versions
+    assert _single_versions([("a", "E1"), ("b", "E2"), ("a", "E3"), ("c", "E4"), ("c", "E4")]) == {"b": "E2", "c": "E4"}

@@ -984,6 +984,36 @@ async def test_a_delete_retried_after_its_answer_was_lost_keeps_another_clients_
     await other.aclose()
 
 
+@trio_test
+async def test_a_delete_batch_retried_after_its_answer_was_lost_keeps_another_clients_new_version(
+        server, store, monkeypatch):
+    """The same for DeleteMultipleObjects: the batch's retry HEADs each key it names a version
+    for; a key gone or at another version counts as done, the rest are deleted."""
+    import oss2.exceptions
+    import requests
+    mine = {k: (await store.put_bytes(k, b"mine", {})).etag for k in ("b/1", "b/2", "b/3")}
+    other = make_store(server)
+    real = store._bucket.batch_delete_objects
+    calls = []
+
+    def batch_then_another_client_writes(keys, *args, **kwargs):
+        calls.append(list(keys))
+        if len(calls) == 1:
+            real(keys[:2], *args, **kwargs)  # b/1 and b/2 deleted, b/3 not reached
+            other._bucket.put_object("b/2", b"theirs")
+            raise oss2.exceptions.RequestError(requests.exceptions.ConnectionError("connection reset by peer"))
+        return real(keys, *args, **kwargs)
+
+    monkeypatch.setattr(store._bucket, "batch_delete_objects", batch_then_another_client_writes)
+    assert await store.delete_many(["b/1", "b/2", "b/3"], mine) == []
+    assert calls == [["b/1", "b/2", "b/3"], ["b/3"]]
+    assert server.get_object_bytes(BUCKET, "b/2") == b"theirs"
+    for k in ("b/1", "b/3"):
+        with pytest.raises(KeyError):
+            server.get_object_bytes(BUCKET, k)
+    await other.aclose()
+
+
 # ------------------------------------------------------------------ CRC-64 combine (A7)
 def test_crc64_combine_matches_fastcrc_on_random_splits():
     import random

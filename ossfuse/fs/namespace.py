@@ -96,6 +96,15 @@ def _unseen(dst: Node) -> bool:
     return dst.lookups == 0 and not dst.handles and dst.staged is None and dst.version is not None
 
 
+def _single_versions(items: list[tuple[str, str]]) -> dict[str, str]:
+    """key → ETag of the (key, ETag) ``items`` whose key comes with one version only (a key
+    pending with two is deleted whatever it holds, as a batch's first attempt does)."""
+    seen: dict[str, str | None] = {}
+    for key, etag in items:
+        seen[key] = etag if seen.get(key, etag) == etag else None
+    return {k: e for k, e in seen.items() if e is not None}
+
+
 def _by_ino(nodes) -> list[Node]:
     return sorted(nodes, key=lambda n: n.ino)
 
@@ -620,7 +629,7 @@ class Namespace:
             if not keys:
                 return
             try:
-                failed = set(await self.store.delete_many(keys))
+                failed = set(await self.store.delete_many(keys, _single_versions(wanted)))
             except StoreError as e:
                 # offline (StoreOffline): the outage has its one WARNING (store/health.py)
                 log.log(logging.INFO if isinstance(e, StoreOffline) else logging.ERROR,

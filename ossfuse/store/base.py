@@ -13,6 +13,7 @@ import contextvars
 import functools
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 from ..aio import run_all
 
@@ -386,11 +387,14 @@ class ObjectStore(abc.ABC):
     #: Most keys one ``delete_many`` call takes (OSS DeleteMultipleObjects: 1000, oss-rest-api.md §3.6).
     max_delete_keys: int = 1000
 
-    async def delete_many(self, keys: KeyList) -> KeyList:
+    async def delete_many(self, keys: KeyList, versions: Mapping[str, str] | None = None) -> KeyList:
         """Delete every key of ``keys`` (1 to ``max_delete_keys``, unconditionally, like
-        :meth:`delete`; a missing key is not an error). Returns the keys the store reported
-        as not deleted (normally none). Raises StoreError when the request failed as a whole
-        (then any subset may be deleted). This default makes one ``delete`` per key."""
+        :meth:`delete`; a missing key is not an error). ``versions``: key → the ETag the
+        caller last saw there, as :meth:`delete`'s ``version``: a retry after an answer that
+        was lost deletes only the keys still at that version (the others count as done).
+        Returns the keys the store reported as not deleted (normally none). Raises StoreError
+        when the request failed as a whole (then any subset may be deleted). This default
+        makes one ``delete`` per key."""
         for key in keys:
-            await self.delete(key)
+            await self.delete(key, version=(versions or {}).get(key))
         return []

@@ -59,6 +59,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -1330,15 +1331,41 @@ class OssStore(ObjectStore):
         self._head_executor.shutdown(wait=False)
         self._session.session.close()
 
-    def _delete_many_sync(self, keys: KeyList) -> KeyList:
-        return [str(k) for k in self._bucket.batch_delete_objects(keys).deleted_keys]
+    def _delete_many_sync(self, keys: KeyList, versions: Mapping[str, str] | None,
+                          sent: threading.Event) -> KeyList:
+        """One DeleteMultipleObjects attempt; the keys it deleted (or found gone). With
+        ``versions``, an attempt after one that was sent (``sent`` set) HEADs each key first
+        (one at a time: a retry is rare, and its batch at most 1000 keys) and leaves those at
+        another version, counting them as done."""
+        if versions is not None and sent.is_set():
+            done, still = [], []
+            for key in keys:
+                try:
+                    info, _ = self._head_sync(key)
+                except oe.NotFound:
+                    done.append(key)
+                    continue
+                if key in versions and _etag_norm(info.etag) != _etag_norm(versions[key]):
+                    log.info("OSS DeleteMultiple %r: not retried, it is version %s now, not %s (another client "
+                             "wrote it)", key, info.etag, versions[key])
+                    done.append(key)
+                else:
+                    still.append(key)
+            if not still:
+                return done
+            keys = still
+        else:
+            done = []
+        sent.set()
+        return done + [str(k) for k in self._bucket.batch_delete_objects(keys).deleted_keys]
 
-    async def delete_many(self, keys: KeyList) -> KeyList:
+    async def delete_many(self, keys: KeyList, versions: Mapping[str, str] | None = None) -> KeyList:
         """DeleteMultipleObjects (§3.6): one POST for up to 1000 keys, verbose (oss2 sends
         Quiet=false): every key given is reported Deleted, also one that did not exist; a key
-        not reported is returned as not deleted. Idempotent, so retried like any request."""
+        not reported is returned as not deleted. Retried like any request; with ``versions``
+        (ObjectStore.delete_many), a retry HEADs each key first."""
         deleted = set(await self._call("DeleteMultiple", keys[0] if len(keys) == 1 else None,
-                                       self._delete_many_sync, keys[:]))
+                                       self._delete_many_sync, keys[:], versions, threading.Event()))
         return [k for k in keys if k not in deleted]
 
 

@@ -301,8 +301,8 @@ class FaultStore(ObjectStore):
     async def delete(self, key: str, *, version: str | None = None) -> None:
         return await self._run("delete", (key,), lambda: self.inner.delete(key, version=version))
 
-    async def delete_many(self, keys):
-        return await self._run("delete_many", tuple(keys), lambda: self.inner.delete_many(keys[:]))
+    async def delete_many(self, keys, versions=None):
+        return await self._run("delete_many", tuple(keys), lambda: self.inner.delete_many(keys[:], versions))
 
     async def aclose(self) -> None:
         await self.inner.aclose()
