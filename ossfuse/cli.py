@@ -118,6 +118,40 @@ class _ReadyPipe:
         self._send(reason)
 
 
+def log_file_handler(path: str):
+    """The daemon's log handler for file ``path`` (a ``logging.Handler``)."""
+    import logging.handlers
+
+    class LogFile(logging.handlers.WatchedFileHandler):
+        """Reopened by itself when logrotate moves it (SIGHUP is not needed, and is
+        ignored). A failed reopen is a logging error, not an exception out of the log
+        call: Python's emit reopens outside its own error handling, so a cache dir
+        deleted under a running mount made the next log line raise and the daemon die
+        (a trial)."""
+
+        failing = False  # since the last record written
+        failed = False  # this record
+
+        def emit(self, record):
+            self.failed = False
+            try:  # (FileHandler.emit's own reopen of a closed stream raises too)
+                super().emit(record)
+            except OSError:
+                self.handleError(record)
+            self.failing = self.failed
+
+        def handleError(self, record):
+            """One line on stderr per run of failures, not Python's traceback per record
+            (a trial: the cache dir deleted under a mount printed one for every line)."""
+            self.failed = True
+            if not self.failing:
+                self.failing = True
+                err = sys.exc_info()[1]
+                print(f"ossfuse: cannot write the log {self.baseFilename}: {err}; log lines are lost until "
+                      "it can be written again", file=sys.stderr, flush=True)
+    return LogFile(path)
+
+
 def _setup_daemon_logging(args, cfg) -> None:
     import logging
     import logging.handlers
@@ -128,19 +162,7 @@ def _setup_daemon_logging(args, cfg) -> None:
         handler.setFormatter(_journal_formatter())
         logging.basicConfig(level=level, handlers=[handler])
     elif args.ready_fd is not None:  # daemon child: log to a file in the cache dir
-        class LogFile(logging.handlers.WatchedFileHandler):
-            """Reopened by itself when logrotate moves it (SIGHUP is not needed, and is
-            ignored). A failed reopen is a logging error, not an exception out of the log
-            call: Python's emit reopens outside its own error handling, so a cache dir
-            deleted under a running mount made the next log line raise and the daemon die
-            (a trial)."""
-
-            def emit(self, record):
-                try:  # (FileHandler.emit's own reopen of a closed stream raises too)
-                    super().emit(record)
-                except OSError:
-                    self.handleError(record)
-        handler = LogFile(os.path.join(cfg.cache.dir, "ossfuse.log"))
+        handler = log_file_handler(os.path.join(cfg.cache.dir, "ossfuse.log"))
         handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         logging.basicConfig(level=level, handlers=[handler])
     else:

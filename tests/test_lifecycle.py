@@ -905,3 +905,27 @@ def test_a_mount_never_takes_away_another_filesystem_mounted_where_a_dead_daemon
                        env=m.env)
     assert r.returncode == 1 and "is busy" in r.stderr, r.stderr
     assert open(m.path("theirs")).read() == "kept"
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_per_run_of_failures(tmp_path, capsys):
+    """The daemon's log handler when its cache dir is deleted: one line on stderr, not Python's
+    "--- Logging error ---" traceback for every record; again once after it could write."""
+    import logging
+    from ossfuse.cli import log_file_handler
+    d = tmp_path / "cache"
+    d.mkdir()
+    h = log_file_handler(str(d / "ossfuse.log"))
+    rec = logging.LogRecord("ossfuse.x", logging.INFO, __file__, 1, "line %d", (1,), None)
+    h.emit(rec)
+    shutil.rmtree(d)
+    for _ in range(3):
+        h.emit(rec)
+    err = capsys.readouterr().err
+    assert err.count("ossfuse: cannot write the log") == 1 and "Traceback" not in err and "Logging error" not in err
+    d.mkdir()
+    h.emit(rec)  # written again (reopened)
+    assert (d / "ossfuse.log").read_text().count("line 1") == 1
+    shutil.rmtree(d)
+    h.emit(rec)
+    assert capsys.readouterr().err.count("ossfuse: cannot write the log") == 1
+    h.close()
