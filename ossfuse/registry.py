@@ -39,11 +39,26 @@ class UnsafeDirError(Exception):
 def check_private_dir(path: str, what: str) -> None:
     """Refuse a directory that is a symlink or not a directory, belongs to another user, or
     that group or others may write: they could plant records, sockets or symlinks there that
-    the daemon (often root) would use or write through. Raises UnsafeDirError."""
+    the daemon (often root) would use or write through; and one inside a directory anyone may
+    write without the sticky bit (/tmp's): anyone could rename it away and put their own in
+    its place (a trial: a cache dir under a 0777 parent was accepted). Raises UnsafeDirError."""
     try:
         st = os.lstat(path)
     except OSError as e:
         raise UnsafeDirError(f"{what} {path}: {e.strerror}") from None
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            break
+        if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
+            raise UnsafeDirError(f"{what} {path} is inside {parent}, which anyone may write (mode "
+                                 f"{stat.S_IMODE(pst.st_mode):04o}, no sticky bit): another user could put "
+                                 f"their own directory in its place; run: chmod o-w {parent}")
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirError(f"{what} {path} is not a directory")
     if st.st_uid != os.geteuid():

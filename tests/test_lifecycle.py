@@ -282,6 +282,7 @@ def test_unsafe_runtime_dir_is_refused_before_mounting(tmp_path, cmk_path):
     assert not os.path.ismount(m.mnt)
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse: cache dir .* (is writable by other users|belongs to uid|is inside)")
 def test_unsafe_cache_dir_is_refused(tmp_path, cmk_path):
     m = Mount(str(tmp_path / "m"), cmk_path)
     os.makedirs(m.cache)
@@ -292,6 +293,16 @@ def test_unsafe_cache_dir_is_refused(tmp_path, cmk_path):
     os.chown(m.cache, 12345, 12345)
     r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "belongs to uid 12345" in r.stderr
+    assert not os.path.ismount(m.mnt)
+    os.chown(m.cache, 0, 0)
+    parent = os.path.dirname(m.cache)
+    os.chmod(parent, 0o777)  # anyone may rename the cache dir away (a trial: accepted)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"is inside {parent}, which anyone may write" in r.stderr, r.stderr
+    assert f"chmod o-w {parent}" in r.stderr
+    os.chmod(parent, 0o1777)  # sticky, as /tmp: only the owner may rename it
+    m.start()
+    m.cleanup()
     assert not os.path.ismount(m.mnt)
 
 
