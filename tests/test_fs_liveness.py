@@ -540,7 +540,7 @@ def test_implicit_directory_survives_its_last_child(tmp_path, cmk_path):
 
 # -- break-testing: out-of-range attributes ----------------------------------------------------
 
-@pytest.mark.expect_log(r"out of range; shown with the default")
+@pytest.mark.expect_log(r"(out of range|not a number); shown with the default")
 def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_path, cmk_path, caplog):
     from ossfuse.fuse_ops import Operations
 
@@ -552,6 +552,8 @@ def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_pat
                                                   "mtime": "9" * 40})
         await inner.put_bytes("pre/d/z", b"z", {})
         await inner.put_bytes("pre/d/late", b"l", {"mtime": "10413792000.5"})  # 2300-01-01: in range
+        await inner.put_bytes("pre/d/text", b"t", {"mode": "rw-r--r--", "uid": "root", "gid": "",
+                                                   "mtime": "yesterday"})
         d = await fs.lookup(fs.get(1), "d")
         ops = Operations(fs)
         for _ in range(2):  # listed twice: still one warning per attribute
@@ -561,7 +563,9 @@ def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_pat
             fs.releasedir(h.fh)
             for node in fs.inodes.nodes.values():
                 node.checked_at = 0  # not fresh: read again
-        assert sorted(attrs) == ["a", "bad", "late", "z"]
+        assert sorted(attrs) == ["a", "bad", "late", "text", "z"]
+        text = attrs["text"]
+        assert (text.st_mode, text.st_uid, text.st_gid) == (stat.S_IFREG | 0o644, 1, 2)
         assert attrs["late"].st_mtime_ns == 10413792000_500_000_000  # after 2262 (2^63 ns)
         bad = attrs["bad"]
         assert (bad.st_mode, bad.st_uid, bad.st_gid) == (stat.S_IFREG | 0o644, 1, 2)
@@ -571,6 +575,10 @@ def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_pat
         trio.run(main)
     warned = [r.getMessage() for r in caplog.records if "out of range" in r.getMessage()]
     assert len(warned) == 4 and all("'pre/d/bad'" in w for w in warned)
+    words = sorted(r.getMessage() for r in caplog.records if "not a number" in r.getMessage())
+    assert words == ["'pre/d/text' has x-oss-meta-mode 'rw-r--r--', not a number; shown with the default instead",
+                     "'pre/d/text' has x-oss-meta-mtime 'yesterday', not a number; shown with the default instead",
+                     "'pre/d/text' has x-oss-meta-uid 'root', not a number; shown with the default instead"]
 
 
 # -- the unwrapped-key cache is keyed by the CMK chosen ---------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import envelope as env
@@ -36,13 +37,29 @@ def _in_range(key: str, attr: str, value: int | None, lo: int, hi: int) -> int |
     """``value`` if within [lo, hi], else None with one WARNING per (object, attribute)."""
     if value is None or lo <= value <= hi:
         return value
+    _warn_once(key, attr, "%r has x-oss-meta-%s %s, out of range; shown with the default instead", key, attr,
+               value if abs(value) < 10**30 else f"of {len(str(abs(value)))} digits")
+    return None
+
+
+def _number(key: str, attr: str, raw: str | None, parse: Callable[[str], int | None]) -> int | None:
+    """``parse(raw)``; None when absent, and when not a number with one WARNING per (object,
+    attribute) (a foreign writer's ``mode: rw-r--r--`` was shown as 0644 without a word)."""
+    if raw is None or not raw.strip():
+        return None
+    value = parse(raw)
+    if value is None:
+        _warn_once(key, attr, "%r has x-oss-meta-%s %r, not a number; shown with the default instead", key, attr,
+                   raw[:40])
+    return value
+
+
+def _warn_once(key: str, attr: str, fmt: str, *args) -> None:
     if (key, attr) not in _warned:
         if len(_warned) > _WARNED_MAX:
             _warned.clear()
         _warned.add((key, attr))
-        log.warning("%r has x-oss-meta-%s %s, out of range; shown with the default instead", key, attr,
-                    value if abs(value) < 10**30 else f"of {len(str(abs(value)))} digits")
-    return None
+        log.warning(fmt, *args)
 
 
 def fmt_mtime(ns: int) -> str:
@@ -58,6 +75,13 @@ def parse_mtime(value: str | None) -> int | None:
     sec, _, frac = value.strip().partition(".")
     try:
         return int(sec) * 1_000_000_000 + (int((frac + "000000000")[:9]) if frac else 0)
+    except ValueError:
+        return None
+
+
+def _int(value: str) -> int | None:
+    try:
+        return int(value)
     except ValueError:
         return None
 
@@ -168,13 +192,15 @@ class AttrDefaults:
     def attrs_from_info(self, info: ObjectInfo | None, is_dir: bool) -> tuple[int, int, int, int]:
         """(st_mode, uid, gid, mtime_ns) of an object or dir marker (None: implicit dir) from
         its x-oss-meta-mode/uid/gid/mtime, with these defaults where they are absent or out of
-        range (uid -5, a mode of 2^64: one WARNING naming the object, and it stays listable)."""
+        range (uid -5, a mode of 2^64) or not numbers (``rw-r--r--``): one WARNING per object and
+        field naming it, and it stays listable."""
         meta = info.metadata if info else {}
         key = info.key if info else ""
-        mtime = _in_range(key, "mtime", parse_mtime(meta.get("mtime")), -_MTIME_NS_MAX, _MTIME_NS_MAX)
+        mtime = _in_range(key, "mtime", _number(key, "mtime", meta.get("mtime"), parse_mtime),
+                          -_MTIME_NS_MAX, _MTIME_NS_MAX)
         if mtime is None:
             mtime = int((info.mtime if info else time.time()) * 1e9)
-        mode = _in_range(key, "mode", int_or(meta.get("mode"), 0), 0, _MODE_MAX) or 0
+        mode = _in_range(key, "mode", _number(key, "mode", meta.get("mode"), _int), 0, _MODE_MAX) or 0
         if is_dir:
             if info is not None and info.size:
                 log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
@@ -188,6 +214,6 @@ class AttrDefaults:
             mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
         if not stat.S_ISLNK(mode):
             mode &= ~self.create_umask  # a configured umask masks every mode
-        uid = _in_range(key, "uid", int_or(meta.get("uid"), self.uid), 0, _ID_MAX)
-        gid = _in_range(key, "gid", int_or(meta.get("gid"), self.gid), 0, _ID_MAX)
+        uid = _in_range(key, "uid", _number(key, "uid", meta.get("uid"), _int), 0, _ID_MAX)
+        gid = _in_range(key, "gid", _number(key, "gid", meta.get("gid"), _int), 0, _ID_MAX)
         return mode, self.uid if uid is None else uid, self.gid if gid is None else gid, mtime
