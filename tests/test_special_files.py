@@ -5,6 +5,7 @@ chmod'ed, removed; in-process over a local bucket, then through real mounts on b
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -208,21 +209,27 @@ def test_special_files_written_by_ossfs_read_back(tmp_path, cmk_path):
     trio.run(main)
 
 
-@pytest.mark.expect_log(r"'pre/bad' has x-oss-meta-rdev 4294967296, out of range")
-def test_out_of_range_rdev_shows_zero_with_one_warning(tmp_path, cmk_path):
+@pytest.mark.expect_log(r"'pre/bad' has x-oss-meta-rdev 4294967296, out of range",
+                        r"'pre/junk' has x-oss-meta-rdev 'x', not a number",
+                        r"'pre/fifo' holds 4 bytes but its x-oss-meta-mode 4516 makes it a special file")
+def test_out_of_range_rdev_shows_zero_with_one_warning(tmp_path, cmk_path, caplog):
     async def main():
         store = LocalStore(str(tmp_path / "bucket"))
         await store.put_bytes("pre/bad", b"", {"mode": str(stat.S_IFBLK | 0o600), "rdev": str(2**32)})
         await store.put_bytes("pre/junk", b"", {"mode": str(stat.S_IFCHR | 0o600), "rdev": "x"})
+        await store.put_bytes("pre/fifo", b"data", {"mode": str(stat.S_IFIFO | 0o644)})  # a foreign writer's
         await store.aclose()
         fs = _filesystem(tmp_path, cmk_path)
         bad = await fs.lookup(fs.get(1), "bad")
         assert stat.S_ISBLK(bad.mode) and rdev_of(bad) == 0 and rdev_of(bad) == 0  # warned once
         assert rdev_of(await fs.lookup(fs.get(1), "junk")) == 0
+        assert stat.S_ISFIFO((await fs.lookup(fs.get(1), "fifo")).mode)
         fs.close()
         await fs.store.aclose()
 
-    trio.run(main)
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
 
 
 # -- through a real mount, on both stores ------------------------------------------------------

@@ -139,7 +139,7 @@ def rdev_of(node: Node) -> int:
     if not (stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode)) or node.version is None:
         return 0
     v = node.version
-    return _in_range(v.key, "rdev", int_or(v.metadata.get("rdev"), 0), 0, _RDEV_MAX) or 0
+    return _in_range(v.key, "rdev", _number(v.key, "rdev", v.metadata.get("rdev"), _int), 0, _RDEV_MAX) or 0
 
 
 def file_metadata(node: Node, wrapped: env.WrappedEnvelope, size: int) -> dict[str, str]:
@@ -210,6 +210,10 @@ class AttrDefaults:
             mode = stat.S_IFLNK | 0o777
         elif stat.S_IFMT(mode) in SPECIAL_TYPES:
             mode = stat.S_IFMT(mode) | stat.S_IMODE(mode)  # a FIFO, socket or device node
+            if info is not None and info.size:
+                _warn_once(key, "mode", "%r holds %d bytes but its x-oss-meta-mode %s makes it a special file "
+                           "(a FIFO, socket or device node); shown as that, its data is not shown", key, info.size,
+                           meta.get("mode"))
         else:
             mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
         if not stat.S_ISLNK(mode):
