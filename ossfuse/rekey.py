@@ -379,7 +379,8 @@ async def unreadable_sample(cfg: Config, keyring: Keyring, store: ObjectStore,
     and unwrap each one's data key with this keyring (a config whose CMK is not the bucket's,
     e.g. a second ``ossfuse quickstart``, reads nothing). Returns (encrypted objects sampled,
     [(key, reason)] of those no configured CMK reads: matdesc unmatched or unwrap failing).
-    Raises StoreError when the store fails; a KMS that cannot be reached counts as unreadable."""
+    Raises StoreError when the store fails; a KMS that cannot be reached, or whose credentials
+    fail, counts as unreadable."""
     sampled, unreadable = 0, []
     tag_lists = cfg.store.prefix + integrity.LIST_DIR + "/"
     async for o in _all_objects(store, cfg.store.prefix):
@@ -403,6 +404,9 @@ async def unreadable_sample(cfg: Config, keyring: Keyring, store: ObjectStore,
         except (env.EnvelopeError, CmkUnavailable) as e:
             unreadable.append((o.key, f"matdesc {wrapped.matdesc_raw or '(none)'}: no configured CMK unwraps "
                                       f"its data key: {e}"))
+        except CredentialsError as e:  # a KMS CMK's (the store answered): not the store's, which `check` names
+            unreadable.append((o.key, f"matdesc {wrapped.matdesc_raw or '(none)'}: its KMS CMK has no usable "
+                                      f"credentials: {e}"))
     return sampled, unreadable
 
 

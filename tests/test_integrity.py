@@ -534,3 +534,30 @@ def test_checks_sample_heads_a_bounded_number_of_objects(tmp_path, cmk_path):
     assert (sampled, unreadable, heads) == (0, [], rekey.CHECK_HEADS)
     assert found == (1, [])  # past the plaintext ones, the encrypted object opens
     assert every == rekey.CHECK_HEADS + 50 + 1  # the files; not the directory marker
+
+
+def test_checks_sample_names_a_kms_cmks_failing_credentials_as_that_not_the_stores(tmp_path, cmk_path,
+                                                                                  monkeypatch):
+    """A trial: `check` of a local bucket with a KMS CMK whose credentials file was refused
+    printed `FAIL store local:…: no usable credentials` (the store has none). The sampled
+    object whose data key that CMK wraps is unreadable for that reason instead."""
+    from ossfuse import rekey
+    from ossfuse.store.credentials import CredentialsError
+    local, store = _bucket(tmp_path, cached=True)
+
+    def refused(wrapped):
+        raise CredentialsError("credentials file /etc/ossfuse/kms.credentials has mode 0644")
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "f", b"secret")
+        monkeypatch.setattr(fs.keyring, "open_envelope", refused)
+        found = await rekey.unreadable_sample(fs.cfg, fs.keyring, store)
+        fs.close()
+        await store.aclose()
+        return found
+
+    sampled, unreadable = trio.run(main)
+    assert sampled == 1 and len(unreadable) == 1 and unreadable[0][0] == "pre/f"
+    assert "its KMS CMK has no usable credentials: credentials file /etc/ossfuse/kms.credentials has mode 0644" \
+        in unreadable[0][1]
