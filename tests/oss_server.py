@@ -458,7 +458,7 @@ class RequestRecord:
 
 @dataclass
 class _Rule:
-    kind: str  # "error" | "reset"
+    kind: str  # "error" | "reset" | "delay"
     count: Optional[int]
     methods: Optional[Tuple[str, ...]]
     key_prefix: Optional[str]
@@ -471,6 +471,7 @@ class _Rule:
     where: Tuple[str, ...] = ("response",)
     fraction: float = 0.5
     rate: float = 1.0
+    seconds: float = 0.0  # "delay": before the request is handled
     hits: int = 0
 
     def matches(self, rec: RequestRecord) -> bool:
@@ -506,6 +507,8 @@ class Faults:
       of the response body (``"response"``) or while reading the request body (``"request"``).
     * ``reset_rate(0.1, max_count=5)`` - the same at random, for a fraction of requests.
     * ``latency(0.05)`` - sleep before answering every request.
+    * ``add_delay(6.0, count=1, methods=("PUT",), key_prefix="k")`` - sleep before handling the
+      matching requests only.
     * ``clear()`` - remove everything. ``injected`` lists what was done.
     """
 
@@ -564,6 +567,17 @@ class Faults:
             self._rules.append(rule)
         return rule
 
+    def add_delay(self, seconds: float, count: Optional[int] = 1, methods: Optional[Sequence[str]] = None,
+                  key_prefix: Optional[str] = None, query: Optional[str] = None) -> _Rule:
+        """Sleep ``seconds`` before handling matching requests (on top of ``latency``): one slow
+        object or operation while the others answer at once. The request takes effect after
+        the sleep, also when the client gave up meanwhile (as a store does with what it got)."""
+        rule = _Rule("delay", count, tuple(m.upper() for m in methods) if methods else None, key_prefix,
+                     None, query, None, seconds=seconds)
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
     def reset_rate(self, rate: float, max_count: Optional[int] = None,
                    where: Sequence[str] = ("request", "response"),
                    methods: Optional[Sequence[str]] = None, key_prefix: Optional[str] = None) -> _Rule:
@@ -590,7 +604,9 @@ class Faults:
                     continue
                 if rule.rate < 1.0 and self._rng.random() >= rule.rate:
                     continue
-                if rule.kind == "error":
+                if rule.kind == "delay":
+                    d.latency += rule.seconds
+                elif rule.kind == "error":
                     if d.error is not None:
                         continue
                     d.error = OssError(rule.status, rule.code, rule.message)

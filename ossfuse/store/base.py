@@ -173,6 +173,7 @@ def _counted(op: str, fn):
         counters, health = self.counters, self.health
         token = _IN_STORE_CALL.set(True)
         probe = False
+        sent: float | None = None
         try:
             counters.calls[op] += 1
             if health is not None:  # offline: fail fast or probe (store/health.py)
@@ -185,7 +186,7 @@ def _counted(op: str, fn):
                 health.succeeded()
         except StoreError as e:
             counters.errors[(op, e.code or type(e).__name__)] += 1
-            replacement = health.failed(e) if health is not None else e
+            replacement = health.failed(e, sent) if health is not None else e
             if replacement is e:
                 raise
             raise replacement from e

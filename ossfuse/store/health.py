@@ -11,7 +11,10 @@ how long to keep retrying. States:
   timeouts, DNS failures, after the store's own retries, which stop after ``timeout`` seconds
   of failing) takes the mount offline: one WARNING line, ``offline_since`` = that wall-clock
   time, and the call raises :class:`StoreOffline` (a ``StoreUnavailable``) so the file system
-  can answer from what it has cached.
+  can answer from what it has cached; unless the store answered another call since this one
+  began: then it is this request's failure (a slow or damaged object), raised as itself (EIO
+  for that request), and the mount stays online. A body cut short after the answer's status
+  line is an answer too (``store/oss.py``).
 * **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
   at a time that is let through as a probe, ``probe_interval`` seconds after the last probe
   ended. While the daemon's :meth:`StoreHealth.watch` task runs, only its own calls probe, and
@@ -77,6 +80,7 @@ class StoreHealth:
         self._probe: trio.Event | None = None  # trio.Event of the probe call running now, if any
         self._watched = False  # watch() runs and probes: other calls never probe nor wait
         self._said: set[str] = set()  # lines logged in this outage (first_time)
+        self._answered_at = float("-inf")  # monotonic time of the last call the store answered
 
     @property
     def offline(self) -> bool:
@@ -140,6 +144,7 @@ class StoreHealth:
 
     def succeeded(self) -> None:
         """A store call got an answer: back online if offline (one INFO line, callbacks)."""
+        self._answered_at = time.monotonic()
         if self.offline_since is None:
             return
         gone = time.time() - self.offline_since
@@ -152,15 +157,20 @@ class StoreHealth:
             except Exception:  # a listener's bug must not fail the call that succeeded
                 log.exception("back-online callback %r failed", callback)
 
-    def failed(self, exc: StoreError) -> StoreError:
-        """A store call raised ``exc``; returns what the caller should raise: a StoreOffline
-        (same message) for a failure without an answer (``exc.unreachable``), which takes the
-        mount offline if it was online (one WARNING line); ``exc`` itself otherwise (the store
-        answered, maybe with a 503: online)."""
+    def failed(self, exc: StoreError, started: float | None = None) -> StoreError:
+        """A store call (begun at monotonic time ``started``) raised ``exc``; returns what the
+        caller should raise: a StoreOffline (same message) for a failure without an answer
+        (``exc.unreachable``), which takes the mount offline if it was online (one WARNING
+        line); ``exc`` itself otherwise (the store answered, maybe with a 503: online), and
+        also for an unanswered call while the store answered others since it began: that one
+        request's failure (a slow or damaged object), not an outage (a trial: one HEAD that
+        hung 30 s took the mount offline, and its cached listings hid a new directory)."""
         if not exc.unreachable:
             self.succeeded()
             return exc
         if isinstance(exc, StoreOffline):
+            return exc
+        if self.offline_since is None and started is not None and self._answered_at > started:
             return exc
         if self.offline_since is None:
             self.offline_since = time.time()

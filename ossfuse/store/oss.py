@@ -218,6 +218,17 @@ def _with_timeouts(timeouts: tuple[float, float], fn: Callable[..., Any], *args)
 
 
 _WAITED = "_ossfuse_waited"  # attribute of an attempt's exception: seconds it ran (_with_timeouts)
+# attribute of an exception raised while an answer's body was read: the answer's HTTP status
+# (the store answered: a body cut short is that object's or that connection's failure, not an
+# outage; a trial: one object's dropped GETs took the whole mount offline)
+_CUT_SHORT = "_ossfuse_cut_short"
+
+
+def _cut_short(e: BaseException, status: int) -> None:
+    try:
+        setattr(e, _CUT_SHORT, status)
+    except AttributeError:  # an exception type without a __dict__
+        pass
 
 
 class _DeadlineSession(oss2.Session):
@@ -356,7 +367,11 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
         conn.sock.settimeout(read)
         http.client.HTTPConnection.request(conn, method, uri, body=payload, headers=headers)
         resp = http.client.HTTPConnection.getresponse(conn)
-        body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
+        try:
+            body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
+        except BaseException as e:
+            _cut_short(e, resp.status)
+            raise
         h: dict[str, str] = {}
         for name, value in resp.msg.items():
             name = name.lower()
@@ -555,6 +570,11 @@ class OssStore(ObjectStore):
             return StoreUnavailable(f"{what}: unusable answer: {e}", key=key, request_id=rid, code="BadResponse",
                                     answered=True)
         waited = getattr(e, _WAITED, None)
+        status = getattr(e, _CUT_SHORT, None)
+        if status is not None and isinstance(e, (oe.RequestError, *_TRANSPORT_ERRORS)):
+            code, text, _ = _network_failure(self.endpoint, getattr(e, "exception", e), timeouts, waited)
+            return _with_silence(StoreUnavailable(f"{what}: HTTP {status} answer cut short: {text}", key=key,
+                                                  request_id=rid, code=code, answered=True), timeouts, waited)
         if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
             code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts, waited)
             cls = StoreUnavailable if temporary else StoreError
@@ -586,12 +606,14 @@ class OssStore(ObjectStore):
                     transient_seen: list | None = None, bulk: bool = False) -> Any:
         """Run ``fn(*args)`` in a worker thread under the store's retry policy (module
         docstring): each attempt's connect and read timeouts are shortened to what is left of
-        the deadline. ``bulk``: the request streams a large body (GET, PUT of a file, part,
-        complete, copy); those that write keep ``read_timeout`` per socket read (the store may
-        work a while before it answers); a GET and any other request (HEAD, LIST, DELETE,
-        small PUT) waits at most the offline timeout for each read when the store has a health
-        tracker, so a store that accepts and never answers is found offline within
-        ``store.offline_timeout``, not after ``read_timeout``.
+        the deadline. A request that changes the bucket (PUT, copy, DELETE, the multipart
+        ones) keeps ``read_timeout`` per socket read (the store may work a while before it
+        answers, and one given up on may still take effect later); one that changes nothing
+        (GET, HEAD, LIST) waits at most the offline timeout for each read when the store has a
+        health tracker, so a store that accepts and never answers is found offline within
+        ``store.offline_timeout``, not after ``read_timeout``. ``bulk``: the request streams a
+        large body (GET, PUT of a file, part, complete, copy): the retry loop counts its
+        seconds failing from its first failure, not from its start.
         ``transient_seen`` (a list) gets the error of every failed attempt that was retried.
         Raises the last attempt's StoreError, logged once."""
         budget_seen: list[Budget] = []
@@ -602,10 +624,14 @@ class OssStore(ObjectStore):
             connect, read = self.connect_timeout, self.read_timeout
             if self.health is not None:
                 connect = min(connect, self.health.timeout)
-                # a metadata request, or a GET (its body flows from its first byte on; only
-                # writes wait for the store's work): no answer within the offline bound is an
-                # outage (a hung GET held a reader, the unmount and SIGTERM for read_timeout)
-                if not bulk or op == "GET":
+                # a request that changes nothing (its body, if any, flows from its first
+                # byte): no answer within the offline bound is an outage (a hung GET held a
+                # reader, the unmount and SIGTERM for read_timeout). One that changes the
+                # bucket keeps read_timeout, whatever its size: given up on, it may still take
+                # effect later, after what this mount did next (a trial: a PUT answered 9 s
+                # late replaced the newer version an fsync had put there; a copy slower than
+                # 5 s failed `mv` with EIO, then landed over the destination)
+                if op in _ABANDONABLE:
                     read = min(read, self.health.timeout)
             timeouts = (budget.timeout(connect), budget.timeout(read))
             try:
@@ -627,7 +653,8 @@ class OssStore(ObjectStore):
                 transient_seen.append(err)
 
         try:
-            return await retry_async(self.policy, attempt, on_retry=on_retry, health=self.health, short=not bulk)
+            return await retry_async(self.policy, attempt, on_retry=on_retry, health=self.health,
+                                     short=not bulk and op in _ABANDONABLE)
         except StoreError as err:
             budget = budget_seen[0] if budget_seen else None
             if err.temporary and budget is not None and budget.attempt > 1:
@@ -904,6 +931,9 @@ class OssStore(ObjectStore):
                 raise
             try:
                 data = self._read_all(res)
+            except BaseException as e:
+                _cut_short(e, res.status)
+                raise
             finally:
                 res.close()
             return res.status, res.headers, data
