@@ -426,11 +426,11 @@ def test_rename_over_an_open_file_keeps_it_readable_within_the_cache_limits(tmp_
 
 # -- A3: a listing lists every name or fails ----------------------------------------------------
 
-async def _three_files_one_failing_head(tmp_path, cmk_path, error="permanent", **resolver):
+async def _three_files_one_failing_head(tmp_path, cmk_path, error="permanent", failing="pre/d/victim*", **resolver):
     """Files d/a.txt, d/victim.txt, d/z.txt written by one mount; a second, fresh mount (nothing
-    known: every entry needs a HEAD) whose HEADs of d/victim.txt fail with ``error`` (a
-    FaultStore error kind), and its node of d. ``resolver``: Resolver attributes to set on the
-    second mount."""
+    known: every entry needs a HEAD) whose HEADs of d/victim.txt (or of the keys ``failing``
+    matches) fail with ``error`` (a FaultStore error kind), and its node of d. ``resolver``:
+    Resolver attributes to set on the second mount."""
     fs = _fs(tmp_path, cmk_path)
     d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
     for n in ("a.txt", "victim.txt", "z.txt"):
@@ -439,7 +439,7 @@ async def _three_files_one_failing_head(tmp_path, cmk_path, error="permanent", *
     for k, v in resolver.items():
         setattr(fs2.resolver, k, v)
     d2 = await fs2.lookup(fs2.get(1), "d")
-    fs2.store.fail("head", key="pre/d/victim*", error=error, count=None)
+    fs2.store.fail("head", key=failing, error=error, count=None)
     return fs2, d2
 
 
@@ -491,17 +491,22 @@ def test_a_name_whose_head_is_refused_is_listed_and_its_stat_fails(tmp_path, cmk
     assert any("pre/d/victim.txt" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("error, plaintext_objects", [("temporary", "show"), ("busy", "show"), ("permanent", "hide")])
-@pytest.mark.expect_log(r"listing '.*' fails: HEAD")
+@pytest.mark.parametrize("error, plaintext_objects, failing", [("temporary", "show", "pre/d/*.txt"),
+                                                                ("busy", "show", "pre/d/*.txt"),
+                                                                ("permanent", "hide", "pre/d/victim*")])
+@pytest.mark.expect_log(r"listing '.*' fails: HEAD", r"listing 'pre/d/': HEAD .* listed without their attributes")
 def test_readdir_fails_with_eio_when_a_head_fails_for_a_temporary_reason_or_plaintext_is_hidden(
-        tmp_path, cmk_path, caplog, error, plaintext_objects):
-    """A HEAD that failed for a temporary reason (the store unreachable, or busy, once its
-    retries ran out) fails that readdir call with EIO at once (listing names of a struggling
-    store would make each stat wait for retries: a trial's ``ls -l`` of 600 names projected to
-    an hour); so does any failure with plaintext objects hidden (a name shown might be one to
-    hide). Never a name dropped silently; it lists once the store answers."""
+        tmp_path, cmk_path, caplog, error, plaintext_objects, failing):
+    """HEADs that fail for a temporary reason (the store unreachable, or busy, once their
+    retries ran out) for more than FAILING_HEADS_LISTED names of one step fail that readdir
+    call with EIO (listing names of a struggling store would make each stat wait for retries:
+    a trial's ``ls -l`` of 600 names projected to an hour; fewer are listed without their
+    attributes, as a refused one); so does any failure with plaintext objects hidden (a name
+    shown might be one to hide). Never a name dropped silently; it lists once the store
+    answers."""
     async def main():
-        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path, error, plaintext_objects=plaintext_objects)
+        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path, error, failing,
+                                                      plaintext_objects=plaintext_objects)
         h = fs2.opendir(d2)
         with pytest.raises(FsError) as e:
             await fs2.readdir_entries(h, 0)
@@ -512,7 +517,31 @@ def test_readdir_fails_with_eio_when_a_head_fails_for_a_temporary_reason_or_plai
 
     with caplog.at_level(logging.ERROR):
         trio.run(main)
-    assert any("pre/d/victim.txt" in r.getMessage() for r in caplog.records)
+    assert any("pre/d/" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("error", ["temporary", "busy"])
+@pytest.mark.expect_log(r"listing 'pre/d/': HEAD 'pre/d/victim.txt' refused: .*; 1 name\(s\) listed without their "
+                        r"attributes", r"lookup of 'pre/d/victim.txt' failed")
+def test_a_name_whose_head_keeps_failing_while_the_others_answer_is_listed(tmp_path, cmk_path, error):
+    """A trial: one object the store kept answering 503 made its whole directory unlistable.
+    Its name is listed without its attributes (as a refused one), the others with theirs; its
+    stat fails until the store answers it."""
+    async def main():
+        fs2, d2 = await _three_files_one_failing_head(tmp_path, cmk_path, error)
+        h = fs2.opendir(d2)
+        listed = {name: node for _, name, node in await fs2.readdir_entries(h, 0)}
+        fs2.releasedir(h.fh)
+        assert sorted(listed) == ["a.txt", "victim.txt", "z.txt"]
+        assert listed["a.txt"].version is not None and listed["z.txt"].version is not None
+        with pytest.raises(FsError) as e:
+            await fs2.getattr(listed["victim.txt"])
+        assert e.value.errno == errno.EIO
+        fs2.store.clear()
+        listed["victim.txt"].checked_at = 0.0
+        assert (await fs2.getattr(listed["victim.txt"])).size == 10
+
+    trio.run(main)
 
 
 # -- A14: implicit directories -----------------------------------------------------------------

@@ -299,15 +299,17 @@ def test_attributes_and_rename_after_close_join_the_one_upload(tmp_path, cmk_pat
         m.cleanup()
 
 
-@pytest.mark.expect_log(r"listing 'd/': HEAD 'd/victim' refused: .*AccessDenied.*listed without their attributes",
-                        r"lookup of 'd/victim' failed: .*AccessDenied", r"listing 'd/' fails: HEAD 'd/victim' failed: .*503",
-                        r"OSS HEAD 'd/victim'")
+@pytest.mark.expect_log(r"listing 'd/': HEAD 'd/victim' refused: .*(AccessDenied|503).*listed without their attributes",
+                        r"lookup of 'd/victim' failed: .*(AccessDenied|503)",
+                        r"listing 'd/' fails: HEAD 'd/(a|z|victim)' failed: .*503", r"OSS HEAD 'd/")
 def test_ls_of_a_directory_with_a_denied_object_lists_every_name(tmp_path, cmk_path, oss_server):
     """A bucket policy refuses the HEAD of one object (403): `ls` lists every name (exit 0),
     `ls -l` shows the others with their stored modes and one error for that name, which reads
-    once allowed (before: the whole `ls` failed with EIO). A HEAD the store keeps answering
-    503 (busy) fails the listing at once instead (a trial: listing the names made `ls -l` of
-    600 of them wait for retries per name, projected to an hour)."""
+    once allowed (before: the whole `ls` failed with EIO). So is one the store keeps
+    answering 503 while it answers the others (a trial: one such object made its directory
+    unlistable); a store answering 503 to every HEAD (throttling) fails the listing at once
+    (a trial: listing the names made `ls -l` of 600 of them wait for retries per name,
+    projected to an hour)."""
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     _few_retries(m, "")
     m.start()
@@ -334,6 +336,14 @@ def test_ls_of_a_directory_with_a_denied_object_lists_every_name(tmp_path, cmk_p
         assert stat.S_IMODE(os.stat(m.path("d/victim")).st_mode) == 0o644
         m.remount()
         oss_server.faults.add(status=503, count=None, methods=("HEAD",), key_prefix="d/victim")
+        r = subprocess.run(["ls", "-l", m.path("d")], capture_output=True, text=True)
+        modes = {ln.split()[-1]: ln.split()[0] for ln in r.stdout.splitlines()[1:]}
+        assert modes["a"] == "-rw-------" and modes["z"] == "-rw-r-----", r
+        assert r.returncode == 1 and "victim" in r.stderr and "Input/output error" in r.stderr, r
+        oss_server.faults.clear()
+        m.remount()
+        for name in ("a", "victim", "z"):  # (not the directory's own marker, "d/")
+            oss_server.faults.add(status=503, count=None, methods=("HEAD",), key_prefix=f"d/{name}")
         t0 = time.monotonic()
         r = subprocess.run(["ls", "-l", m.path("d")], capture_output=True, text=True)
         assert r.returncode == 2 and "reading directory" in r.stderr and "Input/output error" in r.stderr, r

@@ -75,6 +75,10 @@ LISTED_BATCH = 32  # entries per readdir step from the listing alone (a 4 KiB re
 STAT_AHEAD = 256  # listed-only nodes handed out (per directory) that a second lookup HEADs together
 # in a handle's HEAD answers (``_headed``), by identity: that HEAD was refused for good
 _REFUSED = ObjectInfo("", -1, "", 0.0)
+# keys of one listing step whose HEAD keeps failing (a 5xx after its retries, no answer) while
+# the store answers, listed without their attributes as a refused one is; one more fails the
+# step (a store throttling every HEAD: fail at once, not after every name's retries)
+FAILING_HEADS_LISTED = 2
 
 
 def head_parallel(store: ObjectStore) -> int:
@@ -217,6 +221,35 @@ class DirectoryReader:
             result.append(entries[name])
         return result
 
+    async def _head_all(self, keys: list[str], refused: dict[int, StoreError] | None,
+                        dir_path: str) -> list[ObjectInfo | None]:
+        """``store.head_many`` of ``keys`` for a listing of ``dir_path``. With ``refused`` (a
+        dict), a key whose HEAD fails for good goes there (head_many), and so do up to
+        FAILING_HEADS_LISTED keys whose HEAD fails for now (a 5xx after its retries, no answer)
+        while the store answers (not offline): the others are HEADed again without them (a
+        trial: one object the store kept answering 503 made its whole directory unlistable).
+        Raises FsError (one ERROR line) when more fail, or any with ``refused`` None."""
+        answers: list[ObjectInfo | None] = [None] * len(keys)
+        left = list(range(len(keys)))
+        while True:
+            got: dict[int, StoreError] | None = {} if refused is not None else None
+            try:
+                infos = await self.store.head_many([keys[i] for i in left], head_parallel(self.store), got)
+            except StoreError as e:
+                if (refused is None or isinstance(e, StoreOffline) or not e.temporary or e.key not in keys
+                        or len(refused) >= FAILING_HEADS_LISTED):
+                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
+                    raise FsError(errno_of(e)) from None
+                i = keys.index(e.key)
+                refused[i] = e
+                left.remove(i)
+                continue
+            for j, i in enumerate(left):
+                answers[i] = infos[j]
+            if got and refused is not None:
+                refused.update({left[j]: err for j, err in got.items()})
+            return answers
+
     async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False,
                               moves: int = 0) -> list[tuple[int, str, Node]]:
         """Entries of the snapshot (taken anew when ``relist``: a rewind) from index ``start``
@@ -331,11 +364,7 @@ class DirectoryReader:
         try:
             if to_head:
                 refused: dict[int, StoreError] | None = {} if resolver.plaintext_objects != "hide" else None
-                try:
-                    infos = await self.store.head_many([t[3] for t in to_head], head_parallel(self.store), refused)
-                except StoreError as e:
-                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
-                    raise FsError(errno_of(e)) from None
+                infos = await self._head_all([t[3] for t in to_head], refused, dir_path)
                 # renamed meanwhile: the answers are about keys its names left (nodes made from
                 # them would keep the old paths); asked again at the new ones below
                 moved = h.node.name_going is not None or h.node.path != dir_path
