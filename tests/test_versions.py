@@ -843,3 +843,25 @@ def test_the_supplementary_groups_of_a_caller_come_from_proc():
     from ossfuse.fuse_ops import supplementary_groups
     assert supplementary_groups(os.getpid()) == frozenset(os.getgroups())
     assert supplementary_groups(2**22 + 1) == frozenset()  # above pid_max's ceiling: no such task
+
+
+@pytest.mark.expect_log(r"'pre/f' was replaced while open")
+def test_a_read_that_finds_its_version_replaced_makes_the_next_open_ask_the_store(tmp_path, cmk_path, other):
+    """A trial: a reader's handle hit ESTALE (another client replaced the file); closing and
+    opening the path again within attr_timeout gave the gone version again, and ESTALE on its
+    next read. That read now marks the attributes stale: the next open gets the new version."""
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"version 1")
+        h = await fs.open(node, os.O_RDONLY)
+        ofs = other(store)
+        await _other_writes(ofs, "f", b"version 2, longer")
+        assert fs.resolver.attrs_fresh(node)  # within attr_timeout
+        with pytest.raises(FsError) as e:
+            await fs.read(h, 0, 100)
+        assert e.value.errno == errno.ESTALE
+        await fs.release(h)
+        assert await _read(fs, await fs.lookup(root, "f")) == b"version 2, longer"
+        ofs.close()
+
+    _run(tmp_path, cmk_path, body)

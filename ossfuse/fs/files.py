@@ -413,12 +413,16 @@ class Files:
                 return await self.read(handle, offset, length)
             if moving is not None and await self._moved_off(moving, v):
                 raise VersionMoved from None
+            node = handle.node if handle is not None else moving
+            if node is not None and node.version is v:
+                # the next open or stat asks the store (a trial: reopening the path within
+                # attr_timeout gave this gone version again, and ESTALE on its next read)
+                node.checked_at = 0.0
             if isinstance(e, NoSuchKey):
                 self._error_once("%r was deleted by another client while open", v.key)
                 raise FsError(errno_of(e)) from None
             self._error_once("%r was replaced while open (ETag %s), by another client or by a newer file of "
-                             "this mount at its name; reopen to read the new version (an open within mount.attr_timeout "
-                             "may still get this one)", v.key, v.etag)
+                             "this mount at its name; reopen to read the new version", v.key, v.etag)
             raise FsError(errno_of(e)) from None
         except TruncatedObject as e:  # once: the kernel's page read after its read-ahead met it again (a trial)
             self._error_once("cannot read %r: %s", v.key, e)
