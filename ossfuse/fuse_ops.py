@@ -290,8 +290,8 @@ class Operations(pyfuse3.Operations):
 
     @_fs_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise FsError(errno.EINVAL)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT (a trial: it was
+            raise FsError(errno.EINVAL)         # ignored, no whiteout made, and success answered)
         await self.fs.rename(self.fs.get(parent_inode_old), _name(name_old), self.fs.get(parent_inode_new),
                              _name(name_new), 1 if flags & pyfuse3.RENAME_NOREPLACE else 0)
 

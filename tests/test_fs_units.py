@@ -33,6 +33,7 @@ def test_mtime_codec():
     assert parse_mtime("x") is None and parse_mtime(None) is None and parse_mtime("") is None
 
 
+@pytest.mark.expect_log(r"'p/f' has x-oss-meta-gid 'bad', not a number")
 def test_attrs_from_info_defaults_and_umask():
     d = AttrDefaults(uid=1000, gid=100, umask=0o022, create_umask=0)
     info = ObjectInfo("p/f", 3, "E", 1.5, {})

@@ -147,12 +147,15 @@ class Files:
             if got is not None:
                 self.cache.offer(got[0].key, got[0].etag, got[0].size, 0, got[1])
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writing:
+        # O_TRUNC truncates also with O_RDONLY, as Linux does (the kernel checked write
+        # permission for it; a trial: the file stayed whole)
+        truncating = bool(flags & os.O_TRUNC)
+        if writing or truncating:
             await self.check_replaceable(node)  # EACCES before a write can replace what we cannot read
-        truncating = flags & os.O_TRUNC and writing
         if truncating:
             async with node.lock:
-                await self.truncate_locked(node, 0, journal=False)  # the close journals it
+                # a writable handle's close journals it; a read-only one saves nothing: now
+                await self.truncate_locked(node, 0, journal=not writing)
         elif node.staged is None and node.version is not None:
             v = node.version
             if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps

@@ -162,16 +162,16 @@ class StoreHealth:
         caller should raise: a StoreOffline (same message) for a failure without an answer
         (``exc.unreachable``), which takes the mount offline if it was online (one WARNING
         line); ``exc`` itself otherwise (the store answered, maybe with a 503: online), and
-        also for an unanswered call while the store answered others since it began: that one
-        request's failure (a slow or damaged object), not an outage (a trial: one HEAD that
+        also for an unanswered call while the store answered others since it began (more than
+        half the offline timeout after it was sent): that one request's failure (a slow or damaged object), not an outage (a trial: one HEAD that
         hung 30 s took the mount offline, and its cached listings hid a new directory)."""
         if not exc.unreachable:
             self.succeeded()
             return exc
         if isinstance(exc, StoreOffline):
             return exc
-        if self.offline_since is None and started is not None and self._answered_at > started:
-            return exc
+        if self.offline_since is None and started is not None and self._answered_at > started + self.timeout / 2:
+            return exc  # (well after it was sent: not a straggler answered as the store went away)
         if self.offline_since is None:
             self.offline_since = time.time()
             self.last_error = str(exc)
