@@ -224,8 +224,12 @@ def _spawn_daemon(args, cfg) -> int:
     user = cache_dir_user(cfg.cache.dir)
     if user is not None:  # before the daemon writes anything into that mount's log
         return _die(f"cache dir {cfg.cache.dir} is in use by {user}")
-    if not os.path.lexists(args.mountpoint):  # before a cache dir and a log are made for nothing (a trial)
-        return _die(f"mount point {args.mountpoint}: {os.strerror(errno.ENOENT)}")
+    try:  # before a cache dir and a log are made for nothing (a trial)
+        os.lstat(args.mountpoint)
+    except FileNotFoundError as e:  # (a dead FUSE mount there answers ENOTCONN: the daemon cleans it)
+        return _die(f"mount point {args.mountpoint}: {e.strerror}")
+    except OSError:
+        pass
     r, w = os.pipe()
     try:
         os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
