@@ -624,7 +624,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             tasks.start_soon(_announce, cfg, mountpoint, registry, readiness, life, notices, name="readiness check")
             tasks.start_soon(status_mod.serve, status_socket, fs, errors, time.time(), life,
                              name=f"status socket {status_socket}")
-            tasks.start_soon(health.watch, functools.partial(fs.store.list, cfg.store.prefix, max_keys=1),
+            health.confirm = probe = functools.partial(fs.store.list, cfg.store.prefix, max_keys=1)
+            tasks.start_soon(health.watch, probe,
                              name="store reachability probe")
             if isinstance(fs.store, LocalStore):
                 tasks.start_soon(_remove_orphans, fs.store, name="local bucket cleanup")

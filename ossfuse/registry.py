@@ -36,18 +36,20 @@ class UnsafeDirError(Exception):
     path, the reason and the fix)."""
 
 
-def check_private_dir(path: str, what: str) -> None:
+def check_private_dir(path: str, what: str, ancestors: bool = True) -> None:
     """Refuse a directory that is a symlink or not a directory, belongs to another user, or
     that group or others may write: they could plant records, sockets or symlinks there that
     the daemon (often root) would use or write through; and one inside a directory anyone may
     write without the sticky bit (/tmp's): anyone could rename it away and put their own in
-    its place (a trial: a cache dir under a 0777 parent was accepted). Raises UnsafeDirError."""
+    its place (a trial: a cache dir under a 0777 parent was accepted; ``ancestors`` False: not
+    checked, for a running daemon's own writes, which the mount's start checked). Raises
+    UnsafeDirError."""
     try:
         st = os.lstat(path)
     except OSError as e:
         raise UnsafeDirError(f"{what} {path}: {e.strerror}") from None
     parent = os.path.dirname(os.path.realpath(path))
-    while True:
+    while ancestors:
         try:
             pst = os.stat(parent)
         except OSError:
@@ -81,15 +83,16 @@ def runtime_dir() -> str:
     return os.path.join(xdg, "ossfuse") if xdg else f"/tmp/ossfuse-{os.geteuid()}"
 
 
-def ensure_runtime_dir() -> str:
+def ensure_runtime_dir(ancestors: bool = True) -> str:
     """Make the runtime directory (0700, parents as needed) if missing and check it is safe
-    (:func:`check_private_dir`). Returns its path; raises UnsafeDirError."""
+    (:func:`check_private_dir`, its ``ancestors`` too unless False). Returns its path; raises
+    UnsafeDirError."""
     path = runtime_dir()
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
         raise UnsafeDirError(f"runtime directory {path}: {e.strerror}") from None
-    check_private_dir(path, "runtime directory")
+    check_private_dir(path, "runtime directory", ancestors)
     return path
 
 
@@ -145,8 +148,10 @@ def real_mountpoint(path: str) -> str:
 
 
 def write_registry(path: str, record: dict) -> None:
-    """Atomically write the registry record at ``path`` (from registry_path())."""
-    ensure_runtime_dir()
+    """Atomically write the registry record at ``path`` (from registry_path()). The runtime
+    dir's parents are not checked here: the mount's start did, and a parent made
+    world-writable while mounted must not kill the daemon at its exit record (a trial)."""
+    ensure_runtime_dir(ancestors=False)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -940,3 +940,20 @@ def test_a_log_file_that_cannot_be_written_says_so_once_per_run_of_failures(tmp_
     h.emit(rec)
     assert capsys.readouterr().err.count("ossfuse: cannot write the log") == 1
     h.close()
+
+
+def test_a_runtime_dirs_parent_made_world_writable_while_mounted_does_not_kill_the_daemons_exit_record(
+        tmp_path, monkeypatch):
+    """A mount refuses a runtime dir whose parent anyone may write (no sticky bit); a parent
+    made so while the daemon runs must not make its exit record raise (a trial: the daemon
+    died at unmount with a traceback, and umount said it crashed with work left)."""
+    from ossfuse import registry
+    parent = tmp_path / "ww"
+    parent.mkdir()
+    monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(parent / "run"))
+    registry.ensure_runtime_dir()
+    os.chmod(parent, 0o777)
+    with pytest.raises(registry.UnsafeDirError, match="which anyone may write"):
+        registry.ensure_runtime_dir()
+    registry.write_registry(str(parent / "run" / "x.json"), {"exited": True})
+    assert json.loads((parent / "run" / "x.json").read_text()) == {"exited": True}

@@ -9,6 +9,7 @@ The mount test (stop the OSS test server while mounted) is in test_offline_mount
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import logging
 import os
@@ -518,9 +519,9 @@ def test_writes_slower_than_the_offline_timeout_are_waited_for(tmp_path):
 @pytest.mark.expect_log(OFFLINE)
 def test_one_request_that_hangs_while_the_store_answers_others_is_its_own_failure(caplog):
     """A trial: one HEAD that hung 30 s took the whole mount offline after 5 s, so other
-    files got EIO, and cached listings hid a new directory. When the store answered other
-    requests meanwhile, it is that request's failure (EIO for it), and the mount stays online;
-    alone, it is an outage as before."""
+    files got EIO, and cached listings hid a new directory. When the store answered requests
+    sent after it, or answers the daemon's confirming one-key listing, it is that request's
+    failure (EIO for it), and the mount stays online; with neither, an outage as before."""
     health = StoreHealth(timeout=0.6, probe_interval=60.0)
     with _served_store(health) as (srv, store):
         async def main():
@@ -538,7 +539,13 @@ def test_one_request_that_hangs_while_the_store_answers_others_is_its_own_failur
                     await store.head("slow")
             assert not isinstance(e.value, StoreOffline) and not health.offline and len(answered) == 10
             srv.faults.add_delay(3.0, count=1, methods=("HEAD",), key_prefix="slow")
-            with pytest.raises(StoreOffline):  # nothing else answered meanwhile: an outage
+            health.confirm = functools.partial(store.list, "", max_keys=1)  # as the daemon sets it
+            with pytest.raises(StoreUnavailable) as e:  # nothing else asked: the store answers a listing
+                await store.head("slow")
+            assert not isinstance(e.value, StoreOffline) and not health.offline
+            health.confirm = None
+            srv.faults.add_delay(3.0, count=1, methods=("HEAD",), key_prefix="slow")
+            with pytest.raises(StoreOffline):  # nothing else answered meanwhile, nothing confirms: an outage
                 await store.head("slow")
             assert health.offline
         trio.run(main)

@@ -347,6 +347,7 @@ def test_conflict_name_keeps_the_extension_and_fits():
     assert conflict_name("report.docx", "pc1", t) == "report.conflict-pc1-20261202-130501.docx"
     assert conflict_name("Makefile", "pc1", t) == "Makefile.conflict-pc1-20261202-130501"
     assert conflict_name("src.tar.gz", "pc1", t) == "src.conflict-pc1-20261202-130501.tar.gz"
+    assert conflict_name("SRC.TAR.GZ", "pc1", t) == "SRC.conflict-pc1-20261202-130501.TAR.GZ"
     assert conflict_name(".tar.gz", "pc1", t) == ".tar.conflict-pc1-20261202-130501.gz"
     assert conflict_name("a.tar", "pc1", t) == "a.conflict-pc1-20261202-130501.tar"
     assert conflict_name(".bashrc", "pc1", t, 2) == ".bashrc.conflict-pc1-20261202-130501-2"

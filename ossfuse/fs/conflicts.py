@@ -69,7 +69,7 @@ def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NA
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
     tag = f".conflict-{host.replace('/', '_')[:40]}-{stamp}" + (f"-{n}" if n else "")
     dot = name.rfind(".")
-    if name[:dot].endswith(".tar") and dot > 4:  # archive.tar.gz: the whole ".tar.gz" stays last
+    if name[:dot].lower().endswith(".tar") and dot > 4:  # archive.tar.gz: the whole ".tar.gz" stays last
         dot -= 4
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     if len(_bytes(tag + ext)) >= room:

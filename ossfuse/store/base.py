@@ -183,10 +183,13 @@ def _counted(op: str, fn):
             if op in _ROUND_TRIP_OPS:
                 counters.note_round_trip(time.monotonic() - sent)
             if health is not None:
-                health.succeeded()
+                health.succeeded(sent)
         except StoreError as e:
             counters.errors[(op, e.code or type(e).__name__)] += 1
-            replacement = health.failed(e, sent) if health is not None else e
+            alive = False
+            if health is not None and e.unreachable and not probe and not health.offline:
+                alive = await health.confirm_alive(sent)  # one slow request is no outage
+            replacement = health.failed(e, sent, alive) if health is not None else e
             if replacement is e:
                 raise
             raise replacement from e

@@ -11,10 +11,11 @@ how long to keep retrying. States:
   timeouts, DNS failures, after the store's own retries, which stop after ``timeout`` seconds
   of failing) takes the mount offline: one WARNING line, ``offline_since`` = that wall-clock
   time, and the call raises :class:`StoreOffline` (a ``StoreUnavailable``) so the file system
-  can answer from what it has cached; unless the store answered another call since this one
-  began: then it is this request's failure (a slow or damaged object), raised as itself (EIO
-  for that request), and the mount stays online. A body cut short after the answer's status
-  line is an answer too (``store/oss.py``).
+  can answer from what it has cached; unless the store is alive all the same — it answered a
+  call sent after this one, or answers a confirming one-key listing (``confirm``, set by the
+  daemon) within half the offline timeout (at most 1 s): then it is this request's failure (a slow or
+  damaged object), raised as itself (EIO for that request), and the mount stays online. A
+  body cut short after the answer's status line is an answer too (``store/oss.py``).
 * **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
   at a time that is let through as a probe, ``probe_interval`` seconds after the last probe
   ended. While the daemon's :meth:`StoreHealth.watch` task runs, only its own calls probe, and
@@ -80,7 +81,13 @@ class StoreHealth:
         self._probe: trio.Event | None = None  # trio.Event of the probe call running now, if any
         self._watched = False  # watch() runs and probes: other calls never probe nor wait
         self._said: set[str] = set()  # lines logged in this outage (first_time)
-        self._answered_at = float("-inf")  # monotonic time of the last call the store answered
+        # monotonic send time of the latest-sent call the store answered (failed(started=))
+        self._answered_sent = float("-inf")
+        # a cheap store call (a one-key listing, set by the daemon) that confirms an outage
+        # before an unanswered call takes the mount offline; None: none (core tests)
+        self.confirm: Callable[[], Awaitable[object]] | None = None
+        self._confirming: trio.Event | None = None  # a confirming call in flight
+        self._confirmed_alive = False  # its outcome
 
     @property
     def offline(self) -> bool:
@@ -142,9 +149,11 @@ class StoreHealth:
         self._next_probe = 0.0
         self._watched = False
 
-    def succeeded(self) -> None:
-        """A store call got an answer: back online if offline (one INFO line, callbacks)."""
-        self._answered_at = time.monotonic()
+    def succeeded(self, sent: float | None = None) -> None:
+        """A store call (sent at monotonic time ``sent``) got an answer: back online if
+        offline (one INFO line, callbacks)."""
+        if sent is not None and sent > self._answered_sent:
+            self._answered_sent = sent
         if self.offline_since is None:
             return
         gone = time.time() - self.offline_since
@@ -157,21 +166,22 @@ class StoreHealth:
             except Exception:  # a listener's bug must not fail the call that succeeded
                 log.exception("back-online callback %r failed", callback)
 
-    def failed(self, exc: StoreError, started: float | None = None) -> StoreError:
-        """A store call (begun at monotonic time ``started``) raised ``exc``; returns what the
+    def failed(self, exc: StoreError, started: float | None = None, alive: bool = False) -> StoreError:
+        """A store call (sent at monotonic time ``started``) raised ``exc``; returns what the
         caller should raise: a StoreOffline (same message) for a failure without an answer
         (``exc.unreachable``), which takes the mount offline if it was online (one WARNING
         line); ``exc`` itself otherwise (the store answered, maybe with a 503: online), and
-        also for an unanswered call while the store answered others since it began (more than
-        half the offline timeout after it was sent): that one request's failure (a slow or damaged object), not an outage (a trial: one HEAD that
-        hung 30 s took the mount offline, and its cached listings hid a new directory)."""
+        also for an unanswered call while the store is alive: it answered a call sent after
+        this one, or :meth:`confirm_alive` said so (``alive``). That is the one request's
+        failure (a slow or damaged object), not an outage (a trial: one HEAD that hung 30 s
+        took the mount offline, and its cached listings hid a new directory)."""
         if not exc.unreachable:
-            self.succeeded()
+            self.succeeded(started)
             return exc
         if isinstance(exc, StoreOffline):
             return exc
-        if self.offline_since is None and started is not None and self._answered_at > started + self.timeout / 2:
-            return exc  # (well after it was sent: not a straggler answered as the store went away)
+        if self.offline_since is None and (alive or self.answered_since(started)):
+            return exc
         if self.offline_since is None:
             self.offline_since = time.time()
             self.last_error = str(exc)
@@ -180,6 +190,36 @@ class StoreHealth:
         err = StoreOffline(exc.message, key=exc.key, request_id=exc.request_id, code=exc.code)
         err.__cause__ = exc
         return err
+
+    def answered_since(self, started: float | None) -> bool:
+        """Whether the store answered a call sent after monotonic time ``started`` (a call
+        sent before, answered as the store went away, proves nothing)."""
+        return started is not None and self._answered_sent > started
+
+    async def confirm_alive(self, started: float | None) -> bool:
+        """For a call sent at ``started`` that got no answer while the mount is online:
+        whether the store is alive all the same (answered a later call, or answers
+        :attr:`confirm` within half the offline timeout, at most 1 s; one confirming call at a time, the
+        others wait for its outcome). False without ``confirm``."""
+        if self.offline_since is not None or self.answered_since(started):
+            return self.offline_since is None
+        if self.confirm is None:
+            return False
+        if self._confirming is not None:
+            await self._confirming.wait()
+            return self._confirmed_alive or self.answered_since(started)
+        self._confirming = done = trio.Event()
+        self._confirmed_alive = False
+        try:
+            with trio.move_on_after(min(1.0, self.timeout / 2)):  # a live store lists one key at once
+                await self.confirm()
+                self._confirmed_alive = True
+        except StoreError:
+            pass
+        finally:
+            self._confirming = None
+            done.set()
+        return self._confirmed_alive
 
     def give_up(self, failing_for: float, upcoming_sleep: float) -> bool:
         """For a retry loop: stop retrying one call that has failed for ``failing_for`` seconds
