@@ -39,10 +39,14 @@ class Attributes:
         becomes now for every change but chown(-1, -1) (POSIX: "need not be updated").
         Raises FsError(EISDIR) to truncate a directory, EIO/ENOSPC as writes and copies do,
         ESTALE when another client replaced the object since this mount read it (the attribute
-        change is not made, and the node is re-read from the store at its next lookup).
+        change is not made, and the node is re-read from the store at its next lookup), and for
+        a truncate through handle ``fh`` whose version another client replaced since its open
+        (Files.refuse_stale).
         Holds node.lock across the copy (TODO(rebuild): no lock across network I/O, A4).
         EACCES to truncate an object no configured CMK can read (Files.check_replaceable)."""
         if size is not None and not node.is_dir:
+            if fh is not None:  # ftruncate through a stale handle: as its write (a two-mount model trial)
+                self.files.refuse_stale(fh, "truncate of")
             await self.files.check_replaceable(node)
         v = node.version
         if size is None and node.staged is None and v is not None and not v.held:

@@ -445,7 +445,7 @@ class Commit:
                 # follow it as they follow every version of this mount's (they read the staged
                 # one meanwhile): a handle still naming an older version is stale (Files.write)
                 node.version = version
-                handles_follow(node, version)
+                handles_follow(node, version, old)
                 if node.staged is st:
                     self.scheduler.schedule(node)
                 else:

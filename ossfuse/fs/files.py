@@ -481,6 +481,20 @@ class Files:
         return node.symlink_target
 
     # -- write ------------------------------------------------------------------------------
+    def refuse_stale(self, h: FileHandle, doing: str) -> None:
+        """FsError(ESTALE), with one ERROR line, when ``h`` reads a version another client
+        replaced since it opened: a lookup since the open took theirs as the node's (this
+        mount's own new versions reach the handles of the version they came from:
+        model.set_local_version, and Commit's adoption of an upload while a newer version is
+        staged; a staged version started from a committed one keeps it as node.version).
+        A change through ``h`` would land on their content (docs/semantics.md)."""
+        v, node = h.node.version, h.node
+        if v is not None and h.version is not None and not same_etag(h.version.etag, v.etag):
+            log.error("%s %r refused: this open file reads version %s, which another client replaced "
+                      "with %s; reopen the file to write to that one", doing, self.naming.key(node.path),
+                      h.version.etag, v.etag)
+            raise FsError(errno.ESTALE)
+
     async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` into the file's open staged version; returns len(data).
         Raises FsError(EFBIG) past the store's largest object; FsError(ENOSPC/EIO) when the
@@ -497,16 +511,7 @@ class Files:
             raise FsError(errno.EBADF)
         self._refuse_after_lost_write(h)
         self._refuse_too_big(node, offset + len(data))  # before anything is staged
-        v = node.version
-        if v is not None and h.version is not None and not same_etag(h.version.etag, v.etag):
-            # a lookup since the open took the other client's version as the node's (this
-            # mount's own new versions reach the handles too: model.set_local_version, and
-            # Commit's adoption of an upload while a newer version is staged); a staged
-            # version started from a committed one keeps it as node.version
-            log.error("write to %r refused: this open file reads version %s, which another client replaced "
-                      "with %s; reopen the file to write to that one", self.naming.key(node.path),
-                      h.version.etag, v.etag)
-            raise FsError(errno.ESTALE)
+        self.refuse_stale(h, "write to")
         # a new data key before taking the lock: a KMS CMK makes a network call
         envelope = await self.new_envelope(node.path) if node.staged is None or node.staged.sealed else None
         copied = None

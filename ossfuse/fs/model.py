@@ -355,20 +355,35 @@ async def name_settled(node: Node) -> None:
 
 
 def set_local_version(node: Node, version: Version) -> None:
-    """A version this mount made (upload, rename, attribute copy): open handles follow it,
-    since its content is what they already saw."""
+    """A version this mount made (upload, rename, attribute copy) from ``node.version``: open
+    handles of that version follow it, since its content is what they already saw."""
+    prev = node.version
     node.version = version
     node.size = version.size
     node.checked_at = time.monotonic()
-    node.kernel_etag = version.etag  # same bytes as the kernel saw through this mount
-    handles_follow(node, version)
+    if prev is None or (node.kernel_etag is not None and _etag_norm(node.kernel_etag) == _etag_norm(prev.etag)):
+        # same bytes as the kernel saw through this mount; one that never opened the file, or
+        # last opened another version, still did not (a chmod here is no open: a two-mount
+        # model trial's rename over the file then kept the other mount's version, which this
+        # mount knew, as a conflict copy)
+        node.kernel_etag = version.etag
+    handles_follow(node, version, prev)
 
 
-def handles_follow(node: Node, version: Version) -> None:
-    """``node``'s open handles name ``version``, one this mount made (a handle still naming an
-    older version is stale: Files.write refuses it)."""
+def handles_follow(node: Node, version: Version, prev: Version | None) -> None:
+    """``node``'s open handles that name ``prev`` (by ETag; None: a new file's, never
+    uploaded) name ``version`` from now on, one this mount made from ``prev``. A handle still
+    naming an older version stays stale (Files.write refuses it): a chmod or rename of the
+    version another client put there must not make a handle opened on the one before it write
+    onto theirs (a two-mount model trial: its write was merged onto their content)."""
     for hd in node.handles:
-        hd.version = version
+        if (hd.version is None and prev is None) or (
+                hd.version is not None and prev is not None and _etag_norm(hd.version.etag) == _etag_norm(prev.etag)):
+            hd.version = version
+
+
+def _etag_norm(etag: str) -> str:
+    return etag.strip('"').upper()
 
 
 def touch(dirnode: Node) -> None:

@@ -276,7 +276,6 @@ class Namespace:
         node = await self.resolver.existing(parent, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
-        await self._keep_parent(parent)
         for attempt in range(_RECHECKS + 1):
             dkey = self.naming.dir_key(node.path)
             await self.settle_deletes(dkey)
@@ -291,6 +290,7 @@ class Namespace:
                 # a child this mount made after an earlier check would otherwise be orphaned.
                 if await self.has_children(node.path):
                     raise FsError(errno.ENOTEMPTY)
+                await self._keep_parent(parent)  # (not before: a refused rmdir writes nothing, a trial)
                 await store_request(self.store.delete(dkey), dkey)
                 self.deferred.note_removed_dir(dkey)  # an unlinked open file's object may stay below it
                 node.unlinked = True

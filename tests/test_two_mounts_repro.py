@@ -1,0 +1,231 @@
+"""Reproducers of defects tests/test_two_mounts_model.py found: two Filesystem instances (own
+cache dirs) over one LocalStore bucket, attr_timeout = entry_timeout = 0 (every lookup asks the
+store). Each test fails on the code it was written against."""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import replace
+
+import pytest
+import trio
+
+from fakes.core import core_config
+from fakes.fault_store import FaultStore
+from ossfuse.fs import Filesystem, FsError
+from ossfuse.keyring import Keyring
+from ossfuse.store.local import LocalStore
+
+UID, GID = 1, 2
+
+
+def _mounts(tmp_path, cmk_path):
+    bucket = str(tmp_path / "bucket")
+    os.makedirs(bucket)
+    inner = LocalStore(bucket)
+    fss = []
+    keyring = None
+    for m in ("m0", "m1"):
+        cfg = core_config(tmp_path / m, cmk_path, upload_delay=0.0, attr_timeout=0.0, entry_timeout=0.0)
+        cfg = replace(cfg, store=replace(cfg.store, url=f"local://{bucket}"))
+        keyring = keyring or Keyring(cfg.encryption)
+        fss.append(Filesystem(cfg, FaultStore(inner), keyring, uid=UID, gid=GID))
+    return inner, fss
+
+
+async def _walk(fs, path):
+    node = fs.get(1)
+    for n in path.split("/") if path else ():
+        node = await fs.lookup(node, n)
+    return node
+
+
+async def _write_new(fs, path, data, mode=0o644):
+    parent = await _walk(fs, path.rpartition("/")[0])
+    node, h = await fs.create(parent, path.rpartition("/")[2], mode, os.O_RDWR | os.O_CREAT | os.O_EXCL, UID, GID)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+    return node
+
+
+async def _read(fs, path):
+    node = await _walk(fs, path)
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, 1 << 20)
+    finally:
+        await fs.release(h)
+
+
+async def _keys(inner):
+    return sorted(o.key for o in (await inner.list("pre/", delimiter=None)).objects
+                  if ".ossfuse-integrity" not in o.key)
+
+
+async def _rewrite(fs, path, data):
+    node = await _walk(fs, path)
+    h = await fs.open(node, os.O_RDWR)
+    await fs.setattr(node, size=0, fh=h)
+    await fs.write(h, 0, data)
+    await fs.flush(h)
+    await fs.release(h)
+
+
+@pytest.mark.expect_log(r"was changed by another client")
+def test_a_rename_over_a_version_this_mount_looked_up_makes_no_conflict_copy_after_its_own_chmod(tmp_path, cmk_path):
+    """docs/semantics.md (Reading, "An upload never silently replaces..."): a rename over a name
+    keeps the object there as a conflict copy when it "is not the version this mount's
+    applications last opened (or, for a file never opened here, the version it knows ...)".
+    Mount 0 never opens b; its chmod of b (a copy onto itself) makes it remember that version,
+    and after mount 1 rewrites b and mount 0 looks b up (it knows mount 1's version now), mount
+    0's rename of c over b still takes mount 1's version for an unseen foreign edit and keeps a
+    spurious conflict copy of it."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await _write_new(b, "b", b"one")
+        await a.setattr(await _walk(a, "b"), mode=0o600)  # mount 0's chmod: a CopyObject
+        await _rewrite(b, "b", b"two by mount 1")
+        node = await _walk(a, "b")  # mount 0's lookup takes (knows) mount 1's version
+        assert node.version.etag == (await inner.head("pre/b")).etag
+        await _write_new(a, "c", b"three")
+        await _walk(a, "b")  # the kernel's lookup of the rename's target
+        await a.rename(a.get(1), "c", a.get(1), "b", 0)
+        assert await _keys(inner) == ["pre/b"], "a conflict copy of a version this mount had looked up"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)
+
+
+def test_an_rmdir_that_fails_enotempty_writes_nothing(tmp_path, cmk_path):
+    """An rmdir refused with ENOTEMPTY changes nothing (rmdir(2)). Mount 0 removes directory d
+    while mount 1 has a new file d/c staged (mount 0 cannot see it); mount 1's close puts d/c,
+    so d is an implicit directory (a key prefix, no marker object). Mount 1 makes d/e with a file
+    in it; its rmdir of d/e fails ENOTEMPTY, and yet it has written d's marker 'pre/d/' (the
+    marker an implicit directory gets "before this mount deletes or moves one of its children",
+    docs/semantics.md, Namespace: here nothing was deleted). Found by the two-mount model."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await a.mkdir(a.get(1), "d", 0o755, UID, GID)
+        dnode = await _walk(b, "d")
+        _, h = await b.create(dnode, "c", 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL, UID, GID)
+        await a.rmdir(a.get(1), "d")
+        await b.flush(h)
+        await b.release(h)
+        assert await _keys(inner) == ["pre/d/c"]  # d is implicit now
+        await b.mkdir(await _walk(b, "d"), "e", 0o755, UID, GID)
+        await _write_new(b, "d/e/f", b"x")
+        before = await _keys(inner)
+        assert "pre/d/" not in before
+        with pytest.raises(FsError) as e:
+            await b.rmdir(await _walk(b, "d"), "e")
+        assert e.value.errno == errno.ENOTEMPTY
+        assert await _keys(inner) == before, "a failed rmdir wrote an object"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"refused: this open file reads version")
+def test_a_chmod_lets_a_stale_handle_write_onto_the_other_mounts_version(tmp_path, cmk_path):
+    """docs/semantics.md, Reading (two mounts of one bucket): the first write through a handle
+    to a file the other mount replaced after its open fails ESTALE "always once a lookup of this
+    mount (ls -l, a stat, another open) has seen the other version ... a write is never merged
+    onto the other client's content". Mount 1 opens c and reads it (its bytes are cached);
+    mount 0 rewrites c; mount 1 chmods c (a lookup, which sees mount 0's version, then a copy
+    onto itself). The write through the old handle then succeeds and is merged onto mount 0's
+    content: the handle read b"one by mount 1", wrote b"x" at 0 and reads back b"xWO BY MOUNT
+    0", which is also what the bucket keeps (no conflict copy). Without the chmod (lookup only)
+    the write is ESTALE as documented."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await _write_new(b, "c", b"one by mount 1")
+        h = await b.open(await _walk(b, "c"), os.O_RDWR)
+        assert await b.read(h, 0, 100) == b"one by mount 1"
+        await _rewrite(a, "c", b"TWO BY MOUNT 0")
+        await b.setattr(await _walk(b, "c"), mode=0o600)  # chmod c on mount 1 (its lookup sees mount 0's version)
+        try:
+            await b.write(h, 0, b"x")
+            wrote = True
+        except FsError as e:
+            assert e.errno == errno.ESTALE
+            wrote = False
+        if wrote:
+            seen = await b.read(h, 0, 100)
+            assert seen in (b"xne by mount 1",), f"a write merged onto the other mount's content: {seen!r}"
+        await b.flush(h)
+        await b.release(h)
+        contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
+        assert b"TWO BY MOUNT 0" in contents, f"mount 0's version is gone: {contents}"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"was changed by another client", r"refused: this open file reads version")
+def test_ftruncate_through_a_stale_handle_truncates_the_other_mounts_version(tmp_path, cmk_path):
+    """docs/semantics.md, Reading (two mounts): a change through a handle whose version the other
+    mount replaced fails ESTALE "always once a lookup of this mount ... has seen the other
+    version", "a write is never merged onto the other client's content"; and "truncate/chmod of
+    a version the bucket no longer has give ESTALE". Mount 1 writes c and reopens it (reads it:
+    its bytes are cached); mount 0 rewrites c; mount 1 looks c up (sees mount 0's version) and
+    ftruncates through its old handle to 5 bytes. A write there is ESTALE, as documented; the
+    ftruncate succeeds instead, and truncates mount 0's content: the handle, which read
+    b"one by mount 1", now reads b"TWO B", and the bucket keeps b"TWO B" with no conflict copy:
+    mount 0's b"TWO BY MOUNT 0 LONGER" is lost."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await _write_new(b, "c", b"one by mount 1")
+        h = await b.open(await _walk(b, "c"), os.O_RDWR)
+        assert await b.read(h, 0, 100) == b"one by mount 1"
+        await _rewrite(a, "c", b"TWO BY MOUNT 0 LONGER")
+        await _walk(b, "c")  # a stat on mount 1: its lookup sees mount 0's version
+        with pytest.raises(FsError) as e:
+            await b.write(h, 0, b"x")  # as documented
+        assert e.value.errno == errno.ESTALE
+        try:
+            await b.setattr(h.node, size=5, fh=h)
+            seen = await b.read(h, 0, 100)
+            assert seen == b"one b", f"the stale handle's truncate acted on the other mount's version: {seen!r}"
+        except FsError as e:
+            assert e.errno == errno.ESTALE
+        await b.flush(h)
+        await b.release(h)
+        contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
+        assert b"TWO BY MOUNT 0 LONGER" in contents, f"mount 0's version is lost: {contents}"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"refused: this open file reads version")
+def test_a_rename_lets_a_stale_handle_write_onto_the_other_mounts_version(tmp_path, cmk_path):
+    """As test_a_chmod_lets_a_stale_handle_write_onto_the_other_mounts_version, with a rename:
+    mount 1 opens c (reading nothing); mount 0 rewrites c; mount 1 looks c up (it sees mount 0's
+    version) and renames c to a (the copy moves mount 0's version, as it should). The handle
+    mount 1 opened on its own version follows the rename, and its first write succeeds and is
+    merged onto mount 0's content: the bucket keeps b"xWO BY MOUNT 0" at a, no conflict copy.
+    Documented: ESTALE "always once a lookup of this mount ... has seen the other version", "a
+    write is never merged onto the other client's content" (docs/semantics.md, Reading)."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await _write_new(b, "c", b"one by mount 1")
+        h = await b.open(await _walk(b, "c"), os.O_RDWR)
+        await _rewrite(a, "c", b"TWO BY MOUNT 0")
+        await _walk(b, "c")
+        with pytest.raises(FsError):  # the kernel's lookup of the rename's target: free
+            await _walk(b, "a")
+        await b.rename(b.get(1), "c", b.get(1), "a", 0)
+        try:
+            await b.write(h, 0, b"x")
+            seen = await b.read(h, 0, 100)
+            assert seen == b"xne by mount 1", f"a write merged onto the other mount's content: {seen!r}"
+        except FsError as e:
+            assert e.errno == errno.ESTALE
+        await b.flush(h)
+        await b.release(h)
+        contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
+        assert b"TWO BY MOUNT 0" in contents, f"mount 0's version is lost: {contents}"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)
