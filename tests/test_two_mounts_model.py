@@ -61,6 +61,7 @@ from fakes.core import core_config
 from fakes.fault_store import FaultStore
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.fs.model import FileHandle
+from ossfuse.fs.naming import join, parent_of
 from ossfuse.keyring import Keyring
 from ossfuse.store.local import LocalStore
 
@@ -73,14 +74,6 @@ PREFIX = "pre/"
 ANY_MODE = -1
 STATS: collections.Counter = collections.Counter()
 LAST_LOG: list = []
-
-
-def join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
-
-
-def parent_of(path: str) -> str:
-    return path.rpartition("/")[0]
 
 
 def name_of(path: str) -> str:
