@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..store.base import AlreadyExists, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+from ..store.base import AlreadyExists, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from ..writeback.upload import Uploader
 from .errors import FsError, errno_of, store_request
 
@@ -67,11 +67,6 @@ async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure
         if log_failure:
             log.error("deleting %r (version %s) failed: %s", key, etag, e)
         raise FsError(errno_of(e), str(e)) from None
-
-
-def same_etag(a: str | None, b: str | None) -> bool:
-    """ETags compared as OSS means them: quotes and letter case do not count."""
-    return (a or "").strip('"').upper() == (b or "").strip('"').upper()
 
 
 async def _current(store: ObjectStore, key: str) -> ObjectInfo | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from .. import envelope as env
-from ..store.base import ObjectInfo
+from ..store.base import ObjectInfo, same_etag
 from ..writeback.staging import StagedFile
 from .errors import FsError
 
@@ -361,7 +361,7 @@ def set_local_version(node: Node, version: Version) -> None:
     node.version = version
     node.size = version.size
     node.checked_at = time.monotonic()
-    if prev is None or (node.kernel_etag is not None and _etag_norm(node.kernel_etag) == _etag_norm(prev.etag)):
+    if prev is None or (node.kernel_etag is not None and same_etag(node.kernel_etag, prev.etag)):
         # same bytes as the kernel saw through this mount; one that never opened the file, or
         # last opened another version, still did not (a chmod here is no open: a two-mount
         # model trial's rename over the file then kept the other mount's version, which this
@@ -378,12 +378,8 @@ def handles_follow(node: Node, version: Version, prev: Version | None) -> None:
     onto theirs (a two-mount model trial: its write was merged onto their content)."""
     for hd in node.handles:
         if (hd.version is None and prev is None) or (
-                hd.version is not None and prev is not None and _etag_norm(hd.version.etag) == _etag_norm(prev.etag)):
+                hd.version is not None and prev is not None and same_etag(hd.version.etag, prev.etag)):
             hd.version = version
-
-
-def _etag_norm(etag: str) -> str:
-    return etag.strip('"').upper()
 
 
 def touch(dirnode: Node) -> None:

@@ -91,6 +91,11 @@ class StoreUnavailable(StoreError):
     temporary = True
 
 
+def same_etag(a: str | None, b: str | None) -> bool:
+    """ETags compared as OSS means them: quotes and letter case do not count."""
+    return (a or "").strip().strip('"').upper() == (b or "").strip().strip('"').upper()
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One object as HEAD or a listing reports it.

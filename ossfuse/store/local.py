@@ -55,7 +55,7 @@ from urllib.parse import urlparse
 import trio
 
 from .base import (AlreadyExists, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed,
-                   StoreError)
+                   StoreError, same_etag)
 
 log = logging.getLogger(__name__)
 
@@ -773,7 +773,7 @@ class LocalStore(ObjectStore):
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute("SELECT blob, etag FROM objects WHERE key=?", (key,)).fetchone()
-            if row is not None and version is not None and _etag_norm(row[1]) != _etag_norm(version):
+            if row is not None and version is not None and not same_etag(row[1], version):
                 log.info("%r not deleted: it is version %s now, not %s (another client wrote it)", key, row[1], version)
                 row = None  # kept (one transaction, so checked exactly)
             else:

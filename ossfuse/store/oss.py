@@ -72,7 +72,7 @@ import urllib3
 
 from ..retry import Budget, RetryPolicy, retry_async
 from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
-                   PreconditionFailed, StoreError, StoreUnavailable)
+                   PreconditionFailed, StoreError, StoreUnavailable, same_etag)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .oss_xml import ListAnswerError, parse_list_objects
 
@@ -1341,7 +1341,7 @@ class OssStore(ObjectStore):
         (``sent`` set) HEADs first and deletes nothing when another version is there."""
         if version is not None and sent.is_set():
             info, _ = self._head_sync(key)  # gone: NoSuchKey, nothing to delete
-            if _etag_norm(info.etag) != _etag_norm(version):
+            if not same_etag(info.etag, version):
                 log.info("OSS DELETE %r: not retried, it is version %s now, not %s (another client wrote it)",
                          key, info.etag, version)
                 return
@@ -1375,7 +1375,7 @@ class OssStore(ObjectStore):
                 except oe.NotFound:
                     done.append(key)
                     continue
-                if key in versions and _etag_norm(info.etag) != _etag_norm(versions[key]):
+                if key in versions and not same_etag(info.etag, versions[key]):
                     log.info("OSS DeleteMultiple %r: not retried, it is version %s now, not %s (another client "
                              "wrote it)", key, info.etag, versions[key])
                     done.append(key)
