@@ -1,6 +1,6 @@
-"""Reproducers of defects tests/test_two_mounts_model.py found: two Filesystem instances (own
-cache dirs) over one LocalStore bucket, attr_timeout = entry_timeout = 0 (every lookup asks the
-store). Each test fails on the code it was written against."""
+"""Reproducers of defects tests/test_two_mounts_model.py found (a break-test trial, twenty-sixth
+session): two Filesystem instances (own cache dirs) over one LocalStore bucket, attr_timeout =
+entry_timeout = 0 (every lookup asks the store). Each failed on the code before its fix."""
 from __future__ import annotations
 
 import errno
@@ -70,6 +70,17 @@ async def _rewrite(fs, path, data):
     await fs.write(h, 0, data)
     await fs.flush(h)
     await fs.release(h)
+
+
+async def _close_and_check_kept(a, b, h, inner, theirs: bytes) -> None:
+    """Close stale handle ``h`` of mount 1 (``b``); mount 0's version ``theirs`` must be in the
+    bucket, whole; then close both mounts."""
+    await b.flush(h)
+    await b.release(h)
+    contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
+    assert theirs in contents, f"mount 0's version is lost: {contents}"
+    for fs in (a, b):
+        fs.close()
 
 
 @pytest.mark.expect_log(r"was changed by another client")
@@ -144,21 +155,10 @@ def test_a_chmod_lets_a_stale_handle_write_onto_the_other_mounts_version(tmp_pat
         assert await b.read(h, 0, 100) == b"one by mount 1"
         await _rewrite(a, "c", b"TWO BY MOUNT 0")
         await b.setattr(await _walk(b, "c"), mode=0o600)  # chmod c on mount 1 (its lookup sees mount 0's version)
-        try:
+        with pytest.raises(FsError) as e:  # (it was merged onto theirs: b"xWO BY MOUNT 0")
             await b.write(h, 0, b"x")
-            wrote = True
-        except FsError as e:
-            assert e.errno == errno.ESTALE
-            wrote = False
-        if wrote:
-            seen = await b.read(h, 0, 100)
-            assert seen in (b"xne by mount 1",), f"a write merged onto the other mount's content: {seen!r}"
-        await b.flush(h)
-        await b.release(h)
-        contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
-        assert b"TWO BY MOUNT 0" in contents, f"mount 0's version is gone: {contents}"
-        for fs in (a, b):
-            fs.close()
+        assert e.value.errno == errno.ESTALE
+        await _close_and_check_kept(a, b, h, inner, b"TWO BY MOUNT 0")
     trio.run(main)
 
 
@@ -183,18 +183,10 @@ def test_ftruncate_through_a_stale_handle_truncates_the_other_mounts_version(tmp
         with pytest.raises(FsError) as e:
             await b.write(h, 0, b"x")  # as documented
         assert e.value.errno == errno.ESTALE
-        try:
+        with pytest.raises(FsError) as e:  # (it truncated theirs to b"TWO B")
             await b.setattr(h.node, size=5, fh=h)
-            seen = await b.read(h, 0, 100)
-            assert seen == b"one b", f"the stale handle's truncate acted on the other mount's version: {seen!r}"
-        except FsError as e:
-            assert e.errno == errno.ESTALE
-        await b.flush(h)
-        await b.release(h)
-        contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
-        assert b"TWO BY MOUNT 0 LONGER" in contents, f"mount 0's version is lost: {contents}"
-        for fs in (a, b):
-            fs.close()
+        assert e.value.errno == errno.ESTALE
+        await _close_and_check_kept(a, b, h, inner, b"TWO BY MOUNT 0 LONGER")
     trio.run(main)
 
 
@@ -216,16 +208,8 @@ def test_a_rename_lets_a_stale_handle_write_onto_the_other_mounts_version(tmp_pa
         with pytest.raises(FsError):  # the kernel's lookup of the rename's target: free
             await _walk(b, "a")
         await b.rename(b.get(1), "c", b.get(1), "a", 0)
-        try:
+        with pytest.raises(FsError) as e:  # (it was merged onto theirs at a: b"xWO BY MOUNT 0")
             await b.write(h, 0, b"x")
-            seen = await b.read(h, 0, 100)
-            assert seen == b"xne by mount 1", f"a write merged onto the other mount's content: {seen!r}"
-        except FsError as e:
-            assert e.errno == errno.ESTALE
-        await b.flush(h)
-        await b.release(h)
-        contents = sorted([await _read(a, k[len("pre/"):]) for k in await _keys(inner)])
-        assert b"TWO BY MOUNT 0" in contents, f"mount 0's version is lost: {contents}"
-        for fs in (a, b):
-            fs.close()
+        assert e.value.errno == errno.ESTALE
+        await _close_and_check_kept(a, b, h, inner, b"TWO BY MOUNT 0")
     trio.run(main)
