@@ -574,7 +574,8 @@ def _unmount(mp: str, device: str | None) -> str | None:
         below = [m for _dev, m, _fs in mounts() if m.startswith(mp.rstrip("/") + "/")]
         if below:
             return msg + f" (mounted below it: {_some_paths(below)}; unmount that first)"
-        users = [(p, c) for p, c in users_of(mp) if p != os.getpid()]
+        held = [(p, c, what) for p, c, what in users_of(mp) if p != os.getpid()]
+        users = [(p, c) for p, c, _what in held]
         # Processes killed in a request (a direct-I/O read, an open or a lookup the kernel
         # cannot abandon) hold the mount, with or without a file open there (a killed
         # thread's process shows none), until the request returns: at most the store's
@@ -598,12 +599,13 @@ def _unmount(mp: str, device: str | None) -> str | None:
             continue
         if users:
             ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
-            who = ", ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "") + ")" for p, c in users[:5])
-            return msg + f" (in use by {who}{f' and {len(users) - 5} more' if len(users) > 5 else ''})"
+            who = "; ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "") + f") holds its {what}"
+                            for p, c, what in held[:5])
+            return msg + f" (in use by {who}{f'; and {len(held) - 5} more' if len(held) > 5 else ''})"
         if time.monotonic() >= give_up:
             # a copy of it at another path (a peer of a shared subtree) held there keeps it busy too
             elsewhere = [f"pid {p} ({c}) at {path}" for path in _paths_of(device) if path != mp
-                         for p, c in users_of(path) if p != os.getpid()]
+                         for p, c, _what in users_of(path) if p != os.getpid()]
             if elsewhere:
                 return msg + f" (in use at another path of the same mount: {', '.join(elsewhere[:5])})"
             seen = "" if os.geteuid() == 0 else " this user can see"
@@ -916,7 +918,9 @@ def cmd_keygen(args) -> int:
     except FileExistsError as e:
         if e.filename != args.path and not str(e.filename).endswith(".pub"):
             return _die(f"{e.filename}: not a directory")  # a file where the key's directory belongs
-        return _die(f"{e.filename}: already exists; not overwriting a CMK")
+        # the key asked for, when it is there (its .pub is made first: a new-user trial was
+        # told of the .pub only)
+        return _die(f"{args.path if os.path.lexists(args.path) else e.filename}: already exists; not overwriting a CMK")
     except OSError as e:
         return _die(f"{e.filename or args.path}: {e.strerror}")
     print(f"wrote CMK {args.path} (private, mode 0600) and {args.path}.pub")

@@ -390,18 +390,20 @@ def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
         time.sleep(0.005)
 
 
-def users_of(mountpoint: str) -> list[tuple[int, str]]:
-    """Processes (pid, command name) with a file open, their working or root directory, their
-    program or a mapped file (a library, an mmap kept after close) at or below ``mountpoint``:
-    what keeps an unmount busy (what ``fuser -vm`` shows, without psmisc). Reads
-    /proc/PID/{fd/*,cwd,root,exe} links and /proc/PID/maps, which name paths without touching
-    the mount; processes of other users are seen only as root."""
+def users_of(mountpoint: str) -> list[tuple[int, str, str]]:
+    """Processes (pid, command name, what it holds: "open file PATH", "working directory PATH",
+    "root directory PATH", "program PATH" or "mapped file PATH", the first found) with a file
+    open, their working or root directory, their program or a mapped file (a library, an mmap
+    kept after close) at or below ``mountpoint``: what keeps an unmount busy (what ``fuser -vm``
+    shows, without psmisc). Reads /proc/PID/{fd/*,cwd,root,exe} links and /proc/PID/maps, which
+    name paths without touching the mount; processes of other users are seen only as root."""
     below = mountpoint.rstrip("/") + "/"
 
     def inside(path: str) -> bool:
         path = path.removesuffix(" (deleted)")
         return path == mountpoint or path.startswith(below)
 
+    kinds = {"cwd": "working directory", "root": "root directory", "exe": "program"}
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -411,25 +413,28 @@ def users_of(mountpoint: str) -> list[tuple[int, str]]:
             links = [f"{base}/cwd", f"{base}/root", f"{base}/exe"] + [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
         except OSError:
             continue  # gone meanwhile, or not ours to read
-        held = False
+        what = None
         for link in links:
             try:
-                held = inside(os.readlink(link))
+                target = os.readlink(link)
             except OSError:
                 continue
-            if held:
+            if inside(target):
+                what = f"{kinds.get(link.rsplit('/', 1)[1], 'open file')} {printable(target)}"
                 break
-        if not held:
+        if what is None:
             try:  # "address perms offset dev inode   path": the path is the sixth field, spaces and all
                 with open(f"{base}/maps", "rb") as maps:
-                    held = any(inside(os.fsdecode(parts[5].rstrip(b"\n"))) for line in maps
-                               if len(parts := line.split(maxsplit=5)) == 6)
+                    mapped = next((path for line in maps if len(parts := line.split(maxsplit=5)) == 6
+                                   and inside(path := os.fsdecode(parts[5].rstrip(b"\n")))), None)
             except OSError:
                 continue
-        if held:
+            if mapped is not None:
+                what = f"mapped file {printable(mapped)}"
+        if what is not None:
             try:
                 with open(f"{base}/comm") as f:
-                    found.append((int(name), f.read().strip()))
+                    found.append((int(name), f.read().strip(), what))
             except OSError:
                 pass
     return found

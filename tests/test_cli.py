@@ -40,7 +40,7 @@ def test_keygen_writes_private_0600_and_public(tmp_path):
         pub = serialization.load_pem_public_key(f.read())
     assert pub.public_numbers() == key.public_key().public_numbers()
     r = ossfuse("keygen", path)
-    assert r.returncode == 1 and "already exists" in r.stderr
+    assert r.returncode == 1 and r.stderr == f"ossfuse: {path}: already exists; not overwriting a CMK\n", r.stderr
     other = str(tmp_path / "o.pem")
     open(other + ".pub", "w").close()  # a public key left alone: nothing written, not half a pair
     r = ossfuse("keygen", other)
@@ -542,6 +542,9 @@ def test_busy_umount_names_the_processes_without_fuser(mount):
             assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
             assert "busy" in r.stderr and "fuser" not in r.stderr, r.stderr
             assert f"pid {os.getpid()} (" in r.stderr and f"pid {sleeper.pid} (sleep)" in r.stderr, r.stderr
+            # what each holds (a new-user trial: "in use by pid N (python3)" named no file)
+            assert f"holds its open file {mount.path('f')}" in r.stderr, r.stderr
+            assert f"pid {sleeper.pid} (sleep) holds its working directory {mount.mnt}" in r.stderr, r.stderr
             assert held.read() == "x"
     finally:
         sleeper.kill()
