@@ -1034,7 +1034,9 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
         # made with its config; an existing config's bucket is the mount's to make or, once
         # served and now missing (its disk not mounted), to refuse
         os.makedirs(bucket, mode=0o700, exist_ok=True)
+    made_mp = False
     if mounted_type(mp) is None:  # (a mount there, even one whose daemon died, is dealt with below)
+        made_mp = not os.path.lexists(mp)
         os.makedirs(mp, exist_ok=True)
     if not os.path.exists(key):
         if os.path.exists(key + ".pub"):  # the public half of the missing CMK: useless, kept aside
@@ -1057,6 +1059,11 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
                                 ready_fd=None)
         status = cmd_mount(ns)
         if status:
+            if made_mp:  # refused: the mount point it made goes again (a new-user trial: left behind)
+                try:
+                    os.rmdir(mp)
+                except OSError:
+                    pass
             return status
     layout = (" (the local store's own layout: an index and encrypted blobs, not a file per object; "
               "read it through the folder)" if "://" not in bucket else "")

@@ -691,6 +691,10 @@ def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
         for given in (mnt, link):  # and once more, with its daemon alive: nothing to do
             r = run_cli(*args[:-1], given)
             assert r.returncode == 0 and f"already mounted: {mnt}" in r.stdout, r.stdout + r.stderr
+        second = tmp_path / "second"  # another mount point while the first serves: its cache dir is taken
+        r = run_cli(*args[:-1], str(second))
+        assert r.returncode == 1 and "is in use by" in r.stderr, r.stdout + r.stderr
+        assert not second.exists()  # the mount point it made for nothing is gone (a new-user trial)
         # its bucket's disk not mounted at the next boot: quickstart again (the README's way to
         # mount again) refuses, as a mount does, instead of making an empty bucket there
         assert run_cli("umount", mnt).returncode == 0
