@@ -74,6 +74,9 @@ def test_errno_table():
     assert errno_of(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
     assert errno_of(OSError(errno.EMFILE, "the daemon's")) == errno.ENFILE  # not the caller's own table
     assert errno_of(OSError("no errno")) == errno.EIO
+    for err in (errno.ENOTDIR, errno.ENOENT, errno.EACCES):  # the daemon's own files: not the caller's
+        assert errno_of(OSError(err, "a damaged cache dir")) == errno.EIO
+    assert errno_of(OSError(errno.EROFS, "cache disk")) == errno.EROFS
     assert errno_of(FsError(errno.EEXIST)) == errno.EEXIST
     assert errno_of(ValueError()) == errno.EIO
 

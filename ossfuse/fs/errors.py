@@ -61,8 +61,9 @@ def _disk_full(exc: BaseException) -> bool:
 
 def errno_of(exc: BaseException) -> int:
     """The errno for ``exc`` as the caller of a filesystem operation should see it: from the
-    table above, an OSError's own errno (ENOSPC of the cache disk stays ENOSPC), ENOSPC for
-    a store error caused by a full bucket disk (a local-directory bucket), else EIO."""
+    table above, an OSError's own errno when it says something of the disk (ENOSPC of the
+    cache disk stays ENOSPC; _DISK_ERRNOS), ENOSPC for a store error caused by a full bucket
+    disk (a local-directory bucket), else EIO."""
     if isinstance(exc, FsError):
         return exc.errno
     if isinstance(exc, StoreError) and not isinstance(exc, (PreconditionFailed, NoSuchKey)) and _disk_full(exc):
@@ -73,8 +74,17 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         # the daemon's descriptor table is full, not the caller's: EMFILE would send the
         # program looking for its own leak (a trial)
-        return errno.ENFILE if exc.errno == errno.EMFILE else exc.errno
+        if exc.errno == errno.EMFILE:
+            return errno.ENFILE
+        # what the cache disk's failures mean to the caller too; any other errno of the
+        # daemon's own files (ENOTDIR, ENOENT, EACCES of a damaged cache dir) would name the
+        # caller's file wrongly: EIO, the log line says which (a trial: `rm` said "Not a directory")
+        return exc.errno if exc.errno in _DISK_ERRNOS else errno.EIO
     return errno.EIO
+
+
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.ENOMEM,
+                          errno.ENFILE})
 
 
 _REQUEST_ID = re.compile(r" \[request id [^\]]*\]")  # in a StoreError's message (store/oss.py)
