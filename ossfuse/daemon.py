@@ -629,6 +629,9 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                              name="store reachability probe")
             if isinstance(fs.store, LocalStore):
                 tasks.start_soon(_remove_orphans, fs.store, name="local bucket cleanup")
+            in_doubt = getattr(fs.store, "in_doubt", None)  # (OSS: writes given up on, store/indoubt.py)
+            if in_doubt is not None:
+                tasks.start_soon(in_doubt.watch, fs.store.head, name="late-request check")
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             # The kernel side is gone (fusermount -u), a signal asked us to stop, or a task failed.
             life.state = "draining"
@@ -670,6 +673,12 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                                                     "may not survive a power loss")
             if not pending:
                 log.info("all uploads are in the bucket")
+            if in_doubt is not None:
+                await in_doubt.check_due(fs.store.head)  # a late one that landed already: say so now
+                if late := in_doubt.pending():  # nobody watches them after the exit
+                    log.warning("%d key(s) got a later write of this mount after a request to them was given up "
+                                "without an answer (%s): for up to %d minutes that request may still land over it; "
+                                "look at them then", len(late), _some(late), round(in_doubt.window / 60))
             nursery.cancel_scope.cancel()
     finally:
         life.close_session()

@@ -1673,3 +1673,56 @@ async def test_complete_says_what_it_completed_when_another_object_replaced_it_a
     assert (info.size, info.metadata) == (102400 + 16, meta)
     assert info.etag != theirs.etag and info.etag.endswith("-2")  # a multipart ETag: ours
     assert (theirs.size, theirs.metadata) == (6, {"who": "them"})
+
+
+# ------------------------------------------------------------------ requests in doubt (indoubt.py)
+@pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: '[kg]': a (PUT|DELETE) this mount gave up on")
+def test_in_doubt_flags_a_late_landing_over_a_later_write_only():
+    """The bookkeeping alone: a request given up on matters only once this mount wrote the
+    key again, and only if the key then holds what that request would leave."""
+    from ossfuse.store.base import ObjectInfo
+    from ossfuse.store.indoubt import DELETED, InDoubt
+    d = InDoubt()
+    d.given_up("PUT", "k", "V2")
+    assert d.due() == []  # no later write: it landing is just the write taking effect
+    d.wrote("k", '"v2"')  # the same version put again (a retry): harmless
+    assert d.due() == []
+    d.wrote("k", "V3")
+    assert d.due() == ["k"]
+    assert not d.check("k", ObjectInfo("k", 1, "V3", 0.0, {}))  # ours still there
+    assert not d.check("k", ObjectInfo("k", 1, "THEIRS", 0.0, {}))  # another client's: not that request
+    assert d.check("k", ObjectInfo("k", 1, '"v2"', 0.0, {}))  # landed late
+    assert d.due() == [] and d.pending() == []
+    d.given_up("DELETE", "g", DELETED)
+    d.wrote("g", "NEW")
+    assert d.check("g", None) and d.due() == []
+    short = InDoubt(window=0.0)  # a window that ended: forgotten
+    short.given_up("PUT", "k", "V2")
+    short.wrote("k", "V3")
+    assert short.due() == []
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'late/k': a PUT this mount gave up on at .* took effect "
+                        r"late, over this mount's later version")
+@trio_test
+async def test_a_put_given_up_that_lands_after_a_later_put_is_reported(server):
+    """Trial I: a PUT held by the store longer than read_timeout was given up on, the mount
+    put a newer version, then the store carried out the old PUT over it, silently. The store
+    keeps the given-up write in doubt and its check says so, naming the key."""
+    store = make_store(server, read_timeout=1.0, retries=0)
+    try:
+        server.faults.add_delay(2.5, count=1, methods=("PUT",), key_prefix="late/k")
+        with pytest.raises(StoreUnavailable, match="may still take effect"):
+            await store.put_bytes("late/k", b"v2, given up", {})
+        v3 = await store.put_bytes("late/k", b"v3, fsynced since", {})
+        assert await store.in_doubt.check_due(store.head) == 0  # not landed (yet)
+        for _ in range(50):  # the store carries out the old PUT
+            if server.get_object_bytes(BUCKET, "late/k") == b"v2, given up":
+                break
+            await trio.sleep(0.1)
+        assert server.get_object_bytes(BUCKET, "late/k") == b"v2, given up"
+        assert (await store.head("late/k")).etag != v3.etag
+        assert await store.in_doubt.check_due(store.head) == 1  # one ERROR line
+        assert store.in_doubt.pending() == []
+    finally:
+        await store.aclose()

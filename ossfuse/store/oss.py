@@ -50,6 +50,7 @@ import concurrent.futures
 import email.utils
 import errno
 import functools
+import hashlib
 import http.client
 import logging
 import os
@@ -74,6 +75,7 @@ from ..retry import Budget, RetryPolicy, retry_async
 from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
                    PreconditionFailed, StoreError, StoreUnavailable, same_etag)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
+from .indoubt import DELETED, InDoubt
 from .oss_xml import ListAnswerError, parse_list_objects
 
 log = logging.getLogger(__name__)
@@ -317,6 +319,33 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def _in_doubt(err: StoreError) -> bool:
+    """Whether a failed attempt of a write may still take effect: it got no answer after its
+    request was sent, or its connection was lost (indoubt.py)."""
+    return not err.answered and (err.code == "ConnectionReset"
+                                 or (err.code == "Timeout" and "may still take effect" in err.message))
+
+
+def _md5_etag(data: bytes) -> str:
+    """The ETag OSS gives an object PUT in one request: the body's MD5, upper-case hex."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest().upper()
+
+
+def _md5_etag_of_file(path: str) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            h.update(chunk)
+    return h.hexdigest().upper()
+
+
+def _multipart_etag(part_etags: list[str]) -> str:
+    """The ETag OSS gives a completed multipart upload: the MD5 of its parts' binary MD5s, and
+    "-N"."""
+    joined = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest().upper()}-{len(part_etags)}"
+
+
 def _etag_norm(etag: str) -> str:
     """ETags compare without quotes and case (OSS sends upper-case hex in quotes)."""
     return etag.strip().strip('"').upper()
@@ -492,6 +521,7 @@ class OssStore(ObjectStore):
         self.retries = max(0, int(retries))
         self.connect_timeout = float(connect_timeout)
         self.read_timeout = float(read_timeout)
+        self.in_doubt = InDoubt()  # writes given up on that may still land (store/indoubt.py)
         #: the retry policy of every request (``ossfuse.retry``)
         self.policy = RetryPolicy(attempts=self.retries + 1, deadline=deadline, backoff=backoff,
                                   backoff_max=backoff_max)
@@ -603,7 +633,8 @@ class OssStore(ObjectStore):
         return None
 
     async def _call(self, op: str, key: str | None, fn: Callable[..., Any], *args,
-                    transient_seen: list | None = None, bulk: bool = False) -> Any:
+                    transient_seen: list | None = None, bulk: bool = False,
+                    doubt: Callable[[], list[tuple[str, str]]] | None = None) -> Any:
         """Run ``fn(*args)`` in a worker thread under the store's retry policy (module
         docstring): each attempt's connect and read timeouts are shortened to what is left of
         the deadline. A request that changes the bucket (PUT, copy, DELETE, the multipart
@@ -615,7 +646,10 @@ class OssStore(ObjectStore):
         large body (GET, PUT of a file, part, complete, copy): the retry loop counts its
         seconds failing from its first failure, not from its start.
         ``transient_seen`` (a list) gets the error of every failed attempt that was retried.
-        Raises the last attempt's StoreError, logged once."""
+        ``doubt`` (a write's): [(key, what it leaves there: an ETag or indoubt.DELETED)], asked
+        in a worker thread when an attempt got no answer or lost its connection, for
+        :attr:`in_doubt` (the request may still take effect). Raises the last attempt's
+        StoreError, logged once."""
         budget_seen: list[Budget] = []
 
         async def attempt(budget: Budget) -> Any:
@@ -641,6 +675,9 @@ class OssStore(ObjectStore):
                 err = self._to_store_error(op, key, e, timeouts)
                 if err is None:
                     raise
+                if doubt is not None and _in_doubt(err):
+                    for k, effect in await trio.to_thread.run_sync(doubt):
+                        self.in_doubt.given_up(op, k, effect)
                 if err is e:
                     raise
                 raise err from e
@@ -1057,7 +1094,9 @@ class OssStore(ObjectStore):
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
         if if_absent:
             headers[_FORBID_OVERWRITE] = "true"
-        r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY)
+        r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY,
+                             doubt=lambda: [(key, _md5_etag(data))])
+        self.in_doubt.wrote(key, r.etag)
         return ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     def _put_file_sync(self, key: str, path: str, headers: dict[str, str]):
@@ -1097,7 +1136,9 @@ class OssStore(ObjectStore):
             bulk = os.stat(path).st_size > _SMALL_BODY
         except OSError:
             bulk = True  # the attempt reports what is wrong with the file
-        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk)
+        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk,
+                                   doubt=lambda: [(key, _md5_etag_of_file(path))])
+        self.in_doubt.wrote(key, r.etag)
         return ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     # -- multipart --------------------------------------------------------------------------
@@ -1172,8 +1213,9 @@ class OssStore(ObjectStore):
         seen: list = []
         try:
             r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos, crc,
-                                 {_FORBID_OVERWRITE: "true"} if if_absent else {}, transient_seen=seen, bulk=True)  # OSS may take long to join the parts
-            etag = r.etag
+                                 {_FORBID_OVERWRITE: "true"} if if_absent else {}, transient_seen=seen, bulk=True,
+                                 doubt=lambda: [(key, _multipart_etag([e for _, e in sorted(parts)]))])
+            etag = r.etag  # (OSS may take long to join the parts: bulk)
         except NoSuchKey:
             if not seen:
                 raise
@@ -1186,6 +1228,7 @@ class OssStore(ObjectStore):
             with self._parts_lock:
                 self._parts.pop(upload_id, None)
                 self._upload_meta.pop(upload_id, None)
+        self.in_doubt.wrote(key, etag)
         info = await self.head(key)
         if info is None:
             raise NoSuchKey("object vanished right after CompleteMultipartUpload", key=key)
@@ -1308,11 +1351,14 @@ class OssStore(ObjectStore):
                 meta = self._norm_meta(metadata)
             try:
                 r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers,
-                                     bulk=info.size > _SMALL_BODY)  # server-side copy time grows with size
+                                     bulk=info.size > _SMALL_BODY,  # server-side copy time grows with size
+                                     doubt=functools.partial(lambda etag: [(dst, etag)], info.etag))
+                # (a copy keeps its source's ETag)
             except PreconditionFailed:
                 if if_match is not None:
                     raise
                 continue
+            self.in_doubt.wrote(dst, r.etag or info.etag)
             return ObjectInfo(dst, info.size, r.etag or info.etag, _http_time(r.headers) or 0.0, meta)
         raise StoreError(f"copy source {src!r} kept changing", key=src)
 
@@ -1352,9 +1398,11 @@ class OssStore(ObjectStore):
         """DeleteObject (§3.5): 204 whether or not the key existed. ``version``: see
         ObjectStore.delete (a retry HEADs first)."""
         try:
-            await self._call("DELETE", key, self._delete_sync, key, version, threading.Event())
+            await self._call("DELETE", key, self._delete_sync, key, version, threading.Event(),
+                             doubt=lambda: [(key, DELETED)])
         except NoSuchKey:
             pass
+        self.in_doubt.wrote(key, DELETED)
 
     async def aclose(self) -> None:
         """Close the pooled connections and head_many's idle threads."""
@@ -1395,7 +1443,10 @@ class OssStore(ObjectStore):
         not reported is returned as not deleted. Retried like any request; with ``versions``
         (ObjectStore.delete_many), a retry HEADs each key first."""
         deleted = set(await self._call("DeleteMultiple", keys[0] if len(keys) == 1 else None,
-                                       self._delete_many_sync, keys[:], versions, threading.Event()))
+                                       self._delete_many_sync, keys[:], versions, threading.Event(),
+                                       doubt=lambda: [(k, DELETED) for k in keys]))
+        for k in deleted:
+            self.in_doubt.wrote(k, DELETED)
         return [k for k in keys if k not in deleted]
 
 

@@ -1,0 +1,125 @@
+"""Writes given up on without knowing their outcome ("in doubt"), and the check that one did
+not take effect late, over a later write of this mount to the same key.
+
+A write that got no answer (its request sent, the read timed out) or whose connection was
+lost may still be carried out by the store after the mount went on: a PUT answered 68 s late
+replaced the version an ``fsync`` had put since, and a delete batch deleted a file made again
+(break-test trial I; OSS has no conditional PUT or DELETE, so no request can say "only if still
+version X"). OSS refuses a request whose signed date is more than 15 minutes off its clock
+(oss-rest-api.md, RequestTimeTooSkewed), which bounds when a request given up on can still
+land: :data:`WINDOW` after it was sent.
+
+:class:`InDoubt` keeps, per key, what each such request would leave there (the ETag of the
+object it writes, OSS's MD5 of the body for a PUT, or :data:`DELETED`), and the last write
+this mount made to that key since (``wrote``). ``check_due`` HEADs the keys that have both,
+every ``interval`` seconds while the daemon runs (``watch``): when the key holds what the
+request in doubt would leave, and not the later write, the request landed late: one ERROR line
+naming the key, the request, when it was given up and what the bucket now holds (not repaired:
+the mount then sees that object as another client's version; putting its own back from the
+block cache is left to do). A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
+daemon says so in one WARNING line): nobody watches them after the exit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from .base import ObjectInfo, StoreError, same_etag
+
+log = logging.getLogger(__name__)
+
+#: seconds after a request was sent during which OSS may still carry it out (its 15-minute
+#: clock-skew limit on signed requests, plus a minute for clocks and queues)
+WINDOW = 16 * 60.0
+#: what a DELETE leaves at its key
+DELETED = ""
+#: seconds between the checks of ``watch``
+INTERVAL = 30.0
+
+
+@dataclass
+class _Doubt:
+    op: str
+    effect: str  # the ETag the request would leave, or DELETED
+    until: float  # monotonic seconds: it cannot land after this
+    given_up_at: float  # wall clock, for the log line
+    later: str | None = None  # the ETag (or DELETED) this mount wrote there since; None: nothing yet
+
+
+class InDoubt:
+    """The requests in doubt of one store (see the module doc). Runs on the trio thread: the
+    store's worker threads report through :meth:`given_up` and :meth:`wrote`, which only
+    append to and update plain dicts (atomic under the GIL)."""
+
+    def __init__(self, window: float = WINDOW):
+        self.window = window
+        self._doubts: dict[str, list[_Doubt]] = {}
+
+    def given_up(self, op: str, key: str, effect: str) -> None:
+        """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
+        leave ``effect`` there (an ETag, or DELETED) within the window."""
+        self._doubts.setdefault(key, []).append(_Doubt(op, effect, time.monotonic() + self.window, time.time()))
+
+    def wrote(self, key: str, result: str) -> None:
+        """This mount's write to ``key`` succeeded, leaving ``result`` (an ETag, or DELETED):
+        a request in doubt that would leave something else is now worth checking."""
+        doubts = self._doubts.get(key)
+        if not doubts:
+            return
+        for d in doubts:
+            d.later = None if same_etag(d.effect, result) else result  # (the same version again: harmless)
+
+    def due(self) -> list[str]:
+        """Keys with a request in doubt and a later write of this mount to check against."""
+        now = time.monotonic()
+        for key in [k for k, ds in self._doubts.items() if all(d.until < now for d in ds)]:
+            del self._doubts[key]
+        return [k for k, ds in self._doubts.items() if any(d.later is not None for d in ds)]
+
+    def check(self, key: str, info: ObjectInfo | None) -> bool:
+        """Compare what ``key`` holds now (``info``; None: nothing) with its requests in doubt;
+        True when one landed late over this mount's later write (logged, and that request
+        forgotten)."""
+        now_holds = info.etag if info is not None else DELETED
+        landed = False
+        for d in list(self._doubts.get(key, ())):
+            if d.later is None or not same_etag(now_holds, d.effect) or same_etag(now_holds, d.later):
+                continue
+            landed = True
+            self._doubts[key].remove(d)
+            log.error("%r: a %s this mount gave up on at %s (no answer) took effect late, over this mount's later "
+                      "%s; the bucket now holds %s", key, d.op, time.strftime("%H:%M:%S", time.localtime(d.given_up_at)),
+                      "delete" if d.later == DELETED else f"version {d.later}",
+                      "nothing there" if now_holds == DELETED else f"that request's version {now_holds}")
+        if not self._doubts.get(key, True):
+            del self._doubts[key]
+        return landed
+
+    async def check_due(self, head: Callable[[str], Awaitable[ObjectInfo | None]]) -> int:
+        """One pass of :meth:`check` over the keys :meth:`due` lists (a HEAD each; one that
+        fails is tried at the next pass). Returns how many landed late."""
+        landed = 0
+        for key in self.due():
+            try:
+                info = await head(key)
+            except StoreError:
+                continue
+            landed += self.check(key, info)
+        return landed
+
+    async def watch(self, head: Callable[[str], Awaitable[ObjectInfo | None]], interval: float = INTERVAL) -> None:
+        """Run forever (a daemon task): :meth:`check_due` every ``interval`` seconds."""
+        while True:
+            await trio.sleep(interval)
+            await self.check_due(head)
+
+    def pending(self) -> list[str]:
+        """Keys whose request in doubt may still land over a later write of this mount."""
+        return self.due()
+
+
+__all__ = ["InDoubt", "DELETED", "WINDOW"]
