@@ -927,3 +927,43 @@ _LOST_WORK = r"WARNING ossfuse\.writeback\.journal: unsaved changes of '.*' \(wo
                         r"was deleted by another client", r"refused", r"conflict")
 def test_two_mounts_model(tmp_path, cmk_path):
     _run(TwoMounts, tmp_path, cmk_path, examples=int(os.environ.get("OSSFUSE_TWO_MOUNTS_EXAMPLES", "600")), steps=int(os.environ.get("OSSFUSE_TWO_MOUNTS_STEPS", "40")))
+
+
+def _replay(steps, tmp_path, cmk_path) -> None:
+    """Run ``steps(state)`` on one TwoMounts machine (a failing case hypothesis printed), in a
+    worker thread of a trio run as the search does; the machine's teardown always."""
+    TwoMounts.cmk_path = cmk_path
+    TwoMounts.keyring = Keyring(core_config(str(tmp_path), cmk_path).encryption)
+    TwoMounts.base_dir = str(tmp_path)
+
+    def run():
+        state = TwoMounts()
+        try:
+            steps(state)
+        finally:
+            state.teardown()
+
+    async def main():
+        await trio.to_thread.run_sync(run)
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"was changed by another client", r"conflict")
+def test_a_rename_onto_a_name_this_mount_just_renamed_there_keeps_no_conflict_copy(tmp_path, cmk_path):
+    """Found by a longer search (seed 11, 1,500 examples) in a first version of this session's
+    fix of ``set_local_version``, which left the version the kernel last opened unchanged when
+    this mount made a version from another one: mount 1's second rename onto c, whose version was
+    its own first rename's, kept a conflict copy of it as another client's."""
+    def steps(state):
+        for step in (lambda: state.create(d=0, m=0, mode=0o600, name="a"), state.settle,
+                     lambda: state.create(d=0, m=1, mode=0o600, name="b"),
+                     lambda: state.rename(d=0, i=0, m=0, name=0),
+                     lambda: state.create(d=0, m=0, mode=0o600, name="b"), state.settle,
+                     lambda: state.rename(d=0, i=0, m=0, name=1),
+                     lambda: state.create(d=0, m=0, mode=0o600, name="a"),
+                     lambda: state.rename(d=0, i=0, m=1, name=2),
+                     lambda: state.rename(d=0, i=0, m=1, name=2)):
+            step()
+            state.bucket_matches()
+    _replay(steps, tmp_path, cmk_path)

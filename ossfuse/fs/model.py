@@ -361,11 +361,10 @@ def set_local_version(node: Node, version: Version) -> None:
     node.version = version
     node.size = version.size
     node.checked_at = time.monotonic()
-    if prev is None or (node.kernel_etag is not None and same_etag(node.kernel_etag, prev.etag)):
-        # same bytes as the kernel saw through this mount; one that never opened the file, or
-        # last opened another version, still did not (a chmod here is no open: a two-mount
-        # model trial's rename over the file then kept the other mount's version, which this
-        # mount knew, as a conflict copy)
+    if prev is None or node.kernel_etag is not None:
+        # same bytes as the kernel saw through this mount; a mount that never opened the file
+        # still did not (a chmod here is no open: a two-mount model trial's rename over the
+        # file then kept the other mount's version, which this mount knew, as a conflict copy)
         node.kernel_etag = version.etag
     handles_follow(node, version, prev)
 
