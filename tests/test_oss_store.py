@@ -1726,3 +1726,27 @@ async def test_a_put_given_up_that_lands_after_a_later_put_is_reported(server):
         assert store.in_doubt.pending() == []
     finally:
         await store.aclose()
+
+
+@trio_test
+async def test_a_put_file_given_up_whose_file_is_gone_fails_with_its_own_error(server, tmp_path):
+    """What a given-up PUT of a file would leave is the file's MD5; a file gone meanwhile
+    leaves it unknown (one INFO line), never an OSError in place of the request's error."""
+    store = make_store(server, read_timeout=1.0, retries=0)
+    path = tmp_path / "staged"
+    path.write_bytes(b"x" * 100)
+    real = store._put_file_sync
+
+    def put_then_file_gone(*args):
+        try:
+            return real(*args)
+        finally:
+            path.unlink()
+    store._put_file_sync = put_then_file_gone
+    try:
+        server.faults.add_delay(2.0, count=1, methods=("PUT",), key_prefix="gone/k")
+        with pytest.raises(StoreUnavailable, match="may still take effect"):
+            await store.put_file("gone/k", str(path), {})
+        assert store.in_doubt.due() == [] and "gone/k" not in store.in_doubt._doubts
+    finally:
+        await store.aclose()

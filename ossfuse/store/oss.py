@@ -676,8 +676,11 @@ class OssStore(ObjectStore):
                 if err is None:
                     raise
                 if doubt is not None and _in_doubt(err):
-                    for k, effect in await trio.to_thread.run_sync(doubt):
-                        self.in_doubt.given_up(op, k, effect)
+                    try:
+                        for k, effect in await trio.to_thread.run_sync(doubt):
+                            self.in_doubt.given_up(op, k, effect)
+                    except OSError as d:  # (a staged file gone meanwhile: nothing to compare with)
+                        log.info("OSS %s %r: what the request in doubt would leave is unknown: %s", op, key, d)
                 if err is e:
                     raise
                 raise err from e
