@@ -20,7 +20,7 @@ import trio
 
 from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names
 from ossfuse.fs import FsError
-from ossfuse.fs.copying import same_etag
+from ossfuse.store.base import same_etag
 
 
 def _background(fs, nursery, retry_interval: float = 30.0):

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from fakes.core import core_config
+from fakes.core import core_config, from_loop
 from fakes.fault_store import FaultStore
 from ossfuse.config import Config
 from ossfuse.fs import Filesystem, FsError
@@ -192,11 +192,7 @@ class FsMachine(RuleBasedStateMachine):
             shutil.rmtree(self.root, ignore_errors=True)
 
     # -- calling into the event loop --------------------------------------------------------
-    @staticmethod
-    def call(afn, *args, **kw):
-        async def run():
-            return await afn(*args, **kw)
-        return trio.from_thread.run(run)
+    call = staticmethod(from_loop)
 
     def node_at(self, path: str) -> Node:
         """The node at ``path``, looked up component by component. Raises FsError."""

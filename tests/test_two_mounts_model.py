@@ -57,7 +57,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from fakes.core import core_config
+from fakes.core import core_config, from_loop
 from fakes.fault_store import FaultStore
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.fs.model import FileHandle
@@ -166,11 +166,7 @@ class TwoMounts(RuleBasedStateMachine):
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    @staticmethod
-    def call(afn, *args, **kw):
-        async def run():
-            return await afn(*args, **kw)
-        return trio.from_thread.run(run)
+    call = staticmethod(from_loop)
 
     def attempt(self, allowed: set, fn, *args, **kw):
         self.log.append(f"{getattr(fn, '__name__', '?')}{tuple(a for a in args if not hasattr(a, 'fh'))}"[:120])

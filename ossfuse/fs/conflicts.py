@@ -37,11 +37,10 @@ import socket
 import time
 
 from .. import envelope as env
-from ..store.base import AlreadyExists, ObjectInfo, ObjectStore
+from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, same_etag
 from ..writeback.journal import BASE_UNKNOWN
 from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
-from .copying import same_etag
 from .model import Node
 from .naming import MAX_KEY_BYTES, Naming
 from .unlinked import DeferredDeletes

@@ -16,12 +16,11 @@ from ..cache import BlockCache, TruncatedObject
 from ..cmk import CmkUnavailable, KeyMissing
 from ..integrity import IntegrityError
 from ..keyring import Keyring
-from ..store.base import NoSuchKey, PreconditionFailed, StoreError
+from ..store.base import NoSuchKey, PreconditionFailed, StoreError, same_etag
 from ..store.health import StoreOffline, say_once_offline
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
 from .commit import Commit
-from .copying import same_etag
 from .errors import ErrorsOnce, FsError, errno_of
 from .inodes import InodeTable
 from .model import FileHandle, Node, Version, name_settled

@@ -26,11 +26,11 @@ import trio
 from .. import integrity
 from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
-from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
+from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object, delete_version, same_etag
+from .copying import copy_object, delete_version
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable

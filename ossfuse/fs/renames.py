@@ -67,8 +67,8 @@ from typing import Callable, Protocol
 
 from .. import envelope as env
 from ..aio import run_all
-from ..store.base import ObjectInfo, ObjectStore, StoreError
-from .copying import delete_version, same_etag
+from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
+from .copying import delete_version
 from .errors import FsError
 from .naming import Naming
 

@@ -35,9 +35,8 @@ import trio
 from ..aio import run_all
 from ..attrcache import AttrCache, RememberedAttrs
 from ..integrity import LIST_DIR
-from ..store.base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, StoreError
+from ..store.base import ListPage, NoSuchKey, ObjectInfo, ObjectStore, StoreError, same_etag
 from ..store.health import StoreOffline, say_once_offline
-from .copying import same_etag
 from .errors import ErrorsOnce, FsError, errno_of
 from .inodes import InodeTable
 from .locks import NameLocks

@@ -171,8 +171,9 @@ class StoreHealth:
         caller should raise: a StoreOffline (same message) for a failure without an answer
         (``exc.unreachable``), which takes the mount offline if it was online (one WARNING
         line); ``exc`` itself otherwise (the store answered, maybe with a 503: online), and
-        also for an unanswered call while the store is alive: it answered a call sent after
-        this one, or :meth:`confirm_alive` said so (``alive``). That is the one request's
+        also for an unanswered call while the store is alive (``alive``: what
+        :meth:`confirm_alive` said of it: the store answered a call sent after this one, or
+        the confirming listing). That is the one request's
         failure (a slow or damaged object), not an outage (a trial: one HEAD that hung 30 s
         took the mount offline, and its cached listings hid a new directory)."""
         if not exc.unreachable:
@@ -180,7 +181,7 @@ class StoreHealth:
             return exc
         if isinstance(exc, StoreOffline):
             return exc
-        if self.offline_since is None and (alive or self.answered_since(started)):
+        if self.offline_since is None and alive:
             return exc
         if self.offline_since is None:
             self.offline_since = time.time()

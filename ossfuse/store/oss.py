@@ -1385,15 +1385,25 @@ class OssStore(ObjectStore):
         out.sort(key=lambda u: (u[0], u[2]))
         return out
 
+    def _still_to_delete(self, op: str, key: str, version: str) -> bool:
+        """For a DELETE retried after a lost answer (in a worker thread): whether ``key`` still
+        holds ``version`` (a HEAD). Gone, or another version there (one INFO line): nothing to
+        delete."""
+        try:
+            info, _ = self._head_sync(key)
+        except oe.NotFound:
+            return False
+        if same_etag(info.etag, version):
+            return True
+        log.info("OSS %s %r: not retried, it is version %s now, not %s (another client wrote it)",
+                 op, key, info.etag, version)
+        return False
+
     def _delete_sync(self, key: str, version: str | None, sent: threading.Event) -> None:
         """One DeleteObject attempt; with ``version``, an attempt after one that was sent
         (``sent`` set) HEADs first and deletes nothing when another version is there."""
-        if version is not None and sent.is_set():
-            info, _ = self._head_sync(key)  # gone: NoSuchKey, nothing to delete
-            if not same_etag(info.etag, version):
-                log.info("OSS DELETE %r: not retried, it is version %s now, not %s (another client wrote it)",
-                         key, info.etag, version)
-                return
+        if version is not None and sent.is_set() and not self._still_to_delete("DELETE", key, version):
+            return
         sent.set()
         self._bucket.delete_object(key)
 
@@ -1418,25 +1428,14 @@ class OssStore(ObjectStore):
         ``versions``, an attempt after one that was sent (``sent`` set) HEADs each key first
         (one at a time: a retry is rare, and its batch at most 1000 keys) and leaves those at
         another version, counting them as done."""
+        done: KeyList = []
         if versions is not None and sent.is_set():
-            done, still = [], []
-            for key in keys:
-                try:
-                    info, _ = self._head_sync(key)
-                except oe.NotFound:
-                    done.append(key)
-                    continue
-                if key in versions and not same_etag(info.etag, versions[key]):
-                    log.info("OSS DeleteMultiple %r: not retried, it is version %s now, not %s (another client "
-                             "wrote it)", key, info.etag, versions[key])
-                    done.append(key)
-                else:
-                    still.append(key)
+            still = [k for k in keys if k not in versions or self._still_to_delete("DeleteMultiple", k, versions[k])]
+            kept = set(still)
+            done = [k for k in keys if k not in kept]
             if not still:
                 return done
             keys = still
-        else:
-            done = []
         sent.set()
         return done + [str(k) for k in self._bucket.batch_delete_objects(keys).deleted_keys]
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import errno
 import os
 
+import trio
+
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.fs.model import Node
@@ -110,3 +112,11 @@ async def read_node(fs: Filesystem, node: Node, size: int = 1 << 30) -> bytes:
 async def read_file(fs: Filesystem, name: str) -> bytes:
     """The whole content of ``name`` in the root directory, read through open/read/release."""
     return await read_node(fs, await fs.lookup(fs.get(1), name))
+
+
+def from_loop(afn, *args, **kw):
+    """``await afn(*args, **kw)`` in the trio run of the calling worker thread (the model
+    tests drive their state machines from one); its result."""
+    async def run():
+        return await afn(*args, **kw)
+    return trio.from_thread.run(run)
