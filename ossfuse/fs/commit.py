@@ -89,7 +89,8 @@ class Commit:
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
         self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
-        self.conflicts = Conflicts(uploader.store, naming, uploader)  # foreign edits kept (issue 12)
+        self.conflicts = Conflicts(uploader.store, naming, uploader,  # foreign edits kept (issue 12)
+                                   in_use=lambda path: path in inodes.by_path)
         # (parent inode, name): the kernel's cached entry no longer names the node it did (set
         # by the FUSE adapter: an entry invalidation; never blocks, never raises)
         self.entry_moved: Callable[[int, str], None] = lambda parent_ino, name: None

@@ -35,6 +35,7 @@ import collections
 import logging
 import socket
 import time
+from collections.abc import Callable, Iterator
 
 from .. import envelope as env
 from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, same_etag
@@ -108,10 +109,12 @@ class Conflicts:
     """The upload-time check of one mount (see the module doc). ``count``: conflict copies made;
     ``recent``: the last RECENT_MAX of their paths."""
 
-    def __init__(self, store: ObjectStore, naming: Naming, uploader: Uploader, host: str | None = None):
+    def __init__(self, store: ObjectStore, naming: Naming, uploader: Uploader, host: str | None = None,
+                 in_use: Callable[[str], bool] = lambda path: False):
         self.store = store
         self.naming = naming
         self.uploader = uploader
+        self.in_use = in_use  # whether this mount holds a node at a path (not for a conflict copy's name)
         self.host = host or socket.gethostname().split(".")[0] or "host"
         self.count = 0
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_MAX)
@@ -177,8 +180,7 @@ class Conflicts:
         mount did not know (it knew version ``known``; None: no object): copy it to a conflict
         name next to it first (kept, one WARNING, counted). Raises StoreError (the copy;
         PreconditionFailed: it changed again)."""
-        for n in range(100):
-            ckey = conflict_key(key, self.naming.prefix, self.host, time.time(), n)
+        for ckey in self._names(key):
             try:
                 info = await self.uploader.copy(current, ckey, if_absent=True)
                 break
@@ -192,6 +194,21 @@ class Conflicts:
         log.warning("%r was changed by another client (this mount knew %s, the bucket has %s) and a rename "
                     "replaces it: theirs is kept as %r (version %s)", key,
                     f"version {known}" if known else "no object there", current.etag, ckey, info.etag)
+
+    def _names(self, key: str) -> Iterator[str]:
+        """The conflict keys to try for ``key``, in order (up to 100; the last one is yielded
+        whatever happens), skipping those at a path this mount holds a node for (``in_use``): a
+        name free in the bucket may still be this mount's, e.g. an earlier conflict copy its
+        node followed that another client has since renamed away; the node of the new copy
+        could not follow it there, and would stay at the original name holding the copy's
+        version (a two-mount model search: a later rename over that name then kept the other
+        client's file as a second, needless conflict copy)."""
+        for n in range(100):
+            ckey = conflict_key(key, self.naming.prefix, self.host, time.time(), n)
+            path = self.naming.path_of(ckey)
+            if n < 99 and path is not None and self.in_use(path):
+                continue
+            yield ckey
 
     def _remember(self, key: str, etag: str) -> None:
         """Note that this mount's upload put ``etag`` at ``key`` (bounded: the oldest keys go)."""
@@ -239,8 +256,7 @@ class Conflicts:
             except _ChangedMeanwhile:
                 pass  # theirs stays: ours goes to a conflict copy, as below
         assert current is not None
-        for n in range(100):
-            ckey = conflict_key(key, self.naming.prefix, self.host, time.time(), n)
+        for ckey in self._names(key):
             try:
                 info = await self.uploader.upload(staged, ckey, metadata, if_absent=True)
                 break

@@ -60,7 +60,7 @@ async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure
         if head is None:
             return
         if not same_etag(head.etag, etag):
-            log.error("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
+            log.warning("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
             raise FsError(errno.ESTALE)
         await store.delete(key, version=head.etag)
     except StoreError as e:
