@@ -1059,3 +1059,20 @@ def test_a_file_whose_close_made_a_conflict_copy_keeps_what_it_opened_when_renam
              "create(d=11, m=0, mode=0o600, name='b')", "close(i=10)", "rename(d=12, i=25, m=0, name=2)",
              "create(d=6, m=1, mode=0o700, name='b')", "rename(d=16, i=45, m=1, name=2)"]
     _replay(lambda state: _steps(state, [lambda t, c=c: eval("t." + c) for c in steps]), tmp_path, cmk_path)
+
+
+@pytest.mark.expect_log(_LOST_WORK, r"was changed by another client", r"conflict", r"refused")
+def test_a_file_open_here_whose_staged_version_went_up_counts_as_opened_at_a_later_rename(tmp_path, cmk_path):
+    """Found by a longer search (seed 15, 60 steps). Mount 1's open file c (its object moved away
+    by mount 0, written again through the handle, read through a second open, which takes no
+    page-cache version for a staged file, then fsynced: put back) had no record of the version
+    its application last opened; mount 0 replaced c, and mount 1's rename of mount 0's conflict
+    copy onto c replaced mount 0's version without keeping it. The version an open file's upload
+    makes is now what its applications last saw."""
+    steps = ["create(d=5, m=1, mode=0o600, name='b')", "fsync(i=2)", "rename(d=8, i=14, m=1, name=2)",
+             "rename(d=5, i=32, m=0, name=1)", "rename(d=9, i=2, m=1, name=0)", "create(d=5, m=1, mode=0o700, name='b')",
+             "write(byte=154, i=4, offset=1111, size=199)", "rename(d=18, i=14, m=0, name=1)",
+             "create(d=17, m=0, mode=0o700, name='c')", "stat_and_read(i=5, m=1)", "rename(d=2, i=14, m=1, name=0)",
+             "rename(d=12, i=14, m=1, name=0)", "fsync(i=4)", "rename(d=2, i=21, m=0, name=2)",
+             "rename(d=15, i=23, m=1, name=2)"]
+    _replay(lambda state: _steps(state, [lambda t, c=c: eval("t." + c) for c in steps]), tmp_path, cmk_path)

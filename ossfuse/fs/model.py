@@ -361,10 +361,14 @@ def set_local_version(node: Node, version: Version) -> None:
     node.version = version
     node.size = version.size
     node.checked_at = time.monotonic()
-    if prev is None or node.kernel_etag is not None:
+    if prev is None or node.kernel_etag is not None or node.opens:
         # same bytes as the kernel saw through this mount; a mount that never opened the file
         # still did not (a chmod here is no open: a two-mount model trial's rename over the
-        # file then kept the other mount's version, which this mount knew, as a conflict copy)
+        # file then kept the other mount's version, which this mount knew, as a conflict copy).
+        # An open file's staged version has no kernel_etag (its pages are no version's) until
+        # it is uploaded: then it is this one (a longer model search: else a rename onto the
+        # name replaced another client's version there as one this mount's applications had
+        # seen)
         node.kernel_etag = version.etag
     handles_follow(node, version, prev)
 
