@@ -177,6 +177,8 @@ class Files:
                                                          keep_cache=etag is not None and etag == node.kernel_etag,
                                                          direct_io=direct))
         node.kernel_etag = None if direct else etag
+        if node.version is not None:  # (a staged version's base: what the staged bytes started from)
+            node.seen_etag = node.version.etag
         h.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         node.opens += 1
         node.add_handle(h)

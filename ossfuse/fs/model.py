@@ -258,6 +258,11 @@ class Node:
     # here, or its last HEAD): an attribute change rewrites it with a PUT (fs/attrs.py)
     plain_marker: bool = False
     kernel_etag: str | None = None  # version whose pages the kernel may cache (see Files.open_handle)
+    # the version this mount's applications last opened, or that this mount made from it while
+    # they had it (None: never opened here): a rename over the name keeps another client's
+    # version as a conflict copy (fs/namespace.py). Unlike kernel_etag, an open of a staged
+    # version or one bypassing the page cache does not clear it
+    seen_etag: str | None = None
     handles: set | frozenset = frozenset()  # open FileHandles; a set from the first open (an empty set is 216 B)
     atime_ns: int | None = None  # last access as set by utimensat (reads do not change it); None: mtime
     # a directory: when this mount last changed its entries (touch). Not stored (a marker PUT
@@ -361,15 +366,14 @@ def set_local_version(node: Node, version: Version) -> None:
     node.version = version
     node.size = version.size
     node.checked_at = time.monotonic()
-    if prev is None or node.kernel_etag is not None or node.opens:
-        # same bytes as the kernel saw through this mount; a mount that never opened the file
-        # still did not (a chmod here is no open: a two-mount model trial's rename over the
-        # file then kept the other mount's version, which this mount knew, as a conflict copy).
-        # An open file's staged version has no kernel_etag (its pages are no version's) until
-        # it is uploaded: then it is this one (a longer model search: else a rename onto the
-        # name replaced another client's version there as one this mount's applications had
-        # seen)
-        node.kernel_etag = version.etag
+    if prev is None or node.kernel_etag is not None:
+        node.kernel_etag = version.etag  # same bytes as the kernel's pages
+    if prev is None or node.seen_etag is not None:
+        # what the applications saw, as this mount changed it; a mount that never opened the
+        # file still did not (a chmod here is no open: a two-mount model trial's rename over
+        # the file then kept the other mount's version, which this mount knew, as a conflict
+        # copy)
+        node.seen_etag = version.etag
     handles_follow(node, version, prev)
 
 

@@ -868,16 +868,16 @@ class Namespace:
                 else:  # what the bucket has at dst's name: replaced knowingly
                     v = dst.version
                     unseen = _unseen(dst)  # (before the HEAD's await: a lookup meanwhile changes it)
-                    if v is not None and (unseen or (dst.kernel_etag and not same_etag(dst.kernel_etag, v.etag))):
+                    if v is not None and (unseen or (dst.seen_etag and not same_etag(dst.seen_etag, v.etag))):
                         # the rename's lookup took another client's version, which nobody here
-                        # read (its applications last opened kernel_etag, or the kernel took the
+                        # read (its applications last opened seen_etag, or the kernel took the
                         # name for free): kept as a conflict copy first, as a committed source's
                         # rename does (a trial: an editor's save of a new temp file over it lost
                         # the other mount's edit, no warning). (Changed again since: src's
                         # upload finds that and goes to a conflict copy itself.)
                         now = await store_request(self.store.head(new_key), new_key)
                         if now is not None and same_etag(now.etag, v.etag):
-                            await self._keep_as_conflict(new_key, now, None if unseen else dst.kernel_etag)
+                            await self._keep_as_conflict(new_key, now, None if unseen else dst.seen_etag)
                     replaced = v.etag if v is not None else await self._replaced_etag(dst, new_key)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
@@ -917,7 +917,7 @@ class Namespace:
         new_key = self.naming.key(dst_path)
         mark = self.deferred.mark()
         # what this mount knows at new_key: the version of dst its applications last opened
-        # (kernel_etag: a lookup may have taken another client's newer one since, which nobody
+        # (seen_etag: a lookup may have taken another client's newer one since, which nobody
         # here has read: a trial's editor save replaced it), else dst's version, or the one its
         # upload replaces (an unlinked file's version whose DELETE is pending counts too:
         # _copy_keeping_theirs). Nothing known: a create-only copy
@@ -928,7 +928,7 @@ class Namespace:
         elif _unseen(dst):  # the kernel took the name for free: the rename's own probe found theirs
             known = None
         else:
-            known = dst.kernel_etag or dst.version.etag
+            known = dst.seen_etag or dst.version.etag
         # directive COPY: the store copies every x-oss-meta-* field; a slim v lends none, so a
         # streaming copy (above the copy limit) HEADs the source for them
         source = ObjectInfo(v.key, v.size, v.etag, 0, v.metadata if v.held else {})
