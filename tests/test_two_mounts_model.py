@@ -1076,3 +1076,16 @@ def test_a_file_open_here_whose_staged_version_went_up_counts_as_opened_at_a_lat
              "rename(d=12, i=14, m=1, name=0)", "fsync(i=4)", "rename(d=2, i=21, m=0, name=2)",
              "rename(d=15, i=23, m=1, name=2)"]
     _replay(lambda state: _steps(state, [lambda t, c=c: eval("t." + c) for c in steps]), tmp_path, cmk_path)
+
+
+@pytest.mark.expect_log(_LOST_WORK, r"was changed by another client", r"conflict", r"refused")
+def test_a_directory_rename_refused_enotempty_writes_no_parent_marker(tmp_path, cmk_path):
+    """Found by a longer search (seed 19, 60 steps): mount 1's rename of d/e onto d (not empty),
+    with d an implicit directory (no marker object, only keys below it), failed ENOTEMPTY as it
+    should, but had first written d's marker (what a rename does before moving a child out of an
+    implicit directory). Now the emptiness of the target is checked before, as rmdir's is."""
+    steps = ["create(d=15, m=1, mode=0o600, name='c')", "close(i=16)", "create(d=5, m=1, mode=0o600, name='a')",
+             "mkdir(d=18, m=1, mode=0o600, name='d')", "unlink(i=1, m=0)", "rename(d=5, i=22, m=1, name=2)",
+             "rename(d=14, i=37, m=0, name=1)", "remount(m=1)", "rename(d=10, i=50, m=0, name=1)",
+             "rename(d=18, i=11, m=1, name=2)"]
+    _replay(lambda state: _steps(state, [lambda t, c=c: eval("t." + c) for c in steps]), tmp_path, cmk_path)

@@ -784,6 +784,10 @@ class Namespace:
             if src.is_dir:  # the same for the files below it (_move_dir checks again under the node locks)
                 for n in self._uploading_below(src_path):
                     await self.commit.upload_settled(n)
+            if dst is not None and dst.is_dir and await self.has_children(dst_path):
+                # (before the parent's marker: a refused rename writes nothing, as a refused
+                # rmdir; a two-mount model search. Checked again under the locks below)
+                raise FsError(errno.ENOTEMPTY)
             if src.version is not None or src.is_dir:
                 await self._keep_parent(parent)
             dkeys = [self.naming.dir_key(p) for p in (src_path, dst_path)] if src.is_dir else []
