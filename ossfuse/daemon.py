@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import faulthandler
-import fcntl
 import functools
 import logging
 import os
@@ -46,7 +45,7 @@ from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
-                       cache_dir_in_a_mount, mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
+                       cache_dir_in_a_mount, flocked, mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
                        runtime_dir, runtime_dir_too_long, write_registry)
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ def lock_cache_dir(path: str) -> int:
         check_private_dir(path, "cache dir")
     except UnsafeDirError as e:
         raise MountError(str(e)) from None
-    fd = _flocked(os.path.join(path, "lock"))
+    fd = flocked(os.path.join(path, "lock"))
     if fd is None:
         raise CacheDirInUse(f"cache dir {path} is in use by {cache_dir_user(path) or 'another ossfuse mount'}")
     return fd
@@ -202,24 +201,12 @@ def check_cache_bucket(cfg: Config) -> None:
         log.warning("cache dir %s: cannot record the bucket it serves: %s", cfg.cache.dir, e)
 
 
-def _flocked(path: str) -> int | None:
-    """The fd of file ``path`` (made 0600 if missing) with an exclusive flock on it, held until
-    it is closed (or the process ends); None when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def lock_mountpoint(mountpoint: str) -> int:
     """Hold an exclusive lock on ``mountpoint`` (a ``.lock`` file beside its registry record)
     for the daemon's life: two `ossfuse mount` at once (an fstab line and a unit for the same
     path at boot) both passed the busy check and stacked two mounts there, the second's record
     hiding the first's (a trial). Returns the lock's fd; raises MountError."""
-    fd = _flocked(registry_path(mountpoint, ".lock"))
+    fd = flocked(registry_path(mountpoint, ".lock"))
     if fd is None:
         raise MountError(f"mount point {mountpoint} is busy (another ossfuse is mounting there)")
     return fd

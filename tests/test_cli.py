@@ -846,6 +846,45 @@ def test_records_of_daemons_that_exited_long_ago_are_pruned_others_stay(tmp_path
                                             "other.sock", "recent-exit.json"]
 
 
+def test_old_mount_point_locks_without_a_live_record_are_pruned_held_ones_stay(tmp_path, monkeypatch):
+    """The mount point locks (``<hash>.lock``, daemon.lock_mountpoint) stayed forever, one per
+    mount point ever used (a trial found 2,948 in /run/ossfuse after a day of test runs): the
+    lock of a pruned record goes with it, and an old one whose record is gone; a lock a process
+    holds stays (a mount in progress, or a daemon whose record went), and so does a recent one,
+    or the lock of a record kept. A lock unlinked between another process's open and its flock
+    is opened afresh by :func:`registry.flocked`."""
+    import fcntl
+    from ossfuse import registry
+    monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(tmp_path))
+    now = time.time()
+    with open(tmp_path / "pruned.json", "w") as f:
+        json.dump({"pid": 1, "exited": True, "exited_at": now - 3700}, f)
+    with open(tmp_path / "kept.json", "w") as f:
+        json.dump({"pid": 2, "exited": True, "exited_at": now - 100}, f)
+    for name in ("pruned", "kept", "orphan", "held", "recent"):
+        (tmp_path / f"{name}.lock").write_text("")
+        if name != "recent":
+            os.utime(tmp_path / f"{name}.lock", (now - 7200, now - 7200))
+    held = registry.flocked(str(tmp_path / "held.lock"))
+    try:
+        assert held is not None and registry.flocked(str(tmp_path / "held.lock")) is None
+        assert registry.prune_exited_records() == 1
+        assert sorted(os.listdir(tmp_path)) == ["held.lock", "kept.json", "kept.lock", "recent.lock"]
+    finally:
+        os.close(held)
+    # a lock file unlinked after another process opened it but before its flock: flocked()
+    # locks the file the path names then, not the unlinked one
+    stale = os.open(tmp_path / "race.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    os.unlink(tmp_path / "race.lock")
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the other process won the unlinked one)
+    fd = registry.flocked(str(tmp_path / "race.lock"))
+    try:
+        assert fd is not None and os.path.samestat(os.fstat(fd), os.stat(tmp_path / "race.lock"))
+    finally:
+        os.close(fd)
+        os.close(stale)
+
+
 def test_a_mount_prunes_the_records_of_daemons_that_exited_long_ago(tmp_path, cmk_path, monkeypatch):
     """What calls :func:`prune_exited_records`: a daemon once it is mounted."""
     from conftest import Mount
