@@ -171,9 +171,12 @@ def render(doc: dict) -> str:
                  f"({c['dir']})")
     ops = doc.get("store_ops")
     if ops:
+        refused = sum(e["count"] for e in ops["errors"] if e["kind"] in _ANSWERS_NOT_FAULTS)
+        errors = sum(e["count"] for e in ops["errors"]) - refused
         lines.append(f"store requests:   {sum(ops['calls'].values())} operations, {ops['bytes_sent']} bytes sent, "
-                     f"{ops['bytes_received']} received, {sum(e['count'] for e in ops['errors'])} error(s), "
-                     f"{sum(ops['retries'].values())} retries")
+                     f"{ops['bytes_received']} received, {errors} error(s), {sum(ops['retries'].values())} retries"
+                     + (f"; {refused} refused as asked (a version check, create-only, or a missing key: what "
+                        f"another client's change looks like)" if refused else ""))
     for k in doc["cmks"]:
         lines.append(f"CMK:              {k['id']} ({k['wrap_alg']}{', matdesc ' + json.dumps(k['matdesc']) if k['matdesc'] else ''})"
                      f"{'  <- new objects' if k['encrypts_new_objects'] else ''}")
@@ -208,6 +211,9 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# store answers that refuse what a request made conditional (an ETag, create-only) or find no
+# object: how another client's change shows (fs/conflicts.py), no fault of the store or the mount
+_ANSWERS_NOT_FAULTS = frozenset({"PreconditionFailed", "AlreadyExists", "FileAlreadyExists", "NoSuchKey"})
 _UP_HELP = "1: the daemon answered; 0: none answers for the mount point (dead, or not mounted)."
 
 

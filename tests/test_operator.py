@@ -137,6 +137,16 @@ def test_render_shows_upload_progress():
     assert "hit rate 75%" in text
     assert "pending uploads:  1 file(s), 400 bytes, the oldest first changed 2 s ago (open files included)" in text
     assert "2 operations, 9 bytes sent, 0 received, 0 error(s), 0 retries" in text
+    assert "refused as asked" not in text
+    # a conditional request refused is how another client's change shows, not an error (a trial:
+    # "28295 error(s)" after two mounts' editors raced over one file, every one of them such)
+    doc["store_ops"]["errors"] = [{"op": "copy", "kind": "PreconditionFailed", "count": 5},
+                                  {"op": "put_file", "kind": "FileAlreadyExists", "count": 2},
+                                  {"op": "get_range", "kind": "NoSuchKey", "count": 1},
+                                  {"op": "head", "kind": "ServiceUnavailable", "count": 3}]
+    text = status.render(doc)
+    assert ("0 received, 3 error(s), 0 retries; 8 refused as asked (a version check, create-only, or a missing "
+            "key: what another client's change looks like)") in text
 
 
 def _metrics(text: str) -> dict[str, dict[tuple, float]]:
