@@ -120,6 +120,10 @@ class TwoMounts(RuleBasedStateMachine):
     cmk_path = ""
     keyring: Keyring
     base_dir = ""
+    # 0: close() puts a closed file itself (a local bucket's default); > 0 (OSS's default): the
+    # close queues it, and the step then runs the queued uploads as the daemon's workers would
+    # once the delay passed (after the release: no handle open any more)
+    upload_delay = 0.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,7 +134,7 @@ class TwoMounts(RuleBasedStateMachine):
         for m in (0, 1):
             r = os.path.join(self.root, f"m{m}")
             os.makedirs(r)
-            cfg = core_config(r, self.cmk_path, upload_delay=0.0, attr_timeout=0.0, entry_timeout=0.0)
+            cfg = core_config(r, self.cmk_path, upload_delay=self.upload_delay, attr_timeout=0.0, entry_timeout=0.0)
             # both configs name the one bucket
             cfg = _with_bucket(cfg, os.path.join(self.root, "bucket"))
             self.cfgs.append(cfg)
@@ -498,6 +502,8 @@ class TwoMounts(RuleBasedStateMachine):
             self.expect_commit(mh)
         self.call(fs.flush, mh.h)
         self.call(fs.release, mh.h)
+        if self.upload_delay:
+            self.call(_run_queued_uploads, fs)
         try:
             self.reconcile()  # (with mh still listed: a conflict copy its close made is followed, below)
         finally:
@@ -692,9 +698,12 @@ class TwoMounts(RuleBasedStateMachine):
 
     # -- rules: handles ----------------------------------------------------------------------
     @precondition(lambda self: bool(self.files))
-    @rule(m=mounts, i=st.integers(0, 50), write=st.booleans())
-    def open(self, m, i, write):
+    @rule(m=mounts, i=st.integers(0, 50), write=st.booleans(), trunc=st.booleans())
+    def open(self, m, i, write, trunc=False):
+        """Open a file; ``trunc`` with ``write``: O_TRUNC (``echo > f``: the open makes an empty
+        version at once)."""
         self.cur_m = m
+        trunc = trunc and write
         files = sorted(self.files)
         path = pick(files, i)
         if self.handle_at(m, path) is not None or path not in self.files:
@@ -706,9 +715,13 @@ class TwoMounts(RuleBasedStateMachine):
         async def op():
             fs = self.fss[m]
             node = await self.walk(m, path)()
-            return await fs.open(node, os.O_RDWR if write else os.O_RDONLY)
+            return await fs.open(node, (os.O_RDWR | (os.O_TRUNC if trunc else 0)) if write else os.O_RDONLY)
         kind, h = self.attempt({None}, op)
-        self.handles.append(MHandle(m, h, path, write, f.etag, bytearray(f.data), f.mode))
+        if trunc:
+            self.log[-1] += " O_TRUNC"
+            self.handles.append(MHandle(m, h, path, True, f.etag, bytearray(), f.mode, dirty=True, wrote=True))
+        else:
+            self.handles.append(MHandle(m, h, path, write, f.etag, bytearray(f.data), f.mode))
         self.opened[m][path] = f.etag
 
     def _stale(self, mh: MHandle) -> bool:
@@ -890,6 +903,23 @@ def _with_bucket(cfg, bucket: str):
     return replace(cfg, store=replace(cfg.store, url=f"local://{bucket}"))
 
 
+async def _run_queued_uploads(fs: Filesystem) -> None:
+    """What the daemon's upload workers do once the delay has passed (writeback/scheduler.py
+    ``worker``), for the uploads queued now."""
+    scheduler = fs.scheduler
+    while True:
+        try:
+            node = scheduler._recv.receive_nowait()
+        except trio.WouldBlock:
+            return
+        node.upload_queued = False
+        assert await scheduler.upload(node, True)
+
+
+class TwoMountsUploadingAfterClose(TwoMounts):
+    upload_delay = 1.0
+
+
 def _resize(data: bytearray, size: int) -> None:
     if size < len(data):
         del data[size:]
@@ -937,6 +967,17 @@ _LOST_WORK = r"WARNING ossfuse\.writeback\.journal: unsaved changes of '.*' \(wo
                         r"was deleted by another client", r"refused", r"conflict", r"was not deleted: .* \(another client wrote it\)")
 def test_two_mounts_model(tmp_path, cmk_path):
     _run(TwoMounts, tmp_path, cmk_path, examples=int(os.environ.get("OSSFUSE_TWO_MOUNTS_EXAMPLES", "600")), steps=int(os.environ.get("OSSFUSE_TWO_MOUNTS_STEPS", "40")))
+
+
+@pytest.mark.expect_log(_LOST_WORK, r"was changed by another client", r"was replaced while open",
+                        r"was deleted by another client", r"refused", r"conflict", r"was not deleted: .* \(another client wrote it\)")
+def test_two_mounts_model_uploading_after_close(tmp_path, cmk_path):
+    """The same search with uploads after the close, as over OSS (``upload_delay``): the upload
+    runs with no handle open (a break-test trial found a lost edit only this way, now
+    ``test_two_mounts_repro.py::test_an_editors_save_over_a_file_this_mount_rewrote_...``)."""
+    _run(TwoMountsUploadingAfterClose, tmp_path, cmk_path,
+         examples=int(os.environ.get("OSSFUSE_TWO_MOUNTS_EXAMPLES", "300")),
+         steps=int(os.environ.get("OSSFUSE_TWO_MOUNTS_STEPS", "40")))
 
 
 def _replay(steps, tmp_path, cmk_path) -> None:
