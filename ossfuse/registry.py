@@ -1,9 +1,11 @@
 """Where running mounts are found, what holds a mount, and which mount a path is in.
 
 The runtime directory holds, per mount point (named by a hash of its real path), a registry
-record ``<hash>.json`` (pid, config, exit status once the daemon ends) and the status socket
-``<hash>.sock``; an exited daemon's record is removed an hour after its exit by the next
-daemon that mounts (:func:`prune_exited_records`). It is ``$OSSFUSE_RUNTIME_DIR`` when set;
+record ``<hash>.json`` (pid, config, exit status once the daemon ends), the status socket
+``<hash>.sock`` and the mount point's lock ``<hash>.lock`` (flocked by its daemon for its life,
+:func:`flocked`); an exited daemon's record is removed an hour after its exit by the next
+daemon that mounts (:func:`prune_exited_records`), with its lock unless a process holds it.
+It is ``$OSSFUSE_RUNTIME_DIR`` when set;
 else ``/run/ossfuse`` as root; else ``$XDG_RUNTIME_DIR/ossfuse``; else ``/tmp/ossfuse-<uid>``
 (the tmux/ssh-agent habit: per user, never one shared world-writable directory). After a reboot ``/run`` is empty, so
 :func:`ensure_runtime_dir` makes it (mode 0700) before anything binds or writes there, and
