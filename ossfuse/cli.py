@@ -776,8 +776,9 @@ def systemd_run_command(config: str, mountpoint: str, options: list[str]) -> lis
     return cmd + ["--", sys.executable, "-P", "-m", "ossfuse", "mount", "-f", "-c", config, mountpoint, *options]
 
 
-def _tool_setup(args):
-    """Config, keyring and store for the commands that work on the store directly."""
+def _tool_setup(args, create_bucket: bool = True):
+    """Config, keyring and store for the commands that work on the store directly (store None:
+    a local bucket not made yet, with ``create_bucket`` False: daemon.open_store)."""
     import logging
     from .daemon import credentials_for, open_store
     from .keyring import Keyring
@@ -785,7 +786,7 @@ def _tool_setup(args):
     cfg = config_mod.load(args.config)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="ossfuse: %(message)s")
     credentials = credentials_for(cfg)
-    return cfg, Keyring(cfg.encryption, credentials), open_store(cfg, credentials)
+    return cfg, Keyring(cfg.encryption, credentials), open_store(cfg, credentials, create_bucket=create_bucket)
 
 
 def cmd_rekey(args) -> int:
@@ -872,9 +873,11 @@ def cmd_check(args) -> int:
     from . import rekey
     from .daemon import MountError
     try:
-        cfg, keyring, store = _tool_setup(args)
+        cfg, keyring, store = _tool_setup(args, create_bucket=False)  # (a check makes nothing)
     except (config_mod.ConfigError, MountError, OSError, ValueError, TypeError) as e:
         return _die(str(e))
+    if store is None and verify is not None:
+        return _die(f"check --verify: {cfg.store.url}: no bucket there yet (the first mount makes it)")
     # Every failure is one of the lines printed below: the store's and CMKs' own log records
     # of it would only say it again (issue 16), so none are emitted while the checks run.
     logging.disable(logging.CRITICAL)

@@ -102,7 +102,8 @@ def _mark_served(cfg: Config, root: str) -> None:
         log.warning("cache dir %s: cannot record the bucket it serves: %s", cfg.cache.dir, e)
 
 
-def open_store(cfg: Config, credentials=None, *, mounting: bool = False) -> ObjectStore:
+def open_store(cfg: Config, credentials=None, *, mounting: bool = False, create_bucket: bool = True
+               ) -> ObjectStore | None:
     """The store of ``cfg``. OSS credentials come from ``store.credentials_file``, else a
     systemd credential named ``oss`` (LoadCredential=oss:FILE), else OSS_ACCESS_KEY_ID /
     OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN (or the ALIBABA_CLOUD_* names), else
@@ -113,15 +114,18 @@ def open_store(cfg: Config, credentials=None, *, mounting: bool = False) -> Obje
     once one did (``mounting`` adds it to the cache dir's ``local-bucket`` mark), a missing one
     is refused, also by check and rekey: its disk is most likely not mounted, and a new empty
     bucket on the disk below would take the writes meant for it and be hidden once the disk
-    is mounted again."""
+    is mounted again. ``create_bucket`` False (``check``: it changes nothing): a missing local
+    bucket directory never served is not made, and None is returned (the first mount makes it)."""
     st = cfg.store
     try:
         if st.url.startswith("local://"):
             root = LocalStore.root_of(st.url)
             served = root in _served(cfg)
             try:
-                store = LocalStore(root, max_copy_size=st.max_copy_size, create=not served)
+                store = LocalStore(root, max_copy_size=st.max_copy_size, create=not served and create_bucket)
             except BucketMissing as e:
+                if not served and not create_bucket and not os.path.lexists(root):
+                    return None
                 if not os.path.islink(root):  # (a dangling symlink says so itself)
                     raise ValueError(f"{e}, but a mount with this cache dir used it before (is the disk that holds "
                                      f"it mounted? was it moved?); to start a new, empty bucket there, create it: "
@@ -416,6 +420,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
             if reason:
                 raise MountError(f"{cfg.path}: new files would be unreadable: {reason}")
         store = open_store(cfg, credentials, mounting=True)
+        assert store is not None  # (made when missing: create_bucket)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
         return trio.run(_serve, cfg, fs, mountpoint, options, readiness, errors)
     finally:

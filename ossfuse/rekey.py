@@ -315,11 +315,11 @@ async def _wrapping_cmk(keyring: Keyring, wrapped: env.WrappedEnvelope, picked: 
 UNREADABLE_SAMPLE = "sampled encrypted objects cannot be read with this config's keys"  # a check line
 
 
-def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool, str]]:
+def check(cfg: Config, keyring: Keyring, store: ObjectStore | None) -> list[tuple[bool, str]]:
     """Prove each CMK can wrap and unwrap (a KMS CMK reaches KMS), that each CMK that encrypts
     new files is the one this configuration reads them with, and that the store answers a
-    listing of the prefix. Returns (ok, plain-words line) pairs; every failure is one of them
-    (never raised)."""
+    listing of the prefix (``store`` None: a local bucket not made yet, said in an ok line).
+    Returns (ok, plain-words line) pairs; every failure is one of them (never raised)."""
     results = []
     for cmk in keyring.cmks.values():
         secret = os.urandom(env.DATA_KEY_SIZE)
@@ -341,6 +341,11 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore) -> list[tuple[bool,
         reason = keyring.unreadable_reason(cmk)
         if reason:
             results.append((False, f"CMK {cmk.id!r}: new files it encrypts would not be readable: {reason}"))
+
+    if store is None:
+        results.append((True, f"store {cfg.store.url}: no bucket directory there yet; the first mount makes a "
+                              f"new, empty one"))
+        return results
 
     async def probe():
         await store.list(cfg.store.prefix, max_keys=1)

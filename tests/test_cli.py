@@ -1007,6 +1007,22 @@ def test_a_local_bucket_a_mount_served_before_is_not_made_again_when_missing(tmp
     assert ossfuse("umount", mnt).returncode == 0
 
 
+def test_check_before_the_first_mount_makes_no_bucket_and_says_so(tmp_path, cmk_path):
+    """``check`` of a new config whose local bucket directory does not exist yet made it (and
+    said "store local:///… answers", a new-user trial): a check changes nothing; it says the
+    first mount makes the bucket, exits 0, and ``--verify`` says there is nothing to verify."""
+    path = _config(tmp_path, _base(tmp_path, cmk_path))
+    r = ossfuse("check", "-c", path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert (f"ok    store local://{tmp_path}/bucket: no bucket directory there yet; the first mount makes a new, "
+            f"empty one") in r.stdout.splitlines(), r.stdout
+    assert not (tmp_path / "bucket").exists()
+    r = ossfuse("check", "-c", path, "--verify", "photos")  # (a path below the root: nothing here names it)
+    assert r.returncode == 1 and r.stderr == (f"ossfuse: check --verify: local://{tmp_path}/bucket: no bucket there "
+                                              f"yet (the first mount makes it)\n"), r.stderr
+    assert not (tmp_path / "bucket").exists()
+
+
 def test_local_buckets_served_by_one_cache_dir_are_all_remembered(tmp_path, cmk_path, no_mount_left):
     """A config switched to another bucket and back: both are remembered as served, so the first
     one missing later is refused too (only the last was, and it was made again, empty)."""
