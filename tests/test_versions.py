@@ -351,6 +351,9 @@ def test_conflict_name_keeps_the_extension_and_fits():
     assert conflict_name(".tar.gz", "pc1", t) == ".tar.conflict-pc1-20261202-130501.gz"
     assert conflict_name("a.tar", "pc1", t) == "a.conflict-pc1-20261202-130501.tar"
     assert conflict_name(".bashrc", "pc1", t, 2) == ".bashrc.conflict-pc1-20261202-130501-2"
+    # (a break-test trial: "..dots" became "..conflict-….dots")
+    assert conflict_name("..dots", "pc1", t) == "..dots.conflict-pc1-20261202-130501"
+    assert conflict_name(".config.json", "pc1", t) == ".config.conflict-pc1-20261202-130501.json"
     long = conflict_name("x" * 250 + ".txt", "pc1", t)
     assert len(long.encode()) <= 255 and long.endswith("-130501.txt")
     # an "extension" too long to stay beside the suffix is shortened with the stem (a trial: the

@@ -60,7 +60,7 @@ class _ChangedMeanwhile(Exception):
 def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NAME_MAX) -> str:
     """The conflict copy's name for file ``name``: ``stem.conflict-HOST-YYYYMMDD-HHMMSS[-N].ext``
     (UTC; the extension stays last so programs still recognise the file; a name starting with
-    a dot, or with no dot, gets the suffix at its end). The stem is shortened so the result
+    a dot (or dots: ``..dots``), or with no dot, gets the suffix at its end). The stem is shortened so the result
     fits ``room`` bytes (at most 255, a name's limit); an extension too long to fit beside the
     suffix is shortened with the stem instead (a listing hides a name over 255 bytes: a
     trial's copy of ``x.éé…`` was unreachable). Raises ValueError when not even the suffix and
@@ -71,7 +71,8 @@ def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NA
     dot = name.rfind(".")
     if name[:dot].lower().endswith(".tar") and dot > 4:  # archive.tar.gz: the whole ".tar.gz" stays last
         dot -= 4
-    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    # (a stem of dots only, "..dots": a dotfile's name, no extension after it)
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 and name[:dot].strip(".") else (name, "")
     if len(_bytes(tag + ext)) >= room:
         stem, ext = name, ""
     left = room - len(_bytes(tag + ext))
