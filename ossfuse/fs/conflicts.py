@@ -59,9 +59,9 @@ class _ChangedMeanwhile(Exception):
 
 def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NAME_MAX) -> str:
     """The conflict copy's name for file ``name``: ``stem.conflict-HOST-YYYYMMDD-HHMMSS[-N].ext``
-    (UTC; the extension stays last so programs still recognise the file; a name starting with
-    a dot (or dots: ``..dots``), or with no dot, gets the suffix at its end). The stem is shortened so the result
-    fits ``room`` bytes (at most 255, a name's limit); an extension too long to fit beside the
+    (UTC; the extension stays last so programs still recognise the file; a dotfile with no
+    other dot, ``.bashrc`` or ``..dots``, and a name with no dot get the suffix at their end).
+    The stem is shortened so the result fits ``room`` bytes (at most 255, a name's limit); an extension too long to fit beside the
     suffix is shortened with the stem instead (a listing hides a name over 255 bytes: a
     trial's copy of ``x.éé…`` was unreachable). Raises ValueError when not even the suffix and
     one byte of the name fit. E.g. ``report.docx`` → ``report.conflict-pc1-20261202-130501.docx``,
