@@ -509,17 +509,18 @@ def _record_files() -> list[tuple[str, dict]]:
         return []
     found = []
     for name in names:
-        if not name.endswith(".json"):
-            continue
-        path = os.path.join(runtime_dir(), name)
-        try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            found.append((path, record))
+        if name.endswith(".json") and (record := _load_record(os.path.join(runtime_dir(), name))) is not None:
+            found.append((os.path.join(runtime_dir(), name), record))
     return found
+
+
+def _load_record(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _records() -> list[dict]:
@@ -605,14 +606,32 @@ def prune_exited_records(older_than: float = EXITED_RECORD_KEPT) -> int:
     all. Records of daemons that did not exit (running, or crashed: the next mount and
     ``umount`` need them) stay."""
     removed, cutoff = 0, time.time() - older_than
+
+    def long_exited(record: dict | None) -> bool:
+        return record is not None and bool(record.get("exited")) and record.get("exited_at", cutoff) < cutoff
+
     for path, record in _record_files():
-        if record.get("exited") and record.get("exited_at", cutoff) < cutoff:
-            try:
+        if not long_exited(record):
+            continue
+        # under the mount point's lock, read again: a daemon that mounted there since (it
+        # takes the lock before it writes its record) wrote its own, which must stay (a
+        # re-test: umount then found no record and did not wait for the uploads)
+        lock = path[:-len(".json")] + ".lock"
+        try:
+            fd = flocked(lock)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # a daemon mounts or serves there
+        try:
+            if long_exited(_load_record(path)):
                 os.unlink(path)
                 removed += 1
-            except OSError:
-                continue
-            _remove_lock(path[:-len(".json")] + ".lock")
+                os.unlink(lock)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
     # the mount point locks (daemon.lock_mountpoint) of records gone before (pruned, or a mount
     # refused before it wrote one), older than the records kept: one per mount point ever used
     # piled up in /run until the next boot (a trial counted 2,948 after a day of test runs)

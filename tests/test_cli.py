@@ -885,6 +885,30 @@ def test_old_mount_point_locks_without_a_live_record_are_pruned_held_ones_stay(t
         os.close(stale)
 
 
+def test_pruning_never_removes_the_record_a_daemon_wrote_after_the_pruner_read_the_old_one(tmp_path, monkeypatch):
+    """A re-test: the pruner read every record first and deleted the long-exited ones after; a
+    daemon that mounted at one of those mount points meanwhile (3,000 old records: ~0.3 s) had
+    its new record deleted, and `ossfuse umount` then did not wait for its uploads. It takes
+    the mount point's lock (which a mounting daemon holds before it writes its record) and
+    reads the record again first."""
+    from ossfuse import registry
+    monkeypatch.setenv(registry.ENV_RUNTIME_DIR, str(tmp_path))
+    old = {"pid": 1, "exited": True, "exited_at": time.time() - 7200}
+    live = {"pid": os.getpid(), "exited": False, "started": time.time()}
+    for name in ("held", "free"):
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump(live, f)  # what the new daemon wrote after the pruner's read
+    snapshot = [(str(tmp_path / "held.json"), old), (str(tmp_path / "free.json"), old)]
+    monkeypatch.setattr(registry, "_record_files", lambda: snapshot)
+    held = registry.flocked(str(tmp_path / "held.lock"))  # the new daemon's lock
+    try:
+        assert registry.prune_exited_records() == 0
+    finally:
+        os.close(held)
+    assert (tmp_path / "held.json").exists() and (tmp_path / "free.json").exists()
+    assert (tmp_path / "held.lock").exists()
+
+
 def test_a_mount_prunes_the_records_of_daemons_that_exited_long_ago(tmp_path, cmk_path, monkeypatch):
     """What calls :func:`prune_exited_records`: a daemon once it is mounted."""
     from conftest import Mount
