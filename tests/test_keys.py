@@ -490,7 +490,7 @@ def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path
         fs.close()
         await store.aclose()
 
-    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "bucket").mkdir(parents=True, mode=0o700)  # an empty bucket (a check makes none)
     empty = local_config(tmp_path / "e", {"main": cmk_path})  # a bucket with nothing to sample: said so
     r = run_cli("check", "-c", empty)
     assert r.returncode == 0, r.stdout + r.stderr
