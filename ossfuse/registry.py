@@ -17,6 +17,7 @@ daemon that stats its own mount point waits for itself.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -509,8 +510,9 @@ def _record_files() -> list[tuple[str, dict]]:
         return []
     found = []
     for name in names:
-        if name.endswith(".json") and (record := _load_record(os.path.join(runtime_dir(), name))) is not None:
-            found.append((os.path.join(runtime_dir(), name), record))
+        path = os.path.join(runtime_dir(), name)
+        if name.endswith(".json") and (record := _load_record(path)) is not None:
+            found.append((path, record))
     return found
 
 
@@ -562,7 +564,7 @@ EXITED_RECORD_KEPT = 3600.0  # seconds an exited daemon's record is kept (for th
 def flocked(path: str) -> int | None:
     """The fd of file ``path`` (made 0600 if missing) with an exclusive flock on it, held until
     it is closed (or the process ends); None when another process holds it. The lock is on the
-    file the path names once it is held: one unlinked meanwhile (:func:`_remove_lock`) is
+    file the path names once it is held: one unlinked meanwhile (by the pruner) is
     opened afresh, or two processes could each hold a lock of "the same" path."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -580,22 +582,19 @@ def flocked(path: str) -> int | None:
         os.close(fd)
 
 
-def _remove_lock(path: str) -> bool:
-    """Unlink lock file ``path`` unless a process holds it (taken first, so none can be
-    taking it at that moment: see :func:`flocked`); True when removed."""
+@contextlib.contextmanager
+def _holding(lock: str):
+    """Yields whether this process holds lock file ``lock`` now (:func:`flocked`; False when
+    another process holds it or it cannot be opened); released at the end."""
     try:
-        fd = flocked(path) if os.path.exists(path) else None
+        fd = flocked(lock)
     except OSError:
-        return False
-    if fd is None:
-        return False
+        fd = None
     try:
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
+        yield fd is not None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def prune_exited_records(older_than: float = EXITED_RECORD_KEPT) -> int:
@@ -617,21 +616,12 @@ def prune_exited_records(older_than: float = EXITED_RECORD_KEPT) -> int:
         # takes the lock before it writes its record) wrote its own, which must stay (a
         # re-test: umount then found no record and did not wait for the uploads)
         lock = path[:-len(".json")] + ".lock"
-        try:
-            fd = flocked(lock)
-        except OSError:
-            continue
-        if fd is None:
-            continue  # a daemon mounts or serves there
-        try:
-            if long_exited(_load_record(path)):
-                os.unlink(path)
-                removed += 1
-                os.unlink(lock)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+        with _holding(lock) as held:  # (not held: a daemon mounts or serves there)
+            if held and long_exited(_load_record(path)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed += 1
+                    os.unlink(lock)
     # the mount point locks (daemon.lock_mountpoint) of records gone before (pruned, or a mount
     # refused before it wrote one), older than the records kept: one per mount point ever used
     # piled up in /run until the next boot (a trial counted 2,948 after a day of test runs)
@@ -647,7 +637,9 @@ def prune_exited_records(older_than: float = EXITED_RECORD_KEPT) -> int:
             except OSError:
                 continue
             if old:
-                _remove_lock(path)
+                with _holding(path) as held, contextlib.suppress(OSError):
+                    if held:
+                        os.unlink(path)
     return removed
 
 
