@@ -38,8 +38,8 @@ class _CopyingLocalStore(LocalStore):
     ``local_disk`` off, the block cache takes over uploaded staging files and punches holes in
     them, which must not reach the bucket through a hard link."""
 
-    async def put_file(self, key, path, metadata, *, may_link=False, if_absent=False):
-        return await super().put_file(key, path, metadata, may_link=False, if_absent=if_absent)
+    async def put_file(self, key, path, metadata, *, may_link=False, if_absent=False, replaces=None):
+        return await super().put_file(key, path, metadata, may_link=False, if_absent=if_absent, replaces=replaces)
 
 
 RTT = 0.25  # seconds per store request in the latency tests (repro 07's server latency)

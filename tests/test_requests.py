@@ -32,8 +32,8 @@ class _RemoteLikeStore(LocalStore):
     listing_has_metadata = False
     local_disk = False
 
-    async def put_file(self, key, path, metadata, *, may_link=False, if_absent=False):
-        return await super().put_file(key, path, metadata, may_link=False, if_absent=if_absent)
+    async def put_file(self, key, path, metadata, *, may_link=False, if_absent=False, replaces=None):
+        return await super().put_file(key, path, metadata, may_link=False, if_absent=if_absent, replaces=replaces)
 
 
 def _mount(tmp_path, cmk_path, name: str) -> Filesystem:

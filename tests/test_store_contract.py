@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fakes.fault_store import FaultStore  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
 
-from ossfuse.store.base import AlreadyExists, NoSuchKey, ObjectStore, PreconditionFailed, StoreError  # noqa: E402
+from ossfuse.store.base import (AlreadyExists, DestinationChanged, NoSuchKey, ObjectStore, PreconditionFailed,  # noqa: E402
+                                StoreError)
 from ossfuse.store.credentials import StaticCredentialsProvider  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 from ossfuse.store.oss import OssStore  # noqa: E402
@@ -660,6 +661,63 @@ async def test_complete_multipart_if_absent_creates_only(h):
     parts = [(1, await s.upload_part("ia/big2", uid, 1, p1, {})), (2, await s.upload_part("ia/big2", uid, 2, p2, {}))]
     info = await s.complete_multipart("ia/big2", uid, parts, if_absent=True)
     assert info.size == len(p1) + len(p2) and await s.get_range("ia/big2", 0, info.size) == p1 + p2
+
+
+@trio_test
+async def test_replaces_is_checked_with_the_write_where_the_store_says_so(h, tmp_path):
+    """``replaces`` (the version the caller found at the key): a store that ``checks_replaces``
+    (the local one) writes put_file, put_bytes, complete_multipart and copy only over that
+    version, and raises DestinationChanged, writing nothing, when another version or no
+    object is there; OSS has no such condition and writes anyway (the caller's HEAD is its
+    check). Stating the version that is there always writes."""
+    s = h.store
+    assert s.checks_replaces == (h.kind in ("local", "fault"))
+    path = tmp_path / "ours"
+    path.write_bytes(b"ours")
+    p1, p2 = blob(s.min_part_size, 31), blob(100, 32)
+    await s.put_bytes("rp/src", b"source", {})
+
+    async def put_file(key, seen):
+        return await s.put_file(key, str(path), {"who": "us"}, replaces=seen)
+
+    async def put_bytes(key, seen):
+        return await s.put_bytes(key, b"ours", {"who": "us"}, replaces=seen)
+
+    async def multipart(key, seen):
+        uid = await s.create_multipart(key, {"who": "us"})
+        parts = [(1, await s.upload_part(key, uid, 1, p1, {})), (2, await s.upload_part(key, uid, 2, p2, {}))]
+        try:
+            return await s.complete_multipart(key, uid, parts, replaces=seen)
+        except DestinationChanged:
+            await s.abort_multipart(key, uid)
+            raise
+
+    async def copy(key, seen):
+        return await s.copy("rp/src", key, {"who": "us"}, replaces=seen)
+
+    for name, write in [("file", put_file), ("bytes", put_bytes), ("multipart", multipart), ("copy", copy)]:
+        key = f"rp/{name}"
+        seen = await s.put_bytes(key, b"seen", {"who": "seen"})
+        theirs = await s.put_bytes(key, b"theirs", {"who": "them"})  # written after our HEAD
+        for stated in (seen.etag, "0123456789ABCDEF0123456789ABCDEF"):
+            if s.checks_replaces:
+                with pytest.raises(DestinationChanged):
+                    await write(key, stated)
+                got = await s.head(key)
+                assert (got.etag, got.metadata) == (theirs.etag, {"who": "them"}), name
+            else:
+                ours = await write(key, stated)
+                assert (await s.head(key)).etag == ours.etag != theirs.etag, name
+                theirs = await s.put_bytes(key, b"theirs", {"who": "them"})
+        ours = await write(key, theirs.etag)  # the version that is there: written
+        got = await s.head(key)
+        assert got.etag == ours.etag and got.metadata == {"who": "us"}, name
+        await s.delete(key)
+        if s.checks_replaces:  # deleted since the HEAD: nothing written either
+            with pytest.raises(DestinationChanged):
+                await write(key, ours.etag)
+            assert await s.head(key) is None, name
+    assert h.pending_uploads() == []
 
 
 @trio_test

@@ -248,3 +248,71 @@ def test_an_editors_save_over_a_file_this_mount_rewrote_keeps_the_other_mounts_l
         for fs in (a, b):
             fs.close()
     trio.run(main)
+
+
+def _land_first(store, op: str, key: str, write) -> list:
+    """Make mount-side store ``op`` (``put_file`` or ``copy``) of ``key`` wait once for
+    ``await write()`` (the other mount's write) before it goes out: a write that lands between
+    the caller's HEAD and its own write, the window a one-round-trip race leaves. Returns the
+    list the hook appends ``key`` to when it fired."""
+    real = getattr(store, op)
+    fired: list = []
+
+    async def hooked(*args, **kwargs):
+        if (args[1] if op == "copy" else args[0]) == key and not fired:
+            fired.append(key)
+            await write()
+        return await real(*args, **kwargs)
+    setattr(store, op, hooked)
+    return fired
+
+
+@pytest.mark.expect_log(r"was changed by another client")
+def test_a_write_landing_between_an_uploads_head_and_its_put_is_kept(tmp_path, cmk_path):
+    """Two mounts of one local bucket rewrite x within one round trip: mount 1's upload HEADs x
+    (the version it started from, so no conflict), then mount 0's rewrite lands, then mount 1's
+    PUT. Before, that PUT replaced mount 0's version with no copy and no log line (trial K: 2 %
+    of racing saves in no file); the PUT now states the version it replaces, the local store
+    refuses it, and mount 1's version goes to a conflict copy as for any foreign edit."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await _write_new(a, "x", b"zero")
+        await _walk(b, "x")
+        fired = _land_first(b.store, "put_file", "pre/x", lambda: _rewrite(a, "x", b"mount 0's edit"))
+        await _rewrite(b, "x", b"mount 1's edit")
+        assert fired
+        keys = await _keys(inner)
+        assert len(keys) == 2 and "pre/x" in keys, keys
+        assert await _read(a, "x") == b"mount 0's edit"
+        copy = next(k for k in keys if k != "pre/x")
+        assert ".conflict-" in copy and await _read(a, copy[len("pre/"):]) == b"mount 1's edit"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"was changed by another client")
+def test_a_write_landing_between_a_renames_head_and_its_copy_is_kept(tmp_path, cmk_path):
+    """An editor's save on mount 1 (write a temporary file, rename it over x) while mount 0
+    rewrites x within the rename's round trip: the rename HEADs x (the version mount 1 knows),
+    mount 0's edit lands, then the CopyObject. Before, the copy replaced mount 0's edit unseen;
+    now the copy states the version it replaces, the local store refuses it, the rename keeps
+    mount 0's edit as a conflict copy (the rename takes the name, as for any foreign edit
+    found at the target) and copies again."""
+    async def main():
+        inner, (a, b) = _mounts(tmp_path, cmk_path)
+        await _write_new(a, "x", b"zero")
+        await _read(b, "x")
+        await _write_new(b, "x.tmp", b"mount 1's save")
+        fired = _land_first(b.store, "copy", "pre/x", lambda: _rewrite(a, "x", b"mount 0's edit"))
+        await _walk(b, "x")  # the kernel's lookup of the rename's target
+        await b.rename(b.get(1), "x.tmp", b.get(1), "x", 0)
+        assert fired
+        keys = await _keys(inner)
+        assert len(keys) == 2 and "pre/x" in keys, keys
+        assert await _read(a, "x") == b"mount 1's save"
+        copy = next(k for k in keys if k != "pre/x")
+        assert ".conflict-" in copy and await _read(a, copy[len("pre/"):]) == b"mount 0's edit"
+        for fs in (a, b):
+            fs.close()
+    trio.run(main)

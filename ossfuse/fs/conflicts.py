@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from .. import envelope as env
-from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, same_etag
+from ..store.base import AlreadyExists, DestinationChanged, ObjectInfo, ObjectStore, StoreError, same_etag
 from ..writeback.journal import BASE_UNKNOWN
 from ..writeback.staging import StagedFile
 from ..writeback.upload import Uploader
@@ -51,10 +51,16 @@ log = logging.getLogger(__name__)
 RECENT_MAX = 5  # conflict copies listed by `ossfuse status`
 _NAME_MAX = 255  # bytes of one path component
 _OURS_MAX = 4096  # keys whose last own upload is remembered
+_REFUSALS_MAX = 3  # writes refused in a row because the key changed under them (then tried again later)
 
 
 class _ChangedMeanwhile(Exception):
-    """The object at an upload's key changed while its parts went up (Conflicts.upload)."""
+    """The object at an upload's key changed while its parts went up (Conflicts.upload); ``now``
+    is what is there."""
+
+    def __init__(self, now: ObjectInfo):
+        super().__init__(now.key)
+        self.now = now
 
 
 def conflict_name(name: str, host: str, when: float, n: int = 0, room: int = _NAME_MAX) -> str:
@@ -236,26 +242,18 @@ class Conflicts:
             except AlreadyExists:
                 pass  # taken: by another client, or by an attempt of ours whose answer was lost
         current = await self.store.head(key)
-        if (current is None or (base is not None and same_etag(current.etag, base)) or _same_version(current, metadata)
-                or same_etag(current.etag, self._ours.get(key))
-                or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ())):
-            seen = current
-
-            async def still_seen() -> None:
-                # a multipart upload takes minutes: another client's version written meanwhile
-                # must not be overwritten (a trial: it was, silently); the window left is this
-                # HEAD's round trip, as for a PUT. (Deleted meanwhile: ours goes back, as ever.)
-                nonlocal current
-                now = await self.store.head(key)
-                if now is not None and (seen is None or not same_etag(now.etag, seen.etag)):
-                    current = now
-                    raise _ChangedMeanwhile
-
+        refusals = 0
+        while self._may_replace(node, key, base, metadata, current):
             try:
-                return self._uploaded(node, key, mark,
-                                      await self.uploader.upload(staged, key, metadata, before_complete=still_seen))
-            except _ChangedMeanwhile:
-                pass  # theirs stays: ours goes to a conflict copy, as below
+                return self._uploaded(node, key, mark, await self._replace(staged, key, metadata, current))
+            except _ChangedMeanwhile as e:
+                current = e.now  # (checked again: another client's sends ours to a conflict copy)
+            except DestinationChanged:  # written between our HEAD and our write: look again
+                current = await self.store.head(key)
+            refusals += 1
+            if refusals > _REFUSALS_MAX:
+                raise StoreError(f"the object changed under {refusals} uploads in a row; the upload is tried "
+                                 "again later", key=key)
         assert current is not None
         for ckey in self._names(key):
             try:
@@ -274,6 +272,32 @@ class Conflicts:
                     "has %s): kept theirs, ours is uploaded as %r (version %s)", key,
                     base or "none (a new file)", current.etag, ckey, info.etag)
         return info
+
+    def _may_replace(self, node: Node, key: str, base: str | None, metadata: dict[str, str],
+                     current: ObjectInfo | None) -> bool:
+        """Whether ``node``'s upload (``metadata``, started from version ``base``) may replace
+        ``current`` at ``key``: nothing there, the version this mount started from, an
+        earlier attempt of this same version or of this node's, or this mount's own last upload."""
+        return (current is None or (base is not None and same_etag(current.etag, base))
+                or _same_version(current, metadata) or same_etag(current.etag, self._ours.get(key))
+                or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ()))
+
+    async def _replace(self, staged: StagedFile, key: str, metadata: dict[str, str],
+                       seen: ObjectInfo | None) -> ObjectInfo:
+        """Upload ``staged`` over ``seen`` at ``key`` (None: nothing there). The write states
+        what it replaces: a store that checks it atomically closes the HEAD-to-PUT window
+        (DestinationChanged; OSS checks only "nothing there"). Raises _ChangedMeanwhile,
+        DestinationChanged, StoreError."""
+        async def still_seen() -> None:
+            # a multipart upload takes minutes: another client's version written meanwhile
+            # must not be overwritten (a trial: it was, silently); the window left is this
+            # HEAD's round trip, as for a PUT. (Deleted meanwhile: ours goes back, as ever.)
+            now = await self.store.head(key)
+            if now is not None and (seen is None or not same_etag(now.etag, seen.etag)):
+                raise _ChangedMeanwhile(now)
+
+        return await self.uploader.upload(staged, key, metadata, if_absent=seen is None,
+                                          replaces=None if seen is None else seen.etag, before_complete=still_seen)
 
     def _uploaded(self, node: Node, key: str, mark: int, info: ObjectInfo) -> ObjectInfo:
         """Book an upload to ``key`` that went where it was meant to (started at the pending

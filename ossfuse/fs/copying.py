@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..store.base import AlreadyExists, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
+from ..store.base import DestinationChanged, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from ..writeback.upload import Uploader
 from .errors import FsError, errno_of, store_request
 
@@ -19,14 +19,16 @@ log = logging.getLogger(__name__)
 
 
 async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, dst: str,
-                      metadata: dict[str, str] | None = None, *, if_absent: bool = False) -> ObjectInfo:
+                      metadata: dict[str, str] | None = None, *, if_absent: bool = False,
+                      replaces: str | None = None) -> ObjectInfo:
     """Copy version ``src`` (its key and ETag) to ``dst`` (CopyObject, or streaming above the
     store's copy limit), with ``metadata`` replacing the source's if given. The copy is
     conditional on ``src.etag``: the returned object is a copy of exactly that version.
-    ``if_absent``: only if nothing is at ``dst``. Raises FsError(ESTALE) when ``src.key`` is now
-    another version or gone (one log line naming the key and both versions; nothing is
-    written), AlreadyExists (``if_absent``, nothing written: no log line), FsError(EIO) on
-    other failures."""
+    ``if_absent``: only if nothing is at ``dst``; ``replaces``: the version at ``dst`` the copy
+    replaces (checked where the store can, ``ObjectStore.checks_replaces``). Raises
+    FsError(ESTALE) when ``src.key`` is now another version or gone (one log line naming the
+    key and both versions; nothing is written), DestinationChanged or AlreadyExists (``dst`` is
+    not what the caller stated, nothing written: no log line), FsError(EIO) on other failures."""
     limit = store.max_copy_size
     if metadata is None and limit is not None and src.size > limit and not src.metadata:
         head = await store_request(store.head(src.key), src.key)  # listings carry no metadata
@@ -35,8 +37,8 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
             raise FsError(errno.ESTALE)
         src = head
     try:
-        return await uploader.copy(src, dst, metadata, if_absent=if_absent)
-    except AlreadyExists:
+        return await uploader.copy(src, dst, metadata, if_absent=if_absent, replaces=replaces)
+    except DestinationChanged:
         raise
     except (PreconditionFailed, NoSuchKey):
         now = await _current(store, src.key)

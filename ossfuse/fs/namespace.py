@@ -26,7 +26,8 @@ import trio
 from .. import integrity
 from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
-from ..store.base import AlreadyExists, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
+from ..store.base import (AlreadyExists, DestinationChanged, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
+                          same_etag)
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 _FINISH_AT_ONCE = 16  # pending deletes replayed at once (a HEAD and a DELETE each)
 _RECHECKS = 3  # probes of a name that keeps changing before one is made under its lock
+_COPY_REFUSALS = 3  # a rename's copies refused in a row because another client kept writing the name (then ESTALE)
 # a rename probes and locks its two names anew while a rename of a directory above them keeps
 # moving them (each try waits for that rename: Resolver.existing); then EIO
 _RENAME_RECHECKS = 16
@@ -330,13 +332,13 @@ class Namespace:
         key = self.naming.key(node.path)
         # the object of a file unlinked here (its delete pending) is ours to replace; anything
         # else at the name is another client's
-        replacing = self.deferred.last_etag(key) is not None
+        pending = self.deferred.last_etag(key)
         mark = self.deferred.mark()
         try:
-            info = await self.store.put_bytes(key, body, meta, if_absent=not replacing)
+            info = await self.store.put_bytes(key, body, meta, if_absent=pending is None, replaces=pending)
             self.deferred.superseded(key, mark)
             return info
-        except AlreadyExists:
+        except DestinationChanged:
             self.inodes.discard(node)
             self.names.note_present(node.path)  # the next lookup asks the store
             self.names.child_added(parent, node.path)
@@ -976,27 +978,34 @@ class Namespace:
         free, the copy is create-only, and a name taken meanwhile is checked then. Raises
         FsError ESTALE, EIO, ENOSPC (the log)."""
         pending = self.deferred.last_etag(key)
+        there = None  # what the copy replaces (None: nothing, create-only)
         if replacing or pending is not None:  # what is there may be another client's
-            await self._keep_foreign(key, (known, pending), source)
+            there = await self._keep_foreign(key, (known, pending), source)
         rlog.copying(key)
-        try:
-            return await copy_object(self.store, self.uploader, source, key,
-                                     if_absent=not replacing and pending is None)
-        except AlreadyExists:  # another client made the name since this mount looked
-            await self._keep_foreign(key, (), source)
-            return await copy_object(self.store, self.uploader, source, key)
+        for refusals in range(_COPY_REFUSALS + 1):
+            try:  # stating what it replaces: a local bucket checks it with the copy (no window)
+                return await copy_object(self.store, self.uploader, source, key, if_absent=there is None,
+                                         replaces=None if there is None else there.etag)
+            except DestinationChanged:  # another client wrote the name since this mount looked
+                if refusals == _COPY_REFUSALS:
+                    break
+                there = await self._keep_foreign(key, (), source)
+        log.warning("rename of %r to %r refused: another client kept writing %r (%d times in a row); nothing was "
+                    "written (ESTALE)", source.key, key, key, _COPY_REFUSALS + 1)
+        raise FsError(errno.ESTALE)
 
-    async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> None:
+    async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> ObjectInfo | None:
         """Before a rename's copy of ``source`` replaces ``key``: an object there that is none
         of the versions ``known`` (the first: the version this mount knows at ``key``) nor this
         mount's own last upload there is another client's, and is kept as a conflict copy first
         (``Conflicts.keep_theirs``, one WARNING), unless the rename will not happen: its source
         is not that version any more (ESTALE, nothing written: a trial found the copy made, the
-        rename refused, and a second copy at the kernel's retry). Raises FsError EIO (the
+        rename refused, and a second copy at the kernel's retry). Returns what is at ``key``
+        now (None: nothing), for the copy to state what it replaces. Raises FsError EIO (the
         store), ESTALE."""
         now = await store_request(self.store.head(key), key)
         if now is None or any(same_etag(now.etag, e) for e in (*known, self.commit.conflicts.ours_at(key)) if e):
-            return
+            return now
         src_now = await store_request(self.store.head(source.key), source.key)
         if src_now is None or not same_etag(src_now.etag, source.etag):
             log.warning("rename of %r refused: this mount knows version %s, the bucket has %s, and another client "
@@ -1004,6 +1013,7 @@ class Namespace:
                         "no object" if src_now is None else f"version {src_now.etag}", key, now.etag)
             raise FsError(errno.ESTALE)
         await self._keep_as_conflict(key, now, known[0] if known else None)
+        return now
 
     async def _keep_as_conflict(self, key: str, now: ObjectInfo, known: str | None) -> None:
         """Copy another client's object ``now`` at ``key`` to a conflict copy next to it before

@@ -78,7 +78,12 @@ class PreconditionFailed(StoreError):
     """An If-Match condition failed: the object was replaced (OSS 412)."""
 
 
-class AlreadyExists(StoreError):
+class DestinationChanged(StoreError):
+    """A write that stated what it replaces at its key found something else there, and wrote
+    nothing: ``replaces`` (another version, or no object) or ``if_absent`` (AlreadyExists)."""
+
+
+class AlreadyExists(DestinationChanged):
     """A put that was to create ``key`` found it taken, and wrote nothing (``if_absent``: OSS
     ``x-oss-forbid-overwrite: true`` answers 409 FileAlreadyExists, oss-rest-api.md §3.1/§3.13)."""
 
@@ -239,6 +244,13 @@ class ObjectStore(abc.ABC):
     local_disk: bool = False
     #: Online/offline tracking (``store.health.StoreHealth``), set by the daemon; None: none.
     health = None
+    #: Whether ``replaces`` of put_file, put_bytes, complete_multipart and copy is checked
+    #: atomically with the write (DestinationChanged, nothing written, when ``key`` holds
+    #: another version or nothing). A local store checks it in its index transaction; OSS has
+    #: no conditional PUT or copy on the destination's ETag (oss-rest-api.md §3.1, §3.13), so
+    #: there it is ignored and the caller's HEAD just before is the check (the window left,
+    #: docs/semantics.md).
+    checks_replaces: bool = False
 
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""
@@ -303,18 +315,20 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
-                       may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
+                       may_link: bool = False, if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         """Upload the whole file at ``path`` as ``key`` with ``metadata``; returns the new object.
         ``may_link``: the file will not change again, so a ``local_disk`` store may keep it
         instead of copying it. ``if_absent``: only create ``key``, atomically: raises
         AlreadyExists (nothing written) when an object is there (OSS ``x-oss-forbid-overwrite``;
-        OSS ignores it on a bucket with versioning enabled or suspended)."""
+        OSS ignores it on a bucket with versioning enabled or suspended). ``replaces``: the
+        version (ETag) the caller found at ``key`` and means to replace; see
+        :attr:`checks_replaces`."""
 
     @abc.abstractmethod
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
-                        if_absent: bool = False) -> ObjectInfo:
-        """Upload ``data`` as ``key`` with ``metadata``; returns the new object. ``if_absent``:
-        as :meth:`put_file` (AlreadyExists when an object is there)."""
+                        if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
+        """Upload ``data`` as ``key`` with ``metadata``; returns the new object. ``if_absent``,
+        ``replaces``: as :meth:`put_file` (AlreadyExists, DestinationChanged)."""
 
     @abc.abstractmethod
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
@@ -328,9 +342,10 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
-                                 if_absent: bool = False) -> ObjectInfo:
-        """Assemble ``parts`` [(number, etag)] into the object; returns it. ``if_absent``: as
-        for :meth:`put_file` (AlreadyExists; the upload stays, for the caller to abort)."""
+                                 if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
+        """Assemble ``parts`` [(number, etag)] into the object; returns it. ``if_absent``,
+        ``replaces``: as for :meth:`put_file` (AlreadyExists, DestinationChanged; the upload
+        stays, for the caller to abort)."""
 
     @abc.abstractmethod
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -343,11 +358,12 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False,
+                   if_match: str | None = None, if_absent: bool = False, replaces: str | None = None,
                    source: ObjectInfo | None = None) -> ObjectInfo:
         """Server-side copy of ``src`` to ``dst``; ``metadata`` None keeps the source's (COPY),
         else replaces it (REPLACE). Returns the new object. ``if_absent``: only if nothing is at
         ``dst`` (OSS ``x-oss-forbid-overwrite``, checked atomically), else AlreadyExists.
+        ``replaces``: the version the caller found at ``dst``, as for :meth:`put_file`.
 
         ``if_match``: the source ETag the caller knows; the copy happens only if the source is
         still that version (OSS ``x-oss-copy-source-if-match``), checked atomically with the
@@ -360,8 +376,8 @@ class ObjectStore(abc.ABC):
         metadata: a rename cost a round trip more); the result's size and metadata are then
         ``source``'s (a caller that holds no metadata of a slim version passes it empty).
 
-        Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError (e.g.
-        source above ``max_copy_size``)."""
+        Raises NoSuchKey (source missing), PreconditionFailed (the source), AlreadyExists or
+        DestinationChanged (``dst``), StoreError (e.g. source above ``max_copy_size``)."""
 
     @abc.abstractmethod
     async def list_multipart_uploads(self, prefix: str = "") -> MultipartUploads:

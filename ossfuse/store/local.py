@@ -54,8 +54,8 @@ from urllib.parse import urlparse
 
 import trio
 
-from .base import (AlreadyExists, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed,
-                   StoreError, same_etag)
+from .base import (AlreadyExists, DestinationChanged, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
+                   PreconditionFailed, StoreError, same_etag)
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class LocalStore(ObjectStore):
 
     listing_has_metadata = True  # the index row holds it: no HEAD per entry for ls -l
     local_disk = True
+    checks_replaces = True
 
     def __init__(self, root: str, *, threads: int = 8, max_copy_size: int | None = None, create: bool = True):
         """``create``: make ``root`` when it is missing (its parent must exist); False: a
@@ -468,9 +469,9 @@ class LocalStore(ObjectStore):
         return data
 
     def _put_file(self, key: str, path: str, meta: dict[str, str], may_link: bool,
-                  if_absent: bool = False) -> ObjectInfo:
+                  if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         _validate_key(key)
-        check = self._absent(key) if if_absent else None
+        check = self._destination(key, if_absent, replaces)
         if may_link:  # same disk: the file becomes the blob, no byte is copied
             size = os.lstat(path).st_size  # it does not change any more (may_link's promise)
             blob = self._link_blob(path)
@@ -484,12 +485,22 @@ class LocalStore(ObjectStore):
             return self._commit(key, tmp, size, meta, check)
 
     @staticmethod
-    def _absent(key: str) -> Callable[[sqlite3.Connection], None]:
-        """A ``_commit`` check: AlreadyExists when ``key`` has a row (x-oss-forbid-overwrite)."""
+    def _destination(key: str, if_absent: bool, replaces: str | None) -> Callable[[sqlite3.Connection], None] | None:
+        """The ``_commit`` check of what a write finds at ``key``: ``if_absent``, AlreadyExists
+        when ``key`` has a row (x-oss-forbid-overwrite); ``replaces``, DestinationChanged unless
+        ``key`` is still that version (the write's HEAD-to-write window closed,
+        ``ObjectStore.checks_replaces``). None when neither is asked."""
+        if not if_absent and replaces is None:
+            return None
+
         def check(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM objects WHERE key=?", (key,)).fetchone():
+            row = db.execute("SELECT etag FROM objects WHERE key=?", (key,)).fetchone()
+            if if_absent and row:
                 raise AlreadyExists("FileAlreadyExists: the object exists and may not be overwritten", key=key,
                                     code="FileAlreadyExists")
+            if replaces is not None and (row is None or _etag_norm(row[0]) != _etag_norm(replaces)):
+                raise DestinationChanged(f"the object is {'gone' if row is None else f'version {row[0]}'}, "
+                                         f"not version {replaces}", key=key, code="DestinationChanged")
         return check
 
     def _link_blob(self, path: str) -> str | None:
@@ -510,25 +521,26 @@ class LocalStore(ObjectStore):
         return blob
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
-                       may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
+                       may_link: bool = False, if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         try:
             small = os.lstat(path).st_size <= _INLINE_WRITE_MAX
         except OSError as e:
             raise StoreError(f"local store {self.root}: {e}") from e
         run = self._run_write if small else self._run
-        return await run(self._put_file, key, path, metadata, may_link, if_absent)
+        return await run(self._put_file, key, path, metadata, may_link, if_absent, replaces)
 
-    def _put_bytes(self, key: str, data: bytes, meta: dict[str, str], if_absent: bool = False) -> ObjectInfo:
-        check = self._absent(key) if if_absent else None
+    def _put_bytes(self, key: str, data: bytes, meta: dict[str, str], if_absent: bool = False,
+                   replaces: str | None = None) -> ObjectInfo:
+        check = self._destination(key, if_absent, replaces)
         tmp = self._new_tmp()
         with _removed_on_failure(tmp):
             self._write(tmp, data)
             return self._commit(key, tmp, len(data), meta, check)
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
-                        if_absent: bool = False) -> ObjectInfo:
+                        if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         run = self._run_write if len(data) <= _INLINE_WRITE_MAX else self._run
-        return await run(self._put_bytes, key, data, metadata, if_absent)
+        return await run(self._put_bytes, key, data, metadata, if_absent, replaces)
 
     def _sync(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -589,7 +601,8 @@ class LocalStore(ObjectStore):
                           metadata: dict[str, str]) -> str:
         return await self._run(self._upload_part, key, upload_id, part_number, bytes(data))
 
-    def _complete(self, key: str, upload_id: str, parts: list[tuple[int, str]], if_absent: bool) -> ObjectInfo:
+    def _complete(self, key: str, upload_id: str, parts: list[tuple[int, str]], if_absent: bool,
+                  replaces: str | None) -> ObjectInfo:
         d = self._upload_dir(upload_id)
         try:
             with open(_open_read(os.path.join(d, "meta.json")), "rb") as f:
@@ -615,13 +628,13 @@ class LocalStore(ObjectStore):
                 out.flush()
                 os.fsync(out.fileno())
                 size = out.tell()
-            info = self._commit(m["key"], tmp, size, m["meta"], self._absent(key) if if_absent else None)
+            info = self._commit(m["key"], tmp, size, m["meta"], self._destination(key, if_absent, replaces))
         shutil.rmtree(d, ignore_errors=True)
         return info
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
-                                 if_absent: bool = False) -> ObjectInfo:
-        return await self._run(self._complete, key, upload_id, parts, if_absent)
+                                 if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
+        return await self._run(self._complete, key, upload_id, parts, if_absent, replaces)
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         if upload_id.isalnum():
@@ -677,11 +690,12 @@ class LocalStore(ObjectStore):
         return await self._run(self._list, prefix, delimiter, marker, max_keys)
 
     def _copy(self, src: str, dst: str, meta: dict[str, str] | None, if_match: str | None,
-              if_absent: bool = False) -> ObjectInfo:
+              if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         """Copy the source's blob (immutable: a hard link is a copy; onto itself, the row keeps
         the blob) and commit ``dst`` in an index transaction that first checks the source row
         still names that blob (and, with ``if_match``, that ETag): the copy is exactly the
         version checked, atomically."""
+        dest_check = self._destination(dst, if_absent, replaces)
         for _ in range(5):  # without if_match: the source may be replaced while we link it
             row = self._row(src)
             if row is None:
@@ -694,6 +708,9 @@ class LocalStore(ObjectStore):
             new_meta = json.loads(row[4]) if meta is None else meta
             _validate_key(dst)
             if dst == src:  # new metadata (chmod, utimens): a new row version over the same body
+                if replaces is not None and _etag_norm(row[2]) != _etag_norm(replaces):
+                    raise DestinationChanged(f"the object is version {row[2]}, not {replaces}", key=dst,
+                                             code="DestinationChanged")
                 info = self._replace_metadata(src, row[5], row[2], row[1], new_meta)
                 if info is not None:
                     return info
@@ -710,8 +727,8 @@ class LocalStore(ObjectStore):
                     now = db.execute("SELECT blob, etag FROM objects WHERE key=?", (src,)).fetchone()
                     if now is None or now[0] != blob or now[1] != etag:
                         raise _SourceChanged()
-                    if if_absent:
-                        self._absent(dst)(db)
+                    if dest_check is not None:
+                        dest_check(db)
 
                 if blob:
                     try:
@@ -742,10 +759,10 @@ class LocalStore(ObjectStore):
         return info if changed == 1 else None
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False,
+                   if_match: str | None = None, if_absent: bool = False, replaces: str | None = None,
                    source: ObjectInfo | None = None) -> ObjectInfo:
         # (``source`` saves no request here: the index row is read with the copy)
-        return await self._run_write(self._copy, src, dst, metadata, if_match, if_absent)  # a link: no byte copied
+        return await self._run_write(self._copy, src, dst, metadata, if_match, if_absent, replaces)  # a link: no byte copied
 
     def _list_uploads(self, prefix: str) -> MultipartUploads:
         out = []

@@ -1085,11 +1085,12 @@ class OssStore(ObjectStore):
         return r
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
-                        if_absent: bool = False) -> ObjectInfo:
+                        if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         """PutObject (§3.1) with ``x-oss-meta-*`` and ``Content-Type: application/octet-stream``;
         the CRC-64 of the upload is checked. ``mtime`` of the result is the response's Date
         (OSS sends no Last-Modified on PUT). ``if_absent``: ``x-oss-forbid-overwrite: true``
-        (409 FileAlreadyExists → AlreadyExists)."""
+        (409 FileAlreadyExists → AlreadyExists). ``replaces`` is not checked: OSS has no
+        conditional PUT on the object's ETag (``checks_replaces``)."""
         self._check_key(key)
         data = data if isinstance(data, bytes) else bytes(data)
         if len(data) > PUT_LIMIT:
@@ -1127,10 +1128,10 @@ class OssStore(ObjectStore):
             return size, r
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *,
-                       may_link: bool = False, if_absent: bool = False) -> ObjectInfo:
+                       may_link: bool = False, if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         """PutObject of the file at ``path`` (reopened for every attempt; up to 1 MiB read whole and
-        sent as put_bytes sends it, a larger one streamed by oss2); as put_bytes.
-        ``if_absent``: ``x-oss-forbid-overwrite: true`` (409 FileAlreadyExists → AlreadyExists)."""
+        sent as put_bytes sends it, a larger one streamed by oss2); as put_bytes (``replaces``
+        not checked). ``if_absent``: ``x-oss-forbid-overwrite: true`` (409 FileAlreadyExists → AlreadyExists)."""
         self._check_key(key)
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
         if if_absent:
@@ -1196,14 +1197,15 @@ class OssStore(ObjectStore):
                              request_id=e.request_id or None) from e
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
-                                 if_absent: bool = False) -> ObjectInfo:
+                                 if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         """CompleteMultipartUpload (§3.13) of ``parts`` [(number, etag)], then HeadObject for the
         size, mtime and metadata. When this process uploaded every listed part, the object's
         CRC-64 (combined from the parts') is checked against OSS's. If an attempt failed in
         transit and the retry meets NoSuchUpload, the first attempt may have succeeded: the
         object is accepted when its ETag says it has ``len(parts)`` parts. Raises NoSuchKey (no
         such upload), AlreadyExists (``if_absent``: ``x-oss-forbid-overwrite``, checked by OSS at
-        Complete), StoreError (400 InvalidPart, EntityTooSmall ...)."""
+        Complete), StoreError (400 InvalidPart, EntityTooSmall ...). ``replaces`` is not
+        checked (as put_bytes)."""
         with self._parts_lock:
             known = self._parts.get(upload_id) or {}
             initiated = self._upload_meta.get(upload_id)
@@ -1309,7 +1311,7 @@ class OssStore(ObjectStore):
                              "copied with CopyObject", key=src)
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False,
+                   if_match: str | None = None, if_absent: bool = False, replaces: str | None = None,
                    source: ObjectInfo | None = None) -> ObjectInfo:
         """CopyObject within the bucket (§3.9): ``x-oss-metadata-directive: COPY`` when
         ``metadata`` is None, else ``REPLACE`` with the given ``x-oss-meta-*`` and the source's
@@ -1324,6 +1326,7 @@ class OssStore(ObjectStore):
         the version copied (a source replaced in between is HEADed again, at most 3 times).
 
         ``if_absent``: ``x-oss-forbid-overwrite: true`` (409 FileAlreadyExists → AlreadyExists).
+        ``replaces`` is not checked: CopyObject has no condition on the destination's ETag.
 
         Raises NoSuchKey (source missing), PreconditionFailed, AlreadyExists, StoreError for a
         source above ``max_copy_size`` (CopyObject cannot do it; it needs a streamed copy)."""

@@ -59,12 +59,14 @@ class Uploader:
         self.in_progress: set[UploadProgress] = set()
 
     async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str], *,
-                     if_absent: bool = False, before_complete: Callable[[], Awaitable[None]] | None = None
-                     ) -> ObjectInfo:
+                     if_absent: bool = False, replaces: str | None = None,
+                     before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
         """Put sealed ``staged``'s ciphertext at ``key`` with ``metadata``: one attempt (the
         store retries each request within its deadline, ``ossfuse/retry.py``; retrying a
         failed upload later is the scheduler's job). ``if_absent``: create only (the store
         raises AlreadyExists when ``key`` is taken; a multipart upload is then aborted).
+        ``replaces``: the version the caller found at ``key`` (DestinationChanged, nothing
+        written, where the store checks it: ``ObjectStore.checks_replaces``).
         ``before_complete``: awaited once every part of a multipart upload is in, right before
         its Complete (the upload may have taken minutes: the caller checks again what it
         checked before the upload); what it raises aborts the upload and propagates.
@@ -74,9 +76,10 @@ class Uploader:
         try:
             metadata = await self._put_tag_list(staged, key, metadata)
             if staged.size > self.multipart_threshold and not self.store.local_disk:
-                return await self._multipart(staged, key, metadata, progress, if_absent, before_complete)
+                return await self._multipart(staged, key, metadata, progress, if_absent, replaces, before_complete)
             # a sealed staged file never changes again: the store may link it
-            info = await self.store.put_file(key, staged.data_path, metadata, may_link=True, if_absent=if_absent)
+            info = await self.store.put_file(key, staged.data_path, metadata, may_link=True, if_absent=if_absent,
+                                             replaces=replaces)
             progress.done = staged.size
             return info
         finally:
@@ -107,18 +110,18 @@ class Uploader:
         return metadata
 
     async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str],
-                         progress: UploadProgress | None = None, if_absent: bool = False,
+                         progress: UploadProgress | None = None, if_absent: bool = False, replaces: str | None = None,
                          before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
         fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed
         try:
             return await self._parts(key, staged.size, metadata,
                                      lambda off, n: trio.to_thread.run_sync(os.pread, fd, n, off), progress,
-                                     if_absent, before_complete)
+                                     if_absent, replaces, before_complete)
         finally:
             os.close(fd)
 
     async def _parts(self, key: str, size: int, metadata: dict[str, str], read,
-                     progress: UploadProgress | None = None, if_absent: bool = False,
+                     progress: UploadProgress | None = None, if_absent: bool = False, replaces: str | None = None,
                      before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
         """Multipart upload of ``size`` bytes got by ``await read(offset, length)``; aborted on
         any failure or cancellation (also one ``before_complete`` raises: :meth:`upload`).
@@ -144,7 +147,8 @@ class Uploader:
             await run_all([functools.partial(part, n) for n in range(1, -(-size // psize) + 1)], self.part_workers)
             if before_complete is not None:
                 await before_complete()
-            info = await self.store.complete_multipart(key, upload_id, sorted(etags.items()), if_absent=if_absent)
+            info = await self.store.complete_multipart(key, upload_id, sorted(etags.items()), if_absent=if_absent,
+                                                       replaces=replaces)
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
@@ -162,18 +166,19 @@ class Uploader:
             self.ledger.ended(upload_id)
 
     async def copy(self, src: ObjectInfo, dst: str, metadata: dict[str, str] | None = None, *,
-                   stream: bool = False, if_absent: bool = False) -> ObjectInfo:
+                   stream: bool = False, if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         """Copy object ``src`` (its key, size, ETag and metadata) to ``dst``, with ``metadata``
         replacing the source's if given. CopyObject when the store allows the size; above it the
         ciphertext is streamed through this client unchanged, as a multipart upload whose part
         N is bytes [(N-1)·P, N·P) of the source, so the envelope headers stay valid (§6). The
         source is read with If-Match: PreconditionFailed if it changes meanwhile. ``stream``
         forces streaming (new envelope headers, which CopyObject may not change: §9).
-        ``if_absent``: only if nothing is at ``dst`` (AlreadyExists, nothing written)."""
+        ``if_absent``: only if nothing is at ``dst`` (AlreadyExists, nothing written);
+        ``replaces``: as for :meth:`upload`."""
         limit = self.store.max_copy_size
         if not stream and (limit is None or src.size <= limit):
             return await self.store.copy(src.key, dst, metadata=metadata, if_match=src.etag, if_absent=if_absent,
-                                         source=src)
+                                         replaces=replaces, source=src)
         meta = dict(src.metadata if metadata is None else metadata)
         for name in (env.H_DATA_SIZE, env.H_PART_SIZE):
             meta.pop(name, None)  # the new upload has its own part layout
@@ -182,7 +187,7 @@ class Uploader:
             data = await self.store.get_range(src.key, 0, src.size, if_match=src.etag)
             if len(data) != src.size:
                 raise StoreError(f"source is truncated: {len(data)} of {src.size} bytes", key=src.key)
-            return await self.store.put_bytes(dst, data, meta, if_absent=if_absent)
+            return await self.store.put_bytes(dst, data, meta, if_absent=if_absent, replaces=replaces)
         return await self._parts(dst, src.size, meta,
                                  lambda off, n: self.store.get_range(src.key, off, off + n, if_match=src.etag),
-                                 if_absent=if_absent)
+                                 if_absent=if_absent, replaces=replaces)

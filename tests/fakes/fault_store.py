@@ -154,6 +154,7 @@ class FaultStore(ObjectStore):
         self.max_copy_size = inner.max_copy_size
         self.listing_has_metadata = inner.listing_has_metadata
         self.local_disk = inner.local_disk
+        self.checks_replaces = inner.checks_replaces
         self.rules: list[Rule] = []
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
@@ -259,14 +260,16 @@ class FaultStore(ObjectStore):
                                lambda: self.inner.get_range_with_info(key, start, end, if_match=if_match))
 
     async def put_file(self, key: str, path: str, metadata: dict[str, str], *, may_link: bool = False,
-                       if_absent: bool = False) -> ObjectInfo:
+                       if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         return await self._run("put_file", (key,),
-                               lambda: self.inner.put_file(key, path, metadata, may_link=may_link, if_absent=if_absent))
+                               lambda: self.inner.put_file(key, path, metadata, may_link=may_link, if_absent=if_absent,
+                                                           replaces=replaces))
 
     async def put_bytes(self, key: str, data: bytes, metadata: dict[str, str], *,
-                        if_absent: bool = False) -> ObjectInfo:
+                        if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         return await self._run("put_bytes", (key,), lambda: self.inner.put_bytes(key, data, metadata,
-                                                                                   if_absent=if_absent))
+                                                                                   if_absent=if_absent,
+                                                                                   replaces=replaces))
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         return await self._run("create_multipart", (key,), lambda: self.inner.create_multipart(key, metadata))
@@ -277,9 +280,10 @@ class FaultStore(ObjectStore):
                                lambda: self.inner.upload_part(key, upload_id, part_number, data, metadata))
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
-                                 if_absent: bool = False) -> ObjectInfo:
+                                 if_absent: bool = False, replaces: str | None = None) -> ObjectInfo:
         return await self._run("complete_multipart", (key,),
-                               lambda: self.inner.complete_multipart(key, upload_id, parts, if_absent=if_absent))
+                               lambda: self.inner.complete_multipart(key, upload_id, parts, if_absent=if_absent,
+                                                                     replaces=replaces))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         return await self._run("abort_multipart", (key,), lambda: self.inner.abort_multipart(key, upload_id))
@@ -293,10 +297,11 @@ class FaultStore(ObjectStore):
         return await self._run("list_multipart_uploads", (prefix,), lambda: self.inner.list_multipart_uploads(prefix))
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None, *,
-                   if_match: str | None = None, if_absent: bool = False,
+                   if_match: str | None = None, if_absent: bool = False, replaces: str | None = None,
                    source: ObjectInfo | None = None) -> ObjectInfo:
         return await self._run("copy", (src, dst), lambda: self.inner.copy(src, dst, metadata, if_match=if_match,
-                                                                           if_absent=if_absent, source=source))
+                                                                           if_absent=if_absent, replaces=replaces,
+                                                                           source=source))
 
     async def delete(self, key: str, *, version: str | None = None) -> None:
         return await self._run("delete", (key,), lambda: self.inner.delete(key, version=version))
