@@ -12,6 +12,7 @@ import trio.testing
 
 from ossfuse.retry import Budget, RetryPolicy, is_temporary, retry_async, retry_sync
 from ossfuse.store.base import NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable
+from ossfuse.store.health import StoreHealth
 
 
 class Temp(Exception):
@@ -237,7 +238,7 @@ def test_a_timeout_counts_the_store_failing_since_it_went_silent():
 
         def give_up(self, failing_for, upcoming_sleep):
             self.asked.append(failing_for)
-            return failing_for + upcoming_sleep > 0.3
+            return StoreHealth.give_up(self, failing_for, upcoming_sleep)  # the product's rule, rounding and all
 
     async def main():
         for silent, attempts in ((0.3, 1), (0.0, 2)):

@@ -17,8 +17,11 @@ from the journal after a crash is checked the same way: its record holds the bas
 had for it (:meth:`Conflicts.base_of`), so a foreign edit made while the daemon was down, or
 between a create-only PUT's refusal and the conflict copy, is kept. Only a record written by
 an earlier ossfuse, which has no base, is uploaded without the check.
-For a replacement the check and the PUT are two requests: a foreign write landing between
-them is still replaced (the remaining window, docs/semantics.md). OSS ignores
+For a replacement the check and the PUT are two requests; the PUT states the version it
+replaces (``replaces=``, or create-only when nothing was there): a local bucket refuses it when
+a foreign write landed in between (the key is looked at again), while over OSS, which has no
+conditional PUT on an ETag, that write is still replaced (the remaining window,
+docs/semantics.md). OSS ignores
 ``x-oss-forbid-overwrite`` on a bucket with versioning enabled or suspended: there a new file
 replaces a foreign one written at the same name, which stays as a noncurrent version.
 

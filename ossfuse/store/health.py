@@ -226,9 +226,11 @@ class StoreHealth:
         """For a retry loop: stop retrying one call that has failed for ``failing_for`` seconds
         and would sleep ``upcoming_sleep`` more: the mount went offline meanwhile, the call has
         failed for ``timeout`` already (a GET silent that long: not sent again), or the sleep
-        would end past it (``retry`` cuts its last sleep to end there: float rounding must not
-        make that one past it, hence the millisecond)."""
-        return (self.offline or failing_for >= self.timeout
+        would end past it (``retry`` cuts its last sleep to end there). Both within a
+        millisecond: float rounding must not decide (a GET silent for exactly ``timeout``
+        came out 0.29999999999995 s of 0.3 with the monotonic clock at ~1,700 s, and was sent
+        again)."""
+        return (self.offline or failing_for >= self.timeout - 0.001
                 or failing_for + upcoming_sleep > self.timeout + 0.001)
 
     async def watch(self, probe: Callable[[], Awaitable[object]]) -> None:
