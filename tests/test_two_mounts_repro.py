@@ -267,6 +267,15 @@ def _land_first(store, op: str, key: str, write) -> list:
     return fired
 
 
+async def _check_name_and_copy(inner, fs, at_x: bytes, in_copy: bytes) -> None:
+    """The bucket holds exactly x with ``at_x`` and one conflict copy of x with ``in_copy``."""
+    keys = await _keys(inner)
+    assert len(keys) == 2 and "pre/x" in keys, keys
+    assert await _read(fs, "x") == at_x
+    copy = next(k for k in keys if k != "pre/x")
+    assert ".conflict-" in copy and await _read(fs, copy[len("pre/"):]) == in_copy
+
+
 @pytest.mark.expect_log(r"was changed by another client")
 def test_a_write_landing_between_an_uploads_head_and_its_put_is_kept(tmp_path, cmk_path):
     """Two mounts of one local bucket rewrite x within one round trip: mount 1's upload HEADs x
@@ -281,11 +290,7 @@ def test_a_write_landing_between_an_uploads_head_and_its_put_is_kept(tmp_path, c
         fired = _land_first(b.store, "put_file", "pre/x", lambda: _rewrite(a, "x", b"mount 0's edit"))
         await _rewrite(b, "x", b"mount 1's edit")
         assert fired
-        keys = await _keys(inner)
-        assert len(keys) == 2 and "pre/x" in keys, keys
-        assert await _read(a, "x") == b"mount 0's edit"
-        copy = next(k for k in keys if k != "pre/x")
-        assert ".conflict-" in copy and await _read(a, copy[len("pre/"):]) == b"mount 1's edit"
+        await _check_name_and_copy(inner, a, b"mount 0's edit", b"mount 1's edit")
         for fs in (a, b):
             fs.close()
     trio.run(main)
@@ -308,11 +313,7 @@ def test_a_write_landing_between_a_renames_head_and_its_copy_is_kept(tmp_path, c
         await _walk(b, "x")  # the kernel's lookup of the rename's target
         await b.rename(b.get(1), "x.tmp", b.get(1), "x", 0)
         assert fired
-        keys = await _keys(inner)
-        assert len(keys) == 2 and "pre/x" in keys, keys
-        assert await _read(a, "x") == b"mount 1's save"
-        copy = next(k for k in keys if k != "pre/x")
-        assert ".conflict-" in copy and await _read(a, copy[len("pre/"):]) == b"mount 0's edit"
+        await _check_name_and_copy(inner, a, b"mount 1's save", b"mount 0's edit")
         for fs in (a, b):
             fs.close()
     trio.run(main)
