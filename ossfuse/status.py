@@ -213,7 +213,8 @@ def _label(value: str) -> str:
 
 # store answers that refuse what a request made conditional (an ETag, create-only) or find no
 # object: how another client's change shows (fs/conflicts.py), no fault of the store or the mount
-_ANSWERS_NOT_FAULTS = frozenset({"PreconditionFailed", "AlreadyExists", "FileAlreadyExists", "NoSuchKey"})
+_ANSWERS_NOT_FAULTS = frozenset({"PreconditionFailed", "AlreadyExists", "FileAlreadyExists", "DestinationChanged",
+                                 "NoSuchKey"})
 _UP_HELP = "1: the daemon answered; 0: none answers for the mount point (dead, or not mounted)."
 
 

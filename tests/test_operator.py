@@ -142,10 +142,11 @@ def test_render_shows_upload_progress():
     # "28295 error(s)" after two mounts' editors raced over one file, every one of them such)
     doc["store_ops"]["errors"] = [{"op": "copy", "kind": "PreconditionFailed", "count": 5},
                                   {"op": "put_file", "kind": "FileAlreadyExists", "count": 2},
+                                  {"op": "put_file", "kind": "DestinationChanged", "count": 4},
                                   {"op": "get_range", "kind": "NoSuchKey", "count": 1},
                                   {"op": "head", "kind": "ServiceUnavailable", "count": 3}]
     text = status.render(doc)
-    assert ("0 received, 3 error(s), 0 retries; 8 refused as asked (a version check, create-only, or a missing "
+    assert ("0 received, 3 error(s), 0 retries; 12 refused as asked (a version check, create-only, or a missing "
             "key: what another client's change looks like)") in text
 
 
