@@ -1173,3 +1173,18 @@ def test_a_handle_whose_file_the_other_mount_moved_out_of_a_renamed_directory_is
                        lambda t: t.open(i=0, m=0, trunc=False, write=True), lambda t: t.unlink(i=12, m=0),
                        lambda t: t.read_handle(i=3)])
     _replay(s, tmp_path, cmk_path)
+
+
+@pytest.mark.expect_log(r"refused", r"was replaced while open", r"conflict")
+def test_a_file_rename_refused_with_estale_leaves_no_marker_of_its_implicit_parent(tmp_path, cmk_path):
+    """Found by the default search under load (twenty-eighth session): mount 1's file d/b, in a
+    directory mount 0 removed (implicit: d/b holds it up), which mount 0 then changed (chmod);
+    mount 1's rename of d/b is refused with ESTALE (its copy names the old version), but the
+    marker 'pre/d/' it wrote first, so that d would not vanish with its last child, stayed:
+    a refused rename wrote an object. The marker is deleted again when the rename fails."""
+    def s(state):
+        _steps(state, [lambda t: t.mkdir(d=2, m=0, mode=448, name='d'),
+                       lambda t: t.create(d=15, m=1, mode=448, name='b'), lambda t: t.rmdir(i=28, m=0),
+                       lambda t: t.fsync(i=0), lambda t: t.chmod(i=26, m=0, mode=493),
+                       lambda t: t.truncate_handle(i=18, size=2603), lambda t: t.rename(d=14, i=31, m=1, name=0)])
+    _replay(s, tmp_path, cmk_path)

@@ -16,6 +16,7 @@ import errno
 import functools
 import itertools
 import logging
+import os
 import stat
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -223,14 +224,29 @@ class Namespace:
                 return
         raise FsError(errno.EIO, "the parent directory kept moving")
 
-    async def _keep_parent(self, parent: Node) -> None:
+    async def _keep_parent(self, parent: Node) -> ObjectInfo | None:
         """A child of ``parent`` is about to be deleted from the store: if ``parent`` exists only
         as a key prefix (an implicit directory), write its marker ``dir/`` first, so it does not
-        vanish with its last child (what ossfs/s3fs do). Raises FsError(EIO)."""
+        vanish with its last child (what ossfs/s3fs do). Returns the marker written, or None.
+        Raises FsError(EIO)."""
         if parent.implicit and not parent.unlinked and parent.path:
             dkey = self.naming.dir_key(parent.path)
-            await store_request(self.store.put_bytes(dkey, b"", attr_meta(parent)), dkey)
+            marker = await store_request(self.store.put_bytes(dkey, b"", attr_meta(parent)), dkey)
             parent.implicit = False
+            return marker
+        return None
+
+    async def _drop_kept_parent(self, parent: Node, marker: ObjectInfo) -> None:
+        """Undo :meth:`_keep_parent` for an operation that then failed and moved nothing:
+        delete ``marker`` again if it is still that version (a refused rename writes nothing,
+        as a refused rmdir). A marker that cannot be deleted stays: ``parent`` is a directory
+        either way (one INFO line)."""
+        try:
+            await delete_version(self.store, marker.key, marker.etag, log_failure=False)
+            parent.implicit = True
+        except FsError as e:
+            log.info("the marker %r written for a rename that failed stays (%s)", marker.key,
+                     os.strerror(e.errno))
 
     # -- directories ------------------------------------------------------------------------
     async def mkdir(self, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
@@ -760,6 +776,18 @@ class Namespace:
         is an object no configured CMK can read."""
         if flags & ~RENAME_NOREPLACE:
             raise FsError(errno.EINVAL)
+        kept_parent: list[ObjectInfo] = []  # the implicit parent's marker this rename wrote
+        try:
+            await self._rename(parent, name, new_parent, new_name, flags, kept_parent)
+        except FsError:
+            if kept_parent:  # failed: the source is still there, and its parent needs no marker
+                await self._drop_kept_parent(parent, kept_parent[0])
+            raise
+
+    async def _rename(self, parent: Node, name: str, new_parent: Node, new_name: str, flags: int,
+                      kept_parent: list[ObjectInfo]) -> None:
+        """The body of :meth:`rename`; appends to ``kept_parent`` the marker :meth:`_keep_parent`
+        wrote for ``parent``, for the caller to take back when the rename fails."""
         moved = 0  # tries that found a name changed (an upload that started meanwhile does not count)
         while moved < _RENAME_RECHECKS:
             src = await self.resolver.existing(parent, name)
@@ -791,7 +819,9 @@ class Namespace:
                 # rmdir; a two-mount model search. Checked again under the locks below)
                 raise FsError(errno.ENOTEMPTY)
             if src.version is not None or src.is_dir:
-                await self._keep_parent(parent)
+                marker = await self._keep_parent(parent)
+                if marker is not None:
+                    kept_parent.append(marker)
             dkeys = [self.naming.dir_key(p) for p in (src_path, dst_path)] if src.is_dir else []
             for dkey in dkeys:  # a queued DELETE below either must not meet the copies (no lock held)
                 await self.settle_deletes(dkey)
