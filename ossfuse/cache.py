@@ -38,6 +38,7 @@ _FETCH_PARALLEL × _FETCH_CHUNK (16 MiB) per concurrent FUSE read that misses ar
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -47,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 
 import fastcrc
 
@@ -496,48 +498,70 @@ class BlockCache:
             return await self._get(key, etag, size, offset, end)
         version = (key, etag)
         lo, hi = tags.span(offset, end)
+        # the kernel's reads (up to 1 MiB, two or more at once) do not start on tagged blocks:
+        # blocks a kept span holds, or a read in flight is fetching, are not read again (each
+        # read fetched 1.5 times its size: a new-user trial)
         while True:
-            spans = self._checked.get(version, ())
-            # the kernel's reads (up to 1 MiB, two or more at once) do not start on tagged
-            # blocks: blocks a kept span holds, or a read in flight is fetching, are not read
-            # again (each read fetched 1.5 times its size: a new-user trial)
-            parts, fetched = [], lo  # the head of [lo, hi) the kept spans hold, one after another
-            while fetched < hi:
-                at, kept = next(((at, kept) for at, kept in spans if at <= fetched < at + len(kept)), (0, b""))
-                if not kept:
-                    break
-                parts.append(kept[fetched - at:min(hi, at + len(kept)) - at])
-                fetched += len(parts[-1])  # a tagged block's start: kept spans end on one, or at the end
+            parts, fetched = self._kept_head(version, lo, hi)
             if fetched >= hi:
-                self._checked.move_to_end(version)
                 return b"".join(parts)[offset - lo:end - lo]
             busy = next((ev for a, b, ev in self._fetching.get(version, ()) if a <= fetched < b), None)
             if busy is None:
                 break
             await busy.wait()  # then look again: its span is kept (or it failed: fetch here)
-        flight = (fetched, hi, trio.Event())
-        if self.store.local_disk:
-            self._fetching.setdefault(version, []).append(flight)
-        try:
+        if not self.store.local_disk:  # nothing kept, nothing to wait for
             data = await self._get_checked(key, etag, tags, fetched, hi)
-        finally:
-            if self.store.local_disk:
-                self._fetching[version].remove(flight)
-                if not self._fetching[version]:
-                    del self._fetching[version]
-                flight[2].set()
-        if self.store.local_disk and len(data) <= _CHECKED_MAX:
-            # (an await above: the version's spans may have changed or gone meanwhile)
-            old = self._checked.pop(version, [])
-            self._checked_bytes -= sum(len(d) for _, d in old)
-            spans = [sp for sp in old if not (fetched <= sp[0] and sp[0] + len(sp[1]) <= hi)] + [(fetched, data)]
-            self._checked[version] = spans = spans[-_CHECKED_SPANS:]
-            self._checked_bytes += sum(len(d) for _, d in spans)
-            while self._checked_bytes > _CHECKED_MAX:
-                self._forget_checked(next(iter(self._checked)))
+        else:
+            with self._in_flight(version, fetched, hi):
+                data = await self._get_checked(key, etag, tags, fetched, hi)
+            self._keep_checked(version, fetched, data)
+        return (b"".join(parts) + data if parts else data)[offset - lo:end - lo]
+
+    def _kept_head(self, version: tuple[str, str], lo: int, hi: int) -> tuple[list[bytes], int]:
+        """The head of bytes [lo, hi) of ``version`` that its kept spans hold, one after
+        another: (the pieces, the offset where they end: a tagged block's start, as kept spans
+        end on one or at the object's end)."""
+        spans = self._checked.get(version, ())
+        parts: list[bytes] = []
+        while lo < hi:
+            span = next(((at, kept) for at, kept in spans if at <= lo < at + len(kept)), None)
+            if span is None:
+                break
+            at, kept = span
+            parts.append(kept[lo - at:min(hi, at + len(kept)) - at])
+            lo += len(parts[-1])
         if parts:
-            data = b"".join(parts) + data
-        return data[offset - lo:end - lo]
+            self._checked.move_to_end(version)
+        return parts, lo
+
+    @contextlib.contextmanager
+    def _in_flight(self, version: tuple[str, str], lo: int, hi: int) -> Iterator[None]:
+        """Bytes [lo, hi) of ``version`` are being fetched meanwhile: a read of them waits for
+        the end (and then finds them kept, or fetches them itself)."""
+        flight = (lo, hi, trio.Event())
+        self._fetching.setdefault(version, []).append(flight)
+        try:
+            yield
+        finally:
+            self._fetching[version].remove(flight)
+            if not self._fetching[version]:
+                del self._fetching[version]
+            flight[2].set()
+
+    def _keep_checked(self, version: tuple[str, str], lo: int, data: bytes) -> None:
+        """Keep checked span ``data`` at ``lo`` of ``version`` in memory: the last
+        _CHECKED_SPANS spans of a version (those it covers dropped), _CHECKED_MAX bytes in all
+        (the least recently used versions dropped)."""
+        if len(data) > _CHECKED_MAX:
+            return
+        old = self._checked.pop(version, [])
+        self._checked_bytes -= sum(len(d) for _, d in old)
+        hi = lo + len(data)
+        spans = [sp for sp in old if not (lo <= sp[0] and sp[0] + len(sp[1]) <= hi)] + [(lo, data)]
+        self._checked[version] = spans = spans[-_CHECKED_SPANS:]
+        self._checked_bytes += sum(len(d) for _, d in spans)
+        while self._checked_bytes > _CHECKED_MAX:
+            self._forget_checked(next(iter(self._checked)))
 
     def _forget_checked(self, version: tuple[str, str]) -> None:
         for _, kept in self._checked.pop(version, ()):
