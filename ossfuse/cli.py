@@ -601,7 +601,7 @@ def _unmount(mp: str, device: str | None) -> str | None:
             ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
             who = "; ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "") + f") holds its {what}"
                             for p, c, what in held[:5])
-            return msg + f" (in use by {who}{f'; and {len(held) - 5} more' if len(held) > 5 else ''})"
+            return msg + f" (in use: {who}{f'; and {len(held) - 5} more' if len(held) > 5 else ''})"
         if time.monotonic() >= give_up:
             # a copy of it at another path (a peer of a shared subtree) held there keeps it busy too
             elsewhere = [f"pid {p} ({c}) at {path}" for path in _paths_of(device) if path != mp
@@ -1022,16 +1022,23 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
                         f"config): pass another --etc, or edit {conf}")
         bucket, cache = used, cfg.cache.dir
         print(f"using the existing config {conf} (made by an earlier quickstart)")
-    if not os.path.exists(key) and not args.new_key:  # refused before anything is made
+    if not os.path.exists(key):  # refused before anything is made, or (--new-key) warned of
         if os.path.isdir(bucket) and (found := _encrypted_object_in(bucket)):
-            return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
-                        f"a new CMK could not read them; pass --etc with the directory of their key, or "
-                        f"--new-key to make a new one anyway")
+            if not args.new_key:
+                return _die(f"{bucket} already holds encrypted objects (e.g. {found!r}) and {key} does not exist: "
+                            f"a new CMK could not read them; pass --etc with the directory of their key, or "
+                            f"--new-key to make a new one anyway")
+            # (a new-user trial: --new-key said nothing of them; they then gave EIO)
+            print(f"ossfuse: warning: the encrypted objects {bucket} holds (e.g. {found!r}) stay readable only with "
+                  f"the missing CMK: through the folder they give EIO (`ossfuse check` lists them)", file=sys.stderr)
         journaled = _journaled_in(cache)
-        if journaled:
+        if journaled and not args.new_key:
             return _die(f"the cache dir {cache} holds {journaled} journaled file(s) not uploaded yet and {key} does "
                         f"not exist: they are encrypted under it; pass --etc with the directory of their key, or "
                         f"--new-key to make a new one anyway (they would then be uploaded unreadable)")
+        if journaled:
+            print(f"ossfuse: warning: the {journaled} journaled file(s) in the cache dir {cache} are encrypted under "
+                  f"the missing CMK: they upload unreadable", file=sys.stderr)
     os.makedirs(etc, mode=0o700, exist_ok=True)
     if "://" not in bucket and not os.path.exists(conf):
         # made with its config; an existing config's bucket is the mount's to make or, once

@@ -560,7 +560,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     if fs.staging.lost_work:  # each named in its own WARNING line (journal._warn_lost_work)
         notices.append(f"the unsaved changes of {fs.staging.lost_work} file(s) left by an earlier run (open when it "
                        f"crashed or was killed, or not savable at their close) are deleted; each file keeps its "
-                       f"last saved version (the log names each)")
+                       f"last saved version, or is empty or absent if it had none (the log names each)")
     if quarantined:  # each entry this start-up quarantined logged its own ERROR already
         one = quarantined == 1
         # damaged, or of another bucket or prefix (a cache dir mounted with another): never uploaded;

@@ -7,7 +7,8 @@ oldest in seconds, and per upload running now the bytes already in the store), c
 bytes with its hit and miss counts, store operations (calls, errors by kind, retries, bytes
 sent and received), recent errors (last 20 log records at ERROR or worse) and warnings (last
 20 at WARNING), CMKs in use, counters (uploaded, upload_failures, recovered, quarantined: by
-this mount), and the damaged journal entries kept in ``staging/quarantine`` (any mount's).
+this mount), the damaged journal entries kept in ``staging/quarantine`` (any mount's), and
+where the daemon logs (``log``: a file path, or how to read the journal).
 
 :func:`prometheus` turns that document into the Prometheus text exposition format (version
 0.0.4, https://prometheus.io/docs/instrumenting/exposition_formats/) for
@@ -39,6 +40,26 @@ class RecentErrors(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         kept = self.records if record.levelno >= logging.ERROR else self.warnings
         kept.append({"time": record.created, "level": record.levelname, "message": record.getMessage()})
+
+
+def log_destination() -> str:
+    """Where this daemon's log goes: the file of its log handler (``<cache dir>/ossfuse.log``
+    for a mount started by ``ossfuse mount``); under systemd (JOURNAL_STREAM set) the journal,
+    with the ``journalctl -u UNIT`` that shows it when /proc/self/cgroup names the unit; else
+    its standard error (``--foreground``)."""
+    for handler in logging.getLogger().handlers:
+        name = getattr(handler, "baseFilename", None)
+        if name:
+            return name
+    if os.environ.get("JOURNAL_STREAM"):
+        try:  # cgroup v2: "0::/system.slice/ossfuse@mnt-data.service"
+            with open("/proc/self/cgroup") as f:
+                unit = next((part for line in f for part in line.strip().split("/")
+                             if part.endswith(".service")), None)
+        except OSError:
+            unit = None
+        return f"the journal (journalctl -u {unit})" if unit else "the journal (journalctl)"
+    return "standard error (a foreground mount)"
 
 
 def collect(fs, errors: RecentErrors, started: float, state: str = "serving") -> dict:
@@ -91,6 +112,7 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
         # {"online", "offline_since" (epoch seconds or None), "reason"}: store/health.py
         "store_health": (fs.store.health.status() if fs.store.health is not None
                          else {"online": True, "offline_since": None, "reason": None}),
+        "log": log_destination(),  # (a trial: only the README said where it is)
     }
 
 
@@ -195,6 +217,8 @@ def render(doc: dict) -> str:
                      f"in {q['dir']}, never uploaded: recover by hand or delete")
     cf = doc.get("conflicts") or {"count": 0, "recent": []}
     lines.append(f"conflict copies:  {cf['count']}" + (f" (latest: {', '.join(cf['recent'])})" if cf["recent"] else ""))
+    if doc.get("log"):
+        lines.append(f"log:              {doc['log']}")
     for field, title in (("recent_errors", "recent errors:"), ("recent_warnings", "recent warnings:")):
         records = doc.get(field) or []
         if records:

@@ -585,11 +585,17 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
         assert not (etc / "default.pem").exists() and mounted_device(mnt) is None
         r = run_cli(*args, "--new-key")
         assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stderr.splitlines() == [
+            f"ossfuse: warning: the encrypted objects {tmp_path}/var/bucket holds (e.g. 'old') stay readable only "
+            "with the missing CMK: through the folder they give EIO (`ossfuse check` lists them)"], r.stderr
         assert f"moved {etc}/default.pem.pub, the public key of the missing CMK, to {etc}/default.pem.pub.old" \
             in r.stdout and f"created CMK {etc}/default.pem" in r.stdout, r.stdout
         assert (etc / "default.pem.pub.old").read_bytes() == old_pub
         assert (etc / "default.pem.pub").read_bytes() != old_pub
         assert sorted(os.listdir(mnt)) == ["old"]
+        with pytest.raises(OSError) as e:
+            open(os.path.join(mnt, "old"), "rb").read()
+        assert e.value.errno == errno.EIO
         with open(os.path.join(mnt, "new"), "wb") as f:
             f.write(b"under the new CMK")
         with open(os.path.join(mnt, "new"), "rb") as f:

@@ -714,7 +714,7 @@ def test_umount_names_a_program_or_mapping_that_holds_the_mount(make_mount, hold
             time.sleep(0.3)
         r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1, r.stderr
-        assert f"in use by pid {p.pid} (" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert f"(in use: pid {p.pid} (" in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert os.path.ismount(m.mnt)
     finally:
         p.kill()

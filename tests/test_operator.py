@@ -408,3 +408,25 @@ def test_wrong_cmk_is_eio_and_no_cmk_is_eacces_as_documented(tmp_path, cmk_path,
     assert "No match: `EACCES`" in readme and "cannot unwrap the data key" in readme
     assert "(a wrong CMK, or a damaged key header): `EIO`" in readme
     assert "Unknown matdesc: `EACCES`; a CMK that cannot unwrap: `EIO`" in semantics
+
+
+def test_status_says_where_the_log_goes_under_systemd_and_in_the_foreground(monkeypatch):
+    """``status`` names the daemon's log (a new-user trial: only the README did): the log
+    file of ``ossfuse mount`` (tests/test_systemd.py), the journal with the unit's journalctl
+    when systemd started it, else standard error."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if not getattr(h, "baseFilename", None)])
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert status.log_destination() == "standard error (a foreground mount)"
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    real_open = open
+
+    def cgroup(path, *args, **kw):
+        if path == "/proc/self/cgroup":
+            import io
+            return io.StringIO("0::/system.slice/system-ossfuse.slice/ossfuse@mnt-data.service\n")
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr("builtins.open", cgroup)
+    assert status.log_destination() == "the journal (journalctl -u ossfuse@mnt-data.service)"
+    monkeypatch.setattr("builtins.open", real_open)
+    assert status.log_destination().startswith("the journal (journalctl")  # (this process's own cgroup)

@@ -155,6 +155,8 @@ def test_status_reports_pending_uploads_cmks_and_errors(make_mount):
     assert doc["cache"]["staging_bytes"] >= 12345
     text = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True).stdout
     assert "pending uploads:  1 file(s), 12345 bytes" in text and "CMK:              main" in text
+    assert doc["log"] == os.path.join(m.cache, "ossfuse.log")  # (a trial: only the README said it)
+    assert f"\nlog:              {doc['log']}\n" in text and "broken" in open(doc["log"]).read()
     assert m.stop() == 0
     r = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True)
     assert r.returncode == 1 and "is not a mount point" in r.stderr

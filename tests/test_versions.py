@@ -941,3 +941,69 @@ def test_a_handle_that_may_have_shown_the_old_version_stays_on_it(tmp_path, cmk_
         ofs.close()
 
     _run(tmp_path, cmk_path, body)
+
+
+async def _bucket_names(store) -> list[str]:
+    """The file names in the bucket (what another client would list), sorted."""
+    return sorted(o.key[len("pre/"):] for o in (await store.inner.list("pre/", delimiter=None)).objects
+                  if ".ossfuse-integrity" not in o.key)
+
+
+def _destination_changed(op, key):
+    from ossfuse.store.base import DestinationChanged
+    return DestinationChanged(f"injected: {op} {key!r} found another version there")
+
+
+@pytest.mark.expect_log(r"upload of 'pre/f' failed; the data stays staged and will be retried: the object changed "
+                        r"under 4 uploads in a row")
+def test_an_upload_refused_four_times_in_a_row_waits_and_then_lands(tmp_path, cmk_path):
+    """The upload's limit (conflicts._REFUSALS_MAX): a PUT refused because the name changed
+    under it is HEADed and sent again; the fourth refusal in a row ends that attempt (the
+    version stays journaled, one log line) and the next attempt lands it. Nothing lost,
+    no conflict copy (the HEADs kept finding the version this mount started from)."""
+    async def body(fs, store):
+        root = fs.get(1)
+        node = await _write_file(fs, root, "f", b"version 1")
+        rule = store.fail("put_file", key="pre/f", error=_destination_changed, count=4)
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(h, 0, b"version 2")
+        await fs.flush(h)
+        await fs.release(h)
+        assert rule.hits == 4 and node.staged is not None  # kept for the next attempt
+        assert await fs.drain() == 0
+        assert rule.hits == 4 and node.staged is None
+        assert await _read(fs, await fs.lookup(root, "f")) == b"version 2"
+        assert await _bucket_names(store) == ["f"]
+
+    _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"refused: another client kept writing 'pre/dst' \(4 times in a row\)")
+@pytest.mark.parametrize("refusals", [3, 4])
+def test_a_rename_copy_refused_up_to_three_times_lands_and_a_fourth_gives_estale(tmp_path, cmk_path, refusals,
+                                                                                 caplog):
+    """The rename's limit (namespace._COPY_REFUSALS): a copy refused because the target changed
+    under it checks the target again and copies again; three refusals in a row still rename,
+    the fourth gives ESTALE with one WARNING, and neither name changes."""
+    async def body(fs, store):
+        root = fs.get(1)
+        await _write_file(fs, root, "src", b"new content")
+        await _write_file(fs, root, "dst", b"old content")
+        rule = store.fail("copy", key="pre/dst", error=_destination_changed, count=refusals)
+        if refusals <= 3:
+            await fs.rename(root, "src", root, "dst", 0)
+            assert await _read(fs, await fs.lookup(root, "dst")) == b"new content"
+            assert await _bucket_names(store) == ["dst"]
+        else:
+            with pytest.raises(FsError) as e:
+                await fs.rename(root, "src", root, "dst", 0)
+            assert e.value.errno == errno.ESTALE
+            assert await _read(fs, await fs.lookup(root, "src")) == b"new content"
+            assert await _read(fs, await fs.lookup(root, "dst")) == b"old content"
+            assert await _bucket_names(store) == ["dst", "src"]
+        assert rule.hits == refusals
+
+    with caplog.at_level(logging.INFO):
+        _run(tmp_path, cmk_path, body)
+    refused = [r for r in caplog.records if "refused: another client kept writing" in r.getMessage()]
+    assert len(refused) == (refusals > 3)

@@ -200,4 +200,4 @@ def _warn_lost_work(path: str) -> None:
                 "that ended before the file was closed (crashed or killed) or could not save them at its "
                 "close (a full cache disk) are deleted: they "
                 "were never journaled and their key died with that run; the file keeps its last "
-                "saved version", label, path, st.st_size, written)
+                "saved version (a file never closed before has none: it is empty, or absent)", label, path, st.st_size, written)
