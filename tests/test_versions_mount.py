@@ -43,9 +43,10 @@ def test_rename_of_a_directory_of_more_than_two_listing_pages(mount):
     assert not os.path.exists(mount.path("foo"))
 
 
-def _two_mounts(make_mount):
-    """Mounts a and b of one bucket (the local directory of a, or the one OSS test server)."""
-    a = make_mount(name="a")
+def _two_mounts(make_mount, a_options: str = ""):
+    """Mounts a (with mount options ``a_options``) and b of one bucket (the local directory of
+    a, or the one OSS test server)."""
+    a = make_mount(name="a", mount_options=a_options)
     b = make_mount(name="b", start=False)
     if a.server is None:
         b.bucket_dir = a.bucket_dir
@@ -114,12 +115,7 @@ def test_a_read_right_after_another_mounts_save_gives_the_new_version_whole(make
     short answer ends it), after a's own save of the file or a stat only. No ERROR, no
     WARNING (the log checker). A version a keeps whole in its block cache (its own save,
     over OSS) may still be shown within attr_timeout, whole."""
-    a = make_mount(name="a", mount_options="entry_timeout = 60\nattr_timeout = 60")
-    b = make_mount(name="b", start=False)
-    if a.server is None:
-        b.bucket_dir = a.bucket_dir
-        b.write_config()
-    b.start()
+    a, b = _two_mounts(make_mount, "entry_timeout = 60\nattr_timeout = 60")
     small, big = b"a small first version\n", os.urandom(300_000)
     cases = {"grows": (small, big), "shrinks": (big, small), "same size": (big, os.urandom(len(big)))}
     for known in ("stat", "own save"):
@@ -148,12 +144,7 @@ def test_after_a_conflict_the_name_leads_to_theirs_at_once(make_mount):
     led to a's node, now the copy, until entry_timeout (60 s here): stat f showed a's inode,
     reads of f gave a's content, and an append through the name went into the copy. The entry
     is invalidated when the node moves (break test 3, repro_stale_name.py)."""
-    a = make_mount(name="a", mount_options="entry_timeout = 60\nattr_timeout = 60")
-    b = make_mount(name="b", start=False)
-    if a.server is None:
-        b.bucket_dir = a.bucket_dir
-        b.write_config()
-    b.start()
+    a, b = _two_mounts(make_mount, "entry_timeout = 60\nattr_timeout = 60")
     fd = os.open(a.path("f"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, b"ours\n")
