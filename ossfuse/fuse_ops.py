@@ -276,12 +276,14 @@ class Operations(pyfuse3.Operations):
         h = self._file(fh)
         before = h.version
         data = await self.fs.read(h, off, size)
-        if before is not None and h.version is not None and h.version.size > before.size:
-            # The handle took a larger version another client put there before it read
+        now = h.version
+        if before is not None and now is not None and now.size >= before.size and not now.is_copy_of(before):
+            # The handle took the version another client put there before it read
             # (Files._move_unread): the kernel cuts reads at the size it holds, as after such
-            # an open (above); dropping its attributes makes a read past that size ask first.
-            # A smaller version needs nothing: the short answer shrinks the kernel's size
-            # (fuse_short_read), which dropped attributes would stop (attr_version).
+            # an open (above); dropping its attributes makes a read past that size ask first
+            # (and shows the new mtime). Not for a smaller version: its short answer shrinks
+            # the kernel's size (fuse_short_read), which dropped attributes would stop (the
+            # answer's attr_version is then older), leaving zeros up to the old size.
             await self._drop_attributes(h.node.ino)
         return data
 
