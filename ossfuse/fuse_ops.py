@@ -257,35 +257,16 @@ class Operations(pyfuse3.Operations):
             # until attr_timeout: a cat got exactly the old length of the new version, with
             # success. Its attributes are dropped, so a read past that size asks for them
             # first (FUSE_NOTIFY_INVAL_INODE, attributes only: no page lock, no writeback).
-            await self._drop_attributes(inode)
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+            except OSError as e:  # the kernel forgot the inode meanwhile, or cannot (ENOSYS)
+                log.debug("invalidating the attributes of inode %d: %s", inode, e)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache, direct_io=h.direct_io)
-
-    @staticmethod
-    async def _drop_attributes(inode: int) -> None:
-        """Make the kernel ask for ``inode``'s attributes again before it relies on them
-        (FUSE_NOTIFY_INVAL_INODE, attributes only: no page lock, no writeback; safe inside a
-        request of that inode)."""
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
-        except OSError as e:  # the kernel forgot the inode meanwhile, or cannot (ENOSYS)
-            log.debug("invalidating the attributes of inode %d: %s", inode, e)
 
     @_fs_errors
     @_answerless_after_session
     async def read(self, fh, off, size):
-        h = self._file(fh)
-        before = h.version
-        data = await self.fs.read(h, off, size)
-        now = h.version
-        if before is not None and now is not None and now.size >= before.size and not now.is_copy_of(before):
-            # The handle took the version another client put there before it read
-            # (Files._move_unread): the kernel cuts reads at the size it holds, as after such
-            # an open (above); dropping its attributes makes a read past that size ask first
-            # (and shows the new mtime). Not for a smaller version: its short answer shrinks
-            # the kernel's size (fuse_short_read), which dropped attributes would stop (the
-            # answer's attr_version is then older), leaving zeros up to the old size.
-            await self._drop_attributes(h.node.ino)
-        return data
+        return await self.fs.read(self._file(fh), off, size)
 
     @_fs_errors
     async def write(self, fh, off, buf):

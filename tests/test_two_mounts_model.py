@@ -110,7 +110,6 @@ class MHandle:
     dirty: bool = False  # changes (or a new file) not committed
     wrote: bool = False  # wrote through this handle since its open (it has the bytes of its version)
     new: bool = False  # a new file of this mount never uploaded (base: the object it knowingly replaces)
-    shown: bool = False  # a read through it returned bytes (or it wrote): it stays on its version
 
 
 class Failure(AssertionError):
@@ -805,20 +804,11 @@ class TwoMounts(RuleBasedStateMachine):
         self.cur_m = mh.m
         self.log.append(f"handle@{mh.m} {mh.path} base={mh.base} dirty={mh.dirty} stale={self._stale(mh)}:")
         stale = self._stale(mh)
-        # ESTALE, or the version it opened (from the block cache): never a mix; a handle that
-        # showed nothing yet may take the version now at its name (Files._move_unread)
+        # ESTALE, or the version it opened (from the block cache): never a mix
         kind, data = self.attempt({errno.ESTALE, None} if stale else {None}, fs.read, mh.h, 0, 1 << 20)
-        if kind != "ok":
-            return
-        cur = self.files.get(mh.path)
-        if stale and cur is not None and mh.h.version is not None and mh.h.version.etag == cur.etag:
-            self.log.append(f"  (took the version at its name: {cur.etag})")
-            assert not mh.shown and not mh.wrote, f"a handle of mount {mh.m} on {mh.path} that showed its " \
-                                                  f"version took another"
-            mh.base, mh.data, mh.mode = cur.etag, bytearray(cur.data), cur.mode
-        assert data == bytes(mh.data), f"read through a handle of mount {mh.m} on {mh.path}: " \
-                                       f"{_show(('file', data, 0))}, model {_show(('file', bytes(mh.data), 0))}"
-        mh.shown = mh.shown or bool(data)
+        if kind == "ok":
+            assert data == bytes(mh.data), f"read through a handle of mount {mh.m} on {mh.path}: " \
+                                           f"{_show(('file', data, 0))}, model {_show(('file', bytes(mh.data), 0))}"
 
     @precondition(lambda self: bool(self.handles))
     @rule(i=st.integers(0, 20))

@@ -47,7 +47,6 @@ class Attributes:
         if size is not None and not node.is_dir:
             if fh is not None:  # ftruncate through a stale handle: as its write (a two-mount model trial)
                 self.files.refuse_stale(fh, "truncate of")
-                fh.used = True  # what it made is what it shows (Files._move_unread)
             await self.files.check_replaceable(node)
         v = node.version
         if size is None and node.staged is None and v is not None and not v.held:

@@ -37,8 +37,7 @@ UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal o
 
 class VersionMoved(Exception):
     """A read of a version this mount moved meanwhile (a rename of the file or of a directory
-    above it: the object is at another key now), or one its handle left for the version now
-    at its name (Files._move_unread); the node, or the handle, names the version to read."""
+    above it: the object is at another key now); the node names the new version."""
 
 
 class _Unwrap:
@@ -383,65 +382,17 @@ class Files:
         """Plaintext bytes at ``offset``. FsError(ESTALE) if the object was replaced by another
         client since open, EIO if it is truncated or the store fails."""
         node = h.node
-        while True:
-            if node.staged is not None:
-                try:
-                    data = node.staged.read(offset, length)
-                except OSError as e:
-                    log.error("reading staged %r failed: %s", self.naming.key(node.path), e)
-                    raise FsError(errno_of(e)) from None
-                h.used = h.used or bool(data)
-                return data
-            v = h.version
-            if v is None or offset >= v.size:
-                return b""
+        if node.staged is not None:
             try:
-                data = await self.read_version(v, offset, length,
-                                               fetch_until=fetch_until(h, offset, length, self.cache.block_size),
-                                               handle=h)
-            except VersionMoved:
-                continue
-            if h.version is v:
-                h.used = h.used or bool(data)
-                return data
-            # the handle moved while this read ran (_move_unread, a rename's copy): the bytes
-            # it returns come from the version it reads now, never a mix of two
-
-    async def _move_unread(self, h: FileHandle, v: Version, offset: int, length: int) -> bool:
-        """Whether ``h``, whose read of ``length`` bytes at ``offset`` found its version ``v``
-        replaced in the bucket, now reads the version there instead (one HEAD). Only a handle
-        that has returned and written no byte, alone on its file since it opened, of a file
-        this mount has no change of and still names: its open then simply came before the new
-        version reached this mount (within attr_timeout of another client's save: trial M got
-        ESTALE on ~90 % of such reads), as a file rewritten in place reads on a local disk.
-        And only while the kernel holds no page of ``v``: its open dropped the inode's pages
-        (``keep_cache`` False), or this read asks for all of ``v`` at once (the kernel asks
-        only for pages it does not hold: a small file's first read); only this handle's reads,
-        which returned nothing, could have brought pages back. A handle that may have shown a
-        byte of ``v`` stays on it (ESTALE: never a mix of two versions). The FUSE adapter
-        tells the kernel a larger size (fuse_ops.read)."""
-        node = h.node
-
-        def unseen() -> bool:  # (asked again after the HEAD: a read beside this one may have returned)
-            return (not h.used and not h.shared and not h.direct_io and node.staged is None and not node.unlinked
-                    and (not h.keep_cache or (offset == 0 and length >= v.size)))
-        if not (unseen() and h.version is v):
-            return False
-        if node.version is v:  # (else a lookup since the open found theirs already)
-            try:
-                await self.resolver.revalidate(node, listing=False, opening=True)
-            except FsError:  # gone meanwhile, or the HEAD failed (logged): the read's own error stands
-                return False
-            if h.version is not v:
-                return True  # a read beside this one moved it, or a rename's copy: follow
-        now = node.version
-        if now is None or same_etag(now.etag, v.etag) or not unseen():
-            return False
-        log.debug("%r: another client replaced version %s before this open read it; reading theirs (%s)",
-                  v.key, v.etag, now.etag)
-        h.version = now
-        node.kernel_etag = node.seen_etag = now.etag  # the pages this handle's reads bring are of it
-        return True
+                return node.staged.read(offset, length)
+            except OSError as e:
+                log.error("reading staged %r failed: %s", self.naming.key(node.path), e)
+                raise FsError(errno_of(e)) from None
+        v = h.version
+        if v is None or offset >= v.size:
+            return b""
+        return await self.read_version(v, offset, length,
+                                       fetch_until=fetch_until(h, offset, length, self.cache.block_size), handle=h)
 
     async def read_version(self, v: Version, offset: int, length: int, fetch_until: int = 0,
                            handle: FileHandle | None = None, moving: Node | None = None) -> bytes:
@@ -451,9 +402,8 @@ class Files:
         block fails its tag (one log line naming the object, the block and the ETag).
         ``handle``: the handle reading ``v`` (no lock held by the caller); when ``v`` is gone
         because this mount moved the file (a rename of it or of a directory above it, whose
-        copies and deletes run under the node's lock), or the handle may take the version now
-        there (:meth:`_move_unread`), VersionMoved is raised (the caller reads
-        ``handle.version``) instead of failing. ``moving``: the node of ``v`` (no lock held
+        copies and deletes run under the node's lock), the read follows the handle to the
+        version the move made instead of failing. ``moving``: the node of ``v`` (no lock held
         by the caller), for a read that follows no handle: VersionMoved is raised in that
         case instead (the caller reads ``moving.version``)."""
         await self.open_version(v, doing="read")  # a read-only open did not wait for the CMK
@@ -463,9 +413,8 @@ class Files:
             data = await self.cache.read(v.key, v.etag, v.size, offset, length, fetch_until=fetch_until,
                                          tags=tags)
         except (PreconditionFailed, NoSuchKey) as e:
-            if handle is not None and (await self._moved_here(handle, v) or (
-                    isinstance(e, PreconditionFailed) and await self._move_unread(handle, v, offset, length))):
-                raise VersionMoved from None
+            if handle is not None and await self._moved_here(handle, v):
+                return await self.read(handle, offset, length)
             if moving is not None and await self._moved_off(moving, v):
                 raise VersionMoved from None
             node = handle.node if handle is not None else moving
@@ -564,7 +513,6 @@ class Files:
         self._refuse_after_lost_write(h)
         self._refuse_too_big(node, offset + len(data))  # before anything is staged
         self.refuse_stale(h, "write to")
-        h.used = True  # (a write refused from here on still stays on this version: _move_unread)
         # a new data key before taking the lock: a KMS CMK makes a network call
         envelope = await self.new_envelope(node.path) if node.staged is None or node.staged.sealed else None
         copied = None

@@ -284,10 +284,6 @@ class Node:
         handles = self.handles
         if not isinstance(handles, set):
             handles = self.handles = set()
-        if handles:  # the inode's page cache now fills from more than one handle's reads
-            handle.shared = True
-            for other in handles:
-                other.shared = True
         handles.add(handle)
 
     def drop_handle(self, handle: "FileHandle") -> None:
@@ -341,12 +337,6 @@ class FileHandle:
     # errno of a write through this handle that was lost (ENOSPC…): every later write, fsync
     # and close on it fails with it at once (docs/semantics.md "Durability"); None: none lost
     write_error: int | None = None
-    # Whether ``version`` may still become the version another client put at the name before
-    # this handle saw anything (Files.read: a read that finds its version replaced): False once
-    # it returned or wrote a byte, and for good once another handle of the node was open
-    # beside it (``shared``: the kernel's pages of the inode may hold what that one read)
-    used: bool = False
-    shared: bool = False
 
 
 # One entry of a directory snapshot: (name, node known locally, listing info, is_dir).
