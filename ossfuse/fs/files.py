@@ -133,16 +133,27 @@ class Files:
                 (filling := self._filling.get((node.version.key, node.version.etag))) is not None:
             await filling.wait()  # open-ahead is fetching its metadata
             slim = node.staged is None and node.version is not None and not node.version.held
-        if slim or not self.resolver.attrs_fresh(node):
+        reads = (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC
+        v, first = node.version, 0
+        if reads and v is not None and node.staged is None and v.size > 0 and not self.resolver.store.local_disk \
+                and not self.cache.has_first_block(v.key, v.etag):
+            # The first block, which the first read needs and is not cached here: asked
+            # without If-Match and awaited, its GET also says which version the name holds
+            # now. So an open within attr_timeout of another client's save reads theirs
+            # whole, at no extra request, instead of ESTALE at its first read (the open
+            # drops the kernel's cached size and pages before the application sees either;
+            # a read that moves an open handle to it cannot: docs/semantics.md "Reading").
+            first = min(v.size, self.cache.block_size)
+        if slim or first or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
             # brings it (same ETag), or the version now there with its own (another client's);
             # an open that reads asks the first block's GET instead, whose answer brings both
-            reads = (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC
-            v, first = node.version, 0
-            if slim and reads and v is not None and not self.resolver.store.local_disk and \
-                    not self.cache.has_first_block(v.key, v.etag):
-                first = min(v.size, self.cache.block_size)
-            got = await self.resolver.revalidate(node, listing=not slim, opening=True, first=first)
+            if first and v is not None and v.held:
+                try:  # its CMK unwrap meanwhile, as when the read waits for that GET
+                    await self.open_version(v, wait=False)
+                except FsError:
+                    pass  # (said once; the version there now is opened below)
+            got = await self.resolver.revalidate(node, listing=not slim and not first, opening=True, first=first)
             if got is not None:
                 self.cache.offer(got[0].key, got[0].etag, got[0].size, 0, got[1])
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
