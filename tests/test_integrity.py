@@ -132,10 +132,14 @@ async def _write(fs: Filesystem, name: str, data: bytes):
     return node
 
 
-async def _read(fs: Filesystem, name: str, offset: int, length: int) -> bytes:
+async def _read(fs: Filesystem, name: str, offset: int, length: int, opened=None) -> bytes:
+    """Open ``name`` and read ``length`` bytes at ``offset``; ``opened()`` runs between the
+    open and the read (the open itself may GET the first block, over OSS)."""
     node = await fs.lookup(fs.get(1), name)
     h = await fs.open(node, os.O_RDONLY)
     try:
+        if opened is not None:
+            opened()
         return await fs.read(h, offset, length)
     finally:
         await fs.release(h)
@@ -214,7 +218,7 @@ def test_cached_blocks_stay_good_and_a_damaged_response_is_not_cached(tmp_path, 
         fs.cache.drop("pre/f", (await local.head("pre/f")).etag)
         _flip(local, "pre/f", 5)  # good in the store again
 
-        flips = {"n": 1}
+        flips = {"n": 0}
         real_get = store.inner.get_range
 
         async def damaged_once(key, start, end, *, if_match=None):
@@ -224,12 +228,17 @@ def test_cached_blocks_stay_good_and_a_damaged_response_is_not_cached(tmp_path, 
                 body = bytes([body[0] ^ 1]) + body[1:]
             return body
         store.inner.get_range = damaged_once
-        assert await _read(fs, "f", 0, 10) == data[:10]  # refetched once, then good
+
+        def damage(times: int):  # the read's GETs, after the open's (its bytes are not kept here)
+            def arm():
+                fs.cache.drop("pre/f", etag)
+                flips["n"] = times
+            return arm
+        etag = (await local.head("pre/f")).etag
+        assert await _read(fs, "f", 0, 10, damage(1)) == data[:10]  # refetched once, then good
         assert fs.cache.stats["integrity_refetches"] == 1 and fs.cache.stats["integrity_failures"] == 0
-        flips["n"] = 2  # damaged twice: EIO, and nothing is cached
-        fs.cache.drop("pre/f", (await local.head("pre/f")).etag)
-        with pytest.raises(FsError) as e:
-            await _read(fs, "f", 0, 10)
+        with pytest.raises(FsError) as e:  # damaged twice: EIO, and nothing is cached
+            await _read(fs, "f", 0, 10, damage(2))
         _eio(e)
         assert await _read(fs, "f", 0, 10) == data[:10]  # the next read fetches it anew
         fs.close()

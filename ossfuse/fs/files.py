@@ -143,7 +143,9 @@ class Files:
             # whole, at no extra request, instead of ESTALE at its first read (the open
             # drops the kernel's cached size and pages before the application sees either;
             # a read that moves an open handle to it cannot: docs/semantics.md "Reading").
-            first = min(v.size, self.cache.block_size)
+            # (a whole block: the version there now may be larger, and its block is cached
+            # only whole; a range past the end of a smaller one is cut at its end)
+            first = self.cache.block_size
         if slim or first or not self.resolver.attrs_fresh(node):
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
             # brings it (same ETag), or the version now there with its own (another client's);
