@@ -503,6 +503,7 @@ def _exit_outcome(mp: str, reg: dict) -> int:
     ``mp``: 0, 1 (changes lost, the daemon failed) or EXIT_PENDING (uploads or deletes left
     for the next mount), with one line on stderr unless 0."""
     undeleted = reg.get("undeleted") or 0
+    log = reg.get("log") or "the log in the cache dir"  # (a record of an older daemon: no "log")
     left = []  # what the next mount finishes
     journaled = reg.get("journaled", 0 if undeleted else 1)  # (a registry without the field: uploads)
     if journaled and (reg.get("status") == EXIT_PENDING or reg.get("unsaved")):
@@ -522,12 +523,13 @@ def _exit_outcome(mp: str, reg: dict) -> int:
         shown = ", ".join(mp.rstrip("/") + "/" + p for p in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
         # what the next mount still uploads is said too (a trial: an earlier saved version of the
         # lost file stayed journaled, and the operator took it for being in the bucket)
+        # (not "full?": a trial's cache dir lost its staging directory, and ENOENT was the why)
         print(printable(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
-                        f"cache dir (full?) and are lost: {shown}{''.join('; ' + part for part in left)} (see the "
-                        f"log in the cache dir)"), file=sys.stderr)
+                        f"cache dir and are lost: {shown}{''.join('; ' + part for part in left)} (the log says "
+                        f"why: {log})"), file=sys.stderr)
         return 1
     if reg.get("status") == EXIT_PENDING:
-        print(printable(f"ossfuse: unmounted; {'; '.join(left)} (see the log in the cache dir)"), file=sys.stderr)
+        print(printable(f"ossfuse: unmounted; {'; '.join(left)} (see the log: {log})"), file=sys.stderr)
         return EXIT_PENDING
     if reg.get("status"):
         journaled = reg.get("journaled") or 0
@@ -1022,6 +1024,10 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
                         f"config): pass another --etc, or edit {conf}")
         bucket, cache = used, cfg.cache.dir
         print(f"using the existing config {conf} (made by an earlier quickstart)")
+    if args.new_key and os.path.exists(key):  # (a trial: the flag was ignored without a word)
+        print(f"ossfuse: warning: --new-key makes a CMK only when {key} is missing; it exists and stays the CMK of "
+              f"new files (another CMK: `ossfuse keygen`, an [[encryption.cmk]] entry in {conf}, and `ossfuse rekey` "
+              f"for the files there)", file=sys.stderr)
     if not os.path.exists(key):  # refused before anything is made, or (--new-key) warned of
         if os.path.isdir(bucket) and (found := _encrypted_object_in(bucket)):
             if not args.new_key:
@@ -1030,7 +1036,8 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
                             f"--new-key to make a new one anyway")
             # (a new-user trial: --new-key said nothing of them; they then gave EIO)
             print(f"ossfuse: warning: the encrypted objects {bucket} holds (e.g. {found!r}) stay readable only with "
-                  f"the missing CMK: through the folder they give EIO (`ossfuse check` lists them)", file=sys.stderr)
+                  f"the missing CMK: through the folder they give EIO (`ossfuse check -c {conf} --verify` lists "
+                  f"each)", file=sys.stderr)
         journaled = _journaled_in(cache)
         if journaled and not args.new_key:
             return _die(f"the cache dir {cache} holds {journaled} journaled file(s) not uploaded yet and {key} does "

@@ -39,7 +39,7 @@ from .fuse_ops import Operations, watch_session_end
 from .envelope import EnvelopeError
 from .keyring import CmkUnavailable, Keyring
 from . import status as status_mod
-from .status import RecentErrors
+from .status import RecentErrors, log_destination
 from .store.base import ObjectStore, StoreError
 from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
@@ -557,10 +557,12 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     earlier_quarantined = fs.staging.quarantined()
     recovered = fs.recover()
     quarantined = fs.staging.quarantined()
-    if fs.staging.lost_work:  # each named in its own WARNING line (journal._warn_lost_work)
-        notices.append(f"the unsaved changes of {fs.staging.lost_work} file(s) left by an earlier run (open when it "
-                       f"crashed or was killed, or not savable at their close) are deleted; each file keeps its "
-                       f"last saved version, or is empty or absent if it had none (the log names each)")
+    if lost := fs.staging.lost_work:  # each named in its own WARNING line (journal._warn_lost_work)
+        named = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        notices.append(f"the unsaved changes of {len(lost)} file(s) left by an earlier run (open when it "
+                       f"crashed or was killed, or not savable at their close) are deleted: {named}; each file "
+                       f"keeps its last saved version, or is empty or absent if it had none (the log names each: "
+                       f"{log_destination()})")
     if quarantined:  # each entry this start-up quarantined logged its own ERROR already
         one = quarantined == 1
         # damaged, or of another bucket or prefix (a cache dir mounted with another): never uploaded;
@@ -684,7 +686,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
         write_registry(registry, {"pid": os.getpid(), "mountpoint": mountpoint, "config": cfg.path,
                                   "exited": True, "exited_at": time.time(), "status": status, "failure": life.failure or not_durable,
                                   "unsaved": unsaved, "journaled": journaled, "journaled_paths": journaled_paths,
-                                  "upload_error": upload_error,
+                                  "upload_error": upload_error, "log": log_destination(),
                                   "undeleted": len(undeleted), "undeleted_keys": undeleted[:10]})
     return status
 

@@ -458,8 +458,8 @@ def test_umount_exits_75_naming_the_files_whose_upload_failed(tmp_path, cmk_path
         assert r.stderr.startswith(
             f"ossfuse: unmounted; the upload of 2 file(s) failed (e.g. {m.mnt}/d/a: OSS PUT 'd/a'"), r.stderr
         assert "AccessDenied" in r.stderr and r.stderr.endswith(
-            f"they stay journaled and upload on the next mount: {m.mnt}/d/a, {m.mnt}/d/b (see the log in the "
-            f"cache dir)\n"), r.stderr
+            f"they stay journaled and upload on the next mount: {m.mnt}/d/a, {m.mnt}/d/b (see the log: "
+            f"{m.cache}/ossfuse.log)\n"), r.stderr
         assert r.stderr.count("\n") == 1
         oss_server.faults.clear()
         m.start()

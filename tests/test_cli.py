@@ -1166,16 +1166,19 @@ def test_umount_says_what_stays_journaled_also_when_changes_were_lost(capsys):
     operator took the saved version for being in the bucket. Both are said (exit 1)."""
     from ossfuse.cli import _exit_outcome
     reg = {"exited": True, "status": 1, "unsaved": ["twelve"], "journaled": 1, "journaled_paths": ["twelve"],
-           "upload_error": "twelve: local store: No space left on device", "undeleted": 0}
+           "upload_error": "twelve: local store: No space left on device", "undeleted": 0,
+           "log": "/var/cache/ossfuse/x/ossfuse.log"}
     assert _exit_outcome("/mnt/x", reg) == 1
     assert capsys.readouterr().err == (
-        "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir (full?) and are lost: "
+        "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir and are lost: "
         "/mnt/x/twelve; the upload of 1 file(s) failed (e.g. /mnt/x/twelve: local store: No space left on device); "
-        "they stay journaled and upload on the next mount: /mnt/x/twelve (see the log in the cache dir)\n")
-    assert _exit_outcome("/mnt/x", dict(reg, journaled=0, journaled_paths=[], upload_error=None)) == 1
+        "they stay journaled and upload on the next mount: /mnt/x/twelve (the log says why: "
+        "/var/cache/ossfuse/x/ossfuse.log)\n")
+    # (a record of a daemon before the "log" field)
+    assert _exit_outcome("/mnt/x", dict(reg, journaled=0, journaled_paths=[], upload_error=None, log=None)) == 1
     assert capsys.readouterr().err == (
-        "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir (full?) and are lost: "
-        "/mnt/x/twelve (see the log in the cache dir)\n")
+        "ossfuse: unmounted; the last changes of 1 file(s) could not be saved in the cache dir and are lost: "
+        "/mnt/x/twelve (the log says why: the log in the cache dir)\n")
 
 
 def test_names_from_the_bucket_reach_the_terminal_without_control_characters(capsys):

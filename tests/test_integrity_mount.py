@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUCKET, OSSFUSE
+from conftest import BUCKET, OSSFUSE, run_sync
 from ossfuse import integrity
 
 pytestmark = pytest.mark.timeout(240)
@@ -58,12 +58,15 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
         f.write(data[:1000])
     os.rename(m.path("g"), m.path("h"))  # a rename copies the object: its tags stay valid
     os.mkdir(m.path("d"))  # a directory marker: counted apart, not as a plaintext object
+    os.mkfifo(m.path("p"))  # a special file: no content, no envelope, counted apart too
+    run_sync(m.store.put_bytes, "plain.txt", b"another client's plaintext", {})  # named in the summary
     m.remount()  # cold: nothing cached, nothing in the kernel's page cache
     spec = integrity.parse(m.head("f").metadata)
     assert spec.block == 64 << 10 and len(spec.tags) == 16 * 49
     r = check_verify(m)
     assert r.returncode == 0 and "verified: 2 object(s), 3146851 bytes; without tags: 0" in r.stdout, r.stdout
-    assert "not encrypted: 0; directory markers: 1; failed: 0" in r.stdout, r.stdout
+    assert ("not encrypted: 1 (e.g. 'plain.txt'); special files (FIFOs, sockets, devices: no content): 1; "
+            "directory markers: 1; failed: 0") in r.stdout, r.stdout
     forms = ("PATH is a path in the mount, as in /mnt/ossfuse/photos or photos typed in /mnt/ossfuse, or one below "
              "the mount's root, as in photos")
     for where, why in (("nosuchdir", f"no object there ({forms})"),  # the forms: only for the typed form

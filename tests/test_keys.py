@@ -587,7 +587,8 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
         assert r.returncode == 0, r.stdout + r.stderr
         assert r.stderr.splitlines() == [
             f"ossfuse: warning: the encrypted objects {tmp_path}/var/bucket holds (e.g. 'old') stay readable only "
-            "with the missing CMK: through the folder they give EIO (`ossfuse check` lists them)"], r.stderr
+            f"with the missing CMK: through the folder they give EIO (`ossfuse check -c {etc}/default.toml --verify` "
+            "lists each)"], r.stderr
         assert f"moved {etc}/default.pem.pub, the public key of the missing CMK, to {etc}/default.pem.pub.old" \
             in r.stdout and f"created CMK {etc}/default.pem" in r.stdout, r.stdout
         assert (etc / "default.pem.pub.old").read_bytes() == old_pub
@@ -600,6 +601,11 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
             f.write(b"under the new CMK")
         with open(os.path.join(mnt, "new"), "rb") as f:
             assert f.read() == b"under the new CMK"
+        pem = (etc / "default.pem").read_bytes()
+        r = run_cli(*args, "--new-key")  # the CMK exists now: said, and kept
+        assert r.returncode == 0 and (etc / "default.pem").read_bytes() == pem, r.stdout + r.stderr
+        assert r.stderr.startswith(f"ossfuse: warning: --new-key makes a CMK only when {etc}/default.pem is missing; "
+                                   "it exists and stays the CMK of new files"), r.stderr
     finally:
         _unmount_if_mounted(mnt)
 

@@ -442,8 +442,9 @@ def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mou
         m.start()  # the next mount names what it deletes, and says it (a trial: in the log only)
         assert "unsaved changes of 'holey' (work file " in m.log()
         assert ("ossfuse: warning: the unsaved changes of 1 file(s) left by an earlier run (open when it crashed or "
-                "was killed, or not savable at their close) are deleted; each file keeps its last saved version, or is "
-                "empty or absent if it had none (the log names each)\n") in m.mount_stderr, m.mount_stderr
+                "was killed, or not savable at their close) are deleted: 'holey'; each file keeps its last saved "
+                f"version, or is empty or absent if it had none (the log names each: {m.cache}/ossfuse.log)\n"
+                ) in m.mount_stderr, m.mount_stderr
         assert not os.path.exists(m.path("holey"))  # never saved: it never existed in the bucket
         assert m.stop() == 0
     finally:

@@ -173,8 +173,7 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
         if sid not in journaled:
             path = os.path.join(staging.dir, name)
             if name.endswith(".work"):
-                _warn_lost_work(path)
-                staging.lost_work += 1
+                staging.lost_work.append(_warn_lost_work(path))
             try:
                 os.unlink(path)
             except (FileNotFoundError, IsADirectoryError):
@@ -182,22 +181,24 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     return entries, quarantined
 
 
-def _warn_lost_work(path: str) -> None:
+def _warn_lost_work(path: str) -> str:
     """One WARNING for work file ``path`` about to be deleted at mount: the unsaved changes of
     a file (named from the work file's LABEL_XATTR when it has one) that an earlier run could
     not seal and journal (it crashed, was killed, or the cache disk was full at close). Its
-    blocks are encrypted under a key that died with that run, so nothing can be recovered."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
+    blocks are encrypted under a key that died with that run, so nothing can be recovered.
+    Returns how the file is named (its key, quoted, or a phrase when it was not recorded)."""
     try:
         label = repr(os.getxattr(path, LABEL_XATTR, follow_symlinks=False).decode("utf-8", "surrogateescape"))
     except OSError:
         label = "a file whose name was not recorded"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return label
     written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
     log.warning("unsaved changes of %s (work file %s, %d bytes, last written %s) left by an earlier run "
                 "that ended before the file was closed (crashed or killed) or could not save them at its "
                 "close (a full cache disk) are deleted: they "
                 "were never journaled and their key died with that run; the file keeps its last "
                 "saved version (a file never closed before has none: it is empty, or absent)", label, path, st.st_size, written)
+    return label
