@@ -249,18 +249,19 @@ class Operations(pyfuse3.Operations):
     @_fs_errors
     async def open(self, inode, flags, ctx):
         node = self.fs.get(inode)
-        size = node.current_size
         h = await self.fs.open(node, flags)
-        if node.current_size != size and not flags & os.O_TRUNC:  # (a truncating open: the kernel knows)
-            # The open found another version (another client's) of another size. The kernel
+        if self.fs.kernel_size_stale(node) and not flags & os.O_TRUNC:  # (a truncating open: the kernel knows)
+            # An open found another version (another client's) of another size. The kernel
             # still holds the size of its last lookup, cuts reads at it and extends nothing
             # until attr_timeout: a cat got exactly the old length of the new version, with
-            # success. Its attributes are dropped, so a read past that size asks for them
-            # first (FUSE_NOTIFY_INVAL_INODE, attributes only: no page lock, no writeback).
+            # success. Its attributes are dropped, so a read past that size (and an fstat)
+            # asks for them first (FUSE_NOTIFY_INVAL_INODE, attributes only: no page lock, no
+            # writeback). Also by an open that came while another open's drop was under way.
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
             except OSError as e:  # the kernel forgot the inode meanwhile, or cannot (ENOSYS)
                 log.debug("invalidating the attributes of inode %d: %s", inode, e)
+            self.fs.kernel_size_dropped(node)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=h.keep_cache, direct_io=h.direct_io)
 
     @_fs_errors

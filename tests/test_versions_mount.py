@@ -8,6 +8,7 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -156,6 +157,39 @@ def test_a_read_right_after_another_mounts_save_is_estale_or_one_whole_version_a
             with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
                 assert m[:] == new, path
             assert f.read() == new, path
+
+
+@pytest.mark.parametrize("store_kind", ["oss"], indirect=True)  # where the open asks for the first block
+def test_two_readers_right_after_another_mounts_save_each_see_one_size_and_its_bytes(make_mount):
+    """Trial Q: two readers opened a file at once right after mount b's save; one took b's
+    version and dropped the kernel's size, the other's open came while that drop was under
+    way, saw no change of its own, and its fstat gave the old size (3 MiB) while it read
+    b's 4 KiB. Every open that finds the size changed drops it now (``kernel_size_stale``).
+    A race: six readers a few ms apart; on the code before, 2 of 3 runs failed (a reader's
+    fstat gave 4096 while it read b's 3 MiB). tests/test_versions.py checks the rule itself."""
+    a, b = _two_mounts(make_mount, "entry_timeout = 60\nattr_timeout = 60")
+    seen: list[tuple[int, bytes]] = []
+    READERS = 6  # noqa: N806
+
+    def reader(path: str) -> None:
+        with open(path, "rb") as f:
+            seen.append((os.fstat(f.fileno()).st_size, f.read()))
+
+    for i in range(10):
+        old, new = (os.urandom(3 << 20), os.urandom(4096))[::1 if i % 2 else -1]
+        path = f"f{i}"
+        _write(b.path(path), old)
+        time.sleep(0.6)  # b's attr_timeout: then a's lookup finds it
+        assert os.stat(a.path(path)).st_size == len(old)  # a knows it, for 60 s
+        _write(b.path(path), new)
+        seen.clear()
+        threads = [threading.Thread(target=reader, args=(a.path(path),)) for _ in range(READERS)]
+        for t in threads:  # staggered: one open after another's revalidation, before its drop
+            t.start()
+            time.sleep(0.002)
+        for t in threads:
+            t.join()
+        assert [(size, data == new) for size, data in seen] == [(len(new), True)] * READERS, (i, [s for s, _ in seen])
 
 
 def _mapped_by_another_process(path: str) -> bytes | None:

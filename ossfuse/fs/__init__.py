@@ -310,6 +310,15 @@ class Filesystem:
     async def open(self, node: Node, flags: int) -> FileHandle:
         return await self.files.open(node, flags)
 
+    def kernel_size_stale(self, node: Node) -> bool:
+        """Whether an open found ``node`` at another size than the kernel may hold, and the
+        kernel's cached attributes were not dropped since (:meth:`kernel_size_dropped`)."""
+        return node.ino in self.files.sizes_moved
+
+    def kernel_size_dropped(self, node: Node) -> None:
+        """The FUSE adapter made the kernel drop ``node``'s cached attributes."""
+        self.files.sizes_moved.discard(node.ino)
+
     async def read(self, h: FileHandle, offset: int, length: int) -> bytes:
         return await self.files.read(h, offset, length)
 

@@ -87,6 +87,12 @@ class Files:
         # for it instead of sending the same HEAD)
         self._filling: dict[tuple[str, str], trio.Event] = {}
         self._making_spares = False  # a task refills the keyring's envelopes made ahead (new_envelope)
+        # inodes whose size an open's revalidation changed while the kernel may hold the old
+        # one, until the FUSE adapter has dropped its cached attributes (fuse_ops.open). Every
+        # open that finds one here drops them before it returns: an open that came while
+        # another's drop was still under way saw no change of its own, returned, and its
+        # fstat gave the old size within attr_timeout (a trial: two readers at once)
+        self.sizes_moved: set[int] = set()
         self.open_ahead = OpenAhead(inodes, self.prepare_ahead)  # cat *, cp -r out of the mount
         # unwraps prepare_ahead starts run one at a time (each takes both cores: key and IV at
         # once): more at once only made the CMK work of the file being read wait (bench/RESULTS.md)
@@ -155,9 +161,12 @@ class Files:
                     await self.open_version(v, wait=False)
                 except FsError:
                     pass  # (said once; the version there now is opened below)
+            size = node.current_size
             got = await self.resolver.revalidate(node, listing=not slim and not first, opening=True, first=first)
             if got is not None:
                 self.cache.offer(got[0].key, got[0].etag, got[0].size, 0, got[1])
+            if node.current_size != size:
+                self.sizes_moved.add(node.ino)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         # O_TRUNC truncates also with O_RDONLY, as Linux does (the kernel checked write
         # permission for it; a trial: the file stayed whole)
