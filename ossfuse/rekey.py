@@ -31,6 +31,8 @@ import trio
 from . import envelope as env
 from . import integrity
 from .config import CmkConfig, Config
+from .fs.model import SPECIAL_TYPES
+from .fs.objmeta import int_or
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
 from .store.base import NoSuchKey, ObjectInfo, ObjectStore, StoreError
 from .store.credentials import CredentialsError
@@ -501,7 +503,7 @@ async def _head_encrypted(listed: ObjectInfo, store: ObjectStore, summary: Rekey
     if info is None:
         return None
     if not env.is_encrypted(info.metadata):
-        if info.size == 0 and _special(info.metadata):
+        if info.size == 0 and stat.S_IFMT(int_or(info.metadata.get("mode"), 0)) in SPECIAL_TYPES:  # mknod's
             summary.special += 1
         else:
             summary.plaintext += 1
@@ -509,16 +511,6 @@ async def _head_encrypted(listed: ObjectInfo, store: ObjectStore, summary: Rekey
                 summary.plaintext_keys.append(listed.key)
         return None
     return info
-
-
-def _special(metadata: dict[str, str]) -> bool:
-    """Whether user metadata makes an object a FIFO, socket or device node (what ``mknod``
-    in a mount stores: its ``x-oss-meta-mode``, fs/objmeta.py special_metadata)."""
-    try:
-        mode = int(metadata.get("mode", ""))
-    except ValueError:
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:

@@ -179,7 +179,7 @@ class Files:
                 await self.truncate_locked(node, 0, journal=not writing)
         elif node.staged is None and node.version is not None:
             v = node.version
-            if (flags & os.O_ACCMODE) != os.O_WRONLY:  # fetch the first block while the CMK unwraps
+            if reads:  # fetch the first block while the CMK unwraps (unless the open asked for it)
                 self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
             # read-only: the CMK unwraps while the kernel sends the first read (which waits for it)
             await self.open_version(v, wait=writing)
