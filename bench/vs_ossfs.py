@@ -22,8 +22,13 @@ the repo). Usage::
     .venv/bin/python bench/vs_ossfs.py --ossfs ... --rounds 3 --click-git /path/click.git
     .venv/bin/python bench/vs_ossfs.py --ossfs ... --ossfuse-tree /tmp/base   # another checkout
 
-``--ossfuse-tree DIR`` runs the ossfuse package found in DIR (``PYTHONPATH``) with this venv's
-python: a before/after comparison without a second venv. ``--workloads`` picks a subset of
+ossfuse runs as users run it: an ``ossfuse`` command of a plain (non-editable) virtualenv,
+WORK/venv-ossfuse, whose path holds the tree measured and this checkout's ``.venv`` packages
+(``.venv`` itself is editable, and its finder costs every start of Python ~9 ms that
+``/usr/local/bin/ossfuse`` does not pay: the umount row measures start-up). ``--ossfuse-tree
+DIR`` measures the ossfuse package found in DIR instead of this checkout's: a before/after
+comparison without a second install. ``ossfuse umount`` runs outside the client's network
+namespace, as ossfs's ``fusermount3 -u`` does (it needs no network). ``--workloads`` picks a subset of
 write, read, create, small (ls -l, cat, rm -r of NSMALL files), ls2000, tar, clone (the last two
 need ``--click-git``, a bare clone of pallets/click). The table goes to stdout and, dated with
 the command, to bench/RESULTS.md (``--results ''`` to skip); raw rows to WORK/raw.csv.
@@ -193,13 +198,35 @@ elif cmd == "wipe":      # wipe KEEP_PREFIX: delete every other key
 '''
 
 
+def ossfuse_command(work: str, tree: str) -> str:
+    """WORK/venv-ossfuse/bin/ossfuse, the command as a non-editable install makes it (the
+    console script of /usr/local/bin/ossfuse): a virtualenv without pip whose ``.pth`` puts
+    ``tree`` (the ossfuse package measured) and then this checkout's ``.venv`` packages (trio,
+    pyfuse3, oss2, …) on its path. Not ``.venv``'s python: its editable install's finder is
+    imported at every start (~9 ms, bench/RESULTS.md, twenty-fifth session)."""
+    venv = os.path.join(work, "venv-ossfuse")
+    python = os.path.join(venv, "bin", "python3")
+    if not os.path.exists(python):
+        sh([os.path.realpath(PY), "-m", "venv", "--without-pip", venv])
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    with open(os.path.join(sh([python, "-c", purelib]).stdout.strip(), "ossfuse-bench.pth"), "w") as f:
+        f.write(f"{tree}\n{sh([PY, '-c', purelib]).stdout.strip()}\n")
+    script = os.path.join(venv, "bin", "ossfuse")
+    with open(script, "w") as f:
+        f.write(f"#!{python}\nimport sys\nfrom ossfuse.cli import main\nif __name__ == '__main__':\n"
+                f"    sys.exit(main())\n")
+    os.chmod(script, 0o755)
+    return script
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
         self.work = args.workdir
         for d in ("logs", "src", "cache-ossfuse", "mnt-ossfs", "mnt-ossfuse"):
             os.makedirs(os.path.join(self.work, d), exist_ok=True)
-        os.chdir(self.work)  # `python -m ossfuse` puts the cwd first on sys.path (--ossfuse-tree)
+        os.chdir(self.work)
+        self.ossfuse_bin = ossfuse_command(self.work, os.path.abspath(args.ossfuse_tree or REPO))
         self.net = Net(self.work, args.netns, args.qnum)
         self.server: Server | None = None
         self.ossfs_proc: subprocess.Popen | None = None
@@ -211,14 +238,12 @@ class Bench:
     def mnt(self, c: str) -> str:
         return os.path.join(self.work, f"mnt-{c}")
 
-    def ossfuse_cmd(self, *a) -> list[str]:
-        return self.net.client([PY, "-m", "ossfuse", *a])
+    def ossfuse_cmd(self, *a, net: bool = True) -> list[str]:
+        cmd = [self.ossfuse_bin, *a]
+        return self.net.client(cmd) if net else cmd
 
     def ossfuse_env(self) -> dict:
-        e = dict(os.environ, OSS_ACCESS_KEY_ID=AK, OSS_ACCESS_KEY_SECRET=SK)
-        if self.args.ossfuse_tree:
-            e["PYTHONPATH"] = self.args.ossfuse_tree
-        return e
+        return dict(os.environ, OSS_ACCESS_KEY_ID=AK, OSS_ACCESS_KEY_SECRET=SK)
 
     def mount(self, c: str) -> None:
         m = self.mnt(c)
@@ -248,7 +273,7 @@ class Bench:
                 self.ossfs_proc.kill()
             self.ossfs_proc = None
             return
-        sh(self.ossfuse_cmd("umount", m, "--timeout", "900"), env=self.ossfuse_env())
+        sh(self.ossfuse_cmd("umount", m, "--timeout", "900", net=False), env=self.ossfuse_env())
 
     def cold(self, c: str, keep_keys: bool = False) -> None:
         """Make the next mount cold: empty the client's own cache, drop the page cache.
