@@ -250,7 +250,8 @@ def _spawn_daemon(args, cfg) -> int:
     except OSError as e:  # a read-only or full cache disk: one line, not a traceback
         os.close(r)
         os.close(w)
-        return _die(f"log file {log_path}: {e.strerror}")
+        return _die(f"cache dir {cfg.cache.dir} (cache.dir in {cfg.path}) must be writable: its log file "
+                    f"{log_path}: {e.strerror}")
     with logf:
         proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True, cwd="/")

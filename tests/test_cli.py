@@ -343,15 +343,17 @@ def test_a_cache_dir_or_bucket_directory_inside_the_mount_point_is_refused(tmp_p
 
 
 def test_mount_with_a_read_only_cache_disk_is_one_line(tmp_path, cmk_path, tmpfs):
-    """The cache dir on a read-only filesystem: exit 1 and one line naming the log file and
-    EROFS (it was a traceback from opening ossfuse.log)."""
+    """The cache dir on a read-only filesystem: exit 1 and one line naming the cache dir, the
+    config key that sets it, the log file and EROFS (it was a traceback from opening
+    ossfuse.log, then a line naming only the log file: a trial)."""
     config = local_config(tmp_path, {"k": cmk_path})
     cache = tmpfs("cache", 1 << 20)
     subprocess.run(["mount", "-o", "remount,ro", cache], check=True)
     (tmp_path / "mnt").mkdir()
     r = ossfuse("mount", "-c", config, str(tmp_path / "mnt"))
     assert r.returncode == 1
-    assert r.stderr == f"ossfuse: log file {cache}/ossfuse.log: Read-only file system\n"
+    assert r.stderr == (f"ossfuse: cache dir {cache} (cache.dir in {config}) must be writable: its log file "
+                        f"{cache}/ossfuse.log: Read-only file system\n"), r.stderr
     assert not os.path.ismount(tmp_path / "mnt")
 
 
