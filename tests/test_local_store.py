@@ -331,6 +331,55 @@ async def test_unused_bodies_are_unlinked_by_a_background_thread(tmp_path, monke
 
 
 @trio_test
+async def test_an_empty_body_is_a_link_of_one_empty_file(tmp_path, monkeypatch):
+    """A directory marker is an empty object written again at every mkdir, chmod and utime of
+    its directory: its blob is a new hard link of the root's ``empty`` file, not a new file
+    (bench/RESULTS.md, thirtieth session), and reads, copies, is replaced and is deleted as
+    any other. The file is made again when missing and replaced at the link limit (EMLINK)."""
+    s = LocalStore(str(tmp_path / "bucket"))
+    empty = os.path.join(s.root, "empty")
+
+    def inodes(*keys: str) -> set[int]:
+        return {os.stat(s._blob_path(s._row(k)[5])).st_ino for k in keys}
+
+    info = await s.put_bytes("d/", b"", {"mode": "16877"})
+    await s.put_bytes("d/", b"", {"mode": "16832"})  # chmod of the directory: a new version
+    await s.put_bytes("e/", b"", {})
+    assert inodes("d/", "e/") == {os.stat(empty).st_ino} and os.stat(empty).st_size == 0
+    assert (await s.head("d/")).metadata == {"mode": "16832"} and await s.get_range("d/", 0, 0) == b""
+    with pytest.raises(PreconditionFailed):
+        await s.get_range("d/", 0, 0, if_match=info.etag)  # the first version is gone
+    await s.copy("d/", "f/")  # a directory rename's copy
+    assert inodes("d/", "e/", "f/") == {os.stat(empty).st_ino}
+    await s.put_bytes("e/", b"body", {})  # replaced by a body: a file of its own
+    assert await s.get_range("e/", 0, 9) == b"body" and os.stat(empty).st_size == 0
+    await s.aclose()
+    assert os.stat(empty).st_nlink == 3  # itself, d/ and f/ (the replaced versions' links are gone)
+
+    os.unlink(empty)  # missing (an older ossfuse's remove_orphans never looks at the root): made again
+    await s.put_bytes("g/", b"", {})
+    assert inodes("g/") == {os.stat(empty).st_ino} and inodes("d/") != inodes("g/")
+
+    real_link = os.link
+    full = {os.stat(empty).st_ino}
+
+    def link_limited(src, dst, *a, **kw):  # the filesystem's link limit, on the current file
+        if os.stat(src).st_ino in full:
+            raise OSError(errno.EMLINK, "Too many links", src)
+        return real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(local_mod.os, "link", link_limited)
+    await s.put_bytes("h/", b"", {})
+    await s.copy("g/", "i/")  # the copy of an empty body links the (new) empty file too
+    assert inodes("h/", "i/") == {os.stat(empty).st_ino} and not full & inodes("h/")
+    for k in ("d/", "f/", "g/", "h/", "i/"):
+        assert await s.get_range(k, 0, 1) == b""
+        await s.delete(k)
+    await s.aclose()
+    assert _blob_files(s) == {s._row("e/")[5]} and s.remove_orphans() == 0
+
+
+@trio_test
 async def test_sync_reports_a_failing_disk(tmp_path, monkeypatch):
     """A syncfs error (EIO: the disk lost writes) is a StoreError naming the store."""
     s = LocalStore(str(tmp_path / "bucket"))
