@@ -430,3 +430,54 @@ def test_status_says_where_the_log_goes_under_systemd_and_in_the_foreground(monk
     assert status.log_destination() == "the journal (journalctl -u ossfuse@mnt-data.service)"
     monkeypatch.setattr("builtins.open", real_open)
     assert status.log_destination().startswith("the journal (journalctl")  # (this process's own cgroup)
+
+
+def test_a_name_saved_by_rename_faster_than_upload_delay_still_reaches_the_store(tmp_path, cmk_path):
+    """Trial R: a status file written to a temporary name and renamed over its name 20 times a
+    second, with upload_delay 0.5 s, never reached the bucket while its writer ran (each
+    version was renamed over before its own delay ended) and status's oldest age stayed at 0 s.
+    Now the version that took the name is uploaded when the one it replaced was due: the
+    bucket gets a new version about every delay, each one whole, and status counts the age
+    from the name's oldest change not in the bucket."""
+    delay = 0.5
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=delay)
+        errors = status.RecentErrors()
+        root = fs.get(1)
+        seen: dict[str, float] = {}  # ETag at pre/sv → seconds after the first save
+        ages: list[float] = []
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            start = trio.current_time()
+            i = 0
+            while trio.current_time() - start < 6 * delay:
+                i += 1
+                node, h = await fs.create(root, "sv.tmp", 0o644, os.O_WRONLY, 1, 2)
+                await fs.write(h, 0, f"status {i}\n".encode() * i)
+                await fs.flush(h)
+                await fs.release(h)
+                await fs.rename(root, "sv.tmp", root, "sv", 0)
+                info = await fs.store.head("pre/sv")
+                if info is not None and info.etag not in seen:
+                    seen[info.etag] = trio.current_time() - start
+                ages.append(status.collect(fs, errors, started=0.0)["pending_uploads"]["oldest_seconds"])
+                await trio.sleep(delay / 10)
+            nursery.cancel_scope.cancel()
+        times = sorted(seen.values())
+        # the first within about a delay of the first save (plus the upload), then about one per delay
+        assert times and times[0] < 2 * delay, times
+        assert len(times) >= 3, times
+        assert max(ages) >= 0.6 * delay, ages  # not reset by every save
+        # each uploaded version is whole: read the name back through a fresh handle
+        assert await fs.drain() == 0
+        node = fs.by_path["sv"]
+        h = await fs.open(node, os.O_RDONLY)
+        data = await fs.read(h, 0, 1 << 20)
+        await fs.release(h)
+        assert data == f"status {i}\n".encode() * i
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

@@ -186,6 +186,11 @@ class Commit:
             below, base.base = base.base, None
             base = below
 
+    def took_name(self, old: Node, new: Node) -> None:
+        """``new`` was renamed over ``old``: ``old``'s pending upload passes to ``new``
+        (``UploadScheduler.took_name``)."""
+        self.scheduler.took_name(old, new)
+
     def rejournal(self, node: Node) -> None:
         """``node``'s name, attributes or base version changed: if its staged version is
         journaled, record it again (same sealed data, new key/metadata/base) so a crashed

@@ -893,6 +893,11 @@ class Namespace:
             # unlinked) when it takes its node's lock to seal
             if any(self.commit.upload_running(n) for n in nodes):
                 return False
+            if dst is not None:
+                # a save by rename over a version still waiting for its upload: src's is due
+                # when dst's was (before _take_name drops dst's; should the rename fail below,
+                # src's upload merely comes sooner)
+                self.commit.took_name(dst, src)
             old_path = src.path
             rlog = None
             if src.version is None:  # a replaced object at the old name must not stay behind

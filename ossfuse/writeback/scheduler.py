@@ -53,6 +53,9 @@ class UploadScheduler:
         self.stats = {"uploaded": 0, "upload_failures": 0, "recovered": 0, "quarantined": 0, "aborted_uploads": 0}
         self.nursery = None  # set by the daemon: anything with start_soon(fn, *args) (its Supervisor); retries run there
         self._send, self._recv = trio.open_memory_channel(float("inf"))
+        # queued node → the node that took its name by a rename before its upload (took_name);
+        # an entry goes when its node leaves the queue
+        self._heirs: dict[Any, Any] = {}
 
     # -- the dirty set ----------------------------------------------------------------------
     def mark_dirty(self, node) -> None:
@@ -65,6 +68,20 @@ class UploadScheduler:
     def mark_clean(self, node) -> None:
         self.dirty.discard(node)
         self._unindex(node)
+
+    def took_name(self, old, new) -> None:
+        """``new`` took ``old``'s name by a rename while ``old``'s staged version waited for its
+        upload: ``new`` is uploaded when ``old`` would have been (the worker that takes ``old``
+        from the queue uploads ``new`` instead), and ``status`` counts its age from ``old``'s
+        (the name's oldest change not in the bucket). Without it, a name replaced by rename more
+        often than ``delay`` (a status file written to a temporary name and renamed over it a few
+        times a second) never reached the bucket while its writer ran: each version was renamed
+        over before its own delay ended (trial R)."""
+        if old is new or not _pending(new) or old.staged is None or old not in self.dirty:
+            return
+        new.dirty_since = min(new.dirty_since, old.dirty_since)
+        if old.upload_queued:
+            self._heirs[old] = new
 
     def moved(self, node) -> None:
         """``node``'s path changed (a rename): index it under its new directory."""
@@ -107,6 +124,8 @@ class UploadScheduler:
         async for node in self._recv:
             await trio.sleep_until(node.queued_at + self.delay)
             node.upload_queued = False
+            while (heir := self._heirs.pop(node, None)) is not None:  # renamed over: upload what took its name
+                node = heir
             try:
                 ok = await self.upload(node, True)
             except Exception:  # a bug in one upload must not take the mount down (review A9)
