@@ -51,9 +51,10 @@ class RekeySummary:
     changed_bytes: int = 0
     already: int = 0  # wrapped by the target CMK already
     other_cmk: int = 0  # skipped: not wrapped by --from
-    plaintext: int = 0  # no envelope (directory markers and special files not counted)
+    plaintext: int = 0  # no envelope (directory markers, tag lists and special files not counted)
     special: int = 0  # FIFOs, sockets, device nodes (mknod): no content, so no envelope
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to rekey
+    tag_lists: int = 0  # ossfuse's integrity tag lists (plaintext by design: docs/integrity.md)
     aborted_uploads: int = 0  # unfinished multipart uploads of an interrupted earlier run, aborted
     failed: list[str] = field(default_factory=list)
     # "key (ETag E): why" of objects failing their integrity tags: left as they are, never
@@ -72,6 +73,7 @@ class RekeySummary:
                  f"skipped, not encrypted: {self.plaintext}",
                  f"skipped, special files (FIFOs, sockets, devices: no content): {self.special}",
                  f"skipped, directory markers: {self.dir_markers}",
+                 f"skipped, integrity tag lists (ossfuse's own, not encrypted by design): {self.tag_lists}",
                  f"failed: {len(self.failed)}"]
         if self.aborted_uploads:
             lines.insert(0, f"aborted {self.aborted_uploads} unfinished multipart upload(s) an interrupted "
@@ -245,8 +247,7 @@ async def abort_interrupted_uploads(store: ObjectStore, ledger: MultipartLedger)
 
 async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyring: Keyring, uploader: Uploader,
                      from_id, to_id, dry_run: bool, summary: RekeySummary) -> None:
-    if listed.key.endswith("/") and listed.size == 0:
-        summary.dir_markers += 1
+    if _not_content(listed, summary):
         return
     info = await _head_encrypted(listed, store, summary)
     if info is None:
@@ -428,10 +429,11 @@ class VerifySummary:
     verified_bytes: int = 0
     untagged: int = 0  # encrypted objects without tags (written by an SDK)
     untagged_bytes: int = 0
-    plaintext: int = 0  # no envelope (tag lists, foreign plaintext; directory markers, special files not counted)
+    plaintext: int = 0  # no envelope (foreign plaintext; directory markers, tag lists, special files not counted)
     plaintext_keys: list[str] = field(default_factory=list)  # the first PLAINTEXT_SHOWN of them
     special: int = 0  # FIFOs, sockets, device nodes (mknod): no content, so no envelope
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to verify
+    tag_lists: int = 0  # ossfuse's integrity tag lists: checked through the objects that name them
     failed: list[str] = field(default_factory=list)  # "key (ETag E): why"
 
     PLAINTEXT_SHOWN = 3  # (a trial: "not encrypted: 2" on an encrypting mount, unnamed, worried)
@@ -441,7 +443,8 @@ class VerifySummary:
         shown = (f" (e.g. {', '.join(repr(k) for k in self.plaintext_keys)})" if self.plaintext_keys else "")
         lines.append(f"verified: {self.verified} object(s), {self.verified_bytes} bytes; without tags: "
                      f"{self.untagged} object(s), {self.untagged_bytes} bytes; not encrypted: {self.plaintext}"
-                     f"{shown}; special files (FIFOs, sockets, devices: no content): {self.special}; "
+                     f"{shown}; integrity tag lists (ossfuse's own, not encrypted by design): {self.tag_lists}; "
+                     f"special files (FIFOs, sockets, devices: no content): {self.special}; "
                      f"directory markers: {self.dir_markers}; failed: {len(self.failed)}")
         return "\n".join(lines)
 
@@ -513,9 +516,21 @@ async def _head_encrypted(listed: ObjectInfo, store: ObjectStore, summary: Rekey
     return info
 
 
-async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:
-    if listed.key.endswith("/") and listed.size == 0:  # a directory, not a plaintext file
+def _not_content(listed: ObjectInfo, summary: RekeySummary | VerifySummary) -> bool:
+    """Whether ``listed`` is a directory marker or one of ossfuse's integrity tag lists (both
+    plaintext by design, and no file's content: counted apart, not HEADed; a trial read "not
+    encrypted: 1 (e.g. '.ossfuse-integrity/…')" as a leak)."""
+    if listed.key.endswith("/") and listed.size == 0:
         summary.dir_markers += 1
+        return True
+    if integrity.LIST_DIR in listed.key.split("/")[:-1]:  # (under any writer's prefix)
+        summary.tag_lists += 1
+        return True
+    return False
+
+
+async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:
+    if _not_content(listed, summary):
         return
     info = await _head_encrypted(listed, store, summary)
     if info is None:

@@ -18,6 +18,7 @@ from ossfuse import integrity
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
 from ossfuse.fs import Filesystem, FsError
 from ossfuse.keyring import Keyring
+from ossfuse.store.base import ObjectInfo
 from ossfuse.store.local import LocalStore
 
 KIB = 1024
@@ -434,6 +435,48 @@ def test_a_journaled_version_in_the_list_layout_uploads_its_list_after_a_crash(t
 
     trio.run(crash_after_close)
     trio.run(next_mount)
+
+
+def test_verify_and_rekey_count_tag_lists_apart_from_plaintext(tmp_path, cmk_path, monkeypatch):
+    """Trial R: `check --verify` said "not encrypted: 1 (e.g. 'team/.ossfuse-integrity/…')", which
+    reads as a plaintext leak: a tag list is ossfuse's own, plaintext by design, and checked
+    through the object that names it. Counted apart (verify and rekey alike), not HEADed; a
+    foreign plaintext object is still counted and named."""
+    from ossfuse import rekey
+    monkeypatch.setattr(integrity, "MAX_META_BLOCK", 64 * KIB)
+    monkeypatch.setattr(integrity, "META_LIMIT", 1500)
+    local, store = _bucket(tmp_path, cached=True)
+    data = os.urandom(1 << 20)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "f", data)
+        spec = integrity.parse((await local.head("pre/f")).metadata)
+        assert spec.list_key is not None and spec.list_key.startswith("pre/.ossfuse-integrity/")
+        await local.put_bytes("pre/plain.txt", b"another client's plaintext", {})
+        heads = local.head
+        headed: list[str] = []
+
+        async def counting_head(key):
+            headed.append(key)
+            return await heads(key)
+
+        local.head = counting_head
+        summary = await rekey.verify(fs.cfg, local, fs.keyring)
+        local.head = heads
+        fs.close()
+        await store.aclose()
+        return summary, spec.list_key, headed
+
+    summary, list_key, headed = trio.run(main)
+    assert (summary.verified, summary.tag_lists, summary.plaintext) == (1, 1, 1), summary
+    assert summary.plaintext_keys == ["pre/plain.txt"] and not summary.failed, summary
+    assert list_key not in headed
+    assert ("not encrypted: 1 (e.g. 'pre/plain.txt'); integrity tag lists (ossfuse's own, not encrypted by "
+            "design): 1;") in summary.render()
+    counted = rekey.RekeySummary()
+    assert rekey._not_content(ObjectInfo(list_key, 256, "E", 0.0), counted) and counted.tag_lists == 1
+    assert "skipped, integrity tag lists (ossfuse's own, not encrypted by design): 1" in counted.render(False)
 
 
 @pytest.mark.expect_log(r"cannot read 'pre/ln': block 0 \(bytes 0-\d+\) of version ETag \S+ fails its integrity tag")
