@@ -481,3 +481,45 @@ def test_a_name_saved_by_rename_faster_than_upload_delay_still_reaches_the_store
         await fs.store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"abort of multipart upload \S+ of 'pre/big' failed: .*tried again when the store answers",
+                        r"upload of 'pre/big' failed; the data stays staged")
+@pytest.mark.parametrize("when", ["store back", "unmount"])
+def test_a_multipart_upload_whose_abort_failed_is_aborted_again_before_unmount_ends(tmp_path, cmk_path, caplog,
+                                                                                   when):
+    """Trial R: a part failed, then its upload's abort failed too (the store had gone away):
+    the unfinished upload stayed in the bucket after a clean unmount (OSS bills its parts)
+    until the next mount aborted it as "left by an earlier run". Now it is aborted again once
+    the store answers, and at the latest by the drain at unmount; the file itself uploads."""
+    data = os.urandom(3 * PART)
+
+    async def main():
+        store = _slow_multipart_store(tmp_path)
+        store.rules.clear()  # (no slow parts here)
+        fs = _filesystem(tmp_path, cmk_path, store)
+        store.fail("upload_part", count=1)
+        store.fail("abort_multipart", count=1)
+        node, h = await fs.create(fs.get(1), "big", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, data)
+        await fs.flush(h)
+        await fs.release(h)
+        assert not await fs.commit.upload_node(node, closed_only=True)  # the part fails, then its abort
+        assert len(fs.uploader.failed_aborts) == 1
+        assert len(await store.inner.list_multipart_uploads("pre/")) == 1
+        if when == "store back":  # (StoreHealth's back-online callback)
+            async with trio.open_nursery() as nursery:
+                fs._nursery = nursery
+                fs._retry_failed_aborts()
+            assert fs.uploader.failed_aborts == {} and await store.inner.list_multipart_uploads("pre/") == []
+        assert await fs.drain() == 0  # uploads the file (and aborts a leftover)
+        assert fs.uploader.failed_aborts == {} and await store.inner.list_multipart_uploads("pre/") == []
+        assert os.listdir(os.path.join(fs.cfg.cache.dir, "multipart")) == []  # the ledger has nothing left
+        assert await store.inner.get_range("pre/big", 0, 1) != b""
+        fs.close()
+        await store.aclose()
+
+    with caplog.at_level("INFO"):
+        trio.run(main)
+    assert any("aborted multipart upload" in r.getMessage() and "its first abort had failed" in r.getMessage()
+               for r in caplog.records)

@@ -110,6 +110,13 @@ class Filesystem:
         the store answers."""
         self.store.health = health
         health.on_online.append(self.scheduler.resume)
+        health.on_online.append(self._retry_failed_aborts)
+
+    def _retry_failed_aborts(self) -> None:
+        """The store answers again: abort the multipart uploads whose abort failed while it
+        was away (in the background, through the daemon's task supervisor)."""
+        if self.uploader.failed_aborts and self.scheduler.nursery is not None:
+            self.scheduler.nursery.start_soon(self.uploader.retry_aborts)
 
     def on_entry_moved(self, fn) -> None:
         """Call ``fn(parent_ino, name)`` (sync, must not block) when the kernel's cached entry
@@ -198,6 +205,7 @@ class Filesystem:
         ``store_durable`` False: the store's durability barrier failed, logged)."""
         left = await self.scheduler.drain()
         await self.namespace.finish_deletes()
+        await self.uploader.retry_aborts()  # (what still fails stays in the ledger: the next mount)
         # unmount: what is in the bucket survives a power loss
         self.store_durable = await self.commit.sync_store()
         return left

@@ -22,7 +22,7 @@ from .. import integrity
 from ..aio import run_all
 from .ledger import MultipartLedger
 from .staging import StagedFile
-from ..store.base import ObjectInfo, ObjectStore, StoreError
+from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ class Uploader:
         self.part_size = part_size
         self.part_workers = part_workers
         self.in_progress: set[UploadProgress] = set()
+        # upload id → key of multipart uploads whose abort failed (the store was away): tried
+        # again by retry_aborts (the store back, unmount); the ledger keeps them for the next
+        # mount meanwhile. OSS bills their parts until aborted (a trial saw one outlive its
+        # mount's clean unmount)
+        self.failed_aborts: dict[str, str] = {}
 
     async def upload(self, staged: StagedFile, key: str, metadata: dict[str, str], *,
                      if_absent: bool = False, replaces: str | None = None,
@@ -153,13 +158,33 @@ class Uploader:
             with trio.CancelScope(shield=True):
                 try:
                     await self.store.abort_multipart(key, upload_id)
-                except StoreError as e:  # still in the ledger: the next mount aborts it
-                    log.error("abort of multipart upload %s of %r failed: %s", upload_id, key, e)
+                except StoreError as e:  # tried again later (retry_aborts); in the ledger meanwhile
+                    log.error("abort of multipart upload %s of %r failed: %s; tried again when the store "
+                              "answers, at unmount, else at the next mount", upload_id, key, e)
+                    self.failed_aborts[upload_id] = key
                 else:
                     self._ended(upload_id)
             raise
         self._ended(upload_id)
         return info
+
+    async def retry_aborts(self) -> int:
+        """Abort again the multipart uploads whose abort failed (:attr:`failed_aborts`); returns
+        how many are still left (each stays in the ledger: the next mount aborts it). One INFO
+        line per upload aborted now; a failure again is an INFO line (the first was an ERROR)."""
+        for upload_id, key in list(self.failed_aborts.items()):
+            try:
+                await self.store.abort_multipart(key, upload_id)
+            except NoSuchKey:  # (NoSuchUpload) gone meanwhile
+                pass
+            except StoreError as e:
+                log.info("abort of multipart upload %s of %r failed again: %s", upload_id, key, e)
+                continue
+            else:
+                log.info("aborted multipart upload %s of %r (its first abort had failed)", upload_id, key)
+            del self.failed_aborts[upload_id]
+            self._ended(upload_id)
+        return len(self.failed_aborts)
 
     def _ended(self, upload_id: str) -> None:
         if self.ledger is not None:
