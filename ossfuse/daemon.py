@@ -43,6 +43,7 @@ from .status import RecentErrors, log_destination
 from .store.base import ObjectStore, StoreError
 from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
+from .rekey import unreadable_sample
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
                        cache_dir_in_a_mount, flocked, mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
@@ -457,6 +458,31 @@ async def _kms_answers(services: list, deadline: float) -> tuple[dict[str, str |
     return answers, refused
 
 
+MOUNT_SAMPLE = 3  # encrypted objects whose data key a mount tries to unwrap at start
+MOUNT_SAMPLE_HEADS = 20  # objects it HEADs at most to find them (plaintext ones are skipped)
+
+
+async def _unreadable_objects(cfg: Config, fs: Filesystem) -> list[str]:
+    """A notice when the first encrypted objects under the prefix (at most MOUNT_SAMPLE, found
+    in at most MOUNT_SAMPLE_HEADS HEADs, one at a time) do not open with this config's CMKs: a
+    wrong ``private_key`` mounted with no word, and its new files went into the prefix under a
+    key the other clients cannot read (a trial). The mount goes on (objects of other CMKs may
+    be expected: a bucket several teams write); a store failure here says nothing (the
+    mount's requests report it)."""
+    try:
+        sampled, unreadable = await unreadable_sample(cfg, fs.keyring, fs.store, MOUNT_SAMPLE, MOUNT_SAMPLE_HEADS)
+    except StoreError as e:
+        log.info("sampling the bucket's envelopes at mount: %s", e)
+        return []
+    if not unreadable:
+        return []
+    key, why = unreadable[0]
+    return [f"{len(unreadable)} of the first {sampled} encrypted objects under the prefix cannot be read with "
+            f"this config's CMKs (e.g. {key!r}: {why}): reading them gives EIO (a wrong private_key, or a CMK "
+            f"missing from {cfg.path}?); new files are encrypted with CMK {fs.keyring.default.id!r}. "
+            f"`ossfuse check -c {cfg.path}` samples more"]
+
+
 async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> list[str]:
     """Retry, with backoff, until the store lists the prefix and every KMS CMK makes a data
     key, or ``startup_timeout`` passes (a server mounting at boot may start before the network);
@@ -581,6 +607,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                        "the next mount")
     if recovered:
         notices.append(f"found {recovered} journaled file(s) from an earlier run; queued for upload")
+    notices += await _unreadable_objects(cfg, fs)
     for line in notices:
         log.warning("%s", line)
     if fs.staging.space_warning:  # (logged by check_space) the operator sees it at mount, not only in the log

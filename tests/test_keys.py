@@ -512,6 +512,37 @@ def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path
     assert "ok    2 sampled encrypted objects open with this config's keys" in r.stdout, r.stdout
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: 2 of the first 2 encrypted objects under the prefix cannot be read",
+                        r"ERROR ossfuse\.fs\.files: cannot (open|read) 'f1'")
+def test_a_mount_with_a_key_that_reads_none_of_the_sampled_objects_warns(tmp_path, cmk_path, other_cmk_path,
+                                                                        make_mount):
+    """Trial R: a mount whose config held another RSA key than the bucket's mounted with no
+    word (reads gave EIO, new files went into the prefix under a key no other client reads).
+    `ossfuse mount` now says so in one warning naming an object and the reason (the mount goes
+    on: objects of other CMKs may be expected); with the bucket's key it says nothing."""
+    m = make_mount()
+    for name in ("f1", "f2"):
+        with open(m.path(name), "wb") as f:
+            f.write(b"data of " + name.encode())
+    os.mkdir(m.path("d"))  # (a directory marker is not sampled)
+    assert m.stop() == 0
+    m.start()  # the bucket's key: nothing to say
+    assert m.mount_stderr == "", m.mount_stderr
+    assert m.stop() == 0
+    m.cmk = other_cmk_path
+    m.write_config()
+    m.start()
+    assert m.mount_stderr == (
+        "ossfuse: warning: 2 of the first 2 encrypted objects under the prefix cannot be read with this config's "
+        "CMKs (e.g. 'f1': matdesc (none): no configured CMK unwraps its data key: CMK 'main' cannot unwrap the data "
+        f"key (wrong CMK or corrupt key header)): reading them gives EIO (a wrong private_key, or a CMK missing from {m.config}?); new files "
+        f"are encrypted with CMK 'main'. `ossfuse check -c {m.config}` samples more\n"), m.mount_stderr
+    with pytest.raises(OSError) as e:
+        open(m.path("f1"), "rb").read()
+    assert e.value.errno in (errno.EIO, errno.EACCES)
+    assert m.stop() == 0
+
+
 def test_quickstart_refuses_a_new_key_for_a_bucket_of_encrypted_objects(tmp_path, cmk_path):
     """`ossfuse quickstart --etc NEWDIR` over a bucket dir that holds encrypted objects stops
     with one line (exit 1) instead of making a CMK that cannot read them; nothing is created
