@@ -359,7 +359,8 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore | None) -> list[tupl
 
     try:
         sampled, unreadable = trio.run(probe)
-        results.append((True, f"store {cfg.store.url} answers (prefix {cfg.store.prefix or '/'!r})"))
+        where = f"prefix {cfg.store.prefix!r}" if cfg.store.prefix else "no prefix: the whole bucket"
+        results.append((True, f"store {cfg.store.url} answers ({where})"))
         if unreadable:
             key, why = unreadable[0]
             results.append((False, f"{len(unreadable)} of {sampled} {UNREADABLE_SAMPLE}: e.g. {key!r} ({why})"))

@@ -171,7 +171,7 @@ def render(doc: dict) -> str:
     """The status document as plain lines for people."""
     p = doc["pending_uploads"]
     lines = [
-        f"store:            {doc['store']} (prefix {doc['prefix'] or '/'})",
+        f"store:            {doc['store']} ({'prefix ' + doc['prefix'] if doc['prefix'] else 'no prefix: the whole bucket'})",
         f"uptime:           {doc['uptime_seconds']:.0f} s" + (f" (daemon pid {doc['pid']})" if "pid" in doc else ""),
         f"pending uploads:  {p['count']} file(s), {p['bytes']} bytes"
         + (f", the oldest first changed {p['oldest_seconds']:.0f} s ago (open files included)" if p["count"] else ""),
