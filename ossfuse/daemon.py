@@ -458,6 +458,18 @@ async def _kms_answers(services: list, deadline: float) -> tuple[dict[str, str |
     return answers, refused
 
 
+def lost_work_notice(lost: list[str | None], path_of) -> str:
+    """The start-up notice naming the files whose unsaved changes of an earlier run were
+    deleted (``lost``: their keys, None when not recorded; ``path_of(key)``: the path in the
+    folder, None outside the prefix): by path, as the user knows them (a trial read
+    'team/keep.txt', a key with its prefix, for keep.txt), at most three, and where the log is."""
+    shown = ["a file whose name was not recorded" if key is None else repr(path_of(key) or key) for key in lost[:3]]
+    named = ", ".join(shown) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+    return (f"the unsaved changes of {len(lost)} file(s) left by an earlier run (open when it crashed or was "
+            f"killed, or not savable at their close) are deleted: {named}; each file keeps its last saved version, "
+            f"or is empty or absent if it had none (the log names each: {log_destination()})")
+
+
 MOUNT_SAMPLE = 3  # encrypted objects whose data key a mount tries to unwrap at start
 MOUNT_SAMPLE_HEADS = 20  # objects it HEADs at most to find them (plaintext ones are skipped)
 
@@ -587,11 +599,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     recovered = fs.recover()
     quarantined = fs.staging.quarantined()
     if lost := fs.staging.lost_work:  # each named in its own WARNING line (journal._warn_lost_work)
-        named = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
-        notices.append(f"the unsaved changes of {len(lost)} file(s) left by an earlier run (open when it "
-                       f"crashed or was killed, or not savable at their close) are deleted: {named}; each file "
-                       f"keeps its last saved version, or is empty or absent if it had none (the log names each: "
-                       f"{log_destination()})")
+        notices.append(lost_work_notice(lost, fs.naming.path_of))
     if quarantined:  # each entry this start-up quarantined logged its own ERROR already
         one = quarantined == 1
         # damaged, or of another bucket or prefix (a cache dir mounted with another): never uploaded;

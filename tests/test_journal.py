@@ -98,12 +98,24 @@ def test_reopen_with_o_trunc_after_close_keeps_the_journaled_version_through_a_c
     async def next_mount():
         fs = _fs(tmp_path, cmk_path)
         assert fs.recover() == 1 and fs.stats["quarantined"] == 0
+        assert fs.staging.lost_work == ["pre/report.txt"]  # the key: the mount's notice names the path
         assert await fs.drain() == 0
         assert await read_file(fs, "report.txt") == DATA  # the last closed version
         await _crash(fs)
 
     trio.run(crash_during_rewrite)
     trio.run(next_mount)
+
+
+def test_the_lost_work_notice_names_paths_in_the_folder():
+    """Trial R: the start-up notice named 'team/keep.txt' (the key, with the prefix) where the
+    user knows keep.txt; a key outside the prefix is named as it is, one not recorded in words,
+    and more than three are counted."""
+    from ossfuse.daemon import lost_work_notice
+    from ossfuse.fs.naming import Naming
+    text = lost_work_notice(["team/keep.txt", None, "other/x", "team/d/y", "team/z"], Naming("team/").path_of)
+    assert "are deleted: 'keep.txt', a file whose name was not recorded, 'other/x' and 2 more; " in text, text
+    assert text.startswith("the unsaved changes of 5 file(s) left by an earlier run")
 
 
 @pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/report\.txt' \(work file ")

@@ -181,24 +181,25 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     return entries, quarantined
 
 
-def _warn_lost_work(path: str) -> str:
+def _warn_lost_work(path: str) -> str | None:
     """One WARNING for work file ``path`` about to be deleted at mount: the unsaved changes of
     a file (named from the work file's LABEL_XATTR when it has one) that an earlier run could
     not seal and journal (it crashed, was killed, or the cache disk was full at close). Its
     blocks are encrypted under a key that died with that run, so nothing can be recovered.
-    Returns how the file is named (its key, quoted, or a phrase when it was not recorded)."""
+    Returns the file's object key, None when it was not recorded."""
     try:
-        label = repr(os.getxattr(path, LABEL_XATTR, follow_symlinks=False).decode("utf-8", "surrogateescape"))
+        key: str | None = os.getxattr(path, LABEL_XATTR, follow_symlinks=False).decode("utf-8", "surrogateescape")
     except OSError:
-        label = "a file whose name was not recorded"
+        key = None
+    label = "a file whose name was not recorded" if key is None else repr(key)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return label
+        return key
     written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
     log.warning("unsaved changes of %s (work file %s, %d bytes, last written %s) left by an earlier run "
                 "that ended before the file was closed (crashed or killed) or could not save them at its "
                 "close (a full cache disk) are deleted: they "
                 "were never journaled and their key died with that run; the file keeps its last "
                 "saved version (a file never closed before has none: it is empty, or absent)", label, path, st.st_size, written)
-    return label
+    return key

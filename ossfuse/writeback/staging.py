@@ -549,8 +549,9 @@ class Staging:
         # the largest content one version can have here, in bytes: the store's largest object,
         # or less when the cache disk's largest file cannot hold its work file (ext4: 16 TiB)
         self.max_size = min(MAX_OBJECT_SIZE, _largest_file(self.dir) // _SLOT * BLOCK)
-        # the files whose work files of an earlier run were deleted at mount (journal.read_journal)
-        self.lost_work: list[str] = []
+        # the object keys (None: not recorded) of the files whose work files of an earlier run
+        # were deleted at mount (journal.read_journal)
+        self.lost_work: list[str | None] = []
         self.space_warning: str | None = None  # check_space's line, for `ossfuse mount` to print too
 
     def quarantined(self) -> int:
