@@ -593,6 +593,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     # what start-up found that the user should know: logged, and printed by `ossfuse mount`
     # (a file missing from the folder with only a line in a log file was a trial's finding)
     notices: list[str] = await _wait_for_services(cfg, fs.store, fs.keyring)
+    kms_away = bool(notices)  # (then objects of its CMKs do not open: already said, and no key is wrong)
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)
     earlier_quarantined = fs.staging.quarantined()
@@ -618,7 +619,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                        "the next mount")
     if recovered:
         notices.append(f"found {recovered} journaled file(s) from an earlier run; queued for upload")
-    notices += await _unreadable_objects(cfg, fs)
+    if not kms_away:
+        notices += await _unreadable_objects(cfg, fs)
     for line in notices:
         log.warning("%s", line)
     if fs.staging.space_warning:  # (logged by check_space) the operator sees it at mount, not only in the log
