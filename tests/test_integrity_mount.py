@@ -273,7 +273,8 @@ def test_rekey_skips_and_reports_a_damaged_object(tmp_path, cmk_path, other_cmk_
     assert m.head("good").metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
 
 
-@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}")
+@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}",
+                        r"WARNING ossfuse\.daemon: 1 of the first 1 encrypted objects under the prefix cannot be read")
 def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matdesc(tmp_path, cmk_path,
                                                                                    other_cmk_path):
     """A mount whose config has only the old CMK, and a rekey (with another config) to a CMK
@@ -297,11 +298,13 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         # that the mount is up is said too: edits through it become conflict copies, readers ESTALE
         assert (f"ossfuse: warning: mount {m.mnt} of this store is up: a file changed through it while its "
                 "object is rewritten becomes a conflict copy there") in r.stderr, r.stderr
-        m.remount()  # forget the old envelope the mount knew
+        m.remount()  # forget the old envelope the mount knew: its start says it reads none of them
+        assert m.mount_stderr.startswith("ossfuse: warning: 1 of the first 1 encrypted objects under the prefix "
+                                         "cannot be read with this config's CMKs (e.g. 'f': "), m.mount_stderr
         with pytest.raises(OSError) as e:
             open(m.path("f"), "rb").read()
         assert e.value.errno == errno.EACCES
-        lines = [ln for ln in m.log().splitlines() if "no CMK for" in ln]
+        lines = [ln for ln in m.log().splitlines() if " ERROR " in ln and "no CMK for" in ln]
         assert len(lines) == 1 and "'f'" in lines[0], lines
     finally:
         m.stop()
