@@ -590,6 +590,8 @@ def test_quickstart_again_with_other_var_or_cache_is_refused(tmp_path, cmk_path)
     assert not (tmp_path / "other").exists() and not os.path.ismount(tmp_path / "mnt")
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: 1 of the first 1 encrypted objects under the prefix cannot be read",
+                        r"ERROR ossfuse\.fs\.files: cannot (open|read) 'old'")
 def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp_path):
     """The CMK of an earlier quickstart deleted, its config and public key left (new-user
     trial): quickstart stopped at the config's "no such file" for both the plain run and
@@ -619,7 +621,13 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
         assert r.stderr.splitlines() == [
             f"ossfuse: warning: the encrypted objects {tmp_path}/var/bucket holds (e.g. 'old') stay readable only "
             f"with the missing CMK: through the folder they give EIO (`ossfuse check -c {etc}/default.toml --verify` "
-            "lists each)"], r.stderr
+            "lists each)",
+            # the mount's own sample of the bucket's envelopes says the same of what it found
+            "ossfuse: warning: 1 of the first 1 encrypted objects under the prefix cannot be read with this config's "
+            "CMKs (e.g. 'old': matdesc (none): no configured CMK unwraps its data key: CMK 'default' cannot unwrap the "
+            "data key (wrong CMK or corrupt key header)): reading them gives EIO (a wrong private_key, or a CMK "
+            f"missing from {etc}/default.toml?); new files are encrypted with CMK 'default'. `ossfuse check -c "
+            f"{etc}/default.toml` samples more"], r.stderr
         assert f"moved {etc}/default.pem.pub, the public key of the missing CMK, to {etc}/default.pem.pub.old" \
             in r.stdout and f"created CMK {etc}/default.pem" in r.stdout, r.stdout
         assert (etc / "default.pem.pub.old").read_bytes() == old_pub
@@ -750,7 +758,8 @@ def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
         _unmount_if_mounted(mnt)
 
 
-@pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it")
+@pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it",
+                        r"WARNING ossfuse\.daemon: 2 of the first 2 encrypted objects under the prefix cannot be read")
 def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_path, cmk_path, other_cmk_path):
     """Through the kernel: remounted with another CMK (a second quickstart's), `echo x > f1`
     and `cp new f1` fail with EACCES and f1's object stays byte for byte; rm f1 works."""
