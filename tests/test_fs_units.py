@@ -511,3 +511,48 @@ def test_a_root_name_starting_with_a_backslash_cannot_be_a_key():
             assert e.value.errno == code
     Naming("team/").check_new_path("\\probe")
     Naming("").check_new_path("d/\\probe")
+
+
+def test_the_upload_of_a_name_renamed_over_passes_to_its_heir_only_once_the_rename_is_done():
+    """UploadScheduler.took_name (trial R: a name saved by rename faster than the delay never
+    reached the store): the worker that takes a queued node uploads the node that took its
+    name, following a chain of such renames, once the old node is unlinked; a rename that
+    failed after took_name leaves the old node its own upload."""
+    from ossfuse.writeback.scheduler import UploadScheduler
+
+    class Item:
+        def __init__(self, path, since):
+            self.path, self.unlinked, self.staged = path, False, object()
+            self.upload_queued, self.queued_at, self.dirty_since = False, 0.0, since
+
+    async def main():
+        uploaded: list[Item] = []
+
+        async def upload(node, closed_only):
+            uploaded.append(node)
+            return True
+
+        sched = UploadScheduler(upload, delay=0.2, retry_interval=1, workers=1)
+        a, b, c = Item("f", 10.0), Item("f.tmp", 20.0), Item("f.tmp2", 30.0)
+        failed, heir = Item("g", 5.0), Item("g.tmp", 6.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sched.worker)
+            for n in (a, b, c, failed, heir):
+                sched.mark_dirty(n)
+                n.dirty_since = {a: 10.0, b: 20.0, c: 30.0, failed: 5.0, heir: 6.0}[n]
+                sched.schedule(n)
+            sched.took_name(a, b)  # b renamed over a, then c over b
+            a.unlinked = True
+            sched.took_name(b, c)
+            b.unlinked = True
+            sched.took_name(failed, heir)  # a rename that then failed: failed keeps its name
+            assert (b.dirty_since, c.dirty_since, heir.dirty_since) == (10.0, 10.0, 5.0)
+            with trio.fail_after(5):
+                while len(uploaded) < 5:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        # a's entry uploads c (b is unlinked too), b's and c's own entries come after; failed
+        # uploads itself
+        assert uploaded[0] is c and uploaded.count(failed) == 1 and a not in uploaded and sched._heirs == {}
+
+    trio.run(main)

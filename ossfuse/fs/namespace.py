@@ -895,8 +895,9 @@ class Namespace:
                 return False
             if dst is not None:
                 # a save by rename over a version still waiting for its upload: src's is due
-                # when dst's was (before _take_name drops dst's; should the rename fail below,
-                # src's upload merely comes sooner)
+                # when dst's was (said before _take_name drops dst's; should the rename fail
+                # below, dst keeps its name and its own upload: the heir of a node that is not
+                # unlinked is not followed)
                 self.commit.took_name(dst, src)
             old_path = src.path
             rlog = None

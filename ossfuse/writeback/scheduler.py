@@ -76,7 +76,8 @@ class UploadScheduler:
         (the name's oldest change not in the bucket). Without it, a name replaced by rename more
         often than ``delay`` (a status file written to a temporary name and renamed over it a few
         times a second) never reached the bucket while its writer ran: each version was renamed
-        over before its own delay ended (trial R)."""
+        over before its own delay ended (trial R). Followed only once ``old`` is unlinked (the
+        rename may still fail after this call)."""
         if old is new or not _pending(new) or old.staged is None or old not in self.dirty:
             return
         new.dirty_since = min(new.dirty_since, old.dirty_since)
@@ -124,7 +125,9 @@ class UploadScheduler:
         async for node in self._recv:
             await trio.sleep_until(node.queued_at + self.delay)
             node.upload_queued = False
-            while (heir := self._heirs.pop(node, None)) is not None:  # renamed over: upload what took its name
+            # renamed over before its upload: upload what took its name (a rename that failed
+            # after took_name left the name to this node: its own upload, then)
+            while (heir := self._heirs.pop(node, None)) is not None and node.unlinked:
                 node = heir
             try:
                 ok = await self.upload(node, True)
