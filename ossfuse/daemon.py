@@ -489,10 +489,11 @@ async def _unreadable_objects(cfg: Config, fs: Filesystem) -> list[str]:
     if not unreadable:
         return []
     key, why = unreadable[0]
-    return [f"{len(unreadable)} of the first {sampled} encrypted objects under the prefix cannot be read with "
-            f"this config's CMKs (e.g. {key!r}: {why}): reading them gives EIO (a wrong private_key, or a CMK "
-            f"missing from {cfg.path}?); new files are encrypted with CMK {fs.keyring.default.id!r}. "
-            f"`ossfuse check -c {cfg.path}` samples more"]
+    where = "under the prefix" if cfg.store.prefix else "in the bucket"
+    return [f"{len(unreadable)} of the first {sampled} encrypted objects {where} cannot be read with this "
+            f"config's CMKs (e.g. {key!r}: {why}): reading them fails (EIO, or EACCES when no CMK matches their "
+            f"matdesc; a wrong private_key, or a CMK missing from {cfg.path}?); new files are encrypted with CMK "
+            f"{fs.keyring.default.id!r}. `ossfuse check -c {cfg.path}` samples more"]
 
 
 async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> list[str]:

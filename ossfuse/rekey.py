@@ -365,7 +365,7 @@ def check(cfg: Config, keyring: Keyring, store: ObjectStore | None) -> list[tupl
             key, why = unreadable[0]
             results.append((False, f"{len(unreadable)} of {sampled} {UNREADABLE_SAMPLE}: e.g. {key!r} ({why})"))
         elif sampled:
-            results.append((True, f"{sampled} sampled encrypted objects open with this config's keys"))
+            results.append((True, f"{sampled} sampled encrypted object(s) open with this config's keys"))
         else:  # said, so that an ok run does not look as if the bucket's objects were tried
             results.append((True, f"no encrypted object to sample among the first {CHECK_HEADS} listed under the "
                                   f"prefix (none, or plaintext only): no object's data key tried"))

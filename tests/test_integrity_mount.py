@@ -274,7 +274,7 @@ def test_rekey_skips_and_reports_a_damaged_object(tmp_path, cmk_path, other_cmk_
 
 
 @pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}",
-                        r"WARNING ossfuse\.daemon: 1 of the first 1 encrypted objects under the prefix cannot be read")
+                        r"WARNING ossfuse\.daemon: 1 of the first 1 encrypted objects in the bucket cannot be read")
 def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matdesc(tmp_path, cmk_path,
                                                                                    other_cmk_path):
     """A mount whose config has only the old CMK, and a rekey (with another config) to a CMK
@@ -299,7 +299,7 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         assert (f"ossfuse: warning: mount {m.mnt} of this store is up: a file changed through it while its "
                 "object is rewritten becomes a conflict copy there") in r.stderr, r.stderr
         m.remount()  # forget the old envelope the mount knew: its start says it reads none of them
-        assert m.mount_stderr.startswith("ossfuse: warning: 1 of the first 1 encrypted objects under the prefix "
+        assert m.mount_stderr.startswith("ossfuse: warning: 1 of the first 1 encrypted objects in the bucket "
                                          "cannot be read with this config's CMKs (e.g. 'f': "), m.mount_stderr
         with pytest.raises(OSError) as e:
             open(m.path("f"), "rb").read()

@@ -509,10 +509,10 @@ def test_check_samples_objects_and_fails_when_the_keys_cannot_read_them(tmp_path
     right = local_config(tmp_path, {"main": cmk_path})
     r = run_cli("check", "-c", right)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "ok    2 sampled encrypted objects open with this config's keys" in r.stdout, r.stdout
+    assert "ok    2 sampled encrypted object(s) open with this config's keys" in r.stdout, r.stdout
 
 
-@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: 2 of the first 2 encrypted objects under the prefix cannot be read",
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: 2 of the first 2 encrypted objects in the bucket cannot be read",
                         r"ERROR ossfuse\.fs\.files: cannot (open|read) 'f1'")
 def test_a_mount_with_a_key_that_reads_none_of_the_sampled_objects_warns(tmp_path, cmk_path, other_cmk_path,
                                                                         make_mount):
@@ -533,10 +533,11 @@ def test_a_mount_with_a_key_that_reads_none_of_the_sampled_objects_warns(tmp_pat
     m.write_config()
     m.start()
     assert m.mount_stderr == (
-        "ossfuse: warning: 2 of the first 2 encrypted objects under the prefix cannot be read with this config's "
+        "ossfuse: warning: 2 of the first 2 encrypted objects in the bucket cannot be read with this config's "
         "CMKs (e.g. 'f1': matdesc (none): no configured CMK unwraps its data key: CMK 'main' cannot unwrap the data "
-        f"key (wrong CMK or corrupt key header)): reading them gives EIO (a wrong private_key, or a CMK missing from {m.config}?); new files "
-        f"are encrypted with CMK 'main'. `ossfuse check -c {m.config}` samples more\n"), m.mount_stderr
+        "key (wrong CMK or corrupt key header)): reading them fails (EIO, or EACCES when no CMK matches their "
+        f"matdesc; a wrong private_key, or a CMK missing from {m.config}?); new files are encrypted with CMK "
+        f"'main'. `ossfuse check -c {m.config}` samples more\n"), m.mount_stderr
     with pytest.raises(OSError) as e:
         open(m.path("f1"), "rb").read()
     assert e.value.errno in (errno.EIO, errno.EACCES)
@@ -590,7 +591,7 @@ def test_quickstart_again_with_other_var_or_cache_is_refused(tmp_path, cmk_path)
     assert not (tmp_path / "other").exists() and not os.path.ismount(tmp_path / "mnt")
 
 
-@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: 1 of the first 1 encrypted objects under the prefix cannot be read",
+@pytest.mark.expect_log(r"WARNING ossfuse\.daemon: 1 of the first 1 encrypted objects in the bucket cannot be read",
                         r"ERROR ossfuse\.fs\.files: cannot (open|read) 'old'")
 def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp_path):
     """The CMK of an earlier quickstart deleted, its config and public key left (new-user
@@ -623,11 +624,11 @@ def test_quickstart_whose_cmk_was_deleted_refuses_and_makes_one_with_new_key(tmp
             f"with the missing CMK: through the folder they give EIO (`ossfuse check -c {etc}/default.toml --verify` "
             "lists each)",
             # the mount's own sample of the bucket's envelopes says the same of what it found
-            "ossfuse: warning: 1 of the first 1 encrypted objects under the prefix cannot be read with this config's "
+            "ossfuse: warning: 1 of the first 1 encrypted objects in the bucket cannot be read with this config's "
             "CMKs (e.g. 'old': matdesc (none): no configured CMK unwraps its data key: CMK 'default' cannot unwrap the "
-            "data key (wrong CMK or corrupt key header)): reading them gives EIO (a wrong private_key, or a CMK "
-            f"missing from {etc}/default.toml?); new files are encrypted with CMK 'default'. `ossfuse check -c "
-            f"{etc}/default.toml` samples more"], r.stderr
+            "data key (wrong CMK or corrupt key header)): reading them fails (EIO, or EACCES when no CMK matches "
+            f"their matdesc; a wrong private_key, or a CMK missing from {etc}/default.toml?); new files are "
+            f"encrypted with CMK 'default'. `ossfuse check -c {etc}/default.toml` samples more"], r.stderr
         assert f"moved {etc}/default.pem.pub, the public key of the missing CMK, to {etc}/default.pem.pub.old" \
             in r.stdout and f"created CMK {etc}/default.pem" in r.stdout, r.stdout
         assert (etc / "default.pem.pub.old").read_bytes() == old_pub
@@ -759,7 +760,7 @@ def test_quickstart_again_after_its_daemon_died_mounts_again(tmp_path):
 
 
 @pytest.mark.expect_log(r"refusing to replace 'f1': no configured CMK can read it",
-                        r"WARNING ossfuse\.daemon: 2 of the first 2 encrypted objects under the prefix cannot be read")
+                        r"WARNING ossfuse\.daemon: 2 of the first 2 encrypted objects in the bucket cannot be read")
 def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_path, cmk_path, other_cmk_path):
     """Through the kernel: remounted with another CMK (a second quickstart's), `echo x > f1`
     and `cp new f1` fail with EACCES and f1's object stays byte for byte; rm f1 works."""

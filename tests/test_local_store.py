@@ -372,7 +372,22 @@ async def test_an_empty_body_is_a_link_of_one_empty_file(tmp_path, monkeypatch):
     await s.put_bytes("h/", b"", {})
     await s.copy("g/", "i/")  # the copy of an empty body links the (new) empty file too
     assert inodes("h/", "i/") == {os.stat(empty).st_ino} and not full & inodes("h/")
-    for k in ("d/", "f/", "g/", "h/", "i/"):
+    monkeypatch.setattr(local_mod.os, "link", real_link)
+    with open(empty, "ab") as f:  # someone writes into it (trial S): the next empty body gets a new one
+        f.write(b"junk")
+    written = os.stat(empty).st_ino
+    await s.put_bytes("j/", b"", {})
+    assert os.stat(empty).st_size == 0 and inodes("j/") == {os.stat(empty).st_ino} != {written}
+    assert await s.get_range("j/", 0, 0) == b"" and await s.get_range("h/", 0, 0) == b""
+
+    def no_links(src, dst, *a, **kw):  # a filesystem without hard links: a file per empty body
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+
+    monkeypatch.setattr(local_mod.os, "link", no_links)
+    await s.put_bytes("k/", b"", {})
+    assert os.stat(s._blob_path(s._row("k/")[5])).st_size == 0 and inodes("k/") != {os.stat(empty).st_ino}
+    monkeypatch.setattr(local_mod.os, "link", real_link)
+    for k in ("d/", "f/", "g/", "h/", "i/", "j/", "k/"):
         assert await s.get_range(k, 0, 1) == b""
         await s.delete(k)
     await s.aclose()

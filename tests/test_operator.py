@@ -523,3 +523,50 @@ def test_a_multipart_upload_whose_abort_failed_is_aborted_again_before_unmount_e
         trio.run(main)
     assert any("aborted multipart upload" in r.getMessage() and "its first abort had failed" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("how", ["rm then create", "rm then mv"])
+def test_a_name_saved_by_delete_and_create_faster_than_upload_delay_is_still_uploaded(tmp_path, cmk_path, how):
+    """Trial S: `rm f; echo x > f` (or `rm f; mv f.tmp f`) 20 times a second with upload_delay
+    0.5 s uploaded nothing while the writer ran (each new file was unlinked before its own
+    delay ended), and status's oldest age stayed at 0 s. The file that takes the name now
+    inherits the queued upload of the one unlinked there (UploadScheduler.vacated/took_path):
+    about one upload per delay. (Each `rm` still deletes what the last upload put there: the
+    writer asked for that.)"""
+    delay = 0.5
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=delay)
+        errors = status.RecentErrors()
+        root = fs.get(1)
+        ages: list[float] = []
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            start = trio.current_time()
+            i = 0
+            while trio.current_time() - start < 6 * delay:
+                i += 1
+                if i > 1:
+                    await fs.unlink(root, "f")
+                name = "f" if how == "rm then create" else "f.tmp"
+                node, h = await fs.create(root, name, 0o644, os.O_WRONLY, 1, 2)
+                await fs.write(h, 0, f"save {i}\n".encode() * i)
+                await fs.flush(h)
+                await fs.release(h)
+                if name != "f":
+                    await fs.rename(root, name, root, "f", 0)
+                ages.append(status.collect(fs, errors, started=0.0)["pending_uploads"]["oldest_seconds"])
+                await trio.sleep(delay / 10)
+            uploaded = fs.stats["uploaded"]
+            nursery.cancel_scope.cancel()
+        assert uploaded >= 3, uploaded  # the code before: 0
+        assert max(ages) >= 0.6 * delay, ages
+        assert await fs.drain() == 0
+        h = await fs.open(fs.by_path["f"], os.O_RDONLY)
+        assert await fs.read(h, 0, 1 << 20) == f"save {i}\n".encode() * i
+        await fs.release(h)
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)

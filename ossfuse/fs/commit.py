@@ -191,6 +191,15 @@ class Commit:
         (``UploadScheduler.took_name``)."""
         self.scheduler.took_name(old, new)
 
+    def vacated(self, node: Node) -> None:
+        """``node`` loses its name (before its staged version is dropped): a file that takes
+        the name soon inherits its queued upload (``UploadScheduler.vacated``)."""
+        self.scheduler.vacated(node)
+
+    def took_path(self, path: str, node: Node) -> None:
+        """``node`` was renamed to ``path``, where no file was (``UploadScheduler.took_path``)."""
+        self.scheduler.took_path(path, node)
+
     def rejournal(self, node: Node) -> None:
         """``node``'s name, attributes or base version changed: if its staged version is
         journaled, record it again (same sealed data, new key/metadata/base) so a crashed

@@ -517,6 +517,7 @@ class Namespace:
     def _take_name(self, node: Node) -> None:
         """``node``'s name is gone (unlinked, or replaced by a rename): a staged version no
         handle needs is dropped (no upload), and lookups no longer find it."""
+        self.commit.vacated(node)  # (while its staged version is still there)
         node.unlinked = True
         if node.staged is not None:
             if node.opens == 0:
@@ -893,7 +894,9 @@ class Namespace:
             # unlinked) when it takes its node's lock to seal
             if any(self.commit.upload_running(n) for n in nodes):
                 return False
-            if dst is not None:
+            if dst is None:  # onto a name a queued file left just now (rm f; mv f.tmp f)
+                self.commit.took_path(dst_path, src)
+            else:
                 # a save by rename over a version still waiting for its upload: src's is due
                 # when dst's was (said before _take_name drops dst's; should the rename fail
                 # below, dst keeps its name and its own upload: the heir of a node that is not

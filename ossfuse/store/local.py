@@ -343,26 +343,39 @@ class LocalStore(ObjectStore):
 
     def _empty_blob(self) -> str:
         """A new blob holding an empty body: a hard link of the root's :data:`_EMPTY` file,
-        which is made when missing and replaced by a new one when it has as many links as the
-        filesystem allows (ext4: 65,000). Raises OSError."""
+        which is made when missing, and replaced by a new one when it has as many links as the
+        filesystem allows (ext4: 65,000) or is not empty (someone wrote into it: the bodies
+        linked to it are read by their rows' size, 0, and stay empty). A filesystem that makes
+        no hard links gets a new empty file per body, as before. Raises OSError."""
         blob = uuid.uuid4().hex
         dest = self._blob_path(blob)
         source = os.path.join(self.root, _EMPTY)
         for _ in range(4):
             try:
-                os.link(source, dest)
-                return blob
+                if os.stat(source, follow_symlinks=False).st_size == 0:
+                    os.link(source, dest)
+                    return blob
             except FileNotFoundError:
                 if not os.path.isdir(os.path.dirname(dest)):
                     _mkdir_private(os.path.dirname(dest))  # the first blob under this directory
                     continue
             except OSError as e:
+                if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):  # no hard links here
+                    break
                 if e.errno != errno.EMLINK:
                     raise
-            tmp = self._new_tmp()  # missing, or at its link limit: a new one, renamed into place
+            tmp = self._new_tmp()  # missing, full or not empty: a new one, renamed into place
             os.close(_open_new(tmp))
             os.rename(tmp, source)
-        raise OSError(errno.EMLINK, "cannot link the empty body's file", source)
+        tmp = self._new_tmp()  # a file of its own
+        with _removed_on_failure(tmp):
+            os.close(_open_new(tmp))
+            try:
+                os.rename(tmp, dest)
+            except FileNotFoundError:  # the first blob under this two-digit directory
+                _mkdir_private(os.path.dirname(dest))
+                os.rename(tmp, dest)
+        return blob
 
     def _commit_row(self, key: str, blob: str, size: int, meta: dict[str, str],
                     check: Callable[[sqlite3.Connection], None] | None = None) -> ObjectInfo:
@@ -472,6 +485,7 @@ class LocalStore(ObjectStore):
                 raise NoSuchKey("no such key", key=key)
             if if_match is not None and _etag_norm(row[2]) != _etag_norm(if_match):
                 raise PreconditionFailed(f"ETag is {row[2]}, not {if_match}", key=key, code="PreconditionFailed")
+            end = min(end, row[1])  # the row's size counts, as OSS cuts a range at the object's end
             try:
                 with open(_open_read(self._blob_path(row[5])), "rb") as f:
                     if not nowait:

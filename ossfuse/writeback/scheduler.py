@@ -56,6 +56,9 @@ class UploadScheduler:
         # queued node → the node that took its name by a rename before its upload (took_name);
         # an entry goes when its node leaves the queue
         self._heirs: dict[Any, Any] = {}
+        # path → a queued node that lost that name (vacated): a file that takes the path while
+        # the entry is queued inherits it (took_path); an entry goes when its node leaves the queue
+        self._vacated: dict[str, Any] = {}
 
     # -- the dirty set ----------------------------------------------------------------------
     def mark_dirty(self, node) -> None:
@@ -64,6 +67,7 @@ class UploadScheduler:
             node.dirty_since = time.time()
             self.dirty.add(node)
             self._index(node)
+            self.took_path(node.path, node)  # a new file where a queued one was just unlinked
 
     def mark_clean(self, node) -> None:
         self.dirty.discard(node)
@@ -82,6 +86,24 @@ class UploadScheduler:
             return
         new.dirty_since = min(new.dirty_since, old.dirty_since)
         if old.upload_queued:
+            self._heirs[old] = new
+
+    def vacated(self, node) -> None:
+        """``node`` lost its name (unlinked, or renamed over) while its upload was queued: a
+        file that takes the name before that entry leaves the queue inherits it
+        (:meth:`took_path`). A save by delete and create (``rm f; echo x > f``, or ``rm f; mv
+        f.tmp f``) more often than ``delay`` otherwise left the name without an object for as
+        long as the writer ran (trial S)."""
+        if node.upload_queued and node.staged is not None:
+            self._vacated[node.path] = node
+
+    def took_path(self, path: str, new) -> None:
+        """``new`` now has ``path`` (made there, or renamed there onto no file): if a queued
+        node lost that name (:meth:`vacated`), ``new`` inherits its queue entry and age, as
+        :meth:`took_name` gives them."""
+        old = self._vacated.pop(path, None)
+        if old is not None and old is not new and old.unlinked and old.upload_queued and _pending(new):
+            new.dirty_since = min(new.dirty_since, old.dirty_since)
             self._heirs[old] = new
 
     def moved(self, node) -> None:
@@ -125,10 +147,14 @@ class UploadScheduler:
         async for node in self._recv:
             await trio.sleep_until(node.queued_at + self.delay)
             node.upload_queued = False
-            # renamed over before its upload: upload what took its name (a rename that failed
+            path = node.path
+            if path in self._vacated and self._vacated[path] is node:
+                del self._vacated[path]
+            # its name taken before its upload: upload what took it (a rename that failed
             # after took_name left the name to this node: its own upload, then)
-            while (heir := self._heirs.pop(node, None)) is not None and node.unlinked:
-                node = heir
+            while node.unlinked and node in self._heirs:
+                node = self._heirs.pop(node)
+            self._heirs.pop(node, None)  # (that failed rename's entry)
             try:
                 ok = await self.upload(node, True)
             except Exception:  # a bug in one upload must not take the mount down (review A9)
