@@ -432,57 +432,6 @@ def test_status_says_where_the_log_goes_under_systemd_and_in_the_foreground(monk
     assert status.log_destination().startswith("the journal (journalctl")  # (this process's own cgroup)
 
 
-def test_a_name_saved_by_rename_faster_than_upload_delay_still_reaches_the_store(tmp_path, cmk_path):
-    """Trial R: a status file written to a temporary name and renamed over its name 20 times a
-    second, with upload_delay 0.5 s, never reached the bucket while its writer ran (each
-    version was renamed over before its own delay ended) and status's oldest age stayed at 0 s.
-    Now the version that took the name is uploaded when the one it replaced was due: the
-    bucket gets a new version about every delay, each one whole, and status counts the age
-    from the name's oldest change not in the bucket."""
-    delay = 0.5
-
-    async def main():
-        fs = core_filesystem(tmp_path, cmk_path, upload_delay=delay)
-        errors = status.RecentErrors()
-        root = fs.get(1)
-        seen: dict[str, float] = {}  # ETag at pre/sv → seconds after the first save
-        ages: list[float] = []
-        async with trio.open_nursery() as nursery:
-            fs._nursery = nursery
-            nursery.start_soon(fs.upload_worker)
-            start = trio.current_time()
-            i = 0
-            while trio.current_time() - start < 6 * delay:
-                i += 1
-                node, h = await fs.create(root, "sv.tmp", 0o644, os.O_WRONLY, 1, 2)
-                await fs.write(h, 0, f"status {i}\n".encode() * i)
-                await fs.flush(h)
-                await fs.release(h)
-                await fs.rename(root, "sv.tmp", root, "sv", 0)
-                info = await fs.store.head("pre/sv")
-                if info is not None and info.etag not in seen:
-                    seen[info.etag] = trio.current_time() - start
-                ages.append(status.collect(fs, errors, started=0.0)["pending_uploads"]["oldest_seconds"])
-                await trio.sleep(delay / 10)
-            nursery.cancel_scope.cancel()
-        times = sorted(seen.values())
-        # the first within about a delay of the first save (plus the upload), then about one per delay
-        assert times and times[0] < 2 * delay, times
-        assert len(times) >= 3, times
-        assert max(ages) >= 0.6 * delay, ages  # not reset by every save
-        # each uploaded version is whole: read the name back through a fresh handle
-        assert await fs.drain() == 0
-        node = fs.by_path["sv"]
-        h = await fs.open(node, os.O_RDONLY)
-        data = await fs.read(h, 0, 1 << 20)
-        await fs.release(h)
-        assert data == f"status {i}\n".encode() * i
-        fs.close()
-        await fs.store.aclose()
-
-    trio.run(main)
-
-
 @pytest.mark.expect_log(r"abort of multipart upload \S+ of 'pre/big' failed: .*tried again when the store answers",
                         r"upload of 'pre/big' failed; the data stays staged")
 @pytest.mark.parametrize("when", ["store back", "unmount"])
@@ -525,6 +474,78 @@ def test_a_multipart_upload_whose_abort_failed_is_aborted_again_before_unmount_e
                for r in caplog.records)
 
 
+
+SAVE_DELAY = 0.5  # upload_delay of the save-loop tests (seconds)
+
+
+def _save_in_a_loop(tmp_path, cmk_path, save) -> tuple[list[float], list[float], int]:
+    """Save ``f`` in the root of a core filesystem (upload_delay SAVE_DELAY, one upload worker)
+    with ``await save(fs, root, i)`` for i = 1, 2, … every SAVE_DELAY / 10 s for 6 delays, as
+    the content :func:`_saved` gives. Returns (seconds after the start when each new ETag of
+    ``pre/f`` was seen, status's oldest pending age after each save, uploads during the loop);
+    afterwards ``f`` must read as the last save, whole."""
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=SAVE_DELAY)
+        errors = status.RecentErrors()
+        root = fs.get(1)
+        seen: dict[str, float] = {}
+        ages: list[float] = []
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            start = trio.current_time()
+            i = 0
+            while trio.current_time() - start < 6 * SAVE_DELAY:
+                i += 1
+                await save(fs, root, i)
+                info = await fs.store.head("pre/f")
+                if info is not None and info.etag not in seen:
+                    seen[info.etag] = trio.current_time() - start
+                ages.append(status.collect(fs, errors, started=0.0)["pending_uploads"]["oldest_seconds"])
+                await trio.sleep(SAVE_DELAY / 10)
+            uploaded = fs.stats["uploaded"]
+            nursery.cancel_scope.cancel()
+        assert await fs.drain() == 0
+        h = await fs.open(fs.by_path["f"], os.O_RDONLY)
+        assert await fs.read(h, 0, 1 << 20) == _saved(i)
+        await fs.release(h)
+        fs.close()
+        await fs.store.aclose()
+        return sorted(seen.values()), ages, uploaded
+
+    return trio.run(main)
+
+
+def _saved(i: int) -> bytes:
+    return f"save {i}\n".encode() * i
+
+
+async def _write_new(fs, root, name: str, i: int) -> None:
+    node, h = await fs.create(root, name, 0o644, os.O_WRONLY, 1, 2)
+    await fs.write(h, 0, _saved(i))
+    await fs.flush(h)
+    await fs.release(h)
+
+
+def test_a_name_saved_by_rename_faster_than_upload_delay_still_reaches_the_store(tmp_path, cmk_path):
+    """Trial R: a status file written to a temporary name and renamed over its name 20 times a
+    second, with upload_delay 0.5 s, never reached the bucket while its writer ran (each
+    version was renamed over before its own delay ended) and status's oldest age stayed at 0 s.
+    Now the version that took the name is uploaded when the one it replaced was due: the
+    bucket gets a new version about every delay, each one whole, and status counts the age
+    from the name's oldest change not in the bucket."""
+
+    async def save(fs, root, i):
+        await _write_new(fs, root, "f.tmp", i)
+        await fs.rename(root, "f.tmp", root, "f", 0)
+
+    times, ages, _ = _save_in_a_loop(tmp_path, cmk_path, save)
+    # the first within about a delay of the first save (plus the upload), then about one per delay
+    assert len(times) >= 3 and times[0] < 2 * SAVE_DELAY, times  # the code before: none
+    assert max(ages) >= 0.6 * SAVE_DELAY, ages  # not reset by every save
+
+
 @pytest.mark.parametrize("how", ["rm then create", "rm then mv"])
 def test_a_name_saved_by_delete_and_create_faster_than_upload_delay_is_still_uploaded(tmp_path, cmk_path, how):
     """Trial S: `rm f; echo x > f` (or `rm f; mv f.tmp f`) 20 times a second with upload_delay
@@ -533,40 +554,15 @@ def test_a_name_saved_by_delete_and_create_faster_than_upload_delay_is_still_upl
     inherits the queued upload of the one unlinked there (UploadScheduler.vacated/took_path):
     about one upload per delay. (Each `rm` still deletes what the last upload put there: the
     writer asked for that.)"""
-    delay = 0.5
 
-    async def main():
-        fs = core_filesystem(tmp_path, cmk_path, upload_delay=delay)
-        errors = status.RecentErrors()
-        root = fs.get(1)
-        ages: list[float] = []
-        async with trio.open_nursery() as nursery:
-            fs._nursery = nursery
-            nursery.start_soon(fs.upload_worker)
-            start = trio.current_time()
-            i = 0
-            while trio.current_time() - start < 6 * delay:
-                i += 1
-                if i > 1:
-                    await fs.unlink(root, "f")
-                name = "f" if how == "rm then create" else "f.tmp"
-                node, h = await fs.create(root, name, 0o644, os.O_WRONLY, 1, 2)
-                await fs.write(h, 0, f"save {i}\n".encode() * i)
-                await fs.flush(h)
-                await fs.release(h)
-                if name != "f":
-                    await fs.rename(root, name, root, "f", 0)
-                ages.append(status.collect(fs, errors, started=0.0)["pending_uploads"]["oldest_seconds"])
-                await trio.sleep(delay / 10)
-            uploaded = fs.stats["uploaded"]
-            nursery.cancel_scope.cancel()
-        assert uploaded >= 3, uploaded  # the code before: 0
-        assert max(ages) >= 0.6 * delay, ages
-        assert await fs.drain() == 0
-        h = await fs.open(fs.by_path["f"], os.O_RDONLY)
-        assert await fs.read(h, 0, 1 << 20) == f"save {i}\n".encode() * i
-        await fs.release(h)
-        fs.close()
-        await fs.store.aclose()
+    async def save(fs, root, i):
+        if i > 1:
+            await fs.unlink(root, "f")
+        name = "f" if how == "rm then create" else "f.tmp"
+        await _write_new(fs, root, name, i)
+        if name != "f":
+            await fs.rename(root, name, root, "f", 0)
 
-    trio.run(main)
+    _, ages, uploaded = _save_in_a_loop(tmp_path, cmk_path, save)
+    assert uploaded >= 3, uploaded  # the code before: 0
+    assert max(ages) >= 0.6 * SAVE_DELAY, ages
