@@ -394,11 +394,10 @@ async def unreadable_sample(cfg: Config, keyring: Keyring, store: ObjectStore,
     Raises StoreError when the store fails; a KMS that cannot be reached, or whose credentials
     fail, counts as unreadable."""
     sampled, unreadable = 0, []
-    tag_lists = cfg.store.prefix + integrity.LIST_DIR + "/"
     async for o in _all_objects(store, cfg.store.prefix):
         if sampled >= limit or heads <= 0:
             break
-        if (o.key.endswith("/") and o.size == 0) or o.key.startswith(tag_lists):
+        if _not_content_kind(o) is not None:
             continue
         heads -= 1
         info = await store.head(o.key)
@@ -517,17 +516,25 @@ async def _head_encrypted(listed: ObjectInfo, store: ObjectStore, summary: Rekey
     return info
 
 
-def _not_content(listed: ObjectInfo, summary: RekeySummary | VerifySummary) -> bool:
-    """Whether ``listed`` is a directory marker or one of ossfuse's integrity tag lists (both
-    plaintext by design, and no file's content: counted apart, not HEADed; a trial read "not
-    encrypted: 1 (e.g. '.ossfuse-integrity/…')" as a leak)."""
+def _not_content_kind(listed: ObjectInfo) -> str | None:
+    """"dir_markers" for a directory marker, "tag_lists" for one of ossfuse's integrity tag
+    lists (under any writer's prefix), None for anything else: both kinds are plaintext by
+    design and no file's content, so nobody HEADs them (a trial read "not encrypted: 1 (e.g.
+    '.ossfuse-integrity/…')" as a leak). The names are the summaries' counters."""
     if listed.key.endswith("/") and listed.size == 0:
-        summary.dir_markers += 1
-        return True
-    if integrity.LIST_DIR in listed.key.split("/")[:-1]:  # (under any writer's prefix)
-        summary.tag_lists += 1
-        return True
-    return False
+        return "dir_markers"
+    if integrity.LIST_DIR in listed.key.split("/")[:-1]:
+        return "tag_lists"
+    return None
+
+
+def _not_content(listed: ObjectInfo, summary: RekeySummary | VerifySummary) -> bool:
+    """Whether ``listed`` is no file's content (:func:`_not_content_kind`); counted in
+    ``summary`` if so."""
+    kind = _not_content_kind(listed)
+    if kind is not None:
+        setattr(summary, kind, getattr(summary, kind) + 1)
+    return kind is not None
 
 
 async def _verify_one(listed: ObjectInfo, store: ObjectStore, keyring: Keyring, summary: VerifySummary) -> None:

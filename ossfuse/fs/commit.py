@@ -16,7 +16,7 @@ from .. import integrity
 from ..cache import BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
-from ..store.base import NoSuchKey, ObjectInfo, StoreError
+from ..store.base import ObjectInfo, StoreError
 from ..store.health import StoreOffline
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
@@ -609,16 +609,10 @@ class Commit:
         aborted = 0
         for key, upload_id in ours:
             try:
-                await store.abort_multipart(key, upload_id)
-            except NoSuchKey:  # (NoSuchUpload) ended meanwhile
-                pass
+                if await self.uploader.abort(key, upload_id):
+                    aborted += 1
+                    log.warning("aborted unfinished multipart upload %s of %r left by an earlier run", upload_id, key)
             except StoreError as e:
                 log.error("abort of unfinished multipart upload %s of %r failed: %s", upload_id, key, e)
-                continue
-            else:
-                aborted += 1
-                log.warning("aborted unfinished multipart upload %s of %r left by an earlier run", upload_id, key)
-            if ledger is not None:
-                ledger.ended(upload_id)
         self.scheduler.stats["aborted_uploads"] = self.scheduler.stats.get("aborted_uploads", 0) + aborted
         return aborted

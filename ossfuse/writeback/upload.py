@@ -169,22 +169,30 @@ class Uploader:
         self._ended(upload_id)
         return info
 
+    async def abort(self, key: str, upload_id: str) -> bool:
+        """Abort multipart upload ``upload_id`` of ``key`` and forget it in the ledger; True if
+        this call aborted it, False if it had ended already (NoSuchUpload). Raises StoreError
+        (then it stays in the ledger)."""
+        try:
+            await self.store.abort_multipart(key, upload_id)
+            aborted = True
+        except NoSuchKey:  # (NoSuchUpload) ended meanwhile
+            aborted = False
+        self._ended(upload_id)
+        return aborted
+
     async def retry_aborts(self) -> int:
         """Abort again the multipart uploads whose abort failed (:attr:`failed_aborts`); returns
         how many are still left (each stays in the ledger: the next mount aborts it). One INFO
-        line per upload aborted now; a failure again is an INFO line (the first was an ERROR)."""
+        line per upload aborted now; a failure again is an INFO line (the first was a WARNING)."""
         for upload_id, key in list(self.failed_aborts.items()):
             try:
-                await self.store.abort_multipart(key, upload_id)
-            except NoSuchKey:  # (NoSuchUpload) gone meanwhile
-                pass
+                if await self.abort(key, upload_id):
+                    log.info("aborted multipart upload %s of %r (its first abort had failed)", upload_id, key)
             except StoreError as e:
                 log.info("abort of multipart upload %s of %r failed again: %s", upload_id, key, e)
                 continue
-            else:
-                log.info("aborted multipart upload %s of %r (its first abort had failed)", upload_id, key)
             del self.failed_aborts[upload_id]
-            self._ended(upload_id)
         return len(self.failed_aborts)
 
     def _ended(self, upload_id: str) -> None:
