@@ -146,6 +146,12 @@ async def _read(fs: Filesystem, name: str, offset: int, length: int, opened=None
         await fs.release(h)
 
 
+def _tags_in_a_list(monkeypatch) -> None:
+    """Make a 1 MiB file's integrity tags go to a tag list (64 KiB blocks, little metadata room)."""
+    monkeypatch.setattr(integrity, "MAX_META_BLOCK", 64 * KIB)
+    monkeypatch.setattr(integrity, "META_LIMIT", 1500)
+
+
 def _bucket(tmp_path, cached: bool):
     os.makedirs(tmp_path / "bucket", exist_ok=True)
     local = LocalStore(str(tmp_path / "bucket"))
@@ -405,8 +411,7 @@ def test_a_journaled_version_in_the_list_layout_uploads_its_list_after_a_crash(t
     """A version journaled but not uploaded before a crash keeps its tag header in the journal;
     the next mount recomputes the list from the sealed data, puts it before the object, and
     the object reads verified."""
-    monkeypatch.setattr(integrity, "MAX_META_BLOCK", 64 * KIB)
-    monkeypatch.setattr(integrity, "META_LIMIT", 1500)
+    _tags_in_a_list(monkeypatch)
     local, store = _bucket(tmp_path, cached=True)
     data = os.urandom(1 << 20)
 
@@ -443,8 +448,7 @@ def test_verify_and_rekey_count_tag_lists_apart_from_plaintext(tmp_path, cmk_pat
     through the object that names it. Counted apart (verify and rekey alike), not HEADed; a
     foreign plaintext object is still counted and named."""
     from ossfuse import rekey
-    monkeypatch.setattr(integrity, "MAX_META_BLOCK", 64 * KIB)
-    monkeypatch.setattr(integrity, "META_LIMIT", 1500)
+    _tags_in_a_list(monkeypatch)
     local, store = _bucket(tmp_path, cached=True)
     data = os.urandom(1 << 20)
 
