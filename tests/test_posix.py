@@ -397,10 +397,14 @@ def test_rename_over_a_file_whose_upload_is_in_flight_keeps_the_renamed_content(
     assert sorted(mount.keys()) == ["a/", "a/x", "b/"]
 
 
-def test_inode_numbers_stay_when_the_kernel_forgets_a_node(tmp_path, cmk_path):
+def test_inode_numbers_stay_when_the_kernel_forgets_a_node_and_across_mounts(tmp_path, cmk_path):
     """The kernel forgets an inode whenever it evicts it (a symlink just made, often, while other
     renames run: issue 13's inode-rename.sh). The node made again for that name gets its number
-    back; a name unlinked or renamed away and made anew is a new inode."""
+    back. Numbers come from the path, so the next mount gives every file, directory and
+    symlink the number it had (git's index keeps st_ino: with numbers counted per mount, the
+    first `git status` after each mount read and hashed every tracked file again); a renamed
+    file keeps its number for the rest of the mount and has its new path's at the next; a new
+    node at a name an older node still holds (open, looked up) gets another number."""
     import trio
 
     from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
@@ -413,8 +417,11 @@ def test_inode_numbers_stay_when_the_kernel_forgets_a_node(tmp_path, cmk_path):
                  cache=CacheConfig(dir=str(tmp_path / "cache")), mount=MountConfig(upload_delay=0.0))
     os.makedirs(tmp_path / "bucket")
 
-    async def main():
-        fs = Filesystem(cfg, LocalStore(str(tmp_path / "bucket")), Keyring(cfg.encryption), uid=1, gid=2)
+    def filesystem() -> Filesystem:
+        return Filesystem(cfg, LocalStore(str(tmp_path / "bucket")), Keyring(cfg.encryption), uid=1, gid=2)
+
+    async def first_mount() -> dict[str, int]:
+        fs = filesystem()
         root = fs.get(1)
         link = await fs.symlink(root, "l", "target", 1, 2)  # lookup count one
         ino = link.ino
@@ -433,10 +440,42 @@ def test_inode_numbers_stay_when_the_kernel_forgets_a_node(tmp_path, cmk_path):
         d = await fs.mkdir(root, "d", 0o755, 1, 2)
         fs.forget(d.ino, 1)
         assert (await fs.lookup(root, "d")).ino == d.ino
+        node, h = await fs.create(d, "f", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"kept")
+        await fs.release(h)
+        # the name taken over while an older node there is still looked up: another number
+        gone = await fs.symlink(root, "s", "t", 1, 2)
+        await fs.unlink(root, "s")
+        taken = await fs.symlink(root, "s", "t2", 1, 2)
+        assert taken.ino != gone.ino and gone.ino in fs.inodes.nodes
+        numbers = {"m": new.ino, "d": d.ino, "d/f": node.ino, "s": taken.ino, "s first": gone.ino}
+        assert await fs.drain() == 0
+        await fs.store.aclose()
+        fs.close()
+        return numbers
+
+    async def next_mount(numbers: dict[str, int]) -> None:
+        fs = filesystem()
+        root = fs.get(1)
+        d = await fs.lookup(root, "d")
+        assert d.ino == numbers["d"]
+        assert (await fs.lookup(d, "f")).ino == numbers["d/f"]
+        assert (await fs.lookup(root, "m")).ino == numbers["m"]
+        s = await fs.lookup(root, "s")
+        assert s.ino == numbers["s first"] != numbers["s"]  # the path's own number again
+        await fs.rename(d, "f", root, "g", 0)
+        assert await fs.drain() == 0
+        await fs.store.aclose()
+        fs.close()
+        fs = filesystem()
+        root = fs.get(1)
+        want = fs.inodes.number_of("g")  # (nothing holds it yet)
+        assert (await fs.lookup(root, "g")).ino == want != numbers["d/f"]
+        assert all(0 < n < 2 ** 63 for n in fs.inodes.nodes)  # the root is 1
         await fs.store.aclose()
         fs.close()
 
-    trio.run(main)
+    trio.run(next_mount, trio.run(first_mount))
 
 
 def test_rename_of_a_file_whose_new_version_is_uploading_moves_that_version(mount):
