@@ -100,7 +100,7 @@ class InodeTable:
         0 and the root's 1 skipped) that no live node holds. A live node holds it when it was
         renamed away from ``path`` (it keeps its number), or is an older node at ``path``
         still open or looked up (another client replaced the file): then the next one. Among
-        2^63 numbers two paths' numbers meet with odds ~n²/2^64 (10^-9 for 10^5 directories),
+        2^63 numbers two paths' numbers meet with odds ~n²/2^64 (5·10^-10 for 10^5 directories),
         which only matters to programs that track directories by (st_dev, st_ino): du, find."""
         raw = path.encode("utf-8", "surrogateescape")
         for i in itertools.count():
