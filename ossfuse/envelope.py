@@ -198,6 +198,15 @@ def length_mismatch(metadata: dict[str, str], size: int) -> str | None:
     return None
 
 
+def wrapping_of(metadata: dict[str, str]) -> tuple[str | None, str | None]:
+    """The wrapped data key and IV of ``metadata`` as stored (current or legacy headers; None
+    where absent). A re-wrap (``ossfuse rekey``, another SDK's key rotation) changes them and
+    nothing else that names the content: the ciphertext stays, and with it OSS's ETag (the MD5
+    of the body), so a version is the ETag *and* this pair. Every wrap differs (RSA PKCS#1 v1.5
+    and OAEP padding are random, KMS ciphertext blobs too)."""
+    return (metadata.get(H_KEY, metadata.get(LEGACY_KEY)), metadata.get(H_START, metadata.get(LEGACY_START)))
+
+
 def is_encrypted(metadata: dict[str, str]) -> bool:
     """True if any envelope header is present, current or legacy (oss2's rule, oss2
     models.py:84-105,135-139, §2, §4.5)."""

@@ -125,10 +125,13 @@ def _same_cmk(a: CmkConfig, b: CmkConfig) -> bool:
 
 def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run: bool = False) -> list[str]:
     """Lines about the running mounts of the same store (and an overlapping prefix), this
-    config's own included. Each one's being up (not for a ``dry_run``): a file changed through
-    it while this rewrites its object becomes a conflict copy there (the rewrite is a new
-    version by another client to that mount), and its open readers of a rewritten file get
-    ESTALE until they open it again (an operator trial met both, unwarned). And one whose
+    config's own included. Each one's being up (not for a ``dry_run``): a change saved through
+    it while this rewrites that file's object can be overwritten by the older content put back
+    (nothing here states the version it replaces: OSS has no conditional PUT), or become a
+    conflict copy there (where the rewrite, a new version by another client to that mount, got
+    a new ETag: a local bucket), and its open readers of a rewritten file may get ESTALE until
+    they open it again (an operator trial met both, unwarned; over OSS the rewrite keeps the
+    ETag, the MD5 of the same ciphertext, and readers read on). And one whose
     config lacks a CMK this rekey wraps objects with: its reads of them would fail with
     EACCES until that CMK is added and it is mounted again. A mount whose config cannot be
     read is named too."""
@@ -150,9 +153,10 @@ def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run:
                                                               or cfg.store.prefix.startswith(other.store.prefix)):
             continue
         if not dry_run:
-            lines.append(f"mount {record['mountpoint']} of this store is up: a file changed through it while its "
-                         f"object is rewritten becomes a conflict copy there, and its open readers of a rewritten "
-                         f"file get ESTALE until they open it again (unmount it first for a quiet rekey)")
+            lines.append(f"mount {record['mountpoint']} of this store is up: a change saved through it while this "
+                         f"rewrites that file's object can be overwritten by the older content put back, or become "
+                         f"a conflict copy there, and its open readers of a rewritten file may get ESTALE until "
+                         f"they open it again (unmount it first for a quiet rekey)")
         for target in dict.fromkeys(targets):
             if other is not cfg and not any(_same_cmk(by_id[target.id], c) for c in other.encryption.cmks):
                 lines.append(f"mount {record['mountpoint']} (config {path}) has no CMK {target.id!r} "

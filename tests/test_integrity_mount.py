@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -295,9 +296,9 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
         assert (f"ossfuse: warning: mount {m.mnt} (config {m.config}) has no CMK 'b' (matdesc "
                 '{"cmk": "b"}): its reads of the rekeyed objects will fail with EACCES') in r.stderr, r.stderr
-        # that the mount is up is said too: edits through it become conflict copies, readers ESTALE
-        assert (f"ossfuse: warning: mount {m.mnt} of this store is up: a file changed through it while its "
-                "object is rewritten becomes a conflict copy there") in r.stderr, r.stderr
+        # that the mount is up is said too: edits through it may be lost or become conflict copies
+        assert (f"ossfuse: warning: mount {m.mnt} of this store is up: a change saved through it while this "
+                "rewrites that file's object can be overwritten by the older content put back") in r.stderr, r.stderr
         m.remount()  # forget the old envelope the mount knew: its start says it reads none of them
         assert m.mount_stderr.startswith("ossfuse: warning: 1 of the first 1 encrypted objects in the bucket "
                                          "cannot be read with this config's CMKs (e.g. 'f': "), m.mount_stderr
@@ -308,6 +309,64 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         assert len(lines) == 1 and "'f'" in lines[0], lines
     finally:
         m.stop()
+
+
+@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}",
+                        r"WARNING ossfuse\.fs\.copying: copy of 'f' refused: its data key was wrapped anew")
+def test_a_rekey_over_oss_keeps_the_etag_and_running_mounts_see_the_new_envelope(tmp_path, cmk_path,
+                                                                                  other_cmk_path, oss_server):
+    """Over OSS a rekey streams the same ciphertext back, so the ETag (the MD5 of the body)
+    stays and only the envelope changes. A trial (T): a mount that had read the file kept the
+    old envelope for minutes — still EACCES 135 s after the object was rekeyed back to a CMK it
+    has, and a chmod sent the old envelope, which OSS refused (EIO for 3.5 minutes; a store
+    without that rule would have put the old wrapped key back). Now a mount takes a re-wrapped
+    envelope as a new version at its next check (attr_timeout), and a chmod within attr_timeout
+    that OSS refuses for it is ESTALE, which the kernel retries once after a fresh lookup: the
+    chmod lands and keeps the new envelope."""
+    from conftest import Mount
+    a = Mount(str(tmp_path / "a"), cmk_path, server=oss_server)  # attr_timeout 0.5 s
+    c = Mount(str(tmp_path / "c"), cmk_path, server=oss_server, mount_options="attr_timeout = 60\nentry_timeout = 60")
+    a.start()
+    try:
+        c.start()
+        try:
+            with open(a.path("f"), "wb") as f:
+                f.write(b"data" * 1000)
+            assert a.stop() == 0
+            a.start()
+            assert open(a.path("f"), "rb").read() == open(c.path("f"), "rb").read() == b"data" * 1000  # held
+            before = a.head("f")
+            wider = tmp_path / "wider.toml"
+            with open(a.config) as f:
+                wider.write_text(f.read().replace("[cache]", B_CMK.format(other_cmk_path) + "[cache]")
+                                 .replace(a.cache, str(tmp_path / "cache-rekey")))
+
+            def rekey(to: str) -> None:
+                r = subprocess.run(OSSFUSE + ["rekey", "-c", str(wider), "--to", to], capture_output=True,
+                                   text=True, env=a.env, timeout=120)
+                assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
+
+            rekey("b")
+            after = a.head("f")
+            assert after.etag == before.etag and after.metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
+            # c's attributes are fresh for 60 s: its chmod sends the envelope it holds, OSS refuses
+            # it, ESTALE, the kernel looks f up again (a HEAD: the new envelope) and retries
+            os.chmod(c.path("f"), 0o600)
+            now = c.head("f")
+            assert now.etag == before.etag and int(now.metadata["mode"]) & 0o777 == 0o600
+            assert now.metadata["client-side-encryption-key"] == after.metadata["client-side-encryption-key"]
+            assert now.metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
+            time.sleep(0.6)  # a's attr_timeout: its next open checks, and finds a CMK it lacks
+            with pytest.raises(OSError) as e:
+                open(a.path("f"), "rb").read()
+            assert e.value.errno == errno.EACCES
+            rekey("main")
+            time.sleep(0.6)
+            assert open(a.path("f"), "rb").read() == b"data" * 1000  # at once, not minutes later
+        finally:
+            c.stop()
+    finally:
+        a.stop()
 
 
 def _mounted_with_f(tmp_path, cmk_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from .. import envelope as env
 from ..store.base import DestinationChanged, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from ..writeback.upload import Uploader
 from .errors import FsError, errno_of, store_request
@@ -45,8 +46,25 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
         _log_stale("copy", src, now)
         raise FsError(errno.ESTALE) from None
     except StoreError as e:
+        if metadata is not None and e.code == "InvalidArgument" and await _rewrapped_since(store, src, metadata):
+            raise FsError(errno.ESTALE) from None
         log.error("copy of %r (version %s) to %r failed: %s", src.key, src.etag, dst, e)
         raise FsError(errno_of(e)) from None
+
+
+async def _rewrapped_since(store: ObjectStore, src: ObjectInfo, metadata: dict[str, str]) -> bool:
+    """Whether a copy of ``src`` with ``metadata`` was refused because the object's data key was
+    wrapped anew since this mount read it: OSS refuses a CopyObject that changes the envelope
+    (oss-cse-format.md §9, error 0005-00000421), and over OSS a rekey keeps the ETag (the same
+    ciphertext), so ``If-Match`` passes and only that refusal tells. Logs one WARNING if so."""
+    now = await _current(store, src.key)
+    if (now is None or not same_etag(now.etag, src.etag) or not env.is_encrypted(metadata)
+            or env.wrapping_of(now.metadata) == env.wrapping_of(metadata)):
+        return False
+    log.warning("copy of %r refused: its data key was wrapped anew (a rekey by another client) since this "
+                "mount read version %s; nothing was written (ESTALE: the next lookup reads the new envelope)",
+                src.key, src.etag)
+    return True
 
 
 async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure: bool = True,

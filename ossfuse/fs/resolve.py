@@ -32,6 +32,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from .. import envelope as env
 from ..aio import run_all
 from ..attrcache import AttrCache, RememberedAttrs
 from ..integrity import LIST_DIR
@@ -64,6 +65,17 @@ class PathMoved(Exception):
     """A rename moved the path a store answer is about while the answer was awaited (the
     directory above it, or the node itself): a node made or refreshed from it would keep the
     old path or a version that has left it. The caller waits for the rename and asks again."""
+
+
+def _rewrapped(version: Version, info: ObjectInfo) -> bool:
+    """Whether ``info`` (a HEAD of ``version``'s ETag) shows its data key wrapped anew: over OSS
+    a rekey streams the same ciphertext back, so the ETag stays and only the envelope changes (a
+    trial: the mount kept the old envelope for minutes, EACCES after the object was rekeyed back
+    to a CMK it has, and a chmod that sent the old envelope, which OSS refused). A slim version
+    holds no envelope to compare: it is filled from ``info``. An answer without an envelope
+    (OSS refuses a copy that strips one) changes nothing here."""
+    return (version.held and env.is_encrypted(info.metadata)
+            and env.wrapping_of(version.metadata) != env.wrapping_of(info.metadata))
 
 
 def _moved(path: str, parent: Node | None, known: Node | None) -> bool:
@@ -493,15 +505,16 @@ class Resolver:
         node.checked_at = time.monotonic()
 
     def refresh(self, node: Node, info: ObjectInfo | None, *, opening: bool = False) -> None:
-        """Take what the store now says of a clean node: a new version if the ETag changed, and
-        the attributes always (on OSS a metadata-only CopyObject keeps the ETag). A directory
-        refreshed with no marker (``info`` None) is implicit. ``opening``: as for
-        :meth:`set_version_from_info`."""
+        """Take what the store now says of a clean node: a new version if the ETag changed or
+        the data key was re-wrapped (:func:`_rewrapped`), and the attributes always (on OSS a
+        metadata-only CopyObject keeps the ETag). A directory refreshed with no marker
+        (``info`` None) is implicit. ``opening``: as for :meth:`set_version_from_info`."""
         if node.is_dir:
             node.implicit = info is None
             node.plain_marker = is_plain_marker(info)
         if node.staged is None and info is not None:  # open handles keep their own version
-            if not node.is_dir and (node.version is None or node.version.etag != info.etag):
+            if not node.is_dir and (node.version is None or node.version.etag != info.etag
+                                    or _rewrapped(node.version, info)):
                 self.set_version_from_info(node, info, opening=opening)
                 node.symlink_target = None
             elif node.version is not None and not node.is_dir:
