@@ -518,7 +518,7 @@ def _exit_outcome(mp: str, reg: dict) -> int:
         keys = reg.get("undeleted_keys") or []
         shown = ", ".join(repr(k) for k in keys[:3]) + (f" and {undeleted - 3} more" if undeleted > 3 else "")
         left.append(f"{undeleted} unlinked object(s) could not be deleted from the bucket ({shown}); other "
-                    f"clients still see them until the next mount deletes them")
+                    f"clients may still see them until the next mount deletes them")
     if reg.get("unsaved"):
         lost = reg["unsaved"]
         shown = ", ".join(mp.rstrip("/") + "/" + p for p in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")

@@ -699,7 +699,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             undeleted = fs.pending_deletes()
             if undeleted:  # recorded in the cache dir: the next mount deletes them before serving
                 log.error("%d unlinked object(s) could not be deleted from the bucket (%s); other clients "
-                          "still see them until the next mount deletes them", len(undeleted), _some(undeleted))
+                          "may still see them until the next mount deletes them", len(undeleted), _some(undeleted))
                 status = EXIT_PENDING
             if unsaved:
                 status = EXIT_FAILED

@@ -741,6 +741,43 @@ def test_an_editors_save_of_a_temp_file_not_yet_uploaded_keeps_the_other_clients
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"'pre/doc\.txt' was changed by another client")
+def test_a_save_diverted_to_a_conflict_copy_leaves_no_pending_delete_behind(tmp_path, cmk_path, other):
+    """Trial T: an editor's save (a temp file renamed over doc.txt, not uploaded yet) records
+    the pending delete of the version it replaces, which its upload ends by overwriting it.
+    Another client wrote doc.txt before that upload, so ours went to a conflict copy: the
+    record stayed (no overwrite came, and nothing retried it), and an unmount with the store
+    away then said the version was still seen by other clients, exit 75. Their version
+    replaced it as surely as ours would have: the record goes with the conflict copy."""
+    os.makedirs(tmp_path / "bucket", exist_ok=True)
+    store = FaultStore(LocalStore(str(tmp_path / "bucket")))
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        root = fs.get(1)
+        node, h = await fs.create(root, "doc.txt", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"base")
+        await fs.release(h)
+        assert await fs.drain() == 0
+        base = (await fs.lookup(root, "doc.txt")).version.etag
+        tmp, h = await fs.create(root, ".doc.txt.tmp", 0o644, os.O_WRONLY, 1, 2)
+        await fs.write(h, 0, b"EDITOR SAVE")
+        await fs.release(h)
+        await fs.rename(root, ".doc.txt.tmp", root, "doc.txt", 0)
+        assert fs.deferred_deletes.recorded() == [("pre/doc.txt", base)]  # ends when the upload overwrites it
+        ofs = other(store)
+        theirs = await _other_writes(ofs, "doc.txt", b"CLIENT EDIT")
+        assert await fs.scheduler.drain() == 0  # the uploads only (drain() retries pending deletes too)
+        assert fs.commit.conflicts.count == 1
+        assert fs.deferred_deletes.recorded() == [] and not fs.deferred_deletes.pending
+        assert (await store.head("pre/doc.txt")).etag == theirs
+        ofs.close()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
 def test_create_without_o_excl_opens_a_file_another_client_made_meanwhile(tmp_path, cmk_path, other):
     """A two-mount trial: this mount saw no `f`, the other made it, and `echo >> f` here
     failed EEXIST (the kernel, trusting its negative entry, sends CREATE; POSIX gives EEXIST

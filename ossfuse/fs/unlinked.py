@@ -84,6 +84,18 @@ class DeferredDeletes:
             if self._noted_at.get((key, etag), mark + 1) <= mark:
                 self.forget(key, etag)
 
+    def replaced(self, key: str, etag: str, mark: int) -> None:
+        """A HEAD of this mount's upload that started at :meth:`mark` ``mark`` found another
+        client's version ``etag`` at ``key`` (the upload then went to a conflict copy): the
+        versions of ``key`` whose delete was pending before it are gone from the bucket as surely
+        as when this mount's upload overwrites them (:meth:`superseded`), so their records go —
+        a trial found them waiting for an overwrite that never came, and an unmount with the
+        store away then said other clients still saw them. A pending delete of ``etag`` itself,
+        or noted later, stays."""
+        for e in list(self.pending.get(key, ())):
+            if e != _norm(etag) and self._noted_at.get((key, e), mark + 1) <= mark:
+                self.forget(key, e)
+
     def hides(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is a version whose delete is pending (not to be shown)."""
         etags = self.pending.get(info.key)
