@@ -200,7 +200,8 @@ def test_ls_l_after_remount_shows_the_stored_modes_sizes_and_mtimes(mount):
     assert got == want
 
 
-@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.readdir: skipping key .*: not a valid file name")
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.readdir: skipping key .*: not a valid file name",
+                        r"WARNING ossfuse\.fs\.namespace: 'weird' is not empty: the bucket holds 'weird//double'")
 def test_readdir_markers_implicit_prefixes_and_foreign_keys(mount):
     from conftest import run_sync
     s = mount.store
@@ -217,6 +218,15 @@ def test_readdir_markers_implicit_prefixes_and_foreign_keys(mount):
     assert read(mount.path("plain.txt")) == b"not encrypted"
     # the key as listed: the prefix "weird//" (a trial: it named "weird/", another key)
     assert "skipping key 'weird//': not a valid file name" in mount.log()
+    # rmdir of what ls shows empty is refused (nothing deleted behind the user's back), and
+    # the log says why (trial T: "Directory not empty", no reason at the rmdir)
+    for _ in range(2):
+        with pytest.raises(OSError) as e:
+            os.rmdir(mount.path("weird"))
+        assert e.value.errno == errno.ENOTEMPTY
+    said = [ln for ln in mount.log().splitlines() if "'weird' is not empty" in ln]
+    assert len(said) == 1 and ("the bucket holds 'weird//double' below it, which listings here do not show "
+                               "(not a valid file name); remove it with another client") in said[0], said
     # readdir offsets stay stable across many entries
     os.mkdir(mount.path("many"))
     names = {f"f{i:04d}" for i in range(600)}

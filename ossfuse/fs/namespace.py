@@ -38,7 +38,7 @@ from .files import Files
 from .inodes import InodeTable
 from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, touch
 from .namecache import NameCache
-from .naming import MAX_KEY_BYTES, Naming, join
+from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, special_metadata
 from .renames import RenameLog, RenameLogs, undo as undo_rename
 from .resolve import Resolver
@@ -166,6 +166,7 @@ class Namespace:
         self.background_deletes = not store.local_disk
         self._deleting = False  # the delete worker runs
         self._batch_done = trio.Event()  # set (and replaced) each time a batch was answered
+        self._unshown_said: set[str] = set()  # keys rmdir said it cannot show (one WARNING each; bounded)
 
     # -- probe → lock → re-check ------------------------------------------------------------
     def _linked(self, node: Node, path: str) -> bool:
@@ -279,12 +280,26 @@ class Namespace:
     async def has_children(self, path: str) -> bool:
         """Whether directory ``path`` holds anything: staged files of this mount, or keys
         under its prefix other than its own marker and the objects of unlinked files still
-        open (gone from the namespace: rmdir succeeds, as on a local disk). Raises FsError(EIO)."""
+        open (gone from the namespace: rmdir succeeds, as on a local disk). A key there that
+        listings do not show (not a valid file name, as ``a//b``; a tag-list directory) counts
+        too — nothing is deleted behind the user's back — and one WARNING per key names it, as
+        ``ls`` shows the directory empty (trial T: "Directory not empty", no reason given).
+        Raises FsError(EIO)."""
         # Checked before listing: a file whose upload finishes meanwhile is in one or the other.
         if self.commit.staged_in(path):
             return True
         dkey = self.naming.dir_key(path)
-        return await store_request(self.deferred.visible_under(dkey), dkey)
+        key = await store_request(self.deferred.visible_under(dkey), dkey)
+        child = key[len(dkey):].split("/")[0] if key is not None else None
+        if child is not None and (not valid_listed_name(child) or child == integrity.LIST_DIR) \
+                and key not in self._unshown_said:
+            if len(self._unshown_said) >= 10_000:
+                self._unshown_said.clear()
+            self._unshown_said.add(key)
+            log.warning("%r is not empty: the bucket holds %r below it, which listings here do not show (%s); "
+                        "remove it with another client", path, key,
+                        "ossfuse's integrity tag lists" if child == integrity.LIST_DIR else "not a valid file name")
+        return key is not None
 
     async def rmdir(self, parent: Node, name: str) -> None:
         """Remove an empty directory (children whose DELETE is queued or failed count as gone;

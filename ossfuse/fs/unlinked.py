@@ -106,19 +106,20 @@ class DeferredDeletes:
         at most that many objects there are hidden."""
         return sum(1 for k in self.pending if k.startswith(dkey))
 
-    async def visible_under(self, dkey: str, *, own_marker: bool = False) -> bool:
-        """Whether the store holds an object below directory key ``dkey`` that this mount
-        shows: not a version whose delete is pending, nor (``own_marker`` False) ``dkey``'s own
-        marker. Lists page by page until one is found (a page holds every hidden object plus
-        one more, so usually one request). Raises StoreError."""
+    async def visible_under(self, dkey: str, *, own_marker: bool = False) -> str | None:
+        """The first key the store holds below directory key ``dkey`` that is not a version
+        whose delete is pending, nor (``own_marker`` False) ``dkey``'s own marker; None when
+        there is none. Lists page by page until one is found (a page holds every hidden object
+        plus one more, so usually one request). Raises StoreError."""
         marker = None
         size = min(1000, self.pending_under(dkey) + 2)
         while True:
             page = await self.store.list(dkey, delimiter=None, marker=marker, max_keys=size)
-            if any((own_marker or o.key != dkey) and not self.hides(o) for o in page.objects):
-                return True
+            for o in page.objects:
+                if (own_marker or o.key != dkey) and not self.hides(o):
+                    return o.key
             if page.next_marker is None:
-                return False
+                return None
             marker = page.next_marker
 
     def note_removed_dir(self, dkey: str) -> None:
@@ -133,7 +134,7 @@ class DeferredDeletes:
         implicit directory); False at once for any other prefix. Raises StoreError."""
         if dkey not in self.removed_dirs:
             return False
-        return not await self.visible_under(dkey, own_marker=True)
+        return await self.visible_under(dkey, own_marker=True) is None
 
     def last_etag(self, key: str) -> str | None:
         """The ETag of the latest pending delete at ``key`` (the one that may still be there), or None."""
