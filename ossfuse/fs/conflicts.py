@@ -269,7 +269,7 @@ class Conflicts:
         self._base.pop(node.ino, None)
         self._sent.pop(node.ino, None)
         if self.deferred is not None:
-            self.deferred.replaced(key, current.etag, mark)  # what ours was to overwrite is gone too
+            self.deferred.superseded(key, mark, by=current.etag)  # what ours was to overwrite is gone too
         self.count += 1
         path = self.naming.path_of(ckey)
         self.recent.append(path if path is not None else ckey)

@@ -289,7 +289,7 @@ class Namespace:
         if self.commit.staged_in(path):
             return True
         dkey = self.naming.dir_key(path)
-        key = await store_request(self.deferred.visible_under(dkey), dkey)
+        key = await store_request(self.deferred.first_visible_under(dkey), dkey)
         child = key[len(dkey):].split("/")[0] if key is not None else None
         if child is not None and (not valid_listed_name(child) or child == integrity.LIST_DIR) \
                 and key not in self._unshown_said:

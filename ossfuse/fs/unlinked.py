@@ -74,27 +74,18 @@ class DeferredDeletes:
         """Now, for :meth:`superseded` (taken when an upload starts)."""
         return self._notes
 
-    def superseded(self, key: str, mark: int) -> None:
-        """This mount's upload that started at :meth:`mark` ``mark`` put a new version at
-        ``key``: the versions of ``key`` whose delete was pending before it are gone from the
-        bucket (overwritten), so their records go; a DELETE, or the replay after a crash,
-        would otherwise compare ETags and take the new version when it has the same one (OSS:
-        every empty object's, a body's MD5). Pending deletes noted later stay."""
+    def superseded(self, key: str, mark: int, *, by: str | None = None) -> None:
+        """An upload of this mount that started at :meth:`mark` ``mark`` put a new version at
+        ``key`` — or (``by``: the ETag its HEAD found) found another client's version there and
+        went to a conflict copy: either way the versions of ``key`` whose delete was pending
+        before it are gone from the bucket (overwritten), so their records go; a DELETE, or the
+        replay after a crash, would otherwise compare ETags and take the new version when it
+        has the same one (OSS: every empty object's, a body's MD5), and records waiting for an
+        overwrite that never came stayed until unmount, where with the store away it said other
+        clients still saw them (a trial). Pending deletes noted later, and one of ``by``, stay."""
         for etag in list(self.pending.get(key, ())):
-            if self._noted_at.get((key, etag), mark + 1) <= mark:
+            if etag != (by and _norm(by)) and self._noted_at.get((key, etag), mark + 1) <= mark:
                 self.forget(key, etag)
-
-    def replaced(self, key: str, etag: str, mark: int) -> None:
-        """A HEAD of this mount's upload that started at :meth:`mark` ``mark`` found another
-        client's version ``etag`` at ``key`` (the upload then went to a conflict copy): the
-        versions of ``key`` whose delete was pending before it are gone from the bucket as surely
-        as when this mount's upload overwrites them (:meth:`superseded`), so their records go —
-        a trial found them waiting for an overwrite that never came, and an unmount with the
-        store away then said other clients still saw them. A pending delete of ``etag`` itself,
-        or noted later, stays."""
-        for e in list(self.pending.get(key, ())):
-            if e != _norm(etag) and self._noted_at.get((key, e), mark + 1) <= mark:
-                self.forget(key, e)
 
     def hides(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is a version whose delete is pending (not to be shown)."""
@@ -106,7 +97,7 @@ class DeferredDeletes:
         at most that many objects there are hidden."""
         return sum(1 for k in self.pending if k.startswith(dkey))
 
-    async def visible_under(self, dkey: str, *, own_marker: bool = False) -> str | None:
+    async def first_visible_under(self, dkey: str, *, own_marker: bool = False) -> str | None:
         """The first key the store holds below directory key ``dkey`` that is not a version
         whose delete is pending, nor (``own_marker`` False) ``dkey``'s own marker; None when
         there is none. Lists page by page until one is found (a page holds every hidden object
@@ -134,7 +125,7 @@ class DeferredDeletes:
         implicit directory); False at once for any other prefix. Raises StoreError."""
         if dkey not in self.removed_dirs:
             return False
-        return await self.visible_under(dkey, own_marker=True) is None
+        return await self.first_visible_under(dkey, own_marker=True) is None
 
     def last_etag(self, key: str) -> str | None:
         """The ETag of the latest pending delete at ``key`` (the one that may still be there), or None."""
