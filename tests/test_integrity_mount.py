@@ -311,62 +311,80 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
         m.stop()
 
 
-@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}",
-                        r"WARNING ossfuse\.fs\.copying: copy of 'f' refused: its data key was wrapped anew")
+@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}")
 def test_a_rekey_over_oss_keeps_the_etag_and_running_mounts_see_the_new_envelope(tmp_path, cmk_path,
                                                                                   other_cmk_path, oss_server):
     """Over OSS a rekey streams the same ciphertext back, so the ETag (the MD5 of the body)
-    stays and only the envelope changes. A trial (T): a mount that had read the file kept the
-    old envelope for minutes — still EACCES 135 s after the object was rekeyed back to a CMK it
+    stays and only the envelope changes. Trial T: a mount that had read the file kept the old
+    envelope for minutes — still EACCES 135 s after the object was rekeyed back to a CMK it
     has, and a chmod sent the old envelope, which OSS refused (EIO for 3.5 minutes; a store
-    without that rule would have put the old wrapped key back). Now a mount takes a re-wrapped
-    envelope as a new version at its next check (attr_timeout), and a chmod within attr_timeout
-    that OSS refuses for it is ESTALE, which the kernel retries once after a fresh lookup: the
-    chmod lands and keeps the new envelope."""
+    without that rule would have put the old wrapped key back). Trial U: a touch or fchmod
+    through a descriptor failed ESTALE (the kernel retries only calls by path), and an open
+    trusting its attributes gave EACCES for attr_timeout after a rekey back. Now: a mount takes
+    a re-wrapped envelope as a new version at its next check; an attribute change OSS refuses
+    for the envelope it knew goes onto the one the object has (one INFO line); an open whose
+    CMK is missing asks the store once before EACCES; open handles read on."""
     from conftest import Mount
     a = Mount(str(tmp_path / "a"), cmk_path, server=oss_server)  # attr_timeout 0.5 s
     c = Mount(str(tmp_path / "c"), cmk_path, server=oss_server, mount_options="attr_timeout = 60\nentry_timeout = 60")
+    data = b"data" * 1000
     a.start()
     try:
         c.start()
         try:
             with open(a.path("f"), "wb") as f:
-                f.write(b"data" * 1000)
+                f.write(data)
             assert a.stop() == 0
             a.start()
-            assert open(a.path("f"), "rb").read() == open(c.path("f"), "rb").read() == b"data" * 1000  # held
-            before = a.head("f")
-            wider = tmp_path / "wider.toml"
-            with open(a.config) as f:
-                wider.write_text(f.read().replace("[cache]", B_CMK.format(other_cmk_path) + "[cache]")
-                                 .replace(a.cache, str(tmp_path / "cache-rekey")))
+            assert open(a.path("f"), "rb").read() == data
+            fd = os.open(c.path("f"), os.O_RDONLY)  # c holds the envelope it had then
+            try:
+                assert os.read(fd, 4) == b"data"
+                before = a.head("f")
+                wider = tmp_path / "wider.toml"
+                with open(a.config) as f:
+                    wider.write_text(f.read().replace("[cache]", B_CMK.format(other_cmk_path) + "[cache]")
+                                     .replace(a.cache, str(tmp_path / "cache-rekey")))
 
-            def rekey(to: str) -> None:
-                r = subprocess.run(OSSFUSE + ["rekey", "-c", str(wider), "--to", to], capture_output=True,
-                                   text=True, env=a.env, timeout=120)
-                assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
+                def rekey(to: str) -> None:
+                    r = subprocess.run(OSSFUSE + ["rekey", "-c", str(wider), "--to", to], capture_output=True,
+                                       text=True, env=a.env, timeout=120)
+                    assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
 
-            rekey("b")
-            after = a.head("f")
-            assert after.etag == before.etag and after.metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
-            # c's attributes are fresh for 60 s: its chmod sends the envelope it holds, OSS refuses
-            # it, ESTALE, the kernel looks f up again (a HEAD: the new envelope) and retries
-            os.chmod(c.path("f"), 0o600)
-            now = c.head("f")
-            assert now.etag == before.etag and int(now.metadata["mode"]) & 0o777 == 0o600
-            assert now.metadata["client-side-encryption-key"] == after.metadata["client-side-encryption-key"]
-            assert now.metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
+                rekey("b")
+                after = a.head("f")
+                assert after.etag == before.etag and after.metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
+                # c's attributes are fresh for 60 s: the copies send the envelope it holds, OSS
+                # refuses them, and each change goes onto the envelope the object has now
+                os.fchmod(fd, 0o600)  # through a descriptor: no retry by the kernel
+                os.utime(c.path("f"), ns=(1_600_000_000 * 10**9,) * 2)
+                now = c.head("f")
+                assert now.etag == before.etag and int(now.metadata["mode"]) & 0o777 == 0o600
+                assert now.metadata["mtime"].startswith("1600000000")
+                assert now.metadata["client-side-encryption-key"] == after.metadata["client-side-encryption-key"]
+                assert now.metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
+                assert os.pread(fd, 8, 3996) == b"data"  # its own data key: the same bytes
+            finally:
+                os.close(fd)
+            with pytest.raises(OSError) as e:  # c lacks CMK b: the envelope it knows now
+                open(c.path("f"), "rb").read()
+            assert e.value.errno == errno.EACCES
             time.sleep(0.6)  # a's attr_timeout: its next open checks, and finds a CMK it lacks
             with pytest.raises(OSError) as e:
                 open(a.path("f"), "rb").read()
             assert e.value.errno == errno.EACCES
             rekey("main")
             time.sleep(0.6)
-            assert open(a.path("f"), "rb").read() == b"data" * 1000  # at once, not minutes later
+            assert open(a.path("f"), "rb").read() == data  # at once, not minutes later
+            # c trusts its attributes for 60 s, but asks once before EACCES
+            assert open(c.path("f"), "rb").read() == data
         finally:
             c.stop()
     finally:
         a.stop()
+    assert "copy of 'f' refused: its data key was wrapped anew" in c.log()
+    assert [ln for ln in c.log().splitlines() if " ERROR " in ln and "no CMK" in ln] == [
+        ln for ln in c.log().splitlines() if " ERROR " in ln], c.log()  # only the real EACCES is an ERROR
 
 
 def _mounted_with_f(tmp_path, cmk_path):

@@ -10,12 +10,12 @@ from ..cache import BlockCache
 from ..store.base import ObjectInfo, ObjectStore
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object
+from .copying import Rewrapped, copy_object
 from .errors import FsError, store_request
 from .files import Files
 from .model import ROOT_INO, FileHandle, Node, set_local_version
 from .naming import Naming
-from .objmeta import attr_meta, is_plain_marker
+from .objmeta import attr_meta, is_plain_marker, version_from_info
 
 _UNCHANGED_ID = 0xFFFFFFFF  # chown's "leave as is" (uid_t -1)
 
@@ -110,11 +110,22 @@ class Attributes:
         source_meta = v.metadata
         meta = dict(source_meta)
         meta.update(attr_meta(node))
-        info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, source_meta),
-                                 v.key, meta)
-        self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v (if_match)
-        copied = v.rewritten(info.etag, meta)  # (v may be slim again by now: its metadata is not read)
-        set_local_version(node, copied)
+        rewrapped = False
+        try:
+            info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, source_meta),
+                                     v.key, meta)
+            copied = v.rewritten(info.etag, meta)  # (v may be slim again by now: its metadata is not read)
+        except Rewrapped as e:
+            # the same ciphertext under a re-wrapped data key (a rekey, over OSS): the change goes
+            # onto the envelope the object has now, once (else an fchmod or touch through a
+            # descriptor, which the kernel does not retry, failed ESTALE: a trial); the next open
+            # unwraps that envelope, open handles read on with their own
+            meta = dict(e.now.metadata)
+            meta.update(attr_meta(node))
+            info = await copy_object(self.store, self.uploader, e.now, v.key, meta)
+            copied, rewrapped = version_from_info(ObjectInfo(v.key, v.size, info.etag, 0, meta)), True
+        self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v's bytes (if_match)
+        set_local_version(node, copied, follow=not rewrapped)
         self.files.resolver.recent.touch(copied)
 
     async def _store_dir_attrs(self, node: Node) -> None:

@@ -19,6 +19,16 @@ from .errors import FsError, errno_of, store_request
 log = logging.getLogger(__name__)
 
 
+class Rewrapped(FsError):
+    """ESTALE for a copy OSS refused because the object's data key was wrapped anew since this
+    mount read it (a rekey: same ciphertext, same ETag). ``now``: the HEAD that showed it, whose
+    metadata a caller may copy with instead (``Attrs.store_attrs`` does)."""
+
+    def __init__(self, now: ObjectInfo):
+        super().__init__(errno.ESTALE)
+        self.now = now
+
+
 async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, dst: str,
                       metadata: dict[str, str] | None = None, *, if_absent: bool = False,
                       replaces: str | None = None) -> ObjectInfo:
@@ -48,25 +58,27 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
     except StoreError as e:
         # (by what it says, not its code: the test server answers InvalidArgument, OSS's
         # documentation gives only the EC 0005-00000421)
-        if metadata is not None and e.answered and not e.temporary and await _rewrapped_since(store, src, metadata):
-            raise FsError(errno.ESTALE) from None
+        now = await _rewrapped_since(store, src, metadata) if metadata is not None and e.answered \
+            and not e.temporary else None
+        if now is not None:
+            raise Rewrapped(now) from None
         log.error("copy of %r (version %s) to %r failed: %s", src.key, src.etag, dst, e)
         raise FsError(errno_of(e)) from None
 
 
-async def _rewrapped_since(store: ObjectStore, src: ObjectInfo, metadata: dict[str, str]) -> bool:
-    """Whether a copy of ``src`` with ``metadata`` was refused because the object's data key was
-    wrapped anew since this mount read it: OSS refuses a CopyObject that changes the envelope
-    (oss-cse-format.md §9, error 0005-00000421), and over OSS a rekey keeps the ETag (the same
-    ciphertext), so ``If-Match`` passes and only that refusal tells. Logs one WARNING if so."""
+async def _rewrapped_since(store: ObjectStore, src: ObjectInfo, metadata: dict[str, str]) -> ObjectInfo | None:
+    """The object at ``src.key`` now when a copy of ``src`` with ``metadata`` was refused because
+    its data key was wrapped anew since this mount read it, else None: OSS refuses a CopyObject
+    that changes the envelope (oss-cse-format.md §9, error 0005-00000421), and over OSS a rekey
+    keeps the ETag (the same ciphertext), so ``If-Match`` passes and only that refusal tells.
+    One INFO line if so (the caller retries, or the kernel does after its ESTALE)."""
     now = await _current(store, src.key)
     if (now is None or not same_etag(now.etag, src.etag) or not env.is_encrypted(metadata)
             or env.wrapping_of(now.metadata) == env.wrapping_of(metadata)):
-        return False
-    log.warning("copy of %r refused: its data key was wrapped anew (a rekey by another client) since this "
-                "mount read version %s; nothing was written (ESTALE: the next lookup reads the new envelope)",
-                src.key, src.etag)
-    return True
+        return None
+    log.info("copy of %r refused: its data key was wrapped anew (a rekey by another client) since this mount "
+             "read version %s; nothing was written, the new envelope is taken", src.key, src.etag)
+    return now
 
 
 async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure: bool = True,

@@ -40,6 +40,13 @@ class VersionMoved(Exception):
     above it: the object is at another key now); the node names the new version."""
 
 
+def _unwrap_id(v: Version) -> tuple[str, str, bytes | None]:
+    """What a pending unwrap of ``v`` is filed under: its key, ETag and wrapped data key (over
+    OSS a rekey keeps the ETag and changes only the envelope)."""
+    w = v.wrapped
+    return v.key, v.etag, w.wrapped_key if isinstance(w, env.WrappedEnvelope) else None
+
+
 class _Unwrap:
     """A data-key unwrap started by a read-only open and not yet awaited (:meth:`Files.open_version`):
     ``done`` is set when it ended, ``error`` then holds why it failed (None: the version's
@@ -82,7 +89,8 @@ class Files:
         self.on_last_close: Callable[[Node], Awaitable[None]] | None = None
         self._errors = ErrorsOnce(log)
         # (key, ETag) → the unwrap a read-only open started in the background (open_version)
-        self._unwraps: dict[tuple[str, str], _Unwrap] = {}
+        # pending unwraps by (key, ETag, wrapped data key): over OSS a rekey keeps the ETag
+        self._unwraps: dict[tuple[str, str, bytes | None], _Unwrap] = {}
         # (key, ETag) → set once open-ahead's HEAD of that slim version ended (an open waits
         # for it instead of sending the same HEAD)
         self._filling: dict[tuple[str, str], trio.Event] = {}
@@ -152,15 +160,16 @@ class Files:
             # (a whole block: the version there now may be larger, and its block is cached
             # only whole; a range past the end of a smaller one is cut at its end)
             first = self.cache.block_size
-        if slim or first or not self.resolver.attrs_fresh(node):
+        asked = bool(slim or first or not self.resolver.attrs_fresh(node))
+        if asked:
             # a slim version (model.Version) needs its envelope: the HEAD that revalidates
             # brings it (same ETag), or the version now there with its own (another client's);
             # an open that reads asks the first block's GET instead, whose answer brings both
             if first and v is not None and v.held:
                 try:  # its CMK unwrap meanwhile, as when the read waits for that GET
-                    await self.open_version(v, wait=False)
+                    await self.open_version(v, wait=False, say=False)
                 except FsError:
-                    pass  # (said once; the version there now is opened below)
+                    pass  # (the version there now is opened, and a failure said, below)
             size = node.current_size
             got = await self.resolver.revalidate(node, listing=not slim and not first, opening=True, first=first)
             if got is not None:
@@ -182,7 +191,20 @@ class Files:
             if reads:  # fetch the first block while the CMK unwraps (unless the open asked for it)
                 self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
             # read-only: the CMK unwraps while the kernel sends the first read (which waits for it)
-            await self.open_version(v, wait=writing)
+            try:
+                await self.open_version(v, wait=writing, say=asked)
+            except FsError as e:
+                if asked or e.errno != errno.EACCES:
+                    raise
+                # no CMK for the envelope this open trusted (attr_timeout): over OSS a rekey keeps
+                # the ETag, so that envelope may be stale (a trial: EACCES for 30 s after the
+                # object was rekeyed back). Asked once before EACCES: the version there now.
+                size = node.current_size
+                await self.resolver.revalidate(node, listing=False, opening=True)
+                if node.current_size != size:
+                    self.sizes_moved.add(node.ino)
+                if node.staged is None and node.version is not None:
+                    await self.open_version(node.version, wait=writing)
 
     def open_handle(self, node: Node, flags: int) -> FileHandle:
         """A new handle on ``node`` reading its current version."""
@@ -206,12 +228,13 @@ class Files:
         node.add_handle(h)
         return h
 
-    async def open_version(self, v: Version, wait: bool = True, doing: str = "open") -> None:
+    async def open_version(self, v: Version, wait: bool = True, doing: str = "open", *, say: bool = True) -> None:
         """Unwrap the data key of ``v`` (once) and check the object is whole. Raises
         FsError(EACCES) when no CMK matches, FsError(EIO) for a corrupt envelope, a truncated
         object or an unreachable KMS; one ERROR line ``cannot <doing> '<key>': <reason>``
         (``doing``: the operation that needs the key, ``"open"`` or ``"read"``: a read-only
-        open returns before the CMK answers, so a wrong CMK is found by the read).
+        open returns before the CMK answers, so a wrong CMK is found by the read; ``say``
+        False: no line, the caller looks again before it fails).
 
         ``wait=False`` (a read-only open, with the daemon's task supervisor set): what needs no
         CMK work is checked now (the envelope's headers, the size, which CMK reads it: EACCES
@@ -227,13 +250,14 @@ class Files:
             await self.hold_metadata(v, doing, opening=True)
         if v.wrapped is None or v.envelope is not None:  # parsed: held for good from here on
             return
-        pending = self._unwraps.get((v.key, v.etag))
+        pending = self._unwraps.get(_unwrap_id(v))
         if pending is not None:
             if not wait:
                 return
             await pending.done.wait()
             if pending.error is not None:
-                self._error_once(f"cannot {doing} %r: %s", v.key, pending.error)
+                if say:
+                    self._error_once(f"cannot {doing} %r: %s", v.key, pending.error)
                 raise FsError(errno_of(pending.error))
             if v.envelope is not None:
                 return  # else another Version object of this (key, ETag) was unwrapped: cached now
@@ -248,13 +272,14 @@ class Files:
             if envelope is None:
                 nursery = self.scheduler.nursery
                 if not wait and nursery is not None:
-                    pending = self._unwraps[(v.key, v.etag)] = _Unwrap()
+                    pending = self._unwraps[_unwrap_id(v)] = _Unwrap()
                     nursery.start_soon(self._unwrap_in_background, v, pending)
                     return
                 envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False)
             v.envelope = envelope
         except (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
-            self._error_once(f"cannot {doing} %r: %s", v.key, e)
+            if say:
+                self._error_once(f"cannot {doing} %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
 
     async def hold_metadata(self, v: Version, doing: str = "open", *, opening: bool = False) -> None:
@@ -310,7 +335,7 @@ class Files:
         self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
         nursery = self.scheduler.nursery
         if (nursery is None or not isinstance(v.wrapped, env.WrappedEnvelope) or v.envelope is not None
-                or (v.key, v.etag) in self._unwraps or _truncation(v) is not None):
+                or _unwrap_id(v) in self._unwraps or _truncation(v) is not None):
             return  # (a version with its envelope set, or an unwrap pending, passed open's checks)
         try:
             envelope = self.keyring.cached_envelope(v.wrapped)
@@ -319,7 +344,7 @@ class Files:
         if envelope is not None:
             v.envelope = envelope
             return
-        pending = self._unwraps[(v.key, v.etag)] = _Unwrap()
+        pending = self._unwraps[_unwrap_id(v)] = _Unwrap()
         nursery.start_soon(self._unwrap_ahead, v, pending)
 
     async def _fill_ahead(self, v: Version, done: trio.Event) -> None:
@@ -355,8 +380,8 @@ class Files:
                 await self._unwrap_in_background(v, pending)
         finally:
             if not pending.done.is_set():
-                if self._unwraps.get((v.key, v.etag)) is pending:
-                    del self._unwraps[(v.key, v.etag)]
+                if self._unwraps.get(_unwrap_id(v)) is pending:
+                    del self._unwraps[_unwrap_id(v)]
                 pending.done.set()
 
     async def _unwrap_in_background(self, v: Version, pending: _Unwrap) -> None:
@@ -370,8 +395,8 @@ class Files:
         except Exception as e:  # noqa: BLE001 - a background task: reported by the read as EIO
             pending.error = env.EnvelopeError(f"unwrapping the data key failed: {type(e).__name__}: {e}")
         finally:
-            if self._unwraps.get((v.key, v.etag)) is pending:
-                del self._unwraps[(v.key, v.etag)]
+            if self._unwraps.get(_unwrap_id(v)) is pending:
+                del self._unwraps[_unwrap_id(v)]
             pending.done.set()
 
     async def check_replaceable(self, node: Node) -> None:

@@ -359,9 +359,11 @@ async def name_settled(node: Node) -> None:
         await node.name_going.wait()
 
 
-def set_local_version(node: Node, version: Version) -> None:
+def set_local_version(node: Node, version: Version, *, follow: bool = True) -> None:
     """A version this mount made (upload, rename, attribute copy) from ``node.version``: open
-    handles of that version follow it, since its content is what they already saw."""
+    handles of that version follow it, since its content is what they already saw (``follow``
+    False: they keep theirs — an attribute copy onto a re-wrapped envelope, which this mount
+    may not unwrap, while their own data key reads the same bytes)."""
     prev = node.version
     node.version = version
     node.size = version.size
@@ -374,7 +376,8 @@ def set_local_version(node: Node, version: Version) -> None:
         # the file then kept the other mount's version, which this mount knew, as a conflict
         # copy)
         node.seen_etag = version.etag
-    handles_follow(node, version, prev)
+    if follow:
+        handles_follow(node, version, prev)
 
 
 def handles_follow(node: Node, version: Version, prev: Version | None) -> None:
