@@ -209,6 +209,32 @@ def test_special_files_written_by_ossfs_read_back(tmp_path, cmk_path):
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"'d' is not empty: the bucket holds 'pre/d/sdk\.txt' below it, which listings here do not "
+                        r"show \(a plaintext object, hidden by plaintext_objects = \"hide\"\)")
+def test_rmdir_of_a_directory_holding_only_a_hidden_plaintext_object_says_why(tmp_path, cmk_path, caplog):
+    """Trial U: with ``plaintext_objects = "hide"`` a directory holding only an SDK's plaintext
+    object lists empty, and rmdir gave ENOTEMPTY with no word why. Still refused (nothing is
+    deleted behind the user's back), with one WARNING naming the object (said once)."""
+    async def main():
+        store = LocalStore(str(tmp_path / "bucket"))
+        await store.put_bytes("pre/d/", b"", {})
+        await store.put_bytes("pre/d/sdk.txt", b"x", {"foo": "1"})  # no envelope, no mode
+        await store.aclose()
+        fs = _filesystem(tmp_path, cmk_path, plaintext_objects="hide")
+        root = fs.get(1)
+        d = await fs.lookup(root, "d")
+        assert await _listing(fs, d) == {}
+        for _ in range(2):
+            with pytest.raises(FsError) as e:
+                await fs.rmdir(root, "d")
+            assert e.value.errno == errno.ENOTEMPTY
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+    assert len([r for r in caplog.records if "is not empty" in r.getMessage()]) == 1
+
+
 @pytest.mark.expect_log(r"'pre/bad' has x-oss-meta-rdev 4294967296, out of range",
                         r"'pre/junk' has x-oss-meta-rdev 'x', not a number",
                         r"'pre/fifo' holds 4 bytes but its x-oss-meta-mode 4516 makes it a special file")

@@ -39,7 +39,7 @@ from .inodes import InodeTable
 from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, touch
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
-from .objmeta import attr_meta, file_metadata, special_metadata
+from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
 from .renames import RenameLog, RenameLogs, undo as undo_rename
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
@@ -290,16 +290,33 @@ class Namespace:
             return True
         dkey = self.naming.dir_key(path)
         key = await store_request(self.deferred.first_visible_under(dkey), dkey)
-        child = key[len(dkey):].split("/")[0] if key is not None else None
-        if child is not None and (not valid_listed_name(child) or child == integrity.LIST_DIR) \
-                and key not in self._unshown_said:
-            if len(self._unshown_said) >= 10_000:
-                self._unshown_said.clear()
-            self._unshown_said.add(key)
-            log.warning("%r is not empty: the bucket holds %r below it, which listings here do not show (%s); "
-                        "remove it with another client", path, key,
-                        "ossfuse's integrity tag lists" if child == integrity.LIST_DIR else "not a valid file name")
+        if key is not None and key not in self._unshown_said:
+            why = await self._unshown(key, key[len(dkey):])
+            if why is not None:
+                if len(self._unshown_said) >= 10_000:
+                    self._unshown_said.clear()
+                self._unshown_said.add(key)
+                log.warning("%r is not empty: the bucket holds %r below it, which listings here do not show (%s); "
+                            "remove it with another client", path, key, why)
         return key is not None
+
+    async def _unshown(self, key: str, rest: str) -> str | None:
+        """Why listings do not show what ``key`` (``rest``: its part below a directory's key)
+        names, or None when they do: not a valid file name (``a//b``), ossfuse's tag lists, or
+        (one HEAD) a plaintext object ``plaintext_objects = "hide"`` hides."""
+        child = rest.split("/")[0]
+        if child == integrity.LIST_DIR:
+            return "ossfuse's integrity tag lists"
+        if not valid_listed_name(child):
+            return "not a valid file name"
+        if child == rest and self.resolver.plaintext_objects == "hide":
+            try:
+                info = await self.store.head(key)
+            except StoreError:
+                return None
+            if info is not None and is_hidden(info, "hide"):
+                return 'a plaintext object, hidden by plaintext_objects = "hide"'
+        return None
 
     async def rmdir(self, parent: Node, name: str) -> None:
         """Remove an empty directory (children whose DELETE is queued or failed count as gone;
