@@ -448,6 +448,15 @@ def test_inode_numbers_stay_when_the_kernel_forgets_a_node_and_across_mounts(tmp
         await fs.unlink(root, "s")
         taken = await fs.symlink(root, "s", "t2", 1, 2)
         assert taken.ino != gone.ino and gone.ino in fs.inodes.nodes
+        # a renamed file keeps its number for the mount, also when the kernel forgot it and a
+        # new file took its old name meanwhile (trial U: the new file took the number, and the
+        # renamed one got another when found again)
+        ff = await fs.symlink(root, "ff", "t", 1, 2)
+        await fs.rename(root, "ff", root, "gg", 0)
+        fs.forget(ff.ino, 1)
+        new_ff = await fs.symlink(root, "ff", "t", 1, 2)
+        assert new_ff.ino != ff.ino
+        assert (await fs.lookup(root, "gg")).ino == ff.ino
         numbers = {"m": new.ino, "d": d.ino, "d/f": node.ino, "s": taken.ino, "s first": gone.ino}
         assert await fs.drain() == 0
         await fs.store.aclose()

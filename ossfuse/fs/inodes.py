@@ -44,6 +44,7 @@ class InodeTable:
         # the kernel forgets an inode whenever it evicts it (a symlink just made, often), and the
         # node found there again gets the same number back, as on a disk filesystem
         self._dropped: dict[str, tuple[int, int]] = {}
+        self._dropped_numbers: set[int] = set()  # the numbers in _dropped: number_of skips them
         # the last dropped nodes themselves (path → node, oldest first), for answering offline
         # from what this mount last knew (``restore``; docs/design.md "Offline")
         self._attic: collections.OrderedDict[str, Node] = collections.OrderedDict()
@@ -67,7 +68,7 @@ class InodeTable:
         a directory the child names that node's last listing gave; the times that node had and
         the store does not keep (a directory's entry changes, a rename's ctime) stay.
         ``ctime_ns``: the stored ctime (default: ``mtime_ns``)."""
-        again = self._dropped.pop(path, None) if found else None
+        again = self._undrop(path) if found else None
         if again is not None and again[1] == stat.S_IFMT(mode) and again[0] not in self.nodes:
             ino = again[0]
         else:
@@ -94,19 +95,28 @@ class InodeTable:
         self.names.child_added(self.parent(path), path)
         return node
 
+    def _undrop(self, path: str) -> tuple[int, int] | None:
+        """Take ``path``'s entry out of ``_dropped`` (its number is free again); returns it."""
+        entry = self._dropped.pop(path, None)
+        if entry is not None:
+            self._dropped_numbers.discard(entry[0])
+        return entry
+
     def number_of(self, path: str) -> int:
         """The inode number for a new node at ``path``: the first of BLAKE2b-64(``path``),
         BLAKE2b-64("1\\0" + ``path``), … (top bit cleared: a positive int64 for every program;
-        0 and the root's 1 skipped) that no live node holds. A live node holds it when it was
-        renamed away from ``path`` (it keeps its number), or is an older node at ``path``
-        still open or looked up (another client replaced the file): then the next one. Among
+        0 and the root's 1 skipped) that no live node holds, nor a dropped one that may be
+        found again at its path (``_dropped``). A node holds it when it was renamed away from
+        ``path`` (it keeps its number for the mount, also once the kernel forgot it: trial U's
+        renamed file was renumbered when a new file took its old name), or is an older node at
+        ``path`` still open or looked up (another client replaced the file): then the next one. Among
         2^63 numbers two paths' numbers meet with odds ~n²/2^64 (5·10^-10 for 10^5 directories),
         which only matters to programs that track directories by (st_dev, st_ino): du, find."""
         raw = path.encode("utf-8", "surrogateescape")
         for i in itertools.count():
             digest = hashlib.blake2b(raw if i == 0 else b"%d\0%s" % (i, raw), digest_size=8).digest()
             ino = int.from_bytes(digest, "big") >> 1
-            if ino > ROOT_INO and ino not in self.nodes:
+            if ino > ROOT_INO and ino not in self.nodes and ino not in self._dropped_numbers:
                 return ino
         raise AssertionError("unreachable")
 
@@ -136,7 +146,10 @@ class InodeTable:
                 if not node.unlinked:
                     if len(self._dropped) > _DROPPED_MAX:
                         self._dropped.clear()
+                        self._dropped_numbers.clear()
+                    self._undrop(node.path)
                     self._dropped[node.path] = (node.ino, stat.S_IFMT(node.mode))
+                    self._dropped_numbers.add(node.ino)
                     self._attic[node.path] = node
                     self._attic.move_to_end(node.path)
                     if len(self._attic) > _ATTIC_MAX:
@@ -150,7 +163,7 @@ class InodeTable:
         if node is None or path in self.by_path or node.ino in self.nodes \
                 or self._dropped.get(path) != (node.ino, stat.S_IFMT(node.mode)):
             return None
-        del self._dropped[path]
+        self._undrop(path)
         self.nodes[node.ino] = node
         self.by_path[path] = node
         return node
@@ -161,7 +174,7 @@ class InodeTable:
         self.names.child_removed(self.parent(node.path), node.path)
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
-        self._dropped.pop(node.path, None)
+        self._undrop(node.path)
         self.names.note_absent(node.path)
 
     def discard(self, node: Node) -> None:
@@ -178,8 +191,8 @@ class InodeTable:
             self.names.note_absent(old)
             self.names.child_removed(self.parent(old), old)
         self.names.note_present(new)
-        self._dropped.pop(old, None)
-        self._dropped.pop(new, None)
+        self._undrop(old)
+        self._undrop(new)
         node.path = new
         if renamed:
             node.ctime_ns = time.time_ns()
