@@ -133,7 +133,7 @@ def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run:
     they open it again (an operator trial met both, unwarned; over OSS the rewrite keeps the
     ETag, the MD5 of the same ciphertext, and readers read on). And one whose
     config lacks a CMK this rekey wraps objects with: its reads of them would fail with
-    EACCES until that CMK is added and it is mounted again. A mount whose config cannot be
+    EACCES until that CMK is added and it is mounted again (or they are rekeyed back). A mount whose config cannot be
     read is named too."""
     from . import config as config_mod
     from .registry import running_mounts
@@ -162,7 +162,7 @@ def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run:
                 lines.append(f"mount {record['mountpoint']} (config {path}) has no CMK {target.id!r} "
                              f"(matdesc {json.dumps(target.matdesc) if target.matdesc else 'none'}): its reads of "
                              f"the rekeyed objects will fail with EACCES until that CMK is in its config "
-                             f"and it is mounted again")
+                             f"and it is mounted again, or the objects are rekeyed back")
     return lines
 
 
