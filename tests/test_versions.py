@@ -68,6 +68,24 @@ def other(tmp_path, cmk_path):
     return make
 
 
+async def _closed(fs, parent, name: str, data: bytes):
+    """File ``name`` of ``parent`` created, written and closed (with an upload_delay: staged)."""
+    node, h = await fs.create(parent, name, 0o644, os.O_WRONLY, 1, 2)
+    await fs.write(h, 0, data)
+    await fs.release(h)
+    return node
+
+
+async def _with_doc(tmp_path, cmk_path, store):
+    """(fs, root) of a mount over ``store`` (upload_delay 3600 s: nothing uploads before a
+    drain) whose bucket holds doc.txt ("base")."""
+    fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+    root = fs.get(1)
+    await _closed(fs, root, "doc.txt", b"base")
+    assert await fs.drain() == 0
+    return fs, root
+
+
 async def _other_writes(other_fs: Filesystem, name: str, data: bytes) -> str:
     """The other mount writes ``data`` over (or as) file ``name`` of its root; its ETag."""
     return await _other_writes_in(other_fs, other_fs.get(1), name, data)
@@ -710,21 +728,14 @@ def test_an_editors_save_of_a_temp_file_not_yet_uploaded_keeps_the_other_clients
     store = FaultStore(LocalStore(str(tmp_path / "bucket")))
 
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
-        root = fs.get(1)
-        node, h = await fs.create(root, "doc.txt", 0o644, os.O_WRONLY, 1, 2)
-        await fs.write(h, 0, b"base")
-        await fs.release(h)
-        assert await fs.drain() == 0
+        fs, root = await _with_doc(tmp_path, cmk_path, store)
         doc = await fs.lookup(root, "doc.txt")
         assert await _read(fs, doc) == b"base"  # the editor reads it
         ofs = other(store)
         theirs = await _other_writes(ofs, "doc.txt", b"CLIENT EDIT")
         doc.checked_at = 0.0  # (the attribute cache time passed)
         assert (await fs.lookup(root, "doc.txt")).version.etag == theirs  # the save's lookup
-        tmp, h = await fs.create(root, ".doc.txt.tmp", 0o644, os.O_WRONLY, 1, 2)
-        await fs.write(h, 0, b"EDITOR SAVE")
-        await fs.release(h)
+        tmp = await _closed(fs, root, ".doc.txt.tmp", b"EDITOR SAVE")
         assert tmp.staged is not None  # not uploaded yet
         await fs.rename(root, ".doc.txt.tmp", root, "doc.txt", 0)
         assert await fs.drain() == 0
@@ -753,16 +764,9 @@ def test_a_save_diverted_to_a_conflict_copy_leaves_no_pending_delete_behind(tmp_
     store = FaultStore(LocalStore(str(tmp_path / "bucket")))
 
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
-        root = fs.get(1)
-        node, h = await fs.create(root, "doc.txt", 0o644, os.O_WRONLY, 1, 2)
-        await fs.write(h, 0, b"base")
-        await fs.release(h)
-        assert await fs.drain() == 0
+        fs, root = await _with_doc(tmp_path, cmk_path, store)
         base = (await fs.lookup(root, "doc.txt")).version.etag
-        tmp, h = await fs.create(root, ".doc.txt.tmp", 0o644, os.O_WRONLY, 1, 2)
-        await fs.write(h, 0, b"EDITOR SAVE")
-        await fs.release(h)
+        await _closed(fs, root, ".doc.txt.tmp", b"EDITOR SAVE")
         await fs.rename(root, ".doc.txt.tmp", root, "doc.txt", 0)
         assert fs.deferred_deletes.recorded() == [("pre/doc.txt", base)]  # ends when the upload overwrites it
         ofs = other(store)
