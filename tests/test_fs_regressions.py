@@ -892,7 +892,7 @@ def test_an_open_that_fails_after_an_unlink_under_way_deletes_the_object(tmp_pat
             fs._nursery = nursery
             node = await committed_file(fs, "f", b"the content")
 
-            async def failing_open_version(v, wait=True, doing="open", *, say=True):
+            async def failing_open_version(v, wait=True, doing="open", *, quiet=()):
                 raise FsError(errno.EIO)
             monkeypatch.setattr(fs.files, "open_version", failing_open_version)
             unlinked: list = []

@@ -47,6 +47,9 @@ def _unwrap_id(v: Version) -> tuple[str, str, bytes | None]:
     return v.key, v.etag, w.wrapped_key if isinstance(w, env.WrappedEnvelope) else None
 
 
+_UNWRAP_ERRORS = (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable)  # what open_version raises as
+
+
 class _Unwrap:
     """A data-key unwrap started by a read-only open and not yet awaited (:meth:`Files.open_version`):
     ``done`` is set when it ended, ``error`` then holds why it failed (None: the version's
@@ -167,7 +170,7 @@ class Files:
             # an open that reads asks the first block's GET instead, whose answer brings both
             if first and v is not None and v.held:
                 try:  # its CMK unwrap meanwhile, as when the read waits for that GET
-                    await self.open_version(v, wait=False, say=False)
+                    await self.open_version(v, wait=False, quiet=_UNWRAP_ERRORS)
                 except FsError:
                     pass  # (the version there now is opened, and a failure said, below)
             size = node.current_size
@@ -192,7 +195,7 @@ class Files:
                 self.cache.read_ahead(v.key, v.etag, v.size, 0, self.cache.block_size)
             # read-only: the CMK unwraps while the kernel sends the first read (which waits for it)
             try:
-                await self.open_version(v, wait=writing, say=asked)
+                await self.open_version(v, wait=writing, quiet=() if asked else (KeyMissing,))
             except FsError as e:
                 if asked or e.errno != errno.EACCES:
                     raise
@@ -228,13 +231,14 @@ class Files:
         node.add_handle(h)
         return h
 
-    async def open_version(self, v: Version, wait: bool = True, doing: str = "open", *, say: bool = True) -> None:
+    async def open_version(self, v: Version, wait: bool = True, doing: str = "open", *,
+                           quiet: tuple[type[Exception], ...] = ()) -> None:
         """Unwrap the data key of ``v`` (once) and check the object is whole. Raises
         FsError(EACCES) when no CMK matches, FsError(EIO) for a corrupt envelope, a truncated
         object or an unreachable KMS; one ERROR line ``cannot <doing> '<key>': <reason>``
         (``doing``: the operation that needs the key, ``"open"`` or ``"read"``: a read-only
-        open returns before the CMK answers, so a wrong CMK is found by the read; ``say``
-        False: no line, the caller looks again before it fails).
+        open returns before the CMK answers, so a wrong CMK is found by the read; no line for
+        the errors in ``quiet``: the caller looks again before it fails).
 
         ``wait=False`` (a read-only open, with the daemon's task supervisor set): what needs no
         CMK work is checked now (the envelope's headers, the size, which CMK reads it: EACCES
@@ -256,7 +260,7 @@ class Files:
                 return
             await pending.done.wait()
             if pending.error is not None:
-                if say:
+                if not isinstance(pending.error, quiet):
                     self._error_once(f"cannot {doing} %r: %s", v.key, pending.error)
                 raise FsError(errno_of(pending.error))
             if v.envelope is not None:
@@ -277,8 +281,8 @@ class Files:
                     return
                 envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, v.wrapped, None, False)
             v.envelope = envelope
-        except (KeyMissing, env.EnvelopeError, TruncatedObject, CmkUnavailable) as e:
-            if say:
+        except _UNWRAP_ERRORS as e:
+            if not isinstance(e, quiet):
                 self._error_once(f"cannot {doing} %r: %s", v.key, e)
             raise FsError(errno_of(e)) from None
 
