@@ -13,7 +13,9 @@ each object's ciphertext is streamed back (ranged GETs with If-Match, then one P
 multipart upload) with the new headers. Each object is replaced in one step, so an interrupted
 run leaves every object readable, with the old or the new CMK; a second run skips what is
 already wrapped by the target CMK. Do not rekey objects that other clients are rewriting at the
-same time: their write could be overwritten by the re-uploaded older content.
+same time: over OSS (no conditional PUT) their write could be overwritten by the re-uploaded
+older content; a local bucket refuses the re-upload of an object changed since it was read
+(the write states the version it replaces), and the object is listed as failed.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .config import CmkConfig, Config
 from .fs.model import SPECIAL_TYPES
 from .fs.objmeta import int_or
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
-from .store.base import NoSuchKey, ObjectInfo, ObjectStore, StoreError
+from .store.base import DestinationChanged, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from .store.credentials import CredentialsError
 from .registry import process_alive, process_start_ticks
 from .writeback.ledger import MultipartLedger
@@ -211,6 +213,10 @@ async def rekey(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str 
         except integrity.IntegrityError as e:
             log.error("rekey of %r (ETag %s) skipped: it fails its integrity tags: %s", listed.key, listed.etag, e)
             summary.damaged.append(f"{listed.key} (ETag {listed.etag}): {e}")
+        except (DestinationChanged, PreconditionFailed):  # (changed before its write, or before its read)
+            log.error("rekey of %r failed: the object was changed while it was rewritten (a running mount "
+                      "saved it); that change stays, run rekey again for it", listed.key)
+            summary.failed.append(f"{listed.key}: changed while it was rewritten (run rekey again)")
         except (StoreError, env.EnvelopeError, KeyMissing, CmkUnavailable) as e:
             log.error("rekey of %r failed: %s", listed.key, e)
             summary.failed.append(f"{listed.key}: {e}")
@@ -296,7 +302,11 @@ async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyrin
     if wrapped.legacy:
         # a legacy "start" is a whole counter value: it becomes the 16-byte IV as it is
         log.info("%r: legacy oss2 envelope rewritten in the current format", info.key)
-    await uploader.copy(info, info.key, meta, stream=True)
+    # states the version it replaces: a store that checks it atomically (a local bucket) refuses
+    # the write when a running mount saved the file since the read (DestinationChanged: the
+    # mount's change stays, this object is "failed", a run again rekeys it); OSS cannot check
+    # it (no conditional PUT: the window docs/semantics.md names)
+    await uploader.copy(info, info.key, meta, stream=True, replaces=info.etag)
     summary.changed += 1
     summary.changed_bytes += info.size
     summary.readers_after.setdefault(target.id, []).append(info.key)

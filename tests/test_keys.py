@@ -788,6 +788,57 @@ def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_pa
         m.cleanup()
 
 
+@pytest.mark.expect_log(r"rekey of 'pre/f' failed: the object was changed while it was rewritten")
+def test_rekey_never_overwrites_a_save_made_while_it_rewrites_the_object_on_a_local_bucket(tmp_path, cmk_path,
+                                                                                          other_cmk_path):
+    """Trial U: a write through a running mount landed between rekey's read of an object and
+    its re-upload, and rekey put the older content back over it (exit 0, nothing said). Its
+    write now states the version it replaces: a local bucket refuses it atomically, the save
+    stays, rekey names the object as failed ("run rekey again"). (OSS has no conditional PUT:
+    that window stays there, docs/semantics.md.)"""
+    import dataclasses
+
+    import trio
+
+    from fakes.core import committed_file, core_config, core_filesystem, core_store
+
+    from ossfuse.keyring import Keyring
+    from ossfuse.rekey import rekey
+
+    store = core_store(tmp_path)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, store)
+        async with trio.open_nursery() as n:
+            fs._nursery = n
+            n.start_soon(fs.upload_worker)
+            await committed_file(fs, "f", b"payload")
+            n.cancel_scope.cancel()
+        saved = await store.head("pre/f")
+        cfg = core_config(tmp_path, cmk_path)
+        cmks = (*cfg.encryption.cmks, dataclasses.replace(cfg.encryption.cmks[0], id="b", private_key=other_cmk_path,
+                                                                  matdesc={"cmk": "b"}))
+        cfg = dataclasses.replace(cfg, encryption=dataclasses.replace(cfg.encryption, cmks=cmks))
+        real_get_range = store.get_range
+        mounts_save: list = []
+
+        reads: list[str] = []
+
+        async def get_range_then_a_save(key, *args, **kwargs):
+            data = await real_get_range(key, *args, **kwargs)
+            reads.append(key)
+            if reads.count("pre/f") == 2:  # rekey read it (tags checked, then the copy's read): the mount saves
+                mounts_save.append(await store.put_bytes("pre/f", b"the mount's save", dict(saved.metadata)))
+            return data
+        store.get_range = get_range_then_a_save
+        done = await rekey(cfg, store, Keyring(cfg.encryption), from_id=None, to_id="b", dry_run=False)
+        assert done.changed == 0 and done.failed == ["pre/f: changed while it was rewritten (run rekey again)"]
+        now = await store.head("pre/f")
+        assert now.etag == mounts_save[0].etag and now.metadata == saved.metadata  # the save stays
+        fs.close()
+    trio.run(main)
+
+
 def test_rekey_ends_with_the_store_durability_barrier(tmp_path, cmk_path, other_cmk_path):
     """A local-directory store acknowledges writes made only to the kernel (docs/design.md
     "Durability"): a rekey that re-saved objects must end with ``store.sync()`` as fsync() and
