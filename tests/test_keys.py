@@ -788,6 +788,31 @@ def test_mount_with_another_key_cannot_overwrite_an_object_it_cannot_read(tmp_pa
         m.cleanup()
 
 
+async def _with_committed_f(tmp_path, cmk_path, store):
+    """A core Filesystem over ``store`` whose bucket holds file f ("payload"), uploaded."""
+    import trio
+
+    from fakes.core import committed_file, core_filesystem
+    fs = core_filesystem(tmp_path, cmk_path, store)
+    async with trio.open_nursery() as n:
+        fs._nursery = n
+        n.start_soon(fs.upload_worker)
+        await committed_file(fs, "f", b"payload")
+        n.cancel_scope.cancel()
+    return fs
+
+
+def _config_with_cmk_b(tmp_path, cmk_path, other_cmk_path):
+    """The core Config with a second RSA CMK "b" (``other_cmk_path``, matdesc {"cmk": "b"})."""
+    import dataclasses
+
+    from fakes.core import core_config
+    cfg = core_config(tmp_path, cmk_path)
+    cmks = (*cfg.encryption.cmks, dataclasses.replace(cfg.encryption.cmks[0], id="b", private_key=other_cmk_path,
+                                                      matdesc={"cmk": "b"}))
+    return dataclasses.replace(cfg, encryption=dataclasses.replace(cfg.encryption, cmks=cmks))
+
+
 @pytest.mark.expect_log(r"rekey of 'pre/f' failed: the object was changed while it was rewritten")
 def test_rekey_never_overwrites_a_save_made_while_it_rewrites_the_object_on_a_local_bucket(tmp_path, cmk_path,
                                                                                           other_cmk_path):
@@ -796,11 +821,9 @@ def test_rekey_never_overwrites_a_save_made_while_it_rewrites_the_object_on_a_lo
     write now states the version it replaces: a local bucket refuses it atomically, the save
     stays, rekey names the object as failed ("run rekey again"). (OSS has no conditional PUT:
     that window stays there, docs/semantics.md.)"""
-    import dataclasses
-
     import trio
 
-    from fakes.core import committed_file, core_config, core_filesystem, core_store
+    from fakes.core import core_store
 
     from ossfuse.keyring import Keyring
     from ossfuse.rekey import rekey
@@ -808,17 +831,9 @@ def test_rekey_never_overwrites_a_save_made_while_it_rewrites_the_object_on_a_lo
     store = core_store(tmp_path)
 
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path, store)
-        async with trio.open_nursery() as n:
-            fs._nursery = n
-            n.start_soon(fs.upload_worker)
-            await committed_file(fs, "f", b"payload")
-            n.cancel_scope.cancel()
+        fs = await _with_committed_f(tmp_path, cmk_path, store)
         saved = await store.head("pre/f")
-        cfg = core_config(tmp_path, cmk_path)
-        cmks = (*cfg.encryption.cmks, dataclasses.replace(cfg.encryption.cmks[0], id="b", private_key=other_cmk_path,
-                                                                  matdesc={"cmk": "b"}))
-        cfg = dataclasses.replace(cfg, encryption=dataclasses.replace(cfg.encryption, cmks=cmks))
+        cfg = _config_with_cmk_b(tmp_path, cmk_path, other_cmk_path)
         real_get_range = store.get_range
         mounts_save: list = []
 
@@ -844,11 +859,9 @@ def test_rekey_ends_with_the_store_durability_barrier(tmp_path, cmk_path, other_
     "Durability"): a rekey that re-saved objects must end with ``store.sync()`` as fsync() and
     unmount do, or a power loss right after it could lose the re-wrapped objects; a dry run
     writes nothing and needs none."""
-    import dataclasses
-
     import trio
 
-    from fakes.core import committed_file, core_config, core_filesystem, core_store
+    from fakes.core import core_store
 
     from ossfuse.keyring import Keyring
     from ossfuse.rekey import rekey
@@ -863,16 +876,8 @@ def test_rekey_ends_with_the_store_durability_barrier(tmp_path, cmk_path, other_
     store.sync = counting_sync
 
     async def main():
-        fs = core_filesystem(tmp_path, cmk_path, store)
-        async with trio.open_nursery() as n:
-            fs._nursery = n
-            n.start_soon(fs.upload_worker)
-            await committed_file(fs, "f", b"payload")
-            n.cancel_scope.cancel()
-        cfg = core_config(tmp_path, cmk_path)
-        cmks = (*cfg.encryption.cmks, dataclasses.replace(cfg.encryption.cmks[0], id="b", private_key=other_cmk_path,
-                                                                  matdesc={"cmk": "b"}))
-        cfg = dataclasses.replace(cfg, encryption=dataclasses.replace(cfg.encryption, cmks=cmks))
+        (await _with_committed_f(tmp_path, cmk_path, store)).close()
+        cfg = _config_with_cmk_b(tmp_path, cmk_path, other_cmk_path)
         keyring = Keyring(cfg.encryption)
         del syncs[:]
         dry = await rekey(cfg, store, keyring, from_id=None, to_id="b", dry_run=True)
