@@ -198,13 +198,20 @@ def length_mismatch(metadata: dict[str, str], size: int) -> str | None:
     return None
 
 
-def wrapping_of(metadata: dict[str, str]) -> tuple[str | None, str | None]:
+def _wrapping_of(metadata: dict[str, str]) -> tuple[str | None, str | None]:
     """The wrapped data key and IV of ``metadata`` as stored (current or legacy headers; None
-    where absent). A re-wrap (``ossfuse rekey``, another SDK's key rotation) changes them and
+    where absent)."""
+    return (metadata.get(H_KEY, metadata.get(LEGACY_KEY)), metadata.get(H_START, metadata.get(LEGACY_START)))
+
+
+def rewrapped(before: dict[str, str], after: dict[str, str]) -> bool:
+    """Whether metadata ``after`` carries an envelope whose wrapped data key or IV differs from
+    ``before``'s. A re-wrap (``ossfuse rekey``, another SDK's key rotation) changes them and
     nothing else that names the content: the ciphertext stays, and with it OSS's ETag (the MD5
     of the body), so a version is the ETag *and* this pair. Every wrap differs (RSA PKCS#1 v1.5
-    and OAEP padding are random, KMS ciphertext blobs too)."""
-    return (metadata.get(H_KEY, metadata.get(LEGACY_KEY)), metadata.get(H_START, metadata.get(LEGACY_START)))
+    and OAEP padding are random, KMS ciphertext blobs too). ``after`` without an envelope is
+    no re-wrap (OSS refuses a copy that strips one)."""
+    return is_encrypted(after) and _wrapping_of(before) != _wrapping_of(after)
 
 
 def is_encrypted(metadata: dict[str, str]) -> bool:

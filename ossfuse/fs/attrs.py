@@ -20,6 +20,12 @@ from .objmeta import attr_meta, is_plain_marker, version_from_info
 _UNCHANGED_ID = 0xFFFFFFFF  # chown's "leave as is" (uid_t -1)
 
 
+def _with_attrs(metadata: dict[str, str], node: Node) -> dict[str, str]:
+    """``metadata`` (every x-oss-meta-* field an object carries, a foreign SDK's too: OSS's
+    REPLACE directive drops whatever a copy does not send) with ``node``'s attributes."""
+    return {**metadata, **attr_meta(node)}
+
+
 class Attributes:
     """setattr of one mount."""
 
@@ -108,8 +114,7 @@ class Attributes:
         # every x-oss-meta-* field the object carries (a foreign SDK's too) goes into the
         # copy, ours replaced: OSS's REPLACE directive drops whatever is not sent
         source_meta = v.metadata
-        meta = dict(source_meta)
-        meta.update(attr_meta(node))
+        meta = _with_attrs(source_meta, node)
         rewrapped = False
         try:
             info = await copy_object(self.store, self.uploader, ObjectInfo(v.key, v.size, v.etag, 0, source_meta),
@@ -120,8 +125,7 @@ class Attributes:
             # onto the envelope the object has now, once (else an fchmod or touch through a
             # descriptor, which the kernel does not retry, failed ESTALE: a trial); the next open
             # unwraps that envelope, open handles read on with their own
-            meta = dict(e.now.metadata)
-            meta.update(attr_meta(node))
+            meta = _with_attrs(e.now.metadata, node)
             info = await copy_object(self.store, self.uploader, e.now, v.key, meta)
             copied, rewrapped = version_from_info(ObjectInfo(v.key, v.size, info.etag, 0, meta)), True
         self.cache.rekey(v.key, v.etag, v.key, info.etag)  # a copy of exactly v's bytes (if_match)
@@ -141,6 +145,4 @@ class Attributes:
             await store_request(self.store.put_bytes(key, b"", attr_meta(node)), node.path)
             node.plain_marker = True
             return
-        meta = dict(marker.metadata)
-        meta.update(attr_meta(node))
-        await copy_object(self.store, self.uploader, marker, key, meta)
+        await copy_object(self.store, self.uploader, marker, key, _with_attrs(marker.metadata, node))

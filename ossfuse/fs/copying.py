@@ -73,8 +73,8 @@ async def _rewrapped_since(store: ObjectStore, src: ObjectInfo, metadata: dict[s
     keeps the ETag (the same ciphertext), so ``If-Match`` passes and only that refusal tells.
     One INFO line if so (the caller retries, or the kernel does after its ESTALE)."""
     now = await _current(store, src.key)
-    if (now is None or not same_etag(now.etag, src.etag) or not env.is_encrypted(metadata)
-            or env.wrapping_of(now.metadata) == env.wrapping_of(metadata)):
+    if now is None or not same_etag(now.etag, src.etag) or not env.is_encrypted(metadata) \
+            or not env.rewrapped(metadata, now.metadata):
         return None
     log.info("copy of %r refused: its data key was wrapped anew (a rekey by another client) since this mount "
              "read version %s; nothing was written, the new envelope is taken", src.key, src.etag)

@@ -173,12 +173,9 @@ class Files:
                     await self.open_version(v, wait=False, quiet=_UNWRAP_ERRORS)
                 except FsError:
                     pass  # (the version there now is opened, and a failure said, below)
-            size = node.current_size
-            got = await self.resolver.revalidate(node, listing=not slim and not first, opening=True, first=first)
+            got = await self._revalidate_opening(node, listing=not slim and not first, first=first)
             if got is not None:
                 self.cache.offer(got[0].key, got[0].etag, got[0].size, 0, got[1])
-            if node.current_size != size:
-                self.sizes_moved.add(node.ino)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         # O_TRUNC truncates also with O_RDONLY, as Linux does (the kernel checked write
         # permission for it; a trial: the file stayed whole)
@@ -202,12 +199,18 @@ class Files:
                 # no CMK for the envelope this open trusted (attr_timeout): over OSS a rekey keeps
                 # the ETag, so that envelope may be stale (a trial: EACCES for 30 s after the
                 # object was rekeyed back). Asked once before EACCES: the version there now.
-                size = node.current_size
-                await self.resolver.revalidate(node, listing=False, opening=True)
-                if node.current_size != size:
-                    self.sizes_moved.add(node.ino)
+                await self._revalidate_opening(node, listing=False)
                 if node.staged is None and node.version is not None:
                     await self.open_version(node.version, wait=writing)
+
+    async def _revalidate_opening(self, node: Node, *, listing: bool, first: int = 0):
+        """``Resolver.revalidate`` for an open (its answer, as that returns), noting a size the
+        kernel may still hold (:attr:`sizes_moved`)."""
+        size = node.current_size
+        got = await self.resolver.revalidate(node, listing=listing, opening=True, first=first)
+        if node.current_size != size:
+            self.sizes_moved.add(node.ino)
+        return got
 
     def open_handle(self, node: Node, flags: int) -> FileHandle:
         """A new handle on ``node`` reading its current version."""

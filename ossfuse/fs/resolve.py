@@ -74,8 +74,7 @@ def _rewrapped(version: Version, info: ObjectInfo) -> bool:
     to a CMK it has, and a chmod that sent the old envelope, which OSS refused). A slim version
     holds no envelope to compare: it is filled from ``info``. An answer without an envelope
     (OSS refuses a copy that strips one) changes nothing here."""
-    return (version.held and env.is_encrypted(info.metadata)
-            and env.wrapping_of(version.metadata) != env.wrapping_of(info.metadata))
+    return version.held and env.rewrapped(version.metadata, info.metadata)
 
 
 def _moved(path: str, parent: Node | None, known: Node | None) -> bool:

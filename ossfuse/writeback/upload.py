@@ -157,14 +157,12 @@ class Uploader:
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
-                    await self.store.abort_multipart(key, upload_id)
+                    await self.abort(key, upload_id)
                 except StoreError as e:  # tried again later (retry_aborts); in the ledger meanwhile
                     # (a WARNING: tried again by this daemon; what still fails at unmount is said then)
                     log.warning("abort of multipart upload %s of %r failed: %s; tried again when the store "
                                 "answers, at unmount, else at the next mount", upload_id, key, e)
                     self.failed_aborts[upload_id] = key
-                else:
-                    self._ended(upload_id)
             raise
         self._ended(upload_id)
         return info
