@@ -14,12 +14,13 @@ import subprocess
 import pytest
 import trio
 
+from conftest import oss_client_store
 from fakes.fault_store import FaultStore
 from ossfuse import envelope as env
 from ossfuse.config import (CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig,
                             StoreConfig)
 from ossfuse.fs import Filesystem, FsError
-from ossfuse.fs.objmeta import AttrDefaults, rdev_of
+from ossfuse.fs.objmeta import AttrDefaults, is_hidden, rdev_of
 from ossfuse.keyring import Keyring
 from ossfuse.store.base import ObjectInfo
 from ossfuse.store.local import LocalStore
@@ -207,6 +208,43 @@ def test_special_files_written_by_ossfs_read_back(tmp_path, cmk_path):
         await fs.store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("store_kind", ["local", "oss"])
+def test_hide_hides_a_plaintext_object_with_no_metadata_at_all(tmp_path, cmk_path, store_kind, request):
+    """``plaintext_objects = "hide"`` hides an object with no envelope and no metadata at all
+    (``ossutil cp``, a console upload: the commonest plaintext object; it was shown), in a
+    listing and for a lookup, on a local bucket and over OSS (whose listing does not give an
+    entry's metadata: it is never hidden for that alone, is_hidden: only a HEAD can tell)."""
+    def store():
+        if store_kind == "local":
+            return LocalStore(str(tmp_path / "bucket"))
+        return oss_client_store(request.getfixturevalue("oss_server"))
+
+    async def main():
+        seed = store()
+        await seed.put_bytes("pre/bare.txt", b"plain", {})
+        await seed.put_bytes("pre/meta.txt", b"plain", {"foo": "1"})
+        await seed.aclose()
+        fs = _filesystem(tmp_path, cmk_path, store(), plaintext_objects="hide")
+        root = fs.get(1)
+        await fs.mkdir(root, "mine", 0o750, 0, 0)
+        assert set(await _listing(fs, root)) == {"mine"}
+        for name in ("bare.txt", "meta.txt"):
+            with pytest.raises(FsError) as e:
+                await fs.lookup(root, name)
+            assert e.value.errno == errno.ENOENT
+        fs.close()
+        await fs.store.aclose()
+        shown = _filesystem(tmp_path, cmk_path, store(), plaintext_objects="show")
+        assert set(await _listing(shown, shown.get(1))) == {"mine", "bare.txt", "meta.txt"}
+        shown.close()
+        await shown.store.aclose()
+
+    trio.run(main)
+    listed = ObjectInfo("pre/x", 5, "E", 1.0, {}, metadata_unknown=True)
+    headed = ObjectInfo("pre/x", 5, "E", 1.0, {})
+    assert (is_hidden(listed, "hide"), is_hidden(headed, "hide"), is_hidden(headed, "show")) == (False, True, False)
 
 
 @pytest.mark.expect_log(r"'d' is not empty: the bucket holds 'pre/d/sdk\.txt' below it, which listings here do not "

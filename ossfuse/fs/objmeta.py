@@ -168,9 +168,11 @@ def version_from_info(info: ObjectInfo) -> Version:
 
 def is_hidden(info: ObjectInfo, plaintext_objects: str) -> bool:
     """Whether an object is not shown: a plaintext object made by something else than a
-    file-system client (no x-oss-meta-mode) when ``encryption.plaintext_objects = "hide"``."""
-    return bool(plaintext_objects == "hide" and info.metadata
-                and not env.is_encrypted(info.metadata) and "mode" not in info.metadata)
+    file-system client (no x-oss-meta-mode), also one with no metadata at all, when
+    ``encryption.plaintext_objects = "hide"``; never a listing entry whose metadata the
+    listing did not give (``metadata_unknown``: what it holds is not known yet)."""
+    return (plaintext_objects == "hide" and not info.metadata_unknown
+            and not env.is_encrypted(info.metadata) and "mode" not in info.metadata)
 
 
 @dataclass(frozen=True)

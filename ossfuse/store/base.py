@@ -109,7 +109,9 @@ class ObjectInfo:
     store's Last-Modified in seconds since the epoch; ``metadata`` is empty in listings (unless
     the store's ``listing_has_metadata``). ``answered``: the store's clock when it answered
     (a HEAD's or GET's ``Date``; a local store's time of the read), seconds since the epoch, 0
-    when not known (OSS listings); not compared.
+    when not known (OSS listings); not compared. ``metadata_unknown``: a listing entry of a
+    store whose listings carry no metadata (OSS): its empty ``metadata`` says nothing about
+    the object's.
     """
 
     key: str
@@ -118,6 +120,7 @@ class ObjectInfo:
     mtime: float
     metadata: dict[str, str] = field(default_factory=dict)
     answered: float = field(default=0.0, compare=False)
+    metadata_unknown: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

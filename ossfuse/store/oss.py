@@ -1276,7 +1276,8 @@ class OssStore(ObjectStore):
         do = getattr(self._bucket, "_do", None)
         if not callable(do):
             r = self._bucket.list_objects(prefix=prefix, delimiter=delimiter, marker=marker, max_keys=max_keys)
-            return ([ObjectInfo(o.key, int(o.size), o.etag, float(o.last_modified)) for o in r.object_list],
+            return ([ObjectInfo(o.key, int(o.size), o.etag, float(o.last_modified), metadata_unknown=True)
+                     for o in r.object_list],
                     list(r.prefix_list), bool(r.is_truncated), r.next_marker or "")
         resp = do("GET", self.bucket_name, "", params={"prefix": prefix, "delimiter": delimiter, "marker": marker,
                                                       "max-keys": str(max_keys), "encoding-type": "url"},

@@ -113,5 +113,5 @@ def parse_list_objects(body: bytes) -> tuple[list[ObjectInfo], list[str], bool, 
             n = int(size)
         except ValueError:
             raise ListAnswerError(f"Size {size!r} of {key!r}") from None
-        objects.append(ObjectInfo(dec(key), n, etag.strip('"'), _iso_time(lm)))
+        objects.append(ObjectInfo(dec(key), n, etag.strip('"'), _iso_time(lm), metadata_unknown=True))
     return objects, [dec(p) for p in prefixes], truncated, dec(next_marker) if truncated else ""
