@@ -250,7 +250,17 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         node = self.fs.get(inode)
         h = await self.fs.open(node, flags)
-        if self.fs.kernel_size_stale(node) and not flags & os.O_TRUNC:  # (a truncating open: the kernel knows)
+        stale = self.fs.kernel_size_stale(node) and not flags & os.O_TRUNC  # (truncating: the kernel knows)
+        if stale and flags & os.O_APPEND and flags & os.O_ACCMODE != os.O_RDONLY:
+            # The kernel puts each O_APPEND write at the size it holds, without asking for a
+            # dropped one first (generic_write_checks): a trial's appends from two mounts in
+            # turn landed inside the other mount's longer version, over its lines, and
+            # success was answered. ESTALE from an open makes the VFS walk the path once more
+            # with LOOKUP_REVAL (do_filp_open), whose LOOKUP gives the kernel this size.
+            await self.fs.release(h)
+            self.fs.kernel_size_dropped(node)
+            raise FsError(errno.ESTALE)
+        if stale:
             # An open found another version (another client's) of another size. The kernel
             # still holds the size of its last lookup, cuts reads at it and extends nothing
             # until attr_timeout: a cat got exactly the old length of the new version, with
