@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from fakes.core import core_config, core_filesystem, read_file
+from fakes.core import core_config, core_filesystem, listed_names, read_file, read_node
 from ossfuse import envelope as env
 from ossfuse import integrity
 from ossfuse.config import (Config, ConfigError, load)
@@ -430,6 +430,49 @@ def test_a_recovered_version_keeps_the_time_of_its_first_change(tmp_path, cmk_pa
         assert fs.recover() == 2
         assert fs.by_path["a"].dirty_since == first
         assert fs.by_path["b"].dirty_since >= before
+        await _crash(fs)
+
+    trio.run(next_mount)
+
+
+def test_a_recovered_file_shows_at_once_where_the_store_has_no_directory_for_it(tmp_path, cmk_path):
+    """A trial: files journaled in d/ and d/e/ (a crash before their upload), then another
+    client deleted the marker of d/: the next mount said it recovered them, but listed and
+    looked up neither d nor the files until their uploads were in. Directories holding this
+    mount's files not uploaded yet show whatever the store has."""
+    async def crash():
+        fs = _fs(tmp_path, cmk_path)
+        d = await fs.mkdir(fs.get(1), "d", 0o755, 1, 2)
+        e = await fs.mkdir(d, "e", 0o755, 1, 2)
+        for parent, name in ((d, "g"), (e, "h")):
+            _node, h = await fs.create(parent, name, 0o644, os.O_WRONLY, 1, 2)
+            await fs.write(h, 0, DATA)
+            await fs.flush(h)
+            await fs.release(h)
+        for marker in ("pre/d/e/", "pre/d/"):  # another client
+            await fs.store.delete(marker)
+        await _crash(fs)
+
+    trio.run(crash)
+
+    async def next_mount():
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 2
+        root = fs.get(1)
+        assert await listed_names(fs) == ["d"]
+        d = await fs.lookup(root, "d")
+        assert d.is_dir and await listed_names(fs, d) == ["e", "g"]
+        e = await fs.lookup(d, "e")
+        assert await listed_names(fs, e) == ["h"]
+        assert await read_node(fs, await fs.lookup(e, "h")) == DATA
+        with pytest.raises(FsError) as err:
+            await fs.rmdir(d, "e")
+        assert err.value.errno == errno.ENOTEMPTY
+        assert await fs.drain() == 0  # uploaded: the store shows them now
+        assert await fs.store.head("pre/d/e/h") is not None
+        fs2 = _fs(tmp_path / "other", cmk_path, store=fs.store)
+        assert await listed_names(fs2, await fs2.lookup(await fs2.lookup(fs2.get(1), "d"), "e")) == ["h"]
+        fs2.close()
         await _crash(fs)
 
     trio.run(next_mount)

@@ -100,6 +100,7 @@ class Filesystem:
         self.directories = DirectoryReader(store, self.naming, self.inodes, self.names, self.resolver,
                                            self.commit.staged_in)
         self.resolver.stat_ahead = self.directories.stat_ahead
+        self.resolver.dirs_with_staged = self.scheduler.dirs_holding_staged_below
         if not store.listing_has_metadata:  # (a listing with metadata says all a HEAD would)
             self.resolver.attr_cache = AttrCache(os.path.join(cfg.cache.dir, "attrs.sqlite"))
 

@@ -206,6 +206,8 @@ class DirectoryReader:
         for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
             if not d.unlinked and parent_of(d.path) == path:
                 entries[d.name] = (d.name, d, None, d.is_dir)
+        for name in self.resolver.dirs_with_staged(path) - entries.keys():
+            entries[name] = (name, None, None, True)  # only files not uploaded yet below it
         self.names.set_children(node, entries)
         if files or dirs:  # the store shows it now (module doc of fs/resolve.py)
             self.resolver.seen_below(path, dir_itself=True)

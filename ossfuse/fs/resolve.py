@@ -119,6 +119,10 @@ class Resolver:
         # attributes HEADs read, kept across mounts (attrcache; set by Filesystem on a store
         # whose listings carry no metadata): a listing that shows the same version proves them
         self.attr_cache: AttrCache | None = None
+        # set by Filesystem: the names of the subdirectories of a directory path that hold this
+        # mount's files not uploaded yet, somewhere below (UploadScheduler.dirs_holding_staged_below):
+        # directories whatever the store shows
+        self.dirs_with_staged: Callable[[str], set[str]] = lambda dir_path: set()
         # set by Filesystem: DirectoryReader.stat_ahead, called before a listed-only node is
         # looked up (HEADs its readdir batch together once a second one of it is looked up)
         self.stat_ahead: Callable[[Node], Awaitable[None]] | None = None
@@ -324,6 +328,8 @@ class Resolver:
             if not together:
                 await head_marker()
             return marker, True
+        if base_name(path) in self.dirs_with_staged(parent_of(path)):
+            return None, True  # only this mount's files not uploaded yet are below it: implicit
         return None
 
     async def lookup(self, parent: Node, name: str) -> Node:

@@ -130,6 +130,18 @@ class UploadScheduler:
         size, not the number of dirty nodes in the mount, is the cost)."""
         return [d for d in self._dirty_in.get(dir_path, ()) if not d.unlinked and parent_of(d.path) == dir_path]
 
+    def dirs_holding_staged_below(self, dir_path: str) -> set[str]:
+        """Names of the subdirectories of ``dir_path`` with dirty nodes still linked somewhere
+        below them: directories the store may not show yet (a journaled file recovered into a
+        directory whose marker another client deleted: a trial listed neither until the upload
+        was in). Costs one look at each directory holding dirty nodes."""
+        start = dir_path + "/" if dir_path else ""
+        names = set()
+        for d, members in self._dirty_in.items():
+            if d.startswith(start) and len(d) > len(start) and any(not n.unlinked for n in members):
+                names.add(d[len(start):].partition("/")[0])
+        return names
+
     def pending(self) -> list:
         """Dirty nodes whose staged version is still to be uploaded."""
         return [n for n in self.dirty if _pending(n)]
