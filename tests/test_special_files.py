@@ -247,6 +247,49 @@ def test_hide_hides_a_plaintext_object_with_no_metadata_at_all(tmp_path, cmk_pat
     assert (is_hidden(listed, "hide"), is_hidden(headed, "hide"), is_hidden(headed, "show")) == (False, True, False)
 
 
+@pytest.mark.parametrize("store_kind", ["local", "oss"])
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.resolve: cannot make 'zz\.txt': the bucket holds 'pre/zz\.txt' there, "
+                        r"a plaintext object plaintext_objects = \"hide\" hides")
+def test_hide_a_new_file_at_a_hidden_objects_name_is_refused_and_a_directory_there_shows(
+        tmp_path, cmk_path, store_kind, request, caplog):
+    """A trial with ``plaintext_objects = "hide"``: a file made at a hidden object's name was
+    written and closed with success, then vanished (its create-only upload became a conflict
+    copy); a directory made there never listed (the listing showed the object over the prefix,
+    then hid it). A new file there is refused (EACCES; EEXIST with O_EXCL; one WARNING naming
+    the object), the object kept; a directory there lists (another key)."""
+    def store():
+        if store_kind == "local":
+            return LocalStore(str(tmp_path / "bucket"))
+        return oss_client_store(request.getfixturevalue("oss_server"))
+
+    async def main():
+        seed = store()
+        await seed.put_bytes("pre/zz.txt", b"hidden plain\n", {})
+        await seed.aclose()
+        fs = _filesystem(tmp_path, cmk_path, store(), plaintext_objects="hide")
+        root = fs.get(1)
+        for flags, err in ((os.O_WRONLY | os.O_CREAT, errno.EACCES), (os.O_WRONLY | os.O_CREAT | os.O_EXCL, errno.EEXIST)):
+            with pytest.raises(FsError) as e:
+                await fs.create(root, "zz.txt", 0o644, flags, 0, 0)
+            assert e.value.errno == err
+        d = await fs.mkdir(root, "zz.txt", 0o755, 0, 0)
+        assert set(await _listing(fs, root)) == {"zz.txt"}
+        assert (await fs.lookup(root, "zz.txt")).is_dir
+        assert await _listing(fs, d) == {}
+        assert await fs.drain() == 0
+        assert await fs.store.get_range("pre/zz.txt", 0, 100) == b"hidden plain\n"  # theirs, untouched
+        fs.close()
+        await fs.store.aclose()
+        again = _filesystem(tmp_path, cmk_path, store(), plaintext_objects="hide")
+        assert set(await _listing(again, again.get(1))) == {"zz.txt"}
+        again.close()
+        await again.store.aclose()
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    assert len([r for r in caplog.records if "cannot make" in r.getMessage()]) == 1
+
+
 @pytest.mark.expect_log(r"'d' is not empty: the bucket holds 'pre/d/sdk\.txt' below it, which listings here do not "
                         r"show \(a plaintext object, hidden by plaintext_objects = \"hide\"\)")
 def test_rmdir_of_a_directory_holding_only_a_hidden_plaintext_object_says_why(tmp_path, cmk_path, caplog):

@@ -37,7 +37,7 @@ from .naming import Naming, join, parent_of
 from .objmeta import AttrDefaults
 from . import renames
 from .readdir import DirectoryReader
-from .resolve import Resolver
+from .resolve import HiddenObjectThere, Resolver
 from .unlinked import DeferredDeletes
 
 __all__ = ["Filesystem", "FsError", "Node", "Version", "FileHandle", "DirHandle", "ROOT_INO"]
@@ -286,9 +286,13 @@ class Filesystem:
         the file's, so the file's mode is checked here (its owner and group as the caller's
         uid and gid, or one of ``groups()``, the caller's supplementary groups, asked only
         then; root passes). Raises FsError EEXIST (O_EXCL, or not a regular file),
-        EACCES, EISDIR, and what create and open raise."""
+        EACCES (also where the bucket holds a plaintext object ``plaintext_objects = "hide"``
+        hides: EEXIST with O_EXCL), EISDIR, and what create and open raise."""
         try:
             return await self.namespace.create(parent, name, mode, flags, uid, gid)
+        except HiddenObjectThere:
+            # nothing this mount shows may be opened there: EEXIST only for O_EXCL
+            raise FsError(errno.EEXIST if flags & os.O_EXCL else errno.EACCES) from None
         except FsError as e:
             if e.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise

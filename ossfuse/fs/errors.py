@@ -91,7 +91,7 @@ _REQUEST_ID = re.compile(r" \[request id [^\]]*\]")  # in a StoreError's message
 
 
 class ErrorsOnce:
-    """Logs each failure at ERROR the first time, at DEBUG after: one ERROR line per damaged
+    """Logs each failure at ERROR (or the level given) the first time, at DEBUG after: one ERROR line per damaged
     block, lost object or refused key, though the kernel retries a failed read page by page,
     ``ls -l`` looks a name up more than once and a program may ask again and again. The same
     failure is the same message without its request id (each answer has its own). At most
@@ -101,13 +101,14 @@ class ErrorsOnce:
         self.log = logger
         self._said: set[tuple[str, ...]] = set()
 
-    def error(self, fmt: str, key: str, *args, same: tuple[str, ...] | None = None) -> None:
-        """Log ``fmt % (key, *args)`` (ERROR once, then DEBUG). ``same``: what makes two
+    def error(self, fmt: str, key: str, *args, same: tuple[str, ...] | None = None,
+              level: int = logging.ERROR) -> None:
+        """Log ``fmt % (key, *args)`` (at ``level`` once, then DEBUG). ``same``: what makes two
         failures the same one, when not the whole message (a listing's refusals: its directory)."""
         if len(self._said) > 10_000:
             self._said.clear()
         said = same if same is not None else (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
-        self.log.log(logging.DEBUG if said in self._said else logging.ERROR, fmt, key, *args)
+        self.log.log(logging.DEBUG if said in self._said else level, fmt, key, *args)
         self._said.add(said)
 
 

@@ -198,6 +198,10 @@ class DirectoryReader:
         for name, o in files.items():
             if self.resolver.pending_delete(o):
                 continue  # an unlinked file's object awaiting its delete (a directory may share its name)
+            if name in dirs and await self.resolver.hidden_file(o):
+                continue  # plaintext_objects = "hide" hides the object: the directory shows (a trial)
+            if node.name_going is not None or node.path != path:
+                raise PathMoved(path)
             if name in dirs and dkey + name not in self._shadowed:
                 self._shadowed.add(dkey + name)  # every listing meets it again: one line is enough
                 log.warning("%r is both an object and a prefix; showing the object (what is below the "

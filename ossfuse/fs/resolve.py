@@ -67,6 +67,12 @@ class PathMoved(Exception):
     old path or a version that has left it. The caller waits for the rename and asks again."""
 
 
+class HiddenObjectThere(FsError):
+    """EEXIST of a new file's name where the bucket holds a plaintext object that
+    ``plaintext_objects = "hide"`` hides (create-only, its upload would become a conflict
+    copy: a trial's new file vanished a second after its close returned)."""
+
+
 def _rewrapped(version: Version, info: ObjectInfo) -> bool:
     """Whether ``info`` (a HEAD of ``version``'s ETag) shows its data key wrapped anew: over OSS
     a rekey streams the same ciphertext back, so the ETag stays and only the envelope changes (a
@@ -104,6 +110,10 @@ class Resolver:
         self.attr_timeout = attr_timeout
         self.plaintext_objects = plaintext_objects
         self._errors = ErrorsOnce(log)
+        # path → key of the plaintext object plaintext_objects = "hide" hides there, as the
+        # last probe of that path found it (check_absent: a new file would collide with it;
+        # as fresh as the negative cache entry that probe made)
+        self._hidden_files: dict[str, str] = {}
         # versions read from the store lately keep their metadata; older unopened ones are slim
         self.recent = RecentVersions(RECENT_VERSIONS)
         # directory key → (listing done, monotonic start) of a revalidating LIST in flight
@@ -130,6 +140,20 @@ class Resolver:
     def hidden(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is not shown (by its metadata, or as an unlinked version)."""
         return is_hidden(info, self.plaintext_objects) or self.pending_delete(info)
+
+    async def hidden_file(self, listed: ObjectInfo) -> bool:
+        """Whether ``plaintext_objects = "hide"`` hides the object of listing entry ``listed``
+        (a HEAD asks when the listing gave no metadata; False when it fails: the object shows,
+        as a name never disappears on a failure; True when it is gone)."""
+        if self.plaintext_objects != "hide":
+            return False
+        info: ObjectInfo | None = listed
+        if listed.metadata_unknown:
+            try:
+                info = await self.store.head(listed.key)
+            except StoreError:
+                return False
+        return info is None or is_hidden(info, self.plaintext_objects)
 
     def attrs_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes may be used without asking the store: read less than
@@ -312,8 +336,13 @@ class Resolver:
             marker = await self.store.head(dkey)
 
         await (run_all([head_file, list_dir, head_marker], 3) if together else head_file())
+        self._hidden_files.pop(path, None)
         if info is not None and not self.hidden(info):
             return info, False
+        if info is not None and is_hidden(info, self.plaintext_objects):
+            if len(self._hidden_files) >= 256:
+                self._hidden_files.clear()
+            self._hidden_files[path] = info.key  # (check_absent: a new file there would collide)
         # nothing (or a hidden object, e.g. an unlinked file's awaiting its delete): a directory?
         if base_name(path) == LIST_DIR:
             return None  # integrity tag lists (docs/integrity.md): not a directory of the mount
@@ -365,6 +394,12 @@ class Resolver:
                 raise FsError(errno.EEXIST)
             if await self._resolve_settled(path, node, parent) is not None:
                 raise FsError(errno.EEXIST)
+            hidden = self._hidden_files.get(path)  # (the probe that put the name in the negative cache)
+            if hidden is not None and not is_dir:  # (a directory is another key: it may be made)
+                self._errors.error("cannot make %r: the bucket holds %r there, a plaintext object "
+                                   "plaintext_objects = \"hide\" hides; remove or rename it with another "
+                                   "client", path, hidden, same=("hidden", hidden), level=logging.WARNING)
+                raise HiddenObjectThere(errno.EEXIST)
         await self.at_current_path(parent, ask, name)
 
     async def _resolve_settled(self, path: str, known: Node | None, parent: Node) -> Node | None:
