@@ -828,7 +828,7 @@ def cmd_rekey(args) -> int:
             async for o in rekey.objects_at(cfg, store, rel, lambda key, e: None):  # (the run reports it)
                 objects += 1
                 total += o.size
-        progress = rekey.RekeyProgress(objects, total)
+        progress = rekey.RekeyProgress(objects, total, dry_run=args.dry_run)
         try:
             return await rekey.rekey(cfg, store, keyring, path=path, from_id=args.from_id, to_id=args.to_id,
                                      dry_run=args.dry_run, progress=progress.update)

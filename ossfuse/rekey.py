@@ -135,8 +135,9 @@ def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run:
     they open it again (an operator trial met both, unwarned; over OSS the rewrite keeps the
     ETag, the MD5 of the same ciphertext, and readers read on). And one whose
     config lacks a CMK this rekey wraps objects with: its reads of them would fail with
-    EACCES until that CMK is added and it is mounted again (or they are rekeyed back). A mount whose config cannot be
-    read is named too."""
+    EACCES until that CMK is added and it is mounted again (or they are rekeyed back); also
+    one whose config has it but whose daemon did not load it (added after it was mounted, as
+    its status says). A mount whose config cannot be read is named too."""
     from . import config as config_mod
     from .registry import running_mounts
     targets = [keyring.cmks[to_id]] if to_id else [keyring.default] + [cmk for _, cmk in keyring.rules]
@@ -159,13 +160,34 @@ def mount_warnings(cfg: Config, keyring: Keyring, to_id: str | None, *, dry_run:
                          f"rewrites that file's object can be overwritten by the older content put back, or become "
                          f"a conflict copy there, and its open readers of a rewritten file may get ESTALE until "
                          f"they open it again (unmount it first for a quiet rekey)")
+        loaded = _loaded_cmk_ids(record["mountpoint"])
         for target in dict.fromkeys(targets):
-            if other is not cfg and not any(_same_cmk(by_id[target.id], c) for c in other.encryption.cmks):
+            same = ([by_id[target.id]] if other is cfg else
+                    [c for c in other.encryption.cmks if _same_cmk(by_id[target.id], c)])
+            matdesc = json.dumps(target.matdesc) if target.matdesc else "none"
+            if not same:
                 lines.append(f"mount {record['mountpoint']} (config {path}) has no CMK {target.id!r} "
-                             f"(matdesc {json.dumps(target.matdesc) if target.matdesc else 'none'}): its reads of "
-                             f"the rekeyed objects will fail with EACCES until that CMK is in its config "
-                             f"and it is mounted again, or the objects are rekeyed back")
+                             f"(matdesc {matdesc}): its reads of the rekeyed objects will fail with EACCES until "
+                             f"that CMK is in its config and it is mounted again, or the objects are rekeyed back")
+            elif loaded is not None and not any(c.id in loaded for c in same):
+                # in the config file now, added after that mount read it (a trial: no warning,
+                # then EACCES for every rekeyed file until a remount)
+                lines.append(f"mount {record['mountpoint']} (config {path}) was mounted before its config had "
+                             f"CMK {target.id!r} (matdesc {matdesc}): its reads of the rekeyed objects will fail "
+                             f"with EACCES until it is mounted again, or the objects are rekeyed back")
     return lines
+
+
+def _loaded_cmk_ids(mountpoint: str) -> set[str] | None:
+    """The ids of the CMKs the daemon of the mount at ``mountpoint`` loaded (its status
+    document), None when it does not answer (then only its config file is checked)."""
+    from . import status
+    from .registry import registry_path
+    try:
+        doc = status.query(registry_path(mountpoint, ".sock"), timeout=5.0)
+        return {c["id"] for c in doc["cmks"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 async def _all_objects(store: ObjectStore, prefix: str):
@@ -608,13 +630,14 @@ def _human_bytes(n: int) -> str:
 
 class RekeyProgress:
     """How far a rekey run is: objects and bytes done of the totals (None: not counted, as in
-    a dry run). On a terminal (or with ``OSSFUSE_PROGRESS=1``) a tqdm bar on ``stream``; else,
+    a dry run: ``dry_run`` says so). On a terminal (or with ``OSSFUSE_PROGRESS=1``) a tqdm bar on ``stream``; else,
     for journald and redirected runs, one line on ``stream`` every ``interval`` seconds and a
     last one at :meth:`close`, e.g. ``rekey: 120 of 200 objects, 1.2 MiB of 2.0 MiB (60%)``."""
 
     def __init__(self, total_objects: int | None, total_bytes: int | None, *, stream=None,
-                 interval: float = 5.0, tty: bool | None = None, clock=time.monotonic):
+                 interval: float = 5.0, tty: bool | None = None, clock=time.monotonic, dry_run: bool = False):
         self.stream = stream or sys.stderr
+        self.dry_run = dry_run  # (its lines say what was looked at: a dry run does nothing)
         self.total_objects, self.total_bytes = total_objects, total_bytes
         self.objects = self.bytes = 0
         self.interval, self.clock = interval, clock
@@ -624,7 +647,8 @@ class RekeyProgress:
         self._bar = None
         if tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, file=self.stream, desc="rekey", leave=True)
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, file=self.stream, leave=True,
+                             desc="rekey --dry-run" if dry_run else "rekey")
 
     def update(self, n_bytes: int) -> None:
         """One more object of ``n_bytes`` bytes is done (changed, skipped or failed)."""
@@ -639,6 +663,8 @@ class RekeyProgress:
         """The progress line (objects and bytes done, of the totals when known)."""
         size = _human_bytes
         if self.total_objects is None:
+            if self.dry_run:
+                return f"rekey --dry-run: {self.objects} objects, {size(self.bytes)} looked at, nothing changed"
             return f"rekey: {self.objects} objects, {size(self.bytes)} done"
         pct = 100 * self.bytes / self.total_bytes if self.total_bytes else 100.0
         return (f"rekey: {self.objects} of {self.total_objects} objects, {size(self.bytes)} of "

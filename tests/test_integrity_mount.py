@@ -312,6 +312,38 @@ def test_rekey_to_a_cmk_a_running_mount_lacks_warns_and_the_read_names_the_matde
 
 
 @pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}")
+def test_rekey_warns_of_a_mount_of_its_own_config_that_was_mounted_before_the_cmk_was_added(tmp_path, cmk_path,
+                                                                                        other_cmk_path):
+    """Trial X: the README's way — keygen, add the CMK to the config the mount uses, rekey with
+    that config — gave no warning, then EACCES for every rekeyed file until a remount (the
+    check compared the config file, which has the CMK now, not what the daemon loaded)."""
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    m.start()
+    try:
+        with open(m.path("f"), "wb") as f:
+            f.write(b"data")
+        with open(m.config) as f:
+            text = f.read()
+        with open(m.config, "w") as f:
+            f.write(text.replace("[cache]", B_CMK.format(other_cmk_path) + "[cache]"))
+        r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b"], capture_output=True, text=True,
+                           env=m.env, timeout=120)
+        assert r.returncode == 0 and "changed: 1 object(s)" in r.stdout, r.stdout + r.stderr
+        assert (f"ossfuse: warning: mount {m.mnt} (config {m.config}) was mounted before its config had CMK 'b' "
+                '(matdesc {"cmk": "b"}): its reads of the rekeyed objects will fail with EACCES until it is '
+                "mounted again") in r.stderr, r.stderr
+        time.sleep(0.6)  # attr_timeout: the mount takes the rekeyed version
+        with pytest.raises(OSError) as e:  # what the warning said
+            open(m.path("f"), "rb").read()
+        assert e.value.errno == errno.EACCES
+        m.remount()
+        assert open(m.path("f"), "rb").read() == b"data"
+    finally:
+        m.stop()
+
+
+@pytest.mark.expect_log(r"cannot open 'f': no CMK for wrap-alg 'RSA/NONE/PKCS1Padding' and matdesc \{\"cmk\":\"b\"\}")
 def test_a_rekey_over_oss_keeps_the_etag_and_running_mounts_see_the_new_envelope(tmp_path, cmk_path,
                                                                                   other_cmk_path, oss_server):
     """Over OSS a rekey streams the same ciphertext back, so the ETag (the MD5 of the body)

@@ -301,6 +301,10 @@ def test_rekey_progress_writes_a_line_every_interval():
     dry = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(None, None, stream=out, tty=False)
     dry.update(5)
     assert dry.line() == "rekey: 1 objects, 5 B done"
+    dry = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(None, None, stream=out, tty=False,
+                                                                               dry_run=True)
+    dry.update(5)  # trial X: a dry run's last line said "done"
+    assert dry.line() == "rekey --dry-run: 1 objects, 5 B looked at, nothing changed"
 
 
 # --------------------------------------------------------------------------------- check
