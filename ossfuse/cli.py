@@ -15,6 +15,7 @@ import os
 import re
 import select
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -739,7 +740,6 @@ def mount_helper(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     options = [x for o in args.o or [] for x in ("-o", o)]
     unit = systemd_mount_unit()
-    import shutil
     if unit is not None and shutil.which("systemd-run"):
         cmd = systemd_run_command(os.path.abspath(args.config), os.path.realpath(args.mountpoint), options)
         return subprocess.run(cmd).returncode
@@ -1085,9 +1085,22 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
             return status
     layout = (" (the local store's own layout: an index and encrypted blobs, not a file per object; "
               "read it through the folder)" if "://" not in bucket else "")
+    me = _command_for_hints()
     print(f"folder: {mp}\nbucket directory: {bucket}{layout}\nconfig: {conf}\n"
-          f"unmount with: ossfuse umount {mp}\nmount again with: ossfuse mount -c {conf} {mp}")
+          f"unmount with: {me} umount {mp}\nmount again with: {me} mount -c {conf} {mp}")
     return 0
+
+
+def _command_for_hints() -> str:
+    """How a printed hint names this program: ``ossfuse`` when the PATH has one, else this
+    program's own path (a trial: installed with OSSFUSE_NO_LINK=1, the hint named a command
+    the shell could not find)."""
+    if shutil.which("ossfuse"):
+        return "ossfuse"
+    me = os.path.abspath(sys.argv[0])
+    if os.path.basename(me) == "ossfuse" and os.access(me, os.X_OK):
+        return me
+    return f"{sys.executable} -m ossfuse"
 
 
 class _VersionAction(argparse.Action):

@@ -684,6 +684,28 @@ def test_quickstart_with_relative_paths_or_files_where_directories_belong(tmp_pa
         _unmount_if_mounted(mnt)
 
 
+def test_quickstarts_hints_name_a_command_the_shell_finds(tmp_path, monkeypatch):
+    """Trial X: installed with OSSFUSE_NO_LINK=1 (no ``ossfuse`` on the PATH), quickstart's
+    "unmount with: ossfuse umount …" named a command the shell cannot find. The hints name
+    ``ossfuse`` when the PATH has one, else this program as it was run."""
+    from ossfuse import cli
+    import sys
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    script = tmp_path / "venv" / "ossfuse"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "quickstart"])
+    assert cli._command_for_hints() == str(script)
+    monkeypatch.setattr(sys, "argv", ["/x/ossfuse/__main__.py", "quickstart"])
+    assert cli._command_for_hints() == f"{sys.executable} -m ossfuse"
+    (bin_dir / "ossfuse").write_text("#!/bin/sh\n")
+    (bin_dir / "ossfuse").chmod(0o755)
+    assert cli._command_for_hints() == "ossfuse"
+
+
 def test_quickstart_refuses_a_new_key_while_the_cache_dir_holds_journaled_files(tmp_path):
     """The CMK gone, the bucket empty, but closed files not uploaded yet in the cache dir's
     journal (a crash before their upload; new-user trial): quickstart made a new CMK and they
