@@ -27,7 +27,7 @@ import stat
 from typing import Iterable, NamedTuple
 
 from .envelope import is_encrypted
-from .sqlitecache import open_cache_db
+from .sqlitecache import damaged, open_cache_db, renew_cache_db
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class RememberedAttrs(NamedTuple):
     attrs: dict[str, str]
 
 
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS kept (key TEXT PRIMARY KEY, etag TEXT NOT NULL, size INTEGER NOT NULL, "
+           "modified REAL NOT NULL, attrs TEXT NOT NULL)")
+
+
 class AttrCache:
     """The rows of one mount's cache dir (``path``: ``<cache dir>/attrs.sqlite``)."""
 
@@ -55,10 +59,8 @@ class AttrCache:
         self.path = path
         self.max_rows = max_rows
         self._puts = 0
-        self._db: sqlite3.Connection | None = open_cache_db(
-            path, "CREATE TABLE IF NOT EXISTS kept (key TEXT PRIMARY KEY, etag TEXT NOT NULL, size INTEGER"
-            " NOT NULL, modified REAL NOT NULL, attrs TEXT NOT NULL)", "attribute cache",
-            synchronous="OFF")  # a lost row costs one HEAD
+        self._db: sqlite3.Connection | None = open_cache_db(path, _SCHEMA, "attribute cache",
+                                                            synchronous="OFF")  # a lost row costs one HEAD
         # Rows of an earlier release (table "attrs") may hold HEADs answered within their
         # version's Last-Modified second, which prove nothing (objmeta.proof_mtime): dropped.
         self._db.execute("DROP TABLE IF EXISTS attrs")
@@ -96,7 +98,8 @@ class AttrCache:
                 self._db.execute("DELETE FROM kept WHERE rowid <= (SELECT max(rowid) FROM kept) - ?",
                                  (self.max_rows,))
         except sqlite3.Error as e:
-            log.info("attribute cache %s: cannot keep %d rows: %s", self.path, len(values), e)
+            if not self._renewed(e):
+                log.info("attribute cache %s: cannot keep %d rows: %s", self.path, len(values), e)
 
     def forget(self, keys: list[str]) -> None:
         """Drop the rows of ``keys`` (their objects now hold versions that are not kept)."""
@@ -106,7 +109,8 @@ class AttrCache:
             with self._db:
                 self._db.executemany("DELETE FROM kept WHERE key=?", [(k,) for k in keys])
         except sqlite3.Error as e:
-            log.info("attribute cache %s: cannot drop %d rows: %s", self.path, len(keys), e)
+            if not self._renewed(e):
+                log.info("attribute cache %s: cannot drop %d rows: %s", self.path, len(keys), e)
 
     def get_many(self, keys: list[str]) -> dict[str, RememberedAttrs]:
         """The rows kept for ``keys`` (absent ones left out; none when the file fails)."""
@@ -121,8 +125,21 @@ class AttrCache:
                         f"SELECT key, etag, size, modified, attrs FROM kept WHERE key IN ({marks})", chunk):
                     found[key] = RememberedAttrs(etag, size, modified, json.loads(attrs))
         except (sqlite3.Error, ValueError) as e:
-            log.info("attribute cache %s: cannot read: %s", self.path, e)
+            if not self._renewed(e):
+                log.info("attribute cache %s: cannot read: %s", self.path, e)
         return found
+
+    def _renewed(self, e: BaseException) -> bool:
+        """Whether ``e`` said the file is damaged, which is then replaced by an empty one (one
+        INFO line; without it every lookup said so again); False: another failure."""
+        if self._db is None or not damaged(e):
+            return False
+        try:
+            self._db = renew_cache_db(self._db, self.path, _SCHEMA, "attribute cache", e, synchronous="OFF")
+        except (OSError, sqlite3.Error) as e2:
+            log.info("attribute cache %s: cannot start a new one: %s", self.path, e2)
+            self._db = None  # (a cache: none then)
+        return True
 
     def close(self) -> None:
         if self._db is not None:

@@ -191,10 +191,15 @@ def length_mismatch(metadata: dict[str, str], size: int) -> str | None:
     """Why an object of ``size`` bytes (ciphertext: AES-CTR keeps the length) with user
     ``metadata`` is not whole: it differs from the plaintext length the envelope states
     (``client-side-encryption-unencrypted-content-length``, written by every SDK); None when
-    it agrees or states none."""
+    it agrees or states none. A stated length that is no decimal number (every SDK writes
+    one) is a damaged envelope too (a trial: ``abc`` and ``-1`` read on without a word)."""
     plain_len = metadata.get(H_PLAIN_LEN)
-    if plain_len is not None and plain_len.isdigit() and int(plain_len) != size:
-        return f"object has {size} bytes, its envelope says {plain_len}"
+    if plain_len is None:
+        return None
+    if not plain_len.strip().isdigit():
+        return f"its envelope's plaintext length {plain_len[:40]!r} is not a number"
+    if int(plain_len) != size:
+        return f"object has {size} bytes, its envelope says {plain_len.strip()}"
     return None
 
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from . import envelope as env
 from .cmk import Cmk, CmkUnavailable, KeyMissing  # noqa: F401  (re-exported: callers import them from here)
 from .config import CmkConfig, EncryptionConfig
-from .sqlitecache import open_cache_db
+from .sqlitecache import damaged, open_cache_db, renew_cache_db
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ WRAP_RSA = "RSA/NONE/PKCS1Padding"  # §4.1, exact case as written by all SDKs
 
 
 _UNWRAP_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rsa-unwrap")
+
+
+_KEY_CACHE_SCHEMA = "CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, nonce BLOB NOT NULL, sealed BLOB NOT NULL)"
 
 
 class KeyCache:
@@ -68,8 +71,18 @@ class KeyCache:
         self._lock = threading.Lock()
         self._puts = 0
         self._keys: dict[bytes, tuple[bytes, AESGCM]] = {}  # cache_secret -> (k_id, sealer)
-        self._db = open_cache_db(path, "CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, nonce BLOB NOT NULL,"
-                                       " sealed BLOB NOT NULL)", "data-key cache")  # a lost row costs one unwrap
+        self._db = open_cache_db(path, _KEY_CACHE_SCHEMA, "data-key cache")  # a lost row costs one unwrap
+
+    def _renew_if_damaged(self, e: sqlite3.Error) -> bool:
+        """Replace the file when ``e`` says it is damaged (self._lock held; its rows are lost:
+        each costs one unwrap); whether it did."""
+        if not damaged(e):
+            return False
+        try:
+            self._db = renew_cache_db(self._db, self.path, _KEY_CACHE_SCHEMA, "data-key cache", e)
+        except (OSError, sqlite3.Error) as e2:  # (the closed file's queries fail: caught as before)
+            log.info("data-key cache %s: cannot start a new one: %s", self.path, e2)
+        return True
 
     def _keys_for(self, secret: bytes) -> tuple[bytes, AESGCM]:
         keys = self._keys.get(secret)
@@ -92,7 +105,12 @@ class KeyCache:
         k_id, sealer = self._keys_for(secret)
         rid = self._id(k_id, wrapped)
         with self._lock:
-            row = self._db.execute("SELECT nonce, sealed FROM keys WHERE id=?", (rid,)).fetchone()
+            try:
+                row = self._db.execute("SELECT nonce, sealed FROM keys WHERE id=?", (rid,)).fetchone()
+            except sqlite3.Error as e:
+                if self._renew_if_damaged(e):
+                    return None
+                raise
         if row is None:
             return None
         try:
@@ -113,11 +131,15 @@ class KeyCache:
         nonce = os.urandom(12)
         sealed = sealer.encrypt(nonce, data_key + iv, rid)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO keys VALUES (?,?,?)", (rid, nonce, sealed))
-            self._puts += 1
-            if self._puts % 1024 == 0:
-                self._db.execute("DELETE FROM keys WHERE rowid <= (SELECT max(rowid) FROM keys) - ?",
-                                 (self.max_rows,))
+            try:
+                self._db.execute("INSERT OR REPLACE INTO keys VALUES (?,?,?)", (rid, nonce, sealed))
+                self._puts += 1
+                if self._puts % 1024 == 0:
+                    self._db.execute("DELETE FROM keys WHERE rowid <= (SELECT max(rowid) FROM keys) - ?",
+                                     (self.max_rows,))
+            except sqlite3.Error as e:
+                if not self._renew_if_damaged(e):
+                    raise
 
     def close(self) -> None:
         with self._lock:
@@ -184,7 +206,12 @@ class RsaCmk(Cmk):
                 return key, iv
         except ValueError:
             pass
-        return self.unwrap(key_blob), self.unwrap(iv_blob)
+        key = self.unwrap(key_blob)
+        try:
+            return key, self.unwrap(iv_blob)
+        except env.EnvelopeError:  # (a trial: a truncated start header was blamed on the key's)
+            raise env.EnvelopeError(f"CMK {self.id!r} unwraps the data key but not the IV (a corrupt "
+                                    "client-side-encryption-start header)") from None
 
     def unwrap(self, blob: bytes, wrap_alg: str = WRAP_RSA) -> bytes:
         if wrap_alg.lower() == env.WRAP_RSA_OAEP.lower():

@@ -1,6 +1,7 @@
 """The SQLite file of a cache in the cache dir (``datakeys.sqlite``, ``attrs.sqlite``): mode
 0600, WAL, commits not fsynced (a lost row costs the work it saved, never a wrong answer), and
-a file SQLite cannot read replaced by an empty one (one INFO line). Leaf: no ossfuse imports."""
+a file SQLite cannot read, at the open or in a later query, replaced by an empty one (one INFO
+line). Leaf: no ossfuse imports."""
 from __future__ import annotations
 
 import logging
@@ -19,12 +20,37 @@ def open_cache_db(path: str, schema: str, what: str, *, synchronous: str = "NORM
         return _open(path, schema, synchronous)
     except sqlite3.DatabaseError as e:
         log.info("%s %s is unreadable (%s): starting a new one", what, path, e)
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(path + suffix)
-            except FileNotFoundError:
-                pass
+        _remove(path)
         return _open(path, schema, synchronous)
+
+
+def damaged(e: BaseException) -> bool:
+    """Whether SQLite error ``e`` says the file is damaged (SQLITE_CORRUPT, SQLITE_NOTADB:
+    "database disk image is malformed"), not busy, locked or out of space."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def renew_cache_db(db: sqlite3.Connection, path: str, schema: str, what: str, error: BaseException, *,
+                   synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A new, empty file in place of the open cache file ``path`` a query found damaged
+    (:func:`damaged`; a trial's damaged middle pages gave one INFO line per open, for ever),
+    with one INFO line. Raises OSError or sqlite3.Error when a new file cannot be made."""
+    log.info("%s %s is damaged (%s): starting a new one", what, path, error)
+    try:
+        db.close()
+    except sqlite3.Error:
+        pass
+    _remove(path)
+    return _open(path, schema, synchronous)
+
+
+def _remove(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
 
 
 def _open(path: str, schema: str, synchronous: str) -> sqlite3.Connection:

@@ -253,3 +253,14 @@ def test_legacy_kms_vector_decrypts_with_its_published_plain_key():
     with open(os.path.join(VEC, "oss2-deprecated_encrypted_1MB_a_kms"), "rb") as f:
         ct = f.read()
     assert env.ctr_crypt(key, iv, 0, ct) == b"a" * (1 << 20)
+
+
+def test_length_mismatch_names_a_short_object_and_a_length_that_is_no_number():
+    """The plaintext length every SDK writes proves an object whole; one that is no number is a
+    damaged envelope (a trial: ``abc`` and ``-1`` read on without a word)."""
+    assert env.length_mismatch({}, 5) is None
+    assert env.length_mismatch({env.H_PLAIN_LEN: "5"}, 5) is None
+    assert env.length_mismatch({env.H_PLAIN_LEN: "9"}, 5) == "object has 5 bytes, its envelope says 9"
+    for bad in ("abc", "-1", "", "5.0"):
+        assert env.length_mismatch({env.H_PLAIN_LEN: bad}, 5) == \
+            f"its envelope's plaintext length {bad!r} is not a number", bad

@@ -569,7 +569,7 @@ def test_implicit_directory_survives_its_last_child(tmp_path, cmk_path):
 
 # -- break-testing: out-of-range attributes ----------------------------------------------------
 
-@pytest.mark.expect_log(r"(out of range|not a number); shown with the default")
+@pytest.mark.expect_log(r"(out of range|not a number as file-system clients write it \(.*\)); shown with the default")
 def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_path, cmk_path, caplog):
     from ossfuse.fuse_ops import Operations
 
@@ -605,9 +605,11 @@ def test_out_of_range_attributes_get_defaults_and_siblings_stay_listable(tmp_pat
     warned = [r.getMessage() for r in caplog.records if "out of range" in r.getMessage()]
     assert len(warned) == 4 and all("'pre/d/bad'" in w for w in warned)
     words = sorted(r.getMessage() for r in caplog.records if "not a number" in r.getMessage())
-    assert words == ["'pre/d/text' has x-oss-meta-mode 'rw-r--r--', not a number; shown with the default instead",
-                     "'pre/d/text' has x-oss-meta-mtime 'yesterday', not a number; shown with the default instead",
-                     "'pre/d/text' has x-oss-meta-uid 'root', not a number; shown with the default instead"]
+    integer, seconds = "an integer in decimal digits", "seconds[.fraction] in decimal digits"
+    assert words == [f"'pre/d/text' has x-oss-meta-{attr} {raw!r}, not a number as file-system clients write it "
+                     f"({form}); shown with the default instead"
+                     for attr, raw, form in (("mode", "rw-r--r--", integer), ("mtime", "yesterday", seconds),
+                                             ("uid", "root", integer))]
 
 
 # -- the unwrapped-key cache is keyed by the CMK chosen ---------------------------------------

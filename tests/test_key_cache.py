@@ -109,6 +109,52 @@ def test_an_unreadable_cache_file_is_replaced(tmp_path, cmk_path):
     k.close()
 
 
+@pytest.mark.expect_log(r"data-key cache .* is damaged \(database disk image is malformed\): starting a new one",
+                        r"attribute cache .* is damaged \(database disk image is malformed\): starting a new one")
+def test_a_cache_file_damaged_past_its_first_page_is_replaced_once(tmp_path, cmk_path, caplog):
+    """A trial: datakeys.sqlite with damaged middle pages opened fine, then every open logged
+    "cannot read: database disk image is malformed" (60 lines for one sha256sum -c), for ever.
+    The first query that meets the damage replaces the file (one INFO line); the key is
+    unwrapped by the CMK, and the new file keeps keys again. The attribute cache likewise."""
+    import logging
+    from ossfuse.attrcache import AttrCache
+    cache = str(tmp_path / "datakeys.sqlite")
+    writer = _keyring(cmk_path, cache)
+    made = [writer.new_envelope(f"f{i}") for i in range(3000)]  # many pages
+    writer.close()
+    attrs = AttrCache(str(tmp_path / "attrs.sqlite"))
+    attrs.put_many([(f"k{i}", "E", 1, 1.0, {"mode": "33188"}) for i in range(3000)])
+    attrs.close()
+    for path in (cache, str(tmp_path / "attrs.sqlite")):
+        size = os.path.getsize(path)
+        assert size > 16 * 4096 and not os.path.exists(path + "-wal")
+        with open(path, "r+b") as f:  # the first page (the schema) stays: the open succeeds
+            f.seek(2 * 4096)
+            f.write(os.urandom(size - 2 * 4096))
+    with caplog.at_level(logging.INFO, logger="ossfuse"):
+        reader = _keyring(cmk_path, cache)
+        for m in made[:5]:
+            assert reader.open_envelope(m.wrapped).data_key == m.data_key
+        again = reader.new_envelope("g")
+        reader.close()
+        reader = _keyring(cmk_path, cache)
+        with_rsa = RsaCmk.unwrap_pair
+        try:
+            RsaCmk.unwrap_pair = None  # the new file holds "g": no RSA
+            assert reader.open_envelope(again.wrapped).data_key == again.data_key
+        finally:
+            RsaCmk.unwrap_pair = with_rsa
+        reader.close()
+        attrs = AttrCache(str(tmp_path / "attrs.sqlite"))
+        for _ in range(3):
+            assert attrs.get_many([f"k{i}" for i in range(0, 3000, 7)]) == {}
+        attrs.put_many([("k1", "E", 1, 1.0, {"mode": "33188"})])
+        assert attrs.get_many(["k1"])["k1"].etag == "E"
+        attrs.close()
+    lines = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
+    assert len(lines) == 2 and all("is damaged" in ln for ln in lines), lines
+
+
 def test_a_changed_object_is_not_opened_with_a_stale_key(tmp_path, cmk_path):
     """Two mounts' keyrings share one cache file; the file is rewritten by the second (a new
     envelope and ETag): the first mount's next open reads the new bytes, not garbage."""

@@ -141,3 +141,19 @@ def test_a_background_unwrap_that_fails_is_eio_at_the_read_with_one_log_line(tmp
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage() for r in lines] == [
         "cannot read 'pre/f': CMK 'k' cannot unwrap the data key (wrong CMK or corrupt key header)"]
+
+
+def test_an_iv_that_does_not_unwrap_is_named_as_the_start_header(cmk_path):
+    """A trial: a truncated ``client-side-encryption-start`` (the wrapped IV) was reported as
+    "wrong CMK or corrupt key header". The data key unwraps, so the message names the IV."""
+    from ossfuse import envelope as env
+    from ossfuse.config import CmkConfig
+    from ossfuse.keyring import RsaCmk
+    cmk = RsaCmk(CmkConfig("k", "rsa", cmk_path))
+    key, iv = os.urandom(32), os.urandom(8) + bytes(8)
+    assert cmk.unwrap_pair(cmk.wrap(key), cmk.wrap(iv)) == (key, iv)
+    with pytest.raises(env.EnvelopeError, match=r"CMK 'k' unwraps the data key but not the IV \(a corrupt "
+                                                 r"client-side-encryption-start header\)"):
+        cmk.unwrap_pair(cmk.wrap(key), cmk.wrap(iv)[:-5])
+    with pytest.raises(env.EnvelopeError, match=r"cannot unwrap the data key \(wrong CMK or corrupt key header\)"):
+        cmk.unwrap_pair(cmk.wrap(key)[:-5], cmk.wrap(iv))

@@ -49,8 +49,9 @@ def _number(key: str, attr: str, raw: str | None, parse: Callable[[str], int | N
         return None
     value = parse(raw)
     if value is None:
-        _warn_once(key, attr, "%r has x-oss-meta-%s %r, not a number; shown with the default instead", key, attr,
-                   raw[:40])
+        form = "seconds[.fraction] in decimal digits" if parse is parse_mtime else "an integer in decimal digits"
+        _warn_once(key, attr, "%r has x-oss-meta-%s %r, not a number as file-system clients write it (%s); "
+                   "shown with the default instead", key, attr, raw[:40], form)
     return value
 
 
