@@ -196,7 +196,7 @@ def _fail_seal(monkeypatch) -> None:
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'pre/doc' failed",
-                        r"ERROR ossfuse\.fs\.commit: 'pre/doc': its last changes \(2200 bytes\) could not be saved",
+                        r"ERROR ossfuse\.fs\.commit: 'pre/doc': its last changes \(a version of 2200 bytes\) could not be saved",
                         r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'pre/doc' \(work file ")
 def test_changes_that_could_not_be_sealed_are_named_as_lost_and_the_next_mount_says_so(tmp_path, cmk_path,
                                                                                         monkeypatch, caplog):
@@ -214,7 +214,7 @@ def test_changes_that_could_not_be_sealed_are_named_as_lost_and_the_next_mount_s
         journaled, lost = fs.pending_report()
         assert (journaled, lost) == ([], ["doc"])  # not claimed journaled
         line = [r.getMessage() for r in caplog.records if "could not be saved" in r.getMessage()]
-        assert line == ["'pre/doc': its last changes (2200 bytes) could not be saved in the cache dir "
+        assert line == ["'pre/doc': its last changes (a version of 2200 bytes) could not be saved in the cache dir "
                         "(No space left on device) and are lost when this daemon exits; the bucket has "
                         "no version of it"]
         work = [n for n in os.listdir(fs.staging.dir) if n.endswith(".work")]
@@ -416,7 +416,7 @@ def test_close_whose_in_place_seal_fails_half_way_keeps_the_last_good_version(tm
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: staging 'holey' failed.*No space left",
-                        r"ERROR ossfuse\.fs\.commit: 'holey': its last changes \(33554432 bytes\) could not be saved",
+                        r"ERROR ossfuse\.fs\.commit: 'holey': its last changes \(a version of 33554432 bytes\) could not be saved",
                         r"WARNING ossfuse\.writeback\.journal: unsaved changes of 'holey' \(work file ",
                         r"WARNING ossfuse\.daemon: the unsaved changes of 1 file\(s\) left by an earlier run",
                         r"WARNING ossfuse\.writeback\.staging: cache dir")

@@ -318,25 +318,30 @@ def test_rmdir_of_a_directory_holding_only_a_hidden_plaintext_object_says_why(tm
 
 @pytest.mark.expect_log(r"'pre/bad' has x-oss-meta-rdev 4294967296, out of range",
                         r"'pre/junk' has x-oss-meta-rdev 'x', not a number",
-                        r"'pre/fifo' holds 4 bytes but its x-oss-meta-mode 4516 makes it a special file")
+                        r"'pre/fifo' holds 4 bytes but its x-oss-meta-mode 4516 makes it a special file",
+                        r"'pre/dirmode' has x-oss-meta-mode 16877, a directory's, but its key is a file's")
 def test_out_of_range_rdev_shows_zero_with_one_warning(tmp_path, cmk_path, caplog):
     async def main():
         store = LocalStore(str(tmp_path / "bucket"))
         await store.put_bytes("pre/bad", b"", {"mode": str(stat.S_IFBLK | 0o600), "rdev": str(2**32)})
         await store.put_bytes("pre/junk", b"", {"mode": str(stat.S_IFCHR | 0o600), "rdev": "x"})
         await store.put_bytes("pre/fifo", b"data", {"mode": str(stat.S_IFIFO | 0o644)})  # a foreign writer's
+        await store.put_bytes("pre/dirmode", b"data", {"mode": str(stat.S_IFDIR | 0o755)})  # (a trial)
         await store.aclose()
         fs = _filesystem(tmp_path, cmk_path)
         bad = await fs.lookup(fs.get(1), "bad")
         assert stat.S_ISBLK(bad.mode) and rdev_of(bad) == 0 and rdev_of(bad) == 0  # warned once
         assert rdev_of(await fs.lookup(fs.get(1), "junk")) == 0
         assert stat.S_ISFIFO((await fs.lookup(fs.get(1), "fifo")).mode)
+        for _ in range(2):  # (said once)
+            assert (await fs.lookup(fs.get(1), "dirmode")).mode == stat.S_IFREG | 0o755
+            fs.by_path["dirmode"].checked_at = 0.0
         fs.close()
         await fs.store.aclose()
 
     with caplog.at_level(logging.WARNING):
         trio.run(main)
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 4
 
 
 # -- through a real mount, on both stores ------------------------------------------------------

@@ -297,7 +297,7 @@ class Commit:
                 kept = f"the bucket keeps its last version ({node.version.size} bytes)"
             else:
                 kept = "the bucket has no version of it"
-            log.error("%r: its last changes (%d bytes) could not be saved in the cache dir (%s) and are lost "
+            log.error("%r: its last changes (a version of %d bytes) could not be saved in the cache dir (%s) and are lost "
                       "when this daemon exits; %s", self.naming.key(node.path), st.size,
                       node.upload_error or "not sealed", kept)
             lost.append(node.path)

@@ -218,6 +218,9 @@ class AttrDefaults:
                            "(a FIFO, socket or device node); shown as that, its data is not shown", key, info.size,
                            meta.get("mode"))
         else:
+            if stat.S_ISDIR(mode):  # (a trial: shown as a file without a word, where the others warn)
+                _warn_once(key, "mode", "%r has x-oss-meta-mode %s, a directory's, but its key is a file's (no "
+                           "trailing /); shown as a regular file", key, meta.get("mode"))
             mode = stat.S_IFREG | (stat.S_IMODE(mode) if mode else 0o666 & ~self.umask)
         if not stat.S_ISLNK(mode):
             mode &= ~self.create_umask  # a configured umask masks every mode
