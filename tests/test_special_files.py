@@ -210,6 +210,13 @@ def test_special_files_written_by_ossfs_read_back(tmp_path, cmk_path):
     trio.run(main)
 
 
+def _store_of(kind: str, tmp_path, request):
+    """A new client of the local bucket under ``tmp_path`` or of the test's OSS server."""
+    if kind == "local":
+        return LocalStore(str(tmp_path / "bucket"))
+    return oss_client_store(request.getfixturevalue("oss_server"))
+
+
 @pytest.mark.parametrize("store_kind", ["local", "oss"])
 def test_hide_hides_a_plaintext_object_with_no_metadata_at_all(tmp_path, cmk_path, store_kind, request):
     """``plaintext_objects = "hide"`` hides an object with no envelope and no metadata at all
@@ -217,9 +224,7 @@ def test_hide_hides_a_plaintext_object_with_no_metadata_at_all(tmp_path, cmk_pat
     listing and for a lookup, on a local bucket and over OSS (whose listing does not give an
     entry's metadata: it is never hidden for that alone, is_hidden: only a HEAD can tell)."""
     def store():
-        if store_kind == "local":
-            return LocalStore(str(tmp_path / "bucket"))
-        return oss_client_store(request.getfixturevalue("oss_server"))
+        return _store_of(store_kind, tmp_path, request)
 
     async def main():
         seed = store()
@@ -258,9 +263,7 @@ def test_hide_a_new_file_at_a_hidden_objects_name_is_refused_and_a_directory_the
     then hid it). A new file there is refused (EACCES; EEXIST with O_EXCL; one WARNING naming
     the object), the object kept; a directory there lists (another key)."""
     def store():
-        if store_kind == "local":
-            return LocalStore(str(tmp_path / "bucket"))
-        return oss_client_store(request.getfixturevalue("oss_server"))
+        return _store_of(store_kind, tmp_path, request)
 
     async def main():
         seed = store()
