@@ -197,7 +197,7 @@ def length_mismatch(metadata: dict[str, str], size: int) -> str | None:
     if plain_len is None:
         return None
     if not plain_len.strip().isdigit():
-        return f"its envelope's plaintext length {plain_len[:40]!r} is not a number"
+        return f"its envelope's plaintext length {plain_len[:40]!r} is not a length (decimal digits)"
     if int(plain_len) != size:
         return f"object has {size} bytes, its envelope says {plain_len.strip()}"
     return None

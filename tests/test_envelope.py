@@ -263,4 +263,4 @@ def test_length_mismatch_names_a_short_object_and_a_length_that_is_no_number():
     assert env.length_mismatch({env.H_PLAIN_LEN: "9"}, 5) == "object has 5 bytes, its envelope says 9"
     for bad in ("abc", "-1", "", "5.0"):
         assert env.length_mismatch({env.H_PLAIN_LEN: bad}, 5) == \
-            f"its envelope's plaintext length {bad!r} is not a number", bad
+            f"its envelope's plaintext length {bad!r} is not a length (decimal digits)", bad

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import BUCKET, OSSFUSE, run_sync
+from ossfuse import envelope as env
 from ossfuse import integrity
 
 pytestmark = pytest.mark.timeout(240)
@@ -242,7 +243,8 @@ def test_multipart_uploads_and_rekey_keep_valid_tags(tmp_path, cmk_path, other_c
 B_CMK = '[[encryption.cmk]]\nid = "b"\ntype = "rsa"\nprivate_key = "{}"\nmatdesc = {{ cmk = "b" }}\n'
 
 
-@pytest.mark.expect_log(r"rekey of 'bad' \(ETag \S+\) skipped: it fails its integrity tags")
+@pytest.mark.expect_log(r"rekey of 'bad' \(ETag \S+\) skipped: it fails its integrity tags",
+                        r"rekey of 'lenbad' \(ETag \S+\) skipped: its envelope is damaged")
 def test_rekey_skips_and_reports_a_damaged_object(tmp_path, cmk_path, other_cmk_path):
     """A damaged object is never re-saved under the new CMK (that would give it fresh, valid
     tags over bad bytes): rekey checks the tags, leaves it as it is, names it on one line and
@@ -258,17 +260,24 @@ def test_rekey_skips_and_reports_a_damaged_object(tmp_path, cmk_path, other_cmk_
         assert m.stop() == 0
     flip(m, "bad", 70_000)
     before = m.head("bad")
+    good = m.head("good")  # trial Y: an envelope whose plaintext length is no length was re-saved
+    body = run_sync(lambda: m.store.get_range("good", 0, good.size))
+    run_sync(lambda: m.store.put_bytes("lenbad", body, {**good.metadata, env.H_PLAIN_LEN: "abc"}))
+    lenbad = m.head("lenbad")
     r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b", "--dry-run"], capture_output=True,
                        text=True, env=m.env, timeout=120)
-    assert r.returncode == 0 and "would change: 2 object(s)" in r.stdout, r.stdout + r.stderr
-    assert ("skipped, damaged: not checked in a dry run (contents are not read; `ossfuse check --verify` "
-            "reads them)") in r.stdout.splitlines(), r.stdout  # says it cannot tell, not "0"
+    assert r.returncode == 1 and "would change: 2 object(s)" in r.stdout, r.stdout + r.stderr  # (lenbad)
+    assert ("skipped, damaged envelope: 1; integrity tags not checked in a dry run (contents are not read; "
+            "`ossfuse check --verify` reads them)") in r.stdout.splitlines(), r.stdout  # says it cannot tell
     r = subprocess.run(OSSFUSE + ["rekey", "-c", m.config, "--to", "b"], capture_output=True, text=True,
                        env=m.env, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "changed: 1 object(s)" in r.stdout, r.stdout
     damaged = [ln for ln in r.stdout.splitlines() if ln.startswith("  DAMAGED ")]
-    assert damaged == [f"  DAMAGED bad (ETag {before.etag}): block 1 (bytes 65536-131071) fails its integrity tag"], r.stdout
+    assert damaged == [f"  DAMAGED bad (ETag {before.etag}): block 1 (bytes 65536-131071) fails its integrity tag",
+                       f"  DAMAGED lenbad (ETag {lenbad.etag}): its envelope's plaintext length 'abc' is not a "
+                       "length (decimal digits)"], r.stdout
+    assert m.head("lenbad").metadata == lenbad.metadata
     after = m.head("bad")
     assert after.etag == before.etag and after.metadata == before.metadata  # left as it was
     assert m.head("good").metadata["client-side-encryption-matdesc"] == '{"cmk":"b"}'
