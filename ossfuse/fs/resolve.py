@@ -396,11 +396,31 @@ class Resolver:
                 raise FsError(errno.EEXIST)
             hidden = self._hidden_files.get(path)  # (the probe that put the name in the negative cache)
             if hidden is not None and not is_dir:  # (a directory is another key: it may be made)
-                self._errors.error("cannot make %r: the bucket holds %r there, a plaintext object "
-                                   "plaintext_objects = \"hide\" hides; remove or rename it with another "
-                                   "client", path, hidden, same=("hidden", hidden), level=logging.WARNING)
-                raise HiddenObjectThere(errno.EEXIST)
+                await self._refuse_hidden(path, hidden)
         await self.at_current_path(parent, ask, name)
+
+    async def _refuse_hidden(self, path: str, key: str) -> None:
+        """A probe found the plaintext object ``key`` that ``plaintext_objects = "hide"`` hides
+        at ``path``, where a new file is to be made: HiddenObjectThere (one WARNING naming it)
+        while a HEAD still finds it hidden there; FsError(EEXIST) when another object took its
+        place; nothing when it is gone (a trial: a create stayed refused after the object was
+        deleted, until a remount: the parent's listing answered lookups without a probe).
+        Raises FsError(EIO) when the store fails."""
+        try:
+            now = await self.store.head(key)
+        except StoreError as e:
+            self._errors.error("lookup of %r failed: %s", key, e)
+            raise FsError(errno_of(e)) from None
+        if now is None or not is_hidden(now, self.plaintext_objects):
+            self._hidden_files.pop(path, None)
+            if now is not None:
+                self.names.note_present(path)
+                raise FsError(errno.EEXIST)
+            return
+        self._errors.error("cannot make %r: the bucket holds %r there, a plaintext object plaintext_objects = "
+                           "\"hide\" hides; remove or rename it with another client", path, key,
+                           same=("hidden", key), level=logging.WARNING)
+        raise HiddenObjectThere(errno.EEXIST)
 
     async def _resolve_settled(self, path: str, known: Node | None, parent: Node) -> Node | None:
         """:meth:`resolve`; on PathMoved, first waits until ``known``'s own rename or unlink is
