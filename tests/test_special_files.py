@@ -307,6 +307,50 @@ def test_hide_a_new_file_at_a_hidden_objects_name_is_refused_and_a_directory_the
     assert len([r for r in caplog.records if "cannot make" in r.getMessage()]) == 2  # zz.txt, yy.txt
 
 
+@pytest.mark.parametrize("store_kind", ["local", "oss"])
+@pytest.mark.parametrize("uploaded", [False, True])
+@pytest.mark.expect_log(r"WARNING ossfuse\.fs\.conflicts: 'pre/tgt\.txt' was changed by another client \(this mount "
+                        r"knew no object there, .*\) and a rename replaces it: theirs is kept as 'pre/tgt\.conflict-")
+def test_hide_a_rename_onto_a_hidden_objects_name_keeps_it_as_a_conflict_copy(tmp_path, cmk_path, store_kind,
+                                                                             uploaded, request):
+    """Trial Y: over OSS a file not uploaded yet, renamed onto a hidden plaintext object's name,
+    went to a conflict copy at its upload (theirs stayed at the name) — unlike a committed
+    file's rename, which keeps theirs as a conflict copy first and replaces it. Both do that."""
+    async def main():
+        seed = _store_of(store_kind, tmp_path, request)
+        await seed.put_bytes("pre/tgt.txt", b"theirs\n", {})
+        await seed.aclose()
+        fs = _filesystem(tmp_path, cmk_path, _store_of(store_kind, tmp_path, request), plaintext_objects="hide")
+        root = fs.get(1)
+        _node, h = await fs.create(root, "mine.txt", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        await fs.write(h, 0, b"ours\n")
+        await fs.flush(h)
+        await fs.release(h)
+        if uploaded:
+            assert await fs.drain() == 0
+        with pytest.raises(FsError):
+            await fs.lookup(root, "tgt.txt")  # the kernel's lookup before a rename
+        await fs.rename(root, "mine.txt", root, "tgt.txt", 0)
+        assert await fs.drain() == 0
+        names = sorted(n for n in await _names_in_bucket(fs.store) if n.startswith("pre/tgt"))
+        assert names[0] == "pre/tgt.conflict" or names[0].startswith("pre/tgt.conflict-"), names
+        assert len(names) == 2 and names[1] == "pre/tgt.txt", names
+        assert await fs.store.get_range(names[0], 0, 100) == b"theirs\n"  # kept, plaintext
+        assert set(await _listing(fs, root)) == {"tgt.txt"}  # (the conflict copy is hidden too)
+        h = await fs.open(await fs.lookup(root, "tgt.txt"), os.O_RDONLY)
+        assert await fs.read(h, 0, 100) == b"ours\n"
+        await fs.release(h)
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+async def _names_in_bucket(store) -> list[str]:
+    page = await store.list("pre/", delimiter=None)
+    return [o.key for o in page.objects]
+
+
 @pytest.mark.expect_log(r"'d' is not empty: the bucket holds 'pre/d/sdk\.txt' below it, which listings here do not "
                         r"show \(a plaintext object, hidden by plaintext_objects = \"hide\"\)")
 def test_rmdir_of_a_directory_holding_only_a_hidden_plaintext_object_says_why(tmp_path, cmk_path, caplog):

@@ -942,6 +942,14 @@ class Namespace:
                     pending = self.deferred.last_etag(new_key)
                     if pending is not None:  # (as a create at that name does)
                         self.commit.conflicts.replaces(src, pending)
+                    elif self.resolver.hidden_at(dst_path):
+                        # a plaintext object plaintext_objects = "hide" hides: replaced as a
+                        # committed source's rename replaces it, kept as a conflict copy first
+                        # (a trial: src's create-only upload went to a conflict copy instead)
+                        now = await store_request(self.store.head(new_key), new_key)
+                        if now is not None and is_hidden(now, self.resolver.plaintext_objects):
+                            await self._keep_as_conflict(new_key, now, None)
+                            self.commit.conflicts.replaces(src, now.etag)
                 else:  # what the bucket has at dst's name: replaced knowingly
                     v = dst.version
                     unseen = _unseen(dst)  # (before the HEAD's await: a lookup meanwhile changes it)

@@ -399,6 +399,11 @@ class Resolver:
                 await self._refuse_hidden(path, hidden)
         await self.at_current_path(parent, ask, name)
 
+    def hidden_at(self, path: str) -> bool:
+        """Whether the last probe of ``path`` found a plaintext object ``plaintext_objects =
+        "hide"`` hides there (the caller HEADs it before acting on that)."""
+        return path in self._hidden_files
+
     async def _refuse_hidden(self, path: str, key: str) -> None:
         """A probe found the plaintext object ``key`` that ``plaintext_objects = "hide"`` hides
         at ``path``, where a new file is to be made: HiddenObjectThere (one WARNING naming it)
