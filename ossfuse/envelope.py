@@ -240,11 +240,7 @@ def _parse_legacy(metadata: dict[str, str]) -> WrappedEnvelope:
     if wrap == "kms":
         key, start = metadata[LEGACY_KEY].encode(), metadata[LEGACY_START].encode()
     else:
-        try:
-            key = base64.b64decode(metadata[LEGACY_KEY], validate=True)
-            start = base64.b64decode(metadata[LEGACY_START], validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise EnvelopeError(f"legacy key/start header is not base64: {e}") from None
+        key, start = (_b64_header(metadata, h, "legacy") for h in (LEGACY_KEY, LEGACY_START))
     return WrappedEnvelope(key, start, _LEGACY_WRAP[wrap], None, None, legacy=True)
 
 
@@ -258,6 +254,16 @@ def legacy_counter_iv(start: bytes) -> bytes:
     if not 0 <= value < 1 << 128:
         raise EnvelopeError("legacy start counter out of range")
     return value.to_bytes(IV_SIZE, "big")
+
+
+def _b64_header(metadata: dict[str, str], name: str, kind: str) -> bytes:
+    """The bytes of base64 header ``name`` of an envelope (``kind``: "envelope" or "legacy",
+    for the message). Raises EnvelopeError naming the header (a trial: "key/start" did not
+    say which)."""
+    try:
+        return base64.b64decode(metadata[name], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise EnvelopeError(f"{kind} header x-oss-meta-{name} is not base64: {e}") from None
 
 
 def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
@@ -278,11 +284,7 @@ def parse_envelope(metadata: dict[str, str]) -> WrappedEnvelope:
     wrap_alg = metadata[H_WRAP_ALG]
     if wrap_alg.lower() not in (a.lower() for a in KNOWN_WRAP_ALGS):
         raise EnvelopeError(f"unknown wrap-alg {wrap_alg!r}")
-    try:
-        wrapped_key = base64.b64decode(metadata[H_KEY], validate=True)
-        wrapped_iv = base64.b64decode(metadata[H_START], validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise EnvelopeError(f"envelope key/start header is not base64: {e}") from None
+    wrapped_key, wrapped_iv = (_b64_header(metadata, h, "envelope") for h in (H_KEY, H_START))
     raw = metadata.get(H_MATDESC) or None
     matdesc = parse_matdesc(raw) if raw is not None else None
     return WrappedEnvelope(wrapped_key, wrapped_iv, wrap_alg, matdesc, raw)

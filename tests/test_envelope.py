@@ -264,3 +264,13 @@ def test_length_mismatch_names_a_short_object_and_a_length_that_is_no_number():
     for bad in ("abc", "-1", "", "5.0"):
         assert env.length_mismatch({env.H_PLAIN_LEN: bad}, 5) == \
             f"its envelope's plaintext length {bad!r} is not a length (decimal digits)", bad
+
+
+def test_a_header_that_is_not_base64_is_named():
+    """Trial Y: "key/start header is not base64" did not say which of the two."""
+    good = {env.H_KEY: base64.b64encode(b"k" * 8).decode(), env.H_START: base64.b64encode(b"s" * 8).decode(),
+            env.H_CEK_ALG: env.CEK_ALG, env.H_WRAP_ALG: "RSA/NONE/PKCS1Padding"}
+    assert env.parse_envelope(good).wrapped_iv == b"s" * 8
+    for header in (env.H_KEY, env.H_START):
+        with pytest.raises(env.EnvelopeError, match=f"envelope header x-oss-meta-{header} is not base64"):
+            env.parse_envelope({**good, header: "%%" + good[header]})

@@ -17,7 +17,7 @@ from ossfuse.fs.model import UNPARSED
 from test_fs_units import _filesystem
 
 
-@pytest.mark.expect_log(r"cannot open 'pre/b': envelope key/start header is not base64")
+@pytest.mark.expect_log(r"cannot open 'pre/b': envelope header x-oss-meta-client-side-encryption-key is not base64")
 def test_listed_file_parses_its_envelope_only_when_opened(tmp_path, cmk_path):
     async def main():
         fs = _filesystem(tmp_path, cmk_path)

@@ -154,6 +154,14 @@ class DirectoryReader:
         for node in self._made.pop(fh, ()):
             self.inodes.maybe_drop(node)
 
+    def _say_shadowed(self, key: str) -> None:
+        """One WARNING (every listing meets it again) for object ``key`` that is also a prefix
+        (of objects, or of this mount's files not uploaded yet)."""
+        if key not in self._shadowed:
+            self._shadowed.add(key)
+            log.warning("%r is both an object and a prefix; showing the object (what is below the prefix is "
+                        "not reachable through this mount)", key)
+
     async def list_entries(self, node: Node) -> list[DirEntry]:
         """Snapshot of a directory: (name, known node, listing info, is_dir), sorted by name.
         A rename of the directory (or of one above it) running or done while it was listed:
@@ -202,16 +210,17 @@ class DirectoryReader:
                 continue  # plaintext_objects = "hide" hides the object: the directory shows (a trial)
             if node.name_going is not None or node.path != path:
                 raise PathMoved(path)
-            if name in dirs and dkey + name not in self._shadowed:
-                self._shadowed.add(dkey + name)  # every listing meets it again: one line is enough
-                log.warning("%r is both an object and a prefix; showing the object (what is below the "
-                            "prefix is not reachable through this mount)", dkey + name)
+            if name in dirs:
+                self._say_shadowed(dkey + name)
             entries[name] = (name, None, o, False)
         for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
             if not d.unlinked and parent_of(d.path) == path:
                 entries[d.name] = (d.name, d, None, d.is_dir)
-        for name in self.resolver.dirs_with_staged(path) - entries.keys():
-            entries[name] = (name, None, None, True)  # only files not uploaded yet below it
+        for name in self.resolver.dirs_with_staged(path):
+            if name not in entries:
+                entries[name] = (name, None, None, True)  # only files not uploaded yet below it
+            elif not entries[name][3]:  # another client's file took the name (trial Y: no word)
+                self._say_shadowed(dkey + name)
         self.names.set_children(node, entries)
         if files or dirs:  # the store shows it now (module doc of fs/resolve.py)
             self.resolver.seen_below(path, dir_itself=True)
