@@ -134,11 +134,7 @@ class AttrCache:
         INFO line; without it every lookup said so again); False: another failure."""
         if self._db is None or not damaged(e):
             return False
-        try:
-            self._db = renew_cache_db(self._db, self.path, _SCHEMA, "attribute cache", e, synchronous="OFF")
-        except (OSError, sqlite3.Error) as e2:
-            log.info("attribute cache %s: cannot start a new one: %s", self.path, e2)
-            self._db = None  # (a cache: none then)
+        self._db = renew_cache_db(self._db, self.path, _SCHEMA, "attribute cache", e, synchronous="OFF")
         return True
 
     def close(self) -> None:

@@ -78,10 +78,8 @@ class KeyCache:
         each costs one unwrap); whether it did."""
         if not damaged(e):
             return False
-        try:
-            self._db = renew_cache_db(self._db, self.path, _KEY_CACHE_SCHEMA, "data-key cache", e)
-        except (OSError, sqlite3.Error) as e2:  # (the closed file's queries fail: caught as before)
-            log.info("data-key cache %s: cannot start a new one: %s", self.path, e2)
+        # none made: the closed file's queries fail, caught as before (a cache)
+        self._db = renew_cache_db(self._db, self.path, _KEY_CACHE_SCHEMA, "data-key cache", e) or self._db
         return True
 
     def _keys_for(self, secret: bytes) -> tuple[bytes, AESGCM]:

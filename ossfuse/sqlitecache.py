@@ -32,17 +32,21 @@ def damaged(e: BaseException) -> bool:
 
 
 def renew_cache_db(db: sqlite3.Connection, path: str, schema: str, what: str, error: BaseException, *,
-                   synchronous: str = "NORMAL") -> sqlite3.Connection:
+                   synchronous: str = "NORMAL") -> sqlite3.Connection | None:
     """A new, empty file in place of the open cache file ``path`` a query found damaged
     (:func:`damaged`; a trial's damaged middle pages gave one INFO line per open, for ever),
-    with one INFO line. Raises OSError or sqlite3.Error when a new file cannot be made."""
+    with one INFO line; None (a second line) when a new file cannot be made: no cache then."""
     log.info("%s %s is damaged (%s): starting a new one", what, path, error)
     try:
         db.close()
     except sqlite3.Error:
         pass
-    _remove(path)
-    return _open(path, schema, synchronous)
+    try:
+        _remove(path)
+        return _open(path, schema, synchronous)
+    except (OSError, sqlite3.Error) as e:
+        log.info("%s %s: cannot start a new one: %s", what, path, e)
+        return None
 
 
 def _remove(path: str) -> None:

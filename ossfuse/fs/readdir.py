@@ -206,11 +206,11 @@ class DirectoryReader:
         for name, o in files.items():
             if self.resolver.pending_delete(o):
                 continue  # an unlinked file's object awaiting its delete (a directory may share its name)
-            if name in dirs and await self.resolver.hidden_file(o):
-                continue  # plaintext_objects = "hide" hides the object: the directory shows (a trial)
-            if node.name_going is not None or node.path != path:
-                raise PathMoved(path)
             if name in dirs:
+                if await self.resolver.hidden_file(o):
+                    continue  # plaintext_objects = "hide" hides the object: the directory shows (a trial)
+                if node.name_going is not None or node.path != path:
+                    raise PathMoved(path)  # (renamed while that HEAD was out)
                 self._say_shadowed(dkey + name)
             entries[name] = (name, None, o, False)
         for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
