@@ -57,7 +57,8 @@ _IGNORED_PREFIXES = ("x-systemd.", "x-gvfs-", "comment=")
 
 
 def split_mount_options(cfg, options: list[str]):
-    """``-o`` options → (config with uid/gid/umask applied, FUSE options). Of ``ro`` and
+    """``-o`` options → (config with uid/gid/umask/attr_timeout/entry_timeout applied, FUSE
+    options: libfuse 3 refuses those five, "fuse_session_new() failed"). Of ``ro`` and
     ``rw`` the last one given counts, as for mount(8). Raises ValueError naming a malformed
     option."""
     fuse, mount = [], {}
@@ -79,6 +80,14 @@ def split_mount_options(cfg, options: list[str]):
                    None if 0 <= mount[name] <= 0o777 else "must be 0 to 777 (octal)")
             if why is not None:
                 raise ValueError(f"-o {opt}: {name} {why}")
+        elif name in ("attr_timeout", "entry_timeout"):  # libfuse 2's options (sshfs, s3fs take them)
+            from .config import SECONDS_MAX
+            try:
+                mount[name] = float(value)
+            except ValueError:
+                raise ValueError(f"-o {opt}: {name} needs a number of seconds") from None
+            if not 0 <= mount[name] <= SECONDS_MAX:  # (also nan)
+                raise ValueError(f"-o {opt}: {name} must be 0 to {SECONDS_MAX} seconds")
         elif name == "subtype":
             raise ValueError(f"-o {opt}: ossfuse mounts have the type fuse.ossfuse (umount and status find "
                              f"them by it)")
@@ -1115,7 +1124,7 @@ def _mount_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("-c", "--config", required=True, help="TOML config file")
     m.add_argument("mountpoint", type=_path_arg, help="an empty directory to mount at")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize; log to stderr")
-    m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="mount options: allow_other, ro, uid=, gid=, umask=, nonempty "
+    m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="mount options: allow_other, ro, uid=, gid=, umask=, attr_timeout=, entry_timeout=, nonempty "
                    "(mount over a non-empty directory), other FUSE options")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -978,6 +978,31 @@ def test_of_ro_and_rw_the_last_one_counts(tmp_path, cmk_path, given, read_only):
     assert fuse == (["ro"] if read_only else [])
 
 
+def test_attr_and_entry_timeout_options_set_the_config_keys(tmp_path, cmk_path, no_mount_left):
+    """``-o attr_timeout=30`` (libfuse 2's option, as sshfs and s3fs take it) failed with only
+    libfuse 3's "fuse_session_new() failed" (a trial's finding): now it sets ``[mount]
+    attr_timeout`` as uid=/gid=/umask= set theirs; a bad value is one line naming it."""
+    from ossfuse import config as config_mod
+    from ossfuse.cli import split_mount_options
+    path = _config(tmp_path, _base(tmp_path, cmk_path))
+    cfg, fuse = split_mount_options(config_mod.load(path), ["attr_timeout=30", "entry_timeout=0.5", "noatime"])
+    assert (cfg.mount.attr_timeout, cfg.mount.entry_timeout, fuse) == (30.0, 0.5, ["noatime"])
+    for bad, why in (("attr_timeout=x", "attr_timeout needs a number of seconds"),
+                     ("entry_timeout=-1", "entry_timeout must be 0 to"), ("attr_timeout=nan", "must be 0 to")):
+        with pytest.raises(ValueError, match=why):
+            split_mount_options(cfg, [bad])
+    os.makedirs(tmp_path / "mnt")
+    mnt = no_mount_left(str(tmp_path / "mnt"), path)
+    r = ossfuse("mount", "-c", path, mnt, "-o", "attr_timeout=x")
+    assert r.returncode == 1 and r.stderr == "ossfuse: -o attr_timeout=x: attr_timeout needs a number of seconds\n"
+    r = ossfuse("mount", "-c", path, mnt, "-o", "ro,attr_timeout=30,entry_timeout=2")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.listdir(mnt) == []
+    finally:
+        assert ossfuse("umount", mnt).returncode == 0
+
+
 def test_a_local_bucket_whose_parent_directory_is_missing_is_refused_not_made(tmp_path, cmk_path, no_mount_left):
     """A local bucket under a directory that does not exist (its disk not mounted, a typo):
     the mount fails with one line naming it, and nothing is created (the whole path was made,
