@@ -380,7 +380,8 @@ def test_rmdir_of_a_directory_holding_only_a_hidden_plaintext_object_says_why(tm
 @pytest.mark.expect_log(r"'pre/bad' has x-oss-meta-rdev 4294967296, out of range",
                         r"'pre/junk' has x-oss-meta-rdev 'x', not a number",
                         r"'pre/fifo' holds 4 bytes but its x-oss-meta-mode 4516 makes it a special file",
-                        r"'pre/dirmode' has x-oss-meta-mode 16877, a directory's, but its key is a file's")
+                        r"'pre/dirmode' has x-oss-meta-mode 16877, a directory's, but its key is a file's",
+                        r"'pre/linkdir/' is a directory marker \(its key ends in /\) but its x-oss-meta-mode 41471 ")
 def test_out_of_range_rdev_shows_zero_with_one_warning(tmp_path, cmk_path, caplog):
     async def main():
         store = LocalStore(str(tmp_path / "bucket"))
@@ -388,6 +389,8 @@ def test_out_of_range_rdev_shows_zero_with_one_warning(tmp_path, cmk_path, caplo
         await store.put_bytes("pre/junk", b"", {"mode": str(stat.S_IFCHR | 0o600), "rdev": "x"})
         await store.put_bytes("pre/fifo", b"data", {"mode": str(stat.S_IFIFO | 0o644)})  # a foreign writer's
         await store.put_bytes("pre/dirmode", b"data", {"mode": str(stat.S_IFDIR | 0o755)})  # (a trial)
+        await store.put_bytes("pre/linkdir/", b"", {"mode": str(stat.S_IFLNK | 0o777)})  # (a trial)
+        await store.put_bytes("pre/plaindir/", b"", {"mode": "493"})  # permissions alone: no word
         await store.aclose()
         fs = _filesystem(tmp_path, cmk_path)
         bad = await fs.lookup(fs.get(1), "bad")
@@ -397,12 +400,15 @@ def test_out_of_range_rdev_shows_zero_with_one_warning(tmp_path, cmk_path, caplo
         for _ in range(2):  # (said once)
             assert (await fs.lookup(fs.get(1), "dirmode")).mode == stat.S_IFREG | 0o755
             fs.by_path["dirmode"].checked_at = 0.0
+            assert (await fs.lookup(fs.get(1), "linkdir")).mode == stat.S_IFDIR | 0o777
+            fs.by_path["linkdir"].checked_at = 0.0
+        assert (await fs.lookup(fs.get(1), "plaindir")).mode == stat.S_IFDIR | 0o755
         fs.close()
         await fs.store.aclose()
 
     with caplog.at_level(logging.WARNING):
         trio.run(main)
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 4
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
 
 
 # -- through a real mount, on both stores ------------------------------------------------------

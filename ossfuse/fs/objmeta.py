@@ -208,6 +208,9 @@ class AttrDefaults:
             if info is not None and info.size:
                 log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
                             "data is not shown", info.key, info.size)
+            if stat.S_IFMT(mode) not in (0, stat.S_IFDIR):  # (a trial: no word, as files had)
+                _warn_once(key, "mode", "%r is a directory marker (its key ends in /) but its x-oss-meta-mode %s "
+                           "is not a directory's; shown as a directory", key, meta.get("mode"))
             mode = stat.S_IFDIR | (stat.S_IMODE(mode) if mode else 0o777 & ~self.umask)
         elif stat.S_ISLNK(mode):
             mode = stat.S_IFLNK | 0o777
