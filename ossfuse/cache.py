@@ -57,6 +57,7 @@ import trio
 from .aio import Supervisor, run_all
 from .integrity import BlockTags, IntegrityError, TagSpec, nblocks
 from .integrity import TAG as _TAG
+from .integrity import list_key_candidates
 from .integrity import parse as parse_tags
 from .store.base import NoSuchKey, ObjectStore, StoreError
 
@@ -100,6 +101,27 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
                        ctypes.c_long(offset), ctypes.c_long(length)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+async def fetch_tag_list(store: ObjectStore, spec: TagSpec, key: str, size: int) -> bytes:
+    """The body of the tag list (list layout) of the object at ``key`` of ``size`` ciphertext
+    bytes: from the key its header names, else from where a directory rename above it moved
+    it (``integrity.list_key_candidates``: one more GET per directory level, only then; one
+    INFO line). The caller checks it against the root tag. Raises IntegrityError when it is
+    nowhere, StoreError when it cannot be read."""
+    want = nblocks(size, spec.block) * _TAG
+    if not want:
+        return b""
+    for at in list_key_candidates(spec, key):
+        try:
+            body = await store.get_range(at, 0, want)
+        except NoSuchKey:
+            continue
+        if at != spec.list_key:
+            log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
+                     key, at, spec.list_key)
+        return body
+    raise IntegrityError(f"its tag list {spec.list_key!r} is missing")
 
 
 class TruncatedObject(Exception):
@@ -637,14 +659,8 @@ class BlockCache:
         spec: TagSpec | None = parse_tags(metadata)
         if spec is None:
             return None
-        body = None
-        if spec.list_key is not None:
-            want = nblocks(size, spec.block) * _TAG
-            try:
-                body = await self.store.get_range(spec.list_key, 0, want) if want else b""
-            except NoSuchKey:
-                raise IntegrityError(f"version ETag {etag}: its tag list {spec.list_key!r} is missing") from None
         try:
+            body = await fetch_tag_list(self.store, spec, key, size) if spec.list_key is not None else None
             tags = BlockTags.from_spec(spec, data_key, iv, size, body)
         except IntegrityError as e:
             raise IntegrityError(f"version ETag {etag}: {e}") from None

@@ -271,6 +271,23 @@ class BlockTags:
         return bad
 
 
+def list_key_candidates(spec: TagSpec, object_key: str) -> list[str]:
+    """Where the tag list of the object at ``object_key`` may be, in the order to try: the key
+    its header names, then the list's name (its root tag's hex) in the ``.ossfuse-integrity``
+    directory of each directory above the object, nearest first. A directory renamed through a
+    mount whose prefix lies above the writer's moves the list with the objects, and the
+    header cannot follow (a trial: such files gave EIO); the root tag authenticates a list
+    wherever it is found."""
+    assert spec.list_key is not None and spec.root is not None
+    keys = [spec.list_key]
+    parts = object_key.split("/")[:-1]
+    for n in range(len(parts), -1, -1):
+        key = "".join(p + "/" for p in parts[:n]) + f"{LIST_DIR}/{spec.root.hex()}"
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
 def list_key_of(metadata: dict[str, str]) -> str | None:
     """The key of the tag-list object ``metadata`` names (None: meta layout, no tags, or a
     malformed header)."""

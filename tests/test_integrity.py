@@ -6,6 +6,7 @@ the status counters count verified and unverified bytes."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import os
 
@@ -402,6 +403,58 @@ def test_tag_list_beside_the_object(tmp_path, cmk_path, monkeypatch, cached):
             await _read(fs, "big", 0, 10)
         _eio(e)
         fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["local-read-through", "block-cache"])
+@pytest.mark.expect_log(r"cannot read 'sub/moved/big': version ETag \S+: its tag list "
+                        r"'pre/.ossfuse-integrity/[0-9a-f]+' is missing")
+def test_a_list_moved_by_a_rename_above_the_writers_prefix_is_found(tmp_path, cmk_path, monkeypatch, cached):
+    """A trial: a mount of the whole bucket renamed the directory ``pre`` another mount writes
+    under; its objects and their tag lists moved (``pre/.ossfuse-integrity/…`` with the rest),
+    the headers still named the old keys, and the moved files gave EIO (``check --verify``:
+    FAIL). The list is looked for in the directories above the object (one INFO line) and
+    authenticated by its root tag there; a list that is nowhere still fails."""
+    from ossfuse import rekey
+    _tags_in_a_list(monkeypatch)
+    local, store = _bucket(tmp_path, cached)
+    data = os.urandom(1 << 20)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store, block_size=128 * KIB)
+        await _write(fs, "big", data)
+        spec = integrity.parse((await local.head("pre/big")).metadata)
+        assert spec.list_key.startswith("pre/.ossfuse-integrity/")
+        fs.close()
+        outer = Filesystem(dataclasses.replace(fs.cfg, store=dataclasses.replace(fs.cfg.store, prefix="")), store,
+                           fs.keyring, uid=1, gid=2)
+        await outer.mkdir(outer.get(1), "sub", 0o755, 1, 2)
+        await outer.rename(outer.get(1), "pre", await outer.lookup(outer.get(1), "sub"), "moved", 0)
+        await outer.drain()
+        moved_list = "sub/moved/.ossfuse-integrity/" + spec.root.hex()
+        assert await local.head(spec.list_key) is None and await local.head(moved_list) is not None
+        sub = await outer.lookup(outer.get(1), "sub")
+        moved = await outer.lookup(sub, "moved")
+        node = await outer.lookup(moved, "big")
+        h = await outer.open(node, os.O_RDONLY)
+        assert await outer.read(h, 0, len(data)) == data
+        await outer.release(h)
+        summary = await rekey.verify(outer.cfg, local, outer.keyring)
+        assert (summary.verified, summary.failed) == (1, []), summary
+        await local.delete(moved_list)  # nowhere now: EIO, and verify fails it
+        outer.close()
+        outer = Filesystem(outer.cfg, store, fs.keyring, uid=1, gid=2)
+        node = await outer.lookup(await outer.lookup(await outer.lookup(outer.get(1), "sub"), "moved"), "big")
+        h = await outer.open(node, os.O_RDONLY)
+        with pytest.raises(FsError) as e:
+            await outer.read(h, 0, 10)
+        _eio(e)
+        await outer.release(h)
+        summary = await rekey.verify(outer.cfg, local, outer.keyring)
+        assert summary.verified == 0 and len(summary.failed) == 1, summary
+        outer.close()
         await store.aclose()
 
     trio.run(main)
