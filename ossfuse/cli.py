@@ -61,7 +61,8 @@ def split_mount_options(cfg, options: list[str]):
     options: libfuse 3 refuses those five, "fuse_session_new() failed"). Of ``ro`` and
     ``rw`` the last one given counts, as for mount(8). Raises ValueError naming a malformed
     option."""
-    fuse, mount = [], {}
+    fuse: list[str] = []
+    mount: dict[str, int | float | bool] = {}
     read_only = False
     for opt in options:
         name, _, value = opt.partition("=")
@@ -72,12 +73,11 @@ def split_mount_options(cfg, options: list[str]):
             continue
         if name in ("uid", "gid", "umask"):
             try:
-                mount[name] = int(value, 8 if name == "umask" else 10)
+                mount[name] = n = int(value, 8 if name == "umask" else 10)
             except ValueError:
                 raise ValueError(f"-o {opt}: {name} needs {'an octal' if name == 'umask' else 'a'} number") from None
             from .config import id_error
-            why = (id_error(mount[name]) if name != "umask" else
-                   None if 0 <= mount[name] <= 0o777 else "must be 0 to 777 (octal)")
+            why = (id_error(n) if name != "umask" else None if 0 <= n <= 0o777 else "must be 0 to 777 (octal)")
             if why is not None:
                 raise ValueError(f"-o {opt}: {name} {why}")
         elif name in ("attr_timeout", "entry_timeout"):  # libfuse 2's options (sshfs, s3fs take them)
