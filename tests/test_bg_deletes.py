@@ -18,7 +18,7 @@ import shutil
 import pytest
 import trio
 
-from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names
+from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_file
 from ossfuse.fs import FsError
 from ossfuse.store.base import same_etag
 
@@ -620,6 +620,41 @@ def test_an_upload_ends_the_pending_delete_of_the_version_it_overwrote(tmp_path,
             assert not fs.deferred_deletes.pending and not fs.deferred_deletes.recorded()
             nursery.cancel_scope.cancel()  # the crash
         await _replay_keeps_the_empty_f(tmp_path, cmk_path, store)
+
+    trio.run(main)
+
+
+def test_an_empty_file_another_mount_made_where_an_unlinked_open_one_waits_is_neither_hidden_nor_deleted(
+        tmp_path, cmk_path, oss_server):
+    """A trial: mount B kept an unlinked empty file open; mount C made an empty file at that
+    name; B's listing did not show it, and B's last close deleted it (every empty object has
+    the ETag of nothing: the pending delete's HEAD-compare took C's for B's). The wrapped data
+    key tells them apart: C's file shows in B and stays; B's own version goes at its close."""
+    from conftest import oss_client_store
+
+    from fakes.fault_store import FaultStore
+
+    async def main():
+        store = FaultStore(oss_client_store(oss_server))
+        b = core_filesystem(tmp_path / "b", cmk_path, store=store, attr_timeout=0.0, entry_timeout=0.0)
+        c = core_filesystem(tmp_path / "c", cmk_path, store=store, keyring=b.keyring,
+                            attr_timeout=0.0, entry_timeout=0.0)
+        _, h = await b.create(b.get(1), "lock", 0o600, os.O_RDWR, UID, GID)  # stays open, empty
+        assert await b.drain() == 0
+        mine = await store.inner.head("pre/lock")
+        await b.unlink(b.get(1), "lock")
+        assert not await exists(b, "lock")
+        await committed_file(c, "lock", b"")  # C's: the same ETag, another envelope
+        theirs = await store.inner.head("pre/lock")
+        assert theirs.etag == mine.etag and theirs.metadata != mine.metadata
+        assert await read_file(b, "lock") == b""  # B sees C's file while its own waits ...
+        await b.release(h)  # ... and its last close leaves C's alone
+        assert (await store.inner.head("pre/lock")).metadata == theirs.metadata
+        assert await exists(b, "lock") and await exists(c, "lock")
+        assert os.listdir(tmp_path / "b" / "cache" / "unlinked") == []
+        b.close()
+        c.close()
+        await store.aclose()
 
     trio.run(main)
 

@@ -768,7 +768,7 @@ def test_a_save_diverted_to_a_conflict_copy_leaves_no_pending_delete_behind(tmp_
         base = (await fs.lookup(root, "doc.txt")).version.etag
         await _closed(fs, root, ".doc.txt.tmp", b"EDITOR SAVE")
         await fs.rename(root, ".doc.txt.tmp", root, "doc.txt", 0)
-        assert fs.deferred_deletes.recorded() == [("pre/doc.txt", base)]  # ends when the upload overwrites it
+        assert fs.deferred_deletes.recorded() == [("pre/doc.txt", base, None)]  # ends when the upload overwrites it
         ofs = other(store)
         theirs = await _other_writes(ofs, "doc.txt", b"CLIENT EDIT")
         assert await fs.scheduler.drain() == 0  # the uploads only (drain() retries pending deletes too)

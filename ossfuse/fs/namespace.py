@@ -24,6 +24,7 @@ from typing import AsyncIterator, Iterator
 
 import trio
 
+from .. import envelope as env
 from .. import integrity
 from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
@@ -480,7 +481,7 @@ class Namespace:
         key = self.naming.key(node.path)
         if v is not None and node.opens > 0 and node.staged is None:
             try:
-                self.deferred.record(key, v.etag)
+                self.deferred.record(key, v.etag, wrapped=v.metadata.get(env.H_KEY) if v.held else None)
             except OSError as e:
                 log.error("cannot record the pending delete of open %r: %s", key, e)
                 raise FsError(errno_of(e)) from None

@@ -11,7 +11,8 @@ that key is still the version that was unlinked (a HEAD compares ETags: a newer 
 there since, by this mount or another client, is left alone).
 
 Each pending delete is recorded on the cache disk first (``<cache dir>/unlinked/<sha256>.json``
-holding ``{"key": …, "etag": …}``, written atomically and fsynced), so a crash before the last
+holding ``{"key": …, "etag": …}`` and, for an encrypted version an open handle reads, its
+``"wrapped"`` data key header; written atomically and fsynced), so a crash before the last
 close does not bring the file back: the next mount loads the records as ``ready`` and finishes
 the deletes before it serves (``Filesystem.finish_unlinks``).
 
@@ -21,7 +22,16 @@ skip an object whose key and ETag are a pending delete's), so an unlinked name n
 again, not even when its DELETE fails: the delete is retried (``Namespace.finish_deletes``:
 every ``retry_interval`` seconds in the background, at unmount, and at the next mount), as a
 POSIX filesystem frees an unlinked inode's blocks after the fact. A newer object at that key
-(another ETag) is not hidden."""
+(another ETag) is not hidden.
+
+The ETag alone does not tell every two versions apart: every empty object has the same one
+(the MD5 of nothing), encrypted or not, and so do two uploads of the same plaintext. So a
+record also keeps the envelope's wrapped data key, which no two encrypted versions share
+(fresh per version), when it is known: a HEAD that finds the same ETag but another wrapped key
+found another client's version, which is neither deleted nor hidden (a trial: closing an
+unlinked empty file deleted the empty file another mount had made at that name since). Two
+plaintext uploads of the same bytes stay indistinguishable (OSS's Last-Modified has whole
+seconds): the other's is deleted when the last handle closes."""
 from __future__ import annotations
 
 import hashlib
@@ -31,6 +41,7 @@ import os
 
 import trio
 
+from ..envelope import H_KEY
 from ..store.base import ObjectInfo, ObjectStore, StoreError
 from ..store.health import StoreOffline
 
@@ -59,16 +70,27 @@ class DeferredDeletes:
         # that version (:meth:`superseded`)
         self._noted_at: dict[tuple[str, str], int] = {}
         self._notes = 0
-        for key, etag in self.recorded():  # an earlier run's: no handle of this run reads them
-            self._note(key, etag)
+        # (key, ETag) → the wrapped data key header of that version (encrypted, when known)
+        self._wrapped: dict[tuple[str, str], str] = {}
+        for key, etag, wrapped in self.recorded():  # an earlier run's: no handle of this run reads them
+            self._note(key, etag, wrapped)
             self.ready.add((key, etag))
 
-    def _note(self, key: str, etag: str) -> None:
+    def _note(self, key: str, etag: str, wrapped: str | None = None) -> None:
         etags = self.pending.setdefault(key, [])
         if _norm(etag) not in etags:
             etags.append(_norm(etag))
         self._notes += 1
         self._noted_at.setdefault((key, _norm(etag)), self._notes)
+        if wrapped is not None:
+            self._wrapped[(key, _norm(etag))] = wrapped
+
+    def _another_envelope(self, key: str, etag: str, info: ObjectInfo) -> bool:
+        """Whether ``info`` (at ``key``, with ETag ``etag`` as recorded) is another version than
+        the recorded one all the same: its metadata is known and its wrapped data key is not
+        the recorded one's (see the module doc)."""
+        wrapped = self._wrapped.get((key, _norm(etag)))
+        return wrapped is not None and not info.metadata_unknown and info.metadata.get(H_KEY) != wrapped
 
     def mark(self) -> int:
         """Now, for :meth:`superseded` (taken when an upload starts)."""
@@ -90,7 +112,7 @@ class DeferredDeletes:
     def hides(self, info: ObjectInfo) -> bool:
         """Whether object ``info`` is a version whose delete is pending (not to be shown)."""
         etags = self.pending.get(info.key)
-        return etags is not None and _norm(info.etag) in etags
+        return etags is not None and _norm(info.etag) in etags and not self._another_envelope(info.key, info.etag, info)
 
     def pending_under(self, dkey: str) -> int:
         """How many keys below directory key ``dkey`` (ending in "/") have a pending delete:
@@ -135,9 +157,11 @@ class DeferredDeletes:
     def _path(self, key: str, etag: str) -> str:
         return os.path.join(self.dir, hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest() + ".json")
 
-    def record(self, key: str, etag: str, *, ready: bool = False, fsync: bool = True) -> None:
+    def record(self, key: str, etag: str, *, ready: bool = False, fsync: bool = True,
+               wrapped: str | None = None) -> None:
         """Make the pending delete of version (key, etag) durable, and hide that version;
-        ``ready``: no handle waits for it (it may be tried at any retry). ``fsync`` False:
+        ``ready``: no handle waits for it (it may be tried at any retry); ``wrapped``: its
+        envelope's wrapped data key header (tells it from another version with its ETag). ``fsync`` False:
         written to the kernel only (survives a crash of the daemon, not a power loss: the
         contract of an unlink whose DELETE runs in the background, docs/design.md
         "Durability"). Raises OSError (cache disk): then nothing is recorded."""
@@ -145,7 +169,8 @@ class DeferredDeletes:
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, json.dumps({"key": key, "etag": etag}).encode())
+            rec = {"key": key, "etag": etag} | ({"wrapped": wrapped} if wrapped is not None else {})
+            os.write(fd, json.dumps(rec).encode())
             if fsync:
                 os.fsync(fd)
         finally:
@@ -157,7 +182,7 @@ class DeferredDeletes:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        self._note(key, etag)
+        self._note(key, etag, wrapped)
         if ready:
             self.ready.add((key, etag))
 
@@ -171,8 +196,9 @@ class DeferredDeletes:
         """Whether a queued delete (or one in flight) is below directory key ``dkey`` ("" = all)."""
         return any(k.startswith(dkey) for k, _ in self.queued)
 
-    def recorded(self) -> list[tuple[str, str]]:
-        """The (key, etag) of every recorded pending delete (unreadable records: logged, kept)."""
+    def recorded(self) -> list[tuple[str, str, str | None]]:
+        """The (key, etag, wrapped data key header or None) of every recorded pending delete
+        (unreadable records: logged, kept)."""
         out = []
         for name in sorted(os.listdir(self.dir)):
             if not name.endswith(".json"):
@@ -181,7 +207,8 @@ class DeferredDeletes:
                 fd = os.open(os.path.join(self.dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 with os.fdopen(fd) as f:
                     rec = json.load(f)
-                out.append((str(rec["key"]), str(rec["etag"])))
+                wrapped = rec.get("wrapped")
+                out.append((str(rec["key"]), str(rec["etag"]), None if wrapped is None else str(wrapped)))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.error("pending-delete record %s is unreadable, kept for inspection: %s", name, e)
         return out
@@ -194,11 +221,11 @@ class DeferredDeletes:
         and an INFO line only."""
         try:
             info = await self.store.head(key)
-            if info is not None and _norm(info.etag) == _norm(etag):
+            if info is not None and _norm(info.etag) == _norm(etag) and not self._another_envelope(key, etag, info):
                 await self.store.delete(key, version=info.etag)
             elif info is not None:
-                log.info("%r was replaced since it was unlinked (ETag %s, now %s); the new version stays",
-                         key, etag, info.etag)
+                log.info("%r was replaced since it was unlinked (ETag %s, now %s%s); the new version stays",
+                         key, etag, info.etag, ", another envelope" if _norm(info.etag) == _norm(etag) else "")
         except StoreError as e:  # offline: the outage has its one WARNING (store/health.py)
             if failures is not None:
                 failures.append(str(e))
@@ -241,6 +268,7 @@ class DeferredDeletes:
 
     def _unnote(self, key: str, etag: str) -> None:
         self._noted_at.pop((key, _norm(etag)), None)
+        self._wrapped.pop((key, _norm(etag)), None)
         self.ready.discard((key, etag))
         self.queued.pop((key, etag), None)
         etags = self.pending.get(key)
