@@ -532,6 +532,42 @@ def test_later_versions_of_a_file_diverted_to_a_conflict_copy_go_to_that_copy(tm
     _run(tmp_path, cmk_path, body)
 
 
+@pytest.mark.expect_log(r"ossfuse\.fs\.objmeta: 'pre/(emk|dst)/' is a directory marker holding \d+ bytes",
+                        r"ossfuse\.fs\.namespace: '(emk|dst)' is not empty: its directory marker 'pre/(emk|dst)/' holds "
+                        r"data \(another client's\)")
+def test_rmdir_of_a_directory_whose_marker_holds_data_keeps_it(tmp_path, cmk_path, caplog):
+    """A trial: ``rmdir`` of a directory whose marker another client gave bytes deleted them
+    (the listing shows no child; the marker's data is not shown). ENOTEMPTY and one WARNING
+    naming it, as for any key listings do not show; a rename onto such a directory too. The
+    marker's own WARNING is said once, not at every lookup and listing (seven lines in 5 s)."""
+    async def body(fs, store):
+        await store.inner.put_bytes("pre/emk/", b"marker payload", {})
+        await store.inner.put_bytes("pre/dst/", b"x", {"mode": str(0o40755)})
+        root = fs.get(1)
+        for _ in range(2):
+            with pytest.raises(FsError) as e:
+                await fs.rmdir(root, "emk")
+            assert e.value.errno == errno.ENOTEMPTY
+        assert await store.inner.get_range("pre/emk/", 0, 100) == b"marker payload"
+        await fs.mkdir(root, "src", 0o755, 1, 2)
+        with pytest.raises(FsError) as e:
+            await fs.rename(root, "src", root, "dst", 0)
+        assert e.value.errno == errno.ENOTEMPTY
+        assert await store.inner.get_range("pre/dst/", 0, 100) == b"x"
+        for _ in range(3):
+            await fs.lookup(root, "emk")
+        await fs.mkdir(root, "plain", 0o755, 1, 2)  # an empty marker still goes
+        await fs.rmdir(root, "plain")
+        assert await store.inner.head("pre/plain/") is None
+
+    with caplog.at_level(logging.WARNING):
+        _run(tmp_path, cmk_path, body)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([m for m in said if "'pre/emk/' is a directory marker holding 14 bytes" in m]) == 1, said
+    assert len([m for m in said if "'emk' is not empty" in m]) == 1, said
+    assert len([m for m in said if "'dst' is not empty" in m]) == 1, said
+
+
 @pytest.mark.expect_log(r"ossfuse\.fs\.conflicts: 'pre/doc\.txt' was changed by another client \(this mount knew "
                         r"version \S+, the bucket has \S+\) and a rename replaces it: theirs is kept as "
                         r"'pre/doc\.conflict-",

@@ -283,7 +283,8 @@ class Namespace:
         under its prefix other than its own marker and the objects of unlinked files still
         open (gone from the namespace: rmdir succeeds, as on a local disk). A key there that
         listings do not show (not a valid file name, as ``a//b``; a tag-list directory) counts
-        too — nothing is deleted behind the user's back — and one WARNING per key names it, as
+        too, and so does its own marker when it holds data (another client's bytes) — nothing
+        is deleted behind the user's back — and one WARNING per key names it, as
         ``ls`` shows the directory empty (trial T: "Directory not empty", no reason given).
         Raises FsError(EIO)."""
         # Checked before listing: a file whose upload finishes meanwhile is in one or the other.
@@ -292,11 +293,15 @@ class Namespace:
         dkey = self.naming.dir_key(path)
         key = await store_request(self.deferred.first_visible_under(dkey), dkey)
         if key is not None and key not in self._unshown_said:
-            why = await self._unshown(key, key[len(dkey):])
-            if why is not None:
+            why = None if key == dkey else await self._unshown(key, key[len(dkey):])
+            if why is not None or key == dkey:
                 if len(self._unshown_said) >= 10_000:
                     self._unshown_said.clear()
                 self._unshown_said.add(key)
+            if key == dkey:
+                log.warning("%r is not empty: its directory marker %r holds data (another client's), which "
+                            "listings here do not show; remove it with another client", path, key)
+            elif why is not None:
                 log.warning("%r is not empty: the bucket holds %r below it, which listings here do not show (%s); "
                             "remove it with another client", path, key, why)
         return key is not None

@@ -206,8 +206,8 @@ class AttrDefaults:
         mode = _in_range(key, "mode", _number(key, "mode", meta.get("mode"), _int), 0, _MODE_MAX) or 0
         if is_dir:
             if info is not None and info.size:
-                log.warning("%r is a directory marker holding %d bytes; shown as a directory, its "
-                            "data is not shown", info.key, info.size)
+                _warn_once(key, "size", "%r is a directory marker holding %d bytes; shown as a directory, its "
+                           "data is not shown", key, info.size)
             if stat.S_IFMT(mode) not in (0, stat.S_IFDIR):  # (a trial: no word, as files had)
                 _warn_once(key, "mode", "%r is a directory marker (its key ends in /) but its x-oss-meta-mode %s "
                            "is not a directory's; shown as a directory", key, meta.get("mode"))

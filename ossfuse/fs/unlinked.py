@@ -121,15 +121,16 @@ class DeferredDeletes:
 
     async def first_visible_under(self, dkey: str, *, own_marker: bool = False) -> str | None:
         """The first key the store holds below directory key ``dkey`` that is not a version
-        whose delete is pending, nor (``own_marker`` False) ``dkey``'s own marker; None when
-        there is none. Lists page by page until one is found (a page holds every hidden object
+        whose delete is pending, nor (``own_marker`` False) ``dkey``'s own marker unless that
+        holds data (another client's bytes, not shown: removing the directory would lose them,
+        a trial); None when there is none. Lists page by page until one is found (a page holds every hidden object
         plus one more, so usually one request). Raises StoreError."""
         marker = None
         size = min(1000, self.pending_under(dkey) + 2)
         while True:
             page = await self.store.list(dkey, delimiter=None, marker=marker, max_keys=size)
             for o in page.objects:
-                if (own_marker or o.key != dkey) and not self.hides(o):
+                if (own_marker or o.key != dkey or o.size) and not self.hides(o):
                     return o.key
             if page.next_marker is None:
                 return None
