@@ -95,6 +95,9 @@ _TRANSPORT_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HT
 
 
 _CRC_CHUNK = 1 << 20  # bytes read at a time to compute a file's CRC-64
+# characters XML 1.0 text cannot hold, not even as a character reference (DeleteMultipleObjects'
+# body names keys as XML text)
+_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _check_crc(op: str, key: str, ours: int, result) -> None:
@@ -1447,7 +1450,23 @@ class OssStore(ObjectStore):
         """DeleteMultipleObjects (§3.6): one POST for up to 1000 keys, verbose (oss2 sends
         Quiet=false): every key given is reported Deleted, also one that did not exist; a key
         not reported is returned as not deleted. Retried like any request; with ``versions``
-        (ObjectStore.delete_many), a retry HEADs each key first."""
+        (ObjectStore.delete_many), a retry HEADs each key first. A key holding a character
+        XML 1.0 cannot carry (a control character: the request body names keys as XML text,
+        and one such key made the whole batch MalformedXML, a trial) goes by its own
+        DeleteObject; one whose DELETE fails is returned as not deleted."""
+        odd = [k for k in keys if _NOT_XML_TEXT.search(k)]
+        if odd:
+            left = [k for k in keys if k not in set(odd)]
+            failed = await self.delete_many(left, versions) if left else []
+            for k in odd:
+                try:
+                    await self.delete(k, version=versions.get(k) if versions is not None else None)
+                except StoreUnavailable:  # the store is away: the batch's failure, as one request's
+                    raise
+                except StoreError as e:
+                    log.debug("deleting %r failed: %s", k, e)
+                    failed.append(k)
+            return failed
         deleted = set(await self._call("DeleteMultiple", keys[0] if len(keys) == 1 else None,
                                        self._delete_many_sync, keys[:], versions, threading.Event(),
                                        doubt=lambda: [(k, DELETED) for k in keys]))
