@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first modified
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
+_LINK_MAX = 4096  # bytes: a symlink target the kernel takes is shorter (PATH_MAX, its NUL included)
 
 
 class VersionMoved(Exception):
@@ -520,7 +521,10 @@ class Files:
 
     async def readlink(self, node: Node) -> str:
         """The target of symlink ``node`` (read from its object once). FsError(EINVAL) for
-        anything else, EIO when it cannot be read."""
+        anything else, EIO when it cannot be read, or when another client's target is none
+        the kernel can take: a NUL byte in it (the kernel cut it there: wrong target, a trial)
+        or _LINK_MAX bytes or more (the kernel refused the reply: EIO with libfuse's line only,
+        no key named); one ERROR line naming the object."""
         if not node.is_link:
             raise FsError(errno.EINVAL)
         while node.symlink_target is None:
@@ -532,6 +536,10 @@ class Files:
                 data = await self.read_version(v, 0, v.size, moving=node)
             except VersionMoved:  # its directory was renamed meanwhile (ESTALE: a trial)
                 continue
+            if b"\0" in data or len(data) >= _LINK_MAX:
+                self._error_once("cannot read symlink %r: its target (%d bytes) %s", v.key, len(data),
+                                 "holds a NUL byte" if b"\0" in data else f"is longer than {_LINK_MAX - 1} bytes")
+                raise FsError(errno.EIO)
             node.symlink_target = data.decode("utf-8", "surrogateescape")
         return node.symlink_target
 
