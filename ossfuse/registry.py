@@ -124,6 +124,16 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+_ONE_LINE = {**_CONTROLS, 0x09: "\\t", 0x0a: "\\n"}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of a command's output: :func:`printable`, and newline and tab as
+    ``\\n`` and ``\\t`` (an object name holding a newline forged an output line of
+    ``check --verify`` and ``status``: a trial)."""
+    return text.translate(_ONE_LINE)
+
+
 def registry_path(mountpoint: str, suffix: str = ".json") -> str:
     """Per-mount file in the runtime dir: ``.json`` (the registry record) or ``.sock`` (the
     status socket). Resolves ``mountpoint``: call it before mounting, never from the daemon

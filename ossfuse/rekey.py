@@ -39,7 +39,7 @@ from .fs.objmeta import int_or
 from .keyring import Cmk, CmkUnavailable, KeyMissing, Keyring, RsaCmk
 from .store.base import DestinationChanged, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from .store.credentials import CredentialsError
-from .registry import process_alive, process_start_ticks
+from .registry import one_line, process_alive, process_start_ticks
 from .writeback.ledger import MultipartLedger
 from .writeback.upload import Uploader
 
@@ -92,7 +92,7 @@ class RekeySummary:
         for cmk_id, keys in sorted(self.readers_after.items()):
             shown = ", ".join(keys[:self.SHOWN_KEYS]) + (", …" if len(keys) > self.SHOWN_KEYS else "")
             lines.append(f"{'would be' if dry_run else 'now'} read with CMK {cmk_id!r}: {len(keys)} object(s): {shown}")
-        return "\n".join(lines)
+        return "\n".join(one_line(line) for line in lines)  # (keys are any client's: one line each)
 
 
 class RekeyRefused(ValueError):
@@ -490,7 +490,7 @@ class VerifySummary:
                      f"{shown}; integrity tag lists (ossfuse's own, not encrypted by design): {self.tag_lists}; "
                      f"special files (FIFOs, sockets, devices: no content): {self.special}; "
                      f"directory markers: {self.dir_markers}; failed: {len(self.failed)}")
-        return "\n".join(lines)
+        return "\n".join(one_line(line) for line in lines)  # (keys are any client's: one line each)
 
 
 VERIFY_CHUNK = 8 << 20  # bytes read per ranged GET (whole tagged blocks)

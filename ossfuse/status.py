@@ -23,6 +23,8 @@ import os
 import socket
 import time
 
+from .registry import one_line
+
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,8 @@ def render(doc: dict) -> str:
         lines.append(f"quarantine:       {q['entries']} damaged journal entr{'y' if q['entries'] == 1 else 'ies'} "
                      f"in {q['dir']}, never uploaded: recover by hand or delete")
     cf = doc.get("conflicts") or {"count": 0, "recent": []}
-    lines.append(f"conflict copies:  {cf['count']}" + (f" (latest: {', '.join(cf['recent'])})" if cf["recent"] else ""))
+    lines.append(f"conflict copies:  {cf['count']}"
+                 + (f" (latest: {', '.join(one_line(n) for n in cf['recent'])})" if cf["recent"] else ""))
     if doc.get("log"):
         lines.append(f"log:              {doc['log']}")
     for field, title in (("recent_errors", "recent errors:"), ("recent_warnings", "recent warnings:")):
@@ -224,7 +227,8 @@ def render(doc: dict) -> str:
         if records:
             lines.append(title)
             for e in records:
-                lines.append(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['time']))} {e['message']}")
+                lines.append(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['time']))} "
+                             f"{one_line(e['message'])}")
         else:
             lines.append(f"{title:<18}none")
     return "\n".join(lines)

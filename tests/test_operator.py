@@ -150,6 +150,31 @@ def test_render_shows_upload_progress():
             "key: what another client's change looks like)") in text
 
 
+def test_names_holding_newlines_or_escapes_stay_on_their_line_in_status_check_and_rekey():
+    """A trial: a conflict copy named ``evil\\n  2026-12-06 fake line\\x1b[2J`` forged an output line
+    of ``check --verify`` and ``rekey --dry-run`` and sent ESC to the terminal; ``status``
+    escaped the ESC, not the newline. Every such name is now one line, its controls escaped."""
+    from ossfuse import rekey
+    evil = "pre/evil\n  2026-12-06 fake line\x1b[2J\t.txt"
+    shown = "pre/evil\\n  2026-12-06 fake line\\x1b[2J\\t.txt"
+    verify = rekey.VerifySummary(failed=[f"{evil} (ETag E): block 0 fails"], plaintext=1, plaintext_keys=[evil])
+    rk = rekey.RekeySummary(failed=[f"{evil}: boom"], damaged=[f"{evil} (ETag E): bad"])
+    rk.readers_after["main"] = [evil]
+    doc = {"store": "local:///b", "prefix": "", "uptime_seconds": 3, "state": "serving",
+           "pending_uploads": {"count": 0, "bytes": 0, "oldest_seconds": 0, "failing": [], "uploading": [],
+                               "bytes_uploaded": 0},
+           "cache": {"dir": "/c", "bytes": 0, "max_bytes": 10, "staging_bytes": 0, "hits": 0, "misses": 0,
+                     "hit_ratio": None},
+           "store_ops": {"calls": {}, "retries": {}, "errors": [], "bytes_sent": 0, "bytes_received": 0},
+           "cmks": [], "rules": [], "counters": {"uploaded": 0, "upload_failures": 0, "recovered": 0},
+           "conflicts": {"count": 1, "recent": [evil]},
+           "recent_errors": [{"time": 0, "message": f"cannot read {evil}"}]}
+    for text in (verify.render(), rk.render(False), rk.render(True), status.render(doc)):
+        assert "\x1b" not in text and "fake line" in text
+        assert not any(line.startswith("  2026-12-06 fake line") for line in text.splitlines()), text
+        assert shown in text or repr(evil).strip("'") in text, text
+
+
 def _metrics(text: str) -> dict[str, dict[tuple, float]]:
     """family name → {(sorted label items): value} from the text format, via prometheus_client."""
     out: dict[str, dict[tuple, float]] = {}
