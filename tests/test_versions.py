@@ -11,7 +11,7 @@ import stat
 import pytest
 import trio
 
-from fakes.core import core_filesystem, listed_names
+from fakes.core import core_filesystem, listed_names, read_node
 from fakes.fault_store import FaultStore
 from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
 from ossfuse.fs import Filesystem, FsError
@@ -528,6 +528,26 @@ def test_later_versions_of_a_file_diverted_to_a_conflict_copy_go_to_that_copy(tm
         copy = await fs.lookup(root, keys[1][len("pre/"):])
         assert copy is node and await _read(fs, copy) == b"mine, more"
         assert await _read(fs, await fs.lookup(root, "f")) == b"theirs"  # never merged onto theirs
+
+    _run(tmp_path, cmk_path, body)
+
+
+@pytest.mark.expect_log(r"'pre/f' is both an object and a prefix; showing the object")
+def test_removing_a_file_that_hid_a_directory_shows_the_directory_at_once(tmp_path, cmk_path):
+    """A trial: keys ``f`` and ``f/child``; the listing shows the file; after ``rm f`` a stat
+    said ENOENT (the name was noted absent) while ``ls`` showed ``f`` again, and ``cat
+    f/child`` failed for entry_timeout. The directory is there at once now."""
+    async def body(fs, store):
+        await store.inner.put_bytes("pre/f", b"file", {})
+        await store.inner.put_bytes("pre/f/child", b"below", {})
+        root = fs.get(1)
+        assert await listed_names(fs) == ["f"]
+        assert not (await fs.lookup(root, "f")).is_dir
+        await fs.unlink(root, "f")
+        d = await fs.lookup(root, "f")
+        assert d.is_dir
+        assert await listed_names(fs) == ["f"]
+        assert await read_node(fs, await fs.lookup(d, "child")) == b"below"
 
     _run(tmp_path, cmk_path, body)
 

@@ -170,12 +170,12 @@ class InodeTable:
 
     # -- names ------------------------------------------------------------------------------
     def remove_name(self, node: Node) -> None:
-        """``node``'s path no longer names it (unlinked or replaced); the path is absent."""
-        self.names.child_removed(self.parent(node.path), node.path)
+        """``node``'s path no longer names it (unlinked or replaced); the path is absent
+        (unless a prefix of that name stays: NameCache.name_left)."""
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
         self._undrop(node.path)
-        self.names.note_absent(node.path)
+        self.names.name_left(self.parent(node.path), node.path)
 
     def discard(self, node: Node) -> None:
         """Forget a node that was never handed out (its creation failed)."""

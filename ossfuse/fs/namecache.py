@@ -48,6 +48,9 @@ class NameCache:
         self.staged_in = staged_in
         self._absent: dict[str, float] = {}  # path → monotonic expiry
         self._misses: dict[str, tuple[int, float]] = {}  # dir path → (lookup misses, monotonic expiry)
+        # paths a listing found both a file and a prefix at (the file shown): removing the file
+        # leaves a directory there, not nothing (a trial: ENOENT, then `ls` showed it)
+        self._shadowing: set[str] = set()
 
     # -- negative cache ---------------------------------------------------------------------
     def known_absent(self, path: str) -> bool:
@@ -59,6 +62,23 @@ class NameCache:
             del self._absent[path]
             return False
         return True
+
+    def note_shadowing(self, path: str) -> None:
+        """A listing found a file at ``path`` that hides a prefix of the same name."""
+        if len(self._shadowing) > _ABSENT_MAX:
+            self._shadowing.clear()
+        self._shadowing.add(path)
+
+    def name_left(self, parent: Node | None, path: str) -> None:
+        """The file or directory at ``path`` went (unlinked, renamed away): absent, unless it
+        was a file hiding a prefix of its name, which is a directory there now (looked up
+        again, listed)."""
+        if path in self._shadowing:
+            self._shadowing.discard(path)
+            self.note_present(path)
+            return
+        self.child_removed(parent, path)
+        self.note_absent(path)
 
     def note_absent(self, path: str) -> None:
         if len(self._absent) > _ABSENT_MAX:

@@ -212,6 +212,7 @@ class DirectoryReader:
                 if node.name_going is not None or node.path != path:
                     raise PathMoved(path)  # (renamed while that HEAD was out)
                 self._say_shadowed(dkey + name)
+                self.names.note_shadowing(join(path, name))
             entries[name] = (name, None, o, False)
         for d in local:  # files not uploaded yet (still linked here: checked again after the awaits)
             if not d.unlinked and parent_of(d.path) == path:
