@@ -206,7 +206,7 @@ class DirectoryReader:
         for name, o in files.items():
             if self.resolver.pending_delete(o):
                 continue  # an unlinked file's object awaiting its delete (a directory may share its name)
-            if name in dirs:
+            if name in dirs and valid_listed_name(name):  # (an invalid one is skipped below, said so)
                 if await self.resolver.hidden_file(o):
                     continue  # plaintext_objects = "hide" hides the object: the directory shows (a trial)
                 if node.name_going is not None or node.path != path:
