@@ -123,8 +123,8 @@ class DeferredDeletes:
         """The first key the store holds below directory key ``dkey`` that is not a version
         whose delete is pending, nor (``own_marker`` False) ``dkey``'s own marker unless that
         holds data (another client's bytes, not shown: removing the directory would lose them,
-        a trial); None when there is none. Lists page by page until one is found (a page holds every hidden object
-        plus one more, so usually one request). Raises StoreError."""
+        a trial); None when there is none. Lists page by page until one is found (a page holds
+        every hidden object plus one more, so usually one request). Raises StoreError."""
         marker = None
         size = min(1000, self.pending_under(dkey) + 2)
         while True:
@@ -162,8 +162,8 @@ class DeferredDeletes:
                wrapped: str | None = None) -> None:
         """Make the pending delete of version (key, etag) durable, and hide that version;
         ``ready``: no handle waits for it (it may be tried at any retry); ``wrapped``: its
-        envelope's wrapped data key header (tells it from another version with its ETag). ``fsync`` False:
-        written to the kernel only (survives a crash of the daemon, not a power loss: the
+        envelope's wrapped data key header (tells it from another version with its ETag).
+        ``fsync`` False: written to the kernel only (survives a crash of the daemon, not a power loss: the
         contract of an unlink whose DELETE runs in the background, docs/design.md
         "Durability"). Raises OSError (cache disk): then nothing is recorded."""
         path = self._path(key, etag)
