@@ -1177,7 +1177,10 @@ class Namespace:
             # (a copy failing half-way left a partial tree at the new name and EIO)
             moved_keys = [new_dkey + k[len(old_dkey):] for k in keys]
             moved_keys += [self.naming.key(dst_path + n.path[len(old_path):]) for n in affected if n.staged]
-            if any(len(k.encode("utf-8")) > MAX_KEY_BYTES for k in moved_keys):
+            too_long = next((k for k in moved_keys if len(k.encode("utf-8")) > MAX_KEY_BYTES), None)
+            if too_long is not None:  # named: it may be a key listings do not show (a trial)
+                log.info("renaming %r to %r: ENAMETOOLONG, the key %r would be %d bytes, OSS takes %d",
+                         old_path, dst_path, too_long[:80] + "…", len(too_long.encode("utf-8")), MAX_KEY_BYTES)
                 raise FsError(errno.ENAMETOOLONG)
             if old_dkey not in keys:  # an implicit directory gets a marker, so it moves too
                 keys[old_dkey] = await store_request(self.store.put_bytes(old_dkey, b"", attr_meta(src)), old_dkey)
