@@ -28,8 +28,10 @@ The ETag alone does not tell every two versions apart: every empty object has th
 (the MD5 of nothing), encrypted or not, and so do two uploads of the same plaintext. So a
 record also keeps the envelope's wrapped data key, which no two encrypted versions share
 (fresh per version), when it is known: a HEAD that finds the same ETag but another wrapped key
-found another client's version, which is neither deleted nor hidden (a trial: closing an
-unlinked empty file deleted the empty file another mount had made at that name since). Two
+found another client's version, which is not deleted, and which lookups show (a trial: closing
+an unlinked empty file deleted the empty file another mount had made at that name since); an
+OSS listing carries no metadata, so until the last close ends the pending delete a listing
+still leaves that name out, as it would the unlinked version. Two
 plaintext uploads of the same bytes stay indistinguishable (OSS's Last-Modified has whole
 seconds): the other's is deleted when the last handle closes."""
 from __future__ import annotations
