@@ -624,12 +624,13 @@ def test_an_upload_ends_the_pending_delete_of_the_version_it_overwrote(tmp_path,
     trio.run(main)
 
 
-def test_an_empty_file_another_mount_made_where_an_unlinked_open_one_waits_is_neither_hidden_nor_deleted(
+def test_an_empty_file_another_mount_made_where_an_unlinked_open_one_waits_is_not_deleted_and_looks_up(
         tmp_path, cmk_path, oss_server):
     """A trial: mount B kept an unlinked empty file open; mount C made an empty file at that
     name; B's listing did not show it, and B's last close deleted it (every empty object has
     the ETag of nothing: the pending delete's HEAD-compare took C's for B's). The wrapped data
-    key tells them apart: C's file shows in B and stays; B's own version goes at its close."""
+    key tells them apart: C's file looks up in B and stays, and B's listing shows it once B's
+    last close ended the pending delete (an OSS listing has no metadata to tell them apart)."""
     from conftest import oss_client_store
 
     from fakes.fault_store import FaultStore
@@ -651,6 +652,7 @@ def test_an_empty_file_another_mount_made_where_an_unlinked_open_one_waits_is_ne
         await b.release(h)  # ... and its last close leaves C's alone
         assert (await store.inner.head("pre/lock")).metadata == theirs.metadata
         assert await exists(b, "lock") and await exists(c, "lock")
+        assert await listed_names(b) == ["lock"]
         assert os.listdir(tmp_path / "b" / "cache" / "unlinked") == []
         b.close()
         c.close()
