@@ -186,9 +186,10 @@ def render(doc: dict) -> str:
         lines.insert(0, f"state:            {doc['state']} (unmounted; finishing pending uploads)")
     for u in p.get("uploading", []):
         pct = 100 * u["bytes_done"] / u["bytes_total"] if u["bytes_total"] else 100
-        lines.append(f"uploading:        {u['key']}: {u['bytes_done']} of {u['bytes_total']} bytes ({pct:.0f}%)")
+        lines.append(f"uploading:        {one_line(u['key'])}: {u['bytes_done']} of {u['bytes_total']} bytes "
+                     f"({pct:.0f}%)")
     if p["failing"]:
-        lines.append(f"failing uploads:  {', '.join(p['failing'])}")
+        lines.append(f"failing uploads:  {', '.join(one_line(k) for k in p['failing'])}")
     c = doc["cache"]
     ratio = f", hit rate {100 * c['hit_ratio']:.0f}%" if c.get("hit_ratio") is not None else ""
     lines.append(f"cache:            {c['bytes']} bytes in blocks{ratio}, {c['staging_bytes']} bytes staged "

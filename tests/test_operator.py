@@ -161,8 +161,9 @@ def test_names_holding_newlines_or_escapes_stay_on_their_line_in_status_check_an
     rk = rekey.RekeySummary(failed=[f"{evil}: boom"], damaged=[f"{evil} (ETag E): bad"])
     rk.readers_after["main"] = [evil]
     doc = {"store": "local:///b", "prefix": "", "uptime_seconds": 3, "state": "serving",
-           "pending_uploads": {"count": 0, "bytes": 0, "oldest_seconds": 0, "failing": [], "uploading": [],
-                               "bytes_uploaded": 0},
+           "pending_uploads": {"count": 2, "bytes": 8, "oldest_seconds": 0, "failing": [evil],
+                               "uploading": [{"key": evil, "bytes_done": 1, "bytes_total": 4}],
+                               "bytes_uploaded": 1},
            "cache": {"dir": "/c", "bytes": 0, "max_bytes": 10, "staging_bytes": 0, "hits": 0, "misses": 0,
                      "hit_ratio": None},
            "store_ops": {"calls": {}, "retries": {}, "errors": [], "bytes_sent": 0, "bytes_received": 0},
