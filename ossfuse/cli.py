@@ -21,7 +21,7 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cache_dir_user, daemon_alive, daemon_gone, dying,
-                       holders, killed_in_a_request, printable, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
+                       holders, killed_in_a_request, one_line, printable, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        typed_below_root, users_of, write_registry)
 
@@ -535,12 +535,12 @@ def _exit_outcome(mp: str, reg: dict) -> int:
         # what the next mount still uploads is said too (a trial: an earlier saved version of the
         # lost file stayed journaled, and the operator took it for being in the bucket)
         # (not "full?": a trial's cache dir lost its staging directory, and ENOENT was the why)
-        print(printable(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
+        print(one_line(f"ossfuse: unmounted; the last changes of {len(lost)} file(s) could not be saved in the "
                         f"cache dir and are lost: {shown}{''.join('; ' + part for part in left)} (the log says "
                         f"why: {log})"), file=sys.stderr)
         return 1
     if reg.get("status") == EXIT_PENDING:
-        print(printable(f"ossfuse: unmounted; {'; '.join(left)} (see the log: {log})"), file=sys.stderr)
+        print(one_line(f"ossfuse: unmounted; {'; '.join(left)} (see the log: {log})"), file=sys.stderr)
         return EXIT_PENDING
     if reg.get("status"):
         journaled = reg.get("journaled") or 0
