@@ -95,9 +95,10 @@ _TRANSPORT_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HT
 
 
 _CRC_CHUNK = 1 << 20  # bytes read at a time to compute a file's CRC-64
-# characters XML 1.0 text cannot hold, not even as a character reference (DeleteMultipleObjects'
-# body names keys as XML text)
-_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# characters of a key that DeleteMultipleObjects' body (keys as XML text, as oss2 writes it) cannot
+# carry: those XML 1.0 text cannot hold, not even as a character reference, and CR, which every
+# XML parser reads as LF (a trial: deleting 'a\rb' deleted 'a\nb')
+_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _check_crc(op: str, key: str, ours: int, result) -> None:
@@ -1451,9 +1452,10 @@ class OssStore(ObjectStore):
         Quiet=false): every key given is reported Deleted, also one that did not exist; a key
         not reported is returned as not deleted. Retried like any request; with ``versions``
         (ObjectStore.delete_many), a retry HEADs each key first. A key holding a character
-        XML 1.0 cannot carry (a control character: the request body names keys as XML text,
-        and one such key made the whole batch MalformedXML, a trial) goes by its own
-        DeleteObject; one whose DELETE fails is returned as not deleted."""
+        the request body cannot carry as XML text (a control character: one made the whole
+        batch MalformedXML; CR: the parser reads it as LF, so another key was deleted; two
+        trials) goes by its own DeleteObject; one whose DELETE fails is returned as not
+        deleted."""
         odd = [k for k in keys if _NOT_XML_TEXT.search(k)]
         if odd:
             left = [k for k in keys if k not in set(odd)]
