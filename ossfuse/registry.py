@@ -134,6 +134,14 @@ def one_line(text: str) -> str:
     return text.translate(_ONE_LINE)
 
 
+def _comm(pid: int | str) -> str:
+    """Process ``pid``'s command name (/proc/PID/comm) for one line of output: any program may
+    name itself with a newline or an escape sequence (a trial split `umount`'s refusal so).
+    Raises OSError (gone, or not ours to read)."""
+    with open(f"/proc/{pid}/comm") as f:
+        return one_line(f.read().removesuffix("\n"))
+
+
 def registry_path(mountpoint: str, suffix: str = ".json") -> str:
     """Per-mount file in the runtime dir: ``.json`` (the registry record) or ``.sock`` (the
     status socket). Resolves ``mountpoint``: call it before mounting, never from the daemon
@@ -349,8 +357,7 @@ def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]
             if ns in done or not any(dev == device for dev, _, _ in mounts(f"/proc/{name}/mountinfo")):
                 continue
             done.add(ns)
-            with open(f"/proc/{name}/comm") as f:
-                found.append((int(name), f.read().strip()))
+            found.append((int(name), _comm(name)))
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
     return found
@@ -447,8 +454,7 @@ def users_of(mountpoint: str) -> list[tuple[int, str, str]]:
                 what = f"mapped file {printable(mapped)}"
         if what is not None:
             try:
-                with open(f"{base}/comm") as f:
-                    found.append((int(name), f.read().strip(), what))
+                found.append((int(name), _comm(name), what))
             except OSError:
                 pass
     return found
@@ -503,8 +509,7 @@ def killed_in_a_request() -> list[tuple[int, str]]:
             for tid in os.listdir(f"/proc/{name}/task"):
                 with open(f"/proc/{name}/task/{tid}/stat", "rb") as f:
                     if f.read().rsplit(b")", 1)[1].split()[0] == b"D":
-                        with open(f"/proc/{name}/comm") as c:
-                            found.append((int(name), c.read().strip()))
+                        found.append((int(name), _comm(name)))
                         break
         except (OSError, IndexError):
             continue

@@ -176,6 +176,23 @@ def test_names_holding_newlines_or_escapes_stay_on_their_line_in_status_check_an
         assert shown in text or repr(evil).strip("'") in text, text
 
 
+def test_a_process_name_holding_a_newline_stays_on_the_line_that_names_it():
+    """A trial: a program named ``sl\\neep`` holding a file split ``ossfuse umount``'s refusal in
+    two lines. Command names read from /proc are escaped as object names are."""
+    import subprocess
+    import sys
+
+    from ossfuse.registry import _comm
+    p = subprocess.Popen([sys.executable, "-c", "import ctypes, sys, time; ctypes.CDLL(None).prctl(15, b'sl\\neep\\x1b[2J'); "
+                          "print('named', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "named\n"
+        assert _comm(p.pid) == "sl\\neep\\x1b[2J"
+    finally:
+        p.kill()
+        p.wait()
+
+
 def _metrics(text: str) -> dict[str, dict[tuple, float]]:
     """family name → {(sorted label items): value} from the text format, via prometheus_client."""
     out: dict[str, dict[tuple, float]] = {}
