@@ -522,9 +522,10 @@ class Files:
     async def readlink(self, node: Node) -> str:
         """The target of symlink ``node`` (read from its object once). FsError(EINVAL) for
         anything else, EIO when it cannot be read, or when another client's target is none
-        the kernel can take: a NUL byte in it (the kernel cut it there: wrong target, a trial)
-        or _LINK_MAX bytes or more (the kernel refused the reply: EIO with libfuse's line only,
-        no key named); one ERROR line naming the object."""
+        the kernel can take: a NUL byte in it (the kernel cut it there: wrong target, a trial),
+        _LINK_MAX bytes or more (the kernel refused the reply: EIO with libfuse's line only, no
+        key named), or none (no system makes such a link; `cp -a` failed on it); one ERROR line
+        naming the object."""
         if not node.is_link:
             raise FsError(errno.EINVAL)
         while node.symlink_target is None:
@@ -536,9 +537,10 @@ class Files:
                 data = await self.read_version(v, 0, v.size, moving=node)
             except VersionMoved:  # its directory was renamed meanwhile (ESTALE: a trial)
                 continue
-            if b"\0" in data or len(data) >= _LINK_MAX:
-                self._error_once("cannot read symlink %r: its target (%d bytes) %s", v.key, len(data),
-                                 "holds a NUL byte" if b"\0" in data else f"is longer than {_LINK_MAX - 1} bytes")
+            why = ("is empty" if not data else "holds a NUL byte" if b"\0" in data
+                   else f"is longer than {_LINK_MAX - 1} bytes" if len(data) >= _LINK_MAX else None)
+            if why is not None:
+                self._error_once("cannot read symlink %r: its target (%d bytes) %s", v.key, len(data), why)
                 raise FsError(errno.EIO)
             node.symlink_target = data.decode("utf-8", "surrogateescape")
         return node.symlink_target
