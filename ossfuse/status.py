@@ -203,7 +203,10 @@ def render(doc: dict) -> str:
                      + (f"; {refused} refused as asked (a version check, create-only, or a missing key: what "
                         f"another client's change looks like)" if refused else ""))
     for k in doc["cmks"]:
-        lines.append(f"CMK:              {k['id']} ({k['wrap_alg']}{', matdesc ' + json.dumps(k['matdesc']) if k['matdesc'] else ''})"
+        matdesc = json.dumps(k["matdesc"]) if k["matdesc"] else ""
+        if len(matdesc) > _MATDESC_SHOWN:  # (a trial's 6,500-byte matdesc made one 6,500-character line)
+            matdesc = f"{matdesc[:_MATDESC_SHOWN]}… ({len(matdesc)} characters; --json has it whole)"
+        lines.append(f"CMK:              {one_line(k['id'])} ({k['wrap_alg']}{', matdesc ' + one_line(matdesc) if matdesc else ''})"
                      f"{'  <- new objects' if k['encrypts_new_objects'] else ''}")
     for r in doc["rules"]:
         lines.append(f"rule:             {r['prefix']}* -> {r['cmk']}")
@@ -233,6 +236,9 @@ def render(doc: dict) -> str:
         else:
             lines.append(f"{title:<18}none")
     return "\n".join(lines)
+
+
+_MATDESC_SHOWN = 120  # characters of a CMK's matdesc the text status shows
 
 
 def _label(value: str) -> str:

@@ -170,6 +170,10 @@ def test_names_holding_newlines_or_escapes_stay_on_their_line_in_status_check_an
            "cmks": [], "rules": [], "counters": {"uploaded": 0, "upload_failures": 0, "recovered": 0},
            "conflicts": {"count": 1, "recent": [evil]},
            "recent_errors": [{"time": 0, "message": f"cannot read {evil}"}]}
+    doc["cmks"] = [{"id": "big", "type": "RsaCmk", "wrap_alg": "RSA/NONE/OAEPWithSHA-1AndMGF1Padding",
+                    "matdesc": {"big": "A" * 6500}, "encrypts_new_objects": True}]
+    cmk_line = next(line for line in status.render(doc).splitlines() if line.startswith("CMK:"))
+    assert len(cmk_line) < 300 and "… (6511 characters; --json has it whole)" in cmk_line, cmk_line  # (trial AA)
     for text in (verify.render(), rk.render(False), rk.render(True), status.render(doc)):
         assert "\x1b" not in text and "fake line" in text
         assert not any(line.startswith("  2026-12-06 fake line") for line in text.splitlines()), text
