@@ -90,7 +90,8 @@ class RekeySummary:
                          f"{len(self.damaged)}")
         lines += [f"  DAMAGED {d}" for d in self.damaged]
         for cmk_id, keys in sorted(self.readers_after.items()):
-            shown = ", ".join(keys[:self.SHOWN_KEYS]) + (", …" if len(keys) > self.SHOWN_KEYS else "")
+            # quoted, as verify names its examples (a name may hold ", ": a trial)
+            shown = ", ".join(repr(k) for k in keys[:self.SHOWN_KEYS]) + (", …" if len(keys) > self.SHOWN_KEYS else "")
             lines.append(f"{'would be' if dry_run else 'now'} read with CMK {cmk_id!r}: {len(keys)} object(s): {shown}")
         return "\n".join(one_line(line) for line in lines)  # (keys are any client's: one line each)
 

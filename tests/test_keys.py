@@ -400,7 +400,7 @@ def test_rekey_refuses_a_cmk_that_would_not_read_its_objects_and_round_trips(
     r = rekey("--to", "b", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "would change: 3 object(s)" in r.stdout
-    assert "would be read with CMK 'b': 3 object(s): tree/big, tree/small, tree/sub/empty" in r.stdout
+    assert "would be read with CMK 'b': 3 object(s): 'tree/big', 'tree/small', 'tree/sub/empty'" in r.stdout
     for path in ("tree/small/", "tree//small", "./tree/small"):  # a file PATH, written as a path
         r = rekey("--to", "b", "--dry-run", path)
         assert r.returncode == 0 and "would change: 1 object(s), 1001 bytes" in r.stdout, r.stdout + r.stderr
