@@ -273,19 +273,29 @@ class BlockTags:
 
 def list_key_candidates(spec: TagSpec, object_key: str) -> list[str]:
     """Where the tag list of the object at ``object_key`` may be, in the order to try: the key
-    its header names, then the list's name (its root tag's hex) in the ``.ossfuse-integrity``
-    directory of each directory above the object, nearest first. A directory renamed through a
-    mount whose prefix lies above the writer's moves the list with the objects, and the
-    header cannot follow (a trial: such files gave EIO); the root tag authenticates a list
-    wherever it is found."""
+    its header names; then the list's name (its root tag's hex) in the ``.ossfuse-integrity``
+    directory of each directory above that key's, nearest first: where a directory rename
+    through a mount whose prefix lies above the writer's puts the lists it meets
+    (``fs.renames.moved_key``: the header cannot follow; trials: such files gave EIO); then
+    the same below each directory above the object, nearest first (where releases before
+    that moved lists with their directory). The root tag authenticates a list wherever it is
+    found."""
     assert spec.list_key is not None and spec.root is not None
+    name = f"{LIST_DIR}/{spec.root.hex()}"
     keys = [spec.list_key]
-    parts = object_key.split("/")[:-1]
-    for n in range(len(parts), -1, -1):
-        key = "".join(p + "/" for p in parts[:n]) + f"{LIST_DIR}/{spec.root.hex()}"
-        if key not in keys:
-            keys.append(key)
+    for above in (spec.list_key.split("/")[:-2], object_key.split("/")[:-1]):
+        for n in range(len(above), -1, -1):
+            key = "".join(p + "/" for p in above[:n]) + name
+            if key not in keys:
+                keys.append(key)
     return keys
+
+
+def is_tag_list(key: str) -> bool:
+    """Whether ``key`` (or the part of a key below some directory) names an object in a
+    ``.ossfuse-integrity`` directory: a tag list (or another client's object in that reserved
+    directory)."""
+    return LIST_DIR in key.split("/")[:-1]
 
 
 def list_key_of(metadata: dict[str, str]) -> str | None:

@@ -409,14 +409,17 @@ def test_tag_list_beside_the_object(tmp_path, cmk_path, monkeypatch, cached):
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["local-read-through", "block-cache"])
-@pytest.mark.expect_log(r"cannot read 'sub/moved/big': version ETag \S+: its tag list "
+@pytest.mark.expect_log(r"cannot read 'out/big': version ETag \S+: its tag list "
                         r"'pre/.ossfuse-integrity/[0-9a-f]+' is missing")
-def test_a_list_moved_by_a_rename_above_the_writers_prefix_is_found(tmp_path, cmk_path, monkeypatch, cached):
-    """A trial: a mount of the whole bucket renamed the directory ``pre`` another mount writes
-    under; its objects and their tag lists moved (``pre/.ossfuse-integrity/…`` with the rest),
-    the headers still named the old keys, and the moved files gave EIO (``check --verify``:
-    FAIL). The list is looked for in the directories above the object (one INFO line) and
-    authenticated by its root tag there; a list that is nowhere still fails."""
+def test_a_list_a_rename_above_the_writers_prefix_meets_stays_findable(tmp_path, cmk_path, monkeypatch, cached):
+    """Trials Z1 and AA: a mount of the whole bucket renamed the directory ``pre`` another
+    mount writes under; the objects' tag lists (``pre/.ossfuse-integrity/…``) moved with
+    them, the headers still named the old keys, and the files gave EIO (``check --verify``:
+    FAIL) — at once, or once a file was moved out of the renamed directory. A rename now puts
+    a list it meets in its source's parent's ``.ossfuse-integrity`` (on the path from the
+    header's key up to the root, where readers look: ``integrity.list_key_candidates``); a
+    list an earlier release moved with its directory is found above the object; a list that
+    is nowhere still fails, named."""
     from ossfuse import rekey
     _tags_in_a_list(monkeypatch)
     local, store = _bucket(tmp_path, cached)
@@ -428,33 +431,45 @@ def test_a_list_moved_by_a_rename_above_the_writers_prefix_is_found(tmp_path, cm
         spec = integrity.parse((await local.head("pre/big")).metadata)
         assert spec.list_key.startswith("pre/.ossfuse-integrity/")
         fs.close()
-        outer = Filesystem(dataclasses.replace(fs.cfg, store=dataclasses.replace(fs.cfg.store, prefix="")), store,
-                           fs.keyring, uid=1, gid=2)
-        await outer.mkdir(outer.get(1), "sub", 0o755, 1, 2)
-        await outer.rename(outer.get(1), "pre", await outer.lookup(outer.get(1), "sub"), "moved", 0)
+        cfg = dataclasses.replace(fs.cfg, store=dataclasses.replace(fs.cfg.store, prefix=""))
+
+        async def read_cold(*names: str) -> bytes:
+            outer = Filesystem(cfg, store, fs.keyring, uid=1, gid=2)  # no tag list kept in memory
+            node = outer.get(1)
+            for name in names:
+                node = await outer.lookup(node, name)
+            h = await outer.open(node, os.O_RDONLY)
+            try:
+                return await outer.read(h, 0, len(data))
+            finally:
+                await outer.release(h)
+                outer.close()
+
+        outer = Filesystem(cfg, store, fs.keyring, uid=1, gid=2)
+        root = outer.get(1)
+        await outer.mkdir(root, "sub", 0o755, 1, 2)
+        await outer.rename(root, "pre", await outer.lookup(root, "sub"), "moved", 0)
+        up = ".ossfuse-integrity/" + spec.root.hex()  # the parent of "pre/": the bucket's root
+        assert await local.head(spec.list_key) is None and await local.head(up) is not None
+        assert await local.head("sub/moved/.ossfuse-integrity/" + spec.root.hex()) is None
+        await outer.mkdir(root, "out", 0o755, 1, 2)  # then the file moved out sideways (trial AA)
+        await outer.rename(await outer.lookup(await outer.lookup(root, "sub"), "moved"), "big",
+                           await outer.lookup(root, "out"), "big", 0)
         await outer.drain()
-        moved_list = "sub/moved/.ossfuse-integrity/" + spec.root.hex()
-        assert await local.head(spec.list_key) is None and await local.head(moved_list) is not None
-        sub = await outer.lookup(outer.get(1), "sub")
-        moved = await outer.lookup(sub, "moved")
-        node = await outer.lookup(moved, "big")
-        h = await outer.open(node, os.O_RDONLY)
-        assert await outer.read(h, 0, len(data)) == data
-        await outer.release(h)
-        summary = await rekey.verify(outer.cfg, local, outer.keyring)
+        outer.close()
+        assert await read_cold("out", "big") == data
+        summary = await rekey.verify(cfg, local, fs.keyring)
         assert (summary.verified, summary.failed) == (1, []), summary
-        await local.delete(moved_list)  # nowhere now: EIO, and verify fails it
-        outer.close()
-        outer = Filesystem(outer.cfg, store, fs.keyring, uid=1, gid=2)
-        node = await outer.lookup(await outer.lookup(await outer.lookup(outer.get(1), "sub"), "moved"), "big")
-        h = await outer.open(node, os.O_RDONLY)
+        # a list an earlier release moved with its directory: below a directory above the object
+        await local.copy(up, "out/.ossfuse-integrity/" + spec.root.hex())
+        await local.delete(up)
+        assert await read_cold("out", "big") == data
+        await local.delete("out/.ossfuse-integrity/" + spec.root.hex())  # nowhere now: EIO, verify fails it
         with pytest.raises(FsError) as e:
-            await outer.read(h, 0, 10)
+            await read_cold("out", "big")
         _eio(e)
-        await outer.release(h)
-        summary = await rekey.verify(outer.cfg, local, outer.keyring)
+        summary = await rekey.verify(cfg, local, fs.keyring)
         assert summary.verified == 0 and len(summary.failed) == 1, summary
-        outer.close()
         await store.aclose()
 
     trio.run(main)

@@ -175,6 +175,50 @@ def test_a_rename_cut_off_while_deleting_is_finished_at_the_next_mount(tmp_path,
     trio.run(next_mount)
 
 
+LIST = ".ossfuse-integrity/" + "ab" * 16  # a tag list below the renamed directory (another mount's)
+
+
+@pytest.mark.parametrize("cut", ["copying", "deleting"])
+def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_path, cut):
+    """A directory rename puts a tag list it meets in its source's parent's lists
+    (``renames.moved_key``: headers name a list by key, readers look up that key's path; a
+    trial). A crash while copying takes that copy back, one while deleting finishes the move,
+    as for every other object; a rename where the list is there already just drops the
+    original."""
+    async def crash():
+        fs = core_filesystem(tmp_path, cmk_path)
+        await _tree(fs, "d")
+        await fs.store.inner.put_bytes(f"pre/d/{LIST}", b"tags" * 4, {})
+        if cut == "copying":
+            await _cut_off(fs, "copy", "pre/d/f3")
+        else:
+            await _cut_off(fs, "delete", "pre/d/f3")
+        assert await fs.store.inner.head(f"pre/{LIST}") is not None  # moved up, not to pre/e/
+        assert await fs.store.inner.head(f"pre/e/{LIST}") is None
+        await _crash(fs)
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path)
+        fs.recover()
+        await fs.settle_renames()
+        keys = await _keys(fs)
+        if cut == "copying":  # undone: the list is back where it was only
+            assert f"pre/d/{LIST}" in keys and f"pre/{LIST}" not in keys and "pre/e/f0" not in keys
+        else:  # finished: the list is above, the tree at the new name
+            assert f"pre/d/{LIST}" not in keys and f"pre/{LIST}" in keys and "pre/d/f0" not in keys
+        assert not any(k.startswith("pre/e/.ossfuse") for k in keys)
+        assert _logs(tmp_path) == []
+        await fs.mkdir(fs.get(1), "x", 0o755, UID, GID)  # again, the list already above: the original goes
+        await fs.store.inner.put_bytes(f"pre/x/{LIST}", b"tags" * 4, {})
+        await fs.rename(fs.get(1), "x", fs.get(1), "y", 0)
+        keys = await _keys(fs)
+        assert f"pre/x/{LIST}" not in keys and f"pre/y/{LIST}" not in keys and f"pre/{LIST}" in keys
+        await _crash(fs)
+
+    trio.run(crash)
+    trio.run(next_mount)
+
+
 @pytest.mark.expect_log(r"ossfuse\.fs\.namespace: rename of 'd' to 'e': 1 original\(s\) could not be deleted yet")
 def test_a_rename_whose_delete_fails_is_done_and_the_original_goes_later(tmp_path, cmk_path):
     """Once every copy has landed the rename is done: a DELETE that fails leaves that original

@@ -26,6 +26,7 @@ import trio
 
 from .. import envelope as env
 from .. import integrity
+from ..integrity import is_tag_list
 from ..aio import run_all
 from ..cache import BlockCache, TruncatedObject
 from ..store.base import (AlreadyExists, DestinationChanged, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
@@ -41,7 +42,7 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
-from .renames import RenameLog, RenameLogs, undo as undo_rename
+from .renames import RenameLog, RenameLogs, moved_key, undo as undo_rename
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -1175,7 +1176,7 @@ class Namespace:
                 del keys[k]
             # Every key under the new name must fit OSS's limit: checked before anything is copied
             # (a copy failing half-way left a partial tree at the new name and EIO)
-            moved_keys = [new_dkey + k[len(old_dkey):] for k in keys]
+            moved_keys = [moved_key(k, old_dkey, new_dkey) for k in keys]
             moved_keys += [self.naming.key(dst_path + n.path[len(old_path):]) for n in affected if n.staged]
             too_long = next((k for k in moved_keys if len(k.encode("utf-8")) > MAX_KEY_BYTES), None)
             if too_long is not None:  # named: it may be a key listings do not show (a trial)
@@ -1262,7 +1263,7 @@ class Namespace:
         the next mount if that fails too); a failed delete is left to the pending deletes
         (hidden, retried): the rename is done once every copy has landed."""
         old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
-        target = {k: new_dkey + k[len(old_dkey):] for k in keys}  # old key → its copy's key
+        target = {k: moved_key(k, old_dkey, new_dkey) for k in keys}  # old key → its copy's key
         # files unlinked while open below the new name: the copies overwrite their objects
         await self._keep_unlinked_readable(*target.values())
         copies: dict[str, ObjectInfo] = {}
@@ -1270,6 +1271,11 @@ class Namespace:
 
         async def copy(k: str, o: ObjectInfo) -> None:
             if k == old_dkey:  # the directory's marker: it replaces dst's, or makes the directory
+                rlog.copying(target[k])
+                copies[k] = await copy_object(self.store, self.uploader, o, target[k])
+            elif is_tag_list(k[len(old_dkey):]):  # up to the parent's lists (renames.moved_key)
+                if await store_request(self.store.head(target[k]), target[k]) is not None:
+                    return  # that list is there already (named by content): the original just goes
                 rlog.copying(target[k])
                 copies[k] = await copy_object(self.store, self.uploader, o, target[k])
             else:  # below a directory this mount believes empty or absent: another client's file is

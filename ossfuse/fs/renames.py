@@ -67,6 +67,7 @@ from typing import Callable, Protocol
 
 from .. import envelope as env
 from ..aio import run_all
+from ..integrity import LIST_DIR, is_tag_list
 from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
 from .copying import delete_version
 from .errors import FsError
@@ -334,6 +335,21 @@ def _unlink(path: str) -> None:
         log.error("cannot remove rename log %s (%s): remove it by hand before the next mount", path, e)
 
 
+def moved_key(key: str, old: str, new: str) -> str:
+    """Where the rename of directory key ``old`` to ``new`` puts object ``key`` (below ``old``):
+    below ``new``, except a tag list (``integrity.is_tag_list``), which goes to the
+    ``.ossfuse-integrity`` directory of ``old``'s parent. Object headers name their list by
+    its full key, and a header cannot follow a move; readers look for a list along the path
+    from that key up to the bucket's root (``integrity.list_key_candidates``), so a list may
+    only move up that path, never sideways with the tree (a trial: a directory moved, then a
+    file moved out of it, gave EIO)."""
+    rest = key[len(old):]
+    if is_tag_list(rest):
+        parent = old[:-1].rpartition("/")[0]
+        return f"{parent}/" * bool(parent) + f"{LIST_DIR}/{rest.rsplit('/', 1)[1]}"
+    return new + rest
+
+
 async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: RecoveredFiles) -> list[str]:
     """Undo or finish each rename an earlier run left (module doc), before the mount serves;
     ``naming``: the mount's path → key mapping; ``files``: the journal's files and the pending
@@ -413,7 +429,7 @@ def _settle_later(entry: RenameLog, naming: Naming) -> tuple[bool, dict[str, str
         return (True, {old: entry.objects[old]}, set()) if new in entry.copied and old in entry.objects else None
     old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
     if entry.deleting:
-        return True, {k: e for k, e in entry.objects.items() if new + k[len(old):] in entry.copied}, set()
+        return True, {k: e for k, e in entry.objects.items() if moved_key(k, old, new) in entry.copied}, set()
     if entry.replaced is None:
         return False, dict(entry.copied), entry.started - set(entry.copied)
     return None
@@ -466,8 +482,8 @@ async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> i
 
     async def one(key: str, etag: str) -> None:
         nonlocal kept
-        copy = entry.copied.get(new + key[len(old):])
-        there = await store.head(new + key[len(old):]) if copy is not None else None
+        copy = entry.copied.get(moved_key(key, old, new))
+        there = await store.head(moved_key(key, old, new)) if copy is not None else None
         original = await store.head(key)
         if original is None:
             return
@@ -490,7 +506,7 @@ async def undo(store: ObjectStore, entry: RenameLog, dir_key: Callable[[str], st
     """Undo the copies of rename ``entry`` (module doc); returns how many copies stay (changed
     at the new name since, or their original is gone). Raises StoreError, FsError."""
     old, new = dir_key(entry.source), dir_key(entry.target)
-    by_target = {new + key[len(old):]: (key, etag) for key, etag in entry.objects.items()}
+    by_target = {moved_key(key, old, new): (key, etag) for key, etag in entry.objects.items()}
     kept = 0
 
     async def one(target: str) -> None:
