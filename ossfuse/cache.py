@@ -48,7 +48,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import fastcrc
 
@@ -103,24 +103,31 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-async def fetch_tag_list(store: ObjectStore, spec: TagSpec, key: str, size: int) -> bytes:
+async def fetch_tag_list(store: ObjectStore, spec: TagSpec, key: str, size: int,
+                         good: Callable[[bytes], bool]) -> bytes:
     """The body of the tag list (list layout) of the object at ``key`` of ``size`` ciphertext
     bytes: from the key its header names, else from where a directory rename above it moved
     it (``integrity.list_key_candidates``: one more GET per directory level, only then; one
-    INFO line). The caller checks it against the root tag. Raises IntegrityError when it is
-    nowhere, StoreError when it cannot be read."""
+    INFO line): the first one found that ``good`` (its check against the root tag) takes,
+    else the first one found (the caller's check then fails it, named). Raises
+    IntegrityError when there is none, StoreError when one cannot be read."""
     want = nblocks(size, spec.block) * _TAG
     if not want:
         return b""
+    first = None
     for at in list_key_candidates(spec, key):
         try:
             body = await store.get_range(at, 0, want)
         except NoSuchKey:
             continue
-        if at != spec.list_key:
-            log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
-                     key, at, spec.list_key)
-        return body
+        if good(body):
+            if at != spec.list_key:
+                log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
+                         key, at, spec.list_key)
+            return body
+        first = body if first is None else first  # (another object at a nearer key: look further)
+    if first is not None:
+        return first
     raise IntegrityError(f"its tag list {spec.list_key!r} is missing")
 
 
@@ -660,7 +667,8 @@ class BlockCache:
         if spec is None:
             return None
         try:
-            body = await fetch_tag_list(self.store, spec, key, size) if spec.list_key is not None else None
+            body = (await fetch_tag_list(self.store, spec, key, size, BlockTags.checker(spec, data_key, iv, size))
+                    if spec.list_key is not None else None)
             tags = BlockTags.from_spec(spec, data_key, iv, size, body)
         except IntegrityError as e:
             raise IntegrityError(f"version ETag {etag}: {e}") from None

@@ -41,6 +41,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
@@ -60,6 +61,7 @@ META_LIMIT = 8192  # bytes of user metadata, names plus values (oss-rest-api.md 
 RESERVE = 256
 _META_PREFIX = len("x-oss-meta-")
 _INFO = b"ossfuse integrity v1"
+_LIST_NAME = re.compile("[0-9a-f]{%d}" % (2 * TAG))  # a tag list's name: its root tag in hex
 
 
 class IntegrityError(Exception):
@@ -252,6 +254,14 @@ class BlockTags:
                                  f"{spec.block} bytes: the object's size ({size}) is not the one tagged")
         return cls(k, spec.block, size, tags)
 
+    @staticmethod
+    def checker(spec: TagSpec, data_key: bytes, iv: bytes, size: int) -> Callable[[bytes], bool]:
+        """Whether a list body is the one ``spec``'s root tag names (what :meth:`from_spec`
+        checks first), for a search of the places a list may be."""
+        k = tag_key(data_key, iv)
+        return lambda body: spec.root is not None and hmac.compare_digest(list_root(k, spec.block, size, body),
+                                                                          spec.root)
+
     def span(self, lo: int, hi: int) -> tuple[int, int]:
         """``[lo, hi)`` widened to whole blocks (clipped to the size)."""
         return lo - lo % self.block, min(self.size, -(-hi // self.block) * self.block)
@@ -292,10 +302,11 @@ def list_key_candidates(spec: TagSpec, object_key: str) -> list[str]:
 
 
 def is_tag_list(key: str) -> bool:
-    """Whether ``key`` (or the part of a key below some directory) names an object in a
-    ``.ossfuse-integrity`` directory: a tag list (or another client's object in that reserved
-    directory)."""
-    return LIST_DIR in key.split("/")[:-1]
+    """Whether ``key`` (or the part of a key below some directory) is a tag list's:
+    ``.ossfuse-integrity/<root tag hex>`` at its end (another client's object in that reserved
+    directory, or below it, is not)."""
+    parts = key.split("/")
+    return len(parts) >= 2 and parts[-2] == LIST_DIR and _LIST_NAME.fullmatch(parts[-1]) is not None
 
 
 def list_key_of(metadata: dict[str, str]) -> str | None:

@@ -609,7 +609,9 @@ async def _check_tags(info: ObjectInfo, store: ObjectStore, envelope: env.Envelo
     """Read the object ``info`` (that ETag: If-Match) in whole blocks and check each against its
     tags. Raises IntegrityError naming the first bad block and its bytes (or a truncated
     read, or a damaged tag list), StoreError when it cannot be read."""
-    body = await fetch_tag_list(store, spec, info.key, info.size) if spec.list_key is not None else None
+    body = (await fetch_tag_list(store, spec, info.key, info.size,
+                                 integrity.BlockTags.checker(spec, envelope.data_key, envelope.iv, info.size))
+            if spec.list_key is not None else None)
     tags = integrity.BlockTags.from_spec(spec, envelope.data_key, envelope.iv, info.size, body)
     step = max(spec.block, VERIFY_CHUNK - VERIFY_CHUNK % spec.block)
     for lo in range(0, info.size, step):

@@ -460,6 +460,9 @@ def test_a_list_a_rename_above_the_writers_prefix_meets_stays_findable(tmp_path,
         assert await read_cold("out", "big") == data
         summary = await rekey.verify(cfg, local, fs.keyring)
         assert (summary.verified, summary.failed) == (1, []), summary
+        await local.put_bytes(spec.list_key, b"x" * 256, {})  # something else at a nearer key: looked past
+        assert await read_cold("out", "big") == data
+        await local.delete(spec.list_key)
         # a list an earlier release moved with its directory: below a directory above the object
         await local.copy(up, "out/.ossfuse-integrity/" + spec.root.hex())
         await local.delete(up)

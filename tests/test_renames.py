@@ -5,6 +5,7 @@ and its delete left the file at both names."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import stat
@@ -178,21 +179,24 @@ def test_a_rename_cut_off_while_deleting_is_finished_at_the_next_mount(tmp_path,
 LIST = ".ossfuse-integrity/" + "ab" * 16  # a tag list below the renamed directory (another mount's)
 
 
-@pytest.mark.parametrize("cut", ["copying", "deleting"])
+@pytest.mark.parametrize("cut", ["copying", "deleting", "deleting, the list above already"])
 def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_path, cut):
-    """A directory rename puts a tag list it meets in its source's parent's lists
+    """A directory rename puts a tag list it meets in the mount root's lists
     (``renames.moved_key``: headers name a list by key, readers look up that key's path; a
     trial). A crash while copying takes that copy back, one while deleting finishes the move,
-    as for every other object; a rename where the list is there already just drops the
-    original."""
+    as for every other object — also when the list was above already, so its copy was not
+    made (trial AB: that original stayed, and the old directory showed again); a rename where
+    the list is there already just drops the original."""
     async def crash():
         fs = core_filesystem(tmp_path, cmk_path)
         await _tree(fs, "d")
         await fs.store.inner.put_bytes(f"pre/d/{LIST}", b"tags" * 4, {})
+        if "already" in cut:
+            await fs.store.inner.put_bytes(f"pre/{LIST}", b"tags" * 4, {})
         if cut == "copying":
             await _cut_off(fs, "copy", "pre/d/f3")
-        else:
-            await _cut_off(fs, "delete", "pre/d/f3")
+        else:  # (with the list above already: cut at the list's own delete, for the finish to do)
+            await _cut_off(fs, "delete", f"pre/d/{LIST}" if "already" in cut else "pre/d/f3")
         assert await fs.store.inner.head(f"pre/{LIST}") is not None  # moved up, not to pre/e/
         assert await fs.store.inner.head(f"pre/e/{LIST}") is None
         await _crash(fs)
@@ -208,6 +212,8 @@ def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_p
             assert f"pre/d/{LIST}" not in keys and f"pre/{LIST}" in keys and "pre/d/f0" not in keys
         assert not any(k.startswith("pre/e/.ossfuse") for k in keys)
         assert _logs(tmp_path) == []
+        if cut != "copying":
+            assert "d" not in await listed_names(fs)
         await fs.mkdir(fs.get(1), "x", 0o755, UID, GID)  # again, the list already above: the original goes
         await fs.store.inner.put_bytes(f"pre/x/{LIST}", b"tags" * 4, {})
         await fs.rename(fs.get(1), "x", fs.get(1), "y", 0)
@@ -217,6 +223,42 @@ def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_p
 
     trio.run(crash)
     trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"'z' is not empty: the bucket holds 'pre/z/\.ossfuse-integrity/[0-9a-f]+' below it, "
+                        r"ossfuse's integrity tag lists, which files written under it")
+def test_a_directory_renamed_away_from_an_inner_mounts_lists_leaves_its_parent_removable(tmp_path, cmk_path, caplog):
+    """Trial AB: with lists moved to the source's parent, ``mv p/in p/out; mv p/out q`` left
+    ``p`` holding a list (``rmdir p``: ENOTEMPTY, and the advice to remove it with another
+    client lost a file's list). Lists go to the mount's root now; other clients' objects in
+    or below a ``.ossfuse-integrity`` directory that are no tag list move with the tree, their
+    paths kept (they were flattened into one key: one of two was lost)."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        p = await fs.mkdir(root, "p", 0o755, UID, GID)
+        await fs.mkdir(p, "in", 0o755, UID, GID)
+        await fs.store.inner.put_bytes(f"pre/p/in/{LIST}", b"tags" * 4, {})  # an inner mount's list
+        await fs.store.inner.put_bytes("pre/p/in/.ossfuse-integrity/s1/o", b"one", {})  # another client's
+        await fs.store.inner.put_bytes("pre/p/in/.ossfuse-integrity/s2/o", b"two", {})
+        await fs.rename(p, "in", p, "out", 0)
+        await fs.rename(p, "out", root, "q", 0)
+        await fs.rmdir(root, "p")
+        keys = await _keys(fs)
+        assert f"pre/{LIST}" in keys and not any(k.startswith("pre/p/") for k in keys), keys
+        assert await fs.store.inner.get_range("pre/q/.ossfuse-integrity/s1/o", 0, 10) == b"one"
+        assert await fs.store.inner.get_range("pre/q/.ossfuse-integrity/s2/o", 0, 10) == b"two"
+        z = await fs.mkdir(root, "z", 0o755, UID, GID)  # an inner mount's root, its lists only: kept, and
+        await fs.store.inner.put_bytes(f"pre/z/{LIST}", b"tags" * 4, {})  # the advice is not to remove them
+        with pytest.raises(FsError) as e:
+            await fs.rmdir(root, "z")
+        assert e.value.errno == errno.ENOTEMPTY and z.is_dir
+        await _crash(fs)
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    said = [r.getMessage() for r in caplog.records if "is not empty" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("read their integrity tags from; leave it"), said
 
 
 @pytest.mark.expect_log(r"ossfuse\.fs\.namespace: rename of 'd' to 'e': 1 original\(s\) could not be deleted yet")

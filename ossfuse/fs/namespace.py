@@ -56,6 +56,7 @@ _COPY_REFUSALS = 3  # a rename's copies refused in a row because another client 
 # moving them (each try waits for that rename: Resolver.existing); then EIO
 _RENAME_RECHECKS = 16
 RENAME_PARALLEL = 16  # copies (then deletes) of a directory rename at once (ossfs: 20 parallel requests)
+_TAG_LISTS = "ossfuse's integrity tag lists"  # (why has_children counts a key)
 
 
 class NodeLocks:
@@ -302,6 +303,9 @@ class Namespace:
             if key == dkey:
                 log.warning("%r is not empty: its directory marker %r holds data (another client's), which "
                             "listings here do not show; remove it with another client", path, key)
+            elif why == _TAG_LISTS:  # (not "remove it": a file elsewhere may need it, trial AB)
+                log.warning("%r is not empty: the bucket holds %r below it, %s, which files written under it "
+                            "(also those moved away since) read their integrity tags from; leave it", path, key, why)
             elif why is not None:
                 log.warning("%r is not empty: the bucket holds %r below it, which listings here do not show (%s); "
                             "remove it with another client", path, key, why)
@@ -313,7 +317,7 @@ class Namespace:
         (one HEAD) a plaintext object ``plaintext_objects = "hide"`` hides."""
         child = rest.split("/")[0]
         if child == integrity.LIST_DIR:
-            return "ossfuse's integrity tag lists"
+            return _TAG_LISTS
         if not valid_listed_name(child):
             return "not a valid file name"
         if child == rest and self.resolver.plaintext_objects == "hide":
@@ -1176,7 +1180,7 @@ class Namespace:
                 del keys[k]
             # Every key under the new name must fit OSS's limit: checked before anything is copied
             # (a copy failing half-way left a partial tree at the new name and EIO)
-            moved_keys = [moved_key(k, old_dkey, new_dkey) for k in keys]
+            moved_keys = [moved_key(k, old_dkey, new_dkey, self.naming.prefix) for k in keys]
             moved_keys += [self.naming.key(dst_path + n.path[len(old_path):]) for n in affected if n.staged]
             too_long = next((k for k in moved_keys if len(k.encode("utf-8")) > MAX_KEY_BYTES), None)
             if too_long is not None:  # named: it may be a key listings do not show (a trial)
@@ -1205,7 +1209,7 @@ class Namespace:
         moved the tree into the half-made directory). If that fails too, the next mount does
         it (the log stays)."""
         try:
-            kept = await undo_rename(self.store, rlog, self.naming.dir_key)
+            kept = await undo_rename(self.store, rlog, self.naming)
         except (StoreError, FsError) as e:
             log.error("rename of %r to %r failed, and taking back its copies failed too (%s); the next mount "
                       "takes them back", rlog.source, rlog.target, e)
@@ -1263,7 +1267,7 @@ class Namespace:
         the next mount if that fails too); a failed delete is left to the pending deletes
         (hidden, retried): the rename is done once every copy has landed."""
         old_dkey, new_dkey = self.naming.dir_key(old_path), self.naming.dir_key(dst_path)
-        target = {k: moved_key(k, old_dkey, new_dkey) for k in keys}  # old key → its copy's key
+        target = {k: moved_key(k, old_dkey, new_dkey, self.naming.prefix) for k in keys}  # old key → its copy's key
         # files unlinked while open below the new name: the copies overwrite their objects
         await self._keep_unlinked_readable(*target.values())
         copies: dict[str, ObjectInfo] = {}
@@ -1273,7 +1277,7 @@ class Namespace:
             if k == old_dkey:  # the directory's marker: it replaces dst's, or makes the directory
                 rlog.copying(target[k])
                 copies[k] = await copy_object(self.store, self.uploader, o, target[k])
-            elif is_tag_list(k[len(old_dkey):]):  # up to the parent's lists (renames.moved_key)
+            elif is_tag_list(k[len(old_dkey):]):  # up to the mount root's lists (renames.moved_key)
                 if await store_request(self.store.head(target[k]), target[k]) is not None:
                     return  # that list is there already (named by content): the original just goes
                 rlog.copying(target[k])

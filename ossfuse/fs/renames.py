@@ -63,7 +63,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .. import envelope as env
 from ..aio import run_all
@@ -335,18 +335,19 @@ def _unlink(path: str) -> None:
         log.error("cannot remove rename log %s (%s): remove it by hand before the next mount", path, e)
 
 
-def moved_key(key: str, old: str, new: str) -> str:
-    """Where the rename of directory key ``old`` to ``new`` puts object ``key`` (below ``old``):
-    below ``new``, except a tag list (``integrity.is_tag_list``), which goes to the
-    ``.ossfuse-integrity`` directory of ``old``'s parent. Object headers name their list by
-    its full key, and a header cannot follow a move; readers look for a list along the path
-    from that key up to the bucket's root (``integrity.list_key_candidates``), so a list may
-    only move up that path, never sideways with the tree (a trial: a directory moved, then a
-    file moved out of it, gave EIO)."""
+def moved_key(key: str, old: str, new: str, root: str) -> str:
+    """Where the rename of directory key ``old`` to ``new``, by the mount whose prefix is
+    ``root``, puts object ``key`` (below ``old``): below ``new``, except a tag list
+    (``integrity.is_tag_list``), which goes to the ``.ossfuse-integrity`` directory of that
+    mount's root. Object headers name their list by its full key, and a header cannot follow
+    a move; readers look for a list along the path from that key up to the bucket's root
+    (``integrity.list_key_candidates``), so a list may only move up that path, never sideways
+    with the tree (trial AA: a directory moved, then a file moved out of it, gave EIO); and
+    to the mount's root, not the source's parent, which the list would keep from being
+    removed (trial AB)."""
     rest = key[len(old):]
     if is_tag_list(rest):
-        parent = old[:-1].rpartition("/")[0]
-        return f"{parent}/" * bool(parent) + f"{LIST_DIR}/{rest.rsplit('/', 1)[1]}"
+        return f"{root}{LIST_DIR}/{rest.rsplit('/', 1)[1]}"
     return new + rest
 
 
@@ -367,13 +368,13 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 notice = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target), files,
                                             what + " (a crash)")
             elif entry.deleting:
-                kept = await _finish(store, entry, old, new)
+                kept = await _finish(store, entry, old, new, naming.prefix)
                 files.move_recovered(entry)
                 notice = (f"finished {what} (a crash)"
                           + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
                              if kept else ""))
             else:
-                kept = await undo(store, entry, naming.dir_key)
+                kept = await undo(store, entry, naming)
                 notice = (f"undid {what} (a crash, or the store failing; the `mv` had failed)"
                           + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
                              "is gone)" if kept else ""))
@@ -429,7 +430,7 @@ def _settle_later(entry: RenameLog, naming: Naming) -> tuple[bool, dict[str, str
         return (True, {old: entry.objects[old]}, set()) if new in entry.copied and old in entry.objects else None
     old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
     if entry.deleting:
-        return True, {k: e for k, e in entry.objects.items() if moved_key(k, old, new) in entry.copied}, set()
+        return True, {k: e for k, e in entry.objects.items() if moved_key(k, old, new, naming.prefix) in entry.copied}, set()
     if entry.replaced is None:
         return False, dict(entry.copied), entry.started - set(entry.copied)
     return None
@@ -475,15 +476,26 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
     return f"finished {what}" + ("; a newer version stays at the old name" if kept else "")
 
 
-async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> int:
+async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str, root: str) -> int:
     """Delete each original whose logged copy is still at the new name (and is its copy:
-    :func:`_same_object`); returns how many stay."""
+    :func:`_same_object`), and each tag list whose copy was not made because that list was at
+    its new key already (named by content, as the rename itself does: trial AB); ``root``:
+    the mount's prefix (:func:`moved_key`). Returns how many stay."""
     kept = 0
 
     async def one(key: str, etag: str) -> None:
         nonlocal kept
-        copy = entry.copied.get(moved_key(key, old, new))
-        there = await store.head(moved_key(key, old, new)) if copy is not None else None
+        target = moved_key(key, old, new, root)
+        copy = entry.copied.get(target)
+        if copy is None and is_tag_list(key[len(old):]) and await store.head(target) is not None:
+            try:
+                await delete_version(store, key, etag)
+            except FsError as e:
+                if e.errno != errno.ESTALE:
+                    raise
+                kept += 1
+            return
+        there = await store.head(target) if copy is not None else None
         original = await store.head(key)
         if original is None:
             return
@@ -502,11 +514,12 @@ async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str) -> i
     return kept
 
 
-async def undo(store: ObjectStore, entry: RenameLog, dir_key: Callable[[str], str]) -> int:
-    """Undo the copies of rename ``entry`` (module doc); returns how many copies stay (changed
-    at the new name since, or their original is gone). Raises StoreError, FsError."""
-    old, new = dir_key(entry.source), dir_key(entry.target)
-    by_target = {moved_key(key, old, new): (key, etag) for key, etag in entry.objects.items()}
+async def undo(store: ObjectStore, entry: RenameLog, naming: Naming) -> int:
+    """Undo the copies of rename ``entry`` by the mount of ``naming`` (module doc); returns
+    how many copies stay (changed at the new name since, or their original is gone). Raises
+    StoreError, FsError."""
+    old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
+    by_target = {moved_key(key, old, new, naming.prefix): (key, etag) for key, etag in entry.objects.items()}
     kept = 0
 
     async def one(target: str) -> None:
