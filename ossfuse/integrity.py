@@ -242,17 +242,15 @@ class BlockTags:
         """The tags of an object of ``size`` ciphertext bytes from its header (and, in the list
         layout, the list object's body). Raises IntegrityError when the count is wrong (the
         object was truncated or extended) or the list fails its root tag."""
-        k = tag_key(data_key, iv)
         tags = spec.tags
         if tags is None:
-            assert spec.root is not None
-            if list_body is None or not hmac.compare_digest(list_root(k, spec.block, size, list_body), spec.root):
+            if list_body is None or not cls.checker(spec, data_key, iv, size)(list_body):
                 raise IntegrityError(f"tag list {spec.list_key!r} does not match its root tag")
             tags = list_body
         if len(tags) != nblocks(size, spec.block) * TAG:
             raise IntegrityError(f"{len(tags) // TAG} tags for {nblocks(size, spec.block)} blocks of "
                                  f"{spec.block} bytes: the object's size ({size}) is not the one tagged")
-        return cls(k, spec.block, size, tags)
+        return cls(tag_key(data_key, iv), spec.block, size, tags)
 
     @staticmethod
     def checker(spec: TagSpec, data_key: bytes, iv: bytes, size: int) -> Callable[[bytes], bool]:
