@@ -48,7 +48,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import fastcrc
 
@@ -103,32 +103,34 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-async def fetch_tag_list(store: ObjectStore, spec: TagSpec, key: str, size: int,
-                         good: Callable[[bytes], bool]) -> bytes:
-    """The body of the tag list (list layout) of the object at ``key`` of ``size`` ciphertext
-    bytes: from the key its header names, else from where a directory rename above it moved
-    it (``integrity.list_key_candidates``: one more GET per directory level, only then; one
-    INFO line): the first one found that ``good`` (its check against the root tag) takes,
-    else the first one found (the caller's check then fails it, named). Raises
-    IntegrityError when there is none, StoreError when one cannot be read."""
+async def load_tags(store: ObjectStore, spec: TagSpec, key: str, size: int, data_key: bytes,
+                    iv: bytes) -> BlockTags:
+    """The checked tags (:meth:`BlockTags.from_spec`) of the object at ``key`` of ``size``
+    ciphertext bytes with tag header ``spec`` and data key/IV. In the list layout the list is
+    read from the key its header names, else from where a directory rename above it moved it
+    (``integrity.list_key_candidates``: one more GET per directory level, only then): the
+    first one found that its root tag authenticates (one INFO line when not at the header's
+    key). Raises IntegrityError (the first found failing its check, or none found),
+    StoreError when one cannot be read."""
     want = nblocks(size, spec.block) * _TAG
-    if not want:
-        return b""
-    first = None
+    if spec.list_key is None or not want:
+        return BlockTags.from_spec(spec, data_key, iv, size, b"" if spec.list_key is not None else None)
+    failed: IntegrityError | None = None
     for at in list_key_candidates(spec, key):
         try:
             body = await store.get_range(at, 0, want)
         except NoSuchKey:
             continue
-        if good(body):
-            if at != spec.list_key:
-                log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
-                         key, at, spec.list_key)
-            return body
-        first = body if first is None else first  # (another object at a nearer key: look further)
-    if first is not None:
-        return first
-    raise IntegrityError(f"its tag list {spec.list_key!r} is missing")
+        try:
+            tags = BlockTags.from_spec(spec, data_key, iv, size, body)
+        except IntegrityError as e:  # (another object at a nearer key: look further)
+            failed = failed or e
+            continue
+        if at != spec.list_key:
+            log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
+                     key, at, spec.list_key)
+        return tags
+    raise failed or IntegrityError(f"its tag list {spec.list_key!r} is missing")
 
 
 class TruncatedObject(Exception):
@@ -667,9 +669,7 @@ class BlockCache:
         if spec is None:
             return None
         try:
-            body = (await fetch_tag_list(self.store, spec, key, size, BlockTags.checker(spec, data_key, iv, size))
-                    if spec.list_key is not None else None)
-            tags = BlockTags.from_spec(spec, data_key, iv, size, body)
+            tags = await load_tags(self.store, spec, key, size, data_key, iv)
         except IntegrityError as e:
             raise IntegrityError(f"version ETag {etag}: {e}") from None
         self._tag_lists[(key, etag)] = tags

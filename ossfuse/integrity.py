@@ -242,23 +242,17 @@ class BlockTags:
         """The tags of an object of ``size`` ciphertext bytes from its header (and, in the list
         layout, the list object's body). Raises IntegrityError when the count is wrong (the
         object was truncated or extended) or the list fails its root tag."""
+        k = tag_key(data_key, iv)
         tags = spec.tags
         if tags is None:
-            if list_body is None or not cls.checker(spec, data_key, iv, size)(list_body):
+            assert spec.root is not None
+            if list_body is None or not hmac.compare_digest(list_root(k, spec.block, size, list_body), spec.root):
                 raise IntegrityError(f"tag list {spec.list_key!r} does not match its root tag")
             tags = list_body
         if len(tags) != nblocks(size, spec.block) * TAG:
             raise IntegrityError(f"{len(tags) // TAG} tags for {nblocks(size, spec.block)} blocks of "
                                  f"{spec.block} bytes: the object's size ({size}) is not the one tagged")
-        return cls(tag_key(data_key, iv), spec.block, size, tags)
-
-    @staticmethod
-    def checker(spec: TagSpec, data_key: bytes, iv: bytes, size: int) -> Callable[[bytes], bool]:
-        """Whether a list body is the one ``spec``'s root tag names (what :meth:`from_spec`
-        checks first), for a search of the places a list may be."""
-        k = tag_key(data_key, iv)
-        return lambda body: spec.root is not None and hmac.compare_digest(list_root(k, spec.block, size, body),
-                                                                          spec.root)
+        return cls(k, spec.block, size, tags)
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:
         """``[lo, hi)`` widened to whole blocks (clipped to the size)."""

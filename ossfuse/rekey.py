@@ -32,7 +32,7 @@ import trio
 
 from . import envelope as env
 from . import integrity
-from .cache import fetch_tag_list
+from .cache import load_tags
 from .config import CmkConfig, Config
 from .fs.model import SPECIAL_TYPES
 from .fs.objmeta import int_or
@@ -609,10 +609,7 @@ async def _check_tags(info: ObjectInfo, store: ObjectStore, envelope: env.Envelo
     """Read the object ``info`` (that ETag: If-Match) in whole blocks and check each against its
     tags. Raises IntegrityError naming the first bad block and its bytes (or a truncated
     read, or a damaged tag list), StoreError when it cannot be read."""
-    body = (await fetch_tag_list(store, spec, info.key, info.size,
-                                 integrity.BlockTags.checker(spec, envelope.data_key, envelope.iv, info.size))
-            if spec.list_key is not None else None)
-    tags = integrity.BlockTags.from_spec(spec, envelope.data_key, envelope.iv, info.size, body)
+    tags = await load_tags(store, spec, info.key, info.size, envelope.data_key, envelope.iv)
     step = max(spec.block, VERIFY_CHUNK - VERIFY_CHUNK % spec.block)
     for lo in range(0, info.size, step):
         hi = min(info.size, lo + step)

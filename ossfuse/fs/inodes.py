@@ -184,9 +184,9 @@ class InodeTable:
 
     def move(self, node: Node, old: str, new: str, *, renamed: bool = True) -> None:
         """``node`` is now at path ``new`` (rename); ``old`` is absent (NameCache.name_left).
-        ``renamed``: the node
-        itself was renamed (its ctime becomes now); False for what moved with a directory
-        above it (as on a local disk, untouched: tar would say it changed as it read it)."""
+        ``renamed``: the node itself was renamed (its ctime becomes now); False for what moved
+        with a directory above it (as on a local disk, untouched: tar would say it changed as
+        it read it)."""
         if self.by_path.get(old) is node:
             del self.by_path[old]
             self.names.name_left(self.parent(old), old)  # (absent, unless it hid a prefix of its name)

@@ -295,20 +295,22 @@ class Namespace:
         dkey = self.naming.dir_key(path)
         key = await store_request(self.deferred.first_visible_under(dkey), dkey)
         if key is not None and key not in self._unshown_said:
-            why = None if key == dkey else await self._unshown(key, key[len(dkey):])
-            if why is not None or key == dkey:
+            said: str | None = None
+            if key == dkey:
+                said = (f"its directory marker {key!r} holds data (another client's), which listings here do "
+                        "not show; remove it with another client")
+            elif (why := await self._unshown(key, key[len(dkey):])) == _TAG_LISTS:
+                # (not "remove it": a file elsewhere may need it, trial AB)
+                said = (f"the bucket holds {key!r} below it, {why}, which files written under it (also those "
+                        "moved away since) read their integrity tags from; leave it")
+            elif why is not None:
+                said = (f"the bucket holds {key!r} below it, which listings here do not show ({why}); remove it "
+                        "with another client")
+            if said is not None:
                 if len(self._unshown_said) >= 10_000:
                     self._unshown_said.clear()
                 self._unshown_said.add(key)
-            if key == dkey:
-                log.warning("%r is not empty: its directory marker %r holds data (another client's), which "
-                            "listings here do not show; remove it with another client", path, key)
-            elif why == _TAG_LISTS:  # (not "remove it": a file elsewhere may need it, trial AB)
-                log.warning("%r is not empty: the bucket holds %r below it, %s, which files written under it "
-                            "(also those moved away since) read their integrity tags from; leave it", path, key, why)
-            elif why is not None:
-                log.warning("%r is not empty: the bucket holds %r below it, which listings here do not show (%s); "
-                            "remove it with another client", path, key, why)
+                log.warning("%r is not empty: %s", path, said)
         return key is not None
 
     async def _unshown(self, key: str, rest: str) -> str | None:
@@ -1274,12 +1276,10 @@ class Namespace:
         mark = self.deferred.mark()
 
         async def copy(k: str, o: ObjectInfo) -> None:
-            if k == old_dkey:  # the directory's marker: it replaces dst's, or makes the directory
-                rlog.copying(target[k])
-                copies[k] = await copy_object(self.store, self.uploader, o, target[k])
-            elif is_tag_list(k[len(old_dkey):]):  # up to the mount root's lists (renames.moved_key)
-                if await store_request(self.store.head(target[k]), target[k]) is not None:
-                    return  # that list is there already (named by content): the original just goes
+            listed = is_tag_list(k[len(old_dkey):])  # up to the mount root's lists (renames.moved_key)
+            if listed and await store_request(self.store.head(target[k]), target[k]) is not None:
+                return  # that list is there already (named by content): the original just goes
+            if k == old_dkey or listed:  # the marker replaces dst's, or makes the directory
                 rlog.copying(target[k])
                 copies[k] = await copy_object(self.store, self.uploader, o, target[k])
             else:  # below a directory this mount believes empty or absent: another client's file is
