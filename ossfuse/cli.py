@@ -15,6 +15,7 @@ import os
 import re
 import select
 import signal
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1096,20 +1097,24 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
               "read it through the folder)" if "://" not in bucket else "")
     me = _command_for_hints()
     print(f"folder: {mp}\nbucket directory: {bucket}{layout}\nconfig: {conf}\n"
-          f"unmount with: {me} umount {mp}\nmount again with: {me} mount -c {conf} {mp}")
+          f"unmount with: {me} umount {shlex.quote(mp)}\n"
+          f"mount again with: {me} mount -c {shlex.quote(conf)} {shlex.quote(mp)}")
     return 0
 
 
 def _command_for_hints() -> str:
     """How a printed hint names this program: ``ossfuse`` when the PATH has one, else this
     program's own path (a trial: installed with OSSFUSE_NO_LINK=1, the hint named a command
-    the shell could not find)."""
+    the shell could not find); prefixed with ``OSSFUSE_RUNTIME_DIR=…`` when that is set, since
+    umount and status find the daemon there (a new-user trial: the hint failed without it)."""
+    env = os.environ.get(ENV_RUNTIME_DIR)
+    prefix = f"{ENV_RUNTIME_DIR}={shlex.quote(env)} " if env else ""
     if shutil.which("ossfuse"):
-        return "ossfuse"
+        return prefix + "ossfuse"
     me = os.path.abspath(sys.argv[0])
     if os.path.basename(me) == "ossfuse" and os.access(me, os.X_OK):
-        return me
-    return f"{sys.executable} -m ossfuse"
+        return prefix + shlex.quote(me)
+    return f"{prefix}{shlex.quote(sys.executable)} -m ossfuse"
 
 
 class _VersionAction(argparse.Action):

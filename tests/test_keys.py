@@ -704,6 +704,9 @@ def test_quickstarts_hints_name_a_command_the_shell_finds(tmp_path, monkeypatch)
     (bin_dir / "ossfuse").write_text("#!/bin/sh\n")
     (bin_dir / "ossfuse").chmod(0o755)
     assert cli._command_for_hints() == "ossfuse"
+    # trial AA: with OSSFUSE_RUNTIME_DIR set, `ossfuse umount` without it found no daemon
+    monkeypatch.setenv("OSSFUSE_RUNTIME_DIR", "/tmp/my run")
+    assert cli._command_for_hints() == "OSSFUSE_RUNTIME_DIR='/tmp/my run' ossfuse"
 
 
 def test_quickstart_refuses_a_new_key_while_the_cache_dir_holds_journaled_files(tmp_path):
