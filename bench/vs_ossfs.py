@@ -32,6 +32,13 @@ namespace, as ossfs's ``fusermount3 -u`` does (it needs no network). ``--workloa
 write, read, create, small (ls -l, cat, rm -r of NSMALL files), ls2000, tar, clone (the last two
 need ``--click-git``, a bare clone of pallets/click). The table goes to stdout and, dated with
 the command, to bench/RESULTS.md (``--results ''`` to skip); raw rows to WORK/raw.csv.
+
+On a virtual machine whose host backs guest memory only when the guest first touches it, the
+page cache's first use of a page costs a fault on the host: on this project's 2-core VM the same
+`dd` of 256 MiB into ossfuse took 0.36 s or 1.0 s (kernel time in ``copy_folio_from_iter_atomic``
+67 %), depending on whether the staging file's pages had been touched before (bench/RESULTS.md,
+thirty-fourth session). ``--pretouch-gib N`` writes N GiB once before the runs (most of free
+memory; ~3 s per GiB there), and the writes of both clients then take the same time each round.
 """
 from __future__ import annotations
 
@@ -613,6 +620,10 @@ def main() -> int:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="py-spy the ossfuse daemon during the --profile-steps steps into DIR (needs py-spy in the venv)")
     ap.add_argument("--profile-steps", default="cat500", help="comma-separated step names (raw.csv's workload column)")
+    ap.add_argument("--pretouch-gib", type=int, default=0, metavar="N",
+                    help="first write N GiB of memory once and free it (see the module doc: on a VM whose host "
+                         "backs guest memory at first touch, the page cache's first use of a page costs a fault "
+                         "on the host, and a run's writes take 1-3x as long depending on which pages they get)")
     ap.add_argument("--profile-gil", action="store_true",
                     help="sample only the thread holding the GIL (where the daemon's CPU goes, not its waits)")
     args = ap.parse_args()
@@ -637,6 +648,9 @@ def main() -> int:
     # and the checkout may move on while it runs)
     commit = sh(["git", "-C", args.ossfuse_tree or REPO, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
     results = os.path.abspath(args.results) if args.results else ""
+    if args.pretouch_gib:
+        say(f"writing {args.pretouch_gib} GiB of memory once (--pretouch-gib)")
+        sh([sys.executable, "-c", f"bytearray(b'\\1') * ({args.pretouch_gib} << 30)"])
     b = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:

@@ -116,13 +116,14 @@ async def load_tags(store: ObjectStore, spec: TagSpec, key: str, size: int, data
     if spec.list_key is None or not want:
         return BlockTags.from_spec(spec, data_key, iv, size, b"" if spec.list_key is not None else None)
     failed: IntegrityError | None = None
-    for at in list_key_candidates(spec, key):
+    candidates = list_key_candidates(spec, key)
+    for at in candidates:
         try:
             body = await store.get_range(at, 0, want)
         except NoSuchKey:
             continue
         try:
-            tags = BlockTags.from_spec(spec, data_key, iv, size, body)
+            tags = BlockTags.from_spec(spec, data_key, iv, size, body, at)
         except IntegrityError as e:  # (another object at a nearer key: look further)
             failed = failed or e
             continue
@@ -130,7 +131,8 @@ async def load_tags(store: ObjectStore, spec: TagSpec, key: str, size: int, data
             log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
                      key, at, spec.list_key)
         return tags
-    raise failed or IntegrityError(f"its tag list {spec.list_key!r} is missing")
+    raise failed or IntegrityError(f"its tag list {spec.list_key!r} is missing (and is at none of the "
+                                   f"{len(candidates) - 1} other keys where a directory rename may have put it)")
 
 
 class TruncatedObject(Exception):

@@ -4,7 +4,9 @@ directly (no mount).
 
 Rekey keeps the integrity tags valid: they are keyed by the data key and IV, which a rekey
 rewraps but never changes, and cover the ciphertext, which it copies unchanged; the
-``ossfuse-integrity`` header is carried over with the other metadata.
+``ossfuse-integrity`` header is carried over with the other metadata — unless the new envelope
+leaves tags kept in the header (the meta layout) no room under the 8 KB limit: then the same
+tags go to a list object first and the header names it (``integrity.as_list_layout``).
 
 Rekey re-wraps the data key and IV of every encrypted object under a path to another CMK
 without touching the content: the data key stays, so the ciphertext stays valid. OSS refuses a
@@ -333,6 +335,16 @@ async def _rekey_one(listed: ObjectInfo, cfg: Config, store: ObjectStore, keyrin
     if wrapped.legacy:
         # a legacy "start" is a whole counter value: it becomes the 16-byte IV as it is
         log.info("%r: legacy oss2 envelope rewritten in the current format", info.key)
+    if spec is not None and spec.tags is not None and \
+            integrity.meta_size(meta) > integrity.META_LIMIT - integrity.RESERVE:
+        # the new envelope (a bigger RSA key, a longer matdesc) leaves the tags no room in the
+        # header: they go to a list object, as a mount's seal puts them (before the object)
+        moved = integrity.as_list_layout(spec, envelope.data_key, iv, info.size, cfg.store.prefix)
+        assert moved.list_key is not None and moved.list_body is not None
+        await store.put_bytes(moved.list_key, moved.list_body, {})
+        meta.update(moved.headers)
+        log.info("%r: its integrity tags move from its header to the tag list %r (the new envelope leaves "
+                 "them no room there)", info.key, moved.list_key)
     # states the version it replaces: a store that checks it atomically (a local bucket) refuses
     # the write when a running mount saved the file since the read (DestinationChanged: the
     # mount's change stays, this object is "failed", a run again rekeys it); OSS cannot check

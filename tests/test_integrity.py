@@ -478,6 +478,66 @@ def test_a_list_a_rename_above_the_writers_prefix_meets_stays_findable(tmp_path,
     trio.run(main)
 
 
+@pytest.mark.expect_log(r"cannot read 'pre/f': version ETag \S+: tag list '\.ossfuse-integrity/[0-9a-f]+' does not "
+                        r"match its root tag")
+def test_a_rekey_whose_new_envelope_leaves_the_tags_no_room_moves_them_into_a_list(tmp_path, cmk_path,
+                                                                                    other_cmk_path):
+    """Trial AD: a rekey to a CMK with a bigger envelope (RSA-2048 → 4096, a long matdesc) of a
+    file whose tags are in its header failed MetadataTooLarge at every run. The same tags now go
+    to a list object first, the header names it; the file reads and verifies after. A list
+    found elsewhere than the header's key that fails is named where it was read."""
+    from ossfuse import rekey
+    local, store = _bucket(tmp_path, cached=True)
+    data = os.urandom(3 << 20)  # 48 tags of 64 KiB blocks: in the header
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "f", data)
+        before = integrity.parse((await local.head("pre/f")).metadata)
+        assert before.tags is not None and len(before.tags) == 48 * integrity.TAG
+        fs.close()
+        enc = EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk_path),
+                                                       CmkConfig("b", "rsa", other_cmk_path,
+                                                                 matdesc={"note": "x" * 6000})))
+        cfg = dataclasses.replace(fs.cfg, encryption=enc)
+        done = await rekey.rekey(cfg, local, Keyring(enc), from_id=None, to_id="b", dry_run=False)
+        assert done.changed == 1 and not done.failed and not done.damaged, done
+        info = await local.head("pre/f")
+        assert env.parse_envelope(info.metadata).matdesc == {"note": "x" * 6000}
+        assert integrity.meta_size(info.metadata) <= integrity.META_LIMIT - integrity.RESERVE
+        spec = integrity.parse(info.metadata)
+        assert spec.tags is None and spec.block == before.block
+        assert spec.list_key == f"pre/.ossfuse-integrity/{spec.root.hex()}"
+        assert await local.get_range(spec.list_key, 0, 1 << 20) == before.tags
+        fs = Filesystem(cfg, store, Keyring(enc), uid=1, gid=2)
+        assert await _read(fs, "f", 0, len(data)) == data
+        assert fs.cache.stats["verified_bytes"] == len(data)
+        fs.close()
+        summary = await rekey.verify(cfg, local, Keyring(enc))
+        assert (summary.verified, summary.failed) == (1, []), summary
+        # the list moved up (as a rename above the writer's prefix does) and damaged there: the
+        # error names the key it was read at, not the header's (trial AD: it named a key with nothing)
+        body = bytearray(before.tags)
+        body[5] ^= 1
+        await local.delete(spec.list_key)
+        await local.put_bytes(spec.list_key.removeprefix("pre/"), bytes(body), {})
+        fs = Filesystem(cfg, store, Keyring(enc), uid=1, gid=2)
+        with pytest.raises(FsError) as e:
+            await _read(fs, "f", 0, 10)
+        _eio(e)
+        fs.close()
+        summary = await rekey.verify(dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, prefix="")),
+                                     local, Keyring(enc), path="pre")
+        assert len(summary.failed) == 1 and f"tag list '{spec.list_key.removeprefix('pre/')}' does not match" \
+            in summary.failed[0], summary.failed
+        await local.delete(spec.list_key.removeprefix("pre/"))
+        summary = await rekey.verify(cfg, local, Keyring(enc))
+        assert len(summary.failed) == 1 and "is missing (and is at none of the" in summary.failed[0], summary.failed
+        await store.aclose()
+
+    trio.run(main)
+
+
 def test_a_journaled_version_in_the_list_layout_uploads_its_list_after_a_crash(tmp_path, cmk_path, monkeypatch):
     """A version journaled but not uploaded before a crash keeps its tag header in the journal;
     the next mount recomputes the list from the sealed data, puts it before the object, and

@@ -179,20 +179,28 @@ def test_a_rename_cut_off_while_deleting_is_finished_at_the_next_mount(tmp_path,
 LIST = ".ossfuse-integrity/" + "ab" * 16  # a tag list below the renamed directory (another mount's)
 
 
-@pytest.mark.parametrize("cut", ["copying", "deleting", "deleting, the list above already"])
-def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_path, cut):
+@pytest.mark.parametrize("cut", ["copying", "deleting", "deleting, the list above already",
+                                 "deleting, other bytes above"])
+def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_path, cut, expect_log):
     """A directory rename puts a tag list it meets in the mount root's lists
     (``renames.moved_key``: headers name a list by key, readers look up that key's path; a
     trial). A crash while copying takes that copy back, one while deleting finishes the move,
     as for every other object — also when the list was above already, so its copy was not
     made (trial AB: that original stayed, and the old directory showed again); a rename where
-    the list is there already just drops the original."""
+    the list is there already (the same bytes, by another PUT: another ETag) just drops the
+    original. Other bytes there (trial AD: a damaged copy; the good original went, and its
+    file gave EIO): both stay, the rename and the finish say so."""
+    theirs = b"TAGS" * 4 if "other" in cut else b"tags" * 4
+    if "other" in cut:
+        expect_log(r"the tag list 'pre/d/\.ossfuse-integrity/(ab)+' stays where it is: 'pre/\.ossfuse-integrity/"
+                   r"(ab)+' holds other bytes: one of the two is damaged")
+
     async def crash():
         fs = core_filesystem(tmp_path, cmk_path)
         await _tree(fs, "d")
         await fs.store.inner.put_bytes(f"pre/d/{LIST}", b"tags" * 4, {})
-        if "already" in cut:
-            await fs.store.inner.put_bytes(f"pre/{LIST}", b"tags" * 4, {})
+        if "above" in cut:
+            await fs.store.inner.put_bytes(f"pre/{LIST}", theirs, {})
         if cut == "copying":
             await _cut_off(fs, "copy", "pre/d/f3")
         else:  # (with the list above already: cut at the list's own delete, for the finish to do)
@@ -208,14 +216,21 @@ def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_p
         keys = await _keys(fs)
         if cut == "copying":  # undone: the list is back where it was only
             assert f"pre/d/{LIST}" in keys and f"pre/{LIST}" not in keys and "pre/e/f0" not in keys
+        elif "other" in cut:  # finished, but the list stays where it was, beside the other bytes
+            assert f"pre/d/{LIST}" in keys and "pre/d/f0" not in keys and "pre/e/f0" in keys
+            assert await fs.store.inner.get_range(f"pre/d/{LIST}", 0, 99) == b"tags" * 4
         else:  # finished: the list is above, the tree at the new name
             assert f"pre/d/{LIST}" not in keys and f"pre/{LIST}" in keys and "pre/d/f0" not in keys
+        if "above" in cut:
+            assert await fs.store.inner.get_range(f"pre/{LIST}", 0, 99) == theirs
         assert not any(k.startswith("pre/e/.ossfuse") for k in keys)
         assert _logs(tmp_path) == []
+        if "other" in cut:
+            await fs.store.inner.delete(f"pre/d/{LIST}")  # (the rest is as in the other cases)
         if cut != "copying":
             assert "d" not in await listed_names(fs)
         await fs.mkdir(fs.get(1), "x", 0o755, UID, GID)  # again, the list already above: the original goes
-        await fs.store.inner.put_bytes(f"pre/x/{LIST}", b"tags" * 4, {})
+        await fs.store.inner.put_bytes(f"pre/x/{LIST}", theirs, {})
         await fs.rename(fs.get(1), "x", fs.get(1), "y", 0)
         keys = await _keys(fs)
         assert f"pre/x/{LIST}" not in keys and f"pre/y/{LIST}" not in keys and f"pre/{LIST}" in keys

@@ -42,7 +42,7 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
-from .renames import RenameLog, RenameLogs, moved_key, undo as undo_rename
+from .renames import RenameLog, RenameLogs, moved_key, same_list, undo as undo_rename
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -1273,12 +1273,22 @@ class Namespace:
         # files unlinked while open below the new name: the copies overwrite their objects
         await self._keep_unlinked_readable(*target.values())
         copies: dict[str, ObjectInfo] = {}
+        kept_lists: set[str] = set()  # tag lists left where they are (another object at their new key)
         mark = self.deferred.mark()
 
         async def copy(k: str, o: ObjectInfo) -> None:
             listed = is_tag_list(k[len(old_dkey):])  # up to the mount root's lists (renames.moved_key)
-            if listed and await store_request(self.store.head(target[k]), target[k]) is not None:
-                return  # that list is there already (named by content): the original just goes
+            there = await store_request(self.store.head(target[k]), target[k]) if listed else None
+            # that list is there already (named by content): the original just goes, unless the
+            # one there holds other bytes: one of the two is damaged and only the files naming it
+            # can tell which, so both stay (a trial: the good one went, the file gave EIO)
+            if there is not None:
+                if not await store_request(same_list(self.store, there, k, o.etag), k):
+                    kept_lists.add(k)
+                    log.warning("rename of %r to %r: the tag list %r stays where it is: %r holds other bytes: "
+                                "one of the two is damaged (`ossfuse check --verify` names the files that fail)",
+                                old_path, dst_path, k, target[k])
+                return
             if k == old_dkey or listed:  # the marker replaces dst's, or makes the directory
                 rlog.copying(target[k])
                 copies[k] = await copy_object(self.store, self.uploader, o, target[k])
@@ -1291,6 +1301,8 @@ class Namespace:
         postponed: list[tuple[str, FsError]] = []  # originals whose DELETE failed: pending deletes now
 
         async def delete(k: str, o: ObjectInfo) -> None:
+            if k in kept_lists:
+                return
             try:  # only the version copied: a newer foreign one stays
                 await delete_version(self.store, k, o.etag, log_failure=False)
             except FsError as e:

@@ -68,7 +68,7 @@ from typing import Protocol
 from .. import envelope as env
 from ..aio import run_all
 from ..integrity import LIST_DIR, is_tag_list
-from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
+from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from .copying import delete_version
 from .errors import FsError
 from .naming import Naming
@@ -476,6 +476,22 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
     return f"finished {what}" + ("; a newer version stays at the old name" if kept else "")
 
 
+async def same_list(store: ObjectStore, there: ObjectInfo, key: str, etag: str) -> bool:
+    """Whether the tag list ``there``, found at the key a rename would move the list at ``key``
+    (version ``etag``) to, holds the same bytes: the same ETag, else the same body (a local
+    bucket gives each copy its own ETag; lists are small, and this is only asked when a rename
+    meets a list that is at its new key already). False also when either changed or went since
+    (the caller then keeps the original). Raises StoreError."""
+    if same_etag(there.etag, etag):
+        return True
+    try:
+        ours = await store.get_range(key, 0, there.size + 1, if_match=etag)
+        theirs = await store.get_range(there.key, 0, there.size + 1, if_match=there.etag)
+    except (NoSuchKey, PreconditionFailed):
+        return False
+    return ours == theirs
+
+
 async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str, root: str) -> int:
     """Delete each original whose logged copy is still at the new name (and is its copy:
     :func:`_same_object`), and each tag list whose copy was not made because that list was at
@@ -487,7 +503,13 @@ async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str, root
         nonlocal kept
         target = moved_key(key, old, new, root)
         copy = entry.copied.get(target)
-        if copy is None and is_tag_list(key[len(old):]) and await store.head(target) is not None:
+        listed = await store.head(target) if copy is None and is_tag_list(key[len(old):]) else None
+        if listed is not None and not await same_list(store, listed, key, etag):
+            kept += 1  # other bytes there: one of the two is damaged, so both stay (the rename's WARNING)
+            log.warning("the tag list %r stays where it is: %r holds other bytes: one of the two is damaged "
+                        "(`ossfuse check --verify` names the files that fail)", key, target)
+            return
+        if listed is not None:
             try:
                 await delete_version(store, key, etag)
             except FsError as e:
