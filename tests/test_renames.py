@@ -241,7 +241,8 @@ def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_p
 
 
 @pytest.mark.expect_log(r"'z' is not empty: the bucket holds 'pre/z/\.ossfuse-integrity/[0-9a-f]+' below it, "
-                        r"ossfuse's integrity tag lists, which files written under it")
+                        r"ossfuse's integrity tag lists, which files written under it",
+                        r"'w' is not empty: .* \(in the directory ossfuse keeps its tag lists in\)")
 def test_a_directory_renamed_away_from_an_inner_mounts_lists_leaves_its_parent_removable(tmp_path, cmk_path, caplog):
     """Trial AB: with lists moved to the source's parent, ``mv p/in p/out; mv p/out q`` left
     ``p`` holding a list (``rmdir p``: ENOTEMPTY, and the advice to remove it with another
@@ -268,12 +269,20 @@ def test_a_directory_renamed_away_from_an_inner_mounts_lists_leaves_its_parent_r
         with pytest.raises(FsError) as e:
             await fs.rmdir(root, "z")
         assert e.value.errno == errno.ENOTEMPTY and z.is_dir
+        await fs.mkdir(root, "w", 0o755, UID, GID)  # another client's object there, no list: not "leave it"
+        await fs.store.inner.put_bytes("pre/w/.ossfuse-integrity/s1/o", b"one", {})
+        with pytest.raises(FsError) as e:
+            await fs.rmdir(root, "w")
+        assert e.value.errno == errno.ENOTEMPTY
         await _crash(fs)
 
     with caplog.at_level(logging.WARNING):
         trio.run(main)
     said = [r.getMessage() for r in caplog.records if "is not empty" in r.getMessage()]
-    assert len(said) == 1 and said[0].endswith("read their integrity tags from; leave it"), said
+    assert len(said) == 2 and said[0].endswith("read their integrity tags from; leave it"), said
+    assert said[1] == ("'w' is not empty: the bucket holds 'pre/w/.ossfuse-integrity/s1/o' below it, which listings "
+                       "here do not show (in the directory ossfuse keeps its tag lists in); remove it with another "
+                       "client"), said
 
 
 @pytest.mark.expect_log(r"ossfuse\.fs\.namespace: rename of 'd' to 'e': 1 original\(s\) could not be deleted yet")

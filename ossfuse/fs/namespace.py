@@ -318,8 +318,8 @@ class Namespace:
         names, or None when they do: not a valid file name (``a//b``), ossfuse's tag lists, or
         (one HEAD) a plaintext object ``plaintext_objects = "hide"`` hides."""
         child = rest.split("/")[0]
-        if child == integrity.LIST_DIR:
-            return _TAG_LISTS
+        if child == integrity.LIST_DIR:  # (another client's object there is no list: trial AD)
+            return _TAG_LISTS if is_tag_list(rest) else "in the directory ossfuse keeps its tag lists in"
         if not valid_listed_name(child):
             return "not a valid file name"
         if child == rest and self.resolver.plaintext_objects == "hide":
