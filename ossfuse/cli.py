@@ -908,11 +908,12 @@ def cmd_check(args) -> int:
     if args.verify is not None and blocking:
         print("--verify was not run: fix the failures above first")
     if summary is not None:
-        found = summary.verified or summary.untagged or summary.plaintext or summary.dir_markers or summary.failed
+        found = (summary.verified or summary.untagged or summary.plaintext or summary.dir_markers or summary.failed
+                 or summary.unchecked)
         if path_below_root(verify) and not found:  # a typo: no summary of nothing verified first
             return _die(f"check --verify {args.verify}: {_nothing_there(args.verify)}")
         print(summary.render())
-        if summary.failed:
+        if summary.failed or summary.unchecked:
             return 1
     return 0 if all(ok for ok, _ in results) else 1
 

@@ -667,6 +667,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             in_doubt = getattr(fs.store, "in_doubt", None)  # (OSS: writes given up on, store/indoubt.py)
             if in_doubt is not None:
                 tasks.start_soon(in_doubt.watch, fs.store.head, name="late-request check")
+            if not fs.store.local_disk:
+                tasks.start_soon(fs.watch_late_copies, name="late rename copies")
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             # The kernel side is gone (fusermount -u), a signal asked us to stop, or a task failed.
             life.state = "draining"

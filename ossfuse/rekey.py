@@ -492,17 +492,22 @@ class VerifySummary:
     dir_markers: int = 0  # empty objects whose key ends in "/": directories, nothing to verify
     tag_lists: int = 0  # ossfuse's integrity tag lists: checked through the objects that name them
     failed: list[str] = field(default_factory=list)  # "key (ETag E): why"
+    # "key (ETag E): why" of objects the store did not let it read (a trial: a store that stalled
+    # mid-run gave a FAIL line, which reads as a damaged object)
+    unchecked: list[str] = field(default_factory=list)
 
     PLAINTEXT_SHOWN = 3  # (a trial: "not encrypted: 2" on an encrypting mount, unnamed, worried)
 
     def render(self) -> str:
-        lines = [f"FAIL  {f}" for f in self.failed]
+        lines = [f"FAIL  {f}" for f in self.failed] + [f"NOT CHECKED  {f}" for f in self.unchecked]
         shown = (f" (e.g. {', '.join(repr(k) for k in self.plaintext_keys)})" if self.plaintext_keys else "")
         lines.append(f"verified: {self.verified} object(s), {self.verified_bytes} bytes; without tags: "
                      f"{self.untagged} object(s), {self.untagged_bytes} bytes; not encrypted: {self.plaintext}"
                      f"{shown}; integrity tag lists (ossfuse's own, not encrypted by design): {self.tag_lists}; "
                      f"special files (FIFOs, sockets, devices: no content): {self.special}; "
-                     f"directory markers: {self.dir_markers}; failed: {len(self.failed)}")
+                     f"directory markers: {self.dir_markers}; failed: {len(self.failed)}"
+                     + (f"; not checked, the store failed (run it again): {len(self.unchecked)}"
+                        if self.unchecked else ""))
         return "\n".join(one_line(line) for line in lines)  # (keys are any client's: one line each)
 
 
@@ -543,14 +548,17 @@ async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str
     directory; "" or "." for all) and check each block against its integrity tags. ``path`` is
     normalised as a path ("./a//b/" is "a/b"). An object fails when a block does not match, its
     tag header or list is damaged or missing, its envelope cannot be opened, or it cannot be
-    read; each failure is one entry of ``failed`` naming the object, its ETag and the block.
+    read; each failure is one entry of ``failed`` naming the object, its ETag and the block. One
+    the store did not let it read (no answer, an error) is an entry of ``unchecked`` instead.
     Never raises for one object."""
     summary = VerifySummary()
     rel = path_below_root(path) or ""
-    async for listed in objects_at(cfg, store, rel, lambda key, e: summary.failed.append(f"{key}: {e}")):
+    async for listed in objects_at(cfg, store, rel, lambda key, e: summary.unchecked.append(f"{key}: {e}")):
         try:
             await _verify_one(listed, store, keyring, summary)
-        except (StoreError, env.EnvelopeError, KeyMissing, CmkUnavailable, integrity.IntegrityError) as e:
+        except StoreError as e:
+            summary.unchecked.append(f"{listed.key} (ETag {listed.etag}): {e}")
+        except (env.EnvelopeError, KeyMissing, CmkUnavailable, integrity.IntegrityError) as e:
             summary.failed.append(f"{listed.key} (ETag {listed.etag}): {e}")
     return summary
 

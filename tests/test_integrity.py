@@ -538,6 +538,31 @@ def test_a_rekey_whose_new_envelope_leaves_the_tags_no_room_moves_them_into_a_li
     trio.run(main)
 
 
+def test_verify_says_an_object_the_store_did_not_let_it_read_is_not_checked_not_failed(tmp_path, cmk_path):
+    """Trial AC: a store that stalled mid-run gave ``check --verify`` a FAIL line for the
+    object it was reading, the form of a damaged one. The store's failures are NOT CHECKED
+    lines, counted apart (exit 1 all the same: the run did not cover everything)."""
+    from ossfuse import rekey
+    local, store = _bucket(tmp_path, cached=True)
+
+    async def main():
+        fs = _filesystem(tmp_path, cmk_path, store)
+        await _write(fs, "a", os.urandom(100_000))
+        await _write(fs, "b", os.urandom(100_000))
+        fs.close()
+        store.fail("get_range", key="pre/b", error="temporary", count=None)
+        summary = await rekey.verify(fs.cfg, store, fs.keyring)
+        store.clear()
+        await store.aclose()
+        return summary
+
+    summary = trio.run(main)
+    assert summary.verified == 1 and summary.failed == [] and len(summary.unchecked) == 1, summary
+    text = summary.render()
+    assert text.splitlines()[0].startswith("NOT CHECKED  pre/b (ETag "), text
+    assert text.endswith("failed: 0; not checked, the store failed (run it again): 1"), text
+
+
 def test_a_journaled_version_in_the_list_layout_uploads_its_list_after_a_crash(tmp_path, cmk_path, monkeypatch):
     """A version journaled but not uploaded before a crash keeps its tag header in the journal;
     the next mount recomputes the list from the sealed data, puts it before the object, and

@@ -5,16 +5,18 @@ and its delete left the file at both names."""
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
 import stat
+import time
 
 import pytest
 import trio
 import trio.testing
 
-from fakes.core import GID, UID, committed_file, core_filesystem, exists, listed_names, read_node
+from fakes.core import GID, UID, committed_file, core_filesystem, core_store, exists, listed_names, read_node
 from ossfuse.fs import FsError
 from ossfuse.fs import renames
 from ossfuse.fs.renames import RenameLogs
@@ -108,6 +110,104 @@ def test_a_rename_cut_off_while_copying_is_undone_at_the_next_mount(tmp_path, cm
         await _crash(fs)
 
     trio.run(next_mount, trio.run(crash))
+
+
+@pytest.mark.parametrize("case", ["crash, lands late", "crash, an old log", "fails, lands late"])
+def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_lands_late(tmp_path, cmk_path, case,
+                                                                                        expect_log):
+    """Trial AC: a `kill -9` mid-rename with a copy in flight on a slow network; the next mount
+    undid the rename and removed its log, then the copy landed: ``e/f3`` stayed for good (and
+    its directory with it). OSS may carry a request out until ``indoubt.WINDOW`` after it was
+    sent: an undo that does not find a copy it sent without an answer keeps the log and looks
+    for it again (``renames.LateCopies``), also in the same run when a copy fails; one that
+    lands is taken back (when it is its original's copy), and the log goes when the window
+    ends. A log older than the window is done at once; so is any on a local bucket (the other
+    tests)."""
+    expect_log(r"copy of 'pre/d/f3' .* failed: injected fault|a copy the undone rename of 'd' to 'e' had sent \(no answer\) landed "
+               r"late at 'pre/e/f3'; taken back")
+
+    def store():
+        s = core_store(tmp_path)
+        s.local_disk = False  # as OSS: a request may be carried out after the client gave up on it
+        return s
+
+    async def crash():
+        fs = core_filesystem(tmp_path, cmk_path, store())
+        await _tree(fs, "d")
+        await _cut_off(fs, "copy", "pre/d/f3")  # sent, never answered
+        await _crash(fs)
+
+    async def failing_rename(fs):
+        await _tree(fs, "d")
+
+        async def no_answer(inner, op, keys):
+            await trio.sleep(0.1)  # the others land
+            raise StoreError("injected fault: no answer", key=keys[0])
+        fs.store.hook("copy", no_answer, key="pre/d/f3")
+        with pytest.raises(FsError):
+            await fs.rename(fs.get(1), "d", fs.get(1), "e", 0)
+        fs.store.clear()
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path, store())
+        if case.startswith("crash"):
+            fs.recover()
+            if "old" in case:
+                [log_path] = [os.path.join(tmp_path, "cache", "renames", n) for n in _logs(tmp_path)]
+                os.utime(log_path, (0, time.time() - renames.LATE_WINDOW - 1))
+            [notice] = await fs.settle_renames()
+            assert notice.startswith("undid the rename of 'd' to 'e'"), notice
+            if "old" in case:
+                assert _logs(tmp_path) == [] and not fs.rename_logs.watched and "may still land" not in notice
+                await _crash(fs)
+                return
+            assert "1 copy(ies) it sent without an answer may still land (e.g. 'pre/e/f3')" in notice, notice
+        else:
+            await failing_rename(fs)
+        assert len(_logs(tmp_path)) == 1 and [w.targets for w in fs.rename_logs.watched] == [{"pre/e/f3"}]
+        assert not any(k.startswith("pre/e") for k in await _keys(fs))
+        look = functools.partial(renames.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        assert await look() == 0  # not due yet
+        fs.rename_logs.watched[0].next_at = 0
+        assert await look() == 0 and len(_logs(tmp_path)) == 1  # due; nothing landed: still watched
+        assert fs.rename_logs.watched[0].step == 2 * renames.LATE_FIRST_LOOK
+        await fs.store.inner.copy("pre/d/f3", "pre/e/f3")  # the copy lands late
+        fs.rename_logs.watched[0].next_at = 0
+        assert await look() == 1
+        assert not any(k.startswith("pre/e") for k in await _keys(fs))
+        assert {k for k in await _keys(fs) if k.startswith("pre/d/")} == {"pre/d/", *(f"pre/d/{n}" for n in FILES)}
+        assert not fs.rename_logs.watched and _logs(tmp_path) == []  # every late copy seen: the log goes
+        await _crash(fs)
+
+    if case.startswith("crash"):
+        trio.run(crash)
+    trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"copy of 'pre/d/f3' .* failed: injected fault")
+def test_an_undone_renames_watch_ends_with_its_window(tmp_path, cmk_path):
+    """A copy that never lands is looked for until the window ends; then the log goes, and
+    what appears at that key later is left alone (another client's, as far as anyone can tell)."""
+    async def main():
+        s = core_store(tmp_path)
+        s.local_disk = False
+        fs = core_filesystem(tmp_path, cmk_path, s)
+        await _tree(fs, "d")
+
+        async def no_answer(inner, op, keys):
+            await trio.sleep(0.1)
+            raise StoreError("injected fault: no answer", key=keys[0])
+        fs.store.hook("copy", no_answer, key="pre/d/f3")
+        with pytest.raises(FsError):
+            await fs.rename(fs.get(1), "d", fs.get(1), "e", 0)
+        fs.store.clear()
+        [late] = fs.rename_logs.watched
+        late.until = late.next_at = 0  # the window is over
+        assert await renames.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks) == 0
+        assert not fs.rename_logs.watched and _logs(tmp_path) == []
+        await _crash(fs)
+
+    trio.run(main)
 
 
 @pytest.mark.expect_log(r"ossfuse\.fs\.copying: copy of 'pre/d/f3'")

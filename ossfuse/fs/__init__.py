@@ -183,6 +183,12 @@ class Filesystem:
         :meth:`recover`, before serving: fs/renames.py); returns a notice per rename."""
         return await renames.settle(self.rename_logs, self.store, self.naming, self.namespace)
 
+    async def watch_late_copies(self) -> None:
+        """Run forever (a daemon task, for a store whose requests may land late: not a local
+        bucket): take back the copies undone renames sent that land late (fs/renames.py
+        ``LateCopies``)."""
+        await self.namespace.watch_late_copies()
+
     async def abort_orphaned_uploads(self) -> int:
         """Abort the unfinished multipart uploads an earlier run of this cache dir began (left
         by a crash: call it after :meth:`recover`; see ``Commit.abort_orphaned_uploads``);

@@ -42,7 +42,8 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
-from .renames import RenameLog, RenameLogs, moved_key, same_list, undo as undo_rename
+from .renames import (LATE_FIRST_LOOK, RenameLog, RenameLogs, look_for_late_copies, moved_key, same_list,
+                      undo as undo_rename, watch_or_end)
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -1216,9 +1217,18 @@ class Namespace:
             log.error("rename of %r to %r failed, and taking back its copies failed too (%s); the next mount "
                       "takes them back", rlog.source, rlog.target, e)
             return
-        self.renames.end(rlog)
-        log.info("rename of %r to %r failed; its copies were taken back%s", rlog.source, rlog.target,
-                 f" but {kept} (changed since)" if kept else "")
+        watched = watch_or_end(self.renames, rlog, self.store, time.time())
+        log.info("rename of %r to %r failed; its copies were taken back%s%s", rlog.source, rlog.target,
+                 f" but {kept} (changed since)" if kept else "",
+                 f"; {len(rlog.late)} sent without an answer are looked for until they may no longer land"
+                 if watched else "")
+
+    async def watch_late_copies(self) -> None:
+        """Run forever (a daemon task): look for the late copies of undone renames every few
+        seconds (``renames.look_for_late_copies``)."""
+        while True:
+            await trio.sleep(LATE_FIRST_LOOK)
+            await look_for_late_copies(self.renames, self.store, self.naming, self.locks)
 
     def settle_later(self, rlog: RenameLog, doomed: dict[str, str], finished: bool) -> None:
         """Settle rename ``rlog`` a crash cut off while the store fails (fs/renames.py): the

@@ -23,7 +23,9 @@ fails, else by the next mount: each copy whose original is still there is delete
 logged copy by its ETag, also when another client rewrote the original since; one
 sent but not logged only if the original is still the logged version and the same object:
 the same wrapped data key, :func:`_same_object`), and a replaced empty directory's
-marker is put back. A log with line 3 is **finished** by the next mount: each original is
+marker is put back. A copy sent but not logged that is not there may still land (OSS
+carries a request out until ``indoubt.WINDOW`` after it was sent; a trial): the log then
+stays, and the running mount looks for it until then (:class:`LateCopies`). A log with line 3 is **finished** by the next mount: each original is
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
 does this before it serves (:func:`settle`). Either way no object is left at neither name.
@@ -61,6 +63,7 @@ import itertools
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -68,9 +71,11 @@ from typing import Protocol
 from .. import envelope as env
 from ..aio import run_all
 from ..integrity import LIST_DIR, is_tag_list
+from ..store.indoubt import WINDOW
 from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from .copying import delete_version
 from .errors import FsError
+from .locks import NameLocks
 from .naming import Naming
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,9 @@ log = logging.getLogger(__name__)
 SHARED_PREFIX = "files-"  # the shared log of one run's file renames (module doc)
 SHARED_TRUNCATE = 64 * 1024  # bytes: past this, the shared log is emptied once no file rename is under way
 SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace.RENAME_PARALLEL)
+LATE_WINDOW = WINDOW  # seconds after it was sent during which OSS may carry a request out (store/indoubt.py)
+LATE_FIRST_LOOK = 5.0  # seconds: first look for a late copy (LateCopies), then twice as long each time
+LATE_LAST_STEP = 60.0  # seconds: the longest time between two looks
 
 
 @dataclass
@@ -100,6 +108,7 @@ class RenameLog:
     started: set[str] = field(default_factory=set)
     deleting: bool = False
     drop_at_target: bool = False
+    late: set[str] = field(default_factory=set)  # set by undo(): copies sent, not logged, not there
     id: str | None = None
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
@@ -153,6 +162,7 @@ class RenameLogs:
         self.dir = os.path.join(cache_dir, "renames")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.left: list[RenameLog] = []
+        self.watched: list[LateCopies] = []  # undone renames whose copies may still land (watch_late_copies)
         self._left_paths: dict[str, int] = {}  # an earlier run's log → how many of its renames are not settled
         self._shared: int | None = None  # fd of this run's shared log, opened at the first file rename
         self._shared_path = ""
@@ -378,6 +388,13 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 notice = (f"undid {what} (a crash, or the store failing; the `mv` had failed)"
                           + (f"; {kept} object(s) stay at the new name (changed there since, or their original "
                              "is gone)" if kept else ""))
+                logs.left.remove(entry)
+                if watch_or_end(logs, entry, store, _last_written(entry.path)):
+                    notice += (f"; {len(entry.late)} copy(ies) it sent without an answer may still land (e.g. "
+                               f"{sorted(entry.late)[0]!r}): looked for until "
+                               f"{time.strftime('%H:%M', time.localtime(logs.watched[-1].until))}, and taken back")
+                notices.append(notice)
+                continue
         except (StoreError, FsError) as e:
             later = _settle_later(entry, naming)
             if later is None:
@@ -540,38 +557,142 @@ async def undo(store: ObjectStore, entry: RenameLog, naming: Naming) -> int:
     """Undo the copies of rename ``entry`` by the mount of ``naming`` (module doc); returns
     how many copies stay (changed at the new name since, or their original is gone). Raises
     StoreError, FsError."""
-    old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
-    by_target = {moved_key(key, old, new, naming.prefix): (key, etag) for key, etag in entry.objects.items()}
+    by_target = _originals(entry, naming)
     kept = 0
 
     async def one(target: str) -> None:
         nonlocal kept
-        key, etag = by_target.get(target, (None, None))
         copy_etag = entry.copied.get(target)
         there = await store.head(target)
-        if there is None:
-            return  # never landed, or gone since
-        original = await store.head(key) if key is not None else None
-        if original is None:
-            kept += 1  # the original is gone: the copy may be its only one
+        if there is None:  # never landed, or gone since; or, sent and not logged, it may land late
+            if copy_etag is None:  # (a request is carried out up to indoubt.WINDOW after it was sent)
+                entry.late.add(target)
             return
-        if copy_etag is None and not (same_etag(original.etag, etag) and _same_object(there, original)):
-            kept += 1  # sent, not logged, and not shown to be a copy of the original: maybe another client's
-            return
-        # a logged copy goes even when another client rewrote its original since: the old
-        # name holds the newer version, and a stale copy left at the new name made coreutils'
-        # `mv`, retrying, move the tree into it (a trial)
-        try:
-            await delete_version(store, target, copy_etag or there.etag, head=there)
-        except FsError as e:
-            if e.errno != errno.ESTALE:
-                raise
-            kept += 1  # changed at the new name since: kept (logged)
+        key, etag = by_target.get(target, (None, None))
+        kept += await _take_back(store, target, there, key, etag, copy_etag)
 
+    entry.late = set()
     await run_all([functools.partial(one, t) for t in sorted(entry.started)], SETTLE_PARALLEL)
+    await _put_back_replaced(store, entry, naming)
+    return kept
+
+
+def _originals(entry: RenameLog, naming: Naming) -> dict[str, tuple[str, str]]:
+    """Directory rename ``entry``'s new keys → (the original's key, its logged ETag)."""
+    old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
+    return {moved_key(key, old, new, naming.prefix): (key, etag) for key, etag in entry.objects.items()}
+
+
+async def _put_back_replaced(store: ObjectStore, entry: RenameLog, naming: Naming) -> None:
+    """Put back the marker of the empty directory undone rename ``entry`` replaced, if none is
+    there. Raises StoreError."""
+    new = naming.dir_key(entry.target)
     if entry.replaced is not None and await store.head(new) is None:
         await store.put_bytes(new, b"", entry.replaced)
-    return kept
+
+
+async def _take_back(store: ObjectStore, target: str, there: ObjectInfo, key: str | None, etag: str | None,
+                     copy_etag: str | None) -> int:
+    """Delete ``there``, what an undone rename finds at ``target``: the copy of original
+    ``key`` (logged ETag ``etag``; None: not one of the rename's), logged as ``copy_etag``
+    (None: sent, not logged). Returns 1 when it stays (its original is gone, or it is not shown
+    to be the original's copy, or it changed since), else 0. Raises StoreError, FsError."""
+    original = await store.head(key) if key is not None else None
+    if original is None:
+        return 1  # the original is gone: the copy may be its only one
+    if copy_etag is None and not (same_etag(original.etag, etag) and _same_object(there, original)):
+        return 1  # sent, not logged, and not shown to be a copy of the original: maybe another client's
+    # a logged copy goes even when another client rewrote its original since: the old name
+    # holds the newer version, and a stale copy left at the new name made coreutils' `mv`,
+    # retrying, move the tree into it (a trial)
+    try:
+        await delete_version(store, target, copy_etag or there.etag, head=there)
+    except FsError as e:
+        if e.errno != errno.ESTALE:
+            raise
+        return 1  # changed at the new name since: kept (logged)
+    return 0
+
+
+@dataclass
+class LateCopies:
+    """The copies (new keys ``targets``) an undone directory rename ``entry`` sent without
+    logging their landing and did not find: OSS may still carry such a request out until
+    ``until`` (wall-clock seconds: :data:`indoubt.WINDOW` after the log's last line). Looked
+    for again, at growing intervals (``step`` seconds, the next look at ``next_at``), and taken
+    back if they land (:func:`look_for_late_copies`); the log stays until then, so a mount that
+    ends sooner leaves them to the next (a trial: copies in flight at a ``kill -9`` landed after
+    the next mount's undo, and stayed at the new name for good)."""
+
+    entry: RenameLog
+    targets: set[str]
+    until: float
+    next_at: float = 0.0
+    step: float = LATE_FIRST_LOOK
+
+
+def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: float) -> bool:
+    """After :func:`undo` of ``entry``: watch its late copies (:class:`LateCopies`, the log
+    stays) when some were not found and ``since`` (the wall-clock time its last copy was sent)
+    is within the window, else end its log. A local bucket's requests never land late (each is
+    done when it returns). True when watched."""
+    until = since + LATE_WINDOW
+    if entry.late and not store.local_disk and time.time() < until:
+        logs.leave(entry)  # (this run's: its log file is closed, and stays)
+        logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK))
+        return True
+    logs.end(entry)
+    return False
+
+
+async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks) -> int:
+    """One look for the late copies of the watched renames that are due (:class:`LateCopies`):
+    a HEAD each; one that landed is taken back under the rename's tree locks (no rename of
+    those paths runs meanwhile: one that moved the tree since took its originals away, and
+    its copies then stay), with one WARNING; a rename whose window ended (and whose copies
+    all landed) ends its log. A store that fails leaves the look to the next time. Returns
+    how many copies were taken back."""
+    taken = 0
+    now = time.time()
+    for late in list(logs.watched):
+        if now < late.next_at:
+            continue
+        entry = late.entry
+        try:
+            landed = [t for t in sorted(late.targets) if await store.head(t) is not None]
+            if landed:
+                async with locks.hold(trees=[entry.source, entry.target]):
+                    by_target = _originals(entry, naming)
+                    for target in landed:
+                        there = await store.head(target)
+                        if there is None:
+                            continue
+                        key, etag = by_target.get(target, (None, None))
+                        stays = await _take_back(store, target, there, key, etag, None)
+                        late.targets.discard(target)
+                        taken += 1 - stays
+                        log.warning("a copy the undone rename of %r to %r had sent (no answer) landed late at %r; %s",
+                                    entry.source, entry.target, target,
+                                    "it stays (its original changed or is gone since)" if stays else "taken back")
+                    await _put_back_replaced(store, entry, naming)
+        except (StoreError, FsError) as e:
+            log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
+                     entry.source, entry.target, e)
+        late.step = min(late.step * 2, LATE_LAST_STEP)
+        late.next_at = time.time() + late.step
+        if not late.targets or time.time() >= late.until:
+            logs.watched.remove(late)
+            logs.end(entry)
+    return taken
+
+
+def _last_written(path: str) -> float:
+    """Wall-clock seconds of the last line written to the log at ``path`` (its mtime; now when
+    it cannot be read: the longest watch)."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return time.time()
 
 
 def _same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
