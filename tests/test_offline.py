@@ -257,6 +257,44 @@ def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_ti
 
 
 @pytest.mark.expect_log(OFFLINE)
+def test_requests_that_change_nothing_in_flight_when_the_mount_goes_offline_end_then(tmp_path):
+    """Trial AC: a read whose GET was sent (again, after a body cut short) just before another
+    request found the store unreachable waited its own offline timeout on: EIO after 10 s, not
+    5. A GET, HEAD or LIST in flight ends when the mount goes offline; a PUT does not (one given
+    up on may still take effect: it keeps read_timeout)."""
+    small = str(tmp_path / "small")
+    with open(small, "wb") as f:
+        f.write(b"x" * 100)
+
+    async def main(endpoint):
+        health = StoreHealth(timeout=1.5, probe_interval=60.0)
+        store = _oss_store(endpoint, health, read_timeout=4.0)
+        t0 = time.monotonic()
+        ended: dict[str, float] = {}
+
+        async def call(name, fn, *args):
+            with pytest.raises(StoreOffline) as e:
+                await fn(*args)
+            ended[name] = time.monotonic() - t0
+            return e.value
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "first HEAD", store.head, "a")
+            await trio.sleep(0.7)
+            nursery.start_soon(call, "second HEAD", store.head, "b")
+            nursery.start_soon(call, "GET", store.get_range, "c", 0, 10)
+            nursery.start_soon(call, "PUT", store.put_file, "d", small, {})
+        assert 1.4 < ended["first HEAD"] < 2.0, ended
+        assert abs(ended["second HEAD"] - ended["first HEAD"]) < 0.3, ended  # not 0.7 s later
+        assert abs(ended["GET"] - ended["first HEAD"]) < 0.3, ended
+        assert ended["PUT"] > 4.5, ended  # its own read_timeout, from 0.7 s on
+        await store.aclose()
+
+    with _hung_server() as endpoint:
+        trio.run(main, endpoint)
+
+
+@pytest.mark.expect_log(OFFLINE)
 def test_with_a_watcher_calls_to_a_store_that_never_answers_fail_at_once(caplog):
     """Found by a trial: with the server SIGSTOPped (it accepts, never answers), the mount went
     offline but every file-system request that reached the store waited for the running probe

@@ -37,10 +37,11 @@ throttled). Everything runs on the trio thread; no lock, no await inside the sta
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import trio
 
@@ -88,6 +89,22 @@ class StoreHealth:
         self.confirm: Callable[[], Awaitable[object]] | None = None
         self._confirming: trio.Event | None = None  # a confirming call in flight
         self._confirmed_alive = False  # its outcome
+        self._abandonable: set[trio.CancelScope] = set()  # requests that change nothing, in flight
+
+    @contextlib.contextmanager
+    def abandoned_when_offline(self) -> Iterator[None]:
+        """Run one attempt of a request that changes nothing (GET, HEAD, LIST) inside; it is
+        cancelled when the mount goes offline meanwhile (the body ends early: the caller then
+        raises :class:`StoreOffline`): such a request sent before the
+        outage was found waited its own ``timeout`` on, and a read that met it, after a retry,
+        got EIO after twice the offline timeout (a trial: 10 s, not 5)."""
+        scope = trio.CancelScope()
+        self._abandonable.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._abandonable.discard(scope)
 
     @property
     def offline(self) -> bool:
@@ -188,6 +205,8 @@ class StoreHealth:
             self.last_error = str(exc)
             self._next_probe = time.monotonic() + self.probe_interval
             log.warning("store unreachable, working offline from the cache: %s", exc)
+            for scope in self._abandonable:  # they would fail the same way, one timeout later
+                scope.cancel()
         err = StoreOffline(exc.message, key=exc.key, request_id=exc.request_id, code=exc.code)
         err.__cause__ = exc
         return err

@@ -75,6 +75,7 @@ from ..retry import Budget, RetryPolicy, retry_async
 from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
                    PreconditionFailed, StoreError, StoreUnavailable, same_etag)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
+from .health import StoreOffline
 from .indoubt import DELETED, InDoubt
 from .oss_xml import ListAnswerError, parse_list_objects
 
@@ -673,8 +674,15 @@ class OssStore(ObjectStore):
                     read = min(read, self.health.timeout)
             timeouts = (budget.timeout(connect), budget.timeout(read))
             try:
-                return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter,
-                                                     abandon_on_cancel=op in _ABANDONABLE)
+                if self.health is None or op not in _ABANDONABLE:
+                    return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter,
+                                                         abandon_on_cancel=op in _ABANDONABLE)
+                with self.health.abandoned_when_offline():
+                    return await trio.to_thread.run_sync(_with_timeouts, timeouts, fn, *args, limiter=self._limiter,
+                                                         abandon_on_cancel=True)
+                # (here only when the mount went offline meanwhile: the scope was cancelled)
+                raise StoreOffline(f"OSS {op} {key!r}: no answer when the store was found offline (given up then, "
+                                   f"not after its own {timeouts[1]:.1f}s)", key=key, code="Offline")
             except Exception as e:  # noqa: BLE001 - classified here
                 err = self._to_store_error(op, key, e, timeouts)
                 if err is None:
