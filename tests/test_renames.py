@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from conftest import oss_client_store
 from fakes.core import GID, UID, committed_file, core_filesystem, core_store, exists, listed_names, read_node
 from ossfuse.fs import FsError
 from ossfuse.fs import renames
@@ -181,6 +182,36 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
 
     if case.startswith("crash"):
         trio.run(crash)
+    trio.run(next_mount)
+
+
+@pytest.mark.expect_log(r"a copy the undone rename of 'd' to 'e' had sent \(no answer\) landed late at 'pre/e/'; "
+                        r"it stays")
+def test_a_directory_made_where_a_late_marker_copy_is_watched_for_is_not_taken_for_it(tmp_path, cmk_path,
+                                                                                      oss_server):
+    """The directory's marker is an empty object, and every empty object has the same ETag
+    over OSS: a directory the user makes at the new name while the undone rename's marker copy
+    is watched for is not taken for that copy (its mtime differs), and stays."""
+    from fakes.fault_store import FaultStore
+
+    async def crash():
+        fs = core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
+        await _tree(fs, "d")
+        await _cut_off(fs, "copy", "pre/d/")
+        await _crash(fs)
+
+    async def next_mount():
+        fs = core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
+        fs.recover()
+        await fs.settle_renames()
+        assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/"}]
+        await fs.mkdir(fs.get(1), "e", 0o750, UID, GID)
+        fs.rename_logs.watched[0].next_at = 0
+        assert await renames.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks) == 0
+        assert "pre/e/" in await _keys(fs) and not fs.rename_logs.watched and _logs(tmp_path) == []
+        await _crash(fs)
+
+    trio.run(crash)
     trio.run(next_mount)
 
 

@@ -698,9 +698,11 @@ def _last_written(path: str) -> float:
 def _same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
     """Whether ``a`` is a copy of ``b``: the same wrapped data key (unique to one encrypted
     object; a CopyObject keeps the metadata); for objects with none (not encrypted), the same
-    ETag (OSS's CopyObject keeps it). Not the ETag alone for encrypted objects: every empty
-    object's is the MD5 of nothing (a trial: an empty file was taken for another's copy)."""
+    ETag (OSS's CopyObject keeps it) and the same metadata (a rename's copy keeps it whole).
+    Not the ETag alone: every empty object's is the MD5 of nothing (a trial: an empty file was
+    taken for another's copy; a directory made where an undone rename's marker copy may still
+    land has the same empty body, not the same mtime)."""
     ka, kb = a.metadata.get(env.H_KEY), b.metadata.get(env.H_KEY)
     if ka is not None or kb is not None:
         return ka == kb
-    return same_etag(a.etag, b.etag)
+    return same_etag(a.etag, b.etag) and a.metadata == b.metadata
