@@ -1712,8 +1712,10 @@ async def test_a_put_given_up_that_lands_after_a_later_put_is_reported(server):
     store = make_store(server, read_timeout=1.0, retries=0)
     try:
         server.faults.add_delay(2.5, count=1, methods=("PUT",), key_prefix="late/k")
+        assert not store.may_still_land("late/k")
         with pytest.raises(StoreUnavailable, match="may still take effect"):
             await store.put_bytes("late/k", b"v2, given up", {})
+        assert store.may_still_land("late/k") and not store.may_still_land("late/other")  # (renames.LateCopies)
         v3 = await store.put_bytes("late/k", b"v3, fsynced since", {})
         assert await store.in_doubt.check_due(store.head) == 0  # not landed (yet)
         for _ in range(50):  # the store carries out the old PUT

@@ -1217,7 +1217,7 @@ class Namespace:
             log.error("rename of %r to %r failed, and taking back its copies failed too (%s); the next mount "
                       "takes them back", rlog.source, rlog.target, e)
             return
-        watched = watch_or_end(self.renames, rlog, self.store, time.time())
+        watched = watch_or_end(self.renames, rlog, self.store)
         log.info("rename of %r to %r failed; its copies were taken back%s%s", rlog.source, rlog.target,
                  f" but {kept} (changed since)" if kept else "",
                  f"; {len(rlog.late)} sent without an answer are looked for until they may no longer land"

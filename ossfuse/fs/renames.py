@@ -631,11 +631,17 @@ class LateCopies:
     step: float = LATE_FIRST_LOOK
 
 
-def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: float) -> bool:
+def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: float | None = None) -> bool:
     """After :func:`undo` of ``entry``: watch its late copies (:class:`LateCopies`, the log
-    stays) when some were not found and ``since`` (the wall-clock time its last copy was sent)
-    is within the window, else end its log. A local bucket's requests never land late (each is
-    done when it returns). True when watched."""
+    stays) when some were not found and may still land, else end its log. ``since``: the
+    wall-clock time its last copy was sent, by an earlier run (a crash: any copy sent and not
+    logged may have been in flight; a local bucket's requests never land late, each is done
+    when it returns); None: by this run, which knows which copies got no answer
+    (``store.may_still_land``: a copy that failed with an answer, or was cancelled between
+    attempts, will not land). True when watched."""
+    if since is None:
+        entry.late = {t for t in entry.late if store.may_still_land(t)}
+        since = time.time()
     until = since + LATE_WINDOW
     if entry.late and not store.local_disk and time.time() < until:
         logs.leave(entry)  # (this run's: its log file is closed, and stays)

@@ -255,6 +255,12 @@ class ObjectStore(abc.ABC):
     #: docs/semantics.md).
     checks_replaces: bool = False
 
+    def may_still_land(self, key: str) -> bool:
+        """Whether a write to ``key`` that this store gave up on (no answer) may still be
+        carried out (store/indoubt.py). False here: a request to a store without the notion is
+        done when it returns."""
+        return False
+
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""
         super().__init_subclass__(**kw)

@@ -73,6 +73,11 @@ class InDoubt:
         for d in doubts:
             d.later = None if same_etag(d.effect, result) else result  # (the same version again: harmless)
 
+    def has(self, key: str) -> bool:
+        """Whether a request given up on may still take effect at ``key`` (within its window)."""
+        now = time.monotonic()
+        return any(d.until >= now for d in self._doubts.get(key, ()))
+
     def due(self) -> list[str]:
         """Keys with a request in doubt and a later write of this mount to check against."""
         now = time.monotonic()

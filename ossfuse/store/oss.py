@@ -720,6 +720,9 @@ class OssStore(ObjectStore):
             log.log(logging.DEBUG if quiet else logging.INFO, "%s", err)
             raise
 
+    def may_still_land(self, key: str) -> bool:
+        return self.in_doubt.has(key)
+
     @staticmethod
     def _meta_headers(key: str, metadata: dict[str, str] | None) -> dict[str, str]:
         """``x-oss-meta-*`` headers (§3.17): names lower-case letters/digits/'-', ASCII values."""

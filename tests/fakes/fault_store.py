@@ -156,12 +156,17 @@ class FaultStore(ObjectStore):
         self.local_disk = inner.local_disk
         self.checks_replaces = inner.checks_replaces
         self.rules: list[Rule] = []
+        self.in_doubt: set[str] = set()  # keys may_still_land says yes for (set by a test)
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
 
     def capacity(self) -> tuple[int, int, int] | None:
         return self.inner.capacity()
+
+    def may_still_land(self, key: str) -> bool:
+        """The inner store's answer, or True for a key in ``in_doubt`` (a test's unanswered write)."""
+        return key in self.in_doubt or self.inner.may_still_land(key)
 
     # -- arming -------------------------------------------------------------------------------
     def _arm(self, rule: Rule) -> Rule:
