@@ -543,14 +543,15 @@ async def objects_at(cfg: Config, store: ObjectStore, rel: str, on_head_error=No
         yield listed
 
 
-async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str = "") -> VerifySummary:
+async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str = "",
+                 progress=None) -> VerifySummary:
     """Read the object at ``path`` (relative to the mount: a file) and every object under it (a
     directory; "" or "." for all) and check each block against its integrity tags. ``path`` is
     normalised as a path ("./a//b/" is "a/b"). An object fails when a block does not match, its
     tag header or list is damaged or missing, its envelope cannot be opened, or it cannot be
     read; each failure is one entry of ``failed`` naming the object, its ETag and the block. One
     the store did not let it read (no answer, an error) is an entry of ``unchecked`` instead.
-    Never raises for one object."""
+    ``progress(n_bytes)`` is called as objects are done. Never raises for one object."""
     summary = VerifySummary()
     rel = path_below_root(path) or ""
     async for listed in objects_at(cfg, store, rel, lambda key, e: summary.unchecked.append(f"{key}: {e}")):
@@ -560,6 +561,8 @@ async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str
             summary.unchecked.append(f"{listed.key} (ETag {listed.etag}): {e}")
         except (env.EnvelopeError, KeyMissing, CmkUnavailable, integrity.IntegrityError) as e:
             summary.failed.append(f"{listed.key} (ETag {listed.etag}): {e}")
+        if progress:
+            progress(listed.size)
     return summary
 
 
@@ -654,14 +657,17 @@ def _human_bytes(n: int) -> str:
 
 
 class RekeyProgress:
-    """How far a rekey run is: objects and bytes done of the totals (None: not counted, as in
-    a dry run: ``dry_run`` says so). On a terminal (or with ``OSSFUSE_PROGRESS=1``) a tqdm bar on ``stream``; else,
-    for journald and redirected runs, one line on ``stream`` every ``interval`` seconds and a
-    last one at :meth:`close`, e.g. ``rekey: 120 of 200 objects, 1.2 MiB of 2.0 MiB (60%)``."""
+    """How far a rekey run (or ``check --verify``: ``label``) is: objects and bytes done of the
+    totals (None: not counted, as in a dry run: ``dry_run`` says so). On a terminal (or with
+    ``OSSFUSE_PROGRESS=1``) a tqdm bar on ``stream``; else, for journald and redirected runs,
+    one line on ``stream`` every ``interval`` seconds and a last one at :meth:`close`, e.g.
+    ``rekey: 120 of 200 objects, 1.2 MiB of 2.0 MiB (60%)``."""
 
     def __init__(self, total_objects: int | None, total_bytes: int | None, *, stream=None,
-                 interval: float = 5.0, tty: bool | None = None, clock=time.monotonic, dry_run: bool = False):
+                 interval: float = 5.0, tty: bool | None = None, clock=time.monotonic, dry_run: bool = False,
+                 label: str = "rekey"):
         self.stream = stream or sys.stderr
+        self.label = label
         self.dry_run = dry_run  # (its lines say what was looked at: a dry run does nothing)
         self.total_objects, self.total_bytes = total_objects, total_bytes
         self.objects = self.bytes = 0
@@ -673,7 +679,7 @@ class RekeyProgress:
         if tty:
             from tqdm import tqdm
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, file=self.stream, leave=True,
-                             desc="rekey --dry-run" if dry_run else "rekey")
+                             desc=f"{label} --dry-run" if dry_run else label)
 
     def update(self, n_bytes: int) -> None:
         """One more object of ``n_bytes`` bytes is done (changed, skipped or failed)."""
@@ -689,10 +695,10 @@ class RekeyProgress:
         size = _human_bytes
         if self.total_objects is None:
             if self.dry_run:
-                return f"rekey --dry-run: {self.objects} objects, {size(self.bytes)} looked at, nothing changed"
-            return f"rekey: {self.objects} objects, {size(self.bytes)} done"
+                return f"{self.label} --dry-run: {self.objects} objects, {size(self.bytes)} looked at, nothing changed"
+            return f"{self.label}: {self.objects} objects, {size(self.bytes)} done"
         pct = 100 * self.bytes / self.total_bytes if self.total_bytes else 100.0
-        return (f"rekey: {self.objects} of {self.total_objects} objects, {size(self.bytes)} of "
+        return (f"{self.label}: {self.objects} of {self.total_objects} objects, {size(self.bytes)} of "
                 f"{size(self.total_bytes or 0)} ({pct:.0f}%)")
 
     def _line(self) -> None:

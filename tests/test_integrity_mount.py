@@ -89,6 +89,8 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
                          (m.path("d", "..", "h"), "1 object(s), 1000 bytes")):
         r = check_verify(m, where)  # a file, as a path is written (it said "no object there")
         assert r.returncode == 0 and f"verified: {count}; without tags: 0" in r.stdout, (where, r.stdout, r.stderr)
+        # its progress on stderr (a line every 5 s and a last one; a trial: a long run said nothing)
+        assert re.fullmatch(r"check --verify: (\d+) of \1 objects, .* \(100%\)", r.stderr.splitlines()[-1]), r.stderr
     for cwd, where, count in ((m.path("d"), ["../h"], "1 object(s), 1000 bytes"),
                               (m.mnt, ["f"], "1 object(s), 3145851 bytes"),
                               (m.path("d"), [".."], "2 object(s), 3146851 bytes"),

@@ -352,6 +352,10 @@ def test_rekey_progress_writes_a_line_every_interval():
                                                                                dry_run=True)
     dry.update(5)  # trial X: a dry run's last line said "done"
     assert dry.line() == "rekey --dry-run: 1 objects, 5 B looked at, nothing changed"
+    verify = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(2, 10, stream=out, tty=False,
+                                                                                  label="check --verify")
+    verify.update(5)  # trial AC: a long verify said nothing until it ended
+    assert verify.line() == "check --verify: 1 of 2 objects, 5 B of 10 B (50%)"
 
 
 # --------------------------------------------------------------------------------- check
