@@ -834,10 +834,7 @@ def cmd_rekey(args) -> int:
                 return None
         objects = total = None
         if not args.dry_run:  # size the progress with a first, cheap listing pass
-            objects = total = 0
-            async for o in rekey.objects_at(cfg, store, rel, lambda key, e: None):  # (the run reports it)
-                objects += 1
-                total += o.size
+            objects, total = await rekey.count_objects(cfg, store, rel)
         progress = rekey.RekeyProgress(objects, total, dry_run=args.dry_run)
         try:
             return await rekey.rekey(cfg, store, keyring, path=path, from_id=args.from_id, to_id=args.to_id,
@@ -923,10 +920,7 @@ async def _verify_with_progress(cfg, store, keyring, path: str):
     stderr (a trial: a 96 s run against a stalled store said nothing until it ended); the
     totals from a first listing pass, as rekey's."""
     from . import rekey
-    objects = total = 0
-    async for o in rekey.objects_at(cfg, store, rekey.path_below_root(path) or "", lambda key, e: None):
-        objects += 1
-        total += o.size
+    objects, total = await rekey.count_objects(cfg, store, rekey.path_below_root(path) or "")
     if not objects:  # (nothing there: the caller says so, with no progress line before it)
         return await rekey.verify(cfg, store, keyring, path=path)
     progress = rekey.RekeyProgress(objects, total, label="check --verify")

@@ -543,6 +543,16 @@ async def objects_at(cfg: Config, store: ObjectStore, rel: str, on_head_error=No
         yield listed
 
 
+async def count_objects(cfg: Config, store: ObjectStore, rel: str) -> tuple[int, int]:
+    """(objects, bytes) :func:`objects_at` lists for ``rel``: a progress's totals (one
+    listing pass; a HEAD that fails is the run's to report)."""
+    objects = total = 0
+    async for o in objects_at(cfg, store, rel, lambda key, e: None):
+        objects += 1
+        total += o.size
+    return objects, total
+
+
 async def verify(cfg: Config, store: ObjectStore, keyring: Keyring, *, path: str = "",
                  progress=None) -> VerifySummary:
     """Read the object at ``path`` (relative to the mount: a file) and every object under it (a

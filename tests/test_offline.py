@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Iterator
 
@@ -291,6 +292,65 @@ def test_requests_that_change_nothing_in_flight_when_the_mount_goes_offline_end_
         await store.aclose()
 
     with _hung_server() as endpoint:
+        trio.run(main, endpoint)
+
+
+@contextlib.contextmanager
+def _server_silent_mid_body() -> Iterator[str]:
+    """The endpoint of a server that answers every request with the status line, headers and
+    the first 1,000 bytes of a 1 MB body, then sends nothing more (a server stopped mid-body)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            conns.append(c)
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000000\r\nETag: \"E\"\r\n"
+                      b"Content-Range: bytes 0-999999/1000000\r\n\r\n" + b"x" * 1000)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        for c in conns:
+            c.close()
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_a_body_that_goes_silent_is_an_outage_unless_the_store_is_alive():
+    """Trial AE: a server stopped mid-body gave "answer cut short", which counted as an answer:
+    the mount stayed online, and each read after it waited its own offline timeout (EIO after
+    11 s). A body silent for the whole timeout counts as no answer: the confirming listing
+    tells an outage (offline at once) from one bad object (that read's failure); a body cut
+    off by a reset is still an answer (``test_a_get_whose_body_is_cut_short_is_that_objects_failure``)."""
+    async def main(endpoint):
+        health = StoreHealth(timeout=1.0, probe_interval=60.0)
+        store = _oss_store(endpoint, health)
+        t0 = time.monotonic()
+        with pytest.raises(StoreOffline, match="answer cut short: no answer from .* within 1.0s$"):
+            await store.get_range("k", 0, 1_000_000)
+        assert time.monotonic() - t0 < 2.0 and health.offline
+        health.succeeded()
+
+        async def alive():
+            return None
+        health.confirm = alive  # the store answers a listing: that object's failure
+        with pytest.raises(StoreUnavailable) as e:
+            await store.get_range("k", 0, 1_000_000)
+        assert not isinstance(e.value, StoreOffline) and not health.offline
+        await store.aclose()
+
+    with _server_silent_mid_body() as endpoint:
         trio.run(main, endpoint)
 
 

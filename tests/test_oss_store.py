@@ -1084,6 +1084,9 @@ def test_network_failure_texts():
         ("Timeout", f"{ep} took no more of the request for 3.0s (what was sent may still take effect)", True)
     assert _network_failure(ep, requests.exceptions.ReadTimeout("timed out"), (3.0, 9.0), waited=9.1) == \
         ("Timeout", f"no answer from {ep} within 9.0s (the request was sent: it may still take effect)", True)
+    # a read's timeout says nothing of taking effect (trial AE: `check --verify` lines said so of GETs)
+    assert _network_failure(ep, requests.exceptions.ReadTimeout("timed out"), (3.0, 9.0), write=False) == \
+        ("Timeout", f"no answer from {ep} within 9.0s", True)
     broken = requests.exceptions.ChunkedEncodingError(
         urllib3.exceptions.ProtocolError("Connection broken", ConnectionResetError(errno_mod.ECONNRESET, "reset")))
     assert _network_failure(ep, broken, None) == ("ConnectionReset", f"the connection to {ep} was lost", True)

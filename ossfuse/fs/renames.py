@@ -25,7 +25,8 @@ sent but not logged only if the original is still the logged version and the sam
 the same wrapped data key, :func:`_same_object`), and a replaced empty directory's
 marker is put back. A copy sent but not logged that is not there may still land (OSS
 carries a request out until ``indoubt.WINDOW`` after it was sent; a trial): the log then
-stays, and the running mount looks for it until then (:class:`LateCopies`). A log with line 3 is **finished** by the next mount: each original is
+stays, and the running mount looks for it until then (:class:`LateCopies`). A log with
+line 3 is **finished** by the next mount: each original is
 deleted only if its logged copy is still at the new name (else it stays), and the files the
 journal recovered at the old name move to the new one (``move_recovered``). The next mount
 does this before it serves (:func:`settle`). Either way no object is left at neither name.

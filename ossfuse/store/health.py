@@ -15,7 +15,9 @@ how long to keep retrying. States:
   call sent after this one, or answers a confirming one-key listing (``confirm``, set by the
   daemon) within half the offline timeout (at most 1 s): then it is this request's failure (a slow or
   damaged object), raised as itself (EIO for that request), and the mount stays online. A
-  body cut short after the answer's status line is an answer too (``store/oss.py``).
+  body cut short after the answer's status line is an answer too (``store/oss.py``), unless it
+  went silent for the whole timeout: then, as a call without an answer, the confirming listing
+  tells.
 * **offline**: calls fail fast with :class:`StoreOffline` (no network wait), except one call
   at a time that is let through as a probe, ``probe_interval`` seconds after the last probe
   ended. While the daemon's :meth:`StoreHealth.watch` task runs, only its own calls probe, and

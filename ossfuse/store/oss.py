@@ -227,7 +227,8 @@ def _with_timeouts(timeouts: tuple[float, float], fn: Callable[..., Any], *args)
 _WAITED = "_ossfuse_waited"  # attribute of an attempt's exception: seconds it ran (_with_timeouts)
 # attribute of an exception raised while an answer's body was read: the answer's HTTP status
 # (the store answered: a body cut short is that object's or that connection's failure, not an
-# outage; a trial: one object's dropped GETs took the whole mount offline)
+# outage; a trial: one object's dropped GETs took the whole mount offline; but one that went
+# silent for the timeout counts as unanswered, for the confirming listing to tell)
 _CUT_SHORT = "_ossfuse_cut_short"
 
 
@@ -265,10 +266,12 @@ def _causes(exc: BaseException):
 
 
 def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, float] | None,
-                     waited: float | None = None) -> tuple[str, str, bool]:
+                     waited: float | None = None, write: bool = True) -> tuple[str, str, bool]:
     """``(code, plain text, temporary)`` for a failure below HTTP, instead of urllib3's
     ``HTTPConnectionPool(host=…) Max retries exceeded …`` dump. ``waited``: seconds the attempt
-    ran (a timeout sooner than the read timeout was the sending's)."""
+    ran (a timeout sooner than the read timeout was the sending's). ``write``: the request
+    changes the bucket, so a timeout says it may still take effect (a read's need not say it:
+    trial AE found it on `check --verify`'s lines)."""
     chain = list(_causes(exc))
 
     def has(*types: type) -> Any:  # Any: the matched type (socket.gaierror, OSError, ...) or None
@@ -290,12 +293,13 @@ def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, f
         if timeouts and waited is not None and waited + 0.5 < timeouts[1]:
             # sooner than a read can time out: urllib3 sends a request (its body) under the
             # connect timeout, and the store took nothing more for that long
-            return "Timeout", (f"{endpoint} took no more of the request for {timeouts[0]:.1f}s (what was sent may "
-                               f"still take effect)"), True
+            return "Timeout", (f"{endpoint} took no more of the request for {timeouts[0]:.1f}s"
+                               + (" (what was sent may still take effect)" if write else "")), True
         t = f" within {timeouts[1]:.1f}s" if timeouts else ""
         # the request went out: the store may still carry it out (a trial: a mkdir that failed
         # so showed its directory once a stopped server went on)
-        return "Timeout", f"no answer from {endpoint}{t} (the request was sent: it may still take effect)", True
+        return "Timeout", (f"no answer from {endpoint}{t}"
+                           + (" (the request was sent: it may still take effect)" if write else "")), True
     if s := has(requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError):
         if "CERTIFICATE_VERIFY_FAILED" in str(s) or has(ssl.SSLCertVerificationError):
             return "TlsError", f"TLS with {endpoint} failed: the server's certificate cannot be verified", False
@@ -595,6 +599,7 @@ class OssStore(ObjectStore):
         """The StoreError one failed attempt means (``temporary`` set: retry or not), or None
         for an exception that is no request failure (a bug: re-raised as itself)."""
         what = f"OSS {op} {key!r}" if key is not None else f"OSS {op}"
+        write = op not in _ABANDONABLE
         rid = getattr(e, "request_id", "") or None
         if isinstance(e, StoreError):  # raised by our own code in the worker (bad file, no credentials)
             return e
@@ -607,11 +612,15 @@ class OssStore(ObjectStore):
         waited = getattr(e, _WAITED, None)
         status = getattr(e, _CUT_SHORT, None)
         if status is not None and isinstance(e, (oe.RequestError, *_TRANSPORT_ERRORS)):
-            code, text, _ = _network_failure(self.endpoint, getattr(e, "exception", e), timeouts, waited)
+            code, text, _ = _network_failure(self.endpoint, getattr(e, "exception", e), timeouts, waited, write)
+            # a body that went silent for the whole timeout is as good as no answer: the store
+            # may be gone, which the confirming listing tells (trial AE: a server stopped
+            # mid-body kept the mount online, and the reads that followed waited 5 s more each)
             return _with_silence(StoreUnavailable(f"{what}: HTTP {status} answer cut short: {text}", key=key,
-                                                  request_id=rid, code=code, answered=True), timeouts, waited)
+                                                  request_id=rid, code=code, answered=code != "Timeout"),
+                                 timeouts, waited)
         if isinstance(e, oe.RequestError):  # oss2's wrapper of a requests exception
-            code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts, waited)
+            code, text, temporary = _network_failure(self.endpoint, e.exception, timeouts, waited, write)
             cls = StoreUnavailable if temporary else StoreError
             return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), timeouts, waited)
         if isinstance(e, oe.OssError):  # an answer from the server (or an oss2 ClientError, status -1)
@@ -632,7 +641,7 @@ class OssStore(ObjectStore):
                 return StoreUnavailable(text, key=key, request_id=rid, code=code, answered=True)
             return StoreError(text, key=key, request_id=rid, code=code, answered=True)
         if isinstance(e, _TRANSPORT_ERRORS):  # raised while a streamed body was read
-            code, text, temporary = _network_failure(self.endpoint, e, timeouts, waited)
+            code, text, temporary = _network_failure(self.endpoint, e, timeouts, waited, write)
             cls = StoreUnavailable if temporary else StoreError
             return _with_silence(cls(f"{what}: {text}", key=key, code=code, temporary=temporary), timeouts, waited)
         return None
