@@ -113,19 +113,24 @@ def test_a_rename_cut_off_while_copying_is_undone_at_the_next_mount(tmp_path, cm
     trio.run(next_mount, trio.run(crash))
 
 
-@pytest.mark.parametrize("case", ["crash, lands late", "crash, an old log", "fails, lands late"])
+@pytest.mark.parametrize("case", ["crash, lands late", "crash, an old log", "fails, lands late",
+                                  "crash, looked up as it lands", "crash, listed as it lands",
+                                  "crash, mounted again before it lands"])
 def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_lands_late(tmp_path, cmk_path, case,
                                                                                         expect_log):
     """Trial AC: a `kill -9` mid-rename with a copy in flight on a slow network; the next mount
     undid the rename and removed its log, then the copy landed: ``e/f3`` stayed for good (and
     its directory with it). OSS may carry a request out until ``indoubt.WINDOW`` after it was
-    sent: an undo that does not find a copy it sent without an answer keeps the log and looks
-    for it again (``renames.LateCopies``), also in the same run when a copy fails; one that
-    lands is taken back (when it is its original's copy), and the log goes when the window
-    ends. A log older than the window is done at once; so is any on a local bucket (the other
-    tests)."""
-    expect_log(r"copy of 'pre/d/f3' .* failed: injected fault|a copy the undone rename of 'd' to 'e' had sent \(no answer\) landed "
-               r"late at 'pre/e/f3'; taken back")
+    sent: an undo that does not find a copy it sent without an answer keeps the log (noting
+    that it was undone) and looks for it again (``renames.LateCopies``), also in the same run
+    when a copy fails, and at once when a lookup or listing comes near (trial AE: `mv` moved a
+    tree into a landed copy's directory between two looks); one that lands is taken back
+    (when it is its original's copy), and the log goes when the window ends. A mount after
+    that, in the window, only looks again: no second undo, no second notice (trial AE: the
+    second undo took the user's new empty directories for logged copies). A log older than the
+    window is done at once; so is any on a local bucket (the other tests)."""
+    expect_log(r"copy of 'pre/d/f3' .* failed: injected fault|1 copy\(ies\) the undone rename of 'd' to 'e' had sent "
+               r"without an answer landed late \(e\.g\. 'pre/e/f3'\): taken back")
 
     def store():
         s = core_store(tmp_path)
@@ -168,14 +173,28 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
             await failing_rename(fs)
         assert len(_logs(tmp_path)) == 1 and [w.targets for w in fs.rename_logs.watched] == [{"pre/e/f3"}]
         assert not any(k.startswith("pre/e") for k in await _keys(fs))
+        if "mounted again" in case:  # in the window: no undo again, no notice, the same watch
+            await _crash(fs)
+            fs = core_filesystem(tmp_path, cmk_path, store())
+            fs.recover()
+            assert await fs.settle_renames() == []
+            assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/f3"}]
         look = functools.partial(renames.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
         assert await look() == 0  # not due yet
         fs.rename_logs.watched[0].next_at = 0
         assert await look() == 0 and len(_logs(tmp_path)) == 1  # due; nothing landed: still watched
         assert fs.rename_logs.watched[0].step == 2 * renames.LATE_FIRST_LOOK
         await fs.store.inner.copy("pre/d/f3", "pre/e/f3")  # the copy lands late
-        fs.rename_logs.watched[0].next_at = 0
-        assert await look() == 1
+        if "looked up" in case:  # not due: a lookup of the target looks, every time
+            with pytest.raises(FsError) as e:
+                await fs.lookup(fs.get(1), "e")
+            assert e.value.errno == errno.ENOENT
+        elif "listed" in case:  # a listing above it too, at most once a second
+            fs.rename_logs.watched[0].looked_at = 0
+            assert [e[1] for e in await _listing(fs)] == ["d"]
+        else:
+            fs.rename_logs.watched[0].next_at = 0
+            assert await look() == 1
         assert not any(k.startswith("pre/e") for k in await _keys(fs))
         assert {k for k in await _keys(fs) if k.startswith("pre/d/")} == {"pre/d/", *(f"pre/d/{n}" for n in FILES)}
         assert not fs.rename_logs.watched and _logs(tmp_path) == []  # every late copy seen: the log goes
@@ -186,30 +205,66 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
     trio.run(next_mount)
 
 
-@pytest.mark.expect_log(r"a copy the undone rename of 'd' to 'e' had sent \(no answer\) landed late at 'pre/e/'; "
-                        r"it stays")
-def test_a_directory_made_where_a_late_marker_copy_is_watched_for_is_not_taken_for_it(tmp_path, cmk_path,
-                                                                                      oss_server):
-    """The directory's marker is an empty object, and every empty object has the same ETag
-    over OSS: a directory the user makes at the new name while the undone rename's marker copy
-    is watched for is not taken for that copy (its mtime differs), and stays."""
+async def _listing(fs):
+    h = fs.opendir(fs.get(1))
+    try:
+        return await fs.readdir_entries(h, 0)
+    finally:
+        fs.releasedir(h.fh)
+
+
+@pytest.mark.parametrize("case", ["a late marker copy", "mounted again", "the replaced directory removed"])
+def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_path, cmk_path, oss_server, case,
+                                                                         expect_log):
+    """Every empty object has the same ETag over OSS. A directory the user makes at the new
+    name while the undone rename's marker copy is watched for is not taken for that copy (its
+    mtime differs). A mount in the window does not undo the rename again: its logged marker
+    copy's ETag is the user's new directory's too (trial AE: it was deleted). And the
+    replaced empty directory's marker goes back only when the late copy was that marker: a
+    late file copy taken back does not bring back a directory the user removed since (trial AE)."""
     from fakes.fault_store import FaultStore
+    if case == "the replaced directory removed":
+        expect_log(r"1 copy\(ies\) the undone rename of 'd' to 'e' had sent without an answer landed late "
+                   r"\(e\.g\. 'pre/e/f3'\): taken back")
+
+    def new_fs():
+        return core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
 
     async def crash():
-        fs = core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
+        fs = new_fs()
         await _tree(fs, "d")
-        await _cut_off(fs, "copy", "pre/d/")
+        if case == "the replaced directory removed":
+            await fs.mkdir(fs.get(1), "e", 0o700, UID, GID)
+        await _cut_off(fs, "copy", "pre/d/" if case == "a late marker copy" else "pre/d/f3")
         await _crash(fs)
 
     async def next_mount():
-        fs = core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
+        fs = new_fs()
         fs.recover()
         await fs.settle_renames()
-        assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/"}]
-        await fs.mkdir(fs.get(1), "e", 0o750, UID, GID)
+        late = "pre/e/" if case == "a late marker copy" else "pre/e/f3"
+        assert [w.targets for w in fs.rename_logs.watched] == [{late}]
+        if case == "the replaced directory removed":
+            assert "pre/e/" in await _keys(fs)  # put back by the undo
+            await fs.rmdir(fs.get(1), "e")
+            await fs.store.inner.copy("pre/d/f3", "pre/e/f3")  # lands late
+        else:
+            await fs.mkdir(fs.get(1), "e", 0o750, UID, GID)
+        if case == "mounted again":
+            await _crash(fs)
+            fs = new_fs()
+            fs.recover()
+            assert await fs.settle_renames() == []  # looked for again, not undone again
+            assert [w.targets for w in fs.rename_logs.watched] == [{late}]
         fs.rename_logs.watched[0].next_at = 0
-        assert await renames.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks) == 0
-        assert "pre/e/" in await _keys(fs) and not fs.rename_logs.watched and _logs(tmp_path) == []
+        taken = await renames.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        keys = await _keys(fs)
+        if case == "the replaced directory removed":
+            assert taken == 1 and not any(k.startswith("pre/e") for k in keys), keys
+        else:
+            assert taken == 0 and "pre/e/" in keys, keys
+        if case != "mounted again":
+            assert not fs.rename_logs.watched and _logs(tmp_path) == []
         await _crash(fs)
 
     trio.run(crash)

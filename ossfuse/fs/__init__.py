@@ -249,6 +249,8 @@ class Filesystem:
         return self.inodes.remember(node)
 
     async def lookup(self, parent: Node, name: str) -> Node:
+        if self.rename_logs.watched:  # (rarely: an undone rename's copies may still land there)
+            await self.namespace.look_near(join(parent.path, name))
         return await self.resolver.lookup(parent, name)
 
     async def getattr(self, node: Node) -> Node:
@@ -272,6 +274,8 @@ class Filesystem:
         return self.directories.opendir(node)
 
     async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False):
+        if self.rename_logs.watched and (start == 0 or relist):
+            await self.namespace.look_near(h.node.path)
         return await self.directories.readdir_entries(h, start, relist)
 
     def releasedir(self, fh: int) -> None:

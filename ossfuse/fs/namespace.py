@@ -1223,6 +1223,11 @@ class Namespace:
                  f"; {len(rlog.late)} sent without an answer are looked for until they may no longer land"
                  if watched else "")
 
+    async def look_near(self, path: str) -> None:
+        """Before a lookup or listing of ``path``: take back what undone renames' late copies
+        put at, above or below it (``renames.look_for_late_copies``; at most once a second)."""
+        await look_for_late_copies(self.renames, self.store, self.naming, self.locks, near=path)
+
     async def watch_late_copies(self) -> None:
         """Run forever (a daemon task): look for the late copies of undone renames every few
         seconds (``renames.look_for_late_copies``)."""

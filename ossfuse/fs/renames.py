@@ -13,6 +13,9 @@ fsynced (docs/design.md "Durability": a crash of the daemon keeps it, a power lo
    copy's ETag}`` once it has landed (a copy in flight when the daemon dies may land after:
    a trial found such copies left behind);
 3. ``{"deleting": true}`` once every copy has landed;
+4. ``{"undone": true, "late": [new keys], "until": wall-clock seconds}`` once it was undone with
+   copies sent without an answer not found (:class:`LateCopies`): a later mount only looks for
+   those until then, and never undoes it again;
 
 and the log goes when the rename is done in memory too. Each line is written whole by one
 ``write(2)`` and starts with its newline, so a line torn by a full disk or a crash stands
@@ -87,6 +90,7 @@ SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace
 LATE_WINDOW = WINDOW  # seconds after it was sent during which OSS may carry a request out (store/indoubt.py)
 LATE_FIRST_LOOK = 5.0  # seconds: first look for a late copy (LateCopies), then twice as long each time
 LATE_LAST_STEP = 60.0  # seconds: the longest time between two looks
+NEAR_INTERVAL = 1.0  # seconds: the shortest time between two looks a lookup or listing asks for
 
 
 @dataclass
@@ -110,6 +114,8 @@ class RenameLog:
     deleting: bool = False
     drop_at_target: bool = False
     late: set[str] = field(default_factory=set)  # set by undo(): copies sent, not logged, not there
+    # the rename was undone and its late copies are watched until then (wall clock; line 4)
+    undone_until: float | None = None
     id: str | None = None
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
@@ -333,6 +339,10 @@ def _apply(entry: RenameLog, rec: dict) -> None:
         entry.started.add(rec["copied"])
     elif rec.get("deleting") is True:
         entry.deleting = True
+    elif rec.get("undone") is True and isinstance(rec.get("until"), (int, float)) \
+            and isinstance(rec.get("late"), list) and all(isinstance(k, str) for k in rec["late"]):
+        entry.undone_until = float(rec["until"])
+        entry.late = set(rec["late"])
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 
@@ -384,6 +394,12 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 notice = (f"finished {what} (a crash)"
                           + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
                              if kept else ""))
+            elif entry.undone_until is not None:  # undone already: only its late copies are looked for
+                logs.left.remove(entry)
+                if watch(logs, entry, entry.undone_until):
+                    log.info("still looking for %d copy(ies) the undone rename of %r to %r sent without an answer, "
+                             "until %s", len(entry.late), entry.source, entry.target, _clock(entry.undone_until))
+                continue
             else:
                 kept = await undo(store, entry, naming)
                 notice = (f"undid {what} (a crash, or the store failing; the `mv` had failed)"
@@ -392,8 +408,8 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 logs.left.remove(entry)
                 if watch_or_end(logs, entry, store, _last_written(entry.path)):
                     notice += (f"; {len(entry.late)} copy(ies) it sent without an answer may still land (e.g. "
-                               f"{sorted(entry.late)[0]!r}): looked for until "
-                               f"{time.strftime('%H:%M', time.localtime(logs.watched[-1].until))}, and taken back")
+                               f"{sorted(entry.late)[0]!r}): looked for until {_clock(logs.watched[-1].until)}, and "
+                               "taken back")
                 notices.append(notice)
                 continue
         except (StoreError, FsError) as e:
@@ -630,6 +646,7 @@ class LateCopies:
     until: float
     next_at: float = 0.0
     step: float = LATE_FIRST_LOOK
+    looked_at: float = 0.0  # wall clock of the last look (one near a lookup: at most once a second)
 
 
 def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: float | None = None) -> bool:
@@ -643,54 +660,115 @@ def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: 
     if since is None:
         entry.late = {t for t in entry.late if store.may_still_land(t)}
         since = time.time()
-    until = since + LATE_WINDOW
-    if entry.late and not store.local_disk and time.time() < until:
-        logs.leave(entry)  # (this run's: its log file is closed, and stays)
-        logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK))
-        return True
-    logs.end(entry)
-    return False
+    if store.local_disk or not entry.late or not watch(logs, entry, since + LATE_WINDOW):
+        logs.end(entry)
+        return False
+    try:  # line 4: a later mount only looks for the late copies, never undoes it again (the
+        # logged copies' ETags match what a user makes there since: every empty object's; trial AE)
+        _append_line(entry, {"undone": True, "late": sorted(entry.late), "until": entry.undone_until})
+    except OSError as e:
+        log.warning("rename log %s: cannot note that the rename of %r was undone (%s); a later mount undoes it "
+                    "again", entry.path, entry.source, e)
+    return True
 
 
-async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks) -> int:
-    """One look for the late copies of the watched renames that are due (:class:`LateCopies`):
-    a HEAD each; one that landed is taken back under the rename's tree locks (no rename of
-    those paths runs meanwhile: one that moved the tree since took its originals away, and
-    its copies then stay), with one WARNING; a rename whose window ended (and whose copies
-    all landed) ends its log. A store that fails leaves the look to the next time. Returns
-    how many copies were taken back."""
+def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
+    """Look for ``entry.late`` until ``until`` (wall clock), if that is still to come; else end
+    the log. True when watched."""
+    if time.time() >= until:
+        logs.end(entry)
+        return False
+    logs.leave(entry)  # (this run's: its log file is closed, and stays)
+    entry.undone_until = until
+    logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK))
+    return True
+
+
+def _append_line(entry: RenameLog, rec: dict) -> None:
+    """Append ``rec`` to ``entry``'s own log (a directory rename's; closed). Raises OSError."""
+    fd = os.open(entry.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        data = ("\n" + json.dumps(rec)).encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+    finally:
+        os.close(fd)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M", time.localtime(t))
+
+
+async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks,
+                               near: str | None = None) -> int:
+    """One look for the late copies of the watched renames (:class:`LateCopies`) that are due,
+    or, with ``near`` (a path a lookup or listing is about), of those whose target is at, above
+    or below it (above or below: at most once a second, for a listing's many lookups) (a copy
+    that landed between two looks showed its directory, and coreutils' `mv` moved the tree
+    *into* it: trial AE). See :func:`_look`.
+    A rename whose window ended (or whose copies all landed) ends its log. Returns how many
+    copies were taken back."""
     taken = 0
     now = time.time()
     for late in list(logs.watched):
-        if now < late.next_at:
-            continue
-        entry = late.entry
-        try:
-            landed = [t for t in sorted(late.targets) if await store.head(t) is not None]
-            if landed:
-                async with locks.hold(trees=[entry.source, entry.target]):
-                    by_target = _originals(entry, naming)
-                    for target in landed:
-                        there = await store.head(target)
-                        if there is None:
-                            continue
-                        key, etag = by_target.get(target, (None, None))
-                        stays = await _take_back(store, target, there, key, etag, None)
-                        late.targets.discard(target)
-                        taken += 1 - stays
-                        log.warning("a copy the undone rename of %r to %r had sent (no answer) landed late at %r; %s",
-                                    entry.source, entry.target, target,
-                                    "it stays (its original changed or is gone since)" if stays else "taken back")
-                    await _put_back_replaced(store, entry, naming)
-        except (StoreError, FsError) as e:
-            log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
-                     entry.source, entry.target, e)
-        late.step = min(late.step * 2, LATE_LAST_STEP)
-        late.next_at = time.time() + late.step
-        if not late.targets or time.time() >= late.until:
+        if near is None:
+            if now < late.next_at:
+                continue
+            late.step = min(late.step * 2, LATE_LAST_STEP)
+            late.next_at = now + late.step
+        elif not (_within(near, late.entry.target) or _within(late.entry.target, near)) \
+                or (near != late.entry.target and now - late.looked_at < NEAR_INTERVAL):
+            continue  # (the target itself, what `mv` stats, is looked at every time)
+        late.looked_at = now
+        taken += await _look(late, store, naming, locks)
+        if late in logs.watched and (not late.targets or time.time() >= late.until):
             logs.watched.remove(late)
-            logs.end(entry)
+            logs.end(late.entry)
     return taken
+
+
+async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks) -> int:
+    """A HEAD of each of ``late``'s targets; those that landed are taken back when they are
+    their original's copies (:func:`_take_back`, which needs the same object: a directory or
+    empty file made there since is not one), under the rename's tree locks (no rename of those
+    paths runs meanwhile: a retried `mv` that moved the tree took its originals away, and its
+    copies stay), one line for all; either way a key that landed is no longer looked for. The
+    replaced empty directory's marker goes back only when a late copy of the marker itself was
+    taken back (not when the user removed that directory since: trial AE). A store that fails
+    leaves the look to the next time (INFO). Returns how many were taken back."""
+    entry = late.entry
+    back: list[str] = []
+    stay: list[str] = []
+    try:
+        landed = [t for t in sorted(late.targets) if await store.head(t) is not None]
+        if not landed:
+            return 0
+        async with locks.hold(trees=[entry.source, entry.target]):
+            by_target = _originals(entry, naming)
+            for target in landed:
+                there = await store.head(target)
+                if there is None:
+                    continue
+                key, etag = by_target.get(target, (None, None))
+                (stay if await _take_back(store, target, there, key, etag, None) else back).append(target)
+                late.targets.discard(target)
+            if naming.dir_key(entry.target) in back:
+                await _put_back_replaced(store, entry, naming)
+    except (StoreError, FsError) as e:
+        log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
+                 entry.source, entry.target, e)
+    if back:
+        log.warning("%d copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
+                    "taken back", len(back), entry.source, entry.target, back[0])
+    if stay:
+        log.info("%d key(s) the undone rename of %r to %r had sent copies to hold something else now (e.g. %r: "
+                 "moved or removed since, or made anew): left alone", len(stay), entry.source, entry.target, stay[0])
+    return len(back)
+
+
+def _within(path: str, tree: str) -> bool:
+    """Whether ``path`` is ``tree`` or below it ("" is the root)."""
+    return tree == "" or path == tree or path.startswith(tree + "/")
 
 
 def _last_written(path: str) -> float:
