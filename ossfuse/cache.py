@@ -128,8 +128,9 @@ async def load_tags(store: ObjectStore, spec: TagSpec, key: str, size: int, data
             failed = failed or e
             continue
         if at != spec.list_key:
-            log.info("tag list of %r is at %r, not at %r its header names (a directory above was renamed)",
-                     key, at, spec.list_key)
+            log.info("tag list of %r is at %r, not at %r its header names (%s)", key, at, spec.list_key,
+                     f"what is nearer fails its check: {failed}" if failed is not None
+                     else "a directory above was renamed")
         return tags
     raise failed or IntegrityError(f"its tag list {spec.list_key!r} is missing (and is at none of the "
                                    f"{len(candidates) - 1} other keys where a directory rename may have put it)")
