@@ -211,6 +211,13 @@ def _hung_server() -> Iterator[str]:
         listener.close()
 
 
+def _small_file(tmp_path) -> str:
+    """A 100-byte file to PUT."""
+    path = tmp_path / "small"
+    path.write_bytes(b"x" * 100)
+    return str(path)
+
+
 def _oss_store(endpoint: str, health: StoreHealth, read_timeout: float = 60.0):
     """An OssStore of ``endpoint`` whose health is ``health`` (a 60 s read timeout and deadline:
     only the offline timeout may end a request that changes nothing sooner)."""
@@ -230,9 +237,7 @@ def test_a_store_that_accepts_and_never_answers_is_offline_within_the_offline_ti
     (a small PUT here) waits read_timeout: one given up on sooner may still take effect
     later, over what the mount did next (a trial: a PUT answered 9 s late replaced the
     version an fsync had put since)."""
-    small = str(tmp_path / "small")
-    with open(small, "wb") as f:
-        f.write(b"x" * 100)
+    small = _small_file(tmp_path)
     async def main(endpoint):
         health = StoreHealth(timeout=1.5, probe_interval=60.0)
         store = _oss_store(endpoint, health, read_timeout=3.0)
@@ -263,9 +268,7 @@ def test_requests_that_change_nothing_in_flight_when_the_mount_goes_offline_end_
     request found the store unreachable waited its own offline timeout on: EIO after 10 s, not
     5. A GET, HEAD or LIST in flight ends when the mount goes offline; a PUT does not (one given
     up on may still take effect: it keeps read_timeout)."""
-    small = str(tmp_path / "small")
-    with open(small, "wb") as f:
-        f.write(b"x" * 100)
+    small = _small_file(tmp_path)
 
     async def main(endpoint):
         health = StoreHealth(timeout=1.5, probe_interval=60.0)
