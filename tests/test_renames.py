@@ -115,7 +115,7 @@ def test_a_rename_cut_off_while_copying_is_undone_at_the_next_mount(tmp_path, cm
 
 @pytest.mark.parametrize("case", ["crash, lands late", "crash, an old log", "fails, lands late",
                                   "crash, looked up as it lands", "crash, listed as it lands",
-                                  "crash, mounted again before it lands"])
+                                  "crash, mounted again before it lands", "crash, mounted again after its window"])
 def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_lands_late(tmp_path, cmk_path, case,
                                                                                         expect_log):
     """Trial AC: a `kill -9` mid-rename with a copy in flight on a slow network; the next mount
@@ -175,9 +175,19 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
         assert not any(k.startswith("pre/e") for k in await _keys(fs))
         if "mounted again" in case:  # in the window: no undo again, no notice, the same watch
             await _crash(fs)
+            if "after" in case:  # (its line 4 says when the window ends)
+                [path] = [os.path.join(tmp_path, "cache", "renames", n) for n in _logs(tmp_path)]
+                with open(path) as f:
+                    text = f.read()
+                with open(path, "w") as f:
+                    f.write(re.sub(r'"until": [0-9.]+', f'"until": {time.time() - 1}', text))
             fs = core_filesystem(tmp_path, cmk_path, store())
             fs.recover()
             assert await fs.settle_renames() == []
+            if "after" in case:  # nothing more to look for: the log goes
+                assert not fs.rename_logs.watched and _logs(tmp_path) == []
+                await _crash(fs)
+                return
             assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/f3"}]
         look = functools.partial(renames.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
         assert await look() == 0  # not due yet

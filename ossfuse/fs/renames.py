@@ -399,6 +399,8 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 if watch(logs, entry, entry.undone_until):
                     log.info("still looking for %d copy(ies) the undone rename of %r to %r sent without an answer, "
                              "until %s", len(entry.late), entry.source, entry.target, _clock(entry.undone_until))
+                else:
+                    logs.end(entry)
                 continue
             else:
                 kept = await undo(store, entry, naming)
@@ -673,10 +675,9 @@ def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: 
 
 
 def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
-    """Look for ``entry.late`` until ``until`` (wall clock), if that is still to come; else end
-    the log. True when watched."""
+    """Look for ``entry.late`` until ``until`` (wall clock), if that is still to come (True);
+    else False (the caller ends the log)."""
     if time.time() >= until:
-        logs.end(entry)
         return False
     logs.leave(entry)  # (this run's: its log file is closed, and stays)
     entry.undone_until = until
