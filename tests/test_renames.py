@@ -281,6 +281,29 @@ def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_pa
     trio.run(next_mount)
 
 
+def test_a_rename_onto_a_late_copy_of_its_own_source_keeps_no_conflict_copy(tmp_path, cmk_path):
+    """Trial AF: a retried `mv` met two copies an undone rename had sent earlier, landing just
+    before its own: taken for another client's objects, they were kept as conflict copies, for
+    good, byte for byte the moved files. An object at the new name that is a copy of the very
+    version moved (the same wrapped data key) is replaced without one."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        await _tree(fs, "d")
+
+        async def lands_first(inner, op, keys):  # a late copy of the first attempt, just before this one's
+            await inner.copy("pre/d/f1", "pre/e/f1")
+        fs.store.hook("copy", lands_first, key="pre/d/f1", count=1)
+        await fs.rename(fs.get(1), "d", fs.get(1), "e", 0)
+        keys = await _keys(fs)
+        assert {k for k in keys if k.startswith("pre/e/")} == {"pre/e/", *(f"pre/e/{n}" for n in FILES)}, keys
+        assert not any(k.startswith("pre/d") for k in keys)
+        for name, data in FILES.items():
+            assert await _read(fs, f"e/{name}") == data
+        await _crash(fs)
+
+    trio.run(main)
+
+
 @pytest.mark.expect_log(r"copy of 'pre/d/f3' .* failed: injected fault")
 def test_an_undone_renames_watch_ends_with_its_window(tmp_path, cmk_path):
     """A copy that never lands is looked for until the window ends; then the log goes, and

@@ -43,7 +43,7 @@ from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
 from .renames import (LATE_FIRST_LOOK, RenameLog, RenameLogs, look_for_late_copies, moved_key, same_list,
-                      undo as undo_rename, watch_or_end)
+                      same_object, undo as undo_rename, watch_or_end)
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -1105,6 +1105,8 @@ class Namespace:
                         "wrote %r too (version %s); nothing was written (ESTALE)", source.key, source.etag,
                         "no object" if src_now is None else f"version {src_now.etag}", key, now.etag)
             raise FsError(errno.ESTALE)
+        if same_object(now, src_now):  # a copy of this very version (an undone rename's, landed late:
+            return now  # trial AF kept two such as conflict copies for good): the copy replaces it
         await self._keep_as_conflict(key, now, known[0] if known else None)
         return now
 

@@ -25,7 +25,7 @@ A log without line 3 is **undone** (:func:`undo`): at once by the rename itself 
 fails, else by the next mount: each copy whose original is still there is deleted (a
 logged copy by its ETag, also when another client rewrote the original since; one
 sent but not logged only if the original is still the logged version and the same object:
-the same wrapped data key, :func:`_same_object`), and a replaced empty directory's
+the same wrapped data key, :func:`same_object`), and a replaced empty directory's
 marker is put back. A copy sent but not logged that is not there may still land (OSS
 carries a request out until ``indoubt.WINDOW`` after it was sent; a trial): the log then
 stays, and the running mount looks for it until then (:class:`LateCopies`). A log with
@@ -492,7 +492,7 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
         if logged is None:
             return left  # cannot tell whether what is at the new name is its copy
     elif same_etag(original.etag, etag):
-        if not _same_object(there, original):
+        if not same_object(there, original):
             return left  # what is at the new name is not its copy (an empty object's ETag is every one's)
         try:
             await delete_version(store, old, etag, head=original)
@@ -530,7 +530,7 @@ async def same_list(store: ObjectStore, there: ObjectInfo, key: str, etag: str) 
 
 async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str, root: str) -> int:
     """Delete each original whose logged copy is still at the new name (and is its copy:
-    :func:`_same_object`), and each tag list whose copy was not made because that list was at
+    :func:`same_object`), and each tag list whose copy was not made because that list was at
     its new key already (named by content, as the rename itself does: trial AB); ``root``:
     the mount's prefix (:func:`moved_key`). Returns how many stay."""
     kept = 0
@@ -558,7 +558,7 @@ async def _finish(store: ObjectStore, entry: RenameLog, old: str, new: str, root
         if original is None:
             return
         if there is None or not same_etag(there.etag, copy) or (same_etag(original.etag, etag)
-                                                                and not _same_object(there, original)):
+                                                                and not same_object(there, original)):
             kept += 1
             return
         try:
@@ -619,7 +619,7 @@ async def _take_back(store: ObjectStore, target: str, there: ObjectInfo, key: st
     original = await store.head(key) if key is not None else None
     if original is None:
         return 1  # the original is gone: the copy may be its only one
-    if copy_etag is None and not (same_etag(original.etag, etag) and _same_object(there, original)):
+    if copy_etag is None and not (same_etag(original.etag, etag) and same_object(there, original)):
         return 1  # sent, not logged, and not shown to be a copy of the original: maybe another client's
     # a logged copy goes even when another client rewrote its original since: the old name
     # holds the newer version, and a stale copy left at the new name made coreutils' `mv`,
@@ -741,7 +741,13 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     back: list[str] = []
     stay: list[str] = []
     try:
-        landed = [t for t in sorted(late.targets) if await store.head(t) is not None]
+        seen: dict[str, bool] = {}
+
+        async def head(t: str) -> None:
+            seen[t] = await store.head(t) is not None
+        # at once, not one after another (trial AF: a lookup of the new name waited 16 HEADs)
+        await run_all([functools.partial(head, t) for t in late.targets], SETTLE_PARALLEL)
+        landed = sorted(t for t, there in seen.items() if there)
         if not landed:
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
@@ -758,6 +764,11 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     except (StoreError, FsError) as e:
         log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)
+    if back or stay:  # line 4 again, with what is left to look for (the last one counts)
+        try:
+            _append_line(entry, {"undone": True, "late": sorted(late.targets), "until": late.until})
+        except OSError as e:
+            log.info("rename log %s: cannot note the copies left to look for (%s)", entry.path, e)
     if back:
         log.warning("%d copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
                     "taken back", len(back), entry.source, entry.target, back[0])
@@ -781,7 +792,7 @@ def _last_written(path: str) -> float:
         return time.time()
 
 
-def _same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
+def same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
     """Whether ``a`` is a copy of ``b``: the same wrapped data key (unique to one encrypted
     object; a CopyObject keeps the metadata); for objects with none (not encrypted), the same
     ETag (OSS's CopyObject keeps it) and the same metadata (a rename's copy keeps it whole).
