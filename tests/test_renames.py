@@ -281,6 +281,57 @@ def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_pa
     trio.run(next_mount)
 
 
+@pytest.mark.parametrize("case", ["lands over it", "removed first"])
+def test_a_late_marker_copy_onto_a_replaced_directory_is_taken_back(tmp_path, cmk_path, oss_server, case,
+                                                                    expect_log):
+    """Trial AF: `mv -T e4 e5` onto an empty directory, cut off while the copy of e4's own
+    marker was held; the undo found e5's marker there (not the copy), so it did not watch that
+    key; the copy landed and e5 showed e4's marker for good, also after the user removed e5.
+    That key is watched from what held it: a late copy landing over it is taken back and e5's
+    marker put back; once the user removed e5, a late copy is taken back and nothing put back."""
+    from fakes.fault_store import FaultStore
+    expect_log(r"1 copy\(ies\) the undone rename of 'd' to 'e' had sent without an answer landed late "
+               r"\(e\.g\. 'pre/e/'\): taken back")
+
+    def new_fs():
+        return core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
+
+    async def crash():
+        fs = new_fs()
+        await _tree(fs, "d")
+        await fs.mkdir(fs.get(1), "e", 0o700, UID, GID)
+        await _cut_off(fs, "copy", "pre/d/")
+        await _crash(fs)
+
+    async def next_mount():
+        fs = new_fs()
+        fs.recover()
+        await fs.settle_renames()
+        assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/"}]
+        replaced = (await fs.store.inner.head("pre/e/")).metadata
+        look = functools.partial(renames.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        fs.rename_logs.watched[0].next_at = 0
+        assert await look() == 0  # what held it at the start: nothing landed
+        if case == "removed first":
+            await fs.rmdir(fs.get(1), "e")
+            fs.rename_logs.watched[0].next_at = 0
+            assert await look() == 0
+        await fs.store.inner.copy("pre/d/", "pre/e/")  # lands, over e's marker or where it was
+        fs.rename_logs.watched[0].next_at = 0
+        assert await look() == 1
+        there = await fs.store.inner.head("pre/e/")
+        if case == "removed first":
+            assert there is None
+        else:
+            assert there is not None and there.metadata == replaced  # e's own marker again
+        assert {k for k in await _keys(fs) if k.startswith("pre/d")} == {"pre/d/", *(f"pre/d/{n}" for n in FILES)}
+        assert not fs.rename_logs.watched and _logs(tmp_path) == []
+        await _crash(fs)
+
+    trio.run(crash)
+    trio.run(next_mount)
+
+
 def test_a_rename_onto_a_late_copy_of_its_own_source_keeps_no_conflict_copy(tmp_path, cmk_path):
     """Trial AF: a retried `mv` met two copies an undone rename had sent earlier, landing just
     before its own: taken for another client's objects, they were kept as conflict copies, for

@@ -114,6 +114,9 @@ class RenameLog:
     deleting: bool = False
     drop_at_target: bool = False
     late: set[str] = field(default_factory=set)  # set by undo(): copies sent, not logged, not there
+    # set by undo(): the replaced directory's marker key → what held it then (the put-back marker,
+    # or another's): the late marker copy may land over it (it is no create-only copy)
+    late_over: dict[str, ObjectInfo] = field(default_factory=dict)
     # the rename was undone and its late copies are watched until then (wall clock; line 4)
     undone_until: float | None = None
     id: str | None = None
@@ -588,11 +591,20 @@ async def undo(store: ObjectStore, entry: RenameLog, naming: Naming) -> int:
                 entry.late.add(target)
             return
         key, etag = by_target.get(target, (None, None))
-        kept += await _take_back(store, target, there, key, etag, copy_etag)
+        stays = await _take_back(store, target, there, key, etag, copy_etag)
+        kept += stays
+        if stays and copy_etag is None and target == naming.dir_key(entry.target):
+            # the marker's copy replaces what is there (the other copies are create-only): it
+            # may still land over the replaced directory's marker (trial AF: it did, for good)
+            entry.late.add(target)
+            entry.late_over[target] = there
 
-    entry.late = set()
+    entry.late, entry.late_over = set(), {}
     await run_all([functools.partial(one, t) for t in sorted(entry.started)], SETTLE_PARALLEL)
     await _put_back_replaced(store, entry, naming)
+    marker = naming.dir_key(entry.target)
+    if marker in entry.late and marker not in entry.late_over and (now := await store.head(marker)) is not None:
+        entry.late_over[marker] = now  # (the marker put back just now)
     return kept
 
 
@@ -649,6 +661,10 @@ class LateCopies:
     next_at: float = 0.0
     step: float = LATE_FIRST_LOOK
     looked_at: float = 0.0  # wall clock of the last look (one near a lookup: at most once a second)
+    # target → what held it when the watch began (the replaced directory's marker, put back): a
+    # late copy there is a change from it; None: the user removed that directory since (its
+    # marker is not put back after a late copy is taken back)
+    over: dict[str, ObjectInfo | None] = field(default_factory=dict)
 
 
 def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: float | None = None) -> bool:
@@ -681,7 +697,8 @@ def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
         return False
     logs.leave(entry)  # (this run's: its log file is closed, and stays)
     entry.undone_until = until
-    logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK))
+    logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK,
+                                   over=dict(entry.late_over)))
     return True
 
 
@@ -741,13 +758,19 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     back: list[str] = []
     stay: list[str] = []
     try:
-        seen: dict[str, bool] = {}
+        seen: dict[str, ObjectInfo | None] = {}
 
         async def head(t: str) -> None:
-            seen[t] = await store.head(t) is not None
+            seen[t] = await store.head(t)
         # at once, not one after another (trial AF: a lookup of the new name waited 16 HEADs)
         await run_all([functools.partial(head, t) for t in late.targets], SETTLE_PARALLEL)
-        landed = sorted(t for t, there in seen.items() if there)
+        for t, was in list(late.over.items()):
+            now = seen.get(t)
+            if now is None:
+                late.over[t] = None  # removed since: a late copy there is taken back, not replaced
+            elif was is not None and same_etag(now.etag, was.etag) and same_object(now, was):
+                seen[t] = None  # what was there at the start: nothing landed yet
+        landed = sorted(t for t, there in seen.items() if there is not None)
         if not landed:
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
@@ -759,7 +782,8 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
                 key, etag = by_target.get(target, (None, None))
                 (stay if await _take_back(store, target, there, key, etag, None) else back).append(target)
                 late.targets.discard(target)
-            if naming.dir_key(entry.target) in back:
+            marker = naming.dir_key(entry.target)
+            if marker in back and late.over.get(marker, True) is not None:
                 await _put_back_replaced(store, entry, naming)
     except (StoreError, FsError) as e:
         log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
