@@ -1116,16 +1116,20 @@ def _quickstart(args, etc: str, var: str, cache: str, mp: str) -> int:
 
 
 def _command_for_hints() -> str:
-    """How a printed hint names this program: ``ossfuse`` when the PATH has one, else this
-    program's own path (a trial: installed with OSSFUSE_NO_LINK=1, the hint named a command
-    the shell could not find); prefixed with ``OSSFUSE_RUNTIME_DIR=…`` when that is set, since
-    umount and status find the daemon there (a new-user trial: the hint failed without it)."""
+    """How a printed hint names this program: ``ossfuse`` when the PATH's is this program (or
+    this one is no ``ossfuse`` command: ``python -m ossfuse``), else this program's own path (a
+    trial: installed with OSSFUSE_NO_LINK=1, the hint named a command the shell could not find;
+    two new-user trials: it named the PATH's, another install); prefixed with
+    ``OSSFUSE_RUNTIME_DIR=…`` when that is set, since umount and status find the daemon there
+    (a new-user trial: the hint failed without it)."""
     env = os.environ.get(ENV_RUNTIME_DIR)
     prefix = f"{ENV_RUNTIME_DIR}={shlex.quote(env)} " if env else ""
-    if shutil.which("ossfuse"):
-        return prefix + "ossfuse"
     me = os.path.abspath(sys.argv[0])
-    if os.path.basename(me) == "ossfuse" and os.access(me, os.X_OK):
+    command = os.path.basename(me) == "ossfuse" and os.access(me, os.X_OK)
+    on_path = shutil.which("ossfuse")
+    if on_path and (not command or os.path.realpath(on_path) == os.path.realpath(me)):
+        return prefix + "ossfuse"
+    if command:
         return prefix + shlex.quote(me)
     return f"{prefix}{shlex.quote(sys.executable)} -m ossfuse"
 

@@ -704,6 +704,13 @@ def test_quickstarts_hints_name_a_command_the_shell_finds(tmp_path, monkeypatch)
     (bin_dir / "ossfuse").write_text("#!/bin/sh\n")
     (bin_dir / "ossfuse").chmod(0o755)
     assert cli._command_for_hints() == "ossfuse"
+    # new-user trials: the PATH's ossfuse is another install than the one that ran: its own path
+    monkeypatch.setattr(sys, "argv", [str(script), "quickstart"])
+    assert cli._command_for_hints() == str(script)
+    (bin_dir / "ossfuse").unlink()
+    (bin_dir / "ossfuse").symlink_to(script)  # the PATH's is this one (a link to it)
+    assert cli._command_for_hints() == "ossfuse"
+    monkeypatch.setattr(sys, "argv", ["/x/ossfuse/__main__.py", "quickstart"])
     # trial AA: with OSSFUSE_RUNTIME_DIR set, `ossfuse umount` without it found no daemon
     monkeypatch.setenv("OSSFUSE_RUNTIME_DIR", "/tmp/my run")
     assert cli._command_for_hints() == "OSSFUSE_RUNTIME_DIR='/tmp/my run' ossfuse"
