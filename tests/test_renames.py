@@ -223,6 +223,23 @@ async def _listing(fs):
         fs.releasedir(h.fh)
 
 
+def _oss_core_filesystem(tmp_path, cmk_path, oss_server):
+    """A core Filesystem over the OSS test server (every empty object has one ETag there),
+    through a FaultStore (for :func:`_cut_off`)."""
+    from fakes.fault_store import FaultStore
+    return core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
+
+
+async def _crash_mid_copy(fs, key: str, replacing: bool) -> None:
+    """``_tree`` d, then `mv d e` (``replacing``: onto an empty directory e, mode 0700) cut
+    off while the copy of ``key`` is sent and never answered, and a crash."""
+    await _tree(fs, "d")
+    if replacing:
+        await fs.mkdir(fs.get(1), "e", 0o700, UID, GID)
+    await _cut_off(fs, "copy", key)
+    await _crash(fs)
+
+
 @pytest.mark.parametrize("case", ["a late marker copy", "mounted again", "the replaced directory removed"])
 def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_path, cmk_path, oss_server, case,
                                                                          expect_log):
@@ -232,21 +249,12 @@ def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_pa
     copy's ETag is the user's new directory's too (trial AE: it was deleted). And the
     replaced empty directory's marker goes back only when the late copy was that marker: a
     late file copy taken back does not bring back a directory the user removed since (trial AE)."""
-    from fakes.fault_store import FaultStore
     if case == "the replaced directory removed":
         expect_log(r"1 copy\(ies\) the undone rename of 'd' to 'e' had sent without an answer landed late "
                    r"\(e\.g\. 'pre/e/f3'\): taken back")
 
     def new_fs():
-        return core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
-
-    async def crash():
-        fs = new_fs()
-        await _tree(fs, "d")
-        if case == "the replaced directory removed":
-            await fs.mkdir(fs.get(1), "e", 0o700, UID, GID)
-        await _cut_off(fs, "copy", "pre/d/" if case == "a late marker copy" else "pre/d/f3")
-        await _crash(fs)
+        return _oss_core_filesystem(tmp_path, cmk_path, oss_server)
 
     async def next_mount():
         fs = new_fs()
@@ -277,7 +285,8 @@ def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_pa
             assert not fs.rename_logs.watched and _logs(tmp_path) == []
         await _crash(fs)
 
-    trio.run(crash)
+    trio.run(_crash_mid_copy, new_fs(), "pre/d/" if case == "a late marker copy" else "pre/d/f3",
+             case == "the replaced directory removed")
     trio.run(next_mount)
 
 
@@ -289,22 +298,11 @@ def test_a_late_marker_copy_onto_a_replaced_directory_is_taken_back(tmp_path, cm
     key; the copy landed and e5 showed e4's marker for good, also after the user removed e5.
     That key is watched from what held it: a late copy landing over it is taken back and e5's
     marker put back; once the user removed e5, a late copy is taken back and nothing put back."""
-    from fakes.fault_store import FaultStore
     expect_log(r"1 copy\(ies\) the undone rename of 'd' to 'e' had sent without an answer landed late "
                r"\(e\.g\. 'pre/e/'\): taken back")
 
-    def new_fs():
-        return core_filesystem(tmp_path, cmk_path, FaultStore(oss_client_store(oss_server)))
-
-    async def crash():
-        fs = new_fs()
-        await _tree(fs, "d")
-        await fs.mkdir(fs.get(1), "e", 0o700, UID, GID)
-        await _cut_off(fs, "copy", "pre/d/")
-        await _crash(fs)
-
     async def next_mount():
-        fs = new_fs()
+        fs = _oss_core_filesystem(tmp_path, cmk_path, oss_server)
         fs.recover()
         await fs.settle_renames()
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/"}]
@@ -328,7 +326,7 @@ def test_a_late_marker_copy_onto_a_replaced_directory_is_taken_back(tmp_path, cm
         assert not fs.rename_logs.watched and _logs(tmp_path) == []
         await _crash(fs)
 
-    trio.run(crash)
+    trio.run(_crash_mid_copy, _oss_core_filesystem(tmp_path, cmk_path, oss_server), "pre/d/", True)
     trio.run(next_mount)
 
 

@@ -126,12 +126,16 @@ class RenameLog:
     def _append(self, rec: dict) -> None:
         """Write ``rec`` as one line (module doc). Raises OSError, also for a short write."""
         assert self._fd is not None
-        if self.id is not None:
-            rec = {"id": self.id, **rec}
-        data = ("\n" + json.dumps(rec)).encode()
-        # to the kernel at once: a crash of the daemon keeps it (not fsynced: module doc)
-        if os.write(self._fd, data) != len(data):
-            raise OSError(errno.ENOSPC, "short write")
+        _write_line(self._fd, {"id": self.id, **rec} if self.id is not None else rec)
+
+    def append_closed(self, rec: dict) -> None:
+        """:meth:`_append` to a directory rename's own log once its fd is closed (line 4,
+        ``watch_or_end``). Raises OSError."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            _write_line(fd, rec)
+        finally:
+            os.close(fd)
 
     def copying(self, key: str) -> None:
         """The copy to ``key`` is about to be sent. Raises FsError (the cache disk refuses the
@@ -683,7 +687,7 @@ def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: 
         return False
     try:  # line 4: a later mount only looks for the late copies, never undoes it again (the
         # logged copies' ETags match what a user makes there since: every empty object's; trial AE)
-        _append_line(entry, {"undone": True, "late": sorted(entry.late), "until": entry.undone_until})
+        entry.append_closed({"undone": True, "late": sorted(entry.late), "until": entry.undone_until})
     except OSError as e:
         log.warning("rename log %s: cannot note that the rename of %r was undone (%s); a later mount undoes it "
                     "again", entry.path, entry.source, e)
@@ -702,15 +706,13 @@ def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
     return True
 
 
-def _append_line(entry: RenameLog, rec: dict) -> None:
-    """Append ``rec`` to ``entry``'s own log (a directory rename's; closed). Raises OSError."""
-    fd = os.open(entry.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-    try:
-        data = ("\n" + json.dumps(rec)).encode()
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, "short write")
-    finally:
-        os.close(fd)
+def _write_line(fd: int, rec: dict) -> None:
+    """``rec`` as one log line, by one ``write(2)`` starting with its newline (module doc), to
+    the kernel at once: a crash of the daemon keeps it (not fsynced). Raises OSError, also for
+    a short write."""
+    data = ("\n" + json.dumps(rec)).encode()
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write")
 
 
 def _clock(t: float) -> str:
@@ -790,7 +792,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
                  entry.source, entry.target, e)
     if back or stay:  # line 4 again, with what is left to look for (the last one counts)
         try:
-            _append_line(entry, {"undone": True, "late": sorted(late.targets), "until": late.until})
+            entry.append_closed({"undone": True, "late": sorted(late.targets), "until": late.until})
         except OSError as e:
             log.info("rename log %s: cannot note the copies left to look for (%s)", entry.path, e)
     if back:
