@@ -299,9 +299,10 @@ def test_requests_that_change_nothing_in_flight_when_the_mount_goes_offline_end_
 
 
 @contextlib.contextmanager
-def _server_silent_mid_body() -> Iterator[str]:
+def _server_silent_mid_body(trickle: float | None = None) -> Iterator[str]:
     """The endpoint of a server that answers every request with the status line, headers and
-    the first 1,000 bytes of a 1 MB body, then sends nothing more (a server stopped mid-body)."""
+    the first 1,000 bytes of a 1 MB body, then sends nothing more (a server stopped mid-body),
+    or with ``trickle`` (seconds) one byte more every so often (a stalled proxy in front)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -318,6 +319,15 @@ def _server_silent_mid_body() -> Iterator[str]:
             c.recv(65536)
             c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000000\r\nETag: \"E\"\r\n"
                       b"Content-Range: bytes 0-999999/1000000\r\n\r\n" + b"x" * 1000)
+            if trickle is not None:
+                threading.Thread(target=drip, args=(c,), daemon=True).start()
+
+    def drip(c: socket.socket) -> None:
+        while not stop.wait(trickle):
+            try:
+                c.sendall(b"x")
+            except OSError:
+                return
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
@@ -354,6 +364,37 @@ def test_a_body_that_goes_silent_is_an_outage_unless_the_store_is_alive():
         await store.aclose()
 
     with _server_silent_mid_body() as endpoint:
+        trio.run(main, endpoint)
+
+
+@pytest.mark.expect_log(OFFLINE)
+def test_a_body_that_trickles_is_taken_for_a_stalled_one():
+    """Trial AF: a proxy that passed a GET's body on a byte every few seconds, each under the
+    read timeout, held the reader for minutes (a 1 MB body at a byte per 0.3 s: 3.5 days). Once
+    the answer has begun, each window of the read timeout must bring 16 KiB (store/paced.py):
+    the trickle ends within twice the timeout, as a silent body does (an outage unless the
+    confirming listing finds the store alive), and its line says what came."""
+    async def main(endpoint):
+        health = StoreHealth(timeout=1.0, probe_interval=60.0)
+        store = _oss_store(endpoint, health)
+        with trio.fail_after(10):  # (before: no end; the GET's thread is abandoned on cancel)
+            t0 = time.monotonic()
+            with pytest.raises(StoreOffline, match=r"answer cut short: http://127.0.0.1:\d+ sent 1\d\d\d bytes "
+                                                   r"in 1\.\ds \(less than 16 KiB per read timeout: taken for a "
+                                                   r"stalled connection\)$"):
+                await store.get_range("k", 0, 1_000_000)
+            assert 1.0 <= time.monotonic() - t0 < 2.5 and health.offline
+            health.succeeded()
+
+            async def alive():
+                return None
+            health.confirm = alive  # the store answers a listing: that object's failure
+            with pytest.raises(StoreUnavailable, match="stalled connection") as e:
+                await store.get_range("k", 0, 1_000_000)
+            assert not isinstance(e.value, StoreOffline) and not health.offline
+        await store.aclose()
+
+    with _server_silent_mid_body(trickle=0.3) as endpoint:
         trio.run(main, endpoint)
 
 

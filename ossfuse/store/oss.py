@@ -77,6 +77,7 @@ from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .health import StoreOffline
 from .indoubt import DELETED, InDoubt
+from .paced import LOW_SPEED_BYTES, PacedResponse, TooSlow
 from .oss_xml import ListAnswerError, parse_list_objects
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,10 @@ def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, f
                                         errno.EADDRNOTAVAIL)), None)
     if unreachable is not None:  # (urllib3's NewConnectionError is a ConnectTimeoutError: check first)
         return "ConnectionError", f"cannot connect to {endpoint}: {unreachable.strerror}", True
+    if slow := has(TooSlow):
+        return "Timeout", (f"{endpoint} sent {slow.got} bytes in {slow.seconds:.1f}s (less than "
+                           f"{LOW_SPEED_BYTES >> 10} KiB per read timeout: taken for a stalled connection)"
+                           + (" (the request was sent: it may still take effect)" if write else "")), True
     if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
         t = f" within {timeouts[0]:.1f}s" if timeouts else ""
         return "Timeout", f"cannot connect to {endpoint}: no connection{t}", True
@@ -391,12 +396,14 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
     ``GetObjectResult.read``), and raises ``http.client.IncompleteRead`` when the connection
     ends before n bytes: a short body never comes back as data. Sent as ``Accept-Encoding:
     identity`` (http.client's default; oss2 sends no Accept-Encoding), read as is: the bytes
-    stored, which ranges and Content-Length count. ``read`` (seconds) bounds each socket read.
+    stored, which ranges and Content-Length count. ``read`` (seconds) bounds each socket read,
+    and once the answer has begun each window of that many seconds must bring
+    ``paced.LOW_SPEED_BYTES`` (a body trickling in a byte per read held a reader for minutes).
 
     Raises http.client's (IncompleteRead also for a 2xx answer without ETag or Content-Length:
     a head cut by the connection's end), urllib3's (connect) or socket errors (a reset mid-body:
-    ConnectionResetError, a stall: TimeoutError); a connection that failed, or that the server closes, is not put
-    back (its slot is)."""
+    ConnectionResetError, a stall: TimeoutError, a trickle: paced.TooSlow); a connection that
+    failed, or that the server closes, is not put back (its slot is)."""
     conn: Any = pool._get_conn()  # urllib3.connection.HTTP(S)Connection: an http.client.HTTPConnection
     try:
         if conn.sock is None:
@@ -404,7 +411,11 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
             conn.connect()
         conn.sock.settimeout(read)
         http.client.HTTPConnection.request(conn, method, uri, body=payload, headers=headers)
-        resp = http.client.HTTPConnection.getresponse(conn)
+        conn.response_class = PacedResponse  # the low-speed rule (paced.py) for this answer only
+        try:
+            resp = http.client.HTTPConnection.getresponse(conn)
+        finally:
+            del conn.response_class
         try:
             body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
         except BaseException as e:
