@@ -294,7 +294,7 @@ def list_key_candidates(spec: TagSpec, object_key: str) -> list[str]:
     its header names; then the list's name (its root tag's hex) in the ``.ossfuse-integrity``
     directory of each directory above that key's, nearest first: where a directory rename
     through a mount whose prefix lies above the writer's puts the lists it meets
-    (``fs.renames.moved_key``: the header cannot follow; trials: such files gave EIO); then
+    (``fs.renamelog.moved_key``: the header cannot follow; trials: such files gave EIO); then
     the same below each directory above the object, nearest first (where releases before
     that moved lists with their directory). The root tag authenticates a list wherever it is
     found."""

@@ -1718,7 +1718,7 @@ async def test_a_put_given_up_that_lands_after_a_later_put_is_reported(server):
         assert not store.may_still_land("late/k")
         with pytest.raises(StoreUnavailable, match="may still take effect"):
             await store.put_bytes("late/k", b"v2, given up", {})
-        assert store.may_still_land("late/k") and not store.may_still_land("late/other")  # (renames.LateCopies)
+        assert store.may_still_land("late/k") and not store.may_still_land("late/other")  # (latecopies)
         v3 = await store.put_bytes("late/k", b"v3, fsynced since", {})
         assert await store.in_doubt.check_due(store.head) == 0  # not landed (yet)
         for _ in range(50):  # the store carries out the old PUT

@@ -19,8 +19,8 @@ import trio.testing
 from conftest import oss_client_store
 from fakes.core import GID, UID, committed_file, core_filesystem, core_store, exists, listed_names, read_node
 from ossfuse.fs import FsError
-from ossfuse.fs import renames
-from ossfuse.fs.renames import RenameLogs
+from ossfuse.fs import latecopies, renamelog
+from ossfuse.fs.renamelog import RenameLogs
 from ossfuse.store.base import StoreError
 
 FILES = {f"f{i}": os.urandom(1000 + i) for i in range(6)}
@@ -122,7 +122,7 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
     undid the rename and removed its log, then the copy landed: ``e/f3`` stayed for good (and
     its directory with it). OSS may carry a request out until ``indoubt.WINDOW`` after it was
     sent: an undo that does not find a copy it sent without an answer keeps the log (noting
-    that it was undone) and looks for it again (``renames.LateCopies``), also in the same run
+    that it was undone) and looks for it again (``latecopies``), also in the same run
     when a copy fails, and at once when a lookup or listing comes near (trial AE: `mv` moved a
     tree into a landed copy's directory between two looks); one that lands is taken back
     (when it is its original's copy), and the log goes when the window ends. A mount after
@@ -161,7 +161,7 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
             fs.recover()
             if "old" in case:
                 [log_path] = [os.path.join(tmp_path, "cache", "renames", n) for n in _logs(tmp_path)]
-                os.utime(log_path, (0, time.time() - renames.LATE_WINDOW - 1))
+                os.utime(log_path, (0, time.time() - latecopies.LATE_WINDOW - 1))
             [notice] = await fs.settle_renames()
             assert notice.startswith("undid the rename of 'd' to 'e'"), notice
             if "old" in case:
@@ -189,11 +189,11 @@ def test_a_copy_an_undone_rename_sent_without_an_answer_is_taken_back_when_it_la
                 await _crash(fs)
                 return
             assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/f3"}]
-        look = functools.partial(renames.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        look = functools.partial(latecopies.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
         assert await look() == 0  # not due yet
         fs.rename_logs.watched[0].next_at = 0
         assert await look() == 0 and len(_logs(tmp_path)) == 1  # due; nothing landed: still watched
-        assert fs.rename_logs.watched[0].step == 2 * renames.LATE_FIRST_LOOK
+        assert fs.rename_logs.watched[0].step == 2 * renamelog.LATE_FIRST_LOOK
         await fs.store.inner.copy("pre/d/f3", "pre/e/f3")  # the copy lands late
         if "looked up" in case:  # not due: a lookup of the target looks, every time
             with pytest.raises(FsError) as e:
@@ -275,7 +275,7 @@ def test_what_the_user_does_at_an_undone_renames_new_name_meanwhile_stays(tmp_pa
             assert await fs.settle_renames() == []  # looked for again, not undone again
             assert [w.targets for w in fs.rename_logs.watched] == [{late}]
         fs.rename_logs.watched[0].next_at = 0
-        taken = await renames.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        taken = await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
         keys = await _keys(fs)
         if case == "the replaced directory removed":
             assert taken == 1 and not any(k.startswith("pre/e") for k in keys), keys
@@ -307,7 +307,7 @@ def test_a_late_marker_copy_onto_a_replaced_directory_is_taken_back(tmp_path, cm
         await fs.settle_renames()
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/e/"}]
         replaced = (await fs.store.inner.head("pre/e/")).metadata
-        look = functools.partial(renames.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        look = functools.partial(latecopies.look_for_late_copies, fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
         fs.rename_logs.watched[0].next_at = 0
         assert await look() == 0  # what held it at the start: nothing landed
         if case == "removed first":
@@ -373,7 +373,7 @@ def test_an_undone_renames_watch_ends_with_its_window(tmp_path, cmk_path):
         fs.store.clear()
         [late] = fs.rename_logs.watched
         late.until = late.next_at = 0  # the window is over
-        assert await renames.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks) == 0
+        assert await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks) == 0
         assert not fs.rename_logs.watched and _logs(tmp_path) == []
         await _crash(fs)
 
@@ -453,7 +453,7 @@ LIST = ".ossfuse-integrity/" + "ab" * 16  # a tag list below the renamed directo
                                  "deleting, other bytes above"])
 def test_a_cut_off_rename_undoes_or_finishes_a_tag_lists_move_up(tmp_path, cmk_path, cut, expect_log):
     """A directory rename puts a tag list it meets in the mount root's lists
-    (``renames.moved_key``: headers name a list by key, readers look up that key's path; a
+    (``renamelog.moved_key``: headers name a list by key, readers look up that key's path; a
     trial). A crash while copying takes that copy back, one while deleting finishes the move,
     as for every other object — also when the list was above already, so its copy was not
     made (trial AB: that original stayed, and the old directory showed again); a rename where
@@ -743,7 +743,7 @@ def test_file_renames_share_one_log_that_keeps_the_unfinished_ones(tmp_path, mon
     again.end(left)  # settled
     assert os.listdir(tmp_path / "renames") == []
 
-    monkeypatch.setattr(renames, "SHARED_TRUNCATE", 300)
+    monkeypatch.setattr(renamelog, "SHARED_TRUNCATE", 300)
     logs = RenameLogs(str(tmp_path))
     for i in range(20):
         e = logs.begin(f"x{i}", f"y{i}", {f"pre/x{i}": "E"}, None, file=True)
@@ -752,7 +752,7 @@ def test_file_renames_share_one_log_that_keeps_the_unfinished_ones(tmp_path, mon
         logs.end(e)
     (name,) = os.listdir(tmp_path / "renames")
     assert os.path.getsize(tmp_path / "renames" / name) < 600  # 20 renames' lines are ~3 KB
-    assert renames._read_log(str(tmp_path / "renames" / name)) == []
+    assert renamelog._read_log(str(tmp_path / "renames" / name)) == []
     logs.close()
     assert os.listdir(tmp_path / "renames") == []
 
@@ -842,7 +842,7 @@ def test_a_full_cache_disk_leaves_no_rename_to_settle_that_did_not_happen(tmp_pa
     async def crash():
         fs = core_filesystem(tmp_path, cmk_path)
         await committed_file(fs, "a", b"A")
-        monkeypatch.setattr(renames.os, "write", write)
+        monkeypatch.setattr(renamelog.os, "write", write)
         refuse.append(b'"from": "a"')
         with pytest.raises(FsError) as e:
             await fs.rename(fs.get(1), "a", fs.get(1), "b", 0)

@@ -185,8 +185,7 @@ class Filesystem:
 
     async def watch_late_copies(self) -> None:
         """Run forever (a daemon task, for a store whose requests may land late: not a local
-        bucket): take back the copies undone renames sent that land late (fs/renames.py
-        ``LateCopies``)."""
+        bucket): take back the copies undone renames sent that land late (fs/latecopies.py)."""
         await self.namespace.watch_late_copies()
 
     async def abort_orphaned_uploads(self) -> int:

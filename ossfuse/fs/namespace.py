@@ -42,8 +42,9 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
-from .renames import (LATE_FIRST_LOOK, RenameLog, RenameLogs, look_for_late_copies, moved_key, same_list,
-                      same_object, undo as undo_rename, watch_or_end)
+from .latecopies import look_for_late_copies, same_object, watch_or_end
+from .renamelog import LATE_FIRST_LOOK, RenameLog, RenameLogs, moved_key
+from .renames import same_list, undo as undo_rename
 from .resolve import Resolver
 from .unlinked import DeferredDeletes
 
@@ -1227,12 +1228,12 @@ class Namespace:
 
     async def look_near(self, path: str) -> None:
         """Before a lookup or listing of ``path``: take back what undone renames' late copies
-        put at, above or below it (``renames.look_for_late_copies``; at most once a second)."""
+        put at, above or below it (``latecopies.look_for_late_copies``; at most once a second)."""
         await look_for_late_copies(self.renames, self.store, self.naming, self.locks, near=path)
 
     async def watch_late_copies(self) -> None:
         """Run forever (a daemon task): look for the late copies of undone renames every few
-        seconds (``renames.look_for_late_copies``)."""
+        seconds (``latecopies.look_for_late_copies``)."""
         while True:
             await trio.sleep(LATE_FIRST_LOOK)
             await look_for_late_copies(self.renames, self.store, self.naming, self.locks)
@@ -1294,7 +1295,7 @@ class Namespace:
         mark = self.deferred.mark()
 
         async def copy(k: str, o: ObjectInfo) -> None:
-            listed = is_tag_list(k[len(old_dkey):])  # up to the mount root's lists (renames.moved_key)
+            listed = is_tag_list(k[len(old_dkey):])  # up to the mount root's lists (renamelog.moved_key)
             there = await store_request(self.store.head(target[k]), target[k]) if listed else None
             # that list is there already (named by content): the original just goes, unless the
             # one there holds other bytes: one of the two is damaged and only the files naming it

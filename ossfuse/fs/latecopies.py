@@ -1,0 +1,226 @@
+"""Copies of an undone directory rename that land late, looked for and taken back.
+
+A directory rename that is undone (``fs/renames.py``: a copy failed, or a crash cut it off
+while copying) deletes each copy whose original is still there. A copy sent but not logged
+that is not there may still land: OSS carries a request out until ``indoubt.WINDOW`` after it
+was sent (a trial: copies in flight at a ``kill -9`` landed after the next mount's undo, and
+stayed at the new name for good). The rename's log then stays (line 4, ``fs/renamelog.py``),
+and the running mount looks for those keys until then (:class:`~.renamelog.LateCopies`): at
+growing intervals, and whenever a lookup or listing is about a path at, above or below the
+rename's target; a copy found is taken back when it is its original's copy
+(:func:`same_object`: the same wrapped data key), and the replaced empty directory's marker is
+put back when its own late copy was taken back.
+
+Lock order: :func:`_look` takes the rename's tree locks (``NameLocks.hold``) after its HEADs,
+and sends the deletes under them; nothing else is held across those awaits.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+
+from .. import envelope as env
+from ..aio import run_all
+from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
+from ..store.indoubt import WINDOW
+from .copying import delete_version
+from .errors import FsError
+from .locks import NameLocks
+from .naming import Naming
+from .renamelog import LATE_FIRST_LOOK, LateCopies, RenameLog, RenameLogs, moved_key
+
+log = logging.getLogger(__name__)
+
+SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace.RENAME_PARALLEL)
+LATE_WINDOW = WINDOW  # seconds after it was sent during which OSS may carry a request out (store/indoubt.py)
+LATE_LAST_STEP = 60.0  # seconds: the longest time between two looks
+NEAR_INTERVAL = 1.0  # seconds: the shortest time between two looks a lookup or listing asks for
+
+
+def originals_by_copy(entry: RenameLog, naming: Naming) -> dict[str, tuple[str, str]]:
+    """Directory rename ``entry``'s new keys → (the original's key, its logged ETag)."""
+    old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
+    return {moved_key(key, old, new, naming.prefix): (key, etag) for key, etag in entry.objects.items()}
+
+
+async def put_back_replaced(store: ObjectStore, entry: RenameLog, naming: Naming) -> None:
+    """Put back the marker of the empty directory undone rename ``entry`` replaced, if none is
+    there. Raises StoreError."""
+    new = naming.dir_key(entry.target)
+    if entry.replaced is not None and await store.head(new) is None:
+        await store.put_bytes(new, b"", entry.replaced)
+
+
+async def take_back(store: ObjectStore, target: str, there: ObjectInfo, key: str | None, etag: str | None,
+                     copy_etag: str | None) -> int:
+    """Delete ``there``, what an undone rename finds at ``target``: the copy of original
+    ``key`` (logged ETag ``etag``; None: not one of the rename's), logged as ``copy_etag``
+    (None: sent, not logged). Returns 1 when it stays (its original is gone, or it is not shown
+    to be the original's copy, or it changed since), else 0. Raises StoreError, FsError."""
+    original = await store.head(key) if key is not None else None
+    if original is None:
+        return 1  # the original is gone: the copy may be its only one
+    if copy_etag is None and not (same_etag(original.etag, etag) and same_object(there, original)):
+        return 1  # sent, not logged, and not shown to be a copy of the original: maybe another client's
+    # a logged copy goes even when another client rewrote its original since: the old name
+    # holds the newer version, and a stale copy left at the new name made coreutils' `mv`,
+    # retrying, move the tree into it (a trial)
+    try:
+        await delete_version(store, target, copy_etag or there.etag, head=there)
+    except FsError as e:
+        if e.errno != errno.ESTALE:
+            raise
+        return 1  # changed at the new name since: kept (logged)
+    return 0
+
+def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: float | None = None) -> bool:
+    """After ``renames.undo`` of ``entry``: watch its late copies (:class:`LateCopies`, the log
+    stays) when some were not found and may still land, else end its log. ``since``: the
+    wall-clock time its last copy was sent, by an earlier run (a crash: any copy sent and not
+    logged may have been in flight; a local bucket's requests never land late, each is done
+    when it returns); None: by this run, which knows which copies got no answer
+    (``store.may_still_land``: a copy that failed with an answer, or was cancelled between
+    attempts, will not land). True when watched."""
+    if since is None:
+        entry.late = {t for t in entry.late if store.may_still_land(t)}
+        since = time.time()
+    if store.local_disk or not entry.late or not watch(logs, entry, since + LATE_WINDOW):
+        logs.end(entry)
+        return False
+    try:  # line 4: a later mount only looks for the late copies, never undoes it again (the
+        # logged copies' ETags match what a user makes there since: every empty object's; trial AE)
+        entry.append_closed({"undone": True, "late": sorted(entry.late), "until": entry.undone_until})
+    except OSError as e:
+        log.warning("rename log %s: cannot note that the rename of %r was undone (%s); a later mount undoes it "
+                    "again", entry.path, entry.source, e)
+    return True
+
+
+def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
+    """Look for ``entry.late`` until ``until`` (wall clock), if that is still to come (True);
+    else False (the caller ends the log)."""
+    if time.time() >= until:
+        return False
+    logs.leave(entry)  # (this run's: its log file is closed, and stays)
+    entry.undone_until = until
+    logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK,
+                                   over=dict(entry.late_over)))
+    return True
+
+def clock_text(t: float) -> str:
+    return time.strftime("%H:%M", time.localtime(t))
+
+
+async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks,
+                               near: str | None = None) -> int:
+    """One look for the late copies of the watched renames (:class:`LateCopies`) that are due,
+    or, with ``near`` (a path a lookup or listing is about), of those whose target is at, above
+    or below it (above or below: at most once a second, for a listing's many lookups) (a copy
+    that landed between two looks showed its directory, and coreutils' `mv` moved the tree
+    *into* it: trial AE). See :func:`_look`.
+    A rename whose window ended (or whose copies all landed) ends its log. Returns how many
+    copies were taken back."""
+    taken = 0
+    now = time.time()
+    for late in list(logs.watched):
+        if near is None:
+            if now < late.next_at:
+                continue
+            late.step = min(late.step * 2, LATE_LAST_STEP)
+            late.next_at = now + late.step
+        elif not (_within(near, late.entry.target) or _within(late.entry.target, near)) \
+                or (near != late.entry.target and now - late.looked_at < NEAR_INTERVAL):
+            continue  # (the target itself, what `mv` stats, is looked at every time)
+        late.looked_at = now
+        taken += await _look(late, store, naming, locks)
+        if late in logs.watched and (not late.targets or time.time() >= late.until):
+            logs.watched.remove(late)
+            logs.end(late.entry)
+    return taken
+
+
+async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks) -> int:
+    """A HEAD of each of ``late``'s targets; those that landed are taken back when they are
+    their original's copies (:func:`take_back`, which needs the same object: a directory or
+    empty file made there since is not one), under the rename's tree locks (no rename of those
+    paths runs meanwhile: a retried `mv` that moved the tree took its originals away, and its
+    copies stay), one line for all; either way a key that landed is no longer looked for. The
+    replaced empty directory's marker goes back only when a late copy of the marker itself was
+    taken back (not when the user removed that directory since: trial AE). A store that fails
+    leaves the look to the next time (INFO). Returns how many were taken back."""
+    entry = late.entry
+    back: list[str] = []
+    stay: list[str] = []
+    try:
+        seen: dict[str, ObjectInfo | None] = {}
+
+        async def head(t: str) -> None:
+            seen[t] = await store.head(t)
+        # at once, not one after another (trial AF: a lookup of the new name waited 16 HEADs)
+        await run_all([functools.partial(head, t) for t in late.targets], SETTLE_PARALLEL)
+        for t, was in list(late.over.items()):
+            now = seen.get(t)
+            if now is None:
+                late.over[t] = None  # removed since: a late copy there is taken back, not replaced
+            elif was is not None and same_etag(now.etag, was.etag) and same_object(now, was):
+                seen[t] = None  # what was there at the start: nothing landed yet
+        landed = sorted(t for t, there in seen.items() if there is not None)
+        if not landed:
+            return 0
+        async with locks.hold(trees=[entry.source, entry.target]):
+            by_target = originals_by_copy(entry, naming)
+            for target in landed:
+                there = await store.head(target)
+                if there is None:
+                    continue
+                key, etag = by_target.get(target, (None, None))
+                (stay if await take_back(store, target, there, key, etag, None) else back).append(target)
+                late.targets.discard(target)
+            marker = naming.dir_key(entry.target)
+            if marker in back and late.over.get(marker, True) is not None:
+                await put_back_replaced(store, entry, naming)
+    except (StoreError, FsError) as e:
+        log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
+                 entry.source, entry.target, e)
+    if back or stay:  # line 4 again, with what is left to look for (the last one counts)
+        try:
+            entry.append_closed({"undone": True, "late": sorted(late.targets), "until": late.until})
+        except OSError as e:
+            log.info("rename log %s: cannot note the copies left to look for (%s)", entry.path, e)
+    if back:
+        log.warning("%d copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
+                    "taken back", len(back), entry.source, entry.target, back[0])
+    if stay:
+        log.info("%d key(s) the undone rename of %r to %r had sent copies to hold something else now (e.g. %r: "
+                 "moved or removed since, or made anew): left alone", len(stay), entry.source, entry.target, stay[0])
+    return len(back)
+
+
+def _within(path: str, tree: str) -> bool:
+    """Whether ``path`` is ``tree`` or below it ("" is the root)."""
+    return tree == "" or path == tree or path.startswith(tree + "/")
+
+
+def last_written(path: str) -> float:
+    """Wall-clock seconds of the last line written to the log at ``path`` (its mtime; now when
+    it cannot be read: the longest watch)."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return time.time()
+
+
+def same_object(a: ObjectInfo, b: ObjectInfo) -> bool:
+    """Whether ``a`` is a copy of ``b``: the same wrapped data key (unique to one encrypted
+    object; a CopyObject keeps the metadata); for objects with none (not encrypted), the same
+    ETag (OSS's CopyObject keeps it) and the same metadata (a rename's copy keeps it whole).
+    Not the ETag alone: every empty object's is the MD5 of nothing (a trial: an empty file was
+    taken for another's copy; a directory made where an undone rename's marker copy may still
+    land has the same empty body, not the same mtime)."""
+    ka, kb = a.metadata.get(env.H_KEY), b.metadata.get(env.H_KEY)
+    if ka is not None or kb is not None:
+        return ka == kb
+    return same_etag(a.etag, b.etag) and a.metadata == b.metadata
