@@ -824,8 +824,8 @@ def test_a_rename_log_that_makes_no_sense_is_removed_with_one_line(tmp_path, cmk
     trio.run(main)
 
 
-@pytest.mark.expect_log(r"ossfuse\.fs\.renames: cannot rename 'a': its rename log",
-                        r"ossfuse\.fs\.renames: rename log .*: cannot note the end of the rename of 'a'")
+@pytest.mark.expect_log(r"ossfuse\.fs\.renamelog: cannot rename 'a': its rename log",
+                        r"ossfuse\.fs\.renamelog: rename log .*: cannot note the end of the rename of 'a'")
 def test_a_full_cache_disk_leaves_no_rename_to_settle_that_did_not_happen(tmp_path, cmk_path, monkeypatch):
     """A trial filled the cache disk: a rename refused with ENOSPC kept its log line in a
     buffer, written later, and the next mount reported that rename as left undone. Lines are
@@ -901,7 +901,7 @@ NONSENSE = {
 
 
 @pytest.mark.parametrize("case", sorted(NONSENSE))
-@pytest.mark.expect_log(r"ossfuse\.fs\.renames: rename log .* makes no sense")
+@pytest.mark.expect_log(r"ossfuse\.fs\.renamelog: rename log .* makes no sense")
 def test_a_rename_log_no_run_writes_is_removed_with_one_error_line(tmp_path, case):
     """A trial edited logs by hand: a nested line stopped every mount (RecursionError), a
     second header of one id replaced the first and a `"to": null` became the path "None",

@@ -81,7 +81,18 @@ class PacedResponse(http.client.HTTPResponse):
     headers) or ``read`` (the body)."""
 
     def __init__(self, sock: socket.socket, *args, **kwargs):
-        super().__init__(sock, *args, **kwargs)
-        plain = self.fp
-        self.fp = io.BufferedReader(_PacedReader(sock))  # nothing was read from ``plain`` yet
-        plain.close()
+        # http.client's __init__ takes its reader from ``sock.makefile("rb")``: hand it ours
+        # (one reader per answer, not a second one made and closed: ``ls -l`` is a HEAD per entry)
+        super().__init__(_ReaderOf(io.BufferedReader(_PacedReader(sock))), *args, **kwargs)  # type: ignore[arg-type]
+
+
+class _ReaderOf:
+    """What ``HTTPResponse.__init__`` takes for a socket: it only calls ``makefile("rb")``."""
+
+    __slots__ = ("_reader",)
+
+    def __init__(self, reader: io.BufferedReader):
+        self._reader = reader
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return self._reader
