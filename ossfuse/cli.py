@@ -835,7 +835,7 @@ def cmd_rekey(args) -> int:
         objects = total = None
         if not args.dry_run:  # size the progress with a first, cheap listing pass
             objects, total = await rekey.count_objects(cfg, store, rel)
-        progress = rekey.RekeyProgress(objects, total, dry_run=args.dry_run)
+        progress = rekey.PassProgress(objects, total, dry_run=args.dry_run)
         try:
             return await rekey.rekey(cfg, store, keyring, path=path, from_id=args.from_id, to_id=args.to_id,
                                      dry_run=args.dry_run, progress=progress.update)
@@ -923,7 +923,7 @@ async def _verify_with_progress(cfg, store, keyring, path: str):
     objects, total = await rekey.count_objects(cfg, store, rekey.path_below_root(path) or "")
     if not objects:  # (nothing there: the caller says so, with no progress line before it)
         return await rekey.verify(cfg, store, keyring, path=path)
-    progress = rekey.RekeyProgress(objects, total, label="check --verify")
+    progress = rekey.PassProgress(objects, total, label="check --verify")
     try:
         return await rekey.verify(cfg, store, keyring, path=path, progress=progress.update)
     finally:

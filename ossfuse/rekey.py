@@ -666,8 +666,9 @@ def _human_bytes(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
-class RekeyProgress:
-    """How far a rekey run (or ``check --verify``: ``label``) is: objects and bytes done of the
+class PassProgress:
+    """How far a pass over the objects under the prefix (a rekey run, or ``check --verify``:
+    ``label``) is: objects and bytes done of the
     totals (None: not counted, as in a dry run: ``dry_run`` says so). On a terminal (or with
     ``OSSFUSE_PROGRESS=1``) a tqdm bar on ``stream``; else, for journald and redirected runs,
     one line on ``stream`` every ``interval`` seconds and a last one at :meth:`close`, e.g.

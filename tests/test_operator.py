@@ -337,7 +337,7 @@ def test_rekey_progress_writes_a_line_every_interval():
     import io
     now = [0.0]
     out = io.StringIO()
-    p = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(
+    p = __import__("ossfuse.rekey", fromlist=["PassProgress"]).PassProgress(
         10, 10 << 20, stream=out, interval=5.0, tty=False, clock=lambda: now[0])
     for _ in range(4):
         now[0] += 2.0
@@ -345,14 +345,14 @@ def test_rekey_progress_writes_a_line_every_interval():
     p.close()
     assert out.getvalue().splitlines() == ["rekey: 3 of 10 objects, 3.0 MiB of 10.0 MiB (30%)",
                                           "rekey: 4 of 10 objects, 4.0 MiB of 10.0 MiB (40%)"]
-    dry = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(None, None, stream=out, tty=False)
+    dry = __import__("ossfuse.rekey", fromlist=["PassProgress"]).PassProgress(None, None, stream=out, tty=False)
     dry.update(5)
     assert dry.line() == "rekey: 1 objects, 5 B done"
-    dry = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(None, None, stream=out, tty=False,
+    dry = __import__("ossfuse.rekey", fromlist=["PassProgress"]).PassProgress(None, None, stream=out, tty=False,
                                                                                dry_run=True)
     dry.update(5)  # trial X: a dry run's last line said "done"
     assert dry.line() == "rekey --dry-run: 1 objects, 5 B looked at, nothing changed"
-    verify = __import__("ossfuse.rekey", fromlist=["RekeyProgress"]).RekeyProgress(2, 10, stream=out, tty=False,
+    verify = __import__("ossfuse.rekey", fromlist=["PassProgress"]).PassProgress(2, 10, stream=out, tty=False,
                                                                                   label="check --verify")
     verify.update(5)  # trial AC: a long verify said nothing until it ended
     assert verify.line() == "check --verify: 1 of 2 objects, 5 B of 10 B (50%)"
