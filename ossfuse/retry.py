@@ -18,8 +18,8 @@ takes at most ``deadline`` seconds plus scheduling noise, whatever the server do
 at once, refuses connections, or accepts and never answers): no attempt starts with less than
 ``min_attempt`` seconds left, no sleep ends past the deadline, and no attempt waits longer than
 what is left. (A body that trickles in a byte per read timeout can still run long: the read
-timeout of ``requests`` is per socket read. The OSS store's lean path, HEAD, GET and small
-PUTs, bounds that with a low-speed rule: ``store/paced.py``.)
+timeout of ``requests`` is per socket read. The OSS store's lean path, HEAD, GET, LIST and
+small PUTs, bounds that with a low-speed rule: ``store/paced.py``.)
 """
 from __future__ import annotations
 

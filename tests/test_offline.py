@@ -392,6 +392,10 @@ def test_a_body_that_trickles_is_taken_for_a_stalled_one():
             with pytest.raises(StoreUnavailable, match="stalled connection") as e:
                 await store.get_range("k", 0, 1_000_000)
             assert not isinstance(e.value, StoreOffline) and not health.offline
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="stalled connection"):  # a listing's body, too
+                await store.list("d/")
+            assert time.monotonic() - t0 < 2.5
         await store.aclose()
 
     with _server_silent_mid_body(trickle=0.3) as endpoint:

@@ -5,11 +5,11 @@ Section numbers (§) refer to ``shared/spec/oss-rest-api.md``.
 Concurrency: every oss2 call runs in ``trio.to_thread.run_sync`` behind ONE
 ``trio.CapacityLimiter(threads)``; all threads share one ``oss2.Session`` (one requests
 connection pool of ``threads`` connections per host) and one ``oss2.Bucket``. HeadObject,
-GetObject and PutObject of up to 1 MiB skip oss2's and requests' request machinery: signed by
-the Bucket's auth, sent by http.client on a connection of that same urllib3 pool
-(``OssStore._lean_request``; ``ls -l`` is a HEAD per entry, ``cat`` a GET per file, the
-write-back of small files a PUT each, bound by client CPU; a GET's body is read into one
-buffer), unless a proxy is set; ``head_many`` sends many HEADs from one thread hand-off, its
+GetObject, ListObjects and PutObject of up to 1 MiB skip oss2's and requests' request
+machinery: signed by the Bucket's auth, sent by http.client on a connection of that same
+urllib3 pool (``OssStore._lean_request``; ``ls -l`` is a HEAD per entry, ``cat`` a GET per
+file, the write-back of small files a PUT each, bound by client CPU; a GET's body is read into
+one buffer; every answer under the low-speed rule of ``store/paced.py``), unless a proxy is set; ``head_many`` sends many HEADs from one thread hand-off, its
 worker threads holding as many limiter tokens.
 
 Authentication: ``oss2.ProviderAuth`` (signature V1, §6.2) or ``oss2.ProviderAuthV4`` (V4, §6.3;
@@ -380,7 +380,8 @@ _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connec
 
 
 def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, headers: dict[str, str],
-                     connect: float, read: float, payload: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+                     connect: float, read: float, payload: bytes | None = None,
+                     of_object: bool = True) -> tuple[int, dict[str, str], bytes]:
     """Send ``method uri`` (HEAD or GET without a request body, or PUT of ``payload``:
     http.client sends its Content-Length) on a connection of urllib3's ``pool``
     with http.client itself, read the whole answer and give the connection back: (status,
@@ -389,6 +390,8 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
     urllib3's urlopen and response wrapper were ~40% of a HEAD's client CPU (``ls -l`` is a
     HEAD per entry); the connection (TLS set up by the pool's own ``connect``, its keep-alive
     checks at ``_get_conn``) is the pool's, so there are never more than its ``maxsize`` kept.
+    ``of_object``: an object's answer (not a bucket's: a listing), which must carry an ETag and
+    a Content-Length.
 
     The body: with a Content-Length, http.client's ``read()`` is one ``BufferedReader.read(n)``,
     which allocates the ``bytes`` of n once and ``recv_into``s the socket straight into it (no
@@ -427,10 +430,11 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
             if "\r\n" in value:  # an obsolete line folding: one space, as urllib3 normalises it
                 value = _OBS_FOLD.sub(" ", value)
             h[name] = f"{h[name]}, {value}" if name in h else value
-        if resp.status // 100 == 2 and ("etag" not in h or "content-length" not in h):
+        if of_object and resp.status // 100 == 2 and ("etag" not in h or "content-length" not in h):
             # http.client takes a head cut by the connection's end for a whole answer (a 200
             # without headers: an empty file); OSS sends both on every HeadObject, GetObject
-            # and PutObject (§3.1, §3.3)
+            # and PutObject (§3.1, §3.3). (A bucket's answer, a listing, is XML its parser
+            # refuses when cut.)
             raise http.client.IncompleteRead(b"", None)
     except BaseException as e:
         conn.close()
@@ -810,13 +814,15 @@ class OssStore(ObjectStore):
         return (base, "/" + parts[3]) if len(parts) > 3 else None
 
     def _lean_request(self, method: str, key: str, headers: dict[str, str] | None,
-                      payload: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+                      payload: bytes | None = None,
+                      params: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """One HEAD, GET or PUT (of ``payload``) attempt of object ``key`` (with extra request ``headers``) on the lean
         path (``self._lean_head`` set): signed by oss2's own auth (V1 or V4, the security token
         included) exactly as ``Bucket._do`` signs it, sent by :func:`_request_on_pool` on a
         connection of the shared urllib3 pool with this attempt's (connect, read) timeouts
-        (``_with_timeouts``). Returns (status, headers by lower-case name, body); raises what
-        ``_request_on_pool`` raises."""
+        (``_with_timeouts``). ``params``: the query (a bucket's GET, ``key`` ""), signed as
+        ``_do`` signs its ``params`` and sent as requests encodes them (``urlencode``). Returns
+        (status, headers by lower-case name, body); raises what ``_request_on_pool`` raises."""
         if self._lean_head is None:
             raise RuntimeError("no lean request path (behind a proxy)")  # callers check first
         adapter, host, pool_kwargs = self._lean_head
@@ -830,7 +836,10 @@ class OssStore(ObjectStore):
             url = b._make_url(self.bucket_name, key)
             parts = url.split("/", 3)
             uri = "/" + parts[3] if len(parts) > 3 else "/"
-        req = oss2.http.Request(method, url, headers=headers, app_name=b.app_name, region=b.region,
+        if params:
+            query = urllib.parse.urlencode(params)
+            url, uri = f"{url}?{query}", f"{uri}?{query}"
+        req = oss2.http.Request(method, url, params=params, headers=headers, app_name=b.app_name, region=b.region,
                                 product=b.product, cloudbox_id=b.cloudbox_id)
         b.auth._sign_request(req, self.bucket_name, key)
         sent = {k: v for k, v in req.headers.items() if v is not None}  # None: "do not send" to requests
@@ -839,7 +848,7 @@ class OssStore(ObjectStore):
         pool = self._head_conn_pool
         if pool is None or getattr(pool, "pool", None) is None:  # not yet, or closed (evicted, aclose)
             pool = self._head_conn_pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
-        return _request_on_pool(pool, method, uri, sent, connect, read, payload)
+        return _request_on_pool(pool, method, uri, sent, connect, read, payload, of_object=key != "")
 
     def _head_sync(self, key: str) -> tuple[ObjectInfo, dict[str, str]]:
         """One HeadObject attempt (§3.3) in a worker thread: (ObjectInfo, the headers a
@@ -1304,24 +1313,31 @@ class OssStore(ObjectStore):
         """One ListObjects attempt: (objects, prefixes, is_truncated, NextMarker or "").
 
         The request is oss2's own (``Bucket.list_objects``'s parameters, signature and error
-        handling, through ``_Base._do``); the answer is read by ``oss_xml.parse_list_objects``,
+        handling), sent on the lean path (``_lean_request``) or else through ``_Base._do``;
+        the answer is read by ``oss_xml.parse_list_objects``,
         a third of oss2's parser's CPU (a 100,000-entry directory is 100 pages). An oss2
         without ``_do`` lists through ``Bucket.list_objects``. An answer that cannot be read
         raises _BadResponse (retried)."""
-        do = getattr(self._bucket, "_do", None)
-        if not callable(do):
-            r = self._bucket.list_objects(prefix=prefix, delimiter=delimiter, marker=marker, max_keys=max_keys)
-            return ([ObjectInfo(o.key, int(o.size), o.etag, float(o.last_modified), metadata_unknown=True)
-                     for o in r.object_list],
-                    list(r.prefix_list), bool(r.is_truncated), r.next_marker or "")
-        resp = do("GET", self.bucket_name, "", params={"prefix": prefix, "delimiter": delimiter, "marker": marker,
-                                                      "max-keys": str(max_keys), "encoding-type": "url"},
-                  headers=oss2.http.CaseInsensitiveDict())
-        body = resp.read()
+        params = {"prefix": prefix, "delimiter": delimiter, "marker": marker, "max-keys": str(max_keys),
+                  "encoding-type": "url"}
+        if self._lean_head is not None:  # (the answer read with the low-speed rule: store/paced.py)
+            status, h, body = self._lean_request("GET", "", None, params=params)
+            if status // 100 != 2:
+                raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h), body))
+            request_id = h.get("x-oss-request-id", "")
+        else:
+            do = getattr(self._bucket, "_do", None)
+            if not callable(do):
+                r = self._bucket.list_objects(prefix=prefix, delimiter=delimiter, marker=marker, max_keys=max_keys)
+                return ([ObjectInfo(o.key, int(o.size), o.etag, float(o.last_modified), metadata_unknown=True)
+                         for o in r.object_list],
+                        list(r.prefix_list), bool(r.is_truncated), r.next_marker or "")
+            resp = do("GET", self.bucket_name, "", params=params, headers=oss2.http.CaseInsensitiveDict())
+            body, request_id = resp.read(), resp.request_id
         try:
             return parse_list_objects(body)
         except ListAnswerError as e:
-            raise _BadResponse(f"ListObjects answer: {e}", resp.request_id) from None
+            raise _BadResponse(f"ListObjects answer: {e}", request_id) from None
 
     async def list(self, prefix: str, *, delimiter: str | None = "/", marker: str | None = None,
                    max_keys: int = 1000) -> ListPage:

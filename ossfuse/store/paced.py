@@ -13,8 +13,10 @@ than 16 KiB per timeout (3.3 KB/s at the 5 s offline timeout, 273 B/s at the 60 
 of writes) is taken for stalled. The time to the first byte keeps the plain timeout (a store may
 work a while before it answers).
 
-Used by ``store/oss.py``'s ``_request_on_pool`` (HEAD, GET, small PUTs). Not covered: requests
-that go through oss2 and requests (LIST, copies, multipart, and everything behind a proxy).
+Used by ``store/oss.py``'s ``_request_on_pool`` (HEAD, GET, LIST, small PUTs). Not covered:
+requests that go through oss2 and requests (copies, multipart, and everything behind a proxy):
+a long CopyObject or CompleteMultipartUpload may answer late, and S3-like stores keep such a
+connection alive with whitespace, which this rule would take for a trickle.
 """
 from __future__ import annotations
 
