@@ -624,8 +624,9 @@ def _unmount(mp: str, device: str | None) -> str | None:
                 return msg + f" (in use at another path of the same mount: {', '.join(elsewhere[:5])})"
             seen = "" if os.geteuid() == 0 else " this user can see"
             return (msg + f" for {_TRANSIENT_BUSY_S:.0f} s, though no process{seen} has a file, directory, program "
-                    f"or mapping there: something keeps looking up names in it (a file manager, find), or a process "
-                    f"of another PID namespace uses it")
+                    f"or mapping there: something keeps looking up names in it (a file manager, find), a process "
+                    f"waits in an open or lookup there that the store is slow to answer (it holds no file until "
+                    f"then), or a process of another PID namespace uses it")
         time.sleep(0.05)
 
 

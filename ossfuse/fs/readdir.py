@@ -387,8 +387,10 @@ class DirectoryReader:
                 if refused and not moved:
                     first = next(iter(refused.values()))
                     dkey = self.naming.dir_key(dir_path)
-                    self._errors.error("listing %r: HEAD %r refused: %s; %d name(s) listed without their "
-                                       "attributes (a stat or open of one asks again)", dkey, first.key, first,
+                    # (refused: for good, AccessDenied say; failed: for now, no answer or a 5xx; trial AG)
+                    self._errors.error("listing %r: HEAD %r %s: %s; %d name(s) listed without their "
+                                       "attributes (a stat or open of one asks again)", dkey, first.key,
+                                       "failed" if first.temporary else "refused", first,
                                        len(refused), same=("refused", dkey))  # once: ls lists it anew each time
                 for k, ((i, path, is_dir, _key), info) in enumerate(zip(to_head, infos, strict=True)):
                     if moved:

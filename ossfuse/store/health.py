@@ -89,8 +89,7 @@ class StoreHealth:
         # a cheap store call (a one-key listing, set by the daemon) that confirms an outage
         # before an unanswered call takes the mount offline; None: none (core tests)
         self.confirm: Callable[[], Awaitable[object]] | None = None
-        self._confirming: trio.Event | None = None  # a confirming call in flight
-        self._confirmed_alive = False  # its outcome
+        self._confirming: _Confirm | None = None  # the confirming call in flight
         self._abandonable: set[trio.CancelScope] = set()  # requests that change nothing, in flight
 
     @contextlib.contextmanager
@@ -228,20 +227,24 @@ class StoreHealth:
         if self.confirm is None:
             return False
         if self._confirming is not None:
-            await self._confirming.wait()
-            return self._confirmed_alive or self.answered_since(started)
-        self._confirming = done = trio.Event()
-        self._confirmed_alive = False
+            # its own outcome, not the flag of a newer confirm begun before this task wakes
+            # (trial AG: 40 HEADs failing at once, one read the reset flag: offline)
+            mine = self._confirming
+            await mine.done.wait()
+            return mine.alive or self.answered_since(started)
+        self._confirming = mine = _Confirm()
+        sent = time.monotonic()
         try:
             with trio.move_on_after(min(1.0, self.timeout / 2)):  # a live store lists one key at once
                 await self.confirm()
-                self._confirmed_alive = True
+                mine.alive = True
+                self.succeeded(sent)  # an answer to a call sent after every call that fails now
         except StoreError:
             pass
         finally:
             self._confirming = None
-            done.set()
-        return self._confirmed_alive
+            mine.done.set()
+        return mine.alive
 
     def give_up(self, failing_for: float, upcoming_sleep: float) -> bool:
         """For a retry loop: stop retrying one call that has failed for ``failing_for`` seconds
@@ -287,6 +290,17 @@ def say_once_offline(store: object, logger: logging.Logger, line: str, detail: o
     health = getattr(store, "health", None)
     if health is None or health.first_time(line):
         logger.info("%s: %s" if detail else "%s%s", line, detail)
+
+
+class _Confirm:
+    """One confirming call (:meth:`StoreHealth.confirm_alive`): ``done`` once it ended,
+    ``alive`` whether the store answered it."""
+
+    __slots__ = ("done", "alive")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.alive = False
 
 
 def _when(t: float) -> str:

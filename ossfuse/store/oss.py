@@ -288,8 +288,9 @@ def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, f
     if unreachable is not None:  # (urllib3's NewConnectionError is a ConnectTimeoutError: check first)
         return "ConnectionError", f"cannot connect to {endpoint}: {unreachable.strerror}", True
     if slow := has(TooSlow):
-        return "Timeout", (f"{endpoint} sent {slow.got} bytes in {slow.seconds:.1f}s (less than "
-                           f"{LOW_SPEED_BYTES >> 10} KiB per read timeout: taken for a stalled connection)"
+        return "Timeout", (f"{endpoint} sent {slow.recent} bytes in the last {slow.window:.1f}s of its answer "
+                           f"({slow.total} in {slow.seconds:.1f}s; less than {LOW_SPEED_BYTES >> 10} KiB per read "
+                           "timeout: taken for a stalled connection)"
                            + (" (the request was sent: it may still take effect)" if write else "")), True
     if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
         t = f" within {timeouts[0]:.1f}s" if timeouts else ""

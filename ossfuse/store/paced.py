@@ -5,13 +5,15 @@ a 5 s timeout, and a 1 MB body so takes 46 days (trial AF: a proxy trickling a G
 a reader, and with it ``umount``, for minutes; the retry deadline cannot cut an attempt short,
 as a blocking read in a worker thread cannot be cancelled). curl has ``CURLOPT_LOW_SPEED_LIMIT``
 and ``…_TIME`` for this; http.client has nothing, so :class:`PacedResponse` reads the answer
-through :class:`_PacedReader`, which counts the bytes of each ``recv``: from the first byte of the
-answer on, a window as long as the socket's timeout that brings fewer than :data:`LOW_SPEED_BYTES`
-while more is expected raises :class:`TooSlow` (a ``TimeoutError``: the store is treated as
-silent for that long). So a stalled answer ends within twice the read timeout; a link slower
-than 16 KiB per timeout (3.3 KB/s at the 5 s offline timeout, 273 B/s at the 60 s read timeout
-of writes) is taken for stalled. The time to the first byte keeps the plain timeout (a store may
-work a while before it answers).
+through :class:`_PacedReader`, which counts the bytes of each ``recv``: once the answer's first
+byte is a socket timeout old, a ``recv`` after which the last timeout's worth of seconds (this
+``recv`` included) brought fewer than :data:`LOW_SPEED_BYTES` raises :class:`TooSlow` (a
+``TimeoutError``: the store is treated as silent for that long). So an answer that slows to a
+trickle ends less than twice the read timeout after it slowed; a steady link slower than 16 KiB
+per timeout (3.3 KB/s at the 5 s offline timeout, 273 B/s at the 60 s read timeout of writes)
+is taken for stalled, bursts almost a timeout apart pass down to about half that (the window
+ends at a burst and reaches back to the one before). The time to the first byte keeps the
+plain timeout (a store may work a while before it answers).
 
 Used by ``store/oss.py``'s ``_request_on_pool`` (HEAD, GET, LIST, small PUTs). Not covered:
 requests that go through oss2 and requests (copies, multipart, and everything behind a proxy):
@@ -20,6 +22,7 @@ connection alive with whitespace, which this rule would take for a trickle.
 """
 from __future__ import annotations
 
+import collections
 import http.client
 import io
 import socket
@@ -30,26 +33,32 @@ LOW_SPEED_BYTES = 16 << 10
 
 
 class TooSlow(TimeoutError):
-    """An answer that brought ``got`` bytes in ``seconds`` (≥ the socket's timeout) while more
-    were expected."""
+    """An answer that brought ``recent`` bytes in the last ``window`` seconds (the socket's
+    timeout) while more were expected; ``total`` bytes (status line and headers included) in
+    the ``seconds`` since its first byte."""
 
-    def __init__(self, got: int, seconds: float):
-        super().__init__(f"{got} bytes in {seconds:.1f}s")
-        self.got = got
-        self.seconds = seconds
+    def __init__(self, recent: int, window: float, total: int, seconds: float):
+        super().__init__(f"{recent} bytes in the last {window:.1f}s")
+        self.recent, self.window, self.total, self.seconds = recent, window, total, seconds
 
 
 class _PacedReader(io.RawIOBase):
     """The raw reader of a socket (``sock.makefile("rb", buffering=0)``: a ``SocketIO``) with the
-    low-speed rule (module docstring) applied after each ``recv``. ``BufferedReader.read(n)``
+    low-speed rule (module docstring) applied after each ``recv``: the window is the socket's
+    timeout up to and including this ``recv`` (sliding: a first burst of 16 KiB does not
+    cover a trickle after it for a whole window more; trial AG). ``BufferedReader.read(n)``
     of a body larger than its buffer still ``recv``s straight into the one ``bytes`` it returns."""
 
     def __init__(self, sock: socket.socket):
         super().__init__()
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)
-        self._window_start: float | None = None  # monotonic seconds; None until the first byte
-        self._window_got = 0  # bytes since _window_start
+        self._began: float | None = None  # monotonic seconds of the first byte
+        self._total = 0
+        # (monotonic seconds, bytes) of the latest recvs, oldest first: only as many as bring
+        # LOW_SPEED_BYTES (one, for a fast answer), so the deque stays short
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent_bytes = 0
 
     def readable(self) -> bool:
         return True
@@ -59,15 +68,21 @@ class _PacedReader(io.RawIOBase):
         if not n:
             return n
         now = time.monotonic()
-        if self._window_start is None:
-            self._window_start = now
-        self._window_got += n
-        elapsed = now - self._window_start
+        if self._began is None:
+            self._began = now
+        self._total += n
+        recent = self._recent
+        recent.append((now, n))
+        self._recent_bytes += n
+        while self._recent_bytes - recent[0][1] >= LOW_SPEED_BYTES:  # enough without the oldest
+            self._recent_bytes -= recent.popleft()[1]
         window = self._sock.gettimeout()
-        if window is not None and elapsed >= window:
-            if self._window_got < LOW_SPEED_BYTES:
-                raise TooSlow(self._window_got, elapsed)
-            self._window_start, self._window_got = now, 0
+        if window is None or now - self._began < window:
+            return n
+        while recent and recent[0][0] <= now - window:
+            self._recent_bytes -= recent.popleft()[1]
+        if self._recent_bytes < LOW_SPEED_BYTES:
+            raise TooSlow(self._recent_bytes, window, self._total, now - self._began)
         return n
 
     def close(self) -> None:
