@@ -521,7 +521,7 @@ def test_readdir_fails_with_eio_when_a_head_fails_for_a_temporary_reason_or_plai
 
 
 @pytest.mark.parametrize("error", ["temporary", "busy"])
-@pytest.mark.expect_log(r"listing 'pre/d/': HEAD 'pre/d/victim.txt' refused: .*; 1 name\(s\) listed without their "
+@pytest.mark.expect_log(r"listing 'pre/d/': HEAD 'pre/d/victim.txt' failed: .*; 1 name\(s\) listed without their "
                         r"attributes", r"lookup of 'pre/d/victim.txt' failed")
 def test_a_name_whose_head_keeps_failing_while_the_others_answer_is_listed(tmp_path, cmk_path, error):
     """A trial: one object the store kept answering 503 made its whole directory unlistable.

@@ -77,7 +77,7 @@ from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .health import StoreOffline
 from .indoubt import DELETED, InDoubt
-from .paced import LOW_SPEED_BYTES, PacedResponse, TooSlow
+from .paced import LOW_SPEED_BYTES, PacedAdapter, TooSlow
 from .oss_xml import ListAnswerError, parse_list_objects
 
 log = logging.getLogger(__name__)
@@ -415,11 +415,7 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
             conn.connect()
         conn.sock.settimeout(read)
         http.client.HTTPConnection.request(conn, method, uri, body=payload, headers=headers)
-        conn.response_class = PacedResponse  # the low-speed rule (paced.py) for this answer only
-        try:
-            resp = http.client.HTTPConnection.getresponse(conn)
-        finally:
-            del conn.response_class
+        resp = http.client.HTTPConnection.getresponse(conn)  # a paced.PacedResponse: the pool's connections'
         try:
             body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
         except BaseException as e:
@@ -559,7 +555,8 @@ class OssStore(ObjectStore):
         logging.getLogger("oss2.models").setLevel(logging.ERROR)
         provider = Oss2CredentialsProvider(credentials)
         auth = oss2.ProviderAuthV4(provider) if signature == "v4" else oss2.ProviderAuth(provider)
-        self._session = _DeadlineSession(pool_size=threads)
+        # its pools read answers under the low-speed rule (store/paced.py)
+        self._session = _DeadlineSession(adapter=PacedAdapter(pool_connections=threads, pool_maxsize=threads))
         try:
             # oss2's CRC-64 (crcmod, ~0.5 GB/s) was a third of a cold read's CPU and a quarter of
             # an upload's, and its combine at Complete is pure Python: oss2's is off, and this

@@ -15,10 +15,18 @@ is taken for stalled, bursts almost a timeout apart pass down to about half that
 ends at a burst and reaches back to the one before). The time to the first byte keeps the
 plain timeout (a store may work a while before it answers).
 
-Used by ``store/oss.py``'s ``_request_on_pool`` (HEAD, GET, LIST, small PUTs). Not covered:
-requests that go through oss2 and requests (copies, multipart, and everything behind a proxy):
-a long CopyObject or CompleteMultipartUpload may answer late, and S3-like stores keep such a
-connection alive with whitespace, which this rule would take for a trickle.
+The rule covers an answer's status line and headers, and its body when the headers announce
+its length (``Content-Length``): a body of unknown length (chunked, or up to the connection's
+end) is read without it, since S3-like stores keep the connection of a long copy or
+CompleteMultipartUpload alive by sending whitespace before their XML, which the rule would take
+for a trickle. Every connection of the OSS store's pool reads its answers so
+(:class:`PacedAdapter`, the adapter of oss2's requests session: copies, the multipart requests,
+large PUTs), and the lean path's (``store/oss.py``'s ``_request_on_pool``: HEAD, GET, LIST,
+small PUTs); behind a proxy requests' own proxy pools read without it.
+
+The reader must be drained as the answer comes: a caller that pauses between reads of a
+streamed body longer than the timeout looks like a slow store (ossfuse reads every answer
+whole at once).
 """
 from __future__ import annotations
 
@@ -27,6 +35,10 @@ import http.client
 import io
 import socket
 import time
+
+import requests.adapters
+import urllib3
+import urllib3.connection
 
 #: bytes a window of the socket's timeout must bring once the answer has begun
 LOW_SPEED_BYTES = 16 << 10
@@ -59,13 +71,14 @@ class _PacedReader(io.RawIOBase):
         # LOW_SPEED_BYTES (one, for a fast answer), so the deque stays short
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._recent_bytes = 0
+        self.unpaced = False  # set once the headers announce no length (module doc)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int | None:
         n = self._raw.readinto(b)
-        if not n:
+        if not n or self.unpaced:
             return n
         now = time.monotonic()
         if self._began is None:
@@ -100,7 +113,13 @@ class PacedResponse(http.client.HTTPResponse):
     def __init__(self, sock: socket.socket, *args, **kwargs):
         # http.client's __init__ takes its reader from ``sock.makefile("rb")``: hand it ours
         # (one reader per answer, not a second one made and closed: ``ls -l`` is a HEAD per entry)
-        super().__init__(_ReaderOf(io.BufferedReader(_PacedReader(sock))), *args, **kwargs)  # type: ignore[arg-type]
+        self._paced = _PacedReader(sock)
+        super().__init__(_ReaderOf(io.BufferedReader(self._paced)), *args, **kwargs)  # type: ignore[arg-type]
+
+    def begin(self) -> None:
+        super().begin()
+        if self.length is None:  # chunked, or up to the connection's end: not paced (module doc)
+            self._paced.unpaced = True
 
 
 class _ReaderOf:
@@ -113,3 +132,28 @@ class _ReaderOf:
 
     def makefile(self, mode: str) -> io.BufferedReader:
         return self._reader
+
+
+class _PacedHTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = PacedResponse
+
+
+class _PacedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = PacedResponse
+
+
+class _PacedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _PacedHTTPConnection
+
+
+class _PacedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _PacedHTTPSConnection
+
+
+class PacedAdapter(requests.adapters.HTTPAdapter):
+    """requests' HTTPAdapter whose connection pools read every answer as a
+    :class:`PacedResponse` (not those of a proxy: requests makes their managers itself)."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PacedHTTPPool, "https": _PacedHTTPSPool}
