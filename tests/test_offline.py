@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import trio
@@ -300,17 +300,22 @@ def test_requests_that_change_nothing_in_flight_when_the_mount_goes_offline_end_
 
 
 @contextlib.contextmanager
-def _server_silent_mid_body(trickle: float | None = None, first: int = 1000, at: int | None = None) -> Iterator[str]:
-    """The endpoint of a server that answers every request with the status line, headers and
-    the first ``first`` bytes of a 1 MB body, then sends nothing more (a server stopped
-    mid-body), or with ``trickle`` (seconds) one byte more every so often (a stalled proxy in
-    front); ``at``: only that many bytes of the answer at once, the rest trickled too (a
-    trickle within the headers)."""
+def _raw_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """The endpoint of a server that reads each connection's request (one ``recv``) and runs
+    ``answer(connection, stop)`` in a thread of its own; ``stop`` is set at the end, and the
+    connections closed."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     stop = threading.Event()
     conns: list[socket.socket] = []
+
+    def run(c: socket.socket) -> None:
+        try:
+            c.recv(65536)
+            answer(c, stop)
+        except OSError:  # (closed at the end)
+            pass
 
     def serve():
         while not stop.is_set():
@@ -319,23 +324,8 @@ def _server_silent_mid_body(trickle: float | None = None, first: int = 1000, at:
             except OSError:
                 return
             conns.append(c)
-            c.recv(65536)
-            answer = (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000000\r\nETag: \"E\"\r\n"
-                      b"Content-Range: bytes 0-999999/1000000\r\n\r\n" + b"x" * first)
-            c.sendall(answer[:at])
-            if trickle is not None:
-                threading.Thread(target=drip, args=(c, answer[len(answer[:at]):]), daemon=True).start()
-
-    def drip(c: socket.socket, rest: bytes) -> None:
-        n = 0
-        while not stop.wait(trickle):
-            try:
-                c.sendall(rest[n:n + 1] or b"x")
-            except OSError:
-                return
-            n += 1
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+            threading.Thread(target=run, args=(c,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
@@ -343,6 +333,24 @@ def _server_silent_mid_body(trickle: float | None = None, first: int = 1000, at:
         listener.close()
         for c in conns:
             c.close()
+
+
+def _server_silent_mid_body(trickle: float | None = None, first: int = 1000,
+                            at: int | None = None) -> contextlib.AbstractContextManager[str]:
+    """The endpoint of a server that answers every request with the status line, headers and
+    the first ``first`` bytes of a 1 MB body, then sends nothing more (a server stopped
+    mid-body), or with ``trickle`` (seconds) one byte more every so often (a stalled proxy in
+    front); ``at``: only that many bytes of the answer at once, the rest trickled too (a
+    trickle within the headers)."""
+    def answer(c: socket.socket, stop: threading.Event) -> None:
+        whole = (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000000\r\nETag: \"E\"\r\n"
+                 b"Content-Range: bytes 0-999999/1000000\r\n\r\n" + b"x" * first)
+        c.sendall(whole[:at])
+        rest, n = whole[len(whole[:at]):], 0
+        while trickle is not None and not stop.wait(trickle):
+            c.sendall(rest[n:n + 1] or b"x")
+            n += 1
+    return _raw_server(answer)
 
 
 @pytest.mark.expect_log(OFFLINE)
@@ -411,43 +419,21 @@ def test_a_body_that_trickles_is_taken_for_a_stalled_one(first):
         trio.run(main, endpoint)
 
 
-@contextlib.contextmanager
-def _chunked_whitespace_server(pause: float, beats: int) -> Iterator[str]:
+def _chunked_whitespace_server(pause: float, beats: int) -> contextlib.AbstractContextManager[str]:
     """The endpoint of a server that answers every request with a chunked 200, one space every
     ``pause`` seconds ``beats`` times (how S3 keeps the connection of a long copy alive), then
     a one-key listing (``k``) and the last chunk."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    stop = threading.Event()
-
-    def answer(c: socket.socket) -> None:
-        with c:
-            c.recv(65536)
-            c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/xml\r\n\r\n")
-            for _ in range(beats):
-                if stop.wait(pause):
-                    return
-                c.sendall(b"1\r\n \r\n")
-            xml = (b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>k</Key>"
-                   b"<LastModified>2024-01-02T03:04:05.000Z</LastModified><ETag>&quot;E&quot;</ETag><Size>1</Size>"
-                   b"</Contents></ListBucketResult>")
-            c.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(xml), xml))
-            stop.wait(5)
-
-    def serve():
-        while not stop.is_set():
-            try:
-                c, _ = listener.accept()
-            except OSError:
+    def answer(c: socket.socket, stop: threading.Event) -> None:
+        c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/xml\r\n\r\n")
+        for _ in range(beats):
+            if stop.wait(pause):
                 return
-            threading.Thread(target=answer, args=(c,), daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        listener.close()
+            c.sendall(b"1\r\n \r\n")
+        xml = (b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>k</Key>"
+               b"<LastModified>2024-01-02T03:04:05.000Z</LastModified><ETag>&quot;E&quot;</ETag><Size>1</Size>"
+               b"</Contents></ListBucketResult>")
+        c.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(xml), xml))
+    return _raw_server(answer)
 
 
 def test_the_low_speed_rule_covers_every_answer_of_known_length_and_no_other():
