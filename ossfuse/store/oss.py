@@ -9,8 +9,9 @@ GetObject, ListObjects and PutObject of up to 1 MiB skip oss2's and requests' re
 machinery: signed by the Bucket's auth, sent by http.client on a connection of that same
 urllib3 pool (``OssStore._lean_request``; ``ls -l`` is a HEAD per entry, ``cat`` a GET per
 file, the write-back of small files a PUT each, bound by client CPU; a GET's body is read into
-one buffer; every answer under the low-speed rule of ``store/paced.py``), unless a proxy is set; ``head_many`` sends many HEADs from one thread hand-off, its
-worker threads holding as many limiter tokens.
+one buffer), unless a proxy is set; ``head_many`` sends many HEADs from one thread hand-off,
+its worker threads holding as many limiter tokens. The pool's connections read every answer
+under a low-speed rule (``store/paced.py``: a trickle is a stall).
 
 Authentication: ``oss2.ProviderAuth`` (signature V1, §6.2) or ``oss2.ProviderAuthV4`` (V4, §6.3;
 needs the region) over an :class:`~ossfuse.store.credentials.CredentialsProvider`, asked on every
@@ -77,8 +78,8 @@ from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .health import StoreOffline
 from .indoubt import DELETED, InDoubt
-from .paced import LOW_SPEED_BYTES, PacedAdapter, TooSlow
 from .oss_xml import ListAnswerError, parse_list_objects
+from .paced import LOW_SPEED_BYTES, PacedAdapter, TooSlow
 
 log = logging.getLogger(__name__)
 
@@ -1318,7 +1319,7 @@ class OssStore(ObjectStore):
         raises _BadResponse (retried)."""
         params = {"prefix": prefix, "delimiter": delimiter, "marker": marker, "max-keys": str(max_keys),
                   "encoding-type": "url"}
-        if self._lean_head is not None:  # (the answer read with the low-speed rule: store/paced.py)
+        if self._lean_head is not None:  # (a third less client CPU per page than through requests)
             status, h, body = self._lean_request("GET", "", None, params=params)
             if status // 100 != 2:
                 raise oe.make_exception(_Answer(status, requests.structures.CaseInsensitiveDict(h), body))

@@ -1,4 +1,5 @@
-"""A floor on how slowly an HTTP answer may arrive: the low-speed rule of the lean request path.
+"""A floor on how slowly an answer of the OSS store may arrive: the low-speed rule of its
+connection pool.
 
 A socket's read timeout bounds one ``recv``: a server that sends one byte every 4 s never trips
 a 5 s timeout, and a 1 MB body so takes 46 days (trial AF: a proxy trickling a GET's body held
@@ -105,10 +106,10 @@ class _PacedReader(io.RawIOBase):
 
 
 class PacedResponse(http.client.HTTPResponse):
-    """http.client's answer, read through :class:`_PacedReader`. Set as a connection's
-    ``response_class`` for one ``getresponse``; the answer keeps its reader to the end. A
-    window that is too slow raises :class:`TooSlow` out of ``getresponse`` (the status line or
-    headers) or ``read`` (the body)."""
+    """http.client's answer, read through :class:`_PacedReader`: the ``response_class`` of the
+    connections of :class:`PacedAdapter`'s pools. A window that is too slow raises
+    :class:`TooSlow` out of ``getresponse`` (the status line or headers) or ``read`` (a body of
+    announced length)."""
 
     def __init__(self, sock: socket.socket, *args, **kwargs):
         # http.client's __init__ takes its reader from ``sock.makefile("rb")``: hand it ours
