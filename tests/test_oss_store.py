@@ -1755,3 +1755,102 @@ async def test_a_put_file_given_up_whose_file_is_gone_fails_with_its_own_error(s
         assert store.in_doubt.due() == [] and "gone/k" not in store.in_doubt._doubts
     finally:
         await store.aclose()
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """(certificate, key) PEM files of a self-signed certificate for 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_the_store_speaks_tls_on_both_request_paths_and_refuses_an_unknown_certificate(server, tmp_path,
+                                                                                        monkeypatch):
+    """Over HTTPS (a TLS front of the test server, a self-signed certificate named by
+    REQUESTS_CA_BUNDLE): PUT, GET, HEAD and LIST on the lean path and a copy and a multipart
+    upload through oss2's requests session, every one on the pool's paced connections
+    (store/paced.py); without the certificate named, the first request fails as a TLS error
+    that is not retried."""
+    import socket
+    import ssl
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    upstream = ("127.0.0.1", int(server.endpoint.rsplit(":", 1)[1]))
+
+    def pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                s.close()
+
+    def front():
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                t = ctx.wrap_socket(c, server_side=True)
+            except OSError:  # (the client that refuses the certificate)
+                c.close()
+                continue
+            u = socket.create_connection(upstream)
+            threading.Thread(target=pipe, args=(t, u), daemon=True).start()
+            threading.Thread(target=pipe, args=(u, t), daemon=True).start()
+    threading.Thread(target=front, daemon=True).start()
+    endpoint = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    from ossfuse.store import paced
+
+    async def main():
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert)
+        s = OssStore(BUCKET, endpoint, region=REGION, signature="v4", credentials=StaticCredentialsProvider(AK, SK),
+                     threads=4)
+        assert s._lean_head is not None
+        await s.put_bytes("tls/a", b"hello", {"k": "v"})
+        assert await s.get_range("tls/a", 0, 5) == b"hello" and (await s.head("tls/a")).metadata["k"] == "v"
+        assert [o.key for o in (await s.list("tls/")).objects] == ["tls/a"]
+        assert (await s.copy("tls/a", "tls/b")).size == 5
+        upload = await s.create_multipart("tls/m", {})
+        etag = await s.upload_part("tls/m", upload, 1, b"m" * 100, {})
+        await s.complete_multipart("tls/m", upload, [(1, etag)])
+        assert await s.get_range("tls/m", 0, 100) == b"m" * 100
+        pools = s._session.session.get_adapter(endpoint).poolmanager.pools
+        assert len(pools) and all(pools[k].ConnectionCls.response_class is paced.PacedResponse for k in pools.keys())
+        await s.aclose()
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        s = OssStore(BUCKET, endpoint, region=REGION, signature="v4", credentials=StaticCredentialsProvider(AK, SK))
+        with pytest.raises(StoreError, match="certificate cannot be verified") as e:
+            await s.head("tls/a")
+        assert not e.value.temporary
+        await s.aclose()
+    try:
+        trio.run(main)
+    finally:
+        listener.close()
