@@ -388,19 +388,21 @@ def test_a_body_that_trickles_is_taken_for_a_stalled_one(first):
     read timeout, held the reader for minutes (a 1 MB body at a byte per 0.3 s: 3.5 days). Once
     the answer has begun, each window of the read timeout must bring 16 KiB (store/paced.py):
     the trickle ends within twice the timeout, as a silent body does (an outage unless the
-    confirming listing finds the store alive), and its line says what came. Trial AG: after a
-    first burst of 16 KiB or more the trickle ran two windows more (EIO after 16 s, not 8):
-    the window slides."""
+    confirming listing finds the store alive), and its line says what came: once the window
+    is slow for a whole window in a row (trial AH: a pause then a fast body is no trickle; the
+    next test). Trial AG: after a first burst of 16 KiB or more the trickle ran two fixed
+    windows more: the window slides, so the burst changes nothing."""
     async def main(endpoint):
         health = StoreHealth(timeout=1.0, probe_interval=60.0)
         store = _oss_store(endpoint, health)
         with trio.fail_after(10):  # (before: no end; the GET's thread is abandoned on cancel)
             t0 = time.monotonic()
             with pytest.raises(StoreOffline, match=r"answer cut short: http://127.0.0.1:\d+ sent [1-4] bytes in the "
-                                                   r"last 1\.0s of its answer \(\d+ in 1\.\ds; less than 16 KiB per "
+                                                   r"last 1\.0s of its answer \(\d+ in 2\.\ds; less than 16 KiB per "
                                                    r"read timeout: taken for a stalled connection\)$"):
                 await store.get_range("k", 0, 1_000_000)
-            assert 1.0 <= time.monotonic() - t0 < 1.8 and health.offline  # (the last byte 0.3 s apart)
+            # slow from 1.0 s on (the window full), for a whole window in a row: 2.0 s, + the gap to a byte
+            assert 2.0 <= time.monotonic() - t0 < 2.8 and health.offline
             health.succeeded()
 
             async def alive():
@@ -412,10 +414,32 @@ def test_a_body_that_trickles_is_taken_for_a_stalled_one(first):
             t0 = time.monotonic()
             with pytest.raises(StoreUnavailable, match="stalled connection"):  # a listing's body, too
                 await store.list("d/")
-            assert time.monotonic() - t0 < 2.5
+            assert time.monotonic() - t0 < 2.8
         await store.aclose()
 
     with _server_silent_mid_body(trickle=0.3, first=first) as endpoint:
+        trio.run(main, endpoint)
+
+
+def test_a_pause_then_a_fast_body_is_no_trickle():
+    """Trial AH: the headers at once, then the body after a pause under the timeout at 64 KB/s
+    (20 times the floor) got EIO: the window, begun at the headers, held fewer than 16 KiB
+    when it was a timeout old. Only a window slow for a whole window in a row is a trickle."""
+    body = os.urandom(100_000)
+
+    def answer(c: socket.socket, stop: threading.Event) -> None:
+        c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100000\r\nETag: \"E\"\r\n"
+                  b"Content-Range: bytes 0-99999/100000\r\n\r\n")
+        stop.wait(0.9)
+        for i in range(0, len(body), 3200):  # 64 KB/s
+            c.sendall(body[i:i + 3200])
+            stop.wait(0.05)
+
+    async def main(endpoint):
+        store = _oss_store(endpoint, StoreHealth(timeout=1.0, probe_interval=60.0))
+        assert await store.get_range("k", 0, 100_000) == body
+        await store.aclose()
+    with _raw_server(answer) as endpoint:
         trio.run(main, endpoint)
 
 

@@ -6,15 +6,19 @@ a 5 s timeout, and a 1 MB body so takes 46 days (trial AF: a proxy trickling a G
 a reader, and with it ``umount``, for minutes; the retry deadline cannot cut an attempt short,
 as a blocking read in a worker thread cannot be cancelled). curl has ``CURLOPT_LOW_SPEED_LIMIT``
 and ``…_TIME`` for this; http.client has nothing, so :class:`PacedResponse` reads the answer
-through :class:`_PacedReader`, which counts the bytes of each ``recv``: once the answer's first
+through :class:`_PacedReader`, which counts the bytes of each ``recv``. Once the answer's first
 byte is a socket timeout old, a ``recv`` after which the last timeout's worth of seconds (this
-``recv`` included) brought fewer than :data:`LOW_SPEED_BYTES` raises :class:`TooSlow` (a
-``TimeoutError``: the store is treated as silent for that long). So an answer that slows to a
-trickle ends less than twice the read timeout after it slowed; a steady link slower than 16 KiB
-per timeout (3.3 KB/s at the 5 s offline timeout, 273 B/s at the 60 s read timeout of writes)
-is taken for stalled, bursts almost a timeout apart pass down to about half that (the window
-ends at a burst and reaches back to the one before). The time to the first byte keeps the
-plain timeout (a store may work a while before it answers).
+``recv`` included) brought fewer than :data:`LOW_SPEED_BYTES` is slow; slow ones for a whole
+timeout in a row raise :class:`TooSlow` (a ``TimeoutError``: the store is treated as
+silent for that long), as curl's rule wants the speed below its limit for its whole time: a
+pause under the timeout followed by a fast body is no trickle (trial AH: headers at once, the
+body 4.8 s later at 64 KB/s, failed before its first 16 KiB were a timeout old). So an answer
+that slows to a trickle ends less than three timeouts after it slowed (one to fill the window,
+one in a row, and the gap to the next byte); a steady link slower than 16 KiB per timeout
+(3.3 KB/s at the 5 s offline timeout, 273 B/s at the 60 s read timeout of writes) is taken for
+stalled, bursts almost a timeout apart pass down to about half that (the window ends at a burst
+and reaches back to the one before). The time to the first byte keeps the plain timeout (a
+store may work a while before it answers).
 
 The rule covers an answer's status line and headers, and its body when the headers announce
 its length (``Content-Length``): a body of unknown length (chunked, or up to the connection's
@@ -72,6 +76,7 @@ class _PacedReader(io.RawIOBase):
         # LOW_SPEED_BYTES (one, for a fast answer), so the deque stays short
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._recent_bytes = 0
+        self._slow_since: float | None = None  # monotonic seconds of the first slow check in a row
         self.unpaced = False  # set once the headers announce no length (module doc)
 
     def readable(self) -> bool:
@@ -95,7 +100,11 @@ class _PacedReader(io.RawIOBase):
             return n
         while recent and recent[0][0] <= now - window:
             self._recent_bytes -= recent.popleft()[1]
-        if self._recent_bytes < LOW_SPEED_BYTES:
+        if self._recent_bytes >= LOW_SPEED_BYTES:
+            self._slow_since = None
+        elif self._slow_since is None:
+            self._slow_since = now  # slow for one window: slow for one more too, or it was a pause
+        elif now - self._slow_since >= window:
             raise TooSlow(self._recent_bytes, window, self._total, now - self._began)
         return n
 
