@@ -665,9 +665,9 @@ def test_readdir_steps_resolve_few_nodes_and_head_ahead(tmp_path, cmk_path):
         batches: list[list[str]] = []
         real = fs.store.head_many
 
-        async def counting(keys, parallel, refused=None):
+        async def counting(keys, parallel, failed=None):
             batches.append(list(keys))
-            return await real(keys, parallel, refused)
+            return await real(keys, parallel, failed)
         fs.store.head_many = counting
         h = fs.opendir(d)
         names, start = [], 0

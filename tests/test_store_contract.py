@@ -26,6 +26,7 @@ from oss_server import OssTestServer  # noqa: E402
 from ossfuse.store.base import (AlreadyExists, DestinationChanged, NoSuchKey, ObjectStore, PreconditionFailed,  # noqa: E402
                                 StoreError)
 from ossfuse.store.credentials import StaticCredentialsProvider  # noqa: E402
+from ossfuse.store.health import StoreHealth  # noqa: E402
 from ossfuse.store.local import LocalStore  # noqa: E402
 from ossfuse.store.oss import OssStore  # noqa: E402
 
@@ -172,10 +173,11 @@ async def test_head_many_answers_as_head_does_in_key_order(h):
 
 @pytest.mark.parametrize("kind", ["fault", "oss-v4"])
 def test_head_many_reports_refused_keys_and_answers_the_others(tmp_path, request, kind):
-    """head_many(..., refused): a key whose HEAD is refused for good (403 AccessDenied) gets its
-    error in ``refused`` and answer None, every other key its answer (none lost, each HEADed
-    once more at most); a temporary failure (503 past the retries) still raises; without
-    ``refused`` a refusal raises as before."""
+    """head_many(..., failed): a key whose HEAD is refused for good (403 AccessDenied) or fails
+    for now (503 past the retries; over OSS also no answer for the whole offline timeout)
+    gets its error in ``failed`` and answer None, every other key its answer (none lost, each
+    HEADed once more at most: trial AH, a lost batch was HEADed again whole); a key silent
+    for the timeout costs one timeout, not two; without ``failed`` a failure raises."""
     keys = [f"hr/k{i:02d}" for i in range(12)]
     if kind == "fault":
         store = FaultStore(LocalStore(str(tmp_path / "bucket")))
@@ -198,18 +200,34 @@ def test_head_many_reports_refused_keys_and_answers_the_others(tmp_path, request
         for k in keys:
             await store.put_bytes(k, k.encode(), {"n": k[-2:]})
         refuse("hr/k05", 403)
-        refused: dict = {}
-        got = await store.head_many(keys, 4, refused)
-        assert list(refused) == [5] and refused[5].key == "hr/k05" and not refused[5].temporary, refused
+        failed: dict = {}
+        got = await store.head_many(keys, 4, failed)
+        assert list(failed) == [5] and failed[5].key == "hr/k05" and not failed[5].temporary, failed
         assert [i.metadata["n"] if i else None for i in got] == [k[-2:] if k != "hr/k05" else None for k in keys]
         with pytest.raises(StoreError):
             await store.head_many(keys, 4)
         clear()
         refuse("hr/k07", 503)
+        failed = {}
+        got = await store.head_many(keys, 4, failed)
+        assert list(failed) == [7] and failed[7].temporary and got[7] is None
+        assert [i.metadata["n"] if i else None for i in got] == [k[-2:] if k != "hr/k07" else None for k in keys]
         with pytest.raises(StoreError) as e:
-            await store.head_many(keys, 4, {})
+            await store.head_many(keys, 4)
         assert e.value.temporary
         clear()
+        if kind != "fault":  # one HEAD without an answer while the store answers the others
+            health = StoreHealth(timeout=0.5, probe_interval=60.0)
+            health.confirm = functools.partial(store.list, "", max_keys=1)
+            store.health = health
+            srv.faults.add_delay(3.0, count=None, methods=("HEAD",), key_prefix="hr/k09")
+            failed = {}
+            t0 = time.monotonic()
+            got = await store.head_many(keys, 4, failed)
+            assert list(failed) == [9] and failed[9].code == "Timeout" and not health.offline, failed
+            assert time.monotonic() - t0 < 0.9  # one timeout (0.5 s), then the confirming listing
+            assert [i.metadata["n"] if i else None for i in got] == [k[-2:] if k != "hr/k09" else None for k in keys]
+            clear()
         await store.aclose()
 
     trio.run(main)

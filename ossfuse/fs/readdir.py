@@ -240,31 +240,26 @@ class DirectoryReader:
     async def _head_all(self, keys: list[str], refused: dict[int, StoreError] | None,
                         dir_path: str) -> list[ObjectInfo | None]:
         """``store.head_many`` of ``keys`` for a listing of ``dir_path``. With ``refused`` (a
-        dict), a key whose HEAD fails for good goes there (head_many), and so do up to
+        dict), a key whose HEAD fails for good goes there, and so do up to
         FAILING_HEADS_LISTED keys whose HEAD fails for now (a 5xx after its retries, no answer)
-        while the store answers (not offline): the others are HEADed again without them (a
-        trial: one object the store kept answering 503 made its whole directory unlistable).
-        Raises FsError (one ERROR line) when more fail, or any with ``refused`` None."""
-        answers: list[ObjectInfo | None] = [None] * len(keys)
-        left = list(range(len(keys)))
-        while True:
-            got: dict[int, StoreError] | None = {} if refused is not None else None
-            try:
-                infos = await self.store.head_many([keys[i] for i in left], head_parallel(self.store), got)
-            except StoreError as e:
-                if (refused is None or isinstance(e, StoreOffline) or not e.temporary or e.key not in keys
-                        or len(refused) >= FAILING_HEADS_LISTED):
-                    log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
-                    raise FsError(errno_of(e)) from None
-                i = keys.index(e.key)
-                refused[i] = e
-                left.remove(i)
-                continue
-            for j, i in enumerate(left):
-                answers[i] = infos[j]
-            if got and refused is not None:
-                refused.update({left[j]: err for j, err in got.items()})
-            return answers
+        while the store answers (not offline): the others are answered (a trial: one object
+        the store kept answering 503 made its whole directory unlistable). Raises FsError (one
+        ERROR line) when more fail, or any with ``refused`` None, or the store is offline."""
+        failed: dict[int, StoreError] | None = {} if refused is not None else None
+        try:
+            infos = await self.store.head_many(keys, head_parallel(self.store), failed)
+        except StoreError as e:
+            log.error("listing %r fails: HEAD %r failed: %s", self.naming.dir_key(dir_path), e.key, e)
+            raise FsError(errno_of(e)) from None
+        if failed and refused is not None:
+            for_now = [e for e in failed.values() if e.temporary]
+            if len(for_now) > FAILING_HEADS_LISTED:
+                first = for_now[0]
+                log.error("listing %r fails: HEAD %r failed: %s (and %d more)", self.naming.dir_key(dir_path),
+                          first.key, first, len(for_now) - 1)
+                raise FsError(errno_of(first))
+            refused.update(failed)
+        return infos
 
     async def readdir_entries(self, h: DirHandle, start: int, relist: bool = False,
                               moves: int = 0) -> list[tuple[int, str, Node]]:

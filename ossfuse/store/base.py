@@ -49,6 +49,9 @@ class StoreError(Exception):
     #: class default; StoreUnavailable is temporary, everything else is not unless said
     temporary: bool = False
     silent_for: float = 0.0
+    #: the mount takes the whole store to be unreachable (``health.StoreOffline``): not this
+    #: request's failure alone
+    outage: bool = False
 
     def __init__(self, message: str, *, key: str | None = None, request_id: str | None = None,
                  code: str | None = None, temporary: bool | None = None, answered: bool = False):
@@ -198,11 +201,7 @@ def _counted(op: str, fn):
             if health is not None:
                 health.succeeded(sent)
         except StoreError as e:
-            counters.errors[(op, e.code or type(e).__name__)] += 1
-            alive = False
-            if health is not None and e.unreachable and not probe and not health.offline:
-                alive = await health.confirm_alive(sent)  # one slow request is no outage
-            replacement = health.failed(e, sent, alive) if health is not None else e
+            replacement = await self._settle_failure(op, e, sent, probe)
             if replacement is e:
                 raise
             raise replacement from e
@@ -282,25 +281,40 @@ class ObjectStore(abc.ABC):
         """Size, ETag, mtime and user metadata of ``key``; None if it does not exist."""
 
     async def head_many(self, keys: KeyList, parallel: int,
-                        refused: dict[int, StoreError] | None = None) -> list[ObjectInfo | None]:
+                        failed: dict[int, StoreError] | None = None) -> list[ObjectInfo | None]:
         """:meth:`head` of every key of ``keys``, at most ``parallel`` at once: the answers in
         the order of ``keys`` (None: no such key). Raises the StoreError of a key whose HEAD
-        failed (its ``key`` names it; the other answers are lost); with ``refused`` given, a
-        key whose HEAD failed for good (not ``temporary``: AccessDenied, say) gets that error
-        there (its answer None) and the others are answered; a temporary failure still
-        raises. This default makes one :meth:`head` call per key; a store may send them from
-        fewer thread hand-offs."""
+        failed (its ``key`` names it; the other answers are lost); with ``failed`` given, a
+        key whose HEAD failed, for good (AccessDenied, say) or for now while the store is not
+        taken to be unreachable (no answer from it, a 5xx after the retries), gets that error
+        there (its answer None) and the others are answered; an outage
+        (``StoreError.outage``) still raises. This default makes one :meth:`head` call per
+        key; a store may send them from fewer thread hand-offs."""
         out: list[ObjectInfo | None] = [None] * len(keys)
 
         async def one(i: int) -> None:
             try:
                 out[i] = await self.head(keys[i])
             except StoreError as e:
-                if refused is None or e.temporary:
+                if failed is None or e.outage:
                     raise
-                refused[i] = e
+                failed[i] = e
         await run_all([functools.partial(one, i) for i in range(len(keys))], parallel)
         return out
+
+    async def _settle_failure(self, op: str, e: StoreError, sent: float | None, probe: bool = False) -> StoreError:
+        """What a store call of ``op`` sent at monotonic time ``sent`` that failed with ``e``
+        raises, once the counters and the health tracker heard of it (``_counted``'s rule,
+        store/health.py): ``e`` itself, or a StoreOffline when the store is taken to be
+        unreachable (a confirming listing first, unless the call was the probe)."""
+        self.counters.errors[(op, e.code or type(e).__name__)] += 1
+        health = self.health
+        if health is None:
+            return e
+        alive = False
+        if e.unreachable and not probe and not health.offline:
+            alive = await health.confirm_alive(sent)  # one slow request is no outage
+        return health.failed(e, sent, alive)
 
     @abc.abstractmethod
     async def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:

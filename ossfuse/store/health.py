@@ -62,6 +62,8 @@ class StoreOffline(StoreUnavailable):
     """The store is taken to be unreachable (``StoreHealth`` is offline): raised at once, or by
     the call that found it unreachable. ``temporary`` like every StoreUnavailable."""
 
+    outage = True
+
 
 class StoreHealth:
     """Online/offline state of one store (see the module doc).

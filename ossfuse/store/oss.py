@@ -932,17 +932,21 @@ class OssStore(ObjectStore):
             f.result()
 
     async def head_many(self, keys: list[str], parallel: int,
-                        refused: dict[int, StoreError] | None = None) -> list[ObjectInfo | None]:
+                        failed: dict[int, StoreError] | None = None) -> list[ObjectInfo | None]:
         """HEADs of ``keys`` (at most ``parallel`` and the store's ``threads`` at once), sent
         from one thread hand-off per batch instead of one per key: each worker thread takes
         the next key when its last is answered (``ls -l`` over OSS is a HEAD per entry, and a
         hand-off cost as much event-loop CPU as the HEAD itself, ``bench/head_cost.py``). The
         workers hold as many of the store's limiter tokens, so requests in flight never exceed
         the connection pool. A key that is gone gives None. A key whose first attempt failed
-        otherwise (and the keys not tried after it) is asked again through :meth:`head`: the
-        one retry policy, its log line and error count. Raises that key's StoreError."""
+        (and the keys not tried after it) is asked again through :meth:`head`: the one retry
+        policy, its log line and error count; but not one the store left without an answer for
+        the whole timeout (silent, or trickling: ``paced.py``), which that policy would not
+        send again either (trial AH: each such key cost two timeouts, and ``ls -l`` of a
+        directory whose HEADs all trickled failed after six): its failure goes to the health
+        tracker as :meth:`head`'s would. ``failed``: as :meth:`ObjectStore.head_many`."""
         if self._lean_head is None or len(keys) < 2 or parallel < 2 or (self.health is not None and self.health.offline):
-            return await super().head_many(keys, parallel, refused)
+            return await super().head_many(keys, parallel, failed)
         # tokens of the store's limiter, one per worker: the first waits, the others only if free
         slots: list[object] = [object()]
         await self._limiter.acquire_on_behalf_of(slots[0])
@@ -960,30 +964,43 @@ class OssStore(ObjectStore):
             timeouts = (connect, min(read, self.policy.deadline or read))
             answers: list[Any] = [None] * len(keys)
             failures: dict[int, BaseException] = {}
+            sent = time.monotonic()
             await trio.to_thread.run_sync(self._head_batch_sync, keys, len(slots), timeouts, answers, failures)
         finally:
             for slot in slots:
                 self._limiter.release_on_behalf_of(slot)
         out: list[ObjectInfo | None] = [a[0] if a is not None else None for a in answers]
         again: list[int] = []
+        silent: list[tuple[int, StoreError]] = []
         for i, e in failures.items():
             err = self._to_store_error("HEAD", keys[i], e, timeouts)
             if isinstance(err, NoSuchKey):
                 continue  # gone: None, as head() answers
+            if err is not None and err.code == "Timeout" and not err.answered:
+                silent.append((i, err))
+                continue
             again.append(i)
             self.counters.retries["HEAD"] += 1
             log.info("OSS HEAD %r: attempt failed: %s; asking again", keys[i], err or e)
         again += [i for i, a in enumerate(answers) if a is None and i not in failures]  # not tried
         self.counters.calls["head"] += len(keys) - len(again)
-        if len(again) < len(keys) and self.health is not None:
-            self.health.succeeded()
+        if len(again) + len(silent) < len(keys) and self.health is not None:
+            self.health.succeeded(sent)
+        for i, err in silent:  # one confirming listing at most: an answered one covers the rest
+            log.info("%s", err)  # (head()'s line of a failure, as _call writes it)
+            final = await self._settle_failure("head", err, sent)
+            if failed is None or final.outage:
+                if final is err:
+                    raise err
+                raise final from err
+            failed[i] = final
         if again:
-            refused_again: dict[int, StoreError] | None = {} if refused is not None else None
-            redo = await super().head_many([keys[i] for i in again], parallel, refused_again)
+            failed_again: dict[int, StoreError] | None = {} if failed is not None else None
+            redo = await super().head_many([keys[i] for i in again], parallel, failed_again)
             for i, info in zip(again, redo, strict=True):
                 out[i] = info
-            for j, err in (refused_again or {}).items():
-                refused[again[j]] = err  # type: ignore[index]  # (set when refused is)
+            for j, err in (failed_again or {}).items():
+                failed[again[j]] = err  # type: ignore[index]  # (set when failed is)
         return out
 
     @staticmethod
