@@ -1379,3 +1379,22 @@ def test_a_write_after_the_staging_directory_was_removed_fails_eio(tmp_path, cmk
         await fs.store.aclose()
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"the mount point's mode and owner are kept in memory only")
+def test_a_chmod_of_the_mount_point_says_once_that_it_is_not_kept(tmp_path, cmk_path, caplog):
+    """A new user's trial: `chmod 700` of the mount point worked and was gone at the next mount
+    without a word (the README says so; a user locking the folder does not read it there).
+    One WARNING per mount names the options that do restrict access; a touch says nothing."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        await fs.setattr(root, mtime_ns=1_000_000_000)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        await fs.setattr(root, mode=0o700)
+        await fs.setattr(root, mode=0o750, uid=UID)
+        assert stat.S_IMODE(root.mode) == 0o750
+        said = [r.getMessage() for r in caplog.records if "mount point's mode" in r.getMessage()]
+        assert len(said) == 1 and "-o umask=, uid=, gid=" in said[0], said
+        fs.close()
+    trio.run(main)

@@ -3,6 +3,7 @@ CopyObject onto itself (envelope headers unchanged); a staged one's travel with 
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 import time
 
@@ -18,6 +19,8 @@ from .naming import Naming
 from .objmeta import attr_meta, is_plain_marker, version_from_info
 
 _UNCHANGED_ID = 0xFFFFFFFF  # chown's "leave as is" (uid_t -1)
+
+log = logging.getLogger(__name__)
 
 
 def _with_attrs(metadata: dict[str, str], node: Node) -> dict[str, str]:
@@ -37,6 +40,7 @@ class Attributes:
         self.files = files
         self.commit = commit
         self.cache = cache
+        self._root_said = False  # the WARNING that the mount point's mode is not kept: once
 
     async def setattr(self, node: Node, *, size: int | None = None, mode: int | None = None,
                       uid: int | None = None, gid: int | None = None, mtime_ns: int | None = None,
@@ -80,6 +84,13 @@ class Attributes:
                 i is not None and i != _UNCHANGED_ID for i in (uid, gid))
             if changed:
                 node.ctime_ns = time.time_ns()
+            if node.ino == ROOT_INO and (node.mode, node.uid, node.gid) != before[:3] and not self._root_said:
+                # (a new user's trial: `chmod 700` of the mount point, taken for a lock, is gone
+                # at the next mount without a word)
+                self._root_said = True
+                log.warning("the mount point's mode and owner are kept in memory only (the bucket prefix has no "
+                            "object to hold them): gone at the next mount; restrict access with -o umask=, uid=, "
+                            "gid= or the config's mount options")
             if size is None and changed:
                 try:
                     await self.store_attrs(node)
