@@ -16,13 +16,14 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 import trio
 import trio.testing
 
 from fakes.core import committed_file, core_filesystem, core_store, exists, listed_names, read_node
+from fakes.raw_http import raw_server
 from ossfuse.fs import FsError
 from ossfuse.store.base import StoreUnavailable
 from ossfuse.store.health import StoreHealth, StoreOffline
@@ -299,42 +300,6 @@ def test_requests_that_change_nothing_in_flight_when_the_mount_goes_offline_end_
         trio.run(main, endpoint)
 
 
-@contextlib.contextmanager
-def _raw_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
-    """The endpoint of a server that reads each connection's request (one ``recv``) and runs
-    ``answer(connection, stop)`` in a thread of its own; ``stop`` is set at the end, and the
-    connections closed."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    stop = threading.Event()
-    conns: list[socket.socket] = []
-
-    def run(c: socket.socket) -> None:
-        try:
-            c.recv(65536)
-            answer(c, stop)
-        except OSError:  # (closed at the end)
-            pass
-
-    def serve():
-        while not stop.is_set():
-            try:
-                c, _ = listener.accept()
-            except OSError:
-                return
-            conns.append(c)
-            threading.Thread(target=run, args=(c,), daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        listener.close()
-        for c in conns:
-            c.close()
-
-
 def _server_silent_mid_body(trickle: float | None = None, first: int = 1000,
                             at: int | None = None) -> contextlib.AbstractContextManager[str]:
     """The endpoint of a server that answers every request with the status line, headers and
@@ -350,7 +315,7 @@ def _server_silent_mid_body(trickle: float | None = None, first: int = 1000,
         while trickle is not None and not stop.wait(trickle):
             c.sendall(rest[n:n + 1] or b"x")
             n += 1
-    return _raw_server(answer)
+    return raw_server(answer)
 
 
 @pytest.mark.expect_log(OFFLINE)
@@ -439,7 +404,7 @@ def test_a_pause_then_a_fast_body_is_no_trickle():
         store = _oss_store(endpoint, StoreHealth(timeout=1.0, probe_interval=60.0))
         assert await store.get_range("k", 0, 100_000) == body
         await store.aclose()
-    with _raw_server(answer) as endpoint:
+    with raw_server(answer) as endpoint:
         trio.run(main, endpoint)
 
 
@@ -457,7 +422,7 @@ def _chunked_whitespace_server(pause: float, beats: int) -> contextlib.AbstractC
                b"<LastModified>2024-01-02T03:04:05.000Z</LastModified><ETag>&quot;E&quot;</ETag><Size>1</Size>"
                b"</Contents></ListBucketResult>")
         c.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(xml), xml))
-    return _raw_server(answer)
+    return raw_server(answer)
 
 
 def test_the_low_speed_rule_covers_every_answer_of_known_length_and_no_other():

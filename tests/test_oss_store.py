@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import oss_server  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
+from fakes.raw_http import raw_server  # noqa: E402
 
 from ossfuse.store.base import AlreadyExists, NoSuchKey, PreconditionFailed, StoreError, StoreUnavailable  # noqa: E402
 from ossfuse.store.credentials import (CredentialChain, CredentialsError, EcsRamRoleCredentialsProvider,  # noqa: E402
@@ -1264,8 +1265,7 @@ async def test_lean_head_transport_failures_map_as_before(server):
     """Failures below HTTP on the lean HEAD path map as requests' exceptions did: a server that
     closes each connection without answering is ConnectionReset, retried, then
     StoreUnavailable (both paths the same); a stopped server is ConnectionRefused."""
-    endpoint, stop = _raw_server(lambda c: c.close())  # reads the request, answers nothing
-    try:
+    with raw_server(lambda c, _stop: c.close()) as endpoint:  # reads the request, answers nothing
         store = OssStore(BUCKET, endpoint, region=REGION,
                          credentials=StaticCredentialsProvider(AK, SK), retries=1, backoff=0.01, backoff_max=0.02)
         assert store._lean_head is not None
@@ -1274,8 +1274,6 @@ async def test_lean_head_transport_failures_map_as_before(server):
         assert lean_err[:3] == (StoreUnavailable, "ConnectionReset", True) and "was lost" in lean_err[5]
         assert store.counters.retries["HEAD"] == 2  # one retry on each path
         await store.aclose()
-    finally:
-        stop()
     store = make_store(server, retries=1, connect_timeout=1.0, read_timeout=2.0)
     await store.put_bytes("t/k", b"x", {})
     assert (await store.head("t/k")).size == 1
@@ -1519,31 +1517,6 @@ async def test_lean_get_unusable_ranges_as_oss2(server, monkeypatch):
     await store.aclose()
 
 
-def _raw_server(answer):
-    """A listening socket whose thread reads each request and calls ``answer(conn)``; returns
-    (endpoint, stop)."""
-    import socket
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    stopped = threading.Event()
-
-    def serve():
-        while not stopped.is_set():
-            try:
-                c, _ = lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=lambda c=c: (c.recv(65536), answer(c)), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-
-    def stop():
-        stopped.set()
-        lsock.close()
-    return f"http://127.0.0.1:{lsock.getsockname()[1]}", stop
-
-
 @trio_test
 @pytest.mark.parametrize("kind", ["short", "reset", "stall"])
 async def test_lean_get_never_returns_a_cut_body(kind):
@@ -1553,7 +1526,7 @@ async def test_lean_get_never_returns_a_cut_body(kind):
     import socket
     import struct
 
-    def answer(c):
+    def answer(c, _stop):
         c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000\r\nContent-Range: bytes 0-999/5000\r\n"
                   b"x-oss-request-id: RID1\r\n\r\n" + b"x" * 600)
         if kind == "stall":
@@ -1561,8 +1534,7 @@ async def test_lean_get_never_returns_a_cut_body(kind):
         elif kind == "reset":
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
-    endpoint, stop = _raw_server(answer)
-    try:
+    with raw_server(answer) as endpoint:
         store = OssStore(BUCKET, endpoint, region=REGION, credentials=StaticCredentialsProvider(AK, SK), retries=1,
                          backoff=0.01, backoff_max=0.02, read_timeout=0.5)
         assert store._lean_head is not None
@@ -1573,8 +1545,6 @@ async def test_lean_get_never_returns_a_cut_body(kind):
         assert lean_err[:3] == (StoreUnavailable, code, True)
         assert store.counters.retries["GET"] == 2  # one retry on each path
         await store.aclose()
-    finally:
-        stop()
 
 
 @trio_test
