@@ -1,7 +1,9 @@
-"""Copies of an undone directory rename that land late, looked for and taken back.
+"""Copies of an undone rename that land late, looked for and taken back.
 
 A directory rename that is undone (``fs/renames.py``: a copy failed, or a crash cut it off
-while copying) deletes each copy whose original is still there. A copy sent but not logged
+while copying) deletes each copy whose original is still there; so does a file rename whose
+one copy got no answer (``Namespace._move_file``; after a crash: ``renames._settle_file``,
+which finds no copy at the new name). A copy sent but not logged
 that is not there may still land: OSS carries a request out until ``indoubt.WINDOW`` after it
 was sent (a trial: copies in flight at a ``kill -9`` landed after the next mount's undo, and
 stayed at the new name for good). The rename's log then stays (line 4, ``fs/renamelog.py``),
@@ -41,7 +43,9 @@ NEAR_INTERVAL = 1.0  # seconds: the shortest time between two looks a lookup or 
 
 
 def originals_by_copy(entry: RenameLog, naming: Naming) -> dict[str, tuple[str, str]]:
-    """Directory rename ``entry``'s new keys → (the original's key, its logged ETag)."""
+    """Rename ``entry``'s new keys → (the original's key, its logged ETag)."""
+    if entry.file:  # (its one object: a log's header has no other shape)
+        return {naming.key(entry.target): item for item in entry.objects.items()}
     old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
     return {moved_key(key, old, new, naming.prefix): (key, etag) for key, etag in entry.objects.items()}
 

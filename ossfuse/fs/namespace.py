@@ -923,7 +923,9 @@ class Namespace:
         (conditional on its ETag), then deleted at the old name. If the copy fails nothing
         changed; if the delete fails, the copy is deleted again when it replaced nothing (the
         state is as before), else (or if that fails too) both names hold the file. Either way
-        FsError(EIO) and one log line. If another client rewrote the source since the copy,
+        FsError(EIO) and one log line. A copy that got no answer is undone as a directory
+        rename's copies are: taken back if it landed, else looked for until it may no longer
+        land (``fs/latecopies.py``). If another client rewrote the source since the copy,
         both names show (theirs at the old, ours at the new) and FsError(ESTALE). A new file's
         rename over a committed one records the replaced object's delete (crash safety).
         Returns False, having changed nothing, when an upload of ``src`` or ``dst`` runs (the
@@ -991,8 +993,15 @@ class Namespace:
                 rlog = self.renames.begin(old_path, dst_path, {src.version.key: src.version.etag}, None, file=True)
                 try:
                     await self._copy_and_delete_file(src, old_path, dst_path, dst, rlog)
-                except FsError:
-                    self.renames.end(rlog)  # settled here: nothing changed, or both names show (logged)
+                except FsError as e:
+                    if e.errno != errno.ESTALE and rlog.started and not rlog.copied:
+                        # the copy got no answer: it may have landed, or land late (trial AH:
+                        # the file then showed at both names); undone and watched, as a
+                        # directory rename's copies are
+                        await self._take_copies_back(rlog)
+                        self.renames.leave(rlog)  # (if not ended: watched, or the next mount's)
+                    else:
+                        self.renames.end(rlog)  # settled here: nothing changed, or both names show (logged)
                     raise
                 except BaseException:
                     self.renames.leave(rlog)  # cancelled mid-way: the next mount settles it
@@ -1217,10 +1226,19 @@ class Namespace:
         try:
             kept = await undo_rename(self.store, rlog, self.naming)
         except (StoreError, FsError) as e:
-            log.error("rename of %r to %r failed, and taking back its copies failed too (%s); the next mount "
-                      "takes them back", rlog.source, rlog.target, e)
+            log.error("rename of %r to %r failed, and taking back its %s failed too (%s); the next mount %s",
+                      rlog.source, rlog.target, "copy" if rlog.file else "copies", e,
+                      "settles it (the file at one of the two names)" if rlog.file else "takes them back")
             return
+        landed = not rlog.late  # (a file's one copy: undo found it at the new name)
         watched = watch_or_end(self.renames, rlog, self.store)
+        if rlog.file:  # (its copy was sent without an answer)
+            log.info("rename of %r to %r failed; its copy %s", rlog.source, rlog.target,
+                     "is not at the new name, which holds another object (that the copy may still replace)"
+                     if kept else
+                     "landed, and was taken back" if landed else
+                     "is looked for until it may no longer land, and taken back" if watched else "did not land")
+            return
         log.info("rename of %r to %r failed; its copies were taken back%s%s", rlog.source, rlog.target,
                  f" but {kept} (changed since)" if kept else "",
                  f"; {len(rlog.late)} sent without an answer are looked for until they may no longer land"

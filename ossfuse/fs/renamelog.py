@@ -22,7 +22,8 @@ and the log goes when the rename is done in memory too. Each line is written who
 alone: the reader skips it. A log is read by its lines, not its file name; a line of a shape
 no run writes makes the whole log one ERROR line, and it is removed.
 
-A **file** rename keeps the same lines, its header marked ``"file": true``, with no line 3.
+A **file** rename keeps the same lines, its header marked ``"file": true``, with no line 3 (and
+line 4 when its copy got no answer and was not found: ``Namespace._move_file``).
 File renames are many and short, and creating and removing a file costs ~0.4 ms on an ext4
 cache disk (twice the rename itself on a local bucket), so they share one log per run,
 ``<cache dir>/renames/files-<random>.log``: each line carries the rename's ``"id"``, and
@@ -86,11 +87,11 @@ class RenameLog:
         _write_line(self._fd, {"id": self.id, **rec} if self.id is not None else rec)
 
     def append_closed(self, rec: dict) -> None:
-        """:meth:`_append` to a directory rename's own log once its fd is closed (line 4,
-        ``watch_or_end``). Raises OSError."""
+        """:meth:`_append` to the rename's log once this rename no longer holds it open (line
+        4, ``watch_or_end``; a file rename's line carries its id). Raises OSError."""
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
-            _write_line(fd, rec)
+            _write_line(fd, {"id": self.id, **rec} if self.id is not None else rec)
         finally:
             os.close(fd)
 
@@ -200,8 +201,10 @@ class RenameLogs:
         elif entry.id is None:
             self.leave(entry)
             _unlink(entry.path)
-        elif entry._fd is not None:
+        elif entry.id in self._open_ids and self._shared is not None:
+            # (also one left, then watched: an undone file rename whose copy may land late)
             self._open_ids.discard(entry.id)
+            entry._fd = self._shared
             try:
                 entry._append({"end": True})
                 if not self._open_ids and os.fstat(entry._fd).st_size > SHARED_TRUNCATE:
@@ -330,7 +333,7 @@ def _write_line(fd: int, rec: dict) -> None:
 
 @dataclass
 class LateCopies:
-    """The copies (new keys ``targets``) an undone directory rename ``entry`` sent without
+    """The copies (new keys ``targets``) an undone rename ``entry`` sent without
     logging their landing and did not find: OSS may still carry such a request out until
     ``until`` (wall-clock seconds: :data:`indoubt.WINDOW` after the log's last line). Looked
     for again, at growing intervals (``step`` seconds, the next look at ``next_at``), and taken

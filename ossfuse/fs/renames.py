@@ -35,7 +35,10 @@ empty object's: a trial lost a file's unsaved changes to that), and the journal'
 the file moves to the new name; a journaled version of the file the rename replaced goes,
 as the rename dropped it (``drop_at_target``: only when the copy was not logged, since the
 rename drops it in the same step that logs the copy). Else nothing had changed, and the log
-goes. A trial: a crash between the copy and the delete left the file at both names.
+goes; but a copy sent without an answer and not found may still land, and is looked for and
+taken back as an undone directory rename's are (``fs/latecopies.py``), as it is when the
+running mount's copy gets no answer (``Namespace._move_file``). A trial: a crash between the
+copy and the delete left the file at both names.
 """
 from __future__ import annotations
 
@@ -70,16 +73,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
         what = f"the rename of {entry.source!r} to {entry.target!r} that an earlier run left unfinished"
         notice: str | None
         try:
-            if entry.file:
-                notice = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target), files,
-                                            what + " (a crash)")
-            elif entry.deleting:
-                kept = await _finish(store, entry, old, new, naming.prefix)
-                files.move_recovered(entry)
-                notice = (f"finished {what} (a crash)"
-                          + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
-                             if kept else ""))
-            elif entry.undone_until is not None:  # undone already: only its late copies are looked for
+            if entry.undone_until is not None:  # undone already: only its late copies are looked for
                 logs.left.remove(entry)
                 if watch(logs, entry, entry.undone_until):
                     log.info("still looking for %d copy(ies) the undone rename of %r to %r sent without an answer, "
@@ -87,6 +81,23 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 else:
                     logs.end(entry)
                 continue
+            if entry.file:
+                notice = await _settle_file(store, entry, naming.key(entry.source), naming.key(entry.target), files,
+                                            what + " (a crash)")
+                if entry.late:  # its copy was not found, and may still land: watched, as an undone rename's
+                    logs.left.remove(entry)
+                    if watch_or_end(logs, entry, store, last_written(entry.path)):
+                        notice = f"{notice}; it may still land: looked for until {clock_text(logs.watched[-1].until)}, " \
+                                 "and taken back"
+                    assert notice is not None
+                    notices.append(notice)
+                    continue
+            elif entry.deleting:
+                kept = await _finish(store, entry, old, new, naming.prefix)
+                files.move_recovered(entry)
+                notice = (f"finished {what} (a crash)"
+                          + (f"; {kept} object(s) stay at the old name (changed since, or their copy is gone)"
+                             if kept else ""))
             else:
                 kept = await undo(store, entry, naming)
                 notice = (f"undid {what} (a crash, or the store failing; the `mv` had failed)"
@@ -170,6 +181,8 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
     there, original = await store.head(new), await store.head(old)
     logged = entry.copied.get(new)
     left = f"left {what} as it was: its copy is not at the new name (never landed, or changed since)"
+    if there is None and logged is None:
+        entry.late = {new}  # sent without an answer: it may still land (the caller watches it)
     if there is None or (logged is not None and not same_etag(there.etag, logged)):
         return left
     kept = False
