@@ -1107,26 +1107,37 @@ def test_a_readlink_while_the_directory_is_renamed_follows_the_copy(tmp_path, cm
 
 
 @pytest.mark.parametrize("case", ["fails, lands late", "fails, landed", "crash, lands late",
-                                  "crash, mounted again before it lands"])
+                                  "crash, mounted again before it lands", "fails, lands late over b",
+                                  "fails, b removed, lands late", "crash, lands late over b"])
 def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(tmp_path, cmk_path, case, expect_log):
     """Trial AH 4: `mv a b` whose copy's answer never came failed (EIO), and the copy landed
     later: the file showed at both names for good. The copy is undone as a directory rename's
     are: taken back at once when it had landed, else looked for until it may no longer land
     (``latecopies``) and taken back when it does, also when a crash cut the rename off (the
     next mount's settle does not find it, and watches it; a mount after that in the window only
-    looks again)."""
+    looks again). A copy onto a name that held another file lands over it, which is gone
+    then: the rename is finished instead (a's object deleted, b is a's); unless the user
+    removed b meanwhile: then it is taken back."""
     expect_log(r"copy of 'pre/a' .* failed: injected fault|store request for 'pre/a' failed|1 copy\(ies\) the "
-               r"undone rename of 'a' to 'b' had sent without an answer landed late \(e\.g\. 'pre/b'\): taken back")
-    data = os.urandom(3000)
+               r"undone rename of 'a' to 'b' had sent without an answer landed late \(e\.g\. 'pre/b'\): taken back|"
+               r"the copy the undone rename of 'a' to 'b' had sent without an answer landed late over what was at "
+               r"'pre/b': the rename is finished")
+    data, theirs = os.urandom(3000), os.urandom(2000)
+    over = "over b" in case or "b removed" in case  # b is a file the rename replaces
 
     def store():
         s = core_store(tmp_path)
         s.local_disk = False  # as OSS: a request may be carried out after the client gave up on it
         return s
 
+    async def files(fs):
+        await committed_file(fs, "a", data)
+        if over:
+            await committed_file(fs, "b", theirs)
+
     async def crash():
         fs = core_filesystem(tmp_path, cmk_path, store())
-        await committed_file(fs, "a", data)
+        await files(fs)
         await _cut_off(fs, "copy", "pre/a", src="a", dst="b")  # sent, never answered
         await _crash(fs)
 
@@ -1137,13 +1148,14 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
             [notice] = await fs.settle_renames()
             assert notice.startswith("left the rename of 'a' to 'b' that an earlier run left unfinished (a crash) as "
                                      "it was: its copy is not at the new name") and "it may still land" in notice, notice
+            assert ("the rename is finished" in notice) == over, notice
             if "mounted again" in case:  # its line 4 (with the rename's id, in the shared log): only looked for
                 await _crash(fs)
                 fs = core_filesystem(tmp_path, cmk_path, store())
                 fs.recover()
                 assert await fs.settle_renames() == []
         else:
-            await committed_file(fs, "a", data)
+            await files(fs)
 
             async def no_answer(inner, op, keys):
                 if case == "fails, landed":
@@ -1163,12 +1175,29 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
                 return
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/b"}]
         assert len(_logs(tmp_path)) == 1
+        if over:  # nothing landed yet: b is as it was
+            fs.rename_logs.watched[0].next_at = 0
+            assert await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming,
+                                                         fs.namespace.locks) == 0
+            assert await _read(fs, "b") == theirs and fs.rename_logs.watched
+        if "removed" in case:
+            await fs.unlink(fs.get(1), "b")
+            fs.rename_logs.watched[0].next_at = 0
+            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+            assert fs.rename_logs.watched  # (the copy is still awaited)
         await fs.store.inner.copy("pre/a", "pre/b")  # the copy lands late
-        with pytest.raises(FsError) as e:  # a lookup of the new name looks first
-            await fs.lookup(fs.get(1), "b")
-        assert e.value.errno == errno.ENOENT
-        assert await _keys(fs) == {"pre/a"}
-        assert await _read(fs, "a") == data
+        if over and "removed" not in case:  # over b, which is gone now: the rename is finished
+            assert await _read(fs, "b") == data  # (a lookup of the new name looks first)
+            assert await _keys(fs) == {"pre/b"}
+            with pytest.raises(FsError) as e:  # the mount's view of both names was asked again
+                await fs.lookup(fs.get(1), "a")
+            assert e.value.errno == errno.ENOENT
+        else:
+            with pytest.raises(FsError) as e:  # a lookup of the new name looks first
+                await fs.lookup(fs.get(1), "b")
+            assert e.value.errno == errno.ENOENT
+            assert await _keys(fs) == {"pre/a"}
+            assert await _read(fs, "a") == data
         assert not fs.rename_logs.watched
         await _crash(fs)
         assert _logs(tmp_path) == []  # the watch ended: the log goes

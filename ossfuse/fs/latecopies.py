@@ -11,7 +11,9 @@ and the running mount looks for those keys until then (:class:`~.renamelog.LateC
 growing intervals, and whenever a lookup or listing is about a path at, above or below the
 rename's target; a copy found is taken back when it is its original's copy
 (:func:`same_object`: the same wrapped data key), and the replaced empty directory's marker is
-put back when its own late copy was taken back.
+put back when its own late copy was taken back. A file's copy that lands over the object it
+replaces is not taken back (that object is gone: the file would be at neither name): the
+rename is finished instead, its original deleted (:func:`finish_late`).
 
 Lock order: :func:`_look` takes the rename's tree locks (``NameLocks.hold``) after its HEADs,
 and sends the deletes under them; nothing else is held across those awaits.
@@ -23,6 +25,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from .. import envelope as env
 from ..aio import run_all
@@ -119,14 +122,15 @@ def clock_text(t: float) -> str:
 
 
 async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks,
-                               near: str | None = None) -> int:
+                               near: str | None = None, changed: Callable[[str], None] = lambda path: None) -> int:
     """One look for the late copies of the watched renames (:class:`LateCopies`) that are due,
     or, with ``near`` (a path a lookup or listing is about), of those whose target is at, above
     or below it (above or below: at most once a second, for a listing's many lookups) (a copy
     that landed between two looks showed its directory, and coreutils' `mv` moved the tree
     *into* it: trial AE). See :func:`_look`.
-    A rename whose window ended (or whose copies all landed) ends its log. Returns how many
-    copies were taken back."""
+    A rename whose window ended (or whose copies all landed) ends its log. ``changed(path)``:
+    called for both paths of a file rename a late copy finished (the mount's view of them is
+    out of date). Returns how many copies were taken back."""
     taken = 0
     now = time.time()
     for late in list(logs.watched):
@@ -139,14 +143,15 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
                 or (near != late.entry.target and now - late.looked_at < NEAR_INTERVAL):
             continue  # (the target itself, what `mv` stats, is looked at every time)
         late.looked_at = now
-        taken += await _look(late, store, naming, locks)
+        taken += await _look(late, store, naming, locks, changed)
         if late in logs.watched and (not late.targets or time.time() >= late.until):
             logs.watched.remove(late)
             logs.end(late.entry)
     return taken
 
 
-async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks) -> int:
+async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
+                changed: Callable[[str], None]) -> int:
     """A HEAD of each of ``late``'s targets; those that landed are taken back when they are
     their original's copies (:func:`take_back`, which needs the same object: a directory or
     empty file made there since is not one), under the rename's tree locks (no rename of those
@@ -158,6 +163,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     entry = late.entry
     back: list[str] = []
     stay: list[str] = []
+    finished: list[str] = []
     try:
         seen: dict[str, ObjectInfo | None] = {}
 
@@ -181,7 +187,12 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
                 if there is None:
                     continue
                 key, etag = by_target.get(target, (None, None))
-                (stay if await take_back(store, target, there, key, etag, None) else back).append(target)
+                if entry.file and late.over.get(target) is not None:
+                    # a file's copy landed over the object it replaces, which is gone now:
+                    # taking the copy back would leave neither; the rename is finished instead
+                    (finished if await finish_late(store, there, key, etag) else stay).append(target)
+                else:
+                    (stay if await take_back(store, target, there, key, etag, None) else back).append(target)
                 late.targets.discard(target)
             marker = naming.dir_key(entry.target)
             if marker in back and late.over.get(marker, True) is not None:
@@ -189,7 +200,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     except (StoreError, FsError) as e:
         log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)
-    if back or stay:  # line 4 again, with what is left to look for (the last one counts)
+    if back or stay or finished:  # line 4 again, with what is left to look for (the last one counts)
         try:
             entry.append_closed({"undone": True, "late": sorted(late.targets), "until": late.until})
         except OSError as e:
@@ -197,10 +208,34 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     if back:
         log.warning("%d copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
                     "taken back", len(back), entry.source, entry.target, back[0])
+    if finished:
+        changed(entry.source)
+        changed(entry.target)
+        log.warning("the copy the undone rename of %r to %r had sent without an answer landed late over what was "
+                    "at %r: the rename is finished (its original deleted)", entry.source, entry.target, finished[0])
     if stay:
         log.info("%d key(s) the undone rename of %r to %r had sent copies to hold something else now (e.g. %r: "
                  "moved or removed since, or made anew): left alone", len(stay), entry.source, entry.target, stay[0])
     return len(back)
+
+
+async def finish_late(store: ObjectStore, there: ObjectInfo, key: str | None, etag: str | None) -> bool:
+    """Delete original ``key`` (logged ETag ``etag``) of the file rename whose copy landed late
+    as ``there``, over the object it replaces: only when the original is still that version and
+    ``there`` is its copy (:func:`same_object`). True when deleted (or gone since the HEAD).
+    Raises StoreError, FsError."""
+    if key is None or etag is None:
+        return False  # (not one of the rename's keys)
+    original = await store.head(key)
+    if original is None or not (same_etag(original.etag, etag) and same_object(there, original)):
+        return False
+    try:
+        await delete_version(store, key, original.etag, head=original)
+    except FsError as e:
+        if e.errno != errno.ESTALE:
+            raise
+        return False  # rewritten since the HEAD: kept (logged)
+    return True
 
 
 def _within(path: str, tree: str) -> bool:

@@ -1234,10 +1234,10 @@ class Namespace:
         watched = watch_or_end(self.renames, rlog, self.store)
         if rlog.file:  # (its copy was sent without an answer)
             log.info("rename of %r to %r failed; its copy %s", rlog.source, rlog.target,
-                     "is not at the new name, which holds another object (that the copy may still replace)"
-                     if kept else
-                     "landed, and was taken back" if landed else
-                     "is looked for until it may no longer land, and taken back" if watched else "did not land")
+                     "is looked for until it may no longer land: over the object it replaces, it finishes the "
+                     "rename" if kept and watched else
+                     "is looked for until it may no longer land, and taken back" if watched else
+                     "landed, and was taken back" if landed and not kept else "did not land")
             return
         log.info("rename of %r to %r failed; its copies were taken back%s%s", rlog.source, rlog.target,
                  f" but {kept} (changed since)" if kept else "",
@@ -1247,14 +1247,23 @@ class Namespace:
     async def look_near(self, path: str) -> None:
         """Before a lookup or listing of ``path``: take back what undone renames' late copies
         put at, above or below it (``latecopies.look_for_late_copies``; at most once a second)."""
-        await look_for_late_copies(self.renames, self.store, self.naming, self.locks, near=path)
+        await look_for_late_copies(self.renames, self.store, self.naming, self.locks, near=path,
+                                   changed=self._changed_behind)
 
     async def watch_late_copies(self) -> None:
         """Run forever (a daemon task): look for the late copies of undone renames every few
         seconds (``latecopies.look_for_late_copies``)."""
         while True:
             await trio.sleep(LATE_FIRST_LOOK)
-            await look_for_late_copies(self.renames, self.store, self.naming, self.locks)
+            await look_for_late_copies(self.renames, self.store, self.naming, self.locks,
+                                       changed=self._changed_behind)
+
+    def _changed_behind(self, path: str) -> None:
+        """The object at ``path`` changed behind this mount's view (a late copy finished a
+        failed rename): its node asks the store again at its next lookup."""
+        node = self.inodes.by_path.get(path)
+        if node is not None:
+            node.checked_at = 0.0
 
     def settle_later(self, rlog: RenameLog, doomed: dict[str, str], finished: bool) -> None:
         """Settle rename ``rlog`` a crash cut off while the store fails (fs/renames.py): the

@@ -87,8 +87,9 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 if entry.late:  # its copy was not found, and may still land: watched, as an undone rename's
                     logs.left.remove(entry)
                     if watch_or_end(logs, entry, store, last_written(entry.path)):
-                        notice = f"{notice}; it may still land: looked for until {clock_text(logs.watched[-1].until)}, " \
-                                 "and taken back"
+                        notice = (f"{notice}; it may still land: looked for until {clock_text(logs.watched[-1].until)}, "
+                                  + ("and if it lands over the object there, the rename is finished" if entry.late_over
+                                     else "and taken back"))
                     assert notice is not None
                     notices.append(notice)
                     continue
@@ -191,7 +192,11 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
             return left  # cannot tell whether what is at the new name is its copy
     elif same_etag(original.etag, etag):
         if not same_object(there, original):
-            return left  # what is at the new name is not its copy (an empty object's ETag is every one's)
+            # what is at the new name is not its copy (an empty object's ETag is every one's);
+            # unlogged, the copy may still land over it (the caller watches it)
+            if logged is None:
+                entry.late, entry.late_over = {new}, {new: there}
+            return left
         try:
             await delete_version(store, old, etag, head=original)
         except FsError as e:
@@ -288,9 +293,10 @@ async def undo(store: ObjectStore, entry: RenameLog, naming: Naming) -> int:
         key, etag = by_target.get(target, (None, None))
         stays = await take_back(store, target, there, key, etag, copy_etag)
         kept += stays
-        if stays and copy_etag is None and target == naming.dir_key(entry.target):
-            # the marker's copy replaces what is there (the other copies are create-only): it
-            # may still land over the replaced directory's marker (trial AF: it did, for good)
+        if stays and copy_etag is None and (entry.file or target == naming.dir_key(entry.target)):
+            # the marker's copy replaces what is there (the other copies are create-only), as a
+            # file's over another does: it may still land over what it replaces (trial AF: a
+            # marker's did, for good)
             entry.late.add(target)
             entry.late_over[target] = there
 
