@@ -1106,23 +1106,28 @@ def test_a_readlink_while_the_directory_is_renamed_follows_the_copy(tmp_path, cm
     trio.run(main)
 
 
-@pytest.mark.parametrize("case", ["fails, lands late", "fails, landed", "crash, lands late",
+@pytest.mark.parametrize("case", ["fails, lands late", "fails, landed", "fails, landed over b", "crash, lands late",
                                   "crash, mounted again before it lands", "fails, lands late over b",
-                                  "fails, b removed, lands late", "crash, lands late over b"])
+                                  "fails, b removed, lands late", "crash, lands late over b", "fails, store down",
+                                  "fails, b made and removed, lands late", "fails, lands as b is written"])
 def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(tmp_path, cmk_path, case, expect_log):
     """Trial AH 4: `mv a b` whose copy's answer never came failed (EIO), and the copy landed
-    later: the file showed at both names for good. The copy is undone as a directory rename's
-    are: taken back at once when it had landed, else looked for until it may no longer land
-    (``latecopies``) and taken back when it does, also when a crash cut the rename off (the
-    next mount's settle does not find it, and watches it; a mount after that in the window only
-    looks again). A copy onto a name that held another file lands over it, which is gone
-    then: the rename is finished instead (a's object deleted, b is a's); unless the user
-    removed b meanwhile: then it is taken back."""
+    later: the file showed at both names for good. A copy found at the new name (its answer
+    lost) is the rename's: it goes on, and succeeds (trial AI: undone, a copy that had
+    replaced b left neither). One not found fails the `mv` and is watched until it may no
+    longer land (``latecopies``), also when the store fails the look (trial AI: both names
+    after an outage), and after a crash (the next mount's settle does not find it; a mount
+    after that in the window only looks again): landing, it is taken back, or, over the file
+    it replaced, it finishes the rename (taking it back would leave neither), unless the user
+    removed that file meanwhile. What the user makes at the new name meanwhile neither ends
+    the watch (trial AI: made and removed, then the copy landed and stayed) nor goes to a
+    conflict copy when the late copy landed before its upload (trial AI: the user's file lost
+    its name)."""
     expect_log(r"copy of 'pre/a' .* failed: injected fault|store request for 'pre/a' failed|1 copy\(ies\) the "
                r"undone rename of 'a' to 'b' had sent without an answer landed late \(e\.g\. 'pre/b'\): taken back|"
-               r"the copy the undone rename of 'a' to 'b' had sent without an answer landed late over what was at "
-               r"'pre/b': the rename is finished")
-    data, theirs = os.urandom(3000), os.urandom(2000)
+               r"the copy the failed rename of 'a' to 'b' had sent without an answer landed late (over what was at "
+               r"'pre/b': the rename is finished|where this mount writes 'pre/b': taken back)")
+    data, theirs, mine = os.urandom(3000), os.urandom(2000), os.urandom(1000)
     over = "over b" in case or "b removed" in case  # b is a file the rename replaces
 
     def store():
@@ -1141,6 +1146,11 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
         await _cut_off(fs, "copy", "pre/a", src="a", dst="b")  # sent, never answered
         await _crash(fs)
 
+    async def look(fs) -> int:
+        for w in fs.rename_logs.watched:
+            w.next_at = 0
+        return await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+
     async def run():
         fs = core_filesystem(tmp_path, cmk_path, store())
         if case.startswith("crash"):
@@ -1156,37 +1166,54 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
                 assert await fs.settle_renames() == []
         else:
             await files(fs)
+            if case == "fails, landed over b":
+                await committed_file(fs, "b", theirs)
+
+            async def down(inner, op, keys):
+                raise StoreError("injected fault: store down", key=keys[0])
 
             async def no_answer(inner, op, keys):
-                if case == "fails, landed":
+                if "landed" in case:
                     await inner.copy(*keys)
+                if case == "fails, store down":  # the look for the copy fails too
+                    fs.store.hook("head", down, key="pre/b", count=1)
                 raise StoreError("injected fault: no answer", key=keys[0])
             fs.store.hook("copy", no_answer, key="pre/a")
             fs.store.in_doubt.add("pre/b")  # (as OssStore records a write that got no answer)
+            if "landed" in case:  # the rename goes on: its copy is there
+                await fs.rename(fs.get(1), "a", fs.get(1), "b", 0)
+                fs.store.clear()
+                assert await _keys(fs) == {"pre/b"} and not fs.rename_logs.watched
+                assert await _read(fs, "b") == data
+                await _crash(fs)
+                assert _logs(tmp_path) == []
+                return
             with pytest.raises(FsError) as e:
                 await fs.rename(fs.get(1), "a", fs.get(1), "b", 0)
             assert e.value.errno == errno.EIO
             fs.store.clear()
-            if case == "fails, landed":  # found, and taken back at once: nothing to watch
-                assert await _keys(fs) == {"pre/a"} and not fs.rename_logs.watched
-                assert await _read(fs, "a") == data
-                await _crash(fs)
-                assert _logs(tmp_path) == []
-                return
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/b"}]
         assert len(_logs(tmp_path)) == 1
         if over:  # nothing landed yet: b is as it was
-            fs.rename_logs.watched[0].next_at = 0
-            assert await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming,
-                                                         fs.namespace.locks) == 0
+            assert await look(fs) == 0
             assert await _read(fs, "b") == theirs and fs.rename_logs.watched
         if "removed" in case:
+            if "made" in case:
+                await committed_file(fs, "b", mine)
+                assert await look(fs) == 0 and await _read(fs, "b") == mine
             await fs.unlink(fs.get(1), "b")
-            fs.rename_logs.watched[0].next_at = 0
-            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
-            assert fs.rename_logs.watched  # (the copy is still awaited)
+            await look(fs)
+            assert fs.rename_logs.watched  # (the copy may still land)
+        if "written" in case:  # a new file at b, its upload still to come
+            _, h = await fs.create(fs.get(1), "b", 0o600, os.O_RDWR, UID, GID)
+            await fs.write(h, 0, mine)
+            await fs.release(h)
         await fs.store.inner.copy("pre/a", "pre/b")  # the copy lands late
-        if over and "removed" not in case:  # over b, which is gone now: the rename is finished
+        if "written" in case:  # its upload finds the late copy there: taken back, and b uploaded to its name
+            assert await fs.drain() == 0
+            assert await _keys(fs) == {"pre/a", "pre/b"}
+            assert await _read(fs, "b") == mine and await _read(fs, "a") == data
+        elif over and "removed" not in case:  # over b, which is gone now: the rename is finished
             assert await _read(fs, "b") == data  # (a lookup of the new name looks first)
             assert await _keys(fs) == {"pre/b"}
             with pytest.raises(FsError) as e:  # the mount's view of both names was asked again
@@ -1198,10 +1225,47 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
             assert e.value.errno == errno.ENOENT
             assert await _keys(fs) == {"pre/a"}
             assert await _read(fs, "a") == data
+        await look(fs)  # (a watch whose copy landed ends at its next look)
         assert not fs.rename_logs.watched
         await _crash(fs)
         assert _logs(tmp_path) == []  # the watch ended: the log goes
 
     if case.startswith("crash"):
         trio.run(crash)
+    trio.run(run)
+
+
+def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_moved(tmp_path, cmk_path, expect_log):
+    """Trial AI: `mv a d1/b` failed without an answer, its copy landed late, and `mv d1 d2`
+    came before the watch's next look (at most one a second for a listing): the copy moved
+    to d2/b, where no watch looks, and the file stayed at both names. The directory rename
+    takes such a copy back instead of moving it."""
+    expect_log(r"copy of 'pre/a' .* failed: injected fault|the copy the failed rename of 'a' to 'd1/b' had sent "
+               r"without an answer landed late in a directory being renamed, at 'pre/d1/b': taken back")
+    data, other = os.urandom(3000), os.urandom(100)
+
+    async def run():
+        s = core_store(tmp_path)
+        s.local_disk = False
+        fs = core_filesystem(tmp_path, cmk_path, s)
+        await committed_file(fs, "a", data)
+        d1 = await fs.mkdir(fs.get(1), "d1", 0o755, UID, GID)
+        await committed_file(fs, "c", other, parent=d1)
+
+        async def no_answer(inner, op, keys):
+            raise StoreError("injected fault: no answer", key=keys[0])
+        fs.store.hook("copy", no_answer, key="pre/a")
+        fs.store.in_doubt.add("pre/d1/b")
+        with pytest.raises(FsError):
+            await fs.rename(fs.get(1), "a", d1, "b", 0)
+        fs.store.clear()
+        assert [w.targets for w in fs.rename_logs.watched] == [{"pre/d1/b"}]
+        await fs.store.inner.copy("pre/a", "pre/d1/b")  # lands late
+        fs.rename_logs.watched[0].looked_at = time.time()  # (a listing's look came just before)
+        await fs.rename(fs.get(1), "d1", fs.get(1), "d2", 0)
+        assert await _keys(fs) == {"pre/a", "pre/d2/", "pre/d2/c"}
+        assert await _read(fs, "a") == data and await _read(fs, "d2/c") == other
+        assert not fs.rename_logs.watched or not fs.rename_logs.watched[0].targets
+        await _crash(fs)
+
     trio.run(run)

@@ -11,6 +11,7 @@ invariants): ``naming`` (paths ↔ keys), ``inodes`` (inode table, lookup counts
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -35,7 +36,7 @@ from .namecache import NameCache
 from .namespace import Namespace
 from .naming import Naming, join, parent_of
 from .objmeta import AttrDefaults
-from . import renames
+from . import latecopies, renames
 from .readdir import DirectoryReader
 from .resolve import HiddenObjectThere, Resolver
 from .unlinked import DeferredDeletes
@@ -88,6 +89,8 @@ class Filesystem:
         self.commit = Commit(self.naming, self.inodes, self.resolver, self.scheduler, self.uploader,
                              self.cache, keyring, self.staging)
         self.commit.conflicts.deferred = self.deferred_deletes
+        self.commit.conflicts.late_copy = functools.partial(latecopies.take_back_at, self.rename_logs, store,
+                                                            self.naming)
         self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,
                            keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
                            upload_at_close=store.local_disk and upload_delay == 0)

@@ -38,7 +38,7 @@ import collections
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from .. import envelope as env
 from ..store.base import AlreadyExists, DestinationChanged, ObjectInfo, ObjectStore, StoreError, same_etag
@@ -125,6 +125,9 @@ class Conflicts:
         self.naming = naming
         self.uploader = uploader
         self.in_use = in_use  # whether this mount holds a node at a path (not for a conflict copy's name)
+        # (key, what is there): True when that is a failed rename's late copy, taken back just
+        # now (set by Filesystem: latecopies.take_back_at); it is no other client's version
+        self.late_copy: Callable[[str, ObjectInfo], Awaitable[bool]] = _no_late_copy
         self.host = host or socket.gethostname().split(".")[0] or "host"
         self.count = 0
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_MAX)
@@ -244,15 +247,15 @@ class Conflicts:
                 return self._uploaded(node, key, mark, await self.uploader.upload(staged, key, metadata, if_absent=True))
             except AlreadyExists:
                 pass  # taken: by another client, or by an attempt of ours whose answer was lost
-        current = await self.store.head(key)
+        current = await self._unless_late_copy(node, key, base, metadata, await self.store.head(key))
         refusals = 0
         while self._may_replace(node, key, base, metadata, current):
             try:
                 return self._uploaded(node, key, mark, await self._replace(staged, key, metadata, current))
-            except _ChangedMeanwhile as e:
-                current = e.now  # (checked again: another client's sends ours to a conflict copy)
+            except _ChangedMeanwhile as e:  # (checked again: another client's sends ours to a conflict copy)
+                current = await self._unless_late_copy(node, key, base, metadata, e.now)
             except DestinationChanged:  # written between our HEAD and our write: look again
-                current = await self.store.head(key)
+                current = await self._unless_late_copy(node, key, base, metadata, await self.store.head(key))
             refusals += 1
             if refusals > _REFUSALS_MAX:
                 raise StoreError(f"the object changed under {refusals} uploads in a row; the upload is tried "
@@ -277,6 +280,16 @@ class Conflicts:
                     "has %s): kept theirs, ours is uploaded as %r (version %s)", key,
                     base or "none (a new file)", current.etag, ckey, info.etag)
         return info
+
+    async def _unless_late_copy(self, node: Node, key: str, base: str | None, metadata: dict[str, str],
+                                current: ObjectInfo | None) -> ObjectInfo | None:
+        """``current`` (what is at ``key``), or what is there once a failed rename's late copy
+        found there is taken back (:attr:`late_copy`): that is no other client's version, and
+        must not send ``node``'s upload to a conflict copy. Raises StoreError."""
+        if current is not None and not self._may_replace(node, key, base, metadata, current) \
+                and await self.late_copy(key, current):
+            return await self.store.head(key)
+        return current
 
     def _may_replace(self, node: Node, key: str, base: str | None, metadata: dict[str, str],
                      current: ObjectInfo | None) -> bool:
@@ -317,6 +330,10 @@ class Conflicts:
     def status(self) -> dict:
         """For ``ossfuse status``: {"count": int, "recent": [paths]}."""
         return {"count": self.count, "recent": list(self.recent)}
+
+
+async def _no_late_copy(key: str, there: ObjectInfo) -> bool:
+    return False
 
 
 __all__ = ["Conflicts", "conflict_key", "conflict_name", "RECENT_MAX"]

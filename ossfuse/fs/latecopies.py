@@ -1,9 +1,7 @@
 """Copies of an undone rename that land late, looked for and taken back.
 
 A directory rename that is undone (``fs/renames.py``: a copy failed, or a crash cut it off
-while copying) deletes each copy whose original is still there; so does a file rename whose
-one copy got no answer (``Namespace._move_file``; after a crash: ``renames._settle_file``,
-which finds no copy at the new name). A copy sent but not logged
+while copying) deletes each copy whose original is still there. A copy sent but not logged
 that is not there may still land: OSS carries a request out until ``indoubt.WINDOW`` after it
 was sent (a trial: copies in flight at a ``kill -9`` landed after the next mount's undo, and
 stayed at the new name for good). The rename's log then stays (line 4, ``fs/renamelog.py``),
@@ -11,12 +9,19 @@ and the running mount looks for those keys until then (:class:`~.renamelog.LateC
 growing intervals, and whenever a lookup or listing is about a path at, above or below the
 rename's target; a copy found is taken back when it is its original's copy
 (:func:`same_object`: the same wrapped data key), and the replaced empty directory's marker is
-put back when its own late copy was taken back. A file's copy that lands over the object it
-replaces is not taken back (that object is gone: the file would be at neither name): the
-rename is finished instead, its original deleted (:func:`finish_late`).
+put back when its own late copy was taken back.
+
+A file rename whose one copy got no answer and is not at the new name fails, and its copy is
+watched the same way (``Namespace._move_file``; after a crash, ``renames._settle_file``): see
+:func:`_look_file` (a copy that lands over the file it replaces finishes the rename instead,
+since that file is gone) and :func:`take_back_at` (an upload to the new name, or a directory
+rename above it, meeting the late copy takes it back first).
 
 Lock order: :func:`_look` takes the rename's tree locks (``NameLocks.hold``) after its HEADs,
-and sends the deletes under them; nothing else is held across those awaits.
+and sends the deletes under them; nothing else is held across those awaits. :func:`take_back_at`
+takes none: its callers hold what keeps a rename of the key away (an upload, the node lock of
+the key's file; a directory rename, the tree lock above it), and taking a rename lock there
+would invert the order (name locks before node locks).
 """
 from __future__ import annotations
 
@@ -158,12 +163,14 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     paths runs meanwhile: a retried `mv` that moved the tree took its originals away, and its
     copies stay), one line for all; either way a key that landed is no longer looked for. The
     replaced empty directory's marker goes back only when a late copy of the marker itself was
-    taken back (not when the user removed that directory since: trial AE). A store that fails
-    leaves the look to the next time (INFO). Returns how many were taken back."""
+    taken back (not when the user removed that directory since: trial AE). A file rename's
+    copy: :func:`_look_file`. A store that fails leaves the look to the next time (INFO).
+    Returns how many were taken back."""
     entry = late.entry
+    if entry.file:
+        return await _look_file(late, store, naming, locks, changed)
     back: list[str] = []
     stay: list[str] = []
-    finished: list[str] = []
     try:
         seen: dict[str, ObjectInfo | None] = {}
 
@@ -187,12 +194,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
                 if there is None:
                     continue
                 key, etag = by_target.get(target, (None, None))
-                if entry.file and late.over.get(target) is not None:
-                    # a file's copy landed over the object it replaces, which is gone now:
-                    # taking the copy back would leave neither; the rename is finished instead
-                    (finished if await finish_late(store, there, key, etag) else stay).append(target)
-                else:
-                    (stay if await take_back(store, target, there, key, etag, None) else back).append(target)
+                (stay if await take_back(store, target, there, key, etag, None) else back).append(target)
                 late.targets.discard(target)
             marker = naming.dir_key(entry.target)
             if marker in back and late.over.get(marker, True) is not None:
@@ -200,42 +202,110 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     except (StoreError, FsError) as e:
         log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)
-    if back or stay or finished:  # line 4 again, with what is left to look for (the last one counts)
-        try:
-            entry.append_closed({"undone": True, "late": sorted(late.targets), "until": late.until})
-        except OSError as e:
-            log.info("rename log %s: cannot note the copies left to look for (%s)", entry.path, e)
+    if back or stay:
+        _note_left(late)
     if back:
         log.warning("%d copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
                     "taken back", len(back), entry.source, entry.target, back[0])
-    if finished:
-        changed(entry.source)
-        changed(entry.target)
-        log.warning("the copy the undone rename of %r to %r had sent without an answer landed late over what was "
-                    "at %r: the rename is finished (its original deleted)", entry.source, entry.target, finished[0])
     if stay:
         log.info("%d key(s) the undone rename of %r to %r had sent copies to hold something else now (e.g. %r: "
                  "moved or removed since, or made anew): left alone", len(stay), entry.source, entry.target, stay[0])
     return len(back)
 
 
-async def finish_late(store: ObjectStore, there: ObjectInfo, key: str | None, etag: str | None) -> bool:
-    """Delete original ``key`` (logged ETag ``etag``) of the file rename whose copy landed late
-    as ``there``, over the object it replaces: only when the original is still that version and
-    ``there`` is its copy (:func:`same_object`). True when deleted (or gone since the HEAD).
-    Raises StoreError, FsError."""
-    if key is None or etag is None:
-        return False  # (not one of the rename's keys)
-    original = await store.head(key)
-    if original is None or not (same_etag(original.etag, etag) and same_object(there, original)):
-        return False
+async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key: str, there: ObjectInfo | None,
+                       where: str = "where this mount writes") -> bool:
+    """When ``there`` (what is at ``key``; None: HEAD it) is the late copy of a failed file
+    rename this mount watches (its original's copy), delete it (by its ETag), before it is
+    taken for another client's version: by an upload to ``key`` (a trial: a new file written
+    where the late copy landed went to a conflict copy, then the watch took the late copy
+    back: the name was empty), or by a directory rename that would move it to its new name,
+    where no watch looks (a trial: the file stayed at both names). No rename locks: the
+    caller holds the node lock of ``key``'s file, which any rename onto it waits for, or the
+    tree lock above it; ``where``: for the log line. True when taken back. Raises StoreError."""
+    for late in logs.watched:
+        entry = late.entry
+        if not entry.file or key not in late.targets or naming.key(entry.target) != key:
+            continue
+        there = there or await store.head(key)
+        if there is None:
+            return False
+        [(okey, etag)] = entry.objects.items()
+        original = await store.head(okey)
+        if original is None or not same_etag(original.etag, etag) or not same_object(there, original):
+            continue
+        try:
+            await delete_version(store, key, there.etag, head=there)
+        except FsError:
+            return False  # (changed since, or the store: logged; the upload decides on what is there)
+        late.targets.discard(key)
+        _note_left(late)
+        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late %s %r: taken "
+                    "back", entry.source, entry.target, where, key)
+        return True
+    return False
+
+
+def _note_left(late: LateCopies) -> None:
+    """Line 4 again, with what is left to look for (the last one counts)."""
     try:
-        await delete_version(store, key, original.etag, head=original)
-    except FsError as e:
-        if e.errno != errno.ESTALE:
-            raise
-        return False  # rewritten since the HEAD: kept (logged)
-    return True
+        late.entry.append_closed({"undone": True, "late": sorted(late.targets), "until": late.until})
+    except OSError as e:
+        log.info("rename log %s: cannot note the copies left to look for (%s)", late.entry.path, e)
+
+
+async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
+                     changed: Callable[[str], None]) -> int:
+    """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
+    there, under the rename's locks, of both names. Only the original's copy counts as landed
+    (:func:`same_object`, the original still the version copied): it is taken back, or, when it
+    landed over the object it replaces (``late.over``, unless the user removed that since;
+    that object is gone then, and taking the copy back would leave neither), the rename is
+    finished: the original deleted and
+    ``changed`` called with both paths. Anything else there (nothing, a file the user made or
+    another client wrote) does not end the look: the copy may still land once that is gone (a
+    trial: a file made and removed there meanwhile, and the late copy stayed), nor does the
+    original's absence (a retried `mv` moved it; moved back with the same ETag, the copy lands
+    again: a trial). So the look ends when the copy lands or the window ends. Returns 1 when
+    the copy was taken back."""
+    entry = late.entry
+    [(key, etag)] = entry.objects.items()
+    target = naming.key(entry.target)
+    outcome = None
+    try:
+        if target not in late.targets:
+            return 0
+        if await store.head(target) is None:
+            if target in late.over:  # what it was to replace is removed: landing, it is taken back
+                late.over[target] = None
+            return 0
+        async with locks.hold(trees=[entry.source, entry.target]):
+            there, original = await store.head(target), await store.head(key)
+            if there is not None and original is not None and same_etag(original.etag, etag) \
+                    and same_object(there, original):
+                if late.over.get(target) is not None:
+                    await delete_version(store, key, etag, head=original)
+                    outcome = "finished"
+                else:
+                    await delete_version(store, target, there.etag, head=there)
+                    outcome = "back"
+                late.targets.discard(target)
+    except (StoreError, FsError) as e:
+        log.info("looking for the late copy of the rename of %r to %r failed (%s); looked for again later",
+                 entry.source, entry.target, e)
+        return 0
+    if outcome is None:
+        return 0
+    _note_left(late)
+    if outcome == "back":
+        log.warning("1 copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
+                    "taken back", entry.source, entry.target, target)
+    elif outcome == "finished":
+        changed(entry.source)
+        changed(entry.target)
+        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late over what was "
+                    "at %r: the rename is finished (%r deleted)", entry.source, entry.target, target, key)
+    return 1 if outcome == "back" else 0
 
 
 def _within(path: str, tree: str) -> bool:

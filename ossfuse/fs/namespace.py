@@ -42,7 +42,7 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
-from .latecopies import look_for_late_copies, same_object, watch_or_end
+from .latecopies import clock_text, look_for_late_copies, same_object, take_back_at, watch_or_end
 from .renamelog import LATE_FIRST_LOOK, RenameLog, RenameLogs, moved_key
 from .renames import same_list, undo as undo_rename
 from .resolve import Resolver
@@ -923,9 +923,9 @@ class Namespace:
         (conditional on its ETag), then deleted at the old name. If the copy fails nothing
         changed; if the delete fails, the copy is deleted again when it replaced nothing (the
         state is as before), else (or if that fails too) both names hold the file. Either way
-        FsError(EIO) and one log line. A copy that got no answer is undone as a directory
-        rename's copies are: taken back if it landed, else looked for until it may no longer
-        land (``fs/latecopies.py``). If another client rewrote the source since the copy,
+        FsError(EIO) and one log line. A copy that got no answer and is at the new name is
+        the rename's (:meth:`_landed_copy`); one not there fails the rename and is watched
+        until it may no longer land (:meth:`_watch_late_copy`). If another client rewrote the source since the copy,
         both names show (theirs at the old, ours at the new) and FsError(ESTALE). A new file's
         rename over a committed one records the replaced object's delete (crash safety).
         Returns False, having changed nothing, when an upload of ``src`` or ``dst`` runs (the
@@ -995,11 +995,7 @@ class Namespace:
                     await self._copy_and_delete_file(src, old_path, dst_path, dst, rlog)
                 except FsError as e:
                     if e.errno != errno.ESTALE and rlog.started and not rlog.copied:
-                        # the copy got no answer: it may have landed, or land late (trial AH:
-                        # the file then showed at both names); undone and watched, as a
-                        # directory rename's copies are
-                        await self._take_copies_back(rlog)
-                        self.renames.leave(rlog)  # (if not ended: watched, or the next mount's)
+                        self._watch_late_copy(rlog)  # (not found: _copy_and_delete_file looked)
                     else:
                         self.renames.end(rlog)  # settled here: nothing changed, or both names show (logged)
                     raise
@@ -1048,7 +1044,11 @@ class Namespace:
                 src.checked_at = 0.0  # another client's version: re-read at next lookup
                 if dst is not None:
                     dst.checked_at = 0.0  # (so may dst's be)
-            raise  # nothing was written: dst keeps its name
+                raise  # nothing was written: dst keeps its name
+            landed = await self._landed_copy(source, new_key)
+            if landed is None:
+                raise  # not there (yet): the caller watches for it
+            info = landed
         # the copy and dst's drop go together: a crash after the copy is logged finishes the
         # rename, and must not bring dst's journaled version back (fs/renames.py)
         rlog.copied_to(info.key, info.etag)
@@ -1086,6 +1086,8 @@ class Namespace:
             there = await self._keep_foreign(key, (known, pending), source)
         rlog.copying(key)
         for refusals in range(_COPY_REFUSALS + 1):
+            # what the copy lands over, should it land late (_watch_late_copy)
+            rlog.late_over = {} if there is None else {key: there}
             try:  # stating what it replaces: a local bucket checks it with the copy (no window)
                 return await copy_object(self.store, self.uploader, source, key, if_absent=there is None,
                                          replaces=None if there is None else there.etag)
@@ -1096,6 +1098,36 @@ class Namespace:
         log.warning("rename of %r to %r refused: another client kept writing %r (%d times in a row); nothing was "
                     "written (ESTALE)", source.key, key, key, _COPY_REFUSALS + 1)
         raise FsError(errno.ESTALE)
+
+    async def _landed_copy(self, source: ObjectInfo, key: str) -> ObjectInfo | None:
+        """The copy of ``source`` at ``key`` when a rename's CopyObject got no answer but
+        landed (the answer lost: a trickled or cut connection), else None (not there, another
+        object there, the source changed, nothing sent, or the store fails the HEADs too). Only
+        a request OSS may still carry out is looked for."""
+        if not self.store.may_still_land(key):
+            return None
+        try:
+            there, now = await self.store.head(key), await self.store.head(source.key)
+        except StoreError:
+            return None
+        if there is None or now is None or not same_etag(now.etag, source.etag) or not same_object(there, now):
+            return None
+        log.info("rename of %r to %r: the copy's answer was lost, but the copy landed: the rename goes on", source.key,
+                 key)
+        return there
+
+    def _watch_late_copy(self, rlog: RenameLog) -> None:
+        """File rename ``rlog``'s copy got no answer and is not at the new name: the `mv` fails
+        (EIO), and the copy, which OSS may still carry out, is watched (``fs/latecopies.py``):
+        taken back when it lands, or, landing over the object it replaces, it finishes the
+        rename (trial AH: a late copy left the file at both names). A copy never sent, or one
+        refused with an answer, cannot land: the log ends."""
+        rlog.late = set(rlog.started)
+        if watch_or_end(self.renames, rlog, self.store):
+            log.info("rename of %r to %r failed; its copy, sent without an answer, is looked for until %s and %s",
+                     rlog.source, rlog.target, clock_text(rlog.undone_until or 0),
+                     "finishes the rename if it lands over what it replaces" if rlog.late_over else
+                     "taken back if it lands")
 
     async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> ObjectInfo | None:
         """Before a rename's copy of ``source`` replaces ``key``: an object there that is none
@@ -1193,6 +1225,12 @@ class Namespace:
             left = [k for k, o in keys.items() if self.deferred.hides(o)]
             for k in left:
                 del keys[k]
+            # a failed file rename's late copy landed below it: taken back, not moved with the
+            # tree (its watch looks at the old name only; a trial: the file stayed at both)
+            for k in [t for w in self.renames.watched for t in w.targets if t in keys]:
+                if await store_request(take_back_at(self.renames, self.store, self.naming, k, None,
+                                                    "in a directory being renamed, at"), k):
+                    del keys[k]
             # Every key under the new name must fit OSS's limit: checked before anything is copied
             # (a copy failing half-way left a partial tree at the new name and EIO)
             moved_keys = [moved_key(k, old_dkey, new_dkey, self.naming.prefix) for k in keys]
@@ -1226,19 +1264,10 @@ class Namespace:
         try:
             kept = await undo_rename(self.store, rlog, self.naming)
         except (StoreError, FsError) as e:
-            log.error("rename of %r to %r failed, and taking back its %s failed too (%s); the next mount %s",
-                      rlog.source, rlog.target, "copy" if rlog.file else "copies", e,
-                      "settles it (the file at one of the two names)" if rlog.file else "takes them back")
+            log.error("rename of %r to %r failed, and taking back its copies failed too (%s); the next mount "
+                      "takes them back", rlog.source, rlog.target, e)
             return
-        landed = not rlog.late  # (a file's one copy: undo found it at the new name)
         watched = watch_or_end(self.renames, rlog, self.store)
-        if rlog.file:  # (its copy was sent without an answer)
-            log.info("rename of %r to %r failed; its copy %s", rlog.source, rlog.target,
-                     "is looked for until it may no longer land: over the object it replaces, it finishes the "
-                     "rename" if kept and watched else
-                     "is looked for until it may no longer land, and taken back" if watched else
-                     "landed, and was taken back" if landed and not kept else "did not land")
-            return
         log.info("rename of %r to %r failed; its copies were taken back%s%s", rlog.source, rlog.target,
                  f" but {kept} (changed since)" if kept else "",
                  f"; {len(rlog.late)} sent without an answer are looked for until they may no longer land"

@@ -35,10 +35,10 @@ empty object's: a trial lost a file's unsaved changes to that), and the journal'
 the file moves to the new name; a journaled version of the file the rename replaced goes,
 as the rename dropped it (``drop_at_target``: only when the copy was not logged, since the
 rename drops it in the same step that logs the copy). Else nothing had changed, and the log
-goes; but a copy sent without an answer and not found may still land, and is looked for and
-taken back as an undone directory rename's are (``fs/latecopies.py``), as it is when the
-running mount's copy gets no answer (``Namespace._move_file``). A trial: a crash between the
-copy and the delete left the file at both names.
+goes; but a copy sent without an answer and not found may still land: it is looked for, as
+when the running mount's copy gets no answer (``Namespace._move_file``), and taken back when
+it lands, or, landing over the object it replaces, finishes the rename (``fs/latecopies.py``).
+A trial: a crash between the copy and the delete left the file at both names.
 """
 from __future__ import annotations
 
@@ -293,10 +293,9 @@ async def undo(store: ObjectStore, entry: RenameLog, naming: Naming) -> int:
         key, etag = by_target.get(target, (None, None))
         stays = await take_back(store, target, there, key, etag, copy_etag)
         kept += stays
-        if stays and copy_etag is None and (entry.file or target == naming.dir_key(entry.target)):
-            # the marker's copy replaces what is there (the other copies are create-only), as a
-            # file's over another does: it may still land over what it replaces (trial AF: a
-            # marker's did, for good)
+        if stays and copy_etag is None and target == naming.dir_key(entry.target):
+            # the marker's copy replaces what is there (the other copies are create-only): it
+            # may still land over the replaced directory's marker (trial AF: it did, for good)
             entry.late.add(target)
             entry.late_over[target] = there
 
