@@ -1704,6 +1704,29 @@ async def test_a_put_given_up_that_lands_after_a_later_put_is_reported(server):
 
 
 @trio_test
+async def test_a_copy_given_up_while_its_caller_was_cancelled_is_still_in_doubt(server):
+    """Trial AI: a directory rename's copies run together, and one failing cancels the
+    others; those held by the store then timed out inside the cancelled scope, whose first
+    checkpoint raised Cancelled before the copy was noted as in doubt: the late copies were
+    not watched, and stayed at the new name. The note is made in any case."""
+    store = make_store(server, read_timeout=1.0, retries=0)
+    try:
+        await store.put_bytes("src/k", b"the original", {})
+        server.faults.add_delay(2.5, count=1, methods=("PUT",), key_prefix="dst/k")
+        with trio.move_on_after(0.3):  # cancelled while the copy waits for its answer (not abandoned:
+            with pytest.raises(StoreUnavailable, match="may still take effect"):  # it changes the bucket)
+                await store.copy("src/k", "dst/k")
+        assert store.may_still_land("dst/k")
+        for _ in range(50):  # and it does land
+            if (await store.head("dst/k")) is not None:
+                break
+            await trio.sleep(0.1)
+        assert server.get_object_bytes(BUCKET, "dst/k") == b"the original"
+    finally:
+        await store.aclose()
+
+
+@trio_test
 async def test_a_put_file_given_up_whose_file_is_gone_fails_with_its_own_error(server, tmp_path):
     """What a given-up PUT of a file would leave is the file's MD5; a file gone meanwhile
     leaves it unknown (one INFO line), never an OSError in place of the request's error."""

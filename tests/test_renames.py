@@ -1123,10 +1123,9 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
     the watch (trial AI: made and removed, then the copy landed and stayed) nor goes to a
     conflict copy when the late copy landed before its upload (trial AI: the user's file lost
     its name)."""
-    expect_log(r"copy of 'pre/a' .* failed: injected fault|store request for 'pre/a' failed|1 copy\(ies\) the "
-               r"undone rename of 'a' to 'b' had sent without an answer landed late \(e\.g\. 'pre/b'\): taken back|"
-               r"the copy the failed rename of 'a' to 'b' had sent without an answer landed late (over what was at "
-               r"'pre/b': the rename is finished|where this mount writes 'pre/b': taken back)")
+    expect_log(r"copy of 'pre/a' .* failed: injected fault|the copy the failed rename of 'a' to 'b' had sent without "
+               r"an answer landed late (at 'pre/b': taken back|over what was at 'pre/b': the rename is finished|"
+               r"where this mount writes 'pre/b': taken back)")
     data, theirs, mine = os.urandom(3000), os.urandom(2000), os.urandom(1000)
     over = "over b" in case or "b removed" in case  # b is a file the rename replaces
 
@@ -1266,6 +1265,83 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
         assert await _keys(fs) == {"pre/a", "pre/d2/", "pre/d2/c"}
         assert await _read(fs, "a") == data and await _read(fs, "d2/c") == other
         assert not fs.rename_logs.watched or not fs.rename_logs.watched[0].targets
+        await _crash(fs)
+
+    trio.run(run)
+
+
+@pytest.mark.parametrize("case", ["remounted, lands over b", "b removed here, lands before a look",
+                                  "retried and moved back, lands over b", "directory moved, lands",
+                                  "directory moved after it landed over b"])
+def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log):
+    """Trial AI, the watch of a failed file rename's copy (``latecopies._look_file``) against
+    what happens meanwhile: that its copy replaces a file is in its log line, so a remount
+    still finishes the rename when it lands over that file (it was taken back: the file at
+    neither name); this mount's own `rm b`, or a retried `mv a b` then `mv b a`, makes a late
+    landing at b a copy to take back, not a rename to finish (the user's `rm` was undone, a
+    deleted); a directory rename that moves the original makes the watch compare with the
+    moved one (the copy stayed at both names); one above b whose copy landed over b finishes
+    that rename and moves b along (it took the copy back: b at neither name)."""
+    expect_log(r"copy of 'pre/t/a' .* failed: injected fault|the copy the failed rename of 't(e)?/a' to 't/b' had sent "
+               r"without an answer landed late")
+    data, theirs = os.urandom(3000), os.urandom(2000)
+    over = "over b" in case or "removed" in case
+
+    def store():
+        s = core_store(tmp_path)
+        s.local_disk = False
+        return s
+
+    async def run():
+        fs = core_filesystem(tmp_path, cmk_path, store())
+        t = await fs.mkdir(fs.get(1), "t", 0o755, UID, GID)
+        await committed_file(fs, "a", data, parent=t)
+        if over:
+            await committed_file(fs, "b", theirs, parent=t)
+
+        async def no_answer(inner, op, keys):
+            raise StoreError("injected fault: no answer", key=keys[0])
+        fs.store.hook("copy", no_answer, key="pre/t/a")
+        fs.store.in_doubt.add("pre/t/b")
+        with pytest.raises(FsError):
+            await fs.rename(t, "a", t, "b", 0)
+        fs.store.clear()
+        assert [w.targets for w in fs.rename_logs.watched] == [{"pre/t/b"}]
+        original = "pre/t/a"
+        if case.startswith("remounted"):
+            await _crash(fs)
+            fs = core_filesystem(tmp_path, cmk_path, store())
+            fs.recover()
+            assert await fs.settle_renames() == []
+            assert [w.targets for w in fs.rename_logs.watched] == [{"pre/t/b"}]
+            t = await fs.lookup(fs.get(1), "t")
+        elif case.startswith("b removed"):
+            await fs.unlink(t, "b")
+        elif case.startswith("retried"):
+            await fs.rename(t, "a", t, "b", 0)  # now it works
+            await fs.rename(t, "b", t, "a", 0)  # and back
+        elif case == "directory moved, lands":
+            await fs.rename(fs.get(1), "t", fs.get(1), "te", 0)
+            original = "pre/te/a"
+        await fs.store.inner.copy(original, "pre/t/b")  # the copy lands late (a's object, its wrapped key)
+        if case == "directory moved after it landed over b":
+            fs.rename_logs.watched[0].looked_at = time.time()  # (a listing's look came just before)
+            await fs.rename(fs.get(1), "t", fs.get(1), "te", 0)
+            assert await _keys(fs) == {"pre/te/", "pre/te/b"}
+            assert await _read(fs, "te/b") == data
+        else:
+            for w in fs.rename_logs.watched:
+                w.next_at = 0
+            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks,
+                                                  changed=fs.namespace._changed_behind)
+            keys = await _keys(fs)
+            if case.startswith("remounted"):  # landed over b: the rename is finished
+                assert keys == {"pre/t/", "pre/t/b"} and await _read(fs, "t/b") == data
+            elif case == "directory moved, lands":
+                assert keys == {"pre/te/", "pre/te/a"} and await _read(fs, "te/a") == data
+            else:  # taken back: a stays, b is as this mount left it (removed; moved back to a)
+                assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data
+        assert not any(w.targets for w in fs.rename_logs.watched)
         await _crash(fs)
 
     trio.run(run)

@@ -125,9 +125,9 @@ class Conflicts:
         self.naming = naming
         self.uploader = uploader
         self.in_use = in_use  # whether this mount holds a node at a path (not for a conflict copy's name)
-        # (key, what is there): True when that is a failed rename's late copy, taken back just
-        # now (set by Filesystem: latecopies.take_back_at); it is no other client's version
-        self.late_copy: Callable[[str, ObjectInfo], Awaitable[bool]] = _no_late_copy
+        # (key, what is there): not None when that is a failed rename's late copy, taken back
+        # just now (set by Filesystem: latecopies.take_back_at); it is no other client's version
+        self.late_copy: Callable[[str, ObjectInfo], Awaitable[str | None]] = _no_late_copy
         self.host = host or socket.gethostname().split(".")[0] or "host"
         self.count = 0
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_MAX)
@@ -287,7 +287,7 @@ class Conflicts:
         found there is taken back (:attr:`late_copy`): that is no other client's version, and
         must not send ``node``'s upload to a conflict copy. Raises StoreError."""
         if current is not None and not self._may_replace(node, key, base, metadata, current) \
-                and await self.late_copy(key, current):
+                and await self.late_copy(key, current) is not None:
             return await self.store.head(key)
         return current
 
@@ -332,8 +332,8 @@ class Conflicts:
         return {"count": self.count, "recent": list(self.recent)}
 
 
-async def _no_late_copy(key: str, there: ObjectInfo) -> bool:
-    return False
+async def _no_late_copy(key: str, there: ObjectInfo) -> str | None:
+    return None
 
 
 __all__ = ["Conflicts", "conflict_key", "conflict_name", "RECENT_MAX"]

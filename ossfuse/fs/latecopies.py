@@ -104,7 +104,7 @@ def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: 
         return False
     try:  # line 4: a later mount only looks for the late copies, never undoes it again (the
         # logged copies' ETags match what a user makes there since: every empty object's; trial AE)
-        entry.append_closed({"undone": True, "late": sorted(entry.late), "until": entry.undone_until})
+        entry.append_closed(_line4(entry, entry.late, entry.undone_until))
     except OSError as e:
         log.warning("rename log %s: cannot note that the rename of %r was undone (%s); a later mount undoes it "
                     "again", entry.path, entry.source, e)
@@ -214,42 +214,67 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
 
 
 async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key: str, there: ObjectInfo | None,
-                       where: str = "where this mount writes") -> bool:
+                       where: str = "where this mount writes", may_finish: bool = False) -> str | None:
     """When ``there`` (what is at ``key``; None: HEAD it) is the late copy of a failed file
-    rename this mount watches (its original's copy), delete it (by its ETag), before it is
-    taken for another client's version: by an upload to ``key`` (a trial: a new file written
-    where the late copy landed went to a conflict copy, then the watch took the late copy
-    back: the name was empty), or by a directory rename that would move it to its new name,
-    where no watch looks (a trial: the file stayed at both names). No rename locks: the
-    caller holds the node lock of ``key``'s file, which any rename onto it waits for, or the
-    tree lock above it; ``where``: for the log line. True when taken back. Raises StoreError."""
+    rename this mount watches (its original's copy), settle it before it is taken for another
+    client's version: by an upload to ``key`` (a trial: a new file written where the late copy
+    landed went to a conflict copy, then the watch took the late copy back: the name was
+    empty), or by a directory rename that would move it to its new name, where no watch looks
+    (a trial: the file stayed at both names). It is deleted (by its ETag; returns ``key``);
+    or, ``may_finish`` (a directory rename) and landed over the object it was to replace
+    (:func:`_finishes`; trial AI: taken back, that file was at neither name), the rename is
+    finished: its original deleted (returns the original's key), the copy stays. None when
+    ``there`` is no such copy. No rename locks: the caller holds the node lock of ``key``'s
+    file, which any rename onto it waits for, or the tree lock above it; ``where``: for the
+    log line. Raises StoreError."""
     for late in logs.watched:
         entry = late.entry
         if not entry.file or key not in late.targets or naming.key(entry.target) != key:
             continue
         there = there or await store.head(key)
         if there is None:
-            return False
+            return None
         [(okey, etag)] = entry.objects.items()
         original = await store.head(okey)
         if original is None or not same_etag(original.etag, etag) or not same_object(there, original):
             continue
+        finish = may_finish and _finishes(late, store, key)
         try:
-            await delete_version(store, key, there.etag, head=there)
+            if finish:
+                await delete_version(store, okey, etag, head=original)
+            else:
+                await delete_version(store, key, there.etag, head=there)
         except FsError:
-            return False  # (changed since, or the store: logged; the upload decides on what is there)
+            return None  # (changed since, or the store: logged; the caller goes on with what is there)
         late.targets.discard(key)
         _note_left(late)
-        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late %s %r: taken "
-                    "back", entry.source, entry.target, where, key)
-        return True
-    return False
+        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late %s %r: %s",
+                    entry.source, entry.target, where, key,
+                    f"the rename is finished ({okey!r} deleted)" if finish else "taken back")
+        return okey if finish else key
+    return None
+
+
+def _finishes(late: LateCopies, store: ObjectStore, target: str) -> bool:
+    """Whether file rename ``late``'s copy, landed at ``target``, finishes the rename rather
+    than being taken back: it was to replace an object there (``entry.replacing``), which
+    nobody removed since (a look found the name empty: ``late.over``) and this mount did not
+    write since (its `rm`, an upload, a retried `mv` there: trial AI, the mount's own later
+    `rm b` was undone and a deleted)."""
+    return late.entry.replacing and late.over.get(target, True) is not None \
+        and not store.written_since_given_up(target)
+
+
+def _line4(entry: RenameLog, late: set[str], until: float | None) -> dict:
+    """Line 4 of ``entry``'s log (``fs/renamelog.py``): ``late`` looked for until ``until``."""
+    line = {"undone": True, "late": sorted(late), "until": until}
+    return {**line, "replacing": True} if entry.replacing else line
 
 
 def _note_left(late: LateCopies) -> None:
     """Line 4 again, with what is left to look for (the last one counts)."""
     try:
-        late.entry.append_closed({"undone": True, "late": sorted(late.targets), "until": late.until})
+        late.entry.append_closed(_line4(late.entry, late.targets, late.until))
     except OSError as e:
         log.info("rename log %s: cannot note the copies left to look for (%s)", late.entry.path, e)
 
@@ -259,9 +284,8 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
     """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
     there, under the rename's locks, of both names. Only the original's copy counts as landed
     (:func:`same_object`, the original still the version copied): it is taken back, or, when it
-    landed over the object it replaces (``late.over``, unless the user removed that since;
-    that object is gone then, and taking the copy back would leave neither), the rename is
-    finished: the original deleted and
+    landed over the object it replaces (:func:`_finishes`: that object is gone then, and taking
+    the copy back would leave neither), the rename is finished: the original deleted and
     ``changed`` called with both paths. Anything else there (nothing, a file the user made or
     another client wrote) does not end the look: the copy may still land once that is gone (a
     trial: a file made and removed there meanwhile, and the late copy stayed), nor does the
@@ -276,14 +300,13 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
         if target not in late.targets:
             return 0
         if await store.head(target) is None:
-            if target in late.over:  # what it was to replace is removed: landing, it is taken back
-                late.over[target] = None
+            late.over[target] = None  # what it was to replace is removed: landing, it is taken back
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
             there, original = await store.head(target), await store.head(key)
             if there is not None and original is not None and same_etag(original.etag, etag) \
                     and same_object(there, original):
-                if late.over.get(target) is not None:
+                if _finishes(late, store, target):
                     await delete_version(store, key, etag, head=original)
                     outcome = "finished"
                 else:
@@ -298,8 +321,8 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
         return 0
     _note_left(late)
     if outcome == "back":
-        log.warning("1 copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
-                    "taken back", entry.source, entry.target, target)
+        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late at %r: taken back",
+                    entry.source, entry.target, target)
     elif outcome == "finished":
         changed(entry.source)
         changed(entry.target)

@@ -1068,6 +1068,7 @@ class Namespace:
                 await self._undo_copy(old_path, dst_path, info, replaced=dst is not None, reason=e)
             raise
         self.cache.rekey(v.key, v.etag, new_key, info.etag)
+        self.renames.follow(v.key, new_key, info.etag, dst_path)  # (a watched late copy's original)
         moved = v.copied_as(new_key, info.etag)
         set_local_version(src, moved)
         self.resolver.recent.touch(moved)
@@ -1086,8 +1087,8 @@ class Namespace:
             there = await self._keep_foreign(key, (known, pending), source)
         rlog.copying(key)
         for refusals in range(_COPY_REFUSALS + 1):
-            # what the copy lands over, should it land late (_watch_late_copy)
-            rlog.late_over = {} if there is None else {key: there}
+            if rlog.file:  # should it land late, over an object it finishes the rename (latecopies)
+                rlog.replacing = there is not None
             try:  # stating what it replaces: a local bucket checks it with the copy (no window)
                 return await copy_object(self.store, self.uploader, source, key, if_absent=there is None,
                                          replaces=None if there is None else there.etag)
@@ -1126,7 +1127,7 @@ class Namespace:
         if watch_or_end(self.renames, rlog, self.store):
             log.info("rename of %r to %r failed; its copy, sent without an answer, is looked for until %s and %s",
                      rlog.source, rlog.target, clock_text(rlog.undone_until or 0),
-                     "finishes the rename if it lands over what it replaces" if rlog.late_over else
+                     "finishes the rename if it lands over what it replaces" if rlog.replacing else
                      "taken back if it lands")
 
     async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> ObjectInfo | None:
@@ -1226,11 +1227,13 @@ class Namespace:
             for k in left:
                 del keys[k]
             # a failed file rename's late copy landed below it: taken back, not moved with the
-            # tree (its watch looks at the old name only; a trial: the file stayed at both)
+            # tree (its watch looks at the old name only; a trial: the file stayed at both); or,
+            # landed over the file it was to replace, it finishes that rename and moves
             for k in [t for w in self.renames.watched for t in w.targets if t in keys]:
-                if await store_request(take_back_at(self.renames, self.store, self.naming, k, None,
-                                                    "in a directory being renamed, at"), k):
-                    del keys[k]
+                gone = await store_request(take_back_at(self.renames, self.store, self.naming, k, None,
+                                                        "in a directory being renamed, at", may_finish=True), k)
+                if gone is not None:
+                    keys.pop(gone, None)
             # Every key under the new name must fit OSS's limit: checked before anything is copied
             # (a copy failing half-way left a partial tree at the new name and EIO)
             moved_keys = [moved_key(k, old_dkey, new_dkey, self.naming.prefix) for k in keys]
@@ -1409,6 +1412,9 @@ class Namespace:
             self.inodes.remove_name(dst)
             self.inodes.maybe_drop(dst)
         await run_all([functools.partial(delete, k, o) for k, o in keys.items()], RENAME_PARALLEL)
+        if self.renames.watched:  # a watched late copy's original moved: watched at its new key
+            for k, info in copies.items():
+                self.renames.follow(k, info.key, info.etag, self.naming.path_of(info.key) or dst_path)
         if postponed:
             self.deferred.note_removed_dir(old_dkey)
             log.warning("rename of %r to %r: %d original(s) could not be deleted yet (e.g. %r: %s); hidden, "

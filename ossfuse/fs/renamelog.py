@@ -15,7 +15,8 @@ loss may not):
 3. ``{"deleting": true}`` once every copy has landed;
 4. ``{"undone": true, "late": [new keys], "until": wall-clock seconds}`` once it was undone with
    copies sent without an answer not found (:class:`LateCopies`): a later mount only looks for
-   those until then, and never undoes it again;
+   those until then, and never undoes it again (a file rename's, with ``"replacing": true``
+   when its copy replaces an object there);
 
 and the log goes when the rename is done in memory too. Each line is written whole by one
 ``write(2)`` and starts with its newline, so a line torn by a full disk or a crash stands
@@ -77,6 +78,9 @@ class RenameLog:
     late_over: dict[str, ObjectInfo] = field(default_factory=dict)
     # the rename was undone and its late copies are watched until then (wall clock; line 4)
     undone_until: float | None = None
+    # a file rename's copy replaces an object at the new name (landing late, it finishes the
+    # rename: latecopies._look_file; line 4)
+    replacing: bool = False
     id: str | None = None
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
@@ -198,6 +202,12 @@ class RenameLogs:
             if not self._left_paths[entry.path]:
                 del self._left_paths[entry.path]
                 _unlink(entry.path)
+            elif entry.id is not None:  # the shared log stays for another of its renames: this
+                try:  # one is not settled again by the next mount (trial AI: a false notice)
+                    entry.append_closed({"end": True})
+                except OSError as e:
+                    log.info("rename log %s: cannot note the end of the rename of %r (%s)", entry.path,
+                             entry.source, e)
         elif entry.id is None:
             self.leave(entry)
             _unlink(entry.path)
@@ -213,6 +223,17 @@ class RenameLogs:
                 log.warning("rename log %s: cannot note the end of the rename of %r (%s)", entry.path,
                             entry.source, e)
             entry._fd = None
+
+    def follow(self, key: str, new_key: str, etag: str, path: str) -> None:
+        """Object ``key`` was moved by this mount to ``new_key`` (version ``etag``, at ``path``):
+        a watched file rename whose original it was now compares its late copy with the moved
+        one (trial AI: a directory rename moved the original while its late copy landed, and
+        the watch, finding no original, left the copy). In memory: a later mount compares with
+        the logged original."""
+        for late in self.watched:
+            entry = late.entry
+            if entry.file and key in entry.objects:
+                entry.objects, entry.source = {new_key: etag}, path
 
     def leave(self, entry: RenameLog) -> None:
         """The rename failed (the store) or was cut off: its log stays for the next mount to
@@ -307,9 +328,11 @@ def _apply(entry: RenameLog, rec: dict) -> None:
     elif rec.get("deleting") is True:
         entry.deleting = True
     elif rec.get("undone") is True and isinstance(rec.get("until"), (int, float)) \
-            and isinstance(rec.get("late"), list) and all(isinstance(k, str) for k in rec["late"]):
+            and isinstance(rec.get("late"), list) and all(isinstance(k, str) for k in rec["late"]) \
+            and isinstance(rec.get("replacing", False), bool):
         entry.undone_until = float(rec["until"])
         entry.late = set(rec["late"])
+        entry.replacing = rec.get("replacing", False)
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 

@@ -75,7 +75,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
         try:
             if entry.undone_until is not None:  # undone already: only its late copies are looked for
                 logs.left.remove(entry)
-                if watch(logs, entry, entry.undone_until):
+                if entry.late and watch(logs, entry, entry.undone_until):
                     log.info("still looking for %d copy(ies) the undone rename of %r to %r sent without an answer, "
                              "until %s", len(entry.late), entry.source, entry.target, clock_text(entry.undone_until))
                 else:
@@ -88,7 +88,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                     logs.left.remove(entry)
                     if watch_or_end(logs, entry, store, last_written(entry.path)):
                         notice = (f"{notice}; it may still land: looked for until {clock_text(logs.watched[-1].until)}, "
-                                  + ("and if it lands over the object there, the rename is finished" if entry.late_over
+                                  + ("and if it lands over the object there, the rename is finished" if entry.replacing
                                      else "and taken back"))
                     assert notice is not None
                     notices.append(notice)
@@ -195,7 +195,7 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
             # what is at the new name is not its copy (an empty object's ETag is every one's);
             # unlogged, the copy may still land over it (the caller watches it)
             if logged is None:
-                entry.late, entry.late_over = {new}, {new: there}
+                entry.late, entry.replacing = {new}, True
             return left
         try:
             await delete_version(store, old, etag, head=original)

@@ -260,6 +260,11 @@ class ObjectStore(abc.ABC):
         done when it returns."""
         return False
 
+    def written_since_given_up(self, key: str) -> bool:
+        """Whether this store wrote ``key`` (a PUT, copy or DELETE that succeeded) after a
+        write to it that it gave up on and that may still land (store/indoubt.py)."""
+        return False
+
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""
         super().__init_subclass__(**kw)

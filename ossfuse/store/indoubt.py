@@ -78,6 +78,11 @@ class InDoubt:
         now = time.monotonic()
         return any(d.until >= now for d in self._doubts.get(key, ()))
 
+    def written_since(self, key: str) -> bool:
+        """Whether this mount wrote ``key`` after a request in doubt there (within its window)."""
+        now = time.monotonic()
+        return any(d.until >= now and d.later is not None for d in self._doubts.get(key, ()))
+
     def due(self) -> list[str]:
         """Keys with a request in doubt and a later write of this mount to check against."""
         now = time.monotonic()

@@ -711,11 +711,15 @@ class OssStore(ObjectStore):
                 if err is None:
                     raise
                 if doubt is not None and _in_doubt(err):
-                    try:
-                        for k, effect in await trio.to_thread.run_sync(doubt):
-                            self.in_doubt.given_up(op, k, effect)
-                    except OSError as d:  # (a staged file gone meanwhile: nothing to compare with)
-                        log.info("OSS %s %r: what the request in doubt would leave is unknown: %s", op, key, d)
+                    # shielded: a caller cancelled meanwhile (a directory rename's other copies,
+                    # when one failed) must still learn that this one may land (trial AI: its
+                    # checkpoint raised Cancelled first, and the late copies were not watched)
+                    with trio.CancelScope(shield=True):
+                        try:
+                            for k, effect in await trio.to_thread.run_sync(doubt):
+                                self.in_doubt.given_up(op, k, effect)
+                        except OSError as d:  # (a staged file gone meanwhile: nothing to compare with)
+                            log.info("OSS %s %r: what the request in doubt would leave is unknown: %s", op, key, d)
                 if err is e:
                     raise
                 raise err from e
@@ -745,6 +749,9 @@ class OssStore(ObjectStore):
 
     def may_still_land(self, key: str) -> bool:
         return self.in_doubt.has(key)
+
+    def written_since_given_up(self, key: str) -> bool:
+        return self.in_doubt.written_since(key)
 
     @staticmethod
     def _meta_headers(key: str, metadata: dict[str, str] | None) -> dict[str, str]:

@@ -143,6 +143,8 @@ def _make_error(spec: ErrorSpec, op: str, key: str) -> BaseException:
     raise ValueError(f"unknown error kind {spec!r}")
 
 
+_WRITES = frozenset({"put_bytes", "put_file", "copy", "delete", "delete_many", "complete_multipart"})
+
 class FaultStore(ObjectStore):
     """``inner`` with armed faults; see the module docstring."""
 
@@ -157,6 +159,7 @@ class FaultStore(ObjectStore):
         self.checks_replaces = inner.checks_replaces
         self.rules: list[Rule] = []
         self.in_doubt: set[str] = set()  # keys may_still_land says yes for (set by a test)
+        self.written_since: set[str] = set()  # keys of in_doubt written through this store since
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
@@ -167,6 +170,11 @@ class FaultStore(ObjectStore):
     def may_still_land(self, key: str) -> bool:
         """The inner store's answer, or True for a key in ``in_doubt`` (a test's unanswered write)."""
         return key in self.in_doubt or self.inner.may_still_land(key)
+
+    def written_since_given_up(self, key: str) -> bool:
+        """The inner store's answer, or True for a key of ``in_doubt`` written through this
+        store since the test put it there."""
+        return key in self.written_since or self.inner.written_since_given_up(key)
 
     # -- arming -------------------------------------------------------------------------------
     def _arm(self, rule: Rule) -> Rule:
@@ -244,6 +252,8 @@ class FaultStore(ObjectStore):
             self.injected.append(("fail", op, keys))
             raise _make_error(error_rule.error, op, key)
         result = await call()
+        if op in _WRITES:  # (the destination: a copy's second key)
+            self.written_since.update(k for k in (keys[1:] if op == "copy" else keys) if k in self.in_doubt)
         if error_rule is not None and error_rule.kind == "lose":
             self.injected.append(("lose", op, keys))
             raise _make_error(error_rule.error, op, key)
