@@ -1673,6 +1673,16 @@ def test_in_doubt_flags_a_late_landing_over_a_later_write_only():
     short.given_up("PUT", "k", "V2")
     short.wrote("k", "V3")
     assert short.due() == []
+    # a rename's late copy seen landed and dealt with (fs/latecopies.py): that request cannot
+    # land again; another of the same version may (two `mv` of one file, both unanswered)
+    d.given_up("CopyObject", "c", "E")
+    d.given_up("CopyObject", "c", "E")
+    d.landed("c", '"e"')
+    assert d.has("c") and not d.written_since("c")
+    d.wrote("c", DELETED)  # (the take-back)
+    assert d.written_since("c")
+    d.landed("c", "E")
+    assert not d.has("c") and d.due() == []
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'late/k': a PUT this mount gave up on at .* took effect "

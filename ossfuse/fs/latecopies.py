@@ -247,6 +247,7 @@ async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key
         except FsError:
             return None  # (changed since, or the store: logged; the caller goes on with what is there)
         late.targets.discard(key)
+        store.landed_late(key, there.etag)
         _note_left(late)
         log.warning("the copy the failed rename of %r to %r had sent without an answer landed late %s %r: %s",
                     entry.source, entry.target, where, key,
@@ -313,6 +314,7 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                     await delete_version(store, target, there.etag, head=there)
                     outcome = "back"
                 late.targets.discard(target)
+                store.landed_late(target, there.etag)
     except (StoreError, FsError) as e:
         log.info("looking for the late copy of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)

@@ -1115,6 +1115,7 @@ class Namespace:
             return None
         log.info("rename of %r to %r: the copy's answer was lost, but the copy landed: the rename goes on", source.key,
                  key)
+        self.store.landed_late(key, there.etag)
         return there
 
     def _watch_late_copy(self, rlog: RenameLog) -> None:

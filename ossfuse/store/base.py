@@ -260,6 +260,10 @@ class ObjectStore(abc.ABC):
         done when it returns."""
         return False
 
+    def landed_late(self, key: str, etag: str) -> None:
+        """A write to ``key`` this store gave up on was seen to have landed as version ``etag``
+        and was dealt with (store/indoubt.py ``InDoubt.landed``). Nothing here."""
+
     def written_since_given_up(self, key: str) -> bool:
         """Whether this store wrote ``key`` (a PUT, copy or DELETE that succeeded) after a
         write to it that it gave up on and that may still land (store/indoubt.py)."""

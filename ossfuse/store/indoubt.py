@@ -73,6 +73,18 @@ class InDoubt:
         for d in doubts:
             d.later = None if same_etag(d.effect, result) else result  # (the same version again: harmless)
 
+    def landed(self, key: str, etag: str) -> None:
+        """A request in doubt that leaves ``etag`` at ``key`` was seen there, and dealt with
+        (a rename's late copy, taken back or adopted: fs/latecopies.py): it cannot land again;
+        the oldest such request is forgotten (trial AI: a later check blamed it for another)."""
+        doubts = self._doubts.get(key, [])
+        for d in doubts:
+            if same_etag(d.effect, etag):
+                doubts.remove(d)
+                break
+        if not doubts:
+            self._doubts.pop(key, None)
+
     def has(self, key: str) -> bool:
         """Whether a request given up on may still take effect at ``key`` (within its window)."""
         now = time.monotonic()

@@ -753,6 +753,9 @@ class OssStore(ObjectStore):
     def written_since_given_up(self, key: str) -> bool:
         return self.in_doubt.written_since(key)
 
+    def landed_late(self, key: str, etag: str) -> None:
+        self.in_doubt.landed(key, etag)
+
     @staticmethod
     def _meta_headers(key: str, metadata: dict[str, str] | None) -> dict[str, str]:
         """``x-oss-meta-*`` headers (§3.17): names lower-case letters/digits/'-', ASCII values."""

@@ -171,6 +171,9 @@ class FaultStore(ObjectStore):
         """The inner store's answer, or True for a key in ``in_doubt`` (a test's unanswered write)."""
         return key in self.in_doubt or self.inner.may_still_land(key)
 
+    def landed_late(self, key: str, etag: str) -> None:
+        self.inner.landed_late(key, etag)
+
     def written_since_given_up(self, key: str) -> bool:
         """The inner store's answer, or True for a key of ``in_doubt`` written through this
         store since the test put it there."""
