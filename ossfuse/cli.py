@@ -9,6 +9,7 @@ mount finishes them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -24,7 +25,7 @@ import time
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cache_dir_user, daemon_alive, daemon_gone, dying,
                        holders, killed_in_a_request, one_line, printable, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
-                       typed_below_root, users_of, write_registry)
+                       typed_below_root, users_of, write_registry, check_private_dir, UnsafeDirError)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
 # logging, dataclasses and shutil (~20 ms together), are imported only by the commands that use
@@ -241,13 +242,20 @@ def _spawn_daemon(args, cfg) -> int:
         return _die(f"mount point {args.mountpoint}: {e.strerror}")
     except OSError:
         pass
-    r, w = os.pipe()
+    made = not os.path.lexists(cfg.cache.dir)
     try:
         os.makedirs(cfg.cache.dir, mode=0o700, exist_ok=True)
+        # the daemon checks it too; here before its log is written there (a new user's trial:
+        # a refused mount's log went through a symlink planted in a world-writable parent)
+        check_private_dir(cfg.cache.dir, "cache dir")
     except OSError as e:
-        os.close(r)
-        os.close(w)
         return _die(f"cache dir {cfg.cache.dir}: {e.strerror}")
+    except UnsafeDirError as e:
+        if made:  # (left empty where it is unsafe: a refused mount leaves nothing)
+            with contextlib.suppress(OSError):
+                os.rmdir(cfg.cache.dir)
+        return _die(str(e))
+    r, w = os.pipe()
     # -P: the daemon (root, often) must import this installation's ossfuse, never an ossfuse/
     # in the caller's working directory, which `python -m` would put first on sys.path; and it
     # runs in / (it holds no directory of the caller's busy), so the mount point is absolute
@@ -256,8 +264,9 @@ def _spawn_daemon(args, cfg) -> int:
     for o in args.o or []:
         cmd += ["-o", o]
     log_path = os.path.join(cfg.cache.dir, "ossfuse.log")
-    try:
-        logf = open(log_path, "ab")
+    try:  # (never through a symlink: the daemon is often root)
+        logf = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600), "ab")
     except OSError as e:  # a read-only or full cache disk: one line, not a traceback
         os.close(r)
         os.close(w)

@@ -65,6 +65,9 @@ def check_private_dir(path: str, what: str, ancestors: bool = True) -> None:
         if parent == os.path.dirname(parent):
             break
         parent = os.path.dirname(parent)
+    if stat.S_ISLNK(st.st_mode):  # (a trial: "is not a directory" puzzled a user who symlinked it to another disk)
+        raise UnsafeDirError(f"{what} {path} is a symlink, which is refused (it could be pointed elsewhere): give "
+                             f"the directory's own path ({os.path.realpath(path)})")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirError(f"{what} {path} is not a directory")
     if st.st_uid != os.geteuid():

@@ -306,6 +306,33 @@ def test_unsafe_cache_dir_is_refused(tmp_path, cmk_path):
     assert not os.path.ismount(m.mnt)
 
 
+def test_a_refused_cache_dir_gets_no_log_and_a_symlinked_one_is_named_so(tmp_path, cmk_path):
+    """A new user's trial: a mount refused for its cache dir (inside a directory anyone may
+    write) had opened that dir's log first, as root, through a symlink planted there: the
+    link's target was created. Nothing is written there now; a cache dir made for the refused
+    mount is removed again; and a cache dir that is a symlink says so (it said "is not a
+    directory")."""
+    m = Mount(str(tmp_path / "m"), cmk_path)
+    parent = os.path.dirname(m.cache)
+    os.makedirs(m.cache)
+    victim = tmp_path / "victim"
+    os.symlink(victim, os.path.join(m.cache, "ossfuse.log"))
+    os.chmod(parent, 0o777)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"is inside {parent}, which anyone may write" in r.stderr, r.stderr
+    assert not victim.exists() and not os.path.ismount(m.mnt)
+    shutil.rmtree(m.cache)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and not os.path.lexists(m.cache)  # made for nothing: removed
+    os.chmod(parent, 0o755)
+    real = tmp_path / "real-cache"
+    real.mkdir(mode=0o700)
+    os.symlink(real, m.cache)
+    r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"cache dir {m.cache} is a symlink, which is refused" in r.stderr, r.stderr
+    assert os.listdir(real) == [] and not os.path.ismount(m.mnt)
+
+
 def _many_pending(m: Mount, n: int) -> None:
     for i in range(n):
         with open(m.path(f"f{i:04d}"), "wb") as f:
