@@ -1678,11 +1678,12 @@ def test_in_doubt_flags_a_late_landing_over_a_later_write_only():
     d.given_up("CopyObject", "c", "E")
     d.given_up("CopyObject", "c", "E")
     d.landed("c", '"e"')
-    assert d.has("c") and not d.written_since("c")
-    d.wrote("c", DELETED)  # (the take-back)
-    assert d.written_since("c")
+    assert d.has("c") and d.written_since("c") is None
+    d.wrote("c", DELETED)  # (this mount's `rm`)
+    assert d.written_since("c") == DELETED
     d.landed("c", "E")
     assert not d.has("c") and d.due() == []
+    assert d.written_since("c") == DELETED  # (kept for the window: trial AK)
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'late/k': a PUT this mount gave up on at .* took effect "

@@ -54,6 +54,12 @@ def _logs(tmp_path) -> list[str]:
     return os.listdir(tmp_path / "cache" / "renames")
 
 
+def _open_renames(tmp_path) -> list[tuple[str, str]]:
+    """(source, target) of each rename the logs hold open, as the next mount would read them."""
+    return sorted((e.source, e.target) for n in _logs(tmp_path)
+                  for e in renamelog._read_log(str(tmp_path / "cache" / "renames" / n)))
+
+
 async def _cut_off(fs, op: str, key: str, *, lands: bool = False, src: str = "d", dst: str = "e") -> None:
     """Rename ``src`` to ``dst`` (in the root), and stop it (as a crash would) while ``op`` of
     ``key`` waits: every other copy (or delete) of the rename is done by then. ``lands``: that
@@ -1123,9 +1129,10 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
     the watch (trial AI: made and removed, then the copy landed and stayed) nor goes to a
     conflict copy when the late copy landed before its upload (trial AI: the user's file lost
     its name)."""
-    expect_log(r"copy of 'pre/a' .* failed: injected fault|the copy the failed rename of 'a' to 'b' had sent without "
-               r"an answer landed late (at 'pre/b': taken back|over what was at 'pre/b': the rename is finished|"
-               r"where this mount writes 'pre/b': taken back)")
+    expect_log(r"copy of 'pre/a' .* failed: injected fault|rename of 'a' to 'b' failed: its copy got no answer "
+               r"\(injected fault: (no answer|store down)\); it is looked for until|the copy the failed rename of 'a' to "
+               r"'b' had sent without an answer landed late (at 'pre/b'(: taken back|, over what was there: the rename "
+               r"is finished)|where this mount writes 'pre/b': taken back)")
     data, theirs, mine = os.urandom(3000), os.urandom(2000), os.urandom(1000)
     over = "over b" in case or "b removed" in case  # b is a file the rename replaces
 
@@ -1192,7 +1199,7 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
             assert e.value.errno == errno.EIO
             fs.store.clear()
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/b"}]
-        assert len(_logs(tmp_path)) == 1
+        assert _open_renames(tmp_path) == [("a", "b")]  # (this run's: in a log of its own, out of the shared one)
         if over:  # nothing landed yet: b is as it was
             assert await look(fs) == 0
             assert await _read(fs, "b") == theirs and fs.rename_logs.watched
@@ -1239,8 +1246,8 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
     came before the watch's next look (at most one a second for a listing): the copy moved
     to d2/b, where no watch looks, and the file stayed at both names. The directory rename
     takes such a copy back instead of moving it."""
-    expect_log(r"copy of 'pre/a' .* failed: injected fault|the copy the failed rename of 'a' to 'd1/b' had sent "
-               r"without an answer landed late in a directory being renamed, at 'pre/d1/b': taken back")
+    expect_log(r"rename of 'a' to 'd1/b' failed: its copy got no answer|the copy the failed rename of 'a' to 'd1/b' "
+               r"had sent without an answer landed late in a directory being renamed, at 'pre/d1/b': taken back")
     data, other = os.urandom(3000), os.urandom(100)
 
     async def run():
@@ -1272,8 +1279,10 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
 
 @pytest.mark.parametrize("case", ["remounted, lands over b", "b removed here, lands before a look",
                                   "retried and moved back, lands over b", "directory moved, lands",
-                                  "directory moved after it landed over b"])
-def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log):
+                                  "directory moved after it landed over b", "retried",
+                                  "another file moved onto b here, lands over b", "a rewritten as it lands"])
+def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log,
+                                                                         caplog):
     """Trial AI, the watch of a failed file rename's copy (``latecopies._look_file``) against
     what happens meanwhile: that its copy replaces a file is in its log line, so a remount
     still finishes the rename when it lands over that file (it was taken back: the file at
@@ -1282,8 +1291,11 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
     deleted); a directory rename that moves the original makes the watch compare with the
     moved one (the copy stayed at both names); one above b whose copy landed over b finishes
     that rename and moves b along (it took the copy back: b at neither name)."""
-    expect_log(r"copy of 'pre/t/a' .* failed: injected fault|the copy the failed rename of 't(e)?/a' to 't/b' had sent "
-               r"without an answer landed late")
+    expect_log(r"rename of 't/a' to 't/b' failed: its copy got no answer|the copy the failed rename of 't(e)?/a' to "
+               r"'t/b' had sent without an answer landed late")
+    if case.startswith("another file"):  # what OSS's unconditional copy costs: said, as an ERROR
+        expect_log(r"landed late at 'pre/t/b', over the version \w+ this mount had written there since: taken back; "
+                   r"that version is no longer in the bucket")
     data, theirs = os.urandom(3000), os.urandom(2000)
     over = "over b" in case or "removed" in case
 
@@ -1317,13 +1329,30 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             t = await fs.lookup(fs.get(1), "t")
         elif case.startswith("b removed"):
             await fs.unlink(t, "b")
-        elif case.startswith("retried"):
+        elif case.startswith("retried and moved back"):
             await fs.rename(t, "a", t, "b", 0)  # now it works
             await fs.rename(t, "b", t, "a", 0)  # and back
         elif case == "directory moved, lands":
             await fs.rename(fs.get(1), "t", fs.get(1), "te", 0)
             original = "pre/te/a"
+        elif case == "retried":  # onto the watched name: the file there is no late copy (trial AK: deleted)
+            await fs.rename(t, "a", t, "b", 0)
+            for w in fs.rename_logs.watched:
+                w.next_at = 0
+            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+            assert await _read(fs, "t/b") == data  # (its lookup looks too)
+            assert await _keys(fs) == {"pre/t/", "pre/t/b"}
+            assert not any("landed late" in r.getMessage() for r in caplog.records)
+            await _crash(fs)
+            return
+        elif case.startswith("another file"):
+            await committed_file(fs, "x", b"the user's", parent=t)
+            await fs.rename(t, "x", t, "b", 0)
         await fs.store.inner.copy(original, "pre/t/b")  # the copy lands late (a's object, its wrapped key)
+        a_now = data
+        if case == "a rewritten as it lands":  # its copy is told by the version's wrapped key (trial AK: it stayed)
+            await committed_file(fs, "a", b"a, rewritten", parent=t)  # (over its first bytes: no O_TRUNC)
+            a_now = b"a, rewritten" + data[len(b"a, rewritten"):]
         if case == "directory moved after it landed over b":
             fs.rename_logs.watched[0].looked_at = time.time()  # (a listing's look came just before)
             await fs.rename(fs.get(1), "t", fs.get(1), "te", 0)
@@ -1340,8 +1369,41 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             elif case == "directory moved, lands":
                 assert keys == {"pre/te/", "pre/te/a"} and await _read(fs, "te/a") == data
             else:  # taken back: a stays, b is as this mount left it (removed; moved back to a)
-                assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data
+                assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == a_now
+                if case.startswith("another file"):  # (the user's file there went with the landing: said)
+                    assert any(r.levelname == "ERROR" and "this mount had written there since" in r.getMessage()
+                               for r in caplog.records)
         assert not any(w.targets for w in fs.rename_logs.watched)
         await _crash(fs)
 
     trio.run(run)
+
+
+def test_a_watched_file_rename_moves_out_of_the_shared_log_which_stays_small(tmp_path, monkeypatch):
+    """Trial AK: while one failed file rename's copy was watched (minutes), its lines kept the
+    shared log from being emptied: 1,300 renames grew it to 349 KB, and the next mount read it
+    all. A watched rename's lines move to a log of its own; the shared one is emptied as
+    before, and removed at unmount; the watched one stays for the next mount."""
+    monkeypatch.setattr(renamelog, "SHARED_TRUNCATE", 300)
+    logs = RenameLogs(str(tmp_path))
+    w = logs.begin("a", "b", {"pre/a": "E"}, None, file=True)
+    w.copying("pre/b")
+    w.late, w.copy_key = {"pre/b"}, "wrapped-key"
+    assert latecopies.watch(logs, w, time.time() + 600)
+    w.append_closed(latecopies._line4(w, w.late, w.undone_until))
+    for i in range(20):
+        e = logs.begin(f"x{i}", f"y{i}", {f"pre/x{i}": "E"}, None, file=True)
+        e.copying(f"pre/y{i}")
+        e.copied_to(f"pre/y{i}", "C")
+        logs.end(e)
+    names = os.listdir(tmp_path / "renames")
+    [shared] = [n for n in names if n.startswith(renamelog.SHARED_PREFIX)]
+    assert os.path.getsize(tmp_path / "renames" / shared) < 600  # (20 renames' lines are ~3 KB)
+    logs.close()
+    [own] = os.listdir(tmp_path / "renames")
+    again = RenameLogs(str(tmp_path))
+    [left] = again.left
+    assert (left.source, left.target, left.file, left.started, left.late, left.copy_key, left.id) == \
+        ("a", "b", True, {"pre/b"}, {"pre/b"}, "wrapped-key", None)
+    again.end(left)
+    assert os.listdir(tmp_path / "renames") == []

@@ -31,7 +31,7 @@ class Rewrapped(FsError):
 
 async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, dst: str,
                       metadata: dict[str, str] | None = None, *, if_absent: bool = False,
-                      replaces: str | None = None) -> ObjectInfo:
+                      replaces: str | None = None, quiet_unanswered: bool = False) -> ObjectInfo:
     """Copy version ``src`` (its key and ETag) to ``dst`` (CopyObject, or streaming above the
     store's copy limit), with ``metadata`` replacing the source's if given. The copy is
     conditional on ``src.etag``: the returned object is a copy of exactly that version.
@@ -39,7 +39,9 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
     replaces (checked where the store can, ``ObjectStore.checks_replaces``). Raises
     FsError(ESTALE) when ``src.key`` is now another version or gone (one log line naming the
     key and both versions; nothing is written), DestinationChanged or AlreadyExists (``dst`` is
-    not what the caller stated, nothing written: no log line), FsError(EIO) on other failures."""
+    not what the caller stated, nothing written: no log line), FsError(EIO) on other failures
+    (one ERROR line; ``quiet_unanswered``: CopyUnanswered, no such line, when the copy got no
+    answer and may still land: the caller, which looks for it, says what became of it)."""
     limit = store.max_copy_size
     if metadata is None and limit is not None and src.size > limit and not src.metadata:
         head = await store_request(store.head(src.key), src.key)  # listings carry no metadata
@@ -62,8 +64,16 @@ async def copy_object(store: ObjectStore, uploader: Uploader, src: ObjectInfo, d
             and not e.temporary else None
         if now is not None:
             raise Rewrapped(now) from None
+        if quiet_unanswered and store.may_still_land(dst):  # the caller says what becomes of it
+            log.info("copy of %r (version %s) to %r got no answer: %s", src.key, src.etag, dst, e)
+            raise CopyUnanswered(errno_of(e), str(e)) from None
         log.error("copy of %r (version %s) to %r failed: %s", src.key, src.etag, dst, e)
         raise FsError(errno_of(e)) from None
+
+
+class CopyUnanswered(FsError):
+    """:func:`copy_object` with ``quiet_unanswered``: the copy got no answer and may still land
+    (``ObjectStore.may_still_land``); logged at INFO only, its message the store's reason."""
 
 
 async def _rewrapped_since(store: ObjectStore, src: ObjectInfo, metadata: dict[str, str]) -> ObjectInfo | None:

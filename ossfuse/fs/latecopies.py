@@ -35,7 +35,7 @@ from collections.abc import Callable
 from .. import envelope as env
 from ..aio import run_all
 from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
-from ..store.indoubt import WINDOW
+from ..store.indoubt import DELETED, WINDOW
 from .copying import delete_version
 from .errors import FsError
 from .locks import NameLocks
@@ -117,6 +117,7 @@ def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
     if time.time() >= until:
         return False
     logs.leave(entry)  # (this run's: its log file is closed, and stays)
+    logs.detach(entry)  # (a file rename's lines leave the shared log)
     entry.undone_until = until
     logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK,
                                    over=dict(entry.late_over)))
@@ -216,17 +217,17 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
 async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key: str, there: ObjectInfo | None,
                        where: str = "where this mount writes", may_finish: bool = False) -> str | None:
     """When ``there`` (what is at ``key``; None: HEAD it) is the late copy of a failed file
-    rename this mount watches (its original's copy), settle it before it is taken for another
+    rename this mount watches (:func:`_is_its_copy`), settle it before it is taken for another
     client's version: by an upload to ``key`` (a trial: a new file written where the late copy
     landed went to a conflict copy, then the watch took the late copy back: the name was
     empty), or by a directory rename that would move it to its new name, where no watch looks
     (a trial: the file stayed at both names). It is deleted (by its ETag; returns ``key``);
     or, ``may_finish`` (a directory rename) and landed over the object it was to replace
     (:func:`_finishes`; trial AI: taken back, that file was at neither name), the rename is
-    finished: its original deleted (returns the original's key), the copy stays. None when
-    ``there`` is no such copy. No rename locks: the caller holds the node lock of ``key``'s
-    file, which any rename onto it waits for, or the tree lock above it; ``where``: for the
-    log line. Raises StoreError."""
+    finished (:func:`_settle_landed`; returns the original's key), the copy stays. None when
+    ``there`` is no such copy, or it could not be settled. No rename locks: the caller holds
+    the node lock of ``key``'s file, which any rename onto it waits for, or the tree lock
+    above it; ``where``: for the log line. Raises StoreError."""
     for late in logs.watched:
         entry = late.entry
         if not entry.file or key not in late.targets or naming.key(entry.target) != key:
@@ -234,42 +235,90 @@ async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key
         there = there or await store.head(key)
         if there is None:
             return None
-        [(okey, etag)] = entry.objects.items()
+        [(okey, _etag)] = entry.objects.items()
         original = await store.head(okey)
-        if original is None or not same_etag(original.etag, etag) or not same_object(there, original):
+        if not _is_its_copy(entry, there, original):
             continue
-        finish = may_finish and _finishes(late, store, key)
-        try:
-            if finish:
-                await delete_version(store, okey, etag, head=original)
-            else:
-                await delete_version(store, key, there.etag, head=there)
-        except FsError:
-            return None  # (changed since, or the store: logged; the caller goes on with what is there)
-        late.targets.discard(key)
-        store.landed_late(key, there.etag)
-        _note_left(late)
-        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late %s %r: %s",
-                    entry.source, entry.target, where, key,
-                    f"the rename is finished ({okey!r} deleted)" if finish else "taken back")
-        return okey if finish else key
+        outcome = await _settle_landed(late, store, key, there, original, may_finish, where)
+        return None if outcome is None else okey if outcome == "finished" else key
     return None
 
 
-def _finishes(late: LateCopies, store: ObjectStore, target: str) -> bool:
+def _is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | None) -> bool:
+    """Whether ``there`` is file rename ``entry``'s copy: it holds the wrapped data key of the
+    version copied (``entry.copy_key``: also when the original was rewritten or moved since;
+    trial AK: rewritten right after the copy landed, it was not taken back); not known, the
+    same object as the original (:func:`same_object`) while that is still the version logged.
+    Not the ETag alone: every empty object's is the same. Never the original itself, moved
+    there by this mount since (``RenameLogs.follow``; trial AK: taken for the copy, the file
+    was deleted): the look goes on, for a late copy once it moves away again."""
+    [(key, etag)] = entry.objects.items()
+    if key == there.key:
+        return False
+    if entry.copy_key is not None:
+        return there.metadata.get(env.H_KEY) == entry.copy_key
+    return original is not None and same_etag(original.etag, etag) and same_object(there, original)
+
+
+async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, there: ObjectInfo,
+                         original: ObjectInfo | None, may_finish: bool, where: str) -> str | None:
+    """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
+    by its ETag) or, ``may_finish`` and :func:`_finishes`, finish the rename (delete the
+    original, if it is still the version copied and the same object; changed or gone since,
+    the copy stays as the new name's file). One line; the target is no longer looked for.
+    Returns "back", "finished", "kept", or None when a delete failed (changed since, or the
+    store: logged; looked for again)."""
+    entry = late.entry
+    [(key, etag)] = entry.objects.items()
+    later = store.written_since_given_up(target)
+    outcome = "back"
+    try:
+        if may_finish and _finishes(late, target, later):
+            if original is not None and same_etag(original.etag, etag) and same_object(there, original):
+                await delete_version(store, key, etag, head=original)
+                outcome = "finished"
+            else:
+                outcome = "kept"
+        else:
+            await delete_version(store, target, there.etag, head=there)
+    except FsError:
+        return None
+    late.targets.discard(target)
+    store.landed_late(target, there.etag)
+    _note_left(late)
+    what = f"the copy the failed rename of {entry.source!r} to {entry.target!r} had sent without an answer"
+    if outcome == "finished":
+        log.warning("%s landed late %s %r, over what was there: the rename is finished (%r deleted)", what, where,
+                    target, key)
+    elif outcome == "kept":
+        log.info("%s landed late %s %r, over what was there; its original changed or went since: the copy stays",
+                 what, where, target)
+    elif later is not None and later != DELETED:
+        log.error("%s landed late %s %r, over the version %s this mount had written there since: taken back; that "
+                  "version is no longer in the bucket (OSS cannot make a copy conditional on what it replaces)",
+                  what, where, target, later)
+    else:
+        log.warning("%s landed late %s %r: taken back", what, where, target)
+    return outcome
+
+
+def _finishes(late: LateCopies, target: str, later: str | None) -> bool:
     """Whether file rename ``late``'s copy, landed at ``target``, finishes the rename rather
     than being taken back: it was to replace an object there (``entry.replacing``), which
     nobody removed since (a look found the name empty: ``late.over``) and this mount did not
-    write since (its `rm`, an upload, a retried `mv` there: trial AI, the mount's own later
-    `rm b` was undone and a deleted)."""
-    return late.entry.replacing and late.over.get(target, True) is not None \
-        and not store.written_since_given_up(target)
+    write since (``later``: its `rm`, an upload, a retried `mv` there; trial AI, the mount's own
+    later `rm b` was undone and a deleted)."""
+    return late.entry.replacing and late.over.get(target, True) is not None and later is None
 
 
 def _line4(entry: RenameLog, late: set[str], until: float | None) -> dict:
     """Line 4 of ``entry``'s log (``fs/renamelog.py``): ``late`` looked for until ``until``."""
-    line = {"undone": True, "late": sorted(late), "until": until}
-    return {**line, "replacing": True} if entry.replacing else line
+    line: dict = {"undone": True, "late": sorted(late), "until": until}
+    if entry.replacing:
+        line["replacing"] = True
+    if entry.copy_key is not None:
+        line["key"] = entry.copy_key
+    return line
 
 
 def _note_left(late: LateCopies) -> None:
@@ -283,20 +332,17 @@ def _note_left(late: LateCopies) -> None:
 async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
                      changed: Callable[[str], None]) -> int:
     """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
-    there, under the rename's locks, of both names. Only the original's copy counts as landed
-    (:func:`same_object`, the original still the version copied): it is taken back, or, when it
-    landed over the object it replaces (:func:`_finishes`: that object is gone then, and taking
-    the copy back would leave neither), the rename is finished: the original deleted and
-    ``changed`` called with both paths. Anything else there (nothing, a file the user made or
-    another client wrote) does not end the look: the copy may still land once that is gone (a
-    trial: a file made and removed there meanwhile, and the late copy stayed), nor does the
-    original's absence (a retried `mv` moved it; moved back with the same ETag, the copy lands
-    again: a trial). So the look ends when the copy lands or the window ends. Returns 1 when
-    the copy was taken back."""
+    there, under the rename's locks, of both names. Only its copy (:func:`_is_its_copy`) counts
+    as landed: it is taken back, or, landed over the object it replaces (:func:`_finishes`:
+    that object is gone then, and taking the copy back would leave neither), the rename is
+    finished: the original deleted and ``changed`` called with both paths
+    (:func:`_settle_landed`). Anything else there (nothing, a file the user made or another
+    client wrote) does not end the look: the copy may still land once that is gone (a trial: a
+    file made and removed there meanwhile, and the late copy stayed). So the look ends when
+    the copy lands or when the window ends. Returns 1 when the copy was taken back."""
     entry = late.entry
-    [(key, etag)] = entry.objects.items()
+    [(key, _etag)] = entry.objects.items()
     target = naming.key(entry.target)
-    outcome = None
     try:
         if target not in late.targets:
             return 0
@@ -305,31 +351,16 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
             there, original = await store.head(target), await store.head(key)
-            if there is not None and original is not None and same_etag(original.etag, etag) \
-                    and same_object(there, original):
-                if _finishes(late, store, target):
-                    await delete_version(store, key, etag, head=original)
-                    outcome = "finished"
-                else:
-                    await delete_version(store, target, there.etag, head=there)
-                    outcome = "back"
-                late.targets.discard(target)
-                store.landed_late(target, there.etag)
+            if there is None or not _is_its_copy(entry, there, original):
+                return 0
+            outcome = await _settle_landed(late, store, target, there, original, True, "at")
     except (StoreError, FsError) as e:
         log.info("looking for the late copy of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)
         return 0
-    if outcome is None:
-        return 0
-    _note_left(late)
-    if outcome == "back":
-        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late at %r: taken back",
-                    entry.source, entry.target, target)
-    elif outcome == "finished":
+    if outcome == "finished":
         changed(entry.source)
         changed(entry.target)
-        log.warning("the copy the failed rename of %r to %r had sent without an answer landed late over what was "
-                    "at %r: the rename is finished (%r deleted)", entry.source, entry.target, target, key)
     return 1 if outcome == "back" else 0
 
 

@@ -34,7 +34,7 @@ from ..store.base import (AlreadyExists, DestinationChanged, ObjectInfo, ObjectS
 from ..store.health import StoreOffline
 from ..writeback.upload import Uploader
 from .commit import Commit
-from .copying import copy_object, delete_version
+from .copying import CopyUnanswered, copy_object, delete_version
 from .errors import FsError, errno_of, store_request
 from .files import Files
 from .inodes import InodeTable
@@ -995,7 +995,8 @@ class Namespace:
                     await self._copy_and_delete_file(src, old_path, dst_path, dst, rlog)
                 except FsError as e:
                     if e.errno != errno.ESTALE and rlog.started and not rlog.copied:
-                        self._watch_late_copy(rlog)  # (not found: _copy_and_delete_file looked)
+                        # (not found: _copy_and_delete_file looked)
+                        self._watch_late_copy(rlog, e if isinstance(e, CopyUnanswered) else None)
                     else:
                         self.renames.end(rlog)  # settled here: nothing changed, or both names show (logged)
                     raise
@@ -1045,7 +1046,7 @@ class Namespace:
                 if dst is not None:
                     dst.checked_at = 0.0  # (so may dst's be)
                 raise  # nothing was written: dst keeps its name
-            landed = await self._landed_copy(source, new_key)
+            landed = await self._landed_copy(rlog, source, new_key)
             if landed is None:
                 raise  # not there (yet): the caller watches for it
             info = landed
@@ -1091,7 +1092,7 @@ class Namespace:
                 rlog.replacing = there is not None
             try:  # stating what it replaces: a local bucket checks it with the copy (no window)
                 return await copy_object(self.store, self.uploader, source, key, if_absent=there is None,
-                                         replaces=None if there is None else there.etag)
+                                         replaces=None if there is None else there.etag, quiet_unanswered=rlog.file)
             except DestinationChanged:  # another client wrote the name since this mount looked
                 if refusals == _COPY_REFUSALS:
                     break
@@ -1100,17 +1101,20 @@ class Namespace:
                     "written (ESTALE)", source.key, key, key, _COPY_REFUSALS + 1)
         raise FsError(errno.ESTALE)
 
-    async def _landed_copy(self, source: ObjectInfo, key: str) -> ObjectInfo | None:
-        """The copy of ``source`` at ``key`` when a rename's CopyObject got no answer but
-        landed (the answer lost: a trickled or cut connection), else None (not there, another
-        object there, the source changed, nothing sent, or the store fails the HEADs too). Only
-        a request OSS may still carry out is looked for."""
+    async def _landed_copy(self, rlog: RenameLog, source: ObjectInfo, key: str) -> ObjectInfo | None:
+        """The copy of ``source`` at ``key`` when file rename ``rlog``'s CopyObject got no answer
+        but landed (the answer lost: a trickled or cut connection), else None (not there,
+        another object there, the source changed, nothing sent, or the store fails the HEADs
+        too); the source's wrapped data key goes to ``rlog.copy_key`` (what tells a late copy:
+        ``latecopies._is_its_copy``). Only a request OSS may still carry out is looked for."""
         if not self.store.may_still_land(key):
             return None
         try:
             there, now = await self.store.head(key), await self.store.head(source.key)
         except StoreError:
             return None
+        if now is not None and same_etag(now.etag, source.etag):
+            rlog.copy_key = now.metadata.get(env.H_KEY)
         if there is None or now is None or not same_etag(now.etag, source.etag) or not same_object(there, now):
             return None
         log.info("rename of %r to %r: the copy's answer was lost, but the copy landed: the rename goes on", source.key,
@@ -1118,18 +1122,20 @@ class Namespace:
         self.store.landed_late(key, there.etag)
         return there
 
-    def _watch_late_copy(self, rlog: RenameLog) -> None:
-        """File rename ``rlog``'s copy got no answer and is not at the new name: the `mv` fails
-        (EIO), and the copy, which OSS may still carry out, is watched (``fs/latecopies.py``):
-        taken back when it lands, or, landing over the object it replaces, it finishes the
-        rename (trial AH: a late copy left the file at both names). A copy never sent, or one
-        refused with an answer, cannot land: the log ends."""
+    def _watch_late_copy(self, rlog: RenameLog, unanswered: CopyUnanswered | None) -> None:
+        """File rename ``rlog``'s copy failed and is not at the new name: the `mv` fails (EIO),
+        and a copy OSS may still carry out (``unanswered``: it got no answer) is watched
+        (``fs/latecopies.py``): taken back when it lands, or, landing over the object it
+        replaces, it finishes the rename (trial AH: a late copy left the file at both names). A
+        copy never sent, or one refused with an answer, cannot land: the log ends. One line
+        for an unanswered copy (the copy logged none)."""
         rlog.late = set(rlog.started)
-        if watch_or_end(self.renames, rlog, self.store):
-            log.info("rename of %r to %r failed; its copy, sent without an answer, is looked for until %s and %s",
-                     rlog.source, rlog.target, clock_text(rlog.undone_until or 0),
-                     "finishes the rename if it lands over what it replaces" if rlog.replacing else
-                     "taken back if it lands")
+        watched = watch_or_end(self.renames, rlog, self.store)
+        if unanswered is not None:
+            log.warning("rename of %r to %r failed: its copy got no answer (%s); %s", rlog.source, rlog.target,
+                        unanswered, ("it is looked for until " + clock_text(rlog.undone_until or 0) + " and "
+                                     + ("finishes the rename if it lands over what it replaces" if rlog.replacing
+                                        else "taken back if it lands")) if watched else "it can no longer land")
 
     async def _keep_foreign(self, key: str, known: tuple[str | None, ...], source: ObjectInfo) -> ObjectInfo | None:
         """Before a rename's copy of ``source`` replaces ``key``: an object there that is none

@@ -16,7 +16,8 @@ loss may not):
 4. ``{"undone": true, "late": [new keys], "until": wall-clock seconds}`` once it was undone with
    copies sent without an answer not found (:class:`LateCopies`): a later mount only looks for
    those until then, and never undoes it again (a file rename's, with ``"replacing": true``
-   when its copy replaces an object there);
+   when its copy replaces an object there, and ``"key"``, the wrapped data key of the version
+   it copies, when known);
 
 and the log goes when the rename is done in memory too. Each line is written whole by one
 ``write(2)`` and starts with its newline, so a line torn by a full disk or a crash stands
@@ -29,7 +30,9 @@ File renames are many and short, and creating and removing a file costs ~0.4 ms 
 cache disk (twice the rename itself on a local bucket), so they share one log per run,
 ``<cache dir>/renames/files-<random>.log``: each line carries the rename's ``"id"``, and
 ``{"id": …, "end": true}`` closes it; the file is emptied when no file rename is under way and
-it has grown past 64 KiB, and removed at unmount.
+it has grown past 64 KiB, and removed at unmount. A file rename whose copy is watched for
+minutes (line 4) moves its lines to a log of its own first (:meth:`RenameLogs.detach`), so the
+shared one can still be emptied.
 """
 from __future__ import annotations
 
@@ -81,6 +84,9 @@ class RenameLog:
     # a file rename's copy replaces an object at the new name (landing late, it finishes the
     # rename: latecopies._look_file; line 4)
     replacing: bool = False
+    # a file rename's: the wrapped data key of the version it copies, which tells its copy
+    # (latecopies._is_its_copy; line 4); None: not known (compared with the original then)
+    copy_key: str | None = None
     id: str | None = None
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
@@ -233,7 +239,33 @@ class RenameLogs:
         for late in self.watched:
             entry = late.entry
             if entry.file and key in entry.objects:
-                entry.objects, entry.source = {new_key: etag}, path
+                entry.objects, entry.source = {new_key: etag}, path  # (maybe onto the watched name
+                # itself: then it is no copy, latecopies._is_its_copy; trial AK: it was deleted)
+
+    def detach(self, entry: RenameLog) -> None:
+        """This run's file rename ``entry``, about to be watched for minutes, moves its lines
+        from the shared log to a log of its own (as a directory rename's): the shared one is
+        emptied only when no rename in it is open (trial AK: 1,300 renames during one watch
+        grew it to 349 KB). Kept where it is if the cache disk refuses (one INFO line)."""
+        if entry.id is None or entry.path != self._shared_path or entry.id not in self._open_ids:
+            return
+        path = os.path.join(self.dir, uuid.uuid4().hex + ".log")
+        lines: list[dict] = [{"from": entry.source, "to": entry.target, "objects": entry.objects, "file": True},
+                 *({"copying": k} for k in sorted(entry.started - set(entry.copied))),
+                 *({"copied": k, "etag": e} for k, e in sorted(entry.copied.items()))]
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                for rec in lines:
+                    _write_line(fd, rec)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _unlink(path)
+            log.info("rename log %s: the watched rename of %r stays in the shared log (%s)", path, entry.source, e)
+            return
+        self.end(entry)  # (its lines in the shared log end: the next mount reads its own log)
+        entry.path, entry.id = path, None
 
     def leave(self, entry: RenameLog) -> None:
         """The rename failed (the store) or was cut off: its log stays for the next mount to
@@ -329,10 +361,11 @@ def _apply(entry: RenameLog, rec: dict) -> None:
         entry.deleting = True
     elif rec.get("undone") is True and isinstance(rec.get("until"), (int, float)) \
             and isinstance(rec.get("late"), list) and all(isinstance(k, str) for k in rec["late"]) \
-            and isinstance(rec.get("replacing", False), bool):
+            and isinstance(rec.get("replacing", False), bool) and isinstance(rec.get("key", ""), str):
         entry.undone_until = float(rec["until"])
         entry.late = set(rec["late"])
         entry.replacing = rec.get("replacing", False)
+        entry.copy_key = rec.get("key")
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 

@@ -48,6 +48,7 @@ import logging
 from typing import Protocol
 
 from ..aio import run_all
+from ..envelope import H_KEY
 from ..integrity import is_tag_list
 from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from .copying import delete_version
@@ -184,6 +185,8 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
     left = f"left {what} as it was: its copy is not at the new name (never landed, or changed since)"
     if there is None and logged is None:
         entry.late = {new}  # sent without an answer: it may still land (the caller watches it)
+        if original is not None and same_etag(original.etag, etag):  # (what tells its copy)
+            entry.copy_key = original.metadata.get(H_KEY)
     if there is None or (logged is not None and not same_etag(there.etag, logged)):
         return left
     kept = False
@@ -195,7 +198,7 @@ async def _settle_file(store: ObjectStore, entry: RenameLog, old: str, new: str,
             # what is at the new name is not its copy (an empty object's ETag is every one's);
             # unlogged, the copy may still land over it (the caller watches it)
             if logged is None:
-                entry.late, entry.replacing = {new}, True
+                entry.late, entry.replacing, entry.copy_key = {new}, True, original.metadata.get(H_KEY)
             return left
         try:
             await delete_version(store, old, etag, head=original)

@@ -264,10 +264,11 @@ class ObjectStore(abc.ABC):
         """A write to ``key`` this store gave up on was seen to have landed as version ``etag``
         and was dealt with (store/indoubt.py ``InDoubt.landed``). Nothing here."""
 
-    def written_since_given_up(self, key: str) -> bool:
-        """Whether this store wrote ``key`` (a PUT, copy or DELETE that succeeded) after a
-        write to it that it gave up on and that may still land (store/indoubt.py)."""
-        return False
+    def written_since_given_up(self, key: str) -> str | None:
+        """What this store's last write to ``key`` (a PUT, copy or DELETE that succeeded) left
+        there — its ETag, or ``indoubt.DELETED`` ("") — when it came after a write to ``key``
+        it gave up on and that may still land (store/indoubt.py); else None."""
+        return None
 
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""

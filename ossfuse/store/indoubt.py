@@ -58,6 +58,10 @@ class InDoubt:
     def __init__(self, window: float = WINDOW):
         self.window = window
         self._doubts: dict[str, list[_Doubt]] = {}
+        # key → (monotonic seconds until which it counts, what this mount's last write left
+        # there): this mount wrote the key after a request in doubt there; kept for the doubt's
+        # window even once the doubt is settled (check, landed): fs/latecopies.py asks it
+        self._written_after: dict[str, tuple[float, str]] = {}
 
     def given_up(self, op: str, key: str, effect: str) -> None:
         """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
@@ -72,6 +76,8 @@ class InDoubt:
             return
         for d in doubts:
             d.later = None if same_etag(d.effect, result) else result  # (the same version again: harmless)
+        if any(d.later is not None for d in doubts):
+            self._written_after[key] = (max(d.until for d in doubts), result)
 
     def landed(self, key: str, etag: str) -> None:
         """A request in doubt that leaves ``etag`` at ``key`` was seen there, and dealt with
@@ -90,10 +96,16 @@ class InDoubt:
         now = time.monotonic()
         return any(d.until >= now for d in self._doubts.get(key, ()))
 
-    def written_since(self, key: str) -> bool:
-        """Whether this mount wrote ``key`` after a request in doubt there (within its window)."""
-        now = time.monotonic()
-        return any(d.until >= now and d.later is not None for d in self._doubts.get(key, ()))
+    def written_since(self, key: str) -> str | None:
+        """What this mount's last write to ``key`` left there (an ETag, or DELETED) when it came
+        after a request in doubt there whose window is not over (also once that request is
+        settled: trial AK, a check that saw it land forgot it, and the mount's own `rm` was
+        undone), else None."""
+        until, result = self._written_after.get(key, (0.0, ""))
+        if until < time.monotonic():
+            self._written_after.pop(key, None)
+            return None
+        return result
 
     def due(self) -> list[str]:
         """Keys with a request in doubt and a later write of this mount to check against."""

@@ -73,6 +73,7 @@ import trio
 
 from ossfuse.store.base import (ListPage, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError,
                                 StoreUnavailable)
+from ossfuse.store.indoubt import DELETED
 
 OPS = ("head", "get_range", "get_range_with_info", "put_file", "put_bytes", "create_multipart", "upload_part", "complete_multipart",
        "abort_multipart", "list", "list_multipart_uploads", "copy", "delete", "delete_many")
@@ -159,7 +160,7 @@ class FaultStore(ObjectStore):
         self.checks_replaces = inner.checks_replaces
         self.rules: list[Rule] = []
         self.in_doubt: set[str] = set()  # keys may_still_land says yes for (set by a test)
-        self.written_since: set[str] = set()  # keys of in_doubt written through this store since
+        self.written_since: dict[str, str] = {}  # key of in_doubt → what a write through this store left since
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
@@ -174,10 +175,10 @@ class FaultStore(ObjectStore):
     def landed_late(self, key: str, etag: str) -> None:
         self.inner.landed_late(key, etag)
 
-    def written_since_given_up(self, key: str) -> bool:
-        """The inner store's answer, or True for a key of ``in_doubt`` written through this
-        store since the test put it there."""
-        return key in self.written_since or self.inner.written_since_given_up(key)
+    def written_since_given_up(self, key: str) -> str | None:
+        """The inner store's answer, or for a key of ``in_doubt`` written through this store
+        since the test put it there, what that write left (an ETag, or ``DELETED``)."""
+        return self.written_since[key] if key in self.written_since else self.inner.written_since_given_up(key)
 
     # -- arming -------------------------------------------------------------------------------
     def _arm(self, rule: Rule) -> Rule:
@@ -256,7 +257,8 @@ class FaultStore(ObjectStore):
             raise _make_error(error_rule.error, op, key)
         result = await call()
         if op in _WRITES:  # (the destination: a copy's second key)
-            self.written_since.update(k for k in (keys[1:] if op == "copy" else keys) if k in self.in_doubt)
+            left = result.etag if isinstance(result, ObjectInfo) else DELETED
+            self.written_since.update((k, left) for k in (keys[1:] if op == "copy" else keys) if k in self.in_doubt)
         if error_rule is not None and error_rule.kind == "lose":
             self.injected.append(("lose", op, keys))
             raise _make_error(error_rule.error, op, key)
