@@ -1280,7 +1280,8 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
 @pytest.mark.parametrize("case", ["remounted, lands over b", "b removed here, lands before a look",
                                   "retried and moved back, lands over b", "directory moved, lands",
                                   "directory moved after it landed over b", "retried",
-                                  "another file moved onto b here, lands over b", "a rewritten as it lands"])
+                                  "another file moved onto b here, lands over b", "a rewritten as it lands",
+                                  "another client's mv a b"])
 def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log,
                                                                          caplog):
     """Trial AI, the watch of a failed file rename's copy (``latecopies._look_file``) against
@@ -1348,6 +1349,15 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         elif case.startswith("another file"):
             await committed_file(fs, "x", b"the user's", parent=t)
             await fs.rename(t, "x", t, "b", 0)
+        elif case == "another client's mv a b":  # b is a's copy, a is gone: maybe its only copy now
+            await fs.store.inner.copy("pre/t/a", "pre/t/b")
+            await fs.store.inner.delete("pre/t/a")
+            for w in fs.rename_logs.watched:
+                w.next_at = 0
+            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+            assert await _keys(fs) == {"pre/t/", "pre/t/b"}
+            await _crash(fs)
+            return
         await fs.store.inner.copy(original, "pre/t/b")  # the copy lands late (a's object, its wrapped key)
         a_now = data
         if case == "a rewritten as it lands":  # its copy is told by the version's wrapped key (trial AK: it stayed)

@@ -263,11 +263,13 @@ def _is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | Non
 async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, there: ObjectInfo,
                          original: ObjectInfo | None, may_finish: bool, where: str) -> str | None:
     """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
-    by its ETag) or, ``may_finish`` and :func:`_finishes`, finish the rename (delete the
-    original, if it is still the version copied and the same object; changed or gone since,
-    the copy stays as the new name's file). One line; the target is no longer looked for.
-    Returns "back", "finished", "kept", or None when a delete failed (changed since, or the
-    store: logged; looked for again)."""
+    by its ETag) while its original (``original``: what is at its key now) is there, in any
+    version (gone, moved by another client say, the copy may be the file's only one: it stays,
+    as :func:`take_back` keeps one); or, ``may_finish`` and :func:`_finishes`, finish the
+    rename (delete the original, if it is still the version copied and the same object;
+    changed or gone since, the copy stays as the new name's file). One line; the target is no
+    longer looked for. Returns "back", "finished", "kept", or None when a delete failed
+    (changed since, or the store: logged; looked for again)."""
     entry = late.entry
     [(key, etag)] = entry.objects.items()
     later = store.written_since_given_up(target)
@@ -279,6 +281,8 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
                 outcome = "finished"
             else:
                 outcome = "kept"
+        elif original is None:
+            outcome = "kept"
         else:
             await delete_version(store, target, there.etag, head=there)
     except FsError:
@@ -291,8 +295,8 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
         log.warning("%s landed late %s %r, over what was there: the rename is finished (%r deleted)", what, where,
                     target, key)
     elif outcome == "kept":
-        log.info("%s landed late %s %r, over what was there; its original changed or went since: the copy stays",
-                 what, where, target)
+        log.info("%s landed late %s %r; its original changed or went since (it may be the file's only copy now): "
+                 "the copy stays", what, where, target)
     elif later is not None and later != DELETED:
         log.error("%s landed late %s %r, over the version %s this mount had written there since: taken back; that "
                   "version is no longer in the bucket (OSS cannot make a copy conditional on what it replaces)",
