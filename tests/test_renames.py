@@ -1281,7 +1281,8 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
                                   "retried and moved back, lands over b", "directory moved, lands",
                                   "directory moved after it landed over b", "retried",
                                   "another file moved onto b here, lands over b", "a rewritten as it lands",
-                                  "another client's mv a b"])
+                                  "another client's mv a b", "retried, remounted", "b rewritten here, remounted, lands",
+                                  "b moved away here, remounted, lands", "a open here as it lands over b"])
 def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log,
                                                                          caplog):
     """Trial AI, the watch of a failed file rename's copy (``latecopies._look_file``) against
@@ -1294,11 +1295,11 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
     that rename and moves b along (it took the copy back: b at neither name)."""
     expect_log(r"rename of 't/a' to 't/b' failed: its copy got no answer|the copy the failed rename of 't(e)?/a' to "
                r"'t/b' had sent without an answer landed late")
-    if case.startswith("another file"):  # what OSS's unconditional copy costs: said, as an ERROR
+    if case.startswith(("another file", "b rewritten")):  # what OSS's unconditional copy costs: said, as an ERROR
         expect_log(r"landed late at 'pre/t/b', over the version \w+ this mount had written there since: taken back; "
                    r"that version is no longer in the bucket")
     data, theirs = os.urandom(3000), os.urandom(2000)
-    over = "over b" in case or "removed" in case
+    over = any(w in case for w in ("over b", "removed", "b moved away", "b rewritten"))  # b is a file the rename replaces
 
     def store():
         s = core_store(tmp_path)
@@ -1349,6 +1350,32 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         elif case.startswith("another file"):
             await committed_file(fs, "x", b"the user's", parent=t)
             await fs.rename(t, "x", t, "b", 0)
+        elif case == "retried, remounted":  # (trial AL: the next mount took the moved file for the copy)
+            await fs.rename(t, "a", t, "b", 0)
+            await _crash(fs)
+            fs = core_filesystem(tmp_path, cmk_path, store())
+            fs.recover()
+            assert await fs.settle_renames() == []
+            assert await _read(fs, "t/b") == data  # (its lookup looks)
+            for w in fs.rename_logs.watched:
+                w.next_at = 0
+            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+            assert await _keys(fs) == {"pre/t/", "pre/t/b"}
+            assert not any("landed late" in r.getMessage() for r in caplog.records)
+            await _crash(fs)
+            return
+        elif case.endswith("here, remounted, lands"):  # what this mount did at b is in the log (trial AL)
+            if case.startswith("b rewritten"):
+                await committed_file(fs, "b", b"the user's new b", parent=t)
+            else:
+                await fs.rename(t, "b", t, "c", 0)
+            await _crash(fs)
+            fs = core_filesystem(tmp_path, cmk_path, store())
+            fs.recover()
+            assert await fs.settle_renames() == []
+            t = await fs.lookup(fs.get(1), "t")
+        elif case == "a open here as it lands over b":
+            held = await fs.open(await fs.lookup(t, "a"), os.O_RDWR)
         elif case == "another client's mv a b":  # b is a's copy, a is gone: maybe its only copy now
             await fs.store.inner.copy("pre/t/a", "pre/t/b")
             await fs.store.inner.delete("pre/t/a")
@@ -1372,15 +1399,20 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             for w in fs.rename_logs.watched:
                 w.next_at = 0
             await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks,
-                                                  changed=fs.namespace._changed_behind)
+                                                  changed=fs.namespace._changed_behind, in_use=fs.namespace._in_use)
             keys = await _keys(fs)
             if case.startswith("remounted"):  # landed over b: the rename is finished
                 assert keys == {"pre/t/", "pre/t/b"} and await _read(fs, "t/b") == data
+            elif case == "a open here as it lands over b":  # nothing deleted under an open file
+                assert keys == {"pre/t/", "pre/t/a", "pre/t/b"} and not fs.rename_logs.watched
+                await fs.release(held)
+            elif case.startswith("b moved away"):  # taken back: a stays, c is b's
+                assert keys == {"pre/t/", "pre/t/a", "pre/t/c"} and await _read(fs, "t/c") == theirs
             elif case == "directory moved, lands":
                 assert keys == {"pre/te/", "pre/te/a"} and await _read(fs, "te/a") == data
             else:  # taken back: a stays, b is as this mount left it (removed; moved back to a)
                 assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == a_now
-                if case.startswith("another file"):  # (the user's file there went with the landing: said)
+                if case.startswith(("another file", "b rewritten")):  # (the user's b went with the landing: said)
                     assert any(r.levelname == "ERROR" and "this mount had written there since" in r.getMessage()
                                for r in caplog.records)
         assert not any(w.targets for w in fs.rename_logs.watched)

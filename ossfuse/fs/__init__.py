@@ -236,6 +236,7 @@ class Filesystem:
             if node.staged is not None:
                 node.staged.close()
         self.cache.close()
+        latecopies.note_writes(self.rename_logs, self.store, self.naming)  # (the store forgets them now)
         self.rename_logs.close()
         if self.resolver.attr_cache is not None:
             self.resolver.attr_cache.close()

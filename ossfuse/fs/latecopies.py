@@ -128,7 +128,8 @@ def clock_text(t: float) -> str:
 
 
 async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks,
-                               near: str | None = None, changed: Callable[[str], None] = lambda path: None) -> int:
+                               near: str | None = None, changed: Callable[[str], None] = lambda path: None,
+                               in_use: Callable[[str], bool] = lambda path: False) -> int:
     """One look for the late copies of the watched renames (:class:`LateCopies`) that are due,
     or, with ``near`` (a path a lookup or listing is about), of those whose target is at, above
     or below it (above or below: at most once a second, for a listing's many lookups) (a copy
@@ -136,7 +137,9 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
     *into* it: trial AE). See :func:`_look`.
     A rename whose window ended (or whose copies all landed) ends its log. ``changed(path)``:
     called for both paths of a file rename a late copy finished (the mount's view of them is
-    out of date). Returns how many copies were taken back."""
+    out of date); ``in_use(path)``: whether this mount holds the file at ``path`` open or
+    changed (a late copy does not finish a rename by deleting it). Returns how many copies
+    were taken back."""
     taken = 0
     now = time.time()
     for late in list(logs.watched):
@@ -149,7 +152,7 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
                 or (near != late.entry.target and now - late.looked_at < NEAR_INTERVAL):
             continue  # (the target itself, what `mv` stats, is looked at every time)
         late.looked_at = now
-        taken += await _look(late, store, naming, locks, changed)
+        taken += await _look(late, store, naming, locks, changed, in_use)
         if late in logs.watched and (not late.targets or time.time() >= late.until):
             logs.watched.remove(late)
             logs.end(late.entry)
@@ -157,7 +160,7 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
 
 
 async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
-                changed: Callable[[str], None]) -> int:
+                changed: Callable[[str], None], in_use: Callable[[str], bool]) -> int:
     """A HEAD of each of ``late``'s targets; those that landed are taken back when they are
     their original's copies (:func:`take_back`, which needs the same object: a directory or
     empty file made there since is not one), under the rename's tree locks (no rename of those
@@ -169,7 +172,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     Returns how many were taken back."""
     entry = late.entry
     if entry.file:
-        return await _look_file(late, store, naming, locks, changed)
+        return await _look_file(late, store, naming, locks, changed, in_use)
     back: list[str] = []
     stay: list[str] = []
     try:
@@ -261,22 +264,26 @@ def _is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | Non
 
 
 async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, there: ObjectInfo,
-                         original: ObjectInfo | None, may_finish: bool, where: str) -> str | None:
+                         original: ObjectInfo | None, may_finish: bool, where: str,
+                         in_use: Callable[[str], bool] = lambda path: False) -> str | None:
     """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
     by its ETag) while its original (``original``: what is at its key now) is there, in any
     version (gone, moved by another client say, the copy may be the file's only one: it stays,
     as :func:`take_back` keeps one); or, ``may_finish`` and :func:`_finishes`, finish the
-    rename (delete the original, if it is still the version copied and the same object;
-    changed or gone since, the copy stays as the new name's file). One line; the target is no
+    rename (delete the original, if it is still the version copied and the same object, and
+    this mount holds it neither open nor changed: ``in_use(path)``, trial AL: deleted under an
+    open writer, it came back with the writer's close; else the copy stays as the new name's
+    file and the original where it is). One line; the target is no
     longer looked for. Returns "back", "finished", "kept", or None when a delete failed
     (changed since, or the store: logged; looked for again)."""
     entry = late.entry
     [(key, etag)] = entry.objects.items()
-    later = store.written_since_given_up(target)
+    later = _note_written(late, store, target)
     outcome = "back"
     try:
         if may_finish and _finishes(late, target, later):
-            if original is not None and same_etag(original.etag, etag) and same_object(there, original):
+            if original is not None and same_etag(original.etag, etag) and same_object(there, original) \
+                    and not in_use(entry.source):
                 await delete_version(store, key, etag, head=original)
                 outcome = "finished"
             else:
@@ -294,9 +301,9 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     if outcome == "finished":
         log.warning("%s landed late %s %r, over what was there: the rename is finished (%r deleted)", what, where,
                     target, key)
-    elif outcome == "kept":
-        log.info("%s landed late %s %r; its original changed or went since (it may be the file's only copy now): "
-                 "the copy stays", what, where, target)
+    elif outcome == "kept":  # (what is there holds the version copied; nothing is deleted)
+        log.info("%s is at %r, or what is there holds the version it copied, while its original changed, went or "
+                 "is open here since: left as it is", what, target)
     elif later is not None and later != DELETED:
         log.error("%s landed late %s %r, over the version %s this mount had written there since: taken back; that "
                   "version is no longer in the bucket (OSS cannot make a copy conditional on what it replaces)",
@@ -322,7 +329,31 @@ def _line4(entry: RenameLog, late: set[str], until: float | None) -> dict:
         line["replacing"] = True
     if entry.copy_key is not None:
         line["key"] = entry.copy_key
+    if entry.written_after is not None:
+        line["written"] = entry.written_after
     return line
+
+
+def note_writes(logs: RenameLogs, store: ObjectStore, naming: Naming) -> None:
+    """Before unmount: what this mount wrote at a watched file rename's new name since its copy
+    was given up on goes to the rename's line 4 (the store forgets it with the process; trial
+    AL: the next mount finished a rename whose new name the user had written or moved away)."""
+    for late in logs.watched:
+        if late.entry.file:
+            _note_written(late, store, naming.key(late.entry.target))
+
+
+def _note_written(late: LateCopies, store: ObjectStore, target: str) -> str | None:
+    """What this mount wrote at ``target`` since the copy was given up on (the store's
+    knowledge, else the log's), noted in ``late``'s line 4 when new. Returns it (None: nothing)."""
+    entry = late.entry
+    later = store.written_since_given_up(target)
+    if later is None:
+        return entry.written_after
+    if later != entry.written_after:
+        entry.written_after = later
+        _note_left(late)
+    return later
 
 
 def _note_left(late: LateCopies) -> None:
@@ -334,7 +365,7 @@ def _note_left(late: LateCopies) -> None:
 
 
 async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
-                     changed: Callable[[str], None]) -> int:
+                     changed: Callable[[str], None], in_use: Callable[[str], bool]) -> int:
     """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
     there, under the rename's locks, of both names. Only its copy (:func:`_is_its_copy`) counts
     as landed: it is taken back, or, landed over the object it replaces (:func:`_finishes`:
@@ -352,12 +383,15 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
             return 0
         if await store.head(target) is None:
             late.over[target] = None  # what it was to replace is removed: landing, it is taken back
+            if entry.replacing:  # (and so for a later mount: trial AL)
+                entry.replacing = False
+                _note_left(late)
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
             there, original = await store.head(target), await store.head(key)
             if there is None or not _is_its_copy(entry, there, original):
                 return 0
-            outcome = await _settle_landed(late, store, target, there, original, True, "at")
+            outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
     except (StoreError, FsError) as e:
         log.info("looking for the late copy of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)

@@ -1287,7 +1287,7 @@ class Namespace:
         """Before a lookup or listing of ``path``: take back what undone renames' late copies
         put at, above or below it (``latecopies.look_for_late_copies``; at most once a second)."""
         await look_for_late_copies(self.renames, self.store, self.naming, self.locks, near=path,
-                                   changed=self._changed_behind)
+                                   changed=self._changed_behind, in_use=self._in_use)
 
     async def watch_late_copies(self) -> None:
         """Run forever (a daemon task): look for the late copies of undone renames every few
@@ -1295,7 +1295,12 @@ class Namespace:
         while True:
             await trio.sleep(LATE_FIRST_LOOK)
             await look_for_late_copies(self.renames, self.store, self.naming, self.locks,
-                                       changed=self._changed_behind)
+                                       changed=self._changed_behind, in_use=self._in_use)
+
+    def _in_use(self, path: str) -> bool:
+        """Whether this mount holds the file at ``path`` open or changed (not yet uploaded)."""
+        node = self.inodes.by_path.get(path)
+        return node is not None and (node.opens > 0 or node.staged is not None)
 
     def _changed_behind(self, path: str) -> None:
         """The object at ``path`` changed behind this mount's view (a late copy finished a

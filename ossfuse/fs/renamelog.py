@@ -16,8 +16,9 @@ loss may not):
 4. ``{"undone": true, "late": [new keys], "until": wall-clock seconds}`` once it was undone with
    copies sent without an answer not found (:class:`LateCopies`): a later mount only looks for
    those until then, and never undoes it again (a file rename's, with ``"replacing": true``
-   when its copy replaces an object there, and ``"key"``, the wrapped data key of the version
-   it copies, when known);
+   when its copy replaces an object there — false again once that object is gone —,
+   ``"key"``, the wrapped data key of the version it copies, when known, and ``"written"``,
+   what this mount wrote at the new name since: an ETag, or "" for a delete);
 
 and the log goes when the rename is done in memory too. Each line is written whole by one
 ``write(2)`` and starts with its newline, so a line torn by a full disk or a crash stands
@@ -87,6 +88,10 @@ class RenameLog:
     # a file rename's: the wrapped data key of the version it copies, which tells its copy
     # (latecopies._is_its_copy; line 4); None: not known (compared with the original then)
     copy_key: str | None = None
+    # a file rename's: what this mount last wrote at the new name after the copy was given up
+    # on (an ETag, or "" for a delete; ObjectStore.written_since_given_up), noted in line 4 so a
+    # later mount knows it too (trial AL: a remount forgot it and finished the rename); None: nothing
+    written_after: str | None = None
     id: str | None = None
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
@@ -361,11 +366,13 @@ def _apply(entry: RenameLog, rec: dict) -> None:
         entry.deleting = True
     elif rec.get("undone") is True and isinstance(rec.get("until"), (int, float)) \
             and isinstance(rec.get("late"), list) and all(isinstance(k, str) for k in rec["late"]) \
-            and isinstance(rec.get("replacing", False), bool) and isinstance(rec.get("key", ""), str):
+            and isinstance(rec.get("replacing", False), bool) and isinstance(rec.get("key", ""), str) \
+            and isinstance(rec.get("written", ""), str):
         entry.undone_until = float(rec["until"])
         entry.late = set(rec["late"])
         entry.replacing = rec.get("replacing", False)
         entry.copy_key = rec.get("key")
+        entry.written_after = rec.get("written")
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 
