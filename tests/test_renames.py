@@ -1241,6 +1241,22 @@ def test_a_file_renames_copy_sent_without_an_answer_is_taken_back_when_it_lands(
     trio.run(run)
 
 
+async def _rename_unanswered(fs, parent, name: str, new_parent, new_name: str) -> None:
+    """`mv` of committed file ``name`` whose CopyObject gets no answer (a silent store, which
+    may still carry it out: noted in doubt as OssStore notes it): EIO, and the copy is watched."""
+    src = fs.naming.key(f"{parent.path}/{name}".lstrip("/"))
+    dst = fs.naming.key(f"{new_parent.path}/{new_name}".lstrip("/"))
+
+    async def no_answer(inner, op, keys):
+        raise StoreError("injected fault: no answer", key=keys[0])
+    fs.store.hook("copy", no_answer, key=src)
+    fs.store.in_doubt.add(dst)
+    with pytest.raises(FsError) as e:
+        await fs.rename(parent, name, new_parent, new_name, 0)
+    assert e.value.errno == errno.EIO
+    fs.store.clear()
+
+
 def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_moved(tmp_path, cmk_path, expect_log):
     """Trial AI: `mv a d1/b` failed without an answer, its copy landed late, and `mv d1 d2`
     came before the watch's next look (at most one a second for a listing): the copy moved
@@ -1258,13 +1274,7 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
         d1 = await fs.mkdir(fs.get(1), "d1", 0o755, UID, GID)
         await committed_file(fs, "c", other, parent=d1)
 
-        async def no_answer(inner, op, keys):
-            raise StoreError("injected fault: no answer", key=keys[0])
-        fs.store.hook("copy", no_answer, key="pre/a")
-        fs.store.in_doubt.add("pre/d1/b")
-        with pytest.raises(FsError):
-            await fs.rename(fs.get(1), "a", d1, "b", 0)
-        fs.store.clear()
+        await _rename_unanswered(fs, fs.get(1), "a", d1, "b")
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/d1/b"}]
         await fs.store.inner.copy("pre/a", "pre/d1/b")  # lands late
         fs.rename_logs.watched[0].looked_at = time.time()  # (a listing's look came just before)
@@ -1313,13 +1323,7 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         if over:
             await committed_file(fs, "b", theirs, parent=t)
 
-        async def no_answer(inner, op, keys):
-            raise StoreError("injected fault: no answer", key=keys[0])
-        fs.store.hook("copy", no_answer, key="pre/t/a")
-        fs.store.in_doubt.add("pre/t/b")
-        with pytest.raises(FsError):
-            await fs.rename(t, "a", t, "b", 0)
-        fs.store.clear()
+        await _rename_unanswered(fs, t, "a", t, "b")
         assert [w.targets for w in fs.rename_logs.watched] == [{"pre/t/b"}]
         original = "pre/t/a"
         if case.startswith("remounted"):
