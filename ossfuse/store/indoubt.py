@@ -112,6 +112,8 @@ class InDoubt:
         now = time.monotonic()
         for key in [k for k, ds in self._doubts.items() if all(d.until < now for d in ds)]:
             del self._doubts[key]
+        for key in [k for k, (until, _) in self._written_after.items() if until < now]:
+            del self._written_after[key]
         return [k for k, ds in self._doubts.items() if any(d.later is not None for d in ds)]
 
     def check(self, key: str, info: ObjectInfo | None) -> bool:
