@@ -1292,7 +1292,8 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
                                   "directory moved after it landed over b", "retried",
                                   "another file moved onto b here, lands over b", "a rewritten as it lands",
                                   "another client's mv a b", "retried, remounted", "b rewritten here, remounted, lands",
-                                  "b moved away here, remounted, lands", "a open here as it lands over b"])
+                                  "b moved away here, remounted, lands", "a open here as it lands over b",
+                                  "b removed here, remounted, lands", "retried, a made anew, remounted"])
 def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log,
                                                                          caplog):
     """Trial AI, the watch of a failed file rename's copy (``latecopies._look_file``) against
@@ -1354,8 +1355,10 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         elif case.startswith("another file"):
             await committed_file(fs, "x", b"the user's", parent=t)
             await fs.rename(t, "x", t, "b", 0)
-        elif case == "retried, remounted":  # (trial AL: the next mount took the moved file for the copy)
+        elif case.startswith("retried,"):  # (trials AL, AM: the next mount took the moved file for the copy)
             await fs.rename(t, "a", t, "b", 0)
+            if "a made anew" in case:  # (AM: the logged original's name holds a file again)
+                await committed_file(fs, "a", b"a new a", parent=t)
             await _crash(fs)
             fs = core_filesystem(tmp_path, cmk_path, store())
             fs.recover()
@@ -1364,13 +1367,16 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             for w in fs.rename_logs.watched:
                 w.next_at = 0
             await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
-            assert await _keys(fs) == {"pre/t/", "pre/t/b"}
+            assert await _keys(fs) == ({"pre/t/", "pre/t/a", "pre/t/b"} if "a made anew" in case else {"pre/t/", "pre/t/b"})
+            assert await _read(fs, "t/b") == data
             assert not any("landed late" in r.getMessage() for r in caplog.records)
             await _crash(fs)
             return
-        elif case.endswith("here, remounted, lands"):  # what this mount did at b is in the log (trial AL)
-            if case.startswith("b rewritten"):
+        elif case.endswith("here, remounted, lands"):  # what this mount did at b is in the log at once
+            if case.startswith("b rewritten"):  # (trials AL, AM: a remount, a crash, forgot it)
                 await committed_file(fs, "b", b"the user's new b", parent=t)
+            elif case.startswith("b removed"):
+                await fs.unlink(t, "b")
             else:
                 await fs.rename(t, "b", t, "c", 0)
             await _crash(fs)
@@ -1410,6 +1416,8 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             elif case == "a open here as it lands over b":  # nothing deleted under an open file
                 assert keys == {"pre/t/", "pre/t/a", "pre/t/b"} and not fs.rename_logs.watched
                 await fs.release(held)
+            elif case.startswith("b removed here, remounted"):  # taken back: a stays, no b
+                assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data
             elif case.startswith("b moved away"):  # taken back: a stays, c is b's
                 assert keys == {"pre/t/", "pre/t/a", "pre/t/c"} and await _read(fs, "t/c") == theirs
             elif case == "directory moved, lands":
@@ -1436,7 +1444,7 @@ def test_a_watched_file_rename_moves_out_of_the_shared_log_which_stays_small(tmp
     w.copying("pre/b")
     w.late, w.copy_key = {"pre/b"}, "wrapped-key"
     assert latecopies.watch(logs, w, time.time() + 600)
-    w.append_closed(latecopies._line4(w, w.late, w.undone_until))
+    w.append_closed(w.line4(w.late, w.undone_until))
     for i in range(20):
         e = logs.begin(f"x{i}", f"y{i}", {f"pre/x{i}": "E"}, None, file=True)
         e.copying(f"pre/y{i}")

@@ -91,6 +91,7 @@ class Filesystem:
         self.commit.conflicts.deferred = self.deferred_deletes
         self.commit.conflicts.late_copy = functools.partial(latecopies.take_back_at, self.rename_logs, store,
                                                             self.naming)
+        store.on_write_after_doubt(functools.partial(latecopies.written_now, self.rename_logs, self.naming))
         self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,
                            keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
                            upload_at_close=store.local_disk and upload_delay == 0)
@@ -236,7 +237,6 @@ class Filesystem:
             if node.staged is not None:
                 node.staged.close()
         self.cache.close()
-        latecopies.note_writes(self.rename_logs, self.store, self.naming)  # (the store forgets them now)
         self.rename_logs.close()
         if self.resolver.attr_cache is not None:
             self.resolver.attr_cache.close()

@@ -104,7 +104,7 @@ def watch_or_end(logs: RenameLogs, entry: RenameLog, store: ObjectStore, since: 
         return False
     try:  # line 4: a later mount only looks for the late copies, never undoes it again (the
         # logged copies' ETags match what a user makes there since: every empty object's; trial AE)
-        entry.append_closed(_line4(entry, entry.late, entry.undone_until))
+        entry.append_closed(entry.line4(entry.late, entry.undone_until))
     except OSError as e:
         log.warning("rename log %s: cannot note that the rename of %r was undone (%s); a later mount undoes it "
                     "again", entry.path, entry.source, e)
@@ -322,25 +322,17 @@ def _finishes(late: LateCopies, target: str, later: str | None) -> bool:
     return late.entry.replacing and late.over.get(target, True) is not None and later is None
 
 
-def _line4(entry: RenameLog, late: set[str], until: float | None) -> dict:
-    """Line 4 of ``entry``'s log (``fs/renamelog.py``): ``late`` looked for until ``until``."""
-    line: dict = {"undone": True, "late": sorted(late), "until": until}
-    if entry.replacing:
-        line["replacing"] = True
-    if entry.copy_key is not None:
-        line["key"] = entry.copy_key
-    if entry.written_after is not None:
-        line["written"] = entry.written_after
-    return line
-
-
-def note_writes(logs: RenameLogs, store: ObjectStore, naming: Naming) -> None:
-    """Before unmount: what this mount wrote at a watched file rename's new name since its copy
-    was given up on goes to the rename's line 4 (the store forgets it with the process; trial
-    AL: the next mount finished a rename whose new name the user had written or moved away)."""
+def written_now(logs: RenameLogs, naming: Naming, key: str, result: str) -> None:
+    """This mount just wrote ``key`` (``result``: an ETag, or DELETED) after a write there it
+    gave up on (``ObjectStore.on_write_after_doubt``): a watched file rename whose new name it
+    is notes it in its line 4 at once (the store forgets it with the process; trial AM: a
+    `kill -9` before the next look, and the next mount finished a rename whose new name the
+    user had rewritten or removed)."""
     for late in logs.watched:
-        if late.entry.file:
-            _note_written(late, store, naming.key(late.entry.target))
+        entry = late.entry
+        if entry.file and key in late.targets and naming.key(entry.target) == key and entry.written_after != result:
+            entry.written_after = result
+            _note_left(late)
 
 
 def _note_written(late: LateCopies, store: ObjectStore, target: str) -> str | None:
@@ -359,7 +351,7 @@ def _note_written(late: LateCopies, store: ObjectStore, target: str) -> str | No
 def _note_left(late: LateCopies) -> None:
     """Line 4 again, with what is left to look for (the last one counts)."""
     try:
-        late.entry.append_closed(_line4(late.entry, late.targets, late.until))
+        late.entry.append_closed(late.entry.line4(late.targets, late.until))
     except OSError as e:
         log.info("rename log %s: cannot note the copies left to look for (%s)", late.entry.path, e)
 

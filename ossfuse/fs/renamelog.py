@@ -17,8 +17,9 @@ loss may not):
    copies sent without an answer not found (:class:`LateCopies`): a later mount only looks for
    those until then, and never undoes it again (a file rename's, with ``"replacing": true``
    when its copy replaces an object there — false again once that object is gone —,
-   ``"key"``, the wrapped data key of the version it copies, when known, and ``"written"``,
-   what this mount wrote at the new name since: an ETag, or "" for a delete);
+   ``"key"``, the wrapped data key of the version it copies, when known, ``"written"``,
+   what this mount wrote at the new name since: an ETag, or "" for a delete, and
+   ``"original": [key, ETag]`` with ``"source"`` when this mount moved the original since);
 
 and the log goes when the rename is done in memory too. Each line is written whole by one
 ``write(2)`` and starts with its newline, so a line torn by a full disk or a crash stands
@@ -92,6 +93,9 @@ class RenameLog:
     # on (an ETag, or "" for a delete; ObjectStore.written_since_given_up), noted in line 4 so a
     # later mount knows it too (trial AL: a remount forgot it and finished the rename); None: nothing
     written_after: str | None = None
+    # a file rename's original was moved by this mount since (RenameLogs.follow): ``objects``
+    # and ``source`` say where it is now (line 4's "original" and "source")
+    moved: bool = False
     id: str | None = None
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
@@ -109,6 +113,22 @@ class RenameLog:
             _write_line(fd, {"id": self.id, **rec} if self.id is not None else rec)
         finally:
             os.close(fd)
+
+    def line4(self, late: set[str], until: float | None) -> dict:
+        """Line 4 (module doc): ``late`` looked for until ``until``, with what a file rename's
+        watch knows (``replacing``, ``copy_key``, ``written_after``, and its original when this
+        mount moved it since: ``follow``)."""
+        line: dict = {"undone": True, "late": sorted(late), "until": until}
+        if self.replacing:
+            line["replacing"] = True
+        if self.copy_key is not None:
+            line["key"] = self.copy_key
+        if self.written_after is not None:
+            line["written"] = self.written_after
+        if self.moved:
+            [(key, etag)] = self.objects.items()
+            line.update(original=[key, etag], source=self.source)
+        return line
 
     def copying(self, key: str) -> None:
         """The copy to ``key`` is about to be sent. Raises FsError (the cache disk refuses the
@@ -239,13 +259,17 @@ class RenameLogs:
         """Object ``key`` was moved by this mount to ``new_key`` (version ``etag``, at ``path``):
         a watched file rename whose original it was now compares its late copy with the moved
         one (trial AI: a directory rename moved the original while its late copy landed, and
-        the watch, finding no original, left the copy). In memory: a later mount compares with
-        the logged original."""
+        the watch, finding no original, left the copy); noted in its line 4."""
         for late in self.watched:
             entry = late.entry
             if entry.file and key in entry.objects:
                 entry.objects, entry.source = {new_key: etag}, path  # (maybe onto the watched name
                 # itself: then it is no copy, latecopies._is_its_copy; trial AK: it was deleted)
+                entry.moved = True
+                try:  # (so a later mount knows: trial AM, it took the moved file for the copy)
+                    entry.append_closed(entry.line4(late.targets, late.until))
+                except OSError as e:
+                    log.info("rename log %s: cannot note that the original moved (%s)", entry.path, e)
 
     def detach(self, entry: RenameLog) -> None:
         """This run's file rename ``entry``, about to be watched for minutes, moves its lines
@@ -367,12 +391,16 @@ def _apply(entry: RenameLog, rec: dict) -> None:
     elif rec.get("undone") is True and isinstance(rec.get("until"), (int, float)) \
             and isinstance(rec.get("late"), list) and all(isinstance(k, str) for k in rec["late"]) \
             and isinstance(rec.get("replacing", False), bool) and isinstance(rec.get("key", ""), str) \
-            and isinstance(rec.get("written", ""), str):
+            and isinstance(rec.get("written", ""), str) and isinstance(rec.get("source", ""), str) \
+            and (rec.get("original") is None or (isinstance(rec["original"], list) and len(rec["original"]) == 2
+                                                 and all(isinstance(k, str) for k in rec["original"]))):
         entry.undone_until = float(rec["until"])
         entry.late = set(rec["late"])
         entry.replacing = rec.get("replacing", False)
         entry.copy_key = rec.get("key")
         entry.written_after = rec.get("written")
+        if rec.get("original") is not None:
+            entry.objects, entry.source, entry.moved = {rec["original"][0]: rec["original"][1]}, rec["source"], True
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 

@@ -13,7 +13,7 @@ import contextvars
 import functools
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ..aio import run_all
 
@@ -263,6 +263,11 @@ class ObjectStore(abc.ABC):
     def landed_late(self, key: str, etag: str) -> None:
         """A write to ``key`` this store gave up on was seen to have landed as version ``etag``
         and was dealt with (store/indoubt.py ``InDoubt.landed``). Nothing here."""
+
+    def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
+        """Call ``fn(key, result)`` (on the trio thread) whenever this store writes ``key`` after
+        a write to it it gave up on that may still land (``result``: what the write left, an
+        ETag or ``indoubt.DELETED``). Nothing here: no write of this store is ever in doubt."""
 
     def written_since_given_up(self, key: str) -> str | None:
         """What this store's last write to ``key`` (a PUT, copy or DELETE that succeeded) left

@@ -62,6 +62,9 @@ class InDoubt:
         # there): this mount wrote the key after a request in doubt there; kept for the doubt's
         # window even once the doubt is settled (check, landed): fs/latecopies.py asks it
         self._written_after: dict[str, tuple[float, str]] = {}
+        # called (key, what the write left) at each such write, on the trio thread
+        # (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)
+        self.on_written: Callable[[str, str], None] = lambda key, result: None
 
     def given_up(self, op: str, key: str, effect: str) -> None:
         """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
@@ -78,6 +81,7 @@ class InDoubt:
             d.later = None if same_etag(d.effect, result) else result  # (the same version again: harmless)
         if any(d.later is not None for d in doubts):
             self._written_after[key] = (max(d.until for d in doubts), result)
+            self.on_written(key, result)
 
     def landed(self, key: str, etag: str) -> None:
         """A request in doubt that leaves ``etag`` at ``key`` was seen there, and dealt with

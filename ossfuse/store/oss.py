@@ -756,6 +756,9 @@ class OssStore(ObjectStore):
     def landed_late(self, key: str, etag: str) -> None:
         self.in_doubt.landed(key, etag)
 
+    def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
+        self.in_doubt.on_written = fn
+
     @staticmethod
     def _meta_headers(key: str, metadata: dict[str, str] | None) -> dict[str, str]:
         """``x-oss-meta-*`` headers (§3.17): names lower-case letters/digits/'-', ASCII values."""

@@ -161,6 +161,7 @@ class FaultStore(ObjectStore):
         self.rules: list[Rule] = []
         self.in_doubt: set[str] = set()  # keys may_still_land says yes for (set by a test)
         self.written_since: dict[str, str] = {}  # key of in_doubt → what a write through this store left since
+        self._on_written: Callable[[str, str], None] = lambda key, result: None
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
@@ -174,6 +175,10 @@ class FaultStore(ObjectStore):
 
     def landed_late(self, key: str, etag: str) -> None:
         self.inner.landed_late(key, etag)
+
+    def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
+        self._on_written = fn
+        self.inner.on_write_after_doubt(fn)
 
     def written_since_given_up(self, key: str) -> str | None:
         """The inner store's answer, or for a key of ``in_doubt`` written through this store
@@ -258,7 +263,10 @@ class FaultStore(ObjectStore):
         result = await call()
         if op in _WRITES:  # (the destination: a copy's second key)
             left = result.etag if isinstance(result, ObjectInfo) else DELETED
-            self.written_since.update((k, left) for k in (keys[1:] if op == "copy" else keys) if k in self.in_doubt)
+            for k in (keys[1:] if op == "copy" else keys):
+                if k in self.in_doubt:
+                    self.written_since[k] = left
+                    self._on_written(k, left)
         if error_rule is not None and error_rule.kind == "lose":
             self.injected.append(("lose", op, keys))
             raise _make_error(error_rule.error, op, key)
