@@ -51,9 +51,7 @@ NEAR_INTERVAL = 1.0  # seconds: the shortest time between two looks a lookup or 
 
 
 def originals_by_copy(entry: RenameLog, naming: Naming) -> dict[str, tuple[str, str]]:
-    """Rename ``entry``'s new keys → (the original's key, its logged ETag)."""
-    if entry.file:  # (its one object: a log's header has no other shape)
-        return {naming.key(entry.target): item for item in entry.objects.items()}
+    """Directory rename ``entry``'s new keys → (the original's key, its logged ETag)."""
     old, new = naming.dir_key(entry.source), naming.dir_key(entry.target)
     return {moved_key(key, old, new, naming.prefix): (key, etag) for key, etag in entry.objects.items()}
 
