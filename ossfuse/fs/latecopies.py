@@ -205,7 +205,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
         log.info("looking for late copies of the rename of %r to %r failed (%s); looked for again later",
                  entry.source, entry.target, e)
     if back or stay:
-        _note_left(late)
+        late.note_left()
     if back:
         log.warning("%d copy(ies) the undone rename of %r to %r had sent without an answer landed late (e.g. %r): "
                     "taken back", len(back), entry.source, entry.target, back[0])
@@ -218,7 +218,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
 async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key: str, there: ObjectInfo | None,
                        where: str = "where this mount writes", may_finish: bool = False) -> str | None:
     """When ``there`` (what is at ``key``; None: HEAD it) is the late copy of a failed file
-    rename this mount watches (:func:`_is_its_copy`), settle it before it is taken for another
+    rename this mount watches (:func:`is_its_copy`), settle it before it is taken for another
     client's version: by an upload to ``key`` (a trial: a new file written where the late copy
     landed went to a conflict copy, then the watch took the late copy back: the name was
     empty), or by a directory rename that would move it to its new name, where no watch looks
@@ -231,21 +231,21 @@ async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key
     above it; ``where``: for the log line. Raises StoreError."""
     for late in logs.watched:
         entry = late.entry
-        if not entry.file or key not in late.targets or naming.key(entry.target) != key:
+        if not entry.file or key not in late.targets:  # (a file rename's one target)
             continue
         there = there or await store.head(key)
         if there is None:
             return None
         [(okey, _etag)] = entry.objects.items()
         original = await store.head(okey)
-        if not _is_its_copy(entry, there, original):
+        if not is_its_copy(entry, there, original):
             continue
         outcome = await _settle_landed(late, store, key, there, original, may_finish, where)
         return None if outcome is None else okey if outcome == "finished" else key
     return None
 
 
-def _is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | None) -> bool:
+def is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | None) -> bool:
     """Whether ``there`` is file rename ``entry``'s copy: it holds the wrapped data key of the
     version copied (``entry.copy_key``: also when the original was rewritten or moved since;
     trial AK: rewritten right after the copy landed, it was not taken back); not known, the
@@ -276,10 +276,10 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     (changed since, or the store: logged; looked for again)."""
     entry = late.entry
     [(key, etag)] = entry.objects.items()
-    later = _note_written(late, store, target)
+    later = entry.written_after
     outcome = "back"
     try:
-        if may_finish and _finishes(late, target, later):
+        if may_finish and _finishes(entry):
             if original is not None and same_etag(original.etag, etag) and same_object(there, original) \
                     and not in_use(entry.source):
                 await delete_version(store, key, etag, head=original)
@@ -294,7 +294,7 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
         return None
     late.targets.discard(target)
     store.landed_late(target, there.etag)
-    _note_left(late)
+    late.note_left()
     what = f"the copy the failed rename of {entry.source!r} to {entry.target!r} had sent without an answer"
     if outcome == "finished":
         log.warning("%s landed late %s %r, over what was there: the rename is finished (%r deleted)", what, where,
@@ -311,16 +311,15 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     return outcome
 
 
-def _finishes(late: LateCopies, target: str, later: str | None) -> bool:
-    """Whether file rename ``late``'s copy, landed at ``target``, finishes the rename rather
-    than being taken back: it was to replace an object there (``entry.replacing``), which
-    nobody removed since (a look found the name empty: ``late.over``) and this mount did not
-    write since (``later``: its `rm`, an upload, a retried `mv` there; trial AI, the mount's own
-    later `rm b` was undone and a deleted)."""
-    return late.entry.replacing and late.over.get(target, True) is not None and later is None
+def _finishes(entry: RenameLog) -> bool:
+    """Whether file rename ``entry``'s copy, landed late, finishes the rename rather than being
+    taken back: it was to replace an object there (``replacing``: off once a look found the
+    name empty), and this mount did not write there since (``written_after``: its `rm`, an
+    upload, a retried `mv`; trial AI, the mount's own later `rm b` was undone and a deleted)."""
+    return entry.replacing and entry.written_after is None
 
 
-def written_now(logs: RenameLogs, naming: Naming, key: str, result: str) -> None:
+def written_now(logs: RenameLogs, key: str, result: str) -> None:
     """This mount just wrote ``key`` (``result``: an ETag, or DELETED) after a write there it
     gave up on (``ObjectStore.on_write_after_doubt``): a watched file rename whose new name it
     is notes it in its line 4 at once (the store forgets it with the process; trial AM: a
@@ -328,36 +327,15 @@ def written_now(logs: RenameLogs, naming: Naming, key: str, result: str) -> None
     user had rewritten or removed)."""
     for late in logs.watched:
         entry = late.entry
-        if entry.file and key in late.targets and naming.key(entry.target) == key and entry.written_after != result:
+        if entry.file and key in late.targets and entry.written_after != result:  # (its one target)
             entry.written_after = result
-            _note_left(late)
-
-
-def _note_written(late: LateCopies, store: ObjectStore, target: str) -> str | None:
-    """What this mount wrote at ``target`` since the copy was given up on (the store's
-    knowledge, else the log's), noted in ``late``'s line 4 when new. Returns it (None: nothing)."""
-    entry = late.entry
-    later = store.written_since_given_up(target)
-    if later is None:
-        return entry.written_after
-    if later != entry.written_after:
-        entry.written_after = later
-        _note_left(late)
-    return later
-
-
-def _note_left(late: LateCopies) -> None:
-    """Line 4 again, with what is left to look for (the last one counts)."""
-    try:
-        late.entry.append_closed(late.entry.line4(late.targets, late.until))
-    except OSError as e:
-        log.info("rename log %s: cannot note the copies left to look for (%s)", late.entry.path, e)
+            late.note_left()
 
 
 async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
                      changed: Callable[[str], None], in_use: Callable[[str], bool]) -> int:
     """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
-    there, under the rename's locks, of both names. Only its copy (:func:`_is_its_copy`) counts
+    there, under the rename's locks, of both names. Only its copy (:func:`is_its_copy`) counts
     as landed: it is taken back, or, landed over the object it replaces (:func:`_finishes`:
     that object is gone then, and taking the copy back would leave neither), the rename is
     finished: the original deleted and ``changed`` called with both paths
@@ -372,14 +350,14 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
         if target not in late.targets:
             return 0
         if await store.head(target) is None:
-            late.over[target] = None  # what it was to replace is removed: landing, it is taken back
-            if entry.replacing:  # (and so for a later mount: trial AL)
+            if entry.replacing:  # what it was to replace is removed: landing, it is taken back (line
+                # 4: so for a later mount too, trial AL)
                 entry.replacing = False
-                _note_left(late)
+                late.note_left()
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
             there, original = await store.head(target), await store.head(key)
-            if there is None or not _is_its_copy(entry, there, original):
+            if there is None or not is_its_copy(entry, there, original):
                 return 0
             outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
     except (StoreError, FsError) as e:

@@ -42,7 +42,7 @@ from .model import SPECIAL_TYPES, FileHandle, Node, Version, set_local_version, 
 from .namecache import NameCache
 from .naming import MAX_KEY_BYTES, Naming, join, valid_listed_name
 from .objmeta import attr_meta, file_metadata, is_hidden, special_metadata
-from .latecopies import clock_text, look_for_late_copies, same_object, take_back_at, watch_or_end
+from .latecopies import clock_text, is_its_copy, look_for_late_copies, same_object, take_back_at, watch_or_end
 from .renamelog import LATE_FIRST_LOOK, RenameLog, RenameLogs, moved_key
 from .renames import same_list, undo as undo_rename
 from .resolve import Resolver
@@ -1106,7 +1106,7 @@ class Namespace:
         but landed (the answer lost: a trickled or cut connection), else None (not there,
         another object there, the source changed, nothing sent, or the store fails the HEADs
         too); the source's wrapped data key goes to ``rlog.copy_key`` (what tells a late copy:
-        ``latecopies._is_its_copy``). Only a request OSS may still carry out is looked for."""
+        ``latecopies.is_its_copy``). Only a request OSS may still carry out is looked for."""
         if not self.store.may_still_land(key):
             return None
         try:
@@ -1115,7 +1115,7 @@ class Namespace:
             return None
         if now is not None and same_etag(now.etag, source.etag):
             rlog.copy_key = now.metadata.get(env.H_KEY)
-        if there is None or now is None or not same_etag(now.etag, source.etag) or not same_object(there, now):
+        if there is None or not is_its_copy(rlog, there, now):
             return None
         log.info("rename of %r to %r: the copy's answer was lost, but the copy landed: the rename goes on", source.key,
                  key)

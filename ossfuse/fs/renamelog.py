@@ -87,10 +87,10 @@ class RenameLog:
     # rename: latecopies._look_file; line 4)
     replacing: bool = False
     # a file rename's: the wrapped data key of the version it copies, which tells its copy
-    # (latecopies._is_its_copy; line 4); None: not known (compared with the original then)
+    # (latecopies.is_its_copy; line 4); None: not known (compared with the original then)
     copy_key: str | None = None
     # a file rename's: what this mount last wrote at the new name after the copy was given up
-    # on (an ETag, or "" for a delete; ObjectStore.written_since_given_up), noted in line 4 so a
+    # on (an ETag, or "" for a delete; ObjectStore.on_write_after_doubt), noted in line 4 so a
     # later mount knows it too (trial AL: a remount forgot it and finished the rename); None: nothing
     written_after: str | None = None
     # a file rename's original was moved by this mount since (RenameLogs.follow): ``objects``
@@ -264,12 +264,9 @@ class RenameLogs:
             entry = late.entry
             if entry.file and key in entry.objects:
                 entry.objects, entry.source = {new_key: etag}, path  # (maybe onto the watched name
-                # itself: then it is no copy, latecopies._is_its_copy; trial AK: it was deleted)
+                # itself: then it is no copy, latecopies.is_its_copy; trial AK: it was deleted)
                 entry.moved = True
-                try:  # (so a later mount knows: trial AM, it took the moved file for the copy)
-                    entry.append_closed(entry.line4(late.targets, late.until))
-                except OSError as e:
-                    log.info("rename log %s: cannot note that the original moved (%s)", entry.path, e)
+                late.note_left()  # (so a later mount knows: trial AM, it took the moved file for the copy)
 
     def detach(self, entry: RenameLog) -> None:
         """This run's file rename ``entry``, about to be watched for minutes, moves its lines
@@ -400,7 +397,8 @@ def _apply(entry: RenameLog, rec: dict) -> None:
         entry.copy_key = rec.get("key")
         entry.written_after = rec.get("written")
         if rec.get("original") is not None:
-            entry.objects, entry.source, entry.moved = {rec["original"][0]: rec["original"][1]}, rec["source"], True
+            entry.objects, entry.moved = {rec["original"][0]: rec["original"][1]}, True
+            entry.source = rec.get("source", entry.source)
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
 
@@ -442,6 +440,14 @@ class LateCopies:
     # late copy there is a change from it; None: the user removed that directory since (its
     # marker is not put back after a late copy is taken back)
     over: dict[str, ObjectInfo | None] = field(default_factory=dict)
+
+    def note_left(self) -> None:
+        """Line 4 again (``RenameLog.line4``), with what is left to look for and what the watch
+        knows now (the last line 4 counts)."""
+        try:
+            self.entry.append_closed(self.entry.line4(self.targets, self.until))
+        except OSError as e:
+            log.info("rename log %s: cannot note the copies left to look for (%s)", self.entry.path, e)
 
 
 def moved_key(key: str, old: str, new: str, root: str) -> str:

@@ -269,12 +269,6 @@ class ObjectStore(abc.ABC):
         a write to it it gave up on that may still land (``result``: what the write left, an
         ETag or ``indoubt.DELETED``). Nothing here: no write of this store is ever in doubt."""
 
-    def written_since_given_up(self, key: str) -> str | None:
-        """What this store's last write to ``key`` (a PUT, copy or DELETE that succeeded) left
-        there — its ETag, or ``indoubt.DELETED`` ("") — when it came after a write to ``key``
-        it gave up on and that may still land (store/indoubt.py); else None."""
-        return None
-
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""
         super().__init_subclass__(**kw)

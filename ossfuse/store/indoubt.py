@@ -60,7 +60,7 @@ class InDoubt:
         self._doubts: dict[str, list[_Doubt]] = {}
         # key → (monotonic seconds until which it counts, what this mount's last write left
         # there): this mount wrote the key after a request in doubt there; kept for the doubt's
-        # window even once the doubt is settled (check, landed): fs/latecopies.py asks it
+        # window even once the doubt is settled (check, landed): what written_since answers
         self._written_after: dict[str, tuple[float, str]] = {}
         # called (key, what the write left) at each such write, on the trio thread
         # (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)

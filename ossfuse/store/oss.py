@@ -750,9 +750,6 @@ class OssStore(ObjectStore):
     def may_still_land(self, key: str) -> bool:
         return self.in_doubt.has(key)
 
-    def written_since_given_up(self, key: str) -> str | None:
-        return self.in_doubt.written_since(key)
-
     def landed_late(self, key: str, etag: str) -> None:
         self.in_doubt.landed(key, etag)
 
