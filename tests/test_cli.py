@@ -668,8 +668,10 @@ def test_the_installed_command_runs_a_copy_not_this_checkout():
         real = os.path.realpath(cmd)
         assert not real.startswith(repo + os.sep), f"{cmd} -> {real} is inside the checkout {repo}"
         python = os.path.join(os.path.dirname(real), "python")
+        # as a unit or fstab runs it: without the PYTHONPATH a developer's shell may set to a checkout
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         r = subprocess.run([python, "-c", "import ossfuse, os; print(os.path.realpath(ossfuse.__file__))"],
-                           cwd="/", capture_output=True, text=True, timeout=60)
+                           cwd="/", capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 0 and not r.stdout.strip().startswith(repo + os.sep), r.stdout + r.stderr
     r = subprocess.run(["/usr/local/bin/ossfuse", "--help"], cwd="/", capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "umount" in r.stdout, r.stderr
