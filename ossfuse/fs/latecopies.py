@@ -295,7 +295,7 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     late.targets.discard(target)
     store.landed_late(target, there.etag)
     late.note_left()
-    what = f"the copy the failed rename of {entry.source!r} to {entry.target!r} had sent without an answer"
+    what = f"the copy the failed rename {entry.named()} had sent without an answer"
     if outcome == "finished":
         log.warning("%s landed late %s %r, over what was there: the rename is finished (%r deleted)", what, where,
                     target, key)
@@ -361,8 +361,7 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                 return 0
             outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
     except (StoreError, FsError) as e:
-        log.info("looking for the late copy of the rename of %r to %r failed (%s); looked for again later",
-                 entry.source, entry.target, e)
+        log.info("looking for the late copy of the rename %s failed (%s); looked for again later", entry.named(), e)
         return 0
     if outcome == "finished":
         changed(entry.source)

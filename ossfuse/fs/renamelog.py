@@ -100,6 +100,13 @@ class RenameLog:
     _fd: int | None = None  # open (O_APPEND) while this run's rename goes on (a shared log: not its own)
     _failing: bool = False
 
+    def named(self) -> str:
+        """The rename, for a log line: "of 'a' to 'b'", or, once this mount moved the original
+        (``moved``: ``source`` is where it went), "to 'b' (its file moved to 'c' since)"."""
+        if self.moved:
+            return f"to {self.target!r} (its file moved to {self.source!r} since)"
+        return f"of {self.source!r} to {self.target!r}"
+
     def _append(self, rec: dict) -> None:
         """Write ``rec`` as one line (module doc). Raises OSError, also for a short write."""
         assert self._fd is not None
