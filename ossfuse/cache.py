@@ -55,7 +55,7 @@ import fastcrc
 import trio
 
 from .aio import Supervisor, run_all
-from .integrity import BlockTags, IntegrityError, TagSpec, nblocks
+from .integrity import BlockTags, IntegrityError, TagSpec, nblocks, tag_key
 from .integrity import TAG as _TAG
 from .integrity import list_key_candidates
 from .integrity import parse as parse_tags
@@ -142,12 +142,12 @@ class TruncatedObject(Exception):
 
 class _Chunk:
     """Ciphertext bytes ``[lo, lo + len(data))`` of one version, just fetched (and checked
-    against its tags if ``authed``), while they are written to the cache file; ``written`` is
-    set once that is over (written or not)."""
+    against its tags under tag key ``authed``, None: not checked), while they are written to
+    the cache file; ``written`` is set once that is over (written or not)."""
 
     __slots__ = ("lo", "data", "authed", "written")
 
-    def __init__(self, lo: int, data: bytes, authed: bool):
+    def __init__(self, lo: int, data: bytes, authed: bytes | None):
         self.lo, self.data, self.authed = lo, data, authed
         self.written = trio.Event()
 
@@ -176,8 +176,10 @@ class CacheEntry:
         self.pending: dict[int, _Chunk] = {}  # blocks fetched and being written (module doc)
         self.crc: list[int | None] = [None] * self.nblocks  # CRC-32 of each fetched block
         self.verified = bytearray(b"\1" * self.nblocks)  # 0: from an earlier mount, check first
-        # 1 per present block checked against the object's integrity tags (docs/integrity.md)
+        # 1 per present block checked against the object's integrity tags (docs/integrity.md),
+        # under tag key authed_k (check_under)
         self.authed = bytearray(self.nblocks)
+        self.authed_k: bytes | None = None
         self.tags: BlockTags | None = None  # the version's tags, once a reader supplied them
         self.pinned = False  # never evicted (its object is gone but a handle still reads it)
         self.dropped = False  # forgotten by the cache: late fetches must not recreate its file
@@ -193,6 +195,15 @@ class CacheEntry:
 
     def block_len(self, b: int) -> int:
         return min(self.block_size, self.size - b * self.block_size)
+
+    def check_under(self, tags: BlockTags) -> None:
+        """Readers check against ``tags`` from now on. Blocks checked under another tag key
+        (another data key or IV: an envelope put on this very body, same ETag, a trial served
+        garbage so) are checked again; a re-wrap (``ossfuse rekey``) keeps the key."""
+        if self.authed_k != tags.k:
+            self.authed[:] = bytes(self.nblocks)
+            self.authed_k = tags.k
+        self.tags = tags
 
     def have(self, b: int) -> bool:
         """Block ``b`` can be read: on disk, or fetched and being written."""
@@ -226,10 +237,14 @@ class BlockCache:
                       # without tags; blocks that failed their tag (after one refetch), refetches
                       "verified_bytes": 0, "unverified_bytes": 0, "integrity_failures": 0,
                       "integrity_refetches": 0}
-        self._tag_lists: collections.OrderedDict[tuple[str, str], BlockTags] = collections.OrderedDict()
+        # (key, etag) -> (data key, IV, its tags): a tag list holds for the data key it was checked
+        # with only (tags_for)
+        self._tag_lists: collections.OrderedDict[tuple[str, str], tuple[bytes, bytes, BlockTags]] = \
+            collections.OrderedDict()
         # local-disk store: (key, etag) -> (offset, ciphertext) of the last checked span read
         # version -> its checked spans [(offset, bytes)], the most recent last
         self._checked: collections.OrderedDict[tuple[str, str], list[tuple[int, bytes]]] = collections.OrderedDict()
+        self._checked_k: dict[tuple[str, str], bytes] = {}  # the tag key they were checked under
         self._checked_bytes = 0
         # version -> tagged spans being fetched by _read_through now [(lo, hi, done)] (local disk)
         self._fetching: dict[tuple[str, str], list[tuple[int, int, trio.Event]]] = {}
@@ -350,7 +365,7 @@ class BlockCache:
         return freed
 
     # -- entries ------------------------------------------------------------------------
-    def adopt(self, key: str, etag: str, size: int, path: str) -> None:
+    def adopt(self, key: str, etag: str, size: int, path: str, data_key: bytes, iv: bytes) -> None:
         """Take over ``path``, which holds the full ciphertext of version (key, etag) (a staged
         file just uploaded), so reading it back needs no GET. Not from a local-disk store (its
         reads are not cached), and not a file with another link: a store that kept the very
@@ -368,7 +383,8 @@ class BlockCache:
         e = self._entries[(key, etag)] = CacheEntry(self, (key, etag), dest, size)
         for b in range(e.nblocks):
             self._mark_present(e, b)
-        e.authed[:] = b"\1" * e.nblocks  # the tags were computed from this very file
+        e.authed[:] = b"\1" * e.nblocks  # the tags were computed from this very file, with this key
+        e.authed_k = tag_key(data_key, iv)
         self.evict()
         # CRCs let the blocks be trusted after a remount; one block is summed at once (cheaper
         # than a thread hand-off), more in the background
@@ -417,9 +433,9 @@ class BlockCache:
                 self._entries[(key, etag)] = e
             return
         self.drop(new_key, new_etag)
-        tags = self._tag_lists.pop((key, etag), None)
-        if tags is not None:  # the copy has the same data key, IV and size: the same tags
-            self._tag_lists[(new_key, new_etag)] = tags
+        kept = self._tag_lists.pop((key, etag), None)
+        if kept is not None:  # the copy has the same data key, IV and size: the same tags
+            self._tag_lists[(new_key, new_etag)] = kept
         present = [b for b in range(e.nblocks) if e.present[b]]
         authed = bytes(e.authed)
         self._forget_blocks(e)
@@ -475,7 +491,7 @@ class BlockCache:
             return await self._read_through(key, etag, size, offset, end, tags)  # caching would copy the bucket
         e = self.entry(key, etag, size)
         if tags is not None:
-            e.tags = tags
+            e.check_under(tags)
         bs = self.block_size
         await self._ensure(key, etag, e, offset, end)
         ahead = min(size, fetch_until or 0, end + self.max_size // 4)  # read-ahead within the limit
@@ -485,7 +501,7 @@ class BlockCache:
         if tags is not None:
             for b in blocks:  # read ahead before the tags were known: checked once on disk
                 c = e.pending.get(b)
-                if c is not None and not c.authed and not e.present[b]:
+                if c is not None and c.authed != tags.k and not e.present[b]:
                     await c.written.wait()
         if not all(e.have(b) for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
@@ -535,6 +551,8 @@ class BlockCache:
         # the kernel's reads (up to 1 MiB, two or more at once) do not start on tagged blocks:
         # blocks a kept span holds, or a read in flight is fetching, are not read again (each
         # read fetched 1.5 times its size: a new-user trial)
+        if self._checked_k.get(version, tags.k) != tags.k:  # kept under another key (CacheEntry.check_under)
+            self._forget_checked(version)
         while True:
             parts, fetched = self._kept_head(version, lo, hi)
             if fetched >= hi:
@@ -548,7 +566,7 @@ class BlockCache:
         else:
             with self._in_flight(version, fetched, hi):
                 data = await self._get_checked(key, etag, tags, fetched, hi)
-            self._keep_checked(version, fetched, data)
+            self._keep_checked(version, fetched, data, tags.k)
         return (b"".join(parts) + data if parts else data)[offset - lo:end - lo]
 
     def _kept_head(self, version: tuple[str, str], lo: int, hi: int) -> tuple[list[bytes], int]:
@@ -582,8 +600,8 @@ class BlockCache:
                 del self._fetching[version]
             flight[2].set()
 
-    def _keep_checked(self, version: tuple[str, str], lo: int, data: bytes) -> None:
-        """Keep checked span ``data`` at ``lo`` of ``version`` in memory: the last
+    def _keep_checked(self, version: tuple[str, str], lo: int, data: bytes, k: bytes) -> None:
+        """Keep span ``data`` at ``lo`` of ``version``, checked under tag key ``k``, in memory: the last
         _CHECKED_SPANS spans of a version (those it covers dropped), _CHECKED_MAX bytes in all
         (the least recently used versions dropped)."""
         if len(data) > _CHECKED_MAX:
@@ -593,6 +611,7 @@ class BlockCache:
         hi = lo + len(data)
         spans = [sp for sp in old if not (lo <= sp[0] and sp[0] + len(sp[1]) <= hi)] + [(lo, data)]
         self._checked[version] = spans = spans[-_CHECKED_SPANS:]
+        self._checked_k[version] = k
         self._checked_bytes += sum(len(d) for _, d in spans)
         while self._checked_bytes > _CHECKED_MAX:
             self._forget_checked(next(iter(self._checked)))
@@ -600,6 +619,7 @@ class BlockCache:
     def _forget_checked(self, version: tuple[str, str]) -> None:
         for _, kept in self._checked.pop(version, ()):
             self._checked_bytes -= len(kept)
+        self._checked_k.pop(version, None)
 
     async def _get(self, key: str, etag: str, size: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of version (key, etag) by one ranged GET; TruncatedObject if short."""
@@ -662,12 +682,16 @@ class BlockCache:
                        data_key: bytes, iv: bytes) -> BlockTags | None:
         """The integrity tags of version (key, etag) of ``size`` bytes with ``metadata`` and
         data key/IV (None: it has none, e.g. written by an SDK). A tag list kept beside the
-        object is fetched once and kept in memory. Raises IntegrityError when the header or
-        the list is damaged or the list is missing, StoreError when the list cannot be read."""
+        object is fetched once and kept in memory, for that data key and IV: an envelope that
+        names others on the same body (same ETag) has its tags checked anew under its own key
+        (a re-wrap, ``ossfuse rekey``, keeps both; a trial put another object's envelope on an
+        unchanged body and the running mount served garbage, the kept tags being of the old
+        key). Raises IntegrityError when the header or the list is damaged or the list is
+        missing, StoreError when the list cannot be read."""
         got = self._tag_lists.get((key, etag))
-        if got is not None:
+        if got is not None and got[0] == data_key and got[1] == iv:
             self._tag_lists.move_to_end((key, etag))
-            return got
+            return got[2]
         spec: TagSpec | None = parse_tags(metadata)
         if spec is None:
             return None
@@ -675,7 +699,8 @@ class BlockCache:
             tags = await load_tags(self.store, spec, key, size, data_key, iv)
         except IntegrityError as e:
             raise IntegrityError(f"version ETag {etag}: {e}") from None
-        self._tag_lists[(key, etag)] = tags
+        self._tag_lists[(key, etag)] = (data_key, iv, tags)
+        self._tag_lists.move_to_end((key, etag))
         while len(self._tag_lists) > _MAX_TAG_LISTS:
             self._tag_lists.popitem(last=False)
         return tags
@@ -824,7 +849,7 @@ class BlockCache:
                     data = await get(lo, hi, tags)
             # the cache blocks wholly inside [lo, hi): only those become present
             whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1) if (b + 1) * bs <= hi or hi == e.size]
-            chunk = self._hold(e, _Chunk(lo, data, tags is not None), whole)
+            chunk = self._hold(e, _Chunk(lo, data, tags.k if tags is not None else None), whole)
             for b in whole:
                 ev = e.inflight.pop(b, None)
                 if ev is not None:
@@ -888,7 +913,7 @@ class BlockCache:
         for b, crc in zip(whole, crcs, strict=True):
             e.crc[b] = crc
             self._mark_present(e, b)
-            e.authed[b] = chunk.authed
+            e.authed[b] = chunk.authed is not None and chunk.authed == e.authed_k
 
     def has_first_block(self, key: str, etag: str) -> bool:
         """Block 0 of version (key, etag) is cached, or being fetched or written."""
@@ -909,7 +934,7 @@ class BlockCache:
         whole = [b for b in range(-(-lo // bs), (hi - 1) // bs + 1)
                  if ((b + 1) * bs <= hi or hi == size) and not e.have(b) and b not in e.inflight]
         if whole:
-            self._nursery.start_soon(self._land_offered, e, self._hold(e, _Chunk(lo, data, False), whole), whole)
+            self._nursery.start_soon(self._land_offered, e, self._hold(e, _Chunk(lo, data, None), whole), whole)
 
     async def _land_offered(self, e: CacheEntry, chunk: _Chunk, whole: list[int]) -> None:
         try:

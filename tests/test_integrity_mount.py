@@ -485,3 +485,48 @@ def test_an_object_deleted_by_another_client_after_open_is_estale_saying_so(tmp_
         assert len(lines) == 1 and "deleted by another client" in lines[0], lines
     finally:
         m.stop()
+
+
+@pytest.mark.parametrize("swap", ["data key and IV", "whole envelope"])
+@pytest.mark.expect_log(r"cannot read 'k': block 0 \(bytes 0-\d+\) of version ETag \S+ fails its integrity tag")
+def test_another_envelope_on_an_unchanged_body_is_eio_in_running_mounts(tmp_path, cmk_path, oss_server, swap):
+    """Trial BT7 finding 1: with write access to the bucket, put object j's data key and IV
+    (or j's whole envelope, tag header and all) on k's unchanged body: the ETag (the body's MD5)
+    stays, so a running mount took it for a re-wrap (``ossfuse rekey``), kept the tags and the
+    checked blocks of the old key and served k's ciphertext decrypted with j's key: garbage,
+    counted "verified", nothing logged (a fresh mount gave EIO). Now blocks and tags hold for
+    the data key they were checked under: EIO and one ERROR line, in the mount that wrote k
+    (its upload's blocks, adopted) and in one that had read it (fetched blocks), never other
+    bytes than k's."""
+    from conftest import Mount
+    w = Mount(str(tmp_path / "w"), cmk_path, server=oss_server)  # attr_timeout 0.5 s
+    r = Mount(str(tmp_path / "r"), cmk_path, server=oss_server)
+    data = os.urandom(300_000)
+    w.start()
+    try:
+        r.start()
+        try:
+            for name, content in (("k", data), ("j", os.urandom(len(data)))):  # (j: as long, or its envelope says so)
+                with open(w.path(name), "wb") as f:
+                    f.write(content)
+                    os.fsync(f.fileno())  # in the bucket
+            assert open(r.path("k"), "rb").read() == data  # r fetched, checked and cached its blocks
+            k, j = w.head("k"), w.head("j")
+            if swap == "whole envelope":
+                meta = dict(j.metadata)
+            else:
+                meta = {**k.metadata, env.H_KEY: j.metadata[env.H_KEY], env.H_START: j.metadata[env.H_START]}
+            body = run_sync(w.store.get_range, "k", 0, k.size)
+            assert run_sync(w.store.put_bytes, "k", body, meta).etag == k.etag  # (the same body: the same ETag)
+            time.sleep(1.2)  # past both mounts' attr_timeout: the next open asks the store
+            for m in (w, r):
+                got = subprocess.run(["dd", f"if={m.path('k')}", "iflag=direct", "bs=64K", "status=none"],
+                                     capture_output=True, timeout=60)
+                assert got.returncode == 1 and b"Input/output error" in got.stderr, (m.kind, got.stderr)
+                assert data.startswith(got.stdout), "bytes other than k's were served"
+                errors = [ln for ln in m.log().splitlines() if "ERROR" in ln and "'k'" in ln]
+                assert len(errors) == 1 and "fails its integrity tag" in errors[0], errors
+        finally:
+            r.stop()
+    finally:
+        w.stop()

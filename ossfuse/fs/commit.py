@@ -450,7 +450,7 @@ class Commit:
             if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy
                 st.forget_record()  # the bucket has it: a crash must not upload it again
-                self.cache.adopt(info.key, info.etag, st.size, st.data_path)
+                self.cache.adopt(info.key, info.etag, st.size, st.data_path, st.envelope.data_key, st.envelope.iv)
                 st.discard()
                 node.staged = None
                 self.scheduler.mark_clean(node)
