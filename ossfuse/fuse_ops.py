@@ -215,6 +215,7 @@ class Operations(pyfuse3.Operations):
             if not entries:
                 return
             for next_id, name, node in entries:
+                node = self.fs.inodes.known(node)  # (the kernel may have forgotten it while the store answered)
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), next_id + 2):
                     return
                 self.fs.remember(node)

@@ -157,6 +157,45 @@ def test_lookups_of_existing_names_take_no_listing(tmp_path, cmk_path):
     trio.run(main)
 
 
+def test_a_directory_the_kernel_forgets_while_its_lookup_waits_for_the_store_stays_known(tmp_path, cmk_path):
+    """Trial BT7 finding 2: a lookup of a directory whose attributes had expired asked the
+    store; the kernel's FORGET of the directory's last lookups came meanwhile (it had dropped
+    the dentry: the lookup before had failed) and dropped the node; the lookup then handed the
+    kernel that dropped node, and every name below it was ENOENT (its inode unknown) until the
+    kernel looked the directory up again. Now a node handed out is known (put back when
+    nothing took its path or number since)."""
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        root = fs.get(1)
+        d = await fs.mkdir(root, "d", 0o755, 1, 2)
+        await _write_file(fs, d, "f", b"f")
+        assert d.lookups == 1
+        d.checked_at = 0.0  # expired: the next lookup asks the store
+        entered, gate = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            entered.set()
+            await gate.wait()
+
+        fs.store.hook(("head", "list"), hold, key="pre/d*", count=1)
+        got = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _append(got, fs.lookup(root, "d")))
+            await entered.wait()
+            fs.forget(d.ino, 1)  # the kernel's FORGET, while the store answers the lookup
+            gate.set()
+        [node] = got
+        assert fs.get(node.ino) is node and node.lookups == 1 and node.path == "d"
+        assert fs.inodes.by_path["d"] is node
+        assert (await fs.lookup(node, "f")).size == 1  # a name below it (it was ENOENT)
+
+    trio.run(main)
+
+
+async def _append(got: list, awaitable) -> None:
+    got.append(await awaitable)
+
+
 def test_a_slow_commit_holds_only_its_own_name(tmp_path, cmk_path):
     """A symlink whose PUT takes 30 s: mkdir, create and unlink of other names finish in store
     round trips meanwhile (main: 30 s behind the mount-wide lock); a create of the same name

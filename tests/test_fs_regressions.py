@@ -267,6 +267,76 @@ def test_file_replaced_by_a_rename_does_not_come_back_after_a_crash(tmp_path, cm
     trio.run(main)
 
 
+def test_a_crash_inside_an_editors_save_by_rename_leaves_the_file_at_its_name(tmp_path, cmk_path):
+    """New-user trial: a closed (journaled) temp file renamed over d, which is in the bucket,
+    and a kill -9 inside the rename, after it had recorded d's pending delete (two fsyncs) and
+    before the journal named d for the temp file: the next mount deleted d and uploaded the
+    new content under the temp name, so d vanished (3 kills in ~100 over OSS). A journaled
+    file's record, moved to the new name with d's version as its base, is what replaces d
+    after a crash: no pending delete is recorded for it, and a crash before the record moved
+    leaves d as it was (the rename did not happen)."""
+    class Crash(Exception):
+        pass
+
+    def crash(node):
+        raise Crash  # the daemon dies here: after what the rename did before, before the rest
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "d", b"old d")
+        node, h = await fs.create(fs.get(1), ".d.tmp", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"new d")
+        await fs.flush(h)  # close(): journaled
+        await fs.release(h)
+        fs.namespace._take_name = crash
+        with pytest.raises(Crash):
+            await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
+        for n in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
+            if n.staged is not None:
+                n.staged.close()
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        assert fs.recover() == 1
+        assert await fs.finish_unlinks() == 0
+        assert await read_file(fs, "d") == b"old d" and await read_file(fs, ".d.tmp") == b"new d"
+        assert await fs.drain() == 0
+        assert sorted(await _keys(store)) == ["pre/.d.tmp", "pre/d"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_a_journaled_file_renamed_over_a_committed_one_replaces_it_after_a_crash(tmp_path, cmk_path):
+    """The other side of the test above: once the rename returned, a crash leaves the new
+    content at d (its journal record names d, with d's old version as its base) and the
+    temp name gone, with no pending delete recorded."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        store = fs.store
+        await committed_file(fs, "d", b"old d")
+        _, h = await fs.create(fs.get(1), ".d.tmp", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"new d")
+        await fs.flush(h)
+        await fs.release(h)
+        await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
+        assert os.listdir(tmp_path / "cache" / "unlinked") == []
+        for n in list(fs.dirty):
+            if n.staged is not None:
+                n.staged.close()
+        fs.close()
+        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        assert fs.recover() == 1
+        assert await fs.drain() == 0
+        assert await read_file(fs, "d") == b"new d" and not await exists(fs, ".d.tmp")
+        assert await _keys(store) == ["pre/d"]
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
 def test_rename_over_a_committed_file_then_upload_keeps_the_new_file(tmp_path, cmk_path):
     """The pending delete a rename over d records is moot once the new file is uploaded at d:
     the unmount (drain) drops it and the new object stays."""

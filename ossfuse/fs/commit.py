@@ -200,6 +200,15 @@ class Commit:
         """``node`` was renamed to ``path``, where no file was (``UploadScheduler.took_path``)."""
         self.scheduler.took_path(path, node)
 
+    @staticmethod
+    def journaled(node: Node) -> bool:
+        """Whether a crash brings back a staged version of ``node`` (one of its staged versions
+        has a journal record: the last closed one, below an open one)."""
+        st = node.staged
+        while st is not None and not st.was_journaled:
+            st = st.base
+        return st is not None
+
     def rejournal(self, node: Node) -> None:
         """``node``'s name, attributes or base version changed: if its staged version is
         journaled, record it again (same sealed data, new key/metadata/base) so a crashed

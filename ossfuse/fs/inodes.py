@@ -121,10 +121,33 @@ class InodeTable:
         raise AssertionError("unreachable")
 
     # -- lookup counts ----------------------------------------------------------------------
-    @staticmethod
-    def remember(node: Node) -> Node:
-        """The kernel was handed ``node`` (lookup, create, readdir entry): one more lookup."""
+    def remember(self, node: Node) -> Node:
+        """The kernel is handed ``node`` (lookup, create, readdir entry): one more lookup.
+        Returns the node it holds: ``node``, put back when it was dropped while its caller
+        waited for the store (the kernel's FORGET of its last lookups came meanwhile; trial
+        BT7: the kernel then named the unknown inode as a parent, and every name below the
+        directory was ENOENT), or the node found at its path since then."""
+        node = self.known(node)
         node.lookups += 1
+        return node
+
+    def known(self, node: Node) -> Node:
+        """``node`` if it is in the table; else (dropped, :meth:`maybe_drop`) known again under
+        its path and number (a new number if another node took it), or the node at its path
+        now, if one is. What the kernel is about to be handed (readdir replies with it first)."""
+        if node.ino == ROOT_INO or self.nodes.get(node.ino) is node:
+            return node
+        current = self.by_path.get(node.path)
+        if current is not None and not node.unlinked:
+            return current  # (found again meanwhile: new_node gave it the dropped number back)
+        if node.ino in self.nodes:
+            node.ino = self.number_of(node.path)
+        self.nodes[node.ino] = node
+        if not node.unlinked:
+            self._undrop(node.path)
+            if self._attic.get(node.path) is node:
+                del self._attic[node.path]
+            self.by_path[node.path] = node
         return node
 
     def forget(self, ino: int, n: int) -> None:

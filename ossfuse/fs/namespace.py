@@ -983,10 +983,14 @@ class Namespace:
                     replaced = v.etag if v is not None else await self._replaced_etag(dst, new_key)
                     if replaced is not None:  # (dst may itself be a new file renamed over it)
                         self.commit.conflicts.replaces(src, replaced)
-                    if dst.version is not None:
+                    if dst.version is not None and not self.commit.journaled(src):
                         # src's upload overwrites that object; should a crash come first, the
                         # next mount deletes it (dst was unlinked by this rename, it must not
-                        # come back) — unless src's journaled version is uploaded there
+                        # come back). A journaled src needs none: its record, moved to the new
+                        # name below (rejournal) with that version as its base, replaces it
+                        # after a crash, and a crash before the record moved leaves dst as it
+                        # was (a new-user trial: a delete recorded first, then a kill -9 during
+                        # its fsync, and dst vanished, the new content under the temp name)
                         self._record_delete(new_key, dst.version.etag)
             else:
                 # from here on the next mount finishes what a crash cuts off (fs/renames.py)
