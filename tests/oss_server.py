@@ -1012,10 +1012,11 @@ class OssTestServer(ThreadedService):
             obj = self.buckets[bucket].objects[key]
         return b"".join(obj.iter_range(0, obj.size))
 
-    def flip_bit(self, bucket: str, key: str, offset: int, bit: int = 0x10) -> None:
+    def flip_bit(self, bucket: str, key: str, offset: int, bit: int = 0x10, keep_crc: bool = False) -> None:
         """Flip bits ``bit`` of byte ``offset`` of the stored body of ``key`` in place (its
         blob, shared with copies of it) and recompute the object's CRC-64, so only a check of
-        the content itself notices: damage (or a tamperer) the server cannot see."""
+        the content itself notices: damage (or a tamperer) the server cannot see. ``keep_crc``:
+        the CRC-64 stays the old one (damage at rest that a reader's CRC check sees)."""
         with self.lock:
             obj = self.buckets[bucket].objects[key]
             pos = 0
@@ -1036,7 +1037,8 @@ class OssTestServer(ThreadedService):
                 pos += seg.size
             else:
                 raise ValueError(f"offset {offset} is past the end of {key!r}")
-            obj.crc = crc64(b"".join(obj.iter_range(0, obj.size)))
+            if not keep_crc:
+                obj.crc = crc64(b"".join(obj.iter_range(0, obj.size)))
 
     def object_meta(self, bucket: str, key: str) -> Dict[str, str]:
         with self.lock:

@@ -530,3 +530,31 @@ def test_another_envelope_on_an_unchanged_body_is_eio_in_running_mounts(tmp_path
             r.stop()
     finally:
         w.stop()
+
+
+@pytest.mark.expect_log(r"GET 'f' failed: OSS GET 'f': CRC-64 mismatch between client and OSS \(the bytes read are not "
+                        r"those OSS stored: damaged in transit, or at rest\)",
+                        r"reading 'f' failed: OSS GET 'f': CRC-64 mismatch")
+def test_a_body_that_fails_oss_crc_on_every_read_is_named_damaged_by_check(tmp_path, cmk_path, oss_server):
+    """Trial BT7 finding 3: a small file damaged at rest where OSS's CRC-64 of it stays the
+    old one (read in one GET, whose CRC the client checks before the tags): the mount's EIO
+    said "damaged in transit" only, and ``check --verify`` printed "NOT CHECKED (run it
+    again)" with "failed: 0". Now the line says either may be, and check names it FAIL."""
+    from conftest import Mount
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config(store_options="retries = 1")  # (each try fails alike; check uses the config too)
+    m.start()
+    try:
+        data = os.urandom(777)
+        with open(m.path("f"), "wb") as f:
+            f.write(data)
+        m.remount()  # cold: the read asks the store
+        oss_server.call("flip_bit", BUCKET, "f", 300, keep_crc=True)
+        with pytest.raises(OSError) as e, open(m.path("f"), "rb") as f:
+            f.read()
+        assert e.value.errno == errno.EIO
+        r = check_verify(m)
+        assert r.returncode == 1 and "failed: 1" in r.stdout and "not checked" not in r.stdout, r.stdout
+        assert re.search(r"FAIL  f \(ETag \w+\): OSS GET 'f': CRC-64 mismatch", r.stdout), r.stdout
+    finally:
+        m.stop()

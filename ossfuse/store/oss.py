@@ -618,7 +618,8 @@ class OssStore(ObjectStore):
         if isinstance(e, StoreError):  # raised by our own code in the worker (bad file, no credentials)
             return e
         if isinstance(e, oe.InconsistentError):
-            return StoreError(f"{what}: CRC-64 mismatch between client and OSS (data damaged in transit)",
+            return StoreError(f"{what}: CRC-64 mismatch between client and OSS (the bytes read are not those OSS "
+                              f"stored: damaged in transit, or at rest)",
                               key=key, request_id=rid, code="CrcMismatch", temporary=True, answered=True)
         if isinstance(e, _BadResponse):
             return StoreUnavailable(f"{what}: unusable answer: {e}", key=key, request_id=rid, code="BadResponse",
