@@ -76,6 +76,7 @@ _MAX_OPEN_FDS = 256  # cache files kept open at once
 # microseconds: less than the two thread hand-offs, which under load cost milliseconds per file)
 _INLINE_STORE_MAX = 64 << 10
 _MAX_TAG_LISTS = 256  # object versions whose tag lists are kept in memory
+_REFETCH_SAID_MAX = 1024  # damaged blocks whose refetch was logged (then forgotten all at once)
 # bytes of checked tagged blocks read from a local-disk store kept in memory (the last spans read
 # of each version, least recently used version dropped): a sequential reader's 128 KiB FUSE reads
 # would otherwise read and authenticate the whole tagged block (up to 8 MiB) again for each read
@@ -245,6 +246,7 @@ class BlockCache:
         # version -> its checked spans [(offset, bytes)], the most recent last
         self._checked: collections.OrderedDict[tuple[str, str], list[tuple[int, bytes]]] = collections.OrderedDict()
         self._checked_k: dict[tuple[str, str], bytes] = {}  # the tag key they were checked under
+        self._refetch_said: set[tuple[str, str, int]] = set()  # blocks whose refetch was logged
         self._checked_bytes = 0
         # version -> tagged spans being fetched by _read_through now [(lo, hi, done)] (local disk)
         self._fetching: dict[tuple[str, str], list[tuple[int, int, trio.Event]]] = {}
@@ -640,7 +642,11 @@ class BlockCache:
         buf = bytearray(data)
         for i in bad:
             self.stats["integrity_refetches"] += 1
-            log.info("block %d of %r (ETag %s) fails its integrity tag; fetching it again", i, key, etag)
+            if (key, etag, i) not in self._refetch_said:  # (once: each read of it comes here again, a trial)
+                if len(self._refetch_said) >= _REFETCH_SAID_MAX:
+                    self._refetch_said.clear()
+                self._refetch_said.add((key, etag, i))
+                log.info("block %d of %r (ETag %s) fails its integrity tag; fetching it again", i, key, etag)
             blo, bhi = tags.span(i * tags.block, i * tags.block + 1)
             again = await self._get(key, etag, tags.size, blo, bhi)
             if await self._bad_blocks(tags, blo, again):

@@ -2202,7 +2202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--access-key-id", default="test-ak")
     ap.add_argument("--access-key-secret", default="test-sk")
     ap.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
-    ap.add_argument("--root-dir", default=None, help="store object bodies as files here")
+    ap.add_argument("--root-dir", default=None, help="store object bodies as files here (the bodies only: the "
+                    "objects' index and metadata are in memory, so a restarted server starts with empty buckets; "
+                    "to make it hang, SIGSTOP it)")
     ap.add_argument("--region", default="cn-hangzhou")
     ap.add_argument("--no-skew-check", action="store_true")
     ap.add_argument("--debug", action="store_true")
