@@ -67,7 +67,12 @@ _LIST_NAME = re.compile("[0-9a-f]{%d}" % (2 * TAG))  # a tag list's name: its ro
 class IntegrityError(Exception):
     """A block of an object does not match its tag (the store returned bytes that are not the
     object's), or the object's tag header or tag list is damaged. The message names the object,
-    the block and the version (ETag)."""
+    the block and the version (ETag); ``span``: the failing tagged block's bytes [lo, hi), when
+    one block failed (None: the header or the list)."""
+
+    def __init__(self, message: str, span: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.span = span
 
 
 def tag_key(data_key: bytes, iv: bytes) -> bytes:

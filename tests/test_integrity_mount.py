@@ -158,6 +158,10 @@ def test_flipped_bit_in_the_store_gives_eio_and_check_names_it(make_mount):
     with open(m.path("f"), "rb") as f:
         assert os.pread(f.fileno(), 4096, 0) == data[:4096]  # blocks before it read
         assert os.pread(f.fileno(), 4096, 2 * MIB) == data[2 * MIB:2 * MIB + 4096]  # and after it
+        # and the other tagged blocks of its cache block (a trial: one bad 64 KiB block made the
+        # whole 1 MiB around it EIO)
+        assert os.pread(f.fileno(), 4096, MIB + 4096) == data[MIB + 4096:MIB + 8192]
+        assert os.pread(f.fileno(), 4096, 3 * MIB // 2 + 65536) == data[3 * MIB // 2 + 65536:3 * MIB // 2 + 69632]
         with pytest.raises(OSError) as e:  # ranged, inside the damaged block
             os.pread(f.fileno(), 100, 3 * MIB // 2)
         assert e.value.errno == errno.EIO
