@@ -252,11 +252,7 @@ def test_file_replaced_by_a_rename_does_not_come_back_after_a_crash(tmp_path, cm
         await committed_file(fs, "d", b"old d")
         _, h = await fs.create(fs.get(1), "a", 0o700, os.O_RDWR, 1, 2)
         await fs.rename(fs.get(1), "a", fs.get(1), "d", 0)
-        for node in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
-            if node.staged is not None:
-                node.staged.close()
-        fs.close()
-        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+        fs = _died(fs, tmp_path, cmk_path)
         assert fs.recover() == 0
         assert not await exists(fs, "d")  # hidden from the start, deleted before serving
         assert await fs.finish_unlinks() == 0
@@ -267,14 +263,16 @@ def test_file_replaced_by_a_rename_does_not_come_back_after_a_crash(tmp_path, cm
     trio.run(main)
 
 
-def test_a_crash_inside_an_editors_save_by_rename_leaves_the_file_at_its_name(tmp_path, cmk_path):
+@pytest.mark.parametrize("when", ["inside the rename", "after it"])
+def test_a_crash_during_or_after_an_editors_save_by_rename_leaves_the_file_at_its_name(tmp_path, cmk_path, when):
     """New-user trial: a closed (journaled) temp file renamed over d, which is in the bucket,
     and a kill -9 inside the rename, after it had recorded d's pending delete (two fsyncs) and
     before the journal named d for the temp file: the next mount deleted d and uploaded the
     new content under the temp name, so d vanished (3 kills in ~100 over OSS). A journaled
     file's record, moved to the new name with d's version as its base, is what replaces d
-    after a crash: no pending delete is recorded for it, and a crash before the record moved
-    leaves d as it was (the rename did not happen)."""
+    after a crash: no pending delete is recorded for it. A crash inside the rename leaves d
+    and the temp file as they were (the rename did not happen); one after it, the new content
+    at d and no temp file."""
     class Crash(Exception):
         pass
 
@@ -285,52 +283,27 @@ def test_a_crash_inside_an_editors_save_by_rename_leaves_the_file_at_its_name(tm
         fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
         store = fs.store
         await committed_file(fs, "d", b"old d")
-        node, h = await fs.create(fs.get(1), ".d.tmp", 0o600, os.O_RDWR, 1, 2)
+        _, h = await fs.create(fs.get(1), ".d.tmp", 0o600, os.O_RDWR, 1, 2)
         await fs.write(h, 0, b"new d")
         await fs.flush(h)  # close(): journaled
         await fs.release(h)
-        fs.namespace._take_name = crash
-        with pytest.raises(Crash):
+        if when == "inside the rename":
+            fs.namespace._take_name = crash
+            with pytest.raises(Crash):
+                await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
+            want = {".d.tmp": b"new d", "d": b"old d"}
+        else:
             await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
-        for n in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
-            if n.staged is not None:
-                n.staged.close()
-        fs.close()
-        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+            assert os.listdir(tmp_path / "cache" / "unlinked") == []
+            want = {"d": b"new d"}
+        fs = _died(fs, tmp_path, cmk_path)
         assert fs.recover() == 1
         assert await fs.finish_unlinks() == 0
-        assert await read_file(fs, "d") == b"old d" and await read_file(fs, ".d.tmp") == b"new d"
         assert await fs.drain() == 0
-        assert sorted(await _keys(store)) == ["pre/.d.tmp", "pre/d"]
-        fs.close()
-        await store.aclose()
-
-    trio.run(main)
-
-
-def test_a_journaled_file_renamed_over_a_committed_one_replaces_it_after_a_crash(tmp_path, cmk_path):
-    """The other side of the test above: once the rename returned, a crash leaves the new
-    content at d (its journal record names d, with d's old version as its base) and the
-    temp name gone, with no pending delete recorded."""
-    async def main():
-        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
-        store = fs.store
-        await committed_file(fs, "d", b"old d")
-        _, h = await fs.create(fs.get(1), ".d.tmp", 0o600, os.O_RDWR, 1, 2)
-        await fs.write(h, 0, b"new d")
-        await fs.flush(h)
-        await fs.release(h)
-        await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
-        assert os.listdir(tmp_path / "cache" / "unlinked") == []
-        for n in list(fs.dirty):
-            if n.staged is not None:
-                n.staged.close()
-        fs.close()
-        fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
-        assert fs.recover() == 1
-        assert await fs.drain() == 0
-        assert await read_file(fs, "d") == b"new d" and not await exists(fs, ".d.tmp")
-        assert await _keys(store) == ["pre/d"]
+        assert await listed_names(fs) == sorted(want)
+        for name, data in want.items():
+            assert await read_file(fs, name) == data
+        assert await _keys(store) == ["pre/" + name for name in sorted(want)]
         fs.close()
         await store.aclose()
 
@@ -363,18 +336,23 @@ def test_rename_over_a_committed_file_then_upload_keeps_the_new_file(tmp_path, c
     trio.run(main)
 
 
+def _died(fs, tmp_path, cmk_path):
+    """The daemon of ``fs`` dies (its descriptors close, nothing else): the next mount's
+    Filesystem over the same store and cache dir (``upload_delay`` 3600 s), not recovered yet."""
+    for node in list(fs.dirty):
+        if node.staged is not None:
+            node.staged.close()
+    fs.close()
+    return core_filesystem(tmp_path, cmk_path, store=fs.store, upload_delay=3600.0)
+
+
 async def _crash_with_journaled_change(tmp_path, cmk_path, name: str):
     """``name`` in the bucket, then changed (truncated, journaled, not uploaded) and the daemon
     dies; returns the next mount's Filesystem, with ``name`` recovered from the journal."""
     fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
-    store = fs.store
     await committed_file(fs, name, b"committed version")
     await fs.setattr(await fs.lookup(fs.get(1), name), size=4)  # journaled, not uploaded
-    for node in list(fs.dirty):  # the daemon dies: its descriptors close, nothing else
-        if node.staged is not None:
-            node.staged.close()
-    fs.close()
-    fs = core_filesystem(tmp_path, cmk_path, store=store, upload_delay=3600.0)
+    fs = _died(fs, tmp_path, cmk_path)
     assert fs.recover() == 1
     return fs
 
@@ -893,11 +871,7 @@ def test_a_directory_rename_before_an_upload_that_replaces_an_object_is_no_confl
             await fs.write(h, 0, b"new f")
             await fs.flush(h)  # journaled, not uploaded
             await fs.release(h)
-            for n in list(fs.dirty):  # the daemon dies
-                if n.staged is not None:
-                    n.staged.close()
-            fs.close()
-            fs = core_filesystem(tmp_path, cmk_path, store=fs.store, upload_delay=3600.0)
+            fs = _died(fs, tmp_path, cmk_path)
             assert fs.recover() == 1
             root = fs.get(1)
         await fs.rename(root, "d", root, "e", 0)
