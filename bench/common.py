@@ -92,3 +92,25 @@ class OssServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def local_filesystem(work: str, upload_delay: float, listing_has_metadata: bool = True):
+    """A filesystem core (no kernel) over a local-directory bucket in ``work/bucket``, its cache
+    in ``work/cache`` and a new RSA-3072 CMK: (Filesystem, LocalStore). ``upload_delay``
+    seconds as the mount option; ``listing_has_metadata`` False: the listing carries none, as
+    over OSS. (ossfuse imported here: the other benchmarks need none of it.)"""
+    from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig
+    from ossfuse.fs import Filesystem
+    from ossfuse.keyring import Keyring, generate_rsa_cmk
+    from ossfuse.store.local import LocalStore
+    cmk = os.path.join(work, "cmk.pem")
+    generate_rsa_cmk(cmk, 3072)
+    cfg = Config(path=os.path.join(work, "ossfuse.toml"),
+                 store=StoreConfig(url=f"local://{work}/bucket", prefix=""),
+                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk),)),
+                 cache=CacheConfig(dir=os.path.join(work, "cache")),
+                 mount=MountConfig(upload_delay=upload_delay))
+    os.makedirs(os.path.join(work, "bucket"))
+    store = LocalStore(os.path.join(work, "bucket"))
+    store.listing_has_metadata = listing_has_metadata
+    return Filesystem(cfg, store, Keyring(cfg.encryption), uid=0, gid=0), store

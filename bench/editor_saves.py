@@ -22,11 +22,10 @@ import trio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
+from common import local_filesystem  # noqa: E402
 from ossfuse.fs import Filesystem  # noqa: E402
-from ossfuse.keyring import Keyring, generate_rsa_cmk  # noqa: E402
-from ossfuse.store.local import LocalStore  # noqa: E402
 
 FILES = 5
 
@@ -41,16 +40,7 @@ async def _save(fs: Filesystem, name: str, data: bytes) -> None:
 
 async def measure(work: str, n: int) -> float:
     """Seconds per save, averaged over ``n`` saves, in directory ``work``."""
-    cmk = os.path.join(work, "cmk.pem")
-    generate_rsa_cmk(cmk, 3072)
-    cfg = Config(path=os.path.join(work, "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{work}/bucket", prefix=""),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk),)),
-                 cache=CacheConfig(dir=os.path.join(work, "cache")),
-                 mount=MountConfig(upload_delay=3600.0))
-    os.makedirs(os.path.join(work, "bucket"))
-    store = LocalStore(os.path.join(work, "bucket"))
-    fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=0, gid=0)
+    fs, store = local_filesystem(work, 3600.0)
     for i in range(FILES):
         await _save(fs, f"f{i}", b"old")
     assert await fs.drain() == 0

@@ -28,25 +28,12 @@ import trio
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from ossfuse.config import CacheConfig, CmkConfig, Config, EncryptionConfig, MountConfig, StoreConfig  # noqa: E402
-from ossfuse.fs import Filesystem  # noqa: E402
-from ossfuse.keyring import Keyring, generate_rsa_cmk  # noqa: E402
-from ossfuse.store.local import LocalStore  # noqa: E402
+from common import local_filesystem  # noqa: E402
 
 
 async def measure(work: str, n: int, listing_only: bool = False) -> tuple[float, int]:
-    cmk = os.path.join(work, "cmk.pem")
-    generate_rsa_cmk(cmk, 3072)
-    cfg = Config(path=os.path.join(work, "ossfuse.toml"),
-                 store=StoreConfig(url=f"local://{work}/bucket", prefix=""),
-                 encryption=EncryptionConfig(encrypt_with="k", cmks=(CmkConfig("k", "rsa", cmk),)),
-                 cache=CacheConfig(dir=os.path.join(work, "cache")),
-                 mount=MountConfig(upload_delay=0.0))
-    os.makedirs(os.path.join(work, "bucket"))
-    store = LocalStore(os.path.join(work, "bucket"))
-    if listing_only:  # as over OSS: the listing has no metadata (a big directory's nodes are listed-only)
-        store.listing_has_metadata = False
-    fs = Filesystem(cfg, store, Keyring(cfg.encryption), uid=0, gid=0)
+    # listing_only: as over OSS, the listing has no metadata (a big directory's nodes are listed-only)
+    fs, store = local_filesystem(work, 0.0, listing_has_metadata=not listing_only)
     root = fs.get(1)
     d = await fs.mkdir(root, "big", 0o755, 0, 0)
     node, h = await fs.create(d, "seed", 0o644, os.O_WRONLY, 0, 0)
