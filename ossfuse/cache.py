@@ -242,10 +242,10 @@ class BlockCache:
         # with only (tags_for)
         self._tag_lists: collections.OrderedDict[tuple[str, str], tuple[bytes, bytes, BlockTags]] = \
             collections.OrderedDict()
-        # local-disk store: (key, etag) -> (offset, ciphertext) of the last checked span read
-        # version -> its checked spans [(offset, bytes)], the most recent last
-        self._checked: collections.OrderedDict[tuple[str, str], list[tuple[int, bytes]]] = collections.OrderedDict()
-        self._checked_k: dict[tuple[str, str], bytes] = {}  # the tag key they were checked under
+        # local-disk store: version (key, etag) -> (the tag key they were checked under, its
+        # checked spans [(offset, ciphertext)], the most recent last)
+        self._checked: collections.OrderedDict[tuple[str, str], tuple[bytes, list[tuple[int, bytes]]]] = \
+            collections.OrderedDict()
         self._refetch_said: set[tuple[str, str, int]] = set()  # blocks whose refetch was logged
         self._checked_bytes = 0
         # version -> tagged spans being fetched by _read_through now [(lo, hi, done)] (local disk)
@@ -563,10 +563,8 @@ class BlockCache:
         # the kernel's reads (up to 1 MiB, two or more at once) do not start on tagged blocks:
         # blocks a kept span holds, or a read in flight is fetching, are not read again (each
         # read fetched 1.5 times its size: a new-user trial)
-        if self._checked_k.get(version, tags.k) != tags.k:  # kept under another key (CacheEntry.check_under)
-            self._forget_checked(version)
         while True:
-            parts, fetched = self._kept_head(version, lo, hi)
+            parts, fetched = self._kept_head(version, tags.k, lo, hi)
             if fetched >= hi:
                 return b"".join(parts)[offset - lo:end - lo]
             busy = next((ev for a, b, ev in self._fetching.get(version, ()) if a <= fetched < b), None)
@@ -581,11 +579,14 @@ class BlockCache:
             self._keep_checked(version, fetched, data, tags.k)
         return (b"".join(parts) + data if parts else data)[offset - lo:end - lo]
 
-    def _kept_head(self, version: tuple[str, str], lo: int, hi: int) -> tuple[list[bytes], int]:
-        """The head of bytes [lo, hi) of ``version`` that its kept spans hold, one after
-        another: (the pieces, the offset where they end: a tagged block's start, as kept spans
-        end on one or at the object's end)."""
-        spans = self._checked.get(version, ())
+    def _kept_head(self, version: tuple[str, str], k: bytes, lo: int, hi: int) -> tuple[list[bytes], int]:
+        """The head of bytes [lo, hi) of ``version`` that its spans kept under tag key ``k``
+        hold, one after another: (the pieces, the offset where they end: a tagged block's start,
+        as kept spans end on one or at the object's end). Spans checked under another key (an
+        envelope put on the same body since: CacheEntry.check_under) hold nothing for ``k``."""
+        kept_k, spans = self._checked.get(version, (k, []))
+        if kept_k != k:
+            spans = []
         parts: list[bytes] = []
         while lo < hi:
             span = next(((at, kept) for at, kept in spans if at <= lo < at + len(kept)), None)
@@ -618,20 +619,20 @@ class BlockCache:
         (the least recently used versions dropped)."""
         if len(data) > _CHECKED_MAX:
             return
-        old = self._checked.pop(version, [])
+        old_k, old = self._checked.pop(version, (k, []))
         self._checked_bytes -= sum(len(d) for _, d in old)
+        if old_k != k:  # a reader under another key kept them while this span was fetched
+            old = []
         hi = lo + len(data)
-        spans = [sp for sp in old if not (lo <= sp[0] and sp[0] + len(sp[1]) <= hi)] + [(lo, data)]
-        self._checked[version] = spans = spans[-_CHECKED_SPANS:]
-        self._checked_k[version] = k
+        spans = ([sp for sp in old if not (lo <= sp[0] and sp[0] + len(sp[1]) <= hi)] + [(lo, data)])[-_CHECKED_SPANS:]
+        self._checked[version] = (k, spans)
         self._checked_bytes += sum(len(d) for _, d in spans)
         while self._checked_bytes > _CHECKED_MAX:
             self._forget_checked(next(iter(self._checked)))
 
     def _forget_checked(self, version: tuple[str, str]) -> None:
-        for _, kept in self._checked.pop(version, ()):
+        for _, kept in self._checked.pop(version, (b"", []))[1]:
             self._checked_bytes -= len(kept)
-        self._checked_k.pop(version, None)
 
     async def _get(self, key: str, etag: str, size: int, lo: int, hi: int) -> bytes:
         """Bytes [lo, hi) of version (key, etag) by one ranged GET; TruncatedObject if short."""

@@ -362,3 +362,50 @@ def test_a_version_whose_entry_has_no_file_yet_can_be_relabelled(tmp_path):
         c.close()
 
     trio.run(main)
+
+
+def test_blocks_kept_under_one_data_key_are_never_read_under_another(tmp_path):
+    """A local bucket's tagged reads keep the blocks they checked, per version, in memory. One
+    version read under two data keys (an envelope put on the same body after one handle opened:
+    CacheEntry.check_under): a fetch under key A that was under way while a read under key B
+    kept another block merged B's block into A's as if A's tags had passed it, and a later read
+    under A returned a block A's tags reject (garbage plaintext once decrypted with A's data
+    key). Now a key's reads see only blocks checked under that key: IntegrityError there."""
+    size, tb = 2 * 4096, 4096
+    data = os.urandom(size)
+    ka, kb = integrity.tag_key(os.urandom(32), os.urandom(16)), integrity.tag_key(os.urandom(32), os.urandom(16))
+    tags_b = integrity.BlockTags(kb, tb, size, integrity.compute_tags(kb, tb, size, lambda o, n: data[o:o + n]))
+    wrong = bytearray(integrity.compute_tags(ka, tb, size, lambda o, n: data[o:o + n]))
+    wrong[integrity.TAG] ^= 1  # block 1 fails under A
+    tags_a = integrity.BlockTags(ka, tb, size, bytes(wrong))
+
+    class LocalDisk(MemStore):
+        local_disk = True
+        gate = trio.Event()
+
+        async def get_range(self, key, start, end, *, if_match=None):
+            if (start, end) == (0, tb) and not self.gets:
+                self.gets.append((start, end))
+                await self.gate.wait()  # A's fetch of block 0, held
+                return self.data[start:end]
+            return await super().get_range(key, start, end, if_match=if_match)
+
+    async def main():
+        store = LocalDisk(data)
+        c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
+        got = {}
+
+        async def read_a():
+            got["a"] = await c.read(KEY, ETAG, size, 0, tb, tags=tags_a)
+        async with trio.open_nursery() as n:
+            n.start_soon(read_a)
+            await until(lambda: store.gets)
+            assert await c.read(KEY, ETAG, size, tb, tb, tags=tags_b) == data[tb:]  # B keeps block 1
+            store.gate.set()
+        assert got["a"] == data[:tb]
+        with pytest.raises(integrity.IntegrityError):
+            await c.read(KEY, ETAG, size, tb, tb, tags=tags_a)
+        assert await c.read(KEY, ETAG, size, 0, size, tags=tags_b) == data
+        c.close()
+
+    trio.run(main)
