@@ -510,11 +510,17 @@ class BlockCache:
         if ahead > end:
             self._prefetch(key, etag, e, end, ahead, whole_chunks=True)
         blocks = range(offset // bs, (end - 1) // bs + 1)
-        if tags is not None:
-            for b in blocks:  # read ahead before the tags were known: checked once on disk
-                c = e.pending.get(b)
-                if c is not None and c.authed != tags.k and not e.present[b]:
-                    await c.written.wait()
+        while tags is not None:
+            # after each await: a reader under another tag key (check_under) may have taken the
+            # entry over, and its marks say nothing of this key's tags
+            e.check_under(tags)
+            # read ahead before the tags were known (or under another key): checked once on disk
+            c = next((c for b in blocks if not e.present[b] and (c := e.pending.get(b)) is not None
+                      and c.authed != tags.k), None)
+            if c is None:
+                break
+            await c.written.wait()
+        # from here to _gather no await but in branches that start the read over
         if not all(e.have(b) for b in blocks):
             # The limits evicted what was just fetched (a read larger than max_size, a full
             # disk), or another task's fetch failed: serve this read straight from the store.
@@ -528,8 +534,7 @@ class BlockCache:
             self._check_cached(e, tags, [b for b in blocks if e.present[b] and not e.authed[b]])
         if not all(e.have(b) for b in blocks):  # a damaged block was dropped: fetch it again
             await self._ensure(key, etag, e, offset, end)
-            if not all(e.have(b) for b in blocks):
-                return await self._read(key, etag, size, offset, end, None, tags)
+            return await self._read(key, etag, size, offset, end, None, tags)
         return self._gather(e, offset, end)
 
     def _gather(self, e: CacheEntry, offset: int, end: int) -> bytes:

@@ -409,3 +409,55 @@ def test_blocks_kept_under_one_data_key_are_never_read_under_another(tmp_path):
         c.close()
 
     trio.run(main)
+
+
+def test_cached_blocks_checked_under_another_data_key_are_checked_again_after_a_fetch(tmp_path):
+    """The block cache marks the blocks it checked, under one tag key per version
+    (CacheEntry.check_under). A read under key A waits for a fetch of one block; meanwhile a
+    read under key B (an envelope put on the same body since A's handle opened) checks another,
+    cached block under B. A then took B's mark for its own and returned that block without
+    checking it against A's tags, which reject it (garbage plaintext under A's data key). Now
+    A checks again after the fetch: IntegrityError."""
+    size, tb = 2 * BS, 4096
+    data = os.urandom(size)
+    ka, kb = integrity.tag_key(os.urandom(32), os.urandom(16)), integrity.tag_key(os.urandom(32), os.urandom(16))
+    tags_b = integrity.BlockTags(kb, tb, size, integrity.compute_tags(kb, tb, size, lambda o, n: data[o:o + n]))
+    wrong = bytearray(integrity.compute_tags(ka, tb, size, lambda o, n: data[o:o + n]))
+    wrong[(BS // tb) * integrity.TAG] ^= 1  # the first tagged block of cache block 1 fails under A
+    tags_a = integrity.BlockTags(ka, tb, size, bytes(wrong))
+
+    class Gated(MemStore):
+        gate = trio.Event()
+
+        async def get_range(self, key, start, end, *, if_match=None):
+            if start == 0:
+                self.gets.append((start, end))
+                await self.gate.wait()  # A's fetch of block 0, held
+                return self.data[start:end]
+            return await super().get_range(key, start, end, if_match=if_match)
+
+    async def main():
+        store = Gated(data)
+        c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
+        got = {}
+
+        async def read_a():
+            try:
+                got["a"] = await c.read(KEY, ETAG, size, 0, size, tags=tags_a)
+            except integrity.IntegrityError as err:
+                got["a"] = err
+        async with trio.open_nursery() as n:
+            c.start(n)
+            assert await c.read(KEY, ETAG, size, BS, BS, tags=tags_b) == data[BS:]  # block 1 cached
+            await until(lambda: c.entry(KEY, ETAG, size).present[1])
+            n.start_soon(read_a)
+            await until(lambda: (0, BS) in store.gets)
+            assert await c.read(KEY, ETAG, size, BS, BS, tags=tags_b) == data[BS:]  # B checks block 1 again
+            store.gate.set()
+            await until(lambda: "a" in got)
+            assert isinstance(got["a"], integrity.IntegrityError), "a block A's tags reject was returned"
+            assert await c.read(KEY, ETAG, size, 0, size, tags=tags_b) == data
+            n.cancel_scope.cancel()
+        c.close()
+
+    trio.run(main)

@@ -263,41 +263,54 @@ def test_file_replaced_by_a_rename_does_not_come_back_after_a_crash(tmp_path, cm
     trio.run(main)
 
 
-@pytest.mark.parametrize("when", ["inside the rename", "after it"])
-def test_a_crash_during_or_after_an_editors_save_by_rename_leaves_the_file_at_its_name(tmp_path, cmk_path, when):
+@pytest.mark.parametrize("d_state", ["committed", "journaled"])
+@pytest.mark.parametrize("when", ["before the record moved", "after the record moved", "in the move", "after it"])
+def test_a_crash_during_or_after_an_editors_save_by_rename_leaves_the_file_at_its_name(tmp_path, cmk_path, when,
+                                                                                        d_state):
     """New-user trial: a closed (journaled) temp file renamed over d, which is in the bucket,
     and a kill -9 inside the rename, after it had recorded d's pending delete (two fsyncs) and
     before the journal named d for the temp file: the next mount deleted d and uploaded the
     new content under the temp name, so d vanished (3 kills in ~100 over OSS). A journaled
     file's record, moved to the new name with d's version as its base, is what replaces d
-    after a crash: no pending delete is recorded for it. A crash inside the rename leaves d
-    and the temp file as they were (the rename did not happen); one after it, the new content
-    at d and no temp file."""
+    after a crash: no pending delete is recorded for it. And d itself changed and closed
+    (journaled) before the save: the rename dropped d's record before it wrote the temp file's,
+    so a crash between brought back d's committed version, older than both saves. A crash
+    leaves d and the temp file as they were (the rename did not happen) or the new content at
+    d and no temp file; never less."""
     class Crash(Exception):
         pass
 
-    def crash(node):
+    def crash(*args):
         raise Crash  # the daemon dies here: after what the rename did before, before the rest
 
     async def main():
         fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
         store = fs.store
         await committed_file(fs, "d", b"old d")
+        d_now = b"old d"
+        if d_state == "journaled":
+            h = await fs.open(await fs.lookup(fs.get(1), "d"), os.O_RDWR)
+            await fs.write(h, 0, b"d v2!")
+            await fs.flush(h)
+            await fs.release(h)
+            d_now = b"d v2!"
         _, h = await fs.create(fs.get(1), ".d.tmp", 0o600, os.O_RDWR, 1, 2)
         await fs.write(h, 0, b"new d")
         await fs.flush(h)  # close(): journaled
         await fs.release(h)
-        if when == "inside the rename":
-            fs.namespace._take_name = crash
-            with pytest.raises(Crash):
-                await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
-            want = {".d.tmp": b"new d", "d": b"old d"}
-        else:
+        if when == "after it":
             await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
             assert os.listdir(tmp_path / "cache" / "unlinked") == []
-            want = {"d": b"new d"}
+        else:
+            where = {"before the record moved": (fs.namespace.commit, "rejournal"),
+                     "after the record moved": (fs.namespace, "_take_name"),
+                     "in the move": (fs.namespace.inodes, "move")}[when]
+            setattr(*where, crash)
+            with pytest.raises(Crash):
+                await fs.rename(fs.get(1), ".d.tmp", fs.get(1), "d", 0)
+        want = {".d.tmp": b"new d", "d": d_now} if when == "before the record moved" else {"d": b"new d"}
         fs = _died(fs, tmp_path, cmk_path)
-        assert fs.recover() == 1
+        assert fs.recover() >= 1  # (two records of d after "after the record moved": the newer wins)
         assert await fs.finish_unlinks() == 0
         assert await fs.drain() == 0
         assert await listed_names(fs) == sorted(want)

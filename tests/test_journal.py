@@ -250,6 +250,38 @@ def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_pa
     trio.run(main)
 
 
+def test_of_two_records_of_one_file_the_later_written_wins_whatever_their_mtimes(tmp_path, cmk_path, monkeypatch):
+    """A file closed again writes its new record before the older one goes; a crash between
+    leaves two records of one key, and recovery took the one of the later mtime as the newer.
+    Records written within the file system's timestamp granularity have the same mtime (and a
+    clock stepped back gives the older one the later mtime): the older version, whose close
+    was followed by another, came back. Records carry a sequence number; it decides."""
+    from ossfuse.fs.commit import Commit
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", DATA)
+        first = node.staged
+        h = await fs.open(node, os.O_WRONLY)
+        await fs.write(h, 5, b"XX")
+        monkeypatch.setattr(Commit, "_drop_bases", staticmethod(lambda st: None))  # the crash comes first
+        await fs.flush(h)
+        second = node.staged
+        assert sorted(_records(fs)) == sorted([first.id + ".json", second.id + ".json"])
+        t = os.lstat(second.journal_path).st_mtime_ns
+        os.utime(first.journal_path, ns=(t + 10**9, t + 10**9))  # the older record looks newer
+        await _crash(fs)
+        monkeypatch.undo()
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 2
+        assert await fs.drain() == 0
+        assert await read_file(fs, "f") == DATA[:5] + b"XX" + DATA[7:]
+        assert os.listdir(fs.staging.dir) == []
+        await _crash(fs)
+
+    trio.run(main)
+
+
 def test_an_upload_at_close_supersedes_the_journaled_version_below_it(tmp_path, cmk_path):
     """On a local bucket a small file closed by its last handle goes up at close; the version
     journaled by an earlier close (of another handle) must go with it, or a crash would bring

@@ -168,9 +168,9 @@ class Commit:
         self._record(node, st, meta)
         return meta
 
-    def _record(self, node: Node, st: StagedFile, meta: dict[str, str]) -> None:
+    def _record(self, node: Node, st: StagedFile, meta: dict[str, str], path: str | None = None) -> None:
         try:
-            journal.record(st, self.naming.key(node.path), meta, self.conflicts.base_of(node),
+            journal.record(st, self.naming.key(path or node.path), meta, self.conflicts.base_of(node),
                            self.conflicts.sent(node), node.dirty_since if node in self.scheduler.dirty else None)
         except OSError as e:
             log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
@@ -209,15 +209,16 @@ class Commit:
             st = st.base
         return st is not None
 
-    def rejournal(self, node: Node) -> None:
+    def rejournal(self, node: Node, path: str | None = None) -> None:
         """``node``'s name, attributes or base version changed: if its staged version is
         journaled, record it again (same sealed data, new key/metadata/base) so a crashed
-        daemon's next mount uploads it with them. Raises FsError(ENOSPC/EIO)."""
+        daemon's next mount uploads it with them; at ``path`` instead of its own (a rename
+        about to move it there). Raises FsError(ENOSPC/EIO)."""
         st = node.staged
         if st is None or node.unlinked:
             return
         if st.was_journaled:
-            self._record(node, st, self.metadata(node, st))
+            self._record(node, st, self.metadata(node, st), path)
             return
         # an open version above a journaled one (the file reopened after a close): a crash
         # brings the journaled one back, so its record follows the name; its attributes stay
@@ -227,7 +228,7 @@ class Commit:
         while below is not None and not below.was_journaled:
             below = below.base
         if below is not None and below.journaled_record is not None:
-            self._record(node, below, below.journaled_record["metadata"])
+            self._record(node, below, below.journaled_record["metadata"], path)
 
     def forget_journal(self, node: Node) -> None:
         """``node`` was unlinked while open: its staged versions must not come back after a

@@ -172,6 +172,17 @@ class Conflicts:
         write-temp-then-rename), not as a conflict."""
         self._base[node.ino] = etag
 
+    def saved_base(self, node: Node) -> tuple[bool, str | None]:
+        """What :meth:`restore_base` puts back: whether ``node`` has a base of its own, and it."""
+        return node.ino in self._base, self._base.get(node.ino)
+
+    def restore_base(self, node: Node, saved: tuple[bool, str | None]) -> None:
+        """Undo :meth:`replaces` (a rename that failed before it moved anything)."""
+        if saved[0]:
+            self._base[node.ino] = saved[1]
+        else:
+            self._base.pop(node.ino, None)
+
     def replaced(self, node: Node) -> str | None:
         """The ETag of the object ``node`` (staged, never uploaded) replaces — set by a rename
         over a known file or by its journal record —, which is still in the bucket at its name

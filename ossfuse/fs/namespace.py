@@ -953,6 +953,7 @@ class Namespace:
                 self.commit.took_name(dst, src)
             old_path = src.path
             rlog = None
+            base = self.commit.conflicts.saved_base(src)
             if src.version is None:  # a replaced object at the old name must not stay behind
                 await self._delete_replaced(src, self.naming.key(old_path))
                 if dst is None:  # an unlinked open file's object waiting there: replaced knowingly
@@ -1008,9 +1009,18 @@ class Namespace:
                     self.renames.leave(rlog)  # cancelled mid-way: the next mount settles it
                     raise
             if dst is not None and not dst.unlinked:
+                # src's record names dst_path before _take_name drops dst's records: a crash
+                # between leaves both, and the newer wins at the next mount (journal.read_journal);
+                # the other way round, a crash there brought back dst's committed version, an
+                # older one than either save (one that fails here changes no name)
+                try:
+                    self.commit.rejournal(src, dst_path)
+                except FsError:
+                    self.commit.conflicts.restore_base(src, base)
+                    raise
                 self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
-            self.commit.rejournal(src)
+            self.commit.rejournal(src)  # (recorded above when it replaced dst)
             if rlog is not None:  # (after the journal names the new path: module doc of fs/renames.py)
                 self.renames.end(rlog)
         return True

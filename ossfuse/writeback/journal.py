@@ -60,8 +60,9 @@ def record(staged: StagedFile, key: str, metadata: dict[str, str], base: str | N
         rec["sent"] = sorted(sent)
     if changed is not None:
         rec["changed"] = changed
-    if rec == staged.journaled_record:
+    if staged.journaled_record is not None and rec == {k: v for k, v in staged.journaled_record.items() if k != "seq"}:
         return
+    rec["seq"] = staged.staging.next_seq()
     tmp = staged.journal_path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -89,6 +90,7 @@ class JournalEntry:
     base: str | None = BASE_UNKNOWN
     sent: tuple[str, ...] = ()
     changed: float | None = None
+    seq: int = 0  # the record's sequence number (Staging.next_seq; an older record's mtime in ns)
 
 
 def _check(rec: object) -> str | None:
@@ -111,6 +113,9 @@ def _check(rec: object) -> str | None:
     changed = rec.get("changed", 0.0)
     if isinstance(changed, bool) or not isinstance(changed, (int, float)) or not changed >= 0:
         return "record has no valid time of change"
+    seq = rec.get("seq", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        return "record has no valid sequence number"
     return None
 
 
@@ -167,7 +172,8 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
         st.generation = rec.get("generation", 0) if isinstance(rec.get("generation"), int) else 0
         st.journaled_record = rec
         entries.append(JournalEntry(st, rec["key"], rec["metadata"], rec.get("base", BASE_UNKNOWN),
-                                    tuple(rec.get("sent", ())), rec.get("changed")))
+                                    tuple(rec.get("sent", ())), rec.get("changed"),
+                                    rec.get("seq") or os.lstat(path).st_mtime_ns))
     for name in names:
         sid = name.split(".")[0]
         if sid not in journaled:
@@ -178,6 +184,9 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
                 os.unlink(path)
             except (FileNotFoundError, IsADirectoryError):
                 pass
+    # oldest first by sequence number, not mtime: two records of one key (a file closed again
+    # before the older record went, or a rename over a journaled file) may share an mtime
+    entries.sort(key=lambda e: e.seq)
     return entries, quarantined
 
 

@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -553,6 +554,14 @@ class Staging:
         # were deleted at mount (journal.read_journal)
         self.lost_work: list[str | None] = []
         self.space_warning: str | None = None  # check_space's line, for `ossfuse mount` to print too
+        self._seq = 0  # the last journal record's sequence number (next_seq)
+
+    def next_seq(self) -> int:
+        """A journal record's sequence number: wall-clock nanoseconds, above every earlier one
+        of this run (two records of one key written within the file system's timestamp
+        granularity have the same mtime; the newer must win at recovery: journal.read_journal)."""
+        self._seq = max(time.time_ns(), self._seq + 1)
+        return self._seq
 
     def quarantined(self) -> int:
         """How many journal entries ``quarantine/`` holds now (a listing of that one small
