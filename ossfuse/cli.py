@@ -23,7 +23,7 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cache_dir_user, daemon_alive, daemon_gone, dying,
-                       holders, killed_in_a_request, one_line, printable, mounted_device, mounted_type, mounts, path_in_mount, process_alive,
+                       holders, killed_in_a_request, one_line, printable, mounted_device, mounted_filesystem, mounted_type, mount_points_of, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        typed_below_root, users_of, write_registry, check_private_dir, UnsafeDirError)
 
@@ -396,6 +396,7 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
     # it), nor be named among its users: fusermount3 inherits it
     os.chdir("/")
     device = mounted_device(mp)
+    filesystem = mounted_filesystem(mp)  # (after the unmount its device number may be another's)
     reg = record_of(mp, device)
     home = reg["mountpoint"] if reg else mp  # the mount point the daemon was started with
     unmounted_here = False
@@ -413,7 +414,9 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
             # (daemon_alive: a pid another process reuses is never signalled)
             if reg is None or reg.get("exited") or not daemon_alive(reg):
                 return _die(f"{mp} is not mounted" + _why_no_mount_point(mp))
-            if stays := _paths_of(reg.get("device")):  # unmounted here, but bind-mounted: not ours to stop
+            # unmounted here, but bind-mounted: not ours to stop
+            if stays := mount_points_of((reg["device"], reg["config"]) if reg.get("device") and reg.get("config")
+                                        else None):
                 return _die(f"{mp} is not mounted; the same filesystem stays mounted at {_some_paths(stays)} (a "
                             f"bind mount): unmount that")
             # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
@@ -460,7 +463,7 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
             return _die(failure)
         # a copy the unmount did not take with it (a bind mount; a peer of a shared mount goes
         # too) keeps the daemon serving: only this path is unmounted, as umount(8) does
-        if stays := _paths_of(device):
+        if stays := mount_points_of(filesystem):
             print(f"ossfuse: unmounted {mp}; the same filesystem stays mounted at {_some_paths(stays)} (a bind "
                   f"mount): its daemon serves it there, and pending uploads are finished once that is unmounted "
                   f"(ossfuse umount)", file=sys.stderr)
@@ -494,7 +497,7 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
                         f"progress and `ossfuse umount {mp}` waits for it again")
         doc = _status_or_none(sock)
         if (doc is not None and doc.get("state") == "serving" and not stopped and device
-                and now - unmounted_at > 1 and (held := holders(device))):
+                and now - unmounted_at > 1 and filesystem and (held := holders(filesystem))):
             who = ", ".join(f"pid {p} ({c})" for p, c in held[:5])
             print(f"ossfuse: {mp} is unmounted here, but still mounted in another mount namespace "
                   f"(held by {who}); stopping the daemon so pending uploads finish", file=sys.stderr)
@@ -560,11 +563,6 @@ def _exit_outcome(mp: str, reg: dict) -> int:
     return 0
 
 
-def _paths_of(device: str | None) -> list[str]:
-    """The mount points in this mount namespace of the ossfuse filesystem ``device``, each once."""
-    return list(dict.fromkeys(m for dev, m, fs in mounts() if device and dev == device and fs == "fuse.ossfuse"))
-
-
 def _some_paths(paths: list[str]) -> str:
     return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
@@ -627,7 +625,7 @@ def _unmount(mp: str, device: str | None) -> str | None:
             return msg + f" (in use: {who}{f'; and {len(held) - 5} more' if len(held) > 5 else ''})"
         if time.monotonic() >= give_up:
             # a copy of it at another path (a peer of a shared subtree) held there keeps it busy too
-            elsewhere = [f"pid {p} ({c}) at {path}" for path in _paths_of(device) if path != mp
+            elsewhere = [f"pid {p} ({c}) at {path}" for path in mount_points_of(mounted_filesystem(mp)) if path != mp
                          for p, c, _what in users_of(path) if p != os.getpid()]
             if elsewhere:
                 return msg + f" (in use at another path of the same mount: {', '.join(elsewhere[:5])})"

@@ -289,22 +289,42 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def _mountinfo(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
-    """(device "major:minor", mount point, root, fstype) of each line of a mountinfo file;
-    root: the directory of the filesystem mounted there ("/" for a whole one, "/sub" for a
-    bind mount of its ``sub``)."""
+def _mountinfo(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str, str]]:
+    """(device "major:minor", mount point, root, fstype, source) of each line of a mountinfo
+    file; root: the directory of the filesystem mounted there ("/" for a whole one, "/sub" for
+    a bind mount of its ``sub``); source: what was mounted (an ossfuse mount's config path)."""
     out = []
     with open(mountinfo, "rb") as f:
         for line in f:
             fields = line.split()
             sep = fields.index(b"-")
-            out.append((fields[2].decode(), _unescape(fields[4]), _unescape(fields[3]), os.fsdecode(fields[sep + 1])))
+            source = _unescape(fields[sep + 2]) if len(fields) > sep + 2 else ""
+            out.append((fields[2].decode(), _unescape(fields[4]), _unescape(fields[3]), os.fsdecode(fields[sep + 1]),
+                        source))
     return out
 
 
 def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
     """(device "major:minor", mount point, fstype) of each line of a mountinfo file."""
-    return [(dev, mp, fstype) for dev, mp, _root, fstype in _mountinfo(mountinfo)]
+    return [(dev, mp, fstype) for dev, mp, _root, fstype, _source in _mountinfo(mountinfo)]
+
+
+def mounted_filesystem(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str] | None:
+    """(device, source) of the ossfuse mount at ``mountpoint`` (the topmost), or None: what
+    tells its other mount points (bind mounts) from another filesystem's once it is unmounted
+    (device numbers are reused at once: a mount made meanwhile got the same one)."""
+    found = None
+    for dev, mp, _root, fs, source in _mountinfo(mountinfo):
+        if mp == mountpoint:
+            found = (dev, source) if fs == "fuse.ossfuse" else None
+    return found
+
+
+def mount_points_of(filesystem: tuple[str, str] | None, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """The mount points in this mount namespace of the ossfuse ``filesystem`` (device, source:
+    :func:`mounted_filesystem`), each once."""
+    return list(dict.fromkeys(mp for dev, mp, _root, fs, source in _mountinfo(mountinfo)
+                              if filesystem is not None and fs == "fuse.ossfuse" and (dev, source) == filesystem))
 
 
 def ossfuse_mount_holding(path: str) -> str | None:
@@ -344,10 +364,11 @@ def mounted_type(mountpoint: str) -> str | None:
     return found
 
 
-def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]:
-    """Processes (pid, command name) of other mount namespaces in which the filesystem
-    ``device`` is still mounted: one per namespace, the first found. Containers, ``unshare -m``
-    and ``ip netns exec`` keep copies of mounts that outlive an unmount here."""
+def holders(filesystem: tuple[str, str], exclude_ns: str | None = None) -> list[tuple[int, str]]:
+    """Processes (pid, command name) of other mount namespaces in which the ossfuse
+    ``filesystem`` (device, source: :func:`mounted_filesystem`) is still mounted: one per
+    namespace, the first found. Containers, ``unshare -m`` and ``ip netns exec`` keep copies of
+    mounts that outlive an unmount here."""
     done = {exclude_ns or os.readlink("/proc/self/ns/mnt")}
     found = []
     for name in os.listdir("/proc"):
@@ -357,7 +378,8 @@ def holders(device: str, exclude_ns: str | None = None) -> list[tuple[int, str]]
             ns = os.readlink(f"/proc/{name}/ns/mnt")
             # every process is asked, not one per namespace: a chrooted one sees only the
             # mounts below its root
-            if ns in done or not any(dev == device for dev, _, _ in mounts(f"/proc/{name}/mountinfo")):
+            if ns in done or not any((dev, source) == filesystem and fs == "fuse.ossfuse"
+                                     for dev, _, _, fs, source in _mountinfo(f"/proc/{name}/mountinfo")):
                 continue
             done.add(ns)
             found.append((int(name), _comm(name)))
@@ -776,7 +798,7 @@ def _ossfuse_mount_of(path: str, device: str | None = None,
     the filesystem mounted there (mountinfo's fourth field: "/" for the mount itself, "/sub"
     for a bind mount of its ``sub``)."""
     best: tuple[str, str, bool] | None = None
-    for dev, mp, root, fstype in _mountinfo(mountinfo):
+    for dev, mp, root, fstype, _source in _mountinfo(mountinfo):
         if (path == mp or path.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) >= len(best[0])):
             best = (mp, root, fstype == "fuse.ossfuse" and device in (None, dev))
     return (best[0], best[1]) if best is not None and best[2] else None

@@ -811,6 +811,31 @@ def test_umount_of_one_of_two_bind_mounts_leaves_the_other_serving(make_mount, t
     m.pid = None
 
 
+def test_a_mount_that_took_the_device_number_of_one_just_unmounted_is_no_bind_mount_of_it(tmp_path):
+    """The kernel gives a FUSE mount the lowest free device number, so a mount made right
+    after an unmount gets the number of the one just gone. ``ossfuse umount`` looked for other
+    mount points of the filesystem it had unmounted by device number alone: with another test
+    run mounting at once, it said the filesystem "stays mounted at" that run's new mount ("a
+    bind mount") and returned without waiting for the pending uploads. The filesystem is now
+    its device and its source (the config path) together; a bind mount has both."""
+    from ossfuse.registry import mount_points_of, mounted_filesystem
+
+    def mountinfo(*lines: str) -> str:
+        path = tmp_path / "mountinfo"
+        path.write_text("".join(lines))
+        return str(path)
+    ours = "36 25 0:52 / /mnt/our\\040files rw,relatime shared:1 - fuse.ossfuse /etc/oss\\040fuse/a.toml rw\n"
+    bind = "37 25 0:52 / /srv/bind rw,relatime shared:1 - fuse.ossfuse /etc/oss\\040fuse/a.toml rw\n"
+    other = "38 25 0:52 / /tmp/run/m/mnt rw,relatime shared:2 - fuse.ossfuse /tmp/run/m/ossfuse.toml rw\n"
+    tmpfs = "39 25 0:52 / /tmp/x rw - tmpfs /etc/oss\\040fuse/a.toml rw\n"
+    fs = mounted_filesystem("/mnt/our files", mountinfo(ours, bind))
+    assert fs == ("0:52", "/etc/oss fuse/a.toml")
+    assert mount_points_of(fs, mountinfo(ours, bind)) == ["/mnt/our files", "/srv/bind"]
+    assert mount_points_of(fs, mountinfo(bind)) == ["/srv/bind"]  # ours unmounted, the bind stays
+    assert mount_points_of(fs, mountinfo(other, tmpfs)) == []  # ours gone; its number is another's now
+    assert mounted_filesystem("/tmp/x", mountinfo(tmpfs)) is None  # not an ossfuse mount
+
+
 @pytest.mark.parametrize("store_kind", ["oss"])
 def test_ctrl_c_while_umount_waits_for_uploads_says_where_things_stand(make_mount):
     """SIGINT while ``ossfuse umount`` waits for the uploads after the unmount: one line and
