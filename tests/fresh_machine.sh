@@ -47,9 +47,9 @@ if [ $rc1 = 0 ]; then
     echo "hello from a fresh machine" > /mnt/ossfuse/hello.txt && echo "read back: $(cat /mnt/ossfuse/hello.txt)"
 fi
 t0=$(date +%s)
-.venv/bin/python -m pytest -q > /root/cmd2.log 2>&1
+.venv/bin/python -m pytest -q -n 2 > /root/cmd2.log 2>&1
 rc2=$?
-echo "== command 2 (.venv/bin/python -m pytest -q): exit $rc2 in $(( $(date +%s) - t0 )) s"
+echo "== command 2 (.venv/bin/python -m pytest -q -n 2): exit $rc2 in $(( $(date +%s) - t0 )) s"
 tail -12 /root/cmd2.log
 if grep -q ' /mnt/ossfuse ' /proc/self/mounts; then
     .venv/bin/ossfuse umount /mnt/ossfuse; echo "== umount /mnt/ossfuse: exit $?"
