@@ -225,6 +225,52 @@ def test_an_upload_that_lands_after_a_crash_is_not_taken_for_another_clients_edi
     trio.run(next_mount)
 
 
+@pytest.mark.parametrize("then", ["saved again", "renamed"])
+def test_a_recovered_versions_own_upload_landing_late_is_ours_to_a_newer_save_and_a_rename(tmp_path, cmk_path, then):
+    """A break trial (BT8): v1 in the bucket, v2 closed and its upload sent, the daemon killed,
+    and v2's PUT landed after the next mount began. Saved again (v3) before the recovered v2
+    went up, v3 went to a conflict copy ("changed by another client", the name kept v2); `mv`
+    of the recovered file left the old name in the bucket ("another client wrote it"). The
+    recovered version's own wrapped key counts as sent: v2 in the bucket is ours."""
+    async def crash_with_an_upload_in_flight():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _write_file(fs, "f", b"v1")
+        assert await fs.drain() == 0
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(h, 0, b"v2 sent before the crash")
+        await fs.flush(h)
+        await fs.release(h)
+        v2 = node.staged
+        with open(v2.data_path, "rb") as f:
+            body = f.read()
+        await _crash(fs)
+        return body, dict(v2.journaled_record["metadata"])
+
+    async def next_mount(body, meta):
+        fs = _fs(tmp_path, cmk_path)
+        assert fs.recover() == 1
+        await fs.store.inner.put_bytes("pre/f", body, meta)  # v2's PUT lands now
+        node = await fs.lookup(fs.get(1), "f")
+        if then == "saved again":
+            h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+            await fs.write(h, 0, b"v3")
+            await fs.flush(h)
+            await fs.release(h)
+            want = {"f": b"v3"}
+        else:
+            await fs.rename(fs.get(1), "f", fs.get(1), "g", 0)
+            want = {"g": b"v2 sent before the crash"}
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await fs.store.inner.list("pre/", delimiter=None)).objects] == \
+            ["pre/" + n for n in want]
+        for name, data in want.items():
+            assert await read_file(fs, name) == data
+        await _crash(fs)
+
+    trio.run(next_mount, *trio.run(crash_with_an_upload_in_flight))
+
+
 def test_the_new_version_supersedes_the_journaled_one_only_once_journaled(tmp_path, cmk_path):
     async def main():
         fs = _fs(tmp_path, cmk_path)

@@ -81,6 +81,10 @@ class Commit:
                  uploader: Uploader, cache: BlockCache, keyring: Keyring, staging: Staging):
         self.naming = naming
         self.inodes = inodes
+        # key -> errno of its last failed seal: one that cannot get its space fails each retry
+        # alike (retry_interval): one ERROR line per file and reason until it is saved (a
+        # trial: 23 lines in 70 s), the retries at DEBUG
+        self._seal_failed: dict[str, int | None] = {}
         self.resolver = resolver
         self.scheduler = scheduler
         self.uploader = uploader
@@ -132,9 +136,16 @@ class Commit:
             # the page cache; they depend only on the data key, IV and bytes, never the name
             return integrity.seal(st.data_path, envelope.data_key, envelope.iv, st.size, other, prefix)
         try:
-            if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
-                st.tags = seal_and_tag()
-            else:
+            try:
+                if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
+                    st.tags = seal_and_tag()
+                else:
+                    st.tags = await trio.to_thread.run_sync(seal_and_tag)
+            except OSError as e:
+                # the sealed file did not fit, nothing changed: cached blocks make room, as for
+                # a write (a trial: close() failed while most of the disk was droppable cache)
+                if e.errno != errno.ENOSPC or st.write_error is not None or not self.cache.evict(need=st.size):
+                    raise
                 st.tags = await trio.to_thread.run_sync(seal_and_tag)
         except OSError as e:
             st.close()  # reopened when used: a failed seal holds no descriptor (a trial ran out of them)
@@ -142,9 +153,15 @@ class Commit:
                 log.error("staging %r failed half-way; its changes since its last good version are discarded: %s",
                           key, e)
             else:
-                log.error("staging %r failed, the data is not safe yet: %s", key, e)
+                again = key in self._seal_failed and self._seal_failed[key] == e.errno
+                log.log(logging.DEBUG if again else logging.ERROR,
+                        "staging %r failed, the data is not safe yet: %s", key, e)
+                if len(self._seal_failed) > 10_000:  # (files that failed and were then removed)
+                    self._seal_failed.clear()
+                self._seal_failed[key] = e.errno
             raise FsError(errno_of(e)) from None
         st.finish_seal()
+        self._seal_failed.pop(key, None)
 
     @staticmethod
     def metadata(node: Node, st: StagedFile) -> dict[str, str]:
@@ -571,7 +588,8 @@ class Commit:
             if integrity.HEADER in meta:  # the tags sealed by the earlier run (a list's body is recomputed)
                 spec_key = integrity.list_key_of(meta)
                 entry.staged.tags = integrity.SealedTags({integrity.HEADER: meta[integrity.HEADER]}, spec_key)
-            self.conflicts.recovered(node, entry.base, entry.sent)
+            # (its own upload may have been sent before the crash and land any time: ours too)
+            self.conflicts.recovered(node, entry.base, entry.sent + ((meta[env.H_KEY],) if meta.get(env.H_KEY) else ()))
             self.scheduler.mark_dirty(node)
             if entry.changed is not None:  # the age of the change, not of this mount
                 node.dirty_since = min(node.dirty_since, entry.changed)

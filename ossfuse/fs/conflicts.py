@@ -154,7 +154,9 @@ class Conflicts:
     def recovered(self, node: Node, base: str | None, sent: tuple[str, ...] = ()) -> None:
         """``node``'s staged version came from the journal, whose record gave ``base``
         (``base_of`` of the run that wrote it; BASE_UNKNOWN for a record without one) and
-        ``sent`` (:meth:`sent`)."""
+        ``sent`` (:meth:`sent`; the caller adds the version's own wrapped key: the run that
+        crashed may have sent its upload, which then lands late, also after a newer version
+        of this mount superseded it: a trial's next save went to a conflict copy)."""
         self._base[node.ino] = base
         if sent:
             self._sent[node.ino] = set(sent)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Collection
 
 from .. import envelope as env
 from ..store.base import DestinationChanged, NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
@@ -92,17 +93,21 @@ async def _rewrapped_since(store: ObjectStore, src: ObjectInfo, metadata: dict[s
 
 
 async def delete_version(store: ObjectStore, key: str, etag: str, *, log_failure: bool = True,
-                         head: ObjectInfo | None = None) -> None:
+                         head: ObjectInfo | None = None, ours: Collection[str] = ()) -> None:
     """Delete ``key`` if it is still version ``etag`` (HEAD, compare, DELETE: OSS has no
-    conditional DELETE; see the module doc for the window left). Already gone: nothing to do.
-    ``head``: the caller's HEAD of ``key`` just now (not asked again). Raises FsError(ESTALE)
-    when another version is there (kept, one log line), EIO on a store failure (one log line,
-    unless ``log_failure`` is False: the caller writes it)."""
+    conditional DELETE; see the module doc for the window left), or a version whose wrapped
+    data key is one of ``ours`` (this mount's own uploads that may have landed since:
+    ``Conflicts.sent``). Already gone: nothing to do. ``head``: the caller's HEAD of ``key``
+    just now (not asked again). Raises FsError(ESTALE) when another version is there (kept, one
+    log line), EIO on a store failure (one log line, unless ``log_failure`` is False: the
+    caller writes it)."""
     try:
         if head is None:
             head = await store.head(key)
         if head is None:
             return
+        if head.metadata.get(env.H_KEY) in ours:
+            etag = head.etag  # our own upload that landed late: deleted as the version meant
         if not same_etag(head.etag, etag):
             log.warning("%r was not deleted: it is version %s, not %s (another client wrote it)", key, head.etag, etag)
             raise FsError(errno.ESTALE)

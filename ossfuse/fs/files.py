@@ -585,7 +585,12 @@ class Files:
             # and re-encrypted before taking the lock, so no lock waits for the network
             base, keep = node.version, node.current_size
             assert envelope is not None  # nothing staged: a new data key was made above
-            copied = await self.copy_committed(node, base, keep, envelope, follow_moves=True)
+            try:
+                copied = await self.copy_committed(node, base, keep, envelope, follow_moves=True)
+            except FsError as e:
+                if e.errno == errno.ENOSPC:  # a lost write, as one to the staged version (below)
+                    h.write_error = e.errno
+                raise
         async with node.lock:
             if copied is not None:
                 # (node.version may be base as a rename copied it meanwhile: the same content)
@@ -708,7 +713,12 @@ class Files:
                 except VersionMoved:
                     v = node.version  # the same content at its new key: this chunk again from there
                     continue
-                staged.write(off, data)
+                try:
+                    staged.write(off, data)
+                except OSError as e:  # cached blocks make room, as for a write
+                    if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
+                        raise
+                    staged.write(off, data)
                 off += n
         except OSError as e:
             staged.discard()

@@ -524,8 +524,8 @@ class Namespace:
         etag = await self._replaced_etag(node, key)
         if etag is None:
             return
-        try:
-            await delete_version(self.store, key, etag)
+        try:  # (or an upload of node's own that landed late: a crash's, sent before it)
+            await delete_version(self.store, key, etag, ours=self.commit.conflicts.sent(node))
         except FsError as e:
             if e.errno != errno.ESTALE:
                 raise  # ESTALE: another client wrote that name since; theirs stays (logged)
