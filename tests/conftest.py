@@ -28,7 +28,11 @@ os.environ.pop("OSSFUSE_RUNTIME_DIR", None)
 
 OSSFUSE = [sys.executable, "-m", "ossfuse"]
 DATA = os.path.join(os.path.dirname(__file__), "data")
-AK, SK, BUCKET, REGION = "test-ak", "test-sk-secret", "test-bucket", "cn-hangzhou"
+AK, SK, REGION = "test-ak", "test-sk-secret", "cn-hangzhou"
+# One bucket name per pytest-xdist worker: bucket names are unique across OSS, so `ossfuse
+# rekey` and `check` name every running mount of the same bucket, whatever its endpoint; the
+# workers' OSS test servers (one per test) must not look like one bucket to each other.
+BUCKET = "test-bucket-" + os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ import pytest
 from oss2.crypto import AliKMSProvider
 
 sys.path.insert(0, os.path.dirname(__file__))
+import conftest  # noqa: E402
 from kms_server import KmsTestServer  # noqa: E402
 from oss_server import OssTestServer  # noqa: E402
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 
 AK, SK = "kms-test-ak", "kms-test-sk"
 REGION = "cn-hangzhou"
-BUCKET = "test-bucket"
+BUCKET = conftest.BUCKET  # the mounts' configs name it (conftest.Mount)
 VECTORS = os.path.join(os.path.dirname(__file__), "data", "vectors")
 META_PREFIX = "x-oss-meta-"
 
