@@ -23,7 +23,8 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cache_dir_user, daemon_alive, daemon_gone, dying,
-                       holders, killed_in_a_request, one_line, printable, mounted_device, mounted_filesystem, mounted_type, mount_points_of, mounts, path_in_mount, process_alive,
+                       holders, killed_in_a_request, one_line, printable, mounted_device, mounted_filesystem, mounted_type,
+                       mount_points_of, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        typed_below_root, users_of, write_registry, check_private_dir, UnsafeDirError)
 

@@ -81,14 +81,14 @@ class Commit:
                  uploader: Uploader, cache: BlockCache, keyring: Keyring, staging: Staging):
         self.naming = naming
         self.inodes = inodes
-        # key -> errno of its last failed seal: one that cannot get its space fails each retry
-        # alike (retry_interval): one ERROR line per file and reason until it is saved (a
-        # trial: 23 lines in 70 s), the retries at DEBUG
-        self._seal_failed: dict[str, int | None] = {}
         self.resolver = resolver
         self.scheduler = scheduler
         self.uploader = uploader
         self.cache = cache
+        # key -> errno of its last failed seal: one that cannot get its space fails each retry
+        # alike (retry_interval): one ERROR line per file and reason until it is saved (a
+        # trial: 23 lines in 70 s), the retries at DEBUG
+        self._seal_failed: dict[str, int | None] = {}
         self.keyring = keyring
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
@@ -186,11 +186,12 @@ class Commit:
         return meta
 
     def _record(self, node: Node, st: StagedFile, meta: dict[str, str], path: str | None = None) -> None:
+        key = self.naming.key(path or node.path)
         try:
-            journal.record(st, self.naming.key(path or node.path), meta, self.conflicts.base_of(node),
+            journal.record(st, key, meta, self.conflicts.base_of(node),
                            self.conflicts.sent(node), node.dirty_since if node in self.scheduler.dirty else None)
         except OSError as e:
-            log.error("journaling %r failed, the data is not safe yet: %s", self.naming.key(node.path), e)
+            log.error("journaling %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None
         self._drop_bases(st)  # superseded by this journaled version
 

@@ -610,12 +610,7 @@ class Files:
                 raise FsError(st.write_error)
             st.label = self.naming.key(node.path)  # named in the work file (recovery messages)
             try:
-                try:
-                    st.write(offset, data)
-                except OSError as e:
-                    if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
-                        raise
-                    st.write(offset, data)  # cached blocks made room
+                self._write_staged(st, offset, data)
             except OSError as e:
                 st.write_error = h.write_error = e.errno or errno.EIO
                 log.error("staging a write to %r failed; this open file's changes since its last good "
@@ -623,6 +618,16 @@ class Files:
                 raise FsError(errno_of(e)) from None
             node.mtime_ns = node.ctime_ns = time.time_ns()
         return len(data)
+
+    def _write_staged(self, staged: StagedFile, offset: int, data: bytes) -> None:
+        """``staged.write(offset, data)``; on ENOSPC once more after dropping cached blocks to
+        make room (the cache disk holds both). Raises OSError."""
+        try:
+            staged.write(offset, data)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
+                raise
+            staged.write(offset, data)  # cached blocks made room
 
     def _refuse_too_big(self, node: Node, size: int) -> None:
         """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version
@@ -713,12 +718,7 @@ class Files:
                 except VersionMoved:
                     v = node.version  # the same content at its new key: this chunk again from there
                     continue
-                try:
-                    staged.write(off, data)
-                except OSError as e:  # cached blocks make room, as for a write
-                    if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
-                        raise
-                    staged.write(off, data)
+                self._write_staged(staged, off, data)
                 off += n
         except OSError as e:
             staged.discard()
