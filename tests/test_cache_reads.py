@@ -364,6 +364,32 @@ def test_a_version_whose_entry_has_no_file_yet_can_be_relabelled(tmp_path):
     trio.run(main)
 
 
+def _tags_under_two_keys(data: bytes, tb: int, bad: int) -> tuple[integrity.BlockTags, integrity.BlockTags]:
+    """Tags of ``data`` (tagged blocks of ``tb`` bytes) under two tag keys, as two envelopes
+    on one body give: (A's, whose tag of the tagged block at byte ``bad`` is wrong, B's)."""
+    ka, kb = (integrity.tag_key(os.urandom(32), os.urandom(16)) for _ in range(2))
+    tags = {k: bytearray(integrity.compute_tags(k, tb, len(data), lambda o, n: data[o:o + n])) for k in (ka, kb)}
+    tags[ka][(bad // tb) * integrity.TAG] ^= 1
+    return (integrity.BlockTags(ka, tb, len(data), bytes(tags[ka])),
+            integrity.BlockTags(kb, tb, len(data), bytes(tags[kb])))
+
+
+class _FirstGetHeld(MemStore):
+    """The first GET from byte 0 waits for ``gate`` (a reader's fetch, held)."""
+
+    def __init__(self, data: bytes, local_disk: bool):
+        super().__init__(data)
+        self.local_disk = local_disk
+        self.gate = trio.Event()
+
+    async def get_range(self, key, start, end, *, if_match=None):
+        if start == 0 and not any(s == 0 for s, _ in self.gets):
+            self.gets.append((start, end))
+            await self.gate.wait()
+            return self.data[start:end]
+        return await super().get_range(key, start, end, if_match=if_match)
+
+
 def test_blocks_kept_under_one_data_key_are_never_read_under_another(tmp_path):
     """A local bucket's tagged reads keep the blocks they checked, per version, in memory. One
     version read under two data keys (an envelope put on the same body after one handle opened:
@@ -373,25 +399,10 @@ def test_blocks_kept_under_one_data_key_are_never_read_under_another(tmp_path):
     key). Now a key's reads see only blocks checked under that key: IntegrityError there."""
     size, tb = 2 * 4096, 4096
     data = os.urandom(size)
-    ka, kb = integrity.tag_key(os.urandom(32), os.urandom(16)), integrity.tag_key(os.urandom(32), os.urandom(16))
-    tags_b = integrity.BlockTags(kb, tb, size, integrity.compute_tags(kb, tb, size, lambda o, n: data[o:o + n]))
-    wrong = bytearray(integrity.compute_tags(ka, tb, size, lambda o, n: data[o:o + n]))
-    wrong[integrity.TAG] ^= 1  # block 1 fails under A
-    tags_a = integrity.BlockTags(ka, tb, size, bytes(wrong))
-
-    class LocalDisk(MemStore):
-        local_disk = True
-        gate = trio.Event()
-
-        async def get_range(self, key, start, end, *, if_match=None):
-            if (start, end) == (0, tb) and not self.gets:
-                self.gets.append((start, end))
-                await self.gate.wait()  # A's fetch of block 0, held
-                return self.data[start:end]
-            return await super().get_range(key, start, end, if_match=if_match)
+    tags_a, tags_b = _tags_under_two_keys(data, tb, bad=tb)  # block 1 fails under A
 
     async def main():
-        store = LocalDisk(data)
+        store = _FirstGetHeld(data, local_disk=True)  # A's fetch of block 0, held
         c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
         got = {}
 
@@ -420,24 +431,10 @@ def test_cached_blocks_checked_under_another_data_key_are_checked_again_after_a_
     A checks again after the fetch: IntegrityError."""
     size, tb = 2 * BS, 4096
     data = os.urandom(size)
-    ka, kb = integrity.tag_key(os.urandom(32), os.urandom(16)), integrity.tag_key(os.urandom(32), os.urandom(16))
-    tags_b = integrity.BlockTags(kb, tb, size, integrity.compute_tags(kb, tb, size, lambda o, n: data[o:o + n]))
-    wrong = bytearray(integrity.compute_tags(ka, tb, size, lambda o, n: data[o:o + n]))
-    wrong[(BS // tb) * integrity.TAG] ^= 1  # the first tagged block of cache block 1 fails under A
-    tags_a = integrity.BlockTags(ka, tb, size, bytes(wrong))
-
-    class Gated(MemStore):
-        gate = trio.Event()
-
-        async def get_range(self, key, start, end, *, if_match=None):
-            if start == 0:
-                self.gets.append((start, end))
-                await self.gate.wait()  # A's fetch of block 0, held
-                return self.data[start:end]
-            return await super().get_range(key, start, end, if_match=if_match)
+    tags_a, tags_b = _tags_under_two_keys(data, tb, bad=BS)  # cache block 1's first tagged block fails under A
 
     async def main():
-        store = Gated(data)
+        store = _FirstGetHeld(data, local_disk=False)  # A's fetch of block 0, held
         c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
         got = {}
 
