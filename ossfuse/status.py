@@ -86,6 +86,9 @@ def collect(fs, errors: RecentErrors, started: float, state: str = "serving") ->
             "bytes": sum(n.staged.size for n in pending),
             "oldest_seconds": round(now - min(n.dirty_since for n in pending), 1) if pending else 0,
             "failing": sorted(fs.key(n.path) for n in pending if n.upload_error),
+            # closed files whose changes are not journaled: their seal failed (a full cache disk);
+            # tried again, and lost to a crash or an unmount that cannot save them either
+            "unsaved": sorted(fs.key(n.path) for n in pending if n.opens == 0 and not fs.commit.journaled(n)),
             # uploads running now: bytes of each already in the store (per part or PUT)
             "uploading": [{"key": p.key, "bytes_done": p.done, "bytes_total": p.total} for p in uploading],
             "bytes_uploaded": sum(p.done for p in uploading),
@@ -190,6 +193,10 @@ def render(doc: dict) -> str:
                      f"({pct:.0f}%)")
     if p["failing"]:
         lines.append(f"failing uploads:  {', '.join(one_line(k) for k in p['failing'])}")
+    if p.get("unsaved"):
+        lines.append(f"not saved:        {', '.join(one_line(k) for k in p['unsaved'])} (their close could not save "
+                     f"the changes in the cache dir, see the log; tried again; a crash or unmount before that "
+                     f"works loses them)")
     c = doc["cache"]
     ratio = f", hit rate {100 * c['hit_ratio']:.0f}%" if c.get("hit_ratio") is not None else ""
     lines.append(f"cache:            {c['bytes']} bytes in blocks{ratio}, {c['staging_bytes']} bytes staged "

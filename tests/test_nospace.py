@@ -433,6 +433,8 @@ def test_umount_names_the_file_whose_changes_could_not_be_saved_and_the_next_mou
                 f.truncate(32 << 20)  # a hole: no space until it is sealed
                 f.write(b"x")
         assert e.value.errno == errno.ENOSPC  # close(): the sealed file cannot fit
+        r = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "\nnot saved:        holey (their close could not save" in r.stdout, r.stdout
         r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=120)
         m.pid = None
         assert r.returncode == 1, r.stderr
