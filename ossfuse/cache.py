@@ -63,6 +63,9 @@ from .store.base import NoSuchKey, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
 
+#: times a writer to the cache disk (staging, the journal) that gets ENOSPC drops cached blocks
+#: and tries again (:meth:`BlockCache.evict`): reads running meanwhile may take the room first
+MAKE_ROOM_TRIES = 3
 _FETCH_CHUNK = 4 << 20  # bytes per ranged GET when filling a run of missing blocks
 _FETCH_PARALLEL = 4  # ranged GETs at once per read
 # Sequential read-ahead fetches whole aligned chunks of this many bytes, one GET each: a window

@@ -13,7 +13,7 @@ import trio
 
 from .. import envelope as env
 from .. import integrity
-from ..cache import BlockCache
+from ..cache import MAKE_ROOM_TRIES, BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import ObjectInfo, StoreError
@@ -136,17 +136,19 @@ class Commit:
             # the page cache; they depend only on the data key, IV and bytes, never the name
             return integrity.seal(st.data_path, envelope.data_key, envelope.iv, st.size, other, prefix)
         try:
-            try:
-                if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
-                    st.tags = seal_and_tag()
-                else:
-                    st.tags = await trio.to_thread.run_sync(seal_and_tag)
-            except OSError as e:
-                # the sealed file did not fit, nothing changed: cached blocks make room, as for
-                # a write (a trial: close() failed while most of the disk was droppable cache)
-                if e.errno != errno.ENOSPC or st.write_error is not None or not self.cache.evict(need=st.size):
-                    raise
-                st.tags = await trio.to_thread.run_sync(seal_and_tag)
+            for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
+                try:
+                    if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
+                        st.tags = seal_and_tag()
+                    else:
+                        st.tags = await trio.to_thread.run_sync(seal_and_tag)
+                    break
+                except OSError as e:
+                    # the sealed file did not fit, nothing changed: cached blocks make room, as
+                    # for a write (a trial: close() failed while most of the disk was droppable)
+                    if (e.errno != errno.ENOSPC or st.write_error is not None or not tries_left
+                            or not self.cache.evict(need=st.size)):
+                        raise
         except OSError as e:
             st.close()  # reopened when used: a failed seal holds no descriptor (a trial ran out of them)
             if st.write_error is not None:  # converted half-way: the version is lost (revert_failed)
@@ -187,12 +189,16 @@ class Commit:
 
     def _record(self, node: Node, st: StagedFile, meta: dict[str, str], path: str | None = None) -> None:
         key = self.naming.key(path or node.path)
-        try:
-            journal.record(st, key, meta, self.conflicts.base_of(node),
-                           self.conflicts.sent(node), node.dirty_since if node in self.scheduler.dirty else None)
-        except OSError as e:
-            log.error("journaling %r failed, the data is not safe yet: %s", key, e)
-            raise FsError(errno_of(e)) from None
+        for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
+            try:
+                journal.record(st, key, meta, self.conflicts.base_of(node),
+                               self.conflicts.sent(node), node.dirty_since if node in self.scheduler.dirty else None)
+                break
+            except OSError as e:  # (a full disk: cached blocks make room for the record, as for a write)
+                if e.errno == errno.ENOSPC and tries_left and self.cache.evict(need=1 << 20):
+                    continue
+                log.error("journaling %r failed, the data is not safe yet: %s", key, e)
+                raise FsError(errno_of(e)) from None
         self._drop_bases(st)  # superseded by this journaled version
 
     @staticmethod

@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 import trio
 
 from .. import envelope as env
-from ..cache import BlockCache, TruncatedObject
+from ..cache import MAKE_ROOM_TRIES, BlockCache, TruncatedObject
 from ..cmk import CmkUnavailable, KeyMissing
 from ..integrity import IntegrityError
 from ..keyring import Keyring
@@ -620,14 +620,17 @@ class Files:
         return len(data)
 
     def _write_staged(self, staged: StagedFile, offset: int, data: bytes) -> None:
-        """``staged.write(offset, data)``; on ENOSPC once more after dropping cached blocks to
-        make room (the cache disk holds both). Raises OSError."""
-        try:
-            staged.write(offset, data)
-        except OSError as e:
-            if e.errno != errno.ENOSPC or not self.cache.evict(need=len(data) + (1 << 20)):
-                raise
-            staged.write(offset, data)  # cached blocks made room
+        """``staged.write(offset, data)``; on ENOSPC again after dropping cached blocks to make
+        room (the cache disk holds both), up to MAKE_ROOM_TRIES times: blocks other reads fetch
+        meanwhile, written in worker threads, may take the room first (a trial: the copy of a
+        first write failed so in 3 of 18 tries). Raises OSError."""
+        for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
+            try:
+                staged.write(offset, data)
+                return
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not tries_left or not self.cache.evict(need=len(data) + (1 << 20)):
+                    raise
 
     def _refuse_too_big(self, node: Node, size: int) -> None:
         """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version

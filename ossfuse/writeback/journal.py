@@ -187,6 +187,8 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     # oldest first by sequence number, not mtime: two records of one key (a file closed again
     # before the older record went, or a rename over a journaled file) may share an mtime
     entries.sort(key=lambda e: e.seq)
+    if entries:  # this run's records come after them, also if the clock stepped back since
+        staging.seq_after(entries[-1].seq)
     return entries, quarantined
 
 

@@ -563,6 +563,11 @@ class Staging:
         self._seq = max(time.time_ns(), self._seq + 1)
         return self._seq
 
+    def seq_after(self, seq: int) -> None:
+        """Records from now on get sequence numbers above ``seq`` (an earlier run's largest:
+        a wall clock stepped back since must not make a new record look older)."""
+        self._seq = max(self._seq, seq)
+
     def quarantined(self) -> int:
         """How many journal entries ``quarantine/`` holds now (a listing of that one small
         directory: the operator may have removed some since)."""
