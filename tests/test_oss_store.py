@@ -1686,6 +1686,42 @@ def test_in_doubt_flags_a_late_landing_over_a_later_write_only():
     assert d.written_since("c") == DELETED  # (kept for the window: trial AK)
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'k': an upload sent before the daemon's crash took effect late, "
+                        r"over this mount's later version E3; the bucket now holds that request's version E2",
+                        r"WARNING ossfuse\.store\.indoubt: 'm': an upload sent before the daemon's crash took effect "
+                        r"late, after this mount had moved or removed that file; its object there \(version E9\) is "
+                        r"deleted again")
+def test_an_upload_sent_before_a_crash_is_watched_by_its_wrapped_key():
+    """Trial BT10: a version recovered from the journal may have been uploaded by the run that
+    crashed, its PUT landing late: over the next mount's newer save (silently, 4 of 4), or at
+    a name the mount had moved or removed the file from (the old name came back, 8 of 8). Its
+    ETag is not known (nor whether it was sent); its object is told by its wrapped data key.
+    Landed over a later version: one ERROR line; where the mount has nothing: deleted again."""
+    from ossfuse.store.base import ObjectInfo
+    from ossfuse.store.indoubt import DELETED, InDoubt
+    d = InDoubt()
+    d.sent_before_a_crash("k", "W2")
+    d.wrote("k", "E2", "W2")  # the recovered version uploaded by this mount: harmless
+    assert d.due() == []
+    d.wrote("k", "E3", "W3")  # a newer save
+    assert d.due() == ["k"]
+    assert not d.check("k", ObjectInfo("k", 1, "E3", 0.0, {"client-side-encryption-key": "W3"}))
+    assert not d.check("k", ObjectInfo("k", 1, "E7", 0.0, {"client-side-encryption-key": "THEIRS"}))
+    assert d.check("k", ObjectInfo("k", 1, "E2", 0.0, {"client-side-encryption-key": "W2"}))  # landed late
+    assert d.due() == []
+    d.sent_before_a_crash("m", "W9")
+    d.wrote("m", DELETED)  # (the file moved away: ObjectStore.vacated)
+    deleted = []
+
+    async def head(key):
+        return ObjectInfo(key, 1, "E9", 0.0, {"client-side-encryption-key": "W9"})
+
+    async def delete(key, etag):
+        deleted.append((key, etag))
+    assert trio.run(d.check_due, head, delete) == 1
+    assert deleted == [("m", "E9")] and d.due() == []
+
+
 @pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'late/k': a PUT this mount gave up on at .* took effect "
                         r"late, over this mount's later version")
 @trio_test

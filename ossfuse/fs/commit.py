@@ -595,8 +595,12 @@ class Commit:
             if integrity.HEADER in meta:  # the tags sealed by the earlier run (a list's body is recomputed)
                 spec_key = integrity.list_key_of(meta)
                 entry.staged.tags = integrity.SealedTags({integrity.HEADER: meta[integrity.HEADER]}, spec_key)
-            # (its own upload may have been sent before the crash and land any time: ours too)
-            self.conflicts.recovered(node, entry.base, entry.sent + ((meta[env.H_KEY],) if meta.get(env.H_KEY) else ()))
+            # its own upload may have been sent before the crash and land any time: ours, and
+            # watched for a landing over what this mount does there next (store/indoubt.py)
+            own = (meta[env.H_KEY],) if meta.get(env.H_KEY) else ()
+            self.conflicts.recovered(node, entry.base, entry.sent + own)
+            for wrapped_key in own:
+                self.uploader.store.sent_before_a_crash(entry.key, wrapped_key)
             self.scheduler.mark_dirty(node)
             if entry.changed is not None:  # the age of the change, not of this mount
                 node.dirty_since = min(node.dirty_since, entry.changed)

@@ -565,6 +565,8 @@ class Namespace:
         """``node``'s name is gone (unlinked, or replaced by a rename): a staged version no
         handle needs is dropped (no upload), and lookups no longer find it."""
         self.commit.vacated(node)  # (while its staged version is still there)
+        if node.version is None:  # nothing of it in the bucket: an upload landing late would bring it back
+            self.store.vacated(self.naming.key(node.path))
         node.unlinked = True
         if node.staged is not None:
             if node.opens == 0:
@@ -1020,6 +1022,8 @@ class Namespace:
                     raise
                 self._take_name(dst)
             self.inodes.move(src, old_path, dst_path)
+            if src.version is None:  # (as _take_name: nothing of it stays at the old name)
+                self.store.vacated(self.naming.key(old_path))
             self.commit.rejournal(src)  # (recorded above when it replaced dst)
             if rlog is not None:  # (after the journal names the new path: module doc of fs/renames.py)
                 self.renames.end(rlog)

@@ -260,6 +260,17 @@ class ObjectStore(abc.ABC):
         done when it returns."""
         return False
 
+    def sent_before_a_crash(self, key: str, wrapped: str) -> None:
+        """An upload to ``key`` of the object whose wrapped data key is ``wrapped`` may have
+        been sent by the daemon's run before a crash, and may still be carried out
+        (store/indoubt.py). Nothing here: a request to a store without the notion is done when
+        it returns (a local bucket's process died with it)."""
+
+    def vacated(self, key: str) -> None:
+        """This mount has nothing at ``key`` any more, without a write there (a file not
+        uploaded yet renamed away or unlinked): a write in doubt that lands there later lands
+        over that (store/indoubt.py). Nothing here."""
+
     def landed_late(self, key: str, etag: str) -> None:
         """A write to ``key`` this store gave up on was seen to have landed as version ``etag``
         and was dealt with (store/indoubt.py ``InDoubt.landed``). Nothing here."""

@@ -30,6 +30,8 @@ import trio
 
 from .base import ObjectInfo, StoreError, same_etag
 
+H_KEY = "client-side-encryption-key"  # (ossfuse.envelope.H_KEY: the store layer does not import it)
+
 log = logging.getLogger(__name__)
 
 #: seconds after a request was sent during which OSS may still carry it out (its 15-minute
@@ -41,13 +43,19 @@ DELETED = ""
 INTERVAL = 30.0
 
 
+#: the effect of an upload whose ETag is not known (:meth:`InDoubt.sent_before_a_crash`)
+_UNKNOWN = "\0unknown"
+
+
 @dataclass
 class _Doubt:
     op: str
-    effect: str  # the ETag the request would leave, or DELETED
+    effect: str  # the ETag the request would leave, or DELETED (or _UNKNOWN: see ``wrapped``)
     until: float  # monotonic seconds: it cannot land after this
     given_up_at: float  # wall clock, for the log line
     later: str | None = None  # the ETag (or DELETED) this mount wrote there since; None: nothing yet
+    # an upload of the run before a crash: the wrapped data key of its object (what tells it)
+    wrapped: str | None = None
 
 
 class InDoubt:
@@ -71,14 +79,26 @@ class InDoubt:
         leave ``effect`` there (an ETag, or DELETED) within the window."""
         self._doubts.setdefault(key, []).append(_Doubt(op, effect, time.monotonic() + self.window, time.time()))
 
-    def wrote(self, key: str, result: str) -> None:
-        """This mount's write to ``key`` succeeded, leaving ``result`` (an ETag, or DELETED):
-        a request in doubt that would leave something else is now worth checking."""
+    def sent_before_a_crash(self, key: str, wrapped: str) -> None:
+        """An upload to ``key`` of the object whose wrapped data key is ``wrapped`` may have
+        been sent by the run before a crash (a version recovered from the journal): it may land
+        within the window from now (trial BT10: a PUT held 8 s landed over the next mount's
+        newer save, silently; a `mv` or `rm` of the file brought the old name back)."""
+        self._doubts.setdefault(key, []).append(
+            _Doubt("upload sent before the daemon's crash", _UNKNOWN, time.monotonic() + self.window, time.time(),
+                   wrapped=wrapped))
+
+    def wrote(self, key: str, result: str, wrapped: str | None = None) -> None:
+        """This mount's write to ``key`` succeeded, leaving ``result`` (an ETag, or DELETED;
+        ``wrapped``: the wrapped data key of the object put): a request in doubt that would
+        leave something else is now worth checking."""
         doubts = self._doubts.get(key)
         if not doubts:
             return
         for d in doubts:
-            d.later = None if same_etag(d.effect, result) else result  # (the same version again: harmless)
+            # (the same version again: harmless)
+            same = same_etag(d.effect, result) or (wrapped is not None and wrapped == d.wrapped)
+            d.later = None if same else result
         if any(d.later is not None for d in doubts):
             self._written_after[key] = (max(d.until for d in doubts), result)
             self.on_written(key, result)
@@ -124,38 +144,61 @@ class InDoubt:
         """Compare what ``key`` holds now (``info``; None: nothing) with its requests in doubt;
         True when one landed late over this mount's later write (logged, and that request
         forgotten)."""
+        return self._landed(key, info) is not None
+
+    def _landed(self, key: str, info: ObjectInfo | None) -> _Doubt | None:
+        """:meth:`check`: the request found landed late (the last of them), or None."""
         now_holds = info.etag if info is not None else DELETED
-        landed = False
+        landed = None
         for d in list(self._doubts.get(key, ())):
-            if d.later is None or not same_etag(now_holds, d.effect) or same_etag(now_holds, d.later):
+            its = same_etag(now_holds, d.effect) or (d.wrapped is not None and info is not None
+                                                      and info.metadata.get(H_KEY) == d.wrapped)
+            if d.later is None or not its or same_etag(now_holds, d.later):
                 continue
-            landed = True
+            landed = d
             self._doubts[key].remove(d)
-            log.error("%r: a %s this mount gave up on at %s (no answer) took effect late, over this mount's later "
-                      "%s; the bucket now holds %s", key, d.op, time.strftime("%H:%M:%S", time.localtime(d.given_up_at)),
+            if d.wrapped is not None and d.later == DELETED and info is not None:
+                log.warning("%r: an %s took effect late, after this mount had moved or removed that file; its "
+                            "object there (version %s) is deleted again", key, d.op, now_holds)
+                continue
+            what = (f"an {d.op}" if d.wrapped is not None else
+                    f"a {d.op} this mount gave up on at {time.strftime('%H:%M:%S', time.localtime(d.given_up_at))} "
+                    f"(no answer)")
+            log.error("%r: %s took effect late, over this mount's later %s; the bucket now holds %s", key, what,
                       "delete" if d.later == DELETED else f"version {d.later}",
                       "nothing there" if now_holds == DELETED else f"that request's version {now_holds}")
         if not self._doubts.get(key, True):
             del self._doubts[key]
         return landed
 
-    async def check_due(self, head: Callable[[str], Awaitable[ObjectInfo | None]]) -> int:
+    async def check_due(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
+                        delete: Callable[[str, str], Awaitable[None]] | None = None) -> int:
         """One pass of :meth:`check` over the keys :meth:`due` lists (a HEAD each; one that
-        fails is tried at the next pass). Returns how many landed late."""
+        fails is tried at the next pass). An upload of the run before a crash found landed
+        where this mount has nothing any more (the file moved or removed since) is this mount's
+        own stale object: ``delete(key, etag)`` removes it (that version only). Returns how many
+        landed late."""
         landed = 0
         for key in self.due():
             try:
                 info = await head(key)
             except StoreError:
                 continue
-            landed += self.check(key, info)
+            d = self._landed(key, info)
+            landed += d is not None
+            if d is not None and d.wrapped is not None and d.later == DELETED and info is not None and delete:
+                try:
+                    await delete(key, info.etag)
+                except StoreError as e:
+                    log.error("%r: deleting the late upload's object (version %s) failed: %s", key, info.etag, e)
         return landed
 
-    async def watch(self, head: Callable[[str], Awaitable[ObjectInfo | None]], interval: float = INTERVAL) -> None:
+    async def watch(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
+                    delete: Callable[[str, str], Awaitable[None]] | None = None, interval: float = INTERVAL) -> None:
         """Run forever (a daemon task): :meth:`check_due` every ``interval`` seconds."""
         while True:
             await trio.sleep(interval)
-            await self.check_due(head)
+            await self.check_due(head, delete)
 
     def pending(self) -> list[str]:
         """Keys whose request in doubt may still land over a later write of this mount."""

@@ -77,7 +77,7 @@ from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey
                    PreconditionFailed, StoreError, StoreUnavailable, same_etag)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .health import StoreOffline
-from .indoubt import DELETED, InDoubt
+from .indoubt import DELETED, H_KEY, InDoubt
 from .oss_xml import ListAnswerError, parse_list_objects
 from .paced import LOW_SPEED_BYTES, PacedAdapter, TooSlow
 
@@ -751,6 +751,13 @@ class OssStore(ObjectStore):
     def may_still_land(self, key: str) -> bool:
         return self.in_doubt.has(key)
 
+    def sent_before_a_crash(self, key: str, wrapped: str) -> None:
+        self.in_doubt.sent_before_a_crash(key, wrapped)
+
+    def vacated(self, key: str) -> None:
+        if self.in_doubt.has(key):
+            self.in_doubt.wrote(key, DELETED)
+
     def landed_late(self, key: str, etag: str) -> None:
         self.in_doubt.landed(key, etag)
 
@@ -1171,7 +1178,7 @@ class OssStore(ObjectStore):
             headers[_FORBID_OVERWRITE] = "true"
         r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY,
                              doubt=lambda: [(key, _md5_etag(data))])
-        self.in_doubt.wrote(key, r.etag)
+        self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY))
         return ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     def _put_file_sync(self, key: str, path: str, headers: dict[str, str]):
@@ -1213,7 +1220,7 @@ class OssStore(ObjectStore):
             bulk = True  # the attempt reports what is wrong with the file
         size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk,
                                    doubt=lambda: [(key, _md5_etag_of_file(path))])
-        self.in_doubt.wrote(key, r.etag)
+        self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY))
         return ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
 
     # -- multipart --------------------------------------------------------------------------
@@ -1304,7 +1311,7 @@ class OssStore(ObjectStore):
             with self._parts_lock:
                 self._parts.pop(upload_id, None)
                 self._upload_meta.pop(upload_id, None)
-        self.in_doubt.wrote(key, etag)
+        self.in_doubt.wrote(key, etag, (initiated or {}).get(H_KEY))
         info = await self.head(key)
         if info is None:
             raise NoSuchKey("object vanished right after CompleteMultipartUpload", key=key)

@@ -175,6 +175,12 @@ class FaultStore(ObjectStore):
     def landed_late(self, key: str, etag: str) -> None:
         self.inner.landed_late(key, etag)
 
+    def sent_before_a_crash(self, key: str, wrapped: str) -> None:
+        self.inner.sent_before_a_crash(key, wrapped)
+
+    def vacated(self, key: str) -> None:
+        self.inner.vacated(key)
+
     def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
         self._on_written = fn
         self.inner.on_write_after_doubt(fn)
