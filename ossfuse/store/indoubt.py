@@ -18,6 +18,12 @@ naming the key, the request, when it was given up and what the bucket now holds 
 the mount then sees that object as another client's version; putting its own back from the
 block cache is left to do). A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
 daemon says so in one WARNING line): nobody watches them after the exit.
+
+After a crash, the upload of each version recovered from the journal may have been sent by the
+run that died (:meth:`InDoubt.sent_before_a_crash`): its ETag is not known, so its object is
+told by its wrapped data key, and its window starts at the mount. Landed over a later write it
+is said like any other; landed where this mount has nothing any more (the file moved or
+removed: ``ObjectStore.vacated``) it is this mount's stale object, and ``check_due`` deletes it.
 """
 from __future__ import annotations
 
