@@ -64,6 +64,12 @@ class _Doubt:
     wrapped: str | None = None
 
 
+def _stale_own(d: _Doubt, info: ObjectInfo | None) -> bool:
+    """Whether landed request ``d`` left this mount's own object where this mount has nothing
+    any more (an upload of the run before a crash, its file moved or removed since)."""
+    return d.wrapped is not None and d.later == DELETED and info is not None
+
+
 class InDoubt:
     """The requests in doubt of one store (see the module doc). Runs on the trio thread: the
     store's worker threads report through :meth:`given_up` and :meth:`wrote`, which only
@@ -163,10 +169,8 @@ class InDoubt:
                 continue
             landed = d
             self._doubts[key].remove(d)
-            if d.wrapped is not None and d.later == DELETED and info is not None:
-                log.warning("%r: an %s took effect late, after this mount had moved or removed that file; its "
-                            "object there (version %s) is deleted again", key, d.op, now_holds)
-                continue
+            if _stale_own(d, info):
+                continue  # (check_due deletes it, and says so)
             what = (f"an {d.op}" if d.wrapped is not None else
                     f"a {d.op} this mount gave up on at {time.strftime('%H:%M:%S', time.localtime(d.given_up_at))} "
                     f"(no answer)")
@@ -192,11 +196,18 @@ class InDoubt:
                 continue
             d = self._landed(key, info)
             landed += d is not None
-            if d is not None and d.wrapped is not None and d.later == DELETED and info is not None and delete:
-                try:
-                    await delete(key, info.etag)
-                except StoreError as e:
-                    log.error("%r: deleting the late upload's object (version %s) failed: %s", key, info.etag, e)
+            if d is None or info is None or not _stale_own(d, info):
+                continue
+            try:
+                if delete is None:
+                    raise StoreError("nothing here deletes it")
+                await delete(key, info.etag)
+            except StoreError as e:
+                log.error("%r: an %s took effect late, after this mount had moved or removed that file; deleting its "
+                          "object there (version %s) failed: %s", key, d.op, info.etag, e)
+            else:
+                log.warning("%r: an %s took effect late, after this mount had moved or removed that file; its object "
+                            "there (version %s) is deleted again", key, d.op, info.etag)
         return landed
 
     async def watch(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
