@@ -130,6 +130,12 @@ class _ReadyPipe:
     def failed(self, reason: str) -> None:
         self._send(reason)
 
+    def waiting(self, why: str) -> None:
+        """One "waiting ..." line for the user, the pipe left open (ready or failed follows)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # (the parent gave up waiting)
+                os.write(self.fd, ("waiting " + " ".join(why.split()) + "\n").encode())
+
 
 def log_file_handler(path: str):
     """The daemon's log handler for file ``path`` (a ``logging.Handler``)."""
@@ -280,9 +286,14 @@ def _spawn_daemon(args, cfg) -> int:
     margin = _ready_margin()
     limit = cfg.mount.startup_timeout + margin
     try:
-        with os.fdopen(r, "rb") as pipe:
-            readable, _, _ = select.select([pipe], [], [], limit)
-            message = pipe.readline().decode(errors="replace").strip() if readable else None
+        with os.fdopen(r, "rb", buffering=0) as pipe:  # (unbuffered: select sees every line)
+            give_up = time.monotonic() + limit
+            while True:
+                readable, _, _ = select.select([pipe], [], [], max(0.0, give_up - time.monotonic()))
+                message = pipe.readline().decode(errors="replace").strip() if readable else None
+                if message is None or not message.startswith("waiting "):
+                    break
+                print(f"ossfuse: {message[len('waiting '):]}", file=sys.stderr)  # (the daemon retries)
             if message is not None and re.fullmatch(r"ready \d+", message):
                 for _ in range(int(message.split()[1])):  # written at once, with the "ready" line
                     print(f"ossfuse: warning: {pipe.readline().decode(errors='replace').strip()}", file=sys.stderr)

@@ -353,6 +353,8 @@ class Readiness(Protocol):
 
     def failed(self, reason: str) -> None: ...
 
+    def waiting(self, why: str) -> None: ...
+
 
 class NoReadiness:
     """Readiness for a mount in the foreground: nobody waits, nothing to tell (the notices
@@ -362,6 +364,9 @@ class NoReadiness:
         pass
 
     def failed(self, reason: str) -> None:
+        pass
+
+    def waiting(self, why: str) -> None:
         pass
 
 
@@ -497,17 +502,20 @@ async def _unreadable_objects(cfg: Config, fs: Filesystem) -> list[str]:
             f"{fs.keyring.default.id!r}. `ossfuse check -c {cfg.path}` samples more"]
 
 
-async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) -> list[str]:
+async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring,
+                             readiness: Readiness | None = None) -> list[str]:
     """Retry, with backoff, until the store lists the prefix and every KMS CMK makes a data
     key, or ``startup_timeout`` passes (a server mounting at boot may start before the network);
     then raise MountError naming what is unreachable — unless only KMS CMKs are: the mount
     then goes on (what other CMKs encrypt stays readable and writable, as when KMS goes away
     later; an operator trial found RSA files unreachable for a KMS outage), and the returned
     notices (one per CMK) say what fails with EIO until KMS answers. A KMS that answers but
-    refuses the CMK (unknown key, bad credentials) fails at once."""
+    refuses the CMK (unknown key, bad credentials) fails at once. The first retry is told to
+    ``readiness`` (the terminal of `ossfuse mount` showed nothing for a minute: a new user)."""
     started = trio.current_time()
     deadline = started + cfg.mount.startup_timeout
     delay = 0.5
+    said_waiting = False
     services = [c for c in keyring.cmks.values() if hasattr(c, "new_data_key")]
     while True:
         problems = []
@@ -539,6 +547,10 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring) 
                              f"{cfg.mount.startup_timeout:g}s{late}): " + "; ".join(problems))
         log.warning("not reachable yet (%s); retrying in %.1fs", "; ".join(problems), delay)
         notify_systemd(f"STATUS=waiting: {'; '.join(problems)}")
+        if readiness is not None and not said_waiting:  # (the user of `ossfuse mount` waits: say why, once)
+            readiness.waiting(f"not reachable yet ({'; '.join(problems)}); retrying for up to "
+                              f"{cfg.mount.startup_timeout:g}s (startup_timeout)")
+            said_waiting = True
         await trio.sleep(delay)
         delay = min(delay * 2, 15.0)
 
@@ -594,7 +606,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
     # what start-up found that the user should know: logged, and printed by `ossfuse mount`
     # (a file missing from the folder with only a line in a log file was a trial's finding)
-    notices: list[str] = await _wait_for_services(cfg, fs.store, fs.keyring)
+    notices: list[str] = await _wait_for_services(cfg, fs.store, fs.keyring, readiness)
     kms_away = bool(notices)  # (then objects of its CMKs do not open: already said, and no key is wrong)
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)

@@ -171,12 +171,18 @@ def test_start_while_the_store_is_down_retries_then_fails_clearly(tmp_path, cmk_
     r = subprocess.run(OSSFUSE + ["mount", "-c", m.config, m.mnt], capture_output=True, text=True, env=m.env,
                        timeout=60)
     assert r.returncode == 1 and "not reachable after" in r.stderr and "(startup_timeout 2s" in r.stderr, r.stderr
+    # while it retried, the terminal was told so, once (a new user saw a minute of silence)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("ossfuse: not reachable yet (store oss://") \
+        and lines[0].endswith("); retrying for up to 2s (startup_timeout)"), r.stderr
     assert 1.5 < time.monotonic() - t0 < 20
     assert "not reachable yet" in m.log()
     # the server comes up while the mount is retrying: the mount succeeds
     m.write_config("startup_timeout = 60", store_options="retries = 0")
     threading.Timer(2.0, oss_server.start).start()
     m.start()
+    assert m.mount_stderr.startswith("ossfuse: not reachable yet (") and m.mount_stderr.count("\n") == 1, \
+        m.mount_stderr
     try:
         with open(m.path("f"), "wb") as f:
             f.write(b"ok")
