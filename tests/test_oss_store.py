@@ -1094,6 +1094,11 @@ def test_network_failure_texts():
     ssl_err = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     code, text, temporary = _network_failure(ep, ssl_err, None)
     assert (code, temporary) == ("TlsError", False) and "certificate cannot be verified" in text
+    # https to a plain-HTTP server (a new user left the scheme out): said as such, not retried
+    plain = requests.exceptions.SSLError("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:992)")
+    assert _network_failure(ep, plain, None) == ("TlsError", (
+        f"TLS with {ep} failed: the server does not speak TLS there (for a plain-HTTP endpoint, write http:// "
+        f"in front of it)"), False)
 
 
 def test_proxy_and_ca_settings_are_read_once_from_the_environment(monkeypatch):

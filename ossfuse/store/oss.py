@@ -310,6 +310,9 @@ def _network_failure(endpoint: str, exc: BaseException, timeouts: tuple[float, f
     if s := has(requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError):
         if "CERTIFICATE_VERIFY_FAILED" in str(s) or has(ssl.SSLCertVerificationError):
             return "TlsError", f"TLS with {endpoint} failed: the server's certificate cannot be verified", False
+        if "WRONG_VERSION_NUMBER" in str(s):  # its answer was no TLS at all: a plain-HTTP server (NU5)
+            return "TlsError", (f"TLS with {endpoint} failed: the server does not speak TLS there (for a plain-HTTP "
+                                f"endpoint, write http:// in front of it)"), False
         return "TlsError", f"TLS with {endpoint} failed: {_first_line(s)}", True
     if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected,
            http.client.IncompleteRead, urllib3.exceptions.ProtocolError,
