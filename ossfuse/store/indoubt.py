@@ -34,9 +34,8 @@ from dataclasses import dataclass
 
 import trio
 
+from ..envelope import H_KEY
 from .base import ObjectInfo, StoreError, same_etag
-
-H_KEY = "client-side-encryption-key"  # (ossfuse.envelope.H_KEY: the store layer does not import it)
 
 log = logging.getLogger(__name__)
 

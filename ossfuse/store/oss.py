@@ -77,7 +77,8 @@ from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey
                    PreconditionFailed, StoreError, StoreUnavailable, same_etag)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .health import StoreOffline
-from .indoubt import DELETED, H_KEY, InDoubt
+from ..envelope import H_KEY
+from .indoubt import DELETED, InDoubt
 from .oss_xml import ListAnswerError, parse_list_objects
 from .paced import LOW_SPEED_BYTES, PacedAdapter, TooSlow
 
