@@ -48,7 +48,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import fastcrc
 
@@ -62,6 +63,7 @@ from .integrity import parse as parse_tags
 from .store.base import NoSuchKey, ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: times a writer to the cache disk (staging, the journal) that gets ENOSPC drops cached blocks
 #: and tries again (:meth:`BlockCache.evict`): reads running meanwhile may take the room first
@@ -368,6 +370,33 @@ class BlockCache:
             self._lru.move_to_end(k, last=False)
         self.stats["evicted_bytes"] += freed
         return freed
+
+    def with_room(self, fn: Callable[[], T], need: int) -> T:
+        """``fn()``; when it raises ENOSPC, drop cached blocks to make room for ``need`` more
+        bytes and call it again, up to MAKE_ROOM_TRIES times (the cache disk holds staged
+        versions and the journal too; blocks that reads fetch meanwhile, written in worker
+        threads, may take the room first: a trial failed so in 3 of 18 tries). Raises what
+        ``fn`` raises, once nothing more can be dropped."""
+        for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
+            try:
+                return fn()
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not tries_left or not self.evict(need=need):
+                    raise
+        raise AssertionError("unreachable")  # (the last try returns or raises)
+
+    async def with_room_async(self, afn: Callable[[], Awaitable[T]], need: int,
+                              retry_if: Callable[[], bool] = lambda: True) -> T:
+        """:meth:`with_room` for a coroutine function (work run in a thread); ``retry_if()``
+        false after a failure: that failure is final (it changed something)."""
+        for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
+            try:
+                return await afn()
+            except OSError as e:
+                if (e.errno != errno.ENOSPC or not tries_left or not retry_if()
+                        or not self.evict(need=need)):
+                    raise
+        raise AssertionError("unreachable")
 
     # -- entries ------------------------------------------------------------------------
     def adopt(self, key: str, etag: str, size: int, path: str, data_key: bytes, iv: bytes) -> None:

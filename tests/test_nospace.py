@@ -587,3 +587,76 @@ def test_a_first_write_whose_copy_fails_for_space_is_a_lost_write_on_its_handle(
         await _stop(fs)
 
     trio.run(main)
+
+
+async def _copy_in(fs, name: str, data: bytes, chunk: int = 1 << 20):
+    """cp: create ``name``, write ``data`` a chunk at a time, close; its node."""
+    node, h = await fs.create(fs.get(1), name, 0o600, os.O_WRONLY, UID, GID)
+    try:
+        for off in range(0, len(data), chunk):
+            await fs.write(h, off, data[off:off + chunk])
+        await fs.flush(h)
+    finally:
+        await fs.release(h)
+    return node
+
+
+def test_writers_on_a_full_cache_disk_wait_for_the_uploads_that_free_it(tmp_path, cmk_path, tmpfs, caplog):
+    """New-user trial NU5: a burst of copies onto a small cache disk failed with ENOSPC while
+    the staged versions that filled it waited out upload_delay. A writer that finds the disk
+    full now starts the queued uploads at once and waits, without its file's lock, for one to
+    end (its staged data is then droppable cache), then writes again."""
+    tmpfs("cache", 24 << 20)
+    files = {f"f{i}": os.urandom(6 << 20) for i in range(6)}  # 36 MiB through a 24 MiB disk
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0, cache={"min_free": 2 << 20, "max_size": 1 << 40})
+        fs.store.local_disk = False  # as on OSS: an upload's file becomes cached blocks
+        async with trio.open_nursery() as nursery:
+            fs.scheduler.nursery = nursery
+            for _ in range(2):
+                nursery.start_soon(fs.upload_worker)
+            started = trio.current_time()
+            for name, data in files.items():
+                await _copy_in(fs, name, data)
+            assert trio.current_time() - started < 30  # uploads ran without their hour's delay
+            assert fs.scheduler.stats["uploaded"] >= 2  # (the writers waited for them)
+            assert await fs.drain() == 0
+            nursery.cancel_scope.cancel()
+        for name, data in files.items():
+            assert await read_file(fs, name) == data
+        await _stop(fs)
+
+    trio.run(main)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: staging a write to 'pre/f2' failed.*No space left")
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'pre/f[01]' failed; the data stays staged")
+def test_a_writer_on_a_full_cache_disk_fails_at_once_when_no_upload_can_free_it(tmp_path, cmk_path, tmpfs, caplog):
+    """The store refuses every upload (a failed one waits for its retry_interval, and frees
+    nothing): a write that finds the cache disk full fails with ENOSPC without waiting, as
+    before, with one ERROR line naming the file."""
+    tmpfs("cache", 24 << 20)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0, retry_interval=3600.0,
+                             cache={"min_free": 2 << 20, "max_size": 1 << 40})
+        fs.store.fail(("put_file", "create_multipart"), error="temporary", count=None)
+        async with trio.open_nursery() as nursery:
+            fs.scheduler.nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            await _copy_in(fs, "f0", os.urandom(9 << 20))
+            await _copy_in(fs, "f1", os.urandom(9 << 20))
+            started = trio.current_time()
+            with pytest.raises(FsError) as e:
+                await _copy_in(fs, "f2", os.urandom(9 << 20))
+            assert e.value.errno == errno.ENOSPC
+            assert trio.current_time() - started < 10  # the failed uploads were waited for, not ROOM_WAIT
+            assert fs.scheduler.stats["upload_failures"] >= 2
+            nursery.cancel_scope.cancel()
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "pre/f2" in r.getMessage()]
+        assert len(errors) == 1, errors
+        await _stop(fs)
+
+    trio.run(main)

@@ -13,7 +13,7 @@ import trio
 
 from .. import envelope as env
 from .. import integrity
-from ..cache import MAKE_ROOM_TRIES, BlockCache
+from ..cache import BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import ObjectInfo, StoreError
@@ -23,7 +23,7 @@ from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import StagedFile, Staging
 from ..writeback.upload import Uploader
 from .conflicts import Conflicts
-from .errors import FsError, errno_of
+from .errors import ErrorsOnce, FsError, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, handles_follow, set_local_version
 from .naming import Naming, base_name, parent_of
@@ -85,10 +85,7 @@ class Commit:
         self.scheduler = scheduler
         self.uploader = uploader
         self.cache = cache
-        # key -> errno of its last failed seal: one that cannot get its space fails each retry
-        # alike (retry_interval): one ERROR line per file and reason until it is saved (a
-        # trial: 23 lines in 70 s), the retries at DEBUG
-        self._seal_failed: dict[str, int | None] = {}
+        self._seal_errors = ErrorsOnce(log)  # failed seals said once per file and errno, until saved
         self.keyring = keyring
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
@@ -135,35 +132,29 @@ class Commit:
             # the integrity tags of the final ciphertext (docs/integrity.md), read back from
             # the page cache; they depend only on the data key, IV and bytes, never the name
             return integrity.seal(st.data_path, envelope.data_key, envelope.iv, st.size, other, prefix)
+        async def attempt() -> integrity.SealedTags:
+            if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
+                return seal_and_tag()
+            return await trio.to_thread.run_sync(seal_and_tag)
         try:
-            for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
-                try:
-                    if st.size <= INLINE_SEAL_MAX:  # a thread hand-off costs more than sealing this
-                        st.tags = seal_and_tag()
-                    else:
-                        st.tags = await trio.to_thread.run_sync(seal_and_tag)
-                    break
-                except OSError as e:
-                    # the sealed file did not fit, nothing changed: cached blocks make room, as
-                    # for a write (a trial: close() failed while most of the disk was droppable)
-                    if (e.errno != errno.ENOSPC or st.write_error is not None or not tries_left
-                            or not self.cache.evict(need=st.size)):
-                        raise
+            # the sealed file did not fit, nothing changed: cached blocks make room, as for a
+            # write (a trial: close() failed while most of the disk was droppable); one that
+            # failed half-way changed the version, and is not tried again
+            st.tags = await self.cache.with_room_async(attempt, need=st.size,
+                                                       retry_if=lambda: st.write_error is None)
         except OSError as e:
             st.close()  # reopened when used: a failed seal holds no descriptor (a trial ran out of them)
             if st.write_error is not None:  # converted half-way: the version is lost (revert_failed)
                 log.error("staging %r failed half-way; its changes since its last good version are discarded: %s",
                           key, e)
             else:
-                again = key in self._seal_failed and self._seal_failed[key] == e.errno
-                log.log(logging.DEBUG if again else logging.ERROR,
-                        "staging %r failed, the data is not safe yet: %s", key, e)
-                if len(self._seal_failed) > 10_000:  # (files that failed and were then removed)
-                    self._seal_failed.clear()
-                self._seal_failed[key] = e.errno
+                # a seal that cannot get its space fails each retry alike (retry_interval): one
+                # ERROR line per file and reason until it is saved (a trial: 23 lines in 70 s)
+                self._seal_errors.error("staging %r failed, the data is not safe yet: %s", key, e,
+                                        same=(str(e.errno),))
             raise FsError(errno_of(e)) from None
         st.finish_seal()
-        self._seal_failed.pop(key, None)
+        self._seal_errors.over(key)
 
     @staticmethod
     def metadata(node: Node, st: StagedFile) -> dict[str, str]:
@@ -189,16 +180,13 @@ class Commit:
 
     def _record(self, node: Node, st: StagedFile, meta: dict[str, str], path: str | None = None) -> None:
         key = self.naming.key(path or node.path)
-        for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
-            try:
-                journal.record(st, key, meta, self.conflicts.base_of(node),
-                               self.conflicts.sent(node), node.dirty_since if node in self.scheduler.dirty else None)
-                break
-            except OSError as e:  # (a full disk: cached blocks make room for the record, as for a write)
-                if e.errno == errno.ENOSPC and tries_left and self.cache.evict(need=1 << 20):
-                    continue
-                log.error("journaling %r failed, the data is not safe yet: %s", key, e)
-                raise FsError(errno_of(e)) from None
+        try:  # (a full disk: cached blocks make room for the record, as for a write)
+            self.cache.with_room(lambda: journal.record(
+                st, key, meta, self.conflicts.base_of(node), self.conflicts.sent(node),
+                node.dirty_since if node in self.scheduler.dirty else None), need=1 << 20)
+        except OSError as e:
+            log.error("journaling %r failed, the data is not safe yet: %s", key, e)
+            raise FsError(errno_of(e)) from None
         self._drop_bases(st)  # superseded by this journaled version
 
     @staticmethod

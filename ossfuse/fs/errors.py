@@ -99,7 +99,7 @@ class ErrorsOnce:
 
     def __init__(self, logger: logging.Logger):
         self.log = logger
-        self._said: set[tuple[str, ...]] = set()
+        self._said: dict[str, set[tuple[str, ...]]] = {}  # key → the failures said about it
 
     def error(self, fmt: str, key: str, *args, same: tuple[str, ...] | None = None,
               level: int = logging.ERROR) -> None:
@@ -107,9 +107,14 @@ class ErrorsOnce:
         failures the same one, when not the whole message (a listing's refusals: its directory)."""
         if len(self._said) > 10_000:
             self._said.clear()
-        said = same if same is not None else (key, fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
-        self.log.log(logging.DEBUG if said in self._said else level, fmt, key, *args)
-        self._said.add(said)
+        said = same if same is not None else (fmt, *(_REQUEST_ID.sub("", str(a)) for a in args))
+        known = self._said.setdefault(key, set())
+        self.log.log(logging.DEBUG if said in known else level, fmt, key, *args)
+        known.add(said)
+
+    def over(self, key: str) -> None:
+        """``key``'s failures are over (it was saved): the next one is said again."""
+        self._said.pop(key, None)
 
 
 async def store_request(awaitable, what: str):

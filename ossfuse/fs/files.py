@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 import trio
 
 from .. import envelope as env
-from ..cache import MAKE_ROOM_TRIES, BlockCache, TruncatedObject
+from ..cache import BlockCache, TruncatedObject
 from ..cmk import CmkUnavailable, KeyMissing
 from ..integrity import IntegrityError
 from ..keyring import Keyring
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first modified
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
+#: seconds a write on a full cache disk waits for an upload to end (it is tried again after each
+#: one that ends) before it fails with ENOSPC
+ROOM_WAIT = 60.0
 _LINK_MAX = 4096  # bytes: a symlink target the kernel takes is shorter (PATH_MAX, its NUL included)
 
 
@@ -563,7 +566,8 @@ class Files:
     async def write(self, h: FileHandle, offset: int, data: bytes) -> int:
         """Write ``data`` at ``offset`` into the file's open staged version; returns len(data).
         Raises FsError(EFBIG) past the store's largest object; FsError(ENOSPC/EIO) when the
-        cache disk fails (after evicting cached blocks once to make room): the version and the
+        cache disk fails (a full one after evicting cached blocks to make room, and after waiting
+        for other files' uploads, node.lock released, up to ROOM_WAIT s each): the version and the
         handle are then marked failed, every later write, fsync and close through ``h`` (and
         every write to that version through any handle) fails with that errno at once, and
         close() keeps the last good version. FsError(EBADF) through a read-only handle (the
@@ -591,46 +595,50 @@ class Files:
                 if e.errno == errno.ENOSPC:  # a lost write, as one to the staged version (below)
                     h.write_error = e.errno
                 raise
-        async with node.lock:
-            if copied is not None:
-                # (node.version may be base as a rename copied it meanwhile: the same content)
-                if (node.staged is None and node.version is not None and node.version.is_copy_of(base)
-                        and node.current_size == keep):
-                    node.staged = copied
-                    self.commit.mark_staged(node)
-                else:  # changed meanwhile: the staged version made there wins
-                    copied.discard()
-            # The kernel already puts O_APPEND writes at the end; it also writes mmap pages back
-            # through any writable handle, at their own offsets: the offset is always its.
-            await self.ensure_staged(node, node.current_size, envelope)
-            st = node.staged
-            assert st is not None  # ensure_staged made one
-            if st.write_error is not None:  # a write to this version was lost via another handle
-                h.write_error = st.write_error
-                raise FsError(st.write_error)
-            st.label = self.naming.key(node.path)  # named in the work file (recovery messages)
-            try:
-                self._write_staged(st, offset, data)
-            except OSError as e:
-                st.write_error = h.write_error = e.errno or errno.EIO
-                log.error("staging a write to %r failed; this open file's changes since its last good "
-                          "version will be discarded at close: %s", self.naming.key(node.path), e)
-                raise FsError(errno_of(e)) from None
-            node.mtime_ns = node.ctime_ns = time.time_ns()
-        return len(data)
+        gave_up_waiting = False  # for room on a full cache disk
+        while True:
+            async with node.lock:
+                if copied is not None:
+                    # (node.version may be base as a rename copied it meanwhile: the same content)
+                    if (node.staged is None and node.version is not None and node.version.is_copy_of(base)
+                            and node.current_size == keep):
+                        node.staged = copied
+                        self.commit.mark_staged(node)
+                    else:  # changed meanwhile: the staged version made there wins
+                        copied.discard()
+                    copied = None
+                # The kernel already puts O_APPEND writes at the end; it also writes mmap pages back
+                # through any writable handle, at their own offsets: the offset is always its.
+                await self.ensure_staged(node, node.current_size, envelope)
+                envelope = None  # (used, maybe: a pass after a wait for room makes a new one if it needs one)
+                st = node.staged
+                assert st is not None  # ensure_staged made one
+                if st.write_error is not None:  # a write to this version was lost via another handle
+                    h.write_error = st.write_error
+                    raise FsError(st.write_error)
+                st.label = self.naming.key(node.path)  # named in the work file (recovery messages)
+                try:
+                    self._write_staged(st, offset, data)
+                except OSError as e:
+                    # the disk holds staged versions waiting for their upload: wait for those
+                    # (without this node's lock) and write again; a write is idempotent
+                    wait = (e.errno == errno.ENOSPC and not gave_up_waiting
+                            and self.scheduler.may_free_room(node))
+                    if not wait:
+                        st.write_error = h.write_error = e.errno or errno.EIO
+                        log.error("staging a write to %r failed; this open file's changes since its last good "
+                                  "version will be discarded at close: %s", self.naming.key(node.path), e)
+                        raise FsError(errno_of(e)) from None
+                else:
+                    node.mtime_ns = node.ctime_ns = time.time_ns()
+                    return len(data)
+            log.debug("the cache disk is full: a write to %r waits for uploads", self.naming.key(node.path))
+            gave_up_waiting = not await self.scheduler.wait_for_room(node, ROOM_WAIT)
 
     def _write_staged(self, staged: StagedFile, offset: int, data: bytes) -> None:
-        """``staged.write(offset, data)``; on ENOSPC again after dropping cached blocks to make
-        room (the cache disk holds both), up to MAKE_ROOM_TRIES times: blocks other reads fetch
-        meanwhile, written in worker threads, may take the room first (a trial: the copy of a
-        first write failed so in 3 of 18 tries). Raises OSError."""
-        for tries_left in range(MAKE_ROOM_TRIES, -1, -1):
-            try:
-                staged.write(offset, data)
-                return
-            except OSError as e:
-                if e.errno != errno.ENOSPC or not tries_left or not self.cache.evict(need=len(data) + (1 << 20)):
-                    raise
+        """``staged.write(offset, data)``, dropping cached blocks to make room on ENOSPC
+        (``BlockCache.with_room``). Raises OSError."""
+        self.cache.with_room(lambda: staged.write(offset, data), need=len(data) + (1 << 20))
 
     def _refuse_too_big(self, node: Node, size: int) -> None:
         """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version

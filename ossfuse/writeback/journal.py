@@ -130,13 +130,7 @@ def read_journal(staging: Staging) -> tuple[list[JournalEntry], int]:
     (``Staging.quarantine``: one ERROR line). Data files are only stat'ed, never created."""
     entries = []
     quarantined = 0
-
-    def mtime(n: str) -> float:
-        try:
-            return os.lstat(os.path.join(staging.dir, n)).st_mtime
-        except FileNotFoundError:
-            return 0.0
-    names = sorted((n for n in os.listdir(staging.dir) if n != "quarantine"), key=mtime)
+    names = [n for n in os.listdir(staging.dir) if n != "quarantine"]  # (in any order: sorted by seq below)
     journaled = set()
     for name in names:
         if not name.endswith(".json"):

@@ -1,5 +1,6 @@
 """When staged versions are uploaded: the dirty set, the upload queue with its delay, retries
-after a failure, the drain at unmount, and the counters ``ossfuse status`` shows.
+after a failure, the drain at unmount, writers waiting for room on a full cache disk, and the
+counters ``ossfuse status`` shows.
 
 What one upload does (journal, PUT, adopt the new version) is the filesystem's part
 (``ossfuse.fs.commit``), handed in as ``upload``; this module only decides when. Items are the
@@ -59,6 +60,12 @@ class UploadScheduler:
         # path → a queued node that lost that name (vacated): a file that takes the path while
         # the entry is queued inherits it (took_path); an entry goes when its node leaves the queue
         self._vacated: dict[str, Any] = {}
+        # a full cache disk: writers wait for uploads to end (their staged data then becomes
+        # droppable cache), and while one waits, queued uploads start without their delay
+        self._running: set = set()  # nodes a worker uploads now
+        self._ended = trio.Event()  # set when an upload ends, then replaced
+        self._hurry = trio.Event()  # set while a writer waits for room
+        self._waiting_for_room = 0
 
     # -- the dirty set ----------------------------------------------------------------------
     def mark_dirty(self, node) -> None:
@@ -157,7 +164,8 @@ class UploadScheduler:
     async def worker(self) -> None:
         """Background uploads of released files, in queue order (several workers run)."""
         async for node in self._recv:
-            await trio.sleep_until(node.queued_at + self.delay)
+            with trio.move_on_at(node.queued_at + self.delay):
+                await self._hurry.wait()  # (a writer waits for room: now)
             node.upload_queued = False
             path = node.path
             if path in self._vacated and self._vacated[path] is node:
@@ -167,13 +175,46 @@ class UploadScheduler:
             while node.unlinked and node in self._heirs:
                 node = self._heirs.pop(node)
             self._heirs.pop(node, None)  # (that failed rename's entry)
+            self._running.add(node)
             try:
                 ok = await self.upload(node, True)
             except Exception:  # a bug in one upload must not take the mount down (review A9)
                 log.exception("upload of %r failed unexpectedly; retrying later", getattr(node, "path", node))
                 ok = False
+            finally:
+                self._running.discard(node)
+                self._ended.set()
+                self._ended = trio.Event()
             if not ok and _pending(node) and self.nursery is not None:
                 self.nursery.start_soon(self._retry_later, node)
+
+    def may_free_room(self, writer) -> bool:
+        """Whether an upload of a node other than ``writer`` runs or is queued: its end may
+        free room on the cache disk (:meth:`wait_for_room`). A failed upload waiting to be
+        retried does not count (an unreachable store frees nothing)."""
+        return (any(n is not writer for n in self._running)
+                or any(n is not writer and n.upload_queued and _pending(n) for n in self.dirty))
+
+    async def wait_for_room(self, writer, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for an upload of a node other than ``writer`` to end;
+        queued uploads start at once meanwhile, without their ``delay``. True when one ended
+        (room may have been freed: evict and try again); False at once when none may free
+        room (:meth:`may_free_room`), or when none ended in time. The caller holds no lock
+        (an upload takes its node's lock to adopt what it sent)."""
+        if not self.may_free_room(writer):
+            return False
+        ended = self._ended
+        self._waiting_for_room += 1
+        self._hurry.set()
+        try:
+            with trio.move_on_after(timeout):
+                await ended.wait()
+                return True
+            return False
+        finally:
+            self._waiting_for_room -= 1
+            if not self._waiting_for_room:
+                self._hurry = trio.Event()
 
     async def _retry_later(self, node) -> None:
         await trio.sleep(self.retry_interval)
