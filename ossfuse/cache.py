@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -76,6 +77,9 @@ _FETCH_PARALLEL = 4  # ranged GETs at once per read
 _PREFETCH_CHUNK = 8 << 20
 _PREFETCH_PARALLEL = 5  # read-ahead GETs at once, all files together (≤ 40 MiB in flight)
 _PREFETCH_BUFFERS = 8  # read-ahead chunks fetched or being fetched and not yet on disk, all files
+# seconds between two "cannot take more blocks" warnings: a disk near full takes one chunk and
+# refuses the next (a new-user trial saw the warning twice in one second)
+_WRITE_WARN_EVERY = 60.0
 _MAX_OPEN_FDS = 256  # cache files kept open at once
 # fetched chunks up to this many bytes are written and summed on the event loop (tens of
 # microseconds: less than the two thread hand-offs, which under load cost milliseconds per file)
@@ -259,6 +263,7 @@ class BlockCache:
         self._prefetch_limiter = trio.CapacityLimiter(_PREFETCH_PARALLEL)  # read-ahead GETs
         self._prefetch_buffers = trio.CapacityLimiter(_PREFETCH_BUFFERS)  # read-ahead chunks in memory
         self._write_failing = False  # the last block write failed (full disk): warned once
+        self._write_warned_at = -_WRITE_WARN_EVERY  # (time.monotonic() of that warning)
         self._load_index()
 
     def _load_index(self) -> None:
@@ -954,7 +959,9 @@ class BlockCache:
                 if not again and err.errno == errno.ENOSPC and self.evict(need=len(data)):
                     continue  # room was made by dropping old blocks
                 # Not cached: later readers find the blocks missing and read from the store.
-                if not self._write_failing:
+                now = time.monotonic()
+                if not self._write_failing and now - self._write_warned_at >= _WRITE_WARN_EVERY:
+                    self._write_warned_at = now
                     log.warning("cache disk cannot take more blocks (%s); reading %r and others "
                                 "without caching until it can", err, e.key[0])
                 self._write_failing = True

@@ -458,3 +458,38 @@ def test_cached_blocks_checked_under_another_data_key_are_checked_again_after_a_
         c.close()
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.cache: cache disk cannot take more blocks \(\[Errno 28\]")
+def test_a_cache_disk_that_takes_a_chunk_now_and_then_is_warned_about_once(tmp_path, monkeypatch, caplog):
+    """A cache disk near full refuses one fetched chunk, takes the next and refuses the one
+    after: one WARNING, not one per refusal that follows a success (a new-user trial saw the
+    warning twice in one second). Every read is still answered, from the fetched bytes."""
+    import errno
+    import logging
+    data = os.urandom(4 * BS)
+    store = MemStore(data)
+    c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
+    real = BlockCache._store_chunk
+    calls = []
+
+    def near_full(self, fd, chunk, lo, blocks):
+        calls.append(lo)
+        if len(calls) % 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, fd, chunk, lo, blocks)
+    monkeypatch.setattr(BlockCache, "_store_chunk", near_full)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            for b in range(4):
+                assert await c.read(KEY, ETAG, len(data), b * BS, BS) == data[b * BS:(b + 1) * BS]
+                await until(lambda: not c._entries[(KEY, ETAG)].pending)
+            n.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="ossfuse.cache"):
+        trio.run(main)
+    assert len(calls) >= 4
+    warnings = [r for r in caplog.records if "cannot take more blocks" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
