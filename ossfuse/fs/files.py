@@ -640,6 +640,19 @@ class Files:
         (``BlockCache.with_room``). Raises OSError."""
         self.cache.with_room(lambda: staged.write(offset, data), need=len(data) + (1 << 20))
 
+    async def _write_staged_waiting(self, node: Node, staged: StagedFile, offset: int, data: bytes) -> None:
+        """:meth:`_write_staged`; on a cache disk still full, wait for other files' uploads to
+        end (``UploadScheduler.wait_for_room``, as :meth:`write` does) and write again. The
+        caller holds no lock. Raises OSError."""
+        gave_up_waiting = False
+        while True:
+            try:
+                return self._write_staged(staged, offset, data)
+            except OSError as e:
+                if e.errno != errno.ENOSPC or gave_up_waiting or not self.scheduler.may_free_room(node):
+                    raise
+            gave_up_waiting = not await self.scheduler.wait_for_room(node, ROOM_WAIT)
+
     def _refuse_too_big(self, node: Node, size: int) -> None:
         """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version
         can hold: the store's largest object, or less on a cache disk whose largest file is
@@ -713,7 +726,8 @@ class Files:
         first ``keep`` bytes of committed version ``v`` (None: empty). Needs no lock: it
         changes no shared state. ``follow_moves`` (node.lock not held): when this mount moves
         ``v`` meanwhile (a rename of it or of a directory above it), the rest is read from the
-        copy (a trial's first write after a directory rename failed ESTALE). Raises FsError
+        copy (a trial's first write after a directory rename failed ESTALE), and a full cache
+        disk waits for other files' uploads, as a write does. Raises FsError
         (EIO, ESTALE as read; ENOSPC as write)."""
         # direct (final ciphertext as written) when it starts empty; a copy of committed
         # content stays in slots, as the edit that follows is likely not an append
@@ -729,7 +743,10 @@ class Files:
                 except VersionMoved:
                     v = node.version  # the same content at its new key: this chunk again from there
                     continue
-                self._write_staged(staged, off, data)
+                if follow_moves:  # (no lock held: a full cache disk may wait for uploads)
+                    await self._write_staged_waiting(node, staged, off, data)
+                else:
+                    self._write_staged(staged, off, data)
                 off += n
         except OSError as e:
             staged.discard()
