@@ -804,6 +804,23 @@ class BlockCache:
             return False
         return True
 
+    @contextlib.contextmanager
+    def whole_file(self, key: str, etag: str, size: int) -> Iterator[str | None]:
+        """The cache file of version (key, etag) of ``size`` bytes when it holds every block,
+        each checked against the version's integrity tags (its ciphertext exactly as the
+        bucket held it), kept so (no block dropped) until the ``with`` block ends; None when a
+        block is missing, being written or unchecked."""
+        e = self._entries.get((key, etag))
+        if (e is None or e.dropped or e.size != size or e.pending or not size
+                or not all(e.present) or not all(e.authed)):
+            yield None
+            return
+        was, e.pinned = e.pinned, True
+        try:
+            yield e.path
+        finally:
+            e.pinned = was
+
     def unpin(self, e: CacheEntry) -> None:
         if e.pinned:
             e.pinned = False

@@ -679,7 +679,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                 tasks.start_soon(_remove_orphans, fs.store, name="local bucket cleanup")
             in_doubt = getattr(fs.store, "in_doubt", None)  # (OSS: writes given up on, store/indoubt.py)
             if in_doubt is not None:
-                tasks.start_soon(in_doubt.watch, fs.store.head, _delete_version_of(fs.store), name="late-request check")
+                tasks.start_soon(in_doubt.watch, fs.store.head, _delete_version_of(fs.store), fs.put_back,
+                                 name="late-request check")
             if not fs.store.local_disk:
                 tasks.start_soon(fs.watch_late_copies, name="late rename copies")
             await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -724,7 +725,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             if not pending:
                 log.info("all uploads are in the bucket")
             if in_doubt is not None:
-                await in_doubt.check_due(fs.store.head, _delete_version_of(fs.store))  # landed already: say so now
+                # landed already: undo or say so now
+                await in_doubt.check_due(fs.store.head, _delete_version_of(fs.store), fs.put_back)
                 if late := in_doubt.pending():  # nobody watches them after the exit
                     log.warning("%d key(s) got a later write of this mount after a request to them was given up "
                                 "without an answer (%s): for up to %d minutes that request may still land over it; "

@@ -21,7 +21,7 @@ from ..attrcache import AttrCache
 from ..cache import BlockCache
 from ..config import Config
 from ..keyring import Keyring
-from ..store.base import ObjectStore
+from ..store.base import ObjectInfo, ObjectStore
 from ..writeback.ledger import MultipartLedger
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import Staging
@@ -204,6 +204,11 @@ class Filesystem:
         serving); returns how many are still pending because the store failed (they stay
         hidden and are tried again)."""
         return await self.namespace.finish_deletes()
+
+    async def put_back(self, key: str, etag: str, now_there: ObjectInfo | None) -> str | None:
+        """Put this mount's version (key, etag) back over a request that landed late; None
+        once done, else why not (``Commit.put_back``; for ``InDoubt.check_due``)."""
+        return await self.commit.put_back(key, etag, now_there)
 
     async def upload_worker(self) -> None:
         """One background upload worker (the daemon starts ``upload_workers`` of them)."""

@@ -3,11 +3,12 @@ taking the uploaded version as the node's committed one, and turning the journal
 run into dirty nodes at mount time. When uploads happen is ``writeback.scheduler``'s part."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -16,7 +17,7 @@ from .. import integrity
 from ..cache import BlockCache
 from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
-from ..store.base import ObjectInfo, StoreError
+from ..store.base import ObjectInfo, StoreError, same_etag
 from ..store.health import StoreOffline
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
@@ -340,19 +341,14 @@ class Commit:
         closed version beneath it goes up instead (True then means nothing more to do now).
         One upload per node at a time. Raises FsError(EIO, or the staging disk's errno) on
         failure when ``raise_errors``, else logs it and returns False."""
-        lock = self._upload_locks.get(node)
-        if lock is None:
-            lock = self._upload_locks[node] = trio.Lock()
         self._uploads[node] = self._uploads.get(node, 0) + 1
         try:
-            async with lock:
+            async with self._upload_slot(node):
                 ok = await self._upload(node, raise_errors, journal_first, closed_only)
         finally:
             self._uploads[node] -= 1
             if not self._uploads[node]:
                 del self._uploads[node]
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._upload_locks.pop(node, None)
         if raise_errors:  # fsync(), or a close that waits: in the bucket means durable there
             await self.sync_store(raise_errors=True)
         return ok
@@ -380,12 +376,66 @@ class Commit:
         """Return once no upload of ``node`` is in flight. The caller holds no lock (no name
         lock, no node lock): unlink and rename wait here, then lock and check
         :meth:`upload_running` again (docs/design.md, "Locks and what they protect")."""
-        lock = self._upload_locks.get(node)
-        if lock is not None:
-            async with lock:
+        if node in self._upload_locks:
+            async with self._upload_slot(node):
                 pass
+
+    @contextlib.asynccontextmanager
+    async def _upload_slot(self, node: Node) -> AsyncIterator[None]:
+        """Hold ``node``'s upload lock (one upload, or put-back, of a node at a time; the lock
+        goes once nobody holds or waits for it)."""
+        lock = self._upload_locks.get(node)
+        if lock is None:
+            lock = self._upload_locks[node] = trio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._upload_locks.pop(node, None)
+
+    async def put_back(self, key: str, etag: str, now_there: ObjectInfo | None) -> str | None:
+        """Put this mount's committed version (``key``, ``etag``) back in the bucket, where a
+        request in doubt that landed late replaced it with ``now_there`` (None: deleted it;
+        store/indoubt.py ``InDoubt.check_due``): from the block cache, where this mount's
+        upload left the ciphertext (``BlockCache.adopt``) or reads brought it, under the
+        node's upload lock (no node lock is held across the PUT). Returns None once it is back,
+        else why it cannot be: the name holds another version in this mount now (saved again,
+        renamed, removed), or this mount no longer holds the version's metadata, data key or
+        every block of it. Raises StoreError when a request fails."""
+        path = self.naming.path_of(key)
+        node = self.inodes.by_path.get(path) if path is not None else None
+        version = node.version if node is not None and not node.unlinked else None
+        if node is None or version is None or not same_etag(version.etag, etag):
+            return "this mount has another version there now"
+        if not version.held or version.envelope is None:
+            return "this mount no longer holds its metadata and data key"
+        async with self._upload_slot(node):
+            if node.version is not version or node.unlinked:
+                return "this mount has another version there now"
+            meta, envelope, replaces = version.metadata, version.envelope, now_there.etag if now_there else None
+            if not version.size:
+                info = await self.uploader.store.put_bytes(key, b"", meta)
+            else:
+                with self.cache.whole_file(key, etag, version.size) as cached:
+                    if cached is None:
+                        return "not every block of it is in this machine's cache"
+                    try:
+                        info = await self.uploader.put_back(cached, version.size, key, meta, envelope.data_key,
+                                                            envelope.iv, replaces=replaces)
+                    except OSError as e:  # (the cache file: dropped meanwhile, unreadable)
+                        return f"reading it from this machine's cache failed: {e}"
+        if not same_etag(info.etag, etag):  # (the store made another ETag of the same bytes)
+            async with node.lock:
+                if node.version is version:
+                    self.cache.rekey(key, etag, key, info.etag)
+                    set_local_version(node, Version(key, info.etag, version.size, meta, version.wrapped, envelope))
+                    if node.staged is not None:  # its journal record names its base by ETag
+                        try:
+                            self.rejournal(node)
+                        except FsError as e:
+                            log.error("cannot journal the newer version of %r: %s", key, e)
+        return None
 
     def _failed(self, node: Node, key: str, e: Exception, raise_errors: bool) -> bool:
         """One failed upload attempt of ``node`` (object ``key``): counted and logged in one

@@ -13,17 +13,24 @@ land: :data:`WINDOW` after it was sent.
 object it writes, OSS's MD5 of the body for a PUT, or :data:`DELETED`), and the last write
 this mount made to that key since (``wrote``). ``check_due`` HEADs the keys that have both,
 every ``interval`` seconds while the daemon runs (``watch``): when the key holds what the
-request in doubt would leave, and not the later write, the request landed late: one ERROR line
-naming the key, the request, when it was given up and what the bucket now holds (not repaired:
-the mount then sees that object as another client's version; putting its own back from the
-block cache is left to do). A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
+request in doubt would leave, and not the later write, the request landed late, and is undone:
+over this mount's later version, that version is put back from this machine's block cache
+(``put_back``: the filesystem's, ``Commit.put_back``; one WARNING line); where it cannot be
+(its blocks evicted, the file changed since), one ERROR line names the key, the request, when
+it was given up and what the bucket now holds (the mount then sees that object as another
+client's version). Where this mount deleted the key since, the late object is deleted again.
+A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
 daemon says so in one WARNING line): nobody watches them after the exit.
 
 After a crash, the upload of each version recovered from the journal may have been sent by the
 run that died (:meth:`InDoubt.sent_before_a_crash`): its ETag is not known, so its object is
 told by its wrapped data key, and its window starts at the mount. Landed over a later write it
-is said like any other; landed where this mount has nothing any more (the file moved or
+is undone like any other; landed where this mount has nothing any more (the file moved or
 removed: ``ObjectStore.vacated``) it is this mount's stale object, and ``check_due`` deletes it.
+
+Between the HEAD that finds a landing and the PUT or DELETE that undoes it, another client's
+write to the key would be replaced (OSS has no conditional PUT): the window of every upload
+(docs/semantics.md).
 """
 from __future__ import annotations
 
@@ -65,8 +72,16 @@ class _Doubt:
 
 def _stale_own(d: _Doubt, info: ObjectInfo | None) -> bool:
     """Whether landed request ``d`` left this mount's own object where this mount has nothing
-    any more (an upload of the run before a crash, its file moved or removed since)."""
-    return d.wrapped is not None and d.later == DELETED and info is not None
+    any more (it deleted the key since, or moved or removed the file an upload of the run
+    before a crash was of)."""
+    return d.later == DELETED and info is not None
+
+
+def _what(d: _Doubt) -> str:
+    """The request in doubt ``d`` as a log line names it."""
+    if d.wrapped is not None:
+        return f"an {d.op}"
+    return f"a {d.op} this mount gave up on at {time.strftime('%H:%M:%S', time.localtime(d.given_up_at))} (no answer)"
 
 
 class InDoubt:
@@ -153,12 +168,15 @@ class InDoubt:
 
     def check(self, key: str, info: ObjectInfo | None) -> bool:
         """Compare what ``key`` holds now (``info``; None: nothing) with its requests in doubt;
-        True when one landed late over this mount's later write (logged, and that request
-        forgotten)."""
-        return self._landed(key, info) is not None
+        True when one landed late over this mount's later write (logged, not repaired: see
+        :meth:`check_due`; that request forgotten)."""
+        d = self._landed(key, info)
+        if d is not None:
+            self._say_landed(key, d, info)
+        return d is not None
 
     def _landed(self, key: str, info: ObjectInfo | None) -> _Doubt | None:
-        """:meth:`check`: the request found landed late (the last of them), or None."""
+        """The request found landed late at ``key`` (the last of them; forgotten), or None."""
         now_holds = info.etag if info is not None else DELETED
         landed = None
         for d in list(self._doubts.get(key, ())):
@@ -168,25 +186,28 @@ class InDoubt:
                 continue
             landed = d
             self._doubts[key].remove(d)
-            if _stale_own(d, info):
-                continue  # (check_due deletes it, and says so)
-            what = (f"an {d.op}" if d.wrapped is not None else
-                    f"a {d.op} this mount gave up on at {time.strftime('%H:%M:%S', time.localtime(d.given_up_at))} "
-                    f"(no answer)")
-            log.error("%r: %s took effect late, over this mount's later %s; the bucket now holds %s", key, what,
-                      "delete" if d.later == DELETED else f"version {d.later}",
-                      "nothing there" if now_holds == DELETED else f"that request's version {now_holds}")
         if not self._doubts.get(key, True):
             del self._doubts[key]
         return landed
 
+    @staticmethod
+    def _say_landed(key: str, d: _Doubt, info: ObjectInfo | None, more: str = "") -> None:
+        """One ERROR line: ``d`` landed at ``key`` over this mount's later write; ``info``: what
+        the key holds now."""
+        log.error("%r: %s took effect late, over this mount's %s; the bucket now holds %s%s", key, _what(d),
+                  "delete" if d.later == DELETED else f"later version {d.later}",
+                  "nothing there" if info is None else f"that request's version {info.etag}", more)
+
     async def check_due(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
-                        delete: Callable[[str, str], Awaitable[None]] | None = None) -> int:
+                        delete: Callable[[str, str], Awaitable[None]] | None = None,
+                        put_back: Callable[[str, str, ObjectInfo | None], Awaitable[str | None]] | None = None) -> int:
         """One pass of :meth:`check` over the keys :meth:`due` lists (a HEAD each; one that
-        fails is tried at the next pass). An upload of the run before a crash found landed
-        where this mount has nothing any more (the file moved or removed since) is this mount's
-        own stale object: ``delete(key, etag)`` removes it (that version only). Returns how many
-        landed late."""
+        fails is tried at the next pass), repairing what landed: a request found landed where
+        this mount has nothing any more left this mount's own stale object there, and
+        ``delete(key, etag)`` removes it (that version only); one found landed over this
+        mount's later version is undone by ``put_back(key, later_etag, now_there)``, which
+        puts that version back and returns None, or returns why it cannot (one ERROR line
+        then says what the bucket holds). Returns how many landed late."""
         landed = 0
         for key in self.due():
             try:
@@ -194,27 +215,50 @@ class InDoubt:
             except StoreError:
                 continue
             d = self._landed(key, info)
-            landed += d is not None
-            if d is None or info is None or not _stale_own(d, info):
+            if d is None:
                 continue
-            try:
-                if delete is None:
-                    raise StoreError("nothing here deletes it")
-                await delete(key, info.etag)
-            except StoreError as e:
-                log.error("%r: an %s took effect late, after this mount had moved or removed that file; deleting its "
-                          "object there (version %s) failed: %s", key, d.op, info.etag, e)
+            landed += 1
+            if _stale_own(d, info):
+                assert info is not None  # (_stale_own)
+                await self._delete_stale(key, d, info, delete)
+                continue
+            assert d.later is not None and d.later != DELETED  # (_landed, _stale_own)
+            why = "nothing here puts it back" if put_back is None else None
+            if put_back is not None:
+                try:
+                    why = await put_back(key, d.later, info)
+                except StoreError as e:
+                    why = f"putting it back failed: {e}"
+            if why is None:
+                log.warning("%r: %s took effect late, over this mount's later version %s; that version is put back "
+                            "(from this machine's cache)", key, _what(d), d.later)
             else:
-                log.warning("%r: an %s took effect late, after this mount had moved or removed that file; its object "
-                            "there (version %s) is deleted again", key, d.op, info.etag)
+                self._say_landed(key, d, info, f"; not repaired: {why}")
         return landed
 
+    @staticmethod
+    async def _delete_stale(key: str, d: _Doubt, info: ObjectInfo,
+                            delete: Callable[[str, str], Awaitable[None]] | None) -> None:
+        """Delete this mount's stale object ``info`` that landed request ``d`` left at ``key``."""
+        try:
+            if delete is None:
+                raise StoreError("nothing here deletes it")
+            await delete(key, info.etag)
+        except StoreError as e:
+            log.error("%r: %s took effect late, after this mount had moved or removed that file; deleting its "
+                      "object there (version %s) failed: %s", key, _what(d), info.etag, e)
+        else:
+            log.warning("%r: %s took effect late, after this mount had moved or removed that file; its object "
+                        "there (version %s) is deleted again", key, _what(d), info.etag)
+
     async def watch(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
-                    delete: Callable[[str, str], Awaitable[None]] | None = None, interval: float = INTERVAL) -> None:
+                    delete: Callable[[str, str], Awaitable[None]] | None = None,
+                    put_back: Callable[[str, str, ObjectInfo | None], Awaitable[str | None]] | None = None,
+                    interval: float = INTERVAL) -> None:
         """Run forever (a daemon task): :meth:`check_due` every ``interval`` seconds."""
         while True:
             await trio.sleep(interval)
-            await self.check_due(head, delete)
+            await self.check_due(head, delete, put_back)
 
     def pending(self) -> list[str]:
         """Keys whose request in doubt may still land over a later write of this mount."""

@@ -80,15 +80,44 @@ class Uploader:
         self.in_progress.add(progress)
         try:
             metadata = await self._put_tag_list(staged, key, metadata)
-            if staged.size > self.multipart_threshold and not self.store.local_disk:
-                return await self._multipart(staged, key, metadata, progress, if_absent, replaces, before_complete)
             # a sealed staged file never changes again: the store may link it
-            info = await self.store.put_file(key, staged.data_path, metadata, may_link=True, if_absent=if_absent,
-                                             replaces=replaces)
-            progress.done = staged.size
-            return info
+            return await self._put_body(staged.data_path, staged.size, key, metadata, progress, may_link=True,
+                                        if_absent=if_absent, replaces=replaces, before_complete=before_complete)
         finally:
             self.in_progress.discard(progress)
+
+    async def put_back(self, path: str, size: int, key: str, metadata: dict[str, str], data_key: bytes,
+                       iv: bytes, *, replaces: str | None = None) -> ObjectInfo:
+        """Put a version this mount uploaded before back at ``key`` (a request in doubt landed
+        late over it: store/indoubt.py): ``size`` bytes of its ciphertext from ``path`` (a
+        block cache file: never linked), with its ``metadata``, in the same way :meth:`upload`
+        put it (so the same ETag: an MD5, or a multipart one of the same part size). Its tag
+        list goes first, recomputed from those bytes under ``data_key`` and ``iv`` (the same
+        body, put again: idempotent). Raises StoreError, OSError."""
+        list_key = integrity.list_key_of(metadata)
+        spec = integrity.parse(metadata) if list_key is not None else None
+        if list_key is not None and spec is not None:
+            body = await trio.to_thread.run_sync(integrity.tags_of_file, path, integrity.tag_key(data_key, iv),
+                                                 spec.block, size)
+            await self.store.put_bytes(list_key, body, {})
+        progress = UploadProgress(key, size)
+        self.in_progress.add(progress)
+        try:
+            return await self._put_body(path, size, key, metadata, progress, may_link=False, replaces=replaces)
+        finally:
+            self.in_progress.discard(progress)
+
+    async def _put_body(self, path: str, size: int, key: str, metadata: dict[str, str], progress: UploadProgress,
+                        *, may_link: bool, if_absent: bool = False, replaces: str | None = None,
+                        before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
+        """The object itself, from local file ``path`` of ``size`` bytes: one PUT, or a
+        multipart upload past ``multipart_threshold`` (not on a local-disk store)."""
+        if size > self.multipart_threshold and not self.store.local_disk:
+            return await self._multipart(path, size, key, metadata, progress, if_absent, replaces, before_complete)
+        info = await self.store.put_file(key, path, metadata, may_link=may_link, if_absent=if_absent,
+                                         replaces=replaces)
+        progress.done = size
+        return info
 
     async def _put_tag_list(self, staged: StagedFile, key: str, metadata: dict[str, str]) -> dict[str, str]:
         """Put the tag list of ``staged`` (list layout, docs/integrity.md) before its object, so
@@ -114,12 +143,12 @@ class Uploader:
         await self.store.put_bytes(list_key, body, {})
         return metadata
 
-    async def _multipart(self, staged: StagedFile, key: str, metadata: dict[str, str],
+    async def _multipart(self, path: str, size: int, key: str, metadata: dict[str, str],
                          progress: UploadProgress | None = None, if_absent: bool = False, replaces: str | None = None,
                          before_complete: Callable[[], Awaitable[None]] | None = None) -> ObjectInfo:
-        fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # own fd: staged may be closed
         try:
-            return await self._parts(key, staged.size, metadata,
+            return await self._parts(key, size, metadata,
                                      lambda off, n: trio.to_thread.run_sync(os.pread, fd, n, off), progress,
                                      if_absent, replaces, before_complete)
         finally:

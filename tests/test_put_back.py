@@ -1,0 +1,108 @@
+"""Putting this mount's version back where a request in doubt landed late over it
+(``Commit.put_back``, store/indoubt.py ``InDoubt.check_due``; break trial BT10 1: the late
+object was only said, and the newer save was lost from the bucket).
+
+Core tests over tests/fakes (a LocalStore that reads through the block cache as OSS does);
+the late landing is another body put straight into the bucket. Over real HTTP with a killed
+daemon: ``test_oss_faults.py::test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone``."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import trio
+
+from fakes.core import committed_file, core_filesystem, read_file
+from ossfuse.store.base import ObjectInfo, StoreError
+from ossfuse.store.indoubt import InDoubt
+
+
+def _fs(tmp_path, cmk_path):
+    fs = core_filesystem(tmp_path, cmk_path, multipart_threshold=1 << 20, part_size=256 << 10)
+    fs.store.local_disk = False  # as on OSS: an upload's file stays as cached blocks
+    return fs
+
+
+@pytest.mark.parametrize("size", [0, 5000, 3 << 20])  # empty, one PUT, multipart
+def test_a_version_replaced_by_a_late_request_is_put_back_from_the_cache_as_it_was(tmp_path, cmk_path, size):
+    data = os.urandom(size)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", data)
+        etag = node.version.etag
+        # in the cache: the upload's own file (adopted), or, where this store linked that file
+        # into the bucket (a small one), the blocks a read fetched and checked
+        assert await read_file(fs, "f") == data
+        late = await fs.store.inner.put_bytes("pre/f", b"an older body, landed late", {})
+        assert await fs.put_back("pre/f", etag, late) is None
+        now = await fs.store.inner.head("pre/f")
+        # the same object as before; this store names each write anew (OSS: the same ETag), and
+        # the mount follows it
+        assert now.etag == node.version.etag != etag and now.size == node.version.size
+        assert now.metadata == node.version.metadata
+        fs.cache.drop("pre/f", now.etag)  # read from the bucket
+        assert await read_file(fs, "f") == data
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tmp_path, cmk_path):
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        data = os.urandom(10_000)
+        node = await committed_file(fs, "f", data)
+        etag = node.version.etag
+        assert await read_file(fs, "f") == data  # (all in the cache)
+        late = await fs.store.inner.put_bytes("pre/f", b"late", {})
+        assert await fs.put_back("pre/other", etag, late) == "this mount has another version there now"
+        fs.cache.drop("pre/f", etag)  # evicted
+        assert await fs.put_back("pre/f", etag, late) == "not every block of it is in this machine's cache"
+        await committed_file(fs, "f", b"saved again")  # (over the late object: the mount's own save)
+        assert await fs.put_back("pre/f", etag, late) == "this mount has another version there now"
+        fs.cache.drop("pre/f", node.version.etag)
+        assert await read_file(fs, "f") == b"saved again"
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: 'a': an upload sent before the daemon's crash took effect "
+                        r"late, over this mount's later version E3; that version is put back",
+                        r"ERROR ossfuse\.store\.indoubt: 'b': .* the bucket now holds that request's version E2; not "
+                        r"repaired: not every block",
+                        r"ERROR ossfuse\.store\.indoubt: 'c': .*not repaired: putting it back failed: refused",
+                        r"WARNING ossfuse\.store\.indoubt: 'd': a PUT this mount gave up on at .* took effect late, "
+                        r"after this mount had moved or removed that file; its object there \(version E5\) is "
+                        r"deleted again")
+def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
+    d = InDoubt()
+    for key in "abc":
+        d.sent_before_a_crash(key, "W2")
+        d.wrote(key, "E3", "W3")  # a newer save
+    d.given_up("PUT", "d", "E5")
+    d.wrote("d", "")  # this mount's rm since (indoubt.DELETED)
+    put, deleted = [], []
+
+    async def head(key):
+        if key == "d":
+            return ObjectInfo(key, 1, "E5", 0.0, {})
+        return ObjectInfo(key, 1, "E2", 0.0, {"client-side-encryption-key": "W2"})
+
+    async def put_back(key, etag, now_there):
+        put.append((key, etag, now_there.etag))
+        if key == "c":
+            raise StoreError("refused")
+        return None if key == "a" else "not every block of it is in this machine's cache"
+
+    async def delete(key, etag):
+        deleted.append((key, etag))
+    with caplog.at_level(logging.WARNING):
+        assert trio.run(d.check_due, head, delete, put_back) == 4
+    assert put == [("a", "E3", "E2"), ("b", "E3", "E2"), ("c", "E3", "E2")]
+    assert deleted == [("d", "E5")]
+    assert d.due() == []
