@@ -18,8 +18,9 @@ over this mount's later version, that version is put back from this machine's bl
 (``put_back``: the filesystem's, ``Commit.put_back``; one WARNING line); where it cannot be
 (its blocks evicted, the file changed since), one ERROR line names the key, the request, when
 it was given up and what the bucket now holds (the mount then sees that object as another
-client's version). Where this mount deleted the key since, the late object is deleted again.
-A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
+client's version). Over this mount's delete, it is said in one ERROR line, not undone (a
+rename's late copy there may be a file's only copy: ``fs/latecopies.py`` keeps or takes it
+back). A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
 daemon says so in one WARNING line): nobody watches them after the exit.
 
 After a crash, the upload of each version recovered from the journal may have been sent by the
@@ -72,9 +73,8 @@ class _Doubt:
 
 def _stale_own(d: _Doubt, info: ObjectInfo | None) -> bool:
     """Whether landed request ``d`` left this mount's own object where this mount has nothing
-    any more (it deleted the key since, or moved or removed the file an upload of the run
-    before a crash was of)."""
-    return d.later == DELETED and info is not None
+    any more (an upload of the run before a crash, its file moved or removed since)."""
+    return d.wrapped is not None and d.later == DELETED and info is not None
 
 
 def _what(d: _Doubt) -> str:
@@ -222,7 +222,12 @@ class InDoubt:
                 assert info is not None  # (_stale_own)
                 await self._delete_stale(key, d, info, delete)
                 continue
-            assert d.later is not None and d.later != DELETED  # (_landed, _stale_own)
+            if d.later == DELETED:
+                # over this mount's delete: said, not undone (the late object may be a file's
+                # only copy: a rename's late copy is fs/latecopies.py's to keep or take back)
+                self._say_landed(key, d, info)
+                continue
+            assert d.later is not None  # (_landed)
             why = "nothing here puts it back" if put_back is None else None
             if put_back is not None:
                 try:
