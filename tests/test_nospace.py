@@ -8,6 +8,7 @@ FaultStore error caused by an ``OSError``); the real full disks are small tmpfs 
 and removed by the ``tmpfs`` fixture (root only: skipped otherwise)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -590,11 +591,18 @@ def test_a_first_write_whose_copy_fails_for_space_is_a_lost_write_on_its_handle(
 
 
 async def _copy_in(fs, name: str, data: bytes, chunk: int = 1 << 20):
-    """cp: create ``name``, write ``data`` a chunk at a time, close; its node."""
+    """cp: create ``name``, write ``data`` a chunk at a time, close (flush and release, as the
+    kernel does also after a failed write); its node. Raises the first FsError."""
     node, h = await fs.create(fs.get(1), name, 0o600, os.O_WRONLY, UID, GID)
     try:
         for off in range(0, len(data), chunk):
             await fs.write(h, off, data[off:off + chunk])
+    except FsError:
+        with contextlib.suppress(FsError):
+            await fs.flush(h)
+        await fs.release(h)
+        raise
+    try:
         await fs.flush(h)
     finally:
         await fs.release(h)
@@ -692,3 +700,123 @@ def test_a_first_write_to_a_file_in_the_bucket_waits_for_room_for_its_copy(tmp_p
         await _stop(fs)
 
     trio.run(main)  # (no WARNING line but those declared: conftest)
+
+
+def test_a_close_on_a_full_cache_disk_waits_for_the_uploads_that_free_it(tmp_path, cmk_path, tmpfs):
+    """Break trial BT11: the write waited for room, its close did not: sealing a file (here a
+    sparse one, whose holes the seal reserves) or writing its journal record on a disk full
+    of staged versions queued for upload failed with ENOSPC (cp: "failed to close"), though
+    the uploads that would free the disk were about to run. The close now waits for them as
+    a write does."""
+    tmpfs("cache", 24 << 20)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0, cache={"min_free": 2 << 20, "max_size": 1 << 40})
+        fs.store.local_disk = False
+        async with trio.open_nursery() as nursery:
+            fs.scheduler.nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            for i in range(2):  # 16 MiB staged, queued for an hour
+                await _copy_in(fs, f"s{i}", os.urandom(8 << 20))
+            node, h = await fs.create(fs.get(1), "sparse", 0o600, os.O_WRONLY, UID, GID)
+            await fs.write(h, 10 << 20, b"end")  # its seal reserves 10 MiB: more than is free
+            assert fs.scheduler.stats["uploaded"] == 0
+            await fs.flush(h)
+            await fs.release(h)
+            assert fs.scheduler.stats["uploaded"] >= 1  # the close waited for one
+            assert node.staged.was_journaled
+            assert await fs.drain() == 0
+            nursery.cancel_scope.cancel()
+        assert await read_file(fs, "sparse") == bytes(10 << 20) + b"end"
+        await _stop(fs)
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: journaling 'pre/f' failed, the data is not safe yet: "
+                        r"\[Errno 28\]")
+def test_a_sealed_version_whose_record_finds_no_room_is_uploaded_without_one(tmp_path, cmk_path, monkeypatch):
+    """Break trial BT11: with the cache disk full, 1,731 closed files were sealed but had no
+    room for their journal records; their uploads wrote the record first, failed the same
+    way, and retried for ever: nothing freed the disk, and the unmount lost them all. An
+    upload now goes ahead without the record it has no room for (it makes the version safe
+    itself)."""
+    from ossfuse.writeback import journal as journal_mod
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0)
+        node, h = await fs.create(fs.get(1), "f", 0o600, os.O_WRONLY, UID, GID)
+        await fs.write(h, 0, DATA)
+        with monkeypatch.context() as m:
+            def no_room(*args, **kw):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            m.setattr(journal_mod, "record", no_room)
+            with pytest.raises(FsError) as e:
+                await fs.flush(h)  # nothing to wait for: the close says so (one ERROR line)
+            assert e.value.errno == errno.ENOSPC
+            await fs.release(h)
+            assert node.staged.sealed and not node.staged.was_journaled
+            assert await fs.drain() == 0  # (the unmount's drain: uploaded all the same)
+        assert node.staged is None
+        assert await read_file(fs, "f") == DATA
+        await _stop(fs)
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: staging a write to 'pre/w' failed.*No space left")
+def test_a_write_waits_for_room_no_longer_than_the_offline_timeout(tmp_path, cmk_path, tmpfs):
+    """Break trial BT11: a write waiting for a slow upload held its process, unkillable (the
+    kernel cannot interrupt a FUSE request), for 60 s, and `ossfuse umount` gave up on the
+    mount after 30. A request waits at most the store's offline_timeout, in all (as any
+    request to a store that does not answer), then fails with ENOSPC."""
+    tmpfs("cache", 24 << 20)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0, cache={"min_free": 2 << 20, "max_size": 1 << 40})
+        fs.store.local_disk = False
+        assert fs.scheduler.room_wait == fs.cfg.store.offline_timeout == 5.0
+        fs.scheduler.room_wait = 1.0
+        fs.store.delay(("put_file", "upload_part"), 3600.0)  # uploads that never end
+        async with trio.open_nursery() as nursery:
+            fs.scheduler.nursery = nursery
+            nursery.start_soon(fs.upload_worker)
+            for i in range(2):
+                await _copy_in(fs, f"s{i}", os.urandom(9 << 20))
+            started = trio.current_time()
+            with pytest.raises(FsError) as e:
+                await _copy_in(fs, "w", os.urandom(9 << 20))
+            assert e.value.errno == errno.ENOSPC
+            assert 1.0 <= trio.current_time() - started < 3.0
+            nursery.cancel_scope.cancel()
+        await _stop(fs)
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: staging a write to 'pre/big' failed.*keeps 2\.0 MiB")
+def test_writes_leave_room_on_the_cache_disk_for_journal_records(tmp_path, cmk_path, tmpfs):
+    """Break trial BT11: writers filled the cache disk to its last byte; then no closed file
+    had room for its journal record, and the log (on the same disk) was cut mid-line. Writes
+    that grow a staged version now leave WRITE_RESERVE free: a file written meanwhile still
+    closes, journaled."""
+    from ossfuse.writeback.staging import WRITE_RESERVE
+    cache = tmpfs("cache", 16 << 20)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, upload_delay=3600.0, cache={"min_free": 0, "max_size": 1 << 40})
+        small, hs = await fs.create(fs.get(1), "small", 0o600, os.O_WRONLY, UID, GID)
+        await fs.write(hs, 0, b"closed after the disk filled\n")
+        with pytest.raises(FsError) as e:
+            await _copy_in(fs, "big", os.urandom(32 << 20))
+        assert e.value.errno == errno.ENOSPC
+        st = os.statvfs(cache)
+        assert st.f_bavail * st.f_frsize >= WRITE_RESERVE - (1 << 20)
+        await fs.flush(hs)  # its record fits
+        await fs.release(hs)
+        assert small.staged.was_journaled
+        assert await fs.drain() == 0
+        assert await read_file(fs, "small") == b"closed after the disk filled\n"
+        await _stop(fs)
+
+    trio.run(main)

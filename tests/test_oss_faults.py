@@ -747,7 +747,7 @@ def test_a_killed_direct_io_reader_of_a_hung_store_ends_within_the_offline_timeo
                         r"WARNING ossfuse\.daemon: found 1 journaled file",
                         r"ossfuse\.store\.oss: OSS PUT 'f'")
 @pytest.mark.parametrize("store_kind", ["oss"])
-@pytest.mark.parametrize("then", ["saved again", "moved"])
+@pytest.mark.parametrize("then", ["saved again", "saved again, then looked at", "moved"])
 def test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone(make_mount, oss_server, then):
     """Trial BT10, over real HTTP: v1 in the bucket, v2 closed and its PUT held by the store,
     the daemon killed, the next mount up. Saved again (v3) before the held PUT landed, it
@@ -755,7 +755,10 @@ def test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone(make_m
     mount now watches a recovered version's key for its late landing (OSS has no conditional
     PUT: it cannot be stopped) and undoes it: over a newer save, that save is put back from
     the block cache (one WARNING; BT10 1: it was only said, and v3 was lost from the bucket);
-    where the mount has nothing any more, the late object is deleted again (one WARNING)."""
+    where the mount has nothing any more, the late object is deleted again (one WARNING).
+    Looked at between the landing and the 30 s check (BT12: a `stat` made the mount take the
+    late object for another client's, and nothing was put back), the file still reads v3 and
+    the look starts the check at once."""
     m = make_mount("upload_delay = 0.1")
     with open(m.path("f"), "wb") as f:
         f.write(b"v1")
@@ -766,7 +769,7 @@ def test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone(make_m
     time.sleep(1.0)  # its PUT is out, held by the store
     m.kill9()
     m.start()
-    if then == "saved again":
+    if then.startswith("saved again"):
         with open(m.path("f"), "wb") as f:
             f.write(b"v3")
             os.fsync(f.fileno())
@@ -775,6 +778,14 @@ def test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone(make_m
         os.rename(m.path("f"), m.path("g"))
         want = ["g"]
     time.sleep(6.0)  # the held PUT lands
+    if then == "saved again, then looked at":
+        os.stat(m.path("f"))  # (attr_timeout is over: a HEAD, which finds the late v2)
+        with open(m.path("f"), "rb") as f:
+            assert f.read() == b"v3"
+        deadline = time.monotonic() + 10
+        while "that version is put back" not in m.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "that version is put back" in m.log()  # at once, not at the 30 s check
     assert m.stop() == 0  # its last look at the keys in doubt: the ERROR, or the delete
     assert sorted(m.keys()) == want
     if then == "moved":

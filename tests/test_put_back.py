@@ -58,7 +58,8 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
         etag = node.version.etag
         assert await read_file(fs, "f") == data  # (all in the cache)
         late = await fs.store.inner.put_bytes("pre/f", b"late", {})
-        assert await fs.put_back("pre/other", etag, late) == "this mount has another version there now"
+        assert await fs.put_back("pre/other", etag, late) == \
+            "this mount no longer holds that file (moved, removed, or forgotten by the kernel)"
         fs.cache.drop("pre/f", etag)  # evicted
         assert await fs.put_back("pre/f", etag, late) == "not every block of it is in this machine's cache"
         await committed_file(fs, "f", b"saved again")  # (over the late object: the mount's own save)
@@ -75,7 +76,8 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
                         r"late, over this mount's later version E3; that version is put back",
                         r"ERROR ossfuse\.store\.indoubt: 'b': .* the bucket now holds that request's version E2; not "
                         r"repaired: not every block",
-                        r"ERROR ossfuse\.store\.indoubt: 'c': .*not repaired: putting it back failed: refused",
+                        r"ERROR ossfuse\.store\.indoubt: 'c': .*putting that version back failed: refused; tried "
+                        r"again at each check",
                         r"ERROR ossfuse\.store\.indoubt: 'd': a PUT this mount gave up on at .* took effect late, "
                         r"over this mount's delete; the bucket now holds that request's version E5$")
 def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
@@ -104,4 +106,70 @@ def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
         assert trio.run(d.check_due, head, delete, put_back) == 4
     assert put == [("a", "E3", "E2"), ("b", "E3", "E2"), ("c", "E3", "E2")]
     assert deleted == []  # (over this mount's delete: said, not undone)
-    assert d.due() == []
+    assert d.due() == ["c"]  # (the store refused the put-back: the next check tries again)
+
+
+def test_a_look_at_the_file_between_the_landing_and_the_check_keeps_this_mounts_version(tmp_path, cmk_path):
+    """Break trial BT12: a `stat`, `open`, `chmod` or `mv` between the late landing and the
+    next check HEADed the file and took the late object for another client's version; the
+    check then had nothing to put back, and a save after it went to a conflict copy while the
+    name kept the older version. A HEAD that finds this mount's own late request
+    (``ObjectStore.landed_over_ours``) now changes nothing, and an upload replaces it."""
+    data = os.urandom(10_000)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", data)
+        v3 = node.version
+        assert await read_file(fs, "f") == data
+        late = await fs.store.inner.put_bytes("pre/f", b"an older body, landed late", {})
+        fs.store.landed_over_ours = lambda key, info: key == "pre/f" and info.etag == late.etag
+        await fs.resolver.revalidate(node, listing=False)  # (a stat after attr_timeout)
+        assert node.version is v3
+        assert await read_file(fs, "f") == data
+        assert await fs.put_back("pre/f", v3.etag, late) is None
+        # a save meeting the late object replaces it: no conflict copy
+        late = await fs.store.inner.put_bytes("pre/f", b"another late one", {})
+        h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(h, 0, b"v4")
+        await fs.flush(h)
+        await fs.release(h)
+        assert await fs.drain() == 0
+        assert fs.commit.conflicts.count == 0
+        assert [o.key for o in (await fs.store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
+        fs.cache.drop("pre/f", node.version.etag)
+        assert await read_file(fs, "f") == b"v4"
+        fs.close()
+        await fs.store.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'k': an upload sent before the daemon's crash took effect late, "
+                        r"over this mount's later version E3; putting that version back failed: refused; tried again",
+                        r"WARNING ossfuse\.store\.indoubt: 'k': .* that version is put back")
+def test_a_put_back_that_fails_is_tried_again_at_the_next_check_and_a_look_wakes_it(caplog):
+    d = InDoubt()
+    d.sent_before_a_crash("k", "W2")
+    d.wrote("k", "E3", "W3")
+    late = ObjectInfo("k", 1, "E2", 0.0, {"client-side-encryption-key": "W2"})
+    assert not d.landed_over("k", ObjectInfo("k", 1, "E3", 0.0, {"client-side-encryption-key": "W3"}))
+    assert not d.landed_over("k", ObjectInfo("k", 1, "E7", 0.0, {"client-side-encryption-key": "THEIRS"}))
+    assert not d._wake.is_set()
+    assert d.landed_over("k", late) and d._wake.is_set()  # (watch checks at once)
+    tries = []
+
+    async def head(key):
+        return late
+
+    async def put_back(key, etag, now_there):
+        tries.append(etag)
+        if len(tries) < 3:
+            raise StoreError("refused")
+        return None
+    with caplog.at_level(logging.DEBUG, logger="ossfuse.store.indoubt"):
+        for _ in range(3):
+            assert trio.run(d.check_due, head, None, put_back) == 1
+    assert tries == ["E3"] * 3 and d.due() == []
+    failed = [r for r in caplog.records if "putting that version back failed" in r.getMessage()]
+    assert [r.levelname for r in failed] == ["ERROR", "DEBUG"]  # said once

@@ -67,7 +67,8 @@ class Filesystem:
         # a short wait folds the attribute changes and renames that follow a close into one PUT.
         upload_delay = m.upload_delay if m.upload_delay is not None else (0.0 if store.local_disk else 1.0)
         self.scheduler = UploadScheduler(self._upload_queued, delay=upload_delay,
-                                         retry_interval=m.retry_interval, workers=m.upload_workers)
+                                         retry_interval=m.retry_interval, workers=m.upload_workers,
+                                         room_wait=cfg.store.offline_timeout)
         umask = m.umask if m.umask is not None else 0o022  # for objects without a mode
         self.defaults = AttrDefaults(uid=m.uid if m.uid is not None else uid,
                                      gid=m.gid if m.gid is not None else gid,

@@ -24,7 +24,7 @@ from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import StagedFile, Staging
 from ..writeback.upload import Uploader
 from .conflicts import Conflicts
-from .errors import ErrorsOnce, FsError, errno_of
+from .errors import ErrorsOnce, FsError, NoRoom, errno_of
 from .inodes import InodeTable
 from .model import Node, OpaqueEnvelope, Version, handles_follow, set_local_version
 from .naming import Naming, base_name, parent_of
@@ -102,11 +102,12 @@ class Commit:
         (a listing of the store does not show them)."""
         return self.scheduler.staged_in(dir_path, parent_of)
 
-    async def seal(self, node: Node) -> None:
+    async def seal(self, node: Node, *, may_wait: Callable[[], bool] | None = None) -> None:
         """Seal ``node``'s staged version (node.lock held): its final ciphertext is written
         once, in a worker thread, and never changes again. Raises FsError with the errno of an
         earlier failed write (an incomplete version never replaces the last good one) or of
-        the staging disk (ENOSPC, EIO)."""
+        the staging disk (ENOSPC, EIO); NoRoom instead of ENOSPC (not logged, nothing changed)
+        when ``may_wait()`` says the caller waits for room then (``Files.flush``)."""
         st = node.staged
         if st is None or st.sealed:
             return
@@ -145,6 +146,8 @@ class Commit:
                                                        retry_if=lambda: st.write_error is None)
         except OSError as e:
             st.close()  # reopened when used: a failed seal holds no descriptor (a trial ran out of them)
+            if st.write_error is None and e.errno == errno.ENOSPC and may_wait is not None and may_wait():
+                raise NoRoom() from None
             if st.write_error is not None:  # converted half-way: the version is lost (revert_failed)
                 log.error("staging %r failed half-way; its changes since its last good version are discarded: %s",
                           key, e)
@@ -166,26 +169,37 @@ class Commit:
             meta.update(st.tags.headers)
         return meta
 
-    async def journal_node(self, node: Node) -> dict[str, str] | None:
+    async def journal_node(self, node: Node, *, may_wait: Callable[[], bool] | None = None,
+                           uploading: bool = False) -> dict[str, str] | None:
         """Seal and durably record ``node``'s staged version (node.lock held); returns the
         object metadata recorded (None when nothing is staged or the node is unlinked). Once
         recorded, the version it was derived from is superseded: its record and data go.
-        Raises FsError(ENOSPC/EIO)."""
+        Raises FsError(ENOSPC/EIO), or NoRoom (``may_wait``: :meth:`seal`). ``uploading``:
+        the caller uploads it next, and a record the full cache disk has no room for is left
+        out (the upload makes the version safe; one INFO line): staged versions waiting for an
+        upload that needed room for a record first would never free the disk (a break trial:
+        1,731 sealed versions, none uploaded, lost at unmount)."""
         st = node.staged
         if st is None or node.unlinked:
             return None
-        await self.seal(node)
+        await self.seal(node, may_wait=may_wait)
         meta = self.metadata(node, st)
-        self._record(node, st, meta)
+        self._record(node, st, meta, may_wait=may_wait, uploading=uploading)
         return meta
 
-    def _record(self, node: Node, st: StagedFile, meta: dict[str, str], path: str | None = None) -> None:
+    def _record(self, node: Node, st: StagedFile, meta: dict[str, str], path: str | None = None, *,
+                may_wait: Callable[[], bool] | None = None, uploading: bool = False) -> None:
         key = self.naming.key(path or node.path)
         try:  # (a full disk: cached blocks make room for the record, as for a write)
             self.cache.with_room(lambda: journal.record(
                 st, key, meta, self.conflicts.base_of(node), self.conflicts.sent(node),
                 node.dirty_since if node in self.scheduler.dirty else None), need=1 << 20)
         except OSError as e:
+            if uploading and e.errno == errno.ENOSPC:
+                log.info("no room on the cache disk for the journal record of %r; it is uploaded without one", key)
+                return
+            if e.errno == errno.ENOSPC and may_wait is not None and may_wait():
+                raise NoRoom() from None
             log.error("journaling %r failed, the data is not safe yet: %s", key, e)
             raise FsError(errno_of(e)) from None
         self._drop_bases(st)  # superseded by this journaled version
@@ -406,7 +420,11 @@ class Commit:
         path = self.naming.path_of(key)
         node = self.inodes.by_path.get(path) if path is not None else None
         version = node.version if node is not None and not node.unlinked else None
-        if node is None or version is None or not same_etag(version.etag, etag):
+        if node is None:
+            return "this mount no longer holds that file (moved, removed, or forgotten by the kernel)"
+        if version is not None and now_there is not None and same_etag(version.etag, now_there.etag):
+            return "this mount took the late version for the file's since"
+        if version is None or not same_etag(version.etag, etag):
             return "this mount has another version there now"
         if not version.held or version.envelope is None:
             return "this mount no longer holds its metadata and data key"
@@ -480,7 +498,7 @@ class Commit:
             else:
                 try:
                     if journal_first:
-                        journaled = await self.journal_node(node)
+                        journaled = await self.journal_node(node, uploading=True)
                         assert journaled is not None  # staged and linked: checked above
                         meta = journaled
                     else:

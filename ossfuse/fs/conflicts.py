@@ -308,10 +308,13 @@ class Conflicts:
                      current: ObjectInfo | None) -> bool:
         """Whether ``node``'s upload (``metadata``, started from version ``base``) may replace
         ``current`` at ``key``: nothing there, the version this mount started from, an
-        earlier attempt of this same version or of this node's, or this mount's own last upload."""
+        earlier attempt of this same version or of this node's, this mount's own last upload, or
+        a request of this mount's that landed late over it (``ObjectStore.landed_over_ours``: a
+        break trial's save went to a conflict copy, the name kept the older late version)."""
         return (current is None or (base is not None and same_etag(current.etag, base))
                 or _same_version(current, metadata) or same_etag(current.etag, self._ours.get(key))
-                or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ()))
+                or current.metadata.get(env.H_KEY) in self._sent.get(node.ino, ())
+                or self.store.landed_over_ours(key, current))
 
     async def _replace(self, staged: StagedFile, key: str, metadata: dict[str, str],
                        seen: ObjectInfo | None) -> ObjectInfo:

@@ -26,6 +26,14 @@ class FsError(Exception):
         self.errno = err
 
 
+class NoRoom(FsError):
+    """ENOSPC on the cache disk that the caller asked to wait out (``may_wait``): uploads may
+    free room (``UploadScheduler.wait_for_room``); nothing was logged and nothing changed."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOSPC)
+
+
 # Checked in order: the first class the exception is an instance of gives the errno.
 _ERRNO_OF: tuple[tuple[type[BaseException], int], ...] = (
     # the object changed or vanished under an open handle (another client replaced or deleted it)

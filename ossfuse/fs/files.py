@@ -4,6 +4,7 @@ content re-encrypted under it); the kernel page-cache policy (``keep_cache``).""
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -19,9 +20,9 @@ from ..keyring import Keyring
 from ..store.base import NoSuchKey, PreconditionFailed, StoreError, same_etag
 from ..store.health import StoreOffline, say_once_offline
 from ..writeback.scheduler import UploadScheduler
-from ..writeback.staging import MAX_OBJECT_SIZE, StagedFile, Staging
+from ..writeback.staging import MAX_OBJECT_SIZE, WRITE_RESERVE, StagedFile, Staging
 from .commit import Commit
-from .errors import ErrorsOnce, FsError, errno_of
+from .errors import ErrorsOnce, FsError, NoRoom, errno_of
 from .inodes import InodeTable
 from .model import FileHandle, Node, Version, name_settled
 from .naming import Naming
@@ -33,9 +34,6 @@ log = logging.getLogger(__name__)
 
 POPULATE_CHUNK = 1 << 20  # bytes re-encrypted at a time when a file is first modified
 UPLOAD_AT_CLOSE_MAX = 1 << 20  # bytes: files up to this size skip the journal on cheap-PUT stores
-#: seconds a write on a full cache disk waits for an upload to end (it is tried again after each
-#: one that ends) before it fails with ENOSPC
-ROOM_WAIT = 60.0
 _LINK_MAX = 4096  # bytes: a symlink target the kernel takes is shorter (PATH_MAX, its NUL included)
 
 
@@ -567,7 +565,8 @@ class Files:
         """Write ``data`` at ``offset`` into the file's open staged version; returns len(data).
         Raises FsError(EFBIG) past the store's largest object; FsError(ENOSPC/EIO) when the
         cache disk fails (a full one after evicting cached blocks to make room, and after waiting
-        for other files' uploads, node.lock released, up to ROOM_WAIT s each): the version and the
+        for other files' uploads, node.lock released, up to the store's offline_timeout: the
+        kernel holds the writer meanwhile): the version and the
         handle are then marked failed, every later write, fsync and close through ``h`` (and
         every write to that version through any handle) fails with that errno at once, and
         close() keeps the last good version. FsError(EBADF) through a read-only handle (the
@@ -595,7 +594,7 @@ class Files:
                 if e.errno == errno.ENOSPC:  # a lost write, as one to the staged version (below)
                     h.write_error = e.errno
                 raise
-        gave_up_waiting = False  # for room on a full cache disk
+        room_deadline: float | None = None  # (trio time: a write on a full cache disk waits until then)
         while True:
             async with node.lock:
                 if copied is not None:
@@ -622,9 +621,7 @@ class Files:
                 except OSError as e:
                     # the disk holds staged versions waiting for their upload: wait for those
                     # (without this node's lock) and write again; a write is idempotent
-                    wait = (e.errno == errno.ENOSPC and not gave_up_waiting
-                            and self.scheduler.may_free_room(node))
-                    if not wait:
+                    if e.errno != errno.ENOSPC or not self.scheduler.may_wait_for_room(node, room_deadline):
                         st.write_error = h.write_error = e.errno or errno.EIO
                         log.error("staging a write to %r failed; this open file's changes since its last good "
                                   "version will be discarded at close: %s", self.naming.key(node.path), e)
@@ -633,25 +630,34 @@ class Files:
                     node.mtime_ns = node.ctime_ns = time.time_ns()
                     return len(data)
             log.debug("the cache disk is full: a write to %r waits for uploads", self.naming.key(node.path))
-            gave_up_waiting = not await self.scheduler.wait_for_room(node, ROOM_WAIT)
+            if room_deadline is None:
+                room_deadline = self.scheduler.room_deadline()
+            await self.scheduler.wait_for_room(node, room_deadline)
 
     def _write_staged(self, staged: StagedFile, offset: int, data: bytes) -> None:
         """``staged.write(offset, data)``, dropping cached blocks to make room on ENOSPC
-        (``BlockCache.with_room``). Raises OSError."""
-        self.cache.with_room(lambda: staged.write(offset, data), need=len(data) + (1 << 20))
+        (``BlockCache.with_room``); a write that grows the version leaves the cache disk's
+        reserve free (``Staging.check_room``). Raises OSError."""
+        def write() -> None:
+            if offset + len(data) > staged.size:  # (a write past the end allocates only its own blocks)
+                self.staging.check_room(len(data))
+            staged.write(offset, data)
+        self.cache.with_room(write, need=len(data) + WRITE_RESERVE)
 
     async def _write_staged_waiting(self, node: Node, staged: StagedFile, offset: int, data: bytes) -> None:
         """:meth:`_write_staged`; on a cache disk still full, wait for other files' uploads to
         end (``UploadScheduler.wait_for_room``, as :meth:`write` does) and write again. The
         caller holds no lock. Raises OSError."""
-        gave_up_waiting = False
+        deadline: float | None = None
         while True:
             try:
                 return self._write_staged(staged, offset, data)
             except OSError as e:
-                if e.errno != errno.ENOSPC or gave_up_waiting or not self.scheduler.may_free_room(node):
+                if e.errno != errno.ENOSPC or not self.scheduler.may_wait_for_room(node, deadline):
                     raise
-            gave_up_waiting = not await self.scheduler.wait_for_room(node, ROOM_WAIT)
+            if deadline is None:
+                deadline = self.scheduler.room_deadline()
+            await self.scheduler.wait_for_room(node, deadline)
 
     def _refuse_too_big(self, node: Node, size: int) -> None:
         """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version
@@ -786,7 +792,9 @@ class Files:
         and upload. A read-only handle does nothing (it never waits for an upload). Raises
         FsError(ENOSPC/EIO) if the cache disk fails or a write through the file failed (its
         changes are then dropped: the last good version stays), FsError(EIO) if an upload
-        close() must wait for fails."""
+        close() must wait for fails. A cache disk too full to seal or record it waits first for
+        other files' uploads, node.lock released, up to the store's offline_timeout
+        (``UploadScheduler.wait_for_room``)."""
         node = h.node
         if not h.writable:
             return
@@ -798,8 +806,20 @@ class Files:
                 return
             if self._upload_now(node) and await self.commit.upload_node(node, journal_first=False):
                 return  # in the bucket already: nothing to journal
-            async with node.lock:
-                await self.commit.journal_node(node)
+            # a full cache disk: wait for other files' uploads (node.lock released), as a write does
+            deadline: float | None = None
+            while True:
+                async with node.lock:
+                    try:
+                        await self.commit.journal_node(
+                            node, may_wait=functools.partial(self.scheduler.may_wait_for_room, node, deadline))
+                        return
+                    except NoRoom:
+                        log.debug("the cache disk is full: the close of %r waits for uploads",
+                                  self.naming.key(node.path))
+                if deadline is None:
+                    deadline = self.scheduler.room_deadline()
+                await self.scheduler.wait_for_room(node, deadline)
         except FsError:
             await self._drop_if_lost(h)  # a seal that failed half-way lost the version
             raise

@@ -577,6 +577,12 @@ class Resolver:
         if node.is_dir:
             node.implicit = info is None
             node.plain_marker = is_plain_marker(info)
+        if (node.staged is None and info is not None and not node.is_dir and node.version is not None
+                and node.version.etag != info.etag and self.store.landed_over_ours(info.key, info)):
+            # this mount's own request, landed late over its later version: not another
+            # client's; the late-request check puts ours back now (store/indoubt.py)
+            node.checked_at = time.monotonic()
+            return
         if node.staged is None and info is not None:  # open handles keep their own version
             if not node.is_dir and (node.version is None or node.version.etag != info.etag
                                     or _rewrapped(node.version, info)):

@@ -271,6 +271,13 @@ class ObjectStore(abc.ABC):
         uploaded yet renamed away or unlinked): a write in doubt that lands there later lands
         over that (store/indoubt.py). Nothing here."""
 
+    def landed_over_ours(self, key: str, info: ObjectInfo) -> bool:
+        """Whether ``info`` at ``key`` is a write this store gave up on (or a crashed run's
+        upload) that landed late over this mount's later write there: this mount's own stale
+        object, about to be undone (store/indoubt.py ``InDoubt.landed_over``), not another
+        client's version. False here: no write of this store is ever in doubt."""
+        return False
+
     def landed_late(self, key: str, etag: str) -> None:
         """A write to ``key`` this store gave up on was seen to have landed as version ``etag``
         and was dealt with (store/indoubt.py ``InDoubt.landed``). Nothing here."""

@@ -69,6 +69,7 @@ class _Doubt:
     later: str | None = None  # the ETag (or DELETED) this mount wrote there since; None: nothing yet
     # an upload of the run before a crash: the wrapped data key of its object (what tells it)
     wrapped: str | None = None
+    put_back_failed: bool = False  # landed, and putting this mount's version back failed (said once)
 
 
 def _stale_own(d: _Doubt, info: ObjectInfo | None) -> bool:
@@ -99,6 +100,7 @@ class InDoubt:
         # called (key, what the write left) at each such write, on the trio thread
         # (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)
         self.on_written: Callable[[str, str], None] = lambda key, result: None
+        self._wake = trio.Event()  # set by landed_over: ``watch`` checks at once
 
     def given_up(self, op: str, key: str, effect: str) -> None:
         """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
@@ -175,14 +177,32 @@ class InDoubt:
             self._say_landed(key, d, info)
         return d is not None
 
+    def landed_over(self, key: str, info: ObjectInfo) -> bool:
+        """Whether ``info``, seen at ``key`` (a lookup's or an upload's HEAD), is what a request
+        in doubt there leaves, landed over this mount's later version: the mount is not to take
+        it for another client's version (a break trial: a `stat` between the landing and the
+        next check made the mount adopt the late object, and the check then had nothing to put
+        back). Changes nothing; wakes :meth:`watch`, which undoes it at once."""
+        for d in self._doubts.get(key, ()):
+            if (d.later is not None and d.later != DELETED and self._leaves(d, info)
+                    and not same_etag(info.etag, d.later)):
+                self._wake.set()
+                return True
+        return False
+
+    @staticmethod
+    def _leaves(d: _Doubt, info: ObjectInfo | None) -> bool:
+        """Whether ``info`` (None: nothing) is what request ``d`` leaves."""
+        now_holds = info.etag if info is not None else DELETED
+        return same_etag(now_holds, d.effect) or (d.wrapped is not None and info is not None
+                                                  and info.metadata.get(H_KEY) == d.wrapped)
+
     def _landed(self, key: str, info: ObjectInfo | None) -> _Doubt | None:
         """The request found landed late at ``key`` (the last of them; forgotten), or None."""
         now_holds = info.etag if info is not None else DELETED
         landed = None
         for d in list(self._doubts.get(key, ())):
-            its = same_etag(now_holds, d.effect) or (d.wrapped is not None and info is not None
-                                                      and info.metadata.get(H_KEY) == d.wrapped)
-            if d.later is None or not its or same_etag(now_holds, d.later):
+            if d.later is None or not self._leaves(d, info) or same_etag(now_holds, d.later):
                 continue
             landed = d
             self._doubts[key].remove(d)
@@ -232,8 +252,14 @@ class InDoubt:
             if put_back is not None:
                 try:
                     why = await put_back(key, d.later, info)
-                except StoreError as e:
-                    why = f"putting it back failed: {e}"
+                except StoreError as e:  # (the store, for now: the next check tries again)
+                    self._doubts.setdefault(key, []).append(d)
+                    log.log(logging.DEBUG if d.put_back_failed else logging.ERROR,
+                            "%r: %s took effect late, over this mount's later version %s; putting that version "
+                            "back failed: %s; tried again at each check while the request's window lasts", key,
+                            _what(d), d.later, e)
+                    d.put_back_failed = True
+                    continue
             if why is None:
                 log.warning("%r: %s took effect late, over this mount's later version %s; that version is put back "
                             "(from this machine's cache)", key, _what(d), d.later)
@@ -260,9 +286,12 @@ class InDoubt:
                     delete: Callable[[str, str], Awaitable[None]] | None = None,
                     put_back: Callable[[str, str, ObjectInfo | None], Awaitable[str | None]] | None = None,
                     interval: float = INTERVAL) -> None:
-        """Run forever (a daemon task): :meth:`check_due` every ``interval`` seconds."""
+        """Run forever (a daemon task): :meth:`check_due` every ``interval`` seconds, and at
+        once when :meth:`landed_over` saw a landing."""
         while True:
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
             await self.check_due(head, delete, put_back)
 
     def pending(self) -> list[str]:

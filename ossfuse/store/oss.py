@@ -762,6 +762,9 @@ class OssStore(ObjectStore):
         if self.in_doubt.has(key):
             self.in_doubt.wrote(key, DELETED)
 
+    def landed_over_ours(self, key: str, info: ObjectInfo) -> bool:
+        return self.in_doubt.landed_over(key, info)
+
     def landed_late(self, key: str, etag: str) -> None:
         self.in_doubt.landed(key, etag)
 

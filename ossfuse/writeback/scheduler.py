@@ -40,12 +40,16 @@ class UploadScheduler:
     uploads pass True, the drain at unmount False, as it stores what open writers wrote so far);
     ``delay`` seconds pass between a node's queueing and its upload (folding the renames and
     attribute changes that follow a close into one PUT); ``retry_interval`` seconds before a
-    failed one is queued again; ``workers`` uploads at once when draining."""
+    failed one is queued again; ``workers`` uploads at once when draining; ``room_wait``
+    seconds at most that one request on a full cache disk waits for uploads to free room
+    (:meth:`wait_for_room`: the store's ``offline_timeout``, as the kernel cannot interrupt a
+    FUSE request: a process killed while it waits is held until then)."""
 
     def __init__(self, upload: Callable[[Any, bool], Awaitable[bool]], *, delay: float, retry_interval: float,
-                 workers: int):
+                 workers: int, room_wait: float = 5.0):
         self.upload = upload
         self.delay = delay
+        self.room_wait = room_wait
         self.retry_interval = retry_interval
         self.workers = workers
         self.dirty: set = set()  # nodes with a staged version
@@ -195,19 +199,30 @@ class UploadScheduler:
         return (any(n is not writer for n in self._running)
                 or any(n is not writer and n.upload_queued and _pending(n) for n in self.dirty))
 
-    async def wait_for_room(self, writer, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for an upload of a node other than ``writer`` to end;
-        queued uploads start at once meanwhile, without their ``delay``. True when one ended
-        (room may have been freed: evict and try again); False at once when none may free
-        room (:meth:`may_free_room`), or when none ended in time. The caller holds no lock
-        (an upload takes its node's lock to adopt what it sent)."""
+    def room_deadline(self) -> float:
+        """The trio time until which a request that just found the cache disk full may wait
+        for room (``room_wait`` from now)."""
+        return trio.current_time() + self.room_wait
+
+    def may_wait_for_room(self, writer, deadline: float | None) -> bool:
+        """Whether a request of ``writer`` that found the cache disk full should wait for room
+        (:meth:`wait_for_room`) rather than fail: its ``deadline`` (None: it has not waited
+        yet) is not past, and an upload may free room (:meth:`may_free_room`)."""
+        return (deadline is None or trio.current_time() < deadline) and self.may_free_room(writer)
+
+    async def wait_for_room(self, writer, deadline: float) -> bool:
+        """Wait, until trio time ``deadline`` at most, for an upload of a node other than
+        ``writer`` to end; queued uploads start at once meanwhile, without their ``delay``.
+        True when one ended (room may have been freed: evict and try again); False at once when
+        none may free room (:meth:`may_free_room`), or when none ended in time. The caller
+        holds no lock (an upload takes its node's lock to adopt what it sent)."""
         if not self.may_free_room(writer):
             return False
         ended = self._ended
         self._waiting_for_room += 1
         self._hurry.set()
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(deadline):
                 await ended.wait()
                 return True
             return False

@@ -63,6 +63,10 @@ _TOO_BIG = "larger than the store's largest object or the cache disk's largest f
 # xattr of a work file: the object key it belongs to (plain, as in a journal record), so the
 # next mount names the file whose unsaved changes it deletes (journal.read_journal)
 LABEL_XATTR = "user.ossfuse.key"
+#: bytes of the cache disk that writes growing a staged version leave free (:meth:`Staging.check_room`):
+#: room for the journal records of the versions they make and for the log (a break trial's full
+#: disk cut the log mid-line, and no closed file there had room for its record)
+WRITE_RESERVE = 2 << 20
 
 
 class Sealed(Exception):
@@ -555,6 +559,14 @@ class Staging:
         self.lost_work: list[str | None] = []
         self.space_warning: str | None = None  # check_space's line, for `ossfuse mount` to print too
         self._seq = 0  # the last journal record's sequence number (next_seq)
+
+    def check_room(self, n: int) -> None:
+        """Raise OSError(ENOSPC) when writing ``n`` more bytes to the cache disk would leave
+        less than WRITE_RESERVE bytes free there (one statvfs)."""
+        st = os.statvfs(self.dir)
+        if st.f_bavail * st.f_frsize < n + WRITE_RESERVE:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (the cache disk keeps {_size(WRITE_RESERVE)} "
+                                        "for journal records and the log)")
 
     def next_seq(self) -> int:
         """A journal record's sequence number: wall-clock nanoseconds, above every earlier one

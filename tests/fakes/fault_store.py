@@ -172,6 +172,9 @@ class FaultStore(ObjectStore):
         """The inner store's answer, or True for a key in ``in_doubt`` (a test's unanswered write)."""
         return key in self.in_doubt or self.inner.may_still_land(key)
 
+    def landed_over_ours(self, key: str, info: ObjectInfo) -> bool:
+        return self.inner.landed_over_ours(key, info)
+
     def landed_late(self, key: str, etag: str) -> None:
         self.inner.landed_late(key, etag)
 
