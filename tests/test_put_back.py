@@ -18,6 +18,18 @@ from ossfuse.store.base import ObjectInfo, StoreError
 from ossfuse.store.indoubt import InDoubt
 
 
+async def _from_bucket(fs, name: str) -> bytes:
+    """``name``'s content read from the bucket (its cached blocks dropped first)."""
+    node = await fs.lookup(fs.get(1), name)
+    fs.cache.drop(node.version.key, node.version.etag)
+    return await read_file(fs, name)
+
+
+async def _stop(fs) -> None:
+    fs.close()
+    await fs.store.aclose()
+
+
 def _fs(tmp_path, cmk_path):
     fs = core_filesystem(tmp_path, cmk_path, multipart_threshold=1 << 20, part_size=256 << 10)
     fs.store.local_disk = False  # as on OSS: an upload's file stays as cached blocks
@@ -42,10 +54,8 @@ def test_a_version_replaced_by_a_late_request_is_put_back_from_the_cache_as_it_w
         # the mount follows it
         assert now.etag == node.version.etag != etag and now.size == node.version.size
         assert now.metadata == node.version.metadata
-        fs.cache.drop("pre/f", now.etag)  # read from the bucket
-        assert await read_file(fs, "f") == data
-        fs.close()
-        await fs.store.aclose()
+        assert await _from_bucket(fs, "f") == data
+        await _stop(fs)
 
     trio.run(main)
 
@@ -64,10 +74,8 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
         assert await fs.put_back("pre/f", etag, late) == "not every block of it is in this machine's cache"
         await committed_file(fs, "f", b"saved again")  # (over the late object: the mount's own save)
         assert await fs.put_back("pre/f", etag, late) == "this mount has another version there now"
-        fs.cache.drop("pre/f", node.version.etag)
-        assert await read_file(fs, "f") == b"saved again"
-        fs.close()
-        await fs.store.aclose()
+        assert await _from_bucket(fs, "f") == b"saved again"
+        await _stop(fs)
 
     trio.run(main)
 
@@ -137,10 +145,8 @@ def test_a_look_at_the_file_between_the_landing_and_the_check_keeps_this_mounts_
         assert await fs.drain() == 0
         assert fs.commit.conflicts.count == 0
         assert [o.key for o in (await fs.store.inner.list("pre/", delimiter=None)).objects] == ["pre/f"]
-        fs.cache.drop("pre/f", node.version.etag)
-        assert await read_file(fs, "f") == b"v4"
-        fs.close()
-        await fs.store.aclose()
+        assert await _from_bucket(fs, "f") == b"v4"
+        await _stop(fs)
 
     trio.run(main)
 
