@@ -189,6 +189,35 @@ def test_mount_warns_once_when_the_cache_disk_is_small_for_min_free(tmp_path, cm
     fs2.close()
 
 
+@pytest.mark.expect_log(r"WARNING ossfuse\.writeback\.staging: cache dir \S+: its disk has 16\.0 MiB \(16777216 bytes\) "
+                        r"free \(with the cached blocks it may drop\) of 16\.0 MiB")
+def test_the_small_disk_warning_counts_the_cached_blocks_a_mount_may_drop(tmp_path, cmk_path, tmpfs, caplog):
+    """Break trials BT8 and BT11: after a clean unmount the cached blocks it kept fill a small
+    cache disk, and the next mount warned "its disk has 4.8 MiB free ... writes get ENOSPC",
+    though the block cache drops those blocks as soon as anything needs the room."""
+    tmpfs("cache", 16 << 20)
+
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path, cache={"min_free": 1 << 20, "max_size": 1 << 40})
+        fs.store.local_disk = False  # (reads go through the block cache)
+        data = os.urandom(11 << 20)
+        await committed_file(fs, "f", data)
+        assert await read_file(fs, "f") == data
+        fs.close()  # (a clean unmount: its cached blocks are kept for the next mount)
+        await fs.store.aclose()
+
+    trio.run(main)
+    for min_free, warned in ((3 << 20, False), (12 << 20, True)):  # free ~5 MiB, with the blocks ~13
+        seen = len(caplog.records)
+        fs = core_filesystem(tmp_path, cmk_path, cache={"min_free": min_free, "max_size": 1 << 40})
+        assert warned or fs.cache.used >= 6 << 20  # (a larger min_free drops blocks as the cache loads)
+        assert fs.recover() == 0
+        lines = [r.getMessage() for r in caplog.records[seen:] if r.levelno >= logging.WARNING]
+        assert len(lines) == warned, lines
+        assert not warned or "(with the cached blocks it may drop)" in lines[0]
+        fs.close()
+
+
 # -- ENOSPC when close() seals: never claimed journaled, never deleted silently ----------------
 def _fail_seal(monkeypatch) -> None:
     def seal_data(self):

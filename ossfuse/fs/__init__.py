@@ -180,7 +180,7 @@ class Filesystem:
     def recover(self) -> int:
         """Adopt the journal of an earlier run (before serving); returns how many files. Also
         warns once when the cache disk is small for ``cache.min_free``."""
-        self.staging.check_space(self.cfg.cache.min_free)
+        self.staging.check_space(self.cfg.cache.min_free, droppable=self.cache.used)
         return self.commit.recover()
 
     async def settle_renames(self) -> list[str]:

@@ -601,10 +601,13 @@ class Staging:
         an O_TRUNC open's writes)."""
         return StagedFile(self, uuid.uuid4().hex, envelope, base.size, base=base, direct=True)
 
-    def check_space(self, min_free: int) -> None:
+    def check_space(self, min_free: int, droppable: int = 0) -> None:
         """At mount: one WARNING naming the cache dir, its disk's free and total space and
-        ``min_free`` (bytes, ``cache.min_free``) when the disk is small for it: free space below
-        twice ``min_free`` (kept in ``space_warning``: `ossfuse mount` prints it). The block cache drops cached blocks to keep ``min_free`` free, so
+        ``min_free`` (bytes, ``cache.min_free``) when the disk is small for it: free space,
+        with the ``droppable`` bytes of cached blocks an earlier mount left (the block cache
+        drops them as it needs room: a trial was warned after a clean unmount of a healthy
+        mount), below twice ``min_free`` (kept in ``space_warning``: `ossfuse mount` prints it).
+        The block cache drops cached blocks to keep ``min_free`` free, so
         on such a disk it caches little or nothing (every read goes to the store), and staged
         writes get ENOSPC once the rest is used."""
         if min_free <= 0:
@@ -614,10 +617,11 @@ class Staging:
         except OSError as e:
             log.warning("cache dir %s: cannot tell its free space: %s", os.path.dirname(self.dir), e)
             return
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        free, total = st.f_bavail * st.f_frsize + droppable, st.f_blocks * st.f_frsize
         if free < 2 * min_free:
             self.space_warning = (
-                f"cache dir {os.path.dirname(self.dir)}: its disk has {_size(free)} free of {_size(total)}, "
+                f"cache dir {os.path.dirname(self.dir)}: its disk has {_size(free)} free"
+                f"{' (with the cached blocks it may drop)' if droppable else ''} of {_size(total)}, "
                 f"{'below' if free < min_free else 'near'} cache.min_free ({_size(min_free)}): the block cache "
                 "keeps that much free, so it caches little or nothing, and writes get ENOSPC when staging fills "
                 "the disk; use a bigger disk or lower cache.min_free")
