@@ -151,6 +151,33 @@ def test_a_look_at_the_file_between_the_landing_and_the_check_keeps_this_mounts_
     trio.run(main)
 
 
+def test_a_file_the_kernel_forgot_is_looked_up_as_last_known_over_the_late_object(tmp_path, cmk_path):
+    """Break trial BT13: after `echo 2 > /proc/sys/vm/drop_caches` the kernel forgot the file,
+    its node went, and the next lookup made a new node of the late object: `cat` read the
+    older version, and the check could put nothing back (the newer save was lost). The lookup
+    now gives the node as last known (``InodeTable.restore``), and the check puts it back."""
+    data = os.urandom(10_000)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", data)
+        v3 = node.version
+        assert await read_file(fs, "f") == data
+        node.lookups = 0
+        fs.inodes.maybe_drop(node)  # (the kernel's FORGET)
+        assert "f" not in fs.inodes.by_path
+        late = await fs.store.inner.put_bytes("pre/f", b"an older body, landed late", {})
+        fs.store.landed_over_ours = lambda key, info: key == "pre/f" and info.etag == late.etag
+        found = await fs.lookup(fs.get(1), "f")
+        assert found is node and found.version is v3
+        assert await read_file(fs, "f") == data
+        assert await fs.put_back("pre/f", v3.etag, late) is None
+        assert await _from_bucket(fs, "f") == data
+        await _stop(fs)
+
+    trio.run(main)
+
+
 @pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'k': an upload sent before the daemon's crash took effect late, "
                         r"over this mount's later version E3; putting that version back failed: refused; tried again",
                         r"WARNING ossfuse\.store\.indoubt: 'k': .* that version is put back")

@@ -423,7 +423,7 @@ class Commit:
         if node is None:
             return "this mount no longer holds that file (moved, removed, or forgotten by the kernel)"
         if version is not None and now_there is not None and same_etag(version.etag, now_there.etag):
-            return "this mount took the late version for the file's since"
+            return "this mount has since taken the late version for the file's current one"
         if version is None or not same_etag(version.etag, etag):
             return "this mount has another version there now"
         if not version.held or version.envelope is None:

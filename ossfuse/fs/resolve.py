@@ -513,6 +513,13 @@ class Resolver:
             return known
         if known is not None and by_path.get(path) is known:
             del by_path[path]
+        if known is None and info is not None and not is_dir and self.store.landed_over_ours(info.key, info):
+            # this mount's own late request over the version of a file the kernel forgot: that
+            # file, as last known, while the late-request check puts its version back (BT13)
+            restored = self.inodes.restore(path)
+            if restored is not None and not restored.is_dir:
+                restored.checked_at = time.monotonic()
+                return restored
         return self.node_from_info(path, info, is_dir)
 
     def offline_answer(self, path: str, known: Node | None) -> Node | None:
