@@ -370,6 +370,11 @@ class BlockCache:
                 continue
             self._unmark(e, b)
             freed += e.block_len(b)
+            # A file left with no block goes: a hole punched in a block shorter than a page (a
+            # small object's only one) frees nothing, so every evicted small file kept a page (a
+            # new-user trial: 8,836 of them filled a 48 MB cache disk `status` said held 0 bytes)
+            if not e.inflight and not e.pending and 1 not in e.present:  # (memchr: microseconds)
+                self.drop(*e.key)
         for k in skipped:
             self._lru[k] = None
             self._lru.move_to_end(k, last=False)

@@ -493,3 +493,28 @@ def test_a_cache_disk_that_takes_a_chunk_now_and_then_is_warned_about_once(tmp_p
     assert len(calls) >= 4
     warnings = [r for r in caplog.records if "cannot take more blocks" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
+
+
+def test_a_cache_file_whose_last_block_is_dropped_goes(tmp_path):
+    """New-user trial NU6: dropping the only block of a small object (shorter than a page)
+    punched a hole that freed nothing, and the file stayed: 8,836 such files filled a 48 MB
+    cache disk that `ossfuse status` said held 0 bytes, and every write got ENOSPC. A cache
+    file left with no block is deleted, and its entry forgotten."""
+    data = os.urandom(3000)
+    store = MemStore(data)
+    c = BlockCache(str(tmp_path / "cache"), store, BS, max_size=64 << 20, min_free=0)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            c.start(n)
+            assert await c.read(KEY, ETAG, len(data), 0, len(data)) == data
+            await until(lambda: not c._entries[(KEY, ETAG)].pending)
+            path = c._entries[(KEY, ETAG)].path
+            assert os.path.exists(path) and c.used == len(data)
+            c.max_size = 0
+            assert c.evict() == len(data)
+            assert not os.path.exists(path) and (KEY, ETAG) not in c._entries and c.used == 0
+            assert await c.read(KEY, ETAG, len(data), 0, len(data)) == data  # (fetched again)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
