@@ -21,6 +21,7 @@ import errno
 import faulthandler
 import functools
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -502,6 +503,9 @@ async def _unreadable_objects(cfg: Config, fs: Filesystem) -> list[str]:
             f"{fs.keyring.default.id!r}. `ossfuse check -c {cfg.path}` samples more"]
 
 
+_SAY_SILENT_AFTER = 3.0  # seconds without an answer from the store before `ossfuse mount` says it waits
+
+
 async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring,
                              readiness: Readiness | None = None) -> list[str]:
     """Retry, with backoff, until the store lists the prefix and every KMS CMK makes a data
@@ -520,7 +524,16 @@ async def _wait_for_services(cfg: Config, store: ObjectStore, keyring: Keyring,
     while True:
         problems = []
         try:
-            await store.list(cfg.store.prefix, max_keys=1)
+            quiet_for = _SAY_SILENT_AFTER if readiness is not None and not said_waiting else math.inf
+            with trio.move_on_after(quiet_for) as silent:
+                await store.list(cfg.store.prefix, max_keys=1)
+            if silent.cancelled_caught and readiness is not None:  # (read-only: sent again harmlessly)
+                # a store that takes connections and never answers is waited for as long as its
+                # timeouts say: `ossfuse mount` was silent for 45 s (new-user trial NU6)
+                readiness.waiting(f"store {cfg.store.url}: no answer yet after {quiet_for:g}s; waiting for up to "
+                                  f"{cfg.mount.startup_timeout:g}s (startup_timeout)")
+                said_waiting = True
+                await store.list(cfg.store.prefix, max_keys=1)
         except StoreError as e:
             if not e.temporary:  # wrong credentials, no such bucket: waiting cannot fix it
                 raise MountError(f"store {cfg.store.url}: {e}") from None

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import OSSFUSE, Mount, run_sync
+from conftest import BUCKET, OSSFUSE, Mount, run_sync
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -189,6 +189,25 @@ def test_start_while_the_store_is_down_retries_then_fails_clearly(tmp_path, cmk_
         assert m.stop() == 0
         assert m.head("f").size == 2
     finally:
+        m.cleanup()
+
+
+def test_mount_says_when_the_store_takes_connections_but_does_not_answer(tmp_path, cmk_path, oss_server):
+    """New-user trial NU6: `ossfuse mount` against a store that accepts connections and never
+    answers (a SIGSTOPped server) printed nothing for 45 s. After 3 s without an answer it
+    says it waits, once, and the mount goes on when the answer comes."""
+    m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
+    m.write_config("startup_timeout = 60", store_options="retries = 0")
+    oss_server.faults.latency(4.0)  # (under the 5 s offline_timeout: the probe gets its answer)
+    try:
+        threading.Timer(5.0, oss_server.faults.latency, args=(0,)).start()
+        m.start()
+        assert m.mount_stderr.startswith(f"ossfuse: store oss://{BUCKET}: no answer yet after 3s; waiting for up "
+                                         "to 60s (startup_timeout)") and m.mount_stderr.count("\n") == 1, \
+            m.mount_stderr
+        assert m.stop() == 0
+    finally:
+        oss_server.faults.latency(0)
         m.cleanup()
 
 
