@@ -412,12 +412,13 @@ class BlockCache:
     def adopt(self, key: str, etag: str, size: int, path: str, data_key: bytes, iv: bytes) -> None:
         """Take over ``path``, which holds the full ciphertext of version (key, etag) (a staged
         file just uploaded), so reading it back needs no GET. Not from a local-disk store (its
-        reads are not cached), and not a file with another link: a store that kept the very
-        file (``put_file(..., may_link=True)``) would have its object zeroed when eviction
-        punches holes in it; that version's blocks are fetched when read instead. Raises
+        reads are not cached), not an empty version (nothing to read), and not a file with
+        another link: a store that kept the very file (``put_file(..., may_link=True)``) would
+        have its object zeroed when eviction punches holes in it; that version's blocks are
+        fetched when read instead. Raises
         OSError if ``path`` cannot be stat'ed or moved."""
-        if self.store.local_disk:
-            return
+        if self.store.local_disk or not size:
+            return  # (an empty version has no block: its file would never be evicted, a trial kept 301)
         if os.stat(path).st_nlink > 1:
             log.debug("not adopting the upload of %r (ETag %s): its file has another link", key, etag)
             return

@@ -518,3 +518,15 @@ def test_a_cache_file_whose_last_block_is_dropped_goes(tmp_path):
             n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_an_empty_uploaded_version_leaves_no_cache_file(tmp_path):
+    """New-user trial NU7: every empty file uploaded left a 0-byte cache file (the adopted
+    staged file), with no block to evict: 301 stayed until the unmount (inodes on a small
+    cache disk). An empty version is not adopted: its staged file is the caller's to delete."""
+    c = BlockCache(str(tmp_path / "cache"), MemStore(b""), BS, max_size=64 << 20, min_free=0)
+    staged = tmp_path / "staged.data"
+    staged.write_bytes(b"")
+    c.adopt(KEY, ETAG, 0, str(staged), os.urandom(32), os.urandom(16))
+    assert staged.exists() and (KEY, ETAG) not in c._entries
+    assert os.listdir(tmp_path / "cache" / "objects") == []
