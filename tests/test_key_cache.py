@@ -248,3 +248,17 @@ def test_a_cache_that_cannot_store_keys_says_so_once_until_it_can_again(tmp_path
         k.new_envelope("f")
         k.new_envelope("f")
         assert said() == 2
+
+
+def test_a_cache_database_keeps_its_write_ahead_log_small(tmp_path):
+    """New-user trial NU7: the attribute and data-key caches' WAL files grew to SQLite's 4 MiB
+    default each and stayed so (8 MiB of a 48 MB cache disk). They are checkpointed every
+    ~1 MiB and cut back to 1 MiB."""
+    from ossfuse.sqlitecache import open_cache_db
+    path = str(tmp_path / "t.sqlite")
+    db = open_cache_db(path, "CREATE TABLE IF NOT EXISTS t (k BLOB PRIMARY KEY, v BLOB)", "test cache")
+    for _ in range(20_000):  # ~7 MB of rows
+        db.execute("INSERT OR REPLACE INTO t VALUES (?, ?)", (os.urandom(16), os.urandom(300)))
+    assert os.path.getsize(path) > 5 << 20
+    assert os.path.getsize(path + "-wal") <= 1 << 20
+    db.close()
