@@ -33,6 +33,23 @@ async def _stop(fs) -> None:
     await fs.store.aclose()
 
 
+async def _cached_file(fs, name: str, data: bytes):
+    """A file ``name`` written, uploaded and read (every block in the block cache); its node."""
+    node = await committed_file(fs, name, data)
+    assert await read_file(fs, name) == data
+    return node
+
+
+async def _lands_late_over(fs, name: str) -> ObjectInfo:
+    """An older body lands at ``name``'s key, and the store takes it for this mount's own
+    late request there (``ObjectStore.landed_over_ours``, as OSS's in-doubt bookkeeping
+    would); the object now there."""
+    key = "pre/" + name
+    late = await fs.store.inner.put_bytes(key, b"an older body, landed late", {})
+    fs.store.landed_over_ours = lambda k, info: k == key and info.etag == late.etag
+    return late
+
+
 def _fs(tmp_path, cmk_path):
     fs = core_filesystem(tmp_path, cmk_path, multipart_threshold=1 << 20, part_size=256 << 10)
     fs.store.local_disk = False  # as on OSS: an upload's file stays as cached blocks
@@ -130,11 +147,9 @@ def test_a_look_at_the_file_between_the_landing_and_the_check_keeps_this_mounts_
 
     async def main():
         fs = _fs(tmp_path, cmk_path)
-        node = await committed_file(fs, "f", data)
+        node = await _cached_file(fs, "f", data)
         v3 = node.version
-        assert await read_file(fs, "f") == data
-        late = await fs.store.inner.put_bytes("pre/f", b"an older body, landed late", {})
-        fs.store.landed_over_ours = lambda key, info: key == "pre/f" and info.etag == late.etag
+        late = await _lands_late_over(fs, "f")
         await fs.resolver.revalidate(node, listing=False)  # (a stat after attr_timeout)
         assert node.version is v3
         # a chmod's copy meanwhile is refused (ESTALE, the kernel tries again), at INFO: not
@@ -146,7 +161,7 @@ def test_a_look_at_the_file_between_the_landing_and_the_check_keeps_this_mounts_
         assert await read_file(fs, "f") == data
         assert await fs.put_back("pre/f", v3.etag, late) is None
         # a save meeting the late object replaces it: no conflict copy
-        late = await fs.store.inner.put_bytes("pre/f", b"another late one", {})
+        await _lands_late_over(fs, "f")  # (another)
         h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
         await fs.write(h, 0, b"v4")
         await fs.flush(h)
@@ -169,14 +184,12 @@ def test_a_file_the_kernel_forgot_is_looked_up_as_last_known_over_the_late_objec
 
     async def main():
         fs = _fs(tmp_path, cmk_path)
-        node = await committed_file(fs, "f", data)
+        node = await _cached_file(fs, "f", data)
         v3 = node.version
-        assert await read_file(fs, "f") == data
         node.lookups = 0
         fs.inodes.maybe_drop(node)  # (the kernel's FORGET)
         assert "f" not in fs.inodes.by_path
-        late = await fs.store.inner.put_bytes("pre/f", b"an older body, landed late", {})
-        fs.store.landed_over_ours = lambda key, info: key == "pre/f" and info.etag == late.etag
+        late = await _lands_late_over(fs, "f")
         found = await fs.lookup(fs.get(1), "f")
         assert found is node and found.version is v3
         assert await read_file(fs, "f") == data
