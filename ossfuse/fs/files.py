@@ -630,9 +630,7 @@ class Files:
                     node.mtime_ns = node.ctime_ns = time.time_ns()
                     return len(data)
             log.debug("the cache disk is full: a write to %r waits for uploads", self.naming.key(node.path))
-            if room_deadline is None:
-                room_deadline = self.scheduler.room_deadline()
-            await self.scheduler.wait_for_room(node, room_deadline)
+            room_deadline = await self.scheduler.wait_for_room(node, room_deadline)
 
     def _write_staged(self, staged: StagedFile, offset: int, data: bytes) -> None:
         """``staged.write(offset, data)``, dropping cached blocks to make room on ENOSPC
@@ -655,9 +653,7 @@ class Files:
             except OSError as e:
                 if e.errno != errno.ENOSPC or not self.scheduler.may_wait_for_room(node, deadline):
                     raise
-            if deadline is None:
-                deadline = self.scheduler.room_deadline()
-            await self.scheduler.wait_for_room(node, deadline)
+            deadline = await self.scheduler.wait_for_room(node, deadline)
 
     def _refuse_too_big(self, node: Node, size: int) -> None:
         """FsError(EFBIG), changing nothing, for content of ``size`` bytes past what a version
@@ -817,9 +813,7 @@ class Files:
                     except NoRoom:
                         log.debug("the cache disk is full: the close of %r waits for uploads",
                                   self.naming.key(node.path))
-                if deadline is None:
-                    deadline = self.scheduler.room_deadline()
-                await self.scheduler.wait_for_room(node, deadline)
+                deadline = await self.scheduler.wait_for_room(node, deadline)
         except FsError:
             await self._drop_if_lost(h)  # a seal that failed half-way lost the version
             raise

@@ -199,33 +199,31 @@ class UploadScheduler:
         return (any(n is not writer for n in self._running)
                 or any(n is not writer and n.upload_queued and _pending(n) for n in self.dirty))
 
-    def room_deadline(self) -> float:
-        """The trio time until which a request that just found the cache disk full may wait
-        for room (``room_wait`` from now)."""
-        return trio.current_time() + self.room_wait
-
     def may_wait_for_room(self, writer, deadline: float | None) -> bool:
         """Whether a request of ``writer`` that found the cache disk full should wait for room
         (:meth:`wait_for_room`) rather than fail: its ``deadline`` (None: it has not waited
         yet) is not past, and an upload may free room (:meth:`may_free_room`)."""
         return (deadline is None or trio.current_time() < deadline) and self.may_free_room(writer)
 
-    async def wait_for_room(self, writer, deadline: float) -> bool:
-        """Wait, until trio time ``deadline`` at most, for an upload of a node other than
-        ``writer`` to end; queued uploads start at once meanwhile, without their ``delay``.
-        True when one ended (room may have been freed: evict and try again); False at once when
-        none may free room (:meth:`may_free_room`), or when none ended in time. The caller
-        holds no lock (an upload takes its node's lock to adopt what it sent)."""
+    async def wait_for_room(self, writer, deadline: float | None) -> float:
+        """Wait, until trio time ``deadline`` at most (None: ``room_wait`` from now, a request's
+        first wait), for an upload of a node other than ``writer`` to end; queued uploads start
+        at once meanwhile, without their ``delay``. Returns that deadline, for the request's
+        next wait and :meth:`may_wait_for_room`: at once when no upload may free room
+        (:meth:`may_free_room`), else when one ended (room may have been freed: evict and try
+        again) or the deadline passed. The caller holds no lock (an upload takes its node's
+        lock to adopt what it sent)."""
+        if deadline is None:
+            deadline = trio.current_time() + self.room_wait
         if not self.may_free_room(writer):
-            return False
+            return deadline
         ended = self._ended
         self._waiting_for_room += 1
         self._hurry.set()
         try:
             with trio.move_on_at(deadline):
                 await ended.wait()
-                return True
-            return False
+            return deadline
         finally:
             self._waiting_for_room -= 1
             if not self._waiting_for_room:
