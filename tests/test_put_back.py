@@ -18,7 +18,7 @@ from fakes.core import committed_file, core_filesystem, read_file
 from ossfuse.fs import FsError
 from ossfuse.fs.copying import copy_object
 from ossfuse.store.base import ObjectInfo, StoreError
-from ossfuse.store.indoubt import InDoubt
+from ossfuse.store.indoubt import REPLACED_SINCE, InDoubt
 
 
 async def _from_bucket(fs, name: str) -> bytes:
@@ -93,8 +93,10 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
         fs.cache.drop("pre/f", etag)  # evicted
         assert await fs.put_back("pre/f", etag, late) == "not every block of it is in this machine's cache"
         await committed_file(fs, "f", b"saved again")  # (over the late object: the mount's own save)
-        assert await fs.put_back("pre/f", etag, late) == "this mount has another version there now"
+        assert await fs.put_back("pre/f", etag, late) == REPLACED_SINCE  # (nothing to undo)
         assert await _from_bucket(fs, "f") == b"saved again"
+        await fs.store.inner.put_bytes("pre/f", b"another client's", {})  # (not seen by the mount yet)
+        assert await fs.put_back("pre/f", etag, late) == "this mount has another version there now"
         await _stop(fs)
 
     trio.run(main)
@@ -110,7 +112,7 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
                         r"over this mount's delete; the bucket now holds that request's version E5$")
 def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
     d = InDoubt()
-    for key in "abc":
+    for key in "abce":
         d.sent_before_a_crash(key, "W2")
         d.wrote(key, "E3", "W3")  # a newer save
     d.given_up("PUT", "d", "E5")
@@ -126,13 +128,17 @@ def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
         put.append((key, etag, now_there.etag))
         if key == "c":
             raise StoreError("refused")
-        return None if key == "a" else "not every block of it is in this machine's cache"
+        return {"a": None, "e": REPLACED_SINCE}.get(key, "not every block of it is in this machine's cache")
 
     async def delete(key, etag):
         deleted.append((key, etag))
-    with caplog.at_level(logging.WARNING):
-        assert trio.run(d.check_due, head, delete, put_back) == 4
-    assert put == [("a", "E3", "E2"), ("b", "E3", "E2"), ("c", "E3", "E2")]
+    with caplog.at_level(logging.INFO):
+        assert trio.run(d.check_due, head, delete, put_back) == 5
+    assert put == [("a", "E3", "E2"), ("b", "E3", "E2"), ("c", "E3", "E2"), ("e", "E3", "E2")]
+    # this mount's newer save replaced the late object since: nothing to undo, one INFO line
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("'e'")] == [
+        ("INFO", "'e': an upload sent before the daemon's crash took effect late, over this mount's later version "
+                 "E3; a newer save of this mount has replaced it since")]
     assert deleted == []  # (over this mount's delete: said, not undone)
     assert d.due() == ["c"]  # (the store refused the put-back: the next check tries again)
 

@@ -1307,9 +1307,11 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
     expect_log(r"rename of 't/a' to 't/b' failed: its copy got no answer|the copy the failed rename of 't/a' to "
                r"'t/b' had sent without an answer landed late|the copy the failed rename to 't/b' \(its file moved "
                r"to '(t/a|te/a|t/b)' since\) had sent without an answer landed late")  # (the file's name now, not 'b' to 'b')
-    if case.startswith(("another file", "b rewritten")):  # what OSS's unconditional copy costs: said, as an ERROR
+    if case.startswith("b rewritten"):  # what OSS's unconditional copy costs, where this mount cannot put
+        # its version back (a remount forgot the file): said, as an ERROR
         expect_log(r"landed late at 'pre/t/b', over the version \w+ this mount had written there since: taken back; "
-                   r"that version is no longer in the bucket")
+                   r"that version is no longer in the bucket \(OSS cannot make a copy conditional on what it "
+                   r"replaces\); not put back: this mount no longer holds that file")
     data, theirs = os.urandom(3000), os.urandom(2000)
     over = any(w in case for w in ("over b", "removed", "b moved away", "b rewritten"))  # b is a file the rename replaces
 
@@ -1356,6 +1358,7 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         elif case.startswith("another file"):
             await committed_file(fs, "x", b"the user's", parent=t)
             await fs.rename(t, "x", t, "b", 0)
+            assert await _read(fs, "t/b") == b"the user's"  # (its blocks in the cache, as an upload leaves them on OSS)
         elif case.startswith("retried,"):  # (trials AL, AM: the next mount took the moved file for the copy)
             await fs.rename(t, "a", t, "b", 0)
             if "a made anew" in case:  # (AM: the logged original's name holds a file again)
@@ -1410,7 +1413,8 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             for w in fs.rename_logs.watched:
                 w.next_at = 0
             await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks,
-                                                  changed=fs.namespace._changed_behind, in_use=fs.namespace._in_use)
+                                                  changed=fs.namespace._changed_behind, in_use=fs.namespace._in_use,
+                                                  put_back=fs.commit.put_back)
             keys = await _keys(fs)
             if case.startswith("remounted"):  # landed over b: the rename is finished
                 assert keys == {"pre/t/", "pre/t/b"} and await _read(fs, "t/b") == data
@@ -1423,9 +1427,15 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
                 assert keys == {"pre/t/", "pre/t/a", "pre/t/c"} and await _read(fs, "t/c") == theirs
             elif case == "directory moved, lands":
                 assert keys == {"pre/te/", "pre/te/a"} and await _read(fs, "te/a") == data
+            elif case.startswith("another file"):  # landed over this mount's b: that b is put back over it
+                assert keys == {"pre/t/", "pre/t/a", "pre/t/b"} and await _read(fs, "t/a") == a_now
+                fs.cache.drop("pre/t/b", fs.inodes.by_path["t/b"].version.etag)  # (read from the bucket)
+                assert await _read(fs, "t/b") == b"the user's"
+                assert [r.levelname for r in caplog.records if "landed late" in r.getMessage()] == ["WARNING"]
+                assert any("that version is put back over it" in r.getMessage() for r in caplog.records)
             else:  # taken back: a stays, b is as this mount left it (removed; moved back to a)
                 assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == a_now
-                if case.startswith(("another file", "b rewritten")):  # (the user's b went with the landing: said)
+                if case.startswith("b rewritten"):  # (the user's b went with the landing: said)
                     assert any(r.levelname == "ERROR" and "this mount had written there since" in r.getMessage()
                                for r in caplog.records)
         assert not any(w.targets for w in fs.rename_logs.watched)

@@ -19,6 +19,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import ObjectInfo, StoreError, same_etag
 from ..store.health import StoreOffline
+from ..store.indoubt import REPLACED_SINCE
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import StagedFile, Staging
@@ -414,9 +415,10 @@ class Commit:
         store/indoubt.py ``InDoubt.check_due``): from the block cache, where this mount's
         upload left the ciphertext (``BlockCache.adopt``) or reads brought it, under the
         node's upload lock (no node lock is held across the PUT). Returns None once it is back,
-        else why it cannot be: the name holds another version in this mount now (saved again,
-        renamed, removed), or this mount no longer holds the version's metadata, data key or
-        every block of it. Raises StoreError when a request fails."""
+        ``indoubt.REPLACED_SINCE`` when the key holds a newer version this mount saved since
+        (a HEAD), else why it cannot be: the name holds another version in this mount now
+        (saved again, renamed, removed), or this mount no longer holds the version's metadata,
+        data key or every block of it. Raises StoreError when a request fails."""
         path = self.naming.path_of(key)
         node = self.inodes.by_path.get(path) if path is not None else None
         version = node.version if node is not None and not node.unlinked else None
@@ -425,6 +427,9 @@ class Commit:
         if version is not None and now_there is not None and same_etag(version.etag, now_there.etag):
             return "this mount has since taken the late version for the file's current one"
         if version is None or not same_etag(version.etag, etag):
+            if version is not None and (now := await self.uploader.store.head(key)) is not None \
+                    and same_etag(now.etag, version.etag):
+                return REPLACED_SINCE  # (this mount's newer save went up after the landing)
             return "this mount has another version there now"
         if not version.held or version.envelope is None:
             return "this mount no longer holds its metadata and data key"

@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .. import envelope as env
 from ..aio import run_all
@@ -43,6 +43,10 @@ from .naming import Naming
 from .renamelog import LATE_FIRST_LOOK, LateCopies, RenameLog, RenameLogs, moved_key
 
 log = logging.getLogger(__name__)
+
+# put_back(key, etag, now_there) -> None once this mount's version etag is back at key, else why
+# not (Commit.put_back)
+PutBack = Callable[[str, str, ObjectInfo | None], Awaitable[str | None]]
 
 SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace.RENAME_PARALLEL)
 LATE_WINDOW = WINDOW  # seconds after it was sent during which OSS may carry a request out (store/indoubt.py)
@@ -127,7 +131,8 @@ def clock_text(t: float) -> str:
 
 async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks,
                                near: str | None = None, changed: Callable[[str], None] = lambda path: None,
-                               in_use: Callable[[str], bool] = lambda path: False) -> int:
+                               in_use: Callable[[str], bool] = lambda path: False,
+                               put_back: PutBack | None = None) -> int:
     """One look for the late copies of the watched renames (:class:`LateCopies`) that are due,
     or, with ``near`` (a path a lookup or listing is about), of those whose target is at, above
     or below it (above or below: at most once a second, for a listing's many lookups) (a copy
@@ -136,8 +141,11 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
     A rename whose window ended (or whose copies all landed) ends its log. ``changed(path)``:
     called for both paths of a file rename a late copy finished (the mount's view of them is
     out of date); ``in_use(path)``: whether this mount holds the file at ``path`` open or
-    changed (a late copy does not finish a rename by deleting it). Returns how many copies
-    were taken back."""
+    changed (a late copy does not finish a rename by deleting it); ``put_back(key, etag,
+    now_there)``: puts this mount's version ``etag`` of ``key`` back over ``now_there`` and
+    returns None, or returns why it cannot (``Commit.put_back``): a file rename's copy that
+    landed over a version this mount wrote there since is replaced by it (:func:`_look_file`).
+    Returns how many copies were taken back (or replaced)."""
     taken = 0
     now = time.time()
     for late in list(logs.watched):
@@ -150,7 +158,7 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
                 or (near != late.entry.target and now - late.looked_at < NEAR_INTERVAL):
             continue  # (the target itself, what `mv` stats, is looked at every time)
         late.looked_at = now
-        taken += await _look(late, store, naming, locks, changed, in_use)
+        taken += await _look(late, store, naming, locks, changed, in_use, put_back)
         if late in logs.watched and (not late.targets or time.time() >= late.until):
             logs.watched.remove(late)
             logs.end(late.entry)
@@ -158,7 +166,7 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
 
 
 async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
-                changed: Callable[[str], None], in_use: Callable[[str], bool]) -> int:
+                changed: Callable[[str], None], in_use: Callable[[str], bool], put_back: PutBack | None) -> int:
     """A HEAD of each of ``late``'s targets; those that landed are taken back when they are
     their original's copies (:func:`take_back`, which needs the same object: a directory or
     empty file made there since is not one), under the rename's tree locks (no rename of those
@@ -170,7 +178,7 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
     Returns how many were taken back."""
     entry = late.entry
     if entry.file:
-        return await _look_file(late, store, naming, locks, changed, in_use)
+        return await _look_file(late, store, naming, locks, changed, in_use, put_back)
     back: list[str] = []
     stay: list[str] = []
     try:
@@ -263,7 +271,7 @@ def is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | None
 
 async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, there: ObjectInfo,
                          original: ObjectInfo | None, may_finish: bool, where: str,
-                         in_use: Callable[[str], bool] = lambda path: False) -> str | None:
+                         in_use: Callable[[str], bool] = lambda path: False, why: str = "") -> str | None:
     """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
     by its ETag) while its original (``original``: what is at its key now) is there, in any
     version (gone, moved by another client say, the copy may be the file's only one: it stays,
@@ -272,7 +280,8 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     this mount holds it neither open nor changed: ``in_use(path)``, trial AL: deleted under an
     open writer, it came back with the writer's close; else the copy stays as the new name's
     file and the original where it is). One line; the target is no
-    longer looked for. Returns "back", "finished", "kept", or None when a delete failed
+    longer looked for (``why``: why this mount's later version there was not put back instead,
+    for the ERROR line). Returns "back", "finished", "kept", or None when a delete failed
     (changed since, or the store: logged; looked for again)."""
     entry = late.entry
     [(key, etag)] = entry.objects.items()
@@ -304,8 +313,8 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
                  "is open here since: left as it is", what, target)
     elif later is not None and later != DELETED:
         log.error("%s landed late %s %r, over the version %s this mount had written there since: taken back; that "
-                  "version is no longer in the bucket (OSS cannot make a copy conditional on what it replaces)",
-                  what, where, target, later)
+                  "version is no longer in the bucket (OSS cannot make a copy conditional on what it replaces)%s",
+                  what, where, target, later, why)
     else:
         log.warning("%s landed late %s %r: taken back", what, where, target)
     return outcome
@@ -333,19 +342,26 @@ def written_now(logs: RenameLogs, key: str, result: str) -> None:
 
 
 async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
-                     changed: Callable[[str], None], in_use: Callable[[str], bool]) -> int:
+                     changed: Callable[[str], None], in_use: Callable[[str], bool],
+                     put_back: PutBack | None = None) -> int:
     """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
     there, under the rename's locks, of both names. Only its copy (:func:`is_its_copy`) counts
     as landed: it is taken back, or, landed over the object it replaces (:func:`_finishes`:
     that object is gone then, and taking the copy back would leave neither), the rename is
     finished: the original deleted and ``changed`` called with both paths
-    (:func:`_settle_landed`). Anything else there (nothing, a file the user made or another
-    client wrote) does not end the look: the copy may still land once that is gone (a trial: a
-    file made and removed there meanwhile, and the late copy stayed). So the look ends when
-    the copy lands or when the window ends. Returns 1 when the copy was taken back."""
+    (:func:`_settle_landed`). Landed over a version this mount wrote there since, that version
+    is put back over it (``put_back``, after the locks: it takes the file's upload lock, which
+    is never taken under rename locks); where it cannot be, the copy is taken back and the
+    version is said lost (one ERROR line with why). Anything else there (nothing, a file the
+    user made or another client wrote) does not end the look: the copy may still land once
+    that is gone (a trial: a file made and removed there meanwhile, and the late copy stayed).
+    So the look ends when the copy lands or when the window ends. Returns 1 when the copy was
+    taken back or replaced."""
     entry = late.entry
     [(key, _etag)] = entry.objects.items()
     target = naming.key(entry.target)
+    later = entry.written_after
+    why: str | None = None  # why this mount's later version could not be put back over the copy
     try:
         if target not in late.targets:
             return 0
@@ -359,7 +375,28 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
             there, original = await store.head(target), await store.head(key)
             if there is None or not is_its_copy(entry, there, original):
                 return 0
-            outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
+            # over this mount's later version (its original still there, else the copy stays:
+            # _settle_landed): that version goes back over it, below
+            over_later = put_back is not None and original is not None and later not in (None, DELETED)
+            if not over_later:
+                outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
+        if over_later:
+            assert put_back is not None and later is not None  # (over_later)
+            why = await put_back(target, later, there)
+            if why is None:
+                late.targets.discard(target)
+                store.landed_late(target, there.etag)
+                late.note_left()
+                log.warning("the copy the failed rename %s had sent without an answer landed late at %r, over the "
+                            "version %s this mount had written there since: that version is put back over it (from "
+                            "this machine's cache)", entry.named(), target, later)
+                return 1
+            async with locks.hold(trees=[entry.source, entry.target]):  # not put back: taken back, as before
+                there, original = await store.head(target), await store.head(key)
+                if there is None or not is_its_copy(entry, there, original):
+                    return 0
+                outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use,
+                                               f"; not put back: {why}")
     except (StoreError, FsError) as e:
         log.info("looking for the late copy of the rename %s failed (%s); looked for again later", entry.named(), e)
         return 0

@@ -1305,7 +1305,7 @@ class Namespace:
         """Before a lookup or listing of ``path``: take back what undone renames' late copies
         put at, above or below it (``latecopies.look_for_late_copies``; at most once a second)."""
         await look_for_late_copies(self.renames, self.store, self.naming, self.locks, near=path,
-                                   changed=self._changed_behind, in_use=self._in_use)
+                                   changed=self._changed_behind, in_use=self._in_use, put_back=self.commit.put_back)
 
     async def watch_late_copies(self) -> None:
         """Run forever (a daemon task): look for the late copies of undone renames every few
@@ -1313,7 +1313,8 @@ class Namespace:
         while True:
             await trio.sleep(LATE_FIRST_LOOK)
             await look_for_late_copies(self.renames, self.store, self.naming, self.locks,
-                                       changed=self._changed_behind, in_use=self._in_use)
+                                       changed=self._changed_behind, in_use=self._in_use,
+                                       put_back=self.commit.put_back)
 
     def _in_use(self, path: str) -> bool:
         """Whether this mount holds the file at ``path`` open or changed (not yet uploaded)."""

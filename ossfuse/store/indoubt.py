@@ -54,6 +54,9 @@ WINDOW = 16 * 60.0
 DELETED = ""
 #: seconds between the checks of ``watch``
 INTERVAL = 30.0
+# what a put-back returns when this mount's newer save has replaced the late object since
+# (nothing to undo: said at INFO)
+REPLACED_SINCE = "a newer save of this mount has replaced it since"
 
 
 #: the effect of an upload whose ETag is not known (:meth:`InDoubt.sent_before_a_crash`)
@@ -226,8 +229,9 @@ class InDoubt:
         this mount has nothing any more left this mount's own stale object there, and
         ``delete(key, etag)`` removes it (that version only); one found landed over this
         mount's later version is undone by ``put_back(key, later_etag, now_there)``, which
-        puts that version back and returns None, or returns why it cannot (one ERROR line
-        then says what the bucket holds). Returns how many landed late."""
+        puts that version back and returns None, or :data:`REPLACED_SINCE` (INFO), or returns
+        why it cannot (one ERROR line then says what the bucket holds). Returns how many landed
+        late."""
         landed = 0
         for key in self.due():
             try:
@@ -263,6 +267,9 @@ class InDoubt:
             if why is None:
                 log.warning("%r: %s took effect late, over this mount's later version %s; that version is put back "
                             "(from this machine's cache)", key, _what(d), d.later)
+            elif why == REPLACED_SINCE:
+                log.info("%r: %s took effect late, over this mount's later version %s; %s", key, _what(d), d.later,
+                         why)
             else:
                 self._say_landed(key, d, info, f"; not repaired: {why}")
         return landed
