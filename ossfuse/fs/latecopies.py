@@ -14,11 +14,13 @@ put back when its own late copy was taken back.
 A file rename whose one copy got no answer and is not at the new name fails, and its copy is
 watched the same way (``Namespace._move_file``; after a crash, ``renames._settle_file``): see
 :func:`_look_file` (a copy that lands over the file it replaces finishes the rename instead,
-since that file is gone) and :func:`take_back_at` (an upload to the new name, or a directory
+since that file is gone; one that lands over a version this mount wrote there since is
+replaced by that version, put back from the block cache: ``Commit.put_back``) and :func:`take_back_at` (an upload to the new name, or a directory
 rename above it, meeting the late copy takes it back first).
 
 Lock order: :func:`_look` takes the rename's tree locks (``NameLocks.hold``) after its HEADs,
-and sends the deletes under them; nothing else is held across those awaits. :func:`take_back_at`
+and sends the deletes under them; nothing else is held across those awaits. :func:`_look_file`'s
+put-back runs after it released them (it takes the file's upload lock). :func:`take_back_at`
 takes none: its callers hold what keeps a rename of the key away (an upload, the node lock of
 the key's file; a directory rename, the tree lock above it), and taking a rename lock there
 would invert the order (name locks before node locks).
