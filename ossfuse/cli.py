@@ -1269,7 +1269,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(ENV_RUNTIME_DIR):  # the daemon runs from "/": a relative one would be another dir
         os.environ[ENV_RUNTIME_DIR] = os.path.abspath(os.environ[ENV_RUNTIME_DIR])
     try:
-        return args.fn(args)
+        status = args.fn(args)
+        # stdout is block-buffered when it is a file: its last write happens here, not at exit,
+        # where a full disk was "Exception ignored" and exit 120 (a new-user trial on a machine
+        # without PYTHONUNBUFFERED)
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:  # e.g. `ossfuse status MNT | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

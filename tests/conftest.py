@@ -25,6 +25,10 @@ pytest_plugins = ["checklogs"]  # a test fails on an undeclared WARNING/ERROR li
 # The suite chooses runtime dirs itself (the default, /run/ossfuse, and per-test ones): a
 # user's OSSFUSE_RUNTIME_DIR in the shell failed the four tests of the default (a new-user trial)
 os.environ.pop("OSSFUSE_RUNTIME_DIR", None)
+# The programs the suite runs see stdout buffered, as on a fresh machine: this project's dev
+# host sets PYTHONUNBUFFERED, which hid a failed write at exit (`ossfuse status > /dev/full`
+# exited 120 with "Exception ignored" on a fresh Debian 12; a new-user trial)
+os.environ.pop("PYTHONUNBUFFERED", None)
 
 OSSFUSE = [sys.executable, "-m", "ossfuse"]
 DATA = os.path.join(os.path.dirname(__file__), "data")
