@@ -382,7 +382,25 @@ def region_from_endpoint(endpoint: str) -> str | None:
 # (a strptime: ~5% of a HEAD's client CPU; the objects of one directory share a few seconds of
 # Last-Modified, the answers of a listing's HEADs a few of Date)
 _HTTP_DATES: dict[str, float] = {}
+_ONE_READ_MAX = 64 << 20  # bytes: the largest body read in one allocation (_read_body; a GET asks for ≤ 8 MiB)
 _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r\n[ \t]+")  # urllib3 2.x connection.py's
+
+
+def _read_body(resp: http.client.HTTPResponse) -> bytes:
+    """The whole body of ``resp``. With a Content-Length up to ``_ONE_READ_MAX`` bytes, one
+    ``read(n)``: one ``BufferedReader.read(n)``, one allocation (``_request_on_pool``), and
+    http.client.IncompleteRead when the connection ends first (``read(n)`` itself returns the
+    short body). Not ``read()``: since CVE-2025-13836's fix (Debian 12's python3.11
+    3.11.2-6+deb12u7) it reads a body over 1 MiB in growing chunks into a BytesIO, one copy
+    more of every byte (an 8 MiB GET peaked at 1.5x its body; a new-user trial); a larger
+    announced length (none is asked for) still goes that way."""
+    n = resp.length
+    if not n or n > _ONE_READ_MAX:  # (None: chunked or up to the connection's end; 0: a HEAD)
+        return resp.read()
+    body = resp.read(n)
+    if len(body) < n:
+        raise http.client.IncompleteRead(body, n - len(body))
+    return body
 
 
 def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, headers: dict[str, str],
@@ -399,11 +417,11 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
     ``of_object``: an object's answer (not a bucket's: a listing), which must carry an ETag and
     a Content-Length.
 
-    The body: with a Content-Length, http.client's ``read()`` is one ``BufferedReader.read(n)``,
+    The body (:func:`_read_body`): with a Content-Length, one ``BufferedReader.read(n)``,
     which allocates the ``bytes`` of n once and ``recv_into``s the socket straight into it (no
     per-chunk copies or joins, unlike requests' ``iter_content`` under oss2's
-    ``GetObjectResult.read``), and raises ``http.client.IncompleteRead`` when the connection
-    ends before n bytes: a short body never comes back as data. Sent as ``Accept-Encoding:
+    ``GetObjectResult.read``), and ``http.client.IncompleteRead`` when the connection ends
+    before n bytes: a short body never comes back as data. Sent as ``Accept-Encoding:
     identity`` (http.client's default; oss2 sends no Accept-Encoding), read as is: the bytes
     stored, which ranges and Content-Length count. ``read`` (seconds) bounds each socket read,
     and once the answer has begun each window of that many seconds must bring
@@ -422,7 +440,7 @@ def _request_on_pool(pool: urllib3.HTTPConnectionPool, method: str, uri: str, he
         http.client.HTTPConnection.request(conn, method, uri, body=payload, headers=headers)
         resp = http.client.HTTPConnection.getresponse(conn)  # a paced.PacedResponse: the pool's connections'
         try:
-            body = resp.read()  # the whole body (b"" for a HEAD): closes the response, the connection stays open
+            body = _read_body(resp)  # (b"" for a HEAD): closes the response, the connection stays open
         except BaseException as e:
             _cut_short(e, resp.status)
             raise
