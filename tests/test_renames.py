@@ -1290,7 +1290,9 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
 @pytest.mark.parametrize("case", ["remounted, lands over b", "b removed here, lands before a look",
                                   "retried and moved back, lands over b", "directory moved, lands",
                                   "directory moved after it landed over b", "retried",
-                                  "another file moved onto b here, lands over b", "a rewritten as it lands",
+                                  "another file moved onto b here, lands over b",
+                                  "another file moved onto b here, lands over b, saved again meanwhile",
+                                  "a rewritten as it lands",
                                   "another client's mv a b", "retried, remounted", "b rewritten here, remounted, lands",
                                   "b moved away here, remounted, lands", "a open here as it lands over b",
                                   "b removed here, remounted, lands", "retried, a made anew, remounted"])
@@ -1359,6 +1361,8 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             await committed_file(fs, "x", b"the user's", parent=t)
             await fs.rename(t, "x", t, "b", 0)
             assert await _read(fs, "t/b") == b"the user's"  # (its blocks in the cache, as an upload leaves them on OSS)
+            if case.endswith("saved again meanwhile"):  # (open now: its save then makes no lookup, which looks)
+                held_b = await fs.open(await fs.lookup(t, "b"), os.O_RDWR)
         elif case.startswith("retried,"):  # (trials AL, AM: the next mount took the moved file for the copy)
             await fs.rename(t, "a", t, "b", 0)
             if "a made anew" in case:  # (AM: the logged original's name holds a file again)
@@ -1412,9 +1416,19 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         else:
             for w in fs.rename_logs.watched:
                 w.next_at = 0
+            put_back = fs.commit.put_back
+            if case.endswith("saved again meanwhile"):
+                caplog.set_level(logging.INFO, logger="ossfuse.fs.latecopies")
+
+                async def put_back(key, etag, now_there):  # this mount saves b again, over the copy, first
+                    await fs.write(held_b, 0, b"b saved again")
+                    await fs.flush(held_b)
+                    await fs.release(held_b)
+                    assert await fs.drain() == 0
+                    return await fs.commit.put_back(key, etag, now_there)
             await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks,
                                                   changed=fs.namespace._changed_behind, in_use=fs.namespace._in_use,
-                                                  put_back=fs.commit.put_back)
+                                                  put_back=put_back)
             keys = await _keys(fs)
             if case.startswith("remounted"):  # landed over b: the rename is finished
                 assert keys == {"pre/t/", "pre/t/b"} and await _read(fs, "t/b") == data
@@ -1430,9 +1444,16 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             elif case.startswith("another file"):  # landed over this mount's b: that b is put back over it
                 assert keys == {"pre/t/", "pre/t/a", "pre/t/b"} and await _read(fs, "t/a") == a_now
                 fs.cache.drop("pre/t/b", fs.inodes.by_path["t/b"].version.etag)  # (read from the bucket)
-                assert await _read(fs, "t/b") == b"the user's"
-                assert [r.levelname for r in caplog.records if "landed late" in r.getMessage()] == ["WARNING"]
-                assert any("that version is put back over it" in r.getMessage() for r in caplog.records)
+                landed = [(r.levelname, r.getMessage()) for r in caplog.records if "landed late" in r.getMessage()]
+                if case.endswith("saved again meanwhile"):  # the save took the copy back: one line
+                    assert await _read(fs, "t/b") == b"b saved again"
+                    assert [level for level, _ in landed] == ["WARNING"]
+                    assert landed[0][1].endswith("taken back; this mount's upload of a newer version of the file "
+                                                 "goes there now")
+                else:
+                    assert await _read(fs, "t/b") == b"the user's"
+                    assert [level for level, _ in landed] == ["WARNING"]
+                    assert "that version is put back over it" in landed[0][1]
             else:  # taken back: a stays, b is as this mount left it (removed; moved back to a)
                 assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == a_now
                 if case.startswith("b rewritten"):  # (the user's b went with the landing: said)

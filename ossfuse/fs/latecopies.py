@@ -15,8 +15,9 @@ A file rename whose one copy got no answer and is not at the new name fails, and
 watched the same way (``Namespace._move_file``; after a crash, ``renames._settle_file``): see
 :func:`_look_file` (a copy that lands over the file it replaces finishes the rename instead,
 since that file is gone; one that lands over a version this mount wrote there since is
-replaced by that version, put back from the block cache: ``Commit.put_back``) and :func:`take_back_at` (an upload to the new name, or a directory
-rename above it, meeting the late copy takes it back first).
+replaced by that version, put back from the block cache: ``Commit.put_back``) and
+:func:`take_back_at` (an upload to the new name, or a directory rename above it, meeting the
+late copy takes it back first).
 
 Lock order: :func:`_look` takes the rename's tree locks (``NameLocks.hold``) after its HEADs,
 and sends the deletes under them; nothing else is held across those awaits. :func:`_look_file`'s
@@ -37,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from .. import envelope as env
 from ..aio import run_all
 from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
-from ..store.indoubt import DELETED, WINDOW
+from ..store.indoubt import DELETED, REPLACED_SINCE, WINDOW
 from .copying import delete_version
 from .errors import FsError
 from .locks import NameLocks
@@ -226,7 +227,8 @@ async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: Nam
 
 
 async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key: str, there: ObjectInfo | None,
-                       where: str = "where this mount writes", may_finish: bool = False) -> str | None:
+                       where: str = "where this mount writes", may_finish: bool = False,
+                       uploading: bool = True) -> str | None:
     """When ``there`` (what is at ``key``; None: HEAD it) is the late copy of a failed file
     rename this mount watches (:func:`is_its_copy`), settle it before it is taken for another
     client's version: by an upload to ``key`` (a trial: a new file written where the late copy
@@ -238,7 +240,8 @@ async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key
     finished (:func:`_settle_landed`; returns the original's key), the copy stays. None when
     ``there`` is no such copy, or it could not be settled. No rename locks: the caller holds
     the node lock of ``key``'s file, which any rename onto it waits for, or the tree lock
-    above it; ``where``: for the log line. Raises StoreError."""
+    above it; ``where``: for the log line; ``uploading``: the caller is an upload to ``key``,
+    whose newer version replaces what the copy took the place of. Raises StoreError."""
     for late in logs.watched:
         entry = late.entry
         if not entry.file or key not in late.targets:  # (a file rename's one target)
@@ -250,7 +253,8 @@ async def take_back_at(logs: RenameLogs, store: ObjectStore, naming: Naming, key
         original = await store.head(okey)
         if not is_its_copy(entry, there, original):
             continue
-        outcome = await _settle_landed(late, store, key, there, original, may_finish, where)
+        outcome = await _settle_landed(late, store, key, there, original, may_finish, where,
+                                       uploading=uploading)
         return None if outcome is None else okey if outcome == "finished" else key
     return None
 
@@ -273,7 +277,8 @@ def is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | None
 
 async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, there: ObjectInfo,
                          original: ObjectInfo | None, may_finish: bool, where: str,
-                         in_use: Callable[[str], bool] = lambda path: False, why: str = "") -> str | None:
+                         in_use: Callable[[str], bool] = lambda path: False, why: str = "",
+                         uploading: bool = False) -> str | None:
     """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
     by its ETag) while its original (``original``: what is at its key now) is there, in any
     version (gone, moved by another client say, the copy may be the file's only one: it stays,
@@ -283,7 +288,8 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     open writer, it came back with the writer's close; else the copy stays as the new name's
     file and the original where it is). One line; the target is no
     longer looked for (``why``: why this mount's later version there was not put back instead,
-    for the ERROR line). Returns "back", "finished", "kept", or None when a delete failed
+    for the ERROR line; ``uploading``: an upload of a newer version replaces it next, nothing
+    of the file's is lost, WARNING). Returns "back", "finished", "kept", or None when a delete failed
     (changed since, or the store: logged; looked for again)."""
     entry = late.entry
     [(key, etag)] = entry.objects.items()
@@ -313,6 +319,9 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     elif outcome == "kept":  # (what is there holds the version copied; nothing is deleted)
         log.info("%s is at %r, or what is there holds the version it copied, while its original changed, went or "
                  "is open here since: left as it is", what, target)
+    elif later is not None and later != DELETED and uploading:
+        log.warning("%s landed late %s %r, over the version %s this mount had written there since: taken back; "
+                    "this mount's upload of a newer version of the file goes there now", what, where, target, later)
     elif later is not None and later != DELETED:
         log.error("%s landed late %s %r, over the version %s this mount had written there since: taken back; that "
                   "version is no longer in the bucket (OSS cannot make a copy conditional on what it replaces)%s",
@@ -385,13 +394,19 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
         if over_later:
             assert put_back is not None and later is not None  # (over_later)
             why = await put_back(target, later, there)
-            if why is None:
+            if target not in late.targets:  # settled meanwhile (another look; an upload there took it back)
+                return 0
+            if why is None or why == REPLACED_SINCE:
                 late.targets.discard(target)
                 store.landed_late(target, there.etag)
                 late.note_left()
-                log.warning("the copy the failed rename %s had sent without an answer landed late at %r, over the "
-                            "version %s this mount had written there since: that version is put back over it (from "
-                            "this machine's cache)", entry.named(), target, later)
+                if why is None:
+                    log.warning("the copy the failed rename %s had sent without an answer landed late at %r, over "
+                                "the version %s this mount had written there since: that version is put back over "
+                                "it (from this machine's cache)", entry.named(), target, later)
+                else:
+                    log.info("the copy the failed rename %s had sent without an answer landed late at %r, over the "
+                             "version %s this mount had written there since; %s", entry.named(), target, later, why)
                 return 1
             async with locks.hold(trees=[entry.source, entry.target]):  # not put back: taken back, as before
                 there, original = await store.head(target), await store.head(key)

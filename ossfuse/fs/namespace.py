@@ -1256,7 +1256,8 @@ class Namespace:
             # landed over the file it was to replace, it finishes that rename and moves
             for k in [t for w in self.renames.watched for t in w.targets if t in keys]:
                 gone = await store_request(take_back_at(self.renames, self.store, self.naming, k, None,
-                                                        "in a directory being renamed, at", may_finish=True), k)
+                                                        "in a directory being renamed, at", may_finish=True,
+                                                        uploading=False), k)
                 if gone is not None:
                     keys.pop(gone, None)
             # Every key under the new name must fit OSS's limit: checked before anything is copied
