@@ -26,6 +26,7 @@ from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cach
                        holders, killed_in_a_request, one_line, printable, mounted_device, mounted_filesystem, mounted_type,
                        mount_points_of, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
+                       running_mounts,
                        typed_below_root, users_of, write_registry, check_private_dir, UnsafeDirError)
 
 # The daemon (trio, pyfuse3, the crypto libraries: ~1 s of imports on a loaded machine), and
@@ -632,7 +633,11 @@ def _unmount(mp: str, device: str | None) -> str | None:
             continue
         if users:
             ppid = os.getppid()  # a shell left in the mount is the usual holder: say it is this one
-            who = "; ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "") + f") holds its {what}"
+            # an ossfuse daemon whose bucket or cache dir is inside this mount is named by its mount
+            # (a new-user trial saw only "pid N (python3)")
+            daemons = {r["pid"]: r["mountpoint"] for r in running_mounts()}
+            who = "; ".join(f"pid {p} ({c}" + (_ran_from(p, c, mp) if p == ppid else "")
+                            + (f", the ossfuse daemon of {daemons[p]}" if p in daemons else "") + f") holds its {what}"
                             for p, c, what in held[:5])
             return msg + f" (in use: {who}{f'; and {len(held) - 5} more' if len(held) > 5 else ''})"
         if time.monotonic() >= give_up:

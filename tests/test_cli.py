@@ -553,6 +553,27 @@ def test_busy_umount_names_the_processes_without_fuser(mount):
         sleeper.wait()
 
 
+@pytest.mark.parametrize("store_kind", ["local"])
+def test_busy_umount_names_an_ossfuse_daemon_by_its_mount(mount, tmp_path, cmk_path):
+    """A second mount whose local-directory bucket is inside this mount keeps it busy: the
+    refusal names that daemon by the mount it serves (a new-user trial saw "pid N (python3)
+    holds its open file …/index.sqlite", not which daemon that was)."""
+    inner = Mount(str(tmp_path / "inner"), cmk_path)
+    inner.bucket_dir = mount.path("inner-bucket")
+    inner.write_config()
+    inner.start()
+    try:
+        with open(inner.path("f"), "w") as f:
+            f.write("x")
+        r = ossfuse("umount", mount.mnt)
+        assert r.returncode == 1 and "busy" in r.stderr, r.stderr
+        assert f"pid {inner.pid} (" in r.stderr and f", the ossfuse daemon of {inner.mnt}) holds its" in r.stderr, \
+            r.stderr
+    finally:
+        inner.cleanup()
+    assert os.path.ismount(mount.mnt)
+
+
 def test_umount_from_inside_the_mount_names_only_the_other_holders(mount):
     """`ossfuse umount .` from a shell inside the mount: the command's own working directory
     neither keeps the mount busy nor is named; the shell (here a sleep in the mount) is, and
