@@ -18,7 +18,7 @@ from fakes.core import committed_file, core_filesystem, read_file
 from ossfuse.fs import FsError
 from ossfuse.fs.copying import copy_object
 from ossfuse.store.base import ObjectInfo, StoreError
-from ossfuse.store.indoubt import REPLACED_SINCE, InDoubt
+from ossfuse.store.indoubt import PUT_BACK_ELSEWHERE, REPLACED_SINCE, InDoubt
 
 
 async def _from_bucket(fs, name: str) -> bytes:
@@ -88,8 +88,9 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
         etag = node.version.etag
         assert await read_file(fs, "f") == data  # (all in the cache)
         late = await fs.store.inner.put_bytes("pre/f", b"late", {})
-        assert await fs.put_back("pre/other", etag, late) == \
-            "this mount no longer holds that file (moved, removed, or forgotten by the kernel)"
+        assert await fs.put_back("pre/other", etag, late) == (
+            "this mount no longer holds that file (moved, removed, forgotten by the kernel, or not looked up since this "
+            "mount started)")
         fs.cache.drop("pre/f", etag)  # evicted
         assert await fs.put_back("pre/f", etag, late) == "not every block of it is in this machine's cache"
         await committed_file(fs, "f", b"saved again")  # (over the late object: the mount's own save)
@@ -234,3 +235,69 @@ def test_a_put_back_that_fails_is_tried_again_at_the_next_check_and_a_look_wakes
     assert tries == ["E3"] * 3 and d.due() == []
     failed = [r for r in caplog.records if "putting that version back failed" in r.getMessage()]
     assert [r.levelname for r in failed] == ["ERROR", "DEBUG"]  # said once
+
+
+def test_two_put_backs_of_one_key_at_once_put_it_back_once(tmp_path, cmk_path):
+    """Break trial BT14: a lookup's look for a rename's late copy, the watch's, and the in-doubt
+    check each put the same version back (three PUTs, three WARNING lines). One put-back of a
+    key runs at a time; one that comes meanwhile waits for it and changes nothing."""
+    data = os.urandom(10_000)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", data)
+        etag = node.version.etag
+        assert await read_file(fs, "f") == data
+        late = await fs.store.inner.put_bytes("pre/f", b"late", {})
+        fs.store.delay("put_file", 0.5, key="pre/f")
+        puts = fs.store.counters.calls["put_file"]
+        results = []
+
+        async def put_back():
+            results.append(await fs.put_back("pre/f", etag, late))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put_back)
+            nursery.start_soon(put_back)
+        assert sorted(map(str, results)) == sorted(["None", PUT_BACK_ELSEWHERE])
+        assert fs.store.counters.calls["put_file"] == puts + 1
+        assert await _from_bucket(fs, "f") == data
+        await _stop(fs)
+
+    trio.run(main)
+
+
+def test_a_put_back_waiting_for_an_upload_of_a_newer_version_says_it_replaced_the_late_one(tmp_path, cmk_path):
+    """Break trial BT14: a put-back that waited for the file's upload lock while an fsync
+    uploaded a newer version found that version current after it, and said in an ERROR line
+    that the late object was not repaired ("another version there now"), though the newer
+    upload had replaced it. It says so at INFO now (``REPLACED_SINCE``)."""
+    data = os.urandom(10_000)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await committed_file(fs, "f", data)
+        etag = node.version.etag
+        assert await read_file(fs, "f") == data
+        late = await _lands_late_over(fs, "f")
+        fs.store.delay("put_file", 0.5, key="pre/f", count=1)
+        results = []
+
+        async def save_again():
+            h = await fs.open(node, os.O_RDWR)
+            await fs.write(h, 0, b"newer")
+            await fs.fsync(h)
+            await fs.release(h)
+
+        async def put_back():
+            with trio.fail_after(5):
+                while not fs.commit.upload_running(node):
+                    await trio.sleep(0.01)
+            results.append(await fs.put_back("pre/f", etag, late))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(save_again)
+            nursery.start_soon(put_back)
+        assert results == [REPLACED_SINCE]
+        assert await _from_bucket(fs, "f") == b"newer" + data[5:]
+        await _stop(fs)
+
+    trio.run(main)

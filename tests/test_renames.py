@@ -1295,6 +1295,8 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
                                   "a rewritten as it lands",
                                   "another client's mv a b", "retried, remounted", "b rewritten here, remounted, lands",
                                   "b moved away here, remounted, lands", "a open here as it lands over b",
+                                  "b being written here as it lands over b",
+                                  "another file moved onto b here, lands over b, two looks at once",
                                   "b removed here, remounted, lands", "retried, a made anew, remounted"])
 def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log,
                                                                          caplog):
@@ -1394,6 +1396,9 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
             t = await fs.lookup(fs.get(1), "t")
         elif case == "a open here as it lands over b":
             held = await fs.open(await fs.lookup(t, "a"), os.O_RDWR)
+        elif case == "b being written here as it lands over b":  # (a break trial: the finish deleted a, then
+            held = await fs.open(await fs.lookup(t, "b"), os.O_RDWR)  # the user's upload replaced the copy)
+            await fs.write(held, 0, b"THE USER'S")
         elif case == "another client's mv a b":  # b is a's copy, a is gone: maybe its only copy now
             await fs.store.inner.copy("pre/t/a", "pre/t/b")
             await fs.store.inner.delete("pre/t/a")
@@ -1426,15 +1431,30 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
                     await fs.release(held_b)
                     assert await fs.drain() == 0
                     return await fs.commit.put_back(key, etag, now_there)
-            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks,
-                                                  changed=fs.namespace._changed_behind, in_use=fs.namespace._in_use,
-                                                  put_back=put_back)
+            look = functools.partial(latecopies.look_for_late_copies, fs.rename_logs, fs.store, fs.naming,
+                                     fs.namespace.locks, changed=fs.namespace._changed_behind,
+                                     in_use=fs.namespace._in_use, put_back=put_back)
+            if case.endswith("two looks at once"):  # (a lookup's and the watch's: one put-back, one line)
+                puts = fs.store.counters.calls["put_file"]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(look)
+                    nursery.start_soon(look)
+                assert fs.store.counters.calls["put_file"] == puts + 1
+            else:
+                await look()
             keys = await _keys(fs)
             if case.startswith("remounted"):  # landed over b: the rename is finished
                 assert keys == {"pre/t/", "pre/t/b"} and await _read(fs, "t/b") == data
             elif case == "a open here as it lands over b":  # nothing deleted under an open file
                 assert keys == {"pre/t/", "pre/t/a", "pre/t/b"} and not fs.rename_logs.watched
                 await fs.release(held)
+            elif case == "b being written here as it lands over b":  # taken back: a stays, b is the user's
+                assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data
+                await fs.release(held)
+                assert await fs.drain() == 0
+                assert await _keys(fs) == {"pre/t/", "pre/t/a", "pre/t/b"}
+                assert await _read(fs, "t/b") == b"THE USER'S" + theirs[10:]
+                assert fs.commit.conflicts.count == 0
             elif case.startswith("b removed here, remounted"):  # taken back: a stays, no b
                 assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data
             elif case.startswith("b moved away"):  # taken back: a stays, c is b's

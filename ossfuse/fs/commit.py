@@ -19,7 +19,7 @@ from ..cmk import CmkUnavailable, KeyMissing
 from ..keyring import Keyring
 from ..store.base import ObjectInfo, StoreError, same_etag
 from ..store.health import StoreOffline
-from ..store.indoubt import REPLACED_SINCE
+from ..store.indoubt import PUT_BACK_ELSEWHERE, REPLACED_SINCE
 from ..writeback import journal
 from ..writeback.scheduler import UploadScheduler
 from ..writeback.staging import StagedFile, Staging
@@ -91,6 +91,7 @@ class Commit:
         self.keyring = keyring
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
+        self._putting_back: dict[str, trio.Event] = {}  # key → set when its running put-back ends
         self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
         self.conflicts = Conflicts(uploader.store, naming, uploader,  # foreign edits kept (issue 12)
                                    in_use=lambda path: path in inodes.by_path)
@@ -412,30 +413,44 @@ class Commit:
     async def put_back(self, key: str, etag: str, now_there: ObjectInfo | None) -> str | None:
         """Put this mount's committed version (``key``, ``etag``) back in the bucket, where a
         request in doubt that landed late replaced it with ``now_there`` (None: deleted it;
-        store/indoubt.py ``InDoubt.check_due``): from the block cache, where this mount's
-        upload left the ciphertext (``BlockCache.adopt``) or reads brought it, under the
-        node's upload lock (no node lock is held across the PUT). Returns None once it is back,
+        store/indoubt.py ``InDoubt.check_due``; a rename's late copy, fs/latecopies.py): from
+        the block cache, where this mount's upload left the ciphertext (``BlockCache.adopt``)
+        or reads brought it, under the node's upload lock (no node lock is held across the
+        PUT). One put-back of a key at a time: another one waits for it, then returns
+        ``indoubt.PUT_BACK_ELSEWHERE`` (two looks at once put the same version back twice, each
+        with its WARNING line: a break trial). Returns None once it is back,
         ``indoubt.REPLACED_SINCE`` when the key holds a newer version this mount saved since
         (a HEAD), else why it cannot be: the name holds another version in this mount now
         (saved again, renamed, removed), or this mount no longer holds the version's metadata,
         data key or every block of it. Raises StoreError when a request fails."""
+        running = self._putting_back.get(key)
+        if running is not None:
+            await running.wait()
+            return PUT_BACK_ELSEWHERE
+        done = self._putting_back[key] = trio.Event()
+        try:
+            return await self._put_back(key, etag, now_there)
+        finally:
+            del self._putting_back[key]
+            done.set()
+
+    async def _put_back(self, key: str, etag: str, now_there: ObjectInfo | None) -> str | None:
+        """The body of :meth:`put_back`."""
         path = self.naming.path_of(key)
         node = self.inodes.by_path.get(path) if path is not None else None
         version = node.version if node is not None and not node.unlinked else None
         if node is None:
-            return "this mount no longer holds that file (moved, removed, or forgotten by the kernel)"
+            return "this mount no longer holds that file (moved, removed, forgotten by the kernel, or not looked up " \
+                   "since this mount started)"
         if version is not None and now_there is not None and same_etag(version.etag, now_there.etag):
             return "this mount has since taken the late version for the file's current one"
         if version is None or not same_etag(version.etag, etag):
-            if version is not None and (now := await self.uploader.store.head(key)) is not None \
-                    and same_etag(now.etag, version.etag):
-                return REPLACED_SINCE  # (this mount's newer save went up after the landing)
-            return "this mount has another version there now"
+            return await self._moved_on(key, version)
         if not version.held or version.envelope is None:
             return "this mount no longer holds its metadata and data key"
         async with self._upload_slot(node):
-            if node.version is not version or node.unlinked:
-                return "this mount has another version there now"
+            if node.version is not version or node.unlinked:  # (an upload of a newer one ended meanwhile)
+                return await self._moved_on(key, None if node.unlinked else node.version)
             meta, envelope, replaces = version.metadata, version.envelope, now_there.etag if now_there else None
             if not version.size:
                 info = await self.uploader.store.put_bytes(key, b"", meta)
@@ -459,6 +474,16 @@ class Commit:
                         except FsError as e:
                             log.error("cannot journal the newer version of %r: %s", key, e)
         return None
+
+    async def _moved_on(self, key: str, version: Version | None) -> str:
+        """Why an older version of ``key`` is not put back, ``version`` being this mount's
+        current one: ``indoubt.REPLACED_SINCE`` when the key holds it (a HEAD: its upload went
+        up after the landing, a break trial's fsync 2 ms after it), else that this mount has
+        another version there. Raises StoreError."""
+        if version is not None and (now := await self.uploader.store.head(key)) is not None \
+                and same_etag(now.etag, version.etag):
+            return REPLACED_SINCE
+        return "this mount has another version there now"
 
     def _failed(self, node: Node, key: str, e: Exception, raise_errors: bool) -> bool:
         """One failed upload attempt of ``node`` (object ``key``): counted and logged in one

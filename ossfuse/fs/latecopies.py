@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from .. import envelope as env
 from ..aio import run_all
 from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
-from ..store.indoubt import DELETED, REPLACED_SINCE, WINDOW
+from ..store.indoubt import DELETED, PUT_BACK_ELSEWHERE, REPLACED_SINCE, WINDOW
 from .copying import delete_version
 from .errors import FsError
 from .locks import NameLocks
@@ -282,7 +282,8 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
     by its ETag) while its original (``original``: what is at its key now) is there, in any
     version (gone, moved by another client say, the copy may be the file's only one: it stays,
-    as :func:`take_back` keeps one); or, ``may_finish`` and :func:`_finishes`, finish the
+    as :func:`take_back` keeps one); or, ``may_finish`` and :func:`_finishes` and this mount
+    neither holds the new name open nor changed (else it is taken back), finish the
     rename (delete the original, if it is still the version copied and the same object, and
     this mount holds it neither open nor changed: ``in_use(path)``, trial AL: deleted under an
     open writer, it came back with the writer's close; else the copy stays as the new name's
@@ -296,7 +297,9 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     later = entry.written_after
     outcome = "back"
     try:
-        if may_finish and _finishes(entry):
+        # (the new name open or changed here: the user writes it, and their upload would
+        # replace the copy, the original's only one once the finish deleted it; a break trial)
+        if may_finish and _finishes(entry) and not in_use(entry.target):
             if original is not None and same_etag(original.etag, etag) and same_object(there, original) \
                     and not in_use(entry.source):
                 await delete_version(store, key, etag, head=original)
@@ -394,7 +397,9 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
         if over_later:
             assert put_back is not None and later is not None  # (over_later)
             why = await put_back(target, later, there)
-            if target not in late.targets:  # settled meanwhile (another look; an upload there took it back)
+            # settled meanwhile: by another look or the in-doubt check (whose put-back this one
+            # waited for), or by an upload there that took it back
+            if why == PUT_BACK_ELSEWHERE or target not in late.targets:
                 return 0
             if why is None or why == REPLACED_SINCE:
                 late.targets.discard(target)

@@ -1318,9 +1318,10 @@ class Namespace:
                                        put_back=self.commit.put_back)
 
     def _in_use(self, path: str) -> bool:
-        """Whether this mount holds the file at ``path`` open or changed (not yet uploaded)."""
+        """Whether this mount holds the file at ``path`` open or changed (not yet uploaded, or
+        its upload still running)."""
         node = self.inodes.by_path.get(path)
-        return node is not None and (node.opens > 0 or node.staged is not None)
+        return node is not None and (node.opens > 0 or node.staged is not None or self.commit.upload_running(node))
 
     def _changed_behind(self, path: str) -> None:
         """The object at ``path`` changed behind this mount's view (a late copy finished a

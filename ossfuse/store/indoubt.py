@@ -57,6 +57,9 @@ INTERVAL = 30.0
 # what a put-back returns when this mount's newer save has replaced the late object since
 # (nothing to undo: said at INFO)
 REPLACED_SINCE = "a newer save of this mount has replaced it since"
+# what a put-back returns when another put-back of the key ran meanwhile (it waited for that
+# one, which said what came of it: nothing more to say)
+PUT_BACK_ELSEWHERE = "another put-back of it ran meanwhile"
 
 
 #: the effect of an upload whose ETag is not known (:meth:`InDoubt.sent_before_a_crash`)
@@ -229,8 +232,8 @@ class InDoubt:
         this mount has nothing any more left this mount's own stale object there, and
         ``delete(key, etag)`` removes it (that version only); one found landed over this
         mount's later version is undone by ``put_back(key, later_etag, now_there)``, which
-        puts that version back and returns None, or :data:`REPLACED_SINCE` (INFO), or returns
-        why it cannot (one ERROR line then says what the bucket holds). Returns how many landed
+        puts that version back and returns None, or :data:`REPLACED_SINCE` (INFO), or
+        :data:`PUT_BACK_ELSEWHERE` (nothing said; checked again), or returns why it cannot (one ERROR line then says what the bucket holds). Returns how many landed
         late."""
         landed = 0
         for key in self.due():
@@ -267,6 +270,8 @@ class InDoubt:
             if why is None:
                 log.warning("%r: %s took effect late, over this mount's later version %s; that version is put back "
                             "(from this machine's cache)", key, _what(d), d.later)
+            elif why == PUT_BACK_ELSEWHERE:  # (a late copy's watch: the next check looks again)
+                self._doubts.setdefault(key, []).append(d)
             elif why == REPLACED_SINCE:
                 log.info("%r: %s took effect late, over this mount's later version %s; %s", key, _what(d), d.later,
                          why)
