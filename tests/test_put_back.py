@@ -207,6 +207,29 @@ def test_a_file_the_kernel_forgot_is_looked_up_as_last_known_over_the_late_objec
     trio.run(main)
 
 
+def test_a_file_the_kernel_forgot_and_nobody_looked_up_is_put_back_as_last_known(tmp_path, cmk_path):
+    """The unmount's last check found the late object over a file the kernel had forgotten
+    (another test's drop_caches; memory pressure) and nobody had looked up since: "not
+    repaired: this mount no longer holds that file" (a new-user trial's full suite, twice). The
+    put-back takes the node as last known, as a lookup would (``InodeTable.last_dropped``)."""
+    data = os.urandom(10_000)
+
+    async def main():
+        fs = _fs(tmp_path, cmk_path)
+        node = await _cached_file(fs, "f", data)
+        v3 = node.version
+        node.lookups = 0
+        fs.inodes.maybe_drop(node)  # (the kernel's FORGET)
+        assert "f" not in fs.inodes.by_path
+        late = await _lands_late_over(fs, "f")
+        assert await fs.put_back("pre/f", v3.etag, late) is None
+        assert "f" not in fs.inodes.by_path  # (left as the kernel left it)
+        assert await _from_bucket(fs, "f") == data
+        await _stop(fs)
+
+    trio.run(main)
+
+
 @pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'k': an upload sent before the daemon's crash took effect late, "
                         r"over this mount's later version E3; putting that version back failed: refused; tried again",
                         r"WARNING ossfuse\.store\.indoubt: 'k': .* that version is put back")

@@ -178,14 +178,24 @@ class InodeTable:
                     if len(self._attic) > _ATTIC_MAX:
                         self._attic.popitem(last=False)
 
+    def last_dropped(self, path: str) -> Node | None:
+        """The node last dropped at ``path`` as :meth:`restore` would give it, left where it
+        is (None when it would give none)."""
+        node = self._attic.get(path)
+        if node is None or path in self.by_path or node.ino in self.nodes \
+                or self._dropped.get(path) != (node.ino, stat.S_IFMT(node.mode)):
+            return None
+        return node
+
     def restore(self, path: str) -> Node | None:
         """The node last dropped at ``path``, put back with its number and attributes as last
         known (offline, when the store cannot tell), or None when the path was unlinked, renamed
         or found again since, or the node is no longer kept."""
-        node = self._attic.pop(path, None)
-        if node is None or path in self.by_path or node.ino in self.nodes \
-                or self._dropped.get(path) != (node.ino, stat.S_IFMT(node.mode)):
+        node = self.last_dropped(path)
+        if node is None:
+            self._attic.pop(path, None)
             return None
+        del self._attic[path]
         self._undrop(path)
         self.nodes[node.ino] = node
         self.by_path[path] = node
