@@ -233,8 +233,8 @@ class InDoubt:
         ``delete(key, etag)`` removes it (that version only); one found landed over this
         mount's later version is undone by ``put_back(key, later_etag, now_there)``, which
         puts that version back and returns None, or :data:`REPLACED_SINCE` (INFO), or
-        :data:`PUT_BACK_ELSEWHERE` (nothing said; checked again), or returns why it cannot (one ERROR line then says what the bucket holds). Returns how many landed
-        late."""
+        :data:`PUT_BACK_ELSEWHERE` (nothing said; checked again), or returns why it cannot (one
+        ERROR line then says what the bucket holds). Returns how many landed late."""
         landed = 0
         for key in self.due():
             try:
