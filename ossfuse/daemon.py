@@ -291,6 +291,18 @@ def set_read_ahead(mountpoint: str, kib: int) -> None:
                  e.strerror or e)
 
 
+def _note_unmounted(mountpoint: str) -> None:
+    """Say in this daemon's record that its mount at ``mountpoint`` is gone: its device number
+    is free for the next mount, and a bind mount's ``record_of`` must not find this record by
+    it (``registry.record_of``). A record that cannot be rewritten is left (DEBUG)."""
+    record = read_registry(mountpoint)
+    if record is not None and record.get("pid") == os.getpid():
+        try:
+            write_registry(registry_path(mountpoint), dict(record, unmounted=True))
+        except (OSError, UnsafeDirError) as e:
+            log.debug("cannot note the unmount of %s in its record: %s", mountpoint, e)
+
+
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -699,6 +711,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             # The kernel side is gone (fusermount -u), a signal asked us to stop, or a task failed.
             life.state = "draining"
+            _note_unmounted(mountpoint)
             notify_systemd("STOPPING=1")
             life.close_session()
             # no kernel to tell any more: a conflict copy the drain makes must not notify it

@@ -264,7 +264,8 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
     own if it is of that device; else, for a bind mount of a mount made at another path (or a
     path whose own record is of an earlier or a covered mount), the record of that device's
     mount, found by the device (a running daemon's first; else an unexited one's, whose daemon
-    died, if its mount point still holds that device)."""
+    died, if its mount point still holds that device; never a daemon's that is unmounted and
+    draining: its record says ``unmounted``)."""
     record = read_registry(mountpoint)
     own = (record is not None and not record.get("exited")
            and record.get("device") in (None, device))  # (None: written before devices)
@@ -272,7 +273,10 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
         return record
     # the path's own record is dead or of another mount: a live daemon of this device (the
     # number is reused once a mount is gone) comes first, then the dead record that names it
-    same = [r for r in _records() if not r.get("exited") and r.get("device") == device]
+    # (not a draining daemon's: unmounted, its number is free for the next mount, which may be
+    # this one; a trial's umount of a bind mount waited for another test's draining daemon and
+    # said its outcome, exit 0, though this one's daemon had died)
+    same = [r for r in _records() if not r.get("exited") and not r.get("unmounted") and r.get("device") == device]
     live = next((r for r in same if daemon_alive(r)), None)
     if live is not None or own:
         return live or record

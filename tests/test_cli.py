@@ -847,6 +847,13 @@ def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(t
     assert registry.record_of("/elsewhere", "0:99") is None
     monkeypatch.setattr(registry, "mounted_device", lambda mp, fstype="fuse.ossfuse": "0:99" if mp == "/old" else None)
     assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/old"
+    # a live daemon whose mount is gone (draining; it noted "unmounted") no longer holds that number:
+    # the next mount may have it (a trial's umount of a bind mount whose daemon had died waited
+    # for another test's draining daemon instead and said its outcome, exit 0)
+    monkeypatch.setattr(registry, "mounted_device", lambda mp, fstype="fuse.ossfuse": None)
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump(dict(live, mountpoint="/drained", unmounted=True), f)
+    assert registry.record_of("/elsewhere", "0:99") is None
 
 
 def test_records_of_daemons_that_exited_long_ago_are_pruned_others_stay(tmp_path, monkeypatch):
