@@ -45,13 +45,17 @@ def _private_namespace_refused() -> str | None:
 @pytest.fixture
 def private_namespace() -> None:
     """For the tests that need a mount namespace of their own (a fresh /run, a copy of the
-    mount): skipped with the reason where there is none to be had; under CI (``$CI`` set) a
-    failure instead: CI must prove the first mount after a reboot."""
+    mount): skipped with the reason where there is none to be had (a chroot: setting them up
+    would mount over the machine's own /run); under CI (``$CI`` set) a failure instead: CI
+    must prove the first mount after a reboot."""
     why = _private_namespace_refused()
     if why and "CI" in os.environ:
         pytest.fail(f"CI must run the reboot and namespace tests, but unshare fails: {why}", pytrace=False)
     if why:
-        pytest.skip(f"unshare -m --propagation private fails here (a chroot?): {why}")
+        # (the test would otherwise mount a tmpfs over this machine's own /run, or leave the
+        # copy of a mount in this namespace: what it checks cannot be set up without one)
+        pytest.skip(f"needs a mount namespace of its own, for an empty /run as after a reboot, and this "
+                    f"machine gives none (a chroot, whose / is no mount point): {why}")
 
 
 needs_private_namespace = pytest.mark.usefixtures("private_namespace")

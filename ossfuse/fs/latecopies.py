@@ -375,7 +375,6 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
     [(key, _etag)] = entry.objects.items()
     target = naming.key(entry.target)
     later = entry.written_after
-    why: str | None = None  # why this mount's later version could not be put back over the copy
     try:
         if target not in late.targets:
             return 0
@@ -386,9 +385,9 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                 late.note_left()
             return 0
         async with locks.hold(trees=[entry.source, entry.target]):
-            there, original = await store.head(target), await store.head(key)
-            if there is None or not is_its_copy(entry, there, original):
+            if (landed := await _its_copy_at(entry, store, target, key)) is None:
                 return 0
+            there, original = landed
             # over this mount's later version (its original still there, else the copy stays:
             # _settle_landed): that version goes back over it, below
             over_later = put_back is not None and original is not None and later not in (None, DELETED)
@@ -414,9 +413,9 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                              "version %s this mount had written there since; %s", entry.named(), target, later, why)
                 return 1
             async with locks.hold(trees=[entry.source, entry.target]):  # not put back: taken back, as before
-                there, original = await store.head(target), await store.head(key)
-                if there is None or not is_its_copy(entry, there, original):
+                if (landed := await _its_copy_at(entry, store, target, key)) is None:
                     return 0
+                there, original = landed
                 outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use,
                                                f"; not put back: {why}")
     except (StoreError, FsError) as e:
@@ -426,6 +425,17 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
         changed(entry.source)
         changed(entry.target)
     return 1 if outcome == "back" else 0
+
+
+async def _its_copy_at(entry: RenameLog, store: ObjectStore, target: str,
+                       key: str) -> tuple[ObjectInfo, ObjectInfo | None] | None:
+    """(what is at ``target``, what is at the original's ``key``) when the former is file
+    rename ``entry``'s copy (:func:`is_its_copy`), else None: two HEADs, under the rename's
+    locks. Raises StoreError."""
+    there, original = await store.head(target), await store.head(key)
+    if there is None or not is_its_copy(entry, there, original):
+        return None
+    return there, original
 
 
 def _within(path: str, tree: str) -> bool:
