@@ -225,7 +225,7 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
     try:
         os.stat(mountpoint)
     except OSError as e:
-        if e.errno == errno.ENOTCONN:  # "Transport endpoint is not connected": a dead FUSE mount
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # a dead FUSE mount (ECONNABORTED: it died as we asked)
             log.warning("mount point %s is a stale FUSE mount; unmounting it", mountpoint)
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:

@@ -416,17 +416,19 @@ def daemon_gone(mountpoint: str, record: dict | None = None) -> int | None:
 
 def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
     """Whether a statfs of ``mountpoint`` fails with ENOTCONN (its FUSE daemon is dead: the
-    kernel answers at once) within ``wait`` seconds. A statfs is never answered from the
-    kernel's caches, unlike a stat. It runs in a child process, killed after ``wait``: a
+    kernel answers at once) or ECONNABORTED (it died while the statfs waited: the kernel ends
+    a request pending when the last /dev/fuse fd closes with that, and a killed daemon's main
+    thread reads as dead while its other threads still hold the fd) within ``wait`` seconds.
+    A statfs is never answered from the kernel's caches, unlike a stat. It runs in a child process, killed after ``wait``: a
     stopped daemon never answers, and a thread of ours blocked in that statfs would keep the
     mount busy for the unmount that follows (a killed process lets go of it)."""
     pid = os.fork()
-    if pid == 0:  # the child: exit status 0 ENOTCONN, 1 anything else
+    if pid == 0:  # the child: exit status 0 ENOTCONN or ECONNABORTED, 1 anything else
         try:
             os.statvfs(mountpoint)
             code = 1
         except OSError as e:
-            code = 0 if e.errno == errno.ENOTCONN else 1
+            code = 0 if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) else 1
         os._exit(code)
     deadline = time.monotonic() + wait
     while True:

@@ -1310,3 +1310,29 @@ def test_a_cache_dir_with_work_for_another_bucket_is_refused(tmp_path, cmk_path,
     assert ossfuse("mount", "-c", configs["b"], mnt).returncode == 0  # nothing pending: it may change bucket
     assert os.listdir(mnt) == []
     assert ossfuse("umount", mnt).returncode == 0
+
+
+@pytest.mark.parametrize("store_kind", ["local"])
+def test_a_daemon_killed_while_a_statfs_waits_on_it_reads_as_dead(mount):
+    """A daemon dies while a statfs of its mount waits for it (its main thread reads as dead
+    while its other threads still hold /dev/fuse): the kernel ends that request with
+    ECONNABORTED, not ENOTCONN, and that too says the daemon is gone (it was taken for a live
+    one: a fresh machine's `ossfuse umount` of a bind mount whose daemon had just died said
+    nothing and exited 0)."""
+    import errno
+    import signal
+    import threading
+    from ossfuse.registry import mount_answers_enotconn
+    os.kill(mount.pid, signal.SIGSTOP)  # a stopped daemon leaves the statfs waiting
+    killer = threading.Timer(0.5, os.kill, (mount.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        assert mount_answers_enotconn(mount.mnt, wait=10) is True
+    finally:
+        killer.join()
+    with pytest.raises(OSError) as e:  # and from then on ENOTCONN, at once
+        os.statvfs(mount.mnt)
+    assert e.value.errno == errno.ENOTCONN
+    r = ossfuse("umount", mount.mnt)
+    assert r.returncode == 1 and f"the daemon (pid {mount.pid}) had died" in r.stderr, r.stderr
+    mount.pid = None
