@@ -265,10 +265,17 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
     path whose own record is of an earlier or a covered mount), the record of that device's
     mount, found by the device (a running daemon's first; else an unexited one's, whose daemon
     died, if its mount point still holds that device; never a daemon's that is unmounted and
-    draining: its record says ``unmounted``)."""
+    draining: its record says ``unmounted``). A record of another config than the one
+    mounted at ``mountpoint`` is never this mount's: a daemon stopped (SIGSTOP) after its
+    mount was taken away cannot say ``unmounted``, and its device number is reused."""
     record = read_registry(mountpoint)
-    own = (record is not None and not record.get("exited")
-           and record.get("device") in (None, device))  # (None: written before devices)
+    mounted = mounted_filesystem(mountpoint)
+    source = mounted[1] if mounted is not None and mounted[0] == device else None
+
+    def ours(r: dict) -> bool:  # (None: a record written before devices, or before configs)
+        return (not r.get("exited") and r.get("device") in (None, device)
+                and (source is None or r.get("config") in (None, source)))
+    own = record is not None and ours(record)
     if device is None or (record is not None and own and daemon_alive(record)):
         return record
     # the path's own record is dead or of another mount: a live daemon of this device (the
@@ -276,7 +283,7 @@ def record_of(mountpoint: str, device: str | None) -> dict | None:
     # (not a draining daemon's: unmounted, its number is free for the next mount, which may be
     # this one; a trial's umount of a bind mount waited for another test's draining daemon and
     # said its outcome, exit 0, though this one's daemon had died)
-    same = [r for r in _records() if not r.get("exited") and not r.get("unmounted") and r.get("device") == device]
+    same = [r for r in _records() if ours(r) and not r.get("unmounted") and r.get("device") == device]
     live = next((r for r in same if daemon_alive(r)), None)
     if live is not None or own:
         return live or record

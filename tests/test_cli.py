@@ -854,6 +854,19 @@ def test_a_bind_mount_finds_its_daemons_record_not_a_stale_one_of_a_reused_pid(t
     with open(tmp_path / "c.json", "w") as f:
         json.dump(dict(live, mountpoint="/drained", unmounted=True), f)
     assert registry.record_of("/elsewhere", "0:99") is None
+    # nor one stopped (SIGSTOP) after `umount --timeout` took its mount away: it cannot note
+    # "unmounted", and a record of another config than the one mounted there is not this
+    # mount's (a fresh machine's umount of a bind mount whose daemon had died found a stopped
+    # daemon of another test by the reused number, unmounted, and exited 0 saying nothing)
+    monkeypatch.setattr(registry, "mounted_filesystem",
+                        lambda mp, mountinfo="": ("0:99", "/cfg/bound.toml") if mp == "/bind" else None)
+    with open(tmp_path / "d.json", "w") as f:
+        json.dump(dict(live, mountpoint="/stopped", config="/cfg/stopped.toml"), f)
+    assert registry.record_of("/bind", "0:99") is None
+    assert registry.record_of("/elsewhere", "0:99")["mountpoint"] == "/stopped"  # (no source known there)
+    with open(tmp_path / "e.json", "w") as f:
+        json.dump(dict(live, mountpoint="/bound", config="/cfg/bound.toml"), f)
+    assert registry.record_of("/bind", "0:99")["mountpoint"] == "/bound"
 
 
 def test_records_of_daemons_that_exited_long_ago_are_pruned_others_stay(tmp_path, monkeypatch):
