@@ -770,6 +770,20 @@ class BlockCache:
             self._tag_lists.popitem(last=False)
         return tags
 
+    def check_kept(self, key: str, etag: str, tags: BlockTags) -> None:
+        """Check the blocks of version (key, etag) kept from an earlier mount, as a read of
+        them would (CRC-32, then ``tags``); one that fails is dropped. For a version no read
+        of this mount's has checked yet that is to go back to the bucket whole (a put-back:
+        :meth:`whole_file` takes only checked blocks)."""
+        e = self._entries.get((key, etag))
+        if e is None or e.dropped or e.pending:
+            return
+        for b in range(e.nblocks):
+            if e.present[b] and not e.verified[b]:
+                self._verify(e, b)
+        e.check_under(tags)
+        self._check_cached(e, tags, [b for b in range(e.nblocks) if e.present[b] and not e.authed[b]])
+
     def _verify(self, e: CacheEntry, b: int) -> None:
         """Check a block kept from an earlier mount against its CRC-32; drop it if damaged."""
         e.verified[b] = 1

@@ -27,7 +27,7 @@ from ..writeback.upload import Uploader
 from .conflicts import Conflicts
 from .errors import ErrorsOnce, FsError, NoRoom, errno_of
 from .inodes import InodeTable
-from .model import Node, OpaqueEnvelope, Version, handles_follow, set_local_version
+from .model import Node, OpaqueEnvelope, Version, handles_follow, parse_wrapped, set_local_version
 from .naming import Naming, base_name, parent_of
 from .objmeta import file_metadata, parse_mtime
 from .resolve import Resolver
@@ -92,6 +92,9 @@ class Commit:
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
         self._putting_back: dict[str, trio.Event] = {}  # key → set when its running put-back ends
+        # (key, ETag, size in bytes, user metadata) of each version an upload of this mount's put
+        # in the bucket (set by Filesystem: latecopies.version_written; never blocks, never raises)
+        self.on_uploaded: Callable[[str, str, int, dict[str, str]], None] = lambda key, etag, size, meta: None
         self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
         self.conflicts = Conflicts(uploader.store, naming, uploader,  # foreign edits kept (issue 12)
                                    in_use=lambda path: path in inodes.by_path)
@@ -410,7 +413,8 @@ class Commit:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._upload_locks.pop(node, None)
 
-    async def put_back(self, key: str, etag: str, now_there: ObjectInfo | None) -> str | None:
+    async def put_back(self, key: str, etag: str, now_there: ObjectInfo | None,
+                       known: tuple[int, dict[str, str]] | None = None) -> str | None:
         """Put this mount's committed version (``key``, ``etag``) back in the bucket, where a
         request in doubt that landed late replaced it with ``now_there`` (None: deleted it;
         store/indoubt.py ``InDoubt.check_due``; a rename's late copy, fs/latecopies.py): from
@@ -422,25 +426,31 @@ class Commit:
         ``indoubt.REPLACED_SINCE`` when the key holds a newer version this mount saved since
         (a HEAD), else why it cannot be: the name holds another version in this mount now
         (saved again, renamed, removed), or this mount no longer holds the version's metadata,
-        data key or every block of it. Raises StoreError when a request fails."""
+        data key or every block of it. ``known``: the version's (size in bytes, user metadata)
+        as a rename's log kept them (``latecopies.version_written``), for a file this mount
+        holds no node of (a remount that never looked it up: :meth:`_put_back_unheld`).
+        Raises StoreError when a request fails."""
         running = self._putting_back.get(key)
         if running is not None:
             await running.wait()
             return PUT_BACK_ELSEWHERE
         done = self._putting_back[key] = trio.Event()
         try:
-            return await self._put_back(key, etag, now_there)
+            return await self._put_back(key, etag, now_there, known)
         finally:
             del self._putting_back[key]
             done.set()
 
-    async def _put_back(self, key: str, etag: str, now_there: ObjectInfo | None) -> str | None:
+    async def _put_back(self, key: str, etag: str, now_there: ObjectInfo | None,
+                        known: tuple[int, dict[str, str]] | None) -> str | None:
         """The body of :meth:`put_back`."""
         path = self.naming.path_of(key)
         # (one the kernel forgot: as last known, as a lookup would give it back; a full suite's
         # drop_caches made the unmount's check say "no longer holds that file")
         node = (self.inodes.by_path.get(path) or self.inodes.last_dropped(path)) if path is not None else None
         version = node.version if node is not None and not node.unlinked else None
+        if node is None and known is not None:
+            return await self._put_back_unheld(key, etag, now_there, *known)
         if node is None:
             return "this mount no longer holds that file (moved, removed, forgotten by the kernel, or not looked up " \
                    "since this mount started)"
@@ -453,18 +463,10 @@ class Commit:
         async with self._upload_slot(node):
             if node.version is not version or node.unlinked:  # (an upload of a newer one ended meanwhile)
                 return await self._moved_on(key, None if node.unlinked else node.version)
-            meta, envelope, replaces = version.metadata, version.envelope, now_there.etag if now_there else None
-            if not version.size:
-                info = await self.uploader.store.put_bytes(key, b"", meta)
-            else:
-                with self.cache.whole_file(key, etag, version.size) as cached:
-                    if cached is None:
-                        return "not every block of it is in this machine's cache"
-                    try:
-                        info = await self.uploader.put_back(cached, version.size, key, meta, envelope.data_key,
-                                                            envelope.iv, replaces=replaces)
-                    except OSError as e:  # (the cache file: dropped meanwhile, unreadable)
-                        return f"reading it from this machine's cache failed: {e}"
+            meta, envelope = version.metadata, version.envelope
+            info = await self._put_cached(key, etag, version.size, meta, envelope, now_there)
+            if isinstance(info, str):
+                return info
         if not same_etag(info.etag, etag):  # (the store made another ETag of the same bytes)
             async with node.lock:
                 if node.version is version:
@@ -476,6 +478,54 @@ class Commit:
                         except FsError as e:
                             log.error("cannot journal the newer version of %r: %s", key, e)
         return None
+
+    async def _put_back_unheld(self, key: str, etag: str, now_there: ObjectInfo | None, size: int,
+                               meta: dict[str, str]) -> str | None:
+        """:meth:`_put_back` of a version of a file this mount holds no node of (``size``
+        bytes, user metadata ``meta``, from a rename's log: a remount that never looked the
+        file up; break trial BT14 3 said it lost): its data key from the keyring (the
+        data-key cache holds what this machine wrapped), its ciphertext from the block cache.
+        No upload lock to take, and none needed: a lookup of the name waits for this (its
+        look at the watched name, :meth:`put_back`'s one-at-a-time), and no node means no
+        upload of that name of this mount's."""
+        wrapped = parse_wrapped(meta)
+        if not isinstance(wrapped, env.WrappedEnvelope):  # (a plaintext or corrupt one: never ours)
+            return "its envelope is not in the rename's log"
+        try:
+            envelope = self.keyring.cached_envelope(wrapped)
+            if envelope is None:
+                envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, wrapped, None, False)
+        except (KeyMissing, CmkUnavailable, env.EnvelopeError) as e:
+            return f"its data key cannot be unwrapped ({e})"
+        if size:
+            try:  # its blocks were checked in the mount that wrote it, not in this one
+                tags = await self.cache.tags_for(key, etag, size, meta, envelope.data_key, envelope.iv)
+            except integrity.IntegrityError as e:
+                return f"its integrity tags cannot be read ({e})"
+            if tags is not None:
+                self.cache.check_kept(key, etag, tags)
+        info = await self._put_cached(key, etag, size, meta, envelope, now_there)
+        if isinstance(info, str):
+            return info
+        if not same_etag(info.etag, etag):  # (the store made another ETag of the same bytes)
+            self.cache.rekey(key, etag, key, info.etag)
+        return None
+
+    async def _put_cached(self, key: str, etag: str, size: int, meta: dict[str, str], envelope: env.Envelope,
+                          now_there: ObjectInfo | None) -> ObjectInfo | str:
+        """PUT version (``key``, ``etag``) of ``size`` bytes back with ``meta``, its ciphertext
+        from the block cache (every block checked: ``BlockCache.whole_file``); its result, or
+        why it cannot be. Raises StoreError."""
+        if not size:
+            return await self.uploader.store.put_bytes(key, b"", meta)
+        with self.cache.whole_file(key, etag, size) as cached:
+            if cached is None:
+                return "not every block of it is in this machine's cache"
+            try:
+                return await self.uploader.put_back(cached, size, key, meta, envelope.data_key, envelope.iv,
+                                                    replaces=now_there.etag if now_there else None)
+            except OSError as e:  # (the cache file: dropped meanwhile, unreadable)
+                return f"reading it from this machine's cache failed: {e}"
 
     async def _moved_on(self, key: str, version: Version | None) -> str:
         """Why an older version of ``key`` is not put back, ``version`` being this mount's
@@ -568,6 +618,7 @@ class Commit:
             # a trial's chmod of a file this mount had uploaded in parts was EIO)
             layout = {h: info.metadata[h] for h in (env.H_DATA_SIZE, env.H_PART_SIZE) if h in info.metadata}
             version = Version(info.key, info.etag, st.size, {**meta, **layout}, st.envelope.wrapped, st.envelope)
+            self.on_uploaded(info.key, info.etag, st.size, {**meta, **layout})
             old = node.version
             if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy

@@ -47,9 +47,9 @@ from .renamelog import LATE_FIRST_LOOK, LateCopies, RenameLog, RenameLogs, moved
 
 log = logging.getLogger(__name__)
 
-# put_back(key, etag, now_there) -> None once this mount's version etag is back at key, else why
-# not (Commit.put_back)
-PutBack = Callable[[str, str, ObjectInfo | None], Awaitable[str | None]]
+# put_back(key, etag, now_there, known) -> None once this mount's version etag is back at key,
+# else why not (Commit.put_back; known: the version's (size, metadata) from the rename's log)
+PutBack = Callable[[str, str, ObjectInfo | None, tuple[int, dict[str, str]] | None], Awaitable[str | None]]
 
 SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace.RENAME_PARALLEL)
 LATE_WINDOW = WINDOW  # seconds after it was sent during which OSS may carry a request out (store/indoubt.py)
@@ -351,7 +351,21 @@ def written_now(logs: RenameLogs, key: str, result: str) -> None:
     for late in logs.watched:
         entry = late.entry
         if entry.file and key in late.targets and entry.written_after != result:  # (its one target)
-            entry.written_after = result
+            entry.written_after, entry.written_version = result, None  # (:func:`version_written` follows)
+            late.note_left()
+
+
+def version_written(logs: RenameLogs, key: str, etag: str, size: int, metadata: dict[str, str]) -> None:
+    """This mount's upload of ``key`` ended as version ``etag`` (``size`` bytes, user
+    ``metadata``; ``Commit.on_uploaded``): when that is what a watched file rename's new name
+    holds since its copy was given up on (:func:`written_now` came first, from the store), its
+    line 4 keeps them, so that a later mount that never looks the file up can still put that
+    version back over the late copy (``Commit.put_back``; break trial BT14 3)."""
+    for late in logs.watched:
+        entry = late.entry
+        if entry.file and key in late.targets and entry.written_after is not None \
+                and same_etag(entry.written_after, etag) and entry.written_version != (size, metadata):
+            entry.written_version = (size, metadata)
             late.note_left()
 
 
@@ -395,7 +409,7 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                 outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
         if over_later:
             assert put_back is not None and later is not None  # (over_later)
-            why = await put_back(target, later, there)
+            why = await put_back(target, later, there, entry.written_version)
             # settled meanwhile: by another look or the in-doubt check (whose put-back this one
             # waited for), or by an upload there that took it back
             if why == PUT_BACK_ELSEWHERE or target not in late.targets:

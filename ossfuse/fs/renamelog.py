@@ -93,6 +93,11 @@ class RenameLog:
     # on (an ETag, or "" for a delete; ObjectStore.on_write_after_doubt), noted in line 4 so a
     # later mount knows it too (trial AL: a remount forgot it and finished the rename); None: nothing
     written_after: str | None = None
+    # a file rename's: (size in bytes, user metadata) of that version once its upload ended
+    # (Commit.on_uploaded), in line 4 too: a later mount that never looked the file up puts it
+    # back from the block cache with them (Commit.put_back; break trial BT14 3: an ERROR, the
+    # version lost); None: not known (a delete; written before this field)
+    written_version: tuple[int, dict[str, str]] | None = None
     # a file rename's original was moved by this mount since (RenameLogs.follow): ``objects``
     # and ``source`` say where it is now (line 4's "original" and "source")
     moved: bool = False
@@ -132,6 +137,8 @@ class RenameLog:
             line["key"] = self.copy_key
         if self.written_after is not None:
             line["written"] = self.written_after
+        if self.written_version is not None:
+            line["written_version"] = {"size": self.written_version[0], "metadata": self.written_version[1]}
         if self.moved:
             [(key, etag)] = self.objects.items()
             line.update(original=[key, etag], source=self.source)
@@ -403,11 +410,24 @@ def _apply(entry: RenameLog, rec: dict) -> None:
         entry.replacing = rec.get("replacing", False)
         entry.copy_key = rec.get("key")
         entry.written_after = rec.get("written")
+        entry.written_version = _version_of(rec.get("written_version"))
         if rec.get("original") is not None:
             entry.objects, entry.moved = {rec["original"][0]: rec["original"][1]}, True
             entry.source = rec.get("source", entry.source)
     else:
         raise _Nonsense(f"a line of another shape: {json.dumps(rec)[:80]!r}")
+
+
+def _version_of(doc: object) -> tuple[int, dict[str, str]] | None:
+    """Line 4's ``written_version`` as (size, metadata); None when absent or of another shape
+    (the put-back then says it cannot, as before the field)."""
+    if not isinstance(doc, dict):
+        return None
+    size, meta = doc.get("size"), doc.get("metadata")
+    if not isinstance(size, int) or size < 0 or not isinstance(meta, dict) \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        return None
+    return size, meta
 
 
 def _unlink(path: str) -> None:
