@@ -112,6 +112,40 @@ def test_opens_in_name_order_prepare_the_next_files_each_once(tmp_path, cmk_path
     trio.run(main)
 
 
+def test_files_the_kernel_forgot_after_the_listing_are_still_prepared(tmp_path, cmk_path):
+    """The kernel forgets the listed files' inodes before they are opened (memory pressure;
+    the suite's `drop_caches` under `-n 2`: a `cat` over the OSS test server sent its GETs one
+    at a time, 0.3 s apart, in two tries in a row): the next files are prepared from the
+    nodes as last known (``InodeTable.last_dropped``), as they were before the kernel forgot them."""
+    from fakes.core import core_filesystem, read_file
+    files = {n: os.urandom(3000 + i) for i, n in enumerate(NAMES[:12])}
+
+    async def main():
+        store = await _written(tmp_path, cmk_path, files)
+        fs = core_filesystem(tmp_path / "reader", cmk_path, store=store)
+        unwraps = _counted_unwraps(fs.files.keyring)
+        async with trio.open_nursery() as nursery:
+            await _serving_listed(fs, nursery, files)
+            wrapped = {n: fs.inodes.by_path[n].version.wrapped.wrapped_key for n in files}
+            for n in files:  # the kernel forgets them all
+                node = fs.inodes.by_path[n]
+                fs.forget(node.ino, node.lookups)
+                assert n not in fs.inodes.by_path
+            assert await read_file(fs, "f00") == files["f00"]
+            assert await read_file(fs, "f01") == files["f01"]
+            await _settled(lambda: len(unwraps) == 2 + OPEN_AHEAD)
+            assert sorted(unwraps) == sorted(wrapped[n] for n in NAMES[:2 + OPEN_AHEAD])
+            for n in NAMES[2:12]:
+                assert await read_file(fs, n) == files[n], n
+            await trio.sleep(0.2)
+            assert sorted(unwraps) == sorted(wrapped.values())  # each once
+            nursery.cancel_scope.cancel()
+        fs.close()
+        await store.aclose()
+
+    trio.run(main)
+
+
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.files: cannot open 'pre/f02': object has 2999 bytes, its "
                         r"envelope says 3000")
 def test_a_truncated_file_is_not_prepared_and_its_open_still_fails(tmp_path, cmk_path):
@@ -181,9 +215,11 @@ def test_cat_of_a_listed_directory_fetches_the_next_files_while_it_reads(make_mo
         if max(sum(1 for t in times if t0 <= t < t0 + 0.1) for t0 in times) >= 4:
             break
     else:
-        # Twice no burst: open-ahead did not work. (Once, under the load of a CI run beside a
-        # trial, a cat sent its GETs 0.3 s apart, no burst; the cause is not known: the
-        # pattern's state was not logged. A second cold try tells that from a broken open-ahead.)
+        # Twice no burst: open-ahead did not work. (Under `-n 2`, a cat sent its GETs 0.3 s apart
+        # in both tries, on CI beside a trial and on a fresh Debian 12: most likely another
+        # test's drop_caches, after which the kernel had forgotten the listed files' inodes and
+        # open-ahead looked for live nodes only; it now takes them as last known:
+        # test_files_the_kernel_forgot_after_the_listing_are_still_prepared.)
         raise AssertionError(f"no burst of 4 GETs within 0.1 s in two tries: {tries}")
 
 

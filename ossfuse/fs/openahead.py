@@ -8,7 +8,8 @@ that never read it, two RSA-3072 private-key operations (issue 14: ``cat`` of 50
 The pattern: two opens in a row in one directory, the second's name after the first's (byte
 order, the order of a listing and of ``ls``/glob in the C locale). Then the OPEN_AHEAD names
 that follow in the directory's known child names (``Node.children``, from a complete listing)
-are prepared, each once, if this mount knows their current version: nothing is asked of the
+are prepared, each once, if this mount knows their current version (or, for a file the kernel
+has forgotten since, the one it last knew: ``InodeTable.last_dropped``): nothing is asked of the
 store but the first block's ranged GET, and a HEAD for a version whose metadata is not held
 (slim: made from a row of the attribute cache, ``attrcache``, or slimmed), and nothing is
 logged. A wrong guess costs a GET of at most one block and an unwrap per file, never
@@ -81,6 +82,9 @@ class OpenAhead:
         i = bisect.bisect_right(st.order, max(name, st.ahead))
         for n in st.order[i:bisect.bisect_right(st.order, name) + OPEN_AHEAD]:
             st.ahead = n
-            nxt = self.inodes.by_path.get(join(dir_path, n.decode("utf-8", "surrogateescape")))
+            path = join(dir_path, n.decode("utf-8", "surrogateescape"))
+            # (one the kernel forgot since the listing, under memory pressure: as last known; the
+            # suite's drop_caches left a cat with no file prepared, its GETs one at a time)
+            nxt = self.inodes.by_path.get(path) or self.inodes.last_dropped(path)
             if nxt is not None and stat.S_ISREG(nxt.mode) and nxt.staged is None and nxt.version is not None:
                 self.prepare(nxt.version)
