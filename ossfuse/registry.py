@@ -426,9 +426,10 @@ def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
     kernel answers at once) or ECONNABORTED (it died while the statfs waited: the kernel ends
     a request pending when the last /dev/fuse fd closes with that, and a killed daemon's main
     thread reads as dead while its other threads still hold the fd) within ``wait`` seconds.
-    A statfs is never answered from the kernel's caches, unlike a stat. It runs in a child process, killed after ``wait``: a
-    stopped daemon never answers, and a thread of ours blocked in that statfs would keep the
-    mount busy for the unmount that follows (a killed process lets go of it)."""
+    A statfs is never answered from the kernel's caches, unlike a stat. It runs in a child
+    process, killed after ``wait``: a stopped daemon never answers, and a thread of ours
+    blocked in that statfs would keep the mount busy for the unmount that follows (a killed
+    process lets go of it)."""
     pid = os.fork()
     if pid == 0:  # the child: exit status 0 ENOTCONN or ECONNABORTED, 1 anything else
         try:
