@@ -574,14 +574,17 @@ def test_a_file_rename_a_kill_cuts_off_after_its_copy_is_finished_at_the_next_mo
 
 
 @pytest.mark.expect_log(r"ossfuse\.daemon: left the rename of 'a' to 'b' that an earlier run left unfinished",
-                        r"ossfuse\.daemon: found 1 journaled file", r"ossfuse\.store\.oss: OSS")
+                        r"ossfuse\.daemon: found 1 journaled file", r"ossfuse\.store\.oss: OSS",
+                        r"ossfuse\.daemon: 1 key\(s\) got a later write of this mount after a request to them was "
+                        r"given up without an answer \('b'\)")
 def test_an_empty_files_rename_whose_copy_never_landed_keeps_the_targets_unsaved_changes(tmp_path, cmk_path,
                                                                                         oss_server):
     """Every encrypted empty object has the same ETag on OSS (the MD5 of nothing). A trial
     renamed empty 'a' over empty 'b', whose new contents were closed but not uploaded, killed
     the daemon while the copy failed (it never landed), and the next mount took b's old
     object for a's copy: 'a' deleted, b's contents gone. The wrapped data key tells them
-    apart now: nothing changes."""
+    apart now: nothing changes. (The next mount knows the killed run's copy may still land,
+    over the b it uploads: its unmount says so, as the run that sent it would.)"""
     m = Mount(str(tmp_path / "m"), cmk_path, server=oss_server)
     m.write_config("upload_delay = 0")
     try:

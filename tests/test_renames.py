@@ -1538,3 +1538,88 @@ def test_a_rename_logs_kept_version_of_another_shape_is_not_known(doc, want):
     put-back then says it cannot, as before the field."""
     from ossfuse.fs.renamelog import _version_of
     assert _version_of(doc) == want
+
+
+@pytest.mark.parametrize("case", ["written after the remount", "written after the remount, remounted again",
+                                  "moved onto it after the remount, remounted again", "moved onto it, remounted",
+                                  "chmod after its upload, remounted", "removed after the remount"])
+def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lands(tmp_path, cmk_path, case,
+                                                                                    expect_log, caplog):
+    """Break trial BT15: `mv a b` failed without an answer, the daemon stopped, and a later
+    mount — one that never looked b up, or the one that wrote it — meets the late copy. What
+    that mount, or an earlier one after the failure, did at b counts: a version written, a
+    file moved onto b, a chmod go back over the copy as they were (they were lost: a later
+    mount's writes were not noted, the rename was "finished" and a deleted; an older version
+    was put back over a newer one; a chmod was undone); b removed, the copy is taken back
+    without an ERROR. a stays as it was in every case."""
+    expect_log(r"rename of 't/a' to 't/b' failed: its copy got no answer|the copy the failed rename of 't/a' to "
+               r"'t/b' had sent without an answer landed late")
+    data, theirs, mine = os.urandom(3000), os.urandom(2000), os.urandom(2500)
+
+    def store():
+        s = core_store(tmp_path)
+        s.local_disk = False
+        return s
+
+    async def remount(fs):
+        await _crash(fs)
+        fs = core_filesystem(tmp_path, cmk_path, store())
+        fs.recover()
+        assert await fs.settle_renames() == []
+        assert [w.targets for w in fs.rename_logs.watched] == [{"pre/t/b"}]
+        return fs, await fs.lookup(fs.get(1), "t")
+
+    async def written(fs, t, name, body):  # its blocks in the cache, as an upload leaves them on OSS
+        await committed_file(fs, name, body, parent=t)
+        assert await _read(fs, f"t/{name}") == body
+
+    async def run():
+        fs = core_filesystem(tmp_path, cmk_path, store())
+        t = await fs.mkdir(fs.get(1), "t", 0o755, UID, GID)
+        await committed_file(fs, "a", data, parent=t)
+        await committed_file(fs, "b", theirs, parent=t)
+        await _rename_unanswered(fs, t, "a", t, "b")
+        want_b, want_mode = mine, 0o600  # (committed_file's)
+        if case.startswith("moved onto it, remounted"):
+            await written(fs, t, "c", mine)
+            await fs.rename(t, "c", t, "b", 0)
+        elif case.startswith("chmod"):
+            await fs.unlink(t, "b")
+            await written(fs, t, "b", mine)
+            await fs.setattr(await fs.lookup(t, "b"), mode=stat.S_IFREG | 0o640)
+            want_mode = 0o640
+        fs, t = await remount(fs)
+        if case.startswith("written after"):
+            await fs.unlink(t, "b")
+            await written(fs, t, "b", mine)
+        elif case.startswith("moved onto it after"):
+            await written(fs, t, "c", mine)
+            await fs.lookup(t, "b")  # (the kernel's, before a rename onto it)
+            await fs.rename(t, "c", t, "b", 0)
+        elif case.startswith("removed"):
+            await fs.unlink(t, "b")
+        if case.endswith("remounted again"):
+            fs, t = await remount(fs)
+        await fs.store.inner.copy("pre/t/a", "pre/t/b")  # the copy lands late
+        for w in fs.rename_logs.watched:
+            w.next_at = 0
+        await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks,
+                                              changed=fs.namespace._changed_behind, in_use=fs.namespace._in_use,
+                                              put_back=fs.commit.put_back)
+        assert not any(w.targets for w in fs.rename_logs.watched)
+        landed = [(r.levelname, r.getMessage()) for r in caplog.records if "landed late" in r.getMessage()]
+        assert await _read(fs, "t/a") == data
+        if case.startswith("removed"):
+            assert await _keys(fs) == {"pre/t/", "pre/t/a"}
+            assert [level for level, _ in landed] == ["WARNING"] and "taken back" in landed[0][1], landed
+        else:
+            assert await _keys(fs) == {"pre/t/", "pre/t/a", "pre/t/b"}
+            assert [level for level, _ in landed] == ["WARNING"], landed
+            assert "that version is put back over it" in landed[0][1]
+            b = await fs.lookup(t, "b")
+            fs.cache.drop("pre/t/b", b.version.etag)  # (read from the bucket)
+            assert await _read(fs, "t/b") == want_b
+            assert stat.S_IMODE(b.mode) == want_mode
+        await _crash(fs)
+
+    trio.run(run)

@@ -93,7 +93,6 @@ class Filesystem:
         self.commit.conflicts.late_copy = functools.partial(latecopies.take_back_at, self.rename_logs, store,
                                                             self.naming)
         store.on_write_after_doubt(functools.partial(latecopies.written_now, self.rename_logs))
-        self.commit.on_uploaded = functools.partial(latecopies.version_written, self.rename_logs)
         self.files = Files(self.naming, self.inodes, self.resolver, self.commit, self.scheduler, self.cache,
                            keyring, self.staging, close_waits_for_upload=m.close_waits_for_upload,
                            upload_at_close=store.local_disk and upload_delay == 0)

@@ -92,9 +92,6 @@ class Commit:
         self.staging = staging
         self._upload_locks: dict[Node, trio.Lock] = {}  # one upload per node at a time
         self._putting_back: dict[str, trio.Event] = {}  # key → set when its running put-back ends
-        # (key, ETag, size in bytes, user metadata) of each version an upload of this mount's put
-        # in the bucket (set by Filesystem: latecopies.version_written; never blocks, never raises)
-        self.on_uploaded: Callable[[str, str, int, dict[str, str]], None] = lambda key, etag, size, meta: None
         self._uploads: dict[Node, int] = {}  # node → uploads of it running or waiting to run
         self.conflicts = Conflicts(uploader.store, naming, uploader,  # foreign edits kept (issue 12)
                                    in_use=lambda path: path in inodes.by_path)
@@ -427,7 +424,7 @@ class Commit:
         (a HEAD), else why it cannot be: the name holds another version in this mount now
         (saved again, renamed, removed), or this mount no longer holds the version's metadata,
         data key or every block of it. ``known``: the version's (size in bytes, user metadata)
-        as a rename's log kept them (``latecopies.version_written``), for a file this mount
+        as a rename's log kept them (``latecopies.written_now``), for a file this mount
         holds no node of (a remount that never looked it up: :meth:`_put_back_unheld`).
         Raises StoreError when a request fails."""
         running = self._putting_back.get(key)
@@ -618,7 +615,6 @@ class Commit:
             # a trial's chmod of a file this mount had uploaded in parts was EIO)
             layout = {h: info.metadata[h] for h in (env.H_DATA_SIZE, env.H_PART_SIZE) if h in info.metadata}
             version = Version(info.key, info.etag, st.size, {**meta, **layout}, st.envelope.wrapped, st.envelope)
-            self.on_uploaded(info.key, info.etag, st.size, {**meta, **layout})
             old = node.version
             if node.staged is st and self.metadata(node, st) == meta:
                 set_local_version(node, version)  # open handles read ours, also from a conflict copy

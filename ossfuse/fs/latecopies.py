@@ -342,31 +342,40 @@ def _finishes(entry: RenameLog) -> bool:
     return entry.replacing and entry.written_after is None
 
 
-def written_now(logs: RenameLogs, key: str, result: str) -> None:
-    """This mount just wrote ``key`` (``result``: an ETag, or DELETED) after a write there it
-    gave up on (``ObjectStore.on_write_after_doubt``): a watched file rename whose new name it
-    is notes it in its line 4 at once (the store forgets it with the process; trial AM: a
-    `kill -9` before the next look, and the next mount finished a rename whose new name the
-    user had rewritten or removed)."""
+def written_now(logs: RenameLogs, key: str, result: str, info: ObjectInfo | None = None) -> None:
+    """This mount just wrote ``key`` (``result``: an ETag, or DELETED; ``info``: the object
+    written, None for a delete) after a write there it gave up on
+    (``ObjectStore.on_write_after_doubt``): a watched file rename whose new name it is notes it
+    in its line 4 at once (the store forgets it with the process; trial AM: a `kill -9` before
+    the next look, and the next mount finished a rename whose new name the user had rewritten
+    or removed), with that version's size and user metadata, so that a later mount that never
+    looks the file up can still put it back over the late copy (``Commit.put_back``; break
+    trial BT14 3: an ERROR, the version lost). Every write counts: an upload, a rename onto
+    the name, a chmod's metadata copy (break trial BT15: after a remount, a rename's version
+    was lost and a chmod undone)."""
+    version = (info.size, dict(info.metadata)) if info is not None and result != DELETED else None
     for late in logs.watched:
         entry = late.entry
-        if entry.file and key in late.targets and entry.written_after != result:  # (its one target)
-            entry.written_after, entry.written_version = result, None  # (:func:`version_written` follows)
+        if entry.file and key in late.targets and (entry.written_after, entry.written_version) != (result, version):
+            entry.written_after, entry.written_version = result, version  # (its one target)
             late.note_left()
 
 
-def version_written(logs: RenameLogs, key: str, etag: str, size: int, metadata: dict[str, str]) -> None:
-    """This mount's upload of ``key`` ended as version ``etag`` (``size`` bytes, user
-    ``metadata``; ``Commit.on_uploaded``): when that is what a watched file rename's new name
-    holds since its copy was given up on (:func:`written_now` came first, from the store), its
-    line 4 keeps them, so that a later mount that never looks the file up can still put that
-    version back over the late copy (``Commit.put_back``; break trial BT14 3)."""
-    for late in logs.watched:
-        entry = late.entry
-        if entry.file and key in late.targets and entry.written_after is not None \
-                and same_etag(entry.written_after, etag) and entry.written_version != (size, metadata):
-            entry.written_version = (size, metadata)
-            late.note_left()
+def note_in_doubt(store: ObjectStore, entry: RenameLog, naming: Naming) -> None:
+    """Tell ``store`` that the late copies of ``entry``, watched by this mount after an earlier
+    run gave up on them, may still land until its window ends: as the run that sent them
+    knew, so that this mount's writes to those keys are noted too (:func:`written_now`; break
+    trial BT15: they were not, and a remount's write at a failed rename's new name was lost to
+    the landing, the rename "finished")."""
+    assert entry.undone_until is not None
+    if entry.file:
+        [(_key, etag)] = entry.objects.items()
+        effects = {target: etag for target in entry.late}
+    else:
+        effects = {target: etag for target, (_key, etag) in originals_by_copy(entry, naming).items()
+                   if target in entry.late}
+    for target, etag in effects.items():
+        store.given_up_earlier("CopyObject", target, etag, entry.undone_until)
 
 
 async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,

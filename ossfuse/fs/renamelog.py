@@ -93,8 +93,8 @@ class RenameLog:
     # on (an ETag, or "" for a delete; ObjectStore.on_write_after_doubt), noted in line 4 so a
     # later mount knows it too (trial AL: a remount forgot it and finished the rename); None: nothing
     written_after: str | None = None
-    # a file rename's: (size in bytes, user metadata) of that version once its upload ended
-    # (Commit.on_uploaded), in line 4 too: a later mount that never looked the file up puts it
+    # a file rename's: (size in bytes, user metadata) of that version (latecopies.written_now),
+    # in line 4 too: a later mount that never looked the file up puts it
     # back from the block cache with them (Commit.put_back; break trial BT14 3: an ERROR, the
     # version lost); None: not known (a delete; written before this field)
     written_version: tuple[int, dict[str, str]] | None = None

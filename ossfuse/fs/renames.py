@@ -53,8 +53,8 @@ from ..integrity import is_tag_list
 from ..store.base import NoSuchKey, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, same_etag
 from .copying import delete_version
 from .errors import FsError
-from .latecopies import (SETTLE_PARALLEL, clock_text, last_written, originals_by_copy, put_back_replaced, take_back,
-                         same_object, watch, watch_or_end)
+from .latecopies import (SETTLE_PARALLEL, clock_text, last_written, note_in_doubt, originals_by_copy,
+                         put_back_replaced, same_object, take_back, watch, watch_or_end)
 from .naming import Naming
 from .renamelog import RenameLog, RenameLogs, moved_key
 
@@ -77,6 +77,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
             if entry.undone_until is not None:  # undone already: only its late copies are looked for
                 logs.left.remove(entry)
                 if entry.late and watch(logs, entry, entry.undone_until):
+                    note_in_doubt(store, entry, naming)
                     log.info("still looking for %d copy(ies) the undone rename of %r to %r sent without an answer, "
                              "until %s", len(entry.late), entry.source, entry.target, clock_text(entry.undone_until))
                 else:
@@ -88,6 +89,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                 if entry.late:  # its copy was not found, and may still land: watched, as an undone rename's
                     logs.left.remove(entry)
                     if watch_or_end(logs, entry, store, last_written(entry.path)):
+                        note_in_doubt(store, entry, naming)
                         notice = (f"{notice}; it may still land: looked for until {clock_text(logs.watched[-1].until)}, "
                                   + ("and if it lands over the object there, the rename is finished" if entry.replacing
                                      else "and taken back"))
@@ -107,6 +109,7 @@ async def settle(logs: RenameLogs, store: ObjectStore, naming: Naming, files: Re
                              "is gone)" if kept else ""))
                 logs.left.remove(entry)
                 if watch_or_end(logs, entry, store, last_written(entry.path)):
+                    note_in_doubt(store, entry, naming)
                     notice += (f"; {len(entry.late)} copy(ies) it sent without an answer may still land (e.g. "
                                f"{sorted(entry.late)[0]!r}): looked for until {clock_text(logs.watched[-1].until)}, and "
                                "taken back")

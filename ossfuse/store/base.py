@@ -282,10 +282,19 @@ class ObjectStore(abc.ABC):
         """A write to ``key`` this store gave up on was seen to have landed as version ``etag``
         and was dealt with (store/indoubt.py ``InDoubt.landed``). Nothing here."""
 
-    def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
-        """Call ``fn(key, result)`` (on the trio thread) whenever this store writes ``key`` after
-        a write to it it gave up on that may still land (``result``: what the write left, an
-        ETag or ``indoubt.DELETED``). Nothing here: no write of this store is ever in doubt."""
+    def on_write_after_doubt(self, fn: Callable[[str, str, ObjectInfo | None], None]) -> None:
+        """Call ``fn(key, result, info)`` (on the trio thread) whenever this store writes ``key``
+        after a write to it it gave up on that may still land (``result``: what the write left,
+        an ETag or ``indoubt.DELETED``; ``info``: the object written, with its size and user
+        metadata, or None: a delete, or not known). Nothing here: no write of this store is
+        ever in doubt."""
+
+    def given_up_earlier(self, op: str, key: str, effect: str, until: float) -> None:
+        """Write ``op`` to ``key``, which an earlier run of this mount gave up on (a rename's
+        copy, kept in its log), may still leave ``effect`` (an ETag) there until ``until``
+        (wall-clock seconds): this store's writes to ``key`` are reported to
+        :meth:`on_write_after_doubt` from now on (store/indoubt.py). Nothing here: a request
+        to a store without the notion is done when it returns."""
 
     def __init_subclass__(cls, **kw):
         """Wrap each store operation a subclass defines so that it is counted in ``counters``."""

@@ -23,6 +23,10 @@ rename's late copy there may be a file's only copy: ``fs/latecopies.py`` keeps o
 back). A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
 daemon says so in one WARNING line): nobody watches them after the exit.
 
+A later mount of the same cache dir learns of a rename's copy given up on from the rename's
+log (``fs/latecopies.py``, :meth:`InDoubt.given_up_earlier`), so that its own writes there are
+noted too.
+
 After a crash, the upload of each version recovered from the journal may have been sent by the
 run that died (:meth:`InDoubt.sent_before_a_crash`): its ETag is not known, so its object is
 told by its wrapped data key, and its window starts at the mount. Landed over a later write it
@@ -76,6 +80,7 @@ class _Doubt:
     # an upload of the run before a crash: the wrapped data key of its object (what tells it)
     wrapped: str | None = None
     put_back_failed: bool = False  # landed, and putting this mount's version back failed (said once)
+    earlier: bool = False  # given up on by an earlier run of this mount (InDoubt.given_up_earlier)
 
 
 def _stale_own(d: _Doubt, info: ObjectInfo | None) -> bool:
@@ -88,6 +93,8 @@ def _what(d: _Doubt) -> str:
     """The request in doubt ``d`` as a log line names it."""
     if d.wrapped is not None:
         return f"an {d.op}"
+    if d.earlier:
+        return f"a {d.op} an earlier run of this mount gave up on (no answer)"
     return f"a {d.op} this mount gave up on at {time.strftime('%H:%M:%S', time.localtime(d.given_up_at))} (no answer)"
 
 
@@ -103,15 +110,24 @@ class InDoubt:
         # there): this mount wrote the key after a request in doubt there; kept for the doubt's
         # window even once the doubt is settled (check, landed): what written_since answers
         self._written_after: dict[str, tuple[float, str]] = {}
-        # called (key, what the write left) at each such write, on the trio thread
-        # (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)
-        self.on_written: Callable[[str, str], None] = lambda key, result: None
+        # called (key, what the write left, its ObjectInfo or None) at each such write, on the trio
+        # thread (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)
+        self.on_written: Callable[[str, str, ObjectInfo | None], None] = lambda key, result, info: None
         self._wake = trio.Event()  # set by landed_over: ``watch`` checks at once
 
     def given_up(self, op: str, key: str, effect: str) -> None:
         """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
         leave ``effect`` there (an ETag, or DELETED) within the window."""
         self._doubts.setdefault(key, []).append(_Doubt(op, effect, time.monotonic() + self.window, time.time()))
+
+    def given_up_earlier(self, op: str, key: str, effect: str, until: float) -> None:
+        """Request ``op`` on ``key``, given up on by an earlier run of this mount (a rename's
+        copy: its log, fs/latecopies.py), may still leave ``effect`` there until ``until``
+        (wall-clock seconds): this mount's writes there are noted as after any request in
+        doubt (:meth:`wrote`; break trial BT15: they were not, and a later mount's write at a
+        failed rename's new name was lost to the copy landing over it)."""
+        self._doubts.setdefault(key, []).append(
+            _Doubt(op, effect, time.monotonic() + (until - time.time()), time.time(), earlier=True))
 
     def sent_before_a_crash(self, key: str, wrapped: str) -> None:
         """An upload to ``key`` of the object whose wrapped data key is ``wrapped`` may have
@@ -122,10 +138,11 @@ class InDoubt:
             _Doubt("upload sent before the daemon's crash", _UNKNOWN, time.monotonic() + self.window, time.time(),
                    wrapped=wrapped))
 
-    def wrote(self, key: str, result: str, wrapped: str | None = None) -> None:
+    def wrote(self, key: str, result: str, wrapped: str | None = None, info: ObjectInfo | None = None) -> None:
         """This mount's write to ``key`` succeeded, leaving ``result`` (an ETag, or DELETED;
-        ``wrapped``: the wrapped data key of the object put): a request in doubt that would
-        leave something else is now worth checking."""
+        ``wrapped``: the wrapped data key of the object put; ``info``: the object written, its
+        size and user metadata, when known): a request in doubt that would leave something
+        else is now worth checking."""
         doubts = self._doubts.get(key)
         if not doubts:
             return
@@ -135,7 +152,7 @@ class InDoubt:
             d.later = None if same else result
         if any(d.later is not None for d in doubts):
             self._written_after[key] = (max(d.until for d in doubts), result)
-            self.on_written(key, result)
+            self.on_written(key, result, info)
 
     def landed(self, key: str, etag: str) -> None:
         """A request in doubt that leaves ``etag`` at ``key`` was seen there, and dealt with

@@ -776,6 +776,9 @@ class OssStore(ObjectStore):
     def sent_before_a_crash(self, key: str, wrapped: str) -> None:
         self.in_doubt.sent_before_a_crash(key, wrapped)
 
+    def given_up_earlier(self, op: str, key: str, effect: str, until: float) -> None:
+        self.in_doubt.given_up_earlier(op, key, effect, until)
+
     def vacated(self, key: str) -> None:
         if self.in_doubt.has(key):
             self.in_doubt.wrote(key, DELETED)
@@ -786,7 +789,7 @@ class OssStore(ObjectStore):
     def landed_late(self, key: str, etag: str) -> None:
         self.in_doubt.landed(key, etag)
 
-    def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
+    def on_write_after_doubt(self, fn: Callable[[str, str, ObjectInfo | None], None]) -> None:
         self.in_doubt.on_written = fn
 
     @staticmethod
@@ -1203,8 +1206,9 @@ class OssStore(ObjectStore):
             headers[_FORBID_OVERWRITE] = "true"
         r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY,
                              doubt=lambda: [(key, _md5_etag(data))])
-        self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY))
-        return ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
+        info = ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
+        self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY), info)
+        return info
 
     def _put_file_sync(self, key: str, path: str, headers: dict[str, str]):
         try:
@@ -1245,8 +1249,9 @@ class OssStore(ObjectStore):
             bulk = True  # the attempt reports what is wrong with the file
         size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk,
                                    doubt=lambda: [(key, _md5_etag_of_file(path))])
-        self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY))
-        return ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
+        info = ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
+        self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY), info)
+        return info
 
     # -- multipart --------------------------------------------------------------------------
     def _init_sync(self, key: str, headers: dict[str, str]) -> str:
@@ -1336,8 +1341,12 @@ class OssStore(ObjectStore):
             with self._parts_lock:
                 self._parts.pop(upload_id, None)
                 self._upload_meta.pop(upload_id, None)
-        self.in_doubt.wrote(key, etag, (initiated or {}).get(H_KEY))
-        info = await self.head(key)
+        info = None
+        try:
+            info = await self.head(key)
+        finally:  # (the HEAD failing: the write is still this mount's)
+            self.in_doubt.wrote(key, etag, (initiated or {}).get(H_KEY),
+                                info if info is not None and same_etag(info.etag, etag) else None)
         if info is None:
             raise NoSuchKey("object vanished right after CompleteMultipartUpload", key=key)
         if info.etag == etag:
@@ -1475,8 +1484,9 @@ class OssStore(ObjectStore):
                 if if_match is not None:
                     raise
                 continue
-            self.in_doubt.wrote(dst, r.etag or info.etag)
-            return ObjectInfo(dst, info.size, r.etag or info.etag, _http_time(r.headers) or 0.0, meta)
+            copied = ObjectInfo(dst, info.size, r.etag or info.etag, _http_time(r.headers) or 0.0, meta)
+            self.in_doubt.wrote(dst, copied.etag, None, copied)
+            return copied
         raise StoreError(f"copy source {src!r} kept changing", key=src)
 
     # -- multipart uploads in progress --------------------------------------------------------

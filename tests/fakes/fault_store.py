@@ -160,7 +160,7 @@ class FaultStore(ObjectStore):
         self.checks_replaces = inner.checks_replaces
         self.rules: list[Rule] = []
         self.in_doubt: set[str] = set()  # keys may_still_land says yes for (set by a test)
-        self._on_written: Callable[[str, str], None] = lambda key, result: None
+        self._on_written: Callable[[str, str, ObjectInfo | None], None] = lambda key, result, info: None
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.injected: list[tuple[str, str, tuple[str, ...]]] = []
@@ -184,9 +184,14 @@ class FaultStore(ObjectStore):
     def vacated(self, key: str) -> None:
         self.inner.vacated(key)
 
-    def on_write_after_doubt(self, fn: Callable[[str, str], None]) -> None:
+    def on_write_after_doubt(self, fn: Callable[[str, str, ObjectInfo | None], None]) -> None:
         self._on_written = fn
         self.inner.on_write_after_doubt(fn)
+
+    def given_up_earlier(self, op: str, key: str, effect: str, until: float) -> None:
+        """As the inner store, and ``key`` joins ``in_doubt`` (its writes are reported)."""
+        self.in_doubt.add(key)
+        self.inner.given_up_earlier(op, key, effect, until)
 
     # -- arming -------------------------------------------------------------------------------
     def _arm(self, rule: Rule) -> Rule:
@@ -265,10 +270,10 @@ class FaultStore(ObjectStore):
             raise _make_error(error_rule.error, op, key)
         result = await call()
         if op in _WRITES:  # (the destination: a copy's second key)
-            left = result.etag if isinstance(result, ObjectInfo) else DELETED
+            info = result if isinstance(result, ObjectInfo) else None
             for k in (keys[1:] if op == "copy" else keys):
                 if k in self.in_doubt:  # (a write after a test's unanswered one: as OssStore tells)
-                    self._on_written(k, left)
+                    self._on_written(k, info.etag if info is not None else DELETED, info)
         if error_rule is not None and error_rule.kind == "lose":
             self.injected.append(("lose", op, keys))
             raise _make_error(error_rule.error, op, key)
