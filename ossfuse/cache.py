@@ -49,7 +49,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import fastcrc
@@ -230,7 +230,9 @@ class BlockCache:
     ``min_free`` in bytes."""
 
     def __init__(self, dir: str, store: ObjectStore, block_size: int, *, max_size: int = 10 << 30,
-                 min_free: int = 512 << 20):
+                 min_free: int = 512 << 20, keep: Iterable[tuple[str, str, int]] = ()):
+        """``keep``: versions (key, ETag, size in bytes) whose files stay also without a clean
+        unmount's index (:meth:`_load_index`)."""
         self.dir = os.path.join(dir, "objects")
         self.store = store
         self.block_size = block_size
@@ -264,10 +266,14 @@ class BlockCache:
         self._prefetch_buffers = trio.CapacityLimiter(_PREFETCH_BUFFERS)  # read-ahead chunks in memory
         self._write_failing = False  # the last block write failed (full disk): warned once
         self._write_warned_at = -_WRITE_WARN_EVERY  # (time.monotonic() of that warning)
-        self._load_index()
+        self._load_index(keep)
 
-    def _load_index(self) -> None:
-        """Adopt the entries a clean unmount indexed; delete every other file (see module doc)."""
+    def _load_index(self, versions: Iterable[tuple[str, str, int]]) -> None:
+        """Adopt the entries a clean unmount indexed, and the whole files of ``versions`` (key,
+        ETag, size in bytes) that it did not (a crash: no index; an upload's file whose CRCs
+        were not summed yet) as untrusted until checked against their tags (:meth:`check_kept`:
+        a put-back's only copy of a version a late request replaced in the bucket, break trial
+        BT15); delete every other file (see module doc)."""
         keep = set()
         idx = os.path.join(self.dir, _INDEX)
         try:
@@ -297,12 +303,38 @@ class BlockCache:
                 keep.add(os.path.basename(path))
             except (OSError, ValueError, KeyError, TypeError) as err:
                 log.warning("cache index %s: an entry is unusable, ignored: %s", idx, err)
+        for key, etag, size in versions:
+            had = self._entries.get((key, etag))
+            if size and (had is None or not all(had.present)) and self._adopt_unindexed(key, etag, size):
+                keep.add(os.path.basename(self._path(key, etag)))
         for name in os.listdir(self.dir):
             if name not in keep:
                 os.unlink(os.path.join(self.dir, name))
         if self._entries:
             log.info("cache: %d object version(s), %d bytes kept from the last mount", len(self._entries), self.used)
         self.evict()
+
+    def _adopt_unindexed(self, key: str, etag: str, size: int) -> bool:
+        """Take the file of version (key, etag) of ``size`` bytes as it is, every block present
+        and its CRC-32 summed now: nothing vouches for it but the version's integrity tags,
+        which every read and :meth:`check_kept` check first (``authed`` stays 0). Whether it did."""
+        e = CacheEntry(self, (key, etag), self._path(key, etag), size)
+        try:
+            if os.path.getsize(e.path) < size:
+                return False
+            e.present[:] = b"\1" * e.nblocks
+            crcs = self._block_crcs(e)
+        except OSError:
+            return False
+        old = self._entries.pop((key, etag), None)
+        if old is not None:  # (indexed with blocks missing: the whole file is there now)
+            self._forget_blocks(old)
+        e.present[:] = bytes(e.nblocks)
+        e.crc = crcs
+        self._entries[e.key] = e
+        for b in range(e.nblocks):
+            self._mark_present(e, b)
+        return True
 
     def start(self, nursery: trio.Nursery | Supervisor) -> None:
         """Allow background read-ahead, run in ``nursery`` (without one, read-ahead is off)."""
@@ -770,19 +802,24 @@ class BlockCache:
             self._tag_lists.popitem(last=False)
         return tags
 
-    def check_kept(self, key: str, etag: str, tags: BlockTags) -> None:
+    def check_kept(self, key: str, etag: str, tags: BlockTags) -> int:
         """Check the blocks of version (key, etag) kept from an earlier mount, as a read of
         them would (CRC-32, then ``tags``); one that fails is dropped. For a version no read
         of this mount's has checked yet that is to go back to the bucket whole (a put-back:
-        :meth:`whole_file` takes only checked blocks)."""
+        :meth:`whole_file` takes only checked blocks). Returns how many blocks failed (the
+        caller says so: they cannot be fetched again, the bucket no longer has them)."""
         e = self._entries.get((key, etag))
         if e is None or e.dropped or e.pending:
-            return
+            return 0
+        before = sum(e.present)
         for b in range(e.nblocks):
             if e.present[b] and not e.verified[b]:
-                self._verify(e, b)
+                e.verified[b] = 1
+                if _crc32(os.pread(e.fd, e.block_len(b), b * self.block_size)) != e.crc[b]:
+                    self._unmark(e, b)
         e.check_under(tags)
         self._check_cached(e, tags, [b for b in range(e.nblocks) if e.present[b] and not e.authed[b]])
+        return before - sum(e.present)
 
     def _verify(self, e: CacheEntry, b: int) -> None:
         """Check a block kept from an earlier mount against its CRC-32; drop it if damaged."""

@@ -19,6 +19,7 @@ import trio.testing
 from conftest import oss_client_store
 from fakes.core import GID, UID, committed_file, core_filesystem, core_store, exists, listed_names, read_node
 from ossfuse.fs import FsError
+from ossfuse import cache as cache_mod
 from ossfuse.fs import latecopies, renamelog
 from ossfuse.fs.renamelog import RenameLogs
 from ossfuse.store.base import StoreError
@@ -1542,7 +1543,9 @@ def test_a_rename_logs_kept_version_of_another_shape_is_not_known(doc, want):
 
 @pytest.mark.parametrize("case", ["written after the remount", "written after the remount, remounted again",
                                   "moved onto it after the remount, remounted again", "moved onto it, remounted",
-                                  "chmod after its upload, remounted", "removed after the remount"])
+                                  "chmod after its upload, remounted", "removed after the remount",
+                                  "written, killed (no cache index), remounted",
+                                  "written, killed (no cache index), its cached file damaged, remounted"])
 def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lands(tmp_path, cmk_path, case,
                                                                                     expect_log, caplog):
     """Break trial BT15: `mv a b` failed without an answer, the daemon stopped, and a later
@@ -1554,6 +1557,10 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
     without an ERROR. a stays as it was in every case."""
     expect_log(r"rename of 't/a' to 't/b' failed: its copy got no answer|the copy the failed rename of 't/a' to "
                r"'t/b' had sent without an answer landed late")
+    if "damaged" in case:  # never put back as garbage: taken back, said with why
+        expect_log(r"landed late at 'pre/t/b', over the version \w+ this mount had written there since: taken back; "
+                   r"that version is no longer in the bucket .*; not put back: 1 block\(s\) of it in this machine's "
+                   r"cache are damaged \(they fail their checks\)")
     data, theirs, mine = os.urandom(3000), os.urandom(2000), os.urandom(2500)
 
     def store():
@@ -1561,8 +1568,10 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
         s.local_disk = False
         return s
 
-    async def remount(fs):
+    async def remount(fs, killed=False):
         await _crash(fs)
+        if killed:  # (no clean unmount: the block cache's index was never written)
+            os.unlink(os.path.join(fs.cache.dir, cache_mod._INDEX))
         fs = core_filesystem(tmp_path, cmk_path, store())
         fs.recover()
         assert await fs.settle_renames() == []
@@ -1588,7 +1597,16 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
             await written(fs, t, "b", mine)
             await fs.setattr(await fs.lookup(t, "b"), mode=stat.S_IFREG | 0o640)
             want_mode = 0o640
-        fs, t = await remount(fs)
+        elif case.startswith("written, killed"):
+            await fs.unlink(t, "b")
+            await written(fs, t, "b", mine)
+            if "damaged" in case:  # one byte flipped, its CRC summed anew at the next mount: the tags tell
+                path = fs.cache._path("pre/t/b", fs.inodes.by_path["t/b"].version.etag)
+                with open(path, "r+b") as f:
+                    byte = f.read(1)
+                    f.seek(0)
+                    f.write(bytes([byte[0] ^ 1]))
+        fs, t = await remount(fs, killed="killed" in case)
         if case.startswith("written after"):
             await fs.unlink(t, "b")
             await written(fs, t, "b", mine)
@@ -1612,6 +1630,9 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
         if case.startswith("removed"):
             assert await _keys(fs) == {"pre/t/", "pre/t/a"}
             assert [level for level, _ in landed] == ["WARNING"] and "taken back" in landed[0][1], landed
+        elif "damaged" in case:
+            assert await _keys(fs) == {"pre/t/", "pre/t/a"}
+            assert [level for level, _ in landed] == ["ERROR"], landed
         else:
             assert await _keys(fs) == {"pre/t/", "pre/t/a", "pre/t/b"}
             assert [level for level, _ in landed] == ["WARNING"], landed

@@ -58,8 +58,10 @@ class Filesystem:
         self.keyring = keyring
         m = cfg.mount
         self.naming = Naming(cfg.store.prefix)
+        self.rename_logs = renames.RenameLogs(cfg.cache.dir)
         self.cache = BlockCache(cfg.cache.dir, store, cfg.cache.block_size, max_size=cfg.cache.max_size,
-                                min_free=cfg.cache.min_free)
+                                min_free=cfg.cache.min_free,
+                                keep=latecopies.versions_to_keep(self.rename_logs, self.naming))
         self.staging = Staging(cfg.cache.dir, cfg.store.identity)
         self.uploader = Uploader(store, multipart_threshold=m.multipart_threshold, part_size=m.part_size,
                                  part_workers=m.part_workers, ledger=MultipartLedger(cfg.cache.dir))
@@ -80,7 +82,6 @@ class Filesystem:
                                lambda dir_path: self.scheduler.staged_in(dir_path, parent_of))
         self.inodes = InodeTable(root, self.names, on_move=self.scheduler.moved)
         self.deferred_deletes = DeferredDeletes(cfg.cache.dir, store)
-        self.rename_logs = renames.RenameLogs(cfg.cache.dir)
         self.store_durable = True  # False once the unmount's durability barrier (drain) failed
         self.resolver = Resolver(store, self.naming, self.inodes, self.names, self.defaults,
                                  attr_timeout=m.attr_timeout,

@@ -499,8 +499,8 @@ class Commit:
                 tags = await self.cache.tags_for(key, etag, size, meta, envelope.data_key, envelope.iv)
             except integrity.IntegrityError as e:
                 return f"its integrity tags cannot be read ({e})"
-            if tags is not None:
-                self.cache.check_kept(key, etag, tags)
+            if tags is not None and (damaged := self.cache.check_kept(key, etag, tags)):
+                return f"{damaged} block(s) of it in this machine's cache are damaged (they fail their checks)"
         info = await self._put_cached(key, etag, size, meta, envelope, now_there)
         if isinstance(info, str):
             return info

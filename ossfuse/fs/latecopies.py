@@ -36,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from .. import envelope as env
+from .. import integrity
 from ..aio import run_all
 from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
 from ..store.indoubt import DELETED, PUT_BACK_ELSEWHERE, REPLACED_SINCE, WINDOW
@@ -359,6 +360,26 @@ def written_now(logs: RenameLogs, key: str, result: str, info: ObjectInfo | None
         if entry.file and key in late.targets and (entry.written_after, entry.written_version) != (result, version):
             entry.written_after, entry.written_version = result, version  # (its one target)
             late.note_left()
+
+
+def versions_to_keep(logs: RenameLogs, naming: Naming) -> list[tuple[str, str, int]]:
+    """(key, ETag, size in bytes) of each version the rename logs an earlier run left may put
+    back over a late copy (:func:`written_now`), whose cached file the block cache keeps also
+    without a clean unmount's index (``BlockCache``'s ``keep``; break trial BT15: after a
+    `kill -9`, the cache deleted it, and the version was lost to the landing). Only versions
+    with integrity tags: nothing else vouches for such a file."""
+    out = []
+    for entry in logs.left:
+        if entry.file and entry.written_after not in (None, DELETED) and entry.written_version is not None:
+            size, meta = entry.written_version
+            try:
+                tagged = integrity.parse(meta) is not None
+            except integrity.IntegrityError:
+                tagged = False
+            if tagged:
+                assert entry.written_after is not None  # (checked above)
+                out.append((naming.key(entry.target), entry.written_after, size))
+    return out
 
 
 def note_in_doubt(store: ObjectStore, entry: RenameLog, naming: Naming) -> None:
