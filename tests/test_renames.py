@@ -1545,7 +1545,8 @@ def test_a_rename_logs_kept_version_of_another_shape_is_not_known(doc, want):
                                   "moved onto it after the remount, remounted again", "moved onto it, remounted",
                                   "chmod after its upload, remounted", "removed after the remount",
                                   "written, killed (no cache index), remounted",
-                                  "written, killed (no cache index), its cached file damaged, remounted"])
+                                  "written, killed (no cache index), its cached file damaged, remounted",
+                                  "a symlink made there"])
 def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lands(tmp_path, cmk_path, case,
                                                                                     expect_log, caplog):
     """Break trial BT15: `mv a b` failed without an answer, the daemon stopped, and a later
@@ -1606,7 +1607,11 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
                     byte = f.read(1)
                     f.seek(0)
                     f.write(bytes([byte[0] ^ 1]))
-        fs, t = await remount(fs, killed="killed" in case)
+        elif case == "a symlink made there":
+            await fs.unlink(t, "b")
+            await fs.symlink(t, "b", "/the/target", UID, GID)
+        if case != "a symlink made there":
+            fs, t = await remount(fs, killed="killed" in case)
         if case.startswith("written after"):
             await fs.unlink(t, "b")
             await written(fs, t, "b", mine)
@@ -1637,10 +1642,16 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
             assert await _keys(fs) == {"pre/t/", "pre/t/a", "pre/t/b"}
             assert [level for level, _ in landed] == ["WARNING"], landed
             assert "that version is put back over it" in landed[0][1]
-            b = await fs.lookup(t, "b")
-            fs.cache.drop("pre/t/b", b.version.etag)  # (read from the bucket)
-            assert await _read(fs, "t/b") == want_b
-            assert stat.S_IMODE(b.mode) == want_mode
+            if case == "a symlink made there":
+                await _crash(fs)  # (read from the bucket)
+                fs = core_filesystem(tmp_path, cmk_path, store())
+                b = await fs.lookup(await fs.lookup(fs.get(1), "t"), "b")
+                assert stat.S_ISLNK(b.mode) and await fs.readlink(b) == "/the/target"
+            else:
+                b = await fs.lookup(t, "b")
+                fs.cache.drop("pre/t/b", b.version.etag)  # (read from the bucket)
+                assert await _read(fs, "t/b") == want_b
+                assert stat.S_IMODE(b.mode) == want_mode
         await _crash(fs)
 
     trio.run(run)
