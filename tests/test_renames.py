@@ -1546,7 +1546,7 @@ def test_a_rename_logs_kept_version_of_another_shape_is_not_known(doc, want):
                                   "chmod after its upload, remounted", "removed after the remount",
                                   "written, killed (no cache index), remounted",
                                   "written, killed (no cache index), its cached file damaged, remounted",
-                                  "a symlink made there"])
+                                  "a symlink made there", "written, then another client's version seen there"])
 def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lands(tmp_path, cmk_path, case,
                                                                                     expect_log, caplog):
     """Break trial BT15: `mv a b` failed without an answer, the daemon stopped, and a later
@@ -1558,6 +1558,10 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
     without an ERROR. a stays as it was in every case."""
     expect_log(r"rename of 't/a' to 't/b' failed: its copy got no answer|the copy the failed rename of 't/a' to "
                r"'t/b' had sent without an answer landed late")
+    if "another client" in case:  # theirs is lost to the landing, as OSS's unconditional copy makes it: said
+        expect_log(r"landed late at 'pre/t/b', after another client had written version \w+ there \(seen at "
+                   r"\d\d:\d\d\) over the version \w+ this mount had written: theirs is lost \(OSS cannot make a "
+                   r"copy conditional on what it replaces\); this mount's version is put back over it")
     if "damaged" in case:  # never put back as garbage: taken back, said with why
         expect_log(r"landed late at 'pre/t/b', over the version \w+ this mount had written there since: taken back; "
                    r"that version is no longer in the bucket .*; not put back: 1 block\(s\) of it in this machine's "
@@ -1610,7 +1614,14 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
         elif case == "a symlink made there":
             await fs.unlink(t, "b")
             await fs.symlink(t, "b", "/the/target", UID, GID)
-        if case != "a symlink made there":
+        elif case.startswith("written, then another client's"):
+            await fs.unlink(t, "b")
+            await written(fs, t, "b", mine)
+            await fs.store.inner.put_bytes("pre/t/b", b"another client's", {})
+            for w in fs.rename_logs.watched:
+                w.next_at = 0
+            await latecopies.look_for_late_copies(fs.rename_logs, fs.store, fs.naming, fs.namespace.locks)
+        if case not in ("a symlink made there", "written, then another client's version seen there"):
             fs, t = await remount(fs, killed="killed" in case)
         if case.startswith("written after"):
             await fs.unlink(t, "b")
@@ -1640,8 +1651,8 @@ def test_what_a_later_mount_does_at_a_watched_name_counts_when_the_late_copy_lan
             assert [level for level, _ in landed] == ["ERROR"], landed
         else:
             assert await _keys(fs) == {"pre/t/", "pre/t/a", "pre/t/b"}
-            assert [level for level, _ in landed] == ["WARNING"], landed
-            assert "that version is put back over it" in landed[0][1]
+            assert [level for level, _ in landed] == ["ERROR" if "another client" in case else "WARNING"], landed
+            assert "version is put back over it" in landed[0][1]
             if case == "a symlink made there":
                 await _crash(fs)  # (read from the bucket)
                 fs = core_filesystem(tmp_path, cmk_path, store())

@@ -359,6 +359,7 @@ def written_now(logs: RenameLogs, key: str, result: str, info: ObjectInfo | None
         entry = late.entry
         if entry.file and key in late.targets and (entry.written_after, entry.written_version) != (result, version):
             entry.written_after, entry.written_version = result, version  # (its one target)
+            late.foreign = None  # (what another client wrote before is not under this one)
             late.note_left()
 
 
@@ -422,12 +423,16 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
     try:
         if target not in late.targets:
             return 0
-        if await store.head(target) is None:
+        now = await store.head(target)
+        if now is None:
             if entry.replacing:  # what it was to replace is removed: landing, it is taken back (line
                 # 4: so for a later mount too, trial AL)
                 entry.replacing = False
                 late.note_left()
             return 0
+        if later not in (None, DELETED) and not same_etag(now.etag, later) \
+                and (entry.copy_key is None or now.metadata.get(env.H_KEY) != entry.copy_key):
+            late.foreign = (now.etag, time.time())  # another client's, over ours: said if the copy lands
         async with locks.hold(trees=[entry.source, entry.target]):
             if (landed := await _its_copy_at(entry, store, target, key)) is None:
                 return 0
@@ -439,6 +444,7 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                 outcome = await _settle_landed(late, store, target, there, original, True, "at", in_use)
         if over_later:
             assert put_back is not None and later is not None  # (over_later)
+            foreign = late.foreign  # (the put-back's own PUT is a write after the doubt: written_now)
             why = await put_back(target, later, there, entry.written_version)
             # settled meanwhile: by another look or the in-doubt check (whose put-back this one
             # waited for), or by an upload there that took it back
@@ -448,7 +454,13 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                 late.targets.discard(target)
                 store.landed_late(target, there.etag)
                 late.note_left()
-                if why is None:
+                if why is None and foreign is not None:  # (break trial BT15: said as over ours only)
+                    log.error("the copy the failed rename %s had sent without an answer landed late at %r, after "
+                              "another client had written version %s there (seen at %s) over the version %s this "
+                              "mount had written: theirs is lost (OSS cannot make a copy conditional on what it "
+                              "replaces); this mount's version is put back over it (from this machine's cache)",
+                              entry.named(), target, foreign[0], clock_text(foreign[1]), later)
+                elif why is None:
                     log.warning("the copy the failed rename %s had sent without an answer landed late at %r, over "
                                 "the version %s this mount had written there since: that version is put back over "
                                 "it (from this machine's cache)", entry.named(), target, later)

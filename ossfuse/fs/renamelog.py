@@ -467,6 +467,9 @@ class LateCopies:
     # late copy there is a change from it; None: the user removed that directory since (its
     # marker is not put back after a late copy is taken back)
     over: dict[str, ObjectInfo | None] = field(default_factory=dict)
+    # a file rename's: (ETag, wall clock) of another client's version a look last saw at the
+    # new name over this mount's later one (latecopies._look_file: landing, the copy destroys it)
+    foreign: tuple[str, float] | None = None
 
     def note_left(self) -> None:
         """Line 4 again (``RenameLog.line4``), with what is left to look for and what the watch
