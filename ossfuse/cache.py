@@ -271,7 +271,7 @@ class BlockCache:
     def _load_index(self, versions: Iterable[tuple[str, str, int]]) -> None:
         """Adopt the entries a clean unmount indexed, and the whole files of ``versions`` (key,
         ETag, size in bytes) that it did not (a crash: no index; an upload's file whose CRCs
-        were not summed yet) as untrusted until checked against their tags (:meth:`check_kept`:
+        were not summed yet) as untrusted until checked against their tags (:meth:`check_whole`:
         a put-back's only copy of a version a late request replaced in the bucket, break trial
         BT15); delete every other file (see module doc)."""
         keep = set()
@@ -317,7 +317,7 @@ class BlockCache:
     def _adopt_unindexed(self, key: str, etag: str, size: int) -> bool:
         """Take the file of version (key, etag) of ``size`` bytes as it is, every block present
         and its CRC-32 summed now: nothing vouches for it but the version's integrity tags,
-        which every read and :meth:`check_kept` check first (``authed`` stays 0). Whether it did."""
+        which every read and :meth:`check_whole` check first (``authed`` stays 0). Whether it did."""
         e = CacheEntry(self, (key, etag), self._path(key, etag), size)
         try:
             if os.path.getsize(e.path) < size:
@@ -802,16 +802,18 @@ class BlockCache:
             self._tag_lists.popitem(last=False)
         return tags
 
-    def check_kept(self, key: str, etag: str, tags: BlockTags) -> int:
-        """Check the blocks of version (key, etag) kept from an earlier mount, as a read of
-        them would (CRC-32, then ``tags``); one that fails is dropped. For a version no read
-        of this mount's has checked yet that is to go back to the bucket whole (a put-back:
-        :meth:`whole_file` takes only checked blocks). Returns how many blocks failed (the
-        caller says so: they cannot be fetched again, the bucket no longer has them)."""
+    def check_whole(self, key: str, etag: str, tags: BlockTags) -> int:
+        """Check every cached block of version (key, etag) again, as a read of blocks kept
+        from an earlier mount would (CRC-32, then ``tags``), also those checked before (the
+        file may have changed on disk since); one that fails is dropped. For a version about
+        to go back to the bucket whole (a put-back: :meth:`whole_file` takes only checked
+        blocks). Returns how many blocks failed (the caller says so: they cannot be fetched
+        again, the bucket no longer has them)."""
         e = self._entries.get((key, etag))
         if e is None or e.dropped or e.pending:
             return 0
         before = sum(e.present)
+        e.authed[:] = bytes(e.nblocks)
         for b in range(e.nblocks):
             if e.present[b] and not e.verified[b]:
                 e.verified[b] = 1

@@ -425,9 +425,9 @@ class Commit:
         (a HEAD), else why it cannot be: the name holds another version in this mount now
         (saved again, renamed, removed), or this mount no longer holds the version's metadata,
         data key or every block of it. ``known``: the version's (size in bytes, user metadata)
-        as a rename's log kept them (``latecopies.written_now``), for a file this mount
-        holds no node of (a remount that never looked it up: :meth:`_put_back_unheld`).
-        Raises StoreError when a request fails."""
+        as a rename's log kept them (``latecopies.written_now``), for a file this mount holds
+        no node of, or a slim one (a remount that never looked it up, or listed it:
+        :meth:`_put_back_known`). Raises StoreError when a request fails."""
         running = self._putting_back.get(key)
         if running is not None:
             await running.wait()
@@ -448,7 +448,7 @@ class Commit:
         node = (self.inodes.by_path.get(path) or self.inodes.last_dropped(path)) if path is not None else None
         version = node.version if node is not None and not node.unlinked else None
         if node is None and known is not None:
-            return await self._put_back_unheld(key, etag, now_there, *known)
+            return await self._put_back_known(key, etag, now_there, *known)
         if node is None:
             return "this mount no longer holds that file (moved, removed, forgotten by the kernel, or not looked up " \
                    "since this mount started)"
@@ -457,7 +457,14 @@ class Commit:
         if version is None or not same_etag(version.etag, etag):
             return await self._moved_on(key, version)
         if not version.held or version.envelope is None:
-            return "this mount no longer holds its metadata and data key"
+            if known is None:
+                return "this mount no longer holds its metadata and data key"
+            # a slim version (a listing or lookup after a remount made the node: break trial
+            # BT15b, `ls` before the landing, and the version was lost): as the log kept it
+            async with self._upload_slot(node):
+                if node.version is not version or node.unlinked:
+                    return await self._moved_on(key, None if node.unlinked else node.version)
+                return await self._put_back_known(key, etag, now_there, *known)
         async with self._upload_slot(node):
             if node.version is not version or node.unlinked:  # (an upload of a newer one ended meanwhile)
                 return await self._moved_on(key, None if node.unlinked else node.version)
@@ -483,15 +490,16 @@ class Commit:
                             log.error("cannot journal the newer version of %r: %s", key, e)
         return None
 
-    async def _put_back_unheld(self, key: str, etag: str, now_there: ObjectInfo | None, size: int,
-                               meta: dict[str, str]) -> str | None:
-        """:meth:`_put_back` of a version of a file this mount holds no node of (``size``
+    async def _put_back_known(self, key: str, etag: str, now_there: ObjectInfo | None, size: int,
+                              meta: dict[str, str]) -> str | None:
+        """:meth:`_put_back` of a version whose metadata this mount does not hold (``size``
         bytes, user metadata ``meta``, from a rename's log: a remount that never looked the
-        file up; break trial BT14 3 said it lost): its data key from the keyring (the
-        data-key cache holds what this machine wrapped), its ciphertext from the block cache.
-        No upload lock to take, and none needed: a lookup of the name waits for this (its
-        look at the watched name, :meth:`put_back`'s one-at-a-time), and no node means no
-        upload of that name of this mount's."""
+        file up, break trial BT14 3 said it lost; or one whose node a listing made, slim):
+        its data key from the keyring (the data-key cache holds what this machine wrapped),
+        its ciphertext from the block cache. With no node, no upload lock to take, and none
+        needed: a lookup of the name waits for this (its look at the watched name,
+        :meth:`put_back`'s one-at-a-time), and no node means no upload of that name of this
+        mount's; a caller with a node holds its upload lock."""
         wrapped = parse_wrapped(meta)
         if not isinstance(wrapped, env.WrappedEnvelope):  # (a plaintext or corrupt one: never ours)
             return "its envelope is not in the rename's log"
@@ -501,13 +509,6 @@ class Commit:
                 envelope = await trio.to_thread.run_sync(self.keyring.open_envelope, wrapped, None, False)
         except (KeyMissing, CmkUnavailable, env.EnvelopeError) as e:
             return f"its data key cannot be unwrapped ({e})"
-        if size:
-            try:  # its blocks were checked in the mount that wrote it, not in this one
-                tags = await self.cache.tags_for(key, etag, size, meta, envelope.data_key, envelope.iv)
-            except integrity.IntegrityError as e:
-                return f"its integrity tags cannot be read ({e})"
-            if tags is not None and (damaged := self.cache.check_kept(key, etag, tags)):
-                return f"{damaged} block(s) of it in this machine's cache are damaged (they fail their checks)"
         info = await self._put_cached(key, etag, size, meta, envelope, now_there)
         if isinstance(info, str):
             return info
@@ -518,10 +519,20 @@ class Commit:
     async def _put_cached(self, key: str, etag: str, size: int, meta: dict[str, str], envelope: env.Envelope,
                           now_there: ObjectInfo | None) -> ObjectInfo | str:
         """PUT version (``key``, ``etag``) of ``size`` bytes back with ``meta``, its ciphertext
-        from the block cache (every block checked: ``BlockCache.whole_file``); its result, or
-        why it cannot be. Raises StoreError."""
+        from the block cache, every block checked against its integrity tags right before (also
+        those a read checked earlier: break trial BT15b flipped a byte of the cache file, and
+        the put-back sent it to the bucket; ``BlockCache.check_whole``); its result, or why it
+        cannot be. Raises StoreError."""
         if not size:
             return await self.uploader.store.put_bytes(key, b"", meta)
+        try:
+            tags = await self.cache.tags_for(key, etag, size, meta, envelope.data_key, envelope.iv)
+        except integrity.IntegrityError as e:
+            return f"its integrity tags cannot be read ({e})"
+        if tags is None:  # (every version this mount writes has tags: nothing vouches for these bytes)
+            return "it has no integrity tags to check its cached blocks against"
+        if damaged := self.cache.check_whole(key, etag, tags):
+            return f"{damaged} block(s) of it in this machine's cache are damaged (they fail their checks)"
         with self.cache.whole_file(key, etag, size) as cached:
             if cached is None:
                 return "not every block of it is in this machine's cache"

@@ -354,11 +354,24 @@ def written_now(logs: RenameLogs, key: str, result: str, info: ObjectInfo | None
     trial BT14 3: an ERROR, the version lost). Every write counts: an upload, a rename onto
     the name, a chmod's metadata copy (break trial BT15: after a remount, a rename's version
     was lost and a chmod undone)."""
-    version = (info.size, dict(info.metadata)) if info is not None and result != DELETED else None
+    written = (info.size, dict(info.metadata)) if info is not None and result != DELETED else None
+    etag = result.strip().strip('"').upper()
     for late in logs.watched:
         entry = late.entry
-        if entry.file and key in late.targets and (entry.written_after, entry.written_version) != (result, version):
-            entry.written_after, entry.written_version = result, version  # (its one target)
+        if not (entry.file and key in late.targets):  # (its one target)
+            continue
+        if entry.written_version is not None and entry.written_after:
+            late.versions.setdefault(entry.written_after.strip().strip('"').upper(), entry.written_version)
+        version = written
+        if version is not None and env.H_KEY in version[1]:
+            late.versions[etag] = version
+        elif version is not None:
+            # a copy whose caller knew the source's metadata only in part (a directory rename of
+            # a file it never opened): the same ETag is the same object, as known before (break
+            # trial BT15b: a directory moved away and back lost the version kept)
+            version = late.versions.get(etag)
+        if (entry.written_after, entry.written_version) != (result, version):
+            entry.written_after, entry.written_version = result, version
             late.foreign = None  # (what another client wrote before is not under this one)
             late.note_left()
 

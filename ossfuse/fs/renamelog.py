@@ -470,6 +470,10 @@ class LateCopies:
     # a file rename's: (ETag, wall clock) of another client's version a look last saw at the
     # new name over this mount's later one (latecopies._look_file: landing, the copy destroys it)
     foreign: tuple[str, float] | None = None
+    # a file rename's: ETag (upper case, unquoted) → (size, user metadata) of each version this
+    # mount wrote at the new name (latecopies.written_now: a copy of one of them, e.g. a
+    # directory moved away and back, is known by its ETag)
+    versions: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
 
     def note_left(self) -> None:
         """Line 4 again (``RenameLog.line4``), with what is left to look for and what the watch
