@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from .. import envelope as env
 from .. import integrity
 from ..aio import run_all
-from ..store.base import ObjectInfo, ObjectStore, StoreError, same_etag
+from ..store.base import ObjectInfo, ObjectStore, StoreError, etag_norm, same_etag
 from ..store.indoubt import DELETED, PUT_BACK_ELSEWHERE, REPLACED_SINCE, WINDOW
 from .copying import delete_version
 from .errors import FsError
@@ -355,13 +355,13 @@ def written_now(logs: RenameLogs, key: str, result: str, info: ObjectInfo | None
     the name, a chmod's metadata copy (break trial BT15: after a remount, a rename's version
     was lost and a chmod undone)."""
     written = (info.size, dict(info.metadata)) if info is not None and result != DELETED else None
-    etag = result.strip().strip('"').upper()
+    etag = etag_norm(result)
     for late in logs.watched:
         entry = late.entry
         if not (entry.file and key in late.targets):  # (its one target)
             continue
         if entry.written_version is not None and entry.written_after:
-            late.versions.setdefault(entry.written_after.strip().strip('"').upper(), entry.written_version)
+            late.versions.setdefault(etag_norm(entry.written_after), entry.written_version)
         version = written
         if version is not None and env.H_KEY in version[1]:
             late.versions[etag] = version
@@ -443,7 +443,8 @@ async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks
                 entry.replacing = False
                 late.note_left()
             return 0
-        if later not in (None, DELETED) and not same_etag(now.etag, later) \
+        ours = entry.written_after  # (now: a write of this mount's may have ended during the HEAD)
+        if ours not in (None, DELETED) and not same_etag(now.etag, ours) \
                 and (entry.copy_key is None or now.metadata.get(env.H_KEY) != entry.copy_key):
             late.foreign = (now.etag, time.time())  # another client's, over ours: said if the copy lands
         async with locks.hold(trees=[entry.source, entry.target]):

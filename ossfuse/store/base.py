@@ -99,9 +99,15 @@ class StoreUnavailable(StoreError):
     temporary = True
 
 
+def etag_norm(etag: str) -> str:
+    """An ETag as OSS means it: quotes and letter case do not count (OSS sends upper-case hex
+    in quotes)."""
+    return etag.strip().strip('"').upper()
+
+
 def same_etag(a: str | None, b: str | None) -> bool:
-    """ETags compared as OSS means them: quotes and letter case do not count."""
-    return (a or "").strip().strip('"').upper() == (b or "").strip().strip('"').upper()
+    """ETags compared as OSS means them (:func:`etag_norm`)."""
+    return etag_norm(a or "") == etag_norm(b or "")
 
 
 @dataclass(frozen=True)

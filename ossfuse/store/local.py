@@ -57,7 +57,7 @@ from urllib.parse import urlparse
 import trio
 
 from .base import (AlreadyExists, DestinationChanged, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
-                   PreconditionFailed, StoreError, same_etag)
+                   PreconditionFailed, StoreError, etag_norm, same_etag)
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,6 @@ def _removed_on_failure(tmp: str) -> Iterator[None]:
         except OSError as e:
             log.warning("local store: cannot remove temporary body %s (%s)", tmp, e)
         raise
-
-
-def _etag_norm(etag: str) -> str:
-    """ETags compare without quotes and case, as on OSS."""
-    return etag.strip().strip('"').upper()
 
 
 def _validate_key(key: str) -> None:
@@ -483,7 +478,7 @@ class LocalStore(ObjectStore):
             row = self._row(key)
             if row is None:
                 raise NoSuchKey("no such key", key=key)
-            if if_match is not None and _etag_norm(row[2]) != _etag_norm(if_match):
+            if if_match is not None and etag_norm(row[2]) != etag_norm(if_match):
                 raise PreconditionFailed(f"ETag is {row[2]}, not {if_match}", key=key, code="PreconditionFailed")
             end = min(end, row[1])  # the row's size counts, as OSS cuts a range at the object's end
             try:
@@ -542,7 +537,7 @@ class LocalStore(ObjectStore):
             if if_absent and row:
                 raise AlreadyExists("FileAlreadyExists: the object exists and may not be overwritten", key=key,
                                     code="FileAlreadyExists")
-            if replaces is not None and (row is None or _etag_norm(row[0]) != _etag_norm(replaces)):
+            if replaces is not None and (row is None or etag_norm(row[0]) != etag_norm(replaces)):
                 raise DestinationChanged(f"the object is {'gone' if row is None else f'version {row[0]}'}, "
                                          f"not version {replaces}", key=key, code="DestinationChanged")
         return check
@@ -747,7 +742,7 @@ class LocalStore(ObjectStore):
             row = self._row(src)
             if row is None:
                 raise NoSuchKey("copy source does not exist", key=src)
-            if if_match is not None and _etag_norm(row[2]) != _etag_norm(if_match):
+            if if_match is not None and etag_norm(row[2]) != etag_norm(if_match):
                 raise PreconditionFailed(f"copy source is version {row[2]}, not {if_match}", key=src,
                                          code="PreconditionFailed")
             if self.max_copy_size is not None and row[1] > self.max_copy_size:
@@ -755,7 +750,7 @@ class LocalStore(ObjectStore):
             new_meta = json.loads(row[4]) if meta is None else meta
             _validate_key(dst)
             if dst == src:  # new metadata (chmod, utimens): a new row version over the same body
-                if replaces is not None and _etag_norm(row[2]) != _etag_norm(replaces):
+                if replaces is not None and etag_norm(row[2]) != etag_norm(replaces):
                     raise DestinationChanged(f"the object is version {row[2]}, not {replaces}", key=dst,
                                              code="DestinationChanged")
                 info = self._replace_metadata(src, row[5], row[2], row[1], new_meta)

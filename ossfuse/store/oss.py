@@ -74,7 +74,7 @@ import urllib3
 
 from ..retry import Budget, RetryPolicy, retry_async
 from .base import (AlreadyExists, KeyList, ListPage, MultipartUploads, NoSuchKey, ObjectInfo, ObjectStore,
-                   PreconditionFailed, StoreError, StoreUnavailable, same_etag)
+                   PreconditionFailed, StoreError, StoreUnavailable, etag_norm, same_etag)
 from .credentials import CredentialsError, CredentialsProvider, Oss2CredentialsProvider
 from .health import StoreOffline
 from ..envelope import H_KEY
@@ -364,11 +364,6 @@ def _multipart_etag(part_etags: list[str]) -> str:
     "-N"."""
     joined = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest().upper()}-{len(part_etags)}"
-
-
-def _etag_norm(etag: str) -> str:
-    """ETags compare without quotes and case (OSS sends upper-case hex in quotes)."""
-    return etag.strip().strip('"').upper()
 
 
 def region_from_endpoint(endpoint: str) -> str | None:
@@ -1151,7 +1146,7 @@ class OssStore(ObjectStore):
             info = await self.head(key)
             if info is None:
                 raise NoSuchKey("no such key", key=key)
-            if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
+            if if_match is not None and etag_norm(info.etag) != etag_norm(if_match):
                 raise PreconditionFailed(f"ETag is {info.etag}, not {if_match}", key=key)
             return b""
         return await self._call("GET", key, self._get_range_sync, key, start, end, if_match, bulk=True)
@@ -1459,7 +1454,7 @@ class OssStore(ObjectStore):
                 if h is None:
                     raise NoSuchKey("copy source does not exist", key=src)
                 info, kept = h
-                if if_match is not None and _etag_norm(info.etag) != _etag_norm(if_match):
+                if if_match is not None and etag_norm(info.etag) != etag_norm(if_match):
                     raise PreconditionFailed(f"OSS CopyObject {src!r}: the source is version {info.etag}, "
                                              f"not {if_match}", key=src, code="PreconditionFailed")
             self._check_copy_size(src, info.size)
