@@ -704,7 +704,14 @@ def _status_or_none(sock: str) -> dict | None:
 def cmd_status(args) -> int:
     from . import status
     mp = _mount_point_arg(args.mountpoint)
-    reg = record_of(mp, mounted_device(mp))
+    device = mounted_device(mp)
+    reg = record_of(mp, device)
+    if device is None and reg is not None and not reg.get("exited") and reg.get("device") and reg.get("config") \
+            and (stays := mount_points_of((reg["device"], reg["config"]))):
+        # unmounted here, its daemon serving a bind mount of it elsewhere: not this path's (a
+        # new-user trial: "serving", while what was written there went to the local disk)
+        return _status_down(args, mp, f"{mp} is not mounted; the same filesystem stays mounted at "
+                                      f"{_some_paths(stays)} (a bind mount): ask `ossfuse status` there")
     # a stopped daemon is told apart at once (/proc), not after the socket's 10 s timeout
     stopped = reg is not None and not reg.get("exited") and daemon_alive(reg) and process_stopped(reg["pid"])
     doc = None
@@ -714,14 +721,7 @@ def cmd_status(args) -> int:
         except OSError:
             pass
     if doc is None:
-        if args.prometheus:  # the textfile must say so (ossfuse_up 0), not keep the last answer's 1
-            sys.stdout.write(status.prometheus_down(mp))
-            _die(f"no ossfuse daemon answers for {mp}: reported ossfuse_up 0")
-            return 0
-        reason = _status_down_reason(mp, reg, stopped)
-        if args.json:  # a script reads stdout: it gets a document saying so, not nothing
-            print(json.dumps({"mountpoint": mp, "up": False, "error": reason}, indent=2))
-        return _die(reason)
+        return _status_down(args, mp, _status_down_reason(mp, reg, stopped))
     doc["mountpoint"] = mp
     doc["up"] = True
     if args.prometheus:
@@ -729,6 +729,21 @@ def cmd_status(args) -> int:
     else:
         print(json.dumps(doc, indent=2) if args.json else printable(status.render(doc)))
     return 0
+
+
+def _status_down(args, mp: str, reason: str) -> int:
+    """``ossfuse status`` of ``mp``, which no daemon answers for (``reason``: one line): the
+    reason on stderr, and exit 1; with --json also a document saying so on stdout; with
+    --prometheus ``ossfuse_up 0`` (exit 0: the textfile must say so, not keep the last
+    answer's 1)."""
+    from . import status
+    if args.prometheus:
+        sys.stdout.write(status.prometheus_down(mp))
+        _die(f"no ossfuse daemon answers for {mp}: reported ossfuse_up 0")
+        return 0
+    if args.json:  # a script reads stdout: it gets a document saying so, not nothing
+        print(json.dumps({"mountpoint": mp, "up": False, "error": reason}, indent=2))
+    return _die(reason)
 
 
 def _status_down_reason(mp: str, reg: dict | None, stopped: bool) -> str:

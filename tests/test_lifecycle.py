@@ -828,6 +828,16 @@ def test_umount_of_one_of_two_bind_mounts_leaves_the_other_serving(make_mount, t
         r = subprocess.run(OSSFUSE + ["umount", m.mnt], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and f"is not mounted; the same filesystem stays mounted at {bind}" in r.stderr
         assert pending_seen_at(bind) == 5
+        # and `status` of it says so, not the bind's "serving" (a new-user trial: monitoring saw a
+        # healthy mount while what was written at the path went to the local disk)
+        said = (f"{m.mnt} is not mounted; the same filesystem stays mounted at {bind} (a bind mount): ask "
+                f"`ossfuse status` there")
+        r = subprocess.run(OSSFUSE + ["status", m.mnt], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and r.stderr == f"ossfuse: {said}\n", r.stderr
+        r = subprocess.run(OSSFUSE + ["status", "--json", m.mnt], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and json.loads(r.stdout) == {"mountpoint": m.mnt, "up": False, "error": said}
+        r = subprocess.run(OSSFUSE + ["status", "--prometheus", m.mnt], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and f'ossfuse_up{{mountpoint="{m.mnt}"}} 0' in r.stdout, r.stdout
         # nor may another mount take the path over: its record would hide the bind's daemon
         other = make_mount(name="o", start=False)
         r = subprocess.run(OSSFUSE + ["mount", "-c", other.config, m.mnt], capture_output=True, text=True,
