@@ -219,14 +219,18 @@ def lock_mountpoint(mountpoint: str) -> int:
     return fd
 
 
-def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
+def check_mountpoint(mountpoint: str, nonempty: bool = False) -> str | None:
     """Refuse a missing, busy or (unless ``nonempty``) non-empty mount point; clean a stale
-    one left by a killed daemon. Raises MountError."""
+    one left by a killed daemon, and return a line saying so for the user (logged with
+    start-up's other notices and printed by ``ossfuse mount``; a new-user trial: the only trace
+    of the dead daemon was a line in the log); None when nothing was there. Raises
+    MountError."""
+    notice = None
     try:
         os.stat(mountpoint)
     except OSError as e:
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # a dead FUSE mount (ECONNABORTED: it died as we asked)
-            log.warning("mount point %s is a stale FUSE mount; unmounting it", mountpoint)
+            notice = f"mount point {mountpoint} was the dead mount of an earlier daemon (killed or crashed): unmounted it first"
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:
             raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
@@ -236,8 +240,7 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
         if (reg and not reg.get("exited") and not daemon_alive(reg) and device is not None
                 and reg.get("device") in (None, device)):
             # its daemon is dead (killed) but the kernel still answers stat from its caches
-            log.warning("mount point %s is the mount of a dead ossfuse daemon (pid %d); unmounting it",
-                        mountpoint, reg["pid"])
+            notice = f"mount point {mountpoint} was the mount of a dead ossfuse daemon (pid {reg['pid']}): unmounted it first"
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:
             raise MountError(f"mount point {mountpoint} is busy (something is already mounted there)")
@@ -254,6 +257,7 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
             raise MountError(f"mount point {mountpoint} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}, e.g. "
                              f"{sorted(entries)[0]!r}): the mount would hide them; use an empty directory, "
                              f"or mount over it anyway with -o nonempty")
+    return notice
 
 
 def fuse_options(cfg: Config, extra: list[str]) -> set[str]:
@@ -407,7 +411,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
     inside = cache_dir_in_a_mount(cfg.cache.dir)
     if inside:
         raise MountError(inside)
-    check_mountpoint(mountpoint, nonempty)  # (its reasons first: a daemon still serving a bind mount, ...)
+    stale = check_mountpoint(mountpoint, nonempty)  # (its reasons first: a daemon still serving a bind mount, ...)
     mountpoint_lock = lock_mountpoint(mountpoint)  # another mount checked at the same time: busy
     try:
         lock_fd = lock_cache_dir(cfg.cache.dir)
@@ -442,7 +446,7 @@ def run(cfg: Config, mountpoint: str, options: list[str], readiness: Readiness) 
         store = open_store(cfg, credentials, mounting=True)
         assert store is not None  # (made when missing: create_bucket)
         fs = Filesystem(cfg, store, keyring, uid=os.getuid(), gid=os.getgid())
-        return trio.run(_serve, cfg, fs, mountpoint, options, readiness, errors)
+        return trio.run(_serve, cfg, fs, mountpoint, options, readiness, errors, [stale] if stale else [])
     finally:
         logging.getLogger().removeHandler(errors)
         os.close(lock_fd)
@@ -625,7 +629,9 @@ class _Lifecycle:
 
 
 async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str], readiness: Readiness,
-                 errors: RecentErrors) -> int:
+                 errors: RecentErrors, found: list[str]) -> int:
+    """Serve the mount until unmounted (``run``'s body, in trio); ``found``: lines for the user
+    that the checks before it found (a stale mount cleared), printed with start-up's others."""
     # Never touch the mount point from this thread once mounted: the kernel would wait for
     # this very thread to answer. Paths derived from it are computed now.
     registry, status_socket = registry_path(mountpoint), registry_path(mountpoint, ".sock")
@@ -633,6 +639,7 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     # (a file missing from the folder with only a line in a log file was a trial's finding)
     notices: list[str] = await _wait_for_services(cfg, fs.store, fs.keyring, readiness)
     kms_away = bool(notices)  # (then objects of its CMKs do not open: already said, and no key is wrong)
+    notices = found + notices
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)
     earlier_quarantined = fs.staging.quarantined()

@@ -229,7 +229,8 @@ def test_stale_mount_point_is_cleaned_on_mount(make_mount):
     assert subprocess.run(["/bin/mkdir", "-p", m.mnt], capture_output=True).returncode != 0
     m.start()
     assert open(m.path("f"), "rb").read() == b"before"
-    assert "stale FUSE mount" in m.log()
+    said = f"mount point {m.mnt} was the dead mount of an earlier daemon (killed or crashed): unmounted it first"
+    assert said in m.log() and f"ossfuse: warning: {said}" in m.mount_stderr, m.mount_stderr
 
 
 @pytest.mark.expect_log(r"ossfuse\.daemon:", r"ossfuse\.daemon: mount point")
