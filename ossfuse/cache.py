@@ -816,19 +816,20 @@ class BlockCache:
         e.authed[:] = bytes(e.nblocks)
         for b in range(e.nblocks):
             if e.present[b] and not e.verified[b]:
-                e.verified[b] = 1
-                if _crc32(os.pread(e.fd, e.block_len(b), b * self.block_size)) != e.crc[b]:
-                    self._unmark(e, b)
+                self._verify(e, b, refetched=False)
         e.check_under(tags)
         self._check_cached(e, tags, [b for b in range(e.nblocks) if e.present[b] and not e.authed[b]])
         return before - sum(e.present)
 
-    def _verify(self, e: CacheEntry, b: int) -> None:
-        """Check a block kept from an earlier mount against its CRC-32; drop it if damaged."""
+    def _verify(self, e: CacheEntry, b: int, refetched: bool = True) -> None:
+        """Check a block kept from an earlier mount against its CRC-32; drop it if damaged
+        (``refetched``: a read fetches it again, and one WARNING says so; else the caller
+        says what comes of it: a put-back's block the bucket no longer has)."""
         e.verified[b] = 1
         data = os.pread(e.fd, e.block_len(b), b * self.block_size)
         if _crc32(data) != e.crc[b]:
-            log.warning("cache file of %r is damaged (block %d); fetching it again", e.key[0], b)
+            if refetched:
+                log.warning("cache file of %r is damaged (block %d); fetching it again", e.key[0], b)
             self._unmark(e, b)
 
     async def keep(self, key: str, etag: str, size: int) -> bool:

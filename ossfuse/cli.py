@@ -23,7 +23,7 @@ import sys
 import time
 
 from .registry import (ENV_RUNTIME_DIR, EXIT_PENDING, cache_dir_in_a_mount, cache_dir_user, daemon_alive, daemon_gone, dying,
-                       holders, killed_in_a_request, one_line, printable, mounted_device, mounted_filesystem, mounted_type,
+                       filesystem_of, holders, killed_in_a_request, one_line, printable, mounted_device, mounted_filesystem, mounted_type,
                        mount_points_of, mounts, path_in_mount, process_alive,
                        process_started, process_stopped, read_registry, real_mountpoint, record_of, registry_path, runtime_dir,
                        running_mounts,
@@ -428,8 +428,7 @@ def _umount_and_wait(args, mp: str, unmounted: list) -> int:
             if reg is None or reg.get("exited") or not daemon_alive(reg):
                 return _die(f"{mp} is not mounted" + _why_no_mount_point(mp))
             # unmounted here, but bind-mounted: not ours to stop
-            if stays := mount_points_of((reg["device"], reg["config"]) if reg.get("device") and reg.get("config")
-                                        else None):
+            if stays := mount_points_of(filesystem_of(reg)):
                 return _die(f"{mp} is not mounted; the same filesystem stays mounted at {_some_paths(stays)} (a "
                             f"bind mount): unmount that")
             # unmounted here behind our back (umount(8), fusermount3 -u) while another mount
@@ -706,8 +705,7 @@ def cmd_status(args) -> int:
     mp = _mount_point_arg(args.mountpoint)
     device = mounted_device(mp)
     reg = record_of(mp, device)
-    if device is None and reg is not None and not reg.get("exited") and reg.get("device") and reg.get("config") \
-            and (stays := mount_points_of((reg["device"], reg["config"]))):
+    if device is None and reg is not None and not reg.get("exited") and (stays := mount_points_of(filesystem_of(reg))):
         # unmounted here, its daemon serving a bind mount of it elsewhere: not this path's (a
         # new-user trial: "serving", while what was written there went to the local disk)
         return _status_down(args, mp, f"{mp} is not mounted; the same filesystem stays mounted at "

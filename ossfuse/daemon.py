@@ -47,7 +47,7 @@ from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
 from .rekey import unreadable_sample
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
-from .registry import (UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
+from .registry import (DEAD_MOUNT_ERRNOS, UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
                        cache_dir_in_a_mount, flocked, mounted_device, process_start_ticks, prune_exited_records, read_registry, registry_path,
                        runtime_dir, runtime_dir_too_long, write_registry)
 
@@ -229,7 +229,7 @@ def check_mountpoint(mountpoint: str, nonempty: bool = False) -> str | None:
     try:
         os.stat(mountpoint)
     except OSError as e:
-        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # a dead FUSE mount (ECONNABORTED: it died as we asked)
+        if e.errno in DEAD_MOUNT_ERRNOS:  # a dead FUSE mount
             notice = f"mount point {mountpoint} was the dead mount of an earlier daemon (killed or crashed): unmounted it first"
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False, capture_output=True)
         else:

@@ -331,6 +331,12 @@ def mounted_filesystem(mountpoint: str, mountinfo: str = "/proc/self/mountinfo")
     return found
 
 
+def filesystem_of(record: dict) -> tuple[str, str] | None:
+    """The filesystem (device, source: :func:`mounted_filesystem`) a daemon's registry record
+    says it mounted; None for a record written before devices or configs were noted."""
+    return (record["device"], record["config"]) if record.get("device") and record.get("config") else None
+
+
 def mount_points_of(filesystem: tuple[str, str] | None, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """The mount points in this mount namespace of the ossfuse ``filesystem`` (device, source:
     :func:`mounted_filesystem`), each once."""
@@ -421,6 +427,11 @@ def daemon_gone(mountpoint: str, record: dict | None = None) -> int | None:
     return record["pid"] if record is not None and record.get("pid") else 0
 
 
+#: what an access to the mount of a dead FUSE daemon fails with: ENOTCONN, or ECONNABORTED for
+#: a request that was waiting when the daemon's last /dev/fuse fd closed
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
     """Whether a statfs of ``mountpoint`` fails with ENOTCONN (its FUSE daemon is dead: the
     kernel answers at once) or ECONNABORTED (it died while the statfs waited: the kernel ends
@@ -436,7 +447,7 @@ def mount_answers_enotconn(mountpoint: str, wait: float = 2.0) -> bool:
             os.statvfs(mountpoint)
             code = 1
         except OSError as e:
-            code = 0 if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) else 1
+            code = 0 if e.errno in DEAD_MOUNT_ERRNOS else 1
         os._exit(code)
     deadline = time.monotonic() + wait
     while True:

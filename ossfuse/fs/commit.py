@@ -456,19 +456,19 @@ class Commit:
             return "this mount has since taken the late version for the file's current one"
         if version is None or not same_etag(version.etag, etag):
             return await self._moved_on(key, version)
-        if not version.held or version.envelope is None:
-            if known is None:
-                return "this mount no longer holds its metadata and data key"
-            # a slim version (a listing or lookup after a remount made the node: break trial
-            # BT15b, `ls` before the landing, and the version was lost): as the log kept it
-            async with self._upload_slot(node):
-                if node.version is not version or node.unlinked:
-                    return await self._moved_on(key, None if node.unlinked else node.version)
-                return await self._put_back_known(key, etag, now_there, *known)
+        # a slim version (a listing or lookup after a remount made the node: break trial BT15b,
+        # `ls` before the landing, and the version was lost) goes back as the log kept it
+        slim = not version.held or version.envelope is None
+        if slim and known is None:
+            return "this mount no longer holds its metadata and data key"
         async with self._upload_slot(node):
             if node.version is not version or node.unlinked:  # (an upload of a newer one ended meanwhile)
                 return await self._moved_on(key, None if node.unlinked else node.version)
+            if slim:
+                assert known is not None  # (checked above)
+                return await self._put_back_known(key, etag, now_there, *known)
             meta, envelope = version.metadata, version.envelope
+            assert envelope is not None  # (not slim)
             if stat.S_ISLNK(node.mode) and node.symlink_target is not None:
                 # its body is its target, encrypted: the same bytes again (break trial BT15: a
                 # symlink's object has no blocks in the cache, and it was lost to the landing)

@@ -125,8 +125,10 @@ def watch(logs: RenameLogs, entry: RenameLog, until: float) -> bool:
     logs.leave(entry)  # (this run's: its log file is closed, and stays)
     logs.detach(entry)  # (a file rename's lines leave the shared log)
     entry.undone_until = until
+    known = ({etag_norm(entry.written_after): entry.written_version}
+             if entry.written_after and entry.written_version is not None else {})  # (an earlier run's)
     logs.watched.append(LateCopies(entry, set(entry.late), until, time.time() + LATE_FIRST_LOOK,
-                                   over=dict(entry.late_over)))
+                                   over=dict(entry.late_over), versions=known))
     return True
 
 def clock_text(t: float) -> str:
@@ -360,8 +362,6 @@ def written_now(logs: RenameLogs, key: str, result: str, info: ObjectInfo | None
         entry = late.entry
         if not (entry.file and key in late.targets):  # (its one target)
             continue
-        if entry.written_version is not None and entry.written_after:
-            late.versions.setdefault(etag_norm(entry.written_after), entry.written_version)
         version = written
         if version is not None and env.H_KEY in version[1]:
             late.versions[etag] = version
