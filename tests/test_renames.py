@@ -1297,7 +1297,8 @@ def test_a_late_file_copy_below_a_directory_being_renamed_is_taken_back_not_move
                                   "another client's mv a b", "retried, remounted", "b rewritten here, remounted, lands",
                                   "b rewritten and its blocks dropped here, remounted, lands",
                                   "b moved away here, remounted, lands", "a open here as it lands over b",
-                                  "b being written here as it lands over b",
+                                  "b being written here as it lands over b", "b open to read here as it lands over b",
+                                  "b open for writing here as it lands over b",
                                   "another file moved onto b here, lands over b, two looks at once",
                                   "b removed here, remounted, lands", "retried, a made anew, remounted"])
 def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_path, cmk_path, case, expect_log,
@@ -1405,6 +1406,10 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
         elif case == "b being written here as it lands over b":  # (a break trial: the finish deleted a, then
             held = await fs.open(await fs.lookup(t, "b"), os.O_RDWR)  # the user's upload replaced the copy)
             await fs.write(held, 0, b"THE USER'S")
+        elif case == "b open to read here as it lands over b":  # (BT15b M1: taken back, b was at neither name)
+            held = await fs.open(await fs.lookup(t, "b"), os.O_RDONLY)
+        elif case == "b open for writing here as it lands over b":  # nothing written yet: its close may still
+            held = await fs.open(await fs.lookup(t, "b"), os.O_WRONLY)  # write, and its upload replace the copy
         elif case == "another client's mv a b":  # b is a's copy, a is gone: maybe its only copy now
             await fs.store.inner.copy("pre/t/a", "pre/t/b")
             await fs.store.inner.delete("pre/t/a")
@@ -1453,6 +1458,13 @@ def test_a_watched_late_file_copy_follows_what_this_mount_does_meanwhile(tmp_pat
                 assert keys == {"pre/t/", "pre/t/b"} and await _read(fs, "t/b") == data
             elif case == "a open here as it lands over b":  # nothing deleted under an open file
                 assert keys == {"pre/t/", "pre/t/a", "pre/t/b"} and not fs.rename_logs.watched
+                await fs.release(held)
+            elif case == "b open to read here as it lands over b":  # a reader uploads nothing: finished
+                assert keys == {"pre/t/", "pre/t/b"} and not fs.rename_logs.watched
+                await fs.release(held)
+                assert await _read(fs, "t/b") == data
+            elif case == "b open for writing here as it lands over b":  # taken back: a stays
+                assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data
                 await fs.release(held)
             elif case == "b being written here as it lands over b":  # taken back: a stays, b is the user's
                 assert keys == {"pre/t/", "pre/t/a"} and await _read(fs, "t/a") == data

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # put_back(key, etag, now_there, known) -> None once this mount's version etag is back at key,
 # else why not (Commit.put_back; known: the version's (size, metadata) from the rename's log)
 PutBack = Callable[[str, str, ObjectInfo | None, tuple[int, dict[str, str]] | None], Awaitable[str | None]]
+# in_use(path, writing): whether this mount holds the file at path changed (not yet uploaded, or
+# its upload running) or open (with ``writing``: open for writing; a reader uploads nothing)
+InUse = Callable[[str, bool], bool]
 
 SETTLE_PARALLEL = 16  # objects settled at once (as a rename's copies: namespace.RENAME_PARALLEL)
 LATE_WINDOW = WINDOW  # seconds after it was sent during which OSS may carry a request out (store/indoubt.py)
@@ -137,7 +140,7 @@ def clock_text(t: float) -> str:
 
 async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Naming, locks: NameLocks,
                                near: str | None = None, changed: Callable[[str], None] = lambda path: None,
-                               in_use: Callable[[str], bool] = lambda path: False,
+                               in_use: InUse = lambda path, writing: False,
                                put_back: PutBack | None = None) -> int:
     """One look for the late copies of the watched renames (:class:`LateCopies`) that are due,
     or, with ``near`` (a path a lookup or listing is about), of those whose target is at, above
@@ -146,8 +149,9 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
     *into* it: trial AE). See :func:`_look`.
     A rename whose window ended (or whose copies all landed) ends its log. ``changed(path)``:
     called for both paths of a file rename a late copy finished (the mount's view of them is
-    out of date); ``in_use(path)``: whether this mount holds the file at ``path`` open or
-    changed (a late copy does not finish a rename by deleting it); ``put_back(key, etag,
+    out of date); ``in_use(path, writing)`` (:data:`InUse`): whether this mount holds the file
+    at ``path`` changed or open (a late copy does not finish a rename by deleting it, nor over
+    a file open for writing, whose upload would replace the copy); ``put_back(key, etag,
     now_there)``: puts this mount's version ``etag`` of ``key`` back over ``now_there`` and
     returns None, or returns why it cannot (``Commit.put_back``): a file rename's copy that
     landed over a version this mount wrote there since is replaced by it (:func:`_look_file`).
@@ -172,7 +176,7 @@ async def look_for_late_copies(logs: RenameLogs, store: ObjectStore, naming: Nam
 
 
 async def _look(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
-                changed: Callable[[str], None], in_use: Callable[[str], bool], put_back: PutBack | None) -> int:
+                changed: Callable[[str], None], in_use: InUse, put_back: PutBack | None) -> int:
     """A HEAD of each of ``late``'s targets; those that landed are taken back when they are
     their original's copies (:func:`take_back`, which needs the same object: a directory or
     empty file made there since is not one), under the rename's tree locks (no rename of those
@@ -280,15 +284,15 @@ def is_its_copy(entry: RenameLog, there: ObjectInfo, original: ObjectInfo | None
 
 async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, there: ObjectInfo,
                          original: ObjectInfo | None, may_finish: bool, where: str,
-                         in_use: Callable[[str], bool] = lambda path: False, why: str = "",
+                         in_use: InUse = lambda path, writing: False, why: str = "",
                          uploading: bool = False) -> str | None:
     """File rename ``late``'s copy landed as ``there`` at ``target``: take it back (delete it
     by its ETag) while its original (``original``: what is at its key now) is there, in any
     version (gone, moved by another client say, the copy may be the file's only one: it stays,
     as :func:`take_back` keeps one); or, ``may_finish`` and :func:`_finishes` and this mount
-    neither holds the new name open nor changed (else it is taken back), finish the
+    neither holds the new name open for writing nor changed (else it is taken back), finish the
     rename (delete the original, if it is still the version copied and the same object, and
-    this mount holds it neither open nor changed: ``in_use(path)``, trial AL: deleted under an
+    this mount holds it neither open nor changed: ``in_use(path, False)``, trial AL: deleted under an
     open writer, it came back with the writer's close; else the copy stays as the new name's
     file and the original where it is). One line; the target is no
     longer looked for (``why``: why this mount's later version there was not put back instead,
@@ -300,11 +304,13 @@ async def _settle_landed(late: LateCopies, store: ObjectStore, target: str, ther
     later = entry.written_after
     outcome = "back"
     try:
-        # (the new name open or changed here: the user writes it, and their upload would
-        # replace the copy, the original's only one once the finish deleted it; a break trial)
-        if may_finish and _finishes(entry) and not in_use(entry.target):
+        # (the new name open for writing or changed here: the user writes it, and their upload
+        # would replace the copy, the original's only one once the finish deleted it; a break
+        # trial. Open to read only, it finishes: taking it back left neither file at the new
+        # name, trial BT15b M1)
+        if may_finish and _finishes(entry) and not in_use(entry.target, True):
             if original is not None and same_etag(original.etag, etag) and same_object(there, original) \
-                    and not in_use(entry.source):
+                    and not in_use(entry.source, False):
                 await delete_version(store, key, etag, head=original)
                 outcome = "finished"
             else:
@@ -414,7 +420,7 @@ def note_in_doubt(store: ObjectStore, entry: RenameLog, naming: Naming) -> None:
 
 
 async def _look_file(late: LateCopies, store: ObjectStore, naming: Naming, locks: NameLocks,
-                     changed: Callable[[str], None], in_use: Callable[[str], bool],
+                     changed: Callable[[str], None], in_use: InUse,
                      put_back: PutBack | None = None) -> int:
     """:func:`_look` of a file rename's one copy: a HEAD of its target, then, if something is
     there, under the rename's locks, of both names. Only its copy (:func:`is_its_copy`) counts

@@ -1317,11 +1317,16 @@ class Namespace:
                                        changed=self._changed_behind, in_use=self._in_use,
                                        put_back=self.commit.put_back)
 
-    def _in_use(self, path: str) -> bool:
-        """Whether this mount holds the file at ``path`` open or changed (not yet uploaded, or
-        its upload still running)."""
+    def _in_use(self, path: str, writing: bool) -> bool:
+        """Whether this mount holds the file at ``path`` changed (not yet uploaded, or its
+        upload still running) or open (``writing``: open for writing) (``latecopies.InUse``)."""
         node = self.inodes.by_path.get(path)
-        return node is not None and (node.opens > 0 or node.staged is not None or self.commit.upload_running(node))
+        if node is None:
+            return False
+        # (an open under way has no handle yet: it may be for writing)
+        opened = (node.opens > len(node.handles) or any(h.writable for h in node.handles)) if writing \
+            else node.opens > 0
+        return opened or node.staged is not None or self.commit.upload_running(node)
 
     def _changed_behind(self, path: str) -> None:
         """The object at ``path`` changed behind this mount's view (a late copy finished a
