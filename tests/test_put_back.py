@@ -243,6 +243,31 @@ def test_a_put_back_that_fails_is_tried_again_at_the_next_check_and_a_look_wakes
     assert [r.levelname for r in failed] == ["ERROR", "DEBUG"]  # said once
 
 
+@pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'k': .* putting that version back failed: no answer; tried again",
+                        r"WARNING ossfuse\.store\.indoubt: 'k': this mount's version E3 is in the bucket again, over "
+                        r"what an upload sent before the daemon's crash had left there")
+def test_a_put_back_given_up_on_that_lands_says_so_at_the_next_check(caplog):
+    """BT15b M2: a put-back whose own request got no answer, then landed: the next check finds
+    this mount's version there and says so (the ERROR was the last word)."""
+    d = InDoubt()
+    d.sent_before_a_crash("k", "W2")
+    d.wrote("k", "E3", "W3")
+    there = [ObjectInfo("k", 1, "E2", 0.0, {"client-side-encryption-key": "W2"})]  # the late request's
+
+    async def head(key):
+        return there[0]
+
+    async def put_back(key, etag, now_there):
+        there[0] = ObjectInfo("k", 1, "E3", 0.0, {"client-side-encryption-key": "W3"})  # it lands...
+        raise StoreError("no answer")  # ...but its answer never comes
+    assert trio.run(d.check_due, head, None, put_back) == 1
+    assert d.due() == ["k"]
+    assert trio.run(d.check_due, head, None, put_back) == 0
+    assert d.due() == []
+    said = [r.levelname for r in caplog.records if r.name == "ossfuse.store.indoubt"]
+    assert said == ["ERROR", "WARNING"]
+
+
 def test_two_put_backs_of_one_key_at_once_put_it_back_once(tmp_path, cmk_path):
     """Break trial BT14: a lookup's look for a rename's late copy, the watch's, and the in-doubt
     check each put the same version back (three PUTs, three WARNING lines). One put-back of a

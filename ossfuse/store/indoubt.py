@@ -258,6 +258,7 @@ class InDoubt:
                 info = await head(key)
             except StoreError:
                 continue
+            self._repaired_since(key, info)
             d = self._landed(key, info)
             if d is None:
                 continue
@@ -295,6 +296,20 @@ class InDoubt:
             else:
                 self._say_landed(key, d, info, f"; not repaired: {why}")
         return landed
+
+    def _repaired_since(self, key: str, info: ObjectInfo | None) -> None:
+        """Forget the requests at ``key`` whose landing a put-back failed to undo (said as an
+        ERROR) once ``info`` shows this mount's version there again (the put-back's own
+        request, given up on, landed; or a later upload): one WARNING line says so (a break
+        trial: the ERROR was the last word while the bucket was right)."""
+        for d in list(self._doubts.get(key, ())):
+            if d.put_back_failed and info is not None and same_etag(info.etag, d.later):
+                self._doubts[key].remove(d)
+                log.warning("%r: this mount's version %s is in the bucket again, over what %s had left there "
+                            "(the put-back said failed above landed, or a later upload did it)", key, d.later,
+                            _what(d))
+        if not self._doubts.get(key, True):
+            del self._doubts[key]
 
     @staticmethod
     async def _delete_stale(key: str, d: _Doubt, info: ObjectInfo,
