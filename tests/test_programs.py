@@ -341,6 +341,18 @@ def test_names_are_kept_byte_exact(mount):
     with pytest.raises(OSError) as e:
         open(mount.path("y" * 256), "wb")
     assert e.value.errno == errno.ENAMETOOLONG
+    # a name that is not UTF-8: no such file (a lookup), and creating it is EINVAL with one line
+    # saying why (a new-user trial: EINVAL, and nothing in the log)
+    bad = os.fsencode(mount.mnt) + b"/bad\xff"
+    with pytest.raises(FileNotFoundError):
+        os.stat(bad)
+    for make in (lambda: open(bad, "wb"), lambda: os.mkdir(bad)):
+        with pytest.raises(OSError) as e:
+            make()
+        assert e.value.errno == errno.EINVAL
+    said = [line for line in mount.log().splitlines() if "not UTF-8" in line]
+    assert len(said) == 2 and all("b'bad\\xff': EINVAL: the name is not UTF-8, and OSS object keys are" in line
+                                  for line in said), said
 
 
 def test_deep_paths_up_to_the_key_limit(mount):

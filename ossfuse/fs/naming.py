@@ -7,9 +7,13 @@ Paths are relative to the mount ("" is the root, "a/b" a file); the object key o
 from __future__ import annotations
 
 import errno
+import logging
+import os
 
 from ..integrity import LIST_DIR
 from .errors import FsError
+
+log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 1023  # OSS object key limit, UTF-8 bytes
 MAX_NAME_BYTES = 255  # one path component (the kernel does not check FUSE names itself)
@@ -66,21 +70,31 @@ class Naming:
         return path
 
     def check_new_path(self, path: str, is_dir: bool = False, *, creating: bool = True) -> None:
-        """A new name must make a valid OSS key: UTF-8 (EINVAL), not starting with '\\' (EINVAL;
-        ENOENT when not ``creating``: a lookup), of at most 1023 bytes,
-        counting the prefix and a directory's trailing '/', with names of at most 255 bytes
-        (ENAMETOOLONG); ``creating``: and not the name of the integrity tag lists, which no
-        listing shows (EPERM: a mkdir of it succeeded, then the name did not exist and its
-        marker stayed in the bucket). Raises FsError."""
+        """A new name must make a valid OSS key: UTF-8 (EINVAL), not starting with '\\' (EINVAL),
+        of at most 1023 bytes, counting the prefix and a directory's trailing '/', with names of
+        at most 255 bytes (ENAMETOOLONG); ``creating``: and not the name of the integrity tag
+        lists, which no listing shows (EPERM: a mkdir of it succeeded, then the name did not
+        exist and its marker stayed in the bucket). Not ``creating`` (a lookup), a name no key
+        can have is ENOENT, not EINVAL: nothing is there, and the create that follows says why
+        (one INFO line naming the path; a new-user trial: `open(b'bad\\xff', 'w')` was EINVAL
+        with no line). Raises FsError."""
         if creating and base_name(path) == LIST_DIR:
             raise FsError(errno.EPERM, f"{LIST_DIR} is reserved for integrity tag lists")
         key = self.dir_key(path) if is_dir else self.key(path)
         try:
             size = len(key.encode("utf-8"))
         except UnicodeEncodeError:
-            raise FsError(errno.EINVAL, "names must be valid UTF-8 to be OSS keys") from None
+            if creating:
+                log.info("%r: EINVAL: the name is not UTF-8, and OSS object keys are", os.fsencode(path))
+            raise FsError(errno.EINVAL if creating else errno.ENOENT, "names must be valid UTF-8 to be OSS keys") \
+                from None
         if key.startswith("\\"):  # OSS refuses it (a name at the root of a mount without a prefix):
             # no object can have it, and a HEAD of it was an EIO with an ERROR line (a trial)
+            if creating:
+                log.info("%r: EINVAL: OSS object keys cannot start with '\\'", path)
             raise FsError(errno.EINVAL if creating else errno.ENOENT, "OSS keys cannot start with '\\'")
         if size > MAX_KEY_BYTES or len(base_name(path).encode("utf-8")) > MAX_NAME_BYTES:
+            if creating:
+                log.info("%r: ENAMETOOLONG: a name takes at most %d bytes, and an object key (the prefix and "
+                         "the path) %d; this one's key would be %d", path, MAX_NAME_BYTES, MAX_KEY_BYTES, size)
             raise FsError(errno.ENAMETOOLONG)
