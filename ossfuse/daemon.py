@@ -761,9 +761,12 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                 # landed already: undo or say so now
                 await in_doubt.check_due(fs.store.head, _delete_version_of(fs.store), fs.put_back)
                 if late := in_doubt.pending():  # nobody watches them after the exit
+                    earlier = sum(in_doubt.earlier_only(k) for k in late)
                     log.warning("%d key(s) got a later write of this mount after a request to them was given up "
-                                "without an answer (%s): for up to %d minutes that request may still land over it; "
-                                "look at them then", len(late), _some(late), round(in_doubt.window / 60))
+                                "without an answer (%s%s): for up to %d minutes that request may still land over "
+                                "it; look at them then", len(late), _some(late),
+                                "" if not earlier else "; by an earlier run of this mount" if earlier == len(late)
+                                else f"; {earlier} of them by an earlier run of this mount", round(in_doubt.window / 60))
             nursery.cancel_scope.cancel()
     finally:
         life.close_session()

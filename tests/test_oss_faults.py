@@ -576,7 +576,7 @@ def test_a_file_rename_a_kill_cuts_off_after_its_copy_is_finished_at_the_next_mo
 @pytest.mark.expect_log(r"ossfuse\.daemon: left the rename of 'a' to 'b' that an earlier run left unfinished",
                         r"ossfuse\.daemon: found 1 journaled file", r"ossfuse\.store\.oss: OSS",
                         r"ossfuse\.daemon: 1 key\(s\) got a later write of this mount after a request to them was "
-                        r"given up without an answer \('b'\)")
+                        r"given up without an answer \('b'; by an earlier run of this mount\)")
 def test_an_empty_files_rename_whose_copy_never_landed_keeps_the_targets_unsaved_changes(tmp_path, cmk_path,
                                                                                         oss_server):
     """Every encrypted empty object has the same ETag on OSS (the MD5 of nothing). A trial

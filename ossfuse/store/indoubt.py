@@ -342,5 +342,10 @@ class InDoubt:
         """Keys whose request in doubt may still land over a later write of this mount."""
         return self.due()
 
+    def earlier_only(self, key: str) -> bool:
+        """Whether every request in doubt at ``key`` was sent by an earlier run
+        (:meth:`given_up_earlier`, :meth:`sent_before_a_crash`), none by this one."""
+        return all(d.earlier or d.wrapped is not None for d in self._doubts.get(key, ()))
+
 
 __all__ = ["InDoubt", "DELETED", "WINDOW"]
