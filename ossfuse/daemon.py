@@ -16,6 +16,7 @@ few; registry ``undeleted``/``undeleted_keys``) and are deleted by the next moun
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import faulthandler
@@ -165,6 +166,7 @@ def lock_cache_dir(path: str) -> int:
 
 
 _BUCKET_MARK = "bucket"  # the bucket (StoreConfig.identity) the cache dir's pending work is for
+_IN_DOUBT_LOG = "indoubt.log"  # requests given up on that may still land (store/indoubt.py InDoubt.keep_in)
 # the cache dir's parts that hold work to finish in its bucket: file name suffixes counted
 _PENDING_WORK = (("staging", ".json", "journaled file(s)"), ("unlinked", ".json", "pending delete(s)"),
                  ("renames", "", "unfinished rename(s)"), ("multipart", "", "multipart upload(s) to abort"))
@@ -200,6 +202,8 @@ def check_cache_bucket(cfg: Config) -> None:
             raise MountError(f"cache dir {cfg.cache.dir} holds work for the bucket {recorded} ({', '.join(pending)}), "
                              f"not this config's {here}: mount it with that bucket's config to finish the work, or "
                              f"give this config a cache dir of its own")
+        with contextlib.suppress(FileNotFoundError):  # (the other bucket's requests in doubt: not this one's keys)
+            os.unlink(os.path.join(cfg.cache.dir, _IN_DOUBT_LOG))
     try:
         with open(mark + ".tmp", "w", encoding="utf-8") as f:
             f.write(here + "\n")
@@ -642,6 +646,15 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
     notices = found + notices
     health = StoreHealth(cfg.store.offline_timeout)  # from now on the mount may work offline
     fs.track_store_health(health)
+    in_doubt = getattr(fs.store, "in_doubt", None)  # (OSS: writes given up on, store/indoubt.py)
+    if in_doubt is not None:  # (before the journal's recovery notes its own doubts)
+        try:
+            if taken := in_doubt.keep_in(os.path.join(cfg.cache.dir, _IN_DOUBT_LOG)):
+                log.info("%d request(s) an earlier run gave up on may still land; watched for until their window "
+                         "ends", taken)
+        except OSError as e:
+            log.warning("cache dir %s: cannot keep the requests in doubt (%s): a crash would forget them",
+                        cfg.cache.dir, e)
     earlier_quarantined = fs.staging.quarantined()
     recovered = fs.recover()
     quarantined = fs.staging.quarantined()
@@ -709,7 +722,6 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                              name="store reachability probe")
             if isinstance(fs.store, LocalStore):
                 tasks.start_soon(_remove_orphans, fs.store, name="local bucket cleanup")
-            in_doubt = getattr(fs.store, "in_doubt", None)  # (OSS: writes given up on, store/indoubt.py)
             if in_doubt is not None:
                 tasks.start_soon(in_doubt.watch, fs.store.head, _delete_version_of(fs.store), fs.put_back,
                                  name="late-request check")
@@ -764,7 +776,8 @@ async def _serve(cfg: Config, fs: Filesystem, mountpoint: str, options: list[str
                     earlier = sum(in_doubt.earlier_only(k) for k in late)
                     log.warning("%d key(s) got a later write of this mount after a request to them was given up "
                                 "without an answer (%s%s): for up to %d minutes that request may still land over "
-                                "it; look at them then", len(late), _some(late),
+                                "it, and only the next mount of this cache dir watches for that: look at them then",
+                                len(late), _some(late),
                                 "" if not earlier else "; by an earlier run of this mount" if earlier == len(late)
                                 else f"; {earlier} of them by an earlier run of this mount", round(in_doubt.window / 60))
             nursery.cancel_scope.cancel()

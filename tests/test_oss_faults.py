@@ -800,3 +800,48 @@ def test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone(make_m
         with open(m.path("f"), "rb") as f:
             assert f.read() == b"v3"  # the newer save, not the late v2
         assert m.stop() == 0
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'h' failed", r"ossfuse\.store\.oss: OSS PUT 'h'",
+                        r"WARNING ossfuse\.daemon: found 1 journaled file",  # (g, moved before the kill)
+                        r"WARNING ossfuse\.store\.indoubt: 'h': a PUT .* took effect late, after this mount had "
+                        r"moved or removed that file; its object there \(version \w+\) is deleted again")
+@pytest.mark.parametrize("store_kind", ["oss"])
+@pytest.mark.parametrize("then", ["removed", "removed, the daemon killed", "moved, the daemon killed"])
+def test_an_upload_given_up_on_that_lands_after_the_file_went_is_deleted_again(make_mount, oss_server, then):
+    """Break trial BT16 F1, F2: a file's PUT got no answer (given up on), the user removed or
+    moved the file, and the PUT landed late: the name came back with the old content, in the
+    bucket and through the mount. Without a crash the check only said so (an ERROR); after a
+    `kill -9` nothing watched the name at all (the requests in doubt were in memory only). The
+    mount's own upload landed where it has nothing is its stale object: deleted again, also by
+    the next mount of the cache dir (``indoubt.log``)."""
+    m = make_mount(start=False)
+    m.write_config("upload_delay = 0\nretry_interval = 600", store_options="request_deadline = 2\nretries = 0")
+    m.start()
+    oss_server.call("faults.add_delay", 7.0, count=1, methods=("PUT",), key_prefix="h")
+    with open(m.path("h"), "wb") as f:
+        f.write(b"h, given up on")
+    deadline = time.monotonic() + 15
+    while "upload of 'h' failed" not in m.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "upload of 'h' failed" in m.log()  # its PUT is still held by the store
+    if then.startswith("moved"):
+        os.rename(m.path("h"), m.path("g"))
+    else:
+        os.unlink(m.path("h"))
+    if "killed" in then:
+        m.kill9()
+        m.start()  # (it takes over the earlier run's requests in doubt)
+    deadline = time.monotonic() + 15
+    while "h" not in m.keys() and time.monotonic() < deadline:  # the held PUT lands
+        time.sleep(0.1)
+    assert "h" in m.keys()
+    assert m.stop() == 0  # its last look at the keys in doubt
+    assert sorted(m.keys()) == (["g"] if then.startswith("moved") else [])
+    assert "is deleted again" in m.log()
+    if "killed" in then:
+        assert "an earlier run of this mount gave up on" in m.log()
+    if then.startswith("moved"):
+        m.start()
+        with open(m.path("g"), "rb") as f:
+            assert f.read() == b"h, given up on"

@@ -389,7 +389,7 @@ def test_keys_other_tools_write_never_break_listings(mount):
     assert "not a valid file name" in log and "directory marker holding" in log
     assert "skipping key 'w1/.'" in log and "both an object and a prefix" not in log
     for name in os.listdir(mount.cache):  # cache entries are hashes, never paths from keys
-        assert name in ("objects", "staging", "unlinked", "multipart", "renames", "lock", "ossfuse.log", "local-bucket", "bucket",
+        assert name in ("objects", "staging", "unlinked", "multipart", "renames", "lock", "ossfuse.log", "local-bucket", "bucket", "indoubt.log",
                         "datakeys.sqlite", "datakeys.sqlite-wal", "datakeys.sqlite-shm",
                         "attrs.sqlite", "attrs.sqlite-wal", "attrs.sqlite-shm")
 

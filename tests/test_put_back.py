@@ -18,7 +18,7 @@ from fakes.core import committed_file, core_filesystem, read_file
 from ossfuse.fs import FsError
 from ossfuse.fs.copying import copy_object
 from ossfuse.store.base import ObjectInfo, StoreError
-from ossfuse.store.indoubt import PUT_BACK_ELSEWHERE, REPLACED_SINCE, InDoubt
+from ossfuse.store.indoubt import DELETED, PUT_BACK_ELSEWHERE, REPLACED_SINCE, InDoubt
 
 
 async def _from_bucket(fs, name: str) -> bytes:
@@ -109,20 +109,25 @@ def test_a_version_is_not_put_back_when_the_mount_moved_on_or_lost_its_blocks(tm
                         r"repaired: not every block",
                         r"ERROR ossfuse\.store\.indoubt: 'c': .*putting that version back failed: refused; tried "
                         r"again at each check",
-                        r"ERROR ossfuse\.store\.indoubt: 'd': a PUT this mount gave up on at .* took effect late, "
-                        r"over this mount's delete; the bucket now holds that request's version E5$")
+                        r"WARNING ossfuse\.store\.indoubt: 'd': a PUT this mount gave up on at .* took effect late, "
+                        r"after this mount had moved or removed that file; its object there \(version E5\) is deleted "
+                        r"again",
+                        r"ERROR ossfuse\.store\.indoubt: 'f': a CopyObject this mount gave up on at .* took effect "
+                        r"late, over this mount's delete; the bucket now holds that request's version E6$")
 def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
     d = InDoubt()
     for key in "abce":
         d.sent_before_a_crash(key, "W2")
         d.wrote(key, "E3", "W3")  # a newer save
     d.given_up("PUT", "d", "E5")
-    d.wrote("d", "")  # this mount's rm since (indoubt.DELETED)
+    d.wrote("d", DELETED)  # this mount's rm since
+    d.given_up("CopyObject", "f", "E6")
+    d.wrote("f", DELETED)
     put, deleted = [], []
 
     async def head(key):
-        if key == "d":
-            return ObjectInfo(key, 1, "E5", 0.0, {})
+        if key in "df":
+            return ObjectInfo(key, 1, {"d": "E5", "f": "E6"}[key], 0.0, {})
         return ObjectInfo(key, 1, "E2", 0.0, {"client-side-encryption-key": "W2"})
 
     async def put_back(key, etag, now_there):
@@ -134,13 +139,15 @@ def test_check_due_puts_back_what_it_can_and_says_what_it_cannot(caplog):
     async def delete(key, etag):
         deleted.append((key, etag))
     with caplog.at_level(logging.INFO):
-        assert trio.run(d.check_due, head, delete, put_back) == 5
+        assert trio.run(d.check_due, head, delete, put_back) == 6
     assert put == [("a", "E3", "E2"), ("b", "E3", "E2"), ("c", "E3", "E2"), ("e", "E3", "E2")]
     # this mount's newer save replaced the late object since: nothing to undo, one INFO line
     assert [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("'e'")] == [
         ("INFO", "'e': an upload sent before the daemon's crash took effect late, over this mount's later version "
                  "E3; a newer save of this mount has replaced it since")]
-    assert deleted == []  # (over this mount's delete: said, not undone)
+    # over this mount's delete: its own upload is deleted again (break trial BT16 F2: a removed
+    # file came back); a copy is said, not undone (a rename's late copy may be a file's only one)
+    assert deleted == [("d", "E5")]
     assert d.due() == ["c"]  # (the store refused the put-back: the next check tries again)
 
 
@@ -329,3 +336,64 @@ def test_a_put_back_waiting_for_an_upload_of_a_newer_version_says_it_replaced_th
         await _stop(fs)
 
     trio.run(main)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: .*indoubt\.log, line 4: not a request in doubt",
+                        r"WARNING ossfuse\.store\.indoubt: 'k': a PUT an earlier run of this mount gave up on \(no "
+                        r"answer\) took effect late, after this mount had moved or removed that file; its object "
+                        r"there \(version E1\) is deleted again",
+                        r"WARNING ossfuse\.store\.indoubt: 'j': a PUT an earlier run .* over this mount's later "
+                        r"version E6; that version is put back",
+                        r"ERROR ossfuse\.store\.indoubt: 'c': a CopyObject an earlier run of this mount gave up on "
+                        r"\(no answer\) took effect late, over this mount's delete")
+def test_requests_in_doubt_outlive_the_run_that_gave_up_on_them(tmp_path, caplog):
+    """Break trial BT16 F1: the requests given up on were in memory only, so after a `kill -9`
+    a late PUT at a name the user had removed the file from stayed there. ``keep_in`` notes
+    them and the later writes to their keys in a file the next run takes over: its check
+    deletes that stale upload again (not a copy's: a rename's may be a file's only copy), puts
+    this mount's later version back, and forgets what was dealt with; a request whose window
+    ended, a damaged line and a last line cut by the crash are dropped."""
+    path = str(tmp_path / "indoubt.log")
+    first = InDoubt()
+    assert first.keep_in(path) == 0
+    first.given_up("PUT", "k", "E1")
+    first.wrote("k", DELETED)  # (the file removed: ObjectStore.vacated)
+    first.given_up("PUT", "j", "E5")
+    first.wrote("j", "E6", "W6")  # a newer version since
+    first.given_up("CopyObject", "c", "E7")
+    first.wrote("c", DELETED)
+    first.given_up("PUT", "same", "E8")
+    first.wrote("same", "E8")  # (the same version again: harmless)
+    first.given_up("PUT", "settled", "E9")
+    first.wrote("settled", DELETED)
+    first.landed("settled", "E9")  # (dealt with)
+    ended = InDoubt(window=-1.0)  # a request whose window is over
+    ended.keep_in(str(tmp_path / "ended.log"))
+    ended.given_up("PUT", "old", "E0")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    lines.insert(3, "{damaged")
+    with open(str(tmp_path / "ended.log")) as f:
+        lines += f.read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + '\n{"op": "PUT", "key": "cut"')  # (the crash cut the last line)
+    second = InDoubt()
+    assert second.keep_in(path) == 4  # k, j, c, same
+    assert sorted(second.due()) == ["c", "j", "k"] and second.has("same") and not second.has("old")
+    there = {"k": ObjectInfo("k", 1, "E1", 0.0, {}), "j": ObjectInfo("j", 1, "E5", 0.0, {}),
+             "c": ObjectInfo("c", 1, "E7", 0.0, {})}
+    deleted, put_back = [], []
+
+    async def head(key):
+        return there[key]
+
+    async def delete(key, etag):
+        deleted.append((key, etag))
+
+    async def put(key, etag, now_there):
+        put_back.append((key, etag))
+    assert trio.run(second.check_due, head, delete, put) == 3
+    assert deleted == [("k", "E1")] and put_back == [("j", "E6")]  # (c: said, not undone)
+    assert second.due() == []
+    third = InDoubt()  # what was dealt with is not watched again
+    assert third.keep_in(path) == 1 and third.has("same") and third.due() == []

@@ -18,10 +18,17 @@ over this mount's later version, that version is put back from this machine's bl
 (``put_back``: the filesystem's, ``Commit.put_back``; one WARNING line); where it cannot be
 (its blocks evicted, the file changed since), one ERROR line names the key, the request, when
 it was given up and what the bucket now holds (the mount then sees that object as another
-client's version). Over this mount's delete, it is said in one ERROR line, not undone (a
-rename's late copy there may be a file's only copy: ``fs/latecopies.py`` keeps or takes it
-back). A request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still in their window (the
-daemon says so in one WARNING line): nobody watches them after the exit.
+client's version). Over this mount's delete (or where it moved the file away from), an
+upload of its own is its stale object and is deleted again (one WARNING; break trial BT16 F2:
+a deleted file came back); any other request is said in one ERROR line, not undone (a rename's
+late copy there may be a file's only copy: ``fs/latecopies.py`` keeps or takes it back). A
+request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still
+in their window (the daemon says so in one WARNING line).
+
+The requests given up on and the later writes to their keys are also kept in a file of the
+cache dir (:meth:`InDoubt.keep_in`, ``indoubt.log``), which the next mount takes over: a crash
+or an unmount does not end a request's window (break trial BT16 F1: after a `kill -9`, a PUT
+given up on landed at a name the user had removed the file from, and stayed, silently).
 
 A later mount of the same cache dir learns of a rename's copy given up on from the rename's
 log (``fs/latecopies.py``, :meth:`InDoubt.given_up_earlier`), so that its own writes there are
@@ -39,7 +46,9 @@ write to the key would be replaced (OSS has no conditional PUT): the window of e
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -83,10 +92,30 @@ class _Doubt:
     earlier: bool = False  # given up on by an earlier run of this mount (InDoubt.given_up_earlier)
 
 
+#: the requests whose object is this mount's own upload (store/oss.py ``_call`` names them so)
+_UPLOADS = frozenset({"PUT", "CompleteMultipartUpload"})
+
+
 def _stale_own(d: _Doubt, info: ObjectInfo | None) -> bool:
     """Whether landed request ``d`` left this mount's own object where this mount has nothing
-    any more (an upload of the run before a crash, its file moved or removed since)."""
-    return d.wrapped is not None and d.later == DELETED and info is not None
+    any more: an upload (of the run before a crash, or one given up on), its file moved or
+    removed since. Not a copy: a rename's late copy may be a file's only copy
+    (fs/latecopies.py keeps or takes it back)."""
+    return (d.wrapped is not None or d.op in _UPLOADS) and d.later == DELETED and info is not None
+
+
+def _note_later(d: _Doubt, result: str, wrapped: str | None) -> None:
+    """This mount wrote ``d``'s key since, leaving ``result`` (``wrapped``: the written
+    object's wrapped data key): the same version as ``d``'s is harmless (no later write)."""
+    same = same_etag(d.effect, result) or (wrapped is not None and wrapped == d.wrapped)
+    d.later = None if same else result
+
+
+def _given_up_line(d: _Doubt, key: str, now_wall: float, now: float) -> str:
+    """The line of :meth:`InDoubt.keep_in`'s file for request ``d`` at ``key`` (its window's end
+    in wall-clock seconds, from ``now`` monotonic = ``now_wall``)."""
+    return json.dumps({"op": d.op, "key": key, "effect": d.effect, "until": now_wall + (d.until - now),
+                       "at": d.given_up_at}) + "\n"
 
 
 def _what(d: _Doubt) -> str:
@@ -114,11 +143,99 @@ class InDoubt:
         # thread (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)
         self.on_written: Callable[[str, str, ObjectInfo | None], None] = lambda key, result, info: None
         self._wake = trio.Event()  # set by landed_over: ``watch`` checks at once
+        self._kept_in: str | None = None  # the file that keeps them across runs (keep_in)
+
+    def keep_in(self, path: str) -> int:
+        """From now on, note each request given up on (:meth:`given_up`) and each later write
+        to its key (:meth:`wrote`) in the file ``path`` (one JSON line each, flushed and
+        fsynced: the daemon may be killed next), and first take over what an earlier run of
+        this mount left there, within its window: a crash or an unmount does not end a
+        request's window, and after a `kill -9` a PUT given up on that landed at a name the
+        user had removed or moved the file from stayed there, silently (break trial BT16 F1).
+        Replays the lines in order (the doubts of the earlier run, marked ``earlier``, with
+        the later writes it made), then rewrites the file with the doubts still in their
+        window. Returns how many were taken over; an unreadable line is skipped (one WARNING).
+        Raises OSError (the cache disk)."""
+        now_wall, now = time.time(), time.monotonic()
+        taken: dict[str, list[_Doubt]] = {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+                if "op" in rec:
+                    until = float(rec["until"])
+                    taken.setdefault(str(rec["key"]), []).append(
+                        _Doubt(str(rec["op"]), str(rec["effect"]), now + (until - now_wall), float(rec["at"]),
+                               earlier=True))
+                elif "settled" in rec:  # (landed, and dealt with: it cannot land again)
+                    doubts = taken.get(str(rec["key"]), [])
+                    for d in doubts:
+                        if same_etag(d.effect, str(rec["settled"])):
+                            doubts.remove(d)
+                            break
+                else:
+                    for d in taken.get(str(rec["key"]), ()):
+                        _note_later(d, str(rec["result"]), rec.get("wrapped"))
+            except (ValueError, KeyError, TypeError) as e:
+                if n < len(lines):  # (the last one may be cut by the crash: nothing to say)
+                    log.warning("%s, line %d: not a request in doubt (%s); skipped", path, n, e)
+        kept = 0
+        tmp = path + ".new"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for key, doubts in taken.items():
+                for d in doubts:
+                    if d.until < now:
+                        continue
+                    self._doubts.setdefault(key, []).append(d)
+                    kept += 1
+                    f.write(_given_up_line(d, key, now_wall, now))
+                    if d.later is not None:  # (a later write replayed onto this one doubt alone)
+                        f.write(json.dumps({"key": key, "result": d.later}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._kept_in = path
+        return kept
+
+    def _keep(self, line: str) -> None:
+        """Append ``line`` to the file of :meth:`keep_in`, if any (an OSError: one WARNING; the
+        doubt still counts in this run)."""
+        if self._kept_in is None:
+            return
+        try:
+            with open(self._kept_in, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.warning("%s: cannot note a request in doubt (%s): a crash of this run would forget it", self._kept_in,
+                        e)
+
+    def _forget(self, key: str, d: _Doubt) -> None:
+        """Request ``d`` at ``key`` landed and was dealt with: off the list, here and in the
+        file of :meth:`keep_in` (the next mount would watch for it again)."""
+        self._doubts[key].remove(d)
+        if d.wrapped is None:  # (a crashed run's upload comes from the journal, not the file)
+            self._keep(json.dumps({"key": key, "settled": d.effect}) + "\n")
+
+    def _reinstate(self, key: str, d: _Doubt) -> None:
+        """Request ``d``, found landed (:meth:`_landed`), is not dealt with yet: back on the
+        list, and in the file of :meth:`keep_in`."""
+        self._doubts.setdefault(key, []).append(d)
+        if d.wrapped is None:
+            self._keep(_given_up_line(d, key, time.time(), time.monotonic())
+                       + (json.dumps({"key": key, "result": d.later}) + "\n" if d.later is not None else ""))
 
     def given_up(self, op: str, key: str, effect: str) -> None:
         """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
         leave ``effect`` there (an ETag, or DELETED) within the window."""
-        self._doubts.setdefault(key, []).append(_Doubt(op, effect, time.monotonic() + self.window, time.time()))
+        d = _Doubt(op, effect, time.monotonic() + self.window, time.time())
+        self._doubts.setdefault(key, []).append(d)
+        self._keep(_given_up_line(d, key, time.time(), time.monotonic()))
 
     def given_up_earlier(self, op: str, key: str, effect: str, until: float) -> None:
         """Request ``op`` on ``key``, given up on by an earlier run of this mount (a rename's
@@ -147,9 +264,8 @@ class InDoubt:
         if not doubts:
             return
         for d in doubts:
-            # (the same version again: harmless)
-            same = same_etag(d.effect, result) or (wrapped is not None and wrapped == d.wrapped)
-            d.later = None if same else result
+            _note_later(d, result, wrapped)
+        self._keep(json.dumps({"key": key, "result": result, "wrapped": wrapped}) + "\n")
         if any(d.later is not None for d in doubts):
             self._written_after[key] = (max(d.until for d in doubts), result)
             self.on_written(key, result, info)
@@ -158,12 +274,11 @@ class InDoubt:
         """A request in doubt that leaves ``etag`` at ``key`` was seen there, and dealt with
         (a rename's late copy, taken back or adopted: fs/latecopies.py): it cannot land again;
         the oldest such request is forgotten (trial AI: a later check blamed it for another)."""
-        doubts = self._doubts.get(key, [])
-        for d in doubts:
+        for d in self._doubts.get(key, []):
             if same_etag(d.effect, etag):
-                doubts.remove(d)
+                self._forget(key, d)
                 break
-        if not doubts:
+        if not self._doubts.get(key):
             self._doubts.pop(key, None)
 
     def has(self, key: str) -> bool:
@@ -228,7 +343,7 @@ class InDoubt:
             if d.later is None or not self._leaves(d, info) or same_etag(now_holds, d.later):
                 continue
             landed = d
-            self._doubts[key].remove(d)
+            self._forget(key, d)
         if not self._doubts.get(key, True):
             del self._doubts[key]
         return landed
@@ -278,7 +393,7 @@ class InDoubt:
                 try:
                     why = await put_back(key, d.later, info)
                 except StoreError as e:  # (the store, for now: the next check tries again)
-                    self._doubts.setdefault(key, []).append(d)
+                    self._reinstate(key, d)
                     log.log(logging.DEBUG if d.put_back_failed else logging.ERROR,
                             "%r: %s took effect late, over this mount's later version %s; putting that version "
                             "back failed: %s; tried again at each check while the request's window lasts", key,
@@ -289,7 +404,7 @@ class InDoubt:
                 log.warning("%r: %s took effect late, over this mount's later version %s; that version is put back "
                             "(from this machine's cache)", key, _what(d), d.later)
             elif why == PUT_BACK_ELSEWHERE:  # (a late copy's watch: the next check looks again)
-                self._doubts.setdefault(key, []).append(d)
+                self._reinstate(key, d)
             elif why == REPLACED_SINCE:
                 log.info("%r: %s took effect late, over this mount's later version %s; %s", key, _what(d), d.later,
                          why)
@@ -304,7 +419,7 @@ class InDoubt:
         trial: the ERROR was the last word while the bucket was right)."""
         for d in list(self._doubts.get(key, ())):
             if d.put_back_failed and info is not None and same_etag(info.etag, d.later):
-                self._doubts[key].remove(d)
+                self._forget(key, d)
                 log.warning("%r: this mount's version %s is in the bucket again, over what %s had left there "
                             "(the put-back said failed above landed, or a later upload did it)", key, d.later,
                             _what(d))
