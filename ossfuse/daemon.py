@@ -46,6 +46,7 @@ from .status import RecentErrors, log_destination
 from .store.base import ObjectStore, StoreError
 from .store.local import BucketMissing, LocalStore
 from .store.health import StoreHealth
+from .store.indoubt import read_kept
 from .rekey import unreadable_sample
 from .registry import EXIT_PENDING  # noqa: F401 - EX_TEMPFAIL: unmounted, uploads remain journaled
 from .registry import (DEAD_MOUNT_ERRNOS, UnsafeDirError, cache_dir_user, check_private_dir, daemon_alive, ensure_runtime_dir,
@@ -175,7 +176,9 @@ _PENDING_WORK = (("staging", ".json", "journaled file(s)"), ("unlinked", ".json"
 def check_cache_bucket(cfg: Config) -> None:
     """Refuse a cache dir (its lock held) whose pending work is for another bucket than
     ``cfg``'s (its ``bucket`` mark, written at each mount): journaled files, pending deletes,
-    rename logs and multipart uploads are replayed at mount against the store mounted, and a
+    rename logs, multipart uploads and requests in doubt (``indoubt.log``: a mistyped bucket's
+    failed mount dropped them, break trial BT16b F3) are replayed at mount against the store
+    mounted, and a
     trial's pending deletes of one bucket deleted same-named empty files of another (the ETag
     check cannot tell: every empty object's is the same). Raises MountError naming both
     buckets and the way out; a cache dir with nothing pending simply changes bucket."""
@@ -198,11 +201,16 @@ def check_cache_bucket(cfg: Config) -> None:
                 n = 0
             if n:
                 pending.append(f"{n} {what}")
+        try:  # (requests it gave up on, which may still land: watched by that bucket's next mount)
+            if n := len(read_kept(os.path.join(cfg.cache.dir, _IN_DOUBT_LOG))):
+                pending.append(f"{n} request(s) in doubt")
+        except OSError:
+            pass
         if pending:
             raise MountError(f"cache dir {cfg.cache.dir} holds work for the bucket {recorded} ({', '.join(pending)}), "
                              f"not this config's {here}: mount it with that bucket's config to finish the work, or "
                              f"give this config a cache dir of its own")
-        with contextlib.suppress(FileNotFoundError):  # (the other bucket's requests in doubt: not this one's keys)
+        with contextlib.suppress(FileNotFoundError):  # (the other bucket's: none still in doubt, above)
             os.unlink(os.path.join(cfg.cache.dir, _IN_DOUBT_LOG))
     try:
         with open(mark + ".tmp", "w", encoding="utf-8") as f:

@@ -1320,8 +1320,13 @@ def test_a_cache_dir_with_work_for_another_bucket_is_refused(tmp_path, cmk_path,
     assert ossfuse("mount", "-c", configs["a"], mnt).returncode == 0  # its own bucket: the work is done
     assert open(os.path.join(mnt, "f"), "rb").read() == b"for bucket a"
     assert ossfuse("umount", mnt).returncode == 0
-    with open(tmp_path / "cache" / "indoubt.log", "w") as f:  # bucket a's requests in doubt: not b's keys
-        f.write('{"op": "PUT", "key": "f", "effect": "E1", "until": %f, "at": 0}\n' % (time.time() + 600))
+    doubt = '{"op": "PUT", "key": "f", "effect": "E1", "until": %f, "at": 0}\n' % (time.time() + 600)
+    with open(tmp_path / "cache" / "indoubt.log", "w") as f:  # a request of bucket a's that may still land
+        f.write(doubt)
+    r = ossfuse("mount", "-c", configs["b"], mnt)  # (a mistyped bucket dropped it: break trial BT16b F3)
+    assert r.returncode == 1 and "holds work for the bucket" in r.stderr and "(1 request(s) in doubt)" in r.stderr
+    with open(tmp_path / "cache" / "indoubt.log", "a") as f:
+        f.write('{"key": "f", "settled": "E1"}\n')  # dealt with: nothing pending
     assert ossfuse("mount", "-c", configs["b"], mnt).returncode == 0  # nothing pending: it may change bucket
     assert os.listdir(mnt) == []
     assert not os.path.exists(tmp_path / "cache" / "indoubt.log")  # (dropped; a local bucket keeps none)

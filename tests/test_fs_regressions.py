@@ -3,6 +3,7 @@ test of the Filesystem API in-process over the fault-injecting store."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
@@ -398,6 +399,42 @@ def test_recovered_file_moved_or_unlinked_takes_its_old_object(tmp_path, cmk_pat
             assert await listed_names(fs) == []
         fs.close()
         await store.aclose()
+
+    trio.run(main)
+
+
+def test_an_unlink_that_waits_for_a_slow_upload_says_so(tmp_path, cmk_path, caplog):
+    """Break trial BT16 F3: `rm` of a file whose PUT the store held 30 s waited for it (the
+    rename's and unlink's rule: no race with the upload in flight), and the kernel held the
+    directory meanwhile: other work there waited 28 s, with no line. A wait past 2 s is said,
+    at its start and its end."""
+    async def main():
+        fs = core_filesystem(tmp_path, cmk_path)
+        root = fs.get(1)
+        in_flight, go_on = trio.Event(), trio.Event()
+
+        async def hold(inner, op, keys):
+            in_flight.set()
+            await go_on.wait()
+        fs.store.hook(("put_file", "put_bytes"), hold, key="pre/slow", count=1)
+        _, h = await fs.create(root, "slow", 0o600, os.O_RDWR, 1, 2)
+        await fs.write(h, 0, b"held by the store")
+        caplog.set_level(logging.INFO, logger="ossfuse.fs.commit")
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fs.flush, h)  # uploads at close (a local bucket): held in its PUT
+                await in_flight.wait()
+                nursery.start_soon(fs.unlink, root, "slow")
+                await trio.sleep(2.5)
+                said = [r.getMessage() for r in caplog.records if "waits for its upload in flight" in r.getMessage()]
+                assert said == ["a rename or unlink of 'pre/slow' waits for its upload in flight (a slow store; "
+                                "the kernel holds its directory meanwhile)"]
+                go_on.set()
+        await fs.release(h)
+        assert any("that a rename or unlink waited for ended after" in r.getMessage() for r in caplog.records)
+        assert await fs.drain() == 0
+        assert await _keys(fs.store) == []
+        fs.close()
 
     trio.run(main)
 

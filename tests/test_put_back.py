@@ -338,21 +338,24 @@ def test_a_put_back_waiting_for_an_upload_of_a_newer_version_says_it_replaced_th
     trio.run(main)
 
 
-@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: .*indoubt\.log, line 4: not a request in doubt",
-                        r"WARNING ossfuse\.store\.indoubt: 'k': a PUT an earlier run of this mount gave up on \(no "
-                        r"answer\) took effect late, after this mount had moved or removed that file; its object "
-                        r"there \(version E1\) is deleted again",
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: .*indoubt\.log, line (4|5|6): not a request in doubt",
+                        r"WARNING ossfuse\.store\.indoubt: '(k|over)': a PUT an earlier run of this mount gave up on "
+                        r"\(no answer\) took effect late, after this mount had moved or removed that file; its object "
+                        r"there \(version E(1|2)\) is deleted again",
                         r"WARNING ossfuse\.store\.indoubt: 'j': a PUT an earlier run .* over this mount's later "
                         r"version E6; that version is put back",
                         r"ERROR ossfuse\.store\.indoubt: 'c': a CopyObject an earlier run of this mount gave up on "
                         r"\(no answer\) took effect late, over this mount's delete")
-def test_requests_in_doubt_outlive_the_run_that_gave_up_on_them(tmp_path, caplog):
+def test_requests_in_doubt_outlive_the_run_that_gave_up_on_them(tmp_path):
     """Break trial BT16 F1: the requests given up on were in memory only, so after a `kill -9`
     a late PUT at a name the user had removed the file from stayed there. ``keep_in`` notes
     them and the later writes to their keys in a file the next run takes over: its check
     deletes that stale upload again (not a copy's: a rename's may be a file's only copy), puts
-    this mount's later version back, and forgets what was dealt with; a request whose window
-    ended, a damaged line and a last line cut by the crash are dropped."""
+    this mount's later version back, and forgets what was dealt with. Dropped: a request
+    whose window ended with nothing of this mount's to compare (one with a later write gets
+    one look: BT16b F6, it may have landed while no mount ran), and lines that are not
+    requests (damaged, not UTF-8, an endless ``until``: BT16b F5, F7; a mount failed on the
+    first), silently a last line cut by the crash."""
     path = str(tmp_path / "indoubt.log")
     first = InDoubt()
     assert first.keep_in(path) == 0
@@ -367,21 +370,24 @@ def test_requests_in_doubt_outlive_the_run_that_gave_up_on_them(tmp_path, caplog
     first.given_up("PUT", "settled", "E9")
     first.wrote("settled", DELETED)
     first.landed("settled", "E9")  # (dealt with)
-    ended = InDoubt(window=-1.0)  # a request whose window is over
+    ended = InDoubt(window=-1.0)  # requests whose window is over
     ended.keep_in(str(tmp_path / "ended.log"))
-    ended.given_up("PUT", "old", "E0")
+    ended.given_up("PUT", "old", "E0")  # nothing written there since: dropped
+    ended.given_up("PUT", "over", "E2")
+    ended.wrote("over", DELETED)  # removed since: one more look (it may have landed meanwhile)
     with open(path) as f:
         lines = f.read().splitlines()
-    lines.insert(3, "{damaged")
+    lines[3:3] = ["{damaged", "\udcff\udcfe not UTF-8",
+                  '{"op": "PUT", "key": "inf", "effect": "X", "until": Infinity, "at": 1}']
     with open(str(tmp_path / "ended.log")) as f:
         lines += f.read().splitlines()
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + '\n{"op": "PUT", "key": "cut"')  # (the crash cut the last line)
+    with open(path, "wb") as f:
+        f.write(("\n".join(lines) + '\n{"op": "PUT", "key": "cut"').encode("utf-8", "surrogateescape"))
     second = InDoubt()
-    assert second.keep_in(path) == 4  # k, j, c, same
-    assert sorted(second.due()) == ["c", "j", "k"] and second.has("same") and not second.has("old")
+    assert second.keep_in(path) == 5  # k, j, c, same, over
+    assert sorted(second.due()) == ["c", "j", "k", "over"] and second.has("same") and not second.has("old")
     there = {"k": ObjectInfo("k", 1, "E1", 0.0, {}), "j": ObjectInfo("j", 1, "E5", 0.0, {}),
-             "c": ObjectInfo("c", 1, "E7", 0.0, {})}
+             "c": ObjectInfo("c", 1, "E7", 0.0, {}), "over": ObjectInfo("over", 1, "E2", 0.0, {})}
     deleted, put_back = [], []
 
     async def head(key):
@@ -392,8 +398,60 @@ def test_requests_in_doubt_outlive_the_run_that_gave_up_on_them(tmp_path, caplog
 
     async def put(key, etag, now_there):
         put_back.append((key, etag))
-    assert trio.run(second.check_due, head, delete, put) == 3
-    assert deleted == [("k", "E1")] and put_back == [("j", "E6")]  # (c: said, not undone)
+    assert trio.run(second.check_due, head, delete, put) == 4
+    assert sorted(deleted) == [("k", "E1"), ("over", "E2")] and put_back == [("j", "E6")]  # (c: said, not undone)
     assert second.due() == []
     third = InDoubt()  # what was dealt with is not watched again
     assert third.keep_in(path) == 1 and third.has("same") and third.due() == []
+
+
+@pytest.mark.expect_log(r"ERROR ossfuse\.store\.indoubt: 'h': a PUT this mount gave up on .* deleting its object there "
+                        r"\(version E1\) failed: 503; tried again at each check",
+                        r"WARNING ossfuse\.store\.indoubt: 'h': a PUT .* \(version E1\) is deleted again")
+def test_a_late_upload_whose_delete_fails_and_its_twin_are_each_undone_also_across_runs(tmp_path):
+    """Break trial BT16b F1: the request was noted as dealt with before its DELETE, which
+    failed, so neither the next check nor the next mount looked again, and the removed file
+    stayed; F2: an upload and its retry (the same ciphertext: one ETag) were both forgotten
+    at the first landing, and the second brought the file back. Each landing is one request,
+    noted as dealt with once undone."""
+    path = str(tmp_path / "indoubt.log")
+    d = InDoubt()
+    d.keep_in(path)
+    d.given_up("PUT", "h", "E1")
+    d.given_up("PUT", "h", "E1")  # its retry, given up on too
+    d.wrote("h", DELETED)
+    there: list = [ObjectInfo("h", 1, "E1", 0.0, {})]
+    refuse = [True]
+
+    async def head(key):
+        return there[0]
+
+    async def delete(key, etag):
+        if refuse[0]:
+            raise StoreError("503")
+        there[0] = None
+    assert trio.run(d.check_due, head, delete) == 1  # the DELETE fails
+    assert d.due() == ["h"]
+    again = InDoubt()  # a crash now: the next run still has both
+    assert again.keep_in(path) == 2
+    refuse[0] = False
+    assert trio.run(d.check_due, head, delete) == 1 and there[0] is None  # deleted: one request dealt with
+    assert d.due() == ["h"]  # the retry may land too
+    there[0] = ObjectInfo("h", 1, "E1", 0.0, {})  # it does
+    assert trio.run(d.check_due, head, delete) == 1 and there[0] is None
+    assert d.due() == [] and InDoubt().keep_in(path) == 0
+
+
+def test_requests_taken_over_are_watched_when_their_file_cannot_be_rewritten(tmp_path):
+    """Break trial BT16b F4: the earlier run's requests were read, then the rewrite failed
+    (a full or read-only cache disk), and they went unwatched."""
+    path = str(tmp_path / "indoubt.log")
+    first = InDoubt()
+    first.keep_in(path)
+    first.given_up("PUT", "k", "E1")
+    first.wrote("k", DELETED)
+    os.mkdir(path + ".new")  # (the rewrite fails)
+    second = InDoubt()
+    with pytest.raises(OSError):
+        second.keep_in(path)
+    assert second.due() == ["k"]

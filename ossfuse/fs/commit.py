@@ -77,6 +77,10 @@ def _closed_base(st: StagedFile) -> StagedFile | None:
     return None
 
 
+# seconds a rename or unlink waits for an upload in flight before one line says so
+_SAY_WAIT = 2.0
+
+
 class Commit:
     """Journal and upload of staged versions (see the module doc)."""
 
@@ -392,10 +396,23 @@ class Commit:
     async def upload_settled(self, node: Node) -> None:
         """Return once no upload of ``node`` is in flight. The caller holds no lock (no name
         lock, no node lock): unlink and rename wait here, then lock and check
-        :meth:`upload_running` again (docs/design.md, "Locks and what they protect")."""
-        if node in self._upload_locks:
+        :meth:`upload_running` again (docs/design.md, "Locks and what they protect"). A wait
+        past :data:`_SAY_WAIT` seconds is said in an INFO line at its start and end: the kernel
+        holds the directory meanwhile, and other work there waits too (break trial BT16 F3: 28 s
+        of a slow store's PUT, with no line)."""
+        if node not in self._upload_locks:
+            return
+        with trio.move_on_after(_SAY_WAIT):
             async with self._upload_slot(node):
-                pass
+                return
+        started = trio.current_time() - _SAY_WAIT
+        key = self.naming.key(node.path)
+        log.info("a rename or unlink of %r waits for its upload in flight (a slow store; the kernel holds its "
+                 "directory meanwhile)", key)
+        async with self._upload_slot(node):
+            pass
+        log.info("the upload of %r that a rename or unlink waited for ended after %.1f s", key,
+                 trio.current_time() - started)
 
     @contextlib.asynccontextmanager
     async def _upload_slot(self, node: Node) -> AsyncIterator[None]:

@@ -25,10 +25,14 @@ late copy there may be a file's only copy: ``fs/latecopies.py`` keeps or takes i
 request in doubt whose window ended is forgotten. At unmount, ``pending`` lists the keys still
 in their window (the daemon says so in one WARNING line).
 
-The requests given up on and the later writes to their keys are also kept in a file of the
-cache dir (:meth:`InDoubt.keep_in`, ``indoubt.log``), which the next mount takes over: a crash
-or an unmount does not end a request's window (break trial BT16 F1: after a `kill -9`, a PUT
-given up on landed at a name the user had removed the file from, and stayed, silently).
+The requests given up on, the later writes to their keys and the landings undone are also
+kept in a file of the cache dir (:meth:`InDoubt.keep_in`, ``indoubt.log``), which the next
+mount takes over (:func:`read_kept`): a crash or an unmount does not end a request's window
+(break trial BT16 F1: after a `kill -9`, a PUT given up on landed at a name the user had
+removed the file from, and stayed, silently), and one whose window ended while no mount ran
+gets one look. Each landing found is one request (an upload and its retry leave one ETag:
+each may land), noted as dealt with only once undone (a failed undo is tried again at each
+check, also by the next mount).
 
 A later mount of the same cache dir learns of a rename's copy given up on from the rename's
 log (``fs/latecopies.py``, :meth:`InDoubt.given_up_earlier`), so that its own writes there are
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -88,7 +93,7 @@ class _Doubt:
     later: str | None = None  # the ETag (or DELETED) this mount wrote there since; None: nothing yet
     # an upload of the run before a crash: the wrapped data key of its object (what tells it)
     wrapped: str | None = None
-    put_back_failed: bool = False  # landed, and putting this mount's version back failed (said once)
+    repair_failed: bool = False  # landed, and undoing it (put-back, delete) failed (said once)
     earlier: bool = False  # given up on by an earlier run of this mount (InDoubt.given_up_earlier)
 
 
@@ -116,6 +121,54 @@ def _given_up_line(d: _Doubt, key: str, now_wall: float, now: float) -> str:
     in wall-clock seconds, from ``now`` monotonic = ``now_wall``)."""
     return json.dumps({"op": d.op, "key": key, "effect": d.effect, "until": now_wall + (d.until - now),
                        "at": d.given_up_at}) + "\n"
+
+
+def read_kept(path: str, now_wall: float | None = None) -> list[tuple[str, _Doubt]]:
+    """The requests in doubt the file ``path`` of :meth:`InDoubt.keep_in` holds (key, request,
+    its ``until`` in wall-clock seconds; [] when there is no file): its lines replayed in order
+    (a request given up on, marked ``earlier``; a later write to its key; one dealt with), less
+    those dealt with. A request whose window ended may still have landed while no mount ran
+    (break trial BT16b F6: the next mount dropped it unlooked, and the removed file stayed):
+    with a later write to compare, it gets one more check (``until`` a minute from
+    ``now_wall``). A line that is not one (damaged, not UTF-8, an ``until`` that is no finite
+    time) is skipped with one WARNING; a last line cut by a crash silently. Raises OSError."""
+    now_wall = time.time() if now_wall is None else now_wall
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:  # (bytes that are no UTF-8: a damaged line)
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    taken: dict[str, list[_Doubt]] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            key = str(rec["key"])
+            if "op" in rec:
+                until, at = float(rec["until"]), float(rec["at"])
+                if not (math.isfinite(until) and math.isfinite(at) and until - now_wall < 2 * WINDOW):
+                    raise ValueError(f"not a time in the window: until {rec['until']!r}")
+                taken.setdefault(key, []).append(_Doubt(str(rec["op"]), str(rec["effect"]), until, at, earlier=True))
+            elif "settled" in rec:  # (landed, and dealt with: it cannot land again)
+                doubts = taken.get(key, [])
+                for d in doubts:
+                    if same_etag(d.effect, str(rec["settled"])):
+                        doubts.remove(d)
+                        break
+            else:
+                for d in taken.get(key, ()):
+                    _note_later(d, str(rec["result"]), rec.get("wrapped"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if n < len(lines):  # (the last one may be cut by the crash: nothing to say)
+                log.warning("%s, line %d: not a request in doubt (%s); skipped", path, n, e)
+    out = []
+    for key, doubts in taken.items():
+        for d in doubts:
+            if d.until < now_wall:
+                if d.later is None:
+                    continue  # (over, and nothing of this mount's there to compare with)
+                d.until = now_wall + 2 * INTERVAL
+            out.append((key, d))
+    return out
 
 
 def _what(d: _Doubt) -> str:
@@ -146,55 +199,28 @@ class InDoubt:
         self._kept_in: str | None = None  # the file that keeps them across runs (keep_in)
 
     def keep_in(self, path: str) -> int:
-        """From now on, note each request given up on (:meth:`given_up`) and each later write
-        to its key (:meth:`wrote`) in the file ``path`` (one JSON line each, flushed and
-        fsynced: the daemon may be killed next), and first take over what an earlier run of
-        this mount left there, within its window: a crash or an unmount does not end a
-        request's window, and after a `kill -9` a PUT given up on that landed at a name the
-        user had removed or moved the file from stayed there, silently (break trial BT16 F1).
-        Replays the lines in order (the doubts of the earlier run, marked ``earlier``, with
-        the later writes it made), then rewrites the file with the doubts still in their
-        window. Returns how many were taken over; an unreadable line is skipped (one WARNING).
-        Raises OSError (the cache disk)."""
+        """From now on, note each request given up on (:meth:`given_up`), each later write to
+        its key (:meth:`wrote`) and each one dealt with in the file ``path`` (one JSON line
+        each, flushed and fsynced: the daemon may be killed next), and first take over what an
+        earlier run of this mount left there (:func:`read_kept`): a crash or an unmount does
+        not end a request's window, and after a `kill -9` a PUT given up on that landed at a
+        name the user had removed or moved the file from stayed there, silently (break trial
+        BT16 F1). They are watched in this run also when the file cannot be rewritten (then
+        OSError, and nothing more is noted: break trial BT16b F4, the earlier run's requests
+        went unwatched). Returns how many were taken over."""
         now_wall, now = time.time(), time.monotonic()
-        taken: dict[str, list[_Doubt]] = {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            lines = []
-        for n, line in enumerate(lines, 1):
-            try:
-                rec = json.loads(line)
-                if "op" in rec:
-                    until = float(rec["until"])
-                    taken.setdefault(str(rec["key"]), []).append(
-                        _Doubt(str(rec["op"]), str(rec["effect"]), now + (until - now_wall), float(rec["at"]),
-                               earlier=True))
-                elif "settled" in rec:  # (landed, and dealt with: it cannot land again)
-                    doubts = taken.get(str(rec["key"]), [])
-                    for d in doubts:
-                        if same_etag(d.effect, str(rec["settled"])):
-                            doubts.remove(d)
-                            break
-                else:
-                    for d in taken.get(str(rec["key"]), ()):
-                        _note_later(d, str(rec["result"]), rec.get("wrapped"))
-            except (ValueError, KeyError, TypeError) as e:
-                if n < len(lines):  # (the last one may be cut by the crash: nothing to say)
-                    log.warning("%s, line %d: not a request in doubt (%s); skipped", path, n, e)
         kept = 0
+        lines = []
+        for key, d in read_kept(path, now_wall):
+            d.until = now + (d.until - now_wall)  # (wall clock in the file)
+            self._doubts.setdefault(key, []).append(d)
+            kept += 1
+            lines.append(_given_up_line(d, key, now_wall, now))
+            if d.later is not None:  # (a later write, replayed onto this one doubt alone)
+                lines.append(json.dumps({"key": key, "result": d.later}) + "\n")
         tmp = path + ".new"
         with open(tmp, "w", encoding="utf-8") as f:
-            for key, doubts in taken.items():
-                for d in doubts:
-                    if d.until < now:
-                        continue
-                    self._doubts.setdefault(key, []).append(d)
-                    kept += 1
-                    f.write(_given_up_line(d, key, now_wall, now))
-                    if d.later is not None:  # (a later write replayed onto this one doubt alone)
-                        f.write(json.dumps({"key": key, "result": d.later}) + "\n")
+            f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -215,20 +241,24 @@ class InDoubt:
             log.warning("%s: cannot note a request in doubt (%s): a crash of this run would forget it", self._kept_in,
                         e)
 
-    def _forget(self, key: str, d: _Doubt) -> None:
-        """Request ``d`` at ``key`` landed and was dealt with: off the list, here and in the
-        file of :meth:`keep_in` (the next mount would watch for it again)."""
-        self._doubts[key].remove(d)
+    def _settled(self, key: str, d: _Doubt) -> None:
+        """Request ``d`` at ``key`` landed and was dealt with (off the list already): said in
+        the file of :meth:`keep_in` once done, not before (break trial BT16b F1: noted before
+        its DELETE, which failed, the next check and the next mount no longer watched it)."""
         if d.wrapped is None:  # (a crashed run's upload comes from the journal, not the file)
             self._keep(json.dumps({"key": key, "settled": d.effect}) + "\n")
 
+    def _forget(self, key: str, d: _Doubt) -> None:
+        """Take request ``d`` off ``key``'s list, and say it was dealt with (:meth:`_settled`)."""
+        self._doubts[key].remove(d)
+        if not self._doubts[key]:
+            del self._doubts[key]
+        self._settled(key, d)
+
     def _reinstate(self, key: str, d: _Doubt) -> None:
         """Request ``d``, found landed (:meth:`_landed`), is not dealt with yet: back on the
-        list, and in the file of :meth:`keep_in`."""
+        list (its file still has it: :meth:`_settled` was not said)."""
         self._doubts.setdefault(key, []).append(d)
-        if d.wrapped is None:
-            self._keep(_given_up_line(d, key, time.time(), time.monotonic())
-                       + (json.dumps({"key": key, "result": d.later}) + "\n" if d.later is not None else ""))
 
     def given_up(self, op: str, key: str, effect: str) -> None:
         """Request ``op`` on ``key`` got no answer (or its connection was lost): it may still
@@ -278,8 +308,6 @@ class InDoubt:
             if same_etag(d.effect, etag):
                 self._forget(key, d)
                 break
-        if not self._doubts.get(key):
-            self._doubts.pop(key, None)
 
     def has(self, key: str) -> bool:
         """Whether a request given up on may still take effect at ``key`` (within its window)."""
@@ -313,6 +341,7 @@ class InDoubt:
         d = self._landed(key, info)
         if d is not None:
             self._say_landed(key, d, info)
+            self._settled(key, d)
         return d is not None
 
     def landed_over(self, key: str, info: ObjectInfo) -> bool:
@@ -336,17 +365,19 @@ class InDoubt:
                                                   and info.metadata.get(H_KEY) == d.wrapped)
 
     def _landed(self, key: str, info: ObjectInfo | None) -> _Doubt | None:
-        """The request found landed late at ``key`` (the last of them; forgotten), or None."""
+        """The request found landed late at ``key``, taken off the list (the oldest that
+        leaves what is there: two requests of one version, an upload and its retry, leave the
+        same ETag, and the other may land after this one is undone: break trial BT16b F2), or
+        None. The caller deals with it, then :meth:`_settled`, or puts it back on the list."""
         now_holds = info.etag if info is not None else DELETED
-        landed = None
-        for d in list(self._doubts.get(key, ())):
+        for d in self._doubts.get(key, ()):
             if d.later is None or not self._leaves(d, info) or same_etag(now_holds, d.later):
                 continue
-            landed = d
-            self._forget(key, d)
-        if not self._doubts.get(key, True):
-            del self._doubts[key]
-        return landed
+            self._doubts[key].remove(d)
+            if not self._doubts[key]:
+                del self._doubts[key]
+            return d
+        return None
 
     @staticmethod
     def _say_landed(key: str, d: _Doubt, info: ObjectInfo | None, more: str = "") -> None:
@@ -380,12 +411,16 @@ class InDoubt:
             landed += 1
             if _stale_own(d, info):
                 assert info is not None  # (_stale_own)
-                await self._delete_stale(key, d, info, delete)
+                if await self._delete_stale(key, d, info, delete):
+                    self._settled(key, d)
+                else:  # (the store, for now: the next check tries again; break trial BT16b F1)
+                    self._reinstate(key, d)
                 continue
             if d.later == DELETED:
                 # over this mount's delete: said, not undone (the late object may be a file's
                 # only copy: a rename's late copy is fs/latecopies.py's to keep or take back)
                 self._say_landed(key, d, info)
+                self._settled(key, d)
                 continue
             assert d.later is not None  # (_landed)
             why = "nothing here puts it back" if put_back is None else None
@@ -394,22 +429,24 @@ class InDoubt:
                     why = await put_back(key, d.later, info)
                 except StoreError as e:  # (the store, for now: the next check tries again)
                     self._reinstate(key, d)
-                    log.log(logging.DEBUG if d.put_back_failed else logging.ERROR,
+                    log.log(logging.DEBUG if d.repair_failed else logging.ERROR,
                             "%r: %s took effect late, over this mount's later version %s; putting that version "
                             "back failed: %s; tried again at each check while the request's window lasts", key,
                             _what(d), d.later, e)
-                    d.put_back_failed = True
+                    d.repair_failed = True
                     continue
+            if why == PUT_BACK_ELSEWHERE:  # (a late copy's watch: the next check looks again)
+                self._reinstate(key, d)
+                continue
             if why is None:
                 log.warning("%r: %s took effect late, over this mount's later version %s; that version is put back "
                             "(from this machine's cache)", key, _what(d), d.later)
-            elif why == PUT_BACK_ELSEWHERE:  # (a late copy's watch: the next check looks again)
-                self._reinstate(key, d)
             elif why == REPLACED_SINCE:
                 log.info("%r: %s took effect late, over this mount's later version %s; %s", key, _what(d), d.later,
                          why)
             else:
                 self._say_landed(key, d, info, f"; not repaired: {why}")
+            self._settled(key, d)
         return landed
 
     def _repaired_since(self, key: str, info: ObjectInfo | None) -> None:
@@ -418,28 +455,30 @@ class InDoubt:
         request, given up on, landed; or a later upload): one WARNING line says so (a break
         trial: the ERROR was the last word while the bucket was right)."""
         for d in list(self._doubts.get(key, ())):
-            if d.put_back_failed and info is not None and same_etag(info.etag, d.later):
+            if d.repair_failed and info is not None and same_etag(info.etag, d.later):
                 self._forget(key, d)
                 log.warning("%r: this mount's version %s is in the bucket again, over what %s had left there "
                             "(the put-back said failed above landed, or a later upload did it)", key, d.later,
                             _what(d))
-        if not self._doubts.get(key, True):
-            del self._doubts[key]
 
     @staticmethod
     async def _delete_stale(key: str, d: _Doubt, info: ObjectInfo,
-                            delete: Callable[[str, str], Awaitable[None]] | None) -> None:
-        """Delete this mount's stale object ``info`` that landed request ``d`` left at ``key``."""
+                            delete: Callable[[str, str], Awaitable[None]] | None) -> bool:
+        """Delete this mount's stale object ``info`` that landed request ``d`` left at ``key``;
+        False when that failed (one ERROR line, then DEBUG at each try again)."""
         try:
             if delete is None:
                 raise StoreError("nothing here deletes it")
             await delete(key, info.etag)
         except StoreError as e:
-            log.error("%r: %s took effect late, after this mount had moved or removed that file; deleting its "
-                      "object there (version %s) failed: %s", key, _what(d), info.etag, e)
-        else:
-            log.warning("%r: %s took effect late, after this mount had moved or removed that file; its object "
-                        "there (version %s) is deleted again", key, _what(d), info.etag)
+            log.log(logging.DEBUG if d.repair_failed else logging.ERROR,
+                    "%r: %s took effect late, after this mount had moved or removed that file; deleting its object "
+                    "there (version %s) failed: %s; tried again at each check", key, _what(d), info.etag, e)
+            d.repair_failed = True  # (said once)
+            return False
+        log.warning("%r: %s took effect late, after this mount had moved or removed that file; its object "
+                    "there (version %s) is deleted again", key, _what(d), info.etag)
+        return True
 
     async def watch(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
                     delete: Callable[[str, str], Awaitable[None]] | None = None,
