@@ -178,10 +178,9 @@ def check_cache_bucket(cfg: Config) -> None:
     ``cfg``'s (its ``bucket`` mark, written at each mount): journaled files, pending deletes,
     rename logs, multipart uploads and requests in doubt (``indoubt.log``: a mistyped bucket's
     failed mount dropped them, break trial BT16b F3) are replayed at mount against the store
-    mounted, and a
-    trial's pending deletes of one bucket deleted same-named empty files of another (the ETag
-    check cannot tell: every empty object's is the same). Raises MountError naming both
-    buckets and the way out; a cache dir with nothing pending simply changes bucket."""
+    mounted, and a trial's pending deletes of one bucket deleted same-named empty files of
+    another (the ETag check cannot tell: every empty object's is the same). Raises MountError
+    naming both buckets and the way out; a cache dir with nothing pending simply changes bucket."""
     mark = os.path.join(cfg.cache.dir, _BUCKET_MARK)
     try:
         with open(mark, encoding="utf-8") as f:
