@@ -455,3 +455,33 @@ def test_requests_taken_over_are_watched_when_their_file_cannot_be_rewritten(tmp
     with pytest.raises(OSError):
         second.keep_in(path)
     assert second.due() == ["k"]
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: 'h': a PUT .* \(version E1\) is deleted again")
+def test_two_checks_at_once_undo_one_landing_once():
+    """The watch's check and the unmount's last one ran at once: each HEADed, found the late
+    upload, took one of its twin requests (an upload and its retry: one ETag) and sent its own
+    DELETE, which OSS carries out unconditionally: the second could meet a write made between
+    them. One check at a time: one DELETE per landing."""
+    d = InDoubt()
+    d.given_up("PUT", "h", "E1")
+    d.given_up("PUT", "h", "E1")  # its retry
+    d.wrote("h", DELETED)
+    there: list = [ObjectInfo("h", 1, "E1", 0.0, {})]
+    deleted = []
+
+    async def head(key):
+        await trio.sleep(0.01)
+        return there[0]
+
+    async def delete(key, etag):
+        await trio.sleep(0.01)
+        deleted.append((key, etag))
+        there[0] = None
+
+    async def both():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(d.check_due, head, delete)
+            nursery.start_soon(d.check_due, head, delete)
+    trio.run(both)
+    assert deleted == [("h", "E1")] and d.due() == ["h"]  # (the retry may still land)

@@ -196,6 +196,11 @@ class InDoubt:
         # thread (ObjectStore.on_write_after_doubt: fs/latecopies.py notes it in a rename's log at once)
         self.on_written: Callable[[str, str, ObjectInfo | None], None] = lambda key, result, info: None
         self._wake = trio.Event()  # set by landed_over: ``watch`` checks at once
+        # one check_due at a time (the watch's and the unmount's last one): each HEADs, then
+        # undoes what it found; two at once took twin requests of one ETag and sent two
+        # unconditional DELETEs, the second able to meet a write made between them. Only
+        # checks wait for it: no file-system request does.
+        self._checking = trio.Lock()
         self._kept_in: str | None = None  # the file that keeps them across runs (keep_in)
 
     def keep_in(self, path: str) -> int:
@@ -397,7 +402,15 @@ class InDoubt:
         mount's later version is undone by ``put_back(key, later_etag, now_there)``, which
         puts that version back and returns None, or :data:`REPLACED_SINCE` (INFO), or
         :data:`PUT_BACK_ELSEWHERE` (nothing said; checked again), or returns why it cannot (one
-        ERROR line then says what the bucket holds). Returns how many landed late."""
+        ERROR line then says what the bucket holds). One pass at a time (``_checking``).
+        Returns how many landed late."""
+        async with self._checking:
+            return await self._check_due(head, delete, put_back)
+
+    async def _check_due(self, head: Callable[[str], Awaitable[ObjectInfo | None]],
+                         delete: Callable[[str, str], Awaitable[None]] | None,
+                         put_back: Callable[[str, str, ObjectInfo | None], Awaitable[str | None]] | None) -> int:
+        """:meth:`check_due`'s pass (``_checking`` held)."""
         landed = 0
         for key in self.due():
             try:
