@@ -803,11 +803,14 @@ def test_an_upload_a_killed_daemon_sent_that_lands_late_is_said_or_undone(make_m
 
 
 @pytest.mark.expect_log(r"ERROR ossfuse\.fs\.commit: upload of 'h' failed", r"ossfuse\.store\.oss: OSS PUT 'h'",
+                        r"ERROR ossfuse\.store\.indoubt: 'h': .* deleting its object there .* failed",
+                        r"ERROR ossfuse\.daemon: 1 late upload\(s\) of files removed",
                         r"WARNING ossfuse\.daemon: found 1 journaled file",  # (g, moved before the kill)
                         r"WARNING ossfuse\.store\.indoubt: 'h': a PUT .* took effect late, after this mount had "
                         r"moved or removed that file; its object there \(version \w+\) is deleted again")
 @pytest.mark.parametrize("store_kind", ["oss"])
-@pytest.mark.parametrize("then", ["removed", "removed, the daemon killed", "moved, the daemon killed"])
+@pytest.mark.parametrize("then", ["removed", "removed, the daemon killed", "moved, the daemon killed",
+                                  "removed, its delete refused"])
 def test_an_upload_given_up_on_that_lands_after_the_file_went_is_deleted_again(make_mount, oss_server, then):
     """Break trial BT16 F1, F2: a file's PUT got no answer (given up on), the user removed or
     moved the file, and the PUT landed late: the name came back with the old content, in the
@@ -836,6 +839,12 @@ def test_an_upload_given_up_on_that_lands_after_the_file_went_is_deleted_again(m
     while "h" not in m.keys() and time.monotonic() < deadline:  # the held PUT lands
         time.sleep(0.1)
     assert "h" in m.keys()
+    if then.endswith("refused"):  # (BT16c: the unmount exited 0, the removed file back in the bucket)
+        oss_server.call("faults.add", 503, count=None, methods=("DELETE",), key_prefix="h")
+        assert m.stop() == 75 and "h" in m.keys()
+        assert "1 late upload(s) of files removed or moved here could not be deleted again ('h')" in m.log()
+        oss_server.call("faults.clear")
+        m.start()  # (the next mount tries again)
     assert m.stop() == 0  # its last look at the keys in doubt
     assert sorted(m.keys()) == (["g"] if then.startswith("moved") else [])
     assert "is deleted again" in m.log()

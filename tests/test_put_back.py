@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import pytest
 import trio
@@ -485,3 +486,94 @@ def test_two_checks_at_once_undo_one_landing_once():
             nursery.start_soon(d.check_due, head, delete)
     trio.run(both)
     assert deleted == [("h", "E1")] and d.due() == ["h"]  # (the retry may still land)
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: 'r': a PUT .* \(version E1\) is deleted again")
+def test_what_a_check_cannot_tell_or_must_not_race_is_left_alone(tmp_path):
+    """Break trial BT16c. Every empty object has one ETag: an empty late upload cannot be told
+    from another client's empty file, which a check deleted (and put back over). A write of
+    this mount's to the key in flight when the check would delete its stale upload there (a
+    file re-created at the name) was deleted by that DELETE: the check leaves it for its next
+    look, and a write starting during the DELETE waits for it."""
+    from ossfuse.store.indoubt import EMPTY_ETAG
+    d = InDoubt()
+    d.given_up("PUT", "e", EMPTY_ETAG)
+    d.wrote("e", DELETED)
+    deleted = []
+
+    async def head(key):
+        return ObjectInfo(key, 0, EMPTY_ETAG.lower(), 0.0, {"owner": "another client"})
+
+    async def delete(key, etag):
+        deleted.append((key, etag))
+    assert trio.run(d.check_due, head, delete) == 0 and deleted == []
+
+    d = InDoubt()
+    d.given_up("PUT", "r", "E1")
+    d.wrote("r", DELETED)
+    order = []
+
+    async def head_r(key):
+        return ObjectInfo(key, 1, "E1", 0.0, {})
+
+    async def slow_delete(key, etag):
+        order.append("delete sent")
+        await trio.sleep(0.2)
+        order.append("delete done")
+
+    async def user_writes():
+        await trio.sleep(0.05)  # (the DELETE is in flight)
+        async with d.writing("r"):
+            order.append("write")
+
+    async def both():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(d.check_due, head_r, slow_delete)
+            nursery.start_soon(user_writes)
+    trio.run(both)
+    assert order == ["delete sent", "delete done", "write"]
+
+    async def in_flight():  # a write in flight: no DELETE now
+        async with d.writing("r"):
+            d.given_up("PUT", "r", "E1")
+            d.wrote("r", DELETED)
+            return await d.check_due(head_r, slow_delete)
+    order.clear()
+    assert trio.run(in_flight) == 1 and order == [] and d.due() == ["r"]
+
+
+@pytest.mark.expect_log(r"WARNING ossfuse\.store\.indoubt: 'q': an upload sent before the daemon's crash took effect "
+                        r"late, after this mount had moved or removed that file; its object there \(version E4\) is "
+                        r"deleted again")
+def test_an_upload_sent_before_a_crash_stays_watched_after_the_next_crash(tmp_path):
+    """Break trial BT16c: a file's PUT in flight at a `kill -9`; the next run uploaded the
+    recovered file, the user removed it, and a second crash came: the journal no longer named
+    it, so nothing watched the first PUT, which brought the file back. Such a request is kept
+    in ``indoubt.log`` too. A request whose window ended while no mount ran gets one look,
+    once: not at every mount (BT16c), and the unmount does not call it still in doubt."""
+    path = str(tmp_path / "indoubt.log")
+    first = InDoubt()
+    first.keep_in(path)
+    first.sent_before_a_crash("q", "W4")
+    first.wrote("q", DELETED)
+    second = InDoubt()
+    assert second.keep_in(path) == 1 and second.due() == ["q"]
+    second.sent_before_a_crash("q", "W4")  # (the journal naming it again: one request)
+    deleted = []
+
+    async def head(key):
+        return ObjectInfo(key, 1, "E4", 0.0, {"client-side-encryption-key": "W4"})
+
+    async def delete(key, etag):
+        deleted.append((key, etag))
+    assert trio.run(second.check_due, head, delete) == 1 and deleted == [("q", "E4")]
+    assert InDoubt().keep_in(path) == 0
+
+    ended = InDoubt(window=-1.0)
+    ended.keep_in(str(tmp_path / "ended.log"))
+    ended.given_up("PUT", "w", "E5")
+    ended.wrote("w", DELETED)
+    looked = InDoubt()
+    assert looked.keep_in(str(tmp_path / "ended.log")) == 1 and looked.due() == ["w"] and looked.pending() == []
+    from ossfuse.store.indoubt import read_kept
+    assert read_kept(str(tmp_path / "ended.log"), time.time() + 3600) == []  # looked at: not again

@@ -50,12 +50,13 @@ write to the key would be replaced (OSS has no conditional PUT): the window of e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 WINDOW = 16 * 60.0
 #: what a DELETE leaves at its key
 DELETED = ""
+#: the ETag of every empty object (OSS: the MD5 of its body)
+EMPTY_ETAG = "D41D8CD98F00B204E9800998ECF8427E"
 #: seconds between the checks of ``watch``
 INTERVAL = 30.0
 # what a put-back returns when this mount's newer save has replaced the late object since
@@ -95,6 +98,7 @@ class _Doubt:
     wrapped: str | None = None
     repair_failed: bool = False  # landed, and undoing it (put-back, delete) failed (said once)
     earlier: bool = False  # given up on by an earlier run of this mount (InDoubt.given_up_earlier)
+    last_look: bool = False  # its window ended while no mount ran: one look, then never again (read_kept)
 
 
 #: the requests whose object is this mount's own upload (store/oss.py ``_call`` names them so)
@@ -119,8 +123,12 @@ def _note_later(d: _Doubt, result: str, wrapped: str | None) -> None:
 def _given_up_line(d: _Doubt, key: str, now_wall: float, now: float) -> str:
     """The line of :meth:`InDoubt.keep_in`'s file for request ``d`` at ``key`` (its window's end
     in wall-clock seconds, from ``now`` monotonic = ``now_wall``)."""
-    return json.dumps({"op": d.op, "key": key, "effect": d.effect, "until": now_wall + (d.until - now),
-                       "at": d.given_up_at}) + "\n"
+    rec = {"op": d.op, "key": key, "effect": d.effect, "until": now_wall + (d.until - now), "at": d.given_up_at}
+    if d.wrapped is not None:
+        rec["wrapped"] = d.wrapped
+    if d.last_look:
+        rec["last_look"] = True
+    return json.dumps(rec) + "\n"
 
 
 def read_kept(path: str, now_wall: float | None = None) -> list[tuple[str, _Doubt]]:
@@ -147,11 +155,14 @@ def read_kept(path: str, now_wall: float | None = None) -> list[tuple[str, _Doub
                 until, at = float(rec["until"]), float(rec["at"])
                 if not (math.isfinite(until) and math.isfinite(at) and until - now_wall < 2 * WINDOW):
                     raise ValueError(f"not a time in the window: until {rec['until']!r}")
-                taken.setdefault(key, []).append(_Doubt(str(rec["op"]), str(rec["effect"]), until, at, earlier=True))
+                wrapped = rec.get("wrapped")
+                taken.setdefault(key, []).append(_Doubt(str(rec["op"]), str(rec["effect"]), until, at, earlier=True,
+                                                        wrapped=None if wrapped is None else str(wrapped),
+                                                        last_look=bool(rec.get("last_look"))))
             elif "settled" in rec:  # (landed, and dealt with: it cannot land again)
                 doubts = taken.get(key, [])
                 for d in doubts:
-                    if same_etag(d.effect, str(rec["settled"])):
+                    if same_etag(d.effect, str(rec["settled"])) and d.wrapped == rec.get("wrapped"):
                         doubts.remove(d)
                         break
             else:
@@ -164,9 +175,9 @@ def read_kept(path: str, now_wall: float | None = None) -> list[tuple[str, _Doub
     for key, doubts in taken.items():
         for d in doubts:
             if d.until < now_wall:
-                if d.later is None:
-                    continue  # (over, and nothing of this mount's there to compare with)
-                d.until = now_wall + 2 * INTERVAL
+                if d.later is None or d.last_look:
+                    continue  # (over, and nothing of this mount's there to compare with, or looked at)
+                d.until, d.last_look = now_wall + 2 * INTERVAL, True  # (break trial BT16c: at every mount)
             out.append((key, d))
     return out
 
@@ -201,6 +212,13 @@ class InDoubt:
         # unconditional DELETEs, the second able to meet a write made between them. Only
         # checks wait for it: no file-system request does.
         self._checking = trio.Lock()
+        # key → the request a check has taken off the list and is undoing (``wrote`` still
+        # updates it), and key → set once the check's DELETE of a stale upload there returned:
+        # this mount's writes to the key wait for that first (``quiet``; break trial BT16c: a
+        # file re-created at the name was uploaded while the DELETE was in flight, and deleted)
+        self._undoing: dict[str, _Doubt] = {}
+        self._deleting: dict[str, trio.Event] = {}
+        self._writing: dict[str, int] = {}  # key → this mount's writes there in flight (``writing``)
         self._kept_in: str | None = None  # the file that keeps them across runs (keep_in)
 
     def keep_in(self, path: str) -> int:
@@ -250,8 +268,7 @@ class InDoubt:
         """Request ``d`` at ``key`` landed and was dealt with (off the list already): said in
         the file of :meth:`keep_in` once done, not before (break trial BT16b F1: noted before
         its DELETE, which failed, the next check and the next mount no longer watched it)."""
-        if d.wrapped is None:  # (a crashed run's upload comes from the journal, not the file)
-            self._keep(json.dumps({"key": key, "settled": d.effect}) + "\n")
+        self._keep(json.dumps({"key": key, "settled": d.effect, "wrapped": d.wrapped}) + "\n")
 
     def _forget(self, key: str, d: _Doubt) -> None:
         """Take request ``d`` off ``key``'s list, and say it was dealt with (:meth:`_settled`)."""
@@ -286,15 +303,38 @@ class InDoubt:
         been sent by the run before a crash (a version recovered from the journal): it may land
         within the window from now (trial BT10: a PUT held 8 s landed over the next mount's
         newer save, silently; a `mv` or `rm` of the file brought the old name back)."""
-        self._doubts.setdefault(key, []).append(
-            _Doubt("upload sent before the daemon's crash", _UNKNOWN, time.monotonic() + self.window, time.time(),
-                   wrapped=wrapped))
+        for d in self._doubts.get(key, ()):
+            if d.wrapped == wrapped:
+                return  # (taken over from the file already: its window runs from the first crash)
+        d = _Doubt("upload sent before the daemon's crash", _UNKNOWN, time.monotonic() + self.window, time.time(),
+                   wrapped=wrapped)
+        self._doubts.setdefault(key, []).append(d)
+        # (kept in the file too: once the file is removed or moved, the journal no longer names
+        # it, and a second crash forgot it; break trial BT16c)
+        self._keep(_given_up_line(d, key, time.time(), time.monotonic()))
+
+    @contextlib.asynccontextmanager
+    async def writing(self, key: str) -> AsyncIterator[None]:
+        """Around each write of this mount's to ``key`` (the store's PUT, Complete, copy): it
+        starts once no check is deleting a stale upload there (at once, nearly always), and
+        while it runs no check starts one (:meth:`_delete_stale`)."""
+        while (done := self._deleting.get(key)) is not None:
+            await done.wait()
+        self._writing[key] = self._writing.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._writing[key] -= 1
+            if not self._writing[key]:
+                del self._writing[key]
 
     def wrote(self, key: str, result: str, wrapped: str | None = None, info: ObjectInfo | None = None) -> None:
         """This mount's write to ``key`` succeeded, leaving ``result`` (an ETag, or DELETED;
         ``wrapped``: the wrapped data key of the object put; ``info``: the object written, its
         size and user metadata, when known): a request in doubt that would leave something
         else is now worth checking."""
+        if (undoing := self._undoing.get(key)) is not None:
+            _note_later(undoing, result, wrapped)
         doubts = self._doubts.get(key)
         if not doubts:
             return
@@ -366,8 +406,12 @@ class InDoubt:
     def _leaves(d: _Doubt, info: ObjectInfo | None) -> bool:
         """Whether ``info`` (None: nothing) is what request ``d`` leaves."""
         now_holds = info.etag if info is not None else DELETED
-        return same_etag(now_holds, d.effect) or (d.wrapped is not None and info is not None
-                                                  and info.metadata.get(H_KEY) == d.wrapped)
+        if d.wrapped is not None:  # (told by its wrapped data key: its ETag is not known)
+            return info is not None and info.metadata.get(H_KEY) == d.wrapped
+        # every empty object's ETag is the MD5 of nothing: one there may be anyone's (break
+        # trial BT16c: another client's empty file was deleted, and put-back over; a PUT the
+        # store refused was said to have landed)
+        return same_etag(now_holds, d.effect) and not same_etag(d.effect, EMPTY_ETAG)
 
     def _landed(self, key: str, info: ObjectInfo | None) -> _Doubt | None:
         """The request found landed late at ``key``, taken off the list (the oldest that
@@ -426,8 +470,8 @@ class InDoubt:
                 assert info is not None  # (_stale_own)
                 if await self._delete_stale(key, d, info, delete):
                     self._settled(key, d)
-                else:  # (the store, for now: the next check tries again; break trial BT16b F1)
-                    self._reinstate(key, d)
+                else:  # (the store, for now, or this mount wrote there since the HEAD: the next
+                    self._reinstate(key, d)  # check looks again; break trial BT16b F1)
                 continue
             if d.later == DELETED:
                 # over this mount's delete: said, not undone (the late object may be a file's
@@ -474,21 +518,33 @@ class InDoubt:
                             "(the put-back said failed above landed, or a later upload did it)", key, d.later,
                             _what(d))
 
-    @staticmethod
-    async def _delete_stale(key: str, d: _Doubt, info: ObjectInfo,
+    async def _delete_stale(self, key: str, d: _Doubt, info: ObjectInfo,
                             delete: Callable[[str, str], Awaitable[None]] | None) -> bool:
-        """Delete this mount's stale object ``info`` that landed request ``d`` left at ``key``;
-        False when that failed (one ERROR line, then DEBUG at each try again)."""
+        """Delete this mount's stale object ``info`` that landed request ``d`` left at ``key``,
+        unless this mount wrote the key since the HEAD that found it, or writes it now
+        (``d.later`` no longer DELETED, a write in flight: False, nothing said; the next check
+        looks again); this mount's writes there wait for the DELETE (:meth:`writing`). False
+        when the DELETE failed (one ERROR line, then DEBUG at each try again)."""
+        self._undoing[key] = d
         try:
-            if delete is None:
-                raise StoreError("nothing here deletes it")
-            await delete(key, info.etag)
+            if d.later != DELETED or self._writing.get(key):
+                return False
+            done = self._deleting[key] = trio.Event()
+            try:
+                if delete is None:
+                    raise StoreError("nothing here deletes it")
+                await delete(key, info.etag)
+            finally:
+                del self._deleting[key]
+                done.set()
         except StoreError as e:
             log.log(logging.DEBUG if d.repair_failed else logging.ERROR,
                     "%r: %s took effect late, after this mount had moved or removed that file; deleting its object "
                     "there (version %s) failed: %s; tried again at each check", key, _what(d), info.etag, e)
             d.repair_failed = True  # (said once)
             return False
+        finally:
+            del self._undoing[key]
         log.warning("%r: %s took effect late, after this mount had moved or removed that file; its object "
                     "there (version %s) is deleted again", key, _what(d), info.etag)
         return True
@@ -506,8 +562,15 @@ class InDoubt:
             await self.check_due(head, delete, put_back)
 
     def pending(self) -> list[str]:
-        """Keys whose request in doubt may still land over a later write of this mount."""
-        return self.due()
+        """Keys whose request in doubt may still land over a later write of this mount (not
+        one whose window ended while no mount ran: it can only have landed, and was looked at;
+        nor one that landed and whose undo failed: :meth:`stale_left`, said already)."""
+        return [k for k in self.due() if any(not d.last_look and not d.repair_failed for d in self._doubts[k])]
+
+    def stale_left(self) -> list[str]:
+        """Keys where a late upload of this mount's stale object landed and deleting it again
+        failed (said; the next check, or the next mount, tries again)."""
+        return [k for k, ds in self._doubts.items() if any(d.repair_failed and d.later == DELETED for d in ds)]
 
     def earlier_only(self, key: str) -> bool:
         """Whether every request in doubt at ``key`` was sent by an earlier run

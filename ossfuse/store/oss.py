@@ -1199,8 +1199,9 @@ class OssStore(ObjectStore):
         headers = {"Content-Type": "application/octet-stream", **self._meta_headers(key, metadata)}
         if if_absent:
             headers[_FORBID_OVERWRITE] = "true"
-        r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY,
-                             doubt=lambda: [(key, _md5_etag(data))])
+        async with self.in_doubt.writing(key):
+            r = await self._call("PUT", key, self._put_bytes_sync, key, data, headers, bulk=len(data) > _SMALL_BODY,
+                                 doubt=lambda: [(key, _md5_etag(data))])
         info = ObjectInfo(key, len(data), r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
         self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY), info)
         return info
@@ -1242,8 +1243,9 @@ class OssStore(ObjectStore):
             bulk = os.stat(path).st_size > _SMALL_BODY
         except OSError:
             bulk = True  # the attempt reports what is wrong with the file
-        size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk,
-                                   doubt=lambda: [(key, _md5_etag_of_file(path))])
+        async with self.in_doubt.writing(key):
+            size, r = await self._call("PUT", key, self._put_file_sync, key, path, headers, bulk=bulk,
+                                       doubt=lambda: [(key, _md5_etag_of_file(path))])
         info = ObjectInfo(key, size, r.etag, _http_time(r.headers) or 0.0, self._norm_meta(metadata))
         self.in_doubt.wrote(key, r.etag, metadata.get(H_KEY), info)
         return info
@@ -1320,9 +1322,10 @@ class OssStore(ObjectStore):
                 crc = _crc64_combine(crc, known[n][1], known[n][0])
         seen: list = []
         try:
-            r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos, crc,
-                                 {_FORBID_OVERWRITE: "true"} if if_absent else {}, transient_seen=seen, bulk=True,
-                                 doubt=lambda: [(key, _multipart_etag([e for _, e in sorted(parts)]))])
+            async with self.in_doubt.writing(key):
+                r = await self._call("CompleteMultipartUpload", key, self._complete_sync, key, upload_id, infos,
+                                     crc, {_FORBID_OVERWRITE: "true"} if if_absent else {}, transient_seen=seen,
+                                     bulk=True, doubt=lambda: [(key, _multipart_etag([e for _, e in sorted(parts)]))])
             etag = r.etag  # (OSS may take long to join the parts: bulk)
         except NoSuchKey:
             if not seen:
@@ -1471,9 +1474,10 @@ class OssStore(ObjectStore):
                 headers.update(self._meta_headers(dst, metadata))
                 meta = self._norm_meta(metadata)
             try:
-                r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers,
-                                     bulk=info.size > _SMALL_BODY,  # server-side copy time grows with size
-                                     doubt=functools.partial(lambda etag: [(dst, etag)], info.etag))
+                async with self.in_doubt.writing(dst):
+                    r = await self._call("CopyObject", dst, self._copy_sync, src, dst, headers,
+                                         bulk=info.size > _SMALL_BODY,  # server-side copy time grows with size
+                                         doubt=functools.partial(lambda etag: [(dst, etag)], info.etag))
                 # (a copy keeps its source's ETag)
             except PreconditionFailed:
                 if if_match is not None:
