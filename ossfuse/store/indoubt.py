@@ -214,7 +214,7 @@ class InDoubt:
         self._checking = trio.Lock()
         # key → the request a check has taken off the list and is undoing (``wrote`` still
         # updates it), and key → set once the check's DELETE of a stale upload there returned:
-        # this mount's writes to the key wait for that first (``quiet``; break trial BT16c: a
+        # this mount's writes to the key wait for that first (``writing``; break trial BT16c: a
         # file re-created at the name was uploaded while the DELETE was in flight, and deleted)
         self._undoing: dict[str, _Doubt] = {}
         self._deleting: dict[str, trio.Event] = {}
